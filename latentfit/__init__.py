@@ -1,0 +1,11 @@
+"""latentfit: stochastic-EM, SAEM and friends for latent-variable models written in Pyro and NumPyro."""
+
+from __future__ import annotations
+
+from latentfit import datasets
+from latentfit.inference.model import DataError, LatentModel, ModelSpecificationError
+from latentfit.inference.results import FitResult
+
+__version__ = "0.1.0"
+
+__all__ = ["DataError", "FitResult", "LatentModel", "ModelSpecificationError", "datasets", "__version__"]

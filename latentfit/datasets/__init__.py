@@ -1,0 +1,33 @@
+"""Small public data sets shipped with latentfit."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import pandas as pd
+
+
+def theophylline(saemix_form: bool = False) -> pd.DataFrame:
+    """The oral theophylline study (Boeckmann, Sheiner & Beal 1994; R's ``datasets::Theoph``).
+
+    12 subjects, 11 samples each: 132 rows with columns ``Subject, Wt (kg), Dose (mg/kg),
+    Time (h), conc (mg/L)``.  With ``saemix_form=True`` the table is saemix's ``theo.saemix``:
+    the time-0 rows are dropped (120 rows) and the dose is in mg (``Dose * Wt``), with columns
+    ``Id, Dose, Time, Concentration, Weight``.
+    """
+    with resources.files(__name__).joinpath("theophylline.csv").open("r") as fh:
+        df = pd.read_csv(fh)
+    if not saemix_form:
+        return df
+    out = df[df["Time"] > 0].copy()
+    out = pd.DataFrame({
+        "Id": out["Subject"].astype(int),
+        "Dose": out["Dose"] * out["Wt"],
+        "Time": out["Time"],
+        "Concentration": out["conc"],
+        "Weight": out["Wt"],
+    }).reset_index(drop=True)
+    return out
+
+
+__all__ = ["theophylline"]

@@ -1,0 +1,168 @@
+"""The shared engine driver: one loop for every engine.
+
+An engine is a pair ``init(key) -> state`` / ``step(state, k, phase) -> (state, info)`` over a
+small state record (a dict of backend arrays, a pytree for JAX).  ``phase`` is a static value
+(e.g. whether f-SAEM's Laplace proposal runs); iterations are grouped into phases so that a JAX
+backend compiles one function per phase and runs chunks of iterations under ``lax.scan``,
+while torch runs the same ``step`` eagerly.  The driver owns the progress bar, the history of θ
+and of the objective, the collection of the last latent draws, callbacks and seeding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .model import LatentModel
+from .results import FitResult
+
+Callback = Callable[[int, dict[str, Any]], Any]
+
+
+class Engine:
+    """Base class of every engine (SAEM, EM, FIEM, ...).
+
+    Subclasses implement :meth:`init`, :meth:`step` and :meth:`phases`; :meth:`run` is shared.
+    """
+
+    #: name shown in progress bars and results
+    name: str = "engine"
+
+    def __init__(self, model: LatentModel, *, seed: int = 0, progress: bool = True,
+                 callback: Callback | None = None, num_draws: int = 100, chunk_size: int = 25) -> None:
+        if not isinstance(model, LatentModel):
+            raise TypeError(f"{type(self).__name__} expects a LatentModel, got {type(model).__name__}")
+        self.model = model
+        self.ops = model.ops
+        self.seed = int(seed)
+        self.progress = progress
+        self.callback = callback
+        self.num_draws = int(num_draws)
+        self.chunk_size = int(chunk_size)
+
+    # ----- to implement ------------------------------------------------------------------------
+    def init(self, key: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def step(self, state: dict[str, Any], k: Any, phase: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        raise NotImplementedError
+
+    def phases(self) -> list[tuple[int, int, Any]]:
+        """Iteration ranges ``[(first, last, phase), ...]``, 1-based and inclusive."""
+        raise NotImplementedError
+
+    def latent_draw(self, state: dict[str, Any]) -> Any | None:
+        """Current latent draws ``[L, N, d]`` to keep at the end of the run (None: no latents)."""
+        return state.get("z")
+
+    def finalize(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Hook run once after the loop (e.g. a last exact E-step)."""
+        return state
+
+    def theta_of(self, state: dict[str, Any]) -> dict[str, Any]:
+        return self.model.constrain(state["theta_u"])
+
+    # ----- the shared loop ---------------------------------------------------------------------
+    @property
+    def num_iterations(self) -> int:
+        return max(last for _, last, _ in self.phases())
+
+    def run(self, key: Any = None) -> FitResult:
+        ops = self.ops
+        total = self.num_iterations
+        if key is None:
+            key = ops.key(self.seed)
+        collect_from = total - min(self.num_draws, total) + 1
+        history: dict[str, list] = {}
+        draws: list[np.ndarray] = []
+        t0 = time.perf_counter()
+        with _seed_context(ops, self.seed):
+            state = self.init(key)
+            t_init = time.perf_counter() - t0
+            bar = _progress_bar(total, self.progress, self.name)
+            for first, last, phase in self.phases():
+                # split each phase so the tail (draw collection) is its own chunk, then by chunk_size
+                bounds = _chunk_bounds(first, last, collect_from, self.chunk_size)
+                for a, b in bounds:
+                    collect = a >= collect_from
+                    state, infos = self._run_chunk(state, a, b, phase, collect)
+                    for info in infos:
+                        z = info.pop("_z", None)
+                        if z is not None:
+                            draws.append(ops.to_numpy(z))
+                        _append_history(history, info, ops)
+                    if self.callback is not None:
+                        for j, k in enumerate(range(a, b + 1)):
+                            self.callback(k, {n: v[len(v) - (b - a + 1) + j] for n, v in history.items()})
+                    if bar is not None:
+                        bar.update(b - a + 1)
+            if bar is not None:
+                bar.close()
+            state = self.finalize(state)
+        elapsed = time.perf_counter() - t0
+        hist = {n: np.stack(v) for n, v in history.items()}
+        latents = np.stack(draws, axis=1) if draws else None  # [L, draws, N, d]
+        return FitResult(engine=self, model=self.model, state=state, history=hist,
+                         latent_draws=latents, elapsed=elapsed, init_time=t_init,
+                         num_iterations=total)
+
+    def _run_chunk(self, state: dict[str, Any], first: int, last: int, phase: Any,
+                   collect: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        def one(st: dict[str, Any], k: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+            st, info = self.step(st, k, phase)
+            info = dict(info)
+            info["theta"] = self.theta_of(st)
+            if collect:
+                z = self.latent_draw(st)
+                if z is not None:
+                    info["_z"] = z
+            return st, info
+
+        return self.ops.scan_steps(one, state, range(first, last + 1), key=(self.name, phase, collect))
+
+
+def _seed_context(ops: Any, seed: int):
+    ctx = getattr(ops, "seed_context", None)
+    if ctx is None:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return ctx(seed)
+
+
+def _chunk_bounds(first: int, last: int, collect_from: int, chunk: int) -> list[tuple[int, int]]:
+    cuts = [first]
+    if first < collect_from <= last:
+        cuts.append(collect_from)
+    cuts.append(last + 1)
+    out = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        k = a
+        while k < b:
+            out.append((k, min(k + chunk, b) - 1))
+            k += chunk
+    return out
+
+
+def _append_history(history: dict[str, list], info: dict[str, Any], ops: Any, prefix: str = "") -> None:
+    for name, value in info.items():
+        if isinstance(value, dict):
+            _append_history(history, value, ops, prefix=f"{prefix}{name}.")
+        else:
+            history.setdefault(prefix + name, []).append(ops.to_numpy(value))
+
+
+def _progress_bar(total: int, enabled: bool, name: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=name, leave=False)
+
+
+def default_num_chains(num_units: int) -> int:
+    """saemix default: ``ceil(50 / N)`` chains per unit, at least 1."""
+    return max(1, int(np.ceil(50 / max(num_units, 1))))

@@ -1,0 +1,137 @@
+"""The contract between a model and the engines: :class:`LatentModel`.
+
+N *units* (individuals, data points: the outermost data plate) are independent given θ.
+Every per-unit latent is flattened into one vector ``z_i ∈ R^d`` in *unconstrained* space (the
+log-Jacobian of the map to the support is part of ``log_prior``), so random-walk, independent and
+Laplace proposals all work.  Latent arrays carry leading chain dims: ``z`` is ``[..., n, d]``
+for the units ``units`` (``None`` = all N units), and per-unit densities come back ``[..., n]``.
+
+Optional exponential-family face (used by SAEM/EM-type engines):
+
+* ``stats(theta, z, units)`` -> dict of per-unit sufficient statistics ``S(z_i, y_i)``, each
+  ``[..., n, *shape]``;
+* ``m_step(s, theta)`` -> the closed-form parameters ``θ̄(s)`` from statistics summed over units
+  (``s = Σ_i S_i``);
+* ``expected_stats(theta, units)`` -> exact ``s̄_i(θ)`` when the E-step is tractable.
+
+Parameters that the closed form does not cover are maximised numerically (saemix recipe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .ops import Ops
+
+
+class ModelSpecificationError(ValueError):
+    """The model cannot be fitted as written; the message says what to change."""
+
+
+class DataError(ValueError):
+    """The data handed to the model are unusable (NaN, wrong shape, ...)."""
+
+
+@dataclass
+class LatentSite:
+    """Layout of one latent site inside the flat per-unit vector ``z_i``."""
+
+    name: str
+    shape: tuple[int, ...]  # per-unit shape of the site's value (unit dim removed)
+    offset: int
+    size: int
+    # which family of closed-form statistics the site belongs to (None = none)
+    kind: str | None = None
+
+
+@dataclass
+class ParamInfo:
+    """A model parameter θ_j: constrained value, shape and bijection to R^shape."""
+
+    name: str
+    value: Any  # constrained initial value (backend array)
+    to_unconstrained: Any
+    to_constrained: Any
+    closed_form: bool = False
+    # "std" / "cov" / None: how simulated annealing treats this parameter
+    anneal: str | None = None
+    fixed: bool = False
+    meta: dict = field(default_factory=dict)
+
+
+class LatentModel:
+    """Base class; adapters (Pyro, NumPyro) and model families subclass it."""
+
+    ops: Ops
+    num_units: int
+    latent_dim: int
+    latent_sites: list[LatentSite]
+    params: dict[str, ParamInfo]
+    #: names of observed sites and their values (numpy), for results / arviz
+    observed: dict[str, np.ndarray]
+
+    # ----- parameters ----------------------------------------------------------------------------
+    def init_params(self) -> dict[str, Any]:
+        return {name: p.value for name, p in self.params.items()}
+
+    def unconstrain(self, theta: dict[str, Any]) -> dict[str, Any]:
+        return {n: self.params[n].to_unconstrained(v) for n, v in theta.items()}
+
+    def constrain(self, theta_u: dict[str, Any]) -> dict[str, Any]:
+        return {n: self.params[n].to_constrained(v) for n, v in theta_u.items()}
+
+    @property
+    def closed_form_params(self) -> list[str]:
+        return [n for n, p in self.params.items() if p.closed_form and not p.fixed]
+
+    @property
+    def numeric_params(self) -> list[str]:
+        return [n for n, p in self.params.items() if not p.closed_form and not p.fixed]
+
+    # ----- densities -----------------------------------------------------------------------------
+    def log_densities(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
+        """``(log p(y_i | z_i; θ), log p(z_i; θ))``, each ``[..., n]`` (log-Jacobian included)."""
+        raise NotImplementedError
+
+    def log_lik(self, theta: dict[str, Any], z: Any, units: Any = None) -> Any:
+        return self.log_densities(theta, z, units)[0]
+
+    def log_prior(self, theta: dict[str, Any], z: Any, units: Any = None) -> Any:
+        return self.log_densities(theta, z, units)[1]
+
+    def log_joint(self, theta: dict[str, Any], z: Any, units: Any = None) -> Any:
+        ll, lp = self.log_densities(theta, z, units)
+        return ll + lp
+
+    def sample_prior(self, theta: dict[str, Any], key: Any, num_chains: int, units: Any = None) -> Any:
+        """Draw ``z ~ p(z; θ)`` for every unit: ``[num_chains, n, d]`` (unconstrained)."""
+        raise NotImplementedError
+
+    # ----- exponential-family face (optional) ----------------------------------------------------
+    has_stats: bool = False
+    has_expected_stats: bool = False
+
+    def stats(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
+        return {}
+
+    def m_step(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
+        return {}
+
+    def expected_stats(self, theta: dict[str, Any], units: Any = None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # ----- presentation -------------------------------------------------------------------------
+    def unpack_latents(self, z: Any) -> dict[str, Any]:
+        """Split ``[..., n, d]`` unconstrained latents into constrained values per site."""
+        raise NotImplementedError
+
+    def latent_names(self) -> list[str]:
+        return [s.name for s in self.latent_sites]
+
+
+def check_num_units(units: Any, n: int) -> None:
+    if units is not None and len(units) == 0:
+        raise DataError("empty set of units")

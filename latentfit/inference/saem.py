@@ -1,0 +1,242 @@
+"""SAEM: stochastic approximation EM with an MCMC simulation step (MCMC-SAEM).
+
+Delyon, Lavielle & Moulines (1999); Kuhn & Lavielle (2004, 2005); saemix (Comets et al. 2017).
+Iteration k (1-based), with L chains per unit:
+
+1. simulation: a few MH kernels targeting ``p(z_i | y_i; θ_{k−1})`` (prior-IMH, component-wise
+   RW, random-block RW; saemix defaults ``(2, 2, 2)``), batched over units and chains;
+2. stochastic approximation: ``ŝ_k = ŝ_{k−1} + γ_k (S(z^{(k)}) − ŝ_{k−1})``, S averaged over chains;
+3. M-step: ``θ_k = θ̄(ŝ_k)`` in closed form where the model has one; other parameters are set by
+   a γ-smoothed numerical maximisation of the complete-data log-likelihood (saemix recipe).
+
+Step sizes follow saemix's phases (:class:`~latentfit.inference.schedules.SaemixPhases`); the
+random-effect variances are annealed during the first ``K1/2`` iterations,
+``ω²_k = max(0.97 ω²_{k−1}, ω̂²_k)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import mcmc
+from .driver import Engine, default_num_chains
+from .model import LatentModel
+from .mstep import flatten, newton_maximize, unflatten
+from .schedules import SaemixPhases
+
+
+def _validate_num_iters(num_iters: Any) -> tuple[int, int]:
+    if isinstance(num_iters, (int, np.integer)):
+        num_iters = (int(num_iters), 0)
+    try:
+        k1, k2 = (int(v) for v in num_iters)
+    except (TypeError, ValueError):
+        raise ValueError(f"num_iters must be an int or a pair (K1, K2) of ints, got {num_iters!r}") from None
+    if k1 <= 0 or k2 < 0:
+        raise ValueError(f"num_iters must be positive: got K1={k1}, K2={k2} (K1 > 0, K2 >= 0)")
+    return k1, k2
+
+
+class SAEM(Engine):
+    """MCMC-SAEM on a :class:`LatentModel` (backend-neutral).
+
+    Parameters
+    ----------
+    num_iters : (K1, K2)
+        Exploration (γ = 1) and smoothing (γ = 1/(k − K1)) iterations; saemix default (300, 100).
+    num_chains : int, optional
+        Chains per unit; default saemix's ``ceil(50 / N)``.
+    burn_in : int
+        Initial iterations with γ = 0 (MCMC only); saemix default 5.
+    kernels : (n1, n2, n3)
+        Iterations of the prior-IMH, component-wise RW and block RW kernels; saemix ``(2, 2, 2)``.
+    anneal : bool
+        Simulated annealing of the latent variances during the first ``anneal_iters`` (K1/2).
+    """
+
+    name = "SAEM"
+
+    def __init__(self, model: LatentModel, num_iters: Any = (300, 100), num_chains: int | None = None, *,
+                 seed: int = 0, progress: bool = True, burn_in: int = 5, kernels: tuple[int, int, int] = (2, 2, 2),
+                 anneal: bool = True, anneal_iters: int | None = None, anneal_factor: float = 0.97,
+                 newton_steps: int = 8, num_draws: int = 100, callback=None, chunk_size: int = 25) -> None:
+        super().__init__(model, seed=seed, progress=progress, callback=callback, num_draws=num_draws,
+                         chunk_size=chunk_size)
+        self.validate_options(num_iters, num_chains)
+        k1, k2 = _validate_num_iters(num_iters)
+        if burn_in < 0 or burn_in >= k1:
+            raise ValueError(f"burn_in must be in [0, K1): got {burn_in} with K1={k1}")
+        if len(kernels) != 3 or any(int(n) < 0 for n in kernels):
+            raise ValueError(f"kernels must be three non-negative counts, got {kernels!r}")
+        self.schedule = SaemixPhases(K1=k1, K2=k2, burn_in=burn_in,
+                                     anneal_iters=anneal_iters if anneal else 0, anneal_factor=anneal_factor)
+        self.num_chains = int(num_chains) if num_chains is not None else default_num_chains(model.num_units)
+        self.kernels = tuple(int(n) for n in kernels)
+        self.newton_steps = int(newton_steps)
+        self._param_shapes = {n: tuple(np.shape(model.ops.to_numpy(p.value))) for n, p in model.params.items()}
+
+    @staticmethod
+    def validate_options(num_iters: Any = (300, 100), num_chains: int | None = None, **_: Any) -> None:
+        _validate_num_iters(num_iters)
+        if num_chains is not None and int(num_chains) < 1:
+            raise ValueError(f"num_chains must be >= 1, got {num_chains}")
+
+    # ----- engine protocol -------------------------------------------------------------------------
+    def phases(self) -> list[tuple[int, int, Any]]:
+        return [(1, self.schedule.num_iters, "saem")]
+
+    def init(self, key: Any) -> dict[str, Any]:
+        model, ops, xp = self.model, self.ops, self.ops.xp
+        theta = model.init_params()
+        k_prior, key = ops.split(key)
+        z = model.sample_prior(theta, k_prior, self.num_chains)
+        ll, lp = model.log_densities(theta, z)
+        bad = ~xp.isfinite(ll + lp)
+        if bool(xp.all(bad)):
+            model.raise_for_nonfinite(theta, z)
+        # saemix rw.init: d_j = 0.5·sd of the prior in each coordinate
+        sd = xp.std(xp.reshape(z, (-1, z.shape[-1])), 0)
+        sd = xp.where(sd > 0, sd, 1.0)
+        state = {
+            "theta_u": model.unconstrain(theta),
+            "z": z,
+            "scale_rw": 0.5 * sd,
+            "scale_block": 0.5 * sd,
+            "key": key,
+        }
+        if model.has_stats:
+            stats = self._chain_mean_stats(theta, z)
+            state["s_hat"] = ops.tree_map(lambda v: v * 0.0, stats)
+        return state
+
+    def step(self, state: dict[str, Any], k: Any, phase: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        model, ops, xp = self.model, self.ops, self.ops.xp
+        theta = model.constrain(state["theta_u"])
+        key, k_sim, k_m = ops.split(state["key"], 3)
+        chain, acc, state = self.simulate(state, theta, k, k_sim, phase)
+        objective = xp.mean(xp.sum(chain.log_lik + chain.log_prior, -1))
+        gamma = self.schedule(k)
+        state = dict(state, z=chain.z, key=key)
+        new_theta_u, s_hat = self.maximize(state, theta, chain.z, gamma, k)
+        state["theta_u"] = new_theta_u
+        if s_hat is not None:
+            state["s_hat"] = s_hat
+        return state, {"objective": objective, "gamma": gamma, "acc": acc}
+
+    # ----- building blocks (overridden by f-SAEM and friends) ----------------------------------------
+    def simulate(self, state: dict[str, Any], theta: dict[str, Any], k: Any, key: Any,
+                 phase: Any) -> tuple[mcmc.ChainState, dict[str, Any], dict[str, Any]]:
+        """The MCMC step: saemix kernels 1–3 with scale adaptation."""
+        model, ops, xp = self.model, self.ops, self.ops.xp
+        n1, n2, n3 = self.kernels
+        keys = ops.split(key, n1 + n2 + 2 * n3 + 1)
+        ki = iter(keys)
+
+        def evaluate(z):
+            return model.log_densities(theta, z)
+
+        def sample_prior(kk):
+            return model.sample_prior(theta, kk, self.num_chains)
+
+        chain = mcmc.init_chain_state(state["z"], evaluate)
+        acc: dict[str, Any] = {}
+        d = chain.z.shape[-1]
+        if n1:
+            rates = []
+            for _ in range(n1):
+                chain, a = mcmc.prior_imh(ops, next(ki), chain, sample_prior, evaluate)
+                rates.append(a)
+            acc["prior_imh"] = xp.mean(xp.stack(rates))
+        scale_rw, scale_block = state["scale_rw"], state["scale_block"]
+        if n2:
+            rates = []
+            for _ in range(n2):
+                chain, a = mcmc.rw_componentwise(ops, next(ki), chain, scale_rw, evaluate)
+                scale_rw = mcmc.adapt_scale(scale_rw, a)
+                rates.append(a)
+            acc["rw"] = xp.mean(xp.stack(rates), 0)
+        if n3:
+            rates = []
+            for _ in range(n3):
+                mask = mcmc.random_block_mask(ops, next(ki), d, k)
+                chain, a = mcmc.rw_block(ops, next(ki), chain, scale_block, mask, evaluate)
+                scale_block = mcmc.adapt_scale(scale_block, a, mask)
+                rates.append(a)
+            acc["block_rw"] = xp.mean(xp.stack(rates))
+        state = dict(state, scale_rw=scale_rw, scale_block=scale_block)
+        return chain, acc, state
+
+    def _chain_mean_stats(self, theta: dict[str, Any], z: Any) -> dict[str, Any]:
+        """``Σ_i mean_chains S(z_i, y_i)`` (statistics summed over units)."""
+        xp = self.ops.xp
+        return {n: xp.mean(xp.sum(v, 1), 0) for n, v in self.model.stats(theta, z).items()}
+
+    def maximize(self, state: dict[str, Any], theta: dict[str, Any], z: Any, gamma: Any,
+                 k: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """SA of the statistics and M-step (skipped while γ = 0)."""
+        model, ops, xp = self.model, self.ops, self.ops.xp
+        theta_u = state["theta_u"]
+        s_hat = None
+        new_theta = dict(theta)
+        if model.has_stats:
+            stats = self._chain_mean_stats(theta, z)
+            s_hat = {n: state["s_hat"][n] + gamma * (stats[n] - state["s_hat"][n]) for n in stats}
+            closed = model.m_step(s_hat, theta, model.num_units)
+            closed = self._anneal(closed, theta, k)
+            new_theta.update(closed)
+        numeric = model.numeric_params
+        if numeric:
+            new_theta = self._numeric_step(new_theta, z, gamma, numeric)
+        new_theta_u = dict(theta_u)
+        new_theta_u.update(model.unconstrain({n: new_theta[n] for n in new_theta if n in model.closed_form_params
+                                              or n in numeric}))
+        active = gamma > 0
+        new_theta_u = {n: xp.where(active, v, theta_u[n]) for n, v in new_theta_u.items()}
+        if s_hat is not None:
+            s_hat = {n: xp.where(active, v, state["s_hat"][n]) for n, v in s_hat.items()}
+        return new_theta_u, s_hat
+
+    def _anneal(self, closed: dict[str, Any], theta: dict[str, Any], k: Any) -> dict[str, Any]:
+        """``ω²_k = max(0.97 ω²_{k−1}, ω̂²_k)`` during the annealing iterations."""
+        if self.schedule.sa_iters <= 0:
+            return closed
+        xp = self.ops.xp
+        annealing = self.schedule.annealing(k)
+        factor = self.schedule.anneal_factor
+        out = dict(closed)
+        for name, value in closed.items():
+            kind = self.model.params[name].anneal
+            if kind == "std":
+                floor = theta[name] * factor ** 0.5
+                out[name] = xp.where(annealing, xp.maximum(value, floor), value)
+            elif kind == "var":
+                out[name] = xp.where(annealing, xp.maximum(value, theta[name] * factor), value)
+            elif kind == "cov":
+                old_diag = xp.diagonal(theta[name], 0, -2, -1)
+                new_diag = xp.diagonal(value, 0, -2, -1)
+                target = xp.maximum(new_diag, factor * old_diag)
+                scale = xp.sqrt(target / new_diag)
+                annealed = value * scale[..., :, None] * scale[..., None, :]
+                out[name] = xp.where(annealing, annealed, value)
+        return out
+
+    def _numeric_step(self, theta: dict[str, Any], z: Any, gamma: Any, names: list[str]) -> dict[str, Any]:
+        """θ̃ = argmax mean_chains Σ_i log p(y_i, z_i; θ); θ ← θ + γ(θ̃ − θ) in unconstrained space."""
+        model, ops, xp = self.model, self.ops, self.ops.xp
+        theta_u = model.unconstrain({n: theta[n] for n in names})
+        x0 = flatten(ops, theta_u, names)
+        shapes = {n: self._param_shapes[n] for n in names}
+        fixed = {n: v for n, v in theta.items() if n not in names}
+
+        def objective(x):
+            th = dict(fixed)
+            th.update(model.constrain(unflatten(x, names, shapes)))
+            return xp.mean(xp.sum(model.log_joint(th, z), -1))
+
+        x_new = newton_maximize(ops, objective, x0, num_steps=self.newton_steps)
+        x = x0 + gamma * (x_new - x0)
+        out = dict(theta)
+        out.update(model.constrain(unflatten(x, names, shapes)))
+        return out

@@ -1,0 +1,555 @@
+"""Pyro adapter: a plain Pyro model function becomes a :class:`LatentModel` by tracing.
+
+Roles of the sites (found by ``poutine.trace``):
+
+* ``pyro.param`` sites are θ (constrained values, constraints from the param store);
+* unobserved ``pyro.sample`` sites inside the *unit plate* are per-unit latents ``z_i``; the unit
+  plate is the plate shared by every latent site (or the one named ``unit_plate=``);
+* observed sites are data; they must sit inside the unit plate (pad ragged data and ``.mask()``).
+
+Per-unit log densities sum every dim but the unit-plate dim, masks included.  All chains of all
+units are evaluated in one model call: the model runs inside an extra plate of size L at dim
+``−(max_plate_nesting + 1)`` (as Pyro's ``vectorize_particles``), so models must broadcast over
+extra leading batch dims (index with ``...``).
+
+Recognised closed-form patterns (the exponential-family face of SAEM/EM):
+
+* a Normal / LogNormal latent whose loc and scale are params (μ, ω) and a MultivariateNormal latent
+  whose loc and covariance (or scale_tril) are params (μ, Ω): statistics ``Σ w_i``, ``Σ w_i w_iᵀ``;
+* a Normal observation whose scale is a scalar param (constant residual error): ``Σ (y − f)²``.
+
+Every other parameter gets the numerical M-step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyro
+import pyro.distributions as pdist
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import biject_to, constraints
+from torch.distributions.transforms import ExpTransform
+
+from latentfit.inference.model import (
+    DataError,
+    LatentModel,
+    LatentSite,
+    ModelSpecificationError,
+    ParamInfo,
+)
+from latentfit.inference.ops import TorchOps
+
+CHAIN_PLATE = "_latentfit_chains"
+
+
+@dataclass
+class _SiteLayout:
+    """How a latent site's value maps to the flat per-unit vector."""
+
+    name: str
+    batch_shape: tuple[int, ...]
+    event_shape: tuple[int, ...]
+    unit_axis: int  # axis of the unit dim in the value
+    transform: Any  # biject_to(support): unconstrained -> constrained
+    x_rest: tuple[int, ...]  # constrained per-unit shape (unit axis moved out)
+    u_rest: tuple[int, ...]  # unconstrained per-unit shape
+    offset: int
+    size: int
+
+
+@dataclass
+class _GaussianLatentPattern:
+    site: str
+    loc: str
+    scale: str  # param name
+    kind: str  # "normal" (scale = std, elementwise) or "mvn_cov" / "mvn_tril"
+
+
+@dataclass
+class _ResidualPattern:
+    site: str
+    scale: str  # param name of the residual sd
+
+
+def _unwrap(fn: Any) -> tuple[Any, Any]:
+    """Strip Independent / Masked / Expanded wrappers; return (base distribution, mask)."""
+    mask = None
+    while True:
+        if isinstance(fn, pdist.MaskedDistribution):
+            mask = fn._mask if mask is None else (mask & fn._mask)
+            fn = fn.base_dist
+        elif isinstance(fn, (pdist.Independent, torch.distributions.Independent)):
+            fn = fn.base_dist
+        elif isinstance(fn, pdist.ExpandedDistribution):
+            fn = fn.base_dist
+        else:
+            return fn, mask
+
+
+def _is_lognormal(fn: Any) -> bool:
+    if isinstance(fn, torch.distributions.LogNormal):
+        return True
+    return (isinstance(fn, torch.distributions.TransformedDistribution)
+            and isinstance(_unwrap(fn.base_dist)[0], torch.distributions.Normal)
+            and len(fn.transforms) == 1 and isinstance(fn.transforms[0], ExpTransform))
+
+
+def _normal_base(fn: Any) -> Any:
+    fn = _unwrap(fn)[0]
+    if isinstance(fn, torch.distributions.LogNormal):
+        return _unwrap(fn.base_dist)[0]
+    if isinstance(fn, torch.distributions.TransformedDistribution):
+        return _unwrap(fn.base_dist)[0]
+    return fn
+
+
+class PyroLatentModel(LatentModel):
+    """A Pyro model function, traced once, seen through the :class:`LatentModel` contract."""
+
+    def __init__(self, model: Any, args: tuple = (), kwargs: dict | None = None,
+                 unit_plate: str | None = None, closed_form: bool = True) -> None:
+        if not callable(model):
+            raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
+        self.fn = model
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs or {})
+        trace = self._trace_model()
+        self._find_params(trace)
+        self._find_sites(trace, unit_plate)
+        self.ops = TorchOps(device=self._device, dtype=self._dtype)
+        self._check_observed(trace)
+        self._gauss: list[_GaussianLatentPattern] = []
+        self._resid: list[_ResidualPattern] = []
+        if closed_form:
+            self._recognise_patterns()
+        self.has_stats = bool(self._gauss or self._resid)
+        self._check_initial_density()
+
+    # ----- tracing ------------------------------------------------------------------------------------
+    def _trace_model(self) -> Any:
+        try:
+            return poutine.trace(self.fn).get_trace(*self.args, **self.kwargs)
+        except Exception as exc:  # the model itself failed: say so, keep the original as cause
+            raise ModelSpecificationError(
+                f"running the model with the given arguments failed: {type(exc).__name__}: {exc}") from exc
+
+    def _find_params(self, trace: Any) -> None:
+        store = pyro.get_param_store()
+        self.params = {}
+        for name, site in trace.nodes.items():
+            if site["type"] != "param":
+                continue
+            value = site["value"].detach()
+            constraint = store._constraints.get(name, constraints.real)
+            transform = biject_to(constraint)
+            self.params[name] = ParamInfo(
+                name=name, value=value, to_unconstrained=transform.inv, to_constrained=transform,
+                meta={"constraint": constraint})
+        if not self.params:
+            raise ModelSpecificationError(
+                "the model has no pyro.param site, so there is nothing to estimate: declare the "
+                "population parameters with pyro.param(...) (for fully Bayesian inference use "
+                "pyro.infer.MCMC or SVI instead)")
+        first = next(iter(self.params.values())).value
+        self._device, self._dtype = first.device, first.dtype
+
+    def _find_sites(self, trace: Any, unit_plate: str | None) -> None:
+        latent, observed = [], []
+        max_nesting = 0
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_do_not_trace"):
+                continue
+            if site["is_observed"]:
+                observed.append(name)
+            else:
+                latent.append(name)
+            for f in site["cond_indep_stack"]:
+                if f.vectorized:
+                    max_nesting = max(max_nesting, -f.dim)
+        if not latent:
+            raise ModelSpecificationError(
+                "the model has no latent sample site (every pyro.sample is observed): there is nothing "
+                "to integrate out; fit it with pyro.infer.SVI (AutoDelta guide) or MAP instead")
+        self.max_plate_nesting = max_nesting
+        frames = {n: [f for f in trace.nodes[n]["cond_indep_stack"] if f.vectorized] for n in latent}
+        if unit_plate is not None:
+            found = [f for n in latent for f in frames[n] if f.name == unit_plate]
+            if not found:
+                names = sorted({f.name for n in latent for f in frames[n]})
+                raise ModelSpecificationError(
+                    f"unit_plate={unit_plate!r} does not enclose any latent site; plates around latent "
+                    f"sites: {names}")
+            frame = found[0]
+            outside = [n for n in latent if all(f.name != unit_plate for f in frames[n])]
+            if outside:
+                raise ModelSpecificationError(
+                    f"latent site(s) {outside} are outside the unit plate {unit_plate!r}: global latents "
+                    "are not supported by EM-type engines; make them pyro.param sites")
+        else:
+            common = [f for f in frames[latent[0]] if all(f in frames[n] for n in latent)]
+            if not common:
+                where = {n: [f.name for f in frames[n]] or ["(no plate)"] for n in latent}
+                raise ModelSpecificationError(
+                    f"latent sites are not all inside one plate ({where}); name the plate of the units "
+                    "with unit_plate=... (global latents must be pyro.param sites)")
+            # outermost common plate: the one with the most negative dim... the outermost is entered first
+            frame = min(common, key=lambda f: f.dim)
+        self.unit_plate = frame.name
+        self.unit_dim = frame.dim
+        self.num_units = int(frame.size)
+        self.observed_names = observed
+        self.latent_names_ = latent
+        # layout of the flat latent vector
+        self._layout: list[_SiteLayout] = []
+        offset = 0
+        for n in latent:
+            site = trace.nodes[n]
+            fn, value = site["fn"], site["value"]
+            event_shape = tuple(fn.event_shape)
+            batch_shape = tuple(value.shape[: value.dim() - len(event_shape)])
+            unit_axis = len(batch_shape) + self.unit_dim
+            if unit_axis < 0 or batch_shape[unit_axis] != self.num_units:
+                raise ModelSpecificationError(
+                    f"latent site {n!r} has shape {tuple(value.shape)} without the unit dim "
+                    f"{self.unit_dim} of plate {self.unit_plate!r} (size {self.num_units})")
+            transform = biject_to(fn.support)
+            x = value.detach().movedim(unit_axis, 0)
+            u = transform.inv(x)
+            x_rest, u_rest = tuple(x.shape[1:]), tuple(u.shape[1:])
+            size = int(np.prod(u_rest)) if u_rest else 1
+            self._layout.append(_SiteLayout(n, batch_shape, event_shape, unit_axis, transform, x_rest, u_rest,
+                                            offset, size))
+            offset += size
+        self.latent_dim = offset
+        self.latent_sites = [LatentSite(s.name, s.x_rest, s.offset, s.size) for s in self._layout]
+
+    def _check_observed(self, trace: Any) -> None:
+        self.observed = {}
+        for n in self.observed_names:
+            site = trace.nodes[n]
+            in_plate = any(f.name == self.unit_plate for f in site["cond_indep_stack"])
+            if not in_plate:
+                raise ModelSpecificationError(
+                    f"observed site {n!r} is not inside the unit plate {self.unit_plate!r}: put every "
+                    "observation inside the plate of the units (pad ragged data to [units, max_obs] and "
+                    "mask the padding with .mask(...))")
+            value = site["value"]
+            fn, mask = _unwrap(site["fn"])
+            full_mask = site["mask"]
+            if mask is not None:
+                full_mask = mask if full_mask is None else (full_mask & mask)
+            bad = ~torch.isfinite(value)
+            if full_mask is not None and full_mask is not True:
+                m = torch.as_tensor(full_mask, device=value.device)
+                bad = bad & m.expand(bad.shape) if m.dim() <= bad.dim() else bad
+            nbad = int(bad.sum())
+            if nbad:
+                raise DataError(
+                    f"observed site {n!r} holds {nbad} NaN/inf value(s) out of {value.numel()} at unmasked "
+                    "positions; drop them or mask them with .mask(...) / obs_mask")
+            self.observed[n] = value.detach().cpu().numpy()
+
+    # ----- running the model with given θ and z -------------------------------------------------------------
+    def _split_latents(self, z: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``[L, N, d]`` unconstrained -> per site (constrained value shaped for the chain plate, log|J|)."""
+        L = z.shape[0]
+        out = {}
+        for s in self._layout:
+            u = z[..., s.offset:s.offset + s.size].reshape((L, self.num_units) + s.u_rest)
+            x = s.transform(u)
+            ladj = s.transform.log_abs_det_jacobian(u, x)
+            ladj = ladj.reshape(L, self.num_units, -1).sum(-1) if ladj.dim() > 2 else ladj.reshape(L, -1)
+            # back to the site's layout: [L, *pad, *batch (unit axis restored), *event]
+            x = x.movedim(1, 1 + s.unit_axis)
+            pad = self.max_plate_nesting - len(s.batch_shape)
+            x = x.reshape((L,) + (1,) * pad + tuple(x.shape[1:]))
+            out[s.name] = (x, ladj)
+        return out
+
+    def _chain_model(self, L: int):
+        nesting = self.max_plate_nesting
+
+        def wrapped():
+            with pyro.plate(CHAIN_PLATE, L, dim=-(nesting + 1)):
+                return self.fn(*self.args, **self.kwargs)
+
+        return wrapped
+
+    def _run(self, theta: dict[str, Any], values: dict[str, torch.Tensor], L: int) -> Any:
+        model = poutine.condition(self._chain_model(L), data=values)
+        try:
+            return poutine.trace(poutine.substitute(model, data=dict(theta))).get_trace()
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise ModelSpecificationError(
+                f"the model failed when vectorised over {L} MCMC chain(s) (an extra batch dim at "
+                f"{-(self.max_plate_nesting + 1)}): {exc}. Write the model so that it broadcasts over "
+                "leading batch dims, e.g. index latent vectors with psi[..., 0] rather than psi[:, 0]"
+            ) from exc
+
+    def _per_unit(self, log_prob: torch.Tensor, L: int) -> torch.Tensor:
+        """Sum a site's log-prob over every dim but the chain and unit dims -> ``[L, N]``."""
+        full = self.max_plate_nesting + 1
+        lp = log_prob.reshape((1,) * (full - log_prob.dim()) + tuple(log_prob.shape)) if log_prob.dim() < full \
+            else log_prob
+        unit_axis = full + self.unit_dim
+        lp = lp.movedim(unit_axis, 1)
+        lp = lp.reshape(lp.shape[0], lp.shape[1], -1).sum(-1)
+        return lp.expand(L, self.num_units)
+
+    @staticmethod
+    def _site_log_prob(site: dict) -> torch.Tensor:
+        lp = site["fn"].log_prob(site["value"])
+        return scale_and_mask(lp, 1.0, site["mask"])
+
+    def _densities_from_trace(self, tr: Any, ladj: dict[str, torch.Tensor], L: int):
+        ll = torch.zeros(L, self.num_units, device=self._device, dtype=self._dtype)
+        lp = torch.zeros_like(ll)
+        for name in self.observed_names:
+            ll = ll + self._per_unit(self._site_log_prob(tr.nodes[name]), L)
+        for name in self.latent_names_:
+            lp = lp + self._per_unit(self._site_log_prob(tr.nodes[name]), L) + ladj[name]
+        return ll, lp
+
+    def _full_z(self, z: torch.Tensor, units: Any) -> torch.Tensor:
+        if units is None:
+            return z
+        full = z.new_zeros(z.shape[:-2] + (self.num_units, z.shape[-1]))
+        return full.index_copy(-2, torch.as_tensor(units, device=z.device), z)
+
+    def log_densities(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
+        z = self._full_z(z, units)
+        lead = z.shape[:-2]
+        zz = z.reshape((-1,) + tuple(z.shape[-2:]))
+        L = zz.shape[0]
+        split = self._split_latents(zz)
+        tr = self._run(theta, {n: v[0] for n, v in split.items()}, L)
+        ll, lp = self._densities_from_trace(tr, {n: v[1] for n, v in split.items()}, L)
+        ll, lp = ll.reshape(lead + (self.num_units,)), lp.reshape(lead + (self.num_units,))
+        if units is not None:
+            idx = torch.as_tensor(units, device=z.device)
+            ll, lp = ll.index_select(-1, idx), lp.index_select(-1, idx)
+        return ll, lp
+
+    def sample_prior(self, theta: dict[str, Any], key: Any, num_chains: int, units: Any = None) -> Any:
+        with torch.no_grad():
+            tr = poutine.trace(poutine.substitute(self._chain_model(num_chains), data=dict(theta))).get_trace()
+        parts = []
+        L = num_chains
+        for s in self._layout:
+            x = tr.nodes[s.name]["value"].detach()
+            x = x.reshape((L,) + s.batch_shape + s.event_shape) if x.dim() != 1 + len(s.batch_shape) + len(
+                s.event_shape) else x
+            x = x.expand((L,) + s.batch_shape + s.event_shape).movedim(1 + s.unit_axis, 1)
+            u = s.transform.inv(x)
+            parts.append(u.reshape(L, self.num_units, s.size))
+        z = torch.cat(parts, -1)
+        if units is not None:
+            z = z.index_select(1, torch.as_tensor(units, device=z.device))
+        return z
+
+    def unpack_latents(self, z: Any) -> dict[str, Any]:
+        lead = tuple(z.shape[:-2])
+        out = {}
+        for s in self._layout:
+            u = z[..., s.offset:s.offset + s.size].reshape(lead + (z.shape[-2],) + s.u_rest)
+            out[s.name] = s.transform(u)
+        return out
+
+    # ----- diagnostics of bad models --------------------------------------------------------------------
+    def _check_initial_density(self) -> None:
+        theta = self.init_params()
+        with torch.no_grad():
+            z = self.sample_prior(theta, None, 1)
+            if not torch.isfinite(z).all():
+                bad = [s.name for s in self._layout if not torch.isfinite(z[..., s.offset:s.offset + s.size]).all()]
+                raise ModelSpecificationError(
+                    f"sampling the latent site(s) {bad} from the model at the initial parameter values "
+                    "gave NaN/inf; check the initial values of the pyro.param sites")
+            self.raise_for_nonfinite(theta, z)
+
+    def raise_for_nonfinite(self, theta: dict[str, Any], z: Any) -> None:
+        """Raise naming the site whose log-density is NaN/inf at ``(θ, z)`` (no-op when all finite)."""
+        L = z.shape[0]
+        split = self._split_latents(z)
+        with torch.no_grad():
+            tr = self._run(theta, {n: v[0] for n, v in split.items()}, L)
+            for name in self.latent_names_ + self.observed_names:
+                lp = self._per_unit(self._site_log_prob(tr.nodes[name]), L)
+                nbad = int((~torch.isfinite(lp)).sum())
+                if nbad:
+                    raise ModelSpecificationError(
+                        f"the log-density of site {name!r} is NaN/inf for {nbad} of {lp.numel()} unit(s) at "
+                        "the initial parameter values; check the initial pyro.param values and the "
+                        "site's distribution arguments")
+
+    # ----- exponential-family face -------------------------------------------------------------------
+    def _grad_trace(self) -> tuple[Any, dict[str, torch.Tensor]]:
+        theta = {n: p.value.detach().clone().requires_grad_(True) for n, p in self.params.items()}
+        z = self.sample_prior(self.init_params(), None, 1)
+        split = self._split_latents(z)
+        tr = self._run(theta, {n: v[0] for n, v in split.items()}, 1)
+        return tr, theta
+
+    @staticmethod
+    def _depends(out: torch.Tensor, theta: dict[str, torch.Tensor]) -> set[str]:
+        if not out.requires_grad:
+            return set()
+        names = list(theta)
+        grads = torch.autograd.grad(out.sum(), [theta[n] for n in names], allow_unused=True, retain_graph=True)
+        return {n for n, g in zip(names, grads) if g is not None and bool((g != 0).any())}
+
+    def _is_param(self, tensor: Any, theta: dict[str, torch.Tensor]) -> str | None:
+        """Name of the param that ``tensor`` is a (broadcast) copy of, else None."""
+        if not isinstance(tensor, torch.Tensor):
+            return None
+        deps = self._depends(tensor, theta)
+        if len(deps) != 1:
+            return None
+        name = deps.pop()
+        p = theta[name].detach()
+        try:
+            same = torch.equal(tensor.detach(), p.expand(tensor.shape))
+        except RuntimeError:
+            return None
+        return name if same else None
+
+    def _recognise_patterns(self) -> None:
+        tr, theta = self._grad_trace()
+        claimed: dict[str, str] = {}  # param -> site using it in closed form
+        for s in self._layout:
+            fn = _unwrap(tr.nodes[s.name]["fn"])[0]
+            if isinstance(fn, torch.distributions.Normal) or _is_lognormal(fn):
+                base = _normal_base(fn)
+                loc, scale = self._is_param(base.loc, theta), self._is_param(base.scale, theta)
+                if loc and scale and loc != scale and theta[loc].shape == theta[scale].shape \
+                        and s.size == int(np.prod(s.u_rest) if s.u_rest else 1):
+                    self._gauss.append(_GaussianLatentPattern(s.name, loc, scale, "normal"))
+                    claimed[loc] = claimed[scale] = s.name
+            elif isinstance(fn, torch.distributions.MultivariateNormal) and len(s.u_rest) == 1:
+                loc = self._is_param(fn.loc, theta)
+                cov = self._is_param(fn.covariance_matrix, theta)
+                kind = "mvn_cov"
+                if cov is None:
+                    cov, kind = self._is_param(fn.scale_tril, theta), "mvn_tril"
+                if loc and cov and loc != cov:
+                    self._gauss.append(_GaussianLatentPattern(s.name, loc, cov, kind))
+                    claimed[loc] = claimed[cov] = s.name
+        for name in self.observed_names:
+            fn = _unwrap(tr.nodes[name]["fn"])[0]
+            if isinstance(fn, torch.distributions.Normal):
+                scale = self._is_param(fn.scale, theta)
+                if scale and theta[scale].numel() == 1 and scale not in self._depends(fn.loc, theta):
+                    self._resid.append(_ResidualPattern(name, scale))
+                    claimed[scale] = name
+        # a param is closed-form only if no other site depends on it
+        for pname, owner in list(claimed.items()):
+            others = [n for n in self.latent_names_ + self.observed_names if n != owner]
+            for other in others:
+                site = tr.nodes[other]
+                if pname in self._depends(self._site_log_prob(site), theta):
+                    self._gauss = [g for g in self._gauss if pname not in (g.loc, g.scale)]
+                    self._resid = [r for r in self._resid if r.scale != pname]
+                    break
+        # the residual pattern needs every observation of that site in the statistic
+        for g in self._gauss:
+            self.params[g.loc].closed_form = True
+            self.params[g.scale].closed_form = True
+            self.params[g.scale].anneal = "std" if g.kind == "normal" else "cov"
+            if g.kind == "mvn_tril":
+                self.params[g.scale].anneal = None  # annealed through its covariance below
+            for sl in self._layout:
+                if sl.name == g.site:
+                    sl_kind = g.kind
+                    self.latent_sites = [LatentSite(x.name, x.shape, x.offset, x.size,
+                                                    sl_kind if x.name == g.site else x.kind)
+                                         for x in self.latent_sites]
+        for r in self._resid:
+            self.params[r.scale].closed_form = True
+
+    def _site_u(self, z: torch.Tensor, site: str) -> torch.Tensor:
+        s = next(x for x in self._layout if x.name == site)
+        return z[..., s.offset:s.offset + s.size]
+
+    def stats(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for g in self._gauss:
+            w = self._site_u(z, g.site)
+            if units is not None:
+                w = w.index_select(-2, torch.as_tensor(units, device=w.device))
+            out[f"{g.site}.s1"] = w
+            out[f"{g.site}.s2"] = w * w if g.kind == "normal" else w[..., :, None] * w[..., None, :]
+        if self._resid:
+            zf = self._full_z(z, units)
+            lead = zf.shape[:-2]
+            zz = zf.reshape((-1,) + tuple(zf.shape[-2:]))
+            L = zz.shape[0]
+            split = self._split_latents(zz)
+            tr = self._run(theta, {n: v[0] for n, v in split.items()}, L)
+            for r in self._resid:
+                site = tr.nodes[r.site]
+                fn, fmask = _unwrap(site["fn"])
+                resid2 = (site["value"] - fn.loc) ** 2
+                mask = site["mask"]
+                if fmask is not None:
+                    mask = fmask if mask is None else mask & fmask
+                rss = self._per_unit(scale_and_mask(resid2, 1.0, mask), L).reshape(lead + (self.num_units,))
+                cnt = self._per_unit(scale_and_mask(torch.ones_like(resid2), 1.0, mask), L)
+                cnt = cnt.reshape(lead + (self.num_units,))
+                if units is not None:
+                    idx = torch.as_tensor(units, device=rss.device)
+                    rss, cnt = rss.index_select(-1, idx), cnt.index_select(-1, idx)
+                out[f"{r.site}.rss"] = rss
+                out[f"{r.site}.nobs"] = cnt
+        return out
+
+    def m_step(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        n = float(num_units)
+        for g in self._gauss:
+            s1, s2 = s[f"{g.site}.s1"] / n, s[f"{g.site}.s2"] / n
+            p_shape = tuple(self.params[g.loc].value.shape)
+            if g.kind == "normal":
+                mu = _reduce_to(s1, p_shape)
+                var = s2 - 2 * mu * s1 + mu * mu
+                var = _reduce_to(var, p_shape)
+                out[g.loc] = mu
+                out[g.scale] = torch.sqrt(torch.clamp(var, min=1e-12))
+            else:
+                mu = s1
+                cov = s2 - mu[:, None] * mu[None, :]
+                cov = 0.5 * (cov + cov.T) + 1e-10 * torch.eye(cov.shape[-1], device=cov.device, dtype=cov.dtype)
+                out[g.loc] = mu.reshape(p_shape)
+                out[g.scale] = cov if g.kind == "mvn_cov" else torch.linalg.cholesky(cov)
+        for r in self._resid:
+            rss, cnt = s[f"{r.site}.rss"], s[f"{r.site}.nobs"]
+            sd = torch.sqrt(torch.clamp(rss / torch.clamp(cnt, min=1.0), min=1e-24))
+            out[r.scale] = sd.reshape(self.params[r.scale].value.shape)
+        return out
+
+
+def _reduce_to(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Average ``x`` over the dims that broadcasting a param of ``shape`` added or expanded."""
+    extra = x.dim() - len(shape)
+    if extra > 0:
+        x = x.mean(dim=tuple(range(extra)))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    if dims:
+        x = x.mean(dim=dims, keepdim=True)
+    return x.reshape(shape)
+
+
+def write_params_to_store(params: dict[str, Any]) -> None:
+    """Store the estimates in Pyro's param store (constrained values)."""
+    store = pyro.get_param_store()
+    for name, value in params.items():
+        store[name] = torch.as_tensor(value).detach().clone() if not isinstance(value, torch.Tensor) \
+            else value.detach().clone()
+
+
+__all__ = ["PyroLatentModel", "write_params_to_store"]
