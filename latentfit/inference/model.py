@@ -123,6 +123,40 @@ class LatentModel:
     def expected_stats(self, theta: dict[str, Any], units: Any = None) -> dict[str, Any]:
         raise NotImplementedError
 
+    # ----- optional Gaussian faces (NLME-type models) ------------------------------------------
+    # Used by f-SAEM's Gauss–Newton proposal, the linearisation log-likelihood / Fisher information
+    # and residual diagnostics.  A model sets the flag when it implements the method.
+    has_gaussian_obs: bool = False
+    has_gaussian_prior: bool = False
+    has_exact_marginal: bool = False
+
+    def predict(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
+        """Mean and sd of every (padded) observation given the latents: ``[..., n, T]`` each.
+
+        The observation model is ``y_ij ~ N(mean_ij, sd_ij²)`` (``sd`` may depend on the mean:
+        proportional / combined error).
+        """
+        raise NotImplementedError
+
+    def observations(self, units: Any = None) -> tuple[Any, Any]:
+        """Observed values and mask of the padded observations: ``[n, T]`` each."""
+        raise NotImplementedError
+
+    def prior_moments(self, theta: dict[str, Any], units: Any = None) -> tuple[Any, Any]:
+        """``z_i ~ N(mean_i, cov)`` in unconstrained space: mean ``[n, d]``, cov ``[d, d]`` or ``[n, d, d]``."""
+        raise NotImplementedError
+
+    def marginal_log_lik(self, theta: dict[str, Any], units: Any = None) -> Any:
+        """Exact ``log p(y_i; θ)`` per unit ``[n]`` (discrete or conjugate latents)."""
+        raise NotImplementedError
+
+    def raise_for_nonfinite(self, theta: dict[str, Any], z: Any) -> None:
+        """Raise a clear error when the log-density is NaN/inf at ``(θ, z)`` (adapters name the site)."""
+        ll, lp = self.log_densities(theta, z)
+        xp = self.ops.xp
+        if not bool(xp.all(xp.isfinite(ll + lp))):
+            raise ModelSpecificationError("the model's log-density is NaN/inf at the initial parameter values")
+
     # ----- presentation -------------------------------------------------------------------------
     def unpack_latents(self, z: Any) -> dict[str, Any]:
         """Split ``[..., n, d]`` unconstrained latents into constrained values per site."""
