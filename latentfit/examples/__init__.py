@@ -1,0 +1,1 @@
+"""Worked examples shipped with the package (importable by the CLI demo and the tests)."""
