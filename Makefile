@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` and `make test` (each sets everything up first).
+PYTHON ?= python3
+VENV ?= .venv
+# CPU build of torch by default (a bare `torch` requirement pulls a multi-GB CUDA build); override e.g.
+#   make test TORCH_SPEC="torch==2.5.1"
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.latentfit-installed
+
+.PHONY: setup demo test test-slow lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	MPLBACKEND=Agg $(BIN)/python -m latentfit demo
+
+test: setup
+	MPLBACKEND=Agg $(BIN)/python -m pytest -q
+
+test-slow: setup
+	MPLBACKEND=Agg $(BIN)/python -m pytest -q -m slow
+
+lint: setup
+	$(BIN)/python -m ruff check latentfit tests examples benchmarks
+
+bench: setup
+	for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from latentfit.cli import main
+
+sys.exit(main())
