@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from latentfit.inference import saem as _saem
 from latentfit.inference.results import FitResult
 from latentfit.integrations.pyro import PyroLatentModel, write_params_to_store
@@ -39,7 +41,13 @@ class _PyroEngine:
         return PyroLatentModel(self.model, args, kwargs, unit_plate=self.unit_plate)
 
     def run(self, *args: Any, **kwargs: Any) -> FitResult:
-        engine = self.engine_cls(self.latent_model(*args, **kwargs), *self.engine_args, **self.engine_kwargs)
+        # tracing the model draws random numbers: do it on a forked, seeded RNG stream
+        seed = int(self.engine_kwargs.get("seed", 0))
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            latent_model = self.latent_model(*args, **kwargs)
+        engine = self.engine_cls(latent_model, *self.engine_args, **self.engine_kwargs)
         fit = engine.run()
         write_params_to_store(engine.theta_of(fit.state))
         return fit

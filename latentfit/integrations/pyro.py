@@ -33,7 +33,7 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
-from torch.distributions import biject_to, constraints
+from torch.distributions import biject_to, constraints, transform_to
 from torch.distributions.transforms import ExpTransform
 
 from latentfit.inference.model import (
@@ -129,6 +129,7 @@ class PyroLatentModel(LatentModel):
         if closed_form:
             self._recognise_patterns()
         self.has_stats = bool(self._gauss or self._resid)
+        self._recognise_gaussian_faces()
         self._check_initial_density()
 
     # ----- tracing ------------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ class PyroLatentModel(LatentModel):
                 continue
             value = site["value"].detach()
             constraint = store._constraints.get(name, constraints.real)
-            transform = biject_to(constraint)
+            transform = transform_to(constraint)  # as Pyro's param store does
             self.params[name] = ParamInfo(
                 name=name, value=value, to_unconstrained=transform.inv, to_constrained=transform,
                 meta={"constraint": constraint})
@@ -431,7 +432,7 @@ class PyroLatentModel(LatentModel):
                         and s.size == int(np.prod(s.u_rest) if s.u_rest else 1):
                     self._gauss.append(_GaussianLatentPattern(s.name, loc, scale, "normal"))
                     claimed[loc] = claimed[scale] = s.name
-            elif isinstance(fn, torch.distributions.MultivariateNormal) and len(s.u_rest) == 1:
+            elif isinstance(fn, torch.distributions.MultivariateNormal) and s.size == fn.event_shape[0]:
                 loc = self._is_param(fn.loc, theta)
                 cov = self._is_param(fn.covariance_matrix, theta)
                 kind = "mvn_cov"
@@ -531,6 +532,148 @@ class PyroLatentModel(LatentModel):
             sd = torch.sqrt(torch.clamp(rss / torch.clamp(cnt, min=1.0), min=1e-24))
             out[r.scale] = sd.reshape(self.params[r.scale].value.shape)
         return out
+
+
+    # ----- Gaussian faces (predict / observations / prior_moments) ---------------------------------
+    # Recognised when every observed site is Normal (any loc/scale: the traced distribution gives the
+    # mean and sd) and every latent site is Normal / LogNormal / MultivariateNormal whose arguments do
+    # not depend on other latents (the prior of the unconstrained z_i is then Gaussian).
+    def _recognise_gaussian_faces(self) -> None:
+        tr, _ = self._grad_trace()
+        self.has_gaussian_obs = bool(self.observed_names) and all(
+            isinstance(_unwrap(tr.nodes[n]["fn"])[0], torch.distributions.Normal)
+            and len(tr.nodes[n]["fn"].event_shape) <= 1 for n in self.observed_names)
+        self.has_gaussian_prior = self._gaussian_prior_ok()
+        if self.has_gaussian_obs:
+            self._obs_values, self._obs_mask = self._observed_arrays(tr)
+
+    def _gaussian_prior_ok(self) -> bool:
+        z = self.sample_prior(self.init_params(), None, 1).detach().requires_grad_(True)
+        split = self._split_latents(z)
+        tr = self._run(self.init_params(), {n: v[0] for n, v in split.items()}, 1)
+        for s in self._layout:
+            fn = _unwrap(tr.nodes[s.name]["fn"])[0]
+            if isinstance(fn, torch.distributions.MultivariateNormal):
+                per_unit = int(np.prod(s.batch_shape)) // self.num_units
+                if per_unit != 1:
+                    return False
+                args = [fn.loc, fn.scale_tril]
+            elif isinstance(fn, torch.distributions.Normal) or _is_lognormal(fn):
+                base = _normal_base(fn)
+                args = [base.loc, base.scale]
+            else:
+                return False
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    (g,) = torch.autograd.grad(a.sum(), z, allow_unused=True, retain_graph=True)
+                    if g is not None and bool((g != 0).any()):
+                        return False  # hierarchical latents: the prior of z_i is not Gaussian
+        return True
+
+    def _obs_flat(self, x: torch.Tensor, event_dim: int, L: int) -> torch.Tensor:
+        """``[L?, *pad, *batch, *event]`` -> ``[L, N, T_site]`` (unit dim second, the rest flattened)."""
+        full = self.max_plate_nesting + 1 + event_dim
+        x = x.reshape((1,) * (full - x.dim()) + tuple(x.shape))
+        x = x.movedim(self.max_plate_nesting + 1 + self.unit_dim, 1)
+        x = x.expand((L,) + tuple(x.shape[1:]))
+        return x.reshape(L, self.num_units, -1)
+
+    def _site_mask(self, site: dict) -> Any:
+        fn, mask = _unwrap(site["fn"])
+        full = site["mask"]
+        if mask is not None:
+            full = mask if (full is None or full is True) else (full & mask)
+        return None if full is None or full is True else torch.as_tensor(full, device=self._device)
+
+    def _observed_arrays(self, tr: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        vals, masks = [], []
+        for name in self.observed_names:
+            site = tr.nodes[name]
+            fn = _unwrap(site["fn"])[0]
+            ev = len(site["fn"].event_shape)
+            shape = torch.broadcast_shapes(site["value"].shape, fn.loc.shape, fn.scale.shape)
+            value = site["value"].detach().expand(shape)
+            mask = self._site_mask(site)
+            m = torch.ones(shape, dtype=torch.bool, device=self._device)
+            if mask is not None:
+                mask = mask.reshape(tuple(mask.shape) + (1,) * ev) if ev else mask
+                m = m & mask.expand(shape)
+            vals.append(self._obs_flat(value, ev, 1)[0])
+            masks.append(self._obs_flat(m, ev, 1)[0])
+        return torch.cat(vals, -1).to(self._dtype), torch.cat(masks, -1)
+
+    def predict(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
+        """Mean and sd of every observation given the latents, ``[..., n, T]`` (sites concatenated)."""
+        if not self.has_gaussian_obs:
+            raise ModelSpecificationError("predict() needs Normal observation sites (has_gaussian_obs is False for "
+                                          f"the observed site(s) {self.observed_names})")
+        z = self._full_z(z, units)
+        lead = z.shape[:-2]
+        zz = z.reshape((-1,) + tuple(z.shape[-2:]))
+        L = zz.shape[0]
+        split = self._split_latents(zz)
+        tr = self._run(theta, {n: v[0] for n, v in split.items()}, L)
+        means, sds = [], []
+        for name in self.observed_names:
+            site = tr.nodes[name]
+            fn = _unwrap(site["fn"])[0]
+            ev = len(site["fn"].event_shape)
+            shape = torch.broadcast_shapes(site["value"].shape, fn.loc.shape, fn.scale.shape)
+            means.append(self._obs_flat(fn.loc.expand(shape), ev, L))
+            sds.append(self._obs_flat(fn.scale.expand(shape), ev, L))
+        mean, sd = torch.cat(means, -1), torch.cat(sds, -1)
+        mean = mean.reshape(lead + tuple(mean.shape[1:]))
+        sd = sd.reshape(lead + tuple(sd.shape[1:]))
+        if units is not None:
+            idx = torch.as_tensor(units, device=mean.device)
+            mean, sd = mean.index_select(-2, idx), sd.index_select(-2, idx)
+        return mean, sd
+
+    def observations(self, units: Any = None) -> tuple[Any, Any]:
+        if not self.has_gaussian_obs:
+            raise ModelSpecificationError("observations() is only available for Normal observation sites")
+        y, m = self._obs_values, self._obs_mask
+        if units is not None:
+            idx = torch.as_tensor(units, device=y.device)
+            y, m = y.index_select(0, idx), m.index_select(0, idx)
+        return y, m
+
+    def prior_moments(self, theta: dict[str, Any], units: Any = None) -> tuple[Any, Any]:
+        """Mean ``[n, d]`` and covariance ``[n, d, d]`` of the Gaussian prior of the unconstrained latents."""
+        if not self.has_gaussian_prior:
+            raise ModelSpecificationError("prior_moments() needs Normal / LogNormal / MultivariateNormal latent "
+                                          "sites whose arguments do not depend on other latents")
+        z = self.sample_prior(theta, None, 1)
+        split = self._split_latents(z)
+        tr = self._run(theta, {n: v[0].detach() for n, v in split.items()}, 1)
+        n, d = self.num_units, self.latent_dim
+        mean = torch.zeros(n, d, device=self._device, dtype=self._dtype)
+        cov = torch.zeros(n, d, d, device=self._device, dtype=self._dtype)
+        for s in self._layout:
+            site = tr.nodes[s.name]
+            fn = _unwrap(site["fn"])[0]
+            sl = slice(s.offset, s.offset + s.size)
+            vshape = tuple(site["value"].shape)  # [1, *pad, *batch, *event]
+            if isinstance(fn, torch.distributions.MultivariateNormal):
+                k = vshape[-1]
+                loc = fn.loc.expand(vshape).reshape(n, k)
+                c = fn.covariance_matrix.expand(vshape + (k,)).reshape(n, k, k)
+                # the unit dim is the only batch dim of size > 1 (checked in _gaussian_prior_ok)
+                mean = mean.index_copy(1, torch.arange(s.offset, s.offset + k, device=self._device), loc)
+                block = torch.zeros(n, d, d, device=self._device, dtype=self._dtype)
+                block[:, sl, sl] = c
+                cov = cov + block
+            else:
+                base = _normal_base(fn)
+                ev = len(vshape) - 1 - self.max_plate_nesting
+                loc = self._obs_flat(base.loc.expand(vshape), ev, 1)[0]
+                sd = self._obs_flat(base.scale.expand(vshape), ev, 1)[0]
+                mean = mean + torch.nn.functional.pad(loc, (s.offset, d - s.offset - s.size))
+                cov = cov + torch.diag_embed(torch.nn.functional.pad(sd * sd, (s.offset, d - s.offset - s.size)))
+        if units is not None:
+            idx = torch.as_tensor(units, device=mean.device)
+            mean, cov = mean.index_select(0, idx), cov.index_select(0, idx)
+        return mean, cov
 
 
 def _reduce_to(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

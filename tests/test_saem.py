@@ -1,0 +1,140 @@
+"""SAEM on plain Pyro models: exact ML on linear mixed models, theophylline in the saemix band, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from models_pyro import random_intercept, random_slope
+from reference_em import em_random_slope, ml_random_intercept
+
+from latentfit.examples.theophylline import fit as fit_theophylline
+from latentfit.pyro import SAEM
+
+
+@pytest.fixture(autouse=True)
+def _clean_param_store():
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+def _intercept_data(seed: int = 0, n: int = 200, t: int = 5) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.normal(2.0, 0.7, size=(n, 1)) + rng.normal(0, 0.5, size=(n, t))
+
+
+def _slope_data(seed: int = 0, n: int = 200, m: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    t = np.tile(np.linspace(0, 4, m), (n, 1))
+    b = rng.multivariate_normal([1.0, 0.5], [[0.5, 0.1], [0.1, 0.2]], size=n)
+    return t, b[:, :1] + b[:, 1:] * t + rng.normal(0, 0.3, size=(n, m))
+
+
+def test_random_intercept_reaches_exact_ml():
+    y = _intercept_data()
+    mu, om2, s2 = ml_random_intercept(y)
+    fit = SAEM(random_intercept, num_iters=(100, 300), progress=False).run(torch.tensor(y))
+    p = fit.params
+    assert set(fit.model.closed_form_params) == {"mu", "omega", "sigma"}
+    assert abs(p["mu"] - mu) < 0.005
+    assert abs(p["omega"] ** 2 / om2 - 1) < 0.02
+    assert abs(p["sigma"] ** 2 / s2 - 1) < 0.01
+    # estimates are written back into Pyro's param store
+    assert abs(float(pyro.param("mu").detach()) - p["mu"]) < 1e-12
+
+
+def test_random_slope_mvn_reaches_exact_ml():
+    t, y = _slope_data()
+    mu, cov, s2 = em_random_slope(t, y)
+    fit = SAEM(random_slope, num_iters=(100, 300), num_chains=10, progress=False).run(torch.tensor(t),
+                                                                                      torch.tensor(y))
+    p = fit.params
+    assert set(fit.model.closed_form_params) == {"mu", "cov", "sigma"}
+    np.testing.assert_allclose(p["mu"], mu, atol=0.006)
+    np.testing.assert_allclose(p["cov"], cov, atol=0.006)
+    assert abs(p["sigma"] ** 2 / s2 - 1) < 0.01
+
+
+def test_numeric_m_step_agrees_with_closed_form():
+    """Switching the closed form off (numeric Newton M-step) lands on the same ML estimates."""
+    from latentfit.inference.saem import SAEM as CoreSAEM
+    from latentfit.integrations.pyro import PyroLatentModel
+
+    y = _intercept_data(n=100)
+    mu, om2, s2 = ml_random_intercept(y)
+    model = PyroLatentModel(random_intercept, (torch.tensor(y),), closed_form=False)
+    assert model.closed_form_params == [] and set(model.numeric_params) == {"mu", "omega", "sigma"}
+    fit = CoreSAEM(model, num_iters=(60, 200), num_chains=4, progress=False).run()
+    p = fit.params
+    assert abs(p["mu"] - mu) < 0.01
+    assert abs(p["omega"] ** 2 / om2 - 1) < 0.04
+    assert abs(p["sigma"] ** 2 / s2 - 1) < 0.02
+
+
+@pytest.fixture(scope="module")
+def theophylline_fit():
+    pyro.clear_param_store()
+    return fit_theophylline(seed=0, progress=False)
+
+
+def test_theophylline_in_saemix_band(theophylline_fit):
+    p = theophylline_fit.params
+    ka, v, cl = np.exp(p["mu"])
+    assert 1.5 <= ka <= 1.6
+    assert 31.0 <= v <= 32.0
+    assert 2.7 <= cl <= 2.8
+    assert 0.69 <= p["a"] <= 0.76
+    saemix_omega2 = np.array([0.3953, 0.01449, 0.07953])
+    np.testing.assert_allclose(p["omega"] ** 2, saemix_omega2, rtol=0.25)
+
+
+def test_theophylline_result_objects(theophylline_fit):
+    fit = theophylline_fit
+    assert fit.history["theta.mu"].shape == (400, 3)
+    assert fit.history["objective"].shape == (400,)
+    # burn-in: no M-step during the first 5 iterations
+    assert np.all(fit.history["theta.mu"][:5] == fit.history["theta.mu"][0])
+    assert np.all(fit.history["gamma"][:5] == 0) and np.all(fit.history["gamma"][5:300] == 1)
+    np.testing.assert_allclose(fit.history["gamma"][300:], 1.0 / np.arange(1, 101))
+    lat = fit.latents["log_psi"]
+    assert lat.shape == (5, 100, 12, 1, 3)  # chain × draw × unit × site shape
+    acc = fit.acceptance
+    assert set(acc) == {"prior_imh", "rw", "block_rw"}
+    assert 0.25 < acc["rw"][-50:].mean() < 0.55
+    table = fit.summary()
+    assert list(table.index) == ["mu[0]", "mu[1]", "mu[2]", "omega[0]", "omega[1]", "omega[2]", "a"]
+    fig = fit.plot_convergence()
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == 8  # 7 parameters + objective
+
+
+def test_theophylline_to_arviz(theophylline_fit):
+    import arviz as az
+
+    data = theophylline_fit.to_arviz()
+    post = data.posterior if hasattr(data, "posterior") else data["posterior"]
+    assert post["log_psi"].shape == (5, 100, 12, 1, 3)
+    assert "acceptance_rw" in (data.sample_stats if hasattr(data, "sample_stats") else data["sample_stats"])
+    obs = data.observed_data if hasattr(data, "observed_data") else data["observed_data"]
+    assert obs["conc"].shape == (12, 10)
+    summary = az.summary(data, var_names=["log_psi"])
+    assert np.all(np.isfinite(summary["mean"].to_numpy()))
+
+
+def test_same_seed_same_estimates_and_rng_untouched():
+    y = torch.tensor(_intercept_data(n=50))
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = SAEM(random_intercept, num_iters=(20, 10), seed=7, progress=False).run(y)
+    after = torch.rand(3)
+    assert torch.equal(before, after)  # the user's RNG stream is left as it was
+    pyro.clear_param_store()
+    b = SAEM(random_intercept, num_iters=(20, 10), seed=7, progress=False).run(y)
+    pyro.clear_param_store()
+    c = SAEM(random_intercept, num_iters=(20, 10), seed=8, progress=False).run(y)
+    for name in a.params:
+        assert np.array_equal(a.params[name], b.params[name])
+        assert np.array_equal(a.history[f"theta.{name}"], b.history[f"theta.{name}"])
+    assert not np.array_equal(a.params["mu"], c.params["mu"])
