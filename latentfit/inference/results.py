@@ -71,15 +71,190 @@ class FitResult:
                     rows.append((f"{name}[{','.join(map(str, idx))}]", float(arr[idx])))
         return rows
 
-    def summary(self):
-        """pandas table of the estimates (with SE and RSE% once standard errors are computed)."""
+    # ----- post-fit inference ------------------------------------------------------------------------
+    def _theta(self) -> dict[str, Any]:
+        """θ̂ as backend arrays (constrained)."""
+        return self.engine.theta_of(self.state)
+
+    def _require_draws(self, what: str) -> np.ndarray:
+        if self.latent_draws is None:
+            raise ValueError(f"{what} needs the latent draws of the fit (FitResult.latent_draws is None: the engine "
+                             "kept no draws; run it with num_draws > 0)")
+        return self.latent_draws
+
+    def conditional_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Conditional mean and sd ``[N, d]`` of the unconstrained latents, from the chains' last draws."""
+        if "cond_moments" not in self._cache:
+            from .individual import conditional_moments
+
+            self._cache["cond_moments"] = conditional_moments(self._require_draws("conditional moments"))
+        return self._cache["cond_moments"]
+
+    def individual_estimates(self, num_steps: int = 30):
+        """Conditional modes (EBEs), conditional means and sds of every unit, and shrinkage.
+
+        Returns an :class:`~latentfit.inference.individual.IndividualEstimates` (``.mode``, ``.mean``,
+        ``.sd`` ``[N, d]`` in unconstrained latent space, ``.shrinkage_mode``, ``.to_frame()``).
+        """
+        if "individual" not in self._cache:
+            from .individual import individual_estimates
+
+            self._cache["individual"] = individual_estimates(
+                self.model, self._theta(), self._require_draws("individual estimates"), num_steps=num_steps)
+        return self._cache["individual"]
+
+    def _default_ll_method(self) -> str:
+        return "exact" if getattr(self.model, "has_exact_marginal", False) else "is"
+
+    def log_likelihood(self, method: str | None = None, *, num_samples: int = 5000, df: int = 4, seed: int = 0,
+                       batch_size: int = 500) -> float:
+        """Observed-data log-likelihood ``Σ_i log p(y_i; θ̂)``.
+
+        ``method``: ``"exact"`` (model's exact marginal; default when ``model.has_exact_marginal``),
+        ``"is"`` (importance sampling, Student-t proposal around the conditional moments; ``num_samples``
+        draws per unit, ``df`` degrees of freedom, fixed ``seed``) or ``"lin"`` (linearisation at the
+        conditional modes; models with Gaussian faces).  The detailed result (per-unit terms, Monte-Carlo
+        SE) is kept in ``fit.log_likelihoods[method]``.
+        """
+        from . import likelihood as lk
+
+        method = method or self._default_ll_method()
+        if method not in ("is", "lin", "exact"):
+            raise ValueError(f"method must be 'is', 'lin' or 'exact', got {method!r}")
+        key = (method, num_samples, df, seed) if method == "is" else (method,)
+        cache = self._cache.setdefault("loglik", {})
+        if key not in cache:
+            theta = self._theta()
+            if method == "exact":
+                res = lk.log_likelihood_exact(self.model, theta)
+            elif method == "lin":
+                res = lk.log_likelihood_lin(self.model, theta, self.model.ops.asarray(self.individual_estimates().mode))
+            else:
+                mean, sd = self.conditional_moments()
+                res = lk.log_likelihood_is(self.model, theta, mean, sd, num_samples=num_samples, df=df, seed=seed,
+                                           batch_size=batch_size)
+            cache[key] = res
+            self._cache.setdefault("loglik_by_method", {})[method] = res
+        return cache[key].value
+
+    @property
+    def log_likelihoods(self) -> dict[str, Any]:
+        """The log-likelihoods computed so far, by method (``LogLikelihood`` records)."""
+        return dict(self._cache.get("loglik_by_method", {}))
+
+    @property
+    def num_params(self) -> int:
+        """Number of estimated scalar parameters (free entries of symmetric / triangular matrices only)."""
+        override = getattr(self.model, "num_free_params", None)
+        if override is not None:
+            return int(override() if callable(override) else override)
+        count = 0
+        for name, info in self.model.params.items():
+            if info.fixed:
+                continue
+            shape = np.shape(self.params[name])
+            size = int(np.prod(shape)) if shape else 1
+            cname = type(info.meta.get("constraint", None)).__name__.lower()
+            if len(shape) >= 2 and shape[-1] == shape[-2]:
+                k = shape[-1]
+                batch = size // (k * k)
+                if any(w in cname for w in ("positivedefinite", "lowercholesky", "symmetric", "positivesemidefinite")):
+                    size = batch * k * (k + 1) // 2
+                elif "corrcholesky" in cname:
+                    size = batch * k * (k - 1) // 2
+            count += size
+        return count
+
+    @property
+    def minus_two_ll(self) -> float:
+        """−2 log-likelihood (default method: exact marginal when available, else importance sampling)."""
+        return -2.0 * self.log_likelihood()
+
+    @property
+    def aic(self) -> float:
+        """``−2LL + 2 p`` (p = :attr:`num_params`)."""
+        return self.minus_two_ll + 2.0 * self.num_params
+
+    @property
+    def bic(self) -> float:
+        """``−2LL + p log N`` with N the number of units (saemix's BIC)."""
+        return self.minus_two_ll + self.num_params * float(np.log(self.model.num_units))
+
+    def _default_se_method(self) -> str:
+        m = self.model
+        return "lin" if (m.has_gaussian_obs and m.has_gaussian_prior) else "sa"
+
+    def standard_errors(self, method: str | None = None, *, num_iters: int = 0, seed: int = 0) -> dict[str, float]:
+        """Standard errors of every parameter (constrained scale, :meth:`param_table` labels).
+
+        ``method``: ``"lin"`` (expected Fisher information of the model linearised at the conditional modes,
+        saemix's method; default for models with Gaussian faces) or ``"sa"`` (Louis' formula averaged over
+        draws of the latents: the SAEM chains' last draws, or ``num_iters`` fresh MCMC iterations at θ̂ when
+        ``num_iters > 0``).  The full record (covariance, Fisher information, ``.delta(fn)`` for derived
+        quantities) is ``fit.covariance(method)``.
+        """
+        return self.covariance(method, num_iters=num_iters, seed=seed).as_dict()
+
+    def covariance(self, method: str | None = None, *, num_iters: int = 0, seed: int = 0):
+        """:class:`~latentfit.inference.fisher.StandardErrors` record of ``method`` (see :meth:`standard_errors`)."""
+        from . import fisher
+
+        method = method or self._default_se_method()
+        if method not in ("lin", "sa"):
+            raise ValueError(f"method must be 'lin' or 'sa', got {method!r}")
+        key = (method, num_iters, seed)
+        cache = self._cache.setdefault("se_records", {})
+        if key not in cache:
+            theta = self._theta()
+            if method == "lin":
+                z_hat = self.model.ops.asarray(self.individual_estimates().mode)
+                rec = fisher.fim_linearisation(self.model, theta, z_hat)
+            else:
+                draws = self._require_draws("standard errors by stochastic approximation")
+                if num_iters > 0:
+                    from .individual import sample_conditional
+
+                    draws = sample_conditional(self.model, theta, draws[:, -1], num_iters, seed=seed)
+                rec = fisher.fim_louis(self.model, theta, draws)
+            cache[key] = rec
+        self._cache["se"] = cache[key].as_dict()
+        return cache[key]
+
+    def residuals(self, num_sims: int = 1000, seed: int = 0):
+        """PRED, IPRED, IWRES, EPRED, PWRES and NPDE (``[N, T]`` arrays; ``.to_frame()``)."""
+        key = (num_sims, seed)
+        cache = self._cache.setdefault("residuals", {})
+        if key not in cache:
+            from .diagnostics import residuals
+
+            cache[key] = residuals(self.model, self._theta(), self.model.ops.asarray(self.individual_estimates().mode),
+                                   num_sims=num_sims, seed=seed)
+        return cache[key]
+
+    def vpc(self, x: Any, num_sims: int = 500, bins: Any = None, level: float = 0.9, seed: int = 0):
+        """Visual-predictive-check summaries against ``x`` (``[N, T]`` array or model keyword name)."""
+        from latentfit.plots import resolve_x
+
+        from .diagnostics import vpc
+
+        return vpc(self.model, self._theta(), resolve_x(self, x), num_sims=num_sims, bins=bins, level=level,
+                   seed=seed)
+
+    def summary(self, se: bool = True, method: str | None = None):
+        """pandas table: estimate, SE and RSE% (standard errors by ``method``, default as
+        :meth:`standard_errors`; ``se=False`` or a model/fit without the needed faces/draws: estimates only)."""
         import pandas as pd
 
         rows = self.param_table()
         df = pd.DataFrame({"estimate": [v for _, v in rows]}, index=[n for n, _ in rows])
-        se = self._cache.get("se")
-        if se is not None:
-            df["se"] = [se.get(n, np.nan) for n, _ in rows]
+        se_map = self._cache.get("se")
+        if se and (se_map is None or method is not None):
+            try:
+                se_map = self.standard_errors(method)
+            except (ValueError, NotImplementedError):
+                se_map = None
+        if se and se_map is not None:
+            df["se"] = [se_map.get(n, np.nan) for n, _ in rows]
             df["rse%"] = 100.0 * df["se"] / df["estimate"].abs()
         df.index.name = "parameter"
         return df
@@ -115,6 +290,30 @@ class FitResult:
             ax.set_visible(False)
         fig.tight_layout()
         return fig
+
+    def plot_observations_vs_predictions(self, **kwargs):
+        """Observations against PRED and IPRED (see :mod:`latentfit.plots`)."""
+        from latentfit.plots import plot_observations_vs_predictions
+
+        return plot_observations_vs_predictions(self, **kwargs)
+
+    def plot_residuals(self, x: Any = None, **kwargs):
+        """IWRES / PWRES / NPDE against x (or predictions) and the NPDE QQ plot."""
+        from latentfit.plots import plot_residuals
+
+        return plot_residuals(self, x, **kwargs)
+
+    def plot_individual_fits(self, x: Any = None, **kwargs):
+        """Observations, IPRED and PRED per unit."""
+        from latentfit.plots import plot_individual_fits
+
+        return plot_individual_fits(self, x, **kwargs)
+
+    def plot_vpc(self, x: Any, **kwargs):
+        """Visual predictive check (simulated prediction intervals of the 5/50/95% quantiles)."""
+        from latentfit.plots import plot_vpc
+
+        return plot_vpc(self, x, **kwargs)
 
     def to_arviz(self):
         """The installed arviz's native object (InferenceData on 0.x, DataTree on 1.x)."""

@@ -1,0 +1,184 @@
+"""Residual diagnostics and visual predictive checks (pure array code on model predictions).
+
+For a model with a Gaussian observation face (``y_ij ~ N(f_ij(z_i), g_ij²)``):
+
+* ``PRED``  population prediction ``f(m_i)`` at the prior mean of the latents (saemix ``ppred``);
+* ``IPRED`` individual prediction ``f(ẑ_i)`` at the conditional mode (saemix ``ipred``);
+* ``IWRES`` individual weighted residual ``(y − IPRED) / g(ẑ_i)``;
+* ``PWRES`` population weighted residual ``V_i^{-1/2}(y_i − E[y_i])`` with the mean and covariance of
+  ``y_i`` under the model estimated from K simulated data sets (Cholesky decorrelation);
+* ``NPDE``  normalised prediction distribution errors (Brendel et al. 2006, Comets et al. 2008):
+  observations and simulations are decorrelated with the same ``V_i^{-1/2}``, ``pde_ij`` is the
+  fraction of decorrelated simulations below the decorrelated observation (clipped to
+  ``[1/(2K), 1 − 1/(2K)]``), ``npde = Φ⁻¹(pde)``; under the model they are i.i.d. N(0, 1);
+* VPC: quantiles of the observations per bin of the independent variable against prediction
+  intervals of the same quantiles over simulated replicates of the data set.
+
+Simulations draw ``z ~ p(z; θ̂)`` with ``model.sample_prior`` and ``y = f(z) + g(z) ε``.
+Masked (padding) observations come back as NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+from .model import LatentModel, ModelSpecificationError
+
+
+@dataclass
+class Residuals:
+    """``[N, T]`` arrays (NaN at masked entries)."""
+
+    y: np.ndarray
+    mask: np.ndarray
+    pred: np.ndarray
+    ipred: np.ndarray
+    iwres: np.ndarray
+    epred: np.ndarray
+    pwres: np.ndarray
+    npde: np.ndarray
+
+    def to_frame(self, x: np.ndarray | None = None):
+        """Long pandas table of the observed entries: unit, obs index, (x), DV, PRED, IPRED, residuals."""
+        import pandas as pd
+
+        unit, obs = np.nonzero(self.mask)
+        cols = {"unit": unit, "obs": obs}
+        if x is not None:
+            cols["x"] = np.asarray(x)[unit, obs]
+        for name in ("y", "pred", "ipred", "iwres", "epred", "pwres", "npde"):
+            cols[name.upper() if name != "y" else "DV"] = getattr(self, name)[unit, obs]
+        return pd.DataFrame(cols)
+
+
+def _require_obs(model: LatentModel) -> None:
+    if not model.has_gaussian_obs:
+        raise ModelSpecificationError("residual diagnostics need a Gaussian observation face (predict/observations, "
+                                      "has_gaussian_obs=True); this model does not provide one")
+
+
+def simulate_observations(model: LatentModel, theta: dict[str, Any], num_sims: int, seed: int = 0) -> np.ndarray:
+    """``K`` replicated data sets ``[K, N, T]`` from ``z ~ p(z; θ)``, ``y ~ N(f(z), g(z)²)``."""
+    _require_obs(model)
+    from .likelihood import _seeded
+
+    ops = model.ops
+    with _seeded(ops, seed):
+        k1, k2 = ops.split(ops.key(seed))
+        z = model.sample_prior(theta, k1, int(num_sims))
+        mean, sd = model.predict(theta, z)
+        y = mean + sd * ops.normal(k2, tuple(mean.shape))
+    return ops.to_numpy(y)
+
+
+def _inv_norm_cdf(p: np.ndarray) -> np.ndarray:
+    return np.vectorize(NormalDist().inv_cdf, otypes=[float])(p)
+
+
+def decorrelate(resid: np.ndarray, cov: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``L_i⁻¹ r_i`` with ``L_i L_iᵀ = V_i`` restricted to the observed entries (``resid [..., N, T]``)."""
+    eye = np.eye(cov.shape[-1])
+    both = mask[:, :, None] & mask[:, None, :]
+    cov = np.where(both, cov, eye)
+    chol = np.linalg.cholesky(cov)
+    r = np.where(mask, resid, 0.0)
+    lead = r.shape[:-2]
+    rr = np.moveaxis(r.reshape((-1,) + r.shape[-2:]), 0, -1)  # [N, T, B]
+    out = np.linalg.solve(chol, rr)
+    return np.moveaxis(out, -1, 0).reshape(lead + r.shape[-2:])
+
+
+def residuals(model: LatentModel, theta: dict[str, Any], z_mode: Any, num_sims: int = 1000,
+              seed: int = 0) -> Residuals:
+    """PRED, IPRED, IWRES, EPRED (simulated mean), PWRES and NPDE of every observation."""
+    _require_obs(model)
+    ops = model.ops
+    y, mask = (ops.to_numpy(a) for a in model.observations())
+    mask = mask.astype(bool)
+    ipred_t, isd_t = model.predict(theta, ops.asarray(z_mode))
+    ipred, isd = ops.to_numpy(ipred_t), ops.to_numpy(isd_t)
+    sims = simulate_observations(model, theta, num_sims, seed)  # [K, N, T]
+    if model.has_gaussian_prior:
+        m, _ = model.prior_moments(theta)
+        pred = ops.to_numpy(model.predict(theta, m)[0])
+    else:
+        pred = np.median(sims, 0)
+    epred = sims.mean(0)
+    centred = sims - epred
+    cov = np.einsum("knt,kns->nts", centred, centred) / max(num_sims - 1, 1)
+    pwres = decorrelate(y - epred, cov, mask)
+    y_dec = pwres
+    sim_dec = decorrelate(centred, cov, mask)  # [K, N, T]
+    pde = (sim_dec < y_dec[None]).mean(0)
+    pde = np.clip(pde, 1.0 / (2 * num_sims), 1.0 - 1.0 / (2 * num_sims))
+    npde = _inv_norm_cdf(pde)
+    nan = np.where(mask, 1.0, np.nan)
+    iwres = (y - ipred) / isd
+    return Residuals(y=y * nan, mask=mask, pred=pred * nan, ipred=ipred * nan, iwres=iwres * nan, epred=epred * nan,
+                     pwres=pwres * nan, npde=npde * nan)
+
+
+@dataclass
+class VPC:
+    """Binned observed quantiles and simulated prediction intervals of those quantiles."""
+
+    bin_edges: np.ndarray  # [B + 1]
+    bin_x: np.ndarray  # [B] median x of the observations in each bin
+    quantiles: tuple[float, ...]
+    observed: np.ndarray  # [B, Q] observed quantiles
+    simulated: np.ndarray  # [B, Q, 3] lower / median / upper of the simulated quantiles
+    level: float
+    x: np.ndarray  # observed x (flat, observed entries)
+    y: np.ndarray  # observations (flat)
+
+
+def default_bins(x: np.ndarray, max_bins: int = 10) -> np.ndarray:
+    """Bin edges: the distinct values when there are few, else quantiles of x."""
+    ux = np.unique(x)
+    if ux.size <= max_bins:
+        mids = 0.5 * (ux[1:] + ux[:-1])
+        return np.concatenate([[ux[0] - 1e-9], mids, [ux[-1] + 1e-9]])
+    edges = np.unique(np.quantile(x, np.linspace(0, 1, max_bins + 1)))
+    edges[0] -= 1e-9
+    edges[-1] += 1e-9
+    return edges
+
+
+def vpc(model: LatentModel, theta: dict[str, Any], x: Any, *, num_sims: int = 500, bins: Any = None,
+        quantiles: tuple[float, ...] = (0.05, 0.5, 0.95), level: float = 0.9, seed: int = 0,
+        max_bins: int = 10) -> VPC:
+    """Visual predictive check against the independent variable ``x [N, T]`` (e.g. time)."""
+    _require_obs(model)
+    ops = model.ops
+    y, mask = (ops.to_numpy(a) for a in model.observations())
+    mask = mask.astype(bool)
+    x = np.asarray(x, dtype=float)
+    if x.shape != y.shape:
+        raise ValueError(f"x must have the shape of the observations {y.shape}, got {x.shape}")
+    sims = simulate_observations(model, theta, num_sims, seed)
+    xo, yo = x[mask], y[mask]
+    so = sims[:, mask]  # [K, M]
+    edges = np.asarray(bins, dtype=float) if bins is not None else default_bins(xo, max_bins)
+    which = np.clip(np.searchsorted(edges, xo, side="right") - 1, 0, len(edges) - 2)
+    q = np.asarray(quantiles)
+    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
+    obs_q, sim_q, bx, keep = [], [], [], []
+    for b in range(len(edges) - 1):  # loop over bins (few), vectorised over replicates
+        sel = which == b
+        if not sel.any():
+            continue
+        keep.append(b)
+        bx.append(np.median(xo[sel]))
+        obs_q.append(np.quantile(yo[sel], q))
+        per_rep = np.quantile(so[:, sel], q, axis=1)  # [Q, K]
+        sim_q.append(np.stack([np.quantile(per_rep, lo, axis=1), np.median(per_rep, axis=1),
+                               np.quantile(per_rep, hi, axis=1)], -1))
+    return VPC(bin_edges=edges, bin_x=np.asarray(bx), quantiles=tuple(quantiles), observed=np.asarray(obs_q),
+               simulated=np.asarray(sim_q), level=level, x=xo, y=yo)
+
+
+__all__ = ["Residuals", "VPC", "decorrelate", "default_bins", "residuals", "simulate_observations", "vpc"]

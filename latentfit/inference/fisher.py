@@ -1,0 +1,233 @@
+"""Fisher information and standard errors after a fit.
+
+Both estimates are computed for the free parameters in *unconstrained* space, ``x = flatten(T⁻¹(θ))``,
+and carried to the reported (constrained) parameters by the delta method,
+``Cov(θ̂) = J_c I(x̂)⁻¹ J_cᵀ`` with ``J_c = ∂θ/∂x``.
+
+**Linearisation** (saemix ``fim.saemix``).  With the model linearised at the conditional modes ẑ_i
+(``J_i`` and ẑ_i held fixed, see :mod:`latentfit.inference.likelihood`), ``y_i ~ N(μ_i(θ), V_i(θ))``,
+
+    μ_i(θ) = f_i(ẑ_i; θ) + J_i (m_i(θ) − ẑ_i),    V_i(θ) = J_i Ω(θ) J_iᵀ + diag(g_i(ẑ_i; θ)²),
+
+and the expected information of that Gaussian model is
+
+    I_pq = Σ_i ∂_p μ_iᵀ V_i⁻¹ ∂_q μ_i + ½ tr(V_i⁻¹ ∂_p V_i V_i⁻¹ ∂_q V_i).
+
+**Stochastic approximation of Louis' formula** (Louis 1982; Kuhn & Lavielle 2005; Monolix).  For
+any latent model, with ``ℓ_i(θ, z) = log p(y_i, z; θ)`` and expectations under ``p(z_i | y_i; θ̂)``,
+
+    I(θ̂) = − Σ_i E_i[∂²_θ ℓ_i] − Σ_i ( E_i[∂_θ ℓ_i ∂_θ ℓ_iᵀ] − E_i[∂_θ ℓ_i] E_i[∂_θ ℓ_i]ᵀ ).
+
+The conditional expectations are Monte-Carlo (= stochastic-approximation with γ_k = 1/k) averages
+over draws of the latents: the SAEM chains' last draws or fresh MCMC draws at θ̂.  Per-unit,
+per-draw scores come from one forward-mode Jacobian (p directional derivatives) and the Hessian
+term from the Hessian of the draw-averaged complete log-likelihood.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .likelihood import linearised_moments, require_gaussian_faces, structural_jacobian
+from .model import LatentModel
+from .mstep import flatten, unflatten
+
+
+@dataclass
+class StandardErrors:
+    """Covariance of the estimates, on the unconstrained and the reported (constrained) scale."""
+
+    method: str
+    labels: list[str]  # one per scalar element of every constrained parameter (FitResult.param_table order)
+    estimate: np.ndarray
+    se: np.ndarray
+    cov: np.ndarray  # constrained covariance
+    fim: np.ndarray  # Fisher information in unconstrained space
+    cov_unconstrained: np.ndarray
+    free: list[str]  # names of the free (estimated) parameters
+
+    def as_dict(self) -> dict[str, float]:
+        return {lab: float(v) for lab, v in zip(self.labels, self.se)}
+
+    def delta(self, fn: Callable[[np.ndarray], np.ndarray], eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+        """Value and SE of ``fn(θ̂_flat)`` (numpy function of the flat constrained estimates)."""
+        return delta_method(fn, self.estimate, self.cov, eps)
+
+
+def delta_method(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, cov: np.ndarray,
+                 eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """``fn(x)`` and ``sqrt(diag(∇fn Cov ∇fnᵀ))`` (central differences; ``fn`` numpy -> numpy)."""
+    x = np.asarray(x, dtype=float)
+    f0 = np.atleast_1d(np.asarray(fn(x), dtype=float))
+    jac = np.zeros((f0.size, x.size))
+    for j in range(x.size):
+        h = eps * max(1.0, abs(x[j]))
+        xp_, xm = x.copy(), x.copy()
+        xp_[j] += h
+        xm[j] -= h
+        jac[:, j] = (np.atleast_1d(fn(xp_)) - np.atleast_1d(fn(xm))) / (2 * h)
+    return f0, np.sqrt(np.clip(np.einsum("ij,jk,ik->i", jac, cov, jac), 0, None))
+
+
+# ----- autodiff helpers -----------------------------------------------------------------------------
+def forward_jacobian(ops: Any, f: Callable[[Any], Any], x: Any) -> Any:
+    """Jacobian ``[*out_shape, p]`` of ``f: R^p -> R^{out_shape}`` (p directional derivatives)."""
+    if hasattr(ops, "jacobian"):
+        return ops.jacobian(f)(x)
+    if ops.name == "jax":
+        import jax
+
+        return jax.jacfwd(f)(x)
+    torch = ops.xp
+    p = x.shape[0]
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        y = f(xr)
+        v = torch.zeros_like(y, requires_grad=True)
+        (g,) = torch.autograd.grad(y, xr, v, create_graph=True, allow_unused=True)
+        cols = []
+        for j in range(p):
+            e = torch.zeros_like(xr)
+            e[j] = 1.0
+            if g is None or not g.requires_grad:
+                cols.append(torch.zeros_like(y))
+                continue
+            (c,) = torch.autograd.grad(g, v, e, retain_graph=True, allow_unused=True)
+            cols.append(torch.zeros_like(y) if c is None else c)
+    return torch.stack(cols, -1).detach()
+
+
+class ParamVector:
+    """Flat unconstrained vector of the free parameters ↔ constrained θ dict."""
+
+    def __init__(self, model: LatentModel, theta: dict[str, Any]) -> None:
+        self.model = model
+        self.theta = dict(theta)
+        self.free = [n for n, p in model.params.items() if not p.fixed]
+        theta_u = model.unconstrain({n: theta[n] for n in self.free})
+        ops = model.ops
+        self.shapes = {n: tuple(np.shape(ops.to_numpy(theta_u[n]))) for n in self.free}
+        self.x0 = ops.stop_gradient(flatten(ops, theta_u, self.free))
+
+    def theta_of(self, x: Any) -> dict[str, Any]:
+        th = dict(self.theta)
+        th.update(self.model.constrain(unflatten(x, self.free, self.shapes)))
+        return th
+
+    def constrained_flat(self, x: Any) -> Any:
+        """Flat constrained values of *all* params (FitResult.param_table order)."""
+        xp = self.model.ops.xp
+        th = self.theta_of(x)
+        return xp.concatenate([xp.reshape(th[n], (-1,)) for n in self.model.params])
+
+
+def _labels(model: LatentModel, theta: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+    labels, values = [], []
+    for name in model.params:
+        arr = np.asarray(model.ops.to_numpy(theta[name]))
+        if arr.ndim == 0:
+            labels.append(name)
+            values.append(float(arr))
+        else:
+            for idx in np.ndindex(arr.shape):
+                labels.append(f"{name}[{','.join(map(str, idx))}]")
+                values.append(float(arr[idx]))
+    return labels, np.asarray(values)
+
+
+def invert_information(fim: np.ndarray) -> np.ndarray:
+    """Inverse of the information; coordinates with identically zero rows (structurally unused, e.g. the
+    upper triangle of an unconstrained Cholesky factor) get zero variance."""
+    fim = 0.5 * (fim + fim.T)
+    scale = np.abs(fim).max() if fim.size else 1.0
+    used = np.abs(fim).max(1) > 1e-12 * max(scale, 1e-300)
+    cov = np.zeros_like(fim)
+    sub = fim[np.ix_(used, used)]
+    try:
+        cov[np.ix_(used, used)] = np.linalg.inv(sub)
+    except np.linalg.LinAlgError:
+        cov[np.ix_(used, used)] = np.linalg.pinv(sub)
+    return cov
+
+
+def _finish(method: str, model: LatentModel, pv: ParamVector, fim: np.ndarray) -> StandardErrors:
+    ops = model.ops
+    cov_u = invert_information(fim)
+    jc = ops.to_numpy(forward_jacobian(ops, pv.constrained_flat, pv.x0))  # [P_c, p]
+    cov = jc @ cov_u @ jc.T
+    labels, est = _labels(model, pv.theta)
+    se = np.sqrt(np.clip(np.diagonal(cov), 0, None))
+    return StandardErrors(method, labels, est, se, cov, fim, cov_u, pv.free)
+
+
+# ----- linearisation --------------------------------------------------------------------------------
+def fim_linearisation(model: LatentModel, theta: dict[str, Any], z_hat: Any) -> StandardErrors:
+    """Expected Fisher information of the model linearised at the conditional modes ``z_hat [N, d]``."""
+    require_gaussian_faces(model, "the linearisation Fisher information")
+    ops = model.ops
+    xp = ops.xp
+    z_hat = ops.asarray(z_hat)
+    jac = ops.stop_gradient(structural_jacobian(model, theta, z_hat))
+    pv = ParamVector(model, theta)
+    n = z_hat.shape[0]
+    _, mask, mean0, cov0 = linearised_moments(model, theta, z_hat, jac)
+    t = mean0.shape[-1]
+
+    def moments(x: Any) -> Any:
+        _, _, mean, cov = linearised_moments(model, pv.theta_of(x), z_hat, jac)
+        return xp.concatenate([xp.reshape(mean, (-1,)), xp.reshape(cov, (-1,))])
+
+    d_all = forward_jacobian(ops, moments, pv.x0)  # [n*T + n*T*T, p]
+    p = d_all.shape[-1]
+    d_mean = xp.reshape(d_all[: n * t], (n, t, p))
+    d_cov = xp.reshape(d_all[n * t:], (n, t, t, p))
+    vinv = xp.linalg.inv(cov0)
+    fim = xp.einsum("ntp,nts,nsq->pq", d_mean, vinv, d_mean)
+    a = xp.einsum("nab,nbcp->nacp", vinv, d_cov)
+    fim = fim + 0.5 * xp.einsum("nabp,nbaq->pq", a, a)
+    return _finish("lin", model, pv, ops.to_numpy(fim))
+
+
+# ----- stochastic approximation of Louis' formula --------------------------------------------------
+def fim_louis(model: LatentModel, theta: dict[str, Any], draws: Any, batch_size: int = 200) -> StandardErrors:
+    """Observed Fisher information by Louis' formula, conditional expectations averaged over ``draws``.
+
+    ``draws``: latent draws ``[..., N, d]`` (unconstrained) from ``p(z_i | y_i; θ̂)``, e.g. the SAEM chains'
+    ``[L, draws, N, d]``; leading dims are pooled.
+    """
+    ops = model.ops
+    xp = ops.xp
+    z = np.asarray(draws)
+    z = z.reshape((-1,) + z.shape[-2:])
+    s_total = z.shape[0]
+    pv = ParamVector(model, theta)
+    p = int(pv.x0.shape[0])
+    n = z.shape[1]
+    hess = np.zeros((p, p))
+    g_sum = np.zeros((n, p))
+    gg_sum = np.zeros((n, p, p))
+    for start in range(0, s_total, batch_size):
+        zb = ops.asarray(z[start:start + batch_size])
+
+        def complete(x: Any, zb=zb) -> Any:
+            return model.log_joint(pv.theta_of(x), zb)  # [S_b, n]
+
+        def total(x: Any, zb=zb) -> Any:
+            return xp.sum(complete(x, zb))
+
+        hess += ops.to_numpy(ops.hessian(total)(pv.x0))
+        g = ops.to_numpy(forward_jacobian(ops, complete, pv.x0))  # [S_b, n, p]
+        g_sum += g.sum(0)
+        gg_sum += np.einsum("snp,snq->npq", g, g)
+    g_mean = g_sum / s_total
+    cov_scores = gg_sum / s_total - np.einsum("np,nq->npq", g_mean, g_mean)
+    fim = -hess / s_total - cov_scores.sum(0)
+    return _finish("sa", model, pv, fim)
+
+
+__all__ = ["StandardErrors", "delta_method", "fim_linearisation", "fim_louis", "forward_jacobian",
+           "invert_information"]
