@@ -135,7 +135,8 @@ class PyroLatentModel(LatentModel):
     # ----- tracing ------------------------------------------------------------------------------------
     def _trace_model(self) -> Any:
         try:
-            return poutine.trace(self.fn).get_trace(*self.args, **self.kwargs)
+            with pyro.validation_enabled(False):  # NaN densities are reported by site below
+                return poutine.trace(self.fn).get_trace(*self.args, **self.kwargs)
         except Exception as exc:  # the model itself failed: say so, keep the original as cause
             raise ModelSpecificationError(
                 f"running the model with the given arguments failed: {type(exc).__name__}: {exc}") from exc
@@ -285,7 +286,8 @@ class PyroLatentModel(LatentModel):
     def _run(self, theta: dict[str, Any], values: dict[str, torch.Tensor], L: int) -> Any:
         model = poutine.condition(self._chain_model(L), data=values)
         try:
-            return poutine.trace(poutine.substitute(model, data=dict(theta))).get_trace()
+            with pyro.validation_enabled(False):
+                return poutine.trace(poutine.substitute(model, data=dict(theta))).get_trace()
         except (RuntimeError, ValueError, IndexError) as exc:
             raise ModelSpecificationError(
                 f"the model failed when vectorised over {L} MCMC chain(s) (an extra batch dim at "
@@ -338,7 +340,7 @@ class PyroLatentModel(LatentModel):
         return ll, lp
 
     def sample_prior(self, theta: dict[str, Any], key: Any, num_chains: int, units: Any = None) -> Any:
-        with torch.no_grad():
+        with torch.no_grad(), pyro.validation_enabled(False):
             tr = poutine.trace(poutine.substitute(self._chain_model(num_chains), data=dict(theta))).get_trace()
         parts = []
         L = num_chains
