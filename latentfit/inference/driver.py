@@ -91,7 +91,7 @@ class Engine:
                     state, infos = self._run_chunk(state, a, b, phase, collect)
                     for info in infos:
                         z = info.pop("_z", None)
-                        if z is not None:
+                        if z is not None and collect:
                             draws.append(ops.to_numpy(z))
                         _append_history(history, info, ops)
                     if self.callback is not None:
@@ -115,13 +115,16 @@ class Engine:
             st, info = self.step(st, k, phase)
             info = dict(info)
             info["theta"] = self.theta_of(st)
-            if collect:
+            # compiled backends always return the draw, so one compiled chunk serves both cases
+            if collect or self.ops.jittable:
                 z = self.latent_draw(st)
                 if z is not None:
                     info["_z"] = z
             return st, info
 
-        return self.ops.scan_steps(one, state, range(first, last + 1), key=(self.name, phase, collect))
+        # compiled chunks are cached per engine instance and phase (two engines may differ in options)
+        key = (self, phase, collect and not self.ops.jittable)
+        return self.ops.scan_steps(one, state, range(first, last + 1), key=key)
 
 
 def _seed_context(ops: Any, seed: int):
