@@ -1,0 +1,211 @@
+"""JAX flavour of the backend shim (:class:`JaxOps`).
+
+The engines are written once against :class:`~latentfit.inference.ops.Ops`; this file supplies
+what JAX does differently from torch:
+
+* randomness from explicit PRNG keys (``jax.random``), split by the engines;
+* functional scatter (``table.at[idx].set(rows)``) instead of ``index_copy``;
+* autodiff by function transformation (``jax.value_and_grad``, ``jax.hessian``);
+* control flow as primitives (``lax.cond``, ``lax.fori_loop``) so that ``step`` can be traced;
+* :meth:`JaxOps.scan_steps`: a chunk of engine iterations runs as one compiled ``lax.scan``.
+  Compiled chunks are cached by the ``key`` the driver passes (engine, phase, collection flag)
+  and by the chunk length, so a fit compiles each phase once (plus once per distinct tail length)
+  and the progress bar moves between chunks.  Compile time is accumulated in
+  :attr:`JaxOps.compile_time` so benchmarks can report it apart from the per-iteration time.
+
+Nothing here imports NumPyro: the adapter in ``latentfit.integrations.numpyro`` builds a model
+whose ``ops`` is a :class:`JaxOps`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .ops import Ops
+
+
+def default_float_dtype() -> Any:
+    """``float64`` when ``jax_enable_x64`` is on, else ``float32`` (JAX's default float)."""
+    return jnp.result_type(float)
+
+
+def _same_dtype(new: Any, old: Any) -> Any:
+    """``new`` cast to the dtype of ``old`` (a no-op when they agree)."""
+    return new if new.dtype == old.dtype else new.astype(old.dtype)
+
+
+class JaxOps(Ops):
+    """JAX flavour: ``xp = jax.numpy``, explicit PRNG keys, compiled chunks of iterations."""
+
+    name = "jax"
+    jittable = True
+
+    def __init__(self, dtype: Any = None, device: Any = None) -> None:
+        self.xp = jnp
+        self.dtype = jnp.dtype(dtype) if dtype is not None else default_float_dtype()
+        self.device = device
+        #: compiled chunk functions, by (driver key, chunk length)
+        self._compiled: dict[tuple[Hashable, int], Any] = {}
+        #: seconds spent tracing + compiling chunk functions (cumulative)
+        self.compile_time = 0.0
+        #: number of chunk compilations
+        self.num_compiles = 0
+
+    # --- creation -----------------------------------------------------------------------------
+    def asarray(self, x: Any, dtype: Any = None) -> Any:
+        if isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+            if x.dtype == jnp.bool_ or (dtype is None and not jnp.issubdtype(x.dtype, jnp.floating)):
+                return x
+            return x.astype(dtype or self.dtype)
+        arr = np.asarray(x)
+        if arr.dtype == bool:
+            return jnp.asarray(arr)
+        if dtype is None and np.issubdtype(arr.dtype, np.integer):
+            return jnp.asarray(arr)
+        return jnp.asarray(arr, dtype=dtype or self.dtype)
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
+        return jnp.zeros(shape, dtype=dtype or self.dtype)
+
+    def ones(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
+        return jnp.ones(shape, dtype=dtype or self.dtype)
+
+    def arange(self, n: int) -> Any:
+        return jnp.arange(n)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+    # --- random -------------------------------------------------------------------------------
+    def key(self, seed: int) -> Any:
+        return jax.random.PRNGKey(int(seed))
+
+    def split(self, key: Any, n: int = 2) -> Any:
+        """``n`` new keys, stacked (unpack them, iterate, or index with a traced integer)."""
+        return jax.random.split(key, n)
+
+    def normal(self, key: Any, shape: tuple[int, ...]) -> Any:
+        return jax.random.normal(key, tuple(shape), dtype=self.dtype)
+
+    def uniform(self, key: Any, shape: tuple[int, ...]) -> Any:
+        return jax.random.uniform(key, tuple(shape), dtype=self.dtype)
+
+    def randint(self, key: Any, shape: tuple[int, ...], high: int) -> Any:
+        return jax.random.randint(key, tuple(shape), 0, high)
+
+    def permutation(self, key: Any, n: int) -> Any:
+        return jax.random.permutation(key, n)
+
+    def seed_context(self, seed: int):
+        """Keys are explicit in JAX: nothing global to seed or restore."""
+        return contextlib.nullcontext()
+
+    # --- functional updates ---------------------------------------------------------------------
+    def scatter(self, table: Any, idx: Any, rows: Any) -> Any:
+        """``table[idx] = rows`` without mutating ``table`` (rows along axis 0)."""
+        return table.at[idx].set(jnp.asarray(rows).astype(table.dtype))
+
+    def scatter_axis1(self, table: Any, idx: Any, rows: Any) -> Any:
+        """``table[:, idx] = rows`` without mutating ``table``."""
+        return table.at[:, idx].set(jnp.asarray(rows).astype(table.dtype))
+
+    def take(self, x: Any, idx: Any, axis: int = 0) -> Any:
+        return jnp.take(x, idx, axis=axis)
+
+    def stop_gradient(self, x: Any) -> Any:
+        return lax.stop_gradient(x)
+
+    # --- autodiff -----------------------------------------------------------------------------
+    def value_and_grad(self, f: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, Any]]:
+        return jax.value_and_grad(f)
+
+    def grad(self, f: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        return jax.grad(f)
+
+    def hessian(self, f: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        return jax.hessian(f)
+
+    def batched_jacobian(self, f: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """Jacobian of ``f: [B, p] -> [B, m]`` where row b of the output depends on row b only.
+
+        Returns ``[B, m, p]``: p forward-mode passes (one per input coordinate), vectorised.
+        """
+
+        def jac(x):
+            p = x.shape[-1]
+            tangents = jnp.broadcast_to(jnp.eye(p, dtype=x.dtype)[:, None, :], (p,) + tuple(x.shape))
+            return jax.vmap(lambda t: jax.jvp(f, (x,), (t,))[1], out_axes=-1)(tangents)
+
+        return jac
+
+    # --- control flow -------------------------------------------------------------------------
+    def cond(self, pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
+        return lax.cond(pred, true_fn, false_fn, *operands)
+
+    def fori_loop(self, lower: int, upper: int, body: Callable[[int, Any], Any], init: Any) -> Any:
+        return lax.fori_loop(lower, upper, body, init)
+
+    def jit(self, f: Callable, static_argnums: tuple[int, ...] = ()) -> Callable:
+        return jax.jit(f, static_argnums=static_argnums)
+
+    def scan_steps(self, step: Callable, state: Any, ks: range, key: Any = None) -> tuple[Any, list[Any]]:
+        """Run ``state, info = step(state, k)`` for k in ``ks`` as one compiled ``lax.scan``.
+
+        Returns the final state and one info dict per iteration (numpy leaves, host side).
+        ``key`` names the step function (engine, phase, ...): a chunk with the same key and
+        length reuses the compiled executable; ``key=None`` disables the cache.
+        """
+        ks_arr = jnp.arange(ks.start, ks.stop, dtype=jnp.int32)
+        n = len(ks)
+        if n == 0:
+            return state, []
+        cache_key = (key, n) if key is not None else None
+        compiled = self._compiled.get(cache_key) if cache_key is not None else None
+        if compiled is None:
+            def typed_step(st, k):
+                # keep the carry's dtypes (an M-step may promote a float32 θ to float64 when the
+                # data are float64): lax.scan needs the same types in and out
+                new, info = step(st, k)
+                new = jax.tree_util.tree_map(_same_dtype, new, st)
+                return new, info
+
+            def chunk(st, kk):
+                return lax.scan(typed_step, st, kk)
+
+            t0 = time.perf_counter()
+            compiled = jax.jit(chunk).lower(state, ks_arr).compile()
+            self.compile_time += time.perf_counter() - t0
+            self.num_compiles += 1
+            if cache_key is not None:
+                self._compiled[cache_key] = compiled
+        state, infos = compiled(state, ks_arr)
+        infos = jax.tree_util.tree_map(np.asarray, infos)
+        return state, [jax.tree_util.tree_map(lambda a, j=j: a[j], infos) for j in range(n)]
+
+    def clear_cache(self) -> None:
+        """Forget the compiled chunks (e.g. after changing an engine's options in place)."""
+        self._compiled.clear()
+
+    # --- linear algebra -------------------------------------------------------------------------
+    def cholesky(self, a: Any) -> Any:
+        return jnp.linalg.cholesky(a)
+
+    def solve(self, a: Any, b: Any) -> Any:
+        return jnp.linalg.solve(a, b)
+
+    def eigh(self, a: Any) -> tuple[Any, Any]:
+        return jnp.linalg.eigh(a)
+
+    def tree_map(self, f: Callable, tree: Any) -> Any:
+        return jax.tree_util.tree_map(f, tree)
+
+
+__all__ = ["JaxOps", "default_float_dtype"]
