@@ -183,10 +183,37 @@ def conditional_modes(model: LatentModel, theta: dict[str, Any], units: Any = No
     return LaplaceResult(z, cov, prec, val, xp.sqrt(xp.sum(g * g, -1)))
 
 
+def small_cholesky(ops: Ops, a: Any, max_unrolled: int = 8) -> Any:
+    """Lower Cholesky factor of SPD matrices ``[..., d, d]``, unrolled in ``xp`` ops for small d.
+
+    LAPACK's ``potrf`` carries a large fixed cost per call on some CPU builds (tens of ms for a
+    3×3 matrix); for the small d of per-unit latents an unrolled Cholesky–Banachiewicz is much
+    faster and differentiable.  Falls back to ``ops.cholesky`` above ``max_unrolled``.
+    """
+    xp = ops.xp
+    d = a.shape[-1]
+    if d > max_unrolled:
+        return ops.cholesky(a)
+    rows: list[list[Any]] = [[None] * d for _ in range(d)]
+    for j in range(d):
+        s = a[..., j, j]
+        for k in range(j):
+            s = s - rows[j][k] * rows[j][k]
+        ljj = xp.sqrt(s)
+        rows[j][j] = ljj
+        for i in range(j + 1, d):
+            s = a[..., i, j]
+            for k in range(j):
+                s = s - rows[i][k] * rows[j][k]
+            rows[i][j] = s / ljj
+    zero = 0.0 * a[..., 0, 0]
+    return xp.stack([xp.stack([rows[i][j] if j <= i else zero for j in range(d)], -1) for i in range(d)], -2)
+
+
 def mvn_sample(ops: Ops, key: Any, mean: Any, cov: Any, num_samples: int) -> tuple[Any, Any]:
     """Draws ``[S, n, d]`` from ``N(mean_i, cov_i)`` and their log-densities ``[S, n]``."""
     xp = ops.xp
-    chol = ops.cholesky(cov)
+    chol = small_cholesky(ops, cov)
     eps = ops.normal(key, (num_samples,) + tuple(mean.shape))
     z = mean + xp.einsum("nde,sne->snd", chol, eps)
     return z, mvn_log_prob(ops, z, mean, chol)
@@ -204,4 +231,4 @@ def mvn_log_prob(ops: Ops, z: Any, mean: Any, chol: Any) -> Any:
 
 
 __all__ = ["LaplaceResult", "conditional_modes", "gauss_newton_precision", "mvn_log_prob", "mvn_sample",
-           "value_grad_hessian"]
+           "small_cholesky", "value_grad_hessian"]

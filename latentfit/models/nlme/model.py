@@ -1,0 +1,676 @@
+"""Nonlinear mixed-effects models (saemix / Monolix style) as a :class:`LatentModel`.
+
+    y_ij = f(t_ij, ψ_i) + g(f, θ) ε_ij,   ε_ij ~ N(0, 1),
+    φ_i = u(ψ_i) = C_i β + η_i,           η_i ~ N(0, Ω),
+
+with ``u`` = log (log-normal), identity (normal), logit or probit per parameter, covariates in
+``C_i`` (continuous, optionally centred / log-transformed, and categorical as indicator columns),
+fixed (not estimated) parameters, parameters without random effect, diagonal or block Ω, and
+residual errors ``g = a`` (constant), ``b|f|`` (proportional), ``sqrt(a² + b² f²)`` (combined) or
+``log y = log f + a ε`` (exponential).  Observations below / above a limit (``CENS`` = ±1) contribute
+``log Φ(±(LOQ − f)/g)``.
+
+The latent of individual i is ``z_i = φ_i`` restricted to the parameters with a random effect
+(Gaussian prior ``N(μ_i, Ω)``, ``μ_i = C_i β``).  The class implements the engines' contract
+directly with ``ops.xp`` math (no Pyro tracing in the SAEM loop), plus
+
+* the exponential-family face (saemix's M-step): statistics ``φ_i φ_iᵀ``, ``X_iᵀ ⊗ φ_i`` and the
+  residual sum of squares; ``m_step`` solves β by generalised least squares with the current Ω,
+  ``Ω = (1/N) Σ (φ_i − X_iβ)(φ_i − X_iβ)ᵀ`` (masked to its block structure) and the constant /
+  proportional / exponential residual parameter in closed form; the remaining parameters (fixed
+  effects without random effect, combined error) take the SAEM numerical step;
+* the Gaussian faces ``predict`` / ``observations`` / ``prior_moments`` (f-SAEM's Gauss–Newton
+  proposal, linearisation, residual diagnostics);
+* :attr:`pyro_model`: the same model as an ordinary Pyro model function.
+
+Example
+-------
+>>> from latentfit.models import nlme
+>>> model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5})          # doctest: +SKIP
+>>> fit = model.fit(df, columns={"id": "Id", "time": "Time", "dv": "Concentration"},     # doctest: +SKIP
+...                 dose="Dose", engine="saem")
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from latentfit.inference.laplace import small_cholesky
+from latentfit.inference.model import DataError, LatentModel, LatentSite, ModelSpecificationError, ParamInfo
+from latentfit.inference.ops import TorchOps
+
+from .data import NLMEData, read_nonmem
+from .structural import Design, Structural, resolve
+
+LOG_2PI = math.log(2.0 * math.pi)
+TRANSFORMS = ("log", "normal", "logit", "probit")
+_TRANSFORM_ALIASES = {"lognormal": "log", "log-normal": "log", "identity": "normal", "none": "normal"}
+ERRORS = ("constant", "proportional", "combined", "exponential")
+COV_TRANSFORMS = ("linear", "center", "log", "log-center", "categorical")
+
+
+@dataclass
+class Parameter:
+    """One individual parameter ψ.
+
+    init : initial population value (natural scale).
+    transform : ``"log"`` (log-normal, default), ``"normal"``, ``"logit"``, ``"probit"``.
+    random : whether ψ has a random effect.
+    fixed : population value fixed (not estimated).
+    omega2 : initial variance of the random effect (saemix default 1).
+    """
+
+    init: float
+    transform: str = "log"
+    random: bool = True
+    fixed: bool = False
+    omega2: float = 1.0
+
+
+def _special(xp: Any) -> Any:
+    if getattr(xp, "__name__", "") == "torch":
+        return xp.special
+    import jax.scipy.special as jss
+
+    return jss
+
+
+def _transform_pair(xp: Any, kind: str) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """``(u, u^{-1})``: ψ -> φ and back."""
+    if kind == "log":
+        return xp.log, xp.exp
+    if kind == "normal":
+        return (lambda v: v), (lambda v: v)
+    sp = _special(xp)
+    if kind == "logit":
+        return sp.logit, sp.expit
+    return sp.ndtri, sp.ndtr
+
+
+@dataclass
+class _FixedEffect:
+    name: str  # θ name
+    param: int  # index of the individual parameter
+    column: np.ndarray  # [N] covariate values (ones for the population value)
+    is_pop: bool
+
+
+class NLME(LatentModel):
+    """Nonlinear mixed-effects model (see the module docstring).
+
+    Parameters
+    ----------
+    structural : a library name (``"one_compartment_oral"``, ...), a :class:`Structural`, or a
+        function ``f(psi, data) -> pred [..., N, T]``.
+    parameters : dict name -> initial value or :class:`Parameter` (log-normal with random effect by default).
+    covariates : dict parameter -> covariate column(s): a name, a list, or a dict ``{column: transform}``
+        with transform ``"linear"`` (raw, saemix default), ``"center"``, ``"log"``, ``"log-center"``
+        or ``"categorical"`` (non-numeric columns are categorical; the first sorted level is the reference).
+    omega : ``"diagonal"`` (default), ``"full"``, or a list of blocks (tuples of parameter names).
+    error : ``"constant"``, ``"proportional"``, ``"combined"`` or ``"exponential"``.
+    error_init : initial residual parameters, e.g. ``{"a": 1.0, "b": 0.1}``.
+    data : optional data table to bind now (else pass it to :meth:`fit` / :meth:`bind`).
+    columns, dose, regressors : passed to :func:`~latentfit.models.nlme.data.read_nonmem`.
+    dtype, device : of the torch arrays (float64, CPU by default).
+    """
+
+    has_stats = True
+    has_gaussian_prior = True
+
+    def __init__(self, structural: Any, parameters: dict[str, Any], covariates: dict[str, Any] | None = None,
+                 omega: Any = "diagonal", error: str = "constant", error_init: dict[str, float] | None = None,
+                 data: pd.DataFrame | None = None, columns: dict[str, str] | None = None, dose: str | None = None,
+                 regressors: tuple[str, ...] | list[str] = (), dtype: Any = None, device: Any = None) -> None:
+        import torch
+
+        if not isinstance(parameters, dict) or not parameters:
+            raise ModelSpecificationError("parameters must be a non-empty dict name -> initial value or Parameter")
+        self.structural: Structural = resolve(structural, list(parameters))
+        self.param_names = list(self.structural.parameters)
+        missing = [p for p in self.param_names if p not in parameters]
+        extra = [p for p in parameters if p not in self.param_names]
+        if missing or extra:
+            raise ModelSpecificationError(f"the structural model {self.structural.name!r} has parameters "
+                                          f"{self.param_names}; missing {missing}, unknown {extra}")
+        self.spec: dict[str, Parameter] = {}
+        for name in self.param_names:
+            p = parameters[name]
+            if isinstance(p, dict):
+                p = Parameter(**p)
+            elif not isinstance(p, Parameter):
+                p = Parameter(float(p))
+            tr = _TRANSFORM_ALIASES.get(str(p.transform).lower(), str(p.transform).lower())
+            if tr not in TRANSFORMS:
+                raise ModelSpecificationError(f"parameter {name!r}: unknown transform {p.transform!r}; "
+                                              f"use one of {TRANSFORMS}")
+            p = Parameter(float(p.init), tr, bool(p.random), bool(p.fixed), float(p.omega2))
+            if tr == "log" and p.init <= 0:
+                raise ModelSpecificationError(f"parameter {name!r} is log-normal: its initial value must be > 0, "
+                                              f"got {p.init}")
+            if tr in ("logit", "probit") and not 0 < p.init < 1:
+                raise ModelSpecificationError(f"parameter {name!r} ({tr}) needs an initial value in (0, 1), "
+                                              f"got {p.init}")
+            if p.random and p.omega2 <= 0:
+                raise ModelSpecificationError(f"parameter {name!r}: omega2 must be > 0, got {p.omega2}")
+            self.spec[name] = p
+        self.random_names = [n for n in self.param_names if self.spec[n].random]
+        if not self.random_names:
+            raise ModelSpecificationError("at least one parameter needs a random effect (Parameter(random=True))")
+        self.covariate_spec = self._parse_covariates(covariates or {})
+        self.omega_blocks = self._parse_omega(omega)
+        self.error = str(error).lower()
+        if self.error not in ERRORS:
+            raise ModelSpecificationError(f"unknown error model {error!r}; use one of {ERRORS}")
+        init = {"a": 1.0, "b": 0.3}
+        if error_init:
+            unknown = set(error_init) - {"a", "b"}
+            if unknown:
+                raise ModelSpecificationError(f"error_init has unknown keys {sorted(unknown)} (use 'a', 'b')")
+            init.update({k: float(v) for k, v in error_init.items()})
+        if any(v <= 0 for v in init.values()):
+            raise ModelSpecificationError(f"residual error parameters must be > 0, got {init}")
+        self.error_init = init
+        self.read_options = {"columns": columns, "dose": dose, "regressors": tuple(regressors)}
+        self.ops = TorchOps(device=device, dtype=dtype if dtype is not None else torch.float64)
+        self.data: NLMEData | None = None
+        self.table: pd.DataFrame | None = None
+        if data is not None:
+            self._bind(data)
+
+    # ----- specification parsing ------------------------------------------------------------------
+    def _parse_covariates(self, covariates: dict[str, Any]) -> dict[str, list[tuple[str, str | None]]]:
+        out: dict[str, list[tuple[str, str | None]]] = {}
+        for pname, spec in covariates.items():
+            if pname not in self.param_names:
+                raise ModelSpecificationError(f"covariates: {pname!r} is not a parameter ({self.param_names})")
+            if isinstance(spec, str):
+                items = [(spec, None)]
+            elif isinstance(spec, dict):
+                items = [(c, t) for c, t in spec.items()]
+            else:
+                items = [(c, None) for c in spec]
+            for c, t in items:
+                if t is not None and t not in COV_TRANSFORMS:
+                    raise ModelSpecificationError(f"covariate {c!r} on {pname!r}: unknown transform {t!r}; "
+                                                  f"use one of {COV_TRANSFORMS}")
+            out[pname] = items
+        return out
+
+    def _parse_omega(self, omega: Any) -> list[tuple[str, ...]]:
+        if isinstance(omega, str):
+            if omega == "diagonal":
+                return [(n,) for n in self.random_names]
+            if omega in ("full", "block"):
+                return [tuple(self.random_names)]
+            raise ModelSpecificationError(f"omega must be 'diagonal', 'full' or a list of blocks, got {omega!r}")
+        blocks, seen = [], set()
+        for block in omega:
+            block = (block,) if isinstance(block, str) else tuple(block)
+            for n in block:
+                if n not in self.random_names:
+                    raise ModelSpecificationError(f"omega block {block}: {n!r} is not a parameter with a random "
+                                                  f"effect ({self.random_names})")
+                if n in seen:
+                    raise ModelSpecificationError(f"omega blocks: {n!r} appears twice")
+                seen.add(n)
+            blocks.append(block)
+        blocks += [(n,) for n in self.random_names if n not in seen]
+        return blocks
+
+    @property
+    def diagonal_omega(self) -> bool:
+        return all(len(b) == 1 for b in self.omega_blocks)
+
+    # ----- binding data ---------------------------------------------------------------------------
+    def bind(self, data: pd.DataFrame, **read_options: Any) -> NLME:
+        """A copy of the model bound to ``data`` (options as in :func:`read_nonmem`)."""
+        new = copy.copy(self)
+        if read_options:
+            new.read_options = dict(self.read_options, **read_options)
+        new._bind(data)
+        return new
+
+    def _bind(self, df: pd.DataFrame) -> None:
+        ops, xp = self.ops, self.ops.xp
+        opts = self.read_options
+        cov_cols = sorted({c for items in self.covariate_spec.values() for c, _ in items})
+        regressors = tuple(dict.fromkeys(tuple(self.structural.regressors) + tuple(opts["regressors"])))
+        data = read_nonmem(df, columns=opts["columns"], covariates=cov_cols, regressors=regressors, dose=opts["dose"])
+        self.data, self.table = data, df
+        n, m = data.num_individuals, len(self.param_names)
+        self.num_units = n
+        # ----- fixed effects and design X_i [N, m, p] -------------------------------------------
+        effects: list[_FixedEffect] = []
+        for j, pname in enumerate(self.param_names):
+            effects.append(_FixedEffect(pname, j, np.ones(n), True))
+            for col, tr in self.covariate_spec.get(pname, []):
+                for suffix, values in _covariate_columns(data.covariates[col], col, tr):
+                    effects.append(_FixedEffect(f"beta_{pname}_{col}{suffix}", j, values, False))
+        self.effects = effects
+        p = len(effects)
+        x = np.zeros((n, m, p))
+        for k, e in enumerate(effects):
+            x[:, e.param, k] = e.column
+        self.r_idx = [self.param_names.index(nm) for nm in self.random_names]
+        d = len(self.r_idx)
+        self.latent_dim = d
+        self.cols_r = [k for k, e in enumerate(effects) if self.spec[self.param_names[e.param]].random]
+        xr = x[:, self.r_idx, :][:, :, self.cols_r]  # [N, d, p_r]
+        self.free_r = [i for i, k in enumerate(self.cols_r) if not (effects[k].is_pop
+                                                                    and self.spec[effects[k].name].fixed)]
+        self.fixed_r = [i for i in range(len(self.cols_r)) if i not in self.free_r]
+        pr = len(self.cols_r)
+        eye_pr = np.eye(pr)
+        self._sel_free = ops.asarray(eye_pr[:, self.free_r])  # [p_r, f]
+        self._sel_fixed = ops.asarray(eye_pr[:, self.fixed_r])  # [p_r, c]
+        self._x = ops.asarray(x)
+        self._xr = ops.asarray(xr)
+        self._xtx = ops.asarray(np.einsum("njp,nkq->jkpq", xr, xr))
+        emb = np.zeros((d, m))
+        emb[np.arange(d), self.r_idx] = 1.0
+        self._embed = ops.asarray(emb)
+        self._all_random = d == m
+        self._no_covariates = p == m
+        kinds = {nm: self.spec[nm].transform for nm in self.param_names}
+        self._pop_kinds = set(kinds.values())
+        self._kind_masks, self._safe_raw = {}, {}
+        for kind in self._pop_kinds - {"normal"}:
+            mask = np.array([e.is_pop and kinds[self.param_names[e.param]] == kind for e in effects])
+            self._kind_masks[kind] = ops.asarray(mask)
+            self._safe_raw[kind] = 0.5 if kind in ("logit", "probit") else 1.0
+        self._eye = ops.asarray(np.eye(d))
+        block_mask = np.zeros((d, d))
+        for block in self.omega_blocks:
+            idx = [self.random_names.index(b) for b in block]
+            block_mask[np.ix_(idx, idx)] = 1.0
+        self._block_mask = ops.asarray(block_mask)
+        # ----- observations ----------------------------------------------------------------------
+        if self.error == "exponential":
+            bad = data.mask & (data.dv <= 0)
+            if bad.any():
+                i, t = np.argwhere(bad)[0]
+                raise DataError(f"exponential error needs DV > 0: ID {data.ids[i]!r}, row {data.obs_rows[i, t]} has "
+                                f"DV = {data.dv[i, t]}")
+        self._y = ops.asarray(data.dv)
+        self._ylog = ops.asarray(np.log(np.where(data.mask & (data.dv > 0), data.dv, 1.0)))
+        self._mask = ops.asarray(data.mask)
+        self._cens = ops.asarray(data.cens.astype(float))
+        self.has_censoring = bool((data.cens[data.mask] != 0).any())
+        self._uncens_mask = ops.asarray(data.mask & (data.cens == 0))
+        self.num_obs = int((data.mask & (data.cens == 0)).sum())
+        self.has_gaussian_obs = True
+        self.design = Design(xp, ops.asarray(data.time), ops.asarray(data.dose_time), ops.asarray(data.dose_amt),
+                             ops.asarray(data.dose_rate), {k: ops.asarray(v) for k, v in data.regressors.items()},
+                             {c: ops.asarray(pd.to_numeric(data.covariates[c], errors="coerce").to_numpy())
+                              for c in data.covariates.columns
+                              if pd.api.types.is_numeric_dtype(data.covariates[c])},
+                             doses_precede_obs=bool(data.dose_amt.shape[1] == 1 and (data.dose_amt > 0).all()
+                                                    and (data.dose_time[:, :1] <= data.time).all()))
+        self.observed = {"DV": np.where(data.mask, data.dv, np.nan)}
+        self.latent_sites = [LatentSite(nm, (), k, 1, kind="gaussian") for k, nm in enumerate(self.random_names)]
+        self.params = self._build_params()
+
+    def _require_data(self) -> None:
+        if self.data is None:
+            raise ModelSpecificationError("the model has no data: pass data= to NLME(...), .bind(data) or .fit(data)")
+
+    def _build_params(self) -> dict[str, ParamInfo]:
+        ops, xp = self.ops, self.ops.xp
+        params: dict[str, ParamInfo] = {}
+        ident = lambda v: v  # noqa: E731
+        for e in self.effects:
+            pname = self.param_names[e.param]
+            sp = self.spec[pname]
+            random = sp.random
+            if e.is_pop:
+                u, uinv = _transform_pair(xp, sp.transform)
+                params[e.name] = ParamInfo(e.name, ops.asarray(sp.init), u, uinv, closed_form=random, fixed=sp.fixed,
+                                           meta={"role": "population", "transform": sp.transform})
+            else:
+                params[e.name] = ParamInfo(e.name, ops.asarray(0.0), ident, ident, closed_form=random,
+                                           meta={"role": "covariate", "parameter": pname})
+        if self.diagonal_omega:
+            for nm in self.random_names:
+                params[f"omega2_{nm}"] = ParamInfo(f"omega2_{nm}", ops.asarray(self.spec[nm].omega2), xp.log, xp.exp,
+                                                   closed_form=True, anneal="var", meta={"role": "omega"})
+        else:
+            om = np.diag([self.spec[nm].omega2 for nm in self.random_names])
+            params["Omega"] = ParamInfo("Omega", ops.asarray(om), ident, ident, closed_form=True, anneal="cov",
+                                        meta={"role": "omega", "names": list(self.random_names)})
+        closed_err = self.error != "combined" and not self.has_censoring
+        if self.error in ("constant", "combined", "exponential"):
+            params["a"] = ParamInfo("a", ops.asarray(self.error_init["a"]), xp.log, xp.exp, closed_form=closed_err,
+                                    meta={"role": "error"})
+        if self.error in ("proportional", "combined"):
+            params["b"] = ParamInfo("b", ops.asarray(self.error_init["b"]), xp.log, xp.exp, closed_form=closed_err,
+                                    meta={"role": "error"})
+        return params
+
+    # ----- building blocks --------------------------------------------------------------------------
+    def _beta(self, theta: dict[str, Any]) -> Any:
+        """All fixed effects in φ-space, ``[p]``."""
+        xp = self.ops.xp
+        raw = xp.stack([xp.reshape(theta[e.name], ()) for e in self.effects])
+        if self._pop_kinds == {"log"} and len(self.effects) == len(self.param_names):
+            return xp.log(raw)  # common case: every parameter log-normal, no covariate
+        out = raw
+        for kind, mask in self._kind_masks.items():
+            u, _ = _transform_pair(xp, kind)
+            out = xp.where(mask, u(xp.where(mask, raw, self._safe_raw[kind])), out)
+        return out
+
+    def _take(self, a: Any, units: Any) -> Any:
+        return a if units is None else self.ops.take(a, units, 0)
+
+    def _mu(self, theta: dict[str, Any], units: Any = None) -> Any:
+        """``μ_i = X_i β`` for every parameter, ``[n, m]``."""
+        if self._no_covariates and units is None:
+            return self._beta(theta)  # [m], broadcasts against [n, m]
+        return self._take(self._x, units) @ self._beta(theta)
+
+    def _mu_r(self, mu: Any, n: int) -> Any:
+        xp = self.ops.xp
+        mu_r = mu if self._all_random else mu[..., self.r_idx]
+        return xp.broadcast_to(mu_r, (n, self.latent_dim)) if mu_r.ndim == 1 else mu_r
+
+    def omega_matrix(self, theta: dict[str, Any]) -> Any:
+        """Ω ``[d, d]`` (random-effect covariance)."""
+        if self.diagonal_omega:
+            return self._omega_diag(theta)[:, None] * self._eye
+        return theta["Omega"]
+
+    def _omega_diag(self, theta: dict[str, Any]) -> Any:
+        xp = self.ops.xp
+        return xp.stack([xp.reshape(theta[f"omega2_{nm}"], ()) for nm in self.random_names])
+
+    def _psi(self, mu: Any, z: Any) -> dict[str, Any]:
+        xp = self.ops.xp
+        if self._all_random:
+            phi = z
+        else:
+            phi = mu + (z - mu[..., self.r_idx]) @ self._embed
+        if self._pop_kinds == {"log"}:
+            psi = xp.exp(phi)
+            return {nm: psi[..., j:j + 1] for j, nm in enumerate(self.param_names)}
+        return {nm: self.params[nm].to_constrained(phi[..., j:j + 1]) for j, nm in enumerate(self.param_names)}
+
+    def individual_parameters(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
+        """ψ_i per parameter name, ``[..., n, 1]`` (natural scale)."""
+        return self._psi(self._mu(theta, units), z)
+
+    def structural_prediction(self, theta: dict[str, Any], z: Any, units: Any = None, mu: Any = None) -> Any:
+        """``f(t_ij, ψ_i)`` ``[..., n, T]``."""
+        self._require_data()
+        psi = self._psi(self._mu(theta, units) if mu is None else mu, z)
+        return self.structural(psi, self.design.take(self.ops, units))
+
+    def _error_sd(self, theta: dict[str, Any], f: Any) -> Any:
+        xp = self.ops.xp
+        if self.error in ("constant", "exponential"):
+            return theta["a"] + 0.0 * f
+        if self.error == "proportional":
+            return theta["b"] * xp.abs(f)
+        return xp.sqrt(theta["a"] ** 2 + (theta["b"] * f) ** 2)
+
+    def _obs_terms(self, theta: dict[str, Any], f: Any, units: Any) -> Any:
+        """Per-observation log-density ``[..., n, T]`` (padding = 0)."""
+        xp = self.ops.xp
+        mask = self._take(self._mask, units)
+        if self.error == "exponential":
+            y = self._take(self._ylog, units)
+            f = xp.log(f)
+        else:
+            y = self._take(self._y, units)
+        if self.error in ("constant", "exponential"):
+            a = theta["a"]
+            r = (y - f) / a
+            lp = -0.5 * r * r - (xp.log(a) + 0.5 * LOG_2PI)
+        else:
+            sd = self._error_sd(theta, f)
+            r = (y - f) / sd
+            lp = -0.5 * r * r - xp.log(sd) - 0.5 * LOG_2PI
+        if self.has_censoring:
+            cens = self._take(self._cens, units)
+            lcdf = _special(xp).log_ndtr(cens * r)  # below: Φ((LOQ−f)/g), above: Φ(−(LOQ−f)/g)
+            lp = xp.where(cens != 0, lcdf, lp)
+        return xp.where(mask, lp, 0.0)
+
+    # ----- LatentModel contract ----------------------------------------------------------------------
+    def log_densities(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
+        xp = self.ops.xp
+        mu = self._mu(theta, units)
+        f = self.structural_prediction(theta, z, units, mu=mu)
+        ll = xp.sum(self._obs_terms(theta, f, units), -1)
+        return ll, self._log_prior(theta, z, mu)
+
+    def _log_prior(self, theta: dict[str, Any], z: Any, mu: Any) -> Any:
+        xp = self.ops.xp
+        diff = z - (mu if self._all_random else mu[..., self.r_idx])
+        d = self.latent_dim
+        if self.diagonal_omega:
+            var = self._omega_diag(theta)
+            return -0.5 * xp.sum(diff * diff / var, -1) - (0.5 * xp.sum(xp.log(var)) + 0.5 * d * LOG_2PI)
+        om = theta["Omega"]
+        prec = xp.linalg.inv(om)
+        _, logdet = xp.linalg.slogdet(om)
+        quad = xp.sum((diff @ prec) * diff, -1)
+        return -0.5 * quad - 0.5 * logdet - 0.5 * d * LOG_2PI
+
+    def sample_prior(self, theta: dict[str, Any], key: Any, num_chains: int, units: Any = None) -> Any:
+        ops, xp = self.ops, self.ops.xp
+        self._require_data()
+        n = self.num_units if units is None else len(units)
+        mu_r = self._mu_r(self._mu(theta, units), n)
+        if self.diagonal_omega:
+            chol = self.ops.xp.sqrt(self.omega_matrix(theta))
+        else:
+            chol = small_cholesky(ops, self.omega_matrix(theta))
+        eps = ops.normal(key, (num_chains,) + tuple(mu_r.shape))
+        return mu_r + eps @ xp.swapaxes(chol, -1, -2)
+
+    def unpack_latents(self, z: Any) -> dict[str, Any]:
+        return {nm: self.params[nm].to_constrained(z[..., k]) for k, nm in enumerate(self.random_names)}
+
+    # ----- exponential-family face (saemix M-step) ------------------------------------------------
+    def stats(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
+        xp = self.ops.xp
+        out = {
+            "phiphi": z[..., :, None] * z[..., None, :],
+            "Xphi": self._take(self._xr, units)[:, :, None, :] * z[..., :, None, :, None],  # X_i[j, p] φ_ik
+        }
+        if self.params.get("a") is not None and self.params["a"].closed_form or \
+                self.params.get("b") is not None and self.params["b"].closed_form:
+            f = self.structural_prediction(theta, z, units)
+            mask = self._take(self._uncens_mask, units)
+            if self.error == "exponential":
+                res = self._take(self._ylog, units) - xp.log(f)
+            elif self.error == "proportional":
+                res = (self._take(self._y, units) - f) / f
+            else:
+                res = self._take(self._y, units) - f
+            out["rss"] = xp.sum(xp.where(mask, res * res, 0.0), -1)
+        return out
+
+    def m_step(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
+        """β by GLS with the current Ω, then Ω and the residual parameter in closed form (saemix)."""
+        xp = self.ops.xp
+        omega = self.omega_matrix(theta)
+        prec = xp.linalg.inv(omega)
+        d, pr = self.latent_dim, len(self.cols_r)
+        a_mat = xp.reshape(xp.reshape(prec, (1, d * d)) @ xp.reshape(self._xtx, (d * d, pr * pr)), (pr, pr))
+        b_vec = xp.reshape(xp.reshape(prec, (1, d * d)) @ xp.reshape(s["Xphi"], (d * d, pr)), (pr,))
+        beta_all = self._beta(theta)[self.cols_r]
+        beta_c = self._sel_fixed.T @ beta_all
+        a_ff = self._sel_free.T @ a_mat @ self._sel_free
+        rhs = self._sel_free.T @ (b_vec - a_mat @ self._sel_fixed @ beta_c)
+        beta_f = xp.linalg.solve(a_ff, rhs[:, None])[:, 0]
+        beta = self._sel_free @ beta_f + self._sel_fixed @ beta_c
+        cross = (s["Xphi"] @ beta).T  # [j, k] = Σ_i φ_ij (X_i β)_k
+        quad = (self._xtx @ beta) @ beta  # Σ_i (X_i β)(X_i β)ᵀ
+        om = (s["phiphi"] - cross - cross.T + quad) / num_units
+        om = 0.5 * (om + om.T) * self._block_mask
+        out: dict[str, Any] = {}
+        for i, k in enumerate(self.cols_r):
+            e = self.effects[k]
+            if e.is_pop and self.spec[e.name].fixed:
+                continue
+            out[e.name] = self.params[e.name].to_constrained(beta[i])
+        if self.diagonal_omega:
+            for i, nm in enumerate(self.random_names):
+                out[f"omega2_{nm}"] = om[i, i]
+        else:
+            out["Omega"] = om
+        if "rss" in s:
+            name = "b" if self.error == "proportional" else "a"
+            out[name] = xp.sqrt(s["rss"] / self.num_obs)
+        return out
+
+    # ----- Gaussian faces ----------------------------------------------------------------------------
+    def predict(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
+        """Mean and sd of the (transformed, for exponential error: log) observations, ``[..., n, T]``."""
+        f = self.structural_prediction(theta, z, units)
+        if self.error == "exponential":
+            f = self.ops.xp.log(f)
+        return f, self._error_sd(theta, f)
+
+    def observations(self, units: Any = None) -> tuple[Any, Any]:
+        """``(y, mask)`` ``[n, T]``: DV (log DV for exponential error); censored values are masked out."""
+        self._require_data()
+        y = self._ylog if self.error == "exponential" else self._y
+        return self._take(y, units), self._take(self._uncens_mask, units)
+
+    def prior_moments(self, theta: dict[str, Any], units: Any = None) -> tuple[Any, Any]:
+        n = self.num_units if units is None else len(units)
+        return self._mu_r(self._mu(theta, units), n), self.omega_matrix(theta)
+
+    # ----- simulation -----------------------------------------------------------------------------
+    def simulate(self, theta: dict[str, Any] | None = None, seed: int = 0) -> pd.DataFrame:
+        """A copy of the bound table with ``DV`` simulated from the model at ``theta`` (default: initial values)."""
+        self._require_data()
+        import torch
+
+        ops = self.ops
+        theta = self.init_params() if theta is None else {
+            n: ops.asarray(v) if not hasattr(v, "shape") or isinstance(v, np.ndarray) else v
+            for n, v in {**self.init_params(), **theta}.items()}
+        with ops.seed_context(seed):
+            z = self.sample_prior(theta, None, 1)[0]
+            mean, sd = self.predict(theta, z)
+            eps = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
+        y = ops.to_numpy(mean + sd * eps)
+        if self.error == "exponential":
+            y = np.exp(y)
+        out = self.table.copy()
+        dv_col = self.data.columns["dv"]
+        out[dv_col] = out[dv_col].astype(float)
+        rows = self.data.obs_rows
+        valid = rows >= 0
+        out.iloc[rows[valid], out.columns.get_loc(dv_col)] = y[valid]
+        return out
+
+    # ----- front doors ------------------------------------------------------------------------------
+    def fit(self, data: pd.DataFrame | None = None, engine: str = "saem", **options: Any):
+        """Fit by SAEM (``engine="saem"``) or f-SAEM (``"fsaem"``); returns a FitResult.
+
+        ``options`` go to the engine (``num_iters``, ``num_chains``, ``seed``, ``progress``, ...).
+        Engines are imported here, lazily (``models/`` never imports an engine at module level).
+        """
+        model = self.bind(data) if data is not None else self
+        model._require_data()
+        engine = engine.lower()
+        if engine == "saem":
+            from latentfit.inference.saem import SAEM as cls
+        elif engine in ("fsaem", "f-saem"):
+            from latentfit.inference.fsaem import FSAEM as cls
+        else:
+            raise ValueError(f"engine must be 'saem' or 'fsaem', got {engine!r}")
+        return cls(model, **options).run()
+
+    @property
+    def pyro_model(self) -> Callable[[], None]:
+        """The model as an ordinary Pyro model function (no arguments; data bound).
+
+        Sites: one ``pyro.param`` per estimated parameter (fixed ones are constants), ``phi`` (the
+        latent ``[N, 1, d]`` inside plate ``id``), ``DV`` (observed, masked padding).
+        """
+        self._require_data()
+        import pyro
+        import pyro.distributions as dist
+        import torch
+        from torch.distributions import constraints
+
+        model = self
+        init = self.init_params()
+        support = {"log": constraints.positive, "normal": constraints.real, "logit": constraints.unit_interval,
+                   "probit": constraints.unit_interval}
+
+        def pyro_nlme() -> None:
+            theta = {}
+            for name, info in model.params.items():
+                if info.fixed:
+                    theta[name] = init[name]
+                    continue
+                role = info.meta.get("role")
+                if role == "population":
+                    c = support[info.meta["transform"]]
+                elif role == "omega" and name == "Omega":
+                    c = constraints.positive_definite
+                elif role in ("omega", "error"):
+                    c = constraints.positive
+                else:
+                    c = constraints.real
+                theta[name] = pyro.param(name, init[name].clone(), constraint=c)
+            mu_r, om = model.prior_moments(theta)
+            n, t = model._y.shape
+            with pyro.plate("id", n, dim=-2):
+                phi = pyro.sample("phi", dist.MultivariateNormal(mu_r[:, None, :], om))  # [..., N, 1, d]
+                terms_z = phi[..., 0, :]
+                f = model.structural_prediction(theta, terms_z)
+                if model.error == "exponential":
+                    y, f = model._ylog, torch.log(f)
+                else:
+                    y = model._y
+                sd = model._error_sd(theta, f)
+                with pyro.plate("obs", t, dim=-1):
+                    if model.has_censoring:
+                        pyro.factor("DV", model._obs_terms(theta, model.structural_prediction(theta, terms_z), None))
+                    else:
+                        pyro.sample("DV", dist.Normal(f, sd).mask(model._mask), obs=y)
+
+        return pyro_nlme
+
+    def __repr__(self) -> str:
+        bound = f"{self.num_units} individuals, {self.num_obs} observations" if self.data is not None else "no data"
+        return (f"NLME({self.structural.name}, parameters={self.param_names}, random={self.random_names}, "
+                f"error={self.error!r}, {bound})")
+
+
+def _covariate_columns(values: pd.Series, col: str, transform: str | None) -> list[tuple[str, np.ndarray]]:
+    """Design columns of one covariate: ``[(name suffix, values [N])]``."""
+    categorical = transform == "categorical" or not pd.api.types.is_numeric_dtype(values)
+    if categorical:
+        levels = sorted(pd.unique(values), key=lambda v: str(v))
+        if len(levels) < 2:
+            raise DataError(f"categorical covariate {col!r} has a single level {levels}")
+        return [(f"_{lev}", (values.to_numpy() == lev).astype(float)) for lev in levels[1:]]
+    v = values.to_numpy(dtype=float)
+    if transform in (None, "linear"):
+        return [("", v)]
+    if transform == "center":
+        return [("", v - v.mean())]
+    if (v <= 0).any():
+        i = int(np.argmax(v <= 0))
+        raise DataError(f"covariate {col!r} must be > 0 for a log transform (ID {values.index[i]!r})")
+    if transform == "log":
+        return [("", np.log(v))]
+    return [("", np.log(v / v.mean()))]
+
+
+__all__ = ["NLME", "Parameter"]

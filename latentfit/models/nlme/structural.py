@@ -1,0 +1,252 @@
+"""Structural model library: closed-form PK/PD predictions, backend-neutral.
+
+A structural model maps individual parameters to predictions at the observation times:
+``f(psi, data) -> pred [..., N, T]`` where ``psi`` is a dict of ``[..., N, 1]`` arrays (leading
+chain dims allowed) and ``data`` a :class:`Design` (``data.xp`` is the array namespace, torch or
+jax.numpy; ``data.time [N, T]``, doses ``data.dose_time / dose_amt / dose_rate [N, D]``,
+``data.regressors[name] [N, T]``).  Library models use only ``xp`` operations, so the same code
+runs on torch and JAX; user functions may do the same or use torch directly.
+
+PK models are linear in the dose, so multiple doses are superposed:
+``C(t) = Σ_d AMT_d · c(t − t_d)`` over the doses given before ``t`` (``k = CL/V`` throughout):
+
+* one compartment, IV bolus:        ``c(τ) = exp(−kτ) / V``;
+* one compartment, infusion (rate R = AMT/Tinf): ``C = R/(kV) (1 − e^{−k min(τ,Tinf)}) e^{−k(τ − min(τ,Tinf))}``;
+* one compartment, first-order absorption (optional lag ``Tlag``):
+  ``c(τ) = ka / (V (ka − k)) (e^{−kτ'} − e^{−kaτ'})``, ``τ' = τ − Tlag``;
+* two compartments (CL, V1, Q, V2), IV bolus and first-order absorption (macro-constants α, β);
+* PD: ``Emax``: ``E0 + Emax x/(EC50 + x)``, sigmoid: ``E0 + Emax x^γ/(EC50^γ + x^γ)`` with ``x`` a
+  regressor column (a concentration, a dose).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Design:
+    """Backend arrays of the data that a structural model sees (see the module docstring)."""
+
+    xp: Any
+    time: Any  # [N, T]
+    dose_time: Any  # [N, D]
+    dose_amt: Any  # [N, D]
+    dose_rate: Any  # [N, D]
+    regressors: dict[str, Any] = field(default_factory=dict)  # [N, T]
+    covariates: dict[str, Any] = field(default_factory=dict)  # [N]
+    #: static: every dose is given before every observation (no masking of τ < 0 needed)
+    doses_precede_obs: bool = False
+
+    def __post_init__(self) -> None:
+        # τ = t − t_d [N, T, D] and the amounts [N, 1, D], computed once
+        self._tau = self.time[..., :, None] - self.dose_time[..., None, :]
+        self._amt = self.dose_amt[..., None, :]
+
+    def take(self, ops: Any, units: Any) -> Design:
+        if units is None:
+            return self
+        t = lambda a: ops.take(a, units, 0)  # noqa: E731
+        return Design(self.xp, t(self.time), t(self.dose_time), t(self.dose_amt), t(self.dose_rate),
+                      {k: t(v) for k, v in self.regressors.items()}, {k: t(v) for k, v in self.covariates.items()},
+                      self.doses_precede_obs)
+
+    def time_after_dose(self) -> tuple[Any, Any]:
+        """``τ = t − t_d`` ``[N, T, D]`` and the doses' amounts ``[N, 1, D]``."""
+        return self._tau, self._amt
+
+
+@dataclass
+class Structural:
+    """A structural model: its parameter names and ``fn(psi, data) -> pred``."""
+
+    name: str
+    parameters: tuple[str, ...]
+    fn: Callable[[dict[str, Any], Design], Any]
+    #: default regressor columns needed from the data
+    regressors: tuple[str, ...] = ()
+
+    def __call__(self, psi: dict[str, Any], data: Design) -> Any:
+        return self.fn(psi, data)
+
+
+def _p(psi: dict[str, Any], name: str) -> Any:
+    """``[..., N, 1]`` -> ``[..., N, 1, 1]`` (broadcasts against ``[N, T, D]``)."""
+    return psi[name][..., None]
+
+
+def _superpose(xp: Any, contrib: Any, valid: Any) -> Any:
+    if valid is None:
+        return xp.sum(contrib, -1)
+    return xp.sum(xp.where(valid, contrib, 0.0), -1)
+
+
+def _time_since(d: Design, tau: Any, amt: Any, lag: Any = None) -> tuple[Any, Any]:
+    """Times since the doses, clipped at 0 before a dose, and the validity mask (None: all valid)."""
+    xp = d.xp
+    if lag is not None:
+        tau = tau - lag
+    elif d.doses_precede_obs:
+        return tau, None
+    valid = (tau >= 0) & (amt > 0)
+    return xp.where(valid, tau, 0.0), valid
+
+
+def _bateman(xp: Any, ka: Any, k: Any, t: Any) -> Any:
+    """``ka/(ka − k) (e^{−kt} − e^{−ka t})``; ka − k is kept away from 0 (relative 1e-7), where the
+    difference of exponentials still gives the limit ``ka·t·e^{−kt}`` to about 1e-9."""
+    diff = ka - k
+    tol = 1e-7 * k
+    safe = xp.where(xp.abs(diff) < tol, tol, diff)
+    return ka / safe * (xp.exp(-k * t) - xp.exp(-ka * t))
+
+
+# ----- one compartment ----------------------------------------------------------------------------
+def _bolus1(psi: dict[str, Any], d: Design) -> Any:
+    xp = d.xp
+    tau, amt = d.time_after_dose()
+    v, cl = _p(psi, "V"), _p(psi, "CL")
+    t, valid = _time_since(d, tau, amt)
+    return _superpose(xp, amt / v * xp.exp(-(cl / v) * t), valid)
+
+
+def _infusion1(psi: dict[str, Any], d: Design) -> Any:
+    xp = d.xp
+    tau, amt = d.time_after_dose()
+    rate = d.dose_rate[..., None, :]
+    v, cl = _p(psi, "V"), _p(psi, "CL")
+    k = cl / v
+    t, valid = _time_since(d, tau, amt)
+    is_inf = rate > 0
+    safe_rate = xp.where(is_inf, rate, 1.0)
+    t_inf = xp.where(is_inf, amt / safe_rate, 0.0)
+    t_on = xp.minimum(t, t_inf)
+    infusion = safe_rate / (k * v) * (1.0 - xp.exp(-k * t_on)) * xp.exp(-k * (t - t_on))
+    bolus = amt / v * xp.exp(-k * t)
+    return _superpose(xp, xp.where(is_inf, infusion, bolus), valid)
+
+
+def _oral1(psi: dict[str, Any], d: Design, lag: bool = False) -> Any:
+    xp = d.xp
+    tau, amt = d.time_after_dose()
+    ka, v, cl = _p(psi, "ka"), _p(psi, "V"), _p(psi, "CL")
+    t, valid = _time_since(d, tau, amt, _p(psi, "Tlag") if lag else None)
+    return _superpose(xp, amt / v * _bateman(xp, ka, cl / v, t), valid)
+
+
+# ----- two compartments ---------------------------------------------------------------------------
+def _macro(xp: Any, cl: Any, v1: Any, q: Any, v2: Any) -> tuple[Any, Any, Any]:
+    k10, k12, k21 = cl / v1, q / v1, q / v2
+    s = k10 + k12 + k21
+    disc = s * s - 4 * k10 * k21
+    root = xp.sqrt(xp.where(disc > 0, disc, 0.0))
+    return 0.5 * (s + root), 0.5 * (s - root), k21
+
+
+def _bolus2(psi: dict[str, Any], d: Design) -> Any:
+    xp = d.xp
+    tau, amt = d.time_after_dose()
+    v1 = _p(psi, "V1")
+    alpha, beta, k21 = _macro(xp, _p(psi, "CL"), v1, _p(psi, "Q"), _p(psi, "V2"))
+    t, valid = _time_since(d, tau, amt)
+    c = ((alpha - k21) * xp.exp(-alpha * t) + (k21 - beta) * xp.exp(-beta * t)) / (alpha - beta)
+    return _superpose(xp, amt / v1 * c, valid)
+
+
+def _oral2(psi: dict[str, Any], d: Design) -> Any:
+    xp = d.xp
+    tau, amt = d.time_after_dose()
+    ka, v1 = _p(psi, "ka"), _p(psi, "V1")
+    alpha, beta, k21 = _macro(xp, _p(psi, "CL"), v1, _p(psi, "Q"), _p(psi, "V2"))
+    t, valid = _time_since(d, tau, amt)
+    c = ((k21 - alpha) / ((ka - alpha) * (beta - alpha)) * xp.exp(-alpha * t)
+         + (k21 - beta) / ((ka - beta) * (alpha - beta)) * xp.exp(-beta * t)
+         + (k21 - ka) / ((alpha - ka) * (beta - ka)) * xp.exp(-ka * t))
+    return _superpose(xp, amt * ka / v1 * c, valid)
+
+
+# ----- public constructors ------------------------------------------------------------------------
+def one_compartment_bolus() -> Structural:
+    """One compartment, IV bolus; parameters ``V, CL``."""
+    return Structural("one_compartment_bolus", ("V", "CL"), _bolus1)
+
+
+def one_compartment_infusion() -> Structural:
+    """One compartment, zero-order infusion (``RATE`` column; rate 0 = bolus); parameters ``V, CL``."""
+    return Structural("one_compartment_infusion", ("V", "CL"), _infusion1)
+
+
+def one_compartment_oral(lag: bool = False) -> Structural:
+    """One compartment, first-order absorption; parameters ``ka, V, CL`` (+ ``Tlag`` with ``lag=True``)."""
+    if lag:
+        return Structural("one_compartment_oral_lag", ("Tlag", "ka", "V", "CL"), lambda p, d: _oral1(p, d, True))
+    return Structural("one_compartment_oral", ("ka", "V", "CL"), _oral1)
+
+
+def two_compartment_bolus() -> Structural:
+    """Two compartments, IV bolus; parameters ``CL, V1, Q, V2``."""
+    return Structural("two_compartment_bolus", ("CL", "V1", "Q", "V2"), _bolus2)
+
+
+def two_compartment_oral() -> Structural:
+    """Two compartments, first-order absorption; parameters ``ka, CL, V1, Q, V2``."""
+    return Structural("two_compartment_oral", ("ka", "CL", "V1", "Q", "V2"), _oral2)
+
+
+def emax(x: str = "DOSE") -> Structural:
+    """``E0 + Emax·x/(EC50 + x)`` with ``x`` the regressor column named ``x``."""
+
+    def fn(psi: dict[str, Any], d: Design) -> Any:
+        c = d.regressors[x]
+        return psi["E0"] + psi["Emax"] * c / (psi["EC50"] + c)
+
+    return Structural("emax", ("E0", "Emax", "EC50"), fn, regressors=(x,))
+
+
+def sigmoid_emax(x: str = "DOSE") -> Structural:
+    """``E0 + Emax·x^γ/(EC50^γ + x^γ)`` (Hill coefficient ``gamma``) with ``x`` a regressor column."""
+
+    def fn(psi: dict[str, Any], d: Design) -> Any:
+        xp = d.xp
+        c = d.regressors[x]
+        g = psi["gamma"]
+        cg = xp.exp(g * xp.log(xp.where(c > 0, c, 1.0))) * (c > 0)
+        return psi["E0"] + psi["Emax"] * cg / (xp.exp(g * xp.log(psi["EC50"])) + cg)
+
+    return Structural("sigmoid_emax", ("E0", "Emax", "EC50", "gamma"), fn, regressors=(x,))
+
+
+LIBRARY: dict[str, Callable[[], Structural]] = {
+    "one_compartment_bolus": one_compartment_bolus,
+    "one_compartment_infusion": one_compartment_infusion,
+    "one_compartment_oral": one_compartment_oral,
+    "one_compartment_oral_lag": lambda: one_compartment_oral(lag=True),
+    "two_compartment_bolus": two_compartment_bolus,
+    "two_compartment_oral": two_compartment_oral,
+    "emax": emax,
+    "sigmoid_emax": sigmoid_emax,
+}
+
+
+def resolve(structural: Any, parameter_names: list[str]) -> Structural:
+    """A :class:`Structural` from a library name, a Structural, or a user function ``f(psi, data)``."""
+    from latentfit.inference.model import ModelSpecificationError
+
+    if isinstance(structural, Structural):
+        return structural
+    if isinstance(structural, str):
+        if structural not in LIBRARY:
+            raise ModelSpecificationError(f"unknown structural model {structural!r}; the library has "
+                                          f"{sorted(LIBRARY)} (or pass a function f(psi, data) -> pred)")
+        return LIBRARY[structural]()
+    if callable(structural):
+        name = getattr(structural, "__name__", "user")
+        return Structural(name, tuple(parameter_names), structural)
+    raise ModelSpecificationError(f"structural must be a library name, a Structural or a function f(psi, data), "
+                                  f"got {type(structural).__name__}")
+
+
+__all__ = ["LIBRARY", "Design", "Structural", "emax", "one_compartment_bolus", "one_compartment_infusion",
+           "one_compartment_oral", "resolve", "sigmoid_emax", "two_compartment_bolus", "two_compartment_oral"]
