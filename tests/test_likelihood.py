@@ -1,0 +1,154 @@
+"""Post-fit likelihood and Fisher information against exact results on a linear Gaussian mixed model.
+
+Random-slope model (plain Pyro, MultivariateNormal random effects with a full covariance param):
+``y_i ~ N(X_i μ, X_i Ω X_iᵀ + σ² I)`` exactly, the conditional law of ``b_i`` is Gaussian and known,
+so the linearisation is exact, importance sampling must agree within its Monte-Carlo error and Louis'
+identity ``−∇²log p(y; θ) = −E[∇²ℓ] − Cov[∇ℓ]`` holds at any θ.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from models_pyro import random_slope
+
+from latentfit.inference import fisher, likelihood
+from latentfit.inference.laplace import conditional_modes
+from latentfit.inference.model import ModelSpecificationError
+from latentfit.integrations.pyro import PyroLatentModel
+
+
+@pytest.fixture(scope="module")
+def setup():
+    pyro.clear_param_store()
+    rng = np.random.default_rng(1)
+    n, m = 15, 5
+    t = np.tile(np.linspace(0, 4, m), (n, 1))
+    b = rng.multivariate_normal([1.0, 0.5], [[0.5, 0.1], [0.1, 0.2]], size=n)
+    y = b[:, :1] + b[:, 1:] * t + rng.normal(0, 0.3, size=(n, m))
+    model = PyroLatentModel(random_slope, (torch.tensor(t), torch.tensor(y)))
+    # an arbitrary θ (not the MLE): the identities checked below hold at any θ
+    theta = {"mu": torch.tensor([0.8, 0.6], dtype=torch.float64),
+             "cov": torch.tensor([[0.6, 0.05], [0.05, 0.15]], dtype=torch.float64),
+             "sigma": torch.tensor(0.35, dtype=torch.float64)}
+    yield model, theta, torch.tensor(t), torch.tensor(y)
+    pyro.clear_param_store()
+
+
+def _design(t):
+    return torch.stack([torch.ones_like(t), t], -1)  # [n, m, 2]
+
+
+def exact_marginal(theta, t, y):
+    x = _design(t)
+    mean = x @ theta["mu"]
+    cov = x @ theta["cov"] @ x.transpose(-1, -2) + theta["sigma"] ** 2 * torch.eye(t.shape[1], dtype=t.dtype)
+    return torch.distributions.MultivariateNormal(mean, cov).log_prob(y)  # [n]
+
+
+def exact_posterior(theta, t, y):
+    x = _design(t)
+    p0 = torch.linalg.inv(theta["cov"])
+    prec = p0 + x.transpose(-1, -2) @ x / theta["sigma"] ** 2
+    cov = torch.linalg.inv(prec)
+    mean = (cov @ (p0 @ theta["mu"] + (x.transpose(-1, -2) @ y[..., None])[..., 0] / theta["sigma"] ** 2)[..., None])
+    return mean[..., 0], cov
+
+
+def test_gaussian_faces_are_recognised(setup):
+    model, theta, t, y = setup
+    assert model.has_gaussian_obs and model.has_gaussian_prior
+    m, cov = model.prior_moments(theta)
+    assert torch.allclose(m, theta["mu"].expand(15, 2)) and torch.allclose(cov, theta["cov"].expand(15, 2, 2))
+    obs, mask = model.observations()
+    assert torch.equal(obs, y) and bool(mask.all())
+    z = torch.randn(3, 15, 2, dtype=torch.float64)
+    mean, sd = model.predict(theta, z)
+    assert torch.allclose(mean, z[..., :1] + z[..., 1:] * t) and torch.allclose(sd, theta["sigma"].expand(3, 15, 5))
+
+
+def test_linearisation_is_exact_for_a_linear_model(setup):
+    model, theta, t, y = setup
+    modes = conditional_modes(model, theta, num_steps=5).mode
+    lin = likelihood.log_likelihood_lin(model, theta, modes)
+    exact = exact_marginal(theta, t, y)
+    np.testing.assert_allclose(lin.per_unit, exact.numpy(), atol=1e-9)
+
+
+def test_importance_sampling_agrees_within_monte_carlo_error(setup):
+    model, theta, t, y = setup
+    mean, cov = exact_posterior(theta, t, y)
+    sd = torch.sqrt(torch.diagonal(cov, 0, -2, -1))
+    res = likelihood.log_likelihood_is(model, theta, mean, sd, num_samples=4000, seed=3)
+    exact = float(exact_marginal(theta, t, y).sum())
+    assert res.mc_se < 0.15  # diagonal Student-t proposal, correlated posterior
+    assert abs(res.value - exact) < 4 * res.mc_se + 1e-3
+    again = likelihood.log_likelihood_is(model, theta, mean, sd, num_samples=4000, seed=3)
+    assert again.value == res.value  # fixed seed: reproducible
+
+
+def _expected_information(model, theta, t, y):
+    """−∇²_x E_{y~p(y;θ0)}[log p(y; θ(x))] at x0 (closed-form expectation; independent of fisher.py)."""
+    pv = fisher.ParamVector(model, theta)
+    x = _design(t)
+    eye = torch.eye(t.shape[1], dtype=t.dtype)
+    mean0 = x @ theta["mu"]
+    v0 = x @ theta["cov"] @ x.transpose(-1, -2) + theta["sigma"] ** 2 * eye
+
+    def neg_kl(u):
+        th = pv.theta_of(u)
+        mean = x @ th["mu"]
+        v = x @ th["cov"] @ x.transpose(-1, -2) + th["sigma"] ** 2 * eye
+        vinv = torch.linalg.inv(v)
+        d = (mean - mean0)[..., None]
+        return -0.5 * (torch.logdet(v) + torch.einsum("nab,nba->n", vinv, v0)
+                       + (d.transpose(-1, -2) @ vinv @ d)[..., 0, 0]).sum()
+
+    return -torch.autograd.functional.hessian(neg_kl, pv.x0).numpy()
+
+
+def test_linearised_fisher_is_the_exact_expected_information(setup):
+    model, theta, t, y = setup
+    modes = conditional_modes(model, theta, num_steps=5).mode
+    rec = fisher.fim_linearisation(model, theta, modes)
+    expected = _expected_information(model, theta, t, y)
+    np.testing.assert_allclose(rec.fim, expected, atol=1e-8 * np.abs(expected).max())
+    # the cov param has 3 free entries: its symmetric pair shares one SE, ``se`` is the delta-method sd
+    se = rec.as_dict()
+    assert abs(se["cov[0,1]"] - se["cov[1,0]"]) < 1e-12 and se["cov[0,1]"] > 0
+
+
+def test_louis_identity_with_exact_posterior_draws(setup):
+    model, theta, t, y = setup
+    mean, cov = exact_posterior(theta, t, y)
+    torch.manual_seed(0)
+    draws = torch.distributions.MultivariateNormal(mean, cov).sample((4000,))  # [S, n, 2]
+    rec = fisher.fim_louis(model, theta, draws.numpy(), batch_size=1000)
+    pv = fisher.ParamVector(model, theta)
+    observed = -torch.autograd.functional.hessian(lambda u: exact_marginal(pv.theta_of(u), t, y).sum(),
+                                                  pv.x0).numpy()
+    used = np.abs(observed).max(1) > 0
+    obs, got = observed[np.ix_(used, used)], rec.fim[np.ix_(used, used)]
+    # Monte-Carlo error of the score covariance: compare the covariances (SEs) within 8%
+    se_obs = np.sqrt(np.diag(np.linalg.inv(obs)))
+    se_got = np.sqrt(np.diag(np.linalg.inv(got)))
+    np.testing.assert_allclose(se_got, se_obs, rtol=0.08)
+
+
+def test_linearisation_needs_gaussian_faces():
+    pyro.clear_param_store()
+
+    def poisson_model(y):
+        mu = pyro.param("mu", torch.tensor(0.0))
+        with pyro.plate("unit", y.shape[0], dim=-2):
+            b = pyro.sample("b", pyro.distributions.Normal(mu, 1.0))
+            with pyro.plate("obs", y.shape[1], dim=-1):
+                pyro.sample("y", pyro.distributions.Poisson(b.exp()), obs=y)
+
+    model = PyroLatentModel(poisson_model, (torch.ones(4, 3),))
+    assert not model.has_gaussian_obs and model.has_gaussian_prior
+    with pytest.raises(ModelSpecificationError, match="Gaussian faces"):
+        likelihood.log_likelihood_lin(model, model.init_params(), torch.zeros(4, 1))
+    pyro.clear_param_store()
