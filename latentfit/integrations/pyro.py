@@ -32,6 +32,7 @@ import pyro.distributions as pdist
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to, constraints, transform_to
 from torch.distributions.transforms import ExpTransform
@@ -75,6 +76,34 @@ class _GaussianLatentPattern:
 class _ResidualPattern:
     site: str
     scale: str  # param name of the residual sd
+
+
+class _Substitute(Messenger):
+    """Lightweight replacement for ``trace(substitute(condition(model)))`` in the hot loop.
+
+    Sets the param values and the latent values, and records the sample sites as ``nodes``
+    (name -> message) without building a full Pyro ``Trace``.
+    """
+
+    def __init__(self, params: dict[str, Any], latents: dict[str, Any]) -> None:
+        super().__init__()
+        self.params = params
+        self.latents = latents
+        self.nodes: dict[str, Any] = {}
+
+    def _pyro_param(self, msg: Any) -> None:
+        value = self.params.get(msg["name"])
+        if value is not None:
+            msg["value"] = value
+
+    def _pyro_sample(self, msg: Any) -> None:
+        value = self.latents.get(msg["name"])
+        if value is not None:
+            msg["value"] = value
+            msg["is_observed"] = True
+
+    def _pyro_post_sample(self, msg: Any) -> None:
+        self.nodes[msg["name"]] = msg
 
 
 def _unwrap(fn: Any) -> tuple[Any, Any]:
@@ -284,16 +313,17 @@ class PyroLatentModel(LatentModel):
         return wrapped
 
     def _run(self, theta: dict[str, Any], values: dict[str, torch.Tensor], L: int) -> Any:
-        model = poutine.condition(self._chain_model(L), data=values)
+        runner = _Substitute(theta, values)
         try:
-            with pyro.validation_enabled(False):
-                return poutine.trace(poutine.substitute(model, data=dict(theta))).get_trace()
+            with pyro.validation_enabled(False), runner:
+                self._chain_model(L)()
         except (RuntimeError, ValueError, IndexError) as exc:
             raise ModelSpecificationError(
                 f"the model failed when vectorised over {L} MCMC chain(s) (an extra batch dim at "
                 f"{-(self.max_plate_nesting + 1)}): {exc}. Write the model so that it broadcasts over "
                 "leading batch dims, e.g. index latent vectors with psi[..., 0] rather than psi[:, 0]"
             ) from exc
+        return runner
 
     def _per_unit(self, log_prob: torch.Tensor, L: int) -> torch.Tensor:
         """Sum a site's log-prob over every dim but the chain and unit dims -> ``[L, N]``."""
@@ -340,8 +370,8 @@ class PyroLatentModel(LatentModel):
         return ll, lp
 
     def sample_prior(self, theta: dict[str, Any], key: Any, num_chains: int, units: Any = None) -> Any:
-        with torch.no_grad(), pyro.validation_enabled(False):
-            tr = poutine.trace(poutine.substitute(self._chain_model(num_chains), data=dict(theta))).get_trace()
+        with torch.no_grad():
+            tr = self._run(theta, {}, num_chains)
         parts = []
         L = num_chains
         for s in self._layout:
