@@ -370,6 +370,8 @@ class PyroLatentModel(LatentModel):
         return ll, lp
 
     def sample_prior(self, theta: dict[str, Any], key: Any, num_chains: int, units: Any = None) -> Any:
+        if self._gauss and len(self._gauss) == len(self._layout):
+            return self._sample_gaussian_prior(theta, num_chains, units)
         with torch.no_grad():
             tr = self._run(theta, {}, num_chains)
         parts = []
@@ -385,6 +387,21 @@ class PyroLatentModel(LatentModel):
         if units is not None:
             z = z.index_select(1, torch.as_tensor(units, device=z.device))
         return z
+
+    def _sample_gaussian_prior(self, theta: dict[str, Any], num_chains: int, units: Any) -> torch.Tensor:
+        """All latents follow a recognised Gaussian pattern: draw ``μ + ω ε`` (or ``μ + Lε``) directly."""
+        n = self.num_units if units is None else len(units)
+        parts = []
+        for s in self._layout:
+            g = next(x for x in self._gauss if x.site == s.name)
+            mu = theta[g.loc].detach().reshape(-1)
+            eps = torch.randn((num_chains, n, s.size), device=self._device, dtype=self._dtype)
+            if g.kind == "normal":
+                parts.append(mu + theta[g.scale].detach().reshape(-1) * eps)
+            else:
+                tril = theta[g.scale].detach() if g.kind == "mvn_tril" else torch.linalg.cholesky(theta[g.scale].detach())
+                parts.append(mu + eps @ tril.T)
+        return torch.cat(parts, -1)
 
     def unpack_latents(self, z: Any) -> dict[str, Any]:
         lead = tuple(z.shape[:-2])
