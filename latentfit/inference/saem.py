@@ -176,7 +176,7 @@ class SAEM(Engine):
     def maximize(self, state: dict[str, Any], theta: dict[str, Any], z: Any, gamma: Any,
                  k: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """SA of the statistics and M-step (skipped while γ = 0)."""
-        model, ops, xp = self.model, self.ops, self.ops.xp
+        model, xp = self.model, self.ops.xp
         theta_u = state["theta_u"]
         s_hat = None
         new_theta = dict(theta)

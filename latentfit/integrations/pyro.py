@@ -399,7 +399,8 @@ class PyroLatentModel(LatentModel):
             if g.kind == "normal":
                 parts.append(mu + theta[g.scale].detach().reshape(-1) * eps)
             else:
-                tril = theta[g.scale].detach() if g.kind == "mvn_tril" else torch.linalg.cholesky(theta[g.scale].detach())
+                cov = theta[g.scale].detach()
+                tril = cov if g.kind == "mvn_tril" else torch.linalg.cholesky(cov)
                 parts.append(mu + eps @ tril.T)
         return torch.cat(parts, -1)
 
