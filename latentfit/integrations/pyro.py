@@ -530,9 +530,7 @@ class PyroLatentModel(LatentModel):
     def stats(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for g in self._gauss:
-            w = self._site_u(z, g.site)
-            if units is not None:
-                w = w.index_select(-2, torch.as_tensor(units, device=w.device))
+            w = self._site_u(z, g.site)  # z holds the units ``units`` already (LatentModel contract)
             out[f"{g.site}.s1"] = w
             out[f"{g.site}.s2"] = w * w if g.kind == "normal" else w[..., :, None] * w[..., None, :]
         if self._resid:
