@@ -62,13 +62,18 @@ class NLMEData:
         return int(self.mask.sum())
 
 
+def _id(value: Any) -> str:
+    """An ID as the user wrote it (numpy scalars unwrapped)."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
 def _numeric(df: pd.DataFrame, col: str, id_col: str) -> np.ndarray:
     values = pd.to_numeric(df[col], errors="coerce")
     bad = values.isna() & df[col].notna()
     if bool(bad.any()):
         row = bad.idxmax()
         raise DataError(f"column {col!r} has a non-numeric value {df.loc[row, col]!r} "
-                        f"(ID {df.loc[row, id_col]!r}, row {row})")
+                        f"(ID {_id(df.loc[row, id_col])}, row {row})")
     return values.to_numpy(dtype=float)
 
 
@@ -117,10 +122,10 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     time = num["time"]
     if np.isnan(time).any():
         row = df.index[np.isnan(time)][0]
-        raise DataError(f"column {cols['time']!r} has a missing time (ID {df.loc[row, id_col]!r}, row {row})")
+        raise DataError(f"column {cols['time']!r} has a missing time (ID {_id(df.loc[row, id_col])}, row {row})")
     if (time < 0).any():
         row = df.index[time < 0][0]
-        raise DataError(f"negative time {df.loc[row, cols['time']]} (ID {df.loc[row, id_col]!r}, row {row})")
+        raise DataError(f"negative time {df.loc[row, cols['time']]} (ID {_id(df.loc[row, id_col])}, row {row})")
     amt = np.nan_to_num(num.get("amt", np.zeros(len(df))))
     if "evid" in num:
         evid = np.nan_to_num(num["evid"]).astype(int)
@@ -132,12 +137,12 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     cens = np.nan_to_num(num.get("cens", np.zeros(len(df)))).astype(int)
     if not np.isin(cens, (-1, 0, 1)).all():
         row = df.index[~np.isin(cens, (-1, 0, 1))][0]
-        raise DataError(f"column {cols['cens']!r} must be -1, 0 or 1 (ID {df.loc[row, id_col]!r}, row {row})")
+        raise DataError(f"column {cols['cens']!r} must be -1, 0 or 1 (ID {_id(df.loc[row, id_col])}, row {row})")
     is_dose = evid == 1
     is_obs = (evid == 0) & (mdv == 0) & ~np.isnan(dv)
     if (is_dose & (amt <= 0)).any():
         row = df.index[is_dose & (amt <= 0)][0]
-        raise DataError(f"dose record without a positive amount (ID {df.loc[row, id_col]!r}, row {row})")
+        raise DataError(f"dose record without a positive amount (ID {_id(df.loc[row, id_col])}, row {row})")
 
     ids_all = df[id_col].to_numpy()
     uniq = pd.unique(ids_all)
@@ -145,8 +150,10 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     keep = [i for i in uniq if obs_per_id.get(i, 0) > 0]
     dropped = [i for i in uniq if obs_per_id.get(i, 0) == 0]
     if dropped:
-        rows = {i: list(df.index[ids_all == i][:3]) for i in dropped[:5]}
-        warnings.warn(f"individual(s) without any observation are dropped: ID(s) {dropped[:5]} (rows {rows})",
+        rows = {_id(i): [int(r) for r in df.index[ids_all == i][:3]] for i in dropped[:5]}
+        names = [_id(i) for i in dropped[:5]]
+        warnings.warn(f"individual(s) without any observation are dropped: ID(s) {', '.join(names)} "
+                      f"(first rows {rows})",
                       stacklevel=3)
     if not keep:
         raise DataError("no individual has an observation")
@@ -157,7 +164,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         dup = dose_df.duplicated(keep="first")
         if bool(dup.any()):
             row = dup.idxmax()
-            warnings.warn(f"duplicated dose record (ID {dose_df.loc[row, 'id']!r}, row {row}): same time, amount "
+            warnings.warn(f"duplicated dose record (ID {_id(dose_df.loc[row, 'id'])}, row {row}): same time, amount "
                           f"and compartment as an earlier row; both doses are given", stacklevel=3)
 
     n = len(keep)
@@ -221,11 +228,11 @@ def _covariate_table(df: pd.DataFrame, ids_all: np.ndarray, keep: list[Any], cov
         col = df[c]
         if col.isna().any():
             row = col.isna().idxmax()
-            raise DataError(f"covariate {c!r} is missing (ID {df.loc[row, id_col]!r}, row {row})")
+            raise DataError(f"covariate {c!r} is missing (ID {_id(df.loc[row, id_col])}, row {row})")
         grouped = col.groupby(ids_all)
         varying = grouped.nunique() > 1
         if bool(varying.any()):
-            who = list(varying.index[varying][:3])
+            who = [_id(i) for i in varying.index[varying][:3]]
             warnings.warn(f"covariate {c!r} varies within individual(s) {who}; the first value is used",
                           stacklevel=4)
         out[c] = grouped.first().reindex(keep).to_numpy()

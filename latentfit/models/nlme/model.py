@@ -46,7 +46,7 @@ from latentfit.inference.laplace import small_cholesky
 from latentfit.inference.model import DataError, LatentModel, LatentSite, ModelSpecificationError, ParamInfo
 from latentfit.inference.ops import TorchOps
 
-from .data import NLMEData, read_nonmem
+from .data import NLMEData, _id, read_nonmem
 from .structural import Design, Structural, resolve
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -296,7 +296,7 @@ class NLME(LatentModel):
             bad = data.mask & (data.dv <= 0)
             if bad.any():
                 i, t = np.argwhere(bad)[0]
-                raise DataError(f"exponential error needs DV > 0: ID {data.ids[i]!r}, row {data.obs_rows[i, t]} has "
+                raise DataError(f"exponential error needs DV > 0: ID {_id(data.ids[i])}, row {data.obs_rows[i, t]} has "
                                 f"DV = {data.dv[i, t]}")
         self._y = ops.asarray(data.dv)
         self._ylog = ops.asarray(np.log(np.where(data.mask & (data.dv > 0), data.dv, 1.0)))
@@ -308,7 +308,7 @@ class NLME(LatentModel):
         self.has_gaussian_obs = True
         self.design = Design(xp, ops.asarray(data.time), ops.asarray(data.dose_time), ops.asarray(data.dose_amt),
                              ops.asarray(data.dose_rate), {k: ops.asarray(v) for k, v in data.regressors.items()},
-                             {c: ops.asarray(pd.to_numeric(data.covariates[c], errors="coerce").to_numpy())
+                             {c: ops.asarray(np.array(pd.to_numeric(data.covariates[c], errors="coerce"), dtype=float))
                               for c in data.covariates.columns
                               if pd.api.types.is_numeric_dtype(data.covariates[c])},
                              doses_precede_obs=bool(data.dose_amt.shape[1] == 1 and (data.dose_amt > 0).all()
@@ -667,7 +667,7 @@ def _covariate_columns(values: pd.Series, col: str, transform: str | None) -> li
         return [("", v - v.mean())]
     if (v <= 0).any():
         i = int(np.argmax(v <= 0))
-        raise DataError(f"covariate {col!r} must be > 0 for a log transform (ID {values.index[i]!r})")
+        raise DataError(f"covariate {col!r} must be > 0 for a log transform (ID {values.index[i]})")
     if transform == "log":
         return [("", np.log(v))]
     return [("", np.log(v / v.mean()))]

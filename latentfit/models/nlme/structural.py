@@ -100,7 +100,7 @@ def _bateman(xp: Any, ka: Any, k: Any, t: Any) -> Any:
     diff = ka - k
     tol = 1e-7 * k
     safe = xp.where(xp.abs(diff) < tol, tol, diff)
-    return ka / safe * (xp.exp(-k * t) - xp.exp(-ka * t))
+    return ka / safe * (xp.exp(-k * t) - xp.exp(-(k + safe) * t))
 
 
 # ----- one compartment ----------------------------------------------------------------------------
