@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from latentfit.inference import fsaem as _fsaem
 from latentfit.inference import saem as _saem
 from latentfit.inference.results import FitResult
 from latentfit.integrations.pyro import PyroLatentModel, write_params_to_store
@@ -58,4 +59,9 @@ class SAEM(_PyroEngine):
     engine_cls = _saem.SAEM
 
 
-__all__ = ["SAEM"]
+class FSAEM(_PyroEngine):
+    __doc__ = _fsaem.FSAEM.__doc__
+    engine_cls = _fsaem.FSAEM
+
+
+__all__ = ["FSAEM", "SAEM"]

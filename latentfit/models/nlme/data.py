@@ -221,6 +221,30 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
                     obs_rows=rows_a, columns=cols)
 
 
+def design_table(num_individuals: int, times: Any, dose: float | Any = 100.0,
+                 covariates: dict[str, Any] | None = None) -> pd.DataFrame:
+    """A NONMEM-style design for simulation studies: one dose at time 0 and observations at ``times``.
+
+    ``times`` is a list of sampling times (shared) or an ``[N, T]`` array; ``dose`` a number or
+    one amount per individual; ``covariates`` maps a column name to one value per individual.
+    ``DV`` is 0 (fill it with :meth:`NLME.simulate`).  Columns: ``ID, TIME, DV, AMT, EVID, MDV``.
+    """
+    n = int(num_individuals)
+    times = np.asarray(times, dtype=float)
+    times = np.broadcast_to(times, (n, times.shape[-1])) if times.ndim == 1 else times
+    doses = np.broadcast_to(np.asarray(dose, dtype=float), (n,))
+    t_obs = times.shape[1]
+    ids = np.repeat(np.arange(1, n + 1), t_obs + 1)
+    time = np.concatenate([np.zeros((n, 1)), times], 1).ravel()
+    evid = np.tile(np.r_[1, np.zeros(t_obs, dtype=int)], n)
+    amt = np.where(evid == 1, np.repeat(doses, t_obs + 1), 0.0)
+    df = pd.DataFrame({"ID": ids, "TIME": time, "DV": np.where(evid == 1, np.nan, 0.0), "AMT": amt, "EVID": evid,
+                       "MDV": evid})
+    for name, values in (covariates or {}).items():
+        df[name] = np.repeat(np.asarray(values), t_obs + 1)
+    return df
+
+
 def _covariate_table(df: pd.DataFrame, ids_all: np.ndarray, keep: list[Any], covariates: list[str],
                      id_col: str) -> pd.DataFrame:
     out = pd.DataFrame(index=pd.Index(keep, name=id_col))
@@ -239,4 +263,4 @@ def _covariate_table(df: pd.DataFrame, ids_all: np.ndarray, keep: list[Any], cov
     return out
 
 
-__all__ = ["DEFAULT_COLUMNS", "NLMEData", "read_nonmem"]
+__all__ = ["DEFAULT_COLUMNS", "NLMEData", "design_table", "read_nonmem"]
