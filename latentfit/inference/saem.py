@@ -229,10 +229,15 @@ class SAEM(Engine):
         x0 = flatten(ops, theta_u, names)
         shapes = {n: self._param_shapes[n] for n in names}
         fixed = {n: v for n, v in theta.items() if n not in names}
+        # optional model hook: the same objective up to terms constant in `names`, cheaper to evaluate
+        hook = getattr(model, "numeric_objective", None)
+        prepared = hook(fixed, z, names) if hook is not None else None
 
         def objective(x):
             th = dict(fixed)
             th.update(model.constrain(unflatten(x, names, shapes)))
+            if prepared is not None:
+                return prepared(th)
             return xp.mean(xp.sum(model.log_joint(th, z), -1))
 
         x_new = newton_maximize(ops, objective, x0, num_steps=self.newton_steps)

@@ -532,6 +532,21 @@ class NLME(LatentModel):
             out[name] = xp.sqrt(s["rss"] / self.num_obs)
         return out
 
+    def numeric_objective(self, theta: dict[str, Any], z: Any, names: list[str]) -> Callable[[dict], Any] | None:
+        """Cheap objective for SAEM's numerical step (hook read by the engine).
+
+        Over residual-error parameters only, the structural predictions are computed once and only the
+        observation terms are re-evaluated; otherwise the prior (constant in parameters without random
+        effect) is left out.
+        """
+        xp = self.ops.xp
+        if set(names) <= {"a", "b"}:
+            f = self.ops.stop_gradient(self.structural_prediction(theta, z))
+            return lambda th: xp.mean(xp.sum(self._obs_terms(th, f, None), (-2, -1)))
+        if not any(n in self.closed_form_params or n.startswith("omega2") or n == "Omega" for n in names):
+            return lambda th: xp.mean(xp.sum(self.log_lik(th, z), -1))
+        return None
+
     # ----- Gaussian faces ----------------------------------------------------------------------------
     def predict(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
         """Mean and sd of the (transformed, for exponential error: log) observations, ``[..., n, T]``."""
@@ -580,8 +595,11 @@ class NLME(LatentModel):
         """Fit by SAEM (``engine="saem"``) or f-SAEM (``"fsaem"``); returns a FitResult.
 
         ``options`` go to the engine (``num_iters``, ``num_chains``, ``seed``, ``progress``, ...).
+        The numerical step (combined error, parameters without random effect) is warm-started at the
+        previous estimate, so 3 Newton steps per iteration are the default here (``newton_steps``).
         Engines are imported here, lazily (``models/`` never imports an engine at module level).
         """
+        options.setdefault("newton_steps", 3)
         model = self.bind(data) if data is not None else self
         model._require_data()
         engine = engine.lower()
