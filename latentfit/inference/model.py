@@ -123,6 +123,25 @@ class LatentModel:
     def expected_stats(self, theta: dict[str, Any], units: Any = None) -> dict[str, Any]:
         raise NotImplementedError
 
+    def sum_expected_stats(self, theta: dict[str, Any], units: Any = None) -> tuple[dict[str, Any], Any]:
+        """``(Σ_i s̄_i(θ), Σ_i log p(y_i; θ) or None)`` over ``units``; a model may fuse both in one pass."""
+        xp = self.ops.xp
+        s = self.expected_stats(theta, units)
+        ll = xp.sum(self.marginal_log_lik(theta, units)) if self.has_exact_marginal else None
+        return {k: xp.sum(v, 0) for k, v in s.items()}, ll
+
+    # exact posterior draws of the latents (discrete latents, conjugate models); used by the
+    # Monte-Carlo EM engines (MCEM, TTSEM) instead of MCMC when available
+    has_posterior_sampler: bool = False
+
+    def sample_posterior(self, theta: dict[str, Any], key: Any, num_samples: int, units: Any = None) -> Any:
+        """Draws ``z ~ p(z_i | y_i; θ)``: ``[num_samples, n, ...]`` in the layout ``stats`` accepts."""
+        raise NotImplementedError
+
+    def fit_warnings(self, theta: dict[str, Any]) -> list[str]:
+        """Messages about degenerate estimates (collapsed components, ...); engines warn with them."""
+        return []
+
     # ----- optional Gaussian faces (NLME-type models) ------------------------------------------
     # Used by f-SAEM's Gauss–Newton proposal, the linearisation log-likelihood / Fisher information
     # and residual diagnostics.  A model sets the flag when it implements the method.

@@ -42,6 +42,17 @@ class Ops:
     def to_numpy(self, x: Any) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
+    # --- functional updates of owned buffers ------------------------------------------------------
+    def scatter_owned(self, table: Any, idx: Any, rows: Any) -> Any:
+        """``table[idx] = rows`` where the caller owns ``table`` and never reads the old value again.
+
+        Semantics are functional (use the returned array); a backend may update in place. Under
+        ``jit`` JAX's ``.at[].set`` in a loop carry is already in place, so the default is ``scatter``.
+        Used by the per-unit statistic tables of the incremental EM engines (one row update per
+        mini-batch must not copy an n-row table).
+        """
+        return self.scatter(table, idx, rows)
+
 
 class TorchOps(Ops):
     """torch flavour: arrays on ``device`` in ``dtype`` (those of the model's data/params)."""
@@ -119,6 +130,10 @@ class TorchOps(Ops):
     def scatter(self, table: Any, idx: Any, rows: Any) -> Any:
         """``table[idx] = rows`` without mutating ``table`` (rows along axis 0)."""
         return table.index_copy(0, idx, rows.to(table.dtype))
+
+    def scatter_owned(self, table: Any, idx: Any, rows: Any) -> Any:
+        """In-place ``table[idx] = rows`` (the caller owns ``table``); returns ``table``."""
+        return table.index_copy_(0, idx, rows.to(table.dtype))
 
     def scatter_axis1(self, table: Any, idx: Any, rows: Any) -> Any:
         """``table[:, idx] = rows`` without mutating ``table``."""

@@ -1,0 +1,378 @@
+"""Shared core of the EM family: statistic oracles, per-unit tables and the epoch loop.
+
+Every engine of the family (EM, mini-batch / incremental EM, online EM, sEM-VR, FIEM, MCEM,
+TTSEM) is the same iteration (ALGORITHMS.md §1–3, §6) in *sum form* (statistics are summed over
+units, as ``LatentModel.m_step`` expects):
+
+1. a **proxy** ``𝒮^{(t+1)}`` of the full-data statistic ``Σ_i s̄_i(θ^t)`` built from a mini-batch
+   ``B_t`` (and, for FIEM, a second independent batch ``J_t``) — the only engine-specific part,
+   a :class:`ProxyRule`;
+2. the fast step ``S̃^{(t+1)} = S̃^{(t)} + ρ_{t+1} (𝒮^{(t+1)} − S̃^{(t)})`` (for the exact engines
+   this is their only step size γ);
+3. the slow step ``ŝ^{(t+1)} = ŝ^{(t)} + γ_{t+1} (S̃^{(t+1)} − ŝ^{(t)})`` (two-timescale engines only;
+   otherwise ``ŝ = S̃``);
+4. the M-step ``θ^{t+1} = θ̄(ŝ^{(t+1)})`` (closed form from the model).
+
+The per-unit statistic ``s̄_i(θ)`` comes from an *oracle*: exact (``model.expected_stats``) or
+Monte Carlo (mean of ``S(z_{i,m}, y_i)`` over ``num_samples`` draws, exact posterior draws when the
+model has a sampler, otherwise warm-started batched MH chains).
+
+One driver step is one **epoch**: ``m = ⌈n/b⌉`` inner iterations over mini-batches of a fresh
+permutation (the last batch wraps around), so history and progress count epochs (n unit visits);
+inner iterations run through ``ops.fori_loop`` (a compiled loop on JAX).  Per-unit tables are
+``[n, ...]`` arrays on the data's device in the model's dtype, updated with ``ops.scatter_owned``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+from . import mcmc
+from .driver import Engine
+from .model import LatentModel, ModelSpecificationError
+from .schedules import Schedule, constant
+
+Stats = dict[str, Any]
+
+
+# ----- statistic pytrees (dicts of arrays) -----------------------------------------------------------
+def s_add(a: Stats, b: Stats) -> Stats:
+    return {k: a[k] + b[k] for k in a}
+
+
+def s_sub(a: Stats, b: Stats) -> Stats:
+    return {k: a[k] - b[k] for k in a}
+
+
+def s_scale(a: Stats, c: Any) -> Stats:
+    return {k: c * v for k, v in a.items()}
+
+
+def s_axpy(c: Any, x: Stats, y: Stats) -> Stats:
+    """``y + c x``."""
+    return {k: y[k] + c * x[k] for k in y}
+
+
+def s_sum(ops: Any, rows: Stats) -> Stats:
+    """Sum per-unit rows ``[b, ...]`` over the unit axis."""
+    return {k: ops.xp.sum(v, 0) for k, v in rows.items()}
+
+
+def s_take(ops: Any, table: Stats, idx: Any) -> Stats:
+    return {k: ops.take(v, idx, 0) for k, v in table.items()}
+
+
+def s_put(ops: Any, table: Stats, idx: Any, rows: Stats) -> Stats:
+    """``table[idx] = rows`` for every statistic (the engine owns its tables)."""
+    return {k: ops.scatter_owned(v, idx, rows[k]) for k, v in table.items()}
+
+
+def s_copy(ops: Any, a: Stats) -> Stats:
+    """A copy the caller owns (JAX arrays are immutable: no copy needed)."""
+    return {k: v.clone() if hasattr(v, "clone") else v for k, v in a.items()}
+
+
+def default_fast_step(num_units: int, batch_size: int) -> float:
+    """``ρ = (n/b)^(−2/3)`` (FIEM / sEM-VR / TTSEM papers' practical default, per mini-batch)."""
+    return min(1.0, (num_units / batch_size) ** (-2.0 / 3.0))
+
+
+# ----- proxies ----------------------------------------------------------------------------------------
+class ProxyRule:
+    """How an engine forms ``𝒮^{(t+1)}`` (one file per engine defines one)."""
+
+    #: a second, independent mini-batch J_t per iteration (FIEM)
+    needs_second_batch: bool = False
+
+    def init(self, eng: StatEngine, state: dict[str, Any], theta: dict[str, Any], full: Stats,
+             rows: Stats | None) -> dict[str, Any]:
+        """Add the rule's memory to ``state``; ``full = Σ_i s̄_i(θ⁰)``, ``rows`` its per-unit table."""
+        return state
+
+    def epoch_start(self, eng: StatEngine, state: dict[str, Any], theta: dict[str, Any], key: Any) -> dict[str, Any]:
+        return state
+
+    def proxy(self, eng: StatEngine, state: dict[str, Any], theta: dict[str, Any], bi: Any, bj: Any,
+              key: Any) -> tuple[Stats, dict[str, Any]]:
+        raise NotImplementedError
+
+
+# ----- the engine -------------------------------------------------------------------------------------
+class StatEngine(Engine):
+    """Base of the EM family: epochs of mini-batch proxies, fast/slow steps and a closed-form M-step.
+
+    Parameters
+    ----------
+    model : LatentModel
+        With ``m_step`` (closed form) and ``expected_stats`` (exact engines) or ``stats`` and either
+        ``sample_posterior`` or MH-able latents (Monte-Carlo engines).
+    num_epochs : int
+        Epochs (n unit visits each); the unit of progress and history.
+    batch_size : int, optional
+        Mini-batch size b (engine default when None).
+    rho, gamma : float or callable of the inner iteration t (1-based), optional
+        Fast step (the step of the exact engines) and slow step (two-timescale engines).
+    shuffle : bool
+        Visit units in a fresh random permutation each epoch (True) or in index order.
+    num_samples : int
+        Monte-Carlo draws per unit visit (MC engines).
+    mcmc_steps : int
+        MH sweeps per visit when the model has no exact posterior sampler (MC engines).
+    trace_params : list of str, optional
+        Record these parameters after *every* inner iteration (history ``inner.<name>``,
+        ``[epochs, m, ...]``): for rates measured in iterations.
+    track_log_lik : bool
+        Record the exact marginal log-likelihood after each epoch (one extra pass).
+    """
+
+    name = "stat-engine"
+    rule: ProxyRule = ProxyRule()
+    monte_carlo: bool = False
+    two_timescale: bool = False
+    #: None: full batch (b = n)
+    default_batch_size: int | None = None
+    #: initial full pass and table (False for EM / MCEM, which need neither)
+    needs_init_pass: bool = True
+    needs_table: bool = True
+
+    def __init__(self, model: LatentModel, num_epochs: int = 20, batch_size: int | None = None, *,
+                 rho: float | Schedule | None = None, gamma: float | Schedule | None = None,
+                 seed: int = 0, shuffle: bool = True, num_samples: int = 10, mcmc_steps: int = 2,
+                 trace_params: list[str] | tuple[str, ...] | None = None, track_log_lik: bool = False,
+                 progress: bool = True, callback: Any = None, chunk_size: int = 25) -> None:
+        super().__init__(model, seed=seed, progress=progress, callback=callback, num_draws=0,
+                         chunk_size=chunk_size)
+        self.validate_options(num_epochs=num_epochs, batch_size=batch_size, num_samples=num_samples)
+        n = int(model.num_units)
+        if n < 1:
+            raise ModelSpecificationError("the model has no units (empty data)")
+        b = batch_size if batch_size is not None else (self.default_batch_size or n)
+        b = int(b)
+        if b > n:
+            raise ValueError(f"batch_size={b} exceeds the number of units n={n}")
+        self.num_epochs = int(num_epochs)
+        self.batch_size = b
+        self.num_batches = math.ceil(n / b)
+        self.shuffle = bool(shuffle)
+        self.num_samples = int(num_samples)
+        self.mcmc_steps = int(mcmc_steps)
+        self.trace_params = list(trace_params or [])
+        self.track_log_lik = bool(track_log_lik)
+        self.rho = _as_schedule(rho if rho is not None else self.default_rho(n, b))
+        self.gamma = _as_schedule(gamma if gamma is not None else self.default_gamma(n, b))
+        self._check_model()
+        unknown = [p for p in self.trace_params if p not in model.params]
+        if unknown:
+            raise ValueError(f"trace_params {unknown} are not parameters of the model ({list(model.params)})")
+
+    # ----- defaults and validation --------------------------------------------------------------------
+    def default_rho(self, n: int, b: int) -> float | Schedule:
+        return 1.0
+
+    def default_gamma(self, n: int, b: int) -> float | Schedule:
+        return 1.0
+
+    @staticmethod
+    def validate_options(*args: Any, num_epochs: int = 20, batch_size: int | None = None,
+                         num_samples: int = 10, **_: Any) -> None:
+        if args:
+            num_epochs = args[0]
+        if len(args) > 1:
+            batch_size = args[1]
+        if int(num_epochs) < 1:
+            raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
+        if batch_size is not None and int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if int(num_samples) < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+
+    def _check_model(self) -> None:
+        model = self.model
+        if self.monte_carlo:
+            if not model.has_stats:
+                raise ModelSpecificationError(
+                    f"{self.name} needs sufficient statistics (model.stats / m_step); no closed-form "
+                    "statistic was found for this model")
+        elif not model.has_expected_stats:
+            raise ModelSpecificationError(
+                f"{self.name} needs an exact E-step (model.expected_stats): discrete latents with "
+                "enumeration or a model family that supplies it; for continuous latents use MCEM, "
+                "MiniBatchMCEM, TTSEM or SAEM")
+        numeric = model.numeric_params
+        if numeric:
+            raise ModelSpecificationError(
+                f"{self.name} needs a closed-form M-step for every parameter; {numeric} have none "
+                "(use SAEM, which maximises them numerically)")
+
+    # ----- oracles ---------------------------------------------------------------------------------------
+    def oracle(self, state: dict[str, Any], theta: dict[str, Any], units: Any,
+               key: Any) -> tuple[Stats, dict[str, Any]]:
+        """Per-unit statistics ``s̄_i(θ)`` (exact) or their MC estimate, ``[b, ...]`` each."""
+        model, xp = self.model, self.ops.xp
+        if not self.monte_carlo:
+            return model.expected_stats(theta, units), state
+        if model.has_posterior_sampler:
+            z = model.sample_posterior(theta, key, self.num_samples, units)
+            return {k: xp.mean(v, 0) for k, v in model.stats(theta, z, units).items()}, state
+        return self._mcmc_oracle(state, theta, units, key)
+
+    def full_pass(self, state: dict[str, Any], theta: dict[str, Any],
+                  key: Any) -> tuple[Stats, Stats | None, Any, dict[str, Any]]:
+        """``(Σ_i s̄_i(θ), per-unit rows or None, Σ_i log p(y_i; θ) or None, state)`` over all units."""
+        ops = self.ops
+        if not self.monte_carlo and not self.needs_table:
+            total, ll = self.model.sum_expected_stats(theta, None)
+            return total, None, ll, state
+        units = ops.arange(self.model.num_units)
+        rows, state = self.oracle(state, theta, units, key)
+        return s_sum(ops, rows), rows, None, state
+
+    def _mcmc_oracle(self, state: dict[str, Any], theta: dict[str, Any], units: Any,
+                     key: Any) -> tuple[Stats, dict[str, Any]]:
+        """Warm-started MH chains (num_samples per unit): prior-IMH then component-wise RW sweeps."""
+        model, ops, xp = self.model, self.ops, self.ops.xp
+        z_tab = state["z"]  # [n, L, d]
+        z0 = xp.swapaxes(ops.take(z_tab, units, 0), 0, 1)  # [L, b, d]
+
+        def evaluate(z):
+            return model.log_densities(theta, z, units)
+
+        def sample_prior(kk):
+            return model.sample_prior(theta, kk, self.num_samples, units)
+
+        chain = mcmc.init_chain_state(z0, evaluate)
+        keys = ops.split(key, 2 * self.mcmc_steps + 1)
+        scale = state["rw_scale"]
+        for s in range(self.mcmc_steps):
+            chain, _ = mcmc.prior_imh(ops, keys[2 * s], chain, sample_prior, evaluate)
+            chain, acc = mcmc.rw_componentwise(ops, keys[2 * s + 1], chain, scale, evaluate)
+            scale = mcmc.adapt_scale(scale, acc)
+        state = dict(state, z=ops.scatter_owned(z_tab, units, xp.swapaxes(chain.z, 0, 1)), rw_scale=scale)
+        stats = model.stats(theta, chain.z, units)
+        return {k: xp.mean(v, 0) for k, v in stats.items()}, state
+
+    # ----- M-step ------------------------------------------------------------------------------------------
+    def m_step(self, s: Stats, theta: dict[str, Any]) -> dict[str, Any]:
+        new = dict(theta)
+        new.update(self.model.m_step(s, theta, self.model.num_units))
+        return new
+
+    def theta_of(self, state: dict[str, Any]) -> dict[str, Any]:
+        return state["theta"]
+
+    # ----- engine protocol ------------------------------------------------------------------------------
+    def phases(self) -> list[tuple[int, int, Any]]:
+        return [(1, self.num_epochs, "epoch")]
+
+    def init(self, key: Any) -> dict[str, Any]:
+        model, ops, xp = self.model, self.ops, self.ops.xp
+        theta = model.init_params()
+        state: dict[str, Any] = {"theta": theta}
+        if self.monte_carlo and not model.has_posterior_sampler:
+            key, k0 = ops.split(key)
+            z = model.sample_prior(theta, k0, self.num_samples)  # [L, n, d]
+            sd = xp.std(xp.reshape(z, (-1, z.shape[-1])), 0)
+            state["z"] = xp.swapaxes(z, 0, 1) + 0.0
+            state["rw_scale"] = 0.5 * xp.where(sd > 0, sd, 1.0)
+        if self.needs_init_pass:
+            key, k1 = ops.split(key)
+            full, rows, _, state = self.full_pass(state, theta, k1)
+            state = self.rule.init(self, state, theta, full, rows)
+            state["s_tilde"] = full
+            if self.two_timescale:
+                state["s_hat"] = s_copy(ops, full)
+        else:
+            state = self.rule.init(self, state, theta, None, None)
+        state["key"] = key
+        return state
+
+    def step(self, state: dict[str, Any], k: Any, phase: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        ops, xp = self.ops, self.ops.xp
+        m = self.num_batches
+        if not ops.jittable:
+            k = int(k)
+        key, k_perm, k_perm2, k_epoch, k_loop = ops.split(state["key"], 5)
+        state = self.rule.epoch_start(self, dict(state), state["theta"], k_epoch)
+        batches = self._batches(k_perm)
+        batches_j = self._batches(k_perm2) if self.rule.needs_second_batch else batches
+        trace = {p: ops.zeros((m,) + tuple(state["theta"][p].shape)) for p in self.trace_params}
+        loop_keys = ops.split(k_loop, m) if ops.jittable else None
+        first_t = (k - 1) * m
+
+        def body(j: Any, carry: tuple[dict[str, Any], dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+            st, tr = carry
+            kj = loop_keys[j] if loop_keys is not None else None
+            st = self.inner(st, batches[j], batches_j[j], first_t + j + 1, kj)
+            if tr:
+                jj = ops.asarray([j]) if not ops.jittable else xp.reshape(j, (1,))
+                tr = {p: ops.scatter_owned(v, jj, st["theta"][p][None]) for p, v in tr.items()}
+            return st, tr
+
+        state, trace = ops.fori_loop(0, m, body, (state, trace))
+        state["key"] = key
+        info: dict[str, Any] = {}
+        if trace:
+            info["inner"] = trace
+        if "log_lik" in state:  # exact EM: log-likelihood at the θ of the last E-step, free
+            info["objective"] = state["log_lik"]
+        if self.track_log_lik and self.model.has_exact_marginal:
+            info["log_lik"] = xp.sum(self.model.marginal_log_lik(state["theta"]))
+        return state, info
+
+    def inner(self, state: dict[str, Any], bi: Any, bj: Any, t: Any, key: Any) -> dict[str, Any]:
+        """One inner iteration: proxy, fast step ρ, slow step γ, M-step."""
+        theta = state["theta"]
+        proxy, state = self.rule.proxy(self, state, theta, bi, bj, key)
+        rho = self.rho(t)
+        s_tilde = proxy if rho is _ONE else s_axpy(rho, s_sub(proxy, state["s_tilde"]), state["s_tilde"])
+        state = dict(state, s_tilde=s_tilde)
+        s_hat = s_tilde
+        if self.two_timescale:
+            gamma = self.gamma(t)
+            s_hat = s_axpy(gamma, s_sub(s_tilde, state["s_hat"]), state["s_hat"])
+            state["s_hat"] = s_hat
+        state["theta"] = self.m_step(s_hat, theta)
+        return state
+
+    def _batches(self, key: Any) -> Any:
+        """``[m, b]`` unit indices: a permutation (or 0..n−1) cut in mini-batches, the last wrapping."""
+        ops, xp, n = self.ops, self.ops.xp, self.model.num_units
+        order = ops.permutation(key, n) if self.shuffle else ops.arange(n)
+        m, b = self.num_batches, self.batch_size
+        if m * b == n:
+            return xp.reshape(order, (m, b))
+        pos = ops.arange(m * b) % n
+        return xp.reshape(ops.take(order, pos, 0), (m, b))
+
+    def finalize(self, state: dict[str, Any]) -> dict[str, Any]:
+        for msg in self.model.fit_warnings(state["theta"]):
+            warnings.warn(f"{self.name}: {msg}", RuntimeWarning, stacklevel=3)
+        return state
+
+    def latent_draw(self, state: dict[str, Any]) -> Any | None:
+        return None
+
+    @property
+    def batch_scale(self) -> float:
+        """``n / b``: scales a mini-batch sum to a full-data sum."""
+        return self.model.num_units / self.batch_size
+
+
+class _One(float):
+    """The constant step 1 (lets the exact engines skip the fast-step arithmetic)."""
+
+
+_ONE = _One(1.0)
+
+
+def _as_schedule(value: float | Schedule) -> Schedule:
+    if callable(value):
+        return value
+    v = float(value)
+    if not 0.0 < v <= 1.0:
+        raise ValueError(f"a constant step size must be in (0, 1], got {v}")
+    if v == 1.0:
+        return lambda t: _ONE
+    return constant(v)

@@ -1,0 +1,69 @@
+"""TTSEM: two-timescale stochastic EM (Karimi & Li, ALT 2021) — ALGORITHMS.md §6.
+
+Monte-Carlo per-unit statistics ``S̃_i`` (``num_samples`` draws) feed an index-sampling proxy
+``𝒮^{(t+1)}`` and two step sizes:
+
+    fast (variance reduction of the index sampling):  S̃^{(t+1)} = S̃^{(t)} + ρ_{t+1} (𝒮^{(t+1)} − S̃^{(t)}),
+    slow (Robbins–Monro averaging of the MC noise):   ŝ^{(t+1)} = ŝ^{(t)} + γ_{t+1} (S̃^{(t+1)} − ŝ^{(t)}),
+    θ^{t+1} = θ̄(ŝ^{(t+1)}).
+
+Variants (the proxy rules of the exact engines, on MC statistics):
+
+* ``"isaem"``  — incremental table (:mod:`iem`), ρ = 1;
+* ``"vr"``     — vrTTEM, snapshot control variate (:mod:`semvr`), ρ = (n/b)^(−2/3);
+* ``"fi"``     — fiTTEM, SAGA control variate (:mod:`fiem`), ρ = (n/b)^(−2/3);
+* ``"saem"``   — SAEM, memoryless proxy (:mod:`sem`), ρ = 1; batch SAEM by default (b = n), online
+  SAEM with a mini-batch; with γ = 1 too, MCEM.
+
+Default slow step (the paper's GMM setting): γ_t = 1 for the first ``gamma_burn = 10`` iterations,
+then ``(t − 10)^(−1/2)``.  Two-timescale condition: ``γ_t/ρ_t → 0``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .fiem import SagaRule
+from .iem import IncrementalRule
+from .schedules import polynomial
+from .sem import OnlineRule
+from .semvr import SnapshotRule
+from .stats_table import StatEngine, default_fast_step
+
+VARIANTS = {"isaem": IncrementalRule, "vr": SnapshotRule, "fi": SagaRule, "saem": OnlineRule}
+
+
+class TTSEM(StatEngine):
+    """Two-timescale stochastic EM, ``variant`` in ``{"isaem", "vr", "fi", "saem"}`` (default b = ⌈n/100⌉).
+
+    Example
+    -------
+    >>> fit = TTSEM(model, variant="fi", num_epochs=5, batch_size=1, num_samples=10).run()   # doctest: +SKIP
+    """
+
+    monte_carlo = True
+    two_timescale = True
+
+    def __init__(self, model: Any, num_epochs: int = 20, batch_size: int | None = None, *,
+                 variant: str = "fi", gamma_alpha: float = 0.5, gamma_burn: int = 10, **kwargs: Any) -> None:
+        self.validate_options(num_epochs, batch_size, variant=variant, **kwargs)
+        self.variant = variant
+        self.rule = VARIANTS[variant]()
+        self.name = {"isaem": "iSAEM", "vr": "vrTTEM", "fi": "fiTTEM", "saem": "SAEM"}[variant]
+        self.needs_table = variant != "saem"
+        self._gamma_default = polynomial(gamma_alpha, num_ones=int(gamma_burn))
+        if batch_size is None:  # batch SAEM as in the paper; the incremental variants: 100 batches per epoch
+            batch_size = model.num_units if variant == "saem" else max(1, -(-model.num_units // 100))
+        super().__init__(model, num_epochs, batch_size, **kwargs)
+
+    @staticmethod
+    def validate_options(*args: Any, variant: str = "fi", **kwargs: Any) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+        StatEngine.validate_options(*args, **kwargs)
+
+    def default_rho(self, n: int, b: int) -> float:
+        return default_fast_step(n, b) if self.variant in ("vr", "fi") else 1.0
+
+    def default_gamma(self, n: int, b: int) -> Any:
+        return self._gamma_default

@@ -1,0 +1,467 @@
+"""Gaussian mixture models with an exact E-step and a closed-form (optionally regularised) M-step.
+
+``GaussianMixture(x, K, covariance_type)`` is a :class:`LatentModel` (units = data points, latent =
+the component label, one-hot) that the EM family fits through its fast path (``expected_stats`` /
+``m_step`` in closed form, no Pyro tracing), and hands out an ordinary Pyro model function
+(:meth:`GaussianMixture.pyro_model`) with the same parameter names.
+
+Statistics.  With the per-point features ``F(x) = [q(x), x, 1]`` — ``q(x) = vec(x xᵀ)`` (full),
+``x²`` (diagonal) or ``‖x‖²`` (spherical) — the complete-data statistic is ``S_i = z_i ⊗ F(x_i)``
+(``[K, D]``) and the exact E-step replaces the one-hot ``z_i`` by the responsibilities
+``r_ik ∝ ω_k N(x_i; μ_k, Σ_k)``.  Every log-density ``log ω_k N(x; μ_k, Σ_k)`` is linear in ``F(x)``,
+so one E-step over n points is two matrix products (``F @ C`` and ``rᵀ F``) and a softmax.  Data
+are centred internally (numerical safety of the quadratic expansion).
+
+M-step (ALGORITHMS.md §1, with the regulariser ``R(θ)`` as an option):
+``ω_k = (N_k/n + ε)/(1 + εK)``, ``μ_k = S_x,k/(N_k + δ)``,
+``Σ_k = (S_xx,k − μ_k S_x,kᵀ − S_x,k μ_kᵀ + N_k μ_k μ_kᵀ)/N_k + reg_covar·I``; ε = δ = 0 is the plain MLE.
+A component whose mass vanishes keeps its previous mean and covariance (never NaN) and the fit
+warns about it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from latentfit.inference.model import DataError, LatentModel, LatentSite, ModelSpecificationError, ParamInfo
+from latentfit.inference.ops import Ops, TorchOps
+
+COVARIANCE_TYPES = ("full", "diag", "spherical")
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class GaussianMixture(LatentModel):
+    """K-component Gaussian mixture on ``x`` (``[n, d]`` or ``[n]``).
+
+    Parameters
+    ----------
+    x : array ``[n, d]`` or ``[n]``
+        Data (torch tensor, numpy array); the model lives on its device in its dtype (numpy: float64).
+    num_components : int
+        K (at most n).
+    covariance_type : {"full", "diag", "spherical"}
+        Parameter ``covariances`` is ``[K, d, d]``, ``[K, d]`` or ``[K]`` accordingly.
+    weights, locs, covariances : optional
+        Initial values; missing ones come from k-means++ seeding plus a few Lloyd iterations.
+    fixed : sequence of str
+        Parameters held at their initial values (e.g. ``("weights", "covariances")`` for the
+        means-only GMM of the FIEM / TTSEM papers).
+    reg_covar : float
+        Added to the covariance diagonal in the M-step (scikit-learn's default 1e-6).
+    regularize : bool or (ε, δ)
+        The regularised M-step of ALGORITHMS.md §1 (Dirichlet-type ε on weights, ridge δ on means);
+        ``True`` uses ``(1e-3, 1e-3)``.
+    seed : int
+        Seed of the k-means++ initialisation.
+    """
+
+    has_stats = True
+    has_expected_stats = True
+    has_exact_marginal = True
+    has_posterior_sampler = True
+
+    def __init__(self, x: Any, num_components: int, covariance_type: str = "full", *,
+                 weights: Any = None, locs: Any = None, covariances: Any = None,
+                 fixed: tuple[str, ...] | list[str] = (), reg_covar: float = 1e-6,
+                 regularize: bool | tuple[float, float] = False, seed: int = 0, init_iters: int = 10,
+                 ops: Ops | None = None) -> None:
+        if covariance_type not in COVARIANCE_TYPES:
+            raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}")
+        self.ops = ops if ops is not None else _ops_for(x)
+        ops, xp = self.ops, self.ops.xp
+        x = ops.asarray(x)
+        if x.ndim == 1:
+            x = xp.reshape(x, (-1, 1))
+        if x.ndim != 2:
+            raise DataError(f"x must be [n, d] or [n], got shape {tuple(x.shape)}")
+        n, d = int(x.shape[0]), int(x.shape[1])
+        if n == 0:
+            raise DataError("x is empty: a Gaussian mixture needs at least one data point")
+        if not bool(xp.all(xp.isfinite(x))):
+            raise DataError("x holds NaN/inf values; drop or impute them first")
+        K = int(num_components)
+        if K < 1:
+            raise ValueError(f"num_components must be >= 1, got {num_components}")
+        if K > n:
+            raise DataError(f"num_components={K} exceeds the number of data points n={n}")
+        unknown = [p for p in fixed if p not in ("weights", "locs", "covariances")]
+        if unknown:
+            raise ValueError(f"fixed names unknown parameters {unknown}; choose from weights, locs, covariances")
+        if reg_covar < 0:
+            raise ValueError(f"reg_covar must be >= 0, got {reg_covar}")
+        if regularize is True:
+            regularize = (1e-3, 1e-3)
+        self.eps_w, self.delta_mu = (float(regularize[0]), float(regularize[1])) if regularize else (0.0, 0.0)
+        self.K, self.d, self.num_units, self.covariance_type = K, d, n, covariance_type
+        self.reg_covar = float(reg_covar)
+        self.x = x
+        self.shift = xp.mean(x, 0)
+        xc = x - self.shift
+        q = {"full": lambda v: xp.reshape(v[:, :, None] * v[:, None, :], (v.shape[0], d * d)),
+             "diag": lambda v: v * v,
+             "spherical": lambda v: xp.sum(v * v, 1, keepdims=True)}[covariance_type](xc)
+        self.dq = int(q.shape[1])
+        self.F = xp.concatenate([q, xc, ops.ones((n, 1))], 1)  # [n, D]
+        self.D = int(self.F.shape[1])
+        self._eye = ops.asarray(np.eye(d))
+        self.latent_dim = K
+        self.latent_sites = [LatentSite("z", (), 0, K, kind="categorical")]
+        self.observed = {"obs": ops.to_numpy(x)}
+        init = self._initial_values(weights, locs, covariances, seed, init_iters)
+        self.params = {name: ParamInfo(name=name, value=v, to_unconstrained=_identity, to_constrained=_identity,
+                                       closed_form=True, fixed=name in fixed,
+                                       meta={"constraint": {"weights": "simplex", "locs": "real",
+                                                            "covariances": "positive"}[name]})
+                       for name, v in init.items()}
+        self._check_covariances(init["covariances"])
+
+    # ----- initialisation -----------------------------------------------------------------------------
+    def _initial_values(self, weights: Any, locs: Any, covariances: Any, seed: int, iters: int) -> dict[str, Any]:
+        ops, xp, K, d = self.ops, self.ops.xp, self.K, self.d
+        out: dict[str, Any] = {}
+        if weights is None or locs is None or covariances is None:
+            r = self._kmeans_responsibilities(seed, iters, None if locs is None else ops.asarray(locs))
+            s = self._sum_stats(r, None)
+            plain = self._closed_form(s, None)
+        if weights is None:
+            out["weights"] = plain["weights"]
+        else:
+            w = ops.asarray(weights)
+            if tuple(w.shape) != (K,) or not bool(xp.all(w >= 0)) or abs(float(xp.sum(w)) - 1) > 1e-6:
+                raise ValueError(f"weights must be a probability vector of length K={K}")
+            out["weights"] = w
+        if locs is None:
+            out["locs"] = plain["locs"]
+        else:
+            m = xp.reshape(ops.asarray(locs), (K, d)) if self.d == 1 else ops.asarray(locs)
+            if tuple(m.shape) != (K, d):
+                raise ValueError(f"locs must have shape ({K}, {d}), got {tuple(m.shape)}")
+            out["locs"] = m
+        if covariances is None:
+            out["covariances"] = plain["covariances"]
+        else:
+            c = ops.asarray(covariances)
+            shape = {"full": (K, d, d), "diag": (K, d), "spherical": (K,)}[self.covariance_type]
+            if tuple(c.shape) != shape:
+                try:
+                    c = xp.reshape(c + ops.zeros(shape), shape)
+                except Exception:
+                    raise ValueError(f"covariances must have shape {shape} for covariance_type="
+                                     f"{self.covariance_type!r}, got {tuple(c.shape)}") from None
+            out["covariances"] = c
+        return out
+
+    def _kmeans_responsibilities(self, seed: int, iters: int, locs: Any) -> Any:
+        """Hard assignments from k-means++ seeding + Lloyd iterations on a subsample (≤ 20 000 points)."""
+        ops, xp, K, n = self.ops, self.ops.xp, self.K, self.num_units
+        rng = np.random.default_rng(seed)
+        xc = self.x - self.shift
+        sub = xc if n <= 20000 else ops.take(xc, ops.asarray(rng.choice(n, 20000, replace=False)), 0)
+        if locs is None:
+            m = int(sub.shape[0])
+            first = int(rng.integers(m))
+            centres = [sub[first]]
+            d2 = xp.sum((sub - centres[0]) ** 2, 1)
+            for _ in range(1, K):
+                p = ops.to_numpy(d2).astype(np.float64)
+                tot = p.sum()
+                idx = int(rng.choice(m, p=p / tot)) if tot > 0 else int(rng.integers(m))
+                centres.append(sub[idx])
+                d2 = xp.minimum(d2, xp.sum((sub - sub[idx]) ** 2, 1))
+            c = xp.stack(centres)
+            for _ in range(iters):
+                lab = xp.argmin(_sqdist(xp, sub, c), 1)
+                onehot = _one_hot(ops, lab, K)
+                cnt = xp.sum(onehot, 0)
+                newc = (onehot.T @ sub) / xp.where(cnt > 0, cnt, 1.0)[:, None]
+                c = xp.where((cnt > 0)[:, None], newc, c)
+        else:
+            c = locs - self.shift
+        return _one_hot(ops, xp.argmin(_sqdist(xp, xc, c), 1), K)
+
+    def _check_covariances(self, cov: Any) -> None:
+        xp = self.ops.xp
+        if self.covariance_type == "full":
+            sym = bool(xp.all(xp.abs(cov - xp.swapaxes(cov, -1, -2)) <= 1e-8 * (1 + xp.abs(cov))))
+            ev = xp.linalg.eigvalsh(cov)
+            if not sym or not bool(xp.all(ev > 0)):
+                bad = [k for k in range(self.K) if not bool(xp.all(ev[k] > 0))]
+                raise ModelSpecificationError(
+                    f"initial covariance(s) of component(s) {bad or 'all'} are not symmetric positive definite "
+                    "(singular covariance); give positive definite covariances or increase reg_covar")
+        elif not bool(xp.all(cov > 0)):
+            raise ModelSpecificationError("initial variances must be > 0 (singular covariance)")
+
+    # ----- E-step ------------------------------------------------------------------------------------
+    def _coefficients(self, theta: dict[str, Any]) -> Any:
+        """``C [D, K]`` with ``log ω_k N(x; μ_k, Σ_k) = F(x) @ C[:, k]`` (centred x)."""
+        ops, xp, d = self.ops, self.ops.xp, self.d
+        w, mu, cov = theta["weights"], theta["locs"] - self.shift, theta["covariances"]
+        tiny = xp.finfo(w.dtype).tiny
+        log_w = xp.log(w + tiny)
+        if self.covariance_type == "full":
+            prec, logdet = self._precision(cov)
+            pm = xp.sum(prec * mu[:, None, :], -1)  # [K, d]
+            cq = -0.5 * xp.reshape(prec, (self.K, d * d))
+            c0 = -0.5 * xp.sum(pm * mu, -1) - 0.5 * logdet
+        else:
+            if not self.ops.jittable and not bool(xp.all(cov > 0)):
+                raise ModelSpecificationError("a component variance is 0 (singular covariance): increase reg_covar")
+            var = cov if self.covariance_type == "diag" else cov[:, None] + ops.zeros((self.K, d))
+            pm = mu / var
+            cq = -0.5 / var if self.covariance_type == "diag" else -0.5 / cov[:, None]
+            c0 = -0.5 * xp.sum(mu * pm, -1) - 0.5 * xp.sum(xp.log(var), -1)
+        c0 = c0 - 0.5 * d * math.log(2 * math.pi) + log_w
+        return xp.concatenate([cq, pm, c0[:, None]], 1).T  # [D, K]
+
+    def _precision(self, cov: Any) -> tuple[Any, Any]:
+        """``(Σ_k^{-1}, log det Σ_k)``; small d by an unrolled Cholesky (no LAPACK call per mini-batch)."""
+        xp = self.ops.xp
+        if self.d <= 6:
+            prec, logdet, pivot = _small_spd_inverse(xp, cov, self.d)
+        else:
+            eye = self._eye + 0 * cov
+            chol = self.ops.cholesky(cov)
+            prec = xp.linalg.solve(cov, eye)
+            logdet = 2.0 * xp.sum(xp.log(xp.diagonal(chol, 0, -2, -1)), -1)
+            pivot = xp.min(xp.diagonal(chol, 0, -2, -1), -1)
+        if not self.ops.jittable and not bool(xp.all(pivot > 0)):
+            bad = [k for k in range(self.K) if not bool(pivot[k] > 0)]
+            raise ModelSpecificationError(
+                f"the covariance of component(s) {bad} is singular (not positive definite); increase "
+                "reg_covar or use regularize=True")
+        return 0.5 * (prec + xp.swapaxes(prec, -1, -2)), logdet
+
+    def _features(self, units: Any) -> Any:
+        return self.F if units is None else self.ops.take(self.F, units, 0)
+
+    def log_component(self, theta: dict[str, Any], units: Any = None) -> Any:
+        """``log ω_k + log N(x_i; μ_k, Σ_k)``: ``[n, K]``."""
+        return self._features(units) @ self._coefficients(theta)
+
+    def responsibilities(self, theta: dict[str, Any], units: Any = None) -> tuple[Any, Any]:
+        """``(r [n, K], log p(x_i; θ) [n])``."""
+        xp = self.ops.xp
+        lc = self.log_component(theta, units)
+        ll = xp.logsumexp(lc, 1) if hasattr(xp, "logsumexp") else _logsumexp(xp, lc)
+        return xp.exp(lc - ll[:, None]), ll
+
+    def _sum_stats(self, r: Any, units: Any) -> dict[str, Any]:
+        return {"s": r.T @ self._features(units)}  # [K, D]
+
+    def expected_stats(self, theta: dict[str, Any], units: Any = None) -> dict[str, Any]:
+        r, _ = self.responsibilities(theta, units)
+        return {"s": r[:, :, None] * self._features(units)[:, None, :]}  # [b, K, D]
+
+    def sum_expected_stats(self, theta: dict[str, Any], units: Any = None) -> tuple[dict[str, Any], Any]:
+        r, ll = self.responsibilities(theta, units)
+        return self._sum_stats(r, units), self.ops.xp.sum(ll)
+
+    def marginal_log_lik(self, theta: dict[str, Any], units: Any = None) -> Any:
+        return self.responsibilities(theta, units)[1]
+
+    def stats(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
+        """``S(z_i, x_i) = z_i ⊗ F(x_i)`` for one-hot ``z`` ``[..., n, K]``."""
+        return {"s": z[..., :, :, None] * self._features(units)[:, None, :]}
+
+    def sample_posterior(self, theta: dict[str, Any], key: Any, num_samples: int, units: Any = None) -> Any:
+        """One-hot labels drawn from the responsibilities: ``[num_samples, n, K]``."""
+        ops, xp = self.ops, self.ops.xp
+        r, _ = self.responsibilities(theta, units)
+        cdf = xp.cumsum(r, 1)
+        u = ops.uniform(key, (num_samples, int(r.shape[0]), 1))
+        lab = xp.sum(u > cdf[None, :, :-1], -1)
+        return _one_hot(ops, lab, self.K)
+
+    # ----- M-step ------------------------------------------------------------------------------------
+    def m_step(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
+        new = self._closed_form(s["s"], theta)
+        return {k: v for k, v in new.items() if not self.params[k].fixed}
+
+    def _closed_form(self, S: Any, theta: dict[str, Any] | None) -> dict[str, Any]:
+        xp, K, d, dq, n = self.ops.xp, self.K, self.d, self.dq, self.num_units
+        if isinstance(S, dict):
+            S = S["s"]
+        Nk = S[:, -1]
+        Sx = S[:, dq:dq + d]
+        Sq = S[:, :dq]
+        eps, delta = self.eps_w, self.delta_mu
+        w = (Nk / n + eps) / (1.0 + eps * K)
+        w = w / xp.sum(w)
+        tiny = 10.0 * xp.finfo(S.dtype).eps * n
+        alive = Nk > tiny
+        Nsafe = xp.where(alive, Nk, 1.0)
+        mu_c = Sx / (Nsafe + delta)[:, None]
+        if self.covariance_type == "full":
+            Sxx = xp.reshape(Sq, (K, d, d))
+            cross = mu_c[:, :, None] * Sx[:, None, :]
+            cov = (Sxx - cross - xp.swapaxes(cross, -1, -2) + Nk[:, None, None] * mu_c[:, :, None] * mu_c[:, None, :])
+            cov = cov / Nsafe[:, None, None]
+            cov = 0.5 * (cov + xp.swapaxes(cov, -1, -2))
+            cov = cov + self.reg_covar * self._eye
+            alive_c = alive[:, None, None]
+        elif self.covariance_type == "diag":
+            cov = (Sq - 2 * mu_c * Sx + Nk[:, None] * mu_c * mu_c) / Nsafe[:, None] + self.reg_covar
+            cov = xp.maximum(cov, self.reg_covar + 0 * cov)
+            alive_c = alive[:, None]
+        else:
+            cov = (Sq[:, 0] - 2 * xp.sum(mu_c * Sx, 1) + Nk * xp.sum(mu_c * mu_c, 1)) / (Nsafe * d) + self.reg_covar
+            cov = xp.maximum(cov, self.reg_covar + 0 * cov)
+            alive_c = alive
+        mu = mu_c + self.shift
+        if theta is not None:  # a component without mass keeps its previous mean and covariance
+            mu = xp.where(alive[:, None], mu, theta["locs"])
+            cov = xp.where(alive_c, cov, theta["covariances"])
+        return {"weights": w, "locs": mu, "covariances": cov}
+
+    def fit_warnings(self, theta: dict[str, Any]) -> list[str]:
+        xp, out = self.ops.xp, []
+        w = self.ops.to_numpy(theta["weights"])
+        dead = [k for k in range(self.K) if w[k] * self.num_units < 1e-3]
+        if dead:
+            out.append(f"component(s) {dead} collapsed (weight·n < 1e-3): the mixture has fewer than "
+                       f"K={self.K} components' worth of data; reduce num_components or use regularize=True")
+        cov = theta["covariances"]
+        ev = xp.linalg.eigvalsh(cov) if self.covariance_type == "full" else cov
+        ev = self.ops.to_numpy(ev).reshape(self.K, -1)
+        small = [k for k in range(self.K) if k not in dead and ev[k].min() <= 1.01 * self.reg_covar]
+        if small:
+            out.append(f"component(s) {small} shrank onto single points (covariance at the reg_covar floor "
+                       f"{self.reg_covar:g}); use regularize=True or a larger reg_covar")
+        return out
+
+    # ----- LatentModel face for MCMC engines / post-fit tools ------------------------------------------
+    def log_densities(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
+        xp = self.ops.xp
+        lc = self.log_component(theta, units)
+        log_w = xp.log(theta["weights"] + xp.finfo(lc.dtype).tiny)
+        ll = xp.sum(z * (lc - log_w), -1)
+        lp = xp.sum(z * log_w, -1)
+        return ll, lp
+
+    def sample_prior(self, theta: dict[str, Any], key: Any, num_chains: int, units: Any = None) -> Any:
+        ops, xp = self.ops, self.ops.xp
+        n = self.num_units if units is None else len(units)
+        cdf = xp.cumsum(theta["weights"], 0)
+        u = ops.uniform(key, (num_chains, n, 1))
+        return _one_hot(ops, xp.sum(u > cdf[:-1], -1), self.K)
+
+    def unpack_latents(self, z: Any) -> dict[str, Any]:
+        return {"z": self.ops.xp.argmax(z, -1)}
+
+    def predict_labels(self, theta: dict[str, Any]) -> np.ndarray:
+        r, _ = self.responsibilities(theta)
+        return self.ops.to_numpy(self.ops.xp.argmax(r, 1))
+
+    # ----- Pyro model ------------------------------------------------------------------------------------
+    def pyro_model(self):
+        """An ordinary Pyro model function ``model(x)`` of this mixture (enumerated label ``z``).
+
+        Parameters ``weights``, ``locs``, ``covariances`` start at this model's initial values.
+        """
+        import pyro
+        import pyro.distributions as dist
+        import torch
+        from torch.distributions import constraints
+
+        init = {k: p.value for k, p in self.params.items()}
+        K, cov_type = self.K, self.covariance_type
+
+        def model(x):
+            weights = pyro.param("weights", lambda: init["weights"].clone(), constraint=constraints.simplex)
+            locs = pyro.param("locs", lambda: init["locs"].clone())
+            if cov_type == "full":
+                covs = pyro.param("covariances", lambda: init["covariances"].clone(),
+                                  constraint=constraints.positive_definite)
+            else:
+                covs = pyro.param("covariances", lambda: init["covariances"].clone(), constraint=constraints.positive)
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", dist.Categorical(weights), infer={"enumerate": "parallel"})
+                if cov_type == "full":
+                    pyro.sample("obs", dist.MultivariateNormal(locs[z], covariance_matrix=covs[z]), obs=x)
+                else:
+                    var = covs[z] if cov_type == "diag" else covs[z][..., None].expand(z.shape + (x.shape[-1],))
+                    pyro.sample("obs", dist.Normal(locs[z], torch.sqrt(var)).to_event(1), obs=x)
+            return z
+
+        del K
+        return model
+
+
+def _ops_for(x: Any) -> Ops:
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        return TorchOps(device=x.device, dtype=x.dtype if x.is_floating_point() else None)
+    if mod.startswith("jax"):
+        from latentfit.inference import ops_jax  # type: ignore[attr-defined]
+
+        return ops_jax.JaxOps()
+    import torch
+
+    return TorchOps(dtype=torch.float64)
+
+
+def _small_spd_inverse(xp: Any, A: Any, d: int) -> tuple[Any, Any, Any]:
+    """Batched inverse, log-determinant and smallest Cholesky pivot² of SPD ``A [K, d, d]`` (d small).
+
+    Unrolled Cholesky ``A = L Lᵀ``, ``M = L^{-1}``, ``A^{-1} = Mᵀ M``: O(d³) elementwise ops on [K].
+    A non-positive pivot (singular matrix) gives pivot ≤ 0 (and NaN entries) for the caller to report.
+    """
+    L = [[None] * d for _ in range(d)]
+    pivots = []
+    for j in range(d):
+        s = A[:, j, j]
+        for k in range(j):
+            s = s - L[j][k] * L[j][k]
+        pivots.append(s)
+        L[j][j] = xp.sqrt(xp.where(s > 0, s, float("nan")))
+        for i in range(j + 1, d):
+            t = A[:, i, j]
+            for k in range(j):
+                t = t - L[i][k] * L[j][k]
+            L[i][j] = t / L[j][j]
+    M = [[None] * d for _ in range(d)]
+    for i in range(d):
+        M[i][i] = 1.0 / L[i][i]
+        for j in range(i - 1, -1, -1):
+            t = L[i][j] * M[j][j]
+            for k in range(j + 1, i):
+                t = t + L[i][k] * M[k][j]
+            M[i][j] = -t / L[i][i]
+    rows = []
+    for a in range(d):
+        row = []
+        for b in range(d):
+            t = 0.0
+            for k in range(max(a, b), d):
+                t = t + M[k][a] * M[k][b]
+            row.append(t)
+        rows.append(xp.stack(row, -1))
+    prec = xp.stack(rows, -2)
+    logdet = 2.0 * sum(xp.log(L[j][j]) for j in range(d))
+    pivot = pivots[0]
+    for p in pivots[1:]:
+        pivot = xp.minimum(pivot, p)
+    return prec, logdet, pivot
+
+
+def _sqdist(xp: Any, a: Any, c: Any) -> Any:
+    return xp.sum(a * a, 1)[:, None] - 2 * a @ c.T + xp.sum(c * c, 1)[None, :]
+
+
+def _one_hot(ops: Ops, labels: Any, K: int) -> Any:
+    return (labels[..., None] == ops.arange(K)) * 1.0 + ops.zeros(tuple(labels.shape) + (K,))
+
+
+def _logsumexp(xp: Any, a: Any) -> Any:
+    m = xp.max(a, 1, keepdims=True)
+    return xp.log(xp.sum(xp.exp(a - m), 1)) + m[:, 0]
+
+
+__all__ = ["GaussianMixture"]
