@@ -16,10 +16,19 @@ from typing import Any
 
 import torch
 
+from latentfit.inference import em as _em
+from latentfit.inference import fiem as _fiem
 from latentfit.inference import fsaem as _fsaem
+from latentfit.inference import iem as _iem
+from latentfit.inference import mcem as _mcem
 from latentfit.inference import saem as _saem
+from latentfit.inference import sem as _sem
+from latentfit.inference import semvr as _semvr
+from latentfit.inference import ttsem as _ttsem
+from latentfit.inference.model import LatentModel
 from latentfit.inference.results import FitResult
 from latentfit.integrations.pyro import PyroLatentModel, write_params_to_store
+from latentfit.integrations.pyro_enum import PyroEnumModel, has_enumerated_latents
 
 
 class _PyroEngine:
@@ -64,4 +73,46 @@ class FSAEM(_PyroEngine):
     engine_cls = _fsaem.FSAEM
 
 
-__all__ = ["FSAEM", "SAEM"]
+class _EMFamilyEngine(_PyroEngine):
+    """Front door of the EM family: a Pyro model function (discrete latents: exact E-step by
+    enumeration) or a ready-made :class:`LatentModel` such as ``GaussianMixture``."""
+
+    def __init__(self, model: Any, *engine_args: Any, unit_plate: str | None = None, **engine_kwargs: Any) -> None:
+        if isinstance(model, LatentModel):
+            validate = getattr(self.engine_cls, "validate_options", None)
+            if validate is not None:
+                validate(*engine_args, **engine_kwargs)
+            self.model, self.unit_plate = model, unit_plate
+            self.engine_args, self.engine_kwargs = engine_args, engine_kwargs
+            return
+        super().__init__(model, *engine_args, unit_plate=unit_plate, **engine_kwargs)
+
+    def latent_model(self, *args: Any, **kwargs: Any) -> LatentModel:
+        if isinstance(self.model, LatentModel):
+            return self.model
+        if has_enumerated_latents(self.model, args, kwargs):
+            return PyroEnumModel(self.model, args, kwargs)
+        return PyroLatentModel(self.model, args, kwargs, unit_plate=self.unit_plate)
+
+    def run(self, *args: Any, **kwargs: Any) -> FitResult:
+        if isinstance(self.model, LatentModel):
+            return self.engine_cls(self.model, *self.engine_args, **self.engine_kwargs).run()
+        return super().run(*args, **kwargs)
+
+
+def _em_engine(cls: type) -> type:
+    return type(cls.__name__, (_EMFamilyEngine,), {"__doc__": cls.__doc__, "engine_cls": cls,
+                                                   "__module__": __name__})
+
+
+EM = _em_engine(_em.EM)
+MiniBatchEM = _em_engine(_iem.MiniBatchEM)
+IEM = _em_engine(_iem.IEM)
+SEM = _em_engine(_sem.SEM)
+SEMVR = _em_engine(_semvr.SEMVR)
+FIEM = _em_engine(_fiem.FIEM)
+MCEM = _em_engine(_mcem.MCEM)
+MiniBatchMCEM = _em_engine(_mcem.MiniBatchMCEM)
+TTSEM = _em_engine(_ttsem.TTSEM)
+
+__all__ = ["EM", "FIEM", "FSAEM", "IEM", "MCEM", "SAEM", "SEM", "SEMVR", "TTSEM", "MiniBatchEM", "MiniBatchMCEM"]
