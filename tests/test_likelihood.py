@@ -152,3 +152,55 @@ def test_linearisation_needs_gaussian_faces():
     with pytest.raises(ModelSpecificationError, match="Gaussian faces"):
         likelihood.log_likelihood_lin(model, model.init_params(), torch.zeros(4, 1))
     pyro.clear_param_store()
+
+
+def _np_marginal(v, t, y):
+    """Exact log p(y; θ) of the random-slope model, θ = (μ0, μ1, Ω00, Ω01, Ω11, σ) (numpy)."""
+    mu, cov, sigma = v[:2], np.array([[v[2], v[3]], [v[3], v[4]]]), v[5]
+    x = np.stack([np.ones_like(t), t], -1)
+    mean = x @ mu
+    vcov = x @ cov @ np.swapaxes(x, -1, -2) + sigma ** 2 * np.eye(t.shape[1])
+    r = y - mean
+    _, logdet = np.linalg.slogdet(vcov)
+    return float(np.sum(-0.5 * np.einsum("na,nab,nb->n", r, np.linalg.inv(vcov), r) - 0.5 * logdet
+                        - 0.5 * t.shape[1] * np.log(2 * np.pi)))
+
+
+def test_is_and_louis_on_both_backends(backend):
+    """IS log-likelihood and Louis SEs on the Pyro and the NumPyro adapter against numpy closed forms."""
+    rng = np.random.default_rng(1)
+    n, m = 15, 5
+    t = np.tile(np.linspace(0, 4, m), (n, 1))
+    b = rng.multivariate_normal([1.0, 0.5], [[0.5, 0.1], [0.1, 0.2]], size=n)
+    y = b[:, :1] + b[:, 1:] * t + rng.normal(0, 0.3, size=(n, m))
+    model = backend.latent_model(backend.models.random_slope, backend.tensor(t), backend.tensor(y))
+    # at the MLE (the observed information is only reparameterisation-invariant where the score vanishes)
+    from scipy.optimize import minimize
+
+    v0 = minimize(lambda v: -_np_marginal(v, t, y), np.array([0.8, 0.6, 0.6, 0.05, 0.15, 0.35]), method="BFGS",
+                  options={"gtol": 1e-9}).x
+    theta = {"mu": backend.tensor(v0[:2]), "cov": backend.tensor([[v0[2], v0[3]], [v0[3], v0[4]]]),
+             "sigma": backend.tensor(v0[5])}
+    # exact posterior of b_i (numpy)
+    x = np.stack([np.ones_like(t), t], -1)
+    p0 = np.linalg.inv([[v0[2], v0[3]], [v0[3], v0[4]]])
+    cov_post = np.linalg.inv(p0 + np.einsum("nta,ntb->nab", x, x) / v0[5] ** 2)
+    mean_post = np.einsum("nab,nb->na", cov_post, p0 @ v0[:2] + np.einsum("nta,nt->na", x, y) / v0[5] ** 2)
+    sd_post = np.sqrt(np.diagonal(cov_post, 0, -2, -1))
+    res = likelihood.log_likelihood_is(model, theta, mean_post, sd_post, num_samples=2000, batch_size=1000, seed=3)
+    exact = _np_marginal(v0, t, y)
+    assert abs(res.value - exact) < 4 * res.mc_se + 1e-3
+    # Louis' identity with exact posterior draws against the finite-difference observed information
+    draws = mean_post + np.einsum("nab,snb->sna", np.linalg.cholesky(cov_post), rng.normal(size=(2000, n, 2)))
+    rec = fisher.fim_louis(model, theta, draws, batch_size=2000)
+    h = 1e-4
+    hess = np.zeros((6, 6))
+    for i in range(6):
+        for j in range(6):
+            e_i, e_j = np.eye(6)[i] * h, np.eye(6)[j] * h
+            hess[i, j] = (_np_marginal(v0 + e_i + e_j, t, y) - _np_marginal(v0 + e_i - e_j, t, y)
+                          - _np_marginal(v0 - e_i + e_j, t, y) + _np_marginal(v0 - e_i - e_j, t, y)) / (4 * h * h)
+    se_exact = np.sqrt(np.diag(np.linalg.inv(-hess)))
+    se = rec.as_dict()
+    got = np.array([se["mu[0]"], se["mu[1]"], se["cov[0,0]"], se["cov[0,1]"], se["cov[1,1]"], se["sigma"]])
+    np.testing.assert_allclose(got, se_exact, rtol=0.1)

@@ -210,17 +210,19 @@ def fim_louis(model: LatentModel, theta: dict[str, Any], draws: Any, batch_size:
     hess = np.zeros((p, p))
     g_sum = np.zeros((n, p))
     gg_sum = np.zeros((n, p, p))
+    def complete(x: Any, zb: Any) -> Any:
+        return model.log_joint(pv.theta_of(x), zb)  # [S_b, n]
+
+    def derivatives(x: Any, zb: Any) -> tuple[Any, Any]:
+        hess_b = ops.hessian(lambda u: xp.sum(complete(u, zb)))(x)
+        return hess_b, forward_jacobian(ops, lambda u: complete(u, zb), x)
+
+    derivatives = ops.jit(derivatives)  # one compilation per batch shape on JAX
     for start in range(0, s_total, batch_size):
         zb = ops.asarray(z[start:start + batch_size])
-
-        def complete(x: Any, zb=zb) -> Any:
-            return model.log_joint(pv.theta_of(x), zb)  # [S_b, n]
-
-        def total(x: Any, zb=zb) -> Any:
-            return xp.sum(complete(x, zb))
-
-        hess += ops.to_numpy(ops.hessian(total)(pv.x0))
-        g = ops.to_numpy(forward_jacobian(ops, complete, pv.x0))  # [S_b, n, p]
+        hess_b, g = derivatives(pv.x0, zb)
+        hess += ops.to_numpy(hess_b)
+        g = ops.to_numpy(g)  # [S_b, n, p]
         g_sum += g.sum(0)
         gg_sum += np.einsum("snp,snq->npq", g, g)
     g_mean = g_sum / s_total

@@ -94,6 +94,15 @@ def log_likelihood_is(model: LatentModel, theta: dict[str, Any], cond_mean: Any,
     s = xp.where(s > 1e-8, s, 1e-8)
     log_s = xp.sum(xp.log(s), -1)
     nb = -(-num_samples // batch_size)
+
+    def _log_weights(t: Any) -> Any:
+        z = m + s * t
+        ll, lp = model.log_densities(theta, z, units)
+        log_q = xp.sum(student_t_log_pdf(t, float(df), xp), -1) - log_s
+        lw = ll + lp - log_q
+        return ops.stop_gradient(xp.where(lw == lw, lw, -xp.inf))
+
+    log_weights = ops.jit(_log_weights)  # compiled once per batch shape on JAX; eager on torch
     chunks = []
     with _seeded(ops, seed):
         key = ops.key(seed)
@@ -101,11 +110,7 @@ def log_likelihood_is(model: LatentModel, theta: dict[str, Any], cond_mean: Any,
         for b in range(nb):
             size = min(batch_size, num_samples - b * batch_size)
             t = student_t_draws(ops, keys[b], (size,) + tuple(m.shape), int(df))
-            z = m + s * t
-            ll, lp = model.log_densities(theta, z, units)
-            log_q = xp.sum(student_t_log_pdf(t, float(df), xp), -1) - log_s
-            lw = ll + lp - log_q
-            chunks.append(ops.stop_gradient(xp.where(lw == lw, lw, -xp.inf)))
+            chunks.append(log_weights(t))
     lw = xp.concatenate(chunks, 0)  # [S, n]
     mx = xp.amax(lw, 0)
     w = xp.exp(lw - mx)
