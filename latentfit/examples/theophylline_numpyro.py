@@ -65,13 +65,3 @@ def fit(seed: int = 0, progress: bool = True, num_iters=(300, 100), **options):
     data = theophylline_arrays()
     return SAEM(theophylline_model, num_iters=num_iters, progress=progress, **options).run(
         jax.random.PRNGKey(seed), **data)
-
-
-if __name__ == "__main__":
-    numpyro.enable_x64()  # float64, as the Pyro example; float32 lands in the same band
-    result = fit()
-    print(result.summary())
-    ops = result.model.ops
-    per_iter = (result.elapsed - result.init_time - ops.compile_time) / result.num_iterations
-    print(f"SAEM time: {result.elapsed:.2f} s (compile {ops.compile_time:.2f} s, "
-          f"{1000 * per_iter:.2f} ms/iteration)")

@@ -125,6 +125,27 @@ def _site_log_prob(site: dict) -> Any:
     return lp
 
 
+class _LazyJit:
+    """Call ``fn`` op by op for its first eager calls, then through ``jax.jit``.
+
+    Inside a traced engine step ``fn`` is simply inlined.  Eagerly, a handful of calls (tracing
+    checks, an engine's ``init``) are cheaper op by op than compiling a fresh closure per model;
+    repeated eager use (post-fit likelihoods, diagnostics) switches to the compiled function.
+    """
+
+    def __init__(self, fn: Any, eager_calls: int = 3) -> None:
+        self.fn = fn
+        self.jitted = jax.jit(fn)
+        self.eager_calls = eager_calls
+        self.calls = 0
+
+    def __call__(self, *args: Any) -> Any:
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(args)):
+            return self.fn(*args)
+        self.calls += 1
+        return self.fn(*args) if self.calls <= self.eager_calls else self.jitted(*args)
+
+
 class NumPyroLatentModel(LatentModel):
     """A NumPyro model function, traced once, seen through the :class:`LatentModel` contract."""
 
@@ -140,10 +161,10 @@ class NumPyroLatentModel(LatentModel):
         self.ops = JaxOps(dtype=self._dtype)
         self._find_sites(trace, unit_plate)
         self._check_observed(trace)
-        # compiled evaluations (vmapped over the flattened chain dims)
-        self._densities_all = jax.jit(jax.vmap(self._densities_one, in_axes=(None, 0)))
-        self._sample_all = jax.jit(jax.vmap(self._sample_one, in_axes=(None, 0)))
-        self._resid_all = jax.jit(jax.vmap(self._resid_one, in_axes=(None, 0)))
+        # evaluations vmapped over the flattened chain dims (compiled once called eagerly a few times)
+        self._densities_all = _LazyJit(jax.vmap(self._densities_one, in_axes=(None, 0)))
+        self._sample_all = _LazyJit(jax.vmap(self._sample_one, in_axes=(None, 0)))
+        self._resid_all = _LazyJit(jax.vmap(self._resid_one, in_axes=(None, 0)))
         self._gauss: list[_GaussianLatentPattern] = []
         self._resid: list[_ResidualPattern] = []
         self._check_initial_density()
@@ -374,11 +395,29 @@ class NumPyroLatentModel(LatentModel):
     def sample_prior(self, theta: dict[str, Any], key: Any, num_chains: int, units: Any = None) -> Any:
         if key is None:
             key = jax.random.PRNGKey(0)
+        if self._gauss and len(self._gauss) == len(self._layout):
+            return self._sample_gaussian_prior(theta, key, num_chains, units)
         keys = jax.random.split(key, num_chains)
         z = self._guard(self._sample_all, dict(theta), keys)
         if units is not None:
             z = jnp.take(z, jnp.asarray(units), axis=1)
         return z
+
+    def _sample_gaussian_prior(self, theta: dict[str, Any], key: Any, num_chains: int, units: Any) -> Any:
+        """All latents follow a recognised Gaussian pattern: draw ``μ + ω ε`` (or ``μ + Lε``) directly."""
+        n = self.num_units if units is None else len(units)
+        keys = jax.random.split(key, len(self._layout))
+        parts = []
+        for s, k in zip(self._layout, keys):
+            g = next(x for x in self._gauss if x.site == s.name)
+            mu = jnp.reshape(theta[g.loc], (-1,))
+            eps = jax.random.normal(k, (num_chains, n, s.size), dtype=self._dtype)
+            if g.kind == "normal":
+                parts.append(mu + jnp.reshape(theta[g.scale], (-1,)) * eps)
+            else:
+                tril = theta[g.scale] if g.kind == "mvn_tril" else jnp.linalg.cholesky(theta[g.scale])
+                parts.append(mu + eps @ tril.T)
+        return jnp.concatenate(parts, -1).astype(self._dtype)
 
     def unpack_latents(self, z: Any) -> dict[str, Any]:
         z = jnp.asarray(z)
@@ -470,7 +509,7 @@ class NumPyroLatentModel(LatentModel):
                 if loc and scale and loc != scale and self.params[loc].value.shape == self.params[scale].value.shape:
                     self._gauss.append(_GaussianLatentPattern(s.name, loc, scale, "normal"))
                     claimed[loc] = claimed[scale] = s.name
-            elif isinstance(fn, ndist.MultivariateNormal) and len(s.u_rest) == 1:
+            elif isinstance(fn, ndist.MultivariateNormal) and s.size == fn.event_shape[0]:
                 loc = is_param(lambda tr, s=s: _unwrap(tr[s.name]["fn"])[0].loc)
                 cov = is_param(lambda tr, s=s: _unwrap(tr[s.name]["fn"])[0].covariance_matrix)
                 kind = "mvn_cov"
@@ -510,9 +549,7 @@ class NumPyroLatentModel(LatentModel):
         z = jnp.asarray(z)
         out: dict[str, Any] = {}
         for g in self._gauss:
-            w = self._site_u(z, g.site)
-            if units is not None:
-                w = jnp.take(w, jnp.asarray(units), axis=-2)
+            w = self._site_u(z, g.site)  # z holds the units ``units`` already
             out[f"{g.site}.s1"] = w
             out[f"{g.site}.s2"] = w * w if g.kind == "normal" else w[..., :, None] * w[..., None, :]
         if self._resid:

@@ -1,0 +1,32 @@
+"""Plain NumPyro models shared by the tests: the twins of ``models_pyro.py`` (each written once per PPL)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+from numpyro.distributions import constraints
+
+
+def random_intercept(y: jnp.ndarray) -> None:
+    """y_ij = b_i + ε_ij, b_i ~ N(μ, ω²), ε ~ N(0, σ²); y is [N, T]."""
+    n, t = y.shape
+    mu = numpyro.param("mu", jnp.array(0.0, dtype=y.dtype))
+    omega = numpyro.param("omega", jnp.array(1.0, dtype=y.dtype), constraint=constraints.positive)
+    sigma = numpyro.param("sigma", jnp.array(1.0, dtype=y.dtype), constraint=constraints.positive)
+    with numpyro.plate("unit", n, dim=-2):
+        b = numpyro.sample("b", dist.Normal(mu, omega))
+        with numpyro.plate("obs", t, dim=-1):
+            numpyro.sample("y", dist.Normal(b, sigma), obs=y)
+
+
+def random_slope(t: jnp.ndarray, y: jnp.ndarray) -> None:
+    """y_ij = b_i0 + b_i1 t_ij + ε_ij, b_i ~ N(μ, Ω) (full 2×2 Ω), ε ~ N(0, σ²)."""
+    n, m = y.shape
+    mu = numpyro.param("mu", jnp.zeros(2, dtype=y.dtype))
+    cov = numpyro.param("cov", jnp.eye(2, dtype=y.dtype), constraint=constraints.positive_definite)
+    sigma = numpyro.param("sigma", jnp.array(1.0, dtype=y.dtype), constraint=constraints.positive)
+    with numpyro.plate("unit", n, dim=-2):
+        b = numpyro.sample("b", dist.MultivariateNormal(mu, covariance_matrix=cov))
+        with numpyro.plate("obs", m, dim=-1):
+            numpyro.sample("y", dist.Normal(b[..., 0] + b[..., 1] * t, sigma), obs=y)
