@@ -339,8 +339,10 @@ class StatEngine(Engine):
     def _batches(self, key: Any) -> Any:
         """``[m, b]`` unit indices: a permutation (or 0..n−1) cut in mini-batches, the last wrapping."""
         ops, xp, n = self.ops, self.ops.xp, self.model.num_units
-        order = ops.permutation(key, n) if self.shuffle else ops.arange(n)
         m, b = self.num_batches, self.batch_size
+        if m == 1 and b == n:  # full batch: the order is irrelevant
+            return xp.reshape(ops.arange(n), (1, n))
+        order = ops.permutation(key, n) if self.shuffle else ops.arange(n)
         if m * b == n:
             return xp.reshape(order, (m, b))
         pos = ops.arange(m * b) % n

@@ -1,0 +1,200 @@
+"""EM family (EM, MiniBatchEM, IEM, SEM, SEMVR, FIEM, MCEM, MiniBatchMCEM, TTSEM) on small mixtures.
+
+Reference: exact EM run to convergence (its fixed point θ*).  Exact incremental / variance-reduced
+engines must reach θ* to 1e-8; decreasing-step online EM to 1e-3; Monte-Carlo engines within MC error
+(2e-2 on n = 400 points with 10–50 draws per visit; the MC error of the means is ≈ 1e-3 here).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch.distributions import constraints
+
+from latentfit import ModelSpecificationError
+from latentfit.inference.em import EM
+from latentfit.inference.fiem import FIEM
+from latentfit.inference.iem import IEM, MiniBatchEM
+from latentfit.inference.mcem import MCEM, MiniBatchMCEM
+from latentfit.inference.sem import SEM
+from latentfit.inference.semvr import SEMVR
+from latentfit.inference.ttsem import TTSEM
+from latentfit.models.mixture import GaussianMixture
+
+CENTRES = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small problems: BLAS threads only add spin-wait overhead on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _data(n: int = 400, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    lab = rng.integers(0, 3, n)
+    return torch.tensor(rng.normal(size=(n, 2)) * 0.6 + CENTRES[lab], dtype=dtype)
+
+
+def _gm(x, cov="diag", **kw) -> GaussianMixture:
+    return GaussianMixture(x, 3, cov, seed=1, **kw)
+
+
+@pytest.fixture(scope="module")
+def data_and_star():
+    x = _data()
+    star = EM(_gm(x), num_epochs=400, progress=False).run().params
+    return x, star
+
+
+def _err(params, star) -> float:
+    return max(float(np.abs(params[k] - star[k]).max()) for k in star)
+
+
+@pytest.mark.parametrize("engine, kwargs, tol", [
+    (IEM, dict(num_epochs=25, batch_size=2), 1e-8),
+    (MiniBatchEM, dict(num_epochs=60), 1e-8),
+    (FIEM, dict(num_epochs=60, batch_size=8), 1e-8),
+    (SEMVR, dict(num_epochs=60, batch_size=8), 1e-8),
+    (SEM, dict(num_epochs=40, batch_size=8), 1e-3),
+])
+def test_exact_engines_reach_em_fixed_point(data_and_star, engine, kwargs, tol):
+    x, star = data_and_star
+    fit = engine(_gm(x), seed=0, progress=False, **kwargs).run()
+    assert _err(fit.params, star) < tol
+    assert fit.history["theta.locs"].shape[0] == kwargs["num_epochs"]  # history counts epochs
+
+
+@pytest.mark.parametrize("engine, kwargs", [
+    (MCEM, dict(num_epochs=40, num_samples=50)),
+    (MiniBatchMCEM, dict(num_epochs=40, num_samples=20)),
+    (TTSEM, dict(num_epochs=20, variant="fi", batch_size=8)),
+    (TTSEM, dict(num_epochs=20, variant="vr", batch_size=8)),
+    (TTSEM, dict(num_epochs=20, variant="isaem", batch_size=8)),
+    (TTSEM, dict(num_epochs=60, variant="saem")),
+])
+def test_monte_carlo_engines_reach_em_fixed_point_within_mc_error(data_and_star, engine, kwargs):
+    x, star = data_and_star
+    fit = engine(_gm(x), seed=0, progress=False, **kwargs).run()
+    assert np.all(np.isfinite(fit.params["locs"]))
+    assert _err(fit.params, star) < 2e-2
+
+
+@pytest.mark.parametrize("engine", [MiniBatchEM, IEM, FIEM, SEMVR])
+def test_full_batch_pass_equals_em_iterations(engine):
+    """b = n: the incremental table / control variates reduce to the EM update (ρ = (n/b)^(−2/3) = 1)."""
+    x = _data(150)
+    em = EM(_gm(x, "full"), num_epochs=3, progress=False).run()
+    fit = engine(_gm(x, "full"), num_epochs=3, batch_size=150, progress=False).run()
+    for k in ("weights", "locs", "covariances"):
+        np.testing.assert_allclose(fit.history[f"theta.{k}"], em.history[f"theta.{k}"], rtol=0, atol=1e-12)
+
+
+def test_iem_one_pass_in_fixed_order_matches_sequential_em_updates():
+    """iEM (b = 1, sequential order) = Neal–Hinton: after visiting unit i the statistic is
+    Σ_{j≤i} s̄_j(θ^{j−1}) + Σ_{j>i} s̄_j(θ⁰); replayed here by hand with the model's own E/M maps."""
+    x = _data(30)
+    gm = _gm(x)
+    fit = IEM(gm, num_epochs=1, batch_size=1, shuffle=False, trace_params=["locs"], progress=False).run()
+    theta = gm.init_params()
+    table = gm.expected_stats(theta)["s"].clone()
+    for i in range(30):
+        table[i] = gm.expected_stats(theta, torch.tensor([i]))["s"][0]
+        theta = dict(theta, **gm.m_step({"s": table.sum(0)}, theta, 30))
+        np.testing.assert_allclose(fit.history["inner.locs"][0, i], theta["locs"].numpy(), atol=1e-12)
+
+
+def test_em_log_likelihood_never_decreases():
+    x = _data(300, seed=3)
+    gm = _gm(x, "full")
+    fit = EM(gm, num_epochs=60, progress=False).run()
+    ll = fit.history["objective"]
+    assert np.all(np.diff(ll) >= -1e-9 * np.abs(ll[:-1]))
+    assert ll[-1] > ll[0]
+    # the objective is the exact marginal log-likelihood at the θ of that E-step
+    theta = {k: torch.as_tensor(v[-2]) for k, v in
+             ((n[len("theta."):], fit.history[n]) for n in fit.history if n.startswith("theta."))}
+    assert abs(float(gm.marginal_log_lik(theta).sum()) - ll[-1]) < 1e-8
+
+
+def test_tables_and_snapshots_follow_data_dtype_and_device():
+    x = _data(120, dtype=torch.float32)
+    for engine in (FIEM, SEMVR, MiniBatchEM):
+        eng = engine(_gm(x), num_epochs=2, batch_size=10, progress=False)
+        fit = eng.run()
+        tables = [v for key in ("table", "snap_table") if key in fit.state for v in fit.state[key].values()]
+        assert tables
+        for t in tables + list(fit.state["s_tilde"].values()):
+            assert t.dtype == torch.float32 and t.device == x.device
+            assert t.shape[0] in (120, 3)
+        assert fit.params["locs"].dtype == np.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_tables_on_gpu():
+    x = _data(200).cuda()
+    fit = FIEM(_gm(x), num_epochs=3, batch_size=20, progress=False).run()
+    assert fit.state["table"]["s"].device.type == "cuda"
+    assert fit.state["theta"]["locs"].device.type == "cuda"
+
+
+def test_inner_trace_records_every_iteration():
+    x = _data(100)
+    fit = FIEM(_gm(x), num_epochs=3, batch_size=10, trace_params=["locs"], progress=False).run()
+    assert fit.history["inner.locs"].shape == (3, 10, 3, 2)
+    np.testing.assert_allclose(fit.history["inner.locs"][:, -1], fit.history["theta.locs"])
+
+
+def test_bad_options_give_clear_errors():
+    x = _data(50)
+    with pytest.raises(ValueError, match="batch_size=60 exceeds"):
+        FIEM(_gm(x), batch_size=60)
+    with pytest.raises(ValueError, match="num_epochs"):
+        IEM(_gm(x), num_epochs=0)
+    with pytest.raises(ValueError, match="variant"):
+        TTSEM(_gm(x), variant="fast")
+    with pytest.raises(ValueError, match="full-batch"):
+        EM(_gm(x), batch_size=10)
+    with pytest.raises(ValueError, match="trace_params"):
+        FIEM(_gm(x), trace_params=["mu"])
+    with pytest.raises(ValueError, match="constant step"):
+        FIEM(_gm(x), rho=2.0)
+
+
+def _random_effects_model(y):
+    mu = pyro.param("mu", torch.tensor(0.0))
+    omega = pyro.param("omega", torch.tensor(1.0), constraint=constraints.positive)
+    sigma = pyro.param("sigma", torch.tensor(1.0), constraint=constraints.positive)
+    with pyro.plate("units", y.shape[0], dim=-2):
+        z = pyro.sample("z", dist.Normal(mu, omega))
+        with pyro.plate("obs", y.shape[1], dim=-1):
+            pyro.sample("y", dist.Normal(z, sigma), obs=y)
+
+
+def test_exact_engines_refuse_continuous_latents_and_mc_engines_fit_them():
+    """Balanced one-way random-effects model: MLE in closed form (μ̂ = ȳ, σ̂² = within MS,
+    ω̂² = between variance − σ̂²/T); MCEM through the batched MH chains lands within MC error."""
+    from latentfit.pyro import EM as PyroEM
+    from latentfit.pyro import MCEM as PyroMCEM
+
+    torch.manual_seed(0)
+    n, T = 60, 6
+    z = 1.0 + 0.8 * torch.randn(n, 1)
+    y = z + 0.5 * torch.randn(n, T)
+    pyro.clear_param_store()
+    with pytest.raises(ModelSpecificationError, match="exact E-step"):
+        PyroEM(_random_effects_model, num_epochs=5, progress=False).run(y)
+    pyro.clear_param_store()
+    fit = PyroMCEM(_random_effects_model, num_epochs=60, num_samples=20, mcmc_steps=2, progress=False).run(y)
+    ybar = y.mean(1)
+    sigma2 = float(((y - ybar[:, None]) ** 2).sum() / (n * (T - 1)))
+    omega2 = float(ybar.var(unbiased=False)) - sigma2 / T
+    assert abs(float(fit.params["mu"]) - float(y.mean())) < 0.05
+    assert abs(float(fit.params["sigma"]) ** 2 - sigma2) < 0.05
+    assert abs(float(fit.params["omega"]) ** 2 - omega2) < 0.1

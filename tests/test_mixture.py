@@ -1,0 +1,206 @@
+"""GaussianMixture: agreement with scikit-learn's EM, the Pyro-enumeration route, bad inputs, collapse."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from scipy.stats import multivariate_normal
+from torch.distributions import constraints
+
+from latentfit import DataError, ModelSpecificationError
+from latentfit.inference.em import EM
+from latentfit.inference.fiem import FIEM
+from latentfit.integrations.pyro_enum import PyroEnumModel
+from latentfit.models.mixture import GaussianMixture
+
+TRUE_LOCS = np.array([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+TRUE_W = np.array([0.5, 0.3, 0.2])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small problems: BLAS threads only add spin-wait overhead on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _simulate(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lab = rng.choice(3, n, p=TRUE_W)
+    cov = np.array([[[1.0, 0.5], [0.5, 1.0]], [[0.5, 0.0], [0.0, 0.3]], [[0.4, -0.2], [-0.2, 0.6]]])
+    x = np.stack([rng.multivariate_normal(TRUE_LOCS[k], cov[k]) for k in lab])
+    return x, lab
+
+
+def _sorted(params):
+    order = np.lexsort((params["locs"][:, 1], params["locs"][:, 0]))
+    return {k: v[order] for k, v in params.items()}
+
+
+def test_parameter_recovery_on_simulated_data():
+    x, _ = _simulate(3000)
+    fit = EM(GaussianMixture(x, 3, "full", seed=0), num_epochs=200, progress=False).run()
+    p = _sorted(fit.params)
+    np.testing.assert_allclose(p["locs"], TRUE_LOCS[[0, 2, 1]], atol=0.1)
+    np.testing.assert_allclose(p["weights"], TRUE_W[[0, 2, 1]], atol=0.03)
+
+
+@pytest.mark.parametrize("cov", ["full", "diag", "spherical"])
+def test_em_matches_sklearn_from_the_same_start(cov):
+    from sklearn.mixture import GaussianMixture as SkGMM
+
+    x, _ = _simulate(600, seed=1)
+    gm = GaussianMixture(x, 3, cov, seed=0, reg_covar=1e-6)
+    init = {k: p.value.numpy() for k, p in gm.params.items()}
+    prec = np.linalg.inv(init["covariances"]) if cov == "full" else 1.0 / init["covariances"]
+    sk = SkGMM(3, covariance_type=cov, tol=1e-12, max_iter=300, reg_covar=1e-6, weights_init=init["weights"],
+               means_init=init["locs"], precisions_init=prec).fit(x)
+    fit = EM(gm, num_epochs=300, progress=False).run()
+    np.testing.assert_allclose(fit.params["locs"], sk.means_, atol=1e-6)
+    np.testing.assert_allclose(fit.params["weights"], sk.weights_, atol=1e-6)
+    np.testing.assert_allclose(fit.params["covariances"], sk.covariances_, atol=1e-6)
+    assert abs(fit.history["objective"][-1] / len(x) - sk.score(x)) < 1e-8
+
+
+def test_marginal_log_lik_is_exact():
+    x, _ = _simulate(50, seed=2)
+    gm = GaussianMixture(x, 3, "full", seed=0)
+    th = gm.init_params()
+    dens = sum(float(th["weights"][k]) * multivariate_normal(th["locs"][k].numpy(), th["covariances"][k].numpy()).pdf(x)
+               for k in range(3))
+    np.testing.assert_allclose(gm.marginal_log_lik(th).numpy(), np.log(dens), rtol=1e-10)
+    assert gm.has_exact_marginal
+
+
+def _plain_pyro_mixture(init, cov):
+    def model(x):
+        w = pyro.param("w", init["weights"].clone(), constraint=constraints.simplex)
+        mu = pyro.param("mu", init["locs"].clone())
+        if cov == "full":
+            c = pyro.param("sigma", init["covariances"].clone(), constraint=constraints.positive_definite)
+        else:
+            c = pyro.param("scale", init["covariances"].sqrt().clone(), constraint=constraints.positive)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+            if cov == "full":
+                pyro.sample("obs", dist.MultivariateNormal(mu[z], covariance_matrix=c[z]), obs=x)
+            else:
+                pyro.sample("obs", dist.Normal(mu[z], c[z]).to_event(1), obs=x)
+
+    return model
+
+
+@pytest.mark.parametrize("cov", ["full", "diag"])
+def test_plain_pyro_mixture_with_enumeration_gives_gaussianmixture_estimates(cov):
+    from latentfit.pyro import EM as PyroEM
+    from latentfit.pyro import FIEM as PyroFIEM
+
+    x = torch.tensor(_simulate(200, seed=3)[0])
+    gm = GaussianMixture(x, 3, cov, seed=0)
+    init = {k: p.value.clone() for k, p in gm.params.items()}
+    model = _plain_pyro_mixture(init, cov)
+    pyro.clear_param_store()
+    enum = PyroEnumModel(model, (x,))
+    th_user = enum.init_params()
+    np.testing.assert_allclose(enum.marginal_log_lik(th_user).numpy(), gm.marginal_log_lik(gm.init_params()).numpy(),
+                               rtol=1e-10)
+    r_enum, _ = enum.responsibilities(th_user)
+    r_gm, _ = gm.responsibilities(gm.init_params())
+    np.testing.assert_allclose(r_enum.numpy(), r_gm.numpy(), atol=1e-12)
+    ref = EM(gm, num_epochs=60, progress=False).run().params
+    pyro.clear_param_store()
+    fit = PyroEM(model, num_epochs=60, progress=False).run(x)
+    c = "sigma" if cov == "full" else "scale"
+    got = fit.params[c] if cov == "full" else fit.params[c] ** 2
+    np.testing.assert_allclose(fit.params["mu"], ref["locs"], atol=1e-10)
+    np.testing.assert_allclose(got, ref["covariances"], atol=1e-10)
+    np.testing.assert_allclose(pyro.param("mu").detach().numpy(), ref["locs"], atol=1e-10)  # written back
+    pyro.clear_param_store()
+    fit = PyroFIEM(model, num_epochs=40, batch_size=20, progress=False).run(x)
+    np.testing.assert_allclose(fit.params["mu"], EM(GaussianMixture(x, 3, cov, seed=0), num_epochs=400,
+                                                    progress=False).run().params["locs"], atol=1e-7)
+
+
+def test_pyro_model_of_the_family_round_trips():
+    x = torch.tensor(_simulate(100, seed=4)[0])
+    gm = GaussianMixture(x, 3, "spherical", seed=0)
+    pyro.clear_param_store()
+    enum = PyroEnumModel(gm.pyro_model(), (x,))
+    np.testing.assert_allclose(enum.marginal_log_lik(enum.init_params()).numpy(),
+                               gm.marginal_log_lik(gm.init_params()).numpy(), rtol=1e-10)
+
+
+def test_fixed_parameters_stay_fixed_and_means_only_model_is_exact():
+    rng = np.random.default_rng(5)
+    lab = rng.choice(2, 500, p=[0.2, 0.8])
+    x = rng.normal(size=500) + np.where(lab == 0, -0.5, 0.5)
+    gm = GaussianMixture(x, 2, "spherical", weights=[0.2, 0.8], locs=[-1.0, 1.0], covariances=[1.0, 1.0],
+                         fixed=("weights", "covariances"), reg_covar=0.0)
+    fit = EM(gm, num_epochs=300, progress=False).run()
+    np.testing.assert_allclose(fit.params["weights"], [0.2, 0.8])
+    np.testing.assert_allclose(fit.params["covariances"], [1.0, 1.0])
+    r, _ = gm.responsibilities(fit.state["theta"])
+    mu = (r.T @ torch.tensor(x)[:, None]).squeeze(1) / r.sum(0)  # fixed point μ_k = Σ r_ik x_i / Σ r_ik
+    np.testing.assert_allclose(fit.params["locs"][:, 0], mu.numpy(), atol=1e-6)
+
+
+def test_posterior_draws_follow_responsibilities():
+    x, _ = _simulate(20, seed=6)
+    gm = GaussianMixture(x, 3, "diag", seed=0)
+    th = gm.init_params()
+    torch.manual_seed(0)
+    z = gm.sample_posterior(th, None, 4000)
+    r, _ = gm.responsibilities(th)
+    assert z.shape == (4000, 20, 3)
+    np.testing.assert_allclose(z.mean(0).numpy(), r.numpy(), atol=0.03)
+
+
+def test_bad_inputs_give_clear_errors():
+    x, _ = _simulate(10)
+    with pytest.raises(DataError, match="empty"):
+        GaussianMixture(np.zeros((0, 2)), 2)
+    with pytest.raises(DataError, match="exceeds the number of data points"):
+        GaussianMixture(x, 11)
+    with pytest.raises(DataError, match="NaN"):
+        GaussianMixture(np.array([[0.0, np.nan], [1.0, 2.0]]), 1)
+    with pytest.raises(ModelSpecificationError, match="singular"):
+        GaussianMixture(x, 2, "full", covariances=np.zeros((2, 2, 2)))
+    with pytest.raises(ModelSpecificationError, match="singular"):
+        GaussianMixture(x, 2, "diag", covariances=np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="covariance_type"):
+        GaussianMixture(x, 2, "tied")
+    with pytest.raises(ValueError, match="probability vector"):
+        GaussianMixture(x, 2, weights=[0.7, 0.7])
+
+
+def test_singular_covariance_during_fit_is_reported():
+    """Data on a line, no covariance floor: the full covariance becomes singular -> clear error."""
+    t = np.linspace(0, 1, 40)
+    x = np.stack([t, 2 * t], 1)
+    gm = GaussianMixture(x, 1, "full", reg_covar=0.0, covariances=np.eye(2)[None])
+    with pytest.raises(ModelSpecificationError, match="singular"):
+        EM(gm, num_epochs=3, progress=False).run()
+
+
+def test_collapsing_component_warns_and_never_gives_nan():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(200, 2))
+    far = np.array([[0.0, 0.0], [0.5, 0.0], [60.0, 60.0]])
+    gm = GaussianMixture(x, 3, "full", locs=far, covariances=np.stack([np.eye(2)] * 3), weights=[0.4, 0.4, 0.2])
+    with pytest.warns(RuntimeWarning, match="collapsed"):
+        fit = EM(gm, num_epochs=30, progress=False).run()
+    for v in fit.params.values():
+        assert np.all(np.isfinite(v))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reg = GaussianMixture(x, 3, "full", locs=far, covariances=np.stack([np.eye(2)] * 3),
+                              weights=[0.4, 0.4, 0.2], regularize=True)
+        fit = FIEM(reg, num_epochs=10, batch_size=20, progress=False).run()
+    assert np.all(np.isfinite(fit.params["covariances"])) and fit.params["weights"].min() > 0
