@@ -204,3 +204,23 @@ def test_is_and_louis_on_both_backends(backend):
     se = rec.as_dict()
     got = np.array([se["mu[0]"], se["mu[1]"], se["cov[0,0]"], se["cov[0,1]"], se["cov[1,1]"], se["sigma"]])
     np.testing.assert_allclose(got, se_exact, rtol=0.1)
+
+
+def test_exact_marginal_is_the_default_for_mixtures():
+    """GaussianMixture (has_exact_marginal): log_likelihood() is Σ_i log Σ_k ω_k N(x_i; μ_k, Σ_k), AIC/BIC count
+    K − 1 weights, K·d means and K·d(d+1)/2 covariance entries."""
+    from scipy.stats import multivariate_normal
+
+    from latentfit.inference.em import EM
+    from latentfit.models.mixture import GaussianMixture
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+    x = rng.normal(size=(300, 2)) * 0.6 + centres[rng.integers(0, 3, 300)]
+    fit = EM(GaussianMixture(torch.tensor(x), 3, "full", seed=1), num_epochs=50, progress=False).run()
+    p = fit.params
+    dens = sum(p["weights"][k] * multivariate_normal(p["locs"][k], p["covariances"][k]).pdf(x) for k in range(3))
+    assert fit.log_likelihood() == pytest.approx(np.log(dens).sum(), abs=1e-8)
+    assert fit.log_likelihoods["exact"].per_unit.shape == (300,)
+    assert fit.num_params == 2 + 6 + 9
+    assert fit.bic == pytest.approx(-2 * fit.log_likelihood() + 17 * np.log(300))

@@ -51,6 +51,8 @@ class IndividualEstimates:
     def shrinkage_frame(self):
         import pandas as pd
 
+        if self.shrinkage_mode is None:
+            raise ValueError("shrinkage needs the model's Gaussian prior face (prior_moments); this model has none")
         return pd.DataFrame({"shrinkage_mode%": 100 * np.asarray(self.shrinkage_mode),
                              "shrinkage_mean%": 100 * np.asarray(self.shrinkage_mean)}, index=self.labels)
 

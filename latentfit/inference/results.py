@@ -144,25 +144,16 @@ class FitResult:
 
     @property
     def num_params(self) -> int:
-        """Number of estimated scalar parameters (free entries of symmetric / triangular matrices only)."""
+        """Number of estimated scalar parameters (AIC/BIC): fixed parameters excluded, a simplex of K weights
+        counts K − 1, a symmetric or triangular k×k matrix k(k+1)/2 (a Cholesky factor of a correlation
+        k(k−1)/2).  A model may override this with a ``num_free_params`` attribute."""
         override = getattr(self.model, "num_free_params", None)
         if override is not None:
             return int(override() if callable(override) else override)
         count = 0
         for name, info in self.model.params.items():
-            if info.fixed:
-                continue
-            shape = np.shape(self.params[name])
-            size = int(np.prod(shape)) if shape else 1
-            cname = type(info.meta.get("constraint", None)).__name__.lower()
-            if len(shape) >= 2 and shape[-1] == shape[-2]:
-                k = shape[-1]
-                batch = size // (k * k)
-                if any(w in cname for w in ("positivedefinite", "lowercholesky", "symmetric", "positivesemidefinite")):
-                    size = batch * k * (k + 1) // 2
-                elif "corrcholesky" in cname:
-                    size = batch * k * (k - 1) // 2
-            count += size
+            if not info.fixed:
+                count += _free_size(np.asarray(self.params[name]), info.meta.get("constraint", None))
         return count
 
     @property
@@ -324,3 +315,21 @@ class FitResult:
     def __repr__(self) -> str:
         est = ", ".join(f"{n}={v:.4g}" for n, v in self.param_table()[:8])
         return f"FitResult({self.engine.name}, {self.num_iterations} iterations, {est})"
+
+
+def _free_size(value: np.ndarray, constraint: Any) -> int:
+    """Free scalar entries of one parameter (see :attr:`FitResult.num_params`)."""
+    cname = (constraint if isinstance(constraint, str) else type(constraint).__name__).lower()
+    size = int(value.size)
+    if "simplex" in cname and value.ndim >= 1:
+        return size - size // value.shape[-1]
+    if value.ndim >= 2 and value.shape[-1] == value.shape[-2] and value.shape[-1] > 1:
+        k = value.shape[-1]
+        batch = size // (k * k)
+        if "corr" in cname:
+            return batch * k * (k - 1) // 2
+        symmetric = np.allclose(value, np.swapaxes(value, -1, -2))
+        lower = np.allclose(np.triu(value, 1), 0.0)
+        if symmetric or lower or any(w in cname for w in ("definite", "cholesky", "symmetric")):
+            return batch * k * (k + 1) // 2
+    return size
