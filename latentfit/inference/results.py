@@ -22,6 +22,15 @@ class FitResult:
     latents : dict of numpy arrays
         Draws of the latent sites over the last iterations, ``[chain, draw, unit, *site_shape]``
         (constrained space).
+
+    After the fit (any model fitted by SAEM, plain Pyro / NumPyro models included):
+    :meth:`log_likelihood` (``"is"`` | ``"lin"`` | ``"exact"``), :attr:`minus_two_ll`, :attr:`aic`,
+    :attr:`bic`; :meth:`standard_errors` / :meth:`covariance` (``"lin"`` | ``"sa"``), :meth:`summary`
+    (estimate, SE, RSE%); :meth:`individual_estimates` (conditional modes, means, sds, shrinkage);
+    :meth:`residuals` (PRED, IPRED, IWRES, PWRES, NPDE), :meth:`vpc`; plots ``plot_convergence``,
+    ``plot_observations_vs_predictions``, ``plot_residuals``, ``plot_individual_fits``, ``plot_vpc``.
+    Linearisation and residual diagnostics need the model's Gaussian faces (``has_gaussian_obs`` /
+    ``has_gaussian_prior``).
     """
 
     engine: Any
