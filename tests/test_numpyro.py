@@ -128,6 +128,17 @@ def test_adapter_matches_pyro_adapter(case):
     m_j = nm.m_step({n: jnp.asarray(v.numpy()) for n, v in s.items()}, theta_j, nm.num_units)
     for name in m_t:
         np.testing.assert_allclose(np.asarray(m_j[name]), m_t[name].numpy(), rtol=1e-9, atol=1e-12)
+    # Gaussian faces (f-SAEM's Gauss-Newton proposal, linearisation likelihood / Fisher information)
+    assert (nm.has_gaussian_obs, nm.has_gaussian_prior) == (pm.has_gaussian_obs, pm.has_gaussian_prior) == (True, True)
+    for sel in (None, units):
+        zs = z if sel is None else z[:, sel]
+        jsel = None if sel is None else jnp.asarray(sel)
+        for a, b in zip(nm.predict(theta_j, jnp.asarray(zs), jsel), pm.predict(theta_t, torch.tensor(zs), sel)):
+            np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=1e-10, atol=1e-12)
+        for a, b in zip(nm.observations(jsel), pm.observations(sel)):
+            np.testing.assert_array_equal(np.asarray(a), b.numpy())
+        for a, b in zip(nm.prior_moments(theta_j, jsel), pm.prior_moments(theta_t, sel)):
+            np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=1e-10, atol=1e-12)
     # constrained latents
     for name, v in nm.unpack_latents(jnp.asarray(z)).items():
         np.testing.assert_allclose(np.asarray(v), pm.unpack_latents(torch.tensor(z))[name].numpy(), rtol=1e-12)

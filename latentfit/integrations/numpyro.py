@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as ndist
-from numpyro import handlers
+from numpyro import handlers, validation_enabled
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import ExpTransform, biject_to
 
@@ -171,11 +171,13 @@ class NumPyroLatentModel(LatentModel):
         if closed_form:
             self._recognise_patterns()
         self.has_stats = bool(self._gauss or self._resid)
+        self._recognise_gaussian_faces()
 
     # ----- tracing ------------------------------------------------------------------------------------
     def _trace_model(self) -> Any:
         try:
-            return handlers.trace(handlers.seed(self.fn, rng_seed=0)).get_trace(*self.args, **self.kwargs)
+            with validation_enabled(False):  # NaN densities are reported by site below
+                return handlers.trace(handlers.seed(self.fn, rng_seed=0)).get_trace(*self.args, **self.kwargs)
         except Exception as exc:  # the model itself failed: say so, keep the original as cause
             raise ModelSpecificationError(
                 f"running the model with the given arguments failed: {type(exc).__name__}: {exc}") from exc
@@ -312,7 +314,8 @@ class NumPyroLatentModel(LatentModel):
 
     def _run(self, theta: dict[str, Any], values: dict[str, Any]) -> Any:
         model = handlers.substitute(handlers.condition(self.fn, data=values), data=dict(theta))
-        return handlers.trace(handlers.seed(model, rng_seed=0)).get_trace(*self.args, **self.kwargs)
+        with validation_enabled(False):  # NaN densities are rejected by MH / reported by site
+            return handlers.trace(handlers.seed(model, rng_seed=0)).get_trace(*self.args, **self.kwargs)
 
     def _per_unit(self, x: Any, shape: tuple[int, ...] | None = None) -> Any:
         """Sum an array over every dim but the unit dim -> ``[N]``."""
@@ -338,7 +341,8 @@ class NumPyroLatentModel(LatentModel):
 
     def _sample_one(self, theta: dict[str, Any], key: Any) -> Any:
         model = handlers.substitute(self.fn, data=dict(theta))
-        tr = handlers.trace(handlers.seed(model, rng_seed=key)).get_trace(*self.args, **self.kwargs)
+        with validation_enabled(False):
+            tr = handlers.trace(handlers.seed(model, rng_seed=key)).get_trace(*self.args, **self.kwargs)
         parts = []
         for s in self._layout:
             x = jnp.broadcast_to(tr[s.name]["value"], s.batch_shape + s.event_shape)
@@ -583,6 +587,144 @@ class NumPyroLatentModel(LatentModel):
             sd = jnp.sqrt(jnp.clip(rss / jnp.clip(cnt, 1.0), 1e-24))
             out[r.scale] = sd.reshape(self.params[r.scale].value.shape)
         return out
+
+
+    # ----- Gaussian faces (predict / observations / prior_moments) ---------------------------------
+    # As in the Pyro adapter: every observed site Normal (the traced distribution gives mean and sd),
+    # every latent site Normal / LogNormal / MultivariateNormal with arguments free of other latents.
+    def _recognise_gaussian_faces(self) -> None:
+        z = self.sample_prior(self.init_params(), jax.random.PRNGKey(2), 1)[0]
+        values, _ = self._split_one(z)
+        tr = self._run(self.init_params(), values)
+        self.has_gaussian_obs = bool(self.observed_names) and all(
+            isinstance(_unwrap(tr[n]["fn"])[0], ndist.Normal) and len(tr[n]["fn"].event_shape) <= 1
+            for n in self.observed_names)
+        self.has_gaussian_prior = self._gaussian_prior_ok(tr, z)
+        if self.has_gaussian_obs:
+            self._obs_values, self._obs_mask = self._observed_arrays(tr)
+        self._predict_all = _LazyJit(jax.vmap(self._predict_one, in_axes=(None, 0)))
+
+    def _prior_args(self, tr: Any) -> list[Any]:
+        args = []
+        for s in self._layout:
+            fn = _unwrap(tr[s.name]["fn"])[0]
+            if isinstance(fn, ndist.MultivariateNormal):
+                args += [fn.loc, fn.scale_tril]
+            else:
+                base = _normal_base(fn)
+                args += [base.loc, base.scale]
+        return args
+
+    def _gaussian_prior_ok(self, tr: Any, z: Any) -> bool:
+        for s in self._layout:
+            fn = _unwrap(tr[s.name]["fn"])[0]
+            if isinstance(fn, ndist.MultivariateNormal):
+                if int(np.prod(s.batch_shape)) // self.num_units != 1:
+                    return False
+            elif not (isinstance(fn, ndist.Normal) or _is_lognormal(fn)):
+                return False
+
+        def total(zz):
+            values, _ = self._split_one(zz)
+            return sum(jnp.sum(a) for a in self._prior_args(self._run(self.init_params(), values)))
+
+        g = jax.grad(total)(z)  # hierarchical latents: the prior of z_i is not Gaussian
+        return not bool(jnp.any(g != 0))
+
+    def _obs_flat(self, x: Any, event_dim: int) -> Any:
+        """``[*pad, *batch, *event]`` -> ``[N, T_site]`` (unit dim first, the rest flattened)."""
+        full = self.max_plate_nesting + event_dim
+        x = jnp.reshape(x, (1,) * (full - x.ndim) + tuple(x.shape))
+        x = jnp.moveaxis(x, self.max_plate_nesting + self.unit_dim, 0)
+        return jnp.reshape(x, (self.num_units, -1))
+
+    def _observed_arrays(self, tr: Any) -> tuple[Any, Any]:
+        vals, masks = [], []
+        for name in self.observed_names:
+            site = tr[name]
+            fn = _unwrap(site["fn"])[0]
+            ev = len(site["fn"].event_shape)
+            shape = jnp.broadcast_shapes(jnp.shape(site["value"]), jnp.shape(fn.loc), jnp.shape(fn.scale))
+            value = jnp.broadcast_to(site["value"], shape)
+            m = jnp.ones(shape, dtype=bool)
+            mask = _site_mask(site)
+            if mask is not None:
+                mask = jnp.reshape(mask, jnp.shape(mask) + (1,) * ev) if ev else mask
+                m = m & jnp.broadcast_to(mask, shape)
+            vals.append(self._obs_flat(value, ev))
+            masks.append(self._obs_flat(m, ev))
+        return jnp.concatenate(vals, -1).astype(self._dtype), jnp.concatenate(masks, -1)
+
+    def _predict_one(self, theta: dict[str, Any], z: Any) -> tuple[Any, Any]:
+        values, _ = self._split_one(z)
+        tr = self._run(theta, values)
+        means, sds = [], []
+        for name in self.observed_names:
+            site = tr[name]
+            fn = _unwrap(site["fn"])[0]
+            ev = len(site["fn"].event_shape)
+            shape = jnp.broadcast_shapes(jnp.shape(site["value"]), jnp.shape(fn.loc), jnp.shape(fn.scale))
+            means.append(self._obs_flat(jnp.broadcast_to(fn.loc, shape), ev))
+            sds.append(self._obs_flat(jnp.broadcast_to(fn.scale, shape), ev))
+        return jnp.concatenate(means, -1), jnp.concatenate(sds, -1)
+
+    def predict(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
+        """Mean and sd of every observation given the latents, ``[..., n, T]`` (sites concatenated)."""
+        if not self.has_gaussian_obs:
+            raise ModelSpecificationError("predict() needs Normal observation sites (has_gaussian_obs is False for "
+                                          f"the observed site(s) {self.observed_names})")
+        z = self._full_z(jnp.asarray(z), units)
+        lead = z.shape[:-2]
+        mean, sd = self._predict_all(dict(theta), z.reshape((-1,) + tuple(z.shape[-2:])))
+        mean = mean.reshape(lead + tuple(mean.shape[1:]))
+        sd = sd.reshape(lead + tuple(sd.shape[1:]))
+        if units is not None:
+            idx = jnp.asarray(units)
+            mean, sd = jnp.take(mean, idx, axis=-2), jnp.take(sd, idx, axis=-2)
+        return mean, sd
+
+    def observations(self, units: Any = None) -> tuple[Any, Any]:
+        if not self.has_gaussian_obs:
+            raise ModelSpecificationError("observations() is only available for Normal observation sites")
+        y, m = self._obs_values, self._obs_mask
+        if units is not None:
+            idx = jnp.asarray(units)
+            y, m = jnp.take(y, idx, axis=0), jnp.take(m, idx, axis=0)
+        return y, m
+
+    def prior_moments(self, theta: dict[str, Any], units: Any = None) -> tuple[Any, Any]:
+        """Mean ``[n, d]`` and covariance ``[n, d, d]`` of the Gaussian prior of the unconstrained latents."""
+        if not self.has_gaussian_prior:
+            raise ModelSpecificationError("prior_moments() needs Normal / LogNormal / MultivariateNormal latent "
+                                          "sites whose arguments do not depend on other latents")
+        n, d = self.num_units, self.latent_dim
+        values, _ = self._split_one(jnp.zeros((n, d), dtype=self._dtype))  # the arguments do not depend on z
+        tr = self._run(dict(theta), values)
+        mean = jnp.zeros((n, d), dtype=self._dtype)
+        cov = jnp.zeros((n, d, d), dtype=self._dtype)
+        for s in self._layout:
+            site = tr[s.name]
+            fn = _unwrap(site["fn"])[0]
+            sl = slice(s.offset, s.offset + s.size)
+            vshape = tuple(jnp.shape(site["value"]))  # [*batch, *event]
+            if isinstance(fn, ndist.MultivariateNormal):
+                k = vshape[-1]
+                loc = jnp.reshape(jnp.broadcast_to(fn.loc, vshape), (n, k))
+                c = jnp.reshape(jnp.broadcast_to(fn.covariance_matrix, vshape + (k,)), (n, k, k))
+                mean = mean.at[:, sl].set(loc)
+                cov = cov.at[:, sl, sl].set(c)
+            else:
+                base = _normal_base(fn)
+                ev = len(site["fn"].event_shape)
+                loc = self._obs_flat(jnp.broadcast_to(base.loc, vshape), ev)
+                sd = self._obs_flat(jnp.broadcast_to(base.scale, vshape), ev)
+                mean = mean.at[:, sl].set(loc)
+                idx = jnp.arange(s.offset, s.offset + s.size)
+                cov = cov.at[:, idx, idx].set(sd * sd)
+        if units is not None:
+            idx = jnp.asarray(units)
+            mean, cov = jnp.take(mean, idx, axis=0), jnp.take(cov, idx, axis=0)
+        return mean, cov
 
 
 def _reduce_to(x: Any, shape: tuple[int, ...]) -> Any:
