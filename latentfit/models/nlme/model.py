@@ -301,6 +301,7 @@ class NLME(LatentModel):
         self._y = ops.asarray(data.dv)
         self._ylog = ops.asarray(np.log(np.where(data.mask & (data.dv > 0), data.dv, 1.0)))
         self._mask = ops.asarray(data.mask)
+        self._no_padding = bool(data.mask.all())
         self._cens = ops.asarray(data.cens.astype(float))
         self.has_censoring = bool((data.cens[data.mask] != 0).any())
         self._uncens_mask = ops.asarray(data.mask & (data.cens == 0))
@@ -357,7 +358,7 @@ class NLME(LatentModel):
     def _beta(self, theta: dict[str, Any]) -> Any:
         """All fixed effects in φ-space, ``[p]``."""
         xp = self.ops.xp
-        raw = xp.stack([xp.reshape(theta[e.name], ()) for e in self.effects])
+        raw = xp.stack([theta[e.name] for e in self.effects])
         if self._pop_kinds == {"log"} and len(self.effects) == len(self.param_names):
             return xp.log(raw)  # common case: every parameter log-normal, no covariate
         out = raw
@@ -388,7 +389,7 @@ class NLME(LatentModel):
 
     def _omega_diag(self, theta: dict[str, Any]) -> Any:
         xp = self.ops.xp
-        return xp.stack([xp.reshape(theta[f"omega2_{nm}"], ()) for nm in self.random_names])
+        return xp.stack([theta[f"omega2_{nm}"] for nm in self.random_names])
 
     def _psi(self, mu: Any, z: Any) -> dict[str, Any]:
         xp = self.ops.xp
@@ -422,7 +423,7 @@ class NLME(LatentModel):
     def _obs_terms(self, theta: dict[str, Any], f: Any, units: Any) -> Any:
         """Per-observation log-density ``[..., n, T]`` (padding = 0)."""
         xp = self.ops.xp
-        mask = self._take(self._mask, units)
+        mask = None if self._no_padding else self._take(self._mask, units)
         if self.error == "exponential":
             y = self._take(self._ylog, units)
             f = xp.log(f)
@@ -440,7 +441,7 @@ class NLME(LatentModel):
             cens = self._take(self._cens, units)
             lcdf = _special(xp).log_ndtr(cens * r)  # below: Φ((LOQ−f)/g), above: Φ(−(LOQ−f)/g)
             lp = xp.where(cens != 0, lcdf, lp)
-        return xp.where(mask, lp, 0.0)
+        return lp if self._no_padding else xp.where(mask, lp, 0.0)
 
     # ----- LatentModel contract ----------------------------------------------------------------------
     def log_densities(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
