@@ -327,7 +327,8 @@ class StatEngine(Engine):
         proxy, state = self.rule.proxy(self, state, theta, bi, bj, key)
         rho = self.rho(t)
         s_tilde = proxy if rho is _ONE else s_axpy(rho, s_sub(proxy, state["s_tilde"]), state["s_tilde"])
-        state = dict(state, s_tilde=s_tilde)
+        # keep the state's structure fixed (a compiled loop carry): s_tilde is stored only if kept
+        state = dict(state, s_tilde=s_tilde) if ("s_tilde" in state or rho is not _ONE) else dict(state)
         s_hat = s_tilde
         if self.two_timescale:
             gamma = self.gamma(t)
