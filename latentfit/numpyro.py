@@ -18,7 +18,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from latentfit.inference import em as _em
+from latentfit.inference import fiem as _fiem
+from latentfit.inference import fsaem as _fsaem
+from latentfit.inference import iem as _iem
+from latentfit.inference import mcem as _mcem
 from latentfit.inference import saem as _saem
+from latentfit.inference import sem as _sem
+from latentfit.inference import semvr as _semvr
+from latentfit.inference import ttsem as _ttsem
+from latentfit.inference.model import LatentModel
 from latentfit.inference.results import FitResult
 from latentfit.integrations.numpyro import NumPyroLatentModel, as_rng_key
 
@@ -49,12 +58,45 @@ class _NumPyroEngine:
         return engine.run(key)
 
 
-def _front_door(engine_cls: type) -> type:
+class _EMFamilyEngine(_NumPyroEngine):
+    """Front door of the EM family: a NumPyro model function or a ready-made :class:`LatentModel`
+    built on JAX arrays (e.g. ``GaussianMixture(jnp_array, K)``)."""
+
+    def __init__(self, model: Any, *engine_args: Any, unit_plate: str | None = None, **engine_kwargs: Any) -> None:
+        if isinstance(model, LatentModel):
+            if not getattr(model.ops, "jittable", False):
+                raise TypeError(f"{type(self).__name__} from latentfit.numpyro needs a model on JAX arrays; this "
+                                f"{type(model).__name__} holds {model.ops.name} arrays (use latentfit.pyro)")
+            validate = getattr(self.engine_cls, "validate_options", None)
+            if validate is not None:
+                validate(*engine_args, **engine_kwargs)
+            self.model, self.unit_plate = model, unit_plate
+            self.engine_args, self.engine_kwargs = engine_args, engine_kwargs
+            return
+        super().__init__(model, *engine_args, unit_plate=unit_plate, **engine_kwargs)
+
+    def latent_model(self, *args: Any, **kwargs: Any) -> LatentModel:
+        if isinstance(self.model, LatentModel):
+            return self.model
+        return super().latent_model(*args, **kwargs)
+
+
+def _front_door(engine_cls: type, base: type = _NumPyroEngine) -> type:
     """The NumPyro front door of a backend-neutral engine class."""
-    return type(engine_cls.__name__, (_NumPyroEngine,), {"__doc__": engine_cls.__doc__, "engine_cls": engine_cls,
-                                                         "__module__": __name__})
+    return type(engine_cls.__name__, (base,), {"__doc__": engine_cls.__doc__, "engine_cls": engine_cls,
+                                               "__module__": __name__})
 
 
 SAEM = _front_door(_saem.SAEM)
+FSAEM = _front_door(_fsaem.FSAEM)
+EM = _front_door(_em.EM, _EMFamilyEngine)
+MiniBatchEM = _front_door(_iem.MiniBatchEM, _EMFamilyEngine)
+IEM = _front_door(_iem.IEM, _EMFamilyEngine)
+SEM = _front_door(_sem.SEM, _EMFamilyEngine)
+SEMVR = _front_door(_semvr.SEMVR, _EMFamilyEngine)
+FIEM = _front_door(_fiem.FIEM, _EMFamilyEngine)
+MCEM = _front_door(_mcem.MCEM, _EMFamilyEngine)
+MiniBatchMCEM = _front_door(_mcem.MiniBatchMCEM, _EMFamilyEngine)
+TTSEM = _front_door(_ttsem.TTSEM, _EMFamilyEngine)
 
-__all__ = ["SAEM"]
+__all__ = ["EM", "FIEM", "FSAEM", "IEM", "MCEM", "SAEM", "SEM", "SEMVR", "TTSEM", "MiniBatchEM", "MiniBatchMCEM"]
