@@ -665,6 +665,71 @@ class NLME(LatentModel):
 
         return pyro_nlme
 
+    def with_ops(self, ops: Any) -> NLME:
+        """A copy of the model whose arrays live on the backend ``ops`` (e.g. ``JaxOps()``), data re-bound."""
+        new = copy.copy(self)
+        new.ops = ops
+        if self.table is not None:
+            new._bind(self.table)
+        return new
+
+    @property
+    def numpyro_model(self) -> Callable[[], None]:
+        """The model as an ordinary NumPyro model function (no arguments; data bound as JAX arrays).
+
+        The twin of :attr:`pyro_model` (same sites: one ``numpyro.param`` per estimated parameter,
+        ``phi`` ``[N, 1, d]`` in plate ``id``, ``DV`` observed with the padding masked), evaluated by a
+        JAX copy of this model (:meth:`with_ops`), so a user structural function written with
+        ``jax.numpy`` (or with the ``xp`` of the design) works.  Fit it with ``latentfit.numpyro``.
+        """
+        self._require_data()
+        import jax.numpy as jnp
+        import numpyro
+        import numpyro.distributions as dist
+        from numpyro.distributions import constraints
+
+        from latentfit.inference.ops_jax import JaxOps
+
+        model = self if self.ops.name == "jax" else self.with_ops(JaxOps())
+        init = model.init_params()
+        support = {"log": constraints.positive, "normal": constraints.real, "logit": constraints.unit_interval,
+                   "probit": constraints.unit_interval}
+
+        def numpyro_nlme() -> None:
+            theta = {}
+            for name, info in model.params.items():
+                if info.fixed:
+                    theta[name] = init[name]
+                    continue
+                role = info.meta.get("role")
+                if role == "population":
+                    c = support[info.meta["transform"]]
+                elif role == "omega" and name == "Omega":
+                    c = constraints.positive_definite
+                elif role in ("omega", "error"):
+                    c = constraints.positive
+                else:
+                    c = constraints.real
+                theta[name] = numpyro.param(name, init[name], constraint=c)
+            mu_r, om = model.prior_moments(theta)
+            n, t = model._y.shape
+            with numpyro.plate("id", n, dim=-2):
+                phi = numpyro.sample("phi", dist.MultivariateNormal(mu_r[:, None, :], om))  # [N, 1, d]
+                terms_z = phi[..., 0, :]
+                f = model.structural_prediction(theta, terms_z)
+                if model.error == "exponential":
+                    y, f = model._ylog, jnp.log(f)
+                else:
+                    y = model._y
+                sd = model._error_sd(theta, f)
+                with numpyro.plate("obs", t, dim=-1):
+                    if model.has_censoring:
+                        numpyro.factor("DV", model._obs_terms(theta, model.structural_prediction(theta, terms_z), None))
+                    else:
+                        numpyro.sample("DV", dist.Normal(f, sd).mask(model._mask), obs=y)
+
+        return numpyro_nlme
+
     def __repr__(self) -> str:
         bound = f"{self.num_units} individuals, {self.num_obs} observations" if self.data is not None else "no data"
         return (f"NLME({self.structural.name}, parameters={self.param_names}, random={self.random_names}, "
