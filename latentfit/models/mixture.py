@@ -30,6 +30,8 @@ from latentfit.inference.model import DataError, LatentModel, LatentSite, ModelS
 from latentfit.inference.ops import Ops, TorchOps
 
 COVARIANCE_TYPES = ("full", "diag", "spherical")
+#: rows per chunk of the streamed full-data E-step (eager backends): keeps [chunk, K] arrays in cache
+CHUNK = 65536
 
 
 def _identity(x: Any) -> Any:
@@ -247,10 +249,14 @@ class GaussianMixture(LatentModel):
 
     def responsibilities(self, theta: dict[str, Any], units: Any = None) -> tuple[Any, Any]:
         """``(r [n, K], log p(x_i; θ) [n])``."""
+        return self._softmax(self.log_component(theta, units))
+
+    def _softmax(self, lc: Any) -> tuple[Any, Any]:
         xp = self.ops.xp
-        lc = self.log_component(theta, units)
-        ll = xp.logsumexp(lc, 1) if hasattr(xp, "logsumexp") else _logsumexp(xp, lc)
-        return xp.exp(lc - ll[:, None]), ll
+        m = xp.amax(lc, 1, keepdims=True)
+        e = xp.exp(lc - m)  # one exp per (point, component): log-sum-exp and softmax share it
+        tot = xp.sum(e, 1, keepdims=True)
+        return e / tot, (xp.log(tot) + m)[:, 0]
 
     def _sum_stats(self, r: Any, units: Any) -> dict[str, Any]:
         return {"s": r.T @ self._features(units)}  # [K, D]
@@ -260,8 +266,21 @@ class GaussianMixture(LatentModel):
         return {"s": r[:, :, None] * self._features(units)[:, None, :]}  # [b, K, D]
 
     def sum_expected_stats(self, theta: dict[str, Any], units: Any = None) -> tuple[dict[str, Any], Any]:
-        r, ll = self.responsibilities(theta, units)
-        return self._sum_stats(r, units), self.ops.xp.sum(ll)
+        """``Σ_i r_i ⊗ F(x_i)`` and ``Σ_i log p(x_i)`` in one pass; eager backends stream cache-sized chunks."""
+        xp = self.ops.xp
+        F = self._features(units)
+        n = int(F.shape[0])
+        if self.ops.jittable or n <= CHUNK:
+            r, ll = self._softmax(F @ self._coefficients(theta))
+            return {"s": r.T @ F}, xp.sum(ll)
+        C = self._coefficients(theta)
+        S, L = 0.0, 0.0
+        for a in range(0, n, CHUNK):
+            Fc = F[a:a + CHUNK]
+            r, ll = self._softmax(Fc @ C)
+            S = S + r.T @ Fc
+            L = L + xp.sum(ll)
+        return {"s": S}, L
 
     def marginal_log_lik(self, theta: dict[str, Any], units: Any = None) -> Any:
         return self.responsibilities(theta, units)[1]
@@ -457,11 +476,6 @@ def _sqdist(xp: Any, a: Any, c: Any) -> Any:
 
 def _one_hot(ops: Ops, labels: Any, K: int) -> Any:
     return (labels[..., None] == ops.arange(K)) * 1.0 + ops.zeros(tuple(labels.shape) + (K,))
-
-
-def _logsumexp(xp: Any, a: Any) -> Any:
-    m = xp.max(a, 1, keepdims=True)
-    return xp.log(xp.sum(xp.exp(a - m), 1)) + m[:, 0]
 
 
 __all__ = ["GaussianMixture"]
