@@ -283,6 +283,24 @@ def test_fixed_parameter_is_not_estimated():
     np.testing.assert_allclose(float(out["omega2_ka"]), np.mean((phi[:, 0].numpy() - math.log(1.5)) ** 2))
 
 
+def test_m_step_fast_path_equals_the_general_gls():
+    import copy
+
+    df = _pk_table(n=30, seed=6)
+    model = nlme.NLME("one_compartment_oral", {"ka": 1.2, "V": nlme.Parameter(20.0, fixed=True), "CL": 2.0},
+                      data=df)
+    assert model._simple
+    general = copy.copy(model)
+    general._simple = False
+    phi = torch.tensor(np.random.default_rng(1).normal(size=(30, 3)) * 0.3 + [0.2, 3.1, 0.6])
+    theta = model.init_params()
+    fast = model.m_step({k: v.sum(0) for k, v in model.stats(theta, phi).items()}, theta, 30)
+    slow = general.m_step({k: v.sum(0) for k, v in general.stats(theta, phi).items()}, theta, 30)
+    assert fast.keys() == slow.keys() and "V" not in fast
+    for k in fast:
+        assert torch.allclose(fast[k], slow[k], rtol=1e-12), k
+
+
 def test_residual_error_closed_form():
     df = _pk_table(n=5)
     for error, name in [("constant", "a"), ("proportional", "b"), ("exponential", "a")]:

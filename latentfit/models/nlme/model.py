@@ -278,6 +278,9 @@ class NLME(LatentModel):
         self._embed = ops.asarray(emb)
         self._all_random = d == m
         self._no_covariates = p == m
+        # diagonal Ω and no covariate on a parameter with random effect: the GLS decouples into means
+        self._simple = self.diagonal_omega and len(self.cols_r) == d
+        self._fixed_r_mask = ops.asarray(np.array([self.spec[nm].fixed for nm in self.random_names]))
         kinds = {nm: self.spec[nm].transform for nm in self.param_names}
         self._pop_kinds = set(kinds.values())
         self._kind_masks, self._safe_raw = {}, {}
@@ -482,10 +485,13 @@ class NLME(LatentModel):
     # ----- exponential-family face (saemix M-step) ------------------------------------------------
     def stats(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
         xp = self.ops.xp
-        out = {
-            "phiphi": z[..., :, None] * z[..., None, :],
-            "Xphi": self._take(self._xr, units)[:, :, None, :] * z[..., :, None, :, None],  # X_i[j, p] φ_ik
-        }
+        if self._simple:
+            out = {"phi": z, "phi2": z * z}
+        else:
+            out = {
+                "phiphi": z[..., :, None] * z[..., None, :],
+                "Xphi": self._take(self._xr, units)[:, :, None, :] * z[..., :, None, :, None],  # X_i[j, p] φ_ik
+            }
         if self.params.get("a") is not None and self.params["a"].closed_form or \
                 self.params.get("b") is not None and self.params["b"].closed_form:
             f = self.structural_prediction(theta, z, units)
@@ -502,6 +508,8 @@ class NLME(LatentModel):
     def m_step(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
         """β by GLS with the current Ω, then Ω and the residual parameter in closed form (saemix)."""
         xp = self.ops.xp
+        if self._simple:
+            return self._m_step_simple(s, theta, num_units)
         omega = self.omega_matrix(theta)
         prec = xp.linalg.inv(omega)
         d, pr = self.latent_dim, len(self.cols_r)
@@ -531,6 +539,21 @@ class NLME(LatentModel):
         if "rss" in s:
             name = "b" if self.error == "proportional" else "a"
             out[name] = xp.sqrt(s["rss"] / self.num_obs)
+        return out
+
+    def _m_step_simple(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
+        """Diagonal Ω, no covariate: ``β_j = S1_j / N``, ``ω²_j = S2_j / N − β_j²`` (the GLS decouples)."""
+        xp = self.ops.xp
+        beta_old = self._beta(theta)[self.r_idx]
+        beta = xp.where(self._fixed_r_mask, beta_old, s["phi"] / num_units)
+        om = (s["phi2"] - 2.0 * beta * s["phi"]) / num_units + beta * beta
+        out: dict[str, Any] = {}
+        for i, nm in enumerate(self.random_names):
+            if not self.spec[nm].fixed:
+                out[nm] = self.params[nm].to_constrained(beta[i])
+            out[f"omega2_{nm}"] = om[i]
+        if "rss" in s:
+            out["b" if self.error == "proportional" else "a"] = xp.sqrt(s["rss"] / self.num_obs)
         return out
 
     def numeric_objective(self, theta: dict[str, Any], z: Any, names: list[str]) -> Callable[[dict], Any] | None:
