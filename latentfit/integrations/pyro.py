@@ -587,6 +587,12 @@ class PyroLatentModel(LatentModel):
     # mean and sd) and every latent site is Normal / LogNormal / MultivariateNormal whose arguments do
     # not depend on other latents (the prior of the unconstrained z_i is then Gaussian).
     def _recognise_gaussian_faces(self) -> None:
+        try:
+            self._find_gaussian_faces()
+        except Exception:  # an unusual model: no Gaussian faces (IS / Louis still apply); errors surface later
+            self.has_gaussian_obs = self.has_gaussian_prior = False
+
+    def _find_gaussian_faces(self) -> None:
         tr, _ = self._grad_trace()
         self.has_gaussian_obs = bool(self.observed_names) and all(
             isinstance(_unwrap(tr.nodes[n]["fn"])[0], torch.distributions.Normal)
