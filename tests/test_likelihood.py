@@ -224,3 +224,59 @@ def test_exact_marginal_is_the_default_for_mixtures():
     assert fit.log_likelihoods["exact"].per_unit.shape == (300,)
     assert fit.num_params == 2 + 6 + 9
     assert fit.bic == pytest.approx(-2 * fit.log_likelihood() + 17 * np.log(300))
+
+
+def _poisson_intercept(y):
+    """y_ij ~ Poisson(exp(b_i)), b_i ~ N(μ, ω²): a plain Pyro model with no Gaussian observation face."""
+    mu = pyro.param("mu", torch.tensor(0.0, dtype=y.dtype))
+    omega = pyro.param("omega", torch.tensor(1.0, dtype=y.dtype), constraint=torch.distributions.constraints.positive)
+    with pyro.plate("unit", y.shape[0], dim=-2):
+        b = pyro.sample("b", pyro.distributions.Normal(mu, omega))
+        with pyro.plate("obs", y.shape[1], dim=-1):
+            pyro.sample("y", pyro.distributions.Poisson(b.exp()), obs=y)
+
+
+def _quadrature_log_lik(v, y):
+    """Σ_i log ∫ Π_j Poisson(y_ij; e^b) N(b; μ, ω²) db on a fine grid (numpy)."""
+    from scipy.special import gammaln, logsumexp
+
+    mu, omega = v
+    b = np.linspace(mu - 9 * omega, mu + 9 * omega, 4001)
+    log_prior = -0.5 * ((b - mu) / omega) ** 2 - np.log(omega) - 0.5 * np.log(2 * np.pi)
+    ll = (y.sum(1)[:, None] * b[None] - y.shape[1] * np.exp(b)[None] - gammaln(y + 1).sum(1)[:, None])
+    return float(np.sum(logsumexp(ll + log_prior, axis=1) + np.log(b[1] - b[0])))
+
+
+def test_plain_pyro_poisson_model_is_loglik_and_louis_se():
+    """A non-Gaussian plain Pyro model: IS log-likelihood against quadrature, Louis SEs against the
+    finite-difference observed information of the quadrature likelihood, clear errors for what needs faces."""
+    from latentfit.pyro import SAEM
+
+    pyro.clear_param_store()
+    rng = np.random.default_rng(2)
+    y = rng.poisson(np.exp(rng.normal(0.5, 0.6, size=(100, 1))), size=(100, 5)).astype(float)
+    fit = SAEM(_poisson_intercept, num_iters=(100, 100), seed=0, progress=False).run(torch.tensor(y))
+    v = np.array([fit.params["mu"], fit.params["omega"]], dtype=float)
+    ll = fit.log_likelihood()
+    assert fit.log_likelihoods["is"].method == "is"
+    assert abs(ll - _quadrature_log_lik(v, y)) < 4 * fit.log_likelihoods["is"].mc_se + 0.01
+    h = 1e-4
+    hess = np.zeros((2, 2))
+    for i in range(2):
+        for j in range(2):
+            e_i, e_j = np.eye(2)[i] * h, np.eye(2)[j] * h
+            hess[i, j] = (_quadrature_log_lik(v + e_i + e_j, y) - _quadrature_log_lik(v + e_i - e_j, y)
+                          - _quadrature_log_lik(v - e_i + e_j, y) + _quadrature_log_lik(v - e_i - e_j, y)) / (4 * h * h)
+    se_exact = np.sqrt(np.diag(np.linalg.inv(-hess)))
+    se = fit.standard_errors()  # default "sa" without Gaussian faces
+    np.testing.assert_allclose([se["mu"], se["omega"]], se_exact, rtol=0.15)
+    assert list(fit.summary().columns) == ["estimate", "se", "rse%"]
+    with pytest.raises(ModelSpecificationError, match="Gaussian faces"):
+        fit.log_likelihood("lin")
+    with pytest.raises(ModelSpecificationError, match="Gaussian observation face"):
+        fit.residuals()
+    with pytest.raises(ValueError, match="method must be"):
+        fit.log_likelihood("quadrature")
+    with pytest.raises(ValueError, match="df must be a positive integer"):
+        fit.log_likelihood("is", df=2.5)
+    pyro.clear_param_store()
