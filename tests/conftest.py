@@ -15,6 +15,7 @@ data; float32 behaviour is tested explicitly in ``test_numpyro.py``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -135,6 +136,23 @@ def backend(request: pytest.FixtureRequest) -> Any:
     b.reset()
     yield b
     b.reset()
+
+
+@functools.cache
+def theophylline_fit(backend_name: str, seed: int = 0) -> Any:
+    """SAEM (300, 100) on the theophylline example of ``backend_name``, fitted once per session."""
+    if backend_name == "pyro":
+        import pyro
+
+        from latentfit.examples.theophylline import fit
+
+        pyro.clear_param_store()
+        result = fit(seed=seed, progress=False)
+        pyro.clear_param_store()
+        return result
+    from latentfit.examples.theophylline_numpyro import fit
+
+    return fit(seed=seed, progress=False)
 
 
 def backend_params(*names: str) -> list[Any]:
