@@ -67,7 +67,8 @@ def student_t_draws(ops: Any, key: Any, shape: tuple[int, ...], df: int) -> Any:
     return eps / xp.sqrt(xp.sum(chi * chi, 0) / df)
 
 
-def _seeded(ops: Any, seed: int):
+def seeded_rng(ops: Any, seed: int):
+    """Reproducible RNG for post-fit Monte Carlo (torch: forked, seeded global generator; JAX: keys)."""
     ctx = getattr(ops, "seed_context", None)
     if ctx is None:
         import contextlib
@@ -104,7 +105,7 @@ def log_likelihood_is(model: LatentModel, theta: dict[str, Any], cond_mean: Any,
 
     log_weights = ops.jit(_log_weights)  # compiled once per batch shape on JAX; eager on torch
     chunks = []
-    with _seeded(ops, seed):
+    with seeded_rng(ops, seed):
         key = ops.key(seed)
         keys = ops.split(key, nb)
         for b in range(nb):
