@@ -299,6 +299,7 @@ class StatEngine(Engine):
         batches_j = self._batches(k_perm2) if self.rule.needs_second_batch else batches
         trace = {p: ops.zeros((m,) + tuple(state["theta"][p].shape)) for p in self.trace_params}
         loop_keys = ops.split(k_loop, m) if ops.jittable else None
+        positions = ops.arange(m) if trace else None
         first_t = (k - 1) * m
 
         def body(j: Any, carry: tuple[dict[str, Any], dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -306,7 +307,7 @@ class StatEngine(Engine):
             kj = loop_keys[j] if loop_keys is not None else None
             st = self.inner(st, batches[j], batches_j[j], first_t + j + 1, kj)
             if tr:
-                jj = ops.asarray([j]) if not ops.jittable else xp.reshape(j, (1,))
+                jj = positions[j:j + 1] if not ops.jittable else xp.reshape(j, (1,))
                 tr = {p: ops.scatter_owned(v, jj, st["theta"][p][None]) for p, v in tr.items()}
             return st, tr
 

@@ -103,6 +103,8 @@ class GaussianMixture(LatentModel):
         self.K, self.d, self.num_units, self.covariance_type = K, d, n, covariance_type
         self.reg_covar = float(reg_covar)
         self.x = x
+        self._fixed: frozenset = frozenset()
+        self._tiny_mass = 10.0 * float(xp.finfo(x.dtype).eps) * n
         self.shift = xp.mean(x, 0)
         xc = x - self.shift
         q = {"full": lambda v: xp.reshape(v[:, :, None] * v[:, None, :], (v.shape[0], d * d)),
@@ -122,6 +124,7 @@ class GaussianMixture(LatentModel):
                                                             "covariances": "positive"}[name]})
                        for name, v in init.items()}
         self._check_covariances(init["covariances"])
+        self._fixed = frozenset(name for name in self.params if self.params[name].fixed)
 
     # ----- initialisation -----------------------------------------------------------------------------
     def _initial_values(self, weights: Any, locs: Any, covariances: Any, seed: int, iters: int) -> dict[str, Any]:
@@ -130,7 +133,7 @@ class GaussianMixture(LatentModel):
         if weights is None or locs is None or covariances is None:
             r = self._kmeans_responsibilities(seed, iters, None if locs is None else ops.asarray(locs))
             s = self._sum_stats(r, None)
-            plain = self._closed_form(s, None)
+            plain = self._closed_form(s["s"], None)
         if weights is None:
             out["weights"] = plain["weights"]
         else:
@@ -213,7 +216,8 @@ class GaussianMixture(LatentModel):
             cq = -0.5 * xp.reshape(prec, (self.K, d * d))
             c0 = -0.5 * xp.sum(pm * mu, -1) - 0.5 * logdet
         else:
-            if not self.ops.jittable and not bool(xp.all(cov > 0)):
+            check = self.reg_covar == 0 and "covariances" not in self._fixed
+            if check and not self.ops.jittable and not bool(xp.all(cov > 0)):
                 raise ModelSpecificationError("a component variance is 0 (singular covariance): increase reg_covar")
             var = cov if self.covariance_type == "diag" else cov[:, None] + ops.zeros((self.K, d))
             pm = mu / var
@@ -300,23 +304,27 @@ class GaussianMixture(LatentModel):
 
     # ----- M-step ------------------------------------------------------------------------------------
     def m_step(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
-        new = self._closed_form(s["s"], theta)
-        return {k: v for k, v in new.items() if not self.params[k].fixed}
+        return self._closed_form(s["s"], theta, skip=self._fixed)
 
-    def _closed_form(self, S: Any, theta: dict[str, Any] | None) -> dict[str, Any]:
+    def _closed_form(self, S: Any, theta: dict[str, Any] | None, skip: frozenset = frozenset()) -> dict[str, Any]:
+        """M-step from summed statistics ``S [K, D]``; parameters in ``skip`` (fixed ones) are not computed."""
         xp, K, d, dq, n = self.ops.xp, self.K, self.d, self.dq, self.num_units
-        if isinstance(S, dict):
-            S = S["s"]
         Nk = S[:, -1]
         Sx = S[:, dq:dq + d]
         Sq = S[:, :dq]
         eps, delta = self.eps_w, self.delta_mu
-        w = (Nk / n + eps) / (1.0 + eps * K)
-        w = w / xp.sum(w)
-        tiny = 10.0 * xp.finfo(S.dtype).eps * n
-        alive = Nk > tiny
+        out: dict[str, Any] = {}
+        if "weights" not in skip:
+            w = (Nk / n + eps) / (1.0 + eps * K)
+            out["weights"] = w / xp.sum(w)
+        alive = Nk > self._tiny_mass
         Nsafe = xp.where(alive, Nk, 1.0)
         mu_c = Sx / (Nsafe + delta)[:, None]
+        if "locs" not in skip:
+            mu = mu_c + self.shift
+            out["locs"] = mu if theta is None else xp.where(alive[:, None], mu, theta["locs"])
+        if "covariances" in skip:
+            return out
         if self.covariance_type == "full":
             Sxx = xp.reshape(Sq, (K, d, d))
             cross = mu_c[:, :, None] * Sx[:, None, :]
@@ -333,11 +341,9 @@ class GaussianMixture(LatentModel):
             cov = (Sq[:, 0] - 2 * xp.sum(mu_c * Sx, 1) + Nk * xp.sum(mu_c * mu_c, 1)) / (Nsafe * d) + self.reg_covar
             cov = xp.maximum(cov, self.reg_covar + 0 * cov)
             alive_c = alive
-        mu = mu_c + self.shift
-        if theta is not None:  # a component without mass keeps its previous mean and covariance
-            mu = xp.where(alive[:, None], mu, theta["locs"])
-            cov = xp.where(alive_c, cov, theta["covariances"])
-        return {"weights": w, "locs": mu, "covariances": cov}
+        # a component without mass keeps its previous mean and covariance (never 0/0)
+        out["covariances"] = cov if theta is None else xp.where(alive_c, cov, theta["covariances"])
+        return out
 
     def fit_warnings(self, theta: dict[str, Any]) -> list[str]:
         xp, out = self.ops.xp, []
