@@ -75,7 +75,10 @@ class SAEM(Engine):
         self.num_chains = int(num_chains) if num_chains is not None else default_num_chains(model.num_units)
         self.kernels = tuple(int(n) for n in kernels)
         self.newton_steps = int(newton_steps)
-        self._param_shapes = {n: tuple(np.shape(model.ops.to_numpy(p.value))) for n, p in model.params.items()}
+        # shapes in unconstrained space (the numerical step works there; e.g. a positive-definite
+        # matrix may be a vector of its Cholesky factor's entries)
+        self._param_shapes = {n: tuple(np.shape(model.ops.to_numpy(p.to_unconstrained(p.value))))
+                              for n, p in model.params.items()}
 
     @staticmethod
     def validate_options(num_iters: Any = (300, 100), num_chains: int | None = None, **_: Any) -> None:
