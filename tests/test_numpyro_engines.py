@@ -1,0 +1,89 @@
+"""The other engines on JAX: the same code gives the same answers on both backends.
+
+Exact engines (no randomness once the data order is fixed) must agree between torch and JAX to
+round-off on the same model; f-SAEM's Laplace proposal must stay the exact conditional on a linear
+Gaussian model when run compiled on JAX, through a JAX ``NLME`` and through ``model.numpyro_model``
+(the NumPyro adapter's Gaussian faces).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from latentfit.inference.ops_jax import JaxOps
+from latentfit.models import nlme
+from latentfit.models.mixture import GaussianMixture
+
+CENTRES = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+
+
+def _mixture_data(n: int = 300, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    lab = rng.integers(0, 3, n)
+    return rng.normal(size=(n, 2)) * 0.6 + CENTRES[lab]
+
+
+@pytest.mark.parametrize("engine, options", [
+    ("EM", dict(num_epochs=30)),
+    ("IEM", dict(num_epochs=3, batch_size=10, shuffle=False)),
+    ("MiniBatchEM", dict(num_epochs=5, shuffle=False)),
+])
+def test_exact_engines_agree_on_torch_and_jax(engine, options):
+    import latentfit.numpyro as lnp
+    import latentfit.pyro as lpy
+
+    x = _mixture_data()
+    fit_t = getattr(lpy, engine)(GaussianMixture(torch.tensor(x), 3, "full", seed=1), progress=False,
+                                 **options).run()
+    fit_j = getattr(lnp, engine)(GaussianMixture(jnp.asarray(x), 3, "full", seed=1), progress=False,
+                                 **options).run(jax.random.PRNGKey(0))
+    assert fit_j.model.ops.name == "jax"
+    for name, value in fit_t.params.items():
+        np.testing.assert_allclose(fit_j.params[name], value, rtol=1e-9, atol=1e-10)
+
+
+def test_numpyro_front_door_refuses_a_torch_model():
+    import latentfit.numpyro as lnp
+
+    with pytest.raises(TypeError, match="JAX arrays"):
+        lnp.EM(GaussianMixture(torch.tensor(_mixture_data(50)), 2, seed=1))
+
+
+def _linear_nlme(seed: int = 0) -> nlme.NLME:
+    """``y_ij = b0_i + b1_i t_ij + a ε``, b ~ N(μ, Ω): a linear Gaussian model (as in test_fsaem)."""
+
+    def line(psi, data):
+        return psi["b0"] + psi["b1"] * data.time
+
+    design = nlme.design_table(30, [0.0, 1.0, 2.0, 4.0], dose=1.0)
+    gen = nlme.NLME(line, {"b0": nlme.Parameter(2.0, "normal", omega2=0.5),
+                           "b1": nlme.Parameter(-0.5, "normal", omega2=0.1)}, omega="full",
+                    error_init={"a": 0.3}, data=design)
+    df = gen.simulate(seed=seed)
+    return nlme.NLME(line, {"b0": nlme.Parameter(0.0, "normal"), "b1": nlme.Parameter(0.0, "normal")},
+                     omega="full", data=df)
+
+
+def test_fsaem_proposal_is_the_exact_conditional_when_compiled_on_jax():
+    from latentfit.inference.fsaem import FSAEM
+
+    model = _linear_nlme().with_ops(JaxOps())
+    fit = FSAEM(model, num_iters=(6, 0), imh_iters=4, imh_steps=4, progress=False).run(jax.random.PRNGKey(1))
+    acc = fit.acceptance["nlme_imh"]
+    np.testing.assert_array_equal(acc[:4], np.ones(4))
+    assert np.isnan(acc[4:]).all()
+
+
+def test_fsaem_on_the_numpyro_model_of_an_nlme():
+    """Through the NumPyro adapter (its Gaussian faces give the Gauss-Newton proposal): still exact."""
+    from latentfit.numpyro import FSAEM
+
+    model = _linear_nlme()
+    fit = FSAEM(model.numpyro_model, num_iters=(6, 0), imh_iters=4, imh_steps=4, progress=False).run(
+        jax.random.PRNGKey(2))
+    assert fit.engine.laplace_method == "gauss_newton"
+    np.testing.assert_array_equal(fit.acceptance["nlme_imh"][:4], np.ones(4))
