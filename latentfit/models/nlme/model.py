@@ -118,7 +118,8 @@ class NLME(LatentModel):
     error_init : initial residual parameters, e.g. ``{"a": 1.0, "b": 0.1}``.
     data : optional data table to bind now (else pass it to :meth:`fit` / :meth:`bind`).
     columns, dose, regressors : passed to :func:`~latentfit.models.nlme.data.read_nonmem`.
-    dtype, device : of the torch arrays (float64, CPU by default).
+    dtype, device : of the arrays (torch: float64, CPU by default).
+    backend : ``"torch"`` (default) or ``"jax"`` (JaxOps: engines compile their iterations with ``lax.scan``).
     """
 
     has_stats = True
@@ -127,8 +128,8 @@ class NLME(LatentModel):
     def __init__(self, structural: Any, parameters: dict[str, Any], covariates: dict[str, Any] | None = None,
                  omega: Any = "diagonal", error: str = "constant", error_init: dict[str, float] | None = None,
                  data: pd.DataFrame | None = None, columns: dict[str, str] | None = None, dose: str | None = None,
-                 regressors: tuple[str, ...] | list[str] = (), dtype: Any = None, device: Any = None) -> None:
-        import torch
+                 regressors: tuple[str, ...] | list[str] = (), dtype: Any = None, device: Any = None,
+                 backend: str = "torch") -> None:
 
         if not isinstance(parameters, dict) or not parameters:
             raise ModelSpecificationError("parameters must be a non-empty dict name -> initial value or Parameter")
@@ -178,7 +179,16 @@ class NLME(LatentModel):
             raise ModelSpecificationError(f"residual error parameters must be > 0, got {init}")
         self.error_init = init
         self.read_options = {"columns": columns, "dose": dose, "regressors": tuple(regressors)}
-        self.ops = TorchOps(device=device, dtype=dtype if dtype is not None else torch.float64)
+        if backend == "torch":
+            import torch
+
+            self.ops = TorchOps(device=device, dtype=dtype if dtype is not None else torch.float64)
+        elif backend == "jax":
+            from latentfit.inference.ops_jax import JaxOps
+
+            self.ops = JaxOps(dtype=dtype, device=device)
+        else:
+            raise ModelSpecificationError(f"backend must be 'torch' or 'jax', got {backend!r}")
         self.data: NLMEData | None = None
         self.table: pd.DataFrame | None = None
         if data is not None:
@@ -273,6 +283,8 @@ class NLME(LatentModel):
         self._x = ops.asarray(x)
         self._xr = ops.asarray(xr)
         self._xtx = ops.asarray(np.einsum("njp,nkq->jkpq", xr, xr))
+        self._r_sel = ops.asarray(np.array(self.r_idx, dtype=np.int64))  # index arrays (JAX needs arrays)
+        self._cols_r_sel = ops.asarray(np.array(self.cols_r, dtype=np.int64))
         emb = np.zeros((d, m))
         emb[np.arange(d), self.r_idx] = 1.0
         self._embed = ops.asarray(emb)
@@ -381,7 +393,7 @@ class NLME(LatentModel):
 
     def _mu_r(self, mu: Any, n: int) -> Any:
         xp = self.ops.xp
-        mu_r = mu if self._all_random else mu[..., self.r_idx]
+        mu_r = mu if self._all_random else mu[..., self._r_sel]
         return xp.broadcast_to(mu_r, (n, self.latent_dim)) if mu_r.ndim == 1 else mu_r
 
     def omega_matrix(self, theta: dict[str, Any]) -> Any:
@@ -399,7 +411,7 @@ class NLME(LatentModel):
         if self._all_random:
             phi = z
         else:
-            phi = mu + (z - mu[..., self.r_idx]) @ self._embed
+            phi = mu + (z - mu[..., self._r_sel]) @ self._embed
         if self._pop_kinds == {"log"}:
             psi = xp.exp(phi)
             return {nm: psi[..., j:j + 1] for j, nm in enumerate(self.param_names)}
@@ -456,7 +468,7 @@ class NLME(LatentModel):
 
     def _log_prior(self, theta: dict[str, Any], z: Any, mu: Any) -> Any:
         xp = self.ops.xp
-        diff = z - (mu if self._all_random else mu[..., self.r_idx])
+        diff = z - (mu if self._all_random else mu[..., self._r_sel])
         d = self.latent_dim
         if self.diagonal_omega:
             var = self._omega_diag(theta)
@@ -515,7 +527,7 @@ class NLME(LatentModel):
         d, pr = self.latent_dim, len(self.cols_r)
         a_mat = xp.reshape(xp.reshape(prec, (1, d * d)) @ xp.reshape(self._xtx, (d * d, pr * pr)), (pr, pr))
         b_vec = xp.reshape(xp.reshape(prec, (1, d * d)) @ xp.reshape(s["Xphi"], (d * d, pr)), (pr,))
-        beta_all = self._beta(theta)[self.cols_r]
+        beta_all = self._beta(theta)[self._cols_r_sel]
         beta_c = self._sel_fixed.T @ beta_all
         a_ff = self._sel_free.T @ a_mat @ self._sel_free
         rhs = self._sel_free.T @ (b_vec - a_mat @ self._sel_fixed @ beta_c)
@@ -544,7 +556,7 @@ class NLME(LatentModel):
     def _m_step_simple(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
         """Diagonal Ω, no covariate: ``β_j = S1_j / N``, ``ω²_j = S2_j / N − β_j²`` (the GLS decouples)."""
         xp = self.ops.xp
-        beta_old = self._beta(theta)[self.r_idx]
+        beta_old = self._beta(theta)[self._r_sel]
         beta = xp.where(self._fixed_r_mask, beta_old, s["phi"] / num_units)
         om = (s["phi2"] - 2.0 * beta * s["phi"]) / num_units + beta * beta
         out: dict[str, Any] = {}
@@ -593,16 +605,15 @@ class NLME(LatentModel):
     def simulate(self, theta: dict[str, Any] | None = None, seed: int = 0) -> pd.DataFrame:
         """A copy of the bound table with ``DV`` simulated from the model at ``theta`` (default: initial values)."""
         self._require_data()
-        import torch
-
         ops = self.ops
         theta = self.init_params() if theta is None else {
             n: ops.asarray(v) if not hasattr(v, "shape") or isinstance(v, np.ndarray) else v
             for n, v in {**self.init_params(), **theta}.items()}
         with ops.seed_context(seed):
-            z = self.sample_prior(theta, None, 1)[0]
+            k1, k2 = ops.split(ops.key(seed))
+            z = self.sample_prior(theta, k1, 1)[0]
             mean, sd = self.predict(theta, z)
-            eps = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
+            eps = ops.normal(k2, tuple(mean.shape))
         y = ops.to_numpy(mean + sd * eps)
         if self.error == "exponential":
             y = np.exp(y)
