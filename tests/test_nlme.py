@@ -50,6 +50,18 @@ def test_read_nonmem_configurable_columns_and_saemix_dose_column():
     np.testing.assert_allclose(data.dose_time[:, 0], [0, 0])
 
 
+def test_infusion_from_rate_column_matches_the_closed_form():
+    df = pd.DataFrame({"ID": [1, 1, 1, 1], "TIME": [0.0, 1.0, 2.0, 5.0], "DV": [np.nan, 1.0, 2.0, 1.0],
+                       "AMT": [100.0, 0, 0, 0], "RATE": [50.0, 0, 0, 0], "EVID": [1, 0, 0, 0]})
+    model = nlme.NLME("one_compartment_infusion", {"V": 10.0, "CL": 2.0}, data=df)
+    np.testing.assert_allclose(model.data.dose_rate, [[50.0]])
+    f = model.structural_prediction(model.init_params(), model.prior_moments(model.init_params())[0])[0].numpy()
+    k, t_inf = 0.2, 2.0
+    during = 50 / (k * 10) * (1 - np.exp(-k * np.array([1.0, 2.0])))
+    after = 50 / (k * 10) * (1 - np.exp(-k * t_inf)) * np.exp(-k * 3.0)
+    np.testing.assert_allclose(f, np.r_[during, after], rtol=1e-12)
+
+
 def test_data_validation_errors_name_the_problem():
     df = _table()
     with pytest.raises(DataError, match="'CONC'.*not in the data"):
