@@ -30,6 +30,7 @@ from latentfit.inference import ttsem as _ttsem
 from latentfit.inference.model import LatentModel
 from latentfit.inference.results import FitResult
 from latentfit.integrations.numpyro import NumPyroLatentModel, as_rng_key
+from latentfit.integrations.numpyro_enum import NumPyroEnumModel, has_enumerated_latents
 
 
 class _NumPyroEngine:
@@ -59,8 +60,8 @@ class _NumPyroEngine:
 
 
 class _EMFamilyEngine(_NumPyroEngine):
-    """Front door of the EM family: a NumPyro model function or a ready-made :class:`LatentModel`
-    built on JAX arrays (e.g. ``GaussianMixture(jnp_array, K)``)."""
+    """Front door of the EM family: a NumPyro model function (one discrete latent: exact E-step by
+    enumeration) or a ready-made :class:`LatentModel` on JAX arrays (e.g. ``GaussianMixture(jnp_array, K)``)."""
 
     def __init__(self, model: Any, *engine_args: Any, unit_plate: str | None = None, **engine_kwargs: Any) -> None:
         if isinstance(model, LatentModel):
@@ -78,6 +79,8 @@ class _EMFamilyEngine(_NumPyroEngine):
     def latent_model(self, *args: Any, **kwargs: Any) -> LatentModel:
         if isinstance(self.model, LatentModel):
             return self.model
+        if has_enumerated_latents(self.model, args, kwargs):
+            return NumPyroEnumModel(self.model, args, kwargs)
         return super().latent_model(*args, **kwargs)
 
 

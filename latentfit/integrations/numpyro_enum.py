@@ -1,0 +1,280 @@
+"""Exact E-step for NumPyro models with one discrete per-unit latent (the twin of ``pyro_enum``).
+
+A plain NumPyro mixture, e.g.::
+
+    def model(x):
+        w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+        mu = numpyro.param("mu", init_locs)
+        scale = numpyro.param("scale", jnp.ones((K, d)), constraint=constraints.positive)
+        with numpyro.plate("data", len(x)):
+            z = numpyro.sample("z", dist.Categorical(w))
+            numpyro.sample("obs", dist.Normal(mu[z], scale[z]).to_event(1), obs=x)
+
+becomes a :class:`LatentModel` with an exact E-step.  NumPyro's own enumeration needs ``funsor``;
+for a single discrete latent none is needed: the model runs once per value ``k`` of the label
+(``jax.vmap`` over the support, ``z_i = k`` for every unit), which gives ``log p(y_i, z_i = k; θ)``
+``[K, n]``; its log-sum-exp is ``log p(y_i; θ)`` and its softmax the responsibilities.
+
+The Gaussian-mixture pattern (``Categorical(probs)`` with probs a param or a constant, one observed
+``Normal(locs[z], scales[z])`` (diagonal; spherical when ``scales`` is ``[K]``) or
+``MultivariateNormal(locs[z], covariance_matrix=covs[z] | scale_tril=trils[z])``) is recognised by
+comparing the per-component arguments with the params at the initial values and at a random
+perturbation; statistics and M-step are :class:`~latentfit.models.mixture.GaussianMixture`'s, as
+on the Pyro side, so both PPLs give the same estimates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as ndist
+from numpyro import handlers, validation_enabled
+
+from latentfit.inference.model import LatentModel, LatentSite, ModelSpecificationError
+from latentfit.inference.ops_jax import JaxOps
+from latentfit.integrations.numpyro import NumPyroLatentModel, _site_log_prob, _unwrap
+from latentfit.models.mixture import GaussianMixture
+
+
+def _trace(model: Any, args: tuple, kwargs: dict) -> Any:
+    with validation_enabled(False):
+        return handlers.trace(handlers.seed(model, rng_seed=0)).get_trace(*args, **kwargs)
+
+
+def has_enumerated_latents(model: Any, args: tuple = (), kwargs: dict | None = None) -> bool:
+    """True when every latent sample site of ``model`` is discrete with enumerable support."""
+    try:
+        tr = _trace(model, tuple(args), dict(kwargs or {}))
+    except Exception:
+        return False
+    latent = [s for s in tr.values() if s["type"] == "sample" and not s["is_observed"]]
+    return bool(latent) and all(getattr(s["fn"], "has_enumerate_support", False) for s in latent)
+
+
+class NumPyroEnumModel(LatentModel):
+    """A NumPyro model with one enumerable per-unit latent, seen through the :class:`LatentModel` contract."""
+
+    has_exact_marginal = True
+    has_posterior_sampler = True
+
+    def __init__(self, model: Any, args: tuple = (), kwargs: dict | None = None, *, reg_covar: float = 1e-6) -> None:
+        if not callable(model):
+            raise TypeError(f"model must be a callable NumPyro model, got {type(model).__name__}")
+        self.fn, self.args, self.kwargs = model, tuple(args), dict(kwargs or {})
+        try:
+            tr = _trace(model, self.args, self.kwargs)
+        except Exception as exc:
+            raise ModelSpecificationError(f"running the model failed: {type(exc).__name__}: {exc}") from exc
+        NumPyroLatentModel._find_params(self, tr)  # params, constraints and dtype
+        for p in self.params.values():
+            p.closed_form = True
+        self.ops = JaxOps(dtype=self._dtype)
+        self._find_sites(tr)
+        self.reg_covar = float(reg_covar)
+        self._gm: GaussianMixture | None = None
+        self._recognise()
+        self.has_stats = self.has_expected_stats = self._gm is not None
+        self._table = jax.vmap(self._table_one, in_axes=(None, 0))
+
+    # ----- structure --------------------------------------------------------------------------------
+    def _find_sites(self, tr: Any) -> None:
+        latent = [n for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]]
+        observed = [n for n, s in tr.items() if s["type"] == "sample" and s["is_observed"]]
+        if len(latent) != 1 or not getattr(tr[latent[0]]["fn"], "has_enumerate_support", False):
+            raise ModelSpecificationError(
+                f"the enumeration adapter needs exactly one discrete (enumerable) latent site per unit; "
+                f"found latent sites {latent}")
+        if not observed:
+            raise ModelSpecificationError("the model has no observed site")
+        site = tr[latent[0]]
+        frames = list(site["cond_indep_stack"])
+        if not frames:
+            raise ModelSpecificationError(f"the discrete latent {latent[0]!r} is not inside a plate of units")
+        frame = min(frames, key=lambda f: f.dim)
+        self.latent_name, self.observed_names = latent[0], observed
+        self.unit_plate, self.unit_dim, self.num_units = frame.name, frame.dim, int(frame.size)
+        self.max_plate_nesting = max(-f.dim for s in tr.values() if s["type"] == "sample"
+                                     for f in s["cond_indep_stack"])
+        self.observed = {n: np.asarray(tr[n]["value"]) for n in observed}
+        self._support = jnp.asarray(site["fn"].enumerate_support(expand=False))  # [K, 1, ...]
+        self._value_shape = tuple(jnp.shape(site["value"]))
+        self.K = int(self._support.shape[0])
+        self.latent_dim = self.K
+        self.latent_sites = [LatentSite(latent[0], (), 0, self.K, kind="categorical")]
+
+    def _run_at(self, theta: dict[str, Any], k_value: Any) -> Any:
+        """Trace of the model with every unit's label set to ``k_value`` (a support element)."""
+        values = {self.latent_name: jnp.broadcast_to(k_value, self._value_shape)}
+        model = handlers.substitute(handlers.condition(self.fn, data=values), data=dict(theta))
+        return _trace(model, self.args, self.kwargs)
+
+    def _table_one(self, theta: dict[str, Any], k_value: Any) -> Any:
+        tr = self._run_at(theta, k_value)
+        out = jnp.zeros((self.num_units,), dtype=self._dtype)
+        for name in [self.latent_name] + self.observed_names:
+            out = out + NumPyroLatentModel._per_unit(self, _site_log_prob(tr[name]))
+        return out
+
+    def log_joint_table(self, theta: dict[str, Any], units: Any = None) -> Any:
+        """``log p(y_i, z_i = k; θ)``: ``[K, n]`` (every other dim summed out)."""
+        out = self._table(dict(theta), self._support)
+        return out if units is None else jnp.take(out, jnp.asarray(units), axis=1)
+
+    def responsibilities(self, theta: dict[str, Any], units: Any = None) -> tuple[Any, Any]:
+        """``(r [n, K], log p(y_i; θ) [n])`` by enumeration."""
+        lj = self.log_joint_table(theta, units)
+        ll = jax.scipy.special.logsumexp(lj, 0)
+        return jnp.exp(lj - ll).T, ll
+
+    def marginal_log_lik(self, theta: dict[str, Any], units: Any = None) -> Any:
+        return self.responsibilities(theta, units)[1]
+
+    # ----- the Gaussian-mixture pattern --------------------------------------------------------------
+    def _recognise(self) -> None:
+        K = self.K
+        if len(self.observed_names) != 1:
+            return
+        thetas = [self.init_params(), NumPyroLatentModel._perturbed_params(self)]
+        traces = [[self._run_at(th, self._support[k]) for k in range(K)] for th in thetas]
+        zfn = _unwrap(traces[0][0][self.latent_name]["fn"])[0]
+        obs = [[_unwrap(tr[self.observed_names[0]]["fn"])[0] for tr in per_theta] for per_theta in traces]
+        x = jnp.asarray(traces[0][0][self.observed_names[0]]["value"])
+        if not isinstance(zfn, ndist.CategoricalProbs) or self.unit_dim != -1 or x.ndim not in (1, 2) \
+                or x.shape[0] != self.num_units:
+            return
+        d = 1 if x.ndim == 1 else int(x.shape[1])
+
+        def rows(get: Any, width: int) -> list[Any] | None:
+            """Per-component ``[K, width]`` values of ``get(fn, k)`` (constant over units), per θ."""
+            out = []
+            for per_theta in obs:
+                rs = []
+                for fn in per_theta:
+                    t = jnp.asarray(get(fn))
+                    if t.size % width:
+                        return None
+                    t = jnp.reshape(t, (-1, width))
+                    if not bool(jnp.allclose(t, t[:1])):
+                        return None
+                    rs.append(t[0])
+                out.append(jnp.stack(rs))
+            return out
+
+        def param_of(values: list[Any] | None, shape: tuple[int, ...] | None = None) -> str | None:
+            if values is None:
+                return None
+            for name in self.params:
+                ok = all(jnp.size(th[name]) == v.size and bool(jnp.allclose(jnp.reshape(th[name], v.shape), v))
+                         for th, v in zip(thetas, values))
+                if ok and (shape is None or tuple(jnp.shape(thetas[0][name])) == shape):
+                    return name
+            return None
+
+        probs = [jnp.reshape(_unwrap(per_theta[0][self.latent_name]["fn"])[0].probs, (-1, K))[0]
+                 for per_theta in traces]
+        roles: dict[str, tuple[str | None, Any]] = {"weights": (param_of(probs), probs[0])}
+        fn0 = obs[0][0]
+        if isinstance(fn0, ndist.MultivariateNormal):
+            loc = rows(lambda fn: fn.loc, d)
+            cov = rows(lambda fn: fn.covariance_matrix, d * d)
+            tril = rows(lambda fn: fn.scale_tril, d * d)
+            cov_name, to_user = param_of(cov, (K, d, d)), (lambda c: c)
+            if cov_name is None:
+                cov_name, to_user = param_of(tril, (K, d, d)), jnp.linalg.cholesky
+            cov_type, cov_val = "full", None if cov is None else jnp.reshape(cov[0], (K, d, d))
+        elif isinstance(fn0, ndist.Normal):
+            loc = rows(lambda fn: fn.loc, d)
+            diag = rows(lambda fn: fn.scale, d)
+            if diag is None:
+                return
+            sph = [v[:, :1] for v in diag]
+            cov_name = param_of(sph, (K,)) if d > 1 and all(bool(jnp.allclose(v, s)) for v, s in zip(diag, sph)) \
+                else None
+            if cov_name is not None:
+                cov_type, cov_val = "spherical", jnp.reshape(sph[0], (K,)) ** 2
+            else:
+                cov_type, cov_val = "diag", diag[0] ** 2
+                cov_name = param_of(diag)
+            to_user = jnp.sqrt
+        else:
+            return
+        if loc is None:
+            return
+        loc_name = param_of(loc)
+        roles["locs"] = (loc_name, loc[0])
+        roles["covariances"] = (cov_name, cov_val)
+        used = {r[0] for r in roles.values() if r[0] is not None}
+        other = [p for p in self.params if p not in used]
+        if other or cov_val is None:
+            for p in other:
+                self.params[p].closed_form = False
+            return
+        fixed = [k for k, (name, _) in roles.items() if name is None]
+        self._roles, self._to_user = roles, to_user
+        self._gm = GaussianMixture(x.astype(self._dtype), K, cov_type, weights=roles["weights"][1],
+                                   locs=roles["locs"][1], covariances=cov_val, fixed=fixed,
+                                   reg_covar=self.reg_covar, ops=self.ops)
+
+    def _internal(self, theta: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for role, (name, _value) in self._roles.items():
+            gm_shape = tuple(self._gm.params[role].value.shape)
+            if name is None:
+                out[role] = self._gm.params[role].value
+            elif role == "covariances":
+                v = theta[name]
+                if self._to_user is jnp.linalg.cholesky:
+                    v = v @ jnp.swapaxes(v, -1, -2)
+                elif self._to_user is jnp.sqrt:
+                    v = v * v
+                out[role] = jnp.reshape(v, gm_shape)
+            else:
+                out[role] = jnp.reshape(theta[name], gm_shape)
+        return out
+
+    # ----- exponential-family face ------------------------------------------------------------------
+    def expected_stats(self, theta: dict[str, Any], units: Any = None) -> dict[str, Any]:
+        r, _ = self.responsibilities(theta, units)
+        return {"s": r[:, :, None] * self._gm._features(units)[:, None, :]}
+
+    def sum_expected_stats(self, theta: dict[str, Any], units: Any = None) -> tuple[dict[str, Any], Any]:
+        r, ll = self.responsibilities(theta, units)
+        return self._gm._sum_stats(r, units), jnp.sum(ll)
+
+    def stats(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
+        return self._gm.stats(theta, z, units)
+
+    def sample_posterior(self, theta: dict[str, Any], key: Any, num_samples: int, units: Any = None) -> Any:
+        r, _ = self.responsibilities(theta, units)
+        lab = jax.random.categorical(key, jnp.log(r), axis=-1, shape=(num_samples, r.shape[0]))
+        return jax.nn.one_hot(lab, self.K, dtype=self._dtype)
+
+    def m_step(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
+        new = self._gm.m_step(s, self._internal(theta), num_units)
+        out = {}
+        for role, v in new.items():
+            name = self._roles[role][0]
+            if name is None:
+                continue
+            if role == "covariances":
+                v = self._to_user(v)
+            out[name] = jnp.reshape(v, jnp.shape(theta[name]))
+        return out
+
+    def fit_warnings(self, theta: dict[str, Any]) -> list[str]:
+        return self._gm.fit_warnings(self._internal(theta)) if self._gm is not None else []
+
+    # ----- LatentModel face for samplers / post-fit tools -------------------------------------------
+    def log_densities(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
+        lj = self.log_joint_table(theta, units).T  # [n, K]
+        lz = jnp.log(self._internal(theta)["weights"]) if self._gm is not None else jnp.zeros_like(lj[0])
+        return jnp.sum(z * (lj - lz), -1), jnp.sum(z * lz, -1)
+
+    def unpack_latents(self, z: Any) -> dict[str, Any]:
+        return {self.latent_name: jnp.argmax(z, -1)}
+
+
+__all__ = ["NumPyroEnumModel", "has_enumerated_latents"]
