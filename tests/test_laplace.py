@@ -129,3 +129,15 @@ def test_mvn_sample_log_prob_matches_torch():
     assert z.shape == (5, 4, 3)
     assert torch.allclose(logq, ref, atol=1e-10)
     assert torch.allclose(mvn_log_prob(ops, z, mean, torch.linalg.cholesky(cov)), ref, atol=1e-10)
+
+
+def test_forward_mode_batched_jacobian_matches_reverse_mode():
+    from latentfit.inference.laplace import batched_jacobian_fwd
+
+    ops = TorchOps(dtype=torch.float64)
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def f(z):
+        return torch.stack([z[:, 0] * z[:, 1], torch.exp(z[:, 2]), z.sum(-1) ** 2, torch.sin(z[:, 0])], -1)
+
+    assert torch.allclose(batched_jacobian_fwd(ops, f, x), ops.batched_jacobian(f)(x), atol=1e-12)
