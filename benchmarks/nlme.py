@@ -72,7 +72,7 @@ def theophylline(repeats: int, num_iters) -> list[tuple]:
     try:
         import pyro
 
-        from examples.theophylline import theophylline_arrays, theophylline_model
+        from latentfit.examples.theophylline import theophylline_arrays, theophylline_model
         from latentfit.pyro import SAEM as PyroSAEM
 
         data = theophylline_arrays()

@@ -95,3 +95,18 @@ def test_options_are_validated_and_phases_follow_imh_iters():
     assert FSAEM(model, num_iters=(20, 5), imh_iters=10).phases() == [(1, 10, "imh"), (11, 25, "saem")]
     assert FSAEM(model, num_iters=(20, 5), imh_iters=0).phases() == [(1, 25, "saem")]
     assert FSAEM(model, num_iters=(3, 0), imh_iters=10, burn_in=0).phases() == [(1, 3, "imh")]
+
+
+def test_fsaem_front_door_for_plain_pyro_models():
+    """``latentfit.pyro.FSAEM`` runs f-SAEM on an ordinary Pyro model (the theophylline example)."""
+    import pyro
+
+    from latentfit.examples.theophylline import theophylline_arrays, theophylline_model
+    from latentfit.pyro import FSAEM as PyroFSAEM
+
+    pyro.clear_param_store()
+    fit = PyroFSAEM(theophylline_model, num_iters=(12, 3), imh_iters=5, seed=0, progress=False).run(
+        **theophylline_arrays())
+    acc = fit.acceptance["nlme_imh"]
+    assert np.all(acc[:5] > 0.6) and np.isnan(acc[5:]).all()
+    assert "a" in pyro.get_param_store()
