@@ -198,3 +198,18 @@ def test_exact_engines_refuse_continuous_latents_and_mc_engines_fit_them():
     assert abs(float(fit.params["mu"]) - float(y.mean())) < 0.05
     assert abs(float(fit.params["sigma"]) ** 2 - sigma2) < 0.05
     assert abs(float(fit.params["omega"]) ** 2 - omega2) < 0.1
+
+
+def test_engines_are_backend_neutral_on_jax():
+    """Same engines, JAX ops (compiled epochs, float32): FIEM reaches the torch EM fixed point to float32
+    precision (1e-4), TTSEM within MC error."""
+    jnp = pytest.importorskip("jax.numpy")
+    from latentfit.inference.ops_jax import JaxOps
+
+    x = _data(200).numpy()
+    star = EM(_gm(torch.as_tensor(x)), num_epochs=300, progress=False).run().params
+    fit = FIEM(_gm(x, ops=JaxOps(dtype=jnp.float32)), num_epochs=25, batch_size=10, progress=False).run()
+    assert fit.params["locs"].dtype == np.float32
+    assert _err(fit.params, star) < 1e-4
+    fit = TTSEM(_gm(x, ops=JaxOps(dtype=jnp.float32)), num_epochs=20, batch_size=10, progress=False).run()
+    assert _err(fit.params, star) < 2e-2
