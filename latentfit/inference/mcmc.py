@@ -81,16 +81,20 @@ def rw_componentwise(ops: Ops, key: Any, state: ChainState, scale: Any,
     xp = ops.xp
     d = state.z.shape[-1]
     keys = ops.split(key, 2 * d)
-    acc = []
-    for j in range(d):  # static loop over latent coordinates (d is small), vectorised over units
-        onehot = ops.asarray([1.0 if i == j else 0.0 for i in range(d)])
-        step = ops.normal(keys[2 * j], tuple(state.z.shape[:-1]))[..., None] * (scale * onehot)
-        z_new = state.z + step
+    eye = ops.asarray([[1.0 if i == j else 0.0 for i in range(d)] for j in range(d)])
+
+    def body(j: Any, carry: tuple[ChainState, Any]) -> tuple[ChainState, Any]:
+        # one latent coordinate (a loop over the small d, vectorised over chains and units)
+        st, acc = carry
+        onehot = eye[j]
+        step = ops.normal(keys[2 * j], tuple(st.z.shape[:-1]))[..., None] * (scale * onehot)
+        z_new = st.z + step
         ll_new, lp_new = evaluate(z_new)
-        log_ratio = ll_new + lp_new - state.log_lik - state.log_prior
-        state, ok = _accept(ops, keys[2 * j + 1], log_ratio, state, z_new, ll_new, lp_new)
-        acc.append(xp.mean(ok * 1.0))
-    return state, xp.stack(acc)
+        log_ratio = ll_new + lp_new - st.log_lik - st.log_prior
+        st, ok = _accept(ops, keys[2 * j + 1], log_ratio, st, z_new, ll_new, lp_new)
+        return st, acc + onehot * xp.mean(ok * 1.0)
+
+    return ops.fori_loop(0, d, body, (state, ops.zeros((d,))))
 
 
 def random_block_mask(ops: Ops, key: Any, d: int, k: Any) -> Any:
