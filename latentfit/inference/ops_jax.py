@@ -42,6 +42,36 @@ def _same_dtype(new: Any, old: Any) -> Any:
     return new if new.dtype == old.dtype else new.astype(old.dtype)
 
 
+def _skeleton(tree: Any) -> Any:
+    """The dict/list structure of ``tree`` with its key order, leaves dropped (to restore orders)."""
+    if isinstance(tree, dict):
+        return {k: _skeleton(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+        return type(tree)(_skeleton(v) for v in tree)
+    return None
+
+
+def _index(tree: Any, j: int) -> Any:
+    """Row ``j`` of every leaf, keeping dict key order (``tree_map`` would sort the keys)."""
+    if isinstance(tree, dict):
+        return {k: _index(v, j) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+        return type(tree)(_index(v, j) for v in tree)
+    return None if tree is None else tree[j]
+
+
+def _reorder_like(new: Any, old: Any) -> Any:
+    """``new`` with the dict key order of ``old`` (recursively)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = {k: _reorder_like(new[k], old[k]) for k in old if k in new}
+        out.update({k: v for k, v in new.items() if k not in old})
+        return out
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)) and len(old) == len(new) \
+            and not hasattr(old, "_fields"):
+        return type(new)(_reorder_like(a, b) for a, b in zip(new, old))
+    return new
+
+
 class JaxOps(Ops):
     """JAX flavour: ``xp = jax.numpy``, explicit PRNG keys, compiled chunks of iterations."""
 
@@ -170,25 +200,34 @@ class JaxOps(Ops):
         cache_key = (key, n) if key is not None else None
         compiled = self._compiled.get(cache_key) if cache_key is not None else None
         if compiled is None:
+            info_order: dict[str, Any] = {}
+            state_order = _skeleton(state)
+
             def typed_step(st, k):
-                # keep the carry's dtypes (an M-step may promote a float32 θ to float64 when the
+                # the step sees the state's dicts in the engine's key order (scan sorts them), and
+                # keeps the carry's dtypes (an M-step may promote a float32 θ to float64 when the
                 # data are float64): lax.scan needs the same types in and out
+                st = _reorder_like(st, state_order)
                 new, info = step(st, k)
                 new = jax.tree_util.tree_map(_same_dtype, new, st)
+                info_order["info"] = _skeleton(info)
                 return new, info
 
             def chunk(st, kk):
                 return lax.scan(typed_step, st, kk)
 
             t0 = time.perf_counter()
-            compiled = jax.jit(chunk).lower(state, ks_arr).compile()
+            compiled = (jax.jit(chunk).lower(state, ks_arr).compile(), info_order)
             self.compile_time += time.perf_counter() - t0
             self.num_compiles += 1
             if cache_key is not None:
                 self._compiled[cache_key] = compiled
-        state, infos = compiled(state, ks_arr)
-        infos = jax.tree_util.tree_map(np.asarray, infos)
-        return state, [jax.tree_util.tree_map(lambda a, j=j: a[j], infos) for j in range(n)]
+        executable, info_order = compiled
+        new_state, infos = executable(state, ks_arr)
+        # JAX hands dicts back with sorted keys: restore the engine's order (parameters, history)
+        state = _reorder_like(new_state, state)
+        infos = _reorder_like(jax.tree_util.tree_map(np.asarray, infos), info_order.get("info"))
+        return state, [_index(infos, j) for j in range(n)]
 
     def clear_cache(self) -> None:
         """Forget the compiled chunks (e.g. after changing an engine's options in place)."""
