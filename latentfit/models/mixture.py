@@ -31,7 +31,7 @@ from latentfit.inference.ops import Ops, TorchOps
 
 COVARIANCE_TYPES = ("full", "diag", "spherical")
 #: rows per chunk of the streamed full-data E-step (eager backends): keeps [chunk, K] arrays in cache
-CHUNK = 65536
+CHUNK = 32768
 
 
 def _identity(x: Any) -> Any:
@@ -111,8 +111,9 @@ class GaussianMixture(LatentModel):
              "diag": lambda v: v * v,
              "spherical": lambda v: xp.sum(v * v, 1, keepdims=True)}[covariance_type](xc)
         self.dq = int(q.shape[1])
-        self.F = xp.concatenate([q, xc, ops.ones((n, 1))], 1)  # [n, D]
-        self.D = int(self.F.shape[1])
+        # features-major layout [D, n]: reductions over components run across contiguous rows
+        self.FT = xp.concatenate([q, xc, ops.ones((n, 1))], 1).T + 0.0
+        self.D = int(self.FT.shape[0])
         self._eye = ops.asarray(np.eye(d))
         self.latent_dim = K
         self.latent_sites = [LatentSite("z", (), 0, K, kind="categorical")]
@@ -131,9 +132,9 @@ class GaussianMixture(LatentModel):
         ops, xp, K, d = self.ops, self.ops.xp, self.K, self.d
         out: dict[str, Any] = {}
         if weights is None or locs is None or covariances is None:
-            r = self._kmeans_responsibilities(seed, iters, None if locs is None else ops.asarray(locs))
-            s = self._sum_stats(r, None)
-            plain = self._closed_form(s["s"], None)
+            r, sub = self._kmeans_responsibilities(seed, iters, None if locs is None else ops.asarray(locs))
+            s = self._sum_stats(r, sub)["s"] * (self.num_units / int(r.shape[0]))
+            plain = self._closed_form(s, None)
         if weights is None:
             out["weights"] = plain["weights"]
         else:
@@ -162,12 +163,14 @@ class GaussianMixture(LatentModel):
             out["covariances"] = c
         return out
 
-    def _kmeans_responsibilities(self, seed: int, iters: int, locs: Any) -> Any:
-        """Hard assignments from k-means++ seeding + Lloyd iterations on a subsample (≤ 20 000 points)."""
+    def _kmeans_responsibilities(self, seed: int, iters: int, locs: Any) -> tuple[Any, Any]:
+        """Hard assignments ``[m, K]`` of a subsample (≤ 20 000 points, indices returned; None = all)
+        from k-means++ seeding + Lloyd iterations (the initial θ is the M-step of these)."""
         ops, xp, K, n = self.ops, self.ops.xp, self.K, self.num_units
         rng = np.random.default_rng(seed)
         xc = self.x - self.shift
-        sub = xc if n <= 20000 else ops.take(xc, ops.asarray(rng.choice(n, 20000, replace=False)), 0)
+        sub_idx = None if n <= 20000 else ops.asarray(np.sort(rng.choice(n, 20000, replace=False)))
+        sub = xc if sub_idx is None else ops.take(xc, sub_idx, 0)
         if locs is None:
             m = int(sub.shape[0])
             first = int(rng.integers(m))
@@ -188,7 +191,7 @@ class GaussianMixture(LatentModel):
                 c = xp.where((cnt > 0)[:, None], newc, c)
         else:
             c = locs - self.shift
-        return _one_hot(ops, xp.argmin(_sqdist(xp, xc, c), 1), K)
+        return _one_hot(ops, xp.argmin(_sqdist(xp, sub, c), 1), K), sub_idx
 
     def _check_covariances(self, cov: Any) -> None:
         xp = self.ops.xp
@@ -244,23 +247,30 @@ class GaussianMixture(LatentModel):
                 "reg_covar or use regularize=True")
         return 0.5 * (prec + xp.swapaxes(prec, -1, -2)), logdet
 
+    def _features_t(self, units: Any) -> Any:
+        """``F(x_i)ᵀ`` for the units: ``[D, b]``."""
+        return self.FT if units is None else self.ops.take(self.FT, units, 1)
+
     def _features(self, units: Any) -> Any:
-        return self.F if units is None else self.ops.take(self.F, units, 0)
+        """``F(x_i)`` for the units: ``[b, D]`` (a transposed view)."""
+        return self._features_t(units).T
 
     def log_component(self, theta: dict[str, Any], units: Any = None) -> Any:
         """``log ω_k + log N(x_i; μ_k, Σ_k)``: ``[n, K]``."""
-        return self._features(units) @ self._coefficients(theta)
+        return (self._coefficients(theta).T @ self._features_t(units)).T
 
     def responsibilities(self, theta: dict[str, Any], units: Any = None) -> tuple[Any, Any]:
         """``(r [n, K], log p(x_i; θ) [n])``."""
-        return self._softmax(self.log_component(theta, units))
+        r_t, ll = self._softmax_t(self._coefficients(theta).T @ self._features_t(units))
+        return r_t.T, ll
 
-    def _softmax(self, lc: Any) -> tuple[Any, Any]:
+    def _softmax_t(self, lc_t: Any) -> tuple[Any, Any]:
+        """Column-wise softmax and log-sum-exp of ``[K, b]`` log-weights (one exp per entry)."""
         xp = self.ops.xp
-        m = xp.amax(lc, 1, keepdims=True)
-        e = xp.exp(lc - m)  # one exp per (point, component): log-sum-exp and softmax share it
-        tot = xp.sum(e, 1, keepdims=True)
-        return e / tot, (xp.log(tot) + m)[:, 0]
+        m = xp.amax(lc_t, 0)
+        e = xp.exp(lc_t - m)
+        tot = xp.sum(e, 0)
+        return e / tot, xp.log(tot) + m
 
     def _sum_stats(self, r: Any, units: Any) -> dict[str, Any]:
         return {"s": r.T @ self._features(units)}  # [K, D]
@@ -272,17 +282,17 @@ class GaussianMixture(LatentModel):
     def sum_expected_stats(self, theta: dict[str, Any], units: Any = None) -> tuple[dict[str, Any], Any]:
         """``Σ_i r_i ⊗ F(x_i)`` and ``Σ_i log p(x_i)`` in one pass; eager backends stream cache-sized chunks."""
         xp = self.ops.xp
-        F = self._features(units)
-        n = int(F.shape[0])
+        FT = self._features_t(units)
+        n = int(FT.shape[1])
+        CT = self._coefficients(theta).T
         if self.ops.jittable or n <= CHUNK:
-            r, ll = self._softmax(F @ self._coefficients(theta))
-            return {"s": r.T @ F}, xp.sum(ll)
-        C = self._coefficients(theta)
+            r_t, ll = self._softmax_t(CT @ FT)
+            return {"s": r_t @ FT.T}, xp.sum(ll)
         S, L = 0.0, 0.0
         for a in range(0, n, CHUNK):
-            Fc = F[a:a + CHUNK]
-            r, ll = self._softmax(Fc @ C)
-            S = S + r.T @ Fc
+            Fc = FT[:, a:a + CHUNK]
+            r_t, ll = self._softmax_t(CT @ Fc)
+            S = S + r_t @ Fc.T
             L = L + xp.sum(ll)
         return {"s": S}, L
 
