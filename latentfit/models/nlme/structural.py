@@ -79,7 +79,7 @@ def _p(psi: dict[str, Any], name: str) -> Any:
 
 def _superpose(xp: Any, contrib: Any, valid: Any) -> Any:
     if valid is None:
-        return xp.sum(contrib, -1)
+        return contrib[..., 0] if contrib.shape[-1] == 1 else xp.sum(contrib, -1)
     return xp.sum(xp.where(valid, contrib, 0.0), -1)
 
 
