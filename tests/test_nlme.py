@@ -376,6 +376,14 @@ def test_pyro_model_has_the_same_log_joint():
                                                    "omega2_CL", "b"}
 
 
+def test_nonfinite_likelihood_names_the_observation():
+    df = _pk_table(n=3)
+    df.loc[1, "TIME"] = 0.0  # an observation at the dosing time: oral prediction 0
+    model = nlme.NLME("one_compartment_oral", {"ka": 1.2, "V": 20.0, "CL": 2.0}, error="proportional", data=df)
+    with pytest.raises(ModelSpecificationError, match=r"ID 1 \(row 1, TIME 0.0.*use error='combined'"):
+        model.fit(progress=False, num_iters=(3, 0), burn_in=0)
+
+
 def test_specification_errors_are_clear():
     with pytest.raises(ModelSpecificationError, match="unknown structural model"):
         nlme.NLME("three_compartment", {"V": 1.0})

@@ -494,6 +494,39 @@ class NLME(LatentModel):
     def unpack_latents(self, z: Any) -> dict[str, Any]:
         return {nm: self.params[nm].to_constrained(z[..., k]) for k, nm in enumerate(self.random_names)}
 
+    def check_initial_values(self) -> None:
+        """Raise a clear error when any individual's log-density is not finite at the initial values
+        (at the prior means), e.g. a zero prediction under a proportional error."""
+        xp = self.ops.xp
+        theta = self.init_params()
+        z = self.prior_moments(theta)[0]
+        ll, lp = self.log_densities(theta, z)
+        if not bool(xp.all(xp.isfinite(ll + lp))):
+            self.raise_for_nonfinite(theta, z[None])
+
+    def raise_for_nonfinite(self, theta: dict[str, Any], z: Any) -> None:
+        """Name the first individual / observation whose log-density is not finite, with a hint."""
+        ops = self.ops
+        mu = self._mu(theta)
+        f = ops.to_numpy(self.structural_prediction(theta, z, mu=mu))
+        terms = ops.to_numpy(self._obs_terms(theta, self.structural_prediction(theta, z, mu=mu), None))
+        bad = ~np.isfinite(terms)
+        if bad.any():
+            idx = np.argwhere(bad)[0]
+            c, i, t = (0, *idx) if idx.size == 2 else tuple(idx[-3:])
+            hint = ""
+            if not np.isfinite(f[c, i, t]):
+                hint = "the structural model returns NaN/inf there (check the initial parameter values)"
+            elif self.error == "proportional" and f[c, i, t] == 0:
+                hint = "the prediction is 0 there, so a proportional error has sd 0: use error='combined'"
+            elif self.error == "exponential" and f[c, i, t] <= 0:
+                hint = "the prediction is <= 0 there, where an exponential error needs a positive prediction"
+            raise ModelSpecificationError(
+                f"the log-likelihood is not finite at the initial parameter values for ID {_id(self.data.ids[i])} "
+                f"(row {self.data.obs_rows[i, t]}, TIME {self.data.time[i, t]}, prediction {f[c, i, t]:.4g})"
+                + (f": {hint}" if hint else ""))
+        super().raise_for_nonfinite(theta, z)
+
     # ----- exponential-family face (saemix M-step) ------------------------------------------------
     def stats(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
         xp = self.ops.xp
@@ -637,6 +670,7 @@ class NLME(LatentModel):
         options.setdefault("newton_steps", 3)
         model = self.bind(data) if data is not None else self
         model._require_data()
+        model.check_initial_values()
         engine = engine.lower()
         if engine == "saem":
             from latentfit.inference.saem import SAEM as cls
