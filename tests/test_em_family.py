@@ -140,7 +140,7 @@ def test_tables_and_snapshots_follow_data_dtype_and_device():
 def test_tables_on_gpu():
     x = _data(200).cuda()
     fit = FIEM(_gm(x), num_epochs=3, batch_size=20, progress=False).run()
-    assert fit.state["table"]["s"].device.type == "cuda"
+    assert fit.state["table"]["r"].device.type == "cuda"
     assert fit.state["theta"]["locs"].device.type == "cuda"
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .stats_table import ProxyRule, StatEngine, Stats, default_fast_step, s_copy, s_put, s_sub, s_sum, s_take
+from .stats_table import ProxyRule, StatEngine, Stats, default_fast_step, s_copy, s_put, s_sub, s_take
 
 
 class SagaRule(ProxyRule):
@@ -35,12 +35,12 @@ class SagaRule(ProxyRule):
         ops = eng.ops
         ki, kj = ops.split(key) if key is not None else (None, None)
         new_i, state = eng.oracle(state, theta, bi, ki)
-        drift_i = s_sum(ops, s_sub(new_i, s_take(ops, state["table"], bi)))
+        drift_i = eng.reduce(s_sub(new_i, s_take(ops, state["table"], bi)), bi)
         c = eng.batch_scale
         s_bar = state["s_bar"]
         proxy = {k: v + c * drift_i[k] for k, v in s_bar.items()}
         new_j, state = eng.oracle(state, theta, bj, kj)
-        drift_j = s_sum(ops, s_sub(new_j, s_take(ops, state["table"], bj)))
+        drift_j = eng.reduce(s_sub(new_j, s_take(ops, state["table"], bj)), bj)
         s_bar = {k: v + drift_j[k] for k, v in s_bar.items()}
         table = s_put(ops, state["table"], bj, new_j)
         return proxy, dict(state, s_bar=s_bar, table=table)

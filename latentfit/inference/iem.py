@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .stats_table import ProxyRule, StatEngine, Stats, s_copy, s_put, s_sub, s_sum, s_take
+from .stats_table import ProxyRule, StatEngine, Stats, s_copy, s_put, s_sub, s_take
 
 
 class IncrementalRule(ProxyRule):
@@ -32,7 +32,7 @@ class IncrementalRule(ProxyRule):
         ops = eng.ops
         new, state = eng.oracle(state, theta, bi, key)
         old = s_take(ops, state["table"], bi)
-        delta = s_sum(ops, s_sub(new, old))
+        delta = eng.reduce(s_sub(new, old), bi)
         s_run = {k: v + delta[k] for k, v in state["s_run"].items()}
         table = s_put(ops, state["table"], bi, new)
         return s_run, dict(state, s_run=s_run, table=table)

@@ -130,6 +130,22 @@ class LatentModel:
         ll = xp.sum(self.marginal_log_lik(theta, units)) if self.has_exact_marginal else None
         return {k: xp.sum(v, 0) for k, v in s.items()}, ll
 
+    # compact per-unit rows for the incremental engines' tables: any pytree that the statistics
+    # depend on *linearly* (e.g. a mixture's responsibilities r_i, with S_i = r_i ⊗ F(y_i)); the
+    # default rows are the statistics themselves
+    def expected_rows(self, theta: dict[str, Any], units: Any = None) -> dict[str, Any]:
+        """Per-unit rows of the exact statistics ``s̄_i(θ)`` (see :meth:`reduce_rows`)."""
+        return self.expected_stats(theta, units)
+
+    def stats_rows(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
+        """Per-unit rows of the complete-data statistics ``S(z_i, y_i)`` for draws ``z [..., n, ...]``."""
+        return self.stats(theta, z, units)
+
+    def reduce_rows(self, rows: dict[str, Any], units: Any = None) -> dict[str, Any]:
+        """``Σ_{i∈units} S_i`` from per-unit rows (linear in the rows)."""
+        xp = self.ops.xp
+        return {k: xp.sum(v, 0) for k, v in rows.items()}
+
     # exact posterior draws of the latents (discrete latents, conjugate models); used by the
     # Monte-Carlo EM engines (MCEM, TTSEM) instead of MCMC when available
     has_posterior_sampler: bool = False

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .stats_table import ProxyRule, StatEngine, Stats, s_scale, s_sum
+from .stats_table import ProxyRule, StatEngine, Stats, s_scale
 
 
 class OnlineRule(ProxyRule):
@@ -20,7 +20,7 @@ class OnlineRule(ProxyRule):
     def proxy(self, eng: StatEngine, state: dict[str, Any], theta: dict[str, Any], bi: Any, bj: Any,
               key: Any) -> tuple[Stats, dict[str, Any]]:
         new, state = eng.oracle(state, theta, bi, key)
-        return s_scale(s_sum(eng.ops, new), eng.batch_scale), state
+        return s_scale(eng.reduce(new, bi), eng.batch_scale), state
 
 
 class SEM(StatEngine):

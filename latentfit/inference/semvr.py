@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .stats_table import ProxyRule, StatEngine, Stats, default_fast_step, s_sub, s_sum, s_take
+from .stats_table import ProxyRule, StatEngine, Stats, default_fast_step, s_sub, s_take
 
 
 class SnapshotRule(ProxyRule):
@@ -35,7 +35,7 @@ class SnapshotRule(ProxyRule):
               key: Any) -> tuple[Stats, dict[str, Any]]:
         ops = eng.ops
         new, state = eng.oracle(state, theta, bi, key)
-        delta = s_sum(ops, s_sub(new, s_take(ops, state["snap_table"], bi)))
+        delta = eng.reduce(s_sub(new, s_take(ops, state["snap_table"], bi)), bi)
         c = eng.batch_scale
         return {k: v + c * delta[k] for k, v in state["snap_sum"].items()}, state
 

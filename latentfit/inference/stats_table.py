@@ -13,7 +13,8 @@ units, as ``LatentModel.m_step`` expects):
    otherwise ``ŝ = S̃``);
 4. the M-step ``θ^{t+1} = θ̄(ŝ^{(t+1)})`` (closed form from the model).
 
-The per-unit statistic ``s̄_i(θ)`` comes from an *oracle*: exact (``model.expected_stats``) or
+The per-unit statistic ``s̄_i(θ)`` (as compact per-unit *rows* the statistics depend on linearly,
+``model.reduce_rows`` giving the sums) comes from an *oracle*: exact (``model.expected_stats``) or
 Monte Carlo (mean of ``S(z_{i,m}, y_i)`` over ``num_samples`` draws, exact posterior draws when the
 model has a sampler, otherwise warm-started batched MH chains).
 
@@ -212,11 +213,15 @@ class StatEngine(Engine):
         """Per-unit statistics ``s̄_i(θ)`` (exact) or their MC estimate, ``[b, ...]`` each."""
         model, xp = self.model, self.ops.xp
         if not self.monte_carlo:
-            return model.expected_stats(theta, units), state
+            return model.expected_rows(theta, units), state
         if model.has_posterior_sampler:
             z = model.sample_posterior(theta, key, self.num_samples, units)
-            return {k: xp.mean(v, 0) for k, v in model.stats(theta, z, units).items()}, state
+            return {k: xp.mean(v, 0) for k, v in model.stats_rows(theta, z, units).items()}, state
         return self._mcmc_oracle(state, theta, units, key)
+
+    def reduce(self, rows: Stats, units: Any) -> Stats:
+        """``Σ_{i∈units}`` of the statistics whose per-unit rows are ``rows`` (model.reduce_rows)."""
+        return self.model.reduce_rows(rows, units)
 
     def full_pass(self, state: dict[str, Any], theta: dict[str, Any],
                   key: Any) -> tuple[Stats, Stats | None, Any, dict[str, Any]]:
@@ -225,9 +230,8 @@ class StatEngine(Engine):
         if not self.monte_carlo and not self.needs_table:
             total, ll = self.model.sum_expected_stats(theta, None)
             return total, None, ll, state
-        units = ops.arange(self.model.num_units)
-        rows, state = self.oracle(state, theta, units, key)
-        return s_sum(ops, rows), rows, None, state
+        rows, state = self.oracle(state, theta, ops.arange(self.model.num_units), key)
+        return self.reduce(rows, None), rows, None, state
 
     def _mcmc_oracle(self, state: dict[str, Any], theta: dict[str, Any], units: Any,
                      key: Any) -> tuple[Stats, dict[str, Any]]:
@@ -250,7 +254,7 @@ class StatEngine(Engine):
             chain, acc = mcmc.rw_componentwise(ops, keys[2 * s + 1], chain, scale, evaluate)
             scale = mcmc.adapt_scale(scale, acc)
         state = dict(state, z=ops.scatter_owned(z_tab, units, xp.swapaxes(chain.z, 0, 1)), rw_scale=scale)
-        stats = model.stats(theta, chain.z, units)
+        stats = model.stats_rows(theta, chain.z, units)
         return {k: xp.mean(v, 0) for k, v in stats.items()}, state
 
     # ----- M-step ------------------------------------------------------------------------------------------

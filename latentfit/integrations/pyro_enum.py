@@ -235,6 +235,15 @@ class PyroEnumModel(LatentModel):
         r, _ = self.responsibilities(theta, units)
         return {"s": r[:, :, None] * self._gm._features(units)[:, None, :]}
 
+    def expected_rows(self, theta: dict[str, Any], units: Any = None) -> dict[str, Any]:
+        return {"r": self.responsibilities(theta, units)[0]}
+
+    def stats_rows(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
+        return {"r": z}
+
+    def reduce_rows(self, rows: dict[str, Any], units: Any = None) -> dict[str, Any]:
+        return self._gm.reduce_rows(rows, units)
+
     def sum_expected_stats(self, theta: dict[str, Any], units: Any = None) -> tuple[dict[str, Any], Any]:
         r, ll = self.responsibilities(theta, units)
         return self._gm._sum_stats(r, units), ll.sum()

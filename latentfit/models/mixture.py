@@ -111,9 +111,11 @@ class GaussianMixture(LatentModel):
              "diag": lambda v: v * v,
              "spherical": lambda v: xp.sum(v * v, 1, keepdims=True)}[covariance_type](xc)
         self.dq = int(q.shape[1])
-        # features-major layout [D, n]: reductions over components run across contiguous rows
-        self.FT = xp.concatenate([q, xc, ops.ones((n, 1))], 1).T + 0.0
-        self.D = int(self.FT.shape[0])
+        # rows [n, D] for mini-batch gathers; features-major copy [D, n] for full passes (reductions
+        # over components then run across contiguous rows)
+        self.F = xp.concatenate([q, xc, ops.ones((n, 1))], 1)
+        self.FT = self.F.T + 0.0
+        self.D = int(self.F.shape[1])
         self._eye = ops.asarray(np.eye(d))
         self.latent_dim = K
         self.latent_sites = [LatentSite("z", (), 0, K, kind="categorical")]
@@ -249,11 +251,11 @@ class GaussianMixture(LatentModel):
 
     def _features_t(self, units: Any) -> Any:
         """``F(x_i)ᵀ`` for the units: ``[D, b]``."""
-        return self.FT if units is None else self.ops.take(self.FT, units, 1)
+        return self.FT if units is None else self.ops.take(self.F, units, 0).T
 
     def _features(self, units: Any) -> Any:
-        """``F(x_i)`` for the units: ``[b, D]`` (a transposed view)."""
-        return self._features_t(units).T
+        """``F(x_i)`` for the units: ``[b, D]``."""
+        return self.F if units is None else self.ops.take(self.F, units, 0)
 
     def log_component(self, theta: dict[str, Any], units: Any = None) -> Any:
         """``log ω_k + log N(x_i; μ_k, Σ_k)``: ``[n, K]``."""
@@ -278,6 +280,16 @@ class GaussianMixture(LatentModel):
     def expected_stats(self, theta: dict[str, Any], units: Any = None) -> dict[str, Any]:
         r, _ = self.responsibilities(theta, units)
         return {"s": r[:, :, None] * self._features(units)[:, None, :]}  # [b, K, D]
+
+    # compact rows for the incremental engines' tables: S_i = r_i ⊗ F(x_i) is linear in r_i [K]
+    def expected_rows(self, theta: dict[str, Any], units: Any = None) -> dict[str, Any]:
+        return {"r": self.responsibilities(theta, units)[0]}
+
+    def stats_rows(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
+        return {"r": z}
+
+    def reduce_rows(self, rows: dict[str, Any], units: Any = None) -> dict[str, Any]:
+        return {"s": rows["r"].T @ self._features(units)}
 
     def sum_expected_stats(self, theta: dict[str, Any], units: Any = None) -> tuple[dict[str, Any], Any]:
         """``Σ_i r_i ⊗ F(x_i)`` and ``Σ_i log p(x_i)`` in one pass; eager backends stream cache-sized chunks."""
