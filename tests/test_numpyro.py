@@ -221,7 +221,7 @@ def test_same_model_in_both_ppls_agrees_within_monte_carlo_error():
     the 8 seeds agree to within a third of that sd), i.e. rtol 5% (ka), 3% (V, CL), 2% (a),
     15% / 45% / 30% (ω² of ka, V, CL).
     """
-    from conftest import theophylline_fit
+    from backends import theophylline_fit
 
     p, n = theophylline_fit("pyro").params, theophylline_fit("numpyro").params
     rel = np.r_[np.exp(n["mu"] - p["mu"]), n["a"] / p["a"], (n["omega"] / p["omega"]) ** 2] - 1.0

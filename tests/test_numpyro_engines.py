@@ -72,10 +72,9 @@ def test_fsaem_proposal_is_the_exact_conditional_when_compiled_on_jax():
     from latentfit.inference.fsaem import FSAEM
 
     model = _linear_nlme().with_ops(JaxOps())
-    fit = FSAEM(model, num_iters=(6, 0), imh_iters=4, imh_steps=4, progress=False).run(jax.random.PRNGKey(1))
-    acc = fit.acceptance["nlme_imh"]
-    np.testing.assert_array_equal(acc[:4], np.ones(4))
-    assert np.isnan(acc[4:]).all()
+    fit = FSAEM(model, num_iters=(4, 0), imh_iters=4, imh_steps=4, burn_in=2, progress=False).run(
+        jax.random.PRNGKey(1))  # the IMH phase only: one compilation
+    np.testing.assert_array_equal(fit.acceptance["nlme_imh"], np.ones(4))
 
 
 def test_fsaem_on_the_numpyro_model_of_an_nlme():
@@ -83,10 +82,10 @@ def test_fsaem_on_the_numpyro_model_of_an_nlme():
     from latentfit.numpyro import FSAEM
 
     model = _linear_nlme()
-    fit = FSAEM(model.numpyro_model, num_iters=(6, 0), imh_iters=4, imh_steps=4, progress=False).run(
+    fit = FSAEM(model.numpyro_model, num_iters=(4, 0), imh_iters=4, imh_steps=4, burn_in=2, progress=False).run(
         jax.random.PRNGKey(2))
     assert fit.engine.laplace_method == "gauss_newton"
-    np.testing.assert_array_equal(fit.acceptance["nlme_imh"][:4], np.ones(4))
+    np.testing.assert_array_equal(fit.acceptance["nlme_imh"], np.ones(4))
 
 
 def _plain_numpyro_mixture(init: dict, cov: str):
