@@ -50,7 +50,8 @@ class GaussianMixture(LatentModel):
     covariance_type : {"full", "diag", "spherical"}
         Parameter ``covariances`` is ``[K, d, d]``, ``[K, d]`` or ``[K]`` accordingly.
     weights, locs, covariances : optional
-        Initial values; missing ones come from k-means++ seeding plus a few Lloyd iterations.
+        Initial values; missing ones come from greedy k-means++ seeding plus Lloyd iterations on a
+        subsample of at most 20 000 points.
     fixed : sequence of str
         Parameters held at their initial values (e.g. ``("weights", "covariances")`` for the
         means-only GMM of the FIEM / TTSEM papers).
@@ -71,7 +72,7 @@ class GaussianMixture(LatentModel):
     def __init__(self, x: Any, num_components: int, covariance_type: str = "full", *,
                  weights: Any = None, locs: Any = None, covariances: Any = None,
                  fixed: tuple[str, ...] | list[str] = (), reg_covar: float = 1e-6,
-                 regularize: bool | tuple[float, float] = False, seed: int = 0, init_iters: int = 10,
+                 regularize: bool | tuple[float, float] = False, seed: int = 0, init_iters: int = 100,
                  ops: Ops | None = None) -> None:
         if covariance_type not in COVARIANCE_TYPES:
             raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}")
@@ -173,20 +174,27 @@ class GaussianMixture(LatentModel):
         xc = self.x - self.shift
         sub_idx = None if n <= 20000 else ops.asarray(np.sort(rng.choice(n, 20000, replace=False)))
         sub = xc if sub_idx is None else ops.take(xc, sub_idx, 0)
-        if locs is None:
+        if locs is None:  # greedy k-means++ (2 + log K candidates per centre), then Lloyd to convergence
             m = int(sub.shape[0])
-            first = int(rng.integers(m))
-            centres = [sub[first]]
+            trials = 2 + int(np.log(K))
+            centres = [sub[int(rng.integers(m))]]
             d2 = xp.sum((sub - centres[0]) ** 2, 1)
             for _ in range(1, K):
                 p = ops.to_numpy(d2).astype(np.float64)
                 tot = p.sum()
-                idx = int(rng.choice(m, p=p / tot)) if tot > 0 else int(rng.integers(m))
-                centres.append(sub[idx])
-                d2 = xp.minimum(d2, xp.sum((sub - sub[idx]) ** 2, 1))
+                cand = rng.choice(m, trials, p=p / tot) if tot > 0 else rng.integers(m, size=trials)
+                cd = _sqdist(xp, sub, ops.take(sub, ops.asarray(cand), 0))  # [m, trials]
+                pot = xp.sum(xp.minimum(d2[:, None], cd), 0)
+                best = int(xp.argmin(pot))
+                centres.append(sub[int(cand[best])])
+                d2 = xp.minimum(d2, cd[:, best])
             c = xp.stack(centres)
+            lab_old = None
             for _ in range(iters):
                 lab = xp.argmin(_sqdist(xp, sub, c), 1)
+                if lab_old is not None and bool(xp.all(lab == lab_old)):
+                    break
+                lab_old = lab
                 onehot = _one_hot(ops, lab, K)
                 cnt = xp.sum(onehot, 0)
                 newc = (onehot.T @ sub) / xp.where(cnt > 0, cnt, 1.0)[:, None]
