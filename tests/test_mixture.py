@@ -204,3 +204,39 @@ def test_collapsing_component_warns_and_never_gives_nan():
                               weights=[0.4, 0.4, 0.2], regularize=True)
         fit = FIEM(reg, num_epochs=10, batch_size=20, progress=False).run()
     assert np.all(np.isfinite(fit.params["covariances"])) and fit.params["weights"].min() > 0
+
+
+def test_ttsem_on_a_plain_pyro_mixture_uses_enumerated_posterior_draws():
+    from latentfit.pyro import TTSEM as PyroTTSEM
+
+    x = torch.tensor(_simulate(200, seed=8)[0])
+    gm = GaussianMixture(x, 3, "diag", seed=0)
+    init = {k: p.value.clone() for k, p in gm.params.items()}
+    ref = EM(gm, num_epochs=300, progress=False).run().params
+    pyro.clear_param_store()
+    fit = PyroTTSEM(_plain_pyro_mixture(init, "diag"), num_epochs=20, batch_size=10, variant="vr",
+                    progress=False).run(x)
+    np.testing.assert_allclose(fit.params["mu"], ref["locs"], atol=2e-2)
+
+
+def test_enumerated_model_without_closed_form_says_so():
+    from latentfit.pyro import EM as PyroEM
+
+    counts = torch.tensor(np.random.default_rng(9).poisson(3.0, size=50), dtype=torch.float64)
+
+    def poisson_mixture(y):
+        w = pyro.param("w", torch.tensor([0.5, 0.5], dtype=torch.float64), constraint=constraints.simplex)
+        rates = pyro.param("rates", torch.tensor([1.0, 5.0], dtype=torch.float64), constraint=constraints.positive)
+        with pyro.plate("data", y.shape[0]):
+            z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample("obs", dist.Poisson(rates[z]), obs=y)
+
+    pyro.clear_param_store()
+    enum = PyroEnumModel(poisson_mixture, (counts,))
+    th = enum.init_params()
+    direct = np.log(0.5 * np.exp(-1.0) * 1.0 ** counts.numpy() + 0.5 * np.exp(-5.0) * 5.0 ** counts.numpy()) \
+        - np.array([np.sum(np.log(np.arange(1, int(c) + 1))) for c in counts.numpy()])
+    np.testing.assert_allclose(enum.marginal_log_lik(th).numpy(), direct, rtol=1e-10)
+    pyro.clear_param_store()
+    with pytest.raises(ModelSpecificationError, match="no closed-form M-step"):
+        PyroEM(poisson_mixture, num_epochs=3, progress=False).run(counts)

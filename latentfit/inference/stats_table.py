@@ -193,12 +193,16 @@ class StatEngine(Engine):
         model = self.model
         if self.monte_carlo:
             if not model.has_stats:
+                reason = getattr(model, "no_stats_reason", None)
+                if reason:
+                    raise ModelSpecificationError(reason)
                 raise ModelSpecificationError(
                     f"{self.name} needs sufficient statistics (model.stats / m_step); no closed-form "
                     "statistic was found for this model")
         elif not model.has_expected_stats:
+            reason = getattr(model, "no_stats_reason", None)
             raise ModelSpecificationError(
-                f"{self.name} needs an exact E-step (model.expected_stats): discrete latents with "
+                reason or f"{self.name} needs an exact E-step (model.expected_stats): discrete latents with "
                 "enumeration or a model family that supplies it; for continuous latents use MCEM, "
                 "MiniBatchMCEM, TTSEM or SAEM")
         numeric = model.numeric_params

@@ -80,6 +80,13 @@ class PyroEnumModel(LatentModel):
         self._gm: GaussianMixture | None = None
         self._recognise()
         self.has_stats = self.has_expected_stats = self._gm is not None
+        if self._gm is None:
+            self.no_stats_reason = (
+                "the enumeration adapter computes this model's exact responsibilities and marginal "
+                "log-likelihood, but found no closed-form M-step: the recognised pattern is a Categorical "
+                "label (probs a param or constant) with one Normal(locs[z], scales[z]) or "
+                "MultivariateNormal(locs[z], covariance_matrix=covs[z] | scale_tril=trils[z]) observation; "
+                "write the model as such a mixture, use a model family, or fit it with SVI/TraceEnum_ELBO")
 
     # ----- structure --------------------------------------------------------------------------------
     def _find_sites(self, tr: Any) -> None:
