@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,10 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+# identical programs (the same model fitted again: other seeds, other options of the driver) are
+# compiled once per test session
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="latentfit-jax-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 BACKENDS = ("pyro", "numpyro")
 
