@@ -181,7 +181,12 @@ class JaxOps(Ops):
         return lax.cond(pred, true_fn, false_fn, *operands)
 
     def fori_loop(self, lower: int, upper: int, body: Callable[[int, Any], Any], init: Any) -> Any:
-        return lax.fori_loop(lower, upper, body, init)
+        """``lax.fori_loop``; the carry keeps the dtypes of ``init`` (mixed float32/float64 models)."""
+
+        def typed_body(i: Any, val: Any) -> Any:
+            return jax.tree_util.tree_map(_same_dtype, body(i, val), val)
+
+        return lax.fori_loop(lower, upper, typed_body, init)
 
     def jit(self, f: Callable, static_argnums: tuple[int, ...] = ()) -> Callable:
         return jax.jit(f, static_argnums=static_argnums)
