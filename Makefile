@@ -21,11 +21,14 @@ setup: $(STAMP)
 demo: setup
 	MPLBACKEND=Agg $(BIN)/python -m latentfit demo
 
+# Tests work on small tensors: one intra-op thread avoids oversubscribing small CPUs.
+TEST_ENV := MPLBACKEND=Agg OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
 test: setup
-	MPLBACKEND=Agg $(BIN)/python -m pytest -q
+	$(TEST_ENV) $(BIN)/python -m pytest -q
 
 test-slow: setup
-	MPLBACKEND=Agg $(BIN)/python -m pytest -q -m slow
+	$(TEST_ENV) $(BIN)/python -m pytest -q -m slow
 
 lint: setup
 	$(BIN)/python -m ruff check latentfit tests examples benchmarks
