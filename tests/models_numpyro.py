@@ -30,3 +30,46 @@ def random_slope(t: jnp.ndarray, y: jnp.ndarray) -> None:
         b = numpyro.sample("b", dist.MultivariateNormal(mu, covariance_matrix=cov))
         with numpyro.plate("obs", m, dim=-1):
             numpyro.sample("y", dist.Normal(b[..., 0] + b[..., 1] * t, sigma), obs=y)
+
+
+# ----- models for the bad-input tests ------------------------------------------------------------------------
+def no_latent(y: jnp.ndarray) -> None:
+    mu = numpyro.param("mu", jnp.array(0.0, dtype=y.dtype))
+    with numpyro.plate("unit", y.shape[0]):
+        numpyro.sample("y", dist.Normal(mu, 1.0), obs=y[:, 0])
+
+
+def no_param(y: jnp.ndarray) -> None:
+    with numpyro.plate("unit", y.shape[0], dim=-2):
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+        with numpyro.plate("obs", y.shape[1], dim=-1):
+            numpyro.sample("y", dist.Normal(b, 1.0), obs=y)
+
+
+def two_plates(y: jnp.ndarray) -> None:
+    mu = numpyro.param("mu", jnp.array(0.0, dtype=y.dtype))
+    with numpyro.plate("rows", y.shape[0], dim=-1):
+        b = numpyro.sample("b", dist.Normal(mu, 1.0))
+    with numpyro.plate("cols", y.shape[1], dim=-1):
+        c = numpyro.sample("c", dist.Normal(0.0, 1.0))
+    with numpyro.plate("r2", y.shape[0], dim=-2), numpyro.plate("c2", y.shape[1], dim=-1):
+        numpyro.sample("y", dist.Normal(b[..., :, None] + c[..., None, :], 1.0), obs=y)
+
+
+def nan_at_init(y: jnp.ndarray) -> None:
+    mu = numpyro.param("mu", jnp.array(0.0, dtype=y.dtype))
+    noise = numpyro.param("noise", jnp.array(-1.0, dtype=y.dtype))  # unconstrained: a negative sd
+    with numpyro.plate("unit", y.shape[0], dim=-2):
+        b = numpyro.sample("b", dist.Normal(mu, 1.0))
+        with numpyro.plate("obs", y.shape[1], dim=-1):
+            numpyro.sample("y", dist.Normal(b, noise), obs=y)
+
+
+def masked_intercept(y: jnp.ndarray, mask: jnp.ndarray) -> None:
+    """Random intercept whose NaN observations are masked out (and zeroed)."""
+    mu = numpyro.param("mu", jnp.array(0.0, dtype=y.dtype))
+    omega = numpyro.param("omega", jnp.array(1.0, dtype=y.dtype), constraint=constraints.positive)
+    with numpyro.plate("unit", y.shape[0], dim=-2):
+        b = numpyro.sample("b", dist.Normal(mu, omega))
+        with numpyro.plate("obs", y.shape[1], dim=-1):
+            numpyro.sample("y", dist.Normal(b, 1.0).mask(mask), obs=jnp.nan_to_num(y))

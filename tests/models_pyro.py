@@ -30,3 +30,46 @@ def random_slope(t: torch.Tensor, y: torch.Tensor) -> None:
         b = pyro.sample("b", dist.MultivariateNormal(mu, covariance_matrix=cov))
         with pyro.plate("obs", m, dim=-1):
             pyro.sample("y", dist.Normal(b[..., 0] + b[..., 1] * t, sigma), obs=y)
+
+
+# ----- models for the bad-input tests ------------------------------------------------------------------------
+def no_latent(y: torch.Tensor) -> None:
+    mu = pyro.param("mu", torch.tensor(0.0, dtype=y.dtype))
+    with pyro.plate("unit", y.shape[0]):
+        pyro.sample("y", dist.Normal(mu, 1.0).expand([y.shape[0]]).to_event(0), obs=y[:, 0])
+
+
+def no_param(y: torch.Tensor) -> None:
+    with pyro.plate("unit", y.shape[0], dim=-2):
+        b = pyro.sample("b", dist.Normal(0.0, 1.0))
+        with pyro.plate("obs", y.shape[1], dim=-1):
+            pyro.sample("y", dist.Normal(b, 1.0), obs=y)
+
+
+def two_plates(y: torch.Tensor) -> None:
+    mu = pyro.param("mu", torch.tensor(0.0, dtype=y.dtype))
+    with pyro.plate("rows", y.shape[0], dim=-1):
+        b = pyro.sample("b", dist.Normal(mu, 1.0))
+    with pyro.plate("cols", y.shape[1], dim=-1):
+        c = pyro.sample("c", dist.Normal(0.0, 1.0))
+    with pyro.plate("r2", y.shape[0], dim=-2), pyro.plate("c2", y.shape[1], dim=-1):
+        pyro.sample("y", dist.Normal(b[..., :, None] + c[..., None, :], 1.0), obs=y)
+
+
+def nan_at_init(y: torch.Tensor) -> None:
+    mu = pyro.param("mu", torch.tensor(0.0, dtype=y.dtype))
+    noise = pyro.param("noise", torch.tensor(-1.0, dtype=y.dtype))  # unconstrained: a negative sd
+    with pyro.plate("unit", y.shape[0], dim=-2):
+        b = pyro.sample("b", dist.Normal(mu, 1.0))
+        with pyro.plate("obs", y.shape[1], dim=-1):
+            pyro.sample("y", dist.Normal(b, noise), obs=y)
+
+
+def masked_intercept(y: torch.Tensor, mask: torch.Tensor) -> None:
+    """Random intercept whose NaN observations are masked out (and zeroed)."""
+    mu = pyro.param("mu", torch.tensor(0.0, dtype=y.dtype))
+    omega = pyro.param("omega", torch.tensor(1.0, dtype=y.dtype), constraint=constraints.positive)
+    with pyro.plate("unit", y.shape[0], dim=-2):
+        b = pyro.sample("b", dist.Normal(mu, omega))
+        with pyro.plate("obs", y.shape[1], dim=-1):
+            pyro.sample("y", dist.Normal(b, 1.0).mask(mask), obs=torch.nan_to_num(y))

@@ -5,13 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pyro
 import pytest
-import torch
-from models_pyro import random_intercept
 
 import latentfit as lf
 from latentfit.inference.driver import default_num_chains
 from latentfit.inference.schedules import SaemixPhases, polynomial
-from latentfit.pyro import SAEM
 
 
 @pytest.fixture(autouse=True)
@@ -38,11 +35,11 @@ def test_default_chains_follow_saemix():
     assert default_num_chains(1000) == 1
 
 
-def test_callback_sees_every_iteration_and_annealing_bounds_the_variance_decrease():
-    y = torch.tensor(np.random.default_rng(1).normal(size=(30, 3)) * 0.1)
+def test_callback_sees_every_iteration_and_annealing_bounds_the_variance_decrease(backend):
+    y = backend.tensor(np.random.default_rng(1).normal(size=(30, 3)) * 0.1)
     seen = []
-    fit = SAEM(random_intercept, num_iters=(40, 10), progress=False,
-               callback=lambda k, rec: seen.append((k, float(rec["theta.omega"])))).run(y)
+    fit = backend.fit("SAEM", backend.models.random_intercept, y, num_iters=(40, 10), progress=False,
+                      callback=lambda k, rec: seen.append((k, float(rec["theta.omega"]))))
     assert [k for k, _ in seen] == list(range(1, 51))
     omega = fit.history["theta.omega"]
     # annealing during the first K1/2 = 20 iterations: ω² shrinks by at most 0.97 per iteration

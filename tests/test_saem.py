@@ -1,23 +1,16 @@
-"""SAEM on plain Pyro models: exact ML on linear mixed models, theophylline in the saemix band, determinism."""
+"""SAEM on plain Pyro and NumPyro models: exact ML on linear mixed models, theophylline in the saemix band,
+determinism.  Every test runs on both backends (the ``backend`` fixture of ``conftest.py``); the models are
+written once per PPL in ``models_pyro.py`` / ``models_numpyro.py``."""
 
 from __future__ import annotations
 
 import numpy as np
-import pyro
 import pytest
-import torch
-from models_pyro import random_intercept, random_slope
+from backends import backend_params
+from backends import theophylline_fit as cached_theophylline_fit
 from reference_em import em_random_slope, ml_random_intercept
 
-from latentfit.examples.theophylline import fit as fit_theophylline
-from latentfit.pyro import SAEM
-
-
-@pytest.fixture(autouse=True)
-def _clean_param_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
+from latentfit.inference.saem import SAEM as CoreSAEM
 
 
 def _intercept_data(seed: int = 0, n: int = 200, t: int = 5) -> np.ndarray:
@@ -32,24 +25,27 @@ def _slope_data(seed: int = 0, n: int = 200, m: int = 5) -> tuple[np.ndarray, np
     return t, b[:, :1] + b[:, 1:] * t + rng.normal(0, 0.3, size=(n, m))
 
 
-def test_random_intercept_reaches_exact_ml():
+def test_random_intercept_reaches_exact_ml(backend):
     y = _intercept_data()
     mu, om2, s2 = ml_random_intercept(y)
-    fit = SAEM(random_intercept, num_iters=(100, 300), progress=False).run(torch.tensor(y))
+    fit = backend.fit("SAEM", backend.models.random_intercept, backend.tensor(y), num_iters=(100, 300),
+                      progress=False)
     p = fit.params
     assert set(fit.model.closed_form_params) == {"mu", "omega", "sigma"}
     assert abs(p["mu"] - mu) < 0.005
     assert abs(p["omega"] ** 2 / om2 - 1) < 0.02
     assert abs(p["sigma"] ** 2 / s2 - 1) < 0.01
-    # estimates are written back into Pyro's param store
-    assert abs(float(pyro.param("mu").detach()) - p["mu"]) < 1e-12
+    if backend.name == "pyro":  # estimates are written back into Pyro's param store
+        import pyro
+
+        assert abs(float(pyro.param("mu").detach()) - p["mu"]) < 1e-12
 
 
-def test_random_slope_mvn_reaches_exact_ml():
+def test_random_slope_mvn_reaches_exact_ml(backend):
     t, y = _slope_data()
     mu, cov, s2 = em_random_slope(t, y)
-    fit = SAEM(random_slope, num_iters=(100, 300), num_chains=10, progress=False).run(torch.tensor(t),
-                                                                                      torch.tensor(y))
+    fit = backend.fit("SAEM", backend.models.random_slope, backend.tensor(t), backend.tensor(y),
+                      num_iters=(100, 300), num_chains=10, progress=False)
     p = fit.params
     assert set(fit.model.closed_form_params) == {"mu", "cov", "sigma"}
     np.testing.assert_allclose(p["mu"], mu, atol=0.006)
@@ -57,26 +53,23 @@ def test_random_slope_mvn_reaches_exact_ml():
     assert abs(p["sigma"] ** 2 / s2 - 1) < 0.01
 
 
-def test_numeric_m_step_agrees_with_closed_form():
+def test_numeric_m_step_agrees_with_closed_form(backend):
     """Switching the closed form off (numeric Newton M-step) lands on the same ML estimates."""
-    from latentfit.inference.saem import SAEM as CoreSAEM
-    from latentfit.integrations.pyro import PyroLatentModel
-
     y = _intercept_data(n=100)
     mu, om2, s2 = ml_random_intercept(y)
-    model = PyroLatentModel(random_intercept, (torch.tensor(y),), closed_form=False)
+    model = backend.latent_model(backend.models.random_intercept, backend.tensor(y), closed_form=False)
     assert model.closed_form_params == [] and set(model.numeric_params) == {"mu", "omega", "sigma"}
-    fit = CoreSAEM(model, num_iters=(60, 200), num_chains=4, progress=False).run()
+    fit = CoreSAEM(model, num_iters=(60, 200), num_chains=4, progress=False).run(backend.key(0))
     p = fit.params
     assert abs(p["mu"] - mu) < 0.01
     assert abs(p["omega"] ** 2 / om2 - 1) < 0.04
     assert abs(p["sigma"] ** 2 / s2 - 1) < 0.02
 
 
-@pytest.fixture(scope="module")
-def theophylline_fit():
-    pyro.clear_param_store()
-    return fit_theophylline(seed=0, progress=False)
+@pytest.fixture(scope="module", params=backend_params())
+def theophylline_fit(request):
+    """``latentfit/examples/theophylline.py`` (Pyro) and ``theophylline_numpyro.py``, fitted once per session."""
+    return cached_theophylline_fit(request.param.name)
 
 
 def test_theophylline_in_saemix_band(theophylline_fit):
@@ -122,18 +115,21 @@ def test_theophylline_to_arviz(theophylline_fit):
     assert np.all(np.isfinite(summary["mean"].to_numpy()))
 
 
-def test_same_seed_same_estimates_and_rng_untouched():
-    y = torch.tensor(_intercept_data(n=50))
-    torch.manual_seed(123)
-    before = torch.rand(3)
-    torch.manual_seed(123)
-    a = SAEM(random_intercept, num_iters=(20, 10), seed=7, progress=False).run(y)
-    after = torch.rand(3)
-    assert torch.equal(before, after)  # the user's RNG stream is left as it was
-    pyro.clear_param_store()
-    b = SAEM(random_intercept, num_iters=(20, 10), seed=7, progress=False).run(y)
-    pyro.clear_param_store()
-    c = SAEM(random_intercept, num_iters=(20, 10), seed=8, progress=False).run(y)
+def test_same_seed_same_estimates_and_rng_untouched(backend):
+    y = backend.tensor(_intercept_data(n=50))
+    if backend.name == "pyro":  # torch: the driver forks the global RNG, the user's stream is left as it was
+        import torch
+
+        torch.manual_seed(123)
+        before = torch.rand(3)
+        torch.manual_seed(123)
+    a = backend.fit("SAEM", backend.models.random_intercept, y, seed=7, num_iters=(20, 10), progress=False)
+    if backend.name == "pyro":
+        assert torch.equal(before, torch.rand(3))
+    backend.reset()
+    b = backend.fit("SAEM", backend.models.random_intercept, y, seed=7, num_iters=(20, 10), progress=False)
+    backend.reset()
+    c = backend.fit("SAEM", backend.models.random_intercept, y, seed=8, num_iters=(20, 10), progress=False)
     for name in a.params:
         assert np.array_equal(a.params[name], b.params[name])
         assert np.array_equal(a.history[f"theta.{name}"], b.history[f"theta.{name}"])
