@@ -134,3 +134,26 @@ def test_plain_numpyro_mixture_by_enumeration_gives_gaussianmixture_estimates(co
     np.testing.assert_allclose(fit.params["mu"], ref["locs"], atol=1e-9)
     np.testing.assert_allclose(got, ref["covariances"], atol=1e-9)
     np.testing.assert_allclose(fit.params["w"], ref["weights"], atol=1e-9)
+
+
+def test_exact_engines_refuse_continuous_latents_and_mc_engines_fit_them_on_numpyro():
+    """The NumPyro front door of the EM family (twin of the Pyro test in test_em_family.py): EM asks for an
+    exact E-step on a continuous-latent model; MCEM's batched MH chains land within MC error of the MLE."""
+    import models_numpyro
+
+    from latentfit import ModelSpecificationError
+    from latentfit.numpyro import EM, MCEM
+
+    rng = np.random.default_rng(0)
+    n, T = 60, 6
+    y = 1.0 + 0.8 * rng.normal(size=(n, 1)) + 0.5 * rng.normal(size=(n, T))
+    with pytest.raises(ModelSpecificationError, match="exact E-step"):
+        EM(models_numpyro.random_intercept, num_epochs=5, progress=False).run(jax.random.PRNGKey(0), jnp.asarray(y))
+    fit = MCEM(models_numpyro.random_intercept, num_epochs=60, num_samples=20, mcmc_steps=2, progress=False).run(
+        jax.random.PRNGKey(0), jnp.asarray(y))
+    ybar = y.mean(1)
+    sigma2 = float(((y - ybar[:, None]) ** 2).sum() / (n * (T - 1)))
+    omega2 = float(ybar.var()) - sigma2 / T
+    assert abs(float(fit.params["mu"]) - float(y.mean())) < 0.05
+    assert abs(float(fit.params["sigma"]) ** 2 - sigma2) < 0.05
+    assert abs(float(fit.params["omega"]) ** 2 - omega2) < 0.1
