@@ -229,6 +229,7 @@ def test_same_model_in_both_ppls_agrees_within_monte_carlo_error():
     assert np.all(np.abs(rel) < tol), dict(zip(["ka", "V", "CL", "a", "w2_ka", "w2_V", "w2_CL"], rel.round(4)))
 
 
+@pytest.mark.slow
 def test_float32_theophylline_in_saemix_band():
     """NumPyro's default precision (float32) lands in the same saemix band."""
     with jax.enable_x64(False):
