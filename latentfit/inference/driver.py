@@ -78,6 +78,7 @@ class Engine:
         collect_from = total - min(self.num_draws, total) + 1
         history: dict[str, list] = {}
         draws: list[np.ndarray] = []
+        compiled_before = getattr(ops, "compile_time", 0.0)
         t0 = time.perf_counter()
         with _seed_context(ops, self.seed):
             state = self.init(key)
@@ -107,7 +108,8 @@ class Engine:
         latents = np.stack(draws, axis=1) if draws else None  # [L, draws, N, d]
         return FitResult(engine=self, model=self.model, state=state, history=hist,
                          latent_draws=latents, elapsed=elapsed, init_time=t_init,
-                         num_iterations=total)
+                         num_iterations=total,
+                         compile_time=getattr(ops, "compile_time", 0.0) - compiled_before)
 
     def _run_chunk(self, state: dict[str, Any], first: int, last: int, phase: Any,
                    collect: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -41,6 +41,8 @@ class FitResult:
     elapsed: float
     init_time: float
     num_iterations: int
+    #: seconds spent compiling (JAX backends), part of ``elapsed``
+    compile_time: float = 0.0
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # ----- estimates -------------------------------------------------------------------------------
@@ -66,7 +68,8 @@ class FitResult:
 
     @property
     def time_per_iteration(self) -> float:
-        return (self.elapsed - self.init_time) / max(self.num_iterations, 1)
+        """Seconds per iteration, set-up and compilation excluded."""
+        return (self.elapsed - self.init_time - self.compile_time) / max(self.num_iterations, 1)
 
     def param_table(self) -> list[tuple[str, float]]:
         """Flat list of ``(label, value)``, one per scalar element of every parameter."""
