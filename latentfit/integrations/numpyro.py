@@ -26,7 +26,6 @@ Every other parameter gets the numerical M-step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -45,35 +44,13 @@ from latentfit.inference.model import (
     ParamInfo,
 )
 from latentfit.inference.ops_jax import JaxOps, default_float_dtype
-
-
-@dataclass
-class _SiteLayout:
-    """How a latent site's value maps to the flat per-unit vector."""
-
-    name: str
-    batch_shape: tuple[int, ...]
-    event_shape: tuple[int, ...]
-    unit_axis: int  # axis of the unit dim in the value
-    transform: Any  # biject_to(support): unconstrained -> constrained
-    x_rest: tuple[int, ...]  # constrained per-unit shape (unit axis moved out)
-    u_rest: tuple[int, ...]  # unconstrained per-unit shape
-    offset: int
-    size: int
-
-
-@dataclass
-class _GaussianLatentPattern:
-    site: str
-    loc: str
-    scale: str  # param name
-    kind: str  # "normal" (scale = std, elementwise) or "mvn_cov" / "mvn_tril"
-
-
-@dataclass
-class _ResidualPattern:
-    site: str
-    scale: str  # param name of the residual sd
+from latentfit.integrations._common import (
+    ClosedFormFace,
+    _GaussianLatentPattern,
+    _ResidualPattern,
+    _SiteLayout,
+    unit_frame,
+)
 
 
 def _unwrap(fn: Any) -> tuple[Any, Any]:
@@ -146,7 +123,7 @@ class _LazyJit:
         return self.fn(*args) if self.calls <= self.eager_calls else self.jitted(*args)
 
 
-class NumPyroLatentModel(LatentModel):
+class NumPyroLatentModel(ClosedFormFace, LatentModel):
     """A NumPyro model function, traced once, seen through the :class:`LatentModel` contract."""
 
     def __init__(self, model: Any, args: tuple = (), kwargs: dict | None = None,
@@ -221,27 +198,7 @@ class NumPyroLatentModel(LatentModel):
                 "to integrate out; fit it with numpyro.infer.SVI (AutoDelta guide) or MAP instead")
         self.max_plate_nesting = max_nesting
         frames = {n: list(trace[n]["cond_indep_stack"]) for n in latent}
-        if unit_plate is not None:
-            found = [f for n in latent for f in frames[n] if f.name == unit_plate]
-            if not found:
-                names = sorted({f.name for n in latent for f in frames[n]})
-                raise ModelSpecificationError(
-                    f"unit_plate={unit_plate!r} does not enclose any latent site; plates around latent "
-                    f"sites: {names}")
-            frame = found[0]
-            outside = [n for n in latent if all(f.name != unit_plate for f in frames[n])]
-            if outside:
-                raise ModelSpecificationError(
-                    f"latent site(s) {outside} are outside the unit plate {unit_plate!r}: global latents "
-                    "are not supported by EM-type engines; make them numpyro.param sites")
-        else:
-            common = [f for f in frames[latent[0]] if all(f in frames[n] for n in latent)]
-            if not common:
-                where = {n: [f.name for f in frames[n]] or ["(no plate)"] for n in latent}
-                raise ModelSpecificationError(
-                    f"latent sites are not all inside one plate ({where}); name the plate of the units "
-                    "with unit_plate=... (global latents must be numpyro.param sites)")
-            frame = min(common, key=lambda f: f.dim)  # outermost common plate
+        frame = unit_frame(latent, frames, unit_plate, "numpyro")
         self.unit_plate = frame.name
         self.unit_dim = frame.dim
         self.num_units = int(frame.size)
@@ -536,26 +493,11 @@ class NumPyroLatentModel(LatentModel):
             if any(pname in site_deps[other] for other in site_deps if other != owner):
                 self._gauss = [g for g in self._gauss if pname not in (g.loc, g.scale)]
                 self._resid = [r for r in self._resid if r.scale != pname]
-        for g in self._gauss:
-            self.params[g.loc].closed_form = True
-            self.params[g.scale].closed_form = True
-            self.params[g.scale].anneal = {"normal": "std", "mvn_cov": "cov", "mvn_tril": None}[g.kind]
-            self.latent_sites = [LatentSite(x.name, x.shape, x.offset, x.size, g.kind if x.name == g.site else x.kind)
-                                 for x in self.latent_sites]
-        for r in self._resid:
-            self.params[r.scale].closed_form = True
-
-    def _site_u(self, z: Any, site: str) -> Any:
-        s = next(x for x in self._layout if x.name == site)
-        return z[..., s.offset:s.offset + s.size]
+        self._mark_closed_form()
 
     def stats(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
         z = jnp.asarray(z)
-        out: dict[str, Any] = {}
-        for g in self._gauss:
-            w = self._site_u(z, g.site)  # z holds the units ``units`` already
-            out[f"{g.site}.s1"] = w
-            out[f"{g.site}.s2"] = w * w if g.kind == "normal" else w[..., :, None] * w[..., None, :]
+        out = self._gaussian_stats(z)
         if self._resid:
             zf = self._full_z(z, units)
             lead = zf.shape[:-2]
@@ -564,30 +506,6 @@ class NumPyroLatentModel(LatentModel):
             for name, v in res.items():
                 out[name] = self._select(v.reshape(lead + (self.num_units,)), units)
         return out
-
-    def m_step(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        n = float(num_units)
-        for g in self._gauss:
-            s1, s2 = s[f"{g.site}.s1"] / n, s[f"{g.site}.s2"] / n
-            p_shape = tuple(self.params[g.loc].value.shape)
-            if g.kind == "normal":
-                mu = _reduce_to(s1, p_shape)
-                var = _reduce_to(s2 - 2 * mu * s1 + mu * mu, p_shape)
-                out[g.loc] = mu
-                out[g.scale] = jnp.sqrt(jnp.clip(var, 1e-12))
-            else:
-                mu = s1
-                cov = s2 - mu[:, None] * mu[None, :]
-                cov = 0.5 * (cov + cov.T) + 1e-10 * jnp.eye(cov.shape[-1], dtype=cov.dtype)
-                out[g.loc] = mu.reshape(p_shape)
-                out[g.scale] = cov if g.kind == "mvn_cov" else jnp.linalg.cholesky(cov)
-        for r in self._resid:
-            rss, cnt = s[f"{r.site}.rss"], s[f"{r.site}.nobs"]
-            sd = jnp.sqrt(jnp.clip(rss / jnp.clip(cnt, 1.0), 1e-24))
-            out[r.scale] = sd.reshape(self.params[r.scale].value.shape)
-        return out
-
 
     # ----- Gaussian faces (predict / observations / prior_moments) ---------------------------------
     # As in the Pyro adapter: every observed site Normal (the traced distribution gives mean and sd),
@@ -725,17 +643,6 @@ class NumPyroLatentModel(LatentModel):
             idx = jnp.asarray(units)
             mean, cov = jnp.take(mean, idx, axis=0), jnp.take(cov, idx, axis=0)
         return mean, cov
-
-
-def _reduce_to(x: Any, shape: tuple[int, ...]) -> Any:
-    """Average ``x`` over the dims that broadcasting a param of ``shape`` added or expanded."""
-    extra = x.ndim - len(shape)
-    if extra > 0:
-        x = x.mean(axis=tuple(range(extra)))
-    dims = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
-    if dims:
-        x = x.mean(axis=dims, keepdims=True)
-    return x.reshape(shape)
 
 
 def as_rng_key(rng_key: Any) -> Any:

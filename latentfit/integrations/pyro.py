@@ -23,7 +23,6 @@ Every other parameter gets the numerical M-step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,37 +44,15 @@ from latentfit.inference.model import (
     ParamInfo,
 )
 from latentfit.inference.ops import TorchOps
+from latentfit.integrations._common import (
+    ClosedFormFace,
+    _GaussianLatentPattern,
+    _ResidualPattern,
+    _SiteLayout,
+    unit_frame,
+)
 
 CHAIN_PLATE = "_latentfit_chains"
-
-
-@dataclass
-class _SiteLayout:
-    """How a latent site's value maps to the flat per-unit vector."""
-
-    name: str
-    batch_shape: tuple[int, ...]
-    event_shape: tuple[int, ...]
-    unit_axis: int  # axis of the unit dim in the value
-    transform: Any  # biject_to(support): unconstrained -> constrained
-    x_rest: tuple[int, ...]  # constrained per-unit shape (unit axis moved out)
-    u_rest: tuple[int, ...]  # unconstrained per-unit shape
-    offset: int
-    size: int
-
-
-@dataclass
-class _GaussianLatentPattern:
-    site: str
-    loc: str
-    scale: str  # param name
-    kind: str  # "normal" (scale = std, elementwise) or "mvn_cov" / "mvn_tril"
-
-
-@dataclass
-class _ResidualPattern:
-    site: str
-    scale: str  # param name of the residual sd
 
 
 class _Substitute(Messenger):
@@ -138,7 +115,7 @@ def _normal_base(fn: Any) -> Any:
     return fn
 
 
-class PyroLatentModel(LatentModel):
+class PyroLatentModel(ClosedFormFace, LatentModel):
     """A Pyro model function, traced once, seen through the :class:`LatentModel` contract."""
 
     def __init__(self, model: Any, args: tuple = (), kwargs: dict | None = None,
@@ -209,28 +186,7 @@ class PyroLatentModel(LatentModel):
                 "to integrate out; fit it with pyro.infer.SVI (AutoDelta guide) or MAP instead")
         self.max_plate_nesting = max_nesting
         frames = {n: [f for f in trace.nodes[n]["cond_indep_stack"] if f.vectorized] for n in latent}
-        if unit_plate is not None:
-            found = [f for n in latent for f in frames[n] if f.name == unit_plate]
-            if not found:
-                names = sorted({f.name for n in latent for f in frames[n]})
-                raise ModelSpecificationError(
-                    f"unit_plate={unit_plate!r} does not enclose any latent site; plates around latent "
-                    f"sites: {names}")
-            frame = found[0]
-            outside = [n for n in latent if all(f.name != unit_plate for f in frames[n])]
-            if outside:
-                raise ModelSpecificationError(
-                    f"latent site(s) {outside} are outside the unit plate {unit_plate!r}: global latents "
-                    "are not supported by EM-type engines; make them pyro.param sites")
-        else:
-            common = [f for f in frames[latent[0]] if all(f in frames[n] for n in latent)]
-            if not common:
-                where = {n: [f.name for f in frames[n]] or ["(no plate)"] for n in latent}
-                raise ModelSpecificationError(
-                    f"latent sites are not all inside one plate ({where}); name the plate of the units "
-                    "with unit_plate=... (global latents must be pyro.param sites)")
-            # outermost common plate: the one with the most negative dim... the outermost is entered first
-            frame = min(common, key=lambda f: f.dim)
+        frame = unit_frame(latent, frames, unit_plate, "pyro")
         self.unit_plate = frame.name
         self.unit_dim = frame.dim
         self.num_units = int(frame.size)
@@ -508,31 +464,10 @@ class PyroLatentModel(LatentModel):
                     self._resid = [r for r in self._resid if r.scale != pname]
                     break
         # the residual pattern needs every observation of that site in the statistic
-        for g in self._gauss:
-            self.params[g.loc].closed_form = True
-            self.params[g.scale].closed_form = True
-            self.params[g.scale].anneal = "std" if g.kind == "normal" else "cov"
-            if g.kind == "mvn_tril":
-                self.params[g.scale].anneal = None  # annealed through its covariance below
-            for sl in self._layout:
-                if sl.name == g.site:
-                    sl_kind = g.kind
-                    self.latent_sites = [LatentSite(x.name, x.shape, x.offset, x.size,
-                                                    sl_kind if x.name == g.site else x.kind)
-                                         for x in self.latent_sites]
-        for r in self._resid:
-            self.params[r.scale].closed_form = True
-
-    def _site_u(self, z: torch.Tensor, site: str) -> torch.Tensor:
-        s = next(x for x in self._layout if x.name == site)
-        return z[..., s.offset:s.offset + s.size]
+        self._mark_closed_form()
 
     def stats(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for g in self._gauss:
-            w = self._site_u(z, g.site)  # z holds the units ``units`` already (LatentModel contract)
-            out[f"{g.site}.s1"] = w
-            out[f"{g.site}.s2"] = w * w if g.kind == "normal" else w[..., :, None] * w[..., None, :]
+        out = self._gaussian_stats(z)
         if self._resid:
             zf = self._full_z(z, units)
             lead = zf.shape[:-2]
@@ -556,31 +491,6 @@ class PyroLatentModel(LatentModel):
                 out[f"{r.site}.rss"] = rss
                 out[f"{r.site}.nobs"] = cnt
         return out
-
-    def m_step(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        n = float(num_units)
-        for g in self._gauss:
-            s1, s2 = s[f"{g.site}.s1"] / n, s[f"{g.site}.s2"] / n
-            p_shape = tuple(self.params[g.loc].value.shape)
-            if g.kind == "normal":
-                mu = _reduce_to(s1, p_shape)
-                var = s2 - 2 * mu * s1 + mu * mu
-                var = _reduce_to(var, p_shape)
-                out[g.loc] = mu
-                out[g.scale] = torch.sqrt(torch.clamp(var, min=1e-12))
-            else:
-                mu = s1
-                cov = s2 - mu[:, None] * mu[None, :]
-                cov = 0.5 * (cov + cov.T) + 1e-10 * torch.eye(cov.shape[-1], device=cov.device, dtype=cov.dtype)
-                out[g.loc] = mu.reshape(p_shape)
-                out[g.scale] = cov if g.kind == "mvn_cov" else torch.linalg.cholesky(cov)
-        for r in self._resid:
-            rss, cnt = s[f"{r.site}.rss"], s[f"{r.site}.nobs"]
-            sd = torch.sqrt(torch.clamp(rss / torch.clamp(cnt, min=1.0), min=1e-24))
-            out[r.scale] = sd.reshape(self.params[r.scale].value.shape)
-        return out
-
 
     # ----- Gaussian faces (predict / observations / prior_moments) ---------------------------------
     # Recognised when every observed site is Normal (any loc/scale: the traced distribution gives the
@@ -728,17 +638,6 @@ class PyroLatentModel(LatentModel):
             idx = torch.as_tensor(units, device=mean.device)
             mean, cov = mean.index_select(0, idx), cov.index_select(0, idx)
         return mean, cov
-
-
-def _reduce_to(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Average ``x`` over the dims that broadcasting a param of ``shape`` added or expanded."""
-    extra = x.dim() - len(shape)
-    if extra > 0:
-        x = x.mean(dim=tuple(range(extra)))
-    dims = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
-    if dims:
-        x = x.mean(dim=dims, keepdim=True)
-    return x.reshape(shape)
 
 
 def write_params_to_store(params: dict[str, Any]) -> None:
