@@ -1,6 +1,8 @@
 """EM family (EM, MiniBatchEM, IEM, SEM, SEMVR, FIEM, MCEM, MiniBatchMCEM, TTSEM) on small mixtures.
 
-Reference: exact EM run to convergence (its fixed point θ*).  Exact incremental / variance-reduced
+Engine tests take the ``backend`` fixture: the same engine runs on a ``GaussianMixture`` holding torch
+tensors (Pyro backend) or JAX arrays (NumPyro backend, compiled epochs, float64).
+Reference: exact EM run to convergence (its fixed point θ*, on torch).  Exact incremental / variance-reduced
 engines must reach θ* to 1e-8; decreasing-step online EM to 1e-3; Monte-Carlo engines within MC error
 (2e-2 on n = 400 points with 10–50 draws per visit; the MC error of the means is ≈ 1e-3 here).
 """
@@ -8,18 +10,14 @@ engines must reach θ* to 1e-8; decreasing-step online EM to 1e-3; Monte-Carlo e
 from __future__ import annotations
 
 import numpy as np
-import pyro
-import pyro.distributions as dist
 import pytest
 import torch
-from torch.distributions import constraints
 
 from latentfit import ModelSpecificationError
 from latentfit.inference.em import EM
 from latentfit.inference.fiem import FIEM
 from latentfit.inference.iem import IEM, MiniBatchEM
 from latentfit.inference.mcem import MCEM, MiniBatchMCEM
-from latentfit.inference.sem import SEM
 from latentfit.inference.semvr import SEMVR
 from latentfit.inference.ttsem import TTSEM
 from latentfit.models.mixture import GaussianMixture
@@ -36,10 +34,12 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _data(n: int = 400, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+def _data(n: int = 400, seed: int = 0, dtype=torch.float64, backend=None):
+    """``n`` points of the 3-component mixture: a torch tensor, or ``backend``'s float64 array."""
     rng = np.random.default_rng(seed)
     lab = rng.integers(0, 3, n)
-    return torch.tensor(rng.normal(size=(n, 2)) * 0.6 + CENTRES[lab], dtype=dtype)
+    x = rng.normal(size=(n, 2)) * 0.6 + CENTRES[lab]
+    return torch.tensor(x, dtype=dtype) if backend is None else backend.tensor(x)
 
 
 def _gm(x, cov="diag", **kw) -> GaussianMixture:
@@ -50,7 +50,7 @@ def _gm(x, cov="diag", **kw) -> GaussianMixture:
 def data_and_star():
     x = _data()
     star = EM(_gm(x), num_epochs=400, progress=False).run().params
-    return x, star
+    return x.numpy(), star
 
 
 def _err(params, star) -> float:
@@ -58,15 +58,16 @@ def _err(params, star) -> float:
 
 
 @pytest.mark.parametrize("engine, kwargs, tol", [
-    (IEM, dict(num_epochs=25, batch_size=2), 1e-8),
-    (MiniBatchEM, dict(num_epochs=60), 1e-8),
-    (FIEM, dict(num_epochs=60, batch_size=8), 1e-8),
-    (SEMVR, dict(num_epochs=60, batch_size=8), 1e-8),
-    (SEM, dict(num_epochs=40, batch_size=8), 1e-3),
+    ("IEM", dict(num_epochs=25, batch_size=2), 1e-8),
+    ("MiniBatchEM", dict(num_epochs=60), 1e-8),
+    ("FIEM", dict(num_epochs=60, batch_size=8), 1e-8),
+    ("SEMVR", dict(num_epochs=60, batch_size=8), 1e-8),
+    ("SEM", dict(num_epochs=40, batch_size=8), 1e-3),
 ])
-def test_exact_engines_reach_em_fixed_point(data_and_star, engine, kwargs, tol):
+def test_exact_engines_reach_em_fixed_point(backend, data_and_star, engine, kwargs, tol):
+    """Through the front doors (``latentfit.pyro`` / ``latentfit.numpyro``) with a ready-made model."""
     x, star = data_and_star
-    fit = engine(_gm(x), seed=0, progress=False, **kwargs).run()
+    fit = backend.fit(engine, _gm(backend.tensor(x)), seed=0, progress=False, **kwargs)
     assert _err(fit.params, star) < tol
     assert fit.history["theta.locs"].shape[0] == kwargs["num_epochs"]  # history counts epochs
 
@@ -79,51 +80,53 @@ def test_exact_engines_reach_em_fixed_point(data_and_star, engine, kwargs, tol):
     (TTSEM, dict(num_epochs=20, variant="isaem", batch_size=8)),
     (TTSEM, dict(num_epochs=60, variant="saem")),
 ])
-def test_monte_carlo_engines_reach_em_fixed_point_within_mc_error(data_and_star, engine, kwargs):
+def test_monte_carlo_engines_reach_em_fixed_point_within_mc_error(backend, data_and_star, engine, kwargs):
     x, star = data_and_star
-    fit = engine(_gm(x), seed=0, progress=False, **kwargs).run()
+    fit = engine(_gm(backend.tensor(x)), seed=0, progress=False, **kwargs).run(backend.key(0))
     assert np.all(np.isfinite(fit.params["locs"]))
     assert _err(fit.params, star) < 2e-2
 
 
 @pytest.mark.parametrize("engine", [MiniBatchEM, IEM, FIEM, SEMVR])
-def test_full_batch_pass_equals_em_iterations(engine):
+def test_full_batch_pass_equals_em_iterations(backend, engine):
     """b = n: the incremental table / control variates reduce to the EM update (ρ = (n/b)^(−2/3) = 1)."""
-    x = _data(150)
+    x = _data(150, backend=backend)
     em = EM(_gm(x, "full"), num_epochs=3, progress=False).run()
     fit = engine(_gm(x, "full"), num_epochs=3, batch_size=150, progress=False).run()
     for k in ("weights", "locs", "covariances"):
         np.testing.assert_allclose(fit.history[f"theta.{k}"], em.history[f"theta.{k}"], rtol=0, atol=1e-12)
 
 
-def test_iem_one_pass_in_fixed_order_matches_sequential_em_updates():
+def test_iem_one_pass_in_fixed_order_matches_sequential_em_updates(backend):
     """iEM (b = 1, sequential order) = Neal–Hinton: after visiting unit i the statistic is
     Σ_{j≤i} s̄_j(θ^{j−1}) + Σ_{j>i} s̄_j(θ⁰); replayed here by hand with the model's own E/M maps."""
-    x = _data(30)
+    x = _data(30, backend=backend)
     gm = _gm(x)
-    fit = IEM(gm, num_epochs=1, batch_size=1, shuffle=False, trace_params=["locs"], progress=False).run()
+    fit = IEM(gm, num_epochs=1, batch_size=1, shuffle=False, trace_params=["locs"], progress=False).run(
+        backend.key(0))
     theta = gm.init_params()
-    table = gm.expected_stats(theta)["s"].clone()
+    table = backend.to_numpy(gm.expected_stats(theta)["s"]).copy()
     for i in range(30):
-        table[i] = gm.expected_stats(theta, torch.tensor([i]))["s"][0]
-        theta = dict(theta, **gm.m_step({"s": table.sum(0)}, theta, 30))
-        np.testing.assert_allclose(fit.history["inner.locs"][0, i], theta["locs"].numpy(), atol=1e-12)
+        table[i] = backend.to_numpy(gm.expected_stats(theta, gm.ops.asarray(np.array([i])))["s"][0])
+        theta = dict(theta, **gm.m_step({"s": backend.tensor(table.sum(0))}, theta, 30))
+        np.testing.assert_allclose(fit.history["inner.locs"][0, i], backend.to_numpy(theta["locs"]), atol=1e-12)
 
 
-def test_em_log_likelihood_never_decreases():
-    x = _data(300, seed=3)
+def test_em_log_likelihood_never_decreases(backend):
+    x = _data(300, seed=3, backend=backend)
     gm = _gm(x, "full")
-    fit = EM(gm, num_epochs=60, progress=False).run()
+    fit = EM(gm, num_epochs=60, progress=False).run(backend.key(0))
     ll = fit.history["objective"]
     assert np.all(np.diff(ll) >= -1e-9 * np.abs(ll[:-1]))
     assert ll[-1] > ll[0]
     # the objective is the exact marginal log-likelihood at the θ of that E-step
-    theta = {k: torch.as_tensor(v[-2]) for k, v in
+    theta = {k: backend.tensor(v[-2]) for k, v in
              ((n[len("theta."):], fit.history[n]) for n in fit.history if n.startswith("theta."))}
     assert abs(float(gm.marginal_log_lik(theta).sum()) - ll[-1]) < 1e-8
 
 
 def test_tables_and_snapshots_follow_data_dtype_and_device():
+    """Torch only: float32 / device of torch tables (JAX float32 is test_engines_are_backend_neutral_on_jax)."""
     x = _data(120, dtype=torch.float32)
     for engine in (FIEM, SEMVR, MiniBatchEM):
         eng = engine(_gm(x), num_epochs=2, batch_size=10, progress=False)
@@ -137,64 +140,51 @@ def test_tables_and_snapshots_follow_data_dtype_and_device():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_tables_on_gpu():
+def test_tables_on_gpu():  # torch only: CUDA placement of torch tables
     x = _data(200).cuda()
     fit = FIEM(_gm(x), num_epochs=3, batch_size=20, progress=False).run()
     assert fit.state["table"]["r"].device.type == "cuda"
     assert fit.state["theta"]["locs"].device.type == "cuda"
 
 
-def test_inner_trace_records_every_iteration():
-    x = _data(100)
-    fit = FIEM(_gm(x), num_epochs=3, batch_size=10, trace_params=["locs"], progress=False).run()
+def test_inner_trace_records_every_iteration(backend):
+    x = _data(100, backend=backend)
+    fit = FIEM(_gm(x), num_epochs=3, batch_size=10, trace_params=["locs"], progress=False).run(backend.key(0))
     assert fit.history["inner.locs"].shape == (3, 10, 3, 2)
     np.testing.assert_allclose(fit.history["inner.locs"][:, -1], fit.history["theta.locs"])
 
 
-def test_bad_options_give_clear_errors():
-    x = _data(50)
+def test_bad_options_give_clear_errors(backend):
+    gm = _gm(_data(50, backend=backend))  # engines validate their options against the model, never change it
     with pytest.raises(ValueError, match="batch_size=60 exceeds"):
-        FIEM(_gm(x), batch_size=60)
+        FIEM(gm, batch_size=60)
     with pytest.raises(ValueError, match="num_epochs"):
-        IEM(_gm(x), num_epochs=0)
+        IEM(gm, num_epochs=0)
     with pytest.raises(ValueError, match="variant"):
-        TTSEM(_gm(x), variant="fast")
+        TTSEM(gm, variant="fast")
     with pytest.raises(ValueError, match="full-batch"):
-        EM(_gm(x), batch_size=10)
+        EM(gm, batch_size=10)
     with pytest.raises(ValueError, match="trace_params"):
-        FIEM(_gm(x), trace_params=["mu"])
+        FIEM(gm, trace_params=["mu"])
     with pytest.raises(ValueError, match="constant step"):
-        FIEM(_gm(x), rho=2.0)
+        FIEM(gm, rho=2.0)
 
 
-def _random_effects_model(y):
-    mu = pyro.param("mu", torch.tensor(0.0))
-    omega = pyro.param("omega", torch.tensor(1.0), constraint=constraints.positive)
-    sigma = pyro.param("sigma", torch.tensor(1.0), constraint=constraints.positive)
-    with pyro.plate("units", y.shape[0], dim=-2):
-        z = pyro.sample("z", dist.Normal(mu, omega))
-        with pyro.plate("obs", y.shape[1], dim=-1):
-            pyro.sample("y", dist.Normal(z, sigma), obs=y)
-
-
-def test_exact_engines_refuse_continuous_latents_and_mc_engines_fit_them():
-    """Balanced one-way random-effects model: MLE in closed form (μ̂ = ȳ, σ̂² = within MS,
-    ω̂² = between variance − σ̂²/T); MCEM through the batched MH chains lands within MC error."""
-    from latentfit.pyro import EM as PyroEM
-    from latentfit.pyro import MCEM as PyroMCEM
-
-    torch.manual_seed(0)
+def test_exact_engines_refuse_continuous_latents_and_mc_engines_fit_them(backend):
+    """Balanced one-way random-effects model (a plain Pyro / NumPyro model through the front door):
+    MLE in closed form (μ̂ = ȳ, σ̂² = within MS, ω̂² = between variance − σ̂²/T); EM asks for an exact
+    E-step; MCEM through the batched MH chains lands within MC error."""
+    rng = np.random.default_rng(0)
     n, T = 60, 6
-    z = 1.0 + 0.8 * torch.randn(n, 1)
-    y = z + 0.5 * torch.randn(n, T)
-    pyro.clear_param_store()
+    y = 1.0 + 0.8 * rng.normal(size=(n, 1)) + 0.5 * rng.normal(size=(n, T))
     with pytest.raises(ModelSpecificationError, match="exact E-step"):
-        PyroEM(_random_effects_model, num_epochs=5, progress=False).run(y)
-    pyro.clear_param_store()
-    fit = PyroMCEM(_random_effects_model, num_epochs=60, num_samples=20, mcmc_steps=2, progress=False).run(y)
+        backend.fit("EM", backend.models.random_intercept, backend.tensor(y), num_epochs=5, progress=False)
+    backend.reset()
+    fit = backend.fit("MCEM", backend.models.random_intercept, backend.tensor(y), num_epochs=60, num_samples=20,
+                      mcmc_steps=2, progress=False)
     ybar = y.mean(1)
     sigma2 = float(((y - ybar[:, None]) ** 2).sum() / (n * (T - 1)))
-    omega2 = float(ybar.var(unbiased=False)) - sigma2 / T
+    omega2 = float(ybar.var()) - sigma2 / T
     assert abs(float(fit.params["mu"]) - float(y.mean())) < 0.05
     assert abs(float(fit.params["sigma"]) ** 2 - sigma2) < 0.05
     assert abs(float(fit.params["omega"]) ** 2 - omega2) < 0.1

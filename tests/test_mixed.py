@@ -1,4 +1,8 @@
-"""LinearMixedModel: exact EM vs statsmodels' ML fit, exact marginal, incremental / MC engines, bad inputs."""
+"""LinearMixedModel: exact EM vs statsmodels' ML fit, exact marginal, incremental / MC engines, bad inputs.
+
+The incremental / MC engine tests take the ``backend`` fixture: the model on torch or on JAX ops
+(reference: the torch EM fit).
+"""
 
 from __future__ import annotations
 
@@ -76,16 +80,18 @@ def test_marginal_log_lik_is_exact(lmm_and_em):
 
 @pytest.mark.parametrize("engine, kwargs", [(FIEM, dict(num_epochs=200, batch_size=16)),
                                             (MiniBatchEM, dict(num_epochs=250, batch_size=16))])
-def test_incremental_engines_reach_the_em_fixed_point(lmm_and_em, engine, kwargs):
-    m, fit, _ = lmm_and_em
-    got = engine(m, progress=False, **kwargs).run().params
+def test_incremental_engines_reach_the_em_fixed_point(backend, lmm_and_em, engine, kwargs):
+    _, fit, (y, X, Z, _, _) = lmm_and_em
+    m = LinearMixedModel(y, X, Z, ops=backend.ops())
+    got = engine(m, progress=False, **kwargs).run(backend.key(0)).params
     for k in ("beta", "Omega", "sigma"):
         np.testing.assert_allclose(got[k], fit.params[k], atol=1e-5)
 
 
-def test_mcem_with_mh_chains_within_mc_error(lmm_and_em):
-    m, fit, _ = lmm_and_em
-    got = MCEM(m, num_epochs=80, num_samples=20, progress=False).run().params
+def test_mcem_with_mh_chains_within_mc_error(backend, lmm_and_em):
+    _, fit, (y, X, Z, _, _) = lmm_and_em
+    m = LinearMixedModel(y, X, Z, ops=backend.ops())
+    got = MCEM(m, num_epochs=80, num_samples=20, progress=False).run(backend.key(0)).params
     np.testing.assert_allclose(got["beta"], fit.params["beta"], atol=0.05)
     np.testing.assert_allclose(got["Omega"], fit.params["Omega"], atol=0.08)
 

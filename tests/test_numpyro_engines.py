@@ -1,9 +1,10 @@
-"""The other engines on JAX: the same code gives the same answers on both backends.
+"""Cross-backend and NumPyro-specific engine tests.
 
-Exact engines (no randomness once the data order is fixed) must agree between torch and JAX to
-round-off on the same model; f-SAEM's Laplace proposal must stay the exact conditional on a linear
-Gaussian model when run compiled on JAX, through a JAX ``NLME`` and through ``model.numpyro_model``
-(the NumPyro adapter's Gaussian faces).
+The engine tests themselves run on both backends through the ``backend`` fixture (test_em_family,
+test_mixture, test_mixed, test_fsaem).  Here: exact engines (no randomness once the data order is
+fixed) agree between torch and JAX to round-off on the same model; the NumPyro front door refuses a
+torch model; f-SAEM's Laplace proposal stays the exact conditional through ``model.numpyro_model``
+(the NumPyro adapter's Gaussian faces); a plain NumPyro mixture is fitted by enumeration.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from latentfit.inference.ops_jax import JaxOps
 from latentfit.models import nlme
 from latentfit.models.mixture import GaussianMixture
 
@@ -66,15 +66,6 @@ def _linear_nlme(seed: int = 0) -> nlme.NLME:
     df = gen.simulate(seed=seed)
     return nlme.NLME(line, {"b0": nlme.Parameter(0.0, "normal"), "b1": nlme.Parameter(0.0, "normal")},
                      omega="full", data=df)
-
-
-def test_fsaem_proposal_is_the_exact_conditional_when_compiled_on_jax():
-    from latentfit.inference.fsaem import FSAEM
-
-    model = _linear_nlme().with_ops(JaxOps())
-    fit = FSAEM(model, num_iters=(4, 0), imh_iters=4, imh_steps=4, burn_in=2, progress=False).run(
-        jax.random.PRNGKey(1))  # the IMH phase only: one compilation
-    np.testing.assert_array_equal(fit.acceptance["nlme_imh"], np.ones(4))
 
 
 def test_fsaem_on_the_numpyro_model_of_an_nlme():
@@ -134,26 +125,3 @@ def test_plain_numpyro_mixture_by_enumeration_gives_gaussianmixture_estimates(co
     np.testing.assert_allclose(fit.params["mu"], ref["locs"], atol=1e-9)
     np.testing.assert_allclose(got, ref["covariances"], atol=1e-9)
     np.testing.assert_allclose(fit.params["w"], ref["weights"], atol=1e-9)
-
-
-def test_exact_engines_refuse_continuous_latents_and_mc_engines_fit_them_on_numpyro():
-    """The NumPyro front door of the EM family (twin of the Pyro test in test_em_family.py): EM asks for an
-    exact E-step on a continuous-latent model; MCEM's batched MH chains land within MC error of the MLE."""
-    import models_numpyro
-
-    from latentfit import ModelSpecificationError
-    from latentfit.numpyro import EM, MCEM
-
-    rng = np.random.default_rng(0)
-    n, T = 60, 6
-    y = 1.0 + 0.8 * rng.normal(size=(n, 1)) + 0.5 * rng.normal(size=(n, T))
-    with pytest.raises(ModelSpecificationError, match="exact E-step"):
-        EM(models_numpyro.random_intercept, num_epochs=5, progress=False).run(jax.random.PRNGKey(0), jnp.asarray(y))
-    fit = MCEM(models_numpyro.random_intercept, num_epochs=60, num_samples=20, mcmc_steps=2, progress=False).run(
-        jax.random.PRNGKey(0), jnp.asarray(y))
-    ybar = y.mean(1)
-    sigma2 = float(((y - ybar[:, None]) ** 2).sum() / (n * (T - 1)))
-    omega2 = float(ybar.var()) - sigma2 / T
-    assert abs(float(fit.params["mu"]) - float(y.mean())) < 0.05
-    assert abs(float(fit.params["sigma"]) ** 2 - sigma2) < 0.05
-    assert abs(float(fit.params["omega"]) ** 2 - omega2) < 0.1
