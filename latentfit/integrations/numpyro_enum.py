@@ -35,6 +35,7 @@ from numpyro import handlers, validation_enabled
 
 from latentfit.inference.model import LatentModel, LatentSite, ModelSpecificationError
 from latentfit.inference.ops_jax import JaxOps
+from latentfit.integrations._common import EnumMixtureFace
 from latentfit.integrations.numpyro import NumPyroLatentModel, _site_log_prob, _unwrap
 from latentfit.models.mixture import GaussianMixture
 
@@ -54,7 +55,7 @@ def has_enumerated_latents(model: Any, args: tuple = (), kwargs: dict | None = N
     return bool(latent) and all(getattr(s["fn"], "has_enumerate_support", False) for s in latent)
 
 
-class NumPyroEnumModel(LatentModel):
+class NumPyroEnumModel(EnumMixtureFace, LatentModel):
     """A NumPyro model with one enumerable per-unit latent, seen through the :class:`LatentModel` contract."""
 
     has_exact_marginal = True
@@ -218,60 +219,11 @@ class NumPyroEnumModel(LatentModel):
                                    locs=roles["locs"][1], covariances=cov_val, fixed=fixed,
                                    reg_covar=self.reg_covar, ops=self.ops)
 
-    def _internal(self, theta: dict[str, Any]) -> dict[str, Any]:
-        out = {}
-        for role, (name, _value) in self._roles.items():
-            gm_shape = tuple(self._gm.params[role].value.shape)
-            if name is None:
-                out[role] = self._gm.params[role].value
-            elif role == "covariances":
-                v = theta[name]
-                if self._to_user is jnp.linalg.cholesky:
-                    v = v @ jnp.swapaxes(v, -1, -2)
-                elif self._to_user is jnp.sqrt:
-                    v = v * v
-                out[role] = jnp.reshape(v, gm_shape)
-            else:
-                out[role] = jnp.reshape(theta[name], gm_shape)
-        return out
-
-    # ----- exponential-family face ------------------------------------------------------------------
-    def expected_stats(self, theta: dict[str, Any], units: Any = None) -> dict[str, Any]:
-        r, _ = self.responsibilities(theta, units)
-        return {"s": r[:, :, None] * self._gm._features(units)[:, None, :]}
-
-    def sum_expected_stats(self, theta: dict[str, Any], units: Any = None) -> tuple[dict[str, Any], Any]:
-        r, ll = self.responsibilities(theta, units)
-        return self._gm._sum_stats(r, units), jnp.sum(ll)
-
-    def stats(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
-        return self._gm.stats(theta, z, units)
-
+    # ----- exponential-family face (statistics and M-step: EnumMixtureFace) ----------------------
     def sample_posterior(self, theta: dict[str, Any], key: Any, num_samples: int, units: Any = None) -> Any:
         r, _ = self.responsibilities(theta, units)
         lab = jax.random.categorical(key, jnp.log(r), axis=-1, shape=(num_samples, r.shape[0]))
         return jax.nn.one_hot(lab, self.K, dtype=self._dtype)
-
-    def m_step(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
-        new = self._gm.m_step(s, self._internal(theta), num_units)
-        out = {}
-        for role, v in new.items():
-            name = self._roles[role][0]
-            if name is None:
-                continue
-            if role == "covariances":
-                v = self._to_user(v)
-            out[name] = jnp.reshape(v, jnp.shape(theta[name]))
-        return out
-
-    def fit_warnings(self, theta: dict[str, Any]) -> list[str]:
-        return self._gm.fit_warnings(self._internal(theta)) if self._gm is not None else []
-
-    # ----- LatentModel face for samplers / post-fit tools -------------------------------------------
-    def log_densities(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
-        lj = self.log_joint_table(theta, units).T  # [n, K]
-        lz = jnp.log(self._internal(theta)["weights"]) if self._gm is not None else jnp.zeros_like(lj[0])
-        return jnp.sum(z * (lj - lz), -1), jnp.sum(z * lz, -1)
 
     def unpack_latents(self, z: Any) -> dict[str, Any]:
         return {self.latent_name: jnp.argmax(z, -1)}

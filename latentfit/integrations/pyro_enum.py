@@ -41,6 +41,7 @@ from pyro.poutine.util import site_is_subsample
 
 from latentfit.inference.model import LatentModel, LatentSite, ModelSpecificationError
 from latentfit.inference.ops import TorchOps
+from latentfit.integrations._common import EnumMixtureFace
 from latentfit.integrations.pyro import PyroLatentModel, _unwrap
 from latentfit.models.mixture import GaussianMixture
 
@@ -56,7 +57,7 @@ def has_enumerated_latents(model: Any, args: tuple = (), kwargs: dict | None = N
     return bool(latent) and all(getattr(s["fn"], "has_enumerate_support", False) for s in latent)
 
 
-class PyroEnumModel(LatentModel):
+class PyroEnumModel(EnumMixtureFace, LatentModel):
     """A Pyro model with one enumerable per-unit latent, seen through the :class:`LatentModel` contract."""
 
     has_exact_marginal = True
@@ -220,28 +221,7 @@ class PyroEnumModel(LatentModel):
                                    locs=roles["locs"][1], covariances=cov_val, fixed=fixed,
                                    reg_covar=self.reg_covar, ops=self.ops)
 
-    def _internal(self, theta: dict[str, Any]) -> dict[str, Any]:
-        out = {}
-        for role, (name, _value) in self._roles.items():
-            gm_shape = tuple(self._gm.params[role].value.shape)
-            if name is None:
-                out[role] = self._gm.params[role].value
-            elif role == "covariances":
-                v = theta[name]
-                if self._to_user is torch.linalg.cholesky:
-                    v = v @ v.transpose(-1, -2)
-                elif self._to_user is torch.sqrt:
-                    v = v * v
-                out[role] = v.reshape(gm_shape)
-            else:
-                out[role] = theta[name].reshape(gm_shape)
-        return out
-
-    # ----- exponential-family face ------------------------------------------------------------------
-    def expected_stats(self, theta: dict[str, Any], units: Any = None) -> dict[str, Any]:
-        r, _ = self.responsibilities(theta, units)
-        return {"s": r[:, :, None] * self._gm._features(units)[:, None, :]}
-
+    # ----- exponential-family face (statistics and M-step: EnumMixtureFace) ----------------------
     def expected_rows(self, theta: dict[str, Any], units: Any = None) -> dict[str, Any]:
         return {"r": self.responsibilities(theta, units)[0]}
 
@@ -251,38 +231,10 @@ class PyroEnumModel(LatentModel):
     def reduce_rows(self, rows: dict[str, Any], units: Any = None) -> dict[str, Any]:
         return self._gm.reduce_rows(rows, units)
 
-    def sum_expected_stats(self, theta: dict[str, Any], units: Any = None) -> tuple[dict[str, Any], Any]:
-        r, ll = self.responsibilities(theta, units)
-        return self._gm._sum_stats(r, units), ll.sum()
-
-    def stats(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
-        return self._gm.stats(theta, z, units)
-
     def sample_posterior(self, theta: dict[str, Any], key: Any, num_samples: int, units: Any = None) -> Any:
         r, _ = self.responsibilities(theta, units)
         lab = torch.distributions.Categorical(probs=r).sample((num_samples,))
         return torch.nn.functional.one_hot(lab, self.K).to(self._dtype)
-
-    def m_step(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
-        new = self._gm.m_step(s, self._internal(theta), num_units)
-        out = {}
-        for role, v in new.items():
-            name = self._roles[role][0]
-            if name is None:
-                continue
-            if role == "covariances":
-                v = self._to_user(v)
-            out[name] = v.reshape(theta[name].shape)
-        return out
-
-    def fit_warnings(self, theta: dict[str, Any]) -> list[str]:
-        return self._gm.fit_warnings(self._internal(theta)) if self._gm is not None else []
-
-    # ----- LatentModel face for samplers / post-fit tools -------------------------------------------
-    def log_densities(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
-        lj = self.log_joint_table(theta, units).T  # [n, K]
-        lz = torch.log(self._internal(theta)["weights"]) if self._gm is not None else torch.zeros_like(lj[0])
-        return (z * (lj - lz)).sum(-1), (z * lz).sum(-1)
 
     def unpack_latents(self, z: Any) -> dict[str, Any]:
         return {self.latent_name: z.argmax(-1)}
