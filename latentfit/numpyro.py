@@ -29,28 +29,16 @@ from latentfit.inference import semvr as _semvr
 from latentfit.inference import ttsem as _ttsem
 from latentfit.inference.model import LatentModel
 from latentfit.inference.results import FitResult
+from latentfit.integrations._front_door import EMFamilyFrontDoor, EngineFrontDoor, front_door
 from latentfit.integrations.numpyro import NumPyroLatentModel, as_rng_key
 from latentfit.integrations.numpyro_enum import NumPyroEnumModel, has_enumerated_latents
 
 
-class _NumPyroEngine:
+class _NumPyroEngine(EngineFrontDoor):
     """Front door shared by every engine: validate options now, trace and fit on ``run``."""
 
-    engine_cls: type = object
-
-    def __init__(self, model: Any, *engine_args: Any, unit_plate: str | None = None, **engine_kwargs: Any) -> None:
-        if not callable(model):
-            raise TypeError(f"model must be a NumPyro model function, got {type(model).__name__}")
-        validate = getattr(self.engine_cls, "validate_options", None)
-        if validate is not None:
-            validate(*engine_args, **engine_kwargs)
-        self.model = model
-        self.unit_plate = unit_plate
-        self.engine_args = engine_args
-        self.engine_kwargs = engine_kwargs
-
-    def latent_model(self, *args: Any, **kwargs: Any) -> NumPyroLatentModel:
-        return NumPyroLatentModel(self.model, args, kwargs, unit_plate=self.unit_plate)
+    ppl_name = "NumPyro"
+    latent_model_cls = NumPyroLatentModel
 
     def run(self, rng_key: Any, *args: Any, **kwargs: Any) -> FitResult:
         """Fit ``model(*args, **kwargs)``; ``rng_key`` is a ``jax.random.PRNGKey`` (or an int seed)."""
@@ -59,35 +47,22 @@ class _NumPyroEngine:
         return engine.run(key)
 
 
-class _EMFamilyEngine(_NumPyroEngine):
+class _EMFamilyEngine(EMFamilyFrontDoor, _NumPyroEngine):
     """Front door of the EM family: a NumPyro model function (one discrete latent: exact E-step by
     enumeration) or a ready-made :class:`LatentModel` on JAX arrays (e.g. ``GaussianMixture(jnp_array, K)``)."""
 
-    def __init__(self, model: Any, *engine_args: Any, unit_plate: str | None = None, **engine_kwargs: Any) -> None:
-        if isinstance(model, LatentModel):
-            if not getattr(model.ops, "jittable", False):
-                raise TypeError(f"{type(self).__name__} from latentfit.numpyro needs a model on JAX arrays; this "
-                                f"{type(model).__name__} holds {model.ops.name} arrays (use latentfit.pyro)")
-            validate = getattr(self.engine_cls, "validate_options", None)
-            if validate is not None:
-                validate(*engine_args, **engine_kwargs)
-            self.model, self.unit_plate = model, unit_plate
-            self.engine_args, self.engine_kwargs = engine_args, engine_kwargs
-            return
-        super().__init__(model, *engine_args, unit_plate=unit_plate, **engine_kwargs)
+    enum_model_cls = NumPyroEnumModel
+    has_enumerated_latents = staticmethod(has_enumerated_latents)
 
-    def latent_model(self, *args: Any, **kwargs: Any) -> LatentModel:
-        if isinstance(self.model, LatentModel):
-            return self.model
-        if has_enumerated_latents(self.model, args, kwargs):
-            return NumPyroEnumModel(self.model, args, kwargs)
-        return super().latent_model(*args, **kwargs)
+    def _check_latent_model(self, model: LatentModel) -> None:
+        if not getattr(model.ops, "jittable", False):
+            raise TypeError(f"{type(self).__name__} from latentfit.numpyro needs a model on JAX arrays; this "
+                            f"{type(model).__name__} holds {model.ops.name} arrays (use latentfit.pyro)")
 
 
 def _front_door(engine_cls: type, base: type = _NumPyroEngine) -> type:
     """The NumPyro front door of a backend-neutral engine class."""
-    return type(engine_cls.__name__, (base,), {"__doc__": engine_cls.__doc__, "engine_cls": engine_cls,
-                                               "__module__": __name__})
+    return front_door(engine_cls, base, __name__)
 
 
 SAEM = _front_door(_saem.SAEM)

@@ -27,28 +27,16 @@ from latentfit.inference import semvr as _semvr
 from latentfit.inference import ttsem as _ttsem
 from latentfit.inference.model import LatentModel
 from latentfit.inference.results import FitResult
+from latentfit.integrations._front_door import EMFamilyFrontDoor, EngineFrontDoor, front_door
 from latentfit.integrations.pyro import PyroLatentModel, write_params_to_store
 from latentfit.integrations.pyro_enum import PyroEnumModel, has_enumerated_latents
 
 
-class _PyroEngine:
+class _PyroEngine(EngineFrontDoor):
     """Front door shared by every engine: validate options now, trace and fit on ``run``."""
 
-    engine_cls: type = object
-
-    def __init__(self, model: Any, *engine_args: Any, unit_plate: str | None = None, **engine_kwargs: Any) -> None:
-        if not callable(model):
-            raise TypeError(f"model must be a Pyro model function, got {type(model).__name__}")
-        validate = getattr(self.engine_cls, "validate_options", None)
-        if validate is not None:
-            validate(*engine_args, **engine_kwargs)
-        self.model = model
-        self.unit_plate = unit_plate
-        self.engine_args = engine_args
-        self.engine_kwargs = engine_kwargs
-
-    def latent_model(self, *args: Any, **kwargs: Any) -> PyroLatentModel:
-        return PyroLatentModel(self.model, args, kwargs, unit_plate=self.unit_plate)
+    ppl_name = "Pyro"
+    latent_model_cls = PyroLatentModel
 
     def run(self, *args: Any, **kwargs: Any) -> FitResult:
         # tracing the model draws random numbers: do it on a forked, seeded RNG stream
@@ -63,36 +51,12 @@ class _PyroEngine:
         return fit
 
 
-class SAEM(_PyroEngine):
-    __doc__ = _saem.SAEM.__doc__
-    engine_cls = _saem.SAEM
-
-
-class FSAEM(_PyroEngine):
-    __doc__ = _fsaem.FSAEM.__doc__
-    engine_cls = _fsaem.FSAEM
-
-
-class _EMFamilyEngine(_PyroEngine):
+class _EMFamilyEngine(EMFamilyFrontDoor, _PyroEngine):
     """Front door of the EM family: a Pyro model function (discrete latents: exact E-step by
     enumeration) or a ready-made :class:`LatentModel` such as ``GaussianMixture``."""
 
-    def __init__(self, model: Any, *engine_args: Any, unit_plate: str | None = None, **engine_kwargs: Any) -> None:
-        if isinstance(model, LatentModel):
-            validate = getattr(self.engine_cls, "validate_options", None)
-            if validate is not None:
-                validate(*engine_args, **engine_kwargs)
-            self.model, self.unit_plate = model, unit_plate
-            self.engine_args, self.engine_kwargs = engine_args, engine_kwargs
-            return
-        super().__init__(model, *engine_args, unit_plate=unit_plate, **engine_kwargs)
-
-    def latent_model(self, *args: Any, **kwargs: Any) -> LatentModel:
-        if isinstance(self.model, LatentModel):
-            return self.model
-        if has_enumerated_latents(self.model, args, kwargs):
-            return PyroEnumModel(self.model, args, kwargs)
-        return PyroLatentModel(self.model, args, kwargs, unit_plate=self.unit_plate)
+    enum_model_cls = PyroEnumModel
+    has_enumerated_latents = staticmethod(has_enumerated_latents)
 
     def run(self, *args: Any, **kwargs: Any) -> FitResult:
         if isinstance(self.model, LatentModel):
@@ -101,10 +65,11 @@ class _EMFamilyEngine(_PyroEngine):
 
 
 def _em_engine(cls: type) -> type:
-    return type(cls.__name__, (_EMFamilyEngine,), {"__doc__": cls.__doc__, "engine_cls": cls,
-                                                   "__module__": __name__})
+    return front_door(cls, _EMFamilyEngine, __name__)
 
 
+SAEM = front_door(_saem.SAEM, _PyroEngine, __name__)
+FSAEM = front_door(_fsaem.FSAEM, _PyroEngine, __name__)
 EM = _em_engine(_em.EM)
 MiniBatchEM = _em_engine(_iem.MiniBatchEM)
 IEM = _em_engine(_iem.IEM)

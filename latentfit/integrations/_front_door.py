@@ -1,0 +1,71 @@
+"""The front door both PPL modules share (:mod:`latentfit.pyro`, :mod:`latentfit.numpyro`).
+
+``Engine(model, **options)`` validates the options at once and keeps the model; ``run`` (defined by each
+PPL module: Pyro's global RNG and param store vs. NumPyro's explicit key) traces the model into a
+:class:`LatentModel` through ``latent_model(*args, **kwargs)`` and fits it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from latentfit.inference.model import LatentModel
+
+
+class EngineFrontDoor:
+    """Front door shared by every engine: validate options now, trace and fit on ``run``."""
+
+    engine_cls: type = object
+    ppl_name: str = ""  # "Pyro" / "NumPyro", for messages
+    latent_model_cls: type = LatentModel  # the tracing adapter of the PPL
+
+    def __init__(self, model: Any, *engine_args: Any, unit_plate: str | None = None, **engine_kwargs: Any) -> None:
+        if not callable(model):
+            raise TypeError(f"model must be a {self.ppl_name} model function, got {type(model).__name__}")
+        self._accept(model, unit_plate, engine_args, engine_kwargs)
+
+    def _accept(self, model: Any, unit_plate: str | None, engine_args: tuple, engine_kwargs: dict) -> None:
+        validate = getattr(self.engine_cls, "validate_options", None)
+        if validate is not None:
+            validate(*engine_args, **engine_kwargs)
+        self.model = model
+        self.unit_plate = unit_plate
+        self.engine_args = engine_args
+        self.engine_kwargs = engine_kwargs
+
+    def latent_model(self, *args: Any, **kwargs: Any) -> LatentModel:
+        return self.latent_model_cls(self.model, args, kwargs, unit_plate=self.unit_plate)
+
+
+class EMFamilyFrontDoor(EngineFrontDoor):
+    """Front door of the EM family: a model function (discrete latents: exact E-step by enumeration,
+    ``enum_model_cls``) or a ready-made :class:`LatentModel` such as ``GaussianMixture``."""
+
+    enum_model_cls: type = LatentModel
+
+    @staticmethod
+    def has_enumerated_latents(model: Any, args: tuple, kwargs: dict) -> bool:  # pragma: no cover - interface
+        return False
+
+    def __init__(self, model: Any, *engine_args: Any, unit_plate: str | None = None, **engine_kwargs: Any) -> None:
+        if isinstance(model, LatentModel):
+            self._check_latent_model(model)
+            self._accept(model, unit_plate, engine_args, engine_kwargs)
+            return
+        super().__init__(model, *engine_args, unit_plate=unit_plate, **engine_kwargs)
+
+    def _check_latent_model(self, model: LatentModel) -> None:
+        """Refuse a ready-made model this PPL's engines cannot run (no-op by default)."""
+
+    def latent_model(self, *args: Any, **kwargs: Any) -> LatentModel:
+        if isinstance(self.model, LatentModel):
+            return self.model
+        if self.has_enumerated_latents(self.model, args, kwargs):
+            return self.enum_model_cls(self.model, args, kwargs)
+        return super().latent_model(*args, **kwargs)
+
+
+def front_door(engine_cls: type, base: type, module: str) -> type:
+    """The front door of a backend-neutral engine class: a subclass of ``base`` named after the engine."""
+    return type(engine_cls.__name__, (base,), {"__doc__": engine_cls.__doc__, "engine_cls": engine_cls,
+                                               "__module__": module})
