@@ -680,6 +680,23 @@ class NLME(LatentModel):
             raise ValueError(f"engine must be 'saem' or 'fsaem', got {engine!r}")
         return cls(model, **options).run()
 
+    def _ppl_constraints(self, constraints: Any) -> dict[str, Any]:
+        """Constraint of every parameter for a PPL's ``param`` site (``constraints``: torch's or NumPyro's module)."""
+        support = {"log": constraints.positive, "normal": constraints.real, "logit": constraints.unit_interval,
+                   "probit": constraints.unit_interval}
+        out = {}
+        for name, info in self.params.items():
+            role = info.meta.get("role")
+            if role == "population":
+                out[name] = support[info.meta["transform"]]
+            elif role == "omega" and name == "Omega":
+                out[name] = constraints.positive_definite
+            elif role in ("omega", "error"):
+                out[name] = constraints.positive
+            else:
+                out[name] = constraints.real
+        return out
+
     @property
     def pyro_model(self) -> Callable[[], None]:
         """The model as an ordinary Pyro model function (no arguments; data bound).
@@ -695,8 +712,7 @@ class NLME(LatentModel):
 
         model = self
         init = self.init_params()
-        support = {"log": constraints.positive, "normal": constraints.real, "logit": constraints.unit_interval,
-                   "probit": constraints.unit_interval}
+        param_constraints = model._ppl_constraints(constraints)
 
         def pyro_nlme() -> None:
             theta = {}
@@ -704,16 +720,7 @@ class NLME(LatentModel):
                 if info.fixed:
                     theta[name] = init[name]
                     continue
-                role = info.meta.get("role")
-                if role == "population":
-                    c = support[info.meta["transform"]]
-                elif role == "omega" and name == "Omega":
-                    c = constraints.positive_definite
-                elif role in ("omega", "error"):
-                    c = constraints.positive
-                else:
-                    c = constraints.real
-                theta[name] = pyro.param(name, init[name].clone(), constraint=c)
+                theta[name] = pyro.param(name, init[name].clone(), constraint=param_constraints[name])
             mu_r, om = model.prior_moments(theta)
             n, t = model._y.shape
             with pyro.plate("id", n, dim=-2):
@@ -760,8 +767,7 @@ class NLME(LatentModel):
 
         model = self if self.ops.name == "jax" else self.with_ops(JaxOps())
         init = model.init_params()
-        support = {"log": constraints.positive, "normal": constraints.real, "logit": constraints.unit_interval,
-                   "probit": constraints.unit_interval}
+        param_constraints = model._ppl_constraints(constraints)
 
         def numpyro_nlme() -> None:
             theta = {}
@@ -769,16 +775,7 @@ class NLME(LatentModel):
                 if info.fixed:
                     theta[name] = init[name]
                     continue
-                role = info.meta.get("role")
-                if role == "population":
-                    c = support[info.meta["transform"]]
-                elif role == "omega" and name == "Omega":
-                    c = constraints.positive_definite
-                elif role in ("omega", "error"):
-                    c = constraints.positive
-                else:
-                    c = constraints.real
-                theta[name] = numpyro.param(name, init[name], constraint=c)
+                theta[name] = numpyro.param(name, init[name], constraint=param_constraints[name])
             mu_r, om = model.prior_moments(theta)
             n, t = model._y.shape
             with numpyro.plate("id", n, dim=-2):
