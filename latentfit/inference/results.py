@@ -115,6 +115,46 @@ class FitResult:
                 self.model, self._theta(), self._require_draws("individual estimates"), num_steps=num_steps)
         return self._cache["individual"]
 
+    def individual_parameters(self, num_steps: int = 30):
+        """Per-unit parameters on their natural scale (saemix's ``psi``): a pandas table.
+
+        Columns ``<name>.mode`` (the conditional mode mapped to the natural scale), ``<name>.mean`` and
+        ``<name>.sd`` (conditional mean and sd of the *transformed* draws, so that e.g. E[ka_i | y_i] is not
+        confused with exp(E[log ka_i | y_i])).  Uses the model's ``individual_parameters(θ, z)`` when it has one
+        (NLME: ψ_i = u⁻¹(C_i β + η_i)), else the latent sites' supports (``unpack_latents``).
+        """
+        import pandas as pd
+
+        ops, model, theta = self.model.ops, self.model, self._theta()
+        draws = ops.asarray(self._require_draws("individual parameters"))
+        mode = ops.asarray(self.individual_estimates(num_steps=num_steps).mode)
+
+        def natural(z: Any) -> dict[str, np.ndarray]:
+            if hasattr(model, "individual_parameters"):
+                vals = model.individual_parameters(theta, z)
+            else:
+                vals = model.unpack_latents(z)
+            lead = z.ndim - 2  # chain/draw dims before the unit dim
+            out = {}
+            for k, v in vals.items():
+                v = ops.to_numpy(v)
+                out[k] = v.reshape(v.shape[:lead] + (model.num_units, -1))
+            return out
+
+        at_mode = natural(mode)
+        sampled = natural(draws)
+        cols: dict[str, np.ndarray] = {}
+        for name, m in at_mode.items():
+            flat = sampled[name].reshape((-1,) + sampled[name].shape[-2:])  # [L·draws, N, k]
+            labels = [name] if m.shape[-1] == 1 else [f"{name}[{j}]" for j in range(m.shape[-1])]
+            for j, lab in enumerate(labels):
+                cols[f"{lab}.mode"] = m[:, j]
+                cols[f"{lab}.mean"] = flat[..., j].mean(0)
+                cols[f"{lab}.sd"] = flat[..., j].std(0, ddof=1)
+        df = pd.DataFrame(cols)
+        df.index.name = "unit"
+        return df
+
     def _default_ll_method(self) -> str:
         return "exact" if getattr(self.model, "has_exact_marginal", False) else "is"
 
