@@ -56,11 +56,7 @@ class FIEM(StatEngine):
 
     name = "FIEM"
     rule = SagaRule()
-
-    def __init__(self, model: Any, num_epochs: int = 20, batch_size: int | None = None, **kwargs: Any) -> None:
-        if batch_size is None:
-            batch_size = max(1, -(-model.num_units // 100))
-        super().__init__(model, num_epochs, batch_size, **kwargs)
+    batches_per_epoch = 100
 
     def default_rho(self, n: int, b: int) -> float:
         return default_fast_step(n, b)

@@ -43,11 +43,7 @@ class MiniBatchEM(StatEngine):
 
     name = "MiniBatchEM"
     rule = IncrementalRule()
-
-    def __init__(self, model: Any, num_epochs: int = 20, batch_size: int | None = None, **kwargs: Any) -> None:
-        if batch_size is None:
-            batch_size = max(1, -(-model.num_units // 10))
-        super().__init__(model, num_epochs, batch_size, **kwargs)
+    batches_per_epoch = 10
 
 
 class IEM(MiniBatchEM):

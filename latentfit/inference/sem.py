@@ -29,11 +29,7 @@ class SEM(StatEngine):
     name = "SEM"
     rule = OnlineRule()
     needs_table = False
-
-    def __init__(self, model: Any, num_epochs: int = 20, batch_size: int | None = None, **kwargs: Any) -> None:
-        if batch_size is None:
-            batch_size = max(1, -(-model.num_units // 100))
-        super().__init__(model, num_epochs, batch_size, **kwargs)
+    batches_per_epoch = 100
 
     def default_rho(self, n: int, b: int) -> Any:
         return lambda t: 1.0 / (t + 5.0)

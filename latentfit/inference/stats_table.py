@@ -132,8 +132,8 @@ class StatEngine(Engine):
     rule: ProxyRule = ProxyRule()
     monte_carlo: bool = False
     two_timescale: bool = False
-    #: None: full batch (b = n)
-    default_batch_size: int | None = None
+    #: default mini-batches per epoch when ``batch_size`` is not given (None: full batch, b = n)
+    batches_per_epoch: int | None = None
     #: initial full pass and table (False for EM / MCEM, which need neither)
     needs_init_pass: bool = True
     needs_table: bool = True
@@ -149,8 +149,9 @@ class StatEngine(Engine):
         n = int(model.num_units)
         if n < 1:
             raise ModelSpecificationError("the model has no units (empty data)")
-        b = batch_size if batch_size is not None else (self.default_batch_size or n)
-        b = int(b)
+        if batch_size is None:
+            batch_size = -(-n // self.batches_per_epoch) if self.batches_per_epoch else n
+        b = int(batch_size)
         if b > n:
             raise ValueError(f"batch_size={b} exceeds the number of units n={n}")
         self.num_epochs = int(num_epochs)
