@@ -190,6 +190,18 @@ def test_is_and_louis_on_both_backends(backend):
     res = likelihood.log_likelihood_is(model, theta, mean_post, sd_post, num_samples=2000, batch_size=1000, seed=3)
     exact = _np_marginal(v0, t, y)
     assert abs(res.value - exact) < 4 * res.mc_se + 1e-3
+    # adaptive Gauss–Hermite: the integrand is Gaussian, so any number of nodes is exact (1 node = Laplace)
+    for nodes in (1, 3):
+        gq = likelihood.log_likelihood_gq(model, theta, num_nodes=nodes)
+        assert gq.value == pytest.approx(exact, abs=1e-8) and gq.per_unit.shape == (n,)
+    # and maximising it from elsewhere finds scipy's maximum of the closed form
+    start = {"mu": backend.tensor([0.5, 0.8]), "cov": backend.tensor([[0.9, 0.0], [0.0, 0.4]]),
+             "sigma": backend.tensor(0.6)}
+    best = likelihood.maximise_log_likelihood_gq(model, start, num_nodes=2)
+    assert best.converged and best.log_lik.value == pytest.approx(exact, abs=1e-6)
+    got = best.as_dict(model.ops)
+    np.testing.assert_allclose(np.r_[got["mu"], got["cov"][0], got["cov"][1, 1], got["sigma"]],
+                               np.r_[v0[:4], v0[4:]], atol=1e-4)
     # Louis' identity with exact posterior draws against the finite-difference observed information
     draws = mean_post + np.einsum("nab,snb->sna", np.linalg.cholesky(cov_post), rng.normal(size=(2000, n, 2)))
     rec = fisher.fim_louis(model, theta, draws, batch_size=2000)
@@ -270,6 +282,19 @@ def test_plain_pyro_poisson_model_is_loglik_and_louis_se():
     se_exact = np.sqrt(np.diag(np.linalg.inv(-hess)))
     se = fit.standard_errors()  # default "sa" without Gaussian faces
     np.testing.assert_allclose([se["mu"], se["omega"]], se_exact, rtol=0.15)
+    # adaptive Gauss–Hermite quadrature (Hessian-scaled: no Gaussian observation face) is deterministic
+    assert fit.log_likelihood("gq") == pytest.approx(_quadrature_log_lik(v, y), abs=1e-4)
+    assert fit.log_likelihoods["gq"].per_unit.shape == (100,)
+    from scipy.optimize import minimize
+
+    v_ml = minimize(lambda w: -_quadrature_log_lik(w, y), v, method="Nelder-Mead",
+                    options={"xatol": 1e-7, "fatol": 1e-9}).x
+    best = likelihood.maximise_log_likelihood_gq(fit.model, fit.model.init_params())
+    np.testing.assert_allclose([float(best.theta["mu"]), float(best.theta["omega"])], v_ml, atol=2e-4)
+    with pytest.raises(ModelSpecificationError, match="pass fewer nodes"):
+        likelihood.gauss_hermite_grid(6, 12)
+    with pytest.raises(ValueError, match="num_nodes must be a positive integer"):
+        fit.log_likelihood("gq", num_nodes=0)
     assert list(fit.summary().columns) == ["estimate", "se", "rse%"]
     with pytest.raises(ModelSpecificationError, match="Gaussian faces"):
         fit.log_likelihood("lin")

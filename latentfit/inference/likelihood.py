@@ -22,6 +22,18 @@ linearised, ``f_i(z) ≈ f_i(ẑ_i) + J_i (z − ẑ_i)`` with ``J_i = ∂f_i/�
 whose Gaussian log-density is the linearised log-likelihood (exact for linear Gaussian models).
 The same moments, with ``J_i`` and ``ẑ_i`` held fixed, give the linearised Fisher information
 (:mod:`latentfit.inference.fisher`).
+
+**Adaptive Gauss–Hermite quadrature** (saemix ``llgq.saemix``; Pinheiro & Bates, JCGS 1995).  Around
+the conditional mode ẑ_i with the Laplace covariance Γ_i = L_i L_iᵀ, the substitution z = ẑ_i + L_i u
+and a tensor-product probabilists' Gauss–Hermite rule (nodes u_k, weights W_k, weight function
+exp(−|u|²/2)) give
+
+    log p(y_i; θ) ≈ log|L_i| + logsumexp_k [log W_k + |u_k|²/2 + log p(y_i, ẑ_i + L_i u_k; θ)],
+
+exact when the integrand is Gaussian (linear Gaussian models) and converging fast in the number of
+nodes otherwise.  It is deterministic, so it also serves as an exact reference for the maximum of the
+likelihood (:func:`maximise_log_likelihood_gq`, the analogue of lme4's ``nAGQ`` fits).  The grid has
+``num_nodes ** d`` points per unit: for small latent dimensions only.
 """
 
 from __future__ import annotations
@@ -202,5 +214,139 @@ def log_likelihood_exact(model: LatentModel, theta: dict[str, Any], units: Any =
     return LogLikelihood("exact", float(per_unit.sum()), per_unit)
 
 
-__all__ = ["LogLikelihood", "gaussian_log_density", "linearised_moments", "log_likelihood_exact",
+# ----- adaptive Gauss–Hermite quadrature ------------------------------------------------------------
+MAX_GQ_POINTS = 250_000
+
+
+def gauss_hermite_grid(dim: int, num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tensor-product probabilists' Gauss–Hermite rule in ``dim`` dimensions.
+
+    Returns the points ``u [K, dim]`` (K = num_nodes**dim) and ``log W_k + |u_k|²/2 [K]``, so that
+    ``∫ g(u) du ≈ Σ_k exp(log W_k + |u_k|²/2) g(u_k)`` for ``g`` close to a standard Gaussian shape.
+    """
+    if int(num_nodes) != num_nodes or num_nodes < 1:
+        raise ValueError(f"num_nodes must be a positive integer, got {num_nodes!r}")
+    num_points = int(num_nodes) ** int(dim)
+    if num_points > MAX_GQ_POINTS:
+        raise ModelSpecificationError(
+            f"Gauss–Hermite quadrature with num_nodes={num_nodes} in d={dim} latent dimensions needs "
+            f"{num_nodes}^{dim} = {num_points} points per unit (at most {MAX_GQ_POINTS}); pass fewer nodes or use "
+            f"method='is' (importance sampling)")
+    x, w = np.polynomial.hermite_e.hermegauss(int(num_nodes))
+    idx = np.stack([g.ravel() for g in np.meshgrid(*([np.arange(int(num_nodes))] * dim), indexing="ij")], -1)
+    u = x[idx].reshape(num_points, dim)
+    log_w = np.log(w)[idx].reshape(num_points, dim).sum(-1) + 0.5 * (u * u).sum(-1)
+    return u, log_w
+
+
+def gq_log_lik_per_unit(model: LatentModel, theta: dict[str, Any], mode: Any, chol: Any, grid: tuple[Any, Any],
+                        units: Any = None, max_elements: int = 2_000_000) -> Any:
+    """Per-unit AGQ log-likelihood ``[n]`` on a fixed grid (``mode [n, d]``, ``chol [n, d, d]`` = chol(Γ_i)).
+
+    Differentiable in θ (the grid is held fixed), so it can be maximised directly.
+    """
+    ops = model.ops
+    xp = ops.xp
+    u, log_w = grid
+    n = mode.shape[0]
+    chunk = max(1, min(u.shape[0], max_elements // max(n, 1)))
+    lse = []
+    for start in range(0, u.shape[0], chunk):
+        uk, lwk = u[start:start + chunk], log_w[start:start + chunk]
+        z = mode + xp.einsum("nde,ke->knd", chol, uk)
+        ll, lp = model.log_densities(theta, z, units)
+        t = ll + lp + lwk[:, None]
+        t = xp.where(t == t, t, -xp.inf)
+        mx = ops.stop_gradient(xp.amax(t, 0))
+        mx = xp.where(xp.isfinite(mx), mx, 0.0)
+        lse.append(mx + xp.log(xp.sum(xp.exp(t - mx), 0)))
+    t = xp.stack(lse, 0)
+    mx = ops.stop_gradient(xp.amax(t, 0))
+    mx = xp.where(xp.isfinite(mx), mx, 0.0)
+    log_det = xp.sum(xp.log(xp.diagonal(chol, 0, -2, -1)), -1)
+    return mx + xp.log(xp.sum(xp.exp(t - mx), 0)) + log_det
+
+
+def _gq_grid(model: LatentModel, num_nodes: int) -> tuple[Any, Any]:
+    u, log_w = gauss_hermite_grid(model.latent_dim, num_nodes)
+    return model.ops.asarray(u), model.ops.asarray(log_w)
+
+
+def log_likelihood_gq(model: LatentModel, theta: dict[str, Any], z0: Any = None, *, num_nodes: int = 12,
+                      num_steps: int = 30, method: str = "auto", units: Any = None) -> LogLikelihood:
+    """Adaptive Gauss–Hermite log-likelihood (see the module docstring; saemix's ``nnodes.gq`` = 12).
+
+    The grid is centred at the conditional modes (batched Newton from ``z0``, e.g. the conditional means)
+    and scaled by the Laplace covariances (:func:`latentfit.inference.laplace.conditional_modes`).
+    """
+    from .laplace import conditional_modes, small_cholesky
+
+    ops = model.ops
+    grid = _gq_grid(model, num_nodes)  # validates num_nodes / grid size before any work
+    lap = conditional_modes(model, theta, units, None if z0 is None else ops.asarray(z0), num_steps=num_steps,
+                            method=method)
+    per_unit = gq_log_lik_per_unit(model, theta, lap.mode, small_cholesky(ops, lap.cov), grid, units)
+    per_unit_np = ops.to_numpy(per_unit)
+    return LogLikelihood("gq", float(per_unit_np.sum()), per_unit_np, num_samples=int(num_nodes) ** model.latent_dim)
+
+
+@dataclass
+class LikelihoodMaximum:
+    """Result of :func:`maximise_log_likelihood_gq`: θ̂ (constrained, backend arrays) and its log-likelihood."""
+
+    theta: dict[str, Any]
+    log_lik: LogLikelihood
+    num_outer: int
+    converged: bool
+
+    def as_dict(self, ops: Any) -> dict[str, Any]:
+        """θ̂ as numpy arrays (floats for scalars)."""
+        out = {k: ops.to_numpy(v) for k, v in self.theta.items()}
+        return {k: v if np.ndim(v) else float(v) for k, v in out.items()}
+
+
+def maximise_log_likelihood_gq(model: LatentModel, theta0: dict[str, Any], *, num_nodes: int = 9,
+                               max_outer: int = 25, newton_steps: int = 4, tol: float = 1e-6) -> LikelihoodMaximum:
+    """Deterministic maximum-likelihood estimate by adaptive Gauss–Hermite quadrature.
+
+    Alternates (i) centring the grid at the conditional modes / Laplace covariances at the current θ and
+    (ii) damped Newton steps on the unconstrained free parameters with that grid held fixed
+    (:func:`latentfit.inference.mstep.newton_maximize`), until the log-likelihood changes by less than
+    ``tol``.  Fixed parameters stay at ``theta0``.  For small latent dimensions (``num_nodes ** d`` points
+    per unit); a reference for SAEM's estimates, whose Monte-Carlo error it does not have.
+    """
+    from .laplace import conditional_modes, small_cholesky
+    from .mstep import flatten, newton_maximize, unflatten
+
+    ops = model.ops
+    grid = _gq_grid(model, num_nodes)
+    free = [n for n, p in model.params.items() if not p.fixed]
+    theta = {k: ops.asarray(v) for k, v in theta0.items()}
+    fixed = {k: v for k, v in theta.items() if k not in free}
+    theta_u = model.unconstrain({n: theta[n] for n in free})
+    shapes = {n: tuple(theta_u[n].shape) for n in free}  # unconstrained shapes may differ (e.g. a covariance)
+    x = flatten(ops, theta_u, free)
+
+    def theta_of(v: Any) -> dict[str, Any]:
+        return {**fixed, **model.constrain(unflatten(v, free, shapes))}
+
+    def objective_on(z: Any, chol: Any):
+        return lambda v: ops.xp.sum(gq_log_lik_per_unit(model, theta_of(v), z, chol, grid))
+
+    z, previous, converged, num_outer = None, -np.inf, False, 0
+    while num_outer < max_outer and not converged:
+        num_outer += 1
+        lap = conditional_modes(model, theta_of(x), z0=z, num_steps=30 if z is None else 10)
+        z = lap.mode
+        objective = objective_on(z, small_cholesky(ops, lap.cov))
+        x = newton_maximize(ops, objective, x, num_steps=newton_steps)
+        value = float(ops.to_numpy(objective(x)))
+        converged = abs(value - previous) < tol
+        previous = value
+    theta = {k: ops.stop_gradient(v) for k, v in theta_of(x).items()}
+    return LikelihoodMaximum(theta, log_likelihood_gq(model, theta, z, num_nodes=num_nodes), num_outer, converged)
+
+
+__all__ = ["LikelihoodMaximum", "LogLikelihood", "gauss_hermite_grid", "gaussian_log_density", "gq_log_lik_per_unit",
+           "log_likelihood_gq", "maximise_log_likelihood_gq", "linearised_moments", "log_likelihood_exact",
            "log_likelihood_is", "log_likelihood_lin", "structural_jacobian", "student_t_draws", "student_t_log_pdf"]

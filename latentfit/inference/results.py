@@ -159,26 +159,31 @@ class FitResult:
         return "exact" if getattr(self.model, "has_exact_marginal", False) else "is"
 
     def log_likelihood(self, method: str | None = None, *, num_samples: int = 5000, df: int = 4, seed: int = 0,
-                       batch_size: int = 500) -> float:
+                       batch_size: int = 500, num_nodes: int = 12) -> float:
         """Observed-data log-likelihood ``Σ_i log p(y_i; θ̂)``.
 
         ``method``: ``"exact"`` (model's exact marginal; default when ``model.has_exact_marginal``),
         ``"is"`` (importance sampling, Student-t proposal around the conditional moments; ``num_samples``
-        draws per unit, ``df`` degrees of freedom, fixed ``seed``) or ``"lin"`` (linearisation at the
-        conditional modes; models with Gaussian faces).  The detailed result (per-unit terms, Monte-Carlo
+        draws per unit, ``df`` degrees of freedom, fixed ``seed``), ``"lin"`` (linearisation at the
+        conditional modes; models with Gaussian faces) or ``"gq"`` (adaptive Gauss–Hermite quadrature with
+        ``num_nodes`` nodes per latent coordinate around the conditional modes: deterministic, for small
+        latent dimensions; saemix's ``llgq``).  The detailed result (per-unit terms, Monte-Carlo
         SE) is kept in ``fit.log_likelihoods[method]``.
         """
         from . import likelihood as lk
 
         method = method or self._default_ll_method()
-        if method not in ("is", "lin", "exact"):
-            raise ValueError(f"method must be 'is', 'lin' or 'exact', got {method!r}")
-        key = (method, num_samples, df, seed) if method == "is" else (method,)
+        if method not in ("is", "lin", "gq", "exact"):
+            raise ValueError(f"method must be 'is', 'lin', 'gq' or 'exact', got {method!r}")
+        key = {"is": (method, num_samples, df, seed), "gq": (method, num_nodes)}.get(method, (method,))
         cache = self._cache.setdefault("loglik", {})
         if key not in cache:
             theta = self._theta()
             if method == "exact":
                 res = lk.log_likelihood_exact(self.model, theta)
+            elif method == "gq":
+                z0 = self.conditional_moments()[0] if self.latent_draws is not None else None
+                res = lk.log_likelihood_gq(self.model, theta, z0, num_nodes=num_nodes)
             elif method == "lin":
                 res = lk.log_likelihood_lin(self.model, theta, self.model.ops.asarray(self.individual_estimates().mode))
             else:
