@@ -53,6 +53,17 @@ def test_random_slope_mvn_reaches_exact_ml(backend):
     assert abs(p["sigma"] ** 2 / s2 - 1) < 0.01
 
 
+def test_collapsed_latent_scale_is_reported(backend):
+    """A recognised Normal latent whose scale sits on the M-step's variance floor is named in fit_warnings
+    (the engines turn these messages into RuntimeWarnings after the run)."""
+    model = backend.latent_model(backend.models.random_intercept, backend.tensor(_intercept_data(n=20)))
+    theta = dict(model.init_params())
+    assert model.fit_warnings(theta) == []
+    theta["omega"] = backend.tensor(1e-6)
+    (msg,) = model.fit_warnings(theta)
+    assert "'omega'" in msg and "collapsed" in msg and "num_chains" in msg
+
+
 def test_numeric_m_step_agrees_with_closed_form(backend):
     """Switching the closed form off (numeric Newton M-step) lands on the same ML estimates."""
     y = _intercept_data(n=100)

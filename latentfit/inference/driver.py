@@ -11,6 +11,7 @@ and of the objective, the collection of the last latent draws, callbacks and see
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -59,7 +60,9 @@ class Engine:
         return state.get("z")
 
     def finalize(self, state: dict[str, Any]) -> dict[str, Any]:
-        """Hook run once after the loop (e.g. a last exact E-step)."""
+        """Hook run once after the loop (e.g. a last exact E-step); warns with the model's ``fit_warnings``."""
+        for msg in self.model.fit_warnings(self.theta_of(state)):
+            warnings.warn(f"{self.name}: {msg}", RuntimeWarning, stacklevel=3)
         return state
 
     def theta_of(self, state: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,6 @@ inner iterations run through ``ops.fori_loop`` (a compiled loop on JAX).  Per-un
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 from . import mcmc
@@ -358,11 +357,6 @@ class StatEngine(Engine):
             return xp.reshape(order, (m, b))
         pos = ops.arange(m * b) % n
         return xp.reshape(ops.take(order, pos, 0), (m, b))
-
-    def finalize(self, state: dict[str, Any]) -> dict[str, Any]:
-        for msg in self.model.fit_warnings(state["theta"]):
-            warnings.warn(f"{self.name}: {msg}", RuntimeWarning, stacklevel=3)
-        return state
 
     def latent_draw(self, state: dict[str, Any]) -> Any | None:
         return None

@@ -112,6 +112,16 @@ class ClosedFormFace:
         for r in self._resid:
             self.params[r.scale].closed_form = True
 
+    def fit_warnings(self, theta: dict[str, Any]) -> list[str]:
+        """Scales of recognised Normal latents that fell onto the M-step's variance floor (1e-12)."""
+        out = []
+        for g in self._gauss:
+            if g.kind == "normal" and float(np.min(self.ops.to_numpy(theta[g.scale]))) ** 2 < 1e-11:
+                out.append(f"the scale {g.scale!r} of latent site {g.site!r} collapsed to ~0: the data barely identify "
+                           f"that variance and SAEM's Monte-Carlo noise with few chains can drive it to zero; rerun "
+                           f"with more chains (num_chains=...) or drop that random effect")
+        return out
+
     def _site_u(self, z: Any, site: str) -> Any:
         s = next(x for x in self._layout if x.name == site)
         return z[..., s.offset:s.offset + s.size]
