@@ -54,6 +54,9 @@ TRANSFORMS = ("log", "normal", "logit", "probit")
 _TRANSFORM_ALIASES = {"lognormal": "log", "log-normal": "log", "identity": "normal", "none": "normal"}
 ERRORS = ("constant", "proportional", "combined", "exponential")
 COV_TRANSFORMS = ("linear", "center", "log", "log-center", "categorical")
+#: floor of a random-effect variance in the M-step; below COLLAPSED_OMEGA2 a fit warns
+OMEGA2_FLOOR = 1e-12
+COLLAPSED_OMEGA2 = 1e-6
 
 
 @dataclass
@@ -328,7 +331,8 @@ class NLME(LatentModel):
                               for c in data.covariates.columns
                               if pd.api.types.is_numeric_dtype(data.covariates[c])},
                              doses_precede_obs=bool(data.dose_amt.shape[1] == 1 and (data.dose_amt > 0).all()
-                                                    and (data.dose_time[:, :1] <= data.time).all()))
+                                                    and (data.dose_time[:, :1] <= data.time).all()),
+                             dose_cmt=ops.asarray(data.dose_cmt.astype(np.int64)))
         self.observed = {"DV": np.where(data.mask, data.dv, np.nan)}
         self.latent_sites = [LatentSite(nm, (), k, 1, kind="gaussian") for k, nm in enumerate(self.random_names)]
         self.params = self._build_params()
@@ -570,6 +574,9 @@ class NLME(LatentModel):
         quad = (self._xtx @ beta) @ beta  # Σ_i (X_i β)(X_i β)ᵀ
         om = (s["phiphi"] - cross - cross.T + quad) / num_units
         om = 0.5 * (om + om.T) * self._block_mask
+        # rounding can push a collapsing variance to ≤ 0: floor the diagonal (saemix's cutoff)
+        diag = xp.diagonal(om, 0, -2, -1)
+        om = om + self.ops.asarray(np.eye(d)) * (xp.clip(diag, OMEGA2_FLOOR) - diag)
         out: dict[str, Any] = {}
         for i, k in enumerate(self.cols_r):
             e = self.effects[k]
@@ -591,7 +598,7 @@ class NLME(LatentModel):
         xp = self.ops.xp
         beta_old = self._beta(theta)[self._r_sel]
         beta = xp.where(self._fixed_r_mask, beta_old, s["phi"] / num_units)
-        om = (s["phi2"] - 2.0 * beta * s["phi"]) / num_units + beta * beta
+        om = xp.clip((s["phi2"] - 2.0 * beta * s["phi"]) / num_units + beta * beta, OMEGA2_FLOOR)
         out: dict[str, Any] = {}
         for i, nm in enumerate(self.random_names):
             if not self.spec[nm].fixed:
@@ -600,6 +607,18 @@ class NLME(LatentModel):
         if "rss" in s:
             out["b" if self.error == "proportional" else "a"] = xp.sqrt(s["rss"] / self.num_obs)
         return out
+
+    def fit_warnings(self, theta: dict[str, Any]) -> list[str]:
+        """A random-effect variance that fell to ~0 (SAEM with few chains can absorb a weakly identified variance
+        at zero, where EM's map is stationary)."""
+        om = self.ops.to_numpy(self.omega_matrix(theta))
+        collapsed = [f"{nm} (ω²={om[i, i]:.2g})" for i, nm in enumerate(self.random_names)
+                     if om[i, i] < COLLAPSED_OMEGA2]
+        if not collapsed:
+            return []
+        return [f"the variance of the random effect on {', '.join(collapsed)} collapsed to ~0: the data barely "
+                f"identify it, and SAEM's Monte-Carlo noise with few chains can drive such a variance to zero; rerun "
+                f"with more chains (num_chains=...), a larger initial variance, or without that random effect"]
 
     def numeric_objective(self, theta: dict[str, Any], z: Any, names: list[str]) -> Callable[[dict], Any] | None:
         """Cheap objective for SAEM's numerical step (hook read by the engine).

@@ -39,6 +39,7 @@ class Design:
     covariates: dict[str, Any] = field(default_factory=dict)  # [N]
     #: static: every dose is given before every observation (no masking of τ < 0 needed)
     doses_precede_obs: bool = False
+    dose_cmt: Any = None  # [N, D] 1-based dose compartments (CMT), for ODE models
 
     def __post_init__(self) -> None:
         # τ = t − t_d [N, T, D] and the amounts [N, 1, D], computed once
@@ -51,7 +52,7 @@ class Design:
         t = lambda a: ops.take(a, units, 0)  # noqa: E731
         return Design(self.xp, t(self.time), t(self.dose_time), t(self.dose_amt), t(self.dose_rate),
                       {k: t(v) for k, v in self.regressors.items()}, {k: t(v) for k, v in self.covariates.items()},
-                      self.doses_precede_obs)
+                      self.doses_precede_obs, None if self.dose_cmt is None else t(self.dose_cmt))
 
     def time_after_dose(self) -> tuple[Any, Any]:
         """``τ = t − t_d`` ``[N, T, D]`` and the doses' amounts ``[N, 1, D]``."""
