@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .data import NLMEData, design_table, read_nonmem
 from .model import NLME, Parameter
+from .ode import ode
 from .structural import (
     LIBRARY,
     Design,
@@ -22,6 +23,6 @@ from .structural import (
     two_compartment_oral,
 )
 
-__all__ = ["LIBRARY", "NLME", "Design", "NLMEData", "Parameter", "Structural", "design_table", "emax",
+__all__ = ["LIBRARY", "NLME", "Design", "NLMEData", "Parameter", "Structural", "design_table", "emax", "ode",
            "one_compartment_bolus", "one_compartment_infusion", "one_compartment_oral", "read_nonmem", "sigmoid_emax",
            "two_compartment_bolus", "two_compartment_oral"]

@@ -333,6 +333,7 @@ class NLME(LatentModel):
                              doses_precede_obs=bool(data.dose_amt.shape[1] == 1 and (data.dose_amt > 0).all()
                                                     and (data.dose_time[:, :1] <= data.time).all()),
                              dose_cmt=ops.asarray(data.dose_cmt.astype(np.int64)))
+        self._structural_fn = self.structural.bound(self.design)
         self.observed = {"DV": np.where(data.mask, data.dv, np.nan)}
         self.latent_sites = [LatentSite(nm, (), k, 1, kind="gaussian") for k, nm in enumerate(self.random_names)]
         self.params = self._build_params()
@@ -429,7 +430,7 @@ class NLME(LatentModel):
         """``f(t_ij, ψ_i)`` ``[..., n, T]``."""
         self._require_data()
         psi = self._psi(self._mu(theta, units) if mu is None else mu, z)
-        return self.structural(psi, self.design.take(self.ops, units))
+        return self._structural_fn(psi, self.design.take(self.ops, units))
 
     def _error_sd(self, theta: dict[str, Any], f: Any) -> Any:
         xp = self.ops.xp

@@ -68,9 +68,16 @@ class Structural:
     fn: Callable[[dict[str, Any], Design], Any]
     #: default regressor columns needed from the data
     regressors: tuple[str, ...] = ()
+    #: optional ``bind(design) -> fn``: data-dependent set-up done once, eagerly, when a model gets its data
+    #: (e.g. an ODE model's event table and step counts); the returned ``fn`` serves that data and its subsets
+    bind: Callable[[Design], Callable[[dict[str, Any], Design], Any]] | None = None
 
     def __call__(self, psi: dict[str, Any], data: Design) -> Any:
         return self.fn(psi, data)
+
+    def bound(self, design: Design) -> Callable[[dict[str, Any], Design], Any]:
+        """``fn`` prepared for ``design`` (and any subset of its units)."""
+        return self.fn if self.bind is None else self.bind(design)
 
 
 def _p(psi: dict[str, Any], name: str) -> Any:
