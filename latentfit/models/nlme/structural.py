@@ -58,6 +58,11 @@ class Design:
         """``τ = t − t_d`` ``[N, T, D]`` and the doses' amounts ``[N, 1, D]``."""
         return self._tau, self._amt
 
+    @property
+    def single_dose(self) -> bool:
+        """One dose record per individual (static): the library drops the dose axis (see :func:`_dose_terms`)."""
+        return self.dose_time.shape[-1] == 1
+
 
 @dataclass
 class Structural:
@@ -80,14 +85,25 @@ class Structural:
         return self.fn if self.bind is None else self.bind(design)
 
 
-def _p(psi: dict[str, Any], name: str) -> Any:
-    """``[..., N, 1]`` -> ``[..., N, 1, 1]`` (broadcasts against ``[N, T, D]``)."""
-    return psi[name][..., None]
+def _dose_terms(d: Design) -> tuple[Any, Any, Any]:
+    """``(τ, amounts, rates)``: ``[N, T, D]``, ``[N, 1, D]``, ``[N, 1, D]``, or with a single dose per
+    individual ``[N, T]``, ``[N, 1]``, ``[N, 1]``.  Dropping a trailing dose axis of size 1 matters on XLA's
+    CPU backend, whose reductions over ``[N, T, 1]`` layouts run ~10x slower than over ``[N, T]``."""
+    if d.single_dose:
+        return d._tau[..., 0], d.dose_amt, d.dose_rate
+    return d._tau, d._amt, d.dose_rate[..., None, :]
 
 
-def _superpose(xp: Any, contrib: Any, valid: Any) -> Any:
+def _p(psi: dict[str, Any], name: str, d: Design) -> Any:
+    """``[..., N, 1]`` -> ``[..., N, 1, 1]`` (broadcasts against ``[N, T, D]``); unchanged for one dose."""
+    return psi[name] if d.single_dose else psi[name][..., None]
+
+
+def _superpose(xp: Any, contrib: Any, valid: Any, d: Design) -> Any:
+    if d.single_dose:
+        return contrib if valid is None else xp.where(valid, contrib, 0.0)
     if valid is None:
-        return contrib[..., 0] if contrib.shape[-1] == 1 else xp.sum(contrib, -1)
+        return xp.sum(contrib, -1)
     return xp.sum(xp.where(valid, contrib, 0.0), -1)
 
 
@@ -114,17 +130,16 @@ def _bateman(xp: Any, ka: Any, k: Any, t: Any) -> Any:
 # ----- one compartment ----------------------------------------------------------------------------
 def _bolus1(psi: dict[str, Any], d: Design) -> Any:
     xp = d.xp
-    tau, amt = d.time_after_dose()
-    v, cl = _p(psi, "V"), _p(psi, "CL")
+    tau, amt, _ = _dose_terms(d)
+    v, cl = _p(psi, "V", d), _p(psi, "CL", d)
     t, valid = _time_since(d, tau, amt)
-    return _superpose(xp, amt / v * xp.exp(-(cl / v) * t), valid)
+    return _superpose(xp, amt / v * xp.exp(-(cl / v) * t), valid, d)
 
 
 def _infusion1(psi: dict[str, Any], d: Design) -> Any:
     xp = d.xp
-    tau, amt = d.time_after_dose()
-    rate = d.dose_rate[..., None, :]
-    v, cl = _p(psi, "V"), _p(psi, "CL")
+    tau, amt, rate = _dose_terms(d)
+    v, cl = _p(psi, "V", d), _p(psi, "CL", d)
     k = cl / v
     t, valid = _time_since(d, tau, amt)
     is_inf = rate > 0
@@ -133,15 +148,15 @@ def _infusion1(psi: dict[str, Any], d: Design) -> Any:
     t_on = xp.minimum(t, t_inf)
     infusion = safe_rate / (k * v) * (1.0 - xp.exp(-k * t_on)) * xp.exp(-k * (t - t_on))
     bolus = amt / v * xp.exp(-k * t)
-    return _superpose(xp, xp.where(is_inf, infusion, bolus), valid)
+    return _superpose(xp, xp.where(is_inf, infusion, bolus), valid, d)
 
 
 def _oral1(psi: dict[str, Any], d: Design, lag: bool = False) -> Any:
     xp = d.xp
-    tau, amt = d.time_after_dose()
-    ka, v, cl = _p(psi, "ka"), _p(psi, "V"), _p(psi, "CL")
-    t, valid = _time_since(d, tau, amt, _p(psi, "Tlag") if lag else None)
-    return _superpose(xp, amt / v * _bateman(xp, ka, cl / v, t), valid)
+    tau, amt, _ = _dose_terms(d)
+    ka, v, cl = _p(psi, "ka", d), _p(psi, "V", d), _p(psi, "CL", d)
+    t, valid = _time_since(d, tau, amt, _p(psi, "Tlag", d) if lag else None)
+    return _superpose(xp, amt / v * _bateman(xp, ka, cl / v, t), valid, d)
 
 
 # ----- two compartments ---------------------------------------------------------------------------
@@ -155,24 +170,24 @@ def _macro(xp: Any, cl: Any, v1: Any, q: Any, v2: Any) -> tuple[Any, Any, Any]:
 
 def _bolus2(psi: dict[str, Any], d: Design) -> Any:
     xp = d.xp
-    tau, amt = d.time_after_dose()
-    v1 = _p(psi, "V1")
-    alpha, beta, k21 = _macro(xp, _p(psi, "CL"), v1, _p(psi, "Q"), _p(psi, "V2"))
+    tau, amt, _ = _dose_terms(d)
+    v1 = _p(psi, "V1", d)
+    alpha, beta, k21 = _macro(xp, _p(psi, "CL", d), v1, _p(psi, "Q", d), _p(psi, "V2", d))
     t, valid = _time_since(d, tau, amt)
     c = ((alpha - k21) * xp.exp(-alpha * t) + (k21 - beta) * xp.exp(-beta * t)) / (alpha - beta)
-    return _superpose(xp, amt / v1 * c, valid)
+    return _superpose(xp, amt / v1 * c, valid, d)
 
 
 def _oral2(psi: dict[str, Any], d: Design) -> Any:
     xp = d.xp
-    tau, amt = d.time_after_dose()
-    ka, v1 = _p(psi, "ka"), _p(psi, "V1")
-    alpha, beta, k21 = _macro(xp, _p(psi, "CL"), v1, _p(psi, "Q"), _p(psi, "V2"))
+    tau, amt, _ = _dose_terms(d)
+    ka, v1 = _p(psi, "ka", d), _p(psi, "V1", d)
+    alpha, beta, k21 = _macro(xp, _p(psi, "CL", d), v1, _p(psi, "Q", d), _p(psi, "V2", d))
     t, valid = _time_since(d, tau, amt)
     c = ((k21 - alpha) / ((ka - alpha) * (beta - alpha)) * xp.exp(-alpha * t)
          + (k21 - beta) / ((ka - beta) * (alpha - beta)) * xp.exp(-beta * t)
          + (k21 - ka) / ((alpha - ka) * (beta - ka)) * xp.exp(-ka * t))
-    return _superpose(xp, amt * ka / v1 * c, valid)
+    return _superpose(xp, amt * ka / v1 * c, valid, d)
 
 
 # ----- public constructors ------------------------------------------------------------------------
