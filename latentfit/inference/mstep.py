@@ -46,6 +46,10 @@ def newton_maximize(ops: Ops, objective: Callable[[Any], Any], x0: Any, num_step
     def body(_: int, x: Any) -> Any:
         val, g = value_and_grad(x)
         h = hessian(x)
+        # a non-finite derivative (e.g. an ODE solution blowing up far in the tails) gives no step in
+        # that direction rather than a failed eigen-decomposition; backtracking rejects NaN objectives
+        g = xp.where(xp.isfinite(g), g, 0.0)
+        h = xp.where(xp.isfinite(h), h, 0.0)
         w, v = ops.eigh(-0.5 * (h + h.T))
         w_abs = xp.abs(w)
         floor = 1e-6 * xp.max(w_abs) + 1e-8

@@ -71,8 +71,8 @@ def _events(d: Design, num_states: int, dose_compartment: int | None) -> dict[st
     sorted_t = _take_along(xp, times, order)
     # position of each observation in the sorted events, as a one-hot [N, T, E] (gather by matmul)
     inverse = _argsort(xp, order)
-    pos = inverse[:, 2 * n_dose:]
-    e_idx = xp.arange(times.shape[-1])
+    pos = inverse[:, 2 * n_dose:] * 1.0  # float, so that nothing is created on a default device
+    e_idx = xp.cumsum(xp.ones_like(times[0]), 0) - 1.0  # 0, 1, ..., E-1 on the data's device
     one = xp.ones_like(d.time[:, :1])[..., None]  # [N, 1, 1] in the data's dtype
     onehot = xp.where(pos[..., None] == e_idx, one, 0.0 * one)
     inf_rate = xp.where(is_inf, rate, 0.0)
