@@ -187,7 +187,8 @@ def test_pyro_model_fits_like_the_fast_path():
 
 
 def test_parameter_without_random_effect_is_recovered_by_the_numerical_step():
-    """ka shared by all individuals (no random effect): SAEM's numerical step recovers it (N=150 × 6)."""
+    """ka shared by all individuals (no random effect): SAEM's numerical step recovers it (N=150 × 6), and lands
+    within 2% of the exact likelihood maximum (adaptive Gauss–Hermite) on every parameter (measured: ≤ 0.7%)."""
     spec = {"ka": nlme.Parameter(1.0, random=False), "V": 8.0, "CL": 0.8}
     gen = nlme.NLME("one_compartment_oral", spec, data=nlme.design_table(150, TIMES, 100.0), error_init={"a": 0.3})
     df = gen.simulate({"omega2_V": torch.tensor(0.04, dtype=torch.float64),
@@ -198,6 +199,10 @@ def test_parameter_without_random_effect_is_recovered_by_the_numerical_step():
     p = model.fit(seed=0, progress=False, num_iters=(100, 50)).params
     assert _rel(p["ka"], 1.0) < 0.05 and _rel(p["V"], 8.0) < 0.05 and _rel(p["CL"], 0.8) < 0.05, p
     assert _rel(p["a"], 0.3) < 0.15
+    best = likelihood.maximise_log_likelihood_gq(model, model.init_params(), num_nodes=9)
+    assert best.converged
+    for name, value in best.theta.items():
+        assert _rel(p[name], float(value)) < 0.02, (name, p[name], float(value))
 
 
 def test_individual_parameters_on_the_natural_scale():
