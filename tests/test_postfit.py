@@ -57,6 +57,15 @@ def test_quadrature_log_likelihood_of_a_plain_pyro_fit(fit):
     assert fit.log_likelihoods["gq"].per_unit.shape == (12,)
 
 
+def test_likelihood_table_by_method(fit):
+    """saemix's summary of −2LL / AIC / BIC by linearisation, importance sampling and Gaussian quadrature."""
+    table = fit.likelihood_table()
+    assert list(table.index) == ["lin", "is", "gq"] and list(table.columns) == ["-2LL", "AIC", "BIC"]
+    assert table.loc["gq", "-2LL"] == pytest.approx(-2 * fit.log_likelihood("gq"))
+    assert table.loc["is", "AIC"] == pytest.approx(fit.aic)
+    assert table.loc["lin", "BIC"] == pytest.approx(-2 * fit.log_likelihood("lin") + 7 * np.log(12))
+
+
 def test_linearisation_log_likelihood_matches_saemix(fit):
     # tolerance 0.15: saemix's own lin figure differs by 0.11 between two seeds of the same fit
     assert abs(fit.log_likelihood("lin") - (-172.07)) < 0.15

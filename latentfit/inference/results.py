@@ -228,6 +228,31 @@ class FitResult:
         """``−2LL + p log N`` with N the number of units (saemix's BIC)."""
         return self.minus_two_ll + self.num_params * float(np.log(self.model.num_units))
 
+    def likelihood_table(self, methods: tuple[str, ...] | list[str] | None = None):
+        """−2LL, AIC and BIC by each likelihood method, as saemix prints them (pandas, one row per method).
+
+        Default methods: ``"exact"`` when the model has an exact marginal, else ``"lin"`` (models with Gaussian
+        faces), ``"is"`` and ``"gq"`` (small latent dimension, up to 4 coordinates per unit).
+        """
+        import pandas as pd
+
+        if methods is None:
+            m = self.model
+            if getattr(m, "has_exact_marginal", False):
+                methods = ["exact"]
+            else:
+                methods = (["lin"] if (m.has_gaussian_obs and m.has_gaussian_prior) else []) + ["is"]
+                if m.latent_dim <= 4:
+                    methods.append("gq")
+        p, n = self.num_params, self.model.num_units
+        rows = {}
+        for method in methods:
+            ll = self.log_likelihood(method)
+            rows[method] = {"-2LL": -2.0 * ll, "AIC": -2.0 * ll + 2.0 * p, "BIC": -2.0 * ll + p * float(np.log(n))}
+        table = pd.DataFrame.from_dict(rows, orient="index")
+        table.index.name = "method"
+        return table
+
     def _default_se_method(self) -> str:
         m = self.model
         return "lin" if (m.has_gaussian_obs and m.has_gaussian_prior) else "sa"
