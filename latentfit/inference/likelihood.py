@@ -256,15 +256,17 @@ def gq_log_lik_per_unit(model: LatentModel, theta: dict[str, Any], mode: Any, ch
         z = mode + xp.einsum("nde,ke->knd", chol, uk)
         ll, lp = model.log_densities(theta, z, units)
         t = ll + lp + lwk[:, None]
-        t = xp.where(t == t, t, -xp.inf)
-        mx = ops.stop_gradient(xp.amax(t, 0))
-        mx = xp.where(xp.isfinite(mx), mx, 0.0)
-        lse.append(mx + xp.log(xp.sum(xp.exp(t - mx), 0)))
-    t = xp.stack(lse, 0)
+        lse.append(_logsumexp0(ops, xp.where(t == t, t, -xp.inf)))
+    log_det = xp.sum(xp.log(xp.diagonal(chol, 0, -2, -1)), -1)
+    return _logsumexp0(ops, xp.stack(lse, 0)) + log_det
+
+
+def _logsumexp0(ops: Any, t: Any) -> Any:
+    """``log Σ_k exp(t_k)`` over axis 0, stable and differentiable (the shift carries no gradient)."""
+    xp = ops.xp
     mx = ops.stop_gradient(xp.amax(t, 0))
     mx = xp.where(xp.isfinite(mx), mx, 0.0)
-    log_det = xp.sum(xp.log(xp.diagonal(chol, 0, -2, -1)), -1)
-    return mx + xp.log(xp.sum(xp.exp(t - mx), 0)) + log_det
+    return mx + xp.log(xp.sum(xp.exp(t - mx), 0))
 
 
 def _gq_grid(model: LatentModel, num_nodes: int) -> tuple[Any, Any]:
@@ -344,7 +346,9 @@ def maximise_log_likelihood_gq(model: LatentModel, theta0: dict[str, Any], *, nu
         converged = abs(value - previous) < tol
         previous = value
     theta = {k: ops.stop_gradient(v) for k, v in theta_of(x).items()}
-    return LikelihoodMaximum(theta, log_likelihood_gq(model, theta, z, num_nodes=num_nodes), num_outer, converged)
+    # value at the final θ on a grid re-centred there (a few Newton steps from the last modes)
+    final = log_likelihood_gq(model, theta, z, num_nodes=num_nodes, num_steps=10)
+    return LikelihoodMaximum(theta, final, num_outer, converged)
 
 
 __all__ = ["LikelihoodMaximum", "LogLikelihood", "gauss_hermite_grid", "gaussian_log_density", "gq_log_lik_per_unit",

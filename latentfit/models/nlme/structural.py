@@ -89,9 +89,10 @@ def _dose_terms(d: Design) -> tuple[Any, Any, Any]:
     """``(τ, amounts, rates)``: ``[N, T, D]``, ``[N, 1, D]``, ``[N, 1, D]``, or with a single dose per
     individual ``[N, T]``, ``[N, 1]``, ``[N, 1]``.  Dropping a trailing dose axis of size 1 matters on XLA's
     CPU backend, whose reductions over ``[N, T, 1]`` layouts run ~10x slower than over ``[N, T]``."""
+    tau, amt = d.time_after_dose()
     if d.single_dose:
-        return d._tau[..., 0], d.dose_amt, d.dose_rate
-    return d._tau, d._amt, d.dose_rate[..., None, :]
+        return tau[..., 0], d.dose_amt, d.dose_rate
+    return tau, amt, d.dose_rate[..., None, :]
 
 
 def _p(psi: dict[str, Any], name: str, d: Design) -> Any:
