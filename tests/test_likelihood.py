@@ -236,6 +236,13 @@ def test_exact_marginal_is_the_default_for_mixtures():
     assert fit.log_likelihoods["exact"].per_unit.shape == (300,)
     assert fit.num_params == 2 + 6 + 9
     assert fit.bic == pytest.approx(-2 * fit.log_likelihood() + 17 * np.log(300))
+    # EM keeps no latent draws: a requested SE method raises; the default summary warns and shows estimates
+    with pytest.raises(ValueError, match="latent draws"):
+        fit.summary(method="sa")
+    with pytest.warns(RuntimeWarning, match="no standard errors"):
+        table = fit.summary()
+    assert list(table.columns) == ["estimate"]
+    assert list(fit.summary(se=False).columns) == ["estimate"]
 
 
 def _poisson_intercept(y):
@@ -296,6 +303,8 @@ def test_plain_pyro_poisson_model_is_loglik_and_louis_se():
     with pytest.raises(ValueError, match="num_nodes must be a positive integer"):
         fit.log_likelihood("gq", num_nodes=0)
     assert list(fit.summary().columns) == ["estimate", "se", "rse%"]
+    with pytest.raises(ModelSpecificationError, match="Gaussian faces"):
+        fit.summary(method="lin")  # the requested method fails: an error, not a table without SEs
     with pytest.raises(ModelSpecificationError, match="Gaussian faces"):
         fit.log_likelihood("lin")
     with pytest.raises(ModelSpecificationError, match="Gaussian observation face"):

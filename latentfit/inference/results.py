@@ -314,17 +314,30 @@ class FitResult:
                    seed=seed)
 
     def summary(self, se: bool = True, method: str | None = None):
-        """pandas table: estimate, SE and RSE% (standard errors by ``method``, default as
-        :meth:`standard_errors`; ``se=False`` or a model/fit without the needed faces/draws: estimates only)."""
+        """pandas table: estimate, SE and RSE%.
+
+        ``method`` (``"lin"`` | ``"sa"``, see :meth:`standard_errors`): the standard errors by that method; if
+        they cannot be computed (the model lacks the Gaussian faces, the fit kept no draws, ...) the error is
+        raised, never a table without its SE columns.  Without ``method``: the standard errors computed last,
+        else those of the default method; where the default method does not apply to this fit (e.g. an EM fit,
+        which keeps no latent draws) the table holds the estimates only and a ``RuntimeWarning`` says why.
+        ``se=False``: estimates only.
+        """
+        import warnings
+
         import pandas as pd
 
         rows = self.param_table()
         df = pd.DataFrame({"estimate": [v for _, v in rows]}, index=[n for n, _ in rows])
         se_map = self._cache.get("se")
-        if se and (se_map is None or method is not None):
+        if se and method is not None:
+            se_map = self.standard_errors(method)  # a requested method that fails raises
+        elif se and se_map is None:
             try:
-                se_map = self.standard_errors(method)
-            except (ValueError, NotImplementedError):
+                se_map = self.standard_errors()
+            except (ValueError, NotImplementedError) as err:
+                warnings.warn(f"summary(): no standard errors for this fit ({err}); pass se=False for the "
+                              "estimates alone", RuntimeWarning, stacklevel=2)
                 se_map = None
         if se and se_map is not None:
             df["se"] = [se_map.get(n, np.nan) for n, _ in rows]
