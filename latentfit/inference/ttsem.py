@@ -38,7 +38,21 @@ class TTSEM(StatEngine):
 
     Example
     -------
-    >>> fit = TTSEM(model, variant="fi", num_epochs=5, batch_size=1, num_samples=10).run()   # doctest: +SKIP
+    fiTTEM with a Monte-Carlo E-step (10 draws of each visited unit's latent) on a Gaussian mixture lands within
+    Monte-Carlo error of exact EM's fixed point (|Δμ| ≈ 0.004–0.012 over seeds 0–4):
+
+    >>> import numpy as np, torch
+    >>> from latentfit.inference.ttsem import TTSEM
+    >>> from latentfit.inference.em import EM
+    >>> from latentfit.models import GaussianMixture
+    >>> g = torch.Generator().manual_seed(0)
+    >>> centres = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    >>> x = centres[torch.arange(300) % 3] + 0.6 * torch.randn(300, 2, generator=g, dtype=torch.float64)
+    >>> fit = TTSEM(GaussianMixture(x, 3), variant="fi", num_epochs=20, batch_size=10, num_samples=10, seed=0,
+    ...             progress=False).run()
+    >>> em = EM(GaussianMixture(x, 3), num_epochs=100, progress=False).run()
+    >>> bool(np.abs(fit.params["locs"] - em.params["locs"]).max() < 0.03)
+    True
     """
 
     monte_carlo = True
