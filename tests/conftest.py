@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
 from backends import BACKENDS, Backend
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """``LATENTFIT_TEST_DETERMINISTIC=1``: run the suite under ``torch.use_deterministic_algorithms(True)``
+    (another numerics setting under which it must stay green)."""
+    if os.environ.get("LATENTFIT_TEST_DETERMINISTIC", "") not in ("", "0"):
+        import torch
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
+        torch.use_deterministic_algorithms(True)
 
 
 @pytest.fixture(params=BACKENDS)
