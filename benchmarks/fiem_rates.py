@@ -1,4 +1,4 @@
-"""FIEM rates (Karimi et al., NeurIPS 2019; ALGORITHMS.md §2 and §11): iterations to precision vs n.
+"""FIEM rates (Karimi, Wai, Moulines & Lavielle, NeurIPS 2019, GMM experiment): iterations to precision vs n.
 
 Model: 1-D mixture of two unit-variance Gaussians, weights (0.2, 0.8) and σ = 1 fixed, means
 estimated (truth ±0.5, start ±1) — the reference code's GMM.  For each n, μ* is EM run to

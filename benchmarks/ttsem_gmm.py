@@ -1,4 +1,4 @@
-"""TTSEM Gaussian-mixture experiment (Karimi & Li, ALT 2021; ALGORITHMS.md §6 and §11).
+"""TTSEM Gaussian-mixture experiment (Karimi & Li, "Two-timescale stochastic EM algorithms", 2021).
 
 Mixture of two unit-variance Gaussians (weights 0.2/0.8 fixed, means ±0.5 estimated, start ±1),
 n = 1e5, M = 10 Monte-Carlo draws per unit visit (exact posterior draws of the labels).  Prints

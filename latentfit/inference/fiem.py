@@ -1,4 +1,5 @@
-"""FIEM: fast incremental EM, SAGA-style (Karimi, Wai, Moulines & Lavielle, NeurIPS 2019) — ALGORITHMS.md §2.
+"""FIEM: fast incremental EM, SAGA-style (Karimi, Wai, Moulines & Lavielle, "On the global convergence of
+(fast) incremental expectation maximization methods", NeurIPS 2019).
 
 A table keeps ``s_i = s̄_i(θ^{t_i})`` refreshed only by a second, independent mini-batch ``J_t``,
 with its running sum ``S̄``.  Per iteration:

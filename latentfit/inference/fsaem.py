@@ -1,7 +1,7 @@
 """f-SAEM: SAEM whose first iterations simulate with the nlme-IMH (Laplace) independent proposal.
 
 Karimi, Lavielle & Moulines, "f-SAEM: a fast stochastic approximation of the EM algorithm for
-nonlinear mixed effects models", CSDA 2020 (ALGORITHMS.md §5).  For individual i, at the current θ,
+nonlinear mixed effects models", CSDA 2020.  For individual i, at the current θ,
 
 1. MAP:  ``ẑ_i = argmax_z log p(y_i | z; θ) + log N(z; μ_i, Ω)`` (batched Newton over all units,
    :func:`~latentfit.inference.laplace.conditional_modes`);

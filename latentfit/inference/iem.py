@@ -1,6 +1,8 @@
 """Mini-batch EM and incremental EM (iEM) on the shared statistics core.
 
-Neal & Hinton (1998) incremental EM; Karimi et al. (HAL 2019) mini-batch EM (ALGORITHMS.md §2–3).
+Neal & Hinton, "A view of the EM algorithm that justifies incremental, sparse, and other variants" (1998)
+for incremental EM; Karimi, Lavielle & Moulines, "On the convergence properties of the mini-batch EM and MCEM
+algorithms" (HAL hal-02334485, 2019) for mini-batch EM.
 A table keeps the last exact statistic of every unit, ``s_i = s̄_i(θ^{τ_i})``; at iteration t a
 mini-batch ``B_t`` is refreshed at the current θ and the running sum follows:
 

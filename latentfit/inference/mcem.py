@@ -1,4 +1,5 @@
-"""Monte-Carlo EM (Wei & Tanner 1990) and mini-batch MCEM (Karimi et al., HAL 2019) — ALGORITHMS.md §3.
+"""Monte-Carlo EM (Wei & Tanner, JASA 1990) and mini-batch MCEM (Karimi, Lavielle & Moulines, "On the
+convergence properties of the mini-batch EM and MCEM algorithms", HAL hal-02334485, 2019).
 
 The exact per-unit statistic is replaced by a Monte-Carlo average over ``M = num_samples`` draws
 ``z_{i,m} ~ p(z_i | y_i; θ)`` — exact posterior draws when the model has a sampler (discrete

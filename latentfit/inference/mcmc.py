@@ -6,7 +6,9 @@ All kernels advance every chain of every unit in one vectorised call: ``z`` is `
 arrays, and a :class:`ChainState` caches both for the current state so that each proposal costs
 one model evaluation.
 
-Kernels (saemix, Kuhn & Lavielle 2005; ALGORITHMS.md §4):
+Kernels (Kuhn & Lavielle, "Maximum likelihood estimation in nonlinear mixed effects models", CSDA 2005; as
+in saemix: Comets, Lavenu & Lavielle, "Parameter estimation in nonlinear mixed effect models using saemix,
+an R implementation of the SAEM algorithm", J. Stat. Softw. 2017):
 
 1. independent proposal from the prior, ``z' ~ p(z; θ)``: the prior cancels and the ratio is
    ``p(y_i|z')/p(y_i|z)``;

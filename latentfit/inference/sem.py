@@ -1,4 +1,5 @@
-"""Online EM (sEM; Cappé & Moulines 2009) on the shared statistics core (ALGORITHMS.md §2).
+"""Online EM (sEM; Cappé & Moulines, "On-line expectation–maximization algorithm for latent data models",
+JRSS-B 2009) on the shared statistics core.
 
     𝒮^{(t+1)} = (n/b) Σ_{i∈B_t} s̄_i(θ^t),   S̃^{(t+1)} = S̃^{(t)} + ρ_t (𝒮^{(t+1)} − S̃^{(t)}),
     θ^{t+1} = θ̄(S̃^{(t+1)}),   ρ_t = 1/(t + 5) by default (FIEM paper's GMM setting).

@@ -1,4 +1,5 @@
-"""sEM-VR: stochastic EM with SVRG-style variance reduction (Chen et al. 2018) — ALGORITHMS.md §2.
+"""sEM-VR: stochastic EM with SVRG-style variance reduction (Chen, Zhu, Teh & Zhang, "Stochastic expectation
+maximization with variance reduction", NeurIPS 2018).
 
 At the start of every epoch ``ℓ`` a snapshot θ̃ = θ^{ℓ} is taken with its full statistic
 ``S̄(θ̃) = Σ_i s̄_i(θ̃)`` and the per-unit table ``s̄_i(θ̃)``; then, for each mini-batch,

@@ -1,8 +1,8 @@
 """Shared core of the EM family: statistic oracles, per-unit tables and the epoch loop.
 
 Every engine of the family (EM, mini-batch / incremental EM, online EM, sEM-VR, FIEM, MCEM,
-TTSEM) is the same iteration (ALGORITHMS.md §1–3, §6) in *sum form* (statistics are summed over
-units, as ``LatentModel.m_step`` expects):
+TTSEM) is the same iteration (Karimi, Wai, Moulines & Lavielle, NeurIPS 2019; Karimi & Li 2021) in *sum form*
+(statistics are summed over units, as ``LatentModel.m_step`` expects):
 
 1. a **proxy** ``𝒮^{(t+1)}`` of the full-data statistic ``Σ_i s̄_i(θ^t)`` built from a mini-batch
    ``B_t`` (and, for FIEM, a second independent batch ``J_t``) — the only engine-specific part,

@@ -1,4 +1,4 @@
-"""TTSEM: two-timescale stochastic EM (Karimi & Li, ALT 2021) — ALGORITHMS.md §6.
+"""TTSEM: two-timescale stochastic EM (Karimi & Li, "Two-timescale stochastic EM algorithms", 2021).
 
 Monte-Carlo per-unit statistics ``S̃_i`` (``num_samples`` draws) feed an index-sampling proxy
 ``𝒮^{(t+1)}`` and two step sizes:

@@ -9,8 +9,9 @@ Per-unit statistics (exact expectations of the complete-data statistics):
 M-step with the data constants ``H = Σ X_iᵀX_i``, ``g = Σ X_iᵀy_i``, ``Σ y_iᵀy_i`` and N observations:
 ``β = H^{-1}(g − Σu)``, ``Ω = ΣB/n``,
 ``σ² = (Σyᵀy − 2βᵀg + βᵀHβ − 2(Σc − βᵀΣu) + Σt)/N``.
-This is the LMM example of the mini-batch EM paper (ALGORITHMS.md §3) with the variance components
-estimated too.  The exact marginal likelihood uses the Woodbury identity and the determinant lemma.
+This is the LMM example of the mini-batch EM paper (Karimi, Lavielle & Moulines, HAL hal-02334485, 2019) with
+the variance components estimated too.  The exact marginal likelihood uses the Woodbury identity and the
+determinant lemma.
 """
 
 from __future__ import annotations

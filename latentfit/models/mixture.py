@@ -12,7 +12,7 @@ Statistics.  With the per-point features ``F(x) = [q(x), x, 1]`` — ``q(x) = ve
 so one E-step over n points is two matrix products (``F @ C`` and ``rᵀ F``) and a softmax.  Data
 are centred internally (numerical safety of the quadratic expansion).
 
-M-step (ALGORITHMS.md §1, with the regulariser ``R(θ)`` as an option):
+M-step (with the regulariser ``R(θ)`` of Karimi, Wai, Moulines & Lavielle, NeurIPS 2019, as an option):
 ``ω_k = (N_k/n + ε)/(1 + εK)``, ``μ_k = S_x,k/(N_k + δ)``,
 ``Σ_k = (S_xx,k − μ_k S_x,kᵀ − S_x,k μ_kᵀ + N_k μ_k μ_kᵀ)/N_k + reg_covar·I``; ε = δ = 0 is the plain MLE.
 A component whose mass vanishes keeps its previous mean and covariance (never NaN) and the fit
@@ -58,7 +58,7 @@ class GaussianMixture(LatentModel):
     reg_covar : float
         Added to the covariance diagonal in the M-step (scikit-learn's default 1e-6).
     regularize : bool or (ε, δ)
-        The regularised M-step of ALGORITHMS.md §1 (Dirichlet-type ε on weights, ridge δ on means);
+        The regularised M-step (Karimi et al., NeurIPS 2019: Dirichlet-type ε on weights, ridge δ on means);
         ``True`` uses ``(1e-3, 1e-3)``.
     seed : int
         Seed of the k-means++ initialisation.
