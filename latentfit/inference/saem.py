@@ -222,8 +222,14 @@ class SAEM(Engine):
                 old_diag = xp.diagonal(theta[name], 0, -2, -1)
                 new_diag = xp.diagonal(value, 0, -2, -1)
                 target = xp.maximum(new_diag, factor * old_diag)
-                scale = xp.sqrt(target / new_diag)
+                # a variance estimated at 0 (or rounded below) has no correlation to keep: that row and
+                # column become 0 off the diagonal, rather than 0/0 and the sqrt of a negative ratio
+                bad = ~(new_diag > 0)
+                scale = xp.sqrt(target / xp.where(bad, 1.0 + 0 * new_diag, new_diag))
                 annealed = value * scale[..., :, None] * scale[..., None, :]
+                eye = self.ops.asarray(np.eye(value.shape[-1])) > 0
+                annealed = xp.where(bad[..., :, None] | bad[..., None, :],
+                                    xp.where(eye, target[..., :, None] + 0 * value, 0 * value), annealed)
                 out[name] = xp.where(annealing, annealed, value)
         return out
 
