@@ -19,9 +19,11 @@ class EngineFrontDoor:
     ppl_name: str = ""  # "Pyro" / "NumPyro", for messages
     latent_model_cls: type = LatentModel  # the tracing adapter of the PPL
 
-    def __init__(self, model: Any, *engine_args: Any, unit_plate: str | None = None, **engine_kwargs: Any) -> None:
+    def __init__(self, model: Any, *engine_args: Any, unit_plate: str | None = None, unit_index: Any = None,
+                 **engine_kwargs: Any) -> None:
         if not callable(model):
             raise TypeError(f"model must be a {self.ppl_name} model function, got {type(model).__name__}")
+        self.unit_index = unit_index
         self._accept(model, unit_plate, engine_args, engine_kwargs)
 
     def _accept(self, model: Any, unit_plate: str | None, engine_args: tuple, engine_kwargs: dict) -> None:
@@ -34,7 +36,11 @@ class EngineFrontDoor:
         self.engine_kwargs = engine_kwargs
 
     def latent_model(self, *args: Any, **kwargs: Any) -> LatentModel:
-        return self.latent_model_cls(self.model, args, kwargs, unit_plate=self.unit_plate)
+        """The traced model.  ``unit_plate``: the plate of the units when the shared plate of the latents is
+        ambiguous; ``unit_index``: the unit of each row of an observed site outside that plate (an int
+        array, or a dict site -> array), when it cannot be read from the model."""
+        return self.latent_model_cls(self.model, args, kwargs, unit_plate=self.unit_plate,
+                                     unit_index=self.unit_index)
 
 
 class EMFamilyFrontDoor(EngineFrontDoor):
@@ -47,12 +53,14 @@ class EMFamilyFrontDoor(EngineFrontDoor):
     def has_enumerated_latents(model: Any, args: tuple, kwargs: dict) -> bool:  # pragma: no cover - interface
         return False
 
-    def __init__(self, model: Any, *engine_args: Any, unit_plate: str | None = None, **engine_kwargs: Any) -> None:
+    def __init__(self, model: Any, *engine_args: Any, unit_plate: str | None = None, unit_index: Any = None,
+                 **engine_kwargs: Any) -> None:
         if isinstance(model, LatentModel):
             self._check_latent_model(model)
+            self.unit_index = None
             self._accept(model, unit_plate, engine_args, engine_kwargs)
             return
-        super().__init__(model, *engine_args, unit_plate=unit_plate, **engine_kwargs)
+        super().__init__(model, *engine_args, unit_plate=unit_plate, unit_index=unit_index, **engine_kwargs)
 
     def _check_latent_model(self, model: LatentModel) -> None:
         """Refuse a ready-made model this PPL's engines cannot run (no-op by default)."""

@@ -36,7 +36,7 @@ from numpyro import handlers, validation_enabled
 from latentfit.inference.model import LatentModel, LatentSite, ModelSpecificationError
 from latentfit.inference.ops_jax import JaxOps
 from latentfit.integrations._common import EnumMixtureFace
-from latentfit.integrations.numpyro import NumPyroLatentModel, _site_log_prob, _unwrap
+from latentfit.integrations.numpyro import NumPyroLatentModel, _site_log_prob, _unwrap, numpyro_params
 from latentfit.models.mixture import GaussianMixture
 
 
@@ -69,7 +69,7 @@ class NumPyroEnumModel(EnumMixtureFace, LatentModel):
             tr = _trace(model, self.args, self.kwargs)
         except Exception as exc:
             raise ModelSpecificationError(f"running the model failed: {type(exc).__name__}: {exc}") from exc
-        NumPyroLatentModel._find_params(self, tr)  # params, constraints and dtype
+        self.params, self._dtype = numpyro_params(tr)  # params, constraints and dtype
         for p in self.params.values():
             p.closed_form = True
         self.ops = JaxOps(dtype=self._dtype)

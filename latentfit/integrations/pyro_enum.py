@@ -42,7 +42,7 @@ from pyro.poutine.util import site_is_subsample
 from latentfit.inference.model import LatentModel, LatentSite, ModelSpecificationError
 from latentfit.inference.ops import TorchOps
 from latentfit.integrations._common import EnumMixtureFace
-from latentfit.integrations.pyro import PyroLatentModel, _unwrap
+from latentfit.integrations.pyro import _unwrap, pyro_params
 from latentfit.models.mixture import GaussianMixture
 
 
@@ -72,7 +72,7 @@ class PyroEnumModel(EnumMixtureFace, LatentModel):
             tr = poutine.trace(model).get_trace(*self.args, **self.kwargs)
         except Exception as exc:
             raise ModelSpecificationError(f"running the model failed: {type(exc).__name__}: {exc}") from exc
-        PyroLatentModel._find_params(self, tr)  # params, constraints, device and dtype
+        self.params, self._device, self._dtype = pyro_params(tr)  # params, constraints, device and dtype
         for p in self.params.values():
             p.closed_form = True
         self.ops = TorchOps(device=self._device, dtype=self._dtype)

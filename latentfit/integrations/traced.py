@@ -1,0 +1,814 @@
+"""One traced adapter for both PPLs: a model function becomes a :class:`LatentModel`.
+
+:class:`TracedLatentModel` reads a Pyro or NumPyro model through a small tracing interface
+(:class:`PPL`: run the model with given θ and latents, vectorise a function over chains, forward
+derivatives, the distribution classes); every rule of how a model is read is written once here.
+
+Roles of the sites:
+
+* param sites (``pyro.param`` / ``numpyro.param``) are θ, with their constraints;
+* unobserved sample sites inside the *unit plate* are per-unit latents ``z_i``; the unit plate is the
+  plate shared by every latent site (or the one named ``unit_plate=``);
+* observed sites are data.  Inside the unit plate their log-densities are summed per unit over every
+  other dim.  Outside it (the usual hierarchical style: latents in a plate over groups, observations in a
+  plate over rows reading ``alpha[group_idx]``) each element is assigned to the unit whose latents it
+  depends on, found from the model by forward derivatives (or given by ``unit_index=``), and per-unit
+  log-densities are sums over each group's rows.
+
+Chains are vectorised by the PPL (``jax.vmap`` / ``torch.func.vmap``, or one evaluation per chain when
+a model cannot be vmapped), so the model is evaluated exactly as the user wrote it: no extra batch dim.
+Parameters, latents and the statistics share one float dtype: the widest of the parameters and the
+observed data.
+
+Recognised closed-form patterns (the exponential-family face of SAEM/EM):
+
+* a Normal / LogNormal latent whose loc and scale are params (μ, ω) and a MultivariateNormal latent
+  whose loc and covariance (or scale_tril) are params (μ, Ω): statistics ``Σ w_i``, ``Σ w_i w_iᵀ``;
+* a Normal observation whose scale is a scalar param (constant residual error): ``Σ (y − f)²``.
+
+A distribution argument "is" a param when it equals the (broadcast) param at the initial values and at
+a random perturbation of all params; "depends on" is a non-zero gradient.  Every other parameter gets
+the numerical M-step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from latentfit.inference.model import (
+    DataError,
+    LatentModel,
+    LatentSite,
+    ModelSpecificationError,
+    ParamInfo,
+)
+from latentfit.integrations._common import (
+    ClosedFormFace,
+    _GaussianLatentPattern,
+    _ResidualPattern,
+    _SiteLayout,
+    unit_frame,
+)
+
+
+class Frame(NamedTuple):
+    """A vectorised plate around a site."""
+
+    name: str
+    dim: int
+    size: int
+
+
+@dataclass
+class Site:
+    """One site of a traced run, in PPL-neutral form."""
+
+    name: str
+    type: str  # "param" / "sample"
+    value: Any
+    fn: Any = None  # distribution (sample sites)
+    mask: Any = None  # handler mask combined with the distribution's ``.mask()`` (None = all)
+    frames: tuple[Frame, ...] = ()
+    is_observed: bool = False
+    constraint: Any = None  # param sites
+
+
+class PPL:
+    """What the adapter needs from a PPL (implemented in ``integrations/pyro.py`` and ``numpyro.py``)."""
+
+    name: str = ""  # "pyro" / "numpyro", for messages
+    #: distribution classes: Normal, LogNormal, MultivariateNormal, Independent, Masked, Expanded,
+    #: Transformed, ExpTransform (a namespace object)
+    dist: Any = None
+
+    def run(self, fn: Any, args: tuple, kwargs: dict, params: dict | None = None, values: dict | None = None,
+            key: Any = None) -> dict[str, Site]:  # pragma: no cover - interface
+        """Run ``fn`` once (θ substituted, latents conditioned; the rest sampled from ``key``)."""
+        raise NotImplementedError
+
+    def make_ops(self, dtype: Any, device: Any) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def vectorise(self, f: Any) -> Any:  # pragma: no cover - interface
+        """``f(theta, x) -> pytree`` mapped over the leading axis of ``x``."""
+        raise NotImplementedError
+
+    def jvp(self, f: Any, x: Any, t: Any) -> Any:  # pragma: no cover - interface
+        """Forward derivative of ``f`` at ``x`` along ``t`` (``f`` returns one array)."""
+        raise NotImplementedError
+
+    def grad_params(self, f: Any, theta: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover - interface
+        """Gradient of the scalar ``f(theta)`` for every entry of ``theta`` (zeros where unused)."""
+        raise NotImplementedError
+
+    def biject_to(self, constraint: Any) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def param_transform(self, constraint: Any) -> Any:
+        """Unconstrained -> constrained map of a param (the PPL's own choice)."""
+        return self.biject_to(constraint)
+
+    def float_dtype(self, dtypes: list[Any]) -> Any:  # pragma: no cover - interface
+        """The one float dtype of a fit from the dtypes of the params and data."""
+        raise NotImplementedError
+
+    def segment_sum(self, x: Any, idx: Any, n: int) -> Any:  # pragma: no cover - interface
+        """``out[..., j] = Σ_{e: idx[e] = j} x[..., e]``."""
+        raise NotImplementedError
+
+    def no_grad(self) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def moveaxis(self, x: Any, source: int, destination: int) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    # ----- distributions ----------------------------------------------------------------------------
+    def unwrap(self, fn: Any) -> Any:
+        """Strip Independent / Masked / Expanded wrappers."""
+        d = self.dist
+        while isinstance(fn, (d.Independent, d.Masked, d.Expanded)):
+            fn = fn.base_dist
+        return fn
+
+    def is_lognormal(self, fn: Any) -> bool:
+        d = self.dist
+        if isinstance(fn, d.LogNormal):
+            return True
+        return (isinstance(fn, d.Transformed) and isinstance(self.unwrap(fn.base_dist), d.Normal)
+                and len(fn.transforms) == 1 and isinstance(fn.transforms[0], d.ExpTransform))
+
+    def normal_base(self, fn: Any) -> Any:
+        """The Normal of a Normal / LogNormal site."""
+        fn = self.unwrap(fn)
+        if isinstance(fn, self.dist.Transformed):  # LogNormal is a transformed Normal in both PPLs
+            return self.unwrap(fn.base_dist)
+        return fn
+
+    def is_normal_like(self, fn: Any) -> bool:
+        return isinstance(fn, self.dist.Normal) or self.is_lognormal(fn)
+
+
+class TracedLatentModel(ClosedFormFace, LatentModel):
+    """A Pyro / NumPyro model function, traced once, seen through the :class:`LatentModel` contract."""
+
+    ppl: PPL
+
+    def __init__(self, model: Any, args: tuple = (), kwargs: dict | None = None,
+                 unit_plate: str | None = None, closed_form: bool = True, unit_index: Any = None) -> None:
+        if not callable(model):
+            raise TypeError(f"model must be a callable {self.ppl.name} model, got {type(model).__name__}")
+        self.fn = model
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs or {})
+        trace = self._trace_model()
+        self._find_params(trace)
+        self.ops = self.ppl.make_ops(self._dtype, self._device)
+        self._find_sites(trace, unit_plate)
+        self._check_observed(trace)
+        self._densities_all = self.ppl.vectorise(self._densities_one)
+        self._sample_all = self.ppl.vectorise(self._sample_one)
+        self._resid_all = self.ppl.vectorise(self._resid_one)
+        self._predict_all = self.ppl.vectorise(self._predict_one)
+        self._find_unit_maps(trace, unit_index)
+        self._gauss: list[_GaussianLatentPattern] = []
+        self._resid: list[_ResidualPattern] = []
+        self._check_initial_density()
+        if closed_form:
+            self._recognise_patterns()
+        self.has_stats = bool(self._gauss or self._resid)
+        self._recognise_gaussian_faces()
+
+    # ----- tracing ------------------------------------------------------------------------------------
+    def _trace_model(self) -> dict[str, Site]:
+        try:
+            return self.ppl.run(self.fn, self.args, self.kwargs)
+        except Exception as exc:  # the model itself failed: say so, keep the original as cause
+            raise ModelSpecificationError(
+                f"running the model with the given arguments failed: {type(exc).__name__}: {exc}") from exc
+
+    def _find_params(self, trace: dict[str, Site]) -> None:
+        params = {n: s for n, s in trace.items() if s.type == "param"}
+        if not params:
+            raise ModelSpecificationError(
+                f"the model has no {self.ppl.name}.param site, so there is nothing to estimate: declare the "
+                f"population parameters with {self.ppl.name}.param(...) (for fully Bayesian inference use "
+                f"{self.ppl.name}.infer.MCMC or SVI instead)")
+        observed = [s.value for s in trace.values() if s.type == "sample" and s.is_observed]
+        self._dtype, self._device = self.ppl.float_dtype([s.value for s in params.values()] + observed)
+        ops = self.ppl.make_ops(self._dtype, self._device)
+        self.params = {}
+        for name, site in params.items():
+            transform = self.ppl.param_transform(site.constraint)
+            self.params[name] = ParamInfo(
+                name=name, value=ops.stop_gradient(ops.asarray(site.value, dtype=self._dtype)),
+                to_unconstrained=transform.inv, to_constrained=transform, meta={"constraint": site.constraint})
+
+    def _find_sites(self, trace: dict[str, Site], unit_plate: str | None) -> None:
+        latent = [n for n, s in trace.items() if s.type == "sample" and not s.is_observed]
+        observed = [n for n, s in trace.items() if s.type == "sample" and s.is_observed]
+        if not latent:
+            raise ModelSpecificationError(
+                f"the model has no latent sample site (every {self.ppl.name}.sample is observed): there is "
+                f"nothing to integrate out; fit it with {self.ppl.name}.infer.SVI (AutoDelta guide) or MAP instead")
+        frames = {n: list(trace[n].frames) for n in latent}
+        frame = unit_frame(latent, frames, unit_plate, self.ppl.name)
+        self.unit_plate, self.unit_dim, self.num_units = frame.name, frame.dim, int(frame.size)
+        self.max_plate_nesting = max([-f.dim for s in trace.values() if s.type == "sample" for f in s.frames],
+                                     default=0)
+        self.observed_names, self.latent_names_ = observed, latent
+        self._layout: list[_SiteLayout] = []
+        offset = 0
+        for n in latent:
+            site = trace[n]
+            fn, value = site.fn, self.ops.asarray(site.value)
+            if getattr(fn.support, "is_discrete", False):
+                raise ModelSpecificationError(
+                    f"latent site {n!r} is discrete ({type(self.ppl.unwrap(fn)).__name__}); the MH kernels move "
+                    "continuous latents only: marginalise it out in the model (enumeration) or use an EM engine "
+                    "with an exact E-step")
+            event_shape = tuple(fn.event_shape)
+            batch_shape = tuple(value.shape[: value.ndim - len(event_shape)])
+            unit_axis = len(batch_shape) + self.unit_dim
+            if unit_axis < 0 or batch_shape[unit_axis] != self.num_units:
+                raise ModelSpecificationError(
+                    f"latent site {n!r} has shape {tuple(value.shape)} without the unit dim "
+                    f"{self.unit_dim} of plate {self.unit_plate!r} (size {self.num_units})")
+            transform = self.ppl.biject_to(fn.support)
+            x = self.ppl.moveaxis(self.ops.asarray(value, dtype=self._dtype), unit_axis, 0)
+            u = transform.inv(x)
+            x_rest, u_rest = tuple(x.shape[1:]), tuple(u.shape[1:])
+            size = int(np.prod(u_rest)) if u_rest else 1
+            self._layout.append(_SiteLayout(n, batch_shape, event_shape, unit_axis, transform, x_rest, u_rest,
+                                            offset, size))
+            offset += size
+        self.latent_dim = offset
+        self.latent_sites = [LatentSite(s.name, s.x_rest, s.offset, s.size) for s in self._layout]
+
+    def _site_shape(self, site: Site) -> tuple[int, ...]:
+        """Shape of the site's log-density (its batch shape, the mask broadcast in)."""
+        shape = tuple(site.fn.batch_shape)
+        vshape = tuple(np.shape(site.value))
+        vb = vshape[: len(vshape) - len(site.fn.event_shape)]
+        shape = tuple(np.broadcast_shapes(shape, vb))
+        if site.mask is not None:
+            shape = tuple(np.broadcast_shapes(shape, tuple(np.shape(site.mask))))
+        return shape
+
+    def _check_observed(self, trace: dict[str, Site]) -> None:
+        self.observed = {}
+        self._in_unit_plate = {}
+        self._lp_shape = {}
+        for n in self.observed_names + self.latent_names_:
+            site = trace[n]
+            self._in_unit_plate[n] = any(f.name == self.unit_plate for f in site.frames)
+            self._lp_shape[n] = self._site_shape(site)
+        for n in self.observed_names:
+            site = trace[n]
+            value = self.ops.to_numpy(site.value)
+            bad = ~np.isfinite(value) if np.issubdtype(value.dtype, np.number) else np.zeros(value.shape, bool)
+            if site.mask is not None:
+                m = np.asarray(self.ops.to_numpy(site.mask), dtype=bool)
+                ev = len(site.fn.event_shape)
+                m = m.reshape(m.shape + (1,) * ev) if ev else m
+                try:
+                    bad = bad & np.broadcast_to(m, bad.shape)
+                except ValueError:
+                    pass
+            nbad = int(bad.sum())
+            if nbad:
+                raise DataError(
+                    f"observed site {n!r} holds {nbad} NaN/inf value(s) out of {value.size} at unmasked "
+                    "positions; drop them or mask them with .mask(...) / obs_mask")
+            self.observed[n] = value
+
+    # ----- row -> unit maps of observations outside the unit plate -------------------------------------
+    def _find_unit_maps(self, trace: dict[str, Site], unit_index: Any) -> None:
+        """For every observed site outside the unit plate: the unit of each element of its log-density."""
+        self._unit_map: dict[str, Any] = {}
+        outside = [n for n in self.observed_names if not self._in_unit_plate[n]]
+        if not outside:
+            return
+        if unit_index is not None:
+            for n in outside:
+                idx = unit_index[n] if isinstance(unit_index, dict) else unit_index
+                self._unit_map[n] = self._map_from_index(trace[n], np.asarray(self.ops.to_numpy(idx)))
+        else:
+            maps = self._detect_unit_maps(outside)
+            self._unit_map.update(maps)
+        for n, m in self._unit_map.items():
+            if m.min() < 0 or m.max() >= self.num_units:
+                raise DataError(f"unit_index of site {n!r} holds values outside [0, {self.num_units})")
+        self._unit_map_arrays = {n: self.ops.asarray(m.astype(np.int64), dtype=None) for n, m in
+                                 self._unit_map.items()}
+
+    def _map_from_index(self, site: Site, idx: np.ndarray) -> np.ndarray:
+        shape = self._lp_shape[site.name]
+        idx = idx.astype(np.int64).reshape(-1)
+        axes = [a for a, s in enumerate(shape) if s == idx.size]
+        if len(axes) != 1:
+            raise ModelSpecificationError(
+                f"unit_index has {idx.size} entries but the log-density of site {site.name!r} has shape {shape}: "
+                "give one unit index per row of the site's plate")
+        view = [1] * len(shape)
+        view[axes[0]] = idx.size
+        return np.broadcast_to(idx.reshape(view), shape).reshape(-1)
+
+    def _detect_unit_maps(self, names: list[str]) -> dict[str, np.ndarray]:
+        """Which unit's latents each element depends on, by three forward derivatives.
+
+        With tangents ``t_c = w · (i + 1)^c`` on unit i's latents (c = 0, 1, 2; ``w`` random positive
+        weights per latent coordinate), an element depending on unit u only has derivatives
+        ``J_c = g · (u + 1)^c``: ``J_1 / J_0 − 1`` is its unit, and ``J_2 / J_0 = (u + 1)²`` confirms it.
+        """
+        rng = np.random.default_rng(7)
+        theta = self.init_params()
+        n, d = self.num_units, self.latent_dim
+        weights = self.ops.asarray(0.5 + rng.random(d))
+        ranks = self.ops.asarray(np.arange(1, n + 1, dtype=np.float64))
+
+        def per_element(z):
+            values, _ = self._split_one(z)
+            sites = self._run(theta, values)
+            xp = self.ops.xp
+            return xp.concatenate([self._broadcast_lp(sites[m]).reshape(-1) for m in names])
+
+        sizes = [int(np.prod(self._lp_shape[m])) for m in names]
+        units = None
+        for attempt in range(2):
+            z = self.sample_prior(theta, self.ops.key(11 + attempt), 1)[0]
+            jac = [self.ops.to_numpy(self.ppl.jvp(per_element, z, weights * ranks[:, None] ** c)) for c in range(3)]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                r1, r2 = jac[1] / jac[0], jac[2] / jac[0]
+            zero = np.abs(jac[0]) <= 1e-12 * max(1.0, float(np.max(np.abs(jac[0]), initial=0.0)))
+            u = np.rint(r1) - 1
+            single = zero | ((np.abs(r1 - np.rint(r1)) < 1e-3 * np.maximum(1.0, np.abs(r1)))
+                             & (np.abs(r2 - (u + 1) ** 2) < 1e-3 * np.maximum(1.0, (u + 1) ** 2)))
+            if not single.all():
+                first = int(np.argmin(single))
+                site = names[int(np.searchsorted(np.cumsum(sizes), first, side="right"))]
+                raise ModelSpecificationError(
+                    f"observed site {site!r} is outside the unit plate {self.unit_plate!r} and some of its elements "
+                    f"depend on the latents of several units: latentfit cannot tell which unit each row belongs to. "
+                    f"Pass unit_index=<int array: the unit of each row of {site!r}>, or put the observations "
+                    f"inside the plate {self.unit_plate!r}")
+            u = np.where(zero, -1, u).astype(np.int64)
+            units = u if units is None else np.where(units < 0, u, units)
+        units = np.where(units < 0, 0, units)  # elements free of every latent: any unit (a constant there)
+        out, start = {}, 0
+        for m, size in zip(names, sizes):
+            out[m] = units[start:start + size]
+            start += size
+        return out
+
+    # ----- running the model with given θ and one chain of z ------------------------------------------
+    def _run(self, theta: dict[str, Any], values: dict[str, Any]) -> dict[str, Site]:
+        return self.ppl.run(self.fn, self.args, self.kwargs, params=theta, values=values)
+
+    def _split_one(self, z: Any) -> tuple[dict[str, Any], Any]:
+        """``[N, d]`` unconstrained -> site values (constrained, site layout) and Σ log|J| ``[N]``."""
+        xp = self.ops.xp
+        values, ladj_total = {}, 0.0
+        for s in self._layout:
+            u = z[:, s.offset:s.offset + s.size].reshape((self.num_units,) + s.u_rest)
+            x = s.transform(u)
+            ladj = s.transform.log_abs_det_jacobian(u, x)
+            ladj = xp.broadcast_to(ladj, (self.num_units,) + tuple(ladj.shape[1:])) if ladj.ndim else \
+                xp.broadcast_to(ladj, (self.num_units,))
+            ladj_total = ladj_total + ladj.reshape(self.num_units, -1).sum(-1)
+            values[s.name] = self.ppl.moveaxis(x, 0, s.unit_axis)
+        return values, ladj_total
+
+    def _broadcast_lp(self, site: Site) -> Any:
+        """The site's masked log-density, broadcast to its traced shape."""
+        xp = self.ops.xp
+        lp = site.fn.log_prob(site.value)
+        if site.mask is not None:
+            lp = xp.where(site.mask, lp, xp.zeros_like(lp))
+        return xp.broadcast_to(lp, self._lp_shape[site.name])
+
+    def _per_unit(self, x: Any, name: str | None = None) -> Any:
+        """Sum an array laid out like site ``name`` over every dim but the unit dim -> ``[N]``."""
+        xp = self.ops.xp
+        if name is not None and name in self._unit_map:
+            flat = xp.broadcast_to(x, self._lp_shape[name]).reshape(-1)
+            return self.ppl.segment_sum(flat, self._unit_map_arrays[name], self.num_units)
+        nd = max(x.ndim, -self.unit_dim)
+        x = x.reshape((1,) * (nd - x.ndim) + tuple(x.shape))
+        x = self.ppl.moveaxis(x, nd + self.unit_dim, 0)
+        x = xp.broadcast_to(x, (self.num_units,) + tuple(x.shape[1:]))
+        return x.reshape(self.num_units, -1).sum(-1)
+
+    def _densities_one(self, theta: dict[str, Any], z: Any) -> tuple[Any, Any]:
+        values, ladj = self._split_one(z)
+        sites = self._run(theta, values)
+        ll = 0.0
+        for name in self.observed_names:
+            ll = ll + self._per_unit(self._broadcast_lp(sites[name]), name)
+        lp = ladj
+        for name in self.latent_names_:
+            lp = lp + self._per_unit(self._broadcast_lp(sites[name]))
+        xp = self.ops.xp
+        ll = xp.zeros_like(lp) + ll
+        return ll, lp
+
+    def _sample_one(self, theta: dict[str, Any], key: Any) -> Any:
+        xp = self.ops.xp
+        sites = self.ppl.run(self.fn, self.args, self.kwargs, params=theta, key=key)
+        parts = []
+        for s in self._layout:
+            x = xp.broadcast_to(sites[s.name].value, s.batch_shape + s.event_shape)
+            u = s.transform.inv(self.ppl.moveaxis(x, s.unit_axis, 0))
+            parts.append(u.reshape(self.num_units, s.size))
+        return self.ops.asarray(xp.concatenate(parts, -1), dtype=self._dtype)
+
+    def _resid_one(self, theta: dict[str, Any], z: Any) -> dict[str, Any]:
+        xp = self.ops.xp
+        values, _ = self._split_one(z)
+        sites = self._run(theta, values)
+        out = {}
+        for r in self._resid:
+            site = sites[r.site]
+            base = self.ppl.unwrap(site.fn)
+            resid2 = (site.value - base.loc) ** 2
+            ones = xp.ones_like(resid2)
+            if site.mask is not None:
+                resid2 = xp.where(site.mask, resid2, xp.zeros_like(resid2))
+                ones = xp.where(site.mask, ones, xp.zeros_like(ones))
+            ev = len(site.fn.event_shape)
+            if ev:  # .to_event(k): sum the event dims (the site's log-density shape)
+                resid2 = resid2.reshape(tuple(resid2.shape[: resid2.ndim - ev]) + (-1,)).sum(-1)
+                ones = ones.reshape(tuple(ones.shape[: ones.ndim - ev]) + (-1,)).sum(-1)
+            out[f"{r.site}.rss"] = self._per_unit(xp.broadcast_to(resid2, self._lp_shape[r.site]), r.site)
+            out[f"{r.site}.nobs"] = self._per_unit(xp.broadcast_to(ones, self._lp_shape[r.site]), r.site)
+        return out
+
+    # ----- the LatentModel contract -------------------------------------------------------------------------
+    def _full_z(self, z: Any, units: Any) -> Any:
+        if units is None:
+            return z
+        full = self.ops.zeros(tuple(z.shape[:-2]) + (self.num_units, z.shape[-1]), dtype=z.dtype)
+        return self.ops.scatter_axis1(full.reshape((-1,) + tuple(full.shape[-2:])),
+                                      self.ops.asarray(units, dtype=None),
+                                      z.reshape((-1,) + tuple(z.shape[-2:]))).reshape(full.shape)
+
+    def _select(self, x: Any, units: Any, axis: int = -1) -> Any:
+        return x if units is None else self.ops.take(x, self.ops.asarray(units, dtype=None), axis=x.ndim + axis)
+
+    def _guard(self, f: Any, *args: Any) -> Any:
+        try:
+            return f(*args)
+        except (TypeError, ValueError, IndexError, RuntimeError) as exc:
+            if isinstance(exc, (ModelSpecificationError, DataError)):
+                raise
+            raise ModelSpecificationError(
+                f"evaluating the model with given parameters and latents failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _chains(self, f: Any, theta: dict[str, Any], z: Any) -> tuple[Any, tuple[int, ...]]:
+        z = self.ops.asarray(z)
+        lead = tuple(z.shape[:-2])
+        out = self._guard(f, dict(theta), z.reshape((-1,) + tuple(z.shape[-2:])))
+        return out, lead
+
+    def log_densities(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
+        (ll, lp), lead = self._chains(self._densities_all, theta, self._full_z(self.ops.asarray(z), units))
+        ll, lp = ll.reshape(lead + (self.num_units,)), lp.reshape(lead + (self.num_units,))
+        return self._select(ll, units), self._select(lp, units)
+
+    def sample_prior(self, theta: dict[str, Any], key: Any, num_chains: int, units: Any = None) -> Any:
+        if key is None:
+            key = self.ops.key(0)
+        if self._gauss and len(self._gauss) == len(self._layout):
+            return self._sample_gaussian_prior(theta, key, num_chains, units)
+        keys = self.ops.split(key, num_chains)
+        with self.ppl.no_grad():
+            z = self._guard(self._sample_all, dict(theta), keys)
+        return self._select(z, units, axis=-2)
+
+    def _sample_gaussian_prior(self, theta: dict[str, Any], key: Any, num_chains: int, units: Any) -> Any:
+        """All latents follow a recognised Gaussian pattern: draw ``μ + ω ε`` (or ``μ + Lε``) directly."""
+        xp = self.ops.xp
+        n = self.num_units if units is None else len(units)
+        keys = self.ops.split(key, len(self._layout))
+        parts = []
+        for s, k in zip(self._layout, keys):
+            g = next(x for x in self._gauss if x.site == s.name)
+            mu = self.ops.stop_gradient(theta[g.loc]).reshape(-1)
+            eps = self.ops.normal(k, (num_chains, n, s.size))
+            scale = self.ops.stop_gradient(theta[g.scale])
+            if g.kind == "normal":
+                parts.append(mu + scale.reshape(-1) * eps)
+            else:
+                tril = scale if g.kind == "mvn_tril" else self.ops.cholesky(scale)
+                parts.append(mu + eps @ tril.T)
+        return self.ops.asarray(xp.concatenate(parts, -1), dtype=self._dtype)
+
+    def unpack_latents(self, z: Any) -> dict[str, Any]:
+        z = self.ops.asarray(z)
+        lead = tuple(z.shape[:-2])
+        out = {}
+        for s in self._layout:
+            u = z[..., s.offset:s.offset + s.size].reshape(lead + (z.shape[-2],) + s.u_rest)
+            out[s.name] = s.transform(u)
+        return out
+
+    # ----- diagnostics of bad models --------------------------------------------------------------------
+    def _check_initial_density(self) -> None:
+        theta = self.init_params()
+        z = self.sample_prior(theta, self.ops.key(0), 1)
+        finite = np.isfinite(self.ops.to_numpy(z))
+        if not finite.all():
+            bad = [s.name for s in self._layout if not finite[..., s.offset:s.offset + s.size].all()]
+            raise ModelSpecificationError(
+                f"sampling the latent site(s) {bad} from the model at the initial parameter values "
+                f"gave NaN/inf; check the initial values of the {self.ppl.name}.param sites")
+        self.raise_for_nonfinite(theta, z)
+
+    def raise_for_nonfinite(self, theta: dict[str, Any], z: Any) -> None:
+        """Raise naming the site whose log-density is NaN/inf at ``(θ, z)`` (no-op when all finite)."""
+        z = self.ops.asarray(z)
+        zz = z.reshape((-1,) + tuple(z.shape[-2:]))
+        with self.ppl.no_grad():
+            for c in range(zz.shape[0]):
+                values, _ = self._split_one(zz[c])
+                sites = self._guard(self._run, dict(theta), values)
+                for name in self.latent_names_ + self.observed_names:
+                    lp = self.ops.to_numpy(self._per_unit(self._broadcast_lp(sites[name]), name))
+                    nbad = int((~np.isfinite(lp)).sum())
+                    if nbad:
+                        raise ModelSpecificationError(
+                            f"the log-density of site {name!r} is NaN/inf for {nbad} of {lp.size} unit(s) at "
+                            f"the initial parameter values; check the initial {self.ppl.name}.param values and "
+                            "the site's distribution arguments")
+
+    # ----- exponential-family face -------------------------------------------------------------------
+    def _perturbed_params(self) -> dict[str, Any]:
+        """The initial θ moved by a random step in unconstrained space (for 'is a param' checks)."""
+        rng = np.random.default_rng(12345)
+        theta_u = self.unconstrain(self.init_params())
+        moved = {n: v + self.ops.asarray(0.3 * rng.standard_normal(tuple(v.shape)) + 0.1)
+                 for n, v in theta_u.items()}
+        return {n: self.ops.stop_gradient(v) for n, v in self.constrain(moved).items()}
+
+    def _recognise_patterns(self) -> None:
+        ppl, to_np = self.ppl, self.ops.to_numpy
+        theta0 = self.init_params()
+        theta1 = self._perturbed_params()
+        z = self.sample_prior(theta0, self.ops.key(1), 1)[0]
+        values, _ = self._split_one(z)
+        with ppl.no_grad():
+            traces = [self._run(theta0, values), self._run(theta1, values)]
+        thetas = [theta0, theta1]
+
+        def is_param(get: Any) -> str | None:
+            """Name of the param that the tensor ``get(trace)`` is a (broadcast) copy of, else None."""
+            try:
+                tensors = [np.asarray(to_np(get(tr))) for tr in traces]
+            except AttributeError:
+                return None
+            for name in self.params:
+                ok = True
+                for t, th in zip(tensors, thetas):
+                    p = np.asarray(to_np(th[name]))
+                    try:
+                        pb = np.broadcast_to(p, t.shape)
+                    except ValueError:
+                        ok = False
+                        break
+                    if t.ndim < p.ndim or not np.allclose(t, pb, rtol=1e-5, atol=1e-7):
+                        ok = False
+                        break
+                if ok:
+                    return name
+            return None
+
+        def depends(fun: Any) -> set[str]:
+            """Params with a non-zero gradient of ``sum(fun(trace(θ)))``."""
+            grads = ppl.grad_params(lambda th: fun(self._run(th, values)).sum(), dict(theta0))
+            return {n for n, g in grads.items() if bool(np.any(to_np(g) != 0))}
+
+        site_deps = {n: depends(lambda tr, n=n: self._broadcast_lp(tr[n]))
+                     for n in self.latent_names_ + self.observed_names}
+        d = ppl.dist
+        claimed: dict[str, str] = {}
+        for s in self._layout:
+            fn = ppl.unwrap(traces[0][s.name].fn)
+            if ppl.is_normal_like(fn):
+                loc = is_param(lambda tr, s=s: ppl.normal_base(tr[s.name].fn).loc)
+                scale = is_param(lambda tr, s=s: ppl.normal_base(tr[s.name].fn).scale)
+                if loc and scale and loc != scale and \
+                        tuple(self.params[loc].value.shape) == tuple(self.params[scale].value.shape):
+                    self._gauss.append(_GaussianLatentPattern(s.name, loc, scale, "normal"))
+                    claimed[loc] = claimed[scale] = s.name
+            elif isinstance(fn, d.MultivariateNormal) and s.size == fn.event_shape[0]:
+                loc = is_param(lambda tr, s=s: ppl.unwrap(tr[s.name].fn).loc)
+                cov = is_param(lambda tr, s=s: ppl.unwrap(tr[s.name].fn).covariance_matrix)
+                kind = "mvn_cov"
+                if cov is None:
+                    cov, kind = is_param(lambda tr, s=s: ppl.unwrap(tr[s.name].fn).scale_tril), "mvn_tril"
+                if loc and cov and loc != cov:
+                    self._gauss.append(_GaussianLatentPattern(s.name, loc, cov, kind))
+                    claimed[loc] = claimed[cov] = s.name
+        for name in self.observed_names:
+            fn = ppl.unwrap(traces[0][name].fn)
+            if isinstance(fn, d.Normal):
+                scale = is_param(lambda tr, name=name: ppl.unwrap(tr[name].fn).scale)
+                if scale and int(np.prod(tuple(self.params[scale].value.shape))) == 1:
+                    loc_deps = depends(lambda tr, name=name: ppl.unwrap(tr[name].fn).loc)
+                    if scale not in loc_deps:
+                        self._resid.append(_ResidualPattern(name, scale))
+                        claimed[scale] = name
+        # a param is closed-form only if no other site depends on it
+        for pname, owner in list(claimed.items()):
+            if any(pname in site_deps[other] for other in site_deps if other != owner):
+                self._gauss = [g for g in self._gauss if pname not in (g.loc, g.scale)]
+                self._resid = [r for r in self._resid if r.scale != pname]
+        self._mark_closed_form()
+
+    def stats(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
+        z = self.ops.asarray(z)
+        out = self._gaussian_stats(z)
+        if self._resid:
+            res, lead = self._chains(self._resid_all, theta, self._full_z(z, units))
+            for name, v in res.items():
+                out[name] = self._select(v.reshape(lead + (self.num_units,)), units)
+        return out
+
+    # ----- Gaussian faces (predict / observations / prior_moments) ---------------------------------
+    # Recognised when every observed site is Normal (the traced distribution gives mean and sd) and every
+    # latent site is Normal / LogNormal / MultivariateNormal whose arguments do not depend on other latents
+    # (the prior of the unconstrained z_i is then Gaussian).  Observations are laid out per unit,
+    # ``[N, T]`` padded with a mask (T = the largest number of observations of a unit).
+    def _recognise_gaussian_faces(self) -> None:
+        z = self.sample_prior(self.init_params(), self.ops.key(2), 1)[0]
+        values, _ = self._split_one(z)
+        with self.ppl.no_grad():
+            sites = self._run(self.init_params(), values)
+        self.has_gaussian_obs = bool(self.observed_names) and all(
+            isinstance(self.ppl.unwrap(sites[n].fn), self.ppl.dist.Normal) for n in self.observed_names)
+        self.has_gaussian_prior = self._gaussian_prior_ok(sites, z)
+        if self.has_gaussian_obs:
+            self._obs_layouts = {n: self._obs_layout(sites[n]) for n in self.observed_names}
+            self._obs_values, self._obs_mask = self._observed_arrays(sites)
+
+    def _gaussian_prior_ok(self, sites: dict[str, Site], z: Any) -> bool:
+        d = self.ppl.dist
+        for s in self._layout:
+            fn = self.ppl.unwrap(sites[s.name].fn)
+            if isinstance(fn, d.MultivariateNormal):
+                if int(np.prod(s.batch_shape)) // self.num_units != 1:
+                    return False
+            elif not self.ppl.is_normal_like(fn):
+                return False
+
+        def total(th):
+            values, _ = self._split_one(th["z"])
+            tr = self._run(self.init_params(), values)
+            out = 0.0
+            for s in self._layout:
+                fn = self.ppl.unwrap(tr[s.name].fn)
+                if isinstance(fn, d.MultivariateNormal):
+                    out = out + fn.loc.sum() + fn.scale_tril.sum()
+                else:
+                    base = self.ppl.normal_base(fn)
+                    out = out + (base.loc * 1.0).sum() + (base.scale * 1.0).sum()
+            return out
+
+        g = self.ppl.grad_params(total, {"z": z})["z"]  # hierarchical latents: the prior of z_i is not Gaussian
+        return not bool(np.any(self.ops.to_numpy(g) != 0))
+
+    def _obs_layout(self, site: Site) -> tuple[str, Any, Any, tuple[int, ...], int]:
+        """How a Normal site's elements map to the per-unit layout: (kind, gather index, valid, shape, event dims).
+
+        Inside the unit plate: the unit dim first, every other dim flattened (no padding).  Outside it
+        (grouped rows): each unit's elements in order, padded to the largest group.
+        """
+        fn = self.ppl.unwrap(site.fn)
+        ev_shape = tuple(site.fn.event_shape)
+        full = tuple(np.broadcast_shapes(tuple(np.shape(site.value)), tuple(np.shape(fn.loc)),
+                                         tuple(np.shape(fn.scale))))
+        k = int(np.prod(ev_shape)) if ev_shape else 1
+        if site.name in self._unit_map:
+            units = self._unit_map[site.name]  # per element of the log-density (batch shape)
+            order = np.argsort(units, kind="stable")
+            counts = np.bincount(units, minlength=self.num_units)
+            t = int(counts.max()) if counts.size else 0
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            pos = np.arange(units.size) - np.repeat(starts, counts)
+            gather = np.zeros((self.num_units, t), dtype=np.int64)
+            valid = np.zeros((self.num_units, t), dtype=bool)
+            gather[units[order], pos] = order
+            valid[units[order], pos] = True
+            # events: element e's k values sit at e*k .. e*k+k-1 of the flattened array
+            gather = (gather[..., None] * k + np.arange(k)).reshape(self.num_units, t * k)
+            valid = np.repeat(valid, k, axis=-1)
+            return ("rows", gather, valid, full, len(ev_shape))
+        return ("plate", None, None, full, len(ev_shape))
+
+    def _obs_flat(self, x: Any, name: str) -> Any:
+        """Site ``name``'s array (broadcast to the site's full shape) -> ``[N, T_site]``."""
+        xp = self.ops.xp
+        kind, gather, valid, full, ev = self._obs_layouts[name]
+        x = xp.broadcast_to(x, full)
+        if kind == "rows":
+            flat = x.reshape(-1)
+            g = self.ops.asarray(gather, dtype=None)
+            return self.ops.take(flat, g.reshape(-1), axis=0).reshape(tuple(gather.shape))
+        unit_axis = len(full) - ev + self.unit_dim
+        x = self.ppl.moveaxis(x, unit_axis, 0)
+        return x.reshape(self.num_units, -1)
+
+    def _observed_arrays(self, sites: dict[str, Site]) -> tuple[Any, Any]:
+        xp = self.ops.xp
+        vals, masks = [], []
+        for name in self.observed_names:
+            site = sites[name]
+            kind, gather, valid, full, _ = self._obs_layouts[name]
+            value = xp.broadcast_to(self.ops.asarray(site.value), full)
+            m = np.ones(full, dtype=bool)
+            if site.mask is not None:
+                mask = np.asarray(self.ops.to_numpy(site.mask), dtype=bool)
+                ev = len(site.fn.event_shape)
+                mask = mask.reshape(mask.shape + (1,) * ev) if ev else mask
+                m = m & np.broadcast_to(mask, full)
+            m = self._obs_flat(self.ops.asarray(m, dtype=None), name)
+            if kind == "rows":
+                m = m & self.ops.asarray(valid, dtype=None)
+            vals.append(self._obs_flat(value, name))
+            masks.append(m)
+        return self.ops.asarray(xp.concatenate(vals, -1), dtype=self._dtype), xp.concatenate(masks, -1)
+
+    def _predict_one(self, theta: dict[str, Any], z: Any) -> tuple[Any, Any]:
+        xp = self.ops.xp
+        values, _ = self._split_one(z)
+        sites = self._run(theta, values)
+        means, sds = [], []
+        for name in self.observed_names:
+            fn = self.ppl.unwrap(sites[name].fn)
+            means.append(self._obs_flat(fn.loc, name))
+            sds.append(self._obs_flat(fn.scale, name))
+        return xp.concatenate(means, -1), xp.concatenate(sds, -1)
+
+    def predict(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
+        """Mean and sd of every observation given the latents, ``[..., n, T]`` (sites concatenated)."""
+        if not self.has_gaussian_obs:
+            raise ModelSpecificationError("predict() needs Normal observation sites (has_gaussian_obs is False for "
+                                          f"the observed site(s) {self.observed_names})")
+        (mean, sd), lead = self._chains(self._predict_all, theta, self._full_z(self.ops.asarray(z), units))
+        mean = mean.reshape(lead + tuple(mean.shape[1:]))
+        sd = sd.reshape(lead + tuple(sd.shape[1:]))
+        return self._select(mean, units, axis=-2), self._select(sd, units, axis=-2)
+
+    def observations(self, units: Any = None) -> tuple[Any, Any]:
+        if not self.has_gaussian_obs:
+            raise ModelSpecificationError("observations() is only available for Normal observation sites")
+        return self._select(self._obs_values, units, axis=-2), self._select(self._obs_mask, units, axis=-2)
+
+    def prior_moments(self, theta: dict[str, Any], units: Any = None) -> tuple[Any, Any]:
+        """Mean ``[n, d]`` and covariance ``[n, d, d]`` of the Gaussian prior of the unconstrained latents."""
+        if not self.has_gaussian_prior:
+            raise ModelSpecificationError("prior_moments() needs Normal / LogNormal / MultivariateNormal latent "
+                                          "sites whose arguments do not depend on other latents")
+        xp = self.ops.xp
+        n, d = self.num_units, self.latent_dim
+        values, _ = self._split_one(self.ops.zeros((n, d), dtype=self._dtype))  # the arguments do not depend on z
+        sites = self._run(dict(theta), values)
+        means, variances, blocks = [], [], []
+        for s in self._layout:
+            site = sites[s.name]
+            fn = self.ppl.unwrap(site.fn)
+            vshape = tuple(np.shape(site.value))  # [*batch, *event]
+            if isinstance(fn, self.ppl.dist.MultivariateNormal):
+                k = vshape[-1]
+                means.append(xp.broadcast_to(fn.loc, vshape).reshape(n, k))
+                blocks.append((s.offset, xp.broadcast_to(fn.covariance_matrix, vshape + (k,)).reshape(n, k, k)))
+                variances.append(self.ops.zeros((n, k), dtype=self._dtype))
+            else:
+                base = self.ppl.normal_base(fn)
+                loc = self.ppl.moveaxis(xp.broadcast_to(base.loc, vshape), s.unit_axis, 0).reshape(n, -1)
+                sd = self.ppl.moveaxis(xp.broadcast_to(base.scale, vshape), s.unit_axis, 0).reshape(n, -1)
+                means.append(loc)
+                variances.append(sd * sd)
+        mean = xp.concatenate(means, -1)
+        cov = xp.concatenate(variances, -1)[..., :, None] * self.ops.asarray(np.eye(d))  # diagonal blocks
+        for offset, c in blocks:
+            cov = _add_block(self.ops, cov, offset, c)
+        return self._select(mean, units, axis=-2), self._select(cov, units, axis=-3)
+
+
+def _add_block(ops: Any, full: Any, offset: int, block: Any) -> Any:
+    """``full[:, o:o+k, o:o+k] += block`` without in-place updates (adds a zero-padded copy of ``block``)."""
+    xp = ops.xp
+    n, d = full.shape[0], full.shape[-1]
+    k = block.shape[-1]
+    before, after = offset, d - offset - k
+    rows = xp.concatenate([ops.zeros((n, before, k), dtype=block.dtype), block,
+                           ops.zeros((n, after, k), dtype=block.dtype)], 1)
+    return full + xp.concatenate([ops.zeros((n, d, before), dtype=block.dtype), rows,
+                                  ops.zeros((n, d, after), dtype=block.dtype)], 2)
+
+
+__all__ = ["PPL", "Frame", "Site", "TracedLatentModel"]
