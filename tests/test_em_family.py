@@ -3,8 +3,8 @@
 Engine tests take the ``backend`` fixture: the same engine runs on a ``GaussianMixture`` holding torch
 tensors (Pyro backend) or JAX arrays (NumPyro backend, compiled epochs, float64).
 Reference: exact EM run to convergence (its fixed point θ*, on torch).  Exact incremental / variance-reduced
-engines must reach θ* to 1e-8; decreasing-step online EM to 1e-3; Monte-Carlo engines within MC error
-(2e-2 on n = 400 points with 10–50 draws per visit; the MC error of the means is ≈ 1e-3 here).
+engines must reach θ* to 1e-8; decreasing-step online EM to 1e-3; Monte-Carlo engines within 4 Monte-Carlo SDs
+of θ*, per engine and parameter (SDs measured over seeds, see ``MC_SD``).
 """
 
 from __future__ import annotations
@@ -72,19 +72,33 @@ def test_exact_engines_reach_em_fixed_point(backend, data_and_star, engine, kwar
     assert fit.history["theta.locs"].shape[0] == kwargs["num_epochs"]  # history counts epochs
 
 
-@pytest.mark.parametrize("engine, kwargs", [
-    (MCEM, dict(num_epochs=40, num_samples=50)),
-    (MiniBatchMCEM, dict(num_epochs=40, num_samples=20)),
-    (TTSEM, dict(num_epochs=20, variant="fi", batch_size=8)),
-    (TTSEM, dict(num_epochs=20, variant="vr", batch_size=8)),
-    (TTSEM, dict(num_epochs=20, variant="isaem", batch_size=8)),
-    (TTSEM, dict(num_epochs=60, variant="saem")),
+#: Monte-Carlo SD of one run's weights / locs / covariances around θ* (largest over the coordinates of each), measured
+#: over seeds 0–19 (torch) and 0–7 (JAX), the larger of the two backends
+MC_SD = {
+    "MCEM": dict(weights=0.0005, locs=0.0025, covariances=0.0031),
+    "MiniBatchMCEM": dict(weights=0.0008, locs=0.0035, covariances=0.0043),
+    "fiTTEM": dict(weights=0.0010, locs=0.0044, covariances=0.0058),
+    "vrTTEM": dict(weights=0.0012, locs=0.0055, covariances=0.0073),
+    "iSAEM": dict(weights=0.0010, locs=0.0046, covariances=0.0058),
+    "SAEM": dict(weights=0.0005, locs=0.0018, covariances=0.0023),
+}
+
+
+@pytest.mark.parametrize("engine, kwargs, sd", [
+    (MCEM, dict(num_epochs=40, num_samples=50), MC_SD["MCEM"]),
+    (MiniBatchMCEM, dict(num_epochs=40, num_samples=20), MC_SD["MiniBatchMCEM"]),
+    (TTSEM, dict(num_epochs=20, variant="fi", batch_size=8), MC_SD["fiTTEM"]),
+    (TTSEM, dict(num_epochs=20, variant="vr", batch_size=8), MC_SD["vrTTEM"]),
+    (TTSEM, dict(num_epochs=20, variant="isaem", batch_size=8), MC_SD["iSAEM"]),
+    (TTSEM, dict(num_epochs=60, variant="saem"), MC_SD["SAEM"]),
 ])
-def test_monte_carlo_engines_reach_em_fixed_point_within_mc_error(backend, data_and_star, engine, kwargs):
+def test_monte_carlo_engines_reach_em_fixed_point_within_mc_error(backend, data_and_star, engine, kwargs, sd):
     x, star = data_and_star
     fit = engine(_gm(backend.tensor(x)), seed=0, progress=False, **kwargs).run(backend.key(0))
     assert np.all(np.isfinite(fit.params["locs"]))
-    assert _err(fit.params, star) < 2e-2
+    for name in star:
+        err = float(np.abs(fit.params[name] - star[name]).max())
+        assert err < 4 * sd[name], (name, err, sd[name])
 
 
 @pytest.mark.parametrize("engine", [MiniBatchEM, IEM, FIEM, SEMVR])
@@ -173,7 +187,8 @@ def test_bad_options_give_clear_errors(backend):
 def test_exact_engines_refuse_continuous_latents_and_mc_engines_fit_them(backend):
     """Balanced one-way random-effects model (a plain Pyro / NumPyro model through the front door):
     MLE in closed form (μ̂ = ȳ, σ̂² = within MS, ω̂² = between variance − σ̂²/T); EM asks for an exact
-    E-step; MCEM through the batched MH chains lands within MC error."""
+    E-step; MCEM through the batched MH chains lands within 4 Monte-Carlo SDs of it (SD of μ̂, σ̂², ω̂² over seeds
+    0–7: 0.006 / 0.0014 / 0.0071 on torch, 0.004 / 0.0012 / 0.0080 on JAX; no bias beyond it)."""
     rng = np.random.default_rng(0)
     n, T = 60, 6
     y = 1.0 + 0.8 * rng.normal(size=(n, 1)) + 0.5 * rng.normal(size=(n, T))
@@ -185,14 +200,14 @@ def test_exact_engines_refuse_continuous_latents_and_mc_engines_fit_them(backend
     ybar = y.mean(1)
     sigma2 = float(((y - ybar[:, None]) ** 2).sum() / (n * (T - 1)))
     omega2 = float(ybar.var()) - sigma2 / T
-    assert abs(float(fit.params["mu"]) - float(y.mean())) < 0.05
-    assert abs(float(fit.params["sigma"]) ** 2 - sigma2) < 0.05
-    assert abs(float(fit.params["omega"]) ** 2 - omega2) < 0.1
+    assert abs(float(fit.params["mu"]) - float(y.mean())) < 4 * 0.006
+    assert abs(float(fit.params["sigma"]) ** 2 - sigma2) < 4 * 0.0014
+    assert abs(float(fit.params["omega"]) ** 2 - omega2) < 4 * 0.008
 
 
 def test_engines_are_backend_neutral_on_jax():
     """Same engines, JAX ops (compiled epochs, float32): FIEM reaches the torch EM fixed point to float32
-    precision (1e-4), TTSEM within MC error."""
+    precision (1e-4), TTSEM within Monte-Carlo error."""
     jnp = pytest.importorskip("jax.numpy")
     from latentfit.inference.ops_jax import JaxOps
 
@@ -202,4 +217,6 @@ def test_engines_are_backend_neutral_on_jax():
     assert fit.params["locs"].dtype == np.float32
     assert _err(fit.params, star) < 1e-4
     fit = TTSEM(_gm(x, ops=JaxOps(dtype=jnp.float32)), num_epochs=20, batch_size=10, progress=False).run()
-    assert _err(fit.params, star) < 2e-2
+    # 4 Monte-Carlo SDs (measured over seeds 0–7: weights 0.0010, locs 0.0042, covariances 0.0071)
+    for name, sd in dict(weights=0.0010, locs=0.0042, covariances=0.0071).items():
+        assert float(np.abs(fit.params[name] - star[name]).max()) < 4 * sd, name

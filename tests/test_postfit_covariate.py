@@ -1,5 +1,6 @@
-"""Theophylline with Weight on log V (saemix's covariate example), REFERENCES.md:
-log-likelihood by importance sampling −171.36 (seed-to-seed SD ≈ 0.02), by linearisation −170.64.
+"""Theophylline with Weight on log V (saemix's covariate example; saemix 3.4, Comets, Lavenu & Lavielle 2017):
+log-likelihood by importance sampling −171.36, by linearisation (at the conditional means) −170.64, by Gaussian
+quadrature −171.33.  The exact maximum (adaptive Gauss–Hermite, 9 nodes, maximised): −171.3084.
 
 Two ways of writing the model: the NLME family (closed-form saemix M-step, fast) and a plain Pyro
 model whose latent loc depends on the covariate (``log V_i = log V_pop + β·Weight_i + η_i``; the
@@ -19,7 +20,21 @@ import latentfit as lf
 from latentfit.examples.theophylline import one_compartment_oral, theophylline_arrays
 from latentfit.models import nlme
 
-LL_IS, LL_LIN = -171.36, -170.64
+LL_MAX = -171.3084
+#: the linearised log-likelihood at the conditional modes of this library's fits, seeds 0–9: −170.720 ± 0.026
+#: (saemix's −170.64 linearises at the conditional means: 0.10 higher at saemix's own estimates)
+LL_LIN, LL_LIN_SD = -170.720, 0.026
+
+
+def _check_log_likelihoods(fit):
+    """IS against the deterministic quadrature at the same θ̂ within 4 Monte-Carlo SDs (reported mc_se 0.055 with the
+    default 5000 draws; measured seed-to-seed SD 0.08 over IS seeds 0–2 at 10 fits), the quadrature value below the
+    exact maximum by less than 4 run-to-run SDs of a SAEM estimate's log-likelihood (0.016 over seeds 0–9), the
+    linearisation within 4 SDs of its mean over seeds."""
+    ll_is = fit.log_likelihood("is")
+    assert abs(ll_is - fit.log_likelihood("gq")) < 4 * fit.log_likelihoods["is"].mc_se
+    assert LL_MAX - 4 * 0.016 < fit.log_likelihood("gq") < LL_MAX + 1e-4
+    assert abs(fit.log_likelihood("lin") - LL_LIN) < 4 * LL_LIN_SD
 THEO = dict(columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
 
 
@@ -42,9 +57,7 @@ def test_nlme_weight_on_log_v_log_likelihood_matches_saemix():
     model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, covariates={"V": "Weight"},
                       data=lf.datasets.theophylline(saemix_form=True), **THEO)
     fit = model.fit(seed=0, progress=False)
-    assert abs(fit.log_likelihood("is") - LL_IS) < 0.3
-    # linearisation: tolerance 0.15 (saemix's own lin figure moves by ~0.1 between seeds)
-    assert abs(fit.log_likelihood("lin") - LL_LIN) < 0.15
+    _check_log_likelihoods(fit)
     assert fit.num_params == 8
     df = fit.summary()
     assert df.loc["beta_V_Weight", "se"] > 0 and np.isfinite(df["rse%"]).all()
@@ -60,8 +73,7 @@ def test_plain_pyro_weight_on_log_v_log_likelihood_matches_saemix():
     data["weight"] = torch.tensor(weight[:, None])
     fit = SAEM(theophylline_weight, seed=0, progress=False, newton_steps=2).run(**data)
     assert fit.model.has_gaussian_prior and "beta" in fit.model.numeric_params
-    assert abs(fit.log_likelihood("is") - LL_IS) < 0.3
-    assert abs(fit.log_likelihood("lin") - LL_LIN) < 0.15
+    _check_log_likelihoods(fit)
     se = fit.standard_errors("sa")
     assert 0 < se["beta"] < 0.01
     pyro.clear_param_store()

@@ -260,10 +260,10 @@ class FitResult:
     def standard_errors(self, method: str | None = None, *, num_iters: int = 0, seed: int = 0) -> dict[str, float]:
         """Standard errors of every parameter (constrained scale, :meth:`param_table` labels).
 
-        ``method``: ``"lin"`` (expected Fisher information of the model linearised at the conditional modes,
-        saemix's method; default for models with Gaussian faces) or ``"sa"`` (Louis' formula averaged over
-        draws of the latents: the SAEM chains' last draws, or ``num_iters`` fresh MCMC iterations at θ̂ when
-        ``num_iters > 0``).  The full record (covariance, Fisher information, ``.delta(fn)`` for derived
+        ``method``: ``"lin"`` (expected Fisher information of the model linearised at the conditional modes, as
+        saemix does at the conditional means; default for models with Gaussian faces) or ``"sa"`` (Louis' formula
+        averaged over draws of the latents: the SAEM chains' last draws, or ``num_iters`` fresh MCMC iterations at
+        θ̂ when ``num_iters > 0``).  The full record (covariance, Fisher information, ``.delta(fn)`` for derived
         quantities) is ``fit.covariance(method)``.
         """
         return self.covariance(method, num_iters=num_iters, seed=seed).as_dict()
