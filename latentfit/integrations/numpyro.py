@@ -130,7 +130,7 @@ class NumPyroPPL(PPL):
     def make_ops(self, dtype: Any, device: Any) -> JaxOps:
         return JaxOps(dtype=dtype)
 
-    def vectorise(self, f: Any) -> Any:
+    def vectorise(self, f: Any, pure: bool = True) -> Any:
         return _LazyJit(jax.vmap(f, in_axes=(None, 0)))
 
     def jvp(self, f: Any, x: Any, t: Any) -> Any:

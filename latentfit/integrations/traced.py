@@ -92,8 +92,9 @@ class PPL:
     def make_ops(self, dtype: Any, device: Any) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def vectorise(self, f: Any) -> Any:  # pragma: no cover - interface
-        """``f(theta, x) -> pytree`` mapped over the leading axis of ``x``."""
+    def vectorise(self, f: Any, pure: bool = True) -> Any:  # pragma: no cover - interface
+        """``f(theta, x) -> pytree`` mapped over the leading axis of ``x`` (``pure``: deterministic, may be
+        compiled)."""
         raise NotImplementedError
 
     def jvp(self, f: Any, x: Any, t: Any) -> Any:  # pragma: no cover - interface
@@ -169,7 +170,7 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
         self._find_sites(trace, unit_plate)
         self._check_observed(trace)
         self._densities_all = self.ppl.vectorise(self._densities_one)
-        self._sample_all = self.ppl.vectorise(self._sample_one)
+        self._sample_all = self.ppl.vectorise(self._sample_one, pure=False)
         self._resid_all = self.ppl.vectorise(self._resid_one)
         self._predict_all = self.ppl.vectorise(self._predict_one)
         self._find_unit_maps(trace, unit_index)
