@@ -35,6 +35,28 @@ def test_default_chains_follow_saemix():
     assert default_num_chains(1000) == 1
 
 
+def test_saem_defaults_are_those_the_readme_states():
+    """README, "SAEM defaults (saemix)": burn-in 5 iterations (γ = 0), K1 = 300 (γ = 1), K2 = 100 (γ = 1/(k − K1)),
+    MH kernels (2, 2, 2), scales adapted toward 40% acceptance, annealing over K1/2, ceil(50/N) chains per unit, a
+    collapsing random-effect variance floored at 1e-12."""
+    from latentfit.inference import mcmc
+    from latentfit.inference.saem import SAEM
+    from latentfit.models import nlme
+    from latentfit.models.nlme.model import OMEGA2_FLOOR
+
+    model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5},
+                      data=lf.datasets.theophylline(saemix_form=True),
+                      columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
+    engine = SAEM(model)
+    sched = engine.schedule
+    assert (sched.burn_in, sched.K1, sched.K2) == (5, 300, 100)
+    assert [float(sched(k)) for k in (5, 6, 300, 301, 302, 400)] == [0.0, 1.0, 1.0, 1.0, 0.5, 0.01]
+    assert engine.kernels == (2, 2, 2) and mcmc.TARGET_ACCEPTANCE == 0.4
+    assert sched.sa_iters == 150 and bool(sched.annealing(150)) and not bool(sched.annealing(151))
+    assert engine.num_chains == 5 == int(np.ceil(50 / 12))
+    assert OMEGA2_FLOOR == 1e-12
+
+
 def test_callback_sees_every_iteration_and_annealing_bounds_the_variance_decrease(backend):
     y = backend.tensor(np.random.default_rng(1).normal(size=(30, 3)) * 0.1)
     seen = []

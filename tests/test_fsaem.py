@@ -134,6 +134,7 @@ def test_fsaem_speed_up_is_a_median_over_ten_seeds(rich_pk_maximum):
     fsaem = [_iterations_to_the_maximum(FSAEM, model, rich_pk_maximum, s) for s in range(10)]
     k_saem, k_fsaem = [k for k, _ in saem], [k for k, _ in fsaem]
     assert 3 * np.median(k_fsaem) <= np.median(k_saem), (k_fsaem, k_saem)
+    assert np.median(k_fsaem) <= 5 and 20 <= np.median(k_saem) <= 35, (k_fsaem, k_saem)  # README: about 4 and 28
     for seed, (_, params) in enumerate(saem):
         assert not _beyond_monte_carlo_error(params, rich_pk_maximum), (seed, params)
 

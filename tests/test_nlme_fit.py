@@ -150,7 +150,8 @@ def test_collapsing_variance_stays_finite_and_warns():
     with pytest.warns(RuntimeWarning, match=r"random effect on V .*collapsed"):
         fit = theophylline_model().fit(engine="saem", seed=105, progress=False, num_chains=1)
     values = np.array([float(v) for v in fit.params.values()])
-    assert np.isfinite(values).all() and 0 < fit.params["omega2_V"] < 1e-6
+    # README: floored at 1e-12 (the K2 average of floored M-steps: measured 1.10e-12)
+    assert np.isfinite(values).all() and 1e-12 <= fit.params["omega2_V"] < 1e-11
     assert np.isfinite(fit.log_likelihood("gq"))
 
 
