@@ -2,8 +2,9 @@
 
 The TTSEM paper's PK experiment (Tlag = 1, ka = 1, V = 8, k = 0.1 i.e. CL = 0.8, ω = (.4, .5, .2, .3),
 σ² = 0.5), scaled down to 100 patients × 10 observations: fiTTEM and vrTTEM (mini-batches of 20,
-5 chains per patient) reach SAEM's maximum-likelihood estimate on the same data within MC error
-(fixed effects 5 % relative, variances 0.05 absolute).
+5 chains per patient, 25 epochs) reach the maximum-likelihood estimate on the same data, as a precise SAEM run finds
+it (20 chains, K2 = 300: two seeds agree within 0.2% on the fixed effects and 1.1% on the variances), within their
+measured Monte-Carlo error (``TOL``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,14 @@ def pk_data():
     sim_model = nlme.NLME("one_compartment_oral_lag", params, error="constant", error_init={"a": np.sqrt(0.5)})
     design = nlme.design_table(100, [0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 24], dose=100.0)
     data = sim_model.bind(design).simulate(seed=1)
-    return data, SAEM(_model(data), num_iters=(150, 100), seed=0, progress=False).run().params
+    return data, SAEM(_model(data), num_iters=(150, 300), num_chains=20, seed=0, progress=False).run().params
+
+
+#: relative tolerance against the precise SAEM estimate: |mean offset| + 4 SD of one TTSEM run, both measured over
+#: seeds 0–19 (the larger of fiTTEM and vrTTEM).  The offsets are significant for ka (+1.0%) and ω²_ka (−5.1%): after
+#: 25 epochs the slow timescale has not quite settled.  SDs: fixed effects 0.5–1.2%, ω² 2.1–5.7%, a 0.6%.
+TOL = dict(Tlag=0.025, ka=0.06, V=0.025, CL=0.025, omega2_Tlag=0.125, omega2_ka=0.28, omega2_V=0.18, omega2_CL=0.125,
+           a=0.03)
 
 
 def _model(data):
@@ -47,8 +55,6 @@ def test_ttsem_reaches_the_saem_estimate_on_pk_with_lag(pk_data, variant):
     data, ref = pk_data
     fit = TTSEM(_model(data), num_epochs=25, variant=variant, batch_size=20, num_samples=5, seed=0,
                 progress=False).run()
-    for k in TRUTH:
-        assert abs(fit.params[k] / ref[k] - 1) < 0.05, (k, fit.params[k], ref[k])
-        assert abs(fit.params[f"omega2_{k}"] - ref[f"omega2_{k}"]) < 0.05
-    assert abs(fit.params["a"] - ref["a"]) < 0.05
+    for name, tol in TOL.items():
+        assert abs(float(fit.params[name]) / float(ref[name]) - 1) < tol, (name, fit.params[name], ref[name])
     assert fit.history["theta.ka"].shape[0] == 25
