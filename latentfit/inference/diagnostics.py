@@ -64,10 +64,8 @@ def _require_obs(model: LatentModel) -> None:
 def simulate_observations(model: LatentModel, theta: dict[str, Any], num_sims: int, seed: int = 0) -> np.ndarray:
     """``K`` replicated data sets ``[K, N, T]`` from ``z ~ p(z; θ)``, ``y ~ N(f(z), g(z)²)``."""
     _require_obs(model)
-    from .likelihood import seeded_rng
-
     ops = model.ops
-    with seeded_rng(ops, seed):
+    with ops.seed_context(seed):
         k1, k2 = ops.split(ops.key(seed))
         z = model.sample_prior(theta, k1, int(num_sims))
         mean, sd = model.predict(theta, z)

@@ -81,9 +81,9 @@ class Engine:
         collect_from = total - min(self.num_draws, total) + 1
         history: dict[str, list] = {}
         draws: list[np.ndarray] = []
-        compiled_before = getattr(ops, "compile_time", 0.0)
+        compiled_before = ops.compile_time
         t0 = time.perf_counter()
-        with _seed_context(ops, self.seed):
+        with ops.seed_context(self.seed):
             state = self.init(key)
             t_init = time.perf_counter() - t0
             bar = _progress_bar(total, self.progress, self.name)
@@ -112,7 +112,7 @@ class Engine:
         return FitResult(engine=self, model=self.model, state=state, history=hist,
                          latent_draws=latents, elapsed=elapsed, init_time=t_init,
                          num_iterations=total,
-                         compile_time=getattr(ops, "compile_time", 0.0) - compiled_before)
+                         compile_time=ops.compile_time - compiled_before)
 
     def _run_chunk(self, state: dict[str, Any], first: int, last: int, phase: Any,
                    collect: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -130,15 +130,6 @@ class Engine:
         # compiled chunks are cached per engine instance and phase (two engines may differ in options)
         key = (self, phase, collect and not self.ops.jittable)
         return self.ops.scan_steps(one, state, range(first, last + 1), key=key)
-
-
-def _seed_context(ops: Any, seed: int):
-    ctx = getattr(ops, "seed_context", None)
-    if ctx is None:
-        import contextlib
-
-        return contextlib.nullcontext()
-    return ctx(seed)
 
 
 def _chunk_bounds(first: int, last: int, collect_from: int, chunk: int) -> list[tuple[int, int]]:

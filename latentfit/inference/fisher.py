@@ -75,30 +75,8 @@ def delta_method(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, cov: np.
 
 # ----- autodiff helpers -----------------------------------------------------------------------------
 def forward_jacobian(ops: Any, f: Callable[[Any], Any], x: Any) -> Any:
-    """Jacobian ``[*out_shape, p]`` of ``f: R^p -> R^{out_shape}`` (p directional derivatives)."""
-    if hasattr(ops, "jacobian"):
-        return ops.jacobian(f)(x)
-    if ops.name == "jax":
-        import jax
-
-        return jax.jacfwd(f)(x)
-    torch = ops.xp
-    p = x.shape[0]
-    with torch.enable_grad():
-        xr = x.detach().requires_grad_(True)
-        y = f(xr)
-        v = torch.zeros_like(y, requires_grad=True)
-        (g,) = torch.autograd.grad(y, xr, v, create_graph=True, allow_unused=True)
-        cols = []
-        for j in range(p):
-            e = torch.zeros_like(xr)
-            e[j] = 1.0
-            if g is None or not g.requires_grad:
-                cols.append(torch.zeros_like(y))
-                continue
-            (c,) = torch.autograd.grad(g, v, e, retain_graph=True, allow_unused=True)
-            cols.append(torch.zeros_like(y) if c is None else c)
-    return torch.stack(cols, -1).detach()
+    """Jacobian ``[*out_shape, p]`` of ``f: R^p -> R^{out_shape}`` (p directional derivatives: :meth:`Ops.jacfwd`)."""
+    return ops.jacfwd(f)(x)
 
 
 class ParamVector:

@@ -22,11 +22,9 @@ from __future__ import annotations
 from typing import Any
 
 from . import mcmc
-from .laplace import conditional_modes, resolve_method, small_cholesky
+from .laplace import conditional_modes, resolve_method
 from .model import LatentModel
 from .saem import SAEM
-
-LOG_2PI = 1.8378770664093453
 
 
 class FSAEM(SAEM):
@@ -94,14 +92,9 @@ class FSAEM(SAEM):
         lap = conditional_modes(model, theta, z0=state["mode"], num_steps=self.laplace_steps,
                                 method=self.laplace_method)
         mode = lap.mode
-        chol = small_cholesky(ops, lap.cov)  # [n, d, d]
-        chol_inv = xp.linalg.inv(chol)
-        half_logdet = xp.sum(xp.log(xp.diagonal(chol, 0, -2, -1)), -1)  # [n]
+        chol = ops.small_cholesky(lap.cov)  # [n, d, d]
+        log_q = ops.mvn_log_prob_fn(mode, chol)  # log N(z; ẑ_i, Γ_i)  [..., n]
         d = mode.shape[-1]
-
-        def log_q(z: Any) -> Any:
-            u = xp.sum(chol_inv * (z - mode)[..., None, :], -1)  # L^{-1}(z − ẑ)  [..., n, d]
-            return -0.5 * xp.sum(u * u, -1) - half_logdet - 0.5 * d * LOG_2PI
 
         def evaluate(z: Any) -> tuple[Any, Any]:
             return model.log_densities(theta, z)

@@ -93,7 +93,6 @@ def sample_conditional(model: LatentModel, theta: dict[str, Any], z0: Any, num_i
     """
     ops = model.ops
     xp = ops.xp
-    from .likelihood import seeded_rng
 
     def evaluate(z: Any) -> tuple[Any, Any]:
         return model.log_densities(theta, z)
@@ -101,7 +100,7 @@ def sample_conditional(model: LatentModel, theta: dict[str, Any], z0: Any, num_i
     z0 = ops.asarray(z0)
     L = z0.shape[0]
     out = []
-    with seeded_rng(ops, seed):
+    with ops.seed_context(seed):
         key = ops.key(seed)
         chain = mcmc.init_chain_state(z0, evaluate)
         flat = xp.reshape(z0, (-1, z0.shape[-1]))

@@ -15,9 +15,9 @@ the precision ``P_i`` is
 
 The gradient is always exact, so the mode is the true conditional mode whichever precision
 preconditions the steps.  Each Newton step ``z ← z + α P^{-1} ∇ℓ`` picks, unit by unit, the best
-of a few fixed fractions α (vectorised backtracking), so the code has no data-dependent control
-flow and can run eagerly (torch) or compiled (JAX).  Used by f-SAEM's proposal, conditional
-modes (EBEs) and the linearisation log-likelihood / Fisher information.
+of a few fixed fractions α (vectorised backtracking, :func:`latentfit.inference.mstep.damped_newton_update`),
+so the code has no data-dependent control flow and can run eagerly (torch) or compiled (JAX).  Used by
+f-SAEM's proposal, conditional modes (EBEs) and the linearisation log-likelihood / Fisher information.
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .model import LatentModel, ModelSpecificationError
+from .mstep import damped_newton_update
 from .ops import Ops
-
-BACKTRACK = (1.0, 0.5, 0.25, 0.0625)
 
 
 class LaplaceResult(NamedTuple):
@@ -44,39 +43,9 @@ def value_grad_hessian(ops: Ops, f: Callable[[Any], Any], z: Any, hessian: bool 
     """Per-row value ``[n]``, gradient ``[n, d]`` and Hessian ``[n, d, d]`` of ``f: [n, d] -> [n]``.
 
     Row i of ``f`` must depend on row i of ``z`` only (independent units); the Hessian is computed
-    with ``d`` forward-over-reverse passes (d is small).
+    with ``d`` second-order passes (d is small): :meth:`Ops.value_grad_hessian`.
     """
-    d = z.shape[-1]
-    if ops.name == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        def total(x):
-            v = f(x)
-            return jnp.sum(v), v
-
-        grad_fn = jax.grad(total, has_aux=True)
-        g, v = grad_fn(z)
-        if not hessian:
-            return v, g, None
-        cols = []
-        for j in range(d):
-            e = jnp.zeros_like(z).at[..., j].set(1.0)
-            _, hj = jax.jvp(lambda x: grad_fn(x)[0], (z,), (e,))
-            cols.append(hj)
-        return v, g, jnp.stack(cols, axis=-1)
-    torch = ops.xp
-    with torch.enable_grad():
-        x = z.detach().requires_grad_(True)
-        v = f(x)
-        (g,) = torch.autograd.grad(v.sum(), x, create_graph=hessian)
-        if not hessian:
-            return v.detach(), g.detach(), None
-        rows = []
-        for j in range(d):
-            (hj,) = torch.autograd.grad(g[..., j].sum(), x, retain_graph=j < d - 1)
-            rows.append(hj)
-    return v.detach(), g.detach(), torch.stack(rows, dim=-2).detach()
+    return ops.value_grad_hessian(f, z, hessian)
 
 
 def _spd_floor(ops: Ops, p: Any, rel: float = 1e-8) -> Any:
@@ -106,20 +75,10 @@ def batched_jacobian_fwd(ops: Ops, f: Callable[[Any], Any], z: Any) -> Any:
     """
     xp = ops.xp
     d = z.shape[-1]
-    if ops.name == "jax":
-        import jax
-
-        jvp = lambda v: jax.jvp(f, (z,), (v,))[1]  # noqa: E731
-    else:
-        import torch
-
-        def jvp(v: Any) -> Any:
-            with torch.enable_grad():
-                return torch.func.jvp(f, (z.detach().clone(),), (v,))[1].detach()
     cols = []
     for j in range(d):
         e = xp.zeros_like(z) + (ops.arange(d) == j) * 1.0
-        cols.append(jvp(e))
+        cols.append(ops.jvp(f, z, e)[1])
     return xp.stack(cols, -1)
 
 
@@ -127,9 +86,8 @@ def gauss_newton_precision(model: LatentModel, theta: dict[str, Any], z: Any, un
     """``J_iᵀ diag(m_ij/σ_ij²) J_i + Ω^{-1}`` at ``z [n, d]`` (``m`` the observation mask)."""
     ops = model.ops
     xp = ops.xp
-    f = lambda x: model.predict(theta, x, units)[0]  # noqa: E731
-    # forward mode (d passes) on JAX; on torch, reverse mode (T passes) is cheaper than torch.func's jvp
-    jac = batched_jacobian_fwd(ops, f, z) if ops.name == "jax" else ops.batched_jacobian(f)(z)  # [n, T, d]
+    # the backend's cheaper mode: forward (d passes) on JAX, reverse (T passes) on torch
+    jac = ops.batched_jacobian(lambda x: model.predict(theta, x, units)[0])(z)  # [n, T, d]
     _, sd = model.predict(theta, z, units)
     _, mask = model.observations(units)
     w = xp.where(mask, 1.0 / (sd * sd), 0.0)
@@ -193,16 +151,8 @@ def conditional_modes(model: LatentModel, theta: dict[str, Any], units: Any = No
     for _ in range(num_steps):  # fixed number of steps (static loop)
         val, g, prec = evaluate(z)
         step = ops.solve(prec, g[..., None])[..., 0]
-        norm = xp.sqrt(xp.sum(step * step, -1))[..., None]
-        step = step * xp.where(norm > max_step, max_step / (norm + 1e-30), 1.0)
-        best_z, best_val = z, xp.where(val == val, val, -xp.inf)
-        for frac in BACKTRACK:
-            cand = z + frac * step
-            cv = objective(cand)
-            better = (cv > best_val) & (cv == cv)
-            best_z = xp.where(better[..., None], cand, best_z)
-            best_val = xp.where(better, cv, best_val)
-        z = ops.stop_gradient(best_z)
+        z = ops.stop_gradient(damped_newton_update(ops, objective, z, xp.where(val == val, val, -xp.inf), step,
+                                                   max_step))
     val, g, prec = evaluate(z)
     cov = xp.linalg.inv(prec)
     cov = 0.5 * (cov + xp.swapaxes(cov, -1, -2))
@@ -210,50 +160,22 @@ def conditional_modes(model: LatentModel, theta: dict[str, Any], units: Any = No
 
 
 def small_cholesky(ops: Ops, a: Any, max_unrolled: int = 8) -> Any:
-    """Lower Cholesky factor of SPD matrices ``[..., d, d]``, unrolled in ``xp`` ops for small d.
-
-    LAPACK's ``potrf`` carries a large fixed cost per call on some CPU builds (tens of ms for a
-    3×3 matrix); for the small d of per-unit latents an unrolled Cholesky–Banachiewicz is much
-    faster and differentiable.  Falls back to ``ops.cholesky`` above ``max_unrolled``.
-    """
-    xp = ops.xp
-    d = a.shape[-1]
-    if d > max_unrolled:
-        return ops.cholesky(a)
-    rows: list[list[Any]] = [[None] * d for _ in range(d)]
-    for j in range(d):
-        s = a[..., j, j]
-        for k in range(j):
-            s = s - rows[j][k] * rows[j][k]
-        ljj = xp.sqrt(s)
-        rows[j][j] = ljj
-        for i in range(j + 1, d):
-            s = a[..., i, j]
-            for k in range(j):
-                s = s - rows[i][k] * rows[j][k]
-            rows[i][j] = s / ljj
-    zero = 0.0 * a[..., 0, 0]
-    return xp.stack([xp.stack([rows[i][j] if j <= i else zero for j in range(d)], -1) for i in range(d)], -2)
+    """Lower Cholesky factor of small SPD matrices ``[..., d, d]`` (:meth:`Ops.small_cholesky`)."""
+    return ops.small_cholesky(a, max_unrolled)
 
 
 def mvn_sample(ops: Ops, key: Any, mean: Any, cov: Any, num_samples: int) -> tuple[Any, Any]:
     """Draws ``[S, n, d]`` from ``N(mean_i, cov_i)`` and their log-densities ``[S, n]``."""
     xp = ops.xp
-    chol = small_cholesky(ops, cov)
+    chol = ops.small_cholesky(cov)
     eps = ops.normal(key, (num_samples,) + tuple(mean.shape))
     z = mean + xp.einsum("nde,sne->snd", chol, eps)
-    return z, mvn_log_prob(ops, z, mean, chol)
+    return z, ops.mvn_log_prob(z, mean, chol)
 
 
 def mvn_log_prob(ops: Ops, z: Any, mean: Any, chol: Any) -> Any:
-    """``log N(z; mean_i, L_i L_iᵀ)`` for ``z [..., n, d]``, ``chol [n, d, d]``."""
-    xp = ops.xp
-    d = z.shape[-1]
-    diff = z - mean
-    prec_chol_inv = xp.linalg.inv(chol)  # [n, d, d] (d small)
-    u = xp.einsum("nde,...ne->...nd", prec_chol_inv, diff)
-    logdet = xp.sum(xp.log(xp.diagonal(chol, 0, -2, -1)), -1)
-    return -0.5 * xp.sum(u * u, -1) - logdet - 0.5 * d * 1.8378770664093453
+    """``log N(z; mean_i, L_i L_iᵀ)`` for ``z [..., n, d]``, ``chol [n, d, d]`` (:meth:`Ops.mvn_log_prob`)."""
+    return ops.mvn_log_prob(z, mean, chol)
 
 
 __all__ = ["LaplaceResult", "batched_jacobian_fwd", "conditional_modes", "gauss_newton_precision", "mvn_log_prob",

@@ -45,8 +45,7 @@ from typing import Any
 import numpy as np
 
 from .model import LatentModel, ModelSpecificationError
-
-LOG_2PI = math.log(2.0 * math.pi)
+from .ops import LOG_2PI
 
 
 @dataclass
@@ -71,22 +70,8 @@ def student_t_log_pdf(t: Any, df: float, xp: Any) -> Any:
 
 
 def student_t_draws(ops: Any, key: Any, shape: tuple[int, ...], df: int) -> Any:
-    """Standard Student-t draws ``ε / sqrt(χ²_df / df)``, χ²_df a sum of ``df`` squared normals."""
-    xp = ops.xp
-    k1, k2 = ops.split(key)
-    eps = ops.normal(k1, shape)
-    chi = ops.normal(k2, (df,) + tuple(shape))
-    return eps / xp.sqrt(xp.sum(chi * chi, 0) / df)
-
-
-def seeded_rng(ops: Any, seed: int):
-    """Reproducible RNG for post-fit Monte Carlo (torch: forked, seeded global generator; JAX: keys)."""
-    ctx = getattr(ops, "seed_context", None)
-    if ctx is None:
-        import contextlib
-
-        return contextlib.nullcontext()
-    return ctx(seed)
+    """Standard Student-t draws with ``df`` degrees of freedom (:meth:`Ops.student_t`)."""
+    return ops.student_t(key, df, shape)
 
 
 def log_likelihood_is(model: LatentModel, theta: dict[str, Any], cond_mean: Any, cond_sd: Any, *,
@@ -117,7 +102,7 @@ def log_likelihood_is(model: LatentModel, theta: dict[str, Any], cond_mean: Any,
 
     log_weights = ops.jit(_log_weights)  # compiled once per batch shape on JAX; eager on torch
     chunks = []
-    with seeded_rng(ops, seed):
+    with ops.seed_context(seed):
         key = ops.key(seed)
         keys = ops.split(key, nb)
         for b in range(nb):
@@ -186,7 +171,7 @@ def gaussian_log_density(ops: Any, y: Any, mean: Any, cov: Any, mask: Any) -> An
     xp = ops.xp
     chol = ops.cholesky(cov)
     r = (y - mean)[..., None]
-    u = ops.solve(chol, r)[..., 0]  # L⁻¹ r (general solve: the backend shim has no triangular solve)
+    u = ops.solve_triangular(chol, r, lower=True)[..., 0]  # L⁻¹ r
     logdet = 2.0 * xp.sum(xp.log(xp.diagonal(chol, 0, -2, -1)), -1)
     n_obs = xp.sum(mask * 1.0, -1)
     n_all = mask.shape[-1]
@@ -256,17 +241,9 @@ def gq_log_lik_per_unit(model: LatentModel, theta: dict[str, Any], mode: Any, ch
         z = mode + xp.einsum("nde,ke->knd", chol, uk)
         ll, lp = model.log_densities(theta, z, units)
         t = ll + lp + lwk[:, None]
-        lse.append(_logsumexp0(ops, xp.where(t == t, t, -xp.inf)))
+        lse.append(ops.logsumexp(xp.where(t == t, t, -xp.inf), 0))
     log_det = xp.sum(xp.log(xp.diagonal(chol, 0, -2, -1)), -1)
-    return _logsumexp0(ops, xp.stack(lse, 0)) + log_det
-
-
-def _logsumexp0(ops: Any, t: Any) -> Any:
-    """``log Σ_k exp(t_k)`` over axis 0, stable and differentiable (the shift carries no gradient)."""
-    xp = ops.xp
-    mx = ops.stop_gradient(xp.amax(t, 0))
-    mx = xp.where(xp.isfinite(mx), mx, 0.0)
-    return mx + xp.log(xp.sum(xp.exp(t - mx), 0))
+    return ops.logsumexp(xp.stack(lse, 0), 0) + log_det
 
 
 def _gq_grid(model: LatentModel, num_nodes: int) -> tuple[Any, Any]:
@@ -281,13 +258,13 @@ def log_likelihood_gq(model: LatentModel, theta: dict[str, Any], z0: Any = None,
     The grid is centred at the conditional modes (batched Newton from ``z0``, e.g. the conditional means)
     and scaled by the Laplace covariances (:func:`latentfit.inference.laplace.conditional_modes`).
     """
-    from .laplace import conditional_modes, small_cholesky
+    from .laplace import conditional_modes
 
     ops = model.ops
     grid = _gq_grid(model, num_nodes)  # validates num_nodes / grid size before any work
     lap = conditional_modes(model, theta, units, None if z0 is None else ops.asarray(z0), num_steps=num_steps,
                             method=method)
-    per_unit = gq_log_lik_per_unit(model, theta, lap.mode, small_cholesky(ops, lap.cov), grid, units)
+    per_unit = gq_log_lik_per_unit(model, theta, lap.mode, ops.small_cholesky(lap.cov), grid, units)
     per_unit_np = ops.to_numpy(per_unit)
     return LogLikelihood("gq", float(per_unit_np.sum()), per_unit_np, num_samples=int(num_nodes) ** model.latent_dim)
 
@@ -317,7 +294,7 @@ def maximise_log_likelihood_gq(model: LatentModel, theta0: dict[str, Any], *, nu
     ``tol``.  Fixed parameters stay at ``theta0``.  For small latent dimensions (``num_nodes ** d`` points
     per unit); a reference for SAEM's estimates, whose Monte-Carlo error it does not have.
     """
-    from .laplace import conditional_modes, small_cholesky
+    from .laplace import conditional_modes
     from .mstep import flatten, newton_maximize, unflatten
 
     ops = model.ops
@@ -340,7 +317,7 @@ def maximise_log_likelihood_gq(model: LatentModel, theta0: dict[str, Any], *, nu
         num_outer += 1
         lap = conditional_modes(model, theta_of(x), z0=z, num_steps=30 if z is None else 10)
         z = lap.mode
-        objective = objective_on(z, small_cholesky(ops, lap.cov))
+        objective = objective_on(z, ops.small_cholesky(lap.cov))
         x = newton_maximize(ops, objective, x, num_steps=newton_steps)
         value = float(ops.to_numpy(objective(x)))
         converged = abs(value - previous) < tol

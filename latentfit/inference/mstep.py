@@ -5,7 +5,8 @@ parameters that have no closed-form update, then smooths the result with the SAE
 (``θ_k = θ_{k−1} + γ_k (θ̃_k − θ_{k−1})``).  Here the maximisation is a damped Newton method in
 unconstrained space with autodiff gradient and Hessian: the Hessian is made negative definite
 through its eigen-decomposition (|λ| floored) and each step is chosen by a vectorisable
-backtracking over fixed fractions, so the same code runs eagerly (torch) and compiled (JAX).
+backtracking over fixed fractions (:func:`damped_newton_update`, shared with the batched per-unit
+Newton of :mod:`latentfit.inference.laplace`), so the same code runs eagerly (torch) and compiled (JAX).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 
 from .ops import Ops
 
-BACKTRACK = (1.0, 0.5, 0.25, 0.0625, 0.0)
+#: step fractions tried by the vectorised backtracking (the best improving one wins; none: no move)
+BACKTRACK = (1.0, 0.5, 0.25, 0.0625)
 
 
 def flatten(ops: Ops, tree: dict[str, Any], names: list[str]) -> Any:
@@ -55,15 +57,27 @@ def newton_maximize(ops: Ops, objective: Callable[[Any], Any], x0: Any, num_step
         floor = 1e-6 * xp.max(w_abs) + 1e-8
         w_abs = xp.where(w_abs < floor, floor, w_abs)
         step = v @ ((v.T @ g) / w_abs)
-        norm = xp.sqrt(xp.sum(step * step))
-        step = step * xp.where(norm > max_step, max_step / (norm + 1e-30), 1.0)
-        best_x, best_val = x, val
-        for frac in BACKTRACK[:-1]:
-            cand = x + frac * step
-            cv = objective(cand)
-            better = (cv > best_val) & (cv == cv)
-            best_x = xp.where(better, cand, best_x)
-            best_val = xp.where(better, cv, best_val)
-        return best_x
+        return damped_newton_update(ops, objective, x, val, step, max_step)
 
     return ops.fori_loop(0, num_steps, body, x0)
+
+
+def damped_newton_update(ops: Ops, objective: Callable[[Any], Any], x: Any, value: Any, step: Any,
+                         max_step: float) -> Any:
+    """``x + α·step`` for independent rows ``x [..., d]`` (a single vector: no leading dims).
+
+    ``value [...]`` is ``objective(x)`` (row-wise); each row's step is capped at norm ``max_step``, and α is,
+    row by row, the fraction in :data:`BACKTRACK` with the best objective that improves on ``value`` (a row
+    that no fraction improves, or whose candidates are NaN, stays).  No data-dependent control flow.
+    """
+    xp = ops.xp
+    norm = xp.sqrt(xp.sum(step * step, -1))[..., None]
+    step = step * xp.where(norm > max_step, max_step / (norm + 1e-30), 1.0)
+    best_x, best_val = x, value
+    for frac in BACKTRACK:
+        cand = x + frac * step
+        cv = objective(cand)
+        better = (cv > best_val) & (cv == cv)
+        best_x = xp.where(better[..., None], cand, best_x)
+        best_val = xp.where(better, cv, best_val)
+    return best_x

@@ -1,9 +1,17 @@
-"""Backend shim: the only place where torch and JAX differ for the engines.
+"""Backend shim: the only place where torch and JAX differ for the engines and the model families.
 
-Engines touch arrays through an :class:`Ops` object: ``xp`` (the array namespace), random
+Engines and models touch arrays through an :class:`Ops` object: ``xp`` (the array namespace), random
 draws from explicit keys, functional scatter, autodiff, and a loop primitive.  Torch and JAX
 differ in RNG (global generator vs. PRNG keys), in-place updates (``index_copy`` vs. ``.at[]``)
-and autodiff (``torch.autograd`` vs. ``jax.grad``); everything else is plain ``xp`` math.
+and autodiff (``torch.autograd`` vs. ``jax.grad``); everything else is plain ``xp`` math.  Each
+primitive whose spelling differs between the libraries is a method here, implemented once per backend
+with the library's own function: Student-t draws, forward-mode ``jvp`` / ``jacfwd``, per-row
+value/gradient/Hessian, ``logsumexp``, ``solve_triangular``, the special functions (``logit``, ``ndtri``,
+``log_ndtr``, ...), stable ``argsort`` and ``take_along_axis``, ``fori_loop``.  What is plain ``xp`` math
+is written once on :class:`Ops` (the unrolled small Cholesky, the Gaussian log-density).  Nothing
+outside this module and ``ops_jax`` asks which library an array comes from: :func:`ops_for` picks the
+shim of an array, :func:`make_ops` that of a backend name, :func:`select` is ``where`` for scalars of
+either backend (step-size schedules).
 
 The torch flavour keeps a *dummy* key (``None``) and draws from torch's global generator, which
 the engine driver seeds and forks (``torch.random.fork_rng``) so that runs are reproducible and
@@ -12,10 +20,17 @@ the user's RNG state is left untouched.
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+#: ``log 2π`` (Gaussian normalising constants)
+LOG_2PI = math.log(2.0 * math.pi)
+#: backend names accepted by :func:`make_ops`
+BACKENDS = ("torch", "jax")
 
 
 class Ops:
@@ -25,6 +40,8 @@ class Ops:
     xp: Any = None
     #: True when engine steps can be traced and compiled (JAX).
     jittable: bool = False
+    #: seconds spent compiling engine steps (cumulative; stays 0 on eager backends)
+    compile_time: float = 0.0
 
     # --- creation -----------------------------------------------------------------------------
     def asarray(self, x: Any, dtype: Any = None) -> Any:  # pragma: no cover - interface
@@ -52,6 +69,60 @@ class Ops:
         mini-batch must not copy an n-row table).
         """
         return self.scatter(table, idx, rows)
+
+    # --- random -------------------------------------------------------------------------------
+    def seed_context(self, seed: int) -> Any:
+        """Context manager making the backend's draws reproducible inside (nothing to do with explicit keys)."""
+        return contextlib.nullcontext()
+
+    # --- linear algebra and densities written once over ``xp`` -----------------------------------------
+    def small_cholesky(self, a: Any, max_unrolled: int = 8) -> Any:
+        """Lower Cholesky factor of SPD matrices ``[..., d, d]``, unrolled in ``xp`` ops for small d.
+
+        LAPACK's ``potrf`` carries a large fixed cost per call on some CPU builds (tens of ms for a
+        3×3 matrix); for the small d of per-unit latents an unrolled Cholesky–Banachiewicz is much
+        faster and differentiable.  Falls back to :meth:`cholesky` above ``max_unrolled``.
+        """
+        xp = self.xp
+        d = a.shape[-1]
+        if d > max_unrolled:
+            return self.cholesky(a)
+        rows: list[list[Any]] = [[None] * d for _ in range(d)]
+        for j in range(d):
+            s = a[..., j, j]
+            for k in range(j):
+                s = s - rows[j][k] * rows[j][k]
+            ljj = xp.sqrt(s)
+            rows[j][j] = ljj
+            for i in range(j + 1, d):
+                s = a[..., i, j]
+                for k in range(j):
+                    s = s - rows[i][k] * rows[j][k]
+                rows[i][j] = s / ljj
+        zero = 0.0 * a[..., 0, 0]
+        return xp.stack([xp.stack([rows[i][j] if j <= i else zero for j in range(d)], -1) for i in range(d)], -2)
+
+    def mvn_log_prob_fn(self, mean: Any, chol: Any) -> Callable[[Any], Any]:
+        """``x ↦ log N(x; mean, L Lᵀ)`` for ``x [..., n, d]``, ``mean [n, d]``, ``chol`` L ``[n, d, d]`` or ``[d, d]``.
+
+        ``L⁻¹`` (one triangular solve) and ``log|L|`` are computed once, so the returned function is cheap
+        to call repeatedly (f-SAEM's independent proposal evaluates it at every IMH step).
+        """
+        xp = self.xp
+        d = chol.shape[-1]
+        eye = xp.broadcast_to(self.asarray(np.eye(d), dtype=chol.dtype), tuple(chol.shape))
+        chol_inv = self.solve_triangular(chol, eye, lower=True)
+        half_logdet = xp.sum(xp.log(xp.diagonal(chol, 0, -2, -1)), -1)
+
+        def log_prob(x: Any) -> Any:
+            u = xp.sum(chol_inv * (x - mean)[..., None, :], -1)  # L⁻¹(x − mean)  [..., n, d]
+            return -0.5 * xp.sum(u * u, -1) - half_logdet - 0.5 * d * LOG_2PI
+
+        return log_prob
+
+    def mvn_log_prob(self, x: Any, mean: Any, chol: Any) -> Any:
+        """``log N(x; mean, L Lᵀ)`` (see :meth:`mvn_log_prob_fn`)."""
+        return self.mvn_log_prob_fn(mean, chol)(x)
 
 
 class TorchOps(Ops):
@@ -108,6 +179,12 @@ class TorchOps(Ops):
 
     def permutation(self, key: Any, n: int) -> Any:
         return self.torch.randperm(n, device=self.device)
+
+    def student_t(self, key: Any, df: float, shape: tuple[int, ...]) -> Any:
+        """Standard Student-t draws with ``df`` degrees of freedom (``torch.distributions.StudentT``)."""
+        torch = self.torch
+        law = torch.distributions.StudentT(torch.tensor(float(df), device=self.device, dtype=self.dtype))
+        return law.sample(tuple(shape))
 
     def seed_context(self, seed: int):
         """Context manager: reproducible global RNG inside, user's RNG state restored after."""
@@ -171,10 +248,51 @@ class TorchOps(Ops):
 
         return h
 
+    def jvp(self, f: Callable[[Any], Any], x: Any, v: Any) -> tuple[Any, Any]:
+        """``(f(x), ∂f(x)·v)`` by forward mode (``torch.func.jvp``)."""
+        torch = self.torch
+        with torch.enable_grad():
+            out, tangent = torch.func.jvp(f, (x.detach().clone(),), (v,))
+        return out.detach(), tangent.detach()
+
+    def jacfwd(self, f: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """Jacobian ``[*out_shape, p]`` of ``f: R^p -> R^out_shape`` by forward mode (``torch.func.jacfwd``).
+
+        The p tangents are vmapped over one evaluation of ``f``: random draws inside ``f`` (a PPL tracing a
+        model before substituting values) are shared by all of them, as in a single call.
+        """
+        torch = self.torch
+
+        def jac(x: Any) -> Any:
+            with torch.enable_grad():
+                return torch.func.jacfwd(f, randomness="same")(x.detach()).detach()
+
+        return jac
+
+    def value_grad_hessian(self, f: Callable[[Any], Any], z: Any, hessian: bool = True) -> tuple[Any, Any, Any]:
+        """Per-row value ``[n]``, gradient ``[n, d]`` and Hessian ``[n, d, d]`` (or None) of ``f: [n, d] -> [n]``.
+
+        Row i of ``f`` must depend on row i of ``z`` only (independent units); the Hessian takes ``d``
+        reverse-over-reverse passes (d is small).
+        """
+        torch = self.torch
+        d = z.shape[-1]
+        with torch.enable_grad():
+            x = z.detach().requires_grad_(True)
+            v = f(x)
+            (g,) = torch.autograd.grad(v.sum(), x, create_graph=hessian)
+            if not hessian:
+                return v.detach(), g.detach(), None
+            rows = []
+            for j in range(d):
+                (hj,) = torch.autograd.grad(g[..., j].sum(), x, retain_graph=j < d - 1)
+                rows.append(hj)
+        return v.detach(), g.detach(), torch.stack(rows, dim=-2).detach()
+
     def batched_jacobian(self, f: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """Jacobian of ``f: [B, p] -> [B, m]`` where row b of the output depends on row b only.
 
-        Returns ``[B, m, p]``; computed with p forward-over-reverse passes (p is small).
+        Returns ``[B, m, p]``; computed with m reverse passes (cheaper on torch than its forward mode).
         """
         torch = self.torch
 
@@ -215,11 +333,42 @@ class TorchOps(Ops):
             infos.append(info)
         return state, infos
 
+    def argsort(self, a: Any, axis: int = -1) -> Any:
+        """Stable ``argsort`` along ``axis``."""
+        return self.torch.argsort(a, dim=axis, stable=True)
+
+    def take_along_axis(self, a: Any, idx: Any, axis: int = -1) -> Any:
+        return self.torch.take_along_dim(a, idx, axis)
+
+    # --- special functions --------------------------------------------------------------------------
+    def logsumexp(self, x: Any, axis: int) -> Any:
+        return self.torch.logsumexp(x, dim=axis)
+
+    def logit(self, x: Any) -> Any:
+        return self.torch.special.logit(x)
+
+    def expit(self, x: Any) -> Any:
+        return self.torch.special.expit(x)
+
+    def ndtri(self, x: Any) -> Any:
+        return self.torch.special.ndtri(x)
+
+    def ndtr(self, x: Any) -> Any:
+        return self.torch.special.ndtr(x)
+
+    def log_ndtr(self, x: Any) -> Any:
+        return self.torch.special.log_ndtr(x)
+
+    # --- linear algebra -------------------------------------------------------------------------
     def cholesky(self, a: Any) -> Any:
         return self.torch.linalg.cholesky(a)
 
     def solve(self, a: Any, b: Any) -> Any:
         return self.torch.linalg.solve(a, b)
+
+    def solve_triangular(self, a: Any, b: Any, lower: bool = True) -> Any:
+        """``a⁻¹ b`` for triangular ``a [..., d, d]``, ``b [..., d, m]``."""
+        return self.torch.linalg.solve_triangular(a, b, upper=not lower)
 
     def eigh(self, a: Any) -> tuple[Any, Any]:
         return self.torch.linalg.eigh(a)
@@ -230,3 +379,54 @@ class TorchOps(Ops):
         if isinstance(tree, (list, tuple)):
             return type(tree)(self.tree_map(f, v) for v in tree)
         return f(tree) if tree is not None else None
+
+
+# ----- choosing a backend (the only place, with ops_jax, that knows which library an array comes from) -----
+def make_ops(backend: str = "torch", *, device: Any = None, dtype: Any = None) -> Ops:
+    """The shim of a backend by name: ``"torch"`` (float64 unless ``dtype``) or ``"jax"`` (JAX's default float)."""
+    if backend == "torch":
+        import torch
+
+        return TorchOps(device=device, dtype=dtype if dtype is not None else torch.float64)
+    if backend == "jax":
+        from .ops_jax import JaxOps
+
+        return JaxOps(dtype=dtype, device=device)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _is_jax(x: Any) -> bool:
+    return type(x).__module__.startswith(("jax", "jaxlib")) or getattr(x, "__name__", "") == "jax.numpy"
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") or getattr(x, "__name__", "") == "torch"
+
+
+def ops_for(x: Any) -> Ops:
+    """The shim for data ``x``: a torch tensor keeps its device (and floating dtype), a JAX array gets
+    :class:`~latentfit.inference.ops_jax.JaxOps`, anything else (numpy, lists) torch float64.  ``x`` may
+    also be an array namespace (``torch``, ``jax.numpy``)."""
+    if _is_torch(x):
+        if getattr(x, "__name__", "") == "torch":
+            return make_ops("torch")
+        return TorchOps(device=x.device, dtype=x.dtype if x.is_floating_point() else None)
+    if _is_jax(x):
+        from .ops_jax import JaxOps
+
+        return JaxOps()
+    return make_ops("torch")
+
+
+def select(cond: Any, a: Any, b: Any) -> Any:
+    """Elementwise ``where`` for a Python bool or a scalar of either backend (schedules see all three)."""
+    if isinstance(cond, bool):
+        return a if cond else b
+    if _is_torch(cond):
+        import torch
+
+        return torch.where(cond, torch.as_tensor(a, dtype=torch.float64, device=cond.device),
+                           torch.as_tensor(b, dtype=torch.float64, device=cond.device))
+    import jax.numpy as jnp
+
+    return jnp.where(cond, a, b)

@@ -19,13 +19,14 @@ whose ``ops`` is a :class:`JaxOps`.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
+import jax.scipy.special
 import numpy as np
 from jax import lax
 
@@ -134,9 +135,9 @@ class JaxOps(Ops):
     def permutation(self, key: Any, n: int) -> Any:
         return jax.random.permutation(key, n)
 
-    def seed_context(self, seed: int):
-        """Keys are explicit in JAX: nothing global to seed or restore."""
-        return contextlib.nullcontext()
+    def student_t(self, key: Any, df: float, shape: tuple[int, ...]) -> Any:
+        """Standard Student-t draws with ``df`` degrees of freedom (``jax.random.t``)."""
+        return jax.random.t(key, float(df), tuple(shape), dtype=self.dtype)
 
     # --- functional updates ---------------------------------------------------------------------
     def scatter(self, table: Any, idx: Any, rows: Any) -> Any:
@@ -162,6 +163,36 @@ class JaxOps(Ops):
 
     def hessian(self, f: Callable[[Any], Any]) -> Callable[[Any], Any]:
         return jax.hessian(f)
+
+    def jvp(self, f: Callable[[Any], Any], x: Any, v: Any) -> tuple[Any, Any]:
+        """``(f(x), ∂f(x)·v)`` by forward mode (``jax.jvp``)."""
+        return jax.jvp(f, (x,), (v,))
+
+    def jacfwd(self, f: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """Jacobian ``[*out_shape, p]`` of ``f: R^p -> R^out_shape`` by forward mode (``jax.jacfwd``)."""
+        return jax.jacfwd(f)
+
+    def value_grad_hessian(self, f: Callable[[Any], Any], z: Any, hessian: bool = True) -> tuple[Any, Any, Any]:
+        """Per-row value ``[n]``, gradient ``[n, d]`` and Hessian ``[n, d, d]`` (or None) of ``f: [n, d] -> [n]``.
+
+        Row i of ``f`` must depend on row i of ``z`` only (independent units); the Hessian takes ``d``
+        forward-over-reverse passes (d is small).
+        """
+
+        def total(x: Any) -> tuple[Any, Any]:
+            v = f(x)
+            return jnp.sum(v), v
+
+        grad_fn = jax.grad(total, has_aux=True)
+        g, v = grad_fn(z)
+        if not hessian:
+            return v, g, None
+        cols = []
+        for j in range(z.shape[-1]):
+            e = jnp.zeros_like(z).at[..., j].set(1.0)
+            _, hj = jax.jvp(lambda x: grad_fn(x)[0], (z,), (e,))
+            cols.append(hj)
+        return v, g, jnp.stack(cols, axis=-1)
 
     def batched_jacobian(self, f: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """Jacobian of ``f: [B, p] -> [B, m]`` where row b of the output depends on row b only.
@@ -238,12 +269,42 @@ class JaxOps(Ops):
         """Forget the compiled chunks (e.g. after changing an engine's options in place)."""
         self._compiled.clear()
 
+    def argsort(self, a: Any, axis: int = -1) -> Any:
+        """Stable ``argsort`` along ``axis``."""
+        return jnp.argsort(a, axis=axis, stable=True)
+
+    def take_along_axis(self, a: Any, idx: Any, axis: int = -1) -> Any:
+        return jnp.take_along_axis(a, idx, axis)
+
+    # --- special functions --------------------------------------------------------------------------
+    def logsumexp(self, x: Any, axis: int) -> Any:
+        return jax.scipy.special.logsumexp(x, axis=axis)
+
+    def logit(self, x: Any) -> Any:
+        return jax.scipy.special.logit(x)
+
+    def expit(self, x: Any) -> Any:
+        return jax.scipy.special.expit(x)
+
+    def ndtri(self, x: Any) -> Any:
+        return jax.scipy.special.ndtri(x)
+
+    def ndtr(self, x: Any) -> Any:
+        return jax.scipy.special.ndtr(x)
+
+    def log_ndtr(self, x: Any) -> Any:
+        return jax.scipy.special.log_ndtr(x)
+
     # --- linear algebra -------------------------------------------------------------------------
     def cholesky(self, a: Any) -> Any:
         return jnp.linalg.cholesky(a)
 
     def solve(self, a: Any, b: Any) -> Any:
         return jnp.linalg.solve(a, b)
+
+    def solve_triangular(self, a: Any, b: Any, lower: bool = True) -> Any:
+        """``a⁻¹ b`` for triangular ``a [..., d, d]``, ``b [..., d, m]``."""
+        return jax.scipy.linalg.solve_triangular(a, b, lower=lower)
 
     def eigh(self, a: Any) -> tuple[Any, Any]:
         return jnp.linalg.eigh(a)

@@ -1,7 +1,8 @@
 """Step-size schedules: plain callables of the iteration count (optax style).
 
 Every schedule maps an iteration number ``k`` (1-based; a Python int or a backend scalar) to a
-step size, using only arithmetic and ``where`` so that it also works inside a compiled JAX loop.
+step size, using only arithmetic and :func:`~latentfit.inference.ops.select` (``where``) so that it also
+works inside a compiled JAX loop.
 """
 
 from __future__ import annotations
@@ -10,23 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .ops import select
+
 Schedule = Callable[[Any], Any]
-
-
-def _where(cond: Any, a: Any, b: Any) -> Any:
-    """Elementwise select that works for Python numbers, torch and JAX scalars."""
-    if isinstance(cond, bool):
-        return a if cond else b
-    mod = type(cond).__module__
-    if mod.startswith("torch"):
-        import torch
-
-        return torch.where(cond, torch.as_tensor(a, dtype=torch.float64, device=cond.device),
-                           torch.as_tensor(b, dtype=torch.float64, device=cond.device))
-    import jax.numpy as jnp
-
-    return jnp.where(cond, a, b)
-
 
 def constant(value: float) -> Schedule:
     """``γ_k = value``."""
@@ -42,7 +29,7 @@ def polynomial(alpha: float = 0.5, scale: float = 1.0, num_ones: int = 0) -> Sch
     def gamma(k: Any) -> Any:
         kk = k - num_ones
         kk_pos = kk * (kk > 0) + 1 * (kk <= 0)
-        return _where(kk <= 0, 1.0, scale * kk_pos ** (-alpha))
+        return select(kk <= 0, 1.0, scale * kk_pos ** (-alpha))
 
     return gamma
 
@@ -73,8 +60,8 @@ class SaemixPhases:
 
     def __call__(self, k: Any) -> Any:
         denom = (k - self.K1) * (k > self.K1) + 1 * (k <= self.K1)
-        g = _where(k <= self.K1, 1.0, 1.0 / denom)
-        return _where(k <= self.burn_in, 0.0, g)
+        g = select(k <= self.K1, 1.0, 1.0 / denom)
+        return select(k <= self.burn_in, 0.0, g)
 
     def annealing(self, k: Any) -> Any:
         """True while variances are annealed (``k ≤ K1/2`` by default)."""

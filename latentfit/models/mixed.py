@@ -16,13 +16,14 @@ determinant lemma.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from latentfit.inference.model import DataError, LatentModel, LatentSite, ParamInfo
-from latentfit.inference.ops import Ops, TorchOps
+from latentfit.inference.ops import LOG_2PI, Ops, make_ops
+
+from ._integrations import families
 
 
 def _identity(x: Any) -> Any:
@@ -64,7 +65,7 @@ class LinearMixedModel(LatentModel):
         w = m_np.astype(float)
         y0 = np.where(m_np, y_np, 0.0)
         X0, Z0 = X_np * w[..., None], Z_np * w[..., None]
-        self.ops = ops if ops is not None else TorchOps(dtype=__import__("torch").float64)
+        self.ops = ops if ops is not None else make_ops()  # torch, float64
         ops = self.ops
         p, q = X_np.shape[2], Z_np.shape[2]
         self.num_units, self.p, self.q, self.nobs = n, p, q, float(w.sum())
@@ -150,7 +151,7 @@ class LinearMixedModel(LatentModel):
         quad = (rr - xp.sum(Ztr * m, -1)) / s2
         Ti = self._take(self.T_i, units)
         logdet = Ti * xp.log(s2) + xp.linalg.slogdet(theta["Omega"])[1] - xp.linalg.slogdet(V)[1]
-        return -0.5 * (quad + logdet + Ti * math.log(2 * math.pi))
+        return -0.5 * (quad + logdet + Ti * LOG_2PI)
 
     # ----- LatentModel face for samplers ----------------------------------------------------------
     def log_densities(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
@@ -162,10 +163,10 @@ class LinearMixedModel(LatentModel):
         ZtZ = self._take(self.ZtZ, units)
         sq = rr - 2 * xp.sum(Ztr * z, -1) + xp.einsum("...bq,bqr,...br->...b", z, ZtZ, z)
         Ti = self._take(self.T_i, units)
-        ll = -0.5 * (sq / s2 + Ti * xp.log(s2) + Ti * math.log(2 * math.pi))
+        ll = -0.5 * (sq / s2 + Ti * xp.log(s2) + Ti * LOG_2PI)
         Oinv = xp.linalg.inv(theta["Omega"])
         lp = -0.5 * (xp.einsum("...bq,qr,...br->...b", z, Oinv, z) + xp.linalg.slogdet(theta["Omega"])[1]
-                     + self.q * math.log(2 * math.pi))
+                     + self.q * LOG_2PI)
         return ll, lp
 
     def sample_prior(self, theta: dict[str, Any], key: Any, num_chains: int, units: Any = None) -> Any:
@@ -177,25 +178,11 @@ class LinearMixedModel(LatentModel):
         return {"b": z}
 
     def pyro_model(self):
-        """An ordinary Pyro model function ``model(y, X, Z, mask)`` of this LMM (same parameter names)."""
-        import pyro
-        import pyro.distributions as dist
-        import torch
-        from torch.distributions import constraints
+        """An ordinary Pyro model function ``model(y, X, Z, mask)`` of this LMM (same parameter names).
 
-        init = {k: p.value for k, p in self.params.items()}
-        q = self.q
-
-        def model(y, X, Z, mask):
-            beta = pyro.param("beta", lambda: init["beta"].clone())
-            Omega = pyro.param("Omega", lambda: init["Omega"].clone(), constraint=constraints.positive_definite)
-            sigma = pyro.param("sigma", lambda: init["sigma"].clone(), constraint=constraints.positive)
-            with pyro.plate("units", y.shape[0], dim=-1):
-                b = pyro.sample("b", dist.MultivariateNormal(torch.zeros(q, dtype=y.dtype), Omega))
-                mean = (X @ beta) + (Z @ b[..., None]).squeeze(-1)
-                pyro.sample("y", dist.Normal(mean, sigma).mask(mask).to_event(1), obs=torch.nan_to_num(y))
-
-        return model
+        Built by :func:`latentfit.integrations.families.mixed_model`."""
+        fam = families()
+        return fam.mixed_model(self, fam.pyro_ppl())
 
 
 __all__ = ["LinearMixedModel"]

@@ -21,13 +21,14 @@ warns about it.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from latentfit.inference.model import DataError, LatentModel, LatentSite, ModelSpecificationError, ParamInfo
-from latentfit.inference.ops import Ops, TorchOps
+from latentfit.inference.ops import LOG_2PI, Ops, ops_for
+
+from ._integrations import families
 
 COVARIANCE_TYPES = ("full", "diag", "spherical")
 #: rows per chunk of the streamed full-data E-step (eager backends): keeps [chunk, K] arrays in cache
@@ -76,7 +77,7 @@ class GaussianMixture(LatentModel):
                  ops: Ops | None = None) -> None:
         if covariance_type not in COVARIANCE_TYPES:
             raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}")
-        self.ops = ops if ops is not None else _ops_for(x)
+        self.ops = ops if ops is not None else ops_for(x)
         ops, xp = self.ops, self.ops.xp
         x = ops.asarray(x)
         if x.ndim == 1:
@@ -236,7 +237,7 @@ class GaussianMixture(LatentModel):
             pm = mu / var
             cq = -0.5 / var if self.covariance_type == "diag" else -0.5 / cov[:, None]
             c0 = -0.5 * xp.sum(mu * pm, -1) - 0.5 * xp.sum(xp.log(var), -1)
-        c0 = c0 - 0.5 * d * math.log(2 * math.pi) + log_w
+        c0 = c0 - 0.5 * d * LOG_2PI + log_w
         return xp.concatenate([cq, pm, c0[:, None]], 1).T  # [D, K]
 
     def _precision(self, cov: Any) -> tuple[Any, Any]:
@@ -418,48 +419,11 @@ class GaussianMixture(LatentModel):
     def pyro_model(self):
         """An ordinary Pyro model function ``model(x)`` of this mixture (enumerated label ``z``).
 
-        Parameters ``weights``, ``locs``, ``covariances`` start at this model's initial values.
+        Parameters ``weights``, ``locs``, ``covariances`` start at this model's initial values.  Built by
+        :func:`latentfit.integrations.families.mixture_model`.
         """
-        import pyro
-        import pyro.distributions as dist
-        import torch
-        from torch.distributions import constraints
-
-        init = {k: p.value for k, p in self.params.items()}
-        K, cov_type = self.K, self.covariance_type
-
-        def model(x):
-            weights = pyro.param("weights", lambda: init["weights"].clone(), constraint=constraints.simplex)
-            locs = pyro.param("locs", lambda: init["locs"].clone())
-            if cov_type == "full":
-                covs = pyro.param("covariances", lambda: init["covariances"].clone(),
-                                  constraint=constraints.positive_definite)
-            else:
-                covs = pyro.param("covariances", lambda: init["covariances"].clone(), constraint=constraints.positive)
-            with pyro.plate("data", x.shape[0]):
-                z = pyro.sample("z", dist.Categorical(weights), infer={"enumerate": "parallel"})
-                if cov_type == "full":
-                    pyro.sample("obs", dist.MultivariateNormal(locs[z], covariance_matrix=covs[z]), obs=x)
-                else:
-                    var = covs[z] if cov_type == "diag" else covs[z][..., None].expand(z.shape + (x.shape[-1],))
-                    pyro.sample("obs", dist.Normal(locs[z], torch.sqrt(var)).to_event(1), obs=x)
-            return z
-
-        del K
-        return model
-
-
-def _ops_for(x: Any) -> Ops:
-    mod = type(x).__module__
-    if mod.startswith("torch"):
-        return TorchOps(device=x.device, dtype=x.dtype if x.is_floating_point() else None)
-    if mod.startswith("jax"):
-        from latentfit.inference import ops_jax  # type: ignore[attr-defined]
-
-        return ops_jax.JaxOps()
-    import torch
-
-    return TorchOps(dtype=torch.float64)
+        fam = families()
+        return fam.mixture_model(self, fam.pyro_ppl())
 
 
 def _small_spd_inverse(xp: Any, A: Any, d: int) -> tuple[Any, Any, Any]:

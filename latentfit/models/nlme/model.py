@@ -34,7 +34,6 @@ Example
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,14 +41,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from latentfit.inference.laplace import small_cholesky
 from latentfit.inference.model import DataError, LatentModel, LatentSite, ModelSpecificationError, ParamInfo
-from latentfit.inference.ops import TorchOps
+from latentfit.inference.ops import BACKENDS, LOG_2PI, Ops, make_ops
 
+from .._integrations import families
 from .data import NLMEData, _id, read_nonmem
 from .structural import Design, Structural, resolve
 
-LOG_2PI = math.log(2.0 * math.pi)
 TRANSFORMS = ("log", "normal", "logit", "probit")
 _TRANSFORM_ALIASES = {"lognormal": "log", "log-normal": "log", "identity": "normal", "none": "normal"}
 ERRORS = ("constant", "proportional", "combined", "exponential")
@@ -77,24 +75,15 @@ class Parameter:
     omega2: float = 1.0
 
 
-def _special(xp: Any) -> Any:
-    if getattr(xp, "__name__", "") == "torch":
-        return xp.special
-    import jax.scipy.special as jss
-
-    return jss
-
-
-def _transform_pair(xp: Any, kind: str) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+def _transform_pair(ops: Ops, kind: str) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
     """``(u, u^{-1})``: ψ -> φ and back."""
     if kind == "log":
-        return xp.log, xp.exp
+        return ops.xp.log, ops.xp.exp
     if kind == "normal":
         return (lambda v: v), (lambda v: v)
-    sp = _special(xp)
     if kind == "logit":
-        return sp.logit, sp.expit
-    return sp.ndtri, sp.ndtr
+        return ops.logit, ops.expit
+    return ops.ndtri, ops.ndtr
 
 
 @dataclass
@@ -182,16 +171,9 @@ class NLME(LatentModel):
             raise ModelSpecificationError(f"residual error parameters must be > 0, got {init}")
         self.error_init = init
         self.read_options = {"columns": columns, "dose": dose, "regressors": tuple(regressors)}
-        if backend == "torch":
-            import torch
-
-            self.ops = TorchOps(device=device, dtype=dtype if dtype is not None else torch.float64)
-        elif backend == "jax":
-            from latentfit.inference.ops_jax import JaxOps
-
-            self.ops = JaxOps(dtype=dtype, device=device)
-        else:
+        if backend not in BACKENDS:
             raise ModelSpecificationError(f"backend must be 'torch' or 'jax', got {backend!r}")
+        self.ops = make_ops(backend, device=device, dtype=dtype)
         self.data: NLMEData | None = None
         self.table: pd.DataFrame | None = None
         if data is not None:
@@ -332,7 +314,7 @@ class NLME(LatentModel):
                               if pd.api.types.is_numeric_dtype(data.covariates[c])},
                              doses_precede_obs=bool(data.dose_amt.shape[1] == 1 and (data.dose_amt > 0).all()
                                                     and (data.dose_time[:, :1] <= data.time).all()),
-                             dose_cmt=ops.asarray(data.dose_cmt.astype(np.int64)))
+                             dose_cmt=ops.asarray(data.dose_cmt.astype(np.int64)), ops=ops)
         self._structural_fn = self.structural.bound(self.design)
         self.observed = {"DV": np.where(data.mask, data.dv, np.nan)}
         self.latent_sites = [LatentSite(nm, (), k, 1, kind="gaussian") for k, nm in enumerate(self.random_names)]
@@ -351,7 +333,7 @@ class NLME(LatentModel):
             sp = self.spec[pname]
             random = sp.random
             if e.is_pop:
-                u, uinv = _transform_pair(xp, sp.transform)
+                u, uinv = _transform_pair(ops, sp.transform)
                 params[e.name] = ParamInfo(e.name, ops.asarray(sp.init), u, uinv, closed_form=random, fixed=sp.fixed,
                                            meta={"role": "population", "transform": sp.transform})
             else:
@@ -383,7 +365,7 @@ class NLME(LatentModel):
             return xp.log(raw)  # common case: every parameter log-normal, no covariate
         out = raw
         for kind, mask in self._kind_masks.items():
-            u, _ = _transform_pair(xp, kind)
+            u, _ = _transform_pair(self.ops, kind)
             out = xp.where(mask, u(xp.where(mask, raw, self._safe_raw[kind])), out)
         return out
 
@@ -459,7 +441,7 @@ class NLME(LatentModel):
             lp = -0.5 * r * r - xp.log(sd) - 0.5 * LOG_2PI
         if self.has_censoring:
             cens = self._take(self._cens, units)
-            lcdf = _special(xp).log_ndtr(cens * r)  # below: Φ((LOQ−f)/g), above: Φ(−(LOQ−f)/g)
+            lcdf = self.ops.log_ndtr(cens * r)  # below: Φ((LOQ−f)/g), above: Φ(−(LOQ−f)/g)
             lp = xp.where(cens != 0, lcdf, lp)
         return lp if self._no_padding else xp.where(mask, lp, 0.0)
 
@@ -492,7 +474,7 @@ class NLME(LatentModel):
         if self.diagonal_omega:
             chol = self.ops.xp.sqrt(self.omega_matrix(theta))
         else:
-            chol = small_cholesky(ops, self.omega_matrix(theta))
+            chol = ops.small_cholesky(self.omega_matrix(theta))
         eps = ops.normal(key, (num_chains,) + tuple(mu_r.shape))
         return mu_r + eps @ xp.swapaxes(chol, -1, -2)
 
@@ -685,80 +667,25 @@ class NLME(LatentModel):
         ``options`` go to the engine (``num_iters``, ``num_chains``, ``seed``, ``progress``, ...).
         The numerical step (combined error, parameters without random effect) is warm-started at the
         previous estimate, so 3 Newton steps per iteration are the default here (``newton_steps``).
-        Engines are imported here, lazily (``models/`` never imports an engine at module level).
+        Engines are loaded lazily, through :mod:`latentfit.integrations.families` (``models/`` never imports an
+        engine).
         """
         options.setdefault("newton_steps", 3)
         model = self.bind(data) if data is not None else self
         model._require_data()
         model.check_initial_values()
-        engine = engine.lower()
-        if engine == "saem":
-            from latentfit.inference.saem import SAEM as cls
-        elif engine in ("fsaem", "f-saem"):
-            from latentfit.inference.fsaem import FSAEM as cls
-        else:
-            raise ValueError(f"engine must be 'saem' or 'fsaem', got {engine!r}")
-        return cls(model, **options).run()
-
-    def _ppl_constraints(self, constraints: Any) -> dict[str, Any]:
-        """Constraint of every parameter for a PPL's ``param`` site (``constraints``: torch's or NumPyro's module)."""
-        support = {"log": constraints.positive, "normal": constraints.real, "logit": constraints.unit_interval,
-                   "probit": constraints.unit_interval}
-        out = {}
-        for name, info in self.params.items():
-            role = info.meta.get("role")
-            if role == "population":
-                out[name] = support[info.meta["transform"]]
-            elif role == "omega" and name == "Omega":
-                out[name] = constraints.positive_definite
-            elif role in ("omega", "error"):
-                out[name] = constraints.positive
-            else:
-                out[name] = constraints.real
-        return out
+        return families().fit_nlme(model, engine, options)
 
     @property
     def pyro_model(self) -> Callable[[], None]:
         """The model as an ordinary Pyro model function (no arguments; data bound).
 
         Sites: one ``pyro.param`` per estimated parameter (fixed ones are constants), ``phi`` (the
-        latent ``[N, 1, d]`` inside plate ``id``), ``DV`` (observed, masked padding).
+        latent ``[N, 1, d]`` inside plate ``id``), ``DV`` (observed, masked padding).  Built by
+        :func:`latentfit.integrations.families.nlme_model`.
         """
-        self._require_data()
-        import pyro
-        import pyro.distributions as dist
-        import torch
-        from torch.distributions import constraints
-
-        model = self
-        init = self.init_params()
-        param_constraints = model._ppl_constraints(constraints)
-
-        def pyro_nlme() -> None:
-            theta = {}
-            for name, info in model.params.items():
-                if info.fixed:
-                    theta[name] = init[name]
-                    continue
-                theta[name] = pyro.param(name, init[name].clone(), constraint=param_constraints[name])
-            mu_r, om = model.prior_moments(theta)
-            n, t = model._y.shape
-            with pyro.plate("id", n, dim=-2):
-                phi = pyro.sample("phi", dist.MultivariateNormal(mu_r[:, None, :], om))  # [..., N, 1, d]
-                terms_z = phi[..., 0, :]
-                f = model.structural_prediction(theta, terms_z)
-                if model.error == "exponential":
-                    y, f = model._ylog, torch.log(f)
-                else:
-                    y = model._y
-                sd = model._error_sd(theta, f)
-                with pyro.plate("obs", t, dim=-1):
-                    if model.has_censoring:
-                        pyro.factor("DV", model._obs_terms(theta, model.structural_prediction(theta, terms_z), None))
-                    else:
-                        pyro.sample("DV", dist.Normal(f, sd).mask(model._mask), obs=y)
-
-        return pyro_nlme
+        fam = families()
+        return fam.nlme_model(self, fam.pyro_ppl())
 
     def with_ops(self, ops: Any) -> NLME:
         """A copy of the model whose arrays live on the backend ``ops`` (e.g. ``JaxOps()``), data re-bound."""
@@ -777,43 +704,8 @@ class NLME(LatentModel):
         JAX copy of this model (:meth:`with_ops`), so a user structural function written with
         ``jax.numpy`` (or with the ``xp`` of the design) works.  Fit it with ``latentfit.numpyro``.
         """
-        self._require_data()
-        import jax.numpy as jnp
-        import numpyro
-        import numpyro.distributions as dist
-        from numpyro.distributions import constraints
-
-        from latentfit.inference.ops_jax import JaxOps
-
-        model = self if self.ops.name == "jax" else self.with_ops(JaxOps())
-        init = model.init_params()
-        param_constraints = model._ppl_constraints(constraints)
-
-        def numpyro_nlme() -> None:
-            theta = {}
-            for name, info in model.params.items():
-                if info.fixed:
-                    theta[name] = init[name]
-                    continue
-                theta[name] = numpyro.param(name, init[name], constraint=param_constraints[name])
-            mu_r, om = model.prior_moments(theta)
-            n, t = model._y.shape
-            with numpyro.plate("id", n, dim=-2):
-                phi = numpyro.sample("phi", dist.MultivariateNormal(mu_r[:, None, :], om))  # [N, 1, d]
-                terms_z = phi[..., 0, :]
-                f = model.structural_prediction(theta, terms_z)
-                if model.error == "exponential":
-                    y, f = model._ylog, jnp.log(f)
-                else:
-                    y = model._y
-                sd = model._error_sd(theta, f)
-                with numpyro.plate("obs", t, dim=-1):
-                    if model.has_censoring:
-                        numpyro.factor("DV", model._obs_terms(theta, model.structural_prediction(theta, terms_z), None))
-                    else:
-                        numpyro.sample("DV", dist.Normal(f, sd).mask(model._mask), obs=y)
-
-        return numpyro_nlme
+        fam = families()
+        return fam.nlme_model(self, fam.numpyro_ppl())
 
     def __repr__(self) -> str:
         bound = f"{self.num_units} individuals, {self.num_obs} observations" if self.data is not None else "no data"

@@ -27,24 +27,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
+from latentfit.inference.model import DataError
+
 from .structural import Design, Structural
-
-
-def _is_torch(xp: Any) -> bool:
-    return getattr(xp, "__name__", "") == "torch"
-
-
-def _argsort(xp: Any, a: Any) -> Any:
-    return xp.argsort(a, dim=-1, stable=True) if _is_torch(xp) else xp.argsort(a, axis=-1, stable=True)
-
-
-def _take_along(xp: Any, a: Any, idx: Any) -> Any:
-    return xp.take_along_dim(a, idx, -1) if _is_torch(xp) else xp.take_along_axis(a, idx, -1)
 
 
 def _events(d: Design, num_states: int, dose_compartment: int | None) -> dict[str, Any]:
     """Sorted event table ``[N, E]`` (E = 2D + T): times, bolus amounts per compartment, infusions."""
-    xp = d.xp
+    xp, ops = d.xp, d.backend_ops()
     amt, rate, t_dose = d.dose_amt, d.dose_rate, d.dose_time  # [N, D]
     real = amt > 0
     last = xp.maximum(xp.amax(d.time, -1), xp.amax(xp.where(real, t_dose, d.time[:, :1]), -1))[:, None]
@@ -52,7 +44,7 @@ def _events(d: Design, num_states: int, dose_compartment: int | None) -> dict[st
     is_inf = real & (rate > 0)
     t_end = xp.where(is_inf, t_dose + amt / xp.where(is_inf, rate, 1.0), t_dose)
     times = xp.concatenate([t_dose, t_end, d.time], -1)
-    order = _argsort(xp, times)
+    order = ops.argsort(times)
     n_dose, n_obs = amt.shape[-1], d.time.shape[-1]
     if dose_compartment is not None:
         cmt = xp.zeros_like(amt) + (dose_compartment - 1)
@@ -67,10 +59,10 @@ def _events(d: Design, num_states: int, dose_compartment: int | None) -> dict[st
     boluses = []
     for c in range(num_states):
         per_event = xp.concatenate([xp.where(cmt == c, bolus_amt, 0.0), zeros_d, zeros_t], -1)
-        boluses.append(_take_along(xp, per_event, order))
-    sorted_t = _take_along(xp, times, order)
+        boluses.append(ops.take_along_axis(per_event, order))
+    sorted_t = ops.take_along_axis(times, order)
     # position of each observation in the sorted events, as a one-hot [N, T, E] (gather by matmul)
-    inverse = _argsort(xp, order)
+    inverse = ops.argsort(order)
     pos = inverse[:, 2 * n_dose:] * 1.0  # float, so that nothing is created on a default device
     e_idx = xp.cumsum(xp.ones_like(times[0]), 0) - 1.0  # 0, 1, ..., E-1 on the data's device
     one = xp.ones_like(d.time[:, :1])[..., None]  # [N, 1, 1] in the data's dtype
@@ -112,7 +104,7 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
 
     def make_fn(steps: list[int] | None) -> Callable[[dict[str, Any], Design], Any]:
         def fn(psi_in: dict[str, Any], d: Design) -> Any:
-            xp = d.xp
+            xp, ops = d.xp, d.backend_ops()
             psi = {k: v[..., 0] for k, v in psi_in.items()}  # [..., N]
             ev = _events(d, num_states, dose_compartment)
             n_ev = ev["t"].shape[-1]
@@ -153,25 +145,25 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
                     continue
                 t0, t1 = t_ev[:, k], t_ev[:, k + 1]
                 u = _infusion_input(xp, ev, 0.5 * (t0 + t1), num_states)
-                _, x = _fori_loop(xp, plan[k], rk4((t1 - t0) / plan[k], u), (t0, x))
+                _, x = ops.fori_loop(0, plan[k], rk4((t1 - t0) / plan[k], u), (t0, x))  # one traced body on JAX
             out = xp.stack(outputs, -1)  # [..., N, E]
             return xp.einsum("...ne,nte->...nt", out, ev["onehot"])
 
         return fn
 
     def _plan_eagerly(d: Design) -> list[int]:
-        """Steps per interval from concrete data arrays (numpy), checking the dose compartments."""
-        import numpy as np
-
+        """Steps per interval from concrete data arrays (read back as numpy), checking the dose compartments."""
+        ops = d.backend_ops()
+        t_ev = _events(d, num_states, dose_compartment)["t"]
         try:
-            nd = Design(np, *(np.asarray(a) for a in (d.time, d.dose_time, d.dose_amt, d.dose_rate)),
-                        dose_cmt=None if d.dose_cmt is None else np.asarray(d.dose_cmt))
+            t_ev, amt = ops.to_numpy(t_ev), ops.to_numpy(d.dose_amt)
+            cmt = None if d.dose_cmt is None else ops.to_numpy(d.dose_cmt)
         except Exception as exc:  # traced arrays under jit
             raise ValueError("an unbound ODE structural model cannot plan its steps inside a compiled function; "
                              "bind it to the data first (Structural.bound(design), done by NLME)") from exc
-        if nd.dose_cmt is not None and dose_compartment is None:
-            _check_cmt(nd, num_states)
-        return _steps_per_interval(_events(nd, num_states, dose_compartment)["t"], max_step)
+        if cmt is not None and dose_compartment is None:
+            _check_cmt(amt, cmt, num_states)
+        return _steps_per_interval(t_ev, max_step)
 
     def bind(design: Design) -> Callable[[dict[str, Any], Design], Any]:
         return make_fn(_plan_eagerly(design))
@@ -179,36 +171,20 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
     return Structural(name, tuple(parameters), make_fn(None), bind=bind)
 
 
-def _fori_loop(xp: Any, n: int, body: Callable, init: Any) -> Any:
-    """``n`` applications of ``body`` (``lax.fori_loop`` under JAX: one traced body, not ``n``)."""
-    if _is_torch(xp):
-        carry = init
-        for i in range(n):
-            carry = body(i, carry)
-        return carry
-    import jax
-
-    return jax.lax.fori_loop(0, n, body, init)
-
-
 def _steps_per_interval(t_ev: Any, max_step: float | None) -> list[int]:
     """RK4 steps for each interval between consecutive events: ``ceil(max_i Δt_ik / max_step)`` (static ints
     from the data's sorted event times ``[N, E]``; valid for any subset of the individuals)."""
-    import numpy as np
-
     t = np.asarray(t_ev, dtype=float)
     gaps = np.diff(t, axis=-1).max(0) if t.shape[-1] > 1 else np.zeros(0)
     h = max_step if max_step is not None else max(float((t[:, -1] - t[:, 0]).max()) / 200.0, 1e-12)
     return [int(np.ceil(g / h - 1e-9)) if g > 0 else 0 for g in gaps]
 
 
-def _check_cmt(d: Design, num_states: int) -> None:
-    """Dose compartments outside 1..num_states are a data error (numpy design)."""
-    bad = (d.dose_amt > 0) & ((d.dose_cmt < 1) | (d.dose_cmt > num_states))
+def _check_cmt(amt: np.ndarray, cmt: np.ndarray, num_states: int) -> None:
+    """Dose compartments outside 1..num_states are a data error (numpy arrays ``[N, D]``)."""
+    bad = (amt > 0) & ((cmt < 1) | (cmt > num_states))
     if bad.any():
-        from latentfit.inference.model import DataError
-
-        raise DataError(f"dose CMT values {sorted(set(d.dose_cmt[bad].tolist()))} are outside 1..{num_states} (the "
+        raise DataError(f"dose CMT values {sorted(set(cmt[bad].tolist()))} are outside 1..{num_states} (the "
                         f"ODE model has {num_states} states); fix the CMT column or pass dose_compartment=")
 
 

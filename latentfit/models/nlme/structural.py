@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from latentfit.inference.ops import ops_for
+
 
 @dataclass
 class Design:
@@ -40,6 +42,8 @@ class Design:
     #: static: every dose is given before every observation (no masking of τ < 0 needed)
     doses_precede_obs: bool = False
     dose_cmt: Any = None  # [N, D] 1-based dose compartments (CMT), for ODE models
+    #: the backend shim of the arrays (NLME passes its own; by default the one of ``xp``, looked up when needed)
+    ops: Any = None
 
     def __post_init__(self) -> None:
         # τ = t − t_d [N, T, D] and the amounts [N, 1, D], computed once
@@ -52,7 +56,11 @@ class Design:
         t = lambda a: ops.take(a, units, 0)  # noqa: E731
         return Design(self.xp, t(self.time), t(self.dose_time), t(self.dose_amt), t(self.dose_rate),
                       {k: t(v) for k, v in self.regressors.items()}, {k: t(v) for k, v in self.covariates.items()},
-                      self.doses_precede_obs, None if self.dose_cmt is None else t(self.dose_cmt))
+                      self.doses_precede_obs, None if self.dose_cmt is None else t(self.dose_cmt), self.ops)
+
+    def backend_ops(self) -> Any:
+        """The backend shim of the arrays: ``ops`` if given, else the one of ``xp``."""
+        return self.ops if self.ops is not None else ops_for(self.xp)
 
     def time_after_dose(self) -> tuple[Any, Any]:
         """``τ = t − t_d`` ``[N, T, D]`` and the doses' amounts ``[N, 1, D]``."""

@@ -1,0 +1,174 @@
+"""Where the ready-made model families meet the PPLs and the engines.
+
+``latentfit.models`` imports neither a PPL, an array library nor an engine: its ``pyro_model`` /
+``numpyro_model`` and :meth:`NLME.fit <latentfit.models.nlme.NLME.fit>` load this module lazily.  Each
+family's model function is written once against a small per-PPL interface, :class:`PPL` (``param``,
+``sample``, ``plate``, ``factor``, the distributions and constraints modules, the array backend), that
+:func:`pyro_ppl` and :func:`numpyro_ppl` fill in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from latentfit.inference.ops import make_ops
+
+
+@dataclass(frozen=True)
+class PPL:
+    """What a model function needs from a probabilistic programming language."""
+
+    name: str  # "pyro" / "numpyro"
+    primitives: Any  # the module with param / sample / plate / factor
+    dist: Any  # its distributions module
+    constraints: Any  # its constraints module
+    backend: str  # the array backend its distributions take ("torch" / "jax", see make_ops)
+    xp: Any  # that backend's array namespace
+    fresh: Callable[[Any], Any]  # an initial value as the param store takes it (a copy on torch)
+
+
+def pyro_ppl() -> PPL:
+    import pyro
+    import pyro.distributions as dist
+    import torch
+    from torch.distributions import constraints
+
+    return PPL("pyro", pyro, dist, constraints, "torch", torch, lambda v: v.clone())
+
+
+def numpyro_ppl() -> PPL:
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.distributions import constraints
+
+    return PPL("numpyro", numpyro, dist, constraints, "jax", jnp, lambda v: v)
+
+
+def _named(fn: Callable, name: str) -> Callable:
+    fn.__name__ = fn.__qualname__ = name
+    return fn
+
+
+# ----- NLME ---------------------------------------------------------------------------------------------
+def nlme_param_constraints(model: Any, constraints: Any) -> dict[str, Any]:
+    """Constraint of every NLME parameter for a PPL's ``param`` site (``constraints``: the PPL's module)."""
+    support = {"log": constraints.positive, "normal": constraints.real, "logit": constraints.unit_interval,
+               "probit": constraints.unit_interval}
+    out = {}
+    for name, info in model.params.items():
+        role = info.meta.get("role")
+        if role == "population":
+            out[name] = support[info.meta["transform"]]
+        elif role == "omega" and name == "Omega":
+            out[name] = constraints.positive_definite
+        elif role in ("omega", "error"):
+            out[name] = constraints.positive
+        else:
+            out[name] = constraints.real
+    return out
+
+
+def nlme_model(model: Any, ppl: PPL) -> Callable[[], None]:
+    """An :class:`~latentfit.models.nlme.NLME` as an ordinary model function of ``ppl`` (no arguments; data bound).
+
+    Sites: one ``param`` per estimated parameter (fixed ones are constants), ``phi`` (the latent ``[N, 1, d]``
+    inside plate ``id``), ``DV`` (observed, padding masked; a ``factor`` when some observations are censored).
+    The function evaluates a copy of the model on the PPL's backend when the model lives on the other one.
+    """
+    model._require_data()
+    if model.ops.name != ppl.backend:
+        model = model.with_ops(make_ops(ppl.backend))
+    pp, dist, xp = ppl.primitives, ppl.dist, model.ops.xp
+    init = model.init_params()
+    param_constraints = nlme_param_constraints(model, ppl.constraints)
+
+    def nlme() -> None:
+        theta = {}
+        for name, info in model.params.items():
+            if info.fixed:
+                theta[name] = init[name]
+                continue
+            theta[name] = pp.param(name, ppl.fresh(init[name]), constraint=param_constraints[name])
+        mu_r, om = model.prior_moments(theta)
+        n, t = model._y.shape
+        with pp.plate("id", n, dim=-2):
+            phi = pp.sample("phi", dist.MultivariateNormal(mu_r[:, None, :], om))  # [..., N, 1, d]
+            terms_z = phi[..., 0, :]
+            f = model.structural_prediction(theta, terms_z)
+            if model.error == "exponential":
+                y, f = model._ylog, xp.log(f)
+            else:
+                y = model._y
+            sd = model._error_sd(theta, f)
+            with pp.plate("obs", t, dim=-1):
+                if model.has_censoring:
+                    pp.factor("DV", model._obs_terms(theta, model.structural_prediction(theta, terms_z), None))
+                else:
+                    pp.sample("DV", dist.Normal(f, sd).mask(model._mask), obs=y)
+
+    return _named(nlme, f"{ppl.name}_nlme")
+
+
+def fit_nlme(model: Any, engine: str, options: dict[str, Any]) -> Any:
+    """Fit an NLME by SAEM (``engine="saem"``) or f-SAEM (``"fsaem"``); ``options`` go to the engine."""
+    engine = engine.lower()
+    if engine == "saem":
+        from latentfit.inference.saem import SAEM as cls
+    elif engine in ("fsaem", "f-saem"):
+        from latentfit.inference.fsaem import FSAEM as cls
+    else:
+        raise ValueError(f"engine must be 'saem' or 'fsaem', got {engine!r}")
+    return cls(model, **options).run()
+
+
+# ----- Gaussian mixture and linear mixed model ------------------------------------------------------------
+def mixture_model(gm: Any, ppl: PPL) -> Callable[[Any], Any]:
+    """A :class:`~latentfit.models.GaussianMixture` as a model function ``model(x)`` (enumerated label ``z``).
+
+    Parameters ``weights``, ``locs``, ``covariances`` start at the mixture's initial values.
+    """
+    pp, dist, constraints, xp = ppl.primitives, ppl.dist, ppl.constraints, ppl.xp
+    init = {k: p.value for k, p in gm.params.items()}
+    cov_type = gm.covariance_type
+    cov_constraint = constraints.positive_definite if cov_type == "full" else constraints.positive
+
+    def model(x):
+        weights = pp.param("weights", ppl.fresh(init["weights"]), constraint=constraints.simplex)
+        locs = pp.param("locs", ppl.fresh(init["locs"]))
+        covs = pp.param("covariances", ppl.fresh(init["covariances"]), constraint=cov_constraint)
+        with pp.plate("data", x.shape[0]):
+            z = pp.sample("z", dist.Categorical(weights), infer={"enumerate": "parallel"})
+            if cov_type == "full":
+                pp.sample("obs", dist.MultivariateNormal(locs[z], covariance_matrix=covs[z]), obs=x)
+            else:
+                var = covs[z] if cov_type == "diag" else xp.broadcast_to(covs[z][..., None],
+                                                                         tuple(z.shape) + (x.shape[-1],))
+                pp.sample("obs", dist.Normal(locs[z], xp.sqrt(var)).to_event(1), obs=x)
+        return z
+
+    return model
+
+
+def mixed_model(lmm: Any, ppl: PPL) -> Callable[..., None]:
+    """A :class:`~latentfit.models.LinearMixedModel` as a model function ``model(y, X, Z, mask)``."""
+    pp, dist, constraints, xp = ppl.primitives, ppl.dist, ppl.constraints, ppl.xp
+    init = {k: p.value for k, p in lmm.params.items()}
+    q = lmm.q
+
+    def model(y, X, Z, mask):
+        beta = pp.param("beta", ppl.fresh(init["beta"]))
+        Omega = pp.param("Omega", ppl.fresh(init["Omega"]), constraint=constraints.positive_definite)
+        sigma = pp.param("sigma", ppl.fresh(init["sigma"]), constraint=constraints.positive)
+        with pp.plate("units", y.shape[0], dim=-1):
+            b = pp.sample("b", dist.MultivariateNormal(xp.zeros(q, dtype=y.dtype), Omega))
+            mean = (X @ beta) + (Z @ b[..., None])[..., 0]
+            pp.sample("y", dist.Normal(mean, sigma).mask(mask).to_event(1), obs=xp.nan_to_num(y))
+
+    return model
+
+
+__all__ = ["PPL", "fit_nlme", "mixed_model", "mixture_model", "nlme_model", "nlme_param_constraints", "numpyro_ppl",
+           "pyro_ppl"]

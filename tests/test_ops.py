@@ -1,0 +1,134 @@
+"""The backend shim: each primitive on both backends against numpy/scipy, and the layering rule that only
+the shim knows which array library it runs on."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import numpy as np
+import pytest
+import scipy.special as sps
+import scipy.stats as st
+
+from latentfit.inference.ops import LOG_2PI, TorchOps, make_ops, ops_for, select
+
+
+def test_log_2pi():
+    assert LOG_2PI == pytest.approx(np.log(2 * np.pi), abs=0)
+
+
+def test_special_functions(backend):
+    ops = backend.ops()
+    p = np.array([1e-6, 0.02, 0.3, 0.5, 0.9, 1 - 1e-9])
+    x = np.array([-40.0, -5.0, -0.3, 0.0, 2.0, 9.0])
+    for name, ref, arg in [("ndtri", sps.ndtri, p), ("logit", sps.logit, p), ("ndtr", sps.ndtr, x),
+                           ("expit", sps.expit, x), ("log_ndtr", sps.log_ndtr, x)]:
+        got = ops.to_numpy(getattr(ops, name)(ops.asarray(arg)))
+        np.testing.assert_allclose(got, ref(arg), rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_logsumexp(backend):
+    ops = backend.ops()
+    t = np.array([[1000.0, -np.inf, 0.5], [1001.0, -np.inf, -3.0], [999.0, -np.inf, 2.0]])
+    got = ops.to_numpy(ops.logsumexp(ops.asarray(t), 0))
+    np.testing.assert_allclose(got, sps.logsumexp(t, 0))
+    assert got[1] == -np.inf
+
+
+def test_linear_algebra(backend):
+    ops = backend.ops()
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 3, 3))
+    spd = a @ a.transpose(0, 2, 1) + np.eye(3)
+    chol = np.linalg.cholesky(spd)
+    np.testing.assert_allclose(ops.to_numpy(ops.small_cholesky(ops.asarray(spd))), chol, atol=1e-12)
+    np.testing.assert_allclose(ops.to_numpy(ops.small_cholesky(ops.asarray(spd), max_unrolled=2)), chol, atol=1e-12)
+    b = rng.normal(size=(4, 3, 2))
+    np.testing.assert_allclose(ops.to_numpy(ops.solve_triangular(ops.asarray(chol), ops.asarray(b))),
+                               np.linalg.solve(chol, b), atol=1e-12)
+    upper = chol.transpose(0, 2, 1)
+    np.testing.assert_allclose(ops.to_numpy(ops.solve_triangular(ops.asarray(upper), ops.asarray(b), lower=False)),
+                               np.linalg.solve(upper, b), atol=1e-12)
+    # Gaussian log-density [S, n] with per-unit covariances
+    mean, x = rng.normal(size=(4, 3)), rng.normal(size=(5, 4, 3))
+    ref = np.array([[st.multivariate_normal(mean[i], spd[i]).logpdf(x[s, i]) for i in range(4)] for s in range(5)])
+    np.testing.assert_allclose(ops.to_numpy(ops.mvn_log_prob(ops.asarray(x), ops.asarray(mean), ops.asarray(chol))),
+                               ref, atol=1e-10)
+
+
+def test_derivatives(backend):
+    ops = backend.ops()
+    xp = ops.xp
+    x = ops.asarray(np.array([0.3, -1.2]))
+    f = lambda v: xp.stack([v[0] * v[1], xp.sin(v[0]), v[1] ** 3])  # noqa: E731
+    jac = np.array([[-1.2, 0.3], [np.cos(0.3), 0.0], [0.0, 3 * 1.44]])
+    np.testing.assert_allclose(ops.to_numpy(ops.jacfwd(f)(x)), jac, atol=1e-12)
+    out, tangent = ops.jvp(f, x, ops.asarray(np.array([1.0, 2.0])))
+    np.testing.assert_allclose(ops.to_numpy(out), [-0.36, np.sin(0.3), -1.728], atol=1e-12)
+    np.testing.assert_allclose(ops.to_numpy(tangent), jac @ [1.0, 2.0], atol=1e-12)
+    # per-row value, gradient and Hessian of f(z_i) = z_i0² z_i1 + exp(z_i1)
+    z = np.array([[1.0, 2.0], [-0.5, 0.1]])
+    v, g, h = ops.value_grad_hessian(lambda u: u[:, 0] ** 2 * u[:, 1] + xp.exp(u[:, 1]), ops.asarray(z))
+    a, b = z[:, 0], z[:, 1]
+    np.testing.assert_allclose(ops.to_numpy(v), a * a * b + np.exp(b), atol=1e-12)
+    np.testing.assert_allclose(ops.to_numpy(g), np.stack([2 * a * b, a * a + np.exp(b)], -1), atol=1e-12)
+    hess = np.stack([np.stack([2 * b, 2 * a], -1), np.stack([2 * a, np.exp(b)], -1)], -2)
+    np.testing.assert_allclose(ops.to_numpy(h), hess, atol=1e-12)
+
+
+def test_student_t_draws(backend):
+    ops = backend.ops()
+    with ops.seed_context(3):
+        t1 = ops.to_numpy(ops.student_t(ops.key(3), 5, (20000, 2)))
+    with ops.seed_context(3):
+        t2 = ops.to_numpy(ops.student_t(ops.key(3), 5, (20000, 2)))
+    np.testing.assert_array_equal(t1, t2)  # reproducible under the seed
+    assert t1.shape == (20000, 2)
+    assert st.kstest(t1.ravel(), st.t(5).cdf).pvalue > 1e-3
+
+
+def test_sorting_and_loops(backend):
+    ops = backend.ops()
+    a = ops.asarray(np.array([[2.0, 1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0]]))
+    order = ops.argsort(a)
+    np.testing.assert_array_equal(ops.to_numpy(order), [[3, 1, 0, 2], [0, 1, 2, 3]])  # stable: ties keep order
+    np.testing.assert_array_equal(ops.to_numpy(ops.take_along_axis(a, order)), [[0, 1, 2, 2], [1, 1, 1, 1]])
+    carry = ops.fori_loop(0, 5, lambda i, c: (c[0] + 1.0, c[1] * 2.0), (ops.asarray(0.0), ops.asarray(1.0)))
+    assert float(ops.to_numpy(carry[0])) == 5.0 and float(ops.to_numpy(carry[1])) == 32.0
+
+
+def test_choosing_the_shim(backend):
+    import torch
+
+    x = backend.tensor(np.ones(3))
+    assert ops_for(x).name == backend.ops().name
+    assert ops_for(backend.xp).name == backend.ops().name
+    assert isinstance(ops_for(np.ones(3)), TorchOps) and ops_for(np.ones(3)).dtype == torch.float64
+    assert ops_for(torch.ones(2, dtype=torch.float32)).dtype == torch.float32
+    assert make_ops("torch").dtype == torch.float64
+    with pytest.raises(ValueError, match="backend"):
+        make_ops("numpy")
+    k = backend.tensor(np.array([3.0]))[0]
+    assert float(backend.to_numpy(select(k > 2, 1.0, 0.5))) == 1.0
+    assert select(True, 1.0, 0.5) == 1.0
+
+
+# ----- layering ------------------------------------------------------------------------------------------
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "latentfit"
+FORBIDDEN = re.compile(r"^\s*(import|from)\s+(torch|jax|jaxlib|pyro|numpyro)\b|__import__\(|__module__"
+                       r"|isinstance\([^)]*\b(torch|jax|jnp)\.|\.name\s*==\s*[\"'](torch|jax)[\"']")
+
+
+@pytest.mark.parametrize("folder", ["inference", "models"])
+def test_only_the_shim_knows_the_backend(folder):
+    """Outside ``inference/ops.py`` and ``inference/ops_jax.py`` no module of ``inference/`` or ``models/``
+    imports an array library or a PPL or asks which backend an array comes from."""
+    offenders = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        if folder == "inference" and path.name in ("ops.py", "ops_jax.py"):
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if FORBIDDEN.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not offenders, "backend knowledge outside the shim:\n" + "\n".join(offenders)
