@@ -173,9 +173,9 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
         self._sample_all = self.ppl.vectorise(self._sample_one, pure=False)
         self._resid_all = self.ppl.vectorise(self._resid_one)
         self._predict_all = self.ppl.vectorise(self._predict_one)
-        self._find_unit_maps(trace, unit_index)
         self._gauss: list[_GaussianLatentPattern] = []
         self._resid: list[_ResidualPattern] = []
+        self._find_unit_maps(trace, unit_index)
         self._check_initial_density()
         if closed_form:
             self._recognise_patterns()
