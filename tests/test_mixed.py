@@ -92,8 +92,11 @@ def test_mcem_with_mh_chains_within_mc_error(backend, lmm_and_em):
     _, fit, (y, X, Z, _, _) = lmm_and_em
     m = LinearMixedModel(y, X, Z, ops=backend.ops())
     got = MCEM(m, num_epochs=80, num_samples=20, progress=False).run(backend.key(0)).params
+    # Monte-Carlo SD of one run around the EM fixed point (largest coordinate, seeds 0–7, larger backend):
+    # β 0.020, Ω 0.024, σ 0.0025; β and Ω within 2.5–3.3 SDs, σ within 4
     np.testing.assert_allclose(got["beta"], fit.params["beta"], atol=0.05)
     np.testing.assert_allclose(got["Omega"], fit.params["Omega"], atol=0.08)
+    np.testing.assert_allclose(got["sigma"], fit.params["sigma"], atol=4 * 0.0025)
 
 
 def test_pyro_model_has_the_same_log_density(lmm_and_em):

@@ -241,7 +241,9 @@ def test_float32_theophylline_in_saemix_band():
     ka, v, cl = np.exp(p["mu"])
     assert 1.5 <= ka <= 1.6 and 31.0 <= v <= 32.0 and 2.7 <= cl <= 2.8
     assert 0.69 <= p["a"] <= 0.76
-    np.testing.assert_allclose(p["omega"] ** 2, [0.3953, 0.01449, 0.07953], rtol=0.25)
+    # against the exact maximum, within 4 Monte-Carlo SDs of one run (as test_saem.test_theophylline_in_saemix_band)
+    rel = p["omega"] ** 2 / np.array([0.39472, 0.01789, 0.07075]) - 1
+    assert np.all(np.abs(rel) < 4 * np.array([0.0234, 0.0818, 0.0468])), rel
 
 
 # ----- NLME family: model.numpyro_model ------------------------------------------------------------------

@@ -90,8 +90,11 @@ def test_theophylline_in_saemix_band(theophylline_fit):
     assert 31.0 <= v <= 32.0
     assert 2.7 <= cl <= 2.8
     assert 0.69 <= p["a"] <= 0.76
-    saemix_omega2 = np.array([0.3953, 0.01449, 0.07953])
-    np.testing.assert_allclose(p["omega"] ** 2, saemix_omega2, rtol=0.25)
+    # the variances against the exact maximum (adaptive Gauss–Hermite; saemix's published run is one Monte-Carlo
+    # realisation, its ω²_V 19% below it), within 4 Monte-Carlo SDs of one run (measured over 20 seeds)
+    ml_omega2, mc_sd = np.array([0.39472, 0.01789, 0.07075]), np.array([0.0234, 0.0818, 0.0468])
+    rel = p["omega"] ** 2 / ml_omega2 - 1
+    assert np.all(np.abs(rel) < 4 * mc_sd), rel
 
 
 def test_theophylline_result_objects(theophylline_fit):
