@@ -4,7 +4,7 @@
     log(ka, V, CL)_i ~ N(μ, diag(ω²)),   y_ij ~ N(C_i(t_ij), a²).
 
 The model below is an ordinary Pyro model: nothing in it is specific to latentfit.
-Run ``python examples/theophylline.py`` or ``latentfit demo``.
+``fit()`` runs it; ``latentfit demo`` fits it and compares with saemix.
 """
 
 from __future__ import annotations

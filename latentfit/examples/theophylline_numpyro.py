@@ -3,8 +3,9 @@
     C(t) = D·ka / (V·(ka − k)) · (exp(−k t) − exp(−ka t)),   k = CL / V,
     log(ka, V, CL)_i ~ N(μ, diag(ω²)),   y_ij ~ N(C_i(t_ij), a²).
 
-The twin of ``examples/theophylline.py`` (same model, same data, same SAEM options); the whole
-SAEM iteration is compiled by JAX.  Run ``python examples/theophylline_numpyro.py``.
+The twin of :mod:`latentfit.examples.theophylline` (same model, same data, same SAEM options); the whole
+SAEM iteration is compiled by JAX.  ``fit()`` runs it (the repository's ``examples/theophylline_numpyro.py`` prints
+the result).
 """
 
 from __future__ import annotations
