@@ -11,8 +11,9 @@ per iteration and the estimates, for
 * ``Pyro adapter``: the same theophylline model as a plain Pyro model (examples/theophylline.py) run
   through :class:`latentfit.pyro.SAEM`, as the in-process peer (ratio column).
 
-saemix's published figure (about 1.5 s for its 400 iterations on theophylline, REFERENCES.md) was
-measured on another machine; it is printed for orientation only.  Timings on a shared machine are noisy:
+saemix's figure (about 1.5 s for its 400 iterations on theophylline with its defaults: a constant recorded once,
+on another machine, with saemix 3.4; Comets, Lavenu & Lavielle, J. Stat. Softw. 2017) is printed for orientation
+only, never measured here.  Timings on a shared machine are noisy:
 take the minimum over ``--repeats`` runs.  torch runs with one intra-op thread by default (``--threads``):
 the per-unit tensors are small, and on a loaded machine OpenMP regions for small element-wise ops cost
 more than they save.
@@ -185,7 +186,7 @@ def exact_maximum(rows: list[tuple]) -> None:
     print(f"\ntheophylline maximum likelihood by adaptive Gauss-Hermite quadrature ({seconds:.2f} s, "
           f"{best.num_outer} re-centrings): {_fmt(ml)}, logLik={best.log_lik.value:.3f}")
     print(f"{'fit':<40}" + "".join(f"{k:>11}" for k in ml) + f"{'logLik(GQ)':>12}")
-    fits = [("saemix 3.4 (REFERENCES.md)", saemix, ll_saemix)]
+    fits = [("saemix 3.4 (defaults, seed 23456)", saemix, ll_saemix)]
     for data, engine, _, _, fit in rows:
         if data == "theophylline" and "NLME" in engine:
             fits.append((engine, {k: float(fit.params[k]) for k in ml}, fit.log_likelihood("gq", num_nodes=9)))
