@@ -77,12 +77,38 @@ def _inv_norm_cdf(p: np.ndarray) -> np.ndarray:
     return np.vectorize(NormalDist().inv_cdf, otypes=[float])(p)
 
 
+def _psd_cholesky(cov: np.ndarray) -> np.ndarray:
+    """Cholesky factors of symmetric positive semi-definite ``cov [N, T, T]``.
+
+    A simulated covariance is PSD in exact arithmetic but can be singular to rounding (an observation
+    that is a near-exact function of others): a unit whose factorisation fails is retried with a diagonal
+    jitter of 1e-12, 1e-10, … relative to its largest variance; the other units are untouched.
+    """
+    try:
+        return np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        pass
+    eye = np.eye(cov.shape[-1])
+    out = np.empty_like(cov)
+    for i, c in enumerate(cov):
+        scale = max(float(np.abs(np.diagonal(c)).max()), np.finfo(float).tiny)
+        for rel in (0.0, 1e-12, 1e-10, 1e-8, 1e-6):
+            try:
+                out[i] = np.linalg.cholesky(c + rel * scale * eye)
+                break
+            except np.linalg.LinAlgError:
+                continue
+        else:
+            raise np.linalg.LinAlgError(f"the simulated covariance of unit {i} is not positive semi-definite")
+    return out
+
+
 def decorrelate(resid: np.ndarray, cov: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``L_i⁻¹ r_i`` with ``L_i L_iᵀ = V_i`` restricted to the observed entries (``resid [..., N, T]``)."""
     eye = np.eye(cov.shape[-1])
     both = mask[:, :, None] & mask[:, None, :]
     cov = np.where(both, cov, eye)
-    chol = np.linalg.cholesky(cov)
+    chol = _psd_cholesky(cov)
     r = np.where(mask, resid, 0.0)
     lead = r.shape[:-2]
     rr = np.moveaxis(r.reshape((-1,) + r.shape[-2:]), 0, -1)  # [N, T, B]
@@ -97,6 +123,11 @@ def residuals(model: LatentModel, theta: dict[str, Any], z_mode: Any, num_sims: 
     ops = model.ops
     y, mask = (ops.to_numpy(a) for a in model.observations())
     mask = mask.astype(bool)
+    most = int(mask.sum(-1).max()) if mask.size else 0
+    if int(num_sims) <= most:
+        # the simulated covariance of a unit has rank ≤ num_sims − 1: singular, nothing to decorrelate with
+        raise ValueError(f"num_sims={num_sims} must exceed the number of observations of every unit ({most}): "
+                         f"PWRES/NPDE decorrelate with a covariance estimated from the simulations")
     ipred_t, isd_t = model.predict(theta, ops.asarray(z_mode))
     ipred, isd = ops.to_numpy(ipred_t), ops.to_numpy(isd_t)
     sims = simulate_observations(model, theta, num_sims, seed)  # [K, N, T]

@@ -9,6 +9,8 @@ Per-unit statistics (exact expectations of the complete-data statistics):
 M-step with the data constants ``H = Σ X_iᵀX_i``, ``g = Σ X_iᵀy_i``, ``Σ y_iᵀy_i`` and N observations:
 ``β = H^{-1}(g − Σu)``, ``Ω = ΣB/n``,
 ``σ² = (Σyᵀy − 2βᵀg + βᵀHβ − 2(Σc − βᵀΣu) + Σt)/N``.
+Numerically, y stands for the OLS residuals ``y − Xβ_ols`` and β for ``β − β_ols`` in these formulas (the
+same model), so that σ²'s expansion does not cancel ``Σyᵀy`` when y has a large offset.
 This is the LMM example of the mini-batch EM paper (Karimi, Lavielle & Moulines, HAL hal-02334485, 2019) with
 the variance components estimated too.  The exact marginal likelihood uses the Woodbury identity and the
 determinant lemma.
@@ -69,21 +71,27 @@ class LinearMixedModel(LatentModel):
         ops = self.ops
         p, q = X_np.shape[2], Z_np.shape[2]
         self.num_units, self.p, self.q, self.nobs = n, p, q, float(w.sum())
+        H = np.einsum("ntp,ntr->pr", X0, X0)
+        if np.linalg.matrix_rank(H) < p:
+            raise DataError("the fixed-effect design X is rank deficient (Σ XᵢᵀXᵢ is singular)")
+        beta_ols = np.linalg.solve(H, X0.reshape(-1, p).T @ y0.reshape(-1))
+        # The y-statistics are those of the OLS residuals r = y − Xβ_ols (β enters every formula as
+        # δ = β − β_ols): σ²'s expansion Σrᵀr − 2δᵀg + δᵀHδ − … would otherwise cancel Σyᵀy, and a
+        # large offset in y (|y| ~ 1e8 with σ ~ 1) lost every digit of σ² (σ fell to its 1e-150 floor).
+        r0 = (y0 - X0 @ beta_ols) * w
+        self.beta_ols = ops.asarray(beta_ols)
         # per-unit data constants
         self.XtX = ops.asarray(np.einsum("ntp,ntr->npr", X0, X0))
         self.XtZ = ops.asarray(np.einsum("ntp,ntr->npr", X0, Z0))
         self.ZtZ = ops.asarray(np.einsum("ntp,ntr->npr", Z0, Z0))
-        self.Xty = ops.asarray(np.einsum("ntp,nt->np", X0, y0))
-        self.Zty = ops.asarray(np.einsum("ntp,nt->np", Z0, y0))
-        self.yty = ops.asarray((y0 * y0).sum(1))
+        self.Xty = ops.asarray(np.einsum("ntp,nt->np", X0, r0))
+        self.Zty = ops.asarray(np.einsum("ntp,nt->np", Z0, r0))
+        self.yty = ops.asarray((r0 * r0).sum(1))
         self.T_i = ops.asarray(w.sum(1))
-        H = np.einsum("ntp,ntr->pr", X0, X0)
-        if np.linalg.matrix_rank(H) < p:
-            raise DataError("the fixed-effect design X is rank deficient (Σ XᵢᵀXᵢ is singular)")
-        self.H, self.g, self.yty_sum = ops.asarray(H), ops.asarray(X0.reshape(-1, p).T @ y0.reshape(-1)), float(
-            (y0 * y0).sum())
+        self.H, self.g, self.yty_sum = ops.asarray(H), ops.asarray(X0.reshape(-1, p).T @ r0.reshape(-1)), float(
+            (r0 * r0).sum())
         if beta is None:
-            beta = np.linalg.solve(H, X0.reshape(-1, p).T @ y0.reshape(-1))
+            beta = beta_ols
         if sigma is None:
             resid = (y0 - X0 @ np.asarray(beta)) * w
             sigma = float(np.sqrt((resid ** 2).sum() / max(self.nobs - p, 1.0)))
@@ -108,7 +116,8 @@ class LinearMixedModel(LatentModel):
         Oinv = xp.linalg.inv(theta["Omega"])
         V = xp.linalg.inv(Oinv + self._take(self.ZtZ, units) / s2)
         V = 0.5 * (V + xp.swapaxes(V, -1, -2))
-        rhs = self._take(self.Zty, units) - xp.einsum("bpq,p->bq", self._take(self.XtZ, units), theta["beta"])
+        delta = theta["beta"] - self.beta_ols
+        rhs = self._take(self.Zty, units) - xp.einsum("bpq,p->bq", self._take(self.XtZ, units), delta)
         m = xp.einsum("bqr,br->bq", V, rhs) / s2
         return m, V
 
@@ -133,17 +142,17 @@ class LinearMixedModel(LatentModel):
 
     def m_step(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
         xp = self.ops.xp
-        beta = xp.linalg.solve(self.H, self.g - s["u"])
+        delta = xp.linalg.solve(self.H, self.g - s["u"])  # β − β_ols
         Omega = s["B"] / num_units
         Omega = 0.5 * (Omega + xp.swapaxes(Omega, -1, -2))
-        quad = self.yty_sum - 2 * xp.sum(beta * self.g) + xp.sum(beta * (self.H @ beta))
-        s2 = (quad - 2 * (s["c"] - xp.sum(beta * s["u"])) + s["t"]) / self.nobs
-        return {"beta": beta, "Omega": Omega, "sigma": xp.sqrt(xp.maximum(s2, 1e-300 + 0 * s2))}
+        quad = self.yty_sum - 2 * xp.sum(delta * self.g) + xp.sum(delta * (self.H @ delta))
+        s2 = (quad - 2 * (s["c"] - xp.sum(delta * s["u"])) + s["t"]) / self.nobs
+        return {"beta": delta + self.beta_ols, "Omega": Omega, "sigma": xp.sqrt(xp.maximum(s2, 1e-300 + 0 * s2))}
 
     def marginal_log_lik(self, theta: dict[str, Any], units: Any = None) -> Any:
         """Exact ``log p(y_i; θ)`` (Woodbury identity and determinant lemma)."""
         xp = self.ops.xp
-        beta, s2 = theta["beta"], theta["sigma"] ** 2
+        beta, s2 = theta["beta"] - self.beta_ols, theta["sigma"] ** 2
         m, V = self.posterior(theta, units)
         XtX, Xty = self._take(self.XtX, units), self._take(self.Xty, units)
         rr = self._take(self.yty, units) - 2 * Xty @ beta + xp.einsum("p,bpr,r->b", beta, XtX, beta)
@@ -156,7 +165,7 @@ class LinearMixedModel(LatentModel):
     # ----- LatentModel face for samplers ----------------------------------------------------------
     def log_densities(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
         xp = self.ops.xp
-        beta, s2 = theta["beta"], theta["sigma"] ** 2
+        beta, s2 = theta["beta"] - self.beta_ols, theta["sigma"] ** 2  # y-constants are of y − Xβ_ols
         XtX, Xty = self._take(self.XtX, units), self._take(self.Xty, units)
         rr = self._take(self.yty, units) - 2 * Xty @ beta + xp.einsum("p,bpr,r->b", beta, XtX, beta)
         Ztr = self._take(self.Zty, units) - xp.einsum("bpq,p->bq", self._take(self.XtZ, units), beta)

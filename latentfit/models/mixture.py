@@ -16,7 +16,10 @@ M-step (with the regulariser ``R(θ)`` of Karimi, Wai, Moulines & Lavielle, Neur
 ``ω_k = (N_k/n + ε)/(1 + εK)``, ``μ_k = S_x,k/(N_k + δ)``,
 ``Σ_k = (S_xx,k − μ_k S_x,kᵀ − S_x,k μ_kᵀ + N_k μ_k μ_kᵀ)/N_k + reg_covar·I``; ε = δ = 0 is the plain MLE.
 A component whose mass vanishes keeps its previous mean and covariance (never NaN) and the fit
-warns about it.
+warns about it.  Quantities that are non-negative in exact arithmetic but come out of a cancelling
+expansion are clamped: masses ``N_k`` (a running sum of differences in the incremental engines), the
+variances (full: a variance at the rounding level of ``E[x_i²]`` is 0 and correlations stay in [−1, 1],
+before ``reg_covar``) and the k-means++ squared distances.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from ._integrations import families
 COVARIANCE_TYPES = ("full", "diag", "spherical")
 #: rows per chunk of the streamed full-data E-step (eager backends): keeps [chunk, K] arrays in cache
 CHUNK = 32768
+#: a full-covariance variance below CANCELLATION·eps·E[x_i²] (the rounding level of the M-step's expansion) is 0
+CANCELLATION = 64
 
 
 def _identity(x: Any) -> Any:
@@ -181,7 +186,7 @@ class GaussianMixture(LatentModel):
             centres = [sub[int(rng.integers(m))]]
             d2 = xp.sum((sub - centres[0]) ** 2, 1)
             for _ in range(1, K):
-                p = ops.to_numpy(d2).astype(np.float64)
+                p = np.maximum(ops.to_numpy(d2).astype(np.float64), 0.0)  # weights must be >= 0 (rng.choice)
                 tot = p.sum()
                 cand = rng.choice(m, trials, p=p / tot) if tot > 0 else rng.integers(m, size=trials)
                 cd = _sqdist(xp, sub, ops.take(sub, ops.asarray(cand), 0))  # [m, trials]
@@ -250,7 +255,7 @@ class GaussianMixture(LatentModel):
             chol = self.ops.cholesky(cov)
             prec = xp.linalg.solve(cov, eye)
             logdet = 2.0 * xp.sum(xp.log(xp.diagonal(chol, 0, -2, -1)), -1)
-            pivot = xp.min(xp.diagonal(chol, 0, -2, -1), -1)
+            pivot = xp.amin(xp.diagonal(chol, 0, -2, -1), -1)  # (torch.min(x, dim) is a (values, indices) pair)
         if not self.ops.jittable and not bool(xp.all(pivot > 0)):
             bad = [k for k in range(self.K) if not bool(pivot[k] > 0)]
             raise ModelSpecificationError(
@@ -346,7 +351,9 @@ class GaussianMixture(LatentModel):
         eps, delta = self.eps_w, self.delta_mu
         out: dict[str, Any] = {}
         if "weights" not in skip:
-            w = (Nk / n + eps) / (1.0 + eps * K)
+            # a running sum of differences (incremental / variance-reduced engines) can leave a dead
+            # component's mass just below 0: a negative weight would make log ω NaN in the next E-step
+            w = (xp.maximum(Nk, 0 * Nk) / n + eps) / (1.0 + eps * K)
             out["weights"] = w / xp.sum(w)
         alive = Nk > self._tiny_mass
         Nsafe = xp.where(alive, Nk, 1.0)
@@ -362,6 +369,9 @@ class GaussianMixture(LatentModel):
             cov = (Sxx - cross - xp.swapaxes(cross, -1, -2) + Nk[:, None, None] * mu_c[:, :, None] * mu_c[:, None, :])
             cov = cov / Nsafe[:, None, None]
             cov = 0.5 * (cov + xp.swapaxes(cov, -1, -2))
+            # the expansion cancels ‖μ‖² against E[xxᵀ]: at the rounding level of E[x_i²] a variance is 0
+            m2 = xp.diagonal(Sxx, 0, -2, -1) / Nsafe[:, None]
+            cov = _clamp_covariance(xp, cov, CANCELLATION * float(xp.finfo(cov.dtype).eps) * m2, self._eye > 0)
             cov = cov + self.reg_covar * self._eye
             alive_c = alive[:, None, None]
         elif self.covariance_type == "diag":
@@ -470,8 +480,23 @@ def _small_spd_inverse(xp: Any, A: Any, d: int) -> tuple[Any, Any, Any]:
     return prec, logdet, pivot
 
 
+def _clamp_covariance(xp: Any, cov: Any, noise: Any, eye: Any) -> Any:
+    """Symmetric ``cov [K, d, d]`` made positive semi-definite where rounding broke it: variances at or below
+    their rounding level ``noise [K, d]`` (negative ones included) become 0 with their covariances, and
+    correlations are clamped to [−1, 1] (``|c_ij| ≤ √(c_ii c_jj)``).  Leaves a well-conditioned ``cov`` as is."""
+    var = xp.diagonal(cov, 0, -2, -1)
+    var = xp.where((var > noise) & (var > 0), var, 0 * var)
+    bound = xp.sqrt(var[:, :, None] * var[:, None, :])
+    off = xp.minimum(xp.maximum(cov, -bound), bound)
+    return xp.where(eye, var[:, :, None] + 0 * cov, off)
+
+
 def _sqdist(xp: Any, a: Any, c: Any) -> Any:
-    return xp.sum(a * a, 1)[:, None] - 2 * a @ c.T + xp.sum(c * c, 1)[None, :]
+    """Squared distances ``‖a_i − c_j‖²`` ``[m, t]`` by the expansion ``‖a‖² − 2a·c + ‖c‖²`` (one matrix
+    product), clamped at 0: the expansion rounds below zero for (near-)duplicate points, by amounts that
+    depend on the CPU's matrix-multiply kernel, and the k-means++ draw weights must be non-negative."""
+    d2 = xp.sum(a * a, 1)[:, None] - 2 * a @ c.T + xp.sum(c * c, 1)[None, :]
+    return xp.maximum(d2, 0 * d2)
 
 
 def _one_hot(ops: Ops, labels: Any, K: int) -> Any:
