@@ -1,9 +1,14 @@
-"""SAEM per-iteration time: Pyro (torch, eager) vs NumPyro (JAX, compiled), same model, same options.
+"""SAEM per-iteration time: Pyro (torch) vs NumPyro (JAX, compiled), same model, same options, and the plain
+Pyro model written in the tutorials' style against the NLME fast path.
 
 Two problems: the theophylline study (N = 12) and N simulated individuals (default 5000) of the same
 one-compartment model (10 samples each).  For each backend the table gives the set-up time (tracing
 and the first simulation), the JAX compile time (reported apart: it is paid once per fit), and the
 steady-state time per SAEM iteration; the last column is the Pyro / NumPyro ratio of the latter.
+A second table times three torch paths on the same data: the padded ``[N, T]`` Pyro model
+(``latentfit/examples/theophylline.py``), the README's model (latents in a subject plate, one row per
+observation read through ``log_psi[subject]``) and the NLME family's fast path, with the ratio of each
+plain model's time per iteration to the NLME path's.
 Timings on a shared machine are noisy: rerun with ``--repeats`` and read the medians.
 
     python benchmarks/backends.py [--iters 100] [--n-sim 5000] [--repeats 1] [--float32]
@@ -57,7 +62,67 @@ def run_pyro(data: dict[str, np.ndarray], num_iters: tuple[int, int], seed: int)
     total = time.perf_counter() - t0
     iters = fit.num_iterations
     loop = fit.elapsed - fit.init_time
-    return {"setup": total - loop, "compile": 0.0, "per_iter": loop / iters, "ka": float(np.exp(fit.params["mu"][0]))}
+    return {"setup": total - loop, "compile": 0.0, "per_iter": loop / iters, "total": total,
+            "ka": float(np.exp(fit.params["mu"][0]))}
+
+
+def rows_model(subject, time, dose, conc=None):
+    """The README's model: latents in a subject plate, rows reading ``log_psi[subject]``."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+    from torch.distributions import constraints
+
+    mu = pyro.param("mu", torch.tensor([0.0, 3.0, -0.7]))
+    omega = pyro.param("omega", torch.ones(3), constraint=constraints.positive)
+    a = pyro.param("a", torch.tensor(1.0), constraint=constraints.positive)
+    with pyro.plate("id", int(subject.max()) + 1):
+        log_psi = pyro.sample("log_psi", dist.Normal(mu, omega).to_event(1))
+    ka, v, cl = log_psi[subject].exp().unbind(-1)
+    k = cl / v
+    pred = dose * ka / (v * (ka - k)) * (torch.exp(-k * time) - torch.exp(-ka * time))
+    with pyro.plate("obs", len(time)):
+        pyro.sample("conc", dist.Normal(pred, a), obs=conc)
+
+
+def run_pyro_rows(data: dict[str, np.ndarray], num_iters: tuple[int, int], seed: int) -> dict[str, float]:
+    import pyro
+    import torch
+
+    from latentfit.pyro import SAEM
+
+    pyro.clear_param_store()
+    n, t = data["time"].shape
+    m = data["mask"].reshape(-1)
+    subject = torch.as_tensor(np.repeat(np.arange(n), t)[m])
+    time_ = torch.as_tensor(data["time"].reshape(-1)[m])
+    dose = torch.as_tensor(np.repeat(data["dose"][:, 0], t)[m])
+    conc = torch.as_tensor(data["conc"].reshape(-1)[m])
+    t0 = time.perf_counter()
+    fit = SAEM(rows_model, num_iters=num_iters, seed=seed, progress=False).run(subject, time_, dose, conc)
+    total = time.perf_counter() - t0
+    loop = fit.elapsed - fit.init_time
+    return {"setup": total - loop, "compile": 0.0, "per_iter": loop / fit.num_iterations, "total": total,
+            "ka": float(np.exp(fit.params["mu"][0]))}
+
+
+def run_nlme(data: dict[str, np.ndarray], num_iters: tuple[int, int], seed: int) -> dict[str, float]:
+    import pandas as pd
+
+    from latentfit.inference.saem import SAEM
+    from latentfit.models import nlme
+
+    n, t = data["time"].shape
+    m = data["mask"].reshape(-1)
+    df = pd.DataFrame({"ID": np.repeat(np.arange(1, n + 1), t)[m], "TIME": data["time"].reshape(-1)[m],
+                       "DV": data["conc"].reshape(-1)[m], "DOSE": np.repeat(data["dose"][:, 0], t)[m]})
+    t0 = time.perf_counter()
+    model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, data=df, dose="DOSE")
+    fit = SAEM(model, num_iters, seed=seed, progress=False).run()
+    total = time.perf_counter() - t0
+    loop = fit.elapsed - fit.init_time
+    return {"setup": total - loop, "compile": 0.0, "per_iter": loop / fit.num_iterations, "total": total,
+            "ka": float(fit.params["ka"]) if "ka" in fit.params else float("nan")}
 
 
 def run_numpyro(data: dict[str, np.ndarray], num_iters: tuple[int, int], seed: int) -> dict[str, float]:
@@ -75,7 +140,7 @@ def run_numpyro(data: dict[str, np.ndarray], num_iters: tuple[int, int], seed: i
     compile_s = fit.model.ops.compile_time
     loop = fit.elapsed - fit.init_time - compile_s
     return {"setup": total - loop - compile_s, "compile": compile_s, "per_iter": loop / fit.num_iterations,
-            "ka": float(np.exp(fit.params["mu"][0]))}
+            "total": total, "ka": float(np.exp(fit.params["mu"][0]))}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,6 +175,21 @@ def main(argv: list[str] | None = None) -> None:
             line = (f"{name:<22}{sum(num_iters):>6}{backend:>9}{r['setup']:>9.2f}{r['compile']:>11.2f}"
                     f"{1000 * r['per_iter']:>10.2f}{r['ka']:>8.3f}")
             print(line + (f"{ratio:>14.1f}" if backend == "numpyro" else ""))
+        sys.stdout.flush()
+    print()
+    header = f"{'problem':<22}{'iters':>6}{'torch path':>24}{'total s':>9}{'ms/iter':>10}{'ka':>8}{'/ NLME':>8}"
+    print(header)
+    print("-" * len(header))
+    for name, data, num_iters in problems:
+        res = {}
+        for label, runner in (("padded Pyro model", run_pyro), ("README Pyro model (rows)", run_pyro_rows),
+                              ("NLME fast path", run_nlme)):
+            runs = [runner(data, num_iters, seed) for seed in range(opts.repeats)]
+            res[label] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        base = res["NLME fast path"]["per_iter"]
+        for label, r in res.items():
+            print(f"{name:<22}{sum(num_iters):>6}{label:>24}{r['total']:>9.2f}{1000 * r['per_iter']:>10.2f}"
+                  f"{r['ka']:>8.3f}{r['per_iter'] / base:>8.1f}")
         sys.stdout.flush()
 
 

@@ -133,11 +133,12 @@ class NumPyroPPL(PPL):
     def vectorise(self, f: Any, pure: bool = True) -> Any:
         return _LazyJit(jax.vmap(f, in_axes=(None, 0)))
 
+    # one-off derivatives at set-up: one compiled program each (eagerly, every primitive compiles apart)
     def jvp(self, f: Any, x: Any, t: Any) -> Any:
-        return jax.jvp(f, (x,), (jnp.asarray(t, dtype=x.dtype),))[1]
+        return jax.jit(lambda x, t: jax.jvp(f, (x,), (t,))[1])(x, jnp.asarray(t, dtype=x.dtype))
 
     def grad_params(self, f: Any, theta: dict[str, Any]) -> dict[str, Any]:
-        return jax.grad(f)(dict(theta))
+        return jax.jit(jax.grad(f))(dict(theta))
 
     def biject_to(self, constraint: Any) -> Any:
         return biject_to(constraint)
