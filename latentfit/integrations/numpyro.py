@@ -55,17 +55,6 @@ def _normal_base(fn: Any) -> Any:
     return fn
 
 
-def _site_mask(site: dict) -> Any:
-    """Combined mask of a site (handlers.mask and ``.mask()``), or None."""
-    mask = site.get("mask")
-    if isinstance(mask, bool):
-        mask = None if mask else jnp.asarray(False)
-    fmask = _unwrap(site["fn"])[1]
-    if fmask is not None:
-        mask = fmask if mask is None else (mask & fmask)
-    return mask
-
-
 def _site_log_prob(site: dict) -> Any:
     lp = site["fn"].log_prob(site["value"])
     mask = site.get("mask")
@@ -123,7 +112,9 @@ class NumPyroPPL(PPL):
                 sites[name] = Site(name, "param", site["value"], constraint=constraint)
             elif site["type"] == "sample":
                 frames = tuple(Frame(f.name, f.dim, f.size) for f in site["cond_indep_stack"])
-                sites[name] = Site(name, "sample", site["value"], site["fn"], _site_mask(site), frames,
+                mask = site.get("mask")
+                mask = None if mask is None or (isinstance(mask, bool) and mask) else jnp.asarray(mask)
+                sites[name] = Site(name, "sample", site["value"], site["fn"], mask, frames,
                                    bool(site["is_observed"]))
         return sites
 

@@ -60,6 +60,7 @@ class NumPyroEnumModel(EnumMixtureFace, LatentModel):
 
     has_exact_marginal = True
     has_posterior_sampler = True
+    ppl = NumPyroLatentModel.ppl  # the per-unit reduction shared with the traced adapter
 
     def __init__(self, model: Any, args: tuple = (), kwargs: dict | None = None, *, reg_covar: float = 1e-6) -> None:
         if not callable(model):

@@ -78,7 +78,7 @@ class _Runner(Messenger):
             return
         fn = msg["fn"]
         mask = msg["mask"]
-        mask = _and(None if mask is None or mask is True else torch.as_tensor(mask), _unwrap(fn)[1])
+        mask = None if mask is None or mask is True else torch.as_tensor(mask)
         frames = tuple(Frame(f.name, f.dim, f.size) for f in msg["cond_indep_stack"] if f.vectorized)
         self.sites[msg["name"]] = Site(msg["name"], "sample", msg["value"], fn, mask, frames,
                                        bool(msg["is_observed"]))

@@ -70,7 +70,7 @@ class Site:
     type: str  # "param" / "sample"
     value: Any
     fn: Any = None  # distribution (sample sites)
-    mask: Any = None  # handler mask combined with the distribution's ``.mask()`` (None = all)
+    mask: Any = None  # handler mask (poutine.mask / handlers.mask), on the log-density's shape (None = all)
     frames: tuple[Frame, ...] = ()
     is_observed: bool = False
     constraint: Any = None  # param sites
@@ -147,6 +147,22 @@ class PPL:
         if isinstance(fn, self.dist.Transformed):  # LogNormal is a transformed Normal in both PPLs
             return self.unwrap(fn.base_dist)
         return fn
+
+    def value_mask(self, fn: Any, handler_mask: Any, ops: Any) -> Any:
+        """Mask on the shape of the site's value: the handler mask (event dims appended) and every ``.mask()``
+        inside ``fn`` (a ``.mask(m).to_event(1)`` masks single values; its log-density masks itself)."""
+        out = None
+        if handler_mask is not None:
+            m = ops.asarray(handler_mask, dtype=None)
+            out = m.reshape(tuple(m.shape) + (1,) * len(fn.event_shape))
+        d = self.dist
+        while isinstance(fn, (d.Independent, d.Masked, d.Expanded)):
+            if isinstance(fn, d.Masked) and not (isinstance(fn._mask, bool) and fn._mask):
+                m = ops.asarray(fn._mask, dtype=None)
+                m = m.reshape(tuple(m.shape) + (1,) * len(fn.event_shape))
+                out = m if out is None else out & m
+            fn = fn.base_dist
+        return out
 
     def is_normal_like(self, fn: Any) -> bool:
         return isinstance(fn, self.dist.Normal) or self.is_lognormal(fn)
@@ -270,10 +286,9 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
             site = trace[n]
             value = self.ops.to_numpy(site.value)
             bad = ~np.isfinite(value) if np.issubdtype(value.dtype, np.number) else np.zeros(value.shape, bool)
-            if site.mask is not None:
-                m = np.asarray(self.ops.to_numpy(site.mask), dtype=bool)
-                ev = len(site.fn.event_shape)
-                m = m.reshape(m.shape + (1,) * ev) if ev else m
+            vmask = self.ppl.value_mask(site.fn, site.mask, self.ops)
+            if vmask is not None:
+                m = np.asarray(self.ops.to_numpy(vmask), dtype=bool)
                 try:
                     bad = bad & np.broadcast_to(m, bad.shape)
                 except ValueError:
@@ -435,9 +450,10 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
             base = self.ppl.unwrap(site.fn)
             resid2 = (site.value - base.loc) ** 2
             ones = xp.ones_like(resid2)
-            if site.mask is not None:
-                resid2 = xp.where(site.mask, resid2, xp.zeros_like(resid2))
-                ones = xp.where(site.mask, ones, xp.zeros_like(ones))
+            vmask = self.ppl.value_mask(site.fn, site.mask, self.ops)
+            if vmask is not None:
+                resid2 = xp.where(vmask, resid2, xp.zeros_like(resid2))
+                ones = xp.where(vmask, ones, xp.zeros_like(ones))
             ev = len(site.fn.event_shape)
             if ev:  # .to_event(k): sum the event dims (the site's log-density shape)
                 resid2 = resid2.reshape(tuple(resid2.shape[: resid2.ndim - ev]) + (-1,)).sum(-1)
@@ -730,11 +746,9 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
             kind, gather, valid, full, _ = self._obs_layouts[name]
             value = xp.broadcast_to(self.ops.asarray(site.value), full)
             m = np.ones(full, dtype=bool)
-            if site.mask is not None:
-                mask = np.asarray(self.ops.to_numpy(site.mask), dtype=bool)
-                ev = len(site.fn.event_shape)
-                mask = mask.reshape(mask.shape + (1,) * ev) if ev else mask
-                m = m & np.broadcast_to(mask, full)
+            vmask = self.ppl.value_mask(site.fn, site.mask, self.ops)
+            if vmask is not None:
+                m = m & np.broadcast_to(np.asarray(self.ops.to_numpy(vmask), dtype=bool), full)
             m = self._obs_flat(self.ops.asarray(m, dtype=None), name)
             if kind == "rows":
                 m = m & self.ops.asarray(valid, dtype=None)
