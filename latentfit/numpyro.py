@@ -44,6 +44,8 @@ from latentfit.inference import fiem as _fiem
 from latentfit.inference import fsaem as _fsaem
 from latentfit.inference import iem as _iem
 from latentfit.inference import mcem as _mcem
+from latentfit.inference import mcmcsgd as _mcmcsgd
+from latentfit.inference import misso as _misso
 from latentfit.inference import saem as _saem
 from latentfit.inference import sem as _sem
 from latentfit.inference import semvr as _semvr
@@ -51,6 +53,7 @@ from latentfit.inference import ttsem as _ttsem
 from latentfit.inference.model import LatentModel
 from latentfit.inference.results import FitResult
 from latentfit.integrations._front_door import EMFamilyFrontDoor, EngineFrontDoor, front_door
+from latentfit.integrations.misso_vi_numpyro import MISSOVI
 from latentfit.integrations.numpyro import NumPyroLatentModel, as_rng_key
 from latentfit.integrations.numpyro_enum import NumPyroEnumModel, has_enumerated_latents
 
@@ -88,6 +91,7 @@ def _front_door(engine_cls: type, base: type = _NumPyroEngine) -> type:
 
 SAEM = _front_door(_saem.SAEM)
 FSAEM = _front_door(_fsaem.FSAEM)
+MCMCSGD = _front_door(_mcmcsgd.MCMCSGD)
 EM = _front_door(_em.EM, _EMFamilyEngine)
 MiniBatchEM = _front_door(_iem.MiniBatchEM, _EMFamilyEngine)
 IEM = _front_door(_iem.IEM, _EMFamilyEngine)
@@ -96,6 +100,8 @@ SEMVR = _front_door(_semvr.SEMVR, _EMFamilyEngine)
 FIEM = _front_door(_fiem.FIEM, _EMFamilyEngine)
 MCEM = _front_door(_mcem.MCEM, _EMFamilyEngine)
 MiniBatchMCEM = _front_door(_mcem.MiniBatchMCEM, _EMFamilyEngine)
+MISSO = _front_door(_misso.MISSO, _EMFamilyEngine)
 TTSEM = _front_door(_ttsem.TTSEM, _EMFamilyEngine)
 
-__all__ = ["EM", "FIEM", "FSAEM", "IEM", "MCEM", "SAEM", "SEM", "SEMVR", "TTSEM", "MiniBatchEM", "MiniBatchMCEM"]
+__all__ = ["EM", "FIEM", "FSAEM", "IEM", "MCEM", "MCMCSGD", "MISSO", "SAEM", "SEM", "SEMVR", "TTSEM", "MiniBatchEM",
+           "MiniBatchMCEM", "MISSOVI"]

@@ -48,6 +48,8 @@ from latentfit.inference import fiem as _fiem
 from latentfit.inference import fsaem as _fsaem
 from latentfit.inference import iem as _iem
 from latentfit.inference import mcem as _mcem
+from latentfit.inference import mcmcsgd as _mcmcsgd
+from latentfit.inference import misso as _misso
 from latentfit.inference import saem as _saem
 from latentfit.inference import sem as _sem
 from latentfit.inference import semvr as _semvr
@@ -55,6 +57,7 @@ from latentfit.inference import ttsem as _ttsem
 from latentfit.inference.model import LatentModel
 from latentfit.inference.results import FitResult
 from latentfit.integrations._front_door import EMFamilyFrontDoor, EngineFrontDoor, front_door
+from latentfit.integrations.misso_vi_pyro import MISSOVI
 from latentfit.integrations.pyro import PyroLatentModel, write_params_to_store
 from latentfit.integrations.pyro_enum import PyroEnumModel, has_enumerated_latents
 
@@ -97,6 +100,7 @@ def _em_engine(cls: type) -> type:
 
 SAEM = front_door(_saem.SAEM, _PyroEngine, __name__)
 FSAEM = front_door(_fsaem.FSAEM, _PyroEngine, __name__)
+MCMCSGD = front_door(_mcmcsgd.MCMCSGD, _PyroEngine, __name__)
 EM = _em_engine(_em.EM)
 MiniBatchEM = _em_engine(_iem.MiniBatchEM)
 IEM = _em_engine(_iem.IEM)
@@ -105,6 +109,8 @@ SEMVR = _em_engine(_semvr.SEMVR)
 FIEM = _em_engine(_fiem.FIEM)
 MCEM = _em_engine(_mcem.MCEM)
 MiniBatchMCEM = _em_engine(_mcem.MiniBatchMCEM)
+MISSO = _em_engine(_misso.MISSO)
 TTSEM = _em_engine(_ttsem.TTSEM)
 
-__all__ = ["EM", "FIEM", "FSAEM", "IEM", "MCEM", "SAEM", "SEM", "SEMVR", "TTSEM", "MiniBatchEM", "MiniBatchMCEM"]
+__all__ = ["EM", "FIEM", "FSAEM", "IEM", "MCEM", "MCMCSGD", "MISSO", "SAEM", "SEM", "SEMVR", "TTSEM", "MiniBatchEM",
+           "MiniBatchMCEM", "MISSOVI"]

@@ -128,3 +128,88 @@ def adapt_scale(scale: Any, acceptance: Any, mask: Any = None) -> Any:
     if mask is None:
         return new
     return mask * new + (1.0 - mask) * scale
+
+
+def saemix_sweep(ops: Ops, key: Any, z: Any, scales: tuple[Any, Any], k: Any, kernels: tuple[int, int, int],
+                 evaluate: Evaluate, sample_prior: Callable[[Any], Any]) -> tuple[ChainState, tuple[Any, Any], dict]:
+    """saemix's MCMC step from draws ``z [L, n, d]``: ``n1`` prior-IMH, ``n2`` component-wise RW and ``n3``
+    random-block RW iterations (``kernels``), the RW scales ``(scale_rw, scale_block)`` adapted as they go.
+
+    Kernel repetitions run under ``ops.fori_loop`` (a Python loop on torch, one traced body on JAX, which keeps
+    the compiled program small).  Returns the chain state, the adapted scales and the acceptance rates per
+    kernel (averaged over repetitions).
+    """
+    n1, n2, n3 = kernels
+    keys = ops.split(key, n1 + n2 + 2 * n3 + 1)
+    chain = init_chain_state(z, evaluate)
+    acc: dict[str, Any] = {}
+    d = chain.z.shape[-1]
+    scale_rw, scale_block = scales
+    if n1:
+        def imh(i, carry):
+            ch, rate = carry
+            ch, a = prior_imh(ops, keys[i], ch, sample_prior, evaluate)
+            return ch, rate + a / n1
+
+        chain, acc["prior_imh"] = ops.fori_loop(0, n1, imh, (chain, ops.zeros(())))
+    if n2:
+        def rw(i, carry):
+            ch, scale, rate = carry
+            ch, a = rw_componentwise(ops, keys[n1 + i], ch, scale, evaluate)
+            return ch, adapt_scale(scale, a), rate + a / n2
+
+        chain, scale_rw, acc["rw"] = ops.fori_loop(0, n2, rw, (chain, scale_rw, ops.zeros((d,))))
+    if n3:
+        def block(i, carry):
+            ch, scale, rate = carry
+            mask = random_block_mask(ops, keys[n1 + n2 + 2 * i], d, k)
+            ch, a = rw_block(ops, keys[n1 + n2 + 2 * i + 1], ch, scale, mask, evaluate)
+            return ch, adapt_scale(scale, a, mask), rate + a / n3
+
+        chain, scale_block, acc["block_rw"] = ops.fori_loop(0, n3, block, (chain, scale_block, ops.zeros(())))
+    return chain, (scale_rw, scale_block), acc
+
+
+#: MALA's target acceptance rate (Roberts & Rosenthal 1998) and the Robbins–Monro rate of its step adaptation
+MALA_TARGET = 0.574
+MALA_ADAPT_RATE = 0.5
+
+
+class GradChainState(NamedTuple):
+    """Chains of a gradient-based kernel: draws ``[L, n, d]``, log-target ``[L, n]`` and its gradient."""
+
+    z: Any
+    log_target: Any
+    grad: Any
+
+
+def mala(ops: Ops, key: Any, state: GradChainState, log_step: Any,
+         value_and_grad: Callable[[Any], tuple[Any, Any]]) -> tuple[GradChainState, Any]:
+    """One Metropolis-adjusted Langevin step per chain, with a per-unit step size ``h_i = exp(log_step_i)``.
+
+    ``z' = z + ½h² ∇log π(z) + h ε``, accepted with the ratio ``π(z') q(z | z') / (π(z) q(z' | z))``
+    (Roberts & Tweedie 1996).  ``value_and_grad(z) -> (log π [L, n], ∇ [L, n, d])``.  Returns the state and the
+    per-unit acceptance rate averaged over chains ``[n]``.
+    """
+    xp = ops.xp
+    k1, k2 = ops.split(key)
+    h = xp.exp(log_step)[..., None]  # [n, 1]
+    mean_fwd = state.z + 0.5 * h * h * state.grad
+    z_new = mean_fwd + h * ops.normal(k1, tuple(state.z.shape))
+    lt_new, g_new = value_and_grad(z_new)
+    mean_bwd = z_new + 0.5 * h * h * g_new
+    log_q_bwd = -xp.sum((state.z - mean_bwd) ** 2, -1) / (2.0 * h[..., 0] ** 2)
+    log_q_fwd = -xp.sum((z_new - mean_fwd) ** 2, -1) / (2.0 * h[..., 0] ** 2)
+    log_ratio = lt_new + log_q_bwd - state.log_target - log_q_fwd
+    u = ops.uniform(k2, tuple(log_ratio.shape))
+    finite = xp.isfinite(log_ratio) & xp.all(xp.isfinite(g_new), -1)
+    ok = finite & (xp.log(u) < xp.where(finite, log_ratio, 0.0))
+    z = xp.where(ok[..., None], z_new, state.z)
+    lt = xp.where(ok, lt_new, state.log_target)
+    g = xp.where(ok[..., None], g_new, state.grad)
+    return GradChainState(z, lt, g), xp.mean(ok * 1.0, 0)
+
+
+def adapt_log_step(log_step: Any, acceptance: Any) -> Any:
+    """Per-unit Robbins–Monro adaptation ``log h_i ← log h_i + 0.5 (acc_i − 0.574)``."""
+    return log_step + MALA_ADAPT_RATE * (acceptance - MALA_TARGET)

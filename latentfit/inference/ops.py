@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -31,6 +31,15 @@ import numpy as np
 LOG_2PI = math.log(2.0 * math.pi)
 #: backend names accepted by :func:`make_ops`
 BACKENDS = ("torch", "jax")
+#: optimiser names every backend accepts (:meth:`Ops.optimizer`)
+OPTIMIZERS = ("sgd", "adam", "amsgrad", "opt-amsgrad")
+
+
+class FlatOptimizer(NamedTuple):
+    """A functional ascent optimiser over one flat vector: ``init(x) -> s``, ``update(g, s, x) -> (x', s')``."""
+
+    init: Callable[[Any], Any]
+    update: Callable[[Any, Any, Any], tuple[Any, Any]]
 
 
 class Ops:
@@ -308,6 +317,51 @@ class TorchOps(Ops):
             return torch.stack(rows, dim=-2).detach()
 
         return jac
+
+    # --- optimisers (gradient engines) -----------------------------------------------------------
+    def optimizer(self, spec: Any, learning_rate: Callable[[Any], Any]) -> FlatOptimizer:
+        """A functional *ascent* optimiser over one flat parameter vector, from ``torch.optim``.
+
+        ``spec``: ``"sgd"``, ``"adam"``, ``"amsgrad"`` (``torch.optim.Adam(amsgrad=True)``), ``"opt-amsgrad"``
+        (:class:`latentfit.optim.OptAMSGrad`), or a factory ``params -> torch.optim.Optimizer`` (its own
+        learning rate is kept).  ``learning_rate(t)`` gives the rate of gradient step ``t`` (1-based).  The
+        optimiser object lives in the optimiser state; ``update`` loads ``x``, sets the gradient to ``−g`` (torch
+        optimisers minimise) and steps.
+        """
+        torch = self.torch
+        named = {"sgd": lambda p, lr: torch.optim.SGD(p, lr=lr),
+                 "adam": lambda p, lr: torch.optim.Adam(p, lr=lr),
+                 "amsgrad": lambda p, lr: torch.optim.Adam(p, lr=lr, amsgrad=True)}
+        if spec == "opt-amsgrad":
+            from latentfit.optim import OptAMSGrad
+
+            named["opt-amsgrad"] = lambda p, lr: OptAMSGrad(p, lr=lr)
+        own_rate = isinstance(spec, str)
+        if own_rate:
+            make = named[spec]
+            factory = lambda p: make(p, float(learning_rate(1)))  # noqa: E731
+        else:
+            factory = spec
+
+        def init(x: Any) -> dict[str, Any]:
+            leaf = x.detach().clone().requires_grad_(True)
+            opt = factory([leaf])
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(f"optimizer factory must return a torch.optim.Optimizer, got {type(opt).__name__}")
+            return {"opt": opt, "leaf": leaf, "t": 0}
+
+        def update(g: Any, state: dict[str, Any], x: Any) -> tuple[Any, dict[str, Any]]:
+            leaf, opt, t = state["leaf"], state["opt"], state["t"] + 1
+            with torch.no_grad():
+                leaf.copy_(x)
+            leaf.grad = (-g).to(leaf.dtype)
+            if own_rate:
+                for group in opt.param_groups:
+                    group["lr"] = float(learning_rate(t))
+            opt.step()
+            return leaf.detach().clone(), dict(state, t=t)
+
+        return FlatOptimizer(init, update)
 
     # --- control flow -------------------------------------------------------------------------
     def cond(self, pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:

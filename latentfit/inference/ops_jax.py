@@ -30,7 +30,7 @@ import jax.scipy.special
 import numpy as np
 from jax import lax
 
-from .ops import Ops
+from .ops import FlatOptimizer, Ops
 
 
 def default_float_dtype() -> Any:
@@ -206,6 +206,38 @@ class JaxOps(Ops):
             return jax.vmap(lambda t: jax.jvp(f, (x,), (t,))[1], out_axes=-1)(tangents)
 
         return jac
+
+    # --- optimisers (gradient engines) -----------------------------------------------------------
+    def optimizer(self, spec: Any, learning_rate: Callable[[Any], Any]) -> FlatOptimizer:
+        """A functional *ascent* optimiser over one flat vector, from ``optax``.
+
+        ``spec``: ``"sgd"``, ``"adam"``, ``"amsgrad"`` (optax's), ``"opt-amsgrad"``
+        (:func:`latentfit.optim.opt_amsgrad`), or an ``optax.GradientTransformation`` (used as given, its own
+        learning rate kept).  ``learning_rate(t)`` gives the rate of gradient step ``t`` (1-based); optax counts
+        from 0.
+        """
+        import optax
+
+        if isinstance(spec, str):
+            def rate(count: Any) -> Any:
+                return learning_rate(count + 1)
+
+            if spec == "opt-amsgrad":
+                from latentfit.optim import opt_amsgrad
+
+                tx = opt_amsgrad(rate)
+            else:
+                tx = {"sgd": optax.sgd, "adam": optax.adam, "amsgrad": optax.amsgrad}[spec](rate)
+        elif isinstance(spec, optax.GradientTransformation):
+            tx = spec
+        else:
+            raise TypeError(f"optimizer must be a name or an optax.GradientTransformation, got {type(spec).__name__}")
+
+        def update(g: Any, state: Any, x: Any) -> tuple[Any, Any]:
+            updates, state = tx.update(-g, state, x)
+            return optax.apply_updates(x, updates), state
+
+        return FlatOptimizer(tx.init, update)
 
     # --- control flow -------------------------------------------------------------------------
     def cond(self, pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:

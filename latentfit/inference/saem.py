@@ -131,46 +131,13 @@ class SAEM(Engine):
     # ----- building blocks (overridden by f-SAEM and friends) ----------------------------------------
     def simulate(self, state: dict[str, Any], theta: dict[str, Any], k: Any, key: Any,
                  phase: Any) -> tuple[mcmc.ChainState, dict[str, Any], dict[str, Any]]:
-        """The MCMC step: saemix kernels 1–3 with scale adaptation."""
-        model, ops = self.model, self.ops
-        n1, n2, n3 = self.kernels
-        keys = ops.split(key, n1 + n2 + 2 * n3 + 1)
-
-        def evaluate(z):
-            return model.log_densities(theta, z)
-
-        def sample_prior(kk):
-            return model.sample_prior(theta, kk, self.num_chains)
-
-        # kernel repetitions run under ops.fori_loop (a Python loop on torch, one traced body on JAX,
-        # which keeps the compiled program small); acceptance rates are averaged over repetitions
-        chain = mcmc.init_chain_state(state["z"], evaluate)
-        acc: dict[str, Any] = {}
-        d = chain.z.shape[-1]
-        if n1:
-            def imh(i, carry):
-                ch, rate = carry
-                ch, a = mcmc.prior_imh(ops, keys[i], ch, sample_prior, evaluate)
-                return ch, rate + a / n1
-
-            chain, acc["prior_imh"] = ops.fori_loop(0, n1, imh, (chain, ops.zeros(())))
-        scale_rw, scale_block = state["scale_rw"], state["scale_block"]
-        if n2:
-            def rw(i, carry):
-                ch, scale, rate = carry
-                ch, a = mcmc.rw_componentwise(ops, keys[n1 + i], ch, scale, evaluate)
-                return ch, mcmc.adapt_scale(scale, a), rate + a / n2
-
-            chain, scale_rw, acc["rw"] = ops.fori_loop(0, n2, rw, (chain, scale_rw, ops.zeros((d,))))
-        if n3:
-            def block(i, carry):
-                ch, scale, rate = carry
-                mask = mcmc.random_block_mask(ops, keys[n1 + n2 + 2 * i], d, k)
-                ch, a = mcmc.rw_block(ops, keys[n1 + n2 + 2 * i + 1], ch, scale, mask, evaluate)
-                return ch, mcmc.adapt_scale(scale, a, mask), rate + a / n3
-
-            chain, scale_block, acc["block_rw"] = ops.fori_loop(0, n3, block, (chain, scale_block, ops.zeros(())))
-        state = dict(state, scale_rw=scale_rw, scale_block=scale_block)
+        """The MCMC step: saemix kernels 1–3 with scale adaptation (:func:`mcmc.saemix_sweep`)."""
+        model = self.model
+        chain, scales, acc = mcmc.saemix_sweep(
+            self.ops, key, state["z"], (state["scale_rw"], state["scale_block"]), k, self.kernels,
+            evaluate=lambda z: model.log_densities(theta, z),
+            sample_prior=lambda kk: model.sample_prior(theta, kk, self.num_chains))
+        state = dict(state, scale_rw=scales[0], scale_block=scales[1])
         return chain, acc, state
 
     def _chain_mean_stats(self, theta: dict[str, Any], z: Any) -> dict[str, Any]:

@@ -84,6 +84,31 @@ class _LazyJit:
         return self.fn(*args) if self.calls <= self.eager_calls else self.jitted(*args)
 
 
+#: pytree-valued params (``numpyro.contrib.module``'s ``"net$params"``): name -> (leaf names, tree structure)
+_PYTREE_PARAMS: dict[str, tuple[tuple[str, ...], Any]] = {}
+
+
+def _pytree_param_leaves(name: str, value: Any) -> list[tuple[str, Any]]:
+    """A param site's value as ``(name, array)`` pairs: itself, or one per leaf of a pytree (a flax / haiku module's
+    weights, registered by ``numpyro.contrib.module`` as one param), named ``"net$params/Dense_0/kernel"``."""
+    if value is None or isinstance(value, (jax.Array, np.ndarray, float, int)):
+        return [(name, value)]
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(value)
+    names = tuple(name + "/" + "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                                        for k in path) for path, _ in with_path)
+    _PYTREE_PARAMS[name] = (names, treedef)
+    return [(n, leaf) for n, (_, leaf) in zip(names, with_path)]
+
+
+def _regroup_pytree_params(params: dict[str, Any]) -> dict[str, Any]:
+    """θ by leaf name -> the values ``handlers.substitute`` expects (pytree params rebuilt from their leaves)."""
+    data = dict(params)
+    for name, (names, treedef) in _PYTREE_PARAMS.items():
+        if names and names[0] in params and all(n in params for n in names):
+            data[name] = jax.tree_util.tree_unflatten(treedef, [params[n] for n in names])
+    return data
+
+
 class NumPyroPPL(PPL):
     """The tracing interface of NumPyro (see :class:`~latentfit.integrations.traced.PPL`)."""
 
@@ -102,14 +127,15 @@ class NumPyroPPL(PPL):
         if values:
             model = handlers.condition(model, data=values)
         if params is not None:
-            model = handlers.substitute(model, data=dict(params))
+            model = handlers.substitute(model, data=_regroup_pytree_params(params))
         with validation_enabled(False):  # NaN densities are rejected by MH / reported by site
             tr = handlers.trace(handlers.seed(model, rng_seed=0 if key is None else key)).get_trace(*args, **kwargs)
         sites = {}
         for name, site in tr.items():
             if site["type"] == "param":
                 constraint = site["kwargs"].get("constraint", constraints.real)
-                sites[name] = Site(name, "param", site["value"], constraint=constraint)
+                for leaf_name, leaf in _pytree_param_leaves(name, site["value"]):
+                    sites[leaf_name] = Site(leaf_name, "param", leaf, constraint=constraint)
             elif site["type"] == "sample":
                 frames = tuple(Frame(f.name, f.dim, f.size) for f in site["cond_indep_stack"])
                 mask = site.get("mask")

@@ -9,7 +9,9 @@ exactly as written: ``phi[:, 0]``, ``x[:, None]``, ``.to_event(1)`` all work.
 
 from __future__ import annotations
 
+import sys
 import warnings
+from operator import attrgetter
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,6 +26,10 @@ from torch.distributions.transforms import ExpTransform
 from latentfit.inference.model import ParamInfo
 from latentfit.inference.ops import TorchOps
 from latentfit.integrations.traced import PPL, Frame, Site, TracedLatentModel
+
+#: how ``pyro.module`` names its weights (``"net$$$0.weight"``), and the code object of ``pyro.module``
+_MODULE_DIVIDER = "$$$"
+_PYRO_MODULE_CODE = pyro.primitives.module.__code__
 
 
 def _unwrap(fn: Any) -> tuple[Any, Any]:
@@ -61,6 +67,33 @@ class _Runner(Messenger):
         value = self.params.get(msg["name"])
         if value is not None:
             msg["value"] = value
+            if _MODULE_DIVIDER in msg["name"]:
+                self._swap_module_param(value)
+
+    def _swap_module_param(self, value: Any) -> None:
+        """``pyro.module(name, net)`` registers ``net``'s weights as params but (by default) keeps computing with its
+        own tensors: put θ's value into the module for this run (what ``update_module_params=True`` does), and
+        restore the module's own parameter on exit."""
+        frame = sys._getframe(2)
+        while frame is not None and frame.f_code is not _PYRO_MODULE_CODE:
+            frame = frame.f_back
+        if frame is None:
+            return
+        net, dotted = frame.f_locals["nn_module"], frame.f_locals["param_name"]
+        owner_path, _, attr = dotted.rpartition(".")
+        owner = attrgetter(owner_path)(net) if owner_path else net
+        self._swapped.append((owner, attr, owner._parameters[attr]))
+        owner._parameters[attr] = value
+
+    def __enter__(self) -> _Runner:
+        self._swapped: list[tuple[Any, str, Any]] = []
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        for owner, attr, original in reversed(self._swapped):
+            owner._parameters[attr] = original
+        self._swapped = []
+        return super().__exit__(*exc)
 
     def _pyro_sample(self, msg: Any) -> None:
         value = self.values.get(msg["name"])

@@ -688,10 +688,11 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
             for s in self._layout:
                 fn = self.ppl.unwrap(tr[s.name].fn)
                 if isinstance(fn, d.MultivariateNormal):
-                    out = out + fn.loc.sum() + fn.scale_tril.sum()
+                    out = out + self.ops.xp.sum(fn.loc) + self.ops.xp.sum(fn.scale_tril)
                 else:
                     base = self.ppl.normal_base(fn)
-                    out = out + (base.loc * 1.0).sum() + (base.scale * 1.0).sum()
+                    xp = self.ops.xp
+                    out = out + xp.sum(base.loc * 1.0) + xp.sum(base.scale * 1.0)
             return out
 
         g = self.ppl.grad_params(total, {"z": z})["z"]  # hierarchical latents: the prior of z_i is not Gaussian

@@ -1,0 +1,302 @@
+"""MCMCSGD: maximum likelihood by stochastic gradient ascent with MCMC E-steps (Fisher identity).
+
+For a model with latents ``z_i`` per unit and no usable sufficient statistics (logistic or Poisson mixed
+models, a neural network inside, censored outcomes), the score of the observed data is, by Fisher's identity,
+
+    ∇_θ log p(y; θ) = Σ_i E_{z_i | y_i; θ}[∇_θ log p(y_i, z_i; θ)].
+
+Iteration k (1-based):
+
+1. a few MCMC kernel steps on persistent, warm-started chains targeting ``p(z_i | y_i; θ_{k−1})``, batched
+   over units and chains: saemix's kernels (prior-IMH, component-wise and block random walks) or MALA with
+   a per-unit step adapted toward 57% acceptance (``kernel="mala"``, for high-dimensional latents);
+2. the gradient estimate ``ĝ_k = (N/|B_k|) Σ_{i∈B_k} mean_chains ∇_θ log p(y_i, z_i^{(k)}; θ_{k−1})`` over a
+   mini-batch ``B_k`` of units (all units by default), in unconstrained space;
+3. one optimiser step (SGD, Adam, AMSGrad, OPT-AMSGrad, or any ``torch.optim`` / ``optax`` optimiser)
+   with learning rate ``η_t`` (t counts gradient steps);
+4. Polyak–Ruppert averaging ``θ̄_k = θ̄_{k−1} + (θ_k − θ̄_{k−1})/(k − k₀)`` after ``k₀ = average_from``.
+
+The default rate is constant until ``average_from`` and decays as ``η/√(t − t₀)`` after it, the Robbins–Monro
+regime of biased stochastic approximation with Markov noise (Karimi, Miasojedow, Moulines & Wai, "Non-asymptotic
+analysis of biased stochastic approximation scheme", COLT 2019): a few warm-started kernel steps per
+iteration suffice.  That paper's guarantee holds at a *random* iteration ``N`` drawn with
+``P(N = ℓ) ∝ η_{ℓ+1}``; the fit reports it (:attr:`MCMCSGD.random_stop` of the result's engine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import mcmc
+from .driver import Engine, default_num_chains
+from .model import LatentModel, ModelSpecificationError
+from .mstep import flatten, unflatten
+from .ops import OPTIMIZERS
+from .results import FitResult
+
+KERNELS = ("saemix", "mala")
+
+
+@dataclass(frozen=True)
+class RandomStop:
+    """The biased-SA report: θ and the squared gradient norm at an iteration ``N ~ P(N = ℓ) ∝ η_{ℓ+1}``."""
+
+    iteration: int
+    theta: dict[str, np.ndarray]
+    grad_norm2: float
+
+
+class MCMCSGD(Engine):
+    """Stochastic-gradient maximum likelihood with MCMC E-steps on a :class:`LatentModel`.
+
+    Parameters
+    ----------
+    num_iters : int
+        Iterations (each: ``mcmc_steps`` kernel steps and one gradient step).
+    num_chains : int, optional
+        Chains per unit; default saemix's ``ceil(50 / N)``.
+    kernel : "saemix" | "mala"
+        MCMC kernel: saemix's three kernels, or MALA with per-unit step adaptation.
+    mcmc_steps : int or (n1, n2, n3)
+        Kernel steps per iteration: MALA steps, or saemix's prior-IMH / component-wise / block counts (an int
+        ``m`` means ``(m, m, m)``).  Defaults: ``(1, 1, 1)`` and 5 MALA steps.
+    burn_in : int
+        MCMC-only iterations before the first gradient step.
+    batch_size : int, optional
+        Units per gradient step (uniform without replacement, gradient rescaled by ``N / b``); all by default.
+    optimizer : str or optimiser
+        ``"sgd"``, ``"adam"`` (default), ``"amsgrad"``, ``"opt-amsgrad"``; or a ``torch.optim`` factory
+        ``params -> Optimizer`` (Pyro) / an ``optax.GradientTransformation`` (NumPyro), used with its own rate.
+    learning_rate : float or callable
+        ``η`` of the named optimisers, or a schedule ``t -> η_t`` of the gradient-step count (1-based).
+    average_from : int, optional
+        Iteration after which iterates are averaged and the default rate decays; default ``num_iters // 2``.
+    """
+
+    name = "MCMCSGD"
+
+    def __init__(self, model: LatentModel, num_iters: int = 500, num_chains: int | None = None, *,
+                 kernel: str = "saemix", mcmc_steps: Any = None, burn_in: int = 10, batch_size: int | None = None,
+                 optimizer: Any = "adam", learning_rate: Any = 0.05, average_from: int | None = None,
+                 seed: int = 0, progress: bool = True, num_draws: int = 100, callback=None,
+                 chunk_size: int = 25) -> None:
+        super().__init__(model, seed=seed, progress=progress, callback=callback, num_draws=num_draws,
+                         chunk_size=chunk_size)
+        self.validate_options(num_iters, num_chains, kernel=kernel, mcmc_steps=mcmc_steps, burn_in=burn_in,
+                              batch_size=batch_size, optimizer=optimizer, learning_rate=learning_rate,
+                              average_from=average_from)
+        if model.latent_dim == 0 or not model.latent_sites:
+            raise ModelSpecificationError(
+                "MCMCSGD needs continuous latent variables (a sample site per unit without obs=); this model has "
+                "none. Fit a model without latents by maximum likelihood directly, or discrete latents with EM.")
+        if getattr(model, "is_enumerated", False):
+            raise ModelSpecificationError(
+                "MCMCSGD samples continuous latents by MCMC; this model's latents are discrete (enumerated): "
+                "fit it with EM, IEM or FIEM")
+        self.num_iters = int(num_iters)
+        self.num_chains = int(num_chains) if num_chains is not None else default_num_chains(model.num_units)
+        self.kernel = kernel
+        if mcmc_steps is None:
+            mcmc_steps = 5 if kernel == "mala" else (1, 1, 1)
+        if kernel == "saemix" and isinstance(mcmc_steps, (int, np.integer)):
+            mcmc_steps = (int(mcmc_steps),) * 3
+        self.mcmc_steps = tuple(int(m) for m in mcmc_steps) if kernel == "saemix" else int(mcmc_steps)
+        self.burn_in = int(burn_in)
+        self.batch_size = None if batch_size is None or int(batch_size) >= model.num_units else int(batch_size)
+        self.average_from = int(average_from) if average_from is not None else self.num_iters // 2
+        self.average_from = max(self.average_from, self.burn_in)
+        self.optimizer_spec = optimizer
+        if callable(learning_rate):
+            self.learning_rate = learning_rate
+        else:
+            self.learning_rate = _default_rate(float(learning_rate), self.average_from - self.burn_in)
+        self.names = [n for n, p in model.params.items() if not p.fixed]
+        if not self.names:
+            raise ModelSpecificationError("MCMCSGD: the model has no free parameter to estimate")
+        self._shapes = {n: tuple(np.shape(model.ops.to_numpy(model.params[n].to_unconstrained(
+            model.params[n].value)))) for n in self.names}
+        self._optimizer = model.ops.optimizer(optimizer, self.learning_rate)
+        #: filled by :meth:`run`: the biased-SA random-stopping report
+        self.random_stop: RandomStop | None = None
+
+    @staticmethod
+    def validate_options(num_iters: Any = 500, num_chains: int | None = None, *, kernel: str = "saemix",
+                         mcmc_steps: Any = None, burn_in: int = 10, batch_size: int | None = None,
+                         optimizer: Any = "adam", learning_rate: Any = 0.05, average_from: int | None = None,
+                         **_: Any) -> None:
+        if not isinstance(num_iters, (int, np.integer)) or num_iters < 1:
+            raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
+        if num_chains is not None and int(num_chains) < 1:
+            raise ValueError(f"num_chains must be >= 1, got {num_chains}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if mcmc_steps is not None:
+            steps = mcmc_steps if isinstance(mcmc_steps, (tuple, list)) else (mcmc_steps,)
+            if kernel == "mala" and len(steps) != 1 or kernel == "saemix" and len(steps) not in (1, 3):
+                raise ValueError(f"mcmc_steps must be an int (or, for kernel='saemix', three counts), "
+                                 f"got {mcmc_steps!r}")
+            if any(int(m) < 0 for m in steps) or sum(int(m) for m in steps) == 0:
+                raise ValueError(f"mcmc_steps must be non-negative counts, not all zero; got {mcmc_steps!r}")
+        if not 0 <= int(burn_in) < int(num_iters):
+            raise ValueError(f"burn_in must be in [0, num_iters): got {burn_in} with num_iters={num_iters}")
+        if batch_size is not None and int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if average_from is not None and not 0 <= int(average_from) < int(num_iters):
+            raise ValueError(f"average_from must be in [0, num_iters): got {average_from}")
+        if isinstance(optimizer, str) and optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS} or an optimiser object, got {optimizer!r}")
+        if not callable(learning_rate):
+            try:
+                lr = float(learning_rate)
+            except (TypeError, ValueError):
+                raise ValueError(f"learning_rate must be a positive number or a schedule t -> rate, "
+                                 f"got {learning_rate!r}") from None
+            if not np.isfinite(lr) or lr <= 0:
+                raise ValueError(f"learning_rate must be positive and finite, got {learning_rate!r}")
+
+    # ----- engine protocol ---------------------------------------------------------------------------
+    def phases(self) -> list[tuple[int, int, Any]]:
+        out = []
+        if self.burn_in:
+            out.append((1, self.burn_in, "mcmc"))
+        out.append((self.burn_in + 1, self.num_iters, "sgd"))
+        return out
+
+    def init(self, key: Any) -> dict[str, Any]:
+        model, ops, xp = self.model, self.ops, self.ops.xp
+        theta = model.init_params()
+        k_prior, key = ops.split(key)
+        z = model.sample_prior(theta, k_prior, self.num_chains)
+        ll, lp = model.log_densities(theta, z)
+        if bool(xp.all(~xp.isfinite(ll + lp))):
+            model.raise_for_nonfinite(theta, z)
+        theta_u = model.unconstrain(theta)
+        x = flatten(ops, theta_u, self.names)
+        state = {"theta_u": theta_u, "x": x, "x_avg": x, "z": z, "key": key,
+                 "opt": self._optimizer.init(x)}
+        if self.kernel == "saemix":
+            sd = xp.std(xp.reshape(z, (-1, z.shape[-1])), 0)
+            sd = xp.where(sd > 0, sd, 1.0)
+            state["scale_rw"] = 0.5 * sd
+            state["scale_block"] = 0.5 * sd
+        else:
+            d = z.shape[-1]
+            state["log_step"] = ops.zeros((model.num_units,)) + float(np.log(1.0 / max(d, 1) ** 0.25 * 0.5))
+        return state
+
+    def theta_of(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The Polyak–Ruppert average (the iterate itself before ``average_from``)."""
+        theta_u = dict(state["theta_u"])
+        theta_u.update(unflatten(state["x_avg"], self.names, self._shapes))
+        return self.model.constrain(theta_u)
+
+    def step(self, state: dict[str, Any], k: Any, phase: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        model, ops, xp = self.model, self.ops, self.ops.xp
+        key, k_batch, k_sim = ops.split(state["key"], 3)
+        theta_u = dict(state["theta_u"])
+        theta_u.update(unflatten(state["x"], self.names, self._shapes))
+        theta = model.constrain(theta_u)
+        units = None if self.batch_size is None else ops.permutation(k_batch, model.num_units)[:self.batch_size]
+        z_all = state["z"]
+        z = z_all if units is None else ops.take(z_all, units, axis=1)
+        z, state, acc = self._simulate(state, theta, z, units, k, k_sim)
+        z_all = z if units is None else _scatter_units(ops, z_all, units, z)
+        state = dict(state, z=z_all, key=key)
+        info: dict[str, Any] = {"acc": acc}
+        if phase == "mcmc":
+            info["objective"] = xp.mean(xp.sum(model.log_joint(theta, z, units), -1))
+            info["grad_norm2"] = ops.zeros(())
+            info["learning_rate"] = ops.zeros(())
+            info["iterate"] = state["x"]
+            return state, info
+        scale = model.num_units / (model.num_units if units is None else self.batch_size)
+        fixed = {n: v for n, v in theta.items() if n not in self.names}
+
+        def objective(x: Any) -> Any:
+            th = dict(fixed)
+            th.update(model.constrain(unflatten(x, self.names, self._shapes)))
+            return scale * xp.mean(xp.sum(model.log_joint(th, z, units), -1))
+
+        value, grad = ops.value_and_grad(objective)(state["x"])
+        grad = xp.where(xp.isfinite(grad), grad, 0.0)
+        x_new, opt_state = self._optimizer.update(grad, state["opt"], state["x"])
+        t_avg = k - self.average_from
+        weight = 1.0 / (t_avg * (t_avg > 0) + 1 * (t_avg <= 0))
+        x_avg = xp.where(t_avg > 0, state["x_avg"] + weight * (x_new - state["x_avg"]), x_new)
+        state = dict(state, x=x_new, x_avg=x_avg, opt=opt_state)
+        info.update(objective=value, grad_norm2=xp.sum(grad * grad),
+                    learning_rate=self.learning_rate(k - self.burn_in) + 0.0 * value, iterate=x_new)
+        return state, info
+
+    def _simulate(self, state: dict[str, Any], theta: dict[str, Any], z: Any, units: Any, k: Any,
+                  key: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        model, ops, xp = self.model, self.ops, self.ops.xp
+        if self.kernel == "saemix":
+            chain, scales, acc = mcmc.saemix_sweep(
+                ops, key, z, (state["scale_rw"], state["scale_block"]), k, self.mcmc_steps,
+                evaluate=lambda zz: model.log_densities(theta, zz, units),
+                sample_prior=lambda kk: model.sample_prior(theta, kk, self.num_chains, units))
+            return chain.z, dict(state, scale_rw=scales[0], scale_block=scales[1]), acc
+
+        def value_and_grad(zz: Any) -> tuple[Any, Any]:
+            v, g, _ = ops.value_grad_hessian(lambda x: model.log_joint(theta, x, units), zz, hessian=False)
+            return v, g
+
+        log_step_all = state["log_step"]
+        log_step = log_step_all if units is None else ops.take(log_step_all, units)
+        lt, g = value_and_grad(z)
+        chain = mcmc.GradChainState(z, lt, g)
+        keys = ops.split(key, self.mcmc_steps)
+
+        def body(i: Any, carry: Any) -> Any:
+            ch, ls, rate = carry
+            ch, a = mcmc.mala(ops, keys[i], ch, ls, value_and_grad)
+            return ch, mcmc.adapt_log_step(ls, a), rate + xp.mean(a) / self.mcmc_steps
+
+        chain, log_step, rate = ops.fori_loop(0, self.mcmc_steps, body, (chain, log_step, ops.zeros(())))
+        log_step_all = log_step if units is None else ops.scatter(log_step_all, units, log_step)
+        return chain.z, dict(state, log_step=log_step_all), {"mala": rate}
+
+    # ----- the random-stopping report ------------------------------------------------------------------
+    def run(self, key: Any = None) -> FitResult:
+        fit = super().run(key)
+        self.random_stop = self._random_stop(fit)
+        return fit
+
+    def _random_stop(self, fit: FitResult) -> RandomStop | None:
+        """Draw ``N`` with ``P(N = ℓ) ∝ η_{ℓ+1}`` over the gradient steps; report the iterate and ‖ĝ‖² there."""
+        steps = np.arange(1, self.num_iters - self.burn_in + 1)
+        if not len(steps):
+            return None
+        rates = np.asarray(fit.history.get("learning_rate", np.ones(self.num_iters)))[self.burn_in:]
+        rates = np.where(np.isfinite(rates) & (rates > 0), rates, 0.0)
+        if rates.sum() <= 0:
+            rates = np.ones_like(rates)
+        n = int(np.random.default_rng(self.seed).choice(len(steps), p=rates / rates.sum()))
+        k = self.burn_in + n  # 0-based row of the history (iteration k + 1)
+        ops = self.ops
+        theta_u = dict(fit.state["theta_u"])
+        theta_u.update(unflatten(ops.asarray(fit.history["iterate"][k]), self.names, self._shapes))
+        theta = {n: ops.to_numpy(v) for n, v in self.model.constrain(theta_u).items()}
+        return RandomStop(iteration=k + 1, theta=theta, grad_norm2=float(fit.history["grad_norm2"][k]))
+
+
+def _default_rate(rate: float, decay_from: int) -> Any:
+    """``η_t = rate`` for ``t ≤ decay_from``, then ``rate / √(t − decay_from)``."""
+
+    def schedule(t: Any) -> Any:
+        over = t - decay_from
+        return rate * (over <= 0) + rate * (over > 0) / (over * (over > 0) + 1.0 * (over <= 0)) ** 0.5
+
+    return schedule
+
+
+def _scatter_units(ops: Any, z_all: Any, units: Any, z: Any) -> Any:
+    """``z_all[:, units] = z`` without mutation (units on axis 1)."""
+    return ops.scatter_axis1(z_all, units, z)
+
+
+__all__ = ["KERNELS", "MCMCSGD", "RandomStop"]

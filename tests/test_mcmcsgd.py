@@ -1,0 +1,260 @@
+"""MCMCSGD (issue 11, item 1): stochastic-gradient ML with MCMC E-steps, on plain Pyro and NumPyro models.
+
+Known answers come from the model gallery (``test_gallery.py``): the exact ML estimate of the random-slope radon
+model (``gallery_reference.lmm_mle``) and the adaptive-quadrature ML estimate of the logistic GLMM
+(``gallery_reference.glmm_mle``).  Tolerances are in units of SAEM's Monte-Carlo error on the same entry
+(``test_gallery.MC_SD``): MCMCSGD's default fits deviated by at most 1.6 of them over seeds 0-2 on both
+entries (a scratch run), and the tests allow ``TOL_SDS = 5`` of them, as the gallery does for SAEM.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from backends import Backend
+from test_gallery import ENTRIES, TOL_REL, TOL_SDS, _args, known_answer
+
+from latentfit.inference.model import ModelSpecificationError
+
+
+@pytest.fixture(autouse=True)
+def _clean_param_store():
+    import pyro
+
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+def _fit(backend: Backend, name: str, seed: int = 0, **options):
+    entry = ENTRIES[name]
+    args = _args(backend, entry, entry.data())
+    if backend.name == "pyro":
+        import pyro
+
+        pyro.clear_param_store()  # a Pyro fit writes its estimates to the store, where the next one would start
+        return backend.front_door.MCMCSGD(entry.model(backend), seed=seed, progress=False, **options).run(*args)
+    return backend.front_door.MCMCSGD(entry.model(backend), seed=seed, progress=False, **options).run(seed, *args)
+
+
+def _check_known_answer(name: str, fit, tol_sds: float = TOL_SDS) -> None:
+    entry = ENTRIES[name]
+    est = entry.estimates(fit.params)
+    for key, ref in known_answer(name).items():
+        tol = max(tol_sds * entry.mc_sd[key], TOL_REL * abs(ref))
+        assert abs(float(est[key]) - ref) < tol, (key, float(est[key]), ref, tol)
+
+
+CASES = [
+    pytest.param("radon_slope", "pyro", id="lmm_random_slope-pyro"),
+    pytest.param("logistic_glmm", "numpyro", id="logistic_glmm-numpyro"),
+    pytest.param("radon_slope", "numpyro", id="lmm_random_slope-numpyro", marks=pytest.mark.slow),
+    pytest.param("logistic_glmm", "pyro", id="logistic_glmm-pyro", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("name,backend_name", CASES)
+def test_reaches_the_exact_maximum(name, backend_name):
+    """Random-slope LMM (exact ML) and logistic GLMM (quadrature ML), default options, 5 chains per unit."""
+    fit = _fit(Backend(backend_name), name, num_chains=5)
+    _check_known_answer(name, fit)
+    # the Polyak–Ruppert average is what the fit reports: it is the mean of the last half's iterates
+    k0 = fit.engine.average_from if hasattr(fit.engine, "average_from") else 250
+    assert fit.history["objective"].shape == (500,)
+    assert np.all(np.isfinite(fit.history["grad_norm2"][k0:]))
+
+
+def test_mala_kernel_reaches_the_exact_maximum():
+    """The gradient-based kernel (MALA, per-unit step adaptation) on the same random-slope model."""
+    fit = _fit(Backend("pyro"), "radon_slope", num_chains=5, kernel="mala")
+    _check_known_answer("radon_slope", fit)
+    acc = fit.acceptance["mala"]
+    assert 0.4 < float(np.mean(acc[-100:])) < 0.75  # adapted toward 57%
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend_name", ["pyro", "numpyro"])
+def test_mini_batches_reach_the_exact_maximum(backend_name):
+    """10 of 50 units per gradient step (rescaled by N/b): unbiased, with a larger Monte-Carlo error."""
+    fit = _fit(Backend(backend_name), "radon_slope", num_chains=5, batch_size=10, num_iters=1500)
+    _check_known_answer("radon_slope", fit, tol_sds=10.0)
+
+
+@pytest.mark.parametrize("backend_name", ["pyro", "numpyro"])
+def test_user_optimiser_equals_the_named_one(backend_name):
+    """A ``torch.optim`` factory / an ``optax`` transformation gives the same iterates as the named optimiser with
+    the same constant rate (the engine's own optimiser is the library's)."""
+    b = Backend(backend_name)
+    if backend_name == "pyro":
+        import torch
+
+        user = lambda params: torch.optim.Adam(params, lr=0.05)  # noqa: E731
+    else:
+        import optax
+
+        user = optax.adam(0.05)
+    named = _fit(b, "logistic_glmm", num_iters=40, burn_in=5, optimizer="adam", learning_rate=lambda t: 0.05)
+    own = _fit(b, "logistic_glmm", num_iters=40, burn_in=5, optimizer=user)
+    for key in ("theta.mu", "theta.omega", "theta.beta"):
+        np.testing.assert_allclose(own.history[key], named.history[key], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "amsgrad", "opt-amsgrad"])
+def test_every_named_optimiser_fits(optimizer):
+    """SGD (rate scaled to the gradient's size), AMSGrad and OPT-AMSGrad all climb to the maximum's neighbourhood."""
+    rate = 1e-3 if optimizer == "sgd" else 0.05
+    fit = _fit(Backend("numpyro"), "logistic_glmm", num_chains=5, optimizer=optimizer, learning_rate=rate)
+    _check_known_answer("logistic_glmm", fit, tol_sds=10.0)
+
+
+def test_random_stopping_report():
+    """N ~ P(N = ℓ) ∝ η_{ℓ+1}: the report's iterate and squared gradient norm are the history's at N."""
+    fit = _fit(Backend("pyro"), "logistic_glmm", num_iters=60, burn_in=10, num_chains=2)
+    report = fit.engine.random_stop if hasattr(fit.engine, "random_stop") else None
+    assert report is not None
+    assert 10 < report.iteration <= 60
+    assert report.grad_norm2 == pytest.approx(float(fit.history["grad_norm2"][report.iteration - 1]))
+    # before averaging starts (iteration 30) the reported θ is the iterate, as the history records it
+    if report.iteration <= 30:
+        assert float(report.theta["mu"]) == pytest.approx(float(fit.history["theta.mu"][report.iteration - 1]))
+    rates = fit.history["learning_rate"]
+    assert np.all(rates[:10] == 0) and np.all(rates[10:] > 0)
+    assert rates[-1] < rates[10]  # the default rate decays after average_from
+
+
+def test_louis_standard_errors_match_saem():
+    """SEs by Louis' formula at MCMCSGD's estimate agree with those at SAEM's (the same maximum) to 10%."""
+    from test_gallery import ENTRIES as entries
+
+    b = Backend("pyro")
+    fit = _fit(b, "radon_slope", num_chains=5)
+    se = fit.standard_errors("sa")
+    entry = entries["radon_slope"]
+    import latentfit.pyro as lp
+
+    saem = lp.SAEM(entry.model(b), num_iters=(100, 200), num_chains=5, seed=0, progress=False).run(
+        *_args(b, entry, entry.data()))
+    se_saem = saem.standard_errors("sa")
+    for k, v in se_saem.items():
+        assert np.isfinite(se[k]) and se[k] > 0
+        assert se[k] == pytest.approx(v, rel=0.1), k
+
+
+# ----- neural-network parameters --------------------------------------------------------------------------------
+def _mlp_data():
+    rng = np.random.default_rng(0)
+    num = 40
+    group = rng.permutation(np.repeat(np.arange(num), rng.integers(3, 10, num)))
+    x = rng.uniform(-2.0, 2.0, len(group))
+    u = 0.7 * rng.standard_normal(num)
+    y = np.sin(2.0 * x) + u[group] + 0.3 * rng.standard_normal(len(group))
+    return group, x, y, num
+
+
+def test_pyro_module_weights_are_fitted():
+    """A small MLP mean function (``pyro.module``) with random intercepts: its weights are parameters, and the
+    fit climbs from the start's IS log-likelihood to near the truth (σ = 0.3, ω = 0.7)."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+    from torch import nn
+    from torch.distributions import constraints
+
+    import latentfit.pyro as lp
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+
+    def model(x, group, num_groups, y=None):
+        net = pyro.module("mlp", mlp)
+        omega = pyro.param("omega", torch.tensor(1.0, dtype=x.dtype), constraint=constraints.positive)
+        sigma = pyro.param("sigma", torch.tensor(1.0, dtype=x.dtype), constraint=constraints.positive)
+        with pyro.plate("group", num_groups):
+            u = pyro.sample("u", dist.Normal(0.0, omega))
+        with pyro.plate("rows", len(x)):
+            pyro.sample("y", dist.Normal(net(x[:, None]).squeeze(-1) + u[group], sigma), obs=y)
+
+    group, x, y, num = _mlp_data()
+    args = (torch.as_tensor(x), torch.as_tensor(group), num, torch.as_tensor(y))
+    w0 = mlp[2].weight.detach().clone()
+    start = lp.MCMCSGD(model, num_iters=20, num_chains=4, burn_in=19, seed=0, progress=False).run(*args)
+    pyro.clear_param_store()
+    fit = lp.MCMCSGD(model, num_iters=1000, num_chains=4, seed=0, progress=False).run(*args)
+    assert {"mlp$$$0.weight", "mlp$$$2.bias"} <= set(fit.params)
+    assert fit.log_likelihood("is", num_samples=500) > start.log_likelihood("is", num_samples=500) + 100
+    assert float(fit.params["sigma"]) == pytest.approx(0.3, abs=0.03)
+    assert float(fit.params["omega"]) == pytest.approx(0.7, abs=0.15)
+    # the module keeps its own tensors; the estimates are written to Pyro's param store
+    assert torch.equal(mlp[2].weight.detach(), w0)
+    assert torch.allclose(pyro.param("mlp$$$2.weight").detach(), torch.as_tensor(fit.params["mlp$$$2.weight"]))
+
+
+@pytest.mark.slow
+def test_numpyro_flax_module_weights_are_fitted():
+    """The same model with a flax MLP through ``numpyro.contrib.module.flax_module``."""
+    pytest.importorskip("flax")
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.contrib.module import flax_module
+    from numpyro.distributions import constraints
+
+    import latentfit.numpyro as ln
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(nn.tanh(nn.Dense(16)(x)))
+
+    def model(x, group, num_groups, y=None):
+        net = flax_module("mlp", MLP(), input_shape=(1, 1))
+        omega = numpyro.param("omega", 1.0, constraint=constraints.positive)
+        sigma = numpyro.param("sigma", 1.0, constraint=constraints.positive)
+        with numpyro.plate("group", num_groups):
+            u = numpyro.sample("u", dist.Normal(0.0, omega))
+        with numpyro.plate("rows", len(x)):
+            numpyro.sample("y", dist.Normal(net(x[:, None]).squeeze(-1) + u[group], sigma), obs=y)
+
+    group, x, y, num = _mlp_data()
+    args = (jnp.asarray(x), jnp.asarray(group), num, jnp.asarray(y))
+    start = ln.MCMCSGD(model, num_iters=20, num_chains=4, burn_in=19, progress=False).run(0, *args)
+    fit = ln.MCMCSGD(model, num_iters=1000, num_chains=4, progress=False).run(0, *args)
+    assert "mlp$params/Dense_0/kernel" in fit.params
+    assert fit.log_likelihood("is", num_samples=500) > start.log_likelihood("is", num_samples=500) + 100
+    assert float(fit.params["sigma"]) == pytest.approx(0.3, abs=0.03)
+
+
+# ----- bad input ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("options,match", [
+    ({"learning_rate": -0.1}, "learning_rate must be positive"),
+    ({"learning_rate": float("nan")}, "learning_rate must be positive"),
+    ({"optimizer": "rmsprop"}, "optimizer must be one of"),
+    ({"kernel": "hmc"}, "kernel must be one of"),
+    ({"num_iters": 0}, "num_iters must be a positive int"),
+    ({"burn_in": 600}, "burn_in must be in"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"mcmc_steps": (0, 0, 0)}, "mcmc_steps"),
+])
+def test_bad_options_fail_at_construction(options, match):
+    import latentfit.pyro as lp
+
+    with pytest.raises(ValueError, match=match):
+        lp.MCMCSGD(ENTRIES["logistic_glmm"].model(Backend("pyro")), **options)
+
+
+def test_model_without_latents_is_refused():
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    import latentfit.pyro as lp
+
+    def regression(x, y):
+        b = pyro.param("b", torch.tensor(0.0, dtype=torch.float64))
+        with pyro.plate("rows", len(x)):
+            pyro.sample("y", dist.Normal(b * x, 1.0), obs=y)
+
+    x = torch.linspace(0, 1, 10, dtype=torch.float64)
+    with pytest.raises(ModelSpecificationError, match="no latent sample site"):
+        lp.MCMCSGD(regression, progress=False).run(x, 2 * x)
