@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from latentfit._compilation_cache import enable_from_environment
 from latentfit.inference import em as _em
 from latentfit.inference import fiem as _fiem
 from latentfit.inference import fsaem as _fsaem
@@ -56,6 +57,8 @@ from latentfit.integrations._front_door import EMFamilyFrontDoor, EngineFrontDoo
 from latentfit.integrations.misso_vi_numpyro import MISSOVI
 from latentfit.integrations.numpyro import NumPyroLatentModel, as_rng_key
 from latentfit.integrations.numpyro_enum import NumPyroEnumModel, has_enumerated_latents
+
+enable_from_environment()
 
 
 class _NumPyroEngine(EngineFrontDoor):
