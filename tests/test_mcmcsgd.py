@@ -120,6 +120,9 @@ def test_random_stopping_report():
     rates = fit.history["learning_rate"]
     assert np.all(rates[:10] == 0) and np.all(rates[10:] > 0)
     assert rates[-1] < rates[10]  # the default rate decays after average_from
+    # the arviz object of any fit: the latents' draws as the posterior group
+    idata = fit.to_arviz()
+    assert "u" in idata.posterior and idata.posterior["u"].shape[-1] == 80
 
 
 def test_louis_standard_errors_match_saem():
