@@ -1,8 +1,10 @@
 """Nonlinear mixed-effects models (saemix / Monolix style): data, structural library, model.
 
 >>> from latentfit.models import nlme
->>> model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5})   # doctest: +SKIP
->>> fit = model.fit(df, engine="fsaem")                                            # doctest: +SKIP
+>>> model = nlme.NLME("emax", {"E0": 5.0, "Emax": 20.0, "EC50": 30.0}, x="dose",
+...                   columns={"id": "subject", "dv": "response"})   # dose-response data without time
+
+A fit: see :meth:`NLME.fit`; the README section "Nonlinear mixed-effects models" has the saemix vocabulary.
 """
 
 from __future__ import annotations

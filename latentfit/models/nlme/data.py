@@ -10,6 +10,10 @@ Rules (NONMEM conventions):
 * ``CENS`` (Monolix convention): 1 = below the limit (``DV`` holds the LLOQ), −1 = above, 0 = observed.
 * saemix-style tables without dose rows: ``dose="Dose"`` names a per-row dose column; each
   individual then gets one dose of that amount at time 0.
+* ``x="dose"`` names the x-variable (saemix's ``name.X``) when it is not the time, e.g. the dose or a
+  centred covariate of dose–response data: it is passed to the structural model as a regressor and as
+  ``data.x``; without a time column the observations are ordered by ``x`` and ``data.time`` holds ``x``.
+  Regressors may be negative; times must be ≥ 0 only in data with doses.
 
 Validation raises :class:`~latentfit.DataError` naming the column, ID and row for unknown columns,
 non-numeric values and negative times; it warns (naming the ID) for individuals without any
@@ -32,7 +36,7 @@ from latentfit.inference.model import DataError
 
 DEFAULT_COLUMNS = {"id": "ID", "time": "TIME", "dv": "DV", "amt": "AMT", "evid": "EVID", "mdv": "MDV",
                    "cmt": "CMT", "rate": "RATE", "cens": "CENS"}
-REQUIRED = ("id", "time", "dv")
+REQUIRED = ("id", "dv")
 
 
 @dataclass
@@ -52,6 +56,12 @@ class NLMEData:
     regressors: dict[str, np.ndarray] = field(default_factory=dict)  # [N, T] per-observation columns
     obs_rows: np.ndarray | None = None  # [N, T] row labels of the observations in the source table (-1: padding)
     columns: dict[str, str] = field(default_factory=dict)
+    x: str | None = None  # name of the x-variable column (None: the time)
+
+    @property
+    def x_values(self) -> np.ndarray:
+        """``[N, T]`` values of the x-variable (the time unless ``x=`` was given)."""
+        return self.time if self.x is None else self.regressors[self.x]
 
     @property
     def num_individuals(self) -> int:
@@ -78,7 +88,7 @@ def _numeric(df: pd.DataFrame, col: str, id_col: str) -> np.ndarray:
 
 
 def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covariates: list[str] | tuple = (),
-                regressors: list[str] | tuple = (), dose: str | None = None) -> NLMEData:
+                regressors: list[str] | tuple = (), dose: str | None = None, x: str | None = None) -> NLMEData:
     """Validate a NONMEM-style table and pad it (see the module docstring).
 
     Parameters
@@ -91,6 +101,8 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         an Emax model), padded like ``DV``.
     dose : saemix-style per-row dose column (one dose at time 0 per individual) when the table has
         no dose rows.
+    x : the x-variable column when it is not the time (a dose, a concentration, a centred covariate);
+        the time column is then optional.
     """
     if not isinstance(df, pd.DataFrame):
         raise DataError(f"data must be a pandas DataFrame, got {type(df).__name__}")
@@ -104,6 +116,15 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     for role in REQUIRED:
         if cols[role] not in df.columns:
             raise DataError(f"column {cols[role]!r} (role {role!r}) is not in the data; columns are {available}")
+    has_time = cols["time"] in df.columns
+    if not has_time and x is None:
+        raise DataError(f"column {cols['time']!r} (role 'time') is not in the data; columns are {available}: name "
+                        f"the time column (columns={{'time': ...}}), or, for data without time (e.g. dose–response), "
+                        f"the x-variable (x='dose')")
+    if x is not None and x not in df.columns:
+        raise DataError(f"column {x!r} (the x-variable, x=) is not in the data; columns are {available}")
+    if x is not None:
+        regressors = tuple(dict.fromkeys((x, *regressors)))
     for role in ("amt", "evid", "mdv", "cmt", "rate", "cens"):
         if columns and role in columns and cols[role] not in df.columns:
             raise DataError(f"column {cols[role]!r} (role {role!r}) is not in the data; columns are {available}")
@@ -119,13 +140,10 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     dv = _numeric(df, cols["dv"], id_col)
     for name in list(regressors) + ([dose] if dose else []):
         num[name] = _numeric(df, name, id_col)
-    time = num["time"]
-    if np.isnan(time).any():
+    time = num["time"] if has_time else num[x]
+    if has_time and np.isnan(time).any():
         row = df.index[np.isnan(time)][0]
         raise DataError(f"column {cols['time']!r} has a missing time (ID {_id(df.loc[row, id_col])}, row {row})")
-    if (time < 0).any():
-        row = df.index[time < 0][0]
-        raise DataError(f"negative time {df.loc[row, cols['time']]} (ID {_id(df.loc[row, id_col])}, row {row})")
     amt = np.nan_to_num(num.get("amt", np.zeros(len(df))))
     if "evid" in num:
         evid = np.nan_to_num(num["evid"]).astype(int)
@@ -143,6 +161,21 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     if (is_dose & (amt <= 0)).any():
         row = df.index[is_dose & (amt <= 0)][0]
         raise DataError(f"dose record without a positive amount (ID {_id(df.loc[row, id_col])}, row {row})")
+    if x is not None and np.isnan(num[x][is_obs]).any():
+        row = df.index[is_obs & np.isnan(num[x])][0]
+        raise DataError(f"column {x!r} (the x-variable) is missing on an observation (ID {_id(df.loc[row, id_col])}, "
+                        f"row {row})")
+    if not has_time and is_dose.any():
+        row = df.index[is_dose][0]
+        raise DataError(f"dose record (ID {_id(df.loc[row, id_col])}, row {row}) in data without a time column "
+                        f"{cols['time']!r}: dose records need times (or use dose= for one dose per individual)")
+    has_doses = bool(is_dose.any()) or dose is not None
+    if has_time and has_doses and (time < 0).any():
+        row = df.index[time < 0][0]
+        raise DataError(f"negative time {df.loc[row, cols['time']]} (ID {_id(df.loc[row, id_col])}, row {row}): times "
+                        f"must be >= 0 in data with doses; a regressor that is not a time (a centred covariate, a "
+                        f"log-dose) goes in x= or regressors=, not in the time column")
+    time = np.nan_to_num(time)
 
     ids_all = df[id_col].to_numpy()
     uniq = pd.unique(ids_all)
@@ -218,7 +251,8 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     cov_df = _covariate_table(df, ids_all, keep, list(covariates), id_col)
     return NLMEData(ids=np.asarray(keep), time=time_a, dv=dv_a, mask=mask, cens=cens_a, dose_time=d_time,
                     dose_amt=d_amt, dose_rate=d_rate, dose_cmt=d_cmt, covariates=cov_df, regressors=regs,
-                    obs_rows=rows_a, columns=cols)
+                    obs_rows=rows_a, columns=cols if has_time else {k: v for k, v in cols.items() if k != "time"},
+                    x=x)
 
 
 def design_table(num_individuals: int, times: Any, dose: float | Any = 100.0,

@@ -23,17 +23,19 @@ directly with ``ops.xp`` math (no Pyro tracing in the SAEM loop), plus
   proposal, linearisation, residual diagnostics);
 * :attr:`pyro_model`: the same model as an ordinary Pyro model function.
 
-Example
--------
+Example (a fit runs in :meth:`NLME.fit`'s example)
+-------------------------------------------------
 >>> from latentfit.models import nlme
->>> model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5})          # doctest: +SKIP
->>> fit = model.fit(df, columns={"id": "Id", "time": "Time", "dv": "Concentration"},     # doctest: +SKIP
-...                 dose="Dose", engine="saem")
+>>> model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": nlme.Parameter(20.0, omega2=0.5), "CL": 0.5},
+...                   covariates={"V": "Weight"}, omega=[("V", "CL")], error="combined", error_init={"a": 0.5})
+>>> model
+NLME(one_compartment_oral, parameters=['ka', 'V', 'CL'], random=['ka', 'V', 'CL'], error='combined', no data)
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +54,11 @@ TRANSFORMS = ("log", "normal", "logit", "probit")
 _TRANSFORM_ALIASES = {"lognormal": "log", "log-normal": "log", "identity": "normal", "none": "normal"}
 ERRORS = ("constant", "proportional", "combined", "exponential")
 COV_TRANSFORMS = ("linear", "center", "log", "log-center", "categorical")
+#: options of :func:`read_nonmem` that :class:`NLME`, :meth:`NLME.bind` and :meth:`NLME.fit` accept
+DATA_OPTIONS = ("columns", "dose", "regressors", "x")
+#: options of the model itself (given to ``NLME(...)``, not to ``fit``)
+MODEL_OPTIONS = ("parameters", "covariates", "omega", "error", "error_init", "covariate_init", "backend", "dtype",
+                 "device")
 #: floor of a random-effect variance in the M-step; below COLLAPSED_OMEGA2 a fit warns
 OMEGA2_FLOOR = 1e-12
 COLLAPSED_OMEGA2 = 1e-6
@@ -61,11 +68,13 @@ COLLAPSED_OMEGA2 = 1e-6
 class Parameter:
     """One individual parameter ψ.
 
-    init : initial population value (natural scale).
-    transform : ``"log"`` (log-normal, default), ``"normal"``, ``"logit"``, ``"probit"``.
-    random : whether ψ has a random effect.
-    fixed : population value fixed (not estimated).
-    omega2 : initial variance of the random effect (saemix default 1).
+    init : initial population value (natural scale; saemix's ``psi0``).
+    transform : ``"log"`` (log-normal, default), ``"normal"``, ``"logit"``, ``"probit"`` (saemix's ``transform.par``
+        0 = normal, 1 = log, 2 = probit, 3 = logit).
+    random : whether ψ has a random effect (``False``: the same value for every individual, estimated by SAEM's
+        numerical step; saemix's ``covariance.model`` with a 0 diagonal).
+    fixed : population value fixed at ``init`` (not estimated; saemix's ``fixed.estim = 0``).
+    omega2 : initial variance of the random effect (saemix's ``omega.init``; default 1).
     """
 
     init: float
@@ -107,9 +116,16 @@ class NLME(LatentModel):
         or ``"categorical"`` (non-numeric columns are categorical; the first sorted level is the reference).
     omega : ``"diagonal"`` (default), ``"full"``, or a list of blocks (tuples of parameter names).
     error : ``"constant"``, ``"proportional"``, ``"combined"`` or ``"exponential"``.
-    error_init : initial residual parameters, e.g. ``{"a": 1.0, "b": 0.1}``.
+    error_init : initial residual parameters, e.g. ``{"a": 1.0, "b": 0.1}`` (saemix's ``error.init``; default
+        ``a = 1``, ``b = 0.3``).
+    covariate_init : initial covariate coefficients (φ scale; default 0), by name as in ``fit.params``
+        (``{"beta_V_Weight": 0.01}``) or per parameter (``{"V": {"Weight": 0.01}}``; categorical:
+        ``{"CL": {"SEX_M": 0.2}}``).
     data : optional data table to bind now (else pass it to :meth:`fit` / :meth:`bind`).
-    columns, dose, regressors : passed to :func:`~latentfit.models.nlme.data.read_nonmem`.
+    columns, dose, regressors, x : data options of :func:`~latentfit.models.nlme.data.read_nonmem`: column names by
+        role (``{"id": "Id", "time": "Time", "dv": "Concentration"}``), a per-row dose column (saemix form), per-
+        observation regressor columns, the x-variable when it is not the time (dose–response data). They may
+        be given here or to :meth:`fit` / :meth:`bind`.
     dtype, device : of the arrays (torch: float64, CPU by default).
     backend : ``"torch"`` (default) or ``"jax"`` (JaxOps: engines compile their iterations with ``lax.scan``).
     """
@@ -121,7 +137,8 @@ class NLME(LatentModel):
                  omega: Any = "diagonal", error: str = "constant", error_init: dict[str, float] | None = None,
                  data: pd.DataFrame | None = None, columns: dict[str, str] | None = None, dose: str | None = None,
                  regressors: tuple[str, ...] | list[str] = (), dtype: Any = None, device: Any = None,
-                 backend: str = "torch") -> None:
+                 backend: str = "torch", x: str | None = None,
+                 covariate_init: dict[str, Any] | None = None) -> None:
 
         if not isinstance(parameters, dict) or not parameters:
             raise ModelSpecificationError("parameters must be a non-empty dict name -> initial value or Parameter")
@@ -170,7 +187,10 @@ class NLME(LatentModel):
         if any(v <= 0 for v in init.values()):
             raise ModelSpecificationError(f"residual error parameters must be > 0, got {init}")
         self.error_init = init
-        self.read_options = {"columns": columns, "dose": dose, "regressors": tuple(regressors)}
+        self.covariate_init = self._parse_covariate_init(covariate_init or {})
+        self.read_options = {"columns": None, "dose": None, "regressors": (), "x": None}
+        self.read_options = self._merge_read_options({"columns": columns, "dose": dose, "regressors": regressors,
+                                                      "x": x}, "NLME(...)")
         if backend not in BACKENDS:
             raise ModelSpecificationError(f"backend must be 'torch' or 'jax', got {backend!r}")
         self.ops = make_ops(backend, device=device, dtype=dtype)
@@ -196,6 +216,48 @@ class NLME(LatentModel):
                     raise ModelSpecificationError(f"covariate {c!r} on {pname!r}: unknown transform {t!r}; "
                                                   f"use one of {COV_TRANSFORMS}")
             out[pname] = items
+        return out
+
+    def _parse_covariate_init(self, init: dict[str, Any]) -> dict[str, float]:
+        """Flat ``{"beta_<param>_<column>": value}`` (checked against the design when data are bound)."""
+        out: dict[str, float] = {}
+        for key, value in init.items():
+            if isinstance(value, dict):
+                if key not in self.param_names:
+                    raise ModelSpecificationError(f"covariate_init: {key!r} is not a parameter ({self.param_names})")
+                out.update({f"beta_{key}_{col}": float(v) for col, v in value.items()})
+            else:
+                out[str(key)] = float(value)
+        bad = [k for k, v in out.items() if not np.isfinite(v)]
+        if bad:
+            raise ModelSpecificationError(f"covariate_init: non-finite initial value(s) for {bad}")
+        return out
+
+    def _merge_read_options(self, given: dict[str, Any], where: str) -> dict[str, Any]:
+        """The data options with ``given`` added; an option given twice with different values is an error."""
+        unknown = set(given) - set(DATA_OPTIONS)
+        if unknown:
+            raise ModelSpecificationError(f"unknown data option(s) {sorted(unknown)}; data options are "
+                                          f"{list(DATA_OPTIONS)}")
+        out = dict(self.read_options)
+        for name, value in given.items():
+            if name == "regressors":
+                value = (value,) if isinstance(value, str) else tuple(value or ())
+                if not value:
+                    continue
+            elif value is None:
+                continue
+            elif name == "columns":
+                if not isinstance(value, dict):
+                    raise ModelSpecificationError(f"columns must be a dict role -> column name, got {value!r}")
+                value = dict(value)
+            elif not isinstance(value, str):
+                raise ModelSpecificationError(f"{name} must be a column name (str), got {value!r}")
+            old = out[name]
+            if old not in (None, ()) and old != value:
+                raise ModelSpecificationError(f"data option {name}={value!r} given to {where} conflicts with "
+                                              f"{name}={old!r} given before (to NLME(...) or bind); give it once")
+            out[name] = value
         return out
 
     def _parse_omega(self, omega: Any) -> list[tuple[str, ...]]:
@@ -224,11 +286,17 @@ class NLME(LatentModel):
         return all(len(b) == 1 for b in self.omega_blocks)
 
     # ----- binding data ---------------------------------------------------------------------------
-    def bind(self, data: pd.DataFrame, **read_options: Any) -> NLME:
-        """A copy of the model bound to ``data`` (options as in :func:`read_nonmem`)."""
+    def bind(self, data: pd.DataFrame | None = None, **read_options: Any) -> NLME:
+        """A copy of the model bound to ``data`` (default: the bound table) with the data options ``columns``,
+        ``dose``, ``regressors``, ``x`` (as in :func:`read_nonmem`; an option already given with another value is an
+        error)."""
         new = copy.copy(self)
-        if read_options:
-            new.read_options = dict(self.read_options, **read_options)
+        new.read_options = self._merge_read_options(read_options, "bind/fit")
+        if data is None:
+            if self.table is None:
+                raise ModelSpecificationError("the model has no data: pass data= to NLME(...), .bind(data) or "
+                                              ".fit(data)")
+            data = self.table
         new._bind(data)
         return new
 
@@ -237,7 +305,15 @@ class NLME(LatentModel):
         opts = self.read_options
         cov_cols = sorted({c for items in self.covariate_spec.values() for c, _ in items})
         regressors = tuple(dict.fromkeys(tuple(self.structural.regressors) + tuple(opts["regressors"])))
-        data = read_nonmem(df, columns=opts["columns"], covariates=cov_cols, regressors=regressors, dose=opts["dose"])
+        data = read_nonmem(df, columns=opts["columns"], covariates=cov_cols, regressors=regressors, dose=opts["dose"],
+                           x=opts["x"])
+        if self.structural.uses_doses:
+            if data.x is not None and "time" not in data.columns:
+                raise DataError(f"the structural model {self.structural.name!r} is a function of the time since the "
+                                f"doses: the data need a time column (columns={{'time': ...}}), not only x=")
+            if not (data.dose_amt > 0).any():
+                raise DataError(f"the structural model {self.structural.name!r} is driven by doses, but the data have "
+                                f"none: add dose rows (AMT > 0, EVID = 1) or name a per-row dose column (dose='Dose')")
         self.data, self.table = data, df
         n, m = data.num_individuals, len(self.param_names)
         self.num_units = n
@@ -307,14 +383,16 @@ class NLME(LatentModel):
         self._uncens_mask = ops.asarray(data.mask & (data.cens == 0))
         self.num_obs = int((data.mask & (data.cens == 0)).sum())
         self.has_gaussian_obs = True
+        regs = {k: ops.asarray(v) for k, v in data.regressors.items()}
         self.design = Design(xp, ops.asarray(data.time), ops.asarray(data.dose_time), ops.asarray(data.dose_amt),
-                             ops.asarray(data.dose_rate), {k: ops.asarray(v) for k, v in data.regressors.items()},
+                             ops.asarray(data.dose_rate), regs,
                              {c: ops.asarray(np.array(pd.to_numeric(data.covariates[c], errors="coerce"), dtype=float))
                               for c in data.covariates.columns
                               if pd.api.types.is_numeric_dtype(data.covariates[c])},
                              doses_precede_obs=bool(data.dose_amt.shape[1] == 1 and (data.dose_amt > 0).all()
                                                     and (data.dose_time[:, :1] <= data.time).all()),
-                             dose_cmt=ops.asarray(data.dose_cmt.astype(np.int64)), ops=ops)
+                             dose_cmt=ops.asarray(data.dose_cmt.astype(np.int64)), ops=ops,
+                             x=None if data.x is None else regs[data.x])
         self._structural_fn = self.structural.bound(self.design)
         self.observed = {"DV": np.where(data.mask, data.dv, np.nan)}
         self.latent_sites = [LatentSite(nm, (), k, 1, kind="gaussian") for k, nm in enumerate(self.random_names)]
@@ -337,8 +415,13 @@ class NLME(LatentModel):
                 params[e.name] = ParamInfo(e.name, ops.asarray(sp.init), u, uinv, closed_form=random, fixed=sp.fixed,
                                            meta={"role": "population", "transform": sp.transform})
             else:
-                params[e.name] = ParamInfo(e.name, ops.asarray(0.0), ident, ident, closed_form=random,
-                                           meta={"role": "covariate", "parameter": pname})
+                params[e.name] = ParamInfo(e.name, ops.asarray(self.covariate_init.get(e.name, 0.0)), ident, ident,
+                                           closed_form=random, meta={"role": "covariate", "parameter": pname})
+        unknown = sorted(set(self.covariate_init) - set(params))
+        if unknown:
+            names = [e.name for e in self.effects if not e.is_pop]
+            raise ModelSpecificationError(f"covariate_init: unknown covariate coefficient(s) {unknown}; the model has "
+                                          f"{names or 'no covariate'}")
         if self.diagonal_omega:
             for nm in self.random_names:
                 params[f"omega2_{nm}"] = ParamInfo(f"omega2_{nm}", ops.asarray(self.spec[nm].omega2), xp.log, xp.exp,
@@ -510,7 +593,8 @@ class NLME(LatentModel):
                 hint = "the prediction is <= 0 there, where an exponential error needs a positive prediction"
             raise ModelSpecificationError(
                 f"the log-likelihood is not finite at the initial parameter values for ID {_id(self.data.ids[i])} "
-                f"(row {self.data.obs_rows[i, t]}, TIME {self.data.time[i, t]}, prediction {f[c, i, t]:.4g})"
+                f"(row {self.data.obs_rows[i, t]}, {self.data.columns.get('time') or self.data.x} "
+                f"{self.data.time[i, t]}, prediction {f[c, i, t]:.4g})"
                 + (f": {hint}" if hint else ""))
         super().raise_for_nonfinite(theta, z)
 
@@ -661,20 +745,79 @@ class NLME(LatentModel):
         return out
 
     # ----- front doors ------------------------------------------------------------------------------
-    def fit(self, data: pd.DataFrame | None = None, engine: str = "saem", **options: Any):
+    def fit(self, data: pd.DataFrame | None = None, engine: str = "saem", *, columns: dict[str, str] | None = None,
+            dose: str | None = None, regressors: tuple[str, ...] | list[str] = (), x: str | None = None,
+            init: dict[str, Any] | None = None, **options: Any):
         """Fit by SAEM (``engine="saem"``) or f-SAEM (``"fsaem"``); returns a FitResult.
 
+        ``data`` with the data options ``columns``, ``dose``, ``regressors``, ``x`` (the same as the constructor's;
+        an option given to both with different values is an error).  ``init``: starting values by name as in
+        ``fit.params`` (natural scale; e.g. a previous fit's ``params``), overriding those of the specification.
         ``options`` go to the engine (``num_iters``, ``num_chains``, ``seed``, ``progress``, ...).
         The numerical step (combined error, parameters without random effect) is warm-started at the
         previous estimate, so 3 Newton steps per iteration are the default here (``newton_steps``).
         Engines are loaded lazily, through :mod:`latentfit.integrations.families` (``models/`` never imports an
         engine).
+
+        Example (saemix's ``theo.saemix`` table: columns ``Id, Dose, Time, Concentration, Weight``):
+
+        >>> import latentfit as lf
+        >>> from latentfit.models import nlme
+        >>> df = lf.datasets.theophylline(saemix_form=True)
+        >>> model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5})
+        >>> fit = model.fit(df, columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose",
+        ...                 seed=0, progress=False)
+        >>> sorted(fit.params)
+        ['CL', 'V', 'a', 'ka', 'omega2_CL', 'omega2_V', 'omega2_ka']
+        >>> print(f"ka = {float(fit.params['ka']):.1f}")
+        ka = 1.6
         """
+        misplaced = sorted(set(options) & set(MODEL_OPTIONS))
+        if misplaced:
+            raise ModelSpecificationError(f"{', '.join(misplaced)}: model option(s), given to NLME(...), not to fit() "
+                                          f"(fit takes the data, the data options {list(DATA_OPTIONS)}, init= and "
+                                          f"the engine's options)")
         options.setdefault("newton_steps", 3)
-        model = self.bind(data) if data is not None else self
+        read = {"columns": columns, "dose": dose, "regressors": regressors, "x": x}
+        given = any(v not in (None, ()) for v in read.values())
+        model = self.bind(data, **read) if data is not None or given else self
         model._require_data()
+        if init:
+            model = model.with_init(init)
         model.check_initial_values()
         return families().fit_nlme(model, engine, options)
+
+    def with_init(self, init: dict[str, Any]) -> NLME:
+        """A copy of the (bound) model whose starting values are ``init`` (names as in ``fit.params``, natural
+        scale: population values, ``beta_*``, ``omega2_*`` or ``Omega``, ``a``, ``b``)."""
+        self._require_data()
+        unknown = sorted(set(init) - set(self.params))
+        if unknown:
+            raise ModelSpecificationError(f"init: unknown parameter(s) {unknown}; the model's parameters are "
+                                          f"{list(self.params)}")
+        ops = self.ops
+        params = dict(self.params)
+        for name, value in init.items():
+            info = params[name]
+            v = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value, dtype=float)
+            shape = np.shape(ops.to_numpy(info.value))
+            if v.shape != shape:
+                raise ModelSpecificationError(f"init: {name!r} needs shape {shape}, got {v.shape}")
+            if name == "Omega":
+                v = 0.5 * (v + v.T)
+                if not np.all(np.linalg.eigvalsh(v) > 0):
+                    raise ModelSpecificationError("init: 'Omega' must be positive definite")
+                if np.any(v * (1.0 - ops.to_numpy(self._block_mask)) != 0):
+                    raise ModelSpecificationError(f"init: 'Omega' has non-zero entries outside the blocks "
+                                                  f"{self.omega_blocks}")
+            value_b = ops.asarray(v)
+            if not np.all(np.isfinite(ops.to_numpy(info.to_unconstrained(value_b)))):
+                raise ModelSpecificationError(f"init: {name}={v} is outside its domain "
+                                              f"({info.meta.get('transform') or info.meta.get('role')})")
+            params[name] = dataclasses.replace(info, value=value_b)
+        new = copy.copy(self)
+        new.params = params
+        return new
 
     @property
     def pyro_model(self) -> Callable[[], None]:

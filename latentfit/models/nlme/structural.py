@@ -2,10 +2,17 @@
 
 A structural model maps individual parameters to predictions at the observation times:
 ``f(psi, data) -> pred [..., N, T]`` where ``psi`` is a dict of ``[..., N, 1]`` arrays (leading
-chain dims allowed) and ``data`` a :class:`Design` (``data.xp`` is the array namespace, torch or
-jax.numpy; ``data.time [N, T]``, doses ``data.dose_time / dose_amt / dose_rate [N, D]``,
-``data.regressors[name] [N, T]``).  Library models use only ``xp`` operations, so the same code
-runs on torch and JAX; user functions may do the same or use torch directly.
+chain dims allowed) and ``data`` a :class:`Design`:
+
+* ``data.xp``: the array namespace (torch or jax.numpy);
+* ``data.time [N, T]``: observation times (padding repeats the last one; without a time column, the x-variable);
+* ``data.x [N, T]``: the x-variable (the ``x=`` column, else the time);
+* ``data.regressors[name] [N, T]``: per-observation columns (``regressors=`` and ``x=``);
+* ``data.covariates[name] [N]``: numeric individual covariates of the model;
+* ``data.dose_time / dose_amt / dose_rate / dose_cmt [N, D]``: doses (padding: amount 0).
+
+Library models use only ``xp`` operations, so the same code runs on torch and JAX; user functions may
+do the same or use torch directly.
 
 PK models are linear in the dose, so multiple doses are superposed:
 ``C(t) = Σ_d AMT_d · c(t − t_d)`` over the doses given before ``t`` (``k = CL/V`` throughout):
@@ -15,8 +22,8 @@ PK models are linear in the dose, so multiple doses are superposed:
 * one compartment, first-order absorption (optional lag ``Tlag``):
   ``c(τ) = ka / (V (ka − k)) (e^{−kτ'} − e^{−kaτ'})``, ``τ' = τ − Tlag``;
 * two compartments (CL, V1, Q, V2), IV bolus and first-order absorption (macro-constants α, β);
-* PD: ``Emax``: ``E0 + Emax x/(EC50 + x)``, sigmoid: ``E0 + Emax x^γ/(EC50^γ + x^γ)`` with ``x`` a
-  regressor column (a concentration, a dose).
+* PD: ``Emax``: ``E0 + Emax x/(EC50 + x)``, sigmoid: ``E0 + Emax x^γ/(EC50^γ + x^γ)`` with ``x`` the
+  data's x-variable (``NLME(..., x="dose")``) or a named regressor column (``emax(x="CONC")``).
 """
 
 from __future__ import annotations
@@ -44,8 +51,12 @@ class Design:
     dose_cmt: Any = None  # [N, D] 1-based dose compartments (CMT), for ODE models
     #: the backend shim of the arrays (NLME passes its own; by default the one of ``xp``, looked up when needed)
     ops: Any = None
+    #: [N, T] the x-variable (``x=`` column of the data); None: the time
+    x: Any = None
 
     def __post_init__(self) -> None:
+        if self.x is None:
+            self.x = self.time
         # τ = t − t_d [N, T, D] and the amounts [N, 1, D], computed once
         self._tau = self.time[..., :, None] - self.dose_time[..., None, :]
         self._amt = self.dose_amt[..., None, :]
@@ -54,9 +65,11 @@ class Design:
         if units is None:
             return self
         t = lambda a: ops.take(a, units, 0)  # noqa: E731
-        return Design(self.xp, t(self.time), t(self.dose_time), t(self.dose_amt), t(self.dose_rate),
+        time = t(self.time)
+        return Design(self.xp, time, t(self.dose_time), t(self.dose_amt), t(self.dose_rate),
                       {k: t(v) for k, v in self.regressors.items()}, {k: t(v) for k, v in self.covariates.items()},
-                      self.doses_precede_obs, None if self.dose_cmt is None else t(self.dose_cmt), self.ops)
+                      self.doses_precede_obs, None if self.dose_cmt is None else t(self.dose_cmt), self.ops,
+                      time if self.x is self.time else t(self.x))
 
     def backend_ops(self) -> Any:
         """The backend shim of the arrays: ``ops`` if given, else the one of ``xp``."""
@@ -84,6 +97,8 @@ class Structural:
     #: optional ``bind(design) -> fn``: data-dependent set-up done once, eagerly, when a model gets its data
     #: (e.g. an ODE model's event table and step counts); the returned ``fn`` serves that data and its subsets
     bind: Callable[[Design], Callable[[dict[str, Any], Design], Any]] | None = None
+    #: predictions are driven by doses (PK): the data must have dose records and non-negative times
+    uses_doses: bool = False
 
     def __call__(self, psi: dict[str, Any], data: Design) -> Any:
         return self.fn(psi, data)
@@ -202,52 +217,59 @@ def _oral2(psi: dict[str, Any], d: Design) -> Any:
 # ----- public constructors ------------------------------------------------------------------------
 def one_compartment_bolus() -> Structural:
     """One compartment, IV bolus; parameters ``V, CL``."""
-    return Structural("one_compartment_bolus", ("V", "CL"), _bolus1)
+    return Structural("one_compartment_bolus", ("V", "CL"), _bolus1, uses_doses=True)
 
 
 def one_compartment_infusion() -> Structural:
     """One compartment, zero-order infusion (``RATE`` column; rate 0 = bolus); parameters ``V, CL``."""
-    return Structural("one_compartment_infusion", ("V", "CL"), _infusion1)
+    return Structural("one_compartment_infusion", ("V", "CL"), _infusion1, uses_doses=True)
 
 
 def one_compartment_oral(lag: bool = False) -> Structural:
     """One compartment, first-order absorption; parameters ``ka, V, CL`` (+ ``Tlag`` with ``lag=True``)."""
     if lag:
-        return Structural("one_compartment_oral_lag", ("Tlag", "ka", "V", "CL"), lambda p, d: _oral1(p, d, True))
-    return Structural("one_compartment_oral", ("ka", "V", "CL"), _oral1)
+        return Structural("one_compartment_oral_lag", ("Tlag", "ka", "V", "CL"), lambda p, d: _oral1(p, d, True),
+                          uses_doses=True)
+    return Structural("one_compartment_oral", ("ka", "V", "CL"), _oral1, uses_doses=True)
 
 
 def two_compartment_bolus() -> Structural:
     """Two compartments, IV bolus; parameters ``CL, V1, Q, V2``."""
-    return Structural("two_compartment_bolus", ("CL", "V1", "Q", "V2"), _bolus2)
+    return Structural("two_compartment_bolus", ("CL", "V1", "Q", "V2"), _bolus2, uses_doses=True)
 
 
 def two_compartment_oral() -> Structural:
     """Two compartments, first-order absorption; parameters ``ka, CL, V1, Q, V2``."""
-    return Structural("two_compartment_oral", ("ka", "CL", "V1", "Q", "V2"), _oral2)
+    return Structural("two_compartment_oral", ("ka", "CL", "V1", "Q", "V2"), _oral2, uses_doses=True)
 
 
-def emax(x: str = "DOSE") -> Structural:
-    """``E0 + Emax·x/(EC50 + x)`` with ``x`` the regressor column named ``x``."""
+def _regressor(d: Design, x: str | None) -> Any:
+    """The regressor column ``x``, or the data's x-variable when ``x`` is None."""
+    return d.x if x is None else d.regressors[x]
+
+
+def emax(x: str | None = None) -> Structural:
+    """``E0 + Emax·x/(EC50 + x)``; ``x``: a regressor column name, or None for the data's x-variable
+    (``NLME("emax", ..., x="dose")``)."""
 
     def fn(psi: dict[str, Any], d: Design) -> Any:
-        c = d.regressors[x]
+        c = _regressor(d, x)
         return psi["E0"] + psi["Emax"] * c / (psi["EC50"] + c)
 
-    return Structural("emax", ("E0", "Emax", "EC50"), fn, regressors=(x,))
+    return Structural("emax", ("E0", "Emax", "EC50"), fn, regressors=() if x is None else (x,))
 
 
-def sigmoid_emax(x: str = "DOSE") -> Structural:
-    """``E0 + Emax·x^γ/(EC50^γ + x^γ)`` (Hill coefficient ``gamma``) with ``x`` a regressor column."""
+def sigmoid_emax(x: str | None = None) -> Structural:
+    """``E0 + Emax·x^γ/(EC50^γ + x^γ)`` (Hill coefficient ``gamma``); ``x`` as in :func:`emax`."""
 
     def fn(psi: dict[str, Any], d: Design) -> Any:
         xp = d.xp
-        c = d.regressors[x]
+        c = _regressor(d, x)
         g = psi["gamma"]
         cg = xp.exp(g * xp.log(xp.where(c > 0, c, 1.0))) * (c > 0)
         return psi["E0"] + psi["Emax"] * cg / (xp.exp(g * xp.log(psi["EC50"])) + cg)
 
-    return Structural("sigmoid_emax", ("E0", "Emax", "EC50", "gamma"), fn, regressors=(x,))
+    return Structural("sigmoid_emax", ("E0", "Emax", "EC50", "gamma"), fn, regressors=() if x is None else (x,))
 
 
 LIBRARY: dict[str, Callable[[], Structural]] = {
