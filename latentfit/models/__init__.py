@@ -12,3 +12,4 @@ from latentfit.models.mixture import GaussianMixture
 
 __all__ = ["GaussianMixture", "LinearMixedModel", "logistic_mixed_model", "missing_logistic_model",
            "simulate_logistic_mixed", "simulate_missing_logistic"]
+from latentfit.models.vfg import VFG as VFG, VFGImputer as VFGImputer  # noqa: E402, I001  (VFG models)
