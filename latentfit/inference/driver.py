@@ -5,11 +5,15 @@ small state record (a dict of backend arrays, a pytree for JAX).  ``phase`` is a
 (e.g. whether f-SAEM's Laplace proposal runs); iterations are grouped into phases so that a JAX
 backend compiles one function per phase and runs chunks of iterations under ``lax.scan``,
 while torch runs the same ``step`` eagerly.  The driver owns the progress bar, the history of θ
-and of the objective, the collection of the last latent draws, callbacks and seeding.
+and of the objective, the collection of the last latent draws, callbacks and seeding, and
+checkpoints (``run(checkpoint=dir)``, ``run(resume=dir)``: :mod:`latentfit.inference.checkpoint`).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -21,6 +25,8 @@ from .model import LatentModel
 from .results import FitResult
 
 Callback = Callable[[int, dict[str, Any]], Any]
+#: keyword options of :meth:`Engine.run` besides the key
+_RUN_OPTIONS = ("checkpoint", "checkpoint_every", "keep", "resume")
 
 
 class Engine:
@@ -73,9 +79,29 @@ class Engine:
     def num_iterations(self) -> int:
         return max(last for _, last, _ in self.phases())
 
-    def run(self, key: Any = None) -> FitResult:
+    def run(self, key: Any = None, *, checkpoint: str | os.PathLike | None = None,
+            checkpoint_every: int | None = None, keep: int = 3,
+            resume: str | os.PathLike | bool | None = None) -> FitResult:
+        """Run the engine; ``key`` is the backend's PRNG key (default ``ops.key(seed)``; ignored when resuming).
+
+        ``checkpoint``: a directory where, at the end of each chunk at least ``checkpoint_every`` iterations (default
+        ``chunk_size``) after the previous checkpoint, and at the end of the run, the state, history, draws and RNG
+        are written (:mod:`latentfit.inference.checkpoint`), keeping the last ``keep``.  ``resume``: a directory (its
+        latest checkpoint) or a checkpoint file to continue from, on an engine built with the same model and
+        options; ``True`` continues from ``checkpoint`` if it holds one, else starts afresh.  A resumed run equals
+        the uninterrupted one bit for bit (history and parameters).
+        """
+        opts = dict(self.__dict__.pop("_pending_run_options", {}))
+        checkpoint = opts.get("checkpoint", checkpoint)
+        checkpoint_every = opts.get("checkpoint_every", checkpoint_every)
+        keep = opts.get("keep", keep)
+        resume = opts.get("resume", resume)
         ops = self.ops
         total = self.num_iterations
+        resume_from = self._resume_source(checkpoint, resume)
+        every = self.chunk_size if checkpoint_every is None else int(checkpoint_every)
+        if checkpoint is not None and (every < 1 or int(keep) < 1):
+            raise ValueError(f"checkpoint_every and keep must be >= 1, got {checkpoint_every} and {keep}")
         if key is None:
             key = ops.key(self.seed)
         collect_from = total - min(self.num_draws, total) + 1
@@ -85,12 +111,20 @@ class Engine:
         t0 = time.perf_counter()
         with ops.seed_context(self.seed):
             state = self.init(key)
+            start = 0
+            if resume_from is not None:
+                state, history, draws, start = self._restore(resume_from, state, collect_from)
+            last_saved = start
             t_init = time.perf_counter() - t0
             bar = _progress_bar(total, self.progress, self.name)
+            if bar is not None and start:
+                bar.update(start)
             for first, last, phase in self.phases():
                 # split each phase so the tail (draw collection) is its own chunk, then by chunk_size
                 bounds = _chunk_bounds(first, last, collect_from, self.chunk_size)
                 for a, b in bounds:
+                    if b <= start:  # done before the checkpoint we resumed from
+                        continue
                     collect = a >= collect_from
                     state, infos = self._run_chunk(state, a, b, phase, collect)
                     for info in infos:
@@ -98,6 +132,9 @@ class Engine:
                         if z is not None and collect:
                             draws.append(ops.to_numpy(z))
                         _append_history(history, info, ops)
+                    if checkpoint is not None and (b - last_saved >= every or b == total):
+                        self._save(checkpoint, state, b, history, draws, int(keep))
+                        last_saved = b
                     if self.callback is not None:
                         for j, k in enumerate(range(a, b + 1)):
                             self.callback(k, {n: v[len(v) - (b - a + 1) + j] for n, v in history.items()})
@@ -113,6 +150,85 @@ class Engine:
                          latent_draws=latents, elapsed=elapsed, init_time=t_init,
                          num_iterations=total,
                          compile_time=ops.compile_time - compiled_before)
+
+    # ----- checkpoints -------------------------------------------------------------------------
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """An engine overriding ``run(key)`` without the checkpoint options still accepts them (forwarded)."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("run")
+        if own is None:
+            return
+        params = inspect.signature(own).parameters
+        if "checkpoint" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return
+
+        @functools.wraps(own)
+        def run(self: Engine, key: Any = None, **options: Any) -> FitResult:
+            unknown = sorted(set(options) - set(_RUN_OPTIONS))
+            if unknown:
+                raise TypeError(f"{cls.__name__}.run() got unexpected keyword arguments {unknown}")
+            self._pending_run_options = options
+            try:
+                return own(self, key)
+            finally:
+                self.__dict__.pop("_pending_run_options", None)
+
+        cls.run = run
+
+    def _resume_source(self, checkpoint: Any, resume: Any) -> Any:
+        """Where to resume from (None: a fresh run); refuses to start afresh over another run's checkpoints."""
+        from .checkpoint import checkpoint_files
+
+        if resume is True:
+            if checkpoint is None:
+                raise ValueError("resume=True continues from the checkpoint directory: pass checkpoint=<dir>")
+            return checkpoint if checkpoint_files(checkpoint) else None
+        if resume not in (None, False):
+            return resume
+        if checkpoint is not None and checkpoint_files(checkpoint):
+            latest = checkpoint_files(checkpoint)[-1][1].name
+            raise FileExistsError(f"{str(checkpoint)!r} already holds checkpoints (latest {latest}): pass "
+                                  "resume=True to continue that run, or use an empty directory")
+        return None
+
+    def _save(self, directory: Any, state: dict[str, Any], iteration: int, history: dict[str, list],
+              draws: list[np.ndarray], keep: int) -> None:
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(directory, self, state, iteration, history, draws, rng=self._rng_state(), keep=keep)
+
+    def _rng_state(self) -> dict[str, np.ndarray]:
+        """The global RNG state draws come from (torch's, inside the driver's forked context); JAX: none."""
+        if self.ops.jittable:
+            return {}
+        import torch
+
+        out = {"torch": torch.get_rng_state().numpy()}
+        device = getattr(self.ops, "device", None)
+        if device is not None and device.type == "cuda":
+            out["cuda"] = torch.cuda.get_rng_state(device).numpy()
+        return out
+
+    def _restore(self, source: Any, template: dict[str, Any],
+                 collect_from: int) -> tuple[dict[str, Any], dict[str, list], list[np.ndarray], int]:
+        """Load and check a checkpoint; restore the RNG; return ``(state, history, draws, iteration)``."""
+        from .checkpoint import load_checkpoint, restore_state
+
+        ckpt = load_checkpoint(source)
+        ckpt.check_compatible(self)
+        start = ckpt.iteration
+        ends = {b for first, last, _ in self.phases()
+                for _, b in _chunk_bounds(first, last, collect_from, self.chunk_size)}
+        if start not in ends:
+            raise ValueError(f"checkpoint iteration {start} is not the end of a chunk of this engine")
+        state = restore_state(template, ckpt.meta["state"], ckpt.tensors, self.ops)
+        if not self.ops.jittable:
+            import torch
+
+            torch.set_rng_state(torch.from_numpy(ckpt.tensors["rng/torch"].copy()))
+            if "rng/cuda" in ckpt.tensors:
+                torch.cuda.set_rng_state(torch.from_numpy(ckpt.tensors["rng/cuda"].copy()), self.ops.device)
+        return state, ckpt.history, ckpt.draws, start
 
     def _run_chunk(self, state: dict[str, Any], first: int, last: int, phase: Any,
                    collect: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -1,0 +1,467 @@
+"""Checkpoints of an engine run: write every few chunks, resume bit for bit.
+
+A checkpoint is a pair of files in one directory, ``ckpt-000120.safetensors`` (every array: the leaves of the
+engine state, the history so far, the collected latent draws, torch's RNG state) and ``ckpt-000120.json`` (what
+the arrays are: state paths, dtypes, the iteration reached, the engine class, its options, the data shapes, the
+library version, the optimiser ``param_groups``, the SHA-256 of the tensors file).  Neither file can hold code:
+the tensors are read by ``safetensors.numpy.load_file`` and the sidecar by ``json.load``.  Both are written to a
+temporary file in the same directory, flushed and moved into place with ``os.replace``, the sidecar last (a
+checkpoint without its sidecar is never read).
+
+Restoring needs the *structure* of the state (dicts, tuples, optax named tuples, ``torch.optim`` objects):
+the driver builds a template with the engine's ``init`` and this module fills its leaves with the stored
+arrays (torch optimisers through ``load_state_dict``; their parameters are copied in place so the optimiser
+keeps pointing at them).  See :meth:`latentfit.inference.driver.Engine.run` (``checkpoint=``, ``resume=``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "latentfit-checkpoint"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^ckpt-(\d+)\.json$")
+#: engine attributes that do not change the iterates (never compared on resume)
+_IGNORED_OPTIONS = frozenset({"progress", "callback", "model", "ops"})
+
+
+# ----- engine description (compared on resume) ----------------------------------------------------------------
+def _jsonable(value: Any) -> tuple[bool, Any]:
+    """``(True, json value)`` for numbers, strings, None and tuples, lists, dataclasses of them; else ``(False, _)``."""
+    if value is None or isinstance(value, (bool, str)):
+        return True, value
+    if isinstance(value, (int, np.integer)):
+        return True, int(value)
+    if isinstance(value, (float, np.floating)):
+        return True, float(value)
+    if isinstance(value, (tuple, list)):
+        out = []
+        for v in value:
+            ok, j = _jsonable(v)
+            if not ok:
+                return False, None
+            out.append(j)
+        return True, out
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out = {}
+        for f in dataclasses.fields(value):
+            ok, j = _jsonable(getattr(value, f.name))
+            if ok:
+                out[f.name] = j
+        return True, out
+    return False, None
+
+
+def engine_options(engine: Any) -> dict[str, Any]:
+    """The engine's public attributes that are numbers, strings, tuples (or dataclasses of them), plus its phases."""
+    out: dict[str, Any] = {}
+    for name, value in sorted(vars(engine).items()):
+        if name.startswith("_") or name in _IGNORED_OPTIONS:
+            continue
+        ok, j = _jsonable(value)
+        if ok:
+            out[name] = j
+    out["phases"] = [[int(a), int(b), repr(p)] for a, b, p in engine.phases()]
+    return json.loads(json.dumps(out))  # tuples -> lists, as they come back from the sidecar
+
+
+def data_shapes(model: Any) -> dict[str, Any]:
+    """``num_units``, ``latent_dim`` and the shape of every parameter of ``model``."""
+    params = {n: list(np.shape(model.ops.to_numpy(p.value))) for n, p in model.params.items()}
+    return {"num_units": int(model.num_units), "latent_dim": int(model.latent_dim), "params": params}
+
+
+def _library_version() -> str:
+    import latentfit
+
+    return str(latentfit.__version__)
+
+
+# ----- state pytrees <-> flat arrays ---------------------------------------------------------------------------
+def _contiguous(array: Any) -> np.ndarray:
+    """A C-contiguous copy-if-needed of ``array`` keeping 0-d shapes (``np.ascontiguousarray`` makes them 1-d)."""
+    return np.require(np.asarray(array), requirements="C")
+
+
+def _is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def _children(node: Any) -> list[tuple[Any, Any]] | None:
+    """``[(path element, child)]`` of a container node, None for a leaf."""
+    if isinstance(node, dict):
+        return list(node.items())
+    if isinstance(node, (list, tuple)):
+        return list(enumerate(node))
+    return None
+
+
+def _rebuild(node: Any, children: list[Any]) -> Any:
+    if isinstance(node, dict):
+        return dict(zip(node.keys(), children))
+    if _is_namedtuple(node):
+        return type(node)(*children)
+    return type(node)(children)
+
+
+def _is_torch_optimizer(x: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.optim.Optimizer)
+
+
+class _Packer:
+    """Collects arrays under short tensor names and a JSON description of each."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, np.ndarray] = {}
+
+    def add(self, name: str, array: np.ndarray) -> str:
+        self.tensors[name] = _contiguous(array)
+        return name
+
+    def leaf(self, x: Any, name: str) -> dict[str, Any]:
+        """Describe and store one state leaf (torch tensor, JAX array, numpy array or Python scalar)."""
+        mod = type(x).__module__.split(".")[0]
+        if x is None:
+            return {"kind": "none"}
+        if isinstance(x, bool):
+            return {"kind": "bool", "value": x}
+        if isinstance(x, (int, np.integer)) and not isinstance(x, np.ndarray):
+            return {"kind": "int", "value": int(x)}
+        if isinstance(x, float) and not isinstance(x, np.floating):
+            return {"kind": "float", "value": x}
+        if mod == "torch":
+            import torch
+
+            if isinstance(x, torch.Tensor):
+                arr = x.detach().cpu().numpy()
+                return {"kind": "torch", "tensor": self.add(name, arr), "dtype": str(arr.dtype),
+                        "requires_grad": bool(x.requires_grad)}
+        if mod in ("jax", "jaxlib"):
+            import jax
+
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                return {"kind": "jax_key", "tensor": self.add(name, np.asarray(jax.random.key_data(x))),
+                        "impl": str(jax.random.key_impl(x))}
+            arr = np.asarray(x)
+            return {"kind": "jax", "tensor": self.add(name, arr), "dtype": str(arr.dtype),
+                    "weak_type": bool(getattr(x, "weak_type", False))}
+        if isinstance(x, (np.ndarray, np.generic)):
+            arr = np.asarray(x)
+            return {"kind": "numpy", "tensor": self.add(name, arr), "scalar": isinstance(x, np.generic)}
+        raise TypeError(f"cannot checkpoint a state leaf of type {type(x).__module__}.{type(x).__name__}: "
+                        "checkpoints hold arrays, numbers and torch.optim optimisers only")
+
+    def nested(self, x: Any, name: str) -> dict[str, Any]:
+        """A leaf, or a list / tuple / dict of them (optimiser state entries, e.g. a list of past gradients)."""
+        if isinstance(x, (list, tuple)) and not _is_namedtuple(x):
+            return {"kind": type(x).__name__, "items": [self.nested(v, f"{name}/{i}") for i, v in enumerate(x)]}
+        if isinstance(x, dict) and all(isinstance(k, str) for k in x):
+            return {"kind": "dict", "items": {k: self.nested(v, f"{name}/{k}") for k, v in x.items()}}
+        return self.leaf(x, name)
+
+    def optimizer(self, opt: Any, name: str) -> dict[str, Any]:
+        """A ``torch.optim`` optimiser by its ``state_dict``: tensors stored, ``param_groups`` as JSON."""
+        sd = opt.state_dict()
+        groups = []
+        for g in sd["param_groups"]:
+            entry: dict[str, Any] = {}
+            for k, v in g.items():
+                ok, j = _jsonable(v)
+                if not ok:
+                    raise TypeError(f"cannot checkpoint the torch optimiser {type(opt).__name__}: its param_group "
+                                    f"entry {k!r} is a {type(v).__name__} (only numbers, strings and tuples are "
+                                    "stored); use a named optimiser or one with plain hyper-parameters")
+                entry[k] = j
+            groups.append(entry)
+        state: dict[str, dict[str, Any]] = {}
+        for pid, values in sd["state"].items():
+            state[str(pid)] = {k: self.nested(v, f"{name}/{pid}/{k}") for k, v in values.items()}
+        return {"kind": "torch_optimizer", "class": type(opt).__name__, "param_groups": groups, "state": state}
+
+
+def flatten_state(state: Any) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """Arrays and leaf descriptions of a state pytree, in depth-first order."""
+    packer = _Packer()
+    leaves: list[dict[str, Any]] = []
+
+    def walk(node: Any, path: list[Any]) -> None:
+        kids = _children(node)
+        if kids is not None:
+            for k, child in kids:
+                walk(child, path + [k])
+            return
+        name = f"state/{len(leaves):04d}"
+        desc = packer.optimizer(node, name) if _is_torch_optimizer(node) else packer.leaf(node, name)
+        desc["path"] = [str(p) if not isinstance(p, int) else p for p in path]
+        leaves.append(desc)
+
+    walk(state, [])
+    return packer.tensors, leaves
+
+
+def _restore_leaf(desc: dict[str, Any], tensors: dict[str, np.ndarray], template: Any, ops: Any) -> Any:
+    kind = desc["kind"]
+    if kind == "none":
+        return None
+    if kind in ("bool", "int", "float"):
+        return {"bool": bool, "int": int, "float": float}[kind](desc["value"])
+    arr = tensors[desc["tensor"]]
+    if kind == "numpy":
+        return arr[()] if desc.get("scalar") else arr.copy()
+    if kind == "torch":
+        import torch
+
+        device = template.device if isinstance(template, torch.Tensor) else getattr(ops, "device", "cpu")
+        out = torch.as_tensor(arr.copy(), device=device)
+        return out.requires_grad_(True) if desc.get("requires_grad") else out
+    if kind == "jax":
+        import jax.numpy as jnp
+
+        out = jnp.asarray(arr, dtype=arr.dtype)
+        if desc.get("weak_type"):
+            from jax._src.lax.lax import _convert_element_type
+
+            out = _convert_element_type(out, arr.dtype, weak_type=True)
+        return out
+    if kind == "jax_key":
+        import jax
+
+        return jax.random.wrap_key_data(arr, impl=desc["impl"])
+    raise ValueError(f"unknown leaf kind {kind!r} in the checkpoint")
+
+
+def _restore_nested(desc: dict[str, Any], tensors: dict[str, np.ndarray], ops: Any) -> Any:
+    if desc["kind"] in ("list", "tuple"):
+        items = [_restore_nested(d, tensors, ops) for d in desc["items"]]
+        return items if desc["kind"] == "list" else tuple(items)
+    if desc["kind"] == "dict":
+        return {k: _restore_nested(d, tensors, ops) for k, d in desc["items"].items()}
+    return _restore_leaf(desc, tensors, None, ops)
+
+
+def _restore_optimizer(desc: dict[str, Any], tensors: dict[str, np.ndarray], opt: Any, ops: Any) -> Any:
+    if desc.get("kind") != "torch_optimizer":
+        raise ValueError(f"the checkpoint holds a {desc.get('kind')} where this engine's state has a torch optimiser")
+    if desc["class"] != type(opt).__name__:
+        raise ValueError(f"checkpoint optimiser is {desc['class']}, this engine's is {type(opt).__name__}")
+    current = opt.state_dict()
+    groups = []
+    for saved, now in zip(desc["param_groups"], current["param_groups"]):
+        g = dict(now)
+        for k, v in saved.items():
+            g[k] = tuple(v) if isinstance(now.get(k), tuple) and isinstance(v, list) else v
+        groups.append(g)
+    state = {int(pid): {k: _restore_nested(d, tensors, ops) for k, d in values.items()}
+             for pid, values in desc["state"].items()}
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    return opt
+
+
+def restore_state(template: Any, leaves: list[dict[str, Any]], tensors: dict[str, np.ndarray], ops: Any) -> Any:
+    """The state pytree ``template`` (from the engine's ``init``) with its leaves replaced by the stored ones.
+
+    Raises ``ValueError`` when the structures differ.  Tensors that are parameters of a torch optimiser in the
+    state are overwritten in place (the optimiser holds them).
+    """
+    by_path = {tuple(d["path"]): d for d in leaves}
+    used: set[tuple[Any, ...]] = set()
+    opt_params: set[int] = set()
+
+    def find_optimizers(node: Any) -> None:
+        kids = _children(node)
+        if kids is not None:
+            for _, child in kids:
+                find_optimizers(child)
+        elif _is_torch_optimizer(node):
+            opt_params.update(id(p) for g in node.param_groups for p in g["params"])
+
+    find_optimizers(template)
+
+    def walk(node: Any, path: list[Any]) -> Any:
+        kids = _children(node)
+        if kids is not None:
+            return _rebuild(node, [walk(child, path + [k]) for k, child in kids])
+        key = tuple(str(p) if not isinstance(p, int) else p for p in path)
+        desc = by_path.get(key)
+        if desc is None:
+            raise ValueError(f"the checkpoint's engine state has no entry {'/'.join(map(str, key))!r} "
+                             "(written by another version of the engine?)")
+        used.add(key)
+        if _is_torch_optimizer(node):
+            return _restore_optimizer(desc, tensors, node, ops)
+        value = _restore_leaf(desc, tensors, node, ops)
+        if id(node) in opt_params:  # keep the tensor the optimiser updates
+            import torch
+
+            with torch.no_grad():
+                node.copy_(value)
+            return node
+        return value
+
+    out = walk(template, [])
+    extra = sorted("/".join(map(str, p)) for p in set(by_path) - used)
+    if extra:
+        raise ValueError(f"the checkpoint's engine state has entries this engine does not: {extra}")
+    return out
+
+
+# ----- files ---------------------------------------------------------------------------------------------------
+def checkpoint_files(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``[(iteration, sidecar path)]`` of the complete checkpoints in ``directory``, oldest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    out = []
+    for p in d.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.with_suffix(".safetensors").is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the sidecar ``meta`` (a dict) and the ``tensors`` (numpy arrays by name)."""
+
+    meta: dict[str, Any]
+    tensors: dict[str, np.ndarray] = field(repr=False)
+    path: Path | None = None
+
+    @property
+    def iteration(self) -> int:
+        return int(self.meta["iteration"])
+
+    @property
+    def history(self) -> dict[str, list[np.ndarray]]:
+        """History so far, as the driver keeps it (one array per iteration and entry)."""
+        return {n: list(self.tensors[f"history/{j:04d}"]) for j, n in enumerate(self.meta["history"])}
+
+    @property
+    def draws(self) -> list[np.ndarray]:
+        return list(self.tensors["draws"]) if "draws" in self.tensors else []
+
+    def check_compatible(self, engine: Any) -> None:
+        """Raise ``ValueError`` naming what differs between this checkpoint and ``engine`` (class, backend, version,
+        data shapes, options)."""
+        meta = self.meta
+        cls = type(engine).__name__
+        if meta["engine"] != cls:
+            raise ValueError(f"checkpoint was written by {meta['engine']}, not {cls}")
+        if meta["backend"] != engine.ops.name:
+            raise ValueError(f"checkpoint was written on the {meta['backend']} backend, not {engine.ops.name}")
+        version = _library_version()
+        if meta["latentfit_version"] != version:
+            raise ValueError(f"checkpoint was written by latentfit {meta['latentfit_version']}, this is {version}")
+        problems = []
+        saved, now = meta["shapes"], data_shapes(engine.model)
+        for k in ("num_units", "latent_dim"):
+            if saved[k] != now[k]:
+                problems.append(f"{k} {saved[k]} != {now[k]}")
+        for n in sorted(set(saved["params"]) | set(now["params"])):
+            a, b = saved["params"].get(n), now["params"].get(n)
+            if a != b:
+                problems.append(f"param {n!r} shape {a} != {b}" if a is not None and b is not None
+                                else f"param {n!r} only in the {'checkpoint' if b is None else 'model'}")
+        if problems:
+            raise ValueError("checkpoint data shapes differ (checkpoint != this model): " + "; ".join(problems))
+        saved, now = meta["options"], engine_options(engine)
+        diffs = [f"{k}={saved.get(k, '<unset>')!r} != {now.get(k, '<unset>')!r}"
+                 for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        if diffs:
+            raise ValueError("checkpoint options differ (checkpoint != this engine): " + "; ".join(diffs))
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Load the latest checkpoint of a directory, or the checkpoint ``ckpt-XXXXXX.json`` / ``.safetensors`` given.
+
+    Only ``json`` and ``safetensors`` are read: nothing is unpickled.  Raises ``FileNotFoundError`` when there is
+    none and ``ValueError`` when the tensors file does not match its sidecar.
+    """
+    from safetensors.numpy import load_file
+
+    p = Path(path)
+    if p.is_dir():
+        found = checkpoint_files(p)
+        if not found:
+            raise FileNotFoundError(f"no checkpoint (ckpt-*.json + .safetensors) in {str(p)!r}")
+        sidecar = found[-1][1]
+    else:
+        sidecar = p.with_suffix(".json")
+        if not sidecar.is_file():
+            raise FileNotFoundError(f"no checkpoint at {str(p)!r} (neither a directory nor a ckpt-*.json file)")
+    with open(sidecar, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{str(sidecar)!r} is not a latentfit checkpoint")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"checkpoint format {meta['format_version']} is newer than this latentfit reads "
+                         f"({FORMAT_VERSION})")
+    tensor_path = sidecar.with_suffix(".safetensors")
+    data = tensor_path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise ValueError(f"{str(tensor_path)!r} does not match its sidecar (SHA-256 differs)")
+    return Checkpoint(meta=meta, tensors=load_file(str(tensor_path)), path=sidecar)
+
+
+def save_checkpoint(directory: str | os.PathLike, engine: Any, state: Any, iteration: int,
+                    history: dict[str, list[np.ndarray]], draws: list[np.ndarray],
+                    rng: dict[str, np.ndarray] | None = None, keep: int | None = None) -> Path:
+    """Write ``ckpt-<iteration>.safetensors`` + ``.json`` atomically; keep the last ``keep``. Returns the sidecar."""
+    from safetensors.numpy import save
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors, leaves = flatten_state(state)
+    names = list(history)
+    for j, n in enumerate(names):
+        tensors[f"history/{j:04d}"] = _contiguous(np.stack(history[n]))
+    if draws:
+        tensors["draws"] = _contiguous(np.stack(draws))
+    for k, v in (rng or {}).items():
+        tensors[f"rng/{k}"] = _contiguous(v)
+    data = save(tensors)
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "latentfit_version": _library_version(),
+        "engine": type(engine).__name__, "backend": engine.ops.name, "iteration": int(iteration),
+        "num_iterations": int(engine.num_iterations), "options": engine_options(engine),
+        "shapes": data_shapes(engine.model), "state": leaves, "history": names,
+        "rng": sorted(rng or {}), "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    stem = d / f"ckpt-{int(iteration):06d}"
+    _atomic_write(stem.with_suffix(".safetensors"), data)
+    _atomic_write(stem.with_suffix(".json"), json.dumps(meta, indent=1, allow_nan=True).encode("utf-8"))
+    if keep is not None:
+        for _, old in checkpoint_files(d)[:-keep]:
+            old.unlink()  # the sidecar first: a tensors file alone is never read
+            old.with_suffix(".safetensors").unlink(missing_ok=True)
+    return stem.with_suffix(".json")
+
+
+__all__ = ["Checkpoint", "checkpoint_files", "data_shapes", "engine_options", "load_checkpoint", "restore_state",
+           "save_checkpoint"]

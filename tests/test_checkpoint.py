@@ -1,0 +1,161 @@
+"""Checkpoint and resume (``Engine.run(checkpoint=..., resume=...)``): an interrupted-then-resumed fit equals the
+uninterrupted one bit for bit, on both backends; the files hold no pickle; writes are atomic; old checkpoints are
+pruned; a checkpoint of another engine, options, data or version is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from backends import Backend
+
+from latentfit.inference import checkpoint as ckpt_mod
+from latentfit.inference.fiem import FIEM
+from latentfit.inference.mcmcsgd import MCMCSGD
+from latentfit.inference.saem import SAEM
+from latentfit.models import GaussianMixture
+
+ITERS = 40
+STOP_AT = 25
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _stop_at(k: int, record: dict[str, Any]) -> None:
+    if k == STOP_AT:
+        raise Interrupt
+
+
+def _intercept_data(n: int = 12, m: int = 4) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return 1.0 + 0.8 * rng.normal(size=(n, 1)) + 0.5 * rng.normal(size=(n, m))
+
+
+def _saem(backend: Backend, n: int = 12, **options: Any) -> SAEM:
+    model = backend.latent_model(backend.models.random_intercept, backend.tensor(_intercept_data(n)))
+    kw = dict(num_iters=(ITERS // 2, ITERS // 2), seed=3, progress=False, chunk_size=5, num_draws=15)
+    kw.update(options)
+    return SAEM(model, **kw)
+
+
+def _mixture(n: int = 60) -> GaussianMixture:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    x = centres[torch.arange(n) % 3] + 0.6 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    return GaussianMixture(x, 3)
+
+
+def _fiem(**options: Any) -> FIEM:
+    kw = dict(num_epochs=ITERS, batch_size=10, seed=2, progress=False, chunk_size=5)
+    kw.update(options)
+    return FIEM(_mixture(), **kw)
+
+
+def _assert_same_fit(a: Any, b: Any) -> None:
+    assert a.history.keys() == b.history.keys()
+    for name in a.history:
+        np.testing.assert_array_equal(a.history[name], b.history[name], err_msg=name)
+    assert a.params.keys() == b.params.keys()
+    for name in a.params:
+        np.testing.assert_array_equal(np.asarray(a.params[name]), np.asarray(b.params[name]), err_msg=name)
+    if a.latent_draws is None:
+        assert b.latent_draws is None
+    else:
+        np.testing.assert_array_equal(a.latent_draws, b.latent_draws)
+
+
+def _interrupt_and_resume(make: Any, key: Any, tmp_path: Path) -> None:
+    full = make().run(key)
+    d = tmp_path / "ckpt"
+    with pytest.raises(Interrupt):
+        make(callback=_stop_at).run(key, checkpoint=d, checkpoint_every=10)
+    # chunks of 5, a checkpoint every 10: the last one before the interruption is iteration 20 (25 was not due)
+    assert [k for k, _ in ckpt_mod.checkpoint_files(d)] == [10, 20]
+    resumed = make().run(key, checkpoint=d, checkpoint_every=10, resume=True)
+    _assert_same_fit(full, resumed)
+    saved = [k for k, _ in ckpt_mod.checkpoint_files(d)]
+    assert len(saved) == 3 and saved[0] >= 20 and saved[-1] == ITERS  # keep=3, the last at the end of the run
+    # resuming from the final checkpoint only finalises
+    again = make().run(key, resume=d)
+    _assert_same_fit(full, again)
+
+
+def test_saem_resume_is_bit_identical(backend: Backend, tmp_path: Path) -> None:
+    _interrupt_and_resume(lambda **kw: _saem(backend, **kw), backend.key(0), tmp_path)
+
+
+def test_fiem_resume_is_bit_identical(tmp_path: Path) -> None:
+    _interrupt_and_resume(_fiem, None, tmp_path)
+
+
+def test_mcmcsgd_torch_optimizer_resume(tmp_path: Path) -> None:
+    """MCMCSGD on torch keeps a ``torch.optim`` optimiser in its state (restored through ``load_state_dict``;
+    OPT-AMSGrad's state holds a list of past gradients); its ``run`` override takes the checkpoint options too."""
+    backend = Backend("pyro")
+    model = backend.latent_model(backend.models.random_intercept, backend.tensor(_intercept_data()))
+
+    def make(**kw: Any) -> MCMCSGD:
+        return MCMCSGD(model, num_iters=ITERS, burn_in=5, seed=1, progress=False, chunk_size=5, num_draws=5,
+                       optimizer="opt-amsgrad", **kw)
+
+    _interrupt_and_resume(make, None, tmp_path)
+
+
+def test_files_are_safe_atomic_and_pruned(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    d = tmp_path / "ckpt"
+    _fiem(num_epochs=30).run(checkpoint=d, checkpoint_every=5, keep=2)
+    files = sorted(p.name for p in d.iterdir())
+    assert files == ["ckpt-000025.json", "ckpt-000025.safetensors", "ckpt-000030.json", "ckpt-000030.safetensors"]
+    meta = json.loads((d / "ckpt-000030.json").read_text())
+    tensors = load_file(str(d / "ckpt-000030.safetensors"))
+    assert meta["engine"] == "FIEM" and meta["iteration"] == 30 and meta["shapes"]["num_units"] == 60
+    assert meta["options"]["batch_size"] == 10 and meta["latentfit_version"]
+    assert all(t in tensors for leaf in meta["state"] for t in [leaf.get("tensor")] if t)
+    assert "rng/torch" in tensors and tensors["rng/torch"].dtype == np.uint8
+    # no pickle anywhere: a safetensors file is a length-prefixed JSON header plus raw bytes
+    data = (d / "ckpt-000030.safetensors").read_bytes()
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    assert set(header) - {"__metadata__"} == set(tensors)
+    assert not any(p.read_bytes().startswith(b"\x80") for p in d.iterdir())  # the pickle protocol marker
+    # a fresh run refuses to mix with another run's checkpoints
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        _fiem(num_epochs=30).run(checkpoint=d)
+
+
+def test_failed_write_leaves_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = tmp_path / "ckpt"
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        _fiem(num_epochs=5).run(checkpoint=d)
+    assert list(d.iterdir()) == []
+
+
+def test_mismatches_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = Backend("pyro")
+    d = tmp_path / "ckpt"
+    _saem(backend, num_iters=(10, 0)).run(checkpoint=d)
+    with pytest.raises(ValueError, match="checkpoint was written by SAEM, not FIEM"):
+        _fiem().run(resume=d)
+    with pytest.raises(ValueError, match=r"num_units 12 != 20"):
+        _saem(backend, n=20, num_iters=(10, 0)).run(resume=d)
+    with pytest.raises(ValueError, match=r"options differ.*num_chains=5 != 2"):
+        _saem(backend, num_iters=(10, 0), num_chains=2).run(resume=d)
+    with pytest.raises(ValueError, match=r"options differ.*phases"):
+        _saem(backend, num_iters=(10, 5)).run(resume=d)
+    monkeypatch.setattr("latentfit.__version__", "9.9.9")
+    with pytest.raises(ValueError, match=r"written by latentfit 0\.1\.0, this is 9\.9\.9"):
+        _saem(backend, num_iters=(10, 0)).run(resume=d)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        _saem(backend).run(resume=tmp_path / "empty")
