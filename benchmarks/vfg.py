@@ -33,7 +33,9 @@ def methods(args: argparse.Namespace) -> dict[str, Callable[[np.ndarray, np.ndar
         return out.numpy() if hasattr(out, "numpy") else np.asarray(out)
 
     def mice(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
-        return np.mean([IterativeImputer(sample_posterior=True, random_state=s).fit(tr).transform(te)
+        # x1 = x2 exactly: a 1e-6 jitter keeps BayesianRidge's posterior sd > 0 (else truncnorm raises)
+        trj = tr + 1e-6 * np.random.default_rng(0).standard_normal(tr.shape)
+        return np.mean([IterativeImputer(sample_posterior=True, random_state=s).fit(trj).transform(te)
                         for s in range(5)], 0)
 
     return {
