@@ -53,7 +53,7 @@ from latentfit.inference import semvr as _semvr
 from latentfit.inference import ttsem as _ttsem
 from latentfit.inference.model import LatentModel
 from latentfit.inference.results import FitResult
-from latentfit.integrations._front_door import EMFamilyFrontDoor, EngineFrontDoor, front_door
+from latentfit.integrations._front_door import EMFamilyFrontDoor, EngineFrontDoor, front_door, split_run_options
 from latentfit.integrations.misso_vi_numpyro import MISSOVI
 from latentfit.integrations.numpyro import NumPyroLatentModel, as_rng_key
 from latentfit.integrations.numpyro_enum import NumPyroEnumModel, has_enumerated_latents
@@ -70,8 +70,9 @@ class _NumPyroEngine(EngineFrontDoor):
     def run(self, rng_key: Any, *args: Any, **kwargs: Any) -> FitResult:
         """Fit ``model(*args, **kwargs)``; ``rng_key`` is a ``jax.random.PRNGKey`` (or an int seed)."""
         key = as_rng_key(rng_key)
+        run_options = split_run_options(kwargs)  # checkpoint=, resume=, ...: the engine's, not the model's
         engine = self.engine_cls(self.latent_model(*args, **kwargs), *self.engine_args, **self.engine_kwargs)
-        return engine.run(key)
+        return engine.run(key, **run_options)
 
 
 class _EMFamilyEngine(EMFamilyFrontDoor, _NumPyroEngine):

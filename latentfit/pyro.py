@@ -56,7 +56,7 @@ from latentfit.inference import semvr as _semvr
 from latentfit.inference import ttsem as _ttsem
 from latentfit.inference.model import LatentModel
 from latentfit.inference.results import FitResult
-from latentfit.integrations._front_door import EMFamilyFrontDoor, EngineFrontDoor, front_door
+from latentfit.integrations._front_door import EMFamilyFrontDoor, EngineFrontDoor, front_door, split_run_options
 from latentfit.integrations.misso_vi_pyro import MISSOVI
 from latentfit.integrations.pyro import PyroLatentModel, write_params_to_store
 from latentfit.integrations.pyro_enum import PyroEnumModel, has_enumerated_latents
@@ -69,6 +69,9 @@ class _PyroEngine(EngineFrontDoor):
     latent_model_cls = PyroLatentModel
 
     def run(self, *args: Any, **kwargs: Any) -> FitResult:
+        """Fit ``model(*args, **kwargs)``; ``checkpoint=``, ``checkpoint_every=``, ``keep=`` and ``resume=`` go to the
+        engine (:meth:`latentfit.inference.driver.Engine.run`), not to the model."""
+        run_options = split_run_options(kwargs)
         # tracing the model draws random numbers: do it on a forked, seeded RNG stream
         seed = int(self.engine_kwargs.get("seed", 0))
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
@@ -76,7 +79,7 @@ class _PyroEngine(EngineFrontDoor):
             torch.manual_seed(seed)
             latent_model = self.latent_model(*args, **kwargs)
         engine = self.engine_cls(latent_model, *self.engine_args, **self.engine_kwargs)
-        fit = engine.run()
+        fit = engine.run(**run_options)
         write_params_to_store(engine.theta_of(fit.state))
         return fit
 
@@ -90,7 +93,8 @@ class _EMFamilyEngine(EMFamilyFrontDoor, _PyroEngine):
 
     def run(self, *args: Any, **kwargs: Any) -> FitResult:
         if isinstance(self.model, LatentModel):
-            return self.engine_cls(self.model, *self.engine_args, **self.engine_kwargs).run()
+            return self.engine_cls(self.model, *self.engine_args, **self.engine_kwargs).run(
+                **split_run_options(kwargs))
         return super().run(*args, **kwargs)
 
 

@@ -159,3 +159,34 @@ def test_mismatches_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         _saem(backend, num_iters=(10, 0)).run(resume=d)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         _saem(backend).run(resume=tmp_path / "empty")
+
+
+def test_pyro_front_door_passes_checkpoint_options(tmp_path):
+    """``latentfit.pyro.SAEM(model, ...).run(*model_args, checkpoint=..., resume=...)``: the driver's options are
+    taken out of the model's keyword arguments; the resumed fit equals the uninterrupted one."""
+    import pyro
+    import pyro.distributions as dist
+    from torch.distributions import constraints
+
+    import latentfit.pyro as lp
+
+    def model(y):
+        mu = pyro.param("mu", torch.tensor(0.0, dtype=y.dtype))
+        omega = pyro.param("omega", torch.tensor(1.0, dtype=y.dtype), constraint=constraints.positive)
+        sigma = pyro.param("sigma", torch.tensor(1.0, dtype=y.dtype), constraint=constraints.positive)
+        with pyro.plate("unit", y.shape[0], dim=-2):
+            b = pyro.sample("b", dist.Normal(mu, omega))
+            with pyro.plate("obs", y.shape[1], dim=-1):
+                pyro.sample("y", dist.Normal(b, sigma), obs=y)
+
+    y = torch.as_tensor(_intercept_data())
+    options = {"num_iters": (20, 20), "seed": 0, "progress": False, "chunk_size": 5}
+    pyro.clear_param_store()
+    full = lp.SAEM(model, **options).run(y)
+    pyro.clear_param_store()
+    with pytest.raises(Interrupt):
+        lp.SAEM(model, callback=_stop_at, **options).run(y, checkpoint=tmp_path, checkpoint_every=10)
+    pyro.clear_param_store()
+    resumed = lp.SAEM(model, **options).run(y, resume=tmp_path)
+    for name, values in full.history.items():
+        np.testing.assert_array_equal(resumed.history[name], values)

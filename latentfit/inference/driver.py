@@ -11,8 +11,6 @@ checkpoints (``run(checkpoint=dir)``, ``run(resume=dir)``: :mod:`latentfit.infer
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 import time
 import warnings
@@ -26,7 +24,6 @@ from .results import FitResult
 
 Callback = Callable[[int, dict[str, Any]], Any]
 #: keyword options of :meth:`Engine.run` besides the key
-_RUN_OPTIONS = ("checkpoint", "checkpoint_every", "keep", "resume")
 
 
 class Engine:
@@ -91,11 +88,6 @@ class Engine:
         options; ``True`` continues from ``checkpoint`` if it holds one, else starts afresh.  A resumed run equals
         the uninterrupted one bit for bit (history and parameters).
         """
-        opts = dict(self.__dict__.pop("_pending_run_options", {}))
-        checkpoint = opts.get("checkpoint", checkpoint)
-        checkpoint_every = opts.get("checkpoint_every", checkpoint_every)
-        keep = opts.get("keep", keep)
-        resume = opts.get("resume", resume)
         ops = self.ops
         total = self.num_iterations
         resume_from = self._resume_source(checkpoint, resume)
@@ -152,29 +144,6 @@ class Engine:
                          compile_time=ops.compile_time - compiled_before)
 
     # ----- checkpoints -------------------------------------------------------------------------
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        """An engine overriding ``run(key)`` without the checkpoint options still accepts them (forwarded)."""
-        super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("run")
-        if own is None:
-            return
-        params = inspect.signature(own).parameters
-        if "checkpoint" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            return
-
-        @functools.wraps(own)
-        def run(self: Engine, key: Any = None, **options: Any) -> FitResult:
-            unknown = sorted(set(options) - set(_RUN_OPTIONS))
-            if unknown:
-                raise TypeError(f"{cls.__name__}.run() got unexpected keyword arguments {unknown}")
-            self._pending_run_options = options
-            try:
-                return own(self, key)
-            finally:
-                self.__dict__.pop("_pending_run_options", None)
-
-        cls.run = run
-
     def _resume_source(self, checkpoint: Any, resume: Any) -> Any:
         """Where to resume from (None: a fresh run); refuses to start afresh over another run's checkpoints."""
         from .checkpoint import checkpoint_files

@@ -261,8 +261,9 @@ class MCMCSGD(Engine):
         return chain.z, dict(state, log_step=log_step_all), {"mala": rate}
 
     # ----- the random-stopping report ------------------------------------------------------------------
-    def run(self, key: Any = None) -> FitResult:
-        fit = super().run(key)
+    def run(self, key: Any = None, **run_options: Any) -> FitResult:
+        """:meth:`Engine.run` (checkpoint options included), then the random-stopping report."""
+        fit = super().run(key, **run_options)
         self.random_stop = self._random_stop(fit)
         return fit
 

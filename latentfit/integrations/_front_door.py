@@ -11,6 +11,14 @@ from typing import Any
 
 from latentfit.inference.model import LatentModel
 
+#: keyword arguments of ``run`` that go to the engine's driver (checkpointing), not to the model
+RUN_OPTIONS = ("checkpoint", "checkpoint_every", "keep", "resume")
+
+
+def split_run_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Remove and return the driver's options (:data:`RUN_OPTIONS`) from a ``run(**kwargs)`` call."""
+    return {k: kwargs.pop(k) for k in RUN_OPTIONS if k in kwargs}
+
 
 class EngineFrontDoor:
     """Front door shared by every engine: validate options now, trace and fit on ``run``."""
