@@ -99,7 +99,8 @@ def test_user_optimiser_equals_the_named_one(backend_name):
         np.testing.assert_allclose(own.history[key], named.history[key], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "amsgrad", "opt-amsgrad"])
+@pytest.mark.parametrize("optimizer", [pytest.param("sgd", marks=pytest.mark.slow),
+                                       pytest.param("amsgrad", marks=pytest.mark.slow), "opt-amsgrad"])
 def test_every_named_optimiser_fits(optimizer):
     """SGD (rate scaled to the gradient's size), AMSGrad and OPT-AMSGrad all climb to the maximum's neighbourhood."""
     rate = 1e-3 if optimizer == "sgd" else 0.05

@@ -185,6 +185,7 @@ def test_synthetic_imputation_full_size_vs_iterative_and_mice() -> None:
     assert vfg < knn and vfg < it and vfg < mice, (vfg, knn, it, mice)
 
 
+@pytest.mark.slow  # about 30 s of compilation
 @pytest.mark.skipif(not _jax_available(), reason="flowjax not installed")
 def test_jax_backend_fits_and_imputes() -> None:
     tr, te, te_nan = _split(200, 100, seed=2)
