@@ -34,7 +34,7 @@ class _SiteLayout:
 @dataclass
 class _GaussianLatentPattern:
     site: str
-    loc: str
+    loc: str | None  # param name, or None for a zero mean (``Normal(0., omega)``, a centred random effect)
     scale: str  # param name
     kind: str  # "normal" (scale = std, elementwise) or "mvn_cov" / "mvn_tril"
 
@@ -103,7 +103,8 @@ class ClosedFormFace:
     def _mark_closed_form(self) -> None:
         """Flag the recognised params closed-form, set their annealing and the latent sites' kinds."""
         for g in self._gauss:
-            self.params[g.loc].closed_form = True
+            if g.loc is not None:
+                self.params[g.loc].closed_form = True
             self.params[g.scale].closed_form = True
             # mvn_tril: annealed through its covariance
             self.params[g.scale].anneal = {"normal": "std", "mvn_cov": "cov", "mvn_tril": None}[g.kind]
@@ -140,17 +141,19 @@ class ClosedFormFace:
         n = float(num_units)
         for g in self._gauss:
             s1, s2 = s[f"{g.site}.s1"] / n, s[f"{g.site}.s2"] / n
-            p_shape = tuple(self.params[g.loc].value.shape)
             if g.kind == "normal":
-                mu = _reduce_to(s1, p_shape)
+                p_shape = tuple(self.params[g.loc if g.loc is not None else g.scale].value.shape)
+                mu = _reduce_to(s1, p_shape) if g.loc is not None else 0.0 * s1
                 var = _reduce_to(s2 - 2 * mu * s1 + mu * mu, p_shape)
-                out[g.loc] = mu
+                if g.loc is not None:
+                    out[g.loc] = mu
                 out[g.scale] = xp.sqrt(xp.clip(var, 1e-12))
             else:
-                mu = s1
+                mu = s1 if g.loc is not None else 0.0 * s1
                 cov = s2 - mu[:, None] * mu[None, :]
                 cov = 0.5 * (cov + cov.T) + 1e-10 * self.ops.asarray(np.eye(cov.shape[-1]), dtype=cov.dtype)
-                out[g.loc] = mu.reshape(p_shape)
+                if g.loc is not None:
+                    out[g.loc] = mu.reshape(tuple(self.params[g.loc].value.shape))
                 out[g.scale] = cov if g.kind == "mvn_cov" else xp.linalg.cholesky(cov)
         for r in self._resid:
             rss, cnt = s[f"{r.site}.rss"], s[f"{r.site}.nobs"]

@@ -513,7 +513,7 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
         parts = []
         for s, k in zip(self._layout, keys):
             g = next(x for x in self._gauss if x.site == s.name)
-            mu = self.ops.stop_gradient(theta[g.loc]).reshape(-1)
+            mu = self.ops.stop_gradient(theta[g.loc]).reshape(-1) if g.loc is not None else 0.0
             eps = self.ops.normal(k, (num_chains, n, s.size))
             scale = self.ops.stop_gradient(theta[g.scale])
             if g.kind == "normal":
@@ -602,6 +602,13 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
                     return name
             return None
 
+        def is_zero(get: Any) -> bool:
+            """The tensor ``get(trace)`` is 0 everywhere at both θ (a constant zero mean)."""
+            try:
+                return all(bool(np.all(np.asarray(to_np(get(tr))) == 0)) for tr in traces)
+            except AttributeError:
+                return False
+
         def depends(fun: Any) -> set[str]:
             """Params with a non-zero gradient of ``sum(fun(trace(θ)))``."""
             grads = ppl.grad_params(lambda th: fun(self._run(th, values)).sum(), dict(theta0))
@@ -616,19 +623,26 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
             if ppl.is_normal_like(fn):
                 loc = is_param(lambda tr, s=s: ppl.normal_base(tr[s.name].fn).loc)
                 scale = is_param(lambda tr, s=s: ppl.normal_base(tr[s.name].fn).scale)
-                if loc and scale and loc != scale and \
-                        tuple(self.params[loc].value.shape) == tuple(self.params[scale].value.shape):
+                # a centred random effect, Normal(0., omega): closed-form omega with the mean held at 0
+                zero = loc is None and scale and is_zero(lambda tr, s=s: ppl.normal_base(tr[s.name].fn).loc)
+                if zero or (loc and scale and loc != scale and
+                            tuple(self.params[loc].value.shape) == tuple(self.params[scale].value.shape)):
                     self._gauss.append(_GaussianLatentPattern(s.name, loc, scale, "normal"))
-                    claimed[loc] = claimed[scale] = s.name
+                    claimed[scale] = s.name
+                    if loc:
+                        claimed[loc] = s.name
             elif isinstance(fn, d.MultivariateNormal) and s.size == fn.event_shape[0]:
                 loc = is_param(lambda tr, s=s: ppl.unwrap(tr[s.name].fn).loc)
                 cov = is_param(lambda tr, s=s: ppl.unwrap(tr[s.name].fn).covariance_matrix)
                 kind = "mvn_cov"
                 if cov is None:
                     cov, kind = is_param(lambda tr, s=s: ppl.unwrap(tr[s.name].fn).scale_tril), "mvn_tril"
-                if loc and cov and loc != cov:
+                zero = loc is None and cov and is_zero(lambda tr, s=s: ppl.unwrap(tr[s.name].fn).loc)
+                if zero or (loc and cov and loc != cov):
                     self._gauss.append(_GaussianLatentPattern(s.name, loc, cov, kind))
-                    claimed[loc] = claimed[cov] = s.name
+                    claimed[cov] = s.name
+                    if loc:
+                        claimed[loc] = s.name
         for name in self.observed_names:
             fn = ppl.unwrap(traces[0][name].fn)
             if isinstance(fn, d.Normal):
