@@ -409,3 +409,32 @@ def test_other_engines_fit(engine: str, backend: Backend):
     want = known_intercept()
     bad = {k: (got[k], want[k]) for k in want if abs(got[k] - want[k]) > ENGINE_TOL}
     assert not bad, f"{engine} on {backend.name}: {bad}"
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_centred_random_effects_get_the_closed_form_variance_step(covariance: str):
+    """``η_g ~ N(0, diag ω²)`` (or ``N(0, Ω)``) with the mean written as the constant 0: the traced adapter recognises
+    the centred pattern, so ω (Ω) has a closed-form M-step (``Σ_g η_g² / G`` with the mean held at 0), β a numeric
+    one."""
+    import pyro
+
+    from latentfit.integrations.pyro import PyroLatentModel
+
+    d = data_slope()
+    model, args = build("slope", "pyro", d, covariance=covariance)
+    pyro.clear_param_store()
+    lm = PyroLatentModel(model, args, {})
+    pyro.clear_param_store()
+    scale = "omega" if covariance == "diag" else "Omega"
+    assert lm.params[scale].closed_form and not lm.params["beta"].closed_form
+    rng = np.random.default_rng(0)
+    z = lm.ops.asarray(rng.normal(size=(3, lm.num_units, lm.latent_dim)) * 0.5)
+    s = {k: v.mean(0).sum(0) for k, v in lm.stats(lm.init_params(), z).items()}
+    new = lm.m_step(s, lm.init_params(), lm.num_units)
+    zz = np.asarray(z)
+    second = np.einsum("cni,cnj->ij", zz, zz) / (3 * lm.num_units)
+    if covariance == "diag":
+        np.testing.assert_allclose(np.asarray(new["omega"]), np.sqrt(np.diag(second)), rtol=1e-10)
+    else:
+        np.testing.assert_allclose(np.asarray(new["Omega"]), second, rtol=1e-8, atol=1e-9)
+    assert "beta" not in new
