@@ -3,6 +3,11 @@
 Every function takes a :class:`~latentfit.inference.results.FitResult` and returns the figure; the
 same plots are available as ``fit.plot_*`` methods.  ``x`` (the independent variable, e.g. time) is an
 ``[N, T]`` array shaped like the observations, or the name of a keyword argument of the model call.
+
+Fits of an NLME model (:mod:`latentfit.models.nlme`) are drawn in the model's own terms: against the data's
+time (or ``x=`` variable) by default, panels titled by subject ID, smooth IPRED / PRED curves of the structural
+model with the doses marked, a prediction-corrected VPC (pcVPC) and saemix / Monolix goodness-of-fit panels
+(:func:`plot_gof`).
 """
 
 from __future__ import annotations
@@ -52,18 +57,19 @@ def plot_observations_vs_predictions(fit: Any, figsize=None, log: bool = False):
 
 
 def plot_residuals(fit: Any, x: Any = None, figsize=None):
-    """IWRES, PWRES and NPDE against x (or IPRED/PRED), and a normal QQ plot of the NPDE."""
+    """IWRES, PWRES and NPDE against x (or IPRED/PRED; NLME fits: the data's time by default), and a normal QQ plot
+    of the NPDE."""
     plt = _plt()
     from statistics import NormalDist
 
     res = fit.residuals()
-    xv = resolve_x(fit, x)
+    xv, xlabel = _x_values(fit, x)
     m = res.mask
     fig, axes = plt.subplots(2, 2, figsize=figsize or (9, 7))
     panels = [(axes[0, 0], res.iwres, xv if xv is not None else res.ipred, "IWRES"),
               (axes[0, 1], res.pwres, xv if xv is not None else res.pred, "PWRES"),
               (axes[1, 0], res.npde, xv if xv is not None else res.pred, "NPDE")]
-    xlabel = "x" if xv is not None else None
+    xlabel = xlabel if xv is not None else None
     for ax, r, xx, name in panels:
         ax.scatter(xx[m], r[m], s=12, alpha=0.7)
         ax.axhline(0, color="k", lw=1)
@@ -82,8 +88,162 @@ def plot_residuals(fit: Any, x: Any = None, figsize=None):
     return fig
 
 
-def plot_individual_fits(fit: Any, x: Any = None, units: Any = None, ncols: int = 4, figsize=None):
-    """Observations with PRED and IPRED per unit (x: independent variable; default the observation index)."""
+# ----- NLME fits: the model's own terms (time, subject IDs, doses) ----------------------------------------------
+def _nlme(fit: Any) -> Any | None:
+    """The fit's NLME model (bound to its data), or None for other models."""
+    model = fit.model
+    return model if hasattr(model, "prediction_grid") and getattr(model, "data", None) is not None else None
+
+
+def _x_values(fit: Any, x: Any) -> tuple[np.ndarray | None, str]:
+    """``(x [N, T], label)``: ``x`` resolved, or for NLME fits without ``x`` the data's x-variable (time)."""
+    model = _nlme(fit)
+    if model is not None and (x is None or (isinstance(x, str) and x == model.x_name)):
+        return model.data.x_values, model.x_name
+    if model is not None and isinstance(x, str):
+        if x not in model.data.regressors:
+            raise ValueError(f"x={x!r} is not a column of the data passed to the model (available: "
+                             f"{sorted({model.x_name, *model.data.regressors})})")
+        return model.data.regressors[x], x
+    if x is None:
+        return None, "x"
+    return resolve_x(fit, x), x if isinstance(x, str) else "x"
+
+
+def _natural(model: Any, a: np.ndarray) -> np.ndarray:
+    """Model-scale values (log for an exponential error) back on the scale of the data."""
+    return np.exp(a) if model is not None and getattr(model, "error", None) == "exponential" else a
+
+
+def _population_z(fit: Any) -> Any:
+    """The latents at their prior means (population predictions, PRED), backend array ``[N, d]``."""
+    return fit.model.prior_moments(fit._theta())[0]
+
+
+def _unit_label(model: Any, i: int) -> str:
+    """Panel title of unit ``i``: the ID column's name and the subject's ID."""
+    ident = model.data.ids[i]
+    ident = ident.item() if isinstance(ident, np.generic) else ident
+    return f"{model.data.columns.get('id', 'ID')} {ident}"
+
+
+def _draw_doses(ax: Any, model: Any, i: int) -> None:
+    """Doses of unit ``i`` as small triangles on the x-axis; infusions as shaded spans."""
+    data = model.data
+    real = data.dose_amt[i] > 0
+    t_d, amt, rate = data.dose_time[i][real], data.dose_amt[i][real], data.dose_rate[i][real]
+    if not t_d.size:
+        return
+    ax.plot(t_d, np.zeros_like(t_d), ls="none", marker="^", ms=5, color="tab:purple", clip_on=False,
+            transform=ax.get_xaxis_transform(), label="dose", zorder=4)
+    for k, (t0, a, r) in enumerate(zip(t_d[rate > 0], amt[rate > 0], rate[rate > 0])):
+        ax.axvspan(t0, t0 + a / r, color="tab:purple", alpha=0.12, lw=0, label="infusion" if k == 0 else None)
+
+
+def _log_scale(axis: Any) -> None:
+    """A logarithmic x- or y-axis (``ax.xaxis`` / ``ax.yaxis``) with plain tick labels (0.6, 2, 10)."""
+    from matplotlib.ticker import LogFormatter
+
+    class _Plain(LogFormatter):
+        """matplotlib's choice of labelled ticks, written as plain numbers."""
+
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(_Plain())
+    axis.set_minor_formatter(_Plain(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
+def _set_log_y(ax: Any, values: np.ndarray) -> None:
+    """Log y-axis, its lower limit set by the positive ``values`` (observations and the curves over the
+    observed range: a curve that starts at 0 before absorption would stretch the axis)."""
+    ax.set_yscale("log", nonpositive="mask")
+    _log_scale(ax.yaxis)
+    pos = values[np.isfinite(values) & (values > 0)]
+    if pos.size:
+        ax.set_ylim(bottom=0.7 * pos.min())
+
+
+def _individual_fits_nlme(fit: Any, model: Any, x: Any, units: list[int], ncols: int, figsize: Any, log: bool,
+                          num_points: int) -> Any:
+    plt = _plt()
+    ops, data = model.ops, model.data
+    xv, xlabel = _x_values(fit, x)
+    theta = fit._theta()
+    z = ops.xp.stack([ops.asarray(fit.individual_estimates().mode), _population_z(fit)])  # [2, N, d]
+    grid = model.prediction_grid(num_points) if xlabel == model.x_name else None
+    if grid is not None:
+        gx, gmask = grid
+        curves = ops.to_numpy(model.structural_prediction_at(theta, z, gx))
+    else:  # predictions at the observations only, joined by segments
+        gx, gmask = xv, data.mask
+        curves = ops.to_numpy(model.structural_prediction(theta, z))
+    ncols = min(ncols, len(units))
+    nrows = int(np.ceil(len(units) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=figsize or (3 * ncols, 2.5 * nrows), squeeze=False)
+    dv_name = data.columns.get("dv", "DV")
+    for ax, i in zip(axes.flat, units):
+        obs = data.mask[i] & (data.cens[i] == 0)
+        cens = data.mask[i] & (data.cens[i] != 0)
+        order = np.argsort(gx[i][gmask[i]], kind="stable")
+        xi = gx[i][gmask[i]][order]
+        ax.plot(xi, curves[0, i][gmask[i]][order], lw=1.4, color="tab:blue", label="IPRED")
+        ax.plot(xi, curves[1, i][gmask[i]][order], lw=1.1, ls="--", color="tab:orange", label="PRED")
+        ax.scatter(xv[i][obs], data.dv[i][obs], s=14, color="k", zorder=3, label="observed")
+        if cens.any():
+            ax.scatter(xv[i][cens], data.dv[i][cens], s=18, facecolors="none", edgecolors="k", marker="v",
+                       zorder=3, label="censored (limit)")
+        if data.x is None and xlabel == model.x_name:
+            _draw_doses(ax, model, i)
+        ax.set_title(_unit_label(model, i), fontsize=9)
+        if log:
+            seen = data.x_values[i][data.mask[i]]
+            inside = gmask[i] & (gx[i] >= seen.min())
+            _set_log_y(ax, np.concatenate([data.dv[i][data.mask[i]], curves[:, i][:, inside].ravel()]))
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(dv_name)
+    for ax in list(axes.flat)[len(units):]:
+        ax.set_visible(False)
+    _figure_legend(fig, list(axes.flat)[:len(units)])
+    return fig
+
+
+def _figure_legend(fig: Any, axes: list[Any]) -> None:
+    """One legend above the panels (the distinct labels of ``axes``), so that it hides no data."""
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(lab, h)
+    labels, handles = list(entries), list(entries.values())
+    height = fig.get_size_inches()[1]
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height))
+
+
+def plot_individual_fits(fit: Any, x: Any = None, units: Any = None, ncols: int = 4, figsize: Any = None, *,
+                         ids: Any = None, log: bool = False, num_points: int = 150) -> Any:
+    """Observations with PRED and IPRED per unit.
+
+    NLME fits: against the data's time (or x-variable) by default, one panel per subject titled by its ID
+    (``ids=``: those subjects only), IPRED (conditional modes) and PRED (population) as smooth curves of the
+    structural model on ``num_points`` points per subject, doses as triangles on the x-axis and infusions as
+    spans.  Other models: ``x`` (default the observation index), predictions joined at the observations.
+    ``log``: logarithmic y-axis.
+    """
+    model = _nlme(fit)
+    if model is not None:
+        if ids is not None:
+            pos = {v.item() if isinstance(v, np.generic) else v: k for k, v in enumerate(model.data.ids)}
+            missing = [v for v in ids if v not in pos]
+            if missing:
+                raise ValueError(f"ids {missing} are not in the data (IDs: {list(pos)})")
+            units = [pos[v] for v in ids]
+        units = list(range(model.num_units)) if units is None else list(units)
+        return _individual_fits_nlme(fit, model, x, units, ncols, figsize, log, num_points)
+    if ids is not None:
+        raise ValueError("ids= needs a fit of an NLME model (with an ID column); use units= (indices)")
     plt = _plt()
     res = fit.residuals()
     n, t = res.y.shape
@@ -102,6 +262,8 @@ def plot_individual_fits(fit: Any, x: Any = None, units: Any = None, ncols: int 
         ax.plot(xi, res.ipred[i][sel][order], lw=1.2, label="IPRED")
         ax.plot(xi, res.pred[i][sel][order], lw=1, ls="--", label="PRED")
         ax.set_title(f"unit {i}", fontsize=9)
+        if log:
+            _set_log_y(ax, res.y[i][sel])
     for ax in list(axes.flat)[len(units):]:
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=7)
@@ -109,26 +271,158 @@ def plot_individual_fits(fit: Any, x: Any = None, units: Any = None, ncols: int 
     return fig
 
 
-def plot_vpc(fit: Any, x: Any, num_sims: int = 500, bins: Any = None, level: float = 0.9, seed: int = 0,
-             figsize=None, log: bool = False):
-    """Visual predictive check: observed 5/50/95% quantiles per bin against simulated prediction intervals."""
+# ----- visual predictive check ------------------------------------------------------------------------------------
+def prediction_correct(y: np.ndarray, pred: np.ndarray, which: np.ndarray, lower_bound: float = 0.0) -> np.ndarray:
+    """Prediction correction of a pcVPC (Bergstrand et al. 2011): ``lb + (y − lb)(PRED_bin − lb)/(PRED − lb)``.
+
+    ``y [..., M]`` observations (or simulations, leading replicate axes), ``pred [M]`` their population
+    predictions, ``which [M]`` their bin indices; ``PRED_bin`` is the median of ``pred`` in each bin.  An
+    observation whose prediction is not above ``lower_bound`` (e.g. before an oral dose is absorbed) is kept.
+    """
+    pred = np.asarray(pred, dtype=float)
+    which = np.asarray(which)
+    med = np.zeros(int(which.max()) + 1 if which.size else 0)
+    for b in np.unique(which):
+        med[b] = np.median(pred[which == b])
+    ok = pred > lower_bound
+    ratio = np.where(ok, (med[which] - lower_bound) / np.where(ok, pred - lower_bound, 1.0), 1.0)
+    return lower_bound + (np.asarray(y, dtype=float) - lower_bound) * ratio
+
+
+def vpc_summary(fit: Any, x: Any = None, *, pred_corrected: bool | None = None, num_sims: int = 500,
+                bins: Any = None, level: float = 0.9, seed: int = 0, max_bins: int = 10,
+                quantiles: tuple[float, ...] = (0.05, 0.5, 0.95)) -> Any:
+    """VPC summaries (a :class:`~latentfit.inference.diagnostics.VPC`), optionally prediction-corrected.
+
+    NLME fits: against the data's time (or x-variable) by default, on the scale of the data, censored
+    observations left out; ``pred_corrected`` defaults to True there (False for other models, which need ``x``).
+    Bins: ``bins`` (edges), else up to ``max_bins`` quantile bins of x.
+    """
+    from latentfit.inference.diagnostics import VPC, default_bins, simulate_observations
+
+    model, ops, theta = _nlme(fit), fit.model.ops, fit._theta()
+    xv, _ = _x_values(fit, x)
+    if xv is None:
+        raise ValueError("vpc needs x (an [N, T] array or the name of a keyword argument of the model call) for a "
+                         "model that is not an NLME model")
+    pred_corrected = model is not None if pred_corrected is None else bool(pred_corrected)
+    sims = _natural(model, simulate_observations(fit.model, theta, num_sims, seed))  # [K, N, T]
+    if model is not None:
+        y, mask = model.data.dv, model.data.mask & (model.data.cens == 0)
+    else:
+        y, mask = (ops.to_numpy(a) for a in fit.model.observations())
+        mask = mask.astype(bool)
+    xv = np.asarray(xv, dtype=float)
+    if xv.shape != y.shape:
+        raise ValueError(f"x must have the shape of the observations {y.shape}, got {xv.shape}")
+    xo, yo, so = xv[mask], y[mask], sims[:, mask]
+    edges = np.asarray(bins, dtype=float) if bins is not None else default_bins(xo, max_bins)
+    which = np.clip(np.searchsorted(edges, xo, side="right") - 1, 0, len(edges) - 2)
+    if pred_corrected:
+        if model is not None:
+            pred = ops.to_numpy(model.structural_prediction(theta, _population_z(fit)))
+        else:
+            pred = ops.to_numpy(fit.model.predict(theta, _population_z(fit))[0])
+        yo = prediction_correct(yo, pred[mask], which)
+        so = prediction_correct(so, pred[mask], which)
+    q = np.asarray(quantiles)
+    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
+    obs_q, sim_q, bx = [], [], []
+    for b in range(len(edges) - 1):
+        sel = which == b
+        if not sel.any():
+            continue
+        bx.append(np.median(xo[sel]))
+        obs_q.append(np.quantile(yo[sel], q))
+        per_rep = np.quantile(so[:, sel], q, axis=1)  # [Q, K]
+        sim_q.append(np.stack([np.quantile(per_rep, lo, axis=1), np.median(per_rep, axis=1),
+                               np.quantile(per_rep, hi, axis=1)], -1))
+    return VPC(bin_edges=edges, bin_x=np.asarray(bx), quantiles=tuple(quantiles), observed=np.asarray(obs_q),
+               simulated=np.asarray(sim_q), level=level, x=xo, y=yo)
+
+
+def plot_vpc(fit: Any, x: Any = None, num_sims: int = 500, bins: Any = None, level: float = 0.9, seed: int = 0,
+             figsize: Any = None, log: bool = False, *, pred_corrected: bool | None = None) -> Any:
+    """Visual predictive check: observed 5/50/95% quantiles per bin against simulated prediction intervals.
+
+    NLME fits: against the data's time (or x-variable) by default, prediction-corrected (pcVPC) unless
+    ``pred_corrected=False``; other models need ``x`` and are not corrected by default.  Bin edges are marked
+    on the x-axis.  See :func:`vpc_summary`.
+    """
     plt = _plt()
-    v = fit.vpc(x, num_sims=num_sims, bins=bins, level=level, seed=seed)
-    fig, ax = plt.subplots(figsize=figsize or (6.5, 4.5))
+    model = _nlme(fit)
+    pc = model is not None if pred_corrected is None else bool(pred_corrected)
+    v = vpc_summary(fit, x, pred_corrected=pc, num_sims=num_sims, bins=bins, level=level, seed=seed)
+    _, xlabel = _x_values(fit, x)
+    fig, ax = plt.subplots(figsize=figsize or (8.5, 4.5))
     ax.scatter(v.x, v.y, s=8, color="0.5", alpha=0.6, label="observations")
-    colors = ["tab:blue", "tab:red", "tab:blue"]
-    for j, q in enumerate(v.quantiles):
-        c = colors[j % len(colors)]
+    names = [f"{100 * q:g}%" for q in v.quantiles]
+    mid = int(np.argmin(np.abs(np.asarray(v.quantiles) - 0.5)))
+    outer = " / ".join(n for j, n in enumerate(names) if j != mid)
+    pct = f"{100 * level:g}%"
+    for j in range(len(v.quantiles)):
+        c, first = ("tab:red", True) if j == mid else ("tab:blue", j == (1 if mid == 0 else 0))
+        what = "median" if j == mid else f"{outer} quantiles"
         ax.fill_between(v.bin_x, v.simulated[:, j, 0], v.simulated[:, j, 2], color=c, alpha=0.2,
-                        label=f"{int(100 * level)}% PI of the {int(100 * q)}% quantile")
-        ax.plot(v.bin_x, v.observed[:, j], color=c, lw=1.5)
-    ax.set_xlabel("x")
-    ax.set_ylabel("observations")
+                        label=f"simulated {what}: {pct} PI" if first else None)
+        ax.plot(v.bin_x, v.observed[:, j], color=c, lw=1.5, label=f"observed {what}" if first else None)
+    inner = v.bin_edges[(v.bin_edges > v.x.min()) & (v.bin_edges < v.x.max())]
+    ax.plot(inner, np.zeros_like(inner), ls="none", marker="|", ms=8, color="0.3", clip_on=False,
+            transform=ax.get_xaxis_transform())
+    ax.set_xlabel(xlabel)
+    ylabel = model.data.columns.get("dv", "DV") if model is not None else "observations"
+    ax.set_ylabel(f"{ylabel} (prediction-corrected)" if pc else ylabel)
     if log:
-        ax.set_yscale("log")
-    ax.legend(fontsize=7)
+        _set_log_y(ax, v.y)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig
 
 
-__all__ = ["plot_individual_fits", "plot_observations_vs_predictions", "plot_residuals", "plot_vpc", "resolve_x"]
+# ----- goodness of fit --------------------------------------------------------------------------------------------
+def plot_gof(fit: Any, x: Any = None, figsize: Any = None, log: bool = False) -> Any:
+    """Goodness-of-fit panels as saemix / Monolix lay them out (2 × 3).
+
+    DV vs PRED and DV vs IPRED (identity lines), IWRES vs x and vs IPRED, NPDE vs x and vs PRED (zero and
+    ±1.96 lines).  ``x``: the data's time (or x-variable) by default for NLME fits, else the observation index.
+    ``log``: logarithmic axes on the DV-vs-prediction panels.
+    """
+    plt = _plt()
+    model = _nlme(fit)
+    res = fit.residuals()
+    m = res.mask
+    xv, xlabel = _x_values(fit, x)
+    if xv is None:
+        xv, xlabel = np.broadcast_to(np.arange(m.shape[1], dtype=float), m.shape), "observation index"
+    y, pred, ipred = (_natural(model, a) for a in (res.y, res.pred, res.ipred))
+    fig, axes = plt.subplots(2, 3, figsize=figsize or (12, 7.5))
+    for ax, p, label in ((axes[0, 0], pred, "PRED"), (axes[0, 1], ipred, "IPRED")):
+        ax.scatter(p[m], y[m], s=12, alpha=0.7)
+        both = np.concatenate([p[m], y[m]])
+        both = both[both > 0] if log else both
+        lo, hi = both.min(), both.max()
+        ax.plot([lo, hi], [lo, hi], color="k", lw=1)
+        ax.set_xlabel(label)
+        ax.set_ylabel("DV")
+        ax.set_title(f"DV vs {label}", fontsize=10)
+        if log:
+            ax.set_xscale("log", nonpositive="mask")
+            ax.set_yscale("log", nonpositive="mask")
+            _log_scale(ax.xaxis)
+            _log_scale(ax.yaxis)
+    panels = ((axes[0, 2], xv, res.iwres, xlabel, "IWRES"), (axes[1, 0], ipred, res.iwres, "IPRED", "IWRES"),
+              (axes[1, 1], xv, res.npde, xlabel, "NPDE"), (axes[1, 2], pred, res.npde, "PRED", "NPDE"))
+    for ax, xx, r, xl, yl in panels:
+        ax.scatter(np.asarray(xx)[m], r[m], s=12, alpha=0.7)
+        ax.axhline(0, color="k", lw=1)
+        for lvl in (-1.96, 1.96):
+            ax.axhline(lvl, color="k", lw=0.8, ls="--")
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.set_title(f"{yl} vs {xl}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+__all__ = ["plot_gof", "plot_individual_fits", "plot_observations_vs_predictions", "plot_residuals", "plot_vpc",
+           "prediction_correct", "resolve_x", "vpc_summary"]

@@ -28,7 +28,7 @@ class FitResult:
     :attr:`bic`; :meth:`standard_errors` / :meth:`covariance` (``"lin"`` | ``"sa"``), :meth:`summary`
     (estimate, SE, RSE%); :meth:`individual_estimates` (conditional modes, means, sds, shrinkage);
     :meth:`residuals` (PRED, IPRED, IWRES, PWRES, NPDE), :meth:`vpc`; plots ``plot_convergence``,
-    ``plot_observations_vs_predictions``, ``plot_residuals``, ``plot_individual_fits``, ``plot_vpc``.
+    ``plot_observations_vs_predictions``, ``plot_residuals``, ``plot_individual_fits``, ``plot_vpc``, ``plot_gof``.
     Linearisation and residual diagnostics need the model's Gaussian faces (``has_gaussian_obs`` /
     ``has_gaussian_prior``).
     """
@@ -390,16 +390,24 @@ class FitResult:
         return plot_residuals(self, x, **kwargs)
 
     def plot_individual_fits(self, x: Any = None, **kwargs):
-        """Observations, IPRED and PRED per unit."""
+        """Observations, IPRED and PRED per unit (NLME: against time, smooth curves, panels by subject ID; ``log``,
+        ``ids``, ``num_points``; see :func:`latentfit.plots.plot_individual_fits`)."""
         from latentfit.plots import plot_individual_fits
 
         return plot_individual_fits(self, x, **kwargs)
 
-    def plot_vpc(self, x: Any, **kwargs):
-        """Visual predictive check (simulated prediction intervals of the 5/50/95% quantiles)."""
+    def plot_vpc(self, x: Any = None, **kwargs):
+        """Visual predictive check (simulated prediction intervals of the 5/50/95% quantiles); NLME: against time by
+        default, prediction-corrected unless ``pred_corrected=False``; other models need ``x``."""
         from latentfit.plots import plot_vpc
 
         return plot_vpc(self, x, **kwargs)
+
+    def plot_gof(self, x: Any = None, **kwargs):
+        """Goodness-of-fit panels (saemix / Monolix): DV vs PRED / IPRED, IWRES vs x / IPRED, NPDE vs x / PRED."""
+        from latentfit.plots import plot_gof
+
+        return plot_gof(self, x, **kwargs)
 
     def to_arviz(self):
         """The installed arviz's native object (InferenceData on 0.x, DataTree on 1.x)."""

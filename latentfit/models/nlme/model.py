@@ -497,6 +497,57 @@ class NLME(LatentModel):
         psi = self._psi(self._mu(theta, units) if mu is None else mu, z)
         return self._structural_fn(psi, self.design.take(self.ops, units))
 
+    @property
+    def x_name(self) -> str:
+        """Name of the x-variable of the plots: the ``x=`` column, else the time column."""
+        self._require_data()
+        return self.data.x if self.data.x is not None else self.data.columns.get("time", "time")
+
+    def prediction_grid(self, num_points: int = 150) -> tuple[np.ndarray, np.ndarray] | None:
+        """A fine grid of the x-variable per individual, ``(grid [N, G], mask [N, G])`` (numpy), for smooth curves.
+
+        Each individual's grid spans its first dose (or observation) to its last observation with ``num_points``
+        equally spaced points, plus its observation times, dose times (and the instant before each, so that a
+        bolus draws a jump) and infusion ends; rows are padded with their last value (``mask`` False).  None
+        when the structural model needs per-observation regressors that a grid cannot interpolate (other
+        ``regressors=`` columns, or an ``x=`` column in data that also have a time column).
+        """
+        self._require_data()
+        data = self.data
+        extra = set(data.regressors) - ({data.x} if data.x is not None else set())
+        if extra or (data.x is not None and "time" in data.columns):
+            return None
+        xv, rows = data.x_values, []
+        for i in range(data.num_individuals):
+            obs = xv[i][data.mask[i]]
+            lo, hi = float(obs.min()), float(obs.max())
+            pts = [np.linspace(lo, hi, int(num_points)), obs]
+            if data.x is None:
+                real = data.dose_amt[i] > 0
+                t_d, amt, rate = data.dose_time[i][real], data.dose_amt[i][real], data.dose_rate[i][real]
+                lo = min(lo, float(t_d.min())) if t_d.size else lo
+                pts[0] = np.linspace(lo, hi, int(num_points))
+                ends = t_d[rate > 0] + amt[rate > 0] / rate[rate > 0]
+                pts += [t_d, np.nextafter(t_d[t_d > lo], -np.inf), ends]
+            g = np.unique(np.concatenate(pts))
+            rows.append(g[(g >= lo) & (g <= hi)])
+        width = max(len(r) for r in rows)
+        grid = np.stack([np.concatenate([r, np.full(width - len(r), r[-1])]) for r in rows])
+        mask = np.arange(width)[None, :] < np.array([len(r) for r in rows])[:, None]
+        return grid, mask
+
+    def structural_prediction_at(self, theta: dict[str, Any], z: Any, grid: np.ndarray) -> Any:
+        """``f(x, ψ_i)`` at the points ``grid [N, G]`` of the x-variable (e.g. :meth:`prediction_grid`), with each
+        individual's doses and covariates; ``z [..., N, d]`` -> ``[..., N, G]`` (backend array)."""
+        self._require_data()
+        ops, d = self.ops, self.design
+        g = ops.asarray(np.asarray(grid, dtype=float))
+        regs = {self.data.x: g} if self.data.x is not None else {}
+        design = Design(d.xp, g, d.dose_time, d.dose_amt, d.dose_rate, regs, d.covariates, False, d.dose_cmt, ops,
+                        None if self.data.x is None else g)
+        psi = self._psi(self._mu(theta), z)
+        return self.structural.bound(design)(psi, design)
+
     def _error_sd(self, theta: dict[str, Any], f: Any) -> Any:
         xp = self.ops.xp
         if self.error in ("constant", "exponential"):

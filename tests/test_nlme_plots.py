@@ -1,0 +1,175 @@
+"""Plots of NLME fits in the model's own terms (issue 14, item 8): time on the x-axis, subject IDs as panel titles,
+smooth IPRED / PRED curves of the structural model, a prediction-corrected VPC and saemix / Monolix GOF panels."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+import latentfit as lf  # noqa: E402
+from latentfit.models import nlme  # noqa: E402
+from latentfit.plots import prediction_correct, vpc_summary  # noqa: E402
+
+THEO = dict(columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
+
+
+@pytest.fixture(scope="module")
+def theo():
+    return lf.datasets.theophylline(saemix_form=True)
+
+
+@pytest.fixture(scope="module")
+def fit(theo):
+    model = nlme.NLME("one_compartment_oral", {"ka": nlme.Parameter(1.0, omega2=0.5), "V": 20.0, "CL": 0.5},
+                      covariates={"V": "Weight"}, covariate_init={"V": {"Weight": 0.005}}, error_init={"a": 2.0})
+    result = model.fit(theo, **THEO, seed=0, num_iters=(50, 20), progress=False)
+    yield result
+    plt.close("all")
+
+
+def _oral(t: np.ndarray, dose: float, ka: float, v: float, cl: float) -> np.ndarray:
+    k = cl / v
+    return dose * ka / (v * (ka - k)) * (np.exp(-k * t) - np.exp(-ka * t))
+
+
+def _line(ax, label: str):
+    return next(line for line in ax.lines if line.get_label() == label)
+
+
+def test_individual_fits_are_drawn_against_time_with_ids_and_smooth_structural_curves(fit, theo):
+    fig = fit.plot_individual_fits()
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    ids = list(fit.model.data.ids)
+    assert len(axes) == 12
+    assert [ax.get_title() for ax in axes] == [f"Id {i}" for i in ids]
+    assert axes[-1].get_xlabel() == "Time" and axes[0].get_ylabel() == "Concentration"
+    xmax = max(_line(ax, "IPRED").get_xdata().max() for ax in axes)
+    assert xmax == pytest.approx(24.65, abs=1e-12)  # hours, not the observation index 0–9
+    modes = fit.individual_parameters()
+    p = fit.params
+    per_id = theo.groupby("Id").first()
+    for k, ax in enumerate(axes):
+        ipred, pred = _line(ax, "IPRED"), _line(ax, "PRED")
+        t = np.asarray(ipred.get_xdata())
+        assert len(t) >= 100 and np.all(np.diff(t) >= 0)
+        dose, weight = per_id.loc[ids[k], "Dose"], per_id.loc[ids[k], "Weight"]
+        pick = [0, len(t) // 7, len(t) // 2, len(t) - 1]
+        want = _oral(t[pick], dose, modes["ka.mode"][k], modes["V.mode"][k], modes["CL.mode"][k])
+        np.testing.assert_allclose(np.asarray(ipred.get_ydata())[pick], want, rtol=1e-8, atol=1e-10)
+        v_pop = float(p["V"]) * np.exp(float(p["beta_V_Weight"]) * weight)  # log V = log V_pop + β·Weight
+        want = _oral(t[pick], dose, float(p["ka"]), v_pop, float(p["CL"]))
+        np.testing.assert_allclose(np.asarray(pred.get_ydata())[pick], want, rtol=1e-8, atol=1e-10)
+        obs = ax.collections[0].get_offsets()
+        assert np.asarray(obs)[:, 0].max() <= 24.65 + 1e-12
+    plt.close(fig)
+
+
+def test_individual_fits_log_scale_and_subject_selection(fit):
+    fig = fit.plot_individual_fits(log=True, ids=[3, 1])
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["Id 3", "Id 1"]
+    assert all(ax.get_yscale() == "log" for ax in axes)
+    plt.close(fig)
+    with pytest.raises(ValueError, match="not in the data"):
+        fit.plot_individual_fits(ids=[99])
+
+
+def test_vpc_defaults_to_time_bins_and_prediction_correction(fit):
+    fig = fit.plot_vpc(num_sims=100)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "Time" and "prediction-corrected" in ax.get_ylabel()
+    v = vpc_summary(fit, num_sims=100)
+    assert v.bin_edges[-1] == pytest.approx(24.65, abs=1e-6) and v.bin_x.max() > 20  # time units
+    median = _line(ax, "observed median")
+    np.testing.assert_allclose(median.get_xdata(), v.bin_x)
+    np.testing.assert_allclose(median.get_ydata(), v.observed[:, 1])
+    plt.close(fig)
+    raw = fit.plot_vpc(num_sims=100, pred_corrected=False, log=True)
+    assert "prediction-corrected" not in raw.axes[0].get_ylabel() and raw.axes[0].get_yscale() == "log"
+    plt.close(raw)
+
+
+def test_prediction_correction_is_bergstrands_scaling():
+    y = np.array([1.0, 2.0, 4.0, 3.0, 5.0])
+    pred = np.array([2.0, 4.0, 1.0, 3.0, 6.0])
+    which = np.array([0, 0, 1, 1, 1])
+    med = np.array([np.median(pred[:2]), np.median(pred[2:])])  # PRED_bin
+    np.testing.assert_allclose(prediction_correct(y, pred, which), y * med[which] / pred)
+    sims = np.arange(10.0).reshape(2, 5) + 1.0  # replicates are scaled by the same factors
+    np.testing.assert_allclose(prediction_correct(sims, pred, which), sims * (med[which] / pred))
+    lb = 0.5
+    np.testing.assert_allclose(prediction_correct(y, pred, which, lower_bound=lb),
+                               lb + (y - lb) * (med[which] - lb) / (pred - lb))
+    zero = prediction_correct(y, np.array([0.0, 4.0, 1.0, 3.0, 6.0]), which)
+    assert zero[0] == y[0]  # no prediction (before absorption): left as observed
+
+
+def test_vpc_summary_corrects_observations_with_the_population_predictions(fit):
+    model = fit.model
+    data = model.data
+    v_raw = vpc_summary(fit, num_sims=50, pred_corrected=False)
+    v_pc = vpc_summary(fit, num_sims=50)
+    np.testing.assert_allclose(v_raw.y, data.dv[data.mask])
+    pred = model.ops.to_numpy(model.structural_prediction(fit._theta(), model.prior_moments(fit._theta())[0]))
+    edges = v_pc.bin_edges
+    which = np.clip(np.searchsorted(edges, data.time[data.mask], side="right") - 1, 0, len(edges) - 2)
+    p = pred[data.mask]
+    med = np.array([np.median(p[which == b]) if (which == b).any() else np.nan for b in range(len(edges) - 1)])
+    np.testing.assert_allclose(v_pc.y, data.dv[data.mask] * med[which] / p)
+
+
+def test_gof_has_the_six_saemix_panels(fit):
+    fig = fit.plot_gof()
+    labels = [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes]
+    assert labels == [("PRED", "DV"), ("IPRED", "DV"), ("Time", "IWRES"), ("IPRED", "IWRES"), ("Time", "NPDE"),
+                      ("PRED", "NPDE")]
+    identity = fig.axes[1].lines[0]
+    assert np.allclose(identity.get_xdata(), identity.get_ydata())
+    times = np.asarray(fig.axes[2].collections[0].get_offsets())[:, 0]
+    assert times.max() == pytest.approx(24.65)
+    plt.close(fig)
+
+
+def test_multiple_doses_and_infusions_are_marked_and_boluses_jump():
+    rows = []
+    for i in range(1, 7):
+        for td in (0.0, 12.0):
+            rows.append(dict(ID=i, TIME=td, DV=np.nan, AMT=100.0, EVID=1, MDV=1, RATE=50.0 if i % 2 else 0.0))
+        rows += [dict(ID=i, TIME=t, DV=0.0, AMT=0.0, EVID=0, MDV=0, RATE=0.0) for t in (0.5, 1, 3, 6, 11.5, 13, 15, 24)]
+    model = nlme.NLME("one_compartment_infusion", {"V": 10.0, "CL": 1.0}, error="proportional",
+                      data=pd.DataFrame(rows))
+    sim = model.simulate({"V": 10.0, "CL": 1.0, "omega2_V": 0.05, "omega2_CL": 0.05, "b": 0.1}, seed=1)
+    fit = model.fit(sim, seed=0, num_iters=(30, 10), progress=False)
+    fig = fit.plot_individual_fits(ncols=3)
+    infused, bolus = fig.axes[0], fig.axes[1]  # ID 1: two 2-h infusions; ID 2: two boluses
+    assert len(infused.patches) == 2 and len(bolus.patches) == 0
+    assert list(_line(bolus, "dose").get_xdata()) == [0.0, 12.0]
+    t, c = (np.asarray(a) for a in (_line(bolus, "IPRED").get_xdata(), _line(bolus, "IPRED").get_ydata()))
+    after, before = np.flatnonzero(t == 12.0)[0], np.flatnonzero(t < 12.0)[-1]
+    assert 12.0 - t[before] < 1e-9 and c[after] - c[before] > 5.0  # a vertical jump at the second bolus
+    plt.close(fig)
+
+
+def test_dose_response_data_are_drawn_against_their_x_variable():
+    doses = [0.0, 10.0, 25.0, 50.0, 100.0, 200.0]
+    design = pd.DataFrame({"subject": np.repeat(np.arange(1, 9), 6), "dose": np.tile(doses, 8), "response": 0.0})
+    model = nlme.NLME("emax", {"E0": 5.0, "Emax": 20.0, "EC50": 30.0}, data=design,
+                      columns={"id": "subject", "dv": "response"}, x="dose")
+    truth = {"E0": 5.0, "Emax": 20.0, "EC50": 30.0, "omega2_E0": 0.04, "omega2_Emax": 0.09, "omega2_EC50": 0.16,
+             "a": 1.0}
+    fit = model.fit(model.simulate(truth, seed=1), seed=0, num_iters=(30, 10), progress=False)
+    fig = fit.plot_individual_fits(ids=[2])
+    ax = fig.axes[0]
+    assert ax.get_title() == "subject 2" and ax.get_xlabel() == "dose"
+    x = np.asarray(_line(ax, "IPRED").get_xdata())
+    assert len(x) >= 100 and x.min() == 0.0 and x.max() == 200.0
+    plt.close(fig)
+    vpc = fit.plot_vpc(num_sims=50)
+    assert vpc.axes[0].get_xlabel() == "dose"
+    plt.close(vpc)
