@@ -9,7 +9,7 @@ from latentfit.models.glmm import (
 )
 from latentfit.models.mixed import LinearMixedModel
 from latentfit.models.mixture import GaussianMixture
+from latentfit.models.vfg import VFG, VFGImputer
 
-__all__ = ["GaussianMixture", "LinearMixedModel", "logistic_mixed_model", "missing_logistic_model",
-           "simulate_logistic_mixed", "simulate_missing_logistic"]
-from latentfit.models.vfg import VFG as VFG, VFGImputer as VFGImputer  # noqa: E402, I001  (VFG models)
+__all__ = ["VFG", "GaussianMixture", "LinearMixedModel", "VFGImputer", "logistic_mixed_model",
+           "missing_logistic_model", "simulate_logistic_mixed", "simulate_missing_logistic"]
