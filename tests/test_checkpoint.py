@@ -13,7 +13,7 @@ import pytest
 import torch
 from backends import Backend
 
-from latentfit.inference import checkpoint as ckpt_mod
+from latentfit import checkpoint as ckpt_mod
 from latentfit.inference.fiem import FIEM
 from latentfit.inference.mcmcsgd import MCMCSGD
 from latentfit.inference.saem import SAEM

@@ -1,4 +1,4 @@
-"""Variational Flow Graphical models (latentfit.models.vfg): exact flows, hand-computed messages and ELBO,
+"""Variational Flow Graphical models (latentfit.integrations.vfg): exact flows, hand-computed messages and ELBO,
 imputation on the paper's synthetic set against mean / KNN (/ IterativeImputer and MICE, slow), the
 scikit-learn wrapper and bad input."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from latentfit.models.vfg import (
+from latentfit.integrations.vfg import (
     SYNTHETIC_MISSING,
     SYNTHETIC_STRUCTURE,
     VFG,
@@ -67,7 +67,7 @@ def test_flows_invert_exactly(backend: str) -> None:
         import jax
         import jax.numpy as jnp
 
-        from latentfit.models._vfg_jax import bound_flows, make_flows
+        from latentfit.integrations.vfg_jax import bound_flows, make_flows
 
         model = VFG(structure, backend="jax", hidden=16, blocks=3, min_dim=1)
         flows = make_flows(model, jax.random.PRNGKey(0))

@@ -6,7 +6,7 @@ small state record (a dict of backend arrays, a pytree for JAX).  ``phase`` is a
 backend compiles one function per phase and runs chunks of iterations under ``lax.scan``,
 while torch runs the same ``step`` eagerly.  The driver owns the progress bar, the history of θ
 and of the objective, the collection of the last latent draws, callbacks and seeding, and
-checkpoints (``run(checkpoint=dir)``, ``run(resume=dir)``: :mod:`latentfit.inference.checkpoint`).
+checkpoints (``run(checkpoint=dir)``, ``run(resume=dir)``: :mod:`latentfit.checkpoint`).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class Engine:
 
         ``checkpoint``: a directory where, at the end of each chunk at least ``checkpoint_every`` iterations (default
         ``chunk_size``) after the previous checkpoint, and at the end of the run, the state, history, draws and RNG
-        are written (:mod:`latentfit.inference.checkpoint`), keeping the last ``keep``.  ``resume``: a directory (its
+        are written (:mod:`latentfit.checkpoint`), keeping the last ``keep``.  ``resume``: a directory (its
         latest checkpoint) or a checkpoint file to continue from, on an engine built with the same model and
         options; ``True`` continues from ``checkpoint`` if it holds one, else starts afresh.  A resumed run equals
         the uninterrupted one bit for bit (history and parameters).
@@ -146,7 +146,7 @@ class Engine:
     # ----- checkpoints -------------------------------------------------------------------------
     def _resume_source(self, checkpoint: Any, resume: Any) -> Any:
         """Where to resume from (None: a fresh run); refuses to start afresh over another run's checkpoints."""
-        from .checkpoint import checkpoint_files
+        from latentfit.checkpoint import checkpoint_files
 
         if resume is True:
             if checkpoint is None:
@@ -162,26 +162,18 @@ class Engine:
 
     def _save(self, directory: Any, state: dict[str, Any], iteration: int, history: dict[str, list],
               draws: list[np.ndarray], keep: int) -> None:
-        from .checkpoint import save_checkpoint
+        from latentfit.checkpoint import save_checkpoint
 
         save_checkpoint(directory, self, state, iteration, history, draws, rng=self._rng_state(), keep=keep)
 
     def _rng_state(self) -> dict[str, np.ndarray]:
         """The global RNG state draws come from (torch's, inside the driver's forked context); JAX: none."""
-        if self.ops.jittable:
-            return {}
-        import torch
-
-        out = {"torch": torch.get_rng_state().numpy()}
-        device = getattr(self.ops, "device", None)
-        if device is not None and device.type == "cuda":
-            out["cuda"] = torch.cuda.get_rng_state(device).numpy()
-        return out
+        return {} if self.ops.jittable else self.ops.rng_state()
 
     def _restore(self, source: Any, template: dict[str, Any],
                  collect_from: int) -> tuple[dict[str, Any], dict[str, list], list[np.ndarray], int]:
         """Load and check a checkpoint; restore the RNG; return ``(state, history, draws, iteration)``."""
-        from .checkpoint import load_checkpoint, restore_state
+        from latentfit.checkpoint import load_checkpoint, restore_state
 
         ckpt = load_checkpoint(source)
         ckpt.check_compatible(self)
@@ -192,11 +184,7 @@ class Engine:
             raise ValueError(f"checkpoint iteration {start} is not the end of a chunk of this engine")
         state = restore_state(template, ckpt.meta["state"], ckpt.tensors, self.ops)
         if not self.ops.jittable:
-            import torch
-
-            torch.set_rng_state(torch.from_numpy(ckpt.tensors["rng/torch"].copy()))
-            if "rng/cuda" in ckpt.tensors:
-                torch.cuda.set_rng_state(torch.from_numpy(ckpt.tensors["rng/cuda"].copy()), self.ops.device)
+            self.ops.set_rng_state({k[len("rng/"):]: v for k, v in ckpt.tensors.items() if k.startswith("rng/")})
         return state, ckpt.history, ckpt.draws, start
 
     def _run_chunk(self, state: dict[str, Any], first: int, last: int, phase: Any,

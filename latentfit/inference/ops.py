@@ -212,6 +212,21 @@ class TorchOps(Ops):
 
         return _Seeded()
 
+    def rng_state(self) -> dict[str, np.ndarray]:
+        """torch's global RNG state (and CUDA's on a GPU), for checkpoints."""
+        torch = self.torch
+        out = {"torch": torch.get_rng_state().numpy()}
+        if self.device.type == "cuda":
+            out["cuda"] = torch.cuda.get_rng_state(self.device).numpy()
+        return out
+
+    def set_rng_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`rng_state`."""
+        torch = self.torch
+        torch.set_rng_state(torch.from_numpy(np.array(state["torch"])))
+        if "cuda" in state:
+            torch.cuda.set_rng_state(torch.from_numpy(np.array(state["cuda"])), self.device)
+
     # --- functional updates ---------------------------------------------------------------------
     def scatter(self, table: Any, idx: Any, rows: Any) -> Any:
         """``table[idx] = rows`` without mutating ``table`` (rows along axis 0)."""

@@ -1,10 +1,10 @@
-"""JAX flavour of :mod:`latentfit.models.vfg`: flowjax flows and an optax Adam loop.
+"""JAX flavour of :mod:`latentfit.integrations.vfg`: flowjax flows and an optax Adam loop.
 
 Each edge flow is a flowjax ``Chain`` of ``blocks`` affine ``Coupling`` layers (conditioner: 3-layer ReLU
 MLP of width ``hidden``, i.e. ``nn_depth=2``) with a ``Permute`` (reversal) between them; a 1-D node gets
 a flowjax elementwise ``Affine``; ``blocks=0`` the identity.  Parameters are the inexact arrays of the
 flows (``paramax.NonTrainable`` leaves excluded), unwrapped with ``paramax.unwrap`` before use, as in
-flowjax's own training loops.  The graph logic is the backend-neutral one of :mod:`latentfit.models.vfg`.
+flowjax's own training loops.  The graph logic is the backend-neutral one of :mod:`latentfit.integrations.vfg`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from latentfit.models.vfg import VFG, VFGFit, _epoch_loss, _progress, _validate_data, negative_elbo, random_keep
+from latentfit.integrations.vfg import VFG, VFGFit, _epoch_loss, _progress, _validate_data, negative_elbo, random_keep
 
 
 def _require() -> tuple[Any, Any, Any, Any]:
@@ -31,7 +31,7 @@ def _require() -> tuple[Any, Any, Any, Any]:
 
 
 class JaxOps:
-    """:class:`~latentfit.models.vfg.ArrayOps` over jax.numpy arrays."""
+    """:class:`~latentfit.integrations.vfg.ArrayOps` over jax.numpy arrays."""
 
     def __init__(self) -> None:
         import jax

@@ -1,0 +1,877 @@
+"""Variational Flow Graphical models (VFG; Ren, Karimi, Li & Li, KDD 2022, arXiv 2207.02722), tree version.
+
+Graph.  The data ``x = [x^(1), …, x^(k)]`` are split into *sections* (the leaves, each a vector of
+columns); internal nodes are aggregation nodes; every edge ``j → i`` (child ``j``, parent ``i``) carries
+an invertible flow ``f_(j,i)`` (``blocks`` affine coupling layers with a permutation in between, or the
+identity with ``blocks=0``).  Messages:
+
+* forward (encoder), bottom-up: ``h^(i) = (1/|ch(i)|) Σ_{j∈ch(i)} f_(j,i)(h^(j))`` (leaves: ``h = x^(j)``);
+* backward (decoder), top-down: ``ĥ^(R) = h^(R)`` at the root, ``ĥ^(j) = f_(j,i)^{-1}(ĥ^(i))`` (tree: one
+  parent); the same flows run both ways, their inverse is analytic.
+
+Objective (negative ELBO, minimised with Adam on minibatches):
+``−ELBO = −log p(x | ĥ^leaves) + β [Σ_{internal i ≠ R} (‖h^(i) − ĥ^(i)‖₁ + m_i log 2) − log N(h^(R); 0, I)]``
+— the Laplace consistency terms ``p(h^(i) | ĥ^(i)) ∝ exp(−‖h^(i) − ĥ^(i)‖₁)`` and a standard-normal root;
+the reconstruction is Gaussian ``N(x; x̂, σ²)`` (on standardised columns) or Bernoulli (logit ``x̂``).
+With ``masking=True`` every other step follows Alg. 2 of the paper: a random subset O of the observed
+sections is kept, the forward pass aggregates over observed children only (a node is observed when any
+child is), and the masked sections are reconstructed from their closest observed ancestor (as in
+imputation) next to the consistency terms of the observed nodes.
+
+Imputation.  Forward from the observed sections only; a missing section ``j`` is decoded from its closest
+ancestor ``a`` with an observed descendant: ``x̂^(j) = f_(j,a)^{-1}(h^(a))`` composed down the path, where
+``h^(a)`` averages the messages of the observed children of ``a`` only.
+
+Dimensions.  Flows keep the dimension, so an aggregation node has the dimension of its largest child and
+smaller children are zero-padded (the padded coordinates are dropped on the way down).  A coupling
+layer needs at least 2 coordinates: sections are padded to ``min_dim=2`` by default (so a one-column
+section still gets a non-linear coupling flow); with ``min_dim=1`` a 1-D node uses an invertible
+elementwise affine map ``y = e^s x + b`` instead.
+
+The graph logic (messages, aggregation, objective, imputation) is written once in this module over a
+tiny array interface (:class:`ArrayOps`) and per-edge flows with ``forward``/``inverse``; the torch
+flavour (Pyro ``AffineCoupling`` + ``Permute``, ``torch.optim.Adam``) lives here, the JAX flavour
+(flowjax ``Coupling`` + ``Permute``, ``optax.adam``) in :mod:`latentfit.integrations.vfg_jax`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+__all__ = ["VFG", "VFGFit", "VFGImputer", "Graph", "parse_structure", "synthetic_imputation_data"]
+
+LOG2 = math.log(2.0)
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+# ----------------------------------------------------------------------------------------------------
+# structure
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class Node:
+    """One node of the tree: a leaf (a section of columns ``cols``) or an aggregation node."""
+
+    index: int
+    children: list[int] = field(default_factory=list)
+    parent: int | None = None
+    cols: tuple[int, ...] = ()
+    dim: int = 0
+    name: str = ""
+
+    @property
+    def is_leaf(self) -> bool:
+        return not self.children
+
+
+@dataclass
+class Graph:
+    """A VFG tree: ``nodes`` in topological order (children before parents, the root last)."""
+
+    nodes: list[Node]
+    n_cols: int
+
+    @property
+    def root(self) -> int:
+        return len(self.nodes) - 1
+
+    @property
+    def leaves(self) -> list[int]:
+        return [n.index for n in self.nodes if n.is_leaf]
+
+    @property
+    def edges(self) -> list[tuple[int, int]]:
+        """``(child, parent)`` pairs, one flow each, in the order of ``nodes``."""
+        return [(n.index, n.parent) for n in self.nodes if n.parent is not None]
+
+    def leaf_cols(self) -> list[int]:
+        return [c for i in self.leaves for c in self.nodes[i].cols]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def parse_structure(structure: Any, min_dim: int = 2) -> Graph:
+    """Nested lists (a list of ints is a leaf section; in a list mixing ints and lists a bare int is a
+    one-column section) or a dict ``{name: [children]}`` (children: names or column indices; the root is
+    the name nobody lists) → :class:`Graph`.  Raises ``ValueError`` on duplicate/negative columns,
+    cycles, shared children (DAGs are not supported yet) or an empty node."""
+    if min_dim < 1:
+        raise ValueError(f"min_dim must be >= 1, got {min_dim}")
+    if isinstance(structure, dict):
+        tree = _dict_to_nested(structure)
+    elif isinstance(structure, (list, tuple)):
+        tree = structure
+    else:
+        raise ValueError(f"structure must be nested lists of column indices or a dict, got {type(structure).__name__}")
+    nodes: list[Node] = []
+
+    def build(item: Any, depth: int) -> int:
+        if depth > 100:
+            raise ValueError("structure nests deeper than 100 levels (a cycle?)")
+        if _is_int(item):
+            item = [item]
+        if not isinstance(item, (list, tuple)) or len(item) == 0:
+            raise ValueError(f"every node of the structure must be a non-empty list, got {item!r}")
+        if all(_is_int(v) for v in item):  # a leaf section
+            cols = tuple(int(v) for v in item)
+            if min(cols) < 0:
+                raise ValueError(f"column indices must be >= 0, got {list(cols)}")
+            node = Node(len(nodes), cols=cols, dim=max(len(cols), min_dim))
+            nodes.append(node)
+            return node.index
+        kids = [build(v, depth + 1) for v in item]
+        node = Node(len(nodes), children=kids, dim=max(nodes[k].dim for k in kids))
+        for k in kids:
+            nodes[k].parent = node.index
+        nodes.append(node)
+        return node.index
+
+    if all(_is_int(v) for v in tree):  # a single section: wrap it under one aggregation node
+        tree = [list(tree)]
+    build(tree, 0)
+    cols = [c for n in nodes if n.is_leaf for c in n.cols]
+    dup = sorted({c for c in cols if cols.count(c) > 1})
+    if dup:
+        raise ValueError(f"structure lists column(s) {dup} more than once; every column must be in exactly one leaf")
+    for n in nodes:
+        n.name = n.name or (f"leaf{list(n.cols)}" if n.is_leaf else f"node{n.index}")
+    return Graph(nodes, max(cols) + 1)
+
+
+def _dict_to_nested(d: dict[Any, Any]) -> list[Any]:
+    children = {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in d.items()}
+    named = [c for v in children.values() for c in v if not _is_int(c)]
+    unknown = sorted({str(c) for c in named if c not in children})
+    if unknown:
+        raise ValueError(f"structure dict names unknown node(s) {unknown}")
+    shared = sorted({str(c) for c in named if named.count(c) > 1})
+    if shared:
+        raise ValueError(f"node(s) {shared} have several parents: only trees are supported (no DAG yet)")
+    roots = [k for k in children if k not in named]
+    if len(roots) != 1:
+        raise ValueError(f"structure dict must have exactly one root (a node nobody lists), found {roots}")
+
+    def expand(k: Any, seen: tuple[Any, ...]) -> list[Any]:
+        if k in seen:
+            raise ValueError(f"structure dict has a cycle through {k!r}")
+        return [c if _is_int(c) else expand(c, (*seen, k)) for c in children[k]]
+
+    return expand(roots[0], ())
+
+
+def default_structure(n_cols: int) -> list[list[int]]:
+    """One section per column under a single aggregation node (the root)."""
+    return [[j] for j in range(n_cols)]
+
+
+def check_columns(graph: Graph, n_cols: int) -> None:
+    """Every column 0..n_cols-1 in exactly one leaf (duplicates are caught by :func:`parse_structure`)."""
+    cols = set(graph.leaf_cols())
+    missing = sorted(set(range(n_cols)) - cols)
+    extra = sorted(c for c in cols if c >= n_cols)
+    if missing or extra:
+        raise ValueError(
+            f"structure does not match the data's {n_cols} columns: "
+            + (f"missing column(s) {missing}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"column(s) {extra} out of range" if extra else "")
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# backend-neutral graph logic
+# ----------------------------------------------------------------------------------------------------
+class ArrayOps(Protocol):
+    """The few array operations the graph logic needs (torch and jax.numpy flavours)."""
+
+    def take(self, x: Any, idx: Sequence[int]) -> Any: ...  # columns idx of [n, d]
+    def pad(self, x: Any, d: int) -> Any: ...  # zero-pad the last axis to d
+    def concat(self, xs: list[Any]) -> Any: ...  # along the last axis
+    def where(self, c: Any, a: Any, b: Any) -> Any: ...
+    def abs(self, x: Any) -> Any: ...
+    def sum(self, x: Any) -> Any: ...  # over the last axis
+    def mean(self, x: Any) -> Any: ...  # over everything
+    def softplus(self, x: Any) -> Any: ...
+    def minimum(self, x: Any, v: float) -> Any: ...
+    def maximum(self, x: Any, v: float) -> Any: ...
+
+
+class EdgeFlow(Protocol):
+    """An invertible map on R^m with an analytic inverse."""
+
+    def forward(self, h: Any) -> Any: ...
+    def inverse(self, h: Any) -> Any: ...
+
+
+def forward_messages(
+    graph: Graph, flows: Sequence[EdgeFlow], ops: ArrayOps, x: Any, leaf_obs: Any | None = None
+) -> tuple[list[Any], list[Any]]:
+    """Bottom-up messages ``h^(i) = Σ_j w_j f_(j,i)(h^(j)) / Σ_j w_j`` (``w_j`` = child observed, 1 when
+    ``leaf_obs`` is None).  ``x`` must be finite (missing entries zero-filled).  ``flows`` is indexed by the
+    child node.  Returns the states and the per-row observed indicators ``o^(i)`` (``[n, 1]`` or None)."""
+    h: list[Any] = [None] * len(graph.nodes)
+    o: list[Any] = [None] * len(graph.nodes)
+    k = 0
+    for node in graph.nodes:
+        if node.is_leaf:
+            h[node.index] = ops.pad(ops.take(x, node.cols), node.dim)
+            if leaf_obs is not None:
+                o[node.index] = ops.take(leaf_obs, [k])
+            k += 1
+            continue
+        msgs = [flows[c].forward(ops.pad(h[c], node.dim)) for c in node.children]
+        if leaf_obs is None:
+            h[node.index] = sum(msgs) / len(msgs)
+        else:
+            num = sum(o[c] * m for c, m in zip(node.children, msgs))
+            den = sum(o[c] for c in node.children)
+            h[node.index] = num / ops.maximum(den, 1.0)
+            o[node.index] = ops.minimum(den, 1.0)
+    return h, o
+
+
+def backward_messages(
+    graph: Graph, flows: Sequence[EdgeFlow], ops: ArrayOps, root: Any, h: list[Any] | None = None,
+    o: list[Any] | None = None,
+) -> list[Any]:
+    """Top-down messages ``ĥ^(R) = root``, ``ĥ^(j) = f_(j,i)^{-1}(ĥ^(i))[:m_j]``.  With forward states
+    ``h`` and observed indicators ``o`` (imputation), an observed node keeps its own forward state, so a
+    missing node is decoded from its closest observed ancestor."""
+    hh: list[Any] = [None] * len(graph.nodes)
+    hh[graph.root] = root
+    for node in reversed(graph.nodes[:-1]):
+        msg = flows[node.index].inverse(hh[node.parent])
+        if node.dim < graph.nodes[node.parent].dim:
+            msg = ops.take(msg, list(range(node.dim)))
+        hh[node.index] = msg if o is None else ops.where(o[node.index] > 0.5, h[node.index], msg)
+    return hh
+
+
+def leaf_output(graph: Graph, ops: ArrayOps, hh: list[Any]) -> Any:
+    """Assemble ``x̂`` (columns in data order) from the leaves' backward states."""
+    parts = [ops.take(hh[i], list(range(len(graph.nodes[i].cols)))) for i in graph.leaves]
+    order = graph.leaf_cols()
+    inv = [0] * len(order)
+    for pos, c in enumerate(order):
+        inv[c] = pos
+    return ops.take(ops.concat(parts), inv)
+
+
+def leaf_obs_from_cols(graph: Graph, ops: ArrayOps, col_obs: Any) -> Any:
+    """A section is observed when all its columns are: ``[n, n_leaves]`` of 0/1 from ``[n, d]``."""
+    return ops.concat([ops.minimum(ops.sum(ops.take(col_obs, graph.nodes[i].cols))[..., None]
+                                   / len(graph.nodes[i].cols), 1.0) // 1.0 for i in graph.leaves])
+
+
+def cols_from_leaves(graph: Graph, ops: ArrayOps, leaf_w: Any) -> Any:
+    """Broadcast per-section weights ``[n, n_leaves]`` to the columns ``[n, d]`` (data order)."""
+    parts = [ops.take(leaf_w, [k] * len(graph.nodes[i].cols)) for k, i in enumerate(graph.leaves)]
+    order = graph.leaf_cols()
+    inv = [0] * len(order)
+    for pos, c in enumerate(order):
+        inv[c] = pos
+    return ops.take(ops.concat(parts), inv)
+
+
+def recon_nll(ops: ArrayOps, x: Any, xhat: Any, w: Any, likelihood: str, sigma: float) -> Any:
+    """Per-row ``−Σ_c w_c log p(x_c | x̂_c)``: Gaussian ``N(x̂, σ²)`` or Bernoulli with logit ``x̂``."""
+    if likelihood == "gaussian":
+        r = (x - xhat) / sigma
+        return ops.sum(w * (0.5 * r * r + math.log(sigma) + 0.5 * LOG_2PI))
+    return ops.sum(w * (ops.softplus(xhat) - x * xhat))  # −[x log σ(x̂) + (1−x) log(1−σ(x̂))]
+
+
+def kl_terms(graph: Graph, ops: ArrayOps, h: list[Any], hh: list[Any], o: list[Any] | None) -> Any:
+    """Per-row ``Σ_{internal i≠R} o_i (‖h^(i) − ĥ^(i)‖₁ + m_i log 2) − log N(h^(R); 0, I)``."""
+    total = 0.0
+    for node in graph.nodes:
+        if node.is_leaf:
+            continue
+        if node.index == graph.root:
+            term = ops.sum(0.5 * h[node.index] * h[node.index]) + 0.5 * node.dim * LOG_2PI
+        else:
+            term = ops.sum(ops.abs(h[node.index] - hh[node.index])) + node.dim * LOG2
+        if o is not None and o[node.index] is not None:
+            term = term * o[node.index][..., 0]
+        total = total + term
+    return total
+
+
+def negative_elbo(
+    graph: Graph, flows: Sequence[EdgeFlow], ops: ArrayOps, x: Any, col_obs: Any, keep: Any | None,
+    beta: float, likelihood: str, sigma: float,
+) -> Any:
+    """Mean over rows of the negative ELBO.  ``col_obs``: ``[n, d]`` 0/1 observed entries (``x`` zero-filled
+    there).  ``keep`` None: plain step (forward over the observed sections, top-down decoding, reconstruct
+    every observed entry).  ``keep`` ``[n, n_leaves]`` 0/1 (Alg. 2): forward over the kept sections only,
+    reconstruct the observed-but-dropped sections from their closest kept ancestor, KL on the kept nodes."""
+    leaf_obs = leaf_obs_from_cols(graph, ops, col_obs)
+    fwd_obs = leaf_obs if keep is None else leaf_obs * keep
+    h, o = forward_messages(graph, flows, ops, x, fwd_obs)
+    hh = backward_messages(graph, flows, ops, h[graph.root])
+    kl = kl_terms(graph, ops, h, hh, o)
+    if keep is None:
+        rec = recon_nll(ops, x, leaf_output(graph, ops, hh), col_obs, likelihood, sigma)
+    else:
+        hi = backward_messages(graph, flows, ops, h[graph.root], h, o)
+        w = col_obs * cols_from_leaves(graph, ops, 1.0 - keep)
+        rec = recon_nll(ops, x, leaf_output(graph, ops, hi), w, likelihood, sigma)
+    return ops.mean(rec + beta * kl)
+
+
+def random_keep(rng: np.random.Generator, n: int, n_leaves: int) -> np.ndarray:
+    """Alg. 2's random observed subsets O: each section kept w.p. 1/2, at least one kept and (with two or
+    more sections) at least one dropped per row.  ``[n, n_leaves]`` of 0/1."""
+    keep = (rng.random((n, n_leaves)) < 0.5).astype(np.float32)
+    if n_leaves == 1:
+        return np.ones((n, 1), np.float32)
+    rows = np.arange(n)
+    keep[rows[keep.sum(1) == 0], rng.integers(0, n_leaves, int((keep.sum(1) == 0).sum()))] = 1.0
+    full = keep.sum(1) == n_leaves
+    keep[rows[full], rng.integers(0, n_leaves, int(full.sum()))] = 0.0
+    return keep
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch flavour
+# ----------------------------------------------------------------------------------------------------
+class TorchOps:
+    """:class:`ArrayOps` over torch tensors."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.t = torch
+        self._idx: dict[tuple[tuple[int, ...], Any], Any] = {}
+
+    def take(self, x: Any, idx: Sequence[int]) -> Any:
+        key = (tuple(idx), x.device)
+        if key not in self._idx:
+            self._idx[key] = self.t.as_tensor(list(idx), dtype=self.t.long, device=x.device)
+        return x.index_select(-1, self._idx[key])
+
+    def pad(self, x: Any, d: int) -> Any:
+        return x if x.shape[-1] == d else self.t.nn.functional.pad(x, (0, d - x.shape[-1]))
+
+    def concat(self, xs: list[Any]) -> Any:
+        return self.t.cat(xs, dim=-1)
+
+    def where(self, c: Any, a: Any, b: Any) -> Any:
+        return self.t.where(c, a, b)
+
+    def abs(self, x: Any) -> Any:
+        return x.abs()
+
+    def sum(self, x: Any) -> Any:
+        return x.sum(-1)
+
+    def mean(self, x: Any) -> Any:
+        return x.mean()
+
+    def softplus(self, x: Any) -> Any:
+        return self.t.nn.functional.softplus(x)
+
+    def minimum(self, x: Any, v: float) -> Any:
+        return x.clamp(max=v)
+
+    def maximum(self, x: Any, v: float) -> Any:
+        return x.clamp(min=v)
+
+
+def _torch_flow_modules() -> tuple[Any, Any]:
+    import torch
+    from torch import nn
+
+    class ElementwiseAffine(nn.Module):
+        """``y = e^s ⊙ x + b`` (invertible, for 1-D nodes where a coupling layer cannot split)."""
+
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.log_scale = nn.Parameter(torch.zeros(dim))
+            self.shift = nn.Parameter(torch.zeros(dim))
+
+        def forward(self, x: Any) -> Any:
+            return x * self.log_scale.exp() + self.shift
+
+        def inverse(self, y: Any) -> Any:
+            return (y - self.shift) * (-self.log_scale).exp()
+
+    class TorchEdgeFlow(nn.Module):
+        """``blocks`` Pyro ``AffineCoupling`` layers (hypernet: 3-layer ReLU MLP of width ``hidden``) with a
+        Pyro ``Permute`` (reversal) between blocks; identity with ``blocks=0``; elementwise affine for m = 1.
+        Pyro's transform cache is switched off so ``inverse`` always runs the analytic inverse."""
+
+        def __init__(self, dim: int, hidden: int, blocks: int, clip: float) -> None:
+            super().__init__()
+            from pyro.distributions.transforms import AffineCoupling
+            from pyro.nn import DenseNN
+
+            self.dim = dim
+            self.layers = nn.ModuleList()
+            self.steps: list[Any] = []
+            if blocks == 0:
+                return
+            if dim == 1:
+                self.layers.append(ElementwiseAffine(1))
+                self.steps.append(self.layers[0])
+                return
+            split = dim // 2
+            self.register_buffer("perm", torch.arange(dim - 1, -1, -1))
+            for b in range(blocks):
+                hyper = DenseNN(split, [hidden, hidden], param_dims=[dim - split, dim - split])
+                cpl = AffineCoupling(split, hyper, log_scale_min_clip=-clip, log_scale_max_clip=clip)
+                cpl._cache_size = 0  # no cached x ↔ y pairs: inverse() is always computed
+                self.layers.append(cpl)
+                self.steps.append(cpl)
+                if b < blocks - 1:
+                    self.steps.append(None)  # a permutation, built lazily on the device of the input
+            self._perm_cache: dict[Any, Any] = {}
+
+        def _permute(self, device: Any) -> Any:
+            from pyro.distributions.transforms import Permute
+
+            if device not in self._perm_cache:
+                self._perm_cache[device] = Permute(self.perm.to(device), cache_size=0)
+            return self._perm_cache[device]
+
+        def forward(self, x: Any) -> Any:
+            for s in self.steps:
+                x = self._permute(x.device)(x) if s is None else s(x)
+            return x
+
+        def inverse(self, y: Any) -> Any:
+            for s in reversed(self.steps):
+                if s is None:
+                    y = self._permute(y.device).inv(y)
+                elif isinstance(s, ElementwiseAffine):
+                    y = s.inverse(y)
+                else:
+                    y = s.inv(y)
+            return y
+
+    return TorchEdgeFlow, ElementwiseAffine
+
+
+def _make_torch_flows(graph: Graph, hidden: int, blocks: int, clip: float, device: Any, dtype: Any, seed: int) -> Any:
+    import torch
+
+    edge_flow, _ = _torch_flow_modules()
+    torch.manual_seed(seed)
+    mods = torch.nn.ModuleList()
+    for node in graph.nodes:
+        if node.parent is None:
+            mods.append(torch.nn.Identity())  # placeholder: the root has no edge
+        else:
+            mods.append(edge_flow(graph.nodes[node.parent].dim, hidden, blocks, clip))
+    return mods.to(device=device, dtype=dtype)
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------------
+class VFG:
+    """Variational Flow Graphical model on a tree ``structure`` (nested lists of column indices or a dict).
+
+    ``VFG(structure, backend="torch"|"jax", hidden=64, blocks=4, beta=1.0, masking=False)`` —
+    ``blocks`` affine coupling layers per edge (0: identity edges), ``hidden`` the width of their 3-layer
+    ReLU MLPs, ``beta`` the weight of the KL (consistency + root prior) terms, ``masking`` interleaves
+    Alg. 2's masked steps with the plain steps (every other step).  ``likelihood`` "gaussian" (``sigma``
+    on standardised columns when ``standardize``) or "bernoulli"; ``min_dim`` pads small sections (and with
+    it every node: a node wider than its sections lets a decoder drop coordinates, so a non-injective
+    section-to-section map such as ``z ↦ z²`` becomes representable).  Stability: each coupling's log-scale
+    is bounded by ``log_scale_clip`` (Pyro's clamp; a ``c·tanh(u/c)`` scale parametrisation on JAX) and the
+    gradient norm clipped at ``clip_grad`` (None: off) — the ELBO has no log-det term, so nothing else
+    stops the flows from shrinking the states and blowing up the inverse.
+    """
+
+    def __init__(
+        self,
+        structure: Any,
+        backend: str = "torch",
+        hidden: int = 64,
+        blocks: int = 4,
+        beta: float = 1.0,
+        masking: bool = False,
+        likelihood: str = "gaussian",
+        sigma: float = 1.0,
+        standardize: bool | None = None,
+        min_dim: int = 2,
+        log_scale_clip: float = 2.0,
+        clip_grad: float | None = 10.0,
+    ) -> None:
+        if backend not in ("torch", "jax"):
+            raise ValueError(f"backend must be 'torch' or 'jax', got {backend!r}")
+        if likelihood not in ("gaussian", "bernoulli"):
+            raise ValueError(f"likelihood must be 'gaussian' or 'bernoulli', got {likelihood!r}")
+        if blocks < 0 or hidden < 1:
+            raise ValueError(f"need blocks >= 0 and hidden >= 1, got blocks={blocks}, hidden={hidden}")
+        if not beta >= 0 or not sigma > 0:
+            raise ValueError(f"need beta >= 0 and sigma > 0, got beta={beta}, sigma={sigma}")
+        self.graph = parse_structure(structure, min_dim)
+        self.structure = structure
+        self.backend = backend
+        self.hidden = hidden
+        self.blocks = blocks
+        self.beta = float(beta)
+        self.masking = masking
+        self.likelihood = likelihood
+        self.sigma = float(sigma)
+        self.standardize = (likelihood == "gaussian") if standardize is None else standardize
+        self.log_scale_clip = float(log_scale_clip)
+        self.clip_grad = clip_grad
+
+    def fit(
+        self,
+        x: Any,
+        num_epochs: int = 100,
+        batch_size: int = 128,
+        learning_rate: float = 1e-3,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> VFGFit:
+        """Minibatch Adam on the negative ELBO; NaN entries of ``x`` are treated as missing (the sections
+        holding them are left out of the forward pass and of the reconstruction).  Torch: runs on
+        ``x``'s device; JAX: ``x`` a jax/NumPy array."""
+        if self.backend == "jax":
+            from latentfit.integrations.vfg_jax import fit_jax
+
+            return fit_jax(self, x, num_epochs, batch_size, learning_rate, seed, progress)
+        return self._fit_torch(x, num_epochs, batch_size, learning_rate, seed, progress)
+
+    def _fit_torch(self, x: Any, num_epochs: int, batch_size: int, lr: float, seed: int, progress: bool) -> VFGFit:
+        import torch
+
+        x = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
+        if not x.is_floating_point():
+            x = x.float()
+        xn = x.detach().cpu().double().numpy()
+        loc, scale = _validate_data(self, xn)
+        ops = TorchOps()
+        flows = _make_torch_flows(self.graph, self.hidden, self.blocks, self.log_scale_clip, x.device, x.dtype, seed)
+        col_obs = (~torch.isnan(x)).to(x.dtype)
+        loc_t, scale_t = torch.as_tensor(loc, dtype=x.dtype, device=x.device), torch.as_tensor(scale, dtype=x.dtype,
+                                                                                               device=x.device)
+        xs = torch.nan_to_num((x - loc_t) / scale_t, nan=0.0)
+        params = list(flows.parameters())
+        opt = torch.optim.Adam(params, lr=lr) if params else None
+        rng = np.random.default_rng(seed)
+        n = x.shape[0]
+        bs = min(batch_size, n)
+        history: list[float] = []
+        n_leaves = len(self.graph.leaves)
+        step = 0
+        t0 = time.perf_counter()
+        bar = _progress(num_epochs, progress, "VFG")
+        for _ in range(num_epochs):
+            perm = torch.as_tensor(rng.permutation(n), device=x.device)
+            acc = np.zeros((2, 2))  # [plain, masked] × [loss sum, rows]
+            for s in range(0, n, bs):
+                idx = perm[s:s + bs]
+                keep = None
+                if self.masking and step % 2 == 1 and n_leaves > 1:
+                    keep = torch.as_tensor(random_keep(rng, len(idx), n_leaves), dtype=x.dtype, device=x.device)
+                loss = negative_elbo(self.graph, flows, ops, xs[idx], col_obs[idx], keep, self.beta,
+                                     self.likelihood, self.sigma)
+                if opt is not None:
+                    opt.zero_grad()
+                    loss.backward()
+                    if self.clip_grad:
+                        torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+                    opt.step()
+                acc[keep is not None] += np.array([float(loss.detach()) * len(idx), len(idx)])
+                step += 1
+            history.append(_epoch_loss(acc))
+            bar.set_postfix(loss=f"{history[-1]:.4g}")
+            bar.update()
+        bar.close()
+        fit = VFGFit(self, flows, ops, loc, scale, history, time.perf_counter() - t0)
+        fit.device, fit.dtype = x.device, x.dtype
+        return fit
+
+
+def _epoch_loss(acc: np.ndarray) -> float:
+    """The epoch's mean loss over its plain steps (over its masked steps when it had none)."""
+    row = acc[0] if acc[0, 1] > 0 else acc[1]
+    return float(row[0] / max(row[1], 1.0))
+
+
+def _validate_data(model: VFG, xn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Shape/column checks and the standardisation constants (NaN-aware)."""
+    if xn.ndim != 2:
+        raise ValueError(f"x must be a 2-D array [n, d], got shape {xn.shape}")
+    if xn.shape[0] < 2:
+        raise ValueError(f"need at least 2 rows to fit, got {xn.shape[0]}")
+    check_columns(model.graph, xn.shape[1])
+    if np.isinf(xn).any():
+        raise ValueError("x contains infinite values")
+    allnan = np.where(np.isnan(xn).all(0))[0]
+    if allnan.size:
+        raise ValueError(f"column(s) {allnan.tolist()} are entirely missing (all NaN): nothing to learn them from")
+    if model.standardize:
+        loc = np.nanmean(xn, 0)
+        scale = np.nanstd(xn, 0)
+        scale = np.where(scale > 0, scale, 1.0)
+    else:
+        loc, scale = np.zeros(xn.shape[1]), np.ones(xn.shape[1])
+    return loc, scale
+
+
+class VFGFit:
+    """A fitted VFG: ``history`` (per epoch, the mean negative ELBO of its plain steps, or of its masked
+    steps when it had none), ``encode`` /
+    ``decode`` / ``impute`` / ``sample`` and ``edge_flows()`` (``{(child, parent): flow}``)."""
+
+    def __init__(self, model: VFG, flows: Any, ops: Any, loc: np.ndarray, scale: np.ndarray,
+                 history: list[float], seconds: float) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.flows = flows
+        self.ops = ops
+        self.loc = loc
+        self.scale = scale
+        self.history = history
+        self.seconds = seconds
+        self.device: Any = None
+        self.dtype: Any = None
+
+    # -- backend helpers ---------------------------------------------------------------------------
+    def _is_torch(self) -> bool:
+        return self.model.backend == "torch"
+
+    def _array(self, v: Any) -> Any:
+        if self._is_torch():
+            import torch
+
+            if isinstance(v, torch.Tensor):
+                return v.to(self.device, self.dtype)
+            return torch.as_tensor(np.asarray(v), dtype=self.dtype, device=self.device)
+        import jax.numpy as jnp
+
+        return jnp.asarray(v, dtype=jnp.float32)
+
+    def _no_grad(self) -> Any:
+        if self._is_torch():
+            import torch
+
+            return torch.no_grad()
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def _flows(self) -> Any:
+        if self._is_torch():
+            return self.flows
+        from latentfit.integrations.vfg_jax import bound_flows
+
+        return bound_flows(self.flows)
+
+    def edge_flows(self) -> dict[tuple[int, int], EdgeFlow]:
+        """The flow of each edge ``(child, parent)`` (``forward``: child → parent, ``inverse``: back)."""
+        fl = self._flows()
+        return {(c, p): fl[c] for c, p in self.graph.edges}
+
+    def _standardise(self, x: Any) -> Any:
+        loc, scale = self._array(self.loc), self._array(self.scale)
+        return (x - loc) / scale
+
+    def _unstandardise(self, z: Any) -> Any:
+        if self.model.likelihood == "bernoulli":
+            z = 1.0 / (1.0 + math.e ** (-z))  # the Bernoulli mean σ(x̂)
+        loc, scale = self._array(self.loc), self._array(self.scale)
+        return z * scale + loc
+
+    # -- inference -----------------------------------------------------------------------------------
+    def encode(self, x: Any, all_nodes: bool = False) -> Any:
+        """Forward messages: the root state ``h^(R)`` ``[n, m_R]`` (or every node's state); NaN entries are
+        missing (their sections are left out of the averages)."""
+        x = self._array(x)
+        self._check_width(x.shape, "x")
+        with self._no_grad():
+            xs = self._standardise(x)
+            obs = self._isfinite(xs)
+            h, _ = forward_messages(self.graph, self._flows(), self.ops, self._fill(xs, obs),
+                                    leaf_obs_from_cols(self.graph, self.ops, obs))
+        return h if all_nodes else h[self.graph.root]
+
+    def decode(self, h: Any) -> Any:
+        """Backward messages from a root state ``[n, m_R]`` to the data ``x̂`` ``[n, d]`` (original units)."""
+        h = self._array(h)
+        m = self.graph.nodes[self.graph.root].dim
+        if h.ndim != 2 or h.shape[1] != m:
+            raise ValueError(f"h must have shape [n, {m}] (the root's dimension), got {tuple(h.shape)}")
+        with self._no_grad():
+            hh = backward_messages(self.graph, self._flows(), self.ops, h)
+            return self._unstandardise(leaf_output(self.graph, self.ops, hh))
+
+    def reconstruct(self, x: Any) -> Any:
+        """``decode(encode(x))``."""
+        return self.decode(self.encode(x))
+
+    def impute(self, x: Any, mask: Any = None) -> Any:
+        """Fill the entries of ``x`` where ``mask`` is False (True = observed; default: the non-NaN entries):
+        forward over the observed sections, decode every missing section from its closest observed
+        ancestor (a partially observed section counts as missing; its observed entries are kept)."""
+        x = self._array(x)
+        self._check_width(x.shape, "x")
+        if mask is None:
+            mask = self._isfinite(x)
+        else:
+            mask = self._array(mask) > 0.5
+            if tuple(mask.shape) != tuple(x.shape):
+                raise ValueError(f"mask must have the shape of x {tuple(x.shape)}, got {tuple(mask.shape)}")
+            mask = mask & self._isfinite(x)
+        with self._no_grad():
+            xs = self._fill(self._standardise(x), mask)
+            obs = mask * 1.0
+            h, o = forward_messages(self.graph, self._flows(), self.ops, xs, leaf_obs_from_cols(self.graph, self.ops,
+                                                                                                 obs))
+            root = self.ops.where(o[self.graph.root] > 0.5, h[self.graph.root], h[self.graph.root] * 0.0)
+            hh = backward_messages(self.graph, self._flows(), self.ops, root, h, o)
+            xhat = self._unstandardise(leaf_output(self.graph, self.ops, hh))
+            return self.ops.where(mask, x, xhat)
+
+    def sample(self, n: int, seed: int = 0) -> Any:
+        """``h^(R) ~ N(0, I)``, decoded: ``n`` draws ``[n, d]``."""
+        m = self.graph.nodes[self.graph.root].dim
+        z = np.random.default_rng(seed).standard_normal((n, m))
+        return self.decode(z)
+
+    def negative_elbo(self, x: Any) -> float:
+        """The plain objective (mean over rows) on ``x`` (NaN = missing)."""
+        x = self._array(x)
+        with self._no_grad():
+            xs = self._standardise(x)
+            obs = self._isfinite(xs)
+            val = negative_elbo(self.graph, self._flows(), self.ops, self._fill(xs, obs), obs * 1.0, None,
+                                self.model.beta, self.model.likelihood, self.model.sigma)
+        return float(val)
+
+    # -- small helpers -------------------------------------------------------------------------------
+    def _isfinite(self, x: Any) -> Any:
+        if self._is_torch():
+            return ~x.isnan()
+        import jax.numpy as jnp
+
+        return ~jnp.isnan(x)
+
+    def _fill(self, x: Any, mask: Any) -> Any:
+        """Zero-fill the unobserved entries (the graph logic needs finite inputs)."""
+        if self._is_torch():
+            import torch
+
+            return torch.where(mask, x, torch.zeros_like(x))
+        import jax.numpy as jnp
+
+        return jnp.where(mask, x, 0.0)
+
+    def _check_width(self, shape: Any, name: str) -> None:
+        d = len(self.loc)
+        if len(shape) != 2 or shape[1] != d:
+            raise ValueError(f"{name} must have shape [n, {d}], got {tuple(shape)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# scikit-learn imputer
+# ----------------------------------------------------------------------------------------------------
+try:  # a real sklearn estimator when scikit-learn is installed (clone / get_params / Pipeline)
+    from sklearn.base import BaseEstimator, TransformerMixin
+except ImportError:  # pragma: no cover
+    BaseEstimator, TransformerMixin = object, object  # type: ignore[assignment,misc]
+
+
+class VFGImputer(TransformerMixin, BaseEstimator):  # type: ignore[misc,valid-type]
+    """scikit-learn style imputer: ``fit(X)`` trains a :class:`VFG` on a NumPy array with NaNs (masking on
+    by default), ``transform(X)`` fills the NaNs by VFG imputation.  ``structure`` None: one section per
+    column under one aggregation node."""
+
+    def __init__(
+        self,
+        structure: Any = None,
+        backend: str = "torch",
+        hidden: int = 64,
+        blocks: int = 4,
+        beta: float = 1.0,
+        masking: bool = True,
+        num_epochs: int = 200,
+        batch_size: int = 128,
+        learning_rate: float = 1e-3,
+        seed: int = 0,
+        min_dim: int = 2,
+        progress: bool = False,
+    ) -> None:
+        self.structure = structure
+        self.backend = backend
+        self.hidden = hidden
+        self.blocks = blocks
+        self.beta = beta
+        self.masking = masking
+        self.num_epochs = num_epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.seed = seed
+        self.min_dim = min_dim
+        self.progress = progress
+
+    def fit(self, X: Any, y: Any = None) -> VFGImputer:
+        X = _as_2d_float(X)
+        structure = default_structure(X.shape[1]) if self.structure is None else self.structure
+        model = VFG(structure, backend=self.backend, hidden=self.hidden, blocks=self.blocks, beta=self.beta,
+                    masking=self.masking, min_dim=self.min_dim)
+        data: Any = X.astype(np.float32)
+        self.fit_ = model.fit(data, num_epochs=self.num_epochs, batch_size=self.batch_size,
+                              learning_rate=self.learning_rate, seed=self.seed, progress=self.progress)
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def transform(self, X: Any) -> np.ndarray:
+        if not hasattr(self, "fit_"):
+            raise ValueError("VFGImputer is not fitted yet: call fit(X) first")
+        X = _as_2d_float(X, allow_all_nan=True)
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} columns, the imputer was fitted on {self.n_features_in_}")
+        out = self.fit_.impute(X.astype(np.float32))
+        out = out.detach().cpu().numpy() if hasattr(out, "detach") else np.asarray(out)
+        return np.where(np.isnan(X), out.astype(X.dtype), X)
+
+
+def _as_2d_float(X: Any, allow_all_nan: bool = False) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2:
+        raise ValueError(f"X must be a 2-D array [n, d], got shape {X.shape}")
+    if not allow_all_nan:
+        allnan = np.where(np.isnan(X).all(0))[0]
+        if allnan.size:
+            raise ValueError(f"column(s) {allnan.tolist()} of X are entirely missing (all NaN)")
+    return X
+
+
+# ----------------------------------------------------------------------------------------------------
+# the paper's synthetic imputation set
+# ----------------------------------------------------------------------------------------------------
+#: the tree used for the synthetic set: two sub-trees (z1's and z2's columns) of two 2-column sections
+SYNTHETIC_STRUCTURE = [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
+#: the columns missing at test time (x3, x4, x7, x8)
+SYNTHETIC_MISSING = [2, 3, 6, 7]
+
+
+def synthetic_imputation_data(n: int = 1300, seed: int = 0) -> np.ndarray:
+    """``x1 = x2 = z1``, ``x3 = x4 = 2 sin z1``, ``x5 = x6 = z2``, ``x7 = x8 = z2²`` with ``z1 ~ N(0, 1)``,
+    ``z2 ~ N(1, 2²)``: ``[n, 8]`` (float32)."""
+    rng = np.random.default_rng(seed)
+    z1 = rng.standard_normal(n)
+    z2 = 1.0 + 2.0 * rng.standard_normal(n)
+    cols = [z1, z1, 2 * np.sin(z1), 2 * np.sin(z1), z2, z2, z2**2, z2**2]
+    return np.stack(cols, 1).astype(np.float32)
