@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 
-from . import mcmc
 from .fisher import forward_jacobian
 from .mcem import MiniBatchMCEM
 from .model import LatentModel, ModelSpecificationError
@@ -138,29 +137,6 @@ class MISSO(MiniBatchMCEM):
         rows, g, state, _ = ops.fori_loop(1, num_draws, body, (rows, g, state, keys[0]))
         inv = 1.0 / num_draws
         return {k: v * inv for k, v in rows.items()}, g * inv, h, state
-
-    def _advance_chains(self, state: dict[str, Any], theta: dict[str, Any], units: Any,
-                        key: Any) -> tuple[Any, dict[str, Any]]:
-        """``mcmc_steps`` sweeps (prior-IMH, component-wise RW) of the batch's persistent chains: ``[L, b, d]``."""
-        model, ops, xp = self.model, self.ops, self.ops.xp
-        z_tab = state["z"]  # [n, L, d]
-        z0 = xp.swapaxes(ops.take(z_tab, units, 0), 0, 1)
-
-        def evaluate(z: Any) -> Any:
-            return model.log_densities(theta, z, units)
-
-        def sample_prior(kk: Any) -> Any:
-            return model.sample_prior(theta, kk, self.num_samples, units)
-
-        chain = mcmc.init_chain_state(z0, evaluate)
-        keys = ops.split(key, 2 * self.mcmc_steps + 1)
-        scale = state["rw_scale"]
-        for s in range(self.mcmc_steps):
-            chain, _ = mcmc.prior_imh(ops, keys[2 * s], chain, sample_prior, evaluate)
-            chain, acc = mcmc.rw_componentwise(ops, keys[2 * s + 1], chain, scale, evaluate)
-            scale = mcmc.adapt_scale(scale, acc)
-        state = dict(state, z=ops.scatter_owned(z_tab, units, xp.swapaxes(chain.z, 0, 1)), rw_scale=scale)
-        return chain.z, state
 
     # ----- engine protocol ------------------------------------------------------------------------------
     def oracle(self, state: dict[str, Any], theta: dict[str, Any], units: Any,

@@ -239,7 +239,14 @@ class StatEngine(Engine):
 
     def _mcmc_oracle(self, state: dict[str, Any], theta: dict[str, Any], units: Any,
                      key: Any) -> tuple[Stats, dict[str, Any]]:
-        """Warm-started MH chains (num_samples per unit): prior-IMH then component-wise RW sweeps."""
+        """Warm-started MH chains (num_samples per unit): statistics at the chains' new states."""
+        z, state = self._advance_chains(state, theta, units, key)
+        stats = self.model.stats_rows(theta, z, units)
+        return {k: self.ops.xp.mean(v, 0) for k, v in stats.items()}, state
+
+    def _advance_chains(self, state: dict[str, Any], theta: dict[str, Any], units: Any,
+                        key: Any) -> tuple[Any, dict[str, Any]]:
+        """``mcmc_steps`` sweeps (prior-IMH, component-wise RW) of the units' persistent chains: ``[L, b, d]``."""
         model, ops, xp = self.model, self.ops, self.ops.xp
         z_tab = state["z"]  # [n, L, d]
         z0 = xp.swapaxes(ops.take(z_tab, units, 0), 0, 1)  # [L, b, d]
@@ -258,8 +265,7 @@ class StatEngine(Engine):
             chain, acc = mcmc.rw_componentwise(ops, keys[2 * s + 1], chain, scale, evaluate)
             scale = mcmc.adapt_scale(scale, acc)
         state = dict(state, z=ops.scatter_owned(z_tab, units, xp.swapaxes(chain.z, 0, 1)), rw_scale=scale)
-        stats = model.stats_rows(theta, chain.z, units)
-        return {k: xp.mean(v, 0) for k, v in stats.items()}, state
+        return chain.z, state
 
     # ----- M-step ------------------------------------------------------------------------------------------
     def m_step(self, s: Stats, theta: dict[str, Any]) -> dict[str, Any]:
