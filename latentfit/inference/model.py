@@ -35,6 +35,10 @@ class DataError(ValueError):
     """The data handed to the model are unusable (NaN, wrong shape, ...)."""
 
 
+class ConvergenceWarning(UserWarning):
+    """A fit may not have reached the maximum (e.g. replicate fits ending at different log-likelihoods)."""
+
+
 @dataclass
 class LatentSite:
     """Layout of one latent site inside the flat per-unit vector ``z_i``."""
