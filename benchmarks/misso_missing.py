@@ -15,9 +15,8 @@ started at the model's defaults: available-case mean / covariance and the mean-i
 
 Reference: the **exact observed-data MLE**: the Gaussian part of ``log p(y_i, x_i,obs)`` integrates analytically and
 the Bernoulli part is a 1-D Gauss–Hermite integral (100 nodes) over the linear predictor t = δ₀ + δᵀx_i, which is
-Gaussian given x_i,obs (the same function as ``tests/test_models_glmm.py::missing_log_lik``, reimplemented here
-because the test module imports pytest and the tests' helpers); maximised by BFGS over (δ₀, δ, β, log-Cholesky of
-Ω) with central-difference gradients, started at the complete-data moments and δ = (0; 1, 1, 1).
+Gaussian given x_i,obs (``latentfit.models.glmm.missing_logistic_log_lik``, shared with the tests); maximised by
+``missing_logistic_mle``: BFGS over (δ₀, δ, β, log-Cholesky of Ω) with central-difference gradients, started at the complete-data moments and δ = (0; 1, 1, 1).
 
 Methods (one process, one data set):
 
@@ -119,73 +118,28 @@ jax.config.update("jax_enable_x64", True)  # both PPLs in float64, the same data
 
 import pyro  # noqa: E402
 import torch  # noqa: E402
-from scipy import optimize, special, stats  # noqa: E402
 
 import latentfit.numpyro as lnp  # noqa: E402
 import latentfit.pyro as lpy  # noqa: E402
 from latentfit.models import missing_logistic_model, simulate_missing_logistic  # noqa: E402
+from latentfit.models.glmm import missing_logistic_log_lik, missing_logistic_mle  # noqa: E402
 
 LABELS = ["d0", "d1", "d2", "d3"]
 EPOCH_COLS = [0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20]
 SAEM_LATER = [30, 50, 100, 200, 300, 350, 400]
 
 
-# ----- the exact observed-data log-likelihood and its maximum --------------------------------------------------
+# ----- the exact observed-data log-likelihood and its maximum (latentfit.models.glmm) ----------------------------
 def observed_log_lik(X, y, delta0, delta, beta, Omega, num_nodes=100) -> float:
-    """``Σ_i log p(x_i,obs) + log ∫ p(y_i | t) N(t; m_i, v_i) dt`` (t = δ₀ + δᵀx_i given x_i,obs is Gaussian)."""
-    delta, beta, Omega = np.asarray(delta, float), np.asarray(beta, float), np.asarray(Omega, float)
-    miss = np.isnan(X)
-    nodes, weights = np.polynomial.hermite_e.hermegauss(num_nodes)
-    logw = np.log(weights / np.sqrt(2.0 * np.pi))
-    total = 0.0
-    for pattern in np.unique(miss, axis=0):
-        rows = np.all(miss == pattern, axis=1)
-        o, m = ~pattern, pattern
-        xo = X[rows][:, o]
-        if o.any():
-            total += float(np.sum(stats.multivariate_normal(beta[o], Omega[np.ix_(o, o)]).logpdf(xo)))
-        t_mean = delta0 + xo @ delta[o]
-        if m.any():
-            if o.any():
-                A = np.linalg.solve(Omega[np.ix_(o, o)], Omega[np.ix_(o, m)])
-                mu_m = beta[m] + (xo - beta[o]) @ A
-                S = Omega[np.ix_(m, m)] - Omega[np.ix_(m, o)] @ A
-            else:
-                mu_m, S = np.broadcast_to(beta[m], (rows.sum(), m.sum())), Omega[np.ix_(m, m)]
-            t_mean = t_mean + mu_m @ delta[m]
-            t_sd = np.sqrt(max(float(delta[m] @ S @ delta[m]), 0.0))
-            t = t_mean[:, None] + t_sd * nodes[None, :]
-            yy = y[rows][:, None]
-            total += float(np.sum(special.logsumexp(yy * t - np.logaddexp(0.0, t) + logw, axis=1)))
-        else:
-            total += float(np.sum(y[rows] * t_mean - np.logaddexp(0.0, t_mean)))
-    return total
-
-
-def _unpack(v, p):
-    L = np.zeros((p, p))
-    L[np.tril_indices(p)] = v[1 + 2 * p:]
-    L[np.diag_indices(p)] = np.exp(np.diag(L))
-    return float(v[0]), v[1:1 + p], v[1 + p:1 + 2 * p], L @ L.T
+    return missing_logistic_log_lik(X, y, delta0, delta, beta, Omega, num_nodes=num_nodes)
 
 
 def exact_mle(d):
-    X, y = d["X"], d["y"]
-    p = X.shape[1]
-
-    def negll(v):
-        return -observed_log_lik(X, y, *_unpack(v, p))
-
-    def grad(v, h=1e-5):  # central differences (forward ones stall BFGS)
-        return np.array([(negll(v + e) - negll(v - e)) / (2 * h) for e in h * np.eye(len(v))])
-
-    L0 = np.linalg.cholesky(np.cov(d["X_full"].T))
-    L0[np.diag_indices(p)] = np.log(np.diag(L0))
-    v = np.concatenate([[0.0], np.ones(p), np.zeros(p), L0[np.tril_indices(p)]])
-    res = optimize.minimize(negll, v, jac=grad, method="BFGS", options={"gtol": 1e-6, "maxiter": 5000})
-    delta0, delta, beta, Omega = _unpack(res.x, p)
-    ok = bool(res.success) and float(np.max(np.abs(grad(res.x)))) < 1e-4
-    return {"delta0": delta0, "delta": delta, "beta": beta, "Omega": Omega, "ok": ok, "nit": res.nit}
+    p = d["X"].shape[1]
+    start = {"delta0": 0.0, "delta": np.ones(p), "beta": np.zeros(p), "Omega": np.cov(d["X_full"].T)}
+    res = missing_logistic_mle(d["X"], d["y"], start=start)
+    res["ok"] = res["success"] and res["grad_max"] < 1e-4
+    return res
 
 
 def dvec(th) -> np.ndarray:

@@ -23,10 +23,12 @@ import numpy as np
 import pytest
 from backends import Backend
 from gallery_reference import glmm_mle
-from scipy import optimize, special, stats
+from scipy import special, stats
 
 from latentfit.models.glmm import (
     logistic_mixed_model,
+    missing_logistic_log_lik,
+    missing_logistic_mle,
     missing_logistic_model,
     simulate_logistic_mixed,
     simulate_missing_logistic,
@@ -214,68 +216,15 @@ def known_slope() -> dict[str, float]:
     return flat_estimates({k: backend.to_numpy(v) for k, v in res.theta.items()})
 
 
-def missing_log_lik(d: dict[str, Any], delta0: float, delta: np.ndarray, beta: np.ndarray, Omega: np.ndarray,
-                    num_nodes: int = 100) -> float:
-    """Observed-data log-likelihood ``Σ_i log p(x_i,obs) + log ∫ p(y_i | t) N(t; m_i, v_i) dt``.
-
-    Given x_obs, x_mis ~ N(m, S) (Gaussian conditioning), so the linear predictor t = δ₀ + δᵀx is N(m_i, v_i);
-    the 1-D integral is Gauss–Hermite with ``num_nodes`` nodes (rows without missing entries: v_i = 0)."""
-    X, y = d["X"], d["y"]
-    miss = np.isnan(X)
-    nodes, weights = np.polynomial.hermite_e.hermegauss(num_nodes)
-    logw = np.log(weights / np.sqrt(2.0 * np.pi))
-    total = 0.0
-    for pattern in np.unique(miss, axis=0):
-        rows = np.all(miss == pattern, axis=1)
-        o, m = ~pattern, pattern
-        xo = X[rows][:, o]
-        if o.any():
-            total += float(np.sum(stats.multivariate_normal(beta[o], Omega[np.ix_(o, o)]).logpdf(xo)))
-        t_mean = delta0 + xo @ delta[o]
-        if m.any():
-            if o.any():
-                A = np.linalg.solve(Omega[np.ix_(o, o)], Omega[np.ix_(o, m)])  # [o, m]
-                mu_m = beta[m] + (xo - beta[o]) @ A
-                S = Omega[np.ix_(m, m)] - Omega[np.ix_(m, o)] @ A
-            else:
-                mu_m, S = np.broadcast_to(beta[m], (rows.sum(), m.sum())), Omega[np.ix_(m, m)]
-            t_mean = t_mean + mu_m @ delta[m]
-            t_sd = np.sqrt(max(float(delta[m] @ S @ delta[m]), 0.0))
-            t = t_mean[:, None] + t_sd * nodes[None, :]
-            yy = y[rows][:, None]
-            total += float(np.sum(special.logsumexp(yy * t - np.logaddexp(0.0, t) + logw, axis=1)))
-        else:
-            total += float(np.sum(y[rows] * t_mean - np.logaddexp(0.0, t_mean)))
-    return total
-
-
-def _unpack_missing(v: np.ndarray, p: int) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-    L = np.zeros((p, p))
-    L[np.tril_indices(p)] = v[1 + 2 * p:]
-    L[np.diag_indices(p)] = np.exp(np.diag(L))
-    return float(v[0]), v[1:1 + p], v[1 + p:1 + 2 * p], L @ L.T
-
-
 @functools.cache
 def known_missing(small: bool = False) -> dict[str, float]:
-    """The observed-data ML estimate of ``data_missing`` (BFGS on (δ₀, δ, β, log-Cholesky of Ω), gradient-checked)."""
+    """The observed-data ML estimate of ``data_missing`` (:func:`missing_logistic_mle`, gradient-checked)."""
     d = data_missing_small() if small else data_missing()
     p = d["X"].shape[1]
-
-    def negll(v: np.ndarray) -> float:
-        return -missing_log_lik(d, *_unpack_missing(v, p))
-
-    def grad(v: np.ndarray, h: float = 1e-5) -> np.ndarray:  # central differences (forward ones stall BFGS)
-        return np.array([(negll(v + e) - negll(v - e)) / (2 * h) for e in h * np.eye(len(v))])
-
-    L0 = np.linalg.cholesky(np.cov(d["X_full"].T))
-    L0[np.diag_indices(p)] = np.log(np.diag(L0))
-    v = np.concatenate([[0.0], np.ones(p), np.zeros(p), L0[np.tril_indices(p)]])
-    res = optimize.minimize(negll, v, jac=grad, method="BFGS", options={"gtol": 1e-6, "maxiter": 5000})
-    v = res.x
-    assert res.success and np.max(np.abs(grad(v))) < 1e-5
-    delta0, delta, beta, Omega = _unpack_missing(v, p)
-    return flat_estimates({"delta0": delta0, "delta": delta, "beta": beta, "Omega": Omega})
+    start = {"delta0": 0.0, "delta": np.ones(p), "beta": np.zeros(p), "Omega": np.cov(d["X_full"].T)}
+    res = missing_logistic_mle(d["X"], d["y"], start=start)
+    assert res["success"] and res["grad_max"] < 1e-5
+    return flat_estimates({k: res[k] for k in ("delta0", "delta", "beta", "Omega")})
 
 
 KNOWN = {"intercept": known_intercept, "slope": known_slope, "missing": known_missing}
@@ -305,8 +254,9 @@ def test_missing_log_lik_reference():
     full = {"X": d["X_full"], "y": d["y"]}
     want = float(np.sum(stats.multivariate_normal(beta, Omega).logpdf(d["X_full"]))
                  + np.sum(stats.bernoulli.logpmf(d["y"], special.expit(0.2 + d["X_full"] @ delta))))
-    assert missing_log_lik(full, 0.2, delta, beta, Omega) == pytest.approx(want, rel=1e-12)
-    a, b = missing_log_lik(d, 0.2, delta, beta, Omega), missing_log_lik(d, 0.2, delta, beta, Omega, 200)
+    assert missing_logistic_log_lik(full["X"], full["y"], 0.2, delta, beta, Omega) == pytest.approx(want, rel=1e-12)
+    a = missing_logistic_log_lik(d["X"], d["y"], 0.2, delta, beta, Omega)
+    b = missing_logistic_log_lik(d["X"], d["y"], 0.2, delta, beta, Omega, num_nodes=200)
     assert a == pytest.approx(b, abs=1e-6)
     # Monte Carlo check of one row pattern's integral (rows missing coordinate 0 only)
     rows = np.isnan(d["X"][:, 0]) & ~np.isnan(d["X"][:, 1:]).any(1)
@@ -319,7 +269,7 @@ def test_missing_log_lik_reference():
     pr = special.expit(0.2 + zs @ delta)
     mc = np.sum(np.log(np.where(sub["y"] == 1, pr, 1 - pr).mean(0))) \
         + np.sum(stats.multivariate_normal(beta[1:], Omega[1:, 1:]).logpdf(sub["X"][:, 1:]))
-    assert missing_log_lik(sub, 0.2, delta, beta, Omega) == pytest.approx(mc, abs=0.05)
+    assert missing_logistic_log_lik(sub["X"], sub["y"], 0.2, delta, beta, Omega) == pytest.approx(mc, abs=0.05)
 
 
 # ----- (b) fits -----------------------------------------------------------------------------------------------
