@@ -43,7 +43,19 @@ class FitResult:
     num_iterations: int
     #: seconds spent compiling (JAX backends), part of ``elapsed``
     compile_time: float = 0.0
+    #: True when the run stopped early (``KeyboardInterrupt``, or the result kept on a ``NonFiniteError``): the
+    #: state is the last good one, after ``num_iterations`` iterations
+    interrupted: bool = False
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_nonfinite(self) -> int:
+        """MCMC proposals rejected because their log-density was NaN/inf, summed over the run (history
+        ``num_nonfinite``, one count per iteration)."""
+        counts = self.history.get("num_nonfinite")
+        return 0 if counts is None else int(np.sum(counts))
+    #: replicate fits (NLME ``fit(..., replicates=R)``): one row per replicate (seed, logLik, MC SE, estimates)
+    replicates: Any = field(default=None, repr=False)
 
     # ----- estimates -------------------------------------------------------------------------------
     @property
@@ -321,7 +333,8 @@ class FitResult:
         raised, never a table without its SE columns.  Without ``method``: the standard errors computed last,
         else those of the default method; where the default method does not apply to this fit (e.g. an EM fit,
         which keeps no latent draws) the table holds the estimates only and a ``RuntimeWarning`` says why.
-        ``se=False``: estimates only.
+        ``se=False``: estimates only.  A fit with replicates (:attr:`replicates`) adds the range of each estimate
+        over the replicates (``replicates.min``, ``replicates.max``; the table in ``.attrs["replicates"]``).
         """
         import warnings
 
@@ -342,6 +355,11 @@ class FitResult:
         if se and se_map is not None:
             df["se"] = [se_map.get(n, np.nan) for n, _ in rows]
             df["rse%"] = 100.0 * df["se"] / df["estimate"].abs()
+        if self.replicates is not None:  # the range of each estimate over the replicate fits
+            reps = self.replicates
+            df["replicates.min"] = [reps[n].min() if n in reps else np.nan for n, _ in rows]
+            df["replicates.max"] = [reps[n].max() if n in reps else np.nan for n, _ in rows]
+            df.attrs["replicates"] = reps
         df.index.name = "parameter"
         return df
 
@@ -417,7 +435,8 @@ class FitResult:
 
     def __repr__(self) -> str:
         est = ", ".join(f"{n}={v:.4g}" for n, v in self.param_table()[:8])
-        return f"FitResult({self.engine.name}, {self.num_iterations} iterations, {est})"
+        stopped = ", interrupted" if self.interrupted else ""
+        return f"FitResult({self.engine.name}, {self.num_iterations} iterations{stopped}, {est})"
 
 
 def _free_size(value: np.ndarray, constraint: Any) -> int:

@@ -55,7 +55,7 @@ _TRANSFORM_ALIASES = {"lognormal": "log", "log-normal": "log", "identity": "norm
 ERRORS = ("constant", "proportional", "combined", "exponential")
 COV_TRANSFORMS = ("linear", "center", "log", "log-center", "categorical")
 #: options of :func:`read_nonmem` that :class:`NLME`, :meth:`NLME.bind` and :meth:`NLME.fit` accept
-DATA_OPTIONS = ("columns", "dose", "regressors", "x")
+DATA_OPTIONS = ("columns", "dose", "regressors", "x", "covariate_interpolation")
 #: options of the model itself (given to ``NLME(...)``, not to ``fit``)
 MODEL_OPTIONS = ("parameters", "covariates", "omega", "error", "error_init", "covariate_init", "backend", "dtype",
                  "device")
@@ -126,6 +126,9 @@ class NLME(LatentModel):
         role (``{"id": "Id", "time": "Time", "dv": "Concentration"}``), a per-row dose column (saemix form), per-
         observation regressor columns, the x-variable when it is not the time (dose–response data). They may
         be given here or to :meth:`fit` / :meth:`bind`.
+    covariate_interpolation : how ``regressors`` (time-varying covariates) are read at the observations from all
+        the records: ``"locf"`` (last value carried forward, default) or ``"linear"`` (in time); given here or to
+        :meth:`bind`.
     dtype, device : of the arrays (torch: float64, CPU by default).
     backend : ``"torch"`` (default) or ``"jax"`` (JaxOps: engines compile their iterations with ``lax.scan``).
     """
@@ -138,7 +141,7 @@ class NLME(LatentModel):
                  data: pd.DataFrame | None = None, columns: dict[str, str] | None = None, dose: str | None = None,
                  regressors: tuple[str, ...] | list[str] = (), dtype: Any = None, device: Any = None,
                  backend: str = "torch", x: str | None = None,
-                 covariate_init: dict[str, Any] | None = None) -> None:
+                 covariate_init: dict[str, Any] | None = None, covariate_interpolation: str | None = None) -> None:
 
         if not isinstance(parameters, dict) or not parameters:
             raise ModelSpecificationError("parameters must be a non-empty dict name -> initial value or Parameter")
@@ -188,9 +191,11 @@ class NLME(LatentModel):
             raise ModelSpecificationError(f"residual error parameters must be > 0, got {init}")
         self.error_init = init
         self.covariate_init = self._parse_covariate_init(covariate_init or {})
-        self.read_options = {"columns": None, "dose": None, "regressors": (), "x": None}
+        self.read_options = dict.fromkeys(DATA_OPTIONS)
+        self.read_options["regressors"] = ()
         self.read_options = self._merge_read_options({"columns": columns, "dose": dose, "regressors": regressors,
-                                                      "x": x}, "NLME(...)")
+                                                      "x": x, "covariate_interpolation": covariate_interpolation},
+                                                     "NLME(...)")
         if backend not in BACKENDS:
             raise ModelSpecificationError(f"backend must be 'torch' or 'jax', got {backend!r}")
         self.ops = make_ops(backend, device=device, dtype=dtype)
@@ -306,7 +311,7 @@ class NLME(LatentModel):
         cov_cols = sorted({c for items in self.covariate_spec.values() for c, _ in items})
         regressors = tuple(dict.fromkeys(tuple(self.structural.regressors) + tuple(opts["regressors"])))
         data = read_nonmem(df, columns=opts["columns"], covariates=cov_cols, regressors=regressors, dose=opts["dose"],
-                           x=opts["x"])
+                           x=opts["x"], covariate_interpolation=opts["covariate_interpolation"] or "locf")
         if self.structural.uses_doses:
             if data.x is not None and "time" not in data.columns:
                 raise DataError(f"the structural model {self.structural.name!r} is a function of the time since the "
@@ -392,11 +397,25 @@ class NLME(LatentModel):
                              doses_precede_obs=bool(data.dose_amt.shape[1] == 1 and (data.dose_amt > 0).all()
                                                     and (data.dose_time[:, :1] <= data.time).all()),
                              dose_cmt=ops.asarray(data.dose_cmt.astype(np.int64)), ops=ops,
-                             x=None if data.x is None else regs[data.x])
+                             x=None if data.x is None else regs[data.x], **self._dose_design(data))
         self._structural_fn = self.structural.bound(self.design)
         self.observed = {"DV": np.where(data.mask, data.dv, np.nan)}
         self.latent_sites = [LatentSite(nm, (), k, 1, kind="gaussian") for k, nm in enumerate(self.random_names)]
         self.params = self._build_params()
+
+    def _dose_design(self, data: NLMEData, grid: np.ndarray | None = None) -> dict[str, Any]:
+        """The steady-state, period and routing fields of a :class:`Design` (None where the data do not need
+        them, so that the common case stays as fast as before); ``grid``: periods of grid times (by the resets'
+        times)."""
+        ops, out = self.ops, {}
+        real = data.dose_amt > 0
+        if data.has_ss:
+            out.update(dose_ss=ops.asarray(data.dose_ss), dose_ii=ops.asarray(data.dose_ii))
+        if data.has_resets:
+            obs_seg = data.obs_seg if grid is None else (data.seg_start[:, None, 1:] <= grid[..., None]).sum(-1)
+            out.update(dose_seg=ops.asarray(data.dose_seg), obs_seg=ops.asarray(np.asarray(obs_seg, dtype=float)))
+        out["central_cmt"] = bool((data.dose_cmt[real] == 2).any())
+        return out
 
     def _require_data(self) -> None:
         if self.data is None:
@@ -544,7 +563,7 @@ class NLME(LatentModel):
         g = ops.asarray(np.asarray(grid, dtype=float))
         regs = {self.data.x: g} if self.data.x is not None else {}
         design = Design(d.xp, g, d.dose_time, d.dose_amt, d.dose_rate, regs, d.covariates, False, d.dose_cmt, ops,
-                        None if self.data.x is None else g)
+                        None if self.data.x is None else g, **self._dose_design(self.data, np.asarray(grid, float)))
         psi = self._psi(self._mu(theta), z)
         return self.structural.bound(design)(psi, design)
 
@@ -798,13 +817,21 @@ class NLME(LatentModel):
     # ----- front doors ------------------------------------------------------------------------------
     def fit(self, data: pd.DataFrame | None = None, engine: str = "saem", *, columns: dict[str, str] | None = None,
             dose: str | None = None, regressors: tuple[str, ...] | list[str] = (), x: str | None = None,
-            init: dict[str, Any] | None = None, **options: Any):
+            init: dict[str, Any] | None = None, replicates: int = 1, dispersed_starts: bool | float = False,
+            starts: list[dict[str, Any] | None] | None = None, **options: Any):
         """Fit by SAEM (``engine="saem"``) or f-SAEM (``"fsaem"``); returns a FitResult.
 
         ``data`` with the data options ``columns``, ``dose``, ``regressors``, ``x`` (the same as the constructor's;
         an option given to both with different values is an error).  ``init``: starting values by name as in
         ``fit.params`` (natural scale; e.g. a previous fit's ``params``), overriding those of the specification.
         ``options`` go to the engine (``num_iters``, ``num_chains``, ``seed``, ``progress``, ...).
+
+        ``replicates=R`` (> 1) runs R independent fits (seeds ``seed``, ``seed + 1``, ...; replicate 0 is the single
+        fit), from ``starts`` (one dict of initial values or None per replicate) or, with ``dispersed_starts`` (True,
+        or the φ-scale sd), from starts drawn around ``init`` with inflated ω²; it returns the fit with the largest
+        log-likelihood (quadrature, else importance sampling) with the table ``fit.replicates`` (seed, logLik, MC SE,
+        estimates), and warns (:class:`~latentfit.ConvergenceWarning`) when a replicate ends more than
+        max(3 MC SE, 0.5) below the best (:mod:`latentfit.models.nlme.replicates`).
         The numerical step (combined error, parameters without random effect) is warm-started at the
         previous estimate, so 3 Newton steps per iteration are the default here (``newton_steps``).
         Engines are loaded lazily, through :mod:`latentfit.integrations.families` (``models/`` never imports an
@@ -836,6 +863,11 @@ class NLME(LatentModel):
         if init:
             model = model.with_init(init)
         model.check_initial_values()
+        if replicates != 1 or starts is not None or dispersed_starts:
+            from .replicates import fit_replicates
+
+            return fit_replicates(model, engine, options, replicates, dispersed_starts=dispersed_starts,
+                                  starts=starts)
         return families().fit_nlme(model, engine, options)
 
     def with_init(self, init: dict[str, Any]) -> NLME:
