@@ -4,9 +4,27 @@ A table has one row per event: ``ID, TIME, DV, AMT, EVID, MDV, CMT`` (+ ``RATE``
 covariates, regressors).  Column names are configurable (``columns={"id": "Subject", ...}``).
 Rules (NONMEM conventions):
 
-* ``EVID`` = 1 is a dose, 0 an observation; without an ``EVID`` column a row with ``AMT > 0`` is a
-  dose.  ``MDV = 1`` or a missing ``DV`` marks an observation row to ignore.
-* ``RATE > 0`` makes a dose a zero-order infusion of duration ``AMT / RATE``; 0 is a bolus.
+* ``EVID``: 0 observation, 1 dose, 2 other event (e.g. a covariate change), 3 reset (the system returns to
+  its initial state: doses before it no longer act), 4 reset and dose.  Without an ``EVID`` column a row
+  with ``AMT > 0`` is a dose.  ``MDV = 1`` or a missing ``DV`` marks an observation row to ignore.
+* ``RATE > 0`` makes a dose a zero-order infusion of duration ``AMT / RATE``; 0 is a bolus; ``RATE = -2``
+  takes the duration from ``DUR`` (``RATE`` = ``AMT / DUR``), as in NONMEM (without a ``RATE`` column, a
+  ``DUR > 0`` makes an infusion).  ``RATE = -1`` (rate estimated in the model) is not supported.
+* ``ADDL`` additional doses every ``II`` after the dose (``ADDL + 1`` doses at ``t, t + II, ...``); they are
+  expanded here into ordinary dose records (vectorised).
+* ``SS = 1``: the dose is given at steady state: the system is reset, then the dose is the last of an
+  infinite train every ``II`` (the structural model adds the train's past, in closed form or by
+  integration); ``SS = 2``: the steady state is added to the current state without a reset.  The
+  additional doses of an ``SS`` record are ordinary doses.
+* Periods: a reset (``EVID`` 3 or 4, or an ``SS = 1`` dose) starts a new period of the individual (the
+  records that follow it in the table); a dose acts only on the observations of its own period (so
+  additional doses scheduled past a reset are cancelled by it).  The time may restart at a reset, but must
+  not precede the reset's time within its period.  At equal times within a period, doses act on the
+  observations (a dose at an observation's time counts).
+* Time-varying covariates (``regressors=`` columns): their value at each observation is carried forward from
+  the last record that has one (``covariate_interpolation="locf"``, the default; before the first value: the
+  first value) or linearly interpolated in time between the records around it (``"linear"``; constant
+  outside), using every record of the individual (doses and ``EVID`` 2 rows included).
 * ``CENS`` (Monolix convention): 1 = below the limit (``DV`` holds the LLOQ), −1 = above, 0 = observed.
 * saemix-style tables without dose rows: ``dose="Dose"`` names a per-row dose column; each
   individual then gets one dose of that amount at time 0.
@@ -16,8 +34,9 @@ Rules (NONMEM conventions):
   Regressors may be negative; times must be ≥ 0 only in data with doses.
 
 Validation raises :class:`~latentfit.DataError` naming the column, ID and row for unknown columns,
-non-numeric values and negative times; it warns (naming the ID) for individuals without any
-observation (they are dropped) and for duplicated dose records.
+non-numeric values, negative times and inconsistent dose records (``ADDL > 0`` or ``SS`` without ``II > 0``,
+``RATE = -2`` without ``DUR``, ``ADDL``/``SS`` on a row that is not a dose, unknown ``EVID``/``SS`` codes);
+it warns (naming the ID) for individuals without any observation (they are dropped) and for duplicated dose records.
 
 Observations are padded to ``[N, T]`` arrays (``T`` = most observations of one individual) with a
 mask, doses to ``[N, D]`` (padding doses have amount 0).
@@ -35,7 +54,8 @@ import pandas as pd
 from latentfit.inference.model import DataError
 
 DEFAULT_COLUMNS = {"id": "ID", "time": "TIME", "dv": "DV", "amt": "AMT", "evid": "EVID", "mdv": "MDV",
-                   "cmt": "CMT", "rate": "RATE", "cens": "CENS"}
+                   "cmt": "CMT", "rate": "RATE", "cens": "CENS", "addl": "ADDL", "ii": "II", "ss": "SS", "dur": "DUR"}
+INTERPOLATIONS = ("locf", "linear")
 REQUIRED = ("id", "dv")
 
 
@@ -57,6 +77,21 @@ class NLMEData:
     obs_rows: np.ndarray | None = None  # [N, T] row labels of the observations in the source table (-1: padding)
     columns: dict[str, str] = field(default_factory=dict)
     x: str | None = None  # name of the x-variable column (None: the time)
+    dose_ss: np.ndarray | None = None  # [N, D] 0, 1 (steady state after a reset) or 2 (steady state added)
+    dose_ii: np.ndarray | None = None  # [N, D] dosing interval of a steady-state dose (0 otherwise)
+    dose_seg: np.ndarray | None = None  # [N, D] period of the dose (a reset starts a new period)
+    obs_seg: np.ndarray | None = None  # [N, T] period of the observation
+    seg_start: np.ndarray | None = None  # [N, S] time of the reset starting each period (period 0: -inf; padding: inf)
+
+    @property
+    def has_ss(self) -> bool:
+        """Some dose is given at steady state (``SS`` 1 or 2)."""
+        return self.dose_ss is not None and bool((self.dose_ss[self.dose_amt > 0] > 0).any())
+
+    @property
+    def has_resets(self) -> bool:
+        """Some individual has more than one period (``EVID`` 3/4 or ``SS = 1`` resets)."""
+        return self.obs_seg is not None and bool((self.obs_seg > 0).any() or (self.dose_seg > 0).any())
 
     @property
     def x_values(self) -> np.ndarray:
@@ -88,21 +123,25 @@ def _numeric(df: pd.DataFrame, col: str, id_col: str) -> np.ndarray:
 
 
 def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covariates: list[str] | tuple = (),
-                regressors: list[str] | tuple = (), dose: str | None = None, x: str | None = None) -> NLMEData:
+                regressors: list[str] | tuple = (), dose: str | None = None, x: str | None = None,
+                covariate_interpolation: str = "locf") -> NLMEData:
     """Validate a NONMEM-style table and pad it (see the module docstring).
 
     Parameters
     ----------
     df : the long table (pandas DataFrame).
-    columns : mapping from the roles ``id, time, dv, amt, evid, mdv, cmt, rate, cens`` to column
-        names (defaults: the upper-case NONMEM names).
+    columns : mapping from the roles ``id, time, dv, amt, evid, mdv, cmt, rate, cens, addl, ii, ss, dur`` to
+        column names (defaults: the upper-case NONMEM names).
     covariates : individual-level covariate columns (first value per individual is used).
     regressors : per-observation columns passed to the structural model (e.g. a concentration for
-        an Emax model), padded like ``DV``.
+        an Emax model, a time-varying covariate), padded like ``DV``; missing values on an observation
+        row are filled from the individual's other records (``covariate_interpolation``).
     dose : saemix-style per-row dose column (one dose at time 0 per individual) when the table has
         no dose rows.
     x : the x-variable column when it is not the time (a dose, a concentration, a centred covariate);
         the time column is then optional.
+    covariate_interpolation : ``"locf"`` (last value carried forward, default) or ``"linear"`` (in time): how the
+        ``regressors`` are read at the observations from all the records.
     """
     if not isinstance(df, pd.DataFrame):
         raise DataError(f"data must be a pandas DataFrame, got {type(df).__name__}")
@@ -125,7 +164,9 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         raise DataError(f"column {x!r} (the x-variable, x=) is not in the data; columns are {available}")
     if x is not None:
         regressors = tuple(dict.fromkeys((x, *regressors)))
-    for role in ("amt", "evid", "mdv", "cmt", "rate", "cens"):
+    if covariate_interpolation not in INTERPOLATIONS:
+        raise DataError(f"covariate_interpolation must be one of {INTERPOLATIONS}, got {covariate_interpolation!r}")
+    for role in ("amt", "evid", "mdv", "cmt", "rate", "cens", "addl", "ii", "ss", "dur"):
         if columns and role in columns and cols[role] not in df.columns:
             raise DataError(f"column {cols[role]!r} (role {role!r}) is not in the data; columns are {available}")
     for name in list(covariates) + list(regressors) + ([dose] if dose else []):
@@ -144,31 +185,32 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     if has_time and np.isnan(time).any():
         row = df.index[np.isnan(time)][0]
         raise DataError(f"column {cols['time']!r} has a missing time (ID {_id(df.loc[row, id_col])}, row {row})")
-    amt = np.nan_to_num(num.get("amt", np.zeros(len(df))))
+    n_rows = len(df)
+    amt = np.nan_to_num(num.get("amt", np.zeros(n_rows)))
+    fail = _failer(df, id_col)
     if "evid" in num:
-        evid = np.nan_to_num(num["evid"]).astype(int)
+        evid_f = np.nan_to_num(num["evid"])
+        fail(~np.isin(evid_f, (0, 1, 2, 3, 4)), f"column {cols['evid']!r} must be 0 (observation), 1 (dose), 2 (other "
+                                                f"event), 3 (reset) or 4 (reset and dose)")
+        evid = evid_f.astype(int)
     else:
         evid = (amt > 0).astype(int)
-    mdv = np.nan_to_num(num["mdv"]).astype(int) if "mdv" in num else np.zeros(len(df), dtype=int)
-    rate = np.nan_to_num(num.get("rate", np.zeros(len(df))))
-    cmt = np.nan_to_num(num.get("cmt", np.ones(len(df)))).astype(int)
-    cens = np.nan_to_num(num.get("cens", np.zeros(len(df)))).astype(int)
-    if not np.isin(cens, (-1, 0, 1)).all():
-        row = df.index[~np.isin(cens, (-1, 0, 1))][0]
-        raise DataError(f"column {cols['cens']!r} must be -1, 0 or 1 (ID {_id(df.loc[row, id_col])}, row {row})")
-    is_dose = evid == 1
+    mdv = np.nan_to_num(num["mdv"]).astype(int) if "mdv" in num else np.zeros(n_rows, dtype=int)
+    cmt = np.nan_to_num(num.get("cmt", np.ones(n_rows))).astype(int)
+    cens = np.nan_to_num(num.get("cens", np.zeros(n_rows))).astype(int)
+    fail(~np.isin(cens, (-1, 0, 1)), f"column {cols['cens']!r} must be -1, 0 or 1")
+    is_dose = np.isin(evid, (1, 4))
     is_obs = (evid == 0) & (mdv == 0) & ~np.isnan(dv)
-    if (is_dose & (amt <= 0)).any():
-        row = df.index[is_dose & (amt <= 0)][0]
-        raise DataError(f"dose record without a positive amount (ID {_id(df.loc[row, id_col])}, row {row})")
+    fail(is_dose & (amt <= 0), "dose record without a positive amount")
+    rate, addl, ii, ss = _dose_records(num, cols, is_dose, amt, fail)
     if x is not None and np.isnan(num[x][is_obs]).any():
         row = df.index[is_obs & np.isnan(num[x])][0]
         raise DataError(f"column {x!r} (the x-variable) is missing on an observation (ID {_id(df.loc[row, id_col])}, "
                         f"row {row})")
-    if not has_time and is_dose.any():
-        row = df.index[is_dose][0]
-        raise DataError(f"dose record (ID {_id(df.loc[row, id_col])}, row {row}) in data without a time column "
-                        f"{cols['time']!r}: dose records need times (or use dose= for one dose per individual)")
+    if not has_time and (is_dose | (evid > 1)).any():
+        row = df.index[is_dose | (evid > 1)][0]
+        raise DataError(f"dose or event record (ID {_id(df.loc[row, id_col])}, row {row}) in data without a time "
+                        f"column {cols['time']!r}: dose records need times (or use dose= for one dose per individual)")
     has_doses = bool(is_dose.any()) or dose is not None
     if has_time and has_doses and (time < 0).any():
         row = df.index[time < 0][0]
@@ -176,8 +218,15 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
                         f"must be >= 0 in data with doses; a regressor that is not a time (a centred covariate, a "
                         f"log-dose) goes in x= or regressors=, not in the time column")
     time = np.nan_to_num(time)
-
     ids_all = df[id_col].to_numpy()
+    # periods: a reset (EVID 3/4, SS = 1 dose) starts a new one, in the order of the table
+    reset = np.isin(evid, (3, 4)) | (is_dose & (ss == 1))
+    seg = pd.Series(reset.astype(np.int64)).groupby(ids_all).cumsum().to_numpy()
+    if reset.any():
+        start = pd.Series(np.where(reset, time, np.nan)).groupby([ids_all, seg]).transform("first").to_numpy()
+        fail(time < start, f"time before the reset (EVID 3/4 or SS = 1 dose) that starts this period: the "
+                           f"{cols['time']!r} of the records after a reset must not precede its time")
+
     uniq = pd.unique(ids_all)
     obs_per_id = pd.Series(is_obs).groupby(ids_all).sum()
     keep = [i for i in uniq if obs_per_id.get(i, 0) > 0]
@@ -192,8 +241,8 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         raise DataError("no individual has an observation")
     # duplicated dose records (same ID, time, amount and compartment)
     if is_dose.any():
-        dose_df = pd.DataFrame({"id": ids_all[is_dose], "t": time[is_dose], "a": amt[is_dose], "c": cmt[is_dose]},
-                               index=df.index[is_dose])
+        dose_df = pd.DataFrame({"id": ids_all[is_dose], "t": time[is_dose], "a": amt[is_dose], "c": cmt[is_dose],
+                                "s": seg[is_dose]}, index=df.index[is_dose])
         dup = dose_df.duplicated(keep="first")
         if bool(dup.any()):
             row = dup.idxmax()
@@ -204,7 +253,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     pos = {i: k for k, i in enumerate(keep)}
     order = np.array([pos.get(i, -1) for i in ids_all])
     obs_idx = np.where(is_obs & (order >= 0))[0]
-    obs_idx = obs_idx[np.lexsort((time[obs_idx], order[obs_idx]))]
+    obs_idx = obs_idx[np.lexsort((time[obs_idx], seg[obs_idx], order[obs_idx]))]
     counts = np.bincount(order[obs_idx], minlength=n)
     t_max = int(counts.max())
     slot = np.arange(len(obs_idx)) - np.repeat(np.cumsum(counts) - counts, counts)
@@ -214,45 +263,151 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     mask = np.zeros((n, t_max), dtype=bool)
     cens_a = np.zeros((n, t_max), dtype=int)
     rows_a = np.full((n, t_max), -1, dtype=np.int64)
+    seg_a = np.zeros((n, t_max))
     time_a[who, slot] = time[obs_idx]
     dv_a[who, slot] = dv[obs_idx]
     mask[who, slot] = True
     cens_a[who, slot] = cens[obs_idx]
     rows_a[who, slot] = np.arange(len(df))[obs_idx]
+    seg_a[who, slot] = seg[obs_idx]
     last = time_a[np.arange(n), counts - 1]
     time_a = np.where(mask, time_a, last[:, None])  # padding: a valid time, masked out
+    seg_a = np.where(mask, seg_a, seg_a[np.arange(n), counts - 1][:, None])
     regs = {}
+    per_obs = _time_varying(num, list(regressors), time, seg, order, obs_idx, covariate_interpolation, df, id_col)
     for name in regressors:
         r = np.zeros((n, t_max))
-        r[who, slot] = np.nan_to_num(num[name][obs_idx])
+        r[who, slot] = per_obs[name]
         regs[name] = np.where(mask, r, r[np.arange(n), counts - 1][:, None])
 
-    # doses
+    # doses (ADDL expanded: ADDL + 1 doses every II)
     if dose is not None:
         first_rows = pd.Series(np.arange(len(df))).groupby(ids_all).first()
         d_amt = np.array([num[dose][first_rows[i]] for i in keep])[:, None]
         d_time = np.zeros((n, 1))
         d_rate = np.zeros((n, 1))
         d_cmt = np.ones((n, 1), dtype=int)
+        d_ss, d_ii, d_seg = np.zeros((n, 1)), np.zeros((n, 1)), np.zeros((n, 1))
     else:
-        dose_idx = np.where(is_dose & (order >= 0))[0]
-        dose_idx = dose_idx[np.lexsort((time[dose_idx], order[dose_idx]))]
-        dcounts = np.bincount(order[dose_idx], minlength=n)
-        d_max = max(int(dcounts.max()) if len(dose_idx) else 0, 1)
-        dslot = np.arange(len(dose_idx)) - np.repeat(np.cumsum(dcounts) - dcounts, dcounts)
-        dwho = order[dose_idx]
+        rows_d = np.where(is_dose & (order >= 0))[0]
+        reps = addl[rows_d] + 1
+        src = np.repeat(rows_d, reps)
+        k = np.arange(len(src)) - np.repeat(np.cumsum(reps) - reps, reps)  # 0 for the record, 1.. for ADDL
+        e_time = time[src] + k * ii[src]
+        perm = np.lexsort((e_time, seg[src], order[src]))  # stable: table order at equal times
+        src, k, e_time = src[perm], k[perm], e_time[perm]
+        dwho = order[src]
+        dcounts = np.bincount(dwho, minlength=n)
+        d_max = max(int(dcounts.max()) if len(src) else 0, 1)
+        dslot = np.arange(len(src)) - np.repeat(np.cumsum(dcounts) - dcounts, dcounts)
         d_time, d_amt, d_rate = np.zeros((n, d_max)), np.zeros((n, d_max)), np.zeros((n, d_max))
+        d_ss, d_ii, d_seg = np.zeros((n, d_max)), np.zeros((n, d_max)), np.zeros((n, d_max))
         d_cmt = np.ones((n, d_max), dtype=int)
-        d_time[dwho, dslot] = time[dose_idx]
-        d_amt[dwho, dslot] = amt[dose_idx]
-        d_rate[dwho, dslot] = rate[dose_idx]
-        d_cmt[dwho, dslot] = cmt[dose_idx]
+        d_time[dwho, dslot] = e_time
+        d_amt[dwho, dslot] = amt[src]
+        d_rate[dwho, dslot] = rate[src]
+        d_cmt[dwho, dslot] = cmt[src]
+        d_ss[dwho, dslot] = np.where(k == 0, ss[src], 0)  # additional doses are ordinary doses
+        d_ii[dwho, dslot] = np.where((k == 0) & (ss[src] > 0), ii[src], 0.0)
+        d_seg[dwho, dslot] = seg[src]
+        # padding doses (amount 0) stay in the individual's last period
+        d_seg = np.where(d_amt > 0, d_seg, np.maximum.accumulate(d_seg, axis=1))
+    # time of the reset that starts each period [N, S] (period 0: -inf, padding: inf)
+    n_seg = int(seg[order >= 0].max()) + 1 if (order >= 0).any() else 1
+    seg_start = np.full((n, n_seg), np.inf)
+    seg_start[:, 0] = -np.inf
+    r_rows = np.where(reset & (order >= 0))[0]
+    seg_start[order[r_rows], seg[r_rows]] = time[r_rows]
 
     cov_df = _covariate_table(df, ids_all, keep, list(covariates), id_col)
     return NLMEData(ids=np.asarray(keep), time=time_a, dv=dv_a, mask=mask, cens=cens_a, dose_time=d_time,
                     dose_amt=d_amt, dose_rate=d_rate, dose_cmt=d_cmt, covariates=cov_df, regressors=regs,
                     obs_rows=rows_a, columns=cols if has_time else {k: v for k, v in cols.items() if k != "time"},
-                    x=x)
+                    x=x, dose_ss=d_ss, dose_ii=d_ii, dose_seg=d_seg, obs_seg=seg_a, seg_start=seg_start)
+
+
+def _failer(df: pd.DataFrame, id_col: str) -> Any:
+    """``fail(bad, message)``: a DataError naming the ID and row of the first ``bad`` row (if any)."""
+
+    def fail(bad: np.ndarray, message: str) -> None:
+        if bool(np.any(bad)):
+            row = df.index[np.asarray(bad)][0]
+            raise DataError(f"{message} (ID {_id(df.loc[row, id_col])}, row {row})")
+
+    return fail
+
+
+def _dose_records(num: dict[str, np.ndarray], cols: dict[str, str], is_dose: np.ndarray, amt: np.ndarray,
+                  fail: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Checked ``RATE`` (``-2``: ``AMT/DUR``), ``ADDL`` (int), ``II`` and ``SS`` per row (0 off the dose rows)."""
+    zeros = np.zeros(len(amt))
+    rate, dur, addl, ii, ss = (np.nan_to_num(num.get(r, zeros)) for r in ("rate", "dur", "addl", "ii", "ss"))
+    c = {r: repr(cols[r]) for r in ("rate", "dur", "addl", "ii", "ss")}
+    fail(~np.isin(ss, (0, 1, 2)), f"column {c['ss']} must be 0, 1 (steady state after a reset) or 2 (steady state "
+                                  f"added to the current state); other SS codes are not supported")
+    fail((addl < 0) | (addl != np.round(addl)), f"column {c['addl']} (additional doses) must be a non-negative "
+                                               f"integer")
+    fail(ii < 0, f"column {c['ii']} (interdose interval) must be >= 0")
+    fail(~is_dose & (addl > 0), f"{c['addl']} > 0 on a row that is not a dose (EVID 1 or 4): additional doses "
+                                f"repeat a dose record")
+    fail(~is_dose & (ss > 0), f"{c['ss']} > 0 on a row that is not a dose (EVID 1 or 4): steady state is a "
+                              f"property of a dose record")
+    fail(is_dose & (addl > 0) & (ii <= 0), f"{c['addl']} > 0 without an interval: give the time between the "
+                                           f"additional doses in {c['ii']} (> 0)")
+    fail(is_dose & (ss > 0) & (ii <= 0), f"steady-state dose ({c['ss']} > 0) without an interval: give its dosing "
+                                         f"interval in {c['ii']} (> 0); a steady-state constant infusion (II = 0) is "
+                                         f"not supported")
+    fail(is_dose & (rate == -1), f"{c['rate']} = -1 (rate estimated in the model) is not supported: give the rate "
+                                 f"({c['rate']} > 0) or the duration ({c['rate']} = -2 and {c['dur']})")
+    fail(is_dose & (rate < 0) & (rate != -1) & (rate != -2), f"column {c['rate']} must be >= 0 (0: bolus), or -2 "
+                                                             f"(duration in {c['dur']})")
+    fail((dur < 0), f"column {c['dur']} (infusion duration) must be >= 0")
+    if "rate" in num:
+        by_dur = is_dose & (rate == -2)
+        if "dur" not in num:
+            fail(by_dur, f"{c['rate']} = -2 takes the infusion duration from a {c['dur']} column, which the data lack "
+                         f"(name it with columns={{'dur': ...}})")
+        fail(is_dose & (rate == 0) & (dur > 0), f"{c['dur']} > 0 on a dose with {c['rate']} = 0: set {c['rate']} = -2 "
+                                                f"to give the infusion by its duration")
+    else:
+        by_dur = is_dose & (dur > 0)
+    fail(by_dur & (dur <= 0), f"{c['rate']} = -2 needs the infusion duration {c['dur']} > 0")
+    rate = np.where(by_dur, amt / np.where(by_dur, dur, 1.0), np.where(is_dose, rate, 0.0))
+    return rate, np.where(is_dose, addl, 0).astype(np.int64), np.where(is_dose, ii, 0.0), np.where(is_dose, ss, 0)
+
+
+def _time_varying(num: dict[str, np.ndarray], names: list[str], time: np.ndarray, seg: np.ndarray,
+                  order: np.ndarray, obs_idx: np.ndarray, how: str, df: pd.DataFrame,
+                  id_col: str) -> dict[str, np.ndarray]:
+    """Values of the ``names`` columns at the observation rows ``obs_idx``: LOCF or linear interpolation in time
+    over all the records of the individual (periods in table order), vectorised with grouped fills."""
+    rec = np.where(order >= 0)[0]
+    rec = rec[np.lexsort((time[rec], seg[rec], order[rec]))]
+    grp = order[rec]
+    at = np.empty(len(time), dtype=np.int64)
+    at[rec] = np.arange(len(rec))
+    sel = at[obs_idx]
+    out = {}
+    for name in names:
+        v = pd.Series(num[name][rec])
+        prev_v, next_v = v.groupby(grp).ffill(), v.groupby(grp).bfill()
+        if how == "locf":
+            val = prev_v.fillna(next_v).to_numpy()
+        else:
+            t = pd.Series(np.where(v.isna(), np.nan, time[rec]))
+            t0, t1 = t.groupby(grp).ffill().to_numpy(), t.groupby(grp).bfill().to_numpy()
+            v0, v1 = prev_v.to_numpy(), next_v.to_numpy()
+            tt = time[rec]
+            span = np.where(t1 > t0, t1 - t0, 1.0)
+            w = np.where(t1 > t0, (tt - t0) / span, 0.0)
+            val = np.where(np.isnan(v0), v1, np.where(np.isnan(v1), v0, v0 + w * (v1 - v0)))
+        miss = np.isnan(val[sel])
+        if miss.any():
+            row = df.index[obs_idx[miss]][0]
+            raise DataError(f"column {name!r} has no value on any record of ID {_id(df.loc[row, id_col])} (row {row}): "
+                            f"a per-observation column needs at least one value per individual")
+        out[name] = val[sel]
+    return out
 
 
 def design_table(num_individuals: int, times: Any, dose: float | Any = 100.0,
@@ -291,7 +446,8 @@ def _covariate_table(df: pd.DataFrame, ids_all: np.ndarray, keep: list[Any], cov
         varying = grouped.nunique() > 1
         if bool(varying.any()):
             who = [_id(i) for i in varying.index[varying][:3]]
-            warnings.warn(f"covariate {c!r} varies within individual(s) {who}; the first value is used",
+            warnings.warn(f"covariate {c!r} varies within individual(s) {who}; the first value is used (for a "
+                          f"time-varying covariate read per observation, name it in regressors=)",
                           stacklevel=4)
         out[c] = grouped.first().reindex(keep).to_numpy()
     return out

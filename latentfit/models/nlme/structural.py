@@ -9,7 +9,11 @@ chain dims allowed) and ``data`` a :class:`Design`:
 * ``data.x [N, T]``: the x-variable (the ``x=`` column, else the time);
 * ``data.regressors[name] [N, T]``: per-observation columns (``regressors=`` and ``x=``);
 * ``data.covariates[name] [N]``: numeric individual covariates of the model;
-* ``data.dose_time / dose_amt / dose_rate / dose_cmt [N, D]``: doses (padding: amount 0).
+* ``data.dose_time / dose_amt / dose_rate / dose_cmt [N, D]``: doses (padding: amount 0), additional doses
+  (``ADDL``) already expanded;
+* ``data.dose_ss / dose_ii [N, D]``: steady-state code (0, 1, 2) and interval of each dose (None: no ``SS``);
+* ``data.dose_seg [N, D]``, ``data.obs_seg [N, T]``: period of each dose and observation (a reset, ``EVID`` 3/4 or
+  ``SS = 1``, starts a new period; a dose acts only in its own period); None: one period.
 
 Library models use only ``xp`` operations, so the same code runs on torch and JAX; user functions may
 do the same or use torch directly.
@@ -22,6 +26,14 @@ PK models are linear in the dose, so multiple doses are superposed:
 * one compartment, first-order absorption (optional lag ``Tlag``):
   ``c(τ) = ka / (V (ka − k)) (e^{−kτ'} − e^{−kaτ'})``, ``τ' = τ − Tlag``;
 * two compartments (CL, V1, Q, V2), IV bolus and first-order absorption (macro-constants α, β);
+* oral models route a dose with ``CMT = 2`` to the central compartment (an IV bolus, or an infusion with
+  ``RATE > 0``), as NONMEM's ADVAN2/ADVAN4 (``CMT = 1`` is the depot);
+* steady state (``SS`` 1 or 2, interval ``τ = II``): the dose is the last of an infinite train, so each
+  exponential ``e^{−λs}`` of the response becomes ``Σ_{j≥0} e^{−λ(s + jτ)} = e^{−λs₀}/(1 − e^{−λτ})``
+  (``s₀ = s + mτ``, m the number of train doses still in their lag time; ``s₀ = s`` without lag); an
+  infusion of duration ``D`` at steady state adds the ``n = ⌈(D − s)/τ⌉⁺`` infusions still running,
+  ``R/(kV) [n − e^{−ks}(1 − e^{−knτ})/(1 − e^{−kτ})]``, to the ended ones,
+  ``R/(kV) (e^{−k(s+nτ−D)} − e^{−k(s+nτ)})/(1 − e^{−kτ})``.  ``SS = 1`` also resets (a new period).
 * PD: ``Emax``: ``E0 + Emax x/(EC50 + x)``, sigmoid: ``E0 + Emax x^γ/(EC50^γ + x^γ)`` with ``x`` the
   data's x-variable (``NLME(..., x="dose")``) or a named regressor column (``emax(x="CONC")``).
 """
@@ -53,10 +65,22 @@ class Design:
     ops: Any = None
     #: [N, T] the x-variable (``x=`` column of the data); None: the time
     x: Any = None
+    #: [N, D] steady-state codes (0, 1, 2) and intervals ``II`` of the doses; None: no steady-state dose (static)
+    dose_ss: Any = None
+    dose_ii: Any = None
+    #: [N, D] / [N, T] periods of the doses and observations; None: one period (static)
+    dose_seg: Any = None
+    obs_seg: Any = None
+    #: static: oral models route doses with ``CMT = 2`` to the central compartment
+    central_cmt: bool = False
 
     def __post_init__(self) -> None:
         if self.x is None:
             self.x = self.time
+        if (self.dose_seg is None) != (self.obs_seg is None):
+            raise ValueError("Design: dose_seg and obs_seg go together (both None for one period)")
+        if (self.dose_ss is None) != (self.dose_ii is None):
+            raise ValueError("Design: dose_ss and dose_ii go together (both None without steady state)")
         # τ = t − t_d [N, T, D] and the amounts [N, 1, D], computed once
         self._tau = self.time[..., :, None] - self.dose_time[..., None, :]
         self._amt = self.dose_amt[..., None, :]
@@ -66,10 +90,12 @@ class Design:
             return self
         t = lambda a: ops.take(a, units, 0)  # noqa: E731
         time = t(self.time)
+        opt = lambda a: None if a is None else t(a)  # noqa: E731
         return Design(self.xp, time, t(self.dose_time), t(self.dose_amt), t(self.dose_rate),
                       {k: t(v) for k, v in self.regressors.items()}, {k: t(v) for k, v in self.covariates.items()},
-                      self.doses_precede_obs, None if self.dose_cmt is None else t(self.dose_cmt), self.ops,
-                      time if self.x is self.time else t(self.x))
+                      self.doses_precede_obs, opt(self.dose_cmt), self.ops,
+                      time if self.x is self.time else t(self.x), opt(self.dose_ss), opt(self.dose_ii),
+                      opt(self.dose_seg), opt(self.obs_seg), self.central_cmt)
 
     def backend_ops(self) -> Any:
         """The backend shim of the arrays: ``ops`` if given, else the one of ``xp``."""
@@ -118,6 +144,30 @@ def _dose_terms(d: Design) -> tuple[Any, Any, Any]:
     return tau, amt, d.dose_rate[..., None, :]
 
 
+def _per_dose(d: Design, a: Any) -> Any:
+    """A dose array ``[N, D]`` shaped like the amounts of :func:`_dose_terms` (``[N, 1, D]``, or ``[N, 1]``)."""
+    return a if d.single_dose else a[..., None, :]
+
+
+def _ss_terms(d: Design) -> tuple[Any, Any] | None:
+    """``(is_ss, II)`` of the doses shaped as :func:`_dose_terms`; None without steady-state doses."""
+    if d.dose_ss is None:
+        return None
+    return _per_dose(d, d.dose_ss > 0), _per_dose(d, d.dose_ii)
+
+
+def _decay(xp: Any, lam: Any, t: Any, ss: tuple[Any, Any] | None) -> Any:
+    """``e^{−λt}``; for a steady-state dose the train's sum ``Σ_{j≥0, t+jτ≥0} e^{−λ(t+jτ)} = e^{−λt₀}/(1 − e^{−λτ})``
+    with ``t₀ = t + ⌈−t/τ⌉⁺ τ`` (``t < 0`` only inside a lag time)."""
+    e = xp.exp(-lam * t)
+    if ss is None:
+        return e
+    is_ss, ii = ss
+    tau = xp.where(is_ss, ii, 1.0)
+    t0 = t + xp.where(t < 0, xp.ceil(-t / tau), 0.0) * tau
+    return xp.where(is_ss, xp.exp(-lam * t0) / -xp.expm1(-lam * tau), e)
+
+
 def _p(psi: dict[str, Any], name: str, d: Design) -> Any:
     """``[..., N, 1]`` -> ``[..., N, 1, 1]`` (broadcasts against ``[N, T, D]``); unchanged for one dose."""
     return psi[name] if d.single_dose else psi[name][..., None]
@@ -132,23 +182,59 @@ def _superpose(xp: Any, contrib: Any, valid: Any, d: Design) -> Any:
 
 
 def _time_since(d: Design, tau: Any, amt: Any, lag: Any = None) -> tuple[Any, Any]:
-    """Times since the doses, clipped at 0 before a dose, and the validity mask (None: all valid)."""
+    """Times since the doses (less the lag), 0 where a dose does not act, and the validity mask (None: all
+    valid).  A dose acts after its time (its lag time for an ordinary dose; a steady-state dose's train acts
+    during the lag too) on the observations of its own period."""
     xp = d.xp
-    if lag is not None:
-        tau = tau - lag
-    elif d.doses_precede_obs:
+    if lag is None and d.doses_precede_obs and d.obs_seg is None:
         return tau, None
     valid = (tau >= 0) & (amt > 0)
+    if d.obs_seg is not None:
+        same = d.obs_seg[..., :, None] == d.dose_seg[..., None, :]
+        valid = valid & (same[..., 0] if d.single_dose else same)
+    if lag is not None:
+        tau = tau - lag
+        ss = _ss_terms(d)
+        valid = valid & ((tau >= 0) if ss is None else ((tau >= 0) | ss[0]))
     return xp.where(valid, tau, 0.0), valid
 
 
-def _bateman(xp: Any, ka: Any, k: Any, t: Any) -> Any:
-    """``ka/(ka − k) (e^{−kt} − e^{−ka t})``; ka − k is kept away from 0 (relative 1e-7), where the
-    difference of exponentials still gives the limit ``ka·t·e^{−kt}`` to about 1e-9."""
+def _central_iv(d: Design, amt: Any, rate: Any, k: Any, v: Any, t: Any) -> Any:
+    """One compartment (elimination ``k``, volume ``v``), input into the central compartment: a bolus, or an
+    infusion at ``rate`` for ``AMT/rate`` (steady state by the train sums of the module docstring)."""
+    xp = d.xp
+    ss = _ss_terms(d)
+    is_inf = rate > 0
+    safe_rate = xp.where(is_inf, rate, 1.0)
+    t_inf = xp.where(is_inf, amt / safe_rate, 0.0)
+    t_on = xp.minimum(t, t_inf)
+    infusion = safe_rate / (k * v) * (-xp.expm1(-k * t_on)) * xp.exp(-k * (t - t_on))
+    if ss is not None:
+        is_ss, ii = ss
+        tau = xp.where(is_ss, ii, 1.0)
+        n_on = xp.where(t < t_inf, xp.ceil((t_inf - t) / tau), 0.0)
+        geo = -xp.expm1(-k * tau)
+        on = n_on - xp.exp(-k * t) * (-xp.expm1(-k * tau * n_on)) / geo
+        off = (xp.exp(-k * (t + n_on * tau - t_inf)) - xp.exp(-k * (t + n_on * tau))) / geo
+        infusion = xp.where(is_ss, safe_rate / (k * v) * (on + off), infusion)
+    return xp.where(is_inf, infusion, amt / v * _decay(xp, k, t, ss))
+
+
+def _bateman(xp: Any, ka: Any, k: Any, t: Any, ss: tuple[Any, Any] | None = None) -> Any:
+    """``ka/(ka − k) (e^{−kt} − e^{−ka t})`` (each exponential summed over the steady-state train, see
+    :func:`_decay`); ka − k is kept away from 0 (relative 1e-7), where the difference of exponentials still
+    gives the limit ``ka·t·e^{−kt}`` to about 1e-9."""
     diff = ka - k
     tol = 1e-7 * k
     safe = xp.where(xp.abs(diff) < tol, tol, diff)
-    return ka / safe * (xp.exp(-k * t) - xp.exp(-(k + safe) * t))
+    return ka / safe * (_decay(xp, k, t, ss) - _decay(xp, k + safe, t, ss))
+
+
+def _route(d: Design, oral: Any, central: Any) -> Any:
+    """Oral response, or the central one for doses with ``CMT = 2`` (when the data have such doses)."""
+    if not d.central_cmt or d.dose_cmt is None:
+        return oral
+    return d.xp.where(_per_dose(d, d.dose_cmt) == 2, central, oral)
 
 
 # ----- one compartment ----------------------------------------------------------------------------
@@ -157,22 +243,15 @@ def _bolus1(psi: dict[str, Any], d: Design) -> Any:
     tau, amt, _ = _dose_terms(d)
     v, cl = _p(psi, "V", d), _p(psi, "CL", d)
     t, valid = _time_since(d, tau, amt)
-    return _superpose(xp, amt / v * xp.exp(-(cl / v) * t), valid, d)
+    return _superpose(xp, amt / v * _decay(xp, cl / v, t, _ss_terms(d)), valid, d)
 
 
 def _infusion1(psi: dict[str, Any], d: Design) -> Any:
     xp = d.xp
     tau, amt, rate = _dose_terms(d)
     v, cl = _p(psi, "V", d), _p(psi, "CL", d)
-    k = cl / v
     t, valid = _time_since(d, tau, amt)
-    is_inf = rate > 0
-    safe_rate = xp.where(is_inf, rate, 1.0)
-    t_inf = xp.where(is_inf, amt / safe_rate, 0.0)
-    t_on = xp.minimum(t, t_inf)
-    infusion = safe_rate / (k * v) * (1.0 - xp.exp(-k * t_on)) * xp.exp(-k * (t - t_on))
-    bolus = amt / v * xp.exp(-k * t)
-    return _superpose(xp, xp.where(is_inf, infusion, bolus), valid, d)
+    return _superpose(xp, _central_iv(d, amt, rate, cl / v, v, t), valid, d)
 
 
 def _oral1(psi: dict[str, Any], d: Design, lag: bool = False) -> Any:
@@ -180,7 +259,15 @@ def _oral1(psi: dict[str, Any], d: Design, lag: bool = False) -> Any:
     tau, amt, _ = _dose_terms(d)
     ka, v, cl = _p(psi, "ka", d), _p(psi, "V", d), _p(psi, "CL", d)
     t, valid = _time_since(d, tau, amt, _p(psi, "Tlag", d) if lag else None)
-    return _superpose(xp, amt / v * _bateman(xp, ka, cl / v, t), valid, d)
+    oral = amt / v * _bateman(xp, ka, cl / v, t, _ss_terms(d))
+    if d.central_cmt:
+        t_iv, valid_iv = _time_since(d, tau, amt) if lag else (t, valid)
+        central = _central_iv(d, amt, _dose_terms(d)[2], cl / v, v, t_iv)
+        if lag:
+            oral, valid = _route(d, oral, central), _route(d, valid, valid_iv)
+        else:
+            oral = _route(d, oral, central)
+    return _superpose(xp, oral, valid, d)
 
 
 # ----- two compartments ---------------------------------------------------------------------------
@@ -198,8 +285,12 @@ def _bolus2(psi: dict[str, Any], d: Design) -> Any:
     v1 = _p(psi, "V1", d)
     alpha, beta, k21 = _macro(xp, _p(psi, "CL", d), v1, _p(psi, "Q", d), _p(psi, "V2", d))
     t, valid = _time_since(d, tau, amt)
-    c = ((alpha - k21) * xp.exp(-alpha * t) + (k21 - beta) * xp.exp(-beta * t)) / (alpha - beta)
-    return _superpose(xp, amt / v1 * c, valid, d)
+    return _superpose(xp, amt / v1 * _two_cmt_unit(xp, alpha, beta, k21, t, _ss_terms(d)), valid, d)
+
+
+def _two_cmt_unit(xp: Any, alpha: Any, beta: Any, k21: Any, t: Any, ss: Any) -> Any:
+    """Central concentration × V1 after a unit IV bolus, two compartments (steady-state train sums)."""
+    return ((alpha - k21) * _decay(xp, alpha, t, ss) + (k21 - beta) * _decay(xp, beta, t, ss)) / (alpha - beta)
 
 
 def _oral2(psi: dict[str, Any], d: Design) -> Any:
@@ -208,10 +299,12 @@ def _oral2(psi: dict[str, Any], d: Design) -> Any:
     ka, v1 = _p(psi, "ka", d), _p(psi, "V1", d)
     alpha, beta, k21 = _macro(xp, _p(psi, "CL", d), v1, _p(psi, "Q", d), _p(psi, "V2", d))
     t, valid = _time_since(d, tau, amt)
-    c = ((k21 - alpha) / ((ka - alpha) * (beta - alpha)) * xp.exp(-alpha * t)
-         + (k21 - beta) / ((ka - beta) * (alpha - beta)) * xp.exp(-beta * t)
-         + (k21 - ka) / ((alpha - ka) * (beta - ka)) * xp.exp(-ka * t))
-    return _superpose(xp, amt * ka / v1 * c, valid, d)
+    ss = _ss_terms(d)
+    c = ((k21 - alpha) / ((ka - alpha) * (beta - alpha)) * _decay(xp, alpha, t, ss)
+         + (k21 - beta) / ((ka - beta) * (alpha - beta)) * _decay(xp, beta, t, ss)
+         + (k21 - ka) / ((alpha - ka) * (beta - ka)) * _decay(xp, ka, t, ss))
+    return _superpose(xp, _route(d, amt * ka / v1 * c, amt / v1 * _two_cmt_unit(xp, alpha, beta, k21, t, ss)),
+                      valid, d)
 
 
 # ----- public constructors ------------------------------------------------------------------------
