@@ -4,8 +4,14 @@ The model is an ordinary Pyro model over all its data with a data plate of full 
 tutorials (``with pyro.plate("data", len(y)): pyro.sample("obs", ..., obs=y)``). Block ``i`` is evaluated by
 running the model and the guide over all data with the data-plate sites masked outside ``B_i`` and every other
 site (priors of global latents, their guide factors) scaled by ``1/n``: ``Trace_ELBO.differentiable_loss`` of
-the weighted pair is then ``L_i(θ)``. Parameters are the unconstrained leaves of Pyro's param store (the guide's
-and any ``pyro.param`` of the model), flattened into one vector; at the end they are left at the fitted values.
+the weighted pair is then ``L_i(θ)``. When the model indexes its data by the data plate's indices
+(``with pyro.plate("data", N) as idx: ... obs=y[idx]``, Pyro's mini-batch idiom), the block can instead be
+*substituted* for the plate's indices (``block_eval="block"``; ``"auto"``, the default, checks on one block that
+both rules give the same loss and then uses the substitution): model and guide then run on the block's data only,
+cost ∝ |B_i| instead of N, with the plate's N/|B_i| rescaling undone so the loss is still ``L_i(θ)``.
+
+Parameters are the unconstrained leaves of Pyro's param store (the guide's and any ``pyro.param`` of the model),
+flattened into one vector; at the end they are left at the fitted values.
 """
 
 from __future__ import annotations
@@ -24,23 +30,37 @@ from pyro.poutine.subsample_messenger import _Subsample
 from latentfit.inference import misso_vi as _core
 from latentfit.inference.misso_vi import MISSOVIResult
 
+BLOCK_EVALS = ("auto", "mask", "block")
+
 
 class BlockWeight(Messenger):
     """Restrict a model (or guide) to one block: data-plate sites get ``mask`` (shape ``(N,)`` at the plate's
-    dim), all other sample sites get ``scale *= global_scale`` (``1/n``)."""
+    dim), all other sample sites get ``scale *= global_scale`` (``1/n``).
 
-    def __init__(self, plate: str, mask: torch.Tensor | None, global_scale: float) -> None:
+    With ``indices`` instead of a mask, the block's indices are substituted for the data plate's subsample (the
+    plate's ``_Subsample`` site), so the plate has size |B|; Pyro then scales its sites by N/|B|, which is undone
+    here (``scale *= |B|/N``)."""
+
+    def __init__(self, plate: str, mask: torch.Tensor | None, global_scale: float,
+                 indices: torch.Tensor | None = None) -> None:
         super().__init__()
         self.plate, self.block_mask, self.global_scale = plate, mask, global_scale
+        self.indices = indices
 
     def _process_message(self, msg: Any) -> None:
-        if msg["type"] != "sample" or isinstance(msg["fn"], _Subsample):
+        if msg["type"] != "sample":
+            return
+        if isinstance(msg["fn"], _Subsample):
+            if self.indices is not None and msg["name"] == self.plate:
+                msg["value"] = self.indices
             return
         for frame in msg["cond_indep_stack"]:
             if frame.name == self.plate:
                 if self.block_mask is not None:
                     m = self.block_mask.reshape((-1,) + (1,) * (-frame.dim - 1))
                     msg["mask"] = m if msg["mask"] is None else msg["mask"] & m
+                if self.indices is not None:
+                    msg["scale"] = msg["scale"] * (frame.size / frame.full_size)
                 return
         msg["scale"] = msg["scale"] * self.global_scale
 
@@ -83,6 +103,7 @@ class PyroBlockOracle:
         self.numels = [leaf.numel() for leaf in self.leaves]
         self._elbos: dict[int, Trace_ELBO] = {}
         self._max_plate_nesting: int | None = None
+        self.block_eval = "mask"
 
     # ---- flat vector <-> param store
     def flat(self) -> torch.Tensor:
@@ -105,13 +126,59 @@ class PyroBlockOracle:
             self._elbos[num_particles] = Trace_ELBO(**kw)
         return self._elbos[num_particles]
 
-    def grad(self, theta: torch.Tensor, block: np.ndarray, num_samples: int) -> torch.Tensor:
-        self.set(theta)
+    def _weigh(self, block: np.ndarray, mode: str) -> BlockWeight:
+        idx = torch.as_tensor(block, device=self.device)
+        if mode == "block":
+            return BlockWeight(self.plate, None, 1.0 / self.n, indices=idx)
         mask = torch.zeros(self.size, dtype=torch.bool, device=self.device)
-        mask[torch.as_tensor(block, device=self.device)] = True
-        weigh = BlockWeight(self.plate, mask, 1.0 / self.n)
-        loss = self._elbo(num_samples).differentiable_loss(weigh(self.model), weigh(self.guide), *self.args,
+        mask[idx] = True
+        return BlockWeight(self.plate, mask, 1.0 / self.n)
+
+    def block_loss(self, theta: torch.Tensor, block: np.ndarray, num_samples: int, mode: str) -> torch.Tensor:
+        """``L_i(θ)`` (``num_samples`` draws) with the block masked (``"mask"``) or substituted (``"block"``)."""
+        self.set(theta)
+        weigh = self._weigh(block, mode)
+        return self._elbo(num_samples).differentiable_loss(weigh(self.model), weigh(self.guide), *self.args,
                                                            **self.kwargs)
+
+    def choose_block_eval(self, mode: str, block: np.ndarray, seed: int) -> str:
+        """Set how blocks are evaluated (the torch RNG stream is left as it was).
+
+        ``"auto"``: substitute the block when, on ``block`` at the current θ with the same random draws, the
+        substituted loss equals the masked one (relative 1e3 × machine ε); otherwise (an error, e.g. a model that
+        uses its full data tensors inside the plate, or a different value, e.g. local latents drawn per datum)
+        mask."""
+        if mode not in BLOCK_EVALS:
+            raise ValueError(f"block_eval must be one of {BLOCK_EVALS}, got {mode!r}")
+        if mode != "auto":
+            if mode == "block":
+                try:
+                    with torch.no_grad(), torch.random.fork_rng():
+                        self.block_loss(self.flat(), block, 1, "block")
+                except Exception as err:
+                    raise ValueError(
+                        f"block_eval='block' needs a model that indexes its data by the plate {self.plate!r}'s "
+                        f"indices (with pyro.plate({self.plate!r}, N) as idx: ... obs=y[idx]); substituting a "
+                        f"block failed: {err}") from err
+            self.block_eval = mode
+            return mode
+        theta = self.flat()
+        values = []
+        try:
+            with torch.no_grad():
+                for m in ("mask", "block"):
+                    with torch.random.fork_rng():
+                        torch.manual_seed(seed)
+                        values.append(float(self.block_loss(theta, block, 1, m)))
+        except Exception:
+            self.block_eval = "mask"
+            return "mask"
+        tol = 1e3 * float(torch.finfo(self.dtype).eps) * max(1.0, abs(values[0]))
+        self.block_eval = "block" if abs(values[0] - values[1]) <= tol else "mask"
+        return self.block_eval
+
+    def grad(self, theta: torch.Tensor, block: np.ndarray, num_samples: int) -> torch.Tensor:
+        loss = self.block_loss(theta, block, num_samples, self.block_eval)
         grads = torch.autograd.grad(loss, self.leaves, allow_unused=True)
         return torch.cat([(torch.zeros_like(leaf) if g is None else g).reshape(-1).to(self.dtype)
                           for g, leaf in zip(grads, self.leaves)])
@@ -135,7 +202,9 @@ class MISSOVI(_core.MISSOVIBase):
     ``num_samples`` (int, or callable epoch ↦ M_k; default M_k = k), ``num_epochs``, ``seed``, ``plate`` (the data
     plate's name; default ``"data"`` or the model's only plate), ``blocks_per_iter``, ``loss_particles``,
     ``track_loss``, ``record`` (keep θ^k and the blocks visited in ``result.trace``), ``vectorize_particles``
-    (passed to ``Trace_ELBO``). The update rules are in :mod:`latentfit.inference.misso_vi`.
+    (passed to ``Trace_ELBO``), ``block_eval`` (``"auto"``, ``"mask"`` or ``"block"``: mask the data outside the
+    block, or substitute the block's indices for the data plate's, see the module docstring; the rule used is in
+    ``result.extra["block_eval"]``). The update rules are in :mod:`latentfit.inference.misso_vi`.
 
     Example: Bayesian linear regression, ``y ~ N(x w, 1)``, ``w ~ N(0, I)``, with ``AutoNormal``:
 
@@ -159,9 +228,12 @@ class MISSOVI(_core.MISSOVIBase):
     ppl_name = "Pyro"
 
     def __init__(self, model: Callable[..., Any], guide: Callable[..., Any] | None = None, *,
-                 vectorize_particles: bool = False, **options: Any) -> None:
+                 vectorize_particles: bool = False, block_eval: str = "auto", **options: Any) -> None:
         super().__init__(model, guide, **options)
         self.vectorize_particles = bool(vectorize_particles)
+        if block_eval not in BLOCK_EVALS:
+            raise ValueError(f"block_eval must be one of {BLOCK_EVALS}, got {block_eval!r}")
+        self.block_eval = block_eval
 
     def run(self, *args: Any, **kwargs: Any) -> MISSOVIResult:
         """Fit ``guide`` to ``model(*args, **kwargs)``."""
@@ -173,6 +245,7 @@ class MISSOVI(_core.MISSOVIBase):
             blocks = self._blocks(size)
             oracle = PyroBlockOracle(self.model, self.guide, args, kwargs, plate, size, len(blocks),
                                      self.loss_particles, self.vectorize_particles, nesting)
+            block_eval = oracle.choose_block_eval(self.block_eval, blocks[0], self.seed)
             result = _core.fit(oracle, oracle.flat(), blocks, method=self.method, lr=self.learning_rate,
                                num_epochs=self.num_epochs, schedule=self.schedule, seed=self.seed,
                                blocks_per_iter=self.blocks_per_iter, record=self.record,
@@ -180,6 +253,7 @@ class MISSOVI(_core.MISSOVIBase):
                                to_numpy=lambda t: t.detach().cpu().numpy().copy())
         result.extra["blocks"] = blocks
         result.extra["plate"] = plate
+        result.extra["block_eval"] = block_eval
         return result
 
 
