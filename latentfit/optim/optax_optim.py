@@ -87,6 +87,8 @@ def opt_amsgrad(
     ``"mean"`` (mean of the last ``span`` gradients) or ``"extrapolation"`` (the paper's regularised minimal
     polynomial extrapolation of the last ``span`` gradients, Scieur et al. 2016, per leaf; see
     :class:`latentfit.optim.OptAMSGrad`); g_t until ``span`` gradients are stored. ``update`` needs ``params``.
+    The same rule as :class:`latentfit.optim.OptAMSGrad` (whose docstring says how far it was checked against the
+    paper).
     """
     check_lr(learning_rate)
     check_beta(b1, "b1")

@@ -76,9 +76,12 @@ class OptAMSGrad(torch.optim.Optimizer):
     are stored). ``weight_decay`` adds ``weight_decay · w_t`` to g_t (L2, as torch's Adam). The learning rate of a
     group is used for both half-steps (η_t = η_{t+1}).
 
-    The algorithm box could not be retrieved from the stored copies of the paper searchable here; the rule above is
-    the published Algorithm 2 as recalled and cross-checked against the issue's description (same moments, same
-    auxiliary sequence, same order of operations).
+    The algorithm box could not be retrieved from the stored copies of the paper searchable here (the copies of
+    arXiv:1903.01435 found, and of its 2019 version "Optimistic Adaptive Acceleration for Optimization", stop at
+    the introduction); the rule above is Algorithm 2 as recalled, cross-checked against the issue's description.
+    A third-party PyTorch port of the 2019 version differs in two places: its second moment averages
+    (g_t − m_t)² (the prediction error) instead of g_t², and its m_{t+1} is the gradient at an extrapolation of
+    past *iterates*; neither is adopted here without the paper's text.
     """
 
     def __init__(

@@ -18,7 +18,19 @@ RK4 steps (local error O(h⁵)) of at most ``max_step`` (default: the longest ev
 the input is constant on each interval since every discontinuity is an event.  Explicit RK4 is stable for
 ``|λ|·h ≤ 2.78`` (λ the fastest rate constant, e.g. ka): pass a smaller ``max_step`` for fast processes.
 All individuals are integrated at once (their own step sizes), so the only
-Python loops are over events and substeps, never over individuals.  Event times come from the data, so
+Python loops are over events and substeps, never over individuals.
+
+NONMEM records (see :func:`~latentfit.models.nlme.data.read_nonmem`): additional doses (``ADDL``/``II``) arrive
+expanded; a reset (``EVID`` 3/4, ``SS = 1``) starts a new period, whose events come after the earlier period's
+(the time may restart): at the first event of a period the states return to ``initial``, earlier infusions stop
+and nothing is integrated across the change.  A steady-state dose (``SS`` 1 or 2, interval ``τ = II``) first
+integrates ``ss_periods`` dosing intervals of the same dose from the initial state (each: the bolus, or the
+infusion over its duration ``D ≤ τ``, then the rest of ``τ``, with RK4 steps of at most ``max_step``), which
+approaches the pre-dose steady state with a relative error ``≈ e^{−λ·ss_periods·τ}`` (λ the slowest rate
+constant: raise ``ss_periods`` when ``ss_periods·τ`` is not many half-lives); ``SS = 1`` takes that state, ``SS = 2``
+adds it to the current state (superposition, exact for linear systems); then the dose itself is given.
+
+Event times come from the data, so
 a lag time must be written into ``rhs``/``observe`` rather than into the dose times.
 """
 
@@ -45,6 +57,12 @@ def _events(d: Design, num_states: int, dose_compartment: int | None) -> dict[st
     t_end = xp.where(is_inf, t_dose + amt / xp.where(is_inf, rate, 1.0), t_dose)
     times = xp.concatenate([t_dose, t_end, d.time], -1)
     order = ops.argsort(times)
+    seg = None
+    if d.obs_seg is not None:  # periods first, then times (stable: doses before observations at equal times)
+        top = xp.maximum(xp.amax(d.obs_seg, -1), xp.amax(d.dose_seg, -1))[:, None]
+        seg_d = xp.where(real, d.dose_seg, top)  # padding doses: in the last period
+        seg = xp.concatenate([seg_d, seg_d, d.obs_seg], -1)
+        order = ops.take_along_axis(order, ops.argsort(ops.take_along_axis(seg, order)))
     n_dose, n_obs = amt.shape[-1], d.time.shape[-1]
     if dose_compartment is not None:
         cmt = xp.zeros_like(amt) + (dose_compartment - 1)
@@ -68,18 +86,33 @@ def _events(d: Design, num_states: int, dose_compartment: int | None) -> dict[st
     one = xp.ones_like(d.time[:, :1])[..., None]  # [N, 1, 1] in the data's dtype
     onehot = xp.where(pos[..., None] == e_idx, one, 0.0 * one)
     inf_rate = xp.where(is_inf, rate, 0.0)
-    return {"t": sorted_t, "bolus": boluses, "onehot": onehot, "t_dose": t_dose, "t_end": t_end,
-            "inf_rate": inf_rate, "cmt": cmt, "n_obs": n_obs}
+    ev = {"t": sorted_t, "bolus": boluses, "onehot": onehot, "t_dose": t_dose, "t_end": t_end,
+          "inf_rate": inf_rate, "cmt": cmt, "n_obs": n_obs, "reset": None, "seg": None, "inf_seg": None, "ss": None}
+    if seg is not None:
+        s = ops.take_along_axis(seg, order)
+        ev["seg"], ev["inf_seg"] = s, seg_d
+        ev["reset"] = xp.concatenate([s[:, :1] != s[:, :1], s[:, 1:] != s[:, :-1]], -1)  # [N, E]: a new period
+    if d.dose_ss is not None:
+        def per_event(a: Any) -> Any:
+            return ops.take_along_axis(xp.concatenate([a, zeros_d, zeros_t], -1), order)
+        ev["ss"] = per_event(xp.where(real, d.dose_ss, 0.0))
+        ev["ss_ii"] = per_event(d.dose_ii)
+        ev["ss_dur"] = per_event(t_end - t_dose)
+        ev["ss_rate"] = [per_event(xp.where(cmt == c, inf_rate, 0.0)) for c in range(num_states)]
+    return ev
 
 
-def _infusion_input(xp: Any, ev: dict[str, Any], mid: Any, num_states: int) -> list[Any]:
-    """Zero-order input per compartment on an interval with midpoint ``mid [N]``: ``[N]`` each."""
+def _infusion_input(xp: Any, ev: dict[str, Any], mid: Any, num_states: int, seg: Any = None) -> list[Any]:
+    """Zero-order input per compartment on an interval with midpoint ``mid [N]`` (in period ``seg [N]``): ``[N]``
+    each."""
     on = (ev["t_dose"] <= mid[:, None]) & (mid[:, None] < ev["t_end"])
+    if seg is not None:  # an infusion stops at a reset
+        on = on & (ev["inf_seg"] == seg[:, None])
     r = xp.where(on, ev["inf_rate"], 0.0)
     return [xp.sum(xp.where(ev["cmt"] == c, r, 0.0), -1) for c in range(num_states)]
 
 
-def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, num_states: int,
+def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, num_states: int, ss_periods: int = 50,
         observe: Callable[..., Any], initial: Callable[..., tuple] | None = None,
         dose_compartment: int | None = None, max_step: float | None = None, name: str = "ode") -> Structural:
     """A structural model from an ODE system (see the module docstring).
@@ -92,6 +125,7 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
     observe : ``observe(x, psi, xp) -> [..., N]`` prediction from the state (e.g. ``x[1] / psi["V"]``).
     initial : ``initial(psi, xp) -> tuple`` of states at each individual's first event (default 0).
     dose_compartment : 1-based compartment receiving every dose (default: the data's ``CMT``).
+    ss_periods : dosing intervals integrated to reach the steady state of an ``SS`` dose (module docstring).
     max_step : longest RK4 step (time units of the data); default: the longest span from an individual's first
         to last event, over 200.
     """
@@ -99,10 +133,13 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
         raise ValueError(f"num_states must be a positive integer, got {num_states!r}")
     if max_step is not None and not max_step > 0:
         raise ValueError(f"max_step must be positive, got {max_step!r}")
+    if int(ss_periods) != ss_periods or ss_periods < 1:
+        raise ValueError(f"ss_periods must be a positive integer, got {ss_periods!r}")
     if dose_compartment is not None and not 1 <= dose_compartment <= num_states:
         raise ValueError(f"dose_compartment must be in 1..{num_states} (1-based, as CMT), got {dose_compartment!r}")
 
-    def make_fn(steps: list[int] | None) -> Callable[[dict[str, Any], Design], Any]:
+    def make_fn(steps: list[int] | None, ss_steps: dict[int, tuple[int, int]] | None = None
+                ) -> Callable[[dict[str, Any], Design], Any]:
         def fn(psi_in: dict[str, Any], d: Design) -> Any:
             xp, ops = d.xp, d.backend_ops()
             psi = {k: v[..., 0] for k, v in psi_in.items()}  # [..., N]
@@ -137,14 +174,42 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
                     return t + h, state
                 return body
 
-            t_ev, outputs = ev["t"], []
+            ss_plan = ss_steps if steps is not None else _ss_plan_eagerly(d)
+
+            def steady_state(k: int, x: tuple, x_init: tuple) -> tuple:
+                """Pre-dose steady state of the SS doses of event k: ``ss_periods`` intervals from ``x_init``."""
+                n_on, n_off = ss_plan[k]
+                is_ss = ev["ss"][:, k] > 0
+                tau = xp.where(is_ss, ev["ss_ii"][:, k], 1.0)
+                dur = xp.where(is_ss, ev["ss_dur"][:, k], 0.0)
+                amt = [ev["bolus"][c][:, k] for c in range(num_states)]
+                u_on = [ev["ss_rate"][c][:, k] for c in range(num_states)]
+                u_off = [0.0 * a for a in amt]
+
+                def period(j: Any, state: tuple) -> tuple:
+                    t0 = ev["t"][:, k] - (ss_periods - j) * tau
+                    state = tuple(xi + a for xi, a in zip(state, amt, strict=True))
+                    if n_on:
+                        _, state = ops.fori_loop(0, n_on, rk4(dur / n_on, u_on), (t0, state))
+                    if n_off:
+                        _, state = ops.fori_loop(0, n_off, rk4((tau - dur) / n_off, u_off), (t0 + dur, state))
+                    return state
+
+                x_ss = ops.fori_loop(0, int(ss_periods), period, x_init)
+                return tuple(xp.where(is_ss, xi + s - x0, xi) for xi, s, x0 in zip(x, x_ss, x_init, strict=True))
+
+            t_ev, outputs, x_init = ev["t"], [], x
             for k in range(n_ev):
+                if ev["reset"] is not None and k > 0:  # a new period: back to the initial state
+                    x = tuple(xp.where(ev["reset"][:, k], a, b) for a, b in zip(x_init, x, strict=True))
+                if k in ss_plan:
+                    x = steady_state(k, x, x_init)
                 x = tuple(xi + ev["bolus"][c][:, k] for c, xi in enumerate(x))
                 outputs.append(observe(x, psi, xp) + zero)
                 if k == n_ev - 1 or plan[k] == 0:
                     continue
-                t0, t1 = t_ev[:, k], t_ev[:, k + 1]
-                u = _infusion_input(xp, ev, 0.5 * (t0 + t1), num_states)
+                t0, t1 = t_ev[:, k], xp.maximum(t_ev[:, k + 1], t_ev[:, k])  # no step back where a period restarts
+                u = _infusion_input(xp, ev, 0.5 * (t0 + t1), num_states, None if ev["seg"] is None else ev["seg"][:, k])
                 _, x = ops.fori_loop(0, plan[k], rk4((t1 - t0) / plan[k], u), (t0, x))  # one traced body on JAX
             out = xp.stack(outputs, -1)  # [..., N, E]
             return xp.einsum("...ne,nte->...nt", out, ev["onehot"])
@@ -165,8 +230,32 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
             _check_cmt(amt, cmt, num_states)
         return _steps_per_interval(t_ev, max_step)
 
+    def _ss_plan_eagerly(d: Design) -> dict[int, tuple[int, int]]:
+        """Event index -> RK4 steps ``(during the infusion, after it)`` of one steady-state dosing interval, for the
+        events where some individual has an SS dose (static, from the concrete data)."""
+        if d.dose_ss is None:
+            return {}
+        ev = _events(d, num_states, dose_compartment)
+        ops = d.backend_ops()
+        try:
+            t, ss, ii, dur = (np.asarray(ops.to_numpy(ev[key]), dtype=float) for key in ("t", "ss", "ss_ii", "ss_dur"))
+        except Exception as exc:  # traced arrays under jit
+            raise ValueError("an unbound ODE structural model cannot plan its steady states inside a compiled "
+                             "function; bind it to the data first (Structural.bound(design), done by NLME)") from exc
+        on = ss > 0
+        if (on & (dur > ii * (1 + 1e-12))).any():
+            raise DataError("a steady-state infusion longer than its interval II (overlapping infusions at steady "
+                            "state) is not supported by ODE models; use a closed-form model or shorten the infusion")
+        h = max_step if max_step is not None else max(float((t[:, -1] - t[:, 0]).max()) / 200.0, 1e-12)
+        plan = {}
+        for k in np.where(on.any(0))[0]:
+            d_on, d_off = dur[:, k][on[:, k]].max(), (ii[:, k] - dur[:, k])[on[:, k]].max()
+            plan[int(k)] = (int(np.ceil(d_on / h - 1e-9)) if d_on > 0 else 0,
+                            int(np.ceil(d_off / h - 1e-9)) if d_off > 0 else 0)
+        return plan
+
     def bind(design: Design) -> Callable[[dict[str, Any], Design], Any]:
-        return make_fn(_plan_eagerly(design))
+        return make_fn(_plan_eagerly(design), _ss_plan_eagerly(design))
 
     return Structural(name, tuple(parameters), make_fn(None), bind=bind)
 
