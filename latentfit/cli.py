@@ -1,9 +1,22 @@
-"""Command line: ``latentfit demo`` (also ``python -m latentfit demo``)."""
+"""Command line (also ``python -m latentfit ...``).
+
+* ``latentfit demo``: the theophylline fit compared with saemix;
+* ``latentfit nlme fit MODEL.toml DATA.csv --out DIR``: fit an NLME model file (see
+  :mod:`latentfit.models.nlme.config`) to a NONMEM-style data file and write the tables, plots and HTML report
+  (:mod:`latentfit.report`);
+* ``latentfit nlme simulate MODEL.toml --from DIR --design DESIGN.csv --out sim.csv [--n-rep K]``;
+* ``latentfit nlme vpc MODEL.toml DATA.csv --from DIR --out vpc.png``.
+
+Errors in the model file or the data (:class:`~latentfit.ModelSpecificationError`, :class:`~latentfit.DataError`)
+are printed as one line, without a traceback, with exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -61,17 +74,180 @@ def demo(out: str = "theophylline_convergence.png", seed: int = 0, progress: boo
     return {k: float(v) for k, v in ours.items()}
 
 
+# ----- latentfit nlme ... ------------------------------------------------------------------------------------------
+def _data_error(err: Exception, path: str) -> str:
+    """A DataError's message with its data-frame row numbers also given as lines of the CSV file (header: line 1)."""
+    msg = re.sub(r"\brow (\d+)\b", lambda m: f"row {m.group(1)} (line {int(m.group(1)) + 2} of {path})", str(err))
+    return msg if path in msg else f"{path}: {msg}"
+
+
+def _bound(cfg: Any, data: Any, path: str) -> Any:
+    from latentfit.inference.model import DataError
+
+    try:
+        return cfg.model(data)
+    except DataError as err:
+        raise DataError(_data_error(err, path)) from None
+
+
+def nlme_fit(args: argparse.Namespace) -> int:
+    """``latentfit nlme fit``: fit, then write the tables, plots and report."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from latentfit.models.nlme.config import load_config, read_table
+    from latentfit.report import run_information, write_fit_outputs
+
+    cfg = load_config(args.model)
+    if args.seed is not None:
+        cfg.seed = args.seed
+    if args.iterations is not None:
+        cfg.num_iters = tuple(args.iterations)
+    if args.chains is not None:
+        cfg.num_chains = args.chains
+    if args.backend is not None:
+        cfg.backend = args.backend
+    model = _bound(cfg, read_table(args.data), args.data)
+    print(f"{model!r}\n{cfg.engine.upper()}: K1={cfg.num_iters[0]}, K2={cfg.num_iters[1]}, seed {cfg.seed}, "
+          f"backend {cfg.backend}", file=sys.stderr)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = model.fit(**cfg.fit_options(progress=not args.no_progress))
+        messages = [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning | FutureWarning)]
+    for msg in dict.fromkeys(messages):
+        print(f"warning: {msg}", file=sys.stderr)
+    info = run_information(fit, **{"model file": str(args.model), "data file": str(args.data),
+                                   "command": "latentfit " + " ".join(args.argv), "seed": cfg.seed})
+    rep = cfg.report
+    paths = write_fit_outputs(fit, args.out, model_text=cfg.text, title=rep["title"], run_info=info,
+                              warnings_list=list(dict.fromkeys(messages)), se_method=rep["se_method"],
+                              log_y=rep["log_y"], vpc_simulations=rep["vpc_simulations"],
+                              max_individual_plots=rep["max_individual_plots"], seed=cfg.seed)
+    est = paths["estimates"]
+    import pandas as pd
+
+    print(pd.read_csv(est).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"\n{len(paths)} files written to {args.out}/ (report: {paths['report']})")
+    return 0
+
+
+def _saved_fit(cfg: Any, data: Any, data_path: str, estimates: str) -> Any:
+    from latentfit.models.nlme.config import read_estimates
+    from latentfit.report import SavedFit
+
+    model = _bound(cfg, data, data_path)
+    return SavedFit(model, read_estimates(estimates, model))
+
+
+def nlme_simulate(args: argparse.Namespace) -> int:
+    """``latentfit nlme simulate``: replicate data sets of a design at saved estimates (column ``REP``)."""
+    import pandas as pd
+
+    from latentfit.models.nlme.config import load_config, prepare_design, read_table
+
+    cfg = load_config(args.model)
+    design = prepare_design(read_table(args.design), cfg.data_options)
+    saved = _saved_fit(cfg, design, args.design, args.params or args.from_dir)
+    seed = cfg.seed if args.seed is None else args.seed
+    sims = []
+    for rep in range(args.n_rep):
+        sim = saved.model.simulate(saved.params, seed=seed + rep)
+        sim.insert(0, "REP", rep + 1)
+        sims.append(sim)
+    out = pd.concat(sims, ignore_index=True)
+    out.to_csv(args.out, index=False, na_rep=".")
+    print(f"{args.n_rep} simulated data set(s) of {saved.model.num_units} subjects written to {args.out}",
+          file=sys.stderr)
+    return 0
+
+
+def nlme_vpc(args: argparse.Namespace) -> int:
+    """``latentfit nlme vpc``: the (prediction-corrected) VPC of saved estimates on a data file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from latentfit.models.nlme.config import load_config, read_table
+    from latentfit.plots import plot_vpc
+
+    cfg = load_config(args.model)
+    saved = _saved_fit(cfg, read_table(args.data), args.data, args.params or args.from_dir)
+    rep = cfg.report
+    fig = plot_vpc(saved, num_sims=args.num_sims or rep["vpc_simulations"],
+                   seed=cfg.seed if args.seed is None else args.seed, log=args.log or rep["log_y"],
+                   pred_corrected=not args.no_pc)
+    fig.savefig(args.out, dpi=100)
+    print(f"VPC written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _add_nlme(sub: Any) -> None:
+    p_nlme = sub.add_parser("nlme", help="nonlinear mixed-effects models from a TOML model file (fit, simulate, vpc)")
+    nsub = p_nlme.add_subparsers(dest="nlme_command", required=True)
+    p_fit = nsub.add_parser("fit", help="fit MODEL.toml to DATA.csv; write estimates, likelihoods, EBEs, residuals, "
+                                        "plots and an HTML report to --out")
+    p_fit.add_argument("model", help="model file (TOML; see examples/theophylline.toml)")
+    p_fit.add_argument("data", help="data file (CSV, NONMEM-style: ID, TIME, DV, AMT, EVID, MDV, ...)")
+    p_fit.add_argument("--out", required=True, help="output directory")
+    p_fit.add_argument("--seed", type=int, help="overrides [engine] seed")
+    p_fit.add_argument("--iterations", type=int, nargs=2, metavar=("K1", "K2"), help="overrides [engine] iterations")
+    p_fit.add_argument("--chains", type=int, help="overrides [engine] chains")
+    p_fit.add_argument("--backend", choices=("torch", "jax"), help="overrides [engine] backend")
+    p_fit.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_fit.set_defaults(handler=nlme_fit)
+
+    def estimates(p: argparse.ArgumentParser) -> None:
+        g = p.add_mutually_exclusive_group(required=True)
+        g.add_argument("--params", help="estimates file (the estimates.csv of 'latentfit nlme fit')")
+        g.add_argument("--from", dest="from_dir", help="output directory of 'latentfit nlme fit'")
+        p.add_argument("--seed", type=int, help="simulation seed (default: [engine] seed)")
+
+    p_sim = nsub.add_parser("simulate", help="simulate data sets of a design at estimated parameters")
+    p_sim.add_argument("model", help="model file (TOML)")
+    estimates(p_sim)
+    p_sim.add_argument("--design", required=True, help="design (CSV, the data file's format; DV may be empty)")
+    p_sim.add_argument("--out", required=True, help="CSV file of the simulated data (column REP: replicate)")
+    p_sim.add_argument("--n-rep", type=int, default=1, help="number of simulated data sets (default 1)")
+    p_sim.set_defaults(handler=nlme_simulate)
+    p_vpc = nsub.add_parser("vpc", help="visual predictive check of estimated parameters on a data file")
+    p_vpc.add_argument("model", help="model file (TOML)")
+    p_vpc.add_argument("data", help="data file (CSV)")
+    estimates(p_vpc)
+    p_vpc.add_argument("--out", required=True, help="PNG file")
+    p_vpc.add_argument("--num-sims", type=int, help="simulated data sets (default: [report] vpc_simulations)")
+    p_vpc.add_argument("--log", action="store_true", help="logarithmic y-axis")
+    p_vpc.add_argument("--no-pc", action="store_true", help="plain VPC (no prediction correction)")
+    p_vpc.set_defaults(handler=nlme_vpc)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from latentfit.inference.model import DataError, ModelSpecificationError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="latentfit", description="latentfit command line")
     sub = parser.add_subparsers(dest="command")
     p_demo = sub.add_parser("demo", help="fit the theophylline PK model by SAEM and compare with saemix")
     p_demo.add_argument("--out", default="theophylline_convergence.png", help="PNG file for the convergence plot")
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--no-progress", action="store_true")
+    _add_nlme(sub)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command == "demo":
         demo(out=args.out, seed=args.seed, progress=not args.no_progress)
         return 0
+    if args.command == "nlme":
+        try:
+            for name in ("n_rep", "num_sims", "chains"):
+                value = getattr(args, name, None)
+                if value is not None and value < 1:
+                    raise ModelSpecificationError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            return args.handler(args)
+        except (ModelSpecificationError, DataError) as err:
+            kind = "data error" if isinstance(err, DataError) else "error"
+            print(f"latentfit nlme {args.nlme_command}: {kind}: {' '.join(str(err).split())}", file=sys.stderr)
+            return 2
     parser.print_help()
     return 1
 

@@ -1,0 +1,275 @@
+"""``latentfit nlme fit / simulate / vpc`` (issue 14, item 7): the command line run in-process on the shipped
+theophylline model file and NONMEM data file, its outputs against the library API (exact equalities: same seed,
+same code path; CSV numbers are written as shortest round-trip reprs), the HTML report's sections and embedded
+images, and the one-line errors (exit status 2) for bad model files and bad data."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+import latentfit as lf  # noqa: E402
+from latentfit import report  # noqa: E402
+from latentfit.cli import main  # noqa: E402
+from latentfit.models import nlme  # noqa: E402
+from latentfit.models.nlme.config import ConfigError, load_config, parse_config, read_estimates, read_table  # noqa: E402
+from latentfit.plots import vpc_summary  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TOML = EXAMPLES / "theophylline.toml"
+DATA = EXAMPLES / "theophylline.csv"
+ITERS = (30, 20)  # a short SAEM run: the outputs are compared with the API fit of the same length, not with saemix
+SEED = 3  # --seed overrides the file's seed = 0
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _api_model(data: pd.DataFrame | None = None) -> nlme.NLME:
+    """examples/theophylline.toml written with the library API."""
+    return nlme.NLME("one_compartment_oral",
+                     {"ka": nlme.Parameter(1.0, omega2=1.0), "V": nlme.Parameter(20.0), "CL": nlme.Parameter(0.5)},
+                     covariates={"V": {"WT": "linear"}}, covariate_init={"V": {"WT": 0.0}}, error="constant",
+                     error_init={"a": 1.0}, data=data)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("theo_fit")
+    rc = main(["nlme", "fit", str(TOML), str(DATA), "--out", str(out), "--seed", str(SEED), "--iterations",
+               *map(str, ITERS), "--no-progress"])
+    assert rc == 0
+    api = _api_model().fit(pd.read_csv(DATA, na_values=["."]), seed=SEED, num_iters=ITERS, progress=False)
+    return out, api
+
+
+def test_fit_writes_every_output_file(run):
+    out, _ = run
+    names = {"estimates.csv", "likelihood.csv", "individual_estimates.csv", "shrinkage.csv", "residuals.csv",
+             "individual_fits.png", "gof.png", "vpc.png", "convergence.png", "report.html"}
+    assert names <= {p.name for p in out.iterdir()}
+    for name in names:
+        assert (out / name).stat().st_size > 0, name
+        if name.endswith(".png"):
+            assert (out / name).read_bytes()[:8] == PNG
+            assert plt.imread(out / name).ndim == 3
+
+
+def test_estimates_equal_the_library_fit_with_the_same_seed(run):
+    out, api = run
+    est = pd.read_csv(out / "estimates.csv").set_index("parameter")
+    assert list(est.columns) == ["estimate", "se", "rse%"]
+    assert list(est.index) == ["ka", "V", "beta_V_WT", "CL", "omega2_ka", "omega2_V", "omega2_CL", "a"]
+    se = api.standard_errors()
+    for name, value in api.params.items():
+        assert est.loc[name, "estimate"] == float(value), name  # bit for bit
+        assert est.loc[name, "se"] == se[name], name
+        assert est.loc[name, "rse%"] == pytest.approx(100 * se[name] / abs(float(value)), rel=1e-12)
+    lik = pd.read_csv(out / "likelihood.csv").set_index("method")
+    pd.testing.assert_frame_equal(lik, api.likelihood_table(), check_exact=True)
+
+
+def test_the_nonmem_file_is_saemix_theophylline_data(run):
+    """The shipped NONMEM file (dose rows, EVID/MDV, '.' for missing DV) gives the fit of saemix's theo.saemix table;
+    the doses differ by the rounding of AMT to 1e-3 mg, hence the relative tolerance."""
+    _, api = run
+    theo = lf.datasets.theophylline(saemix_form=True).rename(columns={"Weight": "WT"})
+    saemix_form = _api_model().fit(theo, columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose",
+                                   seed=SEED, num_iters=ITERS, progress=False)
+    for name, value in api.params.items():
+        assert float(value) == pytest.approx(float(saemix_form.params[name]), rel=1e-6), name
+
+
+def test_individual_estimates_shrinkage_and_residuals_tables(run):
+    out, api = run
+    ind = pd.read_csv(out / "individual_estimates.csv")
+    assert list(ind["ID"]) == list(range(1, 13))
+    psi = api.individual_parameters()
+    for col in psi.columns:
+        np.testing.assert_array_equal(ind[col].to_numpy(), psi[col].to_numpy())
+    # η at the modes = log ψ_mode − (β + β_WT·WT) for the log-normal V
+    p = api.params
+    np.testing.assert_allclose(ind["eta_V"], np.log(ind["V.mode"]) - np.log(p["V"]) - p["beta_V_WT"] * ind["WT"],
+                               atol=1e-10)
+    shr = pd.read_csv(out / "shrinkage.csv").set_index("parameter")
+    np.testing.assert_array_equal(shr["shrinkage_mode%"].to_numpy(),
+                                  100 * np.asarray(api.individual_estimates().shrinkage_mode))
+    res = pd.read_csv(out / "residuals.csv")
+    assert list(res.columns) == ["ID", "TIME", "DV", "PRED", "IPRED", "IWRES", "EPRED", "PWRES", "NPDE"]
+    ref = api.residuals().to_frame()
+    assert len(res) == 120
+    for col in ("DV", "PRED", "IPRED", "IWRES", "PWRES", "NPDE"):
+        np.testing.assert_array_equal(res[col].to_numpy(), ref[col].to_numpy())
+    data = pd.read_csv(DATA, na_values=["."])
+    obs = data[data["EVID"] == 0]
+    np.testing.assert_array_equal(res[["ID", "TIME", "DV"]].to_numpy(), obs[["ID", "TIME", "DV"]].to_numpy())
+
+
+def test_html_report_is_self_contained_with_every_section_and_image(run):
+    out, api = run
+    page = (out / "report.html").read_text(encoding="utf-8")
+    for sid, heading in report.SECTIONS.items():
+        assert f'<section id="{sid}">' in page and f"<h2>{heading}</h2>" in page, sid
+    images = re.findall(r'<figure id="fig-([a-z_]+)">.*?src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page, re.S)
+    assert [stem for stem, _ in images] == list(report.FIGURES)
+    for stem, data in images:
+        png = base64.b64decode(data, validate=True)
+        assert png == (out / f"{stem}.png").read_bytes(), stem
+        assert plt.imread(io.BytesIO(png), format="png").shape[0] > 100
+    # nothing outside the page: the only links are anchors, the only sources data URIs
+    assert all(h.startswith("#") for h in re.findall(r'href="([^"]*)"', page))
+    assert all(s.startswith("data:") for s in re.findall(r'src="([^"]*)"', page))
+    assert "<link" not in page and "<script" not in page and "url(" not in page
+    # the model file (escaped), the run information and the tables
+    assert "structural = &quot;oral1cpt&quot;" in page and "[covariates.V]" in page
+    assert f"--seed {SEED}" in page and "30, 20" in page and "12 / 120" in page
+    assert f"{float(api.params['CL']):.5g}" in page and "beta_V_WT" in page and "eta_CL" in page
+    for method in ("lin", "is", "gq"):
+        assert f"<td>{method}</td>" in page
+
+
+def test_simulate_from_the_output_directory_equals_the_library_simulation(run, tmp_path, capsys):
+    out, api = run
+    design = pd.read_csv(DATA, na_values=["."]).drop(columns=["DV"])  # a design: no DV column at all
+    design.to_csv(tmp_path / "design.csv", index=False)
+    sim_path = tmp_path / "sim.csv"
+    rc = main(["nlme", "simulate", str(TOML), "--from", str(out), "--design", str(tmp_path / "design.csv"),
+               "--out", str(sim_path), "--n-rep", "2", "--seed", "11"])
+    assert rc == 0
+    sim = pd.read_csv(sim_path, na_values=["."])
+    assert list(sim["REP"].unique()) == [1, 2] and len(sim) == 2 * len(design)
+    model = _api_model(pd.read_csv(DATA, na_values=["."]))
+    for rep, seed in ((1, 11), (2, 12)):
+        ref = model.simulate(api.params, seed=seed)
+        got = sim[sim["REP"] == rep].drop(columns="REP").reset_index(drop=True)
+        np.testing.assert_array_equal(got["DV"].to_numpy(), ref["DV"].to_numpy())  # NaN on the dose rows
+    # --params names the estimates file itself; the simulated data fit back through the CLI's data reader
+    rc = main(["nlme", "simulate", str(TOML), "--params", str(out / "estimates.csv"), "--design", str(DATA),
+               "--out", str(sim_path), "--seed", "11"])
+    assert rc == 0
+    assert _api_model(read_table(sim_path)).num_obs == 120
+
+
+def test_vpc_from_the_output_directory_equals_the_fit_vpc(run, tmp_path):
+    out, api = run
+    rc = main(["nlme", "vpc", str(TOML), str(DATA), "--from", str(out), "--out", str(tmp_path / "vpc.png"),
+               "--num-sims", "100"])
+    assert rc == 0
+    assert (tmp_path / "vpc.png").read_bytes()[:8] == PNG
+    model = _api_model(pd.read_csv(DATA, na_values=["."]))
+    saved = report.SavedFit(model, read_estimates(out, model))
+    a, b = vpc_summary(saved, num_sims=100, seed=0), vpc_summary(api, num_sims=100, seed=0)
+    np.testing.assert_array_equal(a.simulated, b.simulated)
+    np.testing.assert_array_equal(a.observed, b.observed)
+
+
+# ----- errors: one line, exit status 2 -------------------------------------------------------------------------------
+def _fail(argv: list[str], capsys) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def _write(tmp_path: Path, text: str, name: str = "model.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+BASE = '[model]\nstructural = "oral1cpt"\n\n[parameters]\nka = 1.0\nV = 20.0\nCL = 0.5\n'
+
+
+def test_toml_syntax_error_names_line_and_column(tmp_path, capsys):
+    bad = _write(tmp_path, BASE.replace("V = 20.0", "V = { init = 20.0"))
+    err = _fail(["nlme", "fit", bad, str(DATA), "--out", str(tmp_path / "o")], capsys)
+    assert re.search(r"model\.toml, line 6, column \d+: invalid TOML", err), err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("text, expected", [
+    (BASE.replace("ka = 1.0", 'ka = { init = 1.0, transfrom = "log" }'),
+     r"line 5: \[parameters\.ka\]: unknown key 'transfrom'; allowed keys are init, transform, random, fixed, omega2"),
+    (BASE + '\n[error]\nmodel = "constant"\nsigma = 0.5\n',
+     r"line 11: \[error\]: unknown key 'sigma'; allowed keys are model, a, b"),
+    (BASE + '\n[engine]\niterations = [30, 20]\nchain = 3\n',
+     r"line 11: \[engine\]: unknown key 'chain'; allowed keys are algorithm, iterations, chains, seed, backend"),
+    (BASE + '\n[estimation]\nseed = 1\n', r"line 9: unknown section \[estimation\]; allowed sections are \[model\]"),
+    (BASE.replace("CL = 0.5\n", ""), r"missing parameter\(s\) CL of the structural model 'one_compartment_oral'"),
+    (BASE.replace("oral1cpt", "oral3cpt"), r"line 2: \[model\] structural = 'oral3cpt' is not in the library"),
+    (BASE + '\n[data]\ncolumns = { ID = "ID", CONC = "DV" }\n', r"unknown NONMEM name 'CONC'; allowed names are ID,"),
+    (BASE.replace("ka = 1.0", 'ka = { init = 1.0, transform = "logt" }'),
+     r"\[parameters\.ka\] transform = 'logt': use one of log, normal, logit, probit"),
+    (BASE.replace("V = 20.0", "V = -20.0"), r"parameter 'V' is log-normal: its initial value must be > 0"),
+])
+def test_bad_model_files_are_one_line_errors_naming_the_key(tmp_path, capsys, text, expected):
+    err = _fail(["nlme", "fit", _write(tmp_path, text), str(DATA), "--out", str(tmp_path / "o")], capsys)
+    assert err.startswith("latentfit nlme fit: error: ") and re.search(expected, err), err
+
+
+def test_bad_data_file_names_the_column_and_the_line(tmp_path, capsys):
+    lines = DATA.read_text().splitlines()
+    lines[3] = lines[3].replace("6.57", "6,57x").replace(",6,57x", ',"6.57x"')  # a typo in DV on line 4
+    bad = _write(tmp_path, "\n".join(lines) + "\n", "data.csv")
+    err = _fail(["nlme", "fit", str(TOML), bad, "--out", str(tmp_path / "o")], capsys)
+    assert "data error: column 'DV' has a non-numeric value '6.57x' (ID 1, row 2 (line 4 of" in err, err
+    err = _fail(["nlme", "fit", str(TOML), str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")], capsys)
+    assert "nope.csv: no such data file" in err
+    renamed = _write(tmp_path, DATA.read_text().replace("TIME", "Time"), "renamed.csv")
+    err = _fail(["nlme", "fit", str(TOML), renamed, "--out", str(tmp_path / "o")], capsys)
+    assert "column 'TIME' (role 'time') is not in the data" in err
+
+
+def test_estimates_of_another_model_are_refused(run, tmp_path, capsys):
+    out, _ = run
+    other = _write(tmp_path, BASE)  # no covariate: beta_V_WT is not a parameter of this model
+    err = _fail(["nlme", "simulate", other, "--from", str(out), "--design", str(DATA), "--out",
+                 str(tmp_path / "s.csv")], capsys)
+    assert "the estimates have parameter(s) beta_V_WT that the model has not" in err
+
+
+# ----- the model file -------------------------------------------------------------------------------------------------
+def test_example_file_is_saemix_theophylline_model():
+    cfg = load_config(TOML)
+    assert cfg.structural == "one_compartment_oral" and cfg.num_iters == (300, 100) and cfg.engine == "saem"
+    assert {n: (p.init, p.transform, p.omega2) for n, p in cfg.parameters.items()} == {
+        "ka": (1.0, "log", 1.0), "V": (20.0, "log", 1.0), "CL": (0.5, "log", 1.0)}
+    assert cfg.covariates == {"V": {"WT": "linear"}} and cfg.error == "constant" and cfg.error_init == {"a": 1.0}
+
+
+def test_user_structural_file_blocks_fixed_and_categorical_covariates(tmp_path):
+    """file = / function = loads f(psi, data); its predictions equal the library's one-compartment oral model.
+    Omega blocks, fixed / non-random parameters and categorical covariate initial values reach NLME."""
+    (tmp_path / "pk.py").write_text(
+        "def oral(psi, data):\n"
+        "    xp, t = data.xp, data.time\n"
+        "    k = psi['CL'] / psi['V']\n"
+        "    amt = data.dose_amt[:, :1]\n"
+        "    return amt * psi['ka'] / (psi['V'] * (psi['ka'] - k)) * (xp.exp(-k * t) - xp.exp(-psi['ka'] * t))\n")
+    text = ('[model]\nfile = "pk.py"\nfunction = "oral"\n[parameters]\n'
+            'ka = { init = 1.5, fixed = true }\nV = 20.0\nCL = { init = 0.5, random = true }\n'
+            '[omega]\nblocks = [["V", "CL"]]\n'
+            '[covariates.CL]\nSEX = { transform = "categorical", init = { M = 0.2 } }\n'
+            '[error]\nmodel = "combined"\na = 0.5\nb = 0.1\n')
+    cfg = parse_config(text, tmp_path / "m.toml")
+    data = read_table(DATA)
+    data["SEX"] = np.where(data["ID"] % 2 == 0, "F", "M")
+    user = cfg.model(data)
+    assert user.omega_blocks == [("V", "CL"), ("ka",)] and user.spec["ka"].fixed
+    theta = user.init_params()
+    assert float(theta["beta_CL_SEX_M"]) == 0.2 and float(theta["b"]) == 0.1
+    lib = nlme.NLME("one_compartment_oral", {"ka": 1.5, "V": 20.0, "CL": 0.5}, data=data)
+    z = lib.prior_moments(lib.init_params())[0]
+    np.testing.assert_allclose(user.structural_prediction(theta, z).numpy(),
+                               lib.structural_prediction(lib.init_params(), z).numpy(), rtol=1e-12)
+    with pytest.raises(ConfigError, match=r"line 3: \[model\] function 'orl' is not defined in .*pk.py.*\['oral'\]"):
+        parse_config(text.replace('"oral"', '"orl"'), tmp_path / "m.toml")
