@@ -9,6 +9,7 @@ A fit: see :meth:`NLME.fit`; the README section "Nonlinear mixed-effects models"
 
 from __future__ import annotations
 
+from .covariate_search import CovariateSearch, covariate_search
 from .data import NLMEData, design_table, read_nonmem
 from .model import NLME, Parameter
 from .ode import ode
@@ -25,6 +26,6 @@ from .structural import (
     two_compartment_oral,
 )
 
-__all__ = ["LIBRARY", "NLME", "Design", "NLMEData", "Parameter", "Structural", "design_table", "emax", "ode",
-           "one_compartment_bolus", "one_compartment_infusion", "one_compartment_oral", "read_nonmem", "sigmoid_emax",
-           "two_compartment_bolus", "two_compartment_oral"]
+__all__ = ["LIBRARY", "NLME", "CovariateSearch", "Design", "NLMEData", "Parameter", "Structural", "covariate_search",
+           "design_table", "emax", "ode", "one_compartment_bolus", "one_compartment_infusion", "one_compartment_oral",
+           "read_nonmem", "sigmoid_emax", "two_compartment_bolus", "two_compartment_oral"]
