@@ -59,7 +59,7 @@ MISSO, MC-SAG and BBB take steps proportional to the raw gradient, whose log-sca
 block, and after 10 epochs have closed only 15 % of the gap (at the largest stable step of the grid: MISSO
 diverges at γ = 0.1).  Among them MC-SAG ≈ BBB < MISSO in neg-ELBO (the MISSO step averages anchors up to an
 epoch old).  OPT-AMSGrad reaches the lowest neg-ELBO (no bias correction and v̂_0 = ε: its first steps are ≈ 3 lr); AMSGrad equals
-Adam here (the running maximum of v never binds in 120 steps).  HWA's average includes the early iterates, so it
+Adam here (in 120 steps torch's uncorrected v is still growing, 1 − β2^t ≈ 0.11, so its maximum never binds).  HWA's average includes the early iterates, so it
 trails Adam in neg-ELBO while its test accuracy is the best of the SVI rows.  MISSOVI's rows cost ≈ 2-4× the SVI
 rows: they use M_k = k draws per gradient (55 per block over 10 epochs, plus the initial table pass) where SVI uses
 one.  Block evaluation: with ``--block-eval mask`` the MISSO and MC-SAG trajectories are identical (same numbers)

@@ -270,6 +270,10 @@ def test_missing_log_lik_reference():
     mc = np.sum(np.log(np.where(sub["y"] == 1, pr, 1 - pr).mean(0))) \
         + np.sum(stats.multivariate_normal(beta[1:], Omega[1:, 1:]).logpdf(sub["X"][:, 1:]))
     assert missing_logistic_log_lik(sub["X"], sub["y"], 0.2, delta, beta, Omega) == pytest.approx(mc, abs=0.05)
+    with pytest.raises(ValueError, match=r"Omega \(3, 3\)"):
+        missing_logistic_log_lik(d["X"], d["y"], 0.2, delta, beta, Omega[:2, :2])
+    with pytest.raises(ValueError, match=r"X \[N, p\] and y \[N\]"):
+        missing_logistic_log_lik(d["X"], d["y"][:-1], 0.2, delta, beta, Omega)
 
 
 # ----- (b) fits -----------------------------------------------------------------------------------------------
