@@ -73,3 +73,19 @@ def masked_intercept(y: jnp.ndarray, mask: jnp.ndarray) -> None:
         b = numpyro.sample("b", dist.Normal(mu, omega))
         with numpyro.plate("obs", y.shape[1], dim=-1):
             numpyro.sample("y", dist.Normal(b, 1.0).mask(mask), obs=jnp.nan_to_num(y))
+
+
+#: the NaN region of ``nan_tail``: b > NAN_LIMIT
+NAN_LIMIT = 4.0
+
+
+def nan_tail(y: jnp.ndarray) -> None:
+    """``random_intercept`` whose log-density is NaN for b > NAN_LIMIT (as a model evaluated out of its domain)."""
+    n, t = y.shape
+    mu = numpyro.param("mu", jnp.array(0.0, dtype=y.dtype))
+    omega = numpyro.param("omega", jnp.array(1.0, dtype=y.dtype), constraint=constraints.positive)
+    sigma = numpyro.param("sigma", jnp.array(1.0, dtype=y.dtype), constraint=constraints.positive)
+    with numpyro.plate("unit", n, dim=-2):
+        b = numpyro.sample("b", dist.Normal(mu, omega))
+        with numpyro.plate("obs", t, dim=-1):
+            numpyro.sample("y", dist.Normal(jnp.where(b > NAN_LIMIT, jnp.nan, b), sigma), obs=y)

@@ -73,3 +73,20 @@ def masked_intercept(y: torch.Tensor, mask: torch.Tensor) -> None:
         b = pyro.sample("b", dist.Normal(mu, omega))
         with pyro.plate("obs", y.shape[1], dim=-1):
             pyro.sample("y", dist.Normal(b, 1.0).mask(mask), obs=torch.nan_to_num(y))
+
+
+#: the NaN region of ``nan_tail``: b > NAN_LIMIT
+NAN_LIMIT = 4.0
+
+
+def nan_tail(y: torch.Tensor) -> None:
+    """``random_intercept`` whose log-density is NaN for b > NAN_LIMIT (as a model evaluated out of its domain)."""
+    n, t = y.shape
+    mu = pyro.param("mu", torch.tensor(0.0, dtype=y.dtype))
+    omega = pyro.param("omega", torch.tensor(1.0, dtype=y.dtype), constraint=constraints.positive)
+    sigma = pyro.param("sigma", torch.tensor(1.0, dtype=y.dtype), constraint=constraints.positive)
+    with pyro.plate("unit", n, dim=-2):
+        b = pyro.sample("b", dist.Normal(mu, omega))
+        with pyro.plate("obs", t, dim=-1):
+            loc = torch.where(b > NAN_LIMIT, torch.full_like(b, float("nan")), b)
+            pyro.sample("y", dist.Normal(loc, sigma), obs=y)

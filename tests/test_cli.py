@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import shlex
 from pathlib import Path
 
 import matplotlib
@@ -25,7 +26,9 @@ from latentfit.models import nlme  # noqa: E402
 from latentfit.models.nlme.config import ConfigError, load_config, parse_config, read_estimates, read_table  # noqa: E402
 from latentfit.plots import vpc_summary  # noqa: E402
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+EXAMPLES = ROOT / "examples"
 TOML = EXAMPLES / "theophylline.toml"
 DATA = EXAMPLES / "theophylline.csv"
 ITERS = (30, 20)  # a short SAEM run: the outputs are compared with the API fit of the same length, not with saemix
@@ -41,11 +44,25 @@ def _api_model(data: pd.DataFrame | None = None) -> nlme.NLME:
                      error_init={"a": 1.0}, data=data)
 
 
+def _readme_section() -> str:
+    text = README.read_text()
+    return text.split("### From a NONMEM data file to a report", 1)[1].split("\n## ", 1)[0]
+
+
+def _readme_command(name: str) -> list[str]:
+    """The README's ``latentfit nlme <name> ...`` command line, paths resolved against the repository."""
+    line = next(ln for ln in _readme_section().splitlines() if ln.startswith(f"latentfit nlme {name} "))
+    return [str(ROOT / a) if a.startswith("examples/") else a for a in shlex.split(line)[1:]]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """The README's command with a different output directory, a seed and a short run."""
     out = tmp_path_factory.mktemp("theo_fit")
-    rc = main(["nlme", "fit", str(TOML), str(DATA), "--out", str(out), "--seed", str(SEED), "--iterations",
-               *map(str, ITERS), "--no-progress"])
+    argv = _readme_command("fit")
+    assert argv[:4] == ["nlme", "fit", str(TOML), str(DATA)] and argv[4] == "--out"
+    argv[5] = str(out)
+    rc = main(argv + ["--seed", str(SEED), "--iterations", *map(str, ITERS), "--no-progress"])
     assert rc == 0
     api = _api_model().fit(pd.read_csv(DATA, na_values=["."]), seed=SEED, num_iters=ITERS, progress=False)
     return out, api
@@ -273,3 +290,23 @@ def test_user_structural_file_blocks_fixed_and_categorical_covariates(tmp_path):
                                lib.structural_prediction(lib.init_params(), z).numpy(), rtol=1e-12)
     with pytest.raises(ConfigError, match=r"line 3: \[model\] function 'orl' is not defined in .*pk.py.*\['oral'\]"):
         parse_config(text.replace('"oral"', '"orl"'), tmp_path / "m.toml")
+
+
+def test_readme_model_file_parses():
+    block = re.search(r"```toml\n(.*?)```", _readme_section(), re.S).group(1)
+    cfg = parse_config(block, ROOT / "readme.toml")
+    assert cfg.structural == "one_compartment_oral" and cfg.num_chains == 5 and cfg.report["title"] == "My fit"
+    assert cfg.data_options["columns"] == {"id": "Subject", "time": "Time", "dv": "Conc"}
+    assert cfg.parameters["ka"] == nlme.Parameter(1.0, "log", True, False, 1.0)
+
+
+def test_readme_simulate_and_vpc_commands_run(run, tmp_path):
+    out, _ = run
+    for name, target in (("simulate", "sim.csv"), ("vpc", "vpc.png")):
+        argv = _readme_command(name)
+        argv[argv.index("--from") + 1] = str(out)
+        argv[argv.index("--out") + 1] = str(tmp_path / target)
+        assert main(argv) == 0, name
+    sim = pd.read_csv(tmp_path / "sim.csv", na_values=["."])
+    assert sim["REP"].nunique() == 100 and sim["DV"].notna().sum() == 100 * 120
+    assert (tmp_path / "vpc.png").read_bytes()[:8] == PNG

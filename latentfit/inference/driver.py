@@ -7,19 +7,25 @@ backend compiles one function per phase and runs chunks of iterations under ``la
 while torch runs the same ``step`` eagerly.  The driver owns the progress bar, the history of θ
 and of the objective, the collection of the last latent draws, callbacks and seeding, and
 checkpoints (``run(checkpoint=dir)``, ``run(resume=dir)``: :mod:`latentfit.checkpoint`).
+
+Faults: proposals with a NaN/inf log-density are rejected by the kernels and counted (info ``num_nonfinite``,
+summed in a warning at the end); a NaN/inf parameter or gradient stops the fit with :class:`NonFiniteError`
+and a checkpoint of the last good state; ``KeyboardInterrupt`` returns that state as a result marked
+``interrupted``.  The last good state is the one at the end of the last completed chunk.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from .model import LatentModel
+from .model import LatentModel, NonFiniteError
 from .results import FitResult
 
 Callback = Callable[[int, dict[str, Any]], Any]
@@ -87,6 +93,11 @@ class Engine:
         latest checkpoint) or a checkpoint file to continue from, on an engine built with the same model and
         options; ``True`` continues from ``checkpoint`` if it holds one, else starts afresh.  A resumed run equals
         the uninterrupted one bit for bit (history and parameters).
+
+        Faults: a NaN/inf parameter (M-step) or gradient raises :class:`~latentfit.NonFiniteError` naming the
+        parameter and the iteration, after writing a checkpoint of the last good state (in ``checkpoint``, else in
+        a temporary directory named in the message); ``KeyboardInterrupt`` returns the last good state and the
+        history so far as a result with ``interrupted=True`` (checkpointed when ``checkpoint`` is given).
         """
         ops = self.ops
         total = self.num_iterations
@@ -111,37 +122,111 @@ class Engine:
             bar = _progress_bar(total, self.progress, self.name)
             if bar is not None and start:
                 bar.update(start)
-            for first, last, phase in self.phases():
-                # split each phase so the tail (draw collection) is its own chunk, then by chunk_size
-                bounds = _chunk_bounds(first, last, collect_from, self.chunk_size)
-                for a, b in bounds:
-                    if b <= start:  # done before the checkpoint we resumed from
-                        continue
-                    collect = a >= collect_from
-                    state, infos = self._run_chunk(state, a, b, phase, collect)
-                    for info in infos:
-                        z = info.pop("_z", None)
-                        if z is not None and collect:
-                            draws.append(ops.to_numpy(z))
-                        _append_history(history, info, ops)
-                    if checkpoint is not None and (b - last_saved >= every or b == total):
-                        self._save(checkpoint, state, b, history, draws, int(keep))
-                        last_saved = b
-                    if self.callback is not None:
-                        for j, k in enumerate(range(a, b + 1)):
-                            self.callback(k, {n: v[len(v) - (b - a + 1) + j] for n, v in history.items()})
-                    if bar is not None:
-                        bar.update(b - a + 1)
-            if bar is not None:
-                bar.close()
+            good = self._snapshot(state, start)
+            interrupted = False
+            try:
+                for first, last, phase in self.phases():
+                    # split each phase so the tail (draw collection) is its own chunk, then by chunk_size
+                    bounds = _chunk_bounds(first, last, collect_from, self.chunk_size)
+                    for a, b in bounds:
+                        if b <= start:  # done before the checkpoint we resumed from
+                            continue
+                        collect = a >= collect_from
+                        state, infos = self._run_chunk(state, a, b, phase, collect)
+                        fault = _first_nonfinite(infos, a, ops)
+                        if fault is not None:
+                            raise self._nonfinite_error(fault, good, state, checkpoint, last_saved, history, draws,
+                                                        collect_from, int(keep), t0, t_init)
+                        for info in infos:
+                            z = info.pop("_z", None)
+                            if z is not None and collect:
+                                draws.append(ops.to_numpy(z))
+                            _append_history(history, info, ops)
+                        good = self._snapshot(state, b)
+                        if checkpoint is not None and (b - last_saved >= every or b == total):
+                            self._save(checkpoint, state, b, history, draws, int(keep))
+                            last_saved = b
+                        if self.callback is not None:
+                            for j, k in enumerate(range(a, b + 1)):
+                                self.callback(k, {n: v[len(v) - (b - a + 1) + j] for n, v in history.items()})
+                        if bar is not None:
+                            bar.update(b - a + 1)
+            except KeyboardInterrupt:
+                interrupted = True
+                state = self._from_snapshot(good, state)
+                _truncate(history, draws, good.iteration, collect_from)
+                where = ""
+                if checkpoint is not None and good.iteration > last_saved:
+                    path = self._save(checkpoint, state, good.iteration, history, draws, int(keep), rng=good.rng)
+                    where = f"; checkpoint {str(path)!r} (run(resume=...) continues)"
+                warnings.warn(f"{self.name}: interrupted; the result holds the last good state, after iteration "
+                              f"{good.iteration} of {total}, and the history so far (fit.interrupted is True)"
+                              f"{where}", RuntimeWarning, stacklevel=2)
+            finally:
+                if bar is not None:
+                    bar.close()
             state = self.finalize(state)
-        elapsed = time.perf_counter() - t0
+        _warn_nonfinite(self.name, history)
+        return self._result(state, history, draws, t0, t_init, good.iteration if interrupted else total,
+                            compiled_before, interrupted)
+
+    def _result(self, state: dict[str, Any], history: dict[str, list], draws: list[np.ndarray], t0: float,
+                t_init: float, done: int, compiled_before: float, interrupted: bool) -> FitResult:
         hist = {n: np.stack(v) for n, v in history.items()}
         latents = np.stack(draws, axis=1) if draws else None  # [L, draws, N, d]
         return FitResult(engine=self, model=self.model, state=state, history=hist,
-                         latent_draws=latents, elapsed=elapsed, init_time=t_init,
-                         num_iterations=total,
-                         compile_time=ops.compile_time - compiled_before)
+                         latent_draws=latents, elapsed=time.perf_counter() - t0, init_time=t_init,
+                         num_iterations=done, compile_time=self.ops.compile_time - compiled_before,
+                         interrupted=interrupted)
+
+    # ----- faults ------------------------------------------------------------------------------
+    def _snapshot(self, state: dict[str, Any], iteration: int) -> _Snapshot:
+        """The state after ``iteration`` and the RNG state, kept until the next chunk completes.
+
+        JAX arrays are immutable: the state itself.  torch states may be updated in place (per-unit tables,
+        optimisers), so they are copied to host arrays as a checkpoint would store them; a state a checkpoint
+        cannot hold (an optimiser with callables in its param_groups) is kept by reference.
+        """
+        if self.ops.jittable:
+            return _Snapshot(iteration, state, None, {})
+        from latentfit.checkpoint import flatten_state
+
+        try:
+            tensors, leaves = flatten_state(state)
+        except TypeError:
+            return _Snapshot(iteration, state, None, self._rng_state())
+        return _Snapshot(iteration, {k: np.array(v, copy=True) for k, v in tensors.items()}, leaves,
+                         self._rng_state())
+
+    def _from_snapshot(self, good: _Snapshot, template: dict[str, Any]) -> dict[str, Any]:
+        if good.leaves is None:
+            return good.state
+        from latentfit.checkpoint import restore_state
+
+        return restore_state(template, good.leaves, good.state, self.ops)
+
+    def _nonfinite_error(self, fault: tuple[int, str, str], good: _Snapshot, state: dict[str, Any],
+                         checkpoint: Any, last_saved: int, history: dict[str, list], draws: list[np.ndarray],
+                         collect_from: int, keep: int, t0: float, t_init: float) -> NonFiniteError:
+        """Restore the last good state, checkpoint it, and build the error naming the parameter and iteration."""
+        k, name, what = fault
+        state = self._from_snapshot(good, state)
+        _truncate(history, draws, good.iteration, collect_from)
+        if checkpoint is not None and last_saved == good.iteration:
+            from latentfit.checkpoint import checkpoint_files
+
+            path = checkpoint_files(checkpoint)[-1][1]
+        else:
+            directory = checkpoint if checkpoint is not None else tempfile.mkdtemp(prefix="latentfit-nonfinite-")
+            path = self._save(directory, state, good.iteration, history, draws, keep, rng=good.rng)
+        result = self._result(state, history, draws, t0, t_init, good.iteration, 0.0, True)
+        msg = (f"{self.name}: {what} of parameter {name!r} is NaN/inf at iteration {k}; the fit stopped. The last good "
+               f"state (iteration {good.iteration}) is checkpointed at {str(path)!r} (run(resume=...) continues from "
+               "it; the exception's .result holds it). Check the model for values that overflow or leave the "
+               "domain (log/sqrt of a quantity that can be <= 0, a variance that can reach 0) and the data for "
+               "outliers, or start from other initial values.")
+        return NonFiniteError(msg, parameter=name, iteration=k, last_good_iteration=good.iteration,
+                              checkpoint=path, result=result)
 
     # ----- checkpoints -------------------------------------------------------------------------
     def _resume_source(self, checkpoint: Any, resume: Any) -> Any:
@@ -161,10 +246,11 @@ class Engine:
         return None
 
     def _save(self, directory: Any, state: dict[str, Any], iteration: int, history: dict[str, list],
-              draws: list[np.ndarray], keep: int) -> None:
+              draws: list[np.ndarray], keep: int, rng: dict[str, np.ndarray] | None = None) -> Any:
         from latentfit.checkpoint import save_checkpoint
 
-        save_checkpoint(directory, self, state, iteration, history, draws, rng=self._rng_state(), keep=keep)
+        return save_checkpoint(directory, self, state, iteration, history, draws,
+                               rng=self._rng_state() if rng is None else rng, keep=keep)
 
     def _rng_state(self) -> dict[str, np.ndarray]:
         """The global RNG state draws come from (torch's, inside the driver's forked context); JAX: none."""
@@ -180,7 +266,7 @@ class Engine:
         start = ckpt.iteration
         ends = {b for first, last, _ in self.phases()
                 for _, b in _chunk_bounds(first, last, collect_from, self.chunk_size)}
-        if start not in ends:
+        if start not in ends and start != 0:  # 0: a fault in the first chunk checkpoints the initial state
             raise ValueError(f"checkpoint iteration {start} is not the end of a chunk of this engine")
         state = restore_state(template, ckpt.meta["state"], ckpt.tensors, self.ops)
         if not self.ops.jittable:
@@ -203,6 +289,50 @@ class Engine:
         # compiled chunks are cached per engine instance and phase (two engines may differ in options)
         key = (self, phase, collect and not self.ops.jittable)
         return self.ops.scan_steps(one, state, range(first, last + 1), key=key)
+
+
+class _Snapshot(NamedTuple):
+    """The last good state: after ``iteration``; ``state`` the state (``leaves`` None) or its host arrays."""
+
+    iteration: int
+    state: Any
+    leaves: list[dict[str, Any]] | None
+    rng: dict[str, np.ndarray]
+
+
+def _first_nonfinite(infos: list[dict[str, Any]], first: int, ops: Any) -> tuple[int, str, str] | None:
+    """``(iteration, parameter, "the gradient" | "the value")`` of the first NaN/inf gradient entry (info
+    ``grad_nonfinite``, counts per parameter) or parameter value (info ``theta``) in a chunk; None if all finite."""
+    for j, info in enumerate(infos):
+        for name, count in (info.get("grad_nonfinite") or {}).items():
+            if float(ops.to_numpy(count)) > 0:
+                return first + j, name, "the gradient"
+        for name, value in info.get("theta", {}).items():
+            arr = np.asarray(ops.to_numpy(value))
+            if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+                return first + j, name, "the value"
+    return None
+
+
+def _truncate(history: dict[str, list], draws: list[np.ndarray], done: int, collect_from: int) -> None:
+    """Cut the history (and the collected draws) back to the first ``done`` iterations, in place."""
+    for v in history.values():
+        del v[done:]
+    del draws[max(0, done - collect_from + 1):]
+
+
+def _warn_nonfinite(name: str, history: dict[str, list]) -> None:
+    counts = history.get("num_nonfinite")
+    if not counts:
+        return
+    per_iter = np.asarray([float(np.sum(c)) for c in counts])
+    total = int(per_iter.sum())
+    if total > 0:
+        warnings.warn(f"{name}: {total} MCMC proposals had a NaN/inf log-density and were rejected (in "
+                      f"{int((per_iter > 0).sum())} of {len(per_iter)} iterations; fit.num_nonfinite, and "
+                      "fit.history['num_nonfinite'] per iteration). A few are harmless; many mean the chains keep "
+                      "leaving the model's domain (e.g. the log of a quantity that can be negative).",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _chunk_bounds(first: int, last: int, collect_from: int, chunk: int) -> list[tuple[int, int]]:

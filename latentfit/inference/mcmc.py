@@ -36,22 +36,34 @@ class ChainState(NamedTuple):
     z: Any  # [L, n, d]
     log_lik: Any  # [L, n]
     log_prior: Any  # [L, n]
+    #: proposals rejected so far because their log-density was NaN or ±inf (a float scalar)
+    num_nonfinite: Any = 0.0
 
 
 def init_chain_state(z: Any, evaluate: Evaluate) -> ChainState:
     ll, lp = evaluate(z)
-    return ChainState(z, ll, lp)
+    # a zero count of the backend's float type (NaN-safe: ``0 * Σ ll`` would not be)
+    return ChainState(z, ll, lp, (ll == ll).sum() * 0.0)
 
 
 def _accept(ops: Ops, key: Any, log_ratio: Any, state: ChainState, z_new: Any, ll_new: Any, lp_new: Any):
+    """MH acceptance ``log u < log_ratio``, with the fault rules every kernel shares.
+
+    A proposal whose log-density ``ll_new + lp_new`` is NaN or ±inf (outside the model's domain, an overflow) is
+    rejected and counted in ``num_nonfinite``; a chain whose current log-density is non-finite accepts any finite
+    proposal (it leaves the bad point rather than staying stuck there).
+    """
     xp = ops.xp
     u = ops.uniform(key, tuple(log_ratio.shape))
-    # NaN proposals (outside the model's domain) are always rejected
-    ok = xp.log(u) < xp.where(log_ratio != log_ratio, -xp.inf, log_ratio)
+    finite_new = xp.isfinite(ll_new + lp_new)
+    finite_old = xp.isfinite(state.log_lik + state.log_prior)
+    both = finite_new & finite_old
+    ok = finite_new & (~finite_old | (xp.log(u) < xp.where(both, log_ratio, 0.0)))
     z = xp.where(ok[..., None], z_new, state.z)
     ll = xp.where(ok, ll_new, state.log_lik)
     lp = xp.where(ok, lp_new, state.log_prior)
-    return ChainState(z, ll, lp), ok
+    count = state.num_nonfinite + xp.sum((~finite_new) * 1.0)
+    return ChainState(z, ll, lp, count), ok
 
 
 def prior_imh(ops: Ops, key: Any, state: ChainState, sample_prior: Callable[[Any], Any],
@@ -137,7 +149,8 @@ def saemix_sweep(ops: Ops, key: Any, z: Any, scales: tuple[Any, Any], k: Any, ke
 
     Kernel repetitions run under ``ops.fori_loop`` (a Python loop on torch, one traced body on JAX, which keeps
     the compiled program small).  Returns the chain state, the adapted scales and the acceptance rates per
-    kernel (averaged over repetitions).
+    kernel (averaged over repetitions); ``chain.num_nonfinite`` counts the proposals rejected for a non-finite
+    log-density.
     """
     n1, n2, n3 = kernels
     keys = ops.split(key, n1 + n2 + 2 * n3 + 1)
@@ -176,11 +189,13 @@ MALA_ADAPT_RATE = 0.5
 
 
 class GradChainState(NamedTuple):
-    """Chains of a gradient-based kernel: draws ``[L, n, d]``, log-target ``[L, n]`` and its gradient."""
+    """Chains of a gradient-based kernel: draws ``[L, n, d]``, log-target ``[L, n]`` and its gradient, and the
+    count of proposals rejected for a non-finite log-target or gradient."""
 
     z: Any
     log_target: Any
     grad: Any
+    num_nonfinite: Any = 0.0
 
 
 def mala(ops: Ops, key: Any, state: GradChainState, log_step: Any,
@@ -202,12 +217,14 @@ def mala(ops: Ops, key: Any, state: GradChainState, log_step: Any,
     log_q_fwd = -xp.sum((z_new - mean_fwd) ** 2, -1) / (2.0 * h[..., 0] ** 2)
     log_ratio = lt_new + log_q_bwd - state.log_target - log_q_fwd
     u = ops.uniform(k2, tuple(log_ratio.shape))
-    finite = xp.isfinite(log_ratio) & xp.all(xp.isfinite(g_new), -1)
+    finite_new = xp.isfinite(lt_new) & xp.all(xp.isfinite(g_new), -1)
+    finite = xp.isfinite(log_ratio) & finite_new
     ok = finite & (xp.log(u) < xp.where(finite, log_ratio, 0.0))
     z = xp.where(ok[..., None], z_new, state.z)
     lt = xp.where(ok, lt_new, state.log_target)
     g = xp.where(ok[..., None], g_new, state.grad)
-    return GradChainState(z, lt, g), xp.mean(ok * 1.0, 0)
+    count = state.num_nonfinite + xp.sum((~finite_new) * 1.0)
+    return GradChainState(z, lt, g, count), xp.mean(ok * 1.0, 0)
 
 
 def adapt_log_step(log_step: Any, acceptance: Any) -> Any:

@@ -202,15 +202,16 @@ class MCMCSGD(Engine):
         units = None if self.batch_size is None else ops.permutation(k_batch, model.num_units)[:self.batch_size]
         z_all = state["z"]
         z = z_all if units is None else ops.take(z_all, units, axis=1)
-        z, state, acc = self._simulate(state, theta, z, units, k, k_sim)
+        z, state, acc, num_nonfinite = self._simulate(state, theta, z, units, k, k_sim)
         z_all = z if units is None else _scatter_units(ops, z_all, units, z)
         state = dict(state, z=z_all, key=key)
-        info: dict[str, Any] = {"acc": acc}
+        info: dict[str, Any] = {"acc": acc, "num_nonfinite": num_nonfinite}
         if phase == "mcmc":
             info["objective"] = xp.mean(xp.sum(model.log_joint(theta, z, units), -1))
             info["grad_norm2"] = ops.zeros(())
             info["learning_rate"] = ops.zeros(())
             info["iterate"] = state["x"]
+            info["grad_nonfinite"] = {n: ops.zeros(()) for n in self.names}
             return state, info
         scale = model.num_units / (model.num_units if units is None else self.batch_size)
         fixed = {n: v for n, v in theta.items() if n not in self.names}
@@ -221,6 +222,9 @@ class MCMCSGD(Engine):
             return scale * xp.mean(xp.sum(model.log_joint(th, z, units), -1))
 
         value, grad = ops.value_and_grad(objective)(state["x"])
+        # non-finite gradient entries, per parameter: the driver stops the fit on any (NonFiniteError)
+        bad = unflatten((~xp.isfinite(grad)) * 1.0, self.names, self._shapes)
+        info["grad_nonfinite"] = {n: xp.sum(v) for n, v in bad.items()}
         grad = xp.where(xp.isfinite(grad), grad, 0.0)
         x_new, opt_state = self._optimizer.update(grad, state["opt"], state["x"])
         t_avg = k - self.average_from
@@ -232,14 +236,14 @@ class MCMCSGD(Engine):
         return state, info
 
     def _simulate(self, state: dict[str, Any], theta: dict[str, Any], z: Any, units: Any, k: Any,
-                  key: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+                  key: Any) -> tuple[Any, dict[str, Any], dict[str, Any], Any]:
         model, ops, xp = self.model, self.ops, self.ops.xp
         if self.kernel == "saemix":
             chain, scales, acc = mcmc.saemix_sweep(
                 ops, key, z, (state["scale_rw"], state["scale_block"]), k, self.mcmc_steps,
                 evaluate=lambda zz: model.log_densities(theta, zz, units),
                 sample_prior=lambda kk: model.sample_prior(theta, kk, self.num_chains, units))
-            return chain.z, dict(state, scale_rw=scales[0], scale_block=scales[1]), acc
+            return chain.z, dict(state, scale_rw=scales[0], scale_block=scales[1]), acc, chain.num_nonfinite
 
         def value_and_grad(zz: Any) -> tuple[Any, Any]:
             v, g, _ = ops.value_grad_hessian(lambda x: model.log_joint(theta, x, units), zz, hessian=False)
@@ -248,7 +252,7 @@ class MCMCSGD(Engine):
         log_step_all = state["log_step"]
         log_step = log_step_all if units is None else ops.take(log_step_all, units)
         lt, g = value_and_grad(z)
-        chain = mcmc.GradChainState(z, lt, g)
+        chain = mcmc.GradChainState(z, lt, g, (lt == lt).sum() * 0.0)
         keys = ops.split(key, self.mcmc_steps)
 
         def body(i: Any, carry: Any) -> Any:
@@ -258,7 +262,7 @@ class MCMCSGD(Engine):
 
         chain, log_step, rate = ops.fori_loop(0, self.mcmc_steps, body, (chain, log_step, ops.zeros(())))
         log_step_all = log_step if units is None else ops.scatter(log_step_all, units, log_step)
-        return chain.z, dict(state, log_step=log_step_all), {"mala": rate}
+        return chain.z, dict(state, log_step=log_step_all), {"mala": rate}, chain.num_nonfinite
 
     # ----- the random-stopping report ------------------------------------------------------------------
     def run(self, key: Any = None, **run_options: Any) -> FitResult:
@@ -269,10 +273,11 @@ class MCMCSGD(Engine):
 
     def _random_stop(self, fit: FitResult) -> RandomStop | None:
         """Draw ``N`` with ``P(N = ℓ) ∝ η_{ℓ+1}`` over the gradient steps; report the iterate and ‖ĝ‖² there."""
-        steps = np.arange(1, self.num_iters - self.burn_in + 1)
+        done = fit.num_iterations  # fewer than num_iters when the run was interrupted
+        steps = np.arange(1, done - self.burn_in + 1)
         if not len(steps):
             return None
-        rates = np.asarray(fit.history.get("learning_rate", np.ones(self.num_iters)))[self.burn_in:]
+        rates = np.asarray(fit.history.get("learning_rate", np.ones(done)))[self.burn_in:]
         rates = np.where(np.isfinite(rates) & (rates > 0), rates, 0.0)
         if rates.sum() <= 0:
             rates = np.ones_like(rates)

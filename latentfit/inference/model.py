@@ -39,6 +39,24 @@ class ConvergenceWarning(UserWarning):
     """A fit may not have reached the maximum (e.g. replicate fits ending at different log-likelihoods)."""
 
 
+class NonFiniteError(FloatingPointError):
+    """An M-step or a gradient gave a NaN/inf parameter: the fit stopped rather than return it.
+
+    ``parameter`` and ``iteration`` name the first failure; ``checkpoint`` is the checkpoint of the last good
+    state (iteration ``last_good_iteration``) that ``run(resume=checkpoint)`` continues from; ``result`` is a
+    :class:`~latentfit.FitResult` of that state and the history up to it (``result.interrupted`` is true).
+    """
+
+    def __init__(self, message: str, *, parameter: str, iteration: int, last_good_iteration: int,
+                 checkpoint: Any = None, result: Any = None) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+        self.iteration = iteration
+        self.last_good_iteration = last_good_iteration
+        self.checkpoint = checkpoint
+        self.result = result
+
+
 @dataclass
 class LatentSite:
     """Layout of one latent site inside the flat per-unit vector ``z_i``."""

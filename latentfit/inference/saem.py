@@ -126,7 +126,7 @@ class SAEM(Engine):
         state["theta_u"] = new_theta_u
         if s_hat is not None:
             state["s_hat"] = s_hat
-        return state, {"objective": objective, "gamma": gamma, "acc": acc}
+        return state, {"objective": objective, "gamma": gamma, "acc": acc, "num_nonfinite": chain.num_nonfinite}
 
     # ----- building blocks (overridden by f-SAEM and friends) ----------------------------------------
     def simulate(self, state: dict[str, Any], theta: dict[str, Any], k: Any, key: Any,

@@ -264,7 +264,8 @@ class StatEngine(Engine):
             chain, _ = mcmc.prior_imh(ops, keys[2 * s], chain, sample_prior, evaluate)
             chain, acc = mcmc.rw_componentwise(ops, keys[2 * s + 1], chain, scale, evaluate)
             scale = mcmc.adapt_scale(scale, acc)
-        state = dict(state, z=ops.scatter_owned(z_tab, units, xp.swapaxes(chain.z, 0, 1)), rw_scale=scale)
+        state = dict(state, z=ops.scatter_owned(z_tab, units, xp.swapaxes(chain.z, 0, 1)), rw_scale=scale,
+                     num_nonfinite=state["num_nonfinite"] + chain.num_nonfinite)
         return chain.z, state
 
     # ----- M-step ------------------------------------------------------------------------------------------
@@ -290,6 +291,7 @@ class StatEngine(Engine):
             sd = xp.std(xp.reshape(z, (-1, z.shape[-1])), 0)
             state["z"] = xp.swapaxes(z, 0, 1) + 0.0
             state["rw_scale"] = 0.5 * xp.where(sd > 0, sd, 1.0)
+            state["num_nonfinite"] = ops.zeros(())  # proposals rejected for a non-finite log-density
         if self.needs_init_pass:
             key, k1 = ops.split(key)
             full, rows, _, state = self.full_pass(state, theta, k1)
@@ -308,6 +310,8 @@ class StatEngine(Engine):
         if not ops.jittable:
             k = int(k)
         key, k_perm, k_perm2, k_epoch, k_loop = ops.split(state["key"], 5)
+        if "num_nonfinite" in state:  # counted per epoch
+            state = dict(state, num_nonfinite=ops.zeros(()))
         state = self.rule.epoch_start(self, dict(state), state["theta"], k_epoch)
         batches = self._batches(k_perm)
         batches_j = self._batches(k_perm2) if self.rule.needs_second_batch else batches
@@ -330,6 +334,8 @@ class StatEngine(Engine):
         info: dict[str, Any] = {}
         if trace:
             info["inner"] = trace
+        if "num_nonfinite" in state:
+            info["num_nonfinite"] = state["num_nonfinite"]
         if "log_lik" in state:  # exact EM: log-likelihood at the θ of the last E-step, free
             info["objective"] = state["log_lik"]
         if self.track_log_lik and self.model.has_exact_marginal:
