@@ -55,11 +55,11 @@ LOG_2PI = math.log(2.0 * math.pi)
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class Node:
-    """One node of the tree: a leaf (a section of columns ``cols``) or an aggregation node."""
+    """One node of the graph: a leaf (a section of columns ``cols``) or an aggregation node."""
 
     index: int
     children: list[int] = field(default_factory=list)
-    parent: int | None = None
+    parents: list[int] = field(default_factory=list)
     cols: tuple[int, ...] = ()
     dim: int = 0
     name: str = ""
@@ -68,26 +68,52 @@ class Node:
     def is_leaf(self) -> bool:
         return not self.children
 
+    @property
+    def parent(self) -> int | None:
+        """The parent of a tree node (the first parent in a DAG; None at a root)."""
+        return self.parents[0] if self.parents else None
+
 
 @dataclass
 class Graph:
-    """A VFG tree: ``nodes`` in topological order (children before parents, the root last)."""
+    """A VFG tree or DAG: ``nodes`` in topological order (children before parents).  Edge ``k`` of
+    ``edges`` is ``(child, parent)`` and carries flow ``k``."""
 
     nodes: list[Node]
     n_cols: int
 
+    def __post_init__(self) -> None:
+        self.edges: list[tuple[int, int]] = [(n.index, p) for n in self.nodes for p in n.parents]
+        self.in_edges: list[list[int]] = [[] for _ in self.nodes]  # edges from the children
+        self.out_edges: list[list[int]] = [[] for _ in self.nodes]  # edges to the parents
+        for k, (c, p) in enumerate(self.edges):
+            self.in_edges[p].append(k)
+            self.out_edges[c].append(k)
+
+    @property
+    def roots(self) -> list[int]:
+        return [n.index for n in self.nodes if not n.parents]
+
     @property
     def root(self) -> int:
-        return len(self.nodes) - 1
+        """The root of a single-rooted graph."""
+        r = self.roots
+        if len(r) != 1:
+            raise ValueError(f"the graph has {len(r)} roots {[self.nodes[i].name for i in r]}: use .roots")
+        return r[0]
+
+    @property
+    def root_dim(self) -> int:
+        """Dimension of the latent state: the roots' dimensions summed (roots in ``roots`` order)."""
+        return sum(self.nodes[r].dim for r in self.roots)
+
+    @property
+    def is_tree(self) -> bool:
+        return all(len(n.parents) <= 1 for n in self.nodes) and len(self.roots) == 1
 
     @property
     def leaves(self) -> list[int]:
         return [n.index for n in self.nodes if n.is_leaf]
-
-    @property
-    def edges(self) -> list[tuple[int, int]]:
-        """``(child, parent)`` pairs, one flow each, in the order of ``nodes``."""
-        return [(n.index, n.parent) for n in self.nodes if n.parent is not None]
 
     def leaf_cols(self) -> list[int]:
         return [c for i in self.leaves for c in self.nodes[i].cols]
@@ -98,18 +124,24 @@ def _is_int(v: Any) -> bool:
 
 
 def parse_structure(structure: Any, min_dim: int = 2) -> Graph:
-    """Nested lists (a list of ints is a leaf section; in a list mixing ints and lists a bare int is a
-    one-column section) or a dict ``{name: [children]}`` (children: names or column indices; the root is
-    the name nobody lists) → :class:`Graph`.  Raises ``ValueError`` on duplicate/negative columns,
-    cycles, shared children (DAGs are not supported yet) or an empty node."""
+    """``structure`` → :class:`Graph`.
+
+    * Tree: nested lists (a list of ints is a leaf section; in a list mixing ints and lists a bare int is a
+      one-column section), e.g. ``[[[0, 1], [2, 3]], [[4, 5], [6, 7]]]``.
+    * Tree or DAG: a dict of edges between named nodes ``{parent: [children]}``; children are node names
+      or column indices; a node all of whose children are column indices is a leaf section (so it can be
+      named and shared); any other int child is a one-column section.  A node listed under several
+      parents has several parents (a DAG); the roots are the nodes nobody lists (several are allowed).
+
+    Raises ``ValueError`` on duplicate/negative columns, unknown names, cycles (naming the cycle) or an
+    empty node."""
     if min_dim < 1:
         raise ValueError(f"min_dim must be >= 1, got {min_dim}")
     if isinstance(structure, dict):
-        tree = _dict_to_nested(structure)
-    elif isinstance(structure, (list, tuple)):
-        tree = structure
-    else:
+        return _parse_dict(structure, min_dim)
+    if not isinstance(structure, (list, tuple)):
         raise ValueError(f"structure must be nested lists of column indices or a dict, got {type(structure).__name__}")
+    tree = structure
     nodes: list[Node] = []
 
     def build(item: Any, depth: int) -> int:
@@ -120,50 +152,83 @@ def parse_structure(structure: Any, min_dim: int = 2) -> Graph:
         if not isinstance(item, (list, tuple)) or len(item) == 0:
             raise ValueError(f"every node of the structure must be a non-empty list, got {item!r}")
         if all(_is_int(v) for v in item):  # a leaf section
-            cols = tuple(int(v) for v in item)
-            if min(cols) < 0:
-                raise ValueError(f"column indices must be >= 0, got {list(cols)}")
-            node = Node(len(nodes), cols=cols, dim=max(len(cols), min_dim))
-            nodes.append(node)
-            return node.index
+            return _leaf(nodes, tuple(int(v) for v in item), min_dim)
         kids = [build(v, depth + 1) for v in item]
-        node = Node(len(nodes), children=kids, dim=max(nodes[k].dim for k in kids))
-        for k in kids:
-            nodes[k].parent = node.index
-        nodes.append(node)
-        return node.index
+        return _inner(nodes, kids)
 
     if all(_is_int(v) for v in tree):  # a single section: wrap it under one aggregation node
         tree = [list(tree)]
     build(tree, 0)
+    return _finish(nodes)
+
+
+def _leaf(nodes: list[Node], cols: tuple[int, ...], min_dim: int, name: str = "") -> int:
+    if min(cols) < 0:
+        raise ValueError(f"column indices must be >= 0, got {list(cols)}")
+    nodes.append(Node(len(nodes), cols=cols, dim=max(len(cols), min_dim), name=name))
+    return nodes[-1].index
+
+
+def _inner(nodes: list[Node], kids: list[int], name: str = "") -> int:
+    node = Node(len(nodes), children=kids, dim=max(nodes[k].dim for k in kids), name=name)
+    for k in kids:
+        nodes[k].parents.append(node.index)
+    nodes.append(node)
+    return node.index
+
+
+def _finish(nodes: list[Node]) -> Graph:
     cols = [c for n in nodes if n.is_leaf for c in n.cols]
     dup = sorted({c for c in cols if cols.count(c) > 1})
     if dup:
-        raise ValueError(f"structure lists column(s) {dup} more than once; every column must be in exactly one leaf")
+        raise ValueError(f"structure lists column(s) {dup} more than once; every column must be in exactly one leaf "
+                         "(to share a section between parents in a DAG, name it: {'s': [0, 1], 'p': ['s'], ...})")
     for n in nodes:
         n.name = n.name or (f"leaf{list(n.cols)}" if n.is_leaf else f"node{n.index}")
     return Graph(nodes, max(cols) + 1)
 
 
-def _dict_to_nested(d: dict[Any, Any]) -> list[Any]:
+def _parse_dict(d: dict[Any, Any], min_dim: int) -> Graph:
     children = {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in d.items()}
+    for k, v in children.items():
+        if not v:
+            raise ValueError(f"node {k!r} of the structure has no children: every node must be non-empty")
+        for c in v:
+            if not _is_int(c) and not isinstance(c, (str, tuple)) and not isinstance(c, type(k)):
+                raise ValueError(f"node {k!r} lists {c!r}: children must be node names or column indices")
     named = [c for v in children.values() for c in v if not _is_int(c)]
     unknown = sorted({str(c) for c in named if c not in children})
     if unknown:
         raise ValueError(f"structure dict names unknown node(s) {unknown}")
-    shared = sorted({str(c) for c in named if named.count(c) > 1})
-    if shared:
-        raise ValueError(f"node(s) {shared} have several parents: only trees are supported (no DAG yet)")
     roots = [k for k in children if k not in named]
-    if len(roots) != 1:
-        raise ValueError(f"structure dict must have exactly one root (a node nobody lists), found {roots}")
+    if not roots:
+        raise ValueError("structure dict has no root (every node is someone's child): it has a cycle")
+    nodes: list[Node] = []
+    index: dict[Any, int] = {}
 
-    def expand(k: Any, seen: tuple[Any, ...]) -> list[Any]:
-        if k in seen:
-            raise ValueError(f"structure dict has a cycle through {k!r}")
-        return [c if _is_int(c) else expand(c, (*seen, k)) for c in children[k]]
+    def visit(k: Any, path: tuple[Any, ...]) -> int:
+        if k in path:
+            cyc = " -> ".join(str(v) for v in (*path[path.index(k):], k))
+            raise ValueError(f"structure has a cycle: {cyc} (a VFG graph must be acyclic)")
+        if k in index:
+            return index[k]
+        kids = children[k]
+        if all(_is_int(c) for c in kids):
+            i = _leaf(nodes, tuple(int(c) for c in kids), min_dim, str(k))
+        else:
+            ids = [_leaf(nodes, (int(c),), min_dim) if _is_int(c) else visit(c, (*path, k)) for c in kids]
+            if len(set(ids)) < len(ids):
+                raise ValueError(f"node {k!r} lists a child twice")
+            i = _inner(nodes, ids, str(k))
+        index[k] = i
+        return i
 
-    return expand(roots[0], ())
+    for r in roots:
+        visit(r, ())
+    unreached = [k for k in children if k not in index]  # only a cycle can hide nodes from every root
+    if unreached:
+        visit(unreached[0], ())
+    return _finish(nodes)
 
 
 def default_structure(n_cols: int) -> list[list[int]]:
@@ -213,9 +278,10 @@ class EdgeFlow(Protocol):
 def forward_messages(
     graph: Graph, flows: Sequence[EdgeFlow], ops: ArrayOps, x: Any, leaf_obs: Any | None = None
 ) -> tuple[list[Any], list[Any]]:
-    """Bottom-up messages ``h^(i) = Σ_j w_j f_(j,i)(h^(j)) / Σ_j w_j`` (``w_j`` = child observed, 1 when
-    ``leaf_obs`` is None).  ``x`` must be finite (missing entries zero-filled).  ``flows`` is indexed by the
-    child node.  Returns the states and the per-row observed indicators ``o^(i)`` (``[n, 1]`` or None)."""
+    """Bottom-up messages ``h^(i) = Σ_j w_j f_(j,i)(h^(j)) / Σ_j w_j`` over the children ``j`` of ``i``
+    (``w_j`` = child observed, 1 when ``leaf_obs`` is None).  ``x`` must be finite (missing entries
+    zero-filled).  ``flows`` is indexed by edge (``graph.edges``).  Returns the states and the per-row
+    observed indicators ``o^(i)`` (``[n, 1]``, or None without ``leaf_obs``)."""
     h: list[Any] = [None] * len(graph.nodes)
     o: list[Any] = [None] * len(graph.nodes)
     k = 0
@@ -226,31 +292,57 @@ def forward_messages(
                 o[node.index] = ops.take(leaf_obs, [k])
             k += 1
             continue
-        msgs = [flows[c].forward(ops.pad(h[c], node.dim)) for c in node.children]
+        edges = graph.in_edges[node.index]
+        msgs = [flows[e].forward(ops.pad(h[graph.edges[e][0]], node.dim)) for e in edges]
         if leaf_obs is None:
             h[node.index] = sum(msgs) / len(msgs)
         else:
-            num = sum(o[c] * m for c, m in zip(node.children, msgs))
-            den = sum(o[c] for c in node.children)
+            num = sum(o[graph.edges[e][0]] * m for e, m in zip(edges, msgs))
+            den = sum(o[graph.edges[e][0]] for e in edges)
             h[node.index] = num / ops.maximum(den, 1.0)
             o[node.index] = ops.minimum(den, 1.0)
     return h, o
 
 
 def backward_messages(
-    graph: Graph, flows: Sequence[EdgeFlow], ops: ArrayOps, root: Any, h: list[Any] | None = None,
-    o: list[Any] | None = None,
+    graph: Graph, flows: Sequence[EdgeFlow], ops: ArrayOps, roots: list[Any], h: list[Any] | None = None,
+    o: list[Any] | None = None, parent_msgs: dict[int, list[Any]] | None = None,
 ) -> list[Any]:
-    """Top-down messages ``ĥ^(R) = root``, ``ĥ^(j) = f_(j,i)^{-1}(ĥ^(i))[:m_j]``.  With forward states
-    ``h`` and observed indicators ``o`` (imputation), an observed node keeps its own forward state, so a
-    missing node is decoded from its closest observed ancestor."""
+    """Top-down messages: ``ĥ^(R) = roots[k]`` at the roots (``graph.roots`` order), then
+    ``ĥ^(i) = (1/|pa(i)|) Σ_{p∈pa(i)} f_(i,p)^{-1}(ĥ^(p))[:m_i]``.  With forward states ``h`` and observed
+    indicators ``o`` (imputation), an observed node keeps its own forward state, and a missing node averages
+    only its *informed* parents (observed, or below an observed node; all parents when none is), so a
+    missing node is decoded from its closest observed ancestors.  ``parent_msgs`` (a dict) receives the
+    per-parent messages of every non-root node (for the consistency terms)."""
     hh: list[Any] = [None] * len(graph.nodes)
-    hh[graph.root] = root
-    for node in reversed(graph.nodes[:-1]):
-        msg = flows[node.index].inverse(hh[node.parent])
-        if node.dim < graph.nodes[node.parent].dim:
-            msg = ops.take(msg, list(range(node.dim)))
-        hh[node.index] = msg if o is None else ops.where(o[node.index] > 0.5, h[node.index], msg)
+    informed: list[Any] = [None] * len(graph.nodes)
+    for r, state in zip(graph.roots, roots):
+        hh[r] = state
+        if o is not None:
+            informed[r] = o[r]
+    for node in reversed(graph.nodes):
+        if not node.parents:
+            continue
+        msgs = []
+        for e in graph.out_edges[node.index]:
+            msg = flows[e].inverse(hh[graph.edges[e][1]])
+            if node.dim < graph.nodes[graph.edges[e][1]].dim:
+                msg = ops.take(msg, list(range(node.dim)))
+            msgs.append(msg)
+        if parent_msgs is not None:
+            parent_msgs[node.index] = msgs
+        avg = msgs[0] if len(msgs) == 1 else sum(msgs) / len(msgs)
+        if o is None:
+            hh[node.index] = avg
+            continue
+        if len(msgs) > 1:
+            w = [informed[p] for p in node.parents]
+            den = sum(w)
+            avg = ops.where(den > 0.5, sum(wi * m for wi, m in zip(w, msgs)) / ops.maximum(den, 1.0), avg)
+            informed[node.index] = ops.minimum(o[node.index] + den, 1.0)
+        else:
+            informed[node.index] = ops.minimum(o[node.index] + informed[node.parents[0]], 1.0)
+        hh[node.index] = ops.where(o[node.index] > 0.5, h[node.index], avg)
     return hh
 
 
@@ -288,16 +380,19 @@ def recon_nll(ops: ArrayOps, x: Any, xhat: Any, w: Any, likelihood: str, sigma: 
     return ops.sum(w * (ops.softplus(xhat) - x * xhat))  # −[x log σ(x̂) + (1−x) log(1−σ(x̂))]
 
 
-def kl_terms(graph: Graph, ops: ArrayOps, h: list[Any], hh: list[Any], o: list[Any] | None) -> Any:
-    """Per-row ``Σ_{internal i≠R} o_i (‖h^(i) − ĥ^(i)‖₁ + m_i log 2) − log N(h^(R); 0, I)``."""
+def kl_terms(graph: Graph, ops: ArrayOps, h: list[Any], parent_msgs: dict[int, list[Any]], o: list[Any] | None
+             ) -> Any:
+    """Per-row ``Σ_{internal i∉roots} o_i mean_{p∈pa(i)} (‖h^(i) − f_(i,p)^{-1}(ĥ^(p))‖₁ + m_i log 2)
+    − Σ_{R∈roots} o_R log N(h^(R); 0, I)`` (Laplace consistency averaged over the parents; Gaussian roots)."""
     total = 0.0
     for node in graph.nodes:
         if node.is_leaf:
             continue
-        if node.index == graph.root:
+        if not node.parents:
             term = ops.sum(0.5 * h[node.index] * h[node.index]) + 0.5 * node.dim * LOG_2PI
         else:
-            term = ops.sum(ops.abs(h[node.index] - hh[node.index])) + node.dim * LOG2
+            msgs = parent_msgs[node.index]
+            term = sum(ops.sum(ops.abs(h[node.index] - m)) for m in msgs) / len(msgs) + node.dim * LOG2
         if o is not None and o[node.index] is not None:
             term = term * o[node.index][..., 0]
         total = total + term
@@ -306,30 +401,34 @@ def kl_terms(graph: Graph, ops: ArrayOps, h: list[Any], hh: list[Any], o: list[A
 
 def negative_elbo(
     graph: Graph, flows: Sequence[EdgeFlow], ops: ArrayOps, x: Any, col_obs: Any, keep: Any | None,
-    beta: float, likelihood: str, sigma: float,
+    beta: float, likelihood: str, sigma: float, reduce: bool = True,
 ) -> Any:
-    """Mean over rows of the negative ELBO.  ``col_obs``: ``[n, d]`` 0/1 observed entries (``x`` zero-filled
-    there).  ``keep`` None: plain step (forward over the observed sections, top-down decoding, reconstruct
-    every observed entry).  ``keep`` ``[n, n_leaves]`` 0/1 (Alg. 2): forward over the kept sections only,
-    reconstruct the observed-but-dropped sections from their closest kept ancestor, KL on the kept nodes."""
+    """Mean over rows (per row with ``reduce=False``) of the negative ELBO.  ``col_obs``: ``[n, d]`` 0/1
+    observed entries (``x`` zero-filled there).  ``keep`` None: plain step (forward over the observed
+    sections, top-down decoding from the roots, reconstruct every observed entry).  ``keep``
+    ``[n, n_leaves]`` 0/1 (Alg. 2): forward over the kept sections only, reconstruct the observed-but-dropped
+    sections from their closest kept ancestors, KL on the kept nodes."""
     leaf_obs = leaf_obs_from_cols(graph, ops, col_obs)
     fwd_obs = leaf_obs if keep is None else leaf_obs * keep
     h, o = forward_messages(graph, flows, ops, x, fwd_obs)
-    hh = backward_messages(graph, flows, ops, h[graph.root])
-    kl = kl_terms(graph, ops, h, hh, o)
+    roots = [h[r] for r in graph.roots]
+    pm: dict[int, list[Any]] = {}
+    hh = backward_messages(graph, flows, ops, roots, parent_msgs=pm)
+    kl = kl_terms(graph, ops, h, pm, o)
     if keep is None:
         rec = recon_nll(ops, x, leaf_output(graph, ops, hh), col_obs, likelihood, sigma)
     else:
-        hi = backward_messages(graph, flows, ops, h[graph.root], h, o)
+        hi = backward_messages(graph, flows, ops, roots, h, o)
         w = col_obs * cols_from_leaves(graph, ops, 1.0 - keep)
         rec = recon_nll(ops, x, leaf_output(graph, ops, hi), w, likelihood, sigma)
-    return ops.mean(rec + beta * kl)
+    out = rec + beta * kl
+    return ops.mean(out) if reduce else out
 
 
-def random_keep(rng: np.random.Generator, n: int, n_leaves: int) -> np.ndarray:
-    """Alg. 2's random observed subsets O: each section kept w.p. 1/2, at least one kept and (with two or
-    more sections) at least one dropped per row.  ``[n, n_leaves]`` of 0/1."""
-    keep = (rng.random((n, n_leaves)) < 0.5).astype(np.float32)
+def random_keep(rng: np.random.Generator, n: int, n_leaves: int, drop: float = 0.5) -> np.ndarray:
+    """Alg. 2's random observed subsets O: each section dropped w.p. ``drop`` (the paper: 1/2), at least one
+    kept and (with two or more sections) at least one dropped per row.  ``[n, n_leaves]`` of 0/1."""
+    keep = (rng.random((n, n_leaves)) >= drop).astype(np.float32)
     if n_leaves == 1:
         return np.ones((n, 1), np.float32)
     rows = np.arange(n)
@@ -403,12 +502,30 @@ def _torch_flow_modules() -> tuple[Any, Any]:
         def inverse(self, y: Any) -> Any:
             return (y - self.shift) * (-self.log_scale).exp()
 
+    class BoundedHyper(nn.Module):
+        """A Pyro ``DenseNN`` hypernet whose log-scale output is bounded smoothly, ``c·tanh(u/c)`` (Pyro's
+        own hard clamp would then never bind; a hard clamp kills the gradient at the bound).  With
+        ``identity_init`` its last layer starts at zero: every coupling starts as the identity."""
+
+        def __init__(self, net: Any, clip: float, identity_init: bool) -> None:
+            super().__init__()
+            self.net = net
+            self.clip = clip
+            if identity_init:
+                with torch.no_grad():
+                    net.layers[-1].weight.zero_()
+                    net.layers[-1].bias.zero_()
+
+        def forward(self, x: Any) -> Any:
+            mean, u = self.net(x)
+            return mean, self.clip * torch.tanh(u / self.clip)
+
     class TorchEdgeFlow(nn.Module):
         """``blocks`` Pyro ``AffineCoupling`` layers (hypernet: 3-layer ReLU MLP of width ``hidden``) with a
         Pyro ``Permute`` (reversal) between blocks; identity with ``blocks=0``; elementwise affine for m = 1.
         Pyro's transform cache is switched off so ``inverse`` always runs the analytic inverse."""
 
-        def __init__(self, dim: int, hidden: int, blocks: int, clip: float) -> None:
+        def __init__(self, dim: int, hidden: int, blocks: int, clip: float, identity_init: bool = True) -> None:
             super().__init__()
             from pyro.distributions.transforms import AffineCoupling
             from pyro.nn import DenseNN
@@ -425,7 +542,8 @@ def _torch_flow_modules() -> tuple[Any, Any]:
             split = dim // 2
             self.register_buffer("perm", torch.arange(dim - 1, -1, -1))
             for b in range(blocks):
-                hyper = DenseNN(split, [hidden, hidden], param_dims=[dim - split, dim - split])
+                hyper = BoundedHyper(DenseNN(split, [hidden, hidden], param_dims=[dim - split, dim - split]), clip,
+                                     identity_init)
                 cpl = AffineCoupling(split, hyper, log_scale_min_clip=-clip, log_scale_max_clip=clip)
                 cpl._cache_size = 0  # no cached x ↔ y pairs: inverse() is always computed
                 self.layers.append(cpl)
@@ -459,17 +577,14 @@ def _torch_flow_modules() -> tuple[Any, Any]:
     return TorchEdgeFlow, ElementwiseAffine
 
 
-def _make_torch_flows(graph: Graph, hidden: int, blocks: int, clip: float, device: Any, dtype: Any, seed: int) -> Any:
+def _make_torch_flows(graph: Graph, hidden: int, blocks: int, clip: float, device: Any, dtype: Any, seed: int,
+                      identity_init: bool = True) -> Any:
     import torch
 
     edge_flow, _ = _torch_flow_modules()
     torch.manual_seed(seed)
-    mods = torch.nn.ModuleList()
-    for node in graph.nodes:
-        if node.parent is None:
-            mods.append(torch.nn.Identity())  # placeholder: the root has no edge
-        else:
-            mods.append(edge_flow(graph.nodes[node.parent].dim, hidden, blocks, clip))
+    mods = torch.nn.ModuleList([edge_flow(graph.nodes[p].dim, hidden, blocks, clip, identity_init)
+                                for _, p in graph.edges])  # one flow per edge, on the parent's dimension
     return mods.to(device=device, dtype=dtype)
 
 
@@ -504,13 +619,15 @@ class VFG:
         hidden: int = 64,
         blocks: int = 4,
         beta: float = 1.0,
-        masking: bool = False,
+        masking: bool | float = False,
         likelihood: str = "gaussian",
         sigma: float = 1.0,
         standardize: bool | None = None,
         min_dim: int = 2,
         log_scale_clip: float = 2.0,
         clip_grad: float | None = 10.0,
+        identity_init: bool = True,
+        mask_drop: float = 0.5,
     ) -> None:
         if backend not in ("torch", "jax"):
             raise ValueError(f"backend must be 'torch' or 'jax', got {backend!r}")
@@ -526,7 +643,15 @@ class VFG:
         self.hidden = hidden
         self.blocks = blocks
         self.beta = float(beta)
-        self.masking = masking
+        frac = 0.5 if masking is True else float(masking)
+        if not 0.0 <= frac <= 1.0:
+            raise ValueError(f"masking must be a bool or the fraction of masked steps in [0, 1], got {masking!r}")
+        self.masking = frac
+        self.identity_init = identity_init
+        if not 0.0 < mask_drop < 1.0:
+            raise ValueError(f"mask_drop (the probability of dropping a section in a masked step) must be in (0, 1), "
+                             f"got {mask_drop}")
+        self.mask_drop = float(mask_drop)
         self.likelihood = likelihood
         self.sigma = float(sigma)
         self.standardize = (likelihood == "gaussian") if standardize is None else standardize
@@ -541,6 +666,9 @@ class VFG:
         learning_rate: float = 1e-3,
         seed: int = 0,
         progress: bool = True,
+        validation: float = 0.0,
+        patience: int | None = None,
+        lr_decay: bool = True,
     ) -> VFGFit:
         """Minibatch Adam on the negative ELBO; NaN entries of ``x`` are treated as missing (the sections
         holding them are left out of the forward pass and of the reconstruction).  Torch: runs on
@@ -548,10 +676,13 @@ class VFG:
         if self.backend == "jax":
             from latentfit.integrations.vfg_jax import fit_jax
 
-            return fit_jax(self, x, num_epochs, batch_size, learning_rate, seed, progress)
-        return self._fit_torch(x, num_epochs, batch_size, learning_rate, seed, progress)
+            return fit_jax(self, x, num_epochs, batch_size, learning_rate, seed, progress, validation, patience,
+                           lr_decay)
+        return self._fit_torch(x, num_epochs, batch_size, learning_rate, seed, progress, validation, patience,
+                               lr_decay)
 
-    def _fit_torch(self, x: Any, num_epochs: int, batch_size: int, lr: float, seed: int, progress: bool) -> VFGFit:
+    def _fit_torch(self, x: Any, num_epochs: int, batch_size: int, lr: float, seed: int, progress: bool,
+                   validation: float, patience: int | None, lr_decay: bool) -> VFGFit:
         import torch
 
         x = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
@@ -560,7 +691,8 @@ class VFG:
         xn = x.detach().cpu().double().numpy()
         loc, scale = _validate_data(self, xn)
         ops = TorchOps()
-        flows = _make_torch_flows(self.graph, self.hidden, self.blocks, self.log_scale_clip, x.device, x.dtype, seed)
+        flows = _make_torch_flows(self.graph, self.hidden, self.blocks, self.log_scale_clip, x.device, x.dtype, seed,
+                                  self.identity_init)
         col_obs = (~torch.isnan(x)).to(x.dtype)
         loc_t, scale_t = torch.as_tensor(loc, dtype=x.dtype, device=x.device), torch.as_tensor(scale, dtype=x.dtype,
                                                                                                device=x.device)
@@ -568,24 +700,42 @@ class VFG:
         params = list(flows.parameters())
         opt = torch.optim.Adam(params, lr=lr) if params else None
         rng = np.random.default_rng(seed)
-        n = x.shape[0]
+        tr_idx, va_idx = _split_validation(rng, x.shape[0], validation)
+        n = len(tr_idx)
         bs = min(batch_size, n)
+        total = num_epochs * math.ceil(n / bs)
         history: list[float] = []
+        val_history: list[float] = []
         n_leaves = len(self.graph.leaves)
+        va_keep = None
+        if va_idx is not None and self.masking and n_leaves > 1:
+            va_keep = torch.as_tensor(random_keep(rng, len(va_idx), n_leaves, self.mask_drop), dtype=x.dtype,
+                                      device=x.device)
+        best: tuple[float, Any] | None = None
+        stale = 0
         step = 0
         t0 = time.perf_counter()
         bar = _progress(num_epochs, progress, "VFG")
+        good = {k: t.detach().clone() for k, t in flows.state_dict().items()}  # last finite epoch's weights
+        lr_scale, restarts = 1.0, 0
         for _ in range(num_epochs):
-            perm = torch.as_tensor(rng.permutation(n), device=x.device)
+            perm = torch.as_tensor(tr_idx[rng.permutation(n)], device=x.device)
             acc = np.zeros((2, 2))  # [plain, masked] × [loss sum, rows]
+            diverged = False
             for s in range(0, n, bs):
                 idx = perm[s:s + bs]
                 keep = None
-                if self.masking and step % 2 == 1 and n_leaves > 1:
-                    keep = torch.as_tensor(random_keep(rng, len(idx), n_leaves), dtype=x.dtype, device=x.device)
+                if _masked_step(step, self.masking) and n_leaves > 1:
+                    keep = torch.as_tensor(random_keep(rng, len(idx), n_leaves, self.mask_drop), dtype=x.dtype,
+                                           device=x.device)
                 loss = negative_elbo(self.graph, flows, ops, xs[idx], col_obs[idx], keep, self.beta,
                                      self.likelihood, self.sigma)
+                if not math.isfinite(float(loss.detach())):
+                    diverged = True
+                    break
                 if opt is not None:
+                    for g in opt.param_groups:
+                        g["lr"] = lr_scale * _lr_at(lr, step, total, lr_decay)
                     opt.zero_grad()
                     loss.backward()
                     if self.clip_grad:
@@ -593,13 +743,68 @@ class VFG:
                     opt.step()
                 acc[keep is not None] += np.array([float(loss.detach()) * len(idx), len(idx)])
                 step += 1
+            if diverged:  # back to the last finite weights, a fresh Adam state and half the learning rate
+                restarts += 1
+                if restarts > 5:
+                    raise RuntimeError("VFG training diverged (non-finite loss) 6 times despite halving the learning "
+                                       f"rate each time (now {lr * lr_scale:.2g}): lower learning_rate or "
+                                       "log_scale_clip, or standardise the data")
+                flows.load_state_dict(good)
+                opt = torch.optim.Adam(params, lr=lr) if params else None
+                lr_scale *= 0.5
+                continue
+            good = {k: t.detach().clone() for k, t in flows.state_dict().items()}
             history.append(_epoch_loss(acc))
+            if va_idx is not None:
+                with torch.no_grad():
+                    vi = torch.as_tensor(va_idx, device=x.device)
+                    v = float(negative_elbo(self.graph, flows, ops, xs[vi], col_obs[vi], None, self.beta,
+                                            self.likelihood, self.sigma))
+                    if va_keep is not None:
+                        v += float(negative_elbo(self.graph, flows, ops, xs[vi], col_obs[vi], va_keep, self.beta,
+                                                 self.likelihood, self.sigma))
+                val_history.append(v)
+                if best is None or v < best[0] or not math.isfinite(best[0]):
+                    best, stale = (v, {k: t.detach().clone() for k, t in flows.state_dict().items()}), 0
+                else:
+                    stale += 1
+                if patience is not None and stale >= patience:
+                    break
             bar.set_postfix(loss=f"{history[-1]:.4g}")
             bar.update()
         bar.close()
+        if best is not None:
+            flows.load_state_dict(best[1])
         fit = VFGFit(self, flows, ops, loc, scale, history, time.perf_counter() - t0)
         fit.device, fit.dtype = x.device, x.dtype
+        fit.val_history = val_history
         return fit
+
+
+def _masked_step(step: int, frac: float) -> bool:
+    """Whether step ``step`` is an Alg. 2 (masked) step: a deterministic schedule with a fraction ``frac``
+    of masked steps (``frac = 0.5``: every other step, the odd ones)."""
+    return math.floor((step + 1) * frac + 1e-9) > math.floor(step * frac + 1e-9)
+
+
+def _lr_at(lr: float, step: int, total: int, decay: bool) -> float:
+    """Cosine decay from ``lr`` to ``lr/10`` over the run (``decay``), else constant."""
+    if not decay or total <= 1:
+        return lr
+    return lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * step / (total - 1))))
+
+
+def _split_validation(rng: np.random.Generator, n: int, frac: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """Row indices for training and (``frac > 0``) a held-out validation set for early stopping."""
+    if not 0.0 <= frac < 1.0:
+        raise ValueError(f"validation must be a fraction in [0, 1), got {frac}")
+    if frac == 0.0:
+        return np.arange(n), None
+    k = int(round(frac * n))
+    if k < 1 or n - k < 2:
+        raise ValueError(f"validation={frac} leaves {k} validation and {n - k} training rows: need >= 1 and >= 2")
+    perm = rng.permutation(n)
+    return np.sort(perm[k:]), np.sort(perm[:k])
 
 
 def _epoch_loss(acc: np.ndarray) -> float:
@@ -643,6 +848,7 @@ class VFGFit:
         self.loc = loc
         self.scale = scale
         self.history = history
+        self.val_history: list[float] = []  # per epoch, the validation loss (plain + masked −ELBO) if any
         self.seconds = seconds
         self.device: Any = None
         self.dtype: Any = None
@@ -681,7 +887,7 @@ class VFGFit:
     def edge_flows(self) -> dict[tuple[int, int], EdgeFlow]:
         """The flow of each edge ``(child, parent)`` (``forward``: child → parent, ``inverse``: back)."""
         fl = self._flows()
-        return {(c, p): fl[c] for c, p in self.graph.edges}
+        return {e: fl[k] for k, e in enumerate(self.graph.edges)}
 
     def _standardise(self, x: Any) -> Any:
         loc, scale = self._array(self.loc), self._array(self.scale)
@@ -695,8 +901,9 @@ class VFGFit:
 
     # -- inference -----------------------------------------------------------------------------------
     def encode(self, x: Any, all_nodes: bool = False) -> Any:
-        """Forward messages: the root state ``h^(R)`` ``[n, m_R]`` (or every node's state); NaN entries are
-        missing (their sections are left out of the averages)."""
+        """Forward messages: the latent state ``[n, m]`` — the root's ``h^(R)``, or with several roots (a DAG)
+        their states concatenated in ``graph.roots`` order — or every node's state (``all_nodes``); NaN
+        entries are missing (their sections are left out of the averages)."""
         x = self._array(x)
         self._check_width(x.shape, "x")
         with self._no_grad():
@@ -704,53 +911,69 @@ class VFGFit:
             obs = self._isfinite(xs)
             h, _ = forward_messages(self.graph, self._flows(), self.ops, self._fill(xs, obs),
                                     leaf_obs_from_cols(self.graph, self.ops, obs))
-        return h if all_nodes else h[self.graph.root]
+        if all_nodes:
+            return h
+        roots = [h[r] for r in self.graph.roots]
+        return roots[0] if len(roots) == 1 else self.ops.concat(roots)
+
+    def _split_roots(self, h: Any) -> list[Any]:
+        dims = [self.graph.nodes[r].dim for r in self.graph.roots]
+        out, s = [], 0
+        for m in dims:
+            out.append(self.ops.take(h, list(range(s, s + m))))
+            s += m
+        return out
 
     def decode(self, h: Any) -> Any:
-        """Backward messages from a root state ``[n, m_R]`` to the data ``x̂`` ``[n, d]`` (original units)."""
+        """Backward messages from a latent state ``[n, m]`` (the roots' states, concatenated) to the data
+        ``x̂`` ``[n, d]`` (original units)."""
         h = self._array(h)
-        m = self.graph.nodes[self.graph.root].dim
+        m = self.graph.root_dim
         if h.ndim != 2 or h.shape[1] != m:
             raise ValueError(f"h must have shape [n, {m}] (the root's dimension), got {tuple(h.shape)}")
         with self._no_grad():
-            hh = backward_messages(self.graph, self._flows(), self.ops, h)
+            hh = backward_messages(self.graph, self._flows(), self.ops, self._split_roots(h))
             return self._unstandardise(leaf_output(self.graph, self.ops, hh))
 
     def reconstruct(self, x: Any) -> Any:
         """``decode(encode(x))``."""
         return self.decode(self.encode(x))
 
+    def _mask(self, x: Any, mask: Any) -> Any:
+        if mask is None:
+            return self._isfinite(x)
+        mask = self._array(mask) > 0.5
+        if tuple(mask.shape) != tuple(x.shape):
+            raise ValueError(f"mask must have the shape of x {tuple(x.shape)}, got {tuple(mask.shape)}")
+        return mask & self._isfinite(x)
+
     def impute(self, x: Any, mask: Any = None) -> Any:
         """Fill the entries of ``x`` where ``mask`` is False (True = observed; default: the non-NaN entries):
         forward over the observed sections, decode every missing section from its closest observed
-        ancestor (a partially observed section counts as missing; its observed entries are kept)."""
+        ancestor(s) (averaged over informed parents in a DAG; a partially observed section counts as
+        missing, its observed entries are kept).  A row with nothing observed gets the decoded prior mean
+        (roots at 0).  This is the paper's deterministic imputation, the posterior-mean-like point estimate."""
         x = self._array(x)
         self._check_width(x.shape, "x")
-        if mask is None:
-            mask = self._isfinite(x)
-        else:
-            mask = self._array(mask) > 0.5
-            if tuple(mask.shape) != tuple(x.shape):
-                raise ValueError(f"mask must have the shape of x {tuple(x.shape)}, got {tuple(mask.shape)}")
-            mask = mask & self._isfinite(x)
+        mask = self._mask(x, mask)
         with self._no_grad():
             xs = self._fill(self._standardise(x), mask)
             obs = mask * 1.0
             h, o = forward_messages(self.graph, self._flows(), self.ops, xs, leaf_obs_from_cols(self.graph, self.ops,
                                                                                                  obs))
-            root = self.ops.where(o[self.graph.root] > 0.5, h[self.graph.root], h[self.graph.root] * 0.0)
-            hh = backward_messages(self.graph, self._flows(), self.ops, root, h, o)
+            roots = [self.ops.where(o[r] > 0.5, h[r], h[r] * 0.0) for r in self.graph.roots]
+            hh = backward_messages(self.graph, self._flows(), self.ops, roots, h, o)
             xhat = self._unstandardise(leaf_output(self.graph, self.ops, hh))
             return self.ops.where(mask, x, xhat)
 
     def sample(self, n: int, seed: int = 0) -> Any:
-        """``h^(R) ~ N(0, I)``, decoded: ``n`` draws ``[n, d]``."""
-        m = self.graph.nodes[self.graph.root].dim
-        z = np.random.default_rng(seed).standard_normal((n, m))
+        """Roots ``h^(R) ~ N(0, I)``, decoded: ``n`` draws ``[n, d]``."""
+        z = np.random.default_rng(seed).standard_normal((n, self.graph.root_dim))
         return self.decode(z)
 
     def negative_elbo(self, x: Any) -> float:
-        """The plain objective (mean over rows) on ``x`` (NaN = missing)."""
+        """The plain objective (mean over rows, with the model's β) on ``x`` (NaN = missing), on the
+        standardised scale the model was trained on."""
         x = self._array(x)
         with self._no_grad():
             xs = self._standardise(x)
@@ -758,6 +981,24 @@ class VFGFit:
             val = negative_elbo(self.graph, self._flows(), self.ops, self._fill(xs, obs), obs * 1.0, None,
                                 self.model.beta, self.model.likelihood, self.model.sigma)
         return float(val)
+
+    def log_prob(self, x: Any, mask: Any = None) -> Any:
+        """Per-row ELBO ``[n]`` of ``x`` in its original units — the paper's bound on ``log p(x)``, not an
+        exact density: ``log N(x_O; x̂, σ²) − Σ_{i∉roots} mean_p (‖h^(i) − ĥ_p^(i)‖₁ + m_i log 2)
+        + Σ_R log N(h^(R); 0, I) − Σ_{c∈O} log s_c`` with β = 1 (the bound, whatever β the training used),
+        deterministic states (the entropy of q is dropped, as in the paper), the observed entries ``O``
+        only (``mask`` / non-NaN), and ``s_c`` the standardisation scales (change of variables to the data's
+        units).  A Bernoulli model is not standardised (``s_c = 1``)."""
+        x = self._array(x)
+        self._check_width(x.shape, "x")
+        mask = self._mask(x, mask)
+        with self._no_grad():
+            xs = self._fill(self._standardise(x), mask)
+            obs = mask * 1.0
+            nelbo = negative_elbo(self.graph, self._flows(), self.ops, xs, obs, None, 1.0, self.model.likelihood,
+                                  self.model.sigma, reduce=False)
+            log_s = self._array(np.log(self.scale))
+            return -nelbo - self.ops.sum(obs * log_s)
 
     # -- small helpers -------------------------------------------------------------------------------
     def _isfinite(self, x: Any) -> Any:
@@ -875,3 +1116,39 @@ def synthetic_imputation_data(n: int = 1300, seed: int = 0) -> np.ndarray:
     z2 = 1.0 + 2.0 * rng.standard_normal(n)
     cols = [z1, z1, 2 * np.sin(z1), 2 * np.sin(z1), z2, z2, z2**2, z2**2]
     return np.stack(cols, 1).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the issue's linear Gaussian Bayesian network
+# ----------------------------------------------------------------------------------------------------
+#: column order of :func:`gaussian_network_data`
+GAUSSIAN_NETWORK_COLUMNS = ["A", "B", "C", "D", "E", "F", "G"]
+#: the network's DAG as a VFG DAG: one leaf per variable, one aggregation node per family (a node and its
+#: parents); A, B and D belong to two families each, so their leaves have two parents
+GAUSSIAN_NETWORK_DAG: dict[str, list[Any]] = {
+    **{v: [j] for j, v in enumerate(GAUSSIAN_NETWORK_COLUMNS)},
+    "family_C": ["A", "B", "C"],
+    "family_D": ["B", "D"],
+    "family_F": ["A", "D", "E", "G", "F"],
+}
+
+
+def gaussian_network_data(n: int = 5000, seed: int = 0) -> np.ndarray:
+    """``A ~ N(1, 1)``, ``B ~ N(2, 3)``, ``E ~ N(3.5, 2)``, ``G ~ N(3.5, 2)``, ``C = 2(A + B) + N(2, 0.5)``,
+    ``D = 8B + N(6, 0.33)``, ``F = 2A + D + E + 1.5G + N(0, 1)`` (second argument: the standard deviation,
+    as R's ``rnorm``; bnlearn's ``gaussian.test`` network): ``[n, 7]`` float64, columns A…G."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(1.0, 1.0, n)
+    b = rng.normal(2.0, 3.0, n)
+    e = rng.normal(3.5, 2.0, n)
+    g = rng.normal(3.5, 2.0, n)
+    c = 2.0 * (a + b) + rng.normal(2.0, 0.5, n)
+    d = 8.0 * b + rng.normal(6.0, 0.33, n)
+    f = 2.0 * a + d + e + 1.5 * g + rng.normal(0.0, 1.0, n)
+    return np.stack([a, b, c, d, e, f, g], 1)
+
+
+def gaussian_network_conditional_f(x: np.ndarray) -> np.ndarray:
+    """The exact conditional mean ``E[F | A, B, C, D, E, G] = 2A + D + E + 1.5G`` (F's parents are
+    observed and F has no children; conditional variance 1: the noise floor of F's imputation)."""
+    return 2.0 * x[:, 0] + x[:, 3] + x[:, 4] + 1.5 * x[:, 6]

@@ -15,7 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from latentfit.integrations.vfg import VFG, VFGFit, _epoch_loss, _progress, _validate_data, negative_elbo, random_keep
+from latentfit.integrations.vfg import (
+    VFG,
+    VFGFit,
+    _epoch_loss,
+    _masked_step,
+    _progress,
+    _split_validation,
+    _validate_data,
+    negative_elbo,
+    random_keep,
+)
 
 
 def _require() -> tuple[Any, Any, Any, Any]:
@@ -109,24 +119,30 @@ def _bounded_affine(c: float) -> Any:
 
 
 def make_flows(model: VFG, key: Any) -> list[Any]:
-    """One flowjax bijection per node (its edge to the parent; None for the root and identity edges)."""
-    jax, _, fb, _ = _require()
+    """One flowjax bijection per edge of ``model.graph.edges`` (None: an identity edge, ``blocks=0``), on the
+    parent's dimension."""
+    jax, eqx, fb, _ = _require()
     import jax.numpy as jnp
 
     flows: list[Any] = []
-    for node in model.graph.nodes:
-        if node.parent is None or model.blocks == 0:
+    for _, parent in model.graph.edges:
+        if model.blocks == 0:
             flows.append(None)
             continue
-        dim = model.graph.nodes[node.parent].dim
+        dim = model.graph.nodes[parent].dim
         if dim == 1:
             flows.append(fb.Affine(jnp.zeros(1), jnp.ones(1)))
             continue
         parts: list[Any] = []
         for b in range(model.blocks):
             key, sub = jax.random.split(key)
-            parts.append(fb.Coupling(sub, transformer=_bounded_affine(model.log_scale_clip), untransformed_dim=dim // 2,
-                                     dim=dim, nn_width=model.hidden, nn_depth=2, nn_activation=jax.nn.relu))
+            cpl = fb.Coupling(sub, transformer=_bounded_affine(model.log_scale_clip), untransformed_dim=dim // 2,
+                              dim=dim, nn_width=model.hidden, nn_depth=2, nn_activation=jax.nn.relu)
+            if model.identity_init:  # last conditioner layer at zero: the coupling starts as the identity
+                last = cpl.conditioner.layers[-1]
+                cpl = eqx.tree_at(lambda c: (c.conditioner.layers[-1].weight, c.conditioner.layers[-1].bias), cpl,
+                                  (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)))
+            parts.append(cpl)
             if b < model.blocks - 1:
                 parts.append(fb.Permute(jnp.arange(dim - 1, -1, -1)))
         flows.append(fb.Chain(parts))
@@ -139,8 +155,10 @@ def bound_flows(flows: list[Any]) -> list[_Bound]:
     return [_Bound(None if f is None else paramax.unwrap(f)) for f in flows]
 
 
-def fit_jax(model: VFG, x: Any, num_epochs: int, batch_size: int, lr: float, seed: int, progress: bool) -> VFGFit:
-    """Minibatch ``optax.adam`` on the negative ELBO (plain and, with masking, Alg. 2 steps alternating)."""
+def fit_jax(model: VFG, x: Any, num_epochs: int, batch_size: int, lr: float, seed: int, progress: bool,
+            validation: float = 0.0, patience: int | None = None, lr_decay: bool = True) -> VFGFit:
+    """Minibatch ``optax.adam`` on the negative ELBO (plain and, with masking, Alg. 2 steps on the same
+    schedule as the torch flavour), cosine learning-rate decay, optional early stopping on held-out rows."""
     jax, eqx, _, paramax = _require()
     import jax.numpy as jnp
     import optax
@@ -153,7 +171,15 @@ def fit_jax(model: VFG, x: Any, num_epochs: int, batch_size: int, lr: float, see
     xs_np = (xn - loc) / scale
     col_obs = jnp.asarray(~np.isnan(xs_np), dtype=jnp.float32)
     xs = jnp.asarray(np.nan_to_num(xs_np, nan=0.0), dtype=jnp.float32)
-    opt = optax.chain(optax.clip_by_global_norm(model.clip_grad), optax.adam(lr)) if model.clip_grad else optax.adam(lr)
+    rng = np.random.default_rng(seed)
+    tr_idx, va_idx = _split_validation(rng, xn.shape[0], validation)
+    n = len(tr_idx)
+    bs = min(batch_size, n)
+    total = num_epochs * int(np.ceil(n / bs))
+    # the cosine decay of :func:`~latentfit.integrations.vfg._lr_at`, traced
+    adam = optax.adam((lambda t: lr * (0.1 + 0.45 * (1.0 + jnp.cos(jnp.pi * t / max(total - 1, 1)))))
+                      if lr_decay and total > 1 else lr)
+    opt = optax.chain(optax.clip_by_global_norm(model.clip_grad), adam) if model.clip_grad else adam
     opt_state = opt.init(params)
     g = model.graph
 
@@ -171,33 +197,66 @@ def fit_jax(model: VFG, x: Any, num_epochs: int, batch_size: int, lr: float, see
         return step
 
     plain, masked = make_step(False), make_step(True)
-    rng = np.random.default_rng(seed)
-    n = xn.shape[0]
-    bs = min(batch_size, n)
     n_leaves = len(g.leaves)
+    va_keep = None
+    if va_idx is not None and model.masking and n_leaves > 1:
+        va_keep = jnp.asarray(random_keep(rng, len(va_idx), n_leaves, model.mask_drop))
+    val_loss = jax.jit(lambda p, xb, ob: loss_fn(p, xb, ob, None))
+    val_masked = jax.jit(loss_fn)
     history: list[float] = []
+    val_history: list[float] = []
+    best: tuple[float, Any] | None = None
+    stale = 0
     step_i = 0
     t0 = time.perf_counter()
     bar = _progress(num_epochs, progress, "VFG")
     dummy = jnp.ones((1, n_leaves), jnp.float32)
+    good, restarts = params, 0  # the last finite epoch's weights
     for _ in range(num_epochs):
-        perm = rng.permutation(n)
+        perm = tr_idx[rng.permutation(n)]
         acc = np.zeros((2, 2))  # [plain, masked] × [loss sum, rows]
+        diverged = False
         for s in range(0, n, bs):
             idx = jnp.asarray(perm[s:s + bs])
             xb, ob = xs[idx], col_obs[idx]
-            if model.masking and step_i % 2 == 1 and n_leaves > 1:
-                keep = jnp.asarray(random_keep(rng, len(idx), n_leaves))
+            if _masked_step(step_i, model.masking) and n_leaves > 1:
+                keep = jnp.asarray(random_keep(rng, len(idx), n_leaves, model.mask_drop))
                 params, opt_state, loss = masked(params, opt_state, xb, ob, keep)
                 acc[1] += np.array([float(loss) * len(idx), len(idx)])
             else:
                 params, opt_state, loss = plain(params, opt_state, xb, ob, dummy)
                 acc[0] += np.array([float(loss) * len(idx), len(idx)])
             step_i += 1
+            if not np.isfinite(float(loss)):
+                diverged = True
+                break
+        if diverged:  # back to the last finite weights with a fresh Adam state (the torch flavour also halves
+            restarts += 1  # the learning rate; the compiled optax schedule is kept here)
+            if restarts > 5:
+                raise RuntimeError("VFG training diverged (non-finite loss) 6 times: lower learning_rate or "
+                                   "log_scale_clip, or standardise the data")
+            params, opt_state = good, opt.init(good)
+            continue
+        good = params
         history.append(_epoch_loss(acc))
+        if va_idx is not None:
+            vi = jnp.asarray(va_idx)
+            v = float(val_loss(params, xs[vi], col_obs[vi]))
+            if va_keep is not None:
+                v += float(val_masked(params, xs[vi], col_obs[vi], va_keep))
+            val_history.append(v)
+            if best is None or v < best[0] or not np.isfinite(best[0]):
+                best, stale = (v, params), 0
+            else:
+                stale += 1
+            if patience is not None and stale >= patience:
+                break
         bar.set_postfix(loss=f"{history[-1]:.4g}")
         bar.update()
     bar.close()
+    if best is not None:
+        params = best[1]
     fit = VFGFit(model, eqx.combine(params, static), ops, loc, scale, history, time.perf_counter() - t0)
     fit.dtype = jnp.float32
+    fit.val_history = val_history
     return fit
