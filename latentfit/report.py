@@ -26,6 +26,7 @@ import html
 import io
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,7 +237,7 @@ def run_information(fit: Any, **extra: Any) -> dict[str, Any]:
         info["iterations (K1, K2)"] = f"{sched.K1}, {sched.K2}"
     if hasattr(engine, "num_chains"):
         info["chains per subject"] = engine.num_chains
-    info["backend"] = type(model.ops).__name__
+    info.setdefault("backend", type(model.ops).__name__)
     info["fit time (s)"] = f"{fit.elapsed:.2f}"
     info["latentfit"] = latentfit.__version__
     info["python"] = f"{platform.python_version()} ({platform.platform()})"
@@ -249,17 +250,23 @@ def run_information(fit: Any, **extra: Any) -> dict[str, Any]:
 def write_fit_outputs(fit: Any, out_dir: str | Path, *, model_text: str = "", title: str | None = None,
                       run_info: dict[str, Any] | None = None, warnings_list: list[str] | None = None,
                       se_method: str = "lin", log_y: bool = False, vpc_simulations: int = 500,
-                      max_individual_plots: int = 36, seed: int = 0) -> dict[str, Path]:
+                      max_individual_plots: int = 36, seed: int = 0,
+                      status: Callable[[str], None] | None = None) -> dict[str, Path]:
     """Write the CSV tables, the PNG figures and ``report.html`` of an NLME fit into ``out_dir``; returns the paths
-    by name."""
+    by name.  ``status(message)`` is called before each slow step (e.g. to print it)."""
     import matplotlib.pyplot as plt
 
+    say = status or (lambda _msg: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    say(f"standard errors ({se_method})")
     est = estimates_table(fit, se_method)
     notes = {"estimates": est.attrs["note"]} if "note" in est.attrs else {}
-    tables = {"estimates": est, "likelihood": likelihood_table(fit), "shrinkage": shrinkage_table(fit),
-              "individual": individual_table(fit), "residuals": residuals_table(fit)}
+    say("log-likelihood by linearisation, importance sampling and quadrature")
+    tables = {"estimates": est, "likelihood": likelihood_table(fit)}
+    say("individual estimates, shrinkage and residuals (PRED, IPRED, IWRES, PWRES, NPDE)")
+    tables.update({"shrinkage": shrinkage_table(fit), "individual": individual_table(fit),
+                   "residuals": residuals_table(fit)})
     files = {"estimates": "estimates.csv", "likelihood": "likelihood.csv", "shrinkage": "shrinkage.csv",
              "individual": "individual_estimates.csv", "residuals": "residuals.csv"}
     paths: dict[str, Path] = {}
@@ -267,6 +274,7 @@ def write_fit_outputs(fit: Any, out_dir: str | Path, *, model_text: str = "", ti
         paths[key] = out / name
         tables[key].to_csv(paths[key], index=False)
     pngs: dict[str, bytes] = {}
+    say(f"plots (VPC: {vpc_simulations} simulated data sets)")
     for stem, fig in figures(fit, log_y=log_y, vpc_simulations=vpc_simulations,
                              max_individual_plots=max_individual_plots, seed=seed).items():
         pngs[stem] = png_bytes(fig)
