@@ -92,7 +92,7 @@ class CovariateSearch:
 
     def __repr__(self) -> str:
         chosen = _describe({(p, c): t for p, cols in self.covariates.items() for c, t in cols.items()})
-        return (f"CovariateSearch({self.direction}, {self.criterion.upper()}: {len(self.table)} models fitted, "
+        return (f"CovariateSearch({self.direction}, {self.criterion.upper()}: {len(self.table)} models visited, "
                 f"chosen {chosen})")
 
 
