@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -90,6 +91,19 @@ def _bound(cfg: Any, data: Any, path: str) -> Any:
         raise DataError(_data_error(err, path)) from None
 
 
+def _check_iterations(num_iters: tuple[int, int]) -> None:
+    """K1 must exceed SAEM's burn-in (its default, read from the engine)."""
+    import inspect
+
+    from latentfit.inference.model import ModelSpecificationError
+    from latentfit.inference.saem import SAEM
+
+    burn_in = inspect.signature(SAEM.__init__).parameters["burn_in"].default
+    if num_iters[0] <= burn_in:
+        raise ModelSpecificationError(f"iterations K1 = {num_iters[0]} must exceed SAEM's burn-in of {burn_in} "
+                                      f"iterations ([engine] iterations or --iterations K1 K2)")
+
+
 def nlme_fit(args: argparse.Namespace) -> int:
     """``latentfit nlme fit``: fit, then write the tables, plots and report."""
     import warnings
@@ -109,7 +123,9 @@ def nlme_fit(args: argparse.Namespace) -> int:
         cfg.num_chains = args.chains
     if args.backend is not None:
         cfg.backend = args.backend
+    _check_iterations(cfg.num_iters)
     model = _bound(cfg, read_table(args.data), args.data)
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # an unusable output directory fails before the fit
     print(f"{model!r}\n{cfg.engine.upper()}: K1={cfg.num_iters[0]}, K2={cfg.num_iters[1]}, seed {cfg.seed}, "
           f"backend {cfg.backend}", file=sys.stderr)
     with warnings.catch_warnings(record=True) as caught:
@@ -248,11 +264,17 @@ def main(argv: list[str] | None = None) -> int:
                 value = getattr(args, name, None)
                 if value is not None and value < 1:
                     raise ModelSpecificationError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            its = getattr(args, "iterations", None)
+            if its is not None and (its[0] < 1 or its[1] < 0):
+                raise ModelSpecificationError(f"--iterations K1 K2 needs K1 >= 1 and K2 >= 0, got {its[0]} {its[1]}")
             return args.handler(args)
-        except (ModelSpecificationError, DataError) as err:
+        except (ModelSpecificationError, DataError, OSError) as err:
             kind = "data error" if isinstance(err, DataError) else "error"
             print(f"latentfit nlme {args.nlme_command}: {kind}: {' '.join(str(err).split())}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print(f"latentfit nlme {args.nlme_command}: interrupted", file=sys.stderr)
+            return 130
     parser.print_help()
     return 1
 

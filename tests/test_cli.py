@@ -246,6 +246,27 @@ def test_bad_data_file_names_the_column_and_the_line(tmp_path, capsys):
     assert "column 'TIME' (role 'time') is not in the data" in err
 
 
+def test_bad_options_and_output_paths_are_one_line_errors(tmp_path, capsys):
+    err = _fail(["nlme", "fit", str(TOML), str(DATA), "--out", str(tmp_path / "o"), "--iterations", "0", "5"], capsys)
+    assert "--iterations K1 K2 needs K1 >= 1 and K2 >= 0, got 0 5" in err
+    err = _fail(["nlme", "fit", str(TOML), str(DATA), "--out", str(tmp_path / "o"), "--iterations", "5", "5"], capsys)
+    assert "iterations K1 = 5 must exceed SAEM's burn-in of 5 iterations" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    err = _fail(["nlme", "fit", str(TOML), str(DATA), "--out", str(blocker / "sub"), "--iterations", "6", "0",
+                 "--no-progress"], capsys)
+    assert "error:" in err and "file/sub" in err
+
+
+def test_python_310_without_tomli_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "version_info", (3, 10, 0))
+    monkeypatch.setitem(sys.modules, "tomli", None)
+    with pytest.raises(ConfigError, match=r"Python 3\.10 needs the 'tomli' package: pip install tomli"):
+        parse_config(BASE)
+
+
 def test_estimates_of_another_model_are_refused(run, tmp_path, capsys):
     out, _ = run
     other = _write(tmp_path, BASE)  # no covariate: beta_V_WT is not a parameter of this model
@@ -288,6 +309,13 @@ def test_user_structural_file_blocks_fixed_and_categorical_covariates(tmp_path):
     z = lib.prior_moments(lib.init_params())[0]
     np.testing.assert_allclose(user.structural_prediction(theta, z).numpy(),
                                lib.structural_prediction(lib.init_params(), z).numpy(), rtol=1e-12)
+    # estimates of a block-Ω model: Omega[i,j] entries reassembled into the matrix
+    labels = [(n, float(v)) for n, v in theta.items() if np.ndim(v) == 0]
+    omega = np.asarray(theta["Omega"])
+    labels += [(f"Omega[{i},{j}]", float(omega[i, j])) for i in range(3) for j in range(3)]
+    pd.DataFrame(labels, columns=["parameter", "estimate"]).to_csv(tmp_path / "estimates.csv", index=False)
+    back = read_estimates(tmp_path, user)
+    assert set(back) == set(theta) and np.array_equal(back["Omega"], omega)
     with pytest.raises(ConfigError, match=r"line 3: \[model\] function 'orl' is not defined in .*pk.py.*\['oral'\]"):
         parse_config(text.replace('"oral"', '"orl"'), tmp_path / "m.toml")
 
