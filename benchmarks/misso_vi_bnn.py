@@ -2,6 +2,7 @@
 """MISSO-VI on a Bayesian neural network (issue 11, item 5): negative ELBO per epoch against MC-SAG, MC-Adam, BBB and Pyro SVI.
 
     python benchmarks/misso_vi_bnn.py [--full] [--epochs E] [--seed 0] [--threads 1] [--block-eval auto|mask|block]
+                                      [--methods MISSO,Adam,...] [--ppl pyro|numpyro]
 
 What it measures
 ----------------
@@ -26,6 +27,11 @@ Methods, all from the same start, each for ``E`` epochs over blocks / mini-batch
 Reported: the full negative ELBO (``Trace_ELBO`` with 10 draws on all 1437 images, same evaluator for every
 method) at the start and after epochs 1, 5, 10, ..., the test accuracy of the posterior predictive (mean of the
 softmax over 32 draws of the guide) at the end, and the wall time (training and the per-epoch evaluations).
+
+``--ppl numpyro`` runs the same model, guide, start, blocks and step sizes in NumPyro (``latentfit.numpyro``'s
+``MISSOVI``; ``numpyro.infer.SVI`` with ``optax.adam``, ``latentfit.optim.amsgrad`` / ``opt_amsgrad`` /
+``hwa``); its times include JAX compilation (one epoch of the four-row smoke run on this loaded machine: MISSO
+176 s, OPT-AMSGrad 152 s, HWA 48 s, almost all compilation), so it was not run to 10 epochs here.
 
 ``--block-eval`` chooses how MISSOVI evaluates a block's gradient: ``mask`` runs model and guide over all N
 images with the likelihood masked outside the block (the general rule, cost ∝ N), ``block`` substitutes the
@@ -75,6 +81,8 @@ import os
 import sys
 import time
 import warnings
+
+import numpy as np
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 warnings.filterwarnings("ignore")
@@ -217,6 +225,93 @@ def run_svi(name: str, data: dict, epochs: int, seed: int, ev: Evaluator) -> dic
     return {"curve": curve, "acc": ev.accuracy(guide), "time": wall, "eval": "-"}
 
 
+# ----- the NumPyro twin (--ppl numpyro) ------------------------------------------------------------------------
+def numpyro_rows(names: list[str], data: dict, epochs: int, seed: int) -> dict:
+    """The same model, guide (AutoNormal, same starting locs), blocks and step sizes in NumPyro: MISSOVI (its block
+    gradients jit-compiled over a block mask) and ``numpyro.infer.SVI`` with optax ``adam``, ``latentfit.optim``'s
+    ``amsgrad`` / ``opt_amsgrad`` / ``hwa(adam)``; times include JAX compilation."""
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as ndist
+    import optax
+    from numpyro.infer import SVI as NSVI
+    from numpyro.infer import Predictive
+    from numpyro.infer import Trace_ELBO as NTrace_ELBO
+    from numpyro.infer.autoguide import AutoNormal as NAutoNormal
+    from numpyro.infer.initialization import init_to_value
+
+    from latentfit.integrations.misso_vi_numpyro import MISSOVI as NMISSOVI
+    from latentfit.optim import amsgrad, hwa, hwa_averaged, opt_amsgrad
+
+    def model(x, y=None, subsample_size=None):
+        n, d = x.shape
+        w1 = numpyro.sample("w1", ndist.Normal(0.0, 1.0).expand([d, HIDDEN]).to_event(2))
+        b1 = numpyro.sample("b1", ndist.Normal(0.0, 1.0).expand([HIDDEN]).to_event(1))
+        w2 = numpyro.sample("w2", ndist.Normal(0.0, 1.0).expand([HIDDEN, 10]).to_event(2))
+        b2 = numpyro.sample("b2", ndist.Normal(0.0, 1.0).expand([10]).to_event(1))
+        with numpyro.plate("data", n, subsample_size=subsample_size) as idx:
+            logits = jnp.tanh(x[idx] @ w1 + b1) @ w2 + b2
+            numpyro.sample("obs", ndist.Categorical(logits=logits), obs=None if y is None else y[idx])
+
+    gen = torch.Generator().manual_seed(seed)  # the Pyro rows' starting locs, drawn in the same order
+    d = data["x"].shape[1]
+    init = {}
+    for name, shape in (("w1", (d, HIDDEN)), ("b1", (HIDDEN,)), ("w2", (HIDDEN, 10)), ("b2", (10,))):
+        init[name] = (jnp.asarray((torch.randn(shape, generator=gen) / math.sqrt(shape[0])).numpy()) if len(shape) == 2
+                      else jnp.zeros(shape))
+    x, y = jnp.asarray(data["x"].numpy()), jnp.asarray(data["y"].numpy())
+    x_te, y_te = jnp.asarray(data["x_test"].numpy()), np.asarray(data["y_test"].numpy())
+    steps = -(-len(y) // BATCH)
+    elbo = NTrace_ELBO(num_particles=EVAL_PARTICLES)
+    key_eval = jax.random.PRNGKey(seed + 12345)
+
+    def guide_new():
+        return NAutoNormal(model, init_loc_fn=init_to_value(values=init), init_scale=0.01)
+
+    def accuracy(guide, params):
+        draws = Predictive(guide, params=params, num_samples=PRED_DRAWS)(jax.random.PRNGKey(seed + 54321), x, y)
+        logits = jnp.tanh(x_te @ draws["w1"] + draws["b1"][:, None]) @ draws["w2"] + draws["b2"][:, None]
+        prob = jax.nn.softmax(logits, -1).mean(0)
+        return float(np.mean(np.asarray(prob.argmax(-1)) == y_te))
+
+    rows = {}
+    for name in names:
+        guide = guide_new()
+        t0 = time.perf_counter()
+        if name in MISSO_METHODS:
+            fit = NMISSOVI(model, guide, block_size=BATCH, method=MISSO_METHODS[name], learning_rate=LR[name],
+                           num_epochs=epochs, seed=seed, loss_particles=EVAL_PARTICLES).run(jax.random.PRNGKey(seed), x, y)
+            wall = time.perf_counter() - t0
+            rows[name] = {"curve": [float(v) for v in fit.history["loss"]], "acc": accuracy(guide, fit.params),
+                          "time": wall, "eval": "mask"}
+            continue
+        lr = LR[name]
+        if name == "Adam":
+            tx = optax.adam(lr)
+        elif name == "AMSGrad":
+            tx = amsgrad(lr)
+        elif name == "OPT-AMSGrad":
+            tx = opt_amsgrad(lr)
+        else:
+            tx = hwa(optax.adam(lr), every=steps)
+        svi = NSVI(lambda xx, yy: model(xx, yy, subsample_size=BATCH), guide, tx, NTrace_ELBO())
+        state = svi.init(jax.random.PRNGKey(seed), x, y)
+        update = jax.jit(svi.update)
+
+        def current(state, svi=svi, averaged=(name == "HWA")):
+            return svi.constrain_fn(hwa_averaged(state.optim_state)) if averaged else svi.get_params(state)
+
+        curve = [float(elbo.loss(key_eval, svi.get_params(state), model, guide, x, y))]
+        for _ in range(epochs):
+            for _ in range(steps):
+                state, _ = update(state, x, y)
+            curve.append(float(elbo.loss(key_eval, current(state), model, guide, x, y)))
+        wall = time.perf_counter() - t0
+        rows[name] = {"curve": curve, "acc": accuracy(guide, current(state)), "time": wall, "eval": "-"}
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="50 epochs (default: 10)")
@@ -226,6 +321,7 @@ def main() -> None:
     ap.add_argument("--block-eval", default="auto", choices=("auto", "mask", "block"),
                     help="how MISSOVI evaluates a block (see the docstring)")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the rows")
+    ap.add_argument("--ppl", default="pyro", choices=("pyro", "numpyro"), help="the PPL of the model and guide")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     epochs = a.epochs if a.epochs is not None else (50 if a.full else 10)
@@ -238,12 +334,13 @@ def main() -> None:
     cols = [0] + [e for e in range(1, epochs + 1) if e == 1 or e % 5 == 0]
     if epochs not in cols:
         cols.append(epochs)
-    rows = {}
-    for name in names:
+    rows = numpyro_rows(names, data, epochs, a.seed) if a.ppl == "numpyro" else {}
+    for name in names if a.ppl == "pyro" else []:
         if name in MISSO_METHODS:
             rows[name] = run_misso(name, data, epochs, a.seed, a.block_eval, ev)
         else:
             rows[name] = run_svi(name, data, epochs, a.seed, ev)
+    for name in names:
         r = rows[name]
         print(f"  {name:12s} done in {r['time']:.1f} s (block evaluation: {r['eval']})", flush=True)
     print("\nnegative ELBO (all training images, 10 draws) after epoch e; test accuracy (posterior predictive); "
