@@ -177,6 +177,61 @@ class EnumMixtureFace:
     _roles: dict[str, tuple[str | None, Any]]
     _to_user: Any
 
+    #: responsibilities by the recognised mixture's own E-step (set by :meth:`_check_family_estep`)
+    _family_estep: bool = False
+
+    def _check_family_estep(self) -> None:
+        """Use the mixture's own E-step when it reproduces the enumerated table.
+
+        Enumeration runs the whole model (all n units, every component) on every call; the recognised
+        mixture computes ``log ω_k + log N(x_i; μ_k, Σ_k)`` as one ``[K, D] @ [D, b]`` product over the
+        requested units only, so a mini-batch costs a mini-batch.  It is used only if, at the initial θ
+        and at a second θ (every free role moved: locations shifted, weights reversed, covariances
+        scaled), its log-joint table equals the enumerated one to ``√eps`` relative: a mask, a scale, an
+        extra factor or a different parameterisation in the user's model keeps the enumeration path.
+        """
+        if self._gm is None:
+            return
+        xp = self.ops.xp
+        theta0 = {n: p.value for n, p in self.params.items()}
+        base = self._internal(theta0)
+        moved = dict(base)
+        for role, (name, _value) in self._roles.items():
+            if name is None:
+                continue
+            v = base[role]
+            if role == "locs":
+                moved[role] = v + 0.37 * xp.std(self._gm.x, 0) + 0.1
+            elif role == "weights":
+                moved[role] = xp.flip(v, (0,)) if v.shape[0] > 1 else v
+            else:
+                moved[role] = 1.3 * v
+        for internal in (base, moved):
+            theta = dict(theta0)
+            theta.update(self._external(internal, theta0))
+            enum = self.log_joint_table(theta)  # [K, n]
+            own = self._gm.log_component(self._internal(theta)).T
+            scale = 1.0 + float(xp.max(xp.abs(enum)))
+            tol = float(xp.finfo(enum.dtype).eps) ** 0.5 * scale
+            if not bool(xp.all(xp.isfinite(own))) or float(xp.max(xp.abs(enum - own))) > tol:
+                return
+        self._family_estep = True
+
+    def _family_responsibilities(self, theta: dict[str, Any], units: Any) -> tuple[Any, Any]:
+        return self._gm.responsibilities(self._internal(theta), units)
+
+    def _external(self, internal: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
+        """Mixture roles -> the user's params (shapes of ``template``); fixed roles are skipped."""
+        out = {}
+        for role, v in internal.items():
+            name = self._roles[role][0]
+            if name is None:
+                continue
+            if role == "covariances":
+                v = self._to_user(v)
+            out[name] = self.ops.xp.reshape(v, tuple(template[name].shape))
+        return out
+
     def _internal(self, theta: dict[str, Any]) -> dict[str, Any]:
         xp = self.ops.xp
         out = {}
@@ -185,14 +240,14 @@ class EnumMixtureFace:
             if name is None:
                 out[role] = self._gm.params[role].value
             elif role == "covariances":
-                v = theta[name]
+                v = xp.asarray(theta[name], dtype=self._gm.x.dtype)  # square in the mixture's dtype
                 if self._to_user is xp.linalg.cholesky:
                     v = v @ xp.swapaxes(v, -1, -2)
                 elif self._to_user is xp.sqrt:
                     v = v * v
                 out[role] = xp.reshape(v, gm_shape)
             else:
-                out[role] = xp.reshape(theta[name], gm_shape)
+                out[role] = xp.reshape(xp.asarray(theta[name], dtype=self._gm.x.dtype), gm_shape)
         return out
 
     # ----- exponential-family face ------------------------------------------------------------------
@@ -208,16 +263,7 @@ class EnumMixtureFace:
         return self._gm.stats(theta, z, units)
 
     def m_step(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
-        new = self._gm.m_step(s, self._internal(theta), num_units)
-        out = {}
-        for role, v in new.items():
-            name = self._roles[role][0]
-            if name is None:
-                continue
-            if role == "covariances":
-                v = self._to_user(v)
-            out[name] = self.ops.xp.reshape(v, tuple(theta[name].shape))
-        return out
+        return self._external(self._gm.m_step(s, self._internal(theta), num_units), theta)
 
     def fit_warnings(self, theta: dict[str, Any]) -> list[str]:
         return self._gm.fit_warnings(self._internal(theta)) if self._gm is not None else []

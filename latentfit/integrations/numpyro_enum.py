@@ -70,9 +70,14 @@ class NumPyroEnumModel(EnumMixtureFace, LatentModel):
             tr = _trace(model, self.args, self.kwargs)
         except Exception as exc:
             raise ModelSpecificationError(f"running the model failed: {type(exc).__name__}: {exc}") from exc
-        self.params, self._dtype = numpyro_params(tr)  # params, constraints and dtype
+        self.params, _ = numpyro_params(tr)  # params and constraints
+        # one float dtype per fit: the widest of the params and the observed data
+        observed = [s["value"] for s in tr.values() if s["type"] == "sample" and s["is_observed"]]
+        self._dtype, _ = self.ppl.float_dtype([p.value for p in self.params.values()] + observed)
         for p in self.params.values():
             p.closed_form = True
+            if jnp.issubdtype(jnp.result_type(p.value), jnp.floating):
+                p.value = jnp.asarray(p.value, dtype=self._dtype)
         self.ops = JaxOps(dtype=self._dtype)
         self._find_sites(tr)
         self.reg_covar = float(reg_covar)
@@ -80,6 +85,7 @@ class NumPyroEnumModel(EnumMixtureFace, LatentModel):
         self._recognise()
         self.has_stats = self.has_expected_stats = self._gm is not None
         self._table = jax.vmap(self._table_one, in_axes=(None, 0))
+        self._check_family_estep()
 
     # ----- structure --------------------------------------------------------------------------------
     def _find_sites(self, tr: Any) -> None:
@@ -127,6 +133,8 @@ class NumPyroEnumModel(EnumMixtureFace, LatentModel):
 
     def responsibilities(self, theta: dict[str, Any], units: Any = None) -> tuple[Any, Any]:
         """``(r [n, K], log p(y_i; θ) [n])`` by enumeration."""
+        if self._family_estep:
+            return self._family_responsibilities(theta, units)
         lj = self.log_joint_table(theta, units)
         ll = jax.scipy.special.logsumexp(lj, 0)
         return jnp.exp(lj - ll).T, ll

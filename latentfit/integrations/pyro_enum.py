@@ -42,7 +42,7 @@ from pyro.poutine.util import site_is_subsample
 from latentfit.inference.model import LatentModel, LatentSite, ModelSpecificationError
 from latentfit.inference.ops import TorchOps
 from latentfit.integrations._common import EnumMixtureFace
-from latentfit.integrations.pyro import _unwrap, pyro_params
+from latentfit.integrations.pyro import PyroLatentModel, _unwrap, pyro_params
 from latentfit.models.mixture import GaussianMixture
 
 
@@ -72,14 +72,20 @@ class PyroEnumModel(EnumMixtureFace, LatentModel):
             tr = poutine.trace(model).get_trace(*self.args, **self.kwargs)
         except Exception as exc:
             raise ModelSpecificationError(f"running the model failed: {type(exc).__name__}: {exc}") from exc
-        self.params, self._device, self._dtype = pyro_params(tr)  # params, constraints, device and dtype
+        self.params, self._device, _ = pyro_params(tr)  # params, constraints, device
+        # one float dtype per fit: the widest of the params and the observed data
+        observed = [s["value"] for s in tr.nodes.values() if s["type"] == "sample" and s["is_observed"]]
+        self._dtype, _ = PyroLatentModel.ppl.float_dtype([p.value for p in self.params.values()] + observed)
         for p in self.params.values():
             p.closed_form = True
+            if p.value.is_floating_point():
+                p.value = p.value.to(self._dtype)
         self.ops = TorchOps(device=self._device, dtype=self._dtype)
         self._find_sites(tr)
         self.reg_covar = float(reg_covar)
         self._gm: GaussianMixture | None = None
         self._recognise()
+        self._check_family_estep()
         self.has_stats = self.has_expected_stats = self._gm is not None
         if self._gm is None:
             self.no_stats_reason = (
@@ -142,6 +148,8 @@ class PyroEnumModel(EnumMixtureFace, LatentModel):
 
     def responsibilities(self, theta: dict[str, Any], units: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(r [n, K], log p(y_i; θ) [n])`` from enumeration."""
+        if self._family_estep:
+            return self._family_responsibilities(theta, units)
         lj = self.log_joint_table(theta, units)
         ll = torch.logsumexp(lj, 0)
         return torch.exp(lj - ll).T, ll
