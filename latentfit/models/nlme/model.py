@@ -821,9 +821,10 @@ class NLME(LatentModel):
             starts: list[dict[str, Any] | None] | None = None, **options: Any):
         """Fit by SAEM (``engine="saem"``) or f-SAEM (``"fsaem"``); returns a FitResult.
 
-        ``data`` with the data options ``columns``, ``dose``, ``regressors``, ``x`` (the same as the constructor's;
-        an option given to both with different values is an error).  ``init``: starting values by name as in
-        ``fit.params`` (natural scale; e.g. a previous fit's ``params``), overriding those of the specification.
+        ``data`` with the data options ``columns``, ``dose``, ``regressors``, ``x``, ``covariate_interpolation`` (the
+        same as the constructor's; an option given to both with different values is an error).  ``init``: starting
+        values by name as in ``fit.params`` (natural scale; e.g. a previous fit's ``params``), overriding those of the
+        specification.
         ``options`` go to the engine (``num_iters``, ``num_chains``, ``seed``, ``progress``, ...).
 
         ``replicates=R`` (> 1) runs R independent fits (seeds ``seed``, ``seed + 1``, ...; replicate 0 is the single
@@ -856,7 +857,8 @@ class NLME(LatentModel):
                                           f"(fit takes the data, the data options {list(DATA_OPTIONS)}, init= and "
                                           f"the engine's options)")
         options.setdefault("newton_steps", 3)
-        read = {"columns": columns, "dose": dose, "regressors": regressors, "x": x}
+        read = {"columns": columns, "dose": dose, "regressors": regressors, "x": x,
+                "covariate_interpolation": options.pop("covariate_interpolation", None)}
         given = any(v not in (None, ()) for v in read.values())
         model = self.bind(data, **read) if data is not None or given else self
         model._require_data()
