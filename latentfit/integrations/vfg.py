@@ -504,7 +504,8 @@ def _torch_flow_modules() -> tuple[Any, Any]:
 
     class BoundedHyper(nn.Module):
         """A Pyro ``DenseNN`` hypernet whose log-scale output is bounded smoothly, ``c·tanh(u/c)`` (Pyro's
-        own hard clamp would then never bind; a hard clamp kills the gradient at the bound).  With
+        own clamp then never binds: it passes gradients straight through, so a raw log-scale could drift far
+        past the bound while its value sits on it).  With
         ``identity_init`` its last layer starts at zero: every coupling starts as the identity."""
 
         def __init__(self, net: Any, clip: float, identity_init: bool) -> None:
@@ -866,7 +867,7 @@ class VFGFit:
             return torch.as_tensor(np.asarray(v), dtype=self.dtype, device=self.device)
         import jax.numpy as jnp
 
-        return jnp.asarray(v, dtype=jnp.float32)
+        return jnp.asarray(v, dtype=self.dtype or jnp.float32)
 
     def _no_grad(self) -> Any:
         if self._is_torch():

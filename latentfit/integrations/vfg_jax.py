@@ -260,3 +260,61 @@ def fit_jax(model: VFG, x: Any, num_epochs: int, batch_size: int, lr: float, see
     fit.dtype = jnp.float32
     fit.val_history = val_history
     return fit
+
+
+def fit_from_torch(fit: VFGFit) -> VFGFit:
+    """The JAX flavour of a torch-fitted :class:`VFGFit` with the *same weights*: every Pyro
+    ``AffineCoupling`` hypernet (``DenseNN``) becomes the conditioner MLP of a flowjax ``Coupling`` (its last
+    layer's rows interleaved: Pyro outputs ``[shift…, log-scale…]``, flowjax ``[shift, log-scale]`` per
+    coordinate), the elementwise affine of a 1-D node a flowjax ``Affine``; standardisation constants and
+    history are shared.  The arrays follow the torch dtype (float64 needs JAX's x64 mode, e.g. inside
+    ``with jax.enable_x64(True):``, around this call and the calls on the result)."""
+    jax, eqx, fb, _ = _require()
+    import jax.numpy as jnp
+
+    if fit.model.backend != "torch":
+        raise ValueError(f"fit_from_torch needs a torch-fitted VFG, got backend {fit.model.backend!r}")
+    import copy
+
+    model = copy.copy(fit.model)
+    model.backend = "jax"
+    dtype = jnp.float64 if str(fit.dtype).endswith("float64") else jnp.float32
+    if dtype == jnp.float64 and jnp.zeros(()).dtype != jnp.float64:
+        raise ValueError("the torch fit is float64: call fit_from_torch inside `with jax.enable_x64(True):`")
+
+    def arr(t: Any) -> Any:
+        return jnp.asarray(t.detach().cpu().numpy(), dtype=dtype)
+
+    flows = make_flows(model, jax.random.PRNGKey(0))
+    out: list[Any] = []
+    for k, (tflow, jflow) in enumerate(zip(fit.flows, flows)):
+        if jflow is None:
+            out.append(None)
+            continue
+        if isinstance(jflow, fb.Affine):  # 1-D node: y = e^s x + b
+            aff = tflow.layers[0]
+            out.append(fb.Affine(arr(aff.shift), jnp.exp(arr(aff.log_scale))))
+            continue
+        parts = list(jflow.bijections)
+        for b, layer in enumerate(tflow.layers):
+            lin = layer.nn.net.layers  # Pyro DenseNN: Linear, Linear, Linear
+            cpl = parts[2 * b]
+            d2 = lin[-1].weight.shape[0] // 2
+            w_last = np.asarray(lin[-1].weight.detach().cpu().numpy())
+            b_last = np.asarray(lin[-1].bias.detach().cpu().numpy())
+            w_last = np.stack([w_last[:d2], w_last[d2:]], 1).reshape(w_last.shape)
+            b_last = np.stack([b_last[:d2], b_last[d2:]], 1).reshape(b_last.shape)
+            new = [(arr(lin[i].weight), arr(lin[i].bias)) for i in range(len(lin) - 1)]
+            new.append((jnp.asarray(w_last, dtype=dtype), jnp.asarray(b_last, dtype=dtype)))
+            if len(cpl.conditioner.layers) != len(new):
+                raise ValueError(f"edge {k}: conditioner depth {len(cpl.conditioner.layers)} != {len(new)}")
+            for i, (w, bb) in enumerate(new):
+                cpl = eqx.tree_at(lambda c, i=i: (c.conditioner.layers[i].weight, c.conditioner.layers[i].bias), cpl,
+                                  (w, bb))
+            cpl = jax.tree_util.tree_map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, cpl)
+            parts[2 * b] = cpl
+        out.append(fb.Chain(parts))
+    new_fit = VFGFit(model, out, JaxOps(), fit.loc, fit.scale, list(fit.history), fit.seconds)
+    new_fit.dtype = dtype
+    new_fit.val_history = list(fit.val_history)
+    return new_fit
