@@ -84,7 +84,7 @@ class FSAEM(SAEM):
 
     def simulate(self, state: dict[str, Any], theta: dict[str, Any], k: Any, key: Any,
                  phase: Any) -> tuple[mcmc.ChainState, dict[str, Any], dict[str, Any]]:
-        model, ops, xp = self.model, self.ops, self.ops.xp
+        model, ops, xp, sim = self.model, self.ops, self.ops.xp, self.sim_ops
         nan = ops.zeros(()) * float("nan")
         if phase != "imh":
             chain, acc, state = super().simulate(state, theta, k, key, phase)
@@ -101,12 +101,12 @@ class FSAEM(SAEM):
 
         z0 = xp.broadcast_to(mode, tuple(state["z"].shape)) + 0.0 * state["z"]  # reset every chain at the MAP
         chain = mcmc.init_chain_state(z0, evaluate)
-        keys = ops.split(key, 2 * self.imh_steps)
+        keys = sim.split(key, 2 * self.imh_steps)
         rates = []
         for s in range(self.imh_steps):
-            eps = ops.normal(keys[2 * s], tuple(state["z"].shape))
+            eps = sim.normal(keys[2 * s], tuple(state["z"].shape))
             z_new = mode + xp.sum(chol * eps[..., None, :], -1)  # ẑ + L ε
-            chain, ok = mcmc.independent_mh(ops, keys[2 * s + 1], chain, z_new, log_q(z_new), log_q(chain.z),
+            chain, ok = mcmc.independent_mh(sim, keys[2 * s + 1], chain, z_new, log_q(z_new), log_q(chain.z),
                                             evaluate)
             rates.append(xp.mean(ok * 1.0))
         # same history records in both phases (saemix kernels idle here)

@@ -117,7 +117,7 @@ def random_block_mask(ops: Ops, key: Any, d: int, k: Any) -> Any:
     if d <= 2:
         return ops.ones((d,))
     r = (k % (d - 1)) + 2
-    ranks = xp.argsort(ops.uniform(key, (d,)))
+    ranks = xp.argsort(ops.shared_uniform(key, (d,)))  # one block for all units (per-unit streams too)
     return (ranks < r) * 1.0
 
 

@@ -132,6 +132,19 @@ class LatentModel:
         """Draw ``z ~ p(z; θ)`` for every unit: ``[num_chains, n, d]`` (unconstrained)."""
         raise NotImplementedError
 
+    def prior_transform(self, theta: dict[str, Any], eps: Any, units: Any = None) -> Any:
+        """``z_i = μ_i + L ε_i`` from standard normal noise ``eps [..., n, d]`` (``Ω = L Lᵀ``): a prior draw whose
+        randomness is the caller's (per-unit streams).  Needs a Gaussian prior (:meth:`prior_moments`)."""
+        if not self.has_gaussian_prior:
+            raise ModelSpecificationError(
+                "drawing from the prior with per-unit random streams needs Gaussian latents (Normal, LogNormal or "
+                "MultivariateNormal sites whose parameters do not depend on other latents); this model's are not: "
+                "use rng='global'")
+        xp = self.ops.xp
+        mean, cov = self.prior_moments(theta, units)
+        chol = self.ops.small_cholesky(cov)  # [d, d] or [n, d, d]
+        return mean + xp.sum(chol * eps[..., None, :], -1)
+
     # ----- exponential-family face (optional) ----------------------------------------------------
     has_stats: bool = False
     has_expected_stats: bool = False

@@ -42,6 +42,45 @@ class FlatOptimizer(NamedTuple):
     update: Callable[[Any, Any, Any], tuple[Any, Any]]
 
 
+#: Philox-4x32 round multipliers and key increments (Salmon, Moraes, Dror & Shaw, "Parallel random numbers: as
+#: easy as 1, 2, 3", SC 2011; the Random123 library's constants)
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_MASK32 = 0xFFFFFFFF
+#: the last counter word separates the domains of the counter-based streams (:meth:`TorchOps.fold_in`, per-unit
+#: draws, draws shared by all units), so that no two of them ever evaluate Philox at the same counter
+_TAG_SHARED, _TAG_UNIT, _TAG_FOLD = 0, 1, 2
+
+
+def _mulhilo32(a: Any, m: int) -> tuple[Any, Any]:
+    """High and low 32-bit words of ``a · m`` for int64 arrays ``a < 2³²`` and a constant ``m < 2³²``.
+
+    ``m`` is split in 16-bit halves so that every partial product stays below 2⁴⁹ (no int64 overflow).
+    """
+    p_lo = a * (m & 0xFFFF)
+    p_hi = a * (m >> 16)
+    t = ((p_hi & 0xFFFF) << 16) + p_lo
+    return (p_hi >> 16) + (t >> 32), t & _MASK32
+
+
+def philox4x32(counter: tuple[Any, Any, Any, Any], key: tuple[Any, Any], rounds: int = 10) -> tuple[Any, ...]:
+    """Philox-4x32-``rounds`` on int64 arrays holding 32-bit words (any array library with ``& ^ >> <<``).
+
+    A bijection of the 128-bit counter for each 64-bit key: word ``i`` of the output is uniform on
+    ``[0, 2³²)`` and outputs at distinct (counter, key) are independent for all practical purposes
+    (it passes BigCrush).  Random123's known-answer vectors are tested in ``tests/test_rng_streams.py``.
+    """
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for r in range(rounds):
+        if r:
+            k0, k1 = (k0 + PHILOX_W[0]) & _MASK32, (k1 + PHILOX_W[1]) & _MASK32
+        hi0, lo0 = _mulhilo32(c0, PHILOX_M[0])
+        hi1, lo1 = _mulhilo32(c2, PHILOX_M[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
 class Ops:
     """Interface of the backend shim (see :class:`TorchOps` and ``JaxOps``)."""
 
@@ -83,6 +122,16 @@ class Ops:
     def seed_context(self, seed: int) -> Any:
         """Context manager making the backend's draws reproducible inside (nothing to do with explicit keys)."""
         return contextlib.nullcontext()
+
+    def shared_uniform(self, key: Any, shape: tuple[int, ...]) -> Any:
+        """Uniform draws that every unit shares (e.g. saemix's random block); :meth:`uniform` here, the key's
+        own stream under :meth:`per_unit_streams`."""
+        return self.uniform(key, shape)
+
+    def per_unit_streams(self, unit_ids: Any) -> Any:
+        """A view of this shim whose ``split`` / ``normal`` / ``uniform`` draw from per-unit streams
+        (:class:`UnitStreamOps`)."""
+        return UnitStreamOps(self, unit_ids)
 
     # --- linear algebra and densities written once over ``xp`` -----------------------------------------
     def small_cholesky(self, a: Any, max_unrolled: int = 8) -> Any:
@@ -132,6 +181,35 @@ class Ops:
     def mvn_log_prob(self, x: Any, mean: Any, chol: Any) -> Any:
         """``log N(x; mean, L Lᵀ)`` (see :meth:`mvn_log_prob_fn`)."""
         return self.mvn_log_prob_fn(mean, chol)(x)
+
+
+class UnitStreamOps:
+    """The shim ``base`` with per-unit random streams: the kernels run unchanged on it.
+
+    Keys are counter-based: ``split(key, n)`` is ``fold_in(key, j)`` for ``j < n``, and ``normal`` / ``uniform`` of a
+    shape ``[L, n, ...]`` give unit ``unit_ids[u]`` (axis 1) draws that depend on ``(key, unit_ids[u])`` only
+    (``base.per_unit_normal``).  A unit's draws at iteration k and kernel step j are therefore the same whatever the
+    other units, their order, or the device or process holding the unit.  Everything else is ``base``'s.
+    """
+
+    def __init__(self, base: Ops, unit_ids: Any) -> None:
+        self.base = base
+        self.unit_ids = unit_ids
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.base, name)
+
+    def split(self, key: Any, n: int = 2) -> Any:
+        return self.base.fold_in(key, self.base.arange(n))
+
+    def normal(self, key: Any, shape: tuple[int, ...]) -> Any:
+        return self.base.per_unit_normal(key, self.unit_ids, shape, axis=1)
+
+    def uniform(self, key: Any, shape: tuple[int, ...]) -> Any:
+        return self.base.per_unit_uniform(key, self.unit_ids, shape, axis=1)
+
+    def shared_uniform(self, key: Any, shape: tuple[int, ...]) -> Any:
+        return self.base.stream_uniform(key, shape)
 
 
 class TorchOps(Ops):
@@ -226,6 +304,93 @@ class TorchOps(Ops):
         torch.set_rng_state(torch.from_numpy(np.array(state["torch"])))
         if "cuda" in state:
             torch.cuda.set_rng_state(torch.from_numpy(np.array(state["cuda"])), self.device)
+
+    # --- counter-based streams (per-unit random numbers) -------------------------------------------
+    # A stream key is an int64 tensor ``[..., 2]`` of two 32-bit words; draws are Philox-4x32-10 evaluated at
+    # counters built from (position, unit id), vectorised over units on the data's device: unit i's draws
+    # depend on (key, i) only, never on how many units there are, their order, or the process holding them.
+    def stream_key(self, key: Any, seed: int) -> Any:
+        """Root key of the counter-based streams: the two 32-bit words of ``seed`` (torch has no PRNG keys)."""
+        seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+        return self.torch.tensor([seed & _MASK32, seed >> 32], dtype=self.torch.int64, device=self.device)
+
+    def _words(self, x: Any) -> Any:
+        torch = self.torch
+        if isinstance(x, torch.Tensor):
+            return x.to(device=self.device, dtype=torch.int64)
+        return torch.as_tensor(np.asarray(x, dtype=np.int64), device=self.device)
+
+    def fold_in(self, key: Any, data: Any) -> Any:
+        """A new key per integer of ``data`` (scalar or ``[m]``): ``[2]`` or ``[m, 2]`` (as ``jax.random.fold_in``).
+
+        The key is the first two output words of Philox at the counter ``(data_lo, data_hi, 0, tag)``.
+        """
+        torch = self.torch
+        d = self._words(data)
+        zero = torch.zeros_like(d)
+        out = philox4x32((d & _MASK32, (d >> 32) & _MASK32, zero, zero + _TAG_FOLD), (key[..., 0], key[..., 1]))
+        return torch.stack([out[0], out[1]], -1)
+
+    def _uniform_pairs(self, words: tuple[Any, ...]) -> tuple[Any, Any]:
+        """Two float64 uniforms on (0, 1) from the four words of one Philox output (53 random bits each)."""
+        torch = self.torch
+
+        def u53(a: Any, b: Any) -> Any:
+            return (((a >> 5) << 26) + (b >> 6)).to(torch.float64).add_(0.5).mul_(2.0 ** -53)
+
+        return u53(words[0], words[1]), u53(words[2], words[3])
+
+    def _counter_draws(self, key: Any, c1: Any, c2: Any, tag: int, count: int, normal: bool) -> Any:
+        """``count`` draws per row of ``c1``/``c2`` (``[n, 1]``): uniforms, or normals by Box–Muller."""
+        torch = self.torch
+        m = -(-count // 2)
+        j = torch.arange(m, device=self.device, dtype=torch.int64)[None, :]
+        c0, c1, c2 = torch.broadcast_tensors(j, c1, c2)
+        u1, u2 = self._uniform_pairs(philox4x32((c0, c1, c2, torch.full_like(c0, tag)), (key[0], key[1])))
+        if normal:
+            r = torch.sqrt(-2.0 * torch.log(u1))
+            angle = (2.0 * math.pi) * u2
+            pair = (r * torch.cos(angle), r * torch.sin(angle))
+        else:
+            pair = (u1, u2)
+        out = torch.stack(pair, -1).reshape(c0.shape[0], 2 * m)[:, :count]
+        return out.to(self.dtype)
+
+    def _per_unit(self, key: Any, units: Any, shape: tuple[int, ...], axis: int, normal: bool) -> Any:
+        shape = tuple(int(s) for s in shape)
+        axis = axis % len(shape)
+        ids = self._words(units).reshape(-1, 1)
+        if ids.shape[0] != shape[axis]:
+            raise ValueError(f"per-unit draws of shape {shape}: axis {axis} has {shape[axis]} entries but "
+                             f"{ids.shape[0]} unit ids were given")
+        rest = shape[:axis] + shape[axis + 1:]
+        count = int(np.prod(rest)) if rest else 1
+        draws = self._counter_draws(key, ids & _MASK32, (ids >> 32) & _MASK32, _TAG_UNIT, count, normal)
+        return self.torch.movedim(draws.reshape((ids.shape[0],) + rest), 0, axis)
+
+    def per_unit_normal(self, key: Any, units: Any, shape: tuple[int, ...], axis: int = 1) -> Any:
+        """Standard normal draws of ``shape`` whose slice ``u`` along ``axis`` comes from unit ``units[u]``'s stream.
+
+        Unit ``i``'s draws are Box–Muller transforms of Philox-4x32-10 at counters ``(j, i_lo, i_hi, 1)`` under
+        ``key``: they depend on ``(key, i)`` and their position only.
+        """
+        return self._per_unit(key, units, shape, axis, True)
+
+    def per_unit_uniform(self, key: Any, units: Any, shape: tuple[int, ...], axis: int = 1) -> Any:
+        """Uniform draws on (0, 1), per unit as :meth:`per_unit_normal`."""
+        return self._per_unit(key, units, shape, axis, False)
+
+    def stream_normal(self, key: Any, shape: tuple[int, ...]) -> Any:
+        """Standard normal draws of ``shape`` from the stream ``key`` itself (shared by all units)."""
+        shape = tuple(int(s) for s in shape)
+        zero = self.torch.zeros((1, 1), dtype=self.torch.int64, device=self.device)
+        return self._counter_draws(key, zero, zero, _TAG_SHARED, int(np.prod(shape)), True).reshape(shape)
+
+    def stream_uniform(self, key: Any, shape: tuple[int, ...]) -> Any:
+        """Uniform draws on (0, 1) of ``shape`` from the stream ``key`` itself (shared by all units)."""
+        shape = tuple(int(s) for s in shape)
+        zero = self.torch.zeros((1, 1), dtype=self.torch.int64, device=self.device)
+        return self._counter_draws(key, zero, zero, _TAG_SHARED, int(np.prod(shape)), False).reshape(shape)
 
     # --- functional updates ---------------------------------------------------------------------
     def scatter(self, table: Any, idx: Any, rows: Any) -> Any:

@@ -139,6 +139,47 @@ class JaxOps(Ops):
         """Standard Student-t draws with ``df`` degrees of freedom (``jax.random.t``)."""
         return jax.random.t(key, float(df), tuple(shape), dtype=self.dtype)
 
+    # --- per-unit streams (counter-based: ``fold_in``) ---------------------------------------------
+    def stream_key(self, key: Any, seed: int) -> Any:
+        """Root key of the per-unit streams: the run's key (``seed`` is already in it)."""
+        return key
+
+    def fold_in(self, key: Any, data: Any) -> Any:
+        """``jax.random.fold_in`` of a scalar, or vmapped over an integer vector (stacked keys)."""
+        data = jnp.asarray(data)
+        if data.ndim == 0:
+            return jax.random.fold_in(key, data)
+        return jax.vmap(jax.random.fold_in, (None, 0))(key, data)
+
+    def _per_unit(self, draw: Callable, key: Any, units: Any, shape: tuple[int, ...], axis: int) -> Any:
+        shape = tuple(int(s) for s in shape)
+        axis = axis % len(shape)
+        units = jnp.asarray(units)
+        if units.shape[0] != shape[axis]:
+            raise ValueError(f"per-unit draws of shape {shape}: axis {axis} has {shape[axis]} entries but "
+                             f"{units.shape[0]} unit ids were given")
+        rest = shape[:axis] + shape[axis + 1:]
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(key, units)
+        draws = jax.vmap(lambda k: draw(k, rest, dtype=self.dtype))(keys)
+        return jnp.moveaxis(draws, 0, axis)
+
+    def per_unit_normal(self, key: Any, units: Any, shape: tuple[int, ...], axis: int = 1) -> Any:
+        """Standard normal draws of ``shape`` whose slice ``u`` along ``axis`` comes from the key
+        ``fold_in(key, units[u])``: they depend on ``(key, unit id)`` and their position only."""
+        return self._per_unit(jax.random.normal, key, units, shape, axis)
+
+    def per_unit_uniform(self, key: Any, units: Any, shape: tuple[int, ...], axis: int = 1) -> Any:
+        """Uniform draws on [0, 1), per unit as :meth:`per_unit_normal`."""
+        return self._per_unit(jax.random.uniform, key, units, shape, axis)
+
+    def stream_normal(self, key: Any, shape: tuple[int, ...]) -> Any:
+        """Normal draws from the stream ``key`` itself (shared by all units)."""
+        return jax.random.normal(key, tuple(shape), dtype=self.dtype)
+
+    def stream_uniform(self, key: Any, shape: tuple[int, ...]) -> Any:
+        """Uniform draws from the stream ``key`` itself (shared by all units)."""
+        return jax.random.uniform(key, tuple(shape), dtype=self.dtype)
+
     # --- functional updates ---------------------------------------------------------------------
     def scatter(self, table: Any, idx: Any, rows: Any) -> Any:
         """``table[idx] = rows`` without mutating ``table`` (rows along axis 0)."""

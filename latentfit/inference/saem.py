@@ -26,6 +26,27 @@ from .model import LatentModel
 from .mstep import flatten, newton_maximize, unflatten
 from .schedules import SaemixPhases
 
+#: where SAEM's MCMC draws come from (the ``rng`` option)
+RNG_MODES = ("global", "per_unit")
+
+
+def _unit_ids(unit_ids: Any, n: int) -> np.ndarray:
+    """The units' ids for per-unit streams: distinct non-negative integers, one per unit (default ``0 .. n−1``)."""
+    if unit_ids is None:
+        return np.arange(n, dtype=np.int64)
+    ids = np.asarray(unit_ids)
+    if ids.ndim != 1 or ids.shape[0] != n:
+        raise ValueError(f"unit_ids must give one id per unit: expected {n} ids, got an array of shape {ids.shape}")
+    if ids.dtype.kind not in "iu" and not (ids.dtype.kind == "f" and np.all(ids == np.round(ids))):
+        raise ValueError(f"unit_ids must be integers, got dtype {ids.dtype}")
+    ids = ids.astype(np.int64)
+    if np.any(ids < 0) or np.any(ids >= 2 ** 31):
+        raise ValueError(f"unit_ids must lie in [0, 2**31), got min {ids.min()} and max {ids.max()}")
+    uniq, counts = np.unique(ids, return_counts=True)
+    if np.any(counts > 1):
+        raise ValueError(f"unit_ids must be distinct: {uniq[counts > 1][:5].tolist()} repeat")
+    return ids
+
 
 def _validate_num_iters(num_iters: Any) -> tuple[int, int]:
     if isinstance(num_iters, (int, np.integer)):
@@ -54,6 +75,15 @@ class SAEM(Engine):
         Iterations of the prior-IMH, component-wise RW and block RW kernels; saemix ``(2, 2, 2)``.
     anneal : bool
         Simulated annealing of the latent variances during the first ``anneal_iters`` (K1/2).
+    rng : ``"global"`` | ``"per_unit"``
+        Where the MCMC draws come from.  ``"global"`` (default): one stream of the backend, consumed by all units
+        together.  ``"per_unit"``: unit i's draws at iteration k and kernel step j come from its own counter-based
+        stream ``(seed or key, unit_ids[i], k, j)`` (``jax.random.fold_in`` on JAX, Philox-4x32-10 on torch), so
+        the fit does not depend on the order of the units or on how they are sharded over devices or
+        processes.  Needs a Gaussian prior for the prior draws (``model.prior_transform``).
+    unit_ids : sequence of int, optional
+        The identity of each unit for ``rng="per_unit"`` (distinct non-negative integers, one per unit in the
+        model's order; default ``0 .. N−1``): the same ids give a unit the same draws in any order or shard.
     """
 
     name = "SAEM"
@@ -61,10 +91,18 @@ class SAEM(Engine):
     def __init__(self, model: LatentModel, num_iters: Any = (300, 100), num_chains: int | None = None, *,
                  seed: int = 0, progress: bool = True, burn_in: int = 5, kernels: tuple[int, int, int] = (2, 2, 2),
                  anneal: bool = True, anneal_iters: int | None = None, anneal_factor: float = 0.97,
-                 newton_steps: int = 8, num_draws: int = 100, callback=None, chunk_size: int = 25) -> None:
+                 newton_steps: int = 8, num_draws: int = 100, callback=None, chunk_size: int = 25,
+                 rng: str = "global", unit_ids: Any = None) -> None:
         super().__init__(model, seed=seed, progress=progress, callback=callback, num_draws=num_draws,
                          chunk_size=chunk_size)
-        self.validate_options(num_iters, num_chains)
+        self.validate_options(num_iters, num_chains, rng=rng)
+        self.rng = rng
+        self._unit_ids = _unit_ids(unit_ids, model.num_units) if rng == "per_unit" else None
+        if rng == "per_unit" and not model.has_gaussian_prior:
+            raise ValueError(f"{self.name}: rng='per_unit' draws each unit's prior proposals as μ_i + L ε_i from its "
+                             "own stream, which needs Gaussian latents (Normal, LogNormal or MultivariateNormal "
+                             "sites whose parameters do not depend on other latents); use rng='global' for this "
+                             "model")
         k1, k2 = _validate_num_iters(num_iters)
         if burn_in < 0 or burn_in >= k1:
             raise ValueError(f"burn_in must be in [0, K1): got {burn_in} with K1={k1}")
@@ -81,8 +119,11 @@ class SAEM(Engine):
                               for n, p in model.params.items()}
 
     @staticmethod
-    def validate_options(num_iters: Any = (300, 100), num_chains: int | None = None, **_: Any) -> None:
+    def validate_options(num_iters: Any = (300, 100), num_chains: int | None = None, rng: str = "global",
+                         **_: Any) -> None:
         _validate_num_iters(num_iters)
+        if rng not in RNG_MODES:
+            raise ValueError(f"rng must be one of {RNG_MODES}, got {rng!r}")
         if num_chains is not None and int(num_chains) < 1:
             raise ValueError(f"num_chains must be >= 1, got {num_chains}")
 
@@ -93,8 +134,13 @@ class SAEM(Engine):
     def init(self, key: Any) -> dict[str, Any]:
         model, ops, xp = self.model, self.ops, self.ops.xp
         theta = model.init_params()
+        root = ops.stream_key(key, self.seed) if self.rng == "per_unit" else None
         k_prior, key = ops.split(key)
-        z = model.sample_prior(theta, k_prior, self.num_chains)
+        if root is None:
+            z = model.sample_prior(theta, k_prior, self.num_chains)
+        else:  # iteration 0 of the per-unit streams
+            eps = self.sim_ops.normal(ops.fold_in(root, 0), (self.num_chains, model.num_units, model.latent_dim))
+            z = model.prior_transform(theta, eps)
         ll, lp = model.log_densities(theta, z)
         bad = ~xp.isfinite(ll + lp)
         if bool(xp.all(bad)):
@@ -109,15 +155,26 @@ class SAEM(Engine):
             "scale_block": 0.5 * sd,
             "key": key,
         }
+        if root is not None:
+            state["stream"] = root
         if model.has_stats:
             stats = self._chain_mean_stats(theta, z)
             state["s_hat"] = ops.tree_map(lambda v: v * 0.0, stats)
         return state
 
+    @property
+    def sim_ops(self) -> Any:
+        """The shim the MCMC kernels draw through: ``ops``, or its per-unit-stream view (``rng="per_unit"``)."""
+        if self.rng != "per_unit":
+            return self.ops
+        return self.ops.per_unit_streams(self.ops.asarray(self._unit_ids))
+
     def step(self, state: dict[str, Any], k: Any, phase: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         model, ops, xp = self.model, self.ops, self.ops.xp
         theta = model.constrain(state["theta_u"])
         key, k_sim, k_m = ops.split(state["key"], 3)
+        if "stream" in state:  # per-unit streams: iteration k's key, folded in per kernel step and unit
+            k_sim = ops.fold_in(state["stream"], k)
         chain, acc, state = self.simulate(state, theta, k, k_sim, phase)
         objective = xp.mean(xp.sum(chain.log_lik + chain.log_prior, -1))
         gamma = self.schedule(k)
@@ -132,11 +189,18 @@ class SAEM(Engine):
     def simulate(self, state: dict[str, Any], theta: dict[str, Any], k: Any, key: Any,
                  phase: Any) -> tuple[mcmc.ChainState, dict[str, Any], dict[str, Any]]:
         """The MCMC step: saemix kernels 1–3 with scale adaptation (:func:`mcmc.saemix_sweep`)."""
-        model = self.model
+        model, sim = self.model, self.sim_ops
+        if self.rng == "per_unit":
+            shape = tuple(state["z"].shape)
+
+            def sample_prior(kk: Any) -> Any:
+                return model.prior_transform(theta, sim.normal(kk, shape))
+        else:
+            def sample_prior(kk: Any) -> Any:
+                return model.sample_prior(theta, kk, self.num_chains)
         chain, scales, acc = mcmc.saemix_sweep(
-            self.ops, key, state["z"], (state["scale_rw"], state["scale_block"]), k, self.kernels,
-            evaluate=lambda z: model.log_densities(theta, z),
-            sample_prior=lambda kk: model.sample_prior(theta, kk, self.num_chains))
+            sim, key, state["z"], (state["scale_rw"], state["scale_block"]), k, self.kernels,
+            evaluate=lambda z: model.log_densities(theta, z), sample_prior=sample_prior)
         state = dict(state, scale_rw=scales[0], scale_block=scales[1])
         return chain, acc, state
 
