@@ -123,11 +123,14 @@ def nlme_fit(args: argparse.Namespace) -> int:
         cfg.num_chains = args.chains
     if args.backend is not None:
         cfg.backend = args.backend
+    if args.replicates is not None:
+        cfg.replicates = args.replicates
     _check_iterations(cfg.num_iters)
     model = _bound(cfg, read_table(args.data), args.data)
     Path(args.out).mkdir(parents=True, exist_ok=True)  # an unusable output directory fails before the fit
+    reps = f", {cfg.replicates} replicates" if cfg.replicates > 1 else ""
     print(f"{model!r}\n{cfg.engine.upper()}: K1={cfg.num_iters[0]}, K2={cfg.num_iters[1]}, seed {cfg.seed}, "
-          f"backend {cfg.backend}", file=sys.stderr)
+          f"backend {cfg.backend}{reps}", file=sys.stderr)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit = model.fit(**cfg.fit_options(progress=not args.no_progress))
@@ -215,6 +218,7 @@ def _add_nlme(sub: Any) -> None:
     p_fit.add_argument("--iterations", type=int, nargs=2, metavar=("K1", "K2"), help="overrides [engine] iterations")
     p_fit.add_argument("--chains", type=int, help="overrides [engine] chains")
     p_fit.add_argument("--backend", choices=("torch", "jax"), help="overrides [engine] backend")
+    p_fit.add_argument("--replicates", type=int, help="overrides [engine] replicates (R fits, the best reported)")
     p_fit.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_fit.set_defaults(handler=nlme_fit)
 
@@ -260,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "nlme":
         try:
-            for name in ("n_rep", "num_sims", "chains"):
+            for name in ("n_rep", "num_sims", "chains", "replicates"):
                 value = getattr(args, name, None)
                 if value is not None and value < 1:
                     raise ModelSpecificationError(f"--{name.replace('_', '-')} must be >= 1, got {value}")

@@ -9,6 +9,7 @@
 * ``individual_estimates.csv``: per subject (ID) the conditional mode (EBE, saemix's ``map.psi``), conditional mean
   and sd of every parameter on its natural scale, the EBEs of the random effects η (``eta_<name>``) and the
   covariates; ``shrinkage.csv``: η-shrinkage 1 − var(η̂)/ω² of the modes and the means, in %;
+* ``replicates.csv`` (fits with ``replicates = R``): seed, start, log-likelihood, MC SE and estimates of each run;
 * ``residuals.csv``: per observation ID, time (or x), DV, PRED, IPRED, IWRES, EPRED, PWRES, NPDE;
 * ``individual_fits.png``, ``gof.png``, ``vpc.png`` (prediction-corrected), ``convergence.png``;
 * ``report.html``: all of the above in one file (tables as HTML, figures embedded as base64 PNG, the model file and
@@ -51,6 +52,7 @@ SECTIONS = {
     "warnings": "Warnings",
     "estimates": "Parameter estimates",
     "likelihood": "Likelihood",
+    "replicates": "Replicate fits",
     "shrinkage": "Shrinkage",
     "individual": "Individual estimates",
     "residuals": "Residuals",
@@ -198,6 +200,17 @@ def html_report(title: str, run_info: dict[str, Any], tables: dict[str, pd.DataF
                                       "random effects η at the modes, and the covariates.")):
         body = f"<p>{esc(intro)}</p>" + (f'<p class="warn">{esc(notes[sid])}</p>' if sid in notes else "")
         section(sid, body + _table_html(tables[sid]))
+    reps = tables.get("replicates")
+    if reps is None:
+        body = ("<p>One SAEM run. With <code>[engine] replicates = R</code> (or <code>--replicates R</code>) R fits "
+                "run with seeds seed, seed + 1, ...; the best is reported and a warning says when they disagree by "
+                "more than their Monte-Carlo error.</p>")
+    else:
+        spread = reps.attrs.get("spread")
+        body = (f"<p>{len(reps)} SAEM runs; the one with the largest log-likelihood is reported"
+                + (f"; their log-likelihoods span {spread:.3g}" if spread is not None else "") + ".</p>"
+                + _table_html(reps))
+    section("replicates", body)
     res = tables["residuals"]
     stats = res[[c for c in ("IWRES", "PWRES", "NPDE") if c in res]].agg(["mean", "std"]).T.reset_index()
     stats.columns = ["residual", "mean", "sd"]
@@ -269,6 +282,11 @@ def write_fit_outputs(fit: Any, out_dir: str | Path, *, model_text: str = "", ti
                    "residuals": residuals_table(fit)})
     files = {"estimates": "estimates.csv", "likelihood": "likelihood.csv", "shrinkage": "shrinkage.csv",
              "individual": "individual_estimates.csv", "residuals": "residuals.csv"}
+    reps = getattr(fit, "replicates", None)
+    if isinstance(reps, pd.DataFrame):
+        tables["replicates"] = reps.reset_index()
+        tables["replicates"].attrs.update(reps.attrs)
+        files["replicates"] = "replicates.csv"
     paths: dict[str, Path] = {}
     for key, name in files.items():
         paths[key] = out / name

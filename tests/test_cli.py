@@ -338,3 +338,21 @@ def test_readme_simulate_and_vpc_commands_run(run, tmp_path):
     sim = pd.read_csv(tmp_path / "sim.csv", na_values=["."])
     assert sim["REP"].nunique() == 100 and sim["DV"].notna().sum() == 100 * 120
     assert (tmp_path / "vpc.png").read_bytes()[:8] == PNG
+
+
+def test_replicates_from_the_model_file(tmp_path):
+    """[engine] replicates = 2: both runs in replicates.csv and the report, the best one's estimates written."""
+    text = TOML.read_text().replace("iterations = [300, 100]", "iterations = [10, 5]\nreplicates = 2")
+    text = text.replace("vpc_simulations = 500", "vpc_simulations = 20")
+    model_file = _write(tmp_path, text, "theo.toml")
+    out = tmp_path / "fit"
+    assert main(["nlme", "fit", model_file, str(DATA), "--out", str(out), "--no-progress"]) == 0
+    reps = pd.read_csv(out / "replicates.csv")
+    assert list(reps["seed"]) == [0, 1] and reps["best"].sum() == 1
+    best = reps[reps["best"]].iloc[0]
+    est = pd.read_csv(out / "estimates.csv").set_index("parameter")["estimate"]
+    for name, value in est.items():
+        assert best[name] == value, name
+    page = (out / "report.html").read_text(encoding="utf-8")
+    section = page.split('<section id="replicates">', 1)[1].split("</section>", 1)[0]
+    assert "2 SAEM runs" in section and section.count("<tr") == 3  # header + 2 rows

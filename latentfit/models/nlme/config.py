@@ -22,7 +22,8 @@ A model file names everything a saemix ``saemixModel`` / ``saemixControl`` call 
 
     [data]                           # NONMEM names -> columns of the file (defaults: the NONMEM names)
     columns = { ID = "ID", TIME = "TIME", DV = "DV" }
-    # dose = "Dose"  (saemix form: one dose per subject at time 0), x = "dose", regressors = ["CONC"]
+    # dose = "Dose"  (saemix form: one dose per subject at time 0), x = "dose", regressors = ["CONC"],
+    # covariate_interpolation = "locf" | "linear" (time-varying covariates)
 
     [engine]                         # saemixControl
     algorithm = "saem"               # or "fsaem"
@@ -30,6 +31,8 @@ A model file names everything a saemix ``saemixModel`` / ``saemixControl`` call 
     chains = 5                       # default: saemix's rule (about 50 / N per subject)
     seed = 0
     backend = "torch"                # or "jax"
+    replicates = 1                   # R > 1: R fits (seeds seed, seed + 1, ...), the best returned, a warning
+    dispersed_starts = false         #   when they disagree; true (or a φ-scale sd): replicates start dispersed
 
     [report]
     title = "..."                    # log_y, vpc_simulations, max_individual_plots, se_method
@@ -72,8 +75,8 @@ SECTIONS = {
     "covariates": None,  # parameter names
     "omega": ("structure", "blocks"),
     "error": ("model", "a", "b"),
-    "data": ("columns", "dose", "x", "regressors"),
-    "engine": ("algorithm", "iterations", "chains", "seed", "backend"),
+    "data": ("columns", "dose", "x", "regressors", "covariate_interpolation"),
+    "engine": ("algorithm", "iterations", "chains", "seed", "backend", "replicates", "dispersed_starts"),
     "report": ("title", "log_y", "vpc_simulations", "max_individual_plots", "se_method"),
 }
 PARAMETER_KEYS = ("init", "transform", "random", "fixed", "omega2")
@@ -161,6 +164,8 @@ class NLMEConfig:
     num_chains: int | None = None
     seed: int = 0
     backend: str = "torch"
+    replicates: int = 1
+    dispersed_starts: bool | float = False
     report: dict[str, Any] = field(default_factory=lambda: dict(REPORT_DEFAULTS))
     description: str = ""
     text: str = field(default="", repr=False)
@@ -191,6 +196,9 @@ class NLMEConfig:
                                 "progress": progress}
         if self.num_chains is not None:
             opts["num_chains"] = int(self.num_chains)
+        if self.replicates != 1 or self.dispersed_starts:
+            opts["replicates"] = int(self.replicates)
+            opts["dispersed_starts"] = self.dispersed_starts
         return opts
 
 
@@ -401,6 +409,9 @@ def _data(raw: Any, reader: _Reader) -> dict[str, Any]:
     for key in ("dose", "x"):
         if key in table:
             out[key] = reader.string(table[key], ("data",), key)
+    if "covariate_interpolation" in table:
+        out["covariate_interpolation"] = reader.string(table["covariate_interpolation"], ("data",),
+                                                       "covariate_interpolation", ("locf", "linear")).lower()
     if "regressors" in table:
         regs = table["regressors"]
         regs = [regs] if isinstance(regs, str) else regs
@@ -430,6 +441,14 @@ def _engine(raw: Any, reader: _Reader, cfg: NLMEConfig) -> None:
         cfg.seed = reader.integer(table["seed"], w, "seed", 0)
     if "backend" in table:
         cfg.backend = reader.string(table["backend"], w, "backend", ("torch", "jax")).lower()
+    if "replicates" in table:
+        cfg.replicates = reader.integer(table["replicates"], w, "replicates", 1)
+    if "dispersed_starts" in table:
+        d = table["dispersed_starts"]
+        if not isinstance(d, bool) and (not isinstance(d, int | float) or d < 0):
+            raise reader.error(f"[engine] dispersed_starts must be true, false or a scale >= 0 (the φ-scale sd of "
+                               f"the starts), got {d!r}", w, "dispersed_starts")
+        cfg.dispersed_starts = d if isinstance(d, bool) else float(d)
 
 
 def _report(raw: Any, reader: _Reader) -> dict[str, Any]:
