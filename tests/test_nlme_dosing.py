@@ -79,6 +79,15 @@ def _two_cmt(cl=2.0, v1=10.0, q=3.0, v2=25.0, ka=None):
              + (k21 - ka) / ((a - ka) * (b - ka)) * np.exp(-ka * t))
         return np.where(s >= 0, ka / v1 * c, 0.0)
 
+    def infusion(s, dur):
+        """Per unit amount, given over ``dur``."""
+        out = 0.0
+        for c, lam in (((a - k21) / ((a - b) * v1), a), ((k21 - b) / ((a - b) * v1), b)):
+            on = np.clip(s, 0, dur)
+            out = out + c / lam / dur * (1 - np.exp(-lam * on)) * np.exp(-lam * (s - on))
+        return np.where(s >= 0, out, 0.0)
+
+    bolus.infusion = infusion
     return bolus, oral
 
 
@@ -161,6 +170,27 @@ def test_steady_state_two_compartments():
     np.testing.assert_allclose(f, _superpose(t_obs, _train(0.0, 100.0, 8.0), bolus), rtol=1e-8, atol=1e-12)
     f, _ = _predict("two_compartment_oral", {"ka": 1.1, **p2}, df)
     np.testing.assert_allclose(f, _superpose(t_obs, _train(0.0, 100.0, 8.0), oral), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("dur", [3.0, 20.0])
+def test_two_compartment_infusion_and_its_steady_state(dur):
+    t_obs = [0.0, 1.0, 2.9, 3.0, 7.9, 8.0, 12.0, 30.0]
+    bolus, _ = _two_cmt()
+    p2 = {"CL": 2.0, "V1": 10.0, "Q": 3.0, "V2": 25.0}
+    dose = {"AMT": 90.0, "EVID": 1, "MDV": 1, "RATE": 90.0 / dur}
+    f, _ = _predict("two_compartment_infusion", p2, _table([dose, {**dose, "TIME": 5.0, "RATE": 0.0}] + _obs(t_obs)))
+    ref = (_superpose(t_obs, [(0.0, 90.0)], lambda s: bolus.infusion(s, dur))
+           + _superpose(t_obs, [(5.0, 90.0)], bolus))
+    np.testing.assert_allclose(f, ref, rtol=1e-10, atol=1e-12)
+    f, _ = _predict("two_compartment_infusion", p2, _table([{**dose, "SS": 1, "II": 8.0}] + _obs(t_obs)))
+    ref = _superpose(t_obs, _train(0.0, 90.0, 8.0), lambda s: bolus.infusion(s, dur))
+    np.testing.assert_allclose(f, ref, rtol=1e-8, atol=1e-12)
+    # an oral two-compartment model takes CMT 2 infusions into the central compartment
+    f, _ = _predict("two_compartment_oral", {"ka": 1.1, **p2},
+                    _table([{**dose, "CMT": 2}, {**dose, "TIME": 5.0, "RATE": 0.0}] + _obs(t_obs)))
+    ref = (_superpose(t_obs, [(0.0, 90.0)], lambda s: bolus.infusion(s, dur))
+           + _superpose(t_obs, [(5.0, 90.0)], _two_cmt(ka=1.1)[1]))
+    np.testing.assert_allclose(f, ref, rtol=1e-10, atol=1e-12)
 
 
 def test_ss1_resets_and_ss2_adds():

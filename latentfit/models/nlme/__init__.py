@@ -23,9 +23,11 @@ from .structural import (
     one_compartment_oral,
     sigmoid_emax,
     two_compartment_bolus,
+    two_compartment_infusion,
     two_compartment_oral,
 )
 
 __all__ = ["LIBRARY", "NLME", "CovariateSearch", "Design", "NLMEData", "Parameter", "Structural", "covariate_search",
            "design_table", "emax", "ode", "one_compartment_bolus", "one_compartment_infusion", "one_compartment_oral",
-           "read_nonmem", "sigmoid_emax", "two_compartment_bolus", "two_compartment_oral"]
+           "read_nonmem", "sigmoid_emax", "two_compartment_bolus", "two_compartment_infusion",
+           "two_compartment_oral"]

@@ -25,7 +25,9 @@ PK models are linear in the dose, so multiple doses are superposed:
 * one compartment, infusion (rate R = AMT/Tinf): ``C = R/(kV) (1 − e^{−k min(τ,Tinf)}) e^{−k(τ − min(τ,Tinf))}``;
 * one compartment, first-order absorption (optional lag ``Tlag``):
   ``c(τ) = ka / (V (ka − k)) (e^{−kτ'} − e^{−kaτ'})``, ``τ' = τ − Tlag``;
-* two compartments (CL, V1, Q, V2), IV bolus and first-order absorption (macro-constants α, β);
+* two compartments (CL, V1, Q, V2), IV bolus, infusion and first-order absorption (macro-constants α, β); an
+  infusion at rate R of duration D adds ``R c_j/λ_j (1 − e^{−λ_j min(τ,D)}) e^{−λ_j(τ − min(τ,D))}`` per exponential
+  ``c_j e^{−λ_j τ}`` of the unit bolus;
 * oral models route a dose with ``CMT = 2`` to the central compartment (an IV bolus, or an infusion with
   ``RATE > 0``), as NONMEM's ADVAN2/ADVAN4 (``CMT = 1`` is the depot);
 * steady state (``SS`` 1 or 2, interval ``τ = II``): the dose is the last of an infinite train, so each
@@ -199,25 +201,32 @@ def _time_since(d: Design, tau: Any, amt: Any, lag: Any = None) -> tuple[Any, An
     return xp.where(valid, tau, 0.0), valid
 
 
-def _central_iv(d: Design, amt: Any, rate: Any, k: Any, v: Any, t: Any) -> Any:
-    """One compartment (elimination ``k``, volume ``v``), input into the central compartment: a bolus, or an
-    infusion at ``rate`` for ``AMT/rate`` (steady state by the train sums of the module docstring)."""
+def _central_iv(d: Design, amt: Any, rate: Any, terms: list[tuple[Any, Any]], t: Any) -> Any:
+    """Input into the central compartment of a linear model whose unit-bolus concentration is
+    ``Σ_j c_j e^{−λ_j s}`` (``terms = [(c_j, λ_j)]``): a bolus, or an infusion at ``rate`` for ``AMT/rate``, each
+    exponential giving ``R c_j/λ_j (1 − e^{−λ_j min(s, D)}) e^{−λ_j (s − min(s, D))}`` (steady state by the train
+    sums of the module docstring)."""
     xp = d.xp
     ss = _ss_terms(d)
     is_inf = rate > 0
     safe_rate = xp.where(is_inf, rate, 1.0)
     t_inf = xp.where(is_inf, amt / safe_rate, 0.0)
     t_on = xp.minimum(t, t_inf)
-    infusion = safe_rate / (k * v) * (-xp.expm1(-k * t_on)) * xp.exp(-k * (t - t_on))
     if ss is not None:
         is_ss, ii = ss
         tau = xp.where(is_ss, ii, 1.0)
         n_on = xp.where(t < t_inf, xp.ceil((t_inf - t) / tau), 0.0)
-        geo = -xp.expm1(-k * tau)
-        on = n_on - xp.exp(-k * t) * (-xp.expm1(-k * tau * n_on)) / geo
-        off = (xp.exp(-k * (t + n_on * tau - t_inf)) - xp.exp(-k * (t + n_on * tau))) / geo
-        infusion = xp.where(is_ss, safe_rate / (k * v) * (on + off), infusion)
-    return xp.where(is_inf, infusion, amt / v * _decay(xp, k, t, ss))
+    bolus, infusion = 0.0, 0.0
+    for c, lam in terms:
+        bolus = bolus + c * _decay(xp, lam, t, ss)
+        inf = (-xp.expm1(-lam * t_on)) * xp.exp(-lam * (t - t_on))
+        if ss is not None:
+            geo = -xp.expm1(-lam * tau)
+            on = n_on - xp.exp(-lam * t) * (-xp.expm1(-lam * tau * n_on)) / geo
+            off = (xp.exp(-lam * (t + n_on * tau - t_inf)) - xp.exp(-lam * (t + n_on * tau))) / geo
+            inf = xp.where(is_ss, on + off, inf)
+        infusion = infusion + c / lam * inf
+    return xp.where(is_inf, safe_rate * infusion, amt * bolus)
 
 
 def _bateman(xp: Any, ka: Any, k: Any, t: Any, ss: tuple[Any, Any] | None = None) -> Any:
@@ -251,7 +260,7 @@ def _infusion1(psi: dict[str, Any], d: Design) -> Any:
     tau, amt, rate = _dose_terms(d)
     v, cl = _p(psi, "V", d), _p(psi, "CL", d)
     t, valid = _time_since(d, tau, amt)
-    return _superpose(xp, _central_iv(d, amt, rate, cl / v, v, t), valid, d)
+    return _superpose(xp, _central_iv(d, amt, rate, [(1.0 / v, cl / v)], t), valid, d)
 
 
 def _oral1(psi: dict[str, Any], d: Design, lag: bool = False) -> Any:
@@ -262,7 +271,7 @@ def _oral1(psi: dict[str, Any], d: Design, lag: bool = False) -> Any:
     oral = amt / v * _bateman(xp, ka, cl / v, t, _ss_terms(d))
     if d.central_cmt:
         t_iv, valid_iv = _time_since(d, tau, amt) if lag else (t, valid)
-        central = _central_iv(d, amt, _dose_terms(d)[2], cl / v, v, t_iv)
+        central = _central_iv(d, amt, _dose_terms(d)[2], [(1.0 / v, cl / v)], t_iv)
         if lag:
             oral, valid = _route(d, oral, central), _route(d, valid, valid_iv)
         else:
@@ -293,9 +302,23 @@ def _two_cmt_unit(xp: Any, alpha: Any, beta: Any, k21: Any, t: Any, ss: Any) -> 
     return ((alpha - k21) * _decay(xp, alpha, t, ss) + (k21 - beta) * _decay(xp, beta, t, ss)) / (alpha - beta)
 
 
+def _two_cmt_terms(alpha: Any, beta: Any, k21: Any, v1: Any) -> list[tuple[Any, Any]]:
+    """``[(c_j, λ_j)]`` of the two-compartment unit-bolus concentration."""
+    return [((alpha - k21) / ((alpha - beta) * v1), alpha), ((k21 - beta) / ((alpha - beta) * v1), beta)]
+
+
+def _infusion2(psi: dict[str, Any], d: Design) -> Any:
+    xp = d.xp
+    tau, amt, rate = _dose_terms(d)
+    v1 = _p(psi, "V1", d)
+    alpha, beta, k21 = _macro(xp, _p(psi, "CL", d), v1, _p(psi, "Q", d), _p(psi, "V2", d))
+    t, valid = _time_since(d, tau, amt)
+    return _superpose(xp, _central_iv(d, amt, rate, _two_cmt_terms(alpha, beta, k21, v1), t), valid, d)
+
+
 def _oral2(psi: dict[str, Any], d: Design) -> Any:
     xp = d.xp
-    tau, amt, _ = _dose_terms(d)
+    tau, amt, rate = _dose_terms(d)
     ka, v1 = _p(psi, "ka", d), _p(psi, "V1", d)
     alpha, beta, k21 = _macro(xp, _p(psi, "CL", d), v1, _p(psi, "Q", d), _p(psi, "V2", d))
     t, valid = _time_since(d, tau, amt)
@@ -303,8 +326,10 @@ def _oral2(psi: dict[str, Any], d: Design) -> Any:
     c = ((k21 - alpha) / ((ka - alpha) * (beta - alpha)) * _decay(xp, alpha, t, ss)
          + (k21 - beta) / ((ka - beta) * (alpha - beta)) * _decay(xp, beta, t, ss)
          + (k21 - ka) / ((alpha - ka) * (beta - ka)) * _decay(xp, ka, t, ss))
-    return _superpose(xp, _route(d, amt * ka / v1 * c, amt / v1 * _two_cmt_unit(xp, alpha, beta, k21, t, ss)),
-                      valid, d)
+    if not d.central_cmt:
+        return _superpose(xp, amt * ka / v1 * c, valid, d)
+    central = _central_iv(d, amt, rate, _two_cmt_terms(alpha, beta, k21, v1), t)
+    return _superpose(xp, _route(d, amt * ka / v1 * c, central), valid, d)
 
 
 # ----- public constructors ------------------------------------------------------------------------
@@ -329,6 +354,11 @@ def one_compartment_oral(lag: bool = False) -> Structural:
 def two_compartment_bolus() -> Structural:
     """Two compartments, IV bolus; parameters ``CL, V1, Q, V2``."""
     return Structural("two_compartment_bolus", ("CL", "V1", "Q", "V2"), _bolus2, uses_doses=True)
+
+
+def two_compartment_infusion() -> Structural:
+    """Two compartments, zero-order infusion (``RATE``; rate 0 = bolus); parameters ``CL, V1, Q, V2``."""
+    return Structural("two_compartment_infusion", ("CL", "V1", "Q", "V2"), _infusion2, uses_doses=True)
 
 
 def two_compartment_oral() -> Structural:
@@ -371,6 +401,7 @@ LIBRARY: dict[str, Callable[[], Structural]] = {
     "one_compartment_oral": one_compartment_oral,
     "one_compartment_oral_lag": lambda: one_compartment_oral(lag=True),
     "two_compartment_bolus": two_compartment_bolus,
+    "two_compartment_infusion": two_compartment_infusion,
     "two_compartment_oral": two_compartment_oral,
     "emax": emax,
     "sigmoid_emax": sigmoid_emax,
@@ -396,4 +427,5 @@ def resolve(structural: Any, parameter_names: list[str]) -> Structural:
 
 
 __all__ = ["LIBRARY", "Design", "Structural", "emax", "one_compartment_bolus", "one_compartment_infusion",
-           "one_compartment_oral", "resolve", "sigmoid_emax", "two_compartment_bolus", "two_compartment_oral"]
+           "one_compartment_oral", "resolve", "sigmoid_emax", "two_compartment_bolus",
+           "two_compartment_infusion", "two_compartment_oral"]
