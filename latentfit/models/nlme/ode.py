@@ -23,7 +23,7 @@ Python loops are over events and substeps, never over individuals.
 NONMEM records (see :func:`~latentfit.models.nlme.data.read_nonmem`): additional doses (``ADDL``/``II``) arrive
 expanded; a reset (``EVID`` 3/4, ``SS = 1``) starts a new period, whose events come after the earlier period's
 (the time may restart): at the first event of a period the states return to ``initial``, earlier infusions stop
-and nothing is integrated across the change.  A steady-state dose (``SS`` 1 or 2, interval ``τ = II``) first
+and no state carries over the change.  A steady-state dose (``SS`` 1 or 2, interval ``τ = II``) first
 integrates ``ss_periods`` dosing intervals of the same dose from the initial state (each: the bolus, or the
 infusion over its duration ``D ≤ τ``, then the rest of ``τ``, with RK4 steps of at most ``max_step``), which
 approaches the pre-dose steady state with a relative error ``≈ e^{−λ·ss_periods·τ}`` (λ the slowest rate
@@ -246,7 +246,7 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
         if (on & (dur > ii * (1 + 1e-12))).any():
             raise DataError("a steady-state infusion longer than its interval II (overlapping infusions at steady "
                             "state) is not supported by ODE models; use a closed-form model or shorten the infusion")
-        h = max_step if max_step is not None else max(float((t[:, -1] - t[:, 0]).max()) / 200.0, 1e-12)
+        h = max_step if max_step is not None else max(float((t.max(-1) - t.min(-1)).max()) / 200.0, 1e-12)
         plan = {}
         for k in np.where(on.any(0))[0]:
             d_on, d_off = dur[:, k][on[:, k]].max(), (ii[:, k] - dur[:, k])[on[:, k]].max()
@@ -262,10 +262,11 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
 
 def _steps_per_interval(t_ev: Any, max_step: float | None) -> list[int]:
     """RK4 steps for each interval between consecutive events: ``ceil(max_i Δt_ik / max_step)`` (static ints
-    from the data's sorted event times ``[N, E]``; valid for any subset of the individuals)."""
+    from the data's sorted event times ``[N, E]``; valid for any subset of the individuals).  The default step is
+    the longest span of an individual's event times over 200 (periods may restart the time: max − min)."""
     t = np.asarray(t_ev, dtype=float)
     gaps = np.diff(t, axis=-1).max(0) if t.shape[-1] > 1 else np.zeros(0)
-    h = max_step if max_step is not None else max(float((t[:, -1] - t[:, 0]).max()) / 200.0, 1e-12)
+    h = max_step if max_step is not None else max(float((t.max(-1) - t.min(-1)).max()) / 200.0, 1e-12)
     return [int(np.ceil(g / h - 1e-9)) if g > 0 else 0 for g in gaps]
 
 
