@@ -173,7 +173,15 @@ def nlme_simulate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.model)
     design = prepare_design(read_table(args.design), cfg.data_options)
-    saved = _saved_fit(cfg, design, args.design, args.params or args.from_dir)
+    source = args.params or args.from_dir
+    if source is None:  # a simulation study: the model file's initial values are the truth
+        from latentfit.report import SavedFit
+
+        model = _bound(cfg, design, args.design)
+        saved = SavedFit(model, {n: model.ops.to_numpy(v) for n, v in model.init_params().items()})
+        print("simulating at the model file's initial values (no --params / --from)", file=sys.stderr)
+    else:
+        saved = _saved_fit(cfg, design, args.design, source)
     seed = cfg.seed if args.seed is None else args.seed
     sims = []
     for rep in range(args.n_rep):
@@ -222,15 +230,16 @@ def _add_nlme(sub: Any) -> None:
     p_fit.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_fit.set_defaults(handler=nlme_fit)
 
-    def estimates(p: argparse.ArgumentParser) -> None:
-        g = p.add_mutually_exclusive_group(required=True)
+    def estimates(p: argparse.ArgumentParser, required: bool = True) -> None:
+        g = p.add_mutually_exclusive_group(required=required)
         g.add_argument("--params", help="estimates file (the estimates.csv of 'latentfit nlme fit')")
         g.add_argument("--from", dest="from_dir", help="output directory of 'latentfit nlme fit'")
         p.add_argument("--seed", type=int, help="simulation seed (default: [engine] seed)")
 
-    p_sim = nsub.add_parser("simulate", help="simulate data sets of a design at estimated parameters")
+    p_sim = nsub.add_parser("simulate", help="simulate data sets of a design at estimated parameters (--params, "
+                                             "--from) or at the model file's initial values")
     p_sim.add_argument("model", help="model file (TOML)")
-    estimates(p_sim)
+    estimates(p_sim, required=False)  # neither: the model file's initial values
     p_sim.add_argument("--design", required=True, help="design (CSV, the data file's format; DV may be empty)")
     p_sim.add_argument("--out", required=True, help="CSV file of the simulated data (column REP: replicate)")
     p_sim.add_argument("--n-rep", type=int, default=1, help="number of simulated data sets (default 1)")
