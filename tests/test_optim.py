@@ -81,19 +81,23 @@ def _ref_predict(hist: list[np.ndarray], predictor: str, span: int, reg: float) 
     return ((z / z.sum()) @ x[:-1]).reshape(hist[-1].shape)
 
 
-def _ref_opt_amsgrad(w0, grad_fn, n, lr, b1, b2, eps, predictor="last", span=5, reg=1e-3):
-    """The paper's Algorithm 2: θ, v, v̂ (v̂_0 = ε), auxiliary w_{t+1/2}, optimistic w_{t+1} with h_{t+1}."""
+def _ref_opt_amsgrad(w0, grad_fn, n, lr, b1, b2, eps, predictor="last", span=5, reg=1e-3, second_moment="grad"):
+    """Algorithm 2 (as recalled, see OptAMSGrad's docstring): θ, v, v̂ (v̂_0 = ε), auxiliary w_{t+1/2}, optimistic
+    w_{t+1} with h_{t+1} = β1 θ_{t-1} + (1-β1) m_{t+1}; v from g_t² or, as in the authors' code, (g_t - m_t)²."""
     w, half = w0.copy(), w0.copy()
     theta, v, vhat, hist, out = np.zeros_like(w0), np.zeros_like(w0), np.full_like(w0, eps), [], []
+    m = np.zeros_like(w0)  # m_1 = 0: the prediction of g_1
     for t in range(n):
         g = grad_fn(w, t)
         theta_prev = theta
         theta = b1 * theta + (1 - b1) * g
-        v = b2 * v + (1 - b2) * g * g
+        e = g - m if second_moment == "residual" else g
+        v = b2 * v + (1 - b2) * e * e
         vhat = np.maximum(vhat, v)
         half = half - lr * theta / np.sqrt(vhat)
         hist = (hist + [g])[-span:]
-        h = b1 * theta_prev + (1 - b1) * _ref_predict(hist, predictor, span, reg)
+        m = _ref_predict(hist, predictor, span, reg)
+        h = b1 * theta_prev + (1 - b1) * m
         w = half - lr * h / np.sqrt(vhat)
         out.append(w)
     return out
@@ -181,21 +185,24 @@ def test_optax_amsgrad_rule_and_where_it_differs_from_torch():
 
 
 @pytest.mark.parametrize(
-    "predictor,span,lr",
-    [("last", 5, 0.05), ("mean", 3, 0.05), ("extrapolation", 4, 0.02)],
+    "predictor,span,lr,second_moment",
+    [("last", 5, 0.05, "grad"), ("mean", 3, 0.05, "grad"), ("extrapolation", 4, 0.02, "grad"),
+     ("last", 5, 0.05, "residual"), ("extrapolation", 4, 0.02, "residual")],
 )
-def test_opt_amsgrad_torch_and_optax_equal_the_paper_rule(predictor, span, lr):
+def test_opt_amsgrad_torch_and_optax_equal_the_paper_rule(predictor, span, lr, second_moment):
     b1, b2, eps, reg, n = 0.9, 0.99, 1e-8, 1e-3, 40
     w0 = _init_params()
     centres = _init_params(seed=5)
     grad = _quad_grad(centres)
     refs = {
-        k: _ref_opt_amsgrad(w0[k], lambda w, t, k=k: grad(k, w, t), n, lr, b1, b2, eps, predictor, span, reg)
+        k: _ref_opt_amsgrad(w0[k], lambda w, t, k=k: grad(k, w, t), n, lr, b1, b2, eps, predictor, span, reg,
+                            second_moment)
         for k in SHAPES
     }
     # torch
     ps = {k: torch.tensor(w0[k], requires_grad=True) for k in SHAPES}
-    opt = OptAMSGrad(ps.values(), lr=lr, betas=(b1, b2), eps=eps, predictor=predictor, span=span, reg=reg)
+    opt = OptAMSGrad(ps.values(), lr=lr, betas=(b1, b2), eps=eps, predictor=predictor, span=span, reg=reg,
+                     second_moment=second_moment)
     for t in range(n):
         for k, p in ps.items():
             p.grad = torch.tensor(grad(k, p.detach().numpy(), t))
@@ -203,7 +210,7 @@ def test_opt_amsgrad_torch_and_optax_equal_the_paper_rule(predictor, span, lr):
         for k, p in ps.items():
             np.testing.assert_allclose(p.detach().numpy(), refs[k][t], rtol=0, atol=1e-12)
     # optax
-    tx = opt_amsgrad(lr, b1=b1, b2=b2, eps=eps, predictor=predictor, span=span, reg=reg)
+    tx = opt_amsgrad(lr, b1=b1, b2=b2, eps=eps, predictor=predictor, span=span, reg=reg, second_moment=second_moment)
     params = {k: jnp.asarray(v) for k, v in w0.items()}
     state = tx.init(params)
     step = jax.jit(tx.update)
@@ -460,6 +467,8 @@ def test_numpyro_svi_with_opt_amsgrad_and_hwa():
         lambda p: opt_amsgrad(float("nan")),
         lambda p: opt_amsgrad(0.1, b1=1.2),
         lambda p: opt_amsgrad(0.1, predictor="extrapolation", span=1),
+        lambda p: opt_amsgrad(0.1, second_moment="prediction"),
+        lambda p: OptAMSGrad(p, second_moment="g2"),
         lambda p: hwa(optax.sgd(0.1), every=0),
         lambda p: hwa(optax.sgd(0.1), every=-3),
     ],

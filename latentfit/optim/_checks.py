@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 PREDICTORS = ("last", "mean", "extrapolation")
+SECOND_MOMENTS = ("grad", "residual")
 
 
 def check_lr(lr: Any, name: str = "learning rate") -> None:
@@ -60,6 +61,13 @@ def check_predictor(predictor: str, span: Any) -> int:
     if predictor == "last" and span < 1:
         raise ValueError(f"span must be >= 1, got {span!r}")
     return span
+
+
+def check_second_moment(second_moment: Any) -> str:
+    """What OPT-AMSGrad's second moment averages: ``"grad"`` (g_t²) or ``"residual"`` ((g_t − m_t)²)."""
+    if second_moment not in SECOND_MOMENTS:
+        raise ValueError(f"second_moment must be one of {SECOND_MOMENTS}, got {second_moment!r}")
+    return str(second_moment)
 
 
 def check_adam_args(lr: Any, betas: Any, eps: Any, weight_decay: Any = 0.0) -> None:

@@ -12,7 +12,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from latentfit.optim._checks import check_beta, check_every, check_lr, check_nonneg, check_predictor
+from latentfit.optim._checks import (
+    check_beta,
+    check_every,
+    check_lr,
+    check_nonneg,
+    check_predictor,
+    check_second_moment,
+)
 
 __all__ = ["HWAState", "OptAMSGradState", "amsgrad", "hwa", "hwa_averaged", "hwa_variance", "opt_amsgrad"]
 
@@ -42,7 +49,8 @@ def amsgrad(
 
 
 class OptAMSGradState(NamedTuple):
-    """State of :func:`opt_amsgrad`: step count, θ, v, v̂, the auxiliary iterate w_{t-1/2}, past gradients."""
+    """State of :func:`opt_amsgrad`: step count, θ, v, v̂, the auxiliary iterate w_{t-1/2}, past gradients, and
+    the last prediction m_t (``second_moment="residual"`` only; ``()`` otherwise)."""
 
     count: jax.Array
     mu: Any
@@ -50,6 +58,7 @@ class OptAMSGradState(NamedTuple):
     nu_max: Any
     half: Any
     history: Any
+    prediction: Any = ()
 
 
 def _extrapolate(hist: jax.Array, reg: float) -> jax.Array:
@@ -72,6 +81,7 @@ def opt_amsgrad(
     predictor: str = "last",
     span: int = 5,
     reg: float = 1e-8,
+    second_moment: str = "grad",
 ) -> optax.GradientTransformation:
     """OPT-AMSGrad (Wang, Li, Karimi & Li 2019, arXiv:1903.01435, Algorithm 2) as an optax transformation.
 
@@ -87,8 +97,9 @@ def opt_amsgrad(
     ``"mean"`` (mean of the last ``span`` gradients) or ``"extrapolation"`` (the paper's regularised minimal
     polynomial extrapolation of the last ``span`` gradients, Scieur et al. 2016, per leaf; see
     :class:`latentfit.optim.OptAMSGrad`); g_t until ``span`` gradients are stored. ``update`` needs ``params``.
-    The same rule as :class:`latentfit.optim.OptAMSGrad` (whose docstring says how far it was checked against the
-    paper).
+    ``second_moment="residual"``: v averages (g_t − m_t)², the error of the previous prediction (m_1 = 0). The same
+    rule as :class:`latentfit.optim.OptAMSGrad`, whose docstring says how far it was checked against the paper and
+    the authors' code.
     """
     check_lr(learning_rate)
     check_beta(b1, "b1")
@@ -98,6 +109,7 @@ def opt_amsgrad(
         raise ValueError(f"eps must be > 0 (it is the initial v̂ of OPT-AMSGrad), got {eps!r}")
     check_predictor(predictor, span)
     check_nonneg(reg, "reg")
+    residual = check_second_moment(second_moment) == "residual"
     lr = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
     keep_history = predictor != "last"
 
@@ -112,6 +124,7 @@ def opt_amsgrad(
             history=jax.tree.map(lambda p: jnp.zeros((span, *jnp.shape(p)), jnp.result_type(p)), params)
             if keep_history
             else (),
+            prediction=optax.tree.zeros_like(params) if residual else (),
         )
 
     def update_fn(updates: Any, state: OptAMSGradState, params: Any = None) -> tuple[Any, OptAMSGradState]:
@@ -120,7 +133,8 @@ def opt_amsgrad(
         count = state.count
         eta_t, eta_next = lr(count), lr(count + 1)
         mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, updates)
-        nu = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * g * g, state.nu, updates)
+        err = jax.tree.map(lambda g, m: g - m, updates, state.prediction) if residual else updates
+        nu = jax.tree.map(lambda v, e: b2 * v + (1.0 - b2) * e * e, state.nu, err)
         nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu)
         half = jax.tree.map(lambda w, m, v: w - eta_t * m / jnp.sqrt(v), state.half, mu, nu_max)
         if keep_history:
@@ -140,7 +154,7 @@ def opt_amsgrad(
             nu_max,
         )
         out = jax.tree.map(lambda w, p: (w - p).astype(jnp.result_type(p)), new_w, params)
-        return out, OptAMSGradState(count + 1, mu, nu, nu_max, half, history)
+        return out, OptAMSGradState(count + 1, mu, nu, nu_max, half, history, guess if residual else ())
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -12,7 +12,13 @@ from typing import Any
 
 import torch
 
-from latentfit.optim._checks import check_adam_args, check_every, check_nonneg, check_predictor
+from latentfit.optim._checks import (
+    check_adam_args,
+    check_every,
+    check_nonneg,
+    check_predictor,
+    check_second_moment,
+)
 
 __all__ = ["AMSGrad", "HWA", "OptAMSGrad", "pyro_hwa", "pyro_hwa_averages"]
 
@@ -76,12 +82,19 @@ class OptAMSGrad(torch.optim.Optimizer):
     are stored). ``weight_decay`` adds ``weight_decay · w_t`` to g_t (L2, as torch's Adam). The learning rate of a
     group is used for both half-steps (η_t = η_{t+1}).
 
-    The algorithm box could not be retrieved from the stored copies of the paper searchable here (the copies of
-    arXiv:1903.01435 found, and of its 2019 version "Optimistic Adaptive Acceleration for Optimization", stop at
-    the introduction); the rule above is Algorithm 2 as recalled, cross-checked against the issue's description.
-    A third-party PyTorch port of the 2019 version differs in two places: its second moment averages
-    (g_t − m_t)² (the prediction error) instead of g_t², and its m_{t+1} is the gradient at an extrapolation of
-    past *iterates*; neither is adopted here without the paper's text.
+    ``second_moment="residual"`` makes v average the prediction error instead, v_t = β2 v_{t-1} + (1-β2)(g_t - m_t)²
+    (m_t: the prediction of g_t made at the previous step, m_1 = 0), so that the steps scale with how well the
+    gradients are predicted, as in optimistic online learning.
+
+    Provenance: the algorithm box of arXiv:1903.01435 could not be retrieved from the stored copies searchable here
+    (the copies found, of the 2021 version and of the 2019 one, "Optimistic Adaptive Acceleration for
+    Optimization", stop at the introduction). The rule above is Algorithm 2 as recalled (h_{t+1} built from
+    β1 θ_{t-1}, both half-steps divided by sqrt(v̂_t)). The authors' released PyTorch code for the 2019 version
+    (repository "optimistic_amsgrad", ``Optadam_torch``) agrees on h_{t+1} and the two half-steps, and differs in
+    three points: its v averages (g_t - m_t)² (``second_moment="residual"`` here), its m_{t+1} is the gradient
+    evaluated at a regularised-MPE extrapolation of the last 5 *iterates* (a second gradient evaluation per step,
+    on an auxiliary copy of the network; not offered here), and it uses Adam's bias corrections with ε added to
+    sqrt(v̂) (v̂_0 = 0).
     """
 
     def __init__(
@@ -94,13 +107,16 @@ class OptAMSGrad(torch.optim.Optimizer):
         predictor: str = "last",
         span: int = 5,
         reg: float = 1e-8,
+        second_moment: str = "grad",
     ) -> None:
         check_adam_args(lr, betas, eps, weight_decay)
+        check_second_moment(second_moment)
         if not float(eps) > 0.0:
             raise ValueError(f"eps must be > 0 (it is the initial v̂ of OPT-AMSGrad), got {eps!r}")
         check_predictor(predictor, span)
         check_nonneg(reg, "reg")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, predictor=predictor, span=span, reg=reg)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, predictor=predictor, span=span, reg=reg,
+                        second_moment=second_moment)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -129,10 +145,14 @@ class OptAMSGrad(torch.optim.Optimizer):
                     state["max_exp_avg_sq"] = torch.full_like(p, float(group["eps"]))
                     state["half"] = p.detach().clone()
                     state["history"] = []
+                    state["prediction"] = torch.zeros_like(p)  # m_1 = 0
                 state["step"] += 1
                 theta_prev = state["exp_avg"].clone()
                 state["exp_avg"].mul_(b1).add_(g, alpha=1.0 - b1)
-                state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1.0 - b2)
+                if "prediction" not in state:  # a state saved before the option existed
+                    state["prediction"] = torch.zeros_like(p)
+                r = g - state["prediction"] if group.get("second_moment", "grad") == "residual" else g
+                state["exp_avg_sq"].mul_(b2).addcmul_(r, r, value=1.0 - b2)
                 torch.maximum(state["max_exp_avg_sq"], state["exp_avg_sq"], out=state["max_exp_avg_sq"])
                 denom = state["max_exp_avg_sq"].sqrt()
                 state["half"].addcdiv_(state["exp_avg"], denom, value=-lr)
@@ -140,6 +160,7 @@ class OptAMSGrad(torch.optim.Optimizer):
                 history.append(g.detach().clone())
                 del history[: max(0, len(history) - int(group["span"]))]
                 guess = _predict_next(history, group["predictor"], int(group["span"]), float(group["reg"]))
+                state["prediction"] = guess.detach().clone()
                 h = theta_prev.mul_(b1).add_(guess, alpha=1.0 - b1)
                 p.copy_(state["half"]).addcdiv_(h, denom, value=-lr)
         return loss
