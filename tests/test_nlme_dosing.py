@@ -322,14 +322,14 @@ def test_dur_without_rate_column_is_an_infusion():
 
 
 # ----- the ODE path on the same records ------------------------------------------------------------
-def _oral_ode(ss_periods: int = 20, **kw):
+def _oral_ode(ss_periods: int = 20, max_step: float | None = 0.05, **kw):
     """The one-compartment oral model as an ODE; 20 steady-state periods leave ``e^{-k·20·II}`` ≤ 4e-11 (II ≥ 6)."""
 
     def rhs(t, x, psi, xp):
         return (-psi["ka"] * x[0], psi["ka"] * x[0] - psi["CL"] / psi["V"] * x[1])
 
     return nlme.ode(rhs, ("ka", "V", "CL"), num_states=2, observe=lambda x, psi, xp: x[1] / psi["V"],
-                    max_step=0.05, ss_periods=ss_periods, **kw)
+                    max_step=max_step, ss_periods=ss_periods, **kw)
 
 
 def _all_records() -> pd.DataFrame:
@@ -380,3 +380,16 @@ def test_ode_steady_state_is_the_limit_of_its_periods():
     ref2 = _superpose([1.0, 6.0, 11.0], _train(0.0, 100.0, 12.0, n=3), _oral)
     np.testing.assert_allclose(few, ref2, rtol=1e-6)
     assert np.all(1 - few / closed > 5e-4)  # the missing tail, about e^{-3·k·II} = 7.5e-4 of the total
+
+
+def test_ode_default_step_when_the_time_restarts():
+    """A later period whose times all precede the first period's: the default step comes from the span of the
+    event times (50 / 200 here), not from last − first (negative)."""
+    rows = [{"TIME": 10.0, "AMT": 100.0, "EVID": 1, "MDV": 1}] + _obs([12.0, 30.0, 50.0], CMT=2)
+    rows += [{"TIME": 0.0, "AMT": 60.0, "EVID": 4, "MDV": 1}] + _obs([1.0, 5.0], CMT=2)
+    params = {"ka": KA, "V": V, "CL": CL}
+    closed, _ = _predict("one_compartment_oral", params, _table(rows))
+    ode, _ = _predict(_oral_ode(max_step=None), params, _table(rows))
+    np.testing.assert_allclose(closed, np.concatenate([_superpose([12.0, 30.0, 50.0], [(10.0, 100.0)], _oral),
+                                                       _superpose([1.0, 5.0], [(0.0, 60.0)], _oral)]), rtol=1e-12)
+    np.testing.assert_allclose(ode, closed, rtol=2e-4)  # RK4 at h = 0.25 (ka·h = 0.33): measured 7.9e-5
