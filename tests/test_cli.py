@@ -385,3 +385,17 @@ def test_user_ode_file(tmp_path):
     z = lib.prior_moments(lib.init_params())[0]
     np.testing.assert_allclose(user.structural_prediction(user.init_params(), z).numpy(),
                                lib.structural_prediction(lib.init_params(), z).numpy(), rtol=1e-5)
+
+
+def test_omega_covariances_are_initial_values_inside_the_blocks():
+    """[omega] covariances: saemix's omega.init off the diagonal (the diagonal: the parameters' omega2)."""
+    text = BASE.replace("V = 20.0", "V = { init = 20.0, omega2 = 0.5 }") + (
+        '[omega]\nblocks = [["V", "CL"]]\ncovariances = [["CL", "V", 0.2]]\n')
+    model = parse_config(text).model(read_table(DATA))
+    np.testing.assert_array_equal(model.init_params()["Omega"].numpy(),
+                                  [[1.0, 0.0, 0.0], [0.0, 0.5, 0.2], [0.0, 0.2, 1.0]])
+    with pytest.raises(ConfigError, match=r"line 10: \[omega\] covariances: 'ka' and 'V' are not two parameters of "
+                                          r"one Ω block \(blocks: \[\['V', 'CL'\]\]\)"):
+        parse_config(text.replace('"CL", "V"', '"ka", "V"'))
+    with pytest.raises(ConfigError, match=r"line 10: \[omega\] covariances: the initial Ω .* is not positive definite"):
+        parse_config(text.replace("0.2]]", "0.9]]")).model(read_table(DATA))

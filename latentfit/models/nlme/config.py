@@ -15,6 +15,7 @@ A model file names everything a saemix ``saemixModel`` / ``saemixControl`` call 
 
     [omega]                          # covariance.model
     structure = "diagonal"           # "diagonal" | "full"; or blocks = [["V", "CL"]]
+    # covariances = [["V", "CL", 0.05]]   initial covariances inside the blocks (omega.init's off-diagonal)
 
     [error]                          # error.model, error.init
     model = "constant"               # constant | proportional | combined | exponential
@@ -73,7 +74,7 @@ SECTIONS = {
     "model": ("structural", "file", "function", "description"),
     "parameters": None,  # parameter names
     "covariates": None,  # parameter names
-    "omega": ("structure", "blocks"),
+    "omega": ("structure", "blocks", "covariances"),
     "error": ("model", "a", "b"),
     "data": ("columns", "dose", "x", "regressors", "covariate_interpolation"),
     "engine": ("algorithm", "iterations", "chains", "seed", "backend", "replicates", "dispersed_starts"),
@@ -156,6 +157,7 @@ class NLMEConfig:
     covariates: dict[str, dict[str, str | None]] = field(default_factory=dict)
     covariate_init: dict[str, dict[str, float]] = field(default_factory=dict)
     omega: Any = "diagonal"
+    omega_covariances: list[tuple[str, str, float]] = field(default_factory=list)
     error: str = "constant"
     error_init: dict[str, float] = field(default_factory=dict)
     data_options: dict[str, Any] = field(default_factory=dict)
@@ -179,16 +181,35 @@ class NLMEConfig:
     def model(self, data: pd.DataFrame | None = None) -> NLME:
         """The :class:`NLME` of this file (bound to ``data`` when given); library errors name the file."""
         try:
-            return NLME(self.structural, dict(self.parameters), covariates=self.covariates or None,
-                        omega=self.omega, error=self.error, error_init=self.error_init or None,
-                        covariate_init=self.covariate_init or None, backend=self.backend, data=data,
-                        **self.data_options)
+            model = NLME(self.structural, dict(self.parameters), covariates=self.covariates or None,
+                         omega=self.omega, error=self.error, error_init=self.error_init or None,
+                         covariate_init=self.covariate_init or None, backend=self.backend, data=data,
+                         **self.data_options)
+            if self.omega_covariances and data is not None:
+                model = model.with_init({"Omega": self.omega_init(model)})
+            return model
         except DataError:
             raise
         except ModelSpecificationError as err:
             if isinstance(err, ConfigError):
                 raise
             raise ConfigError(str(err), self.path) from None
+
+    def omega_init(self, model: NLME) -> Any:
+        """Initial Ω ``[d, d]`` (order of ``model.random_names``): the ``omega2`` of the parameters on the diagonal,
+        ``[omega] covariances`` off it."""
+        import numpy as np
+
+        names = model.random_names
+        om = np.diag([self.parameters[n].omega2 for n in names])
+        for a, b, v in self.omega_covariances:
+            i, j = names.index(a), names.index(b)
+            om[i, j] = om[j, i] = v
+        if not np.all(np.linalg.eigvalsh(om) > 0):
+            raise ConfigError(f"[omega] covariances: the initial Ω {om.round(6).tolist()} (order {names}) is not "
+                              f"positive definite: lower the covariances or raise the parameters' omega2", self.path,
+                              _find_line(self.text, ("omega",), "covariances"))
+        return om
 
     def fit_options(self, progress: bool = True) -> dict[str, Any]:
         """Keyword arguments of :meth:`NLME.fit` (engine, iterations, chains, seed, progress bar)."""
@@ -368,6 +389,26 @@ def _covariates(raw: Any, reader: _Reader, params: list[str]) -> tuple[dict[str,
     return covs, inits
 
 
+def _covariances(raw: Any, reader: _Reader, blocks: list[tuple[str, ...]]) -> list[tuple[str, str, float]]:
+    """``[[name, name, value], ...]`` checked against the blocks (``blocks``: the Ω structure's blocks)."""
+    bad = reader.error(f"[omega] covariances must be a list of [\"name\", \"name\", value], e.g. "
+                       f"[[\"V\", \"CL\", 0.05]], got {raw!r}", ("omega",), "covariances")
+    if not isinstance(raw, list):
+        raise bad
+    out = []
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and isinstance(item[1], str)):
+            raise bad
+        a, b = item[0], item[1]
+        value = reader.number(item[2], ("omega",), "covariances")
+        if a == b or not any(a in blk and b in blk for blk in blocks):
+            raise reader.error(f"[omega] covariances: {a!r} and {b!r} are not two parameters of one Ω block "
+                               f"(blocks: {[list(b) for b in blocks if len(b) > 1]}); variances are the parameters' "
+                               f"omega2", ("omega",), "covariances")
+        out.append((a, b, value))
+    return out
+
+
 def _omega(raw: Any, reader: _Reader) -> Any:
     table = reader.table(raw, ("omega",))
     reader.keys(table, ("omega",), SECTIONS["omega"])
@@ -515,6 +556,10 @@ def parse_config(text: str, path: str | Path | None = None, base_dir: str | Path
         cfg.covariates, cfg.covariate_init = _covariates(raw["covariates"], reader, expected)
     if "omega" in raw:
         cfg.omega = _omega(raw["omega"], reader)
+        if "covariances" in raw["omega"]:
+            random = [p for p in expected if parameters[p].random]
+            blocks = ([tuple(random)] if cfg.omega == "full" else [] if cfg.omega == "diagonal" else cfg.omega)
+            cfg.omega_covariances = _covariances(raw["omega"]["covariances"], reader, blocks)
     if "error" in raw:
         cfg.error, cfg.error_init = _error(raw["error"], reader)
     if "data" in raw:
