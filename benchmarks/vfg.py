@@ -1,13 +1,20 @@
-"""VFG imputation on the paper's synthetic set (Ren, Karimi, Li & Li 2022): VFG vs column mean, KNN(5),
-IterativeImputer and MICE (5 × IterativeImputer(sample_posterior=True), imputations averaged).
+"""VFG imputation benchmarks (Ren, Karimi, Li & Li 2022; issue 12), printed tables, peers in the same process.
 
-Data: ``x1 = x2 = z1``, ``x3 = x4 = 2 sin z1``, ``x5 = x6 = z2``, ``x7 = x8 = z2²``, ``z1 ~ N(0, 1)``,
-``z2 ~ N(1, 2²)``; per set ``--train`` training rows (complete) and ``--test`` test rows with x3, x4, x7,
-x8 missing; MSE over the missing entries, mean ± sd over ``--sets`` sets, and seconds per set (fit +
-transform).  VFG: tree ``[[[0,1],[2,3]],[[4,5],[6,7]]]``, 4 affine coupling blocks per edge (width 64),
-nodes padded to 4 coordinates, masking (Alg. 2) on.
+1. ``synthetic``: the paper's set, ``x1 = x2 = z1``, ``x3 = x4 = 2 sin z1``, ``x5 = x6 = z2``, ``x7 = x8 = z2²``,
+   ``z1 ~ N(0, 1)``, ``z2 ~ N(1, 2²)``; per set 1000 complete training rows and 300 test rows with x3, x4, x7,
+   x8 missing; MSE over the missing entries (mean ± sd over sets) and seconds per set (fit + transform).
+   VFG: tree ``[[[0,1],[2,3]],[[4,5],[6,7]]]``, 4 affine coupling blocks per edge (width 64), nodes padded
+   to 4 coordinates, 80 % Alg. 2 masked steps, β = 0.1.  Peers: column mean, ``KNNImputer(5)``,
+   ``IterativeImputer`` and MICE (5 × ``IterativeImputer(sample_posterior=True)``, averaged).
+2. ``network``: the linear Gaussian Bayesian network of the issue (7 nodes, 5000 rows, F missing in the last
+   500); VFG on the known DAG (one aggregation node per family, A, B, D shared);
+   standardised MSE (MSE / Var F) next to the noise floor, the exact conditional ``E[F | rest]``.
+3. ``sklearn``: 20 % MCAR on ``load_diabetes`` and ``load_breast_cancer``; standardised MSE (each column
+   divided by its sd) over the masked entries, and seconds; ``VFGImputer`` (one section per column).
 
-Usage: ``python benchmarks/vfg.py [--sets 10] [--train 1000] [--test 300] [--epochs 150] [--backend torch]``
+Quick by default (fewer epochs/sets: this runs on a shared machine); ``--full`` uses the paper's sizes
+(10 synthetic sets, 150 epochs).  Usage: ``python benchmarks/vfg.py [--part all|synthetic|network|sklearn]
+[--full] [--sets N] [--epochs N] [--backend torch|jax]``.
 """
 
 from __future__ import annotations
@@ -19,52 +26,65 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from latentfit.models.vfg import SYNTHETIC_MISSING, SYNTHETIC_STRUCTURE, VFG, synthetic_imputation_data
+from latentfit.models.vfg import (
+    GAUSSIAN_NETWORK_DAG,
+    SYNTHETIC_MISSING,
+    SYNTHETIC_STRUCTURE,
+    VFG,
+    VFGImputer,
+    gaussian_network_conditional_f,
+    gaussian_network_data,
+    synthetic_imputation_data,
+)
+
+Imputer = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (train with NaN, test with NaN) -> imputed test
 
 
-def methods(args: argparse.Namespace) -> dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]]:
+def _np(a: object) -> np.ndarray:
+    return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+
+
+def peers() -> dict[str, Imputer]:
     from sklearn.experimental import enable_iterative_imputer  # noqa: F401
     from sklearn.impute import IterativeImputer, KNNImputer, SimpleImputer
 
-    def vfg(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
-        fit = VFG(SYNTHETIC_STRUCTURE, backend=args.backend, masking=True, min_dim=4).fit(
-            tr, num_epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=0, progress=False)
-        out = fit.impute(te)
-        return out.numpy() if hasattr(out, "numpy") else np.asarray(out)
-
     def mice(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
-        # x1 = x2 exactly: a 1e-6 jitter keeps BayesianRidge's posterior sd > 0 (else truncnorm raises)
+        # exact duplicate columns (x1 = x2): a 1e-6 jitter keeps BayesianRidge's posterior sd > 0
         trj = tr + 1e-6 * np.random.default_rng(0).standard_normal(tr.shape)
         return np.mean([IterativeImputer(sample_posterior=True, random_state=s).fit(trj).transform(te)
                         for s in range(5)], 0)
 
     return {
-        "VFG": vfg,
         "mean": lambda tr, te: SimpleImputer().fit(tr).transform(te),
         "KNN(5)": lambda tr, te: KNNImputer(n_neighbors=5).fit(tr).transform(te),
-        "IterativeImputer": lambda tr, te: IterativeImputer(random_state=0).fit(tr).transform(te),
+        "IterativeImputer": lambda tr, te: IterativeImputer(random_state=0, max_iter=10).fit(tr).transform(te),
         "MICE (5×)": mice,
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sets", type=int, default=10)
-    p.add_argument("--train", type=int, default=1000)
-    p.add_argument("--test", type=int, default=300)
-    p.add_argument("--epochs", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--backend", default="torch", choices=["torch", "jax"])
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    ms = methods(args)
+def _table(title: str, rows: dict[str, tuple[float, float, float]], col: str = "MSE") -> None:
+    print(f"\n{title}\n")
+    print(f"| {'method':<22} | {col + ' mean':>12} | {col + ' sd':>10} | {'s':>8} |")
+    print(f"|{'-' * 24}|{'-' * 14}|{'-' * 12}|{'-' * 10}|")
+    for k, (m, sd, t) in rows.items():
+        print(f"| {k:<22} | {m:12.4g} | {sd:10.3g} | {t:8.2f} |")
+
+
+def synthetic(args: argparse.Namespace) -> None:
+    epochs = args.epochs or (150 if args.full else 60)
+    sets = args.sets or (10 if args.full else 2)
+
+    def vfg(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
+        fit = VFG(SYNTHETIC_STRUCTURE, backend=args.backend, masking=0.8, beta=0.1, min_dim=4).fit(
+            tr, num_epochs=epochs, batch_size=128, learning_rate=3e-3, seed=0, progress=False)
+        return _np(fit.impute(te))
+
+    ms = {"VFG": vfg, **peers()}
     mse: dict[str, list[float]] = {k: [] for k in ms}
     secs: dict[str, list[float]] = {k: [] for k in ms}
-    for s in range(args.sets):
-        x = synthetic_imputation_data(args.train + args.test, seed=1000 + s)
-        tr, te = x[: args.train], x[args.train:]
+    for s in range(sets):
+        x = synthetic_imputation_data(1300, seed=1000 + s)
+        tr, te = x[:1000], x[1000:]
         te_nan = te.copy()
         te_nan[:, SYNTHETIC_MISSING] = np.nan
         for name, f in ms.items():
@@ -72,13 +92,83 @@ def main() -> None:
             imp = f(tr, te_nan)
             secs[name].append(time.perf_counter() - t0)
             mse[name].append(float(((imp - te)[:, SYNTHETIC_MISSING] ** 2).mean()))
-        print(f"set {s + 1}/{args.sets}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in mse.items()), flush=True)
-    print(f"\n{args.sets} sets × ({args.train} train + {args.test} test), MSE on x3, x4, x7, x8 (VFG: {args.backend}, "
-          f"{args.epochs} epochs)\n")
-    print(f"| {'method':<18} | {'MSE mean':>9} | {'MSE sd':>8} | {'s / set':>8} |")
-    print(f"|{'-' * 20}|{'-' * 11}|{'-' * 10}|{'-' * 10}|")
-    for k in ms:
-        print(f"| {k:<18} | {np.mean(mse[k]):9.3f} | {np.std(mse[k]):8.3f} | {np.mean(secs[k]):8.2f} |")
+        print(f"set {s + 1}/{sets}: " + ", ".join(f"{k} {v[-1]:.4g}" for k, v in mse.items()), flush=True)
+    _table(f"Synthetic set: {sets} sets × (1000 train + 300 test), MSE on x3, x4, x7, x8 (VFG {args.backend}, "
+           f"{epochs} epochs)", {k: (float(np.mean(mse[k])), float(np.std(mse[k])), float(np.mean(secs[k])))
+                                 for k in ms})
+
+
+def network(args: argparse.Namespace) -> None:
+    epochs = args.epochs or (60 if args.full else 30)
+    x = gaussian_network_data(5000, seed=0)
+    xm = x.copy()
+    xm[4500:, 5] = np.nan
+    te = x[4500:, 5]
+    var = float(x[:, 5].var())
+    rows: dict[str, tuple[float, float, float]] = {}
+    t0 = time.perf_counter()
+    floor = float(((gaussian_network_conditional_f(x[4500:]) - te) ** 2).mean()) / var
+    rows["exact E[F | rest]"] = (floor, 0.0, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    fit = VFG(GAUSSIAN_NETWORK_DAG, backend=args.backend, hidden=32, blocks=2, min_dim=4, masking=0.9,
+              mask_drop=0.01, beta=args.network_beta).fit(xm, num_epochs=epochs, batch_size=256, learning_rate=1e-2,
+                                                          seed=0, progress=False)
+    imp = _np(fit.impute(xm))[4500:, 5]
+    rows["VFG (known DAG)"] = (float(((imp - te) ** 2).mean()) / var, 0.0, time.perf_counter() - t0)
+    for name, f in peers().items():
+        if name == "MICE (5×)":
+            continue
+        t0 = time.perf_counter()
+        imp = f(xm, xm)[4500:, 5]
+        rows[name] = (float(((imp - te) ** 2).mean()) / var, 0.0, time.perf_counter() - t0)
+    _table(f"Linear Gaussian network (5000 rows, F missing in the last 500), MSE / Var F (VFG {epochs} epochs, "
+           f"β = {args.network_beta}; VFG/floor = {rows['VFG (known DAG)'][0] / floor:.2f})", rows, "std MSE")
+
+
+def bundled(args: argparse.Namespace) -> None:
+    from sklearn.datasets import load_breast_cancer, load_diabetes
+
+    epochs = args.epochs or (200 if args.full else 20)
+    for name, loader in (("diabetes", load_diabetes), ("breast_cancer", load_breast_cancer)):
+        x = loader().data.astype(np.float64)
+        rng = np.random.default_rng(0)
+        miss = rng.random(x.shape) < 0.2
+        miss[miss.all(1), 0] = False  # keep one entry in a row that lost all
+        xm = np.where(miss, np.nan, x)
+        sd = x.std(0)
+
+        def vfg(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
+            return VFGImputer(backend=args.backend, min_dim=4, num_epochs=epochs, batch_size=128).fit(tr).transform(te)
+
+        rows: dict[str, tuple[float, float, float]] = {}
+        for k, f in {"VFG (VFGImputer)": vfg, **peers()}.items():
+            if k == "MICE (5×)":
+                continue
+            t0 = time.perf_counter()
+            imp = f(xm, xm)
+            err = ((imp - x) / sd)[miss] ** 2
+            rows[k] = (float(err.mean()), 0.0, time.perf_counter() - t0)
+        _table(f"{name} ({x.shape[0]} × {x.shape[1]}), 20 % MCAR, standardised MSE on the masked entries "
+               f"(VFG {epochs} epochs)", rows, "std MSE")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", default="all", choices=["all", "synthetic", "network", "sklearn"])
+    p.add_argument("--full", action="store_true", help="the paper's sizes (slow)")
+    p.add_argument("--sets", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=0)
+    p.add_argument("--network-beta", type=float, default=0.01)
+    p.add_argument("--backend", default="torch", choices=["torch", "jax"])
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.part in ("all", "network"):
+        network(args)
+    if args.part in ("all", "sklearn"):
+        bundled(args)
+    if args.part in ("all", "synthetic"):
+        synthetic(args)
 
 
 if __name__ == "__main__":

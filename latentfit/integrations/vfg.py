@@ -44,7 +44,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["VFG", "VFGFit", "VFGImputer", "Graph", "parse_structure", "synthetic_imputation_data"]
+__all__ = ["VFG", "VFGFit", "VFGImputer", "Graph", "parse_structure", "synthetic_imputation_data",
+           "gaussian_network_data", "gaussian_network_conditional_f", "GAUSSIAN_NETWORK_DAG",
+           "GAUSSIAN_NETWORK_COLUMNS"]
 
 LOG2 = math.log(2.0)
 LOG_2PI = math.log(2.0 * math.pi)
@@ -1035,9 +1037,12 @@ except ImportError:  # pragma: no cover
 
 
 class VFGImputer(TransformerMixin, BaseEstimator):  # type: ignore[misc,valid-type]
-    """scikit-learn style imputer: ``fit(X)`` trains a :class:`VFG` on a NumPy array with NaNs (masking on
-    by default), ``transform(X)`` fills the NaNs by VFG imputation.  ``structure`` None: one section per
-    column under one aggregation node."""
+    """scikit-learn style imputer: ``fit(X)`` trains a :class:`VFG` on a NumPy array with NaNs,
+    ``transform(X)`` fills the NaNs by VFG imputation.  ``structure`` None: one section per column under one
+    aggregation node.  Defaults tuned for imputation on the paper's synthetic set: 80 % of the steps are
+    Alg. 2 masked steps (the imputation path itself is trained) and β = 0.1 (the consistency/prior terms,
+    which pull the states towards 0 and make the inverse flows expand, weigh less than the reconstruction);
+    with β = 1 and half the steps masked the imputation MSE there was 1.6 instead of 0.085."""
 
     def __init__(
         self,
@@ -1045,15 +1050,17 @@ class VFGImputer(TransformerMixin, BaseEstimator):  # type: ignore[misc,valid-ty
         backend: str = "torch",
         hidden: int = 64,
         blocks: int = 4,
-        beta: float = 1.0,
-        masking: bool = True,
+        beta: float = 0.1,
+        masking: bool | float = 0.8,
         num_epochs: int = 200,
         batch_size: int = 128,
-        learning_rate: float = 1e-3,
+        learning_rate: float = 3e-3,
         seed: int = 0,
         min_dim: int = 2,
         progress: bool = False,
+        mask_drop: float = 0.5,
     ) -> None:
+        self.mask_drop = mask_drop
         self.structure = structure
         self.backend = backend
         self.hidden = hidden
@@ -1071,7 +1078,7 @@ class VFGImputer(TransformerMixin, BaseEstimator):  # type: ignore[misc,valid-ty
         X = _as_2d_float(X)
         structure = default_structure(X.shape[1]) if self.structure is None else self.structure
         model = VFG(structure, backend=self.backend, hidden=self.hidden, blocks=self.blocks, beta=self.beta,
-                    masking=self.masking, min_dim=self.min_dim)
+                    masking=self.masking, min_dim=self.min_dim, mask_drop=self.mask_drop)
         data: Any = X.astype(np.float32)
         self.fit_ = model.fit(data, num_epochs=self.num_epochs, batch_size=self.batch_size,
                               learning_rate=self.learning_rate, seed=self.seed, progress=self.progress)

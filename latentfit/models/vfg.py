@@ -5,15 +5,20 @@ The graph logic and the torch flavour live in :mod:`latentfit.integrations.vfg`,
 """
 
 from latentfit.integrations.vfg import (  # noqa: F401
+    GAUSSIAN_NETWORK_COLUMNS,
+    GAUSSIAN_NETWORK_DAG,
     SYNTHETIC_MISSING,
     SYNTHETIC_STRUCTURE,
     VFG,
     Graph,
     VFGFit,
     VFGImputer,
+    gaussian_network_conditional_f,
+    gaussian_network_data,
     parse_structure,
     synthetic_imputation_data,
 )
 
-__all__ = ["SYNTHETIC_MISSING", "SYNTHETIC_STRUCTURE", "VFG", "Graph", "VFGFit", "VFGImputer", "parse_structure",
-           "synthetic_imputation_data"]
+__all__ = ["GAUSSIAN_NETWORK_COLUMNS", "GAUSSIAN_NETWORK_DAG", "SYNTHETIC_MISSING", "SYNTHETIC_STRUCTURE", "VFG",
+           "Graph", "VFGFit", "VFGImputer", "gaussian_network_conditional_f", "gaussian_network_data",
+           "parse_structure", "synthetic_imputation_data"]
