@@ -415,6 +415,7 @@ class NLME(LatentModel):
             obs_seg = data.obs_seg if grid is None else (data.seg_start[:, None, 1:] <= grid[..., None]).sum(-1)
             out.update(dose_seg=ops.asarray(data.dose_seg), obs_seg=ops.asarray(np.asarray(obs_seg, dtype=float)))
         out["central_cmt"] = bool((data.dose_cmt[real] == 2).any())
+        out["has_infusion"] = bool((data.dose_rate[real] > 0).any())
         return out
 
     def _require_data(self) -> None:

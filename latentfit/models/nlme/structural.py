@@ -29,7 +29,8 @@ PK models are linear in the dose, so multiple doses are superposed:
   infusion at rate R of duration D adds ``R c_j/λ_j (1 − e^{−λ_j min(τ,D)}) e^{−λ_j(τ − min(τ,D))}`` per exponential
   ``c_j e^{−λ_j τ}`` of the unit bolus;
 * oral models route a dose with ``CMT = 2`` to the central compartment (an IV bolus, or an infusion with
-  ``RATE > 0``), as NONMEM's ADVAN2/ADVAN4 (``CMT = 1`` is the depot);
+  ``RATE > 0``), as NONMEM's ADVAN2/ADVAN4 (``CMT = 1`` is the depot); a depot dose with ``RATE > 0`` is a
+  zero-order input into the depot (the infusion sums above applied to the absorption model's exponentials);
 * steady state (``SS`` 1 or 2, interval ``τ = II``): the dose is the last of an infinite train, so each
   exponential ``e^{−λs}`` of the response becomes ``Σ_{j≥0} e^{−λ(s + jτ)} = e^{−λs₀}/(1 − e^{−λτ})``
   (``s₀ = s + mτ``, m the number of train doses still in their lag time; ``s₀ = s`` without lag); an
@@ -75,6 +76,8 @@ class Design:
     obs_seg: Any = None
     #: static: oral models route doses with ``CMT = 2`` to the central compartment
     central_cmt: bool = False
+    #: static: some dose is an infusion (oral models then give ``RATE > 0`` depot doses as zero-order input)
+    has_infusion: bool = False
 
     def __post_init__(self) -> None:
         if self.x is None:
@@ -97,7 +100,7 @@ class Design:
                       {k: t(v) for k, v in self.regressors.items()}, {k: t(v) for k, v in self.covariates.items()},
                       self.doses_precede_obs, opt(self.dose_cmt), self.ops,
                       time if self.x is self.time else t(self.x), opt(self.dose_ss), opt(self.dose_ii),
-                      opt(self.dose_seg), opt(self.obs_seg), self.central_cmt)
+                      opt(self.dose_seg), opt(self.obs_seg), self.central_cmt, self.has_infusion)
 
     def backend_ops(self) -> Any:
         """The backend shim of the arrays: ``ops`` if given, else the one of ``xp``."""
@@ -215,15 +218,16 @@ def _central_iv(d: Design, amt: Any, rate: Any, terms: list[tuple[Any, Any]], t:
     if ss is not None:
         is_ss, ii = ss
         tau = xp.where(is_ss, ii, 1.0)
-        n_on = xp.where(t < t_inf, xp.ceil((t_inf - t) / tau), 0.0)
+        t_ss = t + xp.where(t < 0, xp.ceil(-t / tau), 0.0) * tau  # inside a lag time: the train's started doses
+        n_on = xp.where(t_ss < t_inf, xp.ceil((t_inf - t_ss) / tau), 0.0)
     bolus, infusion = 0.0, 0.0
     for c, lam in terms:
         bolus = bolus + c * _decay(xp, lam, t, ss)
         inf = (-xp.expm1(-lam * t_on)) * xp.exp(-lam * (t - t_on))
         if ss is not None:
             geo = -xp.expm1(-lam * tau)
-            on = n_on - xp.exp(-lam * t) * (-xp.expm1(-lam * tau * n_on)) / geo
-            off = (xp.exp(-lam * (t + n_on * tau - t_inf)) - xp.exp(-lam * (t + n_on * tau))) / geo
+            on = n_on - xp.exp(-lam * t_ss) * (-xp.expm1(-lam * tau * n_on)) / geo
+            off = (xp.exp(-lam * (t_ss + n_on * tau - t_inf)) - xp.exp(-lam * (t_ss + n_on * tau))) / geo
             inf = xp.where(is_ss, on + off, inf)
         infusion = infusion + c / lam * inf
     return xp.where(is_inf, safe_rate * infusion, amt * bolus)
@@ -265,13 +269,20 @@ def _infusion1(psi: dict[str, Any], d: Design) -> Any:
 
 def _oral1(psi: dict[str, Any], d: Design, lag: bool = False) -> Any:
     xp = d.xp
-    tau, amt, _ = _dose_terms(d)
+    tau, amt, rate = _dose_terms(d)
     ka, v, cl = _p(psi, "ka", d), _p(psi, "V", d), _p(psi, "CL", d)
     t, valid = _time_since(d, tau, amt, _p(psi, "Tlag", d) if lag else None)
-    oral = amt / v * _bateman(xp, ka, cl / v, t, _ss_terms(d))
+    k = cl / v
+    if d.has_infusion:  # zero-order input into the depot: the infusion sums of the Bateman exponentials
+        diff = ka - k
+        tol = 1e-7 * k
+        safe = xp.where(xp.abs(diff) < tol, tol, diff)
+        oral = _central_iv(d, amt, rate, [(ka / (v * safe), k), (-ka / (v * safe), k + safe)], t)
+    else:
+        oral = amt / v * _bateman(xp, ka, k, t, _ss_terms(d))
     if d.central_cmt:
         t_iv, valid_iv = _time_since(d, tau, amt) if lag else (t, valid)
-        central = _central_iv(d, amt, _dose_terms(d)[2], [(1.0 / v, cl / v)], t_iv)
+        central = _central_iv(d, amt, rate, [(1.0 / v, k)], t_iv)
         if lag:
             oral, valid = _route(d, oral, central), _route(d, valid, valid_iv)
         else:
@@ -323,13 +334,16 @@ def _oral2(psi: dict[str, Any], d: Design) -> Any:
     alpha, beta, k21 = _macro(xp, _p(psi, "CL", d), v1, _p(psi, "Q", d), _p(psi, "V2", d))
     t, valid = _time_since(d, tau, amt)
     ss = _ss_terms(d)
-    c = ((k21 - alpha) / ((ka - alpha) * (beta - alpha)) * _decay(xp, alpha, t, ss)
-         + (k21 - beta) / ((ka - beta) * (alpha - beta)) * _decay(xp, beta, t, ss)
-         + (k21 - ka) / ((alpha - ka) * (beta - ka)) * _decay(xp, ka, t, ss))
+    coef = [((k21 - alpha) / ((ka - alpha) * (beta - alpha)), alpha),
+            ((k21 - beta) / ((ka - beta) * (alpha - beta)), beta), ((k21 - ka) / ((alpha - ka) * (beta - ka)), ka)]
+    if d.has_infusion:  # zero-order input into the depot
+        oral = _central_iv(d, amt, rate, [(ka / v1 * c, lam) for c, lam in coef], t)
+    else:
+        oral = amt * ka / v1 * sum(c * _decay(xp, lam, t, ss) for c, lam in coef)
     if not d.central_cmt:
-        return _superpose(xp, amt * ka / v1 * c, valid, d)
+        return _superpose(xp, oral, valid, d)
     central = _central_iv(d, amt, rate, _two_cmt_terms(alpha, beta, k21, v1), t)
-    return _superpose(xp, _route(d, amt * ka / v1 * c, central), valid, d)
+    return _superpose(xp, _route(d, oral, central), valid, d)
 
 
 # ----- public constructors ------------------------------------------------------------------------
