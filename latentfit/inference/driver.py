@@ -64,6 +64,10 @@ class Engine:
         """Iteration ranges ``[(first, last, phase), ...]``, 1-based and inclusive."""
         raise NotImplementedError
 
+    def unit_axes(self) -> dict[str, int]:
+        """The state entries that hold one row per unit, and their unit axis (sharded by ``run(devices=...)``)."""
+        return {}
+
     def latent_draw(self, state: dict[str, Any]) -> Any | None:
         """Current latent draws ``[L, N, d]`` to keep at the end of the run (None: no latents)."""
         return state.get("z")
@@ -84,7 +88,7 @@ class Engine:
 
     def run(self, key: Any = None, *, checkpoint: str | os.PathLike | None = None,
             checkpoint_every: int | None = None, keep: int = 3,
-            resume: str | os.PathLike | bool | None = None) -> FitResult:
+            resume: str | os.PathLike | bool | None = None, devices: Any = None) -> FitResult:
         """Run the engine; ``key`` is the backend's PRNG key (default ``ops.key(seed)``; ignored when resuming).
 
         ``checkpoint``: a directory where, at the end of each chunk at least ``checkpoint_every`` iterations (default
@@ -93,6 +97,11 @@ class Engine:
         latest checkpoint) or a checkpoint file to continue from, on an engine built with the same model and
         options; ``True`` continues from ``checkpoint`` if it holds one, else starts afresh.  A resumed run equals
         the uninterrupted one bit for bit (history and parameters).
+
+        ``devices`` (JAX): shard the units over a device mesh — a number of devices, a list of devices or a
+        ``jax.sharding.Mesh`` with an axis ``"units"`` (:meth:`~latentfit.inference.ops_jax.JaxOps.shard_units`):
+        the per-unit state (:meth:`unit_axes`) is split, the rest replicated, and sums over units become
+        all-reduces.  The estimates equal the one-device fit's up to the order of those sums (1e-10 in float64).
 
         Faults: a NaN/inf parameter (M-step) or gradient raises :class:`~latentfit.NonFiniteError` naming the
         parameter and the iteration, after writing a checkpoint of the last good state (in ``checkpoint``, else in
@@ -117,6 +126,7 @@ class Engine:
             start = 0
             if resume_from is not None:
                 state, history, draws, start = self._restore(resume_from, state, collect_from)
+            state = ops.shard_units(state, self.unit_axes(), devices)
             last_saved = start
             t_init = time.perf_counter() - t0
             bar = _progress_bar(total, self.progress, self.name)

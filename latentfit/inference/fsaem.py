@@ -82,6 +82,10 @@ class FSAEM(SAEM):
         state["mode"] = self.ops.xp.mean(state["z"], 0)
         return state
 
+    def unit_axes(self) -> dict[str, int]:
+        """The chains ``z [L, N, d]`` (axis 1) and the warm start of the MAPs ``mode [N, d]`` (axis 0)."""
+        return {"z": 1, "mode": 0}
+
     def simulate(self, state: dict[str, Any], theta: dict[str, Any], k: Any, key: Any,
                  phase: Any) -> tuple[mcmc.ChainState, dict[str, Any], dict[str, Any]]:
         model, ops, xp, sim = self.model, self.ops, self.ops.xp, self.sim_ops

@@ -128,6 +128,13 @@ class Ops:
         own stream under :meth:`per_unit_streams`."""
         return self.uniform(key, shape)
 
+    def shard_units(self, state: dict[str, Any], unit_axes: dict[str, int], devices: Any) -> dict[str, Any]:
+        """Place the per-unit entries of ``state`` over ``devices`` (JAX: ``JaxOps.shard_units``); None: as is."""
+        if devices is None:
+            return state
+        raise ValueError(f"devices= shards the units over JAX devices (a NumPyro model); the {self.name} backend "
+                         "runs on the device of the model's data")
+
     def per_unit_streams(self, unit_ids: Any) -> Any:
         """A view of this shim whose ``split`` / ``normal`` / ``uniform`` draw from per-unit streams
         (:class:`UnitStreamOps`)."""

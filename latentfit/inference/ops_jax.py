@@ -89,6 +89,8 @@ class JaxOps(Ops):
         self.compile_time = 0.0
         #: number of chunk compilations
         self.num_compiles = 0
+        #: ``(mesh, {state entry: unit axis})`` while a run shards its units over devices (:meth:`shard_units`)
+        self._units_mesh: tuple[Any, dict[str, int]] | None = None
 
     # --- creation -----------------------------------------------------------------------------
     def asarray(self, x: Any, dtype: Any = None) -> Any:
@@ -179,6 +181,56 @@ class JaxOps(Ops):
     def stream_uniform(self, key: Any, shape: tuple[int, ...]) -> Any:
         """Uniform draws from the stream ``key`` itself (shared by all units)."""
         return jax.random.uniform(key, tuple(shape), dtype=self.dtype)
+
+    # --- data parallelism: the unit axis over a device mesh ---------------------------------------------
+    def shard_units(self, state: dict[str, Any], unit_axes: dict[str, int], devices: Any) -> dict[str, Any]:
+        """Place ``state`` on a one-axis mesh ``"units"``: the entries in ``unit_axes`` split along their unit axis,
+        everything else replicated (``jax.sharding.NamedSharding``); ``devices=None`` runs unsharded.
+
+        ``devices``: a number of devices (the first of ``jax.devices()``), a sequence of devices, or a
+        ``jax.sharding.Mesh`` with an axis ``"units"``.  The compiled chunks are then partitioned by XLA (GSPMD):
+        each device advances the chains of its units, and sums over units (statistics, acceptance rates, the
+        objective) become all-reduces, so the fit equals the one-device fit up to the order of those sums.
+        """
+        if devices is None:
+            self._units_mesh = None
+            return state
+        from jax.sharding import Mesh
+
+        if isinstance(devices, Mesh):
+            if "units" not in devices.axis_names:
+                raise ValueError(f"the mesh must have an axis named 'units', got axes {devices.axis_names}")
+            mesh = devices
+        else:
+            available = jax.devices()
+            if isinstance(devices, (int, np.integer)):
+                if not 1 <= int(devices) <= len(available):
+                    raise ValueError(
+                        f"devices={int(devices)}: JAX sees {len(available)} device(s) ({available[0].platform}). On "
+                        "CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=<n> before JAX is imported")
+                devs = available[:int(devices)]
+            else:
+                devs = list(devices)
+            mesh = Mesh(np.asarray(devs), ("units",))
+        if not unit_axes:
+            raise ValueError("this engine has no per-unit state to shard over devices")
+        size = mesh.shape["units"]
+        for name, axis in unit_axes.items():
+            n = state[name].shape[axis]
+            if n % size:
+                raise ValueError(f"{n} units cannot be split evenly over {size} devices: use a number of devices "
+                                 f"that divides {n}")
+        self._units_mesh = (mesh, dict(unit_axes))
+        return self._place_units(state)
+
+    def _place_units(self, state: dict[str, Any]) -> dict[str, Any]:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        mesh, axes = self._units_mesh
+        replicated = NamedSharding(mesh, PartitionSpec())
+        shardings = {name: NamedSharding(mesh, PartitionSpec(*([None] * axes[name]), "units")) if name in axes
+                     else jax.tree_util.tree_map(lambda _: replicated, value) for name, value in state.items()}
+        return _reorder_like(jax.device_put(state, shardings), state)
 
     # --- functional updates ---------------------------------------------------------------------
     def scatter(self, table: Any, idx: Any, rows: Any) -> Any:
@@ -306,7 +358,10 @@ class JaxOps(Ops):
         n = len(ks)
         if n == 0:
             return state, []
-        cache_key = (key, n) if key is not None else None
+        if self._units_mesh is not None:  # every chunk starts from the same placement (the executable's)
+            state = self._place_units(state)
+        mesh_id = None if self._units_mesh is None else id(self._units_mesh[0])
+        cache_key = (key, n, mesh_id) if key is not None else None
         compiled = self._compiled.get(cache_key) if cache_key is not None else None
         if compiled is None:
             info_order: dict[str, Any] = {}

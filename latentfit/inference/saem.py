@@ -162,6 +162,10 @@ class SAEM(Engine):
             state["s_hat"] = ops.tree_map(lambda v: v * 0.0, stats)
         return state
 
+    def unit_axes(self) -> dict[str, int]:
+        """The chains ``z [L, N, d]`` hold the units on axis 1."""
+        return {"z": 1}
+
     @property
     def sim_ops(self) -> Any:
         """The shim the MCMC kernels draw through: ``ops``, or its per-unit-stream view (``rng="per_unit"``)."""

@@ -1,0 +1,118 @@
+"""Data-parallel SAEM on JAX (issue 13, item 3): ``run(..., devices=n)`` shards the units over a device mesh.
+
+The child process gets two CPU devices from ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` (read when JAX
+initialises, hence a subprocess).  A 2-device fit with per-unit streams must equal the 1-device fit to 1e-10 in
+float64 (only the order of the sums over units differs), with the chains really split over both devices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+HERE = Path(__file__).parent
+
+CHILD = r"""
+import json, sys
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import models_numpyro
+from latentfit.numpyro import SAEM, FSAEM
+
+rng = np.random.default_rng(2)
+n, m = 16, 5
+t = np.tile(np.linspace(0.0, 2.0, m), (n, 1))
+b = np.array([1.0, -0.5]) + rng.normal(size=(n, 2)) @ np.array([[0.6, 0.0], [0.2, 0.3]])
+y = b[:, :1] + b[:, 1:] * t + 0.3 * rng.normal(size=(n, m))
+args = (jnp.asarray(t), jnp.asarray(y))
+out = {"num_devices": len(jax.devices())}
+opts = dict(num_iters=(6, 4), progress=False, rng="per_unit", chunk_size=5, num_draws=5)
+engines = {"saem": (SAEM, {}), "fsaem": (FSAEM, {"imh_iters": 3})}
+for name in sys.argv[2].split(","):
+    cls, extra = engines[name]
+    one = cls(models_numpyro.random_slope, **opts, **extra).run(jax.random.PRNGKey(3), *args)
+    two = cls(models_numpyro.random_slope, **opts, **extra).run(jax.random.PRNGKey(3), *args, devices=2)
+    z = two.state["z"]
+    out[name] = {
+        "params_one": {k: np.asarray(v).tolist() for k, v in one.params.items()},
+        "params_two": {k: np.asarray(v).tolist() for k, v in two.params.items()},
+        "z_diff": float(np.max(np.abs(np.asarray(one.state["z"]) - np.asarray(z)))),
+        "draws_diff": float(np.max(np.abs(one.latent_draws - two.latent_draws))),
+        "z_devices": len(z.sharding.device_set),
+        "z_shard_shape": list(z.sharding.shard_shape(z.shape)),
+        "acc_rw": np.nanmean(np.asarray(one.history["acc.rw"]), 0).tolist(),
+    }
+cls = SAEM
+try:
+    cls(models_numpyro.random_slope, **opts).run(jax.random.PRNGKey(3), jnp.asarray(t[:15]), jnp.asarray(y[:15]),
+                                                 devices=2)
+except ValueError as e:
+    out["uneven"] = str(e)
+try:
+    cls(models_numpyro.random_slope, **opts).run(jax.random.PRNGKey(3), *args, devices=3)
+except ValueError as e:
+    out["too_many"] = str(e)
+print("RESULT" + json.dumps(out))
+"""
+
+
+def _two_devices(engines: str) -> dict:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(HERE), engines], capture_output=True, text=True,
+                          env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])
+
+
+@pytest.fixture(scope="module")
+def two_device_run() -> dict:
+    return _two_devices("saem")
+
+
+def _check_equal(out: dict, engine: str) -> None:
+    assert out["num_devices"] == 2
+    res = out[engine]
+    for name, value in res["params_one"].items():
+        np.testing.assert_allclose(res["params_two"][name], value, rtol=0, atol=1e-10, err_msg=name)
+    assert res["z_diff"] < 1e-10 and res["draws_diff"] < 1e-10
+    # the chains [L, 16, 2] really are split: 8 units on each device
+    assert res["z_devices"] == 2 and res["z_shard_shape"][1] == 8
+    assert min(res["acc_rw"]) > 0.1  # the chains moved
+
+
+def test_two_devices_equal_one(two_device_run: dict) -> None:
+    _check_equal(two_device_run, "saem")
+
+
+@pytest.mark.slow
+def test_fsaem_two_devices_equal_one() -> None:
+    """f-SAEM's IMH phase (per-unit MAPs ``mode [N, d]`` sharded on axis 0) and then its saemix phase."""
+    _check_equal(_two_devices("fsaem"), "fsaem")
+
+
+def test_sharding_errors(two_device_run: dict) -> None:
+    assert "15 units cannot be split evenly over 2 devices" in two_device_run["uneven"]
+    assert "devices=3: JAX sees 2 device(s)" in two_device_run["too_many"]
+    assert "XLA_FLAGS=--xla_force_host_platform_device_count" in two_device_run["too_many"]
+
+
+def test_devices_on_torch_is_refused() -> None:
+    from backends import Backend
+
+    from latentfit.inference.saem import SAEM
+
+    backend = Backend("pyro")
+    model = backend.latent_model(backend.models.random_intercept, torch.zeros(4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="devices= shards the units over JAX devices"):
+        SAEM(model, num_iters=(3, 0), burn_in=1, progress=False).run(devices=2)
