@@ -206,14 +206,18 @@ class EnumMixtureFace:
                 moved[role] = xp.flip(v, (0,)) if v.shape[0] > 1 else v
             else:
                 moved[role] = 1.3 * v
+        def gap(theta: dict[str, Any]) -> tuple[Any, Any, Any]:
+            enum = self.log_joint_table(theta)  # [K, n]
+            own = self._gm.log_component(self._internal(theta)).T
+            return xp.max(xp.abs(enum - own)), xp.max(xp.abs(enum)), xp.all(xp.isfinite(own))
+
+        gap = self.ops.jit(gap)  # one compiled program on JAX (op by op, each op compiles apart)
+        eps = float(xp.finfo(self._gm.x.dtype).eps)
         for internal in (base, moved):
             theta = dict(theta0)
             theta.update(self._external(internal, theta0))
-            enum = self.log_joint_table(theta)  # [K, n]
-            own = self._gm.log_component(self._internal(theta)).T
-            scale = 1.0 + float(xp.max(xp.abs(enum)))
-            tol = float(xp.finfo(enum.dtype).eps) ** 0.5 * scale
-            if not bool(xp.all(xp.isfinite(own))) or float(xp.max(xp.abs(enum - own))) > tol:
+            diff, size, finite = gap(theta)
+            if not bool(finite) or float(diff) > eps ** 0.5 * (1.0 + float(size)):
                 return
         self._family_estep = True
 

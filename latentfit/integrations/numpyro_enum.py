@@ -84,7 +84,7 @@ class NumPyroEnumModel(EnumMixtureFace, LatentModel):
         self._gm: GaussianMixture | None = None
         self._recognise()
         self.has_stats = self.has_expected_stats = self._gm is not None
-        self._table = jax.vmap(self._table_one, in_axes=(None, 0))
+        self._table = jax.jit(jax.vmap(self._table_one, in_axes=(None, 0)))  # one program, not op by op
         self._check_family_estep()
 
     # ----- structure --------------------------------------------------------------------------------
