@@ -350,6 +350,20 @@ def test_bad_input_raises() -> None:
         fit.decode(np.zeros((3, 5)))
     with pytest.raises(ValueError, match="backend"):
         VFG(SYNTHETIC_STRUCTURE, backend="tf")
+    xo = x.copy()
+    xo[4, 6] = np.nan  # NaN in an entry the mask declares observed
+    with pytest.raises(ValueError, match="NaN at row 4, column 6"):
+        fit.impute(xo, np.ones(x.shape, bool))
+    with pytest.raises(ValueError, match="NaN at row 4, column 6"):
+        fit.log_prob(xo, np.ones(x.shape, bool))
+    with pytest.raises(ValueError, match="masking"):
+        VFG(SYNTHETIC_STRUCTURE, masking=1.5)
+    with pytest.raises(ValueError, match="mask_drop"):
+        VFG(SYNTHETIC_STRUCTURE, mask_drop=1.0)
+    with pytest.raises(ValueError, match="validation"):
+        VFG(SYNTHETIC_STRUCTURE, blocks=0).fit(x, num_epochs=1, progress=False, validation=1.2)
+    with pytest.raises(ValueError, match="has no children"):
+        VFG({"r": ["a"], "a": []})
     with pytest.raises(ValueError, match="not fitted"):
         VFGImputer().transform(x)
 

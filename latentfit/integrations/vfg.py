@@ -948,7 +948,12 @@ class VFGFit:
         mask = self._array(mask) > 0.5
         if tuple(mask.shape) != tuple(x.shape):
             raise ValueError(f"mask must have the shape of x {tuple(x.shape)}, got {tuple(mask.shape)}")
-        return mask & self._isfinite(x)
+        bad = np.argwhere(np.asarray(self._numpy(mask & ~self._isfinite(x))))
+        if bad.size:
+            r, c = (int(v) for v in bad[0])
+            raise ValueError(f"x is NaN at row {r}, column {c} (and {len(bad) - 1} other entries) where mask declares "
+                             "it observed: set mask False there (missing) or give the value")
+        return mask
 
     def impute(self, x: Any, mask: Any = None) -> Any:
         """Fill the entries of ``x`` where ``mask`` is False (True = observed; default: the non-NaN entries):
@@ -1004,6 +1009,9 @@ class VFGFit:
             return -nelbo - self.ops.sum(obs * log_s)
 
     # -- small helpers -------------------------------------------------------------------------------
+    def _numpy(self, a: Any) -> np.ndarray:
+        return a.detach().cpu().numpy() if self._is_torch() else np.asarray(a)
+
     def _isfinite(self, x: Any) -> Any:
         if self._is_torch():
             return ~x.isnan()
