@@ -1,14 +1,26 @@
 """Bad input gives a clear error naming the problem, never a traceback from deep inside torch or JAX.
 
+The property-based part (Hypothesis, 200 cases per front door) feeds corrupted NONMEM tables to the NLME front door
+and corrupted arrays to the Pyro / NumPyro front doors and the mixture family.
+
 Every test runs on both backends (the same errors from ``latentfit.pyro`` and ``latentfit.numpyro``);
 the models are written once per PPL in ``models_pyro.py`` / ``models_numpyro.py``."""
 
 from __future__ import annotations
 
+import copy
+import warnings
+from typing import Any
+
 import numpy as np
+import pandas as pd
 import pytest
+from backends import Backend
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from latentfit import DataError, ModelSpecificationError
+from latentfit.models import GaussianMixture, nlme
 
 Y = np.random.default_rng(0).normal(size=(20, 4))
 
@@ -64,3 +76,238 @@ def test_nan_log_density_at_initial_values_names_site(backend):
 def test_model_that_is_not_callable(backend):
     with pytest.raises(TypeError, match="model"):
         backend.engine("SAEM")("not a model")
+
+
+# ----- property-based: corrupted NONMEM tables and arrays (issue 13, item 6) --------------------------------------
+# Validation only (no fitting): each case either passes validation or raises the library's own error naming the
+# column / row / site, never an exception from inside pandas, torch or JAX, and never modifies the caller's data.
+PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+NONMEM_MODEL = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 2.0}, covariates={"CL": ["WT"]})
+
+
+@st.composite
+def nonmem_tables(draw: st.DrawFn) -> pd.DataFrame:
+    """A valid NONMEM table: 1-4 IDs, each a dose at time 0 then 2-4 observations at increasing times, with a WT
+    covariate; optional EVID/MDV/CMT columns and NONMEM's dosing columns (ADDL/II, RATE/DUR, SS) that are valid."""
+    rows = []
+    for i in range(draw(st.integers(1, 4))):
+        wt = draw(st.floats(40.0, 120.0))
+        amt = draw(st.sampled_from([50.0, 100.0, 320.0]))
+        rows.append(dict(ID=i + 1, TIME=0.0, DV=np.nan, AMT=amt, EVID=1, MDV=1, CMT=1, WT=wt))
+        times = sorted(draw(st.lists(st.floats(0.1, 48.0), min_size=2, max_size=4, unique=True)))
+        for t in times:
+            rows.append(dict(ID=i + 1, TIME=t, DV=draw(st.floats(0.01, 20.0)), AMT=0.0, EVID=0, MDV=0, CMT=1, WT=wt))
+    df = pd.DataFrame(rows)
+    extra = draw(st.sampled_from(["none", "addl", "rate", "event"]))
+    dose = df["EVID"] == 1
+    if extra == "addl":
+        df["ADDL"] = np.where(dose, 1, 0)
+        df["II"] = np.where(dose, 12.0, 0.0)
+    elif extra == "rate":
+        df["RATE"] = np.where(dose, df["AMT"] / 0.5, 0.0)
+    elif extra == "event":  # an EVID 2 record (other event) between the observations
+        other = df[~dose].iloc[[0]].assign(EVID=2, MDV=1, DV=np.nan)
+        df = pd.concat([df, other], ignore_index=True)
+    if draw(st.booleans()):
+        df = df.drop(columns=["EVID", "MDV", "CMT"])
+    return df
+
+
+CORRUPTIONS = ("drop_column", "text_in_numeric", "negative_time", "unsorted", "duplicate_dose", "nan_covariate",
+               "id_without_observation", "mixed_dtypes", "infinite_value", "missing_id", "mixed_id_types")
+
+
+@st.composite
+def corrupted_tables(draw: st.DrawFn) -> tuple[str, pd.DataFrame, dict[str, Any]]:
+    df = draw(nonmem_tables())
+    kind = draw(st.sampled_from(CORRUPTIONS))
+    numeric = [c for c in ("TIME", "DV", "AMT", "EVID", "WT", "ADDL", "II", "RATE") if c in df.columns]
+    row = draw(st.integers(0, len(df) - 1))
+    info: dict[str, Any] = {"row": df.index[row]}
+    if kind == "drop_column":
+        info["column"] = draw(st.sampled_from(["ID", "TIME", "DV", "WT"]))
+        df = df.drop(columns=[info["column"]])
+    elif kind == "text_in_numeric":
+        info["column"] = col = draw(st.sampled_from(numeric))
+        text = draw(st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=6)
+                    .filter(lambda s: pd.isna(pd.to_numeric(pd.Series([s]), errors="coerce")[0]) and s.strip() != ""))
+        df = df.astype({col: object})
+        df.loc[info["row"], col] = text
+    elif kind == "negative_time":
+        df.loc[info["row"], "TIME"] = -draw(st.floats(0.01, 100.0))
+    elif kind == "unsorted":
+        df = df.sample(frac=1.0, random_state=draw(st.integers(0, 2 ** 16)))
+    elif kind == "duplicate_dose":
+        dose_rows = df.index[df["AMT"] > 0]
+        df = pd.concat([df, df.loc[[dose_rows[draw(st.integers(0, len(dose_rows) - 1))]]]], ignore_index=True)
+    elif kind == "nan_covariate":
+        df.loc[info["row"], "WT"] = np.nan
+    elif kind == "id_without_observation":
+        extra = df[df["ID"] == df["ID"].iloc[0]].iloc[[0]].assign(ID=99)  # a dose only
+        df = pd.concat([df, extra], ignore_index=True)
+    elif kind == "mixed_dtypes":  # numbers written as strings / Python ints in an object column: still numbers
+        info["column"] = col = draw(st.sampled_from(numeric))
+        df = df.astype({col: object})
+        df[col] = [str(v) if (j % 2 == 0 and not pd.isna(v)) else v for j, v in enumerate(df[col])]
+    elif kind == "infinite_value":
+        info["column"] = col = draw(st.sampled_from([c for c in numeric if c != "EVID"]))
+        df.loc[info["row"], col] = draw(st.sampled_from([np.inf, -np.inf]))
+    elif kind == "missing_id":
+        df.loc[info["row"], "ID"] = np.nan
+    elif kind == "mixed_id_types":
+        df = df.astype({"ID": object})
+        df.loc[df["ID"] == df["ID"].iloc[0], "ID"] = "A"
+    return kind, df, info
+
+
+def _bind(df: pd.DataFrame) -> Any:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bound = NONMEM_MODEL.bind(df)
+    return bound, [str(w.message) for w in caught]
+
+
+@PROPERTY
+@given(case=corrupted_tables())
+def test_corrupted_nonmem_tables_get_the_librarys_error(case: tuple[str, pd.DataFrame, dict[str, Any]]) -> None:
+    kind, df, info = case
+    before = copy.deepcopy(df)
+    try:
+        bound, warned = _bind(df)
+        error = None
+    except DataError as err:
+        error = str(err)
+    pd.testing.assert_frame_equal(df, before)  # the caller's table is untouched
+    if kind in ("drop_column", "text_in_numeric", "infinite_value"):
+        assert error is not None and repr(info["column"]) in error, (kind, error)
+        if kind != "drop_column":
+            assert f"row {info['row']}" in error, error
+    elif kind == "negative_time":
+        assert error is not None and "negative time" in error and f"row {info['row']}" in error, error
+    elif kind in ("nan_covariate", "missing_id"):
+        column = "WT" if kind == "nan_covariate" else "ID"
+        assert error is not None and repr(column) in error and f"row {info['row']}" in error, error
+    elif kind == "duplicate_dose":
+        assert error is None and any("duplicated dose record" in w for w in warned), warned
+    elif kind == "id_without_observation":
+        assert error is None and any("without any observation" in w and "99" in w for w in warned), warned
+        assert 99 not in list(bound.data.ids)
+    elif kind in ("unsorted", "mixed_dtypes"):  # valid: the same arrays as the clean table
+        assert error is None, error
+        clean = _bind(_clean(df))[0].data  # IDs come in their order of first appearance: compare by ID
+        mine, ref = np.argsort(bound.data.ids, kind="stable"), np.argsort(clean.ids, kind="stable")
+        for name in ("ids", "time", "dv", "mask", "dose_time", "dose_amt"):
+            np.testing.assert_array_equal(getattr(bound.data, name)[mine], getattr(clean, name)[ref], err_msg=name)
+    elif kind == "mixed_id_types":
+        assert error is None or "'ID'" in error, error
+
+
+def _clean(df: pd.DataFrame) -> pd.DataFrame:
+    """The table sorted by ID and time (dose first at equal times), numeric columns as floats."""
+    out = df.apply(lambda c: pd.to_numeric(c) if c.dtype == object else c)
+    keys = ["ID", "TIME"] + (["EVID"] if "EVID" in out else ["AMT"])
+    ascending = [True, True, False]
+    return out.sort_values(keys, ascending=ascending, kind="stable").reset_index(drop=True)
+
+
+def test_valid_nonmem_features_are_accepted() -> None:
+    """EVID 2-4, MDV, ADDL/II, SS, RATE, DUR, CMT: valid NONMEM records pass validation."""
+    df = pd.DataFrame({
+        "ID": [1, 1, 1, 1, 1, 1, 2, 2, 2, 2],
+        "TIME": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.0, 1.0, 2.0, 6.0],
+        "DV": [np.nan, 3.0, np.nan, 2.0, 1.0, np.nan, np.nan, 4.0, 3.5, 2.0],
+        "AMT": [100.0, 0, 0, 0, 0, 50.0, 100.0, 0, 0, 0],
+        "EVID": [1, 0, 2, 0, 0, 4, 1, 0, 0, 0],
+        "MDV": [1, 0, 1, 0, 1, 1, 1, 0, 0, 0],
+        "CMT": [1, 2, 2, 2, 2, 1, 1, 2, 2, 2],
+        "ADDL": [1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        "II": [12.0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        "SS": [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        "RATE": [0.0, 0, 0, 0, 0, 0, -2.0, 0, 0, 0],
+        "DUR": [0.0, 0, 0, 0, 0, 0, 0.5, 0, 0, 0],
+        "WT": [70.0] * 6 + [80.0] * 4,
+    })
+    before = df.copy()
+    bound, _ = _bind(df)
+    assert bound.num_units == 2 and int(bound.data.mask.sum()) == 5
+    pd.testing.assert_frame_equal(df, before)
+
+
+ARRAY_CORRUPTIONS = ("nan", "inf", "one_dim", "three_dim", "empty", "no_columns", "bool", "object", "list")
+
+
+@st.composite
+def corrupted_arrays(draw: st.DrawFn, shape: tuple[int, int] | None = None) -> tuple[str, Any]:
+    """``(kind, array)``: an ``[n, t]`` float array (any shape, or ``shape``) corrupted as ``kind`` says."""
+    n, t = shape if shape is not None else (draw(st.integers(2, 8)), draw(st.integers(1, 5)))
+    y = np.asarray(draw(st.lists(st.floats(-5, 5), min_size=n * t, max_size=n * t))).reshape(n, t)
+    kind = draw(st.sampled_from(ARRAY_CORRUPTIONS))
+    if kind in ("nan", "inf"):
+        k = draw(st.integers(1, n * t))
+        flat = y.reshape(-1)
+        idx = draw(st.lists(st.integers(0, n * t - 1), min_size=k, max_size=k, unique=True))
+        flat[idx] = np.nan if kind == "nan" else draw(st.sampled_from([np.inf, -np.inf]))
+        return kind, y
+    return kind, {"one_dim": y[:, 0], "three_dim": y[..., None], "empty": y[:0], "no_columns": y[:, :0],
+                  "bool": y > 0, "object": y.astype(object), "list": y.tolist()}[kind]
+
+
+def _as_backend(backend: Backend, kind: str, y: Any) -> Any:
+    """The array as a user would pass it: a tensor / JAX array (bool stays bool), or the numpy object array or list."""
+    return y if kind in ("object", "list") else backend.tensor(y)
+
+
+def _assert_unchanged(after: Any, before: Any) -> None:
+    """Numeric arrays equal (NaN equal to NaN); lists and object arrays equal element by element, as written."""
+    if isinstance(after, np.ndarray) and after.dtype.kind in "biuf":
+        np.testing.assert_array_equal(after, before)
+    else:
+        assert type(after) is type(before) and repr(after) == repr(before)
+
+
+@pytest.mark.parametrize("ppl", ["pyro", "numpyro"])
+def test_corrupted_arrays_at_the_ppl_front_doors(ppl: str) -> None:
+    backend = Backend(ppl)
+
+    @PROPERTY
+    @given(case=corrupted_arrays())
+    def check(case: tuple[str, Any]) -> None:
+        kind, raw = case
+        y = _as_backend(backend, kind, raw)
+        before = copy.deepcopy(backend.to_numpy(y) if kind not in ("object", "list") else y)
+        with pytest.raises((DataError, ModelSpecificationError)) as err:
+            backend.engine("SAEM")(backend.models.random_intercept).latent_model(y)
+        after = backend.to_numpy(y) if kind not in ("object", "list") else y
+        _assert_unchanged(after, before)
+        message = str(err.value)
+        if kind in ("nan", "inf", "bool"):
+            assert isinstance(err.value, DataError) and "'y'" in message, message
+        else:  # the model itself cannot run on it: the library says so, naming the argument's failure
+            assert "running the model with the given arguments failed" in message, message
+
+    check()
+
+
+@PROPERTY
+@given(case=corrupted_arrays(shape=(6, 3)), ppl=st.sampled_from(["pyro", "numpyro"]), k=st.integers(-1, 7))
+def test_corrupted_arrays_in_the_mixture_family(case: tuple[str, Any], ppl: str, k: int) -> None:
+    """One data shape (the accepted cases build the model: on JAX a compilation per shape), any corruption, any
+    number of components."""
+    kind, raw = case
+    backend = Backend(ppl)
+    x = _as_backend(backend, kind, raw)
+    before = copy.deepcopy(backend.to_numpy(x) if kind not in ("object", "list") else x)
+    try:
+        model = GaussianMixture(x, k, init_iters=1)  # validation is the point, not the k-means start
+        error = None
+    except ValueError as err:  # DataError, or the library's ValueError for an option (num_components)
+        error = err
+    after = backend.to_numpy(x) if kind not in ("object", "list") else x
+    _assert_unchanged(after, before)
+    if error is None:  # accepted: numbers, as floats
+        assert kind in ("one_dim", "bool", "object", "list") and 1 <= k <= model.num_units, (kind, k)
+        assert np.issubdtype(model.ops.to_numpy(model.x).dtype, np.floating)
+    elif kind in ("nan", "inf", "three_dim", "empty", "no_columns"):
+        assert isinstance(error, DataError), error
+    else:
+        assert "num_components" in str(error), error

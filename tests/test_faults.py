@@ -152,3 +152,49 @@ def test_keyboard_interrupt_inside_a_chunk_keeps_the_chunk_start(tmp_path: Any) 
     np.testing.assert_array_equal(fit.params["mu"], clean.history["theta.mu"][fit.num_iterations - 1])
     engine.model.log_densities = evaluate
     _assert_same(_saem(backend, y).run(None, checkpoint=tmp_path, resume=True), clean)
+
+
+def test_em_family_chains_count_nan_proposals_too() -> None:
+    """MCEM's persistent chains (the EM family's chain sweep) report the same count per epoch (Pyro: the counting
+    is backend-neutral code, run on JAX by the SAEM tests above)."""
+    from latentfit.inference.mcem import MCEM
+
+    backend = Backend("pyro")
+
+    model = backend.latent_model(backend.models.nan_tail, backend.tensor(_tail_data()))
+    with pytest.warns(RuntimeWarning, match="NaN/inf log-density"):
+        fit = MCEM(model, num_epochs=8, num_samples=4, progress=False).run(backend.key(0))
+    assert fit.history["num_nonfinite"].shape == (8,) and fit.num_nonfinite > 0
+    assert all(np.isfinite(v).all() for v in fit.params.values())
+
+
+def test_nan_gradient_stops_mcmcsgd() -> None:
+    """A NaN gradient (here: the log-joint is NaN once μ > THRESHOLD) is not zeroed away: the fit stops, naming a
+    parameter and the first iteration whose gradient is NaN (Pyro; the driver's check is the one the JAX M-step test
+    above runs)."""
+    from latentfit.inference.mcmcsgd import MCMCSGD
+
+    backend = Backend("pyro")
+
+    y = _tail_data()[:12, :4]
+    model = backend.latent_model(backend.models.random_intercept, backend.tensor(y))
+    clean_log_joint = model.log_joint
+    xp = model.ops.xp
+
+    def log_joint(theta: dict[str, Any], z: Any, units: Any = None) -> Any:
+        value = clean_log_joint(theta, z, units)
+        return value * xp.where(theta["mu"] > THRESHOLD, float("nan"), 1.0)
+
+    options = dict(num_iters=60, burn_in=5, seed=1, progress=False, chunk_size=5, learning_rate=0.1)
+    clean = MCMCSGD(model, **options).run(backend.key(1))
+    names = clean.engine.names
+    mu_path = clean.history["iterate"][:, names.index("mu")]  # μ is unconstrained: the iterate itself
+    bad = int(np.argmax(mu_path > THRESHOLD)) + 2  # the gradient of iteration k is taken at the iterate of k - 1
+    assert 6 < bad < 60
+    model.log_joint = log_joint
+    message = rf"the gradient of parameter '\w+' is NaN/inf at iteration {bad}\b"
+    with pytest.raises(NonFiniteError, match=message) as err:
+        MCMCSGD(model, **options).run(backend.key(1))
+    e = err.value
+    assert e.parameter == names[0] and e.result.num_iterations == (bad - 1) // 5 * 5
+    np.testing.assert_array_equal(e.result.history["iterate"], clean.history["iterate"][:e.result.num_iterations])

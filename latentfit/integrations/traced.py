@@ -285,6 +285,11 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
         for n in self.observed_names:
             site = trace[n]
             value = self.ops.to_numpy(site.value)
+            support = getattr(site.fn, "support", None)
+            if value.dtype == bool and not getattr(support, "is_discrete", True):
+                family = type(getattr(site.fn, "base_dist", site.fn)).__name__
+                raise DataError(f"observed site {n!r} holds bool values, but its {family} is a continuous "
+                                "distribution: pass numbers (e.g. y.double() / y.astype(float))")
             bad = ~np.isfinite(value) if np.issubdtype(value.dtype, np.number) else np.zeros(value.shape, bool)
             vmask = self.ppl.value_mask(site.fn, site.mask, self.ops)
             if vmask is not None:

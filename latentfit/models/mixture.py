@@ -44,6 +44,19 @@ def _identity(x: Any) -> Any:
     return x
 
 
+
+def _numeric_data(x: Any) -> Any:
+    """``x`` as floating-point data (lists and numpy arrays of numbers, bool and integer arrays of any backend
+    become floats, as in scikit-learn); non-numeric values raise :class:`DataError`.  Never modifies ``x``."""
+    if not hasattr(x, "dtype") or isinstance(x, np.ndarray) and x.dtype.kind not in "biuf":
+        try:
+            x = np.asarray(x, dtype=float)
+        except (TypeError, ValueError) as err:
+            raise DataError(f"x must hold numbers (an [n, d] array of floats): {err}") from None
+    if str(x.dtype).rsplit(".", 1)[-1].startswith(("bool", "int", "uint")):
+        x = x * 1.0  # a new float array of the same backend and device
+    return x
+
 class GaussianMixture(LatentModel):
     """K-component Gaussian mixture on ``x`` (``[n, d]`` or ``[n]``).
 
@@ -82,6 +95,7 @@ class GaussianMixture(LatentModel):
                  ops: Ops | None = None) -> None:
         if covariance_type not in COVARIANCE_TYPES:
             raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}")
+        x = _numeric_data(x)
         self.ops = ops if ops is not None else ops_for(x)
         ops, xp = self.ops, self.ops.xp
         x = ops.asarray(x)
@@ -92,6 +106,8 @@ class GaussianMixture(LatentModel):
         n, d = int(x.shape[0]), int(x.shape[1])
         if n == 0:
             raise DataError("x is empty: a Gaussian mixture needs at least one data point")
+        if d == 0:
+            raise DataError(f"x has no columns (shape {tuple(x.shape)}): a Gaussian mixture needs at least one feature")
         if not bool(xp.all(xp.isfinite(x))):
             raise DataError("x holds NaN/inf values; drop or impute them first")
         K = int(num_components)

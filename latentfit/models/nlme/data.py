@@ -53,6 +53,8 @@ import pandas as pd
 
 from latentfit.inference.model import DataError
 
+from .validate import validate_table
+
 DEFAULT_COLUMNS = {"id": "ID", "time": "TIME", "dv": "DV", "amt": "AMT", "evid": "EVID", "mdv": "MDV",
                    "cmt": "CMT", "rate": "RATE", "cens": "CENS", "addl": "ADDL", "ii": "II", "ss": "SS", "dur": "DUR"}
 INTERPOLATIONS = ("locf", "linear")
@@ -172,6 +174,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     for name in list(covariates) + list(regressors) + ([dose] if dose else []):
         if name not in df.columns:
             raise DataError(f"column {name!r} is not in the data; columns are {available}")
+    validate_table(df, cols, covariates, regressors, dose)  # table-level faults (validate.py)
     present = {role: c for role, c in cols.items() if c in df.columns}
     id_col = cols["id"]
     if df[id_col].isna().any():
