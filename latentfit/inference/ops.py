@@ -415,6 +415,15 @@ class TorchOps(Ops):
     def take(self, x: Any, idx: Any, axis: int = 0) -> Any:
         return x.index_select(axis, idx)
 
+    def take_block(self, x: Any, start: Any, size: int, axis: int = 0) -> Any:
+        """``x[start:start + size]`` along ``axis``: a copy of a contiguous block (a slice, no gather)."""
+        return x.narrow(axis, int(start), size).clone()
+
+    def put_block(self, table: Any, start: Any, rows: Any) -> Any:
+        """In place ``table[start:start + len(rows)] = rows`` (the caller owns ``table``); returns ``table``."""
+        table.narrow(0, int(start), int(rows.shape[0])).copy_(rows)
+        return table
+
     def stop_gradient(self, x: Any) -> Any:
         return x.detach()
 

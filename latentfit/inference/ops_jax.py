@@ -244,6 +244,14 @@ class JaxOps(Ops):
     def take(self, x: Any, idx: Any, axis: int = 0) -> Any:
         return jnp.take(x, idx, axis=axis)
 
+    def take_block(self, x: Any, start: Any, size: int, axis: int = 0) -> Any:
+        """``x[start:start + size]`` along ``axis`` (``start`` may be traced): a slice, no gather."""
+        return lax.dynamic_slice_in_dim(x, start, size, axis)
+
+    def put_block(self, table: Any, start: Any, rows: Any) -> Any:
+        """``table[start:start + len(rows)] = rows`` (functional; in place inside a compiled loop)."""
+        return lax.dynamic_update_slice_in_dim(table, jnp.asarray(rows).astype(table.dtype), start, 0)
+
     def stop_gradient(self, x: Any) -> Any:
         return lax.stop_gradient(x)
 
