@@ -64,6 +64,10 @@ class Engine:
         """Iteration ranges ``[(first, last, phase), ...]``, 1-based and inclusive."""
         raise NotImplementedError
 
+    def distribute(self) -> None:
+        """Switch this engine to a data-parallel fit over the current torch.distributed process group."""
+        raise ValueError(f"{self.name} does not support distributed=True yet (SAEM and f-SAEM do)")
+
     def unit_axes(self) -> dict[str, int]:
         """The state entries that hold one row per unit, and their unit axis (sharded by ``run(devices=...)``)."""
         return {}
@@ -88,7 +92,8 @@ class Engine:
 
     def run(self, key: Any = None, *, checkpoint: str | os.PathLike | None = None,
             checkpoint_every: int | None = None, keep: int = 3,
-            resume: str | os.PathLike | bool | None = None, devices: Any = None) -> FitResult:
+            resume: str | os.PathLike | bool | None = None, devices: Any = None,
+            distributed: bool = False) -> FitResult:
         """Run the engine; ``key`` is the backend's PRNG key (default ``ops.key(seed)``; ignored when resuming).
 
         ``checkpoint``: a directory where, at the end of each chunk at least ``checkpoint_every`` iterations (default
@@ -103,11 +108,19 @@ class Engine:
         the per-unit state (:meth:`unit_axes`) is split, the rest replicated, and sums over units become
         all-reduces.  The estimates equal the one-device fit's up to the order of those sums (1e-10 in float64).
 
+        ``distributed=True`` (torch, inside a ``torchrun`` script with an initialised process group): this process's
+        model holds its shard of the units; statistics and acceptance counts are all-reduced in float64 and every
+        process runs the same M-step (:meth:`distribute`).
+
         Faults: a NaN/inf parameter (M-step) or gradient raises :class:`~latentfit.NonFiniteError` naming the
         parameter and the iteration, after writing a checkpoint of the last good state (in ``checkpoint``, else in
         a temporary directory named in the message); ``KeyboardInterrupt`` returns the last good state and the
         history so far as a result with ``interrupted=True`` (checkpointed when ``checkpoint`` is given).
         """
+        if distributed:
+            if checkpoint is not None or resume not in (None, False):
+                raise ValueError("checkpoints of a distributed fit are not supported yet: drop checkpoint=/resume=")
+            self.distribute()
         ops = self.ops
         total = self.num_iterations
         resume_from = self._resume_source(checkpoint, resume)

@@ -112,7 +112,7 @@ class FSAEM(SAEM):
             z_new = mode + xp.sum(chol * eps[..., None, :], -1)  # ẑ + L ε
             chain, ok = mcmc.independent_mh(sim, keys[2 * s + 1], chain, z_new, log_q(z_new), log_q(chain.z),
                                             evaluate)
-            rates.append(xp.mean(ok * 1.0))
+            rates.append(sim.unit_mean(ok * 1.0))
         # same history records in both phases (saemix kernels idle here)
         n1, n2, n3 = self.kernels
         acc = {"prior_imh": nan} if n1 else {}

@@ -73,7 +73,7 @@ def prior_imh(ops: Ops, key: Any, state: ChainState, sample_prior: Callable[[Any
     z_new = sample_prior(k1)
     ll_new, lp_new = evaluate(z_new)
     state, ok = _accept(ops, k2, ll_new - state.log_lik, state, z_new, ll_new, lp_new)
-    return state, ops.xp.mean(ok * 1.0)
+    return state, ops.unit_mean(ok * 1.0)
 
 
 def independent_mh(ops: Ops, key: Any, state: ChainState, z_new: Any, log_q_new: Any, log_q_old: Any,
@@ -92,7 +92,6 @@ def independent_mh(ops: Ops, key: Any, state: ChainState, z_new: Any, log_q_new:
 def rw_componentwise(ops: Ops, key: Any, state: ChainState, scale: Any,
                      evaluate: Evaluate) -> tuple[ChainState, Any]:
     """One sweep of coordinate-wise random-walk MH; returns the state and acceptance per coordinate."""
-    xp = ops.xp
     d = state.z.shape[-1]
     keys = ops.split(key, 2 * d)
     eye = ops.asarray([[1.0 if i == j else 0.0 for i in range(d)] for j in range(d)])
@@ -106,7 +105,7 @@ def rw_componentwise(ops: Ops, key: Any, state: ChainState, scale: Any,
         ll_new, lp_new = evaluate(z_new)
         log_ratio = ll_new + lp_new - st.log_lik - st.log_prior
         st, ok = _accept(ops, keys[2 * j + 1], log_ratio, st, z_new, ll_new, lp_new)
-        return st, acc + onehot * xp.mean(ok * 1.0)
+        return st, acc + onehot * ops.unit_mean(ok * 1.0)
 
     return ops.fori_loop(0, d, body, (state, ops.zeros((d,))))
 
@@ -124,14 +123,13 @@ def random_block_mask(ops: Ops, key: Any, d: int, k: Any) -> Any:
 def rw_block(ops: Ops, key: Any, state: ChainState, scale: Any, mask: Any,
              evaluate: Evaluate) -> tuple[ChainState, Any]:
     """Random-walk MH moving the coordinates in ``mask`` jointly; returns state and acceptance."""
-    xp = ops.xp
     k1, k2 = ops.split(key)
     step = ops.normal(k1, tuple(state.z.shape)) * (scale * mask)
     z_new = state.z + step
     ll_new, lp_new = evaluate(z_new)
     log_ratio = ll_new + lp_new - state.log_lik - state.log_prior
     state, ok = _accept(ops, k2, log_ratio, state, z_new, ll_new, lp_new)
-    return state, xp.mean(ok * 1.0)
+    return state, ops.unit_mean(ok * 1.0)
 
 
 def adapt_scale(scale: Any, acceptance: Any, mask: Any = None) -> Any:

@@ -128,6 +128,24 @@ class Ops:
         own stream under :meth:`per_unit_streams`."""
         return self.uniform(key, shape)
 
+    # --- reductions over the units of every process (identity here; :class:`DistributedOps` all-reduces) ---------
+    def all_sum(self, x: Any) -> Any:
+        """``x`` summed over the processes of a data-parallel fit (a one-process fit: ``x``)."""
+        return x
+
+    def unit_mean(self, x: Any) -> Any:
+        """Mean of ``x [..., n]`` over all its entries, the units of every process included."""
+        return self.xp.mean(x)
+
+    def gather_units(self, x: Any, axis: int) -> Any:
+        """``x`` concatenated along its unit ``axis`` over the processes, in rank order (one process: ``x``)."""
+        return x
+
+    def distributed(self) -> Any:
+        """A view of this shim for a data-parallel fit over processes (torch.distributed)."""
+        raise ValueError(f"distributed=True fits over torch.distributed processes (a Pyro model); the {self.name} "
+                         "backend shards units over devices with run(..., devices=n)")
+
     def shard_units(self, state: dict[str, Any], unit_axes: dict[str, int], devices: Any) -> dict[str, Any]:
         """Place the per-unit entries of ``state`` over ``devices`` (JAX: ``JaxOps.shard_units``); None: as is."""
         if devices is None:
@@ -217,6 +235,51 @@ class UnitStreamOps:
 
     def shared_uniform(self, key: Any, shape: tuple[int, ...]) -> Any:
         return self.base.stream_uniform(key, shape)
+
+
+class DistributedOps:
+    """The torch shim ``base`` inside a ``torch.distributed`` process group: each process holds a shard of the units,
+    and the sums over units (statistics, acceptance counts, the objective) are all-reduced in float64, so every
+    process runs the same M-step on the same statistics (gloo on CPU, NCCL on GPU).  Everything else is ``base``'s.
+    """
+
+    def __init__(self, base: Ops) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("distributed=True needs an initialised torch.distributed process group: start the "
+                               "script with torchrun and call torch.distributed.init_process_group('gloo') (or "
+                               "'nccl' on GPUs) first")
+        self.base = base
+        self.dist = dist
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.base, name)
+
+    def all_sum(self, x: Any) -> Any:
+        torch = self.base.torch
+        y = torch.as_tensor(x, device=self.base.device).to(torch.float64).clone()
+        self.dist.all_reduce(y, op=self.dist.ReduceOp.SUM)
+        return y.to(x.dtype) if isinstance(x, torch.Tensor) else y
+
+    def unit_mean(self, x: Any) -> Any:
+        torch = self.base.torch
+        total = self.all_sum(torch.stack([x.sum().to(torch.float64),
+                                          torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)]))
+        return (total[0] / total[1]).to(x.dtype)
+
+    def gather_units(self, x: Any, axis: int) -> Any:
+        parts: list[Any] = [None] * self.world_size
+        self.dist.all_gather_object(parts, x.detach().cpu())
+        return self.base.torch.cat(parts, dim=axis).to(self.base.device)
+
+    def distributed(self) -> DistributedOps:
+        return self
+
+    def per_unit_streams(self, unit_ids: Any) -> Any:
+        return UnitStreamOps(self, unit_ids)
 
 
 class TorchOps(Ops):
@@ -374,6 +437,10 @@ class TorchOps(Ops):
         count = int(np.prod(rest)) if rest else 1
         draws = self._counter_draws(key, ids & _MASK32, (ids >> 32) & _MASK32, _TAG_UNIT, count, normal)
         return self.torch.movedim(draws.reshape((ids.shape[0],) + rest), 0, axis)
+
+    def distributed(self) -> DistributedOps:
+        """This shim inside the current ``torch.distributed`` process group (:class:`DistributedOps`)."""
+        return DistributedOps(self)
 
     def per_unit_normal(self, key: Any, units: Any, shape: tuple[int, ...], axis: int = 1) -> Any:
         """Standard normal draws of ``shape`` whose slice ``u`` along ``axis`` comes from unit ``units[u]``'s stream.

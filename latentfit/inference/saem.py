@@ -98,6 +98,7 @@ class SAEM(Engine):
         self.validate_options(num_iters, num_chains, rng=rng)
         self.rng = rng
         self._unit_ids = _unit_ids(unit_ids, model.num_units) if rng == "per_unit" else None
+        self._unit_ids_option = unit_ids
         if rng == "per_unit" and not model.has_gaussian_prior:
             raise ValueError(f"{self.name}: rng='per_unit' draws each unit's prior proposals as μ_i + L ε_i from its "
                              "own stream, which needs Gaussian latents (Normal, LogNormal or MultivariateNormal "
@@ -111,6 +112,9 @@ class SAEM(Engine):
         self.schedule = SaemixPhases(K1=k1, K2=k2, burn_in=burn_in,
                                      anneal_iters=anneal_iters if anneal else 0, anneal_factor=anneal_factor)
         self.num_chains = int(num_chains) if num_chains is not None else default_num_chains(model.num_units)
+        self._num_chains_option = num_chains
+        #: units of the whole fit (all processes of a distributed fit)
+        self._total_units = int(model.num_units)
         self.kernels = tuple(int(n) for n in kernels)
         self.newton_steps = int(newton_steps)
         # shapes in unconstrained space (the numerical step works there; e.g. a positive-definite
@@ -146,7 +150,7 @@ class SAEM(Engine):
         if bool(xp.all(bad)):
             model.raise_for_nonfinite(theta, z)
         # saemix rw.init: d_j = 0.5·sd of the prior in each coordinate
-        sd = xp.std(xp.reshape(z, (-1, z.shape[-1])), 0)
+        sd = xp.std(xp.reshape(ops.gather_units(z, 1), (-1, z.shape[-1])), 0)
         sd = xp.where(sd > 0, sd, 1.0)
         state = {
             "theta_u": model.unconstrain(theta),
@@ -161,6 +165,27 @@ class SAEM(Engine):
             stats = self._chain_mean_stats(theta, z)
             state["s_hat"] = ops.tree_map(lambda v: v * 0.0, stats)
         return state
+
+    def distribute(self) -> None:
+        """Data-parallel SAEM over the torch.distributed group: this process's model holds a contiguous shard of the
+        units (rank order), the default ids are their global indices, the default number of chains is the global
+        saemix default, and sums over units are all-reduced (``ops.distributed()``)."""
+        if self.rng != "per_unit":
+            raise ValueError(f"{self.name}: distributed=True needs rng='per_unit' (each unit's draws from its own "
+                             "stream, so that the fit does not depend on the number of processes)")
+        if self.model.numeric_params:
+            raise ValueError(f"{self.name}: distributed=True needs closed-form M-steps; the parameters "
+                             f"{self.model.numeric_params} have numerical ones (not yet all-reduced)")
+        ops = self.model.ops.distributed()
+        n = int(self.model.num_units)
+        counts = [int(c) for c in ops.gather_units(ops.asarray(np.array([n]), dtype=None), 0).tolist()]
+        self._total_units = sum(counts)
+        if self._num_chains_option is None:
+            self.num_chains = default_num_chains(self._total_units)
+        if self._unit_ids_option is None:
+            offset = sum(counts[:ops.rank])
+            self._unit_ids = np.arange(offset, offset + n, dtype=np.int64)
+        self.ops = ops
 
     def unit_axes(self) -> dict[str, int]:
         """The chains ``z [L, N, d]`` hold the units on axis 1."""
@@ -180,14 +205,15 @@ class SAEM(Engine):
         if "stream" in state:  # per-unit streams: iteration k's key, folded in per kernel step and unit
             k_sim = ops.fold_in(state["stream"], k)
         chain, acc, state = self.simulate(state, theta, k, k_sim, phase)
-        objective = xp.mean(xp.sum(chain.log_lik + chain.log_prior, -1))
+        objective = xp.mean(ops.all_sum(xp.sum(chain.log_lik + chain.log_prior, -1)))
         gamma = self.schedule(k)
         state = dict(state, z=chain.z, key=key)
         new_theta_u, s_hat = self.maximize(state, theta, chain.z, gamma, k)
         state["theta_u"] = new_theta_u
         if s_hat is not None:
             state["s_hat"] = s_hat
-        return state, {"objective": objective, "gamma": gamma, "acc": acc, "num_nonfinite": chain.num_nonfinite}
+        return state, {"objective": objective, "gamma": gamma, "acc": acc,
+                       "num_nonfinite": ops.all_sum(chain.num_nonfinite)}
 
     # ----- building blocks (overridden by f-SAEM and friends) ----------------------------------------
     def simulate(self, state: dict[str, Any], theta: dict[str, Any], k: Any, key: Any,
@@ -210,8 +236,8 @@ class SAEM(Engine):
 
     def _chain_mean_stats(self, theta: dict[str, Any], z: Any) -> dict[str, Any]:
         """``Σ_i mean_chains S(z_i, y_i)`` (statistics summed over units)."""
-        xp = self.ops.xp
-        return {n: xp.mean(xp.sum(v, 1), 0) for n, v in self.model.stats(theta, z).items()}
+        ops, xp = self.ops, self.ops.xp
+        return {n: xp.mean(ops.all_sum(xp.sum(v, 1)), 0) for n, v in self.model.stats(theta, z).items()}
 
     def maximize(self, state: dict[str, Any], theta: dict[str, Any], z: Any, gamma: Any,
                  k: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -223,7 +249,7 @@ class SAEM(Engine):
         if model.has_stats:
             stats = self._chain_mean_stats(theta, z)
             s_hat = {n: state["s_hat"][n] + gamma * (stats[n] - state["s_hat"][n]) for n in stats}
-            closed = model.m_step(s_hat, theta, model.num_units)
+            closed = model.m_step(s_hat, theta, self._total_units)
             closed = self._anneal(closed, theta, k)
             new_theta.update(closed)
         numeric = model.numeric_params

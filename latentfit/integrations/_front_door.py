@@ -12,7 +12,7 @@ from typing import Any
 from latentfit.inference.model import LatentModel
 
 #: keyword arguments of ``run`` that go to the engine's driver (checkpointing), not to the model
-RUN_OPTIONS = ("checkpoint", "checkpoint_every", "keep", "resume", "devices")
+RUN_OPTIONS = ("checkpoint", "checkpoint_every", "keep", "resume", "devices", "distributed")
 
 
 def split_run_options(kwargs: dict[str, Any]) -> dict[str, Any]:
