@@ -32,10 +32,17 @@ adds it to the current state (superposition, exact for linear systems); then the
 
 Event times come from the data, so
 a lag time must be written into ``rhs``/``observe`` rather than into the dose times.
+
+``solver="adaptive"`` or ``"stiff"`` replaces the RK4 steps by error-controlled solvers from diffrax (JAX:
+``Tsit5``, and the implicit ``Kvaerno5`` for stiff systems such as target-mediated disposition) or torchdiffeq
+(torch: ``dopri5``) with tolerances ``rtol``/``atol``, on the same events (one solve per interval for all
+individuals at once; doses and resets as jumps of the state; steady-state doses: RK4 only), differentiable in
+reverse and forward mode; the backend code lives in :mod:`latentfit.integrations.ode_solvers`.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -112,9 +119,23 @@ def _infusion_input(xp: Any, ev: dict[str, Any], mid: Any, num_states: int, seg:
     return [xp.sum(xp.where(ev["cmt"] == c, r, 0.0), -1) for c in range(num_states)]
 
 
+def _infusion_inputs(xp: Any, ev: dict[str, Any], mid: Any, num_states: int) -> list[Any]:
+    """Zero-order input per compartment on every interval (midpoints ``mid [N, E]``; an infusion stops at a reset):
+    ``[N, E]`` each."""
+    on = (ev["t_dose"][:, None, :] <= mid[..., None]) & (mid[..., None] < ev["t_end"][:, None, :])
+    if ev["seg"] is not None:
+        on = on & (ev["inf_seg"][:, None, :] == ev["seg"][..., None])
+    r = xp.where(on, ev["inf_rate"][:, None, :], 0.0)
+    return [xp.sum(xp.where(ev["cmt"][:, None, :] == c, r, 0.0), -1) for c in range(num_states)]
+
+
+SOLVERS = ("rk4", "adaptive", "stiff")
+
+
 def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, num_states: int, ss_periods: int = 50,
         observe: Callable[..., Any], initial: Callable[..., tuple] | None = None,
-        dose_compartment: int | None = None, max_step: float | None = None, name: str = "ode") -> Structural:
+        dose_compartment: int | None = None, max_step: float | None = None, solver: str = "rk4",
+        rtol: float = 1e-6, atol: float = 1e-8, max_steps: int = 4096, name: str = "ode") -> Structural:
     """A structural model from an ODE system (see the module docstring).
 
     Parameters
@@ -127,7 +148,15 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
     dose_compartment : 1-based compartment receiving every dose (default: the data's ``CMT``).
     ss_periods : dosing intervals integrated to reach the steady state of an ``SS`` dose (module docstring).
     max_step : longest RK4 step (time units of the data); default: the longest span from an individual's first
-        to last event, over 200.
+        to last event, over 200.  RK4 only.
+    solver : ``"rk4"`` (default: fixed steps, above), ``"adaptive"`` or ``"stiff"``: error-controlled solvers from
+        the libraries (``pip install latentfit[ode]``), one solve per event interval for all individuals at once,
+        differentiable.  JAX: diffrax ``Tsit5`` / ``Kvaerno5`` (implicit, L-stable); torch: torchdiffeq ``dopri5``
+        for both (torchdiffeq has no implicit method: stiff systems are solved correctly but in many small steps).
+        See :mod:`latentfit.integrations.ode_solvers`.
+    rtol, atol : relative and absolute local error tolerances of the adaptive solvers (per state component:
+        ``|err| ≤ atol + rtol·|x|``; defaults as rxode2's, 1e-6 and 1e-8 in the states' units).
+    max_steps : most steps per event interval of the adaptive solvers (more is an error).
     """
     if int(num_states) != num_states or num_states < 1:
         raise ValueError(f"num_states must be a positive integer, got {num_states!r}")
@@ -137,6 +166,16 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
         raise ValueError(f"ss_periods must be a positive integer, got {ss_periods!r}")
     if dose_compartment is not None and not 1 <= dose_compartment <= num_states:
         raise ValueError(f"dose_compartment must be in 1..{num_states} (1-based, as CMT), got {dose_compartment!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if solver != "rk4":
+        if max_step is not None:
+            raise ValueError(f"max_step is the fixed step of solver='rk4'; solver={solver!r} chooses its steps from "
+                             f"rtol and atol (drop max_step=)")
+        if not (rtol > 0 and atol > 0):
+            raise ValueError(f"rtol and atol must be positive, got rtol={rtol!r}, atol={atol!r}")
+        if int(max_steps) != max_steps or max_steps < 1:
+            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
 
     def make_fn(steps: list[int] | None, ss_steps: dict[int, tuple[int, int]] | None = None
                 ) -> Callable[[dict[str, Any], Design], Any]:
@@ -173,6 +212,12 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
                                   for xi, a, b, c, e in zip(state, k1, k2, k3, k4, strict=True))
                     return t + h, state
                 return body
+
+            if solver != "rk4":
+                if steps is None and _ss_plan_eagerly(d):
+                    raise DataError(f"steady-state doses (SS 1/2) are integrated by solver='rk4' only, not "
+                                    f"solver={solver!r}")
+                return _solve_adaptive(xp, ops, ev, x, f, psi, zero)
 
             ss_plan = ss_steps if steps is not None else _ss_plan_eagerly(d)
 
@@ -216,6 +261,30 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
 
         return fn
 
+    def _solve_adaptive(xp: Any, ops: Any, ev: dict[str, Any], x: tuple, f: Callable, psi: dict[str, Any],
+                        zero: Any) -> Any:
+        """The events' sequence solved by the library solvers (see :mod:`latentfit.integrations.ode_solvers`)."""
+        t_ev = ev["t"]
+        # no step back where a period restarts (a reset), nothing after the last event
+        gap = t_ev[:, 1:] - t_ev[:, :-1]
+        dt = xp.concatenate([xp.where(gap > 0, gap, 0.0 * gap), 0.0 * t_ev[:, :1]], -1)
+        events = {"t0": t_ev, "dt": dt, "bolus": list(ev["bolus"]),
+                  "u": _infusion_inputs(xp, ev, t_ev + 0.5 * dt, num_states)}
+        if ev["reset"] is not None:
+            events["reset"] = ev["reset"]
+        x_init = x
+
+        def jump(state: tuple, e: dict[str, Any]) -> tuple[tuple, Any]:
+            if "reset" in e:  # a new period: back to the initial state (false at each individual's first event)
+                state = tuple(xp.where(e["reset"], a, b) for a, b in zip(x_init, state, strict=True))
+            state = tuple(xi + e["bolus"][c] for c, xi in enumerate(state))
+            return state, observe(state, psi, xp) + zero
+
+        out = importlib.import_module("latentfit.integrations.ode_solvers").integrate_events(
+            ops.name, solver, x0=x, events=events, jump=jump, rhs=lambda t, state, e: f(t, state, e["u"]),
+            rtol=rtol, atol=atol, max_steps=int(max_steps))  # [..., N, E]
+        return xp.einsum("...ne,nte->...nt", out, ev["onehot"])
+
     def _plan_eagerly(d: Design) -> list[int]:
         """Steps per interval from concrete data arrays (read back as numpy), checking the dose compartments."""
         ops = d.backend_ops()
@@ -255,7 +324,11 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
         return plan
 
     def bind(design: Design) -> Callable[[dict[str, Any], Design], Any]:
-        return make_fn(_plan_eagerly(design), _ss_plan_eagerly(design))
+        ss_plan = _ss_plan_eagerly(design)
+        if ss_plan and solver != "rk4":
+            raise DataError(f"steady-state doses (SS 1/2) are integrated by solver='rk4' only, not solver={solver!r}: "
+                            f"use solver='rk4' (max_step= small enough for the fast processes) or a closed-form model")
+        return make_fn(_plan_eagerly(design), ss_plan)
 
     return Structural(name, tuple(parameters), make_fn(None), bind=bind)
 

@@ -1,0 +1,143 @@
+"""Adaptive and stiff ODE solvers for :func:`latentfit.models.nlme.ode` (``solver="adaptive"`` / ``"stiff"``).
+
+``latentfit.models`` knows no array library; it reaches this module lazily (``importlib``) and hands it the
+event sequence of the data and three backend-neutral callables (see :func:`integrate_events`).  Each interval
+``[t_k, t_{k+1}]`` between consecutive events is mapped onto ``s ∈ [0, 1]`` (``t = t_k + s·Δ_k``, one ``Δ_k`` per
+individual), so that all individuals (and chains) are one ODE system of ``N × states`` components on a common
+time axis:
+
+    dx/ds = Δ_k · (rhs(t_k + s·Δ_k, x) + u_k).
+
+The step size is controlled on the max-norm of the scaled local error ``err / (atol + rtol·|x|)`` over all
+components, so every individual meets the tolerances (the batch takes the steps of its hardest individual).
+
+* JAX (``diffrax``): ``Tsit5`` (adaptive, 5(4) explicit Runge–Kutta of Tsitouras 2011) or ``Kvaerno5`` (stiff:
+  ESDIRK 5(4), L-stable, Kværnø 2004) with a ``PIDController(rtol, atol)``; the intervals run under one
+  ``lax.scan`` (one traced solve whatever the number of events), and ``DirectAdjoint`` differentiates the solve
+  in reverse and forward mode (the library's Laplace and Fisher-information code uses forward-over-reverse).
+* torch (``torchdiffeq``): ``odeint(method="dopri5")`` (Dormand–Prince 5(4)), differentiated by backpropagation
+  through the solver's operations.  torchdiffeq 0.2 has no implicit (stiff) method, so ``"stiff"`` on torch is
+  also ``dopri5``: correct to the tolerances, but its step is bounded by explicit stability (``|λ|·h ≲ 3.3``), so
+  very stiff systems take many steps; use the JAX backend for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+#: pip extra that installs the libraries of this module
+EXTRA = "pip install latentfit[ode]"
+
+
+def _require(module: str, solver: str, backend: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"nlme.ode(solver={solver!r}) on the {backend} backend needs the package {module!r}, "
+                          f"which is not installed: {EXTRA} (or use solver='rk4')") from exc
+
+
+def integrate_events(backend: str, solver: str, *, x0: tuple, events: dict[str, Any], jump: Callable,
+                     rhs: Callable, rtol: float, atol: float, max_steps: int) -> Any:
+    """Outputs ``[..., N, E]`` at the ``E`` events of every individual.
+
+    events : arrays with a trailing event axis ``E`` (any nesting of dicts/lists/tuples): at least ``"t0"``
+        (the event time ``[N, E]``) and ``"dt"`` (the span to the next event, 0 at the last one).
+    jump : ``jump(x, e) -> (x, out)`` at one event (``e``: the events' leaves at that event, without the axis):
+        the state after the event's instantaneous changes (boluses) and the output there (``[..., N]``).
+    rhs : ``rhs(t, x, e) -> dx/dt`` (tuple), ``t [N]``, on the interval that starts at the event ``e``.
+    """
+    if backend == "jax":
+        return _integrate_jax(solver, x0, events, jump, rhs, rtol, atol, max_steps)
+    if backend == "torch":
+        return _integrate_torch(solver, x0, events, jump, rhs, rtol, atol, max_steps)
+    raise ValueError(f"no adaptive ODE solver for the backend {backend!r} (torch or jax)")
+
+
+def _integrate_jax(solver: str, x0: tuple, events: dict[str, Any], jump: Callable, rhs: Callable,
+                   rtol: float, atol: float, max_steps: int) -> Any:
+    diffrax = _require("diffrax", solver, "JAX")
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    method = diffrax.Kvaerno5() if solver == "stiff" else diffrax.Tsit5()
+    controller = diffrax.PIDController(rtol=rtol, atol=atol, norm=_jax_max_norm)
+    seq = jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, -1, 0), events)
+
+    def body(x: tuple, e: dict[str, Any]) -> tuple[tuple, Any]:
+        x, out = jump(x, e)
+        dt = e["dt"]
+
+        def field(s: Any, y: tuple, args: Any) -> tuple:
+            return tuple(dt * d for d in rhs(e["t0"] + s * dt, y, e))
+
+        def solve(y0: tuple) -> tuple:
+            sol = diffrax.diffeqsolve(diffrax.ODETerm(field), method, 0.0, 1.0, None, y0,
+                                      saveat=diffrax.SaveAt(t1=True), stepsize_controller=controller,
+                                      adjoint=diffrax.DirectAdjoint(), max_steps=max_steps)
+            return tuple(jnp.asarray(y[-1], dtype=y0i.dtype) for y, y0i in zip(sol.ys, y0, strict=True))
+
+        x = lax.cond(jnp.any(dt > 0), solve, lambda y0: y0, x)
+        return x, out
+
+    _, outs = lax.scan(body, x0, seq)
+    return jnp.moveaxis(outs, 0, -1)
+
+
+def _jax_max_norm(y: Any) -> Any:
+    """Max-norm of a pytree (every component within its tolerance); 0 for an empty tree."""
+    import jax
+    import jax.numpy as jnp
+
+    leaves = [jnp.max(jnp.abs(leaf)) for leaf in jax.tree_util.tree_leaves(y) if leaf.size]
+    return jnp.max(jnp.stack(leaves)) if leaves else jnp.zeros(())
+
+
+def _integrate_torch(solver: str, x0: tuple, events: dict[str, Any], jump: Callable, rhs: Callable,
+                     rtol: float, atol: float, max_steps: int) -> Any:
+    torchdiffeq = _require("torchdiffeq", solver, "torch")
+    import torch
+
+    def at(tree: Any, k: int) -> Any:
+        if isinstance(tree, dict):
+            return {key: at(v, k) for key, v in tree.items()}
+        if isinstance(tree, list | tuple):
+            return type(tree)(at(v, k) for v in tree)
+        return tree[..., k]
+
+    def linf(y: Any) -> Any:
+        return max(torch.max(torch.abs(v)) for v in y) if isinstance(y, tuple) else torch.max(torch.abs(y))
+
+    n_ev = events["t0"].shape[-1]
+    span = torch.tensor([0.0, 1.0], dtype=events["t0"].dtype, device=events["t0"].device)
+    x, outputs = tuple(x0), []
+    for k in range(n_ev):
+        e = at(events, k)
+        x, out = jump(x, e)
+        outputs.append(out)
+        dt = e["dt"]
+        if k == n_ev - 1 or not bool(torch.any(dt > 0)):
+            continue
+
+        def field(s: Any, y: tuple, dt: Any = dt, e: dict = e) -> tuple:
+            return tuple(dt * d for d in rhs(e["t0"] + s * dt, y, e))
+
+        try:
+            ys = torchdiffeq.odeint(field, x, span, rtol=rtol, atol=atol, method="dopri5",
+                                    options={"norm": linf, "max_num_steps": max_steps})
+        except AssertionError as exc:
+            if "max_num_steps" not in str(exc):
+                raise
+            raise RuntimeError(f"nlme.ode(solver={solver!r}): the solver needed more than max_steps={max_steps} "
+                               f"steps between the events at t={e['t0'].tolist()} (a stiff or badly scaled "
+                               f"system?): raise max_steps=, loosen rtol/atol, or use the JAX backend's 'stiff' "
+                               f"solver") from exc
+        x = tuple(y[-1] for y in ys)
+    return torch.stack(outputs, -1)
+
+
+__all__ = ["integrate_events", "EXTRA"]
