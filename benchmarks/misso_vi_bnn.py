@@ -30,8 +30,22 @@ softmax over 32 draws of the guide) at the end, and the wall time (training and 
 
 ``--ppl numpyro`` runs the same model, guide, start, blocks and step sizes in NumPyro (``latentfit.numpyro``'s
 ``MISSOVI``; ``numpyro.infer.SVI`` with ``optax.adam``, ``latentfit.optim.amsgrad`` / ``opt_amsgrad`` /
-``hwa``); its times include JAX compilation (one epoch of the four-row smoke run on this loaded machine: MISSO
-176 s, OPT-AMSGrad 152 s, HWA 48 s, almost all compilation), so it was not run to 10 epochs here.
+``hwa``); its times include JAX compilation, which dominates at this size.  One run, ``--ppl numpyro --epochs 5``
+(same machine, load ≈ 12)::
+
+    method            lr       e=0       e=1       e=5 test acc    time
+    -------------------------------------------------------------------
+    MISSO          3e-02   23188.3   21262.8   20222.0    0.931   162.4
+    MC-SAG         1e-02   23188.3   20715.6   19813.1    0.964    62.4
+    MC-Adam        3e-02   23188.3   18582.6   11547.9    0.958    47.3
+    BBB            1e-02   23188.3   22070.7   19844.9    0.956    56.3
+    Adam           3e-02   23151.2   18563.0   11578.4    0.961    67.0
+    AMSGrad        3e-02   23151.2   18695.2   12073.8    0.956    25.7
+    OPT-AMSGrad    3e-02   23151.2   18321.7    3654.6    0.892    23.7
+    HWA            3e-02   23151.2   22660.4   16502.6    0.947    24.7
+
+(the Pyro rows at e=5 agree within Monte-Carlo noise, except OPT-AMSGrad's fast phase, 3655 vs 4529; optax's
+AMSGrad takes the maximum of the bias-corrected v and so departs from Adam, torch's does not.)
 
 ``--block-eval`` chooses how MISSOVI evaluates a block's gradient: ``mask`` runs model and guide over all N
 images with the likelihood masked outside the block (the general rule, cost ∝ N), ``block`` substitutes the
