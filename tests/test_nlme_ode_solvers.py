@@ -224,3 +224,31 @@ def test_theophylline_adaptive_jax_fit_agrees_with_rk4_and_saemix():
     for name in ("ka", "V", "CL", "a"):
         assert abs(float(adaptive[name]) / SAEMIX[name] - 1) < 0.03, (name, adaptive[name])
         assert abs(float(adaptive[name]) / float(rk4[name]) - 1) < 0.03, (name, adaptive[name], rk4[name])
+
+
+def test_adaptive_solver_follows_nonmem_records_and_refuses_steady_state():
+    """ADDL doses, an infusion into the central compartment, an EVID 4 restart (the time restarts) and an EVID 3
+    reset: the adaptive solver (torch, rtol 1e-10) matches the closed form to 1e-8 relative; an SS dose is refused
+    with a message naming the solver that handles it."""
+    from test_nlme_dosing import _obs
+    from test_nlme_dosing import _table as _records
+
+    rows = [{"AMT": 100.0, "EVID": 1, "MDV": 1, "ADDL": 2, "II": 12.0}] + _obs([1.0, 5.0, 13.0, 25.0], CMT=2)
+    rows += [{"TIME": 30.0, "AMT": 50.0, "EVID": 1, "MDV": 1, "CMT": 2, "RATE": 25.0}] + _obs([30.0, 31.0, 45.0])
+    rows += [{"TIME": 10.0, "AMT": 80.0, "EVID": 4, "MDV": 1}] + _obs([12.0, 13.0])
+    rows += [{"TIME": 14.0, "EVID": 3, "MDV": 1}] + _obs([15.0])
+    df = _records(rows)
+    params = {"ka": 1.3, "V": 10.0, "CL": 2.0}
+    psi = {k: torch.full((1, 1), v, dtype=torch.float64) for k, v in params.items()}
+
+    def predict(structural, data):
+        model = nlme.NLME(structural, dict(params), data=data)
+        return model._structural_fn(psi, model.design).numpy()[model.data.mask]
+
+    closed = predict("one_compartment_oral", df)
+    assert closed[-1] == 0.0  # after the EVID 3 reset
+    np.testing.assert_allclose(predict(oral_ode(solver="adaptive", rtol=1e-10, atol=1e-12), df), closed,
+                               rtol=1e-8, atol=1e-12)
+    ss = _records([{"AMT": 100.0, "EVID": 1, "MDV": 1, "SS": 1, "II": 12.0}] + _obs([1.0, 5.0]))
+    with pytest.raises(lf.DataError, match="steady-state doses .* solver='rk4' only"):
+        predict(oral_ode(solver="adaptive"), ss)
