@@ -151,8 +151,10 @@ def corrupted_tables(draw: st.DrawFn) -> tuple[str, pd.DataFrame, dict[str, Any]
         df[col] = [str(v) if (j % 2 == 0 and not pd.isna(v)) else v for j, v in enumerate(df[col])]
     elif kind == "infinite_value":
         info["column"] = col = draw(st.sampled_from([c for c in numeric if c != "EVID"]))
+        df = df.astype({col: float})  # an integer column (ADDL) holds no inf
         df.loc[info["row"], col] = draw(st.sampled_from([np.inf, -np.inf]))
     elif kind == "missing_id":
+        df = df.astype({"ID": float})  # as read from a CSV file with an empty ID cell
         df.loc[info["row"], "ID"] = np.nan
     elif kind == "mixed_id_types":
         df = df.astype({"ID": object})

@@ -53,7 +53,7 @@ import pandas as pd
 
 from latentfit.inference.model import DataError
 
-from .validate import validate_table
+from .validate import numbers_if_all_numeric, validate_table
 
 DEFAULT_COLUMNS = {"id": "ID", "time": "TIME", "dv": "DV", "amt": "AMT", "evid": "EVID", "mdv": "MDV",
                    "cmt": "CMT", "rate": "RATE", "cens": "CENS", "addl": "ADDL", "ii": "II", "ss": "SS", "dur": "DUR"}
@@ -441,7 +441,7 @@ def _covariate_table(df: pd.DataFrame, ids_all: np.ndarray, keep: list[Any], cov
                      id_col: str) -> pd.DataFrame:
     out = pd.DataFrame(index=pd.Index(keep, name=id_col))
     for c in covariates:
-        col = df[c]
+        col = numbers_if_all_numeric(df[c])  # '70.5' written as text is still a weight (validate.py)
         if col.isna().any():
             row = col.isna().idxmax()
             raise DataError(f"covariate {c!r} is missing (ID {_id(df.loc[row, id_col])}, row {row})")

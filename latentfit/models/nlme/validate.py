@@ -50,6 +50,15 @@ def _numbers(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return num, text
 
 
+def numbers_if_all_numeric(values: pd.Series) -> pd.Series:
+    """A text (object) column whose every non-missing cell is a number (``70``, ``"70.5"``) as floats; any other
+    column unchanged.  A new series: the table is not modified."""
+    if values.dtype != object:
+        return values
+    num, text = _numbers(values)
+    return values if text.any() else pd.Series(num, index=values.index, name=values.name)
+
+
 def validate_table(df: pd.DataFrame, columns: dict[str, str], covariates: Iterable[str] = (),
                    regressors: Iterable[str] = (), dose: str | None = None) -> None:
     """Raise :class:`~latentfit.DataError` for the faults listed in the module docstring.
@@ -104,4 +113,4 @@ def validate_table(df: pd.DataFrame, columns: dict[str, str], covariates: Iterab
             raise DataError(f"covariate {c!r} has an infinite value {num[j]} {_where(df, id_col, j)}")
 
 
-__all__ = ["validate_table"]
+__all__ = ["numbers_if_all_numeric", "validate_table"]
