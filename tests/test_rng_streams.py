@@ -116,6 +116,7 @@ def test_theophylline_permuted_units() -> None:
     from latentfit.examples.theophylline import theophylline_arrays, theophylline_model
 
     backend = Backend("pyro")
+    backend.reset()
     arr = theophylline_arrays()
     args = [arr[k] for k in ("dose", "time", "conc", "mask")]
     n = args[0].shape[0]
@@ -148,6 +149,7 @@ def test_per_unit_resume_is_bit_identical(tmp_path: Path) -> None:
 
 def test_options_are_checked() -> None:
     backend = Backend("pyro")
+    backend.reset()
     t, y = _slope_arrays()
     model = backend.latent_model(backend.models.random_slope, backend.tensor(t), backend.tensor(y))
     with pytest.raises(ValueError, match="rng must be one of"):
@@ -177,6 +179,7 @@ def test_non_gaussian_latents_are_refused() -> None:
                 pyro.sample("y", dist.Normal(b, 1.0), obs=y)
 
     backend = Backend("pyro")
+    backend.reset()
     model = backend.latent_model(gamma_intercept, backend.tensor(np.ones((6, 3))))
     with pytest.raises(ValueError, match="Gaussian latents.*rng='global'"):
         SAEM(model, rng="per_unit")
