@@ -198,3 +198,20 @@ def test_nan_gradient_stops_mcmcsgd() -> None:
     e = err.value
     assert e.parameter == names[0] and e.result.num_iterations == (bad - 1) // 5 * 5
     np.testing.assert_array_equal(e.result.history["iterate"], clean.history["iterate"][:e.result.num_iterations])
+
+
+def test_nan_m_step_after_resume_into_an_empty_directory(tmp_path: Any) -> None:
+    """A run resumed from one directory and checkpointing into another (empty) one that fails in its first chunk
+    still writes the last good state (the resumed-from iteration) where it checkpoints."""
+    backend = Backend("pyro")
+    y = _tail_data()[:12, :4]
+    first = tmp_path / "first"
+    clean = _saem(backend, y).run(None, checkpoint=first, checkpoint_every=5, keep=100)
+    bad = int(np.argmax(clean.history["theta.mu"] > THRESHOLD)) + 2
+    start = (bad - 1) // 5 * 5  # the fault comes in the first chunk after the checkpoint resumed from
+    assert start > 0
+    source = dict(checkpoint_files(first))[start]
+    with pytest.raises(NonFiniteError) as err:
+        _saem(backend, y, nan_m_step=True).run(None, resume=source, checkpoint=tmp_path / "second")
+    assert err.value.last_good_iteration == start and checkpoint_files(tmp_path / "second")[-1][0] == start
+    assert str(tmp_path / "second") in str(err.value)

@@ -235,10 +235,12 @@ class Engine:
         k, name, what = fault
         state = self._from_snapshot(good, state)
         _truncate(history, draws, good.iteration, collect_from)
-        if checkpoint is not None and last_saved == good.iteration:
-            from latentfit.checkpoint import checkpoint_files
+        from latentfit.checkpoint import checkpoint_files
 
-            path = checkpoint_files(checkpoint)[-1][1]
+        # already written (a resumed run's directory may hold none: then write it)
+        saved = [p for it, p in checkpoint_files(checkpoint) if it == good.iteration] if checkpoint is not None else []
+        if saved and last_saved == good.iteration:
+            path = saved[-1]
         else:
             directory = checkpoint if checkpoint is not None else tempfile.mkdtemp(prefix="latentfit-nonfinite-")
             path = self._save(directory, state, good.iteration, history, draws, keep, rng=good.rng)
