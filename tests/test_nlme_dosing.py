@@ -368,18 +368,17 @@ def test_closed_forms_on_jax_equal_torch():
         np.testing.assert_allclose(f_jax, f_torch, rtol=1e-12, atol=1e-14)
 
 
-def test_ode_steady_state_is_the_limit_of_its_periods():
-    """Too few ``ss_periods`` leave the truncation error ``e^{-k·n·II}`` of the train (k = 0.2, II = 12)."""
+def test_ode_steady_state_from_few_periods():
+    """The period iterates approach the steady state as ``Σ_m c_m e^{-λ_m j II}``; after one period the fast mode
+    (ka·II = 15.6) is gone and Aitken's Δ² removes the slow one (k·II = 2.4) exactly: three periods suffice."""
     df = _table([{"AMT": 100.0, "EVID": 1, "MDV": 1, "SS": 1, "II": 12.0}] + _obs([1.0, 6.0, 11.0], CMT=2))
     params = {"ka": KA, "V": V, "CL": CL}
     closed, _ = _predict("one_compartment_oral", params, df)
-    few, _ = _predict(_oral_ode(ss_periods=2), params, df)
-    many, _ = _predict(_oral_ode(), params, df)
-    np.testing.assert_allclose(many, closed, rtol=1e-6)
-    # two periods: the train's first two doses only, short by the tail sum (about e^{-2·k·II} = 0.8%)
-    ref2 = _superpose([1.0, 6.0, 11.0], _train(0.0, 100.0, 12.0, n=3), _oral)
-    np.testing.assert_allclose(few, ref2, rtol=1e-6)
-    assert np.all(1 - few / closed > 5e-4)  # the missing tail, about e^{-3·k·II} = 7.5e-4 of the total
+    for n in (3, 20):
+        ode, _ = _predict(_oral_ode(ss_periods=n), params, df)
+        np.testing.assert_allclose(ode, closed, rtol=1e-6)
+    with pytest.raises(ValueError, match="ss_periods must be an integer >= 3"):
+        _oral_ode(ss_periods=2)
 
 
 def test_ode_default_step_when_the_time_restarts():
@@ -447,3 +446,15 @@ def test_zero_order_input_into_the_depot(structural, params, unit):
     f_ss, _ = _predict(structural, params, ss)
     f_run, _ = _predict(structural, params, run)
     np.testing.assert_allclose(f_ss, f_run, rtol=1e-8)
+
+
+def test_ode_steady_state_of_a_long_half_life_by_aitken_extrapolation():
+    """k = 0.01 (half-life 69 h) dosed every 12 h: 20 periods alone leave e^{-k·20·II} = 9% of the train out; the
+    Aitken Δ² limit of the last three iterates is exact once the fast mode (ka) is gone, so the ODE matches the
+    closed form to RK4's error."""
+    df = _table([{"AMT": 100.0, "EVID": 1, "MDV": 1, "SS": 1, "II": 12.0, "RATE": 50.0}]
+                + _obs([1.0, 3.0, 6.0, 11.0], CMT=2))
+    params = {"ka": KA, "V": V, "CL": 0.1}
+    closed, _ = _predict("one_compartment_oral", params, df)
+    ode, _ = _predict(_oral_ode(ss_periods=20), params, df)
+    np.testing.assert_allclose(ode, closed, rtol=1e-6)

@@ -26,9 +26,12 @@ expanded; a reset (``EVID`` 3/4, ``SS = 1``) starts a new period, whose events c
 and no state carries over the change.  A steady-state dose (``SS`` 1 or 2, interval ``τ = II``) first
 integrates ``ss_periods`` dosing intervals of the same dose from the initial state (each: the bolus, or the
 infusion over its duration ``D ≤ τ``, then the rest of ``τ``, with RK4 steps of at most ``max_step``), which
-approaches the pre-dose steady state with a relative error ``≈ e^{−λ·ss_periods·τ}`` (λ the slowest rate
-constant: raise ``ss_periods`` when ``ss_periods·τ`` is not many half-lives); ``SS = 1`` takes that state, ``SS = 2``
-adds it to the current state (superposition, exact for linear systems); then the dose itself is given.
+approaches the pre-dose steady state geometrically, ``x_j = x_∞ − Σ_m c_m e^{−λ_m j τ}``; the last three
+iterates are extrapolated by Aitken's Δ² (exact once the slowest mode alone is left, i.e. the faster modes'
+``e^{−λ·ss_periods·τ}`` are negligible; nonlinear systems converge the same way near their steady state), so long
+half-lives (``λ_min τ`` small) need no more periods; raise ``ss_periods`` when a fast mode is not yet gone.
+``SS = 1`` takes that state, ``SS = 2`` adds it to the current state (superposition, exact for linear systems);
+then the dose itself is given.
 
 Event times come from the data, so
 a lag time must be written into ``rhs``/``observe`` rather than into the dose times.
@@ -162,8 +165,9 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
         raise ValueError(f"num_states must be a positive integer, got {num_states!r}")
     if max_step is not None and not max_step > 0:
         raise ValueError(f"max_step must be positive, got {max_step!r}")
-    if int(ss_periods) != ss_periods or ss_periods < 1:
-        raise ValueError(f"ss_periods must be a positive integer, got {ss_periods!r}")
+    if int(ss_periods) != ss_periods or ss_periods < 3:
+        raise ValueError(f"ss_periods must be an integer >= 3 (Aitken's extrapolation uses the last three), got "
+                         f"{ss_periods!r}")
     if dose_compartment is not None and not 1 <= dose_compartment <= num_states:
         raise ValueError(f"dose_compartment must be in 1..{num_states} (1-based, as CMT), got {dose_compartment!r}")
     if solver not in SOLVERS:
@@ -240,7 +244,10 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
                         _, state = ops.fori_loop(0, n_off, rk4((tau - dur) / n_off, u_off), (t0 + dur, state))
                     return state
 
-                x_ss = ops.fori_loop(0, int(ss_periods), period, x_init)
+                x_a = ops.fori_loop(0, int(ss_periods) - 2, period, x_init)
+                x_b = period(int(ss_periods) - 2, x_a)
+                x_c = period(int(ss_periods) - 1, x_b)
+                x_ss = tuple(_aitken(xp, a, b, c) for a, b, c in zip(x_a, x_b, x_c, strict=True))
                 return tuple(xp.where(is_ss, xi + s - x0, xi) for xi, s, x0 in zip(x, x_ss, x_init, strict=True))
 
             t_ev, outputs, x_init = ev["t"], [], x
@@ -331,6 +338,17 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
         return make_fn(_plan_eagerly(design), ss_plan)
 
     return Structural(name, tuple(parameters), make_fn(None), bind=bind)
+
+
+def _aitken(xp: Any, a: Any, b: Any, c: Any) -> Any:
+    """Aitken's Δ² limit of the period iterates ``a, b, c`` of one state: ``c + Δ₂ r/(1 − r)`` with ``r = Δ₂/Δ₁``, where
+    the increments ``Δ₁ = b − a``, ``Δ₂ = c − b`` shrink geometrically (``0 < r < 1 − 10⁻⁶``) and are above rounding
+    (``|Δ₁| > 10³ ε |c|``); else ``c``.  Exact for a linear system once one mode (the slowest) is left."""
+    d1, d2 = b - a, c - b
+    eps = float(xp.finfo(c.dtype).eps)
+    ok = (xp.abs(d1) > 1e3 * eps * xp.abs(c)) & (d1 * d2 > 0) & (xp.abs(d2) < (1.0 - 1e-6) * xp.abs(d1))
+    r = xp.where(ok, d2 / xp.where(ok, d1, 1.0), 0.0)
+    return c + xp.where(ok, d2 * r / (1.0 - r), 0.0)
 
 
 def _steps_per_interval(t_ev: Any, max_step: float | None) -> list[int]:
