@@ -221,7 +221,7 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
                 if steps is None and _ss_plan_eagerly(d):
                     raise DataError(f"steady-state doses (SS 1/2) are integrated by solver='rk4' only, not "
                                     f"solver={solver!r}")
-                return _solve_adaptive(xp, ops, ev, x, f, psi, zero)
+                return _solve_adaptive(xp, ops, ev, x, psi, zero)
 
             ss_plan = ss_steps if steps is not None else _ss_plan_eagerly(d)
 
@@ -268,8 +268,7 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
 
         return fn
 
-    def _solve_adaptive(xp: Any, ops: Any, ev: dict[str, Any], x: tuple, f: Callable, psi: dict[str, Any],
-                        zero: Any) -> Any:
+    def _solve_adaptive(xp: Any, ops: Any, ev: dict[str, Any], x: tuple, psi: dict[str, Any], zero: Any) -> Any:
         """The events' sequence solved by the library solvers (see :mod:`latentfit.integrations.ode_solvers`)."""
         t_ev = ev["t"]
         # no step back where a period restarts (a reset), nothing after the last event
@@ -287,9 +286,15 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
             state = tuple(xi + e["bolus"][c] for c, xi in enumerate(state))
             return state, observe(state, psi, xp) + zero
 
+        def field(t: Any, state: tuple, e: dict[str, Any], p: dict[str, Any]) -> tuple:
+            dx = rhs(t, state, p, xp)
+            if len(dx) != num_states:
+                raise ValueError(f"rhs returned {len(dx)} derivatives, expected num_states={num_states}")
+            return tuple(dxi + ui for dxi, ui in zip(dx, e["u"], strict=True))
+
         out = importlib.import_module("latentfit.integrations.ode_solvers").integrate_events(
-            ops.name, solver, x0=x, events=events, jump=jump, rhs=lambda t, state, e: f(t, state, e["u"]),
-            rtol=rtol, atol=atol, max_steps=int(max_steps))  # [..., N, E]
+            ops.name, solver, x0=x, events=events, jump=jump, rhs=field, params=psi, rtol=rtol, atol=atol,
+            max_steps=int(max_steps))  # [..., N, E]
         return xp.einsum("...ne,nte->...nt", out, ev["onehot"])
 
     def _plan_eagerly(d: Design) -> list[int]:
