@@ -35,6 +35,7 @@ from .mcem import MiniBatchMCEM
 from .model import LatentModel, ModelSpecificationError
 from .mstep import flatten, unflatten
 from .stats_table import Stats, s_put, s_sub, s_take
+from .units import put_units, take_units
 
 #: eigenvalue floor of the curvature H̄, relative to its largest eigenvalue
 CURVATURE_FLOOR = 1e-6
@@ -155,6 +156,7 @@ class MISSO(MiniBatchMCEM):
             sd = xp.std(xp.reshape(z, (-1, z.shape[-1])), 0)
             state["z"] = xp.swapaxes(z, 0, 1) + 0.0
             state["rw_scale"] = 0.5 * xp.where(sd > 0, sd, 1.0)
+            state["num_nonfinite"] = ops.zeros(())  # proposals rejected for a non-finite log-density
         key, k1 = ops.split(key)
         n = model.num_units
         rows, g, h, state = self.surrogates(state, theta, ops.arange(n), k1, self._draws(1))
@@ -184,14 +186,14 @@ class MISSO(MiniBatchMCEM):
         if self.numeric:
             n, b = model.num_units, self.batch_size
             x = flatten(ops, model.unconstrain({k: theta[k] for k in self.numeric}), self.numeric)
-            old_anchor, old_grad = ops.take(state["anchor"], bi, 0), ops.take(state["grad"], bi, 0)
+            old_anchor, old_grad = take_units(ops, state["anchor"], bi), take_units(ops, state["grad"], bi)
             new_anchor = xp.reshape(x, (1, -1)) + 0.0 * old_anchor
             sum_anchor = state["sum_anchor"] + xp.sum(new_anchor - old_anchor, 0)
             sum_grad = state["sum_grad"] + xp.sum(g - old_grad, 0)
             curvature = state["curvature"] + (b / n) * (h / b - state["curvature"])
             x_new = sum_anchor / n - _solve_psd(ops, curvature, sum_grad / n)
-            state = dict(state, anchor=ops.scatter_owned(state["anchor"], bi, new_anchor),
-                         grad=ops.scatter_owned(state["grad"], bi, g), sum_anchor=sum_anchor, sum_grad=sum_grad,
+            state = dict(state, anchor=put_units(ops, state["anchor"], bi, new_anchor),
+                         grad=put_units(ops, state["grad"], bi, g), sum_anchor=sum_anchor, sum_grad=sum_grad,
                          curvature=curvature)
             new_theta.update(model.constrain(unflatten(x_new, self.numeric, self._shapes)))
         state["theta"] = new_theta

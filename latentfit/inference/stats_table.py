@@ -33,6 +33,11 @@ from . import mcmc
 from .driver import Engine
 from .model import LatentModel, ModelSpecificationError
 from .schedules import Schedule, constant
+from .units import UnitBlock, put_units, take_units
+
+#: ``batching="auto"`` cuts shuffled units into contiguous blocks from this many units on (below it the
+#: random gathers of a mini-batch stay in cache and cost little)
+BLOCKS_FROM_UNITS = 65536
 
 Stats = dict[str, Any]
 
@@ -61,12 +66,12 @@ def s_sum(ops: Any, rows: Stats) -> Stats:
 
 
 def s_take(ops: Any, table: Stats, idx: Any) -> Stats:
-    return {k: ops.take(v, idx, 0) for k, v in table.items()}
+    return {k: take_units(ops, v, idx, 0) for k, v in table.items()}
 
 
 def s_put(ops: Any, table: Stats, idx: Any, rows: Stats) -> Stats:
     """``table[idx] = rows`` for every statistic (the engine owns its tables)."""
-    return {k: ops.scatter_owned(v, idx, rows[k]) for k, v in table.items()}
+    return {k: put_units(ops, v, idx, rows[k]) for k, v in table.items()}
 
 
 def s_copy(ops: Any, a: Stats) -> Stats:
@@ -116,6 +121,12 @@ class StatEngine(Engine):
         Fast step (the step of the exact engines) and slow step (two-timescale engines).
     shuffle : bool
         Visit units in a fresh random permutation each epoch (True) or in index order.
+    batching : {"auto", "random", "blocks"}
+        How shuffled mini-batches are drawn.  ``"random"``: a fresh permutation of the units cut into
+        batches every epoch (random gathers).  ``"blocks"``: the units are shuffled once (the model's
+        ``permuted_units``) and cut into contiguous blocks, visited in a fresh random order every epoch, so
+        a batch is a slice of the data and of the per-unit tables (:mod:`latentfit.inference.units`).
+        ``"auto"``: blocks when the model can reorder its units and n ≥ ``BLOCKS_FROM_UNITS``.
     num_samples : int
         Monte-Carlo draws per unit visit (MC engines).
     mcmc_steps : int
@@ -139,7 +150,8 @@ class StatEngine(Engine):
 
     def __init__(self, model: LatentModel, num_epochs: int = 20, batch_size: int | None = None, *,
                  rho: float | Schedule | None = None, gamma: float | Schedule | None = None,
-                 seed: int = 0, shuffle: bool = True, num_samples: int = 10, mcmc_steps: int = 2,
+                 seed: int = 0, shuffle: bool = True, batching: str = "auto", num_samples: int = 10,
+                 mcmc_steps: int = 2,
                  trace_params: list[str] | tuple[str, ...] | None = None, track_log_lik: bool = False,
                  progress: bool = True, callback: Any = None, chunk_size: int = 25) -> None:
         super().__init__(model, seed=seed, progress=progress, callback=callback, num_draws=0,
@@ -157,6 +169,16 @@ class StatEngine(Engine):
         self.batch_size = b
         self.num_batches = math.ceil(n / b)
         self.shuffle = bool(shuffle)
+        if batching not in ("auto", "random", "blocks"):
+            raise ValueError(f"batching must be 'auto', 'random' or 'blocks', got {batching!r}")
+        can_reorder = callable(getattr(model, "permuted_units", None))
+        if batching == "blocks" and not can_reorder:
+            raise ModelSpecificationError(
+                f"batching='blocks' needs a model that can reorder its units (model.permuted_units); "
+                f"{type(model).__name__} cannot: use batching='random'")
+        self.blocks = self.shuffle and self.num_batches > 1 and can_reorder and (
+            batching == "blocks" or (batching == "auto" and n >= BLOCKS_FROM_UNITS))
+        self.user_model = model  # the engine works on a shuffled view of it when ``blocks``
         self.num_samples = int(num_samples)
         self.mcmc_steps = int(mcmc_steps)
         self.trace_params = list(trace_params or [])
@@ -249,7 +271,7 @@ class StatEngine(Engine):
         """``mcmc_steps`` sweeps (prior-IMH, component-wise RW) of the units' persistent chains: ``[L, b, d]``."""
         model, ops, xp = self.model, self.ops, self.ops.xp
         z_tab = state["z"]  # [n, L, d]
-        z0 = xp.swapaxes(ops.take(z_tab, units, 0), 0, 1)  # [L, b, d]
+        z0 = xp.swapaxes(take_units(ops, z_tab, units, 0), 0, 1)  # [L, b, d]
 
         def evaluate(z):
             return model.log_densities(theta, z, units)
@@ -264,7 +286,7 @@ class StatEngine(Engine):
             chain, _ = mcmc.prior_imh(ops, keys[2 * s], chain, sample_prior, evaluate)
             chain, acc = mcmc.rw_componentwise(ops, keys[2 * s + 1], chain, scale, evaluate)
             scale = mcmc.adapt_scale(scale, acc)
-        state = dict(state, z=ops.scatter_owned(z_tab, units, xp.swapaxes(chain.z, 0, 1)), rw_scale=scale,
+        state = dict(state, z=put_units(ops, z_tab, units, xp.swapaxes(chain.z, 0, 1)), rw_scale=scale,
                      num_nonfinite=state["num_nonfinite"] + chain.num_nonfinite)
         return chain.z, state
 
@@ -282,7 +304,11 @@ class StatEngine(Engine):
         return [(1, self.num_epochs, "epoch")]
 
     def init(self, key: Any) -> dict[str, Any]:
-        model, ops, xp = self.model, self.ops, self.ops.xp
+        ops = self.ops
+        if self.blocks:  # one shuffle per run: batches are then contiguous blocks of the shuffled view
+            key, k_part = ops.split(key)
+            self.model = self.user_model.permuted_units(ops.permutation(k_part, self.user_model.num_units))
+        model, xp = self.model, ops.xp
         theta = model.init_params()
         state: dict[str, Any] = {"theta": theta}
         if self.monte_carlo and not model.has_posterior_sampler:
@@ -304,6 +330,10 @@ class StatEngine(Engine):
         state["key"] = key
         return state
 
+    def finalize(self, state: dict[str, Any]) -> dict[str, Any]:
+        self.model = self.user_model  # post-fit computations see the user's model (θ does not depend on order)
+        return super().finalize(state)
+
     def step(self, state: dict[str, Any], k: Any, phase: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         ops, xp = self.ops, self.ops.xp
         m = self.num_batches
@@ -323,7 +353,10 @@ class StatEngine(Engine):
         def body(j: Any, carry: tuple[dict[str, Any], dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
             st, tr = carry
             kj = loop_keys[j] if loop_keys is not None else None
-            st = self.inner(st, batches[j], batches_j[j], first_t + j + 1, kj)
+            bi, bj = batches[j], batches_j[j]
+            if self.blocks:
+                bi, bj = UnitBlock(bi, self.batch_size), UnitBlock(bj, self.batch_size)
+            st = self.inner(st, bi, bj, first_t + j + 1, kj)
             if tr:
                 jj = positions[j:j + 1] if not ops.jittable else xp.reshape(j, (1,))
                 tr = {p: ops.scatter_owned(v, jj, st["theta"][p][None]) for p, v in tr.items()}
@@ -359,9 +392,16 @@ class StatEngine(Engine):
         return state
 
     def _batches(self, key: Any) -> Any:
-        """``[m, b]`` unit indices: a permutation (or 0..n−1) cut in mini-batches, the last wrapping."""
+        """``[m, b]`` unit indices: a permutation (or 0..n−1) cut in mini-batches, the last wrapping.
+
+        With ``blocks``: ``[m]`` first units of the blocks, in a random order (the last block ends at n and
+        overlaps its neighbour when b does not divide n).
+        """
         ops, xp, n = self.ops, self.ops.xp, self.model.num_units
         m, b = self.num_batches, self.batch_size
+        if self.blocks:
+            starts = ops.permutation(key, m) * b
+            return xp.where(starts > n - b, n - b, starts)
         if m == 1 and b == n:  # full batch: the order is irrelevant
             return xp.reshape(ops.arange(n), (1, n))
         order = ops.permutation(key, n) if self.shuffle else ops.arange(n)

@@ -24,12 +24,14 @@ before ``reg_covar``) and the k-means++ squared distances.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
 
 from latentfit.inference.model import DataError, LatentModel, LatentSite, ModelSpecificationError, ParamInfo
 from latentfit.inference.ops import LOG_2PI, Ops, ops_for
+from latentfit.inference.units import UnitBlock, take_units
 
 from ._integrations import families
 
@@ -280,12 +282,25 @@ class GaussianMixture(LatentModel):
         return 0.5 * (prec + xp.swapaxes(prec, -1, -2)), logdet
 
     def _features_t(self, units: Any) -> Any:
-        """``F(x_i)ᵀ`` for the units: ``[D, b]``."""
-        return self.FT if units is None else self.ops.take(self.F, units, 0).T
+        """``F(x_i)ᵀ`` for the units: ``[D, b]`` (a block is a slice of the features-major copy)."""
+        if units is None:
+            return self.FT
+        if isinstance(units, UnitBlock):
+            return take_units(self.ops, self.FT, units, 1)
+        return self.ops.take(self.F, units, 0).T
 
     def _features(self, units: Any) -> Any:
         """``F(x_i)`` for the units: ``[b, D]``."""
-        return self.F if units is None else self.ops.take(self.F, units, 0)
+        return self.F if units is None else take_units(self.ops, self.F, units, 0)
+
+    def permuted_units(self, perm: Any) -> GaussianMixture:
+        """The same mixture with its points in the order ``perm`` (a view sharing θ's layout and initial
+        values; the engines cut it into contiguous mini-batch blocks, see :mod:`latentfit.inference.units`)."""
+        view = copy.copy(self)
+        view.x = self.ops.take(self.x, perm, 0)
+        view.F = self.ops.take(self.F, perm, 0)
+        view.FT = view.F.T + 0.0
+        return view
 
     def log_component(self, theta: dict[str, Any], units: Any = None) -> Any:
         """``log ω_k + log N(x_i; μ_k, Σ_k)``: ``[n, K]``."""
