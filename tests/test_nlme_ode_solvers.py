@@ -140,12 +140,15 @@ def test_adaptive_solvers_reproduce_the_closed_form_with_two_doses(backend):
     np.testing.assert_allclose(got, closed, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("jax", marks=pytest.mark.slow)])
-def test_gradients_through_the_solve_match_finite_differences(backend):
+@pytest.mark.parametrize("backend, solver", [("torch", "adaptive"),
+                                             pytest.param("jax", "adaptive", marks=pytest.mark.slow),
+                                             pytest.param("jax", "stiff", marks=pytest.mark.slow)])
+def test_gradients_through_the_solve_match_finite_differences(backend, solver):
     """d/dz of ``Σ_t w_t·pred_it`` (z the log-parameters, two doses, the parameters change the step sequence too)
-    through the adaptive solve: reverse mode (torch autograd; jax.grad) and forward mode (jax.jvp, as used by the
-    Laplace/Fisher code) against central differences (step 1e-5 at rtol 1e-10: truncation ~1e-10, solver noise
-    ~1e-10/1e-5), to 1e-6 relative to the largest derivative."""
+    through the adaptive solve (JAX: also the implicit one, per individual under vmap): reverse mode (torch
+    autograd; jax.grad) and forward mode (jax.jvp, as used by the Laplace/Fisher code) against central differences
+    (step 1e-5 at rtol 1e-10: truncation ~1e-10, solver noise ~1e-10/1e-5), to 1e-6 relative to the largest
+    derivative."""
     values = dict(ka=1.2, V=20.0, CL=2.0, omega2_ka=0.1, omega2_V=0.1, omega2_CL=0.1, a=0.1)
     df = _multiple_dose_table()
     start = {"ka": 1.0, "V": 1.0, "CL": 1.0}
@@ -165,7 +168,7 @@ def test_gradients_through_the_solve_match_finite_differences(backend):
     else:
         jax = _jax()
         jnp = jax.numpy
-        model = nlme.NLME(oral_ode(solver="adaptive", rtol=1e-10, atol=1e-12), start, data=df, backend="jax")
+        model = nlme.NLME(oral_ode(solver=solver, rtol=1e-10, atol=1e-12), start, data=df, backend="jax")
 
         def per_unit(z):
             return (model.predict(values, z)[0] * w).sum(-1)
