@@ -21,14 +21,16 @@ setup: $(STAMP)
 demo: setup
 	MPLBACKEND=Agg $(BIN)/python -m latentfit demo
 
-# Tests work on small tensors: one intra-op thread avoids oversubscribing small CPUs.
+# Tests work on small tensors: one intra-op thread per test process avoids oversubscribing small CPUs, and
+# TEST_WORKERS processes (pytest-xdist, whole files per worker so module fixtures run once) use the cores.
 TEST_ENV := MPLBACKEND=Agg OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+TEST_WORKERS ?= 2
 
 test: setup
-	$(TEST_ENV) $(BIN)/python -m pytest -q
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: setup
-	$(TEST_ENV) $(BIN)/python -m pytest -q -m slow
+	$(TEST_ENV) $(BIN)/python -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(BIN)/python -m ruff check latentfit tests examples benchmarks
