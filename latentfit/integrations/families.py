@@ -64,7 +64,7 @@ def nlme_param_constraints(model: Any, constraints: Any) -> dict[str, Any]:
             out[name] = support[info.meta["transform"]]
         elif role == "omega" and name == "Omega":
             out[name] = constraints.positive_definite
-        elif role in ("omega", "error"):
+        elif role in ("omega", "error", "gamma"):
             out[name] = constraints.positive
         else:
             out[name] = constraints.real

@@ -47,6 +47,7 @@ from latentfit.inference.model import DataError, LatentModel, LatentSite, ModelS
 from latentfit.inference.ops import BACKENDS, LOG_2PI, Ops, make_ops
 
 from .._integrations import families
+from . import occasions as _occ
 from .data import NLMEData, _id, read_nonmem
 from .structural import Design, Structural, resolve
 
@@ -58,7 +59,7 @@ COV_TRANSFORMS = ("linear", "center", "log", "log-center", "categorical")
 DATA_OPTIONS = ("columns", "dose", "regressors", "x", "covariate_interpolation")
 #: options of the model itself (given to ``NLME(...)``, not to ``fit``)
 MODEL_OPTIONS = ("parameters", "covariates", "omega", "error", "error_init", "covariate_init", "backend", "dtype",
-                 "device")
+                 "device", "iov", "occasion")
 #: floor of a random-effect variance in the M-step; below COLLAPSED_OMEGA2 a fit warns
 OMEGA2_FLOOR = 1e-12
 COLLAPSED_OMEGA2 = 1e-6
@@ -131,6 +132,10 @@ class NLME(LatentModel):
         :meth:`bind`.
     dtype, device : of the arrays (torch: float64, CPU by default).
     backend : ``"torch"`` (default) or ``"jax"`` (JaxOps: engines compile their iterations with ``lax.scan``).
+    iov : inter-occasion variability (Monolix's occasion level): the parameters with a κ random effect per
+        (individual, occasion), ``φ_ik = C_i β + η_i + κ_ik``, ``κ_ik ~ N(0, γ²)``; a list of names (initial γ² 0.25)
+        or a dict name -> initial γ²; estimated as ``gamma2_<name>`` (:mod:`latentfit.models.nlme.occasions`).
+    occasion : the occasion column of the data (default ``"OCC"``); used with ``iov``.
     """
 
     has_stats = True
@@ -141,7 +146,8 @@ class NLME(LatentModel):
                  data: pd.DataFrame | None = None, columns: dict[str, str] | None = None, dose: str | None = None,
                  regressors: tuple[str, ...] | list[str] = (), dtype: Any = None, device: Any = None,
                  backend: str = "torch", x: str | None = None,
-                 covariate_init: dict[str, Any] | None = None, covariate_interpolation: str | None = None) -> None:
+                 covariate_init: dict[str, Any] | None = None, covariate_interpolation: str | None = None,
+                 iov: Any = None, occasion: str | None = None) -> None:
 
         if not isinstance(parameters, dict) or not parameters:
             raise ModelSpecificationError("parameters must be a non-empty dict name -> initial value or Parameter")
@@ -177,6 +183,9 @@ class NLME(LatentModel):
         if not self.random_names:
             raise ModelSpecificationError("at least one parameter needs a random effect (Parameter(random=True))")
         self.covariate_spec = self._parse_covariates(covariates or {})
+        self.iov_init = _occ.parse_iov(iov, self.param_names)
+        self.occasion_column = str(occasion) if occasion is not None else _occ.OCCASION_COLUMN
+        self._iov: _occ.Occasions | None = None
         self.omega_blocks = self._parse_omega(omega)
         self.error = str(error).lower()
         if self.error not in ERRORS:
@@ -309,7 +318,11 @@ class NLME(LatentModel):
         ops, xp = self.ops, self.ops.xp
         opts = self.read_options
         cov_cols = sorted({c for items in self.covariate_spec.values() for c, _ in items})
-        regressors = tuple(dict.fromkeys(tuple(self.structural.regressors) + tuple(opts["regressors"])))
+        if self.iov_init and self.occasion_column not in df.columns:
+            raise DataError(f"iov={list(self.iov_init)} needs the occasion column {self.occasion_column!r}, which is "
+                            f"not in the data (columns {list(df.columns)}); name it with occasion='...'")
+        regressors = tuple(dict.fromkeys(tuple(self.structural.regressors) + tuple(opts["regressors"])
+                                         + ((self.occasion_column,) if self.iov_init else ())))
         data = read_nonmem(df, columns=opts["columns"], covariates=cov_cols, regressors=regressors, dose=opts["dose"],
                            x=opts["x"], covariate_interpolation=opts["covariate_interpolation"] or "locf")
         if self.structural.uses_doses:
@@ -402,6 +415,11 @@ class NLME(LatentModel):
         self.observed = {"DV": np.where(data.mask, data.dv, np.nan)}
         self.latent_sites = [LatentSite(nm, (), k, 1, kind="gaussian") for k, nm in enumerate(self.random_names)]
         self.params = self._build_params()
+        if self.iov_init:  # κ columns after the d η columns of the latent
+            self._iov = _occ.bind(self, data, self.occasion_column)
+            self.latent_dim = d + self._iov.size
+            self.latent_sites += _occ.latent_sites(self._iov)
+            self.params.update(_occ.params(self, self._iov))
 
     def _dose_design(self, data: NLMEData, grid: np.ndarray | None = None) -> dict[str, Any]:
         """The steady-state, period and routing fields of a :class:`Design` (None where the data do not need
@@ -484,7 +502,7 @@ class NLME(LatentModel):
     def _mu_r(self, mu: Any, n: int) -> Any:
         xp = self.ops.xp
         mu_r = mu if self._all_random else mu[..., self._r_sel]
-        return xp.broadcast_to(mu_r, (n, self.latent_dim)) if mu_r.ndim == 1 else mu_r
+        return xp.broadcast_to(mu_r, (n, len(self.r_idx))) if mu_r.ndim == 1 else mu_r
 
     def omega_matrix(self, theta: dict[str, Any]) -> Any:
         """Ω ``[d, d]`` (random-effect covariance)."""
@@ -508,14 +526,31 @@ class NLME(LatentModel):
         return {nm: self.params[nm].to_constrained(phi[..., j:j + 1]) for j, nm in enumerate(self.param_names)}
 
     def individual_parameters(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
-        """ψ_i per parameter name, ``[..., n, 1]`` (natural scale)."""
+        """ψ_i per parameter name, ``[..., n, 1]`` (natural scale; with IOV the individual's value, κ = 0)."""
+        if self._iov is not None:
+            z = _occ.split(z, self._iov)[0]
         return self._psi(self._mu(theta, units), z)
 
     def structural_prediction(self, theta: dict[str, Any], z: Any, units: Any = None, mu: Any = None) -> Any:
         """``f(t_ij, ψ_i)`` ``[..., n, T]``."""
         self._require_data()
-        psi = self._psi(self._mu(theta, units) if mu is None else mu, z)
+        mu = self._mu(theta, units) if mu is None else mu
+        if self._iov is not None:
+            return self._structural_prediction_iov(mu, z, units)
+        psi = self._psi(mu, z)
         return self._structural_fn(psi, self.design.take(self.ops, units))
+
+    def _structural_prediction_iov(self, mu: Any, z: Any, units: Any) -> Any:
+        """IOV: the structural model at each occasion's φ_i + κ_ik (a leading axis of size K), each observation
+        taking its own occasion's prediction (:mod:`~latentfit.models.nlme.occasions`)."""
+        xp, occ = self.ops.xp, self._iov
+        z_phi, kappa = _occ.split(z, occ)
+        phi = mu + (z_phi - mu[..., self._r_sel]) @ self._embed if not self._all_random else z_phi
+        phi_k = _occ.phi_by_occasion(xp.broadcast_to(phi, tuple(z_phi.shape[:-1]) + (len(self.param_names),)),
+                                     kappa, occ, xp)
+        psi = {nm: self.params[nm].to_constrained(phi_k[..., j:j + 1]) for j, nm in enumerate(self.param_names)}
+        pred = self._structural_fn(psi, self.design.take(self.ops, units))
+        return _occ.select(pred, occ, units, self.ops)
 
     @property
     def x_name(self) -> str:
@@ -609,8 +644,15 @@ class NLME(LatentModel):
 
     def _log_prior(self, theta: dict[str, Any], z: Any, mu: Any) -> Any:
         xp = self.ops.xp
+        if self._iov is not None:
+            z, kappa = _occ.split(z, self._iov)
+            return self._log_prior_eta(theta, z, mu) + _occ.log_prior(theta, kappa, self._iov, xp)
+        return self._log_prior_eta(theta, z, mu)
+
+    def _log_prior_eta(self, theta: dict[str, Any], z: Any, mu: Any) -> Any:
+        xp = self.ops.xp
         diff = z - (mu if self._all_random else mu[..., self._r_sel])
-        d = self.latent_dim
+        d = len(self.r_idx)
         if self.diagonal_omega:
             var = self._omega_diag(theta)
             return -0.5 * xp.sum(diff * diff / var, -1) - (0.5 * xp.sum(xp.log(var)) + 0.5 * d * LOG_2PI)
@@ -629,11 +671,19 @@ class NLME(LatentModel):
             chol = self.ops.xp.sqrt(self.omega_matrix(theta))
         else:
             chol = ops.small_cholesky(self.omega_matrix(theta))
+        if self._iov is not None:
+            key, k_kappa = ops.split(key)
         eps = ops.normal(key, (num_chains,) + tuple(mu_r.shape))
-        return mu_r + eps @ xp.swapaxes(chol, -1, -2)
+        z = mu_r + eps @ xp.swapaxes(chol, -1, -2)
+        if self._iov is not None:
+            z = xp.concatenate([z, _occ.sample(theta, k_kappa, (num_chains, n), self._iov, ops)], -1)
+        return z
 
     def unpack_latents(self, z: Any) -> dict[str, Any]:
-        return {nm: self.params[nm].to_constrained(z[..., k]) for k, nm in enumerate(self.random_names)}
+        out = {nm: self.params[nm].to_constrained(z[..., k]) for k, nm in enumerate(self.random_names)}
+        if self._iov is not None:
+            out.update(_occ.unpack(_occ.split(z, self._iov)[1], self._iov))
+        return out
 
     def check_initial_values(self) -> None:
         """Raise a clear error when any individual's log-density is not finite at the initial values
@@ -672,6 +722,10 @@ class NLME(LatentModel):
     # ----- exponential-family face (saemix M-step) ------------------------------------------------
     def stats(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
         xp = self.ops.xp
+        z_all, iov_stats = z, {}
+        if self._iov is not None:
+            z, kappa = _occ.split(z, self._iov)
+            iov_stats = _occ.stats(kappa, self._iov, units, self.ops)
         if self._simple:
             out = {"phi": z, "phi2": z * z}
         else:
@@ -681,7 +735,7 @@ class NLME(LatentModel):
             }
         if self.params.get("a") is not None and self.params["a"].closed_form or \
                 self.params.get("b") is not None and self.params["b"].closed_form:
-            f = self.structural_prediction(theta, z, units)
+            f = self.structural_prediction(theta, z_all, units)
             mask = self._take(self._uncens_mask, units)
             if self.error == "exponential":
                 res = self._take(self._ylog, units) - xp.log(f)
@@ -690,10 +744,18 @@ class NLME(LatentModel):
             else:
                 res = self._take(self._y, units) - f
             out["rss"] = xp.sum(xp.where(mask, res * res, 0.0), -1)
+        out.update(iov_stats)
         return out
 
     def m_step(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
-        """β by GLS with the current Ω, then Ω and the residual parameter in closed form (saemix)."""
+        """β by GLS with the current Ω, then Ω and the residual parameter in closed form (saemix); with IOV
+        also the occasion variances γ² (:func:`~latentfit.models.nlme.occasions.m_step`)."""
+        out = self._m_step_eta(s, theta, num_units)
+        if self._iov is not None:
+            out.update(_occ.m_step(s, self._iov, num_units, self.num_units, self.ops.xp))
+        return out
+
+    def _m_step_eta(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
         xp = self.ops.xp
         if self._simple:
             return self._m_step_simple(s, theta, num_units)
@@ -789,7 +851,16 @@ class NLME(LatentModel):
 
     def prior_moments(self, theta: dict[str, Any], units: Any = None) -> tuple[Any, Any]:
         n = self.num_units if units is None else len(units)
-        return self._mu_r(self._mu(theta, units), n), self.omega_matrix(theta)
+        mean, cov = self._mu_r(self._mu(theta, units), n), self.omega_matrix(theta)
+        if self._iov is None:
+            return mean, cov
+        xp, size = self.ops.xp, self._iov.size  # κ: mean 0, variance γ² per slot, independent of η
+        var = _occ.moments_sd(theta, self._iov, xp) ** 2
+        mean = xp.concatenate([mean, xp.zeros_like(mean[:, :1]) * xp.ones_like(var)], -1)
+        top = xp.concatenate([cov, xp.zeros_like(cov[:, :1]) * xp.ones_like(var)], -1)
+        bottom = xp.concatenate([xp.zeros_like(var)[:, None] * xp.ones_like(cov[:1, :]),
+                                 var[:, None] * self.ops.asarray(np.eye(size))], -1)
+        return mean, xp.concatenate([top, bottom], -2)
 
     # ----- simulation -----------------------------------------------------------------------------
     def simulate(self, theta: dict[str, Any] | None = None, seed: int = 0) -> pd.DataFrame:
