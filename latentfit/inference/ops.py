@@ -676,6 +676,10 @@ class TorchOps(Ops):
     def log_ndtr(self, x: Any) -> Any:
         return self.torch.special.log_ndtr(x)
 
+    def gammaln(self, x: Any) -> Any:
+        """``log Γ(x)`` elementwise (x > 0)."""
+        return self.torch.special.gammaln(x)
+
     # --- linear algebra -------------------------------------------------------------------------
     def cholesky(self, a: Any) -> Any:
         return self.torch.linalg.cholesky(a)

@@ -431,6 +431,9 @@ class JaxOps(Ops):
     def log_ndtr(self, x: Any) -> Any:
         return jax.scipy.special.log_ndtr(x)
 
+    def gammaln(self, x: Any) -> Any:
+        return jax.scipy.special.gammaln(x)
+
     # --- linear algebra -------------------------------------------------------------------------
     def cholesky(self, a: Any) -> Any:
         return jnp.linalg.cholesky(a)

@@ -200,6 +200,10 @@ class FitResult:
                 res = lk.log_likelihood_lin(self.model, theta, self.model.ops.asarray(self.individual_estimates().mode))
             else:
                 mean, sd = self.conditional_moments()
+                # a model may fit the proposal to each unit's conditional distribution (NLME outcome models)
+                tune = getattr(self.model, "importance_proposal", None)
+                if tune is not None:
+                    mean, sd, df = tune(theta, mean, sd, df)
                 res = lk.log_likelihood_is(self.model, theta, mean, sd, num_samples=num_samples, df=df, seed=seed,
                                            batch_size=batch_size)
             cache[key] = res

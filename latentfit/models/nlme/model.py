@@ -48,6 +48,7 @@ from latentfit.inference.ops import BACKENDS, LOG_2PI, Ops, make_ops
 
 from .._integrations import families
 from . import occasions as _occ
+from . import outcomes as _outcomes
 from .data import NLMEData, _id, read_nonmem
 from .structural import Design, Structural, resolve
 
@@ -130,6 +131,10 @@ class NLME(LatentModel):
     covariate_interpolation : how ``regressors`` (time-varying covariates) are read at the observations from all
         the records: ``"locf"`` (last value carried forward, default) or ``"linear"`` (in time); given here or to
         :meth:`bind`.
+    outcome : ``None`` (continuous data with the residual ``error`` model) or a non-Gaussian outcome: ``"binary"``,
+        ``"poisson"``, ``nlme.outcomes.Ordinal(thresholds=...)``, ``NegativeBinomial(dispersion=...)``,
+        ``TimeToEvent(hazard=...)`` (structural None) or ``"loglik"`` (``structural`` is then the user's
+        ``loglik(psi, data)``): :mod:`latentfit.models.nlme.outcomes`.
     dtype, device : of the arrays (torch: float64, CPU by default).
     backend : ``"torch"`` (default) or ``"jax"`` (JaxOps: engines compile their iterations with ``lax.scan``).
     iov : inter-occasion variability (Monolix's occasion level): the parameters with a κ random effect per
@@ -145,14 +150,18 @@ class NLME(LatentModel):
                  omega: Any = "diagonal", error: str = "constant", error_init: dict[str, float] | None = None,
                  data: pd.DataFrame | None = None, columns: dict[str, str] | None = None, dose: str | None = None,
                  regressors: tuple[str, ...] | list[str] = (), dtype: Any = None, device: Any = None,
-                 backend: str = "torch", x: str | None = None,
+                 backend: str = "torch", x: str | None = None, outcome: Any = None,
                  covariate_init: dict[str, Any] | None = None, covariate_interpolation: str | None = None,
                  iov: Any = None, occasion: str | None = None) -> None:
 
         if not isinstance(parameters, dict) or not parameters:
             raise ModelSpecificationError("parameters must be a non-empty dict name -> initial value or Parameter")
-        self.structural: Structural = resolve(structural, list(parameters))
-        self.param_names = list(self.structural.parameters)
+        self.outcome = _outcomes.make_outcome(outcome)
+        if self.outcome is None:
+            self.structural: Structural = resolve(structural, list(parameters))
+        else:
+            self.structural = _outcomes.setup(self, structural, parameters, error, error_init)
+        self.param_names = _outcomes.parameter_names(self.structural, self.outcome)
         missing = [p for p in self.param_names if p not in parameters]
         extra = [p for p in parameters if p not in self.param_names]
         if missing or extra:
@@ -180,6 +189,8 @@ class NLME(LatentModel):
                 raise ModelSpecificationError(f"parameter {name!r}: omega2 must be > 0, got {p.omega2}")
             self.spec[name] = p
         self.random_names = [n for n in self.param_names if self.spec[n].random]
+        if self.outcome is not None:
+            self.outcome.check_spec(self.spec)
         if not self.random_names:
             raise ModelSpecificationError("at least one parameter needs a random effect (Parameter(random=True))")
         self.covariate_spec = self._parse_covariates(covariates or {})
@@ -400,7 +411,8 @@ class NLME(LatentModel):
         self.has_censoring = bool((data.cens[data.mask] != 0).any())
         self._uncens_mask = ops.asarray(data.mask & (data.cens == 0))
         self.num_obs = int((data.mask & (data.cens == 0)).sum())
-        self.has_gaussian_obs = True
+        self.has_gaussian_obs = self.outcome is None
+        self._outcome_consts = _outcomes.bind(self, data) if self.outcome is not None else {}
         regs = {k: ops.asarray(v) for k, v in data.regressors.items()}
         self.design = Design(xp, ops.asarray(data.time), ops.asarray(data.dose_time), ops.asarray(data.dose_amt),
                              ops.asarray(data.dose_rate), regs,
@@ -410,7 +422,8 @@ class NLME(LatentModel):
                              doses_precede_obs=bool(data.dose_amt.shape[1] == 1 and (data.dose_amt > 0).all()
                                                     and (data.dose_time[:, :1] <= data.time).all()),
                              dose_cmt=ops.asarray(data.dose_cmt.astype(np.int64)), ops=ops,
-                             x=None if data.x is None else regs[data.x], **self._dose_design(data))
+                             x=None if data.x is None else regs[data.x], **self._dose_design(data),
+                             dv=self._outcome_consts.get("dv"))
         self._structural_fn = self.structural.bound(self.design)
         self.observed = {"DV": np.where(data.mask, data.dv, np.nan)}
         self.latent_sites = [LatentSite(nm, (), k, 1, kind="gaussian") for k, nm in enumerate(self.random_names)]
@@ -469,7 +482,7 @@ class NLME(LatentModel):
             params["Omega"] = ParamInfo("Omega", ops.asarray(om), ident, ident, closed_form=True, anneal="cov",
                                         meta={"role": "omega", "names": list(self.random_names)})
         closed_err = self.error != "combined" and not self.has_censoring
-        if self.error in ("constant", "combined", "exponential"):
+        if self.outcome is None and self.error in ("constant", "combined", "exponential"):
             params["a"] = ParamInfo("a", ops.asarray(self.error_init["a"]), xp.log, xp.exp, closed_form=closed_err,
                                     meta={"role": "error"})
         if self.error in ("proportional", "combined"):
@@ -638,6 +651,8 @@ class NLME(LatentModel):
     def log_densities(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
         xp = self.ops.xp
         mu = self._mu(theta, units)
+        if self.outcome is not None:
+            return xp.sum(_outcomes.log_prob(self, theta, z, units, mu), -1), self._log_prior(theta, z, mu)
         f = self.structural_prediction(theta, z, units, mu=mu)
         ll = xp.sum(self._obs_terms(theta, f, units), -1)
         return ll, self._log_prior(theta, z, mu)
@@ -697,6 +712,9 @@ class NLME(LatentModel):
 
     def raise_for_nonfinite(self, theta: dict[str, Any], z: Any) -> None:
         """Name the first individual / observation whose log-density is not finite, with a hint."""
+        if self.outcome is not None:
+            _outcomes.raise_for_nonfinite(self, theta, z)
+            return super().raise_for_nonfinite(theta, z)
         ops = self.ops
         mu = self._mu(theta)
         f = ops.to_numpy(self.structural_prediction(theta, z, mu=mu))
@@ -838,6 +856,7 @@ class NLME(LatentModel):
     # ----- Gaussian faces ----------------------------------------------------------------------------
     def predict(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
         """Mean and sd of the (transformed, for exponential error: log) observations, ``[..., n, T]``."""
+        _outcomes.require_gaussian(self, "predict()")
         f = self.structural_prediction(theta, z, units)
         if self.error == "exponential":
             f = self.ops.xp.log(f)
@@ -845,6 +864,7 @@ class NLME(LatentModel):
 
     def observations(self, units: Any = None) -> tuple[Any, Any]:
         """``(y, mask)`` ``[n, T]``: DV (log DV for exponential error); censored values are masked out."""
+        _outcomes.require_gaussian(self, "observations()")
         self._require_data()
         y = self._ylog if self.error == "exponential" else self._y
         return self._take(y, units), self._take(self._uncens_mask, units)
@@ -870,6 +890,8 @@ class NLME(LatentModel):
         theta = self.init_params() if theta is None else {
             n: ops.asarray(v) if not hasattr(v, "shape") or isinstance(v, np.ndarray) else v
             for n, v in {**self.init_params(), **theta}.items()}
+        if self.outcome is not None:
+            return _outcomes.simulate(self, theta, seed)
         with ops.seed_context(seed):
             k1, k2 = ops.split(ops.key(seed))
             z = self.sample_prior(theta, k1, 1)[0]
@@ -984,6 +1006,7 @@ class NLME(LatentModel):
         latent ``[N, 1, d]`` inside plate ``id``), ``DV`` (observed, masked padding).  Built by
         :func:`latentfit.integrations.families.nlme_model`.
         """
+        _outcomes.require_gaussian(self, "pyro_model")
         fam = families()
         return fam.nlme_model(self, fam.pyro_ppl())
 
@@ -1004,13 +1027,14 @@ class NLME(LatentModel):
         JAX copy of this model (:meth:`with_ops`), so a user structural function written with
         ``jax.numpy`` (or with the ``xp`` of the design) works.  Fit it with ``latentfit.numpyro``.
         """
+        _outcomes.require_gaussian(self, "numpyro_model")
         fam = families()
         return fam.nlme_model(self, fam.numpyro_ppl())
 
     def __repr__(self) -> str:
         bound = f"{self.num_units} individuals, {self.num_obs} observations" if self.data is not None else "no data"
         return (f"NLME({self.structural.name}, parameters={self.param_names}, random={self.random_names}, "
-                f"error={self.error!r}, {bound})")
+                f"{_outcomes.describe(self)}, {bound})")
 
 
 def _covariate_columns(values: pd.Series, col: str, transform: str | None) -> list[tuple[str, np.ndarray]]:

@@ -14,6 +14,8 @@ chain dims allowed) and ``data`` a :class:`Design`:
 * ``data.dose_ss / dose_ii [N, D]``: steady-state code (0, 1, 2) and interval of each dose (None: no ``SS``);
 * ``data.dose_seg [N, D]``, ``data.obs_seg [N, T]``: period of each dose and observation (a reset, ``EVID`` 3/4 or
   ``SS = 1``, starts a new period; a dose acts only in its own period); None: one period.
+* ``data.dv [N, T]``: the observations (for a user log-likelihood of a non-Gaussian outcome,
+  :mod:`latentfit.models.nlme.outcomes`).
 
 Library models use only ``xp`` operations, so the same code runs on torch and JAX; user functions may
 do the same or use torch directly.
@@ -78,6 +80,8 @@ class Design:
     central_cmt: bool = False
     #: static: some dose is an infusion (oral models then give ``RATE > 0`` depot doses as zero-order input)
     has_infusion: bool = False
+    #: [N, T] the observations (DV; padding 0): what a user log-likelihood ``loglik(psi, data)`` scores
+    dv: Any = None
 
     def __post_init__(self) -> None:
         if self.x is None:
@@ -100,7 +104,7 @@ class Design:
                       {k: t(v) for k, v in self.regressors.items()}, {k: t(v) for k, v in self.covariates.items()},
                       self.doses_precede_obs, opt(self.dose_cmt), self.ops,
                       time if self.x is self.time else t(self.x), opt(self.dose_ss), opt(self.dose_ii),
-                      opt(self.dose_seg), opt(self.obs_seg), self.central_cmt, self.has_infusion)
+                      opt(self.dose_seg), opt(self.obs_seg), self.central_cmt, self.has_infusion, opt(self.dv))
 
     def backend_ops(self) -> Any:
         """The backend shim of the arrays: ``ops`` if given, else the one of ``xp``."""
