@@ -66,7 +66,8 @@ class Engine:
 
     def distribute(self) -> None:
         """Switch this engine to a data-parallel fit over the current torch.distributed process group."""
-        raise ValueError(f"{self.name} does not support distributed=True yet (SAEM and f-SAEM do)")
+        raise ValueError(f"{self.name} does not support distributed=True yet (SAEM, f-SAEM and the exact engines of "
+                         "the EM family do)")
 
     def unit_axes(self) -> dict[str, int]:
         """The state entries that hold one row per unit, and their unit axis (sharded by ``run(devices=...)``)."""
@@ -110,7 +111,8 @@ class Engine:
 
         ``distributed=True`` (torch, inside a ``torchrun`` script with an initialised process group): this process's
         model holds its shard of the units; statistics and acceptance counts are all-reduced in float64 and every
-        process runs the same M-step (:meth:`distribute`).
+        process runs the same M-step (:meth:`distribute`: SAEM and f-SAEM with ``rng="per_unit"``; the exact engines
+        of the EM family, whose processes draw the same global mini-batches).
 
         Faults: a NaN/inf parameter (M-step) or gradient raises :class:`~latentfit.NonFiniteError` naming the
         parameter and the iteration, after writing a checkpoint of the last good state (in ``checkpoint``, else in

@@ -24,6 +24,7 @@ class SagaRule(ProxyRule):
     """SAGA control variate: the table's sum plus the drift of the i-batch; the j-batch refreshes."""
 
     needs_second_batch = True
+    unit_tables = ("table",)
 
     def init(self, eng: StatEngine, state: dict[str, Any], theta: dict[str, Any], full: Stats,
              rows: Stats) -> dict[str, Any]:

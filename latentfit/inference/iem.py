@@ -23,6 +23,8 @@ from .stats_table import ProxyRule, StatEngine, Stats, s_copy, s_put, s_sub, s_t
 class IncrementalRule(ProxyRule):
     """``𝒮 ← 𝒮 + Σ_{B}(s̄_i(θ) − s_i)`` with a per-unit table refreshed on the batch."""
 
+    unit_tables = ("table",)
+
     def init(self, eng: StatEngine, state: dict[str, Any], theta: dict[str, Any], full: Stats,
              rows: Stats) -> dict[str, Any]:
         state["table"] = rows

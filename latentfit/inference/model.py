@@ -193,6 +193,13 @@ class LatentModel:
         """Messages about degenerate estimates (collapsed components, ...); engines warn with them."""
         return []
 
+    def shard_view(self, ops: Any, offset: int, total: int) -> LatentModel:
+        """This model as the shard ``offset .. offset + num_units − 1`` of a data-parallel fit over ``total`` units
+        (``ops``: the shim whose ``all_sum`` / ``gather_units`` reach every process).  A model whose initial values
+        or constants depend on the data (a mixture's k-means start, its centring) returns a view computing them
+        from the whole data; the default is the model itself (parameters that do not depend on the data)."""
+        return self
+
     # ----- optional Gaussian faces (NLME-type models) ------------------------------------------
     # Used by f-SAEM's Gauss–Newton proposal, the linearisation log-likelihood / Fisher information
     # and residual diagnostics.  A model sets the flag when it implements the method.

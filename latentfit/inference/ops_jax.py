@@ -216,7 +216,7 @@ class JaxOps(Ops):
             raise ValueError("this engine has no per-unit state to shard over devices")
         size = mesh.shape["units"]
         for name, axis in unit_axes.items():
-            n = state[name].shape[axis]
+            n = jax.tree_util.tree_leaves(state[name])[0].shape[axis]  # an array, or a dict of per-unit tables
             if n % size:
                 raise ValueError(f"{n} units cannot be split evenly over {size} devices: use a number of devices "
                                  f"that divides {n}")
@@ -228,8 +228,11 @@ class JaxOps(Ops):
 
         mesh, axes = self._units_mesh
         replicated = NamedSharding(mesh, PartitionSpec())
-        shardings = {name: NamedSharding(mesh, PartitionSpec(*([None] * axes[name]), "units")) if name in axes
-                     else jax.tree_util.tree_map(lambda _: replicated, value) for name, value in state.items()}
+        shardings = {}
+        for name, value in state.items():  # an entry may be a dict of per-unit tables: every leaf split alike
+            placement = NamedSharding(mesh, PartitionSpec(*([None] * axes[name]), "units")) if name in axes \
+                else replicated
+            shardings[name] = jax.tree_util.tree_map(lambda _, p=placement: p, value)
         return _reorder_like(jax.device_put(state, shardings), state)
 
     # --- functional updates ---------------------------------------------------------------------

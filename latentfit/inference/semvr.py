@@ -22,6 +22,8 @@ from .stats_table import ProxyRule, StatEngine, Stats, default_fast_step, s_sub,
 class SnapshotRule(ProxyRule):
     """SVRG control variate around the epoch's snapshot."""
 
+    unit_tables = ("snap_table",)
+
     def init(self, eng: StatEngine, state: dict[str, Any], theta: dict[str, Any], full: Stats,
              rows: Stats) -> dict[str, Any]:
         state["snap_table"] = rows

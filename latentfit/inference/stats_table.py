@@ -29,6 +29,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from . import mcmc
 from .driver import Engine
 from .model import LatentModel, ModelSpecificationError
@@ -90,6 +92,8 @@ class ProxyRule:
 
     #: a second, independent mini-batch J_t per iteration (FIEM)
     needs_second_batch: bool = False
+    #: state entries holding one row per unit on axis 0 (split over devices / processes)
+    unit_tables: tuple[str, ...] = ()
 
     def init(self, eng: StatEngine, state: dict[str, Any], theta: dict[str, Any], full: Stats,
              rows: Stats | None) -> dict[str, Any]:
@@ -160,6 +164,7 @@ class StatEngine(Engine):
         n = int(model.num_units)
         if n < 1:
             raise ModelSpecificationError("the model has no units (empty data)")
+        batch_option = batch_size
         if batch_size is None:
             batch_size = -(-n // self.batches_per_epoch) if self.batches_per_epoch else n
         b = int(batch_size)
@@ -169,6 +174,9 @@ class StatEngine(Engine):
         self.batch_size = b
         self.num_batches = math.ceil(n / b)
         self.shuffle = bool(shuffle)
+        #: units of the whole fit and this process's first unit (a distributed fit: :meth:`distribute`)
+        self._total_units, self._unit_offset, self._distributed = n, 0, False
+        self._options = {"batch_size": batch_option, "rho": rho, "gamma": gamma, "batching": batching}
         if batching not in ("auto", "random", "blocks"):
             raise ValueError(f"batching must be 'auto', 'random' or 'blocks', got {batching!r}")
         can_reorder = callable(getattr(model, "permuted_units", None))
@@ -246,8 +254,12 @@ class StatEngine(Engine):
         return self._mcmc_oracle(state, theta, units, key)
 
     def reduce(self, rows: Stats, units: Any) -> Stats:
-        """``Σ_{i∈units}`` of the statistics whose per-unit rows are ``rows`` (model.reduce_rows)."""
-        return self.model.reduce_rows(rows, units)
+        """``Σ_{i∈units}`` of the statistics whose per-unit rows are ``rows`` (model.reduce_rows), over the units of
+        every process in a distributed fit (``ops.all_sum``: float64 all-reduce)."""
+        return self._all_sum(self.model.reduce_rows(rows, units))
+
+    def _all_sum(self, stats: Stats) -> Stats:
+        return {k: self.ops.all_sum(v) for k, v in stats.items()}
 
     def full_pass(self, state: dict[str, Any], theta: dict[str, Any],
                   key: Any) -> tuple[Stats, Stats | None, Any, dict[str, Any]]:
@@ -255,7 +267,7 @@ class StatEngine(Engine):
         ops = self.ops
         if not self.monte_carlo and not self.needs_table:
             total, ll = self.model.sum_expected_stats(theta, None)
-            return total, None, ll, state
+            return self._all_sum(total), None, ops.all_sum(ll), state
         rows, state = self.oracle(state, theta, ops.arange(self.model.num_units), key)
         return self.reduce(rows, None), rows, None, state
 
@@ -293,7 +305,7 @@ class StatEngine(Engine):
     # ----- M-step ------------------------------------------------------------------------------------------
     def m_step(self, s: Stats, theta: dict[str, Any]) -> dict[str, Any]:
         new = dict(theta)
-        new.update(self.model.m_step(s, theta, self.model.num_units))
+        new.update(self.model.m_step(s, theta, self._total_units))
         return new
 
     def theta_of(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -330,6 +342,58 @@ class StatEngine(Engine):
         state["key"] = key
         return state
 
+    def unit_axes(self) -> dict[str, int]:
+        """The rule's per-unit tables (and the MH chains ``z [n, L, d]``) hold the units on axis 0."""
+        axes = {name: 0 for name in self.rule.unit_tables}
+        if self.monte_carlo and not self.model.has_posterior_sampler:
+            axes["z"] = 0
+        return axes
+
+    def distribute(self) -> None:
+        """Data-parallel fit over the torch.distributed group (exact E-steps).
+
+        This process's model holds a contiguous shard of the units (rank order; ``model.shard_view`` makes it
+        consistent with the whole data, e.g. a mixture's centring and initial values).  Every process draws the
+        same *global* mini-batches of unit indices (torch's generator, seeded alike on every process: the
+        permutations are the one-process fit's), computes the statistics of the units of the batch it owns,
+        and the sums are all-reduced in float64, so the trajectory is the one-process fit's up to the order of
+        the sums.  Batch size and step-size defaults follow the global number of units.  Monte-Carlo engines
+        are refused (their draws would desynchronise the processes' generators).
+        """
+        if self.monte_carlo:
+            raise ValueError(f"{self.name}: distributed=True supports the exact engines of the EM family (EM, "
+                             "MiniBatchEM, IEM, FIEM, SEMVR, SEM); Monte-Carlo E-steps are not supported yet")
+        if self._options["batching"] == "blocks":
+            raise ValueError(f"{self.name}: batching='blocks' shuffles the units of one process; a distributed fit "
+                             "draws random mini-batches (batching='random' or 'auto')")
+        base = self.user_model.ops
+        ops = base.distributed()
+        n = int(self.user_model.num_units)
+        counts = [int(c) for c in ops.gather_units(ops.asarray(np.array([n])), 0).tolist()]
+        total, offset = sum(counts), sum(counts[:ops.rank])
+        self.user_model = self.model = self.user_model.shard_view(ops, offset, total)
+        self._total_units, self._unit_offset, self._distributed = total, offset, True
+        self.blocks = False
+        b = self._options["batch_size"]
+        if b is None:
+            b = -(-total // self.batches_per_epoch) if self.batches_per_epoch else total
+        b = int(b)
+        if b > total:
+            raise ValueError(f"batch_size={b} exceeds the number of units n={total}")
+        self.batch_size, self.num_batches = b, math.ceil(total / b)
+        rho, gamma = self._options["rho"], self._options["gamma"]
+        self.rho = _as_schedule(rho if rho is not None else self.default_rho(total, b))
+        self.gamma = _as_schedule(gamma if gamma is not None else self.default_gamma(total, b))
+        self.ops = ops
+
+    def _owned(self, units: Any) -> Any:
+        """The units of a global mini-batch that this process holds, as its local indices (one process: all)."""
+        if not self._distributed:
+            return units
+        lo = self._unit_offset
+        mine = (units >= lo) & (units < lo + self.model.num_units)
+        return units[mine] - lo
+
     def finalize(self, state: dict[str, Any]) -> dict[str, Any]:
         self.model = self.user_model  # post-fit computations see the user's model (θ does not depend on order)
         return super().finalize(state)
@@ -356,6 +420,8 @@ class StatEngine(Engine):
             bi, bj = batches[j], batches_j[j]
             if self.blocks:
                 bi, bj = UnitBlock(bi, self.batch_size), UnitBlock(bj, self.batch_size)
+            else:
+                bi, bj = self._owned(bi), self._owned(bj)
             st = self.inner(st, bi, bj, first_t + j + 1, kj)
             if tr:
                 jj = positions[j:j + 1] if not ops.jittable else xp.reshape(j, (1,))
@@ -372,7 +438,7 @@ class StatEngine(Engine):
         if "log_lik" in state:  # exact EM: log-likelihood at the θ of the last E-step, free
             info["objective"] = state["log_lik"]
         if self.track_log_lik and self.model.has_exact_marginal:
-            info["log_lik"] = xp.sum(self.model.marginal_log_lik(state["theta"]))
+            info["log_lik"] = ops.all_sum(xp.sum(self.model.marginal_log_lik(state["theta"])))
         return state, info
 
     def inner(self, state: dict[str, Any], bi: Any, bj: Any, t: Any, key: Any) -> dict[str, Any]:
@@ -397,7 +463,7 @@ class StatEngine(Engine):
         With ``blocks``: ``[m]`` first units of the blocks, in a random order (the last block ends at n and
         overlaps its neighbour when b does not divide n).
         """
-        ops, xp, n = self.ops, self.ops.xp, self.model.num_units
+        ops, xp, n = self.ops, self.ops.xp, self._total_units
         m, b = self.num_batches, self.batch_size
         if self.blocks:
             starts = ops.permutation(key, m) * b
@@ -415,8 +481,8 @@ class StatEngine(Engine):
 
     @property
     def batch_scale(self) -> float:
-        """``n / b``: scales a mini-batch sum to a full-data sum."""
-        return self.model.num_units / self.batch_size
+        """``n / b``: scales a mini-batch sum to a full-data sum (n: the units of every process)."""
+        return self._total_units / self.batch_size
 
 
 class _One(float):

@@ -8,6 +8,7 @@ autograd vs. ``jax.grad``, chain plate vs. ``vmap``) stays in each adapter.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -271,6 +272,15 @@ class EnumMixtureFace:
 
     def fit_warnings(self, theta: dict[str, Any]) -> list[str]:
         return self._gm.fit_warnings(self._internal(theta)) if self._gm is not None else []
+
+    def shard_view(self, ops: Any, offset: int, total: int) -> Any:
+        """One process's shard of a data-parallel fit: the recognised mixture centres its statistics at the mean of
+        every process's data (``GaussianMixture.shard_view``); the user's parameters start where the model says."""
+        if self._gm is None:
+            return self
+        view = copy.copy(self)
+        view._gm = self._gm.shard_view(ops, offset, total)
+        return view
 
     # ----- LatentModel face for samplers / post-fit tools -------------------------------------------
     def log_densities(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:

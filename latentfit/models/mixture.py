@@ -25,6 +25,7 @@ before ``reg_covar``) and the k-means++ squared distances.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -126,21 +127,15 @@ class GaussianMixture(LatentModel):
             regularize = (1e-3, 1e-3)
         self.eps_w, self.delta_mu = (float(regularize[0]), float(regularize[1])) if regularize else (0.0, 0.0)
         self.K, self.d, self.num_units, self.covariance_type = K, d, n, covariance_type
+        #: units of the whole fit (this model may be one process's shard: :meth:`shard_view`)
+        self.total_units = n
         self.reg_covar = float(reg_covar)
         self.x = x
         self._fixed: frozenset = frozenset()
         self._tiny_mass = 10.0 * float(xp.finfo(x.dtype).eps) * n
-        self.shift = xp.mean(x, 0)
-        xc = x - self.shift
-        q = {"full": lambda v: xp.reshape(v[:, :, None] * v[:, None, :], (v.shape[0], d * d)),
-             "diag": lambda v: v * v,
-             "spherical": lambda v: xp.sum(v * v, 1, keepdims=True)}[covariance_type](xc)
-        self.dq = int(q.shape[1])
-        # rows [n, D] for mini-batch gathers; features-major copy [D, n] for full passes (reductions
-        # over components then run across contiguous rows)
-        self.F = xp.concatenate([q, xc, ops.ones((n, 1))], 1)
-        self.FT = self.F.T + 0.0
-        self.D = int(self.F.shape[1])
+        self._shard: tuple[Any, int] | None = None  # (ops reaching every process, first unit) of a shard view
+        self._init_options = (weights, locs, covariances, seed, init_iters)
+        self._set_features(xp.mean(x, 0))
         self._eye = ops.asarray(np.eye(d))
         self.latent_dim = K
         self.latent_sites = [LatentSite("z", (), 0, K, kind="categorical")]
@@ -154,13 +149,58 @@ class GaussianMixture(LatentModel):
         self._check_covariances(init["covariances"])
         self._fixed = frozenset(name for name in self.params if self.params[name].fixed)
 
+    def _feature_rows(self, xc: Any) -> Any:
+        """``F(x) = [q(x), x, 1]`` of centred rows ``xc [m, d]``: ``[m, D]``."""
+        ops, xp, d = self.ops, self.ops.xp, self.d
+        q = {"full": lambda v: xp.reshape(v[:, :, None] * v[:, None, :], (v.shape[0], d * d)),
+             "diag": lambda v: v * v,
+             "spherical": lambda v: xp.sum(v * v, 1, keepdims=True)}[self.covariance_type](xc)
+        self.dq = int(q.shape[1])
+        return xp.concatenate([q, xc, ops.ones((int(xc.shape[0]), 1))], 1)
+
+    def _set_features(self, shift: Any) -> None:
+        """Centre the data at ``shift``: rows ``F [n, D]`` for mini-batch gathers and a features-major copy
+        ``FT [D, n]`` for full passes (reductions over components then run across contiguous rows)."""
+        self.shift = shift
+        self.F = self._feature_rows(self.x - shift)
+        self.FT = self.F.T + 0.0
+        self.D = int(self.F.shape[1])
+
+    def shard_view(self, ops: Any, offset: int, total: int) -> GaussianMixture:
+        """This mixture as points ``offset ..`` of a data-parallel fit over ``total`` points: centred at the mean
+        of all the points (all-reduced), the missing initial values from the k-means start of the whole data's
+        subsample (the rows gathered from every process: the one-process model's start), and the M-step's
+        weights over ``total`` points."""
+        xp = self.ops.xp
+        view = copy.copy(self)
+        view.total_units = int(total)
+        view._shard = (ops, int(offset))
+        view._tiny_mass = 10.0 * float(xp.finfo(self.x.dtype).eps) * total
+        view._set_features(ops.all_sum(xp.sum(self.x, 0)) / total)
+        weights, locs, covariances, seed, iters = self._init_options
+        init = view._initial_values(weights, locs, covariances, seed, iters)
+        view.params = {name: dataclasses.replace(p, value=init[name]) for name, p in self.params.items()}
+        return view
+
+    def _centred_rows(self, idx: np.ndarray | None) -> Any:
+        """Centred points ``idx`` (sorted global indices; None: all), gathered from every process in a shard view."""
+        ops = self.ops
+        xc = self.x - self.shift
+        if self._shard is None:
+            return xc if idx is None else ops.take(xc, ops.asarray(idx), 0)
+        dist, offset = self._shard
+        if idx is not None:
+            mine = idx[(idx >= offset) & (idx < offset + self.num_units)] - offset
+            xc = ops.take(xc, ops.asarray(mine), 0)
+        return dist.gather_units(xc, 0)
+
     # ----- initialisation -----------------------------------------------------------------------------
     def _initial_values(self, weights: Any, locs: Any, covariances: Any, seed: int, iters: int) -> dict[str, Any]:
         ops, xp, K, d = self.ops, self.ops.xp, self.K, self.d
         out: dict[str, Any] = {}
         if weights is None or locs is None or covariances is None:
             r, sub = self._kmeans_responsibilities(seed, iters, None if locs is None else ops.asarray(locs))
-            s = self._sum_stats(r, sub)["s"] * (self.num_units / int(r.shape[0]))
+            s = (r.T @ self._feature_rows(sub)) * (self.total_units / int(r.shape[0]))
             plain = self._closed_form(s, None)
         if weights is None:
             out["weights"] = plain["weights"]
@@ -191,13 +231,11 @@ class GaussianMixture(LatentModel):
         return out
 
     def _kmeans_responsibilities(self, seed: int, iters: int, locs: Any) -> tuple[Any, Any]:
-        """Hard assignments ``[m, K]`` of a subsample (≤ 20 000 points, indices returned; None = all)
-        from k-means++ seeding + Lloyd iterations (the initial θ is the M-step of these)."""
-        ops, xp, K, n = self.ops, self.ops.xp, self.K, self.num_units
+        """Hard assignments ``[m, K]`` of a subsample (≤ 20 000 centred points, returned with them) from
+        k-means++ seeding + Lloyd iterations (the initial θ is the M-step of these)."""
+        ops, xp, K, n = self.ops, self.ops.xp, self.K, self.total_units
         rng = np.random.default_rng(seed)
-        xc = self.x - self.shift
-        sub_idx = None if n <= 20000 else ops.asarray(np.sort(rng.choice(n, 20000, replace=False)))
-        sub = xc if sub_idx is None else ops.take(xc, sub_idx, 0)
+        sub = self._centred_rows(None if n <= 20000 else np.sort(rng.choice(n, 20000, replace=False)))
         if locs is None:  # greedy k-means++ (2 + log K candidates per centre), then Lloyd to convergence
             m = int(sub.shape[0])
             trials = 2 + int(np.log(K))
@@ -225,7 +263,7 @@ class GaussianMixture(LatentModel):
                 c = xp.where((cnt > 0)[:, None], newc, c)
         else:
             c = locs - self.shift
-        return _one_hot(ops, xp.argmin(_sqdist(xp, sub, c), 1), K), sub_idx
+        return _one_hot(ops, xp.argmin(_sqdist(xp, sub, c), 1), K), sub
 
     def _check_covariances(self, cov: Any) -> None:
         xp = self.ops.xp
@@ -371,11 +409,14 @@ class GaussianMixture(LatentModel):
 
     # ----- M-step ------------------------------------------------------------------------------------
     def m_step(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
-        return self._closed_form(s["s"], theta, skip=self._fixed)
+        return self._closed_form(s["s"], theta, skip=self._fixed, num_units=num_units)
 
-    def _closed_form(self, S: Any, theta: dict[str, Any] | None, skip: frozenset = frozenset()) -> dict[str, Any]:
-        """M-step from summed statistics ``S [K, D]``; parameters in ``skip`` (fixed ones) are not computed."""
-        xp, K, d, dq, n = self.ops.xp, self.K, self.d, self.dq, self.num_units
+    def _closed_form(self, S: Any, theta: dict[str, Any] | None, skip: frozenset = frozenset(),
+                     num_units: int | None = None) -> dict[str, Any]:
+        """M-step from statistics ``S [K, D]`` summed over ``num_units`` points (default all of them); parameters
+        in ``skip`` (fixed ones) are not computed."""
+        xp, K, d, dq = self.ops.xp, self.K, self.d, self.dq
+        n = self.total_units if num_units is None else num_units
         Nk = S[:, -1]
         Sx = S[:, dq:dq + d]
         Sq = S[:, :dq]
@@ -420,7 +461,7 @@ class GaussianMixture(LatentModel):
     def fit_warnings(self, theta: dict[str, Any]) -> list[str]:
         xp, out = self.ops.xp, []
         w = self.ops.to_numpy(theta["weights"])
-        dead = [k for k in range(self.K) if w[k] * self.num_units < 1e-3]
+        dead = [k for k in range(self.K) if w[k] * self.total_units < 1e-3]
         if dead:
             out.append(f"component(s) {dead} collapsed (weight·n < 1e-3): the mixture has fewer than "
                        f"K={self.K} components' worth of data; reduce num_components or use regularize=True")
