@@ -49,6 +49,7 @@ from latentfit.inference.ops import BACKENDS, LOG_2PI, Ops, make_ops
 from .._integrations import families
 from . import occasions as _occ
 from . import outcomes as _outcomes
+from . import responses as _resp
 from .data import NLMEData, _id, read_nonmem
 from .structural import Design, Structural, resolve
 
@@ -60,7 +61,7 @@ COV_TRANSFORMS = ("linear", "center", "log", "log-center", "categorical")
 DATA_OPTIONS = ("columns", "dose", "regressors", "x", "covariate_interpolation")
 #: options of the model itself (given to ``NLME(...)``, not to ``fit``)
 MODEL_OPTIONS = ("parameters", "covariates", "omega", "error", "error_init", "covariate_init", "backend", "dtype",
-                 "device", "iov", "occasion")
+                 "device", "iov", "occasion", "response", "dvid")
 #: floor of a random-effect variance in the M-step; below COLLAPSED_OMEGA2 a fit warns
 OMEGA2_FLOOR = 1e-12
 COLLAPSED_OMEGA2 = 1e-6
@@ -141,6 +142,11 @@ class NLME(LatentModel):
         (individual, occasion), ``φ_ik = C_i β + η_i + κ_ik``, ``κ_ik ~ N(0, γ²)``; a list of names (initial γ² 0.25)
         or a dict name -> initial γ²; estimated as ``gamma2_<name>`` (:mod:`latentfit.models.nlme.occasions`).
     occasion : the occasion column of the data (default ``"OCC"``); used with ``iov``.
+    Several responses (PK/PD): ``error={"conc": "proportional", "effect": "constant"}`` (one error model per
+        response, parameters ``a_<response>`` / ``b_<response>``; ``error_init={"conc": {"b": 0.1}}``); the structural
+        model returns ``{response: prediction}`` (or a tuple in that order); ``response`` names the response column
+        (default ``DVID``, else ``YTYPE``), whose i-th smallest value is the i-th response unless ``dvid={"conc": 1,
+        "effect": 2}`` (:mod:`latentfit.models.nlme.responses`).
     """
 
     has_stats = True
@@ -152,7 +158,8 @@ class NLME(LatentModel):
                  regressors: tuple[str, ...] | list[str] = (), dtype: Any = None, device: Any = None,
                  backend: str = "torch", x: str | None = None, outcome: Any = None,
                  covariate_init: dict[str, Any] | None = None, covariate_interpolation: str | None = None,
-                 iov: Any = None, occasion: str | None = None) -> None:
+                 iov: Any = None, occasion: str | None = None, response: str | None = None,
+                 dvid: dict[str, Any] | None = None) -> None:
 
         if not isinstance(parameters, dict) or not parameters:
             raise ModelSpecificationError("parameters must be a non-empty dict name -> initial value or Parameter")
@@ -198,8 +205,16 @@ class NLME(LatentModel):
         self.occasion_column = str(occasion) if occasion is not None else _occ.OCCASION_COLUMN
         self._iov: _occ.Occasions | None = None
         self.omega_blocks = self._parse_omega(omega)
+        self.response_spec = _resp.parse(error, error_init, dvid) if isinstance(error, dict) else None
+        self.response_column = response
+        self._resp: _resp.Responses | None = None
+        if self.response_spec is not None:
+            error, error_init = "responses", None
+        elif dvid is not None or response is not None:
+            raise ModelSpecificationError("response= / dvid= are for several responses: give error={response: "
+                                          "error model, ...}")
         self.error = str(error).lower()
-        if self.error not in ERRORS:
+        if self.error not in ERRORS and self.response_spec is None:
             raise ModelSpecificationError(f"unknown error model {error!r}; use one of {ERRORS}")
         init = {"a": 1.0, "b": 0.3}
         if error_init:
@@ -332,8 +347,10 @@ class NLME(LatentModel):
         if self.iov_init and self.occasion_column not in df.columns:
             raise DataError(f"iov={list(self.iov_init)} needs the occasion column {self.occasion_column!r}, which is "
                             f"not in the data (columns {list(df.columns)}); name it with occasion='...'")
+        response_col = _resp.response_column(df, self.response_column) if self.response_spec is not None else None
         regressors = tuple(dict.fromkeys(tuple(self.structural.regressors) + tuple(opts["regressors"])
-                                         + ((self.occasion_column,) if self.iov_init else ())))
+                                         + ((self.occasion_column,) if self.iov_init else ())
+                                         + ((response_col,) if response_col else ())))
         data = read_nonmem(df, columns=opts["columns"], covariates=cov_cols, regressors=regressors, dose=opts["dose"],
                            x=opts["x"], covariate_interpolation=opts["covariate_interpolation"] or "locf")
         if self.structural.uses_doses:
@@ -425,9 +442,14 @@ class NLME(LatentModel):
                              x=None if data.x is None else regs[data.x], **self._dose_design(data),
                              dv=self._outcome_consts.get("dv"))
         self._structural_fn = self.structural.bound(self.design)
+        if self.response_spec is not None:  # each observation takes its response's prediction
+            self._resp = _resp.bind(self, data, response_col)
+            self._structural_fn = _resp.wrap(self._structural_fn, self)
         self.observed = {"DV": np.where(data.mask, data.dv, np.nan)}
         self.latent_sites = [LatentSite(nm, (), k, 1, kind="gaussian") for k, nm in enumerate(self.random_names)]
         self.params = self._build_params()
+        if self._resp is not None:
+            self.params.update(_resp.params(self, self.response_spec))
         if self.iov_init:  # κ columns after the d η columns of the latent
             self._iov = _occ.bind(self, data, self.occasion_column)
             self.latent_dim = d + self._iov.size
@@ -616,8 +638,10 @@ class NLME(LatentModel):
         psi = self._psi(self._mu(theta), z)
         return self.structural.bound(design)(psi, design)
 
-    def _error_sd(self, theta: dict[str, Any], f: Any) -> Any:
+    def _error_sd(self, theta: dict[str, Any], f: Any, units: Any = None) -> Any:
         xp = self.ops.xp
+        if self._resp is not None:
+            return _resp.error_sd(theta, f, self._resp, units, self.ops)
         if self.error in ("constant", "exponential"):
             return theta["a"] + 0.0 * f
         if self.error == "proportional":
@@ -638,7 +662,7 @@ class NLME(LatentModel):
             r = (y - f) / a
             lp = -0.5 * r * r - (xp.log(a) + 0.5 * LOG_2PI)
         else:
-            sd = self._error_sd(theta, f)
+            sd = self._error_sd(theta, f, units)
             r = (y - f) / sd
             lp = -0.5 * r * r - xp.log(sd) - 0.5 * LOG_2PI
         if self.has_censoring:
@@ -762,6 +786,8 @@ class NLME(LatentModel):
             else:
                 res = self._take(self._y, units) - f
             out["rss"] = xp.sum(xp.where(mask, res * res, 0.0), -1)
+        if self._resp is not None and any(p.closed_form for p in self.params.values() if p.meta.get("response")):
+            out.update(_resp.stats(self, theta, self.structural_prediction(theta, z_all, units), units))
         out.update(iov_stats)
         return out
 
@@ -771,6 +797,8 @@ class NLME(LatentModel):
         out = self._m_step_eta(s, theta, num_units)
         if self._iov is not None:
             out.update(_occ.m_step(s, self._iov, num_units, self.num_units, self.ops.xp))
+        if self._resp is not None:
+            out.update(_resp.m_step(s, self, num_units))
         return out
 
     def _m_step_eta(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
@@ -846,7 +874,7 @@ class NLME(LatentModel):
         effect) is left out.
         """
         xp = self.ops.xp
-        if set(names) <= {"a", "b"}:
+        if set(names) <= {n for n, p in self.params.items() if p.meta.get("role") == "error"}:
             f = self.ops.stop_gradient(self.structural_prediction(theta, z))
             return lambda th: xp.mean(xp.sum(self._obs_terms(th, f, None), (-2, -1)))
         if not any(n in self.closed_form_params or n.startswith("omega2") or n == "Omega" for n in names):
@@ -860,7 +888,7 @@ class NLME(LatentModel):
         f = self.structural_prediction(theta, z, units)
         if self.error == "exponential":
             f = self.ops.xp.log(f)
-        return f, self._error_sd(theta, f)
+        return f, self._error_sd(theta, f, units)
 
     def observations(self, units: Any = None) -> tuple[Any, Any]:
         """``(y, mask)`` ``[n, T]``: DV (log DV for exponential error); censored values are masked out."""
