@@ -31,7 +31,7 @@ import numpy as np
 
 FORMAT = "latentfit-checkpoint"
 FORMAT_VERSION = 1
-_NAME = re.compile(r"^ckpt-(\d+)\.json$")
+_NAME = re.compile(r"^ckpt-(\d+)(?:\.rank(\d+)-of-(\d+))?\.json$")
 #: engine attributes that do not change the iterates (never compared on resume)
 _IGNORED_OPTIONS = frozenset({"progress", "callback", "model", "ops"})
 
@@ -318,17 +318,44 @@ def restore_state(template: Any, leaves: list[dict[str, Any]], tensors: dict[str
 
 
 # ----- files ---------------------------------------------------------------------------------------------------
-def checkpoint_files(directory: str | os.PathLike) -> list[tuple[int, Path]]:
-    """``[(iteration, sidecar path)]`` of the complete checkpoints in ``directory``, oldest first."""
+#: ``(rank, world size)`` of one process of a distributed fit; None: a one-process fit
+Shard = tuple[int, int] | None
+
+
+def _stem(iteration: int, shard: Shard) -> str:
+    """``ckpt-000120`` (one process) or ``ckpt-000120.rank1-of-2`` (process 1 of a 2-process fit: its shard)."""
+    return f"ckpt-{int(iteration):06d}" + ("" if shard is None else f".rank{shard[0]}-of-{shard[1]}")
+
+
+def checkpoint_files(directory: str | os.PathLike, shard: Shard = None) -> list[tuple[int, Path]]:
+    """``[(iteration, sidecar path)]`` of the complete checkpoints in ``directory``, oldest first: a one-process fit's
+    (``shard`` None) or those of process ``rank`` of a ``world``-process fit (``shard=(rank, world)``)."""
     d = Path(directory)
     if not d.is_dir():
         return []
+    want = None if shard is None else (str(int(shard[0])), str(int(shard[1])))
     out = []
     for p in d.iterdir():
         m = _NAME.match(p.name)
-        if m and p.with_suffix(".safetensors").is_file():
+        if m and (None if m.group(2) is None else (m.group(2), m.group(3))) == want \
+                and p.with_suffix(".safetensors").is_file():
             out.append((int(m.group(1)), p))
     return sorted(out)
+
+
+def engine_shard(engine: Any) -> Shard:
+    """``(rank, world size)`` of an engine running a distributed fit (its ``ops`` reach every process), else None."""
+    ops = engine.ops
+    return (int(ops.rank), int(ops.world_size)) if hasattr(ops, "world_size") else None
+
+
+def checkpoint_world_sizes(directory: str | os.PathLike) -> list[int]:
+    """The numbers of processes of the fits whose checkpoints ``directory`` holds (1: a one-process fit)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = {int(m.group(3) or 1) for p in d.iterdir() if (m := _NAME.match(p.name))}
+    return sorted(found)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -373,6 +400,12 @@ class Checkpoint:
         cls = type(engine).__name__
         if meta["engine"] != cls:
             raise ValueError(f"checkpoint was written by {meta['engine']}, not {cls}")
+        rank, world = engine_shard(engine) or (0, 1)
+        saved_world, saved_rank = int(meta.get("world_size", 1)), int(meta.get("rank", 0))
+        if (saved_world, saved_rank) != (world, rank):
+            raise ValueError(f"checkpoint was written by process {saved_rank} of a fit over {saved_world} process(es), "
+                             f"this is process {rank} of {world}: a distributed fit resumes with the same number of "
+                             "processes, each from its own shard")
         if meta["backend"] != engine.ops.name:
             raise ValueError(f"checkpoint was written on the {meta['backend']} backend, not {engine.ops.name}")
         version = _library_version()
@@ -397,8 +430,9 @@ class Checkpoint:
             raise ValueError("checkpoint options differ (checkpoint != this engine): " + "; ".join(diffs))
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Load the latest checkpoint of a directory, or the checkpoint ``ckpt-XXXXXX.json`` / ``.safetensors`` given.
+def load_checkpoint(path: str | os.PathLike, shard: Shard = None) -> Checkpoint:
+    """Load the latest checkpoint of a directory (process ``shard = (rank, world)``'s of a distributed fit), or the
+    checkpoint ``ckpt-XXXXXX.json`` / ``.safetensors`` given.
 
     Only ``json`` and ``safetensors`` are read: nothing is unpickled.  Raises ``FileNotFoundError`` when there is
     none and ``ValueError`` when the tensors file does not match its sidecar.
@@ -407,8 +441,13 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
     p = Path(path)
     if p.is_dir():
-        found = checkpoint_files(p)
+        found = checkpoint_files(p, shard)
         if not found:
+            sizes = checkpoint_world_sizes(p)
+            if sizes:
+                mine = 1 if shard is None else int(shard[1])
+                raise ValueError(f"the checkpoints in {str(p)!r} were written by a fit over {sizes} process(es), this "
+                                 f"one runs over {mine}: a distributed fit resumes with the same number of processes")
             raise FileNotFoundError(f"no checkpoint (ckpt-*.json + .safetensors) in {str(p)!r}")
         sidecar = found[-1][1]
     else:
@@ -432,7 +471,11 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 def save_checkpoint(directory: str | os.PathLike, engine: Any, state: Any, iteration: int,
                     history: dict[str, list[np.ndarray]], draws: list[np.ndarray],
                     rng: dict[str, np.ndarray] | None = None, keep: int | None = None) -> Path:
-    """Write ``ckpt-<iteration>.safetensors`` + ``.json`` atomically; keep the last ``keep``. Returns the sidecar."""
+    """Write ``ckpt-<iteration>.safetensors`` + ``.json`` atomically; keep the last ``keep``. Returns the sidecar.
+
+    A process of a distributed fit (``engine.ops`` with ``rank`` and ``world_size``) writes its own shard,
+    ``ckpt-<iteration>.rank<r>-of-<world>.*``, with the rank and world size in the sidecar.
+    """
     from safetensors.numpy import save
 
     d = Path(directory)
@@ -446,22 +489,25 @@ def save_checkpoint(directory: str | os.PathLike, engine: Any, state: Any, itera
     for k, v in (rng or {}).items():
         tensors[f"rng/{k}"] = _contiguous(v)
     data = save(tensors)
+    shard = engine_shard(engine)
+    rank, world = shard if shard is not None else (0, 1)
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "latentfit_version": _library_version(),
         "engine": type(engine).__name__, "backend": engine.ops.name, "iteration": int(iteration),
         "num_iterations": int(engine.num_iterations), "options": engine_options(engine),
         "shapes": data_shapes(engine.model), "state": leaves, "history": names,
-        "rng": sorted(rng or {}), "sha256": hashlib.sha256(data).hexdigest(),
+        "rng": sorted(rng or {}), "sha256": hashlib.sha256(data).hexdigest(), "world_size": world, "rank": rank,
     }
-    stem = d / f"ckpt-{int(iteration):06d}"
-    _atomic_write(stem.with_suffix(".safetensors"), data)
-    _atomic_write(stem.with_suffix(".json"), json.dumps(meta, indent=1, allow_nan=True).encode("utf-8"))
+    stem = d / _stem(iteration, shard)
+    sidecar, tensors_file = stem.parent / f"{stem.name}.json", stem.parent / f"{stem.name}.safetensors"
+    _atomic_write(tensors_file, data)
+    _atomic_write(sidecar, json.dumps(meta, indent=1, allow_nan=True).encode("utf-8"))
     if keep is not None:
-        for _, old in checkpoint_files(d)[:-keep]:
+        for _, old in checkpoint_files(d, shard)[:-keep]:
             old.unlink()  # the sidecar first: a tensors file alone is never read
             old.with_suffix(".safetensors").unlink(missing_ok=True)
-    return stem.with_suffix(".json")
+    return sidecar
 
 
-__all__ = ["Checkpoint", "checkpoint_files", "data_shapes", "engine_options", "load_checkpoint", "restore_state",
-           "save_checkpoint"]
+__all__ = ["Checkpoint", "checkpoint_files", "checkpoint_world_sizes", "data_shapes", "engine_options", "engine_shard",
+           "load_checkpoint", "restore_state", "save_checkpoint"]

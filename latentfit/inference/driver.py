@@ -112,7 +112,9 @@ class Engine:
         ``distributed=True`` (torch, inside a ``torchrun`` script with an initialised process group): this process's
         model holds its shard of the units; statistics and acceptance counts are all-reduced in float64 and every
         process runs the same M-step (:meth:`distribute`: SAEM and f-SAEM with ``rng="per_unit"``; the exact engines
-        of the EM family, whose processes draw the same global mini-batches).
+        of the EM family, whose processes draw the same global mini-batches).  With ``checkpoint=`` every process
+        writes its own shard (``ckpt-<k>.rank<r>-of-<world>.*``, its per-unit state, history and RNG); a resume
+        needs the same number of processes and continues from the latest iteration all of them saved.
 
         Faults: a NaN/inf parameter (M-step) or gradient raises :class:`~latentfit.NonFiniteError` naming the
         parameter and the iteration, after writing a checkpoint of the last good state (in ``checkpoint``, else in
@@ -120,8 +122,6 @@ class Engine:
         history so far as a result with ``interrupted=True`` (checkpointed when ``checkpoint`` is given).
         """
         if distributed:
-            if checkpoint is not None or resume not in (None, False):
-                raise ValueError("checkpoints of a distributed fit are not supported yet: drop checkpoint=/resume=")
             self.distribute()
         ops = self.ops
         total = self.num_iterations
@@ -237,10 +237,11 @@ class Engine:
         k, name, what = fault
         state = self._from_snapshot(good, state)
         _truncate(history, draws, good.iteration, collect_from)
-        from latentfit.checkpoint import checkpoint_files
+        from latentfit.checkpoint import checkpoint_files, engine_shard
 
         # already written (a resumed run's directory may hold none: then write it)
-        saved = [p for it, p in checkpoint_files(checkpoint) if it == good.iteration] if checkpoint is not None else []
+        saved = [p for it, p in checkpoint_files(checkpoint, engine_shard(self)) if it == good.iteration] \
+            if checkpoint is not None else []
         if saved and last_saved == good.iteration:
             path = saved[-1]
         else:
@@ -258,19 +259,38 @@ class Engine:
     # ----- checkpoints -------------------------------------------------------------------------
     def _resume_source(self, checkpoint: Any, resume: Any) -> Any:
         """Where to resume from (None: a fresh run); refuses to start afresh over another run's checkpoints."""
-        from latentfit.checkpoint import checkpoint_files
+        from latentfit.checkpoint import checkpoint_world_sizes, engine_shard
 
+        shard = engine_shard(self)
         if resume is True:
             if checkpoint is None:
                 raise ValueError("resume=True continues from the checkpoint directory: pass checkpoint=<dir>")
-            return checkpoint if checkpoint_files(checkpoint) else None
+            if not checkpoint_world_sizes(checkpoint):
+                return None
+            resume = checkpoint
         if resume not in (None, False):
+            if shard is not None and os.path.isdir(resume):
+                return self._common_checkpoint(resume, shard)
             return resume
-        if checkpoint is not None and checkpoint_files(checkpoint):
-            latest = checkpoint_files(checkpoint)[-1][1].name
-            raise FileExistsError(f"{str(checkpoint)!r} already holds checkpoints (latest {latest}): pass "
-                                  "resume=True to continue that run, or use an empty directory")
+        if checkpoint is not None and checkpoint_world_sizes(checkpoint):
+            raise FileExistsError(f"{str(checkpoint)!r} already holds checkpoints: pass resume=True to continue that "
+                                  "run, or use an empty directory")
         return None
+
+    def _common_checkpoint(self, directory: Any, shard: tuple[int, int]) -> Any:
+        """This process's checkpoint at the latest iteration every process of the distributed fit saved."""
+        from latentfit.checkpoint import checkpoint_files, load_checkpoint
+
+        mine = dict(checkpoint_files(directory, shard))
+        if not mine:
+            load_checkpoint(directory, shard)  # raises: no checkpoint, or one of a fit over another number of processes
+        common = set(mine)
+        for iterations in self.ops.gather_objects(sorted(mine)):
+            common &= set(iterations)
+        if not common:
+            raise FileNotFoundError(f"the processes' checkpoints in {str(directory)!r} share no iteration (process "
+                                    f"{shard[0]} holds {sorted(mine)}): resume from an earlier copy")
+        return mine[max(common)]
 
     def _save(self, directory: Any, state: dict[str, Any], iteration: int, history: dict[str, list],
               draws: list[np.ndarray], keep: int, rng: dict[str, np.ndarray] | None = None) -> Any:
@@ -286,9 +306,9 @@ class Engine:
     def _restore(self, source: Any, template: dict[str, Any],
                  collect_from: int) -> tuple[dict[str, Any], dict[str, list], list[np.ndarray], int]:
         """Load and check a checkpoint; restore the RNG; return ``(state, history, draws, iteration)``."""
-        from latentfit.checkpoint import load_checkpoint, restore_state
+        from latentfit.checkpoint import engine_shard, load_checkpoint, restore_state
 
-        ckpt = load_checkpoint(source)
+        ckpt = load_checkpoint(source, engine_shard(self))
         ckpt.check_compatible(self)
         start = ckpt.iteration
         ends = {b for first, last, _ in self.phases()

@@ -275,6 +275,12 @@ class DistributedOps:
         self.dist.all_gather_object(parts, x.detach().cpu())
         return self.base.torch.cat(parts, dim=axis).to(self.base.device)
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every process's ``obj`` (picklable Python values), in rank order."""
+        parts: list[Any] = [None] * self.world_size
+        self.dist.all_gather_object(parts, obj)
+        return parts
+
     def distributed(self) -> DistributedOps:
         return self
 

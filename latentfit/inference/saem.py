@@ -180,10 +180,11 @@ class SAEM(Engine):
         n = int(self.model.num_units)
         counts = [int(c) for c in ops.gather_units(ops.asarray(np.array([n]), dtype=None), 0).tolist()]
         self._total_units = sum(counts)
+        offset = sum(counts[:ops.rank])
+        self.model = self.model.shard_view(ops, offset, self._total_units)  # e.g. NLME: the global observation count
         if self._num_chains_option is None:
             self.num_chains = default_num_chains(self._total_units)
         if self._unit_ids_option is None:
-            offset = sum(counts[:ops.rank])
             self._unit_ids = np.arange(offset, offset + n, dtype=np.int64)
         self.ops = ops
 

@@ -113,7 +113,15 @@ def nlme_model(model: Any, ppl: PPL) -> Callable[[], None]:
 
 
 def fit_nlme(model: Any, engine: str, options: dict[str, Any]) -> Any:
-    """Fit an NLME by SAEM (``engine="saem"``) or f-SAEM (``"fsaem"``); ``options`` go to the engine."""
+    """Fit an NLME by SAEM (``engine="saem"``) or f-SAEM (``"fsaem"``); ``options`` go to the engine.
+
+    ``distributed=True`` (in a torch.distributed process group, e.g. a ``torchrun`` script; every process passes the
+    same whole table): this process fits its contiguous block of the individuals (:func:`nlme_shard`) with per-unit
+    random streams (``rng="per_unit"`` unless given), statistics all-reduced in float64, so the estimates equal a
+    one-process fit with ``rng="per_unit"`` to rounding.
+    """
+    options = dict(options)
+    distributed = bool(options.pop("distributed", False))
     engine = engine.lower()
     if engine == "saem":
         from latentfit.inference.saem import SAEM as cls
@@ -121,7 +129,42 @@ def fit_nlme(model: Any, engine: str, options: dict[str, Any]) -> Any:
         from latentfit.inference.fsaem import FSAEM as cls
     else:
         raise ValueError(f"engine must be 'saem' or 'fsaem', got {engine!r}")
-    return cls(model, **options).run()
+    if not distributed:
+        return cls(model, **options).run()
+    options.setdefault("rng", "per_unit")
+    return cls(nlme_shard(model), **options).run(distributed=True)
+
+
+def nlme_shard(model: Any) -> Any:
+    """The bound NLME ``model`` restricted to this process's contiguous block of its individuals (``np.array_split`` of
+    the individuals in the model's order over the torch.distributed processes, in rank order).
+
+    Covariate transforms computed from the data (``"center"``, ``"log-center"``, categorical levels) would differ
+    between blocks and are refused: centre such a covariate in the table (over all individuals) and use
+    ``"linear"`` / ``"log"``.
+    """
+    import numpy as np
+    import torch.distributed as dist
+
+    from latentfit.inference.model import ModelSpecificationError
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("distributed=True needs an initialised torch.distributed process group: start the script "
+                           "with torchrun and call torch.distributed.init_process_group('gloo') (or 'nccl') first")
+    if model.ops.name != "torch":
+        raise ValueError(f"distributed=True fits over torch.distributed processes (backend='torch'); the "
+                         f"{model.ops.name} backend shards units over devices with devices=")
+    by_data = sorted(f"{col} ({tr or 'categorical'})" for items in model.covariate_spec.values() for col, tr in items
+                     if tr in ("center", "log-center", "categorical")
+                     or not np.issubdtype(np.asarray(model.data.covariates[col]).dtype, np.number))
+    if by_data:
+        raise ModelSpecificationError(f"distributed=True: covariate(s) {by_data} are transformed with values computed "
+                                      "from the data (mean, levels), which would differ between the processes' "
+                                      "blocks of individuals; centre them in the table and use 'linear' or 'log'")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = model.data.ids[np.array_split(np.arange(model.num_units), world)[rank]]
+    table = model.table
+    return model.bind(table[table[model.data.columns["id"]].isin(mine)])
 
 
 # ----- Gaussian mixture and linear mixed model ------------------------------------------------------------

@@ -948,6 +948,9 @@ class NLME(LatentModel):
         values by name as in ``fit.params`` (natural scale; e.g. a previous fit's ``params``), overriding those of the
         specification.
         ``options`` go to the engine (``num_iters``, ``num_chains``, ``seed``, ``progress``, ...).
+        ``distributed=True`` (torch, every process of a ``torchrun`` script passing the same whole table): each process
+        fits its contiguous block of individuals with ``rng="per_unit"``, statistics all-reduced in float64
+        (:func:`latentfit.integrations.families.nlme_shard`); the estimates equal a one-process ``rng="per_unit"`` fit.
 
         ``replicates=R`` (> 1) runs R independent fits (seeds ``seed``, ``seed + 1``, ...; replicate 0 is the single
         fit), from ``starts`` (one dict of initial values or None per replicate) or, with ``dispersed_starts`` (True,
@@ -993,6 +996,17 @@ class NLME(LatentModel):
             return fit_replicates(model, engine, options, replicates, dispersed_starts=dispersed_starts,
                                   starts=starts)
         return families().fit_nlme(model, engine, options)
+
+    def shard_view(self, ops: Any, offset: int, total: int) -> NLME:
+        """This bound model as one process's block of individuals in a data-parallel fit: the residual variance's
+        M-step averages over the observations of every process (``num_obs`` all-reduced).  Inter-occasion variability
+        and several responses (their M-steps count per process) are refused."""
+        if self.iov_init or getattr(self, "_resp", None) is not None:
+            raise ModelSpecificationError("distributed=True: inter-occasion variability and several responses are not "
+                                          "supported yet (their M-steps count occasions/observations per process)")
+        view = copy.copy(self)
+        view.num_obs = int(round(float(ops.all_sum(ops.asarray(np.array(float(self.num_obs)))))))
+        return view
 
     def with_init(self, init: dict[str, Any]) -> NLME:
         """A copy of the (bound) model whose starting values are ``init`` (names as in ``fit.params``, natural

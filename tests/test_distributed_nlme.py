@@ -1,0 +1,71 @@
+"""NLME ``model.fit(df, ..., distributed=True)`` (issue 13): every process passes the whole theophylline table and
+fits its contiguous block of the 12 subjects (6 each on 2 gloo processes spawned with ``torch.multiprocessing``),
+with per-unit random streams and statistics all-reduced in float64; the estimates equal the one-process fit with
+``rng="per_unit"`` to 1e-10, on every process.  A covariate centred at the data's mean is refused (each block would
+centre it at its own mean).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+COLUMNS = {"id": "Id", "time": "Time", "dv": "Concentration"}
+OPTIONS = dict(num_iters=(8, 4), seed=0, progress=False, rng="per_unit", chunk_size=4)
+
+
+def _fit(covariates: dict | None = None, **options: object):
+    import latentfit as lf
+    from latentfit.models import nlme
+
+    df = lf.datasets.theophylline(saemix_form=True)
+    model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, covariates=covariates)
+    return model.fit(df, columns=COLUMNS, dose="Dose", **OPTIONS, **options)
+
+
+def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from latentfit import ModelSpecificationError
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        fit = _fit(distributed=True)
+        refused = ""
+        try:
+            _fit(covariates={"CL": {"Weight": "center"}}, distributed=True)
+        except ModelSpecificationError as err:
+            refused = str(err)
+        np.savez(Path(out) / f"rank{rank}.npz", num_units=fit.model.num_units, refused=refused,
+                 objective=fit.history["objective"], **{f"param_{k}": np.asarray(v) for k, v in fit.params.items()})
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("distributed_nlme")
+    mp.spawn(_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
+    return out
+
+
+def test_two_processes_equal_one(two_processes: Path) -> None:
+    one = _fit()
+    for rank in range(2):
+        r = np.load(two_processes / f"rank{rank}.npz")
+        assert int(r["num_units"]) == 6  # this process's block of the 12 subjects
+        for name, value in one.params.items():
+            np.testing.assert_allclose(r[f"param_{name}"], np.asarray(value), rtol=0, atol=1e-10, err_msg=name)
+        np.testing.assert_allclose(r["objective"], one.history["objective"], rtol=1e-12, atol=0)
+        assert "Weight (center)" in str(r["refused"]) and "centre them in the table" in str(r["refused"])
+    assert sorted(one.params) == ["CL", "V", "a", "ka", "omega2_CL", "omega2_V", "omega2_ka"]
+
+
+def test_distributed_needs_a_process_group() -> None:
+    with pytest.raises(RuntimeError, match="torchrun"):
+        _fit(distributed=True)
