@@ -758,7 +758,8 @@ class VFG:
                     if self.clip_grad:
                         torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
                     opt.step()
-                acc[keep is not None] += np.array([float(loss.detach()) * len(idx), len(idx)])
+                # an int row: a bool index would broadcast (acc[False] selects nothing, acc[True] everything)
+                acc[int(keep is not None)] += np.array([float(loss.detach()) * len(idx), len(idx)])
                 step += 1
             if diverged:  # back to the last finite weights, a fresh Adam state and half the learning rate
                 restarts += 1
