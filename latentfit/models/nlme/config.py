@@ -20,6 +20,21 @@ A model file names everything a saemix ``saemixModel`` / ``saemixControl`` call 
     [error]                          # error.model, error.init
     model = "constant"               # constant | proportional | combined | exponential
     a = 1.0
+    # several responses (DVID / YTYPE, e.g. PK/PD; nlme.responses): one sub-table per response instead, in the
+    # order of the structural model's outputs; dvid = its value in the response column (default: the i-th
+    # smallest value); [error] column = "YTYPE" names the response column (default DVID, else YTYPE)
+    # [error.conc]
+    # model = "proportional"
+    # b = 0.1
+    # dvid = 1
+    # [error.effect]
+    # model = "constant"
+    # a = 1.0
+    # dvid = 2
+
+    [iov]                            # inter-occasion variability (Monolix's occasion level; nlme.occasions)
+    parameters = ["CL"]              # κ per (subject, occasion) on these; or { CL = 0.1 } (initial γ²)
+    column = "OCC"                   # the occasion column (default "OCC")
 
     [data]                           # NONMEM names -> columns of the file (defaults: the NONMEM names)
     columns = { ID = "ID", TIME = "TIME", DV = "DV" }
@@ -62,6 +77,7 @@ from latentfit.inference.model import DataError, ModelSpecificationError
 
 from .data import DEFAULT_COLUMNS
 from .model import ERRORS, NLME, TRANSFORMS, Parameter
+from .responses import ERRORS as RESPONSE_ERRORS
 from .structural import LIBRARY, Structural
 
 #: short names of the structural library (saemix / Monolix style) -> library names
@@ -76,11 +92,13 @@ SECTIONS = {
     "covariates": None,  # parameter names
     "omega": ("structure", "blocks", "covariances"),
     "error": ("model", "a", "b"),
+    "iov": ("parameters", "column"),
     "data": ("columns", "dose", "x", "regressors", "covariate_interpolation"),
     "engine": ("algorithm", "iterations", "chains", "seed", "backend", "replicates", "dispersed_starts"),
     "report": ("title", "log_y", "vpc_simulations", "max_individual_plots", "se_method"),
 }
 PARAMETER_KEYS = ("init", "transform", "random", "fixed", "omega2")
+RESPONSE_KEYS = ("model", "a", "b", "dvid")
 COVARIATE_KEYS = ("transform", "init")
 ENGINES = ("saem", "fsaem")
 REPORT_DEFAULTS: dict[str, Any] = {"title": None, "log_y": False, "vpc_simulations": 500,
@@ -158,8 +176,12 @@ class NLMEConfig:
     covariate_init: dict[str, dict[str, float]] = field(default_factory=dict)
     omega: Any = "diagonal"
     omega_covariances: list[tuple[str, str, float]] = field(default_factory=list)
-    error: str = "constant"
-    error_init: dict[str, float] = field(default_factory=dict)
+    error: Any = "constant"  # an error model, or {response: error model} (several responses)
+    error_init: dict[str, Any] = field(default_factory=dict)
+    response: str | None = None  # the response column (several responses)
+    dvid: dict[str, float] | None = None  # response -> its value in the response column
+    iov: dict[str, float] | None = None  # parameter -> initial γ² (inter-occasion variability)
+    occasion: str | None = None  # the occasion column
     data_options: dict[str, Any] = field(default_factory=dict)
     engine: str = "saem"
     num_iters: tuple[int, int] = (300, 100)
@@ -184,6 +206,7 @@ class NLMEConfig:
             model = NLME(self.structural, dict(self.parameters), covariates=self.covariates or None,
                          omega=self.omega, error=self.error, error_init=self.error_init or None,
                          covariate_init=self.covariate_init or None, backend=self.backend, data=data,
+                         iov=self.iov, occasion=self.occasion, response=self.response, dvid=self.dvid,
                          **self.data_options)
             if self.omega_covariances and data is not None:
                 model = model.with_init({"Omega": self.omega_init(model)})
@@ -425,12 +448,62 @@ def _omega(raw: Any, reader: _Reader) -> Any:
     return reader.string(table.get("structure", "diagonal"), ("omega",), "structure", ("diagonal", "full")).lower()
 
 
-def _error(raw: Any, reader: _Reader) -> tuple[str, dict[str, float]]:
+def _error(raw: Any, reader: _Reader) -> tuple[Any, dict[str, Any], str | None, dict[str, float] | None]:
+    """``[error]`` -> (error model(s), initial values, response column, DVID values): one error model, or one
+    sub-table ``[error.<response>]`` per response (several responses)."""
     table = reader.table(raw, ("error",))
-    reader.keys(table, ("error",), SECTIONS["error"])
-    model = reader.string(table.get("model", "constant"), ("error",), "model", ERRORS).lower()
-    init = {k: reader.number(table[k], ("error",), k) for k in ("a", "b") if k in table}
-    return model, init
+    responses = {k: v for k, v in table.items() if isinstance(v, dict)}
+    if not responses:
+        reader.keys(table, ("error",), SECTIONS["error"])
+        model = reader.string(table.get("model", "constant"), ("error",), "model", ERRORS).lower()
+        init = {k: reader.number(table[k], ("error",), k) for k in ("a", "b") if k in table}
+        return model, init, None, None
+    reader.keys({k: v for k, v in table.items() if k not in responses}, ("error",), ("column",))
+    models: dict[str, str] = {}
+    inits: dict[str, Any] = {}
+    dvid: dict[str, float] = {}
+    for name, sub in responses.items():
+        where = ("error", name)
+        reader.keys(sub, where, RESPONSE_KEYS)
+        models[name] = reader.string(sub.get("model", "constant"), where, "model", RESPONSE_ERRORS).lower()
+        init = {k: reader.number(sub[k], where, k) for k in ("a", "b") if k in sub}
+        if init:
+            inits[name] = init
+        if "dvid" in sub:
+            dvid[name] = reader.number(sub["dvid"], where, "dvid")
+    if dvid and len(dvid) != len(responses):
+        missing = [n for n in responses if n not in dvid]
+        raise reader.error(f"[error.<response>] dvid: give it for every response or for none (missing for "
+                           f"{', '.join(missing)})", ("error", missing[0]))
+    column = reader.string(table["column"], ("error",), "column") if "column" in table else None
+    return models, inits, column, dvid or None
+
+
+def _iov(raw: Any, reader: _Reader, params: list[str]) -> tuple[dict[str, float], str | None]:
+    """``[iov]`` -> ({parameter: initial γ²}, occasion column)."""
+    from .occasions import GAMMA2_INIT
+
+    w = ("iov",)
+    table = reader.table(raw, w)
+    reader.keys(table, w, SECTIONS["iov"])
+    if "parameters" not in table:
+        raise reader.error("[iov] needs parameters = [\"CL\", ...] (or { CL = 0.1 }: initial inter-occasion "
+                           "variances)", w)
+    spec = table["parameters"]
+    spec = [spec] if isinstance(spec, str) else spec
+    if isinstance(spec, list) and all(isinstance(p, str) for p in spec):
+        out = dict.fromkeys(spec, GAMMA2_INIT)
+    elif isinstance(spec, dict):
+        out = {p: reader.number(v, w, p) for p, v in spec.items()}
+    else:
+        raise reader.error(f"[iov] parameters must be a list of parameter names or a table name = initial γ², got "
+                           f"{spec!r}", w, "parameters")
+    unknown = [p for p in out if p not in params]
+    if unknown:
+        raise reader.error(f"[iov] {unknown[0]!r} is not a parameter; parameters are {', '.join(params)}", w,
+                           "parameters")
+    column = reader.string(table["column"], w, "column") if "column" in table else None
+    return out, column
 
 
 def _data(raw: Any, reader: _Reader) -> dict[str, Any]:
@@ -561,7 +634,9 @@ def parse_config(text: str, path: str | Path | None = None, base_dir: str | Path
             blocks = ([tuple(random)] if cfg.omega == "full" else [] if cfg.omega == "diagonal" else cfg.omega)
             cfg.omega_covariances = _covariances(raw["omega"]["covariances"], reader, blocks)
     if "error" in raw:
-        cfg.error, cfg.error_init = _error(raw["error"], reader)
+        cfg.error, cfg.error_init, cfg.response, cfg.dvid = _error(raw["error"], reader)
+    if "iov" in raw:
+        cfg.iov, cfg.occasion = _iov(raw["iov"], reader, expected)
     if "data" in raw:
         cfg.data_options = _data(raw["data"], reader)
     if "engine" in raw:

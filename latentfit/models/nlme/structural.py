@@ -413,6 +413,13 @@ def sigmoid_emax(x: str | None = None) -> Structural:
     return Structural("sigmoid_emax", ("E0", "Emax", "EC50", "gamma"), fn, regressors=() if x is None else (x,))
 
 
+def _oral_effect_imax() -> Structural:
+    """The joint PK/PD model of :mod:`~latentfit.models.nlme.responses` (two responses: ``conc``, ``effect``)."""
+    from .responses import oral_effect_imax
+
+    return oral_effect_imax()
+
+
 LIBRARY: dict[str, Callable[[], Structural]] = {
     "one_compartment_bolus": one_compartment_bolus,
     "one_compartment_infusion": one_compartment_infusion,
@@ -423,6 +430,7 @@ LIBRARY: dict[str, Callable[[], Structural]] = {
     "two_compartment_oral": two_compartment_oral,
     "emax": emax,
     "sigmoid_emax": sigmoid_emax,
+    "oral_effect_imax": _oral_effect_imax,
 }
 
 
