@@ -162,6 +162,7 @@ from latentfit.inference.likelihood import (  # noqa: E402
     _gq_grid,
     gq_log_lik_per_unit,
     log_likelihood_gq,
+    log_likelihood_is,
     maximise_log_likelihood_gq,
 )
 from latentfit.integrations.pyro import PyroLatentModel  # noqa: E402
@@ -382,6 +383,88 @@ def remedies(num: int = 400, seeds: tuple[int, ...] = (0, 1, 2)) -> None:
             print(f"  {name:32s} dLL {ll - ref.ll:8.3f}  max|d|/SE {worst:5.2f}  time {r['total']:6.1f} s", flush=True)
 
 
+# ----- the multi-seed table (--seeds) ---------------------------------------------------------------------------
+def is_log_lik(ref, theta, num_samples: int = 2000):
+    """IS log-likelihood at θ (Student-t(4) proposal at the Laplace modes/covariances of the traced Pyro model,
+    ``num_samples`` draws per individual, seed 0): the value and its Monte-Carlo SE, the same for every row."""
+    th = {k: torch.as_tensor(np.asarray(v, dtype=float)) for k, v in theta.items()}
+    lap = conditional_modes(ref.lm, th, num_steps=30)
+    sd = torch.sqrt(torch.diagonal(lap.cov, dim1=-2, dim2=-1))
+    res = log_likelihood_is(ref.lm, th, lap.mode, sd, num_samples=num_samples, df=4, seed=0)
+    return float(res.value), float(res.mc_se)
+
+
+def running_log_lik(ref, fit, num_checkpoints: int = 24):
+    """LL (AGQ) of the running estimate ``fit.history["theta.*"]`` at checkpoints: ``[(iteration, LL), ...]``."""
+    h_beta, h_omega = np.asarray(fit.history["theta.beta"]), np.asarray(fit.history["theta.omega"])
+    n = len(h_beta)
+    grid = np.unique(np.concatenate([np.geomspace(1, n, num_checkpoints // 2), np.linspace(n / 4, n, num_checkpoints // 2)]))
+    grid = np.unique(np.clip(np.round(grid).astype(int), 1, n))
+    return [(int(k), ref.log_lik({"beta": h_beta[k - 1], "omega": h_omega[k - 1]})) for k in grid]
+
+
+def multi_seed(num: int, seeds, svi_steps: int, target_slack: float) -> None:
+    """Per seed (data and fit seed): the exact maximum, SAEM, MCMCSGD (Pyro, NumPyro), MISSO and SVI with their
+    defaults; ΔLL (AGQ) of the final estimates, their IS log-likelihood and its MC error, and the time of each
+    running estimate to SAEM's final log-likelihood (minus ``target_slack``).  Summary: mean ± sd over seeds."""
+    methods = {
+        "SAEM (Pyro)": lambda d, seed: run_engine(lpy, "SAEM", "pyro", d, seed, {}),
+        "MCMCSGD (Pyro)": lambda d, seed: run_engine(lpy, "MCMCSGD", "pyro", d, seed, {}),
+        "MCMCSGD (NumPyro)": lambda d, seed: run_engine(lnp, "MCMCSGD", "numpyro", d, seed, {}),
+        "MISSO (Pyro)": lambda d, seed: run_engine(lpy, "MISSO", "pyro", d, seed, {}),
+        "SVI AutoNormal (Pyro)": lambda d, seed: run_svi(d, seed, svi_steps),
+    }
+    rows: dict[str, list[dict]] = {name: [] for name in ["exact maximum (AGQ)", *methods]}
+    for seed in seeds:
+        d = simulate(num, 15, seed)
+        ref = Reference(d)
+        ll_is, se_is = is_log_lik(ref, ref.theta)
+        rows["exact maximum (AGQ)"].append({"dll": 0.0, "is": ll_is - ref.ll, "is_se": se_is, "total": ref.time,
+                                            "iters": float("nan"), "ttt": float("nan"), "worst": 0.0})
+        print(f"seed {seed}: exact LL {ref.ll:.3f} converged={ref.converged} ({ref.time:.1f} s); IS at it "
+              f"{ll_is:.3f} ± {se_is:.3f}", flush=True)
+        target = None
+        for name, plan in methods.items():
+            r = plan(d, seed)
+            theta = {"beta": r["theta"][:3], "omega": r["theta"][3:]}
+            ll = ref.log_lik(theta)
+            ll_is, se_is = is_log_lik(ref, theta)
+            row = {"dll": ll - ref.ll, "is": ll_is - ref.ll, "is_se": se_is, "total": r["total"],
+                   "iters": r["iters"], "worst": float(np.max(np.abs(r["theta"] - ref.vector()) / ref.se)),
+                   "ttt": float("nan"), "k": None}
+            if name == "SAEM (Pyro)":
+                target = ll - target_slack
+            if "fit" in r:
+                trail = running_log_lik(ref, r["fit"])
+                hit = [k for k, v in trail if v >= target]
+                if hit:
+                    row["k"] = hit[0]
+                    row["ttt"] = hit[0] * r["fit"].time_per_iteration
+            rows[name].append(row)
+            reach = "never" if row["k"] is None else f"{row['k']} it, {row['ttt']:.2f} s"
+            print(f"  {name:24s} dLL {row['dll']:+8.3f}  IS {row['is']:+8.3f} ± {row['is_se']:.3f}  max|d|/SE "
+                  f"{row['worst']:5.2f}  total {row['total']:6.1f} s  iters {row['iters']:6.1f} s  to SAEM's LL: {reach}",
+                  flush=True)
+
+    print()
+    print(f"Summary over seeds {list(seeds)} (N = {num} individuals x 15): mean ± sd over seeds; LL differences to "
+          "each seed's exact maximum (AGQ 5 nodes)")
+    head = (f"{'method':<24}{'dLL (AGQ)':>18}{'dLL (IS)':>12}{'IS MC se':>10}{'max|d|/SE':>11}{'iters (s)':>11}"
+            f"{'time to SAEM LL (s)':>22}")
+    print(head)
+    print("-" * len(head))
+    for name, rs in rows.items():
+        dll = np.array([r["dll"] for r in rs])
+        isd = np.array([r["is"] for r in rs])
+        ttt = np.array([r["ttt"] for r in rs])
+        reached = int(np.sum(np.isfinite(ttt)))
+        ttt_s = "-" if name.startswith("exact") else (
+            f"{np.nanmean(ttt):.2f} ({reached}/{len(rs)})" if reached else f"never (0/{len(rs)})")
+        print(f"{name:<24}{dll.mean():+9.2f} ± {dll.std(ddof=1) if len(rs) > 1 else 0.0:5.2f}{isd.mean():+12.2f}"
+              f"{np.mean([r['is_se'] for r in rs]):10.2f}{np.mean([r['worst'] for r in rs]):11.2f}"
+              f"{np.nanmean([r['iters'] for r in rs]) if not name.startswith('exact') else np.nan:11.1f}{ttt_s:>22}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="N = 100, few iterations: a smoke run")
@@ -389,7 +472,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--remedies", action="store_true",
                     help="the remedies study instead (N = 400, seeds 0-2, MCMCSGD variants; see the docstring)")
+    ap.add_argument("--seeds", type=int, nargs="+",
+                    help="the multi-seed table instead (SAEM, MCMCSGD, MISSO, SVI, exact maximum on each seed)")
+    ap.add_argument("--num", type=int, default=400, help="individuals in the multi-seed table")
+    ap.add_argument("--svi-steps", type=int, default=5000, help="SVI steps in the multi-seed table")
+    ap.add_argument("--target-slack", type=float, default=0.1,
+                    help="time-to-target: the running estimate's LL >= SAEM's final LL minus this")
     a = ap.parse_args()
+    if a.seeds:
+        torch.set_num_threads(a.threads)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        multi_seed(a.num, a.seeds, a.svi_steps, a.target_slack)
+        return
     if a.remedies:
         torch.set_num_threads(a.threads)
         remedies()

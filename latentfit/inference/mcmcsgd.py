@@ -62,7 +62,8 @@ class MCMCSGD(Engine):
         MCMC kernel: saemix's three kernels, or MALA with per-unit step adaptation.
     mcmc_steps : int or (n1, n2, n3)
         Kernel steps per iteration: MALA steps, or saemix's prior-IMH / component-wise / block counts (an int
-        ``m`` means ``(m, m, m)``).  Defaults: ``(1, 1, 1)`` and 5 MALA steps.
+        ``m`` means ``(m, m, m)``).  Defaults: ``(2, 2, 2)``, saemix's and :class:`SAEM`'s (the same MCMC work per
+        iteration as SAEM), and 5 MALA steps.
     burn_in : int
         MCMC-only iterations before the first gradient step.
     batch_size : int, optional
@@ -100,7 +101,7 @@ class MCMCSGD(Engine):
         self.num_chains = int(num_chains) if num_chains is not None else default_num_chains(model.num_units)
         self.kernel = kernel
         if mcmc_steps is None:
-            mcmc_steps = 5 if kernel == "mala" else (1, 1, 1)
+            mcmc_steps = 5 if kernel == "mala" else (2, 2, 2)
         if kernel == "saemix" and isinstance(mcmc_steps, (int, np.integer)):
             mcmc_steps = (int(mcmc_steps),) * 3
         self.mcmc_steps = tuple(int(m) for m in mcmc_steps) if kernel == "saemix" else int(mcmc_steps)
@@ -228,8 +229,8 @@ class MCMCSGD(Engine):
         grad = xp.where(xp.isfinite(grad), grad, 0.0)
         x_new, opt_state = self._optimizer.update(grad, state["opt"], state["x"])
         t_avg = k - self.average_from
-        weight = 1.0 / (t_avg * (t_avg > 0) + 1 * (t_avg <= 0))
-        x_avg = xp.where(t_avg > 0, state["x_avg"] + weight * (x_new - state["x_avg"]), x_new)
+        x_avg = xp.where(t_avg > 0, polyak_ruppert(state["x_avg"], x_new, t_avg * (t_avg > 0) + 1 * (t_avg <= 0)),
+                         x_new)
         state = dict(state, x=x_new, x_avg=x_avg, opt=opt_state)
         info.update(objective=value, grad_norm2=xp.sum(grad * grad),
                     learning_rate=self.learning_rate(k - self.burn_in) + 0.0 * value, iterate=x_new)
@@ -290,6 +291,14 @@ class MCMCSGD(Engine):
         return RandomStop(iteration=k + 1, theta=theta, grad_norm2=float(fit.history["grad_norm2"][k]))
 
 
+def polyak_ruppert(x_avg: Any, x_new: Any, count: Any) -> Any:
+    """``θ̄_m = θ̄_{m−1} + (θ_m − θ̄_{m−1}) / m``: the running mean of the ``m = count`` iterates since averaging began
+    (Polyak & Juditsky 1992; Ruppert 1988).  With steps ``η_t ∝ t^{−α}``, ``½ ≤ α < 1`` (or a constant step on a
+    quadratic), its error falls like ``1/√m`` — the optimal ``H⁻¹ΣH⁻¹/m`` covariance — while the last iterate keeps
+    an ``O(η_t)`` noise."""
+    return x_avg + (x_new - x_avg) / count
+
+
 def _default_rate(rate: float, decay_from: int) -> Any:
     """``η_t = rate`` for ``t ≤ decay_from``, then ``rate / √(t − decay_from)``."""
 
@@ -305,4 +314,4 @@ def _scatter_units(ops: Any, z_all: Any, units: Any, z: Any) -> Any:
     return ops.scatter_axis1(z_all, units, z)
 
 
-__all__ = ["KERNELS", "MCMCSGD", "RandomStop"]
+__all__ = ["KERNELS", "MCMCSGD", "RandomStop", "polyak_ruppert"]
