@@ -135,6 +135,8 @@ def figures(fit: Any, *, log_y: bool = False, vpc_simulations: int = 500, max_in
             seed: int = 0) -> dict[str, Any]:
     """The report's matplotlib figures by file stem (see :data:`FIGURES`)."""
     model = fit.model
+    if getattr(model, "outcome", None) is not None:  # discrete / event data: no predictions with residuals to draw
+        return {"convergence": fit.plot_convergence()}
     n = model.num_units
     units = list(range(min(n, max_individual_plots)))
     return {
@@ -212,14 +214,19 @@ def html_report(title: str, run_info: dict[str, Any], tables: dict[str, pd.DataF
                 + (f"; their log-likelihoods span {spread:.3g}" if spread is not None else "") + ".</p>"
                 + _table_html(reps))
     section("replicates", body)
-    res = tables["residuals"]
-    stats = res[[c for c in ("IWRES", "PWRES", "NPDE") if c in res]].agg(["mean", "std"]).T.reset_index()
-    stats.columns = ["residual", "mean", "sd"]
-    body = (f"<p>{len(res)} observations. Summary (mean ≈ 0 and sd ≈ 1 under the model):</p>" + _table_html(stats, 3))
-    shown = res if len(res) <= MAX_RESIDUAL_ROWS else res.iloc[:MAX_RESIDUAL_ROWS]
-    more = "" if len(res) <= MAX_RESIDUAL_ROWS else f" (first {MAX_RESIDUAL_ROWS} of {len(res)} rows)"
-    body += f"<details><summary>All residuals{esc(more)}</summary>{_table_html(shown, 4)}</details>"
-    section("residuals", body)
+    res = tables.get("residuals")
+    if res is None:
+        section("residuals", "<p>None: residuals (IWRES, PWRES, NPDE) are for continuous data with a residual error "
+                             "model; this model's outcome is discrete or time-to-event.</p>")
+    else:
+        stats = res[[c for c in ("IWRES", "PWRES", "NPDE") if c in res]].agg(["mean", "std"]).T.reset_index()
+        stats.columns = ["residual", "mean", "sd"]
+        body = (f"<p>{len(res)} observations. Summary (mean ≈ 0 and sd ≈ 1 under the model):</p>"
+                + _table_html(stats, 3))
+        shown = res if len(res) <= MAX_RESIDUAL_ROWS else res.iloc[:MAX_RESIDUAL_ROWS]
+        more = "" if len(res) <= MAX_RESIDUAL_ROWS else f" (first {MAX_RESIDUAL_ROWS} of {len(res)} rows)"
+        body += f"<details><summary>All residuals{esc(more)}</summary>{_table_html(shown, 4)}</details>"
+        section("residuals", body)
     figs = []
     for stem, png in pngs.items():
         head, caption = FIGURES.get(stem, (stem, ""))
@@ -279,10 +286,12 @@ def write_fit_outputs(fit: Any, out_dir: str | Path, *, model_text: str = "", ti
     say("log-likelihood by linearisation, importance sampling and quadrature")
     tables = {"estimates": est, "likelihood": likelihood_table(fit)}
     say("individual estimates, shrinkage and residuals (PRED, IPRED, IWRES, PWRES, NPDE)")
-    tables.update({"shrinkage": shrinkage_table(fit), "individual": individual_table(fit),
-                   "residuals": residuals_table(fit)})
+    tables.update({"shrinkage": shrinkage_table(fit), "individual": individual_table(fit)})
     files = {"estimates": "estimates.csv", "likelihood": "likelihood.csv", "shrinkage": "shrinkage.csv",
-             "individual": "individual_estimates.csv", "residuals": "residuals.csv"}
+             "individual": "individual_estimates.csv"}
+    if getattr(fit.model, "outcome", None) is None:  # residuals of continuous data
+        tables["residuals"] = residuals_table(fit)
+        files["residuals"] = "residuals.csv"
     reps = getattr(fit, "replicates", None)
     if isinstance(reps, pd.DataFrame):
         tables["replicates"] = reps.reset_index()

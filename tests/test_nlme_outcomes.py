@@ -76,9 +76,9 @@ def negbin_case():
     return model, {"lam": 5.0, "slope": -0.15, "delta": 0.4, "omega2_lam": 0.3}
 
 
-def tte_case(hazard: str):
+def tte_case(hazard: str, num_ids: int = 200):
     spec = {"lambda": P(5.0)} if hazard == "constant" else {"lambda": P(5.0), "beta": P(1.0, random=False)}
-    model = nlme.NLME(None, spec, outcome=oc.TimeToEvent(hazard), data=_design(200, np.array([8.0])))
+    model = nlme.NLME(None, spec, outcome=oc.TimeToEvent(hazard), data=_design(num_ids, np.array([8.0])))
     truth = {"lambda": 3.0, "omega2_lambda": 0.25}
     if hazard == "weibull":
         truth.update(beta=1.5)
@@ -86,15 +86,15 @@ def tte_case(hazard: str):
 
 
 CASES = {"binary": binary_case, "ordinal": ordinal_case, "poisson": poisson_case, "negative_binomial": negbin_case,
-         "tte_constant": lambda: tte_case("constant"), "tte_weibull": lambda: tte_case("weibull")}
+         "tte_constant": lambda **kw: tte_case("constant", **kw), "tte_weibull": lambda **kw: tte_case("weibull", **kw)}
 
 
 def _theta(model, values):
     return {k: model.ops.asarray(v) for k, v in {**model.init_params(), **values}.items()}
 
 
-def _simulated(case: str, seed: int = 1):
-    model, truth = CASES[case]()
+def _simulated(case: str, seed: int = 1, **options):
+    model, truth = CASES[case](**options)
     data = model.simulate(_theta(model, truth), seed=seed)
     return model.bind(data), truth
 
@@ -188,7 +188,7 @@ def test_user_loglik_equals_the_built_in_binary_model():
     theta = _theta(built_in, truth)
     z = built_in.ops.asarray(np.random.default_rng(2).normal(size=(3, built_in.num_units, 1)))
     np.testing.assert_allclose(*(m.ops.to_numpy(m.log_lik(theta, z)) for m in (built_in, user)), rtol=1e-12)
-    fits = [m.fit(seed=3, num_iters=(30, 20), progress=False) for m in (built_in, user)]
+    fits = [m.fit(seed=3, num_iters=(20, 10), progress=False) for m in (built_in, user)]
     for name in ("theta1", "theta2", "omega2_theta1"):
         assert float(fits[1].params[name]) == pytest.approx(float(fits[0].params[name]), rel=1e-8), name
 
@@ -270,3 +270,76 @@ def test_saem_reaches_the_exact_quadrature_maximum(case):
     for name in res["truth"]:
         assert abs(float(fit.params[name]) - exact[name]) < se[name], (name, float(fit.params[name]), exact[name])
     assert 0 <= best.log_lik.value - fit.log_likelihood("gq", num_nodes=20) < 0.2
+
+
+# ----- model files (TOML) and the command line ----------------------------------------------------------------------
+ORDINAL_TOML = """
+[model]
+file = "model.py"
+function = "shift"
+
+[outcome]
+type = "ordinal"
+thresholds = ["alp1", "alp2", "alp3"]
+
+[parameters]
+alp1 = { init = 0.0, transform = "normal" }
+alp2 = { init = 1.0, random = false }
+alp3 = { init = 1.0, random = false }
+beta = { init = 0.0, transform = "normal", random = false }
+"""
+
+TTE_TOML = """
+[outcome]
+type = "tte"
+hazard = "weibull"
+
+[parameters]
+lambda = { init = 5.0 }
+beta = { init = 1.0, random = false }
+
+[engine]
+iterations = [60, 30]
+seed = 0
+"""
+
+
+def test_model_files_with_an_outcome_build_the_same_model(tmp_path):
+    from latentfit.models.nlme.config import ConfigError, parse_config
+
+    (tmp_path / "model.py").write_text("def shift(psi, data):\n    return psi['beta'] * data.time\n")
+    cfg = parse_config(ORDINAL_TOML, tmp_path / "ordinal.toml")
+    assert isinstance(cfg.outcome, oc.Ordinal) and cfg.outcome.thresholds == ("alp1", "alp2", "alp3")
+    assert cfg.report["se_method"] == "sa"
+    model, truth = _simulated("ordinal")
+    from_file = cfg.model(model.table)
+    theta = _theta(model, truth)
+    z = model.ops.asarray(np.random.default_rng(4).normal(size=(2, model.num_units, 1)))
+    np.testing.assert_allclose(model.ops.to_numpy(from_file.log_lik(theta, z)),
+                               model.ops.to_numpy(model.log_lik(theta, z)), rtol=1e-12)
+    cfg = parse_config(TTE_TOML, tmp_path / "tte.toml")
+    assert cfg.structural is None and cfg.outcome.hazard == "weibull"
+    with pytest.raises(ConfigError, match=r"line 4.*\[outcome\].*unknown key 'shapes'"):
+        parse_config(TTE_TOML.replace('hazard = "weibull"', 'shapes = "beta"'), tmp_path / "tte.toml")
+    with pytest.raises(ConfigError, match=r"missing parameter\(s\) beta"):
+        parse_config(TTE_TOML.replace("beta = { init = 1.0, random = false }\n", ""), tmp_path / "tte.toml")
+
+
+def test_command_line_fits_time_to_event_data_and_writes_the_report(tmp_path, capsys):
+    from latentfit.cli import main
+
+    model, truth = _simulated("tte_weibull", num_ids=40)
+    model.table.to_csv(tmp_path / "tte.csv", index=False)
+    (tmp_path / "tte.toml").write_text(TTE_TOML)
+    rc = main(["nlme", "fit", str(tmp_path / "tte.toml"), str(tmp_path / "tte.csv"), "--out", str(tmp_path / "out"),
+               "--no-progress"])
+    assert rc == 0
+    out = tmp_path / "out"
+    est = pd.read_csv(out / "estimates.csv").set_index("parameter")
+    assert {"lambda", "beta", "omega2_lambda"} <= set(est.index) and est["se"].notna().all()
+    api = model.fit(seed=0, num_iters=(60, 30), progress=False)
+    for name in ("lambda", "beta", "omega2_lambda"):
+        assert est.loc[name, "estimate"] == pytest.approx(float(api.params[name]), rel=1e-10)
+    html = (out / "report.html").read_text()
+    assert "residuals (IWRES, PWRES, NPDE) are for continuous data" in html and "fig-convergence" in html
+    assert set(pd.read_csv(out / "likelihood.csv")["method"]) == {"is", "gq"}

@@ -41,6 +41,11 @@ A model file names everything a saemix ``saemixModel`` / ``saemixControl`` call 
     # dose = "Dose"  (saemix form: one dose per subject at time 0), x = "dose", regressors = ["CONC"],
     # covariate_interpolation = "locf" | "linear" (time-varying covariates)
 
+    [outcome]                        # non-Gaussian data (saemix modeltype="likelihood"; nlme.outcomes), instead
+    type = "binary"                  # of [error]: binary | ordinal | poisson | negative_binomial | tte | loglik
+    # thresholds = ["alp1", "alp2"]  (ordinal), dispersion = "delta" (negative_binomial),
+    # hazard = "weibull" | "constant", scale = "lambda", shape = "beta" (tte: no structural model needed)
+
     [engine]                         # saemixControl
     algorithm = "saem"               # or "fsaem"
     iterations = [300, 100]          # K1, K2
@@ -95,6 +100,7 @@ SECTIONS = {
     "iov": ("parameters", "column"),
     "data": ("columns", "dose", "x", "regressors", "covariate_interpolation"),
     "engine": ("algorithm", "iterations", "chains", "seed", "backend", "replicates", "dispersed_starts"),
+    "outcome": ("type", "thresholds", "dispersion", "hazard", "scale", "shape"),
     "report": ("title", "log_y", "vpc_simulations", "max_individual_plots", "se_method"),
 }
 PARAMETER_KEYS = ("init", "transform", "random", "fixed", "omega2")
@@ -182,6 +188,7 @@ class NLMEConfig:
     dvid: dict[str, float] | None = None  # response -> its value in the response column
     iov: dict[str, float] | None = None  # parameter -> initial γ² (inter-occasion variability)
     occasion: str | None = None  # the occasion column
+    outcome: Any = None
     data_options: dict[str, Any] = field(default_factory=dict)
     engine: str = "saem"
     num_iters: tuple[int, int] = (300, 100)
@@ -207,6 +214,7 @@ class NLMEConfig:
                          omega=self.omega, error=self.error, error_init=self.error_init or None,
                          covariate_init=self.covariate_init or None, backend=self.backend, data=data,
                          iov=self.iov, occasion=self.occasion, response=self.response, dvid=self.dvid,
+                         outcome=self.outcome,
                          **self.data_options)
             if self.omega_covariances and data is not None:
                 model = model.with_init({"Omega": self.omega_init(model)})
@@ -506,6 +514,31 @@ def _iov(raw: Any, reader: _Reader, params: list[str]) -> tuple[dict[str, float]
     return out, column
 
 
+def _outcome(raw: Any, reader: _Reader) -> Any:
+    """``[outcome]`` -> an :class:`~latentfit.models.nlme.outcomes.Outcome` (None for ``type = "gaussian"``)."""
+    from .outcomes import OUTCOMES, make_outcome
+
+    table = reader.table(raw, ("outcome",))
+    w = ("outcome",)
+    reader.keys(table, w, SECTIONS["outcome"])
+    if "type" not in table:
+        raise reader.error(f"[outcome] needs type = one of {', '.join(sorted(OUTCOMES))}", w)
+    kind = reader.string(table["type"], w, "type", tuple(OUTCOMES) + ("gaussian",)).lower()
+    options = {}
+    for key, value in table.items():
+        if key == "thresholds":
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+                raise reader.error(f"[outcome] thresholds must list parameter names, e.g. [\"alp1\", \"alp2\"], got "
+                                   f"{value!r}", w, key)
+            options[key] = tuple(value)
+        elif key != "type":
+            options[key] = reader.string(value, w, key)
+    try:
+        return make_outcome(kind, **options)
+    except ModelSpecificationError as err:
+        raise reader.error(f"[outcome]: {err}", w, next(iter(options), "type")) from None
+
+
 def _data(raw: Any, reader: _Reader) -> dict[str, Any]:
     table = reader.table(raw, ("data",))
     reader.keys(table, ("data",), SECTIONS["data"])
@@ -602,10 +635,15 @@ def parse_config(text: str, path: str | Path | None = None, base_dir: str | Path
             line = _find_line(text, (key,)) or _find_line(text, (), key)
             raise ConfigError(f"unknown section [{key}]; allowed sections are "
                               f"{', '.join('[' + s + ']' for s in SECTIONS)}", path, line)
-    for required in ("model", "parameters"):
+    outcome = _outcome(raw["outcome"], reader) if "outcome" in raw else None
+    no_structural = outcome is not None and not outcome.uses_prediction  # time-to-event: the hazard's parameters
+    for required in ("parameters",) if no_structural else ("model", "parameters"):
         if required not in raw:
             raise ConfigError(f"the [{required}] section is missing (see examples/theophylline.toml)", path)
-    structural, desc = _structural(reader.table(raw["model"], ("model",)), reader, base)
+    if no_structural and not {"structural", "file", "function"} & set(reader.table(raw.get("model", {}), ("model",))):
+        structural, desc = None, str(raw.get("model", {}).get("description", ""))
+    else:
+        structural, desc = _structural(reader.table(raw["model"], ("model",)), reader, base)
     parameters = _parameters(raw["parameters"], reader)
     if isinstance(structural, str):
         expected = list(LIBRARY[structural]().parameters)
@@ -613,18 +651,22 @@ def parse_config(text: str, path: str | Path | None = None, base_dir: str | Path
         expected = list(structural.parameters)
     else:
         expected = list(parameters)
+    if outcome is not None:  # the outcome's own parameters (thresholds, dispersion, hazard scale and shape)
+        expected += [p for p in outcome.parameters if p not in expected]
     missing = [p for p in expected if p not in parameters]
     extra = [p for p in parameters if p not in expected]
     if missing:
         raise reader.error(f"[parameters]: missing parameter(s) {', '.join(missing)} of the structural model "
-                           f"{structural if isinstance(structural, str) else structural.name!r} (its parameters: "
+                           f"{structural if isinstance(structural, str) else getattr(structural, 'name', outcome)!r} "
+                           f"(its parameters: "
                            f"{', '.join(expected)})", ("parameters",))
     if extra:
         raise reader.error(f"[parameters]: unknown parameter {extra[0]!r}; the structural model's parameters are "
                            f"{', '.join(expected)}", ("parameters",), extra[0])
     # the library's order (the order of the model's parameters and of its Ω)
     parameters = {p: parameters[p] for p in expected}
-    cfg = NLMEConfig(structural=structural, parameters=parameters, description=desc, text=text, path=path)
+    cfg = NLMEConfig(structural=structural, parameters=parameters, description=desc, text=text, path=path,
+                     outcome=outcome)
     if "covariates" in raw:
         cfg.covariates, cfg.covariate_init = _covariates(raw["covariates"], reader, expected)
     if "omega" in raw:
@@ -643,6 +685,8 @@ def parse_config(text: str, path: str | Path | None = None, base_dir: str | Path
         _engine(raw["engine"], reader, cfg)
     if "report" in raw:
         cfg.report = _report(raw["report"], reader)
+    if outcome is not None and "se_method" not in raw.get("report", {}):
+        cfg.report["se_method"] = "sa"  # no linearisation without a Gaussian residual: Louis' formula
     cfg.model()  # the library's own checks (transforms, initial values, Ω blocks), reported against the file
     return cfg
 
