@@ -70,11 +70,12 @@ def test_parse_structure_nested_and_dict() -> None:
 @pytest.mark.parametrize("backend", ["torch", pytest.param("jax", marks=pytest.mark.skipif(
     not _jax_available(), reason="flowjax not installed"))])
 def test_flows_invert_exactly(backend: str) -> None:
-    # 1-column leaves under a 1-D node (elementwise affine, min_dim=1), 2-D and 3-D coupling flows
-    structure = [[[0], [1]], [[2, 3], [4]], [[5, 6, 7]]]
-    x = np.random.default_rng(0).standard_normal((64, 8))
+    # 1-column leaves under a 1-D node (elementwise affine, min_dim=1), 2-D and 3-D coupling flows (two couplings
+    # with a permutation between them)
+    structure = [[[[0], [1]], [2, 3]], [4, 5, 6]]
+    x = np.random.default_rng(0).standard_normal((64, 7))
     if backend == "torch":
-        fit = VFG(structure, hidden=16, blocks=3, min_dim=1, identity_init=False).fit(x, num_epochs=1, batch_size=64,
+        fit = VFG(structure, hidden=16, blocks=2, min_dim=1, identity_init=False).fit(x, num_epochs=1, batch_size=64,
                                                                                      progress=False)
         edges = fit.edge_flows()
     else:  # flowjax flows straight from the constructor, parameters perturbed (no jit compile: fast)
@@ -84,7 +85,7 @@ def test_flows_invert_exactly(backend: str) -> None:
 
         from latentfit.integrations.vfg_jax import bound_flows, make_flows
 
-        model = VFG(structure, backend="jax", hidden=16, blocks=3, min_dim=1, identity_init=False)
+        model = VFG(structure, backend="jax", hidden=16, blocks=2, min_dim=1, identity_init=False)
         flows = make_flows(model, jax.random.PRNGKey(0))
         flows = jax.tree_util.tree_map(lambda a: a + 0.3 * jnp.sin(jnp.arange(a.size).reshape(a.shape) + 1.0)
                                        if eqx.is_inexact_array(a) else a, flows)
@@ -239,9 +240,9 @@ def test_log_prob_and_imputation_agree_across_flavours() -> None:
 
     from latentfit.integrations.vfg_jax import fit_from_torch
 
-    x = gaussian_network_data(200, seed=1)
+    x = gaussian_network_data(60, seed=1)
     fit = VFG(GAUSSIAN_NETWORK_DAG, hidden=8, blocks=2, min_dim=2, identity_init=False, masking=True).fit(
-        x, num_epochs=2, batch_size=100, progress=False)
+        x, num_epochs=2, batch_size=30, progress=False)
     xm = x.copy()
     xm[::3, 5] = np.nan
     xm[1::4, 0] = np.nan
@@ -249,7 +250,7 @@ def test_log_prob_and_imputation_agree_across_flavours() -> None:
     with jax.enable_x64(True):
         jf = fit_from_torch(fit)
         lj, ij, ej = np.asarray(jf.log_prob(xm)), np.asarray(jf.impute(xm)), np.asarray(jf.encode(x))
-    assert np.isfinite(lt).all() and lt.shape == (200,)
+    assert np.isfinite(lt).all() and lt.shape == (60,)
     np.testing.assert_allclose(lj, lt, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(ij, it, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(ej, et, rtol=1e-6, atol=1e-6)
@@ -280,11 +281,36 @@ def test_fit_api_history_sample_reconstruct() -> None:
     assert s.shape == (7, 8) and torch.isfinite(s).all()
 
 
+# -- non-linear imputation -------------------------------------------------------------------------------
+def test_tree_nonlinear_imputation_near_exact_conditional() -> None:
+    # x0 = z + e0, x1 = 2 sin z + e1 (z ~ N(0, 1), e ~ N(0, 0.1²)); x1 missing at test.  z | x0 ~ N(x0/1.01, 0.01/1.01),
+    # so E[x1 | x0] = 2 sin(x0/1.01) exp(−0.005/1.01): the noise floor 0.0334 on this test set, the best linear
+    # imputer 8.4× that.  Two sections padded to 2-D coupling flows under one root; measured 1.08× the floor (1.08-1.49×
+    # over seeds 0-3), 2× allowed.  About 1 s on one core
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal(1100)
+    x = np.stack([z + 0.1 * rng.standard_normal(1100), 2 * np.sin(z) + 0.1 * rng.standard_normal(1100)], 1)
+    tr, te = x[:600], x[600:]
+    fit = VFG([[0], [1]], hidden=16, blocks=2, masking=0.8, beta=0.1).fit(tr, num_epochs=40, batch_size=200,
+                                                                          learning_rate=1e-2, progress=False)
+    xm = te.copy()
+    xm[:, 1] = np.nan
+    mse = float(((fit.impute(xm).numpy()[:, 1] - te[:, 1]) ** 2).mean())
+    floor = float(((2 * np.sin(te[:, 0] / 1.01) * np.exp(-0.005 / 1.01) - te[:, 1]) ** 2).mean())
+    linear = np.polyval(np.polyfit(tr[:, 0], tr[:, 1], 1), te[:, 0])
+    assert floor == pytest.approx(0.0334, abs=5e-4)
+    assert float(((linear - te[:, 1]) ** 2).mean()) > 5 * floor  # the conditional is far from linear
+    assert mse < 2.0 * floor, (mse, floor)
+
+
 # -- imputation on the paper's synthetic set --------------------------------------------------------------
+@pytest.mark.slow  # about 10 s on one core
 def test_synthetic_imputation_beats_mean_and_knn() -> None:
     from sklearn.impute import KNNImputer
 
-    # small and fast: 300 training rows, 60 epochs, the imputation settings (80 % masked steps, β = 0.1)
+    # 300 training rows, 60 epochs, the imputation settings (80 % masked steps, β = 0.1).  At this size the margin
+    # over KNN depends on the draw (seed 1: 0.56 vs 0.81, seed 3: 0.45 vs 1.50, seed 2: 1.63 vs 1.07): the
+    # full-size test below is the statistical check
     tr, te, te_nan = _split(300, 300, seed=1)
     fit = VFG(SYNTHETIC_STRUCTURE, masking=0.8, beta=0.1, min_dim=4).fit(tr, num_epochs=60, batch_size=100,
                                                                          learning_rate=3e-3, seed=0, progress=False)
