@@ -178,36 +178,54 @@ def _individual_fits_nlme(fit: Any, model: Any, x: Any, units: list[int], ncols:
     else:  # predictions at the observations only, joined by segments
         gx, gmask = xv, data.mask
         curves = ops.to_numpy(model.structural_prediction(theta, z))
-    ncols = min(ncols, len(units))
-    nrows = int(np.ceil(len(units) / ncols))
+    # several responses: one panel per (subject, response); occasions: curves not joined across occasions
+    response, occasion = _response_and_occasion(model, gmask.shape)  # of the curves' points
+    response_obs = _response_and_occasion(model, data.mask.shape)[0]  # of the observations
+    names = model._resp.names if getattr(model, "_resp", None) is not None else [None]
+    panels = [(i, r) for i in units for r in range(len(names)) if (data.mask[i] & (response_obs[i] == r)).any()]
+    ncols = min(ncols, len(panels))
+    nrows = int(np.ceil(len(panels) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=figsize or (3 * ncols, 2.5 * nrows), squeeze=False)
     dv_name = data.columns.get("dv", "DV")
-    for ax, i in zip(axes.flat, units):
-        obs = data.mask[i] & (data.cens[i] == 0)
-        cens = data.mask[i] & (data.cens[i] != 0)
-        order = np.argsort(gx[i][gmask[i]], kind="stable")
-        xi = gx[i][gmask[i]][order]
-        ax.plot(xi, curves[0, i][gmask[i]][order], lw=1.4, color="tab:blue", label="IPRED")
-        ax.plot(xi, curves[1, i][gmask[i]][order], lw=1.1, ls="--", color="tab:orange", label="PRED")
+    for ax, (i, r) in zip(axes.flat, panels):
+        mine, mine_obs = response[i] == r, response_obs[i] == r
+        obs = data.mask[i] & (data.cens[i] == 0) & mine_obs
+        cens = data.mask[i] & (data.cens[i] != 0) & mine_obs
+        for k in np.unique(occasion[i][gmask[i] & mine]):
+            part = gmask[i] & mine & (occasion[i] == k)
+            order = np.argsort(gx[i][part], kind="stable")
+            xi = gx[i][part][order]
+            ax.plot(xi, curves[0, i][part][order], lw=1.4, color="tab:blue", label="IPRED")
+            ax.plot(xi, curves[1, i][part][order], lw=1.1, ls="--", color="tab:orange", label="PRED")
         ax.scatter(xv[i][obs], data.dv[i][obs], s=14, color="k", zorder=3, label="observed")
         if cens.any():
             ax.scatter(xv[i][cens], data.dv[i][cens], s=18, facecolors="none", edgecolors="k", marker="v",
                        zorder=3, label="censored (limit)")
         if data.x is None and xlabel == model.x_name:
             _draw_doses(ax, model, i)
-        ax.set_title(_unit_label(model, i), fontsize=9)
+        ax.set_title(_unit_label(model, i) + (f" · {names[r]}" if names[r] is not None else ""), fontsize=9)
         if log:
-            seen = data.x_values[i][data.mask[i]]
-            inside = gmask[i] & (gx[i] >= seen.min())
-            _set_log_y(ax, np.concatenate([data.dv[i][data.mask[i]], curves[:, i][:, inside].ravel()]))
+            seen = data.x_values[i][data.mask[i] & mine_obs]
+            inside = gmask[i] & mine & (gx[i] >= seen.min())
+            _set_log_y(ax, np.concatenate([data.dv[i][data.mask[i] & mine_obs], curves[:, i][:, inside].ravel()]))
     for ax in axes[-1]:
         ax.set_xlabel(xlabel)
     for ax in axes[:, 0]:
         ax.set_ylabel(dv_name)
-    for ax in list(axes.flat)[len(units):]:
+    for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    _figure_legend(fig, list(axes.flat)[:len(units)])
+    _figure_legend(fig, list(axes.flat)[:len(panels)])
     return fig
+
+
+def _response_and_occasion(model: Any, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Response and occasion index of each point ``[N, G]``: zeros for a model without several responses / IOV, or
+    for points off the observations (such models draw on the observations: their grid is None)."""
+    resp, occ = getattr(model, "_resp", None), getattr(model, "_iov", None)
+    zeros = np.zeros(shape, dtype=np.int64)
+    response = model.ops.to_numpy(resp.index) if resp is not None else zeros
+    occasion = model.ops.to_numpy(occ.occ) if occ is not None else zeros
+    return (response if response.shape == shape else zeros), (occasion if occasion.shape == shape else zeros)
 
 
 def _figure_legend(fig: Any, axes: list[Any]) -> None:

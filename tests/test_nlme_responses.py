@@ -166,3 +166,26 @@ def test_joint_pkpd_recovery_three_seeds():
         vals = [z[name] for z in zs]
         assert max(abs(v) for v in vals) < 3.5, (name, vals)
         assert abs(np.mean(vals)) < 3.5 / np.sqrt(3), (name, vals)
+
+
+def test_individual_fits_have_a_panel_per_subject_and_response():
+    """``plot_individual_fits``: one panel per (subject, response), each drawing only its response's observations and
+    predictions; with occasions, one IPRED curve per occasion (not joined across a time restart)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pkpd_design(3)
+    df = pd.concat([df, df.assign(EVID=np.where(df["EVID"] == 1, 4, 0), OCC=2)]).fillna({"OCC": 1})
+    df = df.sort_values(["ID", "OCC"], kind="stable").reset_index(drop=True)
+    data = _model(df, iov=["CL"]).simulate(dict(TRUTH), seed=0)
+    fit = _model(data, iov=["CL"]).fit(seed=0, num_iters=(8, 2), progress=False)
+    fig = fit.plot_individual_fits()
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == [f"ID {i} · {r}" for i in (1, 2, 3) for r in ("conc", "effect")]
+    for ax, times in zip(axes[:2], ((0.5, 1, 2, 4, 8, 24), (2, 6, 12, 24, 48, 72)), strict=True):
+        ipred = [ln for ln in ax.get_lines() if ln.get_label() == "IPRED"]
+        assert len(ipred) == 2 and all(list(ln.get_xdata()) == list(times) for ln in ipred)
+        assert sorted(set(ax.collections[0].get_offsets()[:, 0])) == list(times)
+    plt.close(fig)
