@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -686,20 +686,24 @@ class VFG:
         validation: float = 0.0,
         patience: int | None = None,
         lr_decay: bool = True,
+        callback: Callable[[int, dict[str, float]], Any] | None = None,
     ) -> VFGFit:
         """Minibatch Adam on the negative ELBO; NaN entries of ``x`` are treated as missing (the sections
         holding them are left out of the forward pass and of the reconstruction).  Torch: runs on
-        ``x``'s device; JAX: ``x`` a jax/NumPy array."""
+        ``x``'s device; JAX: ``x`` a jax/NumPy array.  ``callback(epoch, info)`` runs after each epoch (1-based,
+        as the engine driver's callbacks) with ``info = {"loss": ..., "val_loss": ...}`` (``val_loss`` with
+        ``validation`` only)."""
         if self.backend == "jax":
             from latentfit.integrations.vfg_jax import fit_jax
 
             return fit_jax(self, x, num_epochs, batch_size, learning_rate, seed, progress, validation, patience,
-                           lr_decay)
+                           lr_decay, callback)
         return self._fit_torch(x, num_epochs, batch_size, learning_rate, seed, progress, validation, patience,
-                               lr_decay)
+                               lr_decay, callback)
 
     def _fit_torch(self, x: Any, num_epochs: int, batch_size: int, lr: float, seed: int, progress: bool,
-                   validation: float, patience: int | None, lr_decay: bool) -> VFGFit:
+                   validation: float, patience: int | None, lr_decay: bool,
+                   callback: Callable[[int, dict[str, float]], Any] | None = None) -> VFGFit:
         import torch
 
         x = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
@@ -786,8 +790,10 @@ class VFG:
                     best, stale = (v, {k: t.detach().clone() for k, t in flows.state_dict().items()}), 0
                 else:
                     stale += 1
-                if patience is not None and stale >= patience:
-                    break
+            if callback is not None:
+                callback(len(history), epoch_info(history, val_history, va_idx is not None))
+            if va_idx is not None and patience is not None and stale >= patience:
+                break
             bar.set_postfix(loss=f"{history[-1]:.4g}")
             bar.update()
         bar.close()
@@ -823,6 +829,15 @@ def _split_validation(rng: np.random.Generator, n: int, frac: float) -> tuple[np
         raise ValueError(f"validation={frac} leaves {k} validation and {n - k} training rows: need >= 1 and >= 2")
     perm = rng.permutation(n)
     return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+def epoch_info(history: list[float], val_history: list[float], validating: bool) -> dict[str, float]:
+    """What a ``callback(epoch, info)`` of ``VFG.fit`` receives after each epoch: ``loss`` (the epoch's mean
+    negative ELBO, ``fit.history``) and, with ``validation``, ``val_loss`` (``fit.val_history``)."""
+    info = {"loss": history[-1]}
+    if validating:
+        info["val_loss"] = val_history[-1]
+    return info
 
 
 def _epoch_loss(acc: np.ndarray) -> float:

@@ -10,7 +10,7 @@ flowjax's own training loops.  The graph logic is the backend-neutral one of :mo
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from latentfit.integrations.vfg import (
     _progress,
     _split_validation,
     _validate_data,
+    epoch_info,
     negative_elbo,
     random_keep,
 )
@@ -156,7 +157,8 @@ def bound_flows(flows: list[Any]) -> list[_Bound]:
 
 
 def fit_jax(model: VFG, x: Any, num_epochs: int, batch_size: int, lr: float, seed: int, progress: bool,
-            validation: float = 0.0, patience: int | None = None, lr_decay: bool = True) -> VFGFit:
+            validation: float = 0.0, patience: int | None = None, lr_decay: bool = True,
+            callback: Callable[[int, dict[str, float]], Any] | None = None) -> VFGFit:
     """Minibatch ``optax.adam`` on the negative ELBO (plain and, with masking, Alg. 2 steps on the same
     schedule as the torch flavour), cosine learning-rate decay, optional early stopping on held-out rows."""
     jax, eqx, _, paramax = _require()
@@ -249,8 +251,10 @@ def fit_jax(model: VFG, x: Any, num_epochs: int, batch_size: int, lr: float, see
                 best, stale = (v, params), 0
             else:
                 stale += 1
-            if patience is not None and stale >= patience:
-                break
+        if callback is not None:
+            callback(len(history), epoch_info(history, val_history, va_idx is not None))
+        if va_idx is not None and patience is not None and stale >= patience:
+            break
         bar.set_postfix(loss=f"{history[-1]:.4g}")
         bar.update()
     bar.close()
