@@ -309,12 +309,13 @@ def prediction_correct(y: np.ndarray, pred: np.ndarray, which: np.ndarray, lower
 
 def vpc_summary(fit: Any, x: Any = None, *, pred_corrected: bool | None = None, num_sims: int = 500,
                 bins: Any = None, level: float = 0.9, seed: int = 0, max_bins: int = 10,
-                quantiles: tuple[float, ...] = (0.05, 0.5, 0.95)) -> Any:
+                quantiles: tuple[float, ...] = (0.05, 0.5, 0.95), response: str | None = None) -> Any:
     """VPC summaries (a :class:`~latentfit.inference.diagnostics.VPC`), optionally prediction-corrected.
 
     NLME fits: against the data's time (or x-variable) by default, on the scale of the data, censored
     observations left out; ``pred_corrected`` defaults to True there (False for other models, which need ``x``).
-    Bins: ``bins`` (edges), else up to ``max_bins`` quantile bins of x.
+    Bins: ``bins`` (edges), else up to ``max_bins`` quantile bins of x.  A model with several responses needs
+    ``response`` (one of its response names): the observations of that response only.
     """
     from latentfit.inference.diagnostics import VPC, default_bins, simulate_observations
 
@@ -327,6 +328,7 @@ def vpc_summary(fit: Any, x: Any = None, *, pred_corrected: bool | None = None, 
     sims = _natural(model, simulate_observations(fit.model, theta, num_sims, seed))  # [K, N, T]
     if model is not None:
         y, mask = model.data.dv, model.data.mask & (model.data.cens == 0)
+        mask = mask & _response_mask(model, response)
     else:
         y, mask = (ops.to_numpy(a) for a in fit.model.observations())
         mask = mask.astype(bool)
@@ -370,9 +372,36 @@ def plot_vpc(fit: Any, x: Any = None, num_sims: int = 500, bins: Any = None, lev
     plt = _plt()
     model = _nlme(fit)
     pc = model is not None if pred_corrected is None else bool(pred_corrected)
-    v = vpc_summary(fit, x, pred_corrected=pc, num_sims=num_sims, bins=bins, level=level, seed=seed)
     _, xlabel = _x_values(fit, x)
-    fig, ax = plt.subplots(figsize=figsize or (8.5, 4.5))
+    responses = model._resp.names if model is not None and getattr(model, "_resp", None) is not None else [None]
+    fig, axes = plt.subplots(1, len(responses), figsize=figsize or (4.5 + 4 * len(responses), 4.5), squeeze=False)
+    for ax, response in zip(axes[0], responses, strict=True):
+        v = vpc_summary(fit, x, pred_corrected=pc, num_sims=num_sims, bins=bins, level=level, seed=seed,
+                        response=response)
+        _draw_vpc(ax, v, level, xlabel, model, pc, log)
+        if response is not None:
+            ax.set_title(response, fontsize=10)
+            if ax is not axes[0, -1]:  # one legend, right of the last panel
+                ax.get_legend().remove()
+    fig.tight_layout()
+    return fig
+
+
+def _response_mask(model: Any, response: str | None) -> np.ndarray:
+    """``[N, T]``: the observations of ``response`` (all of them for a model with one response)."""
+    resp = getattr(model, "_resp", None)
+    if resp is None:
+        if response is not None:
+            raise ValueError(f"response={response!r}: the model has a single response")
+        return np.ones(model.data.mask.shape, dtype=bool)
+    if response not in resp.names:
+        raise ValueError(f"the model has several responses {resp.names}: give response= one of them "
+                         f"(got {response!r})")
+    return model.ops.to_numpy(resp.index) == resp.names.index(response)
+
+
+def _draw_vpc(ax: Any, v: Any, level: float, xlabel: str, model: Any, pc: bool, log: bool) -> None:
+    """One VPC panel (see :func:`plot_vpc`)."""
     ax.scatter(v.x, v.y, s=8, color="0.5", alpha=0.6, label="observations")
     names = [f"{100 * q:g}%" for q in v.quantiles]
     mid = int(np.argmin(np.abs(np.asarray(v.quantiles) - 0.5)))
@@ -393,8 +422,6 @@ def plot_vpc(fit: Any, x: Any = None, num_sims: int = 500, bins: Any = None, lev
     if log:
         _set_log_y(ax, v.y)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.tight_layout()
-    return fig
 
 
 # ----- goodness of fit --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from scipy.stats import norm
 from latentfit.inference.model import DataError, ModelSpecificationError
 from latentfit.models import nlme
 from latentfit.models.nlme.responses import oral_effect_imax
+from latentfit.plots import vpc_summary
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 P = nlme.Parameter
@@ -170,7 +171,8 @@ def test_joint_pkpd_recovery_three_seeds():
 
 def test_individual_fits_have_a_panel_per_subject_and_response():
     """``plot_individual_fits``: one panel per (subject, response), each drawing only its response's observations and
-    predictions; with occasions, one IPRED curve per occasion (not joined across a time restart)."""
+    predictions; with occasions, one IPRED curve per occasion (not joined across a time restart); the VPC: one
+    panel per response."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,4 +190,13 @@ def test_individual_fits_have_a_panel_per_subject_and_response():
         ipred = [ln for ln in ax.get_lines() if ln.get_label() == "IPRED"]
         assert len(ipred) == 2 and all(list(ln.get_xdata()) == list(times) for ln in ipred)
         assert sorted(set(ax.collections[0].get_offsets()[:, 0])) == list(times)
+    plt.close(fig)
+    # the VPC: one panel per response, each binning its own observations
+    for name, times in (("conc", (0.5, 1, 2, 4, 8, 24)), ("effect", (2, 6, 12, 24, 48, 72))):
+        v = vpc_summary(fit, num_sims=20, response=name, pred_corrected=False)
+        assert sorted(set(v.x)) == list(times) and len(v.x) == 3 * 2 * 6
+    with pytest.raises(ValueError, match="several responses"):
+        vpc_summary(fit, num_sims=5)
+    fig = fit.plot_vpc(num_sims=20)
+    assert [ax.get_title() for ax in fig.axes] == ["conc", "effect"]
     plt.close(fig)
