@@ -267,7 +267,7 @@ class StatEngine(Engine):
         ops = self.ops
         if not self.monte_carlo and not self.needs_table:
             total, ll = self.model.sum_expected_stats(theta, None)
-            return self._all_sum(total), None, ops.all_sum(ll), state
+            return self._all_sum(total), None, None if ll is None else ops.all_sum(ll), state
         rows, state = self.oracle(state, theta, ops.arange(self.model.num_units), key)
         return self.reduce(rows, None), rows, None, state
 
