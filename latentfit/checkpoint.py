@@ -6,7 +6,9 @@ the arrays are: state paths, dtypes, the iteration reached, the engine class, it
 library version, the optimiser ``param_groups``, the SHA-256 of the tensors file).  Neither file can hold code:
 the tensors are read by ``safetensors.numpy.load_file`` and the sidecar by ``json.load``.  Both are written to a
 temporary file in the same directory, flushed and moved into place with ``os.replace``, the sidecar last (a
-checkpoint without its sidecar is never read).
+checkpoint without its sidecar is never read).  In a distributed fit (``run(distributed=True)``) every process writes
+its own shard, ``ckpt-000120.rank<r>-of-<P>.*``, whose sidecar records its rank and the number of processes (a
+resume with another number of processes is refused).
 
 Restoring needs the *structure* of the state (dicts, tuples, optax named tuples, ``torch.optim`` objects):
 the driver builds a template with the engine's ``init`` and this module fills its leaves with the stored
