@@ -69,3 +69,42 @@ def test_two_processes_equal_one(two_processes: Path) -> None:
 def test_distributed_needs_a_process_group() -> None:
     with pytest.raises(RuntimeError, match="torchrun"):
         _fit(distributed=True)
+
+
+JAX_CHILD = r"""
+import json, sys
+import jax
+jax.config.update("jax_enable_x64", True)
+import numpy as np
+import latentfit as lf
+from latentfit.inference.saem import SAEM
+from latentfit.models import nlme
+
+df = lf.datasets.theophylline(saemix_form=True)
+model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, data=df, backend="jax",
+                  columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
+opts = dict(num_iters=(8, 4), seed=0, progress=False, rng="per_unit", chunk_size=4)
+fits = [SAEM(model, **opts).run(devices=d) for d in (None, 2)]
+z = fits[1].state["z"]
+print("RESULT" + json.dumps({
+    "diff": max(float(np.max(np.abs(np.asarray(fits[0].params[k]) - np.asarray(fits[1].params[k]))))
+                for k in fits[0].params),
+    "z_devices": len(z.sharding.device_set), "z_shard": list(z.sharding.shard_shape(z.shape))}))
+"""
+
+
+@pytest.mark.slow
+def test_nlme_two_jax_devices_equal_one() -> None:
+    """The NLME fast path with ``backend="jax"``: theophylline's chains [5, 12, 3] split over two host devices, the
+    estimates equal the one-device fit to 1e-10."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", JAX_CHILD], capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))[len("RESULT"):])
+    assert out["diff"] < 1e-10
+    assert out["z_devices"] == 2 and out["z_shard"] == [5, 6, 3]
