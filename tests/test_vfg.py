@@ -267,13 +267,24 @@ def test_log_prob_change_of_variables() -> None:
 # -- fit API ----------------------------------------------------------------------------------------------
 def test_fit_api_history_sample_reconstruct() -> None:
     tr, _, _ = _split(200, 0, seed=3)
-    fit = VFG(SYNTHETIC_STRUCTURE, hidden=16, blocks=2).fit(tr, num_epochs=4, batch_size=50, progress=False)
+    calls: list = []
+    fit = VFG(SYNTHETIC_STRUCTURE, hidden=16, blocks=2).fit(tr, num_epochs=4, batch_size=50, progress=False,
+                                                            callback=lambda k, info: calls.append((k, info)))
     assert len(fit.history) == 4 and all(np.isfinite(fit.history))
+    assert calls == [(k + 1, {"loss": v}) for k, v in enumerate(fit.history)]  # the driver's callback convention
     # training decreases the negative ELBO: per epoch (history: the epoch's mean over its steps, > 0 here as the
     # Gaussian terms alone exceed 8·½ log 2π) and on the data, against the untrained (identity) flows
     untrained = VFG(SYNTHETIC_STRUCTURE, hidden=16, blocks=2).fit(tr, num_epochs=0, progress=False)
     assert fit.history[0] > 8 * 0.5 * LOG_2PI and fit.history[-1] < fit.history[0], fit.history
     assert fit.negative_elbo(tr) < untrained.negative_elbo(tr) - 0.1
+    # early stopping on held-out rows: the callback sees the validation loss; patience 1 stops at the first
+    # epoch that does not improve on the best
+    calls.clear()
+    val = VFG(SYNTHETIC_STRUCTURE, hidden=16, blocks=2).fit(tr, num_epochs=30, batch_size=50, learning_rate=3e-2,
+                                                            progress=False, validation=0.25, patience=1,
+                                                            callback=lambda k, info: calls.append(info["val_loss"]))
+    assert calls == val.val_history and len(val.history) == len(calls)
+    assert len(calls) == 30 or calls[-1] >= min(calls[:-1])
     h = fit.encode(tr)
     assert h.shape == (200, 2)
     assert fit.decode(h).shape == (200, 8)
@@ -346,9 +357,12 @@ def test_synthetic_imputation_full_size_vs_knn_and_iterative() -> None:
 @pytest.mark.skipif(not _jax_available(), reason="flowjax not installed")
 def test_jax_backend_fits_and_imputes() -> None:
     tr, te, te_nan = _split(200, 100, seed=2)
+    calls: list = []
     fit = VFG(SYNTHETIC_STRUCTURE, backend="jax", hidden=16, blocks=2, masking=True, min_dim=4).fit(
-        tr, num_epochs=8, batch_size=200, learning_rate=1e-2, progress=False)  # one batch shape: two compiles
+        tr, num_epochs=8, batch_size=200, learning_rate=1e-2, progress=False,  # one batch shape: two compiles
+        callback=lambda k, info: calls.append((k, info)))
     assert len(fit.history) == 8 and np.isfinite(fit.history).all()
+    assert calls == [(k + 1, {"loss": v}) for k, v in enumerate(fit.history)]
     assert fit.history[-2] < fit.history[0]  # even epochs: plain steps
     imp = np.asarray(fit.impute(te_nan))
     assert np.isfinite(imp).all() and np.array_equal(imp[:, [0, 1, 4, 5]], te[:, [0, 1, 4, 5]])
@@ -445,3 +459,7 @@ def test_readme_vfg_block_runs() -> None:
     assert len(names["bmi"].parents) == 2 and len(ns["fit"].graph.roots) == 2
     assert tuple(ns["elbo"].shape) == (x.shape[0],) and torch.isfinite(ns["elbo"]).all()
     assert not torch.isnan(ns["x_hat"]).any()
+    # the density block: a held-out score per pixel, better than the untrained (identity-initialised) flows'
+    y, nll = ns["y"], float(ns["nll"])
+    untrained = VFG(ns["tree"], hidden=16, blocks=2).fit(y[:1500], num_epochs=0, progress=False)
+    assert math.isfinite(nll) and nll < float(-untrained.log_prob(y[1500:]).mean()) / 64 - 0.05, nll
