@@ -123,7 +123,7 @@ def log_likelihood_is(model: LatentModel, theta: dict[str, Any], cond_mean: Any,
 
 def importance_moments(model: LatentModel, theta: dict[str, Any], cond_mean: Any, cond_sd: Any, *,
                        num_samples: int = 2000, df: int = 4, inflate: float = 1.5, seed: int = 1,
-                       units: Any = None) -> tuple[Any, Any]:
+                       batch_size: int = 500, units: Any = None) -> tuple[Any, Any]:
     """Self-normalised importance-sampling estimates of every unit's conditional mean and sd ``[n, d]``.
 
     A pilot pass of adaptive importance sampling (population Monte Carlo, Cappé, Guillin, Marin & Robert, JCGS
@@ -139,9 +139,12 @@ def importance_moments(model: LatentModel, theta: dict[str, Any], cond_mean: Any
     with ops.seed_context(seed):
         t = student_t_draws(ops, ops.key(seed), (int(num_samples),) + tuple(m.shape), int(df))
     z = m + s * t
-    ll, lp = model.log_densities(theta, z, units)
-    lw = ll + lp - xp.sum(student_t_log_pdf(t, float(df), xp), -1)
-    lw = ops.stop_gradient(xp.where(lw == lw, lw, -xp.inf))
+    chunks = []
+    for start in range(0, int(num_samples), int(batch_size)):  # the model evaluated batch by batch (memory)
+        ll, lp = model.log_densities(theta, z[start:start + int(batch_size)], units)
+        chunks.append(ops.stop_gradient(ll + lp))
+    lw = xp.concatenate(chunks, 0) - xp.sum(student_t_log_pdf(t, float(df), xp), -1)
+    lw = xp.where(lw == lw, lw, -xp.inf)
     w = xp.exp(lw - xp.amax(lw, 0))
     w = (w / xp.sum(w, 0))[..., None]  # [S, n, 1]
     mean = xp.sum(w * z, 0)
