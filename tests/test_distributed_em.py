@@ -74,6 +74,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         for engine in [*ENGINES, "pyro-FIEM"]:
             fit = _fit(torch.as_tensor(x[shard]), engine, distributed=True)
             np.savez(Path(out) / f"{engine}-rank{rank}.npz", log_lik=fit.history["log_lik"],
+                     final_log_lik=fit.log_likelihood(), bic=fit.bic,  # post-fit: all-reduced over the processes
                      **{f"param_{k}": np.asarray(v) for k, v in fit.params.items()})
     finally:
         dist.destroy_process_group()
@@ -95,6 +96,7 @@ def test_two_processes_equal_one(two_processes: Path, engine: str) -> None:
         for name, value in one.params.items():
             np.testing.assert_allclose(r[f"param_{name}"], np.asarray(value), rtol=0, atol=1e-10, err_msg=name)
         np.testing.assert_allclose(r["log_lik"], one.history["log_lik"], rtol=1e-12, atol=0)
+        np.testing.assert_allclose([r["final_log_lik"], r["bic"]], [one.log_likelihood(), one.bic], rtol=1e-12)
     # the fits moved: the log-likelihood increased from the k-means start
     assert one.history["log_lik"][-1] > one.history["log_lik"][0]
 

@@ -41,7 +41,9 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
             _fit(covariates={"CL": {"Weight": "center"}}, distributed=True)
         except ModelSpecificationError as err:
             refused = str(err)
-        np.savez(Path(out) / f"rank{rank}.npz", num_units=fit.model.num_units, refused=refused,
+        ll = fit.log_likelihood("gq", num_nodes=5)  # post-fit: this process's individuals, summed over processes
+        np.savez(Path(out) / f"rank{rank}.npz", num_units=fit.model.num_units, refused=refused, ll=ll,
+                 bic_penalty=fit.bic - fit.minus_two_ll,  # p log N: N the individuals of every process
                  objective=fit.history["objective"], **{f"param_{k}": np.asarray(v) for k, v in fit.params.items()})
     finally:
         dist.destroy_process_group()
@@ -62,6 +64,8 @@ def test_two_processes_equal_one(two_processes: Path) -> None:
         for name, value in one.params.items():
             np.testing.assert_allclose(r[f"param_{name}"], np.asarray(value), rtol=0, atol=1e-10, err_msg=name)
         np.testing.assert_allclose(r["objective"], one.history["objective"], rtol=1e-12, atol=0)
+        np.testing.assert_allclose(r["ll"], one.log_likelihood("gq", num_nodes=5), rtol=1e-9)
+        np.testing.assert_allclose(r["bic_penalty"], one.bic - one.minus_two_ll, rtol=1e-12)
         assert "Weight (center)" in str(r["refused"]) and "centre them in the table" in str(r["refused"])
     assert sorted(one.params) == ["CL", "V", "a", "ka", "omega2_CL", "omega2_V", "omega2_ka"]
 

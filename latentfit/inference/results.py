@@ -206,9 +206,27 @@ class FitResult:
                     mean, sd, df = tune(theta, mean, sd, df)
                 res = lk.log_likelihood_is(self.model, theta, mean, sd, num_samples=num_samples, df=df, seed=seed,
                                            batch_size=batch_size)
+            res = self._across_processes(res)
             cache[key] = res
             self._cache.setdefault("loglik_by_method", {})[method] = res
         return cache[key].value
+
+    def _across_processes(self, res: Any) -> Any:
+        """A distributed fit's log-likelihood: every process's sum over its units, all-reduced (Monte-Carlo variances
+        add); ``per_unit`` keeps this process's terms.  Every process must ask for the same method (a collective)."""
+        ops = self.engine.ops
+        if not hasattr(ops, "world_size"):
+            return res
+        import dataclasses
+
+        se = 0.0 if res.mc_se is None else float(res.mc_se)
+        value, var = (float(v) for v in ops.to_numpy(ops.all_sum(ops.asarray(np.array([float(res.value), se * se])))))
+        return dataclasses.replace(res, value=value, mc_se=None if res.mc_se is None else var ** 0.5)
+
+    @property
+    def num_units(self) -> int:
+        """Units of the fit: of every process in a distributed fit (the model holds this process's shard)."""
+        return int(getattr(self.engine, "_total_units", self.model.num_units))
 
     @property
     def log_likelihoods(self) -> dict[str, Any]:
@@ -242,7 +260,7 @@ class FitResult:
     @property
     def bic(self) -> float:
         """``−2LL + p log N`` with N the number of units (saemix's BIC)."""
-        return self.minus_two_ll + self.num_params * float(np.log(self.model.num_units))
+        return self.minus_two_ll + self.num_params * float(np.log(self.num_units))
 
     def likelihood_table(self, methods: tuple[str, ...] | list[str] | None = None):
         """−2LL, AIC and BIC by each likelihood method, as saemix prints them (pandas, one row per method).
@@ -260,7 +278,7 @@ class FitResult:
                 methods = (["lin"] if (m.has_gaussian_obs and m.has_gaussian_prior) else []) + ["is"]
                 if m.latent_dim <= 4:
                     methods.append("gq")
-        p, n = self.num_params, self.model.num_units
+        p, n = self.num_params, self.num_units
         rows = {}
         for method in methods:
             ll = self.log_likelihood(method)
