@@ -265,7 +265,10 @@ class Engine:
         if resume is True:
             if checkpoint is None:
                 raise ValueError("resume=True continues from the checkpoint directory: pass checkpoint=<dir>")
-            if not checkpoint_world_sizes(checkpoint):
+            found = bool(checkpoint_world_sizes(checkpoint))
+            if shard is not None:  # every process decides alike (directories need not be shared)
+                found = any(self.ops.gather_objects(found))
+            if not found:
                 return None
             resume = checkpoint
         if resume not in (None, False):
@@ -282,11 +285,11 @@ class Engine:
         from latentfit.checkpoint import checkpoint_files, load_checkpoint
 
         mine = dict(checkpoint_files(directory, shard))
+        common = set(mine)
+        for iterations in self.ops.gather_objects(sorted(mine)):  # before any process raises: none waits for another
+            common &= set(iterations)
         if not mine:
             load_checkpoint(directory, shard)  # raises: no checkpoint, or one of a fit over another number of processes
-        common = set(mine)
-        for iterations in self.ops.gather_objects(sorted(mine)):
-            common &= set(iterations)
         if not common:
             raise FileNotFoundError(f"the processes' checkpoints in {str(directory)!r} share no iteration (process "
                                     f"{shard[0]} holds {sorted(mine)}): resume from an earlier copy")
