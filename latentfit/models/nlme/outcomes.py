@@ -41,6 +41,7 @@ NLME(<lambda>, parameters=['theta1', 'theta2'], random=['theta1'], outcome='bina
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -395,7 +396,7 @@ def bind(model: NLME, data: Any) -> dict[str, Any]:
         i, j = np.unravel_index(problem[0], data.dv.shape)
         raise DataError(f"{problem[1]} (ID {_id(data.ids[i])}, row {data.obs_rows[i, j]})")
     consts = {"dv": np.where(data.mask, data.dv, 0.0), **model.outcome.constants(data)}
-    model.importance_proposal = lambda theta, mean, sd, df: importance_proposal(model, theta, mean, sd, df)
+    model.importance_proposal = functools.partial(importance_proposal, model)  # read by fit.log_likelihood("is")
     return {k: model.ops.asarray(v) for k, v in consts.items()}
 
 
