@@ -109,23 +109,25 @@ def _terms(model, values, eta):
     return model.ops.to_numpy(oc.log_prob(model, theta, z)), model.data
 
 
+def _on_random_data(case: str, draw_dv, rng: np.random.Generator, eta_sd: float = 1.0):
+    """The model of ``case`` bound to its design with ``DV = draw_dv(n)``, its log-probabilities at random η:
+    ``(log-probabilities [N, T], data, truth, η)``."""
+    model, truth = CASES[case]()
+    df = model.table.copy()
+    df["DV"] = draw_dv(len(df)).astype(float)
+    model = model.bind(df)
+    eta = rng.normal(scale=eta_sd, size=model.num_units)
+    lp, data = _terms(model, truth, eta)
+    return lp, data, truth, eta
+
+
 def test_binary_and_ordinal_log_probabilities_are_bernoulli_and_cumulative_logits():
     rng = np.random.default_rng(0)
-    model, truth = binary_case()
-    df = model.table.copy()
-    df["DV"] = rng.integers(0, 2, len(df)).astype(float)
-    model = model.bind(df)
-    eta = rng.normal(size=model.num_units)
-    lp, data = _terms(model, truth, eta)
+    lp, data, truth, eta = _on_random_data("binary", lambda n: rng.integers(0, 2, n), rng)
     logit = (truth["theta1"] + eta)[:, None] + truth["theta2"] * data.time
     np.testing.assert_allclose(lp, stats.bernoulli.logpmf(data.dv, 1 / (1 + np.exp(-logit))), rtol=0, atol=1e-10)
 
-    model, truth = ordinal_case()
-    df = model.table.copy()
-    df["DV"] = rng.integers(0, 4, len(df)).astype(float)
-    model = model.bind(df)
-    eta = rng.normal(size=model.num_units)
-    lp, data = _terms(model, truth, eta)
+    lp, data, truth, eta = _on_random_data("ordinal", lambda n: rng.integers(0, 4, n), rng)
     c = np.cumsum([truth["alp1"], truth["alp2"], truth["alp3"]])
     c = c[None, None, :] + eta[:, None, None]  # c_k + η on alp1 (random), [N, 1, K]
     below = 1 / (1 + np.exp(-(c + truth["beta"] * data.time[..., None])))  # P(y <= k - 1), k = 1..3
@@ -138,12 +140,7 @@ def test_binary_and_ordinal_log_probabilities_are_bernoulli_and_cumulative_logit
 def test_count_log_probabilities_are_poisson_and_negative_binomial():
     rng = np.random.default_rng(1)
     for case in ("poisson", "negative_binomial"):
-        model, truth = CASES[case]()
-        df = model.table.copy()
-        df["DV"] = rng.poisson(6.0, len(df)).astype(float)
-        model = model.bind(df)
-        eta = rng.normal(scale=0.5, size=model.num_units)
-        lp, data = _terms(model, truth, eta)
+        lp, data, truth, eta = _on_random_data(case, lambda n: rng.poisson(6.0, n), rng, eta_sd=0.5)
         mean = truth["lam"] * np.exp(eta)[:, None] * np.exp(truth["slope"] * data.time)
         if case == "poisson":
             expected = stats.poisson.logpmf(data.dv, mean)
