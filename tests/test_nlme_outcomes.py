@@ -307,6 +307,19 @@ alp3 = { init = 1.0, random = false }
 beta = { init = 0.0, transform = "normal", random = false }
 """
 
+LOGLIK_TOML = """
+[model]
+file = "loglik.py"
+function = "loglik"
+
+[outcome]
+type = "loglik"
+
+[parameters]
+theta1 = { init = -0.5, transform = "normal" }
+theta2 = { init = 0.1, transform = "normal", random = false }
+"""
+
 TTE_TOML = """
 [outcome]
 type = "tte"
@@ -334,6 +347,15 @@ def test_model_files_with_an_outcome_build_the_same_model(tmp_path):
     theta = _theta(model, truth)
     z = model.ops.asarray(np.random.default_rng(4).normal(size=(2, model.num_units, 1)))
     np.testing.assert_allclose(model.ops.to_numpy(from_file.log_lik(theta, z)),
+                               model.ops.to_numpy(model.log_lik(theta, z)), rtol=1e-12)
+    (tmp_path / "loglik.py").write_text("def loglik(psi, data):\n"
+                                        "    logit = psi['theta1'] + psi['theta2'] * data.time\n"
+                                        "    return data.dv * logit - data.xp.log1p(data.xp.exp(logit))\n")
+    user = parse_config(LOGLIK_TOML, tmp_path / "loglik.toml")
+    model, truth = _simulated("binary")
+    theta = _theta(model, truth)
+    z = model.ops.asarray(np.random.default_rng(4).normal(size=(2, model.num_units, 1)))
+    np.testing.assert_allclose(model.ops.to_numpy(user.model(model.table).log_lik(theta, z)),
                                model.ops.to_numpy(model.log_lik(theta, z)), rtol=1e-12)
     cfg = parse_config(TTE_TOML, tmp_path / "tte.toml")
     assert cfg.structural is None and cfg.outcome.hazard == "weibull"
