@@ -64,3 +64,77 @@ def test_enable_compilation_cache_sets_jax_options(tmp_path):
     finally:
         jax.config.update("jax_compilation_cache_dir", before[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+
+
+def test_second_same_shaped_fit_in_one_process_compiles_nothing():
+    """Item 3: compiled chunks are keyed on the traced program and the avals of its inputs, with the data passed as
+    arguments, so a second fit of a same-shaped model on other data reuses the first fit's executables; its
+    estimates equal those of a fit that compiled afresh."""
+    import jax
+    import numpy as np
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.distributions import constraints
+
+    from latentfit.inference import ops_jax
+    from latentfit.numpyro import SAEM
+
+    def model(y):
+        mu = numpyro.param("mu", 0.0)
+        omega = numpyro.param("omega", 1.0, constraint=constraints.positive)
+        sigma = numpyro.param("sigma", 1.0, constraint=constraints.positive)
+        with numpyro.plate("unit", y.shape[0], dim=-2):
+            b = numpyro.sample("b", dist.Normal(mu, omega))
+            with numpyro.plate("obs", y.shape[1], dim=-1):
+                numpyro.sample("y", dist.Normal(b, sigma), obs=y)
+
+    def data(seed):
+        rng = np.random.default_rng(seed)
+        return 1.0 + 0.8 * rng.normal(size=(40, 1)) + 0.5 * rng.normal(size=(40, 5))
+
+    def fit(y):
+        return SAEM(model, num_iters=(10, 10), progress=False).run(jax.random.PRNGKey(0), y)
+
+    first = fit(data(0))
+    programs = dict(ops_jax._PROGRAMS)
+    second = fit(data(1))
+    assert dict(ops_jax._PROGRAMS).keys() == programs.keys()  # nothing new was compiled
+    assert second.compile_time < 0.25 * first.compile_time, (first.compile_time, second.compile_time)
+    assert float(second.params["mu"]) != float(first.params["mu"])  # the new data were used, not the old ones
+    saved = dict(ops_jax._PROGRAMS)
+    ops_jax._PROGRAMS.clear()
+    try:
+        fresh = fit(data(1))
+    finally:
+        ops_jax._PROGRAMS.update(saved)
+    for name in fresh.params:
+        np.testing.assert_array_equal(np.asarray(second.params[name]), np.asarray(fresh.params[name]))
+    # a different shape is a different program
+    rng = np.random.default_rng(2)
+    fit(1.0 + rng.normal(size=(30, 5)))
+    assert set(ops_jax._PROGRAMS) - set(saved)
+
+
+def test_shared_jit_binds_each_closures_arrays_as_arguments():
+    """Two closures over different arrays of one shape share one executable, each computing with its own array;
+    another shape is another program; under a transformation (grad) the function is inlined."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from latentfit.inference import ops_jax
+
+    def closure(data):
+        return ops_jax.SharedJit(lambda t: jnp.sum(jnp.sin(t * data) ** 2))
+
+    a, b = np.linspace(0.0, 1.0, 7), np.linspace(-2.0, 3.0, 7)
+    t = jnp.asarray(np.linspace(0.5, 1.5, 7))
+    before = set(ops_jax._PROGRAMS)
+    fa, fb = closure(a), closure(b)
+    np.testing.assert_allclose(float(fa(t)), float(jnp.sum(jnp.sin(t * a) ** 2)), rtol=1e-6)
+    np.testing.assert_allclose(float(fb(t)), float(jnp.sum(jnp.sin(t * b) ** 2)), rtol=1e-6)
+    assert len(set(ops_jax._PROGRAMS) - before) == 1  # one executable for both closures
+    fc = closure(np.ones(5))
+    np.testing.assert_allclose(float(fc(jnp.ones(5))), float(jnp.sum(jnp.sin(jnp.ones(5)) ** 2)), rtol=1e-6)
+    assert len(set(ops_jax._PROGRAMS) - before) == 2
+    np.testing.assert_allclose(jax.grad(fa)(t), jax.grad(lambda s: jnp.sum(jnp.sin(s * a) ** 2))(t), rtol=1e-6)

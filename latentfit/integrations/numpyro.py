@@ -21,7 +21,7 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import ExpTransform, biject_to
 
 from latentfit.inference.model import ParamInfo
-from latentfit.inference.ops_jax import JaxOps, default_float_dtype
+from latentfit.inference.ops_jax import JaxOps, SharedJit, default_float_dtype
 from latentfit.integrations.traced import PPL, Frame, Site, TracedLatentModel
 
 
@@ -61,27 +61,6 @@ def _site_log_prob(site: dict) -> Any:
     if mask is not None and not (isinstance(mask, bool) and mask):
         lp = jnp.where(mask, lp, 0.0)
     return lp
-
-
-class _LazyJit:
-    """Call ``fn`` op by op for its first eager calls, then through ``jax.jit``.
-
-    Inside a traced engine step ``fn`` is simply inlined.  Eagerly, a handful of calls (tracing
-    checks, an engine's ``init``) are cheaper op by op than compiling a fresh closure per model;
-    repeated eager use (post-fit likelihoods, diagnostics) switches to the compiled function.
-    """
-
-    def __init__(self, fn: Any, eager_calls: int = 3) -> None:
-        self.fn = fn
-        self.jitted = jax.jit(fn)
-        self.eager_calls = eager_calls
-        self.calls = 0
-
-    def __call__(self, *args: Any) -> Any:
-        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(args)):
-            return self.fn(*args)
-        self.calls += 1
-        return self.fn(*args) if self.calls <= self.eager_calls else self.jitted(*args)
 
 
 #: pytree-valued params (``numpyro.contrib.module``'s ``"net$params"``): name -> (leaf names, tree structure)
@@ -148,14 +127,14 @@ class NumPyroPPL(PPL):
         return JaxOps(dtype=dtype)
 
     def vectorise(self, f: Any, pure: bool = True) -> Any:
-        return _LazyJit(jax.vmap(f, in_axes=(None, 0)))
+        return SharedJit(jax.vmap(f, in_axes=(None, 0)))
 
     # one-off derivatives at set-up: one compiled program each (eagerly, every primitive compiles apart)
     def jvp(self, f: Any, x: Any, t: Any) -> Any:
-        return jax.jit(lambda x, t: jax.jvp(f, (x,), (t,))[1])(x, jnp.asarray(t, dtype=x.dtype))
+        return SharedJit(lambda x, t: jax.jvp(f, (x,), (t,))[1])(x, jnp.asarray(t, dtype=x.dtype))
 
     def grad_params(self, f: Any, theta: dict[str, Any]) -> dict[str, Any]:
-        return jax.jit(jax.grad(f))(dict(theta))
+        return SharedJit(jax.grad(f))(dict(theta))
 
     def biject_to(self, constraint: Any) -> Any:
         return biject_to(constraint)

@@ -34,7 +34,7 @@ import numpyro.distributions as ndist
 from numpyro import handlers, validation_enabled
 
 from latentfit.inference.model import LatentModel, LatentSite, ModelSpecificationError
-from latentfit.inference.ops_jax import JaxOps
+from latentfit.inference.ops_jax import JaxOps, SharedJit
 from latentfit.integrations._common import EnumMixtureFace
 from latentfit.integrations.numpyro import NumPyroLatentModel, _site_log_prob, _unwrap, numpyro_params
 from latentfit.models.mixture import GaussianMixture
@@ -84,7 +84,7 @@ class NumPyroEnumModel(EnumMixtureFace, LatentModel):
         self._gm: GaussianMixture | None = None
         self._recognise()
         self.has_stats = self.has_expected_stats = self._gm is not None
-        self._table = jax.jit(jax.vmap(self._table_one, in_axes=(None, 0)))  # one program, not op by op
+        self._table = SharedJit(jax.vmap(self._table_one, in_axes=(None, 0)))  # one program, not op by op
         self._check_family_estep()
 
     # ----- structure --------------------------------------------------------------------------------
