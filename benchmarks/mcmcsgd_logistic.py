@@ -119,7 +119,9 @@ MCMCSGD`` (533 s, load average 6-10; the estimates are the same fits, bit for bi
 Reading.  With the defaults MCMCSGD ends as close to the exact maximum as SAEM or closer (Pyro −0.27, NumPyro −0.77,
 SAEM −0.81 LL units; within 1.1 SE on every parameter), i.e. within SAEM's own Monte-Carlo error; the IS
 log-likelihood used to check it has an MC error of 0.2 (and a −0.2 bias), the size of the remaining gaps.  (The
-NumPyro fits, other random streams, were behind the Pyro ones on all three seeds: not understood.)  *Speed*: the
+NumPyro fits, other random streams, were behind the Pyro ones on all three seeds; four more fit seeds (10-13) on
+data seed 1 gave ΔLL −0.50, −0.05, −1.26, −0.40 (NumPyro, mean −0.55) and −0.62, −0.43, −0.52, −0.29 (Pyro, mean
+−0.47): no PPL effect, and the Monte-Carlo spread of one fit's ΔLL is about ±0.35 — Pyro's −0.09 on seed 1 was luck.)  *Speed*: the
 running average reaches SAEM's final log-likelihood after about as many iterations as SAEM (Pyro 242-263, just
 after the averaging starts at 250, against SAEM's 198-257; NumPyro 365-434), and a Pyro MCMCSGD iteration (a
 gradient of the complete log-likelihood and an Adam step) costs a little more than SAEM's closed-form M-step (about
