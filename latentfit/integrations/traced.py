@@ -547,7 +547,9 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
             raise ModelSpecificationError(
                 f"sampling the latent site(s) {bad} from the model at the initial parameter values "
                 f"gave NaN/inf; check the initial values of the {self.ppl.name}.param sites")
-        self.raise_for_nonfinite(theta, z)
+        ll, lp = self.log_densities(theta, z)  # the compiled densities; the site-by-site diagnosis only when needed
+        if not np.isfinite(self.ops.to_numpy(ll + lp)).all():
+            self.raise_for_nonfinite(theta, z)
 
     def raise_for_nonfinite(self, theta: dict[str, Any], z: Any) -> None:
         """Raise naming the site whose log-density is NaN/inf at ``(θ, z)`` (no-op when all finite)."""
