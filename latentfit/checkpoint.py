@@ -1,7 +1,8 @@
 """Checkpoints of an engine run: write every few chunks, resume bit for bit.
 
 A checkpoint is a pair of files in one directory, ``ckpt-000120.safetensors`` (every array: the leaves of the
-engine state, the history so far, the collected latent draws, torch's RNG state) and ``ckpt-000120.json`` (what
+engine state, its random stream included (a JAX key, or a ``torch.Generator``'s state), the history so far, the
+collected latent draws) and ``ckpt-000120.json`` (what
 the arrays are: state paths, dtypes, the iteration reached, the engine class, its options, the data shapes, the
 library version, the optimiser ``param_groups``, the SHA-256 of the tensors file).  Neither file can hold code:
 the tensors are read by ``safetensors.numpy.load_file`` and the sidecar by ``json.load``.  Both are written to a
@@ -10,7 +11,10 @@ checkpoint without its sidecar is never read).  In a distributed fit (``run(dist
 its own shard, ``ckpt-000120.rank<r>-of-<P>.*``, whose sidecar records its rank and the number of processes (a
 resume with another number of processes is refused).
 
-Restoring needs the *structure* of the state (dicts, tuples, optax named tuples, ``torch.optim`` objects):
+The state's ``NamedTuple`` records are stored field by field, by name.  Format 1 (engine states as dicts, torch's
+global RNG state beside them) is refused with a message: such a run is started again.
+
+Restoring needs the *structure* of the state (named tuples, dicts, tuples, ``torch.optim`` objects):
 the driver builds a template with the engine's ``init`` and this module fills its leaves with the stored
 arrays (torch optimisers through ``load_state_dict``; their parameters are copied in place so the optimiser
 keeps pointing at them).  See :meth:`latentfit.inference.driver.Engine.run` (``checkpoint=``, ``resume=``).
@@ -32,7 +36,7 @@ from typing import Any
 import numpy as np
 
 FORMAT = "latentfit-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _NAME = re.compile(r"^ckpt-(\d+)(?:\.rank(\d+)-of-(\d+))?\.json$")
 #: engine attributes that do not change the iterates (never compared on resume)
 _IGNORED_OPTIONS = frozenset({"progress", "callback", "model", "ops"})
@@ -104,6 +108,8 @@ def _children(node: Any) -> list[tuple[Any, Any]] | None:
     """``[(path element, child)]`` of a container node, None for a leaf."""
     if isinstance(node, dict):
         return list(node.items())
+    if _is_namedtuple(node):  # by field name: a record's fields, not their positions
+        return list(zip(node._fields, node))
     if isinstance(node, (list, tuple)):
         return list(enumerate(node))
     return None
@@ -146,6 +152,9 @@ class _Packer:
         if mod == "torch":
             import torch
 
+            if isinstance(x, torch.Generator):  # the random stream of a torch fit
+                return {"kind": "torch_generator", "tensor": self.add(name, x.get_state().numpy()),
+                        "device": str(x.device)}
             if isinstance(x, torch.Tensor):
                 arr = x.detach().cpu().numpy()
                 return {"kind": "torch", "tensor": self.add(name, arr), "dtype": str(arr.dtype),
@@ -222,6 +231,13 @@ def _restore_leaf(desc: dict[str, Any], tensors: dict[str, np.ndarray], template
     arr = tensors[desc["tensor"]]
     if kind == "numpy":
         return arr[()] if desc.get("scalar") else arr.copy()
+    if kind == "torch_generator":
+        import torch
+
+        device = template.device if isinstance(template, torch.Generator) else desc["device"]
+        gen = torch.Generator(device=device)
+        gen.set_state(torch.from_numpy(arr.copy()))
+        return gen
     if kind == "torch":
         import torch
 
@@ -463,6 +479,12 @@ def load_checkpoint(path: str | os.PathLike, shard: Shard = None) -> Checkpoint:
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise ValueError(f"checkpoint format {meta['format_version']} is newer than this latentfit reads "
                          f"({FORMAT_VERSION})")
+    if int(meta.get("format_version", 0)) < FORMAT_VERSION:
+        raise ValueError(f"{str(sidecar)!r} is a checkpoint of format {meta.get('format_version')}, written by an "
+                         f"older latentfit ({meta.get('latentfit_version')}) whose engine states were dicts and whose "
+                         "torch fits drew from torch's global RNG; this version (format "
+                         f"{FORMAT_VERSION}) carries typed states and the random stream in them and cannot continue "
+                         "it: start the fit again")
     tensor_path = sidecar.with_suffix(".safetensors")
     data = tensor_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != meta["sha256"]:
@@ -472,7 +494,7 @@ def load_checkpoint(path: str | os.PathLike, shard: Shard = None) -> Checkpoint:
 
 def save_checkpoint(directory: str | os.PathLike, engine: Any, state: Any, iteration: int,
                     history: dict[str, list[np.ndarray]], draws: list[np.ndarray],
-                    rng: dict[str, np.ndarray] | None = None, keep: int | None = None) -> Path:
+                    keep: int | None = None) -> Path:
     """Write ``ckpt-<iteration>.safetensors`` + ``.json`` atomically; keep the last ``keep``. Returns the sidecar.
 
     A process of a distributed fit (``engine.ops`` with ``rank`` and ``world_size``) writes its own shard,
@@ -488,8 +510,6 @@ def save_checkpoint(directory: str | os.PathLike, engine: Any, state: Any, itera
         tensors[f"history/{j:04d}"] = _contiguous(np.stack(history[n]))
     if draws:
         tensors["draws"] = _contiguous(np.stack(draws))
-    for k, v in (rng or {}).items():
-        tensors[f"rng/{k}"] = _contiguous(v)
     data = save(tensors)
     shard = engine_shard(engine)
     rank, world = shard if shard is not None else (0, 1)
@@ -498,7 +518,7 @@ def save_checkpoint(directory: str | os.PathLike, engine: Any, state: Any, itera
         "engine": type(engine).__name__, "backend": engine.ops.name, "iteration": int(iteration),
         "num_iterations": int(engine.num_iterations), "options": engine_options(engine),
         "shapes": data_shapes(engine.model), "state": leaves, "history": names,
-        "rng": sorted(rng or {}), "sha256": hashlib.sha256(data).hexdigest(), "world_size": world, "rank": rank,
+        "sha256": hashlib.sha256(data).hexdigest(), "world_size": world, "rank": rank,
     }
     stem = d / _stem(iteration, shard)
     sidecar, tensors_file = stem.parent / f"{stem.name}.json", stem.parent / f"{stem.name}.safetensors"

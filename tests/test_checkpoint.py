@@ -119,7 +119,10 @@ def test_files_are_safe_atomic_and_pruned(tmp_path: Path) -> None:
     assert meta["engine"] == "FIEM" and meta["iteration"] == 30 and meta["shapes"]["num_units"] == 60
     assert meta["options"]["batch_size"] == 10 and meta["latentfit_version"]
     assert all(t in tensors for leaf in meta["state"] for t in [leaf.get("tensor")] if t)
-    assert "rng/torch" in tensors and tensors["rng/torch"].dtype == np.uint8
+    # the random stream is a state leaf (the torch.Generator's state), not torch's global RNG
+    streams = [leaf for leaf in meta["state"] if leaf["kind"] == "torch_generator"]
+    assert len(streams) == 1 and tensors[streams[0]["tensor"]].dtype == np.uint8
+    assert not any(name.startswith("rng/") for name in tensors)
     # no pickle anywhere: a safetensors file is a length-prefixed JSON header plus raw bytes
     data = (d / "ckpt-000030.safetensors").read_bytes()
     header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
@@ -128,6 +131,18 @@ def test_files_are_safe_atomic_and_pruned(tmp_path: Path) -> None:
     # a fresh run refuses to mix with another run's checkpoints
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         _fiem(num_epochs=30).run(checkpoint=d)
+
+
+def test_format_1_is_refused_with_a_message(tmp_path: Path) -> None:
+    """A checkpoint of format 1 (dict states, torch's global RNG) is refused, saying why and what to do."""
+    d = tmp_path / "ckpt"
+    _fiem(num_epochs=10).run(checkpoint=d)
+    sidecar = d / "ckpt-000010.json"
+    meta = json.loads(sidecar.read_text())
+    meta["format_version"] = 1
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="format 1.*older latentfit.*start the fit again"):
+        _fiem(num_epochs=20).run(checkpoint=d, resume=True)
 
 
 def test_failed_write_leaves_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,11 +1,14 @@
 """The shared engine driver: one loop for every engine.
 
-An engine is a pair ``init(key) -> state`` / ``step(state, k, phase) -> (state, info)`` over a
-small state record (a dict of backend arrays, a pytree for JAX).  ``phase`` is a static value
+An engine is a pair ``init(key) -> state`` / ``step(state, k, phase) -> (state, info)``, as in blackjax: the state
+is a ``NamedTuple`` of backend arrays (what the next step needs, the random stream included: a JAX key or a
+``torch.Generator``), the info a ``NamedTuple`` of what a user may look at (its non-``None`` fields become the
+history), and ``step`` is pure (it changes neither its inputs nor the engine).  ``phase`` is a static value
 (e.g. whether f-SAEM's Laplace proposal runs); iterations are grouped into phases so that a JAX
 backend compiles one function per phase and runs chunks of iterations under ``lax.scan``,
-while torch runs the same ``step`` eagerly.  The driver owns the progress bar, the history of θ
-and of the objective, the collection of the last latent draws, callbacks and seeding, and
+while torch runs the same ``step`` eagerly.  The driver alone owns the loop, the progress bar, the history of θ
+and of the objective, the collection of the last latent draws, callbacks, the key of the run (``run(key)``: a
+key, a generator or an int seed; default the engine's ``seed``), and
 checkpoints (``run(checkpoint=dir)``, ``run(resume=dir)``: :mod:`latentfit.checkpoint`).
 
 Faults: proposals with a NaN/inf log-density are rejected by the kernels and counted (info ``num_nonfinite``,
@@ -73,9 +76,9 @@ class Engine:
         """The state entries that hold one row per unit, and their unit axis (sharded by ``run(devices=...)``)."""
         return {}
 
-    def latent_draw(self, state: dict[str, Any]) -> Any | None:
+    def latent_draw(self, state: Any) -> Any | None:
         """Current latent draws ``[L, N, d]`` to keep at the end of the run (None: no latents)."""
-        return state.get("z")
+        return state_field(state, "z")
 
     def finalize(self, state: dict[str, Any]) -> dict[str, Any]:
         """Hook run once after the loop (e.g. a last exact E-step); warns with the model's ``fit_warnings``."""
@@ -83,8 +86,8 @@ class Engine:
             warnings.warn(f"{self.name}: {msg}", RuntimeWarning, stacklevel=3)
         return state
 
-    def theta_of(self, state: dict[str, Any]) -> dict[str, Any]:
-        return self.model.constrain(state["theta_u"])
+    def theta_of(self, state: Any) -> dict[str, Any]:
+        return self.model.constrain(state_field(state, "theta_u"))
 
     # ----- the shared loop ---------------------------------------------------------------------
     @property
@@ -95,7 +98,9 @@ class Engine:
             checkpoint_every: int | None = None, keep: int = 3,
             resume: str | os.PathLike | bool | None = None, devices: Any = None,
             distributed: bool = False) -> FitResult:
-        """Run the engine; ``key`` is the backend's PRNG key (default ``ops.key(seed)``; ignored when resuming).
+        """Run the engine from ``key``: the backend's key (a JAX PRNG key, a ``torch.Generator`` on the data's device,
+        copied, never advanced), or an int seed; default ``ops.key(seed)``.  Ignored when resuming (the checkpoint
+        holds the stream).  Neither torch's nor Pyro's global RNG is read or changed by a fit.
 
         ``checkpoint``: a directory where, at the end of each chunk at least ``checkpoint_every`` iterations (default
         ``chunk_size``) after the previous checkpoint, and at the end of the run, the state, history, draws and RNG
@@ -131,66 +136,69 @@ class Engine:
             raise ValueError(f"checkpoint_every and keep must be >= 1, got {checkpoint_every} and {keep}")
         if key is None:
             key = ops.key(self.seed)
+        elif isinstance(key, (int, np.integer)):
+            key = ops.key(int(key))
+        else:
+            key = ops.own_key(key)
         collect_from = total - min(self.num_draws, total) + 1
         history: dict[str, list] = {}
         draws: list[np.ndarray] = []
         compiled_before = ops.compile_time
         t0 = time.perf_counter()
-        with ops.seed_context(self.seed):
-            state = self.init(key)
-            start = 0
-            if resume_from is not None:
-                state, history, draws, start = self._restore(resume_from, state, collect_from)
-            state = ops.shard_units(state, self.unit_axes(), devices)
-            last_saved = start
-            t_init = time.perf_counter() - t0
-            bar = _progress_bar(total, self.progress, self.name)
-            if bar is not None and start:
-                bar.update(start)
-            good = self._snapshot(state, start)
-            interrupted = False
-            try:
-                for first, last, phase in self.phases():
-                    # split each phase so the tail (draw collection) is its own chunk, then by chunk_size
-                    bounds = _chunk_bounds(first, last, collect_from, self.chunk_size)
-                    for a, b in bounds:
-                        if b <= start:  # done before the checkpoint we resumed from
-                            continue
-                        collect = a >= collect_from
-                        state, infos = self._run_chunk(state, a, b, phase, collect)
-                        fault = _first_nonfinite(infos, a, ops)
-                        if fault is not None:
-                            raise self._nonfinite_error(fault, good, state, checkpoint, last_saved, history, draws,
-                                                        collect_from, int(keep), t0, t_init)
-                        for info in infos:
-                            z = info.pop("_z", None)
-                            if z is not None and collect:
-                                draws.append(ops.to_numpy(z))
-                            _append_history(history, info, ops)
-                        good = self._snapshot(state, b)
-                        if checkpoint is not None and (b - last_saved >= every or b == total):
-                            self._save(checkpoint, state, b, history, draws, int(keep))
-                            last_saved = b
-                        if self.callback is not None:
-                            for j, k in enumerate(range(a, b + 1)):
-                                self.callback(k, {n: v[len(v) - (b - a + 1) + j] for n, v in history.items()})
-                        if bar is not None:
-                            bar.update(b - a + 1)
-            except KeyboardInterrupt:
-                interrupted = True
-                state = self._from_snapshot(good, state)
-                _truncate(history, draws, good.iteration, collect_from)
-                where = ""
-                if checkpoint is not None and good.iteration > last_saved:
-                    path = self._save(checkpoint, state, good.iteration, history, draws, int(keep), rng=good.rng)
-                    where = f"; checkpoint {str(path)!r} (run(resume=...) continues)"
-                warnings.warn(f"{self.name}: interrupted; the result holds the last good state, after iteration "
-                              f"{good.iteration} of {total}, and the history so far (fit.interrupted is True)"
-                              f"{where}", RuntimeWarning, stacklevel=2)
-            finally:
-                if bar is not None:
-                    bar.close()
-            state = self.finalize(state)
+        state = self.init(key)
+        start = 0
+        if resume_from is not None:
+            state, history, draws, start = self._restore(resume_from, state, collect_from)
+        state = ops.shard_units(state, self.unit_axes(), devices)
+        last_saved = start
+        t_init = time.perf_counter() - t0
+        bar = _progress_bar(total, self.progress, self.name)
+        if bar is not None and start:
+            bar.update(start)
+        good = self._snapshot(state, start)
+        interrupted = False
+        try:
+            for first, last, phase in self.phases():
+                # split each phase so the tail (draw collection) is its own chunk, then by chunk_size
+                bounds = _chunk_bounds(first, last, collect_from, self.chunk_size)
+                for a, b in bounds:
+                    if b <= start:  # done before the checkpoint we resumed from
+                        continue
+                    collect = a >= collect_from
+                    state, infos = self._run_chunk(state, a, b, phase, collect)
+                    fault = _first_nonfinite(infos, a, ops)
+                    if fault is not None:
+                        raise self._nonfinite_error(fault, good, state, checkpoint, last_saved, history, draws,
+                                                    collect_from, int(keep), t0, t_init)
+                    for info in infos:
+                        z = info.pop("_z", None)
+                        if z is not None and collect:
+                            draws.append(ops.to_numpy(z))
+                        _append_history(history, info, ops)
+                    good = self._snapshot(state, b)
+                    if checkpoint is not None and (b - last_saved >= every or b == total):
+                        self._save(checkpoint, state, b, history, draws, int(keep))
+                        last_saved = b
+                    if self.callback is not None:
+                        for j, k in enumerate(range(a, b + 1)):
+                            self.callback(k, {n: v[len(v) - (b - a + 1) + j] for n, v in history.items()})
+                    if bar is not None:
+                        bar.update(b - a + 1)
+        except KeyboardInterrupt:
+            interrupted = True
+            state = self._from_snapshot(good, state)
+            _truncate(history, draws, good.iteration, collect_from)
+            where = ""
+            if checkpoint is not None and good.iteration > last_saved:
+                path = self._save(checkpoint, state, good.iteration, history, draws, int(keep))
+                where = f"; checkpoint {str(path)!r} (run(resume=...) continues)"
+            warnings.warn(f"{self.name}: interrupted; the result holds the last good state, after iteration "
+                          f"{good.iteration} of {total}, and the history so far (fit.interrupted is True)"
+                          f"{where}", RuntimeWarning, stacklevel=2)
+        finally:
+            if bar is not None:
+                bar.close()
+        state = self.finalize(state)
         _warn_nonfinite(self.name, history)
         return self._result(state, history, draws, t0, t_init, good.iteration if interrupted else total,
                             compiled_before, interrupted)
@@ -205,23 +213,22 @@ class Engine:
                          interrupted=interrupted)
 
     # ----- faults ------------------------------------------------------------------------------
-    def _snapshot(self, state: dict[str, Any], iteration: int) -> _Snapshot:
-        """The state after ``iteration`` and the RNG state, kept until the next chunk completes.
+    def _snapshot(self, state: Any, iteration: int) -> _Snapshot:
+        """The state after ``iteration`` (its random stream included), kept until the next chunk completes.
 
         JAX arrays are immutable: the state itself.  torch states may be updated in place (per-unit tables,
-        optimisers), so they are copied to host arrays as a checkpoint would store them; a state a checkpoint
-        cannot hold (an optimiser with callables in its param_groups) is kept by reference.
+        optimisers, the generator), so they are copied to host arrays as a checkpoint would store them; a state a
+        checkpoint cannot hold (an optimiser with callables in its param_groups) is kept by reference.
         """
         if self.ops.jittable:
-            return _Snapshot(iteration, state, None, {})
+            return _Snapshot(iteration, state, None)
         from latentfit.checkpoint import flatten_state
 
         try:
             tensors, leaves = flatten_state(state)
         except TypeError:
-            return _Snapshot(iteration, state, None, self._rng_state())
-        return _Snapshot(iteration, {k: np.array(v, copy=True) for k, v in tensors.items()}, leaves,
-                         self._rng_state())
+            return _Snapshot(iteration, state, None)
+        return _Snapshot(iteration, {k: np.array(v, copy=True) for k, v in tensors.items()}, leaves)
 
     def _from_snapshot(self, good: _Snapshot, template: dict[str, Any]) -> dict[str, Any]:
         if good.leaves is None:
@@ -246,7 +253,7 @@ class Engine:
             path = saved[-1]
         else:
             directory = checkpoint if checkpoint is not None else tempfile.mkdtemp(prefix="latentfit-nonfinite-")
-            path = self._save(directory, state, good.iteration, history, draws, keep, rng=good.rng)
+            path = self._save(directory, state, good.iteration, history, draws, keep)
         result = self._result(state, history, draws, t0, t_init, good.iteration, 0.0, True)
         msg = (f"{self.name}: {what} of parameter {name!r} is NaN/inf at iteration {k}; the fit stopped. The last good "
                f"state (iteration {good.iteration}) is checkpointed at {str(path)!r} (run(resume=...) continues from "
@@ -295,20 +302,16 @@ class Engine:
                                     f"{shard[0]} holds {sorted(mine)}): resume from an earlier copy")
         return mine[max(common)]
 
-    def _save(self, directory: Any, state: dict[str, Any], iteration: int, history: dict[str, list],
-              draws: list[np.ndarray], keep: int, rng: dict[str, np.ndarray] | None = None) -> Any:
+    def _save(self, directory: Any, state: Any, iteration: int, history: dict[str, list],
+              draws: list[np.ndarray], keep: int) -> Any:
         from latentfit.checkpoint import save_checkpoint
 
-        return save_checkpoint(directory, self, state, iteration, history, draws,
-                               rng=self._rng_state() if rng is None else rng, keep=keep)
-
-    def _rng_state(self) -> dict[str, np.ndarray]:
-        """The global RNG state draws come from (torch's, inside the driver's forked context); JAX: none."""
-        return {} if self.ops.jittable else self.ops.rng_state()
+        return save_checkpoint(directory, self, state, iteration, history, draws, keep=keep)
 
     def _restore(self, source: Any, template: dict[str, Any],
                  collect_from: int) -> tuple[dict[str, Any], dict[str, list], list[np.ndarray], int]:
-        """Load and check a checkpoint; restore the RNG; return ``(state, history, draws, iteration)``."""
+        """Load and check a checkpoint (its state holds the random stream); return ``(state, history, draws,
+        iteration)``."""
         from latentfit.checkpoint import engine_shard, load_checkpoint, restore_state
 
         ckpt = load_checkpoint(source, engine_shard(self))
@@ -319,15 +322,13 @@ class Engine:
         if start not in ends and start != 0:  # 0: a fault in the first chunk checkpoints the initial state
             raise ValueError(f"checkpoint iteration {start} is not the end of a chunk of this engine")
         state = restore_state(template, ckpt.meta["state"], ckpt.tensors, self.ops)
-        if not self.ops.jittable:
-            self.ops.set_rng_state({k[len("rng/"):]: v for k, v in ckpt.tensors.items() if k.startswith("rng/")})
         return state, ckpt.history, ckpt.draws, start
 
     def _run_chunk(self, state: dict[str, Any], first: int, last: int, phase: Any,
                    collect: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         def one(st: dict[str, Any], k: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             st, info = self.step(st, k, phase)
-            info = dict(info)
+            info = info_dict(info)
             info["theta"] = self.theta_of(st)
             # compiled backends always return the draw, so one compiled chunk serves both cases
             if collect or self.ops.jittable:
@@ -347,7 +348,27 @@ class _Snapshot(NamedTuple):
     iteration: int
     state: Any
     leaves: list[dict[str, Any]] | None
-    rng: dict[str, np.ndarray]
+
+
+def state_field(state: Any, name: str, default: Any = None) -> Any:
+    """Field ``name`` of an engine state: a ``NamedTuple`` (every engine here) or a dict (``default`` if absent)."""
+    if isinstance(state, dict):
+        return state.get(name, default)
+    return getattr(state, name, default)
+
+
+def replace_fields(state: Any, **changes: Any) -> Any:
+    """``state`` with some fields replaced, without changing it: a record's ``_replace`` (a dict: a new dict)."""
+    if isinstance(state, dict):
+        return dict(state, **changes)
+    return state._replace(**changes)
+
+
+def info_dict(info: Any) -> dict[str, Any]:
+    """The history entries of a step's info record: its non-``None`` fields, by name (a dict is taken as is)."""
+    if isinstance(info, dict):
+        return dict(info)
+    return {k: v for k, v in info._asdict().items() if v is not None}
 
 
 def _first_nonfinite(infos: list[dict[str, Any]], first: int, ops: Any) -> tuple[int, str, str] | None:

@@ -13,14 +13,20 @@ outside this module and ``ops_jax`` asks which library an array comes from: :fun
 shim of an array, :func:`make_ops` that of a backend name, :func:`select` is ``where`` for scalars of
 either backend (step-size schedules).
 
-The torch flavour keeps a *dummy* key (``None``) and draws from torch's global generator, which
-the engine driver seeds and forks (``torch.random.fork_rng``) so that runs are reproducible and
-the user's RNG state is left untouched.
+Random streams are explicit on both backends: a JAX PRNG key, or a ``torch.Generator`` on the device of the
+model's data.  A generator is a sequential stream, so on torch ``split(key, n)`` hands out the same generator
+``n`` times (its subkeys are consumed in program order) and :meth:`Ops.own_key` copies it where a pure step
+starts (the caller's generator never advances).  Draws that only a library's global RNG can make (a Pyro model
+run to sample its latents, ``torch.distributions`` samplers without a ``generator=``) go through
+:meth:`TorchOps.global_rng_from`, which lends the key's state to torch's global generator and takes it back, so
+torch's and Pyro's global RNG state is the same after a fit as before it.  A ``None`` key (post-fit helpers
+inside :meth:`Ops.seed_context`) still means torch's global generator.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -121,6 +127,14 @@ class Ops:
     # --- random -------------------------------------------------------------------------------
     def seed_context(self, seed: int) -> Any:
         """Context manager making the backend's draws reproducible inside (nothing to do with explicit keys)."""
+        return contextlib.nullcontext()
+
+    def own_key(self, key: Any) -> Any:
+        """A key a pure step may consume without changing ``key`` (JAX keys are values: ``key`` itself)."""
+        return key
+
+    def global_rng_from(self, key: Any) -> Any:
+        """Context in which a library's own global-RNG draws come from ``key`` (JAX: nothing to do)."""
         return contextlib.nullcontext()
 
     def shared_uniform(self, key: Any, shape: tuple[int, ...]) -> Any:
@@ -288,6 +302,34 @@ class DistributedOps:
         return UnitStreamOps(self, unit_ids)
 
 
+class _LentGenerator:
+    """Lends the state of the generator ``key`` to torch's global generator of its device, and takes it back."""
+
+    def __init__(self, torch: Any, key: Any) -> None:
+        self.torch, self.key = torch, key
+        self.cuda = key.device.type == "cuda"
+
+    def _get(self) -> Any:
+        torch = self.torch
+        return torch.cuda.get_rng_state(self.key.device) if self.cuda else torch.get_rng_state()
+
+    def _set(self, state: Any) -> None:
+        torch = self.torch
+        if self.cuda:
+            torch.cuda.set_rng_state(state, self.key.device)
+        else:
+            torch.set_rng_state(state)
+
+    def __enter__(self) -> _LentGenerator:
+        self.saved = self._get()
+        self._set(self.key.get_state())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.key.set_state(self._get())
+        self._set(self.saved)
+
+
 class TorchOps(Ops):
     """torch flavour: arrays on ``device`` in ``dtype`` (those of the model's data/params)."""
 
@@ -325,32 +367,57 @@ class TorchOps(Ops):
         return np.asarray(x)
 
     # --- random -------------------------------------------------------------------------------
+    # A key is a ``torch.Generator`` on ``device`` (a sequential stream); ``None`` draws from torch's global one.
     def key(self, seed: int) -> Any:
-        return None
+        """A fresh generator on the data's device seeded with ``seed`` (the stream of a fit)."""
+        return self.torch.Generator(device=self.device).manual_seed(int(seed))
 
     def split(self, key: Any, n: int = 2) -> list[Any]:
-        return [None] * n
+        """``n`` subkeys: the generator itself ``n`` times (a sequential stream is consumed in program order)."""
+        return [key] * n
+
+    def own_key(self, key: Any) -> Any:
+        """A copy of the generator ``key`` (same device, seed and position): a step draws from the copy and hands it
+        on in its new state, so the state it was given keeps its generator where it was (pure steps)."""
+        if not isinstance(key, self.torch.Generator):
+            return key
+        out = self.torch.Generator(device=key.device)
+        out.set_state(key.get_state())
+        return out
 
     def normal(self, key: Any, shape: tuple[int, ...]) -> Any:
-        return self.torch.randn(shape, device=self.device, dtype=self.dtype)
+        return self.torch.randn(shape, device=self.device, dtype=self.dtype, generator=key)
 
     def uniform(self, key: Any, shape: tuple[int, ...]) -> Any:
-        return self.torch.rand(shape, device=self.device, dtype=self.dtype)
+        return self.torch.rand(shape, device=self.device, dtype=self.dtype, generator=key)
 
     def randint(self, key: Any, shape: tuple[int, ...], high: int) -> Any:
-        return self.torch.randint(high, shape, device=self.device)
+        return self.torch.randint(high, shape, device=self.device, generator=key)
 
     def permutation(self, key: Any, n: int) -> Any:
-        return self.torch.randperm(n, device=self.device)
+        return self.torch.randperm(n, device=self.device, generator=key)
 
     def student_t(self, key: Any, df: float, shape: tuple[int, ...]) -> Any:
         """Standard Student-t draws with ``df`` degrees of freedom (``torch.distributions.StudentT``)."""
         torch = self.torch
         law = torch.distributions.StudentT(torch.tensor(float(df), device=self.device, dtype=self.dtype))
-        return law.sample(tuple(shape))
+        with self.global_rng_from(key):
+            return law.sample(tuple(shape))
+
+    def global_rng_from(self, key: Any) -> Any:
+        """Context in which draws from torch's global generator (of ``key``'s device) come from ``key`` instead.
+
+        The generator's state is lent to the global generator on entry and taken back, advanced, on exit; the global
+        state the caller had is restored, so code that can only draw globally (a Pyro model sampling its latents,
+        ``Distribution.sample``) draws from the explicit stream and leaves torch's and Pyro's RNG untouched.  A
+        ``None`` key: the global generator itself (nothing lent).
+        """
+        if not isinstance(key, self.torch.Generator):
+            return contextlib.nullcontext()
+        return _LentGenerator(self.torch, key)
 
     def seed_context(self, seed: int):
-        """Context manager: reproducible global RNG inside, user's RNG state restored after."""
+        """Context manager: reproducible global RNG inside, user's RNG state restored after (post-fit helpers)."""
         torch = self.torch
         devices = [self.device] if self.device.type == "cuda" else []
         ctx = torch.random.fork_rng(devices=devices)
@@ -366,27 +433,15 @@ class TorchOps(Ops):
 
         return _Seeded()
 
-    def rng_state(self) -> dict[str, np.ndarray]:
-        """torch's global RNG state (and CUDA's on a GPU), for checkpoints."""
-        torch = self.torch
-        out = {"torch": torch.get_rng_state().numpy()}
-        if self.device.type == "cuda":
-            out["cuda"] = torch.cuda.get_rng_state(self.device).numpy()
-        return out
-
-    def set_rng_state(self, state: dict[str, np.ndarray]) -> None:
-        """Restore :meth:`rng_state`."""
-        torch = self.torch
-        torch.set_rng_state(torch.from_numpy(np.array(state["torch"])))
-        if "cuda" in state:
-            torch.cuda.set_rng_state(torch.from_numpy(np.array(state["cuda"])), self.device)
-
     # --- counter-based streams (per-unit random numbers) -------------------------------------------
     # A stream key is an int64 tensor ``[..., 2]`` of two 32-bit words; draws are Philox-4x32-10 evaluated at
     # counters built from (position, unit id), vectorised over units on the data's device: unit i's draws
     # depend on (key, i) only, never on how many units there are, their order, or the process holding them.
     def stream_key(self, key: Any, seed: int) -> Any:
-        """Root key of the counter-based streams: the two 32-bit words of ``seed`` (torch has no PRNG keys)."""
+        """Root key of the counter-based streams: the two 32-bit words of the seed of the generator ``key`` (its
+        ``initial_seed``; ``seed`` when ``key`` is None)."""
+        if isinstance(key, self.torch.Generator):
+            seed = key.initial_seed()
         seed = int(seed) & 0xFFFFFFFFFFFFFFFF
         return self.torch.tensor([seed & _MASK32, seed >> 32], dtype=self.torch.int64, device=self.device)
 
@@ -620,6 +675,9 @@ class TorchOps(Ops):
             return {"opt": opt, "leaf": leaf, "t": 0}
 
         def update(g: Any, state: dict[str, Any], x: Any) -> tuple[Any, dict[str, Any]]:
+            # a torch optimiser steps in place: step a copy (the optimiser with its parameter), so the state given
+            # is left as it was (a pure update, as optax's)
+            state = copy.deepcopy(state)
             leaf, opt, t = state["leaf"], state["opt"], state["t"] + 1
             with torch.no_grad():
                 leaf.copy_(x)

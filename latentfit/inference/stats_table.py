@@ -410,13 +410,13 @@ class StatEngine(Engine):
         batches = self._batches(k_perm)
         batches_j = self._batches(k_perm2) if self.rule.needs_second_batch else batches
         trace = {p: ops.zeros((m,) + tuple(state["theta"][p].shape)) for p in self.trace_params}
-        loop_keys = ops.split(k_loop, m) if ops.jittable else None
+        loop_keys = ops.split(k_loop, m)
         positions = ops.arange(m) if trace else None
         first_t = (k - 1) * m
 
         def body(j: Any, carry: tuple[dict[str, Any], dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
             st, tr = carry
-            kj = loop_keys[j] if loop_keys is not None else None
+            kj = loop_keys[j]
             bi, bj = batches[j], batches_j[j]
             if self.blocks:
                 bi, bj = UnitBlock(bi, self.batch_size), UnitBlock(bj, self.batch_size)

@@ -506,7 +506,8 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
         if self._gauss and len(self._gauss) == len(self._layout):
             return self._sample_gaussian_prior(theta, key, num_chains, units)
         keys = self.ops.split(key, num_chains)
-        with self.ppl.no_grad():
+        # the PPL's own samplers draw from the global RNG (Pyro): lend them the key's stream
+        with self.ppl.no_grad(), self.ops.global_rng_from(key):
             z = self._guard(self._sample_all, dict(theta), keys)
         return self._select(z, units, axis=-2)
 
