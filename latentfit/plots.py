@@ -1,7 +1,8 @@
 """Diagnostic plots of a fit (matplotlib), as saemix's ``plot(fit, plot.type=...)``.
 
 Every function takes a :class:`~latentfit.inference.results.FitResult` and returns the figure; the
-same plots are available as ``fit.plot_*`` methods.  ``x`` (the independent variable, e.g. time) is an
+same plots are available as ``fit.plot_*`` methods (which reach them through the hooks bound in
+``latentfit/__init__.py``, see :mod:`latentfit._hooks`).  ``x`` (the independent variable, e.g. time) is an
 ``[N, T]`` array shaped like the observations, or the name of a keyword argument of the model call.
 
 Fits of an NLME model (:mod:`latentfit.models.nlme`) are drawn in the model's own terms: against the data's
@@ -16,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from latentfit.inference.postfit import resolve_x
+
 
 def _plt():
     import matplotlib.pyplot as plt
@@ -23,16 +26,36 @@ def _plt():
     return plt
 
 
-def resolve_x(fit: Any, x: Any) -> np.ndarray | None:
-    """``x`` as an ``[N, T]`` numpy array (a model keyword name is looked up in the traced call)."""
-    if x is None:
-        return None
-    if isinstance(x, str):
-        kwargs = getattr(fit.model, "kwargs", {}) or {}
-        if x not in kwargs:
-            raise ValueError(f"x={x!r} is not a keyword argument of the model call (available: {sorted(kwargs)})")
-        x = kwargs[x]
-    return np.asarray(fit.model.ops.to_numpy(x), dtype=float)
+def plot_convergence(fit: Any, params: list[str] | None = None, ncols: int = 3, figsize: Any = None) -> Any:
+    """One panel per scalar parameter against the iteration (saemix's convergence plot), and the complete-data
+    log-likelihood when every parameter is drawn."""
+    plt = _plt()
+    series = []
+    for name, values in fit.history.items():
+        if not name.startswith("theta."):
+            continue
+        pname = name[len("theta."):]
+        if params is not None and pname not in params:
+            continue
+        arr = values.reshape(values.shape[0], -1)
+        for j in range(arr.shape[1]):
+            label = pname if arr.shape[1] == 1 else f"{pname}[{j}]"
+            series.append((label, arr[:, j]))
+    if "objective" in fit.history and params is None:
+        series.append(("complete-data log-lik", fit.history["objective"]))
+    n = len(series)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, min(ncols, n), figsize=figsize or (4 * min(ncols, n), 2.6 * nrows),
+                             squeeze=False)
+    iters = np.arange(1, fit.num_iterations + 1)
+    for ax, (label, y) in zip(axes.flat, series):
+        ax.plot(iters[: len(y)], y, lw=1)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("iteration")
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
 
 
 def plot_observations_vs_predictions(fit: Any, figsize=None, log: bool = False):
@@ -469,5 +492,5 @@ def plot_gof(fit: Any, x: Any = None, figsize: Any = None, log: bool = False) ->
     return fig
 
 
-__all__ = ["plot_gof", "plot_individual_fits", "plot_observations_vs_predictions", "plot_residuals", "plot_vpc",
-           "prediction_correct", "resolve_x", "vpc_summary"]
+__all__ = ["plot_convergence", "plot_gof", "plot_individual_fits", "plot_observations_vs_predictions", "plot_residuals",
+           "plot_vpc", "prediction_correct", "resolve_x", "vpc_summary"]

@@ -1,7 +1,8 @@
 """Where the ready-made model families meet the PPLs and the engines.
 
 ``latentfit.models`` imports neither a PPL, an array library nor an engine: its ``pyro_model`` /
-``numpyro_model`` and :meth:`NLME.fit <latentfit.models.nlme.NLME.fit>` load this module lazily.  Each
+``numpyro_model`` and :meth:`NLME.fit <latentfit.models.nlme.NLME.fit>` reach this module through the hooks
+``"families"`` and ``"fit_nlme"`` that ``latentfit/__init__.py`` binds (:mod:`latentfit._hooks`).  Each
 family's model function is written once against a small per-PPL interface, :class:`PPL` (``param``,
 ``sample``, ``plate``, ``factor``, the distributions and constraints modules, the array backend), that
 :func:`pyro_ppl` and :func:`numpyro_ppl` fill in.

@@ -14,12 +14,12 @@ PPL's arrays, so that any engine fits it, ``SAEM(model).run(*args)`` (``latentfi
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from latentfit import _hooks
 from latentfit.inference.model import DataError
 
 BACKENDS = ("pyro", "numpyro")
@@ -28,7 +28,7 @@ BACKENDS = ("pyro", "numpyro")
 def _ppl(backend: str) -> Any:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'pyro' or 'numpyro', got {backend!r}")
-    fam = importlib.import_module("latentfit.integrations.families")
+    fam = _hooks.module("families")
     return fam.pyro_ppl() if backend == "pyro" else fam.numpyro_ppl()
 
 
@@ -109,7 +109,7 @@ def logistic_mixed_model(y: Any, X: Any, Z: Any, group: Any, num_groups: int | N
     else:
         init_np["omega"] = 0.5 * np.ones(q) if omega is None else np.broadcast_to(np.asarray(omega, float), (q,))
     init = _arrays(ppl, init_np, {})
-    fns = importlib.import_module("latentfit.integrations.glmm_families")
+    fns = _hooks.module("glmm_families")
     model = fns.logistic_mixed_model_fn(ppl, init, covariance)
     a = _arrays(ppl, {"y": y_np, "X": X_np, "Z": Z_np, "trials": n_np}, {"group": g_np})
     args = (a["y"], a["X"], a["Z"], a["group"], G) + (() if trials is None else (a["trials"],))
@@ -182,7 +182,7 @@ def missing_logistic_model(X: Any, y: Any, *, delta0: float | None = None, delta
                "Omega": cov if Omega is None else np.asarray(Omega, dtype=float)}
     ppl = _ppl(backend)
     init = _arrays(ppl, init_np, {})
-    fns = importlib.import_module("latentfit.integrations.glmm_families")
+    fns = _hooks.module("glmm_families")
     model = fns.missing_logistic_model_fn(ppl, init)
     a = _arrays(ppl, {"X": X_np, "y": y_np}, {})
     return model, (a["X"], a["y"])

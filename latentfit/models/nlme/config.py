@@ -81,8 +81,9 @@ import pandas as pd
 from latentfit.inference.model import DataError, ModelSpecificationError
 
 from .data import DEFAULT_COLUMNS
-from .model import ERRORS, NLME, TRANSFORMS, Parameter
+from .model import NLME
 from .responses import ERRORS as RESPONSE_ERRORS
+from .spec import ERRORS, TRANSFORMS, Parameter
 from .structural import LIBRARY, Structural
 
 #: short names of the structural library (saemix / Monolix style) -> library names

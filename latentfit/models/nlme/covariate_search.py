@@ -37,8 +37,9 @@ import pandas as pd
 
 from latentfit.inference.model import ModelSpecificationError
 
-from .model import COV_TRANSFORMS, NLME
+from .model import NLME
 from .replicates import replicate_log_likelihood
+from .spec import COV_TRANSFORMS, parse_covariates
 
 DIRECTIONS = ("forward", "backward", "both")
 CRITERIA = ("bic", "aic")
@@ -172,7 +173,7 @@ def _with_terms(model: NLME, terms: dict[Term, str | None]) -> NLME:
     for (p, c), t in terms.items():
         spec.setdefault(p, {})[c] = t
     new = copy.copy(model)
-    new.covariate_spec = new._parse_covariates(spec)
+    new.covariate_spec = parse_covariates(new.param_names, spec)
     prefixes = tuple(f"beta_{p}_{c}" for p, c in terms)
     new.covariate_init = {k: v for k, v in model.covariate_init.items() if k.startswith(prefixes)}
     new._bind(model.table)

@@ -21,7 +21,14 @@ directly with ``ops.xp`` math (no Pyro tracing in the SAEM loop), plus
   effects without random effect, combined error) take the SAEM numerical step;
 * the Gaussian faces ``predict`` / ``observations`` / ``prior_moments`` (f-SAEM's Gauss–Newton
   proposal, linearisation, residual diagnostics);
-* :attr:`pyro_model`: the same model as an ordinary Pyro model function.
+* :attr:`pyro_model` / :attr:`numpyro_model`: the same model as an ordinary Pyro / NumPyro model function.
+
+The class is the model's face; its parts live beside it: the specification in :mod:`.spec` (parameters,
+transforms, covariates, Ω blocks, error, data options), binding a table in :mod:`.binding`, the statistics and
+M-step in :mod:`.mstep`, simulation in :mod:`.simulation`; the densities and the Gaussian faces are here.  The
+PPL model functions and the engines are the integrations layer's (:mod:`latentfit.integrations.families`):
+:meth:`NLME.fit` prepares the model and hands it to the front door ``fit_nlme`` through a hook
+(:mod:`latentfit._hooks`), so ``models/`` imports no engine.
 
 Example (a fit runs in :meth:`NLME.fit`'s example)
 -------------------------------------------------
@@ -35,75 +42,35 @@ NLME(one_compartment_oral, parameters=['ka', 'V', 'CL'], random=['ka', 'V', 'CL'
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from latentfit.inference.model import DataError, LatentModel, LatentSite, ModelSpecificationError, ParamInfo
-from latentfit.inference.ops import BACKENDS, LOG_2PI, Ops, make_ops
+from latentfit.inference.model import LatentModel, ModelSpecificationError
+from latentfit.inference.ops import BACKENDS, LOG_2PI, make_ops
 
-from .._integrations import families
+from .._integrations import families, fit_nlme
+from . import binding as _binding
+from . import mstep as _mstep
 from . import occasions as _occ
 from . import outcomes as _outcomes
 from . import responses as _resp
-from .data import NLMEData, _id, read_nonmem
-from .structural import Design, Structural, resolve
-
-TRANSFORMS = ("log", "normal", "logit", "probit")
-_TRANSFORM_ALIASES = {"lognormal": "log", "log-normal": "log", "identity": "normal", "none": "normal"}
-ERRORS = ("constant", "proportional", "combined", "exponential")
-COV_TRANSFORMS = ("linear", "center", "log", "log-center", "categorical")
-#: options of :func:`read_nonmem` that :class:`NLME`, :meth:`NLME.bind` and :meth:`NLME.fit` accept
-DATA_OPTIONS = ("columns", "dose", "regressors", "x", "covariate_interpolation")
-#: options of the model itself (given to ``NLME(...)``, not to ``fit``)
-MODEL_OPTIONS = ("parameters", "covariates", "omega", "error", "error_init", "covariate_init", "backend", "dtype",
-                 "device", "iov", "occasion", "response", "dvid")
-#: floor of a random-effect variance in the M-step; below COLLAPSED_OMEGA2 a fit warns
-OMEGA2_FLOOR = 1e-12
-COLLAPSED_OMEGA2 = 1e-6
-
-
-@dataclass
-class Parameter:
-    """One individual parameter ψ.
-
-    init : initial population value (natural scale; saemix's ``psi0``).
-    transform : ``"log"`` (log-normal, default), ``"normal"``, ``"logit"``, ``"probit"`` (saemix's ``transform.par``
-        0 = normal, 1 = log, 2 = probit, 3 = logit).
-    random : whether ψ has a random effect (``False``: the same value for every individual, estimated by SAEM's
-        numerical step; saemix's ``covariance.model`` with a 0 diagonal).
-    fixed : population value fixed at ``init`` (not estimated; saemix's ``fixed.estim = 0``).
-    omega2 : initial variance of the random effect (saemix's ``omega.init``; default 1).
-    """
-
-    init: float
-    transform: str = "log"
-    random: bool = True
-    fixed: bool = False
-    omega2: float = 1.0
-
-
-def _transform_pair(ops: Ops, kind: str) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
-    """``(u, u^{-1})``: ψ -> φ and back."""
-    if kind == "log":
-        return ops.xp.log, ops.xp.exp
-    if kind == "normal":
-        return (lambda v: v), (lambda v: v)
-    if kind == "logit":
-        return ops.logit, ops.expit
-    return ops.ndtri, ops.ndtr
-
-
-@dataclass
-class _FixedEffect:
-    name: str  # θ name
-    param: int  # index of the individual parameter
-    column: np.ndarray  # [N] covariate values (ones for the population value)
-    is_pop: bool
+from . import simulation as _simulation
+from . import spec as _spec
+from .data import NLMEData, _id
+from .mstep import COLLAPSED_OMEGA2, OMEGA2_FLOOR  # noqa: F401 - re-exported
+from .spec import (  # noqa: F401 - the specification's names, re-exported
+    COV_TRANSFORMS,
+    DATA_OPTIONS,
+    ERRORS,
+    MODEL_OPTIONS,
+    TRANSFORMS,
+    Parameter,
+    transform_pair,
+)
+from .structural import Structural, resolve
 
 
 class NLME(LatentModel):
@@ -169,42 +136,18 @@ class NLME(LatentModel):
         else:
             self.structural = _outcomes.setup(self, structural, parameters, error, error_init)
         self.param_names = _outcomes.parameter_names(self.structural, self.outcome)
-        missing = [p for p in self.param_names if p not in parameters]
-        extra = [p for p in parameters if p not in self.param_names]
-        if missing or extra:
-            raise ModelSpecificationError(f"the structural model {self.structural.name!r} has parameters "
-                                          f"{self.param_names}; missing {missing}, unknown {extra}")
-        self.spec: dict[str, Parameter] = {}
-        for name in self.param_names:
-            p = parameters[name]
-            if isinstance(p, dict):
-                p = Parameter(**p)
-            elif not isinstance(p, Parameter):
-                p = Parameter(float(p))
-            tr = _TRANSFORM_ALIASES.get(str(p.transform).lower(), str(p.transform).lower())
-            if tr not in TRANSFORMS:
-                raise ModelSpecificationError(f"parameter {name!r}: unknown transform {p.transform!r}; "
-                                              f"use one of {TRANSFORMS}")
-            p = Parameter(float(p.init), tr, bool(p.random), bool(p.fixed), float(p.omega2))
-            if tr == "log" and p.init <= 0:
-                raise ModelSpecificationError(f"parameter {name!r} is log-normal: its initial value must be > 0, "
-                                              f"got {p.init}")
-            if tr in ("logit", "probit") and not 0 < p.init < 1:
-                raise ModelSpecificationError(f"parameter {name!r} ({tr}) needs an initial value in (0, 1), "
-                                              f"got {p.init}")
-            if p.random and p.omega2 <= 0:
-                raise ModelSpecificationError(f"parameter {name!r}: omega2 must be > 0, got {p.omega2}")
-            self.spec[name] = p
+        self.spec: dict[str, Parameter] = _spec.parse_parameters(self.structural.name, self.param_names,
+                                                                 parameters)
         self.random_names = [n for n in self.param_names if self.spec[n].random]
         if self.outcome is not None:
             self.outcome.check_spec(self.spec)
         if not self.random_names:
             raise ModelSpecificationError("at least one parameter needs a random effect (Parameter(random=True))")
-        self.covariate_spec = self._parse_covariates(covariates or {})
+        self.covariate_spec = _spec.parse_covariates(self.param_names, covariates or {})
         self.iov_init = _occ.parse_iov(iov, self.param_names)
         self.occasion_column = str(occasion) if occasion is not None else _occ.OCCASION_COLUMN
         self._iov: _occ.Occasions | None = None
-        self.omega_blocks = self._parse_omega(omega)
+        self.omega_blocks = _spec.parse_omega(self.random_names, omega)
         self.response_spec = _resp.parse(error, error_init, dvid) if isinstance(error, dict) else None
         self.response_column = response
         self._resp: _resp.Responses | None = None
@@ -216,21 +159,12 @@ class NLME(LatentModel):
         self.error = str(error).lower()
         if self.error not in ERRORS and self.response_spec is None:
             raise ModelSpecificationError(f"unknown error model {error!r}; use one of {ERRORS}")
-        init = {"a": 1.0, "b": 0.3}
-        if error_init:
-            unknown = set(error_init) - {"a", "b"}
-            if unknown:
-                raise ModelSpecificationError(f"error_init has unknown keys {sorted(unknown)} (use 'a', 'b')")
-            init.update({k: float(v) for k, v in error_init.items()})
-        if any(v <= 0 for v in init.values()):
-            raise ModelSpecificationError(f"residual error parameters must be > 0, got {init}")
-        self.error_init = init
-        self.covariate_init = self._parse_covariate_init(covariate_init or {})
-        self.read_options = dict.fromkeys(DATA_OPTIONS)
-        self.read_options["regressors"] = ()
-        self.read_options = self._merge_read_options({"columns": columns, "dose": dose, "regressors": regressors,
-                                                      "x": x, "covariate_interpolation": covariate_interpolation},
-                                                     "NLME(...)")
+        self.error_init = _spec.parse_error_init(error_init)
+        self.covariate_init = _spec.parse_covariate_init(self.param_names, covariate_init or {})
+        no_options = {**dict.fromkeys(DATA_OPTIONS), "regressors": ()}
+        self.read_options = _spec.merge_read_options(
+            no_options, {"columns": columns, "dose": dose, "regressors": regressors, "x": x,
+                         "covariate_interpolation": covariate_interpolation}, "NLME(...)")
         if backend not in BACKENDS:
             raise ModelSpecificationError(f"backend must be 'torch' or 'jax', got {backend!r}")
         self.ops = make_ops(backend, device=device, dtype=dtype)
@@ -239,88 +173,7 @@ class NLME(LatentModel):
         if data is not None:
             self._bind(data)
 
-    # ----- specification parsing ------------------------------------------------------------------
-    def _parse_covariates(self, covariates: dict[str, Any]) -> dict[str, list[tuple[str, str | None]]]:
-        out: dict[str, list[tuple[str, str | None]]] = {}
-        for pname, spec in covariates.items():
-            if pname not in self.param_names:
-                raise ModelSpecificationError(f"covariates: {pname!r} is not a parameter ({self.param_names})")
-            if isinstance(spec, str):
-                items = [(spec, None)]
-            elif isinstance(spec, dict):
-                items = [(c, t) for c, t in spec.items()]
-            else:
-                items = [(c, None) for c in spec]
-            for c, t in items:
-                if t is not None and t not in COV_TRANSFORMS:
-                    raise ModelSpecificationError(f"covariate {c!r} on {pname!r}: unknown transform {t!r}; "
-                                                  f"use one of {COV_TRANSFORMS}")
-            out[pname] = items
-        return out
-
-    def _parse_covariate_init(self, init: dict[str, Any]) -> dict[str, float]:
-        """Flat ``{"beta_<param>_<column>": value}`` (checked against the design when data are bound)."""
-        out: dict[str, float] = {}
-        for key, value in init.items():
-            if isinstance(value, dict):
-                if key not in self.param_names:
-                    raise ModelSpecificationError(f"covariate_init: {key!r} is not a parameter ({self.param_names})")
-                out.update({f"beta_{key}_{col}": float(v) for col, v in value.items()})
-            else:
-                out[str(key)] = float(value)
-        bad = [k for k, v in out.items() if not np.isfinite(v)]
-        if bad:
-            raise ModelSpecificationError(f"covariate_init: non-finite initial value(s) for {bad}")
-        return out
-
-    def _merge_read_options(self, given: dict[str, Any], where: str) -> dict[str, Any]:
-        """The data options with ``given`` added; an option given twice with different values is an error."""
-        unknown = set(given) - set(DATA_OPTIONS)
-        if unknown:
-            raise ModelSpecificationError(f"unknown data option(s) {sorted(unknown)}; data options are "
-                                          f"{list(DATA_OPTIONS)}")
-        out = dict(self.read_options)
-        for name, value in given.items():
-            if name == "regressors":
-                value = (value,) if isinstance(value, str) else tuple(value or ())
-                if not value:
-                    continue
-            elif value is None:
-                continue
-            elif name == "columns":
-                if not isinstance(value, dict):
-                    raise ModelSpecificationError(f"columns must be a dict role -> column name, got {value!r}")
-                value = dict(value)
-            elif not isinstance(value, str):
-                raise ModelSpecificationError(f"{name} must be a column name (str), got {value!r}")
-            old = out[name]
-            if old not in (None, ()) and old != value:
-                raise ModelSpecificationError(f"data option {name}={value!r} given to {where} conflicts with "
-                                              f"{name}={old!r} given before (to NLME(...) or bind); give it once")
-            out[name] = value
-        return out
-
-    def _parse_omega(self, omega: Any) -> list[tuple[str, ...]]:
-        if isinstance(omega, str):
-            if omega == "diagonal":
-                return [(n,) for n in self.random_names]
-            if omega in ("full", "block"):
-                return [tuple(self.random_names)]
-            raise ModelSpecificationError(f"omega must be 'diagonal', 'full' or a list of blocks, got {omega!r}")
-        blocks, seen = [], set()
-        for block in omega:
-            block = (block,) if isinstance(block, str) else tuple(block)
-            for n in block:
-                if n not in self.random_names:
-                    raise ModelSpecificationError(f"omega block {block}: {n!r} is not a parameter with a random "
-                                                  f"effect ({self.random_names})")
-                if n in seen:
-                    raise ModelSpecificationError(f"omega blocks: {n!r} appears twice")
-                seen.add(n)
-            blocks.append(block)
-        blocks += [(n,) for n in self.random_names if n not in seen]
-        return blocks
-
+    # ----- specification (parsed in spec.py) ------------------------------------------------------------
     @property
     def diagonal_omega(self) -> bool:
         return all(len(b) == 1 for b in self.omega_blocks)
@@ -330,187 +183,14 @@ class NLME(LatentModel):
         """A copy of the model bound to ``data`` (default: the bound table) with the data options ``columns``,
         ``dose``, ``regressors``, ``x`` (as in :func:`read_nonmem`; an option already given with another value is an
         error)."""
-        new = copy.copy(self)
-        new.read_options = self._merge_read_options(read_options, "bind/fit")
-        if data is None:
-            if self.table is None:
-                raise ModelSpecificationError("the model has no data: pass data= to NLME(...), .bind(data) or "
-                                              ".fit(data)")
-            data = self.table
-        new._bind(data)
-        return new
+        return _binding.bind(self, data, **read_options)
 
     def _bind(self, df: pd.DataFrame) -> None:
-        ops, xp = self.ops, self.ops.xp
-        opts = self.read_options
-        cov_cols = sorted({c for items in self.covariate_spec.values() for c, _ in items})
-        if self.iov_init and self.occasion_column not in df.columns:
-            raise DataError(f"iov={list(self.iov_init)} needs the occasion column {self.occasion_column!r}, which is "
-                            f"not in the data (columns {list(df.columns)}); name it with occasion='...'")
-        response_col = _resp.response_column(df, self.response_column) if self.response_spec is not None else None
-        regressors = tuple(dict.fromkeys(tuple(self.structural.regressors) + tuple(opts["regressors"])
-                                         + ((self.occasion_column,) if self.iov_init else ())
-                                         + ((response_col,) if response_col else ())))
-        data = read_nonmem(df, columns=opts["columns"], covariates=cov_cols, regressors=regressors, dose=opts["dose"],
-                           x=opts["x"], covariate_interpolation=opts["covariate_interpolation"] or "locf")
-        if self.structural.uses_doses:
-            if data.x is not None and "time" not in data.columns:
-                raise DataError(f"the structural model {self.structural.name!r} is a function of the time since the "
-                                f"doses: the data need a time column (columns={{'time': ...}}), not only x=")
-            if not (data.dose_amt > 0).any():
-                raise DataError(f"the structural model {self.structural.name!r} is driven by doses, but the data have "
-                                f"none: add dose rows (AMT > 0, EVID = 1) or name a per-row dose column (dose='Dose')")
-        self.data, self.table = data, df
-        n, m = data.num_individuals, len(self.param_names)
-        self.num_units = n
-        # ----- fixed effects and design X_i [N, m, p] -------------------------------------------
-        effects: list[_FixedEffect] = []
-        for j, pname in enumerate(self.param_names):
-            effects.append(_FixedEffect(pname, j, np.ones(n), True))
-            for col, tr in self.covariate_spec.get(pname, []):
-                for suffix, values in _covariate_columns(data.covariates[col], col, tr):
-                    effects.append(_FixedEffect(f"beta_{pname}_{col}{suffix}", j, values, False))
-        self.effects = effects
-        p = len(effects)
-        x = np.zeros((n, m, p))
-        for k, e in enumerate(effects):
-            x[:, e.param, k] = e.column
-        self.r_idx = [self.param_names.index(nm) for nm in self.random_names]
-        d = len(self.r_idx)
-        self.latent_dim = d
-        self.cols_r = [k for k, e in enumerate(effects) if self.spec[self.param_names[e.param]].random]
-        xr = x[:, self.r_idx, :][:, :, self.cols_r]  # [N, d, p_r]
-        self.free_r = [i for i, k in enumerate(self.cols_r) if not (effects[k].is_pop
-                                                                    and self.spec[effects[k].name].fixed)]
-        self.fixed_r = [i for i in range(len(self.cols_r)) if i not in self.free_r]
-        pr = len(self.cols_r)
-        eye_pr = np.eye(pr)
-        self._sel_free = ops.asarray(eye_pr[:, self.free_r])  # [p_r, f]
-        self._sel_fixed = ops.asarray(eye_pr[:, self.fixed_r])  # [p_r, c]
-        self._x = ops.asarray(x)
-        self._xr = ops.asarray(xr)
-        self._xtx = ops.asarray(np.einsum("njp,nkq->jkpq", xr, xr))
-        self._r_sel = ops.asarray(np.array(self.r_idx, dtype=np.int64))  # index arrays (JAX needs arrays)
-        self._cols_r_sel = ops.asarray(np.array(self.cols_r, dtype=np.int64))
-        emb = np.zeros((d, m))
-        emb[np.arange(d), self.r_idx] = 1.0
-        self._embed = ops.asarray(emb)
-        self._all_random = d == m
-        self._no_covariates = p == m
-        # diagonal Ω and no covariate on a parameter with random effect: the GLS decouples into means
-        self._simple = self.diagonal_omega and len(self.cols_r) == d
-        self._fixed_r_mask = ops.asarray(np.array([self.spec[nm].fixed for nm in self.random_names]))
-        kinds = {nm: self.spec[nm].transform for nm in self.param_names}
-        self._pop_kinds = set(kinds.values())
-        self._kind_masks, self._safe_raw = {}, {}
-        for kind in self._pop_kinds - {"normal"}:
-            mask = np.array([e.is_pop and kinds[self.param_names[e.param]] == kind for e in effects])
-            self._kind_masks[kind] = ops.asarray(mask)
-            self._safe_raw[kind] = 0.5 if kind in ("logit", "probit") else 1.0
-        self._eye = ops.asarray(np.eye(d))
-        block_mask = np.zeros((d, d))
-        for block in self.omega_blocks:
-            idx = [self.random_names.index(b) for b in block]
-            block_mask[np.ix_(idx, idx)] = 1.0
-        self._block_mask = ops.asarray(block_mask)
-        # ----- observations ----------------------------------------------------------------------
-        if self.error == "exponential":
-            bad = data.mask & (data.dv <= 0)
-            if bad.any():
-                i, t = np.argwhere(bad)[0]
-                raise DataError(f"exponential error needs DV > 0: ID {_id(data.ids[i])}, row {data.obs_rows[i, t]} has "
-                                f"DV = {data.dv[i, t]}")
-        self._y = ops.asarray(data.dv)
-        self._ylog = ops.asarray(np.log(np.where(data.mask & (data.dv > 0), data.dv, 1.0)))
-        self._mask = ops.asarray(data.mask)
-        self._no_padding = bool(data.mask.all())
-        self._cens = ops.asarray(data.cens.astype(float))
-        self.has_censoring = bool((data.cens[data.mask] != 0).any())
-        self._uncens_mask = ops.asarray(data.mask & (data.cens == 0))
-        self.num_obs = int((data.mask & (data.cens == 0)).sum())
-        self.has_gaussian_obs = self.outcome is None
-        self._outcome_consts = _outcomes.bind(self, data) if self.outcome is not None else {}
-        regs = {k: ops.asarray(v) for k, v in data.regressors.items()}
-        self.design = Design(xp, ops.asarray(data.time), ops.asarray(data.dose_time), ops.asarray(data.dose_amt),
-                             ops.asarray(data.dose_rate), regs,
-                             {c: ops.asarray(np.array(pd.to_numeric(data.covariates[c], errors="coerce"), dtype=float))
-                              for c in data.covariates.columns
-                              if pd.api.types.is_numeric_dtype(data.covariates[c])},
-                             doses_precede_obs=bool(data.dose_amt.shape[1] == 1 and (data.dose_amt > 0).all()
-                                                    and (data.dose_time[:, :1] <= data.time).all()),
-                             dose_cmt=ops.asarray(data.dose_cmt.astype(np.int64)), ops=ops,
-                             x=None if data.x is None else regs[data.x], **self._dose_design(data),
-                             dv=self._outcome_consts.get("dv"))
-        self._structural_fn = self.structural.bound(self.design)
-        if self.response_spec is not None:  # each observation takes its response's prediction
-            self._resp = _resp.bind(self, data, response_col)
-            self._structural_fn = _resp.wrap(self._structural_fn, self)
-        self.observed = {"DV": np.where(data.mask, data.dv, np.nan)}
-        self.latent_sites = [LatentSite(nm, (), k, 1, kind="gaussian") for k, nm in enumerate(self.random_names)]
-        self.params = self._build_params()
-        if self._resp is not None:
-            self.params.update(_resp.params(self, self.response_spec))
-        if self.iov_init:  # κ columns after the d η columns of the latent
-            self._iov = _occ.bind(self, data, self.occasion_column)
-            self.latent_dim = d + self._iov.size
-            self.latent_sites += _occ.latent_sites(self._iov)
-            self.params.update(_occ.params(self, self._iov))
-
-    def _dose_design(self, data: NLMEData, grid: np.ndarray | None = None) -> dict[str, Any]:
-        """The steady-state, period and routing fields of a :class:`Design` (None where the data do not need
-        them, so that the common case stays as fast as before); ``grid``: periods of grid times (by the resets'
-        times)."""
-        ops, out = self.ops, {}
-        real = data.dose_amt > 0
-        if data.has_ss:
-            out.update(dose_ss=ops.asarray(data.dose_ss), dose_ii=ops.asarray(data.dose_ii))
-        if data.has_resets:
-            obs_seg = data.obs_seg if grid is None else (data.seg_start[:, None, 1:] <= grid[..., None]).sum(-1)
-            out.update(dose_seg=ops.asarray(data.dose_seg), obs_seg=ops.asarray(np.asarray(obs_seg, dtype=float)))
-        out["central_cmt"] = bool((data.dose_cmt[real] == 2).any())
-        out["has_infusion"] = bool((data.dose_rate[real] > 0).any())
-        return out
+        _binding.bind_data(self, df)
 
     def _require_data(self) -> None:
         if self.data is None:
             raise ModelSpecificationError("the model has no data: pass data= to NLME(...), .bind(data) or .fit(data)")
-
-    def _build_params(self) -> dict[str, ParamInfo]:
-        ops, xp = self.ops, self.ops.xp
-        params: dict[str, ParamInfo] = {}
-        ident = lambda v: v  # noqa: E731
-        for e in self.effects:
-            pname = self.param_names[e.param]
-            sp = self.spec[pname]
-            random = sp.random
-            if e.is_pop:
-                u, uinv = _transform_pair(ops, sp.transform)
-                params[e.name] = ParamInfo(e.name, ops.asarray(sp.init), u, uinv, closed_form=random, fixed=sp.fixed,
-                                           meta={"role": "population", "transform": sp.transform})
-            else:
-                params[e.name] = ParamInfo(e.name, ops.asarray(self.covariate_init.get(e.name, 0.0)), ident, ident,
-                                           closed_form=random, meta={"role": "covariate", "parameter": pname})
-        unknown = sorted(set(self.covariate_init) - set(params))
-        if unknown:
-            names = [e.name for e in self.effects if not e.is_pop]
-            raise ModelSpecificationError(f"covariate_init: unknown covariate coefficient(s) {unknown}; the model has "
-                                          f"{names or 'no covariate'}")
-        if self.diagonal_omega:
-            for nm in self.random_names:
-                params[f"omega2_{nm}"] = ParamInfo(f"omega2_{nm}", ops.asarray(self.spec[nm].omega2), xp.log, xp.exp,
-                                                   closed_form=True, anneal="var", meta={"role": "omega"})
-        else:
-            om = np.diag([self.spec[nm].omega2 for nm in self.random_names])
-            params["Omega"] = ParamInfo("Omega", ops.asarray(om), ident, ident, closed_form=True, anneal="cov",
-                                        meta={"role": "omega", "names": list(self.random_names)})
-        closed_err = self.error != "combined" and not self.has_censoring
-        if self.outcome is None and self.error in ("constant", "combined", "exponential"):
-            params["a"] = ParamInfo("a", ops.asarray(self.error_init["a"]), xp.log, xp.exp, closed_form=closed_err,
-                                    meta={"role": "error"})
-        if self.error in ("proportional", "combined"):
-            params["b"] = ParamInfo("b", ops.asarray(self.error_init["b"]), xp.log, xp.exp, closed_form=closed_err,
-                                    meta={"role": "error"})
-        return params
 
     # ----- building blocks --------------------------------------------------------------------------
     def _beta(self, theta: dict[str, Any]) -> Any:
@@ -521,7 +201,7 @@ class NLME(LatentModel):
             return xp.log(raw)  # common case: every parameter log-normal, no covariate
         out = raw
         for kind, mask in self._kind_masks.items():
-            u, _ = _transform_pair(self.ops, kind)
+            u, _ = transform_pair(self.ops, kind)
             out = xp.where(mask, u(xp.where(mask, raw, self._safe_raw[kind])), out)
         return out
 
@@ -594,49 +274,14 @@ class NLME(LatentModel):
         return self.data.x if self.data.x is not None else self.data.columns.get("time", "time")
 
     def prediction_grid(self, num_points: int = 150) -> tuple[np.ndarray, np.ndarray] | None:
-        """A fine grid of the x-variable per individual, ``(grid [N, G], mask [N, G])`` (numpy), for smooth curves.
-
-        Each individual's grid spans its first dose (or observation) to its last observation with ``num_points``
-        equally spaced points, plus its observation times, dose times (and the instant before each, so that a
-        bolus draws a jump) and infusion ends; rows are padded with their last value (``mask`` False).  None
-        when the structural model needs per-observation regressors that a grid cannot interpolate (other
-        ``regressors=`` columns, or an ``x=`` column in data that also have a time column).
-        """
-        self._require_data()
-        data = self.data
-        extra = set(data.regressors) - ({data.x} if data.x is not None else set())
-        if extra or (data.x is not None and "time" in data.columns):
-            return None
-        xv, rows = data.x_values, []
-        for i in range(data.num_individuals):
-            obs = xv[i][data.mask[i]]
-            lo, hi = float(obs.min()), float(obs.max())
-            pts = [np.linspace(lo, hi, int(num_points)), obs]
-            if data.x is None:
-                real = data.dose_amt[i] > 0
-                t_d, amt, rate = data.dose_time[i][real], data.dose_amt[i][real], data.dose_rate[i][real]
-                lo = min(lo, float(t_d.min())) if t_d.size else lo
-                pts[0] = np.linspace(lo, hi, int(num_points))
-                ends = t_d[rate > 0] + amt[rate > 0] / rate[rate > 0]
-                pts += [t_d, np.nextafter(t_d[t_d > lo], -np.inf), ends]
-            g = np.unique(np.concatenate(pts))
-            rows.append(g[(g >= lo) & (g <= hi)])
-        width = max(len(r) for r in rows)
-        grid = np.stack([np.concatenate([r, np.full(width - len(r), r[-1])]) for r in rows])
-        mask = np.arange(width)[None, :] < np.array([len(r) for r in rows])[:, None]
-        return grid, mask
+        """A fine grid of the x-variable per individual, ``(grid [N, G], mask [N, G])`` (numpy), for smooth curves
+        (:func:`~latentfit.models.nlme.binding.prediction_grid`)."""
+        return _binding.prediction_grid(self, num_points)
 
     def structural_prediction_at(self, theta: dict[str, Any], z: Any, grid: np.ndarray) -> Any:
-        """``f(x, ψ_i)`` at the points ``grid [N, G]`` of the x-variable (e.g. :meth:`prediction_grid`), with each
-        individual's doses and covariates; ``z [..., N, d]`` -> ``[..., N, G]`` (backend array)."""
-        self._require_data()
-        ops, d = self.ops, self.design
-        g = ops.asarray(np.asarray(grid, dtype=float))
-        regs = {self.data.x: g} if self.data.x is not None else {}
-        design = Design(d.xp, g, d.dose_time, d.dose_amt, d.dose_rate, regs, d.covariates, False, d.dose_cmt, ops,
-                        None if self.data.x is None else g, **self._dose_design(self.data, np.asarray(grid, float)))
-        psi = self._psi(self._mu(theta), z)
-        return self.structural.bound(design)(psi, design)
+        """``f(x, ψ_i)`` at the points ``grid [N, G]`` of the x-variable, ``z [..., N, d]`` -> ``[..., N, G]``
+        (:func:`~latentfit.models.nlme.binding.structural_prediction_at`)."""
+        return _binding.structural_prediction_at(self, theta, z, grid)
 
     def _error_sd(self, theta: dict[str, Any], f: Any, units: Any = None) -> Any:
         xp = self.ops.xp
@@ -763,123 +408,22 @@ class NLME(LatentModel):
 
     # ----- exponential-family face (saemix M-step) ------------------------------------------------
     def stats(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
-        xp = self.ops.xp
-        z_all, iov_stats = z, {}
-        if self._iov is not None:
-            z, kappa = _occ.split(z, self._iov)
-            iov_stats = _occ.stats(kappa, self._iov, units, self.ops)
-        if self._simple:
-            out = {"phi": z, "phi2": z * z}
-        else:
-            out = {
-                "phiphi": z[..., :, None] * z[..., None, :],
-                "Xphi": self._take(self._xr, units)[:, :, None, :] * z[..., :, None, :, None],  # X_i[j, p] φ_ik
-            }
-        if self.params.get("a") is not None and self.params["a"].closed_form or \
-                self.params.get("b") is not None and self.params["b"].closed_form:
-            f = self.structural_prediction(theta, z_all, units)
-            mask = self._take(self._uncens_mask, units)
-            if self.error == "exponential":
-                res = self._take(self._ylog, units) - xp.log(f)
-            elif self.error == "proportional":
-                res = (self._take(self._y, units) - f) / f
-            else:
-                res = self._take(self._y, units) - f
-            out["rss"] = xp.sum(xp.where(mask, res * res, 0.0), -1)
-        if self._resp is not None and any(p.closed_form for p in self.params.values() if p.meta.get("response")):
-            out.update(_resp.stats(self, theta, self.structural_prediction(theta, z_all, units), units))
-        out.update(iov_stats)
-        return out
+        """Per-unit sufficient statistics (:func:`~latentfit.models.nlme.mstep.stats`)."""
+        return _mstep.stats(self, theta, z, units)
 
     def m_step(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
         """β by GLS with the current Ω, then Ω and the residual parameter in closed form (saemix); with IOV
-        also the occasion variances γ² (:func:`~latentfit.models.nlme.occasions.m_step`)."""
-        out = self._m_step_eta(s, theta, num_units)
-        if self._iov is not None:
-            out.update(_occ.m_step(s, self._iov, num_units, self.num_units, self.ops.xp))
-        if self._resp is not None:
-            out.update(_resp.m_step(s, self, num_units))
-        return out
-
-    def _m_step_eta(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
-        xp = self.ops.xp
-        if self._simple:
-            return self._m_step_simple(s, theta, num_units)
-        omega = self.omega_matrix(theta)
-        prec = xp.linalg.inv(omega)
-        d, pr = self.latent_dim, len(self.cols_r)
-        a_mat = xp.reshape(xp.reshape(prec, (1, d * d)) @ xp.reshape(self._xtx, (d * d, pr * pr)), (pr, pr))
-        b_vec = xp.reshape(xp.reshape(prec, (1, d * d)) @ xp.reshape(s["Xphi"], (d * d, pr)), (pr,))
-        beta_all = self._beta(theta)[self._cols_r_sel]
-        beta_c = self._sel_fixed.T @ beta_all
-        a_ff = self._sel_free.T @ a_mat @ self._sel_free
-        rhs = self._sel_free.T @ (b_vec - a_mat @ self._sel_fixed @ beta_c)
-        beta_f = xp.linalg.solve(a_ff, rhs[:, None])[:, 0]
-        beta = self._sel_free @ beta_f + self._sel_fixed @ beta_c
-        cross = (s["Xphi"] @ beta).T  # [j, k] = Σ_i φ_ij (X_i β)_k
-        quad = (self._xtx @ beta) @ beta  # Σ_i (X_i β)(X_i β)ᵀ
-        om = (s["phiphi"] - cross - cross.T + quad) / num_units
-        om = 0.5 * (om + om.T) * self._block_mask
-        # rounding can push a collapsing variance to ≤ 0: floor the diagonal (saemix's cutoff)
-        diag = xp.diagonal(om, 0, -2, -1)
-        om = om + self.ops.asarray(np.eye(d)) * (xp.clip(diag, OMEGA2_FLOOR) - diag)
-        out: dict[str, Any] = {}
-        for i, k in enumerate(self.cols_r):
-            e = self.effects[k]
-            if e.is_pop and self.spec[e.name].fixed:
-                continue
-            out[e.name] = self.params[e.name].to_constrained(beta[i])
-        if self.diagonal_omega:
-            for i, nm in enumerate(self.random_names):
-                out[f"omega2_{nm}"] = om[i, i]
-        else:
-            out["Omega"] = om
-        if "rss" in s:
-            name = "b" if self.error == "proportional" else "a"
-            out[name] = xp.sqrt(s["rss"] / self.num_obs)
-        return out
-
-    def _m_step_simple(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
-        """Diagonal Ω, no covariate: ``β_j = S1_j / N``, ``ω²_j = S2_j / N − β_j²`` (the GLS decouples)."""
-        xp = self.ops.xp
-        beta_old = self._beta(theta)[self._r_sel]
-        beta = xp.where(self._fixed_r_mask, beta_old, s["phi"] / num_units)
-        om = xp.clip((s["phi2"] - 2.0 * beta * s["phi"]) / num_units + beta * beta, OMEGA2_FLOOR)
-        out: dict[str, Any] = {}
-        for i, nm in enumerate(self.random_names):
-            if not self.spec[nm].fixed:
-                out[nm] = self.params[nm].to_constrained(beta[i])
-            out[f"omega2_{nm}"] = om[i]
-        if "rss" in s:
-            out["b" if self.error == "proportional" else "a"] = xp.sqrt(s["rss"] / self.num_obs)
-        return out
+        also the occasion variances γ² (:func:`~latentfit.models.nlme.mstep.m_step`)."""
+        return _mstep.m_step(self, s, theta, num_units)
 
     def fit_warnings(self, theta: dict[str, Any]) -> list[str]:
-        """A random-effect variance that fell to ~0 (SAEM with few chains can absorb a weakly identified variance
-        at zero, where EM's map is stationary)."""
-        om = self.ops.to_numpy(self.omega_matrix(theta))
-        collapsed = [f"{nm} (ω²={om[i, i]:.2g})" for i, nm in enumerate(self.random_names)
-                     if om[i, i] < COLLAPSED_OMEGA2]
-        if not collapsed:
-            return []
-        return [f"the variance of the random effect on {', '.join(collapsed)} collapsed to ~0: the data barely "
-                f"identify it, and SAEM's Monte-Carlo noise with few chains can drive such a variance to zero; rerun "
-                f"with more chains (num_chains=...), a larger initial variance, or without that random effect"]
+        """A random-effect variance that fell to ~0 (:func:`~latentfit.models.nlme.mstep.fit_warnings`)."""
+        return _mstep.fit_warnings(self, theta)
 
     def numeric_objective(self, theta: dict[str, Any], z: Any, names: list[str]) -> Callable[[dict], Any] | None:
-        """Cheap objective for SAEM's numerical step (hook read by the engine).
-
-        Over residual-error parameters only, the structural predictions are computed once and only the
-        observation terms are re-evaluated; otherwise the prior (constant in parameters without random
-        effect) is left out.
-        """
-        xp = self.ops.xp
-        if set(names) <= {n for n, p in self.params.items() if p.meta.get("role") == "error"}:
-            f = self.ops.stop_gradient(self.structural_prediction(theta, z))
-            return lambda th: xp.mean(xp.sum(self._obs_terms(th, f, None), (-2, -1)))
-        if not any(n in self.closed_form_params or n.startswith("omega2") or n == "Omega" for n in names):
-            return lambda th: xp.mean(xp.sum(self.log_lik(th, z), -1))
-        return None
+        """Cheap objective for SAEM's numerical step (hook read by the engine;
+        :func:`~latentfit.models.nlme.mstep.numeric_objective`)."""
+        return _mstep.numeric_objective(self, theta, z, names)
 
     # ----- Gaussian faces ----------------------------------------------------------------------------
     def predict(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
@@ -913,28 +457,7 @@ class NLME(LatentModel):
     # ----- simulation -----------------------------------------------------------------------------
     def simulate(self, theta: dict[str, Any] | None = None, seed: int = 0) -> pd.DataFrame:
         """A copy of the bound table with ``DV`` simulated from the model at ``theta`` (default: initial values)."""
-        self._require_data()
-        ops = self.ops
-        theta = self.init_params() if theta is None else {
-            n: ops.asarray(v) if not hasattr(v, "shape") or isinstance(v, np.ndarray) else v
-            for n, v in {**self.init_params(), **theta}.items()}
-        if self.outcome is not None:
-            return _outcomes.simulate(self, theta, seed)
-        with ops.seed_context(seed):
-            k1, k2 = ops.split(ops.key(seed))
-            z = self.sample_prior(theta, k1, 1)[0]
-            mean, sd = self.predict(theta, z)
-            eps = ops.normal(k2, tuple(mean.shape))
-        y = ops.to_numpy(mean + sd * eps)
-        if self.error == "exponential":
-            y = np.exp(y)
-        out = self.table.copy()
-        dv_col = self.data.columns["dv"]
-        out[dv_col] = out[dv_col].astype(float)
-        rows = self.data.obs_rows
-        valid = rows >= 0
-        out.iloc[rows[valid], out.columns.get_loc(dv_col)] = y[valid]
-        return out
+        return _simulation.simulate(self, theta, seed)
 
     # ----- front doors ------------------------------------------------------------------------------
     def fit(self, data: pd.DataFrame | None = None, engine: str = "saem", *, columns: dict[str, str] | None = None,
@@ -961,8 +484,8 @@ class NLME(LatentModel):
         The numerical step (combined error, parameters without random effect) is warm-started at the
         previous estimate, so 3 Newton steps per iteration are the default here (``newton_steps``; outcome models:
         1).
-        Engines are loaded lazily, through :mod:`latentfit.integrations.families` (``models/`` never imports an
-        engine).
+        The engine runs behind the front door :func:`latentfit.integrations.families.fit_nlme`, reached through a hook
+        (``models/`` never imports an engine; see :mod:`latentfit._hooks`).
 
         Example (saemix's ``theo.saemix`` table: columns ``Id, Dose, Time, Concentration, Weight``):
 
@@ -997,7 +520,7 @@ class NLME(LatentModel):
 
             return fit_replicates(model, engine, options, replicates, dispersed_starts=dispersed_starts,
                                   starts=starts)
-        return families().fit_nlme(model, engine, options)
+        return fit_nlme(model, engine, options)
 
     def shard_view(self, ops: Any, offset: int, total: int) -> NLME:
         """This bound model as one process's block of individuals in a data-parallel fit: the residual variance's
@@ -1013,34 +536,7 @@ class NLME(LatentModel):
     def with_init(self, init: dict[str, Any]) -> NLME:
         """A copy of the (bound) model whose starting values are ``init`` (names as in ``fit.params``, natural
         scale: population values, ``beta_*``, ``omega2_*`` or ``Omega``, ``a``, ``b``)."""
-        self._require_data()
-        unknown = sorted(set(init) - set(self.params))
-        if unknown:
-            raise ModelSpecificationError(f"init: unknown parameter(s) {unknown}; the model's parameters are "
-                                          f"{list(self.params)}")
-        ops = self.ops
-        params = dict(self.params)
-        for name, value in init.items():
-            info = params[name]
-            v = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value, dtype=float)
-            shape = np.shape(ops.to_numpy(info.value))
-            if v.shape != shape:
-                raise ModelSpecificationError(f"init: {name!r} needs shape {shape}, got {v.shape}")
-            if name == "Omega":
-                v = 0.5 * (v + v.T)
-                if not np.all(np.linalg.eigvalsh(v) > 0):
-                    raise ModelSpecificationError("init: 'Omega' must be positive definite")
-                if np.any(v * (1.0 - ops.to_numpy(self._block_mask)) != 0):
-                    raise ModelSpecificationError(f"init: 'Omega' has non-zero entries outside the blocks "
-                                                  f"{self.omega_blocks}")
-            value_b = ops.asarray(v)
-            if not np.all(np.isfinite(ops.to_numpy(info.to_unconstrained(value_b)))):
-                raise ModelSpecificationError(f"init: {name}={v} is outside its domain "
-                                              f"({info.meta.get('transform') or info.meta.get('role')})")
-            params[name] = dataclasses.replace(info, value=value_b)
-        new = copy.copy(self)
-        new.params = params
-        return new
+        return _binding.with_init(self, init)
 
     @property
     def pyro_model(self) -> Callable[[], None]:
@@ -1079,27 +575,6 @@ class NLME(LatentModel):
         bound = f"{self.num_units} individuals, {self.num_obs} observations" if self.data is not None else "no data"
         return (f"NLME({self.structural.name}, parameters={self.param_names}, random={self.random_names}, "
                 f"{_outcomes.describe(self)}, {bound})")
-
-
-def _covariate_columns(values: pd.Series, col: str, transform: str | None) -> list[tuple[str, np.ndarray]]:
-    """Design columns of one covariate: ``[(name suffix, values [N])]``."""
-    categorical = transform == "categorical" or not pd.api.types.is_numeric_dtype(values)
-    if categorical:
-        levels = sorted(pd.unique(values), key=lambda v: str(v))
-        if len(levels) < 2:
-            raise DataError(f"categorical covariate {col!r} has a single level {levels}")
-        return [(f"_{lev}", (values.to_numpy() == lev).astype(float)) for lev in levels[1:]]
-    v = values.to_numpy(dtype=float)
-    if transform in (None, "linear"):
-        return [("", v)]
-    if transform == "center":
-        return [("", v - v.mean())]
-    if (v <= 0).any():
-        i = int(np.argmax(v <= 0))
-        raise DataError(f"covariate {col!r} must be > 0 for a log transform (ID {values.index[i]})")
-    if transform == "log":
-        return [("", np.log(v))]
-    return [("", np.log(v / v.mean()))]
 
 
 __all__ = ["NLME", "Parameter"]

@@ -45,12 +45,12 @@ reverse and forward mode; the backend code lives in :mod:`latentfit.integrations
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from latentfit import _hooks
 from latentfit.inference.model import DataError
 
 from .structural import Design, Structural
@@ -292,7 +292,7 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
                 raise ValueError(f"rhs returned {len(dx)} derivatives, expected num_states={num_states}")
             return tuple(dxi + ui for dxi, ui in zip(dx, e["u"], strict=True))
 
-        out = importlib.import_module("latentfit.integrations.ode_solvers").integrate_events(
+        out = _hooks.module("ode_solvers").integrate_events(
             ops.name, solver, x0=x, events=events, jump=jump, rhs=field, params=psi, rtol=rtol, atol=atol,
             max_steps=int(max_steps))  # [..., N, E]
         return xp.einsum("...ne,nte->...nt", out, ev["onehot"])

@@ -33,7 +33,7 @@ import pandas as pd
 
 from latentfit.inference.model import ConvergenceWarning, ModelSpecificationError
 
-from .._integrations import families
+from .._integrations import fit_nlme
 
 #: default tolerance (log-likelihood units) below which replicates are taken to agree (see the module docstring)
 TOLERANCE = 0.5
@@ -98,7 +98,6 @@ def fit_replicates(model: Any, engine: str, options: dict[str, Any], replicates:
     if scale < 0:
         raise ModelSpecificationError(f"dispersed_starts must be True/False or a scale >= 0, got {dispersed_starts!r}")
     seed = int(options.get("seed", 0))
-    fam = families()
     fits, rows = [], []
     for r in range(replicates):
         start, kind = None, "init"
@@ -107,7 +106,7 @@ def fit_replicates(model: Any, engine: str, options: dict[str, Any], replicates:
         elif r > 0 and scale > 0:
             start, kind = dispersed_init(model, np.random.default_rng([seed, r]), scale), "dispersed"
         model_r = model.with_init(start) if start else model
-        fit = fam.fit_nlme(model_r, engine, {**options, "seed": seed + r})
+        fit = fit_nlme(model_r, engine, {**options, "seed": seed + r})
         ll, se, method = replicate_log_likelihood(fit, ll_method, seed=seed)
         fits.append(fit)
         rows.append({"replicate": r, "seed": seed + r, "start": kind, "logLik": ll, "mc_se": se, "method": method,

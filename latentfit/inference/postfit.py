@@ -1,0 +1,327 @@
+"""What is computed from a fit after the fit: likelihoods, information criteria, standard errors, individual
+estimates, residuals and VPC summaries, the summary table.
+
+Each function takes the :class:`~latentfit.inference.results.FitResult` record and reads its model, engine
+state and latent draws; results are memoised in the record's ``_cache`` (keyed on the options that change them).
+The record offers them as methods (``fit.log_likelihood(...)`` is :func:`log_likelihood` ``(fit, ...)``): the
+signature and docstring live here, once.  The numerical work is in the modules named below
+(:mod:`.likelihood`, :mod:`.fisher`, :mod:`.individual`, :mod:`.diagnostics`); this module only chooses the
+method, feeds it θ̂ and the draws, and caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import diagnostics, fisher, individual
+from . import likelihood as lk
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import pandas as pd
+
+    from .results import FitResult
+
+
+# ----- latent draws and individual estimates --------------------------------------------------------------
+def require_draws(fit: FitResult, what: str) -> np.ndarray:
+    """The fit's latent draws ``[L, draws, N, d]``, or an error naming ``what`` needed them."""
+    if fit.latent_draws is None:
+        raise ValueError(f"{what} needs the latent draws of the fit (FitResult.latent_draws is None: the engine "
+                         "kept no draws; run it with num_draws > 0)")
+    return fit.latent_draws
+
+
+def conditional_moments(fit: FitResult) -> tuple[np.ndarray, np.ndarray]:
+    """Conditional mean and sd ``[N, d]`` of the unconstrained latents, from the chains' last draws."""
+    if "cond_moments" not in fit._cache:
+        fit._cache["cond_moments"] = individual.conditional_moments(require_draws(fit, "conditional moments"))
+    return fit._cache["cond_moments"]
+
+
+def individual_estimates(fit: FitResult, num_steps: int = 30) -> individual.IndividualEstimates:
+    """Conditional modes (EBEs), conditional means and sds of every unit, and shrinkage.
+
+    Returns an :class:`~latentfit.inference.individual.IndividualEstimates` (``.mode``, ``.mean``,
+    ``.sd`` ``[N, d]`` in unconstrained latent space, ``.shrinkage_mode``, ``.to_frame()``).
+    """
+    if "individual" not in fit._cache:
+        fit._cache["individual"] = individual.individual_estimates(
+            fit.model, fit._theta(), require_draws(fit, "individual estimates"), num_steps=num_steps)
+    return fit._cache["individual"]
+
+
+def individual_parameters(fit: FitResult, num_steps: int = 30) -> pd.DataFrame:
+    """Per-unit parameters on their natural scale (saemix's ``psi``): a pandas table.
+
+    Columns ``<name>.mode`` (the conditional mode mapped to the natural scale), ``<name>.mean`` and
+    ``<name>.sd`` (conditional mean and sd of the *transformed* draws, so that e.g. E[ka_i | y_i] is not
+    confused with exp(E[log ka_i | y_i])).  Uses the model's ``individual_parameters(θ, z)`` when it has one
+    (NLME: ψ_i = u⁻¹(C_i β + η_i)), else the latent sites' supports (``unpack_latents``).
+    """
+    import pandas as pd
+
+    ops, model, theta = fit.model.ops, fit.model, fit._theta()
+    draws = ops.asarray(require_draws(fit, "individual parameters"))
+    mode = ops.asarray(individual_estimates(fit, num_steps=num_steps).mode)
+
+    def natural(z: Any) -> dict[str, np.ndarray]:
+        if hasattr(model, "individual_parameters"):
+            vals = model.individual_parameters(theta, z)
+        else:
+            vals = model.unpack_latents(z)
+        lead = z.ndim - 2  # chain/draw dims before the unit dim
+        out = {}
+        for k, v in vals.items():
+            v = ops.to_numpy(v)
+            out[k] = v.reshape(v.shape[:lead] + (model.num_units, -1))
+        return out
+
+    at_mode = natural(mode)
+    sampled = natural(draws)
+    cols: dict[str, np.ndarray] = {}
+    for name, m in at_mode.items():
+        flat = sampled[name].reshape((-1,) + sampled[name].shape[-2:])  # [L·draws, N, k]
+        labels = [name] if m.shape[-1] == 1 else [f"{name}[{j}]" for j in range(m.shape[-1])]
+        for j, lab in enumerate(labels):
+            cols[f"{lab}.mode"] = m[:, j]
+            cols[f"{lab}.mean"] = flat[..., j].mean(0)
+            cols[f"{lab}.sd"] = flat[..., j].std(0, ddof=1)
+    df = pd.DataFrame(cols)
+    df.index.name = "unit"
+    return df
+
+
+# ----- likelihood and information criteria ---------------------------------------------------------------
+def default_ll_method(fit: FitResult) -> str:
+    """``"exact"`` when the model has an exact marginal, else ``"is"``."""
+    return "exact" if getattr(fit.model, "has_exact_marginal", False) else "is"
+
+
+def log_likelihood(fit: FitResult, method: str | None = None, *, num_samples: int = 5000, df: int = 4, seed: int = 0,
+                   batch_size: int = 500, num_nodes: int = 12) -> float:
+    """Observed-data log-likelihood ``Σ_i log p(y_i; θ̂)``.
+
+    ``method``: ``"exact"`` (model's exact marginal; default when ``model.has_exact_marginal``),
+    ``"is"`` (importance sampling, Student-t proposal around the conditional moments; ``num_samples``
+    draws per unit, ``df`` degrees of freedom, fixed ``seed``), ``"lin"`` (linearisation at the
+    conditional modes; models with Gaussian faces) or ``"gq"`` (adaptive Gauss–Hermite quadrature with
+    ``num_nodes`` nodes per latent coordinate around the conditional modes: deterministic, for small
+    latent dimensions; saemix's ``llgq``).  The detailed result (per-unit terms, Monte-Carlo
+    SE) is kept in ``fit.log_likelihoods[method]``.
+    """
+    method = method or default_ll_method(fit)
+    if method not in ("is", "lin", "gq", "exact"):
+        raise ValueError(f"method must be 'is', 'lin', 'gq' or 'exact', got {method!r}")
+    key = {"is": (method, num_samples, df, seed), "gq": (method, num_nodes)}.get(method, (method,))
+    cache = fit._cache.setdefault("loglik", {})
+    if key not in cache:
+        model, theta = fit.model, fit._theta()
+        if method == "exact":
+            res = lk.log_likelihood_exact(model, theta)
+        elif method == "gq":
+            z0 = conditional_moments(fit)[0] if fit.latent_draws is not None else None
+            res = lk.log_likelihood_gq(model, theta, z0, num_nodes=num_nodes)
+        elif method == "lin":
+            res = lk.log_likelihood_lin(model, theta, model.ops.asarray(individual_estimates(fit).mode))
+        else:
+            mean, sd = conditional_moments(fit)
+            # a model may fit the proposal to each unit's conditional distribution (NLME outcome models)
+            tune = getattr(model, "importance_proposal", None)
+            if tune is not None:
+                mean, sd, df = tune(theta, mean, sd, df)
+            res = lk.log_likelihood_is(model, theta, mean, sd, num_samples=num_samples, df=df, seed=seed,
+                                       batch_size=batch_size)
+        res = _across_processes(fit, res)
+        cache[key] = res
+        fit._cache.setdefault("loglik_by_method", {})[method] = res
+    return cache[key].value
+
+
+def _across_processes(fit: FitResult, res: lk.LogLikelihood) -> lk.LogLikelihood:
+    """A distributed fit's log-likelihood: every process's sum over its units, all-reduced (Monte-Carlo variances
+    add); ``per_unit`` keeps this process's terms.  Every process must ask for the same method (a collective)."""
+    ops = fit.engine.ops
+    if not hasattr(ops, "world_size"):
+        return res
+    se = 0.0 if res.mc_se is None else float(res.mc_se)
+    value, var = (float(v) for v in ops.to_numpy(ops.all_sum(ops.asarray(np.array([float(res.value), se * se])))))
+    return dataclasses.replace(res, value=value, mc_se=None if res.mc_se is None else var ** 0.5)
+
+
+def num_params(fit: FitResult) -> int:
+    """Number of estimated scalar parameters (AIC/BIC): fixed parameters excluded, a simplex of K weights
+    counts K − 1, a symmetric or triangular k×k matrix k(k+1)/2 (a Cholesky factor of a correlation
+    k(k−1)/2).  A model may override this with a ``num_free_params`` attribute."""
+    override = getattr(fit.model, "num_free_params", None)
+    if override is not None:
+        return int(override() if callable(override) else override)
+    count = 0
+    params = fit.params
+    for name, info in fit.model.params.items():
+        if not info.fixed:
+            count += free_size(np.asarray(params[name]), info.meta.get("constraint", None))
+    return count
+
+
+def free_size(value: np.ndarray, constraint: Any) -> int:
+    """Free scalar entries of one parameter (see :func:`num_params`)."""
+    cname = (constraint if isinstance(constraint, str) else type(constraint).__name__).lower()
+    size = int(value.size)
+    if "simplex" in cname and value.ndim >= 1:
+        return size - size // value.shape[-1]
+    if value.ndim >= 2 and value.shape[-1] == value.shape[-2] and value.shape[-1] > 1:
+        k = value.shape[-1]
+        batch = size // (k * k)
+        if "corr" in cname:
+            return batch * k * (k - 1) // 2
+        symmetric = np.allclose(value, np.swapaxes(value, -1, -2))
+        lower = np.allclose(np.triu(value, 1), 0.0)
+        if symmetric or lower or any(w in cname for w in ("definite", "cholesky", "symmetric")):
+            return batch * k * (k + 1) // 2
+    return size
+
+
+def likelihood_table(fit: FitResult, methods: tuple[str, ...] | list[str] | None = None) -> pd.DataFrame:
+    """−2LL, AIC and BIC by each likelihood method, as saemix prints them (pandas, one row per method).
+
+    Default methods: ``"exact"`` when the model has an exact marginal, else ``"lin"`` (models with Gaussian
+    faces), ``"is"`` and ``"gq"`` (small latent dimension, up to 4 coordinates per unit).
+    """
+    import pandas as pd
+
+    if methods is None:
+        m = fit.model
+        if getattr(m, "has_exact_marginal", False):
+            methods = ["exact"]
+        else:
+            methods = (["lin"] if (m.has_gaussian_obs and m.has_gaussian_prior) else []) + ["is"]
+            if m.latent_dim <= 4:
+                methods.append("gq")
+    p, n = fit.num_params, fit.num_units
+    rows = {}
+    for method in methods:
+        ll = log_likelihood(fit, method)
+        rows[method] = {"-2LL": -2.0 * ll, "AIC": -2.0 * ll + 2.0 * p, "BIC": -2.0 * ll + p * float(np.log(n))}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "method"
+    return table
+
+
+# ----- standard errors and the summary table ----------------------------------------------------------------
+def default_se_method(fit: FitResult) -> str:
+    """``"lin"`` for models with Gaussian faces, else ``"sa"``."""
+    m = fit.model
+    return "lin" if (m.has_gaussian_obs and m.has_gaussian_prior) else "sa"
+
+
+def standard_errors(fit: FitResult, method: str | None = None, *, num_iters: int = 0,
+                    seed: int = 0) -> dict[str, float]:
+    """Standard errors of every parameter (constrained scale, :meth:`~FitResult.param_table` labels).
+
+    ``method``: ``"lin"`` (expected Fisher information of the model linearised at the conditional modes, as
+    saemix does at the conditional means; default for models with Gaussian faces) or ``"sa"`` (Louis' formula
+    averaged over draws of the latents: the SAEM chains' last draws, or ``num_iters`` fresh MCMC iterations at
+    θ̂ when ``num_iters > 0``).  The full record (covariance, Fisher information, ``.delta(fn)`` for derived
+    quantities) is ``fit.covariance(method)``.
+    """
+    return covariance(fit, method, num_iters=num_iters, seed=seed).as_dict()
+
+
+def covariance(fit: FitResult, method: str | None = None, *, num_iters: int = 0,
+               seed: int = 0) -> fisher.StandardErrors:
+    """:class:`~latentfit.inference.fisher.StandardErrors` record of ``method`` (see :func:`standard_errors`)."""
+    method = method or default_se_method(fit)
+    if method not in ("lin", "sa"):
+        raise ValueError(f"method must be 'lin' or 'sa', got {method!r}")
+    key = (method, num_iters, seed)
+    cache = fit._cache.setdefault("se_records", {})
+    if key not in cache:
+        model, theta = fit.model, fit._theta()
+        if method == "lin":
+            z_hat = model.ops.asarray(individual_estimates(fit).mode)
+            rec = fisher.fim_linearisation(model, theta, z_hat)
+        else:
+            draws = require_draws(fit, "standard errors by stochastic approximation")
+            if num_iters > 0:
+                draws = individual.sample_conditional(model, theta, draws[:, -1], num_iters, seed=seed)
+            rec = fisher.fim_louis(model, theta, draws)
+        cache[key] = rec
+    fit._cache["se"] = cache[key].as_dict()
+    return cache[key]
+
+
+def summary(fit: FitResult, se: bool = True, method: str | None = None) -> pd.DataFrame:
+    """pandas table: estimate, SE and RSE%.
+
+    ``method`` (``"lin"`` | ``"sa"``, see :func:`standard_errors`): the standard errors by that method; if
+    they cannot be computed (the model lacks the Gaussian faces, the fit kept no draws, ...) the error is
+    raised, never a table without its SE columns.  Without ``method``: the standard errors computed last,
+    else those of the default method; where the default method does not apply to this fit (e.g. an EM fit,
+    which keeps no latent draws) the table holds the estimates only and a ``RuntimeWarning`` says why.
+    ``se=False``: estimates only.  A fit with replicates (``fit.replicates``) adds the range of each estimate
+    over the replicates (``replicates.min``, ``replicates.max``; the table in ``.attrs["replicates"]``).
+    """
+    import pandas as pd
+
+    rows = fit.param_table()
+    df = pd.DataFrame({"estimate": [v for _, v in rows]}, index=[n for n, _ in rows])
+    se_map = fit._cache.get("se")
+    if se and method is not None:
+        se_map = standard_errors(fit, method)  # a requested method that fails raises
+    elif se and se_map is None:
+        try:
+            se_map = standard_errors(fit)
+        except (ValueError, NotImplementedError) as err:
+            warnings.warn(f"summary(): no standard errors for this fit ({err}); pass se=False for the "
+                          "estimates alone", RuntimeWarning, stacklevel=2)
+            se_map = None
+    if se and se_map is not None:
+        df["se"] = [se_map.get(n, np.nan) for n, _ in rows]
+        df["rse%"] = 100.0 * df["se"] / df["estimate"].abs()
+    if fit.replicates is not None:  # the range of each estimate over the replicate fits
+        reps = fit.replicates
+        df["replicates.min"] = [reps[n].min() if n in reps else np.nan for n, _ in rows]
+        df["replicates.max"] = [reps[n].max() if n in reps else np.nan for n, _ in rows]
+        df.attrs["replicates"] = reps
+    df.index.name = "parameter"
+    return df
+
+
+# ----- residuals and predictive checks ----------------------------------------------------------------------
+def residuals(fit: FitResult, num_sims: int = 1000, seed: int = 0) -> diagnostics.Residuals:
+    """PRED, IPRED, IWRES, EPRED, PWRES and NPDE (``[N, T]`` arrays; ``.to_frame()``)."""
+    key = (num_sims, seed)
+    cache = fit._cache.setdefault("residuals", {})
+    if key not in cache:
+        cache[key] = diagnostics.residuals(fit.model, fit._theta(),
+                                           fit.model.ops.asarray(individual_estimates(fit).mode),
+                                           num_sims=num_sims, seed=seed)
+    return cache[key]
+
+
+def resolve_x(fit: FitResult, x: Any) -> np.ndarray | None:
+    """``x`` as an ``[N, T]`` numpy array (a model keyword name is looked up in the traced call)."""
+    if x is None:
+        return None
+    if isinstance(x, str):
+        kwargs = getattr(fit.model, "kwargs", {}) or {}
+        if x not in kwargs:
+            raise ValueError(f"x={x!r} is not a keyword argument of the model call (available: {sorted(kwargs)})")
+        x = kwargs[x]
+    return np.asarray(fit.model.ops.to_numpy(x), dtype=float)
+
+
+def vpc(fit: FitResult, x: Any, num_sims: int = 500, bins: Any = None, level: float = 0.9,
+        seed: int = 0) -> diagnostics.VPC:
+    """Visual-predictive-check summaries against ``x`` (``[N, T]`` array or model keyword name)."""
+    return diagnostics.vpc(fit.model, fit._theta(), resolve_x(fit, x), num_sims=num_sims, bins=bins, level=level,
+                           seed=seed)
+
+
+__all__ = ["conditional_moments", "covariance", "default_ll_method", "default_se_method", "free_size",
+           "individual_estimates", "individual_parameters", "likelihood_table", "log_likelihood", "num_params",
+           "require_draws", "residuals", "resolve_x", "standard_errors", "summary", "vpc"]

@@ -1,0 +1,303 @@
+"""Binding an NLME to a data table, and designs at other points of the x-variable.
+
+:func:`bind_data` reads the table (:func:`~latentfit.models.nlme.data.read_nonmem`), builds the fixed-effect design
+``X_i`` (population values and covariate columns, :class:`~latentfit.models.nlme.spec.FixedEffect`), the arrays the
+densities and the M-step read (on the model's backend), the structural model's :class:`Design` and the parameters
+(:func:`build_params`).  :func:`with_init` replaces starting values; :func:`prediction_grid` and
+:func:`structural_prediction_at` evaluate the structural model between the observations (smooth curves of the plots).
+Functions of the model (:class:`~latentfit.models.nlme.NLME` offers them as methods).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from latentfit.inference.model import DataError, LatentSite, ModelSpecificationError, ParamInfo
+
+from . import occasions as _occ
+from . import outcomes as _outcomes
+from . import responses as _resp
+from .data import NLMEData, _id, read_nonmem
+from .spec import FixedEffect, covariate_columns, merge_read_options, transform_pair
+from .structural import Design
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from .model import NLME
+
+
+def bind(model: NLME, data: pd.DataFrame | None = None, **read_options: Any) -> NLME:
+    """A copy of the model bound to ``data`` (default: the bound table) with the data options ``columns``,
+    ``dose``, ``regressors``, ``x`` (as in :func:`read_nonmem`; an option already given with another value is an
+    error)."""
+    new = copy.copy(model)
+    new.read_options = merge_read_options(model.read_options, read_options, "bind/fit")
+    if data is None:
+        if model.table is None:
+            raise ModelSpecificationError("the model has no data: pass data= to NLME(...), .bind(data) or "
+                                          ".fit(data)")
+        data = model.table
+    bind_data(new, data)
+    return new
+
+
+def bind_data(model: NLME, df: pd.DataFrame) -> None:
+    """Bind the table ``df`` to ``model`` in place: the data read as NONMEM records, the fixed-effect design
+    ``X_i`` ``[N, m, p]`` and its restriction to the random parameters, Ω's block mask, the observation arrays
+    (padding masked), the structural model's :class:`Design`, the latent sites and the parameters."""
+    ops, xp = model.ops, model.ops.xp
+    opts = model.read_options
+    cov_cols = sorted({c for items in model.covariate_spec.values() for c, _ in items})
+    if model.iov_init and model.occasion_column not in df.columns:
+        raise DataError(f"iov={list(model.iov_init)} needs the occasion column {model.occasion_column!r}, which is "
+                        f"not in the data (columns {list(df.columns)}); name it with occasion='...'")
+    response_col = _resp.response_column(df, model.response_column) if model.response_spec is not None else None
+    regressors = tuple(dict.fromkeys(tuple(model.structural.regressors) + tuple(opts["regressors"])
+                                     + ((model.occasion_column,) if model.iov_init else ())
+                                     + ((response_col,) if response_col else ())))
+    data = read_nonmem(df, columns=opts["columns"], covariates=cov_cols, regressors=regressors, dose=opts["dose"],
+                       x=opts["x"], covariate_interpolation=opts["covariate_interpolation"] or "locf")
+    if model.structural.uses_doses:
+        if data.x is not None and "time" not in data.columns:
+            raise DataError(f"the structural model {model.structural.name!r} is a function of the time since the "
+                            f"doses: the data need a time column (columns={{'time': ...}}), not only x=")
+        if not (data.dose_amt > 0).any():
+            raise DataError(f"the structural model {model.structural.name!r} is driven by doses, but the data have "
+                            f"none: add dose rows (AMT > 0, EVID = 1) or name a per-row dose column (dose='Dose')")
+    model.data, model.table = data, df
+    n, m = data.num_individuals, len(model.param_names)
+    model.num_units = n
+    # ----- fixed effects and design X_i [N, m, p] -------------------------------------------
+    effects: list[FixedEffect] = []
+    for j, pname in enumerate(model.param_names):
+        effects.append(FixedEffect(pname, j, np.ones(n), True))
+        for col, tr in model.covariate_spec.get(pname, []):
+            for suffix, values in covariate_columns(data.covariates[col], col, tr):
+                effects.append(FixedEffect(f"beta_{pname}_{col}{suffix}", j, values, False))
+    model.effects = effects
+    p = len(effects)
+    x = np.zeros((n, m, p))
+    for k, e in enumerate(effects):
+        x[:, e.param, k] = e.column
+    model.r_idx = [model.param_names.index(nm) for nm in model.random_names]
+    d = len(model.r_idx)
+    model.latent_dim = d
+    model.cols_r = [k for k, e in enumerate(effects) if model.spec[model.param_names[e.param]].random]
+    xr = x[:, model.r_idx, :][:, :, model.cols_r]  # [N, d, p_r]
+    model.free_r = [i for i, k in enumerate(model.cols_r) if not (effects[k].is_pop
+                                                                and model.spec[effects[k].name].fixed)]
+    model.fixed_r = [i for i in range(len(model.cols_r)) if i not in model.free_r]
+    pr = len(model.cols_r)
+    eye_pr = np.eye(pr)
+    model._sel_free = ops.asarray(eye_pr[:, model.free_r])  # [p_r, f]
+    model._sel_fixed = ops.asarray(eye_pr[:, model.fixed_r])  # [p_r, c]
+    model._x = ops.asarray(x)
+    model._xr = ops.asarray(xr)
+    model._xtx = ops.asarray(np.einsum("njp,nkq->jkpq", xr, xr))
+    model._r_sel = ops.asarray(np.array(model.r_idx, dtype=np.int64))  # index arrays (JAX needs arrays)
+    model._cols_r_sel = ops.asarray(np.array(model.cols_r, dtype=np.int64))
+    emb = np.zeros((d, m))
+    emb[np.arange(d), model.r_idx] = 1.0
+    model._embed = ops.asarray(emb)
+    model._all_random = d == m
+    model._no_covariates = p == m
+    # diagonal Ω and no covariate on a parameter with random effect: the GLS decouples into means
+    model._simple = model.diagonal_omega and len(model.cols_r) == d
+    model._fixed_r_mask = ops.asarray(np.array([model.spec[nm].fixed for nm in model.random_names]))
+    kinds = {nm: model.spec[nm].transform for nm in model.param_names}
+    model._pop_kinds = set(kinds.values())
+    model._kind_masks, model._safe_raw = {}, {}
+    for kind in model._pop_kinds - {"normal"}:
+        mask = np.array([e.is_pop and kinds[model.param_names[e.param]] == kind for e in effects])
+        model._kind_masks[kind] = ops.asarray(mask)
+        model._safe_raw[kind] = 0.5 if kind in ("logit", "probit") else 1.0
+    model._eye = ops.asarray(np.eye(d))
+    block_mask = np.zeros((d, d))
+    for block in model.omega_blocks:
+        idx = [model.random_names.index(b) for b in block]
+        block_mask[np.ix_(idx, idx)] = 1.0
+    model._block_mask = ops.asarray(block_mask)
+    # ----- observations ----------------------------------------------------------------------
+    if model.error == "exponential":
+        bad = data.mask & (data.dv <= 0)
+        if bad.any():
+            i, t = np.argwhere(bad)[0]
+            raise DataError(f"exponential error needs DV > 0: ID {_id(data.ids[i])}, row {data.obs_rows[i, t]} has "
+                            f"DV = {data.dv[i, t]}")
+    model._y = ops.asarray(data.dv)
+    model._ylog = ops.asarray(np.log(np.where(data.mask & (data.dv > 0), data.dv, 1.0)))
+    model._mask = ops.asarray(data.mask)
+    model._no_padding = bool(data.mask.all())
+    model._cens = ops.asarray(data.cens.astype(float))
+    model.has_censoring = bool((data.cens[data.mask] != 0).any())
+    model._uncens_mask = ops.asarray(data.mask & (data.cens == 0))
+    model.num_obs = int((data.mask & (data.cens == 0)).sum())
+    model.has_gaussian_obs = model.outcome is None
+    model._outcome_consts = _outcomes.bind(model, data) if model.outcome is not None else {}
+    regs = {k: ops.asarray(v) for k, v in data.regressors.items()}
+    model.design = Design(xp, ops.asarray(data.time), ops.asarray(data.dose_time), ops.asarray(data.dose_amt),
+                         ops.asarray(data.dose_rate), regs,
+                         {c: ops.asarray(np.array(pd.to_numeric(data.covariates[c], errors="coerce"), dtype=float))
+                          for c in data.covariates.columns
+                          if pd.api.types.is_numeric_dtype(data.covariates[c])},
+                         doses_precede_obs=bool(data.dose_amt.shape[1] == 1 and (data.dose_amt > 0).all()
+                                                and (data.dose_time[:, :1] <= data.time).all()),
+                         dose_cmt=ops.asarray(data.dose_cmt.astype(np.int64)), ops=ops,
+                         x=None if data.x is None else regs[data.x], **dose_design(model, data),
+                         dv=model._outcome_consts.get("dv"))
+    model._structural_fn = model.structural.bound(model.design)
+    if model.response_spec is not None:  # each observation takes its response's prediction
+        model._resp = _resp.bind(model, data, response_col)
+        model._structural_fn = _resp.wrap(model._structural_fn, model)
+    model.observed = {"DV": np.where(data.mask, data.dv, np.nan)}
+    model.latent_sites = [LatentSite(nm, (), k, 1, kind="gaussian") for k, nm in enumerate(model.random_names)]
+    model.params = build_params(model)
+    if model._resp is not None:
+        model.params.update(_resp.params(model, model.response_spec))
+    if model.iov_init:  # κ columns after the d η columns of the latent
+        model._iov = _occ.bind(model, data, model.occasion_column)
+        model.latent_dim = d + model._iov.size
+        model.latent_sites += _occ.latent_sites(model._iov)
+        model.params.update(_occ.params(model, model._iov))
+
+
+def dose_design(model: NLME, data: NLMEData, grid: np.ndarray | None = None) -> dict[str, Any]:
+    """The steady-state, period and routing fields of a :class:`Design` (None where the data do not need
+    them, so that the common case stays as fast as before); ``grid``: periods of grid times (by the resets'
+    times)."""
+    ops, out = model.ops, {}
+    real = data.dose_amt > 0
+    if data.has_ss:
+        out.update(dose_ss=ops.asarray(data.dose_ss), dose_ii=ops.asarray(data.dose_ii))
+    if data.has_resets:
+        obs_seg = data.obs_seg if grid is None else (data.seg_start[:, None, 1:] <= grid[..., None]).sum(-1)
+        out.update(dose_seg=ops.asarray(data.dose_seg), obs_seg=ops.asarray(np.asarray(obs_seg, dtype=float)))
+    out["central_cmt"] = bool((data.dose_cmt[real] == 2).any())
+    out["has_infusion"] = bool((data.dose_rate[real] > 0).any())
+    return out
+
+
+def build_params(model: NLME) -> dict[str, ParamInfo]:
+    ops, xp = model.ops, model.ops.xp
+    params: dict[str, ParamInfo] = {}
+    ident = lambda v: v  # noqa: E731
+    for e in model.effects:
+        pname = model.param_names[e.param]
+        sp = model.spec[pname]
+        random = sp.random
+        if e.is_pop:
+            u, uinv = transform_pair(ops, sp.transform)
+            params[e.name] = ParamInfo(e.name, ops.asarray(sp.init), u, uinv, closed_form=random, fixed=sp.fixed,
+                                       meta={"role": "population", "transform": sp.transform})
+        else:
+            params[e.name] = ParamInfo(e.name, ops.asarray(model.covariate_init.get(e.name, 0.0)), ident, ident,
+                                       closed_form=random, meta={"role": "covariate", "parameter": pname})
+    unknown = sorted(set(model.covariate_init) - set(params))
+    if unknown:
+        names = [e.name for e in model.effects if not e.is_pop]
+        raise ModelSpecificationError(f"covariate_init: unknown covariate coefficient(s) {unknown}; the model has "
+                                      f"{names or 'no covariate'}")
+    if model.diagonal_omega:
+        for nm in model.random_names:
+            params[f"omega2_{nm}"] = ParamInfo(f"omega2_{nm}", ops.asarray(model.spec[nm].omega2), xp.log, xp.exp,
+                                               closed_form=True, anneal="var", meta={"role": "omega"})
+    else:
+        om = np.diag([model.spec[nm].omega2 for nm in model.random_names])
+        params["Omega"] = ParamInfo("Omega", ops.asarray(om), ident, ident, closed_form=True, anneal="cov",
+                                    meta={"role": "omega", "names": list(model.random_names)})
+    closed_err = model.error != "combined" and not model.has_censoring
+    if model.outcome is None and model.error in ("constant", "combined", "exponential"):
+        params["a"] = ParamInfo("a", ops.asarray(model.error_init["a"]), xp.log, xp.exp, closed_form=closed_err,
+                                meta={"role": "error"})
+    if model.error in ("proportional", "combined"):
+        params["b"] = ParamInfo("b", ops.asarray(model.error_init["b"]), xp.log, xp.exp, closed_form=closed_err,
+                                meta={"role": "error"})
+    return params
+
+
+def with_init(model: NLME, init: dict[str, Any]) -> NLME:
+    """A copy of the (bound) model whose starting values are ``init`` (names as in ``fit.params``, natural
+    scale: population values, ``beta_*``, ``omega2_*`` or ``Omega``, ``a``, ``b``)."""
+    model._require_data()
+    unknown = sorted(set(init) - set(model.params))
+    if unknown:
+        raise ModelSpecificationError(f"init: unknown parameter(s) {unknown}; the model's parameters are "
+                                      f"{list(model.params)}")
+    ops = model.ops
+    params = dict(model.params)
+    for name, value in init.items():
+        info = params[name]
+        v = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value, dtype=float)
+        shape = np.shape(ops.to_numpy(info.value))
+        if v.shape != shape:
+            raise ModelSpecificationError(f"init: {name!r} needs shape {shape}, got {v.shape}")
+        if name == "Omega":
+            v = 0.5 * (v + v.T)
+            if not np.all(np.linalg.eigvalsh(v) > 0):
+                raise ModelSpecificationError("init: 'Omega' must be positive definite")
+            if np.any(v * (1.0 - ops.to_numpy(model._block_mask)) != 0):
+                raise ModelSpecificationError(f"init: 'Omega' has non-zero entries outside the blocks "
+                                              f"{model.omega_blocks}")
+        value_b = ops.asarray(v)
+        if not np.all(np.isfinite(ops.to_numpy(info.to_unconstrained(value_b)))):
+            raise ModelSpecificationError(f"init: {name}={v} is outside its domain "
+                                          f"({info.meta.get('transform') or info.meta.get('role')})")
+        params[name] = dataclasses.replace(info, value=value_b)
+    new = copy.copy(model)
+    new.params = params
+    return new
+
+
+def prediction_grid(model: NLME, num_points: int = 150) -> tuple[np.ndarray, np.ndarray] | None:
+    """A fine grid of the x-variable per individual, ``(grid [N, G], mask [N, G])`` (numpy), for smooth curves.
+
+    Each individual's grid spans its first dose (or observation) to its last observation with ``num_points``
+    equally spaced points, plus its observation times, dose times (and the instant before each, so that a
+    bolus draws a jump) and infusion ends; rows are padded with their last value (``mask`` False).  None
+    when the structural model needs per-observation regressors that a grid cannot interpolate (other
+    ``regressors=`` columns, or an ``x=`` column in data that also have a time column).
+    """
+    model._require_data()
+    data = model.data
+    extra = set(data.regressors) - ({data.x} if data.x is not None else set())
+    if extra or (data.x is not None and "time" in data.columns):
+        return None
+    xv, rows = data.x_values, []
+    for i in range(data.num_individuals):
+        obs = xv[i][data.mask[i]]
+        lo, hi = float(obs.min()), float(obs.max())
+        pts = [np.linspace(lo, hi, int(num_points)), obs]
+        if data.x is None:
+            real = data.dose_amt[i] > 0
+            t_d, amt, rate = data.dose_time[i][real], data.dose_amt[i][real], data.dose_rate[i][real]
+            lo = min(lo, float(t_d.min())) if t_d.size else lo
+            pts[0] = np.linspace(lo, hi, int(num_points))
+            ends = t_d[rate > 0] + amt[rate > 0] / rate[rate > 0]
+            pts += [t_d, np.nextafter(t_d[t_d > lo], -np.inf), ends]
+        g = np.unique(np.concatenate(pts))
+        rows.append(g[(g >= lo) & (g <= hi)])
+    width = max(len(r) for r in rows)
+    grid = np.stack([np.concatenate([r, np.full(width - len(r), r[-1])]) for r in rows])
+    mask = np.arange(width)[None, :] < np.array([len(r) for r in rows])[:, None]
+    return grid, mask
+
+
+def structural_prediction_at(model: NLME, theta: dict[str, Any], z: Any, grid: np.ndarray) -> Any:
+    """``f(x, ψ_i)`` at the points ``grid [N, G]`` of the x-variable (e.g. :meth:`prediction_grid`), with each
+    individual's doses and covariates; ``z [..., N, d]`` -> ``[..., N, G]`` (backend array)."""
+    model._require_data()
+    ops, d = model.ops, model.design
+    g = ops.asarray(np.asarray(grid, dtype=float))
+    regs = {model.data.x: g} if model.data.x is not None else {}
+    design = Design(d.xp, g, d.dose_time, d.dose_amt, d.dose_rate, regs, d.covariates, False, d.dose_cmt, ops,
+                    None if model.data.x is None else g, **dose_design(model, model.data, np.asarray(grid, float)))
+    psi = model._psi(model._mu(theta), z)
+    return model.structural.bound(design)(psi, design)
+
+
+__all__ = ["bind", "bind_data", "build_params", "dose_design", "prediction_grid", "structural_prediction_at",
+           "with_init"]
