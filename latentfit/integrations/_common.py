@@ -261,8 +261,31 @@ class EnumMixtureFace:
         return {"s": r[:, :, None] * self._gm._features(units)[:, None, :]}
 
     def sum_expected_stats(self, theta: dict[str, Any], units: Any = None) -> tuple[dict[str, Any], Any]:
+        if self._family_estep:  # the mixture's own pass (streamed in cache-sized chunks on eager backends)
+            return self._gm.sum_expected_stats(self._internal(theta), units)
         r, ll = self.responsibilities(theta, units)
         return self._gm._sum_stats(r, units), ll.sum()
+
+    # compact rows for the incremental engines' tables: S_i = r_i ⊗ F(x_i) is linear in r_i [K]
+    def expected_rows(self, theta: dict[str, Any], units: Any = None) -> dict[str, Any]:
+        return {"r": self.responsibilities(theta, units)[0]}
+
+    def stats_rows(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
+        return {"r": z}
+
+    def reduce_rows(self, rows: dict[str, Any], units: Any = None) -> dict[str, Any]:
+        return self._gm.reduce_rows(rows, units)
+
+    @property
+    def permuted_units(self) -> Any:
+        """With the family E-step: the model with its units reordered (the engines then cut contiguous mini-batch
+        blocks, :mod:`latentfit.inference.units`); None (no reordering) while the model is enumerated."""
+        return self._permuted_view if self._family_estep else None
+
+    def _permuted_view(self, perm: Any) -> Any:
+        view = copy.copy(self)
+        view._gm = self._gm.permuted_units(perm)
+        return view
 
     def stats(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
         return self._gm.stats(theta, z, units)
@@ -285,6 +308,9 @@ class EnumMixtureFace:
     # ----- LatentModel face for samplers / post-fit tools -------------------------------------------
     def log_densities(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
         xp = self.ops.xp
-        lj = self.log_joint_table(theta, units).T  # [n, K]
+        if self._family_estep:  # equal to the enumerated table (checked at set-up), in this view's unit order
+            lj = self._gm.log_component(self._internal(theta), units)
+        else:
+            lj = self.log_joint_table(theta, units).T  # [n, K]
         lz = xp.log(self._internal(theta)["weights"]) if self._gm is not None else xp.zeros_like(lj[0])
         return (z * (lj - lz)).sum(-1), (z * lz).sum(-1)

@@ -230,15 +230,6 @@ class PyroEnumModel(EnumMixtureFace, LatentModel):
                                    reg_covar=self.reg_covar, ops=self.ops)
 
     # ----- exponential-family face (statistics and M-step: EnumMixtureFace) ----------------------
-    def expected_rows(self, theta: dict[str, Any], units: Any = None) -> dict[str, Any]:
-        return {"r": self.responsibilities(theta, units)[0]}
-
-    def stats_rows(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
-        return {"r": z}
-
-    def reduce_rows(self, rows: dict[str, Any], units: Any = None) -> dict[str, Any]:
-        return self._gm.reduce_rows(rows, units)
-
     def sample_posterior(self, theta: dict[str, Any], key: Any, num_samples: int, units: Any = None) -> Any:
         r, _ = self.responsibilities(theta, units)
         # Categorical(probs=r).sample((num_samples,)), drawn from the stream ``key`` (a torch.Generator)
