@@ -151,11 +151,11 @@ class Engine:
             state, history, draws, start = self._restore(resume_from, state, collect_from)
         state = ops.shard_units(state, self.unit_axes(), devices)
         last_saved = start
+        good = self._snapshot(state, start)  # set-up: a copy of the state (its per-unit tables on torch)
         t_init = time.perf_counter() - t0
         bar = _progress_bar(total, self.progress, self.name)
         if bar is not None and start:
             bar.update(start)
-        good = self._snapshot(state, start)
         interrupted = False
         try:
             for first, last, phase in self.phases():
