@@ -180,6 +180,16 @@ class EnumMixtureFace:
 
     #: responsibilities by the recognised mixture's own E-step (set by :meth:`_check_family_estep`)
     _family_estep: bool = False
+    #: the enumerated model runs on a mini-batch alone (None: not checked yet, see :meth:`_batch_table_ok`)
+    _batch_table: bool | None = None
+
+    def _batch_table_ok(self) -> bool:
+        """Whether a mini-batch's enumerated table may come from the model run on the batch alone, checked once, on
+        first use (the adapter's ``_check_batch_table``), so fits that never evaluate a batch pay nothing."""
+        if self._batch_table is None:
+            self._batch_table = False  # the check's full-table call must not re-enter it
+            self._batch_table = self._check_batch_table()
+        return self._batch_table
 
     def _check_family_estep(self) -> None:
         """Use the mixture's own E-step when it reproduces the enumerated table.

@@ -19,6 +19,7 @@ import numpyro.distributions as ndist
 from numpyro import handlers, validation_enabled
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import ExpTransform, biject_to
+from numpyro.primitives import Messenger
 
 from latentfit.inference.model import ParamInfo
 from latentfit.inference.ops_jax import JaxOps, SharedJit, default_float_dtype
@@ -88,6 +89,29 @@ def _regroup_pytree_params(params: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+class _UnitSubsample(Messenger):
+    """Evaluate only ``units`` of a plate of ``size`` units: the plate's subsample indices become ``units`` (so it
+    holds ``len(units)`` entries, as ``numpyro.plate(..., subsample_size=b)`` with these indices) and every observed
+    value inside it is cut to those rows.  Applied inside ``condition``: the latents' values are the batch's."""
+
+    def __init__(self, fn: Any, plate: str, size: int, units: Any) -> None:
+        super().__init__(fn)
+        self.plate, self.size, self.units = plate, int(size), units
+
+    def process_message(self, msg: Any) -> None:
+        if msg["type"] == "plate" and msg["name"] == self.plate:
+            msg["value"] = self.units
+            msg["args"] = (msg["args"][0], int(self.units.shape[0]))
+        elif msg["type"] == "sample" and msg.get("is_observed") and msg.get("value") is not None:
+            frame = next((f for f in msg["cond_indep_stack"] if f.name == self.plate), None)
+            value = msg["value"]
+            if frame is None:
+                return
+            axis = jnp.ndim(value) - len(msg["fn"].event_shape) + frame.dim
+            if axis >= 0 and jnp.shape(value)[axis] == self.size:
+                msg["value"] = jnp.take(value, self.units, axis=axis)
+
+
 class NumPyroPPL(PPL):
     """The tracing interface of NumPyro (see :class:`~latentfit.integrations.traced.PPL`)."""
 
@@ -101,8 +125,8 @@ class NumPyroPPL(PPL):
         return _unwrap(fn)[0]
 
     def run(self, fn: Any, args: tuple, kwargs: dict, params: dict | None = None, values: dict | None = None,
-            key: Any = None) -> dict[str, Site]:
-        model = fn
+            key: Any = None, subsample: tuple[str, int, Any] | None = None) -> dict[str, Site]:
+        model = fn if subsample is None else _UnitSubsample(fn, *subsample)
         if values:
             model = handlers.condition(model, data=values)
         if params is not None:
@@ -126,8 +150,8 @@ class NumPyroPPL(PPL):
     def make_ops(self, dtype: Any, device: Any) -> JaxOps:
         return JaxOps(dtype=dtype)
 
-    def vectorise(self, f: Any, pure: bool = True) -> Any:
-        return SharedJit(jax.vmap(f, in_axes=(None, 0)))
+    def vectorise(self, f: Any, pure: bool = True, num_unmapped: int = 0) -> Any:
+        return SharedJit(jax.vmap(f, in_axes=(None, 0) + (None,) * num_unmapped))
 
     # one-off derivatives at set-up: one compiled program each (eagerly, every primitive compiles apart)
     def jvp(self, f: Any, x: Any, t: Any) -> Any:

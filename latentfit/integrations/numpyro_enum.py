@@ -20,7 +20,9 @@ The Gaussian-mixture pattern (``Categorical(probs)`` with probs a param or a con
 ``MultivariateNormal(locs[z], covariance_matrix=covs[z] | scale_tril=trils[z])``) is recognised by
 comparing the per-component arguments with the params at the initial values and at a random
 perturbation; statistics and M-step are :class:`~latentfit.models.mixture.GaussianMixture`'s, as
-on the Pyro side, so both PPLs give the same estimates.
+on the Pyro side, so both PPLs give the same estimates.  A mini-batch costs a mini-batch: the recognised
+mixture's own E-step over the batch's rows, or the model run on the batch alone (the unit plate subsampled to the
+batch's units and the observations inside it cut to its rows) when that reproduces the full run's rows.
 """
 
 from __future__ import annotations
@@ -35,8 +37,15 @@ from numpyro import handlers, validation_enabled
 
 from latentfit.inference.model import LatentModel, LatentSite, ModelSpecificationError
 from latentfit.inference.ops_jax import JaxOps, SharedJit
+from latentfit.inference.units import UnitBlock, take_units
 from latentfit.integrations._common import EnumMixtureFace
-from latentfit.integrations.numpyro import NumPyroLatentModel, _site_log_prob, _unwrap, numpyro_params
+from latentfit.integrations.numpyro import (
+    NumPyroLatentModel,
+    _site_log_prob,
+    _UnitSubsample,
+    _unwrap,
+    numpyro_params,
+)
 from latentfit.models.mixture import GaussianMixture
 
 
@@ -85,6 +94,7 @@ class NumPyroEnumModel(EnumMixtureFace, LatentModel):
         self._recognise()
         self.has_stats = self.has_expected_stats = self._gm is not None
         self._table = SharedJit(jax.vmap(self._table_one, in_axes=(None, 0)))  # one program, not op by op
+        self._table_units = SharedJit(jax.vmap(self._table_one, in_axes=(None, 0, None)))  # a mini-batch alone
         self._check_family_estep()
 
     # ----- structure --------------------------------------------------------------------------------
@@ -113,23 +123,52 @@ class NumPyroEnumModel(EnumMixtureFace, LatentModel):
         self.latent_dim = self.K
         self.latent_sites = [LatentSite(latent[0], (), 0, self.K, kind="categorical")]
 
-    def _run_at(self, theta: dict[str, Any], k_value: Any) -> Any:
-        """Trace of the model with every unit's label set to ``k_value`` (a support element)."""
-        values = {self.latent_name: jnp.broadcast_to(k_value, self._value_shape)}
-        model = handlers.substitute(handlers.condition(self.fn, data=values), data=dict(theta))
+    def _run_at(self, theta: dict[str, Any], k_value: Any, units: Any = None) -> Any:
+        """Trace of the model with every unit's label set to ``k_value`` (a support element); with ``units``, of
+        those units alone (the unit plate subsampled, the observations inside it cut to the batch's rows)."""
+        shape = self._value_shape
+        model = self.fn
+        if units is not None:
+            axis = len(shape) + self.unit_dim  # the label's unit axis (a Categorical has no event dims)
+            shape = shape[:axis] + (int(units.shape[0]),) + shape[axis + 1:]
+            model = _UnitSubsample(model, self.unit_plate, self.num_units, units)
+        values = {self.latent_name: jnp.broadcast_to(k_value, shape)}
+        model = handlers.substitute(handlers.condition(model, data=values), data=dict(theta))
         return _trace(model, self.args, self.kwargs)
 
-    def _table_one(self, theta: dict[str, Any], k_value: Any) -> Any:
-        tr = self._run_at(theta, k_value)
-        out = jnp.zeros((self.num_units,), dtype=self._dtype)
+    def _table_one(self, theta: dict[str, Any], k_value: Any, units: Any = None) -> Any:
+        tr = self._run_at(theta, k_value, units)
+        count = self.num_units if units is None else int(units.shape[0])
+        out = jnp.zeros((count,), dtype=self._dtype)
         for name in [self.latent_name] + self.observed_names:
-            out = out + NumPyroLatentModel._per_unit(self, _site_log_prob(tr[name]))
+            out = out + NumPyroLatentModel._per_unit(self, _site_log_prob(tr[name]), None, count)
         return out
 
     def log_joint_table(self, theta: dict[str, Any], units: Any = None) -> Any:
-        """``log p(y_i, z_i = k; θ)``: ``[K, n]`` (every other dim summed out)."""
+        """``log p(y_i, z_i = k; θ)``: ``[K, n]`` (every other dim summed out); for a mini-batch the model runs on
+        the batch alone when it can (:meth:`_batch_table_ok`), else on all units."""
+        if units is not None and not isinstance(units, UnitBlock) and self._batch_table_ok():
+            return self._table_units(dict(theta), self._support, jnp.asarray(units))
         out = self._table(dict(theta), self._support)
-        return out if units is None else jnp.take(out, jnp.asarray(units), axis=1)
+        return out if units is None else take_units(self.ops, out, units if isinstance(units, UnitBlock)
+                                                    else jnp.asarray(units), 1)
+
+    def _check_batch_table(self) -> bool:
+        """Whether the model can run on a mini-batch alone: the table of an unsorted batch with a repeated unit
+        equals the full table's columns (at the initial θ).  Per-unit arguments other than the observed values
+        (covariates, a mask over the units) or a model that fails on a subsampled plate keep the full run."""
+        n = self.num_units
+        if n < 3:
+            return False
+        theta = self.init_params()
+        idx = jnp.asarray([n - 1, 0, n // 2, 0])
+        try:
+            part = np.asarray(self._table_units(dict(theta), self._support, idx))
+        except Exception:  # the model cannot run on a subsampled plate
+            return False
+        whole = np.asarray(self._table(dict(theta), self._support))[:, np.asarray(idx)]
+        tol = float(jnp.finfo(self._dtype).eps) ** 0.5
+        return part.shape == whole.shape and bool(np.allclose(part, whole, rtol=tol, atol=tol))
 
     def responsibilities(self, theta: dict[str, Any], units: Any = None) -> tuple[Any, Any]:
         """``(r [n, K], log p(y_i; θ) [n])`` by enumeration."""

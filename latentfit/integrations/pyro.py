@@ -9,6 +9,7 @@ exactly as written: ``phi[:, 0]``, ``x[:, None]``, ``.to_event(1)`` all work.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from operator import attrgetter
@@ -117,6 +118,32 @@ class _Runner(Messenger):
                                        bool(msg["is_observed"]))
 
 
+class _UnitSubsample(Messenger):
+    """Evaluate only ``units`` of a plate of ``size`` units: the plate's subsample indices become ``units`` (so it
+    holds ``len(units)`` entries, as ``pyro.plate(..., subsample=units)``) and every observed value inside it is
+    cut to those rows.  Entered inside the messenger that conditions the latents: their values are already the
+    batch's."""
+
+    def __init__(self, plate: str, size: int, units: Any) -> None:
+        super().__init__()
+        self.plate, self.size, self.units = plate, int(size), units
+
+    def _pyro_sample(self, msg: Any) -> None:
+        if site_is_subsample(msg):
+            if msg["name"] == self.plate:
+                msg["value"] = self.units
+            return
+        if not msg["is_observed"] or msg["value"] is None:
+            return
+        frame = next((f for f in msg["cond_indep_stack"] if f.name == self.plate), None)
+        value = msg["value"]
+        if frame is None or not isinstance(value, torch.Tensor):
+            return
+        axis = value.dim() - len(msg["fn"].event_shape) + frame.dim
+        if axis >= 0 and value.shape[axis] == self.size:
+            msg["value"] = value.index_select(axis, self.units)
+
+
 class _ChainMap:
     """``f(theta, x)`` over the leading axis of ``x``: ``torch.func.vmap``, else one call per chain."""
 
@@ -124,15 +151,17 @@ class _ChainMap:
         self.f = f
         self.use_vmap = True
 
-    def __call__(self, theta: dict[str, Any], xs: Any) -> Any:
+    def __call__(self, theta: dict[str, Any], xs: Any, *rest: Any) -> Any:
+        """``rest``: further arguments passed unmapped to every chain (a mini-batch's unit indices)."""
         # (under torch.jit.trace the chains are recorded one by one: vmap cannot be traced)
         if isinstance(xs, torch.Tensor) and xs.shape[0] > 1 and self.use_vmap and not torch.jit.is_tracing():
             try:
-                return torch.func.vmap(self.f, in_dims=(None, 0), randomness="different")(theta, xs)
+                return torch.func.vmap(self.f, in_dims=(None, 0) + (None,) * len(rest),
+                                       randomness="different")(theta, xs, *rest)
             except Exception as exc:  # a model vmap cannot run (data-dependent Python control flow, .item(), ...)
                 self.use_vmap = False
                 self.vmap_error = exc  # kept for inspection: chains are now evaluated one by one
-        outs = [self.f(theta, x) for x in xs]
+        outs = [self.f(theta, x, *rest) for x in xs]
         return _stack(outs)
 
 
@@ -153,27 +182,30 @@ class _TracedChainMap(_ChainMap):
         super().__init__(f)
         self.graphs: dict[Any, Any] = {}
 
-    def __call__(self, theta: dict[str, Any], xs: Any) -> Any:
+    def __call__(self, theta: dict[str, Any], xs: Any, *rest: Any) -> Any:
         if not isinstance(xs, torch.Tensor) or xs.shape[0] > self.max_traced_chains:
-            return super().__call__(theta, xs)
+            return super().__call__(theta, xs, *rest)
         names = tuple(theta)
         vals = [torch.as_tensor(theta[n]) for n in names]
-        key = (names, tuple((tuple(v.shape), v.dtype) for v in vals), tuple(xs.shape), xs.dtype, xs.device)
+        key = (names, tuple((tuple(v.shape), v.dtype) for v in vals), tuple(xs.shape), xs.dtype, xs.device,
+               tuple((tuple(r.shape), r.dtype) for r in rest))
         graph = self.graphs.get(key)
         if graph is None and len(self.graphs) < self.max_graphs:
-            graph = self.graphs[key] = self._record(names, vals, xs)
+            graph = self.graphs[key] = self._record(names, vals, xs, rest)
         if not graph:
-            return super().__call__(theta, xs)
-        return graph(xs, *vals)
+            return super().__call__(theta, xs, *rest)
+        return graph(xs, *rest, *vals)
 
-    def _record(self, names: tuple[str, ...], vals: list[Any], xs: Any) -> Any:
+    def _record(self, names: tuple[str, ...], vals: list[Any], xs: Any, rest: tuple = ()) -> Any:
         eager = super().__call__
+        k = len(rest)
 
         def flat(x: Any, *v: Any) -> Any:
-            return eager(dict(zip(names, v)), x)
+            return eager(dict(zip(names, v[k:])), x, *v[:k])
 
-        args = (xs.detach(), *[v.detach() for v in vals])
-        moved = (args[0] * 0.9 + 0.05, *[v * 1.05 if v.is_floating_point() else v for v in args[1:]])
+        args = (xs.detach(), *rest, *[v.detach() for v in vals])
+        moved = (args[0] * 0.9 + 0.05, *[r.flip(0) for r in rest],  # another batch: units must not be constants
+                 *[v * 1.05 if v.is_floating_point() else v for v in args[1 + k:]])
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -219,17 +251,18 @@ class PyroPPL(PPL):
         return _unwrap(fn)[0]
 
     def run(self, fn: Any, args: tuple, kwargs: dict, params: dict | None = None, values: dict | None = None,
-            key: Any = None) -> dict[str, Site]:
+            key: Any = None, subsample: tuple[str, int, Any] | None = None) -> dict[str, Site]:
         runner = _Runner(params, values)
-        with pyro.validation_enabled(False), runner:  # NaN densities are rejected by MH / reported by site
+        batch = _UnitSubsample(*subsample) if subsample is not None else contextlib.nullcontext()
+        with pyro.validation_enabled(False), runner, batch:  # NaN densities are rejected by MH / reported by site
             fn(*args, **kwargs)
         return runner.sites
 
     def make_ops(self, dtype: Any, device: Any) -> TorchOps:
         return TorchOps(device=device, dtype=dtype)
 
-    def vectorise(self, f: Any, pure: bool = True) -> Any:
-        return _TracedChainMap(f) if pure else _ChainMap(f)
+    def vectorise(self, f: Any, pure: bool = True, num_unmapped: int = 0) -> Any:
+        return _TracedChainMap(f) if pure else _ChainMap(f)  # (further arguments are passed unmapped)
 
     def jvp(self, f: Any, x: Any, t: Any) -> Any:
         with torch.no_grad():

@@ -25,12 +25,15 @@ scale is held fixed).  Statistics and M-step are those of :class:`~latentfit.mod
 (the same code), so both routes give the same estimates.  Other discrete models still get the exact
 responsibilities and marginal log-likelihood; the engines then ask for a closed form.
 
-Every E-step evaluates the whole model (all units): mini-batch engines on this adapter cost O(n) per
-inner iteration; use :class:`GaussianMixture` directly for large data.
+A mini-batch costs a mini-batch: a recognised mixture takes the family's own E-step over the batch's rows
+(``EnumMixtureFace``); any other model runs on the batch alone (the unit plate subsampled to the batch's units,
+as ``pyro.plate(..., subsample=units)``, and the observations inside it cut to the batch's rows) when that
+reproduces the full run's rows, else on all units.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -41,8 +44,9 @@ from pyro.poutine.util import site_is_subsample
 
 from latentfit.inference.model import LatentModel, LatentSite, ModelSpecificationError
 from latentfit.inference.ops import TorchOps
+from latentfit.inference.units import UnitBlock, take_units
 from latentfit.integrations._common import EnumMixtureFace
-from latentfit.integrations.pyro import PyroLatentModel, _unwrap, pyro_params
+from latentfit.integrations.pyro import PyroLatentModel, _UnitSubsample, _unwrap, pyro_params
 from latentfit.models.mixture import GaussianMixture
 
 
@@ -123,17 +127,25 @@ class PyroEnumModel(EnumMixtureFace, LatentModel):
         self.latent_dim = self.K
         self.latent_sites = [LatentSite(latent[0], (), 0, self.K, kind="categorical")]
 
-    def _enum_trace(self, theta: dict[str, Any]) -> Any:
+    def _enum_trace(self, theta: dict[str, Any], units: Any = None) -> Any:
+        """The enumerated trace at θ; with ``units``, of those units alone (the unit plate subsampled and the
+        observations inside it cut to the batch's rows)."""
         m = poutine.substitute(config_enumerate(self.fn, default="parallel"), data=dict(theta))
         m = poutine.enum(m, first_available_dim=-(self.max_plate_nesting + 1))
-        return poutine.trace(m).get_trace(*self.args, **self.kwargs)
+        with _UnitSubsample(self.unit_plate, self.num_units, units) if units is not None else nullcontext():
+            return poutine.trace(m).get_trace(*self.args, **self.kwargs)
 
     def log_joint_table(self, theta: dict[str, Any], units: Any = None) -> torch.Tensor:
-        """``log p(y_i, z_i = k; θ)``: ``[K, n]`` (every other dim summed out)."""
+        """``log p(y_i, z_i = k; θ)``: ``[K, n]`` (every other dim summed out); for a mini-batch the model runs
+        on the batch alone when it can (:meth:`_batch_table_ok`), else on all units."""
+        batch = units is not None and not isinstance(units, UnitBlock) and self._batch_table_ok()
+        if batch:
+            units = torch.as_tensor(units, device=self._device)
         with torch.no_grad():
-            tr = self._enum_trace(theta)
+            tr = self._enum_trace(theta, units if batch else None)
         full = self.max_plate_nesting + 1
-        out = torch.zeros(self.K, self.num_units, device=self._device, dtype=self._dtype)
+        count = len(units) if batch else self.num_units
+        out = torch.zeros(self.K, count, device=self._device, dtype=self._dtype)
         for name in [self.latent_name] + self.observed_names:
             site = tr.nodes[name]
             lp = scale_and_mask(site["fn"].log_prob(site["value"]), 1.0, site["mask"])
@@ -142,9 +154,30 @@ class PyroEnumModel(EnumMixtureFace, LatentModel):
             lp = lp.movedim(unit_axis, -1)
             lp = lp.reshape(lp.shape[0], -1, lp.shape[-1]).sum(1)  # [K or 1, n]
             out = out + lp
-        if units is not None:
-            out = out.index_select(1, torch.as_tensor(units, device=out.device))
+        if units is not None and not batch:
+            out = take_units(self.ops, out, units if isinstance(units, UnitBlock) else
+                             torch.as_tensor(units, device=out.device), 1)
         return out
+
+    def _check_batch_table(self) -> bool:
+        """Whether the enumerated model can run on a mini-batch alone: the table of an unsorted batch with a repeated
+        unit equals the full table's columns (at the initial θ).  Per-unit arguments other than the observed values
+        (covariates, a mask over the units) or a model that fails on a subsampled plate keep the full run."""
+        n = self.num_units
+        if n < 3:
+            return False
+        theta = {k: p.value for k, p in self.params.items()}
+        idx = torch.tensor([n - 1, 0, n // 2, 0], device=self._device)
+        self._batch_table = True
+        try:
+            part = self.log_joint_table(theta, idx)
+        except Exception:  # the model cannot run on a subsampled plate
+            return False
+        finally:
+            self._batch_table = False
+        whole = self.log_joint_table(theta)[:, idx]
+        tol = float(torch.finfo(self._dtype).eps) ** 0.5
+        return tuple(part.shape) == tuple(whole.shape) and bool(torch.allclose(part, whole, rtol=tol, atol=tol))
 
     def responsibilities(self, theta: dict[str, Any], units: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(r [n, K], log p(y_i; θ) [n])`` from enumeration."""

@@ -186,6 +186,8 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
         self._find_sites(trace, unit_plate)
         self._check_observed(trace)
         self._densities_all = self.ppl.vectorise(self._densities_one)
+        self._densities_batch = self.ppl.vectorise(self._densities_one, num_unmapped=1)
+        self._resid_batch = self.ppl.vectorise(self._resid_one, num_unmapped=1)
         self._sample_all = self.ppl.vectorise(self._sample_one, pure=False)
         self._resid_all = self.ppl.vectorise(self._resid_one)
         self._predict_all = self.ppl.vectorise(self._predict_one)
@@ -197,6 +199,7 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
             self._recognise_patterns()
         self.has_stats = bool(self._gauss or self._resid)
         self._recognise_gaussian_faces()
+        self._batch_path: bool | None = None  # checked on first use (fits that never evaluate a batch pay nothing)
 
     # ----- tracing ------------------------------------------------------------------------------------
     def _trace_model(self) -> dict[str, Site]:
@@ -385,52 +388,69 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
         return out
 
     # ----- running the model with given θ and one chain of z ------------------------------------------
-    def _run(self, theta: dict[str, Any], values: dict[str, Any]) -> dict[str, Site]:
-        return self.ppl.run(self.fn, self.args, self.kwargs, params=theta, values=values)
+    def _run(self, theta: dict[str, Any], values: dict[str, Any], units: Any = None) -> dict[str, Site]:
+        """One run at θ with the latents ``values``; with ``units``, only those units (the unit plate subsampled,
+        the latents the batch's, the observations inside the plate cut to the batch's rows)."""
+        subsample = None if units is None else (self.unit_plate, self.num_units, units)
+        return self.ppl.run(self.fn, self.args, self.kwargs, params=theta, values=values, subsample=subsample)
 
     def _split_one(self, z: Any) -> tuple[dict[str, Any], Any]:
-        """``[N, d]`` unconstrained -> site values (constrained, site layout) and Σ log|J| ``[N]``."""
+        """``[N, d]`` unconstrained -> site values (constrained, site layout) and Σ log|J| ``[N]`` (N: the rows of
+        ``z``, all units or a mini-batch's)."""
         xp = self.ops.xp
+        n = int(z.shape[0])
         values, ladj_total = {}, 0.0
         for s in self._layout:
-            u = z[:, s.offset:s.offset + s.size].reshape((self.num_units,) + s.u_rest)
+            u = z[:, s.offset:s.offset + s.size].reshape((n,) + s.u_rest)
             x = s.transform(u)
             ladj = s.transform.log_abs_det_jacobian(u, x)
-            ladj = xp.broadcast_to(ladj, (self.num_units,) + tuple(ladj.shape[1:])) if ladj.ndim else \
-                xp.broadcast_to(ladj, (self.num_units,))
-            ladj_total = ladj_total + ladj.reshape(self.num_units, -1).sum(-1)
+            ladj = xp.broadcast_to(ladj, (n,) + tuple(ladj.shape[1:])) if ladj.ndim else xp.broadcast_to(ladj, (n,))
+            ladj_total = ladj_total + ladj.reshape(n, -1).sum(-1)
             values[s.name] = self.ppl.moveaxis(x, 0, s.unit_axis)
         return values, ladj_total
 
-    def _broadcast_lp(self, site: Site) -> Any:
-        """The site's masked log-density, broadcast to its traced shape."""
+    def _lp_shape_of(self, name: str, count: int | None = None) -> tuple[int, ...]:
+        """Shape of site ``name``'s log-density over all units, or over ``count`` units of a mini-batch."""
+        shape = self._lp_shape[name]
+        axis = len(shape) + self.unit_dim
+        if count is None or not self._in_unit_plate[name] or axis < 0 or shape[axis] != self.num_units:
+            return shape
+        return shape[:axis] + (int(count),) + shape[axis + 1:]
+
+    def _broadcast_lp(self, site: Site, count: int | None = None) -> Any:
+        """The site's masked log-density, broadcast to its traced shape (of ``count`` units of a mini-batch)."""
         xp = self.ops.xp
         lp = site.fn.log_prob(site.value)
         if site.mask is not None:
             lp = xp.where(site.mask, lp, xp.zeros_like(lp))
-        return xp.broadcast_to(lp, self._lp_shape[site.name])
+        return xp.broadcast_to(lp, self._lp_shape_of(site.name, count))
 
-    def _per_unit(self, x: Any, name: str | None = None) -> Any:
-        """Sum an array laid out like site ``name`` over every dim but the unit dim -> ``[N]``."""
+    def _per_unit(self, x: Any, name: str | None = None, count: int | None = None) -> Any:
+        """Sum an array laid out like site ``name`` over every dim but the unit dim -> ``[N]`` (``[count]`` for a
+        mini-batch evaluated alone)."""
         xp = self.ops.xp
+        n = self.num_units if count is None else int(count)
         if name is not None and name in self._unit_map:
             flat = xp.broadcast_to(x, self._lp_shape[name]).reshape(-1)
             return self.ppl.segment_sum(flat, self._unit_map_arrays[name], self.num_units)
         nd = max(x.ndim, -self.unit_dim)
         x = x.reshape((1,) * (nd - x.ndim) + tuple(x.shape))
         x = self.ppl.moveaxis(x, nd + self.unit_dim, 0)
-        x = xp.broadcast_to(x, (self.num_units,) + tuple(x.shape[1:]))
-        return x.reshape(self.num_units, -1).sum(-1)
+        x = xp.broadcast_to(x, (n,) + tuple(x.shape[1:]))
+        return x.reshape(n, -1).sum(-1)
 
-    def _densities_one(self, theta: dict[str, Any], z: Any) -> tuple[Any, Any]:
+    def _densities_one(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
+        """``(log p(y_i | z_i; θ), log p(z_i; θ) + log|J|)`` of one chain ``z [N, d]`` (with ``units``: ``z`` holds
+        those units only and the model is run on them alone)."""
+        count = None if units is None else int(z.shape[0])
         values, ladj = self._split_one(z)
-        sites = self._run(theta, values)
+        sites = self._run(theta, values, units)
         ll = 0.0
         for name in self.observed_names:
-            ll = ll + self._per_unit(self._broadcast_lp(sites[name]), name)
+            ll = ll + self._per_unit(self._broadcast_lp(sites[name], count), name, count)
         lp = ladj
         for name in self.latent_names_:
-            lp = lp + self._per_unit(self._broadcast_lp(sites[name]))
+            lp = lp + self._per_unit(self._broadcast_lp(sites[name], count), None, count)
         xp = self.ops.xp
         ll = xp.zeros_like(lp) + ll
         return ll, lp
@@ -445,10 +465,11 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
             parts.append(u.reshape(self.num_units, s.size))
         return self.ops.asarray(xp.concatenate(parts, -1), dtype=self._dtype)
 
-    def _resid_one(self, theta: dict[str, Any], z: Any) -> dict[str, Any]:
+    def _resid_one(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
         xp = self.ops.xp
+        count = None if units is None else int(z.shape[0])
         values, _ = self._split_one(z)
-        sites = self._run(theta, values)
+        sites = self._run(theta, values, units)
         out = {}
         for r in self._resid:
             site = sites[r.site]
@@ -463,8 +484,9 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
             if ev:  # .to_event(k): sum the event dims (the site's log-density shape)
                 resid2 = resid2.reshape(tuple(resid2.shape[: resid2.ndim - ev]) + (-1,)).sum(-1)
                 ones = ones.reshape(tuple(ones.shape[: ones.ndim - ev]) + (-1,)).sum(-1)
-            out[f"{r.site}.rss"] = self._per_unit(xp.broadcast_to(resid2, self._lp_shape[r.site]), r.site)
-            out[f"{r.site}.nobs"] = self._per_unit(xp.broadcast_to(ones, self._lp_shape[r.site]), r.site)
+            shape = self._lp_shape_of(r.site, count)
+            out[f"{r.site}.rss"] = self._per_unit(xp.broadcast_to(resid2, shape), r.site, count)
+            out[f"{r.site}.nobs"] = self._per_unit(xp.broadcast_to(ones, shape), r.site, count)
         return out
 
     # ----- the LatentModel contract -------------------------------------------------------------------------
@@ -489,13 +511,20 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
                 f"evaluating the model with given parameters and latents failed: {type(exc).__name__}: {exc}"
             ) from exc
 
-    def _chains(self, f: Any, theta: dict[str, Any], z: Any) -> tuple[Any, tuple[int, ...]]:
+    def _chains(self, f: Any, theta: dict[str, Any], z: Any, *rest: Any) -> tuple[Any, tuple[int, ...]]:
         z = self.ops.asarray(z)
         lead = tuple(z.shape[:-2])
-        out = self._guard(f, dict(theta), z.reshape((-1,) + tuple(z.shape[-2:])))
+        out = self._guard(f, dict(theta), z.reshape((-1,) + tuple(z.shape[-2:])), *rest)
         return out, lead
 
+    def _index(self, units: Any) -> Any:
+        return self.ops.asarray(units, dtype=None)
+
     def log_densities(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
+        if units is not None and self.batch_path:  # a mini-batch costs a mini-batch: the model runs on it alone
+            (ll, lp), lead = self._chains(self._densities_batch, theta, z, self._index(units))
+            b = len(units)
+            return ll.reshape(lead + (b,)), lp.reshape(lead + (b,))
         (ll, lp), lead = self._chains(self._densities_all, theta, self._full_z(self.ops.asarray(z), units))
         ll, lp = ll.reshape(lead + (self.num_units,)), lp.reshape(lead + (self.num_units,))
         return self._select(ll, units), self._select(lp, units)
@@ -537,6 +566,51 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
             u = z[..., s.offset:s.offset + s.size].reshape(lead + (z.shape[-2],) + s.u_rest)
             out[s.name] = s.transform(u)
         return out
+
+    # ----- mini-batches evaluated alone --------------------------------------------------------------------
+    @property
+    def batch_path(self) -> bool:
+        """Whether a mini-batch is evaluated by running the model on its units alone (checked once, on first use)."""
+        if self._batch_path is None:
+            self._batch_path = self._check_batch_path()
+        return self._batch_path
+
+    @batch_path.setter
+    def batch_path(self, value: bool) -> None:
+        self._batch_path = bool(value)
+
+    def _check_batch_path(self) -> bool:
+        """Whether the model can be run on a mini-batch of units alone (the unit plate subsampled, the observations
+        inside it cut to the batch's rows): when, at the initial θ and a prior draw of the latents, the densities
+        (and residual statistics) of an unsorted batch with a repeated unit equal the full run's rows for it.
+        Observations outside the unit plate (rows reading ``alpha[group_idx]``), per-unit arguments that are not
+        observed values (covariates, masks over the units) or a model that fails on a subsampled plate keep the
+        full run, whose rows are then selected."""
+        n = self.num_units
+        if self._unit_map or n < 3:
+            return False
+        theta = self.init_params()
+        z = self.sample_prior(theta, self.ops.key(3), 1)
+        idx = np.array([n - 1, 0, n // 2, 0])
+        units = self.ops.asarray(idx, dtype=None)
+        try:
+            with self.ppl.no_grad():
+                ll, lp = self.log_densities(theta, z)
+                (bll, blp), _ = self._chains(self._densities_batch, theta, self.ops.take(z, units, 1), units)
+                pairs = [(ll[..., idx], bll), (lp[..., idx], blp)]
+                if self._resid:
+                    full, _ = self._chains(self._resid_all, theta, z)
+                    part, _ = self._chains(self._resid_batch, theta, self.ops.take(z, units, 1), units)
+                    pairs += [(full[k][..., idx], part[k]) for k in full]
+        except Exception:  # the model cannot run on a subsampled plate
+            return False
+        to_np = self.ops.to_numpy
+        tol = float(np.finfo(to_np(ll).dtype).eps) ** 0.5
+        for a, b in pairs:
+            a, b = np.asarray(to_np(a)), np.asarray(to_np(b))
+            if a.size != b.size or not np.allclose(a.ravel(), b.ravel(), rtol=tol, atol=tol):
+                return False
+        return True
 
     # ----- diagnostics of bad models --------------------------------------------------------------------
     def _check_initial_density(self) -> None:
@@ -670,7 +744,11 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
     def stats(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
         z = self.ops.asarray(z)
         out = self._gaussian_stats(z)
-        if self._resid:
+        if self._resid and units is not None and self.batch_path:
+            res, lead = self._chains(self._resid_batch, theta, z, self._index(units))
+            for name, v in res.items():
+                out[name] = v.reshape(lead + (len(units),))
+        elif self._resid:
             res, lead = self._chains(self._resid_all, theta, self._full_z(z, units))
             for name, v in res.items():
                 out[name] = self._select(v.reshape(lead + (self.num_units,)), units)
