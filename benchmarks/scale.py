@@ -138,7 +138,7 @@ def reset_peak() -> None:
         f.write("5")
 
 
-def per_unit_bytes(model, state: dict, n: int) -> int:
+def per_unit_bytes(model, state, n: int) -> int:
     """Bytes of the arrays with one row per individual: the model's (and its design's) and the engine state's."""
     seen: set[int] = set()
     total = 0
@@ -154,9 +154,10 @@ def per_unit_bytes(model, state: dict, n: int) -> int:
     def walk(obj, axis_ok, depth=0) -> None:
         if depth > 2:
             return
-        items = obj.items() if isinstance(obj, dict) else vars(obj).items() if hasattr(obj, "__dict__") else ()
+        items = obj.items() if isinstance(obj, dict) else obj._asdict().items() if hasattr(obj, "_asdict") \
+            else vars(obj).items() if hasattr(obj, "__dict__") else ()  # a dict, an engine state record, an object
         for _, v in items:
-            if isinstance(v, dict):
+            if isinstance(v, dict) or hasattr(v, "_asdict"):
                 walk(v, axis_ok, depth + 1)
             else:
                 add(v, axis_ok)

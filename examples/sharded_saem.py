@@ -29,7 +29,7 @@ def main() -> None:
     data = theophylline_arrays()
     fit = SAEM(theophylline_model, **OPTIONS).run(jax.random.PRNGKey(1), **data, devices=n)
     single = SAEM(theophylline_model, **OPTIONS).run(jax.random.PRNGKey(1), **data)
-    z = fit.state["z"]
+    z = fit.state.z
     print(f"{n} devices; chains {list(z.shape)} stored {list(z.sharding.shard_shape(z.shape))} per device")
     for name, value in fit.params.items():
         print(f"{name:>6} {np.round(np.asarray(value), 4)}")

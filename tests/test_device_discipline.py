@@ -42,4 +42,4 @@ def test_em_family_follows_the_data_device():
         for engine in (EM(GaussianMixture(x, 2, "full", seed=0), num_epochs=3, progress=False),
                        FIEM(GaussianMixture(x, 2, "diag", seed=0), num_epochs=2, batch_size=50, progress=False)):
             fit = engine.run()
-            assert fit.state["theta"]["locs"].device.type == "cpu" and np.isfinite(fit.log_likelihood())
+            assert fit.state.theta["locs"].device.type == "cpu" and np.isfinite(fit.log_likelihood())

@@ -53,7 +53,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         shard = np.array_split(np.arange(len(t)), world)[rank]
         for engine in ENGINES:
             fit = _fit(t[shard], y[shard], engine, distributed=True)
-            np.savez(Path(out) / f"{engine}-rank{rank}.npz", z=fit.state["z"].numpy(), draws=fit.latent_draws,
+            np.savez(Path(out) / f"{engine}-rank{rank}.npz", z=fit.state.z.numpy(), draws=fit.latent_draws,
                      objective=fit.history["objective"], acc=fit.history["acc.rw"],
                      **{f"param_{k}": np.asarray(v) for k, v in fit.params.items()})
     finally:
@@ -77,9 +77,9 @@ def test_two_processes_equal_one(two_processes: Path, engine: str) -> None:
             np.testing.assert_allclose(r[f"param_{name}"], np.asarray(value), rtol=0, atol=1e-10, err_msg=name)
         np.testing.assert_allclose(r["objective"], one.history["objective"], rtol=1e-12, atol=0)
         np.testing.assert_array_equal(r["acc"], one.history["acc.rw"])  # acceptance counts summed exactly
-    np.testing.assert_allclose(np.concatenate([r["z"] for r in ranks], 1), one.state["z"].numpy(), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(np.concatenate([r["z"] for r in ranks], 1), one.state.z.numpy(), rtol=0, atol=1e-10)
     np.testing.assert_allclose(np.concatenate([r["draws"] for r in ranks], 2), one.latent_draws, rtol=0, atol=1e-10)
-    assert one.state["z"].shape[0] == 4  # saemix's ceil(50 / 15) chains, from the global number of units
+    assert one.state.z.shape[0] == 4  # saemix's ceil(50 / 15) chains, from the global number of units
 
 
 @pytest.mark.slow

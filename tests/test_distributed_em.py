@@ -118,7 +118,7 @@ for name in sys.argv[2].split(","):
     cls = getattr(latentfit.numpyro, name)
     fits = [cls(GaussianMixture(x, 3, "full", seed=1), **ENGINES[name], seed=3, progress=False, batching="random",
                 track_log_lik=True).run(jax.random.PRNGKey(3), devices=devices) for devices in (None, 2)]
-    table = fits[1].state["snap_table" if name == "SEMVR" else "table"]["r"]
+    table = getattr(fits[1].state.memory, "snap_table" if name == "SEMVR" else "table")["r"]
     out[name] = {"diff": max(float(np.max(np.abs(np.asarray(fits[0].params[k]) - np.asarray(fits[1].params[k]))))
                              for k in fits[0].params),
                  "log_lik_diff": float(np.max(np.abs(fits[0].history["log_lik"] - fits[1].history["log_lik"]))),

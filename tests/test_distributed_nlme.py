@@ -89,7 +89,7 @@ model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, dat
                   columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
 opts = dict(num_iters=(8, 4), seed=0, progress=False, rng="per_unit", chunk_size=4)
 fits = [SAEM(model, **opts).run(devices=d) for d in (None, 2)]
-z = fits[1].state["z"]
+z = fits[1].state.z
 print("RESULT" + json.dumps({
     "diff": max(float(np.max(np.abs(np.asarray(fits[0].params[k]) - np.asarray(fits[1].params[k]))))
                 for k in fits[0].params),

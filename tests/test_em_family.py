@@ -145,9 +145,11 @@ def test_tables_and_snapshots_follow_data_dtype_and_device():
     for engine in (FIEM, SEMVR, MiniBatchEM):
         eng = engine(_gm(x), num_epochs=2, batch_size=10, progress=False)
         fit = eng.run()
-        tables = [v for key in ("table", "snap_table") if key in fit.state for v in fit.state[key].values()]
+        memory = fit.state.memory
+        tables = [v for key in ("table", "snap_table") if key in getattr(memory, "_fields", ())
+                  for v in getattr(memory, key).values()]
         assert tables
-        for t in tables + list(fit.state["s_tilde"].values()):
+        for t in tables + list(fit.state.s_tilde.values()):
             assert t.dtype == torch.float32 and t.device == x.device
             assert t.shape[0] in (120, 3)
         assert fit.params["locs"].dtype == np.float32
@@ -157,8 +159,8 @@ def test_tables_and_snapshots_follow_data_dtype_and_device():
 def test_tables_on_gpu():  # torch only: CUDA placement of torch tables
     x = _data(200).cuda()
     fit = FIEM(_gm(x), num_epochs=3, batch_size=20, progress=False).run()
-    assert fit.state["table"]["r"].device.type == "cuda"
-    assert fit.state["theta"]["locs"].device.type == "cuda"
+    assert fit.state.memory.table["r"].device.type == "cuda"
+    assert fit.state.theta["locs"].device.type == "cuda"
 
 
 def test_inner_trace_records_every_iteration(backend):

@@ -68,7 +68,7 @@ def test_em_matches_statsmodels_ml(lmm_and_em):
 
 def test_marginal_log_lik_is_exact(lmm_and_em):
     m, fit, (y, X, Z, mask, _) = lmm_and_em
-    th = fit.state["theta"]
+    th = fit.state.theta
     beta, Om, s2 = (th["beta"].numpy(), th["Omega"].numpy(), float(th["sigma"]) ** 2)
     direct = []
     for i in range(5):

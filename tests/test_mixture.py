@@ -151,7 +151,7 @@ def test_fixed_parameters_stay_fixed_and_means_only_model_is_exact(backend):
     fit = EM(gm, num_epochs=300, progress=False).run()
     np.testing.assert_allclose(fit.params["weights"], [0.2, 0.8])
     np.testing.assert_allclose(fit.params["covariances"], [1.0, 1.0])
-    r, _ = gm.responsibilities(fit.state["theta"])
+    r, _ = gm.responsibilities(fit.state.theta)
     r = backend.to_numpy(r)
     mu = (r.T @ x) / r.sum(0)  # fixed point μ_k = Σ r_ik x_i / Σ r_ik
     np.testing.assert_allclose(fit.params["locs"][:, 0], mu, atol=1e-6)

@@ -95,7 +95,7 @@ def _assert_permuted(a: Any, b: Any, perm: np.ndarray, backend: Backend, tol: fl
     for name in a.params:
         np.testing.assert_allclose(np.asarray(b.params[name]), np.asarray(a.params[name]), rtol=0, atol=tol,
                                    err_msg=name)
-    np.testing.assert_allclose(backend.to_numpy(b.state["z"]), backend.to_numpy(a.state["z"])[:, perm], rtol=0,
+    np.testing.assert_allclose(backend.to_numpy(b.state.z), backend.to_numpy(a.state.z)[:, perm], rtol=0,
                                atol=tol)
     np.testing.assert_allclose(b.latent_draws, a.latent_draws[:, :, perm], rtol=0, atol=tol)
 

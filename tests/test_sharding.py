@@ -42,11 +42,11 @@ for name in filter(None, sys.argv[2].split(",")):
     cls, extra = engines[name]
     one = cls(models_numpyro.random_slope, **opts, **extra).run(jax.random.PRNGKey(3), *args)
     two = cls(models_numpyro.random_slope, **opts, **extra).run(jax.random.PRNGKey(3), *args, devices=2)
-    z = two.state["z"]
+    z = two.state.z
     out[name] = {
         "params_one": {k: np.asarray(v).tolist() for k, v in one.params.items()},
         "params_two": {k: np.asarray(v).tolist() for k, v in two.params.items()},
-        "z_diff": float(np.max(np.abs(np.asarray(one.state["z"]) - np.asarray(z)))),
+        "z_diff": float(np.max(np.abs(np.asarray(one.state.z) - np.asarray(z)))),
         "draws_diff": float(np.max(np.abs(one.latent_draws - two.latent_draws))),
         "z_devices": len(z.sharding.device_set),
         "z_shard_shape": list(z.sharding.shard_shape(z.shape)),

@@ -57,10 +57,13 @@ class Engine:
         self.chunk_size = int(chunk_size)
 
     # ----- to implement ------------------------------------------------------------------------
-    def init(self, key: Any) -> dict[str, Any]:
+    def init(self, key: Any) -> Any:
+        """The state before iteration 1 (a ``NamedTuple``), drawn from ``key``."""
         raise NotImplementedError
 
-    def step(self, state: dict[str, Any], k: Any, phase: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    def step(self, state: Any, k: Any, phase: Any) -> tuple[Any, Any]:
+        """Iteration ``k`` (1-based) in ``phase``: ``(next state, info record)``, a pure function of its arguments
+        (no change to ``self``, the model or ``state``'s random stream: a torch generator is copied first)."""
         raise NotImplementedError
 
     def phases(self) -> list[tuple[int, int, Any]]:
@@ -85,6 +88,11 @@ class Engine:
         for msg in self.model.fit_warnings(self.theta_of(state)):
             warnings.warn(f"{self.name}: {msg}", RuntimeWarning, stacklevel=3)
         return state
+
+    @property
+    def result_model(self) -> LatentModel:
+        """The model the fit's result holds (post-fit computations); the steps' model by default."""
+        return self.model
 
     def theta_of(self, state: Any) -> dict[str, Any]:
         return self.model.constrain(state_field(state, "theta_u"))
@@ -207,7 +215,7 @@ class Engine:
                 t_init: float, done: int, compiled_before: float, interrupted: bool) -> FitResult:
         hist = {n: np.stack(v) for n, v in history.items()}
         latents = np.stack(draws, axis=1) if draws else None  # [L, draws, N, d]
-        return FitResult(engine=self, model=self.model, state=state, history=hist,
+        return FitResult(engine=self, model=self.result_model, state=state, history=hist,
                          latent_draws=latents, elapsed=time.perf_counter() - t0, init_time=t_init,
                          num_iterations=done, compile_time=self.ops.compile_time - compiled_before,
                          interrupted=interrupted)

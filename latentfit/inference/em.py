@@ -7,26 +7,35 @@ log-likelihood ``Σ_i log p(y_i; θ^{k−1})`` (history ``objective``), which EM
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-from .stats_table import ProxyRule, StatEngine, Stats
+from .stats_table import ProxyRule, StatEngine, Stats, StatState
+
+
+class ExactMemory(NamedTuple):
+    """Exact EM's memory: the log-likelihood its last E-step computed on the way."""
+
+    #: ``Σ_i log p(y_i; θ^{k−1})``
+    log_lik: Any
 
 
 class FullBatchRule(ProxyRule):
     """``𝒮^{(k+1)} = Σ_i s̄_i(θ^k)``: the full-data statistic itself (exact, or MC for MCEM)."""
 
-    def init(self, eng: StatEngine, state: dict[str, Any], theta: dict[str, Any], full: Stats | None,
-             rows: Stats | None) -> dict[str, Any]:
+    def init(self, eng: StatEngine, theta: dict[str, Any], full: Stats | None, rows: Stats | None) -> Any:
         if eng.model.has_exact_marginal and not eng.monte_carlo:
-            state["log_lik"] = eng.ops.zeros(())
-        return state
+            return ExactMemory(log_lik=eng.ops.zeros(()))
+        return None
 
-    def proxy(self, eng: StatEngine, state: dict[str, Any], theta: dict[str, Any], bi: Any, bj: Any,
-              key: Any) -> tuple[Stats, dict[str, Any]]:
+    def proxy(self, eng: StatEngine, state: StatState, theta: dict[str, Any], bi: Any, bj: Any,
+              key: Any) -> tuple[Stats, StatState]:
         total, _, ll, state = eng.full_pass(state, theta, key)
-        if ll is not None and "log_lik" in state:
-            state = dict(state, log_lik=ll)
+        if ll is not None and state.memory is not None:
+            state = state._replace(memory=ExactMemory(log_lik=ll))
         return total, state
+
+    def objective(self, state: StatState) -> Any:
+        return None if state.memory is None else state.memory.log_lik
 
 
 class EM(StatEngine):

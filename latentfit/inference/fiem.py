@@ -15,9 +15,18 @@ With a Monte-Carlo oracle and a slow step this is fiTTEM (``TTSEM(variant="fi")`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-from .stats_table import ProxyRule, StatEngine, Stats, default_fast_step, s_copy, s_put, s_sub, s_take
+from .stats_table import ProxyRule, StatEngine, Stats, StatState, default_fast_step, s_copy, s_put, s_sub, s_take
+
+
+class SagaMemory(NamedTuple):
+    """The SAGA rule's memory."""
+
+    #: ``s_i = s̄_i(θ^{t_i})``, refreshed by the j-batches ``[n, ...]``
+    table: Stats
+    #: ``S̄ = Σ_i s_i``
+    s_bar: Stats
 
 
 class SagaRule(ProxyRule):
@@ -26,26 +35,23 @@ class SagaRule(ProxyRule):
     needs_second_batch = True
     unit_tables = ("table",)
 
-    def init(self, eng: StatEngine, state: dict[str, Any], theta: dict[str, Any], full: Stats,
-             rows: Stats) -> dict[str, Any]:
-        state["table"] = rows
-        state["s_bar"] = s_copy(eng.ops, full)
-        return state
+    def init(self, eng: StatEngine, theta: dict[str, Any], full: Stats, rows: Stats) -> SagaMemory:
+        return SagaMemory(table=rows, s_bar=s_copy(eng.ops, full))
 
-    def proxy(self, eng: StatEngine, state: dict[str, Any], theta: dict[str, Any], bi: Any, bj: Any,
-              key: Any) -> tuple[Stats, dict[str, Any]]:
+    def proxy(self, eng: StatEngine, state: StatState, theta: dict[str, Any], bi: Any, bj: Any,
+              key: Any) -> tuple[Stats, StatState]:
         ops = eng.ops
         ki, kj = ops.split(key) if key is not None else (None, None)
         new_i, state = eng.oracle(state, theta, bi, ki)
-        drift_i = eng.reduce(s_sub(new_i, s_take(ops, state["table"], bi)), bi)
+        table, s_bar = state.memory
+        drift_i = eng.reduce(s_sub(new_i, s_take(ops, table, bi)), bi)
         c = eng.batch_scale
-        s_bar = state["s_bar"]
         proxy = {k: v + c * drift_i[k] for k, v in s_bar.items()}
         new_j, state = eng.oracle(state, theta, bj, kj)
-        drift_j = eng.reduce(s_sub(new_j, s_take(ops, state["table"], bj)), bj)
+        drift_j = eng.reduce(s_sub(new_j, s_take(ops, table, bj)), bj)
         s_bar = {k: v + drift_j[k] for k, v in s_bar.items()}
-        table = s_put(ops, state["table"], bj, new_j)
-        return proxy, dict(state, s_bar=s_bar, table=table)
+        table = s_put(ops, table, bj, new_j)
+        return proxy, state._replace(memory=SagaMemory(table=table, s_bar=s_bar))
 
 
 class FIEM(StatEngine):

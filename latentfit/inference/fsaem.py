@@ -24,7 +24,7 @@ from typing import Any
 from . import mcmc
 from .laplace import conditional_modes, resolve_method
 from .model import LatentModel
-from .saem import SAEM
+from .saem import SAEM, SAEMState
 
 
 class FSAEM(SAEM):
@@ -76,24 +76,23 @@ class FSAEM(SAEM):
             out.append((self.imh_iters + 1, total, "saem"))
         return out
 
-    def init(self, key: Any) -> dict[str, Any]:
+    def init(self, key: Any) -> SAEMState:
         state = super().init(key)
         # warm start of the per-unit MAP: the chain mean of the initial draws
-        state["mode"] = self.ops.xp.mean(state["z"], 0)
-        return state
+        return state._replace(mode=self.ops.xp.mean(state.z, 0))
 
     def unit_axes(self) -> dict[str, int]:
         """The chains ``z [L, N, d]`` (axis 1) and the warm start of the MAPs ``mode [N, d]`` (axis 0)."""
         return {"z": 1, "mode": 0}
 
-    def simulate(self, state: dict[str, Any], theta: dict[str, Any], k: Any, key: Any,
-                 phase: Any) -> tuple[mcmc.ChainState, dict[str, Any], dict[str, Any]]:
+    def simulate(self, state: SAEMState, theta: dict[str, Any], k: Any, key: Any,
+                 phase: Any) -> tuple[mcmc.ChainState, dict[str, Any], SAEMState]:
         model, ops, xp, sim = self.model, self.ops, self.ops.xp, self.sim_ops
         nan = ops.zeros(()) * float("nan")
         if phase != "imh":
             chain, acc, state = super().simulate(state, theta, k, key, phase)
             return chain, dict(acc, nlme_imh=nan), state
-        lap = conditional_modes(model, theta, z0=state["mode"], num_steps=self.laplace_steps,
+        lap = conditional_modes(model, theta, z0=state.mode, num_steps=self.laplace_steps,
                                 method=self.laplace_method)
         mode = lap.mode
         chol = ops.small_cholesky(lap.cov)  # [n, d, d]
@@ -103,12 +102,12 @@ class FSAEM(SAEM):
         def evaluate(z: Any) -> tuple[Any, Any]:
             return model.log_densities(theta, z)
 
-        z0 = xp.broadcast_to(mode, tuple(state["z"].shape)) + 0.0 * state["z"]  # reset every chain at the MAP
+        z0 = xp.broadcast_to(mode, tuple(state.z.shape)) + 0.0 * state.z  # reset every chain at the MAP
         chain = mcmc.init_chain_state(z0, evaluate)
         keys = sim.split(key, 2 * self.imh_steps)
         rates = []
         for s in range(self.imh_steps):
-            eps = sim.normal(keys[2 * s], tuple(state["z"].shape))
+            eps = sim.normal(keys[2 * s], tuple(state.z.shape))
             z_new = mode + xp.sum(chol * eps[..., None, :], -1)  # ẑ + L ε
             chain, ok = mcmc.independent_mh(sim, keys[2 * s + 1], chain, z_new, log_q(z_new), log_q(chain.z),
                                             evaluate)
@@ -121,7 +120,7 @@ class FSAEM(SAEM):
         if n3:
             acc["block_rw"] = nan
         acc["nlme_imh"] = xp.mean(xp.stack(rates))
-        return chain, acc, dict(state, mode=mode)
+        return chain, acc, state._replace(mode=mode)
 
 
 __all__ = ["FSAEM"]

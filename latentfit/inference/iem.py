@@ -15,9 +15,18 @@ mini-batch ``B_t`` is refreshed at the current θ and the running sum follows:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-from .stats_table import ProxyRule, StatEngine, Stats, s_copy, s_put, s_sub, s_take
+from .stats_table import ProxyRule, StatEngine, Stats, StatState, s_copy, s_put, s_sub, s_take
+
+
+class IncrementalMemory(NamedTuple):
+    """The incremental rule's memory."""
+
+    #: ``s_i``, the last statistic of every unit ``[n, ...]``
+    table: Stats
+    #: ``𝒮 = Σ_i s_i``, the running sum
+    s_run: Stats
 
 
 class IncrementalRule(ProxyRule):
@@ -25,21 +34,18 @@ class IncrementalRule(ProxyRule):
 
     unit_tables = ("table",)
 
-    def init(self, eng: StatEngine, state: dict[str, Any], theta: dict[str, Any], full: Stats,
-             rows: Stats) -> dict[str, Any]:
-        state["table"] = rows
-        state["s_run"] = s_copy(eng.ops, full)
-        return state
+    def init(self, eng: StatEngine, theta: dict[str, Any], full: Stats, rows: Stats) -> IncrementalMemory:
+        return IncrementalMemory(table=rows, s_run=s_copy(eng.ops, full))
 
-    def proxy(self, eng: StatEngine, state: dict[str, Any], theta: dict[str, Any], bi: Any, bj: Any,
-              key: Any) -> tuple[Stats, dict[str, Any]]:
+    def proxy(self, eng: StatEngine, state: StatState, theta: dict[str, Any], bi: Any, bj: Any,
+              key: Any) -> tuple[Stats, StatState]:
         ops = eng.ops
         new, state = eng.oracle(state, theta, bi, key)
-        old = s_take(ops, state["table"], bi)
-        delta = eng.reduce(s_sub(new, old), bi)
-        s_run = {k: v + delta[k] for k, v in state["s_run"].items()}
-        table = s_put(ops, state["table"], bi, new)
-        return s_run, dict(state, s_run=s_run, table=table)
+        mem = state.memory
+        delta = eng.reduce(s_sub(new, s_take(ops, mem.table, bi)), bi)
+        s_run = {k: v + delta[k] for k, v in mem.s_run.items()}
+        table = s_put(ops, mem.table, bi, new)
+        return s_run, state._replace(memory=IncrementalMemory(table=table, s_run=s_run))
 
 
 class MiniBatchEM(StatEngine):

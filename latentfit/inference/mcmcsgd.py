@@ -26,7 +26,7 @@ iteration suffice.  That paper's guarantee holds at a *random* iteration ``N`` d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -47,6 +47,47 @@ class RandomStop:
     iteration: int
     theta: dict[str, np.ndarray]
     grad_norm2: float
+
+
+class MCMCSGDState(NamedTuple):
+    """What MCMCSGD's next iteration needs."""
+
+    #: θ in unconstrained space (the free parameters' entries are those of ``x``)
+    theta_u: dict[str, Any]
+    #: the free parameters as one flat vector: the optimiser's iterate θ_k
+    x: Any
+    #: its Polyak–Ruppert average θ̄_k
+    x_avg: Any
+    #: the persistent chains ``[L, N, d]``
+    z: Any
+    #: the random stream (a JAX key or a ``torch.Generator``)
+    key: Any
+    #: the optimiser's state
+    opt: Any
+    #: saemix kernels: the random-walk scales ``[d]`` (None with MALA)
+    scale_rw: Any = None
+    scale_block: Any = None
+    #: MALA: per-unit log step sizes ``[N]`` (None with saemix's kernels)
+    log_step: Any = None
+
+
+class MCMCSGDInfo(NamedTuple):
+    """What a user may look at after each MCMCSGD iteration (the history)."""
+
+    #: acceptance rates by kernel
+    acc: dict[str, Any]
+    #: proposals rejected for a NaN/inf log-density
+    num_nonfinite: Any
+    #: ``(N/|B|) mean_chains Σ_{i∈B} log p(y_i, z_i; θ_{k−1})``
+    objective: Any
+    #: ``‖ĝ_k‖²`` (0 during the MCMC-only burn-in)
+    grad_norm2: Any
+    #: ``η`` of this gradient step (0 during the burn-in)
+    learning_rate: Any
+    #: the iterate θ_k (flat)
+    iterate: Any
+    #: non-finite gradient entries per parameter (the driver stops the fit on any)
+    grad_nonfinite: dict[str, Any]
 
 
 class MCMCSGD(Engine):
@@ -166,7 +207,7 @@ class MCMCSGD(Engine):
         out.append((self.burn_in + 1, self.num_iters, "sgd"))
         return out
 
-    def init(self, key: Any) -> dict[str, Any]:
+    def init(self, key: Any) -> MCMCSGDState:
         model, ops, xp = self.model, self.ops, self.ops.xp
         theta = model.init_params()
         k_prior, key = ops.split(key)
@@ -176,44 +217,40 @@ class MCMCSGD(Engine):
             model.raise_for_nonfinite(theta, z)
         theta_u = model.unconstrain(theta)
         x = flatten(ops, theta_u, self.names)
-        state = {"theta_u": theta_u, "x": x, "x_avg": x, "z": z, "key": key,
-                 "opt": self._optimizer.init(x)}
+        scale = log_step = None
         if self.kernel == "saemix":
             sd = xp.std(xp.reshape(z, (-1, z.shape[-1])), 0)
-            sd = xp.where(sd > 0, sd, 1.0)
-            state["scale_rw"] = 0.5 * sd
-            state["scale_block"] = 0.5 * sd
+            scale = 0.5 * xp.where(sd > 0, sd, 1.0)
         else:
             d = z.shape[-1]
-            state["log_step"] = ops.zeros((model.num_units,)) + float(np.log(1.0 / max(d, 1) ** 0.25 * 0.5))
-        return state
+            log_step = ops.zeros((model.num_units,)) + float(np.log(1.0 / max(d, 1) ** 0.25 * 0.5))
+        return MCMCSGDState(theta_u=theta_u, x=x, x_avg=x, z=z, key=key, opt=self._optimizer.init(x),
+                            scale_rw=scale, scale_block=scale, log_step=log_step)
 
-    def theta_of(self, state: dict[str, Any]) -> dict[str, Any]:
+    def theta_of(self, state: MCMCSGDState) -> dict[str, Any]:
         """The Polyak–Ruppert average (the iterate itself before ``average_from``)."""
-        theta_u = dict(state["theta_u"])
-        theta_u.update(unflatten(state["x_avg"], self.names, self._shapes))
+        theta_u = dict(state.theta_u)
+        theta_u.update(unflatten(state.x_avg, self.names, self._shapes))
         return self.model.constrain(theta_u)
 
-    def step(self, state: dict[str, Any], k: Any, phase: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    def step(self, state: MCMCSGDState, k: Any, phase: Any) -> tuple[MCMCSGDState, MCMCSGDInfo]:
+        """Iteration k: MCMC kernels, then (after the burn-in) one optimiser step; pure in ``(state, k, phase)``."""
         model, ops, xp = self.model, self.ops, self.ops.xp
-        key, k_batch, k_sim = ops.split(state["key"], 3)
-        theta_u = dict(state["theta_u"])
-        theta_u.update(unflatten(state["x"], self.names, self._shapes))
+        key, k_batch, k_sim = ops.split(ops.own_key(state.key), 3)
+        theta_u = dict(state.theta_u)
+        theta_u.update(unflatten(state.x, self.names, self._shapes))
         theta = model.constrain(theta_u)
         units = None if self.batch_size is None else ops.permutation(k_batch, model.num_units)[:self.batch_size]
-        z_all = state["z"]
+        z_all = state.z
         z = z_all if units is None else ops.take(z_all, units, axis=1)
         z, state, acc, num_nonfinite = self._simulate(state, theta, z, units, k, k_sim)
         z_all = z if units is None else _scatter_units(ops, z_all, units, z)
-        state = dict(state, z=z_all, key=key)
-        info: dict[str, Any] = {"acc": acc, "num_nonfinite": num_nonfinite}
+        state = state._replace(z=z_all, key=key)
         if phase == "mcmc":
-            info["objective"] = xp.mean(xp.sum(model.log_joint(theta, z, units), -1))
-            info["grad_norm2"] = ops.zeros(())
-            info["learning_rate"] = ops.zeros(())
-            info["iterate"] = state["x"]
-            info["grad_nonfinite"] = {n: ops.zeros(()) for n in self.names}
-            return state, info
+            return state, MCMCSGDInfo(
+                acc=acc, num_nonfinite=num_nonfinite, objective=xp.mean(xp.sum(model.log_joint(theta, z, units), -1)),
+                grad_norm2=ops.zeros(()), learning_rate=ops.zeros(()), iterate=state.x,
+                grad_nonfinite={n: ops.zeros(()) for n in self.names})
         scale = model.num_units / (model.num_units if units is None else self.batch_size)
         fixed = {n: v for n, v in theta.items() if n not in self.names}
 
@@ -222,35 +259,35 @@ class MCMCSGD(Engine):
             th.update(model.constrain(unflatten(x, self.names, self._shapes)))
             return scale * xp.mean(xp.sum(model.log_joint(th, z, units), -1))
 
-        value, grad = ops.value_and_grad(objective)(state["x"])
+        value, grad = ops.value_and_grad(objective)(state.x)
         # non-finite gradient entries, per parameter: the driver stops the fit on any (NonFiniteError)
         bad = unflatten((~xp.isfinite(grad)) * 1.0, self.names, self._shapes)
-        info["grad_nonfinite"] = {n: xp.sum(v) for n, v in bad.items()}
+        grad_nonfinite = {n: xp.sum(v) for n, v in bad.items()}
         grad = xp.where(xp.isfinite(grad), grad, 0.0)
-        x_new, opt_state = self._optimizer.update(grad, state["opt"], state["x"])
+        x_new, opt_state = self._optimizer.update(grad, state.opt, state.x)
         t_avg = k - self.average_from
-        x_avg = xp.where(t_avg > 0, polyak_ruppert(state["x_avg"], x_new, t_avg * (t_avg > 0) + 1 * (t_avg <= 0)),
+        x_avg = xp.where(t_avg > 0, polyak_ruppert(state.x_avg, x_new, t_avg * (t_avg > 0) + 1 * (t_avg <= 0)),
                          x_new)
-        state = dict(state, x=x_new, x_avg=x_avg, opt=opt_state)
-        info.update(objective=value, grad_norm2=xp.sum(grad * grad),
-                    learning_rate=self.learning_rate(k - self.burn_in) + 0.0 * value, iterate=x_new)
-        return state, info
+        state = state._replace(x=x_new, x_avg=x_avg, opt=opt_state)
+        return state, MCMCSGDInfo(acc=acc, num_nonfinite=num_nonfinite, objective=value, grad_norm2=xp.sum(grad * grad),
+                                  learning_rate=self.learning_rate(k - self.burn_in) + 0.0 * value, iterate=x_new,
+                                  grad_nonfinite=grad_nonfinite)
 
-    def _simulate(self, state: dict[str, Any], theta: dict[str, Any], z: Any, units: Any, k: Any,
-                  key: Any) -> tuple[Any, dict[str, Any], dict[str, Any], Any]:
+    def _simulate(self, state: MCMCSGDState, theta: dict[str, Any], z: Any, units: Any, k: Any,
+                  key: Any) -> tuple[Any, MCMCSGDState, dict[str, Any], Any]:
         model, ops, xp = self.model, self.ops, self.ops.xp
         if self.kernel == "saemix":
             chain, scales, acc = mcmc.saemix_sweep(
-                ops, key, z, (state["scale_rw"], state["scale_block"]), k, self.mcmc_steps,
+                ops, key, z, (state.scale_rw, state.scale_block), k, self.mcmc_steps,
                 evaluate=lambda zz: model.log_densities(theta, zz, units),
                 sample_prior=lambda kk: model.sample_prior(theta, kk, self.num_chains, units))
-            return chain.z, dict(state, scale_rw=scales[0], scale_block=scales[1]), acc, chain.num_nonfinite
+            return chain.z, state._replace(scale_rw=scales[0], scale_block=scales[1]), acc, chain.num_nonfinite
 
         def value_and_grad(zz: Any) -> tuple[Any, Any]:
             v, g, _ = ops.value_grad_hessian(lambda x: model.log_joint(theta, x, units), zz, hessian=False)
             return v, g
 
-        log_step_all = state["log_step"]
+        log_step_all = state.log_step
         log_step = log_step_all if units is None else ops.take(log_step_all, units)
         lt, g = value_and_grad(z)
         chain = mcmc.GradChainState(z, lt, g, (lt == lt).sum() * 0.0)
@@ -263,7 +300,7 @@ class MCMCSGD(Engine):
 
         chain, log_step, rate = ops.fori_loop(0, self.mcmc_steps, body, (chain, log_step, ops.zeros(())))
         log_step_all = log_step if units is None else ops.scatter(log_step_all, units, log_step)
-        return chain.z, dict(state, log_step=log_step_all), {"mala": rate}, chain.num_nonfinite
+        return chain.z, state._replace(log_step=log_step_all), {"mala": rate}, chain.num_nonfinite
 
     # ----- the random-stopping report ------------------------------------------------------------------
     def run(self, key: Any = None, **run_options: Any) -> FitResult:
@@ -285,7 +322,7 @@ class MCMCSGD(Engine):
         n = int(np.random.default_rng(self.seed).choice(len(steps), p=rates / rates.sum()))
         k = self.burn_in + n  # 0-based row of the history (iteration k + 1)
         ops = self.ops
-        theta_u = dict(fit.state["theta_u"])
+        theta_u = dict(fit.state.theta_u)
         theta_u.update(unflatten(ops.asarray(fit.history["iterate"][k]), self.names, self._shapes))
         theta = {n: ops.to_numpy(v) for n, v in self.model.constrain(theta_u).items()}
         return RandomStop(iteration=k + 1, theta=theta, grad_norm2=float(fit.history["grad_norm2"][k]))

@@ -49,19 +49,41 @@ def _same_dtype(new: Any, old: Any) -> Any:
 
 
 def _skeleton(tree: Any) -> Any:
-    """The dict/list structure of ``tree`` with its key order, leaves dropped (to restore orders)."""
+    """The dict/list/record structure of ``tree`` with its key order, leaves dropped (to restore orders)."""
     if isinstance(tree, dict):
         return {k: _skeleton(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+    if hasattr(tree, "_fields"):  # a NamedTuple record (engine states)
+        return type(tree)(*(_skeleton(v) for v in tree))
+    if isinstance(tree, (list, tuple)):
         return type(tree)(_skeleton(v) for v in tree)
     return None
+
+
+def _fields_of(node: Any) -> dict[str, Any]:
+    """The fields of an engine state: a NamedTuple record's or a dict's, by name."""
+    return node._asdict() if hasattr(node, "_fields") else dict(node)
+
+
+def _unit_counts(state: Any, unit_axes: dict[str, Any]) -> list[int]:
+    """The number of units of every per-unit entry of ``state`` named by ``unit_axes`` (nested specs: sub-records)."""
+    out = []
+    fields = _fields_of(state)
+    for name, spec in unit_axes.items():
+        value = fields[name]
+        if isinstance(spec, int):
+            out.append(jax.tree_util.tree_leaves(value)[0].shape[spec])  # an array, or a dict of per-unit tables
+        else:
+            out.extend(_unit_counts(value, spec))
+    return out
 
 
 def _index(tree: Any, j: int) -> Any:
     """Row ``j`` of every leaf, keeping dict key order (``tree_map`` would sort the keys)."""
     if isinstance(tree, dict):
         return {k: _index(v, j) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+    if hasattr(tree, "_fields"):
+        return type(tree)(*(_index(v, j) for v in tree))
+    if isinstance(tree, (list, tuple)):
         return type(tree)(_index(v, j) for v in tree)
     return None if tree is None else tree[j]
 
@@ -72,9 +94,9 @@ def _reorder_like(new: Any, old: Any) -> Any:
         out = {k: _reorder_like(new[k], old[k]) for k in old if k in new}
         out.update({k: v for k, v in new.items() if k not in old})
         return out
-    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)) and len(old) == len(new) \
-            and not hasattr(old, "_fields"):
-        return type(new)(_reorder_like(a, b) for a, b in zip(new, old))
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)) and len(old) == len(new):
+        parts = [_reorder_like(a, b) for a, b in zip(new, old)]
+        return type(new)(*parts) if hasattr(new, "_fields") else type(new)(parts)
     return new
 
 
@@ -304,25 +326,32 @@ class JaxOps(Ops):
         if not unit_axes:
             raise ValueError("this engine has no per-unit state to shard over devices")
         size = mesh.shape["units"]
-        for name, axis in unit_axes.items():
-            n = jax.tree_util.tree_leaves(state[name])[0].shape[axis]  # an array, or a dict of per-unit tables
+        for n in _unit_counts(state, unit_axes):
             if n % size:
                 raise ValueError(f"{n} units cannot be split evenly over {size} devices: use a number of devices "
                                  f"that divides {n}")
         self._units_mesh = (mesh, dict(unit_axes))
         return self._place_units(state)
 
-    def _place_units(self, state: dict[str, Any]) -> dict[str, Any]:
+    def _place_units(self, state: Any) -> Any:
         from jax.sharding import NamedSharding, PartitionSpec
 
         mesh, axes = self._units_mesh
         replicated = NamedSharding(mesh, PartitionSpec())
-        shardings = {}
-        for name, value in state.items():  # an entry may be a dict of per-unit tables: every leaf split alike
-            placement = NamedSharding(mesh, PartitionSpec(*([None] * axes[name]), "units")) if name in axes \
-                else replicated
-            shardings[name] = jax.tree_util.tree_map(lambda _, p=placement: p, value)
-        return _reorder_like(jax.device_put(state, shardings), state)
+
+        def place(node: Any, spec: Any) -> Any:
+            """Shardings of ``node``: ``spec`` an axis (every leaf split along it), a dict of the fields' specs
+            (a record's or dict's fields), or None (replicated)."""
+            if isinstance(spec, int):
+                sharding = NamedSharding(mesh, PartitionSpec(*([None] * spec), "units"))
+                return jax.tree_util.tree_map(lambda _: sharding, node)
+            if spec is None:
+                return jax.tree_util.tree_map(lambda _: replicated, node)
+            fields = _fields_of(node)
+            placed = {name: place(value, spec.get(name)) for name, value in fields.items()}
+            return type(node)(**placed) if hasattr(node, "_fields") else placed
+
+        return _reorder_like(jax.device_put(state, place(state, axes)), state)
 
     # --- functional updates ---------------------------------------------------------------------
     def scatter(self, table: Any, idx: Any, rows: Any) -> Any:

@@ -16,7 +16,7 @@ random-effect variances are annealed during the first ``K1/2`` iterations,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -28,6 +28,39 @@ from .schedules import SaemixPhases
 
 #: where SAEM's MCMC draws come from (the ``rng`` option)
 RNG_MODES = ("global", "per_unit")
+
+
+class SAEMState(NamedTuple):
+    """What SAEM's (and f-SAEM's) next iteration needs."""
+
+    #: θ_k in unconstrained space, by parameter
+    theta_u: dict[str, Any]
+    #: the chains ``z [L, N, d]`` (unconstrained latents)
+    z: Any
+    #: adaptive scales of the component-wise and block random walks ``[d]``
+    scale_rw: Any
+    scale_block: Any
+    #: the random stream: a JAX key or a ``torch.Generator`` on the data's device
+    key: Any
+    #: ``ŝ_k``, the stochastic approximation of the statistics (models with statistics; else None)
+    s_hat: dict[str, Any] | None = None
+    #: root of the per-unit counter-based streams (``rng="per_unit"``; else None)
+    stream: Any = None
+    #: f-SAEM: warm start of the per-unit MAPs ``[N, d]`` (else None)
+    mode: Any = None
+
+
+class SAEMInfo(NamedTuple):
+    """What a user may look at after each SAEM iteration (the history)."""
+
+    #: mean over chains of ``Σ_i log p(y_i, z_i; θ_{k−1})`` at the new draws
+    objective: Any
+    #: the step size γ_k
+    gamma: Any
+    #: acceptance rates by kernel
+    acc: dict[str, Any]
+    #: proposals rejected for a NaN/inf log-density
+    num_nonfinite: Any
 
 
 def _unit_ids(unit_ids: Any, n: int) -> np.ndarray:
@@ -135,7 +168,7 @@ class SAEM(Engine):
     def phases(self) -> list[tuple[int, int, Any]]:
         return [(1, self.schedule.num_iters, "saem")]
 
-    def init(self, key: Any) -> dict[str, Any]:
+    def init(self, key: Any) -> SAEMState:
         model, ops, xp = self.model, self.ops, self.ops.xp
         theta = model.init_params()
         root = ops.stream_key(key, self.seed) if self.rng == "per_unit" else None
@@ -152,19 +185,11 @@ class SAEM(Engine):
         # saemix rw.init: d_j = 0.5·sd of the prior in each coordinate
         sd = xp.std(xp.reshape(ops.gather_units(z, 1), (-1, z.shape[-1])), 0)
         sd = xp.where(sd > 0, sd, 1.0)
-        state = {
-            "theta_u": model.unconstrain(theta),
-            "z": z,
-            "scale_rw": 0.5 * sd,
-            "scale_block": 0.5 * sd,
-            "key": key,
-        }
-        if root is not None:
-            state["stream"] = root
+        s_hat = None
         if model.has_stats:
-            stats = self._chain_mean_stats(theta, z)
-            state["s_hat"] = ops.tree_map(lambda v: v * 0.0, stats)
-        return state
+            s_hat = ops.tree_map(lambda v: v * 0.0, self._chain_mean_stats(theta, z))
+        return SAEMState(theta_u=model.unconstrain(theta), z=z, scale_rw=0.5 * sd, scale_block=0.5 * sd, key=key,
+                         s_hat=s_hat, stream=root)
 
     def distribute(self) -> None:
         """Data-parallel SAEM over the torch.distributed group: this process's model holds a contiguous shard of the
@@ -199,30 +224,29 @@ class SAEM(Engine):
             return self.ops
         return self.ops.per_unit_streams(self.ops.asarray(self._unit_ids))
 
-    def step(self, state: dict[str, Any], k: Any, phase: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    def step(self, state: SAEMState, k: Any, phase: Any) -> tuple[SAEMState, SAEMInfo]:
+        """Iteration k: simulation, stochastic approximation, M-step; a pure function of ``(state, k, phase)``."""
         model, ops, xp = self.model, self.ops, self.ops.xp
-        theta = model.constrain(state["theta_u"])
-        key, k_sim, k_m = ops.split(state["key"], 3)
-        if "stream" in state:  # per-unit streams: iteration k's key, folded in per kernel step and unit
-            k_sim = ops.fold_in(state["stream"], k)
+        theta = model.constrain(state.theta_u)
+        key, k_sim, k_m = ops.split(ops.own_key(state.key), 3)
+        if state.stream is not None:  # per-unit streams: iteration k's key, folded in per kernel step and unit
+            k_sim = ops.fold_in(state.stream, k)
         chain, acc, state = self.simulate(state, theta, k, k_sim, phase)
         objective = xp.mean(ops.all_sum(xp.sum(chain.log_lik + chain.log_prior, -1)))
         gamma = self.schedule(k)
-        state = dict(state, z=chain.z, key=key)
+        state = state._replace(z=chain.z, key=key)
         new_theta_u, s_hat = self.maximize(state, theta, chain.z, gamma, k)
-        state["theta_u"] = new_theta_u
-        if s_hat is not None:
-            state["s_hat"] = s_hat
-        return state, {"objective": objective, "gamma": gamma, "acc": acc,
-                       "num_nonfinite": ops.all_sum(chain.num_nonfinite)}
+        state = state._replace(theta_u=new_theta_u, s_hat=s_hat)
+        return state, SAEMInfo(objective=objective, gamma=gamma, acc=acc,
+                               num_nonfinite=ops.all_sum(chain.num_nonfinite))
 
     # ----- building blocks (overridden by f-SAEM and friends) ----------------------------------------
-    def simulate(self, state: dict[str, Any], theta: dict[str, Any], k: Any, key: Any,
-                 phase: Any) -> tuple[mcmc.ChainState, dict[str, Any], dict[str, Any]]:
+    def simulate(self, state: SAEMState, theta: dict[str, Any], k: Any, key: Any,
+                 phase: Any) -> tuple[mcmc.ChainState, dict[str, Any], SAEMState]:
         """The MCMC step: saemix kernels 1–3 with scale adaptation (:func:`mcmc.saemix_sweep`)."""
         model, sim = self.model, self.sim_ops
         if self.rng == "per_unit":
-            shape = tuple(state["z"].shape)
+            shape = tuple(state.z.shape)
 
             def sample_prior(kk: Any) -> Any:
                 return model.prior_transform(theta, sim.normal(kk, shape))
@@ -230,26 +254,25 @@ class SAEM(Engine):
             def sample_prior(kk: Any) -> Any:
                 return model.sample_prior(theta, kk, self.num_chains)
         chain, scales, acc = mcmc.saemix_sweep(
-            sim, key, state["z"], (state["scale_rw"], state["scale_block"]), k, self.kernels,
+            sim, key, state.z, (state.scale_rw, state.scale_block), k, self.kernels,
             evaluate=lambda z: model.log_densities(theta, z), sample_prior=sample_prior)
-        state = dict(state, scale_rw=scales[0], scale_block=scales[1])
-        return chain, acc, state
+        return chain, acc, state._replace(scale_rw=scales[0], scale_block=scales[1])
 
     def _chain_mean_stats(self, theta: dict[str, Any], z: Any) -> dict[str, Any]:
         """``Σ_i mean_chains S(z_i, y_i)`` (statistics summed over units)."""
         ops, xp = self.ops, self.ops.xp
         return {n: xp.mean(ops.all_sum(xp.sum(v, 1)), 0) for n, v in self.model.stats(theta, z).items()}
 
-    def maximize(self, state: dict[str, Any], theta: dict[str, Any], z: Any, gamma: Any,
+    def maximize(self, state: SAEMState, theta: dict[str, Any], z: Any, gamma: Any,
                  k: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """SA of the statistics and M-step (skipped while γ = 0)."""
         model, xp = self.model, self.ops.xp
-        theta_u = state["theta_u"]
+        theta_u = state.theta_u
         s_hat = None
         new_theta = dict(theta)
         if model.has_stats:
             stats = self._chain_mean_stats(theta, z)
-            s_hat = {n: state["s_hat"][n] + gamma * (stats[n] - state["s_hat"][n]) for n in stats}
+            s_hat = {n: state.s_hat[n] + gamma * (stats[n] - state.s_hat[n]) for n in stats}
             closed = model.m_step(s_hat, theta, self._total_units)
             closed = self._anneal(closed, theta, k)
             new_theta.update(closed)
@@ -262,7 +285,7 @@ class SAEM(Engine):
         active = gamma > 0
         new_theta_u = {n: xp.where(active, v, theta_u[n]) for n, v in new_theta_u.items()}
         if s_hat is not None:
-            s_hat = {n: xp.where(active, v, state["s_hat"][n]) for n, v in s_hat.items()}
+            s_hat = {n: xp.where(active, v, state.s_hat[n]) for n, v in s_hat.items()}
         return new_theta_u, s_hat
 
     def _anneal(self, closed: dict[str, Any], theta: dict[str, Any], k: Any) -> dict[str, Any]:

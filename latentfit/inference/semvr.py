@@ -14,9 +14,18 @@ refreshes every epoch (``m = n/b``).  With a Monte-Carlo oracle and a slow step 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-from .stats_table import ProxyRule, StatEngine, Stats, default_fast_step, s_sub, s_take
+from .stats_table import ProxyRule, StatEngine, Stats, StatState, default_fast_step, s_sub, s_take
+
+
+class SnapshotMemory(NamedTuple):
+    """The SVRG rule's memory: the epoch's snapshot θ̃."""
+
+    #: ``s̄_i(θ̃)`` per unit ``[n, ...]``
+    snap_table: Stats
+    #: ``S̄(θ̃) = Σ_i s̄_i(θ̃)``
+    snap_sum: Stats
 
 
 class SnapshotRule(ProxyRule):
@@ -24,23 +33,21 @@ class SnapshotRule(ProxyRule):
 
     unit_tables = ("snap_table",)
 
-    def init(self, eng: StatEngine, state: dict[str, Any], theta: dict[str, Any], full: Stats,
-             rows: Stats) -> dict[str, Any]:
-        state["snap_table"] = rows
-        state["snap_sum"] = {k: v + 0.0 for k, v in full.items()}
-        return state
+    def init(self, eng: StatEngine, theta: dict[str, Any], full: Stats, rows: Stats) -> SnapshotMemory:
+        return SnapshotMemory(snap_table=rows, snap_sum={k: v + 0.0 for k, v in full.items()})
 
-    def epoch_start(self, eng: StatEngine, state: dict[str, Any], theta: dict[str, Any], key: Any) -> dict[str, Any]:
+    def epoch_start(self, eng: StatEngine, state: StatState, theta: dict[str, Any], key: Any) -> StatState:
         full, rows, _, state = eng.full_pass(state, theta, key)
-        return dict(state, snap_table=rows, snap_sum=full)
+        return state._replace(memory=SnapshotMemory(snap_table=rows, snap_sum=full))
 
-    def proxy(self, eng: StatEngine, state: dict[str, Any], theta: dict[str, Any], bi: Any, bj: Any,
-              key: Any) -> tuple[Stats, dict[str, Any]]:
+    def proxy(self, eng: StatEngine, state: StatState, theta: dict[str, Any], bi: Any, bj: Any,
+              key: Any) -> tuple[Stats, StatState]:
         ops = eng.ops
         new, state = eng.oracle(state, theta, bi, key)
-        delta = eng.reduce(s_sub(new, s_take(ops, state["snap_table"], bi)), bi)
+        snap_table, snap_sum = state.memory
+        delta = eng.reduce(s_sub(new, s_take(ops, snap_table, bi)), bi)
         c = eng.batch_scale
-        return {k: v + c * delta[k] for k, v in state["snap_sum"].items()}, state
+        return {k: v + c * delta[k] for k, v in snap_sum.items()}, state
 
 
 class SEMVR(StatEngine):

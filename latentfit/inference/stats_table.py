@@ -27,12 +27,12 @@ inner iterations run through ``ops.fori_loop`` (a compiled loop on JAX).  Per-un
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import mcmc
-from .driver import Engine
+from .driver import Engine, replace_fields, state_field
 from .model import LatentModel, ModelSpecificationError
 from .schedules import Schedule, constant
 from .units import UnitBlock, put_units, take_units
@@ -42,6 +42,40 @@ from .units import UnitBlock, put_units, take_units
 BLOCKS_FROM_UNITS = 65536
 
 Stats = dict[str, Any]
+
+
+class StatState(NamedTuple):
+    """What the next epoch of an EM-family engine needs (``None``: a field this engine does not use)."""
+
+    #: θ^t, constrained, by parameter
+    theta: dict[str, Any]
+    #: the random stream (a JAX key or a ``torch.Generator``)
+    key: Any
+    #: the proxy rule's record: its per-unit tables and their sums (:class:`ProxyRule`; None for online EM)
+    memory: Any = None
+    #: ``S̃^{(t)}``, the statistics after the fast step ρ
+    s_tilde: Stats | None = None
+    #: ``ŝ^{(t)}``, after the slow step γ (two-timescale engines)
+    s_hat: Stats | None = None
+    #: Monte-Carlo oracle without an exact posterior sampler: the persistent MH chains ``[n, L, d]``
+    z: Any = None
+    #: their component-wise random-walk scales ``[d]``
+    rw_scale: Any = None
+    #: proposals rejected for a NaN/inf log-density during the current epoch
+    num_nonfinite: Any = None
+
+
+class EpochInfo(NamedTuple):
+    """What a user may look at after each epoch (the history; ``None`` fields are not recorded)."""
+
+    #: exact EM: ``Σ_i log p(y_i; θ)`` at the θ of the epoch's E-step (free with the E-step)
+    objective: Any = None
+    #: ``track_log_lik``: the exact marginal log-likelihood after the epoch (one extra pass)
+    log_lik: Any = None
+    #: MH proposals rejected for a NaN/inf log-density in the epoch
+    num_nonfinite: Any = None
+    #: ``trace_params``: those parameters after every inner iteration ``[m, ...]``
+    inner: dict[str, Any] | None = None
 
 
 # ----- statistic pytrees (dicts of arrays) -----------------------------------------------------------
@@ -88,24 +122,27 @@ def default_fast_step(num_units: int, batch_size: int) -> float:
 
 # ----- proxies ----------------------------------------------------------------------------------------
 class ProxyRule:
-    """How an engine forms ``𝒮^{(t+1)}`` (one file per engine defines one)."""
+    """How an engine forms ``𝒮^{(t+1)}`` (one file per engine defines one, with its memory record)."""
 
     #: a second, independent mini-batch J_t per iteration (FIEM)
     needs_second_batch: bool = False
-    #: state entries holding one row per unit on axis 0 (split over devices / processes)
+    #: fields of the rule's memory record holding one row per unit on axis 0 (split over devices / processes)
     unit_tables: tuple[str, ...] = ()
 
-    def init(self, eng: StatEngine, state: dict[str, Any], theta: dict[str, Any], full: Stats,
-             rows: Stats | None) -> dict[str, Any]:
-        """Add the rule's memory to ``state``; ``full = Σ_i s̄_i(θ⁰)``, ``rows`` its per-unit table."""
+    def init(self, eng: StatEngine, theta: dict[str, Any], full: Stats | None, rows: Stats | None) -> Any:
+        """The rule's memory record (None: memoryless); ``full = Σ_i s̄_i(θ⁰)``, ``rows`` its per-unit table."""
+        return None
+
+    def epoch_start(self, eng: StatEngine, state: StatState, theta: dict[str, Any], key: Any) -> StatState:
         return state
 
-    def epoch_start(self, eng: StatEngine, state: dict[str, Any], theta: dict[str, Any], key: Any) -> dict[str, Any]:
-        return state
-
-    def proxy(self, eng: StatEngine, state: dict[str, Any], theta: dict[str, Any], bi: Any, bj: Any,
-              key: Any) -> tuple[Stats, dict[str, Any]]:
+    def proxy(self, eng: StatEngine, state: StatState, theta: dict[str, Any], bi: Any, bj: Any,
+              key: Any) -> tuple[Stats, StatState]:
         raise NotImplementedError
+
+    def objective(self, state: StatState) -> Any:
+        """What the epoch reports as ``objective`` (exact EM: the log-likelihood of its E-step); None: nothing."""
+        return None
 
 
 # ----- the engine -------------------------------------------------------------------------------------
@@ -127,9 +164,10 @@ class StatEngine(Engine):
         Visit units in a fresh random permutation each epoch (True) or in index order.
     batching : {"auto", "random", "blocks"}
         How shuffled mini-batches are drawn.  ``"random"``: a fresh permutation of the units cut into
-        batches every epoch (random gathers).  ``"blocks"``: the units are shuffled once (the model's
-        ``permuted_units``) and cut into contiguous blocks, visited in a fresh random order every epoch, so
-        a batch is a slice of the data and of the per-unit tables (:mod:`latentfit.inference.units`).
+        batches every epoch (random gathers).  ``"blocks"``: the units are shuffled once, when the engine is
+        built, from its ``seed`` (the model's ``permuted_units``), and cut into contiguous blocks, visited in a
+        fresh random order every epoch, so a batch is a slice of the data and of the per-unit tables
+        (:mod:`latentfit.inference.units`).
         ``"auto"``: blocks when the model can reorder its units and n ≥ ``BLOCKS_FROM_UNITS``.
     num_samples : int
         Monte-Carlo draws per unit visit (MC engines).
@@ -186,7 +224,9 @@ class StatEngine(Engine):
                 f"{type(model).__name__} cannot: use batching='random'")
         self.blocks = self.shuffle and self.num_batches > 1 and can_reorder and (
             batching == "blocks" or (batching == "auto" and n >= BLOCKS_FROM_UNITS))
-        self.user_model = model  # the engine works on a shuffled view of it when ``blocks``
+        self.user_model = model  # what the fit's result holds; the steps work on ``self.model``
+        if self.blocks:  # one shuffle, when the engine is built: batches are contiguous blocks of the shuffled view
+            self.model = model.permuted_units(model.ops.permutation(model.ops.key(self.seed), n))
         self.num_samples = int(num_samples)
         self.mcmc_steps = int(mcmc_steps)
         self.trace_params = list(trace_params or [])
@@ -242,8 +282,7 @@ class StatEngine(Engine):
                 "(use SAEM, which maximises them numerically)")
 
     # ----- oracles ---------------------------------------------------------------------------------------
-    def oracle(self, state: dict[str, Any], theta: dict[str, Any], units: Any,
-               key: Any) -> tuple[Stats, dict[str, Any]]:
+    def oracle(self, state: StatState, theta: dict[str, Any], units: Any, key: Any) -> tuple[Stats, StatState]:
         """Per-unit statistics ``s̄_i(θ)`` (exact) or their MC estimate, ``[b, ...]`` each."""
         model, xp = self.model, self.ops.xp
         if not self.monte_carlo:
@@ -261,28 +300,29 @@ class StatEngine(Engine):
     def _all_sum(self, stats: Stats) -> Stats:
         return {k: self.ops.all_sum(v) for k, v in stats.items()}
 
-    def full_pass(self, state: dict[str, Any], theta: dict[str, Any],
-                  key: Any) -> tuple[Stats, Stats | None, Any, dict[str, Any]]:
+    def full_pass(self, state: StatState, theta: dict[str, Any],
+                  key: Any) -> tuple[Stats, Stats | None, Any, StatState]:
         """``(Σ_i s̄_i(θ), per-unit rows or None, Σ_i log p(y_i; θ) or None, state)`` over all units."""
         ops = self.ops
         if not self.monte_carlo and not self.needs_table:
             total, ll = self.model.sum_expected_stats(theta, None)
             return self._all_sum(total), None, None if ll is None else ops.all_sum(ll), state
+        # all units as None (no gather of every row); MH chains are read from their table by index
         rows, state = self.oracle(state, theta, ops.arange(self.model.num_units), key)
         return self.reduce(rows, None), rows, None, state
 
-    def _mcmc_oracle(self, state: dict[str, Any], theta: dict[str, Any], units: Any,
-                     key: Any) -> tuple[Stats, dict[str, Any]]:
+    def _mcmc_oracle(self, state: StatState, theta: dict[str, Any], units: Any,
+                     key: Any) -> tuple[Stats, StatState]:
         """Warm-started MH chains (num_samples per unit): statistics at the chains' new states."""
         z, state = self._advance_chains(state, theta, units, key)
         stats = self.model.stats_rows(theta, z, units)
         return {k: self.ops.xp.mean(v, 0) for k, v in stats.items()}, state
 
-    def _advance_chains(self, state: dict[str, Any], theta: dict[str, Any], units: Any,
-                        key: Any) -> tuple[Any, dict[str, Any]]:
+    def _advance_chains(self, state: StatState, theta: dict[str, Any], units: Any,
+                        key: Any) -> tuple[Any, StatState]:
         """``mcmc_steps`` sweeps (prior-IMH, component-wise RW) of the units' persistent chains: ``[L, b, d]``."""
         model, ops, xp = self.model, self.ops, self.ops.xp
-        z_tab = state["z"]  # [n, L, d]
+        z_tab = state_field(state, "z")  # [n, L, d]
         z0 = xp.swapaxes(take_units(ops, z_tab, units, 0), 0, 1)  # [L, b, d]
 
         def evaluate(z):
@@ -293,13 +333,13 @@ class StatEngine(Engine):
 
         chain = mcmc.init_chain_state(z0, evaluate)
         keys = ops.split(key, 2 * self.mcmc_steps + 1)
-        scale = state["rw_scale"]
+        scale = state_field(state, "rw_scale")
         for s in range(self.mcmc_steps):
             chain, _ = mcmc.prior_imh(ops, keys[2 * s], chain, sample_prior, evaluate)
             chain, acc = mcmc.rw_componentwise(ops, keys[2 * s + 1], chain, scale, evaluate)
             scale = mcmc.adapt_scale(scale, acc)
-        state = dict(state, z=put_units(ops, z_tab, units, xp.swapaxes(chain.z, 0, 1)), rw_scale=scale,
-                     num_nonfinite=state["num_nonfinite"] + chain.num_nonfinite)
+        state = replace_fields(state, z=put_units(ops, z_tab, units, xp.swapaxes(chain.z, 0, 1)), rw_scale=scale,
+                               num_nonfinite=state_field(state, "num_nonfinite") + chain.num_nonfinite)
         return chain.z, state
 
     # ----- M-step ------------------------------------------------------------------------------------------
@@ -308,43 +348,39 @@ class StatEngine(Engine):
         new.update(self.model.m_step(s, theta, self._total_units))
         return new
 
-    def theta_of(self, state: dict[str, Any]) -> dict[str, Any]:
-        return state["theta"]
+    def theta_of(self, state: StatState) -> dict[str, Any]:
+        return state_field(state, "theta")
 
     # ----- engine protocol ------------------------------------------------------------------------------
     def phases(self) -> list[tuple[int, int, Any]]:
         return [(1, self.num_epochs, "epoch")]
 
-    def init(self, key: Any) -> dict[str, Any]:
+    def init(self, key: Any) -> StatState:
         ops = self.ops
-        if self.blocks:  # one shuffle per run: batches are then contiguous blocks of the shuffled view
-            key, k_part = ops.split(key)
-            self.model = self.user_model.permuted_units(ops.permutation(k_part, self.user_model.num_units))
         model, xp = self.model, ops.xp
         theta = model.init_params()
-        state: dict[str, Any] = {"theta": theta}
+        state = StatState(theta=theta, key=key)
         if self.monte_carlo and not model.has_posterior_sampler:
             key, k0 = ops.split(key)
             z = model.sample_prior(theta, k0, self.num_samples)  # [L, n, d]
             sd = xp.std(xp.reshape(z, (-1, z.shape[-1])), 0)
-            state["z"] = xp.swapaxes(z, 0, 1) + 0.0
-            state["rw_scale"] = 0.5 * xp.where(sd > 0, sd, 1.0)
-            state["num_nonfinite"] = ops.zeros(())  # proposals rejected for a non-finite log-density
+            state = state._replace(z=xp.swapaxes(z, 0, 1) + 0.0, rw_scale=0.5 * xp.where(sd > 0, sd, 1.0),
+                                   num_nonfinite=ops.zeros(()))
         if self.needs_init_pass:
             key, k1 = ops.split(key)
             full, rows, _, state = self.full_pass(state, theta, k1)
-            state = self.rule.init(self, state, theta, full, rows)
-            state["s_tilde"] = full
-            if self.two_timescale:
-                state["s_hat"] = s_copy(ops, full)
+            state = state._replace(memory=self.rule.init(self, theta, full, rows), s_tilde=full,
+                                   s_hat=s_copy(ops, full) if self.two_timescale else None)
         else:
-            state = self.rule.init(self, state, theta, None, None)
-        state["key"] = key
-        return state
+            state = state._replace(memory=self.rule.init(self, theta, None, None))
+        return state._replace(key=key)
 
-    def unit_axes(self) -> dict[str, int]:
-        """The rule's per-unit tables (and the MH chains ``z [n, L, d]``) hold the units on axis 0."""
-        axes = {name: 0 for name in self.rule.unit_tables}
+    def unit_axes(self) -> dict[str, Any]:
+        """The rule's per-unit tables (fields of ``memory``) and the MH chains ``z [n, L, d]`` hold the units on
+        axis 0."""
+        axes: dict[str, Any] = {}
+        if self.rule.unit_tables:
+            axes["memory"] = {name: 0 for name in self.rule.unit_tables}
         if self.monte_carlo and not self.model.has_posterior_sampler:
             axes["z"] = 0
         return axes
@@ -394,22 +430,29 @@ class StatEngine(Engine):
         mine = (units >= lo) & (units < lo + self.model.num_units)
         return units[mine] - lo
 
-    def finalize(self, state: dict[str, Any]) -> dict[str, Any]:
-        self.model = self.user_model  # post-fit computations see the user's model (θ does not depend on order)
-        return super().finalize(state)
+    @property
+    def result_model(self) -> LatentModel:
+        """Post-fit computations see the user's model, not the shuffled view (θ does not depend on the order)."""
+        return self.user_model
 
-    def step(self, state: dict[str, Any], k: Any, phase: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    def step(self, state: StatState, k: Any, phase: Any) -> tuple[StatState, EpochInfo]:
+        """Epoch k: ``m`` inner iterations over the mini-batches of a fresh permutation.
+
+        Pure in ``(state, k, phase)`` up to the per-unit tables, which a torch step updates in place (as a JAX
+        step does with its donated loop carry): the state given to a torch step is consumed.
+        """
         ops, xp = self.ops, self.ops.xp
         m = self.num_batches
         if not ops.jittable:
             k = int(k)
-        key, k_perm, k_perm2, k_epoch, k_loop = ops.split(state["key"], 5)
-        if "num_nonfinite" in state:  # counted per epoch
-            state = dict(state, num_nonfinite=ops.zeros(()))
-        state = self.rule.epoch_start(self, dict(state), state["theta"], k_epoch)
+        key, k_perm, k_perm2, k_epoch, k_loop = ops.split(ops.own_key(state_field(state, "key")), 5)
+        if state_field(state, "num_nonfinite") is not None:  # counted per epoch
+            state = replace_fields(state, num_nonfinite=ops.zeros(()))
+        state = self.rule.epoch_start(self, replace_fields(state), state_field(state, "theta"), k_epoch)
         batches = self._batches(k_perm)
         batches_j = self._batches(k_perm2) if self.rule.needs_second_batch else batches
-        trace = {p: ops.zeros((m,) + tuple(state["theta"][p].shape)) for p in self.trace_params}
+        theta0 = state_field(state, "theta")
+        trace = {p: ops.zeros((m,) + tuple(theta0[p].shape)) for p in self.trace_params}
         loop_keys = ops.split(k_loop, m)
         positions = ops.arange(m) if trace else None
         first_t = (k - 1) * m
@@ -425,37 +468,32 @@ class StatEngine(Engine):
             st = self.inner(st, bi, bj, first_t + j + 1, kj)
             if tr:
                 jj = positions[j:j + 1] if not ops.jittable else xp.reshape(j, (1,))
-                tr = {p: ops.scatter_owned(v, jj, st["theta"][p][None]) for p, v in tr.items()}
+                tr = {p: ops.scatter_owned(v, jj, state_field(st, "theta")[p][None]) for p, v in tr.items()}
             return st, tr
 
         state, trace = ops.fori_loop(0, m, body, (state, trace))
-        state["key"] = key
-        info: dict[str, Any] = {}
-        if trace:
-            info["inner"] = trace
-        if "num_nonfinite" in state:
-            info["num_nonfinite"] = state["num_nonfinite"]
-        if "log_lik" in state:  # exact EM: log-likelihood at the θ of the last E-step, free
-            info["objective"] = state["log_lik"]
+        state = replace_fields(state, key=key)
+        log_lik = None
         if self.track_log_lik and self.model.has_exact_marginal:
-            info["log_lik"] = ops.all_sum(xp.sum(self.model.marginal_log_lik(state["theta"])))
-        return state, info
+            log_lik = ops.all_sum(xp.sum(self.model.marginal_log_lik(state_field(state, "theta"))))
+        return state, EpochInfo(objective=self.rule.objective(state), log_lik=log_lik,
+                                num_nonfinite=state_field(state, "num_nonfinite"), inner=trace or None)
 
-    def inner(self, state: dict[str, Any], bi: Any, bj: Any, t: Any, key: Any) -> dict[str, Any]:
+    def inner(self, state: StatState, bi: Any, bj: Any, t: Any, key: Any) -> StatState:
         """One inner iteration: proxy, fast step ρ, slow step γ, M-step."""
-        theta = state["theta"]
+        theta = state.theta
         proxy, state = self.rule.proxy(self, state, theta, bi, bj, key)
         rho = self.rho(t)
-        s_tilde = proxy if rho is _ONE else s_axpy(rho, s_sub(proxy, state["s_tilde"]), state["s_tilde"])
+        s_tilde = proxy if rho is _ONE else s_axpy(rho, s_sub(proxy, state.s_tilde), state.s_tilde)
         # keep the state's structure fixed (a compiled loop carry): s_tilde is stored only if kept
-        state = dict(state, s_tilde=s_tilde) if ("s_tilde" in state or rho is not _ONE) else dict(state)
+        if state.s_tilde is not None or rho is not _ONE:
+            state = state._replace(s_tilde=s_tilde)
         s_hat = s_tilde
         if self.two_timescale:
             gamma = self.gamma(t)
-            s_hat = s_axpy(gamma, s_sub(s_tilde, state["s_hat"]), state["s_hat"])
-            state["s_hat"] = s_hat
-        state["theta"] = self.m_step(s_hat, theta)
-        return state
+            s_hat = s_axpy(gamma, s_sub(s_tilde, state.s_hat), state.s_hat)
+            state = state._replace(s_hat=s_hat)
+        return state._replace(theta=self.m_step(s_hat, theta))
 
     def _batches(self, key: Any) -> Any:
         """``[m, b]`` unit indices: a permutation (or 0..n−1) cut in mini-batches, the last wrapping.
@@ -476,7 +514,7 @@ class StatEngine(Engine):
         pos = ops.arange(m * b) % n
         return xp.reshape(ops.take(order, pos, 0), (m, b))
 
-    def latent_draw(self, state: dict[str, Any]) -> Any | None:
+    def latent_draw(self, state: StatState) -> Any | None:
         return None
 
     @property
