@@ -48,7 +48,7 @@ class FitResult:
 
     engine: Any
     model: Any
-    state: dict[str, Any]
+    state: Any  # the engine's last state record (a NamedTuple: fit.state.z, fit.state.theta, ...)
     history: dict[str, np.ndarray]
     latent_draws: np.ndarray | None  # [L, draws, N, d] unconstrained
     elapsed: float
