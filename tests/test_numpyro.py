@@ -177,11 +177,12 @@ def test_compiled_saem_step_equals_eager_step():
         eager, _ = engine.step(eager, jnp.int32(k), "saem")
     compiled, infos = model.ops.scan_steps(lambda s, k: engine.step(s, k, "saem"), state0, range(1, 4))
     for name in ("z", "scale_rw", "scale_block"):
-        np.testing.assert_allclose(np.asarray(compiled[name]), np.asarray(eager[name]), rtol=1e-9, atol=1e-12)
-    for name in eager["theta_u"]:
-        np.testing.assert_allclose(np.asarray(compiled["theta_u"][name]), np.asarray(eager["theta_u"][name]),
+        np.testing.assert_allclose(np.asarray(getattr(compiled, name)), np.asarray(getattr(eager, name)), rtol=1e-9,
+                                   atol=1e-12)
+    for name in eager.theta_u:
+        np.testing.assert_allclose(np.asarray(compiled.theta_u[name]), np.asarray(eager.theta_u[name]),
                                    rtol=1e-9, atol=1e-12)
-    assert [float(i["gamma"]) for i in infos] == [0.0, 1.0, 1.0]
+    assert [float(i.gamma) for i in infos] == [0.0, 1.0, 1.0]
 
 
 def test_fit_compiles_once_per_chunk_length_and_reports_every_iteration():
