@@ -160,13 +160,13 @@ def _gq_log_lik(lm, theta: np.ndarray) -> float:
 
 def test_reaches_the_quadrature_maximum_where_em_is_slow():
     """Defaults (Louis-accelerated surrogates, 12 epochs of 50% batches): the log-likelihood at the estimate (5-node
-    AGQ, the same deterministic rule at both points) within 2.5 units of the maximum's and every parameter within
-    2 SE.  Monte-Carlo error (fit seeds 1, 2, 3 on these data, a scratch run): ΔLL −1.2, −0.3, −0.7, largest
-    |Δ|/SE 1.26; the paper's surrogates end about 50 units short (the slow test)."""
+    AGQ, the same deterministic rule at both points) within 1.5 units of the maximum's and every parameter within
+    1.5 SE.  Monte-Carlo error (fit seeds 1, 2, 3 on these data, a scratch run): ΔLL −0.2, −0.3, −0.5, largest
+    |Δ|/SE 0.6; the paper's surrogates end about 50 units short (the slow test)."""
     est, lm = _small_fit()
     dll = _gq_log_lik(lm, est) - _gq_log_lik(lm, SMALL_MAX)
-    assert dll > -2.5, (dll, est)
-    assert np.all(np.abs(est - SMALL_MAX) < 2.0 * SMALL_SE), ((est - SMALL_MAX) / SMALL_SE, est)
+    assert dll > -1.5, (dll, est)
+    assert np.all(np.abs(est - SMALL_MAX) < 1.5 * SMALL_SE), ((est - SMALL_MAX) / SMALL_SE, est)
 
 
 @pytest.mark.slow
@@ -188,4 +188,4 @@ def test_small_quadrature_maximum_and_the_papers_surrogates():
     paper, _ = _small_fit(surrogate="paper")
     louis, _ = _small_fit(seed=2)
     assert _gq_log_lik(lm, paper) - ll_max < -10.0
-    assert _gq_log_lik(lm, louis) - ll_max > -2.5
+    assert _gq_log_lik(lm, louis) - ll_max > -1.5

@@ -42,13 +42,15 @@ Two surrogates (option ``surrogate``):
   the maximum after 20 epochs).  The accelerated step is no longer the minimiser of a majorant, and three
   safeguards keep it bounded, each found necessary on that model (N = 100 and 400, three seeds each):
 
-  - the fractions are clipped to ``[0, max_missing_fraction]`` (default 0.8: at most 5× the paper's step, never
-    shorter); caps of 0.9, 0.95 and 0.99 diverged or oscillated on some seeds (the estimated fractions are noisy
-    and the persistent chains lag behind θ, which biases the statistics towards the previous θ);
+  - the fractions are clipped to ``[0, max_missing_fraction]`` (default 0.9: at most 10× the paper's step, never
+    shorter); 0.95 and 0.99 diverged or oscillated on some seeds (0.95 still oscillated 5-28 units below the
+    maximum with a 3-SE trust region), and so did 0.9 with a 20-SE one (the estimated fractions are noisy and the
+    persistent chains lag behind θ, which biases the statistics towards the previous θ); 0.8 was stable but
+    slower (N = 400: 2.9 units short after 12 epochs);
   - **warm-start epochs**: the cap is ``min(max_missing_fraction, 1 − 2^−k)`` in epoch k (0 in the first epoch,
     the paper's step, while the chains leave their prior draws, whose score covariance says "everything is
     missing"; then 1/2, 3/4, ...); starting at 3/4 or ramping as ``1 − 4^−k`` diverged;
-  - a **trust region**: the excess of the step over the paper's is limited to ``trust_radius`` (20) standard
+  - a **trust region**: the excess of the step over the paper's is limited to ``trust_radius`` (5) standard
     errors of the (capped) observed information.
 
   Its Monte-Carlo noise is amplified by at most ``1 / (1 − max_missing_fraction)`` in the same directions; the
@@ -116,7 +118,7 @@ class MISSO(MiniBatchMCEM):
 
     def __init__(self, model: LatentModel, num_epochs: int = 12, batch_size: int | None = None, *,
                  mc_size: int | Callable[[Any], Any] = paper_mc_size, num_chains: int = 10,
-                 surrogate: str = "louis", max_missing_fraction: float = 0.8, trust_radius: float = 20.0,
+                 surrogate: str = "louis", max_missing_fraction: float = 0.9, trust_radius: float = 5.0,
                  **kwargs: Any) -> None:
         if "num_samples" in kwargs:
             raise TypeError("MISSO takes num_chains (chains per unit) and mc_size (draws per visit), not num_samples")
