@@ -279,3 +279,42 @@ def test_a_mask_over_the_units_keeps_the_full_run(ppl):
     units = np.array([59, 0, 30])
     idx = units if ppl == "numpyro" else __import__("torch").as_tensor(units)
     np.testing.assert_allclose(_np(model.log_joint_table(theta, idx)), _np(model.log_joint_table(theta))[:, units])
+
+
+# ----- the GaussianMixture family's per-step work ------------------------------------------------------------
+def test_mixture_full_pass_streamed_in_chunks_equals_one_product():
+    """All units' responsibilities (the variance-reduced engines' snapshot rows) are streamed in cache-sized chunks on
+    torch; they equal the one-product E-step over the same units (rounding only)."""
+    import torch
+
+    from latentfit.models.mixture import CHUNK, GaussianMixture
+
+    n = CHUNK + 1234
+    rng = np.random.default_rng(6)
+    x = torch.tensor(rng.normal(size=(n, 2)) + 3.0 * (np.arange(n) % 3)[:, None])
+    gm = GaussianMixture(x, 3, "full", seed=0)
+    theta = gm.init_params()
+    r, ll = gm.responsibilities(theta)
+    r1, ll1 = gm.responsibilities(theta, torch.arange(n))
+    np.testing.assert_allclose(_np(r), _np(r1), atol=1e-14)
+    np.testing.assert_allclose(_np(ll), _np(ll1), rtol=1e-13)
+
+
+def test_mixture_coefficients_reused_only_for_the_same_unmodified_parameters():
+    """FIEM evaluates two mini-batches at one θ: the E-step coefficients are computed once per θ, and recomputed when
+    θ is a new array or was modified in place."""
+    import torch
+
+    from latentfit.models.mixture import GaussianMixture
+
+    x = torch.tensor(np.random.default_rng(7).normal(size=(300, 2)))
+    gm = GaussianMixture(x, 2, "full", seed=0)
+    theta = gm.init_params()
+    c1 = gm._coefficients(theta)
+    assert gm._coefficients(theta) is c1
+    theta["locs"].add_(0.5)  # in place: the cached coefficients are stale
+    c2 = gm._coefficients(theta)
+    assert c2 is not c1
+    torch.testing.assert_close(c2, gm._coefficients_of(theta))
+    moved = dict(theta, covariances=theta["covariances"] * 1.1)
+    torch.testing.assert_close(gm._coefficients(moved), gm._coefficients_of(moved))

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from latentfit.inference.model import LatentSite, ModelSpecificationError
+from latentfit.models.mixture import array_stamps, same_arrays
 
 
 @dataclass
@@ -248,6 +249,19 @@ class EnumMixtureFace:
         return out
 
     def _internal(self, theta: dict[str, Any]) -> dict[str, Any]:
+        """The user's params -> the mixture's roles; eager backends reuse the last result for the same θ arrays (so
+        the mixture's own per-θ cache applies: FIEM evaluates two mini-batches at one θ)."""
+        if self.ops.jittable:
+            return self._internal_of(theta)
+        key = tuple(theta[name] for name, _ in self._roles.values() if name is not None)
+        cached = getattr(self, "_internal_cache", None)
+        if cached is not None and same_arrays(cached[0], key):
+            return cached[1]
+        out = self._internal_of(theta)
+        self._internal_cache = (array_stamps(key), out)
+        return out
+
+    def _internal_of(self, theta: dict[str, Any]) -> dict[str, Any]:
         xp = self.ops.xp
         out = {}
         for role, (name, _value) in self._roles.items():
@@ -295,6 +309,7 @@ class EnumMixtureFace:
     def _permuted_view(self, perm: Any) -> Any:
         view = copy.copy(self)
         view._gm = self._gm.permuted_units(perm)
+        view._internal_cache = None
         return view
 
     def stats(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
@@ -313,6 +328,7 @@ class EnumMixtureFace:
             return self
         view = copy.copy(self)
         view._gm = self._gm.shard_view(ops, offset, total)
+        view._internal_cache = None
         return view
 
     # ----- LatentModel face for samplers / post-fit tools -------------------------------------------

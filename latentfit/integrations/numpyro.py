@@ -177,6 +177,9 @@ class NumPyroPPL(PPL):
     def no_grad(self) -> Any:
         return contextlib.nullcontext()
 
+    def concrete(self) -> Any:
+        return jax.ensure_compile_time_eval()
+
     def moveaxis(self, x: Any, source: int, destination: int) -> Any:
         return jnp.moveaxis(x, source, destination)
 

@@ -157,6 +157,10 @@ class NumPyroEnumModel(EnumMixtureFace, LatentModel):
         """Whether the model can run on a mini-batch alone: the table of an unsorted batch with a repeated unit
         equals the full table's columns (at the initial θ).  Per-unit arguments other than the observed values
         (covariates, a mask over the units) or a model that fails on a subsampled plate keep the full run."""
+        with jax.ensure_compile_time_eval():  # first use may be inside a step being compiled
+            return self._batch_table_check()
+
+    def _batch_table_check(self) -> bool:
         n = self.num_units
         if n < 3:
             return False

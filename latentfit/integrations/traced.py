@@ -33,6 +33,7 @@ the numerical M-step.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -122,6 +123,11 @@ class PPL:
 
     def no_grad(self) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def concrete(self) -> Any:
+        """Context in which computations on concrete values run eagerly, even while an engine's step is being traced
+        for compilation (JAX); nothing to do on eager backends."""
+        return contextlib.nullcontext()
 
     def moveaxis(self, x: Any, source: int, destination: int) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
@@ -572,7 +578,8 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
     def batch_path(self) -> bool:
         """Whether a mini-batch is evaluated by running the model on its units alone (checked once, on first use)."""
         if self._batch_path is None:
-            self._batch_path = self._check_batch_path()
+            with self.ppl.concrete():  # first use may be inside a step being compiled
+                self._batch_path = self._check_batch_path()
         return self._batch_path
 
     @batch_path.setter

@@ -162,6 +162,7 @@ class GaussianMixture(LatentModel):
         """Centre the data at ``shift``: rows ``F [n, D]`` for mini-batch gathers and a features-major copy
         ``FT [D, n]`` for full passes (reductions over components then run across contiguous rows)."""
         self.shift = shift
+        self._coef_cache: tuple[Any, Any] | None = None  # (θ arrays' stamps, C) of the last E-step (eager backends)
         self.F = self._feature_rows(self.x - shift)
         self.FT = self.F.T + 0.0
         self.D = int(self.F.shape[1])
@@ -280,7 +281,21 @@ class GaussianMixture(LatentModel):
 
     # ----- E-step ------------------------------------------------------------------------------------
     def _coefficients(self, theta: dict[str, Any]) -> Any:
-        """``C [D, K]`` with ``log ω_k N(x; μ_k, Σ_k) = F(x) @ C[:, k]`` (centred x)."""
+        """``C [D, K]`` with ``log ω_k N(x; μ_k, Σ_k) = F(x) @ C[:, k]`` (centred x).
+
+        Eager backends keep the last ``C`` with the θ arrays it came from: an engine that evaluates two mini-batches
+        at one θ (FIEM) computes the precisions once.  (Compiled steps merge repeated work themselves.)"""
+        if self.ops.jittable:
+            return self._coefficients_of(theta)
+        key = (theta["weights"], theta["locs"], theta["covariances"])
+        cached = self._coef_cache
+        if cached is not None and same_arrays(cached[0], key):
+            return cached[1]
+        C = self._coefficients_of(theta)
+        self._coef_cache = (array_stamps(key), C)
+        return C
+
+    def _coefficients_of(self, theta: dict[str, Any]) -> Any:
         ops, xp, d = self.ops, self.ops.xp, self.d
         w, mu, cov = theta["weights"], theta["locs"] - self.shift, theta["covariances"]
         tiny = xp.finfo(w.dtype).tiny
@@ -345,8 +360,16 @@ class GaussianMixture(LatentModel):
         return (self._coefficients(theta).T @ self._features_t(units)).T
 
     def responsibilities(self, theta: dict[str, Any], units: Any = None) -> tuple[Any, Any]:
-        """``(r [n, K], log p(x_i; θ) [n])``."""
-        r_t, ll = self._softmax_t(self._coefficients(theta).T @ self._features_t(units))
+        """``(r [n, K], log p(x_i; θ) [n])``; all units on an eager backend are streamed in cache-sized chunks into
+        one ``[n, K]`` table (a full pass of the variance-reduced engines: their snapshot's rows)."""
+        CT = self._coefficients(theta).T
+        n = self.num_units
+        if units is not None or self.ops.jittable or n <= CHUNK:
+            r_t, ll = self._softmax_t(CT @ self._features_t(units))
+            return r_t.T, ll
+        r_t, ll = self.ops.zeros((self.K, n)), self.ops.zeros((n,))
+        for a in range(0, n, CHUNK):  # (eager: numpy-like in-place writes into this call's own arrays)
+            r_t[:, a:a + CHUNK], ll[a:a + CHUNK] = self._softmax_t(CT @ self.FT[:, a:a + CHUNK])
         return r_t.T, ll
 
     def _softmax_t(self, lc_t: Any) -> tuple[Any, Any]:
@@ -506,6 +529,17 @@ class GaussianMixture(LatentModel):
         """
         fam = families()
         return fam.mixture_model(self, fam.pyro_ppl())
+
+
+def array_stamps(arrays: tuple[Any, ...]) -> tuple[tuple[Any, Any], ...]:
+    """The arrays with their in-place modification counters (torch's ``_version``; 0 where arrays are immutable)."""
+    return tuple((a, getattr(a, "_version", 0)) for a in arrays)
+
+
+def same_arrays(stamps: tuple[tuple[Any, Any], ...], arrays: tuple[Any, ...]) -> bool:
+    """``arrays`` are the very objects of ``stamps``, unmodified since (the stamps hold references: no id reuse)."""
+    return len(stamps) == len(arrays) and all(a is s and getattr(a, "_version", 0) == v
+                                              for (s, v), a in zip(stamps, arrays))
 
 
 def _small_spd_inverse(xp: Any, A: Any, d: int) -> tuple[Any, Any, Any]:
