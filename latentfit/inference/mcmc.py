@@ -46,23 +46,25 @@ def init_chain_state(z: Any, evaluate: Evaluate) -> ChainState:
     return ChainState(z, ll, lp, (ll == ll).sum() * 0.0)
 
 
-def _accept(ops: Ops, key: Any, log_ratio: Any, state: ChainState, z_new: Any, ll_new: Any, lp_new: Any):
+def _accept(ops: Ops, key: Any, log_ratio: Any, state: ChainState, z_new: Any, ll_new: Any, lp_new: Any,
+            target_new: Any = None):
     """MH acceptance ``log u < log_ratio``, with the fault rules every kernel shares.
 
-    A proposal whose log-density ``ll_new + lp_new`` is NaN or ±inf (outside the model's domain, an overflow) is
-    rejected and counted in ``num_nonfinite``; a chain whose current log-density is non-finite accepts any finite
-    proposal (it leaves the bad point rather than staying stuck there).
+    A proposal whose log-density ``ll_new + lp_new`` (``target_new`` when the caller has it) is NaN or ±inf (outside
+    the model's domain, an overflow) is rejected and counted in ``num_nonfinite``; a chain whose current log-density
+    is non-finite accepts any finite proposal (it leaves the bad point rather than staying stuck there).  The
+    comparison ``log u < log_ratio`` decides only where both log-densities are finite (elsewhere its value, False
+    for a NaN ratio, is masked out), so the ratio needs no cleaning.
     """
     xp = ops.xp
     u = ops.uniform(key, tuple(log_ratio.shape))
-    finite_new = xp.isfinite(ll_new + lp_new)
+    finite_new = xp.isfinite(ll_new + lp_new if target_new is None else target_new)
     finite_old = xp.isfinite(state.log_lik + state.log_prior)
-    both = finite_new & finite_old
-    ok = finite_new & (~finite_old | (xp.log(u) < xp.where(both, log_ratio, 0.0)))
+    ok = finite_new & (~finite_old | (xp.log(u) < log_ratio))
     z = xp.where(ok[..., None], z_new, state.z)
     ll = xp.where(ok, ll_new, state.log_lik)
     lp = xp.where(ok, lp_new, state.log_prior)
-    count = state.num_nonfinite + xp.sum((~finite_new) * 1.0)
+    count = state.num_nonfinite + xp.sum(~finite_new)
     return ChainState(z, ll, lp, count), ok
 
 
@@ -103,8 +105,9 @@ def rw_componentwise(ops: Ops, key: Any, state: ChainState, scale: Any,
         step = ops.normal(keys[2 * j], tuple(st.z.shape[:-1]))[..., None] * (scale * onehot)
         z_new = st.z + step
         ll_new, lp_new = evaluate(z_new)
-        log_ratio = ll_new + lp_new - st.log_lik - st.log_prior
-        st, ok = _accept(ops, keys[2 * j + 1], log_ratio, st, z_new, ll_new, lp_new)
+        target_new = ll_new + lp_new
+        log_ratio = target_new - st.log_lik - st.log_prior
+        st, ok = _accept(ops, keys[2 * j + 1], log_ratio, st, z_new, ll_new, lp_new, target_new)
         return st, acc + onehot * ops.unit_mean(ok * 1.0)
 
     return ops.fori_loop(0, d, body, (state, ops.zeros((d,))))
@@ -127,8 +130,9 @@ def rw_block(ops: Ops, key: Any, state: ChainState, scale: Any, mask: Any,
     step = ops.normal(k1, tuple(state.z.shape)) * (scale * mask)
     z_new = state.z + step
     ll_new, lp_new = evaluate(z_new)
-    log_ratio = ll_new + lp_new - state.log_lik - state.log_prior
-    state, ok = _accept(ops, k2, log_ratio, state, z_new, ll_new, lp_new)
+    target_new = ll_new + lp_new
+    log_ratio = target_new - state.log_lik - state.log_prior
+    state, ok = _accept(ops, k2, log_ratio, state, z_new, ll_new, lp_new, target_new)
     return state, ops.unit_mean(ok * 1.0)
 
 

@@ -19,6 +19,7 @@ Parameters that the closed form does not cover are maximised numerically (saemix
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +118,11 @@ class LatentModel:
     def log_densities(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
         """``(log p(y_i | z_i; θ), log p(z_i; θ))``, each ``[..., n]`` (log-Jacobian included)."""
         raise NotImplementedError
+
+    def density_evaluator(self, theta: dict[str, Any], units: Any = None) -> Callable[[Any], tuple[Any, Any]]:
+        """``z -> log_densities(theta, z, units)``, for many evaluations at one θ (an MCMC sweep); a model may
+        compute what depends on θ alone once (NLME does)."""
+        return lambda z: self.log_densities(theta, z, units)
 
     def log_lik(self, theta: dict[str, Any], z: Any, units: Any = None) -> Any:
         return self.log_densities(theta, z, units)[0]

@@ -255,7 +255,7 @@ class SAEM(Engine):
                 return model.sample_prior(theta, kk, self.num_chains)
         chain, scales, acc = mcmc.saemix_sweep(
             sim, key, state.z, (state.scale_rw, state.scale_block), k, self.kernels,
-            evaluate=lambda z: model.log_densities(theta, z), sample_prior=sample_prior)
+            evaluate=model.density_evaluator(theta), sample_prior=sample_prior)
         return chain, acc, state._replace(scale_rw=scales[0], scale_block=scales[1])
 
     def _chain_mean_stats(self, theta: dict[str, Any], z: Any) -> dict[str, Any]:

@@ -132,6 +132,7 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
     model._ylog = ops.asarray(np.log(np.where(data.mask & (data.dv > 0), data.dv, 1.0)))
     model._mask = ops.asarray(data.mask)
     model._no_padding = bool(data.mask.all())
+    model._num_obs_unit = ops.asarray(data.mask.sum(-1).astype(float))  # observations per individual [N]
     model._cens = ops.asarray(data.cens.astype(float))
     model.has_censoring = bool((data.cens[data.mask] != 0).any())
     model._uncens_mask = ops.asarray(data.mask & (data.cens == 0))

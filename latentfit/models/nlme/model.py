@@ -249,11 +249,14 @@ class NLME(LatentModel):
     def structural_prediction(self, theta: dict[str, Any], z: Any, units: Any = None, mu: Any = None) -> Any:
         """``f(t_ij, ψ_i)`` ``[..., n, T]``."""
         self._require_data()
-        mu = self._mu(theta, units) if mu is None else mu
+        return self._prediction_fn(self._mu(theta, units) if mu is None else mu, units)(z)
+
+    def _prediction_fn(self, mu: Any, units: Any) -> Callable[[Any], Any]:
+        """``z -> f(t_ij, ψ_i)`` at the population means ``mu`` of ``units`` (their design taken once)."""
         if self._iov is not None:
-            return self._structural_prediction_iov(mu, z, units)
-        psi = self._psi(mu, z)
-        return self._structural_fn(psi, self.design.take(self.ops, units))
+            return lambda z: self._structural_prediction_iov(mu, z, units)
+        design, fn = self.design.take(self.ops, units), self._structural_fn
+        return lambda z: fn(self._psi(mu, z), design)
 
     def _structural_prediction_iov(self, mu: Any, z: Any, units: Any) -> Any:
         """IOV: the structural model at each occasion's φ_i + κ_ik (a leading axis of size K), each observation
@@ -295,70 +298,141 @@ class NLME(LatentModel):
 
     def _obs_terms(self, theta: dict[str, Any], f: Any, units: Any) -> Any:
         """Per-observation log-density ``[..., n, T]`` (padding = 0)."""
+        return self._obs_terms_fn(theta, units)(f)
+
+    def _obs_terms_fn(self, theta: dict[str, Any], units: Any) -> Callable[[Any], Any]:
+        """``f -> `` per-observation log-density ``[..., n, T]`` (padding = 0), what depends on θ and ``units`` alone
+        (the observations, the mask, ``log a + ½ log 2π``) taken once."""
         xp = self.ops.xp
         mask = None if self._no_padding else self._take(self._mask, units)
-        if self.error == "exponential":
-            y = self._take(self._ylog, units)
-            f = xp.log(f)
-        else:
-            y = self._take(self._y, units)
+        log_f = self.error == "exponential"
+        y = self._take(self._ylog if log_f else self._y, units)
+        cens = self._take(self._cens, units) if self.has_censoring else None
         if self.error in ("constant", "exponential"):
             a = theta["a"]
-            r = (y - f) / a
-            lp = -0.5 * r * r - (xp.log(a) + 0.5 * LOG_2PI)
+            const = xp.log(a) + 0.5 * LOG_2PI
+
+            def residual(f: Any) -> tuple[Any, Any]:
+                r = (y - f) / a
+                return r, -0.5 * r * r - const
         else:
-            sd = self._error_sd(theta, f, units)
-            r = (y - f) / sd
-            lp = -0.5 * r * r - xp.log(sd) - 0.5 * LOG_2PI
-        if self.has_censoring:
-            cens = self._take(self._cens, units)
-            lcdf = self.ops.log_ndtr(cens * r)  # below: Φ((LOQ−f)/g), above: Φ(−(LOQ−f)/g)
-            lp = xp.where(cens != 0, lcdf, lp)
-        return lp if self._no_padding else xp.where(mask, lp, 0.0)
+            def residual(f: Any) -> tuple[Any, Any]:
+                sd = self._error_sd(theta, f, units)
+                r = (y - f) / sd
+                return r, -0.5 * r * r - xp.log(sd) - 0.5 * LOG_2PI
+
+        def terms(f: Any) -> Any:
+            r, lp = residual(xp.log(f) if log_f else f)
+            if cens is not None:
+                lcdf = self.ops.log_ndtr(cens * r)  # below: Φ((LOQ−f)/g), above: Φ(−(LOQ−f)/g)
+                lp = xp.where(cens != 0, lcdf, lp)
+            return lp if mask is None else xp.where(mask, lp, 0.0)
+
+        return terms
 
     # ----- LatentModel contract ----------------------------------------------------------------------
     def log_densities(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
+        return self._log_densities_fn(theta, units, summed=False)(z)
+
+    def density_evaluator(self, theta: dict[str, Any], units: Any = None) -> Callable[[Any], tuple[Any, Any]]:
+        """``z -> (log p(y_i | z_i; θ), log p(z_i; θ))`` for an MCMC sweep's many draws at one θ: what depends on θ and
+        ``units`` alone (μ, the design, the prior's and the residual error's constants) is computed once, and a
+        constant (or exponential) error without censoring is scored through the residual sum of squares (three passes
+        over the observations instead of six).  Equal to :meth:`log_densities` up to rounding (about 1e-15
+        relative), which is kept for the Laplace steps and the likelihoods, whose optimisers would carry rounding
+        differences into the estimates."""
+        return self._log_densities_fn(theta, units, summed=True)
+
+    def _log_densities_fn(self, theta: dict[str, Any], units: Any, summed: bool) -> Callable[[Any], tuple[Any, Any]]:
         xp = self.ops.xp
         mu = self._mu(theta, units)
+        prior = self._log_prior_fn(theta, mu)
         if self.outcome is not None:
-            return xp.sum(_outcomes.log_prob(self, theta, z, units, mu), -1), self._log_prior(theta, z, mu)
-        f = self.structural_prediction(theta, z, units, mu=mu)
-        ll = xp.sum(self._obs_terms(theta, f, units), -1)
-        return ll, self._log_prior(theta, z, mu)
+            return lambda z: (xp.sum(_outcomes.log_prob(self, theta, z, units, mu), -1), prior(z))
+        self._require_data()
+        predict = self._prediction_fn(mu, units)
+        if summed and self._resp is None and not self.has_censoring and self.error in ("constant", "exponential"):
+            log_lik = self._log_lik_rss_fn(theta, units)
+        else:
+            obs = self._obs_terms_fn(theta, units)
+
+            def log_lik(f: Any) -> Any:
+                return xp.sum(obs(f), -1)
+        return lambda z: (log_lik(predict(z)), prior(z))
+
+    def _log_lik_rss_fn(self, theta: dict[str, Any], units: Any) -> Callable[[Any], Any]:
+        """``f -> log p(y_i | f_i)`` ``[..., n]`` for a constant (or exponential: on the log scale) error without
+        censoring, through the residual sum of squares: ``−Σ_j (y_ij − f_ij)² / (2a²) − n_i (log a + ½ log 2π)``
+        (the sum of :meth:`_obs_terms` up to rounding)."""
+        xp = self.ops.xp
+        log_f = self.error == "exponential"
+        y = self._take(self._ylog if log_f else self._y, units)
+        mask = None if self._no_padding else self._take(self._mask, units)
+        a = theta["a"]
+        half_precision = 0.5 / (a * a)
+        const = self._take(self._num_obs_unit, units) * (xp.log(a) + 0.5 * LOG_2PI)  # [n]
+
+        def log_lik(f: Any) -> Any:
+            res = y - (xp.log(f) if log_f else f)
+            if mask is not None:
+                res = xp.where(mask, res, 0.0)
+            return -half_precision * xp.sum(res * res, -1) - const
+
+        return log_lik
 
     def _log_prior(self, theta: dict[str, Any], z: Any, mu: Any) -> Any:
-        xp = self.ops.xp
-        if self._iov is not None:
-            z, kappa = _occ.split(z, self._iov)
-            return self._log_prior_eta(theta, z, mu) + _occ.log_prior(theta, kappa, self._iov, xp)
-        return self._log_prior_eta(theta, z, mu)
+        return self._log_prior_fn(theta, mu)(z)
 
-    def _log_prior_eta(self, theta: dict[str, Any], z: Any, mu: Any) -> Any:
+    def _log_prior_fn(self, theta: dict[str, Any], mu: Any) -> Callable[[Any], Any]:
+        """``z -> log p(z_i; θ)`` (η and, with IOV, κ)."""
+        eta = self._log_prior_eta_fn(theta, mu)
+        if self._iov is None:
+            return eta
+        xp, iov = self.ops.xp, self._iov
+
+        def log_prior(z: Any) -> Any:
+            z, kappa = _occ.split(z, iov)
+            return eta(z) + _occ.log_prior(theta, kappa, iov, xp)
+
+        return log_prior
+
+    def _log_prior_eta_fn(self, theta: dict[str, Any], mu: Any) -> Callable[[Any], Any]:
+        """``η -> log N(η; μ_i, Ω)`` with Ω's inverse / variances and the normalising constant computed once."""
         xp = self.ops.xp
-        diff = z - (mu if self._all_random else mu[..., self._r_sel])
+        mu_r = mu if self._all_random else mu[..., self._r_sel]
         d = len(self.r_idx)
         if self.diagonal_omega:
             var = self._omega_diag(theta)
-            return -0.5 * xp.sum(diff * diff / var, -1) - (0.5 * xp.sum(xp.log(var)) + 0.5 * d * LOG_2PI)
+            const = 0.5 * xp.sum(xp.log(var)) + 0.5 * d * LOG_2PI
+
+            def diagonal(z: Any) -> Any:
+                diff = z - mu_r
+                return -0.5 * xp.sum(diff * diff / var, -1) - const
+
+            return diagonal
         om = theta["Omega"]
         prec = xp.linalg.inv(om)
-        _, logdet = xp.linalg.slogdet(om)
-        quad = xp.sum((diff @ prec) * diff, -1)
-        return -0.5 * quad - 0.5 * logdet - 0.5 * d * LOG_2PI
+        half_logdet = 0.5 * xp.linalg.slogdet(om)[1]
+        const = 0.5 * d * LOG_2PI
+
+        def block(z: Any) -> Any:
+            diff = z - mu_r
+            return -0.5 * xp.sum((diff @ prec) * diff, -1) - half_logdet - const
+
+        return block
 
     def sample_prior(self, theta: dict[str, Any], key: Any, num_chains: int, units: Any = None) -> Any:
         ops, xp = self.ops, self.ops.xp
         self._require_data()
         n = self.num_units if units is None else len(units)
         mu_r = self._mu_r(self._mu(theta, units), n)
-        if self.diagonal_omega:
-            chol = self.ops.xp.sqrt(self.omega_matrix(theta))
-        else:
-            chol = ops.small_cholesky(self.omega_matrix(theta))
         if self._iov is not None:
             key, k_kappa = ops.split(key)
         eps = ops.normal(key, (num_chains,) + tuple(mu_r.shape))
-        z = mu_r + eps @ xp.swapaxes(chol, -1, -2)
+        if self.diagonal_omega:  # ε_j ω_j: what ε Lᵀ gives for a diagonal L, bit for bit, without a matmul
+            z = mu_r + eps * xp.sqrt(self._omega_diag(theta))
+        else:
+            z = mu_r + eps @ xp.swapaxes(ops.small_cholesky(self.omega_matrix(theta)), -1, -2)
         if self._iov is not None:
             z = xp.concatenate([z, _occ.sample(theta, k_kappa, (num_chains, n), self._iov, ops)], -1)
         return z
