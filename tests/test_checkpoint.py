@@ -16,6 +16,7 @@ from backends import Backend
 from latentfit import checkpoint as ckpt_mod
 from latentfit.inference.fiem import FIEM
 from latentfit.inference.mcmcsgd import MCMCSGD
+from latentfit.inference.misso import MISSO
 from latentfit.inference.saem import SAEM
 from latentfit.models import GaussianMixture
 
@@ -105,6 +106,21 @@ def test_mcmcsgd_torch_optimizer_resume(tmp_path: Path) -> None:
                        optimizer="opt-amsgrad", **kw)
 
     _interrupt_and_resume(make, None, tmp_path)
+
+
+@pytest.mark.parametrize("backend_name", [pytest.param("pyro", id="pyro"),
+                                          pytest.param("numpyro", id="numpyro", marks=pytest.mark.slow)])
+def test_misso_resume_is_bit_identical(backend_name: str, tmp_path: Path) -> None:
+    """MISSO's typed state (per-unit surrogate rows, visit anchors, averaged informations, MH chains) round-trips
+    (NumPyro is slow-marked: four fits compile MISSO's epoch four times, ~40 s under load)."""
+    backend = Backend(backend_name)
+    backend.reset()
+    model = backend.latent_model(backend.models.random_intercept, backend.tensor(_intercept_data()))
+
+    def make(**kw: Any) -> MISSO:
+        return MISSO(model, num_epochs=ITERS, mc_size=3, num_chains=3, seed=1, progress=False, chunk_size=5, **kw)
+
+    _interrupt_and_resume(make, backend.key(0), tmp_path)
 
 
 def test_files_are_safe_atomic_and_pruned(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from latentfit.inference.fsaem import FSAEM
 from latentfit.inference.iem import IEM, MiniBatchEM
 from latentfit.inference.mcem import MCEM
 from latentfit.inference.mcmcsgd import MCMCSGD
+from latentfit.inference.misso import MISSO
 from latentfit.inference.saem import SAEM
 from latentfit.inference.sem import SEM
 from latentfit.inference.semvr import SEMVR
@@ -104,6 +105,9 @@ ENGINES = {
     "FIEM": ("mixture", lambda m, **kw: FIEM(m, 3, batch_size=8, **SMALL, **kw)),
     "SEMVR": ("mixture", lambda m, **kw: SEMVR(m, 3, batch_size=8, **SMALL, **kw)),
     "SEM": ("mixture", lambda m, **kw: SEM(m, 3, batch_size=8, **SMALL, **kw)),
+    "MISSO": ("intercept", lambda m, **kw: MISSO(m, 3, mc_size=3, num_chains=3, **SMALL, **kw)),
+    "MISSO-paper-gamma": ("gamma", lambda m, **kw: MISSO(m, 3, mc_size=3, num_chains=3, surrogate="paper", **SMALL,
+                                                          **kw)),
 }
 
 
@@ -181,3 +185,29 @@ def test_generator_on_the_data_device_round_trips_through_checkpoints(models: di
     torch.manual_seed(5)
     resumed = make(model, seed=4).run(checkpoint=tmp_path, resume=True)
     _assert_identical(whole, resumed)
+
+
+def test_misso_state_is_a_typed_record(models: dict[str, Any]) -> None:
+    """MISSO's state names its surrogate table's parts; the parts a surrogate does not use are None; an epoch returns a
+    new record (θ, memory, generator) and leaves the engine's attributes alone."""
+    from latentfit.inference.misso import MISSOMemory, MISSOState
+
+    n = 12
+    louis = ENGINES["MISSO"][1](models["intercept"], seed=2)
+    state = louis.init(louis.ops.key(2))
+    assert isinstance(state, MISSOState) and isinstance(state.memory, MISSOMemory)
+    mem = state.memory
+    assert mem.anchor is None and mem.grad is None and mem.curvature is None  # every parameter in closed form
+    assert all(v.shape[0] == n for v in mem.table.values()) and tuple(mem.visited_at.shape) == (n, 3)
+    assert tuple(mem.info_complete.shape) == tuple(mem.info_missing.shape) == (3, 3)
+    assert tuple(state.z.shape)[:2] == (n, 3)
+    paper = ENGINES["MISSO-paper-gamma"][1](models["gamma"], seed=2)
+    attrs = dict(vars(paper))
+    pstate = paper.init(paper.ops.key(2))
+    assert pstate.memory.table == {} and pstate.memory.visited_at is None and pstate.memory.info_missing is None
+    assert tuple(pstate.memory.anchor.shape) == tuple(pstate.memory.grad.shape) == (n, 1)
+    new, info = paper.step(pstate, paper.ops.asarray(np.array(1)), "epoch")
+    assert isinstance(new, MISSOState) and new.memory is not pstate.memory and new.key is not pstate.key
+    assert not np.array_equal(new.theta["shape"], pstate.theta["shape"])
+    assert info.num_nonfinite is not None and vars(paper).keys() == attrs.keys()
+    assert all(vars(paper)[k] is v for k, v in attrs.items())

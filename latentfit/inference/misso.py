@@ -68,7 +68,7 @@ draws of the ``L`` chains.  Default ``M_k = 10 + k²`` (k the epoch, counted fro
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -83,6 +83,54 @@ from .units import put_units, take_units
 CURVATURE_FLOOR = 1e-6
 #: the surrogates MISSO offers (see the module docstring)
 SURROGATES = ("louis", "paper")
+
+
+class MISSOMemory(NamedTuple):
+    """The stored surrogates: one row per unit (built at the unit's last visit) and their running sums.
+
+    ``None``: a part this fit does not use (``anchor`` … ``curvature`` without quadratic-surrogate parameters,
+    ``visited_at`` … ``info_missing`` unless ``surrogate="louis"``).
+    """
+
+    #: closed-form parameters: the Monte-Carlo statistic rows ``S̃_i`` ``[n, ...]`` (``{}`` when there are none)
+    table: Stats
+    #: their sum ``Σ_i S̃_i``
+    s_run: Stats
+    #: quadratic surrogate: the anchors ``x_i`` (unconstrained parameters at unit i's last visit) ``[n, q]``
+    anchor: Any = None
+    #: its gradients ``ĝ_i = −(1/M) Σ_m ∇_x log f_i(z_m; x_i)`` ``[n, q]``
+    grad: Any = None
+    #: ``Σ_i x_i`` ``[q]``
+    sum_anchor: Any = None
+    #: ``Σ_i ĝ_i`` ``[q]``
+    sum_grad: Any = None
+    #: ``H̄``, the per-unit complete-data curvature averaged over visits ``[q, q]``
+    curvature: Any = None
+    #: ``"louis"``: every free parameter (unconstrained) at unit i's last visit ``[n, p]``
+    visited_at: Any = None
+    #: their sum ``[p]`` (``x̄ = sum / n``, the staleness correction's mean)
+    sum_visited_at: Any = None
+    #: per-unit complete-data information ``I_c`` averaged over visits ``[p, p]``
+    info_complete: Any = None
+    #: per-unit missing information ``I_m`` averaged over visits ``[p, p]``
+    info_missing: Any = None
+
+
+class MISSOState(NamedTuple):
+    """What MISSO's next epoch needs (``None``: a field this fit does not use)."""
+
+    #: θ^k, constrained, by parameter
+    theta: dict[str, Any]
+    #: the random stream (a JAX key or a ``torch.Generator``)
+    key: Any
+    #: the stored per-unit surrogates (:class:`MISSOMemory`)
+    memory: MISSOMemory | None = None
+    #: without an exact posterior sampler: the persistent MH chains ``[n, L, d]``
+    z: Any = None
+    #: their component-wise random-walk scales ``[d]``
+    rw_scale: Any = None
+    #: proposals rejected for a NaN/inf log-density during the current epoch
+    num_nonfinite: Any = None
 
 
 def paper_mc_size(epoch: Any) -> Any:
@@ -171,8 +219,8 @@ class MISSO(MiniBatchMCEM):
         ramp, top = 1.0 - 0.5 ** (epoch * 1.0), self.max_missing_fraction
         return ramp * (ramp < top) + top * (ramp >= top)
 
-    def surrogates(self, state: dict[str, Any], theta: dict[str, Any], units: Any, key: Any,
-                   num_draws: Any) -> tuple[Stats, Any, Any, Any, dict[str, Any]]:
+    def surrogates(self, state: MISSOState, theta: dict[str, Any], units: Any, key: Any,
+                   num_draws: Any) -> tuple[Stats, Any, Any, Any, MISSOState]:
         """Monte-Carlo surrogates of ``units`` at θ: statistic rows ``[b, ...]`` (closed-form parameters), the
         gradients ``ĝ_i`` ``[b, p]`` of the negative complete log-likelihood in the free parameters (``"louis"``;
         otherwise the quadratic-surrogate ones), their complete-data curvature ``Σ_{i∈B} I_c,i`` and missing
@@ -192,7 +240,7 @@ class MISSO(MiniBatchMCEM):
 
             return complete
 
-        def one_draw(st: dict[str, Any], kk: Any) -> tuple[Stats, Any, Any, Any, dict[str, Any]]:
+        def one_draw(st: MISSOState, kk: Any) -> tuple[Stats, Any, Any, Any, MISSOState]:
             if model.has_posterior_sampler:
                 z = model.sample_posterior(theta, kk, self.num_samples, units)
             else:
@@ -240,91 +288,95 @@ class MISSO(MiniBatchMCEM):
         return g @ pick, pick.T @ h @ pick
 
     # ----- engine protocol ------------------------------------------------------------------------------
-    def oracle(self, state: dict[str, Any], theta: dict[str, Any], units: Any,
-               key: Any) -> tuple[Stats, dict[str, Any]]:
+    def oracle(self, state: MISSOState, theta: dict[str, Any], units: Any,
+               key: Any) -> tuple[Stats, MISSOState]:
         """The statistic rows of one visit with ``num_chains`` draws (MiniBatchMCEM's oracle)."""
         rows, _, _, _, state = self.surrogates(state, theta, units, key, 1)
         return rows, state
 
-    def init(self, key: Any) -> dict[str, Any]:
+    def unit_axes(self) -> dict[str, Any]:
+        """The per-unit surrogate rows (fields of ``memory``) and the MH chains ``z`` hold the units on axis 0."""
+        tables = (["table"] if self.by_stats else []) + (["anchor", "grad"] if self.numeric else []) + \
+            (["visited_at"] if self.surrogate == "louis" and self.free else [])
+        axes: dict[str, Any] = {"memory": {name: 0 for name in tables}}
+        if not self.model.has_posterior_sampler:
+            axes["z"] = 0
+        return axes
+
+    def init(self, key: Any) -> MISSOState:
+        """θ⁰, the chains' prior draws and every unit's surrogate built at θ⁰ (``⌈M_0 / L⌉`` draws per unit)."""
         model, ops, xp = self.model, self.ops, self.ops.xp
         theta = model.init_params()
-        state: dict[str, Any] = {"theta": theta}
+        state = MISSOState(theta=theta, key=key)
         if not model.has_posterior_sampler:
             key, k0 = ops.split(key)
             z = model.sample_prior(theta, k0, self.num_samples)  # [L, n, d]
             sd = xp.std(xp.reshape(z, (-1, z.shape[-1])), 0)
-            state["z"] = xp.swapaxes(z, 0, 1) + 0.0
-            state["rw_scale"] = 0.5 * xp.where(sd > 0, sd, 1.0)
-            state["num_nonfinite"] = ops.zeros(())  # proposals rejected for a non-finite log-density
+            state = state._replace(z=xp.swapaxes(z, 0, 1) + 0.0, rw_scale=0.5 * xp.where(sd > 0, sd, 1.0),
+                                   num_nonfinite=ops.zeros(()))
         key, k1 = ops.split(key)
         n = model.num_units
         rows, g_free, h_free, missing, state = self.surrogates(state, theta, ops.arange(n), k1, self._draws(1))
         g, h = self._numeric_part(g_free, h_free)
-        state["table"] = rows
-        state["s_run"] = self.reduce(rows, None)
+        memory = MISSOMemory(table=rows, s_run=self.reduce(rows, None))
         if self.numeric:
             x0 = flatten(ops, model.unconstrain({k: theta[k] for k in self.numeric}), self.numeric)
-            state["anchor"] = xp.reshape(x0, (1, -1)) + ops.zeros((n, len(x0)))
-            state["grad"] = g
-            state["sum_anchor"] = xp.sum(state["anchor"], 0)
-            state["sum_grad"] = xp.sum(g, 0)
-            state["curvature"] = h / n
+            anchor = xp.reshape(x0, (1, -1)) + ops.zeros((n, len(x0)))
+            memory = memory._replace(anchor=anchor, grad=g, sum_anchor=xp.sum(anchor, 0), sum_grad=xp.sum(g, 0),
+                                     curvature=h / n)
         if self.surrogate == "louis" and self.free:
-            state["info_complete"] = h_free / n
-            state["info_missing"] = missing / n
             x_free = flatten(ops, model.unconstrain({k: theta[k] for k in self.free}), self.free)
-            state["visited_at"] = xp.reshape(x_free, (1, -1)) + ops.zeros((n, len(x_free)))
-            state["sum_visited_at"] = xp.sum(state["visited_at"], 0)
-        state["key"] = key
-        return state
+            visited_at = xp.reshape(x_free, (1, -1)) + ops.zeros((n, len(x_free)))
+            memory = memory._replace(info_complete=h_free / n, info_missing=missing / n, visited_at=visited_at,
+                                     sum_visited_at=xp.sum(visited_at, 0))
+        return state._replace(memory=memory, key=key)
 
-    def inner(self, state: dict[str, Any], bi: Any, bj: Any, t: Any, key: Any) -> dict[str, Any]:
+    def inner(self, state: MISSOState, bi: Any, bj: Any, t: Any, key: Any) -> MISSOState:
         """Refresh the surrogates of the batch ``bi`` at θ, then θ = argmin of the summed surrogates (``"louis"``:
-        that step accelerated)."""
+        that step accelerated).  Returns a new record; on torch the per-unit rows of ``memory`` and the chains are
+        updated in place, as the EM family's tables are (the epoch's state is consumed)."""
         model, ops, xp = self.model, self.ops, self.ops.xp
-        theta = state["theta"]
+        theta = state.theta
         n, b = model.num_units, self.batch_size
-        rows, g_free, h_free, missing, state = self.surrogates(dict(state), theta, bi, key, self._draws(t))
+        rows, g_free, h_free, missing, state = self.surrogates(state, theta, bi, key, self._draws(t))
         g, h = self._numeric_part(g_free, h_free)
+        mem = state.memory
         new_theta = dict(theta)
         if self.by_stats:
-            delta = self.reduce(s_sub(rows, s_take(ops, state["table"], bi)), bi)
-            s_run = {k: v + delta[k] for k, v in state["s_run"].items()}
-            state = dict(state, s_run=s_run, table=s_put(ops, state["table"], bi, rows))
+            delta = self.reduce(s_sub(rows, s_take(ops, mem.table, bi)), bi)
+            s_run = {k: v + delta[k] for k, v in mem.s_run.items()}
+            mem = mem._replace(s_run=s_run, table=s_put(ops, mem.table, bi, rows))
             new_theta.update(model.m_step(s_run, theta, model.num_units))
         if self.numeric:
             x = flatten(ops, model.unconstrain({k: theta[k] for k in self.numeric}), self.numeric)
-            old_anchor, old_grad = take_units(ops, state["anchor"], bi), take_units(ops, state["grad"], bi)
+            old_anchor, old_grad = take_units(ops, mem.anchor, bi), take_units(ops, mem.grad, bi)
             new_anchor = xp.reshape(x, (1, -1)) + 0.0 * old_anchor
-            sum_anchor = state["sum_anchor"] + xp.sum(new_anchor - old_anchor, 0)
-            sum_grad = state["sum_grad"] + xp.sum(g - old_grad, 0)
+            sum_anchor = mem.sum_anchor + xp.sum(new_anchor - old_anchor, 0)
+            sum_grad = mem.sum_grad + xp.sum(g - old_grad, 0)
             # per-unit curvature, a running average over the visits (an epoch's worth of memory)
-            curvature = state["curvature"] + (b / n) * (h / b - state["curvature"])
+            curvature = mem.curvature + (b / n) * (h / b - mem.curvature)
             x_new = sum_anchor / n - _solve_psd(ops, curvature, sum_grad / n)
-            state = dict(state, anchor=put_units(ops, state["anchor"], bi, new_anchor),
-                         grad=put_units(ops, state["grad"], bi, g), sum_anchor=sum_anchor, sum_grad=sum_grad,
-                         curvature=curvature)
+            mem = mem._replace(anchor=put_units(ops, mem.anchor, bi, new_anchor), grad=put_units(ops, mem.grad, bi, g),
+                               sum_anchor=sum_anchor, sum_grad=sum_grad, curvature=curvature)
             new_theta.update(model.constrain(unflatten(x_new, self.numeric, self._shapes)))
         if self.surrogate == "louis" and self.free:
             # Louis' acceleration of the step: Δ ← (I_c − I_m)⁻¹ I_c Δ, the missing fraction capped, trust region
-            info_c = state["info_complete"] + (b / n) * (h_free / b - state["info_complete"])
-            info_m = state["info_missing"] + (b / n) * (missing / b - state["info_missing"])
+            info_c = mem.info_complete + (b / n) * (h_free / b - mem.info_complete)
+            info_m = mem.info_missing + (b / n) * (missing / b - mem.info_missing)
             names = self.free
             x_old = flatten(ops, model.unconstrain({k: theta[k] for k in names}), names)
             x_em = flatten(ops, model.unconstrain({k: new_theta[k] for k in names}), names)
             # the θ at which each unit's surrogate was built (the batch's: now), for the staleness correction
-            old_at = take_units(ops, state["visited_at"], bi)
+            old_at = take_units(ops, mem.visited_at, bi)
             now_at = xp.reshape(x_old, (1, -1)) + 0.0 * old_at
-            sum_at = state["sum_visited_at"] + xp.sum(now_at - old_at, 0)
+            sum_at = mem.sum_visited_at + xp.sum(now_at - old_at, 0)
             cap = self._missing_cap((t - 1) // self.num_batches)
             x_acc = x_old + _accelerated_step(ops, info_c, info_m, x_em - x_old, sum_at / n - x_old, cap, n,
                                               self.trust_radius)
             new_theta.update(model.constrain(unflatten(x_acc, names, self._shapes)))
-            state = dict(state, info_complete=info_c, info_missing=info_m, sum_visited_at=sum_at,
-                         visited_at=put_units(ops, state["visited_at"], bi, now_at))
-        state["theta"] = new_theta
-        return state
+            mem = mem._replace(info_complete=info_c, info_missing=info_m, sum_visited_at=sum_at,
+                               visited_at=put_units(ops, mem.visited_at, bi, now_at))
+        return state._replace(theta=new_theta, memory=mem)
 
 
 def _floored_eigh(ops: Any, h: Any) -> tuple[Any, Any]:
@@ -372,4 +424,4 @@ def _accelerated_step(ops: Any, complete: Any, missing: Any, step: Any, stale: A
     return c_inv_t @ (v @ (y + tau * excess))
 
 
-__all__ = ["MISSO", "SURROGATES", "paper_mc_size"]
+__all__ = ["MISSO", "MISSOMemory", "MISSOState", "SURROGATES", "paper_mc_size"]
