@@ -308,7 +308,8 @@ class StatEngine(Engine):
             total, ll = self.model.sum_expected_stats(theta, None)
             return self._all_sum(total), None, None if ll is None else ops.all_sum(ll), state
         # all units as None (no gather of every row); MH chains are read from their table by index
-        rows, state = self.oracle(state, theta, ops.arange(self.model.num_units), key)
+        chains = self.monte_carlo and not self.model.has_posterior_sampler
+        rows, state = self.oracle(state, theta, ops.arange(self.model.num_units) if chains else None, key)
         return self.reduce(rows, None), rows, None, state
 
     def _mcmc_oracle(self, state: StatState, theta: dict[str, Any], units: Any,
