@@ -64,7 +64,8 @@ def test_acceptance_rules_for_finite_and_nonfinite_log_densities():
     old = torch.tensor([[-1.0, -2.0, -np.inf, -1.0, np.nan]], dtype=torch.float64)
     new = torch.tensor([[-1.5, np.nan, -3.0, -0.5, -4.0]], dtype=torch.float64)
     zero = torch.zeros_like(old)
-    state = mcmc.ChainState(torch.zeros(1, 5, 2, dtype=torch.float64), old, zero, torch.tensor(0.0, dtype=torch.float64))
+    state = mcmc.ChainState(torch.zeros(1, 5, 2, dtype=torch.float64), old, zero,
+                            torch.tensor(0.0, dtype=torch.float64))
     z_new = torch.ones(1, 5, 2, dtype=torch.float64)
     log_ratio = new - old
     st, ok = mcmc._accept(ops, torch.Generator().manual_seed(0), log_ratio, state, z_new, new, zero)
