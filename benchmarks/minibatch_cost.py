@@ -162,7 +162,6 @@ def main() -> None:
     import pyro
     import torch
 
-
     torch.set_num_threads(1)
     x = simulate(args.n)
     init = init_values(x)
@@ -179,12 +178,16 @@ def main() -> None:
             return getattr(lp, cls)(pyro_mixture(init), num_epochs=epochs, progress=False, **kw).run(xt)
         return run
 
-    if "pyro" in args.only:
-        em = epoch_ms(pyro_fit("EM"), args.epochs)
-        rows.append(("plain Pyro", args.n, "EM", "", *em, 1.0))
+    def fiem_against_em(label, fit_of):
+        """One EM epoch, then FIEM at each batch size: rows with the CPU ratio to EM's epoch."""
+        em = epoch_ms(fit_of("EM"), args.epochs)
+        rows.append((label, args.n, "EM", "", *em, 1.0))
         for b in args.batches:
-            r = epoch_ms(pyro_fit("FIEM", batch_size=b), args.epochs)
-            rows.append(("plain Pyro", args.n, "FIEM", b, *r, r[1] / em[1]))
+            r = epoch_ms(fit_of("FIEM", batch_size=b), args.epochs)
+            rows.append((label, args.n, "FIEM", b, *r, r[1] / em[1]))
+
+    if "pyro" in args.only:
+        fiem_against_em("plain Pyro", pyro_fit)
 
     # plain NumPyro model
     import latentfit.numpyro as ln
@@ -198,11 +201,7 @@ def main() -> None:
         return run
 
     if "numpyro" in args.only:
-        em_j = epoch_ms(numpyro_fit("EM"), args.epochs)
-        rows.append(("plain NumPyro", args.n, "EM", "", *em_j, 1.0))
-        for b in args.batches:
-            r = epoch_ms(numpyro_fit("FIEM", batch_size=b), args.epochs)
-            rows.append(("plain NumPyro", args.n, "FIEM", b, *r, r[1] / em_j[1]))
+        fiem_against_em("plain NumPyro", numpyro_fit)
 
     if "family" in args.only:
         family(args, rows, lp)
