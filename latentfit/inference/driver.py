@@ -43,11 +43,15 @@ class Engine:
 
     #: name shown in progress bars and results
     name: str = "engine"
+    #: the model class the engine trains (a :class:`LatentModel`; the VFG engine trains its own problem record)
+    model_type: type = LatentModel
+    #: the record :meth:`run` returns (a :class:`FitResult`, or a documented subclass)
+    result_type: type = FitResult
 
     def __init__(self, model: LatentModel, *, seed: int = 0, progress: bool = True,
                  callback: Callback | None = None, num_draws: int = 100, chunk_size: int = 25) -> None:
-        if not isinstance(model, LatentModel):
-            raise TypeError(f"{type(self).__name__} expects a LatentModel, got {type(model).__name__}")
+        if not isinstance(model, self.model_type):
+            raise TypeError(f"{type(self).__name__} expects a {self.model_type.__name__}, got {type(model).__name__}")
         self.model = model
         self.ops = model.ops
         self.seed = int(seed)
@@ -96,6 +100,16 @@ class Engine:
 
     def theta_of(self, state: Any) -> dict[str, Any]:
         return self.model.constrain(state_field(state, "theta_u"))
+
+    def history_theta(self, state: Any) -> dict[str, Any] | None:
+        """The parameters recorded in the history after each iteration (``theta.<name>``) and checked for NaN/inf:
+        θ by default; None records none (an engine whose parameters are network weights keeps its own checks)."""
+        return self.theta_of(state)
+
+    def stopped(self, state: Any) -> bool:
+        """Whether the run ends early after a chunk ending in ``state`` (e.g. early stopping on a validation
+        loss); checked after every chunk, and on resume."""
+        return False
 
     # ----- the shared loop ---------------------------------------------------------------------
     @property
@@ -165,12 +179,13 @@ class Engine:
         if bar is not None and start:
             bar.update(start)
         interrupted = False
+        done = start if self.stopped(state) else total  # iterations the result holds (fewer when stopped early)
         try:
             for first, last, phase in self.phases():
                 # split each phase so the tail (draw collection) is its own chunk, then by chunk_size
                 bounds = _chunk_bounds(first, last, collect_from, self.chunk_size)
                 for a, b in bounds:
-                    if b <= start:  # done before the checkpoint we resumed from
+                    if b <= start or done < total:  # done before the checkpoint we resumed from, or stopped early
                         continue
                     collect = a >= collect_from
                     state, infos = self._run_chunk(state, a, b, phase, collect)
@@ -184,7 +199,9 @@ class Engine:
                             draws.append(ops.to_numpy(z))
                         _append_history(history, info, ops)
                     good = self._snapshot(state, b)
-                    if checkpoint is not None and (b - last_saved >= every or b == total):
+                    if b < total and self.stopped(state):
+                        done = b
+                    if checkpoint is not None and (b - last_saved >= every or b == done):
                         self._save(checkpoint, state, b, history, draws, int(keep))
                         last_saved = b
                     if self.callback is not None:
@@ -208,17 +225,17 @@ class Engine:
                 bar.close()
         state = self.finalize(state)
         _warn_nonfinite(self.name, history)
-        return self._result(state, history, draws, t0, t_init, good.iteration if interrupted else total,
+        return self._result(state, history, draws, t0, t_init, good.iteration if interrupted else done,
                             compiled_before, interrupted)
 
     def _result(self, state: dict[str, Any], history: dict[str, list], draws: list[np.ndarray], t0: float,
                 t_init: float, done: int, compiled_before: float, interrupted: bool) -> FitResult:
         hist = {n: np.stack(v) for n, v in history.items()}
         latents = np.stack(draws, axis=1) if draws else None  # [L, draws, N, d]
-        return FitResult(engine=self, model=self.result_model, state=state, history=hist,
-                         latent_draws=latents, elapsed=time.perf_counter() - t0, init_time=t_init,
-                         num_iterations=done, compile_time=self.ops.compile_time - compiled_before,
-                         interrupted=interrupted)
+        return self.result_type(engine=self, model=self.result_model, state=state, history=hist,
+                                latent_draws=latents, elapsed=time.perf_counter() - t0, init_time=t_init,
+                                num_iterations=done, compile_time=self.ops.compile_time - compiled_before,
+                                interrupted=interrupted)
 
     # ----- faults ------------------------------------------------------------------------------
     def _snapshot(self, state: Any, iteration: int) -> _Snapshot:
@@ -337,7 +354,9 @@ class Engine:
         def one(st: dict[str, Any], k: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             st, info = self.step(st, k, phase)
             info = info_dict(info)
-            info["theta"] = self.theta_of(st)
+            theta = self.history_theta(st)
+            if theta is not None:
+                info["theta"] = theta
             # compiled backends always return the draw, so one compiled chunk serves both cases
             if collect or self.ops.jittable:
                 z = self.latent_draw(st)
