@@ -16,6 +16,12 @@ Iteration k (1-based):
    with learning rate ``η_t`` (t counts gradient steps);
 4. Polyak–Ruppert averaging ``θ̄_k = θ̄_{k−1} + (θ_k − θ̄_{k−1})/(k − k₀)`` after ``k₀ = average_from``.
 
+Data-parallel (``run(distributed=True)``, torch; ``run(devices=n)``, JAX): with ``rng="per_unit"`` each unit's draws
+come from its own counter-based stream, every process draws the same *global* mini-batch ``B_k`` from the shared
+key, advances the chains of the units of ``B_k`` it holds, and the gradient (a sum over units) is all-reduced in
+float64 before the optimiser step, which every process runs alike: the fit equals the one-process fit up to the
+order of the sums over units.
+
 The default rate is constant until ``average_from`` and decays as ``η/√(t − t₀)`` after it, the Robbins–Monro
 regime of biased stochastic approximation with Markov noise (Karimi, Miasojedow, Moulines & Wai, "Non-asymptotic
 analysis of biased stochastic approximation scheme", COLT 2019): a few warm-started kernel steps per
@@ -36,6 +42,7 @@ from .model import LatentModel, ModelSpecificationError
 from .mstep import flatten, unflatten
 from .ops import OPTIMIZERS
 from .results import FitResult
+from .saem import RNG_MODES, _unit_ids
 
 KERNELS = ("saemix", "mala")
 
@@ -69,6 +76,8 @@ class MCMCSGDState(NamedTuple):
     scale_block: Any = None
     #: MALA: per-unit log step sizes ``[N]`` (None with saemix's kernels)
     log_step: Any = None
+    #: root of the per-unit counter-based streams (``rng="per_unit"``; else None)
+    stream: Any = None
 
 
 class MCMCSGDInfo(NamedTuple):
@@ -116,6 +125,14 @@ class MCMCSGD(Engine):
         ``η`` of the named optimisers, or a schedule ``t -> η_t`` of the gradient-step count (1-based).
     average_from : int, optional
         Iteration after which iterates are averaged and the default rate decays; default ``num_iters // 2``.
+    rng : ``"global"`` | ``"per_unit"``
+        Where the MCMC draws come from (as :class:`~latentfit.inference.saem.SAEM`'s option): one stream for all
+        units, or unit i's own counter-based stream ``(key, unit_ids[i], k, kernel step)``, which makes the fit
+        independent of the order of the units and of their sharding over processes (``distributed=True``) or
+        devices (``devices=n``).  Mini-batches are drawn from the shared key in both modes.
+    unit_ids : sequence of int, optional
+        The identity of each unit for ``rng="per_unit"`` (default ``0 .. N−1``; a distributed fit: the global
+        indices of this process's units).
     """
 
     name = "MCMCSGD"
@@ -124,12 +141,12 @@ class MCMCSGD(Engine):
                  kernel: str = "saemix", mcmc_steps: Any = None, burn_in: int = 10, batch_size: int | None = None,
                  optimizer: Any = "adam", learning_rate: Any = 0.05, average_from: int | None = None,
                  seed: int = 0, progress: bool = True, num_draws: int = 100, callback=None,
-                 chunk_size: int = 25) -> None:
+                 chunk_size: int = 25, rng: str = "global", unit_ids: Any = None) -> None:
         super().__init__(model, seed=seed, progress=progress, callback=callback, num_draws=num_draws,
                          chunk_size=chunk_size)
         self.validate_options(num_iters, num_chains, kernel=kernel, mcmc_steps=mcmc_steps, burn_in=burn_in,
                               batch_size=batch_size, optimizer=optimizer, learning_rate=learning_rate,
-                              average_from=average_from)
+                              average_from=average_from, rng=rng)
         if model.latent_dim == 0 or not model.latent_sites:
             raise ModelSpecificationError(
                 "MCMCSGD needs continuous latent variables (a sample site per unit without obs=); this model has "
@@ -138,6 +155,17 @@ class MCMCSGD(Engine):
             raise ModelSpecificationError(
                 "MCMCSGD samples continuous latents by MCMC; this model's latents are discrete (enumerated): "
                 "fit it with EM, IEM or FIEM")
+        self.rng = rng
+        if rng == "per_unit" and not model.has_gaussian_prior:
+            raise ValueError(f"{self.name}: rng='per_unit' draws each unit's prior proposals as μ_i + L ε_i from its "
+                             "own stream, which needs Gaussian latents (Normal, LogNormal or MultivariateNormal "
+                             "sites whose parameters do not depend on other latents); use rng='global' for this "
+                             "model")
+        self._unit_ids = _unit_ids(unit_ids, model.num_units) if rng == "per_unit" else None
+        self._unit_ids_option = unit_ids
+        #: units of the whole fit and this process's first unit (a distributed fit: :meth:`distribute`)
+        self._total_units, self._unit_offset, self._distributed = int(model.num_units), 0, False
+        self._num_chains_option, self._batch_option = num_chains, batch_size
         self.num_iters = int(num_iters)
         self.num_chains = int(num_chains) if num_chains is not None else default_num_chains(model.num_units)
         self.kernel = kernel
@@ -168,7 +196,9 @@ class MCMCSGD(Engine):
     def validate_options(num_iters: Any = 500, num_chains: int | None = None, *, kernel: str = "saemix",
                          mcmc_steps: Any = None, burn_in: int = 10, batch_size: int | None = None,
                          optimizer: Any = "adam", learning_rate: Any = 0.05, average_from: int | None = None,
-                         **_: Any) -> None:
+                         rng: str = "global", **_: Any) -> None:
+        if rng not in RNG_MODES:
+            raise ValueError(f"rng must be one of {RNG_MODES}, got {rng!r}")
         if not isinstance(num_iters, (int, np.integer)) or num_iters < 1:
             raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
         if num_chains is not None and int(num_chains) < 1:
@@ -210,22 +240,73 @@ class MCMCSGD(Engine):
     def init(self, key: Any) -> MCMCSGDState:
         model, ops, xp = self.model, self.ops, self.ops.xp
         theta = model.init_params()
+        root = ops.stream_key(key, self.seed) if self.rng == "per_unit" else None
         k_prior, key = ops.split(key)
-        z = model.sample_prior(theta, k_prior, self.num_chains)
+        if root is None:
+            z = model.sample_prior(theta, k_prior, self.num_chains)
+        else:  # iteration 0 of the per-unit streams
+            eps = self.sim_ops(None).normal(ops.fold_in(root, 0), (self.num_chains, model.num_units, model.latent_dim))
+            z = model.prior_transform(theta, eps)
         ll, lp = model.log_densities(theta, z)
         if bool(xp.all(~xp.isfinite(ll + lp))):
             model.raise_for_nonfinite(theta, z)
         theta_u = model.unconstrain(theta)
         x = flatten(ops, theta_u, self.names)
         scale = log_step = None
-        if self.kernel == "saemix":
-            sd = xp.std(xp.reshape(z, (-1, z.shape[-1])), 0)
+        if self.kernel == "saemix":  # the sd of every process's draws (a distributed fit gathers them once)
+            sd = xp.std(xp.reshape(ops.gather_units(z, 1), (-1, z.shape[-1])), 0)
             scale = 0.5 * xp.where(sd > 0, sd, 1.0)
         else:
             d = z.shape[-1]
             log_step = ops.zeros((model.num_units,)) + float(np.log(1.0 / max(d, 1) ** 0.25 * 0.5))
         return MCMCSGDState(theta_u=theta_u, x=x, x_avg=x, z=z, key=key, opt=self._optimizer.init(x),
-                            scale_rw=scale, scale_block=scale, log_step=log_step)
+                            scale_rw=scale, scale_block=scale, log_step=log_step, stream=root)
+
+    def distribute(self) -> None:
+        """Data-parallel MCMCSGD over the torch.distributed group: this process's model holds a contiguous shard of
+        the units (rank order), the default ids are their global indices, the default number of chains and the
+        batch size follow the global number of units, every process draws the same global mini-batch (the shared
+        generator) and advances the chains of its units in it, and the gradient, objective and acceptance counts
+        are all-reduced in float64 (``ops.distributed()``): every process takes the same optimiser step."""
+        if self.rng != "per_unit":
+            raise ValueError(f"{self.name}: distributed=True needs rng='per_unit' (each unit's draws from its own "
+                             "stream, so that the fit does not depend on the number of processes)")
+        ops = self.model.ops.distributed()
+        n = int(self.model.num_units)
+        counts = [int(c) for c in ops.gather_units(ops.asarray(np.array([n]), dtype=None), 0).tolist()]
+        total, offset = sum(counts), sum(counts[:ops.rank])
+        self.model = self.model.shard_view(ops, offset, total)
+        self._total_units, self._unit_offset, self._distributed = total, offset, True
+        if self._num_chains_option is None:
+            self.num_chains = default_num_chains(total)
+        b = self._batch_option
+        self.batch_size = None if b is None or int(b) >= total else int(b)
+        if self._unit_ids_option is None:
+            self._unit_ids = np.arange(offset, offset + n, dtype=np.int64)
+        self.ops = ops
+
+    def unit_axes(self) -> dict[str, int]:
+        """The chains ``z [L, N, d]`` hold the units on axis 1, MALA's step sizes ``[N]`` on axis 0."""
+        return {"z": 1, "log_step": 0} if self.kernel == "mala" else {"z": 1}
+
+    def sim_ops(self, units: Any) -> Any:
+        """The shim the MCMC kernels draw through for the (local) ``units`` (None: all): ``ops``, or its view with
+        the per-unit streams of those units (``rng="per_unit"``)."""
+        if self.rng != "per_unit":
+            return self.ops
+        ids = self.ops.asarray(self._unit_ids, dtype=None)
+        return self.ops.per_unit_streams(ids if units is None else self.ops.take(ids, units))
+
+    def _batch(self, key: Any) -> Any:
+        """The mini-batch of iteration k: the first ``batch_size`` of a permutation of every process's units,
+        drawn alike on every process; as this process's local indices (None: all units)."""
+        if self.batch_size is None:
+            return None
+        units = self.ops.permutation(key, self._total_units)[:self.batch_size]
+        if not self._distributed:
+            return units
+        lo = self._unit_offset
+        return units[(units >= lo) & (units < lo + self.model.num_units)] - lo
 
     def theta_of(self, state: MCMCSGDState) -> dict[str, Any]:
         """The Polyak–Ruppert average (the iterate itself before ``average_from``)."""
@@ -240,26 +321,33 @@ class MCMCSGD(Engine):
         theta_u = dict(state.theta_u)
         theta_u.update(unflatten(state.x, self.names, self._shapes))
         theta = model.constrain(theta_u)
-        units = None if self.batch_size is None else ops.permutation(k_batch, model.num_units)[:self.batch_size]
+        units = self._batch(k_batch)
+        if state.stream is not None:  # per-unit streams: iteration k's key, folded in per kernel step and unit
+            k_sim = ops.fold_in(state.stream, k)
         z_all = state.z
         z = z_all if units is None else ops.take(z_all, units, axis=1)
         z, state, acc, num_nonfinite = self._simulate(state, theta, z, units, k, k_sim)
         z_all = z if units is None else _scatter_units(ops, z_all, units, z)
         state = state._replace(z=z_all, key=key)
+        num_nonfinite = ops.all_sum(num_nonfinite)
         if phase == "mcmc":
+            objective = xp.mean(ops.all_sum(xp.sum(self._log_joint(theta, z, units), -1)))
             return state, MCMCSGDInfo(
-                acc=acc, num_nonfinite=num_nonfinite, objective=xp.mean(xp.sum(model.log_joint(theta, z, units), -1)),
+                acc=acc, num_nonfinite=num_nonfinite, objective=objective,
                 grad_norm2=ops.zeros(()), learning_rate=ops.zeros(()), iterate=state.x,
                 grad_nonfinite={n: ops.zeros(()) for n in self.names})
-        scale = model.num_units / (model.num_units if units is None else self.batch_size)
+        total = self._total_units
+        scale = total / (total if units is None else self.batch_size)
         fixed = {n: v for n, v in theta.items() if n not in self.names}
 
         def objective(x: Any) -> Any:
             th = dict(fixed)
             th.update(model.constrain(unflatten(x, self.names, self._shapes)))
-            return scale * xp.mean(xp.sum(model.log_joint(th, z, units), -1))
+            return scale * xp.mean(xp.sum(self._log_joint(th, z, units, x), -1))
 
         value, grad = ops.value_and_grad(objective)(state.x)
+        # a sum over units: all-reduced in float64 over the processes of a distributed fit (else the identity)
+        value, grad = ops.all_sum(value), ops.all_sum(grad)
         # non-finite gradient entries, per parameter: the driver stops the fit on any (NonFiniteError)
         bad = unflatten((~xp.isfinite(grad)) * 1.0, self.names, self._shapes)
         grad_nonfinite = {n: xp.sum(v) for n, v in bad.items()}
@@ -273,17 +361,44 @@ class MCMCSGD(Engine):
                                   learning_rate=self.learning_rate(k - self.burn_in) + 0.0 * value, iterate=x_new,
                                   grad_nonfinite=grad_nonfinite)
 
+    @staticmethod
+    def _no_units(units: Any) -> bool:
+        """A distributed fit's process may hold none of a mini-batch's units: it then evaluates nothing (its
+        sums are 0) but joins every all-reduce of the step."""
+        return units is not None and int(units.shape[0]) == 0
+
+    def _log_densities(self, theta: dict[str, Any], z: Any, units: Any) -> tuple[Any, Any]:
+        if self._no_units(units):
+            return z[..., 0] * 0.0, z[..., 0] * 0.0
+        return self.model.log_densities(theta, z, units)
+
+    def _log_joint(self, theta: dict[str, Any], z: Any, units: Any, x: Any = None) -> Any:
+        """``log p(y_i, z_i; θ)`` ``[L, b]`` (no units: an empty array, kept on the graph of ``x``)."""
+        if self._no_units(units):
+            return z[..., 0] * 0.0 + (0.0 if x is None else 0.0 * self.ops.xp.sum(x))
+        return self.model.log_joint(theta, z, units)
+
     def _simulate(self, state: MCMCSGDState, theta: dict[str, Any], z: Any, units: Any, k: Any,
                   key: Any) -> tuple[Any, MCMCSGDState, dict[str, Any], Any]:
-        model, ops, xp = self.model, self.ops, self.ops.xp
+        model, ops = self.model, self.ops
+        sim = self.sim_ops(units)
         if self.kernel == "saemix":
+            if self.rng == "per_unit":
+                shape = tuple(z.shape)
+
+                def sample_prior(kk: Any) -> Any:
+                    return model.prior_transform(theta, sim.normal(kk, shape), units)
+            else:
+                def sample_prior(kk: Any) -> Any:
+                    return model.sample_prior(theta, kk, self.num_chains, units)
             chain, scales, acc = mcmc.saemix_sweep(
-                ops, key, z, (state.scale_rw, state.scale_block), k, self.mcmc_steps,
-                evaluate=lambda zz: model.log_densities(theta, zz, units),
-                sample_prior=lambda kk: model.sample_prior(theta, kk, self.num_chains, units))
+                sim, key, z, (state.scale_rw, state.scale_block), k, self.mcmc_steps,
+                evaluate=lambda zz: self._log_densities(theta, zz, units), sample_prior=sample_prior)
             return chain.z, state._replace(scale_rw=scales[0], scale_block=scales[1]), acc, chain.num_nonfinite
 
         def value_and_grad(zz: Any) -> tuple[Any, Any]:
+            if self._no_units(units):
+                return zz[..., 0] * 0.0, zz * 0.0
             v, g, _ = ops.value_grad_hessian(lambda x: model.log_joint(theta, x, units), zz, hessian=False)
             return v, g
 
@@ -291,12 +406,12 @@ class MCMCSGD(Engine):
         log_step = log_step_all if units is None else ops.take(log_step_all, units)
         lt, g = value_and_grad(z)
         chain = mcmc.GradChainState(z, lt, g, (lt == lt).sum() * 0.0)
-        keys = ops.split(key, self.mcmc_steps)
+        keys = sim.split(key, self.mcmc_steps)
 
         def body(i: Any, carry: Any) -> Any:
             ch, ls, rate = carry
-            ch, a = mcmc.mala(ops, keys[i], ch, ls, value_and_grad)
-            return ch, mcmc.adapt_log_step(ls, a), rate + xp.mean(a) / self.mcmc_steps
+            ch, a = mcmc.mala(sim, keys[i], ch, ls, value_and_grad)
+            return ch, mcmc.adapt_log_step(ls, a), rate + ops.unit_mean(a) / self.mcmc_steps
 
         chain, log_step, rate = ops.fori_loop(0, self.mcmc_steps, body, (chain, log_step, ops.zeros(())))
         log_step_all = log_step if units is None else ops.scatter(log_step_all, units, log_step)
