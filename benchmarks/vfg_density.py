@@ -46,7 +46,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from latentfit.integrations.vfg import _make_torch_flows, _split_validation
+from latentfit.integrations.vfg import _make_torch_flows
+from latentfit.integrations.vfg_engine import validation_split
 from latentfit.models.vfg import VFG
 
 LOG_2PI = math.log(2 * math.pi)
@@ -283,8 +284,8 @@ def main() -> None:
 
     y_train, y_test = digits_split(args.seed)
     d = y_train.shape[1]
-    tr_idx, va_idx = _split_validation(np.random.default_rng(args.seed), len(y_train), 0.1)  # the VFG's own split
-    assert va_idx is not None
+    # the VFG's own split: the first draw of its stream, a generator seeded with the fit's seed
+    tr_idx, va_idx = (i.numpy() for i in validation_split(torch.Generator().manual_seed(args.seed), len(y_train), 0.1))
     loc, scale = y_train.mean(0), y_train.std(0)  # as the VFG does: over all its input rows
     log_jac = float(np.log(scale).sum())  # density of y = density of the standardised y − Σ log s_c
 
@@ -296,7 +297,8 @@ def main() -> None:
 
     # VFG (standardises internally from its own training rows: the same loc/scale as above)
     vfg_graph = VFG(DIGITS_TREE, hidden=args.hidden, blocks=args.blocks).graph
-    vfg_params = n_params(_make_torch_flows(vfg_graph, args.hidden, args.blocks, 2.0, "cpu", torch.float32, 0))
+    vfg_params = n_params(_make_torch_flows(vfg_graph, args.hidden, args.blocks, 2.0, "cpu", torch.float32,
+                                         torch.Generator()))
     settings = [(b, s) for b in args.betas for s in args.sigmas] if "vfg" in args.models else []
     for beta, sigma in settings:
         t0 = time.process_time()

@@ -83,7 +83,11 @@ def engine_options(engine: Any) -> dict[str, Any]:
 
 
 def data_shapes(model: Any) -> dict[str, Any]:
-    """``num_units``, ``latent_dim`` and the shape of every parameter of ``model``."""
+    """``num_units``, ``latent_dim`` and the shape of every parameter of ``model`` (a model that is not a
+    ``LatentModel``, such as the VFG's training problem, describes itself by a ``data_shapes()`` method)."""
+    own = getattr(model, "data_shapes", None)
+    if callable(own):
+        return json.loads(json.dumps(own()))
     params = {n: list(np.shape(model.ops.to_numpy(p.value))) for n, p in model.params.items()}
     return {"num_units": int(model.num_units), "latent_dim": int(model.latent_dim), "params": params}
 

@@ -270,12 +270,13 @@ def test_fit_api_history_sample_reconstruct() -> None:
     calls: list = []
     fit = VFG(SYNTHETIC_STRUCTURE, hidden=16, blocks=2).fit(tr, num_epochs=4, batch_size=50, progress=False,
                                                             callback=lambda k, info: calls.append((k, info)))
-    assert len(fit.history) == 4 and all(np.isfinite(fit.history))
-    assert calls == [(k + 1, {"loss": v}) for k, v in enumerate(fit.history)]  # the driver's callback convention
+    loss = fit.history["loss"]  # a FitResult's history: one entry per epoch (driver iteration)
+    assert len(loss) == 4 and np.isfinite(loss).all() and fit.num_iterations == 4
+    assert calls == [(k + 1, {"loss": v, "rollbacks": 0}) for k, v in enumerate(loss)]  # the driver's callbacks
     # training decreases the negative ELBO: per epoch (history: the epoch's mean over its steps, > 0 here as the
     # Gaussian terms alone exceed 8·½ log 2π) and on the data, against the untrained (identity) flows
     untrained = VFG(SYNTHETIC_STRUCTURE, hidden=16, blocks=2).fit(tr, num_epochs=0, progress=False)
-    assert fit.history[0] > 8 * 0.5 * LOG_2PI and fit.history[-1] < fit.history[0], fit.history
+    assert loss[0] > 8 * 0.5 * LOG_2PI and loss[-1] < loss[0], loss
     assert fit.negative_elbo(tr) < untrained.negative_elbo(tr) - 0.1
     # early stopping on held-out rows: the callback sees the validation loss; patience 1 stops at the first
     # epoch that does not improve on the best
@@ -283,7 +284,7 @@ def test_fit_api_history_sample_reconstruct() -> None:
     val = VFG(SYNTHETIC_STRUCTURE, hidden=16, blocks=2).fit(tr, num_epochs=30, batch_size=50, learning_rate=3e-2,
                                                             progress=False, validation=0.25, patience=1,
                                                             callback=lambda k, info: calls.append(info["val_loss"]))
-    assert calls == val.val_history and len(val.history) == len(calls)
+    assert calls == val.val_history and len(val.history["loss"]) == len(calls) == val.num_iterations
     assert len(calls) == 30 or calls[-1] >= min(calls[:-1])
     h = fit.encode(tr)
     assert h.shape == (200, 2)

@@ -30,8 +30,8 @@ imputation (no draw).
 Robustness (what made the paper-size synthetic set work): couplings start at the identity (last hypernet
 layer zero), log-scales ``c·tanh(u/c)``, β = 0.1 and 80 % masked steps for imputation (the KL terms pull the
 states to 0, so the decoders expand and amplify errors; the masked steps train the imputation path
-itself), a divergence guard (non-finite loss: back to the last finite weights at half the learning rate)
-and optional early stopping on held-out rows (``validation``, ``patience``).
+itself), a divergence guard (non-finite loss: back to the last finite weights at half the learning rate;
+on torch the epoch is run again) and optional early stopping on held-out rows (``validation``, ``patience``).
 
 Dimensions.  Flows keep the dimension, so an aggregation node has the dimension of its largest child and
 smaller children are zero-padded (the padded coordinates are dropped on the way down).  A coupling
@@ -41,14 +41,14 @@ elementwise affine map ``y = e^s x + b`` instead.
 
 The graph logic (messages, aggregation, objective, imputation) is written once in this module over a
 tiny array interface (:class:`ArrayOps`) and per-edge flows with ``forward``/``inverse``; the torch
-flavour (Pyro ``AffineCoupling`` + ``Permute``, ``torch.optim.Adam``) lives here, the JAX flavour
-(flowjax ``Coupling`` + ``Permute``, ``optax.adam``) in :mod:`latentfit.integrations.vfg_jax`.
+flows (Pyro ``AffineCoupling`` + ``Permute``) live here and train by ``torch.optim.Adam`` in the engine of
+:mod:`latentfit.integrations.vfg_engine` (through the library's driver), the JAX flavour (flowjax ``Coupling`` +
+``Permute``, ``optax.adam``, its own loop) in :mod:`latentfit.integrations.vfg_jax`.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -591,15 +591,22 @@ def _torch_flow_modules() -> tuple[Any, Any]:
     return TorchEdgeFlow, ElementwiseAffine
 
 
-def _make_torch_flows(graph: Graph, hidden: int, blocks: int, clip: float, device: Any, dtype: Any, seed: int,
+def _make_torch_flows(graph: Graph, hidden: int, blocks: int, clip: float, device: Any, dtype: Any, key: Any,
                       identity_init: bool = True) -> Any:
+    """One flow per edge (on the parent's dimension), built on ``device`` and cast to ``dtype``.  The initial
+    weights (``torch.nn.Linear``'s default init, which draws from torch's global generator) are drawn from the
+    ``torch.Generator`` ``key`` lent to the global generator of its device, so torch's global RNG is left as it
+    was; a CPU generator seeded with ``s`` draws what ``torch.manual_seed(s)`` would."""
     import torch
 
+    from latentfit.inference.ops import TorchOps
+
     edge_flow, _ = _torch_flow_modules()
-    torch.manual_seed(seed)
-    mods = torch.nn.ModuleList([edge_flow(graph.nodes[p].dim, hidden, blocks, clip, identity_init)
-                                for _, p in graph.edges])  # one flow per edge, on the parent's dimension
-    return mods.to(device=device, dtype=dtype)
+    device = torch.device(device)
+    with TorchOps(device).global_rng_from(key), device:
+        mods = torch.nn.ModuleList([edge_flow(graph.nodes[p].dim, hidden, blocks, clip, identity_init)
+                                    for _, p in graph.edges])
+    return mods.to(dtype=dtype)
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:
@@ -687,122 +694,36 @@ class VFG:
         patience: int | None = None,
         lr_decay: bool = True,
         callback: Callable[[int, dict[str, float]], Any] | None = None,
-    ) -> VFGFit:
+        checkpoint: Any = None,
+        checkpoint_every: int | None = None,
+        resume: Any = None,
+    ) -> Any:
         """Minibatch Adam on the negative ELBO; NaN entries of ``x`` are treated as missing (the sections
-        holding them are left out of the forward pass and of the reconstruction).  Torch: runs on
-        ``x``'s device; JAX: ``x`` a jax/NumPy array.  ``callback(epoch, info)`` runs after each epoch (1-based,
-        as the engine driver's callbacks) with ``info = {"loss": ..., "val_loss": ...}`` (``val_loss`` with
-        ``validation`` only)."""
+        holding them are left out of the forward pass and of the reconstruction).
+
+        Torch: :class:`~latentfit.integrations.vfg_engine.VFGEngine` through the library's engine driver, on
+        ``x``'s device and in its dtype, one driver iteration per epoch; returns a
+        :class:`~latentfit.integrations.vfg_engine.VFGResult` (a ``FitResult``: ``history['loss']``,
+        ``history['val_loss']``, ``history['rollbacks']`` per epoch, the weights as ``params``, and ``impute`` /
+        ``encode`` / ``decode`` / ``log_prob`` / ``sample``).  ``callback(epoch, info)`` runs after each epoch (1-based)
+        with that epoch's history entries ``{"loss", "rollbacks"[, "val_loss"]}``; ``checkpoint=<dir>`` writes the
+        state (weights, Adam's moments, the random stream) every ``checkpoint_every`` epochs (default: every epoch)
+        and ``resume=<dir>`` / ``True`` continues a run bit for bit; Ctrl-C returns the last completed epoch's state
+        (``fit.interrupted``).  torch's global RNG is neither read nor changed: ``seed`` seeds the fit's own
+        ``torch.Generator``.  JAX: ``x`` a jax/NumPy array, the flavour's own loop (a
+        :class:`VFGFit`, ``history`` a list), ``callback`` info ``{"loss": ..., "val_loss": ...}``."""
         if self.backend == "jax":
+            if checkpoint is not None or resume is not None:
+                raise ValueError("checkpoint= and resume= need the torch flavour (backend='torch') for now")
             from latentfit.integrations.vfg_jax import fit_jax
 
             return fit_jax(self, x, num_epochs, batch_size, learning_rate, seed, progress, validation, patience,
                            lr_decay, callback)
-        return self._fit_torch(x, num_epochs, batch_size, learning_rate, seed, progress, validation, patience,
-                               lr_decay, callback)
+        from latentfit.integrations.vfg_engine import fit_torch
 
-    def _fit_torch(self, x: Any, num_epochs: int, batch_size: int, lr: float, seed: int, progress: bool,
-                   validation: float, patience: int | None, lr_decay: bool,
-                   callback: Callable[[int, dict[str, float]], Any] | None = None) -> VFGFit:
-        import torch
-
-        x = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
-        if not x.is_floating_point():
-            x = x.float()
-        xn = x.detach().cpu().double().numpy()
-        loc, scale = _validate_data(self, xn)
-        ops = TorchOps()
-        flows = _make_torch_flows(self.graph, self.hidden, self.blocks, self.log_scale_clip, x.device, x.dtype, seed,
-                                  self.identity_init)
-        col_obs = (~torch.isnan(x)).to(x.dtype)
-        loc_t, scale_t = torch.as_tensor(loc, dtype=x.dtype, device=x.device), torch.as_tensor(scale, dtype=x.dtype,
-                                                                                               device=x.device)
-        xs = torch.nan_to_num((x - loc_t) / scale_t, nan=0.0)
-        params = list(flows.parameters())
-        opt = torch.optim.Adam(params, lr=lr) if params else None
-        rng = np.random.default_rng(seed)
-        tr_idx, va_idx = _split_validation(rng, x.shape[0], validation)
-        n = len(tr_idx)
-        bs = min(batch_size, n)
-        total = num_epochs * math.ceil(n / bs)
-        history: list[float] = []
-        val_history: list[float] = []
-        n_leaves = len(self.graph.leaves)
-        va_keep = None
-        if va_idx is not None and self.masking and n_leaves > 1:
-            va_keep = torch.as_tensor(random_keep(rng, len(va_idx), n_leaves, self.mask_drop), dtype=x.dtype,
-                                      device=x.device)
-        best: tuple[float, Any] | None = None
-        stale = 0
-        step = 0
-        t0 = time.perf_counter()
-        bar = _progress(num_epochs, progress, "VFG")
-        good = {k: t.detach().clone() for k, t in flows.state_dict().items()}  # last finite epoch's weights
-        lr_scale, restarts = 1.0, 0
-        for _ in range(num_epochs):
-            perm = torch.as_tensor(tr_idx[rng.permutation(n)], device=x.device)
-            acc = np.zeros((2, 2))  # [plain, masked] × [loss sum, rows]
-            diverged = False
-            for s in range(0, n, bs):
-                idx = perm[s:s + bs]
-                keep = None
-                if _masked_step(step, self.masking) and n_leaves > 1:
-                    keep = torch.as_tensor(random_keep(rng, len(idx), n_leaves, self.mask_drop), dtype=x.dtype,
-                                           device=x.device)
-                loss = negative_elbo(self.graph, flows, ops, xs[idx], col_obs[idx], keep, self.beta,
-                                     self.likelihood, self.sigma)
-                if not math.isfinite(float(loss.detach())):
-                    diverged = True
-                    break
-                if opt is not None:
-                    for g in opt.param_groups:
-                        g["lr"] = lr_scale * _lr_at(lr, step, total, lr_decay)
-                    opt.zero_grad()
-                    loss.backward()
-                    if self.clip_grad:
-                        torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
-                    opt.step()
-                # an int row: a bool index would broadcast (acc[False] selects nothing, acc[True] everything)
-                acc[int(keep is not None)] += np.array([float(loss.detach()) * len(idx), len(idx)])
-                step += 1
-            if diverged:  # back to the last finite weights, a fresh Adam state and half the learning rate
-                restarts += 1
-                if restarts > 5:
-                    raise RuntimeError("VFG training diverged (non-finite loss) 6 times despite halving the learning "
-                                       f"rate each time (now {lr * lr_scale:.2g}): lower learning_rate or "
-                                       "log_scale_clip, or standardise the data")
-                flows.load_state_dict(good)
-                opt = torch.optim.Adam(params, lr=lr) if params else None
-                lr_scale *= 0.5
-                continue
-            good = {k: t.detach().clone() for k, t in flows.state_dict().items()}
-            history.append(_epoch_loss(acc))
-            if va_idx is not None:
-                with torch.no_grad():
-                    vi = torch.as_tensor(va_idx, device=x.device)
-                    v = float(negative_elbo(self.graph, flows, ops, xs[vi], col_obs[vi], None, self.beta,
-                                            self.likelihood, self.sigma))
-                    if va_keep is not None:
-                        v += float(negative_elbo(self.graph, flows, ops, xs[vi], col_obs[vi], va_keep, self.beta,
-                                                 self.likelihood, self.sigma))
-                val_history.append(v)
-                if best is None or v < best[0] or not math.isfinite(best[0]):
-                    best, stale = (v, {k: t.detach().clone() for k, t in flows.state_dict().items()}), 0
-                else:
-                    stale += 1
-            if callback is not None:
-                callback(len(history), epoch_info(history, val_history, va_idx is not None))
-            if va_idx is not None and patience is not None and stale >= patience:
-                break
-            bar.set_postfix(loss=f"{history[-1]:.4g}")
-            bar.update()
-        bar.close()
-        if best is not None:
-            flows.load_state_dict(best[1])
-        fit = VFGFit(self, flows, ops, loc, scale, history, time.perf_counter() - t0)
-        fit.device, fit.dtype = x.device, x.dtype
-        fit.val_history = val_history
-        return fit
+        return fit_torch(self, x, num_epochs=num_epochs, batch_size=batch_size, learning_rate=learning_rate,
+                         seed=seed, progress=progress, validation=validation, patience=patience, lr_decay=lr_decay,
+                         callback=callback, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
 
 
 def _masked_step(step: int, frac: float) -> bool:

@@ -266,8 +266,9 @@ def fit_jax(model: VFG, x: Any, num_epochs: int, batch_size: int, lr: float, see
     return fit
 
 
-def fit_from_torch(fit: VFGFit) -> VFGFit:
-    """The JAX flavour of a torch-fitted :class:`VFGFit` with the *same weights*: every Pyro
+def fit_from_torch(fit: Any) -> VFGFit:
+    """The JAX flavour of a torch fit (a :class:`~latentfit.integrations.vfg_engine.VFGResult` or a
+    :class:`VFGFit`) with the *same weights*: every Pyro
     ``AffineCoupling`` hypernet (``DenseNN``) becomes the conditioner MLP of a flowjax ``Coupling`` (its last
     layer's rows interleaved: Pyro outputs ``[shift…, log-scale…]``, flowjax ``[shift, log-scale]`` per
     coordinate), the elementwise affine of a 1-D node a flowjax ``Affine``; standardisation constants and
@@ -276,6 +277,7 @@ def fit_from_torch(fit: VFGFit) -> VFGFit:
     jax, eqx, fb, _ = _require()
     import jax.numpy as jnp
 
+    fit = getattr(fit, "fitted", fit)  # a VFGResult (the torch engine's) holds its flows as a VFGFit
     if fit.model.backend != "torch":
         raise ValueError(f"fit_from_torch needs a torch-fitted VFG, got backend {fit.model.backend!r}")
     import copy
