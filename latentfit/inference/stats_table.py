@@ -343,6 +343,10 @@ class StatEngine(Engine):
                                num_nonfinite=state_field(state, "num_nonfinite") + chain.num_nonfinite)
         return chain.z, state
 
+    def _initial_chains(self, theta: dict[str, Any], key: Any) -> Any:
+        """The MH chains' starting draws ``[L, n, d]`` from the prior (mcem's per-unit streams override it)."""
+        return self.model.sample_prior(theta, key, self.num_samples)
+
     # ----- M-step ------------------------------------------------------------------------------------------
     def m_step(self, s: Stats, theta: dict[str, Any]) -> dict[str, Any]:
         new = dict(theta)
@@ -363,8 +367,8 @@ class StatEngine(Engine):
         state = StatState(theta=theta, key=key)
         if self.monte_carlo and not model.has_posterior_sampler:
             key, k0 = ops.split(key)
-            z = model.sample_prior(theta, k0, self.num_samples)  # [L, n, d]
-            sd = xp.std(xp.reshape(z, (-1, z.shape[-1])), 0)
+            z = self._initial_chains(theta, k0)  # [L, n, d]
+            sd = xp.std(xp.reshape(ops.gather_units(z, 1), (-1, z.shape[-1])), 0)  # every process's draws
             state = state._replace(z=xp.swapaxes(z, 0, 1) + 0.0, rw_scale=0.5 * xp.where(sd > 0, sd, 1.0),
                                    num_nonfinite=ops.zeros(()))
         if self.needs_init_pass:
@@ -395,11 +399,12 @@ class StatEngine(Engine):
         permutations are the one-process fit's), computes the statistics of the units of the batch it owns,
         and the sums are all-reduced in float64, so the trajectory is the one-process fit's up to the order of
         the sums.  Batch size and step-size defaults follow the global number of units.  Monte-Carlo engines
-        are refused (their draws would desynchronise the processes' generators).
+        need per-unit streams (MCEM, MiniBatchMCEM with ``rng="per_unit"``: :mod:`~latentfit.inference.mcem`).
         """
-        if self.monte_carlo:
+        if self.monte_carlo and getattr(self, "rng", "global") != "per_unit":
             raise ValueError(f"{self.name}: distributed=True supports the exact engines of the EM family (EM, "
-                             "MiniBatchEM, IEM, FIEM, SEMVR, SEM); Monte-Carlo E-steps are not supported yet")
+                             "MiniBatchEM, IEM, FIEM, SEMVR, SEM) and MCEM / MiniBatchMCEM with rng='per_unit' "
+                             "(each unit's draws from its own stream); other Monte-Carlo E-steps are not supported")
         if self._options["batching"] == "blocks":
             raise ValueError(f"{self.name}: batching='blocks' shuffles the units of one process; a distributed fit "
                              "draws random mini-batches (batching='random' or 'auto')")

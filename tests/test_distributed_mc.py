@@ -1,4 +1,4 @@
-"""Data-parallel MCMCSGD on torch.distributed (issue 13, item 2): ``run(..., distributed=True)``.
+"""Data-parallel MCMCSGD and Monte-Carlo EM on torch.distributed (issue 13, item 2): ``run(..., distributed=True)``.
 
 Two gloo processes spawned with ``torch.multiprocessing`` hold 8 and 7 of 15 units of a random-intercept model;
 each advances the chains of its units, the Fisher-identity gradient (a sum over units) is all-reduced in float64 and
@@ -6,7 +6,8 @@ both take the same optimiser step.  Mini-batches are drawn from the shared gener
 same global batch (a process may hold none of its units: it then joins the all-reduces with zeros).  With per-unit
 streams the fit equals the one-process fit to 1e-10 in float64: estimates and the whole history (iterates,
 objective, squared gradient norms, acceptance rates) on every process, and the processes' chains side by side are
-the one-process chains.
+the one-process chains.  MCEM and MiniBatchMCEM (MH chains, ``rng="per_unit"``) likewise: statistics all-reduced,
+the same global mini-batches, estimates, history and chains equal to 1e-10.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ OPTIONS = dict(num_iters=14, burn_in=3, seed=4, progress=False, rng="per_unit", 
                learning_rate=0.1)
 #: full batch, a mini-batch of 3 of the 15 units (some batches fall on one process only), MALA with a mini-batch
 CASES = {"full": {}, "batch": {"batch_size": 3}, "mala": {"kernel": "mala", "batch_size": 5}}
+#: Monte-Carlo EM engines (MH chains on per-unit streams): class name and options
+EM_OPTIONS = dict(num_epochs=4, seed=2, progress=False, rng="per_unit", num_samples=3, chunk_size=3)
+EM_CASES = {"MCEM": ("MCEM", {}), "MiniBatchMCEM": ("MiniBatchMCEM", {"batch_size": 3})}
 
 
 def _data(n: int = 15, m: int = 4) -> np.ndarray:
@@ -33,17 +37,23 @@ def _fit(y: np.ndarray, case: str, **run_options: object):
     import models_pyro
     import pyro
 
-    from latentfit.pyro import MCMCSGD
+    import latentfit.pyro
 
     pyro.clear_param_store()
-    return MCMCSGD(models_pyro.random_intercept, **OPTIONS, **CASES[case]).run(torch.as_tensor(y), **run_options)
+    if case in EM_CASES:
+        name, extra = EM_CASES[case]
+        engine = getattr(latentfit.pyro, name)(models_pyro.random_intercept, **EM_OPTIONS, **extra)
+    else:
+        engine = latentfit.pyro.MCMCSGD(models_pyro.random_intercept, **OPTIONS, **CASES[case])
+    return engine.run(torch.as_tensor(y), **run_options)
 
 
 def _record(fit) -> dict[str, np.ndarray]:
     out = {f"param_{k}": np.asarray(v) for k, v in fit.params.items()}
     out.update({f"hist_{k}": np.asarray(v) for k, v in fit.history.items()})
     out["z"] = fit.state.z.numpy()
-    out["draws"] = fit.latent_draws
+    if fit.latent_draws is not None:
+        out["draws"] = fit.latent_draws
     return out
 
 
@@ -55,7 +65,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     try:
         y = _data()
         shard = np.array_split(np.arange(len(y)), world)[rank]
-        for case in CASES:
+        for case in [*CASES, *EM_CASES]:
             np.savez(Path(out) / f"{case}-rank{rank}.npz", **_record(_fit(y[shard], case, distributed=True)))
     finally:
         dist.destroy_process_group()
@@ -63,7 +73,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("distributed_mcmcsgd")
+    out = tmp_path_factory.mktemp("distributed_mc")
     mp.spawn(_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
     return out
 
@@ -83,6 +93,21 @@ def test_two_processes_equal_one(two_processes: Path, case: str) -> None:
     assert one["z"].shape[0] == 4  # saemix's ceil(50 / 15) chains, from the global number of units
 
 
+@pytest.mark.parametrize("case", list(EM_CASES))
+def test_monte_carlo_em_two_processes_equal_one(two_processes: Path, case: str) -> None:
+    y = _data()
+    one = _record(_fit(y, case))
+    ranks = [np.load(two_processes / f"{case}-rank{r}.npz") for r in range(2)]
+    for r in ranks:
+        assert sorted(k for k in r.files if k.startswith("param_")) == ["param_mu", "param_omega", "param_sigma"]
+        for name, value in one.items():
+            if name.startswith(("param_", "hist_")):
+                np.testing.assert_allclose(r[name], value, rtol=1e-10, atol=1e-10, err_msg=name)
+    # the chains [n, L, d] of the ranks' units, stacked, are the one-process chains
+    np.testing.assert_allclose(np.concatenate([r["z"] for r in ranks], 0), one["z"], rtol=0, atol=1e-10)
+    assert np.ptp(one["hist_theta.mu"]) > 0.05  # the estimates moved
+
+
 def test_distributed_needs_per_unit_streams() -> None:
     import models_pyro
 
@@ -93,6 +118,11 @@ def test_distributed_needs_per_unit_streams() -> None:
                                                                                  distributed=True)
     with pytest.raises(ValueError, match="rng must be one of"):
         MCMCSGD(models_pyro.random_intercept, **dict(OPTIONS, rng="unit"))
+    from latentfit.pyro import MCEM
+
+    with pytest.raises(ValueError, match="MCEM / MiniBatchMCEM with rng='per_unit'"):
+        MCEM(models_pyro.random_intercept, **dict(EM_OPTIONS, rng="global")).run(torch.as_tensor(_data()),
+                                                                                distributed=True)
 
 
 JAX_CHILD = r"""
