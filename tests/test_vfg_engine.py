@@ -229,3 +229,34 @@ def test_divergence_guard_reruns_the_epoch_at_half_the_rate(monkeypatch: pytest.
                                                                                          s)[:4], math.nan))
     with pytest.raises(RuntimeError, match="diverged"):
         engine.run()
+
+
+@pytest.mark.slow  # compiles (about 30-60 s on a loaded 2-core machine)
+def test_jax_flavour_through_the_driver_resumes_bit_for_bit(tmp_path: Any) -> None:
+    pytest.importorskip("flowjax")
+    from latentfit.integrations.vfg_jax import _engine_classes
+
+    problem_cls, engine_cls = _engine_classes()
+    before = torch.get_rng_state()
+    engine = engine_cls(problem_cls(VFG(SYNTHETIC_STRUCTURE, backend="jax", hidden=8, blocks=1), _data()),
+                        num_epochs=4, batch_size=60, learning_rate=1e-2, progress=False, seed=1)
+    full = engine.run()
+    assert isinstance(full, VFGResult) and full.num_iterations == 4 and full.compile_time > 0
+    assert np.isfinite(full.history["loss"]).all() and full.history["loss"][-1] < full.history["loss"][0]
+
+    def stop_at(k: int, info: Any) -> None:
+        if k == 2:
+            raise Interrupt
+
+    engine.callback = stop_at
+    with pytest.raises(Interrupt):
+        engine.run(checkpoint=tmp_path)
+    engine.callback = None
+    resumed = engine.run(checkpoint=tmp_path, resume=True)
+    np.testing.assert_array_equal(resumed.history["loss"], full.history["loss"])
+    for n, w in full.params.items():
+        np.testing.assert_array_equal(resumed.params[n], w)
+    assert torch.equal(before, torch.get_rng_state())
+    x = _data()
+    assert np.isfinite(np.asarray(full.impute(np.where(np.arange(8) == 2, np.nan, x)))).all()
+    assert np.asarray(full.log_prob(x)).shape == (60,)

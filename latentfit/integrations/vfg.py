@@ -438,19 +438,6 @@ def negative_elbo(
     return ops.mean(out) if reduce else out
 
 
-def random_keep(rng: np.random.Generator, n: int, n_leaves: int, drop: float = 0.5) -> np.ndarray:
-    """Alg. 2's random observed subsets O: each section dropped w.p. ``drop`` (the paper: 1/2), at least one
-    kept and (with two or more sections) at least one dropped per row.  ``[n, n_leaves]`` of 0/1."""
-    keep = (rng.random((n, n_leaves)) >= drop).astype(np.float32)
-    if n_leaves == 1:
-        return np.ones((n, 1), np.float32)
-    rows = np.arange(n)
-    keep[rows[keep.sum(1) == 0], rng.integers(0, n_leaves, int((keep.sum(1) == 0).sum()))] = 1.0
-    full = keep.sum(1) == n_leaves
-    keep[rows[full], rng.integers(0, n_leaves, int(full.sum()))] = 0.0
-    return keep
-
-
 # ----------------------------------------------------------------------------------------------------
 # torch flavour
 # ----------------------------------------------------------------------------------------------------
@@ -609,12 +596,6 @@ def _make_torch_flows(graph: Graph, hidden: int, blocks: int, clip: float, devic
     return mods.to(dtype=dtype)
 
 
-def _progress(total: int, enabled: bool, desc: str) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, disable=not enabled)
-
-
 # ----------------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------------
@@ -701,29 +682,24 @@ class VFG:
         """Minibatch Adam on the negative ELBO; NaN entries of ``x`` are treated as missing (the sections
         holding them are left out of the forward pass and of the reconstruction).
 
-        Torch: :class:`~latentfit.integrations.vfg_engine.VFGEngine` through the library's engine driver, on
-        ``x``'s device and in its dtype, one driver iteration per epoch; returns a
+        Both flavours train through the library's engine driver (:class:`~latentfit.integrations.vfg_engine.VFGEngine`
+        on torch, on ``x``'s device and in its dtype; its JAX twin in :mod:`latentfit.integrations.vfg_jax` on a
+        jax/NumPy ``x``), one driver iteration per epoch, and return a
         :class:`~latentfit.integrations.vfg_engine.VFGResult` (a ``FitResult``: ``history['loss']``,
         ``history['val_loss']``, ``history['rollbacks']`` per epoch, the weights as ``params``, and ``impute`` /
         ``encode`` / ``decode`` / ``log_prob`` / ``sample``).  ``callback(epoch, info)`` runs after each epoch (1-based)
         with that epoch's history entries ``{"loss", "rollbacks"[, "val_loss"]}``; ``checkpoint=<dir>`` writes the
         state (weights, Adam's moments, the random stream) every ``checkpoint_every`` epochs (default: every epoch)
         and ``resume=<dir>`` / ``True`` continues a run bit for bit; Ctrl-C returns the last completed epoch's state
-        (``fit.interrupted``).  torch's global RNG is neither read nor changed: ``seed`` seeds the fit's own
-        ``torch.Generator``.  JAX: ``x`` a jax/NumPy array, the flavour's own loop (a
-        :class:`VFGFit`, ``history`` a list), ``callback`` info ``{"loss": ..., "val_loss": ...}``."""
+        (``fit.interrupted``).  ``seed`` seeds the fit's own stream (a ``torch.Generator``, a JAX key): torch's
+        global RNG is neither read nor changed."""
         if self.backend == "jax":
-            if checkpoint is not None or resume is not None:
-                raise ValueError("checkpoint= and resume= need the torch flavour (backend='torch') for now")
-            from latentfit.integrations.vfg_jax import fit_jax
-
-            return fit_jax(self, x, num_epochs, batch_size, learning_rate, seed, progress, validation, patience,
-                           lr_decay, callback)
-        from latentfit.integrations.vfg_engine import fit_torch
-
-        return fit_torch(self, x, num_epochs=num_epochs, batch_size=batch_size, learning_rate=learning_rate,
-                         seed=seed, progress=progress, validation=validation, patience=patience, lr_decay=lr_decay,
-                         callback=callback, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
+            from latentfit.integrations.vfg_jax import fit_jax_engine as fit_engine
+        else:
+            from latentfit.integrations.vfg_engine import fit_torch as fit_engine
+        return fit_engine(self, x, num_epochs=num_epochs, batch_size=batch_size, learning_rate=learning_rate,
+                          seed=seed, progress=progress, validation=validation, patience=patience, lr_decay=lr_decay,
+                          callback=callback, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
 
 
 def _masked_step(step: int, frac: float) -> bool:
@@ -737,28 +713,6 @@ def _lr_at(lr: float, step: int, total: int, decay: bool) -> float:
     if not decay or total <= 1:
         return lr
     return lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * step / (total - 1))))
-
-
-def _split_validation(rng: np.random.Generator, n: int, frac: float) -> tuple[np.ndarray, np.ndarray | None]:
-    """Row indices for training and (``frac > 0``) a held-out validation set for early stopping."""
-    if not 0.0 <= frac < 1.0:
-        raise ValueError(f"validation must be a fraction in [0, 1), got {frac}")
-    if frac == 0.0:
-        return np.arange(n), None
-    k = int(round(frac * n))
-    if k < 1 or n - k < 2:
-        raise ValueError(f"validation={frac} leaves {k} validation and {n - k} training rows: need >= 1 and >= 2")
-    perm = rng.permutation(n)
-    return np.sort(perm[k:]), np.sort(perm[:k])
-
-
-def epoch_info(history: list[float], val_history: list[float], validating: bool) -> dict[str, float]:
-    """What a ``callback(epoch, info)`` of ``VFG.fit`` receives after each epoch: ``loss`` (the epoch's mean
-    negative ELBO, ``fit.history``) and, with ``validation``, ``val_loss`` (``fit.val_history``)."""
-    info = {"loss": history[-1]}
-    if validating:
-        info["val_loss"] = val_history[-1]
-    return info
 
 
 def _epoch_loss(acc: np.ndarray) -> float:

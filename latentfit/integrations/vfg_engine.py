@@ -72,6 +72,7 @@ class VFGProblem:
         scale = torch.as_tensor(self.scale, dtype=x.dtype, device=x.device)
         self.col_obs = (~torch.isnan(x)).to(x.dtype)
         self.xs = torch.nan_to_num((x - loc) / scale, nan=0.0).detach()
+        self.array_ops = TorchOps()  # the graph logic's array interface
         self.num_units = int(x.shape[0])
         self.latent_dim = int(self.graph.root_dim)
         # the workspace the steps evaluate with the state's weights (its own weights are never read): built from a
@@ -154,7 +155,7 @@ class VFGInfo(NamedTuple):
 def random_keep(key: Any, n: int, n_leaves: int, drop: float, like: Any) -> Any:
     """Alg. 2's random observed subsets on the device of ``like``: each section dropped w.p. ``drop``, at least one
     kept and (with two or more sections) at least one dropped per row; ``[n, n_leaves]`` of 0/1 in ``like``'s dtype
-    (:func:`latentfit.integrations.vfg.random_keep`'s rule, drawn from the generator ``key`` without a host sync)."""
+    (the paper's rule with drop probability 1/2 by default; drawn from the generator ``key`` without a host sync)."""
     import torch
 
     dev = like.device
@@ -243,7 +244,7 @@ class VFGEngine(Engine):
         val_keep = None
         if val is not None and self.masking and self.num_leaves > 1:
             val_keep = random_keep(key, len(val), self.num_leaves, self.mask_drop, p.xs)
-        zeros = {n: w.new_zeros(w.shape) for n, w in weights.items()}
+        zeros = {n: self._zeros_like(w) for n, w in weights.items()}
         validating = val is not None
         return VFGState(weights=weights, adam_m=zeros, adam_v=dict(zeros), adam_t=0, key=key, num_steps=0,
                         lr_scale=1.0, rollbacks=0, train_idx=train, val_idx=val, val_keep=val_keep,
@@ -256,7 +257,8 @@ class VFGEngine(Engine):
         lr_scale, rollbacks = state.lr_scale, state.rollbacks
         m, v, t = state.adam_m, state.adam_v, state.adam_t
         while True:
-            weights, m_new, v_new, t_new, loss = self._epoch(state, m, v, t, key, lr_scale)
+            key, epoch_key = self._next_key(key)
+            weights, m_new, v_new, t_new, loss = self._epoch(state, m, v, t, epoch_key, lr_scale)
             if math.isfinite(loss):
                 break
             rollbacks += 1  # back to the epoch's starting weights, a fresh Adam state and half the rate
@@ -265,7 +267,7 @@ class VFGEngine(Engine):
                                    f"learning rate each time (now {self.learning_rate * lr_scale:.2g}): lower "
                                    "learning_rate or log_scale_clip, or standardise the data")
             lr_scale *= 0.5
-            m = {n: w.new_zeros(w.shape) for n, w in m.items()}
+            m = {n: self._zeros_like(w) for n, w in m.items()}
             v, t = dict(m), 0
         num_steps = state.num_steps + math.ceil(self.num_train / self.batch)
         new = state._replace(weights=weights, adam_m=m_new, adam_v=v_new, adam_t=t_new, key=key,
@@ -332,6 +334,16 @@ class VFGEngine(Engine):
         v_new = {n: st[i]["exp_avg_sq"] for i, n in enumerate(names)}
         return weights, m_new, v_new, int(st[0]["step"]), loss_value
 
+    @staticmethod
+    def _zeros_like(w: Any) -> Any:
+        return w.new_zeros(w.shape)
+
+    @staticmethod
+    def _next_key(key: Any) -> tuple[Any, Any]:
+        """``(the stream after an epoch, the epoch's key)``: a torch generator is one sequential stream (the epoch
+        advances it in place)."""
+        return key, key
+
     def _held_out(self, weights: dict[str, Any], val_idx: Any, val_keep: Any) -> float:
         """The held-out −ELBO: plain, plus the masked one with ``val_keep``."""
         import torch
@@ -365,6 +377,17 @@ class VFGEngine(Engine):
     def result_model(self) -> VFG:
         return self.model.spec
 
+    def flows_with(self, weights: dict[str, Any]) -> Any:
+        """A copy of the flows holding ``weights`` (what the result's :class:`VFGFit` evaluates)."""
+        import torch
+
+        p = self.model
+        flows = p.build_flows(torch.Generator(device=p.ops.device))  # its initial weights are replaced
+        with torch.no_grad():
+            for n, w in flows.named_parameters():
+                w.copy_(weights[n])
+        return flows
+
 
 def _refuse(what: str) -> Any:
     def method(self: VFGResult, *args: Any, **kwargs: Any) -> Any:
@@ -397,15 +420,9 @@ class VFGResult(FitResult):
     def fitted(self) -> VFGFit:
         """The fitted flows as a :class:`~latentfit.integrations.vfg.VFGFit` (built once)."""
         if "fitted" not in self._cache:
-            import torch
-
             problem = self.engine.model
-            flows = problem.build_flows(torch.Generator(device=problem.ops.device))  # its weights are replaced
-            with torch.no_grad():
-                for n, w in flows.named_parameters():
-                    w.copy_(self.state.weights[n])
-            fit = VFGFit(self.model, flows, TorchOps(), problem.loc, problem.scale,
-                         [float(v) for v in self.history["loss"]], self.elapsed)
+            fit = VFGFit(self.model, self.engine.flows_with(self.state.weights), problem.array_ops, problem.loc,
+                         problem.scale, [float(v) for v in self.history["loss"]], self.elapsed)
             fit.device, fit.dtype = problem.ops.device, problem.ops.dtype
             fit.val_history = self.val_history
             self._cache["fitted"] = fit
@@ -415,7 +432,7 @@ class VFGResult(FitResult):
     @property
     def params(self) -> dict[str, np.ndarray]:
         """The flows' weights by name (``flows.<edge>.layers.<block>...``), as NumPy arrays."""
-        return {n: w.detach().cpu().numpy() for n, w in self.state.weights.items()}
+        return {n: self.engine.ops.to_numpy(w) for n, w in self.state.weights.items()}
 
     @property
     def graph(self) -> Any:

@@ -1,4 +1,4 @@
-"""JAX flavour of :mod:`latentfit.integrations.vfg`: flowjax flows and an optax Adam loop.
+"""JAX flavour of :mod:`latentfit.integrations.vfg`: flowjax flows trained by optax's Adam through the engine driver.
 
 Each edge flow is a flowjax ``Chain`` of ``blocks`` affine ``Coupling`` layers (conditioner: 3-layer ReLU
 MLP of width ``hidden``, i.e. ``nn_depth=2``) with a ``Permute`` (reversal) between them; a 1-D node gets
@@ -9,6 +9,7 @@ flowjax's own training loops.  The graph logic is the backend-neutral one of :mo
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,13 +20,8 @@ from latentfit.integrations.vfg import (
     VFG,
     VFGFit,
     _epoch_loss,
-    _masked_step,
-    _progress,
-    _split_validation,
     _validate_data,
-    epoch_info,
     negative_elbo,
-    random_keep,
 )
 
 
@@ -156,116 +152,6 @@ def bound_flows(flows: list[Any]) -> list[_Bound]:
     return [_Bound(None if f is None else paramax.unwrap(f)) for f in flows]
 
 
-def fit_jax(model: VFG, x: Any, num_epochs: int, batch_size: int, lr: float, seed: int, progress: bool,
-            validation: float = 0.0, patience: int | None = None, lr_decay: bool = True,
-            callback: Callable[[int, dict[str, float]], Any] | None = None) -> VFGFit:
-    """Minibatch ``optax.adam`` on the negative ELBO (plain and, with masking, Alg. 2 steps on the same
-    schedule as the torch flavour), cosine learning-rate decay, optional early stopping on held-out rows."""
-    jax, eqx, _, paramax = _require()
-    import jax.numpy as jnp
-    import optax
-
-    xn = np.asarray(x, dtype=np.float64)
-    loc, scale = _validate_data(model, xn)
-    ops = JaxOps()
-    flows = make_flows(model, jax.random.PRNGKey(seed))
-    params, static = eqx.partition(flows, eqx.is_inexact_array, is_leaf=lambda v: isinstance(v, paramax.NonTrainable))
-    xs_np = (xn - loc) / scale
-    col_obs = jnp.asarray(~np.isnan(xs_np), dtype=jnp.float32)
-    xs = jnp.asarray(np.nan_to_num(xs_np, nan=0.0), dtype=jnp.float32)
-    rng = np.random.default_rng(seed)
-    tr_idx, va_idx = _split_validation(rng, xn.shape[0], validation)
-    n = len(tr_idx)
-    bs = min(batch_size, n)
-    total = num_epochs * int(np.ceil(n / bs))
-    # the cosine decay of :func:`~latentfit.integrations.vfg._lr_at`, traced
-    adam = optax.adam((lambda t: lr * (0.1 + 0.45 * (1.0 + jnp.cos(jnp.pi * t / max(total - 1, 1)))))
-                      if lr_decay and total > 1 else lr)
-    opt = optax.chain(optax.clip_by_global_norm(model.clip_grad), adam) if model.clip_grad else adam
-    opt_state = opt.init(params)
-    g = model.graph
-
-    def loss_fn(p: Any, xb: Any, ob: Any, keep: Any) -> Any:
-        fl = bound_flows(eqx.combine(p, static))
-        return negative_elbo(g, fl, ops, xb, ob, keep, model.beta, model.likelihood, model.sigma)
-
-    def make_step(masked: bool) -> Any:
-        @jax.jit
-        def step(p: Any, s: Any, xb: Any, ob: Any, keep: Any) -> Any:
-            loss, grads = jax.value_and_grad(loss_fn)(p, xb, ob, keep if masked else None)
-            updates, s = opt.update(grads, s, p)
-            return optax.apply_updates(p, updates), s, loss
-
-        return step
-
-    plain, masked = make_step(False), make_step(True)
-    n_leaves = len(g.leaves)
-    va_keep = None
-    if va_idx is not None and model.masking and n_leaves > 1:
-        va_keep = jnp.asarray(random_keep(rng, len(va_idx), n_leaves, model.mask_drop))
-    val_loss = jax.jit(lambda p, xb, ob: loss_fn(p, xb, ob, None))
-    val_masked = jax.jit(loss_fn)
-    history: list[float] = []
-    val_history: list[float] = []
-    best: tuple[float, Any] | None = None
-    stale = 0
-    step_i = 0
-    t0 = time.perf_counter()
-    bar = _progress(num_epochs, progress, "VFG")
-    dummy = jnp.ones((1, n_leaves), jnp.float32)
-    good, restarts = params, 0  # the last finite epoch's weights
-    for _ in range(num_epochs):
-        perm = tr_idx[rng.permutation(n)]
-        acc = np.zeros((2, 2))  # [plain, masked] × [loss sum, rows]
-        diverged = False
-        for s in range(0, n, bs):
-            idx = jnp.asarray(perm[s:s + bs])
-            xb, ob = xs[idx], col_obs[idx]
-            if _masked_step(step_i, model.masking) and n_leaves > 1:
-                keep = jnp.asarray(random_keep(rng, len(idx), n_leaves, model.mask_drop))
-                params, opt_state, loss = masked(params, opt_state, xb, ob, keep)
-                acc[1] += np.array([float(loss) * len(idx), len(idx)])
-            else:
-                params, opt_state, loss = plain(params, opt_state, xb, ob, dummy)
-                acc[0] += np.array([float(loss) * len(idx), len(idx)])
-            step_i += 1
-            if not np.isfinite(float(loss)):
-                diverged = True
-                break
-        if diverged:  # back to the last finite weights with a fresh Adam state (the torch flavour also halves
-            restarts += 1  # the learning rate; the compiled optax schedule is kept here)
-            if restarts > 5:
-                raise RuntimeError("VFG training diverged (non-finite loss) 6 times: lower learning_rate or "
-                                   "log_scale_clip, or standardise the data")
-            params, opt_state = good, opt.init(good)
-            continue
-        good = params
-        history.append(_epoch_loss(acc))
-        if va_idx is not None:
-            vi = jnp.asarray(va_idx)
-            v = float(val_loss(params, xs[vi], col_obs[vi]))
-            if va_keep is not None:
-                v += float(val_masked(params, xs[vi], col_obs[vi], va_keep))
-            val_history.append(v)
-            if best is None or v < best[0] or not np.isfinite(best[0]):
-                best, stale = (v, params), 0
-            else:
-                stale += 1
-        if callback is not None:
-            callback(len(history), epoch_info(history, val_history, va_idx is not None))
-        if va_idx is not None and patience is not None and stale >= patience:
-            break
-        bar.set_postfix(loss=f"{history[-1]:.4g}")
-        bar.update()
-    bar.close()
-    if best is not None:
-        params = best[1]
-    fit = VFGFit(model, eqx.combine(params, static), ops, loc, scale, history, time.perf_counter() - t0)
-    fit.dtype = jnp.float32
-    fit.val_history = val_history
-    return fit
-
-
 def fit_from_torch(fit: Any) -> VFGFit:
     """The JAX flavour of a torch fit (a :class:`~latentfit.integrations.vfg_engine.VFGResult` or a
     :class:`VFGFit`) with the *same weights*: every Pyro
@@ -324,3 +210,217 @@ def fit_from_torch(fit: Any) -> VFGFit:
     new_fit.dtype = dtype
     new_fit.val_history = list(fit.val_history)
     return new_fit
+
+
+# ----------------------------------------------------------------------------------------------------
+# training through the engine driver
+# ----------------------------------------------------------------------------------------------------
+def _engine_classes() -> tuple[type, type]:
+    """The JAX flavour's problem record and engine (built on first use: the module imports no engine at the top)."""
+    global _CLASSES
+    if _CLASSES is not None:
+        return _CLASSES
+    jax, eqx, _, paramax = _require()
+    import jax.numpy as jnp
+    import optax
+
+    from latentfit.inference.ops_jax import JaxOps as EngineJaxOps
+    from latentfit.integrations.vfg import _lr_at, _masked_step
+    from latentfit.integrations.vfg_engine import VFGEngine, VFGState, validation_size
+
+    class EagerJaxOps(EngineJaxOps):
+        """The driver's shim for the VFG's JAX flavour: JAX arrays; an epoch runs in Python (each mini-batch step
+        is a compiled function), so the driver does not compile the whole step."""
+
+        jittable = False
+
+        def scan_steps(self, step: Callable, state: Any, ks: range, key: Any = None) -> tuple[Any, list[Any]]:
+            infos = []
+            for k in ks:
+                state, info = step(state, k)
+                infos.append(info)
+            return state, infos
+
+    class VFGJaxProblem:
+        """:class:`~latentfit.integrations.vfg_engine.VFGProblem` of the JAX flavour: standardised, zero-filled data
+        in JAX's default float dtype; the flows' trainable arrays by name (``jax.tree_util.keystr`` paths)."""
+
+        def __init__(self, spec: VFG, x: Any) -> None:
+            xn = np.asarray(x, dtype=np.float64)
+            self.spec, self.graph = spec, spec.graph
+            self.ops = EagerJaxOps()
+            self.loc, self.scale = _validate_data(spec, xn)
+            xs = (xn - self.loc) / self.scale
+            self.col_obs = jnp.asarray(~np.isnan(xs), dtype=self.ops.dtype)
+            self.xs = jnp.asarray(np.nan_to_num(xs, nan=0.0), dtype=self.ops.dtype)
+            self.num_units, self.latent_dim = int(xn.shape[0]), int(self.graph.root_dim)
+            self.array_ops = JaxOps()
+            params, self.static = self._partition(make_flows(spec, jax.random.PRNGKey(0)))
+            paths, self.treedef = jax.tree_util.tree_flatten_with_path(params)
+            self.names = [jax.tree_util.keystr(path) for path, _ in paths]
+            self.shapes = {n: list(a.shape) for n, (_, a) in zip(self.names, paths)}
+
+        @staticmethod
+        def _partition(flows: Any) -> tuple[Any, Any]:
+            return eqx.partition(flows, eqx.is_inexact_array, is_leaf=lambda v: isinstance(v, paramax.NonTrainable))
+
+        def build_weights(self, key: Any) -> dict[str, Any]:
+            """Initial weights (flowjax's initialisers) drawn from ``key``, by name."""
+            params, _ = self._partition(make_flows(self.spec, key))
+            return {n: a.astype(self.ops.dtype) for n, a in zip(self.names, jax.tree_util.tree_leaves(params))}
+
+        def flows_of(self, weights: dict[str, Any]) -> Any:
+            """The flows holding ``weights``."""
+            params = jax.tree_util.tree_unflatten(self.treedef, [weights[n] for n in self.names])
+            return eqx.combine(params, self.static)
+
+        def data_shapes(self) -> dict[str, Any]:
+            return {"num_units": self.num_units, "latent_dim": self.latent_dim, "params": self.shapes}
+
+    def random_keep_jax(key: Any, n: int, n_leaves: int, drop: float, dtype: Any) -> Any:
+        """:func:`~latentfit.integrations.vfg_engine.random_keep` drawn from a JAX key."""
+        if n_leaves == 1:
+            return jnp.ones((n, 1), dtype)
+        k1, k2, k3 = jax.random.split(key, 3)
+        keep = jax.random.uniform(k1, (n, n_leaves)) >= drop
+        cols = jnp.arange(n_leaves)
+        pick = jax.random.randint(k2, (n, 1), 0, n_leaves) == cols
+        keep = keep | (pick & ~keep.any(1, keepdims=True))
+        pick = jax.random.randint(k3, (n, 1), 0, n_leaves) == cols
+        keep = keep & ~(pick & keep.all(1, keepdims=True))
+        return keep.astype(dtype)
+
+    class VFGJaxEngine(VFGEngine):
+        """:class:`~latentfit.integrations.vfg_engine.VFGEngine` of the JAX flavour: the same epoch, divergence guard
+        and early stopping; each mini-batch step (``optax.clip_by_global_norm`` then ``optax.scale_by_adam``, rate
+        ``η_t``) compiled once per (plain/masked, batch size), compile time in ``fit.compile_time``; the stream a JAX
+        key in the state, split per epoch."""
+
+        model_type = VFGJaxProblem
+
+        def __init__(self, problem: Any, **options: Any) -> None:
+            super().__init__(problem, **options)
+            self._compiled: dict[Any, Any] = {}
+
+        def init(self, key: Any) -> Any:
+            p = self.model
+            k_split, k_flows, k_keep, key = jax.random.split(key, 4)
+            n_val = validation_size(p.num_units, self.validation)
+            val = None
+            train = jnp.arange(p.num_units)
+            if n_val:
+                perm = jax.random.permutation(k_split, p.num_units)
+                train, val = jnp.sort(perm[n_val:]), jnp.sort(perm[:n_val])
+            weights = p.build_weights(k_flows)
+            val_keep = None
+            if val is not None and self.masking and self.num_leaves > 1:
+                val_keep = random_keep_jax(k_keep, n_val, self.num_leaves, self.mask_drop, p.ops.dtype)
+            zeros = {n: jnp.zeros_like(w) for n, w in weights.items()}
+            return VFGState(weights=weights, adam_m=zeros, adam_v=dict(zeros), adam_t=0, key=key, num_steps=0,
+                            lr_scale=1.0, rollbacks=0, train_idx=train, val_idx=val, val_keep=val_keep,
+                            best_val=math.inf if val is not None else None,
+                            best_weights=dict(weights) if val is not None else None, stale=0)
+
+        @staticmethod
+        def _zeros_like(w: Any) -> Any:
+            return jnp.zeros_like(w)
+
+        @staticmethod
+        def _next_key(key: Any) -> tuple[Any, Any]:
+            return tuple(jax.random.split(key))
+
+        def _loss(self, weights: dict[str, Any], xb: Any, ob: Any, keep: Any) -> Any:
+            p, s = self.model, self.model.spec
+            return negative_elbo(p.graph, bound_flows(p.flows_of(weights)), p.array_ops, xb, ob, keep, s.beta,
+                                 s.likelihood, s.sigma)
+
+        def _function(self, kind: str, args: tuple[Any, ...]) -> Any:
+            """The compiled batch step (``kind`` "plain" / "masked") or held-out loss ("val" / "val_masked") for
+            these argument shapes, compiled ahead of time on first use (time added to ``ops.compile_time``)."""
+            cache_key = (kind, *(tuple(np.shape(a)) for a in args[4:6]))
+            if cache_key in self._compiled:
+                return self._compiled[cache_key]
+            masked = kind.endswith("masked")
+            clip = optax.clip_by_global_norm(self.clip_grad) if self.clip_grad else optax.identity()
+            adam = optax.scale_by_adam()
+
+            def batch_step(w: Any, m: Any, v: Any, t: Any, xb: Any, ob: Any, keep: Any, lr: Any) -> Any:
+                loss, grads = jax.value_and_grad(self._loss)(w, xb, ob, keep if masked else None)
+                grads, _ = clip.update(grads, clip.init(w))
+                upd, st = adam.update(grads, optax.ScaleByAdamState(count=t, mu=m, nu=v))
+                w = jax.tree_util.tree_map(lambda a, u: a - lr * u, w, upd)
+                return w, st.mu, st.nu, st.count, loss
+
+            def held_out(w: Any, m: Any, v: Any, t: Any, xb: Any, ob: Any, keep: Any, lr: Any) -> Any:
+                return self._loss(w, xb, ob, keep if masked else None)
+
+            fn = batch_step if kind in ("plain", "masked") else held_out
+            t0 = time.perf_counter()
+            compiled = jax.jit(fn).lower(*args).compile()
+            self.ops.compile_time += time.perf_counter() - t0
+            self._compiled[cache_key] = compiled
+            return compiled
+
+        def _epoch(self, state: Any, m: Any, v: Any, t: int, key: Any, lr_scale: float) -> Any:
+            p = self.model
+            k_perm, key = jax.random.split(key)
+            perm = state.train_idx[jax.random.permutation(k_perm, self.num_train)]
+            w = state.weights
+            count = jnp.asarray(t, jnp.int32)
+            losses: list[tuple[int, int, Any]] = []
+            step = state.num_steps
+            dummy = jnp.ones((1, self.num_leaves), p.ops.dtype)
+            for s in range(0, self.num_train, self.batch):
+                idx = perm[s:s + self.batch]
+                nb = int(idx.shape[0])
+                masked = _masked_step(step, self.masking) and self.num_leaves > 1
+                keep = dummy
+                if masked:
+                    key, sub = jax.random.split(key)
+                    keep = random_keep_jax(sub, nb, self.num_leaves, self.mask_drop, p.ops.dtype)
+                lr = jnp.asarray(lr_scale * _lr_at(self.learning_rate, step, self.num_steps, self.lr_decay),
+                                 p.ops.dtype)
+                args = (w, m, v, count, p.xs[idx], p.col_obs[idx], keep, lr)
+                w, m, v, count, loss = self._function("masked" if masked else "plain", args)(*args)
+                losses.append((int(masked), nb, loss))
+                step += 1
+            values = jax.device_get([loss for _, _, loss in losses])  # the epoch's one host sync
+            acc = np.zeros((2, 2))
+            for (kind, nb, _), value in zip(losses, values):
+                acc[kind] += np.array([float(value) * nb, nb])
+            loss_value = _epoch_loss(acc)
+            if not np.isfinite(acc[:, 0]).all():
+                loss_value = math.nan
+            return w, m, v, t + len(losses), loss_value
+
+        def _held_out(self, weights: dict[str, Any], val_idx: Any, val_keep: Any) -> float:
+            p = self.model
+            xb, ob = p.xs[val_idx], p.col_obs[val_idx]
+            lr = jnp.asarray(0.0, p.ops.dtype)
+            args = (weights, None, None, None, xb, ob, jnp.ones((1, self.num_leaves), p.ops.dtype), lr)
+            value = float(self._function("val", args)(*args))
+            if val_keep is not None:
+                args = (weights, None, None, None, xb, ob, val_keep, lr)
+                value += float(self._function("val_masked", args)(*args))
+            return value
+
+        def flows_with(self, weights: dict[str, Any]) -> Any:
+            return self.model.flows_of(weights)
+
+    _CLASSES = (VFGJaxProblem, VFGJaxEngine)
+    return _CLASSES
+
+
+_CLASSES: tuple[type, type] | None = None
+
+
+def fit_jax_engine(spec: VFG, x: Any, *, num_epochs: int, batch_size: int, learning_rate: float, seed: int,
+                   progress: bool, validation: float, patience: int | None, lr_decay: bool, callback: Any,
+                   checkpoint: Any = None, checkpoint_every: int | None = None, resume: Any = None) -> Any:
+    """:meth:`VFG.fit <latentfit.integrations.vfg.VFG.fit>` on JAX: the flavour's engine through the driver; a
+    :class:`~latentfit.integrations.vfg_engine.VFGResult`."""
+    problem_cls, engine_cls = _engine_classes()
+    engine = engine_cls(problem_cls(spec, x), num_epochs=num_epochs, batch_size=batch_size,
+                        learning_rate=learning_rate, lr_decay=lr_decay, validation=validation, patience=patience,
+                        seed=seed, progress=progress, callback=callback)
+    return engine.run(checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
