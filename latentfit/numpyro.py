@@ -55,8 +55,7 @@ from latentfit.inference.model import LatentModel
 from latentfit.inference.results import FitResult
 from latentfit.integrations._front_door import EMFamilyFrontDoor, EngineFrontDoor, front_door, split_run_options
 from latentfit.integrations.misso_vi_numpyro import MISSOVI
-from latentfit.integrations.numpyro import NumPyroLatentModel, as_rng_key
-from latentfit.integrations.numpyro_enum import NumPyroEnumModel, has_enumerated_latents
+from latentfit.integrations.numpyro import NumPyroEnumModel, NumPyroLatentModel, as_rng_key
 
 enable_from_environment()
 
@@ -80,7 +79,6 @@ class _EMFamilyEngine(EMFamilyFrontDoor, _NumPyroEngine):
     enumeration) or a ready-made :class:`LatentModel` on JAX arrays (e.g. ``GaussianMixture(jnp_array, K)``)."""
 
     enum_model_cls = NumPyroEnumModel
-    has_enumerated_latents = staticmethod(has_enumerated_latents)
 
     def _check_latent_model(self, model: LatentModel) -> None:
         if not getattr(model.ops, "jittable", False):

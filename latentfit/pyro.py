@@ -58,8 +58,7 @@ from latentfit.inference.model import LatentModel
 from latentfit.inference.results import FitResult
 from latentfit.integrations._front_door import EMFamilyFrontDoor, EngineFrontDoor, front_door, split_run_options
 from latentfit.integrations.misso_vi_pyro import MISSOVI
-from latentfit.integrations.pyro import PyroLatentModel, write_params_to_store
-from latentfit.integrations.pyro_enum import PyroEnumModel, has_enumerated_latents
+from latentfit.integrations.pyro import PyroEnumModel, PyroLatentModel, write_params_to_store
 
 
 class _PyroEngine(EngineFrontDoor):
@@ -89,7 +88,6 @@ class _EMFamilyEngine(EMFamilyFrontDoor, _PyroEngine):
     enumeration) or a ready-made :class:`LatentModel` such as ``GaussianMixture``."""
 
     enum_model_cls = PyroEnumModel
-    has_enumerated_latents = staticmethod(has_enumerated_latents)
 
     def run(self, *args: Any, **kwargs: Any) -> FitResult:
         if isinstance(self.model, LatentModel):

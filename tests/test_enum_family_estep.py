@@ -80,14 +80,14 @@ def _adapter(ppl: str, cov: str, x: np.ndarray, mask=None):
         import pyro
         import torch
 
-        from latentfit.integrations.pyro_enum import PyroEnumModel
+        from latentfit.integrations.pyro import PyroEnumModel
 
         pyro.clear_param_store()
         m = None if mask is None else torch.tensor(mask)
         return PyroEnumModel(_pyro_model(cov, m), (torch.tensor(x),))
     import jax.numpy as jnp
 
-    from latentfit.integrations.numpyro_enum import NumPyroEnumModel
+    from latentfit.integrations.numpyro import NumPyroEnumModel
 
     m = None if mask is None else jnp.asarray(mask)
     return NumPyroEnumModel(_numpyro_model(cov, m), (jnp.asarray(x),))

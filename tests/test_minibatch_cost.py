@@ -180,7 +180,7 @@ def _poisson_mixture(ppl: str, seen: list, x: np.ndarray):
         from pyro.infer import config_enumerate
         from torch.distributions import constraints
 
-        from latentfit.integrations.pyro_enum import PyroEnumModel
+        from latentfit.integrations.pyro import PyroEnumModel
 
         @config_enumerate
         def model(x):
@@ -199,7 +199,7 @@ def _poisson_mixture(ppl: str, seen: list, x: np.ndarray):
     import numpyro.distributions as dist
     from numpyro.distributions import constraints
 
-    from latentfit.integrations.numpyro_enum import NumPyroEnumModel
+    from latentfit.integrations.numpyro import NumPyroEnumModel
 
     def model(x):
         w = numpyro.param("w", jnp.array([0.5, 0.3, 0.2]), constraint=constraints.simplex)
@@ -217,7 +217,7 @@ def test_enumerated_table_of_a_batch_runs_the_model_on_the_batch_alone(ppl):
     x = np.random.default_rng(3).poisson(np.array([1.0, 4.0, 9.0])[np.arange(90) % 3]).astype(float)
     seen: list[int] = []
     model, index = _poisson_mixture(ppl, seen, x)
-    assert model._batch_table_ok()
+    assert model.batch_path
     theta = model.init_params()
     full = _np(model.log_joint_table(theta))  # [K, n]
     units = np.array([88, 2, 45, 2, 0])
@@ -252,9 +252,9 @@ def test_enumerated_minibatch_engines_same_estimates_with_and_without_batch_path
         out = []
         for route in ("full", "batch", "family"):
             model = _adapter(ppl, "full", x)
-            assert model._batch_table_ok() and model._family_estep
+            assert model.batch_path and model._family_estep
             model._family_estep = route == "family"
-            model._batch_table = route == "batch"
+            model.batch_path = route == "batch"
             fit = cls(model, num_epochs=3, batch_size=b, seed=1, progress=False).run()
             out.append({k: _np(v) for k, v in fit.params.items()})
         tol = 1e-10 if ppl == "pyro" else 2e-5
@@ -274,7 +274,7 @@ def test_a_mask_over_the_units_keeps_the_full_run(ppl):
     x = _data(60, seed=5)
     mask = np.arange(60) % 3 > 0
     model = _adapter(ppl, "full", x, mask)
-    assert not model._batch_table_ok() and not model._family_estep
+    assert not model.batch_path and not model._family_estep
     theta = model.init_params()
     units = np.array([59, 0, 30])
     idx = units if ppl == "numpyro" else __import__("torch").as_tensor(units)

@@ -20,7 +20,7 @@ from torch.distributions import constraints
 from latentfit import DataError, ModelSpecificationError
 from latentfit.inference.em import EM
 from latentfit.inference.fiem import FIEM
-from latentfit.integrations.pyro_enum import PyroEnumModel
+from latentfit.integrations.pyro import PyroEnumModel
 from latentfit.models.mixture import GaussianMixture
 
 TRUE_LOCS = np.array([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]])

@@ -106,7 +106,7 @@ def test_plain_numpyro_mixture_by_enumeration_gives_gaussianmixture_estimates(co
     """A NumPyro mixture with a Categorical label: exact E-step by enumeration over the label, the
     Gaussian-mixture M-step recognised; EM lands on GaussianMixture's EM estimates (to 1e-9)."""
     from latentfit.inference.em import EM as CoreEM
-    from latentfit.integrations.numpyro_enum import NumPyroEnumModel
+    from latentfit.integrations.numpyro import NumPyroEnumModel
     from latentfit.numpyro import EM
 
     x = jnp.asarray(_mixture_data(200, seed=3))

@@ -36,8 +36,7 @@ from latentfit.inference.saem import SAEM
 from latentfit.inference.sem import SEM
 from latentfit.inference.semvr import SEMVR
 from latentfit.inference.ttsem import TTSEM
-from latentfit.integrations.pyro import PyroLatentModel
-from latentfit.integrations.pyro_enum import PyroEnumModel
+from latentfit.integrations.pyro import PyroEnumModel, PyroLatentModel
 
 
 def random_intercept(y: torch.Tensor) -> None:

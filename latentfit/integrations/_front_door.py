@@ -55,11 +55,7 @@ class EMFamilyFrontDoor(EngineFrontDoor):
     """Front door of the EM family: a model function (discrete latents: exact E-step by enumeration,
     ``enum_model_cls``) or a ready-made :class:`LatentModel` such as ``GaussianMixture``."""
 
-    enum_model_cls: type = LatentModel
-
-    @staticmethod
-    def has_enumerated_latents(model: Any, args: tuple, kwargs: dict) -> bool:  # pragma: no cover - interface
-        return False
+    enum_model_cls: Any = None  # the PPL's EnumeratedLatentModel
 
     def __init__(self, model: Any, *engine_args: Any, unit_plate: str | None = None, unit_index: Any = None,
                  **engine_kwargs: Any) -> None:
@@ -76,7 +72,7 @@ class EMFamilyFrontDoor(EngineFrontDoor):
     def latent_model(self, *args: Any, **kwargs: Any) -> LatentModel:
         if isinstance(self.model, LatentModel):
             return self.model
-        if self.has_enumerated_latents(self.model, args, kwargs):
+        if self.enum_model_cls.has_enumerated_latents(self.model, args, kwargs):
             return self.enum_model_cls(self.model, args, kwargs)
         return super().latent_model(*args, **kwargs)
 

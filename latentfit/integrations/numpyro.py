@@ -21,48 +21,9 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import ExpTransform, biject_to
 from numpyro.primitives import Messenger
 
-from latentfit.inference.model import ParamInfo
 from latentfit.inference.ops_jax import JaxOps, SharedJit, default_float_dtype
+from latentfit.integrations.enumerated import EnumeratedLatentModel
 from latentfit.integrations.traced import PPL, Frame, Site, TracedLatentModel
-
-
-def _unwrap(fn: Any) -> tuple[Any, Any]:
-    """Strip Independent / Masked / Expanded wrappers; return (base distribution, mask)."""
-    mask = None
-    while True:
-        if isinstance(fn, ndist.MaskedDistribution):
-            m = fn._mask
-            if not (isinstance(m, bool) and m):
-                mask = m if mask is None else (mask & m)
-            fn = fn.base_dist
-        elif isinstance(fn, (ndist.Independent, ndist.ExpandedDistribution)):
-            fn = fn.base_dist
-        else:
-            return fn, mask
-
-
-def _is_lognormal(fn: Any) -> bool:
-    if isinstance(fn, ndist.LogNormal):
-        return True
-    return (isinstance(fn, ndist.TransformedDistribution)
-            and isinstance(_unwrap(fn.base_dist)[0], ndist.Normal)
-            and len(fn.transforms) == 1 and isinstance(fn.transforms[0], ExpTransform))
-
-
-def _normal_base(fn: Any) -> Any:
-    fn = _unwrap(fn)[0]
-    if isinstance(fn, ndist.TransformedDistribution):
-        return _unwrap(fn.base_dist)[0]
-    return fn
-
-
-def _site_log_prob(site: dict) -> Any:
-    lp = site["fn"].log_prob(site["value"])
-    mask = site.get("mask")
-    if mask is not None and not (isinstance(mask, bool) and mask):
-        lp = jnp.where(mask, lp, 0.0)
-    return lp
-
 
 #: pytree-valued params (``numpyro.contrib.module``'s ``"net$params"``): name -> (leaf names, tree structure)
 _PYTREE_PARAMS: dict[str, tuple[tuple[str, ...], Any]] = {}
@@ -118,11 +79,9 @@ class NumPyroPPL(PPL):
     name = "numpyro"
     dist = SimpleNamespace(
         Normal=ndist.Normal, LogNormal=ndist.LogNormal, MultivariateNormal=ndist.MultivariateNormal,
+        Categorical=ndist.CategoricalProbs,
         Independent=ndist.Independent, Masked=ndist.MaskedDistribution, Expanded=ndist.ExpandedDistribution,
         Transformed=ndist.TransformedDistribution, ExpTransform=ExpTransform)
-
-    def unwrap(self, fn: Any) -> Any:
-        return _unwrap(fn)[0]
 
     def run(self, fn: Any, args: tuple, kwargs: dict, params: dict | None = None, values: dict | None = None,
             key: Any = None, subsample: tuple[str, int, Any] | None = None) -> dict[str, Site]:
@@ -183,6 +142,10 @@ class NumPyroPPL(PPL):
     def moveaxis(self, x: Any, source: int, destination: int) -> Any:
         return jnp.moveaxis(x, source, destination)
 
+    def one_hot_draws(self, key: Any, probs: Any, num: int, dtype: Any) -> Any:
+        lab = jax.random.categorical(key, jnp.log(probs), axis=-1, shape=(num, probs.shape[0]))
+        return jax.nn.one_hot(lab, probs.shape[-1], dtype=dtype)
+
 
 class NumPyroLatentModel(TracedLatentModel):
     """A NumPyro model function, traced once, seen through the :class:`LatentModel` contract."""
@@ -190,17 +153,10 @@ class NumPyroLatentModel(TracedLatentModel):
     ppl = NumPyroPPL()
 
 
-def numpyro_params(trace: Any) -> tuple[dict[str, ParamInfo], Any]:
-    """The params of a NumPyro trace (constrained values, constraints) and the fit's float dtype."""
-    values = {n: s["value"] for n, s in trace.items() if s["type"] == "param"}
-    dtype, _ = NumPyroLatentModel.ppl.float_dtype(list(values.values()))
-    params = {}
-    for name, value in values.items():
-        constraint = trace[name]["kwargs"].get("constraint", constraints.real)
-        transform = biject_to(constraint)
-        params[name] = ParamInfo(name=name, value=jnp.asarray(value, dtype=dtype), to_unconstrained=transform.inv,
-                                 to_constrained=transform, meta={"constraint": constraint})
-    return params, dtype
+class NumPyroEnumModel(EnumeratedLatentModel):
+    """A NumPyro model with one enumerable per-unit latent (exact E-step by enumeration)."""
+
+    ppl = NumPyroLatentModel.ppl
 
 
 def as_rng_key(rng_key: Any) -> Any:
@@ -216,4 +172,4 @@ def as_rng_key(rng_key: Any) -> Any:
         f"(NumPyro's convention); got {type(rng_key).__name__}")
 
 
-__all__ = ["NumPyroLatentModel", "NumPyroPPL", "as_rng_key", "numpyro_params"]
+__all__ = ["NumPyroEnumModel", "NumPyroLatentModel", "NumPyroPPL", "as_rng_key"]

@@ -24,35 +24,13 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to, constraints, transform_to
 from torch.distributions.transforms import ExpTransform
 
-from latentfit.inference.model import ParamInfo
 from latentfit.inference.ops import TorchOps
+from latentfit.integrations.enumerated import EnumeratedLatentModel
 from latentfit.integrations.traced import PPL, Frame, Site, TracedLatentModel
 
 #: how ``pyro.module`` names its weights (``"net$$$0.weight"``), and the code object of ``pyro.module``
 _MODULE_DIVIDER = "$$$"
 _PYRO_MODULE_CODE = pyro.primitives.module.__code__
-
-
-def _unwrap(fn: Any) -> tuple[Any, Any]:
-    """Strip Independent / Masked / Expanded wrappers; return (base distribution, mask)."""
-    mask = None
-    while True:
-        if isinstance(fn, pdist.MaskedDistribution):
-            mask = _and(mask, fn._mask)
-            fn = fn.base_dist
-        elif isinstance(fn, (pdist.Independent, torch.distributions.Independent, pdist.ExpandedDistribution)):
-            fn = fn.base_dist
-        else:
-            return fn, mask
-
-
-def _and(a: Any, b: Any) -> Any:
-    """Conjunction of two masks where ``None`` / ``True`` mean "everything"."""
-    if a is None or a is True:
-        return None if b is True else b
-    if b is None or b is True:
-        return a
-    return torch.as_tensor(a) & torch.as_tensor(b)
 
 
 class _Runner(Messenger):
@@ -242,13 +220,11 @@ class PyroPPL(PPL):
     name = "pyro"
     dist = SimpleNamespace(
         Normal=torch.distributions.Normal, LogNormal=torch.distributions.LogNormal,
+        Categorical=torch.distributions.Categorical,
         MultivariateNormal=torch.distributions.MultivariateNormal,
         Independent=(pdist.Independent, torch.distributions.Independent), Masked=pdist.MaskedDistribution,
         Expanded=pdist.ExpandedDistribution, Transformed=torch.distributions.TransformedDistribution,
         ExpTransform=ExpTransform)
-
-    def unwrap(self, fn: Any) -> Any:
-        return _unwrap(fn)[0]
 
     def run(self, fn: Any, args: tuple, kwargs: dict, params: dict | None = None, values: dict | None = None,
             key: Any = None, subsample: tuple[str, int, Any] | None = None) -> dict[str, Site]:
@@ -303,6 +279,10 @@ class PyroPPL(PPL):
     def moveaxis(self, x: Any, source: int, destination: int) -> Any:
         return x.movedim(source, destination)  # (torch.moveaxis has no vmap batching rule)
 
+    def one_hot_draws(self, key: Any, probs: Any, num: int, dtype: Any) -> Any:
+        lab = torch.multinomial(probs.reshape(-1, probs.shape[-1]), num, True, generator=key).T
+        return torch.nn.functional.one_hot(lab.reshape((num,) + tuple(probs.shape[:-1])), probs.shape[-1]).to(dtype)
+
 
 class PyroLatentModel(TracedLatentModel):
     """A Pyro model function, traced once, seen through the :class:`LatentModel` contract."""
@@ -310,20 +290,10 @@ class PyroLatentModel(TracedLatentModel):
     ppl = PyroPPL()
 
 
-def pyro_params(trace: Any) -> tuple[dict[str, ParamInfo], Any, Any]:
-    """The params of a ``poutine.trace`` (constrained values, store constraints), their device and dtype."""
-    store = pyro.get_param_store()
-    params = {}
-    for name, site in trace.nodes.items():
-        if site["type"] != "param":
-            continue
-        value = site["value"].detach()
-        constraint = store._constraints.get(name, constraints.real)
-        transform = transform_to(constraint)
-        params[name] = ParamInfo(name=name, value=value, to_unconstrained=transform.inv, to_constrained=transform,
-                                 meta={"constraint": constraint})
-    first = next(iter(params.values())).value if params else torch.zeros(())
-    return params, first.device, first.dtype
+class PyroEnumModel(EnumeratedLatentModel):
+    """A Pyro model with one enumerable per-unit latent (exact E-step by enumeration)."""
+
+    ppl = PyroLatentModel.ppl
 
 
 def write_params_to_store(params: dict[str, Any]) -> None:
@@ -334,4 +304,4 @@ def write_params_to_store(params: dict[str, Any]) -> None:
             else value.detach().clone()
 
 
-__all__ = ["PyroLatentModel", "PyroPPL", "pyro_params", "write_params_to_store"]
+__all__ = ["PyroEnumModel", "PyroLatentModel", "PyroPPL", "write_params_to_store"]

@@ -174,40 +174,24 @@ class PPL:
         return isinstance(fn, self.dist.Normal) or self.is_lognormal(fn)
 
 
-class TracedLatentModel(ClosedFormFace, LatentModel):
-    """A Pyro / NumPyro model function, traced once, seen through the :class:`LatentModel` contract."""
+class TracedBase(LatentModel):
+    """What every traced model shares: the model run with θ substituted and latents conditioned (on all units or a
+    mini-batch's alone), its params in one float dtype, the per-unit reduction of log-densities."""
 
     ppl: PPL
+    _unit_map: dict[str, Any] = {}  # observed site outside the unit plate -> unit of each element (traced models)
+    _batch_path: bool | None = None  # checked on first use (fits that never evaluate a batch pay nothing)
 
-    def __init__(self, model: Any, args: tuple = (), kwargs: dict | None = None,
-                 unit_plate: str | None = None, closed_form: bool = True, unit_index: Any = None) -> None:
+    def _setup(self, model: Any, args: tuple, kwargs: dict | None) -> dict[str, Site]:
+        """Keep the model and its arguments, trace it once, read its params and the fit's dtype and ``ops``."""
         if not callable(model):
             raise TypeError(f"model must be a callable {self.ppl.name} model, got {type(model).__name__}")
-        self.fn = model
-        self.args = tuple(args)
-        self.kwargs = dict(kwargs or {})
+        self.fn, self.args, self.kwargs = model, tuple(args), dict(kwargs or {})
         trace = self._trace_model()
         self._find_params(trace)
         self.ops = self.ppl.make_ops(self._dtype, self._device)
-        self._find_sites(trace, unit_plate)
-        self._check_observed(trace)
-        self._densities_all = self.ppl.vectorise(self._densities_one)
-        self._densities_batch = self.ppl.vectorise(self._densities_one, num_unmapped=1)
-        self._resid_batch = self.ppl.vectorise(self._resid_one, num_unmapped=1)
-        self._sample_all = self.ppl.vectorise(self._sample_one, pure=False)
-        self._resid_all = self.ppl.vectorise(self._resid_one)
-        self._predict_all = self.ppl.vectorise(self._predict_one)
-        self._gauss: list[_GaussianLatentPattern] = []
-        self._resid: list[_ResidualPattern] = []
-        self._find_unit_maps(trace, unit_index)
-        self._check_initial_density()
-        if closed_form:
-            self._recognise_patterns()
-        self.has_stats = bool(self._gauss or self._resid)
-        self._recognise_gaussian_faces()
-        self._batch_path: bool | None = None  # checked on first use (fits that never evaluate a batch pay nothing)
+        return trace
 
-    # ----- tracing ------------------------------------------------------------------------------------
     def _trace_model(self) -> dict[str, Site]:
         try:
             return self.ppl.run(self.fn, self.args, self.kwargs)
@@ -232,6 +216,100 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
                 name=name, value=ops.stop_gradient(ops.asarray(site.value, dtype=self._dtype)),
                 to_unconstrained=transform.inv, to_constrained=transform, meta={"constraint": site.constraint})
 
+    def _run(self, theta: dict[str, Any], values: dict[str, Any], units: Any = None) -> dict[str, Site]:
+        """One run at θ with the latents ``values``; with ``units``, only those units (the unit plate subsampled,
+        the latents the batch's, the observations inside the plate cut to the batch's rows)."""
+        subsample = None if units is None else (self.unit_plate, self.num_units, units)
+        return self.ppl.run(self.fn, self.args, self.kwargs, params=theta, values=values, subsample=subsample)
+
+    def _per_unit(self, x: Any, name: str | None = None, count: int | None = None) -> Any:
+        """Sum an array laid out like site ``name`` over every dim but the unit dim -> ``[N]`` (``[count]`` for a
+        mini-batch evaluated alone)."""
+        xp = self.ops.xp
+        n = self.num_units if count is None else int(count)
+        if name is not None and name in self._unit_map:
+            flat = xp.broadcast_to(x, self._lp_shape[name]).reshape(-1)
+            return self.ppl.segment_sum(flat, self._unit_map_arrays[name], self.num_units)
+        nd = max(x.ndim, -self.unit_dim)
+        x = x.reshape((1,) * (nd - x.ndim) + tuple(x.shape))
+        x = self.ppl.moveaxis(x, nd + self.unit_dim, 0)
+        x = xp.broadcast_to(x, (n,) + tuple(x.shape[1:]))
+        return x.reshape(n, -1).sum(-1)
+
+    def _guard(self, f: Any, *args: Any) -> Any:
+        try:
+            return f(*args)
+        except (TypeError, ValueError, IndexError, RuntimeError) as exc:
+            if isinstance(exc, (ModelSpecificationError, DataError)):
+                raise
+            raise ModelSpecificationError(
+                f"evaluating the model with given parameters and latents failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _index(self, units: Any) -> Any:
+        return self.ops.asarray(units, dtype=None)
+
+    def _site_lp(self, site: Site) -> Any:
+        """The site's log-density, zero where its handler mask is off."""
+        lp = site.fn.log_prob(site.value)
+        return lp if site.mask is None else self.ops.xp.where(site.mask, lp, self.ops.xp.zeros_like(lp))
+
+    @property
+    def batch_path(self) -> bool:
+        """Whether a mini-batch is evaluated by running the model on its units alone (checked once, on first use)."""
+        if self._batch_path is None:
+            with self.ppl.concrete(), self.ppl.no_grad():  # first use may be inside a step being compiled
+                self._batch_path = self._check_batch_path()
+        return self._batch_path
+
+    @batch_path.setter
+    def batch_path(self, value: bool) -> None:
+        self._batch_path = bool(value)
+
+    def _rows_match(self, pairs: list[tuple[Any, Any]]) -> bool:
+        """Whether each pair (a full run's rows for a batch, the batch run alone) agrees to √eps."""
+        for a, b in pairs:
+            a, b = np.asarray(self.ops.to_numpy(a)), np.asarray(self.ops.to_numpy(b))
+            tol = float(np.finfo(a.dtype).eps) ** 0.5
+            if a.size != b.size or not np.allclose(a.ravel(), b.ravel(), rtol=tol, atol=tol):
+                return False
+        return True
+
+    def _perturbed_params(self) -> dict[str, Any]:
+        """The initial θ moved by a random step in unconstrained space (for 'is a param' checks)."""
+        rng = np.random.default_rng(12345)
+        theta_u = self.unconstrain(self.init_params())
+        moved = {n: v + self.ops.asarray(0.3 * rng.standard_normal(tuple(v.shape)) + 0.1)
+                 for n, v in theta_u.items()}
+        return {n: self.ops.stop_gradient(v) for n, v in self.constrain(moved).items()}
+
+
+class TracedLatentModel(ClosedFormFace, TracedBase):
+    """A Pyro / NumPyro model function, traced once, seen through the :class:`LatentModel` contract."""
+
+    ppl: PPL
+
+    def __init__(self, model: Any, args: tuple = (), kwargs: dict | None = None,
+                 unit_plate: str | None = None, closed_form: bool = True, unit_index: Any = None) -> None:
+        trace = self._setup(model, args, kwargs)
+        self._find_sites(trace, unit_plate)
+        self._check_observed(trace)
+        self._densities_all = self.ppl.vectorise(self._densities_one)
+        self._densities_batch = self.ppl.vectorise(self._densities_one, num_unmapped=1)
+        self._resid_batch = self.ppl.vectorise(self._resid_one, num_unmapped=1)
+        self._sample_all = self.ppl.vectorise(self._sample_one, pure=False)
+        self._resid_all = self.ppl.vectorise(self._resid_one)
+        self._predict_all = self.ppl.vectorise(self._predict_one)
+        self._gauss: list[_GaussianLatentPattern] = []
+        self._resid: list[_ResidualPattern] = []
+        self._find_unit_maps(trace, unit_index)
+        self._check_initial_density()
+        if closed_form:
+            self._recognise_patterns()
+        self.has_stats = bool(self._gauss or self._resid)
+        self._recognise_gaussian_faces()
+
+    # ----- tracing ------------------------------------------------------------------------------------
     def _find_sites(self, trace: dict[str, Site], unit_plate: str | None) -> None:
         latent = [n for n, s in trace.items() if s.type == "sample" and not s.is_observed]
         observed = [n for n, s in trace.items() if s.type == "sample" and s.is_observed]
@@ -394,12 +472,6 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
         return out
 
     # ----- running the model with given θ and one chain of z ------------------------------------------
-    def _run(self, theta: dict[str, Any], values: dict[str, Any], units: Any = None) -> dict[str, Site]:
-        """One run at θ with the latents ``values``; with ``units``, only those units (the unit plate subsampled,
-        the latents the batch's, the observations inside the plate cut to the batch's rows)."""
-        subsample = None if units is None else (self.unit_plate, self.num_units, units)
-        return self.ppl.run(self.fn, self.args, self.kwargs, params=theta, values=values, subsample=subsample)
-
     def _split_one(self, z: Any) -> tuple[dict[str, Any], Any]:
         """``[N, d]`` unconstrained -> site values (constrained, site layout) and Σ log|J| ``[N]`` (N: the rows of
         ``z``, all units or a mini-batch's)."""
@@ -425,25 +497,7 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
 
     def _broadcast_lp(self, site: Site, count: int | None = None) -> Any:
         """The site's masked log-density, broadcast to its traced shape (of ``count`` units of a mini-batch)."""
-        xp = self.ops.xp
-        lp = site.fn.log_prob(site.value)
-        if site.mask is not None:
-            lp = xp.where(site.mask, lp, xp.zeros_like(lp))
-        return xp.broadcast_to(lp, self._lp_shape_of(site.name, count))
-
-    def _per_unit(self, x: Any, name: str | None = None, count: int | None = None) -> Any:
-        """Sum an array laid out like site ``name`` over every dim but the unit dim -> ``[N]`` (``[count]`` for a
-        mini-batch evaluated alone)."""
-        xp = self.ops.xp
-        n = self.num_units if count is None else int(count)
-        if name is not None and name in self._unit_map:
-            flat = xp.broadcast_to(x, self._lp_shape[name]).reshape(-1)
-            return self.ppl.segment_sum(flat, self._unit_map_arrays[name], self.num_units)
-        nd = max(x.ndim, -self.unit_dim)
-        x = x.reshape((1,) * (nd - x.ndim) + tuple(x.shape))
-        x = self.ppl.moveaxis(x, nd + self.unit_dim, 0)
-        x = xp.broadcast_to(x, (n,) + tuple(x.shape[1:]))
-        return x.reshape(n, -1).sum(-1)
+        return self.ops.xp.broadcast_to(self._site_lp(site), self._lp_shape_of(site.name, count))
 
     def _densities_one(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
         """``(log p(y_i | z_i; θ), log p(z_i; θ) + log|J|)`` of one chain ``z [N, d]`` (with ``units``: ``z`` holds
@@ -507,24 +561,11 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
     def _select(self, x: Any, units: Any, axis: int = -1) -> Any:
         return x if units is None else self.ops.take(x, self.ops.asarray(units, dtype=None), axis=x.ndim + axis)
 
-    def _guard(self, f: Any, *args: Any) -> Any:
-        try:
-            return f(*args)
-        except (TypeError, ValueError, IndexError, RuntimeError) as exc:
-            if isinstance(exc, (ModelSpecificationError, DataError)):
-                raise
-            raise ModelSpecificationError(
-                f"evaluating the model with given parameters and latents failed: {type(exc).__name__}: {exc}"
-            ) from exc
-
     def _chains(self, f: Any, theta: dict[str, Any], z: Any, *rest: Any) -> tuple[Any, tuple[int, ...]]:
         z = self.ops.asarray(z)
         lead = tuple(z.shape[:-2])
         out = self._guard(f, dict(theta), z.reshape((-1,) + tuple(z.shape[-2:])), *rest)
         return out, lead
-
-    def _index(self, units: Any) -> Any:
-        return self.ops.asarray(units, dtype=None)
 
     def log_densities(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
         if units is not None and self.batch_path:  # a mini-batch costs a mini-batch: the model runs on it alone
@@ -574,18 +615,6 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
         return out
 
     # ----- mini-batches evaluated alone --------------------------------------------------------------------
-    @property
-    def batch_path(self) -> bool:
-        """Whether a mini-batch is evaluated by running the model on its units alone (checked once, on first use)."""
-        if self._batch_path is None:
-            with self.ppl.concrete():  # first use may be inside a step being compiled
-                self._batch_path = self._check_batch_path()
-        return self._batch_path
-
-    @batch_path.setter
-    def batch_path(self, value: bool) -> None:
-        self._batch_path = bool(value)
-
     def _check_batch_path(self) -> bool:
         """Whether the model can be run on a mini-batch of units alone (the unit plate subsampled, the observations
         inside it cut to the batch's rows): when, at the initial θ and a prior draw of the latents, the densities
@@ -611,13 +640,7 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
                     pairs += [(full[k][..., idx], part[k]) for k in full]
         except Exception:  # the model cannot run on a subsampled plate
             return False
-        to_np = self.ops.to_numpy
-        tol = float(np.finfo(to_np(ll).dtype).eps) ** 0.5
-        for a, b in pairs:
-            a, b = np.asarray(to_np(a)), np.asarray(to_np(b))
-            if a.size != b.size or not np.allclose(a.ravel(), b.ravel(), rtol=tol, atol=tol):
-                return False
-        return True
+        return self._rows_match(pairs)
 
     # ----- diagnostics of bad models --------------------------------------------------------------------
     def _check_initial_density(self) -> None:
@@ -651,14 +674,6 @@ class TracedLatentModel(ClosedFormFace, LatentModel):
                             "the site's distribution arguments")
 
     # ----- exponential-family face -------------------------------------------------------------------
-    def _perturbed_params(self) -> dict[str, Any]:
-        """The initial θ moved by a random step in unconstrained space (for 'is a param' checks)."""
-        rng = np.random.default_rng(12345)
-        theta_u = self.unconstrain(self.init_params())
-        moved = {n: v + self.ops.asarray(0.3 * rng.standard_normal(tuple(v.shape)) + 0.1)
-                 for n, v in theta_u.items()}
-        return {n: self.ops.stop_gradient(v) for n, v in self.constrain(moved).items()}
-
     def _recognise_patterns(self) -> None:
         ppl, to_np = self.ppl, self.ops.to_numpy
         theta0 = self.init_params()
