@@ -1,8 +1,10 @@
 """NLME ``model.fit(df, ..., distributed=True)`` (issue 13): every process passes the whole theophylline table and
 fits its contiguous block of the 12 subjects (6 each on 2 gloo processes spawned with ``torch.multiprocessing``),
 with per-unit random streams and statistics all-reduced in float64; the estimates equal the one-process fit with
-``rng="per_unit"`` to 1e-10, on every process.  A covariate centred at the data's mean is refused (each block would
-centre it at its own mean).
+``rng="per_unit"`` to 1e-10, on every process, and so do the post-fit computations: standard errors (the Fisher
+information, a sum over subjects, all-reduced in float64), the individual estimates (EBEs, conditional means and
+sds: each process computes its subjects', every process gets all of them in subject order) and their shrinkage.
+A covariate centred at the data's mean is refused (each block would centre it at its own mean).
 """
 
 from __future__ import annotations
@@ -42,11 +44,34 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         except ModelSpecificationError as err:
             refused = str(err)
         ll = fit.log_likelihood("gq", num_nodes=5)  # post-fit: this process's individuals, summed over processes
-        np.savez(Path(out) / f"rank{rank}.npz", num_units=fit.model.num_units, refused=refused, ll=ll,
+        post = _post_fit(fit)  # collectives: Fisher information all-reduced, individual estimates gathered
+        np.savez(Path(out) / f"rank{rank}.npz", num_units=fit.model.num_units, refused=refused, ll=ll, **post,
                  bic_penalty=fit.bic - fit.minus_two_ll,  # p log N: N the individuals of every process
                  objective=fit.history["objective"], **{f"param_{k}": np.asarray(v) for k, v in fit.params.items()})
     finally:
         dist.destroy_process_group()
+
+
+def _post_fit(fit) -> dict[str, np.ndarray]:
+    """Standard errors (linearisation: the default for NLME; Louis' formula on the chains' draws), the EBE table,
+    the shrinkage and the individual parameters on the natural scale: of every subject on every process."""
+    out = {f"se_lin_{k}": v for k, v in fit.standard_errors("lin").items()}
+    out.update({f"se_sa_{k}": v for k, v in fit.standard_errors("sa").items()})
+    ebe = fit.individual_estimates()
+    table = fit.individual_parameters()  # natural scale: <name>.mode, .mean, .sd
+    modes = [c for c in table.columns if c.endswith(".mode")]
+    out.update(ebe_mode=ebe.mode, ebe_mean=ebe.mean, ebe_sd=ebe.sd, shrinkage_mode=ebe.shrinkage_mode,
+               shrinkage_mean=ebe.shrinkage_mean, psi_mode=table[modes].to_numpy(),
+               psi_mean_sd=table.drop(columns=modes).to_numpy(), summary_se=fit.summary()["se"].to_numpy())
+    return out
+
+
+#: Tolerances of the post-fit comparison.  The estimates of the two fits differ by ~3e-14 (relative: the order of
+#: the all-reduced sums).  Louis' SEs and the conditional means/sds are smooth in them: 1e-10.  The conditional
+#: modes (EBEs) come from a damped Newton whose steps are accepted on objective values, so near the mode they are
+#: determined only to ~sqrt(machine eps): the one-process computation itself moves them by 5e-8 (and the
+#: linearisation SEs, computed at them, by 3e-10) when θ moves by 3e-14 (measured); hence 1e-6 and 1e-8 there.
+POST_RTOL = {"ebe_mode": 1e-6, "psi_mode": 1e-6, "shrinkage_mode": 1e-6, "se_lin_": 1e-8}
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +83,9 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_two_processes_equal_one(two_processes: Path) -> None:
     one = _fit()
+    post = _post_fit(one)
+    assert post["ebe_mode"].shape == (12, 3) and post["psi_mean_sd"].shape == (12, 6)  # 12 subjects, 3 latents
+    assert all(np.isfinite(post[f"se_lin_{k}"]) and post[f"se_lin_{k}"] > 0 for k in one.params)
     for rank in range(2):
         r = np.load(two_processes / f"rank{rank}.npz")
         assert int(r["num_units"]) == 6  # this process's block of the 12 subjects
@@ -67,6 +95,9 @@ def test_two_processes_equal_one(two_processes: Path) -> None:
         np.testing.assert_allclose(r["ll"], one.log_likelihood("gq", num_nodes=5), rtol=1e-9)
         np.testing.assert_allclose(r["bic_penalty"], one.bic - one.minus_two_ll, rtol=1e-12)
         assert "Weight (center)" in str(r["refused"]) and "centre them in the table" in str(r["refused"])
+        for name, value in post.items():  # post-fit of a distributed fit == one process (every subject, in order)
+            tol = next((t for prefix, t in POST_RTOL.items() if name.startswith(prefix)), 1e-10)
+            np.testing.assert_allclose(r[name], value, rtol=tol, atol=tol, err_msg=name)
     assert sorted(one.params) == ["CL", "V", "a", "ka", "omega2_CL", "omega2_V", "omega2_ka"]
 
 

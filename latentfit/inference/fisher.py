@@ -143,8 +143,14 @@ def _finish(method: str, model: LatentModel, pv: ParamVector, fim: np.ndarray) -
 
 
 # ----- linearisation --------------------------------------------------------------------------------
-def fim_linearisation(model: LatentModel, theta: dict[str, Any], z_hat: Any) -> StandardErrors:
-    """Expected Fisher information of the model linearised at the conditional modes ``z_hat [N, d]``."""
+#: sums a Fisher information ``[p, p]`` (a sum over units) over the processes of a distributed fit
+Reduce = Callable[[np.ndarray], np.ndarray]
+
+
+def fim_linearisation(model: LatentModel, theta: dict[str, Any], z_hat: Any,
+                      reduce: Reduce | None = None) -> StandardErrors:
+    """Expected Fisher information of the model linearised at the conditional modes ``z_hat [N, d]``; ``reduce``
+    (a distributed fit): the sum of every process's information."""
     require_gaussian_faces(model, "the linearisation Fisher information")
     ops = model.ops
     xp = ops.xp
@@ -166,16 +172,18 @@ def fim_linearisation(model: LatentModel, theta: dict[str, Any], z_hat: Any) -> 
     vinv = xp.linalg.inv(cov0)
     fim = xp.einsum("ntp,nts,nsq->pq", d_mean, vinv, d_mean)
     a = xp.einsum("nab,nbcp->nacp", vinv, d_cov)
-    fim = fim + 0.5 * xp.einsum("nabp,nbaq->pq", a, a)
-    return _finish("lin", model, pv, ops.to_numpy(fim))
+    fim = ops.to_numpy(fim + 0.5 * xp.einsum("nabp,nbaq->pq", a, a))
+    return _finish("lin", model, pv, fim if reduce is None else reduce(fim))
 
 
 # ----- stochastic approximation of Louis' formula --------------------------------------------------
-def fim_louis(model: LatentModel, theta: dict[str, Any], draws: Any, batch_size: int = 200) -> StandardErrors:
+def fim_louis(model: LatentModel, theta: dict[str, Any], draws: Any, batch_size: int = 200,
+              reduce: Reduce | None = None) -> StandardErrors:
     """Observed Fisher information by Louis' formula, conditional expectations averaged over ``draws``.
 
     ``draws``: latent draws ``[..., N, d]`` (unconstrained) from ``p(z_i | y_i; θ̂)``, e.g. the SAEM chains'
-    ``[L, draws, N, d]``; leading dims are pooled.
+    ``[L, draws, N, d]``; leading dims are pooled.  ``reduce`` (a distributed fit): the sum of every process's
+    information (both terms are sums over units).
     """
     ops = model.ops
     xp = ops.xp
@@ -206,7 +214,7 @@ def fim_louis(model: LatentModel, theta: dict[str, Any], draws: Any, batch_size:
     g_mean = g_sum / s_total
     cov_scores = gg_sum / s_total - np.einsum("np,nq->npq", g_mean, g_mean)
     fim = -hess / s_total - cov_scores.sum(0)
-    return _finish("sa", model, pv, fim)
+    return _finish("sa", model, pv, fim if reduce is None else reduce(fim))
 
 
 __all__ = ["StandardErrors", "delta_method", "fim_linearisation", "fim_louis", "forward_jacobian",

@@ -14,6 +14,7 @@ latent sites' supports.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,16 +73,23 @@ def conditional_moments(draws: Any) -> tuple[np.ndarray, np.ndarray]:
     return z.mean(0), z.std(0, ddof=1) if z.shape[0] > 1 else np.zeros(z.shape[1:])
 
 
-def shrinkage(model: LatentModel, theta: dict[str, Any], z: Any) -> np.ndarray | None:
-    """``1 − var_i(z_ij − m_ij) / Ω_jj`` (saemix/Monolix η-shrinkage) for per-unit estimates ``z [N, d]``."""
+def shrinkage(model: LatentModel, theta: dict[str, Any], z: Any,
+              gather: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray | None:
+    """``1 − var_i(z_ij − m_ij) / Ω_jj`` (saemix/Monolix η-shrinkage) for per-unit estimates ``z [N, d]``.
+
+    ``gather`` (a distributed fit): concatenates an ``[n, ...]`` array of this process's units with every other
+    process's, in unit order, so that the variance runs over all the fit's units."""
     if not model.has_gaussian_prior:
         return None
     ops = model.ops
     m, omega = model.prior_moments(theta)
     m, omega = ops.to_numpy(m), ops.to_numpy(omega)
     var = np.diagonal(omega, 0, -2, -1)
-    var = var.mean(0) if var.ndim == 2 else var
     eta = np.asarray(z) - m
+    if gather is not None:
+        eta = gather(eta)
+        var = gather(var) if var.ndim == 2 else var
+    var = var.mean(0) if var.ndim == 2 else var
     return 1.0 - eta.var(0, ddof=1) / var
 
 
@@ -130,5 +138,15 @@ def individual_estimates(model: LatentModel, theta: dict[str, Any], draws: Any, 
                                shrinkage_mean=shrinkage(model, theta, mean), labels=latent_labels(model))
 
 
-__all__ = ["IndividualEstimates", "conditional_moments", "individual_estimates", "latent_labels",
-           "sample_conditional", "shrinkage"]
+def gather_estimates(model: LatentModel, theta: dict[str, Any], local: IndividualEstimates,
+                     gather: Callable[[np.ndarray], np.ndarray]) -> IndividualEstimates:
+    """A distributed fit's estimates of every unit, in unit order, from this process's ``local`` ones (each process
+    computes its units: modes, means and sds are per unit) and ``gather`` (see :func:`shrinkage`); the shrinkage
+    runs over all units."""
+    return IndividualEstimates(mode=gather(local.mode), mean=gather(local.mean), sd=gather(local.sd),
+                               shrinkage_mode=shrinkage(model, theta, local.mode, gather),
+                               shrinkage_mean=shrinkage(model, theta, local.mean, gather), labels=local.labels)
+
+
+__all__ = ["IndividualEstimates", "conditional_moments", "gather_estimates", "individual_estimates",
+           "latent_labels", "sample_conditional", "shrinkage"]

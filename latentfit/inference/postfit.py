@@ -46,12 +46,48 @@ def individual_estimates(fit: FitResult, num_steps: int = 30) -> individual.Indi
     """Conditional modes (EBEs), conditional means and sds of every unit, and shrinkage.
 
     Returns an :class:`~latentfit.inference.individual.IndividualEstimates` (``.mode``, ``.mean``,
-    ``.sd`` ``[N, d]`` in unconstrained latent space, ``.shrinkage_mode``, ``.to_frame()``).
+    ``.sd`` ``[N, d]`` in unconstrained latent space, ``.shrinkage_mode``, ``.to_frame()``).  A distributed fit
+    (``run(distributed=True)``): each process computes its units' estimates and every process gets those of all
+    units, in unit order (a collective: every process must ask).
     """
     if "individual" not in fit._cache:
-        fit._cache["individual"] = individual.individual_estimates(
-            fit.model, fit._theta(), require_draws(fit, "individual estimates"), num_steps=num_steps)
+        local = _local_estimates(fit, num_steps)
+        gather = _unit_gather(fit)
+        fit._cache["individual"] = local if gather is None else individual.gather_estimates(
+            fit.model, fit._theta(), local, gather)
     return fit._cache["individual"]
+
+
+def _local_estimates(fit: FitResult, num_steps: int = 30) -> individual.IndividualEstimates:
+    """The individual estimates of this process's units (all units but in a distributed fit): what the post-fit
+    computations on this process's model (linearisation, residuals) read."""
+    if "individual_local" not in fit._cache:
+        fit._cache["individual_local"] = individual.individual_estimates(
+            fit.model, fit._theta(), require_draws(fit, "individual estimates"), num_steps=num_steps)
+    return fit._cache["individual_local"]
+
+
+def _distributed_ops(fit: FitResult) -> Any:
+    """The engine's shim when the fit ran over torch.distributed processes, else None."""
+    ops = getattr(fit.engine, "ops", None)
+    return ops if hasattr(ops, "world_size") else None
+
+
+def _unit_gather(fit: FitResult) -> Any:
+    """A distributed fit: ``[n, ...] -> [N, ...]``, this process's rows concatenated with every process's in unit
+    (rank) order; None otherwise."""
+    ops = _distributed_ops(fit)
+    if ops is None:
+        return None
+    return lambda rows: np.concatenate(ops.gather_objects(np.asarray(rows)), 0)
+
+
+def _information_sum(fit: FitResult) -> Any:
+    """A distributed fit: the Fisher information ``[p, p]`` summed over the processes (float64 all-reduce)."""
+    ops = _distributed_ops(fit)
+    if ops is None:
+        return None
+    return lambda fim: np.asarray(ops.to_numpy(ops.all_sum(ops.asarray(np.asarray(fim, dtype=np.float64)))))
 
 
 def individual_parameters(fit: FitResult, num_steps: int = 30) -> pd.DataFrame:
@@ -66,7 +102,7 @@ def individual_parameters(fit: FitResult, num_steps: int = 30) -> pd.DataFrame:
 
     ops, model, theta = fit.model.ops, fit.model, fit._theta()
     draws = ops.asarray(require_draws(fit, "individual parameters"))
-    mode = ops.asarray(individual_estimates(fit, num_steps=num_steps).mode)
+    mode = ops.asarray(_local_estimates(fit, num_steps=num_steps).mode)
 
     def natural(z: Any) -> dict[str, np.ndarray]:
         if hasattr(model, "individual_parameters"):
@@ -91,6 +127,8 @@ def individual_parameters(fit: FitResult, num_steps: int = 30) -> pd.DataFrame:
             cols[f"{lab}.mean"] = flat[..., j].mean(0)
             cols[f"{lab}.sd"] = flat[..., j].std(0, ddof=1)
     df = pd.DataFrame(cols)
+    if _distributed_ops(fit) is not None:  # every process's units, in unit order
+        df = pd.concat(_distributed_ops(fit).gather_objects(df), ignore_index=True)
     df.index.name = "unit"
     return df
 
@@ -126,7 +164,7 @@ def log_likelihood(fit: FitResult, method: str | None = None, *, num_samples: in
             z0 = conditional_moments(fit)[0] if fit.latent_draws is not None else None
             res = lk.log_likelihood_gq(model, theta, z0, num_nodes=num_nodes)
         elif method == "lin":
-            res = lk.log_likelihood_lin(model, theta, model.ops.asarray(individual_estimates(fit).mode))
+            res = lk.log_likelihood_lin(model, theta, model.ops.asarray(_local_estimates(fit).mode))
         else:
             mean, sd = conditional_moments(fit)
             # a model may fit the proposal to each unit's conditional distribution (NLME outcome models)
@@ -242,13 +280,13 @@ def covariance(fit: FitResult, method: str | None = None, *, num_iters: int = 0,
     if key not in cache:
         model, theta = fit.model, fit._theta()
         if method == "lin":
-            z_hat = model.ops.asarray(individual_estimates(fit).mode)
-            rec = fisher.fim_linearisation(model, theta, z_hat)
+            z_hat = model.ops.asarray(_local_estimates(fit).mode)
+            rec = fisher.fim_linearisation(model, theta, z_hat, reduce=_information_sum(fit))
         else:
             draws = require_draws(fit, "standard errors by stochastic approximation")
             if num_iters > 0:
                 draws = individual.sample_conditional(model, theta, draws[:, -1], num_iters, seed=seed)
-            rec = fisher.fim_louis(model, theta, draws)
+            rec = fisher.fim_louis(model, theta, draws, reduce=_information_sum(fit))
         cache[key] = rec
     fit._cache["se"] = cache[key].as_dict()
     return cache[key]
@@ -298,7 +336,7 @@ def residuals(fit: FitResult, num_sims: int = 1000, seed: int = 0) -> diagnostic
     cache = fit._cache.setdefault("residuals", {})
     if key not in cache:
         cache[key] = diagnostics.residuals(fit.model, fit._theta(),
-                                           fit.model.ops.asarray(individual_estimates(fit).mode),
+                                           fit.model.ops.asarray(_local_estimates(fit).mode),
                                            num_sims=num_sims, seed=seed)
     return cache[key]
 
