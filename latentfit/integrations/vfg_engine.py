@@ -222,7 +222,7 @@ class VFGEngine(Engine):
         n_val = validation_size(problem.num_units, self.validation)
         self.num_train = problem.num_units - n_val
         self.batch = min(self.batch_size, self.num_train)
-        self.num_steps = self.num_epochs * math.ceil(self.num_train / self.batch)
+        self.total_steps = self.num_epochs * math.ceil(self.num_train / self.batch)  # T of the rate schedule
         spec = problem.spec  # the model's options, compared on resume with the engine's
         self.beta, self.masking, self.mask_drop, self.likelihood = spec.beta, spec.masking, spec.mask_drop, \
             spec.likelihood
@@ -312,7 +312,7 @@ class VFGEngine(Engine):
                                    (p.xs[idx], p.col_obs[idx], keep))
             if opt is not None:
                 for group in opt.param_groups:
-                    group["lr"] = lr_scale * _lr_at(self.learning_rate, step, self.num_steps, self.lr_decay)
+                    group["lr"] = lr_scale * _lr_at(self.learning_rate, step, self.total_steps, self.lr_decay)
                 opt.zero_grad()
                 loss.backward()
                 if self.clip_grad:

@@ -378,7 +378,7 @@ def _engine_classes() -> tuple[type, type]:
                 if masked:
                     key, sub = jax.random.split(key)
                     keep = random_keep_jax(sub, nb, self.num_leaves, self.mask_drop, p.ops.dtype)
-                lr = jnp.asarray(lr_scale * _lr_at(self.learning_rate, step, self.num_steps, self.lr_decay),
+                lr = jnp.asarray(lr_scale * _lr_at(self.learning_rate, step, self.total_steps, self.lr_decay),
                                  p.ops.dtype)
                 args = (w, m, v, count, p.xs[idx], p.col_obs[idx], keep, lr)
                 w, m, v, count, loss = self._function("masked" if masked else "plain", args)(*args)
