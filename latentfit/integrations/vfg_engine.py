@@ -1,4 +1,5 @@
-"""VFG training through the library's engine driver (torch flavour): :class:`VFGEngine` and :class:`VFGResult`.
+"""VFG training through the library's engine driver: :class:`VFGEngine` (torch; its JAX twin, which shares the step,
+is in :mod:`latentfit.integrations.vfg_jax`) and :class:`VFGResult`.
 
 One driver iteration is one *epoch* of Alg. 1 (with Alg. 2 masked steps on the fixed schedule of
 :func:`~latentfit.integrations.vfg._masked_step`): the training rows in a random order, cut into mini-batches; on each
