@@ -132,3 +132,50 @@ def test_devices_on_torch_is_refused() -> None:
     model = backend.latent_model(backend.models.random_intercept, torch.zeros(4, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="devices= shards the units over JAX devices"):
         SAEM(model, num_iters=(3, 0), burn_in=1, progress=False).run(devices=2)
+
+
+DATA_CHILD = r"""
+import json, sys
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import models_numpyro
+from latentfit.numpyro import SAEM
+
+rng = np.random.default_rng(2)
+n, m = 16, 5
+t = np.tile(np.linspace(0.0, 2.0, m), (n, 1)) + rng.uniform(0, 0.1, size=(n, m))
+b = np.array([1.0, -0.5]) + rng.normal(size=(n, 2)) @ np.array([[0.6, 0.0], [0.2, 0.3]])
+y = b[:, :1] + b[:, 1:] * t + 0.3 * rng.normal(size=(n, m))
+args = (jnp.asarray(t), jnp.asarray(y))
+opts = dict(num_iters=(6, 4), progress=False, rng="per_unit", chunk_size=5, num_draws=5)
+one = SAEM(models_numpyro.random_slope, **opts).run(jax.random.PRNGKey(3), *args)
+two = SAEM(models_numpyro.random_slope, **opts).run(jax.random.PRNGKey(3), *args, devices=2)
+placed = []
+for program, _ in two.engine.ops._compiled.values():
+    for c in program.consts:
+        if hasattr(c, "sharding") and np.ndim(c) >= 1 and np.shape(c)[0] == n and np.size(c) > n:
+            match = [k for k, a in (("t", t), ("y", y)) if np.shape(c) == a.shape and np.array_equal(np.asarray(c), a)]
+            placed.append({"data": match, "shard": list(c.sharding.shard_shape(c.shape)),
+                           "devices": len(c.sharding.device_set)})
+print("RESULT" + json.dumps({
+    "diff": max(float(np.max(np.abs(np.asarray(one.params[k]) - np.asarray(two.params[k])))) for k in one.params),
+    "placed": placed}))
+"""
+
+
+@pytest.mark.slow
+def test_model_data_sharded_over_devices() -> None:
+    """The per-unit data the compiled iterations capture (``t`` and ``y``, ``[16, 5]``) are split over the 2 devices
+    like the chains (``[8, 5]`` on each), not replicated; the estimates still equal the one-device fit (1e-10)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", DATA_CHILD, str(HERE)], capture_output=True, text=True, env=env,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))[len("RESULT"):])
+    assert out["diff"] < 1e-10
+    data = [p for p in out["placed"] if p["data"]]
+    assert {name for p in data for name in p["data"]} == {"t", "y"}, out["placed"]
+    assert all(p["shard"] == [8, 5] and p["devices"] == 2 for p in data), out["placed"]

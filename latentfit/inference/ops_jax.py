@@ -514,7 +514,7 @@ class JaxOps(Ops):
             if self._units_mesh is None:
                 compiled = (_program_for(chunk, state, ks_arr), info_order)
             else:  # sharded runs compile for their mesh's placement (no cross-fit reuse)
-                compiled = (_ConstsBound(jax.jit(chunk).lower(state, ks_arr).compile(), ()), info_order)
+                compiled = (self._sharded_program(chunk, state, ks_arr), info_order)
             self.compile_time += time.perf_counter() - t0
             self.num_compiles += int(compiled[0].compiled_now)
             if cache_key is not None:
@@ -525,6 +525,35 @@ class JaxOps(Ops):
         state = _reorder_like(new_state, state)
         infos = _reorder_like(jax.tree_util.tree_map(np.asarray, infos), info_order.get("info"))
         return state, [_index(infos, j) for j in range(n)]
+
+    def _sharded_program(self, fn: Callable, state: Any, *rest: Any) -> _ConstsBound:
+        """``fn(state, *rest)`` compiled for the run's mesh with the arrays its trace captured (the model's data,
+        designs, index maps) lifted to arguments and placed: an array whose leading axis has the units' length
+        (the per-unit state's) is split over the mesh along it, as the chains are, so each device holds its units'
+        data; the others are replicated.  Placement never changes a result (XLA partitions the program to match),
+        only where the data live and what moves between devices."""
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        mesh, axes = self._units_mesh
+        size = mesh.shape["units"]
+        units = {n for n in _unit_counts(state, axes) if n % size == 0}
+        split = NamedSharding(mesh, PartitionSpec("units"))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(state, *rest)
+
+        def place(const: Any) -> Any:
+            shape = np.shape(const)
+            return jax.device_put(const, split if shape and shape[0] in units else replicated)
+
+        consts = tuple(place(c) for c in closed.consts)
+        jaxpr = closed.jaxpr
+
+        def run(consts_: tuple[Any, ...], *flat_: Any) -> Any:
+            return jax.core.eval_jaxpr(jaxpr, list(consts_), *flat_)
+
+        flat = jax.tree_util.tree_leaves((state, *rest))
+        executable = jax.jit(run).lower(consts, *flat).compile()
+        return _ConstsBound(executable, consts, jax.tree_util.tree_structure(out_shape))
 
     def clear_cache(self) -> None:
         """Forget the compiled chunks (e.g. after changing an engine's options in place)."""
