@@ -14,7 +14,8 @@ closed form with numpy so that N = 10⁶ costs seconds.
    per process (``VmHWM``: imports, the block's data and the fit), and the largest difference of the estimates from
    the one-process fit.
 2. **JAX devices**: one process with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``, the NLME with
-   ``backend="jax"`` and ``run(devices=d)`` (chains split, data replicated), d = 1, 2, 4: time per iteration
+   ``backend="jax"`` and ``run(devices=d)`` (chains split; the data were replicated when the table below was
+   measured, and are now split too: the arrays with a leading unit axis), d = 1, 2, 4: time per iteration
    (compilation excluded), peak resident memory of the process during that fit, estimates against d = 1.
 3. **Memory**: one process, N individuals: resident memory before the data (``RSS0``), after binding them
    (``RSS1``), and the peak during a short SAEM run (``VmHWM``, reset after binding), per individual, against the
