@@ -256,3 +256,49 @@ def test_mcmcsgd_two_jax_devices_equal_one() -> None:
         assert res["params_diff"] < 1e-10 and res["history_diff"] < 1e-10 and res["z_diff"] < 1e-10, (case, res)
         assert res["z_devices"] == 2 and res["z_shard"] == [4, 8, 1], (case, res)
         assert res["grad_norm2_min"] > 0, case
+
+
+EM_JAX_CHILD = r"""
+import json, sys
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import models_numpyro
+import latentfit.numpyro
+
+y = jnp.asarray(1.0 + 0.7 * np.random.default_rng(8).normal(size=(16, 1))
+                + 0.4 * np.random.default_rng(9).normal(size=(16, 4)))
+opts = json.loads(sys.argv[2])
+out = {}
+for case, (name, extra) in json.loads(sys.argv[3]).items():
+    cls = getattr(latentfit.numpyro, name)
+    one = cls(models_numpyro.random_intercept, **opts, **extra).run(jax.random.PRNGKey(3), y)
+    two = cls(models_numpyro.random_intercept, **opts, **extra).run(jax.random.PRNGKey(3), y, devices=2)
+    z = two.state.z
+    out[case] = {
+        "params_diff": max(float(np.max(np.abs(np.asarray(one.params[k]) - np.asarray(two.params[k]))))
+                           for k in one.params),
+        "z_diff": float(np.max(np.abs(np.asarray(one.state.z) - np.asarray(z)))),
+        "z_shard": list(z.sharding.shard_shape(z.shape)), "mu_range": float(np.ptp(one.history["theta.mu"])),
+    }
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_monte_carlo_em_two_jax_devices_equal_one() -> None:
+    """MCEM and MiniBatchMCEM with ``rng="per_unit"`` and ``devices=2`` (NumPyro): the chains ``[16, 3, 1]`` split 8
+    units per device; estimates and chains equal the one-device fit to 1e-10."""
+    import json
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    opts = {k: v for k, v in EM_OPTIONS.items() if k != "seed"}
+    proc = subprocess.run([sys.executable, "-c", EM_JAX_CHILD, str(Path(__file__).parent), json.dumps(opts),
+                           json.dumps(EM_CASES)], capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))[len("RESULT"):])
+    for case, res in out.items():
+        assert res["params_diff"] < 1e-10 and res["z_diff"] < 1e-10, (case, res)
+        assert res["z_shard"] == [8, 3, 1] and res["mu_range"] > 0.05, (case, res)
