@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .stats_table import ProxyRule, StatEngine, Stats, StatState, default_fast_step, s_copy, s_put, s_sub, s_take
+from .stats_table import ProxyRule, StatEngine, Stats, StatState, default_fast_step, s_copy, s_sub, s_take
 
 
 class SagaMemory(NamedTuple):
@@ -34,6 +34,7 @@ class SagaRule(ProxyRule):
 
     needs_second_batch = True
     unit_tables = ("table",)
+    rows_written = ("table",)
 
     def init(self, eng: StatEngine, theta: dict[str, Any], full: Stats, rows: Stats) -> SagaMemory:
         return SagaMemory(table=rows, s_bar=s_copy(eng.ops, full))
@@ -50,7 +51,7 @@ class SagaRule(ProxyRule):
         new_j, state = eng.oracle(state, theta, bj, kj)
         drift_j = eng.reduce(s_sub(new_j, s_take(ops, table, bj)), bj)
         s_bar = {k: v + drift_j[k] for k, v in s_bar.items()}
-        table = s_put(ops, table, bj, new_j)
+        table = eng.put_rows(table, bj, new_j)
         return proxy, state._replace(memory=SagaMemory(table=table, s_bar=s_bar))
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .stats_table import ProxyRule, StatEngine, Stats, StatState, s_copy, s_put, s_sub, s_take
+from .stats_table import ProxyRule, StatEngine, Stats, StatState, s_copy, s_sub, s_take
 
 
 class IncrementalMemory(NamedTuple):
@@ -33,6 +33,7 @@ class IncrementalRule(ProxyRule):
     """``𝒮 ← 𝒮 + Σ_{B}(s̄_i(θ) − s_i)`` with a per-unit table refreshed on the batch."""
 
     unit_tables = ("table",)
+    rows_written = ("table",)
 
     def init(self, eng: StatEngine, theta: dict[str, Any], full: Stats, rows: Stats) -> IncrementalMemory:
         return IncrementalMemory(table=rows, s_run=s_copy(eng.ops, full))
@@ -44,7 +45,7 @@ class IncrementalRule(ProxyRule):
         mem = state.memory
         delta = eng.reduce(s_sub(new, s_take(ops, mem.table, bi)), bi)
         s_run = {k: v + delta[k] for k, v in mem.s_run.items()}
-        table = s_put(ops, mem.table, bi, new)
+        table = eng.put_rows(mem.table, bi, new)
         return s_run, state._replace(memory=IncrementalMemory(table=table, s_run=s_run))
 
 
