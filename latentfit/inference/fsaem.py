@@ -43,6 +43,8 @@ class FSAEM(SAEM):
     """
 
     name = "f-SAEM"
+    #: the Laplace-IMH phase re-evaluates its chains: no model cache carried between iterations
+    carries_cache = False
 
     def __init__(self, model: LatentModel, num_iters: Any = (300, 100), num_chains: int | None = None, *,
                  imh_iters: int = 10, imh_steps: int = 6, laplace_steps: int = 10, laplace_method: str = "auto",

@@ -26,7 +26,8 @@ from typing import Any, NamedTuple
 
 from .ops import Ops
 
-Evaluate = Callable[[Any], tuple[Any, Any]]
+#: ``z -> (log_lik, log_prior)``, or ``z -> (log_lik, log_prior, cache)`` for a chain that carries a per-unit cache
+Evaluate = Callable[[Any], tuple[Any, ...]]
 
 TARGET_ACCEPTANCE = 0.4
 ADAPT_RATE = 0.4
@@ -38,21 +39,37 @@ class ChainState(NamedTuple):
     log_prior: Any  # [L, n]
     #: proposals rejected so far because their log-density was NaN or ±inf (a float scalar)
     num_nonfinite: Any = 0.0
+    #: what the model keeps per chain and unit to re-score the state without re-evaluating it (e.g. NLME's residual
+    #: sum of squares ``[L, n]``; :meth:`~latentfit.inference.model.LatentModel.cached_density`); None: nothing
+    cache: Any = None
 
 
-def init_chain_state(z: Any, evaluate: Evaluate) -> ChainState:
-    ll, lp = evaluate(z)
+def _evaluate(evaluate: Evaluate, z: Any) -> tuple[Any, Any, Any]:
+    """``(log_lik, log_prior, cache)`` of ``z`` (cache None for an evaluator of two values)."""
+    out = evaluate(z)
+    return out[0], out[1], (out[2] if len(out) > 2 else None)
+
+
+def init_chain_state(z: Any, evaluate: Evaluate, cache: Any = None,
+                     rescore: Callable[[Any, Any], tuple[Any, Any]] | None = None) -> ChainState:
+    """The chains at ``z``: evaluated, or, given the ``cache`` of ``z`` kept from an earlier θ and the model's
+    ``rescore(z, cache) -> (log_lik, log_prior)`` at the current θ, re-scored without evaluating the model."""
+    if cache is not None and rescore is not None:
+        ll, lp = rescore(z, cache)
+    else:
+        ll, lp, cache = _evaluate(evaluate, z)
     # a zero count of the backend's float type (NaN-safe: ``0 * Σ ll`` would not be)
-    return ChainState(z, ll, lp, (ll == ll).sum() * 0.0)
+    return ChainState(z, ll, lp, (ll == ll).sum() * 0.0, cache)
 
 
 def _accept(ops: Ops, key: Any, log_ratio: Any, state: ChainState, z_new: Any, ll_new: Any, lp_new: Any,
-            target_new: Any = None):
+            target_new: Any = None, cache_new: Any = None):
     """MH acceptance ``log u < log_ratio``, with the fault rules every kernel shares.
 
     A proposal whose log-density ``ll_new + lp_new`` (``target_new`` when the caller has it) is NaN or ±inf (outside
     the model's domain, an overflow) is rejected and counted in ``num_nonfinite``; a chain whose current log-density
-    is non-finite accepts any finite proposal (it leaves the bad point rather than staying stuck there).  The
+    is non-finite accepts any finite proposal (it leaves the bad point rather than staying stuck there); the chain's
+    ``cache`` (if any) follows the accepted states.  The
     comparison ``log u < log_ratio`` decides only where both log-densities are finite (elsewhere its value, False
     for a NaN ratio, is masked out), so the ratio needs no cleaning.
     """
@@ -65,7 +82,8 @@ def _accept(ops: Ops, key: Any, log_ratio: Any, state: ChainState, z_new: Any, l
     ll = xp.where(ok, ll_new, state.log_lik)
     lp = xp.where(ok, lp_new, state.log_prior)
     count = state.num_nonfinite + xp.sum(~finite_new)
-    return ChainState(z, ll, lp, count), ok
+    cache = state.cache if state.cache is None else xp.where(ok, cache_new, state.cache)
+    return ChainState(z, ll, lp, count, cache), ok
 
 
 def prior_imh(ops: Ops, key: Any, state: ChainState, sample_prior: Callable[[Any], Any],
@@ -73,8 +91,8 @@ def prior_imh(ops: Ops, key: Any, state: ChainState, sample_prior: Callable[[Any
     """Independent MH with the prior as proposal; returns the state and the acceptance rate."""
     k1, k2 = ops.split(key)
     z_new = sample_prior(k1)
-    ll_new, lp_new = evaluate(z_new)
-    state, ok = _accept(ops, k2, ll_new - state.log_lik, state, z_new, ll_new, lp_new)
+    ll_new, lp_new, c_new = _evaluate(evaluate, z_new)
+    state, ok = _accept(ops, k2, ll_new - state.log_lik, state, z_new, ll_new, lp_new, cache_new=c_new)
     return state, ops.unit_mean(ok * 1.0)
 
 
@@ -86,9 +104,9 @@ def independent_mh(ops: Ops, key: Any, state: ChainState, z_new: Any, log_q_new:
     proposals and at the current states (``[L, n]``).  Returns the state and the per-unit
     acceptance indicators ``[L, n]``.
     """
-    ll_new, lp_new = evaluate(z_new)
+    ll_new, lp_new, c_new = _evaluate(evaluate, z_new)
     log_ratio = (ll_new + lp_new - log_q_new) - (state.log_lik + state.log_prior - log_q_old)
-    return _accept(ops, key, log_ratio, state, z_new, ll_new, lp_new)
+    return _accept(ops, key, log_ratio, state, z_new, ll_new, lp_new, cache_new=c_new)
 
 
 def rw_componentwise(ops: Ops, key: Any, state: ChainState, scale: Any,
@@ -104,10 +122,10 @@ def rw_componentwise(ops: Ops, key: Any, state: ChainState, scale: Any,
         onehot = eye[j]
         step = ops.normal(keys[2 * j], tuple(st.z.shape[:-1]))[..., None] * (scale * onehot)
         z_new = st.z + step
-        ll_new, lp_new = evaluate(z_new)
+        ll_new, lp_new, c_new = _evaluate(evaluate, z_new)
         target_new = ll_new + lp_new
         log_ratio = target_new - st.log_lik - st.log_prior
-        st, ok = _accept(ops, keys[2 * j + 1], log_ratio, st, z_new, ll_new, lp_new, target_new)
+        st, ok = _accept(ops, keys[2 * j + 1], log_ratio, st, z_new, ll_new, lp_new, target_new, c_new)
         return st, acc + onehot * ops.unit_mean(ok * 1.0)
 
     return ops.fori_loop(0, d, body, (state, ops.zeros((d,))))
@@ -129,10 +147,10 @@ def rw_block(ops: Ops, key: Any, state: ChainState, scale: Any, mask: Any,
     k1, k2 = ops.split(key)
     step = ops.normal(k1, tuple(state.z.shape)) * (scale * mask)
     z_new = state.z + step
-    ll_new, lp_new = evaluate(z_new)
+    ll_new, lp_new, c_new = _evaluate(evaluate, z_new)
     target_new = ll_new + lp_new
     log_ratio = target_new - state.log_lik - state.log_prior
-    state, ok = _accept(ops, k2, log_ratio, state, z_new, ll_new, lp_new, target_new)
+    state, ok = _accept(ops, k2, log_ratio, state, z_new, ll_new, lp_new, target_new, c_new)
     return state, ops.unit_mean(ok * 1.0)
 
 
@@ -145,9 +163,13 @@ def adapt_scale(scale: Any, acceptance: Any, mask: Any = None) -> Any:
 
 
 def saemix_sweep(ops: Ops, key: Any, z: Any, scales: tuple[Any, Any], k: Any, kernels: tuple[int, int, int],
-                 evaluate: Evaluate, sample_prior: Callable[[Any], Any]) -> tuple[ChainState, tuple[Any, Any], dict]:
+                 evaluate: Evaluate, sample_prior: Callable[[Any], Any], cache: Any = None,
+                 rescore: Callable[[Any, Any], tuple[Any, Any]] | None = None
+                 ) -> tuple[ChainState, tuple[Any, Any], dict]:
     """saemix's MCMC step from draws ``z [L, n, d]``: ``n1`` prior-IMH, ``n2`` component-wise RW and ``n3``
     random-block RW iterations (``kernels``), the RW scales ``(scale_rw, scale_block)`` adapted as they go.
+    With the ``cache`` of ``z`` carried from the previous sweep and ``rescore``, the starting state is re-scored at
+    the new θ instead of evaluated (``evaluate`` then returns the cache of each proposal as a third value).
 
     Kernel repetitions run under ``ops.fori_loop`` (a Python loop on torch, one traced body on JAX, which keeps
     the compiled program small).  Returns the chain state, the adapted scales and the acceptance rates per
@@ -156,7 +178,7 @@ def saemix_sweep(ops: Ops, key: Any, z: Any, scales: tuple[Any, Any], k: Any, ke
     """
     n1, n2, n3 = kernels
     keys = ops.split(key, n1 + n2 + 2 * n3 + 1)
-    chain = init_chain_state(z, evaluate)
+    chain = init_chain_state(z, evaluate, cache, rescore)
     acc: dict[str, Any] = {}
     d = chain.z.shape[-1]
     scale_rw, scale_block = scales

@@ -124,6 +124,15 @@ class LatentModel:
         compute what depends on θ alone once (NLME does)."""
         return lambda z: self.log_densities(theta, z, units)
 
+    def cached_density(self, theta: dict[str, Any]) -> tuple[Callable[[Any], tuple[Any, Any, Any]],
+                                                             Callable[[Any, Any], tuple[Any, Any]]] | None:
+        """Optional face for SAEM's sweeps: ``(evaluate, rescore)`` with ``evaluate(z) -> (log_lik, log_prior, cache)``
+        (the :meth:`density_evaluator` values plus a per-unit ``cache [..., n]`` from which the log-likelihood follows
+        at any θ) and ``rescore(z, cache) -> (log_lik, log_prior)`` at this θ for a cache made at another θ, bit for bit
+        what ``evaluate`` gives; :meth:`stats` then takes ``cache=``.  None (the default): the model has no such
+        cache, and each sweep evaluates its starting state."""
+        return None
+
     def log_lik(self, theta: dict[str, Any], z: Any, units: Any = None) -> Any:
         return self.log_densities(theta, z, units)[0]
 

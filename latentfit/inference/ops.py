@@ -137,6 +137,14 @@ class Ops:
         """Context in which a library's own global-RNG draws come from ``key`` (JAX: nothing to do)."""
         return contextlib.nullcontext()
 
+    def with_draw_dtype(self, dtype: Any) -> Any:
+        """A view of this shim whose normal draws are made in ``dtype`` (JAX: ``JaxOps.with_draw_dtype``); the arrays'
+        own dtype (or None) is this shim."""
+        if dtype is None or str(dtype).replace("torch.", "") == str(getattr(self, "dtype", "")).replace("torch.", ""):
+            return self
+        raise ValueError(f"draw_dtype={dtype!r}: normal draws in another dtype than the model's arrays are a JAX "
+                         f"option; the {self.name} backend draws in its arrays' dtype")
+
     def shared_uniform(self, key: Any, shape: tuple[int, ...]) -> Any:
         """Uniform draws that every unit shares (e.g. saemix's random block); :meth:`uniform` here, the key's
         own stream under :meth:`per_unit_streams`."""

@@ -22,6 +22,7 @@ whose ``ops`` is a :class:`JaxOps`.
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 from collections import OrderedDict
@@ -202,6 +203,8 @@ class JaxOps(Ops):
         self.num_compiles = 0
         #: ``(mesh, {state entry: unit axis})`` while a run shards its units over devices (:meth:`shard_units`)
         self._units_mesh: tuple[Any, dict[str, int]] | None = None
+        #: dtype of the normal draws when it is not ``dtype`` (:meth:`with_draw_dtype`); None: ``dtype``
+        self.draw_dtype: Any = None
 
     # --- creation -----------------------------------------------------------------------------
     def asarray(self, x: Any, dtype: Any = None) -> Any:
@@ -237,7 +240,19 @@ class JaxOps(Ops):
         return jax.random.split(key, n)
 
     def normal(self, key: Any, shape: tuple[int, ...]) -> Any:
+        if self.draw_dtype is not None:  # drawn in a cheaper dtype, cast (exactly) to the arrays' dtype
+            return jax.random.normal(key, tuple(shape), dtype=self.draw_dtype).astype(self.dtype)
         return jax.random.normal(key, tuple(shape), dtype=self.dtype)
+
+    def with_draw_dtype(self, dtype: Any) -> JaxOps:
+        """A view of this shim whose :meth:`normal` draws are made in ``dtype`` and cast to the arrays' dtype (the same
+        compiled-chunk cache).  ``float32`` normals cost about a third of ``float64`` ones on CPU (18 vs 53 ns per
+        value: the inverse error function in float64 dominates); they are the normal law quantised at 2^-23 in
+        probability, tails cut near ±5.4 sd (a 1e-7 probability): about 1e-7 sd from it in Wasserstein distance,
+        far below the Monte-Carlo error of the MCMC proposals they drive."""
+        view = copy.copy(self)
+        view.draw_dtype = None if dtype is None or jnp.dtype(dtype) == self.dtype else jnp.dtype(dtype)
+        return view
 
     def uniform(self, key: Any, shape: tuple[int, ...]) -> Any:
         return jax.random.uniform(key, tuple(shape), dtype=self.dtype)

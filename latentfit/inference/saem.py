@@ -48,6 +48,9 @@ class SAEMState(NamedTuple):
     stream: Any = None
     #: f-SAEM: warm start of the per-unit MAPs ``[N, d]`` (else None)
     mode: Any = None
+    #: the chains' per-unit cache ``[L, N]`` when the model offers one (:meth:`LatentModel.cached_density`, e.g. NLME's
+    #: residual sums of squares): the next sweep re-scores its starting state from it; else None
+    cache: Any = None
 
 
 class SAEMInfo(NamedTuple):
@@ -117,19 +120,32 @@ class SAEM(Engine):
     unit_ids : sequence of int, optional
         The identity of each unit for ``rng="per_unit"`` (distinct non-negative integers, one per unit in the
         model's order; default ``0 .. N−1``): the same ids give a unit the same draws in any order or shard.
+    draw_dtype : ``"float32"`` | ``"float64"`` | None
+        dtype of the MCMC kernels' normal draws (``rng="global"``; JAX), cast to the model's dtype: float32 normals
+        cost a third of float64 ones on a CPU (:meth:`JaxOps.with_draw_dtype`).  None (default): the model's
+        ``mcmc_draw_dtype`` (NLME on JAX: ``"float32"``), else the model's dtype.
     """
 
     name = "SAEM"
+    #: the chains carry the model's per-unit cache between iterations (:meth:`LatentModel.cached_density`); f-SAEM's
+    #: Laplace phase does not keep it
+    carries_cache = True
 
     def __init__(self, model: LatentModel, num_iters: Any = (300, 100), num_chains: int | None = None, *,
                  seed: int = 0, progress: bool = True, burn_in: int = 5, kernels: tuple[int, int, int] = (2, 2, 2),
                  anneal: bool = True, anneal_iters: int | None = None, anneal_factor: float = 0.97,
                  newton_steps: int = 8, num_draws: int = 100, callback=None, chunk_size: int = 25,
-                 rng: str = "global", unit_ids: Any = None) -> None:
+                 rng: str = "global", unit_ids: Any = None, draw_dtype: str | None = None) -> None:
         super().__init__(model, seed=seed, progress=progress, callback=callback, num_draws=num_draws,
                          chunk_size=chunk_size)
         self.validate_options(num_iters, num_chains, rng=rng)
         self.rng = rng
+        dt = draw_dtype if draw_dtype is not None else getattr(model, "mcmc_draw_dtype", None)
+        if rng == "per_unit":  # the per-unit streams draw in the model's dtype
+            dt = None
+        view = self.ops.with_draw_dtype(dt) if dt is not None else self.ops  # refused on a backend without the option
+        #: dtype of the kernels' normal draws when it is not the model's (None: the model's)
+        self.draw_dtype = None if getattr(view, "draw_dtype", None) is None else str(dt)
         self._unit_ids = _unit_ids(unit_ids, model.num_units) if rng == "per_unit" else None
         self._unit_ids_option = unit_ids
         if rng == "per_unit" and not model.has_gaussian_prior:
@@ -188,8 +204,9 @@ class SAEM(Engine):
         s_hat = None
         if model.has_stats:
             s_hat = ops.tree_map(lambda v: v * 0.0, self._chain_mean_stats(theta, z))
+        cached = model.cached_density(theta) if self.carries_cache else None
         return SAEMState(theta_u=model.unconstrain(theta), z=z, scale_rw=0.5 * sd, scale_block=0.5 * sd, key=key,
-                         s_hat=s_hat, stream=root)
+                         s_hat=s_hat, stream=root, cache=None if cached is None else cached[0](z)[2])
 
     def distribute(self) -> None:
         """Data-parallel SAEM over the torch.distributed group: this process's model holds a contiguous shard of the
@@ -214,14 +231,16 @@ class SAEM(Engine):
         self.ops = ops
 
     def unit_axes(self) -> dict[str, int]:
-        """The chains ``z [L, N, d]`` hold the units on axis 1."""
+        """The chains ``z [L, N, d]`` (and their model cache ``[L, N]``, when carried) hold the units on axis 1."""
+        if self.carries_cache and self.model.cached_density(self.model.init_params()) is not None:
+            return {"z": 1, "cache": 1}
         return {"z": 1}
 
     @property
     def sim_ops(self) -> Any:
         """The shim the MCMC kernels draw through: ``ops``, or its per-unit-stream view (``rng="per_unit"``)."""
         if self.rng != "per_unit":
-            return self.ops
+            return self.ops if self.draw_dtype is None else self.ops.with_draw_dtype(self.draw_dtype)
         return self.ops.per_unit_streams(self.ops.asarray(self._unit_ids))
 
     def step(self, state: SAEMState, k: Any, phase: Any) -> tuple[SAEMState, SAEMInfo]:
@@ -245,7 +264,7 @@ class SAEM(Engine):
                  phase: Any) -> tuple[mcmc.ChainState, dict[str, Any], SAEMState]:
         """The MCMC step: saemix kernels 1–3 with scale adaptation (:func:`mcmc.saemix_sweep`)."""
         model, sim = self.model, self.sim_ops
-        if self.rng == "per_unit":
+        if self.rng == "per_unit" or self.draw_dtype is not None:  # the prior's noise from the kernels' stream
             shape = tuple(state.z.shape)
 
             def sample_prior(kk: Any) -> Any:
@@ -253,15 +272,18 @@ class SAEM(Engine):
         else:
             def sample_prior(kk: Any) -> Any:
                 return model.sample_prior(theta, kk, self.num_chains)
+        cached = model.cached_density(theta) if state.cache is not None else None
+        evaluate, rescore = cached if cached is not None else (model.density_evaluator(theta), None)
         chain, scales, acc = mcmc.saemix_sweep(
             sim, key, state.z, (state.scale_rw, state.scale_block), k, self.kernels,
-            evaluate=model.density_evaluator(theta), sample_prior=sample_prior)
-        return chain, acc, state._replace(scale_rw=scales[0], scale_block=scales[1])
+            evaluate=evaluate, sample_prior=sample_prior, cache=state.cache, rescore=rescore)
+        return chain, acc, state._replace(scale_rw=scales[0], scale_block=scales[1], cache=chain.cache)
 
-    def _chain_mean_stats(self, theta: dict[str, Any], z: Any) -> dict[str, Any]:
-        """``Σ_i mean_chains S(z_i, y_i)`` (statistics summed over units)."""
+    def _chain_mean_stats(self, theta: dict[str, Any], z: Any, cache: Any = None) -> dict[str, Any]:
+        """``Σ_i mean_chains S(z_i, y_i)`` (statistics summed over units; ``cache``: the chains' model cache)."""
         ops, xp = self.ops, self.ops.xp
-        return {n: xp.mean(ops.all_sum(xp.sum(v, 1)), 0) for n, v in self.model.stats(theta, z).items()}
+        stats = self.model.stats(theta, z) if cache is None else self.model.stats(theta, z, cache=cache)
+        return {n: xp.mean(ops.all_sum(xp.sum(v, 1)), 0) for n, v in stats.items()}
 
     def maximize(self, state: SAEMState, theta: dict[str, Any], z: Any, gamma: Any,
                  k: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -271,7 +293,7 @@ class SAEM(Engine):
         s_hat = None
         new_theta = dict(theta)
         if model.has_stats:
-            stats = self._chain_mean_stats(theta, z)
+            stats = self._chain_mean_stats(theta, z, state.cache)
             s_hat = {n: state.s_hat[n] + gamma * (stats[n] - state.s_hat[n]) for n in stats}
             closed = model.m_step(s_hat, theta, self._total_units)
             closed = self._anneal(closed, theta, k)

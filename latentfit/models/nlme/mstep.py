@@ -26,11 +26,11 @@ OMEGA2_FLOOR = 1e-12
 COLLAPSED_OMEGA2 = 1e-6
 
 
-def stats(model: NLME, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
+def stats(model: NLME, theta: dict[str, Any], z: Any, units: Any = None, cache: Any = None) -> dict[str, Any]:
     """Per-unit sufficient statistics of the complete data: ``φ_i`` and ``φ_i²`` (diagonal Ω, no covariate) or
-    ``φ_i φ_iᵀ`` and ``X_iᵀ ⊗ φ_i``; the residual sum of squares when the residual parameter has a closed form;
+    ``φ_i φ_iᵀ`` and ``X_iᵀ ⊗ φ_i``; the residual sum of squares when the residual parameter has a closed form
+    (``cache``: the sums of squares of ``z`` kept by the MCMC sweep, :meth:`NLME.cached_density`, the same numbers);
     the occasions' and responses' statistics."""
-    xp = model.ops.xp
     z_all, iov_stats = z, {}
     if model._iov is not None:
         z, kappa = _occ.split(z, model._iov)
@@ -44,19 +44,25 @@ def stats(model: NLME, theta: dict[str, Any], z: Any, units: Any = None) -> dict
         }
     if model.params.get("a") is not None and model.params["a"].closed_form or \
             model.params.get("b") is not None and model.params["b"].closed_form:
-        f = model.structural_prediction(theta, z_all, units)
-        mask = model._take(model._uncens_mask, units)
-        if model.error == "exponential":
-            res = model._take(model._ylog, units) - xp.log(f)
-        elif model.error == "proportional":
-            res = (model._take(model._y, units) - f) / f
-        else:
-            res = model._take(model._y, units) - f
-        out["rss"] = xp.sum(xp.where(mask, res * res, 0.0), -1)
+        out["rss"] = cache if cache is not None else _rss(model, theta, z_all, units)
     if model._resp is not None and any(p.closed_form for p in model.params.values() if p.meta.get("response")):
         out.update(_resp.stats(model, theta, model.structural_prediction(theta, z_all, units), units))
     out.update(iov_stats)
     return out
+
+
+def _rss(model: NLME, theta: dict[str, Any], z: Any, units: Any) -> Any:
+    """Per-unit residual sum of squares ``[..., n]`` on the scale of the closed-form residual parameter."""
+    xp = model.ops.xp
+    f = model.structural_prediction(theta, z, units)
+    mask = model._take(model._uncens_mask, units)
+    if model.error == "exponential":
+        res = model._take(model._ylog, units) - xp.log(f)
+    elif model.error == "proportional":
+        res = (model._take(model._y, units) - f) / f
+    else:
+        res = model._take(model._y, units) - f
+    return xp.sum(xp.where(mask, res * res, 0.0), -1)
 
 
 def m_step(model: NLME, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
