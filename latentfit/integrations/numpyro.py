@@ -78,8 +78,7 @@ class NumPyroPPL(PPL):
 
     name = "numpyro"
     dist = SimpleNamespace(
-        Normal=ndist.Normal, LogNormal=ndist.LogNormal, MultivariateNormal=ndist.MultivariateNormal,
-        Categorical=ndist.CategoricalProbs,
+        Normal=ndist.Normal, MultivariateNormal=ndist.MultivariateNormal, Categorical=ndist.CategoricalProbs,
         Independent=ndist.Independent, Masked=ndist.MaskedDistribution, Expanded=ndist.ExpandedDistribution,
         Transformed=ndist.TransformedDistribution, ExpTransform=ExpTransform)
 

@@ -219,8 +219,7 @@ class PyroPPL(PPL):
 
     name = "pyro"
     dist = SimpleNamespace(
-        Normal=torch.distributions.Normal, LogNormal=torch.distributions.LogNormal,
-        Categorical=torch.distributions.Categorical,
+        Normal=torch.distributions.Normal, Categorical=torch.distributions.Categorical,
         MultivariateNormal=torch.distributions.MultivariateNormal,
         Independent=(pdist.Independent, torch.distributions.Independent), Masked=pdist.MaskedDistribution,
         Expanded=pdist.ExpandedDistribution, Transformed=torch.distributions.TransformedDistribution,
@@ -300,8 +299,7 @@ def write_params_to_store(params: dict[str, Any]) -> None:
     """Store the estimates in Pyro's param store (constrained values)."""
     store = pyro.get_param_store()
     for name, value in params.items():
-        store[name] = torch.as_tensor(value).detach().clone() if not isinstance(value, torch.Tensor) \
-            else value.detach().clone()
+        store[name] = torch.as_tensor(value).detach().clone()
 
 
 __all__ = ["PyroEnumModel", "PyroLatentModel", "PyroPPL", "write_params_to_store"]

@@ -46,13 +46,6 @@ from latentfit.inference.model import (
     ModelSpecificationError,
     ParamInfo,
 )
-from latentfit.integrations._common import (
-    ClosedFormFace,
-    _GaussianLatentPattern,
-    _ResidualPattern,
-    _SiteLayout,
-    unit_frame,
-)
 
 
 class Frame(NamedTuple):
@@ -77,60 +70,99 @@ class Site:
     constraint: Any = None  # param sites
 
 
+@dataclass
+class _SiteLayout:
+    """How a latent site's value maps to the flat per-unit vector."""
+
+    name: str
+    batch_shape: tuple[int, ...]
+    event_shape: tuple[int, ...]
+    unit_axis: int  # axis of the unit dim in the value
+    transform: Any  # biject_to(support): unconstrained -> constrained
+    x_rest: tuple[int, ...]  # constrained per-unit shape (unit axis moved out)
+    u_rest: tuple[int, ...]  # unconstrained per-unit shape
+    offset: int
+    size: int
+
+
+@dataclass
+class _GaussianLatentPattern:
+    site: str
+    loc: str | None  # param name, or None for a zero mean (``Normal(0., omega)``, a centred random effect)
+    scale: str  # param name
+    kind: str  # "normal" (scale = std, elementwise) or "mvn_cov" / "mvn_tril"
+
+
+@dataclass
+class _ResidualPattern:
+    site: str
+    scale: str  # param name of the residual sd
+
+
+def unit_frame(latent: list[str], frames: dict[str, list[Any]], unit_plate: str | None, ppl: str) -> Any:
+    """The plate frame of the units: the one named ``unit_plate``, else the outermost plate common to all latents.
+
+    ``frames`` maps each latent site to its (vectorised) plate frames; ``ppl`` ("pyro" / "numpyro")
+    names the library in the error messages.
+    """
+    if unit_plate is not None:
+        found = [f for n in latent for f in frames[n] if f.name == unit_plate]
+        if not found:
+            names = sorted({f.name for n in latent for f in frames[n]})
+            raise ModelSpecificationError(
+                f"unit_plate={unit_plate!r} does not enclose any latent site; plates around latent "
+                f"sites: {names}")
+        outside = [n for n in latent if all(f.name != unit_plate for f in frames[n])]
+        if outside:
+            raise ModelSpecificationError(
+                f"latent site(s) {outside} are outside the unit plate {unit_plate!r}: global latents "
+                f"are not supported by EM-type engines; make them {ppl}.param sites")
+        return found[0]
+    common = [f for f in frames[latent[0]] if all(f in frames[n] for n in latent)]
+    if not common:
+        where = {n: [f.name for f in frames[n]] or ["(no plate)"] for n in latent}
+        raise ModelSpecificationError(
+            f"latent sites are not all inside one plate ({where}); name the plate of the units "
+            f"with unit_plate=... (global latents must be {ppl}.param sites)")
+    return min(common, key=lambda f: f.dim)  # outermost common plate (the most negative dim)
+
+
+def _reduce_to(x: Any, shape: tuple[int, ...]) -> Any:
+    """Average ``x`` over the dims that broadcasting a param of ``shape`` added or expanded."""
+    extra = x.ndim - len(shape)
+    if extra > 0:
+        x = x.mean(axis=tuple(range(extra)))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    if dims:
+        x = x.mean(axis=dims, keepdims=True)
+    return x.reshape(shape)
+
+
 class PPL:
-    """What the adapter needs from a PPL (implemented in ``integrations/pyro.py`` and ``numpyro.py``)."""
+    """What the adapters need from a PPL (implemented in ``integrations/pyro.py`` and ``numpyro.py``).
+
+    ``run(fn, args, kwargs, params=None, values=None, key=None, subsample=None) -> {name: Site}`` runs the model
+    once (θ substituted, latents conditioned, the rest sampled from ``key``; ``subsample=(plate, size, units)``: that
+    plate subsampled to ``units`` and the observations inside it cut to their rows); ``vectorise(f, pure=True,
+    num_unmapped=0)`` maps ``f(theta, x, *rest)`` over the leading axis of ``x`` (``pure``: may be compiled);
+    ``jvp(f, x, t)`` and ``grad_params(f, theta)`` are forward / reverse derivatives (zeros where unused);
+    ``float_dtype(values) -> (dtype, device)`` is the fit's one float dtype; ``segment_sum(x, idx, n)`` sums the
+    elements of each index; ``one_hot_draws(key, probs, num, dtype)`` draws labels one-hot; ``make_ops``,
+    ``biject_to``, ``no_grad`` and ``moveaxis`` are the library's own.  ``dist`` names the distribution classes
+    (Normal, MultivariateNormal, Categorical, Independent, Masked, Expanded, Transformed, ExpTransform).
+    """
 
     name: str = ""  # "pyro" / "numpyro", for messages
-    #: distribution classes: Normal, LogNormal, MultivariateNormal, Independent, Masked, Expanded,
-    #: Transformed, ExpTransform (a namespace object)
     dist: Any = None
-
-    def run(self, fn: Any, args: tuple, kwargs: dict, params: dict | None = None, values: dict | None = None,
-            key: Any = None) -> dict[str, Site]:  # pragma: no cover - interface
-        """Run ``fn`` once (θ substituted, latents conditioned; the rest sampled from ``key``)."""
-        raise NotImplementedError
-
-    def make_ops(self, dtype: Any, device: Any) -> Any:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def vectorise(self, f: Any, pure: bool = True) -> Any:  # pragma: no cover - interface
-        """``f(theta, x) -> pytree`` mapped over the leading axis of ``x`` (``pure``: deterministic, may be
-        compiled)."""
-        raise NotImplementedError
-
-    def jvp(self, f: Any, x: Any, t: Any) -> Any:  # pragma: no cover - interface
-        """Forward derivative of ``f`` at ``x`` along ``t`` (``f`` returns one array)."""
-        raise NotImplementedError
-
-    def grad_params(self, f: Any, theta: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover - interface
-        """Gradient of the scalar ``f(theta)`` for every entry of ``theta`` (zeros where unused)."""
-        raise NotImplementedError
-
-    def biject_to(self, constraint: Any) -> Any:  # pragma: no cover - interface
-        raise NotImplementedError
 
     def param_transform(self, constraint: Any) -> Any:
         """Unconstrained -> constrained map of a param (the PPL's own choice)."""
         return self.biject_to(constraint)
 
-    def float_dtype(self, dtypes: list[Any]) -> Any:  # pragma: no cover - interface
-        """The one float dtype of a fit from the dtypes of the params and data."""
-        raise NotImplementedError
-
-    def segment_sum(self, x: Any, idx: Any, n: int) -> Any:  # pragma: no cover - interface
-        """``out[..., j] = Σ_{e: idx[e] = j} x[..., e]``."""
-        raise NotImplementedError
-
-    def no_grad(self) -> Any:  # pragma: no cover - interface
-        raise NotImplementedError
-
     def concrete(self) -> Any:
         """Context in which computations on concrete values run eagerly, even while an engine's step is being traced
         for compilation (JAX); nothing to do on eager backends."""
         return contextlib.nullcontext()
-
-    def moveaxis(self, x: Any, source: int, destination: int) -> Any:  # pragma: no cover - interface
-        raise NotImplementedError
 
     # ----- distributions ----------------------------------------------------------------------------
     def unwrap(self, fn: Any) -> Any:
@@ -140,28 +172,20 @@ class PPL:
             fn = fn.base_dist
         return fn
 
-    def is_lognormal(self, fn: Any) -> bool:
-        d = self.dist
-        if isinstance(fn, d.LogNormal):
-            return True
-        return (isinstance(fn, d.Transformed) and isinstance(self.unwrap(fn.base_dist), d.Normal)
-                and len(fn.transforms) == 1 and isinstance(fn.transforms[0], d.ExpTransform))
-
-    def normal_base(self, fn: Any) -> Any:
-        """The Normal of a Normal / LogNormal site."""
-        fn = self.unwrap(fn)
-        if isinstance(fn, self.dist.Transformed):  # LogNormal is a transformed Normal in both PPLs
-            return self.unwrap(fn.base_dist)
-        return fn
+    def normal_of(self, fn: Any) -> Any:
+        """The Normal of a Normal or LogNormal (a Normal through one ``exp``) distribution, else None."""
+        d, fn = self.dist, self.unwrap(fn)
+        if isinstance(fn, d.Transformed) and len(fn.transforms) == 1 and isinstance(fn.transforms[0], d.ExpTransform):
+            fn = self.unwrap(fn.base_dist)
+        return fn if isinstance(fn, d.Normal) else None
 
     def value_mask(self, fn: Any, handler_mask: Any, ops: Any) -> Any:
         """Mask on the shape of the site's value: the handler mask (event dims appended) and every ``.mask()``
         inside ``fn`` (a ``.mask(m).to_event(1)`` masks single values; its log-density masks itself)."""
-        out = None
+        out, d = None, self.dist
         if handler_mask is not None:
             m = ops.asarray(handler_mask, dtype=None)
             out = m.reshape(tuple(m.shape) + (1,) * len(fn.event_shape))
-        d = self.dist
         while isinstance(fn, (d.Independent, d.Masked, d.Expanded)):
             if isinstance(fn, d.Masked) and not (isinstance(fn._mask, bool) and fn._mask):
                 m = ops.asarray(fn._mask, dtype=None)
@@ -169,9 +193,6 @@ class PPL:
                 out = m if out is None else out & m
             fn = fn.base_dist
         return out
-
-    def is_normal_like(self, fn: Any) -> bool:
-        return isinstance(fn, self.dist.Normal) or self.is_lognormal(fn)
 
 
 class TracedBase(LatentModel):
@@ -284,7 +305,7 @@ class TracedBase(LatentModel):
         return {n: self.ops.stop_gradient(v) for n, v in self.constrain(moved).items()}
 
 
-class TracedLatentModel(ClosedFormFace, TracedBase):
+class TracedLatentModel(TracedBase):
     """A Pyro / NumPyro model function, traced once, seen through the :class:`LatentModel` contract."""
 
     ppl: PPL
@@ -465,11 +486,7 @@ class TracedLatentModel(ClosedFormFace, TracedBase):
             u = np.where(zero, -1, u).astype(np.int64)
             units = u if units is None else np.where(units < 0, u, units)
         units = np.where(units < 0, 0, units)  # elements free of every latent: any unit (a constant there)
-        out, start = {}, 0
-        for m, size in zip(names, sizes):
-            out[m] = units[start:start + size]
-            start += size
-        return out
+        return dict(zip(names, np.split(units, np.cumsum(sizes)[:-1])))
 
     # ----- running the model with given θ and one chain of z ------------------------------------------
     def _split_one(self, z: Any) -> tuple[dict[str, Any], Any]:
@@ -554,12 +571,11 @@ class TracedLatentModel(ClosedFormFace, TracedBase):
         if units is None:
             return z
         full = self.ops.zeros(tuple(z.shape[:-2]) + (self.num_units, z.shape[-1]), dtype=z.dtype)
-        return self.ops.scatter_axis1(full.reshape((-1,) + tuple(full.shape[-2:])),
-                                      self.ops.asarray(units, dtype=None),
+        return self.ops.scatter_axis1(full.reshape((-1,) + tuple(full.shape[-2:])), self._index(units),
                                       z.reshape((-1,) + tuple(z.shape[-2:]))).reshape(full.shape)
 
     def _select(self, x: Any, units: Any, axis: int = -1) -> Any:
-        return x if units is None else self.ops.take(x, self.ops.asarray(units, dtype=None), axis=x.ndim + axis)
+        return x if units is None else self.ops.take(x, self._index(units), axis=x.ndim + axis)
 
     def _chains(self, f: Any, theta: dict[str, Any], z: Any, *rest: Any) -> tuple[Any, tuple[int, ...]]:
         z = self.ops.asarray(z)
@@ -724,11 +740,11 @@ class TracedLatentModel(ClosedFormFace, TracedBase):
         claimed: dict[str, str] = {}
         for s in self._layout:
             fn = ppl.unwrap(traces[0][s.name].fn)
-            if ppl.is_normal_like(fn):
-                loc = is_param(lambda tr, s=s: ppl.normal_base(tr[s.name].fn).loc)
-                scale = is_param(lambda tr, s=s: ppl.normal_base(tr[s.name].fn).scale)
+            if ppl.normal_of(fn) is not None:
+                loc = is_param(lambda tr, s=s: ppl.normal_of(tr[s.name].fn).loc)
+                scale = is_param(lambda tr, s=s: ppl.normal_of(tr[s.name].fn).scale)
                 # a centred random effect, Normal(0., omega): closed-form omega with the mean held at 0
-                zero = loc is None and scale and is_zero(lambda tr, s=s: ppl.normal_base(tr[s.name].fn).loc)
+                zero = loc is None and scale and is_zero(lambda tr, s=s: ppl.normal_of(tr[s.name].fn).loc)
                 if zero or (loc and scale and loc != scale and
                             tuple(self.params[loc].value.shape) == tuple(self.params[scale].value.shape)):
                     self._gauss.append(_GaussianLatentPattern(s.name, loc, scale, "normal"))
@@ -763,6 +779,67 @@ class TracedLatentModel(ClosedFormFace, TracedBase):
                 self._resid = [r for r in self._resid if r.scale != pname]
         self._mark_closed_form()
 
+    def _mark_closed_form(self) -> None:
+        """Flag the recognised params closed-form, set their annealing and the latent sites' kinds."""
+        for g in self._gauss:
+            if g.loc is not None:
+                self.params[g.loc].closed_form = True
+            self.params[g.scale].closed_form = True
+            # mvn_tril: annealed through its covariance
+            self.params[g.scale].anneal = {"normal": "std", "mvn_cov": "cov", "mvn_tril": None}[g.kind]
+            self.latent_sites = [LatentSite(x.name, x.shape, x.offset, x.size, g.kind if x.name == g.site else x.kind)
+                                 for x in self.latent_sites]
+        for r in self._resid:
+            self.params[r.scale].closed_form = True
+
+    def fit_warnings(self, theta: dict[str, Any]) -> list[str]:
+        """Scales of recognised Normal latents that fell onto the M-step's variance floor (1e-12)."""
+        out = []
+        for g in self._gauss:
+            if g.kind == "normal" and float(np.min(self.ops.to_numpy(theta[g.scale]))) ** 2 < 1e-11:
+                out.append(f"the scale {g.scale!r} of latent site {g.site!r} collapsed to ~0: the data barely identify "
+                           f"that variance and SAEM's Monte-Carlo noise with few chains can drive it to zero; rerun "
+                           f"with more chains (num_chains=...) or drop that random effect")
+        return out
+
+    def _site_u(self, z: Any, site: str) -> Any:
+        s = next(x for x in self._layout if x.name == site)
+        return z[..., s.offset:s.offset + s.size]
+
+    def _gaussian_stats(self, z: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for g in self._gauss:
+            w = self._site_u(z, g.site)  # z holds the units ``units`` already (LatentModel contract)
+            out[f"{g.site}.s1"] = w
+            out[f"{g.site}.s2"] = w * w if g.kind == "normal" else w[..., :, None] * w[..., None, :]
+        return out
+
+    def m_step(self, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:
+        xp = self.ops.xp
+        out: dict[str, Any] = {}
+        n = float(num_units)
+        for g in self._gauss:
+            s1, s2 = s[f"{g.site}.s1"] / n, s[f"{g.site}.s2"] / n
+            if g.kind == "normal":
+                p_shape = tuple(self.params[g.loc if g.loc is not None else g.scale].value.shape)
+                mu = _reduce_to(s1, p_shape) if g.loc is not None else 0.0 * s1
+                var = _reduce_to(s2 - 2 * mu * s1 + mu * mu, p_shape)
+                if g.loc is not None:
+                    out[g.loc] = mu
+                out[g.scale] = xp.sqrt(xp.clip(var, 1e-12))
+            else:
+                mu = s1 if g.loc is not None else 0.0 * s1
+                cov = s2 - mu[:, None] * mu[None, :]
+                cov = 0.5 * (cov + cov.T) + 1e-10 * self.ops.asarray(np.eye(cov.shape[-1]), dtype=cov.dtype)
+                if g.loc is not None:
+                    out[g.loc] = mu.reshape(tuple(self.params[g.loc].value.shape))
+                out[g.scale] = cov if g.kind == "mvn_cov" else xp.linalg.cholesky(cov)
+        for r in self._resid:
+            rss, cnt = s[f"{r.site}.rss"], s[f"{r.site}.nobs"]
+            sd = xp.sqrt(xp.clip(rss / xp.clip(cnt, 1.0), 1e-24))
+            out[r.scale] = sd.reshape(self.params[r.scale].value.shape)
+        return out
+
     def stats(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
         z = self.ops.asarray(z)
         out = self._gaussian_stats(z)
@@ -782,6 +859,17 @@ class TracedLatentModel(ClosedFormFace, TracedBase):
     # (the prior of the unconstrained z_i is then Gaussian).  Observations are laid out per unit,
     # ``[N, T]`` padded with a mask (T = the largest number of observations of a unit).
     def _recognise_gaussian_faces(self) -> None:
+        """Find the faces; a model on which they fail is refused, naming the cause (on both PPLs alike)."""
+        try:
+            self._find_gaussian_faces()
+        except (ModelSpecificationError, DataError):
+            raise
+        except Exception as exc:
+            raise ModelSpecificationError(
+                "reading the Gaussian faces of the model (the means and sds of its Normal observations, the moments of "
+                f"its Gaussian latents) failed: {type(exc).__name__}: {exc}") from exc
+
+    def _find_gaussian_faces(self) -> None:
         z = self.sample_prior(self.init_params(), self.ops.key(2), 1)[0]
         values, _ = self._split_one(z)
         with self.ppl.no_grad():
@@ -800,7 +888,7 @@ class TracedLatentModel(ClosedFormFace, TracedBase):
             if isinstance(fn, d.MultivariateNormal):
                 if int(np.prod(s.batch_shape)) // self.num_units != 1:
                     return False
-            elif not self.ppl.is_normal_like(fn):
+            elif self.ppl.normal_of(fn) is None:
                 return False
 
         def total(th):
@@ -812,7 +900,7 @@ class TracedLatentModel(ClosedFormFace, TracedBase):
                 if isinstance(fn, d.MultivariateNormal):
                     out = out + self.ops.xp.sum(fn.loc) + self.ops.xp.sum(fn.scale_tril)
                 else:
-                    base = self.ppl.normal_base(fn)
+                    base = self.ppl.normal_of(fn)
                     xp = self.ops.xp
                     out = out + xp.sum(base.loc * 1.0) + xp.sum(base.scale * 1.0)
             return out
@@ -925,7 +1013,7 @@ class TracedLatentModel(ClosedFormFace, TracedBase):
                 blocks.append((s.offset, xp.broadcast_to(fn.covariance_matrix, vshape + (k,)).reshape(n, k, k)))
                 variances.append(self.ops.zeros((n, k), dtype=self._dtype))
             else:
-                base = self.ppl.normal_base(fn)
+                base = self.ppl.normal_of(fn)
                 loc = self.ppl.moveaxis(xp.broadcast_to(base.loc, vshape), s.unit_axis, 0).reshape(n, -1)
                 sd = self.ppl.moveaxis(xp.broadcast_to(base.scale, vshape), s.unit_axis, 0).reshape(n, -1)
                 means.append(loc)
