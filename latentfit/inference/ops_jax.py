@@ -189,6 +189,7 @@ class JaxOps(Ops):
     """JAX flavour: ``xp = jax.numpy``, explicit PRNG keys, compiled chunks of iterations."""
 
     name = "jax"
+    fast_draw_dtype = "float32"
     jittable = True
 
     def __init__(self, dtype: Any = None, device: Any = None) -> None:

@@ -191,7 +191,7 @@ class NLME(LatentModel):
         """dtype of SAEM's MCMC normal draws (the engine's ``draw_dtype`` default): ``"float32"`` on JAX, where
         float64 normals (the inverse error function in float64) cost about a third of an iteration at N = 5000;
         None (the arrays' dtype) on torch, whose draws stay those of the seed's stream."""
-        return "float32" if self.ops.name == "jax" else None
+        return self.ops.fast_draw_dtype
 
     @property
     def diagonal_omega(self) -> bool:
