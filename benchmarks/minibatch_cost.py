@@ -9,32 +9,49 @@ Printed: wall ms per epoch (``fit.time_per_iteration``, set-up and compilation e
 process's CPU time inside the iteration chunks: on a shared machine the wall clock counts the other jobs), each the
 fastest of ``--repeats`` runs, and the CPU ratio to EM's epoch on the same model, measured in this process.
 
-Figures (2 shared cores under a load of ~9 from other jobs, so even CPU ratios scatter by ±30 % between runs):
+Figures (2 shared cores; other jobs' load in brackets, so even CPU ratios scatter by ±30 % between runs):
 
-=========================  =====  =======  =====  ==================  =================
-model                      n      engine   b      before (wall ratio)  now (CPU ratio)
-=========================  =====  =======  =====  ==================  =================
-plain Pyro mixture         1e5    FIEM     100    158                 165-189
-plain Pyro mixture         1e5    FIEM     1000   19.8                15-26
-plain NumPyro mixture      1e5    FIEM     100    67.6                8.4-9.8
-plain NumPyro mixture      1e5    FIEM     1000   10.2                1.8-2.5
-GaussianMixture            1e6    MiniBatchEM 2e4 4.3                 1.6-1.7
-GaussianMixture            1e6    IEM      2e4    4.8                 1.6-2.5
-GaussianMixture            1e6    FIEM     2e4    4.6                 2.9-3.5
-GaussianMixture            1e6    SEMVR    2e4    17.3                3.5-4.6
-plain Pyro mixture (EM)    1e6    EM       -      2.4 (vs family)     0.8-1.1 (vs family)
-=========================  =====  =======  =====  ==================  =================
+=========================  =====  ===========  =====  ==================  ==================  ====================
+model                      n      engine       b      first (wall ratio)  before (CPU ratio)  now (CPU ratio)
+=========================  =====  ===========  =====  ==================  ==================  ====================
+plain Pyro mixture         1e5    FIEM         100    158                 102-189 [2-9]       122 [~10]
+plain Pyro mixture         1e5    FIEM         1000   19.8                9.2-26 [2-9]        12.9 [~10]
+plain NumPyro mixture      1e5    FIEM         100    67.6                8.4-9.8 [~9]        1.3 [~16] (was 9.1)
+plain NumPyro mixture      1e5    FIEM         1000   10.2                1.8-2.5 [~9]        1.3 [~16] (was 2.0)
+GaussianMixture            1e6    MiniBatchEM  2e4    4.3                 1.6-1.7             (torch: not rerun)
+GaussianMixture            1e6    IEM          2e4    4.8                 1.6-2.5             (torch: not rerun)
+GaussianMixture            1e6    FIEM         2e4    4.6                 2.9-3.5             (torch: not rerun)
+GaussianMixture            1e6    SEMVR        2e4    17.3                3.5-4.6             (torch: not rerun)
+GaussianMixture (JAX)      1e6    MiniBatchEM  2e4 / 1e3                                      0.9 / 0.6 [~16]
+GaussianMixture (JAX)      1e6    IEM          2e4 / 1e3                                      0.9 / 0.6 [~16]
+GaussianMixture (JAX)      1e6    FIEM         2e4 / 1e3                                      1.3 / 0.6 [~16]
+GaussianMixture (JAX)      1e6    SEMVR        2e4 / 1e3                                      1.6 / 1.3 [~16]
+plain Pyro mixture (EM)    1e6    EM           -      2.4 (vs family)     0.8-1.1 (vs family)
+=========================  =====  ===========  =====  ==================  ==================  ====================
 
-"Before": this script's first run (wall clock, load ~1-2).  What changed: recognised plain mixtures take the
+"First": this script's first run (wall clock, load ~1-2).  Earlier changes: recognised plain mixtures take the
 family's streamed full pass and its contiguous mini-batch blocks, and keep [n, K] responsibility tables; the EM
 family's full pass reads all units without a gather; the initial state snapshot is set-up time; the mixture's E-step
-coefficients are computed once per θ (FIEM's two batches) and a full pass with rows is streamed in chunks.  On
-these models no mini-batch does O(N) work any more (per-step CPU time on NumPyro is flat from n = 1e4 to 6e4,
-130-290 µs), but at b = 100 a step's fixed cost dominates: ~1 ms of eager torch dispatch per FIEM step on Pyro
-(two E-steps and an M-step of ~100 small ops; 3× EM would leave ~20 µs per step), ~150 µs per compiled XLA step
-on NumPyro.
+coefficients are computed once per θ (FIEM's two batches) and a full pass with rows is streamed in chunks.
 
-Usage: ``python benchmarks/minibatch_cost.py [--n 100000] [--family-n 1000000] [--epochs 3] [--only family]``
+JAX (goal met on every row): an epoch already ran as one compiled program (a ``lax.fori_loop`` over its mini-batches
+inside the compiled chunk of epochs, carrying θ, the tables and the key), but XLA copied the whole ``[n, K]`` table
+twice per mini-batch, because nothing ordered the rows read in a step before the write into the table in the same
+step (an optimisation barrier does not survive XLA's CPU pipeline; a data dependency is undone by fusion, which
+duplicates the cheap slice).  The compiled epoch now carries each write to the start of the next inner iteration
+(``StatEngine.put_rows``), so every read follows the table's only write and the update is in place: at n = 1e5,
+b = 100 a FIEM step costs ~33 µs instead of 530-580 µs, MiniBatchEM ~8-21 µs instead of ~530 µs (load 8-12).
+
+Pyro (goal NOT met at b = 100): each step is ~160 dispatched torch ops (two E-steps, the table update, the M-step
+and the next E-step's coefficients on [K, d, d] arrays), ~0.8 ms per step against the ~20 µs that 3× EM's epoch
+leaves at n = 1e5, b = 100; the mixture's eager precision is now one batched Cholesky and a triangular solve instead
+of ~40 ops of an unrolled Cholesky (185 -> 159 ops per FIEM step; FIEM b = 100 CPU per epoch 846 ms [load 2-4]
+-> 719 ms [~10], while EM's epoch, 6-8 ms, scatters as much as the ratio's change).  ``torch.compile`` of the
+M-step and coefficients (gcc 12 present) ran 3× faster per call (0.58 vs 1.7 ms under load ~9) but compiled for 14 s
+(warm inductor cache) to 87 s (cold): at ~0.6 ms saved per step it pays back only after ~25k-150k steps, so it is
+not used.
+
+Usage: ``python benchmarks/minibatch_cost.py [--n 100000] [--family-n 1000000] [--epochs 3] [--only family-jax]``
 """
 
 from __future__ import annotations
@@ -153,8 +170,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batches", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--repeats", type=int, default=REPEATS, help="runs per configuration (the fastest is reported)")
-    ap.add_argument("--only", nargs="+", choices=["pyro", "numpyro", "family"], default=["pyro", "numpyro", "family"],
-                    help="sections to run (family: GaussianMixture and the plain enumerated Pyro model at its size)")
+    ap.add_argument("--only", nargs="+", choices=["pyro", "numpyro", "family", "family-jax"],
+                    default=["pyro", "numpyro", "family", "family-jax"],
+                    help="sections to run (family: GaussianMixture on torch and the plain enumerated Pyro model at its "
+                         "size; family-jax: GaussianMixture on JAX float64)")
     args = ap.parse_args()
     globals()["REPEATS"] = args.repeats
 
@@ -205,6 +224,8 @@ def main() -> None:
 
     if "family" in args.only:
         family(args, rows, lp)
+    if "family-jax" in args.only:
+        family_jax(args, rows)
     print(f"{'model':26s} {'n':>8s} {'engine':12s} {'b':>7s} {'wall ms/ep':>10s} {'CPU ms/ep':>10s} "
           f"{'set-up+compile s':>17s} {'total s':>8s} {'CPU ratio to EM':>16s}")
     for model, n, eng, b, ms, cpu, setup, tot, ratio in rows:
@@ -239,6 +260,27 @@ def family(args, rows, lp) -> None:
 
     r = epoch_ms(plain_big, args.epochs)
     rows.append(("plain Pyro (vs family EM)", args.family_n, "EM", "", *r, r[1] / em_f[1]))
+
+
+def family_jax(args, rows) -> None:
+    """The GaussianMixture family's engines on JAX (float64): each epoch one compiled loop over its mini-batches."""
+    import jax
+
+    from latentfit.inference.em import EM
+    from latentfit.inference.fiem import FIEM
+    from latentfit.inference.iem import IEM, MiniBatchEM
+    from latentfit.inference.semvr import SEMVR
+    from latentfit.models.mixture import GaussianMixture
+
+    with jax.enable_x64(True):
+        gm = GaussianMixture(jax.numpy.asarray(simulate(args.family_n)), 5, "full", seed=0)
+        em = epoch_ms(lambda e: EM(gm, num_epochs=e, seed=0, progress=False).run(), args.epochs)
+        rows.append(("GaussianMixture (JAX)", args.family_n, "EM", "", *em, 1.0))
+        for b in (args.family_n // 50, args.family_n // 1000):
+            for cls in (MiniBatchEM, IEM, FIEM, SEMVR):
+                r = epoch_ms(lambda e, c=cls, b=b: c(gm, num_epochs=e, batch_size=b, seed=0, progress=False).run(),
+                             args.epochs)
+                rows.append(("GaussianMixture (JAX)", args.family_n, cls.__name__, b, *r, r[1] / em[1]))
 
 
 if __name__ == "__main__":

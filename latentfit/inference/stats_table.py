@@ -498,11 +498,14 @@ class StatEngine(Engine):
                 tr = {p: ops.scatter_owned(v, jj, state_field(st, "theta")[p][None]) for p, v in tr.items()}
             return st, tr
 
-        self._defer_writes = bool(deferred)
-        try:
+        if not deferred:
             state, trace = ops.fori_loop(0, m, body, (state, trace))
-        finally:
-            self._defer_writes = False
+        else:  # while the loop is traced (the engine's attributes are left as they were)
+            self._defer_writes = True
+            try:
+                state, trace = ops.fori_loop(0, m, body, (state, trace))
+            finally:
+                del self._defer_writes
         state = replace_fields(self._write_pending(state, deferred), key=key)
         log_lik = None
         if self.track_log_lik and self.model.has_exact_marginal:
