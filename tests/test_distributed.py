@@ -216,56 +216,6 @@ import jax.numpy as jnp
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 import models_numpyro
-from latentfit.numpyro import MCMCSGD
-
-y = jnp.asarray(1.0 + 0.7 * np.random.default_rng(8).normal(size=(16, 1))
-                + 0.4 * np.random.default_rng(9).normal(size=(16, 4)))
-opts = json.loads(sys.argv[2])
-out = {}
-for name, extra in json.loads(sys.argv[3]).items():
-    one = MCMCSGD(models_numpyro.random_intercept, **opts, **extra).run(jax.random.PRNGKey(3), y)
-    two = MCMCSGD(models_numpyro.random_intercept, **opts, **extra).run(jax.random.PRNGKey(3), y, devices=2)
-    z = two.state.z
-    out[name] = {
-        "params_diff": max(float(np.max(np.abs(np.asarray(one.params[k]) - np.asarray(two.params[k]))))
-                           for k in one.params),
-        "history_diff": max(float(np.max(np.abs(np.asarray(one.history[k]) - np.asarray(two.history[k])))) for k
-                            in one.history),
-        "z_diff": float(np.max(np.abs(np.asarray(one.state.z) - np.asarray(z)))),
-        "z_shard": list(z.sharding.shard_shape(z.shape)), "z_devices": len(z.sharding.device_set),
-        "grad_norm2_min": float(np.min(np.asarray(one.history["grad_norm2"])[opts["burn_in"]:])),
-    }
-print("RESULT" + json.dumps(out))
-"""
-
-
-@pytest.mark.slow
-def test_mcmcsgd_two_jax_devices_equal_one() -> None:
-    """``run(devices=2)`` (NumPyro): the chains ``[4, 16, 1]`` split 8 units per host device, the gradient's sum over
-    units an all-reduce; estimates, history and chains equal the one-device fit to 1e-10 (full batch, a mini-batch
-    of 3, MALA with a mini-batch: its per-unit step sizes sharded too)."""
-    import json
-
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    opts = {k: v for k, v in MC_OPTIONS.items() if k != "seed"}
-    proc = subprocess.run([sys.executable, "-c", JAX_CHILD, str(Path(__file__).parent), json.dumps(opts),
-                           json.dumps(MC_CASES)], capture_output=True, text=True, env=env, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))[len("RESULT"):])
-    for case, res in out.items():
-        assert res["params_diff"] < 1e-10 and res["history_diff"] < 1e-10 and res["z_diff"] < 1e-10, (case, res)
-        assert res["z_devices"] == 2 and res["z_shard"] == [4, 8, 1], (case, res)
-        assert res["grad_norm2_min"] > 0, case
-
-
-EM_JAX_CHILD = r"""
-import json, sys
-import jax
-jax.config.update("jax_enable_x64", True)
-import jax.numpy as jnp
-import numpy as np
-sys.path.insert(0, sys.argv[1])
-import models_numpyro
 import latentfit.numpyro
 
 y = jnp.asarray(1.0 + 0.7 * np.random.default_rng(8).normal(size=(16, 1))
@@ -280,25 +230,47 @@ for case, (name, extra) in json.loads(sys.argv[3]).items():
     out[case] = {
         "params_diff": max(float(np.max(np.abs(np.asarray(one.params[k]) - np.asarray(two.params[k]))))
                            for k in one.params),
+        "history_diff": max(float(np.max(np.abs(np.asarray(one.history[k]) - np.asarray(two.history[k])))) for k
+                            in one.history if k != "time"),
         "z_diff": float(np.max(np.abs(np.asarray(one.state.z) - np.asarray(z)))),
-        "z_shard": list(z.sharding.shard_shape(z.shape)), "mu_range": float(np.ptp(one.history["theta.mu"])),
+        "z_shard": list(z.sharding.shard_shape(z.shape)), "z_devices": len(z.sharding.device_set),
+        "mu_range": float(np.ptp(np.asarray(one.history.get("theta.mu", [0.0])))),
+        "grad_norm2_min": float(np.min(np.asarray(one.history.get("grad_norm2", [1.0]))[opts.get("burn_in", 0):])),
     }
 print("RESULT" + json.dumps(out))
 """
+
+
+def _two_jax_devices(options: dict, cases: dict) -> dict:
+    """Run each ``{case: (engine name, options)}`` on one and on two host devices in a child process (NumPyro,
+    ``random_intercept`` on 16 units); the child's comparison of the two fits, by case."""
+    import json
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    opts = {k: v for k, v in options.items() if k != "seed"}
+    proc = subprocess.run([sys.executable, "-c", JAX_CHILD, str(Path(__file__).parent), json.dumps(opts),
+                           json.dumps(cases)], capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))[len("RESULT"):])
+
+
+@pytest.mark.slow
+def test_mcmcsgd_two_jax_devices_equal_one() -> None:
+    """``run(devices=2)`` (NumPyro): the chains ``[4, 16, 1]`` split 8 units per host device, the gradient's sum over
+    units an all-reduce; estimates, history and chains equal the one-device fit to 1e-10 (full batch, a mini-batch
+    of 3, MALA with a mini-batch: its per-unit step sizes sharded too)."""
+    out = _two_jax_devices(MC_OPTIONS, {case: ("MCMCSGD", extra) for case, extra in MC_CASES.items()})
+    for case, res in out.items():
+        assert res["params_diff"] < 1e-10 and res["history_diff"] < 1e-10 and res["z_diff"] < 1e-10, (case, res)
+        assert res["z_devices"] == 2 and res["z_shard"] == [4, 8, 1], (case, res)
+        assert res["grad_norm2_min"] > 0, case
 
 
 @pytest.mark.slow
 def test_monte_carlo_em_two_jax_devices_equal_one() -> None:
     """MCEM and MiniBatchMCEM with ``rng="per_unit"`` and ``devices=2`` (NumPyro): the chains ``[16, 3, 1]`` split 8
     units per device; estimates and chains equal the one-device fit to 1e-10."""
-    import json
-
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    opts = {k: v for k, v in EM_OPTIONS.items() if k != "seed"}
-    proc = subprocess.run([sys.executable, "-c", EM_JAX_CHILD, str(Path(__file__).parent), json.dumps(opts),
-                           json.dumps(EM_CASES)], capture_output=True, text=True, env=env, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))[len("RESULT"):])
+    out = _two_jax_devices(EM_OPTIONS, EM_CASES)
     for case, res in out.items():
         assert res["params_diff"] < 1e-10 and res["z_diff"] < 1e-10, (case, res)
         assert res["z_shard"] == [8, 3, 1] and res["mu_range"] > 0.05, (case, res)
