@@ -172,7 +172,7 @@ class Engine:
         start = 0
         if resume_from is not None:
             state, history, draws, start = self._restore(resume_from, state, collect_from)
-        state = ops.shard_units(state, self.unit_axes(), devices)
+        state = ops.shard_units(state, self.unit_axes() if devices is not None else {}, devices)
         last_saved = start
         good = self._snapshot(state, start)  # set-up: a copy of the state (its per-unit tables on torch)
         t_init = time.perf_counter() - t0

@@ -133,6 +133,12 @@ class LatentModel:
         cache, and each sweep evaluates its starting state."""
         return None
 
+    def initial_cache(self, theta: dict[str, Any], z: Any) -> Any:
+        """The ``cache`` of :meth:`cached_density`'s ``evaluate(z)`` alone (SAEM's start; a model may skip the
+        densities it does not need there), or None without a cache."""
+        cached = self.cached_density(theta)
+        return None if cached is None else cached[0](z)[2]
+
     def log_lik(self, theta: dict[str, Any], z: Any, units: Any = None) -> Any:
         return self.log_densities(theta, z, units)[0]
 

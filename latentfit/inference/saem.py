@@ -16,6 +16,7 @@ random-effect variances are annealed during the first ``K1/2`` iterations,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -194,19 +195,33 @@ class SAEM(Engine):
         else:  # iteration 0 of the per-unit streams
             eps = self.sim_ops.normal(ops.fold_in(root, 0), (self.num_chains, model.num_units, model.latent_dim))
             z = model.prior_transform(theta, eps)
-        ll, lp = model.log_densities(theta, z)
-        bad = ~xp.isfinite(ll + lp)
-        if bool(xp.all(bad)):
+        all_bad, s_hat = self._start(theta, z)
+        if bool(all_bad):
             model.raise_for_nonfinite(theta, z)
+        # z, the scales and the cache stay eager: compiled, XLA fuses (and contracts) their arithmetic and orders the
+        # std's sums differently (~1e-16), which would change the fit's last digits
         # saemix rw.init: d_j = 0.5·sd of the prior in each coordinate
         sd = xp.std(xp.reshape(ops.gather_units(z, 1), (-1, z.shape[-1])), 0)
         sd = xp.where(sd > 0, sd, 1.0)
+        return SAEMState(theta_u=model.unconstrain(theta), z=z, scale_rw=0.5 * sd, scale_block=0.5 * sd, key=key,
+                         s_hat=s_hat, stream=root, cache=model.initial_cache(theta, z) if self.carries_cache else None)
+
+    @property
+    def _start(self) -> Callable[..., tuple]:
+        """:meth:`_start_eager` as one compiled program on JAX (keyed on shapes and dtypes, so the persistent
+        compilation cache serves it) instead of some thirty eager operations; its outputs are those of the eager
+        operations bit for bit (a flag and zeros)."""
+        return self.ops.jit(self._start_eager)
+
+    def _start_eager(self, theta: dict[str, Any], z: Any) -> tuple:
+        """Whether every initial chain's log-density is non-finite, and the zeroed statistics (their shapes)."""
+        model, ops, xp = self.model, self.ops, self.ops.xp
+        ll, lp = model.log_densities(theta, z)
+        all_bad = xp.all(~xp.isfinite(ll + lp))
         s_hat = None
         if model.has_stats:
             s_hat = ops.tree_map(lambda v: v * 0.0, self._chain_mean_stats(theta, z))
-        cached = model.cached_density(theta) if self.carries_cache else None
-        return SAEMState(theta_u=model.unconstrain(theta), z=z, scale_rw=0.5 * sd, scale_block=0.5 * sd, key=key,
-                         s_hat=s_hat, stream=root, cache=None if cached is None else cached[0](z)[2])
+        return all_bad, s_hat
 
     def distribute(self) -> None:
         """Data-parallel SAEM over the torch.distributed group: this process's model holds a contiguous shard of the

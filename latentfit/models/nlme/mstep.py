@@ -137,9 +137,10 @@ def m_step_simple(model: NLME, s: dict[str, Any], theta: dict[str, Any], num_uni
 def fit_warnings(model: NLME, theta: dict[str, Any]) -> list[str]:
     """A random-effect variance that fell to ~0 (SAEM with few chains can absorb a weakly identified variance
     at zero, where EM's map is stationary)."""
-    om = model.ops.to_numpy(model.omega_matrix(theta))
-    collapsed = [f"{nm} (ω²={om[i, i]:.2g})" for i, nm in enumerate(model.random_names)
-                 if om[i, i] < COLLAPSED_OMEGA2]
+    to_numpy = model.ops.to_numpy  # the diagonal read on the host: no small device programs after the fit
+    var = ([float(to_numpy(theta[f"omega2_{nm}"])) for nm in model.random_names] if model.diagonal_omega
+           else np.diag(to_numpy(theta["Omega"])))
+    collapsed = [f"{nm} (ω²={var[i]:.2g})" for i, nm in enumerate(model.random_names) if var[i] < COLLAPSED_OMEGA2]
     if not collapsed:
         return []
     return [f"the variance of the random effect on {', '.join(collapsed)} collapsed to ~0: the data barely "
