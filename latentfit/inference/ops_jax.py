@@ -214,10 +214,9 @@ class JaxOps(Ops):
                 return x
             return x.astype(dtype or self.dtype)
         arr = np.asarray(x)
-        if arr.dtype == bool:
-            return jnp.asarray(arr)
-        if dtype is None and np.issubdtype(arr.dtype, np.integer):
-            return jnp.asarray(arr)
+        if arr.dtype == bool or (dtype is None and np.issubdtype(arr.dtype, np.integer)):
+            # a host copy in JAX's dtype, then a transfer: jnp.asarray would run (and compile) a conversion program
+            return jax.device_put(np.array(arr, dtype=jax.dtypes.canonicalize_dtype(arr.dtype), copy=True))
         return jnp.asarray(arr, dtype=dtype or self.dtype)
 
     def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
