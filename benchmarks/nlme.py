@@ -77,13 +77,15 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   - third round (set-up outside the iterations): the initial-value check and SAEM's start (log-densities, zeroed
     statistics) are one compiled program each (``ops.jit``: keyed on shapes, served by the persistent cache), the
     chains' initial residual sums of squares skip the densities (``LatentModel.initial_cache``), the collapsed-
-    variance warning reads θ on the host, and ``unit_axes`` is asked only when sharding: 106 -> 50 programs per
-    fit.  The prior draw, the random-walk scales and the initial cache stay eager: compiled, XLA fuses and contracts
-    their arithmetic (and orders the std's sums) differently, ~1e-16 that changes the estimates' last digits.
+    variance warning reads θ on the host, ``unit_axes`` is asked only when sharding, and integer/boolean data go to
+    the device without a conversion program (``JaxOps.asarray``): 106 -> 46 programs per fit.  The prior draw, the
+    random-walk scales and the initial cache stay eager: compiled, XLA fuses and contracts their arithmetic (and
+    orders the std's sums) differently, ~1e-16 that changes the estimates' last digits.
     Estimates and histories bit-identical (120 arrays: theophylline default, per-unit streams, combined error +
     covariate + block Ω, JAX and torch).  Fresh process, cache warm, 3 runs alternated with the previous commit
-    at load ~3.5: 1.52-1.76 s -> 1.24-1.45 s (initialisation 0.47-0.53 -> 0.28-0.44 s); what remains: tracing,
-    lowering (before the cache can be asked) and loading the compiled chunks, 0.55-0.6 s; ~45 small eager programs
+    at load ~3.5: 1.52-1.76 s -> 1.24-1.45 s (initialisation 0.47-0.53 -> 0.28-0.44 s); with JaxOps.asarray, 6
+    runs alternated at load ~2: median 1.87 s (1.62-2.31) -> 1.50 s (1.19-1.57).  What remains: tracing,
+    lowering (before the cache can be asked) and loading the compiled chunks, 0.55-0.7 s; ~40 small eager programs
     (data binding, prior draw, initial cache); the 400 iterations, 0.14-0.2 s.  Still ~6x short of the 10x goal.
   Still not reached: 4.4 ms/iteration (JAX at 8.3-11 ms under this load is the closest).
 """
