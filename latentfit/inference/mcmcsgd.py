@@ -42,7 +42,7 @@ from .model import LatentModel, ModelSpecificationError
 from .mstep import flatten, unflatten
 from .ops import OPTIMIZERS
 from .results import FitResult
-from .saem import RNG_MODES, _unit_ids
+from .saem import RNG_MODES, per_unit_ids
 
 KERNELS = ("saemix", "mala")
 
@@ -156,12 +156,7 @@ class MCMCSGD(Engine):
                 "MCMCSGD samples continuous latents by MCMC; this model's latents are discrete (enumerated): "
                 "fit it with EM, IEM or FIEM")
         self.rng = rng
-        if rng == "per_unit" and not model.has_gaussian_prior:
-            raise ValueError(f"{self.name}: rng='per_unit' draws each unit's prior proposals as μ_i + L ε_i from its "
-                             "own stream, which needs Gaussian latents (Normal, LogNormal or MultivariateNormal "
-                             "sites whose parameters do not depend on other latents); use rng='global' for this "
-                             "model")
-        self._unit_ids = _unit_ids(unit_ids, model.num_units) if rng == "per_unit" else None
+        self._unit_ids = per_unit_ids(self.name, model, rng, unit_ids)
         self._unit_ids_option = unit_ids
         #: units of the whole fit and this process's first unit (a distributed fit: :meth:`distribute`)
         self._total_units, self._unit_offset, self._distributed = int(model.num_units), 0, False

@@ -67,6 +67,19 @@ class SAEMInfo(NamedTuple):
     num_nonfinite: Any
 
 
+def per_unit_ids(engine: str, model: Any, rng: str, unit_ids: Any) -> np.ndarray | None:
+    """The units' ids under ``rng="per_unit"`` (:func:`_unit_ids`), None under ``"global"``; per-unit streams draw
+    each unit's prior proposals as ``μ_i + L ε_i`` from its own stream, so they need Gaussian latents."""
+    if rng != "per_unit":
+        return None
+    if not model.has_gaussian_prior:
+        raise ValueError(f"{engine}: rng='per_unit' draws each unit's prior proposals as μ_i + L ε_i from its "
+                         "own stream, which needs Gaussian latents (Normal, LogNormal or MultivariateNormal "
+                         "sites whose parameters do not depend on other latents); use rng='global' for this "
+                         "model")
+    return _unit_ids(unit_ids, model.num_units)
+
+
 def _unit_ids(unit_ids: Any, n: int) -> np.ndarray:
     """The units' ids for per-unit streams: distinct non-negative integers, one per unit (default ``0 .. n−1``)."""
     if unit_ids is None:
@@ -147,13 +160,8 @@ class SAEM(Engine):
         view = self.ops.with_draw_dtype(dt) if dt is not None else self.ops  # refused on a backend without the option
         #: dtype of the kernels' normal draws when it is not the model's (None: the model's)
         self.draw_dtype = None if getattr(view, "draw_dtype", None) is None else str(dt)
-        self._unit_ids = _unit_ids(unit_ids, model.num_units) if rng == "per_unit" else None
+        self._unit_ids = per_unit_ids(self.name, model, rng, unit_ids)
         self._unit_ids_option = unit_ids
-        if rng == "per_unit" and not model.has_gaussian_prior:
-            raise ValueError(f"{self.name}: rng='per_unit' draws each unit's prior proposals as μ_i + L ε_i from its "
-                             "own stream, which needs Gaussian latents (Normal, LogNormal or MultivariateNormal "
-                             "sites whose parameters do not depend on other latents); use rng='global' for this "
-                             "model")
         k1, k2 = _validate_num_iters(num_iters)
         if burn_in < 0 or burn_in >= k1:
             raise ValueError(f"burn_in must be in [0, K1): got {burn_in} with K1={k1}")
