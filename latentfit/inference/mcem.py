@@ -11,11 +11,12 @@ sweeps per visit):
 ``MCEM``: full batch, ``θ^{k} = θ̄(Σ_i S̃_i(θ^{k−1}))``.  ``MiniBatchMCEM``: the incremental rule of
 :mod:`~latentfit.inference.iem` on the MC statistics (a table of the last MC statistic per unit).
 
-With ``rng="per_unit"`` (MH chains) unit i's draws at a visit come from its own counter-based stream
-``(visit key, unit id)``, the visit key a word drawn from the run's stream (the same on every process), so the fit
-does not depend on the order of the units or on their sharding: ``run(distributed=True)`` (each process advances
-the chains of the units of the global mini-batch it holds; statistics, acceptance rates and non-finite counts are
-all-reduced in float64) equals the one-process fit.
+With ``rng="per_unit"`` unit i's draws at a visit (MH chains, or the inverse CDF of the exact posterior sampler
+of a model with discrete latents) come from its own counter-based stream ``(visit key, unit id)``, the visit key a
+word drawn from the run's stream (the same on every process), so the fit does not depend on the order of the units
+or on their sharding: ``run(distributed=True)`` (each process draws for the units of the global mini-batch it holds;
+statistics, acceptance rates and non-finite counts are all-reduced in float64) equals the one-process fit.  TTSEM
+(:mod:`~latentfit.inference.ttsem`) shares this oracle.
 """
 
 from __future__ import annotations
@@ -51,11 +52,11 @@ class _UnitStreamChains:
         self._unit_ids_option = unit_ids
         self._unit_ids = None
         if rng == "per_unit":
-            if model.has_posterior_sampler or not model.has_gaussian_prior:
+            if not model.has_posterior_sampler and not model.has_gaussian_prior:
                 raise ValueError(f"{self.name}: rng='per_unit' runs per-unit MH chains whose prior proposals are "
                                  "μ_i + L ε_i from each unit's stream: it needs Gaussian latents (Normal, LogNormal or "
-                                 "MultivariateNormal sites) and a model without an exact posterior sampler; use "
-                                 "rng='global' for this model")
+                                 "MultivariateNormal sites) or a model with an exact posterior sampler (discrete "
+                                 "latents); use rng='global' for this model")
             self._unit_ids = _unit_ids(unit_ids, model.num_units)
 
     def distribute(self) -> None:
@@ -86,6 +87,16 @@ class _UnitStreamChains:
         model = self.model
         eps = self._sim_ops(None).normal(self._visit_key(key), (self.num_samples, model.num_units, model.latent_dim))
         return model.prior_transform(theta, eps)
+
+    def oracle(self, state: Any, theta: dict[str, Any], units: Any, key: Any) -> tuple[dict[str, Any], Any]:
+        """Exact posterior draws (a model with a sampler) under ``rng="per_unit"``: unit i's labels are the inverse
+        CDF of uniforms from its own stream ``(visit key, unit id)``; otherwise :meth:`StatEngine.oracle`."""
+        model = self.model
+        if self.rng != "per_unit" or not model.has_posterior_sampler:
+            return super().oracle(state, theta, units, key)
+        xp = self.ops.xp
+        z = model.sample_posterior(theta, self._visit_key(key), self.num_samples, units, sim=self._sim_ops(units))
+        return {k: xp.mean(v, 0) for k, v in model.stats_rows(theta, z, units).items()}, state
 
     @staticmethod
     def _no_units(units: Any) -> bool:

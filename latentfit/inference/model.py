@@ -206,8 +206,13 @@ class LatentModel:
     # Monte-Carlo EM engines (MCEM, TTSEM) instead of MCMC when available
     has_posterior_sampler: bool = False
 
-    def sample_posterior(self, theta: dict[str, Any], key: Any, num_samples: int, units: Any = None) -> Any:
-        """Draws ``z ~ p(z_i | y_i; θ)``: ``[num_samples, n, ...]`` in the layout ``stats`` accepts."""
+    def sample_posterior(self, theta: dict[str, Any], key: Any, num_samples: int, units: Any = None,
+                         sim: Any = None) -> Any:
+        """Draws ``z ~ p(z_i | y_i; θ)``: ``[num_samples, n, ...]`` in the layout ``stats`` accepts.
+
+        ``sim``: the shim whose ``uniform(key, [num_samples, n, 1])`` the draws are made from (per-unit streams,
+        :class:`~latentfit.inference.ops.UnitStreamOps`: unit i's draws depend on ``(key, id_i)`` only); None: the
+        model's own stream."""
         raise NotImplementedError
 
     def fit_warnings(self, theta: dict[str, Any]) -> list[str]:

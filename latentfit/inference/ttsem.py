@@ -25,6 +25,7 @@ from typing import Any
 
 from .fiem import SagaRule
 from .iem import IncrementalRule
+from .mcem import _UnitStreamChains
 from .schedules import polynomial
 from .sem import OnlineRule
 from .semvr import SnapshotRule
@@ -33,8 +34,13 @@ from .stats_table import StatEngine, default_fast_step
 VARIANTS = {"isaem": IncrementalRule, "vr": SnapshotRule, "fi": SagaRule, "saem": OnlineRule}
 
 
-class TTSEM(StatEngine):
-    """Two-timescale stochastic EM, ``variant`` in ``{"isaem", "vr", "fi", "saem"}`` (default b = ⌈n/100⌉).
+class TTSEM(_UnitStreamChains, StatEngine):
+    """Two-timescale stochastic EM, ``variant`` in ``{"isaem", "vr", "fi", "saem"}`` (default b = ⌈n/100⌉; b = n for
+    ``"saem"``).
+
+    ``rng="per_unit"`` (``unit_ids=``): each unit's Monte-Carlo draws (exact posterior draws or MH chains) come from
+    its own stream (:mod:`~latentfit.inference.mcem`), for ``run(distributed=True)``: every process draws the same
+    global mini-batches, draws for the units it holds, and the statistics are all-reduced in float64.
 
     Example
     -------
@@ -66,8 +72,9 @@ class TTSEM(StatEngine):
         self.name = {"isaem": "iSAEM", "vr": "vrTTEM", "fi": "fiTTEM", "saem": "SAEM"}[variant]
         self.needs_table = variant != "saem"
         self._gamma_default = polynomial(gamma_alpha, num_ones=int(gamma_burn))
-        if batch_size is None:  # batch SAEM as in the paper; the incremental variants: 100 batches per epoch
-            batch_size = model.num_units if variant == "saem" else max(1, -(-model.num_units // 100))
+        # default b: batch SAEM as in the paper (b = n); the incremental variants: 100 batches per epoch (n: the units
+        # of every process in a distributed fit)
+        self.batches_per_epoch = None if variant == "saem" else 100
         super().__init__(model, num_epochs, batch_size, **kwargs)
 
     @staticmethod

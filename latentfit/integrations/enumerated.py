@@ -144,8 +144,17 @@ class EnumeratedLatentModel(TracedBase):
     def marginal_log_lik(self, theta: dict[str, Any], units: Any = None) -> Any:
         return self.responsibilities(theta, units)[1]
 
-    def sample_posterior(self, theta: dict[str, Any], key: Any, num_samples: int, units: Any = None) -> Any:
-        return self.ppl.one_hot_draws(key, self.responsibilities(theta, units)[0], num_samples, self._dtype)
+    def sample_posterior(self, theta: dict[str, Any], key: Any, num_samples: int, units: Any = None,
+                         sim: Any = None) -> Any:
+        r = self.responsibilities(theta, units)[0]
+        if sim is None:
+            return self.ppl.one_hot_draws(key, r, num_samples, self._dtype)
+        # inverse CDF of uniforms from sim's streams (per-unit streams: unit i's labels depend on (key, id_i) only)
+        xp = self.ops.xp
+        u = sim.uniform(key, (num_samples, int(r.shape[0]), 1))
+        lab = xp.sum(u > xp.cumsum(r, 1)[None, :, :-1], -1)
+        K = int(r.shape[1])
+        return (lab[..., None] == self.ops.arange(K)) * 1.0 + self.ops.zeros(tuple(lab.shape) + (K,), dtype=self._dtype)
 
     def unpack_latents(self, z: Any) -> dict[str, Any]:
         return {self.latent_name: z.argmax(-1)}

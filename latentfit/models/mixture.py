@@ -433,12 +433,14 @@ class GaussianMixture(LatentModel):
         """``S(z_i, x_i) = z_i ⊗ F(x_i)`` for one-hot ``z`` ``[..., n, K]``."""
         return {"s": z[..., :, :, None] * self._features(units)[:, None, :]}
 
-    def sample_posterior(self, theta: dict[str, Any], key: Any, num_samples: int, units: Any = None) -> Any:
-        """One-hot labels drawn from the responsibilities: ``[num_samples, n, K]``."""
+    def sample_posterior(self, theta: dict[str, Any], key: Any, num_samples: int, units: Any = None,
+                         sim: Any = None) -> Any:
+        """One-hot labels drawn from the responsibilities: ``[num_samples, n, K]`` (inverse CDF of uniforms from
+        ``sim``, default the model's shim)."""
         ops, xp = self.ops, self.ops.xp
         r, _ = self.responsibilities(theta, units)
         cdf = xp.cumsum(r, 1)
-        u = ops.uniform(key, (num_samples, int(r.shape[0]), 1))
+        u = (ops if sim is None else sim).uniform(key, (num_samples, int(r.shape[0]), 1))
         lab = xp.sum(u > cdf[None, :, :-1], -1)
         return _one_hot(ops, lab, self.K)
 
