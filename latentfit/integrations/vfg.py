@@ -19,7 +19,10 @@ the data's units (a bound with deterministic states, not an exact density).  Wit
 of the steps; True = every other step) steps follow Alg. 2 of the paper: a random subset O of the observed
 sections is kept (each dropped w.p. ``mask_drop``), the forward pass aggregates over observed children only
 (a node is observed when any child is), and the masked sections are reconstructed from their closest
-observed ancestors (as in imputation) next to the consistency terms of the observed nodes.
+observed ancestors (as in imputation) next to the consistency terms of the observed nodes.  With
+``layerwise`` (the paper's layer-wise training) an epoch updates the flows of one layer only, the layers taken
+bottom-up in cycles (layer ``l``: the edges into the nodes of height ``l``; a block-coordinate scheme, each layer
+with its own Adam state).
 
 Imputation.  Forward from the observed sections only; a missing section ``j`` is decoded from its closest
 ancestor ``a`` with an observed descendant: ``x̂^(j) = f_(j,a)^{-1}(h^(a))`` composed down the path, where
@@ -49,6 +52,7 @@ flows (Pyro ``AffineCoupling`` + ``Permute``) live here and train by ``torch.opt
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -261,6 +265,49 @@ def check_columns(graph: Graph, n_cols: int) -> None:
             + ("; " if missing and extra else "")
             + (f"column(s) {extra} out of range" if extra else "")
         )
+
+
+# ----------------------------------------------------------------------------------------------------
+# layers (layer-wise training)
+# ----------------------------------------------------------------------------------------------------
+def node_heights(graph: Graph) -> list[int]:
+    """Height of every node: 0 at a leaf, ``1 + max`` over the children elsewhere (the depth levels of a balanced
+    tree counted from the leaves; the topological levels of a DAG)."""
+    height = [0] * len(graph.nodes)
+    for node in graph.nodes:  # topological order: children first
+        if node.children:
+            height[node.index] = 1 + max(height[c] for c in node.children)
+    return height
+
+
+def edge_layers(graph: Graph) -> list[int]:
+    """The layer (1 … L) of every edge of ``graph.edges``: the height of its parent, so layer ``l`` holds the flows
+    into the nodes of height ``l`` (from ``h^{l−1}`` to ``h^l`` in the paper's tree)."""
+    height = node_heights(graph)
+    return [height[p] for _, p in graph.edges]
+
+
+def num_layers(graph: Graph) -> int:
+    """``L``, the number of layers (the roots' largest height); every layer 1 … L holds at least one edge."""
+    return max(node_heights(graph))
+
+
+def epochs_per_layer(layerwise: Any) -> int:
+    """``layerwise`` → epochs per layer (0: off): ``False``/``0`` off, ``True`` 1, an int ``k >= 1`` itself."""
+    if isinstance(layerwise, (bool, np.bool_)):
+        return int(bool(layerwise))
+    if _is_int(layerwise) and int(layerwise) >= 0:
+        return int(layerwise)
+    raise ValueError(f"layerwise must be a bool or the number of epochs per layer (an int >= 1; 0 = off), got "
+                     f"{layerwise!r}")
+
+
+def layer_at(epoch: int, per_layer: int, n_layers: int) -> int:
+    """The layer (1 … L) trained in epoch ``epoch`` (0-based) by layer-wise training with ``per_layer`` epochs per
+    layer: bottom-up cycles ``1, …, L, 1, …``, each layer ``per_layer`` epochs in a row; 0 (every layer) when off."""
+    if per_layer == 0:
+        return 0
+    return (epoch // per_layer) % n_layers + 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -608,7 +655,13 @@ class VFG:
     ReLU MLPs, ``beta`` the weight of the KL (consistency + root prior) terms, ``masking`` the fraction of
     Alg. 2 masked steps (True: every other step; imputation works best with 0.8 and ``beta=0.1``),
     ``mask_drop`` the probability of dropping a section in a masked step (the paper: 1/2; small values
-    approach leave-one-section-out).  ``likelihood`` "gaussian" (``sigma`` on standardised columns when
+    approach leave-one-section-out).  ``layerwise``: layer-wise training (§9, "update one layer at a time";
+    off by default): with ``True`` or an int ``k >= 1`` each epoch trains the flows of one layer only (layer
+    ``l`` = the edges into the nodes of height ``l``, :func:`edge_layers`), cycling bottom-up ``1, …, L, 1, …``
+    with ``k`` epochs per layer (``True``: 1, :func:`layer_at`); the other layers' weights and Adam moments are
+    left as they are (each layer has its own Adam state: a block-coordinate scheme), the learning-rate decay and
+    the masking schedule run over the whole fit, and with fewer than ``k·L`` epochs the upper layers are never
+    trained (a warning says so).  ``likelihood`` "gaussian" (``sigma`` on standardised columns when
     ``standardize``) or "bernoulli"; ``min_dim`` pads small sections (and with it every node: a node wider
     than its sections lets a decoder drop coordinates, so a non-injective section-to-section map such as
     ``z ↦ z²`` becomes representable).  Stability: couplings start at the identity (``identity_init``), each
@@ -633,6 +686,7 @@ class VFG:
         clip_grad: float | None = 10.0,
         identity_init: bool = True,
         mask_drop: float = 0.5,
+        layerwise: bool | int = False,
     ) -> None:
         if backend not in ("torch", "jax"):
             raise ValueError(f"backend must be 'torch' or 'jax', got {backend!r}")
@@ -657,6 +711,8 @@ class VFG:
             raise ValueError(f"mask_drop (the probability of dropping a section in a masked step) must be in (0, 1), "
                              f"got {mask_drop}")
         self.mask_drop = float(mask_drop)
+        #: epochs per layer of layer-wise training (0: every flow trains in every epoch)
+        self.layerwise = epochs_per_layer(layerwise)
         self.likelihood = likelihood
         self.sigma = float(sigma)
         self.standardize = (likelihood == "gaussian") if standardize is None else standardize
@@ -693,6 +749,12 @@ class VFG:
         and ``resume=<dir>`` / ``True`` continues a run bit for bit; Ctrl-C returns the last completed epoch's state
         (``fit.interrupted``).  ``seed`` seeds the fit's own stream (a ``torch.Generator``, a JAX key): torch's
         global RNG is neither read nor changed."""
+        n_layers = num_layers(self.graph)
+        if self.layerwise and 0 < num_epochs < self.layerwise * n_layers:
+            untrained = list(range(num_epochs // self.layerwise + 1, n_layers + 1))
+            warnings.warn(f"layerwise={self.layerwise} with {n_layers} layers: {num_epochs} epochs never train "
+                          f"layer(s) {untrained} (needs >= {self.layerwise * n_layers} epochs)", UserWarning,
+                          stacklevel=2)
         if self.backend == "jax":
             from latentfit.integrations.vfg_jax import fit_jax_engine as fit_engine
         else:
@@ -972,8 +1034,10 @@ class VFGImputer(TransformerMixin, BaseEstimator):  # type: ignore[misc,valid-ty
         min_dim: int = 2,
         progress: bool = False,
         mask_drop: float = 0.5,
+        layerwise: bool | int = False,
     ) -> None:
         self.mask_drop = mask_drop
+        self.layerwise = layerwise
         self.structure = structure
         self.backend = backend
         self.hidden = hidden
@@ -991,7 +1055,7 @@ class VFGImputer(TransformerMixin, BaseEstimator):  # type: ignore[misc,valid-ty
         X = _as_2d_float(X)
         structure = default_structure(X.shape[1]) if self.structure is None else self.structure
         model = VFG(structure, backend=self.backend, hidden=self.hidden, blocks=self.blocks, beta=self.beta,
-                    masking=self.masking, min_dim=self.min_dim, mask_drop=self.mask_drop)
+                    masking=self.masking, min_dim=self.min_dim, mask_drop=self.mask_drop, layerwise=self.layerwise)
         data: Any = X.astype(np.float32)
         self.fit_ = model.fit(data, num_epochs=self.num_epochs, batch_size=self.batch_size,
                               learning_rate=self.learning_rate, seed=self.seed, progress=self.progress)

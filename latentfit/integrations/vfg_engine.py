@@ -10,6 +10,12 @@ Adam's moments from the state (:class:`VFGState`), copies the weights into a wor
 overwritten at the start of every epoch, so the result depends on the state alone), trains it and returns new
 tensors; its random stream is a copy of the state's ``torch.Generator`` (permutations, masks), on the data's device.
 
+Layer-wise training (``VFG(layerwise=k)``): epoch ``e`` (0-based, ``state.epoch``) updates only the weights of layer
+``l = (e // k) mod L + 1`` (the flows into the nodes of height ``l``): an Adam of its own per layer (moments and step
+count), gradient clipping over that layer's gradient; the frozen layers' weights and moments pass through unchanged
+(a block-coordinate scheme).  The schedule position is ``state.epoch``, so a resumed run continues mid-schedule; the
+history's ``layer`` entry records the layer of each epoch.
+
 Divergence guard (the step's own behaviour, not a driver stop): when an epoch's loss is NaN/inf, the epoch is run
 again from its starting weights with a fresh Adam state and half the learning rate (the stream continues, so the
 rerun sees other batches); ``info.rollbacks`` counts the reruns of the epoch, and after 5 reruns in a fit the step
@@ -47,7 +53,10 @@ from latentfit.integrations.vfg import (
     _make_torch_flows,
     _masked_step,
     _validate_data,
+    edge_layers,
+    layer_at,
     negative_elbo,
+    num_layers,
 )
 
 #: rollbacks allowed in one fit before the divergence guard gives up
@@ -79,6 +88,8 @@ class VFGProblem:
         # the workspace the steps train from the state's weights (its initial weights are never read): built from a
         # throw-away generator, so torch's global RNG is untouched
         self.flows = self.build_flows(torch.Generator(device=x.device).manual_seed(0))
+        #: the edge (index into ``graph.edges``) of every weight, by name (layer-wise training)
+        self.param_edge = {f"{k}.{n}": k for k, f in enumerate(self.flows) for n, _ in f.named_parameters()}
         self.objective = _objective_module()(self)
 
     def build_flows(self, key: Any) -> Any:
@@ -120,10 +131,11 @@ class VFGState(NamedTuple):
 
     #: the flows' weights by parameter name (``flows.<edge>.layers.<block>...``): the estimates
     weights: dict[str, Any]
-    #: Adam's first and second moments by parameter name, and its step count since its last (re)start
+    #: Adam's first and second moments by parameter name, and its step count since its last (re)start (under
+    #: ``layerwise`` a tuple: one count per layer, each layer's Adam being its own)
     adam_m: dict[str, Any]
     adam_v: dict[str, Any]
-    adam_t: int
+    adam_t: int | tuple[int, ...]
     #: the random stream (a ``torch.Generator`` on the data's device)
     key: Any
     #: mini-batch steps taken so far (position in the learning-rate and masking schedules)
@@ -140,6 +152,9 @@ class VFGState(NamedTuple):
     best_val: float | None = None
     best_weights: dict[str, Any] | None = None
     stale: int = 0
+    #: epochs completed (under ``layerwise``, the position in the layer schedule: the next epoch trains layer
+    #: ``layer_at(epoch, layerwise, L)``)
+    epoch: int = 0
 
 
 class VFGInfo(NamedTuple):
@@ -151,6 +166,8 @@ class VFGInfo(NamedTuple):
     rollbacks: int
     #: the held-out loss (plain −ELBO, plus the masked one under ``masking``); None without ``validation``
     val_loss: float | None = None
+    #: under ``layerwise``, the layer (1 … L) this epoch trained; None otherwise
+    layer: int | None = None
 
 
 def random_keep(key: Any, n: int, n_leaves: int, drop: float, like: Any) -> Any:
@@ -229,6 +246,10 @@ class VFGEngine(Engine):
             spec.likelihood
         self.sigma, self.clip_grad, self.log_scale_clip = spec.sigma, spec.clip_grad, spec.log_scale_clip
         self.num_leaves = len(problem.graph.leaves)
+        self.layerwise, self.num_layers = spec.layerwise, num_layers(problem.graph)
+        layers = edge_layers(problem.graph)
+        self._layer_names = {layer: [n for n, e in problem.param_edge.items() if layers[e] == layer]
+                             for layer in range(1, self.num_layers + 1)}
 
     # ----- the engine contract ------------------------------------------------------------------------
     def phases(self) -> list[tuple[int, int, Any]]:
@@ -247,14 +268,16 @@ class VFGEngine(Engine):
             val_keep = random_keep(key, len(val), self.num_leaves, self.mask_drop, p.xs)
         zeros = {n: self._zeros_like(w) for n, w in weights.items()}
         validating = val is not None
-        return VFGState(weights=weights, adam_m=zeros, adam_v=dict(zeros), adam_t=0, key=key, num_steps=0,
-                        lr_scale=1.0, rollbacks=0, train_idx=train, val_idx=val, val_keep=val_keep,
+        return VFGState(weights=weights, adam_m=zeros, adam_v=dict(zeros), adam_t=self._fresh_count(), key=key,
+                        num_steps=0, lr_scale=1.0, rollbacks=0, train_idx=train, val_idx=val, val_keep=val_keep,
                         best_val=math.inf if validating else None,
                         best_weights=dict(weights) if validating else None, stale=0)
 
     def step(self, state: VFGState, k: Any, phase: Any) -> tuple[VFGState, VFGInfo]:
-        """Epoch ``k``: the mini-batch steps, the divergence guard, the held-out score; pure."""
+        """Epoch ``k``: the mini-batch steps (on one layer's flows under ``layerwise``), the divergence guard, the
+        held-out score; pure."""
         key = self.ops.own_key(state.key)
+        layer = self.layer_of(state.epoch)
         lr_scale, rollbacks = state.lr_scale, state.rollbacks
         m, v, t = state.adam_m, state.adam_v, state.adam_t
         while True:
@@ -268,11 +291,10 @@ class VFGEngine(Engine):
                                    f"learning rate each time (now {self.learning_rate * lr_scale:.2g}): lower "
                                    "learning_rate or log_scale_clip, or standardise the data")
             lr_scale *= 0.5
-            m = {n: self._zeros_like(w) for n, w in m.items()}
-            v, t = dict(m), 0
+            m, v, t = self._fresh_adam(m, v, t, layer)
         num_steps = state.num_steps + math.ceil(self.num_train / self.batch)
         new = state._replace(weights=weights, adam_m=m_new, adam_v=v_new, adam_t=t_new, key=key,
-                             num_steps=num_steps, lr_scale=lr_scale, rollbacks=rollbacks)
+                             num_steps=num_steps, lr_scale=lr_scale, rollbacks=rollbacks, epoch=state.epoch + 1)
         val_loss = None
         if state.val_idx is not None:
             val_loss = self._held_out(weights, state.val_idx, state.val_keep)
@@ -280,16 +302,49 @@ class VFGEngine(Engine):
                 new = new._replace(best_val=val_loss, best_weights=weights, stale=0)
             else:
                 new = new._replace(stale=state.stale + 1)
-        return new, VFGInfo(loss=loss, rollbacks=rollbacks - state.rollbacks, val_loss=val_loss)
+        return new, VFGInfo(loss=loss, rollbacks=rollbacks - state.rollbacks, val_loss=val_loss,
+                            layer=layer if self.layerwise else None)
+
+    # ----- layer-wise training ------------------------------------------------------------------------
+    def layer_of(self, epoch: int) -> int:
+        """The layer (1 … L) epoch ``epoch`` (0-based) trains; 0 (every layer) without ``layerwise``."""
+        return layer_at(epoch, self.layerwise, self.num_layers)
+
+    def trained_names(self, layer: int, names: Any) -> list[str]:
+        """The weights an epoch on ``layer`` updates: those of the layer's edges, or all ``names`` (layer 0)."""
+        return list(names) if layer == 0 else self._layer_names[layer]
+
+    def _fresh_count(self) -> int | tuple[int, ...]:
+        return (0,) * self.num_layers if self.layerwise else 0
+
+    @staticmethod
+    def _count(t: Any, layer: int) -> int:
+        """Adam's step count of ``layer``'s block (of all weights, layer 0)."""
+        return int(t if layer == 0 else t[layer - 1])
+
+    @staticmethod
+    def _with_count(t: Any, layer: int, count: int) -> Any:
+        return int(count) if layer == 0 else (*t[:layer - 1], int(count), *t[layer:])
+
+    def _fresh_adam(self, m: dict[str, Any], v: dict[str, Any], t: Any, layer: int) -> tuple[Any, Any, Any]:
+        """Adam restarted on the weights ``layer`` trains (all, layer 0): zero moments and count; the other layers'
+        Adam states are kept."""
+        m, v = dict(m), dict(v)
+        for n in self.trained_names(layer, m):
+            m[n], v[n] = self._zeros_like(m[n]), self._zeros_like(v[n])
+        return m, v, self._with_count(t, layer, 0)
 
     def _epoch(self, state: VFGState, m: dict[str, Any], v: dict[str, Any], t: int, key: Any,
                lr_scale: float) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], int, float]:
         """One pass over the training rows from ``state.weights`` and the Adam state ``(m, v, t)``:
-        ``(weights, m, v, t, epoch loss)`` (new tensors; the inputs are not changed)."""
+        ``(weights, m, v, t, epoch loss)`` (new tensors; the inputs are not changed).  Under ``layerwise`` only the
+        weights of the epoch's layer take Adam steps (their own moments and count); the others, and their moments,
+        come back as they went in."""
         import torch
 
         p = self.model
-        names = list(state.weights)
+        layer = self.layer_of(state.epoch)
+        names = self.trained_names(layer, state.weights)
         # the workspace's parameters take the state's weights (it is the engine's scratch space: every epoch starts by
         # overwriting it, so the result depends on the state alone; once per epoch rather than a functional_call per
         # batch, which cost 6 % of the epoch)
@@ -297,14 +352,39 @@ class VFGEngine(Engine):
         with torch.no_grad():
             for n, w in params.items():
                 w.copy_(state.weights[n])
+        trained = [params[n] for n in names]
+        count = self._count(t, layer)
         opt = None
-        if params:
-            opt = torch.optim.Adam(list(params.values()), lr=self.learning_rate)
-            if t > 0:  # continue Adam from the state's moments (copies: Adam updates them in place)
+        if trained:
+            opt = torch.optim.Adam(trained, lr=self.learning_rate)
+            if count > 0:  # continue Adam from the state's moments (copies: Adam updates them in place)
                 sd = opt.state_dict()
-                sd["state"] = {i: {"step": torch.tensor(float(t)), "exp_avg": m[n].clone(),
+                sd["state"] = {i: {"step": torch.tensor(float(count)), "exp_avg": m[n].clone(),
                                    "exp_avg_sq": v[n].clone()} for i, n in enumerate(names)}
                 opt.load_state_dict(sd)
+        if layer:  # frozen layers: no weight gradients (the messages still flow through them)
+            for n, w in params.items():
+                w.requires_grad_(n in set(names))
+        try:
+            loss_value = self._batches(state, key, lr_scale, opt, trained)
+        finally:
+            for w in params.values():
+                w.requires_grad_(True)
+        weights = {n: w.detach().clone() for n, w in params.items()}
+        if opt is None:
+            return weights, m, v, t, loss_value
+        st = opt.state_dict()["state"]
+        m_new, v_new = dict(m), dict(v)
+        for i, n in enumerate(names):  # Adam's own tensors: this optimiser is dropped
+            m_new[n], v_new[n] = st[i]["exp_avg"], st[i]["exp_avg_sq"]
+        return weights, m_new, v_new, self._with_count(t, layer, int(st[0]["step"])), loss_value
+
+    def _batches(self, state: VFGState, key: Any, lr_scale: float, opt: Any, trained: list[Any]) -> float:
+        """The epoch's mini-batch steps on the workspace (``opt`` over the ``trained`` parameters; None: no weights):
+        the epoch loss."""
+        import torch
+
+        p = self.model
         perm = state.train_idx[torch.randperm(self.num_train, generator=key, device=p.ops.device)]
         acc = torch.zeros(2, dtype=torch.float64, device=p.ops.device)  # loss sums of [plain, masked] steps
         rows = [0, 0]
@@ -321,7 +401,7 @@ class VFGEngine(Engine):
                 opt.zero_grad()
                 loss.backward()
                 if self.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(list(params.values()), self.clip_grad)
+                    torch.nn.utils.clip_grad_norm_(trained, self.clip_grad)
                 opt.step()
             kind = int(keep is not None)
             acc[kind] += loss.detach().double() * len(idx)
@@ -331,13 +411,7 @@ class VFGEngine(Engine):
         loss_value = _epoch_loss(np.array([[sums[0], rows[0]], [sums[1], rows[1]]]))
         if not math.isfinite(sums[0] + sums[1]):
             loss_value = math.nan
-        weights = {n: w.detach().clone() for n, w in params.items()}
-        if opt is None:
-            return weights, m, v, t, loss_value
-        st = opt.state_dict()["state"]
-        m_new = {n: st[i]["exp_avg"] for i, n in enumerate(names)}  # Adam's own tensors: this optimiser is dropped
-        v_new = {n: st[i]["exp_avg_sq"] for i, n in enumerate(names)}
-        return weights, m_new, v_new, int(st[0]["step"]), loss_value
+        return loss_value
 
     @staticmethod
     def _zeros_like(w: Any) -> Any:

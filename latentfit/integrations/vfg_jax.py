@@ -259,6 +259,8 @@ def _engine_classes() -> tuple[type, type]:
             paths, self.treedef = jax.tree_util.tree_flatten_with_path(params)
             self.names = [jax.tree_util.keystr(path) for path, _ in paths]
             self.shapes = {n: list(a.shape) for n, (_, a) in zip(self.names, paths)}
+            #: the edge (index into ``graph.edges``: the flows' list index) of every weight, by name
+            self.param_edge = {n: int(path[0].idx) for n, (path, _) in zip(self.names, paths)}
 
         @staticmethod
         def _partition(flows: Any) -> tuple[Any, Any]:
@@ -316,8 +318,8 @@ def _engine_classes() -> tuple[type, type]:
             if val is not None and self.masking and self.num_leaves > 1:
                 val_keep = random_keep_jax(k_keep, n_val, self.num_leaves, self.mask_drop, p.ops.dtype)
             zeros = {n: jnp.zeros_like(w) for n, w in weights.items()}
-            return VFGState(weights=weights, adam_m=zeros, adam_v=dict(zeros), adam_t=0, key=key, num_steps=0,
-                            lr_scale=1.0, rollbacks=0, train_idx=train, val_idx=val, val_keep=val_keep,
+            return VFGState(weights=weights, adam_m=zeros, adam_v=dict(zeros), adam_t=self._fresh_count(), key=key,
+                            num_steps=0, lr_scale=1.0, rollbacks=0, train_idx=train, val_idx=val, val_keep=val_keep,
                             best_val=math.inf if val is not None else None,
                             best_weights=dict(weights) if val is not None else None, stale=0)
 
@@ -336,22 +338,27 @@ def _engine_classes() -> tuple[type, type]:
 
         def _function(self, kind: str, args: tuple[Any, ...]) -> Any:
             """The compiled batch step (``kind`` "plain" / "masked") or held-out loss ("val" / "val_masked") for
-            these argument shapes, compiled ahead of time on first use (time added to ``ops.compile_time``)."""
-            cache_key = (kind, *(tuple(np.shape(a)) for a in args[4:6]))
+            these argument shapes and trained/frozen weights (``args[0]`` / ``args[1]``: a layer-wise step
+            differentiates the first only), compiled ahead of time on first use (time added to
+            ``ops.compile_time``)."""
+            cache_key = (kind, tuple(args[0]), *(tuple(np.shape(a)) for a in args[5:7]))
             if cache_key in self._compiled:
                 return self._compiled[cache_key]
             masked = kind.endswith("masked")
             clip = optax.clip_by_global_norm(self.clip_grad) if self.clip_grad else optax.identity()
             adam = optax.scale_by_adam()
 
-            def batch_step(w: Any, m: Any, v: Any, t: Any, xb: Any, ob: Any, keep: Any, lr: Any) -> Any:
-                loss, grads = jax.value_and_grad(self._loss)(w, xb, ob, keep if masked else None)
+            def batch_step(w: Any, frozen: Any, m: Any, v: Any, t: Any, xb: Any, ob: Any, keep: Any, lr: Any) -> Any:
+                def loss_of(a: Any) -> Any:
+                    return self._loss({**frozen, **a}, xb, ob, keep if masked else None)
+
+                loss, grads = jax.value_and_grad(loss_of)(w)
                 grads, _ = clip.update(grads, clip.init(w))
                 upd, st = adam.update(grads, optax.ScaleByAdamState(count=t, mu=m, nu=v))
                 w = jax.tree_util.tree_map(lambda a, u: a - lr * u, w, upd)
                 return w, st.mu, st.nu, st.count, loss
 
-            def held_out(w: Any, m: Any, v: Any, t: Any, xb: Any, ob: Any, keep: Any, lr: Any) -> Any:
+            def held_out(w: Any, frozen: Any, m: Any, v: Any, t: Any, xb: Any, ob: Any, keep: Any, lr: Any) -> Any:
                 return self._loss(w, xb, ob, keep if masked else None)
 
             fn = batch_step if kind in ("plain", "masked") else held_out
@@ -363,10 +370,15 @@ def _engine_classes() -> tuple[type, type]:
 
         def _epoch(self, state: Any, m: Any, v: Any, t: int, key: Any, lr_scale: float) -> Any:
             p = self.model
+            layer = self.layer_of(state.epoch)
+            names = self.trained_names(layer, state.weights)
             k_perm, key = jax.random.split(key)
             perm = state.train_idx[jax.random.permutation(k_perm, self.num_train)]
-            w = state.weights
-            count = jnp.asarray(t, jnp.int32)
+            w = {n: state.weights[n] for n in names}  # the trained weights, and the frozen ones (layer-wise)
+            frozen = {n: a for n, a in state.weights.items() if n not in w}
+            m_all, v_all = m, v
+            m, v = {n: m_all[n] for n in names}, {n: v_all[n] for n in names}
+            count = jnp.asarray(self._count(t, layer), jnp.int32)
             losses: list[tuple[int, int, Any]] = []
             step = state.num_steps
             dummy = jnp.ones((1, self.num_leaves), p.ops.dtype)
@@ -380,7 +392,7 @@ def _engine_classes() -> tuple[type, type]:
                     keep = random_keep_jax(sub, nb, self.num_leaves, self.mask_drop, p.ops.dtype)
                 lr = jnp.asarray(lr_scale * _lr_at(self.learning_rate, step, self.total_steps, self.lr_decay),
                                  p.ops.dtype)
-                args = (w, m, v, count, p.xs[idx], p.col_obs[idx], keep, lr)
+                args = (w, frozen, m, v, count, p.xs[idx], p.col_obs[idx], keep, lr)
                 w, m, v, count, loss = self._function("masked" if masked else "plain", args)(*args)
                 losses.append((int(masked), nb, loss))
                 step += 1
@@ -391,16 +403,19 @@ def _engine_classes() -> tuple[type, type]:
             loss_value = _epoch_loss(acc)
             if not np.isfinite(acc[:, 0]).all():
                 loss_value = math.nan
-            return w, m, v, t + len(losses), loss_value
+            weights = {n: w.get(n, a) for n, a in state.weights.items()}
+            m_new = {n: m.get(n, a) for n, a in m_all.items()}
+            v_new = {n: v.get(n, a) for n, a in v_all.items()}
+            return weights, m_new, v_new, self._with_count(t, layer, self._count(t, layer) + len(losses)), loss_value
 
         def _held_out(self, weights: dict[str, Any], val_idx: Any, val_keep: Any) -> float:
             p = self.model
             xb, ob = p.xs[val_idx], p.col_obs[val_idx]
             lr = jnp.asarray(0.0, p.ops.dtype)
-            args = (weights, None, None, None, xb, ob, jnp.ones((1, self.num_leaves), p.ops.dtype), lr)
+            args = (weights, {}, None, None, None, xb, ob, jnp.ones((1, self.num_leaves), p.ops.dtype), lr)
             value = float(self._function("val", args)(*args))
             if val_keep is not None:
-                args = (weights, None, None, None, xb, ob, val_keep, lr)
+                args = (weights, {}, None, None, None, xb, ob, val_keep, lr)
                 value += float(self._function("val_masked", args)(*args))
             return value
 
