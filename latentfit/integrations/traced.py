@@ -147,8 +147,9 @@ class PPL:
     num_unmapped=0)`` maps ``f(theta, x, *rest)`` over the leading axis of ``x`` (``pure``: may be compiled);
     ``jvp(f, x, t)`` and ``grad_params(f, theta)`` are forward / reverse derivatives (zeros where unused);
     ``float_dtype(values) -> (dtype, device)`` is the fit's one float dtype; ``segment_sum(x, idx, n)`` sums the
-    elements of each index; ``one_hot_draws(key, probs, num, dtype)`` draws labels one-hot; ``make_ops``,
-    ``biject_to``, ``no_grad`` and ``moveaxis`` are the library's own.  ``dist`` names the distribution classes
+    elements of each index; ``log_prob(fn, value)`` is ``fn.log_prob(value)`` (possibly computed faster);
+    ``one_hot_draws(key, probs, num, dtype)`` draws labels one-hot; ``make_ops``, ``biject_to``, ``no_grad`` and
+    ``moveaxis`` are the library's own.  ``dist`` names the distribution classes
     (Normal, MultivariateNormal, Categorical, Independent, Masked, Expanded, Transformed, ExpTransform).
     """
 
@@ -158,6 +159,10 @@ class PPL:
     def param_transform(self, constraint: Any) -> Any:
         """Unconstrained -> constrained map of a param (the PPL's own choice)."""
         return self.biject_to(constraint)
+
+    def log_prob(self, fn: Any, value: Any) -> Any:
+        """``fn.log_prob(value)`` (a PPL may compute it faster, with the same values)."""
+        return fn.log_prob(value)
 
     def concrete(self) -> Any:
         """Context in which computations on concrete values run eagerly, even while an engine's step is being traced
@@ -272,7 +277,7 @@ class TracedBase(LatentModel):
 
     def _site_lp(self, site: Site) -> Any:
         """The site's log-density, zero where its handler mask is off."""
-        lp = site.fn.log_prob(site.value)
+        lp = self.ppl.log_prob(site.fn, site.value)
         return lp if site.mask is None else self.ops.xp.where(site.mask, lp, self.ops.xp.zeros_like(lp))
 
     @property
