@@ -206,9 +206,10 @@ def nlme_vpc(args: argparse.Namespace) -> int:
     cfg = load_config(args.model)
     saved = _saved_fit(cfg, read_table(args.data), args.data, args.params or args.from_dir)
     rep = cfg.report
+    continuous = getattr(saved.model, "outcome", None) is None  # discrete / event data: proportions or Kaplan-Meier
     fig = plot_vpc(saved, num_sims=args.num_sims or rep["vpc_simulations"],
-                   seed=cfg.seed if args.seed is None else args.seed, log=args.log or rep["log_y"],
-                   pred_corrected=not args.no_pc)
+                   seed=cfg.seed if args.seed is None else args.seed,
+                   log=bool(args.log or rep["log_y"]) and continuous, pred_corrected=False if args.no_pc else None)
     fig.savefig(args.out, dpi=100)
     print(f"VPC written to {args.out}", file=sys.stderr)
     return 0

@@ -390,8 +390,14 @@ def plot_vpc(fit: Any, x: Any = None, num_sims: int = 500, bins: Any = None, lev
 
     NLME fits: against the data's time (or x-variable) by default, prediction-corrected (pcVPC) unless
     ``pred_corrected=False``; other models need ``x`` and are not corrected by default.  Bin edges are marked
-    on the x-axis.  See :func:`vpc_summary`.
+    on the x-axis.  See :func:`vpc_summary`.  NLME fits of discrete, count or time-to-event outcomes: proportions
+    per category or the Kaplan-Meier curve (:func:`plot_discrete_vpc`).
     """
+    if _outcome_model(fit) is not None:
+        if x is not None or log or pred_corrected:
+            raise ValueError("a discrete, count or time-to-event outcome's VPC is drawn against time, as proportions "
+                             "or a Kaplan-Meier curve: x, log and pred_corrected do not apply")
+        return plot_discrete_vpc(fit, num_sims=num_sims, bins=bins, level=level, seed=seed, figsize=figsize)
     plt = _plt()
     model = _nlme(fit)
     pc = model is not None if pred_corrected is None else bool(pred_corrected)
@@ -406,6 +412,113 @@ def plot_vpc(fit: Any, x: Any = None, num_sims: int = 500, bins: Any = None, lev
             ax.set_title(response, fontsize=10)
             if ax is not axes[0, -1]:  # one legend, right of the last panel
                 ax.get_legend().remove()
+    fig.tight_layout()
+    return fig
+
+
+def _outcome_model(fit: Any) -> Any | None:
+    """The fit's NLME model when it has a discrete, count or time-to-event outcome."""
+    model = _nlme(fit)
+    return model if model is not None and getattr(model, "outcome", None) is not None else None
+
+
+def _category_curves(y: np.ndarray, categories: Any) -> tuple[list[str], list[Any]]:
+    """Curves of a discrete VPC: ``(labels, indicator functions)``.  ``categories`` None: each observed value when
+    there are at most 6 (only the larger of two: ``P(DV = 1)`` for 0/1 data), else ``P(DV <= k)`` at the observed
+    quartiles; a list of values: ``P(DV = v)`` for each."""
+    if categories is not None:
+        vals = [float(v) for v in np.atleast_1d(categories)]
+        return [f"P(DV = {v:g})" for v in vals], [lambda a, v=v: a == v for v in vals]
+    vals = np.unique(y)
+    if vals.size <= 6:
+        vals = vals[1:] if vals.size == 2 else vals
+        return [f"P(DV = {v:g})" for v in vals], [lambda a, v=v: a == v for v in vals]
+    cuts = np.unique(np.round(np.quantile(y, [0.25, 0.5, 0.75])))
+    return [f"P(DV <= {k:g})" for k in cuts], [lambda a, k=k: a <= k for k in cuts]
+
+
+def discrete_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, level: float = 0.9, seed: int = 0,
+                         max_bins: int = 10, categories: Any = None, num_points: int = 101) -> Any:
+    """VPC of an NLME fit with a discrete, count or time-to-event outcome (as Monolix and saemix draw them): a
+    :class:`~latentfit.inference.diagnostics.DiscreteVPC`.
+
+    Binary, ordinal, count and user-likelihood outcomes: per bin of time (or the x-variable; ``bins`` edges, else up
+    to ``max_bins`` quantile bins), the observed fraction of observations in each category (see
+    ``categories``; counts: ``P(DV <= k)`` at the observed quartiles) against the ``level`` prediction interval of
+    the same fraction over ``num_sims`` data sets simulated at the estimates (random effects drawn from their
+    prior).  Time-to-event: the Kaplan-Meier curve of the time to each individual's first event on ``num_points``
+    times, against the interval of the simulated Kaplan-Meier curves.
+    """
+    from latentfit.inference.diagnostics import DiscreteVPC, default_bins
+    from latentfit.models.nlme import outcomes as oc
+
+    model = _outcome_model(fit)
+    if model is None:
+        raise ValueError("discrete_vpc_summary is for NLME fits with a discrete, count or time-to-event outcome; "
+                         "use vpc_summary")
+    theta = fit._theta()
+    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
+    if isinstance(model.outcome, oc.TimeToEvent):
+        t_obs, e_obs = oc.first_event_times(model)
+        t_sim, e_sim = oc.first_event_times(model, theta, num_sims, seed)
+        grid = np.linspace(0.0, float(t_obs.max()), num_points)
+        km = oc.kaplan_meier(t_sim, e_sim, grid)  # [K, G]
+        band = np.stack([np.quantile(km, lo, 0), np.median(km, 0), np.quantile(km, hi, 0)], -1)
+        return DiscreteVPC(kind="survival", labels=["no event yet (first event)"], x=grid,
+                           observed=oc.kaplan_meier(t_obs, e_obs, grid), simulated=band[None], level=level)
+    data = model.data
+    mask = data.mask & (data.cens == 0)
+    xo, yo = data.x_values[mask], data.dv[mask]
+    so = oc.simulate_observations(model, theta, num_sims, seed)[:, mask]  # [K, M]
+    edges = np.asarray(bins, dtype=float) if bins is not None else default_bins(xo, max_bins)
+    which = np.clip(np.searchsorted(edges, xo, side="right") - 1, 0, len(edges) - 2)
+    labels, curves = _category_curves(yo, categories)
+    present = [b for b in range(len(edges) - 1) if (which == b).any()]
+    obs = np.zeros((len(curves), len(present)))
+    sim = np.zeros((len(curves), len(present), 3))
+    for c, ind in enumerate(curves):
+        io, is_ = ind(yo).astype(float), ind(so).astype(float)
+        for j, b in enumerate(present):
+            sel = which == b
+            obs[c, j] = io[sel].mean()
+            frac = is_[:, sel].mean(1)  # [K]
+            sim[c, j] = np.quantile(frac, lo), np.median(frac), np.quantile(frac, hi)
+    bx = np.array([np.median(xo[which == b]) for b in present])
+    return DiscreteVPC(kind="proportion", labels=labels, x=bx, observed=obs, simulated=sim, level=level,
+                       bin_edges=edges)
+
+
+def plot_discrete_vpc(fit: Any, *, num_sims: int = 500, bins: Any = None, level: float = 0.9, seed: int = 0,
+                      categories: Any = None, figsize: Any = None) -> Any:
+    """The VPC of :func:`discrete_vpc_summary`: one panel per category (proportions by time bin, observed as a line
+    with markers, the simulated median dashed in a shaded prediction interval) or the Kaplan-Meier panel."""
+    plt = _plt()
+    model = _outcome_model(fit)
+    v = discrete_vpc_summary(fit, num_sims=num_sims, bins=bins, level=level, seed=seed, categories=categories)
+    pct = f"{100 * level:g}%"
+    fig, axes = plt.subplots(1, len(v.labels), figsize=figsize or (1.5 + 4 * len(v.labels), 4), squeeze=False)
+    for c, ax in enumerate(axes[0]):
+        if v.kind == "survival":
+            ax.fill_between(v.x, v.simulated[c, :, 0], v.simulated[c, :, 2], step="post", color="tab:blue",
+                            alpha=0.25, label=f"simulated: {pct} PI")
+            ax.step(v.x, v.simulated[c, :, 1], where="post", color="tab:blue", ls="--", label="simulated median")
+            ax.step(v.x, v.observed[0], where="post", color="k", lw=1.5, label="observed (Kaplan-Meier)")
+            ax.set_ylabel("probability of no event yet")
+            ax.set_xlabel(model.data.columns.get("time", "TIME"))
+            ax.set_ylim(-0.02, 1.02)
+        else:
+            ax.fill_between(v.x, v.simulated[c, :, 0], v.simulated[c, :, 2], color="tab:blue", alpha=0.25,
+                            label=f"simulated: {pct} PI")
+            ax.plot(v.x, v.simulated[c, :, 1], color="tab:blue", ls="--", label="simulated median")
+            ax.plot(v.x, v.observed[c], color="k", marker="o", ms=4, lw=1.5, label="observed")
+            inner = v.bin_edges[(v.bin_edges > v.x.min()) & (v.bin_edges < v.x.max())]
+            ax.plot(inner, np.zeros_like(inner), ls="none", marker="|", ms=8, color="0.3", clip_on=False,
+                    transform=ax.get_xaxis_transform())
+            ax.set_xlabel(model.x_name)
+            ax.set_ylabel("proportion")
+            ax.set_ylim(-0.02, 1.02)
+        ax.set_title(v.labels[c], fontsize=10)
+    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig
 
@@ -492,5 +605,6 @@ def plot_gof(fit: Any, x: Any = None, figsize: Any = None, log: bool = False) ->
     return fig
 
 
-__all__ = ["plot_convergence", "plot_gof", "plot_individual_fits", "plot_observations_vs_predictions", "plot_residuals",
-           "plot_vpc", "prediction_correct", "resolve_x", "vpc_summary"]
+__all__ = ["discrete_vpc_summary", "plot_convergence", "plot_discrete_vpc", "plot_gof", "plot_individual_fits",
+           "plot_observations_vs_predictions", "plot_residuals", "plot_vpc", "prediction_correct", "resolve_x",
+           "vpc_summary"]

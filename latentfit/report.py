@@ -44,6 +44,11 @@ FIGURES = {
     "vpc": ("Visual predictive check", "Prediction-corrected VPC: observed 5/50/95% quantiles per bin (lines) against "
                                        "the 90% prediction intervals of the same quantiles over simulated data sets "
                                        "(bands)."),
+    "discrete_vpc": ("Visual predictive check", "Discrete or count data: the observed proportion of each category "
+                                                "(counts: at or below a value) per time bin (black) against the 90% "
+                                                "prediction interval of the same proportion over simulated data sets "
+                                                "(band, dashed median); time-to-event data: the Kaplan-Meier curve of "
+                                                "the first event against the simulated curves' interval."),
     "convergence": ("Convergence", "Parameter estimates along the SAEM iterations (saemix's convergence plot)."),
 }
 #: sections of the report, in order: id -> heading
@@ -136,7 +141,8 @@ def figures(fit: Any, *, log_y: bool = False, vpc_simulations: int = 500, max_in
     """The report's matplotlib figures by file stem (see :data:`FIGURES`)."""
     model = fit.model
     if getattr(model, "outcome", None) is not None:  # discrete / event data: no predictions with residuals to draw
-        return {"convergence": fit.plot_convergence()}
+        return {"discrete_vpc": fit.plot_vpc(num_sims=vpc_simulations, seed=seed),
+                "convergence": fit.plot_convergence()}
     n = model.num_units
     units = list(range(min(n, max_individual_plots)))
     return {

@@ -383,6 +383,7 @@ def test_command_line_fits_repeated_events_and_writes_the_report(tmp_path, capsy
         assert est.loc[name, "estimate"] == pytest.approx(float(api.params[name]), rel=1e-10)
     html = (out / "report.html").read_text()
     assert "residuals (IWRES, PWRES, NPDE) are for continuous data" in html and "fig-convergence" in html
+    assert "fig-discrete_vpc" in html and (out / "discrete_vpc.png").read_bytes()[:4] == b"\x89PNG"  # Kaplan-Meier VPC
     assert set(pd.read_csv(out / "likelihood.csv")["method"]) == {"is", "gq"}
 
 

@@ -61,9 +61,17 @@ def _require_obs(model: LatentModel) -> None:
                                       "has_gaussian_obs=True); this model does not provide one")
 
 
-def simulate_observations(model: LatentModel, theta: dict[str, Any], num_sims: int, seed: int = 0) -> np.ndarray:
-    """``K`` replicated data sets ``[K, N, T]`` from ``z ~ p(z; θ)``, ``y ~ N(f(z), g(z)²)``."""
+def simulate_observations(model: LatentModel, theta: dict[str, Any], num_sims: int, seed: int = 0, *,
+                          unit_ids: Any = None, ops: Any = None) -> np.ndarray:
+    """``K`` replicated data sets ``[K, N, T]`` from ``z ~ p(z; θ)``, ``y ~ N(f(z), g(z)²)``.
+
+    ``unit_ids`` (``[N]`` distinct ints): per-unit streams — unit i's simulations come from the counter-based stream
+    ``(seed, unit_ids[i])`` only, whatever the other units or the process holding the unit (Gaussian latents,
+    ``model.prior_transform``; ``ops``: a distributed fit's shim, whose processes agree on the observations' width).
+    """
     _require_obs(model)
+    if unit_ids is not None:
+        return _simulate_per_unit(model, theta, int(num_sims), seed, unit_ids, model.ops if ops is None else ops)
     ops = model.ops
     with ops.seed_context(seed):
         k1, k2 = ops.split(ops.key(seed))
@@ -71,6 +79,23 @@ def simulate_observations(model: LatentModel, theta: dict[str, Any], num_sims: i
         mean, sd = model.predict(theta, z)
         y = mean + sd * ops.normal(k2, tuple(mean.shape))
     return ops.to_numpy(y)
+
+
+def _simulate_per_unit(model: LatentModel, theta: dict[str, Any], num_sims: int, seed: int, unit_ids: Any,
+                       ops: Any) -> np.ndarray:
+    """:func:`simulate_observations` on per-unit streams: ``z_i = μ_i + L ε_i`` and the observation noise from unit
+    i's stream (drawn at the width of every process's observations, so a unit's draws do not depend on its shard)."""
+    if not model.has_gaussian_prior:
+        raise ValueError("per-unit streams draw each unit's latents as μ_i + L ε_i: they need Gaussian latents")
+    sim = ops.per_unit_streams(ops.asarray(np.asarray(unit_ids, dtype=np.int64), dtype=None))
+    root = ops.stream_key(ops.key(seed), seed)
+    eps = sim.normal(ops.fold_in(root, 1), (num_sims, model.num_units, model.latent_dim))
+    mean, sd = model.predict(theta, model.prior_transform(theta, eps))
+    width = int(mean.shape[-1])
+    if hasattr(ops, "gather_objects"):
+        width = max(ops.gather_objects(width))
+    noise = sim.normal(ops.fold_in(root, 2), (num_sims, model.num_units, width))[..., :int(mean.shape[-1])]
+    return ops.to_numpy(mean + sd * noise)
 
 
 def _inv_norm_cdf(p: np.ndarray) -> np.ndarray:
@@ -117,20 +142,27 @@ def decorrelate(resid: np.ndarray, cov: np.ndarray, mask: np.ndarray) -> np.ndar
 
 
 def residuals(model: LatentModel, theta: dict[str, Any], z_mode: Any, num_sims: int = 1000,
-              seed: int = 0) -> Residuals:
-    """PRED, IPRED, IWRES, EPRED (simulated mean), PWRES and NPDE of every observation."""
+              seed: int = 0, *, unit_ids: Any = None, ops: Any = None) -> Residuals:
+    """PRED, IPRED, IWRES, EPRED (simulated mean), PWRES and NPDE of every observation.
+
+    ``unit_ids`` / ``ops``: simulations on per-unit streams (:func:`simulate_observations`); every residual is a
+    function of its unit's data and simulations, so a distributed fit's processes compute their units'.
+    """
     _require_obs(model)
+    dist_ops = ops
     ops = model.ops
     y, mask = (ops.to_numpy(a) for a in model.observations())
     mask = mask.astype(bool)
     most = int(mask.sum(-1).max()) if mask.size else 0
+    if hasattr(dist_ops, "gather_objects"):  # every process decides alike (none waits for one that raised)
+        most = max(dist_ops.gather_objects(most))
     if int(num_sims) <= most:
         # the simulated covariance of a unit has rank ≤ num_sims − 1: singular, nothing to decorrelate with
         raise ValueError(f"num_sims={num_sims} must exceed the number of observations of every unit ({most}): "
                          f"PWRES/NPDE decorrelate with a covariance estimated from the simulations")
     ipred_t, isd_t = model.predict(theta, ops.asarray(z_mode))
     ipred, isd = ops.to_numpy(ipred_t), ops.to_numpy(isd_t)
-    sims = simulate_observations(model, theta, num_sims, seed)  # [K, N, T]
+    sims = simulate_observations(model, theta, num_sims, seed, unit_ids=unit_ids, ops=dist_ops)  # [K, N, T]
     if model.has_gaussian_prior:
         m, _ = model.prior_moments(theta)
         pred = ops.to_numpy(model.predict(theta, m)[0])
@@ -163,6 +195,23 @@ class VPC:
     level: float
     x: np.ndarray  # observed x (flat, observed entries)
     y: np.ndarray  # observations (flat)
+
+
+@dataclass
+class DiscreteVPC:
+    """VPC of discrete or event data: observed curves against simulated prediction intervals of the same curves.
+
+    ``kind`` "proportion": per bin of x, the fraction of observations in each category (``labels``, e.g.
+    ``P(DV = 1)``) or at or below a count; "survival": the Kaplan-Meier curve of the time to the first event on
+    ``x`` (a time grid)."""
+
+    kind: str
+    labels: list[str]
+    x: np.ndarray  # [B] median x of each bin, or [G] the time grid
+    observed: np.ndarray  # [C, B]
+    simulated: np.ndarray  # [C, B, 3] lower / median / upper over the simulated data sets
+    level: float
+    bin_edges: np.ndarray | None = None
 
 
 def default_bins(x: np.ndarray, max_bins: int = 10) -> np.ndarray:
@@ -210,4 +259,5 @@ def vpc(model: LatentModel, theta: dict[str, Any], x: Any, *, num_sims: int = 50
                simulated=np.asarray(sim_q), level=level, x=xo, y=yo)
 
 
-__all__ = ["Residuals", "VPC", "decorrelate", "default_bins", "residuals", "simulate_observations", "vpc"]
+__all__ = ["DiscreteVPC", "Residuals", "VPC", "decorrelate", "default_bins", "residuals", "simulate_observations",
+           "vpc"]

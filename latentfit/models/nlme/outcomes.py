@@ -483,6 +483,69 @@ def simulate(model: NLME, theta: dict[str, Any], seed: int) -> pd.DataFrame:
     return table
 
 
+def simulate_observations(model: NLME, theta: dict[str, Any], num_sims: int, seed: int = 0) -> np.ndarray:
+    """``num_sims`` replicates of the observations ``[K, N, T]`` at ``theta`` (random effects drawn from their prior,
+    all replicates in one vectorised pass), for the visual predictive checks of discrete and count outcomes.  The
+    padding and censored records hold NaN."""
+    ops, out, data = model.ops, model.outcome, model.data
+    if isinstance(out, TimeToEvent):
+        raise ModelSpecificationError("time-to-event data: use first_event_times() (a Kaplan-Meier VPC)")
+    z = model.sample_prior(theta, ops.key(seed), int(num_sims))  # [K, N, d]
+    psi_b = model._psi(model._mu(theta), z)
+    shape = (int(num_sims),) + data.dv.shape
+    psi = {k: np.broadcast_to(ops.to_numpy(v), shape[:2] + (1,)) for k, v in psi_b.items()}
+    rng = np.random.default_rng(seed)
+    if isinstance(out, LogLik):
+        if out.simulate_fn is None:
+            raise ModelSpecificationError("a user log-likelihood has no simulator: give outcome=nlme.outcomes."
+                                          "LogLik(simulate_fn=sim) with sim(psi, data, rng) -> y [N, T]")
+        y = np.stack([np.asarray(out.simulate_fn({k: v[s] for k, v in psi.items()}, model.design, rng), dtype=float)
+                      for s in range(int(num_sims))])
+    else:
+        f = np.broadcast_to(ops.to_numpy(model._structural_fn(psi_b, model.design)), shape)
+        y = out.sample(rng, f, psi, out.constants(data))
+    return np.where(data.mask & (data.cens == 0), y, np.nan)
+
+
+def first_event_times(model: NLME, theta: dict[str, Any] | None = None, num_sims: int = 0,
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Time to each individual's first event and whether it was observed (else censored at the last record):
+    ``(time [K, N], event [K, N])``.  ``theta`` None: the data (K = 1); else ``num_sims`` replicates at ``theta``,
+    the first event drawn by inversion of the cumulative hazard, ``t = λ E^{1/β}`` with ``E ~ Exp(1)``."""
+    out, data = model.outcome, model.data
+    if not isinstance(out, TimeToEvent):
+        raise ModelSpecificationError(f"first_event_times() is for time-to-event data; the outcome is {out.name!r}")
+    end = np.where(data.mask, data.time, -np.inf).max(1)  # [N] end of follow-up
+    if theta is None:
+        hit = data.mask & (data.dv == 1) & (data.time > 0)
+        first = np.where(hit, data.time, np.inf).min(1)
+        event = np.isfinite(first)
+        return np.where(event, first, end)[None], event[None]
+    ops = model.ops
+    z = model.sample_prior(theta, ops.key(seed), int(num_sims))
+    psi = {k: np.broadcast_to(ops.to_numpy(v), (int(num_sims), model.num_units, 1))[..., 0]
+           for k, v in model._psi(model._mu(theta), z).items()}
+    lam = psi[out.scale]
+    beta = np.ones_like(lam) if out.hazard == "constant" else psi[out.shape]
+    t = lam * np.random.default_rng(seed).exponential(size=lam.shape) ** (1.0 / beta)
+    event = t <= end
+    return np.where(event, t, end), event
+
+
+def kaplan_meier(time: np.ndarray, event: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Product-limit survival estimates ``[K, G]`` on ``grid`` of K samples ``time, event [K, N]`` (right censoring;
+    tied events counted together, censoring after events at the same time)."""
+    time, event = np.atleast_2d(time), np.atleast_2d(event).astype(bool)
+    order = np.lexsort((~event, time), axis=-1)  # by time, events before censorings at the same time
+    t_sorted = np.take_along_axis(time, order, -1)
+    d_sorted = np.take_along_axis(event, order, -1)
+    at_risk = time.shape[-1] - np.arange(time.shape[-1])  # N, N-1, ... at each sorted record
+    surv = np.cumprod(1.0 - d_sorted / at_risk, -1)  # [K, N]: S just after each sorted record
+    count = (t_sorted[:, :, None] <= grid[None, None, :]).sum(1)  # [K, G] records at or before each grid time
+    padded = np.concatenate([np.ones((time.shape[0], 1)), surv], -1)
+    return np.take_along_axis(padded, count, -1)
+
+
 def _simulate_tte(model: NLME, out: TimeToEvent, psi: dict[str, np.ndarray], rng: np.random.Generator) -> pd.DataFrame:
     data = model.data
     end = np.where(data.mask, data.time, -np.inf).max(1)
@@ -519,4 +582,4 @@ def raise_for_nonfinite(model: NLME, theta: dict[str, Any], z: Any) -> None:
 
 
 __all__ = ["OUTCOMES", "Binary", "LogLik", "NegativeBinomial", "Ordinal", "Outcome", "Poisson", "TimeToEvent",
-           "make_outcome"]
+           "first_event_times", "kaplan_meier", "make_outcome", "simulate_observations"]
