@@ -11,7 +11,9 @@ gradient (a sum over units) is all-reduced in float64 and both take the same opt
 from the shared generator, so both pick the same global batch (a process may hold none of its units: it then joins
 the all-reduces with zeros; 4 of the 14 iterations of the batch_size=3 case).  Estimates, the whole history
 (iterates, objective, squared gradient norms, acceptance rates) and the chains equal the one-process fit to 1e-10.
-MCEM and MiniBatchMCEM (MH chains, ``rng="per_unit"``) likewise.  One spawn serves every engine.
+MCEM and MiniBatchMCEM (MH chains, ``rng="per_unit"``) likewise, and SAEM with numerical M-steps (the random
+intercept with its closed forms off: values, gradients and Hessians of the complete-data log-likelihood
+all-reduced).  One spawn serves every engine.
 """
 
 from __future__ import annotations
@@ -61,6 +63,24 @@ EM_OPTIONS = dict(num_epochs=4, seed=2, progress=False, rng="per_unit", num_samp
 EM_CASES = {"MCEM": ("MCEM", {}), "MiniBatchMCEM": ("MiniBatchMCEM", {"batch_size": 3})}
 
 
+#: SAEM with numerical M-steps only: the random intercept with its closed forms switched off
+NUMERIC_OPTIONS = dict(num_iters=(6, 4), burn_in=2, seed=1, progress=False, rng="per_unit", chunk_size=5,
+                       num_draws=4, newton_steps=4)
+
+
+def _numeric_fit(y: np.ndarray, **run_options: object):
+    import models_pyro
+    import pyro
+
+    from latentfit.inference.saem import SAEM
+    from latentfit.integrations.pyro import PyroLatentModel
+
+    pyro.clear_param_store()
+    model = PyroLatentModel(models_pyro.random_intercept, (torch.as_tensor(y),), closed_form=False)
+    assert model.closed_form_params == [] and set(model.numeric_params) == {"mu", "omega", "sigma"}
+    return SAEM(model, **NUMERIC_OPTIONS).run(**run_options)
+
+
 def _mc_data(n: int = 15, m: int = 4) -> np.ndarray:
     rng = np.random.default_rng(8)
     return 1.0 + 0.7 * rng.normal(size=(n, 1)) + 0.4 * rng.normal(size=(n, m))
@@ -107,6 +127,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         shard = np.array_split(np.arange(len(y)), world)[rank]
         for case in [*MC_CASES, *EM_CASES]:
             np.savez(Path(out) / f"mc-{case}-rank{rank}.npz", **_record(_mc_fit(y[shard], case, distributed=True)))
+        np.savez(Path(out) / f"numeric-rank{rank}.npz", **_record(_numeric_fit(y[shard], distributed=True)))
     finally:
         dist.destroy_process_group()
 
@@ -189,6 +210,24 @@ def test_monte_carlo_em_two_processes_equal_one(two_processes: Path, case: str) 
     # the chains [n, L, d] of the ranks' units, stacked, are the one-process chains
     np.testing.assert_allclose(np.concatenate([r["z"] for r in ranks], 0), one["z"], rtol=0, atol=1e-10)
     assert np.ptp(one["hist_theta.mu"]) > 0.05  # the estimates moved
+
+
+def test_numeric_m_step_two_processes_equal_one(two_processes: Path) -> None:
+    """SAEM whose every parameter has a numerical M-step (Newton on the complete-data log-likelihood): each process
+    differentiates its units' sum, values, gradients and Hessians are all-reduced in float64, and both take the
+    same steps; estimates, the whole history and the chains equal the one-process fit to 1e-10."""
+    y = _mc_data()
+    one = _record(_numeric_fit(y))
+    ranks = [np.load(two_processes / f"numeric-rank{r}.npz") for r in range(2)]
+    for r in ranks:
+        assert sorted(k for k in r.files if k.startswith("param_")) == ["param_mu", "param_omega", "param_sigma"]
+        for name, value in one.items():
+            if name.startswith(("param_", "hist_")):
+                np.testing.assert_allclose(r[name], value, rtol=1e-10, atol=1e-10, err_msg=name)
+    np.testing.assert_allclose(np.concatenate([r["z"] for r in ranks], 1), one["z"], rtol=0, atol=1e-10)
+    burn_in = NUMERIC_OPTIONS["burn_in"]
+    for name in ("mu", "omega", "sigma"):  # the numerical steps moved every parameter from its initial value
+        assert np.all(np.abs(one[f"hist_theta.{name}"][burn_in:] - one[f"hist_theta.{name}"][0]) > 1e-3), name
 
 
 def test_mc_engines_need_per_unit_streams() -> None:

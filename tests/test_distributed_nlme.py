@@ -2,9 +2,12 @@
 fits its contiguous block of the 12 subjects (6 each on 2 gloo processes spawned with ``torch.multiprocessing``),
 with per-unit random streams and statistics all-reduced in float64; the estimates equal the one-process fit with
 ``rng="per_unit"`` to 1e-10, on every process, and so do the post-fit computations: standard errors (the Fisher
-information, a sum over subjects, all-reduced in float64), the individual estimates (EBEs, conditional means and
+information, a sum over subjects, all-reduced in float64; Louis' formula on fresh MCMC draws at θ̂ too, each
+subject drawing from its own stream), the residuals (each subject's simulations from its own stream), the
+individual estimates (EBEs, conditional means and
 sds: each process computes its subjects', every process gets all of them in subject order) and their shrinkage.
-A covariate centred at the data's mean is refused (each block would centre it at its own mean).
+A covariate centred at the data's mean is refused (each block would centre it at its own mean).  ka without a
+random effect (a numerical M-step, its Newton objective all-reduced) equals the one-process fit likewise.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ COLUMNS = {"id": "Id", "time": "Time", "dv": "Concentration"}
 OPTIONS = dict(num_iters=(8, 4), seed=0, progress=False, rng="per_unit", chunk_size=4)
 
 
-def _fit(covariates: dict | None = None, **options: object):
+def _fit(covariates: dict | None = None, ka_random: bool = True, **options: object):
     import latentfit as lf
     from latentfit.models import nlme
 
     df = lf.datasets.theophylline(saemix_form=True)
-    model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, covariates=covariates)
+    ka = 1.0 if ka_random else nlme.Parameter(1.0, random=False)  # no random effect: a numerical M-step
+    model = nlme.NLME("one_compartment_oral", {"ka": ka, "V": 20.0, "CL": 0.5}, covariates=covariates)
     return model.fit(df, columns=COLUMNS, dose="Dose", **OPTIONS, **options)
 
 
@@ -45,6 +49,9 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
             refused = str(err)
         ll = fit.log_likelihood("gq", num_nodes=5)  # post-fit: this process's individuals, summed over processes
         post = _post_fit(fit)  # collectives: Fisher information all-reduced, individual estimates gathered
+        ka_fixed = _fit(ka_random=False, distributed=True)
+        np.savez(Path(out) / f"ka-fixed-rank{rank}.npz", objective=ka_fixed.history["objective"],
+                 **{f"param_{k}": np.asarray(v) for k, v in ka_fixed.params.items()})
         np.savez(Path(out) / f"rank{rank}.npz", num_units=fit.model.num_units, refused=refused, ll=ll, **post,
                  bic_penalty=fit.bic - fit.minus_two_ll,  # p log N: N the individuals of every process
                  objective=fit.history["objective"], **{f"param_{k}": np.asarray(v) for k, v in fit.params.items()})
@@ -57,6 +64,10 @@ def _post_fit(fit) -> dict[str, np.ndarray]:
     the shrinkage and the individual parameters on the natural scale: of every subject on every process."""
     out = {f"se_lin_{k}": v for k, v in fit.standard_errors("lin").items()}
     out.update({f"se_sa_{k}": v for k, v in fit.standard_errors("sa").items()})
+    # Louis' formula on 4 fresh MCMC iterations at θ̂, each subject drawing from its own stream
+    out.update({f"se_fresh_{k}": v for k, v in fit.standard_errors("sa", num_iters=4).items()})
+    res = fit.residuals(num_sims=40)  # each subject's simulations from its own stream, every subject gathered
+    out.update({f"res_{k}": getattr(res, k) for k in ("mask", "pred", "epred", "pwres", "npde", "ipred", "iwres")})
     ebe = fit.individual_estimates()
     table = fit.individual_parameters()  # natural scale: <name>.mode, .mean, .sd
     modes = [c for c in table.columns if c.endswith(".mode")]
@@ -70,8 +81,10 @@ def _post_fit(fit) -> dict[str, np.ndarray]:
 #: the all-reduced sums).  Louis' SEs and the conditional means/sds are smooth in them: 1e-10.  The conditional
 #: modes (EBEs) come from a damped Newton whose steps are accepted on objective values, so near the mode they are
 #: determined only to ~sqrt(machine eps): the one-process computation itself moves them by 5e-8 (and the
-#: linearisation SEs, computed at them, by 3e-10) when θ moves by 3e-14 (measured); hence 1e-6 and 1e-8 there.
-POST_RTOL = {"ebe_mode": 1e-6, "psi_mode": 1e-6, "shrinkage_mode": 1e-6, "se_lin_": 1e-8}
+#: linearisation SEs, computed at them, by 3e-10) when θ moves by 3e-14 (measured); hence 1e-6 and 1e-8 there (and
+#: 1e-6 for IPRED / IWRES, predictions at the modes).
+POST_RTOL = {"ebe_mode": 1e-6, "psi_mode": 1e-6, "shrinkage_mode": 1e-6, "se_lin_": 1e-8, "res_ipred": 1e-6,
+             "res_iwres": 1e-6}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +98,11 @@ def test_two_processes_equal_one(two_processes: Path) -> None:
     one = _fit()
     post = _post_fit(one)
     assert post["ebe_mode"].shape == (12, 3) and post["psi_mean_sd"].shape == (12, 6)  # 12 subjects, 3 latents
+    assert post["res_npde"].shape[0] == 12 and int(post["res_mask"].sum()) == 120  # residuals of every observation
     assert all(np.isfinite(post[f"se_lin_{k}"]) and post[f"se_lin_{k}"] > 0 for k in one.params)
+    # the fresh draws are new draws: their standard errors differ from those of the chains' last draws
+    assert all(post[f"se_fresh_{k}"] > 0 and abs(post[f"se_fresh_{k}"] - post[f"se_sa_{k}"]) > 1e-8
+               for k in one.params)
     for rank in range(2):
         r = np.load(two_processes / f"rank{rank}.npz")
         assert int(r["num_units"]) == 6  # this process's block of the 12 subjects
@@ -99,6 +116,21 @@ def test_two_processes_equal_one(two_processes: Path) -> None:
             tol = next((t for prefix, t in POST_RTOL.items() if name.startswith(prefix)), 1e-10)
             np.testing.assert_allclose(r[name], value, rtol=tol, atol=tol, err_msg=name)
     assert sorted(one.params) == ["CL", "V", "a", "ka", "omega2_CL", "omega2_V", "omega2_ka"]
+
+
+def test_numeric_ka_two_processes_equal_one(two_processes: Path) -> None:
+    """ka without a random effect has no closed-form M-step: SAEM's Newton step on the complete-data log-likelihood
+    (the model's cheaper objective, NLME.numeric_objective) all-reduces its value, gradient and Hessian; the
+    estimates and the objective's history equal the one-process fit (1e-10, 1e-12)."""
+    one = _fit(ka_random=False)
+    assert one.model.numeric_params == ["ka"]
+    ka = one.history["theta.ka"]
+    assert abs(ka[-1] - ka[0]) > 0.1  # the numerical step moved ka from its initial value
+    for rank in range(2):
+        r = np.load(two_processes / f"ka-fixed-rank{rank}.npz")
+        for name, value in one.params.items():
+            np.testing.assert_allclose(r[f"param_{name}"], np.asarray(value), rtol=0, atol=1e-10, err_msg=name)
+        np.testing.assert_allclose(r["objective"], one.history["objective"], rtol=1e-12, atol=0)
 
 
 def test_distributed_needs_a_process_group() -> None:

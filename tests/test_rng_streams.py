@@ -108,6 +108,32 @@ def test_permuted_units_give_permuted_chains(backend: Backend) -> None:
     _assert_permuted(a, b, perm, backend)
     # the chains moved (the test is not vacuous): every unit's chains left their start
     assert np.all(np.asarray(a.history["acc.rw"]).mean(0) > 0.1)
+    if backend.name == "pyro":  # JAX (eager post-fit ops, ~10 s): the slow test below
+        _assert_post_fit_draws_permuted(a, b, perm, backend)
+
+
+@pytest.mark.slow
+def test_post_fit_draws_permuted_jax() -> None:
+    backend = Backend("numpyro")
+    n = _slope_arrays()[0].shape[0]
+    perm = np.random.default_rng(1).permutation(n)
+    a, b = (_slope_engine(backend, p).run(backend.key(5)) for p in (np.arange(n), perm))
+    _assert_post_fit_draws_permuted(a, b, perm, backend)
+
+
+def _assert_post_fit_draws_permuted(a: Any, b: Any, perm: np.ndarray, backend: Backend) -> None:
+    """Post-fit draws of a per-unit-stream fit come from the units' own streams (what makes a distributed fit's
+    post-fit equal the one-process one): fresh MCMC draws at θ̂ (``standard_errors("sa", num_iters=k)``) and the
+    residuals' simulations of the fit of permuted units are the permuted ones."""
+    from latentfit.inference.diagnostics import simulate_observations
+    from latentfit.inference.individual import sample_conditional
+
+    ids = (np.arange(len(perm)), perm)
+    draws = [sample_conditional(f.model, f._theta(), f.state.z, 3, seed=1, unit_ids=i) for f, i in zip((a, b), ids)]
+    np.testing.assert_allclose(draws[1], draws[0][:, :, perm], rtol=0, atol=1e-10)
+    assert np.mean(draws[0][:, -1] != backend.to_numpy(a.state.z)) > 0.5  # the chains moved from their start
+    sims = [simulate_observations(f.model, f._theta(), 7, seed=2, unit_ids=i) for f, i in zip((a, b), ids)]
+    np.testing.assert_allclose(sims[1], sims[0][:, perm], rtol=0, atol=1e-12)
 
 
 def test_theophylline_permuted_units() -> None:

@@ -94,12 +94,19 @@ def shrinkage(model: LatentModel, theta: dict[str, Any], z: Any,
 
 
 def sample_conditional(model: LatentModel, theta: dict[str, Any], z0: Any, num_iters: int = 200, *,
-                       seed: int = 0, kernels: tuple[int, int] = (2, 2), thin: int = 1) -> np.ndarray:
+                       seed: int = 0, kernels: tuple[int, int] = (2, 2), thin: int = 1, unit_ids: Any = None,
+                       ops: Any = None) -> np.ndarray:
     """MCMC draws from ``p(z_i | y_i; θ)`` for every unit at fixed θ (prior-IMH + adaptive component-wise RW).
 
     ``z0`` are the starting states ``[L, N, d]``; returns ``[L, num_iters // thin, N, d]`` (numpy).
+
+    ``unit_ids`` (``[N]`` distinct ints, e.g. a fit's with ``rng="per_unit"``): per-unit streams — unit i's draws at
+    iteration k and kernel step j come from the counter-based stream ``(seed, k, j, unit_ids[i])``, so they do not
+    depend on the other units or on the process holding the unit (needs Gaussian latents, ``model.prior_transform``).
+    ``ops``: the shim whose ``unit_mean`` / ``gather_units`` reach every unit (a distributed fit's: the random walk's
+    initial scales and its acceptance rates are then over the units of every process); default ``model.ops``.
     """
-    ops = model.ops
+    ops = model.ops if ops is None else ops
     xp = ops.xp
 
     def evaluate(z: Any) -> tuple[Any, Any]:
@@ -107,6 +114,8 @@ def sample_conditional(model: LatentModel, theta: dict[str, Any], z0: Any, num_i
 
     z0 = ops.asarray(z0)
     L = z0.shape[0]
+    if unit_ids is not None:
+        return _sample_conditional_per_unit(model, theta, ops, z0, num_iters, seed, kernels, thin, unit_ids, evaluate)
     out = []
     with ops.seed_context(seed):
         key = ops.key(seed)
@@ -124,6 +133,34 @@ def sample_conditional(model: LatentModel, theta: dict[str, Any], z0: Any, num_i
                 scale = mcmc.adapt_scale(scale, acc)
             if (it + 1) % thin == 0:
                 out.append(ops.to_numpy(chain.z))
+    return np.stack(out, 1)
+
+
+def _sample_conditional_per_unit(model: LatentModel, theta: dict[str, Any], ops: Any, z0: Any, num_iters: int,
+                                 seed: int, kernels: tuple[int, int], thin: int, unit_ids: Any,
+                                 evaluate: Callable[[Any], Any]) -> np.ndarray:
+    """:func:`sample_conditional` on per-unit streams (the kernels draw through ``ops.per_unit_streams``)."""
+    xp = ops.xp
+    if not model.has_gaussian_prior:
+        raise ValueError("per-unit streams draw each unit's prior proposals as μ_i + L ε_i: they need Gaussian latents")
+    sim = ops.per_unit_streams(ops.asarray(np.asarray(unit_ids, dtype=np.int64), dtype=None))
+    root = ops.stream_key(ops.key(seed), seed)  # torch: the seed's Philox key; JAX: PRNGKey(seed)
+    shape = tuple(z0.shape)
+    chain = mcmc.init_chain_state(z0, evaluate)
+    flat = xp.reshape(ops.gather_units(z0, 1), (-1, shape[-1]))  # every process's units
+    sd = xp.std(flat, 0) if flat.shape[0] > 1 else ops.ones((shape[-1],))
+    scale = 0.5 * xp.where(sd > 0, sd, 1.0)
+    out = []
+    for it in range(num_iters):
+        keys = sim.split(ops.fold_in(root, it + 1), kernels[0] + kernels[1])
+        for j in range(kernels[0]):
+            chain, _ = mcmc.prior_imh(sim, keys[j], chain,
+                                      lambda kk: model.prior_transform(theta, sim.normal(kk, shape)), evaluate)
+        for j in range(kernels[1]):
+            chain, acc = mcmc.rw_componentwise(sim, keys[kernels[0] + j], chain, scale, evaluate)
+            scale = mcmc.adapt_scale(scale, acc)
+        if (it + 1) % thin == 0:
+            out.append(ops.to_numpy(chain.z))
     return np.stack(out, 1)
 
 

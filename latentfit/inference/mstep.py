@@ -6,7 +6,8 @@ parameters that have no closed-form update, then smooths the result with the SAE
 unconstrained space with autodiff gradient and Hessian: the Hessian is made negative definite
 through its eigen-decomposition (|λ| floored) and each step is chosen by a vectorisable
 backtracking over fixed fractions (:func:`damped_newton_update`, shared with the batched per-unit
-Newton of :mod:`latentfit.inference.laplace`), so the same code runs eagerly (torch) and compiled (JAX).
+Newton of :mod:`latentfit.inference.laplace`), so the same code runs eagerly (torch) and compiled (JAX);
+close to the maximum (predicted gain below :data:`EXACT_NEWTON_GAIN`) the full step is taken.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from .ops import Ops
 
 #: step fractions tried by the vectorised backtracking (the best improving one wins; none: no move)
 BACKTRACK = (1.0, 0.5, 0.25, 0.0625)
+#: :func:`newton_maximize` takes the full Newton step, without comparing objective values, once the quadratic model
+#: predicts a gain ``½ gᵀ step`` below this fraction of ``1 + |f(x)|``: there the values differ by little more than
+#: their rounding, so the backtracking's choice would be noise (and the result known only to ~sqrt(machine eps)),
+#: while the Newton step itself is accurate (quadratic convergence)
+EXACT_NEWTON_GAIN = 1e-10
 
 
 def flatten(ops: Ops, tree: dict[str, Any], names: list[str]) -> Any:
@@ -39,15 +45,27 @@ def unflatten(flat: Any, names: list[str], shapes: dict[str, tuple[int, ...]]) -
 
 
 def newton_maximize(ops: Ops, objective: Callable[[Any], Any], x0: Any, num_steps: int = 8,
-                    max_step: float = 3.0) -> Any:
-    """Maximise a smooth scalar ``objective`` of a flat vector, starting at ``x0``."""
+                    max_step: float = 3.0, reduce: Callable[[Any], Any] | None = None) -> Any:
+    """Maximise a smooth scalar ``objective`` of a flat vector, starting at ``x0``.
+
+    ``reduce``: the objective is ``reduce(objective(x))`` — a data-parallel fit's sum over the processes
+    (``ops.all_sum``, each process's ``objective`` a sum over its units): its value, gradient and Hessian are each
+    process's own, summed (``∇ Σ_r f_r = Σ_r ∇ f_r``), so every process takes the same step.
+    """
     xp = ops.xp
     value_and_grad = ops.value_and_grad(objective)
     hessian = ops.hessian(objective)
+    if reduce is not None:
+        local = objective
+
+        def objective(x: Any) -> Any:
+            return reduce(local(x))
 
     def body(_: int, x: Any) -> Any:
         val, g = value_and_grad(x)
         h = hessian(x)
+        if reduce is not None:
+            val, g, h = reduce(val), reduce(g), reduce(h)
         # a non-finite derivative (e.g. an ODE solution blowing up far in the tails) gives no step in
         # that direction rather than a failed eigen-decomposition; backtracking rejects NaN objectives
         g = xp.where(xp.isfinite(g), g, 0.0)
@@ -57,7 +75,8 @@ def newton_maximize(ops: Ops, objective: Callable[[Any], Any], x0: Any, num_step
         floor = 1e-6 * xp.max(w_abs) + 1e-8
         w_abs = xp.where(w_abs < floor, floor, w_abs)
         step = v @ ((v.T @ g) / w_abs)
-        return damped_newton_update(ops, objective, x, val, step, max_step)
+        near = 0.5 * xp.sum(g * step) <= EXACT_NEWTON_GAIN * (1.0 + xp.abs(val))  # False when val is NaN
+        return xp.where(near, x + step, damped_newton_update(ops, objective, x, val, step, max_step))
 
     return ops.fori_loop(0, num_steps, body, x0)
 

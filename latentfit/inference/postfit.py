@@ -263,7 +263,8 @@ def standard_errors(fit: FitResult, method: str | None = None, *, num_iters: int
     ``method``: ``"lin"`` (expected Fisher information of the model linearised at the conditional modes, as
     saemix does at the conditional means; default for models with Gaussian faces) or ``"sa"`` (Louis' formula
     averaged over draws of the latents: the SAEM chains' last draws, or ``num_iters`` fresh MCMC iterations at
-    θ̂ when ``num_iters > 0``).  The full record (covariance, Fisher information, ``.delta(fn)`` for derived
+    θ̂ when ``num_iters > 0``, from the units' own streams after a fit with ``rng="per_unit"``, so that a distributed
+    fit gets the one-process result).  The full record (covariance, Fisher information, ``.delta(fn)`` for derived
     quantities) is ``fit.covariance(method)``.
     """
     return covariance(fit, method, num_iters=num_iters, seed=seed).as_dict()
@@ -285,11 +286,31 @@ def covariance(fit: FitResult, method: str | None = None, *, num_iters: int = 0,
         else:
             draws = require_draws(fit, "standard errors by stochastic approximation")
             if num_iters > 0:
-                draws = individual.sample_conditional(model, theta, draws[:, -1], num_iters, seed=seed)
+                draws = _fresh_draws(fit, draws[:, -1], num_iters, seed)
             rec = fisher.fim_louis(model, theta, draws, reduce=_information_sum(fit))
         cache[key] = rec
     fit._cache["se"] = cache[key].as_dict()
     return cache[key]
+
+
+def _stream_ids(fit: FitResult) -> np.ndarray | None:
+    """The units' ids of a fit with per-unit streams (``rng="per_unit"``), for post-fit draws on those streams; None
+    for a fit on one global stream (refused for a distributed fit, whose processes would each draw their own)."""
+    engine = fit.engine
+    ids = getattr(engine, "_unit_ids", None) if getattr(engine, "rng", None) == "per_unit" else None
+    if ids is None and _distributed_ops(fit) is not None:
+        raise ValueError("fresh draws after a distributed fit need the fit's per-unit streams (rng='per_unit' with "
+                         "an engine that keeps unit ids, e.g. SAEM)")
+    return ids
+
+
+def _fresh_draws(fit: FitResult, z0: Any, num_iters: int, seed: int) -> np.ndarray:
+    """``num_iters`` fresh MCMC iterations at θ̂ from the chains' states ``z0 [L, N, d]``.  A fit with
+    ``rng="per_unit"`` draws them from its units' streams (a distributed fit: each process its units', with the
+    random walk's scales and acceptance over every process), so they are the same whatever the sharding."""
+    ids = _stream_ids(fit)
+    return individual.sample_conditional(fit.model, fit._theta(), z0, num_iters, seed=seed, unit_ids=ids,
+                                         ops=fit.engine.ops if ids is not None else None)
 
 
 def summary(fit: FitResult, se: bool = True, method: str | None = None) -> pd.DataFrame:
@@ -331,14 +352,31 @@ def summary(fit: FitResult, se: bool = True, method: str | None = None) -> pd.Da
 
 # ----- residuals and predictive checks ----------------------------------------------------------------------
 def residuals(fit: FitResult, num_sims: int = 1000, seed: int = 0) -> diagnostics.Residuals:
-    """PRED, IPRED, IWRES, EPRED, PWRES and NPDE (``[N, T]`` arrays; ``.to_frame()``)."""
+    """PRED, IPRED, IWRES, EPRED, PWRES and NPDE (``[N, T]`` arrays; ``.to_frame()``).  A fit with ``rng="per_unit"``
+    simulates each unit from its own stream; a distributed fit's processes compute their units' residuals and every
+    process gets those of all units, in unit order (a collective: call it on every process)."""
     key = (num_sims, seed)
     cache = fit._cache.setdefault("residuals", {})
     if key not in cache:
-        cache[key] = diagnostics.residuals(fit.model, fit._theta(),
-                                           fit.model.ops.asarray(_local_estimates(fit).mode),
-                                           num_sims=num_sims, seed=seed)
+        ids = _stream_ids(fit)
+        res = diagnostics.residuals(fit.model, fit._theta(), fit.model.ops.asarray(_local_estimates(fit).mode),
+                                    num_sims=num_sims, seed=seed, unit_ids=ids,
+                                    ops=fit.engine.ops if ids is not None else None)
+        ops = _distributed_ops(fit)
+        if ops is not None:  # every process's units, in unit order (rows padded to the widest process's)
+            res = diagnostics.Residuals(**{f.name: _gather_padded(ops, getattr(res, f.name))
+                                           for f in dataclasses.fields(res)})
+        cache[key] = res
     return cache[key]
+
+
+def _gather_padded(ops: Any, rows: np.ndarray) -> np.ndarray:
+    """``[n, T_r]`` rows of every process concatenated in rank order, padded to the largest ``T_r`` (NaN, or False
+    for a mask)."""
+    parts = ops.gather_objects(np.asarray(rows))
+    width = max(p.shape[1] for p in parts)
+    fill = False if rows.dtype == bool else np.nan
+    return np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=fill) for p in parts], 0)
 
 
 def resolve_x(fit: FitResult, x: Any) -> np.ndarray | None:

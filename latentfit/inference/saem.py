@@ -234,13 +234,11 @@ class SAEM(Engine):
     def distribute(self) -> None:
         """Data-parallel SAEM over the torch.distributed group: this process's model holds a contiguous shard of the
         units (rank order), the default ids are their global indices, the default number of chains is the global
-        saemix default, and sums over units are all-reduced (``ops.distributed()``)."""
+        saemix default, and sums over units are all-reduced (``ops.distributed()``): the statistics, and the
+        numerical M-step's objective, gradient and Hessian (:meth:`_numeric_step`)."""
         if self.rng != "per_unit":
             raise ValueError(f"{self.name}: distributed=True needs rng='per_unit' (each unit's draws from its own "
                              "stream, so that the fit does not depend on the number of processes)")
-        if self.model.numeric_params:
-            raise ValueError(f"{self.name}: distributed=True needs closed-form M-steps; the parameters "
-                             f"{self.model.numeric_params} have numerical ones (not yet all-reduced)")
         ops = self.model.ops.distributed()
         n = int(self.model.num_units)
         counts = [int(c) for c in ops.gather_units(ops.asarray(np.array([n]), dtype=None), 0).tolist()]
@@ -364,7 +362,11 @@ class SAEM(Engine):
         return out
 
     def _numeric_step(self, theta: dict[str, Any], z: Any, gamma: Any, names: list[str]) -> dict[str, Any]:
-        """θ̃ = argmax mean_chains Σ_i log p(y_i, z_i; θ); θ ← θ + γ(θ̃ − θ) in unconstrained space."""
+        """θ̃ = argmax mean_chains Σ_i log p(y_i, z_i; θ); θ ← θ + γ(θ̃ − θ) in unconstrained space.
+
+        A distributed fit sums the objective over the units of every process: each process differentiates its own
+        units' sum and the values, gradients and Hessians are all-reduced in float64 (``newton_maximize(reduce=)``),
+        so every process takes the same Newton steps."""
         model, ops, xp = self.model, self.ops, self.ops.xp
         theta_u = model.unconstrain({n: theta[n] for n in names})
         x0 = flatten(ops, theta_u, names)
@@ -381,7 +383,8 @@ class SAEM(Engine):
                 return prepared(th)
             return xp.mean(xp.sum(model.log_joint(th, z), -1))
 
-        x_new = newton_maximize(ops, objective, x0, num_steps=self.newton_steps)
+        x_new = newton_maximize(ops, objective, x0, num_steps=self.newton_steps,
+                                reduce=ops.all_sum if hasattr(ops, "world_size") else None)
         x = x0 + gamma * (x_new - x0)
         out = dict(theta)
         out.update(model.constrain(unflatten(x, names, shapes)))
