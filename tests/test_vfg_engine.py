@@ -318,6 +318,24 @@ def test_layerwise_updates_one_layer_per_epoch_bottom_up() -> None:
     assert "layer" not in _small().fit(_data(), num_epochs=1, batch_size=30, progress=False).history
 
 
+def test_layerwise_on_a_dag_uses_topological_levels() -> None:
+    # leaf b has two parents in different layers: p (height 1) and q (height 2, above p); its edge to q is in layer 2
+    dag = {"a": [0, 1], "b": [2, 3], "p": ["a", "b"], "q": ["b", "p"]}
+    spec = VFG(dag, hidden=8, blocks=1, identity_init=False, layerwise=True)
+    names = {n.name: n.index for n in spec.graph.nodes}
+    layer_of = dict(zip(spec.graph.edges, edge_layers(spec.graph)))
+    assert layer_of == {(names["a"], names["p"]): 1, (names["b"], names["p"]): 1, (names["b"], names["q"]): 2,
+                        (names["p"], names["q"]): 2}
+    fit = spec.fit(_data()[:, :4], num_epochs=2, batch_size=30, progress=False)
+    np.testing.assert_array_equal(fit.history["layer"], [1, 2])
+    start = fit.engine.init(fit.engine.ops.key(0))  # the fit's initial state (seed 0)
+    after_1, _ = fit.engine.step(start, 1, None)
+    for n, w in after_1.weights.items():
+        trained = layer_of[spec.graph.edges[fit.engine.model.param_edge[n]]] == 1
+        assert torch.equal(w, start.weights[n]) != trained, n
+    assert _states_equal(fit.engine.step(after_1, 2, None)[0].weights, fit.state.weights)
+
+
 def test_layerwise_decreases_the_negative_elbo() -> None:
     # constant rate: a 4-epoch fit is the first 4 epochs of the 8-epoch one, so the objective is seen after layer 1's
     # block (epochs 1-4) and after layer 2's (5-8): each block lowers it
