@@ -481,6 +481,13 @@ def test_bad_input_raises() -> None:
         VFG({"r": ["a"], "a": []})
     with pytest.raises(ValueError, match="not fitted"):
         VFGImputer().transform(x)
+    # data of another width than the fitted sections: every entry point names the expected shape
+    for call in (fit.encode, fit.log_prob, fit.impute):
+        with pytest.raises(ValueError, match=r"shape \[n, 8\], got \(20, 7\)"):
+            call(x[:, :7])
+    imputer = VFGImputer(hidden=8, blocks=1, num_epochs=1).fit(x)
+    with pytest.raises(ValueError, match="X has 7 columns, the imputer was fitted on 8"):
+        imputer.transform(x[:, :7])
 
 
 # -- README -----------------------------------------------------------------------------------------------
