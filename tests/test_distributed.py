@@ -11,7 +11,7 @@ gradient (a sum over units) is all-reduced in float64 and both take the same opt
 from the shared generator, so both pick the same global batch (a process may hold none of its units: it then joins
 the all-reduces with zeros; 4 of the 14 iterations of the batch_size=3 case).  Estimates, the whole history
 (iterates, objective, squared gradient norms, acceptance rates) and the chains equal the one-process fit to 1e-10.
-MCEM and MiniBatchMCEM (MH chains, ``rng="per_unit"``) likewise, and SAEM with numerical M-steps (the random
+MCEM, MiniBatchMCEM and fiTTEM (MH chains, ``rng="per_unit"``) likewise, and SAEM with numerical M-steps (the random
 intercept with its closed forms off: values, gradients and Hessians of the complete-data log-likelihood
 all-reduced).  One spawn serves every engine.
 """
@@ -60,7 +60,8 @@ MC_OPTIONS = dict(num_iters=14, burn_in=3, seed=4, progress=False, rng="per_unit
 MC_CASES = {"full": {}, "batch": {"batch_size": 3}, "mala": {"kernel": "mala", "batch_size": 5}}
 #: Monte-Carlo EM engines (MH chains on per-unit streams): class name and options
 EM_OPTIONS = dict(num_epochs=4, seed=2, progress=False, rng="per_unit", num_samples=3, chunk_size=3)
-EM_CASES = {"MCEM": ("MCEM", {}), "MiniBatchMCEM": ("MiniBatchMCEM", {"batch_size": 3})}
+EM_CASES = {"MCEM": ("MCEM", {}), "MiniBatchMCEM": ("MiniBatchMCEM", {"batch_size": 3}),
+            "TTSEM": ("TTSEM", {"batch_size": 3})}
 
 
 #: SAEM with numerical M-steps only: the random intercept with its closed forms switched off
@@ -309,7 +310,7 @@ def test_mcmcsgd_two_jax_devices_equal_one() -> None:
 def test_monte_carlo_em_two_jax_devices_equal_one() -> None:
     """MCEM and MiniBatchMCEM with ``rng="per_unit"`` and ``devices=2`` (NumPyro): the chains ``[16, 3, 1]`` split 8
     units per device; estimates and chains equal the one-device fit to 1e-10."""
-    out = _two_jax_devices(EM_OPTIONS, EM_CASES)
+    out = _two_jax_devices(EM_OPTIONS, {k: EM_CASES[k] for k in ("MCEM", "MiniBatchMCEM")})
     for case, res in out.items():
         assert res["params_diff"] < 1e-10 and res["z_diff"] < 1e-10, (case, res)
         assert res["z_shard"] == [8, 3, 1] and res["mu_range"] > 0.05, (case, res)

@@ -94,6 +94,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
             fit = _fit(torch.as_tensor(x[shard]), engine, distributed=True)
             np.savez(Path(out) / f"{engine}-rank{rank}.npz", log_lik=fit.history["log_lik"],
                      final_log_lik=fit.log_likelihood(), bic=fit.bic,  # post-fit: all-reduced over the processes
+                     **{f"hist_{k}": np.asarray(v) for k, v in fit.history.items() if k != "time"},
                      **{f"param_{k}": np.asarray(v) for k, v in fit.params.items()})
     finally:
         dist.destroy_process_group()
@@ -115,6 +116,11 @@ def test_two_processes_equal_one(two_processes: Path, engine: str) -> None:
         for name, value in one.params.items():
             np.testing.assert_allclose(r[f"param_{name}"], np.asarray(value), rtol=0, atol=1e-10, err_msg=name)
         np.testing.assert_allclose(r["log_lik"], one.history["log_lik"], rtol=1e-12, atol=0)
+        # the whole history (θ after every epoch, log-likelihoods, counts)
+        assert {k[len("hist_"):] for k in r.files if k.startswith("hist_")} == set(one.history) - {"time"}
+        for name, value in one.history.items():
+            if name != "time":
+                np.testing.assert_allclose(r[f"hist_{name}"], value, rtol=1e-10, atol=1e-10, err_msg=name)
         np.testing.assert_allclose([r["final_log_lik"], r["bic"]], [one.log_likelihood(), one.bic], rtol=1e-12)
     if "TTSEM" in engine:  # Monte-Carlo: the estimates move around the k-means start, within MC noise
         assert np.ptp(one.history["log_lik"]) > 1e-3
