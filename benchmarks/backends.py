@@ -2,16 +2,60 @@
 Pyro model written in the tutorials' style against the NLME fast path.
 
 Two problems: the theophylline study (N = 12) and N simulated individuals (default 5000) of the same
-one-compartment model (10 samples each).  For each backend the table gives the set-up time (tracing
-and the first simulation), the JAX compile time (reported apart: it is paid once per fit), and the
-steady-state time per SAEM iteration; the last column is the Pyro / NumPyro ratio of the latter.
+one-compartment model (10 samples each).  For each backend the table gives the set-up time of the first fit
+(tracing and the first simulation), the JAX compile time of that fit (reported apart: a later same-shaped fit in
+the process compiles nothing, see the ``2nd fit`` row), and the steady-state time per SAEM iteration; the last
+column is the Pyro / NumPyro ratio of the latter.
 A second table times three torch paths on the same data: the padded ``[N, T]`` Pyro model
 (``latentfit/examples/theophylline.py``), the README's model (latents in a subject plate, one row per
-observation read through ``log_psi[subject]``) and the NLME family's fast path, with the ratio of each
-plain model's time per iteration to the NLME path's.
-Timings on a shared machine are noisy: rerun with ``--repeats`` and read the medians.
+observation read through ``log_psi[subject]``) and the NLME family's fast path: wall and CPU seconds of the whole
+fit, ms per iteration, and each path's time per iteration over the NLME path's.
+A third part fits the README's NumPyro model on theophylline end to end in fresh processes (data to estimates,
+imports excluded): without JAX's persistent compilation cache, with it cold (filled) and warm
+(``latentfit.enable_compilation_cache``).
+Timings on a shared machine are noisy: rerun with ``--repeats`` and read the medians (and the CPU seconds).
+``--threads 1`` pins torch to one intra-op thread: on this 2-core machine shared at load 3-8, torch's default of two
+threads made every torch path 10-30x slower per iteration (threads waiting for each other against the other
+processes: at N = 5000 the README model took 1200 ms per iteration, the padded one 552-838 ms, NLME 122 ms, against
+47, 24-31 and 21 ms with one thread in the same hour); the work of one iteration is too small for two threads.
 
-    python benchmarks/backends.py [--iters 100] [--n-sim 5000] [--repeats 1] [--float32]
+    python benchmarks/backends.py [--iters 100] [--n-sim 5000] [--repeats 1] [--threads 1] [--float32]
+                                  [--skip-end-to-end]
+
+Figures (issue 10 item 6), ``--repeats 3 --threads 1``, float64, load 4.4-4.7, after 847ddc1 (wall; CPU where
+given):
+
+==============================================  ==========  ============  ====================  =================
+path                                             ms / iter   / NLME        whole fit             goal
+==============================================  ==========  ============  ====================  =================
+theophylline, README Pyro model (rows), 400 it   7.52        2.56          3.26 s (2.16 s CPU)   <= 1.5 s: not met
+theophylline, padded Pyro model                  7.67        2.61          3.36 s (2.22 s CPU)
+theophylline, NLME fast path                     2.94        1.00          1.18 s (0.82 s CPU)
+N = 5000, README Pyro model (rows), 100 it      33.5         2.25          3.53 s (2.42 s CPU)   <= 2x: not met
+N = 5000, padded Pyro model                     22.5         1.51          2.36 s (1.56 s CPU)
+N = 5000, NLME fast path                        14.9         1.00          1.56 s (1.04 s CPU)
+N = 5000, padded model on NumPyro               14.6         (0.98)        5.7 s set-up, 4.6 s compile
+theophylline, NumPyro, fresh process, no cache   0.95        -             10.9 s (7.3 s CPU)    <= ~2 s: not met
+... with the persistent cache warm                                          2.19 s (1.50 s CPU)   < 1 s: not met
+... a 2nd fit in the same process (padded)       0.52        -             0.42 s                <= 0.15 s: not met
+==============================================  ==========  ============  ====================  =================
+
+(the NumPyro fresh-process fit: compilation 4.7 s, of which the 25-iteration chunk program ~4.5 s, iterations 0.38 s;
+warm: cache loading 0.53 s, iterations 0.40 s, the rest tracing and set-up.)  At the start of this round (default two
+torch threads, load 3.3-7.5, one repeat) the same benchmark printed: theophylline rows 5.46 ms/iteration (2.8x NLME),
+3.81 s; N = 5000 rows 1200 ms (9.9x), padded 838 ms (6.9x); NumPyro theophylline set-up 3.2 s + compile 3.0 s.
+
+What changed in this round, on the torch path (estimates, histories and the lin log-likelihood bit-identical, 49
+arrays: README and padded models, theophylline and N = 200): a Normal site's log-density is computed on its compact
+scale (torch's Normal expands a scalar sd to every observation, and ``scale.log()`` ran over all of them: CPU per
+density evaluation at N = 5000, 1 chain 1.72 -> 1.48 ms; SAEM 26.2 -> 23.1 ms CPU per iteration), and the recorded
+density program drops its no-op views (~80 of ~600 nodes for 5 chains: theophylline 0.326 -> 0.277 ms per
+evaluation).  Where the time goes now: theophylline on Pyro runs ~12 model evaluations per iteration, each the
+recorded program of ~80 small ops for each of the 5 chains, recorded one by one (``torch.func.vmap`` cannot be
+recorded; vmap over the recording measured 0.23 against 0.30 ms, not used); at N = 5000 the README model's own
+arithmetic on 50 000 rows (the gather ``log_psi[subject]``, exp of [50 000, 3]) is most of an evaluation.  On
+NumPyro the end-to-end time is the compilation of the SAEM chunk (the model inlined in each kernel) and ~15 set-up
+programs (sampling, unit-map detection, pattern recognition: ~2.8 s wall at load 5).
 """
 
 from __future__ import annotations
@@ -57,12 +101,12 @@ def run_pyro(data: dict[str, np.ndarray], num_iters: tuple[int, int], seed: int)
     pyro.clear_param_store()
     args = {k: torch.as_tensor(v) if v.dtype == bool else torch.as_tensor(v, dtype=torch.float64)
             for k, v in data.items()}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fit = SAEM(theophylline_model, num_iters=num_iters, seed=seed, progress=False).run(**args)
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
     iters = fit.num_iterations
     loop = fit.elapsed - fit.init_time
-    return {"setup": total - loop, "compile": 0.0, "per_iter": loop / iters, "total": total,
+    return {"setup": total - loop, "compile": 0.0, "per_iter": loop / iters, "total": total, "cpu": cpu,
             "ka": float(np.exp(fit.params["mu"][0]))}
 
 
@@ -98,11 +142,11 @@ def run_pyro_rows(data: dict[str, np.ndarray], num_iters: tuple[int, int], seed:
     time_ = torch.as_tensor(data["time"].reshape(-1)[m])
     dose = torch.as_tensor(np.repeat(data["dose"][:, 0], t)[m])
     conc = torch.as_tensor(data["conc"].reshape(-1)[m])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fit = SAEM(rows_model, num_iters=num_iters, seed=seed, progress=False).run(subject, time_, dose, conc)
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
     loop = fit.elapsed - fit.init_time
-    return {"setup": total - loop, "compile": 0.0, "per_iter": loop / fit.num_iterations, "total": total,
+    return {"setup": total - loop, "compile": 0.0, "per_iter": loop / fit.num_iterations, "total": total, "cpu": cpu,
             "ka": float(np.exp(fit.params["mu"][0]))}
 
 
@@ -116,12 +160,12 @@ def run_nlme(data: dict[str, np.ndarray], num_iters: tuple[int, int], seed: int)
     m = data["mask"].reshape(-1)
     df = pd.DataFrame({"ID": np.repeat(np.arange(1, n + 1), t)[m], "TIME": data["time"].reshape(-1)[m],
                        "DV": data["conc"].reshape(-1)[m], "DOSE": np.repeat(data["dose"][:, 0], t)[m]})
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, data=df, dose="DOSE")
     fit = SAEM(model, num_iters, seed=seed, progress=False).run()
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
     loop = fit.elapsed - fit.init_time
-    return {"setup": total - loop, "compile": 0.0, "per_iter": loop / fit.num_iterations, "total": total,
+    return {"setup": total - loop, "compile": 0.0, "per_iter": loop / fit.num_iterations, "total": total, "cpu": cpu,
             "ka": float(fit.params["ka"]) if "ka" in fit.params else float("nan")}
 
 
@@ -134,13 +178,67 @@ def run_numpyro(data: dict[str, np.ndarray], num_iters: tuple[int, int], seed: i
 
     dtype = jnp.result_type(float)
     args = {k: jnp.asarray(v) if v.dtype == bool else jnp.asarray(v, dtype=dtype) for k, v in data.items()}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fit = SAEM(theophylline_model, num_iters=num_iters, progress=False).run(jax.random.PRNGKey(seed), **args)
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
     compile_s = fit.model.ops.compile_time
     loop = fit.elapsed - fit.init_time - compile_s
     return {"setup": total - loop - compile_s, "compile": compile_s, "per_iter": loop / fit.num_iterations,
-            "total": total, "ka": float(np.exp(fit.params["mu"][0]))}
+            "total": total, "cpu": cpu, "ka": float(np.exp(fit.params["mu"][0]))}
+
+
+#: the README's plain NumPyro model fitted end to end in a fresh process (data to estimates; process start and imports
+#: excluded): wall and CPU seconds, compilation (or cache loading) and iterations
+_E2E_NUMPYRO = """
+import sys, time
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp, numpyro, numpyro.distributions as ndist
+from numpyro.distributions import constraints as nconstraints
+import latentfit as lf
+from latentfit.numpyro import SAEM
+if sys.argv[1]:
+    lf.enable_compilation_cache(sys.argv[1])
+
+def numpyro_model(subject, time, dose, conc=None):
+    mu = numpyro.param("mu", jnp.array([0.0, 3.0, -0.7]))
+    omega = numpyro.param("omega", jnp.ones(3), constraint=nconstraints.positive)
+    a = numpyro.param("a", 1.0, constraint=nconstraints.positive)
+    with numpyro.plate("id", int(subject.max()) + 1):
+        log_psi = numpyro.sample("log_psi", ndist.Normal(mu, omega).to_event(1))
+    ka, v, cl = jnp.exp(log_psi[subject]).T
+    k = cl / v
+    pred = dose * ka / (v * (ka - k)) * (jnp.exp(-k * time) - jnp.exp(-ka * time))
+    with numpyro.plate("obs", len(time)):
+        numpyro.sample("conc", ndist.Normal(pred, a), obs=conc)
+
+t0, c0 = time.perf_counter(), time.process_time()
+df = lf.datasets.theophylline(saemix_form=True)
+fit = SAEM(numpyro_model, num_iters=(300, 100), progress=False).run(
+    jax.random.PRNGKey(0), df["Id"].values - 1, *(jnp.asarray(df[c].values) for c in ("Time", "Dose", "Concentration")))
+ka = float(jnp.exp(fit.params["mu"][0]))
+compile_s = fit.model.ops.compile_time
+print("E2E", time.perf_counter() - t0, time.process_time() - c0, compile_s, fit.elapsed - fit.init_time - compile_s, ka)
+"""
+
+
+def numpyro_end_to_end() -> list[tuple[str, list[float]]]:
+    """The README's NumPyro theophylline fit in fresh processes: without the persistent compilation cache, then with
+    it cold (filled) and warm (``latentfit.enable_compilation_cache``)."""
+    import subprocess
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        for label, arg in (("no cache", ""), ("cache cold", cache), ("cache warm", cache)):
+            run = subprocess.run([sys.executable, "-c", _E2E_NUMPYRO, arg], capture_output=True, text=True,
+                                 cwd=os.path.join(os.path.dirname(__file__), ".."))
+            out = [line for line in run.stdout.splitlines() if line.startswith("E2E")]
+            if run.returncode != 0 or not out:
+                print(f"(NumPyro end to end failed: {(run.stderr or run.stdout).strip()[-300:]})")
+                return rows
+            rows.append((label, [float(v) for v in out[0].split()[1:]]))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,8 +248,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-sim", type=int, default=5000, help="simulated individuals")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--float32", action="store_true", help="JAX in float32 (default float64, as torch)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (default 0: torch's own choice, one per core)")
+    parser.add_argument("--skip-end-to-end", action="store_true", help="skip the fresh-process NumPyro fits")
     opts = parser.parse_args(argv)
     import jax
+    import torch
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
 
     jax.config.update("jax_enable_x64", not opts.float32)
     problems = [("theophylline", theophylline_numpy(), (int(0.75 * opts.theo_iters), opts.theo_iters
@@ -159,8 +264,8 @@ def main(argv: list[str] | None = None) -> None:
                 (f"simulated N={opts.n_sim}", simulate(opts.n_sim), (int(0.8 * opts.iters),
                                                                      opts.iters - int(0.8 * opts.iters)))]
     print(f"SAEM, kernels (2,2,2), default chains; torch {_version('torch')} eager vs JAX {jax.__version__} "
-          f"{'float32' if opts.float32 else 'float64'} compiled; cpu count {os.cpu_count()}, "
-          f"load avg {os.getloadavg()[0]:.1f} (timings on a shared machine are noisy)")
+          f"{'float32' if opts.float32 else 'float64'} compiled; cpu count {os.cpu_count()}, torch threads "
+          f"{torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f} (timings on a shared machine are noisy)")
     header = f"{'problem':<22}{'iters':>6}{'backend':>9}{'setup s':>9}{'compile s':>11}{'ms/iter':>10}{'ka':>8}"
     print(header + f"{'pyro/numpyro':>14}")
     print("-" * (len(header) + 14))
@@ -169,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
         for backend, runner in (("pyro", run_pyro), ("numpyro", run_numpyro)):
             runs = [runner(data, num_iters, seed) for seed in range(opts.repeats)]
             res[backend] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            # set-up and compilation of the first fit (later same-shaped fits in this process compile nothing)
+            res[backend].update({k: runs[0][k] for k in ("setup", "compile")})
         ratio = res["pyro"]["per_iter"] / res["numpyro"]["per_iter"]
         for backend in ("pyro", "numpyro"):
             r = res[backend]
@@ -182,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
               f"against {res['numpyro']['total']:.2f} s)")
         sys.stdout.flush()
     print()
-    header = f"{'problem':<22}{'iters':>6}{'torch path':>24}{'total s':>9}{'ms/iter':>10}{'ka':>8}{'/ NLME':>8}"
+    header = (f"{'problem':<22}{'iters':>6}{'torch path':>26}{'total s':>9}{'cpu s':>8}{'ms/iter':>10}{'ka':>8}"
+              f"{'/ NLME':>8}")
     print(header)
     print("-" * len(header))
     for name, data, num_iters in problems:
@@ -193,9 +301,16 @@ def main(argv: list[str] | None = None) -> None:
             res[label] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         base = res["NLME fast path"]["per_iter"]
         for label, r in res.items():
-            print(f"{name:<22}{sum(num_iters):>6}{label:>24}{r['total']:>9.2f}{1000 * r['per_iter']:>10.2f}"
-                  f"{r['ka']:>8.3f}{r['per_iter'] / base:>8.1f}")
+            print(f"{name:<22}{sum(num_iters):>6}{label:>26}{r['total']:>9.2f}{r['cpu']:>8.2f}"
+                  f"{1000 * r['per_iter']:>10.2f}{r['ka']:>8.3f}{r['per_iter'] / base:>8.2f}")
         sys.stdout.flush()
+    if opts.skip_end_to_end:
+        return
+    print("\nThe README's NumPyro model on theophylline (400 iterations), end to end in a fresh process (data to "
+          "estimates, imports excluded; saemix: about 2 s end to end, issue 14's constant, R not installed here)")
+    print(f"{'persistent cache':<18}{'wall s':>8}{'cpu s':>8}{'compile s':>11}{'iters s':>9}{'ka':>8}")
+    for label, (wall, cpu, compile_s, iters_s, ka) in numpyro_end_to_end():
+        print(f"{label:<18}{wall:>8.2f}{cpu:>8.2f}{compile_s:>11.2f}{iters_s:>9.2f}{ka:>8.3f}")
 
 
 def _version(mod: str) -> str:
