@@ -52,10 +52,11 @@ density evaluation at N = 5000, 1 chain 1.72 -> 1.48 ms; SAEM 26.2 -> 23.1 ms CP
 density program drops its no-op views (~80 of ~600 nodes for 5 chains: theophylline 0.326 -> 0.277 ms per
 evaluation).  Where the time goes now: theophylline on Pyro runs ~12 model evaluations per iteration, each the
 recorded program of ~80 small ops for each of the 5 chains, recorded one by one (``torch.func.vmap`` cannot be
-recorded; vmap over the recording measured 0.23 against 0.30 ms, not used); at N = 5000 the README model's own
-arithmetic on 50 000 rows (the gather ``log_psi[subject]``, exp of [50 000, 3]) is most of an evaluation.  On
-NumPyro the end-to-end time is the compilation of the SAEM chunk (the model inlined in each kernel) and ~15 set-up
-programs (sampling, unit-map detection, pattern recognition: ~2.8 s wall at load 5).
+recorded; ``vmap`` over a one-chain recording costs ~0.19 ms + 4 us per chain against ~0.05 ms per chain recorded one
+by one: 5 chains 0.21 vs 0.25 ms, 16 chains 0.24 vs 0.79 ms, bit-identical here; not used yet); at N = 5000 the
+README model's own arithmetic on 50 000 rows (the gather ``log_psi[subject]``, exp of [50 000, 3]) is most of an
+evaluation.  On NumPyro the end-to-end time is the compilation of the SAEM chunk (the model inlined in each
+kernel) and ~15 set-up programs (sampling, unit-map detection, pattern recognition: ~2.8 s wall at load 5).
 """
 
 from __future__ import annotations
