@@ -48,11 +48,13 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         except ModelSpecificationError as err:
             refused = str(err)
         ll = fit.log_likelihood("gq", num_nodes=5)  # post-fit: this process's individuals, summed over processes
+        ll_is = fit.log_likelihood("is", num_samples=200, batch_size=80)  # each subject's draws from its stream
         post = _post_fit(fit)  # collectives: Fisher information all-reduced, individual estimates gathered
         ka_fixed = _fit(ka_random=False, distributed=True)
         np.savez(Path(out) / f"ka-fixed-rank{rank}.npz", objective=ka_fixed.history["objective"],
                  **{f"param_{k}": np.asarray(v) for k, v in ka_fixed.params.items()})
-        np.savez(Path(out) / f"rank{rank}.npz", num_units=fit.model.num_units, refused=refused, ll=ll, **post,
+        np.savez(Path(out) / f"rank{rank}.npz", num_units=fit.model.num_units, refused=refused, ll=ll, ll_is=ll_is,
+                 ll_is_se=fit.log_likelihoods["is"].mc_se, **post,
                  bic_penalty=fit.bic - fit.minus_two_ll,  # p log N: N the individuals of every process
                  objective=fit.history["objective"], **{f"param_{k}": np.asarray(v) for k, v in fit.params.items()})
     finally:
@@ -103,6 +105,9 @@ def test_two_processes_equal_one(two_processes: Path) -> None:
     # the fresh draws are new draws: their standard errors differ from those of the chains' last draws
     assert all(post[f"se_fresh_{k}"] > 0 and abs(post[f"se_fresh_{k}"] - post[f"se_sa_{k}"]) > 1e-8
                for k in one.params)
+    # importance sampling, each subject's draws from its own stream: value and MC SE (one.bic then recomputes "is"
+    # with its defaults, which replaces fit.log_likelihoods["is"])
+    ll_is = [one.log_likelihood("is", num_samples=200, batch_size=80), one.log_likelihoods["is"].mc_se]
     for rank in range(2):
         r = np.load(two_processes / f"rank{rank}.npz")
         assert int(r["num_units"]) == 6  # this process's block of the 12 subjects
@@ -110,6 +115,7 @@ def test_two_processes_equal_one(two_processes: Path) -> None:
             np.testing.assert_allclose(r[f"param_{name}"], np.asarray(value), rtol=0, atol=1e-10, err_msg=name)
         np.testing.assert_allclose(r["objective"], one.history["objective"], rtol=1e-12, atol=0)
         np.testing.assert_allclose(r["ll"], one.log_likelihood("gq", num_nodes=5), rtol=1e-9)
+        np.testing.assert_allclose([r["ll_is"], r["ll_is_se"]], ll_is, rtol=1e-10)
         np.testing.assert_allclose(r["bic_penalty"], one.bic - one.minus_two_ll, rtol=1e-12)
         assert "Weight (center)" in str(r["refused"]) and "centre them in the table" in str(r["refused"])
         for name, value in post.items():  # post-fit of a distributed fit == one process (every subject, in order)

@@ -72,6 +72,13 @@ def test_per_unit_draws_are_standard_and_unit_local(backend: Backend) -> None:
     # the shared stream of a key (saemix's random block) is one draw for every unit
     s = backend.to_numpy(ops.stream_uniform(key, (L * n,)))
     assert stats.kstest(s, "uniform").pvalue > 1e-3
+    # Student-t draws of the importance-sampling log-likelihood from the units' streams (x0 / sqrt(chi2_df / df))
+    from latentfit.inference.likelihood import student_t_draws
+
+    t = backend.to_numpy(student_t_draws(ops, key, (L, n, 2), 4, ops.per_unit_streams(ops.asarray(ids))))
+    assert t.shape == (L, n, 2) and stats.kstest(t.ravel(), stats.t(4).cdf).pvalue > 1e-3
+    t_sub = student_t_draws(ops, key, (L, len(sub), 2), 4, ops.per_unit_streams(ops.asarray(sub)))
+    np.testing.assert_allclose(backend.to_numpy(t_sub), t[:, sub], rtol=1e-14, atol=0)  # XLA: the last bit may differ
 
 
 # ----- SAEM with per-unit streams ---------------------------------------------------------------------------------

@@ -69,18 +69,37 @@ def student_t_log_pdf(t: Any, df: float, xp: Any) -> Any:
     return c - 0.5 * (df + 1.0) * xp.log1p(t * t / df)
 
 
-def student_t_draws(ops: Any, key: Any, shape: tuple[int, ...], df: int) -> Any:
-    """Standard Student-t draws with ``df`` degrees of freedom (:meth:`Ops.student_t`)."""
-    return ops.student_t(key, df, shape)
+def student_t_draws(ops: Any, key: Any, shape: tuple[int, ...], df: int, sim: Any = None) -> Any:
+    """Standard Student-t draws with ``df`` degrees of freedom (:meth:`Ops.student_t`).
+
+    ``sim``: per-unit streams (:class:`~latentfit.inference.ops.UnitStreamOps`, units on axis 1 of ``shape``): then
+    ``t = x₀ / sqrt(Σ_{k=1}^{df} x_k² / df)`` from ``df + 1`` standard normals of each unit's stream (integer df).
+    """
+    if sim is None:
+        return ops.student_t(key, df, shape)
+    x = sim.normal(key, tuple(shape) + (int(df) + 1,))
+    return x[..., 0] / ops.xp.sqrt(ops.xp.sum(x[..., 1:] * x[..., 1:], -1) / int(df))
+
+
+def _unit_streams(model: LatentModel, seed: int, unit_ids: Any, ops: Any) -> tuple[Any, Any]:
+    """``(per-unit streams view, root key)`` for draws keyed by ``(seed, unit id)``; ``(None, None)`` without ids."""
+    if unit_ids is None:
+        return None, None
+    ops = model.ops if ops is None else ops
+    sim = ops.per_unit_streams(ops.asarray(np.asarray(unit_ids, dtype=np.int64), dtype=None))
+    return sim, ops.stream_key(ops.key(seed), seed)
 
 
 def log_likelihood_is(model: LatentModel, theta: dict[str, Any], cond_mean: Any, cond_sd: Any, *,
                       num_samples: int = 5000, batch_size: int = 500, df: int = 4, seed: int = 0,
-                      units: Any = None) -> LogLikelihood:
+                      units: Any = None, unit_ids: Any = None, ops: Any = None) -> LogLikelihood:
     """Importance-sampling estimate of ``Σ_i log p(y_i; θ)`` (see the module docstring).
 
-    ``cond_mean``/``cond_sd`` are ``[n, d]`` (unconstrained latents of ``units``).
+    ``cond_mean``/``cond_sd`` are ``[n, d]`` (unconstrained latents of ``units``).  ``unit_ids`` (``[n]`` ints):
+    each unit's draws from its own stream ``(seed, batch, unit id)`` (:func:`student_t_draws`), so its term does not
+    depend on the other units or on the process holding it (``ops``: a distributed fit's shim).
     """
+    sim, root = _unit_streams(model, seed, unit_ids, ops)
     ops = model.ops
     xp = ops.xp
     if int(df) != df or df < 1:
@@ -107,7 +126,8 @@ def log_likelihood_is(model: LatentModel, theta: dict[str, Any], cond_mean: Any,
         keys = ops.split(key, nb)
         for b in range(nb):
             size = min(batch_size, num_samples - b * batch_size)
-            t = student_t_draws(ops, keys[b], (size,) + tuple(m.shape), int(df))
+            kb = keys[b] if sim is None else ops.fold_in(root, b + 1)
+            t = student_t_draws(ops, kb, (size,) + tuple(m.shape), int(df), sim)
             chunks.append(log_weights(t))
     lw = xp.concatenate(chunks, 0)  # [S, n]
     mx = xp.amax(lw, 0)

@@ -171,8 +171,10 @@ def log_likelihood(fit: FitResult, method: str | None = None, *, num_samples: in
             tune = getattr(model, "importance_proposal", None)
             if tune is not None:
                 mean, sd, df = tune(theta, mean, sd, df)
+            ids = _stream_ids(fit)  # a fit with per-unit streams: each unit's draws from its own
             res = lk.log_likelihood_is(model, theta, mean, sd, num_samples=num_samples, df=df, seed=seed,
-                                       batch_size=batch_size)
+                                       batch_size=batch_size, unit_ids=ids,
+                                       ops=fit.engine.ops if ids is not None else None)
         res = _across_processes(fit, res)
         cache[key] = res
         fit._cache.setdefault("loglik_by_method", {})[method] = res
