@@ -85,6 +85,7 @@ def test_monte_carlo_size_schedule():
     ({"surrogate": "newton"}, "surrogate must be"),
     ({"max_missing_fraction": 1.0}, "max_missing_fraction must be"),
     ({"trust_radius": 0.0}, "trust_radius must be"),
+    ({"score_draws": 0}, "score_draws must be"),
 ])
 def test_bad_options(options, match):
     import latentfit.pyro as lp
@@ -189,3 +190,35 @@ def test_small_quadrature_maximum_and_the_papers_surrogates():
     louis, _ = _small_fit(seed=2)
     assert _gq_log_lik(lm, paper) - ll_max < -10.0
     assert _gq_log_lik(lm, louis) - ll_max > -1.5
+
+
+def test_score_draws_changes_only_the_missing_information():
+    """``score_draws=1`` scores the first draw of a visit only: the draws (the same key sequence), the statistics,
+    the quadratic surrogate's gradients (β of logistic_glmm, over every draw) and the curvature are those of the
+    default (every draw scored), and the missing information is the one-draw visit's, bit for bit."""
+    import torch
+
+    from latentfit.integrations.pyro import PyroLatentModel
+
+    entry = ENTRIES["logistic_glmm"]
+    b = Backend("pyro")
+    model = PyroLatentModel(entry.model(b), _args(b, entry, entry.data()), {})
+    ops = model.ops
+    units = ops.arange(6)
+
+    def visit(score_draws, num_draws):
+        eng = MISSO(model, num_chains=4, score_draws=score_draws, progress=False)
+        assert eng.numeric and len(eng.free) > len(eng.numeric)  # β: quadratic surrogate; μ, ω: closed form
+        state = eng.init(ops.key(0))
+        return eng.surrogates(state, state.theta, units, ops.key(1), num_draws)
+
+    rows, g, h, missing, state = visit(None, 3)
+    rows1, g1, h1, missing1, state1 = visit(1, 3)
+    one_draw = visit(None, 1)
+    for k in rows:
+        assert torch.equal(rows[k], rows1[k])
+    assert torch.equal(g, g1) and torch.equal(h, h1) and torch.equal(state.z, state1.z)
+    assert g.shape == (6, len(MISSO(model, progress=False)._numeric_cols))
+    assert torch.equal(missing1, one_draw[3])
+    assert not torch.allclose(missing, missing1)  # three draws' scores against one's
+    assert any(not torch.equal(rows[k], one_draw[0][k]) for k in rows)  # three draws' statistics against one's

@@ -57,12 +57,32 @@ Two surrogates (option ``surrogate``):
   growing ``M_k`` absorbs it.  The extra cost per draw is the scores of all free parameters (forward mode) and one
   Hessian per visit.  Defaults chosen with it: mini-batches of 50% of the units (the paper's largest variant; on
   small data sets a visit's cost is mostly per-call overhead, so two visits per epoch cost far less than ten) and
-  12 epochs.  ``surrogate="paper"`` keeps the paper's algorithm (pass ``batch_size`` for its 10% or 1-unit
+  14 epochs.  ``surrogate="paper"`` keeps the paper's algorithm (pass ``batch_size`` for its 10% or 1-unit
   variants).
 
-Draws: exact posterior draws when the model has a sampler, otherwise ``L`` persistent MH chains per unit
-(prior-IMH + component-wise random walk, ``mcmc_steps`` sweeps between draws); a visit takes ``⌈M_k / L⌉``
-draws of the ``L`` chains.  Default ``M_k = 10 + k²`` (k the epoch, counted from 0), the paper's choice.
+  What limits it (N = 400, benchmarks/mcmcsgd_logistic.py, data seeds 0-2): not Monte-Carlo noise (started at the
+  exact maximum of seed 1, the iterates stay within 1.0, 0.4 and 0.1 log-likelihood units of it with M = 10, 30 and
+  100 draws per visit, the average of their second half within 0.17, 0.03 and 0.02) but the rate of convergence:
+  the log-likelihood still climbs at the last epochs (seed 1: −7.4, −4.1, −1.8, −1.2 after epochs 9-12, −0.68,
+  −0.63 after 13 and 14).  The estimated missing fractions of two directions are 0.97-1.0 (log ω₁, the random
+  intercept's, about 0.999: its relative SE is 40-120%), so the capped step closes 1-30% of their gap per
+  iteration; where the maximum has ω₁ ≈ 0.002 (seed 0) ω₁ stays near 0.36 after 14 epochs (−1.68; ω₁ = 0.2 and 0.3
+  alone cost 0.46 and 1.24 units there). Tried and not kept (single fits): a 10- or 15-SE trust region (after 12
+  epochs −0.90 and −0.57 against −1.18 and −1.37 on seeds 1 and 2, but −2.76 and −3.01 against −2.56 on seed 0; after
+  14 epochs −1.92, −0.69, −0.36 against the 5-SE region's −1.68, −0.63, −0.31; and it went to −12 on
+  tests/test_misso.py's N = 100 data); ``I_c`` averaged over every draw of a visit instead of the first one (less
+  noisy, yet with a 10-SE trust region seed 1 oscillated between −16 and −135 and ended at −8.3); one MH sweep between
+  draws instead of two (the chains lag θ: −44); a burn-in draw per visit (−2.06 and −1.13 after 12 epochs on seeds 0
+  and 1, for 10% more draws); ``M_k`` capped at 40 with 18 epochs (seed 1 stalls at −1.4 to −2.1); Polyak–Ruppert
+  averaging of the last epochs' iterates (worse while they still climb: seed 1, 12 epochs, −1.18 → −1.46 averaged over
+  the last epoch).
+
+  ``score_draws`` (a cost option; default None, every draw): the missing information from the scores of the
+  first ``score_draws`` draws of a visit only; the later draws refresh the statistics and the quadratic
+  surrogates' gradients (the draws themselves are unchanged).  At N = 400 with 2 (and a 10-SE trust region, 14
+  epochs) the log-likelihoods were those of every draw scored (−1.98, −0.72, −0.31 against −1.92, −0.69, −0.36) for
+  25% less CPU time, but on the N = 100 data of tests/test_misso.py (fewer scores per visit) it went to −43 and
+  −74 (5- and 10-SE trust regions), hence not the default.
 """
 
 from __future__ import annotations
@@ -144,7 +164,7 @@ class MISSO(MiniBatchMCEM):
     Parameters
     ----------
     num_epochs, batch_size
-        As the EM family (default 12 epochs of two mini-batches of 50% of the units).
+        As the EM family (default 14 epochs of two mini-batches of 50% of the units).
     mc_size : int or callable
         ``M_k``, Monte-Carlo draws per unit visit, or a schedule of the epoch (from 0); default ``10 + k²``.
     num_chains : int
@@ -159,15 +179,18 @@ class MISSO(MiniBatchMCEM):
         ``"louis"`` only: the cap on the fractions of missing information (0 gives the paper's step).
     trust_radius : float
         ``"louis"`` only: the largest excess of a step over the paper's, in standard errors.
+    score_draws : int
+        ``"louis"`` only: the draws of a visit (the first ones, ``num_chains`` each) whose scores estimate the
+        missing information; the later draws refresh the statistics and the quadratic surrogates' gradients only.
     """
 
     name = "MISSO"
     batches_per_epoch = 2
 
-    def __init__(self, model: LatentModel, num_epochs: int = 12, batch_size: int | None = None, *,
+    def __init__(self, model: LatentModel, num_epochs: int = 14, batch_size: int | None = None, *,
                  mc_size: int | Callable[[Any], Any] = paper_mc_size, num_chains: int = 10,
                  surrogate: str = "louis", max_missing_fraction: float = 0.9, trust_radius: float = 5.0,
-                 **kwargs: Any) -> None:
+                 score_draws: int | None = None, **kwargs: Any) -> None:
         if "num_samples" in kwargs:
             raise TypeError("MISSO takes num_chains (chains per unit) and mc_size (draws per visit), not num_samples")
         if not callable(mc_size) and int(mc_size) < 1:
@@ -180,10 +203,13 @@ class MISSO(MiniBatchMCEM):
             raise ValueError(f"max_missing_fraction must be in [0, 1), got {max_missing_fraction!r}")
         if not float(trust_radius) > 0.0:
             raise ValueError(f"trust_radius must be > 0, got {trust_radius!r}")
+        if score_draws is not None and int(score_draws) < 1:
+            raise ValueError(f"score_draws must be >= 1 or None, got {score_draws!r}")
         self.mc_size = mc_size if callable(mc_size) else (lambda k, m=int(mc_size): m + 0 * k)
         self.surrogate = surrogate
         self.max_missing_fraction = float(max_missing_fraction)
         self.trust_radius = float(trust_radius)
+        self.score_draws = None if score_draws is None else int(score_draws)
         super().__init__(model, num_epochs, batch_size, num_samples=int(num_chains), **kwargs)
         #: parameters of the closed-form (statistics-table) surrogate, of the quadratic one, and (``"louis"``) every
         #: free parameter, whose information the acceleration estimates
@@ -221,16 +247,18 @@ class MISSO(MiniBatchMCEM):
 
     def surrogates(self, state: MISSOState, theta: dict[str, Any], units: Any, key: Any,
                    num_draws: Any) -> tuple[Stats, Any, Any, Any, MISSOState]:
-        """Monte-Carlo surrogates of ``units`` at θ: statistic rows ``[b, ...]`` (closed-form parameters), the
-        gradients ``ĝ_i`` ``[b, p]`` of the negative complete log-likelihood in the free parameters (``"louis"``;
-        otherwise the quadratic-surrogate ones), their complete-data curvature ``Σ_{i∈B} I_c,i`` and missing
-        information ``Σ_{i∈B} I_m,i`` (``[p, p]``; zeros unless ``surrogate="louis"``)."""
+        """Monte-Carlo surrogates of ``units`` at θ from ``num_draws`` draws of the chains: statistic rows ``[b, ...]``
+        (closed-form parameters), the quadratic-surrogate gradients ``ĝ_i`` ``[b, q]`` (mean over every draw), the
+        complete-data curvature ``Σ_{i∈B} I_c,i`` of the free parameters and (``"louis"``) their missing information
+        ``Σ_{i∈B} I_m,i`` from the scores of the first ``score_draws`` draws (``[p, p]``; zeros otherwise)."""
         model, ops, xp = self.model, self.ops, self.ops.xp
         names = self.free
         fixed = {n: v for n, v in theta.items() if n not in names}
         x0 = flatten(ops, model.unconstrain({n: theta[n] for n in names}), names)
         p = len(x0) if names else 0
+        q = len(self._numeric_cols)
         louis = self.surrogate == "louis" and p > 0
+        pick = self._pick() if p else None  # [p, q] one-hot (None: every free parameter is a quadratic-surrogate one)
 
         def complete_fn(z: Any) -> Callable[[Any], Any]:
             def complete(x: Any) -> Any:
@@ -240,13 +268,18 @@ class MISSO(MiniBatchMCEM):
 
             return complete
 
-        def one_draw(st: MISSOState, kk: Any) -> tuple[Stats, Any, Any, Any, MISSOState]:
+        def draw(st: MISSOState, kk: Any) -> tuple[Stats, Any, MISSOState]:
             if model.has_posterior_sampler:
                 z = model.sample_posterior(theta, kk, self.num_samples, units)
             else:
                 z, st = self._advance_chains(st, theta, units, kk)
             rows = {k: xp.mean(v, 0) for k, v in model.stats_rows(theta, z, units).items()} if self.by_stats \
                 else {}
+            return rows, z, st
+
+        def scored(st: MISSOState, kk: Any) -> tuple[Stats, Any, Any, Any, MISSOState]:
+            """A draw with the scores of every free parameter: −mean over chains ``[b, p]`` and Σ s sᵀ (Louis)."""
+            rows, z, st = draw(st, kk)
             if not p:
                 return rows, ops.zeros((len(units), 0)), ops.zeros((0, 0)), z, st
             scores = forward_jacobian(ops, complete_fn(z), x0)  # [L, b, p]
@@ -254,9 +287,16 @@ class MISSO(MiniBatchMCEM):
             outer = flat.T @ flat if louis else ops.zeros((p, p))  # Σ_{chains, units} s sᵀ
             return rows, -xp.mean(scores, 0), outer, z, st
 
+        def numeric_grad(z: Any) -> Any:
+            """−mean over chains of the quadratic-surrogate parameters' scores ``[b, q]`` (forward mode in q only)."""
+            if not q:
+                return ops.zeros((len(units), 0))
+            x0q = x0 @ pick
+            return -xp.mean(forward_jacobian(ops, lambda xq: complete_fn(z)(x0 + pick @ (xq - x0q)), x0q), 0)
+
         # the first draw uses ``key`` as MiniBatchMCEM's oracle does (same streams); later draws a key of index
         # 2·mcmc_steps + 1, which the chains' own split of ``key`` (2·mcmc_steps + 1 keys) never hands out
-        rows, g, outer, z, state = one_draw(state, key)
+        rows, g, outer, z, state = scored(state, key)
         key = ops.split(key, 2 * self.mcmc_steps + 2)[-1]
         # the complete-data curvature of the batch's surrogate: at the first draw (an estimate; the visits average it)
         h = -ops.hessian(lambda x: xp.sum(xp.mean(complete_fn(z)(x), 0)))(x0) if p else ops.zeros((0, 0))
@@ -265,27 +305,49 @@ class MISSO(MiniBatchMCEM):
         def body(i: Any, carry: Any) -> Any:
             r_acc, g_acc, o_acc, st, kk = carry
             kk, sub = ops.split(kk)
-            r, gi, oi, _, st = one_draw(st, sub)
+            r, gi, oi, _, st = scored(st, sub)
             return ({k: r_acc[k] + r[k] for k in r_acc}, g_acc + gi, o_acc + oi, st, kk)
 
-        # further draws (a dynamic count on JAX: a traced loop bound)
-        rows, g, outer, state, _ = ops.fori_loop(1, num_draws, body, (rows, g, outer, state, keys[0]))
+        # further scored draws (a dynamic count on JAX: a traced loop bound); the paper's surrogates score every draw
+        limit = self.score_draws if louis else None  # None: every draw
+        num_scored = num_draws if limit is None else num_draws + (limit - num_draws) * (num_draws > limit)
+        rows, g, outer, state, kk = ops.fori_loop(1, num_scored, body, (rows, g, outer, state, keys[0]))
         inv = 1.0 / num_draws
-        g = g * inv
-        # Louis: Σ_i Cov_m(s_{i,m}) with M = draws × chains scores per unit (unbiased; zero when M = 1)
-        num_scores = num_draws * self.num_samples
-        missing = (outer - num_scores * (g.T @ g)) / (num_scores - 1 + 1 * (num_scores == 1)) if louis \
-            else ops.zeros((p, p))
-        return {k: v * inv for k, v in rows.items()}, g, h, missing, state
+        if louis:
+            # the remaining draws refresh the statistics and the quadratic surrogates' gradients only (the same
+            # key sequence as scored draws: the draws, hence the statistics, do not depend on ``score_draws``)
+            def rest(i: Any, carry: Any) -> Any:
+                r_acc, g_acc, st, kk = carry
+                kk, sub = ops.split(kk)
+                r, z, st = draw(st, sub)
+                return ({k: r_acc[k] + r[k] for k in r_acc}, g_acc + numeric_grad(z), st, kk)
 
-    def _numeric_part(self, g: Any, h: Any) -> tuple[Any, Any]:
-        """The quadratic-surrogate parameters' columns of the gradients ``[b, p]`` and block of the curvature."""
+            g_num = g if pick is None else g @ pick
+            rows, g_num, state, _ = ops.fori_loop(num_scored, num_draws, rest, (rows, g_num, state, kk))
+            g_num = g_num * inv
+            # Louis: Σ_i Cov_m(s_{i,m}) over the M = scored draws × chains scores per unit (unbiased; 0 when M = 1)
+            g = g * (1.0 / num_scored)
+            num_scores = num_scored * self.num_samples
+            missing = (outer - num_scores * (g.T @ g)) / (num_scores - 1 + 1 * (num_scores == 1))
+        else:
+            g_num = g * inv
+            missing = ops.zeros((p, p))
+        return {k: v * inv for k, v in rows.items()}, g_num, h, missing, state
+
+    def _pick(self) -> Any:
+        """``[p, q]`` one-hot selection of the quadratic-surrogate parameters among the free ones (no integer
+        indexing: the same on both backends); None when they are all of them."""
         if len(self.free) == len(self.numeric):
-            return g, h
-        pick = np.zeros((int(g.shape[-1]), len(self._numeric_cols)))
+            return None
+        p = sum(int(np.prod(self._shapes[n])) for n in self.free)
+        pick = np.zeros((p, len(self._numeric_cols)))
         pick[self._numeric_cols, np.arange(len(self._numeric_cols))] = 1.0
-        pick = self.ops.asarray(pick)  # one-hot selection (no integer indexing: the same on both backends)
-        return g @ pick, pick.T @ h @ pick
+        return self.ops.asarray(pick)
+
+    def _numeric_block(self, h: Any) -> Any:
+        """The quadratic-surrogate parameters' block of the free parameters' curvature ``[p, p]``."""
+        pick = self._pick() if int(h.shape[-1]) else None
+        return h if pick is None else pick.T @ h @ pick
 
     # ----- engine protocol ------------------------------------------------------------------------------
     def oracle(self, state: MISSOState, theta: dict[str, Any], units: Any,
@@ -316,8 +378,8 @@ class MISSO(MiniBatchMCEM):
                                    num_nonfinite=ops.zeros(()))
         key, k1 = ops.split(key)
         n = model.num_units
-        rows, g_free, h_free, missing, state = self.surrogates(state, theta, ops.arange(n), k1, self._draws(1))
-        g, h = self._numeric_part(g_free, h_free)
+        rows, g, h_free, missing, state = self.surrogates(state, theta, ops.arange(n), k1, self._draws(1))
+        h = self._numeric_block(h_free)
         memory = MISSOMemory(table=rows, s_run=self.reduce(rows, None))
         if self.numeric:
             x0 = flatten(ops, model.unconstrain({k: theta[k] for k in self.numeric}), self.numeric)
@@ -338,8 +400,8 @@ class MISSO(MiniBatchMCEM):
         model, ops, xp = self.model, self.ops, self.ops.xp
         theta = state.theta
         n, b = model.num_units, self.batch_size
-        rows, g_free, h_free, missing, state = self.surrogates(state, theta, bi, key, self._draws(t))
-        g, h = self._numeric_part(g_free, h_free)
+        rows, g, h_free, missing, state = self.surrogates(state, theta, bi, key, self._draws(t))
+        h = self._numeric_block(h_free)
         mem = state.memory
         new_theta = dict(theta)
         if self.by_stats:
