@@ -25,16 +25,16 @@ Protocol (one process, the same data for every model):
   - **RealNVP**: the same flow library and the same coupling as the VFG's edges (Pyro ``AffineCoupling`` on
     32 + 32 coordinates, its log-scale bounded smoothly by ``2·tanh(u/2)`` and its conditioner's last layer
     started at zero, :class:`SoftClampHyper`; a fixed random ``Permute`` between blocks, standard-normal base):
-    an exact density.  With Pyro's default coupling instead (hard clamp of the log-scale at 3, random init),
-    one validation image (of 144; a pixel of the bottom-left column at 8/16 where the training images are
-    ~0: 21.5 training sd out) went through the last couplings 17 → 45 → 496 → 5.8·10⁴ (scale up to ×20 and a
-    ReLU shift net extrapolating linearly) and scored 3·10⁷ nats/pixel from epoch 4 while the median was
-    ordinary, so early stopping kept epoch 2 (test −0.707).  The bound alone still lets that image reach
-    80-320 nats/pixel from epoch 4 (selection: epoch 3, test −0.794), the zero init alone 10⁸-10¹¹; both
-    together (as the VFG) keep it at 8-97 nats/pixel over the first 16 epochs (10³-10⁶ later, as the flow
-    overfits), and the mean rule's epoch (10, test −0.986) agrees with a trimmed mean's (2 images off each
-    end: epoch 17, −0.988) and the median's (epoch 17 or 21, −0.988 / −0.948) within 0.04; the best test
-    value of any of the first 25 epochs is −1.006.
+    an exact density.  With Pyro's default coupling instead (hard clamp of the log-scale at 3, random init), one
+    validation image (of 144: its pixel (6, 0), on the left edge, is 8/16, where 1291 of the 1294 training images
+    have 0 and none more than 3: 21.5 training sd out) went through the last couplings 17 → 45 → 496 → 5.8·10⁴
+    (scale up to ×20 and a ReLU shift net extrapolating linearly) and scored 3·10⁷ nats/pixel from epoch 4 while the
+    median was ordinary, so early stopping kept epoch 2 (test −0.707).  The bound alone still lets that image reach
+    80-320 nats/pixel from epoch 4 (selection: epoch 3, test −0.794), the zero init alone 10⁸-10¹¹; both together
+    (as the VFG) keep it at 8-97 nats/pixel over the first 16 epochs (10³-10⁶ later, as the flow overfits), and the
+    mean rule's epoch (10, test −0.986) agrees with a trimmed mean's (2 images off each end: epoch 17, −0.988) and
+    the median's (epoch 17 or 21, −0.988 / −0.948) within 0.04; the best test value of any of the first 25 epochs is
+    −1.006.
   - **VAE**: 16-D latent (the VFG root's dimension), MLP encoder/decoder (2 hidden ReLU layers), Gaussian
     decoder with a learned sd per pixel; reported as the test ELBO (a bound) and the importance-weighted
     estimate with K samples (IWAE, a tighter bound, → log p as K → ∞).
