@@ -339,8 +339,14 @@ def vpc_summary(fit: Any, x: Any = None, *, pred_corrected: bool | None = None, 
     observations left out; ``pred_corrected`` defaults to True there (False for other models, which need ``x``).
     Bins: ``bins`` (edges), else up to ``max_bins`` quantile bins of x.  A model with several responses needs
     ``response`` (one of its response names): the observations of that response only.
+
+    A fit with ``rng="per_unit"`` simulates each unit from its own stream (:func:`_vpc_simulations`), so a unit's
+    replicates do not depend on the other units or their order; a distributed fit gathers every process's
+    observations, x-values, predictions and simulations (in unit order) before binning, so every process returns
+    the one-process VPC (a collective: call it on every process; an ``x`` array holds this process's units).
     """
-    from latentfit.inference.diagnostics import VPC, default_bins, simulate_observations
+    from latentfit.inference.diagnostics import VPC, default_bins
+    from latentfit.inference.postfit import _distributed_ops
 
     model, ops, theta = _nlme(fit), fit.model.ops, fit._theta()
     xv, _ = _x_values(fit, x)
@@ -348,7 +354,7 @@ def vpc_summary(fit: Any, x: Any = None, *, pred_corrected: bool | None = None, 
         raise ValueError("vpc needs x (an [N, T] array or the name of a keyword argument of the model call) for a "
                          "model that is not an NLME model")
     pred_corrected = model is not None if pred_corrected is None else bool(pred_corrected)
-    sims = _natural(model, simulate_observations(fit.model, theta, num_sims, seed))  # [K, N, T]
+    sims = _natural(model, _vpc_simulations(fit, num_sims, seed))  # [K, N, T]
     if model is not None:
         y, mask = model.data.dv, model.data.mask & (model.data.cens == 0)
         mask = mask & _response_mask(model, response)
@@ -358,16 +364,24 @@ def vpc_summary(fit: Any, x: Any = None, *, pred_corrected: bool | None = None, 
     xv = np.asarray(xv, dtype=float)
     if xv.shape != y.shape:
         raise ValueError(f"x must have the shape of the observations {y.shape}, got {xv.shape}")
-    xo, yo, so = xv[mask], y[mask], sims[:, mask]
-    edges = np.asarray(bins, dtype=float) if bins is not None else default_bins(xo, max_bins)
-    which = np.clip(np.searchsorted(edges, xo, side="right") - 1, 0, len(edges) - 2)
+    xo, yo, so, po = xv[mask], y[mask], sims[:, mask], None
     if pred_corrected:
         if model is not None:
             pred = ops.to_numpy(model.structural_prediction(theta, _population_z(fit)))
         else:
             pred = ops.to_numpy(fit.model.predict(theta, _population_z(fit))[0])
-        yo = prediction_correct(yo, pred[mask], which)
-        so = prediction_correct(so, pred[mask], which)
+        po = np.asarray(pred)[mask]
+    dist = _distributed_ops(fit) if hasattr(fit, "engine") else None
+    if dist is not None:  # every process's observations (its units' rows, flattened), in rank = unit order
+        parts = dist.gather_objects((xo, yo, so, po))
+        xo, yo = (np.concatenate([p[i] for p in parts]) for i in (0, 1))
+        so = np.concatenate([p[2] for p in parts], 1)
+        po = np.concatenate([p[3] for p in parts]) if pred_corrected else None
+    edges = np.asarray(bins, dtype=float) if bins is not None else default_bins(xo, max_bins)
+    which = np.clip(np.searchsorted(edges, xo, side="right") - 1, 0, len(edges) - 2)
+    if pred_corrected:
+        yo = prediction_correct(yo, po, which)
+        so = prediction_correct(so, po, which)
     q = np.asarray(quantiles)
     lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
     obs_q, sim_q, bx = [], [], []
@@ -382,6 +396,18 @@ def vpc_summary(fit: Any, x: Any = None, *, pred_corrected: bool | None = None, 
                                np.quantile(per_rep, hi, axis=1)], -1))
     return VPC(bin_edges=edges, bin_x=np.asarray(bx), quantiles=tuple(quantiles), observed=np.asarray(obs_q),
                simulated=np.asarray(sim_q), level=level, x=xo, y=yo)
+
+
+def _vpc_simulations(fit: Any, num_sims: int, seed: int) -> np.ndarray:
+    """``num_sims`` replicated data sets ``[K, n, T]`` of the units of this process at the estimates.  A fit with
+    ``rng="per_unit"``: unit i's replicates from its stream ``(seed, unit id)`` (as the residuals'), the same
+    whatever the sharding or order of the units; else one stream for all units (refused for a distributed fit)."""
+    from latentfit.inference.diagnostics import simulate_observations
+    from latentfit.inference.postfit import _stream_ids
+
+    ids = _stream_ids(fit) if hasattr(fit, "engine") else None
+    return simulate_observations(fit.model, fit._theta(), num_sims, seed, unit_ids=ids,
+                                 ops=fit.engine.ops if ids is not None else None)
 
 
 def plot_vpc(fit: Any, x: Any = None, num_sims: int = 500, bins: Any = None, level: float = 0.9, seed: int = 0,
@@ -448,6 +474,8 @@ def discrete_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, lev
     the same fraction over ``num_sims`` data sets simulated at the estimates (random effects drawn from their
     prior).  Time-to-event: the Kaplan-Meier curve of the time to each individual's first event on ``num_points``
     times, against the interval of the simulated Kaplan-Meier curves.
+
+    Not for a distributed fit yet (its simulations draw from one stream per process, not the units' streams).
     """
     from latentfit.inference.diagnostics import DiscreteVPC, default_bins
     from latentfit.models.nlme import outcomes as oc
@@ -456,6 +484,12 @@ def discrete_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, lev
     if model is None:
         raise ValueError("discrete_vpc_summary is for NLME fits with a discrete, count or time-to-event outcome; "
                          "use vpc_summary")
+    from latentfit.inference.postfit import _distributed_ops
+
+    if hasattr(fit, "engine") and _distributed_ops(fit) is not None:
+        raise NotImplementedError("discrete_vpc_summary of a distributed fit is not supported yet (its simulations "
+                                  "are not drawn from the units' own streams): refit in one process, or use the "
+                                  "residuals / log-likelihood, which are")
     theta = fit._theta()
     lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
     if isinstance(model.outcome, oc.TimeToEvent):

@@ -3,9 +3,10 @@ fits its contiguous block of the 12 subjects (6 each on 2 gloo processes spawned
 with per-unit random streams and statistics all-reduced in float64; the estimates equal the one-process fit with
 ``rng="per_unit"`` to 1e-10, on every process, and so do the post-fit computations: standard errors (the Fisher
 information, a sum over subjects, all-reduced in float64; Louis' formula on fresh MCMC draws at θ̂ too, each
-subject drawing from its own stream), the residuals (each subject's simulations from its own stream), the
-individual estimates (EBEs, conditional means and
-sds: each process computes its subjects', every process gets all of them in subject order) and their shrinkage.
+subject drawing from its own stream), the residuals and the VPC (each subject's simulations from its own stream;
+the VPC bins every subject's observations and simulations, gathered), the individual estimates (EBEs, conditional
+means and sds: each process computes its subjects', every process gets all of them in subject order) and their
+shrinkage.
 A covariate centred at the data's mean is refused (each block would centre it at its own mean).  ka without a
 random effect (a numerical M-step, its Newton objective all-reduced) equals the one-process fit likewise.
 """
@@ -70,6 +71,12 @@ def _post_fit(fit) -> dict[str, np.ndarray]:
     out.update({f"se_fresh_{k}": v for k, v in fit.standard_errors("sa", num_iters=4).items()})
     res = fit.residuals(num_sims=40)  # each subject's simulations from its own stream, every subject gathered
     out.update({f"res_{k}": getattr(res, k) for k in ("mask", "pred", "epred", "pwres", "npde", "ipred", "iwres")})
+    from latentfit.plots import vpc_summary
+
+    for pc in (True, False):  # pcVPC (NLME's default) and the plain VPC: every subject's observations and simulations
+        vpc = vpc_summary(fit, num_sims=30, seed=3, pred_corrected=pc)
+        out.update({f"vpc{int(pc)}_{k}": getattr(vpc, k) for k in ("bin_edges", "bin_x", "observed", "simulated",
+                                                                      "y")})
     ebe = fit.individual_estimates()
     table = fit.individual_parameters()  # natural scale: <name>.mode, .mean, .sd
     modes = [c for c in table.columns if c.endswith(".mode")]
@@ -101,6 +108,7 @@ def test_two_processes_equal_one(two_processes: Path) -> None:
     post = _post_fit(one)
     assert post["ebe_mode"].shape == (12, 3) and post["psi_mean_sd"].shape == (12, 6)  # 12 subjects, 3 latents
     assert post["res_npde"].shape[0] == 12 and int(post["res_mask"].sum()) == 120  # residuals of every observation
+    assert post["vpc1_y"].shape == (120,) and post["vpc1_simulated"].shape == post["vpc1_observed"].shape + (3,)
     assert all(np.isfinite(post[f"se_lin_{k}"]) and post[f"se_lin_{k}"] > 0 for k in one.params)
     # the fresh draws are new draws: their standard errors differ from those of the chains' last draws
     assert all(post[f"se_fresh_{k}"] > 0 and abs(post[f"se_fresh_{k}"] - post[f"se_sa_{k}"]) > 1e-8

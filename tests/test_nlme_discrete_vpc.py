@@ -110,3 +110,11 @@ def test_vpc_figures_of_outcome_models():
         plot_vpc(fit, x="TIME")
     with pytest.raises(ValueError, match="discrete"):
         discrete_vpc_summary(types.SimpleNamespace(model=object()))
+
+
+def test_distributed_fit_is_refused():
+    """A distributed fit's outcome simulations are not on the units' streams yet: refused, not a per-process VPC."""
+    _, _, fit = _at_truth("binary")
+    fit.engine = types.SimpleNamespace(ops=types.SimpleNamespace(world_size=2))  # the torch.distributed shim's mark
+    with pytest.raises(NotImplementedError, match="distributed fit"):
+        discrete_vpc_summary(fit, num_sims=10)

@@ -141,6 +141,32 @@ def _assert_post_fit_draws_permuted(a: Any, b: Any, perm: np.ndarray, backend: B
     assert np.mean(draws[0][:, -1] != backend.to_numpy(a.state.z)) > 0.5  # the chains moved from their start
     sims = [simulate_observations(f.model, f._theta(), 7, seed=2, unit_ids=i) for f, i in zip((a, b), ids)]
     np.testing.assert_allclose(sims[1], sims[0][:, perm], rtol=0, atol=1e-12)
+    _assert_vpc_permuted(a, b, perm, backend)
+
+
+def _assert_vpc_permuted(a: Any, b: Any, perm: np.ndarray, backend: Backend) -> None:
+    """The VPC of a per-unit-stream fit simulates each unit from its own stream: the fit of permuted units gives the
+    permuted replicates and the same VPC (plain and prediction-corrected); a shard of the units (a distributed
+    process's block: a model of some units with their ids) gives those units' replicates."""
+    import types
+
+    from latentfit.plots import _vpc_simulations, vpc_summary
+
+    sims = [_vpc_simulations(f, 7, 2) for f in (a, b)]
+    np.testing.assert_allclose(sims[1], sims[0][:, perm], rtol=0, atol=1e-12)
+    assert sims[0].shape == (7,) + _slope_arrays()[0].shape and np.std(sims[0][:, 0, 0]) > 0.1  # replicates vary
+    t, y = _slope_arrays()
+    for pc in (False, True):
+        va, vb = (vpc_summary(f, x, num_sims=20, seed=2, pred_corrected=pc, max_bins=4)
+                  for f, x in ((a, t), (b, t[perm])))
+        assert va.observed.shape == (4, 3) and va.simulated.shape == (4, 3, 3)
+        for name in ("bin_edges", "bin_x", "observed", "simulated"):
+            np.testing.assert_allclose(getattr(vb, name), getattr(va, name), rtol=0, atol=1e-12, err_msg=name)
+    sub = perm[:7]  # a shard: units perm[:7], in that order, at a's estimates
+    model = backend.latent_model(backend.models.random_slope, backend.tensor(t[sub]), backend.tensor(y[sub]))
+    shard = types.SimpleNamespace(model=model, _theta=a._theta,
+                                  engine=types.SimpleNamespace(rng="per_unit", _unit_ids=sub, ops=model.ops))
+    np.testing.assert_allclose(_vpc_simulations(shard, 7, 2), sims[0][:, sub], rtol=0, atol=1e-12)
 
 
 def test_theophylline_permuted_units() -> None:
