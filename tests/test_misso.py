@@ -160,14 +160,14 @@ def _gq_log_lik(lm, theta: np.ndarray) -> float:
 
 
 def test_reaches_the_quadrature_maximum_where_em_is_slow():
-    """Defaults (Louis-accelerated surrogates, 12 epochs of 50% batches): the log-likelihood at the estimate (5-node
-    AGQ, the same deterministic rule at both points) within 1.5 units of the maximum's and every parameter within
-    1.5 SE.  Monte-Carlo error (fit seeds 1, 2, 3 on these data, a scratch run): ΔLL −0.2, −0.3, −0.5, largest
-    |Δ|/SE 0.6; the paper's surrogates end about 50 units short (the slow test)."""
+    """Defaults (Louis-accelerated surrogates, 14 epochs of 50% batches): the log-likelihood at the estimate (5-node
+    AGQ, the same deterministic rule at both points) within 1 unit of the maximum's and every parameter within 1 SE.
+    Monte-Carlo error (fit seeds 1, 2, 3 on these data, a scratch run): ΔLL −0.27, −0.22, −0.18, largest |Δ|/SE
+    0.44 (12 epochs: −0.2, −0.3, −0.5, 0.6); the paper's surrogates end about 50 units short (the slow test)."""
     est, lm = _small_fit()
     dll = _gq_log_lik(lm, est) - _gq_log_lik(lm, SMALL_MAX)
-    assert dll > -1.5, (dll, est)
-    assert np.all(np.abs(est - SMALL_MAX) < 1.5 * SMALL_SE), ((est - SMALL_MAX) / SMALL_SE, est)
+    assert dll > -1.0, (dll, est)
+    assert np.all(np.abs(est - SMALL_MAX) < 1.0 * SMALL_SE), ((est - SMALL_MAX) / SMALL_SE, est)
 
 
 @pytest.mark.slow

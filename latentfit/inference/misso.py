@@ -70,12 +70,13 @@ Two surrogates (option ``surrogate``):
   alone cost 0.46 and 1.24 units there). Tried and not kept (single fits): a 10- or 15-SE trust region (after 12
   epochs −0.90 and −0.57 against −1.18 and −1.37 on seeds 1 and 2, but −2.76 and −3.01 against −2.56 on seed 0; after
   14 epochs −1.92, −0.69, −0.36 against the 5-SE region's −1.68, −0.63, −0.31; and it went to −12 on
-  tests/test_misso.py's N = 100 data); ``I_c`` averaged over every draw of a visit instead of the first one (less
-  noisy, yet with a 10-SE trust region seed 1 oscillated between −16 and −135 and ended at −8.3); one MH sweep between
-  draws instead of two (the chains lag θ: −44); a burn-in draw per visit (−2.06 and −1.13 after 12 epochs on seeds 0
-  and 1, for 10% more draws); ``M_k`` capped at 40 with 18 epochs (seed 1 stalls at −1.4 to −2.1); Polyak–Ruppert
-  averaging of the last epochs' iterates (worse while they still climb: seed 1, 12 epochs, −1.18 → −1.46 averaged over
-  the last epoch).
+  tests/test_misso.py's N = 100 data; a decreasing region, 10 SE until epoch 6 then 5, is the 10-SE fit bit for bit:
+  the region binds only in the first epochs); ``I_c`` averaged over every draw of a visit instead of the first one
+  (less noisy, yet with a 10-SE trust region seed 1 oscillated between −16 and −135 and ended at −8.3); one MH sweep
+  between draws instead of two (the chains lag θ: −44); a burn-in draw per visit (−2.06 and −1.13 after 12 epochs on
+  seeds 0 and 1, for 10% more draws); ``M_k`` capped at 40 with 18 epochs (seed 1 stalls at −1.4 to −2.1);
+  Polyak–Ruppert averaging of the last epochs' iterates (worse while they still climb: seed 1, 12 epochs, −1.18 →
+  −1.46 averaged over the last epoch).
 
   ``score_draws`` (a cost option; default None, every draw): the missing information from the scores of the
   first ``score_draws`` draws of a visit only; the later draws refresh the statistics and the quadratic
