@@ -475,7 +475,11 @@ def discrete_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, lev
     prior).  Time-to-event: the Kaplan-Meier curve of the time to each individual's first event on ``num_points``
     times, against the interval of the simulated Kaplan-Meier curves.
 
-    Not for a distributed fit yet (its simulations draw from one stream per process, not the units' streams).
+    A fit with ``rng="per_unit"`` simulates each individual from its own stream (random effects from its normals,
+    observations and first-event times by inversion at its uniforms), so its replicates do not depend on the other
+    individuals or their order; a distributed fit gathers every process's observations and simulations (in unit
+    order) before binning, so every process returns the one-process VPC (a collective: call it on every process).
+    A user log-likelihood's simulator is refused there (it draws all individuals from one generator).
     """
     from latentfit.inference.diagnostics import DiscreteVPC, default_bins
     from latentfit.models.nlme import outcomes as oc
@@ -484,17 +488,19 @@ def discrete_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, lev
     if model is None:
         raise ValueError("discrete_vpc_summary is for NLME fits with a discrete, count or time-to-event outcome; "
                          "use vpc_summary")
-    from latentfit.inference.postfit import _distributed_ops
+    from latentfit.inference.postfit import _distributed_ops, _stream_ids
 
-    if hasattr(fit, "engine") and _distributed_ops(fit) is not None:
-        raise NotImplementedError("discrete_vpc_summary of a distributed fit is not supported yet (its simulations "
-                                  "are not drawn from the units' own streams): refit in one process, or use the "
-                                  "residuals / log-likelihood, which are")
+    ids = _stream_ids(fit) if hasattr(fit, "engine") else None
+    streams = dict(unit_ids=ids, ops=fit.engine.ops if ids is not None else None)
+    dist = _distributed_ops(fit) if hasattr(fit, "engine") else None
     theta = fit._theta()
     lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
     if isinstance(model.outcome, oc.TimeToEvent):
         t_obs, e_obs = oc.first_event_times(model)
-        t_sim, e_sim = oc.first_event_times(model, theta, num_sims, seed)
+        t_sim, e_sim = oc.first_event_times(model, theta, num_sims, seed, **streams)
+        if dist is not None:  # every process's individuals, in rank = unit order
+            parts = dist.gather_objects((t_obs, e_obs, t_sim, e_sim))
+            t_obs, e_obs, t_sim, e_sim = (np.concatenate([p[i] for p in parts], 1) for i in range(4))
         grid = np.linspace(0.0, float(t_obs.max()), num_points)
         km = oc.kaplan_meier(t_sim, e_sim, grid)  # [K, G]
         band = np.stack([np.quantile(km, lo, 0), np.median(km, 0), np.quantile(km, hi, 0)], -1)
@@ -503,7 +509,11 @@ def discrete_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, lev
     data = model.data
     mask = data.mask & (data.cens == 0)
     xo, yo = data.x_values[mask], data.dv[mask]
-    so = oc.simulate_observations(model, theta, num_sims, seed)[:, mask]  # [K, M]
+    so = oc.simulate_observations(model, theta, num_sims, seed, **streams)[:, mask]  # [K, M]
+    if dist is not None:  # every process's observations (its individuals' rows, flattened), in unit order
+        parts = dist.gather_objects((xo, yo, so))
+        xo, yo = (np.concatenate([p[i] for p in parts]) for i in (0, 1))
+        so = np.concatenate([p[2] for p in parts], 1)
     edges = np.asarray(bins, dtype=float) if bins is not None else default_bins(xo, max_bins)
     which = np.clip(np.searchsorted(edges, xo, side="right") - 1, 0, len(edges) - 2)
     labels, curves = _category_curves(yo, categories)

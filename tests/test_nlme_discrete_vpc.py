@@ -8,12 +8,14 @@ import types
 
 import matplotlib
 import numpy as np
+import pandas as pd
 import pytest
 
 matplotlib.use("Agg")
 
 from test_nlme_outcomes import _simulated, _theta  # noqa: E402
 
+from latentfit.models import nlme  # noqa: E402
 from latentfit.models.nlme import outcomes as oc  # noqa: E402
 from latentfit.plots import discrete_vpc_summary, plot_vpc  # noqa: E402
 
@@ -112,9 +114,89 @@ def test_vpc_figures_of_outcome_models():
         discrete_vpc_summary(types.SimpleNamespace(model=object()))
 
 
-def test_distributed_fit_is_refused():
-    """A distributed fit's outcome simulations are not on the units' streams yet: refused, not a per-process VPC."""
+def _permuted(model, perm):
+    """The model bound to the table with its individuals in the order ``perm``."""
+    df = model.table
+    ids = model.data.ids[perm]
+    return model.bind(pd.concat([df[df.ID == i] for i in ids], ignore_index=True))
+
+
+def _stream_fit(model, theta, ids):
+    """A stand-in for a fit with ``rng="per_unit"`` and these unit ids."""
+    return types.SimpleNamespace(model=model, _theta=lambda: theta,
+                                 engine=types.SimpleNamespace(rng="per_unit", _unit_ids=np.asarray(ids),
+                                                              ops=model.ops))
+
+
+@pytest.mark.parametrize("case", ["binary", "ordinal", "poisson", "negative_binomial", "tte_weibull"])
+def test_per_unit_streams_give_permuted_draws_and_the_same_vpc(case):
+    """A fit with ``rng="per_unit"`` draws each individual's replicates from its own stream (random effects from its
+    normals, the observations / first-event times by inversion at its uniforms): the individuals in another order
+    give the permuted replicates and the same VPC (1e-12), a block of individuals (a distributed process's shard) gives
+    those individuals' replicates, and the replicates have the law of the global-stream simulator (means per time
+    within 4 Monte-Carlo SE of the two samples' difference)."""
+    model, truth = _simulated(case, **({"num_ids": 80} if case.startswith("tte") else {}))
+    theta = _theta(model, truth)
+    n = model.num_units
+    perm = np.random.default_rng(3).permutation(n)
+    other = _permuted(model, perm)
+    a, b = _stream_fit(model, theta, np.arange(n)), _stream_fit(other, theta, perm)
+    shard = perm[:7]
+    sub = _stream_fit(_permuted(model, shard), theta, shard)
+    if case.startswith("tte"):
+        draws = [oc.first_event_times(f.model, theta, 40, 2, unit_ids=f.engine._unit_ids) for f in (a, b, sub)]
+        for k in range(2):  # times, events
+            np.testing.assert_allclose(draws[1][k], draws[0][k][:, perm], rtol=0, atol=1e-12)
+            np.testing.assert_allclose(draws[2][k], draws[0][k][:, shard], rtol=0, atol=1e-12)
+        t, e = draws[0]
+        ref_t, ref_e = oc.first_event_times(model, theta, 40, 2)  # the global stream: another sample, the same law
+        sims, ref = np.where(e, t, np.inf), np.where(ref_e, ref_t, np.inf)
+        grid = np.array([1.0, 2.0, 4.0, 7.0])
+        surv = [(x[..., None] > grid).reshape(-1, len(grid)).mean(0) for x in (sims, ref)]
+        se = np.sqrt(surv[1] * (1 - surv[1]) * 2 / sims.size)
+    else:
+        draws = [oc.simulate_observations(f.model, theta, 30, 2, unit_ids=f.engine._unit_ids) for f in (a, b, sub)]
+        np.testing.assert_allclose(draws[1], draws[0][:, perm], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(draws[2], draws[0][:, shard], rtol=0, atol=1e-12)
+        ref = oc.simulate_observations(model, theta, 30, 2)  # the global stream: another sample, the same law
+        assert np.isnan(draws[0]).sum() == np.isnan(ref).sum()
+        surv = [x.mean((0, 1)) for x in (draws[0], ref)]
+        se = np.sqrt((draws[0].reshape(-1, draws[0].shape[-1]).var(0) + ref.reshape(-1, ref.shape[-1]).var(0))
+                     / (draws[0].shape[0] * n))
+    assert np.all(np.abs(surv[0] - surv[1]) < 4 * se), (surv, se)
+    va, vb = (discrete_vpc_summary(f, num_sims=30, seed=2) for f in (a, b))
+    assert va.kind == ("survival" if case.startswith("tte") else "proportion")
+    for name in ("x", "observed", "simulated", "bin_edges"):
+        if getattr(va, name) is not None:
+            np.testing.assert_allclose(getattr(vb, name), getattr(va, name), rtol=0, atol=1e-12, err_msg=name)
+    assert np.all(va.simulated[..., 0] <= va.simulated[..., 2]) and np.any(va.simulated[..., 0] < va.simulated[..., 2])
+
+
+def test_user_simulator_on_unit_streams_is_refused():
+    """A user log-likelihood's simulator draws every individual from one generator: a per-unit-stream (e.g.
+    distributed) fit refuses it, naming why; the global stream still uses it."""
+    model, truth = _simulated("binary")
+
+    def loglik(psi, d):
+        f = psi["theta1"] + psi["theta2"] * d.time
+        return d.dv * f - d.xp.logaddexp(0.0 * f, f)
+
+    def sim(psi, d, rng):
+        f = psi["theta1"] + psi["theta2"] * np.asarray(d.time)
+        return (rng.random(f.shape) < 1 / (1 + np.exp(-f))).astype(float)
+
+    spec = {"theta1": nlme.Parameter(-0.5, "normal"), "theta2": nlme.Parameter(0.1, "normal", random=False)}
+    user = nlme.NLME(loglik, spec, outcome=oc.LogLik(simulate_fn=sim)).bind(model.table)
+    theta = _theta(user, truth)
+    assert discrete_vpc_summary(types.SimpleNamespace(model=user, _theta=lambda: theta), num_sims=5).kind == \
+        "proportion"
+    with pytest.raises(NotImplementedError, match="rng='per_unit'"):
+        discrete_vpc_summary(_stream_fit(user, theta, np.arange(user.num_units)), num_sims=5)
+
+
+def test_distributed_fit_without_unit_streams_is_refused():
+    """A distributed fit whose engine kept no unit streams cannot simulate per process: refused."""
     _, _, fit = _at_truth("binary")
     fit.engine = types.SimpleNamespace(ops=types.SimpleNamespace(world_size=2))  # the torch.distributed shim's mark
-    with pytest.raises(NotImplementedError, match="distributed fit"):
+    with pytest.raises(ValueError, match="per-unit streams"):
         discrete_vpc_summary(fit, num_sims=10)

@@ -143,21 +143,26 @@ def log_likelihood_is(model: LatentModel, theta: dict[str, Any], cond_mean: Any,
 
 def importance_moments(model: LatentModel, theta: dict[str, Any], cond_mean: Any, cond_sd: Any, *,
                        num_samples: int = 2000, df: int = 4, inflate: float = 1.5, seed: int = 1,
-                       batch_size: int = 500, units: Any = None) -> tuple[Any, Any]:
+                       batch_size: int = 500, units: Any = None, unit_ids: Any = None,
+                       ops: Any = None) -> tuple[Any, Any]:
     """Self-normalised importance-sampling estimates of every unit's conditional mean and sd ``[n, d]``.
 
     A pilot pass of adaptive importance sampling (population Monte Carlo, Cappé, Guillin, Marin & Robert, JCGS
     2004): Student-t draws around ``cond_mean`` with scale ``inflate · cond_sd`` (rough moments, e.g. from a few
     MCMC chains), weighted by ``p(y_i, z) / q_i(z)``; the weighted moments then centre and scale the proposal of
     :func:`log_likelihood_is`, so that it fits each unit's conditional distribution whatever the chains gave.
+    ``unit_ids`` (``[n]`` ints; ``ops``: a distributed fit's shim): each unit's draws from its own stream
+    ``(seed, unit id)``, as :func:`log_likelihood_is`'s, so its moments do not depend on the other units.
     """
+    sim, root = _unit_streams(model, seed, unit_ids, ops)
     ops = model.ops
     xp = ops.xp
     m = ops.asarray(cond_mean)
     s = inflate * ops.asarray(cond_sd)
     s = xp.where(s > 1e-8, s, 1e-8)
     with ops.seed_context(seed):
-        t = student_t_draws(ops, ops.key(seed), (int(num_samples),) + tuple(m.shape), int(df))
+        key = ops.key(seed) if sim is None else ops.fold_in(root, 0)
+        t = student_t_draws(ops, key, (int(num_samples),) + tuple(m.shape), int(df), sim)
     z = m + s * t
     chunks = []
     for start in range(0, int(num_samples), int(batch_size)):  # the model evaluated batch by batch (memory)

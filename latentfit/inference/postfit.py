@@ -169,12 +169,13 @@ def log_likelihood(fit: FitResult, method: str | None = None, *, num_samples: in
             mean, sd = conditional_moments(fit)
             # a model may fit the proposal to each unit's conditional distribution (NLME outcome models)
             tune = getattr(model, "importance_proposal", None)
+            ids = _stream_ids(fit)  # a fit with per-unit streams: each unit's draws (pilot pass too) from its own
+            dist = fit.engine.ops if ids is not None else None
             if tune is not None:
-                mean, sd, df = tune(theta, mean, sd, df)
-            ids = _stream_ids(fit)  # a fit with per-unit streams: each unit's draws from its own
+                mean, sd, df = tune(theta, mean, sd, df) if ids is None else tune(theta, mean, sd, df, unit_ids=ids,
+                                                                                  ops=dist)
             res = lk.log_likelihood_is(model, theta, mean, sd, num_samples=num_samples, df=df, seed=seed,
-                                       batch_size=batch_size, unit_ids=ids,
-                                       ops=fit.engine.ops if ids is not None else None)
+                                       batch_size=batch_size, unit_ids=ids, ops=dist)
         res = _across_processes(fit, res)
         cache[key] = res
         fit._cache.setdefault("loglik_by_method", {})[method] = res

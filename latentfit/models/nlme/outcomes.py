@@ -101,6 +101,12 @@ class Outcome:
         """Observations ``[N, T]`` drawn at the predictions ``f [N, T]`` and ψ ``[N, 1]`` (numpy)."""
         raise ModelSpecificationError(f"outcome {self.name!r} has no simulator")
 
+    def sample_at(self, u: np.ndarray, f: np.ndarray, psi: dict[str, np.ndarray],
+                  consts: dict[str, np.ndarray]) -> np.ndarray:
+        """Observations ``[K, N, T]`` by inversion of their CDF at the uniforms ``u`` on (0, 1) (numpy; per-unit
+        streams: :func:`simulate_observations` with ``unit_ids``)."""
+        raise ModelSpecificationError(f"outcome {self.name!r} has no simulator by inversion")
+
     def __repr__(self) -> str:
         return repr(self.name)
 
@@ -128,6 +134,10 @@ class Binary(Outcome):
     def sample(self, rng: np.random.Generator, f: np.ndarray, psi: dict[str, np.ndarray],
                consts: dict[str, np.ndarray]) -> np.ndarray:
         return (rng.random(f.shape) < 1.0 / (1.0 + np.exp(-f))).astype(float)
+
+    def sample_at(self, u: np.ndarray, f: np.ndarray, psi: dict[str, np.ndarray],
+                  consts: dict[str, np.ndarray]) -> np.ndarray:
+        return (u < 1.0 / (1.0 + np.exp(-f))).astype(float)
 
 
 @dataclass(repr=False)
@@ -193,6 +203,12 @@ class Ordinal(Outcome):
         below = 1.0 / (1.0 + np.exp(-(cum + f[..., None])))  # P(y <= k - 1), k = 1..K
         return (rng.random(f.shape)[..., None] > below).sum(-1).astype(float)
 
+    def sample_at(self, u: np.ndarray, f: np.ndarray, psi: dict[str, np.ndarray],
+                  consts: dict[str, np.ndarray]) -> np.ndarray:
+        """``y = #{k : u > P(y ≤ k − 1)}``, the inverse of the cumulative-logit CDF."""
+        cum = np.cumsum(np.stack([np.broadcast_to(psi[t], f.shape) for t in self.thresholds], -1), -1)
+        return (u[..., None] > 1.0 / (1.0 + np.exp(-(cum + f[..., None])))).sum(-1).astype(float)
+
 
 class Poisson(Outcome):
     """``log λ = f``, ``y ~ Poisson(λ)``."""
@@ -213,6 +229,13 @@ class Poisson(Outcome):
     def sample(self, rng: np.random.Generator, f: np.ndarray, psi: dict[str, np.ndarray],
                consts: dict[str, np.ndarray]) -> np.ndarray:
         return rng.poisson(np.exp(f)).astype(float)
+
+    def sample_at(self, u: np.ndarray, f: np.ndarray, psi: dict[str, np.ndarray],
+                  consts: dict[str, np.ndarray]) -> np.ndarray:
+        """``y = F⁻¹(u) = min{k : P(y ≤ k) ≥ u}`` (scipy's Poisson quantile function)."""
+        from scipy import stats
+
+        return np.maximum(stats.poisson.ppf(u, np.exp(f)), 0.0)
 
 
 @dataclass(repr=False)
@@ -246,6 +269,15 @@ class NegativeBinomial(Poisson):
         delta = np.broadcast_to(psi[self.dispersion], f.shape)
         lam = rng.gamma(1.0 / delta, delta * np.exp(f))  # gamma–Poisson mixture
         return rng.poisson(lam).astype(float)
+
+    def sample_at(self, u: np.ndarray, f: np.ndarray, psi: dict[str, np.ndarray],
+                  consts: dict[str, np.ndarray]) -> np.ndarray:
+        """The negative binomial quantile with ``r = 1/δ`` successes of probability ``p = 1/(1 + δμ)`` (mean ``μ``,
+        variance ``μ + δμ²``; scipy's ``nbinom``)."""
+        from scipy import stats
+
+        delta = np.broadcast_to(psi[self.dispersion], f.shape)
+        return np.maximum(stats.nbinom.ppf(u, 1.0 / delta, 1.0 / (1.0 + delta * np.exp(f))), 0.0)
 
 
 @dataclass(repr=False)
@@ -405,16 +437,18 @@ PILOT_SAMPLES = 2000
 MIN_IS_DF = 10
 
 
-def importance_proposal(model: NLME, theta: dict[str, Any], mean: Any, sd: Any, df: int) -> tuple[Any, Any, int]:
+def importance_proposal(model: NLME, theta: dict[str, Any], mean: Any, sd: Any, df: int, *, unit_ids: Any = None,
+                        ops: Any = None) -> tuple[Any, Any, int]:
     """The importance-sampling proposal of ``fit.log_likelihood("is")`` fitted to each individual's conditional
     distribution: its mean and sd re-estimated by a weighted pilot pass around the chains' moments
     (:func:`~latentfit.inference.likelihood.importance_moments`), and at least :data:`MIN_IS_DF` degrees of freedom.
     Heavier tails are not needed: with these outcomes the likelihood of an individual is bounded in ψ, so the
     conditional density has the Gaussian tails of the prior, and the closer fit divides the Monte-Carlo variance
-    (measured: binary, 200 individuals, 5000 draws: MC SE 0.047 with df 4, 0.025 with df 10)."""
+    (measured: binary, 200 individuals, 5000 draws: MC SE 0.047 with df 4, 0.025 with df 10).  ``unit_ids``
+    (``ops``: a distributed fit's shim): the pilot draws of each individual from its own stream, as the IS pass's."""
     from latentfit.inference.likelihood import importance_moments
 
-    mean, sd = importance_moments(model, theta, mean, sd, num_samples=PILOT_SAMPLES)
+    mean, sd = importance_moments(model, theta, mean, sd, num_samples=PILOT_SAMPLES, unit_ids=unit_ids, ops=ops)
     return mean, sd, max(int(df), MIN_IS_DF)
 
 
@@ -483,13 +517,52 @@ def simulate(model: NLME, theta: dict[str, Any], seed: int) -> pd.DataFrame:
     return table
 
 
-def simulate_observations(model: NLME, theta: dict[str, Any], num_sims: int, seed: int = 0) -> np.ndarray:
+def _unit_stream_draws(model: NLME, theta: dict[str, Any], num_sims: int, seed: int, unit_ids: Any, ops: Any,
+                       tail: tuple[int, ...]) -> tuple[dict[str, Any], np.ndarray]:
+    """Per-unit streams ``(seed, unit id)``: ψ of ``num_sims`` random-effect draws ``z_i = μ_i + L ε_i`` (the model's
+    prior transform of unit i's standard normals) and unit i's uniforms ``[K, n, *tail]`` on (0, 1) (numpy)."""
+    ops = model.ops if ops is None else ops
+    sim = ops.per_unit_streams(ops.asarray(np.asarray(unit_ids, dtype=np.int64), dtype=None))
+    root = ops.stream_key(ops.key(seed), seed)
+    eps = sim.normal(ops.fold_in(root, 1), (int(num_sims), model.num_units, model.latent_dim))
+    psi = model._psi(model._mu(theta), model.prior_transform(theta, eps))
+    u = sim.uniform(ops.fold_in(root, 2), (int(num_sims), model.num_units) + tuple(tail))
+    return psi, np.asarray(model.ops.to_numpy(u), dtype=float)
+
+
+def _refuse_user_simulator_on_streams(out: Outcome, unit_ids: Any) -> None:
+    if unit_ids is not None and isinstance(out, LogLik):
+        raise NotImplementedError("a user log-likelihood's simulator sim(psi, data, rng) draws every individual from "
+                                  "one numpy generator, not from each individual's stream: the simulations of a fit "
+                                  "with rng='per_unit' (e.g. a distributed fit) cannot use it; refit with "
+                                  "rng='global' in one process for this VPC, or simulate with model.simulate(theta)")
+
+
+def simulate_observations(model: NLME, theta: dict[str, Any], num_sims: int, seed: int = 0, *, unit_ids: Any = None,
+                          ops: Any = None) -> np.ndarray:
     """``num_sims`` replicates of the observations ``[K, N, T]`` at ``theta`` (random effects drawn from their prior,
     all replicates in one vectorised pass), for the visual predictive checks of discrete and count outcomes.  The
-    padding and censored records hold NaN."""
+    padding and censored records hold NaN.
+
+    ``unit_ids`` (``[N]`` distinct ints): individual i's replicates from its stream ``(seed, unit_ids[i])`` only
+    (:func:`_unit_stream_draws`; the observations by inversion of their CDF, :meth:`Outcome.sample_at`), whatever the
+    other individuals or the process holding it (``ops``: a distributed fit's shim, whose processes agree on the
+    width of the uniforms).  Not for a user simulator (refused)."""
+    dist = model.ops if ops is None else ops
     ops, out, data = model.ops, model.outcome, model.data
     if isinstance(out, TimeToEvent):
         raise ModelSpecificationError("time-to-event data: use first_event_times() (a Kaplan-Meier VPC)")
+    _refuse_user_simulator_on_streams(out, unit_ids)
+    if unit_ids is not None:
+        width = int(data.dv.shape[1])
+        if hasattr(dist, "gather_objects"):
+            width = max(dist.gather_objects(width))
+        psi_b, u = _unit_stream_draws(model, theta, num_sims, seed, unit_ids, dist, (width,))
+        shape = (int(num_sims),) + data.dv.shape
+        psi = {k: np.broadcast_to(model.ops.to_numpy(v), shape[:2] + (1,)) for k, v in psi_b.items()}
+        f = np.broadcast_to(model.ops.to_numpy(model._structural_fn(psi_b, model.design)), shape)
+        y = out.sample_at(u[..., :shape[-1]], f, psi, out.constants(data))
+        return np.where(data.mask & (data.cens == 0), y, np.nan)
     z = model.sample_prior(theta, ops.key(seed), int(num_sims))  # [K, N, d]
     psi_b = model._psi(model._mu(theta), z)
     shape = (int(num_sims),) + data.dv.shape
@@ -508,10 +581,12 @@ def simulate_observations(model: NLME, theta: dict[str, Any], num_sims: int, see
 
 
 def first_event_times(model: NLME, theta: dict[str, Any] | None = None, num_sims: int = 0,
-                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                      seed: int = 0, *, unit_ids: Any = None, ops: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Time to each individual's first event and whether it was observed (else censored at the last record):
     ``(time [K, N], event [K, N])``.  ``theta`` None: the data (K = 1); else ``num_sims`` replicates at ``theta``,
-    the first event drawn by inversion of the cumulative hazard, ``t = λ E^{1/β}`` with ``E ~ Exp(1)``."""
+    the first event drawn by inversion of the cumulative hazard, ``t = λ E^{1/β}`` with ``E ~ Exp(1)``.
+    ``unit_ids`` (``ops``): individual i's random effects and ``E = −log U`` from its stream ``(seed, unit_ids[i])``
+    (as :func:`simulate_observations`)."""
     out, data = model.outcome, model.data
     if not isinstance(out, TimeToEvent):
         raise ModelSpecificationError(f"first_event_times() is for time-to-event data; the outcome is {out.name!r}")
@@ -521,13 +596,19 @@ def first_event_times(model: NLME, theta: dict[str, Any] | None = None, num_sims
         first = np.where(hit, data.time, np.inf).min(1)
         event = np.isfinite(first)
         return np.where(event, first, end)[None], event[None]
-    ops = model.ops
-    z = model.sample_prior(theta, ops.key(seed), int(num_sims))
-    psi = {k: np.broadcast_to(ops.to_numpy(v), (int(num_sims), model.num_units, 1))[..., 0]
-           for k, v in model._psi(model._mu(theta), z).items()}
+    if unit_ids is not None:
+        psi_b, u = _unit_stream_draws(model, theta, num_sims, seed, unit_ids, ops, ())
+        exp1 = -np.log(u)  # Exp(1) by inversion
+    else:
+        psi_b = model._psi(model._mu(theta), model.sample_prior(theta, model.ops.key(seed), int(num_sims)))
+        exp1 = None
+    psi = {k: np.broadcast_to(model.ops.to_numpy(v), (int(num_sims), model.num_units, 1))[..., 0]
+           for k, v in psi_b.items()}
     lam = psi[out.scale]
     beta = np.ones_like(lam) if out.hazard == "constant" else psi[out.shape]
-    t = lam * np.random.default_rng(seed).exponential(size=lam.shape) ** (1.0 / beta)
+    if exp1 is None:
+        exp1 = np.random.default_rng(seed).exponential(size=lam.shape)
+    t = lam * exp1 ** (1.0 / beta)
     event = t <= end
     return np.where(event, t, end), event
 
