@@ -13,7 +13,8 @@ the all-reduces with zeros; 4 of the 14 iterations of the batch_size=3 case).  E
 (iterates, objective, squared gradient norms, acceptance rates) and the chains equal the one-process fit to 1e-10.
 MCEM, MiniBatchMCEM and fiTTEM (MH chains, ``rng="per_unit"``) likewise, and SAEM with numerical M-steps (the random
 intercept with its closed forms off: values, gradients and Hessians of the complete-data log-likelihood
-all-reduced).  One spawn serves every engine.
+all-reduced), and MISSO (both surrogates; statistics, quadratic surrogates' gradients and anchors, curvature and
+Louis' informations all-reduced).  One spawn serves every engine.
 """
 
 from __future__ import annotations
@@ -82,6 +83,28 @@ def _numeric_fit(y: np.ndarray, **run_options: object):
     return SAEM(model, **NUMERIC_OPTIONS).run(**run_options)
 
 
+#: MISSO (per-unit MH chains, ``rng="per_unit"``): (closed-form M-step?, options).  The closed-form model exercises the
+#: statistics table and Louis' informations; with its closed forms off every parameter has the quadratic surrogate
+#: (anchors, gradients, curvature), with the paper's step and with Louis' acceleration.  Mini-batches of 3 of the 15
+#: units fall on one process only at some visits.
+MISSO_OPTIONS = dict(num_epochs=3, mc_size=3, num_chains=3, seed=2, progress=False, rng="per_unit", chunk_size=3)
+MISSO_CASES = {"louis": (True, {"batch_size": 3}), "paper-numeric": (False, {"surrogate": "paper", "batch_size": 3}),
+               "louis-numeric": (False, {})}
+
+
+def _misso_fit(y: np.ndarray, case: str, **run_options: object):
+    import models_pyro
+    import pyro
+
+    from latentfit.inference.misso import MISSO
+    from latentfit.integrations.pyro import PyroLatentModel
+
+    pyro.clear_param_store()
+    closed_form, extra = MISSO_CASES[case]
+    model = PyroLatentModel(models_pyro.random_intercept, (torch.as_tensor(y),), closed_form=closed_form)
+    return MISSO(model, **MISSO_OPTIONS, **extra).run(**run_options)
+
+
 def _mc_data(n: int = 15, m: int = 4) -> np.ndarray:
     rng = np.random.default_rng(8)
     return 1.0 + 0.7 * rng.normal(size=(n, 1)) + 0.4 * rng.normal(size=(n, m))
@@ -129,6 +152,9 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         for case in [*MC_CASES, *EM_CASES]:
             np.savez(Path(out) / f"mc-{case}-rank{rank}.npz", **_record(_mc_fit(y[shard], case, distributed=True)))
         np.savez(Path(out) / f"numeric-rank{rank}.npz", **_record(_numeric_fit(y[shard], distributed=True)))
+        for case in MISSO_CASES:
+            fit = _misso_fit(y[shard], case, distributed=True)
+            np.savez(Path(out) / f"misso-{case}-rank{rank}.npz", **_record(fit))
     finally:
         dist.destroy_process_group()
 
@@ -231,6 +257,24 @@ def test_numeric_m_step_two_processes_equal_one(two_processes: Path) -> None:
         assert np.all(np.abs(one[f"hist_theta.{name}"][burn_in:] - one[f"hist_theta.{name}"][0]) > 1e-3), name
 
 
+@pytest.mark.parametrize("case", list(MISSO_CASES))
+def test_misso_two_processes_equal_one(two_processes: Path, case: str) -> None:
+    """MISSO with ``rng="per_unit"``: each process advances its units' chains of the global mini-batch and keeps
+    their stored surrogates; statistics, quadratic-surrogate gradients and anchors, curvature and Louis'
+    informations are all-reduced in float64.  Estimates, the whole history and the chains == 1 process to 1e-10."""
+    y = _mc_data()
+    one = _record(_misso_fit(y, case))
+    ranks = [np.load(two_processes / f"misso-{case}-rank{r}.npz") for r in range(2)]
+    for r in ranks:
+        assert sorted(k for k in r.files if k.startswith("param_")) == ["param_mu", "param_omega", "param_sigma"]
+        for name, value in one.items():
+            if name.startswith(("param_", "hist_")):
+                np.testing.assert_allclose(r[name], value, rtol=1e-10, atol=1e-10, err_msg=name)
+    np.testing.assert_allclose(np.concatenate([r["z"] for r in ranks], 0), one["z"], rtol=0, atol=1e-10)
+    for name in ("mu", "omega", "sigma"):  # every parameter moved
+        assert np.ptp(one[f"hist_theta.{name}"]) > 1e-3, name
+
+
 def test_mc_engines_need_per_unit_streams() -> None:
     import models_pyro
 
@@ -246,6 +290,11 @@ def test_mc_engines_need_per_unit_streams() -> None:
     with pytest.raises(ValueError, match="MCEM / MiniBatchMCEM with rng='per_unit'"):
         MCEM(models_pyro.random_intercept, **dict(EM_OPTIONS, rng="global")).run(torch.as_tensor(_mc_data()),
                                                                                 distributed=True)
+    from latentfit.pyro import MISSO
+
+    with pytest.raises(ValueError, match="TTSEM and MISSO too"):  # MISSO's draws on the global stream
+        MISSO(models_pyro.random_intercept, **dict(MISSO_OPTIONS, rng="global")).run(torch.as_tensor(_mc_data()),
+                                                                                    distributed=True)
 
 
 JAX_CHILD = r"""

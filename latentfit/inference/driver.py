@@ -77,7 +77,7 @@ class Engine:
     def distribute(self) -> None:
         """Switch this engine to a data-parallel fit over the current torch.distributed process group."""
         raise ValueError(f"{self.name} does not support distributed=True yet (SAEM, f-SAEM, MCMCSGD, the exact engines "
-                         "of the EM family and MCEM / MiniBatchMCEM / TTSEM do)")
+                         "of the EM family and MCEM / MiniBatchMCEM / TTSEM / MISSO do)")
 
     def unit_axes(self) -> dict[str, int]:
         """The state entries that hold one row per unit, and their unit axis (sharded by ``run(devices=...)``)."""
@@ -140,10 +140,10 @@ class Engine:
         model holds its shard of the units; statistics and acceptance counts are all-reduced in float64 and every
         process runs the same M-step (:meth:`distribute`: SAEM, f-SAEM and MCMCSGD with ``rng="per_unit"``, MCMCSGD
         all-reducing its gradient, SAEM its numerical M-step's objective, gradient and Hessian; the exact engines of
-        the EM family and MCEM / MiniBatchMCEM / TTSEM with ``rng="per_unit"``, whose processes draw the same global
-        mini-batches).  With ``checkpoint=`` every process writes its own shard (``ckpt-<k>.rank<r>-of-<world>.*``,
-        its per-unit state, history and RNG); a resume needs the same number of processes and continues from the
-        latest iteration all of them saved.
+        the EM family and MCEM / MiniBatchMCEM / TTSEM / MISSO with ``rng="per_unit"``, whose processes draw the same
+        global mini-batches).  With ``checkpoint=`` every process writes its own shard
+        (``ckpt-<k>.rank<r>-of-<world>.*``, its per-unit state, history and RNG); a resume needs the same number of
+        processes and continues from the latest iteration all of them saved.
 
         Faults: a NaN/inf parameter (M-step) or gradient raises :class:`~latentfit.NonFiniteError` naming the
         parameter and the iteration, after writing a checkpoint of the last good state (in ``checkpoint``, else in

@@ -84,6 +84,13 @@ Two surrogates (option ``surrogate``):
   epochs) the log-likelihoods were those of every draw scored (−1.98, −0.72, −0.31 against −1.92, −0.69, −0.36) for
   25% less CPU time, but on the N = 100 data of tests/test_misso.py (fewer scores per visit) it went to −43 and
   −74 (5- and 10-SE trust regions), hence not the default.
+
+Data-parallel (``rng="per_unit"``, ``run(distributed=True)``; both surrogates): every process draws the same global
+mini-batch, advances only the chains (or exact posterior draws) of its own units in it, each from the unit's stream
+(:mod:`~latentfit.inference.mcem`), and keeps its units' stored rows (statistics, anchors, gradients, visit points);
+every sum over units the step uses (statistic rows, ``Σ x_i``, ``Σ ĝ_i``, ``Σ`` of the visit points, the batch's
+``I_c`` and ``I_m``) is all-reduced in float64, so every process takes the one-process step (equal to it up to the
+order of the sums; tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -269,20 +276,30 @@ class MISSO(MiniBatchMCEM):
 
             return complete
 
+        per_unit = self.rng == "per_unit"
+        empty = self._no_units(units)  # a distributed fit's process holding none of the batch: zeros, same draws
+
         def draw(st: MISSOState, kk: Any) -> tuple[Stats, Any, MISSOState]:
-            if model.has_posterior_sampler:
+            if model.has_posterior_sampler and per_unit:
+                z = model.sample_posterior(theta, self._visit_key(kk), self.num_samples, units,
+                                           sim=self._sim_ops(units))
+            elif model.has_posterior_sampler:
                 z = model.sample_posterior(theta, kk, self.num_samples, units)
             else:
                 z, st = self._advance_chains(st, theta, units, kk)
-            rows = {k: xp.mean(v, 0) for k, v in model.stats_rows(theta, z, units).items()} if self.by_stats \
-                else {}
-            return rows, z, st
+            if not self.by_stats:
+                return {}, z, st
+            if empty and not model.has_posterior_sampler:  # rows of the statistics' shape, none of them
+                one = ops.arange(1)
+                z1 = xp.swapaxes(take_units(ops, st.z, one, 0), 0, 1)
+                return {k: xp.mean(v, 0)[:0] for k, v in model.stats_rows(theta, z1, one).items()}, z, st
+            return {k: xp.mean(v, 0) for k, v in model.stats_rows(theta, z, units).items()}, z, st
 
         def scored(st: MISSOState, kk: Any) -> tuple[Stats, Any, Any, Any, MISSOState]:
             """A draw with the scores of every free parameter: −mean over chains ``[b, p]`` and Σ s sᵀ (Louis)."""
             rows, z, st = draw(st, kk)
-            if not p:
-                return rows, ops.zeros((len(units), 0)), ops.zeros((0, 0)), z, st
+            if not p or empty:
+                return rows, ops.zeros((len(units), p)), ops.zeros((p, p)), z, st
             scores = forward_jacobian(ops, complete_fn(z), x0)  # [L, b, p]
             flat = xp.reshape(scores, (-1, p))
             outer = flat.T @ flat if louis else ops.zeros((p, p))  # Σ_{chains, units} s sᵀ
@@ -290,8 +307,8 @@ class MISSO(MiniBatchMCEM):
 
         def numeric_grad(z: Any) -> Any:
             """−mean over chains of the quadratic-surrogate parameters' scores ``[b, q]`` (forward mode in q only)."""
-            if not q:
-                return ops.zeros((len(units), 0))
+            if not q or empty:
+                return ops.zeros((len(units), q))
             x0q = x0 @ pick
             return -xp.mean(forward_jacobian(ops, lambda xq: complete_fn(z)(x0 + pick @ (xq - x0q)), x0q), 0)
 
@@ -300,7 +317,8 @@ class MISSO(MiniBatchMCEM):
         rows, g, outer, z, state = scored(state, key)
         key = ops.split(key, 2 * self.mcmc_steps + 2)[-1]
         # the complete-data curvature of the batch's surrogate: at the first draw (an estimate; the visits average it)
-        h = -ops.hessian(lambda x: xp.sum(xp.mean(complete_fn(z)(x), 0)))(x0) if p else ops.zeros((0, 0))
+        h = -ops.hessian(lambda x: xp.sum(xp.mean(complete_fn(z)(x), 0)))(x0) if p and not empty \
+            else ops.zeros((p, p))
         keys = ops.split(key, 2)
 
         def body(i: Any, carry: Any) -> Any:
@@ -333,7 +351,8 @@ class MISSO(MiniBatchMCEM):
         else:
             g_num = g * inv
             missing = ops.zeros((p, p))
-        return {k: v * inv for k, v in rows.items()}, g_num, h, missing, state
+        # the batch's sums over every process (a distributed fit; float64 all-reduces): every process steps alike
+        return {k: v * inv for k, v in rows.items()}, g_num, ops.all_sum(h), ops.all_sum(missing), state
 
     def _pick(self) -> Any:
         """``[p, q]`` one-hot selection of the quadratic-surrogate parameters among the free ones (no integer
@@ -373,25 +392,25 @@ class MISSO(MiniBatchMCEM):
         state = MISSOState(theta=theta, key=key)
         if not model.has_posterior_sampler:
             key, k0 = ops.split(key)
-            z = model.sample_prior(theta, k0, self.num_samples)  # [L, n, d]
-            sd = xp.std(xp.reshape(z, (-1, z.shape[-1])), 0)
+            z = self._initial_chains(theta, k0)  # [L, n, d] (rng="per_unit": each unit's stream)
+            sd = xp.std(xp.reshape(ops.gather_units(z, 1), (-1, z.shape[-1])), 0)  # every process's draws
             state = state._replace(z=xp.swapaxes(z, 0, 1) + 0.0, rw_scale=0.5 * xp.where(sd > 0, sd, 1.0),
                                    num_nonfinite=ops.zeros(()))
         key, k1 = ops.split(key)
-        n = model.num_units
+        n, total = model.num_units, self._total_units  # this process's units, every process's
         rows, g, h_free, missing, state = self.surrogates(state, theta, ops.arange(n), k1, self._draws(1))
         h = self._numeric_block(h_free)
         memory = MISSOMemory(table=rows, s_run=self.reduce(rows, None))
         if self.numeric:
             x0 = flatten(ops, model.unconstrain({k: theta[k] for k in self.numeric}), self.numeric)
             anchor = xp.reshape(x0, (1, -1)) + ops.zeros((n, len(x0)))
-            memory = memory._replace(anchor=anchor, grad=g, sum_anchor=xp.sum(anchor, 0), sum_grad=xp.sum(g, 0),
-                                     curvature=h / n)
+            memory = memory._replace(anchor=anchor, grad=g, sum_anchor=ops.all_sum(xp.sum(anchor, 0)),
+                                     sum_grad=ops.all_sum(xp.sum(g, 0)), curvature=h / total)
         if self.surrogate == "louis" and self.free:
             x_free = flatten(ops, model.unconstrain({k: theta[k] for k in self.free}), self.free)
             visited_at = xp.reshape(x_free, (1, -1)) + ops.zeros((n, len(x_free)))
-            memory = memory._replace(info_complete=h_free / n, info_missing=missing / n, visited_at=visited_at,
-                                     sum_visited_at=xp.sum(visited_at, 0))
+            memory = memory._replace(info_complete=h_free / total, info_missing=missing / total,
+                                     visited_at=visited_at, sum_visited_at=ops.all_sum(xp.sum(visited_at, 0)))
         return state._replace(memory=memory, key=key)
 
     def inner(self, state: MISSOState, bi: Any, bj: Any, t: Any, key: Any) -> MISSOState:
@@ -400,7 +419,7 @@ class MISSO(MiniBatchMCEM):
         updated in place, as the EM family's tables are (the epoch's state is consumed)."""
         model, ops, xp = self.model, self.ops, self.ops.xp
         theta = state.theta
-        n, b = model.num_units, self.batch_size
+        n, b = self._total_units, self.batch_size  # every process's units; the global batch size
         rows, g, h_free, missing, state = self.surrogates(state, theta, bi, key, self._draws(t))
         h = self._numeric_block(h_free)
         mem = state.memory
@@ -409,13 +428,13 @@ class MISSO(MiniBatchMCEM):
             delta = self.reduce(s_sub(rows, s_take(ops, mem.table, bi)), bi)
             s_run = {k: v + delta[k] for k, v in mem.s_run.items()}
             mem = mem._replace(s_run=s_run, table=s_put(ops, mem.table, bi, rows))
-            new_theta.update(model.m_step(s_run, theta, model.num_units))
+            new_theta.update(model.m_step(s_run, theta, n))
         if self.numeric:
             x = flatten(ops, model.unconstrain({k: theta[k] for k in self.numeric}), self.numeric)
             old_anchor, old_grad = take_units(ops, mem.anchor, bi), take_units(ops, mem.grad, bi)
             new_anchor = xp.reshape(x, (1, -1)) + 0.0 * old_anchor
-            sum_anchor = mem.sum_anchor + xp.sum(new_anchor - old_anchor, 0)
-            sum_grad = mem.sum_grad + xp.sum(g - old_grad, 0)
+            sum_anchor = mem.sum_anchor + ops.all_sum(xp.sum(new_anchor - old_anchor, 0))
+            sum_grad = mem.sum_grad + ops.all_sum(xp.sum(g - old_grad, 0))
             # per-unit curvature, a running average over the visits (an epoch's worth of memory)
             curvature = mem.curvature + (b / n) * (h / b - mem.curvature)
             x_new = sum_anchor / n - _solve_psd(ops, curvature, sum_grad / n)
@@ -432,7 +451,7 @@ class MISSO(MiniBatchMCEM):
             # the θ at which each unit's surrogate was built (the batch's: now), for the staleness correction
             old_at = take_units(ops, mem.visited_at, bi)
             now_at = xp.reshape(x_old, (1, -1)) + 0.0 * old_at
-            sum_at = mem.sum_visited_at + xp.sum(now_at - old_at, 0)
+            sum_at = mem.sum_visited_at + ops.all_sum(xp.sum(now_at - old_at, 0))
             cap = self._missing_cap((t - 1) // self.num_batches)
             x_acc = x_old + _accelerated_step(ops, info_c, info_m, x_em - x_old, sum_at / n - x_old, cap, n,
                                               self.trust_radius)

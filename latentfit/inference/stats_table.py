@@ -415,13 +415,14 @@ class StatEngine(Engine):
         permutations are the one-process fit's), computes the statistics of the units of the batch it owns,
         and the sums are all-reduced in float64, so the trajectory is the one-process fit's up to the order of
         the sums.  Batch size and step-size defaults follow the global number of units.  Monte-Carlo engines
-        need per-unit streams (MCEM, MiniBatchMCEM, TTSEM with ``rng="per_unit"``: :mod:`~latentfit.inference.mcem`).
+        need per-unit streams (MCEM, MiniBatchMCEM, TTSEM, MISSO with ``rng="per_unit"``:
+        :mod:`~latentfit.inference.mcem`).
         """
         if self.monte_carlo and getattr(self, "rng", "global") != "per_unit":
             raise ValueError(f"{self.name}: distributed=True supports the exact engines of the EM family (EM, "
                              "MiniBatchEM, IEM, FIEM, SEMVR, SEM) and MCEM / MiniBatchMCEM with rng='per_unit' "
-                             "(each unit's draws from its own stream; TTSEM too); other Monte-Carlo E-steps are not "
-                             "supported")
+                             "(each unit's draws from its own stream; TTSEM and MISSO too); other Monte-Carlo "
+                             "E-steps are not supported")
         if self._options["batching"] == "blocks":
             raise ValueError(f"{self.name}: batching='blocks' shuffles the units of one process; a distributed fit "
                              "draws random mini-batches (batching='random' or 'auto')")
