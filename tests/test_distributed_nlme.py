@@ -6,7 +6,8 @@ information, a sum over subjects, all-reduced in float64; Louis' formula on fres
 subject drawing from its own stream), the residuals and the VPC (each subject's simulations from its own stream;
 the VPC bins every subject's observations and simulations, gathered), the individual estimates (EBEs, conditional
 means and sds: each process computes its subjects', every process gets all of them in subject order) and their
-shrinkage.
+shrinkage.  NLME outcome models (binary, time-to-event) too: the IS log-likelihood (its pilot pass on the
+individuals' streams) and the discrete VPC.
 A covariate centred at the data's mean is refused (each block would centre it at its own mean).  ka without a
 random effect (a numerical M-step, its Newton objective all-reduced) equals the one-process fit likewise.
 """
@@ -34,6 +35,42 @@ def _fit(covariates: dict | None = None, ka_random: bool = True, **options: obje
     return model.fit(df, columns=COLUMNS, dose="Dose", **OPTIONS, **options)
 
 
+def _outcome_fit(case: str, **options: object):
+    """A binary or time-to-event (constant hazard) NLME model fitted to 24 simulated individuals, with per-unit
+    streams: its IS pilot pass, IS draws and discrete VPC come from the individuals' streams."""
+    import pandas as pd
+
+    from latentfit.models import nlme
+    from latentfit.models.nlme import outcomes as oc
+
+    P = nlme.Parameter
+    times = np.arange(6.0) if case == "binary" else np.array([8.0])
+    table = pd.DataFrame({"ID": np.repeat(np.arange(1, 25), len(times)), "TIME": np.tile(times, 24), "DV": 0.0})
+    if case == "binary":
+        model = nlme.NLME(lambda psi, d: psi["theta1"] + psi["theta2"] * d.time,
+                          {"theta1": P(-0.5, "normal"), "theta2": P(0.1, "normal", random=False)}, outcome="binary")
+        truth = {"theta1": -1.0, "theta2": 0.25, "omega2_theta1": 1.5}
+    else:
+        model = nlme.NLME(None, {"lambda": P(5.0)}, outcome=oc.TimeToEvent("constant"))
+        truth = {"lambda": 3.0, "omega2_lambda": 0.25}
+    bound = model.bind(table)
+    theta = {k: bound.ops.asarray(v) for k, v in {**bound.init_params(), **truth}.items()}
+    return model.fit(bound.simulate(theta, seed=1), **{**OPTIONS, "chunk_size": 6}, **options)
+
+
+def _outcome_post_fit(fit) -> dict[str, np.ndarray]:
+    """IS log-likelihood (pilot pass and draws on the individuals' streams) and the discrete VPC (every individual's
+    simulations from its stream, pooled over the processes)."""
+    from latentfit.plots import discrete_vpc_summary
+
+    out = {"ll_is": fit.log_likelihood("is", num_samples=200, batch_size=80)}
+    out["ll_is_se"] = fit.log_likelihoods["is"].mc_se
+    vpc = discrete_vpc_summary(fit, num_sims=30, seed=3)
+    out.update({f"vpc_{k}": getattr(vpc, k) for k in ("x", "observed", "simulated")})
+    out.update({f"param_{k}": np.asarray(v) for k, v in fit.params.items()})
+    return out
+
+
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -51,6 +88,10 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         ll = fit.log_likelihood("gq", num_nodes=5)  # post-fit: this process's individuals, summed over processes
         ll_is = fit.log_likelihood("is", num_samples=200, batch_size=80)  # each subject's draws from its stream
         post = _post_fit(fit)  # collectives: Fisher information all-reduced, individual estimates gathered
+        for case in ("binary", "tte"):  # outcome models: IS pilot pass and discrete VPC on the individuals' streams
+            ofit = _outcome_fit(case, distributed=True)
+            np.savez(Path(out) / f"outcome-{case}-rank{rank}.npz", num_units=ofit.model.num_units,
+                     **_outcome_post_fit(ofit))
         ka_fixed = _fit(ka_random=False, distributed=True)
         np.savez(Path(out) / f"ka-fixed-rank{rank}.npz", objective=ka_fixed.history["objective"],
                  **{f"param_{k}": np.asarray(v) for k, v in ka_fixed.params.items()})
@@ -130,6 +171,21 @@ def test_two_processes_equal_one(two_processes: Path) -> None:
             tol = next((t for prefix, t in POST_RTOL.items() if name.startswith(prefix)), 1e-10)
             np.testing.assert_allclose(r[name], value, rtol=tol, atol=tol, err_msg=name)
     assert sorted(one.params) == ["CL", "V", "a", "ka", "omega2_CL", "omega2_V", "omega2_ka"]
+
+
+@pytest.mark.parametrize("case", ["binary", "tte"])
+def test_outcome_models_two_processes_equal_one(two_processes: Path, case: str) -> None:
+    """NLME outcome models: the IS log-likelihood (its pilot pass and draws on the individuals' streams) and the
+    discrete VPC (proportions per bin / Kaplan-Meier band, every individual's simulations pooled) of the 2-process fit
+    equal the one-process fit's (1e-10)."""
+    one = _outcome_post_fit(_outcome_fit(case))
+    assert np.isfinite(one["ll_is"]) and one["ll_is_se"] > 0
+    assert np.any(one["vpc_simulated"][..., 0] < one["vpc_simulated"][..., 2])  # the simulations vary
+    for rank in range(2):
+        r = np.load(two_processes / f"outcome-{case}-rank{rank}.npz")
+        assert int(r["num_units"]) == 12  # this process's block of the 24 individuals
+        for name, value in one.items():
+            np.testing.assert_allclose(r[name], value, rtol=1e-10, atol=1e-10, err_msg=name)
 
 
 def test_numeric_ka_two_processes_equal_one(two_processes: Path) -> None:
