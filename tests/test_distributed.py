@@ -209,15 +209,25 @@ def test_distributed_needs_a_process_group_and_per_unit_streams() -> None:
                                                                           distributed=True)
 
 
+PARAMS = ["param_mu", "param_omega", "param_sigma"]
+
+
+def _assert_ranks_equal_one(one: dict, ranks: list, params: list[str] | None = None) -> None:
+    """Every rank's estimates and whole history equal the one-process fit's to 1e-10."""
+    for r in ranks:
+        if params is not None:
+            assert sorted(k for k in r.files if k.startswith("param_")) == params
+        for name, value in one.items():
+            if name.startswith(("param_", "hist_")):
+                np.testing.assert_allclose(r[name], value, rtol=1e-10, atol=1e-10, err_msg=name)
+
+
 @pytest.mark.parametrize("case", list(MC_CASES))
 def test_mcmcsgd_two_processes_equal_one(two_processes: Path, case: str) -> None:
     y = _mc_data()
     one = _record(_mc_fit(y, case))
     ranks = [np.load(two_processes / f"mc-{case}-rank{r}.npz") for r in range(2)]
-    for r in ranks:
-        for name, value in one.items():
-            if name.startswith(("param_", "hist_")):
-                np.testing.assert_allclose(r[name], value, rtol=1e-10, atol=1e-10, err_msg=name)
+    _assert_ranks_equal_one(one, ranks)
     np.testing.assert_allclose(np.concatenate([r["z"] for r in ranks], 1), one["z"], rtol=0, atol=1e-10)
     np.testing.assert_allclose(np.concatenate([r["draws"] for r in ranks], 2), one["draws"], rtol=0, atol=1e-10)
     assert np.all(one["hist_grad_norm2"][MC_OPTIONS["burn_in"]:] > 0)  # the gradient steps moved θ
@@ -229,11 +239,7 @@ def test_monte_carlo_em_two_processes_equal_one(two_processes: Path, case: str) 
     y = _mc_data()
     one = _record(_mc_fit(y, case))
     ranks = [np.load(two_processes / f"mc-{case}-rank{r}.npz") for r in range(2)]
-    for r in ranks:
-        assert sorted(k for k in r.files if k.startswith("param_")) == ["param_mu", "param_omega", "param_sigma"]
-        for name, value in one.items():
-            if name.startswith(("param_", "hist_")):
-                np.testing.assert_allclose(r[name], value, rtol=1e-10, atol=1e-10, err_msg=name)
+    _assert_ranks_equal_one(one, ranks, PARAMS)
     # the chains [n, L, d] of the ranks' units, stacked, are the one-process chains
     np.testing.assert_allclose(np.concatenate([r["z"] for r in ranks], 0), one["z"], rtol=0, atol=1e-10)
     assert np.ptp(one["hist_theta.mu"]) > 0.05  # the estimates moved
@@ -246,11 +252,7 @@ def test_numeric_m_step_two_processes_equal_one(two_processes: Path) -> None:
     y = _mc_data()
     one = _record(_numeric_fit(y))
     ranks = [np.load(two_processes / f"numeric-rank{r}.npz") for r in range(2)]
-    for r in ranks:
-        assert sorted(k for k in r.files if k.startswith("param_")) == ["param_mu", "param_omega", "param_sigma"]
-        for name, value in one.items():
-            if name.startswith(("param_", "hist_")):
-                np.testing.assert_allclose(r[name], value, rtol=1e-10, atol=1e-10, err_msg=name)
+    _assert_ranks_equal_one(one, ranks, PARAMS)
     np.testing.assert_allclose(np.concatenate([r["z"] for r in ranks], 1), one["z"], rtol=0, atol=1e-10)
     burn_in = NUMERIC_OPTIONS["burn_in"]
     for name in ("mu", "omega", "sigma"):  # the numerical steps moved every parameter from its initial value
@@ -265,11 +267,7 @@ def test_misso_two_processes_equal_one(two_processes: Path, case: str) -> None:
     y = _mc_data()
     one = _record(_misso_fit(y, case))
     ranks = [np.load(two_processes / f"misso-{case}-rank{r}.npz") for r in range(2)]
-    for r in ranks:
-        assert sorted(k for k in r.files if k.startswith("param_")) == ["param_mu", "param_omega", "param_sigma"]
-        for name, value in one.items():
-            if name.startswith(("param_", "hist_")):
-                np.testing.assert_allclose(r[name], value, rtol=1e-10, atol=1e-10, err_msg=name)
+    _assert_ranks_equal_one(one, ranks, PARAMS)
     np.testing.assert_allclose(np.concatenate([r["z"] for r in ranks], 0), one["z"], rtol=0, atol=1e-10)
     for name in ("mu", "omega", "sigma"):  # every parameter moved
         assert np.ptp(one[f"hist_theta.{name}"]) > 1e-3, name
