@@ -346,7 +346,6 @@ def vpc_summary(fit: Any, x: Any = None, *, pred_corrected: bool | None = None, 
     the one-process VPC (a collective: call it on every process; an ``x`` array holds this process's units).
     """
     from latentfit.inference.diagnostics import VPC, default_bins
-    from latentfit.inference.postfit import _distributed_ops
 
     model, ops, theta = _nlme(fit), fit.model.ops, fit._theta()
     xv, _ = _x_values(fit, x)
@@ -371,12 +370,12 @@ def vpc_summary(fit: Any, x: Any = None, *, pred_corrected: bool | None = None, 
         else:
             pred = ops.to_numpy(fit.model.predict(theta, _population_z(fit))[0])
         po = np.asarray(pred)[mask]
-    dist = _distributed_ops(fit) if hasattr(fit, "engine") else None
+    _, dist = _fit_streams(fit)
     if dist is not None:  # every process's observations (its units' rows, flattened), in rank = unit order
-        parts = dist.gather_objects((xo, yo, so, po))
-        xo, yo = (np.concatenate([p[i] for p in parts]) for i in (0, 1))
-        so = np.concatenate([p[2] for p in parts], 1)
-        po = np.concatenate([p[3] for p in parts]) if pred_corrected else None
+        if pred_corrected:
+            xo, yo, so, po = _gather_units(dist, (xo, yo, so, po), (0, 0, 1, 0))
+        else:
+            xo, yo, so = _gather_units(dist, (xo, yo, so), (0, 0, 1))
     edges = np.asarray(bins, dtype=float) if bins is not None else default_bins(xo, max_bins)
     which = np.clip(np.searchsorted(edges, xo, side="right") - 1, 0, len(edges) - 2)
     if pred_corrected:
@@ -398,16 +397,30 @@ def vpc_summary(fit: Any, x: Any = None, *, pred_corrected: bool | None = None, 
                simulated=np.asarray(sim_q), level=level, x=xo, y=yo)
 
 
-def _vpc_simulations(fit: Any, num_sims: int, seed: int) -> np.ndarray:
-    """``num_sims`` replicated data sets ``[K, n, T]`` of the units of this process at the estimates.  A fit with
-    ``rng="per_unit"``: unit i's replicates from its stream ``(seed, unit id)`` (as the residuals'), the same
-    whatever the sharding or order of the units; else one stream for all units (refused for a distributed fit)."""
-    from latentfit.inference.diagnostics import simulate_observations
-    from latentfit.inference.postfit import _stream_ids
+def _fit_streams(fit: Any) -> tuple[dict[str, Any], Any]:
+    """``({"unit_ids", "ops"}, distributed ops or None)``: a fit with ``rng="per_unit"`` simulates unit i from its
+    stream ``(seed, unit id)`` (as the residuals), the same whatever the sharding or order of the units; otherwise
+    one stream for all units (refused for a distributed fit).  A stand-in fit without an engine: one stream."""
+    if not hasattr(fit, "engine"):
+        return {"unit_ids": None, "ops": None}, None
+    from latentfit.inference.postfit import _distributed_ops, _stream_ids
 
-    ids = _stream_ids(fit) if hasattr(fit, "engine") else None
-    return simulate_observations(fit.model, fit._theta(), num_sims, seed, unit_ids=ids,
-                                 ops=fit.engine.ops if ids is not None else None)
+    ids = _stream_ids(fit)
+    return {"unit_ids": ids, "ops": fit.engine.ops if ids is not None else None}, _distributed_ops(fit)
+
+
+def _gather_units(dist: Any, arrays: tuple[Any, ...], axes: tuple[int, ...]) -> list[np.ndarray]:
+    """Every process's ``arrays`` concatenated in rank (= unit) order along their unit ``axes`` (a collective)."""
+    parts = dist.gather_objects(tuple(arrays))
+    return [np.concatenate([p[i] for p in parts], ax) for i, ax in enumerate(axes)]
+
+
+def _vpc_simulations(fit: Any, num_sims: int, seed: int) -> np.ndarray:
+    """``num_sims`` replicated data sets ``[K, n, T]`` of the units of this process at the estimates, on the fit's
+    streams (:func:`_fit_streams`)."""
+    from latentfit.inference.diagnostics import simulate_observations
+
+    return simulate_observations(fit.model, fit._theta(), num_sims, seed, **_fit_streams(fit)[0])
 
 
 def plot_vpc(fit: Any, x: Any = None, num_sims: int = 500, bins: Any = None, level: float = 0.9, seed: int = 0,
@@ -488,19 +501,14 @@ def discrete_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, lev
     if model is None:
         raise ValueError("discrete_vpc_summary is for NLME fits with a discrete, count or time-to-event outcome; "
                          "use vpc_summary")
-    from latentfit.inference.postfit import _distributed_ops, _stream_ids
-
-    ids = _stream_ids(fit) if hasattr(fit, "engine") else None
-    streams = dict(unit_ids=ids, ops=fit.engine.ops if ids is not None else None)
-    dist = _distributed_ops(fit) if hasattr(fit, "engine") else None
+    streams, dist = _fit_streams(fit)
     theta = fit._theta()
     lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
     if isinstance(model.outcome, oc.TimeToEvent):
         t_obs, e_obs = oc.first_event_times(model)
         t_sim, e_sim = oc.first_event_times(model, theta, num_sims, seed, **streams)
         if dist is not None:  # every process's individuals, in rank = unit order
-            parts = dist.gather_objects((t_obs, e_obs, t_sim, e_sim))
-            t_obs, e_obs, t_sim, e_sim = (np.concatenate([p[i] for p in parts], 1) for i in range(4))
+            t_obs, e_obs, t_sim, e_sim = _gather_units(dist, (t_obs, e_obs, t_sim, e_sim), (1, 1, 1, 1))
         grid = np.linspace(0.0, float(t_obs.max()), num_points)
         km = oc.kaplan_meier(t_sim, e_sim, grid)  # [K, G]
         band = np.stack([np.quantile(km, lo, 0), np.median(km, 0), np.quantile(km, hi, 0)], -1)
@@ -511,9 +519,7 @@ def discrete_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, lev
     xo, yo = data.x_values[mask], data.dv[mask]
     so = oc.simulate_observations(model, theta, num_sims, seed, **streams)[:, mask]  # [K, M]
     if dist is not None:  # every process's observations (its individuals' rows, flattened), in unit order
-        parts = dist.gather_objects((xo, yo, so))
-        xo, yo = (np.concatenate([p[i] for p in parts]) for i in (0, 1))
-        so = np.concatenate([p[2] for p in parts], 1)
+        xo, yo, so = _gather_units(dist, (xo, yo, so), (0, 0, 1))
     edges = np.asarray(bins, dtype=float) if bins is not None else default_bins(xo, max_bins)
     which = np.clip(np.searchsorted(edges, xo, side="right") - 1, 0, len(edges) - 2)
     labels, curves = _category_curves(yo, categories)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .model import LatentModel, ModelSpecificationError
+from .units import max_over_processes, prior_draws_on_streams
 
 
 @dataclass
@@ -85,15 +86,9 @@ def _simulate_per_unit(model: LatentModel, theta: dict[str, Any], num_sims: int,
                        ops: Any) -> np.ndarray:
     """:func:`simulate_observations` on per-unit streams: ``z_i = μ_i + L ε_i`` and the observation noise from unit
     i's stream (drawn at the width of every process's observations, so a unit's draws do not depend on its shard)."""
-    if not model.has_gaussian_prior:
-        raise ValueError("per-unit streams draw each unit's latents as μ_i + L ε_i: they need Gaussian latents")
-    sim = ops.per_unit_streams(ops.asarray(np.asarray(unit_ids, dtype=np.int64), dtype=None))
-    root = ops.stream_key(ops.key(seed), seed)
-    eps = sim.normal(ops.fold_in(root, 1), (num_sims, model.num_units, model.latent_dim))
-    mean, sd = model.predict(theta, model.prior_transform(theta, eps))
-    width = int(mean.shape[-1])
-    if hasattr(ops, "gather_objects"):
-        width = max(ops.gather_objects(width))
+    sim, root, z = prior_draws_on_streams(model, theta, num_sims, seed, unit_ids, ops)
+    mean, sd = model.predict(theta, z)
+    width = max_over_processes(ops, int(mean.shape[-1]))
     noise = sim.normal(ops.fold_in(root, 2), (num_sims, model.num_units, width))[..., :int(mean.shape[-1])]
     return ops.to_numpy(mean + sd * noise)
 
@@ -154,8 +149,7 @@ def residuals(model: LatentModel, theta: dict[str, Any], z_mode: Any, num_sims: 
     y, mask = (ops.to_numpy(a) for a in model.observations())
     mask = mask.astype(bool)
     most = int(mask.sum(-1).max()) if mask.size else 0
-    if hasattr(dist_ops, "gather_objects"):  # every process decides alike (none waits for one that raised)
-        most = max(dist_ops.gather_objects(most))
+    most = max_over_processes(dist_ops, most)  # every process decides alike (none waits for one that raised)
     if int(num_sims) <= most:
         # the simulated covariance of a unit has rank ≤ num_sims − 1: singular, nothing to decorrelate with
         raise ValueError(f"num_sims={num_sims} must exceed the number of observations of every unit ({most}): "

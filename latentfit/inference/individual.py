@@ -23,6 +23,7 @@ import numpy as np
 from . import mcmc
 from .laplace import conditional_modes
 from .model import LatentModel
+from .units import unit_streams
 
 
 @dataclass
@@ -143,8 +144,7 @@ def _sample_conditional_per_unit(model: LatentModel, theta: dict[str, Any], ops:
     xp = ops.xp
     if not model.has_gaussian_prior:
         raise ValueError("per-unit streams draw each unit's prior proposals as μ_i + L ε_i: they need Gaussian latents")
-    sim = ops.per_unit_streams(ops.asarray(np.asarray(unit_ids, dtype=np.int64), dtype=None))
-    root = ops.stream_key(ops.key(seed), seed)  # torch: the seed's Philox key; JAX: PRNGKey(seed)
+    sim, root = unit_streams(ops, seed, unit_ids)
     shape = tuple(z0.shape)
     chain = mcmc.init_chain_state(z0, evaluate)
     flat = xp.reshape(ops.gather_units(z0, 1), (-1, shape[-1]))  # every process's units

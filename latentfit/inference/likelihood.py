@@ -46,6 +46,7 @@ import numpy as np
 
 from .model import LatentModel, ModelSpecificationError
 from .ops import LOG_2PI
+from .units import unit_streams
 
 
 @dataclass
@@ -85,9 +86,7 @@ def _unit_streams(model: LatentModel, seed: int, unit_ids: Any, ops: Any) -> tup
     """``(per-unit streams view, root key)`` for draws keyed by ``(seed, unit id)``; ``(None, None)`` without ids."""
     if unit_ids is None:
         return None, None
-    ops = model.ops if ops is None else ops
-    sim = ops.per_unit_streams(ops.asarray(np.asarray(unit_ids, dtype=np.int64), dtype=None))
-    return sim, ops.stream_key(ops.key(seed), seed)
+    return unit_streams(model.ops if ops is None else ops, seed, unit_ids)
 
 
 def log_likelihood_is(model: LatentModel, theta: dict[str, Any], cond_mean: Any, cond_sd: Any, *,

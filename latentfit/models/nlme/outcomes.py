@@ -49,6 +49,7 @@ import numpy as np
 import pandas as pd
 
 from latentfit.inference.model import DataError, ModelSpecificationError
+from latentfit.inference.units import max_over_processes, prior_draws_on_streams
 
 from .data import _id
 from .structural import Structural
@@ -522,10 +523,8 @@ def _unit_stream_draws(model: NLME, theta: dict[str, Any], num_sims: int, seed: 
     """Per-unit streams ``(seed, unit id)``: ψ of ``num_sims`` random-effect draws ``z_i = μ_i + L ε_i`` (the model's
     prior transform of unit i's standard normals) and unit i's uniforms ``[K, n, *tail]`` on (0, 1) (numpy)."""
     ops = model.ops if ops is None else ops
-    sim = ops.per_unit_streams(ops.asarray(np.asarray(unit_ids, dtype=np.int64), dtype=None))
-    root = ops.stream_key(ops.key(seed), seed)
-    eps = sim.normal(ops.fold_in(root, 1), (int(num_sims), model.num_units, model.latent_dim))
-    psi = model._psi(model._mu(theta), model.prior_transform(theta, eps))
+    sim, root, z = prior_draws_on_streams(model, theta, num_sims, seed, unit_ids, ops)
+    psi = model._psi(model._mu(theta), z)
     u = sim.uniform(ops.fold_in(root, 2), (int(num_sims), model.num_units) + tuple(tail))
     return psi, np.asarray(model.ops.to_numpy(u), dtype=float)
 
@@ -553,22 +552,15 @@ def simulate_observations(model: NLME, theta: dict[str, Any], num_sims: int, see
     if isinstance(out, TimeToEvent):
         raise ModelSpecificationError("time-to-event data: use first_event_times() (a Kaplan-Meier VPC)")
     _refuse_user_simulator_on_streams(out, unit_ids)
-    if unit_ids is not None:
-        width = int(data.dv.shape[1])
-        if hasattr(dist, "gather_objects"):
-            width = max(dist.gather_objects(width))
-        psi_b, u = _unit_stream_draws(model, theta, num_sims, seed, unit_ids, dist, (width,))
-        shape = (int(num_sims),) + data.dv.shape
-        psi = {k: np.broadcast_to(model.ops.to_numpy(v), shape[:2] + (1,)) for k, v in psi_b.items()}
-        f = np.broadcast_to(model.ops.to_numpy(model._structural_fn(psi_b, model.design)), shape)
-        y = out.sample_at(u[..., :shape[-1]], f, psi, out.constants(data))
-        return np.where(data.mask & (data.cens == 0), y, np.nan)
-    z = model.sample_prior(theta, ops.key(seed), int(num_sims))  # [K, N, d]
-    psi_b = model._psi(model._mu(theta), z)
     shape = (int(num_sims),) + data.dv.shape
+    if unit_ids is not None:
+        width = max_over_processes(dist, shape[-1])
+        psi_b, u = _unit_stream_draws(model, theta, num_sims, seed, unit_ids, dist, (width,))
+    else:
+        psi_b = model._psi(model._mu(theta), model.sample_prior(theta, ops.key(seed), int(num_sims)))  # [K, N, d]
+        rng = np.random.default_rng(seed)
     psi = {k: np.broadcast_to(ops.to_numpy(v), shape[:2] + (1,)) for k, v in psi_b.items()}
-    rng = np.random.default_rng(seed)
-    if isinstance(out, LogLik):
+    if isinstance(out, LogLik):  # one numpy stream (refused above on per-unit streams)
         if out.simulate_fn is None:
             raise ModelSpecificationError("a user log-likelihood has no simulator: give outcome=nlme.outcomes."
                                           "LogLik(simulate_fn=sim) with sim(psi, data, rng) -> y [N, T]")
@@ -576,7 +568,11 @@ def simulate_observations(model: NLME, theta: dict[str, Any], num_sims: int, see
                       for s in range(int(num_sims))])
     else:
         f = np.broadcast_to(ops.to_numpy(model._structural_fn(psi_b, model.design)), shape)
-        y = out.sample(rng, f, psi, out.constants(data))
+        consts = out.constants(data)
+        if unit_ids is not None:
+            y = out.sample_at(u[..., :shape[-1]], f, psi, consts)
+        else:
+            y = out.sample(rng, f, psi, consts)
     return np.where(data.mask & (data.cens == 0), y, np.nan)
 
 
