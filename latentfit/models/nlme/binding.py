@@ -74,7 +74,7 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
     # ----- fixed effects and design X_i [N, m, p] -------------------------------------------
     effects: list[FixedEffect] = []
     for j, pname in enumerate(model.param_names):
-        effects.append(FixedEffect(pname, j, np.ones(n), True))
+        effects.append(FixedEffect(pname, j, np.broadcast_to(1.0, (n,)), True))  # ones: a view, no [N] array
         for col, tr in model.covariate_spec.get(pname, []):
             for suffix, values in covariate_columns(data.covariates[col], col, tr):
                 effects.append(FixedEffect(f"beta_{pname}_{col}{suffix}", j, values, False))
@@ -95,8 +95,12 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
     eye_pr = np.eye(pr)
     model._sel_free = ops.asarray(eye_pr[:, model.free_r])  # [p_r, f]
     model._sel_fixed = ops.asarray(eye_pr[:, model.fixed_r])  # [p_r, c]
-    model._x = ops.asarray(x)
-    model._xr = ops.asarray(xr)
+    if p == m:  # no covariate: X_i = I for every individual, one [m, p] block viewed N times (no [N, m, p] arrays)
+        model._x = xp.broadcast_to(ops.asarray(x[:1]), x.shape)
+        model._xr = xp.broadcast_to(ops.asarray(xr[:1]), xr.shape)
+    else:
+        model._x = ops.asarray(x)
+        model._xr = ops.asarray(xr)
     model._xtx = ops.asarray(np.einsum("njp,nkq->jkpq", xr, xr))
     model._r_sel = ops.asarray(np.array(model.r_idx, dtype=np.int64))  # index arrays (JAX needs arrays)
     model._cols_r_sel = ops.asarray(np.array(model.cols_r, dtype=np.int64))
@@ -128,14 +132,17 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
             i, t = np.argwhere(bad)[0]
             raise DataError(f"exponential error needs DV > 0: ID {_id(data.ids[i])}, row {data.obs_rows[i, t]} has "
                             f"DV = {data.dv[i, t]}")
+    # [N, T] arrays only where the model reads them: log y for the exponential error, the censoring codes and the
+    # uncensored mask when some observation is censored (else the mask itself)
     model._y = ops.asarray(data.dv)
-    model._ylog = ops.asarray(np.log(np.where(data.mask & (data.dv > 0), data.dv, 1.0)))
+    model._ylog = (ops.asarray(np.log(np.where(data.mask & (data.dv > 0), data.dv, 1.0)))
+                   if model.error == "exponential" else None)
     model._mask = ops.asarray(data.mask)
     model._no_padding = bool(data.mask.all())
     model._num_obs_unit = ops.asarray(data.mask.sum(-1).astype(float))  # observations per individual [N]
-    model._cens = ops.asarray(data.cens.astype(float))
     model.has_censoring = bool((data.cens[data.mask] != 0).any())
-    model._uncens_mask = ops.asarray(data.mask & (data.cens == 0))
+    model._cens = ops.asarray(data.cens.astype(float)) if model.has_censoring else None
+    model._uncens_mask = ops.asarray(data.mask & (data.cens == 0)) if model.has_censoring else model._mask
     model.num_obs = int((data.mask & (data.cens == 0)).sum())
     model.has_gaussian_obs = model.outcome is None
     model._outcome_consts = _outcomes.bind(model, data) if model.outcome is not None else {}
@@ -154,7 +161,6 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
     if model.response_spec is not None:  # each observation takes its response's prediction
         model._resp = _resp.bind(model, data, response_col)
         model._structural_fn = _resp.wrap(model._structural_fn, model)
-    model.observed = {"DV": np.where(data.mask, data.dv, np.nan)}
     model.latent_sites = [LatentSite(nm, (), k, 1, kind="gaussian") for k, nm in enumerate(model.random_names)]
     model.params = build_params(model)
     if model._resp is not None:

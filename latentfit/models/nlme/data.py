@@ -69,20 +69,21 @@ class NLMEData:
     time: np.ndarray  # [N, T] observation times (padding: the individual's last time)
     dv: np.ndarray  # [N, T] observations (padding: 0)
     mask: np.ndarray  # [N, T] bool, True for a real observation
-    cens: np.ndarray  # [N, T] 0 observed, 1 below the limit, -1 above
+    cens: np.ndarray  # [N, T] int8: 0 observed, 1 below the limit, -1 above
     dose_time: np.ndarray  # [N, D]
     dose_amt: np.ndarray  # [N, D] (padding: 0)
     dose_rate: np.ndarray  # [N, D] 0 = bolus
     dose_cmt: np.ndarray  # [N, D]
     covariates: pd.DataFrame  # one row per individual (index: ID), raw values
     regressors: dict[str, np.ndarray] = field(default_factory=dict)  # [N, T] per-observation columns
-    obs_rows: np.ndarray | None = None  # [N, T] row labels of the observations in the source table (-1: padding)
+    obs_rows: np.ndarray | None = None  # [N, T] positions of the observations in the source table (-1: padding; int32
+    #: below 2³¹ rows)
     columns: dict[str, str] = field(default_factory=dict)
     x: str | None = None  # name of the x-variable column (None: the time)
     dose_ss: np.ndarray | None = None  # [N, D] 0, 1 (steady state after a reset) or 2 (steady state added)
     dose_ii: np.ndarray | None = None  # [N, D] dosing interval of a steady-state dose (0 otherwise)
     dose_seg: np.ndarray | None = None  # [N, D] period of the dose (a reset starts a new period)
-    obs_seg: np.ndarray | None = None  # [N, T] period of the observation
+    obs_seg: np.ndarray | None = None  # [N, T] period of the observation (None: no reset, one period)
     seg_start: np.ndarray | None = None  # [N, S] time of the reset starting each period (period 0: -inf; padding: inf)
 
     @property
@@ -253,8 +254,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
                           f"and compartment as an earlier row; both doses are given", stacklevel=3)
 
     n = len(keep)
-    pos = {i: k for k, i in enumerate(keep)}
-    order = np.array([pos.get(i, -1) for i in ids_all])
+    order = pd.Index(keep).get_indexer(ids_all)  # row -> individual (-1: dropped), without a Python loop over rows
     obs_idx = np.where(is_obs & (order >= 0))[0]
     obs_idx = obs_idx[np.lexsort((time[obs_idx], seg[obs_idx], order[obs_idx]))]
     counts = np.bincount(order[obs_idx], minlength=n)
@@ -264,8 +264,8 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     time_a = np.zeros((n, t_max))
     dv_a = np.zeros((n, t_max))
     mask = np.zeros((n, t_max), dtype=bool)
-    cens_a = np.zeros((n, t_max), dtype=int)
-    rows_a = np.full((n, t_max), -1, dtype=np.int64)
+    cens_a = np.zeros((n, t_max), dtype=np.int8)  # the narrowest types: these are kept for the post-fit tools
+    rows_a = np.full((n, t_max), -1, dtype=np.int32 if len(df) < 2 ** 31 else np.int64)
     seg_a = np.zeros((n, t_max))
     time_a[who, slot] = time[obs_idx]
     dv_a[who, slot] = dv[obs_idx]
@@ -275,7 +275,8 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     seg_a[who, slot] = seg[obs_idx]
     last = time_a[np.arange(n), counts - 1]
     time_a = np.where(mask, time_a, last[:, None])  # padding: a valid time, masked out
-    seg_a = np.where(mask, seg_a, seg_a[np.arange(n), counts - 1][:, None])
+    # one period (no reset): no [N, T] array of zeros (the structural models read None as one period)
+    seg_a = np.where(mask, seg_a, seg_a[np.arange(n), counts - 1][:, None]) if reset.any() else None
     regs = {}
     per_obs = _time_varying(num, list(regressors), time, seg, order, obs_idx, covariate_interpolation, df, id_col)
     for name in regressors:
@@ -344,6 +345,8 @@ def _dose_records(num: dict[str, np.ndarray], cols: dict[str, str], is_dose: np.
                   fail: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Checked ``RATE`` (``-2``: ``AMT/DUR``), ``ADDL`` (int), ``II`` and ``SS`` per row (0 off the dose rows)."""
     zeros = np.zeros(len(amt))
+    if not {"rate", "dur", "addl", "ii", "ss"} & set(num):  # bolus doses only: nothing to check, no per-row copies
+        return zeros, zeros.astype(np.int64), zeros, zeros
     rate, dur, addl, ii, ss = (np.nan_to_num(num.get(r, zeros)) for r in ("rate", "dur", "addl", "ii", "ss"))
     c = {r: repr(cols[r]) for r in ("rate", "dur", "addl", "ii", "ss")}
     fail(~np.isin(ss, (0, 1, 2)), f"column {c['ss']} must be 0, 1 (steady state after a reset) or 2 (steady state "
@@ -384,6 +387,8 @@ def _time_varying(num: dict[str, np.ndarray], names: list[str], time: np.ndarray
                   id_col: str) -> dict[str, np.ndarray]:
     """Values of the ``names`` columns at the observation rows ``obs_idx``: LOCF or linear interpolation in time
     over all the records of the individual (periods in table order), vectorised with grouped fills."""
+    if not names:
+        return {}
     rec = np.where(order >= 0)[0]
     rec = rec[np.lexsort((time[rec], seg[rec], order[rec]))]
     grp = order[rec]
