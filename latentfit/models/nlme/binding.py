@@ -145,6 +145,8 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
     model._uncens_mask = ops.asarray(data.mask & (data.cens == 0)) if model.has_censoring else model._mask
     model.num_obs = int((data.mask & (data.cens == 0)).sum())
     model.has_gaussian_obs = model.outcome is None
+    if model.response_spec is not None:  # the response of each observation (a joint model's constants read it)
+        model._resp = _resp.bind(model, data, response_col)
     model._outcome_consts = _outcomes.bind(model, data) if model.outcome is not None else {}
     regs = {k: ops.asarray(v) for k, v in data.regressors.items()}
     model.design = Design(xp, ops.asarray(data.time), ops.asarray(data.dose_time), ops.asarray(data.dose_amt),
@@ -158,8 +160,7 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
                          x=None if data.x is None else regs[data.x], **dose_design(model, data),
                          dv=model._outcome_consts.get("dv"))
     model._structural_fn = model.structural.bound(model.design)
-    if model.response_spec is not None:  # each observation takes its response's prediction
-        model._resp = _resp.bind(model, data, response_col)
+    if model.response_spec is not None and model.response_spec.predicted:  # each observation: its response's
         model._structural_fn = _resp.wrap(model._structural_fn, model)
     model.latent_sites = [LatentSite(nm, (), k, 1, kind="gaussian") for k, nm in enumerate(model.random_names)]
     model.params = build_params(model)
@@ -170,6 +171,7 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
         model.latent_dim = d + model._iov.size
         model.latent_sites += _occ.latent_sites(model._iov)
         model.params.update(_occ.params(model, model._iov))
+        _occ.bind_carry(model)  # drug carried across occasion boundaries: the exact piecewise predictions
 
 
 def dose_design(model: NLME, data: NLMEData, grid: np.ndarray | None = None) -> dict[str, Any]:

@@ -160,7 +160,9 @@ class NLME(LatentModel):
         self.occasion_column = str(occasion) if occasion is not None else _occ.OCCASION_COLUMN
         self._iov: _occ.Occasions | None = None
         self.omega_blocks = _spec.parse_omega(self.random_names, omega)
-        self.response_spec = _resp.parse(error, error_init, dvid) if isinstance(error, dict) else None
+        joint = self.outcome.outcomes if isinstance(self.outcome, _outcomes.Joint) else None
+        self.response_spec = (_resp.parse(error if isinstance(error, dict) else {}, error_init, dvid, joint)
+                              if isinstance(error, dict) or joint else None)
         self.response_column = response
         self._resp: _resp.Responses | None = None
         if self.response_spec is not None:
@@ -280,14 +282,17 @@ class NLME(LatentModel):
     def _structural_prediction_iov(self, mu: Any, z: Any, units: Any) -> Any:
         """IOV: the structural model at each occasion's φ_i + κ_ik (a leading axis of size K), each observation
         taking its own occasion's prediction (:mod:`~latentfit.models.nlme.occasions`)."""
+        pred = self._structural_fn(self._psi_by_occasion(mu, z), self.design.take(self.ops, units))
+        return _occ.select(pred, self._iov, units, self.ops)
+
+    def _psi_by_occasion(self, mu: Any, z: Any) -> dict[str, Any]:
+        """IOV: ψ_ik at each occasion's φ_i + κ_ik, ``[..., K, n, 1]`` per parameter name."""
         xp, occ = self.ops.xp, self._iov
         z_phi, kappa = _occ.split(z, occ)
         phi = mu + (z_phi - mu[..., self._r_sel]) @ self._embed if not self._all_random else z_phi
         phi_k = _occ.phi_by_occasion(xp.broadcast_to(phi, tuple(z_phi.shape[:-1]) + (len(self.param_names),)),
                                      kappa, occ, xp)
-        psi = {nm: self.params[nm].to_constrained(phi_k[..., j:j + 1]) for j, nm in enumerate(self.param_names)}
-        pred = self._structural_fn(psi, self.design.take(self.ops, units))
-        return _occ.select(pred, occ, units, self.ops)
+        return {nm: self.params[nm].to_constrained(phi_k[..., j:j + 1]) for j, nm in enumerate(self.param_names)}
 
     @property
     def observed(self) -> dict[str, np.ndarray]:

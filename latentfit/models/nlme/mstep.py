@@ -156,7 +156,7 @@ def numeric_objective(model: NLME, theta: dict[str, Any], z: Any, names: list[st
     effect) is left out.
     """
     xp = model.ops.xp
-    if set(names) <= {n for n, p in model.params.items() if p.meta.get("role") == "error"}:
+    if model.outcome is None and set(names) <= {n for n, p in model.params.items() if p.meta.get("role") == "error"}:
         f = model.ops.stop_gradient(model.structural_prediction(theta, z))
         return lambda th: xp.mean(xp.sum(model._obs_terms(th, f, None), (-2, -1)))
     if not any(n in model.closed_form_params or n.startswith("omega2") or n == "Omega" for n in names):

@@ -41,6 +41,7 @@ NLME(<lambda>, parameters=['theta1', 'theta2'], random=['theta1'], outcome='bina
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -281,6 +282,13 @@ class NegativeBinomial(Poisson):
         return np.maximum(stats.nbinom.ppf(u, 1.0 / delta, 1.0 / (1.0 + delta * np.exp(f))), 0.0)
 
 
+def _previous_time(t: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The time of each record's previous observed record (``mask``) of the same individual, 0 for the first: the
+    start of the interval it closes (in a joint model the records of the other responses are skipped)."""
+    before = np.concatenate([np.full((t.shape[0], 1), np.nan), np.where(mask, t, np.nan)[:, :-1]], 1)
+    return np.array(pd.DataFrame(before).ffill(axis=1).fillna(0.0).to_numpy(), dtype=float)
+
+
 @dataclass(repr=False)
 class TimeToEvent(Outcome):
     """Repeated time-to-event data with right censoring (see the module docstring).
@@ -319,7 +327,7 @@ class TimeToEvent(Outcome):
 
     def constants(self, data: Any) -> dict[str, np.ndarray]:
         t = data.time
-        prev = np.concatenate([np.zeros((t.shape[0], 1)), t[:, :-1]], 1)
+        prev = _previous_time(t, data.mask)
         event = data.mask & (data.dv == 1)
         bad = data.mask & ((t < prev) | (event & (t <= 0)))
         if bad.any():
@@ -371,6 +379,41 @@ class LogLik(Outcome):
         return f
 
 
+class Joint(Outcome):
+    """Several responses, some non-Gaussian (a joint model: ``error={"conc": "constant"}, outcome={"ae": "binary"}``).
+
+    Observation j of individual i belongs to the response ``r(i, j)`` of its ``DVID`` (:mod:`.responses`); its term is
+    the Gaussian residual density of its response's error model or the log-probability of its response's outcome at
+    the prediction of that response, and the log-likelihood of an individual is the sum over its observations of
+    every response: ``log p(y_i | ψ_i) = Σ_r Σ_{j: r(i,j) = r} log p_r(y_ij | f_r(t_ij, ψ_i), ψ_i)``."""
+
+    name = "joint"
+
+    def __init__(self, outcomes: dict[str, Outcome]) -> None:
+        self.outcomes = dict(outcomes)
+        self.uses_prediction = True
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p for o in self.outcomes.values() for p in o.parameters))
+
+    def check_spec(self, spec: dict[str, Parameter]) -> None:
+        for out in self.outcomes.values():
+            out.check_spec(spec)
+
+    def sample(self, rng: np.random.Generator, f: np.ndarray, psi: dict[str, np.ndarray],
+               consts: dict[str, np.ndarray]) -> np.ndarray:
+        raise ModelSpecificationError("the discrete VPC is for a model with one non-Gaussian response; this joint "
+                                      "model has several responses (simulate it with model.simulate(theta))")
+
+    def sample_at(self, u: np.ndarray, f: np.ndarray, psi: dict[str, np.ndarray],
+                  consts: dict[str, np.ndarray]) -> np.ndarray:
+        return self.sample(None, f, psi, consts)
+
+    def __repr__(self) -> str:
+        return repr(self.outcomes)
+
+
 OUTCOMES = {"binary": Binary, "bernoulli": Binary, "logistic": Binary, "poisson": Poisson,
             "negative_binomial": NegativeBinomial, "negbin": NegativeBinomial, "ordinal": Ordinal,
             "categorical": Ordinal, "tte": TimeToEvent, "time_to_event": TimeToEvent, "loglik": LogLik,
@@ -389,6 +432,16 @@ def make_outcome(outcome: Any, **options: Any) -> Outcome | None:
         if options:
             raise ModelSpecificationError("give outcome options to the Outcome's constructor, not beside it")
         return outcome
+    if isinstance(outcome, dict):  # a joint model: {response: outcome}, beside error={response: error model}
+        if options or not outcome:
+            raise ModelSpecificationError("outcome={response: outcome, ...} needs at least one response and no "
+                                          "options beside it")
+        parts = {str(k): make_outcome(v) for k, v in outcome.items()}
+        bad = [k for k, v in parts.items() if v is None or isinstance(v, Joint)]
+        if bad:
+            raise ModelSpecificationError(f"outcome={{...}}: {bad} must be non-Gaussian outcomes (Gaussian responses "
+                                          f"go in error={{response: error model}})")
+        return Joint(parts)
     if isinstance(outcome, str) and outcome.lower() in OUTCOMES:
         try:
             return OUTCOMES[outcome.lower()](**options)
@@ -405,6 +458,20 @@ def setup(model: NLME, structural: Any, parameters: dict[str, Any], error: str,
     from .structural import resolve
 
     outcome = model.outcome
+    if isinstance(outcome, Joint):
+        gaussian = isinstance(error, dict) and bool(error)
+        if not isinstance(error, dict) and (error != "constant" or error_init):
+            raise ModelSpecificationError("a joint model gives its Gaussian responses' error models as error="
+                                          "{response: error model} beside outcome={response: outcome}")
+        predicted = gaussian or any(o.uses_prediction for o in outcome.outcomes.values())
+        if structural is None:
+            if predicted:
+                raise ModelSpecificationError("a joint model needs a structural model f(psi, data) returning "
+                                              "{response: prediction} for its responses")
+            return Structural(outcome.name, (), lambda psi, d: 0.0 * d.time)
+        names = [p for p in parameters if p not in outcome.parameters] if not callable(structural) \
+            else list(parameters)
+        return resolve(structural, names)
     if error != "constant" or error_init:
         raise ModelSpecificationError(f"outcome {outcome.name!r} has no residual error model: drop error= and "
                                       f"error_init= (the outcome's own parameters are ordinary parameters)")
@@ -421,6 +488,8 @@ def setup(model: NLME, structural: Any, parameters: dict[str, Any], error: str,
 
 def bind(model: NLME, data: Any) -> dict[str, Any]:
     """Check the observations against the outcome; the per-observation constants as backend arrays."""
+    if isinstance(model.outcome, Joint):
+        return _bind_joint(model, data)
     if (data.cens[data.mask] != 0).any():
         raise DataError(f"outcome {model.outcome.name!r}: CENS is for continuous data (LOQ); time-to-event "
                         f"censoring is DV = 0 at the censoring time")
@@ -431,6 +500,52 @@ def bind(model: NLME, data: Any) -> dict[str, Any]:
     consts = {"dv": np.where(data.mask, data.dv, 0.0), **model.outcome.constants(data)}
     model.importance_proposal = functools.partial(importance_proposal, model)  # read by fit.log_likelihood("is")
     return {k: model.ops.asarray(v) for k, v in consts.items()}
+
+
+def _bind_joint(model: NLME, data: Any) -> dict[str, Any]:
+    """A joint model's constants: ``dv``, the mask of the Gaussian responses' observations (``gaussian``) and per
+    non-Gaussian response ``r`` its mask (``r/mask``), its observations (``r/dv``, 0 elsewhere) and its outcome's
+    constants computed on its own records (``r/...``)."""
+    resp = model._resp
+    if (data.cens[data.mask] != 0).any():
+        raise DataError("CENS (LOQ) is not supported in a joint model with non-Gaussian responses yet")
+    index = np.asarray(model.ops.to_numpy(resp.index))
+    gaussian = data.mask & (index < len(resp.names))
+    consts = {"dv": np.where(data.mask, data.dv, 0.0), "gaussian": gaussian.astype(float)}
+    for name, out in resp.spec.outcomes.items():
+        mine = data.mask & (index == resp.all_names.index(name))
+        problem = out.check_data(np.where(mine, data.dv, np.nan), mine)
+        if problem is not None:
+            i, j = np.unravel_index(problem[0], data.dv.shape)
+            raise DataError(f"response {name!r}: {problem[1]} (ID {_id(data.ids[i])}, row {data.obs_rows[i, j]})")
+        own = dataclasses.replace(data, dv=np.where(mine, data.dv, 0.0), mask=mine)
+        consts.update({f"{name}/mask": mine.astype(float), f"{name}/dv": own.dv,
+                       **{f"{name}/{k}": v for k, v in out.constants(own).items()}})
+    model.importance_proposal = functools.partial(importance_proposal, model)
+    return {k: model.ops.asarray(v) for k, v in consts.items()}
+
+
+def _joint_log_prob(model: NLME, theta: dict[str, Any], f: Any, psi: dict[str, Any], design: Any,
+                    consts: dict[str, Any], units: Any) -> Any:
+    """Per-observation terms of a joint model (:class:`Joint`): each observation's response's Gaussian residual
+    density or outcome log-probability (0 on the other responses' records; each outcome sees the prediction 0
+    there, so that no masked term is infinite and no gradient NaN)."""
+    from latentfit.inference.ops import LOG_2PI
+
+    from . import responses as _resp
+
+    ops, xp, resp = model.ops, model.ops.xp, model._resp
+    lp = 0.0 * f
+    if resp.names:
+        sd = _resp.error_sd(theta, f, resp, units, ops)
+        r = (consts["dv"] - f) / sd
+        lp = xp.where(consts["gaussian"] > 0, -0.5 * r * r - xp.log(sd) - 0.5 * LOG_2PI, lp)
+    for name, out in resp.spec.outcomes.items():
+        mine = consts[f"{name}/mask"] > 0
+        own = {k[len(name) + 1:]: v for k, v in consts.items() if k.startswith(name + "/")}
+        f_r = xp.where(mine, f, 0.0) if out.uses_prediction else None
+        lp = xp.where(mine, out.log_prob(ops, own["dv"], f_r, psi, design, own), lp)
+    return lp
 
 
 #: importance sampling of outcome models: pilot draws per unit, and the proposal's least degrees of freedom
@@ -468,6 +583,9 @@ def require_gaussian(model: NLME, what: str) -> None:
 
 def describe(model: NLME) -> str:
     """``outcome='binary'`` or ``error='constant'`` (for the model's repr)."""
+    if isinstance(model.outcome, Joint):
+        spec = model.response_spec
+        return f"error={dict(zip(spec.names, spec.errors, strict=True))!r}, outcome={model.outcome!r}"
     return f"outcome={model.outcome!r}" if model.outcome is not None else f"error={model.error!r}"
 
 
@@ -475,12 +593,22 @@ def log_prob(model: NLME, theta: dict[str, Any], z: Any, units: Any = None, mu: 
     """Per-observation log-probabilities ``[..., n, T]`` (padding 0)."""
     ops, xp = model.ops, model.ops.xp
     mu = model._mu(theta, units) if mu is None else mu
-    psi = model._psi(mu, z)
     design = model.design.take(ops, units)
     out = model.outcome
-    f = model._structural_fn(psi, design) if out.uses_prediction else None
     consts = {k: model._take(v, units) for k, v in model._outcome_consts.items()}
-    lp = out.log_prob(ops, consts["dv"], f, psi, design, consts)
+    if model._iov is None:
+        psi = model._psi(mu, z)
+    else:  # ψ of each occasion (a leading axis K), each observation's term taken at its own occasion
+        psi = model._psi_by_occasion(mu, z)
+    f = model._structural_fn(psi, design) if out.uses_prediction else None
+    if isinstance(out, Joint):
+        lp = _joint_log_prob(model, theta, f, psi, design, consts, units)
+    else:
+        lp = out.log_prob(ops, consts["dv"], f, psi, design, consts)
+    if model._iov is not None:
+        from . import occasions as _occ
+
+        lp = _occ.select(lp + 0.0 * consts["dv"], model._iov, units, ops)
     if not model._no_padding:
         lp = xp.where(model._take(model._mask, units), lp, 0.0)
     return lp
@@ -494,21 +622,34 @@ def simulate(model: NLME, theta: dict[str, Any], seed: int) -> pd.DataFrame:
     with ops.seed_context(seed):
         z = model.sample_prior(theta, ops.key(seed), 1)[0]
     mu = model._mu(theta)
-    psi_b = model._psi(mu, z)
-    psi = {k: np.broadcast_to(ops.to_numpy(v), (model.num_units, 1)) for k, v in psi_b.items()}
-    rng = np.random.default_rng(seed)
     data, out = model.data, model.outcome
-    if isinstance(out, TimeToEvent):
-        return _simulate_tte(model, out, psi, rng)
-    consts = out.constants(data)
-    if isinstance(out, LogLik):
+    rng = np.random.default_rng(seed)
+    if model._iov is not None:  # ψ and f of each observation's occasion ([N, T])
+        from . import occasions as _occ
+
+        if isinstance(out, (TimeToEvent, LogLik)) or (isinstance(out, Joint) and any(
+                isinstance(o, (TimeToEvent, LogLik)) for o in out.outcomes.values())):
+            raise ModelSpecificationError("simulating time-to-event or user log-likelihood outcomes with occasions "
+                                          "(iov=) is not supported")
+        psi_k = model._psi_by_occasion(mu, z)
+        f_b = _occ.select(model._structural_fn(psi_k, model.design), model._iov, None, ops)
+        psi = {k: ops.to_numpy(_occ.select(v + 0.0 * model._y, model._iov, None, ops)) for k, v in psi_k.items()}
+    else:
+        psi_b = model._psi(mu, z)
+        psi = {k: np.broadcast_to(ops.to_numpy(v), (model.num_units, 1)) for k, v in psi_b.items()}
+        if isinstance(out, TimeToEvent):
+            return _simulate_tte(model, out, psi, rng)
+        f_b = model._structural_fn(psi_b, model.design) if out.uses_prediction else None
+    if isinstance(out, Joint):
+        y = _simulate_joint(model, theta, f_b, psi, rng)
+    elif isinstance(out, LogLik):
         if out.simulate_fn is None:
             raise ModelSpecificationError("a user log-likelihood has no simulator: give outcome=nlme.outcomes."
                                           "LogLik(simulate_fn=sim) with sim(psi, data, rng) -> y [N, T]")
         y = np.asarray(out.simulate_fn(psi, model.design, rng), dtype=float)
     else:
-        f = ops.to_numpy(model._structural_fn(psi_b, model.design))
-        y = out.sample(rng, np.broadcast_to(f, data.dv.shape), psi, consts)
+        f = ops.to_numpy(f_b)
+        y = out.sample(rng, np.broadcast_to(f, data.dv.shape), psi, out.constants(data))
     table = model.table.copy()
     dv_col = data.columns["dv"]
     table[dv_col] = table[dv_col].astype(float)
@@ -516,6 +657,27 @@ def simulate(model: NLME, theta: dict[str, Any], seed: int) -> pd.DataFrame:
     valid = rows >= 0
     table.iloc[rows[valid], table.columns.get_loc(dv_col)] = y[valid]
     return table
+
+
+def _simulate_joint(model: NLME, theta: dict[str, Any], f_b: Any, psi: dict[str, np.ndarray],
+                    rng: np.random.Generator) -> np.ndarray:
+    """Observations ``[N, T]`` of a joint model: each Gaussian response's prediction plus its residual error, each
+    non-Gaussian response drawn from its outcome at its prediction (one numpy stream, responses in order)."""
+    from . import responses as _resp
+
+    ops, data, resp = model.ops, model.data, model._resp
+    index = np.asarray(ops.to_numpy(resp.index))
+    f = np.broadcast_to(ops.to_numpy(f_b), data.dv.shape)
+    sd = ops.to_numpy(_resp.error_sd(theta, ops.asarray(f), resp, None, ops))
+    y = f + sd * rng.standard_normal(f.shape)
+    for name, out in resp.spec.outcomes.items():
+        if isinstance(out, (TimeToEvent, LogLik)):
+            raise ModelSpecificationError(f"response {name!r}: simulating a {out.name!r} response of a joint model "
+                                          f"is not supported (its records are not a fixed design)")
+        mine = data.mask & (index == resp.all_names.index(name))
+        own = dataclasses.replace(data, dv=np.where(mine, data.dv, 0.0), mask=mine)
+        y = np.where(mine, out.sample(rng, np.where(mine, f, 0.0), psi, out.constants(own)), y)
+    return y
 
 
 def _unit_stream_draws(model: NLME, theta: dict[str, Any], num_sims: int, seed: int, unit_ids: Any, ops: Any,

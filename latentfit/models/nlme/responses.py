@@ -20,7 +20,7 @@ inhibitory Imax effect, the warfarin PK/PD shape) returns ``{"conc": C, "effect"
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,13 +42,30 @@ class ResponseSpec:
     errors: list[str]
     init: dict[str, float]  # a_<name> / b_<name> -> initial value
     dvid: dict[str, float] | None  # explicit response -> DVID value
+    outcomes: dict[str, Any] = field(default_factory=dict)  # non-Gaussian responses: name -> Outcome (after names)
+
+    @property
+    def all_names(self) -> list[str]:
+        """Every response: the Gaussian ones (``error=``), then the non-Gaussian ones (``outcome=``)."""
+        return list(self.names) + list(self.outcomes)
+
+    @property
+    def predicted(self) -> list[str]:
+        """The responses the structural model predicts (every one but a time-to-event outcome's)."""
+        return list(self.names) + [n for n, o in self.outcomes.items() if o.uses_prediction]
 
 
-def parse(error: dict[str, str], error_init: dict[str, Any] | None, dvid: dict[str, Any] | None) -> ResponseSpec:
-    """``error={response: model}``, ``error_init={response: {"a": ..}}`` or flat ``{"a_<response>": ..}``."""
+def parse(error: dict[str, str], error_init: dict[str, Any] | None, dvid: dict[str, Any] | None,
+          outcomes: dict[str, Any] | None = None) -> ResponseSpec:
+    """``error={response: model}``, ``error_init={response: {"a": ..}}`` or flat ``{"a_<response>": ..}``;
+    ``outcomes``: the non-Gaussian responses of a joint model (name -> Outcome)."""
     names = [str(k) for k in error]
-    if len(names) < 1:
+    outcomes = dict(outcomes or {})
+    if len(names) + len(outcomes) < 1:
         raise ModelSpecificationError("error={...}: give at least one response -> error model")
+    both = sorted(set(names) & set(outcomes))
+    if both:
+        raise ModelSpecificationError(f"response(s) {both} given both an error model and an outcome")
     errors = [str(v).lower() for v in error.values()]
     bad = {n: e for n, e in zip(names, errors, strict=True) if e not in ERRORS}
     if bad:
@@ -69,11 +86,12 @@ def parse(error: dict[str, str], error_init: dict[str, Any] | None, dvid: dict[s
                 raise ModelSpecificationError(f"error_init: {k} must be > 0, got {v}")
             init[k] = float(v)
     if dvid is not None:
-        missing = [n for n in names if n not in dvid]
-        if missing or len(dvid) != len(names):
-            raise ModelSpecificationError(f"dvid= must give one DVID value per response {names}; got {dvid}")
+        every = names + list(outcomes)
+        missing = [n for n in every if n not in dvid]
+        if missing or len(dvid) != len(every):
+            raise ModelSpecificationError(f"dvid= must give one DVID value per response {every}; got {dvid}")
         dvid = {str(k): float(v) for k, v in dvid.items()}
-    return ResponseSpec(names, errors, init, dvid)
+    return ResponseSpec(names, errors, init, dvid, outcomes)
 
 
 @dataclass
@@ -89,7 +107,12 @@ class Responses:
 
     @property
     def names(self) -> list[str]:
+        """The Gaussian responses (a residual error model each; the first ``len(names)`` response indices)."""
         return self.spec.names
+
+    @property
+    def all_names(self) -> list[str]:
+        return self.spec.all_names
 
 
 def response_column(df: Any, column: str | None) -> str:
@@ -112,25 +135,25 @@ def bind(model: Any, data: Any, column: str) -> Responses:
     mask = data.mask
     seen = np.unique(values[mask])
     if spec.dvid is not None:
-        levels = [spec.dvid[n] for n in spec.names]
+        levels = [spec.dvid[n] for n in spec.all_names]
     else:
-        if len(seen) > len(spec.names):
+        if len(seen) > len(spec.all_names):
             raise DataError(f"the response column {column!r} has values {seen.tolist()} but the model has "
-                            f"{len(spec.names)} responses {spec.names}; give dvid={{response: value}}")
-        levels = sorted(seen.tolist())[:len(spec.names)]
-        if len(levels) < len(spec.names):
+                            f"{len(spec.all_names)} responses {spec.all_names}; give dvid={{response: value}}")
+        levels = sorted(seen.tolist())[:len(spec.all_names)]
+        if len(levels) < len(spec.all_names):
             raise DataError(f"the response column {column!r} has values {seen.tolist()}: no observation of "
-                            f"{spec.names[len(levels):]} (give dvid={{response: value}})")
+                            f"{spec.all_names[len(levels):]} (give dvid={{response: value}})")
     unknown = sorted(set(seen.tolist()) - set(levels))
     if unknown:
         raise DataError(f"the response column {column!r} has values {unknown} that match no response "
-                        f"({dict(zip(spec.names, levels, strict=True))})")
+                        f"({dict(zip(spec.all_names, levels, strict=True))})")
     index = np.zeros(mask.shape, dtype=np.int64)
     for r, v in enumerate(levels):
         index[values == v] = r
     uncens = mask & (data.cens == 0)
     counts = [int((uncens & (index == r)).sum()) for r in range(len(levels))]
-    empty = [n for n, c in zip(spec.names, counts, strict=True) if c == 0]
+    empty = [n for n, c in zip(spec.all_names, counts, strict=True) if c == 0]
     if empty:
         raise DataError(f"no (uncensored) observation of the response(s) {empty}")
     onehot = np.stack([(index == r) & mask for r in range(len(levels))]).astype(float)
@@ -152,19 +175,21 @@ def params(model: Any, spec: ResponseSpec) -> dict[str, ParamInfo]:
 
 
 def stack(pred: Any, resp: Responses, xp: Any) -> Any:
-    """The structural model's outputs as ``[R, ..., N, T]`` (dict by name, or tuple / list in response order)."""
+    """The structural model's outputs as ``[R, ..., N, T]`` (dict by name, or tuple / list in response order) for
+    the predicted responses (:attr:`ResponseSpec.predicted`)."""
+    names = resp.spec.predicted
     if isinstance(pred, dict):
-        missing = [n for n in resp.names if n not in pred]
+        missing = [n for n in names if n not in pred]
         if missing:
             raise ModelSpecificationError(f"the structural model returned {sorted(pred)}; the responses are "
-                                          f"{resp.names} (missing {missing})")
-        return [pred[n] for n in resp.names]
+                                          f"{names} (missing {missing})")
+        return [pred[n] for n in names]
     if isinstance(pred, (tuple, list)):
-        if len(pred) != len(resp.names):
+        if len(pred) != len(names):
             raise ModelSpecificationError(f"the structural model returned {len(pred)} outputs for the "
-                                          f"{len(resp.names)} responses {resp.names}")
+                                          f"{len(names)} responses {names}")
         return list(pred)
-    raise ModelSpecificationError(f"with several responses {resp.names} the structural model must return a dict "
+    raise ModelSpecificationError(f"with several responses {names} the structural model must return a dict "
                                   f"{{response: prediction}} or a tuple, got {type(pred).__name__}")
 
 
@@ -172,7 +197,7 @@ def wrap(fn: Any, model: Any) -> Any:
     """``fn(psi, design)`` -> the per-observation prediction of each observation's response (the design's units
     are found from its response regressor column)."""
     resp = model._resp
-    levels = resp.values
+    levels = [resp.values[resp.all_names.index(n)] for n in resp.spec.predicted]
 
     def selected(psi: dict[str, Any], d: Design) -> Any:
         xp = d.xp
@@ -198,8 +223,10 @@ def error_sd(theta: dict[str, Any], f: Any, resp: Responses, units: Any, ops: An
             a = a + onehot[r] * theta[f"a_{name}"]
         if f"b_{name}" in theta:
             b = b + onehot[r] * theta[f"b_{name}"]
-    sd = xp.sqrt(a * a + (b * f) ** 2)
-    return xp.where(sd > 0, sd, 1.0)  # padding observations (no response): any positive sd, masked later
+    var = a * a + (b * f) ** 2
+    # padding observations and a joint model's non-Gaussian ones (no error model): sd 1, masked later (the variance
+    # replaced before the square root, whose derivative at 0 would make the gradients NaN)
+    return xp.sqrt(xp.where(var > 0, var, 1.0))
 
 
 def stats(model: Any, theta: dict[str, Any], f: Any, units: Any) -> dict[str, Any]:
