@@ -136,6 +136,11 @@ class Engine:
         the per-unit state (:meth:`unit_axes`) is split, the rest replicated, and sums over units become
         all-reduces.  The estimates equal the one-device fit's up to the order of those sums (1e-10 in float64).
 
+        ``distributed=True`` on JAX (after ``jax.distributed.initialize``; every process passes the same whole data and
+        key): the units are sharded over the devices of every process (:meth:`~latentfit.inference.ops_jax.JaxOps.
+        process_mesh`, process r holding the r-th block) as ``devices=`` does on one process, and every process ends
+        with the whole final state, so the result equals the one-process fit's (1e-10 in float64).
+
         ``distributed=True`` (torch, inside a ``torchrun`` script with an initialised process group): this process's
         model holds its shard of the units; statistics and acceptance counts are all-reduced in float64 and every
         process runs the same M-step (:meth:`distribute`: SAEM, f-SAEM and MCMCSGD with ``rng="per_unit"``, MCMCSGD
@@ -150,8 +155,16 @@ class Engine:
         a temporary directory named in the message); ``KeyboardInterrupt`` returns the last good state and the
         history so far as a result with ``interrupted=True`` (checkpointed when ``checkpoint`` is given).
         """
+        over_processes = False  # one program over the devices of several JAX processes (jax.distributed)
         if distributed:
-            self.distribute()
+            mesh = self.ops.process_mesh()
+            if mesh is None:
+                self.distribute()
+            else:
+                if devices is not None or checkpoint is not None:
+                    raise ValueError(f"{self.name}: distributed=True on JAX shards the units over the devices of "
+                                     "every process; devices= and checkpoint= are not supported with it (yet)")
+                devices, over_processes = mesh, True
         ops = self.ops
         total = self.num_iterations
         resume_from = self._resume_source(checkpoint, resume)
@@ -225,6 +238,8 @@ class Engine:
         finally:
             if bar is not None:
                 bar.close()
+        if over_processes:  # every process gets the whole state: the result is a one-process fit's
+            state = ops.shard_units(ops.local_state(state), {}, None)
         state = self.finalize(state)
         _warn_nonfinite(self.name, history)
         return self._result(state, history, draws, t0, t_init, good.iteration if interrupted else done,
@@ -269,7 +284,7 @@ class Engine:
                          collect_from: int, keep: int, t0: float, t_init: float) -> NonFiniteError:
         """Restore the last good state, checkpoint it, and build the error naming the parameter and iteration."""
         k, name, what = fault
-        state = self._from_snapshot(good, state)
+        state = self.ops.local_state(self._from_snapshot(good, state))
         _truncate(history, draws, good.iteration, collect_from)
         from latentfit.checkpoint import checkpoint_files, engine_shard
 

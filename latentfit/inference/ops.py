@@ -172,6 +172,17 @@ class Ops:
         raise ValueError(f"distributed=True fits over torch.distributed processes (a Pyro model); the {self.name} "
                          "backend shards units over devices with run(..., devices=n)")
 
+    def process_mesh(self) -> Any:
+        """The device mesh of ``run(..., distributed=True)`` when the backend spreads one program over the processes
+        (JAX after ``jax.distributed.initialize``: ``JaxOps.process_mesh``); None: each process holds its own shard
+        of the units and the engine switches to :meth:`distributed` (torch.distributed)."""
+        return None
+
+    def local_state(self, state: Any) -> Any:
+        """``state`` with every array whole on this process (JAX: the entries split over the processes of a
+        ``jax.distributed`` fit are gathered); as is here."""
+        return state
+
     def shard_units(self, state: dict[str, Any], unit_axes: dict[str, int], devices: Any) -> dict[str, Any]:
         """Place the per-unit entries of ``state`` over ``devices`` (JAX: ``JaxOps.shard_units``); None: as is."""
         if devices is None:

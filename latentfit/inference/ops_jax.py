@@ -101,6 +101,21 @@ def _reorder_like(new: Any, old: Any) -> Any:
     return new
 
 
+def _check_same_on_every_process(state: Any) -> None:
+    """Refuse a ``jax.distributed`` fit whose processes built different initial states (each takes its block of the
+    units from its own copy): the entries are gathered from every process and compared (NaNs equal)."""
+    from jax.experimental import multihost_utils
+
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    gathered = multihost_utils.process_allgather([np.asarray(x) for _, x in leaves])  # [processes, ...] each
+    for (path, _), values in zip(leaves, gathered):
+        values = np.asarray(values)
+        if not all(np.array_equal(values[0], v, equal_nan=True) for v in values[1:]):
+            raise ValueError(f"run(..., distributed=True) on JAX: the processes' initial states differ (state entry "
+                             f"{jax.tree_util.keystr(path)}); every process must build the model on the same whole "
+                             "data and pass the same key and options (each takes its block of the units)")
+
+
 #: compiled chunk programs shared by every fit in the process, keyed by the traced program's text and the
 #: shapes/dtypes of its inputs and captured arrays (:func:`_program_for`); least recently used dropped first
 _PROGRAMS: OrderedDict[Hashable, Any] = OrderedDict()
@@ -309,6 +324,34 @@ class JaxOps(Ops):
         return jax.random.uniform(key, tuple(shape), dtype=self.dtype)
 
     # --- data parallelism: the unit axis over a device mesh ---------------------------------------------
+    def process_mesh(self) -> Any:
+        """The mesh ``"units"`` over the devices of every process of a ``jax.distributed`` run (``jax.devices()``,
+        process 0's first): ``run(..., distributed=True)`` shards the units over it, process r holding the r-th
+        contiguous block, and XLA's collectives (gloo on CPU, NCCL on GPU) sum the statistics across processes."""
+        if not jax.distributed.is_initialized():
+            raise RuntimeError("distributed=True on JAX needs jax.distributed.initialize(coordinator_address=..., "
+                               "num_processes=..., process_id=...) first (on CPU, after jax.config.update("
+                               "'jax_cpu_collectives_implementation', 'gloo')); one process shards the units over "
+                               "its own devices with run(..., devices=n)")
+        from jax.sharding import Mesh
+
+        return Mesh(np.asarray(jax.devices()), ("units",))
+
+    def local_state(self, state: Any) -> Any:
+        """``state`` with the arrays split over several processes gathered whole onto this process's default device
+        (``multihost_utils.process_allgather``; replicated ones: the local copy), so the result of a
+        ``jax.distributed`` fit is the same on every process, like a one-process fit's."""
+        from jax.experimental import multihost_utils
+
+        def whole(x: Any) -> Any:
+            if not isinstance(x, jax.Array) or x.is_fully_addressable:
+                return x
+            if x.is_fully_replicated:
+                return jnp.asarray(np.asarray(x.addressable_data(0)))
+            return jnp.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+        return _reorder_like(jax.tree_util.tree_map(whole, state), state)
+
     def shard_units(self, state: dict[str, Any], unit_axes: dict[str, int], devices: Any) -> dict[str, Any]:
         """Place ``state`` on a one-axis mesh ``"units"``: the entries in ``unit_axes`` split along their unit axis,
         everything else replicated (``jax.sharding.NamedSharding``); ``devices=None`` runs unsharded.
@@ -345,10 +388,19 @@ class JaxOps(Ops):
             if n % size:
                 raise ValueError(f"{n} units cannot be split evenly over {size} devices: use a number of devices "
                                  f"that divides {n}")
+        if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
+            # one program over several processes: each takes its block from its own copy of the state, so the
+            # copies (the key, the data's initial values) must agree
+            _check_same_on_every_process(state)
         self._units_mesh = (mesh, dict(unit_axes))
         return self._place_units(state)
 
     def _place_units(self, state: Any) -> Any:
+        return _reorder_like(jax.device_put(state, self._unit_shardings(state)), state)
+
+    def _unit_shardings(self, state: Any) -> Any:
+        """The shardings of ``state``'s leaves on the run's mesh (the tree of ``state``): per-unit entries split along
+        their unit axis, the others replicated."""
         from jax.sharding import NamedSharding, PartitionSpec
 
         mesh, axes = self._units_mesh
@@ -366,7 +418,7 @@ class JaxOps(Ops):
             placed = {name: place(value, spec.get(name)) for name, value in fields.items()}
             return type(node)(**placed) if hasattr(node, "_fields") else placed
 
-        return _reorder_like(jax.device_put(state, place(state, axes)), state)
+        return place(state, axes)
 
     # --- functional updates ---------------------------------------------------------------------
     def scatter(self, table: Any, idx: Any, rows: Any) -> Any:
@@ -505,6 +557,9 @@ class JaxOps(Ops):
             return state, []
         if self._units_mesh is not None:  # every chunk starts from the same placement (the executable's)
             state = self._place_units(state)
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            ks_arr = jax.device_put(ks_arr, NamedSharding(self._units_mesh[0], PartitionSpec()))
         mesh_id = None if self._units_mesh is None else id(self._units_mesh[0])
         cache_key = (key, n, mesh_id) if key is not None else None
         compiled = self._compiled.get(cache_key) if cache_key is not None else None
@@ -567,7 +622,12 @@ class JaxOps(Ops):
             return jax.core.eval_jaxpr(jaxpr, list(consts_), *flat_)
 
         flat = jax.tree_util.tree_leaves((state, *rest))
-        executable = jax.jit(run).lower(consts, *flat).compile()
+        # the state comes back placed as it went in, the info records replicated: every process reads them whole
+        # (a mesh over several processes can hand back only what each process holds)
+        state_out = jax.tree_util.tree_leaves(self._unit_shardings(state))
+        num_out = len(jax.tree_util.tree_leaves(out_shape))
+        out_shardings = state_out + [replicated] * (num_out - len(state_out))
+        executable = jax.jit(run, out_shardings=out_shardings).lower(consts, *flat).compile()
         return _ConstsBound(executable, consts, jax.tree_util.tree_structure(out_shape))
 
     def clear_cache(self) -> None:

@@ -1,0 +1,174 @@
+"""Fits over several JAX processes (issue 13, item 3): ``run(..., distributed=True)`` after
+``jax.distributed.initialize``.
+
+Two processes (spawned with ``subprocess``, a free port, CPU collectives over gloo) each pass the whole data and the
+same key; the units are sharded over the global mesh ``jax.devices()`` (one CPU device per process: process r holds
+the r-th block of units and of their data), XLA all-reduces the sums over units across the processes, and every
+process ends with the whole final state.  SAEM on an NLME model (theophylline, NumPyro, ``rng="per_unit"``) and FIEM
+on a ``GaussianMixture`` (JAX backend) must equal the one-process fit to 1e-10 in float64 on both processes (only the
+order of the sums over units differs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).parent
+
+CHILD = r"""
+import json, sys
+rank, port = int(sys.argv[2]), sys.argv[3]
+import jax
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=rank)
+import jax.numpy as jnp
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import latentfit.numpyro
+from latentfit.examples.theophylline_numpyro import theophylline_arrays, theophylline_model
+from latentfit.models import GaussianMixture
+from test_distributed_em import ENGINES, _data
+
+
+def params(fit):
+    return {k: np.asarray(v).tolist() for k, v in fit.params.items()}
+
+
+def split_consts(fit):
+    # the per-unit data the compiled iterations captured: [shape, shard shape, processes] of those split over both
+    out = []
+    for program, _ in fit.engine.ops._compiled.values():
+        for c in getattr(program, "consts", ()):
+            s = getattr(c, "sharding", None)
+            if s is not None and np.ndim(c) >= 1 and not c.is_fully_addressable and not c.is_fully_replicated:
+                out.append([list(c.shape), list(s.shard_shape(c.shape)), len({d.process_index for d in s.device_set})])
+    return out
+
+
+out = {"rank": rank, "processes": jax.process_count(), "devices": len(jax.devices())}
+data = theophylline_arrays()
+opts = dict(num_iters=(8, 6), progress=False, rng="per_unit", chunk_size=5, num_draws=3)
+one = latentfit.numpyro.SAEM(theophylline_model, **opts).run(jax.random.PRNGKey(1), **data)
+two = latentfit.numpyro.SAEM(theophylline_model, **opts).run(jax.random.PRNGKey(1), **data, distributed=True)
+out["saem"] = {"one": params(one), "two": params(two), "split": split_consts(two),
+               "z_diff": float(np.max(np.abs(np.asarray(one.state.z) - np.asarray(two.state.z)))),
+               "draws_diff": float(np.max(np.abs(one.latent_draws - two.latent_draws))),
+               "hist_diff": max(float(np.nanmax(np.abs(one.history[k] - two.history[k]))) for k in one.history),
+               "z_shape": list(two.state.z.shape), "ll": [float(one.log_likelihood()), float(two.log_likelihood())]}
+
+x = jnp.asarray(_data(40))
+fits = [latentfit.numpyro.FIEM(GaussianMixture(x, 3, "full", seed=1), **ENGINES["FIEM"], seed=3, progress=False,
+                               batching="random", track_log_lik=True).run(jax.random.PRNGKey(3), **run)
+        for run in ({}, {"distributed": True})]
+out["fiem"] = {"one": params(fits[0]), "two": params(fits[1]), "split": split_consts(fits[1]),
+               "log_lik_one": fits[0].history["log_lik"].tolist(), "log_lik_two": fits[1].history["log_lik"].tolist(),
+               "table_shape": list(fits[1].state.memory.table["r"].shape)}
+try:  # a process with another key: refused on every process
+    latentfit.numpyro.SAEM(theophylline_model, **opts).run(jax.random.PRNGKey(1 + rank), **data, distributed=True)
+except ValueError as e:
+    out["mismatch"] = str(e)
+print("RESULT" + json.dumps(out), flush=True)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(child: str, timeout: float = 600) -> list[dict]:
+    """Run ``child`` as processes 0 and 1 of a ``jax.distributed`` group; their RESULT records, by rank."""
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1")
+    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    procs = [subprocess.Popen([sys.executable, "-c", child, str(HERE), str(r), str(port)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for r in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=timeout)
+            assert p.returncode == 0, stderr[-3000:]
+            outs.append(json.loads(next(ln for ln in stdout.splitlines() if ln.startswith("RESULT"))[len("RESULT"):]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return outs
+
+
+@pytest.mark.slow
+def test_readme_commands_two_processes() -> None:
+    """The README's commands: ``examples/distributed_saem_jax.py`` started twice with ``JAX_COORDINATOR_ADDRESS``,
+    ``NUM_PROCESSES=2`` and ``PROCESS_ID=0/1``; both processes print estimates within 1e-10 of the one-process fit."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1", NUM_PROCESSES="2",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}")
+    env.pop("XLA_FLAGS", None)
+    script = str(HERE.parent / "examples" / "distributed_saem_jax.py")
+    procs = [subprocess.Popen([sys.executable, script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(env, PROCESS_ID=str(r)), cwd=HERE.parent) for r in range(2)]
+    try:
+        for r, p in enumerate(procs):
+            stdout, stderr = p.communicate(timeout=600)
+            assert p.returncode == 0, stderr[-3000:]
+            line = next(ln for ln in stdout.splitlines() if ln.startswith(f"process {r} of 2:"))
+            assert float(line.split("one-process fit:")[1]) < 1e-10, stdout
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def _assert_equal_params(one: dict, two: dict) -> None:
+    assert one.keys() == two.keys()
+    for name, value in one.items():
+        np.testing.assert_allclose(two[name], value, rtol=0, atol=1e-10, err_msg=name)
+
+
+@pytest.mark.slow
+def test_two_jax_processes_equal_one() -> None:
+    outs = _two_processes(CHILD)
+    assert [o["rank"] for o in outs] == [0, 1]
+    for out in outs:
+        assert out["processes"] == 2 and out["devices"] == 2
+        saem = out["saem"]
+        _assert_equal_params(saem["one"], saem["two"])
+        assert saem["z_diff"] < 1e-10 and saem["draws_diff"] < 1e-10 and saem["hist_diff"] < 1e-9
+        assert saem["z_shape"] == [5, 12, 3]  # every process ends with all 12 subjects' chains
+        np.testing.assert_allclose(saem["ll"][1], saem["ll"][0], rtol=1e-12)
+        # theophylline's per-subject data [12, ...] were split, 6 subjects on each process
+        assert saem["split"] and all(s[0][0] == 12 and s[1][0] == 6 and s[2] == 2 for s in saem["split"])
+        fiem = out["fiem"]
+        _assert_equal_params(fiem["one"], fiem["two"])
+        np.testing.assert_allclose(fiem["log_lik_two"], fiem["log_lik_one"], rtol=0, atol=1e-9)
+        assert fiem["log_lik_one"][-1] > fiem["log_lik_one"][0]  # the fit moved
+        assert fiem["table_shape"] == [40, 3]
+        assert fiem["split"] and all(s[0][0] == 40 and s[1][0] == 20 and s[2] == 2 for s in fiem["split"])
+        assert "initial states differ (state entry" in out["mismatch"]
+        assert "every process must build the model on the same whole data" in out["mismatch"]
+    # both processes hold the same estimates
+    _assert_equal_params(outs[0]["saem"]["two"], outs[1]["saem"]["two"])
+    _assert_equal_params(outs[0]["fiem"]["two"], outs[1]["fiem"]["two"])
+
+
+def test_distributed_jax_needs_initialize() -> None:
+    """Without ``jax.distributed.initialize``, ``run(..., distributed=True)`` on JAX is refused with the command to run
+    (``JaxOps.process_mesh``, the driver's first call); torch's shim has no such mesh (each process its shard)."""
+    jax = pytest.importorskip("jax")
+    from latentfit.inference.ops import make_ops
+    from latentfit.inference.ops_jax import JaxOps
+
+    if jax.distributed.is_initialized():  # pragma: no cover - a test process inside a group
+        pytest.skip("this process belongs to a jax.distributed group")
+    with pytest.raises(RuntimeError, match=r"jax.distributed.initialize\(coordinator_address=.*'gloo'"):
+        JaxOps().process_mesh()
+    assert make_ops("torch").process_mesh() is None
