@@ -30,6 +30,7 @@ from .driver import replace_fields, state_field
 from .em import EM
 from .iem import MiniBatchEM
 from .saem import RNG_MODES, _unit_ids
+from .stats_table import start_chain
 from .units import put_units, take_units
 
 #: the visit word's range (a 62-bit counter from two draws)
@@ -115,15 +116,15 @@ class _UnitStreamChains:
             return {k: xp.mean(v, 0)[:0] for k, v in self.model.stats_rows(theta, z, one).items()}, state
         return {k: xp.mean(v, 0) for k, v in self.model.stats_rows(theta, z, units).items()}, state
 
-    def _advance_chains(self, state: Any, theta: dict[str, Any], units: Any, key: Any) -> tuple[Any, Any]:
+    def _sweep_chains(self, state: Any, theta: dict[str, Any], units: Any, key: Any,
+                      chain: mcmc.ChainState | None = None) -> tuple[mcmc.ChainState, Any]:
         """``mcmc_steps`` sweeps (prior-IMH, component-wise RW) of the units' chains, each unit drawing from its own
         stream; acceptance rates (the RW scales' adaptation) and non-finite counts over every process."""
         if self.rng != "per_unit":
-            return super()._advance_chains(state, theta, units, key)
+            return super()._sweep_chains(state, theta, units, key, chain)
         model, ops, xp = self.model, self.ops, self.ops.xp
         sim = self._sim_ops(units)
         z_tab = state_field(state, "z")  # [n, L, d]
-        z0 = xp.swapaxes(take_units(ops, z_tab, units, 0), 0, 1)  # [L, b, d]
         empty = self._no_units(units)
 
         def evaluate(z: Any) -> tuple[Any, Any]:
@@ -131,12 +132,12 @@ class _UnitStreamChains:
                 return z[..., 0] * 0.0, z[..., 0] * 0.0
             return model.log_densities(theta, z, units)
 
-        shape = tuple(z0.shape)
+        chain = start_chain(ops, z_tab, units, evaluate, chain)
+        shape = tuple(chain.z.shape)
 
         def sample_prior(kk: Any) -> Any:
             return model.prior_transform(theta, sim.normal(kk, shape), units)
 
-        chain = mcmc.init_chain_state(z0, evaluate)
         keys = sim.split(self._visit_key(key), 2 * self.mcmc_steps + 1)
         scale = state_field(state, "rw_scale")
         for s in range(self.mcmc_steps):
@@ -145,7 +146,7 @@ class _UnitStreamChains:
             scale = mcmc.adapt_scale(scale, acc)
         state = replace_fields(state, z=put_units(ops, z_tab, units, xp.swapaxes(chain.z, 0, 1)), rw_scale=scale,
                                num_nonfinite=state_field(state, "num_nonfinite") + ops.all_sum(chain.num_nonfinite))
-        return chain.z, state
+        return chain, state
 
 
 class MCEM(_UnitStreamChains, EM):

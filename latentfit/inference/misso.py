@@ -279,31 +279,34 @@ class MISSO(MiniBatchMCEM):
         per_unit = self.rng == "per_unit"
         empty = self._no_units(units)  # a distributed fit's process holding none of the batch: zeros, same draws
 
-        def draw(st: MISSOState, kk: Any) -> tuple[Stats, Any, MISSOState]:
+        def draw(st: MISSOState, kk: Any, chain: Any = None) -> tuple[Stats, Any, MISSOState, Any]:
+            """One draw of the batch's latents ``[L, b, d]``; ``chain``: the MH chains' state (densities included) as
+            the visit's previous draw left it, None at its first draw (the chains are then evaluated at θ)."""
             if model.has_posterior_sampler and per_unit:
                 z = model.sample_posterior(theta, self._visit_key(kk), self.num_samples, units,
                                            sim=self._sim_ops(units))
             elif model.has_posterior_sampler:
                 z = model.sample_posterior(theta, kk, self.num_samples, units)
             else:
-                z, st = self._advance_chains(st, theta, units, kk)
+                chain, st = self._sweep_chains(st, theta, units, kk, chain)
+                z = chain.z
             if not self.by_stats:
-                return {}, z, st
+                return {}, z, st, chain
             if empty and not model.has_posterior_sampler:  # rows of the statistics' shape, none of them
                 one = ops.arange(1)
                 z1 = xp.swapaxes(take_units(ops, st.z, one, 0), 0, 1)
-                return {k: xp.mean(v, 0)[:0] for k, v in model.stats_rows(theta, z1, one).items()}, z, st
-            return {k: xp.mean(v, 0) for k, v in model.stats_rows(theta, z, units).items()}, z, st
+                return {k: xp.mean(v, 0)[:0] for k, v in model.stats_rows(theta, z1, one).items()}, z, st, chain
+            return {k: xp.mean(v, 0) for k, v in model.stats_rows(theta, z, units).items()}, z, st, chain
 
-        def scored(st: MISSOState, kk: Any) -> tuple[Stats, Any, Any, Any, MISSOState]:
+        def scored(st: MISSOState, kk: Any, chain: Any = None) -> tuple[Stats, Any, Any, Any, MISSOState, Any]:
             """A draw with the scores of every free parameter: −mean over chains ``[b, p]`` and Σ s sᵀ (Louis)."""
-            rows, z, st = draw(st, kk)
+            rows, z, st, chain = draw(st, kk, chain)
             if not p or empty:
-                return rows, ops.zeros((len(units), p)), ops.zeros((p, p)), z, st
+                return rows, ops.zeros((len(units), p)), ops.zeros((p, p)), z, st, chain
             scores = forward_jacobian(ops, complete_fn(z), x0)  # [L, b, p]
             flat = xp.reshape(scores, (-1, p))
             outer = flat.T @ flat if louis else ops.zeros((p, p))  # Σ_{chains, units} s sᵀ
-            return rows, -xp.mean(scores, 0), outer, z, st
+            return rows, -xp.mean(scores, 0), outer, z, st, chain
 
         def numeric_grad(z: Any) -> Any:
             """−mean over chains of the quadratic-surrogate parameters' scores ``[b, q]`` (forward mode in q only)."""
@@ -314,35 +317,35 @@ class MISSO(MiniBatchMCEM):
 
         # the first draw uses ``key`` as MiniBatchMCEM's oracle does (same streams); later draws a key of index
         # 2·mcmc_steps + 1, which the chains' own split of ``key`` (2·mcmc_steps + 1 keys) never hands out
-        rows, g, outer, z, state = scored(state, key)
+        rows, g, outer, z, state, chain = scored(state, key)
         key = ops.split(key, 2 * self.mcmc_steps + 2)[-1]
         # the complete-data curvature of the batch's surrogate: at the first draw (an estimate; the visits average it)
-        h = -ops.hessian(lambda x: xp.sum(xp.mean(complete_fn(z)(x), 0)))(x0) if p and not empty \
+        h = -ops.hessian(lambda x: xp.sum(xp.mean(complete_fn(z)(x), 0)), vectorize=True)(x0) if p and not empty \
             else ops.zeros((p, p))
         keys = ops.split(key, 2)
 
         def body(i: Any, carry: Any) -> Any:
-            r_acc, g_acc, o_acc, st, kk = carry
+            r_acc, g_acc, o_acc, st, kk, ch = carry
             kk, sub = ops.split(kk)
-            r, gi, oi, _, st = scored(st, sub)
-            return ({k: r_acc[k] + r[k] for k in r_acc}, g_acc + gi, o_acc + oi, st, kk)
+            r, gi, oi, _, st, ch = scored(st, sub, ch)
+            return ({k: r_acc[k] + r[k] for k in r_acc}, g_acc + gi, o_acc + oi, st, kk, ch)
 
         # further scored draws (a dynamic count on JAX: a traced loop bound); the paper's surrogates score every draw
         limit = self.score_draws if louis else None  # None: every draw
         num_scored = num_draws if limit is None else num_draws + (limit - num_draws) * (num_draws > limit)
-        rows, g, outer, state, kk = ops.fori_loop(1, num_scored, body, (rows, g, outer, state, keys[0]))
+        rows, g, outer, state, kk, chain = ops.fori_loop(1, num_scored, body, (rows, g, outer, state, keys[0], chain))
         inv = 1.0 / num_draws
         if louis:
             # the remaining draws refresh the statistics and the quadratic surrogates' gradients only (the same
             # key sequence as scored draws: the draws, hence the statistics, do not depend on ``score_draws``)
             def rest(i: Any, carry: Any) -> Any:
-                r_acc, g_acc, st, kk = carry
+                r_acc, g_acc, st, kk, ch = carry
                 kk, sub = ops.split(kk)
-                r, z, st = draw(st, sub)
-                return ({k: r_acc[k] + r[k] for k in r_acc}, g_acc + numeric_grad(z), st, kk)
+                r, z, st, ch = draw(st, sub, ch)
+                return ({k: r_acc[k] + r[k] for k in r_acc}, g_acc + numeric_grad(z), st, kk, ch)
 
             g_num = g if pick is None else g @ pick
-            rows, g_num, state, _ = ops.fori_loop(num_scored, num_draws, rest, (rows, g_num, state, kk))
+            rows, g_num, state, _, _ = ops.fori_loop(num_scored, num_draws, rest, (rows, g_num, state, kk, chain))
             g_num = g_num * inv
             # Louis: Σ_i Cov_m(s_{i,m}) over the M = scored draws × chains scores per unit (unbiased; 0 when M = 1)
             g = g * (1.0 / num_scored)

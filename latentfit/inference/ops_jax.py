@@ -450,7 +450,8 @@ class JaxOps(Ops):
     def grad(self, f: Callable[[Any], Any]) -> Callable[[Any], Any]:
         return jax.grad(f)
 
-    def hessian(self, f: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def hessian(self, f: Callable[[Any], Any], vectorize: bool = False) -> Callable[[Any], Any]:
+        """Hessian of ``f: R^p -> R`` (``jax.hessian``, batched already: ``vectorize`` is the torch option)."""
         return jax.hessian(f)
 
     def jvp(self, f: Callable[[Any], Any], x: Any, v: Any) -> tuple[Any, Any]:

@@ -129,6 +129,15 @@ def s_copy(ops: Any, a: Stats) -> Stats:
     return {k: v.clone() if hasattr(v, "clone") else v for k, v in a.items()}
 
 
+def start_chain(ops: Any, z_tab: Any, units: Any, evaluate: Any,
+                chain: mcmc.ChainState | None = None) -> mcmc.ChainState:
+    """The units' chains ``[L, b, d]`` from the table ``z_tab [n, L, d]``, evaluated; or ``chain``, the same chains
+    as the previous sweep at the same θ left them, with its fault count reset (a count is added to the state once)."""
+    if chain is None:
+        return mcmc.init_chain_state(ops.xp.swapaxes(take_units(ops, z_tab, units, 0), 0, 1), evaluate)
+    return chain._replace(num_nonfinite=chain.num_nonfinite * 0.0)
+
+
 def default_fast_step(num_units: int, batch_size: int) -> float:
     """``ρ = (n/b)^(−2/3)`` (FIEM / sEM-VR / TTSEM papers' practical default, per mini-batch)."""
     return min(1.0, (num_units / batch_size) ** (-2.0 / 3.0))
@@ -338,9 +347,16 @@ class StatEngine(Engine):
     def _advance_chains(self, state: StatState, theta: dict[str, Any], units: Any,
                         key: Any) -> tuple[Any, StatState]:
         """``mcmc_steps`` sweeps (prior-IMH, component-wise RW) of the units' persistent chains: ``[L, b, d]``."""
+        chain, state = self._sweep_chains(state, theta, units, key)
+        return chain.z, state
+
+    def _sweep_chains(self, state: StatState, theta: dict[str, Any], units: Any, key: Any,
+                      chain: mcmc.ChainState | None = None) -> tuple[mcmc.ChainState, StatState]:
+        """:meth:`_advance_chains` returning the chains' final :class:`~latentfit.inference.mcmc.ChainState`.
+        ``chain``: the units' chains as the previous sweep at the same θ left them (their densities are not
+        re-evaluated: the same values; its fault count is not counted again)."""
         model, ops, xp = self.model, self.ops, self.ops.xp
         z_tab = state_field(state, "z")  # [n, L, d]
-        z0 = xp.swapaxes(take_units(ops, z_tab, units, 0), 0, 1)  # [L, b, d]
 
         def evaluate(z):
             return model.log_densities(theta, z, units)
@@ -348,7 +364,7 @@ class StatEngine(Engine):
         def sample_prior(kk):
             return model.sample_prior(theta, kk, self.num_samples, units)
 
-        chain = mcmc.init_chain_state(z0, evaluate)
+        chain = start_chain(ops, z_tab, units, evaluate, chain)
         keys = ops.split(key, 2 * self.mcmc_steps + 1)
         scale = state_field(state, "rw_scale")
         for s in range(self.mcmc_steps):
@@ -357,7 +373,7 @@ class StatEngine(Engine):
             scale = mcmc.adapt_scale(scale, acc)
         state = replace_fields(state, z=put_units(ops, z_tab, units, xp.swapaxes(chain.z, 0, 1)), rw_scale=scale,
                                num_nonfinite=state_field(state, "num_nonfinite") + chain.num_nonfinite)
-        return chain.z, state
+        return chain, state
 
     def _initial_chains(self, theta: dict[str, Any], key: Any) -> Any:
         """The MH chains' starting draws ``[L, n, d]`` from the prior (mcem's per-unit streams override it)."""
