@@ -160,16 +160,52 @@ for program, _ in two.engine.ops._compiled.values():
             match = [k for k, a in (("t", t), ("y", y)) if np.shape(c) == a.shape and np.array_equal(np.asarray(c), a)]
             placed.append({"data": match, "shard": list(c.sharding.shard_shape(c.shape)),
                            "devices": len(c.sharding.device_set)})
-print("RESULT" + json.dumps({
+out = {"diff": max(float(np.max(np.abs(np.asarray(one.params[k]) - np.asarray(two.params[k])))) for k in one.params),
+       "placed": placed}
+
+import numpyro
+import numpyro.distributions as dist
+from numpyro.distributions import constraints
+
+
+def transposed(t, w, y):
+    # y [T, N] (the unit plate at dim=-1), the design t [T, N] laid out like it, a per-unit offset w [1, N]
+    m, n = y.shape
+    mu = numpyro.param("mu", jnp.zeros(2, dtype=y.dtype))
+    omega = numpyro.param("omega", jnp.ones(2, dtype=y.dtype), constraint=constraints.positive)
+    sigma = numpyro.param("sigma", jnp.array(1.0, dtype=y.dtype), constraint=constraints.positive)
+    with numpyro.plate("unit", n, dim=-1):
+        b = numpyro.sample("b", dist.Normal(mu, omega).to_event(1))
+        with numpyro.plate("obs", m, dim=-2):
+            numpyro.sample("y", dist.Normal(b[..., 0] + b[..., 1] * t + w, sigma), obs=y)
+
+
+w = rng.normal(size=(1, n))
+data = {"t": t.T, "w": w, "y": y.T + w}
+args = tuple(jnp.asarray(data[k]) for k in ("t", "w", "y"))
+one = SAEM(transposed, **opts).run(jax.random.PRNGKey(3), *args)
+two = SAEM(transposed, **opts).run(jax.random.PRNGKey(3), *args, devices=2)
+placed = []
+for program, _ in two.engine.ops._compiled.values():
+    for c in program.consts:
+        match = [k for k, a in data.items() if np.shape(c) == a.shape and np.array_equal(np.asarray(c), a)]
+        if match:
+            placed.append({"data": match, "shard": list(c.sharding.shard_shape(c.shape)),
+                           "devices": len(c.sharding.device_set)})
+out["transposed"] = {
     "diff": max(float(np.max(np.abs(np.asarray(one.params[k]) - np.asarray(two.params[k])))) for k in one.params),
-    "placed": placed}))
+    "history_diff": max(float(np.max(np.abs(one.history[k] - two.history[k]))) for k in one.history if k != "time"),
+    "omega": np.asarray(one.params["omega"]).tolist(), "placed": placed}
+print("RESULT" + json.dumps(out))
 """
 
 
 @pytest.mark.slow
 def test_model_data_sharded_over_devices() -> None:
     """The per-unit data the compiled iterations capture (``t`` and ``y``, ``[16, 5]``) are split over the 2 devices
-    like the chains (``[8, 5]`` on each), not replicated; the estimates still equal the one-device fit (1e-10)."""
+    like the chains (``[8, 5]`` on each), not replicated; the estimates still equal the one-device fit (1e-10).  So are
+    those of a model whose unit plate is at ``dim=-1`` (``y, t [5, 16]``, an offset ``w [1, 16]``), along their unit
+    axis (the adapter's ``unit_data_axes``): ``[5, 8]`` and ``[1, 8]`` on each device."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", DATA_CHILD, str(HERE)], capture_output=True, text=True, env=env,
                           timeout=1200)
@@ -179,3 +215,9 @@ def test_model_data_sharded_over_devices() -> None:
     data = [p for p in out["placed"] if p["data"]]
     assert {name for p in data for name in p["data"]} == {"t", "y"}, out["placed"]
     assert all(p["shard"] == [8, 5] and p["devices"] == 2 for p in data), out["placed"]
+    # per-unit data whose unit axis is not the leading one (a plate at dim=-1): split along it, found from the plate
+    res = out["transposed"]
+    assert res["diff"] < 1e-10 and res["history_diff"] < 1e-10, res
+    assert min(res["omega"]) > 0.05, res  # the random effects' scales were estimated (not collapsed)
+    shards = {name: (p["shard"], p["devices"]) for p in res["placed"] for name in p["data"]}
+    assert shards == {"t": ([5, 8], 2), "y": ([5, 8], 2), "w": ([1, 8], 2)}, res["placed"]

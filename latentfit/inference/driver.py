@@ -186,7 +186,9 @@ class Engine:
         start = 0
         if resume_from is not None:
             state, history, draws, start = self._restore(resume_from, state, collect_from)
-        state = ops.shard_units(state, self.unit_axes() if devices is not None else {}, devices)
+        sharded = devices is not None
+        state = ops.shard_units(state, self.unit_axes() if sharded else {}, devices,
+                                data_axes=getattr(self.model, "unit_data_axes", list)() if sharded else ())
         last_saved = start
         good = self._snapshot(state, start)  # set-up: a copy of the state (its per-unit tables on torch)
         t_init = time.perf_counter() - t0

@@ -226,6 +226,12 @@ class LatentModel:
         from the whole data; the default is the model itself (parameters that do not depend on the data)."""
         return self
 
+    def unit_data_axes(self) -> list[tuple[Any, int]]:
+        """The arrays the model's computations capture that hold one slice per unit, each with its unit axis:
+        ``run(devices=n)`` splits them along it over the devices (the data of a plate at ``dim=-1``, ``y [T, N]``).
+        The default names none: the captured arrays whose leading axis has the units' length are split along it."""
+        return []
+
     # ----- optional Gaussian faces (NLME-type models) ------------------------------------------
     # Used by f-SAEM's Gauss–Newton proposal, the linearisation log-likelihood / Fisher information
     # and residual diagnostics.  A model sets the flag when it implements the method.

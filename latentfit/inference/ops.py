@@ -183,8 +183,10 @@ class Ops:
         ``jax.distributed`` fit are gathered); as is here."""
         return state
 
-    def shard_units(self, state: dict[str, Any], unit_axes: dict[str, int], devices: Any) -> dict[str, Any]:
-        """Place the per-unit entries of ``state`` over ``devices`` (JAX: ``JaxOps.shard_units``); None: as is."""
+    def shard_units(self, state: dict[str, Any], unit_axes: dict[str, int], devices: Any,
+                    data_axes: Any = ()) -> dict[str, Any]:
+        """Place the per-unit entries of ``state`` (and the model's per-unit arrays ``data_axes``, pairs ``(array,
+        unit axis)``) over ``devices`` (JAX: ``JaxOps.shard_units``); None: as is."""
         if devices is None:
             return state
         raise ValueError(f"devices= shards the units over JAX devices (a NumPyro model); the {self.name} backend "

@@ -219,6 +219,8 @@ class JaxOps(Ops):
         self.num_compiles = 0
         #: ``(mesh, {state entry: unit axis})`` while a run shards its units over devices (:meth:`shard_units`)
         self._units_mesh: tuple[Any, dict[str, int]] | None = None
+        #: the model's per-unit arrays of that run, ``{id: (array, unit axis)}`` (:meth:`_sharded_program`)
+        self._unit_data: dict[int, tuple[Any, int]] = {}
         #: dtype of the normal draws when it is not ``dtype`` (:meth:`with_draw_dtype`); None: ``dtype``
         self.draw_dtype: Any = None
 
@@ -352,9 +354,12 @@ class JaxOps(Ops):
 
         return _reorder_like(jax.tree_util.tree_map(whole, state), state)
 
-    def shard_units(self, state: dict[str, Any], unit_axes: dict[str, int], devices: Any) -> dict[str, Any]:
+    def shard_units(self, state: dict[str, Any], unit_axes: dict[str, int], devices: Any,
+                    data_axes: Any = ()) -> dict[str, Any]:
         """Place ``state`` on a one-axis mesh ``"units"``: the entries in ``unit_axes`` split along their unit axis,
-        everything else replicated (``jax.sharding.NamedSharding``); ``devices=None`` runs unsharded.
+        everything else replicated (``jax.sharding.NamedSharding``); ``devices=None`` runs unsharded.  ``data_axes``:
+        pairs ``(array, unit axis)`` of the model's per-unit data (``LatentModel.unit_data_axes``), split along that
+        axis when the compiled iterations capture them (:meth:`_sharded_program`).
 
         ``devices``: a number of devices (the first of ``jax.devices()``), a sequence of devices, or a
         ``jax.sharding.Mesh`` with an axis ``"units"``.  The compiled chunks are then partitioned by XLA (GSPMD):
@@ -362,7 +367,7 @@ class JaxOps(Ops):
         objective) become all-reduces, so the fit equals the one-device fit up to the order of those sums.
         """
         if devices is None:
-            self._units_mesh = None
+            self._units_mesh, self._unit_data = None, {}
             return state
         from jax.sharding import Mesh
 
@@ -393,6 +398,7 @@ class JaxOps(Ops):
             # copies (the key, the data's initial values) must agree
             _check_same_on_every_process(state)
         self._units_mesh = (mesh, dict(unit_axes))
+        self._unit_data = {id(x): (x, int(axis)) for x, axis in data_axes}  # the arrays kept: their ids stay theirs
         return self._place_units(state)
 
     def _place_units(self, state: Any) -> Any:
@@ -599,22 +605,30 @@ class JaxOps(Ops):
 
     def _sharded_program(self, fn: Callable, state: Any, *rest: Any) -> _ConstsBound:
         """``fn(state, *rest)`` compiled for the run's mesh with the arrays its trace captured (the model's data,
-        designs, index maps) lifted to arguments and placed: an array whose leading axis has the units' length
-        (the per-unit state's) is split over the mesh along it, as the chains are, so each device holds its units'
-        data; the others are replicated.  Placement never changes a result (XLA partitions the program to match),
-        only where the data live and what moves between devices."""
+        designs, index maps) lifted to arguments and placed: one of the model's per-unit arrays (``data_axes`` of
+        :meth:`shard_units`, found from its plate structure: ``y [T, N]`` of a plate at ``dim=-1``) is split over the
+        mesh along its unit axis, any other array whose leading axis has the units' length (the per-unit state's)
+        along that axis, as the chains are, so each device holds its units' data; the others are replicated.
+        Placement never changes a result (XLA partitions the program to match), only where the data live and what
+        moves between devices."""
         from jax.sharding import NamedSharding, PartitionSpec
 
         mesh, axes = self._units_mesh
         size = mesh.shape["units"]
         units = {n for n in _unit_counts(state, axes) if n % size == 0}
-        split = NamedSharding(mesh, PartitionSpec("units"))
         replicated = NamedSharding(mesh, PartitionSpec())
         closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(state, *rest)
 
         def place(const: Any) -> Any:
             shape = np.shape(const)
-            return jax.device_put(const, split if shape and shape[0] in units else replicated)
+            known = self._unit_data.get(id(const))
+            if known is not None and known[0] is const:  # the model's per-unit data: its unit axis
+                axis = known[1] if known[1] < len(shape) and shape[known[1]] % size == 0 else None
+            else:
+                axis = 0 if shape and shape[0] in units else None
+            if axis is None:
+                return jax.device_put(const, replicated)
+            return jax.device_put(const, NamedSharding(mesh, PartitionSpec(*([None] * axis), "units")))
 
         consts = tuple(place(c) for c in closed.consts)
         jaxpr = closed.jaxpr

@@ -389,6 +389,7 @@ class TracedLatentModel(TracedBase):
 
     def _check_observed(self, trace: dict[str, Site]) -> None:
         self.observed = {}
+        self._unit_observed: list[tuple[Any, int]] = []  # observed values as the model got them, their unit axis
         self._in_unit_plate = {}
         self._lp_shape = {}
         for n in self.observed_names + self.latent_names_:
@@ -417,6 +418,9 @@ class TracedLatentModel(TracedBase):
                     f"observed site {n!r} holds {nbad} NaN/inf value(s) out of {value.size} at unmasked "
                     "positions; drop them or mask them with .mask(...) / obs_mask")
             self.observed[n] = value
+            axis = np.ndim(site.value) - len(site.fn.event_shape) + self.unit_dim
+            if self._in_unit_plate[n] and axis >= 0 and np.shape(site.value)[axis] == self.num_units:
+                self._unit_observed.append((site.value, axis))
 
     # ----- row -> unit maps of observations outside the unit plate -------------------------------------
     def _find_unit_maps(self, trace: dict[str, Site], unit_index: Any) -> None:
@@ -625,6 +629,36 @@ class TracedLatentModel(TracedBase):
                 tril = scale if g.kind == "mvn_tril" else self.ops.cholesky(scale)
                 parts.append(mu + eps @ tril.T)
         return self.ops.asarray(xp.concatenate(parts, -1), dtype=self._dtype)
+
+    def unit_data_axes(self) -> list[tuple[Any, int]]:
+        """The model's array arguments with a unit axis, found from its plate structure: an observed value in the
+        unit plate (or an argument of its shape, a design laid out like it) along the axis the plate's ``dim`` gives
+        it (``ndim − event_dim + dim``); another argument along the axis ``dim`` counts from its right (the plate's
+        broadcasting rule), when that axis has the units' length.  ``run(devices=n)`` splits them along it."""
+        out: list[tuple[Any, int]] = []
+        by_shape = {tuple(np.shape(v)): axis for v, axis in reversed(self._unit_observed)}
+
+        def visit(x: Any) -> None:
+            if isinstance(x, dict):
+                for v in x.values():
+                    visit(v)
+            elif isinstance(x, (list, tuple)):
+                for v in x:
+                    visit(v)
+            elif hasattr(x, "shape") and hasattr(x, "dtype"):
+                shape = tuple(np.shape(x))
+                axis = next((a for v, a in self._unit_observed if v is x), by_shape.get(shape))
+                if axis is None and len(shape) + self.unit_dim >= 0 \
+                        and shape[len(shape) + self.unit_dim] == self.num_units:
+                    axis = len(shape) + self.unit_dim
+                if axis is not None:
+                    out.append((x, axis))
+
+        visit(self.args)
+        visit(self.kwargs)
+        # observed values the model holds itself (a closure's data): the same arrays its runs capture
+        out += [(v, a) for v, a in self._unit_observed if not any(v is x for x, _ in out)]
+        return out
 
     def unpack_latents(self, z: Any) -> dict[str, Any]:
         z = self.ops.asarray(z)
