@@ -55,10 +55,10 @@ Two surrogates (option ``surrogate``):
 
   Its Monte-Carlo noise is amplified by at most ``1 / (1 − max_missing_fraction)`` in the same directions; the
   growing ``M_k`` absorbs it.  The extra cost per draw is the scores of all free parameters (forward mode) and one
-  Hessian per visit.  Defaults chosen with it: mini-batches of 50% of the units (the paper's largest variant; on
-  small data sets a visit's cost is mostly per-call overhead, so two visits per epoch cost far less than ten) and
-  14 epochs.  ``surrogate="paper"`` keeps the paper's algorithm (pass ``batch_size`` for its 10% or 1-unit
-  variants).
+  Hessian per visit (see "Cost" below).  Defaults chosen with it: mini-batches of 50% of the units (the paper's
+  largest variant; on small data sets a visit's cost is mostly per-call overhead, so two visits per epoch cost far
+  less than ten) and 14 epochs.  ``surrogate="paper"`` keeps the paper's algorithm (pass ``batch_size`` for its
+  10% or 1-unit variants).
 
   What limits it (N = 400, benchmarks/mcmcsgd_logistic.py, data seeds 0-2): not Monte-Carlo noise (started at the
   exact maximum of seed 1, the iterates stay within 1.0, 0.4 and 0.1 log-likelihood units of it with M = 10, 30 and
@@ -84,6 +84,28 @@ Two surrogates (option ``surrogate``):
   epochs) the log-likelihoods were those of every draw scored (−1.98, −0.72, −0.31 against −1.92, −0.69, −0.36) for
   25% less CPU time, but on the N = 100 data of tests/test_misso.py (fewer scores per visit) it went to −43 and
   −74 (5- and 10-SE trust regions), hence not the default.
+
+  Cost (one default fit of benchmarks/mcmcsgd_logistic.py, N = 400, data seed 1, torch on one thread; CPU times under
+  a load of 12-16 on 2 cores, so shares rather than seconds): 14 epochs are 29 visits and 205 draws of the 10 chains.
+  Before the changes below, 7.4 s: the MH sweeps 4.1 s (9 density evaluations per draw, each of all 400 units: the
+  model's observations are outside its unit plate, so a mini-batch cannot be run alone and each evaluation costs the
+  whole data set), the per-unit scores 2.8 s (``jacfwd`` in the p = 6 directions, 205 calls), the curvature 0.45 s.
+  Three changes, each leaving every estimate and history bit for bit as it was (41 arrays of tests/test_misso.py's
+  models, the benchmark fit, NumPyro's logistic GLMM): (1) inside the ``jacfwd`` the Pyro adapter runs the chains as
+  ``vmap`` over its one-chain recording, not its recording of every chain (11.8 → 5.4 ms per Jacobian); (2) a visit's
+  later draws start from the chains' state as the previous draw left it, densities included, instead of
+  re-evaluating the chains (``_sweep_chains``: 9 → 8 evaluations per draw after the first); (3) the curvature by
+  ``ops.hessian(vectorize=True)`` (22 → 10 ms).  Alternated fits (old, new, old, new; load ~15): 8.2, 7.9 s → 6.4,
+  6.3 s CPU (SAEM's 3.5 s in the same processes); the MH sweeps are now about 65% of a fit, the scores 28%, the
+  curvature 4%.  Not done: the scores by one reverse pass over per-unit copies of θ (θ enters the user's model code,
+  here also in the rows plate, so it cannot be given a unit axis in general; ``vmap(grad)`` over units needs a run per
+  unit, which this model cannot have either).  One reverse pass of the summed density costs 2.6 ms here against 5.4
+  ms for the 6-direction Jacobian, so it could save at most about half of the scores' share.  ``vmap`` over the
+  one-chain recording outside a transform (the MH evaluations) was slower than the per-chain recording on this model
+  (2.2 against 1.5 ms for 10 chains): the model's own gather ``phi[idx]`` and Bernoulli log-density on 6000 rows per
+  chain are most of an evaluation, so the MH sweeps cost what the draws need.  MISSO stays slower than SAEM here:
+  ``⌈M_k / 10⌉`` sweeps of the 10 chains per visit, 204 over the 14 epochs, each evaluation of the whole data set
+  (2040 chain-sweeps of the data against SAEM's 400 one-chain iterations).
 
 Data-parallel (``rng="per_unit"``, ``run(distributed=True)``; both surrogates): every process draws the same global
 mini-batch, advances only the chains (or exact posterior draws) of its own units in it, each from the unit's stream
