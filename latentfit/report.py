@@ -141,6 +141,8 @@ def figures(fit: Any, *, log_y: bool = False, vpc_simulations: int = 500, max_in
     """The report's matplotlib figures by file stem (see :data:`FIGURES`)."""
     model = fit.model
     if getattr(model, "outcome", None) is not None:  # discrete / event data: no predictions with residuals to draw
+        if getattr(model.outcome, "name", None) == "joint":  # several responses, some not Gaussian: no VPC yet
+            return {"convergence": fit.plot_convergence()}
         return {"discrete_vpc": fit.plot_vpc(num_sims=vpc_simulations, seed=seed),
                 "convergence": fit.plot_convergence()}
     n = model.num_units
@@ -223,7 +225,7 @@ def html_report(title: str, run_info: dict[str, Any], tables: dict[str, pd.DataF
     res = tables.get("residuals")
     if res is None:
         section("residuals", "<p>None: residuals (IWRES, PWRES, NPDE) are for continuous data with a residual error "
-                             "model; this model's outcome is discrete or time-to-event.</p>")
+                             "model; this model's outcome (or one of its responses) is discrete or time-to-event.</p>")
     else:
         stats = res[[c for c in ("IWRES", "PWRES", "NPDE") if c in res]].agg(["mean", "std"]).T.reset_index()
         stats.columns = ["residual", "mean", "sd"]

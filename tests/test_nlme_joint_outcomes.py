@@ -4,7 +4,7 @@
   of those of the separate models (the Gaussian response alone, each outcome alone on its own records) to 1e-10, for
   binary, ordinal, Poisson, negative binomial and repeated time-to-event responses; the Gaussian response's closed-form
   statistic is the one-response model's; importance sampling agrees with quadrature (1-D random effect) within 4 MC SE;
-  SAEM recovers simulated PK + binary (default suite) and PK + count (slow) truths within 3 SE.
+  SAEM recovers simulated PK + binary and PK + count truths within 3.5 SE (slow).
 * Outcomes with occasions (``iov=``): with κ = 0 the log-likelihood is the model's without IOV exactly (binary,
   Poisson, time-to-event with κ on the hazard's scale); recovery of a Poisson model with IOV (slow).
 """
@@ -169,10 +169,13 @@ def test_importance_sampling_agrees_with_quadrature_on_a_joint_model(monkeypatch
     assert abs(ll.value - gq) < 4 * ll.mc_se + 1e-3 and ll.mc_se < 0.1, (ll.value, gq, ll.mc_se)
 
 
-def _within(fit, truth, k=3.0):
+def _within(fit, truth, k=3.5):
+    """Every estimate within ``k`` SE (Louis) of the truth (3.5: a two-sided tail of 5e-4 per parameter, as in
+    tests/test_nlme_outcomes.py; the variances' SEs are the least reliable); the z-scores are printed (``-s``)."""
     se = fit.standard_errors()
     est = {n: float(v) for n, v in fit.params.items()}
     off = {n: (est[n] - truth[n]) / se[n] for n in truth}
+    print({n: round(v, 2) for n, v in off.items()})
     assert all(abs(v) < k for v in off.values()), off
     return off
 
@@ -180,7 +183,7 @@ def _within(fit, truth, k=3.0):
 @pytest.mark.slow
 def test_joint_pk_binary_recovery():
     """PK (constant error) + a binary event whose logit is e0 + slope·C(t): 100 simulated individuals, one seed,
-    every estimate within 3 SE (Louis) of the truth."""
+    every estimate within 3.5 SE (Louis) of the truth."""
     model = _joint_model("binary").bind(_design(100, "binary"))
     data = model.simulate(_theta(model, PK_BINARY_TRUTH), seed=1)
     fit = model.fit(data, seed=0, progress=False)
@@ -252,10 +255,87 @@ def test_kappa_zero_gives_the_model_without_occasions(kind):
 
 @pytest.mark.slow
 def test_poisson_with_occasions_recovery():
-    """A Poisson count with IOV on the rate: 150 individuals x 3 occasions x 5 counts, every estimate (γ² included)
-    within 3 SE of the truth."""
+    """A Poisson count with IOV on the rate: 120 individuals x 3 occasions x 4 counts, every estimate (γ² included)
+    within 3.5 SE of the truth."""
     model = nlme.NLME(_log_rate, {"lam": P(2.0), "slope": P(0.0, "normal", random=False)}, outcome="poisson",
-                      iov={"lam": 0.2}).bind(_occasion_design(150, per=5, occasions=3))
+                      iov={"lam": 0.2}).bind(_occasion_design(120, per=4, occasions=3))
     truth = {"lam": 4.0, "slope": -0.15, "omega2_lam": 0.3, "gamma2_lam": 0.15}
     fit = model.fit(model.simulate(_theta(model, truth), seed=1), seed=1, progress=False)
     _within(fit, truth)
+
+
+JOINT_TOML = """
+[model]
+file = "joint.py"
+function = "joint"
+
+[parameters]
+ka = { init = 1.2, random = false }
+V = { init = 18.0, random = false }
+CL = 2.2
+e0 = { init = -1.5, transform = "normal", random = false }
+slope = { init = 0.4, transform = "normal", random = false }
+
+[error.conc]
+model = "constant"
+dvid = 1
+
+[outcome.ae]
+type = "binary"
+dvid = 2
+
+[engine]
+iterations = [40, 20]
+"""
+
+JOINT_PY = """
+def joint(psi, d):
+    xp = d.xp
+    k = psi["CL"] / psi["V"]
+    c = 100.0 * psi["ka"] / (psi["V"] * (psi["ka"] - k)) * (xp.exp(-k * d.time) - xp.exp(-psi["ka"] * d.time))
+    return {"conc": c, "ae": psi["e0"] + psi["slope"] * c}
+"""
+
+
+def test_model_file_with_a_joint_outcome_builds_the_same_model(tmp_path):
+    """``[error.conc]`` beside ``[outcome.ae]`` (with their DVID values) build the Python API's joint model (same
+    log-likelihood to 1e-12)."""
+    from latentfit.models.nlme.config import ConfigError, parse_config
+
+    (tmp_path / "joint.py").write_text(JOINT_PY)
+    cfg = parse_config(JOINT_TOML, tmp_path / "joint.toml")
+    assert cfg.dvid == {"conc": 1.0, "ae": 2.0} and cfg.report["se_method"] == "sa"
+    table = _design(30, "binary")
+    api = _joint_model("binary", random=("CL",)).bind(table)
+    table = api.simulate(_theta(api, {k: v for k, v in PK_BINARY_TRUTH.items() if k[-2:] not in ("ka", "_V")}),
+                         seed=2)
+    api = api.bind(table)
+    from_file = cfg.model(table)
+    theta = api.init_params()
+    z = api.prior_moments(theta)[0][None] + api.ops.asarray(np.random.default_rng(4).normal(0, 0.2, (2, 30, 1)))
+    np.testing.assert_allclose(api.ops.to_numpy(from_file.log_lik(theta, z)), api.ops.to_numpy(api.log_lik(theta, z)),
+                               rtol=1e-12)
+    with pytest.raises(ConfigError, match=r"\[outcome.ae\].*unknown key 'kind'"):
+        parse_config(JOINT_TOML.replace('type = "binary"', 'kind = "binary"'), tmp_path / "joint.toml")
+
+
+@pytest.mark.slow
+def test_command_line_fits_a_joint_model(tmp_path):
+    """``latentfit nlme fit`` on the joint model file: estimates with SEs (Louis) and the report (convergence; no
+    residuals, GOF or VPC for a joint model with a non-Gaussian response)."""
+    from latentfit.cli import main
+
+    (tmp_path / "joint.py").write_text(JOINT_PY)
+    api = _joint_model("binary", random=("CL",)).bind(_design(30, "binary"))
+    table = api.simulate(_theta(api, {k: v for k, v in PK_BINARY_TRUTH.items() if k[-2:] not in ("ka", "_V")}),
+                         seed=2)
+    table.to_csv(tmp_path / "joint.csv", index=False)
+    (tmp_path / "joint.toml").write_text(JOINT_TOML)
+    rc = main(["nlme", "fit", str(tmp_path / "joint.toml"), str(tmp_path / "joint.csv"), "--out",
+               str(tmp_path / "out"), "--no-progress"])
+    assert rc == 0
+    est = pd.read_csv(tmp_path / "out" / "estimates.csv").set_index("parameter")
+    assert set(est.index) == {"ka", "V", "CL", "e0", "slope", "a_conc", "omega2_CL"} and est["se"].notna().all()
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "residuals (IWRES, PWRES, NPDE) are for continuous data" in html and "fig-convergence" in html
+    assert "fig-discrete_vpc" not in html and "fig-gof" not in html

@@ -45,6 +45,11 @@ A model file names everything a saemix ``saemixModel`` / ``saemixControl`` call 
     type = "binary"                  # of [error]: binary | ordinal | poisson | negative_binomial | tte | loglik
     # thresholds = ["alp1", "alp2"]  (ordinal), dispersion = "delta" (negative_binomial),
     # hazard = "weibull" | "constant", scale = "lambda", shape = "beta" (tte: no structural model needed)
+    # joint model (Gaussian and non-Gaussian responses, e.g. PK + a binary event): [error.conc] as above for the
+    # Gaussian responses and one sub-table per non-Gaussian response, its outputs after the Gaussian ones'
+    # [outcome.ae]
+    # type = "binary"
+    # dvid = 2
 
     [engine]                         # saemixControl
     algorithm = "saem"               # or "fsaem"
@@ -515,29 +520,50 @@ def _iov(raw: Any, reader: _Reader, params: list[str]) -> tuple[dict[str, float]
     return out, column
 
 
-def _outcome(raw: Any, reader: _Reader) -> Any:
-    """``[outcome]`` -> an :class:`~latentfit.models.nlme.outcomes.Outcome` (None for ``type = "gaussian"``)."""
-    from .outcomes import OUTCOMES, make_outcome
+def _outcome(raw: Any, reader: _Reader) -> tuple[Any, dict[str, float]]:
+    """``[outcome]`` -> (an :class:`~latentfit.models.nlme.outcomes.Outcome`, None for ``type = "gaussian"``; {}), or
+    one sub-table ``[outcome.<response>]`` per non-Gaussian response of a joint model -> (its outcomes, their DVID
+    values)."""
+    from .outcomes import make_outcome
 
     table = reader.table(raw, ("outcome",))
-    w = ("outcome",)
-    reader.keys(table, w, SECTIONS["outcome"])
+    responses = {k: v for k, v in table.items() if isinstance(v, dict)}
+    if not responses:
+        return _one_outcome(table, reader, ("outcome",), SECTIONS["outcome"]), {}
+    reader.keys({k: v for k, v in table.items() if k not in responses}, ("outcome",), ())
+    parts, dvid = {}, {}
+    for name, sub in responses.items():
+        where = ("outcome", name)
+        if "dvid" in sub:
+            dvid[name] = reader.number(sub["dvid"], where, "dvid")
+        parts[name] = _one_outcome({k: v for k, v in sub.items() if k != "dvid"}, reader, where,
+                                   SECTIONS["outcome"] + ("dvid",))
+        if parts[name] is None:
+            raise reader.error(f"[outcome.{name}]: a Gaussian response goes in [error.{name}]", where, "type")
+    return make_outcome(parts), dvid
+
+
+def _one_outcome(table: dict[str, Any], reader: _Reader, w: tuple[str, ...], allowed: tuple[str, ...]) -> Any:
+    """One outcome's table (``type`` and its options) -> an Outcome (None for ``type = "gaussian"``)."""
+    from .outcomes import OUTCOMES, make_outcome
+
+    reader.keys(table, w, allowed)
     if "type" not in table:
-        raise reader.error(f"[outcome] needs type = one of {', '.join(sorted(OUTCOMES))}", w)
+        raise reader.error(f"[{'.'.join(w)}] needs type = one of {', '.join(sorted(OUTCOMES))}", w)
     kind = reader.string(table["type"], w, "type", tuple(OUTCOMES) + ("gaussian",)).lower()
     options = {}
     for key, value in table.items():
         if key == "thresholds":
             if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-                raise reader.error(f"[outcome] thresholds must list parameter names, e.g. [\"alp1\", \"alp2\"], got "
-                                   f"{value!r}", w, key)
+                raise reader.error(f"[{'.'.join(w)}] thresholds must list parameter names, e.g. [\"alp1\", "
+                                   f"\"alp2\"], got {value!r}", w, key)
             options[key] = tuple(value)
         elif key != "type":
             options[key] = reader.string(value, w, key)
     try:
         return make_outcome(kind, **options)
     except ModelSpecificationError as err:
-        raise reader.error(f"[outcome]: {err}", w, next(iter(options), "type")) from None
+        raise reader.error(f"[{'.'.join(w)}]: {err}", w, next(iter(options), "type")) from None
 
 
 def _data(raw: Any, reader: _Reader) -> dict[str, Any]:
@@ -636,7 +662,7 @@ def parse_config(text: str, path: str | Path | None = None, base_dir: str | Path
             line = _find_line(text, (key,)) or _find_line(text, (), key)
             raise ConfigError(f"unknown section [{key}]; allowed sections are "
                               f"{', '.join('[' + s + ']' for s in SECTIONS)}", path, line)
-    outcome = _outcome(raw["outcome"], reader) if "outcome" in raw else None
+    outcome, outcome_dvid = _outcome(raw["outcome"], reader) if "outcome" in raw else (None, {})
     no_structural = outcome is not None and not outcome.uses_prediction  # time-to-event: the hazard's parameters
     for required in ("parameters",) if no_structural else ("model", "parameters"):
         if required not in raw:
@@ -678,6 +704,8 @@ def parse_config(text: str, path: str | Path | None = None, base_dir: str | Path
             cfg.omega_covariances = _covariances(raw["omega"]["covariances"], reader, blocks)
     if "error" in raw:
         cfg.error, cfg.error_init, cfg.response, cfg.dvid = _error(raw["error"], reader)
+    if outcome_dvid:  # a joint model: the DVID values of its non-Gaussian responses beside the Gaussian ones'
+        cfg.dvid = {**(cfg.dvid or {}), **outcome_dvid}
     if "iov" in raw:
         cfg.iov, cfg.occasion = _iov(raw["iov"], reader, expected)
     if "data" in raw:
