@@ -339,3 +339,19 @@ def test_command_line_fits_a_joint_model(tmp_path):
     html = (tmp_path / "out" / "report.html").read_text()
     assert "residuals (IWRES, PWRES, NPDE) are for continuous data" in html and "fig-convergence" in html
     assert "fig-discrete_vpc" not in html and "fig-gof" not in html
+
+
+def test_importance_sampling_agrees_with_quadrature_with_occasions(monkeypatch):
+    """A Poisson model with IOV on its rate (latent η, κ_1, κ_2: quadrature on 16³ nodes is exact enough): the IS
+    log-likelihood is within 4 MC SE of quadrature (measured: 0.03 apart, MC SE 0.19, 40 individuals)."""
+    monkeypatch.setattr(oc, "PILOT_SAMPLES", 1000)
+    truth = {"lam": 4.0, "slope": -0.15, "omega2_lam": 0.3, "gamma2_lam": 0.15}
+    model = nlme.NLME(_log_rate, {"lam": P(4.0), "slope": P(-0.15, "normal", random=False)}, outcome="poisson",
+                      iov={"lam": 0.15}).bind(_occasion_design(40, per=4, occasions=2))
+    model = model.bind(model.simulate(_theta(model, truth), seed=5))
+    theta = _theta(model, truth)
+    mu = model.ops.to_numpy(model.prior_moments(theta)[0])
+    mean, sd, df = oc.importance_proposal(model, theta, mu, np.full_like(mu, 0.3), 4)
+    ll = log_likelihood_is(model, theta, mean, sd, num_samples=3000, df=df)
+    gq = log_likelihood_gq(model, theta, num_nodes=16).value
+    assert abs(ll.value - gq) < 4 * ll.mc_se + 1e-3 and ll.mc_se < 0.4, (ll.value, gq, ll.mc_se)
