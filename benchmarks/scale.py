@@ -1,7 +1,7 @@
 """Scale benchmark (issue 13): SAEM on large PK populations over processes (torch.distributed) and devices (JAX).
 
     python benchmarks/scale.py [--quick] [--sizes 5000,100000] [--processes 1,2,4] [--devices 1,2,4]
-                               [--memory-sizes 100000,1000000] [--iters 6,4]
+                               [--memory-sizes 100000,1000000] [--iters 6,4] [--mmap-threshold 131072]
 
 Data: the one-compartment oral population of ``benchmarks/nlme.py`` (10 observations per individual at
 0.25 … 24 h, one dose of 100 at time 0; ka = 1, V = 8, CL = 0.8, ω² = 0.16/0.09/0.09, a = 0.5), simulated here in
@@ -17,9 +17,12 @@ closed form with numpy so that N = 10⁶ costs seconds.
    ``backend="jax"`` and ``run(devices=d)`` (chains split; the data were replicated when the table below was
    measured, and are now split too: the arrays with a leading unit axis), d = 1, 2, 4: time per iteration
    (compilation excluded), peak resident memory of the process during that fit, estimates against d = 1.
-3. **Memory**: one process, N individuals: resident memory before the data (``RSS0``), after binding them
-   (``RSS1``), and the peak during a short SAEM run (``VmHWM``, reset after binding), per individual, against the
-   bytes the per-unit state needs (the model's arrays with one row per individual plus the chains ``z [L, N, d]``).
+3. **Memory**: one process, N individuals, per individual over ``RSS0`` (the resident memory after the imports and a
+   50-individual fit, so that neither counts as per-unit memory): the simulated table (the caller's DataFrame; the
+   model keeps it by reference, no copy), the resident memory after binding it, the peak while binding and the peak
+   during a short SAEM run (``VmHWM``, reset after binding), against the bytes the per-unit state needs (the model's
+   arrays with one row per individual plus the chains ``z [L, N, d]``, each block of memory once: a row viewed N
+   times counts once).  ``--mmap-threshold`` sets glibc's ``MALLOC_MMAP_THRESHOLD_`` for it.
 
 On a machine with fewer cores than processes or devices the runs are oversubscribed: the times then measure
 contention, not scaling (the table prints the core count and the load average).
@@ -45,18 +48,42 @@ throughout, so 2 and 4 processes/devices are oversubscribed and the times are co
       100000         2     741.3       16.2      1453         2.7e-15
       100000         4     795.7       13.5      1567         9.0e-16
 
-    3. memory per individual, one process (torch, SAEM (3, 0) iterations, 1 chain)
-            N  RSS0 MiB data B/unit peak B/unit state B/unit  +copies peak/state fit B/unit  ms/iter
-       100000       256        2301        3829          708     1010       5.41       1528     1020
-      1000000       256        1602        2479          708     1010       3.50        877    34338
+    3. memory per individual, one process (torch, SAEM (3, 0) iterations, 1 chain; B/individual; 2026-12-02 15:24-15:54,
+       load average 11-16; before: the library before 218a32d, same measurement)
+                    N   table   data  bind pk   peak  state  +copies  peak/state   fit   ms/iter
+       before  100000     533   1568     3679   2366    716      816        3.30   797      1017
+       before 1000000     528   1535     3528   2359    716      816        3.29   824     17572
+       after   100000     533   1093     2550   2455    386      626        6.36  1362       998
+       after  1000000     528   1067     2379   1924    386      626        4.98   857     17443
+       with MALLOC_MMAP_THRESHOLD_=131072 (bind pk: before dde8679's earlier frees in read_nonmem):
+       before  100000     533   1559     3513   2205    716      816        3.08   646      1984
+       before 1000000     528   1536     3471   2152    716      816        3.01   616     47748
+       after   100000     533   1084     2721   1728    386      626        4.48   645      2121
+       after  1000000     528   1071     2690   1687    386      626        4.37   616     16627
 
 Every run's estimates agree with the one-process / one-device fit to rounding (≤ 4e-15).  Per process, the peak
-memory falls with the block (815 → 437 MiB at N = 10⁵); the imports alone are ~256 MiB.  Memory per individual
-falls towards its linear cost as N grows: at N = 10⁶ the peak is 3.5× the arrays the fit uses (model tensors and
-chains, 708 B) and 1.4× those plus the copies the bound NLME keeps (its numpy ``NLMEData`` and the table, 1010 B);
-the fit's own working memory is 877 B per individual (1.2× the state).  The 3× goal is met only when the kept
-copies count as state.  The N = 10⁶ time per iteration (34 s, vs 1.0 s at 10⁵) was measured under that load and
-is not a scaling figure.
+memory falls with the block (815 → 437 MiB at N = 10⁵); the imports alone are ~256 MiB.  Re-run of parts 1-2 at
+N = 5000 after the memory changes (load 11-13): 133 / 217 / 449 ms per iteration and 359 / 354 / 350 MiB on 1 / 2 / 4
+processes, 50 / 40 / 64 ms and 616 / 685 / 731 MiB on 1 / 2 / 4 JAX devices, estimates within 3.6e-15.
+
+Memory (part 3).  The bound model no longer keeps copies that the fit never reads: the observations with NaN padding
+(``model.observed``, now built when asked), log y without the exponential error, the censoring codes as floats without
+censored data, ``X_i`` (the same identity matrix for each individual when there is no covariate: one row viewed N
+times), and NLMEData's period array without a reset; the censoring codes are int8 and the table row positions int32.
+The resident data fell from 1.5 to 1.1 kB per individual, of which 0.53 kB is the caller's table, and the state itself
+from 716 to 386 B (the dropped arrays were counted in it).  read_nonmem's per-row temporaries (11 rows of 8 bytes per
+individual each) are freed sooner, so the binding peak fell from 3.5-3.7 to 2.4-2.6 kB.  At N = 10⁶ the peak during
+the fit is 1.92 kB per individual (2.36 kB before); at 10⁵ it did not fall (2.37 → 2.46 kB) because glibc kept more
+freed heap pages resident in that run: with a fixed mmap threshold the fit's own increment is the same before and
+after (645 B) and the peak falls by 0.47 kB at both sizes.  The 3× goal is NOT met: the peak is 5.0× (10⁶) and 6.4×
+(10⁵) the state.  Beyond the table (0.53 kB, the caller's) and the bound arrays (0.54 kB), the fit adds ~0.6 kB even
+with a fixed mmap threshold (tensors alive at its peak, a line tracer found: 0.4-0.5 kB, three ``[L, N, T]`` float64
+arrays at once inside the one-compartment model and the residual sum of squares, 240 B, plus the kernels' chain states
+and ``[L, N, 1]`` parameters) and, with glibc's default allocator, a further 0.3-0.6 kB of freed heap pages that it
+keeps resident (``MALLOC_MMAP_THRESHOLD_=131072`` removes them at a cost in system time at N = 10⁵).  The binding, not
+the fit, sets the process's peak.  Within 3× of 386 B would need evaluating the model over blocks of individuals (the
+``[L, N, T]`` temporaries) and not counting the caller's table.
+The N = 10⁶ time per iteration (17 s, vs 0.9 s at 10⁵) was measured under that load and is not a scaling figure.
 """
 
 from __future__ import annotations
@@ -139,18 +166,35 @@ def reset_peak() -> None:
         f.write("5")
 
 
-def per_unit_bytes(model, state, n: int) -> int:
-    """Bytes of the arrays with one row per individual: the model's (and its design's) and the engine state's."""
-    seen: set[int] = set()
+def _storage(x) -> tuple[int, int]:
+    """``(address, bytes)`` of the memory behind an array: a torch tensor's storage, a numpy array's base (views and
+    arrays sharing memory count once; a row broadcast N times counts its one row)."""
+    if hasattr(x, "untyped_storage"):
+        st = x.untyped_storage()
+        return st.data_ptr(), st.nbytes()
+    if isinstance(x, np.ndarray):
+        while isinstance(x.base, np.ndarray):
+            x = x.base
+        return x.__array_interface__["data"][0], x.nbytes
+    return id(x), int(np.prod(x.shape)) * np.dtype(str(x.dtype)).itemsize
+
+
+def per_unit_bytes(model, state, n: int, seen: set[int] | None = None) -> int:
+    """Bytes of the arrays with one row per individual: the model's (and its design's) and the engine state's, each
+    memory block once (``seen``: the blocks already counted, updated)."""
+    seen = set() if seen is None else seen
     total = 0
 
     def add(x, axis_ok) -> None:
         nonlocal total
         shape = tuple(getattr(x, "shape", ()))
-        if id(x) in seen or not hasattr(x, "dtype") or not shape or not axis_ok(shape):
+        if not hasattr(x, "dtype") or not shape or not axis_ok(shape):
             return
-        seen.add(id(x))
-        total += int(np.prod(shape)) * np.dtype(str(x.dtype).replace("torch.", "")).itemsize
+        address, nbytes = _storage(x)
+        if address in seen:
+            return
+        seen.add(address)
+        total += nbytes
 
     def walk(obj, axis_ok, depth=0) -> None:
         if depth > 2:
@@ -258,9 +302,18 @@ def _memory_child(n: int) -> None:
     torch.set_num_threads(1)
     from latentfit.inference.saem import SAEM
 
+    # a fit of 50 individuals first: the imports and first calls it triggers are not per-unit memory
+    SAEM(_model(simulate(50)), (3, 0), burn_in=1, seed=0, progress=False, num_draws=1).run()
+    release_freed()
     rss0 = rss_mib()
     t0 = time.perf_counter()
-    model = _model(simulate(n))
+    df = simulate(n)
+    release_freed()
+    rss_table = rss_mib()
+    reset_peak()
+    model = _model(df)
+    del df
+    bind_peak = peak_mib()
     release_freed()
     bind_s = time.perf_counter() - t0
     rss1 = rss_mib()
@@ -268,19 +321,24 @@ def _memory_child(n: int) -> None:
     engine = SAEM(model, (3, 0), burn_in=1, seed=0, progress=False, num_draws=1)
     fit = engine.run()
     peak = peak_mib()
-    need = per_unit_bytes(model, fit.state, n)
-    copies = sum(v.nbytes for v in vars(model.data).values() if isinstance(v, np.ndarray)) + int(
-        model.table.memory_usage(deep=True).sum())
-    print("RESULT" + json.dumps({"n": n, "rss0_mib": rss0, "rss1_mib": rss1, "peak_mib": peak, "need_bytes": need,
-                                 "copies_bytes": copies,
+    seen: set[int] = set()
+    need = per_unit_bytes(model, fit.state, n, seen)
+    copies = sum(nbytes for address, nbytes in {_storage(v) for v in vars(model.data).values()
+                                               if isinstance(v, np.ndarray)} if address not in seen)
+    copies += int(model.table.memory_usage(deep=True).sum())
+    print("RESULT" + json.dumps({"n": n, "rss0_mib": rss0, "rss_table_mib": rss_table, "bind_peak_mib": bind_peak,
+                                 "rss1_mib": rss1, "peak_mib": peak, "need_bytes": need, "copies_bytes": copies,
                                  "bind_s": bind_s, "ms_per_iter": 1000 * (fit.elapsed - fit.init_time) / 3,
                                  "chains": int(engine.num_chains)}))
 
 
-def memory(n: int) -> dict:
+def memory(n: int, mmap_threshold: int | None = None) -> dict:
+    """Part 3 for ``n`` individuals in a fresh process; ``mmap_threshold``: glibc's ``MALLOC_MMAP_THRESHOLD_`` for
+    it (blocks above it are mapped and handed back when freed, so freed temporaries stop holding heap pages)."""
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import scale; "
             f"scale._memory_child({n})")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)} if mmap_threshold else {}))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     return json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))[len("RESULT"):])
@@ -303,6 +361,8 @@ def main() -> None:
     ap.add_argument("--devices", default="1,2,4")
     ap.add_argument("--memory-sizes", default=None, help="populations for the memory table (default 100000,1000000)")
     ap.add_argument("--iters", default="10,5", help="SAEM iterations K1,K2 of the timed fits")
+    ap.add_argument("--mmap-threshold", type=int, default=None,
+                    help="part 3 with glibc's MALLOC_MMAP_THRESHOLD_ set to this many bytes (e.g. 1048576)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: torch,jax,memory")
     args = ap.parse_args()
     sizes = [int(s) for s in (args.sizes or ("2000,8000" if args.quick else "5000,100000")).split(",")]
@@ -335,21 +395,28 @@ def main() -> None:
                 print(f"{n:>8}{r['devices']:>10}{r['ms_per_iter']:>10.1f}{r['compile_s']:>11.1f}{r['peak_mib']:>10.0f}"
                       f"{_max_diff(r['params'], base):>16.1e}")
     if "memory" not in skip:
-        print("\n3. memory per individual, one process (torch, SAEM (3, 0) iterations, saemix default chains)")
-        print(f"{'N':>9}{'chains':>7}{'RSS0 MiB':>10}{'data B/unit':>12}{'peak B/unit':>12}{'state B/unit':>13}"
-              f"{'+copies':>9}{'peak/state':>11}{'fit B/unit':>11}{'ms/iter':>9}")
+        print("\n3. memory per individual, one process (torch, SAEM (3, 0) iterations, saemix default chains"
+              + (f"; MALLOC_MMAP_THRESHOLD_={args.mmap_threshold})" if args.mmap_threshold else ")"))
+        print(f"{'N':>9}{'chains':>7}{'RSS0 MiB':>10}{'table':>7}{'data':>6}{'bind pk':>8}{'peak':>6}{'state':>6}"
+              f"{'+copies':>8}{'peak/state':>11}{'fit':>5}{'ms/iter':>9}   (B/unit)")
         for n in mem_sizes:
-            r = memory(n)
-            data = (r["rss1_mib"] - r["rss0_mib"]) * 2 ** 20 / n
-            peak = (r["peak_mib"] - r["rss0_mib"]) * 2 ** 20 / n
+            r = memory(n, args.mmap_threshold)
+            per = lambda mib, n=n: mib * 2 ** 20 / n  # noqa: E731
+            table = per(r["rss_table_mib"] - r["rss0_mib"])
+            data = per(r["rss1_mib"] - r["rss0_mib"])
+            bind_peak = per(r["bind_peak_mib"] - r["rss0_mib"])
+            peak = per(r["peak_mib"] - r["rss0_mib"])
             state = r["need_bytes"] / n
-            fit_only = (r["peak_mib"] - r["rss1_mib"]) * 2 ** 20 / n
-            print(f"{n:>9}{r['chains']:>7}{r['rss0_mib']:>10.0f}{data:>12.0f}{peak:>12.0f}{state:>13.0f}"
-                  f"{r['copies_bytes'] / n:>9.0f}{peak / state:>11.2f}{fit_only:>11.0f}{r['ms_per_iter']:>9.0f}")
-        print("(data: resident memory added by simulating and binding the data, per individual (freed pages handed "
-              "back); peak: the peak during the fit over RSS0; state: the arrays with one row per individual the fit "
-              "uses (model tensors + chains); +copies: what the bound model also keeps (its NLMEData numpy arrays and "
-              "the table); fit: the peak during the fit over the bound data's RSS)")
+            fit_only = per(r["peak_mib"] - r["rss1_mib"])
+            print(f"{n:>9}{r['chains']:>7}{r['rss0_mib']:>10.0f}{table:>7.0f}{data:>6.0f}{bind_peak:>8.0f}{peak:>6.0f}"
+                  f"{state:>6.0f}{r['copies_bytes'] / n:>8.0f}{peak / state:>11.2f}{fit_only:>5.0f}"
+                  f"{r['ms_per_iter']:>9.0f}")
+        print("(RSS0: after imports and a 50-individual fit; table: the simulated table (the caller's DataFrame, which "
+              "the model keeps by reference); data: resident memory added by the table and the binding (freed pages "
+              "handed back); bind pk: the peak while binding; peak: the peak during the fit; all over RSS0; state: "
+              "the arrays with one row per individual the fit uses (model tensors + chains; each memory block once); "
+              "+copies: what the bound model also keeps (its NLMEData arrays not shared with the state, and the "
+              "table); fit: the peak during the fit over the bound data's RSS)")
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 
