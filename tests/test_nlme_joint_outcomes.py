@@ -355,3 +355,22 @@ def test_importance_sampling_agrees_with_quadrature_with_occasions(monkeypatch):
     ll = log_likelihood_is(model, theta, mean, sd, num_samples=3000, df=df)
     gq = log_likelihood_gq(model, theta, num_nodes=16).value
     assert abs(ll.value - gq) < 4 * ll.mc_se + 1e-3 and ll.mc_se < 0.4, (ll.value, gq, ll.mc_se)
+
+
+def test_joint_model_with_occasions_at_kappa_zero_is_the_joint_model():
+    """A joint PK + binary model with IOV on CL (occasions 1: t < 5, 2: later): κ = 0 gives the joint model's
+    log-likelihood without IOV exactly, and its simulation runs (each record at its occasion's parameters)."""
+    table = _design(8, "binary")
+    table["OCC"] = np.where(table.TIME < 5, 1, 2)
+    with_iov = nlme.NLME(_joint, _params("binary"), error={"conc": "constant"}, outcome={"ae": "binary"},
+                         iov={"CL": 0.2}).bind(table)
+    without = _joint_model("binary").bind(table)
+    theta = with_iov.init_params()
+    ops = with_iov.ops
+    noise = ops.asarray(np.random.default_rng(3).normal(0, 0.3, (2, 8, 3)))
+    eta = with_iov.prior_moments(theta)[0][None, :, :3] + noise
+    z = ops.xp.concatenate([eta, ops.xp.zeros_like(eta[..., :2])], -1)
+    np.testing.assert_array_equal(ops.to_numpy(with_iov.log_lik(theta, z)),
+                                  ops.to_numpy(without.log_lik(without.init_params(), eta)))
+    sim = with_iov.simulate(seed=1)
+    assert set(sim.loc[sim.DVID == 2, "DV"]) <= {0.0, 1.0} and (sim.loc[sim.DVID == 1, "DV"] != 0).all()

@@ -667,7 +667,7 @@ def _simulate_joint(model: NLME, theta: dict[str, Any], f_b: Any, psi: dict[str,
 
     ops, data, resp = model.ops, model.data, model._resp
     index = np.asarray(ops.to_numpy(resp.index))
-    f = np.broadcast_to(ops.to_numpy(f_b), data.dv.shape)
+    f = np.array(np.broadcast_to(ops.to_numpy(f_b), data.dv.shape))
     sd = ops.to_numpy(_resp.error_sd(theta, ops.asarray(f), resp, None, ops))
     y = f + sd * rng.standard_normal(f.shape)
     for name, out in resp.spec.outcomes.items():
