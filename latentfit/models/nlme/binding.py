@@ -171,6 +171,7 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
         model.latent_dim = d + model._iov.size
         model.latent_sites += _occ.latent_sites(model._iov)
         model.params.update(_occ.params(model, model._iov))
+        _occ.bind_carry(model)  # drug carried across occasion boundaries: the exact piecewise predictions
 
 
 def dose_design(model: NLME, data: NLMEData, grid: np.ndarray | None = None) -> dict[str, Any]:

@@ -85,6 +85,10 @@ class NLMEData:
     dose_seg: np.ndarray | None = None  # [N, D] period of the dose (a reset starts a new period)
     obs_seg: np.ndarray | None = None  # [N, T] period of the observation (None: no reset, one period)
     seg_start: np.ndarray | None = None  # [N, S] time of the reset starting each period (period 0: -inf; padding: inf)
+    #: every row of the source table, in its order: individual index (-1: dropped), time and period
+    record_unit: np.ndarray | None = None
+    record_time: np.ndarray | None = None
+    record_seg: np.ndarray | None = None
 
     @property
     def has_ss(self) -> bool:
@@ -335,7 +339,8 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     return NLMEData(ids=np.asarray(keep), time=time_a, dv=dv_a, mask=mask, cens=cens_a, dose_time=d_time,
                     dose_amt=d_amt, dose_rate=d_rate, dose_cmt=d_cmt, covariates=cov_df, regressors=regs,
                     obs_rows=rows_a, columns=cols if has_time else {k: v for k, v in cols.items() if k != "time"},
-                    x=x, dose_ss=d_ss, dose_ii=d_ii, dose_seg=d_seg, obs_seg=seg_a, seg_start=seg_start)
+                    x=x, dose_ss=d_ss, dose_ii=d_ii, dose_seg=d_seg, obs_seg=seg_a, seg_start=seg_start,
+                    record_unit=order, record_time=time, record_seg=seg)
 
 
 def _failer(df: pd.DataFrame, id_col: str) -> Any:

@@ -17,16 +17,22 @@ Complete-data sufficient statistic of Γ: ``S_q = Σ_i Σ_{k ≤ K_i} κ_ikq²``
 ``γ²_q = S_q / Σ_i K_i`` (the complete-data log-likelihood factorises into p(φ_i; β, Ω) Π_k p(κ_ik; Γ) p(y | φ, κ),
 so β and Ω keep saemix's M-step on the φ part).
 
-Predictions.  The structural model is evaluated once per occasion with that occasion's parameters (an extra
-leading batch axis of size K, so library, user and ODE models work unchanged), and each observation takes the
-prediction of its own occasion.  The doses of earlier occasions therefore act with the current occasion's
-parameters: this is exact when an occasion starts with a reset (``EVID`` 4, or ``SS = 1``) or after a wash-out,
-the usual cross-over and repeated-dosing designs, and differs from Monolix's piecewise solution (parameters
-switch at the occasion boundary, state carried over) only by the drug left over from earlier occasions.
+Predictions.  Occasion k lasts from its first record (dose, observation or other row, ``b_k``) to the first
+record of occasion k+1; within it the system evolves with occasion k's parameters, and the compartment amounts at
+``b_{k+1}`` carry into occasion k+1 (Monolix's and NONMEM's semantics).  When nothing carries (every occasion
+starts with a reset, ``EVID`` 3/4 or ``SS = 1``, or no dose acts on a later occasion's observations), the
+structural model is evaluated once per occasion with that occasion's parameters (an extra leading batch axis of
+size K, so library, user and ODE models work unchanged), and each observation takes the prediction of its own
+occasion: the fast path, exact there.  Otherwise (:func:`bind_carry`) the library's linear models chain the
+occasions in closed form (:mod:`~latentfit.models.nlme.piecewise`), ODE models integrate each occasion from the
+previous one's state with its own parameters, and other models (user functions, lag times, the joint PK/PD) are
+refused.  Occasions must follow each other in time within an individual (the records of one occasion contiguous in
+``(period, time)``); rows whose occasion has no observation belong to the occasion in force at their time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +79,9 @@ class Occasions:
     embed: Any  # [q, m]: κ coordinates -> structural parameters
     total: int  # Σ_i K_i
     labels: np.ndarray  # [N, K] occasion values as in the data (NaN: padding)
+    #: how drug carries from one occasion into the next (:func:`bind_carry`): None (fast path: nothing carries, or
+    #: a stateless model), a key of :data:`~latentfit.models.nlme.piecewise.SYSTEMS` (closed form) or ``"ode"``
+    carry: str | None = None
 
     @property
     def size(self) -> int:
@@ -103,6 +112,101 @@ def bind(model: Any, data: Any, column: str) -> Occasions:
     emb[np.arange(len(names)), [model.param_names.index(n) for n in names]] = 1.0
     return Occasions(names, column, k_max, model.latent_dim, ops.asarray(occ), ops.asarray(valid.astype(float)),
                      ops.asarray(emb), int(counts.sum()), labels)
+
+
+def starts(data: Any, table: pd.DataFrame, occ: Occasions) -> tuple[np.ndarray, ...]:
+    """Start of each occasion after the first, ``(time, period, valid, continuous)`` ``[N, K-1]`` (numpy): the
+    ``(period, time)`` of its first record in the table (padding: the individual's last observation time, period
+    -1, valid False); continuous: no reset between the last record of the occasion before and this start."""
+    n, k_max = occ.labels.shape
+    time = np.tile(data.time.max(-1, keepdims=True), (1, max(k_max - 1, 0)))
+    seg, valid, cont = np.full_like(time, -1.0), np.zeros(time.shape, bool), np.zeros(time.shape, bool)
+    if k_max < 2:
+        return time, seg, valid, cont
+    unit = np.asarray(data.record_unit)
+    lab = pd.to_numeric(table[occ.column], errors="coerce").to_numpy(dtype=float)
+    keep = (unit >= 0) & np.isfinite(lab)
+    u, t, s, lab = unit[keep], np.asarray(data.record_time)[keep], np.asarray(data.record_seg)[keep], lab[keep]
+    hit = occ.labels[u] == lab[:, None]  # the individual's observed occasions (others: in force at their time)
+    known = hit.any(1)
+    u, t, s, rank = u[known], t[known], s[known], hit[known].argmax(1)
+    order = np.lexsort((rank, t, s, u))
+    u, t, s, rank = u[order], t[order], s[order], rank[order]
+    back = (u[1:] == u[:-1]) & (rank[1:] < rank[:-1])
+    if back.any():
+        i = int(u[1:][back][0])
+        raise DataError(f"occasion column {occ.column!r}: the occasions of ID {data.ids[i]!r} are not in time order "
+                        f"(a record of occasion {occ.labels[i, rank[1:][back][0]]!r} after one of occasion "
+                        f"{occ.labels[i, rank[:-1][back][0]]!r}): occasions must follow each other in time")
+    first = np.r_[True, (u[1:] != u[:-1]) | (rank[1:] != rank[:-1])]
+    last = np.r_[first[1:], True]
+    fi, la = np.nonzero(first & (rank > 0))[0], np.nonzero(last)[0]
+    time[u[fi], rank[fi] - 1] = t[fi]
+    seg[u[fi], rank[fi] - 1] = s[fi]
+    valid[u[fi], rank[fi] - 1] = True
+    seg_last = np.full((n, k_max), -2.0)
+    seg_last[u[la], rank[la]] = s[la]
+    cont = valid & (seg == seg_last[:, :-1])
+    return time, seg, valid, cont
+
+
+def _occasion_at(t: np.ndarray, s: np.ndarray, start: np.ndarray, seg: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Occasion in force at ``(period s, time t) [N, P]`` (numpy)."""
+    after = valid[:, None, :] & ((s[..., None] > seg[:, None, :])
+                                 | ((s[..., None] == seg[:, None, :]) & (t[..., None] >= start[:, None, :])))
+    return after.sum(-1)
+
+
+def bind_carry(model: Any) -> None:
+    """Choose how occasions chain (see the module docstring): the fast path when nothing carries, else the exact
+    piecewise predictions (``model.design`` gains the occasion starts; ``model._structural_fn`` returns them,
+    repeated along the occasion axis so that :func:`select` and the outcome models see the usual layout)."""
+    from . import piecewise as _pw
+
+    occ, data, ops = model._iov, model.data, model.ops
+    start, seg, valid, cont = starts(data, model.table, occ)
+    if not cont.any():
+        return  # every occasion starts with a reset (or one occasion): the per-occasion evaluation is exact
+    mode = model.structural.carry
+    if mode != "ode":  # closed forms and user functions: does a dose act on a later occasion's observations?
+        real = data.dose_amt > 0
+        d_seg = data.dose_seg if data.dose_seg is not None else np.zeros_like(data.dose_time)
+        o_seg = data.obs_seg if data.obs_seg is not None else np.zeros_like(data.time)
+        d_occ = _occasion_at(data.dose_time, d_seg, start, seg, valid)
+        o_occ = _occasion_at(data.time, o_seg, start, seg, valid)
+        acts = (real[:, None, :] & data.mask[:, :, None] & (d_seg[:, None, :] == o_seg[:, :, None])
+                & (d_occ[:, None, :] < o_occ[:, :, None]))
+        if mode == "stateless" or not acts.any():
+            return
+        if mode is None:
+            raise ModelSpecificationError(
+                f"iov: drug given in one occasion acts on the observations of a later one (no reset between them), "
+                f"and the structural model {model.structural.name!r} cannot carry its state across the occasion "
+                f"boundary with the new occasion's parameters; write it as an ODE model (nlme.ode(...)), which "
+                f"integrates each occasion from the previous one's state, or use a library model "
+                f"({sorted(_pw.SYSTEMS)}); data where every occasion starts with a reset (EVID 4) fit any model")
+        if data.dose_ss is not None:
+            ss_inf = real & (data.dose_ss > 0) & (data.dose_rate > 0)
+            end = data.dose_time + np.where(ss_inf, data.dose_amt / np.where(ss_inf, data.dose_rate, 1.0), 0.0)
+            crosses = ss_inf & (_occasion_at(end, d_seg, start, seg, valid) > d_occ)
+            if crosses.any():
+                i = int(np.argwhere(crosses)[0][0])
+                raise DataError(f"iov: a steady-state infusion of ID {data.ids[i]!r} runs into the next occasion; "
+                                f"this is not supported (start the occasion with a reset, or use an ODE model)")
+    if model._resp is not None:
+        raise ModelSpecificationError("iov with several responses: drug carries across an occasion boundary (no "
+                                      "reset), which is supported for single-response models only")
+    model.design = dataclasses.replace(model.design, occ_start=ops.asarray(start), occ_seg=ops.asarray(seg),
+                                       occ_valid=ops.asarray(valid.astype(float)))
+    base, k_occ = model._structural_fn, occ.num_occasions
+
+    def piecewise(psi: dict[str, Any], d: Any) -> Any:
+        pred = base(psi, d) if mode == "ode" else _pw.predict(mode, psi, d)
+        shape = tuple(pred.shape[:-2]) + (k_occ,) + tuple(pred.shape[-2:])
+        return d.xp.broadcast_to(pred[..., None, :, :], shape)
+
+    model._structural_fn = piecewise
+    occ.carry = mode
 
 
 def latent_sites(occ: Occasions) -> list[LatentSite]:

@@ -188,6 +188,9 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
             psi = {k: v[..., 0] for k, v in psi_in.items()}  # [..., N]
             ev = _events(d, num_states, dose_compartment)
             n_ev = ev["t"].shape[-1]
+            at_event = _occasion_params(xp, d, ev, psi)  # occasions chained: each event's occasion's parameters
+            if at_event is not None:
+                psi_k, psi = psi, at_event(0)
             plan = steps if steps is not None else _plan_eagerly(d)
             if len(plan) != n_ev - 1:
                 raise ValueError(f"the ODE model was prepared for {len(plan) + 1} events per individual and got "
@@ -199,19 +202,19 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
             if len(x) != num_states:
                 raise ValueError(f"initial() returned {len(x)} states, expected num_states={num_states}")
 
-            def f(t: Any, state: tuple, u: list[Any]) -> tuple:
-                dx = rhs(t, state, psi, xp)
+            def f(t: Any, state: tuple, u: list[Any], p: dict[str, Any]) -> tuple:
+                dx = rhs(t, state, p, xp)
                 if len(dx) != num_states:
                     raise ValueError(f"rhs returned {len(dx)} derivatives, expected num_states={num_states}")
                 return tuple(dxi + ui for dxi, ui in zip(dx, u, strict=True))
 
-            def rk4(h: Any, u: list[Any]) -> Callable:
+            def rk4(h: Any, u: list[Any], p: dict[str, Any] = psi) -> Callable:
                 def body(_: int, carry: tuple) -> tuple:
                     t, state = carry
-                    k1 = f(t, state, u)
-                    k2 = f(t + 0.5 * h, tuple(xi + 0.5 * h * ki for xi, ki in zip(state, k1, strict=True)), u)
-                    k3 = f(t + 0.5 * h, tuple(xi + 0.5 * h * ki for xi, ki in zip(state, k2, strict=True)), u)
-                    k4 = f(t + h, tuple(xi + h * ki for xi, ki in zip(state, k3, strict=True)), u)
+                    k1 = f(t, state, u, p)
+                    k2 = f(t + 0.5 * h, tuple(xi + 0.5 * h * ki for xi, ki in zip(state, k1, strict=True)), u, p)
+                    k3 = f(t + 0.5 * h, tuple(xi + 0.5 * h * ki for xi, ki in zip(state, k2, strict=True)), u, p)
+                    k4 = f(t + h, tuple(xi + h * ki for xi, ki in zip(state, k3, strict=True)), u, p)
                     state = tuple(xi + h / 6.0 * (a + 2.0 * b + 2.0 * c + e)
                                   for xi, a, b, c, e in zip(state, k1, k2, k3, k4, strict=True))
                     return t + h, state
@@ -221,11 +224,12 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
                 if steps is None and _ss_plan_eagerly(d):
                     raise DataError(f"steady-state doses (SS 1/2) are integrated by solver='rk4' only, not "
                                     f"solver={solver!r}")
-                return _solve_adaptive(xp, ops, ev, x, psi, zero)
+                return _solve_adaptive(xp, ops, ev, x, psi, zero,
+                                       None if at_event is None else (psi_k, at_event))
 
             ss_plan = ss_steps if steps is not None else _ss_plan_eagerly(d)
 
-            def steady_state(k: int, x: tuple, x_init: tuple) -> tuple:
+            def steady_state(k: int, x: tuple, x_init: tuple, p: dict[str, Any]) -> tuple:
                 """Pre-dose steady state of the SS doses of event k: ``ss_periods`` intervals from ``x_init``."""
                 n_on, n_off = ss_plan[k]
                 is_ss = ev["ss"][:, k] > 0
@@ -239,9 +243,9 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
                     t0 = ev["t"][:, k] - (ss_periods - j) * tau
                     state = tuple(xi + a for xi, a in zip(state, amt, strict=True))
                     if n_on:
-                        _, state = ops.fori_loop(0, n_on, rk4(dur / n_on, u_on), (t0, state))
+                        _, state = ops.fori_loop(0, n_on, rk4(dur / n_on, u_on, p), (t0, state))
                     if n_off:
-                        _, state = ops.fori_loop(0, n_off, rk4((tau - dur) / n_off, u_off), (t0 + dur, state))
+                        _, state = ops.fori_loop(0, n_off, rk4((tau - dur) / n_off, u_off, p), (t0 + dur, state))
                     return state
 
                 x_a = ops.fori_loop(0, int(ss_periods) - 2, period, x_init)
@@ -252,24 +256,30 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
 
             t_ev, outputs, x_init = ev["t"], [], x
             for k in range(n_ev):
+                p = psi if at_event is None else at_event(k)
+                if at_event is not None and initial is not None:  # a reset returns to this occasion's initial state
+                    x_init = tuple(zero + v for v in initial(p, xp))
                 if ev["reset"] is not None and k > 0:  # a new period: back to the initial state
                     x = tuple(xp.where(ev["reset"][:, k], a, b) for a, b in zip(x_init, x, strict=True))
                 if k in ss_plan:
-                    x = steady_state(k, x, x_init)
+                    x = steady_state(k, x, x_init, p)
                 x = tuple(xi + ev["bolus"][c][:, k] for c, xi in enumerate(x))
-                outputs.append(observe(x, psi, xp) + zero)
+                outputs.append(observe(x, p, xp) + zero)
                 if k == n_ev - 1 or plan[k] == 0:
                     continue
                 t0, t1 = t_ev[:, k], xp.maximum(t_ev[:, k + 1], t_ev[:, k])  # no step back where a period restarts
                 u = _infusion_input(xp, ev, 0.5 * (t0 + t1), num_states, None if ev["seg"] is None else ev["seg"][:, k])
-                _, x = ops.fori_loop(0, plan[k], rk4((t1 - t0) / plan[k], u), (t0, x))  # one traced body on JAX
+                _, x = ops.fori_loop(0, plan[k], rk4((t1 - t0) / plan[k], u, p), (t0, x))  # one traced body on JAX
             out = xp.stack(outputs, -1)  # [..., N, E]
             return xp.einsum("...ne,nte->...nt", out, ev["onehot"])
 
         return fn
 
-    def _solve_adaptive(xp: Any, ops: Any, ev: dict[str, Any], x: tuple, psi: dict[str, Any], zero: Any) -> Any:
-        """The events' sequence solved by the library solvers (see :mod:`latentfit.integrations.ode_solvers`)."""
+    def _solve_adaptive(xp: Any, ops: Any, ev: dict[str, Any], x: tuple, psi: dict[str, Any], zero: Any,
+                        occasions: tuple | None = None) -> Any:
+        """The events' sequence solved by the library solvers (see :mod:`latentfit.integrations.ode_solvers`);
+        ``occasions``: ``(ψ [..., K, N], at_event)`` when each interval takes its occasion's parameters (``"p"``
+        among the events, ``[..., N, E]``)."""
         t_ev = ev["t"]
         # no step back where a period restarts (a reset), nothing after the last event
         gap = t_ev[:, 1:] - t_ev[:, :-1]
@@ -278,16 +288,21 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
                   "u": _infusion_inputs(xp, ev, t_ev + 0.5 * dt, num_states)}
         if ev["reset"] is not None:
             events["reset"] = ev["reset"]
+        if occasions is not None:
+            events["p"] = {nm: xp.stack([v[nm] for v in map(occasions[1], range(t_ev.shape[-1]))], -1)
+                           for nm in psi}
         x_init = x
 
         def jump(state: tuple, e: dict[str, Any]) -> tuple[tuple, Any]:
+            p = e.get("p", psi)
             if "reset" in e:  # a new period: back to the initial state (false at each individual's first event)
-                state = tuple(xp.where(e["reset"], a, b) for a, b in zip(x_init, state, strict=True))
+                init = x_init if "p" not in e or initial is None else tuple(zero + v for v in initial(p, xp))
+                state = tuple(xp.where(e["reset"], a, b) for a, b in zip(init, state, strict=True))
             state = tuple(xi + e["bolus"][c] for c, xi in enumerate(state))
-            return state, observe(state, psi, xp) + zero
+            return state, observe(state, p, xp) + zero
 
         def field(t: Any, state: tuple, e: dict[str, Any], p: dict[str, Any]) -> tuple:
-            dx = rhs(t, state, p, xp)
+            dx = rhs(t, state, e.get("p", p), xp)
             if len(dx) != num_states:
                 raise ValueError(f"rhs returned {len(dx)} derivatives, expected num_states={num_states}")
             return tuple(dxi + ui for dxi, ui in zip(dx, e["u"], strict=True))
@@ -342,7 +357,26 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
                             f"use solver='rk4' (max_step= small enough for the fast processes) or a closed-form model")
         return make_fn(_plan_eagerly(design), ss_plan)
 
-    return Structural(name, tuple(parameters), make_fn(None), bind=bind)
+    return Structural(name, tuple(parameters), make_fn(None), bind=bind, carry="ode")
+
+
+def _occasion_params(xp: Any, d: Design, ev: dict[str, Any], psi: dict[str, Any]) -> Callable[[int], dict] | None:
+    """With occasions chained (``d.occ_start`` set, ``psi [..., K, N]``): ``k -> ψ [..., N]`` of the occasion in
+    force at event k (:func:`~latentfit.models.nlme.piecewise.occasion_index`), which the interval from event k
+    integrates with; None otherwise."""
+    if d.occ_start is None:
+        return None
+    from .piecewise import occasion_index
+
+    seg = ev["seg"] if ev["seg"] is not None else 0.0 * ev["t"]
+    j = occasion_index(d, ev["t"], seg)  # [N, E]
+    k_occ = next(iter(psi.values())).shape[-2]
+    weights = [xp.where(j == float(k), 1.0, 0.0) for k in range(k_occ)]
+
+    def at_event(e: int) -> dict[str, Any]:
+        return {nm: sum(v[..., k, :] * weights[k][:, e] for k in range(k_occ)) for nm, v in psi.items()}
+
+    return at_event
 
 
 def _aitken(xp: Any, a: Any, b: Any, c: Any) -> Any:

@@ -82,6 +82,12 @@ class Design:
     has_infusion: bool = False
     #: [N, T] the observations (DV; padding 0): what a user log-likelihood ``loglik(psi, data)`` scores
     dv: Any = None
+    #: [N, K-1] start time and period of occasions 2..K (first record; padding: the last time, period -1) and
+    #: [N, K-1] 1.0 where the occasion exists: set only when the drug of an occasion carries into the next, for
+    #: the piecewise predictions of :mod:`~latentfit.models.nlme.piecewise` (parameters ``[..., K, N, 1]``)
+    occ_start: Any = None
+    occ_seg: Any = None
+    occ_valid: Any = None
 
     def __post_init__(self) -> None:
         if self.x is None:
@@ -104,7 +110,8 @@ class Design:
                       {k: t(v) for k, v in self.regressors.items()}, {k: t(v) for k, v in self.covariates.items()},
                       self.doses_precede_obs, opt(self.dose_cmt), self.ops,
                       time if self.x is self.time else t(self.x), opt(self.dose_ss), opt(self.dose_ii),
-                      opt(self.dose_seg), opt(self.obs_seg), self.central_cmt, self.has_infusion, opt(self.dv))
+                      opt(self.dose_seg), opt(self.obs_seg), self.central_cmt, self.has_infusion, opt(self.dv),
+                      opt(self.occ_start), opt(self.occ_seg), opt(self.occ_valid))
 
     def backend_ops(self) -> Any:
         """The backend shim of the arrays: ``ops`` if given, else the one of ``xp``."""
@@ -134,6 +141,11 @@ class Structural:
     bind: Callable[[Design], Callable[[dict[str, Any], Design], Any]] | None = None
     #: predictions are driven by doses (PK): the data must have dose records and non-negative times
     uses_doses: bool = False
+    #: how occasions with their own parameters (IOV) chain when drug carries from one occasion into the next:
+    #: a linear system of :data:`~latentfit.models.nlme.piecewise.SYSTEMS` (closed form), ``"ode"`` (the ODE
+    #: integrates each occasion with its parameters), ``"stateless"`` (no state: each occasion evaluated alone is
+    #: exact), None (unknown: refused when drug carries over)
+    carry: str | None = None
 
     def __call__(self, psi: dict[str, Any], data: Design) -> Any:
         return self.fn(psi, data)
@@ -353,12 +365,13 @@ def _oral2(psi: dict[str, Any], d: Design) -> Any:
 # ----- public constructors ------------------------------------------------------------------------
 def one_compartment_bolus() -> Structural:
     """One compartment, IV bolus; parameters ``V, CL``."""
-    return Structural("one_compartment_bolus", ("V", "CL"), _bolus1, uses_doses=True)
+    return Structural("one_compartment_bolus", ("V", "CL"), _bolus1, uses_doses=True, carry="one_compartment_bolus")
 
 
 def one_compartment_infusion() -> Structural:
     """One compartment, zero-order infusion (``RATE`` column; rate 0 = bolus); parameters ``V, CL``."""
-    return Structural("one_compartment_infusion", ("V", "CL"), _infusion1, uses_doses=True)
+    return Structural("one_compartment_infusion", ("V", "CL"), _infusion1, uses_doses=True,
+                      carry="one_compartment_infusion")
 
 
 def one_compartment_oral(lag: bool = False) -> Structural:
@@ -366,22 +379,25 @@ def one_compartment_oral(lag: bool = False) -> Structural:
     if lag:
         return Structural("one_compartment_oral_lag", ("Tlag", "ka", "V", "CL"), lambda p, d: _oral1(p, d, True),
                           uses_doses=True)
-    return Structural("one_compartment_oral", ("ka", "V", "CL"), _oral1, uses_doses=True)
+    return Structural("one_compartment_oral", ("ka", "V", "CL"), _oral1, uses_doses=True, carry="one_compartment_oral")
 
 
 def two_compartment_bolus() -> Structural:
     """Two compartments, IV bolus; parameters ``CL, V1, Q, V2``."""
-    return Structural("two_compartment_bolus", ("CL", "V1", "Q", "V2"), _bolus2, uses_doses=True)
+    return Structural("two_compartment_bolus", ("CL", "V1", "Q", "V2"), _bolus2, uses_doses=True,
+                      carry="two_compartment_bolus")
 
 
 def two_compartment_infusion() -> Structural:
     """Two compartments, zero-order infusion (``RATE``; rate 0 = bolus); parameters ``CL, V1, Q, V2``."""
-    return Structural("two_compartment_infusion", ("CL", "V1", "Q", "V2"), _infusion2, uses_doses=True)
+    return Structural("two_compartment_infusion", ("CL", "V1", "Q", "V2"), _infusion2, uses_doses=True,
+                      carry="two_compartment_infusion")
 
 
 def two_compartment_oral() -> Structural:
     """Two compartments, first-order absorption; parameters ``ka, CL, V1, Q, V2``."""
-    return Structural("two_compartment_oral", ("ka", "CL", "V1", "Q", "V2"), _oral2, uses_doses=True)
+    return Structural("two_compartment_oral", ("ka", "CL", "V1", "Q", "V2"), _oral2, uses_doses=True,
+                      carry="two_compartment_oral")
 
 
 def _regressor(d: Design, x: str | None) -> Any:
@@ -397,7 +413,7 @@ def emax(x: str | None = None) -> Structural:
         c = _regressor(d, x)
         return psi["E0"] + psi["Emax"] * c / (psi["EC50"] + c)
 
-    return Structural("emax", ("E0", "Emax", "EC50"), fn, regressors=() if x is None else (x,))
+    return Structural("emax", ("E0", "Emax", "EC50"), fn, regressors=() if x is None else (x,), carry="stateless")
 
 
 def sigmoid_emax(x: str | None = None) -> Structural:
@@ -410,7 +426,8 @@ def sigmoid_emax(x: str | None = None) -> Structural:
         cg = xp.exp(g * xp.log(xp.where(c > 0, c, 1.0))) * (c > 0)
         return psi["E0"] + psi["Emax"] * cg / (xp.exp(g * xp.log(psi["EC50"])) + cg)
 
-    return Structural("sigmoid_emax", ("E0", "Emax", "EC50", "gamma"), fn, regressors=() if x is None else (x,))
+    return Structural("sigmoid_emax", ("E0", "Emax", "EC50", "gamma"), fn, regressors=() if x is None else (x,),
+                      carry="stateless")
 
 
 def _oral_effect_imax() -> Structural:
