@@ -6,7 +6,7 @@ same key; the units are sharded over the global mesh ``jax.devices()`` (one CPU 
 the r-th block of units and of their data), XLA all-reduces the sums over units across the processes, and every
 process ends with the whole final state.  SAEM on an NLME model (theophylline, NumPyro, ``rng="per_unit"``) and FIEM
 on a ``GaussianMixture`` (JAX backend) must equal the one-process fit to 1e-10 in float64 on both processes (only the
-order of the sums over units differs).
+order of the sums over units differs); so must ``NLME(..., backend="jax").fit(df, distributed=True)``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ import latentfit.numpyro
 from latentfit.examples.theophylline_numpyro import theophylline_arrays, theophylline_model
 from latentfit.models import GaussianMixture
 from test_distributed_em import ENGINES, _data
+import latentfit as lf
+from latentfit.models import nlme
+
+df = lf.datasets.theophylline(saemix_form=True)
+THEO = dict(columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
 
 
 def params(fit):
@@ -76,6 +81,9 @@ fiem = [latentfit.numpyro.FIEM(GaussianMixture(x, 3, "full", seed=1), **ENGINES[
 fit = fiem[0].run(jax.random.PRNGKey(3), distributed=True)
 out["fiem"], out["fiem_split"] = fiem_record(fit), split_consts(fit)
 out["table_shape"] = list(fit.state.memory.table["r"].shape)
+nlme_model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, backend="jax")
+nlme_opts = dict(num_iters=(8, 7), chunk_size=5, seed=0, progress=False, **THEO)
+out["nlme"] = params(nlme_model.fit(df, **nlme_opts, distributed=True))  # rng="per_unit" by default then
 try:  # a process with another key: refused on every process
     latentfit.numpyro.SAEM(theophylline_model, **opts).run(jax.random.PRNGKey(1 + rank), **data, distributed=True)
 except ValueError as e:
@@ -83,6 +91,7 @@ except ValueError as e:
 if rank == 0:  # the one-process fits (this process alone, after the last collective), to compare both processes with
     out["saem_one"] = saem_record(latentfit.numpyro.SAEM(theophylline_model, **opts).run(jax.random.PRNGKey(1), **data))
     out["fiem_one"] = fiem_record(fiem[1].run(jax.random.PRNGKey(3)))
+    out["nlme_one"] = params(nlme_model.fit(df, **nlme_opts, rng="per_unit"))
 print("RESULT" + json.dumps(out), flush=True)
 """
 
@@ -167,6 +176,7 @@ def test_two_jax_processes_equal_one() -> None:
         assert out["table_shape"] == [40, 3]
         split = out["fiem_split"]
         assert split and all(s[0][0] == 40 and s[1][0] == 20 and s[2] == 2 for s in split), split
+        _assert_equal_params(outs[0]["nlme_one"], out["nlme"])  # NLME(..., backend="jax").fit(df, distributed=True)
         assert "initial states differ (state entry" in out["mismatch"]
         assert "every process must build the model on the same whole data" in out["mismatch"]
     assert one_fiem["log_lik"][-1] > one_fiem["log_lik"][0]  # the fits moved
@@ -185,3 +195,10 @@ def test_distributed_jax_needs_initialize() -> None:
     with pytest.raises(RuntimeError, match=r"jax.distributed.initialize\(coordinator_address=.*'gloo'"):
         JaxOps().process_mesh()
     assert make_ops("torch").process_mesh() is None
+    import latentfit as lf
+    from latentfit.models import nlme
+
+    model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, backend="jax")
+    with pytest.raises(RuntimeError, match=r"jax.distributed.initialize"):  # NLME's front door: before any fit
+        model.fit(lf.datasets.theophylline(saemix_form=True), columns={"id": "Id", "time": "Time",
+                  "dv": "Concentration"}, dose="Dose", distributed=True)

@@ -120,6 +120,8 @@ def fit_nlme(model: Any, engine: str, options: dict[str, Any]) -> Any:
     same whole table): this process fits its contiguous block of the individuals (:func:`nlme_shard`) with per-unit
     random streams (``rng="per_unit"`` unless given), statistics all-reduced in float64, so the estimates equal a
     one-process fit with ``rng="per_unit"`` to rounding.
+    On JAX (``backend="jax"``, after ``jax.distributed.initialize``) the whole model runs with the individuals sharded
+    over the devices of every process (``Engine.run(distributed=True)``), with the same result.
     """
     options = dict(options)
     distributed = bool(options.pop("distributed", False))
@@ -133,6 +135,8 @@ def fit_nlme(model: Any, engine: str, options: dict[str, Any]) -> Any:
     if not distributed:
         return cls(model, **options).run()
     options.setdefault("rng", "per_unit")
+    if model.ops.process_mesh() is not None:  # JAX: the whole table, each process's block on its devices
+        return cls(model, **options).run(distributed=True)
     return cls(nlme_shard(model), **options).run(distributed=True)
 
 
