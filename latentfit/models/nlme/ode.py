@@ -36,6 +36,11 @@ then the dose itself is given.
 Event times come from the data, so
 a lag time must be written into ``rhs``/``observe`` rather than into the dose times.
 
+Occasions (IOV, :mod:`~latentfit.models.nlme.occasions`) whose drug carries into the next occasion: the design holds
+each occasion's start and the parameters come per occasion (``[..., K, N, 1]``); every interval between events is
+integrated with the parameters of the occasion in force at its start, from the state reached at the end of the one
+before (the occasion starts are records, hence events), and each output is observed with its event's occasion.
+
 ``solver="adaptive"`` or ``"stiff"`` replaces the RK4 steps by error-controlled solvers from diffrax (JAX:
 ``Tsit5``, and the implicit ``Kvaerno5`` for stiff systems such as target-mediated disposition) or torchdiffeq
 (torch: ``dopri5``) with tolerances ``rtol``/``atol``, on the same events (one solve per interval for all
