@@ -304,17 +304,40 @@ import numpy as np
 sys.path.insert(0, sys.argv[1])
 import models_numpyro
 import latentfit.numpyro
+from latentfit.inference.misso import MISSO
+from latentfit.integrations.numpyro import NumPyroLatentModel
 
 y = jnp.asarray(1.0 + 0.7 * np.random.default_rng(8).normal(size=(16, 1))
                 + 0.4 * np.random.default_rng(9).normal(size=(16, 4)))
 opts = json.loads(sys.argv[2])
 out = {}
-for case, (name, extra) in json.loads(sys.argv[3]).items():
+
+
+def fit(name, extra, devices):
+    extra = dict(extra)
+    if name == "MISSO":  # the adapter's model, its closed forms on or off (quadratic surrogates)
+        model = NumPyroLatentModel(models_numpyro.random_intercept, (y,), closed_form=extra.pop("closed_form"))
+        return MISSO(model, **opts, **extra).run(jax.random.PRNGKey(3), devices=devices)
     cls = getattr(latentfit.numpyro, name)
-    one = cls(models_numpyro.random_intercept, **opts, **extra).run(jax.random.PRNGKey(3), y)
-    two = cls(models_numpyro.random_intercept, **opts, **extra).run(jax.random.PRNGKey(3), y, devices=2)
+    return cls(models_numpyro.random_intercept, **opts, **extra).run(jax.random.PRNGKey(3), y, devices=devices)
+
+
+def unit_tables(node, path=""):
+    # every per-unit array of the state ([16, ...]): its shard's shape and the number of devices holding it
+    if hasattr(node, "_fields"):
+        node = node._asdict()
+    if isinstance(node, dict):
+        return {k: v for name, x in node.items() for k, v in unit_tables(x, f"{path}{name}.").items()}
+    if hasattr(node, "sharding") and np.ndim(node) and np.shape(node)[0] == 16:
+        return {path[:-1]: [list(node.sharding.shard_shape(node.shape)), len(node.sharding.device_set)]}
+    return {}
+
+
+for case, (name, extra) in json.loads(sys.argv[3]).items():
+    one, two = fit(name, extra, None), fit(name, extra, 2)
     z = two.state.z
     out[case] = {
+        "unit_tables": unit_tables(two.state),
         "params_diff": max(float(np.max(np.abs(np.asarray(one.params[k]) - np.asarray(two.params[k]))))
                            for k in one.params),
         "history_diff": max(float(np.max(np.abs(np.asarray(one.history[k]) - np.asarray(two.history[k])))) for k
@@ -330,7 +353,8 @@ print("RESULT" + json.dumps(out))
 
 def _two_jax_devices(options: dict, cases: dict) -> dict:
     """Run each ``{case: (engine name, options)}`` on one and on two host devices in a child process (NumPyro,
-    ``random_intercept`` on 16 units); the child's comparison of the two fits, by case."""
+    ``random_intercept`` on 16 units; ``"MISSO"`` on the adapter's model with ``closed_form`` taken from the options);
+    the child's comparison of the two fits, by case."""
     import json
 
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
@@ -355,9 +379,38 @@ def test_mcmcsgd_two_jax_devices_equal_one() -> None:
 
 @pytest.mark.slow
 def test_monte_carlo_em_two_jax_devices_equal_one() -> None:
-    """MCEM and MiniBatchMCEM with ``rng="per_unit"`` and ``devices=2`` (NumPyro): the chains ``[16, 3, 1]`` split 8
-    units per device; estimates and chains equal the one-device fit to 1e-10."""
-    out = _two_jax_devices(EM_OPTIONS, {k: EM_CASES[k] for k in ("MCEM", "MiniBatchMCEM")})
+    """MCEM, MiniBatchMCEM and fiTTEM (TTSEM) with ``rng="per_unit"`` and ``devices=2`` (NumPyro): the chains
+    ``[16, 3, 1]`` and the per-unit statistics tables split 8 units per device; estimates, the whole history and the
+    chains equal the one-device fit to 1e-10."""
+    out = _two_jax_devices(EM_OPTIONS, EM_CASES)
     for case, res in out.items():
-        assert res["params_diff"] < 1e-10 and res["z_diff"] < 1e-10, (case, res)
+        assert res["params_diff"] < 1e-10 and res["history_diff"] < 1e-10 and res["z_diff"] < 1e-10, (case, res)
         assert res["z_shard"] == [8, 3, 1] and res["mu_range"] > 0.05, (case, res)
+    # fiTTEM's (and MiniBatchMCEM's) per-unit statistics table: 8 of the 16 rows on each device
+    for case in ("TTSEM", "MiniBatchMCEM"):
+        tables = out[case]["unit_tables"]
+        assert {"memory.table.b.s1", "memory.table.y.rss", "z"} <= set(tables), (case, tables)
+        assert all(shard[0] == 8 and devices == 2 for shard, devices in tables.values()), (case, tables)
+
+
+#: which per-unit tables each MISSO case keeps (besides the chains ``z``): statistics rows (closed forms), the quadratic
+#: surrogates' anchors and gradients (closed forms off), Louis' visit points
+MISSO_TABLES = {"louis": {"memory.table.b.s1", "memory.table.y.rss", "memory.visited_at"},
+                "paper-numeric": {"memory.anchor", "memory.grad"},
+                "louis-numeric": {"memory.anchor", "memory.grad", "memory.visited_at"}}
+
+
+@pytest.mark.slow
+def test_misso_two_jax_devices_equal_one() -> None:
+    """MISSO with ``rng="per_unit"`` and ``devices=2`` (NumPyro), both surrogates: every per-unit table (statistics
+    rows, anchors, gradients, visit points) and the chains ``[16, 3, 1]`` split 8 units per device; estimates, the
+    whole history and the chains equal the one-device fit to 1e-10."""
+    cases = {case: ("MISSO", dict(extra, closed_form=closed_form))
+             for case, (closed_form, extra) in MISSO_CASES.items()}
+    out = _two_jax_devices(MISSO_OPTIONS, cases)
+    for case, res in out.items():
+        assert res["params_diff"] < 1e-10 and res["history_diff"] < 1e-10 and res["z_diff"] < 1e-10, (case, res)
+        tables = res["unit_tables"]
+        assert MISSO_TABLES[case] | {"z"} <= set(tables), (case, tables)
+        assert all(shard[0] == 8 and devices == 2 for shard, devices in tables.values()), (case, tables)
+        assert res["mu_range"] > 1e-3, (case, res)

@@ -337,6 +337,8 @@ class MISSO(MiniBatchMCEM):
             """−mean over chains of the quadratic-surrogate parameters' scores ``[b, q]`` (forward mode in q only)."""
             if not q or empty:
                 return ops.zeros((len(units), q))
+            if pick is None:  # every free parameter has the quadratic surrogate
+                return -xp.mean(forward_jacobian(ops, complete_fn(z), x0), 0)
             x0q = x0 @ pick
             return -xp.mean(forward_jacobian(ops, lambda xq: complete_fn(z)(x0 + pick @ (xq - x0q)), x0q), 0)
 
