@@ -634,6 +634,8 @@ class NLME(LatentModel):
         ``distributed=True`` (torch, every process of a ``torchrun`` script passing the same whole table): each process
         fits its contiguous block of individuals with ``rng="per_unit"``, statistics all-reduced in float64
         (:func:`latentfit.integrations.families.nlme_shard`); the estimates equal a one-process ``rng="per_unit"`` fit.
+        On JAX (``backend="jax"``, every process after ``jax.distributed.initialize`` passing the same whole table)
+        the individuals are sharded over the devices of every process and each ends with the one-process result.
 
         ``replicates=R`` (> 1) runs R independent fits (seeds ``seed``, ``seed + 1``, ...; replicate 0 is the single
         fit), from ``starts`` (one dict of initial values or None per replicate) or, with ``dispersed_starts`` (True,
