@@ -60,7 +60,8 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
                                      + ((model.occasion_column,) if model.iov_init else ())
                                      + ((response_col,) if response_col else ())))
     data = read_nonmem(df, columns=opts["columns"], covariates=cov_cols, regressors=regressors, dose=opts["dose"],
-                       x=opts["x"], covariate_interpolation=opts["covariate_interpolation"] or "locf")
+                       x=opts["x"], covariate_interpolation=opts["covariate_interpolation"] or "locf",
+                       records=bool(model.iov_init))
     if model.structural.uses_doses:
         if data.x is not None and "time" not in data.columns:
             raise DataError(f"the structural model {model.structural.name!r} is a function of the time since the "

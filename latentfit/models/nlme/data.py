@@ -131,7 +131,7 @@ def _numeric(df: pd.DataFrame, col: str, id_col: str) -> np.ndarray:
 
 def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covariates: list[str] | tuple = (),
                 regressors: list[str] | tuple = (), dose: str | None = None, x: str | None = None,
-                covariate_interpolation: str = "locf") -> NLMEData:
+                covariate_interpolation: str = "locf", records: bool = False) -> NLMEData:
     """Validate a NONMEM-style table and pad it (see the module docstring).
 
     Parameters
@@ -149,6 +149,8 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         the time column is then optional.
     covariate_interpolation : ``"locf"`` (last value carried forward, default) or ``"linear"`` (in time): how the
         ``regressors`` are read at the observations from all the records.
+    records : keep every row's individual index, time and period (``record_unit`` / ``record_time`` /
+        ``record_seg``: three arrays per row of the table, which only the occasions' boundaries read).
     """
     if not isinstance(df, pd.DataFrame):
         raise DataError(f"data must be a pandas DataFrame, got {type(df).__name__}")
@@ -340,7 +342,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
                     dose_amt=d_amt, dose_rate=d_rate, dose_cmt=d_cmt, covariates=cov_df, regressors=regs,
                     obs_rows=rows_a, columns=cols if has_time else {k: v for k, v in cols.items() if k != "time"},
                     x=x, dose_ss=d_ss, dose_ii=d_ii, dose_seg=d_seg, obs_seg=seg_a, seg_start=seg_start,
-                    record_unit=order, record_time=time, record_seg=seg)
+                    **(dict(record_unit=order, record_time=time, record_seg=seg) if records else {}))
 
 
 def _failer(df: pd.DataFrame, id_col: str) -> Any:
