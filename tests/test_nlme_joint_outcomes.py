@@ -161,12 +161,16 @@ def test_importance_sampling_agrees_with_quadrature_on_a_joint_model(monkeypatch
     model = _joint_model("binary", random=("CL",)).bind(_design(40, "binary"))
     truth = {k: v for k, v in PK_BINARY_TRUTH.items() if k not in ("omega2_ka", "omega2_V")}
     model = model.bind(model.simulate(_theta(model, truth), seed=3))
-    theta = _theta(model, truth)
+    ll, gq = _is_and_gq(model, _theta(model, truth), num_samples=2000, num_nodes=30)
+    assert abs(ll.value - gq) < 4 * ll.mc_se + 1e-3 and ll.mc_se < 0.1, (ll.value, gq, ll.mc_se)
+
+
+def _is_and_gq(model, theta, num_samples: int, num_nodes: int):
+    """The IS log-likelihood (proposal fitted to each individual's conditional distribution) and quadrature's."""
     mu = model.ops.to_numpy(model.prior_moments(theta)[0])
     mean, sd, df = oc.importance_proposal(model, theta, mu, np.full_like(mu, 0.3), 4)
-    ll = log_likelihood_is(model, theta, mean, sd, num_samples=2000, df=df)
-    gq = log_likelihood_gq(model, theta, num_nodes=30).value
-    assert abs(ll.value - gq) < 4 * ll.mc_se + 1e-3 and ll.mc_se < 0.1, (ll.value, gq, ll.mc_se)
+    ll = log_likelihood_is(model, theta, mean, sd, num_samples=num_samples, df=df)
+    return ll, log_likelihood_gq(model, theta, num_nodes=num_nodes).value
 
 
 def _within(fit, truth, k=3.5):
@@ -349,11 +353,7 @@ def test_importance_sampling_agrees_with_quadrature_with_occasions(monkeypatch):
     model = nlme.NLME(_log_rate, {"lam": P(4.0), "slope": P(-0.15, "normal", random=False)}, outcome="poisson",
                       iov={"lam": 0.15}).bind(_occasion_design(40, per=4, occasions=2))
     model = model.bind(model.simulate(_theta(model, truth), seed=5))
-    theta = _theta(model, truth)
-    mu = model.ops.to_numpy(model.prior_moments(theta)[0])
-    mean, sd, df = oc.importance_proposal(model, theta, mu, np.full_like(mu, 0.3), 4)
-    ll = log_likelihood_is(model, theta, mean, sd, num_samples=3000, df=df)
-    gq = log_likelihood_gq(model, theta, num_nodes=16).value
+    ll, gq = _is_and_gq(model, _theta(model, truth), num_samples=3000, num_nodes=16)
     assert abs(ll.value - gq) < 4 * ll.mc_se + 1e-3 and ll.mc_se < 0.4, (ll.value, gq, ll.mc_se)
 
 
