@@ -81,19 +81,34 @@ def _accept(ops: Ops, key: Any, log_ratio: Any, state: ChainState, z_new: Any, l
     z = xp.where(ok[..., None], z_new, state.z)
     ll = xp.where(ok, ll_new, state.log_lik)
     lp = xp.where(ok, lp_new, state.log_prior)
-    count = state.num_nonfinite + xp.sum(~finite_new)
+    count = _count_nonfinite(xp, state.num_nonfinite, ~finite_new)
     cache = state.cache if state.cache is None else xp.where(ok, cache_new, state.cache)
     return ChainState(z, ll, lp, count, cache), ok
+
+
+def _count_nonfinite(xp: Any, count: Any, bad: Any) -> Any:
+    """``count`` plus the proposals in ``bad [L, n]``: a scalar total, or per chain and unit when ``count`` is
+    ``[L, n]`` (:func:`saemix_sweep` sums it once at the end: one reduction over the units per sweep, not one per
+    kernel step, which is one cross-device all-reduce each on a sharded fit)."""
+    if getattr(count, "ndim", 0):
+        return count + bad * 1.0
+    return count + xp.sum(bad)
 
 
 def prior_imh(ops: Ops, key: Any, state: ChainState, sample_prior: Callable[[Any], Any],
               evaluate: Evaluate) -> tuple[ChainState, Any]:
     """Independent MH with the prior as proposal; returns the state and the acceptance rate."""
+    state, ok = _prior_imh(ops, key, state, sample_prior, evaluate)
+    return state, ops.unit_mean(ok * 1.0)
+
+
+def _prior_imh(ops: Ops, key: Any, state: ChainState, sample_prior: Callable[[Any], Any],
+               evaluate: Evaluate) -> tuple[ChainState, Any]:
+    """:func:`prior_imh` with the acceptance indicators ``[L, n]`` (no reduction over the units)."""
     k1, k2 = ops.split(key)
     z_new = sample_prior(k1)
     ll_new, lp_new, c_new = _evaluate(evaluate, z_new)
-    state, ok = _accept(ops, k2, ll_new - state.log_lik, state, z_new, ll_new, lp_new, cache_new=c_new)
-    return state, ops.unit_mean(ok * 1.0)
+    return _accept(ops, k2, ll_new - state.log_lik, state, z_new, ll_new, lp_new, cache_new=c_new)
 
 
 def independent_mh(ops: Ops, key: Any, state: ChainState, z_new: Any, log_q_new: Any, log_q_old: Any,
@@ -111,14 +126,17 @@ def independent_mh(ops: Ops, key: Any, state: ChainState, z_new: Any, log_q_new:
 
 def rw_componentwise(ops: Ops, key: Any, state: ChainState, scale: Any,
                      evaluate: Evaluate) -> tuple[ChainState, Any]:
-    """One sweep of coordinate-wise random-walk MH; returns the state and acceptance per coordinate."""
+    """One sweep of coordinate-wise random-walk MH; returns the state and acceptance per coordinate.
+
+    The acceptances are kept per chain, unit and coordinate ``[L, n, d]`` during the sweep and averaged over the
+    units once at its end (:meth:`Ops.unit_means`: one all-reduce per sweep on a sharded fit instead of d)."""
     d = state.z.shape[-1]
     keys = ops.split(key, 2 * d)
     eye = ops.asarray([[1.0 if i == j else 0.0 for i in range(d)] for j in range(d)])
 
     def body(j: Any, carry: tuple[ChainState, Any]) -> tuple[ChainState, Any]:
         # one latent coordinate (a loop over the small d, vectorised over chains and units)
-        st, acc = carry
+        st, acc_units = carry
         onehot = eye[j]
         step = ops.normal(keys[2 * j], tuple(st.z.shape[:-1]))[..., None] * (scale * onehot)
         z_new = st.z + step
@@ -126,9 +144,10 @@ def rw_componentwise(ops: Ops, key: Any, state: ChainState, scale: Any,
         target_new = ll_new + lp_new
         log_ratio = target_new - st.log_lik - st.log_prior
         st, ok = _accept(ops, keys[2 * j + 1], log_ratio, st, z_new, ll_new, lp_new, target_new, c_new)
-        return st, acc + onehot * ops.unit_mean(ok * 1.0)
+        return st, acc_units + ok[..., None] * onehot
 
-    return ops.fori_loop(0, d, body, (state, ops.zeros((d,))))
+    state, acc_units = ops.fori_loop(0, d, body, (state, ops.zeros(tuple(state.z.shape))))
+    return state, ops.unit_means(acc_units)
 
 
 def random_block_mask(ops: Ops, key: Any, d: int, k: Any) -> Any:
@@ -175,20 +194,34 @@ def saemix_sweep(ops: Ops, key: Any, z: Any, scales: tuple[Any, Any], k: Any, ke
     the compiled program small).  Returns the chain state, the adapted scales and the acceptance rates per
     kernel (averaged over repetitions); ``chain.num_nonfinite`` counts the proposals rejected for a non-finite
     log-density.
+
+    Reductions over the units (each a cross-device all-reduce on a sharded fit, a collective on a distributed one)
+    are made only where the next step needs them: one per random-walk sweep or block step (the scales adapt to the
+    acceptance of every unit); the prior-IMH acceptances and the non-finite counts are kept per chain and unit and
+    reduced once at the end of the sweep, with the same values (sums of 0/1 indicators are exact).
     """
     n1, n2, n3 = kernels
     keys = ops.split(key, n1 + n2 + 2 * n3 + 1)
+    xp = ops.xp
     chain = init_chain_state(z, evaluate, cache, rescore)
+    chain = chain._replace(num_nonfinite=ops.zeros(tuple(chain.log_lik.shape)))  # per chain and unit until the end
     acc: dict[str, Any] = {}
     d = chain.z.shape[-1]
     scale_rw, scale_block = scales
     if n1:
-        def imh(i, carry):
-            ch, rate = carry
-            ch, a = prior_imh(ops, keys[i], ch, sample_prior, evaluate)
-            return ch, rate + a / n1
+        eye = ops.asarray([[1.0 if i == j else 0.0 for i in range(n1)] for j in range(n1)])
 
-        chain, acc["prior_imh"] = ops.fori_loop(0, n1, imh, (chain, ops.zeros(())))
+        def imh(i, carry):
+            ch, ok_units = carry
+            ch, ok = _prior_imh(ops, keys[i], ch, sample_prior, evaluate)
+            return ch, ok_units + ok[..., None] * eye[i]
+
+        chain, ok_units = ops.fori_loop(0, n1, imh, (chain, ops.zeros(tuple(chain.log_lik.shape) + (n1,))))
+        rates = ops.unit_means(ok_units)  # [n1]: each repetition's rate, from one reduction
+        rate = ops.zeros(())
+        for i in range(n1):  # summed in the order of the repetitions
+            rate = rate + rates[i] / n1
+        acc["prior_imh"] = rate
     if n2:
         def rw(i, carry):
             ch, scale, rate = carry
@@ -204,6 +237,7 @@ def saemix_sweep(ops: Ops, key: Any, z: Any, scales: tuple[Any, Any], k: Any, ke
             return ch, adapt_scale(scale, a, mask), rate + a / n3
 
         chain, scale_block, acc["block_rw"] = ops.fori_loop(0, n3, block, (chain, scale_block, ops.zeros(())))
+    chain = chain._replace(num_nonfinite=xp.sum(chain.num_nonfinite))
     return chain, (scale_rw, scale_block), acc
 
 
