@@ -9,7 +9,10 @@ the tensors are read by ``safetensors.numpy.load_file`` and the sidecar by ``jso
 temporary file in the same directory, flushed and moved into place with ``os.replace``, the sidecar last (a
 checkpoint without its sidecar is never read).  In a distributed fit (``run(distributed=True)``) every process writes
 its own shard, ``ckpt-000120.rank<r>-of-<P>.*``, whose sidecar records its rank and the number of processes (a
-resume with another number of processes is refused).
+resume with another number of processes is refused).  On ``jax.distributed`` a process holds the whole state except
+the per-unit entries split over the processes: it stores its own block of those (the leaf records the unit axis and
+the whole shape) and the rest whole; a resume gathers every process's blocks back (one all-gather per such entry)
+before the driver shards the state again.
 
 The state's ``NamedTuple`` records are stored field by field, by name.  Format 1 (engine states as dicts, torch's
 global RNG state beside them) is refused with a message: such a run is started again.
@@ -166,12 +169,18 @@ class _Packer:
         if mod in ("jax", "jaxlib"):
             import jax
 
+            from latentfit.inference.ops_jax import process_block
+
             if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-                return {"kind": "jax_key", "tensor": self.add(name, np.asarray(jax.random.key_data(x))),
-                        "impl": str(jax.random.key_impl(x))}
-            arr = np.asarray(x)
-            return {"kind": "jax", "tensor": self.add(name, arr), "dtype": str(arr.dtype),
-                    "weak_type": bool(getattr(x, "weak_type", False))}
+                arr, axis = process_block(jax.random.key_data(x))
+                desc = {"kind": "jax_key", "tensor": self.add(name, arr), "impl": str(jax.random.key_impl(x))}
+            else:
+                arr, axis = process_block(x)  # a jax.distributed fit's per-unit entry: this process's block
+                desc = {"kind": "jax", "tensor": self.add(name, arr), "dtype": str(arr.dtype),
+                        "weak_type": bool(getattr(x, "weak_type", False))}
+            if axis is not None:
+                desc.update(unit_axis=axis, shape=list(x.shape))
+            return desc
         if isinstance(x, (np.ndarray, np.generic)):
             arr = np.asarray(x)
             return {"kind": "numpy", "tensor": self.add(name, arr), "scalar": isinstance(x, np.generic)}
@@ -248,6 +257,14 @@ def _restore_leaf(desc: dict[str, Any], tensors: dict[str, np.ndarray], template
         device = template.device if isinstance(template, torch.Tensor) else getattr(ops, "device", "cpu")
         out = torch.as_tensor(arr.copy(), device=device)
         return out.requires_grad_(True) if desc.get("requires_grad") else out
+    if kind in ("jax", "jax_key") and "unit_axis" in desc:  # a block of a jax.distributed fit: gather every process's
+        from latentfit.inference.ops_jax import whole_from_blocks
+
+        arr = whole_from_blocks(arr, int(desc["unit_axis"]))
+        want = list(desc["shape"]) if kind == "jax" else list(desc["shape"]) + list(arr.shape[len(desc["shape"]):])
+        if list(arr.shape) != want:
+            raise ValueError(f"the processes' blocks of state entry {'/'.join(map(str, desc['path']))!r} make an "
+                             f"array of shape {list(arr.shape)}, the checkpoint recorded {desc['shape']}")
     if kind == "jax":
         import jax.numpy as jnp
 
@@ -366,7 +383,11 @@ def checkpoint_files(directory: str | os.PathLike, shard: Shard = None) -> list[
 
 
 def engine_shard(engine: Any) -> Shard:
-    """``(rank, world size)`` of an engine running a distributed fit (its ``ops`` reach every process), else None."""
+    """``(rank, world size)`` of an engine running a distributed fit (its ``ops`` reach every process, or, on JAX, the
+    run's process group), else None."""
+    group = getattr(engine, "_process_group", None)
+    if group is not None:
+        return int(group.rank), int(group.world_size)
     ops = engine.ops
     return (int(ops.rank), int(ops.world_size)) if hasattr(ops, "world_size") else None
 

@@ -6,7 +6,9 @@ same key; the units are sharded over the global mesh ``jax.devices()`` (one CPU 
 the r-th block of units and of their data), XLA all-reduces the sums over units across the processes, and every
 process ends with the whole final state.  SAEM on an NLME model (theophylline, NumPyro, ``rng="per_unit"``) and FIEM
 on a ``GaussianMixture`` (JAX backend) must equal the one-process fit to 1e-10 in float64 on both processes (only the
-order of the sums over units differs); so must ``NLME(..., backend="jax").fit(df, distributed=True)``.
+order of the sums over units differs); so must ``NLME(..., backend="jax").fit(df, distributed=True)``.  With
+``checkpoint=`` each process writes its own shard (its block of the chains), and the SAEM fit interrupted and resumed
+equals the uninterrupted one bit for bit (:func:`_assert_checkpoints`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +78,44 @@ opts = dict(num_iters=(8, 7), progress=False, rng="per_unit", chunk_size=5, num_
 saem = latentfit.numpyro.SAEM(theophylline_model, **opts).run(jax.random.PRNGKey(1), **data, distributed=True)
 out["saem"] = saem_record(saem)
 out["saem_split"], out["z_shape"] = split_consts(saem), list(saem.state.z.shape)
+# checkpoints: each process writes its shard; interrupted after iteration 10 (Ctrl-C from a callback at 9, chunk
+# 6-10), resumed from 10, then from 5 once process 1 lost its later files: both equal `saem` bit for bit
+import os, shutil, tempfile
+from latentfit.checkpoint import load_checkpoint
+ckdir = os.path.join(tempfile.gettempdir(), f"latentfit-jax-ckpt-{port}")
+
+
+def interrupt(k, _record):
+    if k == 9:
+        raise KeyboardInterrupt
+
+
+def run_record(fit):
+    draws = None if fit.latent_draws is None else fit.latent_draws.tolist()  # none kept before iteration 11
+    return {"params": params(fit), "z": np.asarray(fit.state.z).tolist(), "draws": draws,
+            "history": {k: np.asarray(v).tolist() for k, v in fit.history.items()},
+            "interrupted": bool(fit.interrupted), "num_iterations": int(fit.num_iterations)}
+
+
+stopped = latentfit.numpyro.SAEM(theophylline_model, **opts, callback=interrupt).run(
+    jax.random.PRNGKey(1), **data, distributed=True, checkpoint=ckdir, checkpoint_every=1)
+ck = load_checkpoint(ckdir, (rank, 2))
+out["ckpt"] = {"files": sorted(f for f in os.listdir(ckdir) if f.endswith(".json")), "rank": ck.meta["rank"],
+               "world_size": ck.meta["world_size"], "iteration": ck.iteration,
+               "blocks": {"/".join(map(str, d["path"])): [d["unit_axis"], d["shape"],
+                                                          list(ck.tensors[d["tensor"]].shape)]
+                          for d in ck.meta["state"] if "unit_axis" in d}}
+resumed = latentfit.numpyro.SAEM(theophylline_model, **opts).run(
+    jax.random.PRNGKey(1), **data, distributed=True, checkpoint=ckdir, resume=True)
+if rank == 1:  # process 1 lost its checkpoints after iteration 5
+    for f in os.listdir(ckdir):
+        if f.startswith(("ckpt-000010.rank1", "ckpt-000015.rank1")):
+            os.remove(os.path.join(ckdir, f))
+seen = []
+gap = latentfit.numpyro.SAEM(theophylline_model, **opts, callback=lambda k, _: seen.append(k)).run(
+    jax.random.PRNGKey(1), **data, distributed=True, resume=ckdir)
+out["ckpt_runs"] = {"stopped": run_record(stopped), "resumed": run_record(resumed), "gap": run_record(gap),
+                    "gap_first": seen[0]}
 x = jnp.asarray(_data(40))
 fiem = [latentfit.numpyro.FIEM(GaussianMixture(x, 3, "full", seed=1), **ENGINES["FIEM"], seed=3, progress=False,
                                batching="random", track_log_lik=True) for _ in range(2)]
@@ -84,10 +125,10 @@ out["table_shape"] = list(fit.state.memory.table["r"].shape)
 nlme_model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, backend="jax")
 nlme_opts = dict(num_iters=(8, 7), chunk_size=5, seed=0, progress=False, **THEO)
 out["nlme"] = params(nlme_model.fit(df, **nlme_opts, distributed=True))  # rng="per_unit" by default then
-try:  # not supported with it yet: refused before the fit starts
-    fiem[1].run(jax.random.PRNGKey(3), distributed=True, checkpoint="unused")
+try:  # the processes' devices are the mesh: refused before the fit starts
+    fiem[1].run(jax.random.PRNGKey(3), distributed=True, devices=2)
 except ValueError as e:
-    out["checkpoint"] = str(e)
+    out["devices_refused"] = str(e)
 try:  # a process with another key: refused on every process
     latentfit.numpyro.SAEM(theophylline_model, **opts).run(jax.random.PRNGKey(1 + rank), **data, distributed=True)
 except ValueError as e:
@@ -96,6 +137,12 @@ if rank == 0:  # the one-process fits (this process alone, after the last collec
     out["saem_one"] = saem_record(latentfit.numpyro.SAEM(theophylline_model, **opts).run(jax.random.PRNGKey(1), **data))
     out["fiem_one"] = fiem_record(fiem[1].run(jax.random.PRNGKey(3)))
     out["nlme_one"] = params(nlme_model.fit(df, **nlme_opts, rng="per_unit"))
+    try:  # one process cannot continue the 2-process checkpoints
+        latentfit.numpyro.SAEM(theophylline_model, **opts).run(jax.random.PRNGKey(1), **data, checkpoint=ckdir,
+                                                                 resume=True)
+    except ValueError as e:
+        out["one_resume"] = str(e)
+    shutil.rmtree(ckdir)  # process 1 is past its last use of it (later collectives)
 print("RESULT" + json.dumps(out), flush=True)
 """
 
@@ -111,18 +158,26 @@ def _two_processes(child: str, timeout: float = 600) -> list[dict]:
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1")
     env.pop("XLA_FLAGS", None)  # one CPU device per process
-    procs = [subprocess.Popen([sys.executable, "-c", child, str(HERE), str(r), str(port)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for r in range(2)]
-    outs = []
-    try:
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=timeout)
-            assert p.returncode == 0, stderr[-3000:]
-            outs.append(json.loads(next(ln for ln in stdout.splitlines() if ln.startswith("RESULT"))[len("RESULT"):]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    # outputs to files, not pipes: a process blocked on a full pipe never reaches jax.distributed's shutdown barrier
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [(open(Path(tmp) / f"out{r}", "w+"), open(Path(tmp) / f"err{r}", "w+")) for r in range(2)]
+        procs = [subprocess.Popen([sys.executable, "-c", child, str(HERE), str(r), str(port)], stdout=out, stderr=err,
+                                  text=True, env=env) for r, (out, err) in enumerate(files)]
+        outs = []
+        try:
+            for p, (out, err) in zip(procs, files):
+                p.wait(timeout=timeout)
+                out.seek(0)
+                err.seek(0)
+                assert p.returncode == 0, err.read()[-3000:]
+                line = next(ln for ln in out.read().splitlines() if ln.startswith("RESULT"))
+                outs.append(json.loads(line[len("RESULT"):]))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            for f in (f for pair in files for f in pair):
+                f.close()
     return outs
 
 
@@ -154,6 +209,35 @@ def _assert_equal_params(one: dict, two: dict) -> None:
         np.testing.assert_allclose(two[name], value, rtol=0, atol=1e-10, err_msg=name)
 
 
+def _assert_checkpoints(out: dict, saem: dict) -> None:
+    """A process's checkpoints of the 2-process SAEM fit: its own shard files (rank and world size in the sidecar, the
+    chains stored as its block [5, 6, 3] of [5, 12, 3]); the fit interrupted after iteration 10 (chunks of 5) and
+    resumed from 10, or from 5 (the latest iteration both processes still had), equals the uninterrupted fit bit for
+    bit."""
+    ck, runs = out["ckpt"], out["ckpt_runs"]
+    rank = out["rank"]
+    assert ck["rank"] == rank and ck["world_size"] == 2 and ck["iteration"] == 10
+    assert ck["files"] == [f"ckpt-{k:06d}.rank{r}-of-2.json" for k in (5, 10) for r in range(2)], ck["files"]
+    assert ck["blocks"]["z"] == [1, [5, 12, 3], [5, 6, 3]], ck["blocks"]
+    assert all(shape[axis] == 12 and block[axis] == 6 for axis, shape, block in ck["blocks"].values())
+    stopped = runs["stopped"]
+    assert stopped["interrupted"] and stopped["num_iterations"] == 10 and stopped["draws"] is None
+    for name, value in saem["history"].items():  # the first 10 iterations as the uninterrupted fit's
+        np.testing.assert_array_equal(np.asarray(stopped["history"][name], float), np.asarray(value[:10], float),
+                                      err_msg=f"stopped {name}")
+    assert runs["gap_first"] == 6  # resumed after iteration 5
+    for kind in ("resumed", "gap"):
+        run = runs[kind]
+        assert not run["interrupted"] and run["num_iterations"] == 15
+        assert run["params"] == saem["params"], kind
+        for name in ("z", "draws"):
+            np.testing.assert_array_equal(run[name], saem[name], err_msg=f"{kind} {name}")
+        assert run["history"].keys() == saem["history"].keys()
+        for name, value in saem["history"].items():
+            np.testing.assert_array_equal(np.asarray(run["history"][name], float), np.asarray(value, float),
+                                          err_msg=f"{kind} {name}")
+
+
 @pytest.mark.slow
 def test_two_jax_processes_equal_one() -> None:
     outs = _two_processes(CHILD)
@@ -182,8 +266,10 @@ def test_two_jax_processes_equal_one() -> None:
         assert split and all(s[0][0] == 40 and s[1][0] == 20 and s[2] == 2 for s in split), split
         _assert_equal_params(outs[0]["nlme_one"], out["nlme"])  # NLME(..., backend="jax").fit(df, distributed=True)
         assert "initial states differ (state entry" in out["mismatch"]
-        assert "devices= and checkpoint= are not supported with it" in out["checkpoint"]
+        assert "devices= is not supported with it" in out["devices_refused"]
+        _assert_checkpoints(out, saem)
         assert "every process must build the model on the same whole data" in out["mismatch"]
+    assert "written by a fit over [2] process(es), this one runs over 1" in outs[0]["one_resume"]
     assert one_fiem["log_lik"][-1] > one_fiem["log_lik"][0]  # the fits moved
     assert max(np.ptp(np.asarray(v, float)) for k, v in one["history"].items() if k.startswith("theta.")) > 1e-3
 

@@ -146,9 +146,10 @@ class Engine:
         process runs the same M-step (:meth:`distribute`: SAEM, f-SAEM and MCMCSGD with ``rng="per_unit"``, MCMCSGD
         all-reducing its gradient, SAEM its numerical M-step's objective, gradient and Hessian; the exact engines of
         the EM family and MCEM / MiniBatchMCEM / TTSEM / MISSO with ``rng="per_unit"``, whose processes draw the same
-        global mini-batches).  With ``checkpoint=`` every process writes its own shard
-        (``ckpt-<k>.rank<r>-of-<world>.*``, its per-unit state, history and RNG); a resume needs the same number of
-        processes and continues from the latest iteration all of them saved.
+        global mini-batches).  With ``checkpoint=`` every process (torch or JAX) writes its own shard
+        (``ckpt-<k>.rank<r>-of-<world>.*``, its per-unit state, history and RNG; on JAX its block of the per-unit
+        entries and the rest whole); a resume needs the same number of processes and continues from the latest
+        iteration all of them saved.
 
         Faults: a NaN/inf parameter (M-step) or gradient raises :class:`~latentfit.NonFiniteError` naming the
         parameter and the iteration, after writing a checkpoint of the last good state (in ``checkpoint``, else in
@@ -156,15 +157,17 @@ class Engine:
         history so far as a result with ``interrupted=True`` (checkpointed when ``checkpoint`` is given).
         """
         over_processes = False  # one program over the devices of several JAX processes (jax.distributed)
+        self._process_group = None  # their ranks, for checkpoints
         if distributed:
             mesh = self.ops.process_mesh()
             if mesh is None:
                 self.distribute()
             else:
-                if devices is not None or checkpoint is not None:
+                if devices is not None:
                     raise ValueError(f"{self.name}: distributed=True on JAX shards the units over the devices of "
-                                     "every process; devices= and checkpoint= are not supported with it (yet)")
+                                     "every process; devices= is not supported with it")
                 devices, over_processes = mesh, True
+                self._process_group = self.ops.process_group()
         ops = self.ops
         total = self.num_iterations
         resume_from = self._resume_source(checkpoint, resume)
@@ -318,7 +321,7 @@ class Engine:
                 raise ValueError("resume=True continues from the checkpoint directory: pass checkpoint=<dir>")
             found = bool(checkpoint_world_sizes(checkpoint))
             if shard is not None:  # every process decides alike (directories need not be shared)
-                found = any(self.ops.gather_objects(found))
+                found = any(self._processes().gather_objects(found))
             if not found:
                 return None
             resume = checkpoint
@@ -337,7 +340,8 @@ class Engine:
 
         mine = dict(checkpoint_files(directory, shard))
         common = set(mine)
-        for iterations in self.ops.gather_objects(sorted(mine)):  # before any process raises: none waits for another
+        # before any process raises: none waits for another
+        for iterations in self._processes().gather_objects(sorted(mine)):
             common &= set(iterations)
         if not mine:
             load_checkpoint(directory, shard)  # raises: no checkpoint, or one of a fit over another number of processes
@@ -345,6 +349,11 @@ class Engine:
             raise FileNotFoundError(f"the processes' checkpoints in {str(directory)!r} share no iteration (process "
                                     f"{shard[0]} holds {sorted(mine)}): resume from an earlier copy")
         return mine[max(common)]
+
+    def _processes(self) -> Any:
+        """What reaches every process of a distributed fit: the JAX run's process group, else torch's ``ops``."""
+        group = getattr(self, "_process_group", None)
+        return self.ops if group is None else group
 
     def _save(self, directory: Any, state: Any, iteration: int, history: dict[str, list],
               draws: list[np.ndarray], keep: int) -> Any:

@@ -101,6 +101,58 @@ def _reorder_like(new: Any, old: Any) -> Any:
     return new
 
 
+class ProcessGroup:
+    """The processes of a ``jax.distributed`` fit, as a checkpoint sees them: ``rank`` (``jax.process_index()``),
+    ``world_size`` (``jax.process_count()``) and :meth:`gather_objects` (every process's value of a small JSON-able
+    object, by rank: a collective, every process calls it in the same order)."""
+
+    def __init__(self) -> None:
+        self.rank, self.world_size = int(jax.process_index()), int(jax.process_count())
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        import json
+
+        from jax.experimental import multihost_utils
+
+        data = np.frombuffer(json.dumps(obj).encode("utf-8"), dtype=np.uint8)
+        sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], dtype=np.int32))).reshape(-1)
+        padded = np.zeros(int(sizes.max()), dtype=np.uint8)
+        padded[:data.size] = data
+        rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+        return [json.loads(bytes(row[:int(n)]).decode("utf-8")) for row, n in zip(rows, sizes)]
+
+
+def process_block(x: Any) -> tuple[np.ndarray, int | None]:
+    """``(host array, unit axis)`` of a leaf of a ``jax.distributed`` fit's state as this process holds it: the whole
+    array (axis None) when it is addressable here or replicated, else this process's contiguous block of the axis the
+    mesh splits (its devices' shards in order).  What a process of such a fit writes to its checkpoint."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x), None
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0)), None
+    spans = [tuple(tuple(sl.indices(n)[:2]) for sl, n in zip(s.index, x.shape)) for s in x.addressable_shards]
+    split = sorted({a for span in spans for a, (lo, hi) in enumerate(span) if (lo, hi) != (0, x.shape[a])})
+    if len(split) != 1:
+        raise ValueError(f"a state entry of shape {x.shape} is split over the processes along axes {split}: "
+                         "checkpoints store blocks of one unit axis")
+    axis = split[0]
+    blocks = {span[axis]: s for span, s in zip(spans, x.addressable_shards)}  # one per block (devices may repeat it)
+    order = sorted(blocks)
+    if any(a[1] != b[0] for a, b in zip(order, order[1:])):
+        raise ValueError(f"this process's blocks of a state entry of shape {x.shape} along axis {axis} are not "
+                         f"contiguous ({order})")
+    return np.concatenate([np.asarray(blocks[b].data) for b in order], axis=axis), axis
+
+
+def whole_from_blocks(block: np.ndarray, axis: int) -> np.ndarray:
+    """The whole array from every process's ``block`` along ``axis`` (process r's is the r-th: the order of
+    :meth:`JaxOps.process_mesh`), on every process (``multihost_utils.process_allgather``; a collective)."""
+    from jax.experimental import multihost_utils
+
+    whole = np.asarray(multihost_utils.process_allgather(np.moveaxis(block, axis, 0), tiled=True))
+    return np.moveaxis(whole, 0, axis)
+
+
 def _check_same_on_every_process(state: Any) -> None:
     """Refuse a ``jax.distributed`` fit whose processes built different initial states (each takes its block of the
     units from its own copy): a SHA-256 digest of every entry (shape, dtype, bytes) is gathered from every process
@@ -350,6 +402,10 @@ class JaxOps(Ops):
         from jax.sharding import Mesh
 
         return Mesh(np.asarray(jax.devices()), ("units",))
+
+    def process_group(self) -> ProcessGroup:
+        """Rank, number of processes and an object gather of a ``jax.distributed`` fit (its checkpoints' shards)."""
+        return ProcessGroup()
 
     def local_state(self, state: Any) -> Any:
         """``state`` with the arrays split over several processes gathered whole onto this process's default device
@@ -708,4 +764,4 @@ class JaxOps(Ops):
         return jax.tree_util.tree_map(f, tree)
 
 
-__all__ = ["JaxOps", "SharedJit", "default_float_dtype"]
+__all__ = ["JaxOps", "ProcessGroup", "SharedJit", "default_float_dtype", "process_block", "whole_from_blocks"]
