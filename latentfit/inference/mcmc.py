@@ -129,7 +129,8 @@ def rw_componentwise(ops: Ops, key: Any, state: ChainState, scale: Any,
     """One sweep of coordinate-wise random-walk MH; returns the state and acceptance per coordinate.
 
     The acceptances are kept per chain, unit and coordinate ``[L, n, d]`` during the sweep and averaged over the
-    units once at its end (:meth:`Ops.unit_means`: one all-reduce per sweep on a sharded fit instead of d)."""
+    units once at its end (one all-reduce per sweep on a sharded fit instead of d: XLA combines the d means)."""
+    xp = ops.xp
     d = state.z.shape[-1]
     keys = ops.split(key, 2 * d)
     eye = ops.asarray([[1.0 if i == j else 0.0 for i in range(d)] for j in range(d)])
@@ -144,10 +145,13 @@ def rw_componentwise(ops: Ops, key: Any, state: ChainState, scale: Any,
         target_new = ll_new + lp_new
         log_ratio = target_new - st.log_lik - st.log_prior
         st, ok = _accept(ops, keys[2 * j + 1], log_ratio, st, z_new, ll_new, lp_new, target_new, c_new)
-        return st, acc_units + ok[..., None] * onehot
+        return st, acc_units + (ok * 1.0)[..., None] * (onehot > 0)
 
-    state, acc_units = ops.fori_loop(0, d, body, (state, ops.zeros(tuple(state.z.shape))))
-    return state, ops.unit_means(acc_units)
+    # in the dtype of ``ok * 1.0``, as the per-step rates were (torch: its default float type)
+    state, acc_units = ops.fori_loop(0, d, body, (state, (ops.zeros(tuple(state.z.shape)) > 1) * 1.0))
+    # one mean per coordinate, each as the per-step rate was (the same slice of 0/1 values): independent reductions
+    # at one place, which XLA combines into one all-reduce
+    return state, ops.zeros((d,)) + xp.stack([ops.unit_mean(acc_units[..., j]) for j in range(d)])
 
 
 def random_block_mask(ops: Ops, key: Any, d: int, k: Any) -> Any:
@@ -198,7 +202,8 @@ def saemix_sweep(ops: Ops, key: Any, z: Any, scales: tuple[Any, Any], k: Any, ke
     Reductions over the units (each a cross-device all-reduce on a sharded fit, a collective on a distributed one)
     are made only where the next step needs them: one per random-walk sweep or block step (the scales adapt to the
     acceptance of every unit); the prior-IMH acceptances and the non-finite counts are kept per chain and unit and
-    reduced once at the end of the sweep, with the same values (sums of 0/1 indicators are exact).
+    reduced after their loops (XLA combines these reductions with the statistics' into one all-reduce), with the same
+    values as per-step reductions (the same means of the same 0/1 indicators; sums of counts are exact).
     """
     n1, n2, n3 = kernels
     keys = ops.split(key, n1 + n2 + 2 * n3 + 1)
@@ -214,13 +219,13 @@ def saemix_sweep(ops: Ops, key: Any, z: Any, scales: tuple[Any, Any], k: Any, ke
         def imh(i, carry):
             ch, ok_units = carry
             ch, ok = _prior_imh(ops, keys[i], ch, sample_prior, evaluate)
-            return ch, ok_units + ok[..., None] * eye[i]
+            return ch, ok_units + (ok * 1.0)[..., None] * (eye[i] > 0)
 
-        chain, ok_units = ops.fori_loop(0, n1, imh, (chain, ops.zeros(tuple(chain.log_lik.shape) + (n1,))))
-        rates = ops.unit_means(ok_units)  # [n1]: each repetition's rate, from one reduction
+        ok_units = (ops.zeros(tuple(chain.log_lik.shape) + (n1,)) > 1) * 1.0  # the dtype of ``ok * 1.0``
+        chain, ok_units = ops.fori_loop(0, n1, imh, (chain, ok_units))
         rate = ops.zeros(())
-        for i in range(n1):  # summed in the order of the repetitions
-            rate = rate + rates[i] / n1
+        for i in range(n1):  # each repetition's rate, summed in their order; XLA combines the n1 reductions
+            rate = rate + ops.unit_mean(ok_units[..., i]) / n1
         acc["prior_imh"] = rate
     if n2:
         def rw(i, carry):

@@ -163,11 +163,6 @@ class Ops:
         """Mean of ``x [..., n]`` over all its entries, the units of every process included."""
         return self.xp.mean(x)
 
-    def unit_means(self, x: Any) -> Any:
-        """Means of ``x [..., n, m]`` over every axis but the last, the units of every process included: ``[m]``, the
-        ``m`` means in one reduction over the units (one all-reduce on a sharded or distributed fit, not ``m``)."""
-        return self.xp.mean(x, tuple(range(x.ndim - 1)))
-
     def gather_units(self, x: Any, axis: int) -> Any:
         """``x`` concatenated along its unit ``axis`` over the processes, in rank order (one process: ``x``)."""
         return x
@@ -313,13 +308,6 @@ class DistributedOps:
         total = self.all_sum(torch.stack([x.sum().to(torch.float64),
                                           torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)]))
         return (total[0] / total[1]).to(x.dtype)
-
-    def unit_means(self, x: Any) -> Any:
-        torch = self.base.torch
-        sums = x.sum(tuple(range(x.ndim - 1))).to(torch.float64)
-        count = torch.tensor([float(x.numel() // x.shape[-1])], dtype=torch.float64, device=x.device)
-        total = self.all_sum(torch.cat([sums, count]))
-        return (total[:-1] / total[-1]).to(x.dtype)
 
     def gather_units(self, x: Any, axis: int) -> Any:
         parts: list[Any] = [None] * self.world_size
