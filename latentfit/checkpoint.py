@@ -385,11 +385,8 @@ def checkpoint_files(directory: str | os.PathLike, shard: Shard = None) -> list[
 def engine_shard(engine: Any) -> Shard:
     """``(rank, world size)`` of an engine running a distributed fit (its ``ops`` reach every process, or, on JAX, the
     run's process group), else None."""
-    group = getattr(engine, "_process_group", None)
-    if group is not None:
-        return int(group.rank), int(group.world_size)
-    ops = engine.ops
-    return (int(ops.rank), int(ops.world_size)) if hasattr(ops, "world_size") else None
+    procs = engine._processes() if hasattr(engine, "_processes") else engine.ops
+    return (int(procs.rank), int(procs.world_size)) if hasattr(procs, "world_size") else None
 
 
 def checkpoint_world_sizes(directory: str | os.PathLike) -> list[int]:
