@@ -132,3 +132,86 @@ def test_only_the_shim_knows_the_backend(folder):
             if FORBIDDEN.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
     assert not offenders, "backend knowledge outside the shim:\n" + "\n".join(offenders)
+
+
+# ----- JAX compilation and draws on CPU ------------------------------------------------------------------
+def test_jax_unrolled_threefry_draws_are_jax_randoms():
+    """The JAX shim's normal and uniform draws come from an unrolled Threefry-2x32 (one fused loop instead of JAX's
+    rolled CPU lowering): the same bits, hence the same numbers, as ``jax.random`` for every width, shape and dtype,
+    compiled, vmapped over keys, and with ``jax_threefry_partitionable`` off (JAX's own bits then)."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    from latentfit.inference import ops_jax
+
+    impl = ops_jax.fast_threefry_impl()
+    assert impl is not None
+    ops = make_ops("jax", dtype="float64")
+    ops32 = ops.with_draw_dtype("float32")
+    widths = (jnp.uint8, jnp.uint16, jnp.uint32, jnp.uint64)
+
+    def draws(key, shape, fast):  # one program per shape: the library's draws, or jax.random's
+        k = jax.random.wrap_key_data(key, impl=impl) if fast else key
+        bits = [jax.random.bits(k, shape, dt) for dt in widths]
+        if fast:
+            return bits + [ops.normal(key, shape), ops32.normal(key, shape), ops.uniform(key, shape)]
+        return bits + [jax.random.normal(key, shape, jnp.float64),
+                       jax.random.normal(key, shape, jnp.float32).astype(jnp.float64),
+                       jax.random.uniform(key, shape, jnp.float64)]
+
+    for shape in [(), (0,), (7,), (2, 3, 5), (1, 5000, 3)]:
+        ours, theirs = (jax.jit(lambda k, f=fast, s=shape: draws(k, s, f)) for fast in (True, False))
+        for seed in (0, 3, 2 ** 31 + 7):
+            key = jax.random.PRNGKey(seed)
+            for a, b in zip(ours(key), theirs(key)):
+                assert a.dtype == b.dtype and np.array_equal(a, b), (seed, shape, a.dtype)
+    for seed in (0, 3):  # fold-ins and splits are threefry's: the keys of a fast key are the plain keys
+        key = jax.random.PRNGKey(seed)
+        fast = jax.random.wrap_key_data(key, impl=impl)
+        assert np.array_equal(jax.random.key_data(jax.random.split(fast, 3)), jax.random.split(key, 3))
+        assert np.array_equal(jax.random.key_data(jax.random.fold_in(fast, 11)), jax.random.fold_in(key, 11))
+        assert np.array_equal(ops.normal(key, (2, 3)), jax.random.normal(key, (2, 3)))  # eager
+    key = jax.random.PRNGKey(5)
+    assert np.array_equal(jax.jit(lambda k: ops.normal(k, (4, 6)))(key), jax.random.normal(key, (4, 6)))
+    keys = jax.random.split(key, 4)
+    assert np.array_equal(jax.vmap(lambda k: ops.uniform(k, (3, 2)))(keys),
+                          jax.vmap(lambda k: jax.random.uniform(k, (3, 2)))(keys))
+    typed = jax.random.key(5)  # a typed key keeps its own implementation
+    assert np.array_equal(ops.normal(typed, (3,)), jax.random.normal(typed, (3,)))
+    jax.config.update("jax_threefry_partitionable", False)
+    try:
+        assert np.array_equal(ops.normal(key, (2, 3)), jax.random.normal(key, (2, 3)))
+    finally:
+        jax.config.update("jax_threefry_partitionable", True)
+
+
+def test_jax_cpu_programs_leave_reductions_to_xla(monkeypatch):
+    """Programs compiled by the JAX shim on CPU keep YNNPACK for matrix products only (reductions and their fused
+    element-wise chains run as XLA's loops); an option named in ``XLA_FLAGS`` is left to the flag, and an XLA that
+    refuses the options compiles with its defaults."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    from latentfit.inference import ops_jax
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("XLA:CPU options")
+    x = jnp.linspace(0.0, 1.0, 500).reshape(50, 10)
+
+    def f(a):
+        return jnp.sum(jnp.exp(-a) - jnp.exp(-2 * a), -1)
+
+    program = ops_jax._program_for(f, x)
+    assert "__ynn_fusion" not in program.executable.as_text()
+    np.testing.assert_allclose(program(x), f(x), rtol=1e-14)
+    assert ops_jax._compiler_options("gpu") == {}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE")
+    assert ops_jax._compiler_options("cpu") == {}
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setattr(ops_jax, "CPU_COMPILER_OPTIONS", {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_TYPE"})
+    monkeypatch.setattr(ops_jax, "_OPTIONS_REFUSED", [])
+    lowered = jax.jit(f).lower(x + 1.0)
+    np.testing.assert_allclose(ops_jax._compile(lowered, "cpu")(x + 1.0), f(x + 1.0), rtol=1e-14)
+    assert ops_jax._OPTIONS_REFUSED and ops_jax._compiler_options("cpu") == {}

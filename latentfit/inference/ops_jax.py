@@ -201,6 +201,107 @@ class _ConstsBound:
         return jax.tree_util.tree_unflatten(self.out_tree, self.executable(self.consts, *flat))
 
 
+#: XLA:CPU options of the programs compiled here (:func:`_compile`): YNNPACK library fusions for matrix products only.
+#: By default XLA:CPU (jaxlib 0.10) also hands reductions, with the element-wise chains fused into them, to YNNPACK,
+#: whose float64 ``exp`` and reductions ran 2x slower than XLA's own loops: NLME's density over [5000, 10]
+#: observations (two exponentials, a sum over T) took 505 us there against 260 us (single thread), 6.3 of SAEM's
+#: 10.6 ms per iteration at N = 5000.  An option also named in ``XLA_FLAGS`` is left to the flag; an XLA that does not
+#: know an option compiles without the options.  Set to ``{}`` to compile with XLA's defaults.
+CPU_COMPILER_OPTIONS: dict[str, str] = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+#: set when this XLA refused :data:`CPU_COMPILER_OPTIONS` (an older or newer jaxlib): compile with its defaults
+_OPTIONS_REFUSED: list[bool] = []
+
+
+def _compiler_options(platform: str) -> dict[str, str]:
+    """:data:`CPU_COMPILER_OPTIONS` for a CPU program, less the options that ``XLA_FLAGS`` sets; none elsewhere."""
+    import os
+
+    if platform != "cpu" or _OPTIONS_REFUSED:
+        return {}
+    flags = os.environ.get("XLA_FLAGS", "")
+    return {k: v for k, v in CPU_COMPILER_OPTIONS.items() if k not in flags}
+
+
+def _compile(lowered: Any, platform: str) -> Any:
+    """``lowered.compile()`` with :func:`_compiler_options` (without them if this XLA does not know one)."""
+    options = _compiler_options(platform)
+    if options:
+        try:
+            return lowered.compile(compiler_options=options)
+        except Exception as exc:  # an unknown option or enum value: this XLA's defaults from now on
+            if not any(name in str(exc) for name in options):
+                raise
+            _OPTIONS_REFUSED.append(True)
+    return lowered.compile()
+
+
+def _rotate_left(x: Any, r: int) -> Any:
+    return lax.shift_left(x, np.uint32(r)) | lax.shift_right_logical(x, np.uint32(32 - r))
+
+
+def _threefry2x32_unrolled(k1: Any, k2: Any, x1: Any, x2: Any) -> tuple[Any, Any]:
+    """The Threefry-2x32 hash (20 rounds; Salmon et al., SC 2011) as JAX computes it, written out: XLA fuses the rounds
+    into one loop over the counters, where JAX's CPU lowering runs them as a 5-iteration ``while`` of separate
+    passes over memory (3-4x slower for 10^5 values)."""
+    rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
+    ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+    x1, x2 = x1 + ks[0], x2 + ks[1]
+    for i in range(5):
+        for r in rotations[i % 2]:
+            x1 = x1 + x2
+            x2 = x1 ^ _rotate_left(x2, r)
+        x1 = x1 + ks[(i + 1) % 3]
+        x2 = x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x1, x2
+
+
+def _threefry_bits(key: Any, bit_width: int, shape: tuple[int, ...]) -> Any:
+    """``jax.random.bits`` of a threefry key (its data ``uint32[2]``) bit for bit, the hash unrolled: the counters
+    of the partitionable threefry (``jax_threefry_partitionable``, JAX's default) are the flat index ``[hi, lo]``;
+    other cases (that flag off, 2^32 values or more, a scalar) go to JAX's own implementation."""
+    from jax.extend.random import threefry_prng_impl
+
+    size = int(np.prod(shape)) if shape else 1
+    if not shape or size >= 2 ** 32 or not jax.config.jax_threefry_partitionable:
+        return threefry_prng_impl.random_bits(key, bit_width, shape)
+    strides = np.cumprod((1,) + tuple(shape[:0:-1]))[::-1]
+    lo = sum(lax.broadcasted_iota(np.uint32, tuple(shape), d) * np.uint32(s) for d, s in enumerate(strides))
+    b1, b2 = _threefry2x32_unrolled(key[0], key[1], jnp.zeros(tuple(shape), np.uint32), lo)
+    if bit_width == 64:
+        return lax.shift_left(b1.astype(np.uint64), np.uint64(32)) | b2.astype(np.uint64)
+    bits = b1 ^ b2
+    return bits if bit_width == 32 else bits.astype({8: np.uint8, 16: np.uint16}[bit_width])
+
+
+_FAST_THREEFRY: list[Any] = []
+
+
+def fast_threefry_impl() -> Any:
+    """A PRNG implementation equal to JAX's ``threefry2x32`` (same seeds, splits, fold-ins and bits) whose bits come
+    from :func:`_threefry_bits`; None if this JAX cannot define one."""
+    if not _FAST_THREEFRY:
+        try:
+            from jax.extend.random import define_prng_impl
+            from jax.extend.random import threefry_prng_impl as fry
+
+            _FAST_THREEFRY.append(define_prng_impl(key_shape=(2,), seed=fry.seed, split=fry.split,
+                                                   random_bits=_threefry_bits, fold_in=fry.fold_in,
+                                                   name="threefry2x32_unrolled", tag="fry_unrolled"))
+        except Exception:  # pragma: no cover - a JAX without jax.extend.random
+            _FAST_THREEFRY.append(None)
+    return _FAST_THREEFRY[0]
+
+
+def _draw_key(key: Any) -> Any:
+    """``key`` (raw ``uint32[2]`` threefry data, as ``jax.random.PRNGKey`` makes) as a key of
+    :func:`fast_threefry_impl`: the same draws, faster; other keys unchanged."""
+    impl = fast_threefry_impl()
+    if impl is None or jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or tuple(key.shape) != (2,):
+        return key
+    return jax.random.wrap_key_data(key, impl=impl)
+
+
 def _aval_key(x: Any) -> tuple[Any, ...]:
     """Shape, dtype, weak type and placement of an input: what a compiled program is specialised on."""
     return (tuple(np.shape(x)), str(jnp.result_type(x)), bool(getattr(x, "weak_type", False)),
@@ -233,7 +334,7 @@ def _program_for(fn: Callable, *args: Any) -> _ConstsBound:
     def run(consts_: tuple[Any, ...], *flat_: Any) -> Any:
         return jax.core.eval_jaxpr(jaxpr, list(consts_), *flat_)
 
-    executable = jax.jit(run).lower(consts, *flat).compile()
+    executable = _compile(jax.jit(run).lower(consts, *flat), jax.default_backend())
     if shared:
         _PROGRAMS[key] = executable
     while len(_PROGRAMS) > PROGRAM_CACHE_SIZE:
@@ -321,6 +422,8 @@ class JaxOps(Ops):
         return jax.random.split(key, n)
 
     def normal(self, key: Any, shape: tuple[int, ...]) -> Any:
+        """``jax.random.normal`` (threefry bits from :func:`fast_threefry_impl`: the same numbers)."""
+        key = _draw_key(key)
         if self.draw_dtype is not None:  # drawn in a cheaper dtype, cast (exactly) to the arrays' dtype
             return jax.random.normal(key, tuple(shape), dtype=self.draw_dtype).astype(self.dtype)
         return jax.random.normal(key, tuple(shape), dtype=self.dtype)
@@ -336,7 +439,8 @@ class JaxOps(Ops):
         return view
 
     def uniform(self, key: Any, shape: tuple[int, ...]) -> Any:
-        return jax.random.uniform(key, tuple(shape), dtype=self.dtype)
+        """``jax.random.uniform`` (threefry bits from :func:`fast_threefry_impl`: the same numbers)."""
+        return jax.random.uniform(_draw_key(key), tuple(shape), dtype=self.dtype)
 
     def randint(self, key: Any, shape: tuple[int, ...], high: int) -> Any:
         return jax.random.randint(key, tuple(shape), 0, high)
@@ -710,7 +814,8 @@ class JaxOps(Ops):
         state_out = jax.tree_util.tree_leaves(self._unit_shardings(state))
         num_out = len(jax.tree_util.tree_leaves(out_shape))
         out_shardings = state_out + [replicated] * (num_out - len(state_out))
-        executable = jax.jit(run, out_shardings=out_shardings).lower(consts, *flat).compile()
+        executable = _compile(jax.jit(run, out_shardings=out_shardings).lower(consts, *flat),
+                              mesh.devices.flat[0].platform)
         return _ConstsBound(executable, consts, jax.tree_util.tree_structure(out_shape))
 
     def clear_cache(self) -> None:
