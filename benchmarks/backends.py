@@ -20,10 +20,28 @@ processes: at N = 5000 the README model took 1200 ms per iteration, the padded o
 47, 24-31 and 21 ms with one thread in the same hour); the work of one iteration is too small for two threads.
 
     python benchmarks/backends.py [--iters 100] [--n-sim 5000] [--repeats 1] [--threads 1] [--float32]
-                                  [--skip-end-to-end]
+                                  [--skip-end-to-end] [--per-chain-replay]
 
-Figures (issue 10 item 6), ``--repeats 3 --threads 1``, float64, load 4.4-4.7, after 847ddc1 (wall; CPU where
-given):
+Figures (issue 10 item 6), torch paths after f3fbcc4 (one replay of the recorded density for all chains), the torch
+part of this benchmark (``run_pyro``, ``run_pyro_rows``, ``run_nlme``) with one torch thread, float64, median of 3,
+alternated in one process with the per-chain replay (``--per-chain-replay``); the machine was at load 6-7 (2 cores),
+so every wall time is about twice the one at load 4.5 below, and the ratios are what to read:
+
+==============================================  ==================  =========  ========================  =============
+path                                             ms / iter           / NLME     whole fit (CPU)           goal
+==============================================  ==================  =========  ========================  =============
+theophylline, README Pyro model (rows), 400 it   8.69 (was 15.78)    1.17       3.76 s (2.57 s)           <= 1.5 s: not
+theophylline, padded Pyro model                  7.61 (was 14.11)    1.03       3.24 s (2.19 s)           met at this
+theophylline, NLME fast path                     7.41                1.00       2.98 s (2.01 s)           load
+N = 5000, README Pyro model (rows), 100 it      64.7 (was 80.9)      1.99       6.92 s (3.38 s)           <= 2x: met
+N = 5000, padded Pyro model                     45.6 (was 45.2)      1.41       4.72 s (2.41 s)
+N = 5000, NLME fast path                        32.5                 1.00       3.33 s (1.75 s)
+==============================================  ==================  =========  ========================  =============
+
+("was": the per-chain replay, and ``x[idx]`` as recorded, alternated in the same process; estimates equal to the 12
+digits printed.)  Before f3fbcc4
+(``--repeats 3 --threads 1``, float64, load 4.4-4.7, after 847ddc1; wall, CPU where given; the NumPyro rows were not
+re-run since):
 
 ==============================================  ==========  ============  ====================  =================
 path                                             ms / iter   / NLME        whole fit             goal
@@ -41,22 +59,27 @@ theophylline, NumPyro, fresh process, no cache   0.95        -             10.9 
 ==============================================  ==========  ============  ====================  =================
 
 (the NumPyro fresh-process fit: compilation 4.7 s, of which the 25-iteration chunk program ~4.5 s, iterations 0.38 s;
-warm: cache loading 0.53 s, iterations 0.40 s, the rest tracing and set-up.)  At the start of this round (default two
+warm: cache loading 0.53 s, iterations 0.40 s, the rest tracing and set-up.)  At the start of that round (default two
 torch threads, load 3.3-7.5, one repeat) the same benchmark printed: theophylline rows 5.46 ms/iteration (2.8x NLME),
 3.81 s; N = 5000 rows 1200 ms (9.9x), padded 838 ms (6.9x); NumPyro theophylline set-up 3.2 s + compile 3.0 s.
 
-What changed in this round, on the torch path (estimates, histories and the lin log-likelihood bit-identical, 49
-arrays: README and padded models, theophylline and N = 200): a Normal site's log-density is computed on its compact
-scale (torch's Normal expands a scalar sd to every observation, and ``scale.log()`` ran over all of them: CPU per
-density evaluation at N = 5000, 1 chain 1.72 -> 1.48 ms; SAEM 26.2 -> 23.1 ms CPU per iteration), and the recorded
+The torch path, round by round.  847ddc1 (estimates bit-identical): a Normal site's log-density is computed on its
+compact scale (torch's Normal expands a scalar sd to every observation, and ``scale.log()`` ran over all of them: CPU
+per density evaluation at N = 5000, 1 chain 1.72 -> 1.48 ms; SAEM 26.2 -> 23.1 ms CPU per iteration), and the recorded
 density program drops its no-op views (~80 of ~600 nodes for 5 chains: theophylline 0.326 -> 0.277 ms per
-evaluation).  Where the time goes now: theophylline on Pyro runs ~12 model evaluations per iteration, each the
-recorded program of ~80 small ops for each of the 5 chains, recorded one by one (``torch.func.vmap`` cannot be
-recorded; ``vmap`` over a one-chain recording costs ~0.19 ms + 4 us per chain against ~0.05 ms per chain recorded one
-by one: 5 chains 0.21 vs 0.25 ms, 16 chains 0.24 vs 0.79 ms, bit-identical here; not used yet); at N = 5000 the
-README model's own arithmetic on 50 000 rows (the gather ``log_psi[subject]``, exp of [50 000, 3]) is most of an
-evaluation.  On NumPyro the end-to-end time is the compilation of the SAEM chunk (the model inlined in each
-kernel) and ~15 set-up programs (sampling, unit-map detection, pattern recognition: ~2.8 s wall at load 5).
+evaluation).  f3fbcc4: theophylline on Pyro runs ~12 model evaluations per iteration; the program was recorded for each
+of the 5 chains one by one (~80 small ops each, costing their dispatch alone; ``torch.func.vmap`` cannot be recorded,
+and ``vmap`` over a one-chain recording cost ~0.19 ms + 4 us per chain against ~0.05 ms per chain).  Now one chain is
+recorded and its program rewritten to run all chains stacked (``latentfit/integrations/batched_program.py``; the
+per-chain replay where an op is not batch-safe, or where the arrays of all chains exceed 2**17 elements and leave the
+caches): one evaluation of 5 chains 0.43-0.64 -> 0.16-0.20 ms CPU; and ``x[idx]`` by a recorded index vector runs as
+``index_select`` (the README model's ``log_psi[subject]`` at 50 000 rows: about 2x faster), which is what moved the
+README model at N = 5000.  What is left on theophylline: per iteration ~12 evaluations of ~60 ops (~0.13 ms each) and
+the sampler's own work, shared with the NLME path; the NLME path also skips one evaluation per iteration (its residual
+sums carried between iterations re-score the chains at the new θ).  At N = 5000 the README model's own arithmetic on
+50 000 rows (the gather, exp of [50 000, 3]) is most of an evaluation.  On NumPyro the end-to-end time is the
+compilation of the SAEM chunk (the model inlined in each kernel) and ~15 set-up programs (sampling, unit-map
+detection, pattern recognition: ~2.8 s wall at load 5).
 """
 
 from __future__ import annotations
@@ -252,12 +275,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (default 0: torch's own choice, one per core)")
     parser.add_argument("--skip-end-to-end", action="store_true", help="skip the fresh-process NumPyro fits")
+    parser.add_argument("--per-chain-replay", action="store_true",
+                        help="Pyro: replay the recorded density once per chain (the path before the batched program)")
     opts = parser.parse_args(argv)
     import jax
     import torch
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    if opts.per_chain_replay:
+        from latentfit.integrations.pyro import _TracedChainMap
+
+        _TracedChainMap.batch_chains = False
 
     jax.config.update("jax_enable_x64", not opts.float32)
     problems = [("theophylline", theophylline_numpy(), (int(0.75 * opts.theo_iters), opts.theo_iters
