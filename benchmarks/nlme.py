@@ -88,6 +88,37 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
     lowering (before the cache can be asked) and loading the compiled chunks, 0.55-0.7 s; ~40 small eager programs
     (data binding, prior draw, initial cache); the 400 iterations, 0.14-0.2 s.  Still ~6x short of the 10x goal.
   Still not reached: 4.4 ms/iteration (JAX at 8.3-11 ms under this load is the closest).
+* fourth round, JAX on CPU (jaxlib 0.10.2, one thread; ``jax.profiler`` trace and the optimised HLO of the compiled
+  chunk): the time was not where the earlier notes put it.
+  - XLA:CPU hands every reduction, with the element-wise chain fused into it, to YNNPACK (``__ynn_fusion``): each of
+    the 10 evaluations (Bateman function, residual sum of squares over T) took ~0.63 ms in the trace, 6.3 of the
+    10.6 ms.  Its float64 ``exp`` and sums run 2x slower than XLA's own loops: the evaluation over ``[5000, 10]``
+    505 -> 260 us in isolation (``[T, N]`` layout: 451 -> 210 us).  ``JaxOps`` now compiles its programs with
+    ``xla_cpu_experimental_ynn_fusion_type`` set to the matrix-product fusions only (``ops_jax.CPU_COMPILER_OPTIONS``;
+    an option named in ``XLA_FLAGS`` is left to the flag).  Reductions change order: estimates move at the rounding
+    level (the same digits below).
+  - JAX lowers threefry on CPU as a rolled 5-iteration ``while`` loop, one pass over memory per iteration: 790 us of
+    bits for 90 000 values.  The shim's ``normal``/``uniform`` draw with a key of ``ops_jax.fast_threefry_impl()``
+    (threefry's seeds, splits and fold-ins; the bits from the same hash written out, counters as the partitionable
+    threefry counts them): the same numbers bit for bit (``tests/test_ops.py``), 220 us.  Per-unit streams unchanged.
+  - Not kept: drawing the ``[L, n, 3]`` normals flat (XLA:CPU vectorises a fusion along its last axis only, so a
+    draw fused into a ``[..., 3]`` consumer runs scalar: 600 us against 250 us in isolation) made the whole
+    iteration slower in place (alternated 5 rounds: 8.8 -> 9.5 ms).  ``rbg``/``unsafe_rbg`` keys are slower on CPU
+    than threefry (float32 normals, 90 000: 3.5 ms against 0.86 ms): XLA:CPU's RngBitGenerator is not the fast path.
+  - Measured: 400-iteration fits on N = 5000, the two variants alternated in one process (3 rounds, load 5.7-6.6 on 2
+    cores, CPU time of the run over 400): before 11.9 ms/iteration (10.9-12.8), after 7.6 (7.2-7.8), -36%; wall
+    17.3 -> 11.4 ms/iteration at that load; estimates equal to 5 significant digits (ka 0.98747, V 7.96489,
+    CL 0.79939, ω² 0.1667/0.08897/0.0918, a 0.49893 both).  On 100-iteration fits (init included, 3 rounds, load 5-6):
+    13.8 -> 8.8 (ynn reductions off alone 9.1, unrolled threefry alone 11.6).  ``--quick`` at load 8: JAX 13.8
+    ms/iteration wall, torch 27 (wall inflated 2-3x by the load).
+  - What is left on JAX (estimates from the pieces in isolation): the 10 evaluations ~2.6 ms, the ``[L, n, 3]``
+    normals of the prior and block moves ~1.2 ms (scalar loops, see above), uniforms ~0.5 ms, the rest (acceptance
+    selects, statistics, M-step, loop bookkeeping) ~3 ms.  Still short of 4.4 ms/iteration; next: the ``[T, N]``
+    layout of the evaluations (~15%), float32 acceptance uniforms (a new stream, to be checked as the float32
+    normals were), a fusion-friendly layout of the ``[L, n, d]`` draws.  Torch (``torch.profiler``, 40 iterations):
+    ``exp`` 20% of the CPU, ``mul`` 16%, ``sub`` 12%, ``normal_`` 11%, ``where`` 7%: element-wise passes over the
+    observations, each a kernel; nothing cheap found that keeps its numbers bit for bit (reusing the unchanged
+    exponential of a component-wise move would not: ``k + (ka - k)`` is not ``ka`` in floating point).
 """
 
 from __future__ import annotations

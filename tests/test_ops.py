@@ -135,7 +135,7 @@ def test_only_the_shim_knows_the_backend(folder):
 
 
 # ----- JAX compilation and draws on CPU ------------------------------------------------------------------
-def test_jax_unrolled_threefry_draws_are_jax_randoms():
+def test_jax_unrolled_threefry_draws_are_jax_randoms(monkeypatch):
     """The JAX shim's normal and uniform draws come from an unrolled Threefry-2x32 (one fused loop instead of JAX's
     rolled CPU lowering): the same bits, hence the same numbers, as ``jax.random`` for every width, shape and dtype,
     compiled, vmapped over keys, and with ``jax_threefry_partitionable`` off (JAX's own bits then)."""
@@ -177,6 +177,10 @@ def test_jax_unrolled_threefry_draws_are_jax_randoms():
     keys = jax.random.split(key, 4)
     assert np.array_equal(jax.vmap(lambda k: ops.uniform(k, (3, 2)))(keys),
                           jax.vmap(lambda k: jax.random.uniform(k, (3, 2)))(keys))
+    assert ops_jax._draw_key(key).dtype != key.dtype  # a fast key on CPU, the raw key on other platforms
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert ops_jax._draw_key(key) is key
+    monkeypatch.undo()
     typed = jax.random.key(5)  # a typed key keeps its own implementation
     assert np.array_equal(ops.normal(typed, (3,)), jax.random.normal(typed, (3,)))
     jax.config.update("jax_threefry_partitionable", False)

@@ -295,9 +295,12 @@ def fast_threefry_impl() -> Any:
 
 def _draw_key(key: Any) -> Any:
     """``key`` (raw ``uint32[2]`` threefry data, as ``jax.random.PRNGKey`` makes) as a key of
-    :func:`fast_threefry_impl`: the same draws, faster; other keys unchanged."""
+    :func:`fast_threefry_impl` on CPU, where JAX's own lowering is the rolled loop: the same draws, faster; other keys
+    and platforms unchanged."""
+    if jax.default_backend() != "cpu" or jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or tuple(key.shape) != (2,):
+        return key
     impl = fast_threefry_impl()
-    if impl is None or jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or tuple(key.shape) != (2,):
+    if impl is None:
         return key
     return jax.random.wrap_key_data(key, impl=impl)
 
