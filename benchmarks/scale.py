@@ -61,6 +61,17 @@ throughout, so 2 and 4 processes/devices are oversubscribed and the times are co
        after   100000     533   1084     2721   1728    386      626        4.48   645      2121
        after  1000000     528   1071     2690   1687    386      626        4.37   616     16627
 
+    3'. the same after blocked evaluation and compact reading (2026-12-02 20:55-21:17, load 5-9; two runs each with
+       glibc's default allocator, one with the mmap threshold; state: 322 B, as the fixed-effect design no longer
+       holds an [N, m, p] array, 64 B per individual that was counted in the 386 B)
+                    N   table   data  bind pk   peak  state  +copies  peak/state   fit
+       default  100000     532    937     1585   1690    322      626        5.25   753
+       default  100000     532    937     1585   1704    322      626        5.29   767
+       default 1000000     528    925     1544   1610    322      626        5.00   684
+       default 1000000     528    925     1544   1534    322      626        4.76   608
+       mmap     100000     532    938     1550   1401    322      626        4.35   463
+       mmap    1000000     528    925     1521   1376    322      626        4.27   450
+
 Every run's estimates agree with the one-process / one-device fit to rounding (≤ 4e-15).  Per process, the peak
 memory falls with the block (815 → 437 MiB at N = 10⁵); the imports alone are ~256 MiB.  Re-run of parts 1-2 at
 N = 5000 after the memory changes (load 11-13): 133 / 217 / 449 ms per iteration and 359 / 354 / 350 MiB on 1 / 2 / 4
@@ -84,6 +95,24 @@ keeps resident (``MALLOC_MMAP_THRESHOLD_=131072`` removes them at a cost in syst
 the fit, sets the process's peak.  Within 3× of 386 B would need evaluating the model over blocks of individuals (the
 ``[L, N, T]`` temporaries) and not counting the caller's table.
 The N = 10⁶ time per iteration (17 s, vs 0.9 s at 10⁵) was measured under that load and is not a scaling figure.
+
+Part 3 again (3').  Three changes, the fits unchanged bit for bit (tests/test_nlme_memory.py):
+* ``read_nonmem`` reads its per-row codes narrow (EVID int8, MDV a bool, CENS int8, row and individual indices int32)
+  and views absent columns (CMT, CENS, RATE, ADDL, II, SS) and the single period as one value on every row: the
+  binding peak falls from 2.4-2.5 to 1.5-1.6 kB per individual (tracemalloc inside ``read_nonmem``: 1.85 -> 1.0 kB).
+* Without covariates the fixed-effect design views a copy of its first row: it viewed the first row of the
+  ``[N, m, p]`` array, which kept all of it (64 B per individual at m = p = 3).  The bound data fall from 1.07-1.09 to
+  0.93 kB per individual, of which 0.53 kB is the caller's table.
+* On torch the structural model and the residual sums run over blocks of individuals once an ``[L, n, T]``
+  temporary would exceed 2 MiB (``Ops.unit_blocks``; a block's design views the model's τ = t − t_d), so the fit's
+  temporaries no longer grow with N: the fit's own peak (``fit``) falls from 0.62-0.65 to 0.45-0.46 kB with a fixed
+  mmap threshold, and to 0.61-0.77 kB with glibc's default allocator (0.86-1.8 kB before, run to run).  What is left
+  at the peak (a line tracer, N = 10⁵, one chain) is the state of a random-walk step: eight ``[L, N, d]`` and about
+  25 ``[L, N]`` float64 arrays (chains, proposals and their log-densities), not the data.
+The process peak (the binding's or the fit's) is now 1.5-1.7 kB per individual against 2.4-2.5 kB before: 4.8-5.3x
+the state's 322 B with the caller's table, 3.1-3.6x without it.  The 3x goal is still NOT met: the fit's own increment
+is 1.9-2.4x the state, the caller's table 1.6x, the bound data's copies for the post-fit tools (row positions,
+censoring codes, the observation mask) 0.3x.
 """
 
 from __future__ import annotations

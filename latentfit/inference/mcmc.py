@@ -139,8 +139,7 @@ def rw_componentwise(ops: Ops, key: Any, state: ChainState, scale: Any,
         # one latent coordinate (a loop over the small d, vectorised over chains and units)
         st, acc_units = carry
         onehot = eye[j]
-        step = ops.normal(keys[2 * j], tuple(st.z.shape[:-1]))[..., None] * (scale * onehot)
-        z_new = st.z + step
+        z_new = st.z + ops.normal(keys[2 * j], tuple(st.z.shape[:-1]))[..., None] * (scale * onehot)
         ll_new, lp_new, c_new = _evaluate(evaluate, z_new)
         target_new = ll_new + lp_new
         log_ratio = target_new - st.log_lik - st.log_prior
@@ -168,8 +167,7 @@ def rw_block(ops: Ops, key: Any, state: ChainState, scale: Any, mask: Any,
              evaluate: Evaluate) -> tuple[ChainState, Any]:
     """Random-walk MH moving the coordinates in ``mask`` jointly; returns state and acceptance."""
     k1, k2 = ops.split(key)
-    step = ops.normal(k1, tuple(state.z.shape)) * (scale * mask)
-    z_new = state.z + step
+    z_new = state.z + ops.normal(k1, tuple(state.z.shape)) * (scale * mask)
     ll_new, lp_new, c_new = _evaluate(evaluate, z_new)
     target_new = ll_new + lp_new
     log_ratio = target_new - state.log_lik - state.log_prior

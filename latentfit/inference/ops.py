@@ -96,6 +96,20 @@ class Ops:
     jittable: bool = False
     #: seconds spent compiling engine steps (cumulative; stays 0 on eager backends)
     compile_time: float = 0.0
+    #: values of the largest ``[..., n, T]`` temporary that an eager evaluation over ``n`` units creates before it
+    #: goes over blocks of units (:meth:`unit_blocks`); None: never (compiled programs fuse element-wise chains and
+    #: create no such temporaries)
+    unit_block_values: int | None = None
+
+    def unit_blocks(self, n: int, values_per_unit: int) -> list[slice] | None:
+        """Contiguous blocks of the ``n`` units over which an eager evaluation of ``values_per_unit`` values per unit
+        keeps each temporary within :attr:`unit_block_values` (so that its memory does not grow with N); None when
+        one block (all units) fits, or when the backend compiles."""
+        cap = self.unit_block_values
+        if cap is None or n * values_per_unit <= cap:
+            return None
+        size = max(1, cap // max(1, values_per_unit))
+        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
     # --- creation -----------------------------------------------------------------------------
     def asarray(self, x: Any, dtype: Any = None) -> Any:  # pragma: no cover - interface
@@ -360,6 +374,7 @@ class TorchOps(Ops):
 
     name = "torch"
     jittable = False
+    unit_block_values = 2 ** 18  # 2 MiB of float64 per [..., n, T] temporary
 
     def __init__(self, device: Any = None, dtype: Any = None) -> None:
         import torch
@@ -566,6 +581,9 @@ class TorchOps(Ops):
         return table.index_copy(1, idx, rows.to(table.dtype))
 
     def take(self, x: Any, idx: Any, axis: int = 0) -> Any:
+        """``x`` at the indices ``idx`` (an index array: a gather; a ``slice``: a view) along ``axis``."""
+        if isinstance(idx, slice):
+            return x[(slice(None),) * axis + (idx,)]
         return x.index_select(axis, idx)
 
     def take_block(self, x: Any, start: Any, size: int, axis: int = 0) -> Any:

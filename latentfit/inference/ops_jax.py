@@ -611,6 +611,9 @@ class JaxOps(Ops):
         return table.at[:, idx].set(jnp.asarray(rows).astype(table.dtype))
 
     def take(self, x: Any, idx: Any, axis: int = 0) -> Any:
+        """``x`` at the indices ``idx`` (an index array or a ``slice``) along ``axis``."""
+        if isinstance(idx, slice):
+            return x[(slice(None),) * axis + (idx,)]
         return jnp.take(x, idx, axis=axis)
 
     def take_block(self, x: Any, start: Any, size: int, axis: int = 0) -> Any:

@@ -97,8 +97,9 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
     model._sel_free = ops.asarray(eye_pr[:, model.free_r])  # [p_r, f]
     model._sel_fixed = ops.asarray(eye_pr[:, model.fixed_r])  # [p_r, c]
     if p == m:  # no covariate: X_i = I for every individual, one [m, p] block viewed N times (no [N, m, p] arrays)
-        model._x = xp.broadcast_to(ops.asarray(x[:1]), x.shape)
-        model._xr = xp.broadcast_to(ops.asarray(xr[:1]), xr.shape)
+        # copies of the first rows: a view would keep the whole [N, m, p] array alive (torch shares numpy's memory)
+        model._x = xp.broadcast_to(ops.asarray(x[:1].copy()), x.shape)
+        model._xr = xp.broadcast_to(ops.asarray(xr[:1].copy()), xr.shape)
     else:
         model._x = ops.asarray(x)
         model._xr = ops.asarray(xr)

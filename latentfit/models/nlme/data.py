@@ -202,16 +202,22 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         evid_f = np.nan_to_num(num["evid"])
         fail(~np.isin(evid_f, (0, 1, 2, 3, 4)), f"column {cols['evid']!r} must be 0 (observation), 1 (dose), 2 (other "
                                                 f"event), 3 (reset) or 4 (reset and dose)")
-        evid = evid_f.astype(int)
+        evid = evid_f.astype(np.int8)  # codes 0-4 (checked): the narrowest type, 1 byte per row
         del evid_f
     else:
-        evid = (amt > 0).astype(int)
-    mdv = np.nan_to_num(num["mdv"]).astype(int) if "mdv" in num else np.zeros(n_rows, dtype=int)
-    cmt = np.nan_to_num(num.get("cmt", np.ones(n_rows))).astype(int)
-    cens = np.nan_to_num(num.get("cens", np.zeros(n_rows))).astype(int)
-    fail(~np.isin(cens, (-1, 0, 1)), f"column {cols['cens']!r} must be -1, 0 or 1")
+        evid = (amt > 0).astype(np.int8)
+    # per-row codes in their narrowest form (10⁶ individuals × 11 rows: 88 MB per int64 array); an absent column is
+    # one value viewed on every row
+    missing_dv = np.abs(np.nan_to_num(num["mdv"])) >= 1 if "mdv" in num else False  # MDV ≠ 0 (as int)
+    cmt = np.nan_to_num(num["cmt"]).astype(int) if "cmt" in num else np.broadcast_to(1, (n_rows,))
+    if "cens" in num:
+        cens = np.nan_to_num(num["cens"]).astype(int)
+        fail(~np.isin(cens, (-1, 0, 1)), f"column {cols['cens']!r} must be -1, 0 or 1")
+        cens = cens.astype(np.int8)
+    else:
+        cens = np.broadcast_to(np.int8(0), (n_rows,))
     is_dose = np.isin(evid, (1, 4))
-    is_obs = (evid == 0) & (mdv == 0) & ~np.isnan(dv)
+    is_obs = (evid == 0) & ~missing_dv & ~np.isnan(dv)
     fail(is_dose & (amt <= 0), "dose record without a positive amount")
     rate, addl, ii, ss = _dose_records(num, cols, is_dose, amt, fail)
     for role in ("evid", "mdv", "cmt", "cens"):  # read: their per-row float copies are not needed any more
@@ -231,11 +237,15 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         raise DataError(f"negative time {df.loc[row, cols['time']]} (ID {_id(df.loc[row, id_col])}, row {row}): times "
                         f"must be >= 0 in data with doses; a regressor that is not a time (a centred covariate, a "
                         f"log-dose) goes in x= or regressors=, not in the time column")
-    time = np.nan_to_num(time)
+    if not has_time:  # a time column has no NaN (checked above): no copy
+        time = np.nan_to_num(time)
     ids_all = df[id_col].to_numpy()
     # periods: a reset (EVID 3/4, SS = 1 dose) starts a new one, in the order of the table
     reset = np.isin(evid, (3, 4)) | (is_dose & (ss == 1))
-    seg = pd.Series(reset.astype(np.int64)).groupby(ids_all).cumsum().to_numpy()
+    if reset.any() or records:
+        seg = pd.Series(reset.astype(np.int64)).groupby(ids_all).cumsum().to_numpy()
+    else:  # one period: 0 viewed on every row
+        seg = np.broadcast_to(np.int64(0), (n_rows,))
     if reset.any():
         start = pd.Series(np.where(reset, time, np.nan)).groupby([ids_all, seg]).transform("first").to_numpy()
         fail(time < start, f"time before the reset (EVID 3/4 or SS = 1 dose) that starts this period: the "
@@ -264,29 +274,32 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
                           f"and compartment as an earlier row; both doses are given", stacklevel=3)
 
     n = len(keep)
-    order = pd.Index(keep).get_indexer(ids_all)  # row -> individual (-1: dropped), without a Python loop over rows
-    obs_idx = np.where(is_obs & (order >= 0))[0]
+    index_type = np.int32 if len(df) < 2 ** 31 else np.int64  # row and individual indices: 4 bytes each
+    order = pd.Index(keep).get_indexer(ids_all).astype(index_type)  # row -> individual (-1: dropped), no Python loop
+    obs_idx = np.where(is_obs & (order >= 0))[0].astype(index_type)
     obs_idx = obs_idx[np.lexsort((time[obs_idx], seg[obs_idx], order[obs_idx]))]
     counts = np.bincount(order[obs_idx], minlength=n)
     t_max = int(counts.max())
-    slot = np.arange(len(obs_idx)) - np.repeat(np.cumsum(counts) - counts, counts)
+    slot = (np.arange(len(obs_idx)) - np.repeat(np.cumsum(counts) - counts, counts)).astype(index_type)
     who = order[obs_idx]
     time_a = np.zeros((n, t_max))
     dv_a = np.zeros((n, t_max))
     mask = np.zeros((n, t_max), dtype=bool)
     cens_a = np.zeros((n, t_max), dtype=np.int8)  # the narrowest types: these are kept for the post-fit tools
-    rows_a = np.full((n, t_max), -1, dtype=np.int32 if len(df) < 2 ** 31 else np.int64)
-    seg_a = np.zeros((n, t_max))
+    rows_a = np.full((n, t_max), -1, dtype=index_type)
     time_a[who, slot] = time[obs_idx]
     dv_a[who, slot] = dv[obs_idx]
     mask[who, slot] = True
     cens_a[who, slot] = cens[obs_idx]
-    rows_a[who, slot] = np.arange(len(df))[obs_idx]
-    seg_a[who, slot] = seg[obs_idx]
+    rows_a[who, slot] = obs_idx
     last = time_a[np.arange(n), counts - 1]
     time_a = np.where(mask, time_a, last[:, None])  # padding: a valid time, masked out
     # one period (no reset): no [N, T] array of zeros (the structural models read None as one period)
-    seg_a = np.where(mask, seg_a, seg_a[np.arange(n), counts - 1][:, None]) if reset.any() else None
+    seg_a = None
+    if reset.any():
+        seg_a = np.zeros((n, t_max))
+        seg_a[who, slot] = seg[obs_idx]
+        seg_a = np.where(mask, seg_a, seg_a[np.arange(n), counts - 1][:, None])
     regs = {}
     per_obs = _time_varying(num, list(regressors), time, seg, order, obs_idx, covariate_interpolation, df, id_col)
     for name in regressors:
@@ -295,7 +308,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         regs[name] = np.where(mask, r, r[np.arange(n), counts - 1][:, None])
     # per-row arrays the doses and periods below do not read, freed before they build theirs (11 rows of 10⁶
     # individuals: 88 MB each)
-    del dv, evid, mdv, cens, is_obs, obs_idx, who, slot, per_obs
+    del dv, evid, missing_dv, cens, is_obs, obs_idx, who, slot, per_obs
     num = {dose: num[dose]} if dose is not None else {}
 
     # doses (ADDL expanded: ADDL + 1 doses every II)
@@ -359,9 +372,9 @@ def _failer(df: pd.DataFrame, id_col: str) -> Any:
 def _dose_records(num: dict[str, np.ndarray], cols: dict[str, str], is_dose: np.ndarray, amt: np.ndarray,
                   fail: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Checked ``RATE`` (``-2``: ``AMT/DUR``), ``ADDL`` (int), ``II`` and ``SS`` per row (0 off the dose rows)."""
-    zeros = np.zeros(len(amt))
+    zeros = np.broadcast_to(0.0, (len(amt),))  # 0 viewed on every row (read only)
     if not {"rate", "dur", "addl", "ii", "ss"} & set(num):  # bolus doses only: nothing to check, no per-row copies
-        return zeros, zeros.astype(np.int64), zeros, zeros
+        return zeros, np.broadcast_to(np.int64(0), (len(amt),)), zeros, zeros
     rate, dur, addl, ii, ss = (np.nan_to_num(num.get(r, zeros)) for r in ("rate", "dur", "addl", "ii", "ss"))
     c = {r: repr(cols[r]) for r in ("rate", "dur", "addl", "ii", "ss")}
     fail(~np.isin(ss, (0, 1, 2)), f"column {c['ss']} must be 0, 1 (steady state after a reset) or 2 (steady state "

@@ -231,9 +231,34 @@ class NLME(LatentModel):
 
     def _mu(self, theta: dict[str, Any], units: Any = None) -> Any:
         """``μ_i = X_i β`` for every parameter, ``[n, m]``."""
-        if self._no_covariates and units is None:
+        if self._no_covariates and (units is None or isinstance(units, slice)):
             return self._beta(theta)  # [m], broadcasts against [n, m]
         return self._take(self._x, units) @ self._beta(theta)
+
+    def _unitwise(self, make: Callable[[Any], Callable[[Any], Any]], units: Any) -> Callable[[Any], Any]:
+        """``z -> make(units)(z)``: a per-unit reduction ``[..., n]`` of per-observation ``[..., n, T]`` arrays (the
+        structural model, residuals), taken over contiguous blocks of the units when the backend asks for it
+        (:meth:`~latentfit.inference.ops.Ops.unit_blocks`: eager torch over many units and chains), so that those
+        temporaries stay a few MiB instead of growing with N.  Each block runs the same operations on its units'
+        rows (``make(block)``, built once per block); the results are concatenated."""
+        whole = make(units)
+        if self._iov is not None or self._resp is not None or self.outcome is not None:
+            return whole
+        xp = self.ops.xp
+        n = self.num_units if units is None else int(units.shape[0])
+        t_max = int(self.data.time.shape[-1])
+        built: dict[int, list[Callable[[Any], Any]]] = {}
+
+        def evaluate(z: Any) -> Any:
+            blocks = self.ops.unit_blocks(n, int(np.prod(tuple(z.shape[:-2]), dtype=np.int64)) * t_max)
+            if blocks is None:
+                return whole(z)
+            fns = built.get(len(blocks))
+            if fns is None:
+                fns = built[len(blocks)] = [make(b if units is None else units[b]) for b in blocks]
+            return xp.concatenate([fn(z[..., b, :]) for fn, b in zip(fns, blocks)], -1)
+
+        return evaluate
 
     def _mu_r(self, mu: Any, n: int) -> Any:
         xp = self.ops.xp
@@ -380,18 +405,17 @@ class NLME(LatentModel):
         if self.outcome is not None:
             return lambda z: (xp.sum(_outcomes.log_prob(self, theta, z, units, mu), -1), prior(z))
         self._require_data()
-        predict = self._prediction_fn(mu, units)
-        if summed and self._rss_scored:
-            rss, score = self._rss_fns(theta, units)
 
-            def log_lik(f: Any) -> Any:
-                return score(rss(f))
-        else:
-            obs = self._obs_terms_fn(theta, units)
+        def log_lik(block: Any) -> Callable[[Any], Any]:  # z -> log p(y_i | z_i) of a block of the units
+            predict = self._prediction_fn(mu if block is units else self._mu(theta, block), block)
+            if summed and self._rss_scored:
+                rss, score = self._rss_fns(theta, block)
+                return lambda z: score(rss(predict(z)))
+            obs = self._obs_terms_fn(theta, block)
+            return lambda z: xp.sum(obs(predict(z)), -1)
 
-            def log_lik(f: Any) -> Any:
-                return xp.sum(obs(f), -1)
-        return lambda z: (log_lik(predict(z)), prior(z))
+        log_lik_all = self._unitwise(log_lik, units)
+        return lambda z: (log_lik_all(z), prior(z))
 
     @property
     def _rss_scored(self) -> bool:
@@ -441,11 +465,11 @@ class NLME(LatentModel):
             return None
         mu = self._mu(theta)
         prior = self._log_prior_fn(theta, mu)
-        predict = self._prediction_fn(mu, None)
-        rss, score = self._rss_fns(theta, None)
+        rss = self._rss_of(theta, mu)
+        score = self._rss_fns(theta, None)[1]
 
         def evaluate(z: Any) -> tuple[Any, Any, Any]:
-            r = rss(predict(z))
+            r = rss(z)
             return score(r), prior(z), r
 
         def rescore(z: Any, r: Any) -> tuple[Any, Any]:
@@ -459,7 +483,18 @@ class NLME(LatentModel):
         programs to compile or load."""
         if not (self._rss_scored and self._all_random and self.data is not None):
             return None
-        return self._rss_fn(None)(self._prediction_fn(self._mu(theta), None)(z))
+        return self._rss_of(theta, self._mu(theta))(z)
+
+    def _rss_of(self, theta: dict[str, Any], mu: Any) -> Callable[[Any], Any]:
+        """``z -> RSS_i`` ``[..., N]`` of every unit (``mu``: μ of every unit), over blocks of units where the backend
+        asks for it (:meth:`_unitwise`)."""
+
+        def rss(block: Any) -> Callable[[Any], Any]:
+            predict = self._prediction_fn(mu if block is None else self._mu(theta, block), block)
+            of = self._rss_fn(block)
+            return lambda z: of(predict(z))
+
+        return self._unitwise(rss, None)
 
     def _log_prior(self, theta: dict[str, Any], z: Any, mu: Any) -> Any:
         return self._log_prior_fn(theta, mu)(z)

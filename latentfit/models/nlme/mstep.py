@@ -54,15 +54,24 @@ def stats(model: NLME, theta: dict[str, Any], z: Any, units: Any = None, cache: 
 def _rss(model: NLME, theta: dict[str, Any], z: Any, units: Any) -> Any:
     """Per-unit residual sum of squares ``[..., n]`` on the scale of the closed-form residual parameter."""
     xp = model.ops.xp
-    f = model.structural_prediction(theta, z, units)
-    mask = model._take(model._uncens_mask, units)
-    if model.error == "exponential":
-        res = model._take(model._ylog, units) - xp.log(f)
-    elif model.error == "proportional":
-        res = (model._take(model._y, units) - f) / f
-    else:
-        res = model._take(model._y, units) - f
-    return xp.sum(xp.where(mask, res * res, 0.0), -1)
+
+    def rss(block: Any) -> Any:  # z -> RSS of a block of the units (model._unitwise)
+        mu, mask = model._mu(theta, block), model._take(model._uncens_mask, block)
+        y = model._take(model._ylog if model.error == "exponential" else model._y, block)
+
+        def of(zb: Any) -> Any:
+            f = model.structural_prediction(theta, zb, block, mu=mu)
+            if model.error == "exponential":
+                res = y - xp.log(f)
+            elif model.error == "proportional":
+                res = (y - f) / f
+            else:
+                res = y - f
+            return xp.sum(xp.where(mask, res * res, 0.0), -1)
+
+        return of
+
+    return model._unitwise(rss, units)(z)
 
 
 def m_step(model: NLME, s: dict[str, Any], theta: dict[str, Any], num_units: int) -> dict[str, Any]:

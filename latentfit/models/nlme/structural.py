@@ -88,6 +88,8 @@ class Design:
     occ_start: Any = None
     occ_seg: Any = None
     occ_valid: Any = None
+    #: ``(τ, amounts)`` already computed for these units (views of a larger design's): not computed again
+    time_after_dose_of: tuple[Any, Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.x is None:
@@ -97,8 +99,11 @@ class Design:
         if (self.dose_ss is None) != (self.dose_ii is None):
             raise ValueError("Design: dose_ss and dose_ii go together (both None without steady state)")
         # τ = t − t_d [N, T, D] and the amounts [N, 1, D], computed once
-        self._tau = self.time[..., :, None] - self.dose_time[..., None, :]
-        self._amt = self.dose_amt[..., None, :]
+        if self.time_after_dose_of is not None:
+            self._tau, self._amt = self.time_after_dose_of
+        else:
+            self._tau = self.time[..., :, None] - self.dose_time[..., None, :]
+            self._amt = self.dose_amt[..., None, :]
 
     def take(self, ops: Any, units: Any) -> Design:
         if units is None:
@@ -111,7 +116,9 @@ class Design:
                       self.doses_precede_obs, opt(self.dose_cmt), self.ops,
                       time if self.x is self.time else t(self.x), opt(self.dose_ss), opt(self.dose_ii),
                       opt(self.dose_seg), opt(self.obs_seg), self.central_cmt, self.has_infusion, opt(self.dv),
-                      opt(self.occ_start), opt(self.occ_seg), opt(self.occ_valid))
+                      opt(self.occ_start), opt(self.occ_seg), opt(self.occ_valid),
+                      # a block of units (a slice): views of this design's τ, no new [n, T, D] array
+                      (t(self._tau), t(self._amt)) if isinstance(units, slice) else None)
 
     def backend_ops(self) -> Any:
         """The backend shim of the arrays: ``ops`` if given, else the one of ``xp``."""
