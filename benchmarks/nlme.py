@@ -111,14 +111,17 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
     CL 0.79939, ω² 0.1667/0.08897/0.0918, a 0.49893 both).  On 100-iteration fits (init included, 3 rounds, load 5-6):
     13.8 -> 8.8 (ynn reductions off alone 9.1, unrolled threefry alone 11.6).  ``--quick`` at load 8: JAX 13.8
     ms/iteration wall, torch 27 (wall inflated 2-3x by the load).
-  - What is left on JAX (estimates from the pieces in isolation): the 10 evaluations ~2.6 ms, the ``[L, n, 3]``
-    normals of the prior and block moves ~1.2 ms (scalar loops, see above), uniforms ~0.5 ms, the rest (acceptance
-    selects, statistics, M-step, loop bookkeeping) ~3 ms.  Still short of 4.4 ms/iteration; next: the ``[T, N]``
-    layout of the evaluations (~15%), float32 acceptance uniforms (a new stream, to be checked as the float32
-    normals were), a fusion-friendly layout of the ``[L, n, d]`` draws.  Torch (``torch.profiler``, 40 iterations):
-    ``exp`` 20% of the CPU, ``mul`` 16%, ``sub`` 12%, ``normal_`` 11%, ``where`` 7%: element-wise passes over the
-    observations, each a kernel; nothing cheap found that keeps its numbers bit for bit (reusing the unchanged
-    exponential of a component-wise move would not: ``k + (ka - k)`` is not ``ka`` in floating point).
+  - What is left on JAX, by switching kernels off (``SAEM(kernels=)``, 100 iterations, 3 alternated rounds, load ~8.5,
+    medians of CPU ms/iteration): start, statistics and M-step 0.6; 2 prior-IMH steps 1.9; 6 component-wise moves
+    3.7; 2 block steps 2.0 (7.9 with all).  A move costs 0.6-1.0 ms, of which the evaluation ~0.26 ms in isolation:
+    the rest is its draws (the ``[L, n, 3]`` normals ~0.6 ms per prior or block step inside the fusions, scalar loops,
+    see above), the uniforms, the acceptance selects and the loop's carry.  Still short of 4.4 ms/iteration; next:
+    the ``[T, N]`` layout of the evaluations (~15%), float32 acceptance uniforms (a new stream, to be checked as the
+    float32 normals were), a fusion-friendly layout of the ``[L, n, d]`` draws (units last: a select, prior and
+    ``exp`` over ``[3, 1, 5000]`` 72 us against 91 us over ``[1, 5000, 3]``).  Torch (``torch.profiler``, 40
+    iterations): ``exp`` 20% of the CPU, ``mul`` 16%, ``sub`` 12%, ``normal_`` 11%, ``where`` 7%: element-wise
+    passes over the observations, each a kernel; nothing cheap found that keeps its numbers bit for bit (reusing the
+    unchanged exponential of a component-wise move would not: ``k + (ka - k)`` is not ``ka`` in floating point).
 """
 
 from __future__ import annotations
