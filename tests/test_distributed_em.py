@@ -5,7 +5,8 @@ Each of two gloo processes (spawned with ``torch.multiprocessing``) holds a cont
 and 20); every process draws the same global mini-batches, computes the statistics of the units it owns and the
 sums are all-reduced in float64, so the trajectory is the one-process fit's: estimates and objectives within 1e-10
 (only the order of the sums over units differs).  The mixture's centring and k-means start come from the whole
-data (``GaussianMixture.shard_view``).  On JAX the per-unit tables are split over two host devices.
+data (``GaussianMixture.shard_view``).  On JAX the per-unit tables are split over two host devices, and the data
+(``GaussianMixture.unit_data_axes``) too, also for the engines that keep no per-unit state (EM, TTSEM's "saem").
 
 TTSEM (its four variants, and on the plain Pyro mixture) with ``rng="per_unit"``: the Monte-Carlo E-step draws each
 unit's labels from its own stream, so the two-process fit equals the one-process fit to 1e-10 likewise; so does
@@ -163,13 +164,20 @@ for name in sys.argv[2].split(","):
                  "log_lik_range": float(np.ptp(fits[0].history["log_lik"])),
                  "table_devices": len(table.sharding.device_set),
                  "table_shard": list(table.sharding.shard_shape(table.shape))}
-for name in ("EM", "TTSEM-saem"):  # no per-unit state (exact posterior draws, no table): refused
+for name in ("EM", "TTSEM-saem"):  # no per-unit state (exact posterior draws, no table): the data alone are split
     cls, options = _jax_engine(name)
-    try:
-        cls(GaussianMixture(x, 3, "full", seed=1), **dict(options, num_epochs=2), progress=False).run(
-            jax.random.PRNGKey(3), devices=2)
-    except ValueError as e:
-        out[name] = str(e)
+    engines = [cls(GaussianMixture(x, 3, "full", seed=1), **options, seed=3, progress=False, track_log_lik=True)
+               for _ in range(2)]
+    fits = [engine.run(jax.random.PRNGKey(3), devices=devices) for engine, devices in zip(engines, (None, 2))]
+    programs = [p[0] for p in engines[1].model.ops._compiled.values()]
+    features = [c for p in programs for c in getattr(p, "consts", ()) if np.shape(c) == (7, 40)]  # Fᵀ [D, n]
+    out[name] = {"diff": max(float(np.max(np.abs(np.asarray(fits[0].params[k]) - np.asarray(fits[1].params[k]))))
+                             for k in fits[0].params),
+                 "history_diff": max(float(np.max(np.abs(np.asarray(fits[0].history[k])
+                                                         - np.asarray(fits[1].history[k]))))
+                                     for k in fits[0].history if k != "time"),
+                 "moved": float(fits[0].history["log_lik"][-1] - fits[0].history["log_lik"][0]),
+                 "data_shards": sorted({tuple(c.sharding.shard_shape(c.shape)) for c in features})}
 print("RESULT" + json.dumps(out))
 """
 
@@ -202,7 +210,10 @@ def _two_devices(engines: list[str]) -> None:
         else:  # Monte-Carlo: it moves around the k-means start
             assert res["log_lik_range"] > 1e-3, res
         assert res["table_devices"] == 2 and res["table_shard"] == [20, 3]
-    assert "no per-unit state" in out["EM"] and "no per-unit state" in out["TTSEM-saem"]
+    for name in ("EM", "TTSEM-saem"):  # no per-unit state: the data's feature rows are split, 20 points per device
+        res = out[name]
+        assert res["diff"] < 1e-10 and res["history_diff"] < 1e-9 and res["data_shards"] == [[7, 20]], res
+        assert res["moved"] > 0 if name == "EM" else res["moved"] != 0
 
 
 def test_fiem_two_jax_devices_equal_one() -> None:
@@ -219,7 +230,7 @@ def test_ttsem_misso_two_jax_devices_equal_one() -> None:
     """TTSEM (fi, vr, isaem) and MISSO (the paper's surrogates) with ``rng="per_unit"``: each unit's labels are drawn
     from its own stream, so with the per-unit tables ``[40, 3]`` split over two host devices the parameters and the
     whole history equal the one-device fit to 1e-10.  TTSEM's "saem" variant keeps no per-unit state here (exact
-    draws, no table): like EM, it is refused."""
+    draws, no table): like EM, only the data are split."""
     _two_devices(["TTSEM-fi", "TTSEM-vr", "TTSEM-isaem", "MISSO"])
 
 

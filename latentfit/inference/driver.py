@@ -191,7 +191,8 @@ class Engine:
             state, history, draws, start = self._restore(resume_from, state, collect_from)
         sharded = devices is not None
         state = ops.shard_units(state, self.unit_axes() if sharded else {}, devices,
-                                data_axes=getattr(self.model, "unit_data_axes", list)() if sharded else ())
+                                data_axes=getattr(self.model, "unit_data_axes", list)() if sharded else (),
+                                num_units=getattr(self.model, "num_units", None) if sharded else None)
         last_saved = start
         good = self._snapshot(state, start)  # set-up: a copy of the state (its per-unit tables on torch)
         t_init = time.perf_counter() - t0

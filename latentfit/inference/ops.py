@@ -198,7 +198,7 @@ class Ops:
         return state
 
     def shard_units(self, state: dict[str, Any], unit_axes: dict[str, int], devices: Any,
-                    data_axes: Any = ()) -> dict[str, Any]:
+                    data_axes: Any = (), num_units: int | None = None) -> dict[str, Any]:
         """Place the per-unit entries of ``state`` (and the model's per-unit arrays ``data_axes``, pairs ``(array,
         unit axis)``) over ``devices`` (JAX: ``JaxOps.shard_units``); None: as is."""
         if devices is None:

@@ -530,11 +530,12 @@ class JaxOps(Ops):
         return _reorder_like(jax.tree_util.tree_map(whole, state), state)
 
     def shard_units(self, state: dict[str, Any], unit_axes: dict[str, int], devices: Any,
-                    data_axes: Any = ()) -> dict[str, Any]:
+                    data_axes: Any = (), num_units: int | None = None) -> dict[str, Any]:
         """Place ``state`` on a one-axis mesh ``"units"``: the entries in ``unit_axes`` split along their unit axis,
         everything else replicated (``jax.sharding.NamedSharding``); ``devices=None`` runs unsharded.  ``data_axes``:
         pairs ``(array, unit axis)`` of the model's per-unit data (``LatentModel.unit_data_axes``), split along that
-        axis when the compiled iterations capture them (:meth:`_sharded_program`).
+        axis when the compiled iterations capture them (:meth:`_sharded_program`).  ``num_units``: the model's number
+        of units, which lets an engine without per-unit state (EM, the exact-draw TTSEM) shard the model's data alone.
 
         ``devices``: a number of devices (the first of ``jax.devices()``), a sequence of devices, or a
         ``jax.sharding.Mesh`` with an axis ``"units"``.  The compiled chunks are then partitioned by XLA (GSPMD):
@@ -561,10 +562,13 @@ class JaxOps(Ops):
             else:
                 devs = list(devices)
             mesh = Mesh(np.asarray(devs), ("units",))
-        if not unit_axes:
-            raise ValueError("this engine has no per-unit state to shard over devices")
+        counts = _unit_counts(state, unit_axes) + ([int(num_units)] if num_units else [])
+        counts += [int(np.shape(x)[axis]) for x, axis in data_axes]
+        if not counts:
+            raise ValueError("devices=: this engine has no per-unit state, and the model names no per-unit data, to "
+                             "shard over devices")
         size = mesh.shape["units"]
-        for n in _unit_counts(state, unit_axes):
+        for n in counts:
             if n % size:
                 raise ValueError(f"{n} units cannot be split evenly over {size} devices: use a number of devices "
                                  f"that divides {n}")
@@ -573,6 +577,7 @@ class JaxOps(Ops):
             # copies (the key, the data's initial values) must agree
             _check_same_on_every_process(state)
         self._units_mesh = (mesh, dict(unit_axes))
+        self._unit_count = int(num_units) if num_units else None
         self._unit_data = {id(x): (x, int(axis)) for x, axis in data_axes}  # the arrays kept: their ids stay theirs
         return self._place_units(state)
 
@@ -793,7 +798,8 @@ class JaxOps(Ops):
 
         mesh, axes = self._units_mesh
         size = mesh.shape["units"]
-        units = {n for n in _unit_counts(state, axes) if n % size == 0}
+        units = {n for n in _unit_counts(state, axes) + [getattr(self, "_unit_count", None) or 0]
+                 if n and n % size == 0}
         replicated = NamedSharding(mesh, PartitionSpec())
         closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(state, *rest)
 

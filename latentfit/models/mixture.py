@@ -167,6 +167,11 @@ class GaussianMixture(LatentModel):
         self.FT = self.F.T + 0.0
         self.D = int(self.F.shape[1])
 
+    def unit_data_axes(self) -> list[tuple[Any, int]]:
+        """The points ``x [n, d]``, their feature rows ``F [n, D]`` (axis 0) and ``Fᵀ [D, n]`` (axis 1): what
+        ``run(devices=k)`` splits over the devices."""
+        return [(self.x, 0), (self.F, 0), (self.FT, 1)]
+
     def shard_view(self, ops: Any, offset: int, total: int) -> GaussianMixture:
         """This mixture as points ``offset ..`` of a data-parallel fit over ``total`` points: centred at the mean
         of all the points (all-reduced), the missing initial values from the k-means start of the whole data's
