@@ -169,9 +169,9 @@ class _TracedChainMap(_ChainMap):
     #: instead of one per chain); the per-chain recording when the program is not batch-safe
     batch_chains = True
     #: ... while its largest tensor, over all chains, has at most this many elements: beyond, the arrays of all chains
-    #: leave the CPU's caches and one replay per chain is faster (the README model of benchmarks/backends.py, 5 chains
-    #: x 10 rows per unit, CPU per evaluation of 5 chains: N = 500 (75 000 elements) 0.9-1.0 against 1.2-1.6 ms, N = 5000
-    #: (750 000) 18-20 against 9-12 ms; the padded model at N = 5000 (250 000) about even)
+    #: leave the CPU's caches and one replay per chain is faster (the README model of benchmarks/backends.py, 5
+    #: chains x 10 rows per unit, CPU per evaluation of 5 chains: N = 500 (75 000 elements) 0.9-1.0 against 1.2-1.6
+    #: ms, N = 5000 (750 000) 18-20 against 9-12 ms; the padded model at N = 5000 (250 000) about even)
     max_batched_elements = 2 ** 17
 
     def __init__(self, f: Any) -> None:
@@ -204,21 +204,22 @@ class _TracedChainMap(_ChainMap):
 
     def _graph(self, names: tuple[str, ...], vals: list[Any], xs: Any, rest: tuple) -> Any:
         """The recording for this input signature (recorded on first use; False: not recordable, evaluate eagerly)."""
-        key = (names, tuple((tuple(v.shape), v.dtype) for v in vals), tuple(xs.shape), xs.dtype, xs.device,
-               tuple((tuple(r.shape), r.dtype) for r in rest))
-        graph = self.graphs.get(key)
-        if graph is None and len(self.graphs) < self.max_graphs:
-            graph = self.graphs[key] = self._record(names, vals, xs, rest)
-        return graph
+        return self._for_signature(self.graphs, self._record, names, vals, xs, rest)
 
     def _program(self, names: tuple[str, ...], vals: list[Any], xs: Any, rest: tuple) -> Any:
         """The batched program for this input signature (built on first use; False: not batch-safe)."""
+        return self._for_signature(self.programs, self._record_batched, names, vals, xs, rest)
+
+    def _for_signature(self, table: dict, build: Any, names: tuple[str, ...], vals: list[Any], xs: Any,
+                       rest: tuple) -> Any:
+        """``table``'s entry for the input signature (names, shapes, dtypes, device), built by ``build`` on first use
+        (at most ``max_graphs`` entries; None beyond)."""
         key = (names, tuple((tuple(v.shape), v.dtype) for v in vals), tuple(xs.shape), xs.dtype, xs.device,
                tuple((tuple(r.shape), r.dtype) for r in rest))
-        program = self.programs.get(key)
-        if program is None and len(self.programs) < self.max_graphs:
-            program = self.programs[key] = self._record_batched(names, vals, xs, rest)
-        return program
+        entry = table.get(key)
+        if entry is None and len(table) < self.max_graphs:
+            entry = table[key] = build(names, vals, xs, rest)
+        return entry
 
     def _record_batched(self, names: tuple[str, ...], vals: list[Any], xs: Any, rest: tuple) -> Any:
         """Record one chain, rewrite its program for ``xs.shape[0]`` chains, and check it against the eager per-chain
