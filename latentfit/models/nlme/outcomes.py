@@ -681,14 +681,40 @@ def _simulate_joint(model: NLME, theta: dict[str, Any], f_b: Any, psi: dict[str,
 
 
 def _unit_stream_draws(model: NLME, theta: dict[str, Any], num_sims: int, seed: int, unit_ids: Any, ops: Any,
-                       tail: tuple[int, ...]) -> tuple[dict[str, Any], np.ndarray]:
-    """Per-unit streams ``(seed, unit id)``: ψ of ``num_sims`` random-effect draws ``z_i = μ_i + L ε_i`` (the model's
-    prior transform of unit i's standard normals) and unit i's uniforms ``[K, n, *tail]`` on (0, 1) (numpy)."""
+                       tail: tuple[int, ...]) -> tuple[Any, np.ndarray]:
+    """Per-unit streams ``(seed, unit id)``: ``num_sims`` random-effect draws ``z_i = μ_i + L ε_i`` ``[K, n, d]`` (the
+    model's prior transform of unit i's standard normals) and unit i's uniforms ``[K, n, *tail]`` on (0, 1) (numpy)."""
     ops = model.ops if ops is None else ops
     sim, root, z = prior_draws_on_streams(model, theta, num_sims, seed, unit_ids, ops)
-    psi = model._psi(model._mu(theta), z)
     u = sim.uniform(ops.fold_in(root, 2), (int(num_sims), model.num_units) + tuple(tail))
-    return psi, np.asarray(model.ops.to_numpy(u), dtype=float)
+    return z, np.asarray(model.ops.to_numpy(u), dtype=float)
+
+
+def _simulated_psi(model: NLME, theta: dict[str, Any], z: Any, shape: tuple[int, ...]) -> tuple[Any, dict]:
+    """ψ of the prior draws ``z [K, N, d]``: the backend's (for the structural model) and numpy's, ``[K, N, 1]``, or
+    with occasions (``iov=``) each observation's at its occasion, ``[K, N, T]`` (the backend's ``[K, occasions, N,
+    1]``: κ taken from the draws' trailing coordinates, as in :func:`simulate`)."""
+    ops, mu = model.ops, model._mu(theta)
+    if model._iov is None:
+        psi_b = model._psi(mu, z)
+        return psi_b, {k: np.broadcast_to(ops.to_numpy(v), shape[:2] + (1,)) for k, v in psi_b.items()}
+    from . import occasions as _occ
+
+    psi_b = model._psi_by_occasion(mu, z)
+    return psi_b, {k: np.broadcast_to(ops.to_numpy(_occ.select(v + 0.0 * model._y, model._iov, None, ops)), shape)
+                   for k, v in psi_b.items()}
+
+
+def _simulated_prediction(model: NLME, psi_b: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray:
+    """The structural prediction ``[K, N, T]`` (numpy) at :func:`_simulated_psi`'s ψ (with occasions: each
+    observation's at its own occasion)."""
+    ops = model.ops
+    f = model._structural_fn(psi_b, model.design)
+    if model._iov is not None:
+        from . import occasions as _occ
+
+        f = _occ.select(f, model._iov, None, ops)
+    return np.broadcast_to(ops.to_numpy(f), shape)
 
 
 def _refuse_user_simulator_on_streams(out: Outcome, unit_ids: Any) -> None:
@@ -717,11 +743,11 @@ def simulate_observations(model: NLME, theta: dict[str, Any], num_sims: int, see
     shape = (int(num_sims),) + data.dv.shape
     if unit_ids is not None:
         width = max_over_processes(dist, shape[-1])
-        psi_b, u = _unit_stream_draws(model, theta, num_sims, seed, unit_ids, dist, (width,))
+        z, u = _unit_stream_draws(model, theta, num_sims, seed, unit_ids, dist, (width,))
     else:
-        psi_b = model._psi(model._mu(theta), model.sample_prior(theta, ops.key(seed), int(num_sims)))  # [K, N, d]
+        z = model.sample_prior(theta, ops.key(seed), int(num_sims))  # [K, N, d]
         rng = np.random.default_rng(seed)
-    psi = {k: np.broadcast_to(ops.to_numpy(v), shape[:2] + (1,)) for k, v in psi_b.items()}
+    psi_b, psi = _simulated_psi(model, theta, z, shape)
     if isinstance(out, LogLik):  # one numpy stream (refused above on per-unit streams)
         if out.simulate_fn is None:
             raise ModelSpecificationError("a user log-likelihood has no simulator: give outcome=nlme.outcomes."
@@ -729,7 +755,7 @@ def simulate_observations(model: NLME, theta: dict[str, Any], num_sims: int, see
         y = np.stack([np.asarray(out.simulate_fn({k: v[s] for k, v in psi.items()}, model.design, rng), dtype=float)
                       for s in range(int(num_sims))])
     else:
-        f = np.broadcast_to(ops.to_numpy(model._structural_fn(psi_b, model.design)), shape)
+        f = _simulated_prediction(model, psi_b, shape)
         consts = out.constants(data)
         if unit_ids is not None:
             y = out.sample_at(u[..., :shape[-1]], f, psi, consts)
@@ -754,12 +780,17 @@ def first_event_times(model: NLME, theta: dict[str, Any] | None = None, num_sims
         first = np.where(hit, data.time, np.inf).min(1)
         event = np.isfinite(first)
         return np.where(event, first, end)[None], event[None]
+    if model._iov is not None:
+        raise ModelSpecificationError("the Kaplan-Meier VPC of time-to-event data with occasions (iov=) is not "
+                                      "supported: the first event's time is drawn by inverting one cumulative hazard "
+                                      "per individual, and with IOV the hazard changes at each occasion's start")
     if unit_ids is not None:
-        psi_b, u = _unit_stream_draws(model, theta, num_sims, seed, unit_ids, ops, ())
+        z, u = _unit_stream_draws(model, theta, num_sims, seed, unit_ids, ops, ())
         exp1 = -np.log(u)  # Exp(1) by inversion
     else:
-        psi_b = model._psi(model._mu(theta), model.sample_prior(theta, model.ops.key(seed), int(num_sims)))
+        z = model.sample_prior(theta, model.ops.key(seed), int(num_sims))
         exp1 = None
+    psi_b = model._psi(model._mu(theta), z)
     psi = {k: np.broadcast_to(model.ops.to_numpy(v), (int(num_sims), model.num_units, 1))[..., 0]
            for k, v in psi_b.items()}
     lam = psi[out.scale]
