@@ -143,6 +143,8 @@ def figures(fit: Any, *, log_y: bool = False, vpc_simulations: int = 500, max_in
     if getattr(model, "outcome", None) is not None:  # discrete / event data: no predictions with residuals to draw
         if getattr(model.outcome, "name", None) == "joint":  # several responses, some not Gaussian: no VPC yet
             return {"convergence": fit.plot_convergence()}
+        if getattr(model.outcome, "name", None) == "tte" and getattr(model, "_iov", None) is not None:
+            return {"convergence": fit.plot_convergence()}  # no Kaplan-Meier VPC with occasions (first_event_times)
         return {"discrete_vpc": fit.plot_vpc(num_sims=vpc_simulations, seed=seed),
                 "convergence": fit.plot_convergence()}
     n = model.num_units

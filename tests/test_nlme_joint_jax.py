@@ -264,3 +264,17 @@ def test_discrete_vpc_simulations_with_occasions(backend, monkeypatch):
     tte = tte.bind(tte_table)
     with pytest.raises(ModelSpecificationError, match="Kaplan-Meier VPC of time-to-event data with occasions"):
         oc.first_event_times(tte, tte.init_params(), 3)
+
+
+def test_report_of_time_to_event_data_with_occasions_keeps_the_convergence_figure():
+    """The report's figures of a time-to-event model with IOV: the convergence plot, without the Kaplan-Meier VPC
+    that :func:`~latentfit.models.nlme.outcomes.first_event_times` refuses (a short torch fit)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from latentfit import report
+
+    model, table = _tte_iov("torch")
+    fit = model.fit(table, seed=0, progress=False, num_iters=(10, 5))
+    figs = report.figures(fit, vpc_simulations=5)
+    assert list(figs) == ["convergence"]
