@@ -219,3 +219,50 @@ def test_jax_cpu_programs_leave_reductions_to_xla(monkeypatch):
     lowered = jax.jit(f).lower(x + 1.0)
     np.testing.assert_allclose(ops_jax._compile(lowered, "cpu")(x + 1.0), f(x + 1.0), rtol=1e-14)
     assert ops_jax._OPTIONS_REFUSED and ops_jax._compiler_options("cpu") == {}
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "amsgrad", "opt-amsgrad"])
+def test_torch_flat_optimizer_is_pure_and_steps_as_torch(name):
+    """TorchOps.optimizer's named optimisers copy their state without deep-copying the optimiser object: the
+    iterates equal, bit for bit, those of the torch optimiser stepped in place (rate set per step) and those of the
+    deep-copied path (a factory), and an update leaves the state it was given as it was."""
+    import torch
+
+    from latentfit.optim import OptAMSGrad
+
+    ops = TorchOps()
+    rate = lambda t: 0.05 / (1.0 + t) ** 0.5  # noqa: E731
+    make = {"sgd": lambda p, lr: torch.optim.SGD(p, lr=lr), "adam": lambda p, lr: torch.optim.Adam(p, lr=lr),
+            "amsgrad": lambda p, lr: torch.optim.Adam(p, lr=lr, amsgrad=True),
+            "opt-amsgrad": lambda p, lr: OptAMSGrad(p, lr=lr)}[name]
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(5, generator=gen, dtype=torch.float64)
+    grads = torch.randn(30, 5, generator=gen, dtype=torch.float64)
+
+    flat = ops.optimizer(name, rate)
+    x, state = x0, flat.init(x0)
+    p = x0.clone().requires_grad_(True)  # the reference: one optimiser stepped in place
+    ref = make([p], rate(1))
+    deep = ops.optimizer(lambda q: make(q, 0.05), rate)  # a factory: deep-copied whole, its own constant rate
+    flat_const = ops.optimizer(name, lambda t: 0.05)
+    xd, sd, xc, sc = x0, deep.init(x0), x0, flat_const.init(x0)
+    for t, g in enumerate(grads, start=1):
+        before = {k: (v.clone() if isinstance(v, torch.Tensor) else repr(v))
+                  for k, v in state["opt"].state.get(state["leaf"], {}).items()}
+        x_new, new_state = flat.update(g, state, x)
+        after = {k: (v.clone() if isinstance(v, torch.Tensor) else repr(v))
+                 for k, v in state["opt"].state.get(state["leaf"], {}).items()}
+        assert before.keys() == after.keys()
+        for k in before:  # the given state is untouched
+            assert (torch.equal(before[k], after[k]) if isinstance(before[k], torch.Tensor)
+                    else before[k] == after[k])
+        assert torch.equal(flat.update(g, state, x)[0], x_new)  # the same call, the same step
+        x, state = x_new, new_state
+        for group in ref.param_groups:
+            group["lr"] = rate(t)
+        p.grad = -g
+        ref.step()
+        assert torch.equal(x, p.detach()), t
+        xd, sd = deep.update(g, sd, xd)
+        xc, sc = flat_const.update(g, sc, xc)
+        assert torch.equal(xc, xd), t
