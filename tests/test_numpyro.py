@@ -280,3 +280,47 @@ def test_nlme_numpyro_model_has_the_same_log_joint(structural, error):
     # the adapter sees the NLME's latent layout and Gaussian faces
     nm = NumPyroLatentModel(model.numpyro_model)
     assert nm.num_units == 12 and nm.latent_dim == 3 and nm.has_gaussian_obs and nm.has_gaussian_prior
+
+
+def test_jvp_compiles_and_traces_each_function_once():
+    """NumPyroPPL.jvp keeps the compiled derivative on the function: three tangents of one function trace it once (the
+    unit-map detection's six derivatives of one model evaluation), a new input shape traces it again, and every
+    result is the forward derivative of its own tangent."""
+    from latentfit.integrations.numpyro import NumPyroPPL
+
+    ppl, calls = NumPyroPPL(), []
+
+    def g(x):
+        return jnp.sin(x) * jnp.arange(1.0, x.shape[0] + 1.0)
+
+    def f(x):
+        calls.append(x.shape)
+        return g(x)
+
+    for i, n in enumerate((3, 3, 3, 5, 5)):
+        x = jnp.linspace(0.1, 1.0, n)
+        t = x ** i
+        np.testing.assert_allclose(np.asarray(ppl.jvp(f, x, t)), np.asarray(jax.jvp(g, (x,), (t,))[1]), rtol=1e-14)
+    assert calls == [(3,), (5,)]
+
+
+def test_unit_map_detection_traces_the_model_once():
+    """The row -> unit map found by forward derivatives (no unit_index) costs one trace of the model more than the
+    map given: its six derivatives share one compiled program, and the map found is the one given."""
+    calls = []
+
+    def model(subject, y=None):
+        calls.append(1)
+        mu = numpyro.param("mu", 0.0)
+        with numpyro.plate("g", 4):
+            b = numpyro.sample("b", dist.Normal(mu, 1.0))
+        with numpyro.plate("rows", subject.shape[0]):
+            numpyro.sample("y", dist.Normal(b[subject], 0.5), obs=y)
+
+    subject = jnp.array([0, 0, 1, 2, 2, 2, 3, 1])
+    y = jnp.linspace(-1.0, 1.0, 8)
+    found = NumPyroLatentModel(model, args=(subject, y))
+    n_found, calls[:] = len(calls), []
+    given = NumPyroLatentModel(model, args=(subject, y), unit_index=subject)
+    assert n_found - len(calls) == 1
+    np.testing.assert_array_equal(found._unit_map["y"], given._unit_map["y"])

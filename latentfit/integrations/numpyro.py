@@ -111,9 +111,16 @@ class NumPyroPPL(PPL):
     def vectorise(self, f: Any, pure: bool = True, num_unmapped: int = 0) -> Any:
         return SharedJit(jax.vmap(f, in_axes=(None, 0) + (None,) * num_unmapped))
 
-    # one-off derivatives at set-up: one compiled program each (eagerly, every primitive compiles apart)
+    # one-off derivatives at set-up: one compiled program each (eagerly, every primitive compiles apart); the
+    # program of a function is kept on it (``f._latentfit_jvp``, gone with ``f``), so the unit-map detection's six
+    # tangents of one function (traced._detect_unit_maps) trace the model once, not six times
     def jvp(self, f: Any, x: Any, t: Any) -> Any:
-        return SharedJit(lambda x, t: jax.jvp(f, (x,), (t,))[1])(x, jnp.asarray(t, dtype=x.dtype))
+        program = getattr(f, "_latentfit_jvp", None)
+        if program is None:
+            program = SharedJit(lambda x, t: jax.jvp(f, (x,), (t,))[1])
+            with contextlib.suppress(AttributeError, TypeError):  # a callable that takes no attributes
+                f._latentfit_jvp = program
+        return program(x, jnp.asarray(t, dtype=x.dtype))
 
     def grad_params(self, f: Any, theta: dict[str, Any]) -> dict[str, Any]:
         return SharedJit(jax.grad(f))(dict(theta))
