@@ -63,6 +63,29 @@ warm: cache loading 0.53 s, iterations 0.40 s, the rest tracing and set-up.)  At
 torch threads, load 3.3-7.5, one repeat) the same benchmark printed: theophylline rows 5.46 ms/iteration (2.8x NLME),
 3.81 s; N = 5000 rows 1200 ms (9.9x), padded 838 ms (6.9x); NumPyro theophylline set-up 3.2 s + compile 3.0 s.
 
+The NumPyro end to end on 2026-12-02, after ba3989f (CPU compile options, unrolled Threefry draws) and 09f36b6 (the
+unit-map detection traces the model once instead of six times): the third part's script, 400 iterations, fresh
+processes, ``OMP_NUM_THREADS=1``, one run each, load 5.4-5.9 on 2 cores (wall about twice CPU; read the CPU):
+
+==============================================  =====================  ==========================  ================
+README NumPyro model, theophylline              whole fit (CPU)        compile (or load) + trace   goal
+==============================================  =====================  ==========================  ================
+fresh process, no cache                         18.5 s (9.8 s CPU)     8.7 s                       <= ~2 s: not met
+... persistent cache cold (filled)              19.4 s (9.9 s CPU)     7.5 s
+... persistent cache warm                       4.7-5.4 s (2.3-2.7)    1.45-1.70 s                 < 1 s: not met
+a later same-shaped fit in the process          0.8-1.6 s (0.49-0.77)  0.18-0.63 s (0 compiles)   <= 0.15 s: not met
+==============================================  =====================  ==========================  ================
+
+(iterations 0.41-0.62 s wall of each.)  ba3989f made the uncached compilation cheaper: ba3989f^ and HEAD alternated
+in fresh processes, no cache: 12.5 / 12.9 s CPU before, 9.4 / 10.7 s after (ka equal, all digits). 09f36b6, a
+later fit, base and new alternated (two processes each, 5 fits, load 5.6-5.9): CPU median 0.78 -> 0.64 s.  Where a
+later fit's time goes (cProfile, 1.49 s): 9 programs traced to jaxprs to find their shared executables (0.74 s, the
+SAEM chunk 0.33 s) and printed as their cache key (0.22 s); the adapter's set-up 0.45 s (pattern recognition 0.16,
+unit maps 0.11 (0.59 before 09f36b6), first density 0.08, Gaussian faces 0.08); the model traced 18 times (23
+before).  In a fresh process with the cache warm the same tracing runs, plus ~80 lowerings (the persistent cache's
+keys) and 9 executables loaded.  What is left: tracing each fit's programs again (a key that does not need the
+trace), and the iterations themselves (~1 ms each on this machine).
+
 The torch path, round by round.  847ddc1 (estimates bit-identical): a Normal site's log-density is computed on its
 compact scale (torch's Normal expands a scalar sd to every observation, and ``scale.log()`` ran over all of them: CPU
 per density evaluation at N = 5000, 1 chain 1.72 -> 1.48 ms; SAEM 26.2 -> 23.1 ms CPU per iteration), and the recorded
