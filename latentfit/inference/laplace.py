@@ -134,26 +134,32 @@ def conditional_modes(model: LatentModel, theta: dict[str, Any], units: Any = No
             z0, _ = model.prior_moments(theta, units)
         else:
             z0 = ops.zeros((n, model.latent_dim))
-    z = ops.stop_gradient(z0)
 
-    def objective(x: Any) -> Any:
+    def objective(theta: dict[str, Any], x: Any) -> Any:
         ll, lp = model.log_densities(theta, x, units)
         return ll + lp
 
-    def evaluate(x: Any) -> tuple[Any, Any, Any]:
-        v, g, h = value_grad_hessian(ops, objective, x, hessian=method == "hessian")
+    def evaluate(theta: dict[str, Any], x: Any) -> tuple[Any, Any, Any]:
+        v, g, h = value_grad_hessian(ops, lambda y: objective(theta, y), x, hessian=method == "hessian")
         if method == "hessian":
             prec = _spd_floor(ops, -h)
         else:
             prec = gauss_newton_precision(model, theta, x, units)
         return v, g, prec
 
-    for _ in range(num_steps):  # fixed number of steps (static loop)
-        val, g, prec = evaluate(z)
+    def newton_step(theta: dict[str, Any], z: Any) -> Any:
+        val, g, prec = evaluate(theta, z)
         step = ops.solve(prec, g[..., None])[..., 0]
-        z = ops.stop_gradient(damped_newton_update(ops, objective, z, xp.where(val == val, val, -xp.inf), step,
-                                                   max_step))
-    val, g, prec = evaluate(z)
+        return ops.stop_gradient(damped_newton_update(ops, lambda y: objective(theta, y), z,
+                                                      xp.where(val == val, val, -xp.inf), step, max_step))
+
+    # each step one compiled program on JAX, the same for every step (eager JAX dispatched and differentiated every
+    # operation: 35 s of the 40 s of log_likelihood_gq on a joint PK + binary model of 30 individuals); torch: as is
+    step_fn, evaluate_fn = ops.jit(newton_step), ops.jit(evaluate)
+    z = ops.stop_gradient(z0)
+    for _ in range(num_steps):  # fixed number of steps (static loop)
+        z = step_fn(theta, z)
+    val, g, prec = evaluate_fn(theta, z)
     cov = xp.linalg.inv(prec)
     cov = 0.5 * (cov + xp.swapaxes(cov, -1, -2))
     return LaplaceResult(z, cov, prec, val, xp.sqrt(xp.sum(g * g, -1)))
