@@ -14,7 +14,7 @@ CL, and PK/PD with IOV.
 * The discrete VPC's simulations of an outcome model with IOV: each record at its occasion's κ (this failed on
   torch and JAX alike); the Kaplan-Meier VPC of time-to-event data with IOV is refused with a clear error.
 * The importance-sampling log-likelihood on JAX agrees with Gauss-Hermite quadrature and with torch's IS value within
-  4 MC SE (slow, 71 s at load ~8: the pilot pass, the IS pass and the quadrature each compile).
+  4 MC SE (slow: 29 s at load ~5 since 74118fa compiles the Laplace steps, 71 s at load ~8 before).
 * SAEM on JAX recovers a simulated PK + binary truth (100 individuals, saemix's 300 + 100 iterations) within
   3.5 SE (Louis) of the truth (slow; measured: within 1.58 SE, the largest ω²_ka).
 
