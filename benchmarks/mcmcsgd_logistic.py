@@ -208,6 +208,84 @@ of a fit, and they cost what the draws need: ⌈M_k / 10⌉ sweeps of the 10 cha
 each evaluation running the whole data set (the model's observations lie outside its unit plate, so a mini-batch
 cannot be run alone): 2040 chain-sweeps of the data against SAEM's 400 one-chain iterations.
 
+After the batched Pyro replay (f3fbcc4, one replay of the recorded density program for all chains) and the cheaper
+pure optimiser update (ab5949d), 2 December 2026 (before f4c8a76, the batched program's larger cap, for MISSO).  Output of ``--seeds 0 1 2 --num 400 --threads 1 --only "MISSO
+(Pyro)" MCMCSGD`` (451 s; load average 5.3-6.9 on the 2 cores throughout, the process got 54 % of a core: 237 s of
+CPU; the SVI row was not run); the printed ΔLL, IS log-likelihoods and iterations to the target are those of the runs
+above on every seed (and MCMCSGD's θ history on seed 0 equals the previous code's bit for bit, alternated in one
+process)::
+
+    seed 0: SAEM (Pyro)        total  7.1 s  to SAEM's LL: 257 it, 4.58 s
+            MCMCSGD (Pyro)     total 11.9 s  to SAEM's LL: 260 it, 6.17 s
+            MCMCSGD (NumPyro)  total 26.0 s  iters 3.7 s  to SAEM's LL: 396 it, 2.91 s
+            MISSO (Pyro)       total 18.2 s  to SAEM's LL: never
+    seed 1: SAEM (Pyro)        total  5.6 s  to SAEM's LL: 198 it, 2.74 s
+            MCMCSGD (Pyro)     total  9.2 s  to SAEM's LL: 263 it, 4.86 s
+            MCMCSGD (NumPyro)  total  4.7 s  iters 3.7 s  to SAEM's LL: 434 it, 3.17 s
+            MISSO (Pyro)       total 17.6 s  to SAEM's LL: 13 it, 15.66 s
+    seed 2: SAEM (Pyro)        total  7.2 s  to SAEM's LL: 237 it, 4.28 s
+            MCMCSGD (Pyro)     total 10.5 s  to SAEM's LL: 242 it, 5.07 s
+            MCMCSGD (NumPyro)  total  4.5 s  iters 3.5 s  to SAEM's LL: 365 it, 2.53 s
+            MISSO (Pyro)       total 23.1 s  to SAEM's LL: 13 it, 20.60 s
+
+    method                           dLL (AGQ)    dLL (IS)  IS MC se  max|d|/SE  iters (s)   time to SAEM LL (s)
+    ------------------------------------------------------------------------------------------------------------
+    exact maximum (AGQ)         +0.00 ±  0.00       -0.20      0.22       0.00        nan                     -
+    SAEM (Pyro)                 -0.81 ±  0.09       -1.01      0.21       0.78        6.6            3.87 (3/3)
+    MCMCSGD (Pyro)              -0.27 ±  0.16       -0.48      0.22       0.61       10.5            5.36 (3/3)
+    MCMCSGD (NumPyro)           -0.77 ±  0.07       -1.02      0.23       1.06        3.6            2.87 (3/3)
+    MISSO (Pyro)                -0.87 ±  0.72       -1.13      0.24       1.00       18.9           18.13 (2/3)
+
+At this load the torch wall times are 2.1-2.6× the load-2-6 run's above; the ratios to SAEM are what to read: MCMCSGD (Pyro)
+1.39× SAEM's time to SAEM's LL (1.53× before), MISSO 4.7× (6.3×), MCMCSGD (NumPyro) 0.74× (1.43×: NumPyro's compiled
+iterations do not share the torch process's load the same way; compare within a PPL).  CPU time, one process, data and
+fit seed 1, two alternated rounds (load 5.8-6.3, CPU per iteration = the whole fit's process time / iterations):
+SAEM 8.6, 8.4 ms; MCMCSGD (Pyro) 10.9, 10.4 ms (with the deep-copying optimiser update, alternated: 10.4, 11.4);
+MISSO 710, 787 ms per epoch.  So CPU to SAEM's LL on seed 1: SAEM 198 × 8.5 = 1.7 s, MCMCSGD 263 × 10.7 = 2.8 s
+(1.7×), MISSO 13 × 750 = 9.7 s (5.8×).
+
+Why f3fbcc4 changed little here.  At N = 400 MCMCSGD's default is ``ceil(50 / N) = 1`` chain, so the batched program
+is the one-chain recording it replaced; and MISSO's 10-chain sweeps did not use it either: 10 chains × 18 000
+elements (the largest tensor of the one-chain program, the [6 000, 3] gather of φ) were over the 2**17 cap, so they
+replayed per chain (its jacfwd scores run inside a functorch transform, where the adapter keeps vmap over the
+one-chain recording anyway).  f4c8a76 raises the cap to 2**18: a whole default MISSO fit (data/fit seed 1, CPU, 1
+thread, alternated in one process, 2 rounds, load 5.7-5.9) 9.4, 8.1 → 5.9, 5.4 s, estimates within 1.6e-13.
+Output of ``--seeds 0 1 2 --num 400 --threads 1 --only "MISSO (Pyro)"`` after f4c8a76 (153 s, load average 4.2-5.2,
+76 % of a core; the printed figures of every fit as before)::
+
+    seed 0: SAEM (Pyro)   total 4.1 s  to SAEM's LL: 257 it, 2.64 s    MISSO (Pyro)  total 9.2 s  to SAEM's LL: never
+    seed 1: SAEM (Pyro)   total 3.9 s  to SAEM's LL: 198 it, 1.92 s    MISSO (Pyro)  total 6.6 s  to SAEM's LL: 13 it, 6.08 s
+    seed 2: SAEM (Pyro)   total 2.9 s  to SAEM's LL: 237 it, 1.72 s    MISSO (Pyro)  total 6.5 s  to SAEM's LL: 13 it, 5.90 s
+
+    method                           dLL (AGQ)    dLL (IS)  IS MC se  max|d|/SE  iters (s)   time to SAEM LL (s)
+    ------------------------------------------------------------------------------------------------------------
+    SAEM (Pyro)                 -0.81 ±  0.09       -1.01      0.21       0.78        3.6            2.10 (3/3)
+    MISSO (Pyro)                -0.87 ±  0.72       -1.13      0.24       1.00        7.3            5.99 (2/3)
+
+MISSO's iterations now cost 2.0× SAEM's (2.9× in the run before f4c8a76 above, 3.6× in the load-2-6 run) and it reaches
+SAEM's final LL in 2.9× SAEM's time (4.7×, 6.3×).  Profile of a Pyro MCMCSGD iteration
+(seed 0, 500 iterations, 1 thread, process time around each part, load ~5): 8.5-8.9 ms in all, of which the saemix
+sweep (2, 2, 2) 6.3 ms — 11 density evaluations (the chain re-evaluated at the new θ, then 10 proposals) at about
+0.45 ms each, plus the kernels' arithmetic and draws — the Fisher-identity value and gradient 1.0 ms (one forward of
+the program with θ requiring grad, 12th evaluation, and its backward), the optimiser update 0.73-0.75 ms, the rest
+(unflatten, constrain, averaging, checks) about 0.5 ms; SAEM's whole iteration is 6.2-6.4 ms (the same sweep and a
+closed-form M-step).  No evaluation is redundant: the sweep's first evaluation and the gradient's forward are at
+(θ_{k−1}, z_{k−1}) and (θ_{k−1}, z_k), and the sweep's own last evaluation gives the gradient's value but not its
+graph.  The update deep-copied the torch optimiser object on every step to stay pure; ab5949d copies only the leaf,
+the group options and the per-parameter state (the same iterates bit for bit, test_ops::test_torch_flat_optimizer_is_pure_and_steps_as_torch):
+0.73-0.75 → 0.49-0.53 ms per step (timed around the update, 3 alternated rounds), 3 % of an iteration, within the
+noise of whole-fit timings at this load.
+
+Does "at least as fast as SAEM to the same LL" hold now?  *MCMCSGD (NumPyro)*: yes in wall time (2.87 against SAEM
+Pyro's 3.87 s), but that compares a compiled JAX loop with a torch one; against SAEM on NumPyro it was not measured
+here.  *MCMCSGD (Pyro)*: no — it needs about as many iterations as SAEM (260/263/242 against 257/198/237) and each costs
+~1.25× SAEM's (the gradient and the optimiser step over a closed-form M-step), so it is 1.2-1.8× slower by seed (wall; 1.4× on
+average, 1.7× in CPU on seed 1); matching SAEM would need the per-iteration overhead (≈2 ms) gone or fewer iterations (the averaging starts at 250, just before the
+crossing).  *MISSO (Pyro)*: no — 2.9× SAEM's time after f4c8a76 (4.7× before, 5.8× in CPU), and it misses the target on
+seed 0; what is left is the MH sweeps its M_k draws need (⌈M_k / 10⌉ sweeps of 10 chains per visit), not per-call
+overhead.  Accuracy is unchanged: MCMCSGD (both PPLs) within SAEM's
+Monte-Carlo error of the exact maximum on every seed, MISSO on two seeds of three.
+
 Reading.  With the defaults MCMCSGD ends as close to the exact maximum as SAEM or closer (Pyro −0.27, NumPyro −0.77,
 SAEM −0.81 LL units; within 1.1 SE on every parameter), i.e. within SAEM's own Monte-Carlo error; the IS
 log-likelihood used to check it has an MC error of 0.2 (and a −0.2 bias), the size of the remaining gaps.  (The
