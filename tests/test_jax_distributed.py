@@ -262,8 +262,11 @@ def test_two_jax_processes_equal_one() -> None:
         _assert_equal_params(one_fiem["params"], fiem["params"])
         np.testing.assert_allclose(fiem["log_lik"], one_fiem["log_lik"], rtol=0, atol=1e-9)
         assert out["table_shape"] == [40, 3]
+        # the points' rows [40, D] and the features-major copy Fᵀ [D, 40] (GaussianMixture.unit_data_axes), 20 each
         split = out["fiem_split"]
-        assert split and all(s[0][0] == 40 and s[1][0] == 20 and s[2] == 2 for s in split), split
+        assert split and all(s[2] == 2 and [(a, b) for a, b in zip(s[0], s[1]) if a != b] == [(40, 20)]
+                             for s in split), split
+        assert any(s[0][0] == 40 for s in split) and any(s[0][-1] == 40 and s[0][0] != 40 for s in split), split
         _assert_equal_params(outs[0]["nlme_one"], out["nlme"])  # NLME(..., backend="jax").fit(df, distributed=True)
         assert "initial states differ (state entry" in out["mismatch"]
         assert "devices= is not supported with it" in out["devices_refused"]
