@@ -13,11 +13,17 @@ per-row codes while reading the table, no hidden copies.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
+from latentfit.inference import mcmc
 from latentfit.inference.ops import TorchOps
 from latentfit.inference.saem import SAEM
 from latentfit.models import nlme
@@ -137,3 +143,160 @@ def test_mdv_as_integer(mdv, observed):
     df.loc[2, "MDV"] = mdv
     data = read_nonmem(df)
     assert int(data.mask.sum()) == int(df["EVID"].eq(0).sum()) - (not observed)
+
+
+# ----- the MCMC kernels over blocks of units (mcmc._accept_blocks) ----------------------------------------------------
+def _blocked_calls(monkeypatch) -> list[int]:
+    """Count the kernel steps that go over blocks of units (a spy on ``mcmc._accept_blocks``)."""
+    calls: list[int] = []
+    inner = mcmc._accept_blocks
+
+    def spy(ops, blocks, *args, **kwargs):
+        calls.append(len(blocks))
+        return inner(ops, blocks, *args, **kwargs)
+
+    monkeypatch.setattr(mcmc, "_accept_blocks", spy)
+    return calls
+
+
+@pytest.mark.parametrize("kernels,rng,error,covariate", [
+    ((2, 0, 0), "global", "constant", False),  # prior IMH alone (the carried RSS cache)
+    ((0, 2, 0), "global", "constant", False),  # component-wise random walk alone
+    ((0, 0, 3), "global", "constant", False),  # random-block random walk alone
+    ((2, 2, 2), "per_unit", "constant", False),  # saemix's default sweep on per-unit streams
+    ((2, 2, 2), "global", "combined", True),  # no cache (density_evaluator), μ_i from a covariate
+])
+def test_blocked_kernels_fit_unchanged(small_blocks, monkeypatch, kernels, rng, error, covariate):
+    """Each kernel over blocks of 2 units (3 chains) gives the unblocked multi-chain SAEM fit bit for bit: estimates,
+    chains, the chains' cache, acceptance rates and the objective of every iteration."""
+    df = _population(20, seed=3)
+
+    def fit():
+        model = nlme.NLME("one_compartment_oral", {"ka": 1.5, "V": 10.0, "CL": 1.0}, data=df, error=error,
+                          covariates={"CL": ["WT"]} if covariate else None)
+        return SAEM(model, (12, 6), seed=0, progress=False, kernels=kernels, rng=rng).run()
+
+    calls = _blocked_calls(monkeypatch)
+    blocked = fit()
+    assert calls and set(calls) == {10}  # every kernel step went over 10 blocks of 2 units
+    monkeypatch.setattr(TorchOps, "unit_block_values", None)
+    del calls[:]
+    whole = fit()
+    assert not calls
+    assert blocked.state.z.shape[0] == 3
+    for name in whole.params:
+        assert torch.equal(torch.as_tensor(blocked.params[name]), torch.as_tensor(whole.params[name])), name
+    assert torch.equal(blocked.state.z, whole.state.z)
+    assert (blocked.state.cache is None) == (whole.state.cache is None) == (error != "constant")
+    if whole.state.cache is not None:
+        assert torch.equal(blocked.state.cache, whole.state.cache)
+    assert blocked.history.keys() == whole.history.keys()
+    for name in whole.history:
+        np.testing.assert_array_equal(np.asarray(blocked.history[name]), np.asarray(whole.history[name]),
+                                      err_msg=name)
+
+
+@pytest.mark.parametrize("per_unit_count", [False, True])
+def test_blocked_kernel_steps_equal_unblocked(small_blocks, monkeypatch, per_unit_count):
+    """Each kernel on its own (prior IMH, component-wise and block random walk, the independence sampler), over blocks
+    of units and whole: the same chains, densities, counts and rates; the caller's state is never written (a pure
+    step), also when a proposal's log-density is not finite."""
+    model = nlme.NLME("one_compartment_oral", {"ka": 1.5, "V": 10.0, "CL": 1.0}, data=_population(23, seed=4))
+    ops = model.ops
+    theta = model.init_params()
+    z = model.sample_prior(theta, ops.key(1), 3)
+    z[0, 5, 0] = float("nan")  # a chain stuck at a non-finite point leaves it
+    scale = ops.asarray([0.3, 0.2, 0.4])
+    mask = ops.asarray([1.0, 0.0, 1.0])
+    mean = model._mu(theta)[..., model._r_sel] + 0.0 * z[0]
+    log_q = ops.mvn_log_prob_fn(mean, ops.small_cholesky(model.omega_matrix(theta))[None])
+    z_prop = model.sample_prior(theta, ops.key(2), 3)
+    z_prop[1, 7, 2] = float("inf")  # a proposal outside the domain: rejected and counted
+
+    def steps(evaluate):
+        state = mcmc.init_chain_state(z.clone(), evaluate)
+        if per_unit_count:
+            state = state._replace(num_nonfinite=ops.zeros(tuple(state.log_lik.shape)))
+        before = [t.clone() for t in state[:3]]
+        out = [mcmc.prior_imh(ops, ops.key(3), state, lambda k: model.sample_prior(theta, k, 3), evaluate),
+               mcmc.rw_componentwise(ops, ops.key(4), state, scale, evaluate),
+               mcmc.rw_block(ops, ops.key(5), state, scale, mask, evaluate),
+               mcmc.independent_mh(ops, ops.key(6), state, z_prop, log_q(z_prop), log_q(state.z), evaluate)]
+        assert all(torch.equal(a, b) or (torch.isnan(a) == torch.isnan(b)).all() for a, b in zip(before, state[:3]))
+        return out
+
+    calls = _blocked_calls(monkeypatch)
+    evaluator = model.density_evaluator(theta)
+    assert evaluator.unit_blocks(z) == [slice(i, min(i + 2, 23)) for i in range(0, 23, 2)]
+    blocked = steps(evaluator)
+    assert len(calls) == 1 + 3 + 1 + 1
+    monkeypatch.setattr(TorchOps, "unit_block_values", None)
+    whole = steps(model.density_evaluator(theta))
+    for (st_b, a_b), (st_w, a_w) in zip(blocked, whole):
+        for x, y in zip(st_b[:4], st_w[:4]):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(a_b * 1.0, a_w * 1.0, rtol=0, atol=0)
+    assert float(ops.xp.sum(whole[3][0].num_nonfinite)) >= 1
+
+
+def test_blocked_sweep_keeps_fewer_arrays_alive(monkeypatch):
+    """The live tensors a SAEM sweep creates (a dispatch-mode count of their storages) peak lower over blocks of units:
+    one block's proposals, log-densities and masks at a time instead of ``[L, N]`` arrays of each (N = 600 units of 8
+    observations, 2 chains; blocks of 40 units)."""
+    monkeypatch.setattr(TorchOps, "unit_block_values", 2 * 8 * 40)
+    model = nlme.NLME("one_compartment_oral", {"ka": 1.5, "V": 10.0, "CL": 1.0}, data=_population(600, seed=6))
+    engine = SAEM(model, (3, 0), num_chains=2, seed=0, progress=False, burn_in=1)
+
+    def sweep_peak():
+        state = engine.init(model.ops.key(0))
+        with _LiveTensors() as live:
+            out = engine.step(state, torch.tensor(1), "saem")
+        return live.peak, out
+
+    calls = _blocked_calls(monkeypatch)
+    blocked_peak, blocked = sweep_peak()
+    assert calls
+    monkeypatch.setattr(mcmc, "_unit_blocks", lambda evaluate, z: None)  # the model still evaluates over blocks
+    whole_peak, whole = sweep_peak()
+    assert torch.equal(blocked[0].z, whole[0].z) and torch.equal(blocked[0].cache, whole[0].cache)
+    per_unit = 600 * 2 * 8  # bytes of one float64 [L, N] array
+    # kernels on whole [L, N] arrays: about 25 of them and 8 [L, N, d] at the peak (49 [L, N]); over blocks: the
+    # chains (4 + 3 for z), the SAEM state's (4), one step's noise and uniforms (2-4) and one block's temporaries
+    assert whole_peak > 40 * per_unit
+    assert blocked_peak < 0.5 * whole_peak, (blocked_peak / per_unit, whole_peak / per_unit)
+
+
+class _LiveTensors(TorchDispatchMode):
+    """Bytes of the tensor storages created inside (views of one storage once; storages that existed before, such
+    as the model's data, not counted): ``live`` now and ``peak`` (after each operation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: dict[int, list[int]] = {}
+        self.live = self.peak = 0
+        self.before = {o.untyped_storage().data_ptr() for o in gc.get_objects() if isinstance(o, torch.Tensor)}
+
+    def _drop(self, ptr: int) -> None:
+        rec = self.refs[ptr]
+        rec[0] -= 1
+        if rec[0] == 0:
+            self.live -= rec[1]
+            del self.refs[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or getattr(t, "_live_counted", False):
+                continue
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr == 0 or ptr in self.before:
+                continue
+            t._live_counted = True
+            rec = self.refs.setdefault(ptr, [0, storage.nbytes()])
+            if rec[0] == 0:
+                self.live += rec[1]
+            rec[0] += 1
+            weakref.finalize(t, self._drop, ptr)
+        self.peak = max(self.peak, self.live)
+        return out

@@ -17,6 +17,15 @@ an R implementation of the SAEM algorithm", J. Stat. Softw. 2017):
 
 After kernels 2 and 3 the scales adapt toward 40% acceptance: ``d_j ← d_j (1 + 0.4 (acc_j − 0.4))``.
 A generic independence sampler (full IMH ratio) serves f-SAEM's Laplace proposal and TTSEM.
+
+Blocks of units (eager backends, many units): when ``evaluate`` is a
+:class:`~latentfit.inference.model.UnitBlockEvaluator` whose ``unit_blocks(z)`` are not None (torch, once an
+``[L, n, T]`` temporary of the model would pass :attr:`~latentfit.inference.ops.Ops.unit_block_values`), each kernel
+step draws its random numbers whole and in the same order as the unblocked step (the proposal noise, then the
+uniforms), then evaluates, accepts and writes one block of units at a time into the output chain arrays
+(:func:`_accept_blocks`): one block's proposals, log-densities and masks are alive at once instead of ``[L, N]`` arrays
+of each, and the chains are the unblocked step's bit for bit (the same element-wise operations on each unit; the
+acceptance rates are means of the same 0/1 indicators, whose sums are exact).  JAX never blocks (XLA fuses).
 """
 
 from __future__ import annotations
@@ -95,6 +104,64 @@ def _count_nonfinite(xp: Any, count: Any, bad: Any) -> Any:
     return count + xp.sum(bad)
 
 
+def _unit_blocks(evaluate: Evaluate, z: Any) -> list[slice] | None:
+    """The contiguous blocks of units ``evaluate`` asks the kernels to step over for draws shaped like ``z``
+    (:class:`~latentfit.inference.model.UnitBlockEvaluator`); None: the whole population at once."""
+    blocks_of = getattr(evaluate, "unit_blocks", None)
+    return None if blocks_of is None else blocks_of(z)
+
+
+#: ``(block, ll_new, lp_new, ll_old, lp_old) -> (log_ratio, target_new or None)`` of a kernel, on a block of units
+Ratio = Callable[[slice, Any, Any, Any, Any], tuple[Any, Any]]
+
+
+def _rw_ratio(block: slice, ll_new: Any, lp_new: Any, ll_old: Any, lp_old: Any) -> tuple[Any, Any]:
+    """The random-walk ratio ``π(z')/π(z)`` (as :func:`rw_componentwise` and :func:`rw_block` form it)."""
+    target_new = ll_new + lp_new
+    return target_new - ll_old - lp_old, target_new
+
+
+def _accept_blocks(ops: Ops, blocks: list[slice], evaluate: Any, u: Any, state: ChainState,
+                   propose: Callable[[slice], Any], ratio: Ratio, in_place: bool = False) -> tuple[ChainState, Any]:
+    """:func:`_accept` over contiguous blocks of the units, with the same operations on each unit.
+
+    For each block: the proposals ``propose(block)`` ``[L, b, d]``, their log-densities from
+    ``evaluate.for_units(block)``, the ratio, and the accepted values written into the output arrays, fresh ones
+    (``in_place``: the state's own, which the caller owns and no longer needs: a sweep after its first step).  ``u``
+    ``[L, n]`` are the uniforms, drawn whole by the caller where :func:`_accept` draws them.  Returns the state and
+    the acceptance indicators ``[L, n]`` (bool).  A per-chain-and-unit count of non-finite proposals stays one; a
+    scalar count adds each block's sum (exact: integer-valued floats).
+    """
+    xp = ops.xp
+    per_unit_count = bool(getattr(state.num_nonfinite, "ndim", 0))
+    has_cache = state.cache is not None
+    z_out, ll_out, lp_out = (state.z, state.log_lik, state.log_prior) if in_place else (None, None, None)
+    cache_out = state.cache if in_place and has_cache else None
+    count = state.num_nonfinite
+    count_out = count if in_place and per_unit_count else None
+    ok_out = None
+    for b in blocks:
+        z_old, ll_old, lp_old = state.z[:, b], state.log_lik[:, b], state.log_prior[:, b]
+        z_new = propose(b)
+        ll_new, lp_new, c_new = _evaluate(evaluate.for_units(b), z_new)
+        log_ratio, target_new = ratio(b, ll_new, lp_new, ll_old, lp_old)
+        finite_new = xp.isfinite(ll_new + lp_new if target_new is None else target_new)
+        finite_old = xp.isfinite(ll_old + lp_old)
+        ok = finite_new & (~finite_old | (xp.log(u[:, b]) < log_ratio))
+        z_out = ops.write_units(z_out, b, xp.where(ok[..., None], z_new, z_old), state.z)
+        ll_out = ops.write_units(ll_out, b, xp.where(ok, ll_new, ll_old), state.log_lik)
+        lp_out = ops.write_units(lp_out, b, xp.where(ok, lp_new, lp_old), state.log_prior)
+        if has_cache:
+            cache_out = ops.write_units(cache_out, b, xp.where(ok, c_new, state.cache[:, b]), state.cache)
+        if per_unit_count:
+            count_out = ops.write_units(count_out, b, count[:, b] + (~finite_new) * 1.0, count)
+        else:
+            count = count + xp.sum(~finite_new)
+        ok_out = ops.write_units(ok_out, b, ok, state.log_lik)
+    return ChainState(z_out, ll_out, lp_out, count_out if per_unit_count else count,
+                      cache_out if has_cache else None), ok_out
+
+
 def prior_imh(ops: Ops, key: Any, state: ChainState, sample_prior: Callable[[Any], Any],
               evaluate: Evaluate) -> tuple[ChainState, Any]:
     """Independent MH with the prior as proposal; returns the state and the acceptance rate."""
@@ -103,10 +170,16 @@ def prior_imh(ops: Ops, key: Any, state: ChainState, sample_prior: Callable[[Any
 
 
 def _prior_imh(ops: Ops, key: Any, state: ChainState, sample_prior: Callable[[Any], Any],
-               evaluate: Evaluate) -> tuple[ChainState, Any]:
-    """:func:`prior_imh` with the acceptance indicators ``[L, n]`` (no reduction over the units)."""
+               evaluate: Evaluate, in_place: bool = False) -> tuple[ChainState, Any]:
+    """:func:`prior_imh` with the acceptance indicators ``[L, n]`` (no reduction over the units); ``in_place``: the
+    caller owns the state's arrays (over blocks of units they are overwritten, :func:`_accept_blocks`)."""
     k1, k2 = ops.split(key)
     z_new = sample_prior(k1)
+    blocks = _unit_blocks(evaluate, state.z)
+    if blocks is not None:
+        u = ops.uniform(k2, tuple(state.log_lik.shape))
+        return _accept_blocks(ops, blocks, evaluate, u, state, lambda b: z_new[:, b],
+                              lambda b, ll_new, lp_new, ll_old, lp_old: (ll_new - ll_old, None), in_place)
     ll_new, lp_new, c_new = _evaluate(evaluate, z_new)
     return _accept(ops, k2, ll_new - state.log_lik, state, z_new, ll_new, lp_new, cache_new=c_new)
 
@@ -119,21 +192,47 @@ def independent_mh(ops: Ops, key: Any, state: ChainState, z_new: Any, log_q_new:
     proposals and at the current states (``[L, n]``).  Returns the state and the per-unit
     acceptance indicators ``[L, n]``.
     """
+    blocks = _unit_blocks(evaluate, state.z)
+    if blocks is not None:
+        u = ops.uniform(key, tuple(state.log_lik.shape))
+        return _accept_blocks(
+            ops, blocks, evaluate, u, state, lambda b: z_new[:, b],
+            lambda b, ll_new, lp_new, ll_old, lp_old: (
+                (ll_new + lp_new - log_q_new[:, b]) - (ll_old + lp_old - log_q_old[:, b]), None))
     ll_new, lp_new, c_new = _evaluate(evaluate, z_new)
     log_ratio = (ll_new + lp_new - log_q_new) - (state.log_lik + state.log_prior - log_q_old)
     return _accept(ops, key, log_ratio, state, z_new, ll_new, lp_new, cache_new=c_new)
 
 
 def rw_componentwise(ops: Ops, key: Any, state: ChainState, scale: Any,
-                     evaluate: Evaluate) -> tuple[ChainState, Any]:
+                     evaluate: Evaluate, in_place: bool = False) -> tuple[ChainState, Any]:
     """One sweep of coordinate-wise random-walk MH; returns the state and acceptance per coordinate.
 
     The acceptances are kept per chain, unit and coordinate ``[L, n, d]`` during the sweep and averaged over the
-    units once at its end (one all-reduce per sweep on a sharded fit instead of d: XLA combines the d means)."""
+    units once at its end (one all-reduce per sweep on a sharded fit instead of d: XLA combines the d means).
+    Over blocks of units (:func:`_accept_blocks`; ``in_place``: the caller owns the state's arrays) each coordinate's
+    indicators are kept as a bool ``[L, n]`` instead."""
     xp = ops.xp
     d = state.z.shape[-1]
     keys = ops.split(key, 2 * d)
     eye = ops.asarray([[1.0 if i == j else 0.0 for i in range(d)] for j in range(d)])
+    blocks = _unit_blocks(evaluate, state.z)
+    if blocks is not None:
+        oks = []
+        for j in range(d):
+            shape = tuple(state.z.shape[:-1])
+            eps = ops.normal(keys[2 * j], shape)
+            u = ops.uniform(keys[2 * j + 1], shape)
+            step, z_old = scale * eye[j], state.z
+
+            def propose(b: slice, eps: Any = eps, step: Any = step, z_old: Any = z_old) -> Any:
+                return z_old[:, b] + eps[:, b][..., None] * step
+
+            state, ok = _accept_blocks(ops, blocks, evaluate, u, state, propose, _rw_ratio, in_place)
+            in_place = True  # the arrays are this call's from here on
+            oks.append(ok)
+            del eps, u
+        return state, ops.zeros((d,)) + xp.stack([ops.unit_mean(ok * 1.0) for ok in oks])
 
     def body(j: Any, carry: tuple[ChainState, Any]) -> tuple[ChainState, Any]:
         # one latent coordinate (a loop over the small d, vectorised over chains and units)
@@ -164,9 +263,18 @@ def random_block_mask(ops: Ops, key: Any, d: int, k: Any) -> Any:
 
 
 def rw_block(ops: Ops, key: Any, state: ChainState, scale: Any, mask: Any,
-             evaluate: Evaluate) -> tuple[ChainState, Any]:
-    """Random-walk MH moving the coordinates in ``mask`` jointly; returns state and acceptance."""
+             evaluate: Evaluate, in_place: bool = False) -> tuple[ChainState, Any]:
+    """Random-walk MH moving the coordinates in ``mask`` jointly; returns state and acceptance (``in_place``: see
+    :func:`_accept_blocks`)."""
     k1, k2 = ops.split(key)
+    blocks = _unit_blocks(evaluate, state.z)
+    if blocks is not None:
+        noise = ops.normal(k1, tuple(state.z.shape))
+        u = ops.uniform(k2, tuple(state.log_lik.shape))
+        step, z_old = scale * mask, state.z
+        state, ok = _accept_blocks(ops, blocks, evaluate, u, state, lambda b: z_old[:, b] + noise[:, b] * step,
+                                   _rw_ratio, in_place)
+        return state, ops.unit_mean(ok * 1.0)
     z_new = state.z + ops.normal(k1, tuple(state.z.shape)) * (scale * mask)
     ll_new, lp_new, c_new = _evaluate(evaluate, z_new)
     target_new = ll_new + lp_new
@@ -206,6 +314,8 @@ def saemix_sweep(ops: Ops, key: Any, z: Any, scales: tuple[Any, Any], k: Any, ke
     n1, n2, n3 = kernels
     keys = ops.split(key, n1 + n2 + 2 * n3 + 1)
     xp = ops.xp
+    if _unit_blocks(evaluate, z) is not None:
+        return _saemix_sweep_blocked(ops, keys, z, scales, k, kernels, evaluate, sample_prior, cache, rescore)
     chain = init_chain_state(z, evaluate, cache, rescore)
     chain = chain._replace(num_nonfinite=ops.zeros(tuple(chain.log_lik.shape)))  # per chain and unit until the end
     acc: dict[str, Any] = {}
@@ -241,6 +351,53 @@ def saemix_sweep(ops: Ops, key: Any, z: Any, scales: tuple[Any, Any], k: Any, ke
 
         chain, scale_block, acc["block_rw"] = ops.fori_loop(0, n3, block, (chain, scale_block, ops.zeros(())))
     chain = chain._replace(num_nonfinite=xp.sum(chain.num_nonfinite))
+    return chain, (scale_rw, scale_block), acc
+
+
+def _saemix_sweep_blocked(ops: Ops, keys: Any, z: Any, scales: tuple[Any, Any], k: Any, kernels: tuple[int, int, int],
+                          evaluate: Evaluate, sample_prior: Callable[[Any], Any], cache: Any,
+                          rescore: Callable[[Any, Any], tuple[Any, Any]] | None
+                          ) -> tuple[ChainState, tuple[Any, Any], dict]:
+    """:func:`saemix_sweep` over blocks of units (an eager backend; the same draws, states and rates bit for bit).
+
+    After the first kernel step the sweep owns its chain arrays and later steps overwrite them block by block
+    (``in_place``), so the chains cost one set of ``[L, N]`` arrays, not two; ``z`` and ``cache`` (the caller's)
+    are never written.  The acceptance indicators of a step are one bool ``[L, N]`` each, the non-finite count a
+    scalar (exact: integer-valued floats) instead of a per-unit array."""
+    n1, n2, n3 = kernels
+    chain = init_chain_state(z, evaluate, cache, rescore)
+    chain = chain._replace(num_nonfinite=ops.zeros(()))
+    acc: dict[str, Any] = {}
+    d = chain.z.shape[-1]
+    scale_rw, scale_block = scales
+    owned = False  # z (and a carried cache) are the caller's until the first step has written fresh arrays
+    if n1:
+        rate = ops.zeros(())
+        oks = []
+        for i in range(n1):
+            chain, ok = _prior_imh(ops, keys[i], chain, sample_prior, evaluate, in_place=owned)
+            owned = True
+            oks.append(ok)
+        for ok in oks:  # each repetition's rate, summed in their order (as the unblocked sweep)
+            rate = rate + ops.unit_mean(ok * 1.0) / n1
+        acc["prior_imh"] = rate
+        del oks
+    if n2:
+        rate = ops.zeros((d,))
+        for i in range(n2):
+            chain, a = rw_componentwise(ops, keys[n1 + i], chain, scale_rw, evaluate, in_place=owned)
+            owned = True
+            scale_rw, rate = adapt_scale(scale_rw, a), rate + a / n2
+        acc["rw"] = rate
+    if n3:
+        rate = ops.zeros(())
+        for i in range(n3):
+            mask = random_block_mask(ops, keys[n1 + n2 + 2 * i], d, k)
+            chain, a = rw_block(ops, keys[n1 + n2 + 2 * i + 1], chain, scale_block, mask, evaluate, in_place=owned)
+            owned = True
+            scale_block, rate = adapt_scale(scale_block, a, mask), rate + a / n3
+        acc["block_rw"] = rate
+    chain = chain._replace(num_nonfinite=ops.xp.sum(chain.num_nonfinite))
     return chain, (scale_rw, scale_block), acc
 
 

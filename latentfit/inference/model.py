@@ -36,6 +36,39 @@ class DataError(ValueError):
     """The data handed to the model are unusable (NaN, wrong shape, ...)."""
 
 
+class UnitBlockEvaluator:
+    """``z -> (log_lik, log_prior[, cache])`` of n units (``whole``) that also evaluates contiguous blocks of them.
+
+    ``for_units(block)`` (a ``slice`` of the n units) is an evaluator of ``z[..., block, :]`` that runs the same
+    operations on the block's rows, so its values are the whole evaluation's for those units bit for bit;
+    ``unit_blocks(z)`` are the blocks an eager backend steps over for draws shaped like ``z`` (None: one block; the
+    rule of :meth:`~latentfit.inference.ops.Ops.unit_blocks`).  The MCMC kernels (:mod:`~latentfit.inference.mcmc`)
+    then keep one block's proposals, log-densities and masks alive at a time instead of ``[L, N]`` arrays of each.
+    A plain callable is the same contract without blocks.
+    """
+
+    def __init__(self, whole: Callable[[Any], tuple[Any, ...]], for_units: Callable[[slice], Callable[[Any], tuple]],
+                 unit_blocks: Callable[[Any], list[slice] | None]) -> None:
+        self._whole = whole
+        self._for_units = for_units
+        self._unit_blocks = unit_blocks
+        self._built: dict[tuple[int, int], Callable[[Any], tuple[Any, ...]]] = {}
+
+    def __call__(self, z: Any) -> tuple[Any, ...]:
+        return self._whole(z)
+
+    def unit_blocks(self, z: Any) -> list[slice] | None:
+        return self._unit_blocks(z)
+
+    def for_units(self, block: slice) -> Callable[[Any], tuple[Any, ...]]:
+        """The evaluator of the units ``block`` (built once per block)."""
+        key = (int(block.start), int(block.stop))
+        fn = self._built.get(key)
+        if fn is None:
+            fn = self._built[key] = self._for_units(block)
+        return fn
+
+
 class ConvergenceWarning(UserWarning):
     """A fit may not have reached the maximum (e.g. replicate fits ending at different log-likelihoods)."""
 

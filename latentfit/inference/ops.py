@@ -595,6 +595,14 @@ class TorchOps(Ops):
         table.narrow(0, int(start), int(rows.shape[0])).copy_(rows)
         return table
 
+    def write_units(self, out: Any, block: slice, value: Any, like: Any = None) -> Any:
+        """In place ``out[:, block] = value`` (axis 1: the units of ``[L, n, ...]``; the caller owns ``out``); ``out``
+        None: a new uninitialised array of ``like``'s shape in ``value``'s dtype first.  Returns ``out``."""
+        if out is None:
+            out = self.torch.empty(tuple(like.shape), dtype=value.dtype, device=value.device)
+        out[:, block] = value
+        return out
+
     def stop_gradient(self, x: Any) -> Any:
         return x.detach()
 

@@ -644,6 +644,13 @@ class JaxOps(Ops):
         """``table[start:start + len(rows)] = rows`` (functional; in place inside a compiled loop)."""
         return lax.dynamic_update_slice_in_dim(table, jnp.asarray(rows).astype(table.dtype), start, 0)
 
+    def write_units(self, out: Any, block: slice, value: Any, like: Any = None) -> Any:
+        """``out[:, block] = value`` (functional; ``out`` None: zeros of ``like``'s shape in ``value``'s dtype).  The
+        kernels never block on JAX (:attr:`unit_block_values` is None): here for the interface."""
+        if out is None:
+            out = jnp.zeros(tuple(like.shape), dtype=value.dtype)
+        return out.at[:, block].set(value)
+
     def stop_gradient(self, x: Any) -> Any:
         return lax.stop_gradient(x)
 

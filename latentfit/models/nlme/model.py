@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from latentfit.inference.model import LatentModel, ModelSpecificationError
+from latentfit.inference.model import LatentModel, ModelSpecificationError, UnitBlockEvaluator
 from latentfit.inference.ops import BACKENDS, LOG_2PI, make_ops
 
 from .._integrations import families, fit_nlme
@@ -242,23 +242,43 @@ class NLME(LatentModel):
         temporaries stay a few MiB instead of growing with N.  Each block runs the same operations on its units'
         rows (``make(block)``, built once per block); the results are concatenated."""
         whole = make(units)
-        if self._iov is not None or self._resp is not None or self.outcome is not None:
+        if not self._blockable:
             return whole
         xp = self.ops.xp
-        n = self.num_units if units is None else int(units.shape[0])
-        t_max = int(self.data.time.shape[-1])
+        blocks_of = self._unit_blocks_fn(units)
         built: dict[int, list[Callable[[Any], Any]]] = {}
 
         def evaluate(z: Any) -> Any:
-            blocks = self.ops.unit_blocks(n, int(np.prod(tuple(z.shape[:-2]), dtype=np.int64)) * t_max)
+            blocks = blocks_of(z)
             if blocks is None:
                 return whole(z)
             fns = built.get(len(blocks))
             if fns is None:
-                fns = built[len(blocks)] = [make(b if units is None else units[b]) for b in blocks]
+                fns = built[len(blocks)] = [make(_sub_units(units, b)) for b in blocks]
             return xp.concatenate([fn(z[..., b, :]) for fn, b in zip(fns, blocks)], -1)
 
         return evaluate
+
+    @property
+    def _blockable(self) -> bool:
+        """Per-observation work may go over blocks of units (no occasions, several responses or outcome models)."""
+        return self._iov is None and self._resp is None and self.outcome is None
+
+    def _unit_blocks_fn(self, units: Any) -> Callable[[Any], list[slice] | None]:
+        """``z -> blocks`` of the units ``units`` for draws ``z [..., n, d]``: ``Ops.unit_blocks`` with one ``[..., n,
+        T]`` temporary's values per unit (what :meth:`_unitwise` and the MCMC kernels step over)."""
+        n = self.num_units if units is None else len(range(self.num_units)[units]) if isinstance(units, slice) \
+            else int(units.shape[0])
+        t_max = int(self.data.time.shape[-1])
+        return lambda z: self.ops.unit_blocks(n, int(np.prod(tuple(z.shape[:-2]), dtype=np.int64)) * t_max)
+
+    def _block_evaluator(self, whole: Callable[[Any], tuple], for_units: Callable[[slice], Callable[[Any], tuple]],
+                         units: Any) -> Callable[[Any], tuple]:
+        """``whole`` as a :class:`~latentfit.inference.model.UnitBlockEvaluator` (its MCMC kernels step over blocks of
+        the units, ``for_units(block)`` evaluating one) where the backend blocks eager work (torch); else ``whole``."""
+        if self.ops.unit_block_values is None or not self._blockable:
+            return whole
+        return UnitBlockEvaluator(whole, for_units, self._unit_blocks_fn(units))
 
     def _mu_r(self, mu: Any, n: int) -> Any:
         xp = self.ops.xp
@@ -396,11 +416,20 @@ class NLME(LatentModel):
         over the observations instead of six).  Equal to :meth:`log_densities` up to rounding (about 1e-15
         relative), which is kept for the Laplace steps and the likelihoods, whose optimisers would carry rounding
         differences into the estimates."""
-        return self._log_densities_fn(theta, units, summed=True)
-
-    def _log_densities_fn(self, theta: dict[str, Any], units: Any, summed: bool) -> Callable[[Any], tuple[Any, Any]]:
-        xp = self.ops.xp
         mu = self._mu(theta, units)
+        whole = self._log_densities_fn(theta, units, summed=True, mu=mu)
+        if self.outcome is not None:
+            return whole
+
+        def for_units(block: slice) -> Callable[[Any], tuple[Any, Any]]:  # the same operations on the block's rows
+            return self._log_densities_fn(theta, _sub_units(units, block), summed=True, mu=_unit_rows(mu, block))
+
+        return self._block_evaluator(whole, for_units, units)
+
+    def _log_densities_fn(self, theta: dict[str, Any], units: Any, summed: bool,
+                          mu: Any = None) -> Callable[[Any], tuple[Any, Any]]:
+        xp = self.ops.xp
+        mu = self._mu(theta, units) if mu is None else mu
         prior = self._log_prior_fn(theta, mu)
         if self.outcome is not None:
             return lambda z: (xp.sum(_outcomes.log_prob(self, theta, z, units, mu), -1), prior(z))
@@ -475,7 +504,19 @@ class NLME(LatentModel):
         def rescore(z: Any, r: Any) -> tuple[Any, Any]:
             return score(r), prior(z)
 
-        return evaluate, rescore
+        def for_units(block: slice) -> Callable[[Any], tuple[Any, Any, Any]]:  # evaluate's operations on the block
+            mu_b = _unit_rows(mu, block)
+            prior_b = self._log_prior_fn(theta, mu_b)
+            predict, of = self._prediction_fn(mu_b, block), self._rss_fn(block)
+            score_b = self._rss_fns(theta, block)[1]
+
+            def evaluate_block(z: Any) -> tuple[Any, Any, Any]:
+                r = of(predict(z))
+                return score_b(r), prior_b(z), r
+
+            return evaluate_block
+
+        return self._block_evaluator(evaluate, for_units, None), rescore
 
     def initial_cache(self, theta: dict[str, Any], z: Any) -> Any:
         """The residual sums of squares ``RSS_i`` of ``z`` (what :meth:`cached_density`'s ``evaluate`` carries, by
@@ -775,3 +816,19 @@ class NLME(LatentModel):
 
 
 __all__ = ["NLME", "Parameter"]
+
+
+def _sub_units(units: Any, block: slice) -> Any:
+    """The units ``block`` (a slice of positions) of ``units``: None (all units) gives ``block``; a slice, the
+    composed slice; an index array, its entries there."""
+    if units is None:
+        return block
+    if isinstance(units, slice):
+        start = units.start or 0
+        return slice(start + block.start, start + block.stop)
+    return units[block]
+
+
+def _unit_rows(mu: Any, block: slice) -> Any:
+    """μ ``[n, m]`` of the units ``block`` (a ``[m]`` μ, the same for every unit, as is)."""
+    return mu if mu.ndim < 2 else mu[block]
