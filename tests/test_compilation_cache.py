@@ -138,3 +138,150 @@ def test_shared_jit_binds_each_closures_arrays_as_arguments():
     np.testing.assert_allclose(float(fc(jnp.ones(5))), float(jnp.sum(jnp.sin(jnp.ones(5)) ** 2)), rtol=1e-6)
     assert len(set(ops_jax._PROGRAMS) - before) == 2
     np.testing.assert_allclose(jax.grad(fa)(t), jax.grad(lambda s: jnp.sum(jnp.sin(s * a) ** 2))(t), rtol=1e-6)
+
+
+#: read by :func:`_reads_a_global` at trace time (the memo must see a change)
+_OFFSET = 1.0
+
+
+def _reads_a_global(t):
+    return t + _OFFSET
+
+
+class _Toggle:
+    """A class attribute read at trace time (the memo must see it toggled on the class)."""
+
+    square = False
+
+    def __call__(self, t):
+        return t * t if self.square else t
+
+
+def test_trace_memo_keys_on_everything_the_closure_captures(monkeypatch):
+    """:func:`ops_jax._program_for` skips tracing a function whose captures it has seen (fingerprint of code, captured
+    scalars, captured functions, globals, class attributes and arrays by content); anything that changes the program
+    or its constants gives another entry, and every call computes its own closure's answer.  Different data of one
+    shape still share one executable (through the traced program's text)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from latentfit.inference import ops_jax
+
+    traces = []
+    make_jaxpr = jax.make_jaxpr
+    monkeypatch.setattr(jax, "make_jaxpr", lambda *a, **k: traces.append(1) or make_jaxpr(*a, **k))
+
+    def closure(scale, power, fn, data):
+        def g(t):  # a Python float, a Python int, a captured function and a captured array
+            return jnp.sum(fn(t * scale) ** power * data)
+        return ops_jax.SharedJit(g)  # a new SharedJit per "fit": only the process-wide memo can skip the trace
+
+    t = jnp.asarray(np.linspace(0.1, 1.0, 5))
+    a, b = np.linspace(0.0, 1.0, 5), np.linspace(2.0, 3.0, 5)
+
+    def check(scale, power, fn, data, new_trace):
+        before, programs = len(traces), len(ops_jax._PROGRAMS)
+        out = float(closure(scale, power, fn, data)(t))
+        np.testing.assert_allclose(out, float(jnp.sum(fn(t * scale) ** power * data)), rtol=1e-12)
+        assert (len(traces) > before) == new_trace, (scale, power, fn, new_trace)
+        return len(ops_jax._PROGRAMS) - programs
+
+    check(2.0, 2, jnp.sin, a, True)
+    assert check(2.0, 2, jnp.sin, a.copy(), False) == 0  # the same captures (equal content): no trace
+    check(3.0, 2, jnp.sin, a, True)  # a captured float that changes the program's constants
+    check(2.0, 3, jnp.sin, a, True)  # a captured int that changes the program
+    check(2.0, 2, jnp.cos, a, True)  # a captured library function
+    assert check(2.0, 2, jnp.sin, b, True) == 0  # other data of the same shape: traced, the executable shared
+    check(2.0, 2, lambda x: x * 0.5, a, True)  # captured user functions that differ only in a literal ...
+    check(2.0, 2, lambda x: x * 0.25, a, True)
+    half = 0.5
+    check(2.0, 2, lambda x: x * half, a, True)  # ... or in what they capture
+    half = 0.75  # noqa: F841 (the lambda above reads the cell; a new lambda over the new value below)
+    check(2.0, 2, lambda x: x * half, a, True)
+
+    # values read while tracing (a Python branch on a captured array) and globals read by the traced code
+    def branching(data):
+        return ops_jax.SharedJit(lambda s: s + 1.0 if float(np.sum(data)) > 0 else s - 1.0)
+
+    assert float(branching(np.ones(3))(jnp.zeros(3))[0]) == 1.0
+    assert float(branching(-np.ones(3))(jnp.zeros(3))[0]) == -1.0
+    global _OFFSET
+    try:
+        # (a new closure each time: ``jax.make_jaxpr`` itself caches a function's trace by identity, as ``jax.jit``)
+        assert float(ops_jax.SharedJit(lambda s: _reads_a_global(s))(jnp.zeros(2))[0]) == 1.0
+        _OFFSET = 5.0
+        assert float(ops_jax.SharedJit(lambda s: _reads_a_global(s))(jnp.zeros(2))[0]) == 5.0
+    finally:
+        _OFFSET = 1.0
+    toggle = _Toggle()
+    assert float(ops_jax.SharedJit(lambda s: toggle(s))(jnp.full(2, 3.0))[0]) == 3.0
+    _Toggle.square = True
+    try:
+        assert float(ops_jax.SharedJit(lambda s: toggle(s))(jnp.full(2, 3.0))[0]) == 9.0
+    finally:
+        _Toggle.square = False
+    # a closure over something that cannot be keyed (a generator) is traced every time, and still right
+    gen = (i for i in range(3))
+    before = len(traces)
+    for _ in range(2):
+        assert float(ops_jax.SharedJit(lambda s: s * 2.0 if gen is not None else s)(jnp.ones(1))[0]) == 2.0
+    assert len(traces) == before + 2
+
+
+def test_later_same_data_fit_traces_nothing_and_options_still_count(monkeypatch):
+    """A later fit of the same model on the same data takes every program from the trace memo (no tracing at all) and
+    reproduces the first fit exactly; a fit with a changed float option (``anneal_factor``) is not served the first
+    fit's program: its estimates equal those of a fit that traced and compiled from scratch."""
+    import jax
+    import numpy as np
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.distributions import constraints
+
+    from latentfit.inference import ops_jax
+    from latentfit.numpyro import SAEM
+
+    def model(y):
+        mu = numpyro.param("mu", 0.0)
+        omega = numpyro.param("omega", 1.0, constraint=constraints.positive)
+        sigma = numpyro.param("sigma", 1.0, constraint=constraints.positive)
+        with numpyro.plate("unit", y.shape[0], dim=-2):
+            b = numpyro.sample("b", dist.Normal(mu, omega))
+            with numpyro.plate("obs", y.shape[1], dim=-1):
+                numpyro.sample("y", dist.Normal(b, sigma), obs=y)
+
+    rng = np.random.default_rng(3)
+    y = 1.0 + 0.8 * rng.normal(size=(30, 1)) + 0.5 * rng.normal(size=(30, 4))
+
+    def fit(**options):
+        return SAEM(model, num_iters=(12, 8), progress=False, **options).run(jax.random.PRNGKey(0), y)
+
+    def params(f):
+        return {k: np.asarray(v) for k, v in f.params.items()}
+
+    first = fit()
+    traces = []
+    make_jaxpr = jax.make_jaxpr
+    monkeypatch.setattr(jax, "make_jaxpr", lambda *a, **k: traces.append(1) or make_jaxpr(*a, **k))
+    second = fit()
+    assert not traces  # nothing traced
+    assert second.compile_time < 0.1 * first.compile_time, (first.compile_time, second.compile_time)
+    for name, value in params(first).items():
+        np.testing.assert_array_equal(value, params(second)[name])
+    assert first.history.keys() == second.history.keys()
+    for name, value in first.history.items():  # every iteration's record, θ included
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(second.history[name]))
+    other = fit(anneal_factor=0.5)
+    assert traces  # another option: traced again
+    saved = dict(ops_jax._PROGRAMS), dict(ops_jax._TRACES)
+    ops_jax._PROGRAMS.clear()
+    ops_jax._TRACES.clear()
+    try:
+        fresh = fit(anneal_factor=0.5)
+    finally:
+        ops_jax._PROGRAMS.update(saved[0])
+        ops_jax._TRACES.update(saved[1])
+    assert any(not np.array_equal(v, params(first)[k]) for k, v in params(other).items())
+    for name, value in params(fresh).items():
+        np.testing.assert_array_equal(value, params(other)[name])

@@ -1,0 +1,320 @@
+"""What a traced function captures, as a hashable key: the memo that lets a later fit skip tracing.
+
+:func:`latentfit.inference.ops_jax._program_for` finds the shared executable of a chunk of iterations (or of an
+``ops.jit`` closure) by tracing it to a jaxpr and keying on the program's text: ~50 ms per program, 9 programs per
+SAEM fit of the README's NumPyro model, most of a later fit's time.  :func:`fingerprint` instead reads what the
+function would trace *from*: its code and everything it reaches (closure cells, defaults, referenced globals, bound
+``self`` and the attributes of every object reachable from there, partials), with
+
+* every array (numpy, JAX) keyed by its shape, dtype, weak type, placement **and content** (a digest of its bytes):
+  a trace may read a captured array's values (``int(idx.max())``, ``if mask.all():``, ``float(y.mean())``), so only
+  equal values guarantee an equal program;
+* Python scalars by type and exact value (``float.hex``), containers element by element in order;
+* functions and classes of installed libraries (``site-packages``: jax, numpy, numpyro, ...) and modules by identity
+  (assumed not to change while the process runs), the project's and the user's functions by code, defaults, closure
+  and referenced globals, their classes by identity plus their scalar class attributes (a flag toggled on a class);
+* JAX's trace-time configuration (``jax_enable_x64``, default precision, ...: ``config.trace_context()``).
+
+Anything else (a tracer, a C object without ``__dict__`` that is not a library callable, a generator, a lock, ...)
+makes the function *unfingerprintable* and :func:`fingerprint` returns ``None``: the caller then traces as before.
+Two functions with equal fingerprints trace to the same program from equal constants, so the memo hands back the
+first one's executable *and* its constants (equal values).  Different data of the same shapes give another
+fingerprint (their content differs): such a fit traces again and still shares the executable through the program
+text, as before.  An object may define ``__trace_fingerprint__()`` returning the part of it that a trace can read
+(:class:`~latentfit.inference.ops_jax.JaxOps` leaves out its caches and timers).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import hashlib
+import os
+import sys
+import sysconfig
+import types
+import weakref
+from collections.abc import Hashable
+from typing import Any
+
+import jax
+import numpy as np
+
+try:  # JAX's own trace-time configuration, part of jit's cache keys
+    from jax._src.config import trace_context as _trace_context
+except ImportError:  # pragma: no cover - another JAX: the few options that change a trace
+    def _trace_context() -> Hashable:
+        return tuple(bool(getattr(jax.config, name, False)) for name in ("jax_enable_x64",)) + (
+            str(jax.config.jax_default_matmul_precision),)
+
+
+_TRACER, _TREEDEF = jax.core.Tracer, jax.tree_util.PyTreeDef
+_ARRAYS = (np.ndarray, jax.Array)
+_VALUES = (enum.Enum, jax.Device, jax.sharding.Sharding)
+
+
+class Unfingerprintable(Exception):
+    """Raised inside :func:`fingerprint` for a value it cannot key: the caller traces instead."""
+
+
+#: folders of installed packages: functions, classes and objects defined there are keyed by identity
+_LIBRARY_DIRS = tuple({os.path.realpath(p) for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+                                                     sysconfig.get_paths()["stdlib"]) if p})
+_LIBRARY_MODULES: dict[str, bool] = {}
+_SCALARS = (type(None), bool, int, str, bytes, complex, type(Ellipsis), type(NotImplemented))
+#: attribute names skipped on every object: references back to caches of compiled programs
+_SKIP_ATTRS = frozenset({"__weakref__"})
+
+
+def _is_library_module(name: str | None) -> bool:
+    """A module installed under ``site-packages`` or the standard library (not the project's, not ``__main__``)."""
+    if not name:
+        return False
+    known = _LIBRARY_MODULES.get(name)
+    if known is None:
+        mod = sys.modules.get(name)
+        path = getattr(mod, "__file__", None)
+        if mod is None or path is None:
+            known = name.split(".")[0] in sys.builtin_module_names or name in ("builtins",)
+        else:
+            path = os.path.realpath(path)
+            known = any(path.startswith(d + os.sep) for d in _LIBRARY_DIRS) and "latentfit" not in name.split(".")
+        _LIBRARY_MODULES[name] = known
+    return known
+
+
+def _module_level(obj: Any, module: str | None) -> bool:
+    """``obj`` is what its module's namespace holds under its qualified name (not a closure made per call)."""
+    found: Any = sys.modules.get(module or "")
+    for part in getattr(obj, "__qualname__", "<locals>").split("."):
+        found = getattr(found, part, None)
+        if found is None:
+            return False
+    return found is obj or getattr(found, "__func__", None) is obj
+
+
+#: digests of JAX arrays (immutable) by id, with a weak reference to the array: ``{id: (ref, key)}``
+_JAX_DIGESTS: dict[int, tuple[Any, tuple[Any, ...]]] = {}
+
+
+def _array_key(x: Any) -> tuple[Any, ...]:
+    """Shape, dtype, weak type, placement and a digest of the bytes of an array (a JAX array's digest is computed
+    once: it cannot change)."""
+    if isinstance(x, jax.Array):
+        known = _JAX_DIGESTS.get(id(x))
+        if known is not None and known[0]() is x:
+            return known[1]
+        key, ident = _host_array_key(x), id(x)
+        try:
+            ref = weakref.ref(x, lambda _: _JAX_DIGESTS.pop(ident, None))
+        except TypeError:  # no weak references to this kind of array: digest it every time
+            return key
+        _JAX_DIGESTS[id(x)] = (ref, key)
+        return key
+    return _host_array_key(x)
+
+
+def _host_array_key(x: Any) -> tuple[Any, ...]:
+    host = np.asarray(x)
+    if host.dtype == object:
+        raise Unfingerprintable("object array")
+    digest = hashlib.blake2b(np.ascontiguousarray(host).view(np.uint8).reshape(-1).data, digest_size=16).digest() \
+        if host.size else b""
+    return ("array", type(x).__name__, host.shape, str(host.dtype), bool(getattr(x, "weak_type", False)),
+            str(getattr(x, "sharding", "")), digest)
+
+
+class _Fingerprinter:
+    """One pass over an object graph; objects seen before are referred to by their visit number (cycles, sharing)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, int] = {}
+        self.keep: list[Any] = []  # keeps every visited object alive during the pass (ids stay unique)
+
+    def __call__(self, obj: Any) -> Hashable:
+        if isinstance(obj, _SCALARS):
+            return obj if type(obj) in (str, type(None)) else (type(obj).__name__, obj)
+        if isinstance(obj, float):
+            return ("float", type(obj).__name__, obj.hex())
+        oid = id(obj)
+        ref = self.seen.get(oid)
+        if ref is not None:
+            return ("ref", ref)
+        self.seen[oid] = len(self.seen)
+        self.keep.append(obj)
+        return self._visit(obj)
+
+    def _items(self, values: Any) -> tuple[Hashable, ...]:
+        return tuple(self(v) for v in values)
+
+    def _visit(self, obj: Any) -> Hashable:
+        kind = type(obj)
+        if kind is dict:  # the common kinds first (most of a model's graph)
+            return ("dict", None, None, tuple((self(k), self(v)) for k, v in obj.items()))
+        if kind is tuple or kind is list:
+            return (kind.__name__, None, self._items(obj))
+        if kind is types.FunctionType:
+            return self._function(obj)
+        if kind is types.MethodType:
+            return ("method", self(obj.__self__), self(obj.__func__))
+        if isinstance(obj, _TRACER):
+            raise Unfingerprintable("a tracer")
+        if isinstance(obj, _ARRAYS):
+            if isinstance(obj, jax.Array) and str(obj.dtype).startswith("key<"):  # typed PRNG keys
+                return ("key", str(obj.dtype), _array_key(jax.random.key_data(obj)))
+            return _array_key(obj)
+        if isinstance(obj, np.generic):
+            return ("npscalar", str(obj.dtype), obj.tobytes())
+        if isinstance(obj, np.dtype):
+            return ("dtype", str(obj))
+        if isinstance(obj, weakref.ref):
+            return ("weakref", self(obj()))
+        if isinstance(obj, types.ModuleType):
+            return ("module", obj.__name__)
+        if isinstance(obj, (tuple, list)):
+            return (type(obj).__name__, self._class(type(obj)) if type(obj) not in (tuple, list) else None,
+                    self._items(obj))
+        if isinstance(obj, _TREEDEF):  # a value: equal trees of equal node types and aux data
+            return ("treedef", obj)
+        if isinstance(obj, types.MappingProxyType):
+            return ("mappingproxy", tuple((self(k), self(v)) for k, v in obj.items()))
+        if isinstance(obj, dict):
+            extra = self(obj.default_factory) if hasattr(obj, "default_factory") else None
+            return (type(obj).__name__, self._class(type(obj)) if type(obj) is not dict else None, extra,
+                    tuple((self(k), self(v)) for k, v in obj.items()))
+        if isinstance(obj, (set, frozenset)):
+            return (type(obj).__name__, tuple(sorted(self._items(obj), key=repr)))
+        if isinstance(obj, slice):
+            return ("slice", self(obj.start), self(obj.stop), self(obj.step))
+        if isinstance(obj, range):
+            return ("range", obj.start, obj.stop, obj.step)
+        if isinstance(obj, types.FunctionType):
+            return self._function(obj)
+        if isinstance(obj, types.MethodType):
+            return ("method", self(obj.__self__), self(obj.__func__))
+        if isinstance(obj, types.CodeType):
+            return ("code", obj)
+        if isinstance(obj, (staticmethod, classmethod)):
+            return (type(obj).__name__, self(obj.__func__))
+        if isinstance(obj, property):
+            return ("property", self(obj.fget), self(obj.fset))
+        if isinstance(obj, type):
+            return self._class(obj)
+        if isinstance(obj, (types.BuiltinFunctionType, types.WrapperDescriptorType, types.MethodDescriptorType,
+                            types.MethodWrapperType, types.BuiltinMethodType)):
+            owner = getattr(obj, "__self__", None)
+            if owner is not None and not isinstance(owner, types.ModuleType):
+                return ("builtin-method", getattr(obj, "__name__", ""), self(owner))
+            return ("builtin", obj)
+        if isinstance(obj, functools.partial):
+            return ("partial", self(obj.func), self._items(obj.args), self(obj.keywords))
+        custom = getattr(type(obj), "__trace_fingerprint__", None)
+        if custom is not None:
+            return ("custom", self._class(type(obj)), self(custom(obj)))
+        if "pandas" in sys.modules:
+            import pandas as pd
+
+            if isinstance(obj, (pd.DataFrame, pd.Series, pd.Index)):
+                return self._pandas(obj, pd)
+        if type(obj) is object:  # a sentinel
+            return ("sentinel", obj)
+        if isinstance(obj, _VALUES):  # values, hashable
+            return ("value", type(obj), obj)
+        if _is_library_module(getattr(type(obj), "__module__", None)) and not hasattr(obj, "__dict__") \
+                and not hasattr(type(obj), "__slots__"):
+            # a library's C callable (jit-compiled function, ufunc, ...): by identity; any other C object (an
+            # iterator, a random generator, a buffer: state a trace may read) cannot be keyed
+            if callable(obj) and type(obj).__hash__ is not None:
+                return ("object", obj)
+            raise Unfingerprintable(type(obj).__qualname__)
+        return self._instance(obj)
+
+    def _instance(self, obj: Any) -> Hashable:
+        state = getattr(obj, "__dict__", None)
+        slots = [s for c in type(obj).__mro__ for s in getattr(c, "__slots__", ()) if s not in ("__dict__",
+                                                                                              "__weakref__")]
+        if state is None and not slots:
+            raise Unfingerprintable(type(obj).__qualname__)
+        fields = tuple((k, self(v)) for k, v in (state or {}).items() if k not in _SKIP_ATTRS)
+        slotted = tuple((s, self(getattr(obj, s, None))) for s in slots)
+        return ("instance", self._class(type(obj)), fields, slotted)
+
+    def _class(self, cls: type) -> Hashable:
+        """A class by identity; the project's and the user's classes with their data attributes too (a flag or an
+        option set on the class), not their methods."""
+        if _is_library_module(cls.__module__) or cls.__module__ == "builtins":
+            return ("class", cls)
+        attrs = []
+        for c in cls.__mro__:
+            if _is_library_module(c.__module__) or c.__module__ == "builtins":
+                continue
+            for name, value in vars(c).items():
+                if name.startswith("__") or callable(value) or isinstance(
+                        value, (property, staticmethod, classmethod, types.MemberDescriptorType,
+                                types.GetSetDescriptorType)) or hasattr(value, "__get__"):
+                    continue
+                attrs.append((c.__qualname__, name, self(value)))
+        return ("class", cls, tuple(attrs))
+
+    def _function(self, fn: types.FunctionType) -> Hashable:
+        module = fn.__globals__.get("__name__")  # ``__module__`` and ``__qualname__`` may be a wrapped function's
+        library = _is_library_module(module)
+        if library and _module_level(fn, module):
+            return ("function", fn)  # a library's module-level function (or method): itself
+        code = fn.__code__
+        cells = ()
+        if fn.__closure__:
+            try:
+                cells = tuple(self(c.cell_contents) for c in fn.__closure__)
+            except ValueError:  # an empty cell (a name assigned after the function was made)
+                raise Unfingerprintable("empty closure cell") from None
+        if library:  # a library's closure (``jax.vmap``'s, ``jax.grad``'s): its code and captures; globals static
+            return ("closure", code, module, self(fn.__defaults__), self(fn.__kwdefaults__), cells)
+        glob = fn.__globals__
+        builtins = glob.get("__builtins__", {})
+        names = []
+        for name in _global_names(code):
+            if name in glob:
+                names.append((name, self(glob[name])))
+            elif not (isinstance(builtins, dict) and name in builtins) and not hasattr(builtins, name):
+                names.append((name, "<unbound>"))
+        return ("function", code, glob.get("__name__"), self(fn.__defaults__), self(fn.__kwdefaults__), cells,
+                tuple(names))
+
+    def _pandas(self, obj: Any, pd: Any) -> Hashable:
+        frame = obj.to_frame() if isinstance(obj, pd.Series) else obj
+        if isinstance(obj, pd.Index):
+            return ("pd.Index", tuple(map(str, obj)), str(obj.dtype))
+        values = pd.util.hash_pandas_object(frame, index=True).to_numpy()
+        return ("pandas", type(obj).__name__, tuple(map(str, frame.columns)), tuple(map(str, frame.dtypes)),
+                self(dict(frame.attrs)), _array_key(values))
+
+
+_NAMES_CACHE: dict[types.CodeType, tuple[str, ...]] = {}
+
+
+def _global_names(code: types.CodeType) -> tuple[str, ...]:
+    """Every name a code object (and the code nested in it: comprehensions, inner functions) may read as a global
+    (``co_names`` also holds attribute names: those that are not globals are skipped by the caller)."""
+    names = _NAMES_CACHE.get(code)
+    if names is None:
+        found: dict[str, None] = {}
+        stack = [code]
+        while stack:
+            c = stack.pop()
+            found.update(dict.fromkeys(c.co_names))
+            stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+        names = _NAMES_CACHE[code] = tuple(found)
+    return names
+
+
+def fingerprint(*objs: Any) -> Hashable | None:
+    """A hashable key of what tracing ``objs`` (functions, with what they capture) can read, with JAX's trace-time
+    configuration; ``None`` when something reachable cannot be keyed (then trace)."""
+    walk = _Fingerprinter()
+    primitives = sys.modules.get("numpyro.primitives")  # effect handlers active around the trace (a user's ``with``)
+    handlers = list(getattr(primitives, "_PYRO_STACK", ()))
+    try:
+        return (walk(objs), walk(handlers), _trace_context())
+    except (Unfingerprintable, RecursionError):
+        return None
