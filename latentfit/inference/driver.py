@@ -106,6 +106,11 @@ class Engine:
         θ by default; None records none (an engine whose parameters are network weights keeps its own checks)."""
         return self.theta_of(state)
 
+    def settled_from(self) -> int:
+        """First iteration whose latent draws target p(z | y; θ̂) (approximately): post-fit estimates that average
+        the kept draws at θ̂ (Louis' information) use the draws from this iteration on.  All kept draws by default."""
+        return 1
+
     def stopped(self, state: Any) -> bool:
         """Whether the run ends early after a chunk ending in ``state`` (e.g. early stopping on a validation
         loss); checked after every chunk, and on resume."""

@@ -26,6 +26,7 @@ term from the Hessian of the draw-averaged complete log-likelihood.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -119,10 +120,10 @@ def _labels(model: LatentModel, theta: dict[str, Any]) -> tuple[list[str], np.nd
 
 def invert_information(fim: np.ndarray) -> np.ndarray:
     """Inverse of the information; coordinates with identically zero rows (structurally unused, e.g. the
-    upper triangle of an unconstrained Cholesky factor) get zero variance."""
+    upper triangle of an unconstrained Cholesky factor) get zero variance (:func:`_finish` makes the variance of a
+    reported parameter that depends on one NaN)."""
     fim = 0.5 * (fim + fim.T)
-    scale = np.abs(fim).max() if fim.size else 1.0
-    used = np.abs(fim).max(1) > 1e-12 * max(scale, 1e-300)
+    used = _used(fim)
     cov = np.zeros_like(fim)
     sub = fim[np.ix_(used, used)]
     try:
@@ -132,14 +133,46 @@ def invert_information(fim: np.ndarray) -> np.ndarray:
     return cov
 
 
+def _used(fim: np.ndarray) -> np.ndarray:
+    """Coordinates whose information row is not identically zero."""
+    scale = np.abs(fim).max() if fim.size else 1.0
+    return np.abs(fim).max(1) > 1e-12 * max(scale, 1e-300)
+
+
 def _finish(method: str, model: LatentModel, pv: ParamVector, fim: np.ndarray) -> StandardErrors:
+    """Covariance ``J_c I⁻¹ J_cᵀ`` and standard errors.  An estimated parameter never gets an SE of 0: where the
+    information carries nothing about it (a zero row: the likelihood is flat in it) or where its variance comes out
+    negative (the information is not positive definite: a Monte-Carlo estimate that is too noisy, or θ̂ not at a
+    maximum), its SE is NaN and a ``RuntimeWarning`` names it and why."""
     ops = model.ops
-    cov_u = invert_information(fim)
+    sym = 0.5 * (fim + fim.T)
+    cov_u = invert_information(sym)
     jc = ops.to_numpy(forward_jacobian(ops, pv.constrained_flat, pv.x0))  # [P_c, p]
     cov = jc @ cov_u @ jc.T
     labels, est = _labels(model, pv.theta)
-    se = np.sqrt(np.clip(np.diagonal(cov), 0, None))
+    var = np.diagonal(cov).copy()
+    depends = np.abs(jc) > 0  # [P_c, p]: reported value l moves with free coordinate j
+    flat = depends[:, ~_used(sym)].any(1)
+    negative = (var < 0) & ~flat
+    zero = (var == 0) & depends.any(1) & ~flat  # an estimated parameter's variance exactly 0
+    var[flat | negative | zero] = np.nan
+    reasons = []
+    if flat.any() or zero.any():
+        reasons.append(f"{_names(labels, flat | zero)}: the {method!r} information about it is zero (the likelihood "
+                       "is flat in it: a parameter the data do not inform)")
+    if negative.any():
+        eig = np.linalg.eigvalsh(sym[np.ix_(_used(sym), _used(sym))]).min() if sym.size else 0.0
+        reasons.append(f"{_names(labels, negative)}: negative variance, the {method!r} Fisher information is not "
+                       f"positive definite (smallest eigenvalue {eig:.3g}: a noisy Monte-Carlo estimate, or θ̂ not at "
+                       "a maximum of the likelihood; run the fit longer or pass num_iters= for fresh draws at θ̂)")
+    if reasons:
+        warnings.warn("standard errors set to NaN for " + "; ".join(reasons), RuntimeWarning, stacklevel=4)
+    se = np.sqrt(var)
     return StandardErrors(method, labels, est, se, cov, fim, cov_u, pv.free)
+
+
+def _names(labels: list[str], which: np.ndarray) -> str:
+    return ", ".join(lab for lab, w in zip(labels, which) if w)
 
 
 # ----- linearisation --------------------------------------------------------------------------------

@@ -116,7 +116,23 @@ def sample_conditional(model: LatentModel, theta: dict[str, Any], z0: Any, num_i
     z0 = ops.asarray(z0)
     L = z0.shape[0]
     if unit_ids is not None:
-        return _sample_conditional_per_unit(model, theta, ops, z0, num_iters, seed, kernels, thin, unit_ids, evaluate)
+        return _sample_conditional_per_unit(model, theta, ops, z0, num_iters, seed, kernels, thin, unit_ids)
+
+    def iteration(th: dict[str, Any], key: Any, chain: mcmc.ChainState, scale: Any) -> tuple[Any, Any, Any]:
+        """One iteration at θ = ``th``: ``kernels[0]`` prior-IMH, ``kernels[1]`` component-wise RW sweeps."""
+        def at_theta(z: Any) -> tuple[Any, Any]:
+            return model.log_densities(th, z)
+
+        key, *ks = ops.split(key, kernels[0] + kernels[1] + 1)
+        ki = iter(ks)
+        for _ in range(kernels[0]):
+            chain, _ = mcmc.prior_imh(ops, next(ki), chain, lambda kk: model.sample_prior(th, kk, L), at_theta)
+        for _ in range(kernels[1]):
+            chain, acc = mcmc.rw_componentwise(ops, next(ki), chain, scale, at_theta)
+            scale = mcmc.adapt_scale(scale, acc)
+        return key, chain, scale
+
+    step = ops.jit(iteration)  # one compiled program per shape on JAX (eager, op by op, it took ~2 s an iteration)
     out = []
     with ops.seed_context(seed):
         key = ops.key(seed)
@@ -125,27 +141,24 @@ def sample_conditional(model: LatentModel, theta: dict[str, Any], z0: Any, num_i
         sd = xp.std(flat, 0) if flat.shape[0] > 1 else ops.ones((z0.shape[-1],))
         scale = 0.5 * xp.where(sd > 0, sd, 1.0)
         for it in range(num_iters):
-            key, *ks = ops.split(key, kernels[0] + kernels[1] + 1)
-            ki = iter(ks)
-            for _ in range(kernels[0]):
-                chain, _ = mcmc.prior_imh(ops, next(ki), chain, lambda kk: model.sample_prior(theta, kk, L), evaluate)
-            for _ in range(kernels[1]):
-                chain, acc = mcmc.rw_componentwise(ops, next(ki), chain, scale, evaluate)
-                scale = mcmc.adapt_scale(scale, acc)
+            key, chain, scale = step(theta, key, chain, scale)
             if (it + 1) % thin == 0:
                 out.append(ops.to_numpy(chain.z))
     return np.stack(out, 1)
 
 
 def _sample_conditional_per_unit(model: LatentModel, theta: dict[str, Any], ops: Any, z0: Any, num_iters: int,
-                                 seed: int, kernels: tuple[int, int], thin: int, unit_ids: Any,
-                                 evaluate: Callable[[Any], Any]) -> np.ndarray:
+                                 seed: int, kernels: tuple[int, int], thin: int, unit_ids: Any) -> np.ndarray:
     """:func:`sample_conditional` on per-unit streams (the kernels draw through ``ops.per_unit_streams``)."""
     xp = ops.xp
     if not model.has_gaussian_prior:
         raise ValueError("per-unit streams draw each unit's prior proposals as μ_i + L ε_i: they need Gaussian latents")
     sim, root = unit_streams(ops, seed, unit_ids)
     shape = tuple(z0.shape)
+
+    def evaluate(z: Any) -> tuple[Any, Any]:
+        return model.log_densities(theta, z)
+
     chain = mcmc.init_chain_state(z0, evaluate)
     flat = xp.reshape(ops.gather_units(z0, 1), (-1, shape[-1]))  # every process's units
     sd = xp.std(flat, 0) if flat.shape[0] > 1 else ops.ones((shape[-1],))

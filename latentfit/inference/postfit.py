@@ -265,7 +265,8 @@ def standard_errors(fit: FitResult, method: str | None = None, *, num_iters: int
 
     ``method``: ``"lin"`` (expected Fisher information of the model linearised at the conditional modes, as
     saemix does at the conditional means; default for models with Gaussian faces) or ``"sa"`` (Louis' formula
-    averaged over draws of the latents: the SAEM chains' last draws, or ``num_iters`` fresh MCMC iterations at
+    averaged over draws of the latents: the SAEM chains' draws of the smoothing phase (fresh draws at θ̂ when it kept
+    fewer than :data:`MIN_SETTLED_ITERS` iterations, e.g. a short fit), or ``num_iters`` fresh MCMC iterations at
     θ̂ when ``num_iters > 0``, from the units' own streams after a fit with ``rng="per_unit"``, so that a distributed
     fit gets the one-process result).  The full record (covariance, Fisher information, ``.delta(fn)`` for derived
     quantities) is ``fit.covariance(method)``.
@@ -290,10 +291,31 @@ def covariance(fit: FitResult, method: str | None = None, *, num_iters: int = 0,
             draws = require_draws(fit, "standard errors by stochastic approximation")
             if num_iters > 0:
                 draws = _fresh_draws(fit, draws[:, -1], num_iters, seed)
+            else:
+                draws = _settled_draws(fit, draws, seed)
             rec = fisher.fim_louis(model, theta, draws, reduce=_information_sum(fit))
         cache[key] = rec
     fit._cache["se"] = cache[key].as_dict()
     return cache[key]
+
+
+#: fewest kept iterations at θ̂ (times the chains) Louis' formula averages over; a fit with fewer (e.g. 45 SAEM
+#: iterations (30, 15) keep 15) gets fresh draws at θ̂ instead
+MIN_SETTLED_ITERS = 10
+
+
+def _settled_draws(fit: FitResult, draws: np.ndarray, seed: int) -> np.ndarray:
+    """The kept draws ``[L, D, N, d]`` of the iterations at θ̂ (from ``engine.settled_from()``: SAEM's smoothing
+    phase).  A fit shorter than its ``num_draws`` kept draws of the exploration phase too, where θ_k is far from θ̂:
+    their scores at θ̂ spread far more than under p(z | y; θ̂), which made Louis' information indefinite and its
+    inverse's diagonal negative (standard errors clipped to 0).  With fewer than :data:`MIN_SETTLED_ITERS` settled
+    iterations, ``engine.num_draws`` fresh MCMC iterations at θ̂ from the chains' last states replace them."""
+    settled = getattr(fit.engine, "settled_from", lambda: 1)()
+    first = fit.num_iterations - draws.shape[1] + 1  # iteration of the first kept draw
+    kept = draws[:, max(0, settled - first):]
+    if kept.shape[1] >= min(MIN_SETTLED_ITERS, draws.shape[1]) and settled <= fit.num_iterations:
+        return kept
+    return _fresh_draws(fit, draws[:, -1], max(int(getattr(fit.engine, "num_draws", 0)), MIN_SETTLED_ITERS, 1), seed)
 
 
 def _stream_ids(fit: FitResult) -> np.ndarray | None:

@@ -193,6 +193,12 @@ class SAEM(Engine):
     def phases(self) -> list[tuple[int, int, Any]]:
         return [(1, self.schedule.num_iters, "saem")]
 
+    def settled_from(self) -> int:
+        """The smoothing phase (``K1 + 1``): before it θ_k moves (γ = 1, annealed variances), so the chains' draws
+        are not draws at θ̂; without a smoothing phase (K2 = 0) no iteration is settled."""
+        sch = self.schedule
+        return sch.K1 + 1 if sch.K2 > 0 else sch.num_iters + 1
+
     def init(self, key: Any) -> SAEMState:
         model, ops, xp = self.model, self.ops, self.ops.xp
         theta = model.init_params()
