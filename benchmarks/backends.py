@@ -10,9 +10,9 @@ A second table times three torch paths on the same data: the padded ``[N, T]`` P
 (``latentfit/examples/theophylline.py``), the README's model (latents in a subject plate, one row per
 observation read through ``log_psi[subject]``) and the NLME family's fast path: wall and CPU seconds of the whole
 fit, ms per iteration, and each path's time per iteration over the NLME path's.
-A third part fits the README's NumPyro model on theophylline end to end in fresh processes (data to estimates,
-imports excluded): without JAX's persistent compilation cache, with it cold (filled) and warm
-(``latentfit.enable_compilation_cache``).
+A third part fits theophylline end to end in fresh processes (data to estimates, imports excluded), by the README's
+NumPyro model and by ``NLME(..., backend="jax")``: without JAX's persistent compilation cache, with it cold (filled)
+and warm (``latentfit.enable_compilation_cache``), and a later fit in the no-cache process.
 Timings on a shared machine are noisy: rerun with ``--repeats`` and read the medians (and the CPU seconds).
 ``--threads 1`` pins torch to one intra-op thread: on this 2-core machine shared at load 3-8, torch's default of two
 threads made every torch path 10-30x slower per iteration (threads waiting for each other against the other
@@ -85,6 +85,35 @@ unit maps 0.11 (0.59 before 09f36b6), first density 0.08, Gaussian faces 0.08); 
 before).  In a fresh process with the cache warm the same tracing runs, plus ~80 lowerings (the persistent cache's
 keys) and 9 executables loaded.  What is left: tracing each fit's programs again (a key that does not need the
 trace), and the iterations themselves (~1 ms each on this machine).
+
+After 1be2fbb (trace memo, ``latentfit/inference/ops_jax_memo.py``: a program whose captures (code, options, data by
+content) were seen before is not traced again), 2026-12-03, the README NumPyro model and ``NLME(..., backend="jax")``
+on theophylline, 400 iterations, ``OMP_NUM_THREADS=1``; 1be2fbb^ ("before") and 1be2fbb ("after") alternated in fresh
+processes, two rounds (later fit: fits 2-4 of the no-cache process and fit 2 of the warm one), load 7.5-14 on 2
+cores, so wall is 2-5x CPU: read the CPU.  Estimates and history bit-identical before/after (sha256 of every
+estimate and history array: NumPyro fad72e9d9d621136, NLME 31f4d1edf053378c, in every fit):
+
+=====================================  ========================  ========================  ==========================
+CPU s (wall s)                         before                    after                     goal
+=====================================  ========================  ========================  ==========================
+NumPyro, fresh process, no cache       9.07-9.40 (46-61)         7.64-9.58 (8-26)
+NumPyro, persistent cache warm         2.05-2.13 (4.1-6.8)       1.98-2.27 (3.2-10.0)      < 1 s: not met
+NumPyro, later fit in the process      0.45-0.72 (0.9-4.6)       0.27-0.35 (0.27-0.89)     <= 0.15 s: not met
+  of which tracing (``compile``)       0.24-2.30 wall            0.001-0.01 wall
+NLME jax, fresh process, no cache      5.53-5.77 (13-17)         5.62-6.34 (14-29)
+NLME jax, persistent cache warm        1.14-1.27 (3.1)           1.24-1.31 (2.7-9.2)       <= 0.2 s (10x saemix): not
+NLME jax, later fit in the process     0.15-0.25 (0.26-0.72)     0.09-0.15 (0.23-0.71)     met in a fresh process
+  of which tracing (``compile``)       0.11-0.46 wall            0.005-0.035 wall
+=====================================  ========================  ========================  ==========================
+
+A later fit now costs its iterations (NumPyro ~0.2-0.25 s CPU of 400 iterations, NLME ~0.1 s), model set-up (NumPyro
+~0.03 s CPU: JAX's own caches already serve the adapter's eager work) and the fingerprints (7.5 ms for NumPyro's 9
+programs, 11 ms for NLME's 3).  Another fit on other data of the same shapes fingerprints differently (arrays are keyed
+by content: a trace may read values) and traces as before, sharing the executables through the program text.  The
+fresh process with the cache warm is unchanged: the memo lives in the process, so the first fit still traces its
+programs and lowers them to find them in JAX's cache (NLME: of 1.3 s CPU, the 3 programs' trace + lowering ~60%, the
+~44 small eager programs of the set-up the rest); a persistent memo (fingerprint -> serialized executable, constants,
+output tree) would skip both.
 
 The torch path, round by round.  847ddc1 (estimates bit-identical): a Normal site's log-density is computed on its
 compact scale (torch's Normal expands a scalar sd to every observation, and ``scale.log()`` ran over all of them: CPU
@@ -234,8 +263,9 @@ def run_numpyro(data: dict[str, np.ndarray], num_iters: tuple[int, int], seed: i
             "total": total, "cpu": cpu, "ka": float(np.exp(fit.params["mu"][0]))}
 
 
-#: the README's plain NumPyro model fitted end to end in a fresh process (data to estimates; process start and imports
-#: excluded): wall and CPU seconds, compilation (or cache loading) and iterations
+#: theophylline fitted end to end in a fresh process (data to estimates; process start and imports excluded), by the
+#: README's plain NumPyro model (``numpyro``) or the NLME family on JAX (``nlme``), then again in the same process (a
+#: later fit: same shapes, same data): wall and CPU seconds, compilation (or cache loading, or tracing), iterations
 _E2E_NUMPYRO = """
 import sys, time
 import jax
@@ -244,6 +274,7 @@ import jax.numpy as jnp, numpyro, numpyro.distributions as ndist
 from numpyro.distributions import constraints as nconstraints
 import latentfit as lf
 from latentfit.numpyro import SAEM
+from latentfit.models import nlme
 if sys.argv[1]:
     lf.enable_compilation_cache(sys.argv[1])
 
@@ -259,32 +290,46 @@ def numpyro_model(subject, time, dose, conc=None):
     with numpyro.plate("obs", len(time)):
         numpyro.sample("conc", ndist.Normal(pred, a), obs=conc)
 
-t0, c0 = time.perf_counter(), time.process_time()
-df = lf.datasets.theophylline(saemix_form=True)
-fit = SAEM(numpyro_model, num_iters=(300, 100), progress=False).run(
-    jax.random.PRNGKey(0), df["Id"].values - 1, *(jnp.asarray(df[c].values) for c in ("Time", "Dose", "Concentration")))
-ka = float(jnp.exp(fit.params["mu"][0]))
-compile_s = fit.model.ops.compile_time
-print("E2E", time.perf_counter() - t0, time.process_time() - c0, compile_s, fit.elapsed - fit.init_time - compile_s, ka)
+def fit_once():
+    df = lf.datasets.theophylline(saemix_form=True)
+    if sys.argv[2] == "nlme":
+        model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, backend="jax")
+        fit = model.fit(df, columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose", seed=0,
+                        progress=False, num_iters=(300, 100))
+        return fit, float(fit.params["ka"])
+    fit = SAEM(numpyro_model, num_iters=(300, 100), progress=False).run(
+        jax.random.PRNGKey(0), df["Id"].values - 1,
+        *(jnp.asarray(df[c].values) for c in ("Time", "Dose", "Concentration")))
+    return fit, float(jnp.exp(fit.params["mu"][0]))
+
+for label in ("E2E", "LATER"):
+    t0, c0 = time.perf_counter(), time.process_time()
+    fit, ka = fit_once()
+    compile_s = fit.model.ops.compile_time
+    print(label, time.perf_counter() - t0, time.process_time() - c0, compile_s,
+          fit.elapsed - fit.init_time - compile_s, ka)
 """
 
 
-def numpyro_end_to_end() -> list[tuple[str, list[float]]]:
-    """The README's NumPyro theophylline fit in fresh processes: without the persistent compilation cache, then with
-    it cold (filled) and warm (``latentfit.enable_compilation_cache``)."""
+def numpyro_end_to_end(path: str = "numpyro") -> list[tuple[str, list[float]]]:
+    """Theophylline (``path``: the README's NumPyro model, or ``"nlme"``: the NLME family on JAX) in fresh processes:
+    without the persistent compilation cache, then with it cold (filled) and warm
+    (``latentfit.enable_compilation_cache``); each process then fits again (a later fit of the same shapes)."""
     import subprocess
     import tempfile
 
     rows = []
     with tempfile.TemporaryDirectory() as cache:
         for label, arg in (("no cache", ""), ("cache cold", cache), ("cache warm", cache)):
-            run = subprocess.run([sys.executable, "-c", _E2E_NUMPYRO, arg], capture_output=True, text=True,
+            run = subprocess.run([sys.executable, "-c", _E2E_NUMPYRO, arg, path], capture_output=True, text=True,
                                  cwd=os.path.join(os.path.dirname(__file__), ".."))
-            out = [line for line in run.stdout.splitlines() if line.startswith("E2E")]
-            if run.returncode != 0 or not out:
-                print(f"(NumPyro end to end failed: {(run.stderr or run.stdout).strip()[-300:]})")
+            out = {line.split()[0]: line for line in run.stdout.splitlines() if line.startswith(("E2E", "LATER"))}
+            if run.returncode != 0 or "E2E" not in out:
+                print(f"(end to end failed: {(run.stderr or run.stdout).strip()[-300:]})")
                 return rows
-            rows.append((label, [float(v) for v in out[0].split()[1:]]))
+            rows.append((label, [float(v) for v in out["E2E"].split()[1:]]))
+            if label == "no cache" and "LATER" in out:
+                rows.append(("later fit", [float(v) for v in out["LATER"].split()[1:]]))
     return rows
 
 
@@ -359,11 +404,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.flush()
     if opts.skip_end_to_end:
         return
-    print("\nThe README's NumPyro model on theophylline (400 iterations), end to end in a fresh process (data to "
-          "estimates, imports excluded; saemix: about 2 s end to end, issue 14's constant, R not installed here)")
-    print(f"{'persistent cache':<18}{'wall s':>8}{'cpu s':>8}{'compile s':>11}{'iters s':>9}{'ka':>8}")
-    for label, (wall, cpu, compile_s, iters_s, ka) in numpyro_end_to_end():
-        print(f"{label:<18}{wall:>8.2f}{cpu:>8.2f}{compile_s:>11.2f}{iters_s:>9.2f}{ka:>8.3f}")
+    for path, title in (("numpyro", "The README's NumPyro model"), ("nlme", 'NLME(..., backend="jax")')):
+        print(f"\n{title} on theophylline (400 iterations), end to end in a fresh process (data to estimates, imports "
+              "excluded; saemix: about 2 s end to end, issue 14's constant, R not installed here), then a later fit "
+              "in the same process")
+        print(f"{'persistent cache':<18}{'wall s':>8}{'cpu s':>8}{'compile s':>11}{'iters s':>9}{'ka':>8}")
+        for label, (wall, cpu, compile_s, iters_s, ka) in numpyro_end_to_end(path):
+            print(f"{label:<18}{wall:>8.2f}{cpu:>8.2f}{compile_s:>11.2f}{iters_s:>9.2f}{ka:>8.3f}")
 
 
 def _version(mod: str) -> str:
