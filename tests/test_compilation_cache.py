@@ -221,12 +221,18 @@ def test_trace_memo_keys_on_everything_the_closure_captures(monkeypatch):
         assert float(ops_jax.SharedJit(lambda s: toggle(s))(jnp.full(2, 3.0))[0]) == 9.0
     finally:
         _Toggle.square = False
-    # a closure over something that cannot be keyed (a generator) is traced every time, and still right
+    # a closure over something that cannot be keyed (a generator; a Python RNG, its state in C) is traced every
+    # time, and still right
     gen = (i for i in range(3))
     before = len(traces)
     for _ in range(2):
         assert float(ops_jax.SharedJit(lambda s: s * 2.0 if gen is not None else s)(jnp.ones(1))[0]) == 2.0
     assert len(traces) == before + 2
+    import random
+
+    rng = random.Random(0)
+    draws = [float(ops_jax.SharedJit(lambda s: s + rng.random())(jnp.zeros(1))[0]) for _ in range(2)]
+    assert draws[0] != draws[1] and len(traces) == before + 4
 
 
 def test_later_same_data_fit_traces_nothing_and_options_still_count(monkeypatch):
@@ -285,3 +291,32 @@ def test_later_same_data_fit_traces_nothing_and_options_still_count(monkeypatch)
     assert any(not np.array_equal(v, params(first)[k]) for k, v in params(other).items())
     for name, value in params(fresh).items():
         np.testing.assert_array_equal(value, params(other)[name])
+
+
+def test_later_nlme_jax_fit_traces_nothing(monkeypatch):
+    """``NLME(..., backend="jax")`` on theophylline: a later fit of the same model and data is served by the trace
+    memo (nothing traced) and reproduces the first fit's estimates and history exactly."""
+    import jax
+    import numpy as np
+
+    import latentfit as lf
+    from latentfit.models import nlme
+
+    df = lf.datasets.theophylline(saemix_form=True)
+
+    def fit():
+        model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, backend="jax")
+        return model.fit(df, columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose", seed=0,
+                         progress=False, num_iters=(30, 20))
+
+    first = fit()
+    traces = []
+    make_jaxpr = jax.make_jaxpr
+    monkeypatch.setattr(jax, "make_jaxpr", lambda *a, **k: traces.append(1) or make_jaxpr(*a, **k))
+    second = fit()
+    assert not traces
+    for name, value in first.params.items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(second.params[name]))
+    assert first.history.keys() == second.history.keys()
+    for name, value in first.history.items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(second.history[name]))

@@ -30,6 +30,7 @@ import enum
 import functools
 import hashlib
 import os
+import random
 import sys
 import sysconfig
 import types
@@ -182,8 +183,8 @@ class _Fingerprinter:
             extra = self(obj.default_factory) if hasattr(obj, "default_factory") else None
             return (type(obj).__name__, self._class(type(obj)) if type(obj) is not dict else None, extra,
                     tuple((self(k), self(v)) for k, v in obj.items()))
-        if isinstance(obj, (set, frozenset)):
-            return (type(obj).__name__, tuple(sorted(self._items(obj), key=repr)))
+        if isinstance(obj, (set, frozenset)):  # in iteration order (the order a trace would see)
+            return (type(obj).__name__, self._items(obj))
         if isinstance(obj, slice):
             return ("slice", self(obj.start), self(obj.stop), self(obj.step))
         if isinstance(obj, range):
@@ -206,6 +207,8 @@ class _Fingerprinter:
             if owner is not None and not isinstance(owner, types.ModuleType):
                 return ("builtin-method", getattr(obj, "__name__", ""), self(owner))
             return ("builtin", obj)
+        if isinstance(obj, random.Random):  # its state lives in C, not in ``__dict__``
+            raise Unfingerprintable("random.Random")
         if isinstance(obj, functools.partial):
             return ("partial", self(obj.func), self._items(obj.args), self(obj.keywords))
         custom = getattr(type(obj), "__trace_fingerprint__", None)
