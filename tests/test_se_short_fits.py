@@ -46,7 +46,8 @@ def _short_fit(backend: str, num_iters=(30, 15)):
 def test_louis_standard_errors_after_a_45_iteration_fit(backend):
     """45 SAEM iterations (30, 15) on theophylline: Louis' SEs average the 15 smoothing-phase draws (exactly
     :func:`fisher.fim_louis` on ``latent_draws[:, -15:]``), are positive, within a factor 1.5 of the linearisation SEs
-    of a full fit (they were 0.0 for V, ω²_V, ω²_CL and a on HEAD before the fix), and no warning is raised."""
+    of a full fit (they were 0.0 for V, ω²_V, ω²_CL and a before the fix), and no warning is raised; JAX's
+    information equals torch's at the same θ and draws."""
     fit = _short_fit(backend)
     assert fit.latent_draws.shape[1] == 45  # the fit kept exploration-phase draws too
     with warnings.catch_warnings():
@@ -58,6 +59,12 @@ def test_louis_standard_errors_after_a_45_iteration_fit(backend):
     assert np.all(np.linalg.eigvalsh(rec.fim) > 0)
     ratio = {k: se[k] / SE_FULL[k] for k in SE_FULL}
     assert all(1 / 1.5 < r < 1.5 for r in ratio.values()), ratio
+    if backend == "jax":  # the same θ and draws on torch: the same information (float64)
+        torch_model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, error="constant")
+        torch_model = torch_model.bind(lf.datasets.theophylline(saemix_form=True), **THEO)
+        theta = {k: torch_model.ops.asarray(np.array(v)) for k, v in fit.params.items()}
+        on_torch = fisher.fim_louis(torch_model, theta, fit.latent_draws[:, -15:])
+        np.testing.assert_allclose(rec.fim, on_torch.fim, rtol=1e-9, atol=1e-6)
 
 
 def test_fit_without_smoothing_phase_uses_fresh_draws_at_the_estimate():

@@ -27,6 +27,7 @@ term from the Hessian of the draw-averaged complete log-likelihood.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -219,7 +220,6 @@ def fim_louis(model: LatentModel, theta: dict[str, Any], draws: Any, batch_size:
     information (both terms are sums over units).
     """
     ops = model.ops
-    xp = ops.xp
     z = np.asarray(draws)
     z = z.reshape((-1,) + z.shape[-2:])
     s_total = z.shape[0]
@@ -229,17 +229,10 @@ def fim_louis(model: LatentModel, theta: dict[str, Any], draws: Any, batch_size:
     hess = np.zeros((p, p))
     g_sum = np.zeros((n, p))
     gg_sum = np.zeros((n, p, p))
-    def complete(x: Any, zb: Any) -> Any:
-        return model.log_joint(pv.theta_of(x), zb)  # [S_b, n]
-
-    def derivatives(x: Any, zb: Any) -> tuple[Any, Any]:
-        hess_b = ops.hessian(lambda u: xp.sum(complete(u, zb)))(x)
-        return hess_b, forward_jacobian(ops, lambda u: complete(u, zb), x)
-
-    derivatives = ops.jit(derivatives)  # one compilation per batch shape on JAX
+    derivatives = _louis_derivatives(model, tuple(pv.free), tuple(pv.shapes.items()))
     for start in range(0, s_total, batch_size):
         zb = ops.asarray(z[start:start + batch_size])
-        hess_b, g = derivatives(pv.x0, zb)
+        hess_b, g = derivatives(pv.theta, pv.x0, zb)
         hess += ops.to_numpy(hess_b)
         g = ops.to_numpy(g)  # [S_b, n, p]
         g_sum += g.sum(0)
@@ -248,6 +241,33 @@ def fim_louis(model: LatentModel, theta: dict[str, Any], draws: Any, batch_size:
     cov_scores = gg_sum / s_total - np.einsum("np,nq->npq", g_mean, g_mean)
     fim = -hess / s_total - cov_scores.sum(0)
     return _finish("sa", model, pv, fim if reduce is None else reduce(fim))
+
+
+#: the compiled derivatives of Louis' formula, per model and free-parameter layout (:func:`_louis_derivatives`)
+_LOUIS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _louis_derivatives(model: LatentModel, free: tuple[str, ...], shapes: tuple) -> Callable[..., tuple[Any, Any]]:
+    """``(θ, x, z) -> (∂²_x Σ ℓ(θ_x, z), ∂_x ℓ(θ_x, z) [S, n, p])``, θ_x = θ with the free parameters at ``x``: one
+    compiled program per shape on JAX, made once per model (θ an argument, not a captured constant), so that a second
+    call (another θ, other draws, ``summary()`` after ``standard_errors()``) neither traces nor compiles, and a
+    same-shaped model reuses the executable."""
+    per_model = _LOUIS.setdefault(model, {})
+    key = (free, shapes)
+    if key not in per_model:
+        ops, xp = model.ops, model.ops.xp
+        shape_map = dict(shapes)
+
+        def derivatives(theta: dict[str, Any], x: Any, zb: Any) -> tuple[Any, Any]:
+            def complete(u: Any) -> Any:
+                th = dict(theta)
+                th.update(model.constrain(unflatten(u, list(free), shape_map)))
+                return model.log_joint(th, zb)  # [S_b, n]
+
+            return ops.hessian(lambda u: xp.sum(complete(u)))(x), forward_jacobian(ops, complete, x)
+
+        per_model[key] = ops.jit(derivatives)
+    return per_model[key]
 
 
 __all__ = ["StandardErrors", "delta_method", "fim_linearisation", "fim_louis", "forward_jacobian",
