@@ -114,35 +114,46 @@ the state's 322 B with the caller's table, 3.1-3.6x without it.  The 3x goal is 
 is 1.9-2.4x the state, the caller's table 1.6x, the bound data's copies for the post-fit tools (row positions,
 censoring codes, the observation mask) 0.3x.
 
-    3''. the MCMC kernels over blocks of individuals (2026-12-03 05:25-06:08, load 3-12 on 2 cores shared with other
-       jobs; before: HEAD cea399e, one run each; after: 7701ec5, three runs at 10^5 (one without the last two columns),
-       two at 10^6, one with the mmap threshold; -table: (peak - table) / state; proc-table: (max(bind pk, peak) -
-       table) / state, the process's peak without the caller's table)
+    3''. the MCMC kernels over blocks of individuals, then read_nonmem reading float columns in place
+       (2026-12-03 05:25-06:31, load 3-12 on 2 cores shared with other jobs; before: cea399e; kernels: 7701ec5;
+       +read: the commit after it, two runs each and one with the mmap threshold; -table: (peak - table) / state;
+       proc-table: (max(bind pk, peak) - table) / state, the process's peak without the caller's table)
                     N   table   data  bind pk   peak  state  +copies  peak/state  -table  proc-table   fit
        before  100000     532    948     1583   1610    322      626        5.00    3.35        3.35   662
        before 1000000     528    926     1544   1631    322      626        5.07    3.43        3.43   705
-       after   100000     532    937     1592   1366    322      626        4.24    2.59        3.29   428
-       after   100000     532    948     1591   1442    322      626        4.48    2.83        3.29   495
-       after   100000     532    937     1586   1360    322      626        4.22    2.57        3.27   423
-       after  1000000     528    925     1544   1261    322      626        3.92    2.28        3.15   336
-       after  1000000     528    925     1544   1262    322      626        3.92    2.28        3.16   337
-       mmap    100000     532    938     1549   1240    322      626        3.85    2.20        3.16   302
-       mmap   1000000     528    925     1521   1159    322      626        3.60    1.96        3.08   234
+       kernels 100000     532    948     1591   1442    322      626        4.48    2.83        3.29   495
+       kernels 100000     532    937     1586   1360    322      626        4.22    2.57        3.27   423
+       kernels 1000000    528    925     1544   1261    322      626        3.92    2.28        3.15   336
+       kernels 1000000    528    925     1544   1262    322      626        3.92    2.28        3.16   337
+       kernels mmap 1e5   532    938     1549   1240    322      626        3.85    2.20        3.16   302
+       kernels mmap 1e6   528    925     1521   1159    322      626        3.60    1.96        3.08   234
+       +read   100000     532    937     1388   1379    322      626        4.28    2.63        2.66   442
+       +read   100000     532    948     1252   1458    322      626        4.53    2.88        2.88   510
+       +read  1000000     528    926     1214   1238    322      626        3.85    2.20        2.20   312
+       +read  1000000     528    926     1214   1246    322      626        3.87    2.23        2.23   320
+       +read mmap 1e5     532    938     1188   1241    322      626        3.86    2.20        2.20   304
+       +read mmap 1e6     528    926     1159   1160    322      626        3.60    1.96        1.96   234
 
-Part 3 again (3'').  On torch the sweep's kernels (prior IMH, component-wise and block random walk, and the independence
-sampler) run over the same blocks of individuals as the model's evaluation (``mcmc._accept_blocks``; the model hands
-them a ``UnitBlockEvaluator``): each step draws its noise and uniforms whole, in the order it drew them before, then
-evaluates, accepts and writes one block at a time into the output chains, which the sweep overwrites in place after its
-first step; the acceptance indicators are one bool ``[L, N]`` per step and the non-finite count a scalar.  Fits are
-bit-identical (tests/test_nlme_memory.py).  The live tensors a fit creates (a dispatch-mode count of their storages,
-one chain) peak at 268 instead of 417 B per individual at N = 10⁵ (of which ~100 B are one block's fixed-size
-temporaries) and at 201 B at N = 10⁶: the driver's last-good snapshot and the SAEM state (their z and cache, 64 B),
-the sweep's chains (48 B), and the prior proposal being drawn (three ``[L, N, d]`` in ``sample_prior``) or one
-step's new chains.  The fit's own resident increment falls from 662-705 to 336-495 B per individual (234-302 B with the
-mmap threshold).  The fit's peak is now 2.3-2.8x the state without the caller's table (3.9-4.5x with it): within 3x.
-The process's peak is now the binding's (1.54-1.59 kB per individual, unchanged): 3.15-3.29x the state without the
-table (3.08-3.16x with the mmap threshold), 4.8-4.9x with it.  So the 3x goal is met by the fit but NOT by the process:
-the binding's transient (~0.62 kB per individual above the bound data, read_nonmem and bind_data) is what is left.
+Part 3 again (3'').  Two changes, the fits unchanged bit for bit:
+* On torch the sweep's kernels (prior IMH, component-wise and block random walk, and the independence sampler) run over
+  the same blocks of individuals as the model's evaluation (``mcmc._accept_blocks``; the model hands them a
+  ``UnitBlockEvaluator``): each step draws its noise and uniforms whole, in the order it drew them before, then
+  evaluates, accepts and writes one block at a time into the output chains, which the sweep overwrites in place after
+  its first step; the acceptance indicators are one bool ``[L, N]`` per step and the non-finite count a scalar
+  (tests/test_nlme_memory.py).  The live tensors a fit creates (a dispatch-mode count of their storages, one chain)
+  peak at 268 instead of 417 B per individual at N = 10⁵ (~100 B of which are one block's fixed-size temporaries) and
+  at 201 B at N = 10⁶: the driver's last-good snapshot and the SAEM state (their z and cache, 64 B), the sweep's
+  chains (48 B), and the prior proposal being drawn (three ``[L, N, d]`` in ``sample_prior``) or one step's new
+  chains.  The fit's own resident increment falls from 662-705 to 312-510 B per individual (234-304 B with the mmap
+  threshold).
+* ``read_nonmem`` reads the table's float64 columns as read-only views instead of copies (``pd.to_numeric`` copied
+  each: 88 B per individual and column at 11 rows), and AMT without NaN without ``nan_to_num``'s copy; a table
+  already in (individual, time) order is not lexsorted again.  Its peak (tracemalloc, N = 10⁵) falls from 1006 to
+  647 B per individual, the binding's resident peak from 1.54-1.59 to 1.21-1.39 kB.
+The process's peak (the fit's or the binding's, whichever is higher) is now 1.21-1.46 kB per individual against
+1.61-1.63 kB before: 2.2-2.9x the state's 322 B without the caller's table (1.96-2.2x with the mmap threshold), 3.9-4.5x
+with it.  So the 3x goal is met for what the library allocates (the bound data and the fit), and NOT met if the
+caller's DataFrame (0.53 kB per individual, 1.6x the state by itself) is counted.
 """
 
 from __future__ import annotations
