@@ -345,8 +345,6 @@ def vpc_summary(fit: Any, x: Any = None, *, pred_corrected: bool | None = None, 
     observations, x-values, predictions and simulations (in unit order) before binning, so every process returns
     the one-process VPC (a collective: call it on every process; an ``x`` array holds this process's units).
     """
-    from latentfit.inference.diagnostics import VPC, default_bins
-
     model, ops, theta = _nlme(fit), fit.model.ops, fit._theta()
     xv, _ = _x_values(fit, x)
     if xv is None:
@@ -376,9 +374,18 @@ def vpc_summary(fit: Any, x: Any = None, *, pred_corrected: bool | None = None, 
             xo, yo, so, po = _gather_units(dist, (xo, yo, so, po), (0, 0, 1, 0))
         else:
             xo, yo, so = _gather_units(dist, (xo, yo, so), (0, 0, 1))
+    return _continuous_bins(xo, yo, so, po if pred_corrected else None, bins, max_bins, quantiles, level)
+
+
+def _continuous_bins(xo: np.ndarray, yo: np.ndarray, so: np.ndarray, po: np.ndarray | None, bins: Any, max_bins: int,
+                     quantiles: tuple[float, ...], level: float) -> Any:
+    """A continuous VPC's summaries from the observations ``xo, yo [M]``, their simulations ``so [K, M]`` and, for a
+    prediction-corrected VPC, their population predictions ``po [M]``."""
+    from latentfit.inference.diagnostics import VPC, default_bins
+
     edges = np.asarray(bins, dtype=float) if bins is not None else default_bins(xo, max_bins)
     which = np.clip(np.searchsorted(edges, xo, side="right") - 1, 0, len(edges) - 2)
-    if pred_corrected:
+    if po is not None:
         yo = prediction_correct(yo, po, which)
         so = prediction_correct(so, po, which)
     q = np.asarray(quantiles)
@@ -432,7 +439,15 @@ def plot_vpc(fit: Any, x: Any = None, num_sims: int = 500, bins: Any = None, lev
     on the x-axis.  See :func:`vpc_summary`.  NLME fits of discrete, count or time-to-event outcomes: proportions
     per category or the Kaplan-Meier curve (:func:`plot_discrete_vpc`).
     """
-    if _outcome_model(fit) is not None:
+    from latentfit.models.nlme import outcomes as oc
+
+    outcome_model = _outcome_model(fit)
+    if outcome_model is not None and isinstance(outcome_model.outcome, oc.Joint):
+        if x is not None:
+            raise ValueError("a joint model's VPC is drawn against time, one panel per response: x does not apply")
+        return plot_joint_vpc(fit, num_sims=num_sims, bins=bins, level=level, seed=seed, log=log, figsize=figsize,
+                              pred_corrected=True if pred_corrected is None else bool(pred_corrected))
+    if outcome_model is not None:
         if x is not None or log or pred_corrected:
             raise ValueError("a discrete, count or time-to-event outcome's VPC is drawn against time, as proportions "
                              "or a Kaplan-Meier curve: x, log and pred_corrected do not apply")
@@ -494,7 +509,7 @@ def discrete_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, lev
     order) before binning, so every process returns the one-process VPC (a collective: call it on every process).
     A user log-likelihood's simulator is refused there (it draws all individuals from one generator).
     """
-    from latentfit.inference.diagnostics import DiscreteVPC, default_bins
+    from latentfit.inference.diagnostics import DiscreteVPC
     from latentfit.models.nlme import outcomes as oc
 
     model = _outcome_model(fit)
@@ -514,12 +529,24 @@ def discrete_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, lev
         band = np.stack([np.quantile(km, lo, 0), np.median(km, 0), np.quantile(km, hi, 0)], -1)
         return DiscreteVPC(kind="survival", labels=["no event yet (first event)"], x=grid,
                            observed=oc.kaplan_meier(t_obs, e_obs, grid), simulated=band[None], level=level)
+    if isinstance(model.outcome, oc.Joint):
+        raise ValueError("a joint model has one VPC per response: use joint_vpc_summary (plot_vpc draws them)")
     data = model.data
     mask = data.mask & (data.cens == 0)
     xo, yo = data.x_values[mask], data.dv[mask]
     so = oc.simulate_observations(model, theta, num_sims, seed, **streams)[:, mask]  # [K, M]
     if dist is not None:  # every process's observations (its individuals' rows, flattened), in unit order
         xo, yo, so = _gather_units(dist, (xo, yo, so), (0, 0, 1))
+    return _discrete_bins(xo, yo, so, bins, max_bins, categories, level)
+
+
+def _discrete_bins(xo: np.ndarray, yo: np.ndarray, so: np.ndarray, bins: Any, max_bins: int, categories: Any,
+                   level: float) -> Any:
+    """A discrete VPC's proportions per bin and category from the observations ``xo, yo [M]`` and their
+    simulations ``so [K, M]`` (see :func:`discrete_vpc_summary`)."""
+    from latentfit.inference.diagnostics import DiscreteVPC, default_bins
+
+    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
     edges = np.asarray(bins, dtype=float) if bins is not None else default_bins(xo, max_bins)
     which = np.clip(np.searchsorted(edges, xo, side="right") - 1, 0, len(edges) - 2)
     labels, curves = _category_curves(yo, categories)
@@ -538,12 +565,100 @@ def discrete_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, lev
                        bin_edges=edges)
 
 
+def joint_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, level: float = 0.9, seed: int = 0,
+                      max_bins: int = 10, categories: Any = None, pred_corrected: bool = True,
+                      quantiles: tuple[float, ...] = (0.05, 0.5, 0.95)) -> dict[str, Any]:
+    """The VPC of each response of a joint model (several responses, some non-Gaussian: ``error={...}`` beside
+    ``outcome={...}``), from one set of ``num_sims`` simulated data sets at the estimates (random effects drawn from
+    their prior, every response of a replicate from the same draws): ``{response: summary}`` in the model's
+    response order, a :class:`~latentfit.inference.diagnostics.VPC` for each Gaussian response (quantiles per bin of
+    time, prediction-corrected unless ``pred_corrected=False``, as :func:`vpc_summary`) and a
+    :class:`~latentfit.inference.diagnostics.DiscreteVPC` for each non-Gaussian one (proportions per category and
+    bin, counts ``P(DV <= k)`` at the observed quartiles, as :func:`discrete_vpc_summary`).  ``bins`` and
+    ``categories``: one value for all responses or ``{response: value}``.  Time-to-event and user-likelihood
+    responses of a joint model are refused (their records are not a fixed design to simulate)."""
+    from latentfit.models.nlme import outcomes as oc
+
+    model = _outcome_model(fit)
+    if model is None or not isinstance(model.outcome, oc.Joint):
+        raise ValueError("joint_vpc_summary is for NLME fits of joint models (error={...} beside outcome={...})")
+    streams, dist = _fit_streams(fit)
+    theta, ops, data, resp = fit._theta(), model.ops, model.data, model._resp
+    sims = oc.simulate_observations(model, theta, num_sims, seed, **streams)  # [K, N, T], all responses
+    index = np.asarray(ops.to_numpy(resp.index))
+    base = data.mask & (data.cens == 0)
+    pred = ops.to_numpy(model.structural_prediction(theta, _population_z(fit))) if pred_corrected else None
+
+    def pick(option: Any, name: str) -> Any:
+        return option.get(name) if isinstance(option, dict) else option
+
+    out = {}
+    for k, name in enumerate(resp.all_names):
+        mine = base & (index == k)
+        xo, yo, so = data.x_values[mine], data.dv[mine], sims[:, mine]
+        gaussian = name in resp.names
+        po = np.asarray(np.broadcast_to(pred, data.dv.shape))[mine] if gaussian and pred_corrected else None
+        if dist is not None:  # every process's observations of this response, in unit order
+            if po is not None:
+                xo, yo, so, po = _gather_units(dist, (xo, yo, so, po), (0, 0, 1, 0))
+            else:
+                xo, yo, so = _gather_units(dist, (xo, yo, so), (0, 0, 1))
+        if gaussian:
+            out[name] = _continuous_bins(xo, yo, so, po, pick(bins, name), max_bins, quantiles, level)
+        else:
+            out[name] = _discrete_bins(xo, yo, so, pick(bins, name), max_bins, pick(categories, name), level)
+    return out
+
+
+def plot_joint_vpc(fit: Any, *, num_sims: int = 500, bins: Any = None, level: float = 0.9, seed: int = 0,
+                   categories: Any = None, pred_corrected: bool = True, log: bool = False,
+                   figsize: Any = None) -> Any:
+    """One panel per response of a joint model (:func:`joint_vpc_summary`): a Gaussian response's VPC (observations,
+    observed 5/50/95% quantiles against their simulated intervals, prediction-corrected by default; ``log``: its y
+    axis), a non-Gaussian response's observed proportion of each category per time bin (line with markers) against
+    the simulated median (dashed) and interval (shaded), one colour per category."""
+    plt = _plt()
+    model = _outcome_model(fit)
+    summaries = joint_vpc_summary(fit, num_sims=num_sims, bins=bins, level=level, seed=seed, categories=categories,
+                                  pred_corrected=pred_corrected)
+    pct = f"{100 * level:g}%"
+    n = len(summaries)
+    fig, axes = plt.subplots(1, n, figsize=figsize or (1.0 + 5.0 * n, 4.3), squeeze=False)
+    for ax, (name, v) in zip(axes[0], summaries.items(), strict=True):
+        if name in model._resp.names:
+            _draw_vpc(ax, v, level, model.x_name, model, pred_corrected, log)
+            ax.set_ylabel(f"{name} (prediction-corrected)" if pred_corrected else name)
+        else:
+            for c, label in enumerate(v.labels):
+                color = f"C{c}"
+                ax.fill_between(v.x, v.simulated[c, :, 0], v.simulated[c, :, 2], color=color, alpha=0.2,
+                                label=f"simulated {pct} PI" if c == 0 else None)
+                ax.plot(v.x, v.simulated[c, :, 1], color=color, ls="--",
+                        label="simulated median" if c == 0 else None)
+                ax.plot(v.x, v.observed[c], color=color, marker="o", ms=4, lw=1.5, label=f"observed {label}")
+            inner = v.bin_edges[(v.bin_edges > v.x.min()) & (v.bin_edges < v.x.max())]
+            ax.plot(inner, np.zeros_like(inner), ls="none", marker="|", ms=8, color="0.3", clip_on=False,
+                    transform=ax.get_xaxis_transform())
+            ax.set_xlabel(model.x_name)
+            ax.set_ylabel(f"{name}: proportion")
+            ax.set_ylim(-0.02, 1.02)
+        ax.set_title(name, fontsize=10)
+        ax.legend(fontsize=6, loc="best", frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 def plot_discrete_vpc(fit: Any, *, num_sims: int = 500, bins: Any = None, level: float = 0.9, seed: int = 0,
                       categories: Any = None, figsize: Any = None) -> Any:
     """The VPC of :func:`discrete_vpc_summary`: one panel per category (proportions by time bin, observed as a line
     with markers, the simulated median dashed in a shaded prediction interval) or the Kaplan-Meier panel."""
+    from latentfit.models.nlme import outcomes as oc
+
     plt = _plt()
     model = _outcome_model(fit)
+    if model is not None and isinstance(model.outcome, oc.Joint):  # one panel per response
+        return plot_joint_vpc(fit, num_sims=num_sims, bins=bins, level=level, seed=seed, categories=categories,
+                              figsize=figsize)
     v = discrete_vpc_summary(fit, num_sims=num_sims, bins=bins, level=level, seed=seed, categories=categories)
     pct = f"{100 * level:g}%"
     fig, axes = plt.subplots(1, len(v.labels), figsize=figsize or (1.5 + 4 * len(v.labels), 4), squeeze=False)
@@ -655,6 +770,6 @@ def plot_gof(fit: Any, x: Any = None, figsize: Any = None, log: bool = False) ->
     return fig
 
 
-__all__ = ["discrete_vpc_summary", "plot_convergence", "plot_discrete_vpc", "plot_gof", "plot_individual_fits",
-           "plot_observations_vs_predictions", "plot_residuals", "plot_vpc", "prediction_correct", "resolve_x",
-           "vpc_summary"]
+__all__ = ["discrete_vpc_summary", "joint_vpc_summary", "plot_convergence", "plot_discrete_vpc", "plot_gof",
+           "plot_individual_fits", "plot_joint_vpc", "plot_observations_vs_predictions", "plot_residuals", "plot_vpc",
+           "prediction_correct", "resolve_x", "vpc_summary"]

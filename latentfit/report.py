@@ -49,6 +49,11 @@ FIGURES = {
                                                 "prediction interval of the same proportion over simulated data sets "
                                                 "(band, dashed median); time-to-event data: the Kaplan-Meier curve of "
                                                 "the first event against the simulated curves' interval."),
+    "joint_vpc": ("Visual predictive check", "One panel per response, from one set of simulated data sets: a Gaussian "
+                                             "response's prediction-corrected VPC (observed 5/50/95% quantiles per "
+                                             "bin against their simulated 90% intervals), a discrete or count "
+                                             "response's observed proportion of each category per time bin against "
+                                             "the simulated 90% interval (band, dashed median)."),
     "convergence": ("Convergence", "Parameter estimates along the SAEM iterations (saemix's convergence plot)."),
 }
 #: sections of the report, in order: id -> heading
@@ -141,8 +146,11 @@ def figures(fit: Any, *, log_y: bool = False, vpc_simulations: int = 500, max_in
     """The report's matplotlib figures by file stem (see :data:`FIGURES`)."""
     model = fit.model
     if getattr(model, "outcome", None) is not None:  # discrete / event data: no predictions with residuals to draw
-        if getattr(model.outcome, "name", None) == "joint":  # several responses, some not Gaussian: no VPC yet
-            return {"convergence": fit.plot_convergence()}
+        if getattr(model.outcome, "name", None) == "joint":  # several responses, some not Gaussian: a VPC each
+            if any(o.name in ("tte", "loglik") for o in model.outcome.outcomes.values()):
+                return {"convergence": fit.plot_convergence()}  # records not a fixed design: no simulated VPC
+            return {"joint_vpc": fit.plot_vpc(num_sims=vpc_simulations, seed=seed, log=log_y),
+                    "convergence": fit.plot_convergence()}
         if getattr(model.outcome, "name", None) == "tte" and getattr(model, "_iov", None) is not None:
             return {"convergence": fit.plot_convergence()}  # no Kaplan-Meier VPC with occasions (first_event_times)
         return {"discrete_vpc": fit.plot_vpc(num_sims=vpc_simulations, seed=seed),

@@ -8,9 +8,9 @@ CL, and PK/PD with IOV.
 * The log-densities (log p(y_i | z_i) and log p(z_i), per individual) and the SAEM statistics equal torch's for the
   same θ and latents to 1e-10.
 * Tried by hand as a user would (45 SAEM iterations, N = 30, both backends, float64 and float32): every
-  form fits, and the IS and quadrature log-likelihoods and Louis' SEs run on JAX; the VPC, the discrete VPC and the
-  residuals of a joint model with a non-Gaussian response are refused on JAX as on torch, with the same
-  ``ModelSpecificationError`` (tested below).
+  form fits, and the IS and quadrature log-likelihoods and Louis' SEs run on JAX; the Gaussian faces (predictions,
+  residuals) of a joint model with a non-Gaussian response are refused on JAX as on torch, with the same
+  ``ModelSpecificationError`` (tested below); its VPC is one per response (tests/test_nlme_joint_vpc.py).
 * The discrete VPC's simulations of an outcome model with IOV: each record at its occasion's κ (this failed on
   torch and JAX alike); the Kaplan-Meier VPC of time-to-event data with IOV is refused with a clear error.
 * The importance-sampling log-likelihood on JAX agrees with Gauss-Hermite quadrature and with torch's IS value within
@@ -176,7 +176,8 @@ def test_model_file_with_backend_jax_builds_the_joint_model(tmp_path):
 
 def test_refusals_on_jax_are_torch_refusals():
     """What a joint model with a non-Gaussian response refuses on torch it refuses on JAX, with the same message:
-    the Gaussian faces (predict, VPC simulation, residuals) and the one-outcome discrete VPC's simulation."""
+    the Gaussian faces (predict, VPC simulation, residuals); the VPC of a joint model with a time-to-event response.
+    (The simulations of the joint VPC of each response: tests/test_nlme_joint_vpc.py.)"""
     messages = []
     for backend in ("torch", "jax"):
         model, table = _outcome_joint("binary", backend)
@@ -184,8 +185,10 @@ def test_refusals_on_jax_are_torch_refusals():
         theta = model.init_params()
         with pytest.raises(ModelSpecificationError, match="continuous data") as predict:
             model.predict(theta, model.prior_moments(theta)[0])
-        with pytest.raises(ModelSpecificationError, match="several responses") as discrete:
-            oc.simulate_observations(model, theta, 2)
+        tte, tte_table = _outcome_joint("tte", backend)
+        tte = tte.bind(tte_table)
+        with pytest.raises(ModelSpecificationError, match="VPC of a 'tte' response") as discrete:
+            oc.simulate_observations(tte, tte.init_params(), 2)
         messages.append((str(predict.value), str(discrete.value)))
     assert messages[0] == messages[1]
 

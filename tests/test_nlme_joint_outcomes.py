@@ -130,8 +130,8 @@ def test_joint_model_errors_and_refusals():
         _joint_model("binary").bind(bad)
     model = _joint_model("binary").bind(table)
     assert "outcome={'ae': 'binary'}" in repr(model) and "error={'conc': 'constant'}" in repr(model)
-    with pytest.raises(ModelSpecificationError, match="several responses"):
-        oc.simulate_observations(model, model.init_params(), 2)
+    sims = oc.simulate_observations(model, model.init_params(), 2)  # every response (the joint VPC's simulations)
+    assert sims.shape == (2,) + model.data.dv.shape and np.all(np.isfinite(sims[:, model.data.mask]))
     with pytest.raises(ModelSpecificationError, match="not supported"):
         _joint_model("tte").bind(_design(5, "tte")).simulate(seed=0)
     with pytest.raises(ModelSpecificationError, match="continuous data"):
@@ -325,8 +325,8 @@ def test_model_file_with_a_joint_outcome_builds_the_same_model(tmp_path):
 
 @pytest.mark.slow
 def test_command_line_fits_a_joint_model(tmp_path):
-    """``latentfit nlme fit`` on the joint model file: estimates with SEs (Louis) and the report (convergence; no
-    residuals, GOF or VPC for a joint model with a non-Gaussian response)."""
+    """``latentfit nlme fit`` on the joint model file: estimates with SEs (Louis) and the report (convergence and the
+    VPC of each response; no residuals or GOF for a joint model with a non-Gaussian response)."""
     from latentfit.cli import main
 
     (tmp_path / "joint.py").write_text(JOINT_PY)
@@ -342,7 +342,7 @@ def test_command_line_fits_a_joint_model(tmp_path):
     assert set(est.index) == {"ka", "V", "CL", "e0", "slope", "a_conc", "omega2_CL"} and est["se"].notna().all()
     html = (tmp_path / "out" / "report.html").read_text()
     assert "residuals (IWRES, PWRES, NPDE) are for continuous data" in html and "fig-convergence" in html
-    assert "fig-discrete_vpc" not in html and "fig-gof" not in html
+    assert "fig-discrete_vpc" not in html and "fig-gof" not in html and "fig-joint_vpc" in html
 
 
 def test_importance_sampling_agrees_with_quadrature_with_occasions(monkeypatch):

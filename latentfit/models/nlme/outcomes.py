@@ -754,6 +754,10 @@ def simulate_observations(model: NLME, theta: dict[str, Any], num_sims: int, see
                                           "LogLik(simulate_fn=sim) with sim(psi, data, rng) -> y [N, T]")
         y = np.stack([np.asarray(out.simulate_fn({k: v[s] for k, v in psi.items()}, model.design, rng), dtype=float)
                       for s in range(int(num_sims))])
+    elif isinstance(out, Joint):
+        f = _simulated_prediction(model, psi_b, shape)
+        y = _joint_replicates(model, theta, f, psi, rng if unit_ids is None else None,
+                              u[..., :shape[-1]] if unit_ids is not None else None)
     else:
         f = _simulated_prediction(model, psi_b, shape)
         consts = out.constants(data)
@@ -762,6 +766,35 @@ def simulate_observations(model: NLME, theta: dict[str, Any], num_sims: int, see
         else:
             y = out.sample(rng, f, psi, consts)
     return np.where(data.mask & (data.cens == 0), y, np.nan)
+
+
+def _joint_replicates(model: NLME, theta: dict[str, Any], f: np.ndarray, psi: dict[str, np.ndarray],
+                      rng: np.random.Generator | None, u: np.ndarray | None) -> np.ndarray:
+    """Replicates ``[K, N, T]`` of every response of a joint model from one set of random-effect draws (``f``, ``psi``
+    at them): each Gaussian response's prediction plus its residual error ``sd · ε``, each non-Gaussian response
+    drawn from its outcome at its prediction.  ``rng``: one numpy stream; else ``u`` (uniforms ``[K, N, T]`` of the
+    individuals' streams): ``ε = Φ⁻¹(u)`` and the outcomes by inversion (:meth:`Outcome.sample_at`), each record
+    being one response's."""
+    from scipy.special import ndtri
+
+    from . import responses as _resp
+
+    ops, data, resp = model.ops, model.data, model._resp
+    index = np.asarray(ops.to_numpy(resp.index))
+    sd = np.broadcast_to(ops.to_numpy(_resp.error_sd(theta, ops.asarray(np.array(f)), resp, None, ops)), f.shape)
+    eps = ndtri(np.clip(u, 1e-300, 1.0 - 1e-16)) if u is not None else rng.standard_normal(f.shape)
+    y = f + sd * eps
+    for name, out in resp.spec.outcomes.items():
+        if isinstance(out, (TimeToEvent, LogLik)):
+            raise ModelSpecificationError(f"response {name!r}: the VPC of a {out.name!r} response of a joint model is "
+                                          f"not supported (its records are not a fixed design to simulate)")
+        mine = data.mask & (index == resp.all_names.index(name))
+        own = dataclasses.replace(data, dv=np.where(mine, data.dv, 0.0), mask=mine)
+        at = np.where(mine, f, 0.0)
+        drawn = out.sample_at(u, at, psi, out.constants(own)) if u is not None else \
+            out.sample(rng, at, psi, out.constants(own))
+        y = np.where(mine, drawn, y)
+    return y
 
 
 def first_event_times(model: NLME, theta: dict[str, Any] | None = None, num_sims: int = 0,
