@@ -320,3 +320,24 @@ def test_later_nlme_jax_fit_traces_nothing(monkeypatch):
     assert first.history.keys() == second.history.keys()
     for name, value in first.history.items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(second.history[name]))
+
+
+def test_trace_memo_keeps_at_most_its_byte_budget_of_data(monkeypatch):
+    """The memo holds the traces' captured constants (the fits' data) alive: least recently used traces are dropped
+    once their constants pass ``TRACE_CACHE_BYTES``, and a trace larger than the budget is not kept at all."""
+    import jax.numpy as jnp
+
+    from latentfit.inference import ops_jax
+
+    monkeypatch.setattr(ops_jax, "_TRACES", type(ops_jax._TRACES)())
+    monkeypatch.setattr(ops_jax, "_TRACE_BYTES", {})
+    monkeypatch.setattr(ops_jax, "TRACE_CACHE_BYTES", 3 * 800)  # three traces of 100 float64 constants
+    x = jnp.ones(3)
+    for k in range(5):
+        data = jnp.full(100, float(k))
+        ops_jax._program_for(lambda v, data=data: v * data.sum(), x)
+    assert len(ops_jax._TRACES) == 3 and sum(ops_jax._TRACE_BYTES.values()) == 3 * 800
+    assert sorted(float(entry[1][0][0]) for entry in ops_jax._TRACES.values()) == [2.0, 3.0, 4.0]  # the newest
+    big = jnp.ones(1000)
+    ops_jax._program_for(lambda v: v * big.sum(), x)
+    assert len(ops_jax._TRACES) == 3  # 8 kB of constants: not kept

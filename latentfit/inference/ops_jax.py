@@ -190,6 +190,11 @@ PROGRAM_CACHE_SIZE = 256
 #: traces by the fingerprint of what the traced function captures (:func:`_program_for`): the key of its program in
 #: :data:`_PROGRAMS`, its constants, output tree and side record; least recently used dropped first
 _TRACES: OrderedDict[Hashable, tuple[Hashable, tuple[Any, ...], Any, dict[str, Any]]] = OrderedDict()
+#: most bytes of captured constants (the fits' data) that :data:`_TRACES` keeps alive; least recently used dropped
+#: first, and a trace whose constants alone exceed it is not kept (a process fitting many large data sets in turn must
+#: not hold on to all of them)
+TRACE_CACHE_BYTES = 512 * 2**20
+_TRACE_BYTES: dict[Hashable, int] = {}
 #: look a function's fingerprint up before tracing it (:mod:`latentfit.inference.ops_jax_memo`); False: always trace
 MEMOIZE_TRACES = True
 _ADDRESS = re.compile(r" at 0x[0-9a-f]+")
@@ -379,10 +384,23 @@ def _program_for(fn: Callable, *args: Any, side: dict[str, Any] | None = None) -
         while len(_PROGRAMS) > PROGRAM_CACHE_SIZE:
             _PROGRAMS.popitem(last=False)
     if shared and memo_key is not None:
-        _TRACES[memo_key] = (key, consts, out_tree, dict(side or {}))
-        while len(_TRACES) > PROGRAM_CACHE_SIZE:
-            _TRACES.popitem(last=False)
+        _remember_trace(memo_key, (key, consts, out_tree, dict(side or {})))
     return _ConstsBound(executable, consts, out_tree, compiled_now=compiled_now)
+
+
+def _remember_trace(memo_key: Hashable, entry: tuple[Hashable, tuple[Any, ...], Any, dict[str, Any]]) -> None:
+    """Keep ``entry`` in :data:`_TRACES`, then drop the least recently used traces until at most
+    :data:`PROGRAM_CACHE_SIZE` remain and their constants hold at most :data:`TRACE_CACHE_BYTES`."""
+    size = sum(int(getattr(c, "nbytes", 0)) for c in entry[1])
+    if size > TRACE_CACHE_BYTES:
+        return
+    _TRACES.pop(memo_key, None)
+    _TRACE_BYTES.pop(memo_key, None)
+    _TRACES[memo_key], _TRACE_BYTES[memo_key] = entry, size
+    total = sum(_TRACE_BYTES.values())
+    while _TRACES and (len(_TRACES) > PROGRAM_CACHE_SIZE or total > TRACE_CACHE_BYTES):
+        dropped, _ = _TRACES.popitem(last=False)
+        total -= _TRACE_BYTES.pop(dropped, 0)
 
 
 class SharedJit:
