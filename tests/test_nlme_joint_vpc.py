@@ -73,7 +73,7 @@ def test_joint_vpc_per_response(backend):
         np.testing.assert_allclose(pc[name].simulated, v[name].simulated, rtol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("jax", marks=pytest.mark.slow)])  # JAX: 13 s, compiles
 def test_joint_simulations_on_unit_streams_and_refusals(backend):
     """Simulations on the individuals' streams: concentrations real, events 0/1, NaN off the records; the Gaussian
     response's simulations have the residual SD of the truth around the prediction at the drawn random effects (the
