@@ -26,3 +26,15 @@ def backend(request: pytest.FixtureRequest) -> Any:
     b.reset()
     yield b
     b.reset()
+
+
+@pytest.fixture
+def jax_x64() -> Any:
+    """float64 on JAX for the test (agreements to 1e-10 need it); the previous setting restored afterwards. A module
+    opts in with ``pytestmark = pytest.mark.usefixtures("jax_x64")``."""
+    import jax
+
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", before)

@@ -64,15 +64,7 @@ from latentfit.models.nlme import outcomes as oc
 P = nlme.Parameter
 
 
-@pytest.fixture(autouse=True)
-def _x64():
-    """float64 on JAX (the agreement to 1e-10 needs it); the previous setting restored afterwards."""
-    import jax
-
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", before)
+pytestmark = pytest.mark.usefixtures("jax_x64")  # float64 on JAX (tests/conftest.py)
 
 
 def _pkpd(backend: str, iov: bool = False) -> tuple[nlme.NLME, pd.DataFrame]:

@@ -21,15 +21,7 @@ from latentfit.inference.diagnostics import VPC, DiscreteVPC
 from latentfit.models import nlme
 from latentfit.models.nlme import outcomes as oc
 
-
-@pytest.fixture(autouse=True)
-def _x64():
-    import jax
-
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", before)
+pytestmark = pytest.mark.usefixtures("jax_x64")  # float64 on JAX (tests/conftest.py)
 
 
 def _at_truth(backend: str, n: int = 60):

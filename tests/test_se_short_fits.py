@@ -26,14 +26,7 @@ SE_FULL = {"ka": 0.305, "V": 1.53, "CL": 0.224, "omega2_ka": 0.172, "omega2_V": 
            "a": 0.0564}
 
 
-@pytest.fixture(autouse=True)
-def _x64():
-    import jax
-
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", before)
+pytestmark = pytest.mark.usefixtures("jax_x64")  # float64 on JAX (tests/conftest.py)
 
 
 def _short_fit(backend: str, num_iters=(30, 15)):
