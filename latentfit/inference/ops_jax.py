@@ -38,6 +38,7 @@ import jax.scipy.special
 import numpy as np
 from jax import lax
 
+from . import ops_jax_store as _store
 from .ops import FlatOptimizer, Ops
 from .ops_jax_memo import fingerprint
 
@@ -197,6 +198,8 @@ TRACE_CACHE_BYTES = 512 * 2**20
 _TRACE_BYTES: dict[Hashable, int] = {}
 #: look a function's fingerprint up before tracing it (:mod:`latentfit.inference.ops_jax_memo`); False: always trace
 MEMOIZE_TRACES = True
+#: programs traced to jaxprs by :func:`_program_for` in this process (``[count]``: tests and benchmarks read it)
+TRACES = [0]
 _ADDRESS = re.compile(r" at 0x[0-9a-f]+")
 
 
@@ -362,6 +365,19 @@ def _program_for(fn: Callable, *args: Any, side: dict[str, Any] | None = None) -
             if side is not None:
                 side.update(traced[3])
             return _ConstsBound(executable, traced[1], traced[2], compiled_now=False)
+    digest = _store.stable_digest(memo_key) if memo_key is not None and _store.store_dir() is not None else None
+    if digest is not None:
+        stored = _from_store(digest, flat)
+        if stored is not None:
+            program_key, executable, consts, out_tree, saved_side = stored
+            _PROGRAMS[program_key] = executable
+            while len(_PROGRAMS) > PROGRAM_CACHE_SIZE:
+                _PROGRAMS.popitem(last=False)
+            _remember_trace(memo_key, (program_key, consts, out_tree, saved_side))
+            if side is not None:
+                side.update(saved_side)
+            return _ConstsBound(executable, consts, out_tree, compiled_now=True)
+    TRACES[0] += 1
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
     consts = tuple(closed.consts)
     text = str(closed.jaxpr)
@@ -372,13 +388,18 @@ def _program_for(fn: Callable, *args: Any, side: dict[str, Any] | None = None) -
     if hit is not None:
         _PROGRAMS.move_to_end(key)
         executable, compiled_now = hit, False
+        if digest is not None:  # a later process loads this trace too (same program, its own constants)
+            _exported_program(closed.jaxpr, consts, flat, out_tree, side, digest, compile=False)
     else:
         jaxpr = closed.jaxpr
 
         def run(consts_: tuple[Any, ...], *flat_: Any) -> Any:
             return jax.core.eval_jaxpr(jaxpr, list(consts_), *flat_)
 
-        executable, compiled_now = _compile(jax.jit(run).lower(consts, *flat), jax.default_backend()), True
+        executable = _exported_program(jaxpr, consts, flat, out_tree, side, digest) if shared and digest else None
+        if executable is None:
+            executable = _compile(jax.jit(run).lower(consts, *flat), jax.default_backend())
+        compiled_now = True
         if shared:
             _PROGRAMS[key] = executable
         while len(_PROGRAMS) > PROGRAM_CACHE_SIZE:
@@ -386,6 +407,63 @@ def _program_for(fn: Callable, *args: Any, side: dict[str, Any] | None = None) -
     if shared and memo_key is not None:
         _remember_trace(memo_key, (key, consts, out_tree, dict(side or {})))
     return _ConstsBound(executable, consts, out_tree, compiled_now=compiled_now)
+
+
+def _exported_program(jaxpr: Any, consts: tuple[Any, ...], flat: list[Any], out_tree: Any,
+                      side: dict[str, Any] | None, digest: str, compile: bool = True) -> Any:
+    """The traced program serialised with :mod:`jax.export`, kept in the on-disk store under ``digest``
+    (:mod:`.ops_jax_store`), and compiled from the exported form: the executable a later process loads from JAX's
+    persistent cache without tracing.  None when ``jax.export`` cannot carry the program (host callbacks, effects,
+    typed-key or weak-typed constants, ...): it is compiled as before and kept in memory only.  ``compile=False``:
+    store it only (its executable is already in :data:`_PROGRAMS`)."""
+    num_consts = len(consts)
+
+    def run_flat(*all_: Any) -> Any:
+        return jax.core.eval_jaxpr(jaxpr, list(all_[:num_consts]), *all_[num_consts:])
+
+    try:
+        exported = jax.export.export(jax.jit(run_flat))(*consts, *flat)
+        blob = exported.serialize()
+    except Exception as exc:  # noqa: BLE001 - a program jax.export cannot carry: compiled as before, not stored
+        _store.STATS["unstorable"] += 1
+        _store.log.debug("not stored (jax.export): %r", exc)
+        return None
+    if not _store.save(digest, blob, consts, out_tree, dict(side or {})):
+        return None
+    return _compile_exported(exported, consts, flat) if compile else exported
+
+
+def _compile_exported(exported: Any, consts: tuple[Any, ...], flat: list[Any]) -> Any:
+    """``Exported.call`` lowered (one primitive: nothing of the model is traced) and compiled for ``(consts, *flat)``
+    with :func:`_compiler_options` (JAX's persistent cache serves it in a later process)."""
+
+    def call(consts_: tuple[Any, ...], *flat_: Any) -> Any:
+        return exported.call(*consts_, *flat_)
+
+    return _compile(jax.jit(call).lower(consts, *flat), jax.default_backend())
+
+
+def _from_store(digest: str, flat: list[Any]) -> tuple[Hashable, Any, tuple[Any, ...], Any, dict[str, Any]] | None:
+    """``(program key, executable, constants, output tree, side record)`` of a stored trace (:mod:`.ops_jax_store`),
+    or None (no entry, an unreadable one, or one whose inputs do not match ``flat``)."""
+    found = _store.load(digest)
+    if found is None:
+        return None
+    exported, consts, out_tree, side = found
+    program_key = ("stored", digest)
+    executable = _PROGRAMS.get(program_key)
+    if executable is None:
+        try:
+            expected = [(tuple(a.shape), str(a.dtype)) for a in exported.in_avals]
+            if expected != [(tuple(np.shape(x)), str(jnp.result_type(x))) for x in (*consts, *flat)] \
+                    or exported.out_tree.num_leaves != out_tree.num_leaves:
+                raise ValueError("the entry's inputs or outputs do not match")
+            executable = _compile_exported(exported, consts, flat)
+        except Exception as exc:  # noqa: BLE001 - an entry that does not fit: trace instead
+            _store.STATS["rejected"] += 1
+            _store.log.debug("entry %s ignored: %r", digest, exc)
+            return None
+    return program_key, executable, consts, out_tree, side
 
 
 def _remember_trace(memo_key: Hashable, entry: tuple[Hashable, tuple[Any, ...], Any, dict[str, Any]]) -> None:

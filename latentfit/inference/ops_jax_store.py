@@ -1,0 +1,444 @@
+"""An on-disk store of traced programs: a fresh process with the persistent cache warm skips tracing and lowering.
+
+The trace memo (:mod:`.ops_jax_memo`) lives in one process.  When JAX's persistent compilation cache is on
+(:func:`latentfit.enable_compilation_cache`), :func:`latentfit.inference.ops_jax._program_for` also keeps each traced
+program in ``<cache dir>/latentfit-traces/``, under a digest of the memo's key that is the same in every process
+(:func:`stable_digest`): code objects by their bytecode, constants, names and nested code; arrays by shape, dtype and
+a digest of their bytes; library functions, classes and C callables by module and qualified name; the user's classes
+with their methods; JAX's trace-time configuration; plus the versions of Python, JAX, jaxlib, NumPy, NumPyro,
+latentfit (and a digest of its source files) and of every library the key names, and the platform.  Anything without
+such a name (an object known only by its address, a module of the user's, ...) makes the program *unstorable*: it is
+traced as before.
+
+An entry holds the program serialised by :mod:`jax.export` (StableHLO, no Python code), its captured constants (raw
+bytes with dtype and shape), the output tree and the trace's side record, written as JSON.  Nothing is unpickled.  A
+fresh process deserialises the program, lowers ``Exported.call`` (one primitive, no re-trace of the model) and
+compiles it, which JAX's persistent cache serves.  The entry's bytes carry a BLAKE2 checksum: a truncated, corrupted
+or foreign file (other versions) is ignored and the program traced again.  Writes go to a temporary file then
+``os.replace`` (atomic); the folder is kept under :data:`STORE_BYTES` (least recently used files removed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import sys
+import tempfile
+import types
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+#: False: never read or write the store (the in-process memo and JAX's own cache still work)
+ENABLED = True
+#: most bytes the store's folder may hold; least recently used entries are removed beyond it
+STORE_BYTES = 512 * 2**20
+#: entries read from / written to disk in this process (tests and benchmarks read them)
+STATS = {"loaded": 0, "saved": 0, "rejected": 0, "unstorable": 0}
+#: folder name under JAX's compilation cache directory
+FOLDER = "latentfit-traces"
+_MAGIC = b"LFTRACE\x01"
+#: why a program was not stored or an entry not used (``logging.DEBUG``)
+log = logging.getLogger("latentfit.trace_store")
+
+
+class Unstable(Exception):
+    """A value of the memo's key that has no name valid in another process."""
+
+
+def store_dir() -> Path | None:
+    """``<jax_compilation_cache_dir>/latentfit-traces`` when the persistent cache is on and :data:`ENABLED`."""
+    directory = jax.config.jax_compilation_cache_dir
+    if not ENABLED or not directory or not _can_serialize():
+        return None
+    return Path(directory) / FOLDER
+
+
+_SERIALIZABLE: list[bool] = []
+
+
+def _can_serialize() -> bool:
+    """``jax.export`` serialisation needs the ``flatbuffers`` package (a dependency of latentfit, optional for JAX)."""
+    if not _SERIALIZABLE:
+        import importlib.util
+
+        _SERIALIZABLE.append(importlib.util.find_spec("flatbuffers") is not None)
+    return _SERIALIZABLE[0]
+
+
+# --- a key valid across processes -----------------------------------------------------------------------------------
+
+_ENV: list[bytes] = []
+
+
+def _source_digest() -> str:
+    """A digest of latentfit's own source files (a version string does not change when a checkout is edited)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.blake2b(digest_size=16)
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def environment() -> bytes:
+    """Versions and platform every entry is keyed on (computed once per process)."""
+    if not _ENV:
+        import jaxlib
+
+        import latentfit
+
+        backend = jax.default_backend()
+        devices = jax.devices()
+        parts = {"python": sys.version, "jax": jax.__version__, "jaxlib": jaxlib.__version__, "numpy": np.__version__,
+                 "numpyro": getattr(sys.modules.get("numpyro"), "__version__", None),
+                 "latentfit": getattr(latentfit, "__version__", None), "latentfit_source": _source_digest(),
+                 "backend": backend, "device_kind": devices[0].device_kind,
+                 "platform_version": getattr(devices[0].client, "platform_version", ""),
+                 "xla_flags": os.environ.get("XLA_FLAGS", "")}
+        _ENV.append(json.dumps(parts, sort_keys=True).encode())
+    return _ENV[0]
+
+
+def _qualified(obj: Any) -> str:
+    """``module:qualname`` of a library object that its module holds under that name (else :class:`Unstable`)."""
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    if not module or not qualname or "<" in qualname:
+        owner = getattr(obj, "__self__", None)
+        if isinstance(owner, types.ModuleType) and getattr(obj, "__name__", None):
+            return f"{owner.__name__}:{obj.__name__}"
+        raise Unstable(repr(obj)[:80])
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if found is not obj and getattr(found, "__func__", None) is not obj:
+        if not isinstance(obj, (types.BuiltinFunctionType, type)):  # builtins and classes: their names are theirs
+            raise Unstable(f"{module}:{qualname}")
+    return f"{module}:{qualname}"
+
+
+class _Stable:
+    """Feeds a memo key into a hash, every value by a name or content that is the same in another process."""
+
+    def __init__(self) -> None:
+        self.h = hashlib.blake2b(digest_size=20)
+        self.packages: set[str] = set()
+        self.classes: dict[type, int] = {}
+
+    def put(self, tag: bytes, payload: bytes = b"") -> None:
+        self.h.update(tag + struct.pack("<Q", len(payload)) + payload)
+
+    def name(self, obj: Any) -> None:
+        qualified = _qualified(obj)
+        self.packages.add(qualified.split(":")[0].split(".")[0])
+        self.put(b"N", qualified.encode())
+
+    def __call__(self, x: Any) -> None:  # noqa: C901 - one branch per kind of value, as in the fingerprint
+        from .ops_jax_memo import _is_library_module
+
+        if x is None or isinstance(x, (bool, int, str, bytes, complex)) or x is Ellipsis:
+            self.put(b"S", f"{type(x).__name__}:{x!r}".encode())
+        elif isinstance(x, float):
+            self.put(b"F", x.hex().encode())
+        elif type(x) is tuple and len(x) == 2 and x[0] in ("set", "frozenset") and type(x[1]) is tuple:
+            self(frozenset(x[1]))  # a set's fingerprint: its iteration order (of strings) differs between processes
+        elif type(x) is tuple or type(x) is list:
+            self.put(b"(" if type(x) is tuple else b"[", str(len(x)).encode())
+            for v in x:
+                self(v)
+        elif isinstance(x, (frozenset, set)):  # code constants (``in {...}``): order-free
+            parts = []
+            for v in x:
+                sub = _Stable()
+                sub(v)
+                parts.append(sub.h.digest())
+            self.put(b"{", b"".join(sorted(parts)))
+        elif isinstance(x, types.CodeType):
+            self.code(x)
+        elif isinstance(x, type):
+            self.cls(x)
+        elif isinstance(x, types.FunctionType):
+            if not _is_library_module(x.__globals__.get("__name__")):
+                raise Unstable("a function by identity")
+            self.name(x)
+        elif isinstance(x, types.ModuleType):
+            name = x.__name__
+            if not (_is_library_module(name) or name.split(".")[0] == "latentfit"):
+                raise Unstable(f"module {name}")  # the user's module: its functions are not in the key
+            self.packages.add(name.split(".")[0])
+            self.put(b"M", name.encode())
+        elif isinstance(x, jax.tree_util.PyTreeDef):
+            text = str(x)
+            if " at 0x" in text:
+                raise Unstable(text[:80])
+            self.put(b"T", text.encode())
+        elif isinstance(x, np.dtype):
+            self.put(b"D", str(x).encode())
+        elif hasattr(x, "axis_sizes") and hasattr(x, "spmd_axis_names"):  # JAX's AxisEnv (trace context)
+            self.put(b"A", repr((sorted(dict(x.axis_sizes).items()), sorted(x.spmd_axis_names),
+                                 sorted(x.explicit_mesh_axis_names))).encode())
+        elif hasattr(x, "name") and hasattr(type(x), "__members__"):  # an enum member
+            self.name(type(x))
+            self.put(b"E", str(x.name).encode())
+        elif isinstance(x, jax.Device):
+            self.put(b"V", f"{x.platform}:{x.id}:{x.device_kind}".encode())
+        elif isinstance(x, jax.sharding.Sharding):
+            text = repr(x)
+            if "0x" in text:
+                raise Unstable(text[:80])
+            self.put(b"H", text.encode())
+        elif type(x) is object:  # a sentinel: its place in the key names it
+            self.put(b"O")
+        elif callable(x):  # a library's C callable (ufunc, jit-compiled function, builtin)
+            self.name(x)
+        else:
+            raise Unstable(type(x).__qualname__)
+
+    def code(self, c: types.CodeType) -> None:
+        self.put(b"C", repr((c.co_name, c.co_argcount, c.co_posonlyargcount, c.co_kwonlyargcount, c.co_flags,
+                             c.co_names, c.co_varnames, c.co_freevars, c.co_cellvars)).encode() + c.co_code)
+        self(tuple(c.co_consts))
+
+    def cls(self, cls: type) -> None:
+        """A library class by name; the project's by name (its source is in :func:`environment`); the user's by name
+        and its methods (their code and what they capture: a method edited between runs is another key)."""
+        from .ops_jax_memo import _Fingerprinter, _is_library_module
+
+        if _is_library_module(cls.__module__) or cls.__module__ == "builtins":
+            self.name(cls)
+            return
+        self.put(b"K", f"{cls.__module__}:{cls.__qualname__}".encode())
+        if cls.__module__.split(".")[0] == "latentfit":
+            return
+        if cls in self.classes:
+            self.put(b"R", str(self.classes[cls]).encode())
+            return
+        self.classes[cls] = len(self.classes)
+        for c in cls.__mro__:
+            if _is_library_module(c.__module__) or c.__module__ in ("builtins",) \
+                    or c.__module__.split(".")[0] == "latentfit":
+                continue
+            for name, value in vars(c).items():
+                if name in ("__dict__", "__weakref__", "__doc__", "__module__", "__qualname__") \
+                        or name.startswith("__dataclass"):
+                    continue
+                self.put(b"m", name.encode())
+                walk = _Fingerprinter()
+                try:
+                    self(walk(value))
+                except Exception as exc:  # noqa: BLE001 - anything the fingerprint cannot key
+                    raise Unstable(f"{cls.__qualname__}.{name}") from exc
+
+
+def stable_digest(key: Hashable) -> str | None:
+    """A hex digest of a memo key (with :func:`environment` and the versions of the libraries it names), the same in
+    every process; None when some part of it has no such name."""
+    walk = _Stable()
+    try:
+        walk(key)
+    except (Unstable, RecursionError) as exc:
+        STATS["unstorable"] += 1
+        log.debug("not stored (no stable key): %r", exc)
+        return None
+    for package in sorted(walk.packages):
+        mod = sys.modules.get(package)
+        walk.put(b"P", f"{package}={getattr(mod, '__version__', '')}".encode())
+    walk.put(b"env", environment())
+    return walk.h.hexdigest()
+
+
+# --- trees and records as JSON --------------------------------------------------------------------------------------
+
+def _type_name(cls: type) -> str:
+    if cls in (tuple, list, dict, type(None)):
+        return cls.__name__
+    name = f"{cls.__module__}:{cls.__qualname__}"
+    if "<" in cls.__qualname__ or _resolve(name) is not cls:
+        raise Unstable(name)
+    return name
+
+
+def _resolve(name: str) -> Any:
+    builtin = {"tuple": tuple, "list": list, "dict": dict, "NoneType": type(None)}
+    if name in builtin:
+        return builtin[name]
+    module, qualname = name.split(":")
+    found: Any = sys.modules.get(module)  # only a module already imported: loading an entry imports nothing
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if not isinstance(found, type):
+        raise Unstable(name)
+    return found
+
+
+def _json_key(k: Any) -> Any:
+    if isinstance(k, (str, int)) and not isinstance(k, bool):
+        return [type(k).__name__, k]
+    raise Unstable(f"dict key {k!r}")
+
+
+def _from_json_key(k: Any) -> Any:
+    return {"str": str, "int": int}[k[0]](k[1])
+
+
+def treedef_to_json(tree: Any) -> Any:
+    """A PyTreeDef of tuples, lists, dicts (str/int keys), None and named tuples as JSON."""
+    data = tree.node_data()
+    if data is None:
+        return "*"
+    cls, aux = data
+    if cls is dict:
+        aux = [_json_key(k) for k in aux]
+    elif aux is not None and not (hasattr(cls, "_fields") and issubclass(cls, tuple)):
+        raise Unstable(f"node {cls}")
+    return [_type_name(cls), aux, [treedef_to_json(c) for c in tree.children()]]
+
+
+def treedef_from_json(obj: Any) -> Any:
+    from jax._src.tree_util import default_registry
+
+    if obj == "*":
+        return jax.tree_util.tree_structure(0)
+    name, aux, children = obj
+    cls = _resolve(name)
+    if cls is dict:
+        aux = [_from_json_key(k) for k in aux]
+    return jax.tree_util.PyTreeDef.from_node_data_and_children(default_registry, (cls, aux),
+                                                              [treedef_from_json(c) for c in children])
+
+
+def record_to_json(x: Any) -> Any:
+    """A skeleton (dicts, lists, tuples, named tuples, None leaves; :func:`.ops_jax._skeleton`) as JSON."""
+    if x is None:
+        return None
+    if isinstance(x, dict) and type(x) is dict:
+        return {"dict": [[_json_key(k), record_to_json(v)] for k, v in x.items()]}
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return {"record": _type_name(type(x)), "items": [record_to_json(v) for v in x]}
+    if type(x) in (list, tuple):
+        return {type(x).__name__: [record_to_json(v) for v in x]}
+    raise Unstable(f"record {type(x)}")
+
+
+def record_from_json(x: Any) -> Any:
+    if x is None:
+        return None
+    if "dict" in x:
+        return {_from_json_key(k): record_from_json(v) for k, v in x["dict"]}
+    if "record" in x:
+        return _resolve(x["record"])(*(record_from_json(v) for v in x["items"]))
+    if "list" in x:
+        return [record_from_json(v) for v in x["list"]]
+    return tuple(record_from_json(v) for v in x["tuple"])
+
+
+# --- entries ---------------------------------------------------------------------------------------------------------
+
+def _const_header(c: Any) -> dict[str, Any]:
+    dtype = np.dtype(c.dtype) if not str(c.dtype).startswith("key<") else None
+    if dtype is None or dtype.kind == "O" or bool(getattr(c, "weak_type", False)):
+        raise Unstable(f"constant of dtype {c.dtype}")
+    return {"dtype": str(dtype), "shape": list(np.shape(c))}
+
+
+def save(digest: str, exported_bytes: bytes, consts: tuple[Any, ...], out_tree: Any, side: dict[str, Any]) -> bool:
+    """Write an entry (atomically); False when part of it cannot be written (the program stays in memory only)."""
+    directory = store_dir()
+    if directory is None:
+        return False
+    try:
+        header = {"digest": digest, "env": hashlib.blake2b(environment(), digest_size=16).hexdigest(),
+                  "out_tree": treedef_to_json(out_tree), "side": {k: record_to_json(v) for k, v in side.items()},
+                  "consts": [_const_header(c) for c in consts], "exported": len(exported_bytes)}
+        blobs = [bytes(exported_bytes)] + [np.ascontiguousarray(np.asarray(c)).tobytes() for c in consts]
+    except Unstable as exc:
+        STATS["unstorable"] += 1
+        log.debug("not stored: %r", exc)
+        return False
+    header["sizes"] = [len(b) for b in blobs]
+    head = json.dumps(header).encode()
+    body = struct.pack("<Q", len(head)) + head + b"".join(blobs)
+    payload = _MAGIC + hashlib.blake2b(body, digest_size=32).digest() + body
+    if len(payload) > STORE_BYTES // 4:
+        return False
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, directory / f"{digest}.lft")
+    except OSError:
+        return False
+    STATS["saved"] += 1
+    _trim(directory)
+    return True
+
+
+def load(digest: str) -> tuple[Any, tuple[Any, ...], Any, dict[str, Any]] | None:
+    """``(exported, consts, out_tree, side)`` of an entry, or None (absent, truncated, corrupted, foreign)."""
+    directory = store_dir()
+    if directory is None:
+        return None
+    path = directory / f"{digest}.lft"
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        if data[:len(_MAGIC)] != _MAGIC:
+            raise ValueError("not an entry")
+        check, body = data[len(_MAGIC):len(_MAGIC) + 32], data[len(_MAGIC) + 32:]
+        if hashlib.blake2b(body, digest_size=32).digest() != check:
+            raise ValueError("checksum")
+        (size,) = struct.unpack("<Q", body[:8])
+        header = json.loads(body[8:8 + size])
+        if header["digest"] != digest or header["env"] != hashlib.blake2b(environment(), digest_size=16).hexdigest():
+            raise ValueError("another key or environment")
+        offset, blobs = 8 + size, []
+        for n in header["sizes"]:
+            blobs.append(body[offset:offset + n])
+            offset += n
+        if offset != len(body) or len(blobs) != len(header["consts"]) + 1:
+            raise ValueError("sizes")
+        exported = jax.export.deserialize(bytearray(blobs[0]))
+        consts = tuple(jax.device_put(np.frombuffer(b, dtype=np.dtype(h["dtype"])).reshape(h["shape"]))
+                       for b, h in zip(blobs[1:], header["consts"]))
+        out_tree = treedef_from_json(header["out_tree"])
+        side = {k: record_from_json(v) for k, v in header["side"].items()}
+    except Exception as exc:  # noqa: BLE001 - any unreadable entry: trace instead
+        STATS["rejected"] += 1
+        log.debug("entry %s ignored: %r", path.name, exc)
+        return None
+    try:
+        os.utime(path)  # recently used
+    except OSError:
+        pass
+    STATS["loaded"] += 1
+    return exported, consts, out_tree, side
+
+
+def _trim(directory: Path) -> None:
+    """Remove the least recently used entries until the folder holds at most :data:`STORE_BYTES`."""
+    try:
+        entries = [(p.stat().st_mtime, p.stat().st_size, p) for p in directory.glob("*.lft")]
+    except OSError:
+        return
+    total = sum(s for _, s, _ in entries)
+    for _, size, path in sorted(entries, key=lambda e: e[0]):
+        if total <= STORE_BYTES:
+            break
+        try:
+            path.unlink()
+            total -= size
+        except OSError:
+            pass
+
+
+__all__ = ["ENABLED", "STATS", "STORE_BYTES", "load", "save", "stable_digest", "store_dir"]
