@@ -296,3 +296,108 @@ def test_distributed_jax_needs_initialize() -> None:
     with pytest.raises(RuntimeError, match=r"jax.distributed.initialize"):  # NLME's front door: before any fit
         model.fit(lf.datasets.theophylline(saemix_form=True), columns={"id": "Id", "time": "Time",
                   "dv": "Concentration"}, dose="Dose", distributed=True)
+
+
+CHILD_LOCAL = r"""
+import json, sys
+rank, port = int(sys.argv[2]), sys.argv[3]
+import jax
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=rank)
+import numpy as np
+import latentfit as lf
+import latentfit.numpyro
+from latentfit.examples.theophylline_numpyro import theophylline_arrays, theophylline_model
+from latentfit.models import nlme
+
+out = {"rank": rank}
+
+
+def record(fit):
+    return {"params": {k: np.asarray(v).tolist() for k, v in fit.params.items()},
+            "history": {k: np.asarray(v, float).tolist() for k, v in fit.history.items()}}
+
+
+data = theophylline_arrays()
+mine = {k: v[6 * rank:6 * rank + 6] for k, v in data.items()}  # this process's 6 of the 12 subjects, nothing else
+opts = dict(num_iters=(8, 7), progress=False, rng="per_unit", chunk_size=5, num_draws=5)
+fit = latentfit.numpyro.SAEM(theophylline_model, **opts).run(jax.random.PRNGKey(1), **mine, distributed="local")
+ebe = fit.individual_estimates()  # every subject's, gathered in subject order
+out["saem"] = dict(record(fit), z=np.asarray(fit.state.z).tolist(), num_units=fit.num_units,
+                   ll=float(fit.log_likelihood()), mode=np.asarray(ebe.mode).tolist(),
+                   mean=np.asarray(ebe.mean).tolist())
+# NLME: process 1's subjects lost their first observation, so the blocks are read as [6, 10] and [6, 9] arrays and
+# padded alike; each process reads only its rows of the table
+df = lf.datasets.theophylline(saemix_form=True)
+ids = sorted(df["Id"].unique())
+first = df.groupby("Id").cumcount() == 0
+df = df[~(first & df["Id"].isin(ids[6:]))].reset_index(drop=True)
+THEO = dict(columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
+model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, backend="jax")
+nlme_opts = dict(num_iters=(8, 7), chunk_size=5, seed=0, progress=False, **THEO)
+block = df[df["Id"].isin(ids[6 * rank:6 * rank + 6])]
+out["nlme_block_width"] = int(model.bind(block, **THEO).data.time.shape[1])
+out["nlme"] = record(model.fit(block, **nlme_opts, distributed="local"))
+errors = {}
+try:  # subjects 6 and 7 in both processes' rows
+    model.fit(df[df["Id"].isin(ids[5 * rank:5 * rank + 7])], **nlme_opts, distributed="local")
+except Exception as e:
+    errors["overlap"] = f"{type(e).__name__}: {e}"
+try:  # 7 and 5 subjects
+    part = slice(0, 7) if rank == 0 else slice(7, 12)
+    latentfit.numpyro.SAEM(theophylline_model, **opts).run(
+        jax.random.PRNGKey(1), **{k: v[part] for k, v in data.items()}, distributed="local")
+except Exception as e:
+    errors["unequal"] = f"{type(e).__name__}: {e}"
+try:  # the whole data on every process
+    latentfit.numpyro.SAEM(theophylline_model, **opts).run(jax.random.PRNGKey(1), **data, distributed="local")
+except Exception as e:
+    errors["same"] = f"{type(e).__name__}: {e}"
+out["errors"] = errors
+if rank == 0:  # the one-process fits of the whole data (this process alone, after the last collective)
+    one = latentfit.numpyro.SAEM(theophylline_model, **opts).run(jax.random.PRNGKey(1), **data)
+    ebe = one.individual_estimates()
+    out["saem_one"] = dict(record(one), z=np.asarray(one.state.z).tolist(), ll=float(one.log_likelihood()),
+                           mode=np.asarray(ebe.mode).tolist(), mean=np.asarray(ebe.mean).tolist())
+    out["nlme_one"] = record(model.fit(df, **nlme_opts, rng="per_unit"))
+print("RESULT" + json.dumps(out), flush=True)
+"""
+
+
+def _assert_same_fit(one: dict, two: dict) -> None:
+    """Parameters and history of a fit equal the one-process fit's to 1e-10 (the order of the sums over units)."""
+    _assert_equal_params(one["params"], two["params"])
+    assert two["history"].keys() == one["history"].keys()
+    for name, value in one["history"].items():
+        np.testing.assert_allclose(two["history"][name], value, rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+@pytest.mark.slow
+def test_two_jax_processes_local_blocks_equal_one() -> None:
+    """``run(..., distributed="local")``: each of 2 processes passes only its block of the subjects (theophylline's
+    arrays [6, ...] of [12, ...]; NLME: its rows of the table) and the SAEM fit equals the one-process fit of the whole
+    data to 1e-10 in float64, parameters and history, on both processes.  Process r's units are the global units
+    6r .. 6r + 5 (their per-unit streams), its chains its block of the one-process chains; the post-fit log-likelihood
+    (summed over the processes) and the individual estimates (gathered in subject order) are those of the one-process
+    fit on both processes (conditional modes: a damped Newton, ~sqrt(eps), as tests/test_distributed_nlme.py).  NLME
+    blocks read with different numbers of observations (10 and 9 per subject) are padded alike.  Overlapping NLME
+    blocks, blocks of 7 and 5 units, and the whole data on every process are refused with the reason named."""
+    outs = _two_processes(CHILD_LOCAL)
+    one = outs[0]["saem_one"]
+    for out in outs:
+        r, saem = out["rank"], out["saem"]
+        _assert_same_fit(one, saem)
+        assert saem["num_units"] == 12
+        np.testing.assert_allclose(saem["z"], np.asarray(one["z"])[:, 6 * r:6 * r + 6], rtol=0, atol=1e-10)
+        np.testing.assert_allclose(saem["ll"], one["ll"], rtol=1e-10)
+        np.testing.assert_allclose(saem["mean"], one["mean"], rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(saem["mode"], one["mode"], rtol=1e-6, atol=1e-6)
+        assert np.shape(saem["mode"]) == (12, 3)
+        assert out["nlme_block_width"] == (10 if r == 0 else 9)
+        _assert_same_fit(outs[0]["nlme_one"], out["nlme"])
+        errors = out["errors"]
+        assert "ModelSpecificationError" in errors["overlap"] and "6 (processes [0, 1])" in errors["overlap"]
+        assert "ValueError" in errors["unequal"] and "hold [7, 5] units" in errors["unequal"]
+        assert "every process passed the same data" in errors["same"]
+    assert max(np.ptp(np.asarray(v, float)) for k, v in one["history"].items() if k.startswith("theta.")) > 1e-3

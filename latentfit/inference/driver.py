@@ -145,6 +145,19 @@ class Engine:
         key): the units are sharded over the devices of every process (:meth:`~latentfit.inference.ops_jax.JaxOps.
         process_mesh`, process r holding the r-th block) as ``devices=`` does on one process, and every process ends
         with the whole final state, so the result equals the one-process fit's (1e-10 in float64).
+        ``distributed="whole"`` says the same explicitly.
+
+        ``distributed="local"`` (JAX after ``jax.distributed.initialize``, or torch as ``True``): each process passes
+        only its block of the units (its units' arrays; NLME: its rows of the table), so no process holds the whole
+        data.  As on torch, process r's units are the global units ``offset_r .. offset_r + n_r − 1`` with
+        ``offset_r = n_0 + … + n_{r−1}`` (the counts gathered from every process), per-unit streams use those global
+        indices, and the sums over units reach every process (:class:`~latentfit.inference.ops_jax_procs.
+        JaxProcessOps`: XLA collectives over one device per process inside the compiled chunks); the estimates and
+        history equal the one-process fit of the whole data (1e-10 in float64).  JAX needs blocks of equal size (a
+        process holding another number of units, or every process the same data, is refused with the counts
+        named).  The result holds this process's block of the per-unit state and draws, as a torch rank's does;
+        the post-fit computations (log-likelihood, standard errors, individual estimates) reach every process and
+        give the same, complete results on each, per-unit outputs in global unit order.
 
         ``distributed=True`` (torch, inside a ``torchrun`` script with an initialised process group): this process's
         model holds its shard of the units; statistics and acceptance counts are all-reduced in float64 and every
@@ -163,14 +176,22 @@ class Engine:
         """
         over_processes = False  # one program over the devices of several JAX processes (jax.distributed)
         self._process_group = None  # their ranks, for checkpoints
-        if distributed:
+        mode = distributed_mode(distributed)
+        if mode is not None:
             mesh = self.ops.process_mesh()
-            if mesh is None:
+            if mesh is not None and devices is not None:
+                raise ValueError(f"{self.name}: distributed={distributed!r} on JAX shards the units over the "
+                                 "processes; devices= is not supported with it")
+            if mesh is None or mode == "local":
+                if mesh is None and distributed == "whole":
+                    raise ValueError(f"{self.name}: distributed='whole' (every process passes the whole data) is a "
+                                     "JAX mode; on torch each process builds its model on its own block of the units "
+                                     "(distributed=True or 'local'; NLME's fit(df, distributed='whole') takes the "
+                                     "whole table on both backends)")
+                if mesh is not None:  # JAX, each process its block: the blocks must be of one global array
+                    check_process_blocks(self.name, self.model, self.ops.process_group())
                 self.distribute()
             else:
-                if devices is not None:
-                    raise ValueError(f"{self.name}: distributed=True on JAX shards the units over the devices of "
-                                     "every process; devices= is not supported with it")
                 devices, over_processes = mesh, True
                 self._process_group = self.ops.process_group()
         ops = self.ops
@@ -401,6 +422,46 @@ class Engine:
         # compiled chunks are cached per engine instance and phase (two engines may differ in options)
         key = (self, phase, collect and not self.ops.jittable)
         return self.ops.scan_steps(one, state, range(first, last + 1), key=key)
+
+
+#: values of ``run(distributed=...)``: True (JAX: every process passes the whole data; torch: its block), "whole",
+#: "local" (each process passes its block of the units)
+DISTRIBUTED_MODES = (False, True, "whole", "local")
+
+
+def distributed_mode(distributed: Any) -> str | None:
+    """``run(distributed=...)`` as None (one process), ``"auto"`` (True: the backend's default), ``"whole"`` or
+    ``"local"``; anything else is refused."""
+    if distributed is None or distributed is False:
+        return None
+    if distributed is True:
+        return "auto"
+    if distributed in ("whole", "local"):
+        return str(distributed)
+    raise ValueError(f"distributed must be one of {DISTRIBUTED_MODES}, got {distributed!r}")
+
+
+def check_process_blocks(name: str, model: Any, group: Any) -> None:
+    """Refuse a ``distributed="local"`` JAX fit whose processes' blocks cannot be those of one global set of units:
+    unequal numbers of units (the blocks of one global array have one size), or every process holding the same data
+    (the whole data passed everywhere: that is ``distributed=True``).  Collectives: every process calls it."""
+    import hashlib
+
+    counts = [int(c) for c in group.gather_objects(int(model.num_units))]
+    if any(c != counts[0] for c in counts):
+        raise ValueError(f"{name}: distributed='local' on JAX: the processes hold {counts} units (process 0, 1, ...); "
+                         "every process must hold the same number of units (its block of one global array): split "
+                         f"the {sum(counts)} units into {len(counts)} equal blocks")
+    h = hashlib.sha256()
+    for site, value in sorted(getattr(model, "observed", {}).items()):
+        a = np.ascontiguousarray(np.asarray(value))
+        h.update(f"{site}{a.shape}{a.dtype}".encode())
+        h.update(a.tobytes())
+    digests = group.gather_objects(h.hexdigest())
+    if len(digests) > 1 and getattr(model, "observed", None) and all(d == digests[0] for d in digests):
+        raise ValueError(f"{name}: distributed='local': every process passed the same data ({counts[0]} units "
+                         "each); pass each process its own block of the units, or pass the whole data with "
+                         "distributed=True (each process then takes its block)")
 
 
 class _Snapshot(NamedTuple):

@@ -664,6 +664,13 @@ class JaxOps(Ops):
 
         return Mesh(np.asarray(jax.devices()), ("units",))
 
+    def distributed(self) -> Any:
+        """The shim of a ``jax.distributed`` fit whose processes each hold their block of the units
+        (``run(..., distributed="local")``): :class:`~latentfit.inference.ops_jax_procs.JaxProcessOps`."""
+        from .ops_jax_procs import JaxProcessOps
+
+        return JaxProcessOps(self)
+
     def process_group(self) -> ProcessGroup:
         """Rank, number of processes and an object gather of a ``jax.distributed`` fit (its checkpoints' shards)."""
         return ProcessGroup()
@@ -932,10 +939,7 @@ class JaxOps(Ops):
                 return lax.scan(typed_step, st, kk)
 
             t0 = time.perf_counter()
-            if self._units_mesh is None:
-                compiled = (_program_for(chunk, state, ks_arr, side=info_order), info_order)
-            else:  # sharded runs compile for their mesh's placement (no cross-fit reuse)
-                compiled = (self._sharded_program(chunk, state, ks_arr), info_order)
+            compiled = (self._chunk_program(chunk, state, ks_arr, info_order), info_order)
             self.compile_time += time.perf_counter() - t0
             self.num_compiles += int(compiled[0].compiled_now)
             if cache_key is not None:
@@ -946,6 +950,13 @@ class JaxOps(Ops):
         state = _reorder_like(new_state, state)
         infos = _reorder_like(jax.tree_util.tree_map(np.asarray, infos), info_order.get("info"))
         return state, [_index(infos, j) for j in range(n)]
+
+    def _chunk_program(self, chunk: Callable, state: Any, ks: Any, side: dict[str, Any]) -> Any:
+        """The compiled ``chunk(state, ks)`` of :meth:`scan_steps` (``side``: filled by the trace): shared across fits
+        (:func:`_program_for`), or for the run's mesh when its units are sharded (no cross-fit reuse)."""
+        if self._units_mesh is None:
+            return _program_for(chunk, state, ks, side=side)
+        return self._sharded_program(chunk, state, ks)
 
     def _sharded_program(self, fn: Callable, state: Any, *rest: Any) -> _ConstsBound:
         """``fn(state, *rest)`` compiled for the run's mesh with the arrays its trace captured (the model's data,

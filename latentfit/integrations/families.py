@@ -122,9 +122,14 @@ def fit_nlme(model: Any, engine: str, options: dict[str, Any]) -> Any:
     one-process fit with ``rng="per_unit"`` to rounding.
     On JAX (``backend="jax"``, after ``jax.distributed.initialize``) the whole model runs with the individuals sharded
     over the devices of every process (``Engine.run(distributed=True)``), with the same result.
+    ``distributed="local"`` (either backend): each process passed only the rows of its own individuals; the blocks
+    must be disjoint (:func:`check_local_block`) and the fit equals the one-process fit of their concatenation in
+    rank order.
     """
+    from latentfit.inference.driver import distributed_mode
+
     options = dict(options)
-    distributed = bool(options.pop("distributed", False))
+    mode = distributed_mode(options.pop("distributed", False))
     engine = engine.lower()
     if engine == "saem":
         from latentfit.inference.saem import SAEM as cls
@@ -132,12 +137,85 @@ def fit_nlme(model: Any, engine: str, options: dict[str, Any]) -> Any:
         from latentfit.inference.fsaem import FSAEM as cls
     else:
         raise ValueError(f"engine must be 'saem' or 'fsaem', got {engine!r}")
-    if not distributed:
+    if mode is None:
         return cls(model, **options).run()
     options.setdefault("rng", "per_unit")
-    if model.ops.process_mesh() is not None:  # JAX: the whole table, each process's block on its devices
+    jax_mesh = model.ops.process_mesh() is not None
+    if mode == "local":  # each process passed its own rows: its block of the individuals
+        check_local_block(model)
+        if jax_mesh:
+            model = same_layout(model)
+        return cls(model, **options).run(distributed="local" if jax_mesh else True)
+    if jax_mesh:  # JAX: the whole table, each process's block on its devices
         return cls(model, **options).run(distributed=True)
     return cls(nlme_shard(model), **options).run(distributed=True)
+
+
+def check_local_block(model: Any) -> None:
+    """Refuse a ``fit(df, distributed="local")`` whose processes' tables are not disjoint blocks of one study: an
+    individual (ID) in the rows of several processes, or a covariate transform computed from the data (each block
+    would compute its own).  Collectives over the fit's processes (torch.distributed or ``jax.distributed``)."""
+    import numpy as np
+
+    from latentfit.inference.model import ModelSpecificationError
+
+    _refuse_data_transforms(model)
+    group = model.ops.distributed()
+    ids = [str(i) for i in np.asarray(model.data.ids).tolist()]
+    every = group.gather_objects(ids)
+    seen: dict[str, int] = {}
+    shared: dict[str, list[int]] = {}
+    for rank, block in enumerate(every):
+        for i in block:
+            if i in seen:
+                shared.setdefault(i, [seen[i]]).append(rank)
+            else:
+                seen[i] = rank
+    if shared:
+        shown = ", ".join(f"{i} (processes {ranks})" for i, ranks in list(shared.items())[:5])
+        raise ModelSpecificationError(
+            f"distributed='local': {len(shared)} individual(s) are in the rows of several processes: {shown}"
+            f"{' ...' if len(shared) > 5 else ''}; each process passes the rows of its own individuals (a block "
+            "of the IDs), or every process passes the whole table with distributed=True")
+
+
+def same_layout(model: Any) -> Any:
+    """A JAX process's block of a ``distributed="local"`` NLME fit laid out as every other process's (one compiled
+    program over the processes): its data padded to the largest numbers of observations, doses and periods of any
+    block (:func:`~latentfit.models.nlme.data.pad_data`: what binding the whole table pads to), and the masked
+    density whenever some block has padded observations.  Collectives: every process calls it."""
+    import copy
+
+    from latentfit.models.nlme.data import data_widths
+
+    group = model.ops.distributed()
+    every = [tuple(w) for w in group.gather_objects(list(data_widths(model.data)))]
+    widest = tuple(max(w[j] for w in every) for j in range(3))
+    if widest != data_widths(model.data):
+        padded = copy.copy(model)
+        padded.pad_widths = widest
+        padded = padded.bind()
+        padded.params = dict(model.params)  # the starting values (init=) of the model as given
+        model = padded
+    unpadded = group.gather_objects(bool(model._no_padding))
+    if not all(unpadded) and model._no_padding:
+        model = copy.copy(model)
+        model._no_padding = False  # the mask is all True here: the same values, the other blocks' program
+    return model
+
+
+def _refuse_data_transforms(model: Any) -> None:
+    import numpy as np
+
+    from latentfit.inference.model import ModelSpecificationError
+
+    by_data = sorted(f"{col} ({tr or 'categorical'})" for items in model.covariate_spec.values() for col, tr in items
+                     if tr in ("center", "log-center", "categorical")
+                     or not np.issubdtype(np.asarray(model.data.covariates[col]).dtype, np.number))
+    if by_data:
+        raise ModelSpecificationError(f"distributed=True: covariate(s) {by_data} are transformed with values computed "
+                                      "from the data (mean, levels), which would differ between the processes' "
+                                      "blocks of individuals; centre them in the table and use 'linear' or 'log'")
 
 
 def nlme_shard(model: Any) -> Any:
@@ -151,21 +229,13 @@ def nlme_shard(model: Any) -> Any:
     import numpy as np
     import torch.distributed as dist
 
-    from latentfit.inference.model import ModelSpecificationError
-
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("distributed=True needs an initialised torch.distributed process group: start the script "
                            "with torchrun and call torch.distributed.init_process_group('gloo') (or 'nccl') first")
     if model.ops.name != "torch":
         raise ValueError(f"distributed=True fits over torch.distributed processes (backend='torch'); the "
                          f"{model.ops.name} backend shards units over devices with devices=")
-    by_data = sorted(f"{col} ({tr or 'categorical'})" for items in model.covariate_spec.values() for col, tr in items
-                     if tr in ("center", "log-center", "categorical")
-                     or not np.issubdtype(np.asarray(model.data.covariates[col]).dtype, np.number))
-    if by_data:
-        raise ModelSpecificationError(f"distributed=True: covariate(s) {by_data} are transformed with values computed "
-                                      "from the data (mean, levels), which would differ between the processes' "
-                                      "blocks of individuals; centre them in the table and use 'linear' or 'log'")
+    _refuse_data_transforms(model)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = model.data.ids[np.array_split(np.arange(model.num_units), world)[rank]]
     table = model.table

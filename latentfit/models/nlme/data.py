@@ -44,6 +44,7 @@ mask, doses to ``[N, D]`` (padding doses have amount 0).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -375,6 +376,38 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
                     obs_rows=rows_a, columns=cols if has_time else {k: v for k, v in cols.items() if k != "time"},
                     x=x, dose_ss=d_ss, dose_ii=d_ii, dose_seg=d_seg, obs_seg=seg_a, seg_start=seg_start,
                     **(dict(record_unit=order, record_time=time, record_seg=seg) if records else {}))
+
+
+def data_widths(data: NLMEData) -> tuple[int, int, int]:
+    """``(T, D, S)``: the padded numbers of observations, doses and periods per individual of ``data``."""
+    return int(data.time.shape[1]), int(data.dose_amt.shape[1]), int(data.seg_start.shape[1])
+
+
+def pad_data(data: NLMEData, widths: tuple[int, int, int]) -> NLMEData:
+    """``data`` padded to at least ``widths`` ``(T, D, S)`` observations, doses and periods per individual, with the
+    padding :func:`read_nonmem` uses (observations: the individual's last time, period and regressor values, DV 0,
+    masked out, source row -1; doses: amount 0 at time 0 in the last period; periods: starting at +inf), so that
+    blocks of individuals read apart hold arrays of one shape (a ``distributed="local"`` JAX fit)."""
+    t, d, s = (max(int(w), have) for w, have in zip(widths, data_widths(data)))
+    if (t, d, s) == data_widths(data):
+        return data
+
+    def wider(a: np.ndarray | None, width: int, fill: Any = None) -> np.ndarray | None:
+        """``a [N, w]`` padded to ``[N, width]`` with ``fill`` (None: its last column)."""
+        if a is None or a.shape[1] >= width:
+            return a
+        pad = np.repeat(a[:, -1:], width - a.shape[1], axis=1) if fill is None else \
+            np.full((a.shape[0], width - a.shape[1]), fill, dtype=a.dtype)
+        return np.concatenate([a, pad], axis=1)
+
+    return dataclasses.replace(
+        data, time=wider(data.time, t), dv=wider(data.dv, t, 0.0), mask=wider(data.mask, t, False),
+        cens=wider(data.cens, t, 0), obs_rows=wider(data.obs_rows, t, -1), obs_seg=wider(data.obs_seg, t),
+        regressors={k: wider(v, t) for k, v in data.regressors.items()},
+        dose_time=wider(data.dose_time, d, 0.0), dose_amt=wider(data.dose_amt, d, 0.0),
+        dose_rate=wider(data.dose_rate, d, 0.0), dose_cmt=wider(data.dose_cmt, d, 1),
+        dose_ss=wider(data.dose_ss, d, 0.0), dose_ii=wider(data.dose_ii, d, 0.0), dose_seg=wider(data.dose_seg, d),
+        seg_start=wider(data.seg_start, s, np.inf))
 
 
 def _failer(df: pd.DataFrame, id_col: str) -> Any:

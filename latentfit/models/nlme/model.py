@@ -130,6 +130,9 @@ class NLME(LatentModel):
 
     has_stats = True
     has_gaussian_prior = True
+    #: ``(T, D, S)``: pad the bound data to at least these numbers of observations, doses and periods per individual
+    #: (a block of a ``fit(..., distributed="local")`` JAX fit: every process's arrays of one shape); None: the data's
+    pad_widths: tuple[int, int, int] | None = None
 
     def __init__(self, structural: Any, parameters: dict[str, Any], covariates: dict[str, Any] | None = None,
                  omega: Any = "diagonal", error: str = "constant", error_init: dict[str, float] | None = None,
@@ -712,6 +715,10 @@ class NLME(LatentModel):
         (:func:`latentfit.integrations.families.nlme_shard`); the estimates equal a one-process ``rng="per_unit"`` fit.
         On JAX (``backend="jax"``, every process after ``jax.distributed.initialize`` passing the same whole table)
         the individuals are sharded over the devices of every process and each ends with the one-process result.
+        ``distributed="local"`` (both backends): each process passes only the rows of its own block of individuals,
+        so no process reads the whole table (on JAX the blocks hold equally many individuals, padded to the same
+        numbers of observations and doses); an individual in the rows of two processes is refused, and the
+        estimates equal a one-process ``rng="per_unit"`` fit of the whole table, the processes' blocks in rank order.
 
         ``replicates=R`` (> 1) runs R independent fits (seeds ``seed``, ``seed + 1``, ...; replicate 0 is the single
         fit), from ``starts`` (one dict of initial values or None per replicate) or, with ``dispersed_starts`` (True,

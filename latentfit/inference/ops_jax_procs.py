@@ -1,0 +1,244 @@
+"""JAX fits over several processes where each process holds only its block of the units (``distributed="local"``).
+
+After ``jax.distributed.initialize`` every process builds its model on its own units (its rows of a NONMEM table, its
+units' arrays), as a ``torchrun`` rank does.  The engine then runs on :class:`JaxProcessOps`, the JAX twin of the torch
+shim :class:`~latentfit.inference.ops.DistributedOps`: the sums over units that the engines already route through
+``ops`` (``all_sum``, ``unit_mean``, ``gather_units``) reach every process, and every process runs the same M-step on
+the same statistics.
+
+Inside a compiled chunk of iterations those reductions are XLA collectives: the chunk, traced on this process's
+shapes, runs under ``jax.shard_map`` over a mesh ``"units"`` of one device per process (process r's first device,
+in process order), every input (state, captured data) entering as process r's block of a global array with one slot
+per process (``jax.make_array_from_single_device_arrays``), so the program on process r sees exactly its own arrays;
+``all_sum`` is ``lax.psum``, ``gather_units`` ``lax.all_gather`` (tiled, process order).  Outside a trace (an engine's
+set-up, post-fit computations) they are host collectives (``multihost_utils.process_allgather``).
+
+The global unit index of process r's first unit is the number of units of the processes before it (as on torch), so
+per-unit random streams (``rng="per_unit"``) use the global indices and the fit equals the one-process fit of the
+whole data up to the order of the sums (1e-10 in float64).  Every process must hold the same number of units (the
+blocks of one global array): other counts are refused with the counts named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .ops_jax import JaxOps, ProcessGroup, _compile, whole_from_blocks
+
+AXIS = "units"
+
+
+def process_devices() -> list[Any]:
+    """One device per process of the ``jax.distributed`` group, in process order: each process's first device."""
+    first: dict[int, Any] = {}
+    for d in jax.devices():
+        first.setdefault(int(d.process_index), d)
+    return [first[p] for p in sorted(first)]
+
+
+def _collectives(jaxpr: Any) -> list[str]:
+    """The cross-process operations of a jaxpr, in program order (nested jaxprs included), with their operand types:
+    what every process's program must do alike (the rest may differ, e.g. a block without padded entries)."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("psum", "all_gather", "pmax", "pmin", "ppermute", "all_to_all", "psum_scatter"):
+            out.append(f"{eqn.primitive.name}{[str(v.aval) for v in eqn.invars]}")
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out += _collectives(inner)
+    return out
+
+
+def _is_traced(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer) or any(isinstance(v, jax.core.Tracer) for v in jax.tree_util.tree_leaves(x))
+
+
+class _ProcessProgram:
+    """``fn`` compiled once for the shapes of its arguments, run by every process on its own arrays under
+    ``shard_map`` (see the module docstring); called with this process's arguments, returns this process's outputs."""
+
+    #: each program is compiled for its process group (no cross-fit reuse)
+    compiled_now = True
+
+    def __init__(self, ops: JaxProcessOps, fn: Callable, args: tuple[Any, ...]) -> None:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        self.ops = ops
+        mesh, n = ops.mesh, ops.world_size
+        closed, out_shape = jax.make_jaxpr(fn, axis_env=[(AXIS, n)], return_shape=True)(*args)
+        flat = jax.tree_util.tree_leaves(args)
+        consts = [jnp.asarray(c) for c in closed.consts]
+        ops.check_same_program(consts, flat, _collectives(closed.jaxpr))
+        self.sharding = NamedSharding(mesh, PartitionSpec(AXIS))
+        self.out_tree = jax.tree_util.tree_structure(out_shape)
+        self.consts = tuple(self.to_global(c) for c in consts)  # this process's data, once
+        jaxpr = closed.jaxpr
+        num_consts = len(consts)
+
+        def body(*blocks: Any) -> list[Any]:
+            values = [b[0] for b in blocks]
+            outs = jax.core.eval_jaxpr(jaxpr, values[:num_consts], *values[num_consts:])
+            return [o[None] for o in outs]
+
+        num_in = num_consts + len(flat)
+        num_out = len(jax.tree_util.tree_leaves(out_shape))
+        spec = PartitionSpec(AXIS)
+        mapped = jax.shard_map(body, mesh=mesh, in_specs=(spec,) * num_in, out_specs=[spec] * num_out,
+                               check_vma=False)
+        stacked = [self.to_global(jnp.asarray(x)) for x in flat]
+        self.executable = _compile(jax.jit(mapped).lower(*self.consts, *stacked), mesh.devices.flat[0].platform)
+
+    def to_global(self, x: Any) -> Any:
+        """``x`` as this process's slot of a global array ``[processes, *x.shape]``."""
+        x = jnp.asarray(x)
+        local = jax.device_put(x[None], self.ops.device_of_process)
+        return jax.make_array_from_single_device_arrays((self.ops.world_size, *x.shape), self.sharding, [local])
+
+    def __call__(self, *args: Any) -> Any:
+        flat = jax.tree_util.tree_leaves(args)
+        outs = self.executable(*self.consts, *(self.to_global(x) for x in flat))
+        return jax.tree_util.tree_unflatten(self.out_tree, [o.addressable_shards[0].data[0] for o in outs])
+
+
+class _ProcessJit:
+    """:meth:`JaxProcessOps.jit`: ``fn`` as a :class:`_ProcessProgram` per input signature (inlined inside a trace)."""
+
+    def __init__(self, ops: JaxProcessOps, fn: Callable) -> None:
+        self.ops, self.fn = ops, fn
+        self._programs: dict[Hashable, _ProcessProgram] = {}
+
+    def __trace_fingerprint__(self) -> Any:
+        return self.fn
+
+    def __call__(self, *args: Any) -> Any:
+        flat, tree = jax.tree_util.tree_flatten(args)
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in flat):
+            return self.fn(*args)
+        signature = (tree, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in flat))
+        program = self._programs.get(signature)
+        if program is None:
+            program = self._programs[signature] = _ProcessProgram(self.ops, self.fn, args)
+        return program(*args)
+
+
+class JaxProcessOps(JaxOps):
+    """The JAX shim of a fit whose processes each hold their block of the units (``run(..., distributed="local")``):
+    ``base``'s arrays and draws, with ``all_sum`` / ``unit_mean`` / ``gather_units`` over every process (collectives
+    inside compiled chunks, host collectives outside), ``rank`` / ``world_size`` / ``gather_objects`` as torch's
+    :class:`~latentfit.inference.ops.DistributedOps` has them (post-fit computations and checkpoints use them)."""
+
+    def __init__(self, base: JaxOps) -> None:
+        if not jax.distributed.is_initialized():
+            base.process_mesh()  # raises with the command to run
+        super().__init__(base.dtype, base.device)
+        self.draw_dtype = base.draw_dtype
+        self.base = base
+        group = ProcessGroup()
+        self.rank, self.world_size = group.rank, group.world_size
+        from jax.sharding import Mesh
+
+        devices = process_devices()
+        self.mesh = Mesh(np.asarray(devices), (AXIS,))
+        self.device_of_process = devices[self.rank]
+
+    def with_draw_dtype(self, dtype: Any) -> JaxProcessOps:
+        if dtype is None or jnp.dtype(dtype) == self.dtype:
+            return self
+        new = JaxProcessOps(self.base.with_draw_dtype(dtype))
+        return new
+
+    def distributed(self) -> JaxProcessOps:
+        return self
+
+    def process_group(self) -> JaxProcessOps:
+        return self
+
+    # --- reductions over every process's units ---------------------------------------------------------------
+    def all_sum(self, x: Any) -> Any:
+        """``x`` summed over the processes (in float64 when x64 is on, as torch's all-reduce)."""
+        wide = jnp.result_type(float)
+        if _is_traced(x):
+            x = jnp.asarray(x)
+            if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != wide:
+                return lax.psum(x.astype(wide), AXIS).astype(x.dtype)
+            return lax.psum(x, AXIS)
+        from jax.experimental import multihost_utils
+
+        a = np.asarray(x)
+        kind = a.dtype
+        if np.issubdtype(kind, np.floating):
+            a = a.astype(np.float64)
+        total = np.asarray(multihost_utils.process_allgather(a)).reshape((self.world_size,) + a.shape).sum(0)
+        return jnp.asarray(total.astype(kind) if hasattr(x, "dtype") else total)
+
+    def unit_mean(self, x: Any) -> Any:
+        """Mean of ``x`` over all its entries on every process."""
+        x = jnp.asarray(x)
+        wide = jnp.result_type(float)
+        total = self.all_sum(jnp.stack([jnp.sum(x).astype(wide), jnp.asarray(float(x.size), dtype=wide)]))
+        return (total[0] / total[1]).astype(x.dtype)
+
+    def gather_units(self, x: Any, axis: int) -> Any:
+        """``x`` concatenated along its unit ``axis`` over the processes, in process order."""
+        if _is_traced(x):
+            return lax.all_gather(x, AXIS, axis=axis % jnp.ndim(x), tiled=True)
+        a = np.asarray(x)
+        shapes = self.gather_objects(list(a.shape))
+        if any(s != shapes[0] for s in shapes):
+            raise ValueError(f"distributed='local' on JAX: the processes hold blocks of shapes {shapes} along unit "
+                             f"axis {axis}; every process must hold the same number of units")
+        return jnp.asarray(whole_from_blocks(a, axis))
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every process's ``obj`` (any picklable value: arrays, tables), in process order, as torch's
+        ``all_gather_object`` (a collective; pickles between the processes of this fit only)."""
+        import pickle
+
+        from jax.experimental import multihost_utils
+
+        data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
+        sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], dtype=np.int64))).reshape(-1)
+        padded = np.zeros(int(sizes.max()), dtype=np.uint8)
+        padded[:data.size] = data
+        rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+        return [pickle.loads(bytes(row[:int(n)])) for row, n in zip(rows, sizes)]  # noqa: S301 - our own processes
+
+    # --- compiled programs over the processes ------------------------------------------------------------------
+    def jit(self, f: Callable, static_argnums: tuple[int, ...] = ()) -> Callable:
+        if static_argnums:
+            raise ValueError("distributed='local' on JAX: a compiled function with static arguments is not supported")
+        return _ProcessJit(self, f)
+
+    def _chunk_program(self, chunk: Callable, state: Any, ks: Any, side: dict[str, Any]) -> Any:
+        return _ProcessProgram(self, chunk, (state, ks))
+
+    def check_same_program(self, consts: list[Any], flat: list[Any], collectives: list[str]) -> None:
+        """Refuse a program whose inputs differ in shape or dtype between the processes (blocks of unequal size, data
+        padded otherwise) or whose cross-process operations differ (they would wait for each other forever)."""
+        mine = [[list(np.shape(x)), str(jnp.result_type(x))] for x in list(consts) + list(flat)]
+        digest = hashlib.sha256(repr((mine, collectives)).encode()).hexdigest()
+        digests = self.gather_objects(digest)
+        if all(d == digests[0] for d in digests):
+            return
+        every = self.gather_objects((mine, collectives))
+        for j, entries in enumerate(zip(*(m for m, _ in every))):
+            if any(e != entries[0] for e in entries):
+                what = "captured array" if j < len(consts) else "state entry"
+                raise ValueError(f"distributed='local' on JAX: a {what} of the compiled iterations has shapes/dtypes "
+                                 f"{[e[0] for e in entries]} on processes 0..{self.world_size - 1}; every process's "
+                                 "block must have the same shapes (the same number of units, and data padded alike)")
+        if any(len(m) != len(every[0][0]) for m, _ in every):
+            raise ValueError("distributed='local' on JAX: the processes' compiled iterations capture different numbers "
+                             f"of arrays ({[len(m) for m, _ in every]}): their models differ in more than their data")
+        raise ValueError("distributed='local' on JAX: the processes' compiled iterations reduce over the processes "
+                         f"differently ({[len(c) for _, c in every]} cross-process operations): their models take "
+                         "different code paths on their blocks")
