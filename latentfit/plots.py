@@ -509,7 +509,6 @@ def discrete_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, lev
     order) before binning, so every process returns the one-process VPC (a collective: call it on every process).
     A user log-likelihood's simulator is refused there (it draws all individuals from one generator).
     """
-    from latentfit.inference.diagnostics import DiscreteVPC
     from latentfit.models.nlme import outcomes as oc
 
     model = _outcome_model(fit)
@@ -518,17 +517,12 @@ def discrete_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, lev
                          "use vpc_summary")
     streams, dist = _fit_streams(fit)
     theta = fit._theta()
-    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
     if isinstance(model.outcome, oc.TimeToEvent):
         t_obs, e_obs = oc.first_event_times(model)
         t_sim, e_sim = oc.first_event_times(model, theta, num_sims, seed, **streams)
         if dist is not None:  # every process's individuals, in rank = unit order
             t_obs, e_obs, t_sim, e_sim = _gather_units(dist, (t_obs, e_obs, t_sim, e_sim), (1, 1, 1, 1))
-        grid = np.linspace(0.0, float(t_obs.max()), num_points)
-        km = oc.kaplan_meier(t_sim, e_sim, grid)  # [K, G]
-        band = np.stack([np.quantile(km, lo, 0), np.median(km, 0), np.quantile(km, hi, 0)], -1)
-        return DiscreteVPC(kind="survival", labels=["no event yet (first event)"], x=grid,
-                           observed=oc.kaplan_meier(t_obs, e_obs, grid), simulated=band[None], level=level)
+        return _km_band(t_obs, e_obs, t_sim, e_sim, num_points, level)
     if isinstance(model.outcome, oc.Joint):
         raise ValueError("a joint model has one VPC per response: use joint_vpc_summary (plot_vpc draws them)")
     data = model.data
@@ -538,6 +532,22 @@ def discrete_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, lev
     if dist is not None:  # every process's observations (its individuals' rows, flattened), in unit order
         xo, yo, so = _gather_units(dist, (xo, yo, so), (0, 0, 1))
     return _discrete_bins(xo, yo, so, bins, max_bins, categories, level)
+
+
+def _km_band(t_obs: np.ndarray, e_obs: np.ndarray, t_sim: np.ndarray, e_sim: np.ndarray, num_points: int,
+             level: float) -> Any:
+    """The Kaplan-Meier VPC: the observed product-limit curve of the first events ``t_obs, e_obs [1, N]`` on
+    ``num_points`` times from 0 to the last observed time, against the ``level`` interval and median of the curves of
+    the simulated first events ``t_sim, e_sim [K, N]``."""
+    from latentfit.inference.diagnostics import DiscreteVPC
+    from latentfit.models.nlme import outcomes as oc
+
+    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
+    grid = np.linspace(0.0, float(t_obs.max()), num_points)
+    km = oc.kaplan_meier(t_sim, e_sim, grid)  # [K, G]
+    band = np.stack([np.quantile(km, lo, 0), np.median(km, 0), np.quantile(km, hi, 0)], -1)
+    return DiscreteVPC(kind="survival", labels=["no event yet (first event)"], x=grid,
+                       observed=oc.kaplan_meier(t_obs, e_obs, grid), simulated=band[None], level=level)
 
 
 def _discrete_bins(xo: np.ndarray, yo: np.ndarray, so: np.ndarray, bins: Any, max_bins: int, categories: Any,
@@ -567,16 +577,27 @@ def _discrete_bins(xo: np.ndarray, yo: np.ndarray, so: np.ndarray, bins: Any, ma
 
 def joint_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, level: float = 0.9, seed: int = 0,
                       max_bins: int = 10, categories: Any = None, pred_corrected: bool = True,
-                      quantiles: tuple[float, ...] = (0.05, 0.5, 0.95)) -> dict[str, Any]:
+                      quantiles: tuple[float, ...] = (0.05, 0.5, 0.95), num_points: int = 101) -> dict[str, Any]:
     """The VPC of each response of a joint model (several responses, some non-Gaussian: ``error={...}`` beside
     ``outcome={...}``), from one set of ``num_sims`` simulated data sets at the estimates (random effects drawn from
-    their prior, every response of a replicate from the same draws): ``{response: summary}`` in the model's
-    response order, a :class:`~latentfit.inference.diagnostics.VPC` for each Gaussian response (quantiles per bin of
-    time, prediction-corrected unless ``pred_corrected=False``, as :func:`vpc_summary`) and a
-    :class:`~latentfit.inference.diagnostics.DiscreteVPC` for each non-Gaussian one (proportions per category and
-    bin, counts ``P(DV <= k)`` at the observed quartiles, as :func:`discrete_vpc_summary`).  ``bins`` and
-    ``categories``: one value for all responses or ``{response: value}``.  Time-to-event and user-likelihood
-    responses of a joint model are refused (their records are not a fixed design to simulate)."""
+    their prior, every response of a replicate from the same draws: :func:`~latentfit.models.nlme.outcomes.
+    simulate_joint`): ``{response: summary}`` in the model's response order,
+
+    * a :class:`~latentfit.inference.diagnostics.VPC` for each Gaussian response (quantiles per bin of time,
+      prediction-corrected unless ``pred_corrected=False``, as :func:`vpc_summary`);
+    * a :class:`~latentfit.inference.diagnostics.DiscreteVPC` for each binary, ordinal or count response
+      (proportions per category and bin, counts ``P(DV <= k)`` at the observed quartiles, as
+      :func:`discrete_vpc_summary`);
+    * for each time-to-event response, the Kaplan-Meier VPC (a ``DiscreteVPC`` of kind ``"survival"``): the observed
+      product-limit curve of each individual's first event of the response (censored at its last record of it) on
+      ``num_points`` times, against the ``level`` interval of the curves of the simulated first events (inversion of
+      the cumulative hazard, censored at the same end of follow-up); individuals without records of it are left out;
+    * for each user log-likelihood response with a simulator (``outcomes.LogLik(simulate_fn=sim)``): the discrete VPC
+      when its observations are integers, else the (uncorrected: its "prediction" is a log-likelihood) VPC of its
+      quantiles; without a simulator it is refused, the error saying how to give one.
+
+    ``bins`` and ``categories``: one value for all responses or ``{response: value}``.  A time-to-event response with
+    occasions (``iov=``) is refused."""
     from latentfit.models.nlme import outcomes as oc
 
     model = _outcome_model(fit)
@@ -584,7 +605,7 @@ def joint_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, level:
         raise ValueError("joint_vpc_summary is for NLME fits of joint models (error={...} beside outcome={...})")
     streams, dist = _fit_streams(fit)
     theta, ops, data, resp = fit._theta(), model.ops, model.data, model._resp
-    sims = oc.simulate_observations(model, theta, num_sims, seed, **streams)  # [K, N, T], all responses
+    sims, first = oc.simulate_joint(model, theta, num_sims, seed, **streams)  # [K, N, T] all responses; first events
     index = np.asarray(ops.to_numpy(resp.index))
     base = data.mask & (data.cens == 0)
     pred = ops.to_numpy(model.structural_prediction(theta, _population_z(fit))) if pred_corrected else None
@@ -595,6 +616,16 @@ def joint_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, level:
     out = {}
     for k, name in enumerate(resp.all_names):
         mine = base & (index == k)
+        kind = resp.spec.outcomes.get(name)
+        if isinstance(kind, oc.TimeToEvent):
+            has = (data.mask & (index == k)).any(1)
+            t_obs, e_obs = oc.first_event_times(model, response=name)
+            t_sim, e_sim = first[name]
+            arrays = (t_obs[:, has], e_obs[:, has], t_sim[:, has], e_sim[:, has])
+            if dist is not None:  # every process's individuals, in rank = unit order
+                arrays = _gather_units(dist, arrays, (1, 1, 1, 1))
+            out[name] = _km_band(*arrays, num_points, level)
+            continue
         xo, yo, so = data.x_values[mine], data.dv[mine], sims[:, mine]
         gaussian = name in resp.names
         po = np.asarray(np.broadcast_to(pred, data.dv.shape))[mine] if gaussian and pred_corrected else None
@@ -603,7 +634,7 @@ def joint_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, level:
                 xo, yo, so, po = _gather_units(dist, (xo, yo, so, po), (0, 0, 1, 0))
             else:
                 xo, yo, so = _gather_units(dist, (xo, yo, so), (0, 0, 1))
-        if gaussian:
+        if gaussian or (isinstance(kind, oc.LogLik) and not np.all(yo == np.round(yo))):
             out[name] = _continuous_bins(xo, yo, so, po, pick(bins, name), max_bins, quantiles, level)
         else:
             out[name] = _discrete_bins(xo, yo, so, pick(bins, name), max_bins, pick(categories, name), level)
@@ -616,7 +647,10 @@ def plot_joint_vpc(fit: Any, *, num_sims: int = 500, bins: Any = None, level: fl
     """One panel per response of a joint model (:func:`joint_vpc_summary`): a Gaussian response's VPC (observations,
     observed 5/50/95% quantiles against their simulated intervals, prediction-corrected by default; ``log``: its y
     axis), a non-Gaussian response's observed proportion of each category per time bin (line with markers) against
-    the simulated median (dashed) and interval (shaded), one colour per category."""
+    the simulated median (dashed) and interval (shaded), one colour per category, a time-to-event response's observed
+    Kaplan-Meier curve of the first event (black steps) against the simulated curves' median and interval."""
+    from latentfit.inference.diagnostics import VPC
+
     plt = _plt()
     model = _outcome_model(fit)
     summaries = joint_vpc_summary(fit, num_sims=num_sims, bins=bins, level=level, seed=seed, categories=categories,
@@ -625,9 +659,18 @@ def plot_joint_vpc(fit: Any, *, num_sims: int = 500, bins: Any = None, level: fl
     n = len(summaries)
     fig, axes = plt.subplots(1, n, figsize=figsize or (1.0 + 5.0 * n, 4.3), squeeze=False)
     for ax, (name, v) in zip(axes[0], summaries.items(), strict=True):
-        if name in model._resp.names:
-            _draw_vpc(ax, v, level, model.x_name, model, pred_corrected, log)
-            ax.set_ylabel(f"{name} (prediction-corrected)" if pred_corrected else name)
+        if isinstance(v, VPC):
+            pc = pred_corrected and name in model._resp.names
+            _draw_vpc(ax, v, level, model.x_name, model, pc, log)
+            ax.set_ylabel(f"{name} (prediction-corrected)" if pc else name)
+        elif v.kind == "survival":
+            ax.fill_between(v.x, v.simulated[0, :, 0], v.simulated[0, :, 2], step="post", color="tab:blue",
+                            alpha=0.25, label=f"simulated {pct} PI")
+            ax.step(v.x, v.simulated[0, :, 1], where="post", color="tab:blue", ls="--", label="simulated median")
+            ax.step(v.x, v.observed[0], where="post", color="k", lw=1.5, label="observed (Kaplan-Meier)")
+            ax.set_xlabel(model.data.columns.get("time", "TIME"))
+            ax.set_ylabel(f"{name}: probability of no event yet")
+            ax.set_ylim(-0.02, 1.02)
         else:
             for c, label in enumerate(v.labels):
                 color = f"C{c}"

@@ -53,7 +53,9 @@ FIGURES = {
                                              "response's prediction-corrected VPC (observed 5/50/95% quantiles per "
                                              "bin against their simulated 90% intervals), a discrete or count "
                                              "response's observed proportion of each category per time bin against "
-                                             "the simulated 90% interval (band, dashed median)."),
+                                             "the simulated 90% interval (band, dashed median), a time-to-event "
+                                             "response's Kaplan-Meier curve of the first event against the simulated "
+                                             "curves' 90% interval."),
     "convergence": ("Convergence", "Parameter estimates along the SAEM iterations (saemix's convergence plot)."),
 }
 #: sections of the report, in order: id -> heading
@@ -147,8 +149,14 @@ def figures(fit: Any, *, log_y: bool = False, vpc_simulations: int = 500, max_in
     model = fit.model
     if getattr(model, "outcome", None) is not None:  # discrete / event data: no predictions with residuals to draw
         if getattr(model.outcome, "name", None) == "joint":  # several responses, some not Gaussian: a VPC each
-            if any(o.name in ("tte", "loglik") for o in model.outcome.outcomes.values()):
-                return {"convergence": fit.plot_convergence()}  # records not a fixed design: no simulated VPC
+            from latentfit.plots import _fit_streams
+
+            outs = model.outcome.outcomes.values()
+            user = [o for o in outs if o.name == "loglik"]  # a user simulator: one numpy stream, none per unit
+            if (any(getattr(o, "simulate_fn", None) is None for o in user)
+                    or (user and _fit_streams(fit)[0]["unit_ids"] is not None)
+                    or (getattr(model, "_iov", None) is not None and any(o.name == "tte" for o in outs))):
+                return {"convergence": fit.plot_convergence()}  # no simulated VPC (joint_vpc_summary says why)
             return {"joint_vpc": fit.plot_vpc(num_sims=vpc_simulations, seed=seed, log=log_y),
                     "convergence": fit.plot_convergence()}
         if getattr(model.outcome, "name", None) == "tte" and getattr(model, "_iov", None) is not None:

@@ -168,7 +168,8 @@ def test_model_file_with_backend_jax_builds_the_joint_model(tmp_path):
 
 def test_refusals_on_jax_are_torch_refusals():
     """What a joint model with a non-Gaussian response refuses on torch it refuses on JAX, with the same message:
-    the Gaussian faces (predict, VPC simulation, residuals); the VPC of a joint model with a time-to-event response.
+    the Gaussian faces (predict, VPC simulation, residuals); the VPC of a joint model with a user log-likelihood
+    response without a simulator.
     (The simulations of the joint VPC of each response: tests/test_nlme_joint_vpc.py.)"""
     messages = []
     for backend in ("torch", "jax"):
@@ -177,10 +178,11 @@ def test_refusals_on_jax_are_torch_refusals():
         theta = model.init_params()
         with pytest.raises(ModelSpecificationError, match="continuous data") as predict:
             model.predict(theta, model.prior_moments(theta)[0])
-        tte, tte_table = _outcome_joint("tte", backend)
-        tte = tte.bind(tte_table)
-        with pytest.raises(ModelSpecificationError, match="VPC of a 'tte' response") as discrete:
-            oc.simulate_observations(tte, tte.init_params(), 2)
+        user = nlme.NLME(_joint, _params("binary"), error={"conc": "constant"}, outcome={"ae": "loglik"},
+                         backend=backend).bind(table)
+        with pytest.raises(ModelSpecificationError, match="response 'ae': a user log-likelihood response has no "
+                                                          "simulator") as discrete:
+            oc.simulate_observations(user, user.init_params(), 2)
         messages.append((str(predict.value), str(discrete.value)))
     assert messages[0] == messages[1]
 

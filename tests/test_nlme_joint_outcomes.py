@@ -132,8 +132,9 @@ def test_joint_model_errors_and_refusals():
     assert "outcome={'ae': 'binary'}" in repr(model) and "error={'conc': 'constant'}" in repr(model)
     sims = oc.simulate_observations(model, model.init_params(), 2)  # every response (the joint VPC's simulations)
     assert sims.shape == (2,) + model.data.dv.shape and np.all(np.isfinite(sims[:, model.data.mask]))
-    with pytest.raises(ModelSpecificationError, match="not supported"):
-        _joint_model("tte").bind(_design(5, "tte")).simulate(seed=0)
+    events = _joint_model("tte").bind(_design(5, "tte")).simulate(seed=0)  # new event records, censored at 24
+    assert (events[events.DVID == 2].groupby("ID").TIME.agg(["min", "max"]) == [0.0, 24.0]).all().all()
+    assert len(events[events.DVID == 1]) == 5 * len(CONC_TIMES)
     with pytest.raises(ModelSpecificationError, match="continuous data"):
         model.predict(model.init_params(), model.prior_moments(model.init_params())[0])
     # dvid= names every response, Gaussian and not

@@ -4,8 +4,8 @@ From one set of simulated data sets (every response of a replicate from the same
 Gaussian response's VPC (quantiles per time bin, prediction-corrected by default) and the binary response's discrete
 VPC (proportion of events per time bin), as Monolix draws a joint model's VPC, one panel per response.  On both
 backends: the observed summaries equal a hand computation; under the true parameters the observed summaries lie
-within the simulated 90% intervals in most bins; the per-unit streams' simulations are valid; a joint model with a
-time-to-event response is refused with a clear error.
+within the simulated 90% intervals in most bins; the per-unit streams' simulations are valid.  (Time-to-event and
+user log-likelihood responses: tests/test_nlme_joint_tte_vpc.py.)
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ def test_joint_vpc_per_response(backend):
 def test_joint_simulations_on_unit_streams_and_refusals(backend):
     """Simulations on the individuals' streams: concentrations real, events 0/1, NaN off the records; the Gaussian
     response's simulations have the residual SD of the truth around the prediction at the drawn random effects (the
-    simulations of the two responses share one set of draws).  A joint model with a time-to-event response refuses
-    its VPC, naming the response."""
+    simulations of the two responses share one set of draws).  A joint model's time-to-event records hold NaN (their
+    first events go to the Kaplan-Meier VPC: tests/test_nlme_joint_tte_vpc.py); a user log-likelihood response without
+    a simulator is refused, naming the response."""
     model, data, _ = _at_truth(backend, n=20)
     theta = _theta(model, PK_BINARY_TRUTH)
     y = oc.simulate_observations(model, theta, 50, seed=2, unit_ids=np.arange(model.num_units))
@@ -85,8 +86,13 @@ def test_joint_simulations_on_unit_streams_and_refusals(backend):
     assert abs(resid.std() / PK_BINARY_TRUTH["a_conc"] - 1) < 0.05 and abs(resid.mean()) < 0.01
     tte = nlme.NLME(_conc_only, _params("tte"), error={"conc": "constant"}, outcome={"ae": oc.TimeToEvent("weibull")},
                     backend=backend).bind(_design(4, "tte"))
-    with pytest.raises(ModelSpecificationError, match="response 'ae': the VPC of a 'tte' response"):
-        oc.simulate_observations(tte, tte.init_params(), 3)
+    y = oc.simulate_observations(tte, tte.init_params(), 3)  # the event records: first events instead (Kaplan-Meier)
+    events = tte.data.mask & (np.asarray(tte.ops.to_numpy(tte._resp.index)) == 1)
+    assert np.all(np.isnan(y[:, events])) and np.all(np.isfinite(y[:, tte.data.mask & ~events]))
+    user = nlme.NLME(_joint, _params("binary"), error={"conc": "constant"}, outcome={"ae": "loglik"},
+                     backend=backend).bind(_design(4, "binary"))
+    with pytest.raises(ModelSpecificationError, match="response 'ae': a user log-likelihood response has no simulator"):
+        oc.simulate_observations(user, user.init_params(), 3)
 
 
 def test_joint_vpc_figure(tmp_path):

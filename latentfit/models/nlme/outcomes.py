@@ -370,7 +370,12 @@ class TimeToEvent(Outcome):
 @dataclass(repr=False)
 class LogLik(Outcome):
     """A user log-likelihood: the model's function ``loglik(psi, data)`` returns ``log p(y_ij | ψ_i)`` ``[..., N, T]``
-    (saemix's ``modeltype="likelihood"``); ``simulate``: optional ``sim(psi, data, rng) -> y [N, T]`` (numpy)."""
+    (saemix's ``modeltype="likelihood"``); in a joint model (``outcome={"r": LogLik()}``) the structural function's
+    output ``r`` is that response's log-likelihood.  ``simulate_fn``: optional ``sim(psi, data, rng) -> y [N, T]``
+    (numpy; ``psi``: each parameter's values ``[N, 1]``, with occasions ``[N, T]``; ``data``: the design ``loglik``
+    receives; ``rng``: a ``numpy.random.Generator``; in a joint model only the response's records are read), which
+    ``model.simulate`` and the VPC need (one call per replicate data set, all individuals from one generator: not on
+    per-unit streams)."""
 
     simulate_fn: Any = None
     name = "loglik"
@@ -656,7 +661,72 @@ def simulate(model: NLME, theta: dict[str, Any], seed: int) -> pd.DataFrame:
     rows = data.obs_rows
     valid = rows >= 0
     table.iloc[rows[valid], table.columns.get_loc(dv_col)] = y[valid]
+    if isinstance(out, Joint):  # each time-to-event response: new records (after every other response's draws)
+        for name, tte in _event_responses(model):
+            table = _replace_event_records(model, table, name, tte, psi, rng)
     return table
+
+
+def _event_responses(model: NLME) -> list[tuple[str, TimeToEvent]]:
+    """The time-to-event responses of a joint model, in response order (none for other models)."""
+    out = model.outcome
+    if not isinstance(out, Joint):
+        return []
+    return [(name, o) for name, o in model._resp.spec.outcomes.items() if isinstance(o, TimeToEvent)]
+
+
+def _tte_records(model: NLME, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A joint model's time-to-event response ``name``: its records ``[N, T]`` and each individual's end of follow-up
+    ``[N]`` (its last record's time; -inf without records)."""
+    data, resp = model.data, model._resp
+    index = np.asarray(model.ops.to_numpy(resp.index))
+    mine = data.mask & (index == resp.all_names.index(name))
+    return mine, np.where(mine, data.time, -np.inf).max(1)
+
+
+def _first_events(out: TimeToEvent, psi: dict[str, np.ndarray], end: np.ndarray,
+                  exp1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first event ``t = λ E^{1/β}`` (the inverse of ``H(t) = (t/λ)^β`` at ``E ~ Exp(1)``; β = 1 for a constant
+    hazard) censored at ``end``: ``(min(t, end), t <= end)``, from ψ ``[..., N]`` and ``exp1`` ``[..., N]``."""
+    lam = psi[out.scale]
+    beta = np.ones_like(lam) if out.hazard == "constant" else psi[out.shape]
+    t = lam * exp1 ** (1.0 / beta)
+    event = t <= end
+    return np.where(event, t, end), event
+
+
+def _replace_event_records(model: NLME, table: pd.DataFrame, name: str, out: TimeToEvent,
+                           psi: dict[str, np.ndarray], rng: np.random.Generator) -> pd.DataFrame:
+    """``table`` with the records of the time-to-event response ``name`` replaced by simulated ones per individual
+    (start at 0, the events by inversion of the cumulative hazard, censoring at the individual's last record of the
+    response), the other columns copied from its first record of the response."""
+    data, resp = model.data, model._resp
+    mine, end = _tte_records(model, name)
+    has = mine.any(1)
+    cols = data.columns
+    id_col, time_col, dv_col = cols["id"], cols.get("time", "TIME"), cols["dv"]
+    events = out.simulate_events(rng, {k: np.asarray(psi[k])[:, :1] for k in out.parameters},
+                                 np.where(has, end, 0.0))
+    ours = table.index[table[resp.column].astype(float) == resp.values[resp.all_names.index(name)]]
+    kept = table.drop(index=ours)
+    first = table.loc[ours].drop_duplicates(id_col).set_index(id_col)
+    parts = [kept]
+    for i, ident in enumerate(data.ids):
+        if not has[i]:
+            continue
+        times = np.concatenate([[0.0], events[i], [end[i]]])
+        dv = np.concatenate([[0.0], np.ones(len(events[i])), [0.0]])
+        if len(events[i]) and events[i][-1] == end[i]:
+            times, dv = times[:-1], dv[:-1]
+        part = pd.DataFrame({c: [first.loc[ident, c]] * len(times) for c in first.columns})
+        part.insert(0, id_col, ident)
+        part[time_col], part[dv_col] = times, dv
+        parts.append(part[table.columns])
+    both = pd.concat(parts, ignore_index=True)
+    order = pd.factorize(table[id_col])[1]  # the individuals in the table's order, then time (stable)
+    key = pd.Series(pd.Categorical(both[id_col], categories=order, ordered=True).codes, index=both.index)
+    both = both.assign(_order=key).sort_values(["_order", time_col], kind="stable").drop(columns="_order")
+    return both.reset_index(drop=True)
 
 
 def _simulate_joint(model: NLME, theta: dict[str, Any], f_b: Any, psi: dict[str, np.ndarray],
@@ -671,13 +741,30 @@ def _simulate_joint(model: NLME, theta: dict[str, Any], f_b: Any, psi: dict[str,
     sd = ops.to_numpy(_resp.error_sd(theta, ops.asarray(f), resp, None, ops))
     y = f + sd * rng.standard_normal(f.shape)
     for name, out in resp.spec.outcomes.items():
-        if isinstance(out, (TimeToEvent, LogLik)):
-            raise ModelSpecificationError(f"response {name!r}: simulating a {out.name!r} response of a joint model "
-                                          f"is not supported (its records are not a fixed design)")
         mine = data.mask & (index == resp.all_names.index(name))
-        own = dataclasses.replace(data, dv=np.where(mine, data.dv, 0.0), mask=mine)
-        y = np.where(mine, out.sample(rng, np.where(mine, f, 0.0), psi, out.constants(own)), y)
+        if isinstance(out, TimeToEvent):  # new records, drawn after the other responses (_replace_event_records)
+            continue
+        if isinstance(out, LogLik):
+            drawn = _user_simulation(model, name, out, psi, rng)
+        else:
+            own = dataclasses.replace(data, dv=np.where(mine, data.dv, 0.0), mask=mine)
+            drawn = out.sample(rng, np.where(mine, f, 0.0), psi, out.constants(own))
+        y = np.where(mine, drawn, y)
     return y
+
+
+def _user_simulation(model: NLME, name: str, out: LogLik, psi: dict[str, np.ndarray],
+                     rng: np.random.Generator) -> np.ndarray:
+    """One replicate ``[N, T]`` of a joint model's user log-likelihood response ``name`` from its simulator
+    ``sim(psi, data, rng)`` (only the response's records are read), or the error saying how to give one."""
+    if out.simulate_fn is None:
+        raise ModelSpecificationError(
+            f"response {name!r}: a user log-likelihood response has no simulator, so it cannot be simulated (VPC, "
+            f"model.simulate): give outcome={{{name!r}: nlme.outcomes.LogLik(simulate_fn=sim)}} with "
+            f"sim(psi, data, rng) -> DV [N, T] (psi: each parameter's values [N, 1] as numpy arrays, data: the design "
+            f"loglik receives, rng: a numpy Generator; only the records of {name!r} are read)")
+    y = np.asarray(out.simulate_fn(psi, model.design, rng), dtype=float)
+    return np.broadcast_to(y, model.data.dv.shape)
 
 
 def _unit_stream_draws(model: NLME, theta: dict[str, Any], num_sims: int, seed: int, unit_ids: Any, ops: Any,
@@ -718,7 +805,10 @@ def _simulated_prediction(model: NLME, psi_b: dict[str, Any], shape: tuple[int, 
 
 
 def _refuse_user_simulator_on_streams(out: Outcome, unit_ids: Any) -> None:
-    if unit_ids is not None and isinstance(out, LogLik):
+    """Refuse a user simulator (a user log-likelihood outcome, or such a response of a joint model) on per-unit
+    streams."""
+    parts = out.outcomes.values() if isinstance(out, Joint) else (out,)
+    if unit_ids is not None and any(isinstance(o, LogLik) for o in parts):
         raise NotImplementedError("a user log-likelihood's simulator sim(psi, data, rng) draws every individual from "
                                   "one numpy generator, not from each individual's stream: the simulations of a fit "
                                   "with rng='per_unit' (e.g. a distributed fit) cannot use it; refit with "
@@ -729,25 +819,56 @@ def simulate_observations(model: NLME, theta: dict[str, Any], num_sims: int, see
                           ops: Any = None) -> np.ndarray:
     """``num_sims`` replicates of the observations ``[K, N, T]`` at ``theta`` (random effects drawn from their prior,
     all replicates in one vectorised pass), for the visual predictive checks of discrete and count outcomes.  The
-    padding and censored records hold NaN.
+    padding and censored records hold NaN, and so do a joint model's time-to-event records (their first events:
+    :func:`simulate_joint`).
 
     ``unit_ids`` (``[N]`` distinct ints): individual i's replicates from its stream ``(seed, unit_ids[i])`` only
     (:func:`_unit_stream_draws`; the observations by inversion of their CDF, :meth:`Outcome.sample_at`), whatever the
     other individuals or the process holding it (``ops``: a distributed fit's shim, whose processes agree on the
     width of the uniforms).  Not for a user simulator (refused)."""
+    if isinstance(model.outcome, TimeToEvent):
+        raise ModelSpecificationError("time-to-event data: use first_event_times() (a Kaplan-Meier VPC)")
+    return _replicates(model, theta, num_sims, seed, unit_ids, ops)[0]
+
+
+def simulate_joint(model: NLME, theta: dict[str, Any], num_sims: int, seed: int = 0, *, unit_ids: Any = None,
+                   ops: Any = None) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """``num_sims`` replicates of a joint model at ``theta``, every response of a replicate from the same random-effect
+    draws: ``(y [K, N, T], {tte response: (time [K, N], event [K, N])})``.  ``y``: the observations of the Gaussian,
+    discrete, count and user log-likelihood responses (as :func:`simulate_observations`; NaN elsewhere); for each
+    time-to-event response, each individual's first event ``t = λ E^{1/β}`` (``E ~ Exp(1)``: the inverse of the
+    cumulative hazard, ``β = 1`` for a constant hazard) censored at the individual's last record of that response
+    (its end of follow-up in the design; ``-inf``, no event, for an individual without records of it).  The
+    exponentials come after the other draws on the global stream, or by ``E = −log U`` from the uniforms that follow
+    the records' on per-unit streams (``unit_ids``), so the other responses' replicates are those of a model
+    without the time-to-event response.  Not with occasions (``iov=``) when there is a time-to-event response: the
+    hazard's parameters would change at each occasion's start."""
+    if not isinstance(model.outcome, Joint):
+        raise ModelSpecificationError("simulate_joint is for joint models (error={...} beside outcome={...})")
+    return _replicates(model, theta, num_sims, seed, unit_ids, ops)
+
+
+def _replicates(model: NLME, theta: dict[str, Any], num_sims: int, seed: int, unit_ids: Any,
+                ops: Any) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """:func:`simulate_joint` for any outcome model (no first events but a joint model's)."""
     dist = model.ops if ops is None else ops
     ops, out, data = model.ops, model.outcome, model.data
-    if isinstance(out, TimeToEvent):
-        raise ModelSpecificationError("time-to-event data: use first_event_times() (a Kaplan-Meier VPC)")
     _refuse_user_simulator_on_streams(out, unit_ids)
+    events = _event_responses(model)
+    if events and model._iov is not None:
+        raise ModelSpecificationError(f"response {events[0][0]!r}: the Kaplan-Meier VPC (simulated first events) of a "
+                                      f"time-to-event response with occasions (iov=) is not supported: the first "
+                                      f"event's time is drawn by inverting one cumulative hazard per individual, and "
+                                      f"with IOV the hazard changes at each occasion's start")
     shape = (int(num_sims),) + data.dv.shape
     if unit_ids is not None:
         width = max_over_processes(dist, shape[-1])
-        z, u = _unit_stream_draws(model, theta, num_sims, seed, unit_ids, dist, (width,))
+        z, u = _unit_stream_draws(model, theta, num_sims, seed, unit_ids, dist, (width + len(events),))
     else:
         z = model.sample_prior(theta, ops.key(seed), int(num_sims))  # [K, N, d]
         rng = np.random.default_rng(seed)
     psi_b, psi = _simulated_psi(model, theta, z, shape)
+    first: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if isinstance(out, LogLik):  # one numpy stream (refused above on per-unit streams)
         if out.simulate_fn is None:
             raise ModelSpecificationError("a user log-likelihood has no simulator: give outcome=nlme.outcomes."
@@ -758,6 +879,10 @@ def simulate_observations(model: NLME, theta: dict[str, Any], num_sims: int, see
         f = _simulated_prediction(model, psi_b, shape)
         y = _joint_replicates(model, theta, f, psi, rng if unit_ids is None else None,
                               u[..., :shape[-1]] if unit_ids is not None else None)
+        for j, (name, tte) in enumerate(events):
+            end = _tte_records(model, name)[1]
+            exp1 = -np.log(u[..., width + j]) if unit_ids is not None else rng.exponential(size=shape[:2])
+            first[name] = _first_events(tte, {k: psi[k][..., 0] for k in tte.parameters}, end, exp1)
     else:
         f = _simulated_prediction(model, psi_b, shape)
         consts = out.constants(data)
@@ -765,16 +890,17 @@ def simulate_observations(model: NLME, theta: dict[str, Any], num_sims: int, see
             y = out.sample_at(u[..., :shape[-1]], f, psi, consts)
         else:
             y = out.sample(rng, f, psi, consts)
-    return np.where(data.mask & (data.cens == 0), y, np.nan)
+    return np.where(data.mask & (data.cens == 0), y, np.nan), first
 
 
 def _joint_replicates(model: NLME, theta: dict[str, Any], f: np.ndarray, psi: dict[str, np.ndarray],
                       rng: np.random.Generator | None, u: np.ndarray | None) -> np.ndarray:
     """Replicates ``[K, N, T]`` of every response of a joint model from one set of random-effect draws (``f``, ``psi``
     at them): each Gaussian response's prediction plus its residual error ``sd · ε``, each non-Gaussian response
-    drawn from its outcome at its prediction.  ``rng``: one numpy stream; else ``u`` (uniforms ``[K, N, T]`` of the
-    individuals' streams): ``ε = Φ⁻¹(u)`` and the outcomes by inversion (:meth:`Outcome.sample_at`), each record
-    being one response's."""
+    drawn from its outcome at its prediction, each user log-likelihood response from its simulator (one call per
+    replicate; global stream only), NaN at time-to-event records (:func:`simulate_joint`).  ``rng``: one numpy
+    stream; else ``u`` (uniforms ``[K, N, T]`` of the individuals' streams): ``ε = Φ⁻¹(u)`` and the outcomes by
+    inversion (:meth:`Outcome.sample_at`), each record being one response's."""
     from scipy.special import ndtri
 
     from . import responses as _resp
@@ -785,26 +911,45 @@ def _joint_replicates(model: NLME, theta: dict[str, Any], f: np.ndarray, psi: di
     eps = ndtri(np.clip(u, 1e-300, 1.0 - 1e-16)) if u is not None else rng.standard_normal(f.shape)
     y = f + sd * eps
     for name, out in resp.spec.outcomes.items():
-        if isinstance(out, (TimeToEvent, LogLik)):
-            raise ModelSpecificationError(f"response {name!r}: the VPC of a {out.name!r} response of a joint model is "
-                                          f"not supported (its records are not a fixed design to simulate)")
         mine = data.mask & (index == resp.all_names.index(name))
-        own = dataclasses.replace(data, dv=np.where(mine, data.dv, 0.0), mask=mine)
-        at = np.where(mine, f, 0.0)
-        drawn = out.sample_at(u, at, psi, out.constants(own)) if u is not None else \
-            out.sample(rng, at, psi, out.constants(own))
+        if isinstance(out, TimeToEvent):
+            y = np.where(mine, np.nan, y)
+            continue
+        if isinstance(out, LogLik):  # global stream only (_refuse_user_simulator_on_streams)
+            drawn = np.stack([_user_simulation(model, name, out, {k: v[s] for k, v in psi.items()}, rng)
+                              for s in range(f.shape[0])])
+        else:
+            own = dataclasses.replace(data, dv=np.where(mine, data.dv, 0.0), mask=mine)
+            at = np.where(mine, f, 0.0)
+            drawn = out.sample_at(u, at, psi, out.constants(own)) if u is not None else \
+                out.sample(rng, at, psi, out.constants(own))
         y = np.where(mine, drawn, y)
     return y
 
 
 def first_event_times(model: NLME, theta: dict[str, Any] | None = None, num_sims: int = 0,
-                      seed: int = 0, *, unit_ids: Any = None, ops: Any = None) -> tuple[np.ndarray, np.ndarray]:
+                      seed: int = 0, *, unit_ids: Any = None, ops: Any = None,
+                      response: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Time to each individual's first event and whether it was observed (else censored at the last record):
     ``(time [K, N], event [K, N])``.  ``theta`` None: the data (K = 1); else ``num_sims`` replicates at ``theta``,
     the first event drawn by inversion of the cumulative hazard, ``t = λ E^{1/β}`` with ``E ~ Exp(1)``.
     ``unit_ids`` (``ops``): individual i's random effects and ``E = −log U`` from its stream ``(seed, unit_ids[i])``
-    (as :func:`simulate_observations`)."""
+    (as :func:`simulate_observations`).  A joint model: ``response`` names its time-to-event response, whose
+    records alone count (an individual without any: time ``-inf``, no event); the replicates are
+    :func:`simulate_joint`'s."""
     out, data = model.outcome, model.data
+    if isinstance(out, Joint):
+        if not isinstance(out.outcomes.get(response), TimeToEvent):
+            tte = [n for n, o in out.outcomes.items() if isinstance(o, TimeToEvent)]
+            raise ModelSpecificationError(f"first_event_times(response=...) of a joint model names one of its "
+                                          f"time-to-event responses {tte}; got {response!r}")
+        mine, end = _tte_records(model, response)
+        if theta is not None:
+            return simulate_joint(model, theta, num_sims, seed, unit_ids=unit_ids, ops=ops)[1][response]
+        hit = mine & (data.dv == 1) & (data.time > 0)
+        first = np.where(hit, data.time, np.inf).min(1)
+        event = np.isfinite(first)
+        return np.where(event, first, end)[None], event[None]
     if not isinstance(out, TimeToEvent):
         raise ModelSpecificationError(f"first_event_times() is for time-to-event data; the outcome is {out.name!r}")
     end = np.where(data.mask, data.time, -np.inf).max(1)  # [N] end of follow-up
@@ -885,4 +1030,4 @@ def raise_for_nonfinite(model: NLME, theta: dict[str, Any], z: Any) -> None:
 
 
 __all__ = ["OUTCOMES", "Binary", "LogLik", "NegativeBinomial", "Ordinal", "Outcome", "Poisson", "TimeToEvent",
-           "first_event_times", "kaplan_meier", "make_outcome", "simulate_observations"]
+           "first_event_times", "kaplan_meier", "make_outcome", "simulate_joint", "simulate_observations"]
