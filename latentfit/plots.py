@@ -596,8 +596,8 @@ def joint_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, level:
       when its observations are integers, else the (uncorrected: its "prediction" is a log-likelihood) VPC of its
       quantiles; without a simulator it is refused, the error saying how to give one.
 
-    ``bins`` and ``categories``: one value for all responses or ``{response: value}``.  A time-to-event response with
-    occasions (``iov=``) is refused."""
+    ``bins`` and ``categories``: one value for all responses or ``{response: value}``.  A time-to-event response whose
+    hazard parameters have occasion effects (``iov=``) is refused (IOV on the other parameters is fine)."""
     from latentfit.models.nlme import outcomes as oc
 
     model = _outcome_model(fit)

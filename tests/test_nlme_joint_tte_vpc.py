@@ -7,7 +7,8 @@
   in the simulated 90% band; the simulated first events follow the hazard (mean of min(T, C) = the closed form averaged
   over the random effects, to Monte-Carlo error, on the global and the per-unit streams); they use the random effects
   whose ψ also drive the concentrations (E[H_i(min(T, C))] = P(event), the martingale identity); per-unit streams do
-  not depend on the individuals' order; ``model.simulate`` writes new event records.
+  not depend on the individuals' order; ``model.simulate`` writes new event records; occasion effects on the other
+  parameters are fine, on the hazard's refused.
 * A user log-likelihood response (``outcomes.LogLik(simulate_fn=sim)``): its VPC from the user's simulator (discrete
   for integer data, continuous otherwise); without a simulator the refusal names the response and the fix.
 """
@@ -193,10 +194,10 @@ def test_per_unit_streams_do_not_depend_on_the_individuals_order(backend):
     np.testing.assert_allclose(vb["ae"].observed, va["ae"].observed, rtol=1e-12)
 
 
-def test_simulate_writes_new_event_records_and_iov_stays_refused():
+def test_simulate_writes_new_event_records():
     """model.simulate of a joint model with a time-to-event response: the concentrations at their records, the event
     response's records replaced by a start at 0, the simulated events and a censoring at the individual's last record
-    time (the design's); with occasions the VPC is refused, naming the response and why."""
+    time (the design's), a valid data set for the model."""
     model = _model("constant").bind(_design(30))
     _, theta = _fit(model, TRUTH)
     table = model.simulate(theta, seed=4)
@@ -210,10 +211,36 @@ def test_simulate_writes_new_event_records_and_iov_stays_refused():
     assert (table.groupby("ID").TIME.diff().dropna() >= 0).all() and list(table.ID.unique()) == list(range(1, 31))
     refit = _model("constant").bind(table)  # a valid data set for the model
     assert np.isfinite(refit.ops.to_numpy(refit.log_lik(theta, refit.prior_moments(theta)[0]))).all()
-    iov = nlme.NLME(_conc_only, _spec("constant"), error={"conc": "constant"},
-                    outcome={"ae": oc.TimeToEvent("constant")}, iov=["CL"]).bind(table.assign(OCC=1))
-    with pytest.raises(ModelSpecificationError, match="response 'ae': the Kaplan-Meier VPC .* occasions"):
-        plots.joint_vpc_summary(_fit(iov, TRUTH)[0], num_sims=3)
+
+
+def _iov_model(iov: dict) -> nlme.NLME:
+    return nlme.NLME(_conc_only, _spec("constant"), error={"conc": "constant"},
+                     outcome={"ae": oc.TimeToEvent("constant")}, iov=iov)
+
+
+def test_occasions_on_the_pk_parameters_only_and_the_refusal_on_the_hazard():
+    """IOV on CL (two occasions), none on λ: the hazard is one per individual, so the first events are drawn as
+    without IOV (mean of min(T, C) and event fraction = the closed form within 4 MC SE), the data simulate and the
+    joint VPC has its Kaplan-Meier panel; IOV on λ itself: the VPC and model.simulate are refused, naming the
+    response, the parameter and why."""
+    table = _design(60).assign(OCC=lambda d: np.where(d.TIME < 3, 1, 2))
+    model = _iov_model({"CL": 0.2}).bind(table)
+    theta = _theta(model, {**{k: v for k, v in TRUTH.items() if k != "beta"}, "gamma2_CL": 0.1})
+    t, e = oc.first_event_times(model, theta, 400, seed=5, response="ae")
+    mean, prob = _closed_form("constant", TRUTH["lambda"], TRUTH["omega2_lambda"], 1.0, np.resize([6.0, 12, 24], 60))
+    assert abs(t.mean() - mean) < 4 * t.std() / np.sqrt(t.size), (t.mean(), mean)
+    assert abs(e.mean() - prob) < 4 * np.sqrt(prob * (1 - prob) / e.size), (e.mean(), prob)
+    data = model.simulate(theta, seed=3)
+    fit = types.SimpleNamespace(model=_iov_model({"CL": 0.2}).bind(data), _theta=lambda: theta)
+    v = plots.joint_vpc_summary(fit, num_sims=100, seed=1)
+    assert v["ae"].kind == "survival" and v["ae"].observed[0, 0] == 1.0 and isinstance(v["conc"], VPC)
+    hazard = _iov_model({"lambda": 0.2}).bind(table)
+    th = _theta(hazard, {"gamma2_lambda": 0.1})
+    why = r"response 'ae': .* occasion effects \(iov= on \['lambda'\]\) is not supported"
+    with pytest.raises(ModelSpecificationError, match=why):
+        plots.joint_vpc_summary(types.SimpleNamespace(model=hazard, _theta=lambda: th), num_sims=3)
+    with pytest.raises(ModelSpecificationError, match=why):
+        hazard.simulate(th, seed=0)
 
 
 # ----- user log-likelihood responses --------------------------------------------------------------------------------

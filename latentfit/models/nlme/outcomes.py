@@ -632,10 +632,10 @@ def simulate(model: NLME, theta: dict[str, Any], seed: int) -> pd.DataFrame:
     if model._iov is not None:  # ψ and f of each observation's occasion ([N, T])
         from . import occasions as _occ
 
-        if isinstance(out, (TimeToEvent, LogLik)) or (isinstance(out, Joint) and any(
-                isinstance(o, (TimeToEvent, LogLik)) for o in out.outcomes.values())):
+        if isinstance(out, (TimeToEvent, LogLik)):
             raise ModelSpecificationError("simulating time-to-event or user log-likelihood outcomes with occasions "
                                           "(iov=) is not supported")
+        _refuse_events_with_iov(model, "simulating the events")
         psi_k = model._psi_by_occasion(mu, z)
         f_b = _occ.select(model._structural_fn(psi_k, model.design), model._iov, None, ops)
         psi = {k: ops.to_numpy(_occ.select(v + 0.0 * model._y, model._iov, None, ops)) for k, v in psi_k.items()}
@@ -675,6 +675,24 @@ def _event_responses(model: NLME) -> list[tuple[str, TimeToEvent]]:
     return [(name, o) for name, o in model._resp.spec.outcomes.items() if isinstance(o, TimeToEvent)]
 
 
+def _events_with_iov(model: NLME) -> list[str]:
+    """The time-to-event responses of a joint model whose hazard reads a parameter with inter-occasion variability
+    (κ): their first event cannot be drawn by inverting one cumulative hazard per individual (refused)."""
+    if model._iov is None:
+        return []
+    return [name for name, out in _event_responses(model) if set(out.parameters) & set(model._iov.names)]
+
+
+def _refuse_events_with_iov(model: NLME, what: str) -> None:
+    bad = _events_with_iov(model)
+    if bad:
+        params = [p for p in model.outcome.outcomes[bad[0]].parameters if p in model._iov.names]
+        raise ModelSpecificationError(f"response {bad[0]!r}: {what} of a time-to-event response whose hazard has "
+                                      f"occasion effects (iov= on {params}) is not supported: the first event's time "
+                                      f"is drawn by inverting one cumulative hazard per individual, and with IOV the "
+                                      f"hazard changes at each occasion's start (IOV on the other parameters is fine)")
+
+
 def _tte_records(model: NLME, name: str) -> tuple[np.ndarray, np.ndarray]:
     """A joint model's time-to-event response ``name``: its records ``[N, T]`` and each individual's end of follow-up
     ``[N]`` (its last record's time; -inf without records)."""
@@ -699,17 +717,19 @@ def _replace_event_records(model: NLME, table: pd.DataFrame, name: str, out: Tim
                            psi: dict[str, np.ndarray], rng: np.random.Generator) -> pd.DataFrame:
     """``table`` with the records of the time-to-event response ``name`` replaced by simulated ones per individual
     (start at 0, the events by inversion of the cumulative hazard, censoring at the individual's last record of the
-    response), the other columns copied from its first record of the response."""
+    response), the other columns copied from its first record of the response (the occasion column, with ``iov=``:
+    the one in force at each record's time, from the individual's other records)."""
     data, resp = model.data, model._resp
     mine, end = _tte_records(model, name)
     has = mine.any(1)
     cols = data.columns
     id_col, time_col, dv_col = cols["id"], cols.get("time", "TIME"), cols["dv"]
-    events = out.simulate_events(rng, {k: np.asarray(psi[k])[:, :1] for k in out.parameters},
+    events = out.simulate_events(rng, {k: np.asarray(psi[k])[:, :1] for k in out.parameters},  # (no κ: any record's)
                                  np.where(has, end, 0.0))
     ours = table.index[table[resp.column].astype(float) == resp.values[resp.all_names.index(name)]]
     kept = table.drop(index=ours)
     first = table.loc[ours].drop_duplicates(id_col).set_index(id_col)
+    occ_col = model._iov.column if model._iov is not None else None
     parts = [kept]
     for i, ident in enumerate(data.ids):
         if not has[i]:
@@ -721,6 +741,11 @@ def _replace_event_records(model: NLME, table: pd.DataFrame, name: str, out: Tim
         part = pd.DataFrame({c: [first.loc[ident, c]] * len(times) for c in first.columns})
         part.insert(0, id_col, ident)
         part[time_col], part[dv_col] = times, dv
+        if occ_col is not None:  # the occasion in force at each record: the latest other record's at or before it
+            src = kept[kept[id_col] == ident].sort_values(time_col, kind="stable")
+            if len(src):
+                at = np.searchsorted(src[time_col].to_numpy(dtype=float), times, side="right") - 1
+                part[occ_col] = src[occ_col].to_numpy()[np.maximum(at, 0)]
         parts.append(part[table.columns])
     both = pd.concat(parts, ignore_index=True)
     order = pd.factorize(table[id_col])[1]  # the individuals in the table's order, then time (stable)
@@ -841,8 +866,8 @@ def simulate_joint(model: NLME, theta: dict[str, Any], num_sims: int, seed: int 
     (its end of follow-up in the design; ``-inf``, no event, for an individual without records of it).  The
     exponentials come after the other draws on the global stream, or by ``E = −log U`` from the uniforms that follow
     the records' on per-unit streams (``unit_ids``), so the other responses' replicates are those of a model
-    without the time-to-event response.  Not with occasions (``iov=``) when there is a time-to-event response: the
-    hazard's parameters would change at each occasion's start."""
+    without the time-to-event response.  With occasions (``iov=``) the hazard's parameters must have no κ (refused
+    otherwise: the hazard would change at each occasion's start)."""
     if not isinstance(model.outcome, Joint):
         raise ModelSpecificationError("simulate_joint is for joint models (error={...} beside outcome={...})")
     return _replicates(model, theta, num_sims, seed, unit_ids, ops)
@@ -855,11 +880,7 @@ def _replicates(model: NLME, theta: dict[str, Any], num_sims: int, seed: int, un
     ops, out, data = model.ops, model.outcome, model.data
     _refuse_user_simulator_on_streams(out, unit_ids)
     events = _event_responses(model)
-    if events and model._iov is not None:
-        raise ModelSpecificationError(f"response {events[0][0]!r}: the Kaplan-Meier VPC (simulated first events) of a "
-                                      f"time-to-event response with occasions (iov=) is not supported: the first "
-                                      f"event's time is drawn by inverting one cumulative hazard per individual, and "
-                                      f"with IOV the hazard changes at each occasion's start")
+    _refuse_events_with_iov(model, "the Kaplan-Meier VPC (simulated first events)")
     shape = (int(num_sims),) + data.dv.shape
     if unit_ids is not None:
         width = max_over_processes(dist, shape[-1])
@@ -882,7 +903,7 @@ def _replicates(model: NLME, theta: dict[str, Any], num_sims: int, seed: int, un
         for j, (name, tte) in enumerate(events):
             end = _tte_records(model, name)[1]
             exp1 = -np.log(u[..., width + j]) if unit_ids is not None else rng.exponential(size=shape[:2])
-            first[name] = _first_events(tte, {k: psi[k][..., 0] for k in tte.parameters}, end, exp1)
+            first[name] = _first_events(tte, {k: psi[k][..., 0] for k in tte.parameters}, end, exp1)  # no κ
     else:
         f = _simulated_prediction(model, psi_b, shape)
         consts = out.constants(data)
