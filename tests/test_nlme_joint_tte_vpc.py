@@ -131,13 +131,14 @@ def _closed_form(hazard: str, lam: float, omega2: float, beta: float, ends: np.n
     return mean, prob
 
 
-@pytest.mark.parametrize("hazard", ["constant", "weibull"])
+@pytest.mark.parametrize("backend, hazard", [("torch", "constant"), ("torch", "weibull"), ("jax", "weibull")])
 @pytest.mark.parametrize("streams", [False, True])
-def test_simulated_first_events_follow_the_hazard(hazard, streams):
+def test_simulated_first_events_follow_the_hazard(backend, hazard, streams):
     """The simulated first events (400 replicates of 60 individuals) censored at the design's ends 6 / 12 / 24: the
     mean of min(T, C) and the event fraction equal the closed form averaged over λ's random effect within 4 MC SE;
-    global stream and per-unit streams."""
-    model = _model(hazard).bind(_design(60))
+    global stream and per-unit streams (measured, in MC SE, global / per-unit: torch constant 1.4 / 0.02, Weibull
+    1.1 / 0.25; JAX Weibull 0.30 / -0.73)."""
+    model = _model(hazard, backend).bind(_design(60))
     fit, theta = _fit(model, TRUTH)
     ids = np.arange(model.num_units) + 100 if streams else None
     t, e = oc.first_event_times(model, theta, 400, seed=5, unit_ids=ids, response="ae")
