@@ -25,11 +25,15 @@ COLUMNS = {"id": "Id", "time": "Time", "dv": "Concentration"}
 OPTIONS = dict(num_iters=(8, 4), seed=0, progress=False, rng="per_unit", chunk_size=4)
 
 
-def _fit(covariates: dict | None = None, ka_random: bool = True, **options: object):
+def _fit(covariates: dict | None = None, ka_random: bool = True, block: int | None = None, **options: object):
+    """SAEM on theophylline; ``block``: only the rows of the 6 subjects ``6 block .. 6 block + 5`` (in ID order)."""
     import latentfit as lf
     from latentfit.models import nlme
 
     df = lf.datasets.theophylline(saemix_form=True)
+    if block is not None:
+        ids = sorted(df["Id"].unique())
+        df = df[df["Id"].isin(ids[6 * block:6 * block + 6])]
     ka = 1.0 if ka_random else nlme.Parameter(1.0, random=False)  # no random effect: a numerical M-step
     model = nlme.NLME("one_compartment_oral", {"ka": ka, "V": 20.0, "CL": 0.5}, covariates=covariates)
     return model.fit(df, columns=COLUMNS, dose="Dose", **OPTIONS, **options)
@@ -92,6 +96,22 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
             ofit = _outcome_fit(case, distributed=True)
             np.savez(Path(out) / f"outcome-{case}-rank{rank}.npz", num_units=ofit.model.num_units,
                      **_outcome_post_fit(ofit))
+        # distributed="local": this process passes only its 6 subjects' rows; then blocks that share subject 7
+        local = _fit(block=rank, distributed="local")
+        np.savez(Path(out) / f"local-rank{rank}.npz", objective=local.history["objective"],
+                 num_units=local.model.num_units, **{f"param_{k}": np.asarray(v) for k, v in local.params.items()})
+        import latentfit as lf
+        from latentfit.models import nlme
+
+        df = lf.datasets.theophylline(saemix_form=True)
+        rows = df[df["Id"].isin(sorted(df["Id"].unique())[5 * rank:5 * rank + 7])]  # subjects 1-7 and 6-12
+        try:
+            nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}).fit(
+                rows, columns=COLUMNS, dose="Dose", **OPTIONS, distributed="local")
+            overlap = ""
+        except ModelSpecificationError as err:
+            overlap = str(err)
+        (Path(out) / f"overlap-rank{rank}.txt").write_text(overlap)
         ka_fixed = _fit(ka_random=False, distributed=True)
         np.savez(Path(out) / f"ka-fixed-rank{rank}.npz", objective=ka_fixed.history["objective"],
                  **{f"param_{k}": np.asarray(v) for k, v in ka_fixed.params.items()})
@@ -167,6 +187,14 @@ def test_two_processes_equal_one(two_processes: Path) -> None:
         np.testing.assert_allclose([r["ll_is"], r["ll_is_se"]], ll_is, rtol=1e-10)
         np.testing.assert_allclose(r["bic_penalty"], one.bic - one.minus_two_ll, rtol=1e-12)
         assert "Weight (center)" in str(r["refused"]) and "centre them in the table" in str(r["refused"])
+        # fit(df_block, distributed="local"): each process passed only its 6 subjects' rows, the same fit
+        local = np.load(two_processes / f"local-rank{rank}.npz")
+        assert int(local["num_units"]) == 6
+        for name, value in one.params.items():
+            np.testing.assert_allclose(local[f"param_{name}"], np.asarray(value), rtol=0, atol=1e-10, err_msg=name)
+        np.testing.assert_allclose(local["objective"], one.history["objective"], rtol=1e-12, atol=0)
+        overlap = (two_processes / f"overlap-rank{rank}.txt").read_text()
+        assert "2 individual(s) are in the rows of several processes: 6 (processes [0, 1]), 7" in overlap, overlap
         for name, value in post.items():  # post-fit of a distributed fit == one process (every subject, in order)
             tol = next((t for prefix, t in POST_RTOL.items() if name.startswith(prefix)), 1e-10)
             np.testing.assert_allclose(r[name], value, rtol=tol, atol=tol, err_msg=name)
