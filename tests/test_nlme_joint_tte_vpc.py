@@ -394,3 +394,86 @@ def test_command_line_report_has_the_joint_vpc_with_the_kaplan_meier_panel(tmp_p
     assert "data:image/png;base64," in figure[:figure.index("</figure>")]
     assert (tmp_path / "out" / "joint_vpc.png").read_bytes()[:4] == b"\x89PNG"
     assert "Kaplan-Meier" in figure[:figure.index("</figure>")]  # the caption
+
+
+USER_PY = """
+import numpy as np
+
+
+def joint(psi, d):
+    xp = d.xp
+    k = psi["CL"] / psi["V"]
+    c = 100.0 * psi["ka"] / (psi["V"] * (psi["ka"] - k)) * (xp.exp(-k * d.time) - xp.exp(-psi["ka"] * d.time))
+    m = psi["e0"] + psi["slope"] * c
+    return {"conc": c, "ll": -0.5 * ((d.dv - m) / 0.5) ** 2 - np.log(0.5 * np.sqrt(2 * np.pi))}
+
+
+def sim(psi, d, rng):
+    t = np.asarray(d.time)
+    k = psi["CL"] / psi["V"]
+    c = 100.0 * psi["ka"] / (psi["V"] * (psi["ka"] - k)) * (np.exp(-k * t) - np.exp(-psi["ka"] * t))
+    return psi["e0"] + psi["slope"] * c + 0.5 * rng.standard_normal(c.shape)
+"""
+
+USER_TOML = """
+[model]
+file = "user.py"
+function = "joint"
+
+[parameters]
+ka = 1.0
+V = 20.0
+CL = 2.0
+e0 = { init = 0.5, transform = "normal", random = false }
+slope = { init = 0.2, transform = "normal", random = false }
+
+[error.conc]
+model = "constant"
+dvid = 1
+
+[outcome.ll]
+type = "loglik"
+simulate = "sim"
+dvid = 2
+
+[engine]
+iterations = [30, 20]
+"""
+
+
+def test_model_file_names_the_user_simulator(tmp_path):
+    """``[outcome.ll] type = "loglik"`` with ``simulate = "sim"``: the function of the [model] file becomes the
+    response's simulator (model.simulate, the joint VPC: a continuous VPC for continuous data); errors name the key."""
+    from latentfit.models.nlme.config import ConfigError, parse_config
+
+    (tmp_path / "user.py").write_text(USER_PY)
+    cfg = parse_config(USER_TOML, tmp_path / "user.toml")
+    table = _user_data(1, n=30).drop(columns="KIND")
+    model = cfg.model(table)
+    assert callable(model.outcome.outcomes["ll"].simulate_fn)
+    data = model.simulate(_theta(model, USER_TRUTH), seed=2)
+    assert data[data.DVID == 2].DV.nunique() == len(data[data.DVID == 2])  # continuous draws
+    fit, _ = _fit(cfg.model(data), USER_TRUTH)
+    v = plots.joint_vpc_summary(fit, num_sims=100, seed=1)
+    assert isinstance(v["ll"], VPC) and isinstance(v["conc"], VPC)
+    with pytest.raises(ConfigError, match=r"\[outcome.ll\] simulate = \.\.\. names the simulator of a user"):
+        parse_config(USER_TOML.replace('type = "loglik"', 'type = "binary"'), tmp_path / "user.toml")
+    with pytest.raises(ConfigError, match="function 'nosuch' is not defined"):
+        parse_config(USER_TOML.replace('simulate = "sim"', 'simulate = "nosuch"'), tmp_path / "user.toml")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:standard errors set to NaN")  # a 50-iteration fit: SEs are not the point
+def test_command_line_report_of_a_user_log_likelihood_response(tmp_path):
+    """``latentfit nlme fit`` of PK + a user log-likelihood response with its simulator (30 individuals, 30 + 20
+    iterations): the report has the joint VPC figure."""
+    from latentfit.cli import main
+
+    (tmp_path / "user.py").write_text(USER_PY)
+    (tmp_path / "user.toml").write_text(USER_TOML)
+    _user_data(1, n=30).drop(columns="KIND").to_csv(tmp_path / "user.csv", index=False)
+    rc = main(["nlme", "fit", str(tmp_path / "user.toml"), str(tmp_path / "user.csv"), "--out", str(tmp_path / "out"),
+               "--no-progress"])
+    assert rc == 0
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert '<figure id="fig-joint_vpc">' in html and (tmp_path / "out" / "joint_vpc.png").exists()

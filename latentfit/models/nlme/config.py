@@ -44,7 +44,9 @@ A model file names everything a saemix ``saemixModel`` / ``saemixControl`` call 
     [outcome]                        # non-Gaussian data (saemix modeltype="likelihood"; nlme.outcomes), instead
     type = "binary"                  # of [error]: binary | ordinal | poisson | negative_binomial | tte | loglik
     # thresholds = ["alp1", "alp2"]  (ordinal), dispersion = "delta" (negative_binomial),
-    # hazard = "weibull" | "constant", scale = "lambda", shape = "beta" (tte: no structural model needed)
+    # hazard = "weibull" | "constant", scale = "lambda", shape = "beta" (tte: no structural model needed),
+    # simulate = "sim" (loglik: a function sim(psi, data, rng) -> DV [N, T] of the [model] file, for simulations and
+    # the VPC)
     # joint model (Gaussian and non-Gaussian responses, e.g. PK + a binary event): [error.conc] as above for the
     # Gaussian responses and one sub-table per non-Gaussian response, its outputs after the Gaussian ones'
     # [outcome.ae]
@@ -106,7 +108,7 @@ SECTIONS = {
     "iov": ("parameters", "column"),
     "data": ("columns", "dose", "x", "regressors", "covariate_interpolation"),
     "engine": ("algorithm", "iterations", "chains", "seed", "backend", "replicates", "dispersed_starts"),
-    "outcome": ("type", "thresholds", "dispersion", "hazard", "scale", "shape"),
+    "outcome": ("type", "thresholds", "dispersion", "hazard", "scale", "shape", "simulate"),
     "report": ("title", "log_y", "vpc_simulations", "max_individual_plots", "se_method"),
 }
 PARAMETER_KEYS = ("init", "transform", "random", "fixed", "omega2")
@@ -545,15 +547,20 @@ def _outcome(raw: Any, reader: _Reader) -> tuple[Any, dict[str, float]]:
 
 def _one_outcome(table: dict[str, Any], reader: _Reader, w: tuple[str, ...], allowed: tuple[str, ...]) -> Any:
     """One outcome's table (``type`` and its options) -> an Outcome (None for ``type = "gaussian"``)."""
-    from .outcomes import OUTCOMES, make_outcome
+    from .outcomes import OUTCOMES, LogLik, make_outcome
 
     reader.keys(table, w, allowed)
     if "type" not in table:
         raise reader.error(f"[{'.'.join(w)}] needs type = one of {', '.join(sorted(OUTCOMES))}", w)
     kind = reader.string(table["type"], w, "type", tuple(OUTCOMES) + ("gaussian",)).lower()
-    options = {}
+    options, simulate = {}, None
     for key, value in table.items():
-        if key == "thresholds":
+        if key == "simulate":
+            if OUTCOMES.get(kind) is not LogLik:
+                raise reader.error(f"[{'.'.join(w)}] simulate = ... names the simulator of a user log-likelihood "
+                                   f"(type = \"loglik\"); the built-in outcomes simulate themselves", w, key)
+            simulate = reader.string(value, w, key)
+        elif key == "thresholds":
             if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
                 raise reader.error(f"[{'.'.join(w)}] thresholds must list parameter names, e.g. [\"alp1\", "
                                    f"\"alp2\"], got {value!r}", w, key)
@@ -561,9 +568,31 @@ def _one_outcome(table: dict[str, Any], reader: _Reader, w: tuple[str, ...], all
         elif key != "type":
             options[key] = reader.string(value, w, key)
     try:
-        return make_outcome(kind, **options)
+        out = make_outcome(kind, **options)
     except ModelSpecificationError as err:
         raise reader.error(f"[{'.'.join(w)}]: {err}", w, next(iter(options), "type")) from None
+    if simulate is not None:
+        out.simulate_name = simulate  # loaded from the [model] file by _attach_simulators
+    return out
+
+
+def _attach_simulators(outcome: Any, model_raw: dict[str, Any], reader: _Reader, base: Path) -> None:
+    """``simulate = "sim"`` of a user log-likelihood (``[outcome]`` or ``[outcome.<response>]``): the function ``sim``
+    of the ``[model]`` file becomes its ``simulate_fn``."""
+    from .outcomes import Joint
+
+    parts = outcome.outcomes.items() if isinstance(outcome, Joint) else [(None, outcome)]
+    for name, out in parts:
+        fname = getattr(out, "simulate_name", None)
+        if fname is None:
+            continue
+        where = ("outcome",) if name is None else ("outcome", name)
+        if "file" not in model_raw:
+            raise reader.error(f"[{'.'.join(where)}] simulate = {fname!r} names a function of the [model] file; "
+                               f"give [model] file = \"model.py\" (with function = ...) defining it", where,
+                               "simulate")
+        file = reader.string(model_raw["file"], ("model",), "file")
+        out.simulate_fn = _load_function(Path(file) if Path(file).is_absolute() else base / file, fname, reader)
 
 
 def _data(raw: Any, reader: _Reader) -> dict[str, Any]:
@@ -671,6 +700,8 @@ def parse_config(text: str, path: str | Path | None = None, base_dir: str | Path
         structural, desc = None, str(raw.get("model", {}).get("description", ""))
     else:
         structural, desc = _structural(reader.table(raw["model"], ("model",)), reader, base)
+    if outcome is not None:
+        _attach_simulators(outcome, reader.table(raw.get("model", {}), ("model",)), reader, base)
     parameters = _parameters(raw["parameters"], reader)
     if isinstance(structural, str):
         expected = list(LIBRARY[structural]().parameters)
