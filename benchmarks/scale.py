@@ -2,6 +2,7 @@
 
     python benchmarks/scale.py [--quick] [--sizes 5000,100000] [--processes 1,2,4] [--devices 1,2,4]
                                [--memory-sizes 100000,1000000] [--iters 6,4] [--mmap-threshold 131072]
+                               [--jax-process-sizes 20000,200000] [--jax-processes 2]
 
 Data: the one-compartment oral population of ``benchmarks/nlme.py`` (10 observations per individual at
 0.25 … 24 h, one dose of 100 at time 0; ka = 1, V = 8, CL = 0.8, ω² = 0.16/0.09/0.09, a = 0.5), simulated here in
@@ -23,6 +24,12 @@ closed form with numpy so that N = 10⁶ costs seconds.
    during a short SAEM run (``VmHWM``, reset after binding), against the bytes the per-unit state needs (the model's
    arrays with one row per individual plus the chains ``z [L, N, d]``, each block of memory once: a row viewed N
    times counts once).  ``--mmap-threshold`` sets glibc's ``MALLOC_MMAP_THRESHOLD_`` for it.
+
+4. **JAX processes, whole data vs each process its block**: 2 processes (``jax.distributed``, one CPU device each,
+   collectives over gloo) fitting ``NLME(backend="jax")`` with ``rng="per_unit"``, every process reading the whole
+   table (``distributed=True``) or only its block of the individuals (``distributed="local"``, issue 13 item 3):
+   per process the resident memory the table and the binding left, the peaks while binding and during the fit
+   (compilation included), time per iteration, and the estimates against the whole-data run.
 
 On a machine with fewer cores than processes or devices the runs are oversubscribed: the times then measure
 contention, not scaling (the table prints the core count and the load average).
@@ -71,6 +78,24 @@ throughout, so 2 and 4 processes/devices are oversubscribed and the times are co
        default 1000000     528    925     1544   1534    322      626        4.76   608
        mmap     100000     532    938     1550   1401    322      626        4.35   463
        mmap    1000000     528    925     1521   1376    322      626        4.27   450
+
+    4. JAX processes (2026-12-03 08:24-08:32, ``--skip torch,jax,memory --jax-process-sizes 20000,200000``, SAEM
+       (10, 5); 2 cores shared with other jobs, load 7-10; MiB per process, the largest over the 2 processes; data, bind
+       pk and fit pk over RSS0, the resident memory after the imports: 199 MiB)
+           N   mode rows/proc   data bind pk  fit pk peak MiB/proc  ms/iter compile s  max |Δθ| vs whole
+       20000  whole    220000     78      87     467           665    207.9      23.6            0.0e+00
+       20000  local    110000     66      72     480           679    188.4      30.5            0.0e+00
+      200000  whole   2200000    296     374    1001          1199   1135.6      22.4            0.0e+00
+      200000  local   1100000    174     207     731           930    598.5      29.3            0.0e+00
+
+   With its block alone a process holds half the table and half the bound data: at N = 2·10⁵ the data it keeps fall
+   from 296 to 174 MiB (~50 MiB of it is the first binding's fixed cost, 56 MiB already at N = 2000), the binding's peak
+   from 374 to 207 MiB, the fit's from 1001 to 731 MiB and the process's peak from 1199 to 930 MiB (-22 %).  At
+   N = 2·10⁴ the data are small (78 against 66 MiB) and the fit's peak is mostly the compilation's (~400 MiB either
+   way; the local mode's is 13 MiB higher, likely its programs' one-slot global copies of the block's data, not
+   measured apart): the process's peak is 665 against 679 MiB.  The estimates are the same to the last bit in both
+   modes.  The times are under load (contention): at 2·10⁵ the local mode was 1.9× faster per iteration in this one
+   run, not investigated and not a stable figure.
 
 Every run's estimates agree with the one-process / one-device fit to rounding (≤ 4e-15).  Per process, the peak
 memory falls with the block (815 → 437 MiB at N = 10⁵); the imports alone are ~256 MiB.  Re-run of parts 1-2 at
@@ -365,6 +390,74 @@ def jax_devices(n: int, devices: list[int], num_iters: tuple[int, int]) -> list[
     return json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))[len("RESULT"):])
 
 
+# ----- 4. JAX processes: the whole data on every process vs each process its block -------------------------------
+def _jax_process_child(rank: int, world: int, port: int, workdir: str, mode: str, num_iters: tuple[int, int]) -> None:
+    import jax
+    import pandas as pd
+
+    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=world, process_id=rank)
+    from latentfit.models import nlme
+
+    release_freed()
+    rss0 = rss_mib()
+    reset_peak()
+    df = pd.read_pickle(Path(workdir) / ("whole.pkl" if mode == "whole" else f"block{rank}of{world}.pkl"))
+    rows = len(df)
+    model = nlme.NLME("one_compartment_oral", dict(START), backend="jax").bind(df)
+    del df  # the model keeps the table by reference
+    bind_peak = peak_mib()
+    release_freed()
+    rss1 = rss_mib()
+    reset_peak()
+    fit = model.fit(seed=0, progress=False, num_iters=num_iters, burn_in=min(5, num_iters[0] // 2),
+                    distributed=True if mode == "whole" else "local")
+    iters = (fit.elapsed - fit.init_time - fit.compile_time) / fit.num_iterations
+    print("RESULT" + json.dumps({"rank": rank, "rss0_mib": rss0, "bind_peak_mib": bind_peak, "rss1_mib": rss1,
+                                 "peak_mib": peak_mib(), "ms_per_iter": 1000 * iters, "compile_s": fit.compile_time,
+                                 "rows": rows,
+                                 "params": {k: np.asarray(v, dtype=float).tolist() for k, v in fit.params.items()}}),
+          flush=True)
+
+
+def jax_processes(n: int, num_iters: tuple[int, int], world: int = 2) -> dict[str, list[dict]]:
+    """Part 4: ``NLME(backend="jax").fit(..., distributed=...)`` over ``world`` processes (one CPU device each,
+    collectives over gloo): every process reading the whole table (``distributed=True``) or only its block of the
+    individuals (``distributed="local"``); per process its resident memory after the imports and its peak."""
+    import socket
+
+    df = simulate(n)
+    ids = df["ID"].to_numpy()
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="latentfit-scale-") as workdir:
+        df.to_pickle(Path(workdir) / "whole.pkl")
+        for rank, block in enumerate(np.array_split(np.arange(1, n + 1), world)):
+            df[(ids >= block[0]) & (ids <= block[-1])].to_pickle(Path(workdir) / f"block{rank}of{world}.pkl")
+        del df, ids
+        env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1")
+        env.pop("XLA_FLAGS", None)
+        for mode in ("whole", "local"):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import scale; "
+                    "scale._jax_process_child(int(sys.argv[1]), {world}, {port}, {workdir!r}, {mode!r}, "
+                    "{num_iters!r})").format(world=world, port=port, workdir=workdir, mode=mode,
+                                             num_iters=tuple(num_iters))
+            procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env) for r in range(world)]
+            rows = []
+            for p in procs:
+                stdout, stderr = p.communicate()
+                if p.returncode != 0:
+                    raise RuntimeError(stderr[-3000:])
+                rows.append(json.loads(next(ln for ln in stdout.splitlines()
+                                            if ln.startswith("RESULT"))[len("RESULT"):]))
+            out[mode] = rows
+    return out
+
+
 # ----- 3. memory per unit --------------------------------------------------------------------------------------------
 def _memory_child(n: int) -> None:
     import torch
@@ -433,10 +526,14 @@ def main() -> None:
     ap.add_argument("--iters", default="10,5", help="SAEM iterations K1,K2 of the timed fits")
     ap.add_argument("--mmap-threshold", type=int, default=None,
                     help="part 3 with glibc's MALLOC_MMAP_THRESHOLD_ set to this many bytes (e.g. 1048576)")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: torch,jax,memory")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: torch,jax,jaxproc,memory")
+    ap.add_argument("--jax-process-sizes", default=None,
+                    help="populations for part 4, JAX processes whole vs local (default 20000; --quick 4000)")
+    ap.add_argument("--jax-processes", type=int, default=2, help="processes of part 4")
     args = ap.parse_args()
     sizes = [int(s) for s in (args.sizes or ("2000,8000" if args.quick else "5000,100000")).split(",")]
     mem_sizes = [int(s) for s in (args.memory_sizes or ("20000,100000" if args.quick else "100000,1000000")).split(",")]
+    jax_proc_sizes = [int(s) for s in (args.jax_process_sizes or ("4000" if args.quick else "20000")).split(",")]
     processes = [int(p) for p in args.processes.split(",")]
     devices = [int(d) for d in args.devices.split(",")]
     num_iters = tuple(int(k) for k in args.iters.split(","))
@@ -464,6 +561,26 @@ def main() -> None:
             for r in rows:
                 print(f"{n:>8}{r['devices']:>10}{r['ms_per_iter']:>10.1f}{r['compile_s']:>11.1f}{r['peak_mib']:>10.0f}"
                       f"{_max_diff(r['params'], base):>16.1e}")
+    if "jaxproc" not in skip:
+        print(f"\n4. JAX processes (jax.distributed, {args.jax_processes} processes x 1 CPU device, gloo): every "
+              "process reading the whole table (distributed=True) or only its block (distributed='local')")
+        print(f"{'N':>8}{'mode':>7}{'rows/proc':>10}{'RSS0 MiB':>9}{'data':>7}{'bind pk':>8}{'fit pk':>8}"
+              f"{'peak MiB/proc':>14}{'ms/iter':>9}{'compile s':>10}{'max |Δθ| vs whole':>19}")
+        for n in jax_proc_sizes:
+            res = jax_processes(n, num_iters, args.jax_processes)
+            base = res["whole"][0]["params"]
+            for mode, rows in res.items():
+                top = lambda key, rows=rows: max(r[key] - r["rss0_mib"] for r in rows)  # noqa: E731
+                diff = max(_max_diff(r["params"], base) for r in rows)
+                print(f"{n:>8}{mode:>7}{max(r['rows'] for r in rows):>10}{max(r['rss0_mib'] for r in rows):>9.0f}"
+                      f"{top('rss1_mib'):>7.0f}{top('bind_peak_mib'):>8.0f}{top('peak_mib'):>8.0f}"
+                      f"{max(max(r['peak_mib'], r['bind_peak_mib']) for r in rows):>14.0f}"
+                      f"{max(r['ms_per_iter'] for r in rows):>9.1f}{max(r['compile_s'] for r in rows):>10.1f}"
+                      f"{diff:>19.1e}")
+        print("(MiB, the largest over the processes.  RSS0: a process's resident memory after the imports and "
+              "jax.distributed.initialize; data: what reading the table and binding it left resident; bind pk: the "
+              "peak while reading and binding; fit pk: the peak during the fit (VmHWM reset after binding; compilation "
+              "included); all three over RSS0; peak MiB/proc: the process's peak)")
     if "memory" not in skip:
         print("\n3. memory per individual, one process (torch, SAEM (3, 0) iterations, saemix default chains"
               + (f"; MALLOC_MMAP_THRESHOLD_={args.mmap_threshold})" if args.mmap_threshold else ")"))
