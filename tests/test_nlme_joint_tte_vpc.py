@@ -477,3 +477,28 @@ def test_command_line_report_of_a_user_log_likelihood_response(tmp_path):
     assert rc == 0
     html = (tmp_path / "out" / "report.html").read_text()
     assert '<figure id="fig-joint_vpc">' in html and (tmp_path / "out" / "joint_vpc.png").exists()
+
+
+def test_report_without_a_user_simulator_keeps_the_convergence_figure():
+    """The report of a fit with a user log-likelihood (one outcome, or a joint model's response) but no simulator:
+    the convergence figure and no VPC (which would raise), after a short torch fit; with a simulator, the VPC."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from latentfit import report
+
+    def logit_ll(psi, d):
+        f = psi["theta1"] + psi["theta2"] * d.time
+        return d.dv * f - d.xp.logaddexp(0.0 * f, f)
+
+    rng = np.random.default_rng(0)
+    binary = pd.DataFrame({"ID": np.repeat(np.arange(1, 21), 4), "TIME": np.tile(np.arange(4.0), 20),
+                           "DV": rng.integers(0, 2, 80).astype(float)})
+    spec = {"theta1": P(0.0, "normal"), "theta2": P(0.0, "normal", random=False)}
+    single = nlme.NLME(logit_ll, spec, outcome="loglik").fit(binary, seed=0, progress=False, num_iters=(10, 5))
+    assert list(report.figures(single, vpc_simulations=5)) == ["convergence"]
+    data = _user_data(1, n=10)
+    joint = _user_model(simulate=False).fit(data, seed=0, progress=False, num_iters=(10, 5))
+    assert list(report.figures(joint, vpc_simulations=5)) == ["convergence"]
+    with_sim = _user_model().fit(data, seed=0, progress=False, num_iters=(10, 5))
+    assert list(report.figures(with_sim, vpc_simulations=5)) == ["joint_vpc", "convergence"]
