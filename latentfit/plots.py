@@ -501,7 +501,9 @@ def discrete_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, lev
     ``categories``; counts: ``P(DV <= k)`` at the observed quartiles) against the ``level`` prediction interval of
     the same fraction over ``num_sims`` data sets simulated at the estimates (random effects drawn from their
     prior).  Time-to-event: the Kaplan-Meier curve of the time to each individual's first event on ``num_points``
-    times, against the interval of the simulated Kaplan-Meier curves.
+    times, against the interval of the simulated Kaplan-Meier curves.  A user log-likelihood with a simulator and
+    non-integer data: the (uncorrected) :class:`~latentfit.inference.diagnostics.VPC` of their 5/50/95% quantiles
+    per bin instead.
 
     A fit with ``rng="per_unit"`` simulates each individual from its own stream (random effects from its normals,
     observations and first-event times by inversion at its uniforms), so its replicates do not depend on the other
@@ -531,6 +533,8 @@ def discrete_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, lev
     so = oc.simulate_observations(model, theta, num_sims, seed, **streams)[:, mask]  # [K, M]
     if dist is not None:  # every process's observations (its individuals' rows, flattened), in unit order
         xo, yo, so = _gather_units(dist, (xo, yo, so), (0, 0, 1))
+    if isinstance(model.outcome, oc.LogLik) and not np.all(yo == np.round(yo)):  # continuous data: their quantiles
+        return _continuous_bins(xo, yo, so, None, bins, max_bins, (0.05, 0.5, 0.95), level)
     return _discrete_bins(xo, yo, so, bins, max_bins, categories, level)
 
 
@@ -703,6 +707,13 @@ def plot_discrete_vpc(fit: Any, *, num_sims: int = 500, bins: Any = None, level:
         return plot_joint_vpc(fit, num_sims=num_sims, bins=bins, level=level, seed=seed, categories=categories,
                               figsize=figsize)
     v = discrete_vpc_summary(fit, num_sims=num_sims, bins=bins, level=level, seed=seed, categories=categories)
+    from latentfit.inference.diagnostics import VPC
+
+    if isinstance(v, VPC):  # a user log-likelihood's continuous data: the VPC of their quantiles
+        fig, ax = plt.subplots(figsize=figsize or (8.5, 4.5))
+        _draw_vpc(ax, v, level, model.x_name, model, False, False)
+        fig.tight_layout()
+        return fig
     pct = f"{100 * level:g}%"
     fig, axes = plt.subplots(1, len(v.labels), figsize=figsize or (1.5 + 4 * len(v.labels), 4), squeeze=False)
     for c, ax in enumerate(axes[0]):

@@ -48,7 +48,8 @@ FIGURES = {
                                                 "(counts: at or below a value) per time bin (black) against the 90% "
                                                 "prediction interval of the same proportion over simulated data sets "
                                                 "(band, dashed median); time-to-event data: the Kaplan-Meier curve of "
-                                                "the first event against the simulated curves' interval."),
+                                                "the first event against the simulated curves' interval; a user "
+                                                "log-likelihood's continuous data: the VPC of their quantiles."),
     "joint_vpc": ("Visual predictive check", "One panel per response, from one set of simulated data sets: a Gaussian "
                                              "response's prediction-corrected VPC (observed 5/50/95% quantiles per "
                                              "bin against their simulated 90% intervals), a discrete or count "
