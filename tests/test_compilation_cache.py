@@ -10,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent("""
     import json
     import jax, numpy as np, numpyro, numpyro.distributions as dist
@@ -341,3 +343,126 @@ def test_trace_memo_keeps_at_most_its_byte_budget_of_data(monkeypatch):
     big = jnp.ones(1000)
     ops_jax._program_for(lambda v: v * big.sum(), x)
     assert len(ops_jax._TRACES) == 3  # 8 kB of constants: not kept
+
+
+#: a NumPyro fit in a fresh process: ``argv`` = data seed, prior scale read from a global by the model (a changed
+#: closure value), the SAEM ``kernels`` option (an engine option), and "version" to pretend another latentfit version
+STORE_SCRIPT = textwrap.dedent("""
+    import hashlib, json, sys
+    import jax, numpy as np, numpyro, numpyro.distributions as dist
+    from numpyro.distributions import constraints
+    import latentfit
+    from latentfit.inference import ops_jax, ops_jax_store
+    from latentfit.numpyro import SAEM
+
+    seed, SCALE, kernel, version = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    if version != "-":
+        latentfit.__version__ = version
+
+    def model(y):
+        mu = numpyro.param("mu", 0.0)
+        omega = numpyro.param("omega", 1.0, constraint=constraints.positive)
+        sigma = numpyro.param("sigma", 1.0, constraint=constraints.positive)
+        with numpyro.plate("unit", y.shape[0], dim=-2):
+            b = numpyro.sample("b", dist.Normal(mu, omega * SCALE))
+            with numpyro.plate("obs", y.shape[1], dim=-1):
+                numpyro.sample("y", dist.Normal(b, sigma), obs=y)
+
+    rng = np.random.default_rng(seed)
+    y = 1.0 + 0.8 * rng.normal(size=(30, 1)) + 0.5 * rng.normal(size=(30, 4))
+    fit = SAEM(model, num_iters=(15, 10), progress=False, kernels=(kernel, 2, 2)).run(jax.random.PRNGKey(0), y)
+    h = hashlib.sha256()
+    for k in sorted(fit.params):
+        h.update(np.ascontiguousarray(np.asarray(fit.params[k])).tobytes())
+    for k in sorted(fit.history):
+        h.update(np.ascontiguousarray(np.asarray(fit.history[k])).tobytes())
+    print(json.dumps({"sha": h.hexdigest(), "traces": ops_jax.TRACES[0], "source": latentfit.__file__,
+                      **ops_jax_store.STATS}))
+""")
+
+
+def _fit(env: dict[str, str], seed: int = 0, scale: float = 1.0, kernel: int = 2, version: str = "-") -> dict:
+    out = subprocess.run([sys.executable, "-c", STORE_SCRIPT, str(seed), str(scale), str(kernel), version], env=env,
+                         capture_output=True, text=True, timeout=600, cwd=env["PYTHONPATH"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _store_env(tmp_path, source: str) -> dict[str, str]:
+    return dict(_plain_env(source), LATENTFIT_COMPILATION_CACHE=str(tmp_path / "cache"))
+
+
+def _plain_env(source: str) -> dict[str, str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=source)
+    env.pop("LATENTFIT_COMPILATION_CACHE", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    """A store filled by one process: ``(environment, the fit's record)``.  The processes import a copy of the
+    package made once: entries are keyed on latentfit's source, which must not change between them."""
+    import shutil
+
+    import latentfit
+
+    pytest.importorskip("flatbuffers")
+    source = tmp_path_factory.mktemp("source")
+    shutil.copytree(os.path.dirname(latentfit.__file__), source / "latentfit",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = _store_env(tmp_path_factory.mktemp("store"), str(source))
+    first = _fit(env)
+    first["entries"] = sorted(os.listdir(os.path.join(env["LATENTFIT_COMPILATION_CACHE"], "latentfit-traces")))
+    return env, first
+
+
+def test_second_process_traces_nothing_with_the_store(stored):
+    """Issue 10 item 6 / issue 14 item 9: with the persistent cache on, a second process fitting the same model on
+    the same data loads every traced program from the on-disk store (``latentfit-traces``): it traces nothing, and
+    its estimates and history are bit-identical to the first process's and to a fit without any cache."""
+    env, first = stored
+    assert first["source"].startswith(env["PYTHONPATH"])  # the copy
+    assert first["traces"] > 0 and first["saved"] == first["traces"], first
+    assert len([f for f in first["entries"] if f.endswith(".lft")]) == first["saved"]
+    second = _fit(env)
+    assert second["traces"] == 0 and second["loaded"] == first["saved"] and second["rejected"] == 0, second
+    assert second["sha"] == first["sha"] == _fit(_plain_env(env["PYTHONPATH"]))["sha"]
+
+
+@pytest.mark.parametrize("change", [{"scale": 1.5}, {"version": "0.0.0-other"},
+                                    pytest.param({"seed": 1}, marks=pytest.mark.slow),
+                                    pytest.param({"kernel": 3}, marks=pytest.mark.slow)])
+def test_the_store_does_not_serve_other_data_options_closures_or_versions(stored, change):
+    """A second process that differs in a value the model reads from a global, the latentfit version, the data or an
+    engine option does not reuse the stored traces: it traces again and equals a fit without any cache."""
+    env, first = stored
+    again = _fit(env, **change)
+    assert again["traces"] > 0 and again["loaded"] < first["saved"], again
+    assert again["loaded"] == 0 or "version" not in change, again  # another version: no entry at all
+    if "version" in change:  # the same fit, traced again
+        assert again["sha"] == first["sha"]
+    else:
+        assert again["sha"] == _fit(_plain_env(env["PYTHONPATH"]), **change)["sha"]
+        assert again["sha"] != first["sha"]  # the change mattered
+
+
+def test_a_corrupted_or_truncated_entry_is_ignored(stored, tmp_path):
+    """Entries truncated, with flipped bytes, or replaced by garbage are ignored without an error (checksum): the
+    programs are traced again and the fit is the same."""
+    import shutil
+
+    env, first = stored
+    env = dict(env, LATENTFIT_COMPILATION_CACHE=str(tmp_path / "cache"))
+    shutil.copytree(stored[0]["LATENTFIT_COMPILATION_CACHE"], tmp_path / "cache")
+    entries = [tmp_path / "cache" / "latentfit-traces" / name for name in first["entries"]]  # the first fit's
+    assert len(entries) >= 3
+    data = entries[0].read_bytes()
+    entries[0].write_bytes(data[: len(data) // 2])  # truncated
+    data = bytearray(entries[1].read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte flipped
+    entries[1].write_bytes(bytes(data))
+    entries[2].write_bytes(b"not an entry at all")
+    second = _fit(env)
+    assert second["rejected"] == 3 and second["traces"] == 3, second
+    assert second["loaded"] == first["saved"] - 3
+    assert second["sha"] == first["sha"]

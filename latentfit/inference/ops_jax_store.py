@@ -35,6 +35,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from .ops_jax_memo import _Fingerprinter, _is_library_module
+
 #: False: never read or write the store (the in-process memo and JAX's own cache still work)
 ENABLED = True
 #: most bytes the store's folder may hold; least recently used entries are removed beyond it
@@ -46,6 +48,9 @@ FOLDER = "latentfit-traces"
 _MAGIC = b"LFTRACE\x01"
 #: why a program was not stored or an entry not used (``logging.DEBUG``)
 log = logging.getLogger("latentfit.trace_store")
+
+
+_LEN = struct.Struct("<Q").pack
 
 
 class Unstable(Exception):
@@ -128,12 +133,15 @@ class _Stable:
     """Feeds a memo key into a hash, every value by a name or content that is the same in another process."""
 
     def __init__(self) -> None:
-        self.h = hashlib.blake2b(digest_size=20)
+        self.parts: list[bytes] = []
         self.packages: set[str] = set()
         self.classes: dict[type, int] = {}
 
     def put(self, tag: bytes, payload: bytes = b"") -> None:
-        self.h.update(tag + struct.pack("<Q", len(payload)) + payload)
+        self.parts += (tag, _LEN(len(payload)), payload)
+
+    def digest(self) -> bytes:
+        return hashlib.blake2b(b"".join(self.parts), digest_size=20).digest()
 
     def name(self, obj: Any) -> None:
         qualified = _qualified(obj)
@@ -141,9 +149,14 @@ class _Stable:
         self.put(b"N", qualified.encode())
 
     def __call__(self, x: Any) -> None:  # noqa: C901 - one branch per kind of value, as in the fingerprint
-        from .ops_jax_memo import _is_library_module
-
-        if x is None or isinstance(x, (bool, int, str, bytes, complex)) or x is Ellipsis:
+        kind = type(x)
+        if kind is str:
+            self.put(b"s", x.encode("utf-8", "surrogatepass"))
+        elif kind is tuple and not (len(x) == 2 and x[0] in ("set", "frozenset") and type(x[1]) is tuple):
+            self.put(b"(", _LEN(len(x)))
+            for v in x:
+                self(v)
+        elif x is None or isinstance(x, (bool, int, bytes, complex)) or x is Ellipsis:
             self.put(b"S", f"{type(x).__name__}:{x!r}".encode())
         elif isinstance(x, float):
             self.put(b"F", x.hex().encode())
@@ -158,7 +171,7 @@ class _Stable:
             for v in x:
                 sub = _Stable()
                 sub(v)
-                parts.append(sub.h.digest())
+                parts.append(sub.digest())
             self.put(b"{", b"".join(sorted(parts)))
         elif isinstance(x, types.CodeType):
             self.code(x)
@@ -209,8 +222,6 @@ class _Stable:
     def cls(self, cls: type) -> None:
         """A library class by name; the project's by name (its source is in :func:`environment`); the user's by name
         and its methods (their code and what they capture: a method edited between runs is another key)."""
-        from .ops_jax_memo import _Fingerprinter, _is_library_module
-
         if _is_library_module(cls.__module__) or cls.__module__ == "builtins":
             self.name(cls)
             return
@@ -251,7 +262,7 @@ def stable_digest(key: Hashable) -> str | None:
         mod = sys.modules.get(package)
         walk.put(b"P", f"{package}={getattr(mod, '__version__', '')}".encode())
     walk.put(b"env", environment())
-    return walk.h.hexdigest()
+    return walk.digest().hex()
 
 
 # --- trees and records as JSON --------------------------------------------------------------------------------------
