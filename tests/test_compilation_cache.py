@@ -466,3 +466,40 @@ def test_a_corrupted_or_truncated_entry_is_ignored(stored, tmp_path):
     assert second["rejected"] == 3 and second["traces"] == 3, second
     assert second["loaded"] == first["saved"] - 3
     assert second["sha"] == first["sha"]
+
+
+def test_stable_digest_names_what_a_trace_reads():
+    """The store's key (:func:`ops_jax_store.stable_digest`): equal for equal captures made separately (code by
+    content, arrays by content), different when a captured value, an array's content or a method of the user's class
+    differs (classes are named, so their methods must be in the key), and None for what has no name outside this
+    process (a module of the user's)."""
+    import types
+
+    import numpy as np
+
+    from latentfit.inference import ops_jax_store as store
+    from latentfit.inference.ops_jax_memo import fingerprint
+
+    def key(fn):
+        return store.stable_digest(fingerprint(fn))
+
+    def closure(scale, data):
+        return lambda t: (t * scale * data).sum()
+
+    a = np.linspace(0.0, 1.0, 5)
+    assert key(closure(2.0, a)) == key(closure(2.0, a.copy())) is not None
+    assert key(closure(2.0, a)) != key(closure(3.0, a))
+    assert key(closure(2.0, a)) != key(closure(2.0, a + 1e-12))
+
+    def user_class(power):
+        namespace: dict = {}
+        exec(f"class Model:\n    def f(self, t):\n        return t ** {power}\n", namespace)
+        cls = namespace["Model"]
+        cls.__module__ = "user_models"
+        return cls()
+
+    one, two = user_class(2), user_class(3)
+    assert type(one).__qualname__ == type(two).__qualname__
+    assert key(lambda t: one.f(t)) != key(lambda t: two.f(t))  # same name, another method
+    mod = types.ModuleType("user_helpers")
+    assert key(lambda t: mod.g(t)) is None

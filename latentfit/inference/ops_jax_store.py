@@ -152,6 +152,11 @@ class _Stable:
         kind = type(x)
         if kind is str:
             self.put(b"s", x.encode("utf-8", "surrogatepass"))
+        elif kind is tuple and len(x) == 2 and x[0] == "module" and type(x[1]) is str:  # a module, by its name
+            if not (_is_library_module(x[1]) or x[1].split(".")[0] == "latentfit"):
+                raise Unstable(f"module {x[1]}")  # the user's module: its functions are not in the key
+            self.packages.add(x[1].split(".")[0])
+            self.put(b"M", x[1].encode())
         elif kind is tuple and not (len(x) == 2 and x[0] in ("set", "frozenset") and type(x[1]) is tuple):
             self.put(b"(", _LEN(len(x)))
             for v in x:
