@@ -12,7 +12,8 @@ observation read through ``log_psi[subject]``) and the NLME family's fast path: 
 fit, ms per iteration, and each path's time per iteration over the NLME path's.
 A third part fits theophylline end to end in fresh processes (data to estimates, imports excluded), by the README's
 NumPyro model and by ``NLME(..., backend="jax")``: without JAX's persistent compilation cache, with it cold (filled)
-and warm (``latentfit.enable_compilation_cache``), and a later fit in the no-cache process.
+and warm (``latentfit.enable_compilation_cache``), and a later fit in the no-cache process; ``traced``: programs
+traced to jaxprs so far in the process (0 in a warm process: the on-disk trace store).
 Timings on a shared machine are noisy: rerun with ``--repeats`` and read the medians (and the CPU seconds).
 ``--threads 1`` pins torch to one intra-op thread: on this 2-core machine shared at load 3-8, torch's default of two
 threads made every torch path 10-30x slower per iteration (threads waiting for each other against the other
@@ -114,6 +115,37 @@ fresh process with the cache warm is unchanged: the memo lives in the process, s
 programs and lowers them to find them in JAX's cache (NLME: of 1.3 s CPU, the 3 programs' trace + lowering ~60%, the
 ~44 small eager programs of the set-up the rest); a persistent memo (fingerprint -> serialized executable, constants,
 output tree) would skip both.
+
+After 2492938 (on-disk trace store, ``latentfit/inference/ops_jax_store.py``: with the persistent cache on, each traced
+program is also kept in ``<cache dir>/latentfit-traces`` under a digest of the memo's key valid in every process, as a
+``jax.export`` serialisation with its constants and output tree; a later process deserialises it, lowers
+``Exported.call`` and gets the executable from JAX's cache: it traces nothing, the ``traced`` column), 2026-12-03, same
+script, a15776b ("before") and cc34c65 ("after") alternated in fresh processes from copies of the two trees (4 rounds,
+each tree with its own warm cache), ``OMP_NUM_THREADS=1``, load 7.3-12.7 on 2 cores: read the CPU.  Estimates and
+history bit-identical in every fit, cold and warm (NumPyro fad72e9d9d621136, NLME 31f4d1edf053378c):
+
+=======================================  ==========================  ==========================  ===================
+CPU s (wall s; programs' load, wall s)   before                      after                       goal
+=======================================  ==========================  ==========================  ===================
+NLME jax, persistent cache warm          1.46-2.07 (7-14; 2.6-5.3)   0.92-1.43 (3.5-7; 0.9-1.7)  <= 0.2 s: not met
+NumPyro, persistent cache warm           2.60-2.75 (6-16; 1.9-5.1)   1.88-2.66 (6-12; 1.0-3.1)   < 1 s: not met
+later fit in the process, NLME/NumPyro   0.13-0.18 / 0.28-0.38       0.12-0.19 / 0.29-0.39
+=======================================  ==========================  ==========================  ===================
+
+The first process with the cache on compiles each program from its exported form (the executable a later process
+finds in JAX's cache; ``jax_explain_cache_misses`` and the compiler's log show a persistent-cache hit for each of them
+there, and the only trace left is ``Exported.call``'s one-primitive wrapper).  Where a warm fresh process's time goes
+now (cProfile, after): NLME (1.9 s profiled) the ~44 small eager programs of the set-up (data binding, the prior
+draw, the initial residuals, the RW scales: 0.88 s, each a trace, a lowering to MLIR (a new MLIR context each, ~5 ms)
+and a persistent-cache read; they stay eager because compiled, XLA fuses and contracts their arithmetic and the fit's
+last digits change), the 3 stored programs 0.51 s (file read and checks 0.02, lowering ``Exported.call`` 0.10, JAX's
+cache read and executable deserialisation 0.36), fingerprint + stable digest 0.12 s, iterations the rest.  Before,
+the 3 programs took 0.91 s of 1.55 s (trace 0.26, jaxpr text 0.06, lowering 0.38, cache read 0.17).  NumPyro (4.1 s
+profiled): the adapter's set-up 2.4 s (the model run eagerly to find unit maps, patterns and Gaussian faces: most of
+the ~95 eager programs), the 9 stored programs 0.95 s (lowering 0.27, cache reads 0.59), digests 0.08 s.  What is
+left is eager work, not tracing: set-up programs grouped into stored compiled programs would need the compiled
+results to match the eager ones bit for bit (they do not, see ``SAEM.init``), and the adapter's analysis of the
+model is Python over the model's trace.
 
 The torch path, round by round.  847ddc1 (estimates bit-identical): a Normal site's log-density is computed on its
 compact scale (torch's Normal expands a scalar sd to every observation, and ``scale.log()`` ran over all of them: CPU
@@ -306,8 +338,9 @@ for label in ("E2E", "LATER"):
     t0, c0 = time.perf_counter(), time.process_time()
     fit, ka = fit_once()
     compile_s = fit.model.ops.compile_time
+    from latentfit.inference import ops_jax
     print(label, time.perf_counter() - t0, time.process_time() - c0, compile_s,
-          fit.elapsed - fit.init_time - compile_s, ka)
+          fit.elapsed - fit.init_time - compile_s, ka, getattr(ops_jax, "TRACES", [float("nan")])[0])
 """
 
 
@@ -408,9 +441,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n{title} on theophylline (400 iterations), end to end in a fresh process (data to estimates, imports "
               "excluded; saemix: about 2 s end to end, issue 14's constant, R not installed here), then a later fit "
               "in the same process")
-        print(f"{'persistent cache':<18}{'wall s':>8}{'cpu s':>8}{'compile s':>11}{'iters s':>9}{'ka':>8}")
-        for label, (wall, cpu, compile_s, iters_s, ka) in numpyro_end_to_end(path):
-            print(f"{label:<18}{wall:>8.2f}{cpu:>8.2f}{compile_s:>11.2f}{iters_s:>9.2f}{ka:>8.3f}")
+        print(f"{'persistent cache':<18}{'wall s':>8}{'cpu s':>8}{'compile s':>11}{'iters s':>9}{'ka':>8}"
+              f"{'traced':>8}")
+        for label, (wall, cpu, compile_s, iters_s, ka, traces) in numpyro_end_to_end(path):
+            print(f"{label:<18}{wall:>8.2f}{cpu:>8.2f}{compile_s:>11.2f}{iters_s:>9.2f}{ka:>8.3f}{traces:>8.0f}")
 
 
 def _version(mod: str) -> str:
