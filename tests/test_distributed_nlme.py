@@ -273,3 +273,31 @@ def test_nlme_two_jax_devices_equal_one() -> None:
     out = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))[len("RESULT"):])
     assert out["diff"] < 1e-10
     assert out["z_devices"] == 2 and out["z_shard"] == [5, 6, 3]
+
+
+def test_block_padded_like_the_whole_table() -> None:
+    """``pad_data`` (a ``distributed="local"`` JAX block, :func:`~latentfit.integrations.families.same_layout`): a block
+    of subjects read apart, with fewer observations per subject than another block, padded to the whole table's widths
+    holds exactly the whole table's arrays for its subjects (times, DV, mask, censoring, row positions, doses)."""
+    import latentfit as lf
+    from latentfit.models import nlme
+    from latentfit.models.nlme.data import data_widths
+
+    df = lf.datasets.theophylline(saemix_form=True)
+    ids = sorted(df["Id"].unique())
+    first = df.groupby("Id").cumcount() == 0
+    df = df[~(first & df["Id"].isin(ids[6:]))].reset_index(drop=True)  # subjects 7-12: 9 observations
+    model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5})
+    whole = model.bind(df, columns=COLUMNS, dose="Dose")
+    block = df[df["Id"].isin(ids[6:])].reset_index(drop=True)
+    alone = model.bind(block, columns=COLUMNS, dose="Dose")
+    assert data_widths(alone.data) == (9, 1, 1) and data_widths(whole.data) == (10, 1, 1)
+    wide = model.bind(block, columns=COLUMNS, dose="Dose")
+    wide.pad_widths = data_widths(whole.data)
+    wide = wide.bind()
+    for name in ("time", "dv", "mask", "cens", "dose_time", "dose_amt", "dose_rate", "dose_cmt", "seg_start"):
+        np.testing.assert_array_equal(getattr(wide.data, name), getattr(whole.data, name)[6:], err_msg=name)
+    # row positions: in the block's own table (the whole table's minus its first 60 rows), padding -1 alike
+    np.testing.assert_array_equal(np.where(wide.data.obs_rows >= 0, wide.data.obs_rows + 60, -1),
+                                  whole.data.obs_rows[6:])
+    assert wide.num_obs == alone.num_obs == 54 and not wide._no_padding

@@ -327,6 +327,22 @@ ebe = fit.individual_estimates()  # every subject's, gathered in subject order
 out["saem"] = dict(record(fit), z=np.asarray(fit.state.z).tolist(), num_units=fit.num_units,
                    ll=float(fit.log_likelihood()), mode=np.asarray(ebe.mode).tolist(),
                    mean=np.asarray(ebe.mean).tolist())
+# checkpoints: each process writes its block; interrupted after iteration 10 and resumed: the uninterrupted fit
+import os, shutil, tempfile
+ckdir = os.path.join(tempfile.gettempdir(), f"latentfit-jax-local-ckpt-{port}")
+
+
+def interrupt(k, _record):
+    if k == 9:
+        raise KeyboardInterrupt
+
+
+stopped = latentfit.numpyro.SAEM(theophylline_model, **opts, callback=interrupt).run(
+    jax.random.PRNGKey(1), **mine, distributed="local", checkpoint=ckdir, checkpoint_every=1)
+resumed = latentfit.numpyro.SAEM(theophylline_model, **opts).run(
+    jax.random.PRNGKey(1), **mine, distributed="local", checkpoint=ckdir, resume=True)
+out["ckpt"] = dict(record(resumed), z=np.asarray(resumed.state.z).tolist(), stopped_at=stopped.num_iterations,
+                   files=sorted(f for f in os.listdir(ckdir) if f.endswith(f".rank{rank}-of-2.json")))
 # NLME: process 1's subjects lost their first observation, so the blocks are read as [6, 10] and [6, 9] arrays and
 # padded alike; each process reads only its rows of the table
 df = lf.datasets.theophylline(saemix_form=True)
@@ -361,6 +377,7 @@ if rank == 0:  # the one-process fits of the whole data (this process alone, aft
     out["saem_one"] = dict(record(one), z=np.asarray(one.state.z).tolist(), ll=float(one.log_likelihood()),
                            mode=np.asarray(ebe.mode).tolist(), mean=np.asarray(ebe.mean).tolist())
     out["nlme_one"] = record(model.fit(df, **nlme_opts, rng="per_unit"))
+    shutil.rmtree(ckdir)  # process 1 is past its last use of it (later collectives)
 print("RESULT" + json.dumps(out), flush=True)
 """
 
@@ -381,8 +398,10 @@ def test_two_jax_processes_local_blocks_equal_one() -> None:
     6r .. 6r + 5 (their per-unit streams), its chains its block of the one-process chains; the post-fit log-likelihood
     (summed over the processes) and the individual estimates (gathered in subject order) are those of the one-process
     fit on both processes (conditional modes: a damped Newton, ~sqrt(eps), as tests/test_distributed_nlme.py).  NLME
-    blocks read with different numbers of observations (10 and 9 per subject) are padded alike.  Overlapping NLME
-    blocks, blocks of 7 and 5 units, and the whole data on every process are refused with the reason named."""
+    blocks read with different numbers of observations (10 and 9 per subject) are padded alike.  With ``checkpoint=``
+    each process writes its block; the fit interrupted after iteration 10 and resumed equals the uninterrupted one bit
+    for bit.  Overlapping NLME blocks, blocks of 7 and 5 units, and the whole data on every process are refused with
+    the reason named."""
     outs = _two_processes(CHILD_LOCAL)
     one = outs[0]["saem_one"]
     for out in outs:
@@ -394,6 +413,10 @@ def test_two_jax_processes_local_blocks_equal_one() -> None:
         np.testing.assert_allclose(saem["mean"], one["mean"], rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(saem["mode"], one["mode"], rtol=1e-6, atol=1e-6)
         assert np.shape(saem["mode"]) == (12, 3)
+        ck = out["ckpt"]  # interrupted after iteration 10 and resumed: the uninterrupted fit bit for bit
+        assert ck["stopped_at"] == 10
+        assert ck["files"] == [f"ckpt-{k:06d}.rank{r}-of-2.json" for k in (5, 10, 15)], ck["files"]
+        assert ck["params"] == saem["params"] and ck["z"] == saem["z"] and ck["history"] == saem["history"]
         assert out["nlme_block_width"] == (10 if r == 0 else 9)
         _assert_same_fit(outs[0]["nlme_one"], out["nlme"])
         errors = out["errors"]

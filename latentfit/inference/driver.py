@@ -47,6 +47,10 @@ class Engine:
     model_type: type = LatentModel
     #: the record :meth:`run` returns (a :class:`FitResult`, or a documented subclass)
     result_type: type = FitResult
+    #: whether ``run(distributed="local")`` works on JAX (each process its block; the engine's distributed form
+    #: compiled over the processes): SAEM and f-SAEM.  The others' distributed forms pick their mini-batch units
+    #: with data-dependent shapes, which only torch's eager execution runs.
+    jax_local_blocks: bool = False
 
     def __init__(self, model: LatentModel, *, seed: int = 0, progress: bool = True,
                  callback: Callback | None = None, num_draws: int = 100, chunk_size: int = 25) -> None:
@@ -157,7 +161,8 @@ class Engine:
         process holding another number of units, or every process the same data, is refused with the counts
         named).  The result holds this process's block of the per-unit state and draws, as a torch rank's does;
         the post-fit computations (log-likelihood, standard errors, individual estimates) reach every process and
-        give the same, complete results on each, per-unit outputs in global unit order.
+        give the same, complete results on each, per-unit outputs in global unit order.  On JAX: SAEM and f-SAEM
+        (:attr:`jax_local_blocks`).
 
         ``distributed=True`` (torch, inside a ``torchrun`` script with an initialised process group): this process's
         model holds its shard of the units; statistics and acceptance counts are all-reduced in float64 and every
@@ -189,6 +194,10 @@ class Engine:
                                      "(distributed=True or 'local'; NLME's fit(df, distributed='whole') takes the "
                                      "whole table on both backends)")
                 if mesh is not None:  # JAX, each process its block: the blocks must be of one global array
+                    if not self.jax_local_blocks:
+                        raise ValueError(f"{self.name}: distributed='local' on JAX (each process passes its block) "
+                                         "is supported by SAEM and f-SAEM; pass every process the whole data with "
+                                         "distributed=True, or use the torch backend")
                     check_process_blocks(self.name, self.model, self.ops.process_group())
                 self.distribute()
             else:

@@ -11,7 +11,10 @@ shapes, runs under ``jax.shard_map`` over a mesh ``"units"`` of one device per p
 in process order), every input (state, captured data) entering as process r's block of a global array with one slot
 per process (``jax.make_array_from_single_device_arrays``), so the program on process r sees exactly its own arrays;
 ``all_sum`` is ``lax.psum``, ``gather_units`` ``lax.all_gather`` (tiled, process order).  Outside a trace (an engine's
-set-up, post-fit computations) they are host collectives (``multihost_utils.process_allgather``).
+set-up, post-fit computations) they are host collectives (``multihost_utils.process_allgather``).  The compiled
+programs are shared by the fits of a process (keyed by the traced program's text and its inputs' shapes, the data
+being arguments), and every process checks before compiling that the others' inputs have the same shapes and their
+programs the same cross-process operations (a mismatch would otherwise hang).
 
 The global unit index of process r's first unit is the number of units of the processes before it (as on torch), so
 per-unit random streams (``rng="per_unit"``) use the global indices and the fit equals the one-process fit of the
@@ -22,6 +25,7 @@ blocks of one global array): other counts are refused with the counts named.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -30,9 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .ops_jax import JaxOps, ProcessGroup, _compile, whole_from_blocks
+from .ops_jax import _ADDRESS, PROGRAM_CACHE_SIZE, JaxOps, ProcessGroup, _aval_key, _compile, whole_from_blocks
 
 AXIS = "units"
+#: compiled programs of :class:`_ProcessProgram`, shared by the fits of this process: keyed by the traced program's
+#: text, its inputs' shapes and dtypes and the mesh (the data are arguments); least recently used dropped first
+_PROCESS_PROGRAMS: OrderedDict[Hashable, Any] = OrderedDict()
 
 
 def process_devices() -> list[Any]:
@@ -91,11 +98,24 @@ class _ProcessProgram:
 
         num_in = num_consts + len(flat)
         num_out = len(jax.tree_util.tree_leaves(out_shape))
+        text = str(jaxpr)
+        key = (_ADDRESS.sub("", text), num_consts, tuple(_aval_key(x) for x in list(consts) + flat),
+               tuple(d.id for d in mesh.devices.flat))
+        shared = "callback" not in text  # a host callback is known only by its address
+        hit = _PROCESS_PROGRAMS.get(key) if shared else None
+        if hit is not None:  # a same-shaped fit before (its data are arguments): no compilation
+            _PROCESS_PROGRAMS.move_to_end(key)
+            self.executable, self.compiled_now = hit, False
+            return
         spec = PartitionSpec(AXIS)
         mapped = jax.shard_map(body, mesh=mesh, in_specs=(spec,) * num_in, out_specs=[spec] * num_out,
                                check_vma=False)
         stacked = [self.to_global(jnp.asarray(x)) for x in flat]
         self.executable = _compile(jax.jit(mapped).lower(*self.consts, *stacked), mesh.devices.flat[0].platform)
+        if shared:
+            _PROCESS_PROGRAMS[key] = self.executable
+            while len(_PROCESS_PROGRAMS) > PROGRAM_CACHE_SIZE:
+                _PROCESS_PROGRAMS.popitem(last=False)
 
     def to_global(self, x: Any) -> Any:
         """``x`` as this process's slot of a global array ``[processes, *x.shape]``."""

@@ -141,6 +141,7 @@ class SAEM(Engine):
     """
 
     name = "SAEM"
+    jax_local_blocks = True  # run(distributed="local") on JAX (tests/test_jax_distributed.py)
     #: the chains carry the model's per-unit cache between iterations (:meth:`LatentModel.cached_density`); f-SAEM's
     #: Laplace phase does not keep it
     carries_cache = True
