@@ -503,3 +503,32 @@ def test_stable_digest_names_what_a_trace_reads():
     assert key(lambda t: one.f(t)) != key(lambda t: two.f(t))  # same name, another method
     mod = types.ModuleType("user_helpers")
     assert key(lambda t: mod.g(t)) is None
+
+
+def test_the_store_folder_stays_under_its_bound(tmp_path, monkeypatch):
+    """Writes go through a temporary file and ``os.replace``; beyond :data:`ops_jax_store.STORE_BYTES` the least
+    recently used entries are removed (a read marks an entry used)."""
+    import time
+
+    import jax
+    import numpy as np
+
+    from latentfit.inference import ops_jax_store as store
+
+    pytest.importorskip("flatbuffers")
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    try:
+        tree = jax.tree_util.tree_structure((0, {"a": 0}))
+        monkeypatch.setattr(store, "STORE_BYTES", 12_000)
+        for i in range(4):
+            assert store.save(f"entry{i}", b"x" * 2500, (np.arange(4.0),), tree, {})
+            os.utime(store.store_dir() / f"entry{i}.lft", (time.time() - 100 + 10 * i,) * 2)
+        assert store.load("entry0") is None  # fake program bytes: read, checked, refused when deserialised ...
+        os.utime(store.store_dir() / "entry0.lft")  # ... a real entry read is marked used like this
+        assert store.save("entry4", b"x" * 2500, (np.arange(4.0),), tree, {})
+        names = sorted(p.name for p in store.store_dir().iterdir())
+        assert names == ["entry0.lft", "entry2.lft", "entry3.lft", "entry4.lft"], names  # entry1: least recent
+        assert sum(p.stat().st_size for p in store.store_dir().iterdir()) <= 12_000
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
