@@ -9,6 +9,10 @@ on a ``GaussianMixture`` (JAX backend) must equal the one-process fit to 1e-10 i
 order of the sums over units differs); so must ``NLME(..., backend="jax").fit(df, distributed=True)``.  With
 ``checkpoint=`` each process writes its own shard (its block of the chains), and the SAEM fit interrupted and resumed
 equals the uninterrupted one bit for bit (:func:`_assert_checkpoints`).
+
+``run(..., distributed="local")`` (:func:`test_two_jax_processes_local_blocks_equal_one`): each process passes only its
+block of the units (its 6 subjects' arrays; NLME: its rows of the table) and the fit equals the one-process fit of the
+whole data likewise, its post-fit results complete on every process.
 """
 
 from __future__ import annotations
@@ -182,15 +186,17 @@ def _two_processes(child: str, timeout: float = 600) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_readme_commands_two_processes() -> None:
+@pytest.mark.parametrize("flags", [[], ["--local"]], ids=["whole", "local"])
+def test_readme_commands_two_processes(flags: list[str]) -> None:
     """The README's commands: ``examples/distributed_saem_jax.py`` started twice with ``JAX_COORDINATOR_ADDRESS``,
-    ``NUM_PROCESSES=2`` and ``PROCESS_ID=0/1``; both processes print estimates within 1e-10 of the one-process fit."""
+    ``NUM_PROCESSES=2`` and ``PROCESS_ID=0/1`` (``--local``: each passes only its 6 subjects); both processes print
+    estimates within 1e-10 of the one-process fit."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1", NUM_PROCESSES="2",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}")
     env.pop("XLA_FLAGS", None)
     script = str(HERE.parent / "examples" / "distributed_saem_jax.py")
-    procs = [subprocess.Popen([sys.executable, script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=dict(env, PROCESS_ID=str(r)), cwd=HERE.parent) for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, script, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=dict(env, PROCESS_ID=str(r)), cwd=HERE.parent) for r in range(2)]
     try:
         for r, p in enumerate(procs):
             stdout, stderr = p.communicate(timeout=600)
