@@ -566,7 +566,13 @@ class JaxOps(Ops):
 
     # --- random -------------------------------------------------------------------------------
     def key(self, seed: int) -> Any:
-        return jax.random.PRNGKey(int(seed))
+        seed = int(seed)
+        if 0 <= seed < 2 ** 31 and jax.config.jax_default_prng_impl == "threefry2x32" \
+                and not jax.config.jax_enable_custom_prng:
+            # the threefry key's data [seed >> 32, seed & 0xFFFFFFFF], made on the host: ``PRNGKey`` runs two small
+            # programs (each a lowering and a compilation or cache read in a fresh process) for these two integers
+            return jax.device_put(np.array([0, seed], dtype=np.uint32))
+        return jax.random.PRNGKey(seed)
 
     def split(self, key: Any, n: int = 2) -> Any:
         """``n`` new keys, stacked (unpack them, iterate, or index with a traced integer)."""
@@ -909,7 +915,7 @@ class JaxOps(Ops):
         ``key`` names the step function (engine, phase, ...): a chunk with the same key and
         length reuses the compiled executable; ``key=None`` disables the cache.
         """
-        ks_arr = jnp.arange(ks.start, ks.stop, dtype=jnp.int32)
+        ks_arr = jax.device_put(np.arange(ks.start, ks.stop, dtype=np.int32))  # jnp.arange: three small programs
         n = len(ks)
         if n == 0:
             return state, []
