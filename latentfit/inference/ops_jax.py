@@ -13,7 +13,8 @@ what JAX does differently from torch:
   and the progress bar moves between chunks.  The executables themselves are shared across fits:
   a chunk's captured arrays (the model's data) become arguments and the program is keyed on its
   traced text and input avals (:func:`_program_for`), so a same-shaped fit compiles nothing; a function whose
-  captures (code, options, data by content) were seen before is not even traced (:mod:`.ops_jax_memo`).
+  captures (code, options, data by content) were seen before is not even traced (:mod:`.ops_jax_memo`), and with
+  the persistent compilation cache on, nor in a later process (:mod:`.ops_jax_store`).
   Compile time is accumulated in :attr:`JaxOps.compile_time` so benchmarks can report it apart
   from the per-iteration time.
 
