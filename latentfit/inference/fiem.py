@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .stats_table import ProxyRule, StatEngine, Stats, StatState, default_fast_step, s_copy, s_sub, s_take
+from .stats_table import ProxyRule, StatEngine, Stats, StatState, default_fast_step, s_copy, s_read, s_sub
 
 
 class SagaMemory(NamedTuple):
@@ -45,11 +45,11 @@ class SagaRule(ProxyRule):
         ki, kj = ops.split(key) if key is not None else (None, None)
         new_i, state = eng.oracle(state, theta, bi, ki)
         table, s_bar = state.memory
-        drift_i = eng.reduce(s_sub(new_i, s_take(ops, table, bi)), bi)
+        drift_i = eng.reduce(s_sub(new_i, s_read(ops, table, bi)), bi)
         c = eng.batch_scale
         proxy = {k: v + c * drift_i[k] for k, v in s_bar.items()}
         new_j, state = eng.oracle(state, theta, bj, kj)
-        drift_j = eng.reduce(s_sub(new_j, s_take(ops, table, bj)), bj)
+        drift_j = eng.reduce(s_sub(new_j, s_read(ops, table, bj)), bj)
         s_bar = {k: v + drift_j[k] for k, v in s_bar.items()}
         table = eng.put_rows(table, bj, new_j)
         return proxy, state._replace(memory=SagaMemory(table=table, s_bar=s_bar))

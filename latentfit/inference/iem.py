@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .stats_table import ProxyRule, StatEngine, Stats, StatState, s_copy, s_sub, s_take
+from .stats_table import ProxyRule, StatEngine, Stats, StatState, s_copy, s_read, s_sub
 
 
 class IncrementalMemory(NamedTuple):
@@ -43,7 +43,7 @@ class IncrementalRule(ProxyRule):
         ops = eng.ops
         new, state = eng.oracle(state, theta, bi, key)
         mem = state.memory
-        delta = eng.reduce(s_sub(new, s_take(ops, mem.table, bi)), bi)
+        delta = eng.reduce(s_sub(new, s_read(ops, mem.table, bi)), bi)
         s_run = {k: v + delta[k] for k, v in mem.s_run.items()}
         table = eng.put_rows(mem.table, bi, new)
         return s_run, state._replace(memory=IncrementalMemory(table=table, s_run=s_run))

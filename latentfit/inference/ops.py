@@ -127,6 +127,11 @@ class Ops:
     def to_numpy(self, x: Any) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def read_block(self, x: Any, start: Any, size: int, axis: int = 0) -> Any:
+        """``x[start:start + size]`` along ``axis`` to be read at once: a view where the backend has views (the caller
+        reads it before ``x`` is next written), else :meth:`take_block`."""
+        return self.take_block(x, start, size, axis)
+
     # --- functional updates of owned buffers ------------------------------------------------------
     def scatter_owned(self, table: Any, idx: Any, rows: Any) -> Any:
         """``table[idx] = rows`` where the caller owns ``table`` and never reads the old value again.
@@ -589,6 +594,10 @@ class TorchOps(Ops):
     def take_block(self, x: Any, start: Any, size: int, axis: int = 0) -> Any:
         """``x[start:start + size]`` along ``axis``: a copy of a contiguous block (a slice, no gather)."""
         return x.narrow(axis, int(start), size).clone()
+
+    def read_block(self, x: Any, start: Any, size: int, axis: int = 0) -> Any:
+        """``x[start:start + size]`` along ``axis`` as a view (no copy: read it before ``x`` is next written)."""
+        return x.narrow(axis, int(start), size)
 
     def put_block(self, table: Any, start: Any, rows: Any) -> Any:
         """In place ``table[start:start + len(rows)] = rows`` (the caller owns ``table``); returns ``table``."""

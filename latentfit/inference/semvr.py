@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .stats_table import ProxyRule, StatEngine, Stats, StatState, default_fast_step, s_sub, s_take
+from .stats_table import ProxyRule, StatEngine, Stats, StatState, default_fast_step, s_read, s_sub
 
 
 class SnapshotMemory(NamedTuple):
@@ -45,7 +45,7 @@ class SnapshotRule(ProxyRule):
         ops = eng.ops
         new, state = eng.oracle(state, theta, bi, key)
         snap_table, snap_sum = state.memory
-        delta = eng.reduce(s_sub(new, s_take(ops, snap_table, bi)), bi)
+        delta = eng.reduce(s_sub(new, s_read(ops, snap_table, bi)), bi)
         c = eng.batch_scale
         return {k: v + c * delta[k] for k, v in snap_sum.items()}, state
 

@@ -37,7 +37,7 @@ from . import mcmc
 from .driver import Engine, replace_fields, state_field
 from .model import LatentModel, ModelSpecificationError
 from .schedules import Schedule, constant
-from .units import UnitBlock, put_units, take_units
+from .units import UnitBlock, put_units, read_units, take_units
 
 #: ``batching="auto"`` cuts shuffled units into contiguous blocks from this many units on (below it the
 #: random gathers of a mini-batch stay in cache and cost little)
@@ -117,6 +117,12 @@ def s_sum(ops: Any, rows: Stats) -> Stats:
 
 def s_take(ops: Any, table: Stats, idx: Any) -> Stats:
     return {k: take_units(ops, v, idx, 0) for k, v in table.items()}
+
+
+def s_read(ops: Any, table: Stats, idx: Any) -> Stats:
+    """:func:`s_take` for rows read at once (a block is a view of the table on eager backends, no copy): the old rows
+    of a mini-batch, read before the table's write."""
+    return {k: read_units(ops, v, idx, 0) for k, v in table.items()}
 
 
 def s_put(ops: Any, table: Stats, idx: Any, rows: Stats) -> Stats:

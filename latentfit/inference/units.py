@@ -69,6 +69,14 @@ def take_units(ops: Any, x: Any, units: Any, axis: int = 0) -> Any:
     return ops.take(x, units, axis)
 
 
+def read_units(ops: Any, x: Any, units: Any, axis: int = 0) -> Any:
+    """:func:`take_units` for rows read at once: a block is a view of ``x`` on eager backends (no copy), so it must
+    be read before ``x`` is next written; an index array is gathered."""
+    if isinstance(units, UnitBlock):
+        return ops.read_block(x, units.start, units.size, axis)
+    return ops.take(x, units, axis)
+
+
 def put_units(ops: Any, table: Any, units: Any, rows: Any) -> Any:
     """``table[units] = rows`` along axis 0 (the caller owns ``table``; the result is the table to use)."""
     if isinstance(units, UnitBlock):

@@ -332,6 +332,8 @@ class EnumeratedLatentModel(TracedBase):
 
     # compact rows for the incremental engines' tables: S_i = r_i ⊗ F(x_i) is linear in r_i [K]
     def expected_rows(self, theta: dict[str, Any], units: Any = None) -> dict[str, Any]:
+        if self._family_estep:  # the mixture's rows (no log-likelihoods computed on the way)
+            return self._gm.expected_rows(self._internal(theta), units)
         return {"r": self.responsibilities(theta, units)[0]}
 
     def stats_rows(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import numpy as np
 
 from latentfit.inference.model import DataError, LatentModel, LatentSite, ModelSpecificationError, ParamInfo
 from latentfit.inference.ops import LOG_2PI, Ops, ops_for
-from latentfit.inference.units import UnitBlock, take_units
+from latentfit.inference.units import UnitBlock, read_units
 
 from ._integrations import families
 
@@ -352,16 +352,22 @@ class GaussianMixture(LatentModel):
         return 0.5 * (prec + xp.swapaxes(prec, -1, -2)), logdet
 
     def _features_t(self, units: Any) -> Any:
-        """``F(x_i)ᵀ`` for the units: ``[D, b]`` (a block is a slice of the features-major copy)."""
+        """``F(x_i)ᵀ`` for the units: ``[D, b]`` (a block is a slice of the features-major copy: a view on eager
+        backends, the features are never written)."""
         if units is None:
             return self.FT
         if isinstance(units, UnitBlock):
-            return take_units(self.ops, self.FT, units, 1)
+            return read_units(self.ops, self.FT, units, 1)
         return self.ops.take(self.F, units, 0).T
 
     def _features(self, units: Any) -> Any:
-        """``F(x_i)`` for the units: ``[b, D]``."""
-        return self.F if units is None else take_units(self.ops, self.F, units, 0)
+        """``F(x_i)`` for the units: ``[b, D]`` (a block on an eager backend: the transposed view of the features-major
+        block that the E-step of the same units reads, so a mini-batch reads its features once)."""
+        if units is None:
+            return self.F
+        if isinstance(units, UnitBlock) and not self.ops.jittable:
+            return read_units(self.ops, self.FT, units, 1).T
+        return read_units(self.ops, self.F, units, 0)
 
     def permuted_units(self, perm: Any) -> GaussianMixture:
         """The same mixture with its points in the order ``perm`` (a view sharing θ's layout and initial
@@ -379,23 +385,36 @@ class GaussianMixture(LatentModel):
     def responsibilities(self, theta: dict[str, Any], units: Any = None) -> tuple[Any, Any]:
         """``(r [n, K], log p(x_i; θ) [n])``; all units on an eager backend are streamed in cache-sized chunks into
         one ``[n, K]`` table (a full pass of the variance-reduced engines: their snapshot's rows)."""
+        return self._responsibilities(theta, units, True)
+
+    def _responsibilities(self, theta: dict[str, Any], units: Any, log_lik: bool) -> tuple[Any, Any]:
+        """:meth:`responsibilities`; ``log_lik=False``: the responsibilities only (second item None)."""
         CT = self._coefficients(theta).T
         n = self.num_units
         if units is not None or self.ops.jittable or n <= CHUNK:
-            r_t, ll = self._softmax_t(CT @ self._features_t(units))
+            r_t, ll = self._softmax_t(CT @ self._features_t(units), log_lik=log_lik)
             return r_t.T, ll
-        r_t, ll = self.ops.zeros((self.K, n)), self.ops.zeros((n,))
+        xp = self.ops.xp
+        r_t, ll = self.ops.zeros((self.K, n)), self.ops.zeros((n,)) if log_lik else None
         for a in range(0, n, CHUNK):  # (eager: numpy-like in-place writes into this call's own arrays)
-            r_t[:, a:a + CHUNK], ll[a:a + CHUNK] = self._softmax_t(CT @ self.FT[:, a:a + CHUNK])
+            e, tot, m = self._softmax_parts(CT @ self.FT[:, a:a + CHUNK])
+            xp.divide(e, tot, out=r_t[:, a:a + CHUNK])  # the responsibilities straight into the table's columns
+            if log_lik:
+                ll[a:a + CHUNK] = xp.log(tot) + m
         return r_t.T, ll
 
-    def _softmax_t(self, lc_t: Any) -> tuple[Any, Any]:
-        """Column-wise softmax and log-sum-exp of ``[K, b]`` log-weights (one exp per entry)."""
+    def _softmax_parts(self, lc_t: Any) -> tuple[Any, Any, Any]:
+        """``(e [K, b], Σ_k e [b], max_k lc [b])`` with ``e = exp(lc − max_k lc)``: the pieces of the softmax."""
         xp = self.ops.xp
         m = xp.amax(lc_t, 0)
         e = xp.exp(lc_t - m)
-        tot = xp.sum(e, 0)
-        return e / tot, xp.log(tot) + m
+        return e, xp.sum(e, 0), m
+
+    def _softmax_t(self, lc_t: Any, log_lik: bool = True) -> tuple[Any, Any]:
+        """Column-wise softmax and log-sum-exp of ``[K, b]`` log-weights (one exp per entry); ``log_lik=False``: the
+        softmax only (None for the log-sum-exp)."""
+        e, tot, m = self._softmax_parts(lc_t)
+        return e / tot, self.ops.xp.log(tot) + m if log_lik else None
 
     def _sum_stats(self, r: Any, units: Any) -> dict[str, Any]:
         return {"s": r.T @ self._features(units)}  # [K, D]
@@ -406,7 +425,7 @@ class GaussianMixture(LatentModel):
 
     # compact rows for the incremental engines' tables: S_i = r_i ⊗ F(x_i) is linear in r_i [K]
     def expected_rows(self, theta: dict[str, Any], units: Any = None) -> dict[str, Any]:
-        return {"r": self.responsibilities(theta, units)[0]}
+        return {"r": self._responsibilities(theta, units, False)[0]}
 
     def stats_rows(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
         return {"r": z}
