@@ -132,6 +132,12 @@ NumPyro, persistent cache warm           2.60-2.75 (6-16; 1.9-5.1)   1.88-2.66 (
 later fit in the process, NLME/NumPyro   0.13-0.18 / 0.28-0.38       0.12-0.19 / 0.29-0.39
 =======================================  ==========================  ==========================  ===================
 
+A second set an hour later, a15776b against the tree of 0219fb2 (which also makes ``JaxOps.key``'s threefry key and
+``scan_steps``' iteration numbers on the host: five fewer small programs per fresh process, NLME 44 -> 39 eager
+programs, NumPyro 95 -> 92), 3 rounds, load 10.1-11.3, the machine less contended: NLME jax warm 1.03-1.04 -> 0.67-0.89
+s CPU (programs' load 0.88-1.00 -> 0.37-0.46 s wall), NumPyro warm 1.85-1.90 -> 1.22-1.79 s CPU (1.17-1.24 -> 0.42-0.68
+s), same digests.
+
 The first process with the cache on compiles each program from its exported form (the executable a later process
 finds in JAX's cache; ``jax_explain_cache_misses`` and the compiler's log show a persistent-cache hit for each of them
 there, and the only trace left is ``Exported.call``'s one-primitive wrapper).  Where a warm fresh process's time goes
