@@ -18,10 +18,10 @@ plain Pyro mixture         1e5    FIEM         100    158                 102-18
 plain Pyro mixture         1e5    FIEM         1000   19.8                9.2-26 [2-9]        12.9 [~10]
 plain NumPyro mixture      1e5    FIEM         100    67.6                8.4-9.8 [~9]        1.3 [~16] (was 9.1)
 plain NumPyro mixture      1e5    FIEM         1000   10.2                1.8-2.5 [~9]        1.3 [~16] (was 2.0)
-GaussianMixture            1e6    MiniBatchEM  2e4    4.3                 1.6-1.7             (torch: not rerun)
-GaussianMixture            1e6    IEM          2e4    4.8                 1.6-2.5             (torch: not rerun)
-GaussianMixture            1e6    FIEM         2e4    4.6                 2.9-3.5             (torch: not rerun)
-GaussianMixture            1e6    SEMVR        2e4    17.3                3.5-4.6             (torch: not rerun)
+GaussianMixture            1e6    MiniBatchEM  2e4    4.3                 1.6-1.7             1.5-1.8 [10] (was 1.6-2.1)
+GaussianMixture            1e6    IEM          2e4    4.8                 1.6-2.5             1.6-1.8 [10] (was 1.7-2.1)
+GaussianMixture            1e6    FIEM         2e4    4.6                 2.9-3.5             2.5-3.3 [10] (was 2.9-3.7)
+GaussianMixture            1e6    SEMVR        2e4    17.3                3.5-4.6             2.3-2.6 [10] (was 3.0-4.4)
 GaussianMixture (JAX)      1e6    MiniBatchEM  2e4 / 1e3                                      0.9 / 0.6 [~16]
 GaussianMixture (JAX)      1e6    IEM          2e4 / 1e3                                      0.9 / 0.6 [~16]
 GaussianMixture (JAX)      1e6    FIEM         2e4 / 1e3                                      1.3 / 0.6 [~16]
@@ -33,6 +33,21 @@ plain Pyro mixture (EM)    1e6    EM           -      2.4 (vs family)     0.8-1.
 family's streamed full pass and its contiguous mini-batch blocks, and keep [n, K] responsibility tables; the EM
 family's full pass reads all units without a gather; the initial state snapshot is set-up time; the mixture's E-step
 coefficients are computed once per θ (FIEM's two batches) and a full pass with rows is streamed in chunks.
+
+Torch family (goal met at b = 2e4 by the median; "now" and "was": 3-10 runs of ``--only family``'s rows each, in fresh
+processes, old and new code alternated, load ~10; median ratios FIEM 2.8 (was 3.3; 1 run of 10 at 3.3), SEMVR 2.45 (was
+3.7), MiniBatchEM / IEM 1.6-1.7 (was 1.9)). The floor is the E-steps: FIEM two per point, SEMVR one plus its full pass
+(one EM epoch), the others one, each ~1 EM epoch's work per point. What came on top, per mini-batch of b = 2e4 (1 EM
+epoch ≈ 0.8 ms per 2e4 points): copies of the blocks read (the features ``[D, b]`` and ``[b, D]``, the table's old rows
+``[b, K]``: now views, ``ops.read_block``); a second read of the block's features in row layout for the reduction (now
+the E-step's features-major block, transposed); the E-step's unused log-sum-exp. SEMVR's full pass reduced its
+``[K, n]`` table in one product read back from memory (~9 ms on top of the ~40 ms pass at n = 1e6): each chunk's sum is
+now taken while it is in cache, i.e. EM's statistic bit for bit (a reduction order change: table engines' initial and
+SEMVR's snapshot sums move by ~1e-13 relative in float64; in float32 the sum is ~20x closer to the exact one, 3e-6 vs
+7e-5 at n = 1e6); and its first epoch repeated the initial pass at θ⁰ (now kept: with ``--epochs 3`` this is 1/3 of a
+pass per epoch, in a long fit nothing, so SEMVR's steady state is ~2.6, measured epoch by epoch in one process). What
+remains above the floor: the M-step and the next E-step's coefficients, ~100 dispatched ops on ``[K, d, d]`` arrays
+(~0.27 ms) per mini-batch, 50 per epoch: ~0.35 of EM's epoch.
 
 JAX (goal met on every row): an epoch already ran as one compiled program (a ``lax.fori_loop`` over its mini-batches
 inside the compiled chunk of epochs, carrying θ, the tables and the key), but XLA copied the whole ``[n, K]`` table

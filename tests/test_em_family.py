@@ -222,3 +222,36 @@ def test_engines_are_backend_neutral_on_jax():
     # 4 Monte-Carlo SDs (measured over seeds 0–7: weights 0.0010, locs 0.0042, covariances 0.0071)
     for name, sd in dict(weights=0.0010, locs=0.0042, covariances=0.0071).items():
         assert float(np.abs(fit.params[name] - star[name]).max()) < 4 * sd, name
+
+
+def test_semvr_first_epoch_reuses_the_initial_snapshot(monkeypatch):
+    """An eager SEMVR fit's first epoch starts at θ⁰, where the initial pass has just computed the exact snapshot:
+    it keeps that snapshot (one full pass per epoch in all, the initial one included) and the fit equals, bit for
+    bit, the fit that recomputes it."""
+    from latentfit.inference.semvr import SnapshotRule
+    from latentfit.inference.stats_table import StatEngine
+
+    model = GaussianMixture(_data(300), 3, "full", seed=0)
+    passes = [0]
+    full_pass = StatEngine.full_pass
+
+    def counted(self, *args, **kwargs):
+        passes[0] += 1
+        return full_pass(self, *args, **kwargs)
+
+    monkeypatch.setattr(StatEngine, "full_pass", counted)
+    fit = SEMVR(model, num_epochs=4, batch_size=30, seed=1, progress=False).run()
+    assert passes[0] == 4
+    init = SnapshotRule.init
+
+    def forgetful(self, eng, theta, full, rows):  # the snapshot is not known to be θ⁰'s: recomputed at epoch 1
+        memory = init(self, eng, theta, full, rows)
+        eng.__dict__.pop("_snapshot_at", None)
+        return memory
+
+    monkeypatch.setattr(SnapshotRule, "init", forgetful)
+    passes[0] = 0
+    again = SEMVR(model, num_epochs=4, batch_size=30, seed=1, progress=False).run()
+    assert passes[0] == 5
+    for name in fit.params:
+        np.testing.assert_array_equal(fit.params[name], again.params[name])

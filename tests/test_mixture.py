@@ -84,6 +84,33 @@ def test_marginal_log_lik_is_exact():
     assert gm.has_exact_marginal
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_streamed_full_pass_is_the_e_step_and_em_statistic(dtype):
+    """Above one chunk of points, the full pass of the table engines (rows and their sum in one streamed pass) gives
+    the responsibilities of ``responsibilities`` and the statistic of EM's ``sum_expected_stats`` bit for bit, and
+    the one-product reduction of the rows to rounding; a mini-batch block's rows and features are those of the
+    whole data."""
+    from latentfit.inference.units import UnitBlock
+    from latentfit.models.mixture import CHUNK
+
+    x, _ = _simulate(CHUNK + 7000, seed=3)
+    gm = GaussianMixture(torch.tensor(x, dtype=dtype), 3, "full", seed=0)
+    th = gm.init_params()
+    rows, total = gm.expected_rows_and_sum(th)
+    r, ll = gm.responsibilities(th)
+    assert torch.equal(rows["r"], r)
+    assert torch.equal(total["s"], gm.sum_expected_stats(th)[0]["s"])
+    one_product = gm.reduce_rows(rows)["s"]
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    assert float((total["s"] - one_product).abs().max() / one_product.abs().max()) < tol
+    block = UnitBlock(CHUNK - 100, 500)
+    assert torch.equal(gm.expected_rows(th, block)["r"], gm.responsibilities(th, block)[0])
+    assert torch.equal(gm._features(block), gm.F[CHUNK - 100:CHUNK + 400])
+    np.testing.assert_allclose(gm.expected_rows(th, block)["r"].numpy(), r[CHUNK - 100:CHUNK + 400].numpy(),
+                               rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6)
+    assert torch.isfinite(ll).all()
+
+
 def _plain_pyro_mixture(init, cov):
     def model(x):
         w = pyro.param("w", init["weights"].clone(), constraint=constraints.simplex)

@@ -226,6 +226,13 @@ class LatentModel:
         """Per-unit rows of the exact statistics ``s̄_i(θ)`` (see :meth:`reduce_rows`)."""
         return self.expected_stats(theta, units)
 
+    def expected_rows_and_sum(self, theta: dict[str, Any],
+                              units: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(rows, Σ_i s̄_i(θ))``: :meth:`expected_rows` and their :meth:`reduce_rows` over ``units`` (a full pass of
+        the variance-reduced engines); a model may fuse both in one pass over the data."""
+        rows = self.expected_rows(theta, units)
+        return rows, self.reduce_rows(rows, units)
+
     def stats_rows(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
         """Per-unit rows of the complete-data statistics ``S(z_i, y_i)`` for draws ``z [..., n, ...]``."""
         return self.stats(theta, z, units)

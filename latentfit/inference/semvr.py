@@ -34,9 +34,21 @@ class SnapshotRule(ProxyRule):
     unit_tables = ("snap_table",)
 
     def init(self, eng: StatEngine, theta: dict[str, Any], full: Stats, rows: Stats) -> SnapshotMemory:
-        return SnapshotMemory(snap_table=rows, snap_sum={k: v + 0.0 for k, v in full.items()})
+        memory = SnapshotMemory(snap_table=rows, snap_sum={k: v + 0.0 for k, v in full.items()})
+        if not eng.monte_carlo and not eng.ops.jittable:
+            eng._snapshot_at = (tuple(theta.values()), rows)
+        return memory
 
     def epoch_start(self, eng: StatEngine, state: StatState, theta: dict[str, Any], key: Any) -> StatState:
+        """The snapshot at the epoch's θ: one full pass, unless the memory already holds the exact snapshot at this very
+        θ (the first epoch of an eager fit, right after the initial pass at θ⁰: the same values, one pass less)."""
+        at = getattr(eng, "_snapshot_at", None)
+        if at is not None:
+            del eng._snapshot_at
+            arrays, rows = at
+            if state.memory.snap_table is rows and len(arrays) == len(theta) and all(
+                    a is b for a, b in zip(arrays, theta.values())):
+                return state
         full, rows, _, state = eng.full_pass(state, theta, key)
         return state._replace(memory=SnapshotMemory(snap_table=rows, snap_sum=full))
 

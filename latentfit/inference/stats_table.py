@@ -338,7 +338,10 @@ class StatEngine(Engine):
         if not self.monte_carlo and not self.needs_table:
             total, ll = self.model.sum_expected_stats(theta, None)
             return self._all_sum(total), None, None if ll is None else ops.all_sum(ll), state
-        # all units as None (no gather of every row); MH chains are read from their table by index
+        if not self.monte_carlo:  # the rows and their sum in one pass (all units as None: no gather of every row)
+            rows, total = self.model.expected_rows_and_sum(theta, None)
+            return self._all_sum(total), rows, None, state
+        # MH chains are read from their table by index
         chains = self.monte_carlo and not self.model.has_posterior_sampler
         rows, state = self.oracle(state, theta, ops.arange(self.model.num_units) if chains else None, key)
         return self.reduce(rows, None), rows, None, state

@@ -336,6 +336,12 @@ class EnumeratedLatentModel(TracedBase):
             return self._gm.expected_rows(self._internal(theta), units)
         return {"r": self.responsibilities(theta, units)[0]}
 
+    def expected_rows_and_sum(self, theta: dict[str, Any],
+                              units: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        if self._family_estep:  # the mixture's streamed pass
+            return self._gm.expected_rows_and_sum(self._internal(theta), units)
+        return super().expected_rows_and_sum(theta, units)
+
     def stats_rows(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
         return {"r": z}
 

@@ -390,18 +390,27 @@ class GaussianMixture(LatentModel):
     def _responsibilities(self, theta: dict[str, Any], units: Any, log_lik: bool) -> tuple[Any, Any]:
         """:meth:`responsibilities`; ``log_lik=False``: the responsibilities only (second item None)."""
         CT = self._coefficients(theta).T
-        n = self.num_units
-        if units is not None or self.ops.jittable or n <= CHUNK:
+        if units is not None or self.ops.jittable or self.num_units <= CHUNK:
             r_t, ll = self._softmax_t(CT @ self._features_t(units), log_lik=log_lik)
             return r_t.T, ll
-        xp = self.ops.xp
-        r_t, ll = self.ops.zeros((self.K, n)), self.ops.zeros((n,)) if log_lik else None
+        r_t, ll, _ = self._stream(CT, log_lik, False)
+        return r_t.T, ll
+
+    def _stream(self, CT: Any, log_lik: bool, stats: bool) -> tuple[Any, Any, Any]:
+        """All units (eager backend) streamed in cache-sized chunks: ``(r [K, n], log p(x_i) [n] or None,
+        Σ_i r_i ⊗ F(x_i) or None)``, the sum accumulated chunk by chunk as :meth:`sum_expected_stats` does."""
+        ops, xp, n = self.ops, self.ops.xp, self.num_units
+        r_t, ll, S = ops.zeros((self.K, n)), ops.zeros((n,)) if log_lik else None, 0.0
         for a in range(0, n, CHUNK):  # (eager: numpy-like in-place writes into this call's own arrays)
-            e, tot, m = self._softmax_parts(CT @ self.FT[:, a:a + CHUNK])
-            xp.divide(e, tot, out=r_t[:, a:a + CHUNK])  # the responsibilities straight into the table's columns
+            Fc = self.FT[:, a:a + CHUNK]
+            e, tot, m = self._softmax_parts(CT @ Fc)
+            rc = r_t[:, a:a + CHUNK]
+            xp.divide(e, tot, out=rc)  # the responsibilities straight into the table's columns
             if log_lik:
                 ll[a:a + CHUNK] = xp.log(tot) + m
-        return r_t.T, ll
+            if stats:  # while the chunk is in cache
+                S = S + rc @ Fc.T
+        return r_t, ll, S if stats else None
 
     def _softmax_parts(self, lc_t: Any) -> tuple[Any, Any, Any]:
         """``(e [K, b], Σ_k e [b], max_k lc [b])`` with ``e = exp(lc − max_k lc)``: the pieces of the softmax."""
@@ -426,6 +435,17 @@ class GaussianMixture(LatentModel):
     # compact rows for the incremental engines' tables: S_i = r_i ⊗ F(x_i) is linear in r_i [K]
     def expected_rows(self, theta: dict[str, Any], units: Any = None) -> dict[str, Any]:
         return {"r": self._responsibilities(theta, units, False)[0]}
+
+    def expected_rows_and_sum(self, theta: dict[str, Any],
+                              units: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The rows ``r`` and ``Σ_i r_i ⊗ F(x_i)``; all units on an eager backend in one streamed pass, each chunk's
+        sum taken while it is in cache (the sum is then :meth:`sum_expected_stats`' own, bit for bit, rather than
+        one ``[K, n] @ [n, D]`` product read back from memory)."""
+        if units is not None or self.ops.jittable or self.num_units <= CHUNK:
+            rows = self.expected_rows(theta, units)
+            return rows, self.reduce_rows(rows, units)
+        r_t, _, S = self._stream(self._coefficients(theta).T, False, True)
+        return {"r": r_t.T}, {"s": S}
 
     def stats_rows(self, theta: dict[str, Any], z: Any, units: Any = None) -> dict[str, Any]:
         return {"r": z}
