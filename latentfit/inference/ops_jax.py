@@ -502,11 +502,19 @@ class SharedJit:
         flat, tree = jax.tree_util.tree_flatten(args)
         if any(isinstance(leaf, jax.core.Tracer) for leaf in flat):
             return self.fn(*args)
-        signature = (tree, tuple(_aval_key(x) for x in flat))
+        signature = (tree, self._signature(flat))
         program = self._programs.get(signature)
         if program is None:
-            program = self._programs[signature] = _program_for(self.fn, *args)
+            program = self._programs[signature] = self._compile(args)
         return program(*args)
+
+    def _signature(self, flat: list[Any]) -> tuple[Any, ...]:
+        """What a compiled program is specialised on, per input leaf."""
+        return tuple(_aval_key(x) for x in flat)
+
+    def _compile(self, args: tuple[Any, ...]) -> Callable:
+        """The program for ``args`` (outside a trace)."""
+        return _program_for(self.fn, *args)
 
 
 class JaxOps(Ops):

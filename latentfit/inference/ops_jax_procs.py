@@ -34,7 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .ops_jax import _ADDRESS, PROGRAM_CACHE_SIZE, JaxOps, ProcessGroup, _aval_key, _compile, whole_from_blocks
+from .ops_jax import (
+    _ADDRESS,
+    PROGRAM_CACHE_SIZE,
+    JaxOps,
+    ProcessGroup,
+    SharedJit,
+    _aval_key,
+    _compile,
+    whole_from_blocks,
+)
 
 AXIS = "units"
 #: compiled programs of :class:`_ProcessProgram`, shared by the fits of this process: keyed by the traced program's
@@ -129,25 +138,19 @@ class _ProcessProgram:
         return jax.tree_util.tree_unflatten(self.out_tree, [o.addressable_shards[0].data[0] for o in outs])
 
 
-class _ProcessJit:
-    """:meth:`JaxProcessOps.jit`: ``fn`` as a :class:`_ProcessProgram` per input signature (inlined inside a trace)."""
+class _ProcessJit(SharedJit):
+    """:meth:`JaxProcessOps.jit`: ``fn`` as a :class:`_ProcessProgram` per input signature (inlined inside a trace).
+    The signature leaves out placement, so that every process compiles (a collective) for the same calls."""
 
     def __init__(self, ops: JaxProcessOps, fn: Callable) -> None:
-        self.ops, self.fn = ops, fn
-        self._programs: dict[Hashable, _ProcessProgram] = {}
+        super().__init__(fn)
+        self.ops = ops
 
-    def __trace_fingerprint__(self) -> Any:
-        return self.fn
+    def _signature(self, flat: list[Any]) -> tuple[Any, ...]:
+        return tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in flat)
 
-    def __call__(self, *args: Any) -> Any:
-        flat, tree = jax.tree_util.tree_flatten(args)
-        if any(isinstance(leaf, jax.core.Tracer) for leaf in flat):
-            return self.fn(*args)
-        signature = (tree, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in flat))
-        program = self._programs.get(signature)
-        if program is None:
-            program = self._programs[signature] = _ProcessProgram(self.ops, self.fn, args)
-        return program(*args)
+    def _compile(self, args: tuple[Any, ...]) -> Callable:
+        return _ProcessProgram(self.ops, self.fn, args)
 
 
 class JaxProcessOps(JaxOps):
