@@ -153,10 +153,7 @@ class _Stable:
         if kind is str:
             self.put(b"s", x.encode("utf-8", "surrogatepass"))
         elif kind is tuple and len(x) == 2 and x[0] == "module" and type(x[1]) is str:  # a module, by its name
-            if not (_is_library_module(x[1]) or x[1].split(".")[0] == "latentfit"):
-                raise Unstable(f"module {x[1]}")  # the user's module: its functions are not in the key
-            self.packages.add(x[1].split(".")[0])
-            self.put(b"M", x[1].encode())
+            self.module(x[1])
         elif kind is tuple and not (len(x) == 2 and x[0] in ("set", "frozenset") and type(x[1]) is tuple):
             self.put(b"(", _LEN(len(x)))
             for v in x:
@@ -167,8 +164,8 @@ class _Stable:
             self.put(b"F", x.hex().encode())
         elif type(x) is tuple and len(x) == 2 and x[0] in ("set", "frozenset") and type(x[1]) is tuple:
             self(frozenset(x[1]))  # a set's fingerprint: its iteration order (of strings) differs between processes
-        elif type(x) is tuple or type(x) is list:
-            self.put(b"(" if type(x) is tuple else b"[", str(len(x)).encode())
+        elif kind is list:
+            self.put(b"[", str(len(x)).encode())
             for v in x:
                 self(v)
         elif isinstance(x, (frozenset, set)):  # code constants (``in {...}``): order-free
@@ -187,11 +184,7 @@ class _Stable:
                 raise Unstable("a function by identity")
             self.name(x)
         elif isinstance(x, types.ModuleType):
-            name = x.__name__
-            if not (_is_library_module(name) or name.split(".")[0] == "latentfit"):
-                raise Unstable(f"module {name}")  # the user's module: its functions are not in the key
-            self.packages.add(name.split(".")[0])
-            self.put(b"M", name.encode())
+            self.module(x.__name__)
         elif isinstance(x, jax.tree_util.PyTreeDef):
             text = str(x)
             if " at 0x" in text:
@@ -218,6 +211,13 @@ class _Stable:
             self.name(x)
         else:
             raise Unstable(type(x).__qualname__)
+
+    def module(self, name: str) -> None:
+        """A module by its name: a library's or latentfit's (the user's: its functions are not in the key)."""
+        if not (_is_library_module(name) or name.split(".")[0] == "latentfit"):
+            raise Unstable(f"module {name}")
+        self.packages.add(name.split(".")[0])
+        self.put(b"M", name.encode())
 
     def code(self, c: types.CodeType) -> None:
         self.put(b"C", repr((c.co_name, c.co_argcount, c.co_posonlyargcount, c.co_kwonlyargcount, c.co_flags,
