@@ -509,7 +509,11 @@ def discrete_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, lev
     observations and first-event times by inversion at its uniforms), so its replicates do not depend on the other
     individuals or their order; a distributed fit gathers every process's observations and simulations (in unit
     order) before binning, so every process returns the one-process VPC (a collective: call it on every process).
-    A user log-likelihood's simulator is refused there (it draws all individuals from one generator).
+    A user log-likelihood's simulator (it draws all individuals at once) gets one numpy generator seeded from the
+    seed and the individuals' unit ids there (:func:`~latentfit.models.nlme.outcomes._user_rng`), so its draws depend
+    on which individuals are simulated together.  With occasion effects on the hazard (``iov=``), occasion k's hazard
+    holds from its start and the first events solve the piecewise ``H(t) = E``
+    (:func:`~latentfit.models.nlme.outcomes.invert_cumulative_hazard`).
     """
     from latentfit.models.nlme import outcomes as oc
 
@@ -601,7 +605,8 @@ def joint_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, level:
       quantiles; without a simulator it is refused, the error saying how to give one.
 
     ``bins`` and ``categories``: one value for all responses or ``{response: value}``.  A time-to-event response whose
-    hazard parameters have occasion effects (``iov=``) is refused (IOV on the other parameters is fine)."""
+    hazard parameters have occasion effects (``iov=``) has occasion k's hazard from the occasion's start (the first
+    events by piecewise inversion of the cumulative hazard)."""
     from latentfit.models.nlme import outcomes as oc
 
     model = _outcome_model(fit)

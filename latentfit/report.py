@@ -149,23 +149,14 @@ def figures(fit: Any, *, log_y: bool = False, vpc_simulations: int = 500, max_in
     """The report's matplotlib figures by file stem (see :data:`FIGURES`)."""
     model = fit.model
     if getattr(model, "outcome", None) is not None:  # discrete / event data: no predictions with residuals to draw
-        from latentfit.plots import _fit_streams
-
         joint = getattr(model.outcome, "name", None) == "joint"  # several responses, some not Gaussian: a VPC each
         outs = model.outcome.outcomes.values() if joint else [model.outcome]
-        user = [o for o in outs if o.name == "loglik"]  # a user simulator: one numpy stream, none per unit
-        if (any(getattr(o, "simulate_fn", None) is None for o in user)
-                or (user and _fit_streams(fit)[0]["unit_ids"] is not None)):
+        user = [o for o in outs if o.name == "loglik"]  # a user simulator
+        if any(getattr(o, "simulate_fn", None) is None for o in user):
             return {"convergence": fit.plot_convergence()}  # no simulated VPC (the VPC's error says why)
         if joint:
-            from latentfit.models.nlme import outcomes as _oc
-
-            if _oc._events_with_iov(model):
-                return {"convergence": fit.plot_convergence()}  # no Kaplan-Meier VPC of a hazard with IOV
             return {"joint_vpc": fit.plot_vpc(num_sims=vpc_simulations, seed=seed, log=log_y),
                     "convergence": fit.plot_convergence()}
-        if getattr(model.outcome, "name", None) == "tte" and getattr(model, "_iov", None) is not None:
-            return {"convergence": fit.plot_convergence()}  # no Kaplan-Meier VPC with occasions (first_event_times)
         return {"discrete_vpc": fit.plot_vpc(num_sims=vpc_simulations, seed=seed),
                 "convergence": fit.plot_convergence()}
     n = model.num_units

@@ -172,9 +172,10 @@ def test_per_unit_streams_give_permuted_draws_and_the_same_vpc(case):
     assert np.all(va.simulated[..., 0] <= va.simulated[..., 2]) and np.any(va.simulated[..., 0] < va.simulated[..., 2])
 
 
-def test_user_simulator_on_unit_streams_is_refused():
-    """A user log-likelihood's simulator draws every individual from one generator: a per-unit-stream (e.g.
-    distributed) fit refuses it, naming why; the global stream still uses it."""
+def test_user_simulator_on_unit_streams_gets_a_generator_of_the_unit_ids():
+    """A user log-likelihood's simulator draws every individual from one generator: on per-unit streams (e.g. a
+    distributed fit; before: refused) it gets one seeded from the seed and the unit ids, so the same ids give the same
+    VPC and other ids other draws; the global stream still uses the seed's generator."""
     model, truth = _simulated("binary")
 
     def loglik(psi, d):
@@ -190,8 +191,12 @@ def test_user_simulator_on_unit_streams_is_refused():
     theta = _theta(user, truth)
     assert discrete_vpc_summary(types.SimpleNamespace(model=user, _theta=lambda: theta), num_sims=5).kind == \
         "proportion"
-    with pytest.raises(NotImplementedError, match="rng='per_unit'"):
-        discrete_vpc_summary(_stream_fit(user, theta, np.arange(user.num_units)), num_sims=5)
+    ids = np.arange(user.num_units)
+    a, b = (discrete_vpc_summary(_stream_fit(user, theta, ids), num_sims=5) for _ in range(2))
+    np.testing.assert_array_equal(a.simulated, b.simulated)
+    sims = [oc.simulate_observations(user, theta, 5, seed=0, unit_ids=i) for i in (ids, ids, ids + 1)]
+    np.testing.assert_array_equal(sims[0], sims[1])
+    assert not np.array_equal(sims[0], sims[2])
 
 
 def test_distributed_fit_without_unit_streams_is_refused():

@@ -12,7 +12,8 @@ CL, and PK/PD with IOV.
   residuals) of a joint model with a non-Gaussian response are refused on JAX as on torch, with the same
   ``ModelSpecificationError`` (tested below); its VPC is one per response (tests/test_nlme_joint_vpc.py).
 * The discrete VPC's simulations of an outcome model with IOV: each record at its occasion's κ (this failed on
-  torch and JAX alike); the Kaplan-Meier VPC of time-to-event data with IOV is refused with a clear error.
+  torch and JAX alike); the Kaplan-Meier VPC of time-to-event data with IOV simulates on both backends (the
+  piecewise hazard's checks: tests/test_nlme_occasions_tte.py).
 * The importance-sampling log-likelihood on JAX agrees with Gauss-Hermite quadrature and with torch's IS value within
   4 MC SE (slow: 29 s at load ~5 since 74118fa compiles the Laplace steps, 71 s at load ~8 before).
 * SAEM on JAX recovers a simulated PK + binary truth (100 individuals, saemix's 300 + 100 iterations) within
@@ -238,7 +239,7 @@ def test_discrete_vpc_simulations_with_occasions(backend, monkeypatch):
     """The discrete VPC's simulations of an outcome model with IOV (a Poisson rate with κ per occasion; this failed
     on both backends, the κ coordinates fed to the model without occasions): each record's log-rate is
     log λ_i + κ_i,occ(record) + slope·t of the prior draw, on the global stream and on per-unit streams; a time-to-event
-    model with IOV refuses its Kaplan-Meier VPC with a ModelSpecificationError naming why."""
+    model with IOV on its scale simulates its first events (before: refused), censored at each end of follow-up."""
     model, table = _poisson_iov(backend)
     model = model.bind(table)
     theta = _theta(model, {"lam": 4.0, "slope": -0.15, "omega2_lam": 0.3, "gamma2_lam": 0.15})
@@ -259,13 +260,13 @@ def test_discrete_vpc_simulations_with_occasions(backend, monkeypatch):
     assert seen[1].shape == seen[0].shape and not np.allclose(seen[1], seen[0])  # the per-unit streams' own draws
     tte, tte_table = _tte_iov(backend)
     tte = tte.bind(tte_table)
-    with pytest.raises(ModelSpecificationError, match="Kaplan-Meier VPC of time-to-event data with occasions"):
-        oc.first_event_times(tte, tte.init_params(), 3)
+    t, e = oc.first_event_times(tte, tte.init_params(), 3)
+    assert t.shape == e.shape == (3, 2) and np.all(t[~e] == np.broadcast_to([19.0, 20.0], t.shape)[~e])
 
 
-def test_report_of_time_to_event_data_with_occasions_keeps_the_convergence_figure():
-    """The report's figures of a time-to-event model with IOV: the convergence plot, without the Kaplan-Meier VPC
-    that :func:`~latentfit.models.nlme.outcomes.first_event_times` refuses (a short torch fit)."""
+def test_report_of_time_to_event_data_with_occasions_has_the_kaplan_meier_vpc():
+    """The report's figures of a time-to-event model with IOV on its scale: the Kaplan-Meier VPC (before: refused,
+    so only the convergence plot) and the convergence plot (a short torch fit)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,4 +275,4 @@ def test_report_of_time_to_event_data_with_occasions_keeps_the_convergence_figur
     model, table = _tte_iov("torch")
     fit = model.fit(table, seed=0, progress=False, num_iters=(10, 5))
     figs = report.figures(fit, vpc_simulations=5)
-    assert list(figs) == ["convergence"]
+    assert list(figs) == ["discrete_vpc", "convergence"]

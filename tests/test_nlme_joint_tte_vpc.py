@@ -8,9 +8,11 @@
   over the random effects, to Monte-Carlo error, on the global and the per-unit streams); they use the random effects
   whose ψ also drive the concentrations (E[H_i(min(T, C))] = P(event), the martingale identity); per-unit streams do
   not depend on the individuals' order; ``model.simulate`` writes new event records; occasion effects on the other
-  parameters are fine, on the hazard's refused.
+  parameters keep one hazard per individual, on the hazard's own parameters they simulate (piecewise hazard:
+  tests/test_nlme_occasions_tte.py).
 * A user log-likelihood response (``outcomes.LogLik(simulate_fn=sim)``): its VPC from the user's simulator (discrete
-  for integer data, continuous otherwise); without a simulator the refusal names the response and the fix.
+  for integer data, continuous otherwise); without a simulator the refusal names the response and the fix; on
+  per-unit streams the simulator gets a generator seeded from the seed and the unit ids.
 """
 
 from __future__ import annotations
@@ -219,11 +221,11 @@ def _iov_model(iov: dict) -> nlme.NLME:
                      outcome={"ae": oc.TimeToEvent("constant")}, iov=iov)
 
 
-def test_occasions_on_the_pk_parameters_only_and_the_refusal_on_the_hazard():
+def test_occasions_on_the_pk_parameters_keep_one_hazard_and_on_the_hazard_simulate():
     """IOV on CL (two occasions), none on λ: the hazard is one per individual, so the first events are drawn as
     without IOV (mean of min(T, C) and event fraction = the closed form within 4 MC SE), the data simulate and the
-    joint VPC has its Kaplan-Meier panel; IOV on λ itself: the VPC and model.simulate are refused, naming the
-    response, the parameter and why."""
+    joint VPC has its Kaplan-Meier panel; IOV on λ itself (before: refused): the VPC and model.simulate run, the
+    simulated event records carrying each occasion."""
     table = _design(60).assign(OCC=lambda d: np.where(d.TIME < 3, 1, 2))
     model = _iov_model({"CL": 0.2}).bind(table)
     theta = _theta(model, {**{k: v for k, v in TRUTH.items() if k != "beta"}, "gamma2_CL": 0.1})
@@ -237,11 +239,10 @@ def test_occasions_on_the_pk_parameters_only_and_the_refusal_on_the_hazard():
     assert v["ae"].kind == "survival" and v["ae"].observed[0, 0] == 1.0 and isinstance(v["conc"], VPC)
     hazard = _iov_model({"lambda": 0.2}).bind(table)
     th = _theta(hazard, {"gamma2_lambda": 0.1})
-    why = r"response 'ae': .* occasion effects \(iov= on \['lambda'\]\) is not supported"
-    with pytest.raises(ModelSpecificationError, match=why):
-        plots.joint_vpc_summary(types.SimpleNamespace(model=hazard, _theta=lambda: th), num_sims=3)
-    with pytest.raises(ModelSpecificationError, match=why):
-        hazard.simulate(th, seed=0)
+    v = plots.joint_vpc_summary(types.SimpleNamespace(model=hazard, _theta=lambda: th), num_sims=3)
+    assert v["ae"].kind == "survival"
+    events = hazard.simulate(th, seed=0).query("DVID == 2")
+    assert set(events.OCC) == {1, 2} and (events.groupby("ID").TIME.first() == 0).all()
 
 
 # ----- user log-likelihood responses --------------------------------------------------------------------------------
@@ -321,8 +322,8 @@ def test_user_log_likelihood_response_without_simulator_is_refused_with_the_fix(
     streams = types.SimpleNamespace(model=with_sim, _theta=lambda: theta,
                                     engine=types.SimpleNamespace(rng="per_unit", _unit_ids=np.arange(10),
                                                                  ops=with_sim.ops))
-    with pytest.raises(NotImplementedError, match="rng='per_unit'"):
-        plots.joint_vpc_summary(streams, num_sims=3)
+    a, b = (plots.joint_vpc_summary(streams, num_sims=3)["ll"] for _ in range(2))  # (before: refused)
+    np.testing.assert_array_equal(a.simulated, b.simulated)
 
 
 def test_joint_vpc_figure_has_the_kaplan_meier_panel(tmp_path):

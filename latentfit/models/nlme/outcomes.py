@@ -18,7 +18,10 @@ without random effect); only the observation model changes.  With ``f_ij = f(t_i
   ``log p_j = −(H(t_j) − H(t_{j−1})) + DV_j log h(t_j)`` with the cumulative hazard in closed form:
   ``"constant"``: ``h = 1/λ``, ``H(t) = t/λ`` (Monolix's exponential model, λ the mean time between events);
   ``"weibull"``: ``h(t) = (β/λ)(t/λ)^{β−1}``, ``H(t) = (t/λ)^β`` (saemix's and Monolix's Weibull); the parameters
-  ``λ``, ``β`` are ψ's of the model (no structural model: ``NLME(None, ..., outcome=TimeToEvent(...))``);
+  ``λ``, ``β`` are ψ's of the model (no structural model: ``NLME(None, ..., outcome=TimeToEvent(...))``); with
+  occasions (``iov=`` on λ or β) each record's interval is taken at the occasion of the record closing it, and the
+  simulations use occasion k's hazard from the occasion's first record to the next one's (the piecewise inverse of
+  ``H``, :func:`invert_cumulative_hazard`, writing records that close and open each occasion);
 * a user log-likelihood (:class:`LogLik`, ``outcome="loglik"``; saemix's ``modeltype="likelihood"``): the
   "structural" function ``loglik(psi, data) -> [..., N, T]`` returns ``log p(y_ij | ψ_i)`` itself, with the
   observations in ``data.dv`` (and ``data.time``, ``data.x``, ``data.regressors``, ...: see
@@ -351,20 +354,57 @@ class TimeToEvent(Outcome):
         log_h = xp.log(beta) - log_lam + (beta - 1.0) * lt
         return -cum + y * log_h
 
-    def simulate_events(self, rng: np.random.Generator, psi: dict[str, np.ndarray], end: np.ndarray,
-                        max_events: int = 1000) -> list[np.ndarray]:
-        """Event times in ``(0, end_i]`` of each individual: ``H(t_next) = H(t) + E``, ``E ~ Exp(1)``, inverted."""
-        lam = np.asarray(psi[self.scale]).reshape(-1)
-        beta = np.ones_like(lam) if self.hazard == "constant" else np.asarray(psi[self.shape]).reshape(-1)
-        cum = np.zeros_like(lam)
-        events = np.empty((lam.size, 0))
-        for _ in range(max_events):
-            cum = cum + rng.exponential(size=lam.size)
-            t = lam * cum ** (1.0 / beta)
+    def hazard_parameters(self, psi: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``(λ, β)`` from ψ (numpy, in ψ's dtype; β = 1 for a constant hazard), same shapes."""
+        lam = np.asarray(psi[self.scale])
+        return lam, (np.ones_like(lam) if self.hazard == "constant" else np.asarray(psi[self.shape]))
+
+    def event_times(self, rng: np.random.Generator, psi: dict[str, np.ndarray], end: np.ndarray,
+                    max_events: int = 1000, start: np.ndarray | None = None) -> np.ndarray:
+        """Event times ``[N, M]`` of each individual in ``(0, end_i]`` (``inf`` after its last one): ``H(t_{m+1}) =
+        H(t_m) + E_m``, ``E_m ~ Exp(1)`` drawn ``[N]`` at a time from ``rng``, inverted.  ψ ``[N, 1]``: one hazard
+        ``H(t) = (t/λ)^β``; with ``start`` ``[N, K]`` (occasion starts, :func:`invert_cumulative_hazard`) ψ is
+        ``[N, K]``, occasion k's hazard on ``[s_k, s_{k+1})``."""
+        lam, beta = self.hazard_parameters(psi)
+        if start is None:
+            lam, beta = lam.reshape(-1), beta.reshape(-1)
+        cum = np.zeros(lam.shape[0])
+        events = np.empty((lam.shape[0], 0))
+        for _ in range(max_events):  # events, not individuals: vectorised over individuals
+            cum = cum + rng.exponential(size=lam.shape[0])
+            t = lam * cum ** (1.0 / beta) if start is None else invert_cumulative_hazard(cum, lam, beta, start)
             events = np.concatenate([events, t[:, None]], 1)
             if (t > end).all():
                 break
-        return [row[row <= e] for row, e in zip(events, end)]
+        return np.where(events <= np.asarray(end)[:, None], events, np.inf)
+
+    def simulate_events(self, rng: np.random.Generator, psi: dict[str, np.ndarray], end: np.ndarray,
+                        max_events: int = 1000) -> list[np.ndarray]:
+        """Event times in ``(0, end_i]`` of each individual (:meth:`event_times`, one hazard), as a list."""
+        events = self.event_times(rng, psi, end, max_events)
+        return [row[np.isfinite(row)] for row in events]
+
+
+def invert_cumulative_hazard(exp1: np.ndarray, lam: np.ndarray, beta: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """The time t with ``H(t) = E`` for a hazard that changes at the occasions' starts (numpy, vectorised).
+
+    Occasion k (``k = 0..K−1``) is in force on ``[s_k, s_{k+1})`` (``s_0 = 0``, ``s_K = ∞``; padding occasions start
+    at ``∞``) with its own Weibull hazard ``h_k(t) = (β_k/λ_k)(t/λ_k)^{β_k−1}``, ``H_k(t) = (t/λ_k)^{β_k}`` (β = 1:
+    constant hazard 1/λ), in the time since 0 as the log-likelihood's intervals take it.  So ``H(t) = C_k + H_k(t) −
+    H_k(s_k)`` on occasion k, with ``C_k = Σ_{j<k} (H_j(s_{j+1}) − H_j(s_j))``; the occasion where the running ``C``
+    passes ``E`` is ``k* = #{k ≥ 1: C_k ≤ E}`` and ``t = λ_{k*} (H_{k*}(s_{k*}) + E − C_{k*})^{1/β_{k*}}`` (the
+    inversion of the cumulative hazard of Bender, Augustin & Blettner 2005, Stat. Med. 24:1713, piecewise).
+    ``exp1 [...]``; ``lam``, ``beta``, ``start`` ``[..., K]``."""
+    exp1 = np.asarray(exp1, dtype=float)
+    stop = np.concatenate([start[..., 1:], np.full(start.shape[:-1] + (1,), np.inf)], -1)
+    with np.errstate(invalid="ignore"):  # ∞ − ∞ of padding occasions, replaced by ∞
+        h_start = (start / lam) ** beta
+        piece = np.where(np.isfinite(stop), (stop / lam) ** beta - h_start, np.inf)
+    total = np.cumsum(piece, -1)  # C_{k+1}: the cumulative hazard at the end of occasion k
+    k = np.minimum((total <= exp1[..., None]).sum(-1), start.shape[-1] - 1)[..., None]
+    before = np.take_along_axis(np.concatenate([np.zeros_like(total[..., :1]), total[..., :-1]], -1), k, -1)[..., 0]
+    at = [np.take_along_axis(a, k, -1)[..., 0] for a in (lam, beta, h_start)]
+    return at[0] * np.maximum(at[2] + (exp1 - before), 0.0) ** (1.0 / at[1])
 
 
 @dataclass(repr=False)
@@ -374,8 +414,11 @@ class LogLik(Outcome):
     output ``r`` is that response's log-likelihood.  ``simulate_fn``: optional ``sim(psi, data, rng) -> y [N, T]``
     (numpy; ``psi``: each parameter's values ``[N, 1]``, with occasions ``[N, T]``; ``data``: the design ``loglik``
     receives; ``rng``: a ``numpy.random.Generator``; in a joint model only the response's records are read), which
-    ``model.simulate`` and the VPC need (one call per replicate data set, all individuals from one generator: not on
-    per-unit streams)."""
+    ``model.simulate`` and the VPC need (one call per replicate data set, all individuals from one generator).  With
+    occasions each record's ψ is its occasion's, as the fit takes each record's term of ``loglik`` at its occasion's
+    ψ.  On per-unit streams (``rng="per_unit"``, distributed fits) the generator is seeded from the seed and the
+    simulated individuals' unit ids (:func:`_user_rng`): these draws, unlike the other responses', depend on which
+    individuals are simulated together."""
 
     simulate_fn: Any = None
     name = "loglik"
@@ -622,21 +665,27 @@ def log_prob(model: NLME, theta: dict[str, Any], z: Any, units: Any = None, mu: 
 def simulate(model: NLME, theta: dict[str, Any], seed: int) -> pd.DataFrame:
     """A data table simulated from the outcome model at ``theta`` (random effects drawn from their prior): the bound
     table with ``DV`` replaced, or for time-to-event data new records (start at 0, events, censoring at each
-    individual's last record time)."""
+    individual's last record time).  With occasions (``iov=``) each record is drawn at its occasion's ψ (a user
+    simulator receives them ``[N, T]``, each record's, as its log-likelihood's terms are taken), and a hazard with
+    occasion effects is occasion k's from the occasion's start (:func:`invert_cumulative_hazard`; records closing and
+    opening each occasion are written, :func:`_event_rows`)."""
     ops = model.ops
     with ops.seed_context(seed):
         z = model.sample_prior(theta, ops.key(seed), 1)[0]
     mu = model._mu(theta)
     data, out = model.data, model.outcome
     rng = np.random.default_rng(seed)
+    psi_k = None
     if model._iov is not None:  # ψ and f of each observation's occasion ([N, T])
         from . import occasions as _occ
 
-        if isinstance(out, (TimeToEvent, LogLik)):
-            raise ModelSpecificationError("simulating time-to-event or user log-likelihood outcomes with occasions "
-                                          "(iov=) is not supported")
-        _refuse_events_with_iov(model, "simulating the events")
         psi_k = model._psi_by_occasion(mu, z)
+        if isinstance(out, TimeToEvent):
+            if _hazard_has_iov(model, out):
+                return _simulate_tte(model, out, _hazard_by_occasion(model, out, psi_k), rng, _occasion_starts(model))
+            psi = {k: np.broadcast_to(ops.to_numpy(v), (model.num_units, 1))
+                   for k, v in model._psi(mu, _occ.split(z, model._iov)[0]).items()}
+            return _simulate_tte(model, out, psi, rng)
         f_b = _occ.select(model._structural_fn(psi_k, model.design), model._iov, None, ops)
         psi = {k: ops.to_numpy(_occ.select(v + 0.0 * model._y, model._iov, None, ops)) for k, v in psi_k.items()}
     else:
@@ -663,7 +712,8 @@ def simulate(model: NLME, theta: dict[str, Any], seed: int) -> pd.DataFrame:
     table.iloc[rows[valid], table.columns.get_loc(dv_col)] = y[valid]
     if isinstance(out, Joint):  # each time-to-event response: new records (after every other response's draws)
         for name, tte in _event_responses(model):
-            table = _replace_event_records(model, table, name, tte, psi, rng)
+            hazard = _hazard_by_occasion(model, tte, psi_k) if _hazard_has_iov(model, tte) else psi
+            table = _replace_event_records(model, table, name, tte, hazard, rng)
     return table
 
 
@@ -675,22 +725,25 @@ def _event_responses(model: NLME) -> list[tuple[str, TimeToEvent]]:
     return [(name, o) for name, o in model._resp.spec.outcomes.items() if isinstance(o, TimeToEvent)]
 
 
-def _events_with_iov(model: NLME) -> list[str]:
-    """The time-to-event responses of a joint model whose hazard reads a parameter with inter-occasion variability
-    (κ): their first event cannot be drawn by inverting one cumulative hazard per individual (refused)."""
-    if model._iov is None:
-        return []
-    return [name for name, out in _event_responses(model) if set(out.parameters) & set(model._iov.names)]
+def _hazard_has_iov(model: NLME, out: Outcome) -> bool:
+    """Whether the hazard of the time-to-event outcome ``out`` reads a parameter with occasion effects (κ)."""
+    return model._iov is not None and bool(set(out.parameters) & set(model._iov.names))
 
 
-def _refuse_events_with_iov(model: NLME, what: str) -> None:
-    bad = _events_with_iov(model)
-    if bad:
-        params = [p for p in model.outcome.outcomes[bad[0]].parameters if p in model._iov.names]
-        raise ModelSpecificationError(f"response {bad[0]!r}: {what} of a time-to-event response whose hazard has "
-                                      f"occasion effects (iov= on {params}) is not supported: the first event's time "
-                                      f"is drawn by inverting one cumulative hazard per individual, and with IOV the "
-                                      f"hazard changes at each occasion's start (IOV on the other parameters is fine)")
+def _occasion_starts(model: NLME) -> np.ndarray:
+    """Where each occasion's hazard starts, ``[N, K]`` (numpy): 0 for the first occasion, the first record (of any
+    kind) of each later one (:func:`~latentfit.models.nlme.occasions.starts`: occasion k lasts until the first record
+    of occasion k + 1), ``inf`` for the padding occasions."""
+    from . import occasions as _occ
+
+    start, _, valid, _ = _occ.starts(model.data, model.table, model._iov)
+    return np.concatenate([np.zeros((start.shape[0], 1)), np.where(valid, np.maximum(start, 0.0), np.inf)], 1)
+
+
+def _hazard_by_occasion(model: NLME, out: TimeToEvent, psi_k: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The hazard's parameters of each occasion ``[..., N, K]`` (numpy) from ψ by occasion ``[..., K, N, 1]``."""
+    ops = model.ops
+    return {k: np.moveaxis(np.asarray(ops.to_numpy(psi_k[k]))[..., 0], -2, -1) for k in out.parameters}
 
 
 def _tte_records(model: NLME, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -702,13 +755,14 @@ def _tte_records(model: NLME, name: str) -> tuple[np.ndarray, np.ndarray]:
     return mine, np.where(mine, data.time, -np.inf).max(1)
 
 
-def _first_events(out: TimeToEvent, psi: dict[str, np.ndarray], end: np.ndarray,
-                  exp1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _first_events(out: TimeToEvent, psi: dict[str, np.ndarray], end: np.ndarray, exp1: np.ndarray,
+                  start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The first event ``t = λ E^{1/β}`` (the inverse of ``H(t) = (t/λ)^β`` at ``E ~ Exp(1)``; β = 1 for a constant
-    hazard) censored at ``end``: ``(min(t, end), t <= end)``, from ψ ``[..., N]`` and ``exp1`` ``[..., N]``."""
-    lam = psi[out.scale]
-    beta = np.ones_like(lam) if out.hazard == "constant" else psi[out.shape]
-    t = lam * exp1 ** (1.0 / beta)
+    hazard) censored at ``end``: ``(min(t, end), t <= end)``, from ψ ``[..., N]`` and ``exp1`` ``[..., N]``; with
+    occasion starts ``start [N, K]`` ψ is ``[..., N, K]`` and ``t`` the piecewise inverse
+    (:func:`invert_cumulative_hazard`)."""
+    lam, beta = out.hazard_parameters(psi)
+    t = lam * exp1 ** (1.0 / beta) if start is None else invert_cumulative_hazard(exp1, lam, beta, start)
     event = t <= end
     return np.where(event, t, end), event
 
@@ -716,42 +770,99 @@ def _first_events(out: TimeToEvent, psi: dict[str, np.ndarray], end: np.ndarray,
 def _replace_event_records(model: NLME, table: pd.DataFrame, name: str, out: TimeToEvent,
                            psi: dict[str, np.ndarray], rng: np.random.Generator) -> pd.DataFrame:
     """``table`` with the records of the time-to-event response ``name`` replaced by simulated ones per individual
-    (start at 0, the events by inversion of the cumulative hazard, censoring at the individual's last record of the
-    response), the other columns copied from its first record of the response (the occasion column, with ``iov=``:
-    the one in force at each record's time, from the individual's other records)."""
+    (:func:`_event_rows`: start at 0, the events by inversion of the cumulative hazard, censoring at the individual's
+    last record of the response), the other columns copied from its first record of the response.  ``psi``: the
+    hazard's parameters ``[N, 1]``, or ``[N, K]`` when they have occasion effects (occasion k's hazard from its start,
+    :func:`_occasion_starts`, with records closing and opening each occasion); the occasion column (``iov=``) of the
+    other new records: the occasion of the interval each closes, or, when the hazard has no κ, the one in force at its
+    time (the latest other record's at or before it)."""
     data, resp = model.data, model._resp
     mine, end = _tte_records(model, name)
     has = mine.any(1)
     cols = data.columns
     id_col, time_col, dv_col = cols["id"], cols.get("time", "TIME"), cols["dv"]
-    events = out.simulate_events(rng, {k: np.asarray(psi[k])[:, :1] for k in out.parameters},  # (no κ: any record's)
-                                 np.where(has, end, 0.0))
+    start = _occasion_starts(model) if _hazard_has_iov(model, out) else None
+    end0 = np.where(has, end, 0.0)
+    events = out.event_times(rng, {k: np.asarray(psi[k])[:, :1] if start is None else psi[k] for k in out.parameters},
+                             end0, start=start)
+    unit, times, dv, occ = _event_rows(events, end0, has, start)
     ours = table.index[table[resp.column].astype(float) == resp.values[resp.all_names.index(name)]]
     kept = table.drop(index=ours)
     first = table.loc[ours].drop_duplicates(id_col).set_index(id_col)
+    ids = data.ids[unit]
+    pos = first.index.get_indexer(ids)
+    new = pd.DataFrame({c: first[c].to_numpy()[pos] for c in first.columns})
+    new.insert(0, id_col, ids)
+    new[time_col], new[dv_col] = times, dv
     occ_col = model._iov.column if model._iov is not None else None
-    parts = [kept]
-    for i, ident in enumerate(data.ids):
-        if not has[i]:
-            continue
-        times = np.concatenate([[0.0], events[i], [end[i]]])
-        dv = np.concatenate([[0.0], np.ones(len(events[i])), [0.0]])
-        if len(events[i]) and events[i][-1] == end[i]:
-            times, dv = times[:-1], dv[:-1]
-        part = pd.DataFrame({c: [first.loc[ident, c]] * len(times) for c in first.columns})
-        part.insert(0, id_col, ident)
-        part[time_col], part[dv_col] = times, dv
-        if occ_col is not None:  # the occasion in force at each record: the latest other record's at or before it
-            src = kept[kept[id_col] == ident].sort_values(time_col, kind="stable")
-            if len(src):
-                at = np.searchsorted(src[time_col].to_numpy(dtype=float), times, side="right") - 1
-                part[occ_col] = src[occ_col].to_numpy()[np.maximum(at, 0)]
-        parts.append(part[table.columns])
-    both = pd.concat(parts, ignore_index=True)
+    if occ is not None:
+        new[occ_col] = _occasion_labels(model, first[occ_col], unit, occ)
+    elif occ_col is not None:  # the occasion in force at each record: the latest other record's at or before it
+        new[occ_col] = _in_force(data.ids, kept[id_col], kept[time_col], kept[occ_col], unit, times, new[occ_col])
+    both = pd.concat([kept, new[table.columns]], ignore_index=True)
     order = pd.factorize(table[id_col])[1]  # the individuals in the table's order, then time (stable)
     key = pd.Series(pd.Categorical(both[id_col], categories=order, ordered=True).codes, index=both.index)
     both = both.assign(_order=key).sort_values(["_order", time_col], kind="stable").drop(columns="_order")
     return both.reset_index(drop=True)
+
+
+def _event_rows(events: np.ndarray, end: np.ndarray, has: np.ndarray,
+                start: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The new records of a time-to-event response, individual after individual in time order (vectorised):
+    ``(individual index, time, DV, occasion index or None)`` ``[R]``: for each individual with ``has``, a start at
+    0, its events (``events [N, M]``, ``inf``: none) and a censoring at ``end`` unless its last event is there.  With
+    occasion starts ``start [N, K]`` (:func:`_occasion_starts`), at each start in ``(0, end)`` a record (DV 0)
+    closing the occasion before and one opening the occasion, and each record's occasion the one of the interval
+    ``(previous record, record]`` it closes (the log-likelihood's), so that a fit of the table has the hazard
+    :func:`invert_cumulative_hazard` simulated."""
+    n, m = events.shape
+    last = np.where(np.isfinite(events), events, -np.inf).max(1) if m else np.full(n, -np.inf)
+    times = np.concatenate([np.zeros((n, 1)), events, end[:, None]], 1)
+    dv = np.concatenate([np.zeros((n, 1)), np.ones((n, m)), np.zeros((n, 1))], 1)
+    keep = np.concatenate([np.ones((n, 1), bool), np.isfinite(events), (last != end)[:, None]], 1) & has[:, None]
+    occ = None
+    if start is not None:
+        bound = start[:, 1:]
+        inside = np.isfinite(bound) & (bound > 0) & (bound < end[:, None])
+        k = np.arange(1, start.shape[1])
+        closes = (start[:, None, 1:] < times[:, :, None]).sum(-1)  # occasion of the interval each record closes
+        times = np.concatenate([times, bound, bound], 1)
+        dv = np.concatenate([dv, np.zeros_like(bound), np.zeros_like(bound)], 1)
+        occ = np.concatenate([closes, np.broadcast_to(k - 1, bound.shape), np.broadcast_to(k, bound.shape)], 1)
+        keep = np.concatenate([keep, inside & has[:, None], inside & has[:, None]], 1)
+    unit = np.broadcast_to(np.arange(n)[:, None], times.shape)[keep]
+    times, dv = times[keep], dv[keep]
+    if occ is None:
+        return unit, times, dv, None
+    occ = occ[keep]
+    order = np.lexsort((occ, times, unit))  # at an occasion's start: the closing record before the opening one
+    return unit[order], times[order], dv[order], occ[order]
+
+
+def _occasion_labels(model: NLME, like: pd.Series, unit: np.ndarray, occ: np.ndarray) -> np.ndarray:
+    """The occasion column's values (as in the data, ``like``'s dtype) of occasion indices ``occ`` of ``unit``."""
+    labels = model._iov.labels[unit, occ]
+    return labels.astype(like.dtype) if pd.api.types.is_numeric_dtype(like.dtype) else labels
+
+
+def _in_force(ids: np.ndarray, src_id: pd.Series, src_time: pd.Series, src_occ: pd.Series, unit: np.ndarray,
+              times: np.ndarray, default: pd.Series) -> np.ndarray:
+    """The occasion in force at ``(unit, times)``: that of the individual's latest record of ``src`` at or before it
+    (its first one before them all; ``default`` for an individual without records there), vectorised."""
+    su = pd.Index(ids).get_indexer(src_id.to_numpy())
+    ok = su >= 0
+    su, st, so = su[ok], src_time.to_numpy(dtype=float)[ok], src_occ.to_numpy()[ok]
+    order = np.lexsort((st, su))  # the individual's records by time (table order at equal times)
+    su, st, so = su[order], st[order], so[order]
+    _, rank = np.unique(np.concatenate([st, times]), return_inverse=True)
+    width = int(rank.max()) + 2 if rank.size else 1
+    src_key, new_key = su * width + rank[:st.size], unit * width + rank[st.size:]
+    at = np.searchsorted(src_key, new_key, side="right") - 1
+    lo, hi = np.searchsorted(su, unit, "left"), np.searchsorted(su, unit, "right")
+    out = default.to_numpy().copy()
+    has = hi > lo
+    out[has] = so[np.maximum(at, lo)[has]]
+    return out
 
 
 def _simulate_joint(model: NLME, theta: dict[str, Any], f_b: Any, psi: dict[str, np.ndarray],
@@ -829,15 +940,22 @@ def _simulated_prediction(model: NLME, psi_b: dict[str, Any], shape: tuple[int, 
     return np.broadcast_to(ops.to_numpy(f), shape)
 
 
-def _refuse_user_simulator_on_streams(out: Outcome, unit_ids: Any) -> None:
-    """Refuse a user simulator (a user log-likelihood outcome, or such a response of a joint model) on per-unit
-    streams."""
+def _user_rng(seed: int, unit_ids: Any) -> np.random.Generator:
+    """The numpy generator of a user simulator ``sim(psi, data, rng)`` on per-unit streams (it draws all the
+    individuals it is given at once, so it cannot read each one's stream): seeded from ``seed`` and a BLAKE2 digest
+    of the simulated individuals' unit ids in order.  Each process of a distributed fit thus draws its own numbers for
+    its block, and a one-process fit the same numbers for the same seed and individuals; unlike the other responses'
+    draws, these depend on which individuals are simulated together and in what order."""
+    import hashlib
+
+    ids = np.ascontiguousarray(np.asarray(unit_ids, dtype=np.int64))
+    words = np.frombuffer(hashlib.blake2b(ids.tobytes(), digest_size=16).digest(), dtype=np.uint32)
+    return np.random.default_rng(np.random.SeedSequence([int(seed) % 2**64, *(int(w) for w in words)]))
+
+
+def _has_user_simulator(out: Outcome) -> bool:
     parts = out.outcomes.values() if isinstance(out, Joint) else (out,)
-    if unit_ids is not None and any(isinstance(o, LogLik) for o in parts):
-        raise NotImplementedError("a user log-likelihood's simulator sim(psi, data, rng) draws every individual from "
-                                  "one numpy generator, not from each individual's stream: the simulations of a fit "
-                                  "with rng='per_unit' (e.g. a distributed fit) cannot use it; refit with "
-                                  "rng='global' in one process for this VPC, or simulate with model.simulate(theta)")
+    return any(isinstance(o, LogLik) for o in parts)
 
 
 def simulate_observations(model: NLME, theta: dict[str, Any], num_sims: int, seed: int = 0, *, unit_ids: Any = None,
@@ -850,7 +968,8 @@ def simulate_observations(model: NLME, theta: dict[str, Any], num_sims: int, see
     ``unit_ids`` (``[N]`` distinct ints): individual i's replicates from its stream ``(seed, unit_ids[i])`` only
     (:func:`_unit_stream_draws`; the observations by inversion of their CDF, :meth:`Outcome.sample_at`), whatever the
     other individuals or the process holding it (``ops``: a distributed fit's shim, whose processes agree on the
-    width of the uniforms).  Not for a user simulator (refused)."""
+    width of the uniforms); a user simulator's draws come from one generator seeded from ``seed`` and the unit ids
+    (:func:`_user_rng`)."""
     if isinstance(model.outcome, TimeToEvent):
         raise ModelSpecificationError("time-to-event data: use first_event_times() (a Kaplan-Meier VPC)")
     return _replicates(model, theta, num_sims, seed, unit_ids, ops)[0]
@@ -866,8 +985,8 @@ def simulate_joint(model: NLME, theta: dict[str, Any], num_sims: int, seed: int 
     (its end of follow-up in the design; ``-inf``, no event, for an individual without records of it).  The
     exponentials come after the other draws on the global stream, or by ``E = −log U`` from the uniforms that follow
     the records' on per-unit streams (``unit_ids``), so the other responses' replicates are those of a model
-    without the time-to-event response.  With occasions (``iov=``) the hazard's parameters must have no κ (refused
-    otherwise: the hazard would change at each occasion's start)."""
+    without the time-to-event response.  With occasion effects on the hazard's parameters (``iov=``) occasion k's
+    hazard holds from its start, and ``t`` solves the piecewise ``H(t) = E`` (:func:`invert_cumulative_hazard`)."""
     if not isinstance(model.outcome, Joint):
         raise ModelSpecificationError("simulate_joint is for joint models (error={...} beside outcome={...})")
     return _replicates(model, theta, num_sims, seed, unit_ids, ops)
@@ -878,19 +997,18 @@ def _replicates(model: NLME, theta: dict[str, Any], num_sims: int, seed: int, un
     """:func:`simulate_joint` for any outcome model (no first events but a joint model's)."""
     dist = model.ops if ops is None else ops
     ops, out, data = model.ops, model.outcome, model.data
-    _refuse_user_simulator_on_streams(out, unit_ids)
     events = _event_responses(model)
-    _refuse_events_with_iov(model, "the Kaplan-Meier VPC (simulated first events)")
     shape = (int(num_sims),) + data.dv.shape
     if unit_ids is not None:
         width = max_over_processes(dist, shape[-1])
         z, u = _unit_stream_draws(model, theta, num_sims, seed, unit_ids, dist, (width + len(events),))
+        rng = _user_rng(seed, unit_ids) if _has_user_simulator(out) else None  # a user simulator's only
     else:
         z = model.sample_prior(theta, ops.key(seed), int(num_sims))  # [K, N, d]
         rng = np.random.default_rng(seed)
     psi_b, psi = _simulated_psi(model, theta, z, shape)
     first: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    if isinstance(out, LogLik):  # one numpy stream (refused above on per-unit streams)
+    if isinstance(out, LogLik):  # one numpy stream (per-unit streams: _user_rng)
         if out.simulate_fn is None:
             raise ModelSpecificationError("a user log-likelihood has no simulator: give outcome=nlme.outcomes."
                                           "LogLik(simulate_fn=sim) with sim(psi, data, rng) -> y [N, T]")
@@ -898,12 +1016,15 @@ def _replicates(model: NLME, theta: dict[str, Any], num_sims: int, seed: int, un
                       for s in range(int(num_sims))])
     elif isinstance(out, Joint):
         f = _simulated_prediction(model, psi_b, shape)
-        y = _joint_replicates(model, theta, f, psi, rng if unit_ids is None else None,
-                              u[..., :shape[-1]] if unit_ids is not None else None)
+        y = _joint_replicates(model, theta, f, psi, rng, u[..., :shape[-1]] if unit_ids is not None else None)
         for j, (name, tte) in enumerate(events):
             end = _tte_records(model, name)[1]
             exp1 = -np.log(u[..., width + j]) if unit_ids is not None else rng.exponential(size=shape[:2])
-            first[name] = _first_events(tte, {k: psi[k][..., 0] for k in tte.parameters}, end, exp1)  # no κ
+            if _hazard_has_iov(model, tte):  # occasion k's hazard from its start
+                first[name] = _first_events(tte, _hazard_by_occasion(model, tte, psi_b), end, exp1,
+                                            _occasion_starts(model))
+            else:
+                first[name] = _first_events(tte, {k: psi[k][..., 0] for k in tte.parameters}, end, exp1)
     else:
         f = _simulated_prediction(model, psi_b, shape)
         consts = out.constants(data)
@@ -919,9 +1040,10 @@ def _joint_replicates(model: NLME, theta: dict[str, Any], f: np.ndarray, psi: di
     """Replicates ``[K, N, T]`` of every response of a joint model from one set of random-effect draws (``f``, ``psi``
     at them): each Gaussian response's prediction plus its residual error ``sd · ε``, each non-Gaussian response
     drawn from its outcome at its prediction, each user log-likelihood response from its simulator (one call per
-    replicate; global stream only), NaN at time-to-event records (:func:`simulate_joint`).  ``rng``: one numpy
-    stream; else ``u`` (uniforms ``[K, N, T]`` of the individuals' streams): ``ε = Φ⁻¹(u)`` and the outcomes by
-    inversion (:meth:`Outcome.sample_at`), each record being one response's."""
+    replicate, with ``rng``), NaN at time-to-event records (:func:`simulate_joint`).  ``u`` None: everything from
+    the one numpy stream ``rng``; else ``u`` (uniforms ``[K, N, T]`` of the individuals' streams): ``ε = Φ⁻¹(u)`` and
+    the outcomes by inversion (:meth:`Outcome.sample_at`), each record being one response's, and ``rng``
+    (:func:`_user_rng`) for the user simulators only."""
     from scipy.special import ndtri
 
     from . import responses as _resp
@@ -936,7 +1058,7 @@ def _joint_replicates(model: NLME, theta: dict[str, Any], f: np.ndarray, psi: di
         if isinstance(out, TimeToEvent):
             y = np.where(mine, np.nan, y)
             continue
-        if isinstance(out, LogLik):  # global stream only (_refuse_user_simulator_on_streams)
+        if isinstance(out, LogLik):  # the one numpy stream, or on per-unit streams _user_rng's
             drawn = np.stack([_user_simulation(model, name, out, {k: v[s] for k, v in psi.items()}, rng)
                               for s in range(f.shape[0])])
         else:
@@ -953,9 +1075,10 @@ def first_event_times(model: NLME, theta: dict[str, Any] | None = None, num_sims
                       response: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Time to each individual's first event and whether it was observed (else censored at the last record):
     ``(time [K, N], event [K, N])``.  ``theta`` None: the data (K = 1); else ``num_sims`` replicates at ``theta``,
-    the first event drawn by inversion of the cumulative hazard, ``t = λ E^{1/β}`` with ``E ~ Exp(1)``.
-    ``unit_ids`` (``ops``): individual i's random effects and ``E = −log U`` from its stream ``(seed, unit_ids[i])``
-    (as :func:`simulate_observations`).  A joint model: ``response`` names its time-to-event response, whose
+    the first event drawn by inversion of the cumulative hazard, ``t = λ E^{1/β}`` with ``E ~ Exp(1)`` (with
+    occasion effects on the hazard, the piecewise inverse :func:`invert_cumulative_hazard`).  ``unit_ids``
+    (``ops``): individual i's random effects and ``E = −log U`` from its stream ``(seed, unit_ids[i])`` (as
+    :func:`simulate_observations`).  A joint model: ``response`` names its time-to-event response, whose
     records alone count (an individual without any: time ``-inf``, no event); the replicates are
     :func:`simulate_joint`'s."""
     out, data = model.outcome, model.data
@@ -979,26 +1102,31 @@ def first_event_times(model: NLME, theta: dict[str, Any] | None = None, num_sims
         first = np.where(hit, data.time, np.inf).min(1)
         event = np.isfinite(first)
         return np.where(event, first, end)[None], event[None]
-    if model._iov is not None:
-        raise ModelSpecificationError("the Kaplan-Meier VPC of time-to-event data with occasions (iov=) is not "
-                                      "supported: the first event's time is drawn by inverting one cumulative hazard "
-                                      "per individual, and with IOV the hazard changes at each occasion's start")
     if unit_ids is not None:
         z, u = _unit_stream_draws(model, theta, num_sims, seed, unit_ids, ops, ())
         exp1 = -np.log(u)  # Exp(1) by inversion
     else:
         z = model.sample_prior(theta, model.ops.key(seed), int(num_sims))
         exp1 = None
-    psi_b = model._psi(model._mu(theta), z)
-    psi = {k: np.broadcast_to(model.ops.to_numpy(v), (int(num_sims), model.num_units, 1))[..., 0]
-           for k, v in psi_b.items()}
-    lam = psi[out.scale]
-    beta = np.ones_like(lam) if out.hazard == "constant" else psi[out.shape]
+    shape = (int(num_sims), model.num_units)
+    start = None
+    if _hazard_has_iov(model, out):  # ψ of each occasion [K, N, occasions]; occasion k's hazard from its start
+        psi = _hazard_by_occasion(model, out, model._psi_by_occasion(model._mu(theta), z))
+        start = _occasion_starts(model)
+    else:
+        z_phi = z if model._iov is None else _occ_split(model, z)
+        psi = {k: np.broadcast_to(model.ops.to_numpy(v), shape + (1,))[..., 0]
+               for k, v in model._psi(model._mu(theta), z_phi).items()}
     if exp1 is None:
-        exp1 = np.random.default_rng(seed).exponential(size=lam.shape)
-    t = lam * exp1 ** (1.0 / beta)
-    event = t <= end
-    return np.where(event, t, end), event
+        exp1 = np.random.default_rng(seed).exponential(size=shape)
+    return _first_events(out, psi, end, exp1, start)
+
+
+def _occ_split(model: NLME, z: Any) -> Any:
+    """The η part of latents with occasion effects."""
+    from . import occasions as _occ
+
+    return _occ.split(z, model._iov)[0]
 
 
 def kaplan_meier(time: np.ndarray, event: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -1015,25 +1143,26 @@ def kaplan_meier(time: np.ndarray, event: np.ndarray, grid: np.ndarray) -> np.nd
     return np.take_along_axis(padded, count, -1)
 
 
-def _simulate_tte(model: NLME, out: TimeToEvent, psi: dict[str, np.ndarray], rng: np.random.Generator) -> pd.DataFrame:
+def _simulate_tte(model: NLME, out: TimeToEvent, psi: dict[str, np.ndarray], rng: np.random.Generator,
+                  start: np.ndarray | None = None) -> pd.DataFrame:
+    """New records of a time-to-event outcome (:func:`_event_rows`), the other columns copied from each individual's
+    first record; ``psi`` ``[N, 1]``, or ``[N, K]`` with occasion starts ``start`` (the hazard has κ)."""
     data = model.data
     end = np.where(data.mask, data.time, -np.inf).max(1)
-    events = out.simulate_events(rng, psi, end)
+    events = out.event_times(rng, psi, end, start=start)
+    unit, times, dv, occ = _event_rows(events, end, np.ones(end.shape, bool), start)
     cols = data.columns
     id_col, time_col, dv_col = cols["id"], cols.get("time", "TIME"), cols["dv"]
     first = model.table.drop_duplicates(id_col).set_index(id_col)
     keep = [c for c in first.columns if c not in (time_col, dv_col)]
-    rows = []
-    for i, ident in enumerate(data.ids):
-        times = np.concatenate([[0.0], events[i], [end[i]]])
-        dv = np.concatenate([[0.0], np.ones(len(events[i])), [0.0]])
-        if len(events[i]) and events[i][-1] == end[i]:
-            times, dv = times[:-1], dv[:-1]
-        part = pd.DataFrame({id_col: ident, time_col: times, dv_col: dv})
-        for c in keep:
-            part[c] = first.loc[ident, c]
-        rows.append(part)
-    return pd.concat(rows, ignore_index=True)
+    ids = data.ids[unit]
+    pos = first.index.get_indexer(ids)
+    frame = pd.DataFrame({id_col: ids, time_col: times, dv_col: dv})
+    for c in keep:
+        frame[c] = first[c].to_numpy()[pos]
+    if occ is not None:
+        frame[model._iov.column] = _occasion_labels(model, first[model._iov.column], unit, occ)
+    return frame
 
 
 def raise_for_nonfinite(model: NLME, theta: dict[str, Any], z: Any) -> None:
@@ -1051,4 +1180,5 @@ def raise_for_nonfinite(model: NLME, theta: dict[str, Any], z: Any) -> None:
 
 
 __all__ = ["OUTCOMES", "Binary", "LogLik", "NegativeBinomial", "Ordinal", "Outcome", "Poisson", "TimeToEvent",
-           "first_event_times", "kaplan_meier", "make_outcome", "simulate_joint", "simulate_observations"]
+           "first_event_times", "invert_cumulative_hazard", "kaplan_meier", "make_outcome", "simulate_joint",
+           "simulate_observations"]
