@@ -369,13 +369,14 @@ class TimeToEvent(Outcome):
         if start is None:
             lam, beta = lam.reshape(-1), beta.reshape(-1)
         cum = np.zeros(lam.shape[0])
-        events = np.empty((lam.shape[0], 0))
+        columns = []
         for _ in range(max_events):  # events, not individuals: vectorised over individuals
             cum = cum + rng.exponential(size=lam.shape[0])
             t = lam * cum ** (1.0 / beta) if start is None else invert_cumulative_hazard(cum, lam, beta, start)
-            events = np.concatenate([events, t[:, None]], 1)
+            columns.append(t)
             if (t > end).all():
                 break
+        events = np.stack(columns, 1) if columns else np.empty((lam.shape[0], 0))
         return np.where(events <= np.asarray(end)[:, None], events, np.inf)
 
     def simulate_events(self, rng: np.random.Generator, psi: dict[str, np.ndarray], end: np.ndarray,
