@@ -366,12 +366,15 @@ try:  # subjects 6 and 7 in both processes' rows
     model.fit(df[df["Id"].isin(ids[5 * rank:5 * rank + 7])], **nlme_opts, distributed="local")
 except Exception as e:
     errors["overlap"] = f"{type(e).__name__}: {e}"
-try:  # 7 and 5 subjects
-    part = slice(0, 7) if rank == 0 else slice(7, 12)
-    latentfit.numpyro.SAEM(theophylline_model, **opts).run(
-        jax.random.PRNGKey(1), **{k: v[part] for k, v in data.items()}, distributed="local")
-except Exception as e:
-    errors["unequal"] = f"{type(e).__name__}: {e}"
+# blocks of 7 and 5 subjects: each padded to 7 with dummy subjects of weight 0 (inference/padding.py)
+part = slice(0, 7) if rank == 0 else slice(7, 12)
+fit = latentfit.numpyro.SAEM(theophylline_model, **opts).run(
+    jax.random.PRNGKey(1), **{k: v[part] for k, v in data.items()}, distributed="local")
+ebe = fit.individual_estimates()
+out["unequal"] = dict(record(fit), z=np.asarray(fit.state.z).tolist(), num_units=fit.num_units,
+                      ll=float(fit.log_likelihood()), mean=np.asarray(ebe.mean).tolist(),
+                      draws=list(fit.latent_draws.shape))
+out["nlme_unequal"] = record(model.fit(df[df["Id"].isin(ids[part])], **nlme_opts, distributed="local"))
 try:  # the whole data on every process
     latentfit.numpyro.SAEM(theophylline_model, **opts).run(jax.random.PRNGKey(1), **data, distributed="local")
 except Exception as e:
@@ -406,8 +409,9 @@ def test_two_jax_processes_local_blocks_equal_one() -> None:
     fit on both processes (conditional modes: a damped Newton, ~sqrt(eps), as tests/test_distributed_nlme.py).  NLME
     blocks read with different numbers of observations (10 and 9 per subject) are padded alike.  With ``checkpoint=``
     each process writes its block; the fit interrupted after iteration 10 and resumed equals the uninterrupted one bit
-    for bit.  Overlapping NLME blocks, blocks of 7 and 5 units, and the whole data on every process are refused with
-    the reason named."""
+    for bit.  Blocks of 7 and 5 subjects (NumPyro arrays and NLME rows), padded to 7 with dummy subjects of weight 0,
+    give the one-process fit likewise, the result holding the real subjects only.  Overlapping NLME blocks and the
+    whole data on every process are refused with the reason named."""
     outs = _two_processes(CHILD_LOCAL)
     one = outs[0]["saem_one"]
     for out in outs:
@@ -427,6 +431,116 @@ def test_two_jax_processes_local_blocks_equal_one() -> None:
         _assert_same_fit(outs[0]["nlme_one"], out["nlme"])
         errors = out["errors"]
         assert "ModelSpecificationError" in errors["overlap"] and "6 (processes [0, 1])" in errors["overlap"]
-        assert "ValueError" in errors["unequal"] and "hold [7, 5] units" in errors["unequal"]
+        unequal = out["unequal"]  # 7 and 5 subjects, padded to 7: the one-process fit likewise, real units only
+        _assert_same_fit(one, unequal)
+        assert unequal["num_units"] == 12 and unequal["draws"] == [5, 5, 7 - 2 * r, 3]
+        np.testing.assert_allclose(unequal["z"], np.asarray(one["z"])[:, 7 * r:7 + 5 * r], rtol=0, atol=1e-10)
+        np.testing.assert_allclose(unequal["ll"], one["ll"], rtol=1e-10)
+        np.testing.assert_allclose(unequal["mean"], one["mean"], rtol=1e-10, atol=1e-10)
+        _assert_same_fit(outs[0]["nlme_one"], out["nlme_unequal"])
         assert "every process passed the same data" in errors["same"]
     assert max(np.ptp(np.asarray(v, float)) for k, v in one["history"].items() if k.startswith("theta.")) > 1e-3
+
+
+CHILD_ENGINES = r"""
+import json, sys
+rank, port = int(sys.argv[2]), sys.argv[3]
+import jax
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=rank)
+import jax.numpy as jnp
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import latentfit.numpyro
+from latentfit.examples.theophylline_numpyro import theophylline_arrays, theophylline_model
+from latentfit.models import GaussianMixture
+from test_distributed_em import ENGINES, _data
+
+out = {"rank": rank}
+
+
+def record(fit):
+    return {"params": {k: np.asarray(v).tolist() for k, v in fit.params.items()},
+            "history": {k: np.asarray(v, float).tolist() for k, v in fit.history.items()
+                        if k in ("log_lik", "objective", "grad_norm2") or k.startswith("theta")}}
+
+
+import numpyro, numpyro.distributions as dist
+from numpyro.distributions import constraints
+
+
+def intercepts(y):  # the random-intercept model of latentfit.numpyro's docstring
+    mu = numpyro.param("mu", 0.0)
+    omega = numpyro.param("omega", 1.0, constraint=constraints.positive)
+    sigma = numpyro.param("sigma", 1.0, constraint=constraints.positive)
+    with numpyro.plate("unit", y.shape[0], dim=-2):
+        b = numpyro.sample("b", dist.Normal(mu, omega))
+        with numpyro.plate("obs", y.shape[1], dim=-1):
+            numpyro.sample("y", dist.Normal(b, sigma), obs=y)
+
+
+data = theophylline_arrays()
+rng = np.random.default_rng(0)
+y = jnp.asarray(1.0 + 0.8 * rng.normal(size=(12, 1)) + 0.5 * rng.normal(size=(12, 6)))
+part = slice(0, 7) if rank == 0 else slice(7, 12)  # 7 and 5 units: padded to 7
+# all units per step (theophylline), and mini-batches of 5 with MALA (random intercepts: a mini-batch of the NumPyro
+# theophylline model evaluates its other units at z = 0, where ka = ke and the one-compartment formula is 0/0)
+sgd = {"full": (theophylline_model, data, dict()), "batch": (intercepts, {"y": y}, dict(batch_size=5, kernel="mala"))}
+opts = dict(num_iters=12, burn_in=2, progress=False, rng="per_unit", chunk_size=4, num_draws=4)
+for name, (fn, arrays, extra) in sgd.items():
+    fit = latentfit.numpyro.MCMCSGD(fn, **opts, **extra).run(jax.random.PRNGKey(1), **{k: v[part] for k, v in
+                                                             arrays.items()}, distributed="local")
+    out[name] = dict(record(fit), z=np.asarray(fit.state.z).tolist())
+x = np.asarray(_data(40))
+em = {name: dict(ENGINES[name], seed=3, progress=False, batching="random", track_log_lik=True)
+      for name in ("MiniBatchEM", "IEM", "FIEM")}
+for name, o in em.items():  # 20 and 20 points: mini-batches of one static size, the other process's points masked
+    model = GaussianMixture(jnp.asarray(x[20 * rank:20 * rank + 20]), 3, "full", seed=1)
+    out[name] = record(getattr(latentfit.numpyro, name)(model, **o).run(jax.random.PRNGKey(3), distributed="local"))
+errors = {}
+try:  # 21 and 19 points: the mixture cannot pad its block
+    latentfit.numpyro.FIEM(GaussianMixture(jnp.asarray(x[:21] if rank == 0 else x[21:]), 3, "full", seed=1),
+                           **em["FIEM"]).run(jax.random.PRNGKey(3), distributed="local")
+except ValueError as e:
+    errors["mixture_unequal"] = str(e)
+try:  # a Monte-Carlo E-step of the EM family
+    latentfit.numpyro.MCEM(theophylline_model, num_epochs=2, rng="per_unit", progress=False).run(
+        jax.random.PRNGKey(1), **{k: v[6 * rank:6 * rank + 6] for k, v in data.items()}, distributed="local")
+except ValueError as e:
+    errors["mcem"] = str(e)
+out["errors"] = errors
+if rank == 0:  # the one-process fits of the whole data
+    for name, (fn, arrays, extra) in sgd.items():
+        fit = latentfit.numpyro.MCMCSGD(fn, **opts, **extra).run(jax.random.PRNGKey(1), **arrays)
+        out[name + "_one"] = dict(record(fit), z=np.asarray(fit.state.z).tolist())
+    for name, o in em.items():
+        model = GaussianMixture(jnp.asarray(x), 3, "full", seed=1)
+        out[name + "_one"] = record(getattr(latentfit.numpyro, name)(model, **o).run(jax.random.PRNGKey(3)))
+print("RESULT" + json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_jax_processes_local_more_engines() -> None:
+    """``run(..., distributed="local")`` on JAX beyond SAEM: MCMCSGD on blocks of 7 and 5 units (padded to 7 with dummy
+    units of weight 0): theophylline with all units per step and saemix's kernels, random intercepts with mini-batches
+    of 5 and MALA (every process draws the same global batch, a batch of one static size in which the other process's
+    units weigh 0),
+    and MiniBatchEM, IEM and FIEM on a mixture of 20 + 20 points (the same masked mini-batches, table writes of the
+    other process's units dropped) equal the one-process fit to 1e-10 in float64 (gradients / statistics psum'ed,
+    every process the same optimiser step / M-step).  A mixture's blocks of unequal size and a Monte-Carlo E-step of
+    the EM family are refused with the reason named."""
+    outs = _two_processes(CHILD_ENGINES)
+    one = outs[0]
+    for out in outs:
+        r = out["rank"]
+        for name in ("full", "batch", "MiniBatchEM", "IEM", "FIEM"):
+            _assert_same_fit(one[name + "_one"], out[name])
+        for name in ("full", "batch"):  # this process's real subjects' chains
+            np.testing.assert_allclose(out[name]["z"], np.asarray(one[name + "_one"]["z"])[:, 7 * r:7 + 5 * r],
+                                       rtol=0, atol=1e-10)
+        assert "cannot pad its block" in out["errors"]["mixture_unequal"], out["errors"]
+        assert "distributed='local' on JAX" in out["errors"]["mcem"], out["errors"]
+    for name in ("full", "batch"):
+        assert np.ptp(one[name + "_one"]["history"]["objective"]) > 0.1  # the fits moved

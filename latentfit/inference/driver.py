@@ -48,8 +48,9 @@ class Engine:
     #: the record :meth:`run` returns (a :class:`FitResult`, or a documented subclass)
     result_type: type = FitResult
     #: whether ``run(distributed="local")`` works on JAX (each process its block; the engine's distributed form
-    #: compiled over the processes): SAEM and f-SAEM.  The others' distributed forms pick their mini-batch units
-    #: with data-dependent shapes, which only torch's eager execution runs.
+    #: compiled over the processes): SAEM, f-SAEM and MCMCSGD (its mini-batches of one static size on every process,
+    #: the other processes' units weighing 0).  The EM family's distributed forms pick their mini-batch units with
+    #: data-dependent shapes, which only torch's eager execution runs.
     jax_local_blocks: bool = False
 
     def __init__(self, model: LatentModel, *, seed: int = 0, progress: bool = True,
@@ -82,6 +83,11 @@ class Engine:
         """Switch this engine to a data-parallel fit over the current torch.distributed process group."""
         raise ValueError(f"{self.name} does not support distributed=True yet (SAEM, f-SAEM, MCMCSGD, the exact engines "
                          "of the EM family and MCEM / MiniBatchMCEM / TTSEM / MISSO do)")
+
+    def jax_local_masks(self) -> bool:
+        """Whether a ``distributed="local"`` JAX fit weighs its units even with blocks of equal size (mini-batches of
+        one static size on every process, other processes' units weighing 0: :mod:`~latentfit.inference.padding`)."""
+        return False
 
     def unit_axes(self) -> dict[str, int]:
         """The state entries that hold one row per unit, and their unit axis (sharded by ``run(devices=...)``)."""
@@ -157,12 +163,14 @@ class Engine:
         ``offset_r = n_0 + … + n_{r−1}`` (the counts gathered from every process), per-unit streams use those global
         indices, and the sums over units reach every process (:class:`~latentfit.inference.ops_jax_procs.
         JaxProcessOps`: XLA collectives over one device per process inside the compiled chunks); the estimates and
-        history equal the one-process fit of the whole data (1e-10 in float64).  JAX needs blocks of equal size (a
-        process holding another number of units, or every process the same data, is refused with the counts
-        named).  The result holds this process's block of the per-unit state and draws, as a torch rank's does;
-        the post-fit computations (log-likelihood, standard errors, individual estimates) reach every process and
-        give the same, complete results on each, per-unit outputs in global unit order.  On JAX: SAEM and f-SAEM
-        (:attr:`jax_local_blocks`).
+        history equal the one-process fit of the whole data (1e-10 in float64).  On JAX, blocks of unequal size are
+        padded to the largest with dummy units of weight 0 (``model.pad_units``: NLME, NumPyro models whose per-unit
+        data are array arguments; :mod:`~latentfit.inference.padding`); every process passing the same data is
+        refused.  The result holds this process's block of the per-unit state and draws (its real units), as a torch
+        rank's does; the post-fit computations (log-likelihood, standard errors, individual estimates) reach every
+        process and give the same, complete results on each, per-unit outputs in global unit order.  On JAX: SAEM,
+        f-SAEM, MCMCSGD and the exact engines of the EM family (:attr:`jax_local_blocks`; mini-batches of one static
+        size on every process, the other processes' units weighing 0: :meth:`jax_local_masks`).
 
         ``distributed=True`` (torch, inside a ``torchrun`` script with an initialised process group): this process's
         model holds its shard of the units; statistics and acceptance counts are all-reduced in float64 and every
@@ -181,6 +189,7 @@ class Engine:
         """
         over_processes = False  # one program over the devices of several JAX processes (jax.distributed)
         self._process_group = None  # their ranks, for checkpoints
+        self._padding: _Padding | None = None  # a JAX local fit's block padded with dummy units
         mode = distributed_mode(distributed)
         if mode is not None:
             mesh = self.ops.process_mesh()
@@ -196,10 +205,15 @@ class Engine:
                 if mesh is not None:  # JAX, each process its block: the blocks must be of one global array
                     if not self.jax_local_blocks:
                         raise ValueError(f"{self.name}: distributed='local' on JAX (each process passes its block) "
-                                         "is supported by SAEM and f-SAEM; pass every process the whole data with "
-                                         "distributed=True, or use the torch backend")
-                    check_process_blocks(self.name, self.model, self.ops.process_group())
+                                         "is supported by SAEM, f-SAEM, MCMCSGD and the exact engines of the EM "
+                                         "family; pass every process the whole data with distributed=True, or use "
+                                         "the torch backend")
+                    counts = check_process_blocks(self.name, self.model, self.ops.process_group())
+                    if len(set(counts)) > 1 or self.jax_local_masks():  # pad each block to the largest
+                        self._pad_block(counts)
                 self.distribute()
+                if self._padding is not None:
+                    self._padded_distribute()
             else:
                 devices, over_processes = mesh, True
                 self._process_group = self.ops.process_group()
@@ -290,10 +304,55 @@ class Engine:
                 t_init: float, done: int, compiled_before: float, interrupted: bool) -> FitResult:
         hist = {n: np.stack(v) for n, v in history.items()}
         latents = np.stack(draws, axis=1) if draws else None  # [L, draws, N, d]
-        return self.result_type(engine=self, model=self.result_model, state=state, history=hist,
+        model = self.result_model
+        pad = getattr(self, "_padding", None)
+        if pad is not None:  # the real units only: this process's block as a torch rank's result holds it
+            n = pad.num_real
+            state = _take_units(state, self.unit_axes(), n)
+            latents = None if latents is None else latents[:, :, :n]
+            model = pad.model
+            if getattr(self, "_unit_ids", None) is not None:
+                self._unit_ids = self._unit_ids[:n]
+        return self.result_type(engine=self, model=model, state=state, history=hist,
                                 latent_draws=latents, elapsed=time.perf_counter() - t0, init_time=t_init,
                                 num_iterations=done, compile_time=self.ops.compile_time - compiled_before,
                                 interrupted=interrupted)
+
+    # ----- blocks of unequal size (JAX local) --------------------------------------------------
+    def _pad_block(self, counts: list[int]) -> None:
+        """Pad this process's block to the largest block's ``max(counts)`` units with dummy units that count for
+        nothing (:mod:`~latentfit.inference.padding`: ``model.pad_units`` copies its last unit, :func:`masked_units`
+        zeroes their per-unit values), so that every process's arrays have one shape."""
+        from .padding import masked_units
+
+        model = getattr(self, "user_model", self.model)
+        n, size = int(model.num_units), max(counts)
+        pad_units = getattr(model, "pad_units", None)
+        if pad_units is None and size > n:
+            raise ValueError(f"{self.name}: distributed='local' on JAX: the processes hold {counts} units and this "
+                             f"model ({type(model).__name__}) cannot pad its block with dummy units; split the "
+                             f"{sum(counts)} units into {len(counts)} equal blocks")
+        padded = pad_units(size) if size > n else model
+        self._padding = _Padding(model, n, size, counts)
+        self.model = masked_units(padded, n)
+        if getattr(self, "user_model", None) is model:  # the EM family's model as given (its distribute reads it)
+            self.user_model = self.model
+
+    def _padded_distribute(self) -> None:
+        """After :meth:`distribute` on a padded block: the process shim leaves the dummy units out of its acceptance
+        rates and gathers, the dummy units get ids of their own (after every real unit's), and the result's model is
+        the real block's view."""
+        pad = self._padding
+        ops = self.ops
+        rank = int(ops.rank)
+        total = sum(pad.counts)
+        ops.pad_units(pad.counts, pad.size)
+        ids = getattr(self, "_unit_ids", None)
+        if ids is not None:
+            extra = total + rank * pad.size + np.arange(pad.size - pad.num_real, dtype=np.int64)
+            self._unit_ids = np.concatenate([np.asarray(ids, dtype=np.int64)[:pad.num_real], extra])
+        offset = sum(pad.counts[:rank])
+        self._padding = pad._replace(model=pad.model.shard_view(ops, offset, total))
 
     # ----- faults ------------------------------------------------------------------------------
     def _snapshot(self, state: Any, iteration: int) -> _Snapshot:
@@ -450,17 +509,13 @@ def distributed_mode(distributed: Any) -> str | None:
     raise ValueError(f"distributed must be one of {DISTRIBUTED_MODES}, got {distributed!r}")
 
 
-def check_process_blocks(name: str, model: Any, group: Any) -> None:
-    """Refuse a ``distributed="local"`` JAX fit whose processes' blocks cannot be those of one global set of units:
-    unequal numbers of units (the blocks of one global array have one size), or every process holding the same data
-    (the whole data passed everywhere: that is ``distributed=True``).  Collectives: every process calls it."""
+def check_process_blocks(name: str, model: Any, group: Any) -> list[int]:
+    """Every process's number of units (process order) in a ``distributed="local"`` JAX fit; refuses every process
+    holding the same data (the whole data passed everywhere: that is ``distributed=True``).  Collectives: every
+    process calls it."""
     import hashlib
 
     counts = [int(c) for c in group.gather_objects(int(model.num_units))]
-    if any(c != counts[0] for c in counts):
-        raise ValueError(f"{name}: distributed='local' on JAX: the processes hold {counts} units (process 0, 1, ...); "
-                         "every process must hold the same number of units (its block of one global array): split "
-                         f"the {sum(counts)} units into {len(counts)} equal blocks")
     h = hashlib.sha256()
     for site, value in sorted(getattr(model, "observed", {}).items()):
         a = np.ascontiguousarray(np.asarray(value))
@@ -471,6 +526,39 @@ def check_process_blocks(name: str, model: Any, group: Any) -> None:
         raise ValueError(f"{name}: distributed='local': every process passed the same data ({counts[0]} units "
                          "each); pass each process its own block of the units, or pass the whole data with "
                          "distributed=True (each process then takes its block)")
+    return counts
+
+
+class _Padding(NamedTuple):
+    """A JAX local fit's block padded with dummy units: the real block's model (after :meth:`Engine.distribute`: its
+    shard view), its number of units, the padded size and every process's number of units."""
+
+    model: Any
+    num_real: int
+    size: int
+    counts: list[int]
+
+
+def _take_units(state: Any, axes: dict[str, Any], n: int) -> Any:
+    """``state`` with its per-unit entries (``axes``: field -> unit axis, or a dict of sub-fields) cut to the first
+    ``n`` units."""
+    changes = {}
+    for name, axis in axes.items():
+        value = state_field(state, name)
+        if value is None:
+            continue
+        if isinstance(axis, dict):
+            changes[name] = _take_units(value, axis, n)
+        else:
+            changes[name] = _cut(value, axis, n)
+    return replace_fields(state, **changes) if changes else state
+
+
+def _cut(value: Any, axis: int, n: int) -> Any:
+    """``value`` (an array, or a dict of arrays: a table of statistics) cut to its first ``n`` rows along ``axis``."""
+    if isinstance(value, dict):
+        return {k: _cut(v, axis, n) for k, v in value.items()}
+    return value[(slice(None),) * axis + (slice(0, n),)]
 
 
 class _Snapshot(NamedTuple):

@@ -136,6 +136,7 @@ class MCMCSGD(Engine):
     """
 
     name = "MCMCSGD"
+    jax_local_blocks = True  # run(distributed="local") on JAX (tests/test_jax_distributed.py)
 
     def __init__(self, model: LatentModel, num_iters: int = 500, num_chains: int | None = None, *,
                  kernel: str = "saemix", mcmc_steps: Any = None, burn_in: int = 10, batch_size: int | None = None,
@@ -267,7 +268,7 @@ class MCMCSGD(Engine):
             raise ValueError(f"{self.name}: distributed=True needs rng='per_unit' (each unit's draws from its own "
                              "stream, so that the fit does not depend on the number of processes)")
         ops = self.model.ops.distributed()
-        n = int(self.model.num_units)
+        n = int(getattr(self.model, "num_real_units", self.model.num_units))  # a padded block: its real units
         counts = [int(c) for c in ops.gather_units(ops.asarray(np.array([n]), dtype=None), 0).tolist()]
         total, offset = sum(counts), sum(counts[:ops.rank])
         self.model = self.model.shard_view(ops, offset, total)
@@ -280,17 +281,36 @@ class MCMCSGD(Engine):
             self._unit_ids = np.arange(offset, offset + n, dtype=np.int64)
         self.ops = ops
 
+    def jax_local_masks(self) -> bool:
+        """Mini-batches on JAX local: one static size on every process (:meth:`_batch`), so the units are weighed."""
+        return self._batch_option is not None
+
     def unit_axes(self) -> dict[str, int]:
         """The chains ``z [L, N, d]`` hold the units on axis 1, MALA's step sizes ``[N]`` on axis 0."""
         return {"z": 1, "log_step": 0} if self.kernel == "mala" else {"z": 1}
 
     def sim_ops(self, units: Any) -> Any:
         """The shim the MCMC kernels draw through for the (local) ``units`` (None: all): ``ops``, or its view with
-        the per-unit streams of those units (``rng="per_unit"``)."""
-        if self.rng != "per_unit":
-            return self.ops
-        ids = self.ops.asarray(self._unit_ids, dtype=None)
-        return self.ops.per_unit_streams(ids if units is None else self.ops.take(ids, units))
+        the per-unit streams of those units (``rng="per_unit"``); a JAX local fit's masked mini-batch
+        (:meth:`_batch`): a view whose acceptance rates count this process's units of the batch only."""
+        sim = self.ops
+        if self.rng == "per_unit":
+            ids = self.ops.asarray(self._unit_ids, dtype=None)
+            sim = self.ops.per_unit_streams(ids if units is None else self.ops.take(ids, self._in_block(units)))
+        if units is not None and self._masked_batches:
+            from .padding import BatchMeanOps
+
+            sim = BatchMeanOps(sim, units < self.model.num_units)
+        return sim
+
+    @property
+    def _masked_batches(self) -> bool:
+        """Mini-batches of one static size on every process (a JAX local fit, :meth:`_batch`)."""
+        return self._distributed and self.ops.jittable and self.batch_size is not None
+
+    def _in_block(self, units: Any) -> Any:
+        """Local indices of a mini-batch to read: a masked batch's other processes' units (index n) read unit 0."""
+        return units % self.model.num_units if self._masked_batches else units
 
     def _batch(self, key: Any) -> Any:
         """The mini-batch of iteration k: the first ``batch_size`` of a permutation of every process's units,
@@ -301,7 +321,11 @@ class MCMCSGD(Engine):
         if not self._distributed:
             return units
         lo = self._unit_offset
-        return units[(units >= lo) & (units < lo + self.model.num_units)] - lo
+        n = int(getattr(self.model, "num_real_units", self.model.num_units))
+        mine = (units >= lo) & (units < lo + n)
+        if self._masked_batches:  # one shape on every process: the other processes' units as index N (masked)
+            return self.ops.xp.where(mine, units - lo, self.model.num_units)
+        return units[mine] - lo
 
     def theta_of(self, state: MCMCSGDState) -> dict[str, Any]:
         """The Polyak–Ruppert average (the iterate itself before ``average_from``)."""
@@ -320,7 +344,7 @@ class MCMCSGD(Engine):
         if state.stream is not None:  # per-unit streams: iteration k's key, folded in per kernel step and unit
             k_sim = ops.fold_in(state.stream, k)
         z_all = state.z
-        z = z_all if units is None else ops.take(z_all, units, axis=1)
+        z = z_all if units is None else ops.take(z_all, self._in_block(units), axis=1)
         z, state, acc, num_nonfinite = self._simulate(state, theta, z, units, k, k_sim)
         z_all = z if units is None else _scatter_units(ops, z_all, units, z)
         state = state._replace(z=z_all, key=key)
@@ -398,7 +422,7 @@ class MCMCSGD(Engine):
             return v, g
 
         log_step_all = state.log_step
-        log_step = log_step_all if units is None else ops.take(log_step_all, units)
+        log_step = log_step_all if units is None else ops.take(log_step_all, self._in_block(units))
         lt, g = value_and_grad(z)
         chain = mcmc.GradChainState(z, lt, g, (lt == lt).sum() * 0.0)
         keys = sim.split(key, self.mcmc_steps)
@@ -406,7 +430,7 @@ class MCMCSGD(Engine):
         def body(i: Any, carry: Any) -> Any:
             ch, ls, rate = carry
             ch, a = mcmc.mala(sim, keys[i], ch, ls, value_and_grad)
-            return ch, mcmc.adapt_log_step(ls, a), rate + ops.unit_mean(a) / self.mcmc_steps
+            return ch, mcmc.adapt_log_step(ls, a), rate + sim.unit_mean(a) / self.mcmc_steps
 
         chain, log_step, rate = ops.fori_loop(0, self.mcmc_steps, body, (chain, log_step, ops.zeros(())))
         log_step_all = log_step if units is None else ops.scatter(log_step_all, units, log_step)

@@ -18,8 +18,9 @@ programs the same cross-process operations (a mismatch would otherwise hang).
 
 The global unit index of process r's first unit is the number of units of the processes before it (as on torch), so
 per-unit random streams (``rng="per_unit"``) use the global indices and the fit equals the one-process fit of the
-whole data up to the order of the sums (1e-10 in float64).  Every process must hold the same number of units (the
-blocks of one global array): other counts are refused with the counts named.
+whole data up to the order of the sums (1e-10 in float64).  Blocks of unequal size are padded to the largest with
+dummy units that count for nothing (:mod:`~latentfit.inference.padding`; :meth:`JaxProcessOps.pad_units` leaves them
+out of the acceptance rates and of the gathers).
 """
 
 from __future__ import annotations
@@ -172,6 +173,14 @@ class JaxProcessOps(JaxOps):
         devices = process_devices()
         self.mesh = Mesh(np.asarray(devices), (AXIS,))
         self.device_of_process = devices[self.rank]
+        #: blocks of unequal size padded with dummy units (:meth:`pad_units`): every process's real count, and the size
+        self.counts: list[int] | None = None
+        self.padded_size: int | None = None
+
+    def pad_units(self, counts: list[int], size: int) -> None:
+        """Every process's block is padded to ``size`` units, its first ``counts[r]`` real
+        (:mod:`~latentfit.inference.padding`): :meth:`unit_mean` and :meth:`gather_units` leave the dummy units out."""
+        self.counts, self.padded_size = [int(c) for c in counts], int(size)
 
     def with_draw_dtype(self, dtype: Any) -> JaxProcessOps:
         if dtype is None or jnp.dtype(dtype) == self.dtype:
@@ -203,22 +212,40 @@ class JaxProcessOps(JaxOps):
         total = np.asarray(multihost_utils.process_allgather(a)).reshape((self.world_size,) + a.shape).sum(0)
         return jnp.asarray(total.astype(kind) if hasattr(x, "dtype") else total)
 
+    def _padded(self, x: Any, axis: int) -> bool:
+        """Whether ``x`` holds a padded block along ``axis`` (its length the padded size)."""
+        return self.padded_size is not None and jnp.ndim(x) > 0 and jnp.shape(x)[axis] == self.padded_size
+
     def unit_mean(self, x: Any) -> Any:
-        """Mean of ``x`` over all its entries on every process."""
+        """Mean of ``x [..., n]`` over all its entries on every process (a padded block: its real units' entries)."""
         x = jnp.asarray(x)
         wide = jnp.result_type(float)
+        if self._padded(x, -1):
+            real = self.counts[self.rank]
+            mask = jnp.asarray(np.arange(self.padded_size) < real)
+            part = jnp.sum(jnp.where(mask, x, jnp.zeros_like(x))).astype(wide)
+            count = float(x.size // self.padded_size * sum(self.counts))
+            total = self.all_sum(jnp.stack([part, jnp.asarray(0.0, dtype=wide)]))
+            return (total[0] / count).astype(x.dtype)
         total = self.all_sum(jnp.stack([jnp.sum(x).astype(wide), jnp.asarray(float(x.size), dtype=wide)]))
         return (total[0] / total[1]).astype(x.dtype)
 
     def gather_units(self, x: Any, axis: int) -> Any:
-        """``x`` concatenated along its unit ``axis`` over the processes, in process order."""
+        """``x`` concatenated along its unit ``axis`` over the processes, in process order (padded blocks: their
+        real units only; outside a trace, blocks of any sizes)."""
         if _is_traced(x):
-            return lax.all_gather(x, AXIS, axis=axis % jnp.ndim(x), tiled=True)
+            axis = axis % jnp.ndim(x)
+            out = lax.all_gather(x, AXIS, axis=axis, tiled=True)
+            if self._padded(x, axis):
+                keep = np.concatenate([r * self.padded_size + np.arange(c) for r, c in enumerate(self.counts)])
+                out = jnp.take(out, jnp.asarray(keep), axis=axis)
+            return out
         a = np.asarray(x)
+        if self._padded(a, axis):
+            a = np.take(a, np.arange(self.counts[self.rank]), axis=axis)
         shapes = self.gather_objects(list(a.shape))
         if any(s != shapes[0] for s in shapes):
-            raise ValueError(f"distributed='local' on JAX: the processes hold blocks of shapes {shapes} along unit "
-                             f"axis {axis}; every process must hold the same number of units")
+            return jnp.asarray(np.concatenate(self.gather_objects(a), axis=axis))
         return jnp.asarray(whole_from_blocks(a, axis))
 
     def gather_objects(self, obj: Any) -> list[Any]:

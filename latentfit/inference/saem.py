@@ -247,7 +247,7 @@ class SAEM(Engine):
             raise ValueError(f"{self.name}: distributed=True needs rng='per_unit' (each unit's draws from its own "
                              "stream, so that the fit does not depend on the number of processes)")
         ops = self.model.ops.distributed()
-        n = int(self.model.num_units)
+        n = int(getattr(self.model, "num_real_units", self.model.num_units))  # a padded block: its real units
         counts = [int(c) for c in ops.gather_units(ops.asarray(np.array([n]), dtype=None), 0).tolist()]
         self._total_units = sum(counts)
         offset = sum(counts[:ops.rank])

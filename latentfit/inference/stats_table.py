@@ -453,7 +453,7 @@ class StatEngine(Engine):
                              "draws random mini-batches (batching='random' or 'auto')")
         base = self.user_model.ops
         ops = base.distributed()
-        n = int(self.user_model.num_units)
+        n = int(getattr(self.user_model, "num_real_units", self.user_model.num_units))  # a padded block: real units
         counts = [int(c) for c in ops.gather_units(ops.asarray(np.array([n])), 0).tolist()]
         total, offset = sum(counts), sum(counts[:ops.rank])
         self.user_model = self.model = self.user_model.shard_view(ops, offset, total)
@@ -472,12 +472,28 @@ class StatEngine(Engine):
         self.ops = ops
 
     def _owned(self, units: Any) -> Any:
-        """The units of a global mini-batch that this process holds, as its local indices (one process: all)."""
+        """The units of a global mini-batch that this process holds, as its local indices (one process: all).  A
+        JAX local fit keeps one shape on every process: the other processes' units become index ``n`` (the model's
+        number of units), which the weighed model (:mod:`~latentfit.inference.padding`) counts as 0 and the table
+        writes drop."""
         if not self._distributed:
             return units
         lo = self._unit_offset
-        mine = (units >= lo) & (units < lo + self.model.num_units)
+        n = int(getattr(self.model, "num_real_units", self.model.num_units))
+        mine = (units >= lo) & (units < lo + n)
+        if self.ops.jittable:
+            return self.ops.xp.where(mine, units - lo, self.model.num_units)
         return units[mine] - lo
+
+    @property
+    def jax_local_blocks(self) -> bool:
+        """``run(distributed="local")`` on JAX: the exact engines (their mini-batches of one static size on every
+        process, :meth:`_owned`); the Monte-Carlo ones are refused."""
+        return not self.monte_carlo
+
+    def jax_local_masks(self) -> bool:
+        """The units are weighed in a JAX local fit (the other processes' units of a mini-batch weigh 0)."""
+        return True
 
     @property
     def result_model(self) -> LatentModel:

@@ -660,6 +660,67 @@ class TracedLatentModel(TracedBase):
         out += [(v, a) for v, a in self._unit_observed if not any(v is x for x, _ in out)]
         return out
 
+    def pad_units(self, size: int) -> TracedLatentModel:
+        """This model traced again on its array arguments padded along their unit axes (:meth:`unit_data_axes`) to
+        ``size`` units with copies of the last unit (the dummy units of a ``distributed="local"`` JAX fit with blocks
+        of unequal size, :mod:`~latentfit.inference.padding`).  Refused for observations outside the unit plate
+        (rows reading ``alpha[group_idx]``: their rows would need a unit of their own), for per-unit data the model
+        holds itself (a closure's), and when the plate's size does not follow the arrays (an ``int`` argument)."""
+        from latentfit.inference.padding import pad_axis
+
+        if size == self.num_units:
+            return self
+        if self._unit_map:
+            raise ModelSpecificationError(
+                "distributed='local' on JAX with blocks of unequal size pads each block with dummy units, which this "
+                f"model's observations outside the unit plate ({sorted(self._unit_map)}: rows reading "
+                "alpha[group_idx]) cannot take; give every process the same number of units, or pass the rows as "
+                "per-unit arrays [units, rows] with a mask")
+        axes = self.unit_data_axes()
+        held = [a for a, _ in self._unit_observed
+                if not any(a is x for x, _ in axes if self._is_argument(x))]
+        if held:
+            raise ModelSpecificationError(
+                "distributed='local' on JAX with blocks of unequal size pads the model's array arguments; this model "
+                "holds per-unit data itself (a closure's): pass the data as arguments, or give every process the "
+                "same number of units")
+
+        def pad(x: Any) -> Any:
+            if isinstance(x, dict):
+                return {k: pad(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return type(x)(pad(v) for v in x)
+            axis = next((a for v, a in axes if v is x), None)
+            return x if axis is None else pad_axis(x, axis, size)
+
+        new = type(self)(self.fn, pad(self.args), pad(self.kwargs), unit_plate=self.unit_plate,
+                         closed_form=bool(self._gauss or self._resid))
+        if new.num_units != size:
+            raise ModelSpecificationError(
+                f"distributed='local' on JAX with blocks of unequal size: padding the model's array arguments to "
+                f"{size} units gave a plate of {new.num_units}; the unit plate's size must follow the arrays' "
+                "(e.g. y.shape[0], not an int argument)")
+        new.params = self.params  # the starting values as given
+        return new
+
+    def _is_argument(self, x: Any) -> bool:
+        """Whether ``x`` is (in) one of the model's arguments."""
+        found = []
+
+        def visit(v: Any) -> None:
+            if isinstance(v, dict):
+                for w in v.values():
+                    visit(w)
+            elif isinstance(v, (list, tuple)):
+                for w in v:
+                    visit(w)
+            elif v is x:
+                found.append(v)
+
+        visit(self.args)
+        visit(self.kwargs)
+        return bool(found)
+
     def unpack_latents(self, z: Any) -> dict[str, Any]:
         z = self.ops.asarray(z)
         lead = tuple(z.shape[:-2])

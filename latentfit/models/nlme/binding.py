@@ -22,7 +22,7 @@ from latentfit.inference.model import DataError, LatentSite, ModelSpecificationE
 from . import occasions as _occ
 from . import outcomes as _outcomes
 from . import responses as _resp
-from .data import NLMEData, _id, pad_data, read_nonmem
+from .data import NLMEData, _id, pad_data, pad_individuals, read_nonmem
 from .spec import FixedEffect, covariate_columns, merge_read_options, transform_pair
 from .structural import Design
 
@@ -64,6 +64,8 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
                        records=bool(model.iov_init))
     if getattr(model, "pad_widths", None) is not None:  # a block of a distributed fit: the other blocks' shapes
         data = pad_data(data, model.pad_widths)
+    if getattr(model, "pad_units_to", None) is not None:  # a padded block of a JAX local fit (NLME.pad_units)
+        data = pad_individuals(data, model.pad_units_to)
     if model.structural.uses_doses:
         if data.x is not None and "time" not in data.columns:
             raise DataError(f"the structural model {model.structural.name!r} is a function of the time since the "

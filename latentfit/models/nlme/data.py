@@ -410,6 +410,33 @@ def pad_data(data: NLMEData, widths: tuple[int, int, int]) -> NLMEData:
         seg_start=wider(data.seg_start, s, np.inf))
 
 
+def pad_individuals(data: NLMEData, size: int) -> NLMEData:
+    """``data`` with ``size − N`` dummy individuals appended, copies of the last one (the dummy units of a
+    ``distributed="local"`` JAX fit whose blocks differ in size; the fit gives them weight 0): every per-individual
+    array repeats its last row, the covariate table its last row, and the source rows of their observations are -1."""
+    n = data.num_individuals
+    if size <= n:
+        return data
+    if data.record_unit is not None:
+        raise ValueError("pad_individuals: data read with their records (inter-occasion variability) cannot be padded")
+    idx = np.concatenate([np.arange(n), np.full(size - n, n - 1)])
+
+    def more(a: Any) -> Any:
+        if isinstance(a, np.ndarray) and a.ndim >= 1 and a.shape[0] == n:
+            return a[idx]
+        return a
+
+    changes = {f.name: more(getattr(data, f.name)) for f in dataclasses.fields(data)
+               if f.name not in ("ids", "covariates", "regressors", "obs_rows")}
+    ids = np.asarray(data.ids)
+    pad_ids = np.array([f"__pad{j}" for j in range(size - n)], dtype=object)
+    rows = None if data.obs_rows is None else np.concatenate(
+        [data.obs_rows, np.full((size - n,) + data.obs_rows.shape[1:], -1, dtype=data.obs_rows.dtype)])
+    cov = data.covariates.iloc[idx]
+    return dataclasses.replace(data, **changes, ids=np.concatenate([ids.astype(object), pad_ids]), covariates=cov,
+                               regressors={k: more(v) for k, v in data.regressors.items()}, obs_rows=rows)
+
+
 def _failer(df: pd.DataFrame, id_col: str) -> Any:
     """``fail(bad, message)``: a DataError naming the ID and row of the first ``bad`` row (if any)."""
 

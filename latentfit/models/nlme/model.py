@@ -133,6 +133,9 @@ class NLME(LatentModel):
     #: ``(T, D, S)``: pad the bound data to at least these numbers of observations, doses and periods per individual
     #: (a block of a ``fit(..., distributed="local")`` JAX fit: every process's arrays of one shape); None: the data's
     pad_widths: tuple[int, int, int] | None = None
+    #: a padded block of a ``distributed="local"`` JAX fit (:meth:`pad_units`): the number of individuals, the last ones
+    #: dummies; None: the data's
+    pad_units_to: int | None = None
 
     def __init__(self, structural: Any, parameters: dict[str, Any], covariates: dict[str, Any] | None = None,
                  omega: Any = "diagonal", error: str = "constant", error_init: dict[str, float] | None = None,
@@ -777,6 +780,23 @@ class NLME(LatentModel):
         view = copy.copy(self)
         view.num_obs = int(round(float(ops.all_sum(ops.asarray(np.array(float(self.num_obs)))))))
         return view
+
+    def pad_units(self, size: int) -> NLME:
+        """This bound model with dummy individuals appended up to ``size`` (copies of the last one:
+        :func:`~latentfit.models.nlme.data.pad_individuals`), for a ``distributed="local"`` JAX fit whose blocks differ
+        in size; what the M-steps read from the data (the number of observations, ``Σ_i X_iᵀ X_i``) stays the real
+        individuals' (the fit gives the dummy ones weight 0)."""
+        if size <= self.num_units:
+            return self
+        if self.iov_init or getattr(self, "_resp", None) is not None:
+            raise ModelSpecificationError("distributed='local' with blocks of unequal size: inter-occasion variability "
+                                          "and several responses are not supported")
+        padded = copy.copy(self)
+        padded.pad_units_to = int(size)
+        padded = padded.bind()
+        padded.params = dict(self.params)  # the starting values (init=) of the model as given
+        padded.num_obs, padded._xtx = self.num_obs, self._xtx
+        return padded
 
     def with_init(self, init: dict[str, Any]) -> NLME:
         """A copy of the (bound) model whose starting values are ``init`` (names as in ``fit.params``, natural
