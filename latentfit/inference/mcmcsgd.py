@@ -13,7 +13,9 @@ Iteration k (1-based):
 2. the gradient estimate ``ĝ_k = (N/|B_k|) Σ_{i∈B_k} mean_chains ∇_θ log p(y_i, z_i^{(k)}; θ_{k−1})`` over a
    mini-batch ``B_k`` of units (all units by default), in unconstrained space;
 3. one optimiser step (SGD, Adam, AMSGrad, OPT-AMSGrad, or any ``torch.optim`` / ``optax`` optimiser)
-   with learning rate ``η_t`` (t counts gradient steps);
+   with learning rate ``η_t`` (t counts gradient steps); or (``optimizer="fisher"``, models with at most 64 free
+   parameters) a Fisher-scoring step ``θ_k = θ_{k−1} + γ_k Γ_k⁻¹ ĝ_k``, ``Γ_k`` the SA average of the complete-data
+   information (Gu & Kong 1998), with heavy-ball momentum over its first steps (:mod:`.preconditioned`);
 4. Polyak–Ruppert averaging ``θ̄_k = θ̄_{k−1} + (θ_k − θ̄_{k−1})/(k − k₀)`` after ``k₀ = average_from``.
 
 Data-parallel (``run(distributed=True)``, torch; ``run(devices=n)``, JAX): with ``rng="per_unit"`` each unit's draws
@@ -31,12 +33,13 @@ iteration suffice.  That paper's guarantee holds at a *random* iteration ``N`` d
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import mcmc
+from . import mcmc, preconditioned
 from .driver import Engine, default_num_chains
 from .model import LatentModel, ModelSpecificationError
 from .mstep import flatten, unflatten
@@ -45,6 +48,9 @@ from .results import FitResult
 from .saem import RNG_MODES, per_unit_ids
 
 KERNELS = ("saemix", "mala")
+#: MCMCSGD's own steps besides the shim's optimisers: Fisher scoring (:mod:`.preconditioned`), and "auto" = Fisher
+#: scoring when the model has at most ``preconditioned.MAX_PARAMS`` free parameters, else Adam
+OWN_STEPS = ("fisher", "auto")
 
 
 @dataclass(frozen=True)
@@ -119,12 +125,17 @@ class MCMCSGD(Engine):
     batch_size : int, optional
         Units per gradient step (uniform without replacement, gradient rescaled by ``N / b``); all by default.
     optimizer : str or optimiser
-        ``"sgd"``, ``"adam"`` (default), ``"amsgrad"``, ``"opt-amsgrad"``; or a ``torch.optim`` factory
-        ``params -> Optimizer`` (Pyro) / an ``optax.GradientTransformation`` (NumPyro), used with its own rate.
+        ``"fisher"``: Fisher scoring on the complete data with heavy-ball momentum in its first steps
+        (:mod:`latentfit.inference.preconditioned`; Adam instead above 64 free parameters);
+        ``"auto"``: ``"fisher"`` (which is then Adam above 64 free parameters); ``"sgd"``, ``"adam"`` (default),
+        ``"amsgrad"``, ``"opt-amsgrad"``; or a ``torch.optim`` factory ``params -> Optimizer`` (Pyro) / an
+        ``optax.GradientTransformation`` (NumPyro), used with its own rate.
     learning_rate : float or callable
-        ``η`` of the named optimisers, or a schedule ``t -> η_t`` of the gradient-step count (1-based).
+        ``η`` of the named optimisers, or a schedule ``t -> η_t`` of the gradient-step count (1-based); with
+        ``"fisher"``, the rate of its Adam fall-back.
     average_from : int, optional
-        Iteration after which iterates are averaged and the default rate decays; default ``num_iters // 2``.
+        Iteration after which iterates are averaged and the default rate decays; default ``num_iters // 2``
+        (``"fisher"``: ``burn_in + num_iters // 5``, and momentum over the first 60 % of the steps before it).
     rng : ``"global"`` | ``"per_unit"``
         Where the MCMC draws come from (as :class:`~latentfit.inference.saem.SAEM`'s option): one stream for all
         units, or unit i's own counter-based stream ``(key, unit_ids[i], k, kernel step)``, which makes the fit
@@ -172,14 +183,25 @@ class MCMCSGD(Engine):
         self.mcmc_steps = tuple(int(m) for m in mcmc_steps) if kernel == "saemix" else int(mcmc_steps)
         self.burn_in = int(burn_in)
         self.batch_size = None if batch_size is None or int(batch_size) >= model.num_units else int(batch_size)
-        self.average_from = int(average_from) if average_from is not None else self.num_iters // 2
-        self.average_from = max(self.average_from, self.burn_in)
+        self.names = [n for n, p in model.params.items() if not p.fixed]
+        num_free = sum(int(np.size(model.ops.to_numpy(model.params[n].value))) for n in self.names)
+        #: Fisher scoring (:mod:`.preconditioned`): asked for (or "auto") and at most MAX_PARAMS free parameters
+        self.fisher = optimizer in OWN_STEPS and num_free <= preconditioned.MAX_PARAMS
+        if optimizer == "fisher" and not self.fisher:
+            warnings.warn(f"MCMCSGD: optimizer='fisher' needs at most {preconditioned.MAX_PARAMS} free parameters "
+                          f"(its Γ is p × p); this model has {num_free}: using Adam", stacklevel=2)
+        if average_from is None:
+            average_from = self.burn_in + self.num_iters // 5 if self.fisher else self.num_iters // 2
+        self.average_from = max(int(average_from), self.burn_in)
+        #: Fisher scoring's heavy-ball steps (the first 60 % of the gradient steps before ``average_from``)
+        self.momentum_steps = int(0.6 * (self.average_from - self.burn_in)) if self.fisher else 0
         self.optimizer_spec = optimizer
+        if optimizer in OWN_STEPS:
+            optimizer = "adam"  # the fall-back of Fisher scoring, or the optimiser of a model with many parameters
         if callable(learning_rate):
             self.learning_rate = learning_rate
         else:
             self.learning_rate = _default_rate(float(learning_rate), self.average_from - self.burn_in)
-        self.names = [n for n, p in model.params.items() if not p.fixed]
         if not self.names:
             raise ModelSpecificationError("MCMCSGD: the model has no free parameter to estimate")
         self._shapes = {n: tuple(np.shape(model.ops.to_numpy(model.params[n].to_unconstrained(
@@ -214,8 +236,9 @@ class MCMCSGD(Engine):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if average_from is not None and not 0 <= int(average_from) < int(num_iters):
             raise ValueError(f"average_from must be in [0, num_iters): got {average_from}")
-        if isinstance(optimizer, str) and optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS} or an optimiser object, got {optimizer!r}")
+        if isinstance(optimizer, str) and optimizer not in OPTIMIZERS + OWN_STEPS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS + OWN_STEPS} or an optimiser object, "
+                             f"got {optimizer!r}")
         if not callable(learning_rate):
             try:
                 lr = float(learning_rate)
@@ -230,7 +253,12 @@ class MCMCSGD(Engine):
         out = []
         if self.burn_in:
             out.append((1, self.burn_in, "mcmc"))
-        out.append((self.burn_in + 1, self.num_iters, "sgd"))
+        first = self.burn_in + 1
+        if self.momentum_steps:
+            out.append((first, self.burn_in + self.momentum_steps, "fisher-momentum"))
+            first = self.burn_in + self.momentum_steps + 1
+        if first <= self.num_iters:
+            out.append((first, self.num_iters, "fisher" if self.fisher else "sgd"))
         return out
 
     def init(self, key: Any) -> MCMCSGDState:
@@ -255,7 +283,10 @@ class MCMCSGD(Engine):
         else:
             d = z.shape[-1]
             log_step = ops.zeros((model.num_units,)) + float(np.log(1.0 / max(d, 1) ** 0.25 * 0.5))
-        return MCMCSGDState(theta_u=theta_u, x=x, x_avg=x, z=z, key=key, opt=self._optimizer.init(x),
+        opt = self._optimizer.init(x)
+        if self.fisher:  # Γ, the previous iterate (momentum), and the Adam fall-back's state
+            opt = {"gamma": ops.zeros((int(x.shape[0]),) * 2), "prev": x, "adam": opt}
+        return MCMCSGDState(theta_u=theta_u, x=x, x_avg=x, z=z, key=key, opt=opt,
                             scale_rw=scale, scale_block=scale, log_step=log_step, stream=root)
 
     def distribute(self) -> None:
@@ -371,14 +402,61 @@ class MCMCSGD(Engine):
         bad = unflatten((~xp.isfinite(grad)) * 1.0, self.names, self._shapes)
         grad_nonfinite = {n: xp.sum(v) for n, v in bad.items()}
         grad = xp.where(xp.isfinite(grad), grad, 0.0)
-        x_new, opt_state = self._optimizer.update(grad, state.opt, state.x)
+        if self.fisher:
+            x_new, opt_state, rate = self._fisher_step(state, grad, k, phase, theta, z, units, k_batch)
+        else:
+            x_new, opt_state = self._optimizer.update(grad, state.opt, state.x)
+            rate = self.learning_rate(k - self.burn_in)
         t_avg = k - self.average_from
         x_avg = xp.where(t_avg > 0, polyak_ruppert(state.x_avg, x_new, t_avg * (t_avg > 0) + 1 * (t_avg <= 0)),
                          x_new)
         state = state._replace(x=x_new, x_avg=x_avg, opt=opt_state)
         return state, MCMCSGDInfo(acc=acc, num_nonfinite=num_nonfinite, objective=value, grad_norm2=xp.sum(grad * grad),
-                                  learning_rate=self.learning_rate(k - self.burn_in) + 0.0 * value, iterate=x_new,
+                                  learning_rate=rate + 0.0 * value, iterate=x_new,
                                   grad_nonfinite=grad_nonfinite)
+
+    def _fisher_step(self, state: MCMCSGDState, grad: Any, k: Any, phase: Any, theta: dict[str, Any], z: Any,
+                     units: Any, key: Any) -> tuple[Any, dict[str, Any], Any]:
+        """Fisher scoring (:mod:`.preconditioned`): ``Ĥ_k`` = the prior's information at one prior draw of every
+        unit plus the likelihood's observed information at the chains ``z`` (the mini-batch's, rescaled as the
+        gradient), ``Γ_k = Γ_{k−1} + γ_k (Ĥ_k − Γ_{k−1})``, then the heavy-ball or the γ-step; the Adam step where
+        Γ or the step is not finite.  Returns ``(θ_k, optimiser state, rate)``."""
+        model, ops, xp = self.model, self.ops, self.ops.xp
+        opt = state.opt
+        fixed = {n: v for n, v in theta.items() if n not in self.names}
+        total = self._total_units
+        scale = total / (total if units is None else self.batch_size)
+        z_prior = self._prior_draw(theta, z, units, ops.split(key)[1])
+        num_chains = int(z.shape[0])
+        zz = xp.concatenate([z_prior, z], 0)
+
+        def log_terms(x: Any) -> Any:
+            th = dict(fixed)
+            th.update(model.constrain(unflatten(x, self.names, self._shapes)))
+            ll, lp = self._log_densities(th, zz, units)
+            return scale * (xp.mean(xp.sum(lp[:num_chains], -1)) + xp.mean(xp.sum(ll[num_chains:], -1)))
+
+        info = ops.all_sum(preconditioned.information(ops, log_terms, state.x))
+        t = k - self.burn_in
+        momentum = phase == "fisher-momentum"
+        gamma = 1.0 if momentum else preconditioned.gamma_of(t, self.average_from - self.burn_in)
+        big_gamma = opt["gamma"] + gamma * (info - opt["gamma"])
+        direction, ok = preconditioned.solve(ops, big_gamma, grad)
+        if momentum:
+            rate, mu = preconditioned.momentum_of(t, self.momentum_steps)
+            step = preconditioned.trust_region(ops, rate * direction) + mu * (state.x - opt["prev"])
+        else:
+            step = preconditioned.trust_region(ops, gamma * direction)
+            rate = gamma + 0.0 * t
+        x_new, adam = ops.cond(ok, lambda: (state.x + step, opt["adam"]),  # the Adam step only where Γ fails
+                               lambda: self._optimizer.update(grad, opt["adam"], state.x))
+        return x_new, {"gamma": xp.where(ok, big_gamma, opt["gamma"]), "prev": state.x, "adam": adam}, rate
+
+    def _prior_draw(self, theta: dict[str, Any], z: Any, units: Any, key: Any) -> Any:
+        """One draw ``z' ~ p(z; θ)`` of the (mini-batch's) units, shaped as the chains ``z``."""
+        if self._no_units(units):
+            return z
+        return self.model.sample_prior(theta, key, int(z.shape[0]), units)
 
     @staticmethod
     def _no_units(units: Any) -> bool:
