@@ -6,7 +6,8 @@ options): a user re-running a script then skips compilation.  It is off by defau
 turn it on with :func:`enable_compilation_cache` or the environment variable ``LATENTFIT_COMPILATION_CACHE``
 (a directory), read when :mod:`latentfit.numpyro` is imported.  With it on, latentfit also keeps the traced
 programs in ``<directory>/latentfit-traces`` (:mod:`latentfit.inference.ops_jax_store`), so a rerun neither traces
-nor lowers them (``ops_jax_store.ENABLED = False`` turns that part off).
+nor lowers them, and the NumPyro adapter's analysis of each model, so a rerun runs the model once
+(``ops_jax_store.ENABLED = False`` turns that part off).
 """
 
 from __future__ import annotations

@@ -424,8 +424,11 @@ def test_second_process_traces_nothing_with_the_store(stored):
     assert first["source"].startswith(env["PYTHONPATH"])  # the copy
     assert first["traces"] > 0 and first["saved"] == first["traces"], first
     assert len([f for f in first["entries"] if f.endswith(".lft")]) == first["saved"]
+    assert len([f for f in first["entries"] if f.endswith(".lfr")]) == first["records_saved"] == 1  # the analysis
     second = _fit(env)
-    assert second["traces"] == 0 and second["loaded"] == first["saved"] and second["rejected"] == 0, second
+    # the model's analysis read from its record: only the fit's own programs are needed (the analysis' are not run)
+    assert second["traces"] == 0 and 0 < second["loaded"] <= first["saved"] and second["rejected"] == 0, second
+    assert second["records_loaded"] == 1, second
     assert second["sha"] == first["sha"] == _fit(_plain_env(env["PYTHONPATH"]))["sha"]
 
 
@@ -447,8 +450,8 @@ def test_the_store_does_not_serve_other_data_options_closures_or_versions(stored
 
 
 def test_a_corrupted_or_truncated_entry_is_ignored(stored, tmp_path):
-    """Entries truncated, with flipped bytes, or replaced by garbage are ignored without an error (checksum): the
-    programs are traced again and the fit is the same."""
+    """Entries (programs and the analysis' record) truncated, with flipped bytes, or replaced by garbage are ignored
+    without an error (checksum): the model is analysed and its programs traced again, and the fit is the same."""
     import shutil
 
     env, first = stored
@@ -456,15 +459,18 @@ def test_a_corrupted_or_truncated_entry_is_ignored(stored, tmp_path):
     shutil.copytree(stored[0]["LATENTFIT_COMPILATION_CACHE"], tmp_path / "cache")
     entries = [tmp_path / "cache" / "latentfit-traces" / name for name in first["entries"]]  # the first fit's
     assert len(entries) >= 3
-    data = entries[0].read_bytes()
-    entries[0].write_bytes(data[: len(data) // 2])  # truncated
-    data = bytearray(entries[1].read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one byte flipped
-    entries[1].write_bytes(bytes(data))
-    entries[2].write_bytes(b"not an entry at all")
+    for i, entry in enumerate(entries):
+        data = bytearray(entry.read_bytes())
+        if i % 3 == 0:
+            entry.write_bytes(bytes(data[: len(data) // 2]))  # truncated
+        elif i % 3 == 1:
+            data[len(data) // 2] ^= 0xFF  # one byte flipped
+            entry.write_bytes(bytes(data))
+        else:
+            entry.write_bytes(b"not an entry at all")
     second = _fit(env)
-    assert second["rejected"] == 3 and second["traces"] == 3, second
-    assert second["loaded"] == first["saved"] - 3
+    assert second["rejected"] == len(entries) and second["traces"] == first["traces"], second
+    assert second["loaded"] == second["records_loaded"] == 0
     assert second["sha"] == first["sha"]
 
 

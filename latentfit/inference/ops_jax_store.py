@@ -16,6 +16,11 @@ fresh process deserialises the program, lowers ``Exported.call`` (one primitive,
 compiles it, which JAX's persistent cache serves.  The entry's bytes carry a BLAKE2 checksum: a truncated, corrupted
 or foreign file (other versions) is ignored and the program traced again.  Writes go to a temporary file then
 ``os.replace`` (atomic); the folder is kept under :data:`STORE_BYTES` (least recently used files removed).
+
+:func:`save_record` / :func:`load_record` keep other results in the same form (JSON and raw arrays, checksummed): the
+traced adapter's analysis of a NumPyro model (unit maps, closed-form patterns, Gaussian faces), keyed like the programs
+by a stable digest of the model's code, data and options, so a later process runs the model once instead of ~25 times
+and skips ~55 of the ~90 small eager programs of that analysis.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ ENABLED = True
 #: most bytes the store's folder may hold; least recently used entries are removed beyond it
 STORE_BYTES = 512 * 2**20
 #: entries read from / written to disk in this process (tests and benchmarks read them)
-STATS = {"loaded": 0, "saved": 0, "rejected": 0, "unstorable": 0}
+STATS = {"loaded": 0, "saved": 0, "rejected": 0, "unstorable": 0, "records_loaded": 0, "records_saved": 0}
 #: folder name under JAX's compilation cache directory
 FOLDER = "latentfit-traces"
 _MAGIC = b"LFTRACE\x01"
@@ -440,10 +445,86 @@ def load(digest: str) -> tuple[Any, tuple[Any, ...], Any, dict[str, Any]] | None
     return exported, consts, out_tree, side
 
 
+def save_record(digest: str, record: Any, arrays: dict[str, np.ndarray]) -> bool:
+    """Write a record (JSON-able ``record`` and named numpy ``arrays``: e.g. an adapter's analysis of a model) under
+    ``digest`` (from :func:`stable_digest`), atomically and with a checksum as the programs' entries; False when it
+    cannot be written."""
+    directory = store_dir()
+    if directory is None:
+        return False
+    try:
+        names = sorted(arrays)
+        blobs = [np.ascontiguousarray(arrays[n]) for n in names]
+        for b in blobs:
+            if b.dtype.kind not in "biuf":
+                raise Unstable(f"array of dtype {b.dtype}")
+        header = {"digest": digest, "env": hashlib.blake2b(environment(), digest_size=16).hexdigest(),
+                  "record": record,
+                  "arrays": [[n, str(b.dtype), list(b.shape), b.nbytes] for n, b in zip(names, blobs)]}
+        head = json.dumps(header).encode()
+    except (Unstable, TypeError, ValueError) as exc:
+        STATS["unstorable"] += 1
+        log.debug("record not stored: %r", exc)
+        return False
+    body = struct.pack("<Q", len(head)) + head + b"".join(b.tobytes() for b in blobs)
+    payload = _MAGIC + hashlib.blake2b(body, digest_size=32).digest() + body
+    if len(payload) > STORE_BYTES // 4:
+        return False
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, directory / f"{digest}.lfr")
+    except OSError:
+        return False
+    STATS["records_saved"] += 1
+    _trim(directory)
+    return True
+
+
+def load_record(digest: str) -> tuple[Any, dict[str, np.ndarray]] | None:
+    """``(record, arrays)`` written by :func:`save_record`, or None (absent, truncated, corrupted, foreign)."""
+    directory = store_dir()
+    if directory is None:
+        return None
+    path = directory / f"{digest}.lfr"
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        if data[:len(_MAGIC)] != _MAGIC:
+            raise ValueError("not an entry")
+        check, body = data[len(_MAGIC):len(_MAGIC) + 32], data[len(_MAGIC) + 32:]
+        if hashlib.blake2b(body, digest_size=32).digest() != check:
+            raise ValueError("checksum")
+        (size,) = struct.unpack("<Q", body[:8])
+        header = json.loads(body[8:8 + size])
+        if header["digest"] != digest or header["env"] != hashlib.blake2b(environment(), digest_size=16).hexdigest():
+            raise ValueError("another key or environment")
+        offset, arrays = 8 + size, {}
+        for name, dtype, shape, nbytes in header["arrays"]:
+            arrays[name] = np.frombuffer(body[offset:offset + nbytes], dtype=np.dtype(dtype)).reshape(shape).copy()
+            offset += nbytes
+        if offset != len(body):
+            raise ValueError("sizes")
+    except Exception as exc:  # noqa: BLE001 - any unreadable record: analyse again
+        STATS["rejected"] += 1
+        log.debug("record %s ignored: %r", path.name, exc)
+        return None
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+    STATS["records_loaded"] += 1
+    return header["record"], arrays
+
+
 def _trim(directory: Path) -> None:
     """Remove the least recently used entries until the folder holds at most :data:`STORE_BYTES`."""
     try:
-        entries = [(p.stat().st_mtime, p.stat().st_size, p) for p in directory.glob("*.lft")]
+        entries = [(p.stat().st_mtime, p.stat().st_size, p) for p in directory.glob("*.lf[tr]")]
     except OSError:
         return
     total = sum(s for _, s, _ in entries)
@@ -457,4 +538,5 @@ def _trim(directory: Path) -> None:
             pass
 
 
-__all__ = ["ENABLED", "STATS", "STORE_BYTES", "load", "save", "stable_digest", "store_dir"]
+__all__ = ["ENABLED", "STATS", "STORE_BYTES", "load", "load_record", "save", "save_record", "stable_digest",
+           "store_dir"]

@@ -21,7 +21,9 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import ExpTransform, biject_to
 from numpyro.primitives import Messenger
 
+from latentfit.inference import ops_jax_store as _store
 from latentfit.inference.ops_jax import JaxOps, SharedJit, default_float_dtype
+from latentfit.inference.ops_jax_memo import fingerprint
 from latentfit.integrations.enumerated import EnumeratedLatentModel
 from latentfit.integrations.traced import PPL, Frame, Site, TracedLatentModel
 
@@ -104,6 +106,21 @@ class NumPyroPPL(PPL):
                 sites[name] = Site(name, "sample", site["value"], site["fn"], mask, frames,
                                    bool(site["is_observed"]))
         return sites
+
+    # the analysis of a model (unit maps, patterns, Gaussian faces: ~80 eager runs of small programs) is kept in the
+    # on-disk store of traced programs when JAX's persistent cache is on, under a stable digest of the model's code,
+    # data and options (:func:`~latentfit.inference.ops_jax_store.stable_digest`); JSON and raw arrays, no pickle
+    def analysis_key(self, *parts: Any) -> str | None:
+        if _store.store_dir() is None:
+            return None
+        found = fingerprint(*parts)
+        return None if found is None else _store.stable_digest(("traced-analysis", found))
+
+    def load_analysis(self, key: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        return _store.load_record(key)
+
+    def save_analysis(self, key: str, record: dict[str, Any], arrays: dict[str, Any]) -> None:
+        _store.save_record(key, record, arrays)
 
     def make_ops(self, dtype: Any, device: Any) -> JaxOps:
         return JaxOps(dtype=dtype)

@@ -164,6 +164,17 @@ class PPL:
         """``fn.log_prob(value)`` (a PPL may compute it faster, with the same values)."""
         return fn.log_prob(value)
 
+    def analysis_key(self, *parts: Any) -> Any:
+        """A key of the model's analysis valid in a later process (code, data and options), or None: no store."""
+        return None
+
+    def load_analysis(self, key: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """``(record, arrays)`` kept under ``key`` by :meth:`save_analysis`, or None."""
+        return None
+
+    def save_analysis(self, key: Any, record: dict[str, Any], arrays: dict[str, Any]) -> None:
+        """Keep the analysis of a model (JSON ``record``, numpy ``arrays``) for a later process (no-op by default)."""
+
     def concrete(self) -> Any:
         """Context in which computations on concrete values run eagerly, even while an engine's step is being traced
         for compilation (JAX); nothing to do on eager backends."""
@@ -328,12 +339,73 @@ class TracedLatentModel(TracedBase):
         self._predict_all = self.ppl.vectorise(self._predict_one)
         self._gauss: list[_GaussianLatentPattern] = []
         self._resid: list[_ResidualPattern] = []
+        key = self.ppl.analysis_key(type(self).__qualname__, model, self.args, self.kwargs, unit_plate, closed_form,
+                                    unit_index)
+        stored = None if key is None else self.ppl.load_analysis(key)
+        if stored is not None and self._restore_analysis(*stored):
+            return
         self._find_unit_maps(trace, unit_index)
         self._check_initial_density()
         if closed_form:
             self._recognise_patterns()
         self.has_stats = bool(self._gauss or self._resid)
         self._recognise_gaussian_faces()
+        if key is not None:
+            self.ppl.save_analysis(key, *self._analysis_record())
+
+    # ----- the analysis kept on disk (a later process reads it instead of running the model ~80 more times) ------
+    def _analysis_record(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """What the analysis of the model found, beyond its first trace: unit maps, closed-form patterns and Gaussian
+        faces, as JSON and numpy arrays (:meth:`PPL.save_analysis`)."""
+        record: dict[str, Any] = {
+            "gauss": [[g.site, g.loc, g.scale, g.kind] for g in self._gauss],
+            "resid": [[r.site, r.scale] for r in self._resid],
+            "unit_map": sorted(self._unit_map), "has_gaussian_obs": bool(self.has_gaussian_obs),
+            "has_gaussian_prior": bool(self.has_gaussian_prior), "obs_layouts": {}}
+        arrays = {f"unit_map/{n}": np.asarray(m) for n, m in self._unit_map.items()}
+        if self.has_gaussian_obs:
+            for n, (kind, gather, valid, full, ev) in self._obs_layouts.items():
+                record["obs_layouts"][n] = [kind, [int(v) for v in full], int(ev)]
+                if kind == "rows":
+                    arrays[f"gather/{n}"], arrays[f"valid/{n}"] = np.asarray(gather), np.asarray(valid)
+            arrays["obs_values"] = np.asarray(self.ops.to_numpy(self._obs_values))
+            arrays["obs_mask"] = np.asarray(self.ops.to_numpy(self._obs_mask))
+        return record, arrays
+
+    def _restore_analysis(self, record: dict[str, Any], arrays: dict[str, np.ndarray]) -> bool:
+        """Set what :meth:`_analysis_record` kept; False (nothing set) when the record does not fit this model."""
+        try:
+            unit_map = {n: arrays[f"unit_map/{n}"] for n in record["unit_map"]}
+            gauss = [_GaussianLatentPattern(*g) for g in record["gauss"]]
+            resid = [_ResidualPattern(*r) for r in record["resid"]]
+            names = {n for g in gauss for n in (g.loc, g.scale) if n is not None} | {r.scale for r in resid}
+            sites = {g.site for g in gauss} | {r.site for r in resid}
+            if not names <= set(self.params) or not sites <= set(self.latent_names_) | set(self.observed_names) \
+                    or not set(unit_map) <= set(self.observed_names):
+                return False
+            layouts = {}
+            if record["has_gaussian_obs"]:
+                for n in self.observed_names:
+                    kind, full, ev = record["obs_layouts"][n]
+                    gather = arrays[f"gather/{n}"] if kind == "rows" else None
+                    valid = arrays[f"valid/{n}"] if kind == "rows" else None
+                    layouts[n] = (kind, gather, valid, tuple(full), ev)
+                values, mask = arrays["obs_values"], arrays["obs_mask"]
+        except (KeyError, TypeError, ValueError):
+            return False
+        self._unit_map = unit_map
+        if unit_map:  # as _find_unit_maps leaves the model (what the programs' fingerprints read)
+            self._unit_map_arrays = {n: self.ops.asarray(m.astype(np.int64), dtype=None) for n, m in unit_map.items()}
+        self._gauss, self._resid = gauss, resid
+        self._mark_closed_form()
+        self.has_stats = bool(self._gauss or self._resid)
+        self.has_gaussian_obs, self.has_gaussian_prior = bool(record["has_gaussian_obs"]), \
+            bool(record["has_gaussian_prior"])
+        if self.has_gaussian_obs:
+            self._obs_layouts = layouts
+            self._obs_values = self.ops.asarray(values, dtype=self._dtype)
+            self._obs_mask = self.ops.asarray(mask, dtype=None)
+        return True
 
     # ----- tracing ------------------------------------------------------------------------------------
     def _find_sites(self, trace: dict[str, Site], unit_plate: str | None) -> None:
