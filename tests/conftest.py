@@ -19,6 +19,20 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.use_deterministic_algorithms(True)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.slow_on("numpyro")``: the named backend's case of a test run on both backends (the ``backend``
+    fixture, or a parameter whose value is the backend's name) is a slow test; the other backend's case stays in the
+    default suite.  Runs before ``-m`` selects."""
+    for item in items:
+        marker = item.get_closest_marker("slow_on")
+        spec = getattr(item, "callspec", None)
+        if marker is None or spec is None:
+            continue
+        if any(isinstance(v, str) and v in marker.args for v in spec.params.values()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> Any:
     """Parametrise a test over both backends (ids ``pyro`` / ``numpyro``); Pyro's store is cleared around it."""

@@ -49,6 +49,7 @@ def test_nlme_imh_is_the_exact_conditional_on_a_linear_gaussian_model(backend):
     assert np.isnan(fit.acceptance["prior_imh"][:6]).all() and np.isfinite(fit.acceptance["prior_imh"][6:]).all()
 
 
+@pytest.mark.slow_on("numpyro")  # the Pyro case stays in the default suite
 def test_nlme_imh_accepts_most_proposals_on_a_pk_model_with_both_precisions(backend):
     design = nlme.design_table(40, [0.5, 1, 2, 4, 8, 12], 100.0)
     gen = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 8.0, "CL": 0.8}, error_init={"a": 0.5}, data=design)
@@ -161,6 +162,7 @@ def test_options_are_validated_and_phases_follow_imh_iters(backend):
     assert FSAEM(model, num_iters=(3, 0), imh_iters=10, burn_in=0).phases() == [(1, 3, "imh")]
 
 
+@pytest.mark.slow_on("numpyro")  # the Pyro case stays in the default suite
 def test_fsaem_front_door_for_plain_ppl_models(backend):
     """``latentfit.pyro.FSAEM`` / ``latentfit.numpyro.FSAEM`` run f-SAEM on an ordinary Pyro / NumPyro model
     (the theophylline example)."""

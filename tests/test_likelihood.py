@@ -166,6 +166,7 @@ def _np_marginal(v, t, y):
                         - 0.5 * t.shape[1] * np.log(2 * np.pi)))
 
 
+@pytest.mark.slow_on("numpyro")  # the Pyro case stays in the default suite
 def test_is_and_louis_on_both_backends(backend):
     """IS log-likelihood and Louis SEs on the Pyro and the NumPyro adapter against numpy closed forms."""
     rng = np.random.default_rng(1)

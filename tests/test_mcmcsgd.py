@@ -133,6 +133,7 @@ def test_mini_batches_reach_the_exact_maximum(backend_name):
     _check_known_answer("radon_slope", fit, tol_sds=10.0)
 
 
+@pytest.mark.slow_on("numpyro")  # the Pyro case stays in the default suite
 @pytest.mark.parametrize("backend_name", ["pyro", "numpyro"])
 def test_user_optimiser_equals_the_named_one(backend_name):
     """A ``torch.optim`` factory / an ``optax`` transformation gives the same iterates as the named optimiser with

@@ -101,6 +101,7 @@ def test_traced_batch_runs_the_model_on_the_batch_alone(ppl):
         np.testing.assert_allclose(_np(bstats[k]), _np(stats[k])[:, units], rtol=rtol, atol=rtol)
 
 
+@pytest.mark.slow_on("numpyro")  # the Pyro case stays in the default suite
 @pytest.mark.parametrize("ppl", ["pyro", "numpyro"])
 def test_traced_minibatch_engine_same_estimates_with_and_without_batch_path(ppl):
     from latentfit.inference.mcem import MiniBatchMCEM
@@ -232,6 +233,7 @@ def test_enumerated_table_of_a_batch_runs_the_model_on_the_batch_alone(ppl):
     np.testing.assert_allclose(_np(r), np.exp(full - ll_full).T[units], rtol=rtol, atol=rtol)
 
 
+@pytest.mark.slow_on("numpyro")  # the Pyro case stays in the default suite
 @pytest.mark.parametrize("ppl", ["pyro", "numpyro"])
 def test_enumerated_minibatch_engines_same_estimates_with_and_without_batch_path(ppl):
     """A Gaussian mixture in a data plate (``config_enumerate``) on the enumeration route (the family E-step switched

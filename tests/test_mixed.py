@@ -88,6 +88,7 @@ def test_incremental_engines_reach_the_em_fixed_point(backend, lmm_and_em, engin
         np.testing.assert_allclose(got[k], fit.params[k], atol=1e-5)
 
 
+@pytest.mark.slow_on("numpyro")  # the Pyro case stays in the default suite
 def test_mcem_with_mh_chains_within_mc_error(backend, lmm_and_em):
     _, fit, (y, X, Z, _, _) = lmm_and_em
     m = LinearMixedModel(y, X, Z, ops=backend.ops())

@@ -107,6 +107,7 @@ def _assert_permuted(a: Any, b: Any, perm: np.ndarray, backend: Backend, tol: fl
     np.testing.assert_allclose(b.latent_draws, a.latent_draws[:, :, perm], rtol=0, atol=tol)
 
 
+@pytest.mark.slow_on("numpyro")  # the Pyro case stays in the default suite
 def test_permuted_units_give_permuted_chains(backend: Backend) -> None:
     n = _slope_arrays()[0].shape[0]
     perm = np.random.default_rng(1).permutation(n)

@@ -64,6 +64,7 @@ def test_collapsed_latent_scale_is_reported(backend):
     assert "'omega'" in msg and "collapsed" in msg and "num_chains" in msg
 
 
+@pytest.mark.slow_on("numpyro")  # the Pyro case stays in the default suite
 def test_numeric_m_step_agrees_with_closed_form(backend):
     """Switching the closed form off (numeric Newton M-step) lands on the same ML estimates."""
     y = _intercept_data(n=100)
@@ -129,6 +130,7 @@ def test_theophylline_to_arviz(theophylline_fit):
     assert np.all(np.isfinite(summary["mean"].to_numpy()))
 
 
+@pytest.mark.slow_on("numpyro")  # the Pyro case stays in the default suite
 def test_same_seed_same_estimates_and_rng_untouched(backend):
     y = backend.tensor(_intercept_data(n=50))
     if backend.name == "pyro":  # torch: the driver forks the global RNG, the user's stream is left as it was
