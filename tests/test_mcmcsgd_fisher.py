@@ -123,3 +123,28 @@ def test_unknown_step_names_are_refused(optimizer):
 
     with pytest.raises(ValueError, match="optimizer must be one of"):
         lp.MCMCSGD(ENTRIES["radon_slope"].model(Backend("pyro")), optimizer=optimizer)
+
+
+def test_fisher_scoring_on_per_unit_streams_does_not_depend_on_the_order_of_the_units():
+    """``rng="per_unit"``: Fisher scoring's prior draws come from each unit's stream too, so units given in another
+    order give the same estimates and the permuted chains (what makes a distributed fit equal one process)."""
+    from test_rng_streams import _assert_permuted, _slope_arrays, _slope_engine
+
+    from latentfit.inference.mcmcsgd import MCMCSGD
+
+    backend = Backend("pyro")
+    n = _slope_arrays()[0].shape[0]
+    perm = np.random.default_rng(1).permutation(n)
+    options = dict(cls=MCMCSGD, num_iters=16, burn_in=2, optimizer="fisher")
+    a = _slope_engine(backend, np.arange(n), **options).run(backend.key(5))
+    b = _slope_engine(backend, perm, **options).run(backend.key(5))
+    assert a.engine.fisher and np.ptp(np.asarray(a.history["iterate"])[2:], 0).max() > 0.01  # Fisher steps moved θ
+    _assert_permuted(a, b, perm, backend, tol=1e-10)
+    # each unit's prior draw is its own (on this model the sum over units alone would not show it)
+    ea, eb = (_slope_engine(backend, p, **options) for p in (np.arange(n), perm))
+    draws = []
+    for engine in (ea, eb):
+        state = engine.init(backend.key(5))
+        draws.append(backend.to_numpy(engine._prior_draw(state, engine.theta_of(state), state.z, None,
+                                                         engine.ops.split(state.key)[1], 7)))
+    np.testing.assert_array_equal(draws[1], draws[0][:, perm])

@@ -51,6 +51,8 @@ KERNELS = ("saemix", "mala")
 #: MCMCSGD's own steps besides the shim's optimisers: Fisher scoring (:mod:`.preconditioned`), and "auto" = Fisher
 #: scoring when the model has at most ``preconditioned.MAX_PARAMS`` free parameters, else Adam
 OWN_STEPS = ("fisher", "auto")
+#: folded into a unit's stream key of iteration k for Fisher scoring's prior draw (the kernels fold in step numbers)
+PRIOR_DRAW_TAG = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -312,9 +314,10 @@ class MCMCSGD(Engine):
             self._unit_ids = np.arange(offset, offset + n, dtype=np.int64)
         self.ops = ops
 
-    def jax_local_masks(self) -> bool:
-        """Mini-batches on JAX local: one static size on every process (:meth:`_batch`), so the units are weighed."""
-        return self._batch_option is not None
+    def jax_local_masks(self) -> bool | str:
+        """Mini-batches on JAX local: one static size on every process (:meth:`_batch`), so the units are weighed, and
+        a spare dummy unit stands for the other processes' units (their chains' draws never share a unit's)."""
+        return "spare" if self._batch_option is not None else False
 
     def unit_axes(self) -> dict[str, int]:
         """The chains ``z [L, N, d]`` hold the units on axis 1, MALA's step sizes ``[N]`` on axis 0."""
@@ -331,7 +334,7 @@ class MCMCSGD(Engine):
         if units is not None and self._masked_batches:
             from .padding import BatchMeanOps
 
-            sim = BatchMeanOps(sim, units < self.model.num_units)
+            sim = BatchMeanOps(sim, units < self.model.num_units - 1)
         return sim
 
     @property
@@ -340,8 +343,8 @@ class MCMCSGD(Engine):
         return self._distributed and self.ops.jittable and self.batch_size is not None
 
     def _in_block(self, units: Any) -> Any:
-        """Local indices of a mini-batch to read: a masked batch's other processes' units (index n) read unit 0."""
-        return units % self.model.num_units if self._masked_batches else units
+        """Local indices of a mini-batch to read (a masked batch's other processes' units: the spare dummy unit)."""
+        return units
 
     def _batch(self, key: Any) -> Any:
         """The mini-batch of iteration k: the first ``batch_size`` of a permutation of every process's units,
@@ -354,8 +357,8 @@ class MCMCSGD(Engine):
         lo = self._unit_offset
         n = int(getattr(self.model, "num_real_units", self.model.num_units))
         mine = (units >= lo) & (units < lo + n)
-        if self._masked_batches:  # one shape on every process: the other processes' units as index N (masked)
-            return self.ops.xp.where(mine, units - lo, self.model.num_units)
+        if self._masked_batches:  # one shape on every process: the other processes' units as the spare dummy unit
+            return self.ops.xp.where(mine, units - lo, self.model.num_units - 1)
         return units[mine] - lo
 
     def theta_of(self, state: MCMCSGDState) -> dict[str, Any]:
@@ -426,7 +429,7 @@ class MCMCSGD(Engine):
         fixed = {n: v for n, v in theta.items() if n not in self.names}
         total = self._total_units
         scale = total / (total if units is None else self.batch_size)
-        z_prior = self._prior_draw(theta, z, units, ops.split(key)[1])
+        z_prior = self._prior_draw(state, theta, z, units, ops.split(key)[1], k)
         num_chains = int(z.shape[0])
         zz = xp.concatenate([z_prior, z], 0)
 
@@ -452,11 +455,17 @@ class MCMCSGD(Engine):
                                lambda: self._optimizer.update(grad, opt["adam"], state.x))
         return x_new, {"gamma": xp.where(ok, big_gamma, opt["gamma"]), "prev": state.x, "adam": adam}, rate
 
-    def _prior_draw(self, theta: dict[str, Any], z: Any, units: Any, key: Any) -> Any:
-        """One draw ``z' ~ p(z; θ)`` of the (mini-batch's) units, shaped as the chains ``z``."""
+    def _prior_draw(self, state: MCMCSGDState, theta: dict[str, Any], z: Any, units: Any, key: Any, k: Any) -> Any:
+        """One draw ``z' ~ p(z; θ)`` of the (mini-batch's) units, shaped as the chains ``z``: from ``key``, or with
+        ``rng="per_unit"`` from each unit's own stream at ``(iteration k, PRIOR_DRAW_TAG)`` (apart from the kernels'
+        draws, which fold in step numbers), so that Γ too does not depend on the order or sharding of the units."""
         if self._no_units(units):
             return z
-        return self.model.sample_prior(theta, key, int(z.shape[0]), units)
+        if state.stream is None:
+            return self.model.sample_prior(theta, key, int(z.shape[0]), units)
+        ops = self.ops
+        kk = ops.fold_in(ops.fold_in(state.stream, k), PRIOR_DRAW_TAG)
+        return self.model.prior_transform(theta, self.sim_ops(units).normal(kk, tuple(z.shape)), units)
 
     @staticmethod
     def _no_units(units: Any) -> bool:
