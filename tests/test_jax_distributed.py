@@ -531,7 +531,7 @@ def test_two_jax_processes_local_more_engines() -> None:
     other process's units dropped) equal the one-process fit to 1e-10 in float64 (gradients / statistics psum'ed,
     every process the same optimiser step / M-step).  A mixture's blocks of unequal size and a Monte-Carlo E-step of
     the EM family are refused with the reason named."""
-    outs = _two_processes(CHILD_ENGINES)
+    outs = _two_processes(CHILD_ENGINES, timeout=1200)
     one = outs[0]
     for out in outs:
         r = out["rank"]

@@ -84,9 +84,10 @@ class Engine:
         raise ValueError(f"{self.name} does not support distributed=True yet (SAEM, f-SAEM, MCMCSGD, the exact engines "
                          "of the EM family and MCEM / MiniBatchMCEM / TTSEM / MISSO do)")
 
-    def jax_local_masks(self) -> bool:
+    def jax_local_masks(self) -> bool | str:
         """Whether a ``distributed="local"`` JAX fit weighs its units even with blocks of equal size (mini-batches of
-        one static size on every process, other processes' units weighing 0: :mod:`~latentfit.inference.padding`)."""
+        one static size on every process, other processes' units weighing 0: :mod:`~latentfit.inference.padding`);
+        ``"spare"``: and every block gets one more dummy unit, which a batch's entries of other processes name."""
         return False
 
     def unit_axes(self) -> dict[str, int]:
@@ -326,13 +327,22 @@ class Engine:
         from .padding import masked_units
 
         model = getattr(self, "user_model", self.model)
-        n, size = int(model.num_units), max(counts)
+        n, size = int(model.num_units), max(counts) + int(self.jax_local_masks() == "spare")
         pad_units = getattr(model, "pad_units", None)
-        if pad_units is None and size > n:
-            raise ValueError(f"{self.name}: distributed='local' on JAX: the processes hold {counts} units and this "
-                             f"model ({type(model).__name__}) cannot pad its block with dummy units; split the "
-                             f"{sum(counts)} units into {len(counts)} equal blocks")
-        padded = pad_units(size) if size > n else model
+        padded, message = model, None
+        try:
+            if pad_units is not None:
+                padded = pad_units(size)  # every process: a model that cannot be padded is refused on each
+            elif size > n:
+                message = (f"this model ({type(model).__name__}) cannot pad its block with dummy units; split the "
+                           f"{sum(counts)} units into {len(counts)} equal blocks")
+        except ValueError as e:  # ModelSpecificationError and the like
+            message = str(e)
+        # decided alike on every process (one that needs no padding must not go on alone into the fit's collectives)
+        messages = [m for m in self.ops.process_group().gather_objects(message) if m]
+        if messages:
+            raise ValueError(f"{self.name}: distributed='local' on JAX: the processes hold {counts} units: "
+                             f"{messages[0]}")
         self._padding = _Padding(model, n, size, counts)
         self.model = masked_units(padded, n)
         if getattr(self, "user_model", None) is model:  # the EM family's model as given (its distribute reads it)
