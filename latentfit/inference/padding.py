@@ -17,7 +17,9 @@ units only.
 
 The same weights serve mini-batches of one static size on every process (MCMCSGD, the EM family): an entry naming
 another process's unit carries the index ``n`` (``≥`` the block's size), weighs 0, reads unit 0, and its table writes
-are dropped (JAX drops out-of-range scatter updates).
+are dropped (JAX drops out-of-range scatter updates).  MCMCSGD's batches name a spare dummy unit instead (one more
+per block), so that its chains' proposals for those entries never overwrite a real unit's draws in a model that
+evaluates a batch through all its units.
 """
 
 from __future__ import annotations
