@@ -25,6 +25,10 @@ COLUMNS = {"id": "Id", "time": "Time", "dv": "Concentration"}
 OPTIONS = dict(num_iters=(8, 4), seed=0, progress=False, rng="per_unit", chunk_size=4)
 
 
+#: a covariate on a parameter with a random effect: β by GLS with Σ_i X_iᵀ X_i, which every process must sum
+LOG_WEIGHT_ON_CL = {"CL": {"Weight": "log"}}
+
+
 def _fit(covariates: dict | None = None, ka_random: bool = True, block: int | None = None, **options: object):
     """SAEM on theophylline; ``block``: only the rows of the 6 subjects ``6 block .. 6 block + 5`` (in ID order)."""
     import latentfit as lf
@@ -112,6 +116,9 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         except ModelSpecificationError as err:
             overlap = str(err)
         (Path(out) / f"overlap-rank{rank}.txt").write_text(overlap)
+        cov = _fit(covariates=LOG_WEIGHT_ON_CL, distributed=True)
+        np.savez(Path(out) / f"covariate-rank{rank}.npz", objective=cov.history["objective"],
+                 **{f"param_{k}": np.asarray(v) for k, v in cov.params.items()})
         ka_fixed = _fit(ka_random=False, distributed=True)
         np.savez(Path(out) / f"ka-fixed-rank{rank}.npz", objective=ka_fixed.history["objective"],
                  **{f"param_{k}": np.asarray(v) for k, v in ka_fixed.params.items()})
@@ -229,6 +236,19 @@ def test_numeric_ka_two_processes_equal_one(two_processes: Path) -> None:
         for name, value in one.params.items():
             np.testing.assert_allclose(r[f"param_{name}"], np.asarray(value), rtol=0, atol=1e-10, err_msg=name)
         np.testing.assert_allclose(r["objective"], one.history["objective"], rtol=1e-12, atol=0)
+
+
+def test_covariate_model_two_processes_equal_one(two_processes: Path) -> None:
+    """log(Weight) on CL: the GLS M-step of the covariate coefficient reads Σ_i X_iᵀ X_i over every process's
+    individuals (``NLME.shard_view``; with one process's own, the fit diverged: CL 1e16); the estimates and the
+    objective's history equal the one-process fit."""
+    one = _fit(covariates=LOG_WEIGHT_ON_CL)
+    assert "beta_CL_Weight" in one.params
+    for rank in range(2):
+        r = np.load(two_processes / f"covariate-rank{rank}.npz")
+        for name, value in one.params.items():
+            np.testing.assert_allclose(r[f"param_{name}"], np.asarray(value), rtol=1e-10, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(r["objective"], one.history["objective"], rtol=1e-10, atol=0)
 
 
 def test_distributed_needs_a_process_group() -> None:

@@ -771,14 +771,16 @@ class NLME(LatentModel):
         return fit_nlme(model, engine, options)
 
     def shard_view(self, ops: Any, offset: int, total: int) -> NLME:
-        """This bound model as one process's block of individuals in a data-parallel fit: the residual variance's
-        M-step averages over the observations of every process (``num_obs`` all-reduced).  Inter-occasion variability
-        and several responses (their M-steps count per process) are refused."""
+        """This bound model as one process's block of individuals in a data-parallel fit: what the M-steps read from
+        the data is every process's (``num_obs``, the residual variance's count, and ``Σ_i X_iᵀ X_i``, the covariate
+        GLS's matrix, all-reduced).  Inter-occasion variability and several responses (their M-steps count per
+        process) are refused."""
         if self.iov_init or getattr(self, "_resp", None) is not None:
             raise ModelSpecificationError("distributed=True: inter-occasion variability and several responses are not "
                                           "supported yet (their M-steps count occasions/observations per process)")
         view = copy.copy(self)
         view.num_obs = int(round(float(ops.all_sum(ops.asarray(np.array(float(self.num_obs)))))))
+        view._xtx = ops.all_sum(self._xtx)
         return view
 
     def pad_units(self, size: int) -> NLME:
