@@ -649,9 +649,15 @@ class TracedLatentModel(TracedBase):
 
     # ----- the LatentModel contract -------------------------------------------------------------------------
     def _full_z(self, z: Any, units: Any) -> Any:
+        """The batch's latents ``z [..., b, d]`` placed among all N units for a run of the whole model; the other
+        units sit at the batch's mean latent (a value the model is finite at wherever it is at the batch's own: at
+        0, a one-compartment model has ka = ke and its 0/0 made the gradient of a mini-batch NaN through the units
+        it then drops).  The units are independent given θ, so the batch's densities do not depend on that value."""
         if units is None:
             return z
-        full = self.ops.zeros(tuple(z.shape[:-2]) + (self.num_units, z.shape[-1]), dtype=z.dtype)
+        xp = self.ops.xp
+        fill = self.ops.stop_gradient(xp.mean(z, -2, keepdims=True))
+        full = xp.broadcast_to(fill, tuple(z.shape[:-2]) + (self.num_units, z.shape[-1])) + 0.0 * fill
         return self.ops.scatter_axis1(full.reshape((-1,) + tuple(full.shape[-2:])), self._index(units),
                                       z.reshape((-1,) + tuple(z.shape[-2:]))).reshape(full.shape)
 
