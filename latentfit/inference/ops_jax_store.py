@@ -375,7 +375,7 @@ def save(digest: str, exported_bytes: bytes, consts: tuple[Any, ...], out_tree: 
     if directory is None:
         return False
     try:
-        header = {"digest": digest, "env": hashlib.blake2b(environment(), digest_size=16).hexdigest(),
+        header = {"digest": digest, "env": _environment_tag(),
                   "out_tree": treedef_to_json(out_tree), "side": {k: record_to_json(v) for k, v in side.items()},
                   "consts": [_const_header(c) for c in consts], "exported": len(exported_bytes)}
         blobs = [bytes(exported_bytes)] + [np.ascontiguousarray(np.asarray(c)).tobytes() for c in consts]
@@ -384,22 +384,49 @@ def save(digest: str, exported_bytes: bytes, consts: tuple[Any, ...], out_tree: 
         log.debug("not stored: %r", exc)
         return False
     header["sizes"] = [len(b) for b in blobs]
-    head = json.dumps(header).encode()
+    if not _write_entry(directory / f"{digest}.lft", json.dumps(header).encode(), blobs):
+        return False
+    STATS["saved"] += 1
+    _trim(directory)
+    return True
+
+
+def _environment_tag() -> str:
+    """What an entry's header records of :func:`environment` (an entry from another one is foreign)."""
+    return hashlib.blake2b(environment(), digest_size=16).hexdigest()
+
+
+def _write_entry(path: Path, head: bytes, blobs: list[bytes]) -> bool:
+    """Write ``magic | BLAKE2(body) | body``, ``body = len(head) | head | blobs``, to ``path`` atomically (a temporary
+    file, then ``os.replace``); False when it is too large for the store or cannot be written."""
     body = struct.pack("<Q", len(head)) + head + b"".join(blobs)
     payload = _MAGIC + hashlib.blake2b(body, digest_size=32).digest() + body
     if len(payload) > STORE_BYTES // 4:
         return False
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
-        os.replace(tmp, directory / f"{digest}.lft")
+        os.replace(tmp, path)
     except OSError:
         return False
-    STATS["saved"] += 1
-    _trim(directory)
     return True
+
+
+def _read_entry(data: bytes, digest: str) -> tuple[dict[str, Any], bytes, int]:
+    """``(header, body, offset of the first blob)`` of an entry's bytes, checked (magic, checksum, the key and the
+    environment); ValueError when any check fails."""
+    if data[:len(_MAGIC)] != _MAGIC:
+        raise ValueError("not an entry")
+    check, body = data[len(_MAGIC):len(_MAGIC) + 32], data[len(_MAGIC) + 32:]
+    if hashlib.blake2b(body, digest_size=32).digest() != check:
+        raise ValueError("checksum")
+    (size,) = struct.unpack("<Q", body[:8])
+    header = json.loads(body[8:8 + size])
+    if header["digest"] != digest or header["env"] != _environment_tag():
+        raise ValueError("another key or environment")
+    return header, body, 8 + size
 
 
 def load(digest: str) -> tuple[Any, tuple[Any, ...], Any, dict[str, Any]] | None:
@@ -413,16 +440,8 @@ def load(digest: str) -> tuple[Any, tuple[Any, ...], Any, dict[str, Any]] | None
     except OSError:
         return None
     try:
-        if data[:len(_MAGIC)] != _MAGIC:
-            raise ValueError("not an entry")
-        check, body = data[len(_MAGIC):len(_MAGIC) + 32], data[len(_MAGIC) + 32:]
-        if hashlib.blake2b(body, digest_size=32).digest() != check:
-            raise ValueError("checksum")
-        (size,) = struct.unpack("<Q", body[:8])
-        header = json.loads(body[8:8 + size])
-        if header["digest"] != digest or header["env"] != hashlib.blake2b(environment(), digest_size=16).hexdigest():
-            raise ValueError("another key or environment")
-        offset, blobs = 8 + size, []
+        header, body, offset = _read_entry(data, digest)
+        blobs = []
         for n in header["sizes"]:
             blobs.append(body[offset:offset + n])
             offset += n
@@ -458,7 +477,7 @@ def save_record(digest: str, record: Any, arrays: dict[str, np.ndarray]) -> bool
         for b in blobs:
             if b.dtype.kind not in "biuf":
                 raise Unstable(f"array of dtype {b.dtype}")
-        header = {"digest": digest, "env": hashlib.blake2b(environment(), digest_size=16).hexdigest(),
+        header = {"digest": digest, "env": _environment_tag(),
                   "record": record,
                   "arrays": [[n, str(b.dtype), list(b.shape), b.nbytes] for n, b in zip(names, blobs)]}
         head = json.dumps(header).encode()
@@ -466,17 +485,7 @@ def save_record(digest: str, record: Any, arrays: dict[str, np.ndarray]) -> bool
         STATS["unstorable"] += 1
         log.debug("record not stored: %r", exc)
         return False
-    body = struct.pack("<Q", len(head)) + head + b"".join(b.tobytes() for b in blobs)
-    payload = _MAGIC + hashlib.blake2b(body, digest_size=32).digest() + body
-    if len(payload) > STORE_BYTES // 4:
-        return False
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, directory / f"{digest}.lfr")
-    except OSError:
+    if not _write_entry(directory / f"{digest}.lfr", head, [b.tobytes() for b in blobs]):
         return False
     STATS["records_saved"] += 1
     _trim(directory)
@@ -494,16 +503,8 @@ def load_record(digest: str) -> tuple[Any, dict[str, np.ndarray]] | None:
     except OSError:
         return None
     try:
-        if data[:len(_MAGIC)] != _MAGIC:
-            raise ValueError("not an entry")
-        check, body = data[len(_MAGIC):len(_MAGIC) + 32], data[len(_MAGIC) + 32:]
-        if hashlib.blake2b(body, digest_size=32).digest() != check:
-            raise ValueError("checksum")
-        (size,) = struct.unpack("<Q", body[:8])
-        header = json.loads(body[8:8 + size])
-        if header["digest"] != digest or header["env"] != hashlib.blake2b(environment(), digest_size=16).hexdigest():
-            raise ValueError("another key or environment")
-        offset, arrays = 8 + size, {}
+        header, body, offset = _read_entry(data, digest)
+        arrays = {}
         for name, dtype, shape, nbytes in header["arrays"]:
             arrays[name] = np.frombuffer(body[offset:offset + nbytes], dtype=np.dtype(dtype)).reshape(shape).copy()
             offset += nbytes
