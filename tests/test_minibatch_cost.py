@@ -330,10 +330,13 @@ def test_a_full_run_batch_leaves_the_other_units_where_the_model_is_finite(ppl):
     units it then drops (MCMCSGD with batch_size stopped at its first gradient).  The batch's densities and their
     gradient in θ equal the full run's rows, and are finite."""
     if ppl == "pyro":
+        import pyro
         import torch
 
         from latentfit.examples.theophylline import theophylline_arrays, theophylline_model
         from latentfit.integrations.pyro import PyroLatentModel as Adapter
+
+        pyro.clear_param_store()  # the example's "mu" is [3]: another test's "mu" of another shape must not be read
     else:
         import jax
 
@@ -368,3 +371,5 @@ def test_a_full_run_batch_leaves_the_other_units_where_the_model_is_finite(ppl):
         assert np.all(np.isfinite(g)), name
         np.testing.assert_allclose(g, g_rows, rtol=1e-12, atol=1e-12, err_msg=name)
     np.testing.assert_allclose(_np(batch(theta)), _np(rows(theta)), rtol=1e-13)
+    if ppl == "pyro":
+        pyro.clear_param_store()
