@@ -429,15 +429,31 @@ def _read_entry(data: bytes, digest: str) -> tuple[dict[str, Any], bytes, int]:
     return header, body, 8 + size
 
 
-def load(digest: str) -> tuple[Any, tuple[Any, ...], Any, dict[str, Any]] | None:
-    """``(exported, consts, out_tree, side)`` of an entry, or None (absent, truncated, corrupted, foreign)."""
+def _entry_bytes(name: str) -> tuple[Path | None, bytes | None]:
+    """The path and bytes of the store's entry ``name``; ``(None, None)`` without a store, ``(path, None)`` when it
+    cannot be read (absent)."""
     directory = store_dir()
     if directory is None:
-        return None
-    path = directory / f"{digest}.lft"
+        return None, None
+    path = directory / name
     try:
-        data = path.read_bytes()
+        return path, path.read_bytes()
     except OSError:
+        return path, None
+
+
+def _touch(path: Path) -> None:
+    """Mark an entry recently used (for :func:`_trim`); best effort: a read-only folder only ages the entry."""
+    try:
+        os.utime(path)
+    except OSError:
+        return
+
+
+def load(digest: str) -> tuple[Any, tuple[Any, ...], Any, dict[str, Any]] | None:
+    """``(exported, consts, out_tree, side)`` of an entry, or None (absent, truncated, corrupted, foreign)."""
+    path, data = _entry_bytes(f"{digest}.lft")
+    if data is None:
         return None
     try:
         header, body, offset = _read_entry(data, digest)
@@ -456,10 +472,7 @@ def load(digest: str) -> tuple[Any, tuple[Any, ...], Any, dict[str, Any]] | None
         STATS["rejected"] += 1
         log.debug("entry %s ignored: %r", path.name, exc)
         return None
-    try:
-        os.utime(path)  # recently used
-    except OSError:
-        pass
+    _touch(path)
     STATS["loaded"] += 1
     return exported, consts, out_tree, side
 
@@ -494,13 +507,8 @@ def save_record(digest: str, record: Any, arrays: dict[str, np.ndarray]) -> bool
 
 def load_record(digest: str) -> tuple[Any, dict[str, np.ndarray]] | None:
     """``(record, arrays)`` written by :func:`save_record`, or None (absent, truncated, corrupted, foreign)."""
-    directory = store_dir()
-    if directory is None:
-        return None
-    path = directory / f"{digest}.lfr"
-    try:
-        data = path.read_bytes()
-    except OSError:
+    path, data = _entry_bytes(f"{digest}.lfr")
+    if data is None:
         return None
     try:
         header, body, offset = _read_entry(data, digest)
@@ -514,10 +522,7 @@ def load_record(digest: str) -> tuple[Any, dict[str, np.ndarray]] | None:
         STATS["rejected"] += 1
         log.debug("record %s ignored: %r", path.name, exc)
         return None
-    try:
-        os.utime(path)
-    except OSError:
-        pass
+    _touch(path)
     STATS["records_loaded"] += 1
     return header["record"], arrays
 
