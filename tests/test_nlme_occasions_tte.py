@@ -13,6 +13,8 @@
   ``vpc`` run on it (the ``nlme fit`` report: slow).
 * A user log-likelihood with occasions: its simulator gets each record's occasion ψ ``[N, T]``; on per-unit streams
   a generator seeded from the seed and the unit ids.
+* The log-likelihood splits an interval between event records at each occasion's start it spans: records closing
+  each occasion change nothing (plain TTE on both backends, joint PK + TTE).
 Models without κ on the hazard: replicates unchanged (checked bit for bit against the previous code, by hand).
 """
 
@@ -402,3 +404,46 @@ def test_user_simulator_gets_each_records_occasion_parameters():
     a, b, c = streams(ids), streams(ids), streams(ids + 1)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+# ----- the log-likelihood splits each interval at the occasions' starts ---------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_log_likelihood_splits_an_interval_that_spans_occasions(backend):
+    """κ on λ: the log-likelihood takes occasion k's hazard on ``[s_k, s_{k+1})`` whatever records the data have, so
+    the simulated table with the DV-0 records closing occasion 1 removed (each interval then runs from the last
+    record of occasion 1 to the record opening occasion 2 at t = 5) has the same log-likelihood, the generative
+    ``Σ_events log h_k(t) − H(end)`` with the piecewise H (before, that interval was taken at occasion 2's hazard)."""
+    model = _tte_model(backend).bind(_tte_design(150))
+    theta = _theta(model, TTE_TRUTH)
+    table = model.simulate(theta, seed=3)
+    z, lam = _draws(model, theta, 3)
+    closing = (table.TIME == 5.0) & (table.DV == 0) & (table.OCC == 1)
+    assert closing.sum() == 150
+    lls = []
+    for data in (table, table[~closing].reset_index(drop=True)):
+        refit = _tte_model(backend).bind(data)
+        lls.append(refit.ops.to_numpy(refit.log_lik(theta, z[None]))[0])
+    ends, b = np.resize([12.0, 20.0], 150), TTE_TRUTH["beta"]
+    events = table[table.DV == 1]
+    unit, k = events.ID.to_numpy() - 1, events.OCC.to_numpy() - 1
+    log_h = np.log(b / lam[unit, k]) + (b - 1) * np.log(events.TIME.to_numpy() / lam[unit, k])
+    want = np.bincount(unit, log_h, 150) - (5.0 / lam[:, 0]) ** b - (ends / lam[:, 1]) ** b + (5.0 / lam[:, 1]) ** b
+    np.testing.assert_allclose(lls[0], want, rtol=1e-10)
+    np.testing.assert_allclose(lls[1], want, rtol=1e-10)
+
+
+def test_joint_log_likelihood_is_unchanged_by_a_record_closing_the_occasion():
+    """Joint PK + TTE with κ on λ: the event records (a start at 0, a censoring at the end) span the start of
+    occasion 2 (the concentration at t = 1); adding a DV-0 event record at t = 1 closing occasion 1 changes no
+    individual's log-likelihood (the interval is split at the start either way; before, it was taken at occasion 2's
+    hazard without the record)."""
+    model = _joint_model().bind(_joint_design(24))
+    theta = _theta(model, JOINT_TRUTH)
+    with model.ops.seed_context(2):
+        z = model.sample_prior(theta, model.ops.key(2), 1)
+    table = _joint_design(24)
+    close = pd.DataFrame({"ID": np.arange(1, 25), "TIME": 1.0, "DV": 0.0, "DVID": 2, "OCC": 1})
+    closed = pd.concat([close, table]).sort_values(["ID", "TIME", "OCC"], kind="stable").reset_index(drop=True)
+    a = model.ops.to_numpy(model.log_lik(theta, z))[0]
+    b = model.ops.to_numpy(_joint_model().bind(closed).log_lik(theta, z))[0]
+    np.testing.assert_allclose(a, b, rtol=1e-12)

@@ -178,6 +178,8 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
         model.latent_sites += _occ.latent_sites(model._iov)
         model.params.update(_occ.params(model, model._iov))
         _occ.bind_carry(model)  # drug carried across occasion boundaries: the exact piecewise predictions
+        if model.outcome is not None:  # a hazard with κ: each interval split at the occasions' starts
+            _outcomes.bind_occasions(model)
 
 
 def dose_design(model: NLME, data: NLMEData, grid: np.ndarray | None = None) -> dict[str, Any]:

@@ -19,9 +19,10 @@ without random effect); only the observation model changes.  With ``f_ij = f(t_i
   ``"constant"``: ``h = 1/λ``, ``H(t) = t/λ`` (Monolix's exponential model, λ the mean time between events);
   ``"weibull"``: ``h(t) = (β/λ)(t/λ)^{β−1}``, ``H(t) = (t/λ)^β`` (saemix's and Monolix's Weibull); the parameters
   ``λ``, ``β`` are ψ's of the model (no structural model: ``NLME(None, ..., outcome=TimeToEvent(...))``); with
-  occasions (``iov=`` on λ or β) each record's interval is taken at the occasion of the record closing it, and the
-  simulations use occasion k's hazard from the occasion's first record to the next one's (the piecewise inverse of
-  ``H``, :func:`invert_cumulative_hazard`, writing records that close and open each occasion);
+  occasions (``iov=`` on λ or β) occasion k's hazard is in force from the occasion's first record to the next one's,
+  both in the log-likelihood (an interval spanning occasions is split at their starts: ``H`` summed piecewise) and in
+  the simulations (the piecewise inverse of ``H``, :func:`invert_cumulative_hazard`, writing records that close and
+  open each occasion);
 * a user log-likelihood (:class:`LogLik`, ``outcome="loglik"``; saemix's ``modeltype="likelihood"``): the
   "structural" function ``loglik(psi, data) -> [..., N, T]`` returns ``log p(y_ij | ψ_i)`` itself, with the
   observations in ``data.dv`` (and ``data.time``, ``data.x``, ``data.regressors``, ...: see
@@ -345,6 +346,8 @@ class TimeToEvent(Outcome):
     def log_prob(self, ops: Any, y: Any, f: Any, psi: dict[str, Any], design: Any, consts: dict[str, Any]) -> Any:
         xp = ops.xp
         log_lam = xp.log(psi[self.scale])
+        if "occ_start" in consts:  # a hazard with occasion effects: ψ [..., K, n, 1], intervals split at the starts
+            return self._log_prob_by_occasion(xp, y, psi, design, consts, log_lam)
         if self.hazard == "constant":
             rate = xp.exp(-log_lam)
             return -(design.time - consts["prev_time"]) * rate - y * log_lam
@@ -353,6 +356,30 @@ class TimeToEvent(Outcome):
         cum = xp.exp(beta * lt) * consts["time_positive"] - xp.exp(beta * lp) * consts["prev_positive"]
         log_h = xp.log(beta) - log_lam + (beta - 1.0) * lt
         return -cum + y * log_h
+
+    def _log_prob_by_occasion(self, xp: Any, y: Any, psi: dict[str, Any], design: Any, consts: dict[str, Any],
+                              log_lam: Any) -> Any:
+        """The terms ``[..., K, n, T]`` of a hazard whose parameters change at the occasions' starts ``s_k``
+        (``consts["occ_start"]``, ``consts["occ_end"]`` ``[n, K]``): occasion k's hazard ``h_k`` on ``[s_k, s_{k+1})``,
+        so a record's interval ``(t_{j−1}, t_j]`` contributes ``−Σ_k (H_k(b_jk) − H_k(a_jk))`` with ``a, b`` its
+        ends clipped to ``[s_k, s_{k+1}]``, plus ``DV_j log h_k(t_j)`` at the record's own occasion k (the row that
+        :func:`~latentfit.models.nlme.occasions.select` keeps; the same cumulative term on every row).  An interval
+        inside one occasion gets one piece and exact zeros elsewhere: the per-record formula of :meth:`log_prob`."""
+        lo = xp.moveaxis(consts["occ_start"], -1, 0)[..., None]  # [K, n, 1]
+        hi = xp.moveaxis(consts["occ_end"], -1, 0)[..., None]
+        a = xp.minimum(xp.maximum(consts["prev_time"], lo), hi)  # [K, n, T]
+        b = xp.minimum(xp.maximum(design.time, lo), hi)
+        if self.hazard == "constant":
+            cum = xp.sum((b - a) * xp.exp(-log_lam), -3)
+            return -cum[..., None, :, :] - y * log_lam
+        beta = psi[self.shape]
+
+        def big_h(x: Any) -> Any:  # (x/λ_k)^β_k, 0 at x = 0 (no log 0 in the value or the gradient)
+            return xp.exp(beta * (xp.log(xp.where(x > 0, x, 1.0)) - log_lam)) * (x > 0)
+
+        cum = xp.sum(big_h(b) - big_h(a), -3)
+        log_h = xp.log(beta) - log_lam + (beta - 1.0) * (consts["log_time"] - log_lam)
+        return -cum[..., None, :, :] + y * log_h
 
     def hazard_parameters(self, psi: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """``(λ, β)`` from ψ (numpy, in ψ's dtype; β = 1 for a constant hazard), same shapes."""
@@ -739,6 +766,27 @@ def _occasion_starts(model: NLME) -> np.ndarray:
 
     start, _, valid, _ = _occ.starts(model.data, model.table, model._iov)
     return np.concatenate([np.zeros((start.shape[0], 1)), np.where(valid, np.maximum(start, 0.0), np.inf)], 1)
+
+
+def bind_occasions(model: NLME) -> None:
+    """Give each time-to-event outcome whose hazard has occasion effects the occasions' spans, ``occ_start`` and
+    ``occ_end`` ``[N, K]`` (occasion k in force on ``[s_k, s_{k+1})``, :func:`_occasion_starts`; the padding
+    occasions and the last one's end at the individual's last record), so that its log-likelihood splits each
+    interval at the occasions' starts (:meth:`TimeToEvent._log_prob_by_occasion`), as the simulations do."""
+    outcomes = (model._resp.spec.outcomes.items() if isinstance(model.outcome, Joint)
+                else [(None, model.outcome)])
+    tte = [(name, out) for name, out in outcomes if isinstance(out, TimeToEvent) and _hazard_has_iov(model, out)]
+    if not tte:
+        return
+    start = _occasion_starts(model)
+    last = np.where(model.data.mask, model.data.time, -np.inf).max(1, keepdims=True)
+    last = np.maximum(np.where(np.isfinite(last), last, 0.0), 0.0)
+    start = np.where(np.isfinite(start), start, last)
+    end = np.concatenate([start[:, 1:], last], 1)
+    for name, _ in tte:
+        pre = "" if name is None else f"{name}/"
+        model._outcome_consts.update({pre + "occ_start": model.ops.asarray(start),
+                                      pre + "occ_end": model.ops.asarray(end)})
 
 
 def _hazard_by_occasion(model: NLME, out: TimeToEvent, psi_k: dict[str, Any]) -> dict[str, np.ndarray]:
