@@ -148,3 +148,23 @@ def test_fisher_scoring_on_per_unit_streams_does_not_depend_on_the_order_of_the_
         draws.append(backend.to_numpy(engine._prior_draw(state, engine.theta_of(state), state.z, None,
                                                          engine.ops.split(state.key)[1], 7)))
     np.testing.assert_array_equal(draws[1], draws[0][:, perm])
+
+
+def test_information_refreshed_every_m_steps(monkeypatch):
+    """``information_every=4``: Γ's Hessian is computed at gradient steps 1, 5, 9, 13 of 15 only (4 calls; 15 with the
+    default), and the fit stays finite."""
+    calls = {"n": 0}
+    original = preconditioned.information
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(preconditioned, "information", counted)
+    counts = {}
+    for every in (4, 1):
+        calls["n"] = 0
+        fit = _fit(Backend("pyro"), "radon_slope", optimizer="fisher", num_iters=20, burn_in=5, information_every=every)
+        counts[every] = calls["n"]
+        assert np.all(np.isfinite(fit.history["iterate"]))
+    assert counts == {4: 4, 1: 15}

@@ -127,6 +127,7 @@ import numpy as np
 
 from .fisher import forward_jacobian
 from .mcem import MiniBatchMCEM
+from .mcmcsgd import prior_only_log_density
 from .model import LatentModel, ModelSpecificationError
 from .mstep import flatten, unflatten
 from .stats_table import Stats, s_put, s_sub, s_take
@@ -215,6 +216,9 @@ class MISSO(MiniBatchMCEM):
     score_draws : int
         ``"louis"`` only: the draws of a visit (the first ones, ``num_chains`` each) whose scores estimate the
         missing information; the later draws refresh the statistics and the quadratic surrogates' gradients only.
+    prune : bool
+        The scores and curvature from the latents' closed-form log-prior alone where the likelihood does not depend
+        on the free parameters (as :class:`~latentfit.inference.mcmcsgd.MCMCSGD`'s option; default True).
     """
 
     name = "MISSO"
@@ -223,7 +227,7 @@ class MISSO(MiniBatchMCEM):
     def __init__(self, model: LatentModel, num_epochs: int = 14, batch_size: int | None = None, *,
                  mc_size: int | Callable[[Any], Any] = paper_mc_size, num_chains: int = 10,
                  surrogate: str = "louis", max_missing_fraction: float = 0.9, trust_radius: float = 5.0,
-                 score_draws: int | None = None, **kwargs: Any) -> None:
+                 score_draws: int | None = None, prune: bool = True, **kwargs: Any) -> None:
         if "num_samples" in kwargs:
             raise TypeError("MISSO takes num_chains (chains per unit) and mc_size (draws per visit), not num_samples")
         if not callable(mc_size) and int(mc_size) < 1:
@@ -243,6 +247,7 @@ class MISSO(MiniBatchMCEM):
         self.max_missing_fraction = float(max_missing_fraction)
         self.trust_radius = float(trust_radius)
         self.score_draws = None if score_draws is None else int(score_draws)
+        self.prune, self._prior_only = bool(prune), None
         super().__init__(model, num_epochs, batch_size, num_samples=int(num_chains), **kwargs)
         #: parameters of the closed-form (statistics-table) surrogate, of the quadratic one, and (``"louis"``) every
         #: free parameter, whose information the acceleration estimates
@@ -293,10 +298,14 @@ class MISSO(MiniBatchMCEM):
         louis = self.surrogate == "louis" and p > 0
         pick = self._pick() if p else None  # [p, q] one-hot (None: every free parameter is a quadratic-surrogate one)
 
+        prior = self._prior_only
+
         def complete_fn(z: Any) -> Callable[[Any], Any]:
             def complete(x: Any) -> Any:
                 th = dict(fixed)
                 th.update(model.constrain(unflatten(x, names, self._shapes)))
+                if prior is not None:  # θ enters the latents' prior only: the same scores and curvature
+                    return prior(th, z, units)
                 return model.log_joint(th, z, units)  # [L, b]
 
             return complete
@@ -419,6 +428,8 @@ class MISSO(MiniBatchMCEM):
         """θ⁰, the chains' prior draws and every unit's surrogate built at θ⁰ (``⌈M_0 / L⌉`` draws per unit)."""
         model, ops, xp = self.model, self.ops, self.ops.xp
         theta = model.init_params()
+        #: the pruned scores (:func:`~latentfit.inference.mcmcsgd.prior_only_log_density`)
+        self._prior_only = prior_only_log_density(model, self.free, self._shapes, theta) if self.prune else None
         state = MISSOState(theta=theta, key=key)
         if not model.has_posterior_sampler:
             key, k0 = ops.split(key)

@@ -182,6 +182,13 @@ class LatentModel:
         ll, lp = self.log_densities(theta, z, units)
         return ll + lp
 
+    def closed_form_log_prior(self) -> Callable[[dict[str, Any], Any, Any], Any] | None:
+        """A cheap ``(theta, z, units) -> log p(z_i; θ) + c(z_i)`` ``[..., n]``: the latents' log-prior up to a term
+        free of θ (the log-Jacobian of fixed transforms), computed from θ without running the model; None (the default)
+        when the model has none.  MCMCSGD and MISSO differentiate it instead of the complete log-density where the
+        likelihood does not depend on the free parameters (``∇_θ log p(y, z; θ) = ∇_θ log p(z; θ)`` there)."""
+        return None
+
     def sample_prior(self, theta: dict[str, Any], key: Any, num_chains: int, units: Any = None) -> Any:
         """Draw ``z ~ p(z; θ)`` for every unit: ``[num_chains, n, d]`` (unconstrained)."""
         raise NotImplementedError

@@ -632,6 +632,18 @@ class TorchOps(Ops):
         vg = self.value_and_grad(f)
         return lambda x: vg(x)[1]
 
+    def depends_on(self, f: Callable[[Any], Any], x: Any) -> bool:
+        """Whether ``f(x)`` is connected to ``x`` in autograd's graph (structurally, whatever the values: False only
+        when no operation on the way to the output reads ``x``; a zero derivative that is computed counts as True)."""
+        torch = self.torch
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            out = f(x)
+            if not out.requires_grad:
+                return False
+            (g,) = torch.autograd.grad(out.sum(), x, allow_unused=True)
+        return g is not None
+
     def hessian(self, f: Callable[[Any], Any], vectorize: bool = False) -> Callable[[Any], Any]:
         """Hessian of ``f: R^p -> R``; ``vectorize``: the p reverse passes of its rows batched in one
         (``torch.autograd.functional.hessian(vectorize=True)``; MISSO's curvature: 2x faster on the logistic mixed

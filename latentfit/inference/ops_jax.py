@@ -230,6 +230,30 @@ CPU_COMPILER_OPTIONS: dict[str, str] = {
 _OPTIONS_REFUSED: list[bool] = []
 
 
+def _jaxpr_taint(jaxpr: Any, tainted_in: list[bool]) -> list[bool]:
+    """Which outputs of ``jaxpr`` depend on the inputs flagged in ``tainted_in``: taint propagated forward through the
+    equations, into call-like equations' inner jaxprs (``pjit``, ``custom_jvp_call``, ...: a ``jaxpr`` or
+    ``call_jaxpr`` parameter with the outer equation's inputs and outputs), every output of any other equation reading
+    a tainted variable tainted (conservative: never a false "independent")."""
+    tainted = {v for v, t in zip(jaxpr.invars, tainted_in) if t}
+
+    def is_tainted(v: Any) -> bool:
+        return not hasattr(v, "val") and v in tainted  # literals carry ``val`` and are constants
+
+    for eqn in jaxpr.eqns:
+        flags = [is_tainted(v) for v in eqn.invars]
+        if not any(flags):
+            continue
+        inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+        inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's open jaxpr
+        if inner is not None and hasattr(inner, "eqns") and len(inner.invars) == len(flags) \
+                and len(inner.outvars) == len(eqn.outvars):
+            tainted.update(out for out, t in zip(eqn.outvars, _jaxpr_taint(inner, flags)) if t)
+        else:
+            tainted.update(eqn.outvars)
+    return [is_tainted(v) for v in jaxpr.outvars]
+
+
 def _compiler_options(platform: str) -> dict[str, str]:
     """:data:`CPU_COMPILER_OPTIONS` for a CPU program, less the options that ``XLA_FLAGS`` sets; none elsewhere."""
     import os
@@ -821,6 +845,12 @@ class JaxOps(Ops):
 
     def grad(self, f: Callable[[Any], Any]) -> Callable[[Any], Any]:
         return jax.grad(f)
+
+    def depends_on(self, f: Callable[[Any], Any], x: Any) -> bool:
+        """Whether an output of ``f``'s jaxpr is computed from ``x`` (structurally, whatever the values; False only
+        when no equation on the way to the output reads ``x``): :func:`_jaxpr_taint`."""
+        closed = jax.make_jaxpr(f)(x)
+        return any(_jaxpr_taint(closed.jaxpr, [True] * len(closed.jaxpr.invars)))
 
     def hessian(self, f: Callable[[Any], Any], vectorize: bool = False) -> Callable[[Any], Any]:
         """Hessian of ``f: R^p -> R`` (``jax.hessian``, batched already: ``vectorize`` is the torch option)."""

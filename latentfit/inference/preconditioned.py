@@ -8,7 +8,9 @@ Iteration k of :class:`~latentfit.inference.mcmcsgd.MCMCSGD` has the Fisher-iden
     θ_k = θ_{k−1} + γ_k Γ_k⁻¹ ĝ_k,
 
 the first term the expected information of the latents' prior (one draw of every unit's latents from the prior at
-θ_{k−1}), the second the observed information of the likelihood at the chains (zero where θ does not enter it):
+θ_{k−1}), the second the observed information of the likelihood at the chains (zero where θ does not enter it, and
+then not computed: with MCMCSGD's pruned gradient the first term is the Hessian of the closed-form Gaussian prior;
+``information_every = m`` refreshes Γ at every m-th step only):
 Fisher scoring on the complete data, the stochastic-approximation Newton step of Gu & Kong (1998, JASA) with the
 expected rather than the observed complete-data Hessian (off the maximum the latter is indefinite in a location and
 its log-scale).  In an exponential family this is SAEM's step in θ-space (Delyon, Lavielle & Moulines 1999: an SA

@@ -708,6 +708,42 @@ class TracedLatentModel(TracedBase):
                 parts.append(mu + eps @ tril.T)
         return self.ops.asarray(xp.concatenate(parts, -1), dtype=self._dtype)
 
+    def closed_form_log_prior(self) -> Any:
+        """Every latent a recognised Gaussian pattern (``Normal(μ, ω)``, ``MultivariateNormal(μ, Ω)`` with params μ, ω,
+        Ω of the site's per-unit size or scalars): ``(theta, z, units) -> Σ_sites log N(z_s; μ, Ω)`` ``[..., n]``, the
+        unconstrained latents' log-prior without running the model (a LogNormal site's log-Jacobian, free of θ, left
+        out); None otherwise."""
+        if not self._gauss or len(self._gauss) != len(self._layout):
+            return None
+        pats = []
+        for s in self._layout:
+            g = next((x for x in self._gauss if x.site == s.name), None)
+            if g is None:
+                return None
+            size = {n: int(np.prod(tuple(self.params[n].value.shape))) for n in (g.loc, g.scale) if n is not None}
+            if g.loc is not None and size[g.loc] not in (1, s.size) or \
+                    size[g.scale] not in ((1, s.size) if g.kind == "normal" else (s.size * s.size,)):
+                return None
+            pats.append((s.offset, s.size, g))
+        xp, half_log_2pi = self.ops.xp, 0.5 * float(np.log(2.0 * np.pi))
+
+        def log_prior(theta: dict[str, Any], z: Any, units: Any = None) -> Any:
+            total = 0.0
+            for offset, size, g in pats:
+                r = z[..., offset:offset + size] - (theta[g.loc].reshape(-1) if g.loc is not None else 0.0)
+                if g.kind == "normal":
+                    sd = theta[g.scale].reshape(-1)
+                    total = total + xp.sum(-0.5 * (r / sd) ** 2 - xp.log(sd) - half_log_2pi, -1)
+                else:
+                    m = theta[g.scale].reshape(size, size)
+                    chol = m if g.kind == "mvn_tril" else xp.linalg.cholesky(m)
+                    u = r @ xp.swapaxes(xp.linalg.inv(chol), -1, -2)  # L⁻¹ r per unit
+                    total = total + (-0.5 * xp.sum(u * u, -1) - xp.sum(xp.log(xp.abs(xp.diagonal(chol))))
+                                     - size * half_log_2pi)
+            return total
+
+        return log_prior
+
     def unit_data_axes(self) -> list[tuple[Any, int]]:
         """The model's array arguments with a unit axis, found from its plate structure: an observed value in the
         unit plate (or an argument of its shape, a design laid out like it) along the axis the plate's ``dim`` gives
