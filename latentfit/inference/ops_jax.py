@@ -246,8 +246,9 @@ def _jaxpr_taint(jaxpr: Any, tainted_in: list[bool]) -> list[bool]:
             continue
         inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
         inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's open jaxpr
-        if inner is not None and hasattr(inner, "eqns") and len(inner.invars) == len(flags) \
-                and len(inner.outvars) == len(eqn.outvars):
+        if eqn.primitive.name != "scan" and inner is not None and hasattr(inner, "eqns") \
+                and len(inner.invars) == len(flags) and len(inner.outvars) == len(eqn.outvars):  # a scan: conservative
+            # (its carry takes taint over the iterations, which one pass over the body would miss)
             tainted.update(out for out, t in zip(eqn.outvars, _jaxpr_taint(inner, flags)) if t)
         else:
             tainted.update(eqn.outvars)
