@@ -127,6 +127,10 @@ class Ops:
     def to_numpy(self, x: Any) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def shape_of(self, f: Callable, *args: Any) -> tuple[int, ...]:
+        """The shape of ``f(*args)`` (a backend that can infers it without computing: no program to run)."""
+        return tuple(np.shape(f(*args)))
+
     def read_block(self, x: Any, start: Any, size: int, axis: int = 0) -> Any:
         """``x[start:start + size]`` along ``axis`` to be read at once: a view where the backend has views (the caller
         reads it before ``x`` is next written), else :meth:`take_block`."""
@@ -167,6 +171,12 @@ class Ops:
             return self
         raise ValueError(f"draw_dtype={dtype!r}: normal draws in another dtype than the model's arrays are a JAX "
                          f"option; the {self.name} backend draws in its arrays' dtype")
+
+    def normal_units_minor(self, key: Any, shape: tuple[int, ...]) -> Any:
+        """``normal(key, (..., n, d))`` laid out as ``shape = (..., d, n)``: the same numbers, its last two axes swapped
+        (JAX on CPU draws them in that layout directly, ``JaxOps.normal_units_minor``)."""
+        shape = tuple(shape)
+        return self.xp.swapaxes(self.normal(key, shape[:-2] + (shape[-1], shape[-2])), -1, -2)
 
     def shared_uniform(self, key: Any, shape: tuple[int, ...]) -> Any:
         """Uniform draws that every unit shares (e.g. saemix's random block); :meth:`uniform` here, the key's

@@ -298,22 +298,35 @@ def _threefry2x32_unrolled(k1: Any, k2: Any, x1: Any, x2: Any) -> tuple[Any, Any
     return x1, x2
 
 
-def _threefry_bits(key: Any, bit_width: int, shape: tuple[int, ...]) -> Any:
+def _threefry_bits(key: Any, bit_width: int, shape: tuple[int, ...], swap_last: bool = False) -> Any:
     """``jax.random.bits`` of a threefry key (its data ``uint32[2]``) bit for bit, the hash unrolled: the counters
     of the partitionable threefry (``jax_threefry_partitionable``, JAX's default) are the flat index ``[hi, lo]``;
-    other cases (that flag off, 2^32 values or more, a scalar) go to JAX's own implementation."""
+    other cases (that flag off, 2^32 values or more, a scalar) go to JAX's own implementation.  ``swap_last``: the
+    bits of the shape with its last two axes swapped, transposed back (:func:`units_minor_threefry_impl`)."""
     from jax.extend.random import threefry_prng_impl
 
     size = int(np.prod(shape)) if shape else 1
+    logical = tuple(shape[:-2]) + (shape[-1], shape[-2]) if swap_last else tuple(shape)
     if not shape or size >= 2 ** 32 or not jax.config.jax_threefry_partitionable:
-        return threefry_prng_impl.random_bits(key, bit_width, shape)
-    strides = np.cumprod((1,) + tuple(shape[:0:-1]))[::-1]
+        bits = threefry_prng_impl.random_bits(key, bit_width, logical)
+        return jnp.swapaxes(bits, -1, -2) if swap_last else bits
+    strides = np.cumprod((1,) + tuple(logical[:0:-1]))[::-1]
+    if swap_last:  # the counter of entry (..., a, b) is the flat index of (..., b, a) in the logical shape
+        strides = np.concatenate([strides[:-2], strides[-1:], strides[-2:-1]])
     lo = sum(lax.broadcasted_iota(np.uint32, tuple(shape), d) * np.uint32(s) for d, s in enumerate(strides))
     b1, b2 = _threefry2x32_unrolled(key[0], key[1], jnp.zeros(tuple(shape), np.uint32), lo)
     if bit_width == 64:
         return lax.shift_left(b1.astype(np.uint64), np.uint64(32)) | b2.astype(np.uint64)
     bits = b1 ^ b2
     return bits if bit_width == 32 else bits.astype({8: np.uint8, 16: np.uint16}[bit_width])
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _split_unrolled(key: Any, n: int) -> Any:
+    """``jax.random.split(key, n)`` of a raw threefry key (partitionable threefry: the hash of the counters ``[0, i]``)
+    bit for bit, the hash unrolled (:func:`_threefry2x32_unrolled`); one compiled program when called eagerly."""
+    b1, b2 = _threefry2x32_unrolled(key[0], key[1], jnp.zeros((n,), np.uint32), lax.iota(np.uint32, n))
+    return jnp.stack([b1, b2], axis=1)
 
 
 _FAST_THREEFRY: list[Any] = []
@@ -333,6 +346,28 @@ def fast_threefry_impl() -> Any:
         except Exception:  # pragma: no cover - a JAX without jax.extend.random
             _FAST_THREEFRY.append(None)
     return _FAST_THREEFRY[0]
+
+
+_UNITS_MINOR_THREEFRY: list[Any] = []
+
+
+def units_minor_threefry_impl() -> Any:
+    """:func:`fast_threefry_impl` whose ``random_bits(key, width, (..., d, n))`` are those of the shape ``(..., n, d)``
+    with the last two axes swapped: a draw made directly in the units-minor layout ``[L, d, n]`` of SAEM's sweep
+    (:meth:`JaxOps.normal_units_minor`), the same numbers as ``swapaxes(normal(key, [L, n, d]))`` with each unit's
+    coordinates in a vectorised loop over the units; None if this JAX cannot define one."""
+    if not _UNITS_MINOR_THREEFRY:
+        try:
+            from jax.extend.random import define_prng_impl
+            from jax.extend.random import threefry_prng_impl as fry
+
+            _UNITS_MINOR_THREEFRY.append(define_prng_impl(
+                key_shape=(2,), seed=fry.seed, split=fry.split, fold_in=fry.fold_in,
+                random_bits=functools.partial(_threefry_bits, swap_last=True), name="threefry2x32_units_minor",
+                tag="fry_units_minor"))
+        except Exception:  # pragma: no cover - a JAX without jax.extend.random
+            _UNITS_MINOR_THREEFRY.append(None)
+    return _UNITS_MINOR_THREEFRY[0]
 
 
 def _draw_key(key: Any) -> Any:
@@ -433,6 +468,32 @@ def _program_for(fn: Callable, *args: Any, side: dict[str, Any] | None = None) -
     if shared and memo_key is not None:
         _remember_trace(memo_key, (key, consts, out_tree, dict(side or {})))
     return _ConstsBound(executable, consts, out_tree, compiled_now=compiled_now)
+
+
+def run_traced(closed: Any) -> list[Any]:
+    """The outputs of a traced ``ClosedJaxpr`` without inputs, computed by one compiled program whose captured arrays
+    are its arguments: a set-up computation traced once for its Python side (a model's first run), then run as one
+    executable, shared with every same-shaped trace (:data:`_PROGRAMS`) and served by JAX's persistent cache in a later
+    process, instead of one small program per operation."""
+    consts = tuple(closed.consts)
+    text = str(closed.jaxpr)
+    key = ("run_traced", _ADDRESS.sub("", text), tuple(_aval_key(c) for c in consts))
+    shared = "callback" not in text
+    executable = _PROGRAMS.get(key) if shared else None
+    if executable is None:
+        jaxpr = closed.jaxpr
+
+        def run(consts_: tuple[Any, ...]) -> Any:
+            return jax.core.eval_jaxpr(jaxpr, list(consts_))
+
+        executable = _compile(jax.jit(run).lower(consts), jax.default_backend())
+        if shared:
+            _PROGRAMS[key] = executable
+            while len(_PROGRAMS) > PROGRAM_CACHE_SIZE:
+                _PROGRAMS.popitem(last=False)
+    else:
+        _PROGRAMS.move_to_end(key)
+    return list(executable(consts))
 
 
 def _exported_program(jaxpr: Any, consts: tuple[Any, ...], flat: list[Any], out_tree: Any,
@@ -598,6 +659,10 @@ class JaxOps(Ops):
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x)
 
+    def shape_of(self, f: Callable, *args: Any) -> tuple[int, ...]:
+        """``jax.eval_shape``: an abstract evaluation (eagerly, each operation of ``f`` would be a program to lower)."""
+        return tuple(jax.eval_shape(f, *args).shape)
+
     # --- random -------------------------------------------------------------------------------
     def key(self, seed: int) -> Any:
         seed = int(seed)
@@ -609,7 +674,14 @@ class JaxOps(Ops):
         return jax.random.PRNGKey(seed)
 
     def split(self, key: Any, n: int = 2) -> Any:
-        """``n`` new keys, stacked (unpack them, iterate, or index with a traced integer)."""
+        """``n`` new keys, stacked (unpack them, iterate, or index with a traced integer).  On CPU a raw threefry key
+        (``uint32[2]``, partitionable threefry) is split by :func:`_split_unrolled`: the same keys, without the rolled
+        5-iteration ``while`` loop of JAX's CPU lowering (some forty small thunks per split, 8 splits per SAEM
+        iteration)."""
+        if (jax.default_backend() == "cpu" and tuple(key.shape) == (2,) and key.dtype == np.uint32
+                and jax.config.jax_threefry_partitionable and 0 < n < 2 ** 32
+                and jax.config.jax_default_prng_impl == "threefry2x32"):
+            return _split_unrolled(key, int(n))
         return jax.random.split(key, n)
 
     def normal(self, key: Any, shape: tuple[int, ...]) -> Any:
@@ -619,18 +691,41 @@ class JaxOps(Ops):
             return jax.random.normal(key, tuple(shape), dtype=self.draw_dtype).astype(self.dtype)
         return jax.random.normal(key, tuple(shape), dtype=self.dtype)
 
+    def normal_units_minor(self, key: Any, shape: tuple[int, ...]) -> Any:
+        """:meth:`normal` of the shape ``(..., n, d)`` laid out as ``shape = (..., d, n)`` (its last two axes swapped):
+        the same numbers, drawn in the units-minor layout (:func:`units_minor_threefry_impl`; on another platform, or
+        for a key that is not raw threefry data, the draw transposed)."""
+        shape = tuple(shape)
+        impl = units_minor_threefry_impl() if jax.default_backend() == "cpu" else None
+        if impl is None or jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or tuple(key.shape) != (2,) \
+                or len(shape) < 2:
+            return jnp.swapaxes(self.normal(key, shape[:-2] + (shape[-1], shape[-2])), -1, -2)
+        key = jax.random.wrap_key_data(key, impl=impl)
+        if self.draw_dtype is not None:
+            return jax.random.normal(key, shape, dtype=self.draw_dtype).astype(self.dtype)
+        return jax.random.normal(key, shape, dtype=self.dtype)
+
     def with_draw_dtype(self, dtype: Any) -> JaxOps:
-        """A view of this shim whose :meth:`normal` draws are made in ``dtype`` and cast to the arrays' dtype (the same
-        compiled-chunk cache).  ``float32`` normals cost about a third of ``float64`` ones on CPU (18 vs 53 ns per
-        value: the inverse error function in float64 dominates); they are the normal law quantised at 2^-23 in
-        probability, tails cut near ±5.4 sd (a 1e-7 probability): about 1e-7 sd from it in Wasserstein distance,
-        far below the Monte-Carlo error of the MCMC proposals they drive."""
+        """A view of this shim whose :meth:`normal` and :meth:`uniform` draws are made in ``dtype`` and cast to the
+        arrays' dtype (the same compiled-chunk cache).  ``float32`` normals cost about a third of ``float64`` ones on
+        CPU (18 vs 53 ns per value: the inverse error function in float64 dominates); they are the normal law
+        quantised at 2^-23 in probability, tails cut near ±5.4 sd (a 1e-7 probability): about 1e-7 sd from it in
+        Wasserstein distance, far below the Monte-Carlo error of the MCMC proposals they drive.  ``float32``
+        uniforms (32 random bits a value instead of 64) lie on the grid ``k 2^-23``: an MH test ``log u < log r``
+        then accepts with probability ``⌈r 2^23⌉ 2^-23``, at most 1.2e-7 above r."""
         view = copy.copy(self)
         view.draw_dtype = None if dtype is None or jnp.dtype(dtype) == self.dtype else jnp.dtype(dtype)
         return view
 
     def uniform(self, key: Any, shape: tuple[int, ...]) -> Any:
-        """``jax.random.uniform`` (threefry bits from :func:`fast_threefry_impl`: the same numbers)."""
+        """``jax.random.uniform`` (threefry bits from :func:`fast_threefry_impl`: the same numbers); in the view's draw
+        dtype if any (:meth:`with_draw_dtype`: SAEM's acceptance uniforms), cast exactly to the arrays' dtype."""
+        if self.draw_dtype is not None:
+            return jax.random.uniform(_draw_key(key), tuple(shape), dtype=self.draw_dtype).astype(self.dtype)
+        return jax.random.uniform(_draw_key(key), tuple(shape), dtype=self.dtype)
+
+    def shared_uniform(self, key: Any, shape: tuple[int, ...]) -> Any:
+        """Uniform draws every unit shares (saemix's random block), in the arrays' dtype whatever the draw dtype."""
         return jax.random.uniform(_draw_key(key), tuple(shape), dtype=self.dtype)
 
     def randint(self, key: Any, shape: tuple[int, ...], high: int) -> Any:

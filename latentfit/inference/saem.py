@@ -16,6 +16,7 @@ random-effect variances are annealed during the first ``K1/2`` iterations,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -25,6 +26,7 @@ from . import mcmc
 from .driver import Engine, default_num_chains
 from .model import LatentModel
 from .mstep import flatten, newton_maximize, unflatten
+from .ops import Ops
 from .schedules import SaemixPhases
 
 #: where SAEM's MCMC draws come from (the ``rng`` option)
@@ -145,6 +147,9 @@ class SAEM(Engine):
     #: the chains carry the model's per-unit cache between iterations (:meth:`LatentModel.cached_density`); f-SAEM's
     #: Laplace phase does not keep it
     carries_cache = True
+    #: compiled sweeps hold the chains laid out ``[L, d, N]`` where the model offers that face
+    #: (:meth:`LatentModel.units_minor_density`; ``rng="global"``): the same draws, values equal up to rounding
+    units_minor_sweep = True
 
     def __init__(self, model: LatentModel, num_iters: Any = (300, 100), num_chains: int | None = None, *,
                  seed: int = 0, progress: bool = True, burn_in: int = 5, kernels: tuple[int, int, int] = (2, 2, 2),
@@ -178,8 +183,7 @@ class SAEM(Engine):
         self.newton_steps = int(newton_steps)
         # shapes in unconstrained space (the numerical step works there; e.g. a positive-definite
         # matrix may be a vector of its Cholesky factor's entries)
-        self._param_shapes = {n: tuple(np.shape(model.ops.to_numpy(p.to_unconstrained(p.value))))
-                              for n, p in model.params.items()}
+        self._param_shapes = {n: model.ops.shape_of(p.to_unconstrained, p.value) for n, p in model.params.items()}
 
     @staticmethod
     def validate_options(num_iters: Any = (300, 100), num_chains: int | None = None, rng: str = "global",
@@ -201,25 +205,48 @@ class SAEM(Engine):
         return sch.K1 + 1 if sch.K2 > 0 else sch.num_iters + 1
 
     def init(self, key: Any) -> SAEMState:
-        model, ops, xp = self.model, self.ops, self.ops.xp
+        model, ops = self.model, self.ops
         theta = model.init_params()
         root = ops.stream_key(key, self.seed) if self.rng == "per_unit" else None
+        # one process: the scales need no collective and are part of the chains' start
+        start = functools.partial(self._chains_start, local=type(ops).gather_units is Ops.gather_units)
+        if ops.jittable:  # one compiled program (a persistent-cache hit in a later process), not ~15-45 eager ones
+            try:
+                theta_u, key, z, scale, cache = ops.jit(start)(theta, key, root)
+            except Exception:  # noqa: BLE001 - a prior draw that cannot be traced: eagerly (its own errors, if any)
+                theta_u, key, z, scale, cache = start(theta, key, root)
+        else:
+            theta_u, key, z, scale, cache = start(theta, key, root)
+        all_bad, s_hat = self._start(theta, z)
+        if bool(all_bad):
+            model.raise_for_nonfinite(theta, z)
+        if scale is None:
+            scale = self._rw_scales(z)
+        return SAEMState(theta_u=theta_u, z=z, scale_rw=scale[0], scale_block=scale[1], key=key,
+                         s_hat=s_hat, stream=root, cache=cache)
+
+    def _chains_start(self, theta: dict[str, Any], key: Any, root: Any, local: bool = True) -> tuple:
+        """``(θ unconstrained, key, z, RW scales or None, cache)``: the chains' prior draw, saemix's RW scales
+        (``local``: one process) and the chains' cache.  One compiled program on JAX (issue 14 item 9), where XLA
+        fuses the arithmetic and contracts ``μ + ω ε`` into fused multiply-adds: the draws differ from the eager
+        operations' in their last bit, and a fit's estimates by rounding (≤ 1e-12 relative)."""
+        model, ops = self.model, self.ops
         k_prior, key = ops.split(key)
         if root is None:
             z = model.sample_prior(theta, k_prior, self.num_chains)
         else:  # iteration 0 of the per-unit streams
             eps = self.sim_ops.normal(ops.fold_in(root, 0), (self.num_chains, model.num_units, model.latent_dim))
             z = model.prior_transform(theta, eps)
-        all_bad, s_hat = self._start(theta, z)
-        if bool(all_bad):
-            model.raise_for_nonfinite(theta, z)
-        # z, the scales and the cache stay eager: compiled, XLA fuses (and contracts) their arithmetic and orders the
-        # std's sums differently (~1e-16), which would change the fit's last digits
-        # saemix rw.init: d_j = 0.5·sd of the prior in each coordinate
+        cache = model.initial_cache(theta, z) if self.carries_cache else None
+        return model.unconstrain(theta), key, z, self._rw_scales(z) if local else None, cache
+
+    def _rw_scales(self, z: Any) -> tuple[Any, Any]:
+        """saemix rw.init: d_j = 0.5·sd of the prior draws in each coordinate (over every process's units), for the
+        component-wise and the block kernel (two arrays: a torch step adapts them in place)."""
+        xp, ops = self.ops.xp, self.ops
         sd = xp.std(xp.reshape(ops.gather_units(z, 1), (-1, z.shape[-1])), 0)
         sd = xp.where(sd > 0, sd, 1.0)
-        return SAEMState(theta_u=model.unconstrain(theta), z=z, scale_rw=0.5 * sd, scale_block=0.5 * sd, key=key,
-                         s_hat=s_hat, stream=root, cache=model.initial_cache(theta, z) if self.carries_cache else None)
+        return 0.5 * sd, 0.5 * sd
 
     @property
     def _start(self) -> Callable[..., tuple]:
@@ -302,9 +329,19 @@ class SAEM(Engine):
                 return model.sample_prior(theta, kk, self.num_chains)
         cached = model.cached_density(theta) if state.cache is not None else None
         evaluate, rescore = cached if cached is not None else (model.density_evaluator(theta), None)
+        # a compiled sweep over the chains laid out [L, d, N] (the same draws): the model's face for that layout
+        minor = (model.units_minor_density(theta) if cached is not None and self.rng == "global"
+                 and self.units_minor_sweep else None)
+        if minor is not None:
+            evaluate, rescore, transform = minor
+            shape_t = (self.num_chains, state.z.shape[-1], state.z.shape[-2])
+
+            def sample_prior(kk: Any) -> Any:  # the draws of prior_transform(θ, normal(kk, [L, N, d])), transposed
+                return transform(sim.normal_units_minor(kk, shape_t))
         chain, scales, acc = mcmc.saemix_sweep(
             sim, key, state.z, (state.scale_rw, state.scale_block), k, self.kernels,
-            evaluate=evaluate, sample_prior=sample_prior, cache=state.cache, rescore=rescore)
+            evaluate=evaluate, sample_prior=sample_prior, cache=state.cache, rescore=rescore,
+            units_minor=minor is not None)
         return chain, acc, state._replace(scale_rw=scales[0], scale_block=scales[1], cache=chain.cache)
 
     def _chain_mean_stats(self, theta: dict[str, Any], z: Any, cache: Any = None) -> dict[str, Any]:

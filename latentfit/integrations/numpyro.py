@@ -22,7 +22,7 @@ from numpyro.distributions.transforms import ExpTransform, biject_to
 from numpyro.primitives import Messenger
 
 from latentfit.inference import ops_jax_store as _store
-from latentfit.inference.ops_jax import JaxOps, SharedJit, default_float_dtype
+from latentfit.inference.ops_jax import JaxOps, SharedJit, default_float_dtype, run_traced
 from latentfit.inference.ops_jax_memo import fingerprint
 from latentfit.integrations.enumerated import EnumeratedLatentModel
 from latentfit.integrations.traced import PPL, Frame, Site, TracedLatentModel
@@ -75,6 +75,42 @@ class _UnitSubsample(Messenger):
                 msg["value"] = jnp.take(value, self.units, axis=axis)
 
 
+#: fingerprints of the (model, arguments) whose first run was compiled in this process (insertion order, bounded)
+_FIRST_RUNS: dict[Any, None] = {}
+
+
+def _tracer_slots(root: Any, tuples: bool = False) -> list[tuple[Any, Any]]:
+    """``(holder, key)`` of every tracer reachable from ``root`` through lists, dicts and the attributes of NumPyro's
+    and latentfit's objects (sites, distributions, transforms), each holder once; ``tuples``: also tracers inside
+    tuples (which cannot be replaced in place)."""
+    slots: list[tuple[Any, Any]] = []
+    seen: set[int] = set()
+
+    def visit(obj: Any) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, dict):
+            items: Any = list(obj.items())
+        elif isinstance(obj, list):
+            items = list(enumerate(obj))
+        elif isinstance(obj, tuple):
+            items = list(enumerate(obj)) if tuples else [(None, v) for v in obj if not isinstance(v, jax.core.Tracer)]
+        elif type(obj).__module__.split(".")[0] in ("numpyro", "latentfit") and hasattr(obj, "__dict__") \
+                and not isinstance(obj, type):
+            items = list(vars(obj).items())
+        else:
+            return
+        for k, v in items:
+            if isinstance(v, jax.core.Tracer):
+                slots.append((obj, k))
+            else:
+                visit(v)
+
+    visit(root)
+    return slots
+
+
 class NumPyroPPL(PPL):
     """The tracing interface of NumPyro (see :class:`~latentfit.integrations.traced.PPL`)."""
 
@@ -106,6 +142,43 @@ class NumPyroPPL(PPL):
                 sites[name] = Site(name, "sample", site["value"], site["fn"], mask, frames,
                                    bool(site["is_observed"]))
         return sites
+
+    def first_run(self, fn: Any, args: tuple, kwargs: dict) -> dict[str, Site]:
+        """:meth:`run` as one compiled program: run eagerly, every ``jnp`` operation of the model is an XLA program of
+        its own (~25 for the README model, each lowered and read back from the persistent cache in a fresh process).
+        The run is traced once (its Python side: sites, distributions, plates) and the traced values it holds are
+        computed by one program (:func:`~latentfit.inference.ops_jax.run_traced`) and put in their place; values the
+        model passed through untouched (its data) stay the very objects it was given.  A model that cannot be traced
+        (Python control flow on its values) runs eagerly, as does one whose sites keep a traced value where it cannot
+        be replaced.  Only with the on-disk store on (a later process then reads one program from JAX's persistent
+        cache) and for a model and arguments first seen in this process: a later fit's eager operations are already
+        compiled in JAX's own caches, cheaper than a new trace."""
+        seen = fingerprint(fn, args, kwargs) if _store.store_dir() is not None else None
+        if seen is None or seen in _FIRST_RUNS:
+            return self.run(fn, args, kwargs)
+        _FIRST_RUNS[seen] = None
+        while len(_FIRST_RUNS) > 256:
+            del _FIRST_RUNS[next(iter(_FIRST_RUNS))]
+        found: dict[str, Any] = {}
+
+        def body() -> list[Any]:
+            found["sites"] = sites = self.run(fn, args, kwargs)
+            found["slots"] = slots = _tracer_slots(list(sites.values()))
+            return [holder[k] if isinstance(holder, (dict, list)) else getattr(holder, k) for holder, k in slots]
+
+        try:
+            closed = jax.make_jaxpr(body)()
+            values = run_traced(closed)
+        except Exception:  # noqa: BLE001 - not traceable: the eager run (and its own errors)
+            return self.run(fn, args, kwargs)
+        for (holder, k), v in zip(found["slots"], values):
+            if isinstance(holder, (dict, list)):
+                holder[k] = v
+            else:
+                object.__setattr__(holder, k, v)
+        if _tracer_slots(list(found["sites"].values()), tuples=True):  # a tracer left (in a tuple): eagerly
+            return self.run(fn, args, kwargs)
+        return found["sites"]
 
     # the analysis of a model (unit maps, patterns, Gaussian faces: ~80 eager runs of small programs) is kept in the
     # on-disk store of traced programs when JAX's persistent cache is on, under a stable digest of the model's code,

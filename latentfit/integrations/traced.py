@@ -164,6 +164,10 @@ class PPL:
         """``fn.log_prob(value)`` (a PPL may compute it faster, with the same values)."""
         return fn.log_prob(value)
 
+    def first_run(self, fn: Any, args: tuple, kwargs: dict) -> dict[str, Site]:
+        """The model's first run (:meth:`run` without θ or latents given); a PPL may compute it in one program."""
+        return self.run(fn, args, kwargs)
+
     def analysis_key(self, *parts: Any) -> Any:
         """A key of the model's analysis valid in a later process (code, data and options), or None: no store."""
         return None
@@ -231,7 +235,7 @@ class TracedBase(LatentModel):
 
     def _trace_model(self) -> dict[str, Site]:
         try:
-            return self.ppl.run(self.fn, self.args, self.kwargs)
+            return self.ppl.first_run(self.fn, self.args, self.kwargs)
         except Exception as exc:  # the model itself failed: say so, keep the original as cause
             raise ModelSpecificationError(
                 f"running the model with the given arguments failed: {type(exc).__name__}: {exc}") from exc
@@ -439,9 +443,12 @@ class TracedLatentModel(TracedBase):
                     f"latent site {n!r} has shape {tuple(value.shape)} without the unit dim "
                     f"{self.unit_dim} of plate {self.unit_plate!r} (size {self.num_units})")
             transform = self.ppl.biject_to(fn.support)
-            x = self.ppl.moveaxis(self.ops.asarray(value, dtype=self._dtype), unit_axis, 0)
-            u = transform.inv(x)
-            x_rest, u_rest = tuple(x.shape[1:]), tuple(u.shape[1:])
+            def unit_first(v: Any, unit_axis: int = unit_axis) -> Any:
+                return self.ppl.moveaxis(self.ops.asarray(v, dtype=self._dtype), unit_axis, 0)
+
+            # shapes only (JAX: abstract evaluation, no program)
+            x_rest = self.ops.shape_of(unit_first, value)[1:]
+            u_rest = self.ops.shape_of(lambda v, f=unit_first, t=transform: t.inv(f(v)), value)[1:]
             size = int(np.prod(u_rest)) if u_rest else 1
             self._layout.append(_SiteLayout(n, batch_shape, event_shape, unit_axis, transform, x_rest, u_rest,
                                             offset, size))
@@ -774,22 +781,27 @@ class TracedLatentModel(TracedBase):
         out += [(v, a) for v, a in self._unit_observed if not any(v is x for x, _ in out)]
         return out
 
-    def pad_units(self, size: int) -> TracedLatentModel:
+    def pad_extent(self) -> dict[str, int] | None:
+        """The rows of each observed site outside the unit plate (rows reading ``alpha[group_idx]``), None if there is
+        none: what a ``distributed="local"`` JAX fit gathers from every process to pad the rows alike
+        (:meth:`pad_units`)."""
+        if not self._unit_map:
+            return None
+        return {name: int(np.prod(self._lp_shape[name])) for name in sorted(self._unit_map)}
+
+    def pad_units(self, size: int, rows: dict[str, int] | None = None) -> TracedLatentModel:
         """This model traced again on its array arguments padded along their unit axes (:meth:`unit_data_axes`) to
         ``size`` units with copies of the last unit (the dummy units of a ``distributed="local"`` JAX fit with blocks
-        of unequal size, :mod:`~latentfit.inference.padding`).  Refused for observations outside the unit plate
-        (rows reading ``alpha[group_idx]``: their rows would need a unit of their own), for per-unit data the model
-        holds itself (a closure's), and when the plate's size does not follow the arrays (an ``int`` argument)."""
+        of unequal size, :mod:`~latentfit.inference.padding`).  Rows outside the unit plate (``alpha[group_idx]``)
+        are padded to ``rows[site]`` with copies of the last row read by the last dummy unit (:meth:`_pad_rows`).
+        Refused for per-unit data the model holds itself (a closure's), and when the plate's size does not follow
+        the arrays."""
         from latentfit.inference.padding import pad_axis
 
+        if self._unit_map:
+            return self._pad_rows(size, rows)
         if size == self.num_units:
             return self
-        if self._unit_map:
-            raise ModelSpecificationError(
-                "distributed='local' on JAX with blocks of unequal size pads each block with dummy units, which this "
-                f"model's observations outside the unit plate ({sorted(self._unit_map)}: rows reading "
-                "alpha[group_idx]) cannot take; give every process the same number of units, or pass the rows as "
-                "per-unit arrays [units, rows] with a mask")
         axes = self.unit_data_axes()
         held = [a for a, _ in self._unit_observed
                 if not any(a is x for x, _ in axes if self._is_argument(x))]
@@ -814,6 +826,74 @@ class TracedLatentModel(TracedBase):
                 f"distributed='local' on JAX with blocks of unequal size: padding the model's array arguments to "
                 f"{size} units gave a plate of {new.num_units}; the unit plate's size must follow the arrays' "
                 "(e.g. y.shape[0], not an int argument)")
+        new.params = self.params  # the starting values as given
+        return new
+
+    def _pad_rows(self, size: int, rows: dict[str, int] | None) -> TracedLatentModel:
+        """Pad a grouped model (latents in the unit plate over ``n`` groups, rows outside it reading
+        ``alpha[group_idx]``) to ``size`` groups and ``rows[site]`` rows: every array argument with this process's
+        number of rows on its first axis gets copies of its last row, the group index (the integer argument equal to
+        the rows' unit map) gives them the last dummy group ``size − 1``, and an ``int`` argument equal to ``n`` (the
+        plate's size) becomes ``size``.  The dummy groups (weight 0) then hold the extra rows, or none."""
+        from latentfit.inference.padding import pad_axis
+
+        names = sorted(self._unit_map)
+        counts = {name: int(np.prod(self._lp_shape[name])) for name in names}
+        shapes = {name: tuple(self._lp_shape[name]) for name in names}
+        target = dict(counts) if rows is None else {name: int(rows[name]) for name in names}
+        if size == self.num_units and target == counts:
+            return self
+        n = int(self.num_units)
+        if any(len(shape) != 1 for shape in shapes.values()) or len(set(counts.values())) != 1 \
+                or counts[names[0]] == n:
+            raise ModelSpecificationError(
+                "distributed='local' on JAX pads each block with dummy units; this model's observations outside the "
+                f"unit plate ({names}: rows reading alpha[group_idx]) have shapes {sorted(set(shapes.values()))} "
+                f"for {n} units: latentfit pads one plate of rows (not of the units' number) read through one index "
+                "array; give every process the same numbers of units and rows, or pass the rows as per-unit arrays "
+                "[units, rows] with a mask")
+        r, r_new = counts[names[0]], target[names[0]]
+        unit_map = self._unit_map[names[0]]
+        last = size - 1
+        found = {"index": 0, "size": 0}
+
+        def pad(x: Any) -> Any:
+            if isinstance(x, dict):
+                return {k: pad(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return type(x)(pad(v) for v in x)
+            if isinstance(x, (int, np.integer)) and not isinstance(x, bool) and int(x) == n and size != n:
+                found["size"] += 1
+                return type(x)(size)
+            if not (hasattr(x, "shape") and hasattr(x, "dtype")) or np.ndim(x) == 0:
+                return x
+            if np.shape(x)[0] == n:  # a per-group array (a group-level covariate)
+                return pad_axis(x, 0, size)
+            if np.shape(x)[0] != r:
+                return x
+            a = np.asarray(x)
+            if a.ndim == 1 and np.issubdtype(a.dtype, np.integer) and np.array_equal(a, unit_map):
+                found["index"] += 1
+                out = np.concatenate([a, np.full(r_new - r, last, dtype=a.dtype)])
+                return out if isinstance(x, np.ndarray) else self.ops.xp.asarray(out)
+            return pad_axis(x, 0, r_new)
+
+        args, kwargs = pad(self.args), pad(self.kwargs)
+        if r_new > r and found["index"] != 1 or found["size"] > 1:
+            raise ModelSpecificationError(
+                "distributed='local' on JAX pads each block's rows outside the unit plate (rows reading "
+                f"alpha[group_idx]); this model's arguments hold {found['index']} integer arrays equal to the rows' "
+                f"groups and {found['size']} int arguments equal to the number of groups ({n}): latentfit needs "
+                "exactly one group index array (and at most one such int, the plate's size); give every process the "
+                "same numbers of groups and rows")
+        index = {name: np.concatenate([np.asarray(self._unit_map[name]), np.full(r_new - r, last)]) for name in names}
+        new = type(self)(self.fn, args, kwargs, unit_plate=self.unit_plate,
+                         closed_form=bool(self._gauss or self._resid), unit_index=index)
+        if new.num_units != size:
+            raise ModelSpecificationError(
+                f"distributed='local' on JAX with blocks of unequal size: padding the model's groups to {size} gave a "
+                f"plate of {new.num_units}; the plate's size must be an int argument or follow the group index "
+                "(e.g. int(group_idx.max()) + 1)")
         new.params = self.params  # the starting values as given
         return new
 
