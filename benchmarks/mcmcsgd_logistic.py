@@ -424,6 +424,36 @@ So ``optimizer="fisher"`` is an option, not the default: it shortens the transie
 log-likelihood on seed 0 (−1.37 / −1.47, outside SAEM's Monte-Carlo error −0.81 ± 0.09) and costs 1.7× SAEM per
 iteration on Pyro, so it is not faster than SAEM to SAEM's log-likelihood on all three data sets.
 
+The pruned gradient (``prune=True``, the default since ee9d00c; 3 December 2026).  θ = (β, ω) enters only the random
+effects' prior ``Normal(β, ω)``, so ``∇_θ log p(y, z; θ) = ∇_θ log p(z; θ)``: MCMCSGD's gradient, Fisher scoring's
+information and MISSO's scores and curvature now come from the adapter's closed-form Gaussian prior, without running
+the model (``latentfit.inference.mcmcsgd.prior_only_log_density``: the independence of the observed sites from θ is
+read from the model's own computation, torch's autograd graph or JAX's jaxpr, and the closed form is checked against
+the model's gradient at the start).  The fits are those of the full gradient up to rounding: on every seed the same
+ΔLL and the same iterations to SAEM's LL as the tables above (Adam −0.417 / 260, −0.094 / 263, −0.293 / 242;
+Fisher −1.374 / never, −0.412 / 96, −0.637 / 200; scratch runs, load 8-18).  CPU (torch on one thread, load 8-19 on
+the 2 cores):
+
+    MCMCSGD (Pyro), per iteration, the three seeds back to back (full → pruned):  10.61 → 9.81, 10.39 → 9.42,
+        12.40 → 11.24 ms (SAEM in the same runs 9.46, 7.68, 8.61 ms)
+    data seed 1, whole fits alternated in one process (medians of 2, first round included; per iteration):
+        SAEM 13.60 ms (its fit CPU 5.44 s: the SAEM of the working tree, which held another helper's changes)
+        MCMCSGD Adam     full 12.68 → pruned 12.15 ms          Fisher full 17.21 → pruned 15.52 ms
+        Fisher pruned, Γ refreshed every 5 steps (information_every=5): 13.26 ms
+        MISSO default fit: full 10.36, 7.66, 8.11, 8.77 s → pruned 5.88, 5.24, 6.98, 5.79 s (four alternated pairs)
+    NumPyro (compiled), data seed 1, two alternated rounds after a warm-up: MCMCSGD Adam 1.99, 2.35 → 2.10, 2.14 s per
+        fit, Fisher 2.14, 2.57 → 2.21, 2.38 s (the same estimates to 6 digits: XLA already dropped the likelihood's
+        backward pass; the warm-up fits' compilations 76 → 50 s and 164 → 121 s of wall time at load 19)
+
+So the pruned gradient saves 0.5-1.2 ms of a Pyro MCMCSGD iteration (the model's forward pass over the 6 000 rows,
+≈ 8 %) and a quarter of a MISSO fit (the per-visit scores), and costs nothing on NumPyro.  It does not change the
+verdict on the speed goal: MCMCSGD with Adam still needs as many iterations as SAEM (242-263 against 198-257), so
+it is not faster than SAEM on seed 1 (263 against 198 iterations); Fisher scoring reaches SAEM's LL in fewer
+iterations on seeds 1-2 but costs 1.5-1.65× SAEM per iteration in the back-to-back runs (12.66 against 7.68 ms,
+12.55 against 8.61 ms): 1.22 s against SAEM's 1.52 s of CPU to the target on seed 1, 2.51 s against 2.04 s on seed
+2, and never on seed 0; refreshing Γ every 5 steps saves about 2 ms an iteration but made seed 0 worse (ΔLL −3.42, a
+scratch run).  MISSO: see the run below.
+
 Reading.  With the defaults MCMCSGD ends as close to the exact maximum as SAEM or closer (Pyro −0.27, NumPyro −0.77,
 SAEM −0.81 LL units; within 1.1 SE on every parameter), i.e. within SAEM's own Monte-Carlo error; the IS
 log-likelihood used to check it has an MC error of 0.2 (and a −0.2 bias), the size of the remaining gaps.  (The

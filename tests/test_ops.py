@@ -188,8 +188,35 @@ def test_jax_unrolled_threefry_draws_are_jax_randoms(monkeypatch):
     jax.config.update("jax_threefry_partitionable", False)
     try:
         assert np.array_equal(ops.normal(key, (2, 3)), jax.random.normal(key, (2, 3)))
+        assert np.array_equal(ops.split(key, 3), jax.random.split(key, 3))
     finally:
         jax.config.update("jax_threefry_partitionable", True)
+
+
+def test_jax_unrolled_split_and_units_minor_draws_are_jax_randoms():
+    """``JaxOps.split`` hashes a raw key's counters with the unrolled Threefry: ``jax.random.split``'s keys, eagerly and
+    compiled; ``normal_units_minor`` gives ``normal`` of the swapped shape transposed (base shim and JAX, bit for
+    bit)."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    ops = make_ops("jax", dtype="float64")
+    compiled = {n: jax.jit(lambda k, n=n: ops.split(k, n)) for n in (2, 9)}
+    for seed in (0, 2 ** 31 - 1):
+        key = ops.key(seed)
+        for n in (1, 2, 9):
+            assert np.array_equal(ops.split(key, n), jax.random.split(key, n)), (seed, n)
+        sub = jax.random.split(key, 3)[2]
+        for n, split in compiled.items():
+            assert np.array_equal(split(sub), jax.random.split(sub, n)), (seed, n)
+    key = ops.key(4)
+    for view in (ops, ops.with_draw_dtype("float32")):
+        want = np.swapaxes(np.asarray(view.normal(key, (2, 11, 3))), -1, -2)
+        assert np.array_equal(view.normal_units_minor(key, (2, 3, 11)), want)
+        assert np.array_equal(jax.jit(lambda k, v=view: v.normal_units_minor(k, (2, 3, 11)))(key), want)
+    torch_ops = make_ops("torch")
+    gen = torch_ops.key(2)
+    want = np.swapaxes(torch_ops.to_numpy(torch_ops.normal(torch_ops.key(2), (3, 4))), -1, -2)
+    assert np.array_equal(torch_ops.to_numpy(torch_ops.normal_units_minor(gen, (4, 3))), want)
 
 
 def test_jax_cpu_programs_leave_reductions_to_xla(monkeypatch):

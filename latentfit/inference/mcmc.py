@@ -72,7 +72,7 @@ def init_chain_state(z: Any, evaluate: Evaluate, cache: Any = None,
 
 
 def _accept(ops: Ops, key: Any, log_ratio: Any, state: ChainState, z_new: Any, ll_new: Any, lp_new: Any,
-            target_new: Any = None, cache_new: Any = None):
+            target_new: Any = None, cache_new: Any = None, units_minor: bool = False):
     """MH acceptance ``log u < log_ratio``, with the fault rules every kernel shares.
 
     A proposal whose log-density ``ll_new + lp_new`` (``target_new`` when the caller has it) is NaN or ±inf (outside
@@ -80,14 +80,15 @@ def _accept(ops: Ops, key: Any, log_ratio: Any, state: ChainState, z_new: Any, l
     is non-finite accepts any finite proposal (it leaves the bad point rather than staying stuck there); the chain's
     ``cache`` (if any) follows the accepted states.  The
     comparison ``log u < log_ratio`` decides only where both log-densities are finite (elsewhere its value, False
-    for a NaN ratio, is masked out), so the ratio needs no cleaning.
+    for a NaN ratio, is masked out), so the ratio needs no cleaning.  ``units_minor``: the chains are laid out
+    ``[L, d, n]`` (:func:`saemix_sweep`).
     """
     xp = ops.xp
     u = ops.uniform(key, tuple(log_ratio.shape))
     finite_new = xp.isfinite(ll_new + lp_new if target_new is None else target_new)
     finite_old = xp.isfinite(state.log_lik + state.log_prior)
     ok = finite_new & (~finite_old | (xp.log(u) < log_ratio))
-    z = xp.where(ok[..., None], z_new, state.z)
+    z = xp.where(ok[..., None, :] if units_minor else ok[..., None], z_new, state.z)
     ll = xp.where(ok, ll_new, state.log_lik)
     lp = xp.where(ok, lp_new, state.log_prior)
     count = _count_nonfinite(xp, state.num_nonfinite, ~finite_new)
@@ -170,7 +171,7 @@ def prior_imh(ops: Ops, key: Any, state: ChainState, sample_prior: Callable[[Any
 
 
 def _prior_imh(ops: Ops, key: Any, state: ChainState, sample_prior: Callable[[Any], Any],
-               evaluate: Evaluate, in_place: bool = False) -> tuple[ChainState, Any]:
+               evaluate: Evaluate, in_place: bool = False, units_minor: bool = False) -> tuple[ChainState, Any]:
     """:func:`prior_imh` with the acceptance indicators ``[L, n]`` (no reduction over the units); ``in_place``: the
     caller owns the state's arrays (over blocks of units they are overwritten, :func:`_accept_blocks`)."""
     k1, k2 = ops.split(key)
@@ -181,7 +182,8 @@ def _prior_imh(ops: Ops, key: Any, state: ChainState, sample_prior: Callable[[An
         return _accept_blocks(ops, blocks, evaluate, u, state, lambda b: z_new[:, b],
                               lambda b, ll_new, lp_new, ll_old, lp_old: (ll_new - ll_old, None), in_place)
     ll_new, lp_new, c_new = _evaluate(evaluate, z_new)
-    return _accept(ops, k2, ll_new - state.log_lik, state, z_new, ll_new, lp_new, cache_new=c_new)
+    return _accept(ops, k2, ll_new - state.log_lik, state, z_new, ll_new, lp_new, cache_new=c_new,
+                   units_minor=units_minor)
 
 
 def independent_mh(ops: Ops, key: Any, state: ChainState, z_new: Any, log_q_new: Any, log_q_old: Any,
@@ -205,15 +207,16 @@ def independent_mh(ops: Ops, key: Any, state: ChainState, z_new: Any, log_q_new:
 
 
 def rw_componentwise(ops: Ops, key: Any, state: ChainState, scale: Any,
-                     evaluate: Evaluate, in_place: bool = False) -> tuple[ChainState, Any]:
+                     evaluate: Evaluate, in_place: bool = False, units_minor: bool = False) -> tuple[ChainState, Any]:
     """One sweep of coordinate-wise random-walk MH; returns the state and acceptance per coordinate.
 
     The acceptances are kept per chain, unit and coordinate ``[L, n, d]`` during the sweep and averaged over the
     units once at its end (one all-reduce per sweep on a sharded fit instead of d: XLA combines the d means).
     Over blocks of units (:func:`_accept_blocks`; ``in_place``: the caller owns the state's arrays) each coordinate's
-    indicators are kept as a bool ``[L, n]`` instead."""
+    indicators are kept as a bool ``[L, n]`` instead.  ``units_minor``: the chains and the indicators are laid out
+    ``[L, d, n]`` (the same draws and values)."""
     xp = ops.xp
-    d = state.z.shape[-1]
+    d = state.z.shape[-2 if units_minor else -1]
     keys = ops.split(key, 2 * d)
     eye = ops.asarray([[1.0 if i == j else 0.0 for i in range(d)] for j in range(d)])
     blocks = _unit_blocks(evaluate, state.z)
@@ -238,18 +241,25 @@ def rw_componentwise(ops: Ops, key: Any, state: ChainState, scale: Any,
         # one latent coordinate (a loop over the small d, vectorised over chains and units)
         st, acc_units = carry
         onehot = eye[j]
-        z_new = st.z + ops.normal(keys[2 * j], tuple(st.z.shape[:-1]))[..., None] * (scale * onehot)
+        if units_minor:
+            eps = ops.normal(keys[2 * j], tuple(st.z.shape[:-2]) + tuple(st.z.shape[-1:]))
+            z_new = st.z + eps[..., None, :] * (scale * onehot)[:, None]
+        else:
+            z_new = st.z + ops.normal(keys[2 * j], tuple(st.z.shape[:-1]))[..., None] * (scale * onehot)
         ll_new, lp_new, c_new = _evaluate(evaluate, z_new)
         target_new = ll_new + lp_new
         log_ratio = target_new - st.log_lik - st.log_prior
-        st, ok = _accept(ops, keys[2 * j + 1], log_ratio, st, z_new, ll_new, lp_new, target_new, c_new)
+        st, ok = _accept(ops, keys[2 * j + 1], log_ratio, st, z_new, ll_new, lp_new, target_new, c_new, units_minor)
+        if units_minor:
+            return st, acc_units + (ok * 1.0)[..., None, :] * (onehot > 0)[:, None]
         return st, acc_units + (ok * 1.0)[..., None] * (onehot > 0)
 
     # in the dtype of ``ok * 1.0``, as the per-step rates were (torch: its default float type)
     state, acc_units = ops.fori_loop(0, d, body, (state, (ops.zeros(tuple(state.z.shape)) > 1) * 1.0))
     # one mean per coordinate, each as the per-step rate was (the same slice of 0/1 values): independent reductions
     # at one place, which XLA combines into one all-reduce
-    return state, ops.zeros((d,)) + xp.stack([ops.unit_mean(acc_units[..., j]) for j in range(d)])
+    coord = (lambda j: acc_units[..., j, :]) if units_minor else (lambda j: acc_units[..., j])
+    return state, ops.zeros((d,)) + xp.stack([ops.unit_mean(coord(j)) for j in range(d)])
 
 
 def random_block_mask(ops: Ops, key: Any, d: int, k: Any) -> Any:
@@ -263,9 +273,9 @@ def random_block_mask(ops: Ops, key: Any, d: int, k: Any) -> Any:
 
 
 def rw_block(ops: Ops, key: Any, state: ChainState, scale: Any, mask: Any,
-             evaluate: Evaluate, in_place: bool = False) -> tuple[ChainState, Any]:
+             evaluate: Evaluate, in_place: bool = False, units_minor: bool = False) -> tuple[ChainState, Any]:
     """Random-walk MH moving the coordinates in ``mask`` jointly; returns state and acceptance (``in_place``: see
-    :func:`_accept_blocks`)."""
+    :func:`_accept_blocks`; ``units_minor``: the chains laid out ``[L, d, n]``, the same draws)."""
     k1, k2 = ops.split(key)
     blocks = _unit_blocks(evaluate, state.z)
     if blocks is not None:
@@ -275,11 +285,14 @@ def rw_block(ops: Ops, key: Any, state: ChainState, scale: Any, mask: Any,
         state, ok = _accept_blocks(ops, blocks, evaluate, u, state, lambda b: z_old[:, b] + noise[:, b] * step,
                                    _rw_ratio, in_place)
         return state, ops.unit_mean(ok * 1.0)
-    z_new = state.z + ops.normal(k1, tuple(state.z.shape)) * (scale * mask)
+    if units_minor:
+        z_new = state.z + ops.normal_units_minor(k1, tuple(state.z.shape)) * (scale * mask)[:, None]
+    else:
+        z_new = state.z + ops.normal(k1, tuple(state.z.shape)) * (scale * mask)
     ll_new, lp_new, c_new = _evaluate(evaluate, z_new)
     target_new = ll_new + lp_new
     log_ratio = target_new - state.log_lik - state.log_prior
-    state, ok = _accept(ops, k2, log_ratio, state, z_new, ll_new, lp_new, target_new, c_new)
+    state, ok = _accept(ops, k2, log_ratio, state, z_new, ll_new, lp_new, target_new, c_new, units_minor)
     return state, ops.unit_mean(ok * 1.0)
 
 
@@ -293,7 +306,7 @@ def adapt_scale(scale: Any, acceptance: Any, mask: Any = None) -> Any:
 
 def saemix_sweep(ops: Ops, key: Any, z: Any, scales: tuple[Any, Any], k: Any, kernels: tuple[int, int, int],
                  evaluate: Evaluate, sample_prior: Callable[[Any], Any], cache: Any = None,
-                 rescore: Callable[[Any, Any], tuple[Any, Any]] | None = None
+                 rescore: Callable[[Any, Any], tuple[Any, Any]] | None = None, units_minor: bool = False
                  ) -> tuple[ChainState, tuple[Any, Any], dict]:
     """saemix's MCMC step from draws ``z [L, n, d]``: ``n1`` prior-IMH, ``n2`` component-wise RW and ``n3``
     random-block RW iterations (``kernels``), the RW scales ``(scale_rw, scale_block)`` adapted as they go.
@@ -310,23 +323,30 @@ def saemix_sweep(ops: Ops, key: Any, z: Any, scales: tuple[Any, Any], k: Any, ke
     acceptance of every unit); the prior-IMH acceptances and the non-finite counts are kept per chain and unit and
     reduced after their loops (XLA combines these reductions with the statistics' into one all-reduce), with the same
     values as per-step reductions (the same means of the same 0/1 indicators; sums of counts are exact).
+
+    ``units_minor`` (a compiled backend): the sweep holds the chains as ``[L, d, n]``, the units on the minor axis,
+    so that XLA:CPU vectorises the proposals, priors and selects over the units (over ``[L, n, d]`` with d = 3 its
+    fused loops run scalar); ``evaluate``, ``rescore`` and ``sample_prior`` take and give that layout, the normal
+    draws are the same numbers (``ops.normal_units_minor``), and the returned chains are ``[L, n, d]`` again.
     """
     n1, n2, n3 = kernels
     keys = ops.split(key, n1 + n2 + 2 * n3 + 1)
     xp = ops.xp
-    if _unit_blocks(evaluate, z) is not None:
+    if units_minor:
+        z = xp.swapaxes(z, -1, -2)
+    elif _unit_blocks(evaluate, z) is not None:
         return _saemix_sweep_blocked(ops, keys, z, scales, k, kernels, evaluate, sample_prior, cache, rescore)
     chain = init_chain_state(z, evaluate, cache, rescore)
     chain = chain._replace(num_nonfinite=ops.zeros(tuple(chain.log_lik.shape)))  # per chain and unit until the end
     acc: dict[str, Any] = {}
-    d = chain.z.shape[-1]
+    d = chain.z.shape[-2 if units_minor else -1]
     scale_rw, scale_block = scales
     if n1:
         eye = ops.asarray([[1.0 if i == j else 0.0 for i in range(n1)] for j in range(n1)])
 
         def imh(i, carry):
             ch, ok_units = carry
-            ch, ok = _prior_imh(ops, keys[i], ch, sample_prior, evaluate)
+            ch, ok = _prior_imh(ops, keys[i], ch, sample_prior, evaluate, units_minor=units_minor)
             return ch, ok_units + (ok * 1.0)[..., None] * (eye[i] > 0)
 
         ok_units = (ops.zeros(tuple(chain.log_lik.shape) + (n1,)) > 1) * 1.0  # the dtype of ``ok * 1.0``
@@ -338,7 +358,7 @@ def saemix_sweep(ops: Ops, key: Any, z: Any, scales: tuple[Any, Any], k: Any, ke
     if n2:
         def rw(i, carry):
             ch, scale, rate = carry
-            ch, a = rw_componentwise(ops, keys[n1 + i], ch, scale, evaluate)
+            ch, a = rw_componentwise(ops, keys[n1 + i], ch, scale, evaluate, units_minor=units_minor)
             return ch, adapt_scale(scale, a), rate + a / n2
 
         chain, scale_rw, acc["rw"] = ops.fori_loop(0, n2, rw, (chain, scale_rw, ops.zeros((d,))))
@@ -346,11 +366,13 @@ def saemix_sweep(ops: Ops, key: Any, z: Any, scales: tuple[Any, Any], k: Any, ke
         def block(i, carry):
             ch, scale, rate = carry
             mask = random_block_mask(ops, keys[n1 + n2 + 2 * i], d, k)
-            ch, a = rw_block(ops, keys[n1 + n2 + 2 * i + 1], ch, scale, mask, evaluate)
+            ch, a = rw_block(ops, keys[n1 + n2 + 2 * i + 1], ch, scale, mask, evaluate, units_minor=units_minor)
             return ch, adapt_scale(scale, a, mask), rate + a / n3
 
         chain, scale_block, acc["block_rw"] = ops.fori_loop(0, n3, block, (chain, scale_block, ops.zeros(())))
     chain = chain._replace(num_nonfinite=xp.sum(chain.num_nonfinite))
+    if units_minor:
+        chain = chain._replace(z=xp.swapaxes(chain.z, -1, -2))
     return chain, (scale_rw, scale_block), acc
 
 

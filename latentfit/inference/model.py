@@ -172,6 +172,15 @@ class LatentModel:
         cached = self.cached_density(theta)
         return None if cached is None else cached[0](z)[2]
 
+    def units_minor_density(self, theta: dict[str, Any]) -> tuple[Callable[[Any], tuple[Any, Any, Any]],
+                                                                  Callable[[Any, Any], tuple[Any, Any]],
+                                                                  Callable[[Any], Any]] | None:
+        """Optional face for SAEM's compiled sweeps with the chains laid out units-minor, ``z [L, d, n]``
+        (:func:`~latentfit.inference.mcmc.saemix_sweep`): ``(evaluate, rescore, prior_transform)``, what
+        :meth:`cached_density` and :meth:`prior_transform` give, each taking (and giving) that layout, equal to them up
+        to rounding.  None (the default): the sweep keeps ``[L, n, d]``."""
+        return None
+
     def log_lik(self, theta: dict[str, Any], z: Any, units: Any = None) -> Any:
         return self.log_densities(theta, z, units)[0]
 

@@ -532,6 +532,107 @@ class NLME(LatentModel):
             return None
         return self._rss_of(theta, self._mu(theta))(z)
 
+    def units_minor_density(self, theta: dict[str, Any]) -> tuple[Callable[[Any], tuple[Any, Any, Any]],
+                                                                  Callable[[Any, Any], tuple[Any, Any]],
+                                                                  Callable[[Any], Any]] | None:
+        """:meth:`cached_density`'s ``(evaluate, rescore)`` and :meth:`prior_transform` on chains laid out ``[L, d, N]``
+        (SAEM's compiled sweeps, :func:`~latentfit.inference.mcmc.saemix_sweep`): the same element-wise operations
+        on each unit and the prior's sums in the same order; a library model element-wise in its design
+        (:attr:`~.structural.Structural.elementwise`) predicts ``[L, T, N]`` from the design laid out ``[T, N]``
+        (XLA:CPU vectorises along the units; over ``[N, T]`` a row of T = 10 leaves a scalar remainder), the
+        residual sums of squares then summed in another order (rounding, ~1e-16 relative).  None on an eager
+        backend, where :meth:`cached_density` is None, and with occasions or padded units."""
+        if not (getattr(self.ops, "jittable", False) and self._rss_scored and self._all_random and self.data is not None
+                and self._iov is None and self.pad_units_to is None):
+            return None
+        xp = self.ops.xp
+        mu = self._mu(theta)  # [d] or [N, d] (every parameter random: μ_r = μ)
+        mu_t = mu[:, None] if mu.ndim == 1 else xp.swapaxes(mu, -1, -2)  # [d, 1] or [d, N]
+        prior = self._log_prior_units_minor(theta, mu_t)
+        score = self._rss_fns(theta, None)[1]
+        minor = getattr(self, "_design_minor", None)
+        fn, names = self._structural_fn, self.param_names
+
+        def psi_of(z: Any) -> dict[str, Any]:  # ψ_i per parameter, [L, 1, N]
+            if self._pop_kinds == {"log"}:
+                psi = xp.exp(z)
+                return {nm: psi[..., j:j + 1, :] for j, nm in enumerate(names)}
+            return {nm: self.params[nm].to_constrained(z[..., j:j + 1, :]) for j, nm in enumerate(names)}
+
+        if minor is not None:
+            design, y, mask = minor["design"], minor["y"], minor["mask"]
+            log_f = self.error == "exponential"
+
+            def rss(z: Any) -> Any:
+                f = fn(psi_of(z), design)  # [L, T, N]
+                res = y - (xp.log(f) if log_f else f)
+                if mask is not None:
+                    res = xp.where(mask, res, 0.0)
+                return xp.sum(res * res, -2)
+        else:  # a user's structural function: predictions [L, N, T] from ψ [L, N, 1]
+            of, design = self._rss_fn(None), self.design
+
+            def rss(z: Any) -> Any:
+                return of(fn({nm: xp.swapaxes(v, -1, -2) for nm, v in psi_of(z).items()}, design))
+
+        def evaluate(z: Any) -> tuple[Any, Any, Any]:
+            r = rss(z)
+            return score(r), prior(z), r
+
+        def rescore(z: Any, r: Any) -> tuple[Any, Any]:
+            return score(r), prior(z)
+
+        chol = self.ops.small_cholesky(self.omega_matrix(theta))  # [d, d]
+
+        def transform(eps: Any) -> Any:
+            # μ_i + L ε_i as a product [d, d] @ [L, d, N] (a diagonal Ω: L's zeros make it exact, the values of
+            # LatentModel.prior_transform): XLA keeps the draws it reads in one fusion (an element-wise form has the
+            # threefry hash recomputed in each of the acceptance's fusions, 8 times per prior-IMH step)
+            return mu_t + xp.matmul(chol, eps)
+
+        return evaluate, rescore, transform
+
+    def _log_prior_units_minor(self, theta: dict[str, Any], mu_t: Any) -> Callable[[Any], Any]:
+        """:meth:`_log_prior_eta_fn` on ``z [..., d, N]`` (``mu_t`` ``[d, 1]`` or ``[d, N]``): the diagonal Ω's terms
+        summed as :func:`_sum_last` sums them (the same values), a block Ω's quadratic form up to rounding."""
+        xp = self.ops.xp
+        d = len(self.r_idx)
+        if self.diagonal_omega:
+            var = self._omega_diag(theta)
+            const = 0.5 * xp.sum(xp.log(var)) + 0.5 * d * LOG_2PI
+            var = var[:, None]
+
+            def diagonal(z: Any) -> Any:
+                diff = z - mu_t
+                terms = diff * diff / var
+                if d > 4:
+                    return -0.5 * xp.sum(terms, -2) - const
+                out = terms[..., 0, :]
+                for j in range(1, d):  # ((t₀ + t₁) + t₂) + t₃, as _sum_last
+                    out = out + terms[..., j, :]
+                return -0.5 * out - const
+
+            return diagonal
+        om = theta["Omega"]
+        prec = xp.linalg.inv(om)
+        half_logdet = 0.5 * xp.linalg.slogdet(om)[1]
+        const = 0.5 * d * LOG_2PI
+
+        def block(z: Any) -> Any:
+            diff = z - mu_t
+            if d > 8:
+                return -0.5 * xp.sum((xp.swapaxes(prec, -1, -2) @ diff) * diff, -2) - half_logdet - const
+            rows = [diff[..., j, :] for j in range(d)]  # (diff Ω⁻¹)_k diff_k summed element-wise over [L, N]
+            quad = 0.0
+            for k in range(d):
+                col = rows[0] * prec[0, k]
+                for j in range(1, d):
+                    col = col + rows[j] * prec[j, k]
+                quad = quad + col * rows[k]
+            return -0.5 * quad - half_logdet - const
+
+        return block
+
     def _rss_of(self, theta: dict[str, Any], mu: Any) -> Callable[[Any], Any]:
         """``z -> RSS_i`` ``[..., N]`` of every unit (``mu``: μ of every unit), over blocks of units where the backend
         asks for it (:meth:`_unitwise`)."""

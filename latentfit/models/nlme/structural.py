@@ -133,6 +133,32 @@ class Design:
         """One dose record per individual (static): the library drops the dose axis (see :func:`_dose_terms`)."""
         return self.dose_time.shape[-1] == 1
 
+    def units_minor(self, transpose: Callable[[Any], Any]) -> Design | None:
+        """This design laid out with the units on the minor axis, ``[T, N]`` (``transpose`` swaps an array's first two
+        axes: ``[N, T] -> [T, N]``, ``[N, T, 1] -> [T, N, 1]``), for the models element-wise in it
+        (:attr:`Structural.elementwise`): their predictions are then ``[..., T, N]`` from parameters ``[..., 1, N]``.
+        None where that layout does not apply (several doses per individual, periods, occasions)."""
+        if not self.single_dose or self.obs_seg is not None or self.occ_start is not None:
+            return None
+        t = lambda a: None if a is None else transpose(a)  # noqa: E731
+        time = t(self.time)
+        tau, amt = self.time_after_dose()  # [N, T, 1], [N, 1, 1]
+        return _UnitsMinorDesign(self.xp, time, t(self.dose_time), t(self.dose_amt), t(self.dose_rate),
+                                 {k: t(v) for k, v in self.regressors.items()}, dict(self.covariates),
+                                 self.doses_precede_obs, t(self.dose_cmt), self.ops,
+                                 time if self.x is self.time else t(self.x), t(self.dose_ss), t(self.dose_ii),
+                                 None, None, self.central_cmt, self.has_infusion, t(self.dv),
+                                 time_after_dose_of=(transpose(tau), transpose(amt)))
+
+
+@dataclass
+class _UnitsMinorDesign(Design):
+    """A single-dose :class:`Design` laid out ``[T, N]`` (:meth:`Design.units_minor`): the dose arrays ``[1, N]``."""
+
+    @property
+    def single_dose(self) -> bool:
+        return True
+
 
 @dataclass
 class Structural:
@@ -153,6 +179,10 @@ class Structural:
     #: integrates each occasion with its parameters), ``"stateless"`` (no state: each occasion evaluated alone is
     #: exact), None (unknown: refused when drug carries over)
     carry: str | None = None
+    #: ``fn`` is element-wise in the parameters ``[..., N, 1]`` and the design's arrays of a single dose per individual
+    #: (the library's closed forms): it gives ``[..., T, N]`` predictions from a design laid out ``[T, N]``
+    #: (:meth:`Design.units_minor`) and parameters ``[..., 1, N]``, which SAEM's compiled sweeps use on JAX
+    elementwise: bool = False
 
     def __call__(self, psi: dict[str, Any], data: Design) -> Any:
         return self.fn(psi, data)
@@ -372,39 +402,41 @@ def _oral2(psi: dict[str, Any], d: Design) -> Any:
 # ----- public constructors ------------------------------------------------------------------------
 def one_compartment_bolus() -> Structural:
     """One compartment, IV bolus; parameters ``V, CL``."""
-    return Structural("one_compartment_bolus", ("V", "CL"), _bolus1, uses_doses=True, carry="one_compartment_bolus")
+    return Structural("one_compartment_bolus", ("V", "CL"), _bolus1, uses_doses=True, carry="one_compartment_bolus",
+                      elementwise=True)
 
 
 def one_compartment_infusion() -> Structural:
     """One compartment, zero-order infusion (``RATE`` column; rate 0 = bolus); parameters ``V, CL``."""
     return Structural("one_compartment_infusion", ("V", "CL"), _infusion1, uses_doses=True,
-                      carry="one_compartment_infusion")
+                      carry="one_compartment_infusion", elementwise=True)
 
 
 def one_compartment_oral(lag: bool = False) -> Structural:
     """One compartment, first-order absorption; parameters ``ka, V, CL`` (+ ``Tlag`` with ``lag=True``)."""
     if lag:
         return Structural("one_compartment_oral_lag", ("Tlag", "ka", "V", "CL"), lambda p, d: _oral1(p, d, True),
-                          uses_doses=True)
-    return Structural("one_compartment_oral", ("ka", "V", "CL"), _oral1, uses_doses=True, carry="one_compartment_oral")
+                          uses_doses=True, elementwise=True)
+    return Structural("one_compartment_oral", ("ka", "V", "CL"), _oral1, uses_doses=True, carry="one_compartment_oral",
+                      elementwise=True)
 
 
 def two_compartment_bolus() -> Structural:
     """Two compartments, IV bolus; parameters ``CL, V1, Q, V2``."""
     return Structural("two_compartment_bolus", ("CL", "V1", "Q", "V2"), _bolus2, uses_doses=True,
-                      carry="two_compartment_bolus")
+                      carry="two_compartment_bolus", elementwise=True)
 
 
 def two_compartment_infusion() -> Structural:
     """Two compartments, zero-order infusion (``RATE``; rate 0 = bolus); parameters ``CL, V1, Q, V2``."""
     return Structural("two_compartment_infusion", ("CL", "V1", "Q", "V2"), _infusion2, uses_doses=True,
-                      carry="two_compartment_infusion")
+                      carry="two_compartment_infusion", elementwise=True)
 
 
 def two_compartment_oral() -> Structural:
     """Two compartments, first-order absorption; parameters ``ka, CL, V1, Q, V2``."""
     return Structural("two_compartment_oral", ("ka", "CL", "V1", "Q", "V2"), _oral2, uses_doses=True,
-                      carry="two_compartment_oral")
+                      carry="two_compartment_oral", elementwise=True)
 
 
 def _regressor(d: Design, x: str | None) -> Any:
@@ -420,7 +452,8 @@ def emax(x: str | None = None) -> Structural:
         c = _regressor(d, x)
         return psi["E0"] + psi["Emax"] * c / (psi["EC50"] + c)
 
-    return Structural("emax", ("E0", "Emax", "EC50"), fn, regressors=() if x is None else (x,), carry="stateless")
+    return Structural("emax", ("E0", "Emax", "EC50"), fn, regressors=() if x is None else (x,), carry="stateless",
+                      elementwise=True)
 
 
 def sigmoid_emax(x: str | None = None) -> Structural:
@@ -434,7 +467,7 @@ def sigmoid_emax(x: str | None = None) -> Structural:
         return psi["E0"] + psi["Emax"] * cg / (xp.exp(g * xp.log(psi["EC50"])) + cg)
 
     return Structural("sigmoid_emax", ("E0", "Emax", "EC50", "gamma"), fn, regressors=() if x is None else (x,),
-                      carry="stateless")
+                      carry="stateless", elementwise=True)
 
 
 def _oral_effect_imax() -> Structural:
