@@ -122,6 +122,14 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
     iterations): ``exp`` 20% of the CPU, ``mul`` 16%, ``sub`` 12%, ``normal_`` 11%, ``where`` 7%: element-wise
     passes over the observations, each a kernel; nothing cheap found that keeps its numbers bit for bit (reusing the
     unchanged exponential of a component-wise move would not: ``k + (ka - k)`` is not ``ka`` in floating point).
+* fifth round (set-up grouped, f1c4c82; issue 14 item 9): SAEM's start (the key split, the prior draw, the RW scales,
+  the chains' initial residual sums, θ unconstrained) is one compiled program, τ = t − t_d is made on the host and
+  shapes come from ``jax.eval_shape``: a warm fresh process lowers 6 programs instead of 42.  Theophylline ``fit()``
+  defaults, JAX, cache warm, fresh processes alternated with the tree before (5 rounds, load 19.8-36.2 on 2 cores):
+  CPU 1.09 s (0.88-1.33) -> 0.63 s (0.57-0.71), wall medians 3.3 -> 1.8 s.  Estimates at rounding (the prior draw's
+  ``μ + ω ε`` contracted into FMAs when compiled): 6.2e-13 relative (defaults), 2.8e-16 (per-unit streams), equal
+  (covariate + block Ω); torch bit-identical.  The 10x goal (<= 0.2 s) is not met: loading the 1.3-1.7 MB compiled
+  chunk from JAX's cache (its deserialisation 130-670 ms at that load) is now most of the time.
 """
 
 from __future__ import annotations
