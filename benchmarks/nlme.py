@@ -122,6 +122,35 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
     iterations): ``exp`` 20% of the CPU, ``mul`` 16%, ``sub`` 12%, ``normal_`` 11%, ``where`` 7%: element-wise
     passes over the observations, each a kernel; nothing cheap found that keeps its numbers bit for bit (reusing the
     unchanged exponential of a component-wise move would not: ``k + (ka - k)`` is not ``ka`` in floating point).
+* fifth round, JAX on CPU (load 17-21 on the 2 shared cores, beside test runs: CPU times read higher than the fourth
+  round's at load 6; its 7.6 ms is 7.8-8.6 here):
+  - units on the minor axis: SAEM's compiled sweep holds the chains ``[L, d, N]`` (``mcmc.saemix_sweep(units_minor=)``,
+    ``LatentModel.units_minor_density``, NLME's face when the sums of squares are carried; ``rng="global"``), so the
+    proposals, priors, selects and ``exp(z)`` vectorise over the units; a library model element-wise in its design
+    (``Structural.elementwise``) predicts ``[L, T, N]`` from the design transposed once at binding
+    (``Design.units_minor``; 280 B per subject more on JAX at T = 10); the block step's normals are drawn in that
+    layout, threefry hashing the counters of ``[L, N, d]`` (``JaxOps.normal_units_minor``: the same numbers).  The
+    prior-IMH draw is ``μ + L ε`` as a ``[d, d] @ [L, d, N]`` product: written element-wise, XLA:CPU fused the
+    threefry hash into each of the 8 fusions that read the draw (``lax.optimization_barrier`` does not stop it: XLA:CPU
+    removes barriers); L's zeros keep a diagonal Ω's draw exact.  The draws being the same, estimates equal the
+    ``[L, N, d]`` sweep's to 10 digits on N = 5000 (test: 1e-10, chains 1e-8); torch unchanged (6 fits' estimates
+    and histories bit for bit).
+  - ``JaxOps.split`` of a raw threefry key hashes its counters with the unrolled Threefry (the same keys): JAX's CPU
+    lowering is a rolled 5-iteration ``while`` of small thunks, 8 splits per iteration.
+  - float32 acceptance uniforms (SAEM's ``draw_dtype`` view; the block's shared uniforms stay float64), a new stream:
+    N = 1000, 18 seeds each, every estimate's mean within 0.92 SE of the float64 uniforms' (ka -0.18, V -0.14,
+    CL -0.19, ω² -0.46/+0.47/-0.18, a +0.92 SE); 2e7 float32 uniforms: mean, variance and P(u < p) for p from 1e-4 to
+    0.999 within 1.5 SE of exact, as float64 ones (3 exact zeros, 2.4 expected: ``log u = -inf`` accepts).
+  - measured: 400-iteration fits on N = 5000, 0d7be18 and the change alternated in fresh processes (3 rounds x 2 fits,
+    CPU time of the run over 400): 7.9 ms/iteration (7.8-8.6) -> 5.8 (5.5-6.1), -26%; estimates with the float32
+    uniforms ka 0.98682, V 7.96022, CL 0.79940, ω² 0.1679/0.0905/0.0916, a 0.49932 (before 0.98747, 7.96489,
+    0.79939, 0.1667/0.0890/0.0918, 0.49893: Monte-Carlo differences).  In a ``jax.profiler`` trace (loaded) the
+    block step's proposal went from ~530 to ~100 us, a component-wise select from 84 to 40 us, ``exp(z)`` from 32
+    to 17 us, an evaluation from ~230 to ~185 us.
+  - still not reached: 4.4 ms/iteration (about 5.4 expected at the fourth round's load).  Left: the 10 evaluations
+    (~1.9 ms, two float64 ``exp`` per observation), the component-wise normals' threefry computed twice (once for the
+    inverse error function's ``log1p`` fusion, once in the proposal's: XLA:CPU duplicates the cheap hash into both),
+    the thunks of the scan's carry and of the acceptances (about 840 per iteration).
 * fifth round (set-up grouped, f1c4c82; issue 14 item 9): SAEM's start (the key split, the prior draw, the RW scales,
   the chains' initial residual sums, θ unconstrained) is one compiled program, τ = t − t_d is made on the host and
   shapes come from ``jax.eval_shape``: a warm fresh process lowers 6 programs instead of 42.  Theophylline ``fit()``
