@@ -183,7 +183,8 @@ RW scales and the chains' cache) is one ``ops.jit`` program (``SAEM._chains_star
 model 45 -> 9 (the model's first run 1, 3 stored programs, 2 final ``exp``, the script's own 3), NLME 42 -> 6.
 Estimates move at rounding (compiled, ``μ + ω ε`` of the prior draw becomes a fused multiply-add): README model seed
 0 estimates equal (history 2.2e-16 relative), seed 3 5.3e-14; NLME ``fit()`` defaults 6.2e-13, per-unit streams
-2.8e-16, covariate + block Ω bit-identical; torch bit-identical (NLME default / covariate + block Ω / per-unit, the README Pyro model).
+2.8e-16, covariate + block Ω bit-identical; torch bit-identical (NLME default / covariate + block Ω / per-unit, the
+README Pyro model).
 This part's model, data and 400 iterations, fresh processes with the cache warm, imports excluded, the tree of
 0d7be18 ("before") and 0d7be18 plus these changes ("after") alternated, 5 rounds, each tree with its own warm cache
 (a script asserting the imported tree), ``OMP_NUM_THREADS=1``, load 19.8-36.2 on 2 cores (wall 2-5x CPU: read the CPU):
