@@ -448,7 +448,8 @@ rank, port = int(sys.argv[2]), sys.argv[3]
 import jax
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=rank)
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=rank,
+                           shutdown_timeout_seconds=1800)  # process 0's one-process fits at the end
 import jax.numpy as jnp
 import numpy as np
 sys.path.insert(0, sys.argv[1])
@@ -498,14 +499,13 @@ em = {name: dict(ENGINES[name], seed=3, progress=False, batching="random", track
 for name, o in em.items():  # 20 and 20 points: mini-batches of one static size, the other process's points masked
     model = GaussianMixture(jnp.asarray(x[20 * rank:20 * rank + 20]), 3, "full", seed=1)
     out[name] = record(getattr(latentfit.numpyro, name)(model, **o).run(jax.random.PRNGKey(3), distributed="local"))
+# 21 and 19 points: the mixture pads its block (its centring and k-means start from the real points)
+out["FIEM_uneq"] = record(latentfit.numpyro.FIEM(GaussianMixture(jnp.asarray(x[:21] if rank == 0 else x[21:]), 3,
+                                                                 "full", seed=1), **em["FIEM"]).run(
+    jax.random.PRNGKey(3), distributed="local"))
 errors = {}
-try:  # 21 and 19 points: the mixture cannot pad its block
-    latentfit.numpyro.FIEM(GaussianMixture(jnp.asarray(x[:21] if rank == 0 else x[21:]), 3, "full", seed=1),
-                           **em["FIEM"]).run(jax.random.PRNGKey(3), distributed="local")
-except ValueError as e:
-    errors["mixture_unequal"] = str(e)
-try:  # a Monte-Carlo E-step of the EM family
-    latentfit.numpyro.MCEM(theophylline_model, num_epochs=2, rng="per_unit", progress=False).run(
+try:  # a Monte-Carlo E-step on the global stream
+    latentfit.numpyro.MCEM(theophylline_model, num_epochs=2, progress=False).run(
         jax.random.PRNGKey(1), **{k: v[6 * rank:6 * rank + 6] for k, v in data.items()}, distributed="local")
 except ValueError as e:
     errors["mcem"] = str(e)
@@ -528,19 +528,247 @@ def test_two_jax_processes_local_more_engines() -> None:
     of 5 and MALA (every process draws the same global batch, a batch of one static size in which the other process's
     units weigh 0),
     and MiniBatchEM, IEM and FIEM on a mixture of 20 + 20 points (the same masked mini-batches, table writes of the
-    other process's units dropped) equal the one-process fit to 1e-10 in float64 (gradients / statistics psum'ed,
-    every process the same optimiser step / M-step).  A mixture's blocks of unequal size and a Monte-Carlo E-step of
-    the EM family are refused with the reason named."""
-    outs = _two_processes(CHILD_ENGINES, timeout=1200)
+    other process's units dropped), and FIEM on 21 + 19 points (the mixture padded), equal the one-process fit to 1e-10
+    in float64 (gradients / statistics psum'ed, every process the same optimiser step / M-step).  A Monte-Carlo
+    E-step on the global stream is refused with the reason named."""
+    outs = _two_processes(CHILD_ENGINES, timeout=1800)
     one = outs[0]
     for out in outs:
         r = out["rank"]
         for name in ("full", "batch", "MiniBatchEM", "IEM", "FIEM"):
             _assert_same_fit(one[name + "_one"], out[name])
+        _assert_same_fit(one["FIEM_one"], out["FIEM_uneq"])
         for name in ("full", "batch"):  # this process's real subjects' chains
             np.testing.assert_allclose(out[name]["z"], np.asarray(one[name + "_one"]["z"])[:, 7 * r:7 + 5 * r],
                                        rtol=0, atol=1e-10)
-        assert "cannot pad its block" in out["errors"]["mixture_unequal"], out["errors"]
-        assert "distributed='local' on JAX" in out["errors"]["mcem"], out["errors"]
+        assert "rng='per_unit'" in out["errors"]["mcem"], out["errors"]
     for name in ("full", "batch"):
         assert np.ptp(one[name + "_one"]["history"]["objective"]) > 0.1  # the fits moved
+
+
+
+CHILD_MC = r"""
+import json, sys
+rank, port = int(sys.argv[2]), sys.argv[3]
+import jax
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+# the one-process fits after the last collective take minutes on a loaded machine: the other process waits at the
+# shutdown barrier meanwhile
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=rank,
+                           shutdown_timeout_seconds=1800)
+import jax.numpy as jnp
+import numpy as np
+import numpyro, numpyro.distributions as dist
+from numpyro.distributions import constraints
+sys.path.insert(0, sys.argv[1])
+import latentfit.numpyro
+from latentfit.models import GaussianMixture
+from test_distributed_em import MISSO_OPTIONS, TTSEM_CASES, TTSEM_OPTIONS, _data
+
+
+def record(fit):
+    return {"params": {k: np.asarray(v).tolist() for k, v in fit.params.items()},
+            "history": {k: np.asarray(v, float).tolist() for k, v in fit.history.items()
+                        if k in ("log_lik", "objective") or k.startswith("theta")}}
+
+
+def intercepts(y):  # the random-intercept model of latentfit.numpyro's docstring
+    mu = numpyro.param("mu", 0.0)
+    omega = numpyro.param("omega", 1.0, constraint=constraints.positive)
+    sigma = numpyro.param("sigma", 1.0, constraint=constraints.positive)
+    with numpyro.plate("unit", y.shape[0], dim=-2):
+        b = numpyro.sample("b", dist.Normal(mu, omega))
+        with numpyro.plate("obs", y.shape[1], dim=-1):
+            numpyro.sample("y", dist.Normal(b, sigma), obs=y)
+
+
+x = np.asarray(_data(40))
+rng = np.random.default_rng(0)
+y = jnp.asarray(1.0 + 0.8 * rng.normal(size=(12, 1)) + 0.5 * rng.normal(size=(12, 6)))
+# a mixture of 21 + 19 points (exact posterior draws of the labels from per-unit streams, the mixture padded) and
+# random intercepts on 7 + 5 units (MH chains; a spare dummy unit for the other process's units of a batch)
+CASES = {"MCEM": ("mix", dict(num_epochs=3, num_samples=5)),
+         "MiniBatchMCEM": ("int", dict(num_epochs=2, batch_size=5, num_samples=3)),
+         "TTSEM": ("mix", {**TTSEM_CASES["TTSEM-fi"], **TTSEM_OPTIONS}),
+         "MISSO": ("int", dict(num_epochs=2, batch_size=5, mc_size=3, num_chains=3)),
+         "MISSO-paper": ("mix", MISSO_OPTIONS)}
+PARTS = {"mix": (slice(0, 21), slice(21, 40)), "int": (slice(0, 7), slice(7, 12))}
+
+
+def fit(name, part, **run):
+    kind, options = CASES[name]
+    options = dict(options, rng="per_unit", seed=3, progress=False)
+    engine = getattr(latentfit.numpyro, name.split("-")[0])
+    if kind == "mix":
+        model = GaussianMixture(jnp.asarray(x[part]), 3, "full", seed=1)
+        return record(engine(model, **options, track_log_lik=True).run(jax.random.PRNGKey(3), **run))
+    return record(engine(intercepts, **options).run(jax.random.PRNGKey(3), y=y[part], **run))
+
+
+out = {"rank": rank}
+for name, (kind, _) in CASES.items():
+    out[name] = fit(name, PARTS[kind][rank], distributed="local")
+for name in list(CASES)[rank::2]:  # the one-process fits of the whole data, shared by the processes
+    out[name + "_one"] = fit(name, slice(None))
+print("RESULT" + json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_jax_processes_local_monte_carlo_engines() -> None:
+    """``run(..., distributed="local")`` on JAX for the Monte-Carlo engines of the EM family and MISSO, with
+    ``rng="per_unit"`` and blocks of unequal size: MCEM, fiTTEM and MISSO (the paper's surrogates) on a mixture of
+    21 + 19 points (exact posterior draws of the labels, each point's from its own stream; the mixture padded with a
+    dummy point of weight 0), MiniBatchMCEM and MISSO (Louis' acceleration, anchors summed over the real units only) on
+    random intercepts of 7 + 5 units (MH chains; the other process's units of a batch name a spare dummy unit; the
+    acceptance rates that adapt the random-walk scales count the real units) equal the one-process fit to 1e-10 in
+    float64, parameters and history, on both processes."""
+    outs = _two_processes(CHILD_MC, timeout=1800)
+    one = {k: v for out in outs for k, v in out.items() if k.endswith("_one")}
+    for out in outs:
+        for name in ("MCEM", "MiniBatchMCEM", "TTSEM", "MISSO", "MISSO-paper"):
+            _assert_same_fit(one[name + "_one"], out[name])
+    for name in ("MCEM", "MiniBatchMCEM", "TTSEM", "MISSO", "MISSO-paper"):  # the fits moved
+        history = one[name + "_one"]["history"]
+        assert max(np.ptp(np.asarray(v, float)) for k, v in history.items() if k.startswith("theta.")) > 1e-2, name
+
+
+CHILD_PADDED = r"""
+import json, os, shutil, sys, tempfile
+rank, port = int(sys.argv[2]), sys.argv[3]
+import jax
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+# the one-process fits after the last collective take minutes on a loaded machine: the other process waits at the
+# shutdown barrier meanwhile
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=rank,
+                           shutdown_timeout_seconds=1800)
+import jax.numpy as jnp
+import numpy as np
+import numpyro, numpyro.distributions as dist
+from numpyro.distributions import constraints
+sys.path.insert(0, sys.argv[1])
+import latentfit.numpyro
+from gallery_numpyro import radon_intercept
+from latentfit.examples.theophylline_numpyro import theophylline_arrays, theophylline_model
+
+
+def record(fit):
+    return {"params": {k: np.asarray(v).tolist() for k, v in fit.params.items()},
+            "history": {k: np.asarray(v, float).tolist() for k, v in fit.history.items()}}
+
+
+def grouped(county, floor, log_radon=None):  # the plate's size from the group index
+    mu = numpyro.param("mu", 0.0)
+    omega = numpyro.param("omega", 1.0, constraint=constraints.positive)
+    beta = numpyro.param("beta", 0.0)
+    sigma = numpyro.param("sigma", 1.0, constraint=constraints.positive)
+    with numpyro.plate("groups", int(county.max()) + 1):
+        alpha = numpyro.sample("alpha", dist.Normal(mu, omega))
+    with numpyro.plate("rows", len(floor)):
+        numpyro.sample("obs", dist.Normal(alpha[county] + beta * floor, sigma), obs=log_radon)
+
+
+def intercepts(y):
+    mu = numpyro.param("mu", 0.0)
+    omega = numpyro.param("omega", 1.0, constraint=constraints.positive)
+    sigma = numpyro.param("sigma", 1.0, constraint=constraints.positive)
+    with numpyro.plate("unit", y.shape[0], dim=-2):
+        b = numpyro.sample("b", dist.Normal(mu, omega))
+        with numpyro.plate("obs", y.shape[1], dim=-1):
+            numpyro.sample("y", dist.Normal(b, sigma), obs=y)
+
+
+out = {"rank": rank}
+opts = dict(num_iters=(8, 7), progress=False, rng="per_unit", chunk_size=5, num_draws=5)
+# 12 counties of 2-8 houses: 6 + 6 counties (27 and 28 rows) and 7 + 5 counties, each process its rows
+rng = np.random.default_rng(0)
+G = 12
+county = np.repeat(np.arange(G), rng.integers(2, 9, size=G))
+floor = rng.normal(size=county.size)
+log_radon = 1.0 + 0.7 * rng.normal(size=G)[county] + 0.5 * floor + 0.3 * rng.normal(size=county.size)
+for cut in (6, 7):
+    lo, hi = (0, cut) if rank == 0 else (cut, G)
+    rows = (county >= lo) & (county < hi)
+    fit = latentfit.numpyro.SAEM(radon_intercept, **opts).run(jax.random.PRNGKey(2), county[rows] - lo, floor[rows],
+                                                              hi - lo, log_radon=log_radon[rows], distributed="local")
+    out[f"radon{cut}"] = dict(record(fit), num_units=fit.num_units, z=list(np.shape(fit.state.z)))
+fit = latentfit.numpyro.SAEM(grouped, **opts).run(jax.random.PRNGKey(2), county[rows] - lo, floor[rows],  # 7 + 5
+                                                  log_radon=log_radon[rows], distributed="local")
+out["grouped"] = record(fit)
+# f-SAEM on blocks of 7 + 5 units: random intercepts (the Laplace step exact), theophylline checkpointed
+part = slice(0, 7) if rank == 0 else slice(7, 12)
+rng = np.random.default_rng(0)
+y = jnp.asarray(1.0 + 0.8 * rng.normal(size=(12, 1)) + 0.5 * rng.normal(size=(12, 6)))
+out["fsaem_int"] = record(latentfit.numpyro.FSAEM(intercepts, **opts).run(jax.random.PRNGKey(1), y=y[part],
+                                                                            distributed="local"))
+data = theophylline_arrays()
+mine = {k: v[part] for k, v in data.items()}
+out["fsaem"] = record(latentfit.numpyro.FSAEM(theophylline_model, **opts).run(jax.random.PRNGKey(1), **mine,
+                                                                                distributed="local"))
+ckdir = os.path.join(tempfile.gettempdir(), f"latentfit-jax-padded-ckpt-{port}")
+
+
+def interrupt(k, _record):
+    if k == 9:
+        raise KeyboardInterrupt
+
+
+stopped = latentfit.numpyro.FSAEM(theophylline_model, **opts, callback=interrupt).run(
+    jax.random.PRNGKey(1), **mine, distributed="local", checkpoint=ckdir, checkpoint_every=1)
+from latentfit.checkpoint import load_checkpoint
+ck = load_checkpoint(ckdir, (rank, 2))
+resumed = latentfit.numpyro.FSAEM(theophylline_model, **opts).run(
+    jax.random.PRNGKey(1), **mine, distributed="local", checkpoint=ckdir, resume=True)
+out["ckpt"] = dict(record(resumed), z=np.asarray(resumed.state.z).tolist(), stopped_at=stopped.num_iterations,
+                   saved_z=list(ck.tensors[next(d["tensor"] for d in ck.meta["state"] if d["path"] == ["z"])].shape),
+                   files=sorted(f for f in os.listdir(ckdir) if f.endswith(f".rank{rank}-of-2.json")))
+if rank == 0:  # the one-process fits of the whole data, shared by the processes
+    out["radon_one"] = record(latentfit.numpyro.SAEM(radon_intercept, **opts).run(
+        jax.random.PRNGKey(2), county, floor, G, log_radon=log_radon))
+    out["grouped_one"] = record(latentfit.numpyro.SAEM(grouped, **opts).run(jax.random.PRNGKey(2), county, floor,
+                                                                            log_radon=log_radon))
+    shutil.rmtree(ckdir)  # process 1 is past its last use of it
+else:
+    out["fsaem_int_one"] = record(latentfit.numpyro.FSAEM(intercepts, **opts).run(jax.random.PRNGKey(1), y=y))
+    out["fsaem_one"] = record(latentfit.numpyro.FSAEM(theophylline_model, **opts).run(jax.random.PRNGKey(1), **data))
+print("RESULT" + json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_jax_processes_local_grouped_fsaem_checkpoint() -> None:
+    """``run(..., distributed="local")`` on JAX with padded blocks, beyond the per-unit arrays of
+    :func:`test_two_jax_processes_local_blocks_equal_one`:
+
+    * the gallery's radon model (latents in a plate over counties, houses' rows reading ``alpha[county]``, unbalanced
+      counties, ``num_counties`` an int argument): 6 + 6 counties of 27 and 28 rows, and 7 + 5 counties, each process
+      its rows (padded to 29 and 39 rows, the extra rows read by a dummy county of weight 0); the same model sizing its
+      plate by ``int(county.max()) + 1``; SAEM equal to the one-process fit to 1e-10, the result holding the real
+      counties;
+    * f-SAEM on 7 + 5 units: random intercepts (the Laplace step exact) to 1e-10; theophylline to 1e-8 (its Newton
+      modes settle to ~sqrt(eps), and the one-process fit moves by 1.5e-9 when its subjects are reordered);
+    * checkpoints of the padded f-SAEM fit: each process writes its padded block (chains [5, 7, 3]: process 1's 5
+      subjects and 2 dummy ones), and the fit interrupted after iteration 10 and resumed equals the uninterrupted
+      padded fit bit for bit."""
+    outs = _two_processes(CHILD_PADDED, timeout=1800)
+    one = {k: v for out in outs for k, v in out.items() if k.endswith("_one")}
+    for out in outs:
+        r = out["rank"]
+        for cut in (6, 7):
+            _assert_same_fit(one["radon_one"], out[f"radon{cut}"])
+            assert out[f"radon{cut}"]["num_units"] == 12
+            assert out[f"radon{cut}"]["z"][1] == (cut if r == 0 else 12 - cut)  # the real counties only
+        _assert_same_fit(one["grouped_one"], out["grouped"])
+        _assert_same_fit(one["fsaem_int_one"], out["fsaem_int"])
+        for name, value in one["fsaem_one"]["params"].items():
+            np.testing.assert_allclose(out["fsaem"]["params"][name], value, rtol=1e-8, atol=1e-8, err_msg=name)
+        ck = out["ckpt"]
+        assert ck["stopped_at"] == 10
+        assert ck["files"] == [f"ckpt-{k:06d}.rank{r}-of-2.json" for k in (5, 10, 15)], ck["files"]
+        assert ck["saved_z"] == [5, 7, 3], ck["saved_z"]  # this process's block, padded to the larger one's 7
+        assert ck["params"] == out["fsaem"]["params"] and ck["history"] == out["fsaem"]["history"]
+    for name in ("radon_one", "grouped_one", "fsaem_int_one"):
+        assert max(np.ptp(np.asarray(v, float)) for k, v in one[name]["history"].items()
+                   if k.startswith("theta.")) > 1e-2, name

@@ -48,9 +48,9 @@ class Engine:
     #: the record :meth:`run` returns (a :class:`FitResult`, or a documented subclass)
     result_type: type = FitResult
     #: whether ``run(distributed="local")`` works on JAX (each process its block; the engine's distributed form
-    #: compiled over the processes): SAEM, f-SAEM and MCMCSGD (its mini-batches of one static size on every process,
-    #: the other processes' units weighing 0).  The EM family's distributed forms pick their mini-batch units with
-    #: data-dependent shapes, which only torch's eager execution runs.
+    #: compiled over the processes): SAEM, f-SAEM, MCMCSGD and the EM family with MISSO (their mini-batches of one
+    #: static size on every process, the other processes' units weighing 0; the Monte-Carlo ones with
+    #: ``rng="per_unit"``).
     jax_local_blocks: bool = False
 
     def __init__(self, model: LatentModel, *, seed: int = 0, progress: bool = True,
@@ -165,13 +165,16 @@ class Engine:
         indices, and the sums over units reach every process (:class:`~latentfit.inference.ops_jax_procs.
         JaxProcessOps`: XLA collectives over one device per process inside the compiled chunks); the estimates and
         history equal the one-process fit of the whole data (1e-10 in float64).  On JAX, blocks of unequal size are
-        padded to the largest with dummy units of weight 0 (``model.pad_units``: NLME, NumPyro models whose per-unit
-        data are array arguments; :mod:`~latentfit.inference.padding`); every process passing the same data is
+        padded to the largest with dummy units of weight 0 (``model.pad_units``: NLME, ``GaussianMixture``, NumPyro
+        models whose per-unit data are array arguments, and grouped NumPyro models whose rows read ``alpha[group_idx]``,
+        their rows padded alike and read by a dummy group; :mod:`~latentfit.inference.padding`); every process
+        passing the same data is
         refused.  The result holds this process's block of the per-unit state and draws (its real units), as a torch
         rank's does; the post-fit computations (log-likelihood, standard errors, individual estimates) reach every
         process and give the same, complete results on each, per-unit outputs in global unit order.  On JAX: SAEM,
-        f-SAEM, MCMCSGD and the exact engines of the EM family (:attr:`jax_local_blocks`; mini-batches of one static
-        size on every process, the other processes' units weighing 0: :meth:`jax_local_masks`).
+        f-SAEM, MCMCSGD, the EM family and MISSO (:attr:`jax_local_blocks`; MCEM, MiniBatchMCEM, TTSEM and MISSO with
+        ``rng="per_unit"``; mini-batches of one static size on every process, the other processes' units weighing 0:
+        :meth:`jax_local_masks`).
 
         ``distributed=True`` (torch, inside a ``torchrun`` script with an initialised process group): this process's
         model holds its shard of the units; statistics and acceptance counts are all-reduced in float64 and every
@@ -206,12 +209,15 @@ class Engine:
                 if mesh is not None:  # JAX, each process its block: the blocks must be of one global array
                     if not self.jax_local_blocks:
                         raise ValueError(f"{self.name}: distributed='local' on JAX (each process passes its block) "
-                                         "is supported by SAEM, f-SAEM, MCMCSGD and the exact engines of the EM "
-                                         "family; pass every process the whole data with distributed=True, or use "
-                                         "the torch backend")
+                                         "is supported by SAEM, f-SAEM, MCMCSGD, the EM family and MISSO; pass "
+                                         "every process the whole data with distributed=True, or use the torch "
+                                         "backend")
                     counts = check_process_blocks(self.name, self.model, self.ops.process_group())
-                    if len(set(counts)) > 1 or self.jax_local_masks():  # pad each block to the largest
-                        self._pad_block(counts)
+                    # rows outside the unit plate (alpha[group_idx]): every process's count, padded alike
+                    extent = getattr(getattr(self, "user_model", self.model), "pad_extent", None)
+                    extents = self.ops.process_group().gather_objects(None if extent is None else extent())
+                    if len(set(counts)) > 1 or self.jax_local_masks() or any(e != extents[0] for e in extents):
+                        self._pad_block(counts, extents)  # pad each block to the largest
                 self.distribute()
                 if self._padding is not None:
                     self._padded_distribute()
@@ -320,19 +326,25 @@ class Engine:
                                 interrupted=interrupted)
 
     # ----- blocks of unequal size (JAX local) --------------------------------------------------
-    def _pad_block(self, counts: list[int]) -> None:
+    def _pad_block(self, counts: list[int], extents: list[Any] | None = None) -> None:
         """Pad this process's block to the largest block's ``max(counts)`` units with dummy units that count for
         nothing (:mod:`~latentfit.inference.padding`: ``model.pad_units`` copies its last unit, :func:`masked_units`
-        zeroes their per-unit values), so that every process's arrays have one shape."""
+        zeroes their per-unit values), so that every process's arrays have one shape.  A grouped model's rows
+        outside the unit plate (``extents``: every process's ``model.pad_extent()``) are padded to one more than the
+        most rows of a process, the extra rows read by one more dummy unit (the last)."""
         from .padding import masked_units
 
         model = getattr(self, "user_model", self.model)
-        n, size = int(model.num_units), max(counts) + int(self.jax_local_masks() == "spare")
+        rows = None
+        if extents and all(isinstance(e, dict) and e.keys() == extents[0].keys() for e in extents):
+            rows = {name: max(e[name] for e in extents) + 1 for name in extents[0]}
+        n = int(model.num_units)
+        size = max(counts) + int(self.jax_local_masks() == "spare") + int(rows is not None)
         pad_units = getattr(model, "pad_units", None)
         padded, message = model, None
         try:
-            if pad_units is not None:
-                padded = pad_units(size)  # every process: a model that cannot be padded is refused on each
+            if pad_units is not None:  # every process: a model that cannot be padded is refused on each
+                padded = pad_units(size) if rows is None else pad_units(size, rows)
             elif size > n:
                 message = (f"this model ({type(model).__name__}) cannot pad its block with dummy units; split the "
                            f"{sum(counts)} units into {len(counts)} equal blocks")

@@ -124,6 +124,10 @@ class _UnitStreamChains:
             return super()._sweep_chains(state, theta, units, key, chain)
         model, ops, xp = self.model, self.ops, self.ops.xp
         sim = self._sim_ops(units)
+        if units is not None and self._distributed and ops.jittable:  # a JAX local fit: rates over real units only
+            from .padding import BatchMeanOps
+
+            sim = BatchMeanOps(sim, units < int(getattr(model, "num_real_units", model.num_units)))
         z_tab = state_field(state, "z")  # [n, L, d]
         empty = self._no_units(units)
 

@@ -451,13 +451,14 @@ class MISSO(MiniBatchMCEM):
         if self.numeric:
             x0 = flatten(ops, model.unconstrain({k: theta[k] for k in self.numeric}), self.numeric)
             anchor = xp.reshape(x0, (1, -1)) + ops.zeros((n, len(x0)))
-            memory = memory._replace(anchor=anchor, grad=g, sum_anchor=ops.all_sum(xp.sum(anchor, 0)),
-                                     sum_grad=ops.all_sum(xp.sum(g, 0)), curvature=h / total)
+            memory = memory._replace(anchor=anchor, grad=g, sum_anchor=ops.all_sum(xp.sum(self.real_rows(anchor), 0)),
+                                     sum_grad=ops.all_sum(xp.sum(self.real_rows(g), 0)), curvature=h / total)
         if self.surrogate == "louis" and self.free:
             x_free = flatten(ops, model.unconstrain({k: theta[k] for k in self.free}), self.free)
             visited_at = xp.reshape(x_free, (1, -1)) + ops.zeros((n, len(x_free)))
             memory = memory._replace(info_complete=h_free / total, info_missing=missing / total,
-                                     visited_at=visited_at, sum_visited_at=ops.all_sum(xp.sum(visited_at, 0)))
+                                     visited_at=visited_at,
+                                     sum_visited_at=ops.all_sum(xp.sum(self.real_rows(visited_at), 0)))
         return state._replace(memory=memory, key=key)
 
     def inner(self, state: MISSOState, bi: Any, bj: Any, t: Any, key: Any) -> MISSOState:
@@ -480,8 +481,8 @@ class MISSO(MiniBatchMCEM):
             x = flatten(ops, model.unconstrain({k: theta[k] for k in self.numeric}), self.numeric)
             old_anchor, old_grad = take_units(ops, mem.anchor, bi), take_units(ops, mem.grad, bi)
             new_anchor = xp.reshape(x, (1, -1)) + 0.0 * old_anchor
-            sum_anchor = mem.sum_anchor + ops.all_sum(xp.sum(new_anchor - old_anchor, 0))
-            sum_grad = mem.sum_grad + ops.all_sum(xp.sum(g - old_grad, 0))
+            sum_anchor = mem.sum_anchor + ops.all_sum(xp.sum(self.real_rows(new_anchor - old_anchor, bi), 0))
+            sum_grad = mem.sum_grad + ops.all_sum(xp.sum(self.real_rows(g - old_grad, bi), 0))
             # per-unit curvature, a running average over the visits (an epoch's worth of memory)
             curvature = mem.curvature + (b / n) * (h / b - mem.curvature)
             x_new = sum_anchor / n - _solve_psd(ops, curvature, sum_grad / n)
@@ -498,7 +499,7 @@ class MISSO(MiniBatchMCEM):
             # the θ at which each unit's surrogate was built (the batch's: now), for the staleness correction
             old_at = take_units(ops, mem.visited_at, bi)
             now_at = xp.reshape(x_old, (1, -1)) + 0.0 * old_at
-            sum_at = mem.sum_visited_at + ops.all_sum(xp.sum(now_at - old_at, 0))
+            sum_at = mem.sum_visited_at + ops.all_sum(xp.sum(self.real_rows(now_at - old_at, bi), 0))
             cap = self._missing_cap((t - 1) // self.num_batches)
             x_acc = x_old + _accelerated_step(ops, info_c, info_m, x_em - x_old, sum_at / n - x_old, cap, n,
                                               self.trust_radius)

@@ -263,6 +263,15 @@ class JaxProcessOps(JaxOps):
         return [pickle.loads(bytes(row[:int(n)])) for row, n in zip(rows, sizes)]  # noqa: S301 - our own processes
 
     # --- compiled programs over the processes ------------------------------------------------------------------
+    def fori_loop(self, lower: int, upper: int, body: Callable[[int, Any], Any], init: Any) -> Any:
+        """``lax.fori_loop``; called outside a trace (an engine's set-up, e.g. MISSO's first surrogates), the loop
+        runs as one program over the processes (:meth:`jit`), where its reductions are collectives: ``lax`` traces
+        the body, which a host collective cannot enter."""
+        if _is_traced((lower, upper, init)):
+            return super().fori_loop(lower, upper, body, init)
+        loop = self.jit(lambda lo, hi, val: JaxOps.fori_loop(self, lo, hi, body, val))
+        return loop(jnp.asarray(lower), jnp.asarray(upper), init)
+
     def jit(self, f: Callable, static_argnums: tuple[int, ...] = ()) -> Callable:
         if static_argnums:
             raise ValueError("distributed='local' on JAX: a compiled function with static arguments is not supported")

@@ -15,11 +15,19 @@ a flat density, are never read, and are left out of the acceptance rates and of 
 shim (:class:`~latentfit.inference.ops_jax_procs.JaxProcessOps` with ``pad_units``); the fit's result holds the real
 units only.
 
-The same weights serve mini-batches of one static size on every process (MCMCSGD, the EM family): an entry naming
-another process's unit carries the index ``n`` (``≥`` the block's size), weighs 0, reads unit 0, and its table writes
-are dropped (JAX drops out-of-range scatter updates).  MCMCSGD's batches name a spare dummy unit instead (one more
-per block), so that its chains' proposals for those entries never overwrite a real unit's draws in a model that
-evaluates a batch through all its units.
+The same weights serve mini-batches of one static size on every process (MCMCSGD, the EM family, MISSO): an entry
+naming another process's unit carries the index ``n`` (``≥`` the block's size), weighs 0, reads unit 0, and its table
+writes are dropped (JAX drops out-of-range scatter updates).  Engines with MH chains in a mini-batch (MCMCSGD; MCEM,
+MiniBatchMCEM, TTSEM and MISSO without an exact posterior sampler) name a spare dummy unit instead (one more per
+block), so that the chains' proposals for those entries never overwrite a real unit's draws in a model that
+evaluates a batch through all its units; their acceptance rates count the batch's real entries only
+(:class:`BatchMeanOps`).
+
+What a model pads (``model.pad_units(size)``): NLME its individuals' rows, ``GaussianMixture`` its points (its centring
+and k-means start read the real points only), a NumPyro model its per-unit array arguments; a grouped NumPyro model
+(latents in a plate over groups, rows outside it reading ``alpha[group_idx]``) also its rows, to one more than the
+most rows of a process (``model.pad_extent()`` gathered by the driver), the extra rows copies of the last one whose
+group index names the last dummy group (its ``int`` plate-size argument, or ``int(group_idx.max()) + 1``, follows).
 """
 
 from __future__ import annotations
@@ -102,6 +110,22 @@ class MaskedUnits:
 
     def sample_prior(self, theta: dict[str, Any], key: Any, num_chains: int, units: Any = None) -> Any:
         return super().sample_prior(theta, key, num_chains, self._units(units))
+
+    def closed_form_log_prior(self) -> Any:
+        """The model's cheap log-prior (if it has one), weighed as :meth:`log_densities`."""
+        inner = getattr(super(), "closed_form_log_prior", lambda: None)()
+        if inner is None:
+            return None
+
+        def log_prior(theta: dict[str, Any], z: Any, units: Any = None) -> Any:
+            return self._mask_values(self._mask_of(units), inner(theta, self._masked_z(z, units),
+                                                                 self._units(units)))[0]
+
+        return log_prior
+
+    def sample_posterior(self, theta: dict[str, Any], key: Any, num_samples: int, units: Any = None,
+                         **options: Any) -> Any:
+        return super().sample_posterior(theta, key, num_samples, self._units(units), **options)
 
     def prior_transform(self, theta: dict[str, Any], eps: Any, units: Any = None) -> Any:
         return super().prior_transform(theta, eps, self._units(units))

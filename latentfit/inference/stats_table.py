@@ -482,17 +482,34 @@ class StatEngine(Engine):
         n = int(getattr(self.model, "num_real_units", self.model.num_units))
         mine = (units >= lo) & (units < lo + n)
         if self.ops.jittable:
-            return self.ops.xp.where(mine, units - lo, self.model.num_units)
+            other = self.model.num_units - (self.jax_local_masks() == "spare")  # the spare dummy unit, or n
+            return self.ops.xp.where(mine, units - lo, other)
         return units[mine] - lo
 
-    @property
-    def jax_local_blocks(self) -> bool:
-        """``run(distributed="local")`` on JAX: the exact engines (their mini-batches of one static size on every
-        process, :meth:`_owned`); the Monte-Carlo ones are refused."""
-        return not self.monte_carlo
+    def real_rows(self, rows: Any, units: Any = None) -> Any:
+        """``rows [b, ...]`` of ``units`` (None: all) with the entries of dummy units and of other processes' units (a
+        JAX local fit's padded block and masked batches, :mod:`~latentfit.inference.padding`) set to 0: per-unit
+        values that the weighed model does not zero (MISSO's anchors); ``rows`` itself otherwise."""
+        real = getattr(self.model, "num_real_units", None)
+        if real is None:
+            return rows
+        xp = self.ops.xp
+        idx = self.ops.arange(self.model.num_units) if units is None else units
+        keep = xp.reshape(idx < int(real), (-1,) + (1,) * (rows.ndim - 1))
+        return xp.where(keep, rows, xp.zeros_like(rows))
 
-    def jax_local_masks(self) -> bool:
-        """The units are weighed in a JAX local fit (the other processes' units of a mini-batch weigh 0)."""
+    #: ``run(distributed="local")`` on JAX: every engine of the family (mini-batches of one static size on every
+    #: process, :meth:`_owned`); the Monte-Carlo ones with ``rng="per_unit"`` (:meth:`distribute` refuses the others)
+    jax_local_blocks = True
+
+    def jax_local_masks(self) -> bool | str:
+        """The units are weighed in a JAX local fit (the other processes' units of a mini-batch weigh 0).  MH chains
+        (a Monte-Carlo E-step without an exact posterior sampler): ``"spare"``, the other processes' units of a
+        batch name a spare dummy unit (its chain's draws never land on a real unit's, also in a model that
+        evaluates a batch through all its units) instead of the index ``n``, which would read and write unit 0's
+        and the last unit's chains."""
+        if self.monte_carlo and not self.model.has_posterior_sampler:
+            return "spare"
         return True
 
     @property

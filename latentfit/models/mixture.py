@@ -182,11 +182,30 @@ class GaussianMixture(LatentModel):
         view.total_units = int(total)
         view._shard = (ops, int(offset))
         view._tiny_mass = 10.0 * float(xp.finfo(self.x.dtype).eps) * total
-        view._set_features(ops.all_sum(xp.sum(self.x, 0)) / total)
+        view._set_features(ops.all_sum(xp.sum(self._real_rows(self.x), 0)) / total)
         weights, locs, covariances, seed, iters = self._init_options
         init = view._initial_values(weights, locs, covariances, seed, iters)
         view.params = {name: dataclasses.replace(p, value=init[name]) for name, p in self.params.items()}
         return view
+
+    def pad_units(self, size: int) -> GaussianMixture:
+        """This mixture with its points padded to ``size`` by copies of the last one: the dummy units of a
+        ``distributed="local"`` JAX fit with blocks of unequal size (``inference/padding.py`` weighs them 0; the
+        centring and the k-means start of :meth:`shard_view` read the real points only)."""
+        n = int(self.num_units)
+        if size <= n:
+            return self
+        view = copy.copy(self)
+        idx = np.concatenate([np.arange(n), np.full(int(size) - n, n - 1)])
+        view.x = self.ops.take(self.x, self.ops.asarray(idx), 0)
+        view.num_units = int(size)
+        view._set_features(self.shift)
+        return view
+
+    def _real_rows(self, a: Any) -> Any:
+        """``a``'s rows of real points: the first ``num_real_units`` of a padded block (:meth:`pad_units`)."""
+        real = int(getattr(self, "num_real_units", self.num_units))
+        return a if real == self.num_units else a[:real]
 
     def _centred_rows(self, idx: np.ndarray | None) -> Any:
         """Centred points ``idx`` (sorted global indices; None: all), gathered from every process in a shard view."""
@@ -195,8 +214,9 @@ class GaussianMixture(LatentModel):
         if self._shard is None:
             return xc if idx is None else ops.take(xc, ops.asarray(idx), 0)
         dist, offset = self._shard
+        xc = self._real_rows(xc)
         if idx is not None:
-            mine = idx[(idx >= offset) & (idx < offset + self.num_units)] - offset
+            mine = idx[(idx >= offset) & (idx < offset + int(xc.shape[0]))] - offset
             xc = ops.take(xc, ops.asarray(mine), 0)
         return dist.gather_units(xc, 0)
 
