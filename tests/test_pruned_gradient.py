@@ -204,3 +204,21 @@ def test_misso_pruned_scores_equal_the_full_ones():
         assert (fit.engine._prior_only is not None) == prune
         est[prune] = np.concatenate([np.ravel(b.to_numpy(b.xp.as_tensor(v))) for v in fit.params.values()])
     np.testing.assert_allclose(est[True], est[False], rtol=1e-9, atol=1e-9)
+
+
+def test_jaxpr_taint_takes_a_scan_conservatively():
+    """A scan's carry moves taint between its slots over the iterations: with the carry ``(a, b) -> (b, 2x)`` the
+    final ``a`` depends on ``x`` (from the second iteration on), which one pass over the body would miss; the
+    analysis must say "depends" (a false "independent" would prune a gradient that is not zero)."""
+    import jax
+
+    from latentfit.inference.ops_jax import _jaxpr_taint
+
+    def f(x):
+        (a, _), _ = jax.lax.scan(lambda c, _: ((c[1], 2.0 * x), None), (0.0, 0.0), None, length=3)
+        return a
+
+    closed = jax.make_jaxpr(f)(1.0)
+    assert [e.primitive.name for e in closed.jaxpr.eqns] == ["scan"]
+    assert _jaxpr_taint(closed.jaxpr, [True]) == [True]
+    assert float(jax.grad(f)(1.0)) == 2.0  # the dependence is real
