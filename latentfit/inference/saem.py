@@ -213,6 +213,8 @@ class SAEM(Engine):
         if ops.jittable:  # one compiled program (a persistent-cache hit in a later process), not ~15-45 eager ones
             try:
                 theta_u, key, z, scale, cache = ops.jit(start)(theta, key, root)
+                # a jitted dict comes back with its keys sorted: the parameters' order (summaries, history) is θ's
+                theta_u = {**{k: theta_u[k] for k in theta if k in theta_u}, **theta_u}
             except Exception:  # noqa: BLE001 - a prior draw that cannot be traced: eagerly (its own errors, if any)
                 theta_u, key, z, scale, cache = start(theta, key, root)
         else:
