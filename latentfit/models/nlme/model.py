@@ -598,8 +598,7 @@ class NLME(LatentModel):
         xp = self.ops.xp
         d = len(self.r_idx)
         if self.diagonal_omega:
-            var = self._omega_diag(theta)
-            const = 0.5 * xp.sum(xp.log(var)) + 0.5 * d * LOG_2PI
+            var, const = self._omega_constants(theta)
             var = var[:, None]
 
             def diagonal(z: Any) -> Any:
@@ -613,10 +612,7 @@ class NLME(LatentModel):
                 return -0.5 * out - const
 
             return diagonal
-        om = theta["Omega"]
-        prec = xp.linalg.inv(om)
-        half_logdet = 0.5 * xp.linalg.slogdet(om)[1]
-        const = 0.5 * d * LOG_2PI
+        prec, half_logdet, const = self._omega_constants(theta)
 
         def block(z: Any) -> Any:
             diff = z - mu_t
@@ -660,24 +656,29 @@ class NLME(LatentModel):
 
         return log_prior
 
+    def _omega_constants(self, theta: dict[str, Any]) -> tuple:
+        """What the log-prior of η needs from Ω once per θ: ``(ω², Σ log ω² / 2 + d log(2π) / 2)`` for a diagonal Ω,
+        else ``(Ω⁻¹, log|Ω| / 2, d log(2π) / 2)``."""
+        xp, d = self.ops.xp, len(self.r_idx)
+        if self.diagonal_omega:
+            var = self._omega_diag(theta)
+            return var, 0.5 * xp.sum(xp.log(var)) + 0.5 * d * LOG_2PI
+        om = theta["Omega"]
+        return xp.linalg.inv(om), 0.5 * xp.linalg.slogdet(om)[1], 0.5 * d * LOG_2PI
+
     def _log_prior_eta_fn(self, theta: dict[str, Any], mu: Any) -> Callable[[Any], Any]:
         """``η -> log N(η; μ_i, Ω)`` with Ω's inverse / variances and the normalising constant computed once."""
         xp = self.ops.xp
         mu_r = mu if self._all_random else mu[..., self._r_sel]
-        d = len(self.r_idx)
         if self.diagonal_omega:
-            var = self._omega_diag(theta)
-            const = 0.5 * xp.sum(xp.log(var)) + 0.5 * d * LOG_2PI
+            var, const = self._omega_constants(theta)
 
             def diagonal(z: Any) -> Any:
                 diff = z - mu_r
                 return -0.5 * _sum_last(xp, diff * diff / var) - const
 
             return diagonal
-        om = theta["Omega"]
-        prec = xp.linalg.inv(om)
-        half_logdet = 0.5 * xp.linalg.slogdet(om)[1]
-        const = 0.5 * d * LOG_2PI
+        prec, half_logdet, const = self._omega_constants(theta)
 
         def block(z: Any) -> Any:
             diff = z - mu_r
