@@ -36,7 +36,7 @@ def test_a_failing_gaussian_face_is_refused_on_both_ppls(ppl, monkeypatch):
     backend.reset()
     monkeypatch.setattr(TracedLatentModel, "_obs_layout", broken)
     # the faces are read, not taken from a stored analysis (an earlier test of the process may leave JAX's persistent
-    # cache, and so the on-disk analysis store, on; the slow suite failed here after test_compilation_cache)
+    # cache, and so the on-disk analysis store, on: its NumPyro case failed in one process after other slow tests)
     monkeypatch.setattr(ops_jax_store, "ENABLED", False)
     with pytest.raises(ModelSpecificationError, match="Gaussian faces .* RuntimeError: cannot lay out obs"):
         _model(backend, "many_schools")
