@@ -819,13 +819,18 @@ class TracedLatentModel(TracedBase):
             axis = next((a for v, a in axes if v is x), None)
             return x if axis is None else pad_axis(x, axis, size)
 
-        new = type(self)(self.fn, pad(self.args), pad(self.kwargs), unit_plate=self.unit_plate,
-                         closed_form=bool(self._gauss or self._resid))
+        return self._padded_copy(pad(self.args), pad(self.kwargs), size, "the model's array arguments",
+                                 "the unit plate's size must follow the arrays' (e.g. y.shape[0], not an int argument)")
+
+    def _padded_copy(self, args: tuple, kwargs: dict, size: int, what: str, fix: str, **options: Any) -> Any:
+        """The model on padded arguments, with this model's starting values; refused unless its plate has ``size``
+        units."""
+        new = type(self)(self.fn, args, kwargs, unit_plate=self.unit_plate,
+                         closed_form=bool(self._gauss or self._resid), **options)
         if new.num_units != size:
             raise ModelSpecificationError(
-                f"distributed='local' on JAX with blocks of unequal size: padding the model's array arguments to "
-                f"{size} units gave a plate of {new.num_units}; the unit plate's size must follow the arrays' "
-                "(e.g. y.shape[0], not an int argument)")
+                f"distributed='local' on JAX with blocks of unequal size: padding {what} to {size} units gave a plate "
+                f"of {new.num_units}; {fix}")
         new.params = self.params  # the starting values as given
         return new
 
@@ -887,15 +892,8 @@ class TracedLatentModel(TracedBase):
                 "exactly one group index array (and at most one such int, the plate's size); give every process the "
                 "same numbers of groups and rows")
         index = {name: np.concatenate([np.asarray(self._unit_map[name]), np.full(r_new - r, last)]) for name in names}
-        new = type(self)(self.fn, args, kwargs, unit_plate=self.unit_plate,
-                         closed_form=bool(self._gauss or self._resid), unit_index=index)
-        if new.num_units != size:
-            raise ModelSpecificationError(
-                f"distributed='local' on JAX with blocks of unequal size: padding the model's groups to {size} gave a "
-                f"plate of {new.num_units}; the plate's size must be an int argument or follow the group index "
-                "(e.g. int(group_idx.max()) + 1)")
-        new.params = self.params  # the starting values as given
-        return new
+        return self._padded_copy(args, kwargs, size, "the model's groups", "the plate's size must be an int argument "
+                                 "or follow the group index (e.g. int(group_idx.max()) + 1)", unit_index=index)
 
     def _is_argument(self, x: Any) -> bool:
         """Whether ``x`` is (in) one of the model's arguments."""
