@@ -320,6 +320,33 @@ def per_unit_bytes(model, state, n: int, seen: set[int] | None = None) -> int:
     return total
 
 
+#: iterations per chunk of the timed fits of parts 1-2 (the clocks below read the time at each chunk's end)
+CHUNK = 5
+
+
+class _ChunkClock:
+    """An engine callback reading the process's CPU time (``time.process_time``: every thread of the process) and the
+    wall clock when each chunk of iterations ends; per iteration: the median over the chunks after the first, so that
+    neither the set-up nor a chunk that compiled (JAX: the first chunk of each phase) counts."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[int, float, float]] = []
+
+    def __call__(self, k: int, record: dict) -> None:
+        if k % CHUNK == 0:
+            self.marks.append((k, time.process_time(), time.perf_counter()))
+
+    def _per_iter(self, col: int) -> float:
+        steps = [(b[col] - a[col]) / (b[0] - a[0]) for a, b in zip(self.marks, self.marks[1:])]
+        return float(np.median(steps)) if steps else float("nan")
+
+    def cpu_per_iter(self) -> float:
+        return self._per_iter(1)
+
+    def wall_per_iter(self) -> float:
+        return self._per_iter(2)
+
+
 # ----- 1. torch.distributed ------------------------------------------------------------------------------------------
 def _torch_worker(rank: int, world: int, workdir: str, num_iters: tuple[int, int]) -> None:
     import pandas as pd
@@ -338,9 +365,12 @@ def _torch_worker(rank: int, world: int, workdir: str, num_iters: tuple[int, int
         model = _model(df)
         del df
         release_freed()
-        engine = SAEM(model, num_iters, seed=0, progress=False, rng="per_unit", burn_in=min(5, num_iters[0] // 2))
+        clock = _ChunkClock()
+        engine = SAEM(model, num_iters, seed=0, progress=False, rng="per_unit", burn_in=min(5, num_iters[0] // 2),
+                      chunk_size=CHUNK, callback=clock)
         fit = engine.run(distributed=distributed)
         out = {"seconds_per_iter": (fit.elapsed - fit.init_time) / fit.num_iterations, "peak_mib": peak_mib(),
+               "cpu_per_iter": clock.cpu_per_iter(), "wall_per_iter": clock.wall_per_iter(),
                "num_units": int(model.num_units),
                "params": {k: np.asarray(v, dtype=float).tolist() for k, v in fit.params.items()}}
         (Path(workdir) / f"result{rank}of{world}.json").write_text(json.dumps(out))
@@ -363,8 +393,11 @@ def torch_processes(n: int, processes: list[int], num_iters: tuple[int, int]) ->
             mp.spawn(_torch_worker, args=(world, workdir, num_iters), nprocs=world, join=True)
             wall = time.perf_counter() - t0
             results = [json.loads((Path(workdir) / f"result{r}of{world}.json").read_text()) for r in range(world)]
-            rows.append({"n": n, "processes": world, "wall_s": wall,
+            rows.append({"n": n, "processes": world, "wall_s": wall, "load": os.getloadavg()[0],
                          "ms_per_iter": 1000 * max(r["seconds_per_iter"] for r in results),
+                         "median_wall_ms": 1000 * max(r["wall_per_iter"] for r in results),
+                         "cpu_ms_per_proc": 1000 * max(r["cpu_per_iter"] for r in results),
+                         "cpu_ms_total": 1000 * sum(r["cpu_per_iter"] for r in results),
                          "peak_mib": max(r["peak_mib"] for r in results),
                          "units_per_process": [r["num_units"] for r in results], "params": results[0]["params"],
                          "params_agree": all(r["params"] == results[0]["params"] for r in results)})
@@ -383,11 +416,14 @@ def _jax_child(n: int, devices: list[int], num_iters: tuple[int, int]) -> None:
     rows = []
     for d in devices:
         reset_peak()
-        engine = SAEM(model, num_iters, seed=0, progress=False, rng="per_unit", burn_in=min(5, num_iters[0] // 2))
+        clock = _ChunkClock()
+        engine = SAEM(model, num_iters, seed=0, progress=False, rng="per_unit", burn_in=min(5, num_iters[0] // 2),
+                      chunk_size=CHUNK, callback=clock)
         fit = engine.run(devices=d)
         iters = (fit.elapsed - fit.init_time - fit.compile_time) / fit.num_iterations
         rows.append({"n": n, "devices": d, "ms_per_iter": 1000 * iters, "compile_s": fit.compile_time,
-                     "peak_mib": peak_mib(),
+                     "cpu_ms_per_iter": 1000 * clock.cpu_per_iter(), "wall_ms_per_iter": 1000 * clock.wall_per_iter(),
+                     "peak_mib": peak_mib(), "load": os.getloadavg()[0],
                      "params": {k: np.asarray(v, dtype=float).tolist() for k, v in fit.params.items()}})
     print("RESULT" + json.dumps(rows))
 
@@ -563,25 +599,35 @@ def main() -> None:
           "rng='per_unit', float64")
     if "torch" not in skip:
         print("\n1. torch.distributed (gloo, one machine; one thread per process)")
-        print(f"{'N':>8}{'processes':>10}{'units/proc':>12}{'ms/iter':>10}{'peak MiB/proc':>15}{'max |Δθ| vs 1':>16}")
+        print(f"{'N':>8}{'processes':>10}{'units/proc':>12}{'ms/iter':>10}{'med ms':>8}{'CPU ms/proc':>12}"
+              f"{'CPU ms all':>11}{'peak MiB/proc':>15}{'max |Δθ| vs 1':>16}{'load':>6}")
         for n in sizes:
             rows = torch_processes(n, processes, num_iters)
             base = next(r for r in rows if r["processes"] == 1)["params"] if 1 in processes else rows[0]["params"]
             for r in rows:
                 agree = "" if r["params_agree"] else "  (processes disagree!)"
                 print(f"{n:>8}{r['processes']:>10}{max(r['units_per_process']):>12}{r['ms_per_iter']:>10.1f}"
-                      f"{r['peak_mib']:>15.0f}{_max_diff(r['params'], base):>16.1e}{agree}")
+                      f"{r['median_wall_ms']:>8.1f}{r['cpu_ms_per_proc']:>12.1f}{r['cpu_ms_total']:>11.1f}"
+                      f"{r['peak_mib']:>15.0f}{_max_diff(r['params'], base):>16.1e}{r['load']:>6.1f}{agree}")
             print(f"{'':>8}estimates (1 process): {_fmt(base)}")
     if "jax" not in skip:
         print("\n2. JAX host devices (one process, XLA_FLAGS=--xla_force_host_platform_device_count; chains split, "
               "data replicated)")
-        print(f"{'N':>8}{'devices':>10}{'ms/iter':>10}{'compile s':>11}{'peak MiB':>10}{'max |Δθ| vs 1':>16}")
+        print(f"{'N':>8}{'devices':>10}{'ms/iter':>10}{'med ms':>8}{'CPU ms':>8}{'compile s':>11}{'peak MiB':>10}"
+              f"{'max |Δθ| vs 1':>16}{'load':>6}")
         for n in sizes:
             rows = jax_devices(n, devices, num_iters)
             base = rows[0]["params"]
             for r in rows:
-                print(f"{n:>8}{r['devices']:>10}{r['ms_per_iter']:>10.1f}{r['compile_s']:>11.1f}{r['peak_mib']:>10.0f}"
-                      f"{_max_diff(r['params'], base):>16.1e}")
+                print(f"{n:>8}{r['devices']:>10}{r['ms_per_iter']:>10.1f}{r['wall_ms_per_iter']:>8.1f}"
+                      f"{r['cpu_ms_per_iter']:>8.1f}{r['compile_s']:>11.1f}{r['peak_mib']:>10.0f}"
+                      f"{_max_diff(r['params'], base):>16.1e}{r['load']:>6.1f}")
+        print("(ms/iter: the fit's wall time per iteration, set-up (and JAX compilation) excluded; med ms and CPU ms: "
+              f"the median over chunks of {CHUNK} iterations after the first of the wall and CPU time per iteration "
+              "(CPU: time.process_time, every thread of the process; torch: CPU ms/proc the slowest process, CPU ms "
+              "all the sum over the processes); load: the 1-minute load average after the run.  With more processes "
+              "or devices than free cores the runs are oversubscribed: the times then measure contention, not "
+              "scaling)")
     if "jaxproc" not in skip:
         print(f"\n4. JAX processes (jax.distributed, {args.jax_processes} processes x 1 CPU device, gloo): every "
               "process reading the whole table (distributed=True) or only its block (distributed='local')")

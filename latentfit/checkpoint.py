@@ -5,7 +5,7 @@ engine state, its random stream included (a JAX key, or a ``torch.Generator``'s 
 collected latent draws) and ``ckpt-000120.json`` (what
 the arrays are: state paths, dtypes, the iteration reached, the engine class, its options, the data shapes, the
 library version, the optimiser ``param_groups``, the SHA-256 of the tensors file).  Neither file can hold code:
-the tensors are read by ``safetensors.numpy.load_file`` and the sidecar by ``json.load``.  Both are written to a
+the tensors are read by ``safetensors.numpy.load`` and the sidecar by ``json.load``.  Both are written to a
 temporary file in the same directory, flushed and moved into place with ``os.replace``, the sidecar last (a
 checkpoint without its sidecar is never read).  In a distributed fit (``run(distributed=True)``) every process writes
 its own shard, ``ckpt-000120.rank<r>-of-<P>.*``, whose sidecar records its rank and the number of processes (a
@@ -242,6 +242,9 @@ def _restore_leaf(desc: dict[str, Any], tensors: dict[str, np.ndarray], template
     if kind in ("bool", "int", "float"):
         return {"bool": bool, "int": int, "float": float}[kind](desc["value"])
     arr = tensors[desc["tensor"]]
+    if "dtype" in desc and str(arr.dtype) != desc["dtype"]:
+        raise ValueError(f"the checkpoint's tensor {desc['tensor']!r} is {arr.dtype}, its sidecar says "
+                         f"{desc['dtype']}: the checkpoint was altered")
     if kind == "numpy":
         return arr[()] if desc.get("scalar") else arr.copy()
     if kind == "torch_generator":
@@ -341,6 +344,10 @@ def restore_state(template: Any, leaves: list[dict[str, Any]], tensors: dict[str
         if _is_torch_optimizer(node):
             return _restore_optimizer(desc, tensors, node, ops)
         value = _restore_leaf(desc, tensors, node, ops)
+        want, got = getattr(node, "shape", None), getattr(value, "shape", None)
+        if want is not None and got is not None and tuple(want) != tuple(got):
+            raise ValueError(f"the checkpoint's state entry {'/'.join(map(str, key))!r} has shape {list(got)}, this "
+                             f"engine's has {list(want)}: the checkpoint was altered or belongs to another fit")
         if id(node) in opt_params:  # keep the tensor the optimiser updates
             import torch
 
@@ -477,7 +484,7 @@ def load_checkpoint(path: str | os.PathLike, shard: Shard = None) -> Checkpoint:
     Only ``json`` and ``safetensors`` are read: nothing is unpickled.  Raises ``FileNotFoundError`` when there is
     none and ``ValueError`` when the tensors file does not match its sidecar.
     """
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
 
     p = Path(path)
     if p.is_dir():
@@ -494,9 +501,13 @@ def load_checkpoint(path: str | os.PathLike, shard: Shard = None) -> Checkpoint:
         sidecar = p.with_suffix(".json")
         if not sidecar.is_file():
             raise FileNotFoundError(f"no checkpoint at {str(p)!r} (neither a directory nor a ckpt-*.json file)")
-    with open(sidecar, encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
+    try:
+        with open(sidecar, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(sidecar)!r} is not a readable checkpoint sidecar (truncated or corrupted JSON: "
+                         f"{err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{str(sidecar)!r} is not a latentfit checkpoint")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise ValueError(f"checkpoint format {meta['format_version']} is newer than this latentfit reads "
@@ -508,10 +519,17 @@ def load_checkpoint(path: str | os.PathLike, shard: Shard = None) -> Checkpoint:
                          f"{FORMAT_VERSION}) carries typed states and the random stream in them and cannot continue "
                          "it: start the fit again")
     tensor_path = sidecar.with_suffix(".safetensors")
+    if not tensor_path.is_file():
+        raise FileNotFoundError(f"the checkpoint {str(sidecar)!r} has no tensors file {str(tensor_path)!r}")
     data = tensor_path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-        raise ValueError(f"{str(tensor_path)!r} does not match its sidecar (SHA-256 differs)")
-    return Checkpoint(meta=meta, tensors=load_file(str(tensor_path)), path=sidecar)
+    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        raise ValueError(f"{str(tensor_path)!r} does not match its sidecar (SHA-256 differs): the file is truncated "
+                         "or was altered")
+    try:
+        tensors = load(data)
+    except Exception as err:  # safetensors' own error type: a header that does not parse
+        raise ValueError(f"{str(tensor_path)!r} is not a readable safetensors file ({err})") from None
+    return Checkpoint(meta=meta, tensors=tensors, path=sidecar)
 
 
 def save_checkpoint(directory: str | os.PathLike, engine: Any, state: Any, iteration: int,

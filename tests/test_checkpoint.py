@@ -221,3 +221,125 @@ def test_pyro_front_door_passes_checkpoint_options(tmp_path):
     resumed = lp.SAEM(model, **options).run(y, resume=tmp_path)
     for name, values in full.history.items():
         np.testing.assert_array_equal(resumed.history[name], values)
+
+
+class _KeyboardInterruptAt:
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def __call__(self, k: int, record: dict[str, Any]) -> None:
+        if k == self.k:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow_on("numpyro")  # its one-iteration chunk program compiles apart: ~17 s at load 6
+def test_resume_after_an_interruption_at_iteration_137(backend: Backend, tmp_path: Path) -> None:
+    """A 140-iteration SAEM fit (one iteration per chunk, draws collected from 131 on) stopped at iteration 137 in
+    two ways: a crash (an exception the driver does not catch) leaves the periodic checkpoint of iteration 130 and
+    the resumed run redoes 131-137; a ``KeyboardInterrupt`` returns the state after 137 and checkpoints it.  Either
+    way the resumed fit equals the uninterrupted one bit for bit (history, θ, collected draws)."""
+    def make(**kw: Any) -> SAEM:
+        return _saem(backend, num_iters=(110, 30), chunk_size=1, num_draws=10, **kw)
+
+    key = backend.key(0)
+    full = make().run(key)
+    assert full.latent_draws.shape[1] == 10
+    crash, keyboard = tmp_path / "crash", tmp_path / "keyboard"
+    with pytest.raises(Interrupt):
+        make(callback=lambda k, record: _stop_at(k - 112, record)).run(key, checkpoint=crash, checkpoint_every=10)
+    assert [k for k, _ in ckpt_mod.checkpoint_files(crash)] == [110, 120, 130]
+    with pytest.warns(RuntimeWarning, match=r"interrupted.*after iteration 137 of 140"):
+        part = make(callback=_KeyboardInterruptAt(137)).run(key, checkpoint=keyboard, checkpoint_every=10)
+    assert part.interrupted and part.num_iterations == 137
+    assert [k for k, _ in ckpt_mod.checkpoint_files(keyboard)] == [120, 130, 137]
+    for name, value in part.history.items():
+        np.testing.assert_array_equal(value, full.history[name][:137], err_msg=name)
+    for d in (crash, keyboard):
+        _assert_same_fit(full, make().run(key, checkpoint=d, checkpoint_every=10, resume=True))
+
+
+def _tamper(src: Path, dst: Path, edit: Any) -> Path:
+    """A copy of checkpoint directory ``src`` whose last checkpoint's files (sidecar dict, tensors dict) ``edit``
+    changes; returns ``dst``."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    sidecar = ckpt_mod.checkpoint_files(dst)[-1][1]
+    edit(sidecar, sidecar.with_suffix(".safetensors"))
+    return dst
+
+
+def _resave(sidecar: Path, tensors_file: Path, change: Any) -> None:
+    """Rewrite the tensors file with ``change(meta, tensors)`` applied and the sidecar's SHA-256 made to match (a
+    tampering that the checksum alone cannot see)."""
+    from safetensors.numpy import load_file, save
+
+    meta = json.loads(sidecar.read_text())
+    tensors = load_file(str(tensors_file))
+    change(meta, tensors)
+    data = save(tensors)
+    tensors_file.write_bytes(data)
+    import hashlib
+
+    meta["sha256"] = hashlib.sha256(data).hexdigest()
+    sidecar.write_text(json.dumps(meta))
+
+
+def _chain_leaf(meta: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar's description of SAEM's chains ``z [L, N, d]``."""
+    return next(leaf for leaf in meta["state"] if leaf["path"] and leaf["path"][-1] == "z")
+
+
+def test_tampered_checkpoints_are_refused(tmp_path: Path) -> None:
+    """A checkpoint altered after it was written (files truncated, a state array of another shape or dtype with its
+    checksum updated, the sidecar's engine or data shape edited, the tensors file gone) is refused with a message
+    saying what is wrong, before any state is used; the untouched copy still resumes."""
+    backend = Backend("pyro")
+    good = tmp_path / "good"
+    _saem(backend, num_iters=(10, 0)).run(checkpoint=good)
+
+    def truncate(path_index: int) -> Any:
+        def edit(sidecar: Path, tensors_file: Path) -> None:
+            path = (sidecar, tensors_file)[path_index]
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])
+        return edit
+
+    def chains_of_shape(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+        name = _chain_leaf(meta)["tensor"]
+        tensors[name] = np.ascontiguousarray(tensors[name][:, :7])  # 7 of the 12 units
+
+    def chains_in_float32(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+        name = _chain_leaf(meta)["tensor"]
+        tensors[name] = tensors[name].astype(np.float32)
+
+    def edit_meta(change: Any) -> Any:
+        def edit(sidecar: Path, tensors_file: Path) -> None:
+            meta = json.loads(sidecar.read_text())
+            change(meta)
+            sidecar.write_text(json.dumps(meta))
+        return edit
+
+    cases = {
+        "truncated tensors": (truncate(1), ValueError, r"does not match its sidecar \(SHA-256 differs\).*truncated"),
+        "truncated sidecar": (truncate(0), ValueError, r"not a readable checkpoint sidecar \(truncated or corrupted"),
+        "wrong shape": (lambda s, t: _resave(s, t, chains_of_shape), ValueError,
+                        r"state entry '.*z' has shape \[5, 7, 1\], this engine's has \[5, 12, 1\]"),
+        "wrong dtype": (lambda s, t: _resave(s, t, chains_in_float32), ValueError,
+                        r"is float32, its sidecar says float64: the checkpoint was altered"),
+        "wrong engine": (edit_meta(lambda m: m.update(engine="FIEM")), ValueError,
+                         "checkpoint was written by FIEM, not SAEM"),
+        "wrong data shape": (edit_meta(lambda m: m["shapes"].update(num_units=13)), ValueError,
+                             r"data shapes differ.*num_units 13 != 12"),
+    }
+    for i, (edit, error, message) in enumerate(cases.values()):
+        d = _tamper(good, tmp_path / f"case{i}", edit)
+        with pytest.raises(error, match=message):
+            _saem(backend, num_iters=(10, 0)).run(resume=d)
+    # a sidecar named directly whose tensors file is gone (in a directory, a sidecar alone is skipped: the sidecar is
+    # written last, so a write cut short leaves the previous complete checkpoint the latest)
+    d = _tamper(good, tmp_path / "no-tensors", lambda s, t: t.unlink())
+    with pytest.raises(FileNotFoundError, match="has no tensors file"):
+        _saem(backend, num_iters=(10, 0)).run(resume=d / ckpt_mod.checkpoint_files(good)[-1][1].name)
+    # the untouched checkpoint resumes (a finished fit: it only finalises)
+    assert _saem(backend, num_iters=(10, 0)).run(resume=good).num_iterations == 10
