@@ -109,6 +109,52 @@ throughout, so 2 and 4 processes/devices are oversubscribed and the times are co
    of the individuals instead of 1/2: its peak is 704 against 660 MiB with equal blocks (the compilation's ~400 MiB
    dominate at this N); the estimates equal the whole-data run's to 3.6e-15.
 
+Parts 1-2 at N = 10⁵ again (2026-12-03 21:37-22:06, tree 4c9b05e + the CPU clocks; ``--sizes 100000 --iters 20,10
+--skip jaxproc,memory``; 2 CPU cores shared with other jobs, load 4.5-9.6).  ms/iter: the fit's wall time per iteration
+(set-up and compilation excluded); med ms / CPU ms: the median over chunks of 5 iterations after the first, of the wall
+and of the CPU time (``time.process_time``) per iteration; torch: CPU of the slowest process and summed over the
+processes.  Part 1 is the second of two runs (the first shared the machine with a test run of mine: 1113 / 2147 /
+1550 ms/iter, CPU 651 / 388 / 266 ms per process, the same estimates)::
+
+    1. torch.distributed (gloo, one machine; one thread per process)
+           N processes  units/proc   ms/iter  med ms CPU ms/proc CPU ms all  peak MiB/proc   max |Δθ| vs 1  load
+      100000         1      100000    1035.9   962.5       494.5      494.5            566         0.0e+00   5.4
+      100000         2       50000    1397.3  1429.2       373.0      740.9            452         2.7e-15   7.0
+      100000         4       25000    1482.2  1444.0       253.8      888.4            395         0.0e+00   9.6
+
+    2. JAX host devices (one process; chains and the per-unit data split)
+           N   devices   ms/iter  med ms  CPU ms  compile s  peak MiB   max |Δθ| vs 1  load
+      100000         1     265.2   241.8   187.5       15.7       860         0.0e+00   8.3
+      100000         2     285.9   273.5   211.7       17.3      1118         8.7e-16   8.6
+      100000         4     209.9   198.2   188.3        8.2      1196         0.0e+00   8.0
+
+   The machine has 2 cores, shared: 2 processes can at best halve the wall time and 4 processes (or 4 devices) on
+   2 cores cannot speed anything up; the wall times here measure contention.  The CPU time per process falls with
+   its block (495 -> 373 -> 254 ms), less than in proportion: the summed CPU grows (495 -> 741 -> 888 ms), the cost
+   of the all-reduces, of the per-iteration work that does not shrink with the block (the M-step, the statistics'
+   reductions, Python) and of the processes competing for 2 cores.  On JAX the CPU per iteration is the same on 1, 2
+   and 4 devices (188-212 ms: the same work, partitioned; the host "devices" share the process's threads).  The peak
+   per process falls with the block on torch (566 -> 452 -> 395 MiB; ~250 MiB of it are the imports); on JAX the
+   peak is of one process running the three fits in turn (each after the previous one's peak was reset), so it grows
+   with the compiled programs kept.  Every run's estimates equal the one-process fit's to 2.7e-15.
+
+Part 3 again (2026-12-03 22:00-22:03, same tree, load 4-6, glibc's default allocator; B per individual)::
+
+                    N chains  table  data bind pk  peak state +copies peak/state -table proc-table  fit
+               100000      1    533   940    1267  1374   322     626       4.27   2.61       2.61  433
+              1000000      1    528   926    1215  1224   322     626       3.80   2.16       2.16  298
+
+   Linear in N: the resident memory per individual is the same at 10⁵ and 10⁶ but for the fit's fixed-size block
+   temporaries (~100 B per individual at 10⁵, ~15 at 10⁶).  Against the 322 B of per-unit state the process's peak is
+   3.80x at 10⁶ (4.27x at 10⁵) with the caller's DataFrame (528 B per individual, which the model keeps by reference
+   and the simulation and re-binding read) and 2.16x (2.61x) without it: the 3x goal is met for what the library
+   allocates and NOT met when the caller's table is counted.  What the fit adds at its peak (a dispatch-mode count of
+   the live torch storages, N = 2·10⁵, one chain: 223 B per individual) is the state's chains and cache (32 B), the
+   sweep's output chains and caches (~56 B), the prior proposal being evaluated and its draw (48 B, ``[L, N, d]``),
+   ~40 B of ``[L, N]`` log-densities, uniforms and differences, and one block's temporaries (~50 B at 2·10⁵); the
+   driver's last-good snapshot (32 B, numpy) comes on top.  Cutting the 3x with the table would need ~260 B per
+   individual less, about all of the fit's own increment.
+
 Every run's estimates agree with the one-process / one-device fit to rounding (≤ 4e-15).  Per process, the peak
 memory falls with the block (815 → 437 MiB at N = 10⁵); the imports alone are ~256 MiB.  Re-run of parts 1-2 at
 N = 5000 after the memory changes (load 11-13): 133 / 217 / 449 ms per iteration and 359 / 354 / 350 MiB on 1 / 2 / 4
