@@ -281,3 +281,99 @@ def test_units_minor_sweep_equals_the_row_major_sweep(case):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-300, err_msg=name)
     assert np.max(np.abs(np.asarray(fits[0].state.z) - np.asarray(fits[1].state.z))) < 1e-8
     assert SAEM(model, progress=False, rng="per_unit").units_minor_sweep  # ...and per-unit streams keep [L, N, d]
+
+
+@pytest.mark.parametrize("kernels", [(1, 1, 1), pytest.param((2, 2, 2), marks=pytest.mark.slow),
+                                     pytest.param((0, 3, 0), marks=pytest.mark.slow),
+                                     pytest.param((1, 0, 2), marks=pytest.mark.slow)])
+def test_units_minor_sweep_draws_are_the_step_by_step_kernels_draws(kernels):
+    """The units-minor sweep draws its random numbers before its kernels (``mcmc._sweep_draws``, one vectorised draw
+    each): the normals and uniforms the step-by-step kernels draw from the same keys (the prior-IMH and block steps'
+    ``(k1, k2) = split(key)``, the component-wise moves' ``split(key, 2d)``), bit for bit, in the float32 draw view;
+    kernels with and without each kind of step."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    sim = make_ops("jax", dtype="float64").with_draw_dtype("float32")
+    L, d, n = 2, (2 if kernels == (1, 1, 1) else 3), 7
+
+    def step_by_step(keys, kernels):
+        n1, n2, n3 = kernels
+        prior, rw, uniforms = [], [], []
+        for i in range(n1):
+            k1, k2 = sim.split(keys[i])
+            prior.append(sim.normal_units_minor(k1, (L, d, n)))
+            uniforms.append(sim.uniform(k2, (L, n)))
+        for i in range(n2):
+            ks = sim.split(keys[n1 + i], 2 * d)
+            rw.append(jnp.stack([sim.normal(ks[2 * j], (L, n)) for j in range(d)]))
+            uniforms += [sim.uniform(ks[2 * j + 1], (L, n)) for j in range(d)]
+        for i in range(n3):
+            k1, k2 = sim.split(keys[n1 + n2 + 2 * i + 1])
+            prior.append(sim.normal_units_minor(k1, (L, d, n)))
+            uniforms.append(sim.uniform(k2, (L, n)))
+        return tuple(jnp.stack(w) if w else None for w in (prior, rw, uniforms))
+
+    keys = sim.split(sim.key(11), sum(kernels) + kernels[2] + 1)
+    got, want = jax.jit(lambda ks: (mcmc._sweep_draws(sim, ks, kernels, (L, d, n)), step_by_step(ks, kernels)))(keys)
+    for g, w in zip(got, want):
+        assert (g is None and w is None) or np.array_equal(np.asarray(g), np.asarray(w))
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_mh_test_decides_as_log_u_below_the_ratio(backend):
+    """``u < exp(log_ratio)`` (the units-minor sweep's MH test) decides as ``log u < log_ratio``: 10^6 float32 grid
+    uniforms (exact zeros included) against ratios around log u (a quarter of them within 1e-12 of it), far below it
+    (exp underflows), ±inf and NaN; the decisions differ only where the ratio is within 4 roundings of log u."""
+    if backend == "jax":
+        pytest.importorskip("jax").config.update("jax_enable_x64", True)
+    ops = make_ops(backend, dtype="float64" if backend == "jax" else None)
+    rng = np.random.default_rng(0)
+    u = np.floor(rng.uniform(size=10 ** 6) * 2.0 ** 23) * 2.0 ** -23
+    u[:1000] = 0.0
+    r = np.log(np.where(u > 0, u, 1e-9)) + rng.normal(scale=rng.choice([1e-12, 1e-3, 1.0, 30.0], size=u.size))
+    r[:8] = [-np.inf, np.inf, np.nan, -800.0, -746.0, -745.0, 0.0, -1e308]
+    r[1000:1008] = [-np.inf, np.inf, np.nan, -800.0, -16.0, -15.0, 0.0, -1e308]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_u = np.log(u)
+    want = log_u < r
+    got = ops.to_numpy(mcmc._mh_test(ops.xp, ops.asarray(u), ops.asarray(r)))
+    differ = got != want
+    with np.errstate(invalid="ignore"):
+        gap = np.abs(r - log_u)
+    assert np.array_equal(got[:8], want[:8]) and np.array_equal(got[1000:1008], want[1000:1008])
+    assert np.all(gap[differ] <= 4 * np.finfo(float).eps * np.maximum(1.0, np.abs(log_u[differ])))
+    assert differ.sum() < 20  # ties within rounding: 5 of the 2.5e5 ratios drawn within 1e-12 of log u
+
+
+def test_large_chunks_compile_with_wide_vectors_and_the_same_exp(monkeypatch):
+    """JaxOps compiles a chunk whose state has an array of ``WIDE_CHUNK_ELEMENTS`` entries or more with the wide-vector
+    options (512-bit, a preference XLA caps at the CPU's width), smaller chunks and other programs without them;
+    float64 ``exp`` gives the same values at both widths."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    from latentfit.inference import ops_jax
+
+    seen = []
+    compile_ = ops_jax._compile
+    monkeypatch.setattr(ops_jax, "_compile", lambda lowered, platform: seen.append(
+        ops_jax._compiler_options(platform)) or compile_(lowered, platform))
+    ops = make_ops("jax", dtype="float64")
+    small = 4096 // 2
+    for size in (small, 4096):
+        ops.scan_steps(lambda st, k: (st * 0.5 + 1.0, {"s": st.sum()}), jnp.ones((size,)), range(2))
+    wide = set(ops_jax.WIDE_VECTOR_OPTIONS.items())
+    if jax.default_backend() == "cpu" and not ops_jax._OPTIONS_REFUSED:
+        assert [wide <= set(o.items()) for o in seen] == [False, True]
+    x = jnp.asarray(np.random.default_rng(1).uniform(-40.0, 5.0, size=(10, 1000)))
+    outs = []
+    for flag in (False, True):
+        ops_jax._WIDE_VECTORS[0] = flag
+        try:
+            outs.append(np.asarray(compile_(jax.jit(jnp.exp).lower(x), jax.default_backend())(x)))
+        finally:
+            ops_jax._WIDE_VECTORS[0] = False
+    assert np.array_equal(outs[0], outs[1])

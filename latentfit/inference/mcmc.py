@@ -72,7 +72,7 @@ def init_chain_state(z: Any, evaluate: Evaluate, cache: Any = None,
 
 
 def _accept(ops: Ops, key: Any, log_ratio: Any, state: ChainState, z_new: Any, ll_new: Any, lp_new: Any,
-            target_new: Any = None, cache_new: Any = None, units_minor: bool = False):
+            target_new: Any = None, cache_new: Any = None):
     """MH acceptance ``log u < log_ratio``, with the fault rules every kernel shares.
 
     A proposal whose log-density ``ll_new + lp_new`` (``target_new`` when the caller has it) is NaN or ±inf (outside
@@ -80,15 +80,14 @@ def _accept(ops: Ops, key: Any, log_ratio: Any, state: ChainState, z_new: Any, l
     is non-finite accepts any finite proposal (it leaves the bad point rather than staying stuck there); the chain's
     ``cache`` (if any) follows the accepted states.  The
     comparison ``log u < log_ratio`` decides only where both log-densities are finite (elsewhere its value, False
-    for a NaN ratio, is masked out), so the ratio needs no cleaning.  ``units_minor``: the chains are laid out
-    ``[L, d, n]`` (:func:`saemix_sweep`).
+    for a NaN ratio, is masked out), so the ratio needs no cleaning.
     """
     xp = ops.xp
     u = ops.uniform(key, tuple(log_ratio.shape))
     finite_new = xp.isfinite(ll_new + lp_new if target_new is None else target_new)
     finite_old = xp.isfinite(state.log_lik + state.log_prior)
     ok = finite_new & (~finite_old | (xp.log(u) < log_ratio))
-    z = xp.where(ok[..., None, :] if units_minor else ok[..., None], z_new, state.z)
+    z = xp.where(ok[..., None], z_new, state.z)
     ll = xp.where(ok, ll_new, state.log_lik)
     lp = xp.where(ok, lp_new, state.log_prior)
     count = _count_nonfinite(xp, state.num_nonfinite, ~finite_new)
@@ -171,7 +170,7 @@ def prior_imh(ops: Ops, key: Any, state: ChainState, sample_prior: Callable[[Any
 
 
 def _prior_imh(ops: Ops, key: Any, state: ChainState, sample_prior: Callable[[Any], Any],
-               evaluate: Evaluate, in_place: bool = False, units_minor: bool = False) -> tuple[ChainState, Any]:
+               evaluate: Evaluate, in_place: bool = False) -> tuple[ChainState, Any]:
     """:func:`prior_imh` with the acceptance indicators ``[L, n]`` (no reduction over the units); ``in_place``: the
     caller owns the state's arrays (over blocks of units they are overwritten, :func:`_accept_blocks`)."""
     k1, k2 = ops.split(key)
@@ -182,8 +181,7 @@ def _prior_imh(ops: Ops, key: Any, state: ChainState, sample_prior: Callable[[An
         return _accept_blocks(ops, blocks, evaluate, u, state, lambda b: z_new[:, b],
                               lambda b, ll_new, lp_new, ll_old, lp_old: (ll_new - ll_old, None), in_place)
     ll_new, lp_new, c_new = _evaluate(evaluate, z_new)
-    return _accept(ops, k2, ll_new - state.log_lik, state, z_new, ll_new, lp_new, cache_new=c_new,
-                   units_minor=units_minor)
+    return _accept(ops, k2, ll_new - state.log_lik, state, z_new, ll_new, lp_new, cache_new=c_new)
 
 
 def independent_mh(ops: Ops, key: Any, state: ChainState, z_new: Any, log_q_new: Any, log_q_old: Any,
@@ -207,16 +205,15 @@ def independent_mh(ops: Ops, key: Any, state: ChainState, z_new: Any, log_q_new:
 
 
 def rw_componentwise(ops: Ops, key: Any, state: ChainState, scale: Any,
-                     evaluate: Evaluate, in_place: bool = False, units_minor: bool = False) -> tuple[ChainState, Any]:
+                     evaluate: Evaluate, in_place: bool = False) -> tuple[ChainState, Any]:
     """One sweep of coordinate-wise random-walk MH; returns the state and acceptance per coordinate.
 
     The acceptances are kept per chain, unit and coordinate ``[L, n, d]`` during the sweep and averaged over the
     units once at its end (one all-reduce per sweep on a sharded fit instead of d: XLA combines the d means).
     Over blocks of units (:func:`_accept_blocks`; ``in_place``: the caller owns the state's arrays) each coordinate's
-    indicators are kept as a bool ``[L, n]`` instead.  ``units_minor``: the chains and the indicators are laid out
-    ``[L, d, n]`` (the same draws and values)."""
+    indicators are kept as a bool ``[L, n]`` instead."""
     xp = ops.xp
-    d = state.z.shape[-2 if units_minor else -1]
+    d = state.z.shape[-1]
     keys = ops.split(key, 2 * d)
     eye = ops.asarray([[1.0 if i == j else 0.0 for i in range(d)] for j in range(d)])
     blocks = _unit_blocks(evaluate, state.z)
@@ -241,25 +238,18 @@ def rw_componentwise(ops: Ops, key: Any, state: ChainState, scale: Any,
         # one latent coordinate (a loop over the small d, vectorised over chains and units)
         st, acc_units = carry
         onehot = eye[j]
-        if units_minor:
-            eps = ops.normal(keys[2 * j], tuple(st.z.shape[:-2]) + tuple(st.z.shape[-1:]))
-            z_new = st.z + eps[..., None, :] * (scale * onehot)[:, None]
-        else:
-            z_new = st.z + ops.normal(keys[2 * j], tuple(st.z.shape[:-1]))[..., None] * (scale * onehot)
+        z_new = st.z + ops.normal(keys[2 * j], tuple(st.z.shape[:-1]))[..., None] * (scale * onehot)
         ll_new, lp_new, c_new = _evaluate(evaluate, z_new)
         target_new = ll_new + lp_new
         log_ratio = target_new - st.log_lik - st.log_prior
-        st, ok = _accept(ops, keys[2 * j + 1], log_ratio, st, z_new, ll_new, lp_new, target_new, c_new, units_minor)
-        if units_minor:
-            return st, acc_units + (ok * 1.0)[..., None, :] * (onehot > 0)[:, None]
+        st, ok = _accept(ops, keys[2 * j + 1], log_ratio, st, z_new, ll_new, lp_new, target_new, c_new)
         return st, acc_units + (ok * 1.0)[..., None] * (onehot > 0)
 
     # in the dtype of ``ok * 1.0``, as the per-step rates were (torch: its default float type)
     state, acc_units = ops.fori_loop(0, d, body, (state, (ops.zeros(tuple(state.z.shape)) > 1) * 1.0))
     # one mean per coordinate, each as the per-step rate was (the same slice of 0/1 values): independent reductions
     # at one place, which XLA combines into one all-reduce
-    coord = (lambda j: acc_units[..., j, :]) if units_minor else (lambda j: acc_units[..., j])
-    return state, ops.zeros((d,)) + xp.stack([ops.unit_mean(coord(j)) for j in range(d)])
+    return state, ops.zeros((d,)) + xp.stack([ops.unit_mean(acc_units[..., j]) for j in range(d)])
 
 
 def random_block_mask(ops: Ops, key: Any, d: int, k: Any) -> Any:
@@ -273,9 +263,9 @@ def random_block_mask(ops: Ops, key: Any, d: int, k: Any) -> Any:
 
 
 def rw_block(ops: Ops, key: Any, state: ChainState, scale: Any, mask: Any,
-             evaluate: Evaluate, in_place: bool = False, units_minor: bool = False) -> tuple[ChainState, Any]:
+             evaluate: Evaluate, in_place: bool = False) -> tuple[ChainState, Any]:
     """Random-walk MH moving the coordinates in ``mask`` jointly; returns state and acceptance (``in_place``: see
-    :func:`_accept_blocks`; ``units_minor``: the chains laid out ``[L, d, n]``, the same draws)."""
+    :func:`_accept_blocks`)."""
     k1, k2 = ops.split(key)
     blocks = _unit_blocks(evaluate, state.z)
     if blocks is not None:
@@ -285,14 +275,11 @@ def rw_block(ops: Ops, key: Any, state: ChainState, scale: Any, mask: Any,
         state, ok = _accept_blocks(ops, blocks, evaluate, u, state, lambda b: z_old[:, b] + noise[:, b] * step,
                                    _rw_ratio, in_place)
         return state, ops.unit_mean(ok * 1.0)
-    if units_minor:
-        z_new = state.z + ops.normal_units_minor(k1, tuple(state.z.shape)) * (scale * mask)[:, None]
-    else:
-        z_new = state.z + ops.normal(k1, tuple(state.z.shape)) * (scale * mask)
+    z_new = state.z + ops.normal(k1, tuple(state.z.shape)) * (scale * mask)
     ll_new, lp_new, c_new = _evaluate(evaluate, z_new)
     target_new = ll_new + lp_new
     log_ratio = target_new - state.log_lik - state.log_prior
-    state, ok = _accept(ops, k2, log_ratio, state, z_new, ll_new, lp_new, target_new, c_new, units_minor)
+    state, ok = _accept(ops, k2, log_ratio, state, z_new, ll_new, lp_new, target_new, c_new)
     return state, ops.unit_mean(ok * 1.0)
 
 
@@ -305,9 +292,9 @@ def adapt_scale(scale: Any, acceptance: Any, mask: Any = None) -> Any:
 
 
 def saemix_sweep(ops: Ops, key: Any, z: Any, scales: tuple[Any, Any], k: Any, kernels: tuple[int, int, int],
-                 evaluate: Evaluate, sample_prior: Callable[[Any], Any], cache: Any = None,
-                 rescore: Callable[[Any, Any], tuple[Any, Any]] | None = None, units_minor: bool = False
-                 ) -> tuple[ChainState, tuple[Any, Any], dict]:
+                 evaluate: Evaluate, sample_prior: Callable[[Any], Any] | None, cache: Any = None,
+                 rescore: Callable[[Any, Any], tuple[Any, Any]] | None = None,
+                 prior_transform: Callable[[Any], Any] | None = None) -> tuple[ChainState, tuple[Any, Any], dict]:
     """saemix's MCMC step from draws ``z [L, n, d]``: ``n1`` prior-IMH, ``n2`` component-wise RW and ``n3``
     random-block RW iterations (``kernels``), the RW scales ``(scale_rw, scale_block)`` adapted as they go.
     With the ``cache`` of ``z`` carried from the previous sweep and ``rescore``, the starting state is re-scored at
@@ -324,29 +311,27 @@ def saemix_sweep(ops: Ops, key: Any, z: Any, scales: tuple[Any, Any], k: Any, ke
     reduced after their loops (XLA combines these reductions with the statistics' into one all-reduce), with the same
     values as per-step reductions (the same means of the same 0/1 indicators; sums of counts are exact).
 
-    ``units_minor`` (a compiled backend): the sweep holds the chains as ``[L, d, n]``, the units on the minor axis,
-    so that XLA:CPU vectorises the proposals, priors and selects over the units (over ``[L, n, d]`` with d = 3 its
-    fused loops run scalar); ``evaluate``, ``rescore`` and ``sample_prior`` take and give that layout, the normal
-    draws are the same numbers (``ops.normal_units_minor``), and the returned chains are ``[L, n, d]`` again.
+    ``prior_transform`` (a compiled backend; ``ε -> μ + L ε`` on ``[L, d, n]``, given instead of ``sample_prior``):
+    the units-minor sweep, :func:`_saemix_sweep_units_minor`.
     """
     n1, n2, n3 = kernels
     keys = ops.split(key, n1 + n2 + 2 * n3 + 1)
     xp = ops.xp
-    if units_minor:
-        z = xp.swapaxes(z, -1, -2)
-    elif _unit_blocks(evaluate, z) is not None:
+    if prior_transform is not None:
+        return _saemix_sweep_units_minor(ops, keys, z, scales, k, kernels, evaluate, prior_transform, cache, rescore)
+    if _unit_blocks(evaluate, z) is not None:
         return _saemix_sweep_blocked(ops, keys, z, scales, k, kernels, evaluate, sample_prior, cache, rescore)
     chain = init_chain_state(z, evaluate, cache, rescore)
     chain = chain._replace(num_nonfinite=ops.zeros(tuple(chain.log_lik.shape)))  # per chain and unit until the end
     acc: dict[str, Any] = {}
-    d = chain.z.shape[-2 if units_minor else -1]
+    d = chain.z.shape[-1]
     scale_rw, scale_block = scales
     if n1:
         eye = ops.asarray([[1.0 if i == j else 0.0 for i in range(n1)] for j in range(n1)])
 
         def imh(i, carry):
             ch, ok_units = carry
-            ch, ok = _prior_imh(ops, keys[i], ch, sample_prior, evaluate, units_minor=units_minor)
+            ch, ok = _prior_imh(ops, keys[i], ch, sample_prior, evaluate)
             return ch, ok_units + (ok * 1.0)[..., None] * (eye[i] > 0)
 
         ok_units = (ops.zeros(tuple(chain.log_lik.shape) + (n1,)) > 1) * 1.0  # the dtype of ``ok * 1.0``
@@ -358,7 +343,7 @@ def saemix_sweep(ops: Ops, key: Any, z: Any, scales: tuple[Any, Any], k: Any, ke
     if n2:
         def rw(i, carry):
             ch, scale, rate = carry
-            ch, a = rw_componentwise(ops, keys[n1 + i], ch, scale, evaluate, units_minor=units_minor)
+            ch, a = rw_componentwise(ops, keys[n1 + i], ch, scale, evaluate)
             return ch, adapt_scale(scale, a), rate + a / n2
 
         chain, scale_rw, acc["rw"] = ops.fori_loop(0, n2, rw, (chain, scale_rw, ops.zeros((d,))))
@@ -366,13 +351,137 @@ def saemix_sweep(ops: Ops, key: Any, z: Any, scales: tuple[Any, Any], k: Any, ke
         def block(i, carry):
             ch, scale, rate = carry
             mask = random_block_mask(ops, keys[n1 + n2 + 2 * i], d, k)
-            ch, a = rw_block(ops, keys[n1 + n2 + 2 * i + 1], ch, scale, mask, evaluate, units_minor=units_minor)
+            ch, a = rw_block(ops, keys[n1 + n2 + 2 * i + 1], ch, scale, mask, evaluate)
             return ch, adapt_scale(scale, a, mask), rate + a / n3
 
         chain, scale_block, acc["block_rw"] = ops.fori_loop(0, n3, block, (chain, scale_block, ops.zeros(())))
     chain = chain._replace(num_nonfinite=xp.sum(chain.num_nonfinite))
-    if units_minor:
-        chain = chain._replace(z=xp.swapaxes(chain.z, -1, -2))
+    return chain, (scale_rw, scale_block), acc
+
+
+def _mh_test(xp: Any, u: Any, log_ratio: Any) -> Any:
+    """The MH test ``log u < log_ratio`` as ``u < exp(log_ratio)``: one ``exp`` per test instead of a ``log``
+    (XLA:CPU's float64 ``log`` runs scalar, ~4.5 ns a value against ~2 ns for ``exp``).  The same decisions except
+    where ``log_ratio`` lies within a rounding of ``log u`` (a probability of ~1e-16 per test); ``u = 0``
+    (``log u = -inf``) accepts every ``log_ratio > -inf``, as before (where ``exp`` underflows to 0)."""
+    return (u < xp.exp(log_ratio)) | ((u == 0) & (log_ratio > -xp.inf))
+
+
+def _accept_drawn(xp: Any, u: Any, log_ratio: Any, state: ChainState, z_new: Any, ll_new: Any, lp_new: Any,
+                  target_new: Any = None, cache_new: Any = None) -> tuple[ChainState, Any]:
+    """:func:`_accept` on chains laid out ``[L, d, n]`` with the uniforms ``u [L, n]`` drawn beforehand
+    (:func:`_saemix_sweep_units_minor`) and the test :func:`_mh_test`."""
+    finite_new = xp.isfinite(ll_new + lp_new if target_new is None else target_new)
+    finite_old = xp.isfinite(state.log_lik + state.log_prior)
+    ok = finite_new & (~finite_old | _mh_test(xp, u, log_ratio))
+    z = xp.where(ok[..., None, :], z_new, state.z)
+    ll = xp.where(ok, ll_new, state.log_lik)
+    lp = xp.where(ok, lp_new, state.log_prior)
+    count = _count_nonfinite(xp, state.num_nonfinite, ~finite_new)
+    cache = state.cache if state.cache is None else xp.where(ok, cache_new, state.cache)
+    return ChainState(z, ll, lp, count, cache), ok
+
+
+def _sweep_draws(ops: Ops, keys: Any, kernels: tuple[int, int, int], shape: tuple[int, int, int]) -> tuple:
+    """Every random number of a units-minor sweep (chains ``shape = (L, d, n)``), drawn before its kernels from the
+    keys the step-by-step kernels draw them from: ``(ε of the prior draws and block steps [n1 + n3, L, d, n],
+    ε of the component-wise moves [n2, d, L, n], uniforms [n1 + n2 d + n3, L, n])``, the same numbers
+    (:meth:`~latentfit.inference.ops.Ops.stacked_draws`).  Drawn in one vectorised pass each (XLA:CPU runs a normal
+    draw over ``[L, n]`` with L = 1 as a scalar loop, ~15 ns a value against ~6 over ``[K, L, n]``, and duplicated the
+    threefry hash into the two fusions reading a draw inside the kernels), they are read from memory by the kernels."""
+    xp = ops.xp
+    n1, n2, n3 = kernels
+    L, d, n = shape
+    # the prior-IMH and block steps' (normal, uniform) key pairs [n1 + n3, 2, 2]; the component-wise sweeps' keys
+    # [n2, 2d, 2] (rw_componentwise: ε_j, u_j of move j): each a split of the sweep's keys, vectorised
+    eps_prior = eps_rw = None
+    u_keys = []
+    if n1 + n3:
+        pairs = ops.stacked_draws(ops.split, xp.stack([keys[i] for i in range(n1)]
+                                                      + [keys[n1 + n2 + 2 * i + 1] for i in range(n3)]))
+        eps_prior = ops.stacked_draws(lambda kk: ops.normal_units_minor(kk, (L, d, n)), pairs[:, 0])
+        u_keys = [pairs[:n1, 1], pairs[n1:, 1]]
+    if n2:
+        moves = ops.stacked_draws(lambda kk: ops.split(kk, 2 * d), keys[n1:n1 + n2])
+        eps_rw = ops.stacked_draws(lambda kk: ops.normal(kk, (L, n)), xp.reshape(moves[:, 0::2], (n2 * d, -1)))
+        eps_rw = xp.reshape(eps_rw, (n2, d, L, n))
+        u_keys.insert(1, xp.reshape(moves[:, 1::2], (n2 * d, -1)))
+    u = ops.stacked_draws(lambda kk: ops.uniform(kk, (L, n)), xp.concatenate(u_keys)) if u_keys else None
+    return eps_prior, eps_rw, u
+
+
+def _saemix_sweep_units_minor(ops: Ops, keys: Any, z: Any, scales: tuple[Any, Any], k: Any,
+                              kernels: tuple[int, int, int], evaluate: Evaluate, prior_transform: Callable[[Any], Any],
+                              cache: Any, rescore: Callable[[Any, Any], tuple[Any, Any]] | None
+                              ) -> tuple[ChainState, tuple[Any, Any], dict]:
+    """:func:`saemix_sweep` on a compiled backend with the chains laid out ``[L, d, n]``, the units on the minor axis,
+    so that XLA:CPU vectorises the proposals, priors and selects over the units (over ``[L, n, d]`` with d = 3 its
+    fused loops run scalar); ``evaluate``, ``rescore`` and ``prior_transform`` (``ε -> μ + L ε``) take and give that
+    layout, and the returned chains are ``[L, n, d]`` again.
+
+    The sweep's random numbers are drawn before its kernels (:func:`_sweep_draws`: the same numbers as the
+    step-by-step kernels', vectorised), the MH tests are :func:`_mh_test`, and a component-wise sweep keeps each
+    move's acceptance indicators ``[d, L, n]`` by row (the same 0/1 values as a running ``[L, n, d]`` sum): the states,
+    scales and rates of :func:`saemix_sweep`'s kernels up to the rounding of the model's densities in this layout."""
+    xp = ops.xp
+    n1, n2, n3 = kernels
+    z = xp.swapaxes(z, -1, -2)
+    L, d, n = (int(s) for s in z.shape)
+    eps_prior, eps_rw, u_all = _sweep_draws(ops, keys, kernels, (L, d, n))
+    chain = init_chain_state(z, evaluate, cache, rescore)
+    chain = chain._replace(num_nonfinite=ops.zeros(tuple(chain.log_lik.shape)))  # per chain and unit until the end
+    acc: dict[str, Any] = {}
+    scale_rw, scale_block = scales
+    one = lambda table, i: ops.take_block(table, i, 1)[0]  # noqa: E731 - table[i] for a traced i
+
+    def target_step(ch: ChainState, u: Any, z_new: Any) -> tuple[ChainState, Any]:  # a random-walk step
+        ll_new, lp_new, c_new = _evaluate(evaluate, z_new)
+        target_new = ll_new + lp_new
+        return _accept_drawn(xp, u, target_new - ch.log_lik - ch.log_prior, ch, z_new, ll_new, lp_new, target_new,
+                             c_new)
+
+    if n1:
+        def imh(i, carry):
+            ch, oks = carry
+            z_new = prior_transform(one(eps_prior, i))
+            ll_new, lp_new, c_new = _evaluate(evaluate, z_new)
+            ch, ok = _accept_drawn(xp, one(u_all, i), ll_new - ch.log_lik, ch, z_new, ll_new, lp_new, cache_new=c_new)
+            return ch, ops.put_block(oks, i, (ok * 1.0)[None])
+
+        chain, oks = ops.fori_loop(0, n1, imh, (chain, ops.zeros((n1, L, n))))
+        rate = ops.zeros(())
+        for i in range(n1):  # each repetition's rate, summed in their order; XLA combines the n1 reductions
+            rate = rate + ops.unit_mean(oks[i]) / n1
+        acc["prior_imh"] = rate
+    if n2:
+        eye = ops.asarray([[1.0 if i == j else 0.0 for i in range(d)] for j in range(d)])
+
+        def rw(i, carry):
+            ch, scale, rate = carry
+            eps_i = one(eps_rw, i)  # [d, L, n]
+
+            def move(j, inner):
+                st, oks = inner
+                z_new = st.z + one(eps_i, j)[..., None, :] * (scale * eye[j])[:, None]
+                st, ok = target_step(st, one(u_all, n1 + i * d + j), z_new)
+                return st, ops.put_block(oks, j, (ok * 1.0)[None])
+
+            ch, oks = ops.fori_loop(0, d, move, (ch, ops.zeros((d, L, n))))
+            a = ops.zeros((d,)) + xp.stack([ops.unit_mean(oks[j]) for j in range(d)])
+            return ch, adapt_scale(scale, a), rate + a / n2
+
+        chain, scale_rw, acc["rw"] = ops.fori_loop(0, n2, rw, (chain, scale_rw, ops.zeros((d,))))
+    if n3:
+        def block(i, carry):
+            ch, scale, rate = carry
+            mask = random_block_mask(ops, keys[n1 + n2 + 2 * i], d, k)
+            z_new = ch.z + one(eps_prior, n1 + i) * (scale * mask)[:, None]
+            ch, ok = target_step(ch, one(u_all, n1 + n2 * d + i), z_new)
+            a = ops.unit_mean(ok * 1.0)
+            return ch, adapt_scale(scale, a, mask), rate + a / n3
+
+        chain, scale_block, acc["block_rw"] = ops.fori_loop(0, n3, block, (chain, scale_block, ops.zeros(())))
+    chain = chain._replace(num_nonfinite=xp.sum(chain.num_nonfinite), z=xp.swapaxes(chain.z, -1, -2))
     return chain, (scale_rw, scale_block), acc
 
 

@@ -178,6 +178,11 @@ class Ops:
         shape = tuple(shape)
         return self.xp.swapaxes(self.normal(key, shape[:-2] + (shape[-1], shape[-2])), -1, -2)
 
+    def stacked_draws(self, draw: Callable[[Any], Any], keys: Any) -> Any:
+        """``stack([draw(keys[i]) for i])``: one draw per key of ``keys`` (stacked keys, as :meth:`split` gives them),
+        the same numbers (JAX: vectorised over the keys, ``jax.vmap``)."""
+        return self.xp.stack([draw(keys[i]) for i in range(len(keys))])
+
     def shared_uniform(self, key: Any, shape: tuple[int, ...]) -> Any:
         """Uniform draws that every unit shares (e.g. saemix's random block); :meth:`uniform` here, the key's
         own stream under :meth:`per_unit_streams`."""

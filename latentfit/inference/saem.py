@@ -334,16 +334,13 @@ class SAEM(Engine):
         # a compiled sweep over the chains laid out [L, d, N] (the same draws): the model's face for that layout
         minor = (model.units_minor_density(theta) if cached is not None and self.rng == "global"
                  and self.units_minor_sweep else None)
-        if minor is not None:
+        transform = None
+        if minor is not None:  # the prior draws are transform(normal_units_minor(kk, [L, d, N])): those of sample_prior
             evaluate, rescore, transform = minor
-            shape_t = (self.num_chains, state.z.shape[-1], state.z.shape[-2])
-
-            def sample_prior(kk: Any) -> Any:  # the draws of prior_transform(θ, normal(kk, [L, N, d])), transposed
-                return transform(sim.normal_units_minor(kk, shape_t))
         chain, scales, acc = mcmc.saemix_sweep(
             sim, key, state.z, (state.scale_rw, state.scale_block), k, self.kernels,
             evaluate=evaluate, sample_prior=sample_prior, cache=state.cache, rescore=rescore,
-            units_minor=minor is not None)
+            prior_transform=transform)
         return chain, acc, state._replace(scale_rw=scales[0], scale_block=scales[1], cache=chain.cache)
 
     def _chain_mean_stats(self, theta: dict[str, Any], z: Any, cache: Any = None) -> dict[str, Any]:
