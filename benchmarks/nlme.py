@@ -159,6 +159,24 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   ``μ + ω ε`` contracted into FMAs when compiled): 6.2e-13 relative (defaults), 2.8e-16 (per-unit streams), equal
   (covariate + block Ω); torch bit-identical.  The 10x goal (<= 0.2 s) is not met: loading the 1.3-1.7 MB compiled
   chunk from JAX's cache (its deserialisation 130-670 ms at that load) is now most of the time.
+* sixth round, JAX on CPU (issue 14 item 9): where the time went (``jax.profiler``, optimised HLO, microbenchmarks of
+  single XLA programs): XLA:CPU's float64 ``log`` costs 4.5-6.5 ns a value (scalar), its ``exp`` 2.5 ns at the default
+  vector width, a normal drawn over ``[1, N]`` 15 ns (6 over ``[K, 1, N]``), and its threefry hash was fused into two
+  consumers.  Changes (the same draws, decisions and values: estimates and histories bit-identical):
+  - the units-minor sweep (``mcmc._saemix_sweep_units_minor``) draws all its normals and uniforms before its kernels,
+    vectorised over the kernels' keys (``Ops.stacked_draws``: the same numbers), and the kernels read them from
+    memory; the MH test is ``u < exp(r)`` (``mcmc._mh_test``: the decisions of ``log u < r`` but for ties within a
+    rounding, ~1e-16 a test); the component-wise acceptances are kept by row instead of a running ``[L, N, d]`` sum;
+  - a chunk whose state has an array of >= 4096 entries compiles with ``xla_cpu_prefer_vector_width=512``
+    (``ops_jax.WIDE_VECTOR_OPTIONS``; AVX-512 here): float64 ``exp`` 1.6 ns a value, the same values.
+  - measured: N = 5000, 400 iterations, bbfebc9 and 18d559d alternated in fresh processes (3 rounds x 2 fits after a
+    compiling one, CPU time of each fit over 400, load 6.0-7.4 on 2 cores): 5.56 ms/iteration (4.94-5.96) -> 3.79
+    (3.26-3.90), -32%, below the 4.4 ms goal; the compiling fit's CPU 8.5-10.7 s -> 9.6-10.4 s.  Estimates and
+    histories sha-identical (N = 5000 seed 0; N = 1000 seeds 0-3; theophylline defaults); torch 6 fits sha-identical.
+  - memory: the chunk's XLA temporaries 157 -> 397 B per individual (the sweep's draws, 18 normals and 10 uniforms
+    per individual in float64), arguments 208 B per individual (``memory_analysis()``; printed by this script).
+  - left (profile per iteration, ~3.6 ms in the trace): the 10 evaluations 1.4 ms (two float64 ``exp`` per
+    observation), the draws 0.6 ms (the inverse error function), the acceptance selects ~0.5 ms, ~750 thunks.
 """
 
 from __future__ import annotations
@@ -343,7 +361,25 @@ def _jax_rows(label: str, make_model, repeats: int, num_iters) -> list[tuple]:
 
     row = (label, "NLME, backend='jax', SAEM", *_timed(_Fit, repeats))
     print(f"({label}: JAX compilation {_Fit.compile_s:.2f} s, excluded from the table)")
+    print(f"({label}: JAX memory: {_jax_chunk_bytes(model)})")
     return [row]
+
+
+def _jax_chunk_bytes(model) -> str:
+    """The XLA buffers of the model's compiled SAEM chunks per individual: temporaries (the chunk's working arrays:
+    proposals, draws, densities) and arguments (data, design, state), from ``memory_analysis()``."""
+    n = int(model.num_units)
+    sizes = []
+    for program, _ in getattr(model.ops, "_compiled", {}).values():
+        try:
+            ma = program.executable.memory_analysis()
+            sizes.append((ma.temp_size_in_bytes, ma.argument_size_in_bytes))
+        except Exception:  # noqa: BLE001 - an executable without the analysis
+            continue
+    if not sizes:
+        return "n/a"
+    temp, args = max(sizes)
+    return f"{temp / n:.0f} B of XLA temporaries and {args / n:.0f} B of arguments per individual (largest chunk)"
 
 
 #: one end-to-end theophylline fit on the JAX path in a fresh process: data, model, fit (defaults), estimates read
@@ -439,7 +475,7 @@ def main() -> None:
           f"{(rss1 - rss0) / 2 ** 20:.0f} MiB)")
     print(f"\nSAEM iterations: {iters} (K1={num_iters[0]}, K2={num_iters[1]}); best of {args.repeats} runs;"
           f" torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    print(f"{'data':<22}{'engine':<30}{'wall (s)':>10}{'ms/iter':>10}{'cpu (s)':>10}{'vs peer':>9}"
+    print(f"{'data':<22}{'engine':<30}{'wall (s)':>10}{'ms/iter':>10}{'cpu (s)':>10}{'cpu ms/it':>10}{'vs peer':>9}"
           f"{'vs saemix':>10}")
     peer = {d: t for d, e, t, _, _ in rows if "peer" in e}
     for data, engine, t, cpu, _ in rows:
@@ -450,8 +486,10 @@ def main() -> None:
             sx = f"{SAEMIX_SECONDS * iters / 400 / t:9.1f}x"
         else:
             sx = f"{'n/a':>10}"
-        print(f"{data:<22}{engine:<30}{t:10.2f}{1000 * t / iters:10.2f}{cpu:10.2f}{ratio}{sx}")
-    print("(wall: the SAEM iterations; cpu: process CPU time of the whole run, less sensitive to other load)")
+        print(f"{data:<22}{engine:<30}{t:10.2f}{1000 * t / iters:10.2f}{cpu:10.2f}{1000 * cpu / iters:10.2f}"
+              f"{ratio}{sx}")
+    print("(wall, ms/iter: the SAEM iterations; cpu, cpu ms/it: process CPU time of the whole run (initialisation "
+          "included, JAX compilation too if that run compiled), less sensitive to other load)")
     for data, seconds in SAEMIX_MEASURED.items():
         print(f"(saemix on {data}, measured in this run: {seconds:.2f} s for {iters} iterations)")
     if not any(d.startswith("simulated") for d in SAEMIX_MEASURED):
