@@ -445,7 +445,7 @@ def test_second_process_traces_nothing_with_the_store(stored):
     assert second["sha"] == first["sha"] == _fit(_plain_env(env["PYTHONPATH"]))["sha"]
 
 
-@pytest.mark.parametrize("change", [{"scale": 1.5}, {"version": "0.0.0-other"},
+@pytest.mark.parametrize("change", [pytest.param({"scale": 1.5}, marks=pytest.mark.slow), {"version": "0.0.0-other"},
                                     pytest.param({"seed": 1}, marks=pytest.mark.slow),
                                     pytest.param({"kernel": 3}, marks=pytest.mark.slow)])
 def test_the_store_does_not_serve_other_data_options_closures_or_versions(stored, change):
@@ -462,6 +462,7 @@ def test_the_store_does_not_serve_other_data_options_closures_or_versions(stored
         assert again["sha"] != first["sha"]  # the change mattered
 
 
+@pytest.mark.slow  # three more processes (~15 s of CPU each)
 def test_a_corrupted_or_truncated_entry_is_ignored(stored, tmp_path):
     """Entries (programs and the analysis' record) truncated, with flipped bytes, or replaced by garbage are ignored
     without an error (checksum): the model is analysed and its programs traced again, and the fit is the same."""

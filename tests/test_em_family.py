@@ -186,6 +186,7 @@ def test_bad_options_give_clear_errors(backend):
         FIEM(gm, rho=2.0)
 
 
+@pytest.mark.slow_on("numpyro")  # ~50 s of CPU (its MC engines compile); the Pyro case stays in the default suite
 def test_exact_engines_refuse_continuous_latents_and_mc_engines_fit_them(backend):
     """Balanced one-way random-effects model (a plain Pyro / NumPyro model through the front door):
     MLE in closed form (μ̂ = ȳ, σ̂² = within MS, ω̂² = between variance − σ̂²/T); EM asks for an exact

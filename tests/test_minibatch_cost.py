@@ -118,6 +118,7 @@ def test_traced_minibatch_engine_same_estimates_with_and_without_batch_path(ppl)
         assert abs(fits[0][k] - fits[1][k]) <= tol * (1 + abs(fits[0][k])), (k, fits)
 
 
+@pytest.mark.slow_on("numpyro")  # the Pyro case stays in the default suite
 @pytest.mark.parametrize("ppl", ["pyro", "numpyro"])
 def test_observations_outside_the_unit_plate_keep_the_full_run(ppl):
     """Radon style (latents in a plate over groups, rows reading ``alpha[group]``): the rows of a batch of groups
@@ -265,6 +266,7 @@ def test_enumerated_minibatch_engines_same_estimates_with_and_without_batch_path
                 np.testing.assert_allclose(other[k], out[0][k], rtol=tol, atol=tol, err_msg=f"{cls.__name__} {k}")
 
 
+@pytest.mark.slow_on("numpyro")  # the Pyro case stays in the default suite
 @pytest.mark.parametrize("ppl", ["pyro", "numpyro"])
 def test_a_mask_over_the_units_keeps_the_full_run(ppl):
     import sys
@@ -322,6 +324,7 @@ def test_mixture_coefficients_reused_only_for_the_same_unmodified_parameters():
     torch.testing.assert_close(gm._coefficients(moved), gm._coefficients_of(moved))
 
 
+@pytest.mark.slow_on("numpyro")  # the Pyro case stays in the default suite
 @pytest.mark.parametrize("ppl", ["pyro", "numpyro"])
 def test_a_full_run_batch_leaves_the_other_units_where_the_model_is_finite(ppl):
     """A model the batch path does not run alone (theophylline: per-unit arrays and a mask) evaluates a mini-batch in

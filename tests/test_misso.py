@@ -36,7 +36,7 @@ def _fit(backend: Backend, engine: str, name: str, seed: int = 0, **options):
     return cls(entry.model(backend), progress=False, **options).run(seed, *args)
 
 
-@pytest.mark.parametrize("backend_name", ["pyro", "numpyro"])
+@pytest.mark.parametrize("backend_name", ["pyro", pytest.param("numpyro", marks=pytest.mark.slow)])  # (NumPyro: ~30 s)
 def test_equals_incremental_mcem_on_an_exponential_family_model(backend_name):
     """many_schools (μ, τ closed form): MISSO with M_k = L draws per visit is mini-batch MCEM, iterate by iterate."""
     b = Backend(backend_name)
