@@ -35,16 +35,16 @@ def test_fisher_scoring_reaches_the_closed_form_maximum(backend_name):
 
 
 def test_fisher_scoring_phases():
-    """The heavy-ball steps (rate tapered from RATE), then γ = 1 until ``average_from = burn_in + num_iters // 5``,
-    then ``γ = (k − k₀)^{−α}``; the averaged estimate is reported."""
+    """The heavy-ball steps (rate tapered from RATE; 30 % of the steps before ``average_from``), then γ = 1 until
+    ``average_from = burn_in + 2 num_iters // 5``, then ``γ = (k − k₀)^{−α}``; the averaged estimate is reported."""
     fit = _fit(Backend("pyro"), "radon_slope", optimizer="fisher", num_iters=60, burn_in=5)
     engine = fit.engine
-    assert engine.fisher and engine.average_from == 5 + 12 and engine.momentum_steps == 7
+    assert engine.fisher and engine.average_from == 5 + 24 and engine.momentum_steps == 7
     rate = np.asarray(fit.history["learning_rate"])
     assert rate[5] == pytest.approx(preconditioned.RATE)  # the first heavy-ball step (iteration 6)
     assert np.all(np.diff(rate[5:12]) < 0)  # tapered toward Fisher scoring's γ = 1
-    np.testing.assert_allclose(rate[12:17], 1.0)  # γ = 1 until average_from
-    np.testing.assert_allclose(rate[17 + 9], 10.0 ** -preconditioned.ALPHA)  # then (k − k₀)^−α
+    np.testing.assert_allclose(rate[12:29], 1.0)  # γ = 1 until average_from
+    np.testing.assert_allclose(rate[29 + 9], 10.0 ** -preconditioned.ALPHA)  # then (k − k₀)^−α
     assert np.all(np.isfinite(fit.history["iterate"])) and np.all(np.isfinite(fit.history["grad_norm2"]))
 
 
@@ -168,3 +168,65 @@ def test_information_refreshed_every_m_steps(monkeypatch):
         counts[every] = calls["n"]
         assert np.all(np.isfinite(fit.history["iterate"]))
     assert counts == {4: 4, 1: 15}
+
+
+@pytest.mark.slow_on("numpyro")  # eager JAX steps: 30-70 s each at load 6
+@pytest.mark.parametrize("prune", [True, False])
+def test_exact_information_is_the_closed_form_fisher_information(backend, prune):
+    """``information="exact"``: after the first Fisher step (γ = 1, so Γ_1 = Ĥ_1), Γ is the prior's expected
+    information in closed form.  Model: ``phi_g ~ Normal(beta, omega)`` (2 dims) and ``s_g ~ LogNormal(m, tau)`` over
+    G = 12 groups, θ in the prior only; in x = (beta, log omega, m, log tau) the information of ``N(μ, σ)`` is
+    ``G / σ²`` for the mean and ``2 G`` for ``log σ``, cross terms 0.  With ``prune=False`` the likelihood's observed
+    information at the chains is added (0 here: θ does not enter it) and the prior's comes from the model's density."""
+    from test_pruned_gradient import SIZES, _args, _data, _model
+
+    from latentfit.inference.mcmcsgd import MCMCSGD
+
+    lm = backend.latent_model(_model(backend), *_args(backend, _data()))
+    engine = MCMCSGD(lm, optimizer="fisher", information="exact", num_iters=5, burn_in=0, prune=prune,
+                     progress=False)
+    state = engine.init(backend.key(3))
+    assert (engine._prior_only is not None) == prune
+    state, _ = engine.step(state, lm.ops.asarray(np.array(1), dtype=None), "fisher-momentum")
+    g = len(SIZES)
+    theta0 = {n: np.atleast_1d(lm.ops.to_numpy(lm.params[n].value)) for n in engine.names}
+    expected = {"beta": g / theta0["omega"] ** 2, "omega": np.full(2, 2.0 * g), "m": g / theta0["tau"] ** 2,
+                "tau": np.array([2.0 * g])}
+    diag = np.concatenate([expected[n] for n in engine.names])
+    np.testing.assert_allclose(backend.to_numpy(state.opt["gamma"]), np.diag(diag), rtol=1e-10, atol=1e-9)
+
+
+def test_exact_information_refuses_non_gaussian_latents_and_unknown_names():
+    import pyro
+    import pyro.distributions as dist
+    import torch
+    from torch.distributions import constraints
+
+    import latentfit.pyro as lp
+    from latentfit.inference.model import ModelSpecificationError
+
+    def model(x, group, num_groups, y=None):
+        rate = pyro.param("rate", torch.tensor(1.0, dtype=x.dtype), constraint=constraints.positive)
+        with pyro.plate("group", num_groups):
+            u = pyro.sample("u", dist.Gamma(2.0, rate))
+        with pyro.plate("rows", len(x)):
+            pyro.sample("y", dist.Poisson(u[group] * torch.exp(x)), obs=y)
+
+    group = torch.arange(4).repeat_interleave(3)
+    x = torch.linspace(-1.0, 1.0, 12, dtype=torch.float64)
+    args = (x, group, 4, torch.ones(12, dtype=torch.float64))
+    with pytest.raises(ModelSpecificationError, match="needs Gaussian latents"):
+        lp.MCMCSGD(model, optimizer="fisher", information="exact", num_iters=3, burn_in=1, progress=False).run(*args)
+    with pytest.raises(ValueError, match="information must be one of"):
+        lp.MCMCSGD(model, optimizer="fisher", information="sigma", num_iters=3, burn_in=1, progress=False).run(*args)
+
+
+def test_momentum_steps_option():
+    """``momentum_steps=3``: three heavy-ball steps (rate tapered from RATE), then γ = 1 until ``average_from``."""
+    fit = _fit(Backend("pyro"), "radon_slope", optimizer="fisher", num_iters=60, burn_in=5, momentum_steps=3)
+    assert fit.engine.momentum_steps == 3 and fit.engine.average_from == 29
+    rate = np.asarray(fit.history["learning_rate"])
+    assert rate[5] == pytest.approx(preconditioned.RATE) and np.all(np.diff(rate[5:8]) < 0)
+    np.testing.assert_allclose(rate[8:29], 1.0)
+    with pytest.raises(ValueError, match="momentum_steps must be >= 0"):
+        _fit(Backend("pyro"), "radon_slope", optimizer="fisher", num_iters=20, momentum_steps=-1)
