@@ -513,10 +513,16 @@ iterations and, at 1.45× its CPU per iteration, in 0.70-0.89× its CPU (iterati
 LL": set-up and the result's post-processing excluded).  The crossing is made by the iterate itself (before the
 averaging starts at 210): on seed 0 the final average ends 0.38 LL units below SAEM's (−1.13 against −0.75), within
 SAEM's own spread over fit seeds (below) but not better.  In whole-fit CPU per iteration (``time.process_time`` around
-each fit divided by its iterations, which spreads the set-up and the result over them: SAEM 2.4-3.1 s per fit,
-Fisher 4.3-5.4 s) it is 1.70 / 0.83 / 1.19 s against SAEM's 1.51 / 1.53 / 1.38 s: slower on seed 0.  The exact
+each fit divided by its iterations; single fits, not alternated, at load 5-7: SAEM 2.4-3.1 s per fit of 400
+iterations, Fisher 4.3-5.4 s per 500, i.e. 1.5-1.8× per iteration) it is 1.70 / 0.83 / 1.19 s against SAEM's
+1.51 / 1.53 / 1.38 s: slower on seed 0.  (A profile of one Fisher fit: the sweep 5.3 s of 8.4 under cProfile, Γ's
+Hessian 1.4 s, set-up and result negligible.)  The exact
 information shortens the approach on seeds 1-2 (78 / 68 iterations) but costs more than it saves; it stays an
-option (noise-free Γ, no stream drawn).  Single fits are noisy (±0.5 LL units, see above), so the same comparison
+option (noise-free Γ, no stream drawn).  Refreshing Γ every step of the heavy-ball phase but only every 5th / 10th
+step after it (a scratch patch; ``information_every`` alone also thins the momentum steps, where a stale Γ is
+unstable) saves about 1.4 ms of Hessian per thinned step but costs iterations: dLL / k −0.98 / never, −0.08 / 148,
+−0.45 / 191 (every 5th) and −0.67 / 271, −0.80 / 118, −0.80 / 307 (every 10th), against −1.13 / 158, −0.24 / 96,
+−0.21 / 120 refreshed every step: not kept.  Single fits are noisy (±0.5 LL units, see above), so the same comparison
 with fit seeds 10 and 20 on each data set (9 fits in all with the table's; the target is each fit seed's own SAEM)::
 
     dLL / k              data 0: fit 10 / fit 20       data 1: fit 10 / fit 20      data 2: fit 10 / fit 20
