@@ -343,3 +343,46 @@ def test_read_nonmem_reads_float_columns_in_place():
     np.testing.assert_array_equal(data.dv, df["DV"].to_numpy().reshape(n, t + 1)[:, 1:])
     np.testing.assert_array_equal(data.time, np.broadcast_to(TIMES, (n, t)))
     np.testing.assert_array_equal(data.dose_amt, np.full((n, 1), 100.0))
+
+
+@pytest.mark.parametrize("rng", ["global", "per_unit"])
+def test_saem_step_is_pure_and_the_last_good_state_is_not_copied(small_blocks, monkeypatch, tmp_path, rng):
+    """SAEM's step on the NLME fast path (its kernels over blocks of units, writing fresh chains) leaves the state it
+    is given as it was, so the driver keeps the last good state by reference (no host copy of the chains: the chains
+    kept twice) and a fit interrupted inside a chunk still returns, and resumes from, the state at the chunk's start.
+    """
+    from latentfit.checkpoint import flatten_state
+
+    model = nlme.NLME("one_compartment_oral", {"ka": 1.5, "V": 10.0, "CL": 1.0}, data=_population(40, seed=2))
+    engine = SAEM(model, (6, 4), seed=0, progress=False, burn_in=1, chunk_size=3, rng=rng)
+    state = engine.init(model.ops.key(0))
+    assert engine._snapshot(state, 0).state is state
+    before = flatten_state(state)[0]
+    for phase_index in (0, -1):
+        engine.step(state, torch.tensor(2), engine.phases()[phase_index][2])
+        for k, v in flatten_state(state)[0].items():
+            np.testing.assert_array_equal(v, before[k], err_msg=f"the step changed its input state: {k}")
+    accept, calls = mcmc._accept_blocks, {"n": 0, "stop": None}
+
+    def counted(*args, **kwargs):  # a KeyboardInterrupt inside the second chunk (iterations 4-6)
+        calls["n"] += 1
+        if calls["n"] == calls["stop"]:
+            raise KeyboardInterrupt
+        return accept(*args, **kwargs)
+
+    monkeypatch.setattr(mcmc, "_accept_blocks", counted)
+    first_chunk = []
+    clean = SAEM(model, (6, 4), seed=0, progress=False, burn_in=1, chunk_size=3, rng=rng,
+                 callback=lambda k, record: first_chunk.append(calls["n"]) if k == 3 else None).run()
+    calls.update(n=0, stop=first_chunk[0] + 3)
+    with pytest.warns(RuntimeWarning, match="interrupted"):
+        part = SAEM(model, (6, 4), seed=0, progress=False, burn_in=1, chunk_size=3, rng=rng).run(checkpoint=tmp_path)
+    assert calls["n"] == calls["stop"] and part.interrupted and part.num_iterations == 3
+    resumed = SAEM(model, (6, 4), seed=0, progress=False, burn_in=1, chunk_size=3, rng=rng).run(resume=tmp_path)
+    for name, value in clean.history.items():
+        np.testing.assert_array_equal(resumed.history[name], value, err_msg=name)
+    k = part.num_iterations
+    for name, value in part.history.items():
+        np.testing.assert_array_equal(value, clean.history[name][:k], err_msg=name)
+    for name, value in part.params.items():
+        np.testing.assert_array_equal(np.asarray(value), clean.history[f"theta.{name}"][k - 1], err_msg=name)

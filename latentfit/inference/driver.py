@@ -52,6 +52,10 @@ class Engine:
     #: static size on every process, the other processes' units weighing 0; the Monte-Carlo ones with
     #: ``rng="per_unit"``).
     jax_local_blocks: bool = False
+    #: whether :meth:`step` never writes into the state it is given (it copies the generator it draws from and writes
+    #: fresh arrays; tests/test_torch_streams.py::test_step_is_pure): the driver then keeps the last good state by
+    #: reference on torch too, instead of a host copy of its per-unit arrays (the chains kept twice)
+    pure_step: bool = False
 
     def __init__(self, model: LatentModel, *, seed: int = 0, progress: bool = True,
                  callback: Callback | None = None, num_draws: int = 100, chunk_size: int = 25) -> None:
@@ -250,7 +254,7 @@ class Engine:
                                 data_axes=getattr(self.model, "unit_data_axes", list)() if sharded else (),
                                 num_units=getattr(self.model, "num_units", None) if sharded else None)
         last_saved = start
-        good = self._snapshot(state, start)  # set-up: a copy of the state (its per-unit tables on torch)
+        good = self._snapshot(state, start)  # set-up: the state, or a copy (torch, steps that write in place)
         t_init = time.perf_counter() - t0
         bar = _progress_bar(total, self.progress, self.name)
         if bar is not None and start:
@@ -381,10 +385,11 @@ class Engine:
         """The state after ``iteration`` (its random stream included), kept until the next chunk completes.
 
         JAX arrays are immutable: the state itself.  torch states may be updated in place (per-unit tables,
-        optimisers, the generator), so they are copied to host arrays as a checkpoint would store them; a state a
-        checkpoint cannot hold (an optimiser with callables in its param_groups) is kept by reference.
+        optimisers, the generator), so they are copied to host arrays as a checkpoint would store them, unless the
+        engine's steps never write into their input (``pure_step``: the state itself); a state a checkpoint cannot
+        hold (an optimiser with callables in its param_groups) is kept by reference.
         """
-        if self.ops.jittable:
+        if self.ops.jittable or self.pure_step:
             return _Snapshot(iteration, state, None)
         from latentfit.checkpoint import flatten_state
 

@@ -144,6 +144,7 @@ class SAEM(Engine):
 
     name = "SAEM"
     jax_local_blocks = True  # run(distributed="local") on JAX (tests/test_jax_distributed.py)
+    pure_step = True  # the driver keeps the last good state by reference (tests/test_nlme_memory.py)
     #: the chains carry the model's per-unit cache between iterations (:meth:`LatentModel.cached_density`); f-SAEM's
     #: Laplace phase does not keep it
     carries_cache = True
