@@ -152,8 +152,27 @@ Part 3 again (2026-12-03 22:00-22:03, same tree, load 4-6, glibc's default alloc
    the live torch storages, N = 2·10⁵, one chain: 223 B per individual) is the state's chains and cache (32 B), the
    sweep's output chains and caches (~56 B), the prior proposal being evaluated and its draw (48 B, ``[L, N, d]``),
    ~40 B of ``[L, N]`` log-densities, uniforms and differences, and one block's temporaries (~50 B at 2·10⁵); the
-   driver's last-good snapshot (32 B, numpy) comes on top.  Cutting the 3x with the table would need ~260 B per
+   driver's last-good snapshot (32 B, numpy) came on top.  Cutting the 3x with the table would need ~260 B per
    individual less, about all of the fit's own increment.
+
+   The snapshot is gone for SAEM and f-SAEM (their steps never write into their input, ``Engine.pure_step``: the
+   driver keeps the last good state by reference).  Before (bbfebc9) and after alternated in fresh processes at
+   N = 10⁶ (2026-12-03 22:33-22:40, load 5-6), B per individual::
+
+                                    table  data bind pk  peak state peak/state -table proc-table  fit
+       mmap threshold 131072 before   529   926    1159  1161   322       3.61   1.96       1.96  235
+                             after    529   927    1160  1129   322       3.51   1.87       1.96  203
+                             before   529   926    1159  1160   322       3.60   1.96       1.96  235
+                             after    529   927    1161  1130   322       3.51   1.87       1.96  203
+       glibc's default       before   528   926    1215  1224   322       3.80   2.16       2.16  298
+       (22:00-22:31)         after    529   925    1215  1247   322       3.87   2.23       2.23  322
+                             before   529   926    1215  1287   322       4.00   2.36       2.36  361
+                             after    528   926    1216  1248   322       3.88   2.23       2.23  322
+
+   With a fixed mmap threshold the fit's peak falls by the snapshot's 32 B (1160 -> 1129); with glibc's default
+   allocator the run-to-run spread (1224-1287 before) is larger than the change.  The process's peak is now the
+   binding's (1.16 kB: the table, the bound data and read_nonmem's temporaries) with the mmap threshold.  The 3x goal
+   counting the caller's table is still NOT met (3.5-3.9x); without it the process's peak is 1.96-2.23x the state.
 
 Every run's estimates agree with the one-process / one-device fit to rounding (≤ 4e-15).  Per process, the peak
 memory falls with the block (815 → 437 MiB at N = 10⁵); the imports alone are ~256 MiB.  Re-run of parts 1-2 at
