@@ -169,10 +169,12 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
     rounding, ~1e-16 a test); the component-wise acceptances are kept by row instead of a running ``[L, N, d]`` sum;
   - a chunk whose state has an array of >= 4096 entries compiles with ``xla_cpu_prefer_vector_width=512``
     (``ops_jax.WIDE_VECTOR_OPTIONS``; AVX-512 here): float64 ``exp`` 1.6 ns a value, the same values.
-  - measured: N = 5000, 400 iterations, bbfebc9 and 18d559d alternated in fresh processes (3 rounds x 2 fits after a
-    compiling one, CPU time of each fit over 400, load 6.0-7.4 on 2 cores): 5.56 ms/iteration (4.94-5.96) -> 3.79
-    (3.26-3.90), -32%, below the 4.4 ms goal; the compiling fit's CPU 8.5-10.7 s -> 9.6-10.4 s.  Estimates and
-    histories sha-identical (N = 5000 seed 0; N = 1000 seeds 0-3; theophylline defaults); torch 6 fits sha-identical.
+  - measured: N = 5000, 400 iterations, bbfebc9 and 18d559d alternated in fresh processes (6 rounds x 2 fits after a
+    compiling one, CPU time of each fit over 400, load 5.5-7.5 on 2 cores): 5.52 ms/iteration (4.85-5.96) -> 3.72
+    (3.13-4.17), -33%, every fit below the 4.4 ms goal; the compiling fit's CPU 8.5-11.3 s -> 7.5-10.4 s.  Estimates
+    and histories sha-identical (N = 5000 seed 0; N = 1000 seeds 0-3; theophylline defaults); torch 6 fits
+    sha-identical.  Theophylline end to end, cache warm (2 alternated rounds, load 5.7-6.3): 0.97, 0.91 -> 0.90,
+    0.77 s wall (6 programs either way).
   - memory: the chunk's XLA temporaries 157 -> 397 B per individual (the sweep's draws, 18 normals and 10 uniforms
     per individual in float64), arguments 208 B per individual (``memory_analysis()``; printed by this script).
   - left (profile per iteration, ~3.6 ms in the trace): the 10 evaluations 1.4 ms (two float64 ``exp`` per
