@@ -487,11 +487,11 @@ The goal "MCMCSGD and MISSO (Pyro, defaults) at least as fast as SAEM to SAEM's 
 MCMCSGD needs 260 / 263 / 242 iterations against SAEM's 257 / 198 / 237 at 1.04-1.31× its CPU per iteration (the
 back-to-back runs above), and MISSO reaches SAEM's LL only at its 13th epoch (seeds 1-2) or never (seed 0).
 
-Fisher scoring's new schedule and ``information="exact"`` (3 December 2026, later).  Two changes to
-``optimizer="fisher"`` (latentfit/inference/preconditioned.py): (1) the default schedule keeps the 60 heavy-ball steps
-of a 500-iteration fit but runs γ = 1 until ``average_from = burn_in + 2 num_iters / 5`` (210; before
-``burn_in + num_iters / 5`` = 110): ``momentum_steps`` is now an option, default 30 % of the steps before
-``average_from`` (before 60 %); (2) a new option ``information="exact"``: the prior's part of Γ is its exact expectation,
+Fisher scoring: a longer γ = 1 phase, and ``information="exact"`` (3 December 2026, later).  Two new options of
+``optimizer="fisher"`` (latentfit/inference/preconditioned.py), defaults unchanged: (1) ``momentum_steps`` (default,
+as before, 60 % of the steps before ``average_from = burn_in + num_iters / 5``: 60 and 110 of 500 iterations), so that
+the 60 heavy-ball steps can be followed by a longer γ = 1 phase, ``average_from=210, momentum_steps=60`` ("long γ = 1"
+below); (2) ``information="exact"``: the prior's part of Γ is its exact expectation,
 the mean of the log-prior's Hessian over the 2d sigma points ``μ_i ± √d L e_j`` of every unit (exact because
 ``log p(z; θ)`` is quadratic in z; here diag(N/ω², 2N) in (β, log ω), tested against that closed form), instead of
 one prior draw per unit.  Scratch harness (/tmp, not in the repository: the same data, exact maxima, AGQ checkpoints
@@ -504,11 +504,13 @@ seed 0, load 4.8-6.3; medians): SAEM 4.89 ms, MCMCSGD Adam 5.78 (1.18×), Fisher
     dLL / k / CPU to SAEM's LL          seed 0                  seed 1                 seed 2
     SAEM                             -0.745 / 257 / 1.26 s   -0.786 / 198 / 0.97 s   -0.909 / 237 / 1.16 s
     MCMCSGD Adam (default)           -0.417 / 260 / 1.50 s   -0.094 / 263 / 1.52 s   -0.293 / 242 / 1.40 s
-    fisher, old schedule (before)    -1.374 / never          -0.412 /  96 / 0.68 s   -0.637 / 200 / 1.42 s
-    fisher, new schedule (now)       -1.128 / 158 / 1.12 s   -0.243 /  96 / 0.68 s   -0.206 / 120 / 0.85 s
-    fisher, information="exact"      -1.019 / 159 / 1.81 s   -0.522 /  78 / 0.89 s   -0.762 /  68 / 0.77 s
+    fisher (default schedule)        -1.374 / never          -0.412 /  96 / 0.68 s   -0.637 / 200 / 1.42 s
+    fisher, long γ = 1               -1.128 / 158 / 1.12 s   -0.243 /  96 / 0.68 s   -0.206 / 120 / 0.85 s
+    fisher, long γ = 1, "exact"      -1.019 / 159 / 1.81 s   -0.522 /  78 / 0.89 s   -0.762 /  68 / 0.77 s
+    NumPyro fisher (default)         -1.471 / never          -0.697 / 167            -0.453 / 122
+    NumPyro fisher, long γ = 1       -1.152 / never          -1.011 / 143            -1.148 / 116
 
-With the new schedule Fisher scoring reaches SAEM's log-likelihood on all three seeds in 0.40-0.61× SAEM's
+With the long γ = 1 phase, Pyro's Fisher scoring reaches SAEM's log-likelihood on all three seeds in 0.40-0.61× SAEM's
 iterations and, at 1.45× its CPU per iteration, in 0.70-0.89× its CPU (iterations only, as the table's "time to SAEM
 LL": set-up and the result's post-processing excluded).  The crossing is made by the iterate itself (before the
 averaging starts at 210): on seed 0 the final average ends 0.38 LL units below SAEM's (−1.13 against −0.75), within
@@ -528,20 +530,20 @@ with fit seeds 10 and 20 on each data set (9 fits in all with the table's; the t
     dLL / k              data 0: fit 10 / fit 20       data 1: fit 10 / fit 20      data 2: fit 10 / fit 20
     SAEM                 -1.29 / 188   -1.89 / 285     -1.51 / 288   -0.70 / 368    -2.27 / 126   -0.69 / 259
     MCMCSGD Adam         -1.24 / 368   -0.86 / 274     -0.43 / 192   -1.94 / never  -0.72 / 156   -0.30 / 272
-    fisher, old          -2.04 / never -0.93 / 104     -1.08 /  77   -0.07 /  67    -2.66 / never -0.22 /  54
-    fisher, new          -2.44 / never -1.04 / 151     -1.43 /  77   -0.31 /  67    -0.32 / 138   -0.44 /  54
+    fisher (default)     -2.04 / never -0.93 / 104     -1.08 /  77   -0.07 /  67    -2.66 / never -0.22 /  54
+    fisher, long γ = 1   -2.44 / never -1.04 / 151     -1.43 /  77   -0.31 /  67    -0.32 / 138   -0.44 /  54
 
-Over the 9 fits: mean ΔLL SAEM −1.20, Adam −0.70, Fisher old −1.05, Fisher new −0.84; reached SAEM's LL: Adam 8,
-Fisher old 6, Fisher new 8 of 9; faster than SAEM to it in step CPU: Adam 1, Fisher old 5, Fisher new 7 of 9 (not
-data 0 / fit 10, never; data 2 / fit 10, 138 against SAEM's 126 iterations).
-The new schedule is not better on every fit (fit seed 20: −0.93 → −1.04, −0.07 → −0.31, −0.22 → −0.44, all still
-above SAEM's), but it removes two of the three "never"s and is better on the benchmark's three seeds, so it is the
-default; ``average_from=burn_in + num_iters // 5, momentum_steps=int(0.6 * (num_iters // 5))`` restores the old one.  Verdict on the issue's
-goal: with ``optimizer="fisher"`` MCMCSGD is at least as fast as SAEM to SAEM's log-likelihood on the benchmark's 3
-seeds in iteration CPU, but not in whole-fit CPU on seed 0, and not on every fit seed (7 of 9); MCMCSGD's default
-(Adam) is not (1 of 9); MISSO was not changed (epoch 13 of 14, or never on seed 0, as above).  NumPyro and the
-``--seeds`` script's own run of the new rows were not measured (the rows ``MCMCSGD fisher exact (Pyro)`` and the
-CPU column were added to ``--seeds``).
+Over the 9 Pyro fits: mean ΔLL SAEM −1.20, Adam −0.70, Fisher (default) −1.05, long γ = 1 −0.84; reached SAEM's
+LL: Adam 8, Fisher 6, long γ = 1 8 of 9; faster than SAEM to it in step CPU: Adam 1, Fisher 5, long γ = 1 7 of 9 (not
+data 0 / fit 10, never; data 2 / fit 10, 138 against SAEM's 126 iterations).  The long γ = 1 phase removes two of the
+three "never"s and is better on the Pyro table's three seeds, but not on every fit (fit seed 20: −0.93 → −1.04,
+−0.07 → −0.31, −0.22 → −0.44) and not on NumPyro (the table: ΔLL worse on seeds 1-2, seed 0 still never), so the
+default schedule is unchanged.  Verdict on the issue's goal (not met): with ``optimizer="fisher", average_from=210,
+momentum_steps=60`` Pyro MCMCSGD is at least as fast as SAEM to SAEM's log-likelihood on the benchmark's 3 seeds in
+iteration CPU, but not in whole-fit CPU on seed 0, not on every fit seed (7 of 9), and not on NumPyro (seed 0
+never); MCMCSGD's default (Adam) is faster in 1 of 9 fits; MISSO was not changed (epoch 13 of 14, or never on seed
+0, as above).  The ``--seeds`` script's own run of these rows was not made (the row ``MCMCSGD fisher exact (Pyro)``
+and the CPU column were added to ``--seeds``).
 
 Reading.  With the defaults MCMCSGD ends as close to the exact maximum as SAEM or closer (Pyro −0.27, NumPyro −0.77,
 SAEM −0.81 LL units; within 1.1 SE on every parameter), i.e. within SAEM's own Monte-Carlo error; the IS
