@@ -231,3 +231,77 @@ def test_momentum_steps_option():
     np.testing.assert_allclose(rate[8:29], 1.0)
     with pytest.raises(ValueError, match="momentum_steps must be >= 0"):
         _fit(Backend("pyro"), "radon_slope", optimizer="fisher", num_iters=20, momentum_steps=-1)
+
+
+@pytest.mark.slow_on("numpyro")  # eager JAX steps
+def test_exact_information_in_closed_form_equals_the_sigma_points_of_every_unit(backend):
+    """``information="exact"`` with the pruned gradient: Γ in closed form (``Jᵀ I₁ J`` times the units: Hessian-free),
+    one unit's sigma points times the units, and the Hessian of the log-prior over the sigma points of every unit
+    (the path before) agree to 1e-12 at a θ away from the start, and equal the hand-computed information there: in x =
+    (beta, log omega, m, log tau), ``G / ω²`` for each mean, ``2 G`` for each log-scale (G = 12 groups)."""
+    from test_pruned_gradient import SIZES, _args, _data, _model
+
+    from latentfit.inference.mcmcsgd import MCMCSGD
+
+    lm = backend.latent_model(_model(backend), *_args(backend, _data()))
+    ops = lm.ops
+    moved = ops.asarray(np.array([0.3, -0.2, 0.4, -0.7, 0.25, 0.6]), dtype=None)  # (beta, log omega, m, log tau)
+    gammas, calls = {}, {}
+    for path in ("closed", "one unit", "every unit"):
+        engine = MCMCSGD(lm, optimizer="fisher", information="exact", num_iters=5, burn_in=0, progress=False)
+        state = engine.init(backend.key(3))
+        state = state._replace(x=state.x + moved)
+        closed, one = engine._closed_form_information, engine._one_unit_sigma_points
+        calls[path] = []
+
+        def closed_form(*a, _f=closed, _p=path, **kw):
+            out = _f(*a, **kw) if _p == "closed" else None
+            calls[_p].append(out is not None)
+            return out
+
+        engine._closed_form_information = closed_form
+        engine._one_unit_sigma_points = (one if path != "every unit" else lambda *a, **kw: None)
+        state, _ = engine.step(state, ops.asarray(np.array(1), dtype=None), "fisher-momentum")
+        gammas[path] = backend.to_numpy(state.opt["gamma"])
+    assert calls["closed"] == [True]  # the closed form applied to this model
+    g = len(SIZES)
+    x = backend.to_numpy(moved) + np.array([0.0, 0.5, 0.0, 0.0, 0.0, np.log(0.5)])  # the start: beta (0, .5), tau .5
+    omega, tau = np.exp(x[2:4]), np.exp(x[5])
+    hand = np.diag([g / omega[0] ** 2, g / omega[1] ** 2, 2.0 * g, 2.0 * g, g / tau ** 2, 2.0 * g])
+    np.testing.assert_allclose(gammas["closed"], hand, rtol=1e-12, atol=1e-10)
+    for path in ("one unit", "every unit"):
+        np.testing.assert_allclose(gammas[path], gammas["closed"], rtol=1e-12, atol=1e-10 * np.max(hand))
+
+
+def test_exact_information_in_closed_form_with_parameters_shared_over_coordinates():
+    """A Normal site of 3 coordinates whose mean and sd are scalars: one unit's information sums over the coordinates
+    (``3 / σ²`` for the mean, ``2 · 3`` for log σ); the closed form equals the sigma points of every unit (1e-12)."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+    from torch.distributions import constraints
+
+    from latentfit.inference.mcmcsgd import MCMCSGD
+    from latentfit.integrations.pyro import PyroLatentModel
+
+    def model(x, y=None):
+        mu = pyro.param("mu", torch.tensor(0.2, dtype=torch.float64))
+        sigma = pyro.param("sigma", torch.tensor(0.7, dtype=torch.float64), constraint=constraints.positive)
+        with pyro.plate("unit", x.shape[0]):
+            phi = pyro.sample("phi", dist.Normal(mu, sigma).expand([3]).to_event(1))
+            pyro.sample("y", dist.Normal((phi * x).sum(-1), 1.0), obs=y)
+
+    rng = np.random.default_rng(1)
+    x = torch.tensor(rng.standard_normal((15, 3)))
+    lm = PyroLatentModel(model, (x, torch.tensor(rng.standard_normal(15))), {})
+    gammas = {}
+    for path in ("closed", "every unit"):
+        engine = MCMCSGD(lm, optimizer="fisher", information="exact", num_iters=5, burn_in=0, progress=False)
+        state = engine.init(lm.ops.key(0))
+        if path == "every unit":
+            engine._closed_form_information = lambda *a, **kw: None
+            engine._one_unit_sigma_points = lambda *a, **kw: None
+        state, _ = engine.step(state, torch.tensor(1), "fisher-momentum")
+        gammas[path] = state.opt["gamma"].numpy()
+    np.testing.assert_allclose(gammas["closed"], np.diag([15 * 3 / 0.7 ** 2, 15 * 2.0 * 3]), rtol=1e-12)
+    np.testing.assert_allclose(gammas["every unit"], gammas["closed"], rtol=1e-12, atol=1e-9)

@@ -252,9 +252,9 @@ def test_jax_cpu_programs_leave_reductions_to_xla(monkeypatch):
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "amsgrad", "opt-amsgrad"])
 def test_torch_flat_optimizer_is_pure_and_steps_as_torch(name):
-    """TorchOps.optimizer's named optimisers copy their state without deep-copying the optimiser object: the
-    iterates equal, bit for bit, those of the torch optimiser stepped in place (rate set per step) and those of the
-    deep-copied path (a factory), and an update leaves the state it was given as it was."""
+    """TorchOps.optimizer's named optimisers (pure tensor updates for sgd / adam / amsgrad, a copied optimiser object
+    for opt-amsgrad): the iterates equal, bit for bit, those of the torch optimiser stepped in place (rate set per
+    step) and those of the deep-copied path (a factory), and an update leaves the state it was given as it was."""
     import torch
 
     from latentfit.optim import OptAMSGrad
@@ -275,12 +275,14 @@ def test_torch_flat_optimizer_is_pure_and_steps_as_torch(name):
     deep = ops.optimizer(lambda q: make(q, 0.05), rate)  # a factory: deep-copied whole, its own constant rate
     flat_const = ops.optimizer(name, lambda t: 0.05)
     xd, sd, xc, sc = x0, deep.init(x0), x0, flat_const.init(x0)
+    def snapshot(st):  # the optimiser's per-parameter state: the object's (opt-amsgrad) or the tensors themselves
+        inner = st["opt"].state.get(st["leaf"], {}) if "opt" in st else st
+        return {k: (v.clone() if isinstance(v, torch.Tensor) else repr(v)) for k, v in inner.items()}
+
     for t, g in enumerate(grads, start=1):
-        before = {k: (v.clone() if isinstance(v, torch.Tensor) else repr(v))
-                  for k, v in state["opt"].state.get(state["leaf"], {}).items()}
+        before = snapshot(state)
         x_new, new_state = flat.update(g, state, x)
-        after = {k: (v.clone() if isinstance(v, torch.Tensor) else repr(v))
-                 for k, v in state["opt"].state.get(state["leaf"], {}).items()}
+        after = snapshot(state)
         assert before.keys() == after.keys()
         for k in before:  # the given state is untouched
             assert (torch.equal(before[k], after[k]) if isinstance(before[k], torch.Tensor)

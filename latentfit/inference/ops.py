@@ -671,6 +671,16 @@ class TorchOps(Ops):
 
         return h
 
+    def jacobian(self, f: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """Jacobian ``[q, p]`` of ``f: R^p -> R^q``, its q reverse passes batched in one."""
+        torch = self.torch
+
+        def j(x):
+            with torch.enable_grad():
+                return torch.autograd.functional.jacobian(f, x.detach(), vectorize=True).detach()
+
+        return j
+
     def jvp(self, f: Callable[[Any], Any], x: Any, v: Any) -> tuple[Any, Any]:
         """``(f(x), ∂f(x)·v)`` by forward mode (``torch.func.jvp``)."""
         torch = self.torch
@@ -738,14 +748,19 @@ class TorchOps(Ops):
 
         ``spec``: ``"sgd"``, ``"adam"``, ``"amsgrad"`` (``torch.optim.Adam(amsgrad=True)``), ``"opt-amsgrad"``
         (:class:`latentfit.optim.OptAMSGrad`), or a factory ``params -> torch.optim.Optimizer`` (its own
-        learning rate is kept).  ``learning_rate(t)`` gives the rate of gradient step ``t`` (1-based).  The
-        optimiser object lives in the optimiser state; ``update`` loads ``x``, sets the gradient to ``−g`` (torch
-        optimisers minimise) and steps.
+        learning rate is kept).  ``learning_rate(t)`` gives the rate of gradient step ``t`` (1-based).
+
+        ``"sgd"``, ``"adam"`` and ``"amsgrad"`` are pure tensor updates (:func:`_torch_adam_update`): the arithmetic of
+        ``torch.optim``'s single-tensor ``SGD`` / ``Adam`` step with the gradient ``−g``, op for op, so the iterates are
+        those of the torch optimiser stepped in place, bit for bit (tests/test_ops.py), without building an optimiser
+        object per step (0.3 ms of an MCMCSGD iteration on benchmarks/mcmcsgd_logistic.py).  The others keep the
+        optimiser object in the state; ``update`` steps a copy of it (loads ``x``, sets the gradient to ``−g``: torch
+        optimisers minimise), so the state given is left as it was.
         """
         torch = self.torch
-        named = {"sgd": lambda p, lr: torch.optim.SGD(p, lr=lr),
-                 "adam": lambda p, lr: torch.optim.Adam(p, lr=lr),
-                 "amsgrad": lambda p, lr: torch.optim.Adam(p, lr=lr, amsgrad=True)}
+        if spec in ("sgd", "adam", "amsgrad"):
+            return _torch_functional_optimizer(torch, spec, learning_rate)
+        named = {}
         if spec == "opt-amsgrad":
             from latentfit.optim import OptAMSGrad
 
@@ -765,11 +780,10 @@ class TorchOps(Ops):
             return {"opt": opt, "leaf": leaf, "t": 0}
 
         def fresh_copy(state: dict[str, Any]) -> dict[str, Any]:
-            """The named optimisers' state copied without ``copy.deepcopy`` of the optimiser object (0.15-0.5 ms of
-            Python per step, about 5 % of an MCMCSGD iteration on the logistic model of
-            benchmarks/mcmcsgd_logistic.py): a new leaf and a new optimiser from the factory, the old one's group
-            options (the learning rate included) and its per-parameter state (tensors cloned, anything else
-            deep-copied) — the values ``deepcopy`` gives, so the steps are the same bit for bit."""
+            """A named optimiser's state copied without ``copy.deepcopy`` of the optimiser object: a new leaf and a
+            new optimiser from the factory, the old one's group options (the learning rate included) and its
+            per-parameter state (tensors cloned, anything else deep-copied) — the values ``deepcopy`` gives, so the
+            steps are the same bit for bit."""
             old_leaf, old = state["leaf"], state["opt"]
             leaf = old_leaf.detach().clone().requires_grad_(True)
             opt = factory([leaf])
@@ -921,3 +935,48 @@ def select(cond: Any, a: Any, b: Any) -> Any:
     import jax.numpy as jnp
 
     return jnp.where(cond, a, b)
+
+
+#: ``torch.optim.Adam``'s defaults
+_ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8
+
+
+def _torch_functional_optimizer(torch: Any, spec: str, learning_rate: Callable[[Any], Any]) -> FlatOptimizer:
+    """``"sgd"``, ``"adam"``, ``"amsgrad"`` as pure updates of ``x`` and the state ``{"t", "exp_avg", "exp_avg_sq"}``
+    (amsgrad: and ``"max_exp_avg_sq"``): the operations of ``torch.optim``'s single-tensor step
+    (``_single_tensor_sgd`` without momentum, ``_single_tensor_adam``) in the same order on new tensors, with the
+    gradient ``−g`` (ascent) and ``lr = learning_rate(t)`` at step t: the iterates equal those of the torch optimiser
+    stepped in place, bit for bit."""
+    beta1, beta2 = _ADAM_BETAS
+
+    def init(x: Any) -> dict[str, Any]:
+        if spec == "sgd":
+            return {"t": 0}
+        z = torch.zeros_like(x.detach(), memory_format=torch.preserve_format)
+        state = {"t": 0, "exp_avg": z, "exp_avg_sq": z.clone()}
+        if spec == "amsgrad":
+            state["max_exp_avg_sq"] = z.clone()
+        return state
+
+    def update(g: Any, state: dict[str, Any], x: Any) -> tuple[Any, dict[str, Any]]:
+        t = state["t"] + 1
+        lr = float(learning_rate(t))
+        with torch.no_grad():
+            grad = (-g).to(x.dtype)
+            if spec == "sgd":
+                return x.detach().add(grad, alpha=-lr), {"t": t}
+            exp_avg = torch.lerp(state["exp_avg"], grad, 1 - beta1)
+            exp_avg_sq = state["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+            step = float(t)
+            bias_correction1 = 1 - beta1**step
+            bias_correction2 = 1 - beta2**step
+            step_size = lr / bias_correction1
+            bias_correction2_sqrt = bias_correction2**0.5
+            new = {"t": t, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+            second = exp_avg_sq
+            if spec == "amsgrad":
+                second = new["max_exp_avg_sq"] = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
+            denom = (second.sqrt() / bias_correction2_sqrt).add_(_ADAM_EPS)
+            return x.detach().addcdiv(exp_avg, denom, value=-step_size), new
+
+    return FlatOptimizer(init, update)

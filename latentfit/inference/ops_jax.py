@@ -970,6 +970,10 @@ class JaxOps(Ops):
         """Hessian of ``f: R^p -> R`` (``jax.hessian``, batched already: ``vectorize`` is the torch option)."""
         return jax.hessian(f)
 
+    def jacobian(self, f: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """Jacobian ``[q, p]`` of ``f: R^p -> R^q`` (``jax.jacfwd``)."""
+        return jax.jacfwd(f)
+
     def jvp(self, f: Callable[[Any], Any], x: Any, v: Any) -> tuple[Any, Any]:
         """``(f(x), ∂f(x)·v)`` by forward mode (``jax.jvp``)."""
         return jax.jvp(f, (x,), (v,))

@@ -749,6 +749,51 @@ class TracedLatentModel(TracedBase):
                                      - size * half_log_2pi)
             return total
 
+        dim = self.latent_dim
+
+        def moments(theta: dict[str, Any]) -> tuple[Any, Any]:
+            """Every unit's prior mean ``[d]`` and the lower Cholesky factor ``[d, d]`` of its covariance (the same
+            for every unit: the patterns' parameters are params), from θ without running the model."""
+            mean, chol = [], self.ops.zeros((dim, dim), dtype=self._dtype)
+            for offset, size, g in pats:
+                loc = theta[g.loc].reshape(-1) if g.loc is not None else self.ops.zeros((1,), dtype=self._dtype)
+                mean.append(xp.broadcast_to(loc, (size,)))
+                if g.kind == "normal":
+                    block = xp.broadcast_to(theta[g.scale].reshape(-1), (size,))[:, None] * self.ops.asarray(
+                        np.eye(size), dtype=self._dtype)
+                else:
+                    m = theta[g.scale].reshape(size, size)
+                    block = m if g.kind == "mvn_tril" else xp.linalg.cholesky(m)
+                rows = self.ops.asarray(np.eye(dim)[:, offset:offset + size], dtype=self._dtype)  # [d, size]
+                chol = chol + rows @ block @ xp.swapaxes(rows, -1, -2)
+            return xp.concatenate(mean, -1), chol
+
+        roles = [(g.loc, "loc") for _, _, g in pats if g.loc is not None] + [(g.scale, "scale") for _, _, g in pats]
+        diagonal = all(g.kind == "normal" for _, _, g in pats) and all(
+            {r for m, r in roles if m == n} != {"loc", "scale"} for n, _ in roles)
+
+        def information(theta: dict[str, Any]) -> dict[str, Any]:
+            """One unit's Fisher information ``E[−∇²_θ log p(z; θ)]`` in the constrained parameters, diagonal: for
+            ``Normal(μ, σ)`` per coordinate ``1/σ²`` for μ and ``2/σ²`` for σ (cross terms 0), summed over the
+            coordinates (and sites) a parameter entry serves; ``{name: [size]}``."""
+            out: dict[str, Any] = {}
+            for _, size, g in pats:
+                prec = 1.0 / xp.broadcast_to(theta[g.scale].reshape(-1), (size,)) ** 2  # 1/σ_c² per coordinate
+                for name, value in ((g.loc, prec), (g.scale, 2.0 * prec)):
+                    if name is None:
+                        continue
+                    n = int(np.prod(tuple(self.params[name].value.shape)))
+                    add = value if n == size else xp.sum(value, -1, keepdims=True)
+                    out[name] = out[name] + add if name in out else add
+            return out
+
+        #: every unit's prior is the same (its parameters are params, no unit's data): MCMCSGD's exact information
+        #: is then one unit's times the number of units (:meth:`MCMCSGD._fisher_step`): ``information`` in closed
+        #: form (Normal sites, no parameter both a mean and a scale), else the log-prior's Hessian at ``moments``'
+        #: sigma points
+        log_prior.same_for_every_unit = True
+        log_prior.moments = moments
+        log_prior.information = information if diagonal else None
         return log_prior
 
     def unit_data_axes(self) -> list[tuple[Any, int]]:
