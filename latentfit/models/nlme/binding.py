@@ -24,6 +24,7 @@ from . import outcomes as _outcomes
 from . import responses as _resp
 from .data import NLMEData, _id, pad_data, pad_individuals, read_nonmem
 from .spec import FixedEffect, covariate_columns, merge_read_options, transform_pair
+from .stored import StoredTable
 from .structural import Design
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -37,10 +38,10 @@ def bind(model: NLME, data: pd.DataFrame | None = None, **read_options: Any) -> 
     new = copy.copy(model)
     new.read_options = merge_read_options(model.read_options, read_options, "bind/fit")
     if data is None:
-        if model.table is None:
+        if model._table is None:
             raise ModelSpecificationError("the model has no data: pass data= to NLME(...), .bind(data) or "
                                           ".fit(data)")
-        data = model.table
+        data = model._table.frame()
     bind_data(new, data)
     return new
 
@@ -73,7 +74,9 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
         if not (data.dose_amt > 0).any():
             raise DataError(f"the structural model {model.structural.name!r} is driven by doses, but the data have "
                             f"none: add dose rows (AMT > 0, EVID = 1) or name a per-row dose column (dose='Dose')")
-    model.data, model.table = data, df
+    # the table as the post-fit tools and re-bindings read it again, compact and exact (stored.py): not a reference
+    # to the caller's DataFrame, which is freed when the caller drops it
+    model.data, model._table = data, StoredTable(df, data)
     n, m = data.num_individuals, len(model.param_names)
     model.num_units = n
     # ----- fixed effects and design X_i [N, m, p] -------------------------------------------
@@ -85,9 +88,12 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
                 effects.append(FixedEffect(f"beta_{pname}_{col}{suffix}", j, values, False))
     model.effects = effects
     p = len(effects)
-    x = np.zeros((n, m, p))
+    # without covariates X_i = I for every individual: one [1, m, p] block (the [N, m, p] array and its restriction,
+    # 144 B per individual at m = p = 3, were built only to be viewed one row at a time)
+    rows_x = 1 if p == m else n
+    x = np.zeros((rows_x, m, p))
     for k, e in enumerate(effects):
-        x[:, e.param, k] = e.column
+        x[:, e.param, k] = e.column[:rows_x]
     model.r_idx = [model.param_names.index(nm) for nm in model.random_names]
     d = len(model.r_idx)
     model.latent_dim = d
@@ -101,13 +107,15 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
     model._sel_free = ops.asarray(eye_pr[:, model.free_r])  # [p_r, f]
     model._sel_fixed = ops.asarray(eye_pr[:, model.fixed_r])  # [p_r, c]
     if p == m:  # no covariate: X_i = I for every individual, one [m, p] block viewed N times (no [N, m, p] arrays)
-        # copies of the first rows: a view would keep the whole [N, m, p] array alive (torch shares numpy's memory)
-        model._x = xp.broadcast_to(ops.asarray(x[:1].copy()), x.shape)
-        model._xr = xp.broadcast_to(ops.asarray(xr[:1].copy()), xr.shape)
+        model._x = xp.broadcast_to(ops.asarray(x), (n, m, p))
+        model._xr = xp.broadcast_to(ops.asarray(xr), (n,) + xr.shape[1:])
+        # Σ_i X_iᵀ X_i: N times the one block's (entries 0 or 1: the same sums as over N rows, exactly)
+        model._xtx = ops.asarray(np.einsum("njp,nkq->jkpq", xr, xr) * float(n))
     else:
         model._x = ops.asarray(x)
         model._xr = ops.asarray(xr)
-    model._xtx = ops.asarray(np.einsum("njp,nkq->jkpq", xr, xr))
+        model._xtx = ops.asarray(np.einsum("njp,nkq->jkpq", xr, xr))
+    del x, xr
     model._r_sel = ops.asarray(np.array(model.r_idx, dtype=np.int64))  # index arrays (JAX needs arrays)
     model._cols_r_sel = ops.asarray(np.array(model.cols_r, dtype=np.int64))
     emb = np.zeros((d, m))

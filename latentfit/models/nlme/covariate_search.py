@@ -167,8 +167,8 @@ def _detect_covariates(model: NLME, table: pd.DataFrame) -> list[str]:
     return out
 
 
-def _with_terms(model: NLME, terms: dict[Term, str | None]) -> NLME:
-    """A copy of the (bound) model whose covariate model is ``terms`` (re-bound to its data)."""
+def _with_terms(model: NLME, terms: dict[Term, str | None], table: pd.DataFrame) -> NLME:
+    """A copy of the (bound) model whose covariate model is ``terms`` (re-bound to its data ``table``)."""
     spec: dict[str, dict[str, str | None]] = {}
     for (p, c), t in terms.items():
         spec.setdefault(p, {})[c] = t
@@ -176,7 +176,7 @@ def _with_terms(model: NLME, terms: dict[Term, str | None]) -> NLME:
     new.covariate_spec = parse_covariates(new.param_names, spec)
     prefixes = tuple(f"beta_{p}_{c}" for p, c in terms)
     new.covariate_init = {k: v for k, v in model.covariate_init.items() if k.startswith(prefixes)}
-    new._bind(model.table)
+    new._bind(table)
     return new
 
 
@@ -224,8 +224,7 @@ def covariate_search(model: NLME, data: pd.DataFrame | None = None, candidates: 
     fit_options.setdefault("progress", False)
     base = model.bind(data) if data is not None else model
     base._require_data()
-    table = base.table
-    cands = _parse_candidates(base, candidates, covariates, table)
+    cands = _parse_candidates(base, candidates, covariates, base.table)  # the table rebuilt, read, then dropped
     own = _model_terms(base)
     space = {**cands, **own}
     current = dict(own) if direction != "backward" else {**own, **cands}
@@ -237,7 +236,7 @@ def covariate_search(model: NLME, data: pd.DataFrame | None = None, candidates: 
         key = frozenset(terms.items())
         if key in fitted:
             return fitted[key]
-        m = _with_terms(base, terms)
+        m = _with_terms(base, terms, base.table)  # each re-binding rebuilds the table (and drops it)
         init = None
         if warm is not None:
             init = {k: v for k, v in warm.params.items() if k in m.params}

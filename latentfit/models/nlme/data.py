@@ -267,16 +267,17 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
                            f"{cols['time']!r} of the records after a reset must not precede its time")
 
     uniq = pd.unique(ids_all)
-    obs_per_id = pd.Series(is_obs).groupby(ids_all).sum()
-    keep = [i for i in uniq if obs_per_id.get(i, 0) > 0]
-    dropped = [i for i in uniq if obs_per_id.get(i, 0) == 0]
-    if dropped:
+    has_obs = pd.Series(is_obs).groupby(ids_all).sum().reindex(uniq).to_numpy() > 0
+    keep_ids = uniq[has_obs]  # an array (the list of IDs is built at the end, after the per-row arrays are freed)
+    dropped = uniq[~has_obs]
+    del has_obs
+    if len(dropped):
         rows = {_id(i): [int(r) for r in df.index[ids_all == i][:3]] for i in dropped[:5]}
         names = [_id(i) for i in dropped[:5]]
         warnings.warn(f"individual(s) without any observation are dropped: ID(s) {', '.join(names)} "
                       f"(first rows {rows})",
                       stacklevel=3)
-    if not keep:
+    if not len(keep_ids):
         raise DataError("no individual has an observation")
     # duplicated dose records (same ID, time, amount and compartment)
     if is_dose.any():
@@ -288,9 +289,9 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
             warnings.warn(f"duplicated dose record (ID {_id(dose_df.loc[row, 'id'])}, row {row}): same time, amount "
                           f"and compartment as an earlier row; both doses are given", stacklevel=3)
 
-    n = len(keep)
+    n = len(keep_ids)
     index_type = np.int32 if len(df) < 2 ** 31 else np.int64  # row and individual indices: 4 bytes each
-    order = pd.Index(keep).get_indexer(ids_all).astype(index_type)  # row -> individual (-1: dropped), no Python loop
+    order = pd.Index(keep_ids).get_indexer(ids_all).astype(index_type)  # row -> individual (-1: dropped)
     obs_idx = np.where(is_obs & (order >= 0))[0].astype(index_type)
     # by individual, period and time (stable: table order at equal times); one period: no period key (it would
     # gather an [n_obs] array of zeros), and a table already in that order (the usual one) is not sorted again
@@ -300,41 +301,40 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         obs_idx = obs_idx[np.lexsort((time[obs_idx], order[obs_idx]))]
     counts = np.bincount(order[obs_idx], minlength=n)
     t_max = int(counts.max())
-    slot = (np.arange(len(obs_idx)) - np.repeat(np.cumsum(counts) - counts, counts)).astype(index_type)
-    who = order[obs_idx]
+    # the observations sorted by individual fill each individual's first counts[i] slots: in row-major order these
+    # are the True entries of the mask, so boolean assignments place them (no [n_obs] row / slot index arrays)
+    mask = np.arange(t_max) < counts[:, None]
     time_a = np.zeros((n, t_max))
     dv_a = np.zeros((n, t_max))
-    mask = np.zeros((n, t_max), dtype=bool)
     cens_a = np.zeros((n, t_max), dtype=np.int8)  # the narrowest types: these are kept for the post-fit tools
     rows_a = np.full((n, t_max), -1, dtype=index_type)
-    time_a[who, slot] = time[obs_idx]
-    dv_a[who, slot] = dv[obs_idx]
-    mask[who, slot] = True
-    cens_a[who, slot] = cens[obs_idx]
-    rows_a[who, slot] = obs_idx
+    time_a[mask] = time[obs_idx]
+    dv_a[mask] = dv[obs_idx]
+    cens_a[mask] = cens[obs_idx]
+    rows_a[mask] = obs_idx
     last = time_a[np.arange(n), counts - 1]
     np.copyto(time_a, last[:, None], where=~mask)  # padding: a valid time, masked out (in place: no second copy)
     # one period (no reset): no [N, T] array of zeros (the structural models read None as one period)
     seg_a = None
     if reset.any():
         seg_a = np.zeros((n, t_max))
-        seg_a[who, slot] = seg[obs_idx]
+        seg_a[mask] = seg[obs_idx]
         seg_a = np.where(mask, seg_a, seg_a[np.arange(n), counts - 1][:, None])
     regs = {}
     per_obs = _time_varying(num, list(regressors), time, seg, order, obs_idx, covariate_interpolation, df, id_col)
     for name in regressors:
         r = np.zeros((n, t_max))
-        r[who, slot] = per_obs[name]
+        r[mask] = per_obs[name]
         regs[name] = np.where(mask, r, r[np.arange(n), counts - 1][:, None])
     # per-row arrays the doses and periods below do not read, freed before they build theirs (11 rows of 10⁶
     # individuals: 88 MB each)
-    del dv, evid, missing_dv, cens, is_obs, obs_idx, who, slot, per_obs
+    del dv, evid, missing_dv, cens, is_obs, obs_idx, per_obs
     num = {dose: num[dose]} if dose is not None else {}
 
     # doses (ADDL expanded: ADDL + 1 doses every II)
     if dose is not None:
         first_rows = pd.Series(np.arange(len(df))).groupby(ids_all).first()
-        d_amt = np.array([num[dose][first_rows[i]] for i in keep])[:, None]
+        d_amt = np.array([num[dose][first_rows[i]] for i in keep_ids])[:, None]
         d_time = np.zeros((n, 1))
         d_rate = np.zeros((n, 1))
         d_cmt = np.ones((n, 1), dtype=int)
@@ -363,19 +363,25 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         d_seg[dwho, dslot] = seg[src]
         # padding doses (amount 0) stay in the individual's last period
         d_seg = np.where(d_amt > 0, d_seg, np.maximum.accumulate(d_seg, axis=1))
+        del rows_d, reps, src, k, e_time, perm, dwho, dslot
     # time of the reset that starts each period [N, S] (period 0: -inf, padding: inf)
-    n_seg = int(seg[order >= 0].max()) + 1 if (order >= 0).any() else 1
+    # without a reset every record is in period 0 (no [rows] gather of the periods)
+    n_seg = int(seg[order >= 0].max()) + 1 if reset.any() and (order >= 0).any() else 1
     seg_start = np.full((n, n_seg), np.inf)
     seg_start[:, 0] = -np.inf
     r_rows = np.where(reset & (order >= 0))[0]
     seg_start[order[r_rows], seg[r_rows]] = time[r_rows]
 
+    # the IDs as they always were: np.asarray of the list of the table's values (numbers: the array itself; other
+    # values: e.g. str, as a numpy unicode array); no Python list of a million numbers
+    keep = keep_ids if keep_ids.dtype.kind in "biuf" else list(keep_ids)
     cov_df = _covariate_table(df, ids_all, keep, list(covariates), id_col)
     return NLMEData(ids=np.asarray(keep), time=time_a, dv=dv_a, mask=mask, cens=cens_a, dose_time=d_time,
                     dose_amt=d_amt, dose_rate=d_rate, dose_cmt=d_cmt, covariates=cov_df, regressors=regs,
                     obs_rows=rows_a, columns=cols if has_time else {k: v for k, v in cols.items() if k != "time"},
                     x=x, dose_ss=d_ss, dose_ii=d_ii, dose_seg=d_seg, obs_seg=seg_a, seg_start=seg_start,
-                    **(dict(record_unit=order, record_time=time, record_seg=seg) if records else {}))
+                    **(dict(record_unit=order, record_seg=seg,  # the time: not a view of the caller's table
+                           record_time=time if time.flags.owndata else time.copy()) if records else {}))
 
 
 def data_widths(data: NLMEData) -> tuple[int, int, int]:

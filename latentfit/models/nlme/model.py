@@ -70,6 +70,7 @@ from .spec import (  # noqa: F401 - the specification's names, re-exported
     Parameter,
     transform_pair,
 )
+from .stored import StoredTable
 from .structural import Structural, resolve
 
 
@@ -189,7 +190,7 @@ class NLME(LatentModel):
             raise ModelSpecificationError(f"backend must be 'torch' or 'jax', got {backend!r}")
         self.ops = make_ops(backend, device=device, dtype=dtype)
         self.data: NLMEData | None = None
-        self.table: pd.DataFrame | None = None
+        self._table: StoredTable | None = None  # the bound table, compact (stored.py): not the caller's DataFrame
         if data is not None:
             self._bind(data)
 
@@ -214,6 +215,13 @@ class NLME(LatentModel):
 
     def _bind(self, df: pd.DataFrame) -> None:
         _binding.bind_data(self, df)
+
+    @property
+    def table(self) -> pd.DataFrame | None:
+        """The bound table (None before binding), rebuilt from the model's compact copy
+        (:class:`~latentfit.models.nlme.stored.StoredTable`: exactly the table bound, a new DataFrame at each read).
+        The model keeps no reference to the caller's DataFrame, which is freed when the caller drops it."""
+        return None if self._table is None else self._table.frame()
 
     def _require_data(self) -> None:
         if self.data is None:
@@ -923,8 +931,8 @@ class NLME(LatentModel):
         """A copy of the model whose arrays live on the backend ``ops`` (e.g. ``JaxOps()``), data re-bound."""
         new = copy.copy(self)
         new.ops = ops
-        if self.table is not None:
-            new._bind(self.table)
+        if self._table is not None:
+            new._bind(self._table.frame())
         return new
 
     @property

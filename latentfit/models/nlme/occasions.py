@@ -114,17 +114,18 @@ def bind(model: Any, data: Any, column: str) -> Occasions:
                      ops.asarray(emb), int(counts.sum()), labels)
 
 
-def starts(data: Any, table: pd.DataFrame, occ: Occasions) -> tuple[np.ndarray, ...]:
+def starts(data: Any, labels: pd.Series, occ: Occasions) -> tuple[np.ndarray, ...]:
     """Start of each occasion after the first, ``(time, period, valid, continuous)`` ``[N, K-1]`` (numpy): the
-    ``(period, time)`` of its first record in the table (padding: the individual's last observation time, period
-    -1, valid False); continuous: no reset between the last record of the occasion before and this start."""
+    ``(period, time)`` of its first record in the table, whose occasion column is ``labels`` (padding: the
+    individual's last observation time, period -1, valid False); continuous: no reset between the last record of the
+    occasion before and this start."""
     n, k_max = occ.labels.shape
     time = np.tile(data.time.max(-1, keepdims=True), (1, max(k_max - 1, 0)))
     seg, valid, cont = np.full_like(time, -1.0), np.zeros(time.shape, bool), np.zeros(time.shape, bool)
     if k_max < 2:
         return time, seg, valid, cont
     unit = np.asarray(data.record_unit)
-    lab = pd.to_numeric(table[occ.column], errors="coerce").to_numpy(dtype=float)
+    lab = pd.to_numeric(labels, errors="coerce").to_numpy(dtype=float)
     keep = (unit >= 0) & np.isfinite(lab)
     u, t, s, lab = unit[keep], np.asarray(data.record_time)[keep], np.asarray(data.record_seg)[keep], lab[keep]
     hit = occ.labels[u] == lab[:, None]  # the individual's observed occasions (others: in force at their time)
@@ -164,7 +165,7 @@ def bind_carry(model: Any) -> None:
     from . import piecewise as _pw
 
     occ, data, ops = model._iov, model.data, model.ops
-    start, seg, valid, cont = starts(data, model.table, occ)
+    start, seg, valid, cont = starts(data, model._table.column(occ.column), occ)
     if not cont.any():
         return  # every occasion starts with a reset (or one occasion): the per-occasion evaluation is exact
     mode = model.structural.carry

@@ -732,7 +732,7 @@ def simulate(model: NLME, theta: dict[str, Any], seed: int) -> pd.DataFrame:
     else:
         f = ops.to_numpy(f_b)
         y = out.sample(rng, np.broadcast_to(f, data.dv.shape), psi, out.constants(data))
-    table = model.table.copy()
+    table = model.table  # a new DataFrame (rebuilt from the model's compact copy of the bound table)
     dv_col = data.columns["dv"]
     table[dv_col] = table[dv_col].astype(float)
     rows = data.obs_rows
@@ -764,7 +764,7 @@ def _occasion_starts(model: NLME) -> np.ndarray:
     of occasion k + 1), ``inf`` for the padding occasions."""
     from . import occasions as _occ
 
-    start, _, valid, _ = _occ.starts(model.data, model.table, model._iov)
+    start, _, valid, _ = _occ.starts(model.data, model._table.column(model._iov.column), model._iov)
     return np.concatenate([np.zeros((start.shape[0], 1)), np.where(valid, np.maximum(start, 0.0), np.inf)], 1)
 
 

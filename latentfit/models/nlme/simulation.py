@@ -30,7 +30,7 @@ def simulate(model: NLME, theta: dict[str, Any] | None = None, seed: int = 0) ->
     y = ops.to_numpy(mean + sd * eps)
     if model.error == "exponential":
         y = np.exp(y)
-    out = model.table.copy()
+    out = model.table  # a new DataFrame (rebuilt from the model's compact copy of the bound table)
     dv_col = model.data.columns["dv"]
     out[dv_col] = out[dv_col].astype(float)
     rows = model.data.obs_rows
