@@ -235,10 +235,11 @@ def test_momentum_steps_option():
 
 @pytest.mark.slow_on("numpyro")  # eager JAX steps
 def test_exact_information_in_closed_form_equals_the_sigma_points_of_every_unit(backend):
-    """``information="exact"`` with the pruned gradient: Γ in closed form (``Jᵀ I₁ J`` times the units: Hessian-free),
-    one unit's sigma points times the units, and the Hessian of the log-prior over the sigma points of every unit
-    (the path before) agree to 1e-12 at a θ away from the start, and equal the hand-computed information there: in x =
-    (beta, log omega, m, log tau), ``G / ω²`` for each mean, ``2 G`` for each log-scale (G = 12 groups)."""
+    """``information="exact"`` with the pruned gradient: Γ in closed form (``Jᵀ I₁ J`` times the units, Hessian-free;
+    J from the elementwise transforms' log|det|, or by autodiff), one unit's sigma points times the units, and the
+    Hessian of the log-prior over the sigma points of every unit (the path before) agree to 1e-12 at a θ away from
+    the start, and equal the hand-computed information there: in x = (beta, log omega, m, log tau), ``G / ω²`` for
+    each mean, ``2 G`` for each log-scale (G = 12 groups)."""
     from test_pruned_gradient import SIZES, _args, _data, _model
 
     from latentfit.inference.mcmcsgd import MCMCSGD
@@ -247,15 +248,19 @@ def test_exact_information_in_closed_form_equals_the_sigma_points_of_every_unit(
     ops = lm.ops
     moved = ops.asarray(np.array([0.3, -0.2, 0.4, -0.7, 0.25, 0.6]), dtype=None)  # (beta, log omega, m, log tau)
     gammas, calls = {}, {}
-    for path in ("closed", "one unit", "every unit"):
+    for path in ("closed", "closed, J by autodiff", "one unit", "every unit"):
         engine = MCMCSGD(lm, optimizer="fisher", information="exact", num_iters=5, burn_in=0, progress=False)
         state = engine.init(backend.key(3))
         state = state._replace(x=state.x + moved)
         closed, one = engine._closed_form_information, engine._one_unit_sigma_points
         calls[path] = []
+        if path == "closed":  # the transforms (identity, exp) are elementwise: J from their log|det|
+            assert engine._elementwise_slopes(state.x) is not None
+        else:
+            engine._elementwise_slopes = lambda x: None
 
         def closed_form(*a, _f=closed, _p=path, **kw):
-            out = _f(*a, **kw) if _p == "closed" else None
+            out = _f(*a, **kw) if _p.startswith("closed") else None
             calls[_p].append(out is not None)
             return out
 
@@ -263,13 +268,13 @@ def test_exact_information_in_closed_form_equals_the_sigma_points_of_every_unit(
         engine._one_unit_sigma_points = (one if path != "every unit" else lambda *a, **kw: None)
         state, _ = engine.step(state, ops.asarray(np.array(1), dtype=None), "fisher-momentum")
         gammas[path] = backend.to_numpy(state.opt["gamma"])
-    assert calls["closed"] == [True]  # the closed form applied to this model
+    assert calls["closed"] == calls["closed, J by autodiff"] == [True]  # the closed form applied to this model
     g = len(SIZES)
     x = backend.to_numpy(moved) + np.array([0.0, 0.5, 0.0, 0.0, 0.0, np.log(0.5)])  # the start: beta (0, .5), tau .5
     omega, tau = np.exp(x[2:4]), np.exp(x[5])
     hand = np.diag([g / omega[0] ** 2, g / omega[1] ** 2, 2.0 * g, 2.0 * g, g / tau ** 2, 2.0 * g])
     np.testing.assert_allclose(gammas["closed"], hand, rtol=1e-12, atol=1e-10)
-    for path in ("one unit", "every unit"):
+    for path in ("closed, J by autodiff", "one unit", "every unit"):
         np.testing.assert_allclose(gammas[path], gammas["closed"], rtol=1e-12, atol=1e-10 * np.max(hand))
 
 

@@ -590,13 +590,32 @@ class MCMCSGD(Engine):
         diag = xp.concatenate([xp.reshape(info[n], (-1,)) if n in info else ops.zeros((sizes[n],), dtype=x.dtype)
                                for n in self.names])
 
+        count = scale * int(z.shape[1])
+        slopes = self._elementwise_slopes(x)
+        if slopes is not None:  # J diagonal: Γ = diag(J² I₁) (the transforms' own log|dθ/dx|, no autodiff)
+            return count * xp.diag(slopes * (diag * slopes))  # the products of Jᵀ (I₁ J)'s diagonal, in its order
+
         def constrained(v: Any) -> Any:
             th = dict(fixed)
             th.update(model.constrain(unflatten(v, self.names, self._shapes)))
             return xp.concatenate([xp.reshape(th[n], (-1,)) for n in self.names])
 
         jac = ops.jacobian(constrained)(x)  # [p, p]
-        return (scale * int(z.shape[1])) * (xp.swapaxes(jac, -1, -2) @ (diag[:, None] * jac))
+        return count * (xp.swapaxes(jac, -1, -2) @ (diag[:, None] * jac))
+
+    def _elementwise_slopes(self, x: Any) -> Any:
+        """``|dθ_j/dx_j|`` ``[p]`` where every free parameter's constraining transform is elementwise (``event_dim``
+        0: identity, exp, softplus, affine, sigmoid, ...), from its ``log_abs_det_jacobian``; else None."""
+        ops, xp = self.ops, self.ops.xp
+        out = []
+        for n, x_n in unflatten(ops.stop_gradient(x), self.names, self._shapes).items():
+            t = self.model.params[n].to_constrained
+            event_dim = getattr(t, "event_dim", getattr(getattr(t, "domain", None), "event_dim", None))
+            log_det = getattr(t, "log_abs_det_jacobian", None)
+            if event_dim != 0 or log_det is None:
+                return None
+            out.append(xp.reshape(xp.exp(log_det(x_n, t(x_n)) + 0.0 * x_n), (-1,)))
+        return xp.concatenate(out)
 
     def _one_unit_sigma_points(self, theta: dict[str, Any], z: Any, prior: Any,
                                points: bool = True) -> tuple[Any, int] | None:
