@@ -82,16 +82,34 @@ def forward_jacobian(ops: Any, f: Callable[[Any], Any], x: Any) -> Any:
 
 
 class ParamVector:
-    """Flat unconstrained vector of the free parameters ↔ constrained θ dict."""
+    """Flat unconstrained vector of the free parameters ↔ constrained θ dict.
+
+    ``x0`` and ``shapes`` are computed when first read (θ unconstrained and flattened: on JAX, outside a compiled
+    program, each operation a program of its own), so that a caller needing only ``free`` and ``theta`` runs none."""
 
     def __init__(self, model: LatentModel, theta: dict[str, Any]) -> None:
         self.model = model
         self.theta = dict(theta)
         self.free = [n for n, p in model.params.items() if not p.fixed]
-        theta_u = model.unconstrain({n: theta[n] for n in self.free})
-        ops = model.ops
-        self.shapes = {n: tuple(np.shape(ops.to_numpy(theta_u[n]))) for n in self.free}
-        self.x0 = ops.stop_gradient(flatten(ops, theta_u, self.free))
+        self._x0: Any = None
+
+    def _unconstrained(self) -> None:
+        theta_u = self.model.unconstrain({n: self.theta[n] for n in self.free})
+        ops = self.model.ops
+        self._shapes = {n: tuple(np.shape(theta_u[n])) for n in self.free}
+        self._x0 = ops.stop_gradient(flatten(ops, theta_u, self.free))
+
+    @property
+    def x0(self) -> Any:
+        if self._x0 is None:
+            self._unconstrained()
+        return self._x0
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        if self._x0 is None:
+            self._unconstrained()
+        return self._shapes
 
     def theta_of(self, x: Any) -> dict[str, Any]:
         th = dict(self.theta)
@@ -140,15 +158,18 @@ def _used(fim: np.ndarray) -> np.ndarray:
     return np.abs(fim).max(1) > 1e-12 * max(scale, 1e-300)
 
 
-def _finish(method: str, model: LatentModel, pv: ParamVector, fim: np.ndarray) -> StandardErrors:
-    """Covariance ``J_c I⁻¹ J_cᵀ`` and standard errors.  An estimated parameter never gets an SE of 0: where the
-    information carries nothing about it (a zero row: the likelihood is flat in it) or where its variance comes out
-    negative (the information is not positive definite: a Monte-Carlo estimate that is too noisy, or θ̂ not at a
-    maximum), its SE is NaN and a ``RuntimeWarning`` names it and why."""
+def _finish(method: str, model: LatentModel, pv: ParamVector, fim: np.ndarray,
+            jc: np.ndarray | None = None) -> StandardErrors:
+    """Covariance ``J_c I⁻¹ J_cᵀ`` and standard errors (``jc``: ``J_c [P_c, p]`` when the caller computed it).  An
+    estimated parameter never gets an SE of 0: where the information carries nothing about it (a zero row: the
+    likelihood is flat in it) or where its variance comes out negative (the information is not positive definite: a
+    Monte-Carlo estimate that is too noisy, or θ̂ not at a maximum), its SE is NaN and a ``RuntimeWarning`` names it
+    and why."""
     ops = model.ops
     sym = 0.5 * (fim + fim.T)
     cov_u = invert_information(sym)
-    jc = ops.to_numpy(forward_jacobian(ops, pv.constrained_flat, pv.x0))  # [P_c, p]
+    if jc is None:
+        jc = ops.to_numpy(forward_jacobian(ops, pv.constrained_flat, pv.x0))  # [P_c, p]
     cov = jc @ cov_u @ jc.T
     labels, est = _labels(model, pv.theta)
     var = np.diagonal(cov).copy()
@@ -187,27 +208,49 @@ def fim_linearisation(model: LatentModel, theta: dict[str, Any], z_hat: Any,
     (a distributed fit): the sum of every process's information."""
     require_gaussian_faces(model, "the linearisation Fisher information")
     ops = model.ops
-    xp = ops.xp
-    z_hat = ops.asarray(z_hat)
-    jac = ops.stop_gradient(structural_jacobian(model, theta, z_hat))
-    pv = ParamVector(model, theta)
-    n = z_hat.shape[0]
-    _, mask, mean0, cov0 = linearised_moments(model, theta, z_hat, jac)
-    t = mean0.shape[-1]
+    fim, jc = _lin_information(model)(theta, ops.asarray(z_hat))
+    fim = ops.to_numpy(fim)
+    return _finish("lin", model, ParamVector(model, theta), fim if reduce is None else reduce(fim),
+                   ops.to_numpy(jc))
 
-    def moments(x: Any) -> Any:
-        _, _, mean, cov = linearised_moments(model, pv.theta_of(x), z_hat, jac)
-        return xp.concatenate([xp.reshape(mean, (-1,)), xp.reshape(cov, (-1,))])
 
-    d_all = forward_jacobian(ops, moments, pv.x0)  # [n*T + n*T*T, p]
-    p = d_all.shape[-1]
-    d_mean = xp.reshape(d_all[: n * t], (n, t, p))
-    d_cov = xp.reshape(d_all[n * t:], (n, t, t, p))
-    vinv = xp.linalg.inv(cov0)
-    fim = xp.einsum("ntp,nts,nsq->pq", d_mean, vinv, d_mean)
-    a = xp.einsum("nab,nbcp->nacp", vinv, d_cov)
-    fim = ops.to_numpy(fim + 0.5 * xp.einsum("nabp,nbaq->pq", a, a))
-    return _finish("lin", model, pv, fim if reduce is None else reduce(fim))
+#: the linearisation information of each model (:func:`_lin_information`)
+_LIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _lin_information(model: LatentModel) -> Callable[[dict[str, Any], Any], tuple[Any, Any]]:
+    """``(θ, ẑ) -> (I [p, p], J_c [P_c, p])``: the linearisation information of :func:`fim_linearisation` and the
+    Jacobian of the reported parameters in the free unconstrained ones at θ.  On JAX one compiled program
+    (``ops.jit``: found in the on-disk store and JAX's persistent cache by a later process), made once per model;
+    computed op by op it ran some 130 small programs, each lowered and read back from the cache in a fresh process
+    (~2 s).  Compiled, XLA fuses the arithmetic, so the information moves at rounding level (~1e-16 relative) from
+    the op-by-op values; torch runs the same operations as before."""
+    if model not in _LIN:
+        ops, xp = model.ops, model.ops.xp
+
+        def information(theta: dict[str, Any], z_hat: Any) -> tuple[Any, Any]:
+            jac = ops.stop_gradient(structural_jacobian(model, theta, z_hat))
+            pv = ParamVector(model, theta)
+            n = z_hat.shape[0]
+            _, mask, mean0, cov0 = linearised_moments(model, theta, z_hat, jac)
+            t = mean0.shape[-1]
+
+            def moments(x: Any) -> Any:
+                _, _, mean, cov = linearised_moments(model, pv.theta_of(x), z_hat, jac)
+                return xp.concatenate([xp.reshape(mean, (-1,)), xp.reshape(cov, (-1,))])
+
+            d_all = forward_jacobian(ops, moments, pv.x0)  # [n*T + n*T*T, p]
+            p = d_all.shape[-1]
+            d_mean = xp.reshape(d_all[: n * t], (n, t, p))
+            d_cov = xp.reshape(d_all[n * t:], (n, t, t, p))
+            vinv = xp.linalg.inv(cov0)
+            fim = xp.einsum("ntp,nts,nsq->pq", d_mean, vinv, d_mean)
+            a = xp.einsum("nab,nbcp->nacp", vinv, d_cov)
+            fim = fim + 0.5 * xp.einsum("nabp,nbaq->pq", a, a)
+            return fim, forward_jacobian(ops, pv.constrained_flat, pv.x0)
+
+        _LIN[model] = ops.jit(information)
+    return _LIN[model]
 
 
 # ----- stochastic approximation of Louis' formula --------------------------------------------------

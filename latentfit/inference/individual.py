@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import mcmc
-from .laplace import conditional_modes
+from .laplace import conditional_mode
 from .model import LatentModel
 from .units import unit_streams
 
@@ -75,16 +75,16 @@ def conditional_moments(draws: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def shrinkage(model: LatentModel, theta: dict[str, Any], z: Any,
-              gather: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray | None:
+              gather: Callable[[np.ndarray], np.ndarray] | None = None,
+              moments: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray | None:
     """``1 − var_i(z_ij − m_ij) / Ω_jj`` (saemix/Monolix η-shrinkage) for per-unit estimates ``z [N, d]``.
 
     ``gather`` (a distributed fit): concatenates an ``[n, ...]`` array of this process's units with every other
-    process's, in unit order, so that the variance runs over all the fit's units."""
+    process's, in unit order, so that the variance runs over all the fit's units.  ``moments``: the prior moments
+    ``(m, Ω)`` at θ as numpy arrays (:func:`prior_moments`), when the caller has them."""
     if not model.has_gaussian_prior:
         return None
-    ops = model.ops
-    m, omega = model.prior_moments(theta)
-    m, omega = ops.to_numpy(m), ops.to_numpy(omega)
+    m, omega = prior_moments(model, theta) if moments is None else moments
     var = np.diagonal(omega, 0, -2, -1)
     eta = np.asarray(z) - m
     if gather is not None:
@@ -92,6 +92,14 @@ def shrinkage(model: LatentModel, theta: dict[str, Any], z: Any,
         var = gather(var) if var.ndim == 2 else var
     var = var.mean(0) if var.ndim == 2 else var
     return 1.0 - eta.var(0, ddof=1) / var
+
+
+def prior_moments(model: LatentModel, theta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The prior moments ``(m [N, d], Ω)`` at θ as numpy arrays (on JAX one compiled program, not one per
+    operation)."""
+    ops = model.ops
+    m, omega = ops.jit(model.prior_moments)(theta)
+    return ops.to_numpy(m), ops.to_numpy(omega)
 
 
 def sample_conditional(model: LatentModel, theta: dict[str, Any], z0: Any, num_iters: int = 200, *,
@@ -182,10 +190,12 @@ def individual_estimates(model: LatentModel, theta: dict[str, Any], draws: Any, 
     """Conditional modes (Newton from the conditional means), means, sds and shrinkage of every unit."""
     ops = model.ops
     mean, sd = conditional_moments(draws)
-    res = conditional_modes(model, theta, z0=ops.asarray(mean), num_steps=num_steps, method=method)
-    mode = ops.to_numpy(res.mode)
-    return IndividualEstimates(mode=mode, mean=mean, sd=sd, shrinkage_mode=shrinkage(model, theta, mode),
-                               shrinkage_mean=shrinkage(model, theta, mean), labels=latent_labels(model))
+    mode = ops.to_numpy(conditional_mode(model, theta, z0=ops.asarray(mean), num_steps=num_steps, method=method))
+    moments = prior_moments(model, theta) if model.has_gaussian_prior else None
+    return IndividualEstimates(mode=mode, mean=mean, sd=sd, shrinkage_mode=shrinkage(model, theta, mode,
+                                                                                      moments=moments),
+                               shrinkage_mean=shrinkage(model, theta, mean, moments=moments),
+                               labels=latent_labels(model))
 
 
 def gather_estimates(model: LatentModel, theta: dict[str, Any], local: IndividualEstimates,

@@ -39,6 +39,7 @@ likelihood (:func:`maximise_log_likelihood_gq`, the analogue of lme4's ``nAGQ`` 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,13 +101,29 @@ def log_likelihood_is(model: LatentModel, theta: dict[str, Any], cond_mean: Any,
     """
     sim, root = _unit_streams(model, seed, unit_ids, ops)
     ops = model.ops
-    xp = ops.xp
     if int(df) != df or df < 1:
         raise ValueError(f"df must be a positive integer (Student-t proposal), got {df!r}")
     if num_samples < 2 or batch_size < 1:
         raise ValueError(f"num_samples must be >= 2 and batch_size >= 1, got {num_samples}, {batch_size}")
     m = ops.asarray(cond_mean)
     s = ops.asarray(cond_sd)
+    sizes = (int(num_samples), int(batch_size), int(df))
+    if ops.jittable and sim is None and units is None:
+        per_unit, mc_se = _is_program(model, sizes)(theta, m, s, ops.key(seed))
+    else:
+        with ops.seed_context(seed):
+            per_unit, mc_se = _is_terms(model, sizes, theta, m, s, ops.key(seed), units, sim, root)
+    per_unit_np = ops.to_numpy(per_unit)
+    return LogLikelihood("is", float(per_unit_np.sum()), per_unit_np, float(ops.to_numpy(mc_se)), num_samples)
+
+
+def _is_terms(model: LatentModel, sizes: tuple[int, int, int], theta: dict[str, Any], m: Any, s: Any, key: Any,
+              units: Any = None, sim: Any = None, root: Any = None) -> tuple[Any, Any]:
+    """Per-unit ``log p̂(y_i; θ)`` ``[n]`` and the Monte-Carlo SE of their sum (an array) of :func:`log_likelihood_is`;
+    ``sizes``: ``(num_samples, batch_size, df)``."""
+    num_samples, batch_size, df = sizes
+    ops = model.ops
+    xp = ops.xp
     s = xp.where(s > 1e-8, s, 1e-8)
     log_s = xp.sum(xp.log(s), -1)
     nb = -(-num_samples // batch_size)
@@ -118,16 +135,20 @@ def log_likelihood_is(model: LatentModel, theta: dict[str, Any], cond_mean: Any,
         lw = ll + lp - log_q
         return ops.stop_gradient(xp.where(lw == lw, lw, -xp.inf))
 
-    log_weights = ops.jit(_log_weights)  # compiled once per batch shape on JAX; eager on torch
-    chunks = []
-    with ops.seed_context(seed):
-        key = ops.key(seed)
-        keys = ops.split(key, nb)
-        for b in range(nb):
-            size = min(batch_size, num_samples - b * batch_size)
-            kb = keys[b] if sim is None else ops.fold_in(root, b + 1)
-            t = student_t_draws(ops, kb, (size,) + tuple(m.shape), int(df), sim)
-            chunks.append(log_weights(t))
+    log_weights = ops.jit(_log_weights)  # compiled once per batch shape on JAX (inlined inside _is_program's)
+    keys = ops.split(key, nb)
+
+    def batch(kb: Any, size: int) -> Any:
+        return log_weights(student_t_draws(ops, kb, (size,) + tuple(m.shape), int(df), sim))
+
+    full = num_samples // batch_size
+    if ops.jittable and sim is None and full > 1:  # the full batches as one loop (one copy of the model's density)
+        chunks = [xp.reshape(ops.map(lambda kb: batch(kb, batch_size), keys[:full]), (full * batch_size, -1))]
+        if num_samples > full * batch_size:
+            chunks.append(batch(keys[full], num_samples - full * batch_size))
+    else:
+        chunks = [batch(keys[b] if sim is None else ops.fold_in(root, b + 1),
+                        min(batch_size, num_samples - b * batch_size)) for b in range(nb)]
     lw = xp.concatenate(chunks, 0)  # [S, n]
     mx = xp.amax(lw, 0)
     w = xp.exp(lw - mx)
@@ -135,9 +156,26 @@ def log_likelihood_is(model: LatentModel, theta: dict[str, Any], cond_mean: Any,
     per_unit = mx + xp.log(mean_w)
     # delta-method Monte-Carlo SE of log p̂ per unit, combined over units (independent)
     rel_var = xp.var(w, 0) / (num_samples * mean_w * mean_w)
-    per_unit_np = ops.to_numpy(per_unit)
-    mc_se = float(ops.to_numpy(xp.sqrt(xp.sum(rel_var))))
-    return LogLikelihood("is", float(per_unit_np.sum()), per_unit_np, mc_se, num_samples)
+    return per_unit, xp.sqrt(xp.sum(rel_var))
+
+
+#: the compiled importance-sampling log-likelihood of each model, by sizes (:func:`_is_program`)
+_IS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _is_program(model: LatentModel, sizes: tuple[int, int, int]) -> Any:
+    """:func:`_is_terms` of ``model`` (one global stream, all units) as one compiled program on JAX, ``(θ, mean, sd,
+    key) -> (per-unit terms, MC SE)``, made once per model and sizes (``ops.jit``: a later process finds it in the
+    on-disk store and JAX's persistent cache).  Op by op it ran some twenty small programs (key split, draws, the
+    concatenation and the reductions), each lowered and read back from the cache in a fresh process.  The draws are
+    the same numbers; XLA fuses the reductions' arithmetic, so the terms may move at rounding level."""
+    per_model = _IS.setdefault(model, {})
+    if sizes not in per_model:
+        def terms(theta: dict[str, Any], m: Any, s: Any, key: Any) -> tuple[Any, Any]:
+            return _is_terms(model, sizes, theta, m, s, key)
+
+        per_model[sizes] = model.ops.jit(terms)
+    return per_model[sizes]
 
 
 def importance_moments(model: LatentModel, theta: dict[str, Any], cond_mean: Any, cond_sd: Any, *,

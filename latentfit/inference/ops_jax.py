@@ -1061,6 +1061,9 @@ class JaxOps(Ops):
 
         return lax.fori_loop(lower, upper, typed_body, init)
 
+    def map(self, f: Callable[[Any], Any], xs: Any) -> Any:
+        return lax.map(f, xs)
+
     def jit(self, f: Callable, static_argnums: tuple[int, ...] = ()) -> Callable:
         # without static arguments: executables shared with every same-shaped closure (:class:`SharedJit`)
         return SharedJit(f) if not static_argnums else jax.jit(f, static_argnums=static_argnums)

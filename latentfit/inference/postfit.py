@@ -104,11 +104,11 @@ def individual_parameters(fit: FitResult, num_steps: int = 30) -> pd.DataFrame:
     draws = ops.asarray(require_draws(fit, "individual parameters"))
     mode = ops.asarray(_local_estimates(fit, num_steps=num_steps).mode)
 
-    def natural(z: Any) -> dict[str, np.ndarray]:
-        if hasattr(model, "individual_parameters"):
-            vals = model.individual_parameters(theta, z)
-        else:
-            vals = model.unpack_latents(z)
+    def values(th: dict[str, Any], z: Any) -> dict[str, Any]:
+        return model.individual_parameters(th, z) if hasattr(model, "individual_parameters") \
+            else model.unpack_latents(z)
+
+    def natural(z: Any, vals: dict[str, Any]) -> dict[str, np.ndarray]:
         lead = z.ndim - 2  # chain/draw dims before the unit dim
         out = {}
         for k, v in vals.items():
@@ -116,8 +116,19 @@ def individual_parameters(fit: FitResult, num_steps: int = 30) -> pd.DataFrame:
             out[k] = v.reshape(v.shape[:lead] + (model.num_units, -1))
         return out
 
-    at_mode = natural(mode)
-    sampled = natural(draws)
+    names = list(getattr(model, "param_names", ()))
+    if ops.jittable and hasattr(model, "individual_parameters") and names:
+        # at the modes and at the draws: one compiled program on JAX (a jitted dict comes back with its keys sorted:
+        # the columns keep the model's order of its parameters)
+        vals_mode, vals_draws = ops.jit(lambda th, zm, zd: (values(th, zm), values(th, zd)))(theta, mode, draws)
+        if set(vals_mode) == set(names):
+            vals_mode, vals_draws = ({k: v[k] for k in names} for v in (vals_mode, vals_draws))
+        else:
+            vals_mode, vals_draws = values(theta, mode), values(theta, draws)
+    else:
+        vals_mode, vals_draws = values(theta, mode), values(theta, draws)
+    at_mode = natural(mode, vals_mode)
+    sampled = natural(draws, vals_draws)
     cols: dict[str, np.ndarray] = {}
     for name, m in at_mode.items():
         flat = sampled[name].reshape((-1,) + sampled[name].shape[-2:])  # [L·draws, N, k]

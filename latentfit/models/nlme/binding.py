@@ -107,8 +107,12 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
     model._sel_free = ops.asarray(eye_pr[:, model.free_r])  # [p_r, f]
     model._sel_fixed = ops.asarray(eye_pr[:, model.fixed_r])  # [p_r, c]
     if p == m:  # no covariate: X_i = I for every individual, one [m, p] block viewed N times (no [N, m, p] arrays)
-        model._x = xp.broadcast_to(ops.asarray(x), (n, m, p))
-        model._xr = xp.broadcast_to(ops.asarray(xr), (n,) + xr.shape[1:])
+        if ops.jittable:  # JAX has no views: its broadcast is a copy, made here on the host (no program to run)
+            model._x = ops.asarray(np.broadcast_to(x, (n, m, p)))
+            model._xr = ops.asarray(np.broadcast_to(xr, (n,) + xr.shape[1:]))
+        else:
+            model._x = xp.broadcast_to(ops.asarray(x), (n, m, p))
+            model._xr = xp.broadcast_to(ops.asarray(xr), (n,) + xr.shape[1:])
         # Σ_i X_iᵀ X_i: N times the one block's (entries 0 or 1: the same sums as over N rows, exactly)
         model._xtx = ops.asarray(np.einsum("njp,nkq->jkpq", xr, xr) * float(n))
     else:

@@ -1,0 +1,97 @@
+"""The post-fit computations of an NLME fit on JAX (individual estimates, linearisation standard errors, the
+importance-sampling log-likelihood) each run as one compiled program (issue 14 item 9: saemix's default run, end to
+end in a fresh process): they equal the operation-by-operation computation, and a second same-shaped fit with its
+post-fit work in the same process compiles nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+
+import latentfit as lf  # noqa: E402
+from latentfit.inference import fisher, laplace  # noqa: E402
+from latentfit.inference import likelihood as lk  # noqa: E402
+from latentfit.models import nlme  # noqa: E402
+
+THEO = dict(columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
+
+
+def _fit(seed: int = 0):
+    model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, backend="jax")
+    return model.fit(lf.datasets.theophylline(saemix_form=True), seed=seed, progress=False, num_iters=(30, 20),
+                     **THEO)
+
+
+def _postfit(fit) -> dict[str, np.ndarray]:
+    """What saemix's default run adds to the estimates: EBEs, SEs (linearisation), the IS log-likelihood."""
+    out = {"ind": fit.individual_parameters().to_numpy(), "se": fit.summary()["se"].to_numpy(),
+           "ll": np.array(fit.log_likelihood("is", num_samples=1000, batch_size=500)),
+           "mc_se": np.array(fit.log_likelihoods["is"].mc_se)}
+    return {**out, **{k: np.asarray(v) for k, v in fit.params.items()}}
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    return _fit()
+
+
+@pytest.mark.slow
+def test_fused_postfit_programs_equal_the_operation_by_operation_values(fitted):
+    """The Newton loop of the modes against its steps run one by one, the importance-sampling program against its
+    operations run eagerly (some twenty small programs to compile: slow)."""
+    fit = fitted
+    model, theta = fit.model, fit._theta()
+    ops = model.ops
+    mean, sd = fit.conditional_moments()
+    # conditional modes: the compiled Newton loop against the same steps run one by one
+    mode = ops.to_numpy(laplace.conditional_mode(model, theta, z0=ops.asarray(mean), num_steps=30))
+    step = ops.jit(laplace._newton_functions(model, None, laplace.resolve_method(model, "auto"), 10.0)[0])
+    z = ops.asarray(mean)
+    for _ in range(30):
+        z = step(theta, z)
+    np.testing.assert_allclose(mode, ops.to_numpy(z), rtol=1e-12, atol=0.0)
+    np.testing.assert_array_equal(mode, fit.individual_estimates().mode)
+    # importance sampling: the same draws (a loop over the full batches, then the tail) and terms as op by op
+    sizes = (40, 16, 4)
+    args = (theta, ops.asarray(mean), ops.asarray(sd), ops.key(3))
+    per_unit, mc_se = lk._is_program(model, sizes)(*args)
+    eager = lk._is_terms(model, sizes, *args)
+    np.testing.assert_allclose(np.asarray(per_unit), np.asarray(eager[0]), rtol=1e-12, atol=0.0)
+    np.testing.assert_allclose(float(mc_se), float(eager[1]), rtol=1e-10)
+    res = lk.log_likelihood_is(model, theta, mean, sd, num_samples=40, batch_size=16, seed=3)
+    assert res.value == pytest.approx(float(np.sum(np.asarray(per_unit))), rel=1e-14)
+
+
+def test_linearisation_program_equals_torch_and_a_second_fit_compiles_nothing(fitted):
+    import torch
+
+    first = _postfit(fitted)
+    model, theta, ops = fitted.model, fitted._theta(), fitted.model.ops
+    mode = fitted.individual_estimates().mode
+    # the linearisation information and the reported parameters' Jacobian (one compiled program) against torch's
+    # operation-by-operation values at the same θ̂ and modes
+    fim, jc = fisher._lin_information(model)(theta, ops.asarray(mode))
+    twin = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5},
+                     data=lf.datasets.theophylline(saemix_form=True), **THEO)
+    theta_t = {k: torch.as_tensor(np.array(v)) for k, v in theta.items()}
+    fim_t, jc_t = fisher._lin_information(twin)(theta_t, torch.as_tensor(np.array(mode)))
+    np.testing.assert_allclose(np.asarray(fim), fim_t.numpy(), rtol=1e-10, atol=0.0)
+    np.testing.assert_allclose(np.asarray(jc), jc_t.numpy(), rtol=1e-12, atol=0.0)
+    assert np.all(np.isfinite(first["se"])) and np.all(first["se"] > 0)
+    compiles: list[str] = []  # XLA compilations (or persistent-cache reads), counted through JAX's own events
+
+    def count(name: str, secs: float, **_: object) -> None:
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        second = _postfit(_fit())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert not compiles, len(compiles)
+    assert first.keys() == second.keys()
+    for name, value in first.items():  # the same fit and post-fit values, bit for bit
+        np.testing.assert_array_equal(value, second[name], err_msg=name)
