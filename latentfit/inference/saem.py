@@ -211,16 +211,21 @@ class SAEM(Engine):
         root = ops.stream_key(key, self.seed) if self.rng == "per_unit" else None
         # one process: the scales need no collective and are part of the chains' start
         start = functools.partial(self._chains_start, local=type(ops).gather_units is Ops.gather_units)
+        checked = None
         if ops.jittable:  # one compiled program (a persistent-cache hit in a later process), not ~15-45 eager ones
-            try:
-                theta_u, key, z, scale, cache = ops.jit(start)(theta, key, root)
+            def start_checked(theta: dict[str, Any], key: Any, root: Any) -> tuple:
+                out = start(theta, key, root)
+                return out, self._start_eager(theta, out[2])
+
+            try:  # the chains' start and its check (:meth:`_start_eager`) in one program
+                (theta_u, key, z, scale, cache), checked = ops.jit(start_checked)(theta, key, root)
                 # a jitted dict comes back with its keys sorted: the parameters' order (summaries, history) is θ's
                 theta_u = {**{k: theta_u[k] for k in theta if k in theta_u}, **theta_u}
             except Exception:  # noqa: BLE001 - a prior draw that cannot be traced: eagerly (its own errors, if any)
                 theta_u, key, z, scale, cache = start(theta, key, root)
         else:
             theta_u, key, z, scale, cache = start(theta, key, root)
-        all_bad, s_hat = self._start(theta, z)
+        all_bad, s_hat = self._start(theta, z) if checked is None else checked
         if bool(all_bad):
             model.raise_for_nonfinite(theta, z)
         if scale is None:
