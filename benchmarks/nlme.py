@@ -205,6 +205,10 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   8.09 -> 0.27, IS 2.15 -> 0.54 s.  The 10x goal (<= 0.15 s) is not met (~8x short in CPU): what is left is loading
   the fit's executables (the chunk ~0.25 s, the start ~0.15 s), the LAPACK initialisation (~0.13 s CPU), ~9 MLIR
   lowerings of ``Exported.call`` with their cache-key hashing (~0.02 s each) and the iterations (~0.1 s).
+  A second alternated set on the landed tree (f51f0b8 vs bbb60aa, 5 rounds, load 3.6-4.1): wall 4.48 s (3.65-4.83)
+  -> 1.37 s (1.26-1.56), CPU 3.12 (2.71-3.70) -> 0.93 (0.86-1.30); the fit alone 1.03 -> 0.89 s wall, EBEs 0.43 ->
+  0.17, SEs 2.30 -> 0.09, IS log-likelihood 0.75 -> 0.23; against saemix's 1.5 s: 0.34x -> 1.1x (goal 10x: not met).
+  A cold process (cache empty) also gains: 41.5 -> 27.5 s wall, 20.7 -> 13.4 s CPU (one run each, load ~7).
 """
 
 from __future__ import annotations
