@@ -288,6 +288,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
             row = dup.idxmax()
             warnings.warn(f"duplicated dose record (ID {_id(dose_df.loc[row, 'id'])}, row {row}): same time, amount "
                           f"and compartment as an earlier row; both doses are given", stacklevel=3)
+        del dose_df, dup  # five columns per dose row, not needed past the check
 
     n = len(keep_ids)
     index_type = np.int32 if len(df) < 2 ** 31 else np.int64  # row and individual indices: 4 bytes each
@@ -308,10 +309,16 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     dv_a = np.zeros((n, t_max))
     cens_a = np.zeros((n, t_max), dtype=np.int8)  # the narrowest types: these are kept for the post-fit tools
     rows_a = np.full((n, t_max), -1, dtype=index_type)
-    time_a[mask] = time[obs_idx]
-    dv_a[mask] = dv[obs_idx]
-    cens_a[mask] = cens[obs_idx]
-    rows_a[mask] = obs_idx
+    ends = np.cumsum(counts)
+    step = max(1, (1 << 16) // t_max)  # blocks of individuals: no [n_obs] gathered copy of a whole column
+    for i0 in range(0, n, step):
+        i1 = min(i0 + step, n)
+        rows, block = obs_idx[(ends[i0 - 1] if i0 else 0):ends[i1 - 1]], mask[i0:i1]
+        time_a[i0:i1][block] = time[rows]
+        dv_a[i0:i1][block] = dv[rows]
+        cens_a[i0:i1][block] = cens[rows]
+        rows_a[i0:i1][block] = rows
+    del ends, rows, block  # (rows views obs_idx, freed below)
     last = time_a[np.arange(n), counts - 1]
     np.copyto(time_a, last[:, None], where=~mask)  # padding: a valid time, masked out (in place: no second copy)
     # one period (no reset): no [N, T] array of zeros (the structural models read None as one period)
@@ -347,10 +354,12 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         e_time = time[src] + k * ii[src]
         perm = np.lexsort((e_time, seg[src], order[src]))  # stable: table order at equal times
         src, k, e_time = src[perm], k[perm], e_time[perm]
+        del rows_d, reps, perm  # freed as soon as read: the binding's peak is here
         dwho = order[src]
         dcounts = np.bincount(dwho, minlength=n)
         d_max = max(int(dcounts.max()) if len(src) else 0, 1)
         dslot = np.arange(len(src)) - np.repeat(np.cumsum(dcounts) - dcounts, dcounts)
+        del dcounts
         d_time, d_amt, d_rate = np.zeros((n, d_max)), np.zeros((n, d_max)), np.zeros((n, d_max))
         d_ss, d_ii, d_seg = np.zeros((n, d_max)), np.zeros((n, d_max)), np.zeros((n, d_max))
         d_cmt = np.ones((n, d_max), dtype=int)
@@ -363,7 +372,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         d_seg[dwho, dslot] = seg[src]
         # padding doses (amount 0) stay in the individual's last period
         d_seg = np.where(d_amt > 0, d_seg, np.maximum.accumulate(d_seg, axis=1))
-        del rows_d, reps, src, k, e_time, perm, dwho, dslot
+        del src, k, e_time, dwho, dslot
     # time of the reset that starts each period [N, S] (period 0: -inf, padding: inf)
     # without a reset every record is in period 0 (no [rows] gather of the periods)
     n_seg = int(seg[order >= 0].max()) + 1 if reset.any() and (order >= 0).any() else 1
