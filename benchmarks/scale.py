@@ -314,6 +314,42 @@ allocator showed before, not investigated further); with the caller dropping its
 whole process either.  Meeting it with the table dropped needs the binding's peak ~85 B per individual lower at 10⁶
 (the table itself is 1.64x the state and must exist while it is read): ``read_nonmem``'s per-row codes and dose
 temporaries (~100 B per individual alive at its peak) are what is left to cut, or a reader of the table in blocks.
+
+Then ``read_nonmem``'s peak lower (2523176: the duplicate-dose check's frame freed after the check, the observations
+placed over blocks of individuals, the dose temporaries freed as soon as read; tracemalloc, the binding's peak over the
+table at N = 10⁵: 647 (4fd200b) -> 507 (1f0c0d6) -> 427 B per individual).  The same measurement again, 4fd200b against
+this tree alternated (2026-12-04 04:19-04:24, load 2.1-3.1, two runs of each row), B per individual::
+
+                    N  table  data bind pk  peak state +copies peak/state  proc proc/state  fit
+       before keep 1e5    533   940    1262  1360   322     626       4.22  1360       4.22  420
+       after  keep 1e5    533   943    1069  1345   322     110       4.18  1345       4.18  402
+       before drop 1e5    533   940    1265  1442   322     626       4.48  1442       4.48  502
+       after  drop 1e5    533   414    1068   797   322     110       2.48  1068       3.32  383
+       before keep 1e6    528   926    1216  1216   322     626       3.78  1216       3.78  290
+       after  keep 1e6    529   937    1007  1246   322     110       3.87  1246       3.87  310
+       before drop 1e6    529   926    1216  1216   322     626       3.78  1216       3.78  290
+       after  drop 1e6    529   409    1006   723   322     110       2.25  1006       3.12  315
+       after  keep 1e5    533   943    1071  1346   322     110       4.18  1346       4.18  403
+       before keep 1e5    533   940    1265  1483   322     626       4.61  1483       4.61  543
+       after  drop 1e5    533   415    1070   921   322     110       2.86  1070       3.32  507
+       before drop 1e5    533   940    1264  1367   322     626       4.25  1367       4.25  427
+       after  keep 1e6    529   937    1006  1246   322     110       3.87  1246       3.87  309
+       before keep 1e6    529   925    1215  1215   322     626       3.77  1215       3.77  290
+       after  drop 1e6    529   409    1006   723   322     110       2.25  1006       3.12  315
+       before drop 1e6    529   926    1215  1263   322     626       3.92  1263       3.92  338
+
+       proc/state, median (range)      keep 1e5          drop 1e5          keep 1e6          drop 1e6
+       of the two runs:   before   4.41 (4.22-4.61)  4.36 (4.25-4.48)  3.77 (3.77-3.78)  3.85 (3.78-3.92)
+                          after    4.18 (4.18-4.18)  3.32 (3.32-3.32)  3.87 (3.87-3.87)  3.12 (3.12-3.12)
+
+The binding's peak fell from 1215-1265 to 1006-1071 B per individual.  Where the caller drops its table once bound,
+the process's peak (now the binding's: the table, 529 B, must exist while it is read) is 3.12x the state at 10⁶ and
+3.32x at 10⁵, against 3.8-4.4x before; the fit's peak alone is 2.25-2.86x.  Where the caller keeps its table, the
+process's peak is the fit's (the table, the bound data and the fit's increment): 3.87x at 10⁶, 4.18x at 10⁵ (before:
+3.77-3.78x and 4.22-4.61x; at 10⁶ the after runs' fit increment was 310 B against 290, within glibc's run-to-run
+spread seen above).  The 3x goal is therefore NOT met in either workflow: with the table dropped it is missed by
+~40 B per individual at 10⁶ (the binding's peak would have to fall from 1006 to ~966 B), with the table kept by the
+table's own 1.64x.
 """
 
 from __future__ import annotations
