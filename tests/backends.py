@@ -15,8 +15,10 @@ data; float32 behaviour is tested explicitly in ``test_numpyro.py``.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +30,9 @@ import pytest
 jax.config.update("jax_enable_x64", True)
 # identical programs (the same model fitted again: other seeds, other options of the driver) are
 # compiled once per test session
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="latentfit-jax-cache-"))
+_JAX_CACHE_DIR = tempfile.mkdtemp(prefix="latentfit-jax-cache-")
+atexit.register(shutil.rmtree, _JAX_CACHE_DIR, ignore_errors=True)  # one per test process, gone with it
+jax.config.update("jax_compilation_cache_dir", _JAX_CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 BACKENDS = ("pyro", "numpyro")

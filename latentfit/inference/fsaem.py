@@ -106,14 +106,20 @@ class FSAEM(SAEM):
 
         z0 = xp.broadcast_to(mode, tuple(state.z.shape)) + 0.0 * state.z  # reset every chain at the MAP
         chain = mcmc.init_chain_state(z0, evaluate)
-        keys = sim.split(key, 2 * self.imh_steps)
-        rates = []
-        for s in range(self.imh_steps):
+        m = self.imh_steps
+        keys = sim.split(key, 2 * m)
+        steps = ops.arange(m)
+
+        def imh_step(s: Any, carry: tuple[mcmc.ChainState, Any]) -> tuple[mcmc.ChainState, Any]:
+            chain, rates = carry
             eps = sim.normal(keys[2 * s], tuple(state.z.shape))
             z_new = mode + xp.sum(chol * eps[..., None, :], -1)  # ẑ + L ε
             chain, ok = mcmc.independent_mh(sim, keys[2 * s + 1], chain, z_new, log_q(z_new), log_q(chain.z),
                                             evaluate)
-            rates.append(sim.unit_mean(ok * 1.0))
+            return chain, rates + (steps == s) * sim.unit_mean(ok * 1.0)  # step s's rate in slot s (exact)
+
+        # one traced body on JAX (an unrolled loop made the step's program imh_steps times larger); torch: a loop
+        chain, rates = ops.fori_loop(0, m, imh_step, (chain, ops.zeros((m,))))
         # same history records in both phases (saemix kernels idle here)
         n1, n2, n3 = self.kernels
         acc = {"prior_imh": nan} if n1 else {}
@@ -121,7 +127,7 @@ class FSAEM(SAEM):
             acc["rw"] = ops.zeros((d,)) * float("nan")
         if n3:
             acc["block_rw"] = nan
-        acc["nlme_imh"] = xp.mean(xp.stack(rates))
+        acc["nlme_imh"] = xp.mean(rates)
         return chain, acc, state._replace(mode=mode)
 
 

@@ -92,11 +92,15 @@ def damped_newton_update(ops: Ops, objective: Callable[[Any], Any], x: Any, valu
     xp = ops.xp
     norm = xp.sqrt(xp.sum(step * step, -1))[..., None]
     step = step * xp.where(norm > max_step, max_step / (norm + 1e-30), 1.0)
-    best_x, best_val = x, value
-    for frac in BACKTRACK:
-        cand = x + frac * step
+    fracs = ops.asarray(np.asarray(BACKTRACK), dtype=step.dtype)  # powers of 2: exact in any float dtype
+
+    def try_fraction(i: Any, best: tuple[Any, Any]) -> tuple[Any, Any]:
+        best_x, best_val = best
+        cand = x + fracs[i] * step
         cv = objective(cand)
         better = (cv > best_val) & (cv == cv)
-        best_x = xp.where(better[..., None], cand, best_x)
-        best_val = xp.where(better, cv, best_val)
-    return best_x
+        return xp.where(better[..., None], cand, best_x), xp.where(better, cv, best_val)
+
+    # one traced objective on JAX (unrolled, the four candidates made the Laplace and M-step programs four
+    # objectives larger to trace and compile); torch: a loop
+    return ops.fori_loop(0, len(BACKTRACK), try_fraction, (x, value))[0]
