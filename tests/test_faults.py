@@ -79,6 +79,7 @@ def _assert_same(a: Any, b: Any) -> None:
         np.testing.assert_array_equal(value, b.history[name], err_msg=name)
 
 
+@pytest.mark.slow_on("numpyro")  # the Pyro case stays in the default suite
 def test_nan_m_step_stops_with_a_checkpoint_to_resume(backend: Backend, tmp_path: Any) -> None:
     with_dir = backend.name == "pyro"  # Pyro: in the checkpoint directory given; NumPyro: in a temporary one
     y = _tail_data()[:12, :4]

@@ -39,6 +39,7 @@ def _linear_model(seed: int = 0, backend=None) -> nlme.NLME:
                      omega="full", data=df, backend=_array_backend(backend))
 
 
+@pytest.mark.slow_on("numpyro")  # the Pyro case stays in the default suite
 def test_nlme_imh_is_the_exact_conditional_on_a_linear_gaussian_model(backend):
     """The Gauss–Newton Laplace proposal equals p(z_i | y_i; θ): every proposal is accepted."""
     model = _linear_model(backend=backend)

@@ -41,6 +41,7 @@ def test_random_intercept_reaches_exact_ml(backend):
         assert abs(float(pyro.param("mu").detach()) - p["mu"]) < 1e-12
 
 
+@pytest.mark.slow_on("numpyro")  # the Pyro case stays in the default suite
 def test_random_slope_mvn_reaches_exact_ml(backend):
     t, y = _slope_data()
     mu, cov, s2 = em_random_slope(t, y)
