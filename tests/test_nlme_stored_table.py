@@ -172,7 +172,8 @@ def test_caller_table_is_freed(iov):
 @pytest.mark.slow  # ~9 s under tracemalloc on a loaded machine
 def test_binding_needs_less_than_the_table_again():
     """Binding a 20 000-individual table (11 rows each) allocates at its peak less than the table's own size on top of
-    it (tracemalloc; 4fd200b needed 1.25x: 659 B per individual over a 528 B table, now ~490): the padded arrays
+    it (tracemalloc; 4fd200b needed 1.25x: 659 B per individual over a 528 B table, b9f1241 ~490, now ~435, of which
+    ~400 are the bound model's arrays): the padded arrays
     are filled by the mask over blocks of individuals, without row / slot index arrays or gathered whole columns, the
     dose temporaries are freed as soon as read, and a model without covariates builds one ``[1, m, p]`` design block."""
     n = 20000
@@ -186,10 +187,48 @@ def test_binding_needs_less_than_the_table_again():
     try:
         base = tracemalloc.get_traced_memory()[0]
         model = _model(data=df)
-        peak = tracemalloc.get_traced_memory()[1] - base
+        held, peak = (m - base for m in tracemalloc.get_traced_memory())
     finally:
         tracemalloc.stop()
     assert model.num_units == n and peak < table_bytes, (peak / n, table_bytes / n)
+    # what the binding allocates beyond what the bound model keeps (b9f1241: 82 B per individual, 0.155x the table;
+    # now ~33): no per-row float copy of an integer code column, no [dose rows] gathers of absent columns, no hash
+    # table of sorted integer IDs, the padding per block; and the peak below 0.9x the table (b9f1241: 0.93x)
+    assert peak - held < 0.1 * table_bytes, ((peak - held) / n, table_bytes / n)
+    assert peak < 0.9 * table_bytes, (peak / n, table_bytes / n)
+
+
+def _read_arrays(df: pd.DataFrame, **kw) -> dict:
+    data = nlme.read_nonmem(df, **kw)
+    return {k: v for k, v in vars(data).items() if isinstance(v, np.ndarray) and v.dtype != object}
+
+
+@pytest.mark.parametrize("records", [False, True])
+def test_binding_shortcuts_read_the_same_data(records):
+    """read_nonmem's shortcuts read the same arrays, bit for bit, as the general paths: integer code columns (EVID,
+    MDV, CMT, CENS) read as they are against the same codes as floats, integer IDs in sorted runs (no hash table)
+    against the same IDs as text (a hash table), bolus doses without ADDL/SS/RATE columns (one value, not gathered per
+    dose) against those columns given as zeros; on a table in (ID, time) order and shuffled."""
+    rng = np.random.default_rng(4)
+    df = nlme.design_table(40, [0.5, 1, 2, 4, 8])
+    df["DV"] = np.where(df["EVID"] == 0, rng.lognormal(size=len(df)), np.nan)
+    df.loc[df.index[df["EVID"] == 0][::7], "MDV"] = 1
+    df["CMT"] = np.where(df["EVID"] == 1, 1, 2)
+    df["CENS"] = np.where((df["EVID"] == 0) & (np.arange(len(df)) % 9 == 0), 1, 0)
+    df.loc[df.index[df["EVID"] == 1][::5], "TIME"] = -0.0  # a dose at -0.0: read as 0.0 either way
+    for table in (df, df.sample(frac=1.0, random_state=2)):
+        ints = _read_arrays(table, records=records)
+        floats = table.astype({c: float for c in ("EVID", "MDV", "CMT", "CENS")})
+        text = table.assign(ID=table["ID"].map(lambda i: f"{i:04d}"))
+        zeros = table.assign(ADDL=0, II=0.0, SS=0, RATE=0.0)
+        for other in (floats, text, zeros):
+            got = _read_arrays(other, records=records)
+            assert got.keys() == ints.keys()
+            for k, v in ints.items():
+                if k == "ids" and other is text:
+                    assert [f"{i:04d}" for i in v] == list(got[k])
+                    continue
+                assert got[k].dtype == v.dtype and got[k].tobytes() == v.tobytes(), k
 
 
 # ----- every post-fit tool as with the table kept ---------------------------------------------------------------

@@ -178,7 +178,7 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
                           if pd.api.types.is_numeric_dtype(data.covariates[c])},
                          doses_precede_obs=bool(data.dose_amt.shape[1] == 1 and (data.dose_amt > 0).all()
                                                 and (data.dose_time[:, :1] <= data.time).all()),
-                         dose_cmt=ops.asarray(data.dose_cmt.astype(np.int64)), ops=ops,
+                         dose_cmt=ops.asarray(data.dose_cmt.astype(np.int64, copy=False)), ops=ops,
                          x=None if data.x is None else regs[data.x], **dose_design(model, data),
                          dv=model._outcome_consts.get("dv"), time_after_dose_of=tau_amt)
     model._structural_fn = model.structural.bound(model.design)

@@ -60,6 +60,7 @@ DEFAULT_COLUMNS = {"id": "ID", "time": "TIME", "dv": "DV", "amt": "AMT", "evid":
                    "cmt": "CMT", "rate": "RATE", "cens": "CENS", "addl": "ADDL", "ii": "II", "ss": "SS", "dur": "DUR"}
 INTERPOLATIONS = ("locf", "linear")
 REQUIRED = ("id", "dv")
+CODES = ("evid", "mdv", "cmt", "cens")  # roles whose integer columns are read as they are (no float copy)
 
 
 @dataclass
@@ -120,10 +121,11 @@ def _id(value: Any) -> str:
     return repr(value.item() if isinstance(value, np.generic) else value)
 
 
-def _numeric(df: pd.DataFrame, col: str, id_col: str) -> np.ndarray:
+def _numeric(df: pd.DataFrame, col: str, id_col: str, codes: bool = False) -> np.ndarray:
     """The column ``col`` as float64, read-only.  A float64 column is the table's own memory (no copy: at 10⁶
-    individuals × 11 rows a copy is 88 MB; read-only, so nothing here can write into the caller's table)."""
-    if df[col].dtype == np.float64:
+    individuals × 11 rows a copy is 88 MB; read-only, so nothing here can write into the caller's table);
+    ``codes``: an integer column (EVID, MDV, CMT, CENS: codes, read as integers) as well."""
+    if df[col].dtype == np.float64 or (codes and df[col].dtype.kind in "iu"):
         out = df[col].to_numpy().view()
         out.flags.writeable = False
         return out
@@ -134,6 +136,37 @@ def _numeric(df: pd.DataFrame, col: str, id_col: str) -> np.ndarray:
         raise DataError(f"column {col!r} has a non-numeric value {df.loc[row, col]!r} "
                         f"(ID {_id(df.loc[row, id_col])}, row {row})")
     return values.to_numpy(dtype=float)
+
+
+def _one(a: np.ndarray) -> Any:
+    """The value of ``a`` if it is one value viewed on every row (a broadcast: an absent column), else None."""
+    return a[0] if a.ndim == 1 and a.strides == (0,) and len(a) else None
+
+
+def _factorize(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``pd.factorize(ids)``: each row's code and the IDs in the order of the table.  Integer IDs in increasing runs
+    (a sorted table) are read from the runs, without a hash table of the IDs (~40 B per individual)."""
+    if ids.dtype.kind in "iu" and len(ids) > 1:
+        new = ids[1:] != ids[:-1]
+        starts = np.flatnonzero(new) + 1
+        del new
+        first = ids[np.concatenate([[0], starts])]
+        if bool(np.all(first[1:] > first[:-1])):
+            codes = np.zeros(len(ids), dtype=np.int64)
+            codes[starts] = 1
+            np.cumsum(codes, out=codes)
+            return codes, first
+    return pd.factorize(ids)
+
+
+def _no_nan(a: np.ndarray) -> np.ndarray:
+    """``np.nan_to_num(a)``; an integer array (no NaN) as it is, not copied."""
+    return a if a.dtype.kind in "iu" else np.nan_to_num(a)
+
+
+def _missing(mdv: np.ndarray) -> np.ndarray:
+    """``|nan_to_num(MDV)| >= 1`` per row (MDV ≠ 0 as an integer; NaN: 0) without a float copy of the column."""
+    return (mdv >= 1) | (mdv <= -1)
 
 
 def _in_order(key: np.ndarray, time: np.ndarray) -> bool:
@@ -200,7 +233,8 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     if df[id_col].isna().any():
         row = df[id_col].isna().idxmax()
         raise DataError(f"column {id_col!r} has a missing ID at row {row}")
-    num = {role: _numeric(df, c, id_col) for role, c in present.items() if role not in ("id", "dv")}
+    num = {role: _numeric(df, c, id_col, codes=role in CODES) for role, c in present.items()
+           if role not in ("id", "dv")}
     dv = _numeric(df, cols["dv"], id_col)
     for name in list(regressors) + ([dose] if dose else []):
         num[name] = _numeric(df, name, id_col)
@@ -214,7 +248,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         amt = np.nan_to_num(amt)
     fail = _failer(df, id_col)
     if "evid" in num:
-        evid_f = np.nan_to_num(num["evid"])
+        evid_f = _no_nan(num["evid"])
         fail(~np.isin(evid_f, (0, 1, 2, 3, 4)), f"column {cols['evid']!r} must be 0 (observation), 1 (dose), 2 (other "
                                                 f"event), 3 (reset) or 4 (reset and dose)")
         evid = evid_f.astype(np.int8)  # codes 0-4 (checked): the narrowest type, 1 byte per row
@@ -223,10 +257,10 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         evid = (amt > 0).astype(np.int8)
     # per-row codes in their narrowest form (10⁶ individuals × 11 rows: 88 MB per int64 array); an absent column is
     # one value viewed on every row
-    missing_dv = np.abs(np.nan_to_num(num["mdv"])) >= 1 if "mdv" in num else False  # MDV ≠ 0 (as int)
-    cmt = np.nan_to_num(num["cmt"]).astype(int) if "cmt" in num else np.broadcast_to(1, (n_rows,))
+    missing_dv = _missing(num["mdv"]) if "mdv" in num else False  # MDV ≠ 0 (as int)
+    cmt = _no_nan(num["cmt"]).astype(int) if "cmt" in num else np.broadcast_to(1, (n_rows,))
     if "cens" in num:
-        cens = np.nan_to_num(num["cens"]).astype(int)
+        cens = _no_nan(num["cens"]).astype(int)
         fail(~np.isin(cens, (-1, 0, 1)), f"column {cols['cens']!r} must be -1, 0 or 1")
         cens = cens.astype(np.int8)
     else:
@@ -256,7 +290,9 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         time = np.nan_to_num(time)
     ids_all = df[id_col].to_numpy()
     # periods: a reset (EVID 3/4, SS = 1 dose) starts a new one, in the order of the table
-    reset = np.isin(evid, (3, 4)) | (is_dose & (ss == 1))
+    reset = np.isin(evid, (3, 4))
+    if ss.strides != (0,) or (len(ss) and ss[0] != 0):  # SS given: a steady-state dose after a reset is one too
+        reset |= is_dose & (ss == 1)
     if reset.any() or records:
         seg = pd.Series(reset.astype(np.int64)).groupby(ids_all).cumsum().to_numpy()
     else:  # one period: 0 viewed on every row
@@ -266,11 +302,21 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         fail(time < start, f"time before the reset (EVID 3/4 or SS = 1 dose) that starts this period: the "
                            f"{cols['time']!r} of the records after a reset must not precede its time")
 
-    uniq = pd.unique(ids_all)
-    has_obs = pd.Series(is_obs).groupby(ids_all).sum().reindex(uniq).to_numpy() > 0
+    # the IDs in the order of the table (pd.unique's) with each row's code: one hash pass, no grouped frame
+    codes, uniq = _factorize(ids_all)
+    has_obs = np.zeros(len(uniq), dtype=bool)
+    has_obs[codes[is_obs.astype(bool, copy=False)]] = True  # (an int array without MDV: ~False is -1)
     keep_ids = uniq[has_obs]  # an array (the list of IDs is built at the end, after the per-row arrays are freed)
     dropped = uniq[~has_obs]
-    del has_obs
+    n = len(keep_ids)
+    index_type = np.int32 if len(df) < 2 ** 31 else np.int64  # row and individual indices: 4 bytes each
+    kept_at = np.full(len(uniq), -1, dtype=index_type)
+    kept_at[has_obs] = np.arange(n, dtype=index_type)
+    order = kept_at[codes]  # row -> individual (-1: dropped), as pd.Index(keep_ids).get_indexer(ids_all)
+    # a duplicated dose needs an ID with two dose records: without one there is nothing to check
+    several_doses = bool(is_dose.any()) and int(np.bincount(codes[is_dose], minlength=len(uniq)).max()) > 1
+    all_kept = not len(dropped)  # every row's individual is kept (order >= 0): no [rows] mask of it
+    del codes, has_obs, kept_at
     if len(dropped):
         rows = {_id(i): [int(r) for r in df.index[ids_all == i][:3]] for i in dropped[:5]}
         names = [_id(i) for i in dropped[:5]]
@@ -280,7 +326,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     if not len(keep_ids):
         raise DataError("no individual has an observation")
     # duplicated dose records (same ID, time, amount and compartment)
-    if is_dose.any():
+    if several_doses:
         dose_df = pd.DataFrame({"id": ids_all[is_dose], "t": time[is_dose], "a": amt[is_dose], "c": cmt[is_dose],
                                 "s": seg[is_dose]}, index=df.index[is_dose])
         dup = dose_df.duplicated(keep="first")
@@ -290,10 +336,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
                           f"and compartment as an earlier row; both doses are given", stacklevel=3)
         del dose_df, dup  # five columns per dose row, not needed past the check
 
-    n = len(keep_ids)
-    index_type = np.int32 if len(df) < 2 ** 31 else np.int64  # row and individual indices: 4 bytes each
-    order = pd.Index(keep_ids).get_indexer(ids_all).astype(index_type)  # row -> individual (-1: dropped)
-    obs_idx = np.where(is_obs & (order >= 0))[0].astype(index_type)
+    obs_idx = np.where(is_obs if all_kept else is_obs & (order >= 0))[0].astype(index_type)
     # by individual, period and time (stable: table order at equal times); one period: no period key (it would
     # gather an [n_obs] array of zeros), and a table already in that order (the usual one) is not sorted again
     if reset.any() or records:
@@ -318,9 +361,10 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         dv_a[i0:i1][block] = dv[rows]
         cens_a[i0:i1][block] = cens[rows]
         rows_a[i0:i1][block] = rows
-    del ends, rows, block  # (rows views obs_idx, freed below)
-    last = time_a[np.arange(n), counts - 1]
-    np.copyto(time_a, last[:, None], where=~mask)  # padding: a valid time, masked out (in place: no second copy)
+        # padding: the individual's last time, masked out (in place, per block: no [N] index or time arrays)
+        last = time_a[i0:i1][np.arange(i1 - i0), counts[i0:i1] - 1]
+        np.copyto(time_a[i0:i1], last[:, None], where=~block)
+    del ends, rows, block, last  # (rows views obs_idx, freed below)
     # one period (no reset): no [N, T] array of zeros (the structural models read None as one period)
     seg_a = None
     if reset.any():
@@ -347,39 +391,71 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         d_cmt = np.ones((n, 1), dtype=int)
         d_ss, d_ii, d_seg = np.zeros((n, 1)), np.zeros((n, 1)), np.zeros((n, 1))
     else:
-        rows_d = np.where(is_dose & (order >= 0))[0]
-        reps = addl[rows_d] + 1
-        src = np.repeat(rows_d, reps)
-        k = np.arange(len(src)) - np.repeat(np.cumsum(reps) - reps, reps)  # 0 for the record, 1.. for ADDL
-        e_time = time[src] + k * ii[src]
-        perm = np.lexsort((e_time, seg[src], order[src]))  # stable: table order at equal times
-        src, k, e_time = src[perm], k[perm], e_time[perm]
-        del rows_d, reps, perm  # freed as soon as read: the binding's peak is here
+        # a per-row column absent from the table is one value viewed on every row (_one): it is written as that value,
+        # not gathered at every dose ([dose rows] copies, whose freed pages the process kept at the binding's peak)
+        rows_d = np.flatnonzero(is_dose if all_kept else is_dose & (order >= 0))
+        if _one(addl) == 0:  # no additional dose: each record once (k = 0)
+            src, k = rows_d, None
+            e_time = time[src]
+            e_time += 0.0  # time + 0 * II as below (-0.0 -> 0.0)
+        else:
+            reps = addl[rows_d] + 1
+            src = np.repeat(rows_d, reps)
+            k = np.arange(len(src)) - np.repeat(np.cumsum(reps) - reps, reps)  # 0 for the record, 1.. for ADDL
+            e_time = time[src] + k * ii[src]
+            del reps
+        del rows_d
         dwho = order[src]
+        one_seg = _one(seg) == 0  # one period (no reset): every dose in period 0
+        # stable: table order at equal times; one period orders nothing, and doses already in (individual, time)
+        # order are not sorted
+        if not one_seg:
+            perm = np.lexsort((e_time, seg[src], dwho))
+        elif not _in_order(dwho, e_time):
+            perm = np.lexsort((e_time, dwho))
+        else:
+            perm = None
+        if perm is not None:
+            src, e_time, dwho = src[perm], e_time[perm], dwho[perm]
+            k = None if k is None else k[perm]
+            del perm  # freed as soon as read
         dcounts = np.bincount(dwho, minlength=n)
         d_max = max(int(dcounts.max()) if len(src) else 0, 1)
-        dslot = np.arange(len(src)) - np.repeat(np.cumsum(dcounts) - dcounts, dcounts)
+        # each individual's doses fill its first slots; at most one dose each: slot 0 (no [doses] slot array)
+        dslot = 0 if d_max == 1 else np.arange(len(src)) - np.repeat(np.cumsum(dcounts) - dcounts, dcounts)
         del dcounts
         d_time, d_amt, d_rate = np.zeros((n, d_max)), np.zeros((n, d_max)), np.zeros((n, d_max))
         d_ss, d_ii, d_seg = np.zeros((n, d_max)), np.zeros((n, d_max)), np.zeros((n, d_max))
         d_cmt = np.ones((n, d_max), dtype=int)
         d_time[dwho, dslot] = e_time
+        del e_time
         d_amt[dwho, dslot] = amt[src]
-        d_rate[dwho, dslot] = rate[src]
-        d_cmt[dwho, dslot] = cmt[src]
-        d_ss[dwho, dslot] = np.where(k == 0, ss[src], 0)  # additional doses are ordinary doses
-        d_ii[dwho, dslot] = np.where((k == 0) & (ss[src] > 0), ii[src], 0.0)
-        d_seg[dwho, dslot] = seg[src]
-        # padding doses (amount 0) stay in the individual's last period
-        d_seg = np.where(d_amt > 0, d_seg, np.maximum.accumulate(d_seg, axis=1))
-        del src, k, e_time, dwho, dslot
+
+        def place(out: np.ndarray, values: np.ndarray) -> None:
+            """``out[dwho, dslot] = values[src]``; a constant column as its value."""
+            c = _one(values)
+            out[dwho, dslot] = values[src] if c is None else c
+
+        place(d_rate, rate)
+        place(d_cmt, cmt)
+        ss_one, ii_one = _one(ss), _one(ii)
+        if ss_one is None or ss_one != 0:  # additional doses are ordinary doses
+            first = k == 0 if k is not None else True
+            d_ss[dwho, dslot] = np.where(first, ss[src], 0)
+            d_ii[dwho, dslot] = np.where(first & (ss[src] > 0), ii[src] if ii_one is None else ii_one, 0.0)
+        if not one_seg:
+            place(d_seg, seg)
+            # padding doses (amount 0) stay in the individual's last period
+            d_seg = np.where(d_amt > 0, d_seg, np.maximum.accumulate(d_seg, axis=1))
+        del src, k, dwho, dslot
     # time of the reset that starts each period [N, S] (period 0: -inf, padding: inf)
     # without a reset every record is in period 0 (no [rows] gather of the periods)
     n_seg = int(seg[order >= 0].max()) + 1 if reset.any() and (order >= 0).any() else 1
     seg_start = np.full((n, n_seg), np.inf)
     seg_start[:, 0] = -np.inf
-    r_rows = np.where(reset & (order >= 0))[0]
-    seg_start[order[r_rows], seg[r_rows]] = time[r_rows]
+    if reset.any():
+        r_rows = np.where(reset & (order >= 0))[0]
+        seg_start[order[r_rows], seg[r_rows]] = time[r_rows]
 
     # the IDs as they always were: np.asarray of the list of the table's values (numbers: the array itself; other
     # values: e.g. str, as a numpy unicode array); no Python list of a million numbers
