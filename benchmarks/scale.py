@@ -350,6 +350,49 @@ process's peak is the fit's (the table, the bound data and the fit's increment):
 spread seen above).  The 3x goal is therefore NOT met in either workflow: with the table dropped it is missed by
 ~40 B per individual at 10⁶ (the binding's peak would have to fall from 1006 to ~966 B), with the table kept by the
 table's own 1.64x.
+
+Then the binding's own temporaries (478001c).  A line tracer reading ``VmRSS``/``VmHWM`` at every line of the binding
+(N = 10⁶, the benchmark's table) showed where its resident peak came from: not from what tracemalloc sees alive (the
+binding's live peak was only ~18 B per individual above the bound model's ~410 B), but from freed temporaries of 1-32 MB
+(per-row bool/int8 masks, per-dose int64/float64 gathers, a hash table of the IDs) whose heap pages glibc keeps; the
+last array, τ = t − t_d (80 B, mapped), then lands on top of them.  ``read_nonmem`` now reads integer code columns
+(EVID, MDV, CMT, CENS) as they are (no per-row float64 copy, MDV tested without ``nan_to_num``/``abs`` copies), reads
+the IDs of a table sorted by integer ID from their runs (no hash table; else one ``pd.factorize``), checks duplicate
+doses only where an ID has two dose records, writes absent dose columns (RATE, CMT, SS, II, the period) as their one
+value instead of gathering them at every dose, builds no slot array with one dose per ID and no sort of doses already
+in order, pads the observation times per block, and the design no longer copies the int64 compartment array.  Bound
+arrays and model tensors are the same bit for bit (45 tables and 8 bound models against b9f1241;
+tests/test_nlme_stored_table.py).  b9f1241 against 478001c alternated in fresh processes (2026-12-04 04:46-04:49,
+load 3.6-3.8, two runs of each row; ``--skip torch,jax,jaxproc --memory-sizes 1000000,100000 --memory-modes drop
+--memory-before <b9f1241's library> --memory-repeats 2``), B per individual::
+
+                    N  table  data bind pk  peak state +copies peak/state  proc proc/state  fit
+       before drop 1e6    529   409    1006   663   322     110       2.06  1006       3.13  254
+       after  drop 1e6    529   377     934   606   322     102       1.88   934       2.90  229
+       before drop 1e5    533   415    1070   990   322     110       3.07  1070       3.32  575
+       after  drop 1e5    533   407    1048   810   322     102       2.51  1048       3.26  403
+       after  drop 1e6    529   377     934   670   322     102       2.08   934       2.90  292
+       before drop 1e6    529   409    1006   694   322     110       2.16  1006       3.12  285
+       after  drop 1e5    533   407    1046   861   322     102       2.67  1046       3.25  455
+       before drop 1e5    533   415    1065   822   322     110       2.55  1065       3.31  407
+
+       proc/state, median (range) of the two runs     drop 1e5          drop 1e6
+                                          before   3.31 (3.31-3.32)  3.12 (3.12-3.13)
+                                          after    3.25 (3.25-3.26)  2.90 (2.90-2.90)
+
+With the caller dropping its table once bound, the binding's peak at 10⁶ fell from 1006 to 934 B per individual and
+the process's peak (still the binding's: the table, 529 B, must exist while it is read) is 2.90x the state: the 3x
+goal IS met at N = 10⁶ in the drop workflow (by ~30 B per individual; the fit's own peak is 1.9-2.1x).  At 10⁵ it is
+NOT met (3.25x): there the binding's temporaries are all below glibc's mmap threshold, so their freed pages stay
+resident (the tracer: ~75 B per individual of them at the end of the binding, ~60 B of which are the table
+validation's and the reading's first per-row arrays); cutting the remaining per-row gathers (observation positions
+as int64 before their int32 cast, the observations' per-individual counts, the in-order check) moved it by < 10 B
+and was left out.  tracemalloc (N = 2·10⁴): the binding's peak fell from 492 to 435 B per individual, what it
+allocates beyond what the bound model keeps from 82 to 33 B (test_binding_needs_less_than_the_table_again).
+With the caller keeping its table (same trees, 04:51-04:53, load 3.2-3.5, N = 10⁶, two runs each) the process's
+peak is the fit's, 3.70-3.72x before and 3.75-3.94x after (fit peaks 1190-1198 against 1207-1270 B per individual;
+the fit's input is the same bit for bit and its peak spread 1198-1246 B over runs of one tree above): the 3x goal is
+NOT met there (the table alone is 1.64x the state).
 """
 
 from __future__ import annotations
