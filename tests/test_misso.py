@@ -50,7 +50,10 @@ def test_equals_incremental_mcem_on_an_exponential_family_model(backend_name):
     assert np.ptp(misso.history["inner.mu"]) > 0.1
 
 
-CASES = [pytest.param("numpyro", id="numpyro"), pytest.param("pyro", id="pyro", marks=pytest.mark.slow)]
+# both slow (CI runs them): test_reaches_the_quadrature_maximum_where_em_is_slow keeps MISSO's quadrature check in the
+# default suite
+CASES = [pytest.param("numpyro", id="numpyro", marks=pytest.mark.slow),
+         pytest.param("pyro", id="pyro", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("backend_name", CASES)
