@@ -438,10 +438,14 @@ def test_second_process_traces_nothing_with_the_store(stored):
     assert first["traces"] > 0 and first["saved"] == first["traces"], first
     assert len([f for f in first["entries"] if f.endswith(".lft")]) == first["saved"]
     assert len([f for f in first["entries"] if f.endswith(".lfr")]) == first["records_saved"] == 1  # the analysis
+    # every stored program's executable kept beside it (``.lfx``), and called from there by the second process
+    assert first["executables_saved"] == first["saved"], first
+    assert len([f for f in first["entries"] if f.endswith(".lfx")]) == first["saved"]
     second = _fit(env)
     # the model's analysis read from its record: only the fit's own programs are needed (the analysis' are not run)
     assert second["traces"] == 0 and 0 < second["loaded"] <= first["saved"] and second["rejected"] == 0, second
     assert second["records_loaded"] == 1, second
+    assert second["executables_loaded"] == second["loaded"] and second["executables_saved"] == 0, second
     assert second["sha"] == first["sha"] == _fit(_plain_env(env["PYTHONPATH"]))["sha"]
 
 
@@ -471,7 +475,8 @@ def test_a_corrupted_or_truncated_entry_is_ignored(stored, tmp_path):
     env, first = stored
     env = dict(env, LATENTFIT_COMPILATION_CACHE=str(tmp_path / "cache"))
     shutil.copytree(stored[0]["LATENTFIT_COMPILATION_CACHE"], tmp_path / "cache")
-    entries = [tmp_path / "cache" / "latentfit-traces" / name for name in first["entries"]]  # the first fit's
+    entries = [tmp_path / "cache" / "latentfit-traces" / name for name in first["entries"]
+               if not name.endswith(".lfx")]  # the first fit's programs and record (their executables: not read)
     assert len(entries) >= 3
     for i, entry in enumerate(entries):
         data = bytearray(entry.read_bytes())
@@ -486,6 +491,124 @@ def test_a_corrupted_or_truncated_entry_is_ignored(stored, tmp_path):
     assert second["rejected"] == len(entries) and second["traces"] == first["traces"], second
     assert second["loaded"] == second["records_loaded"] == 0
     assert second["sha"] == first["sha"]
+
+
+def test_a_damaged_stored_executable_is_ignored(stored, tmp_path):
+    """Issue 14 item 9: stored executables (``.lfx``) truncated, with a flipped byte, or replaced by garbage are
+    ignored without an error (checksum): the programs are compiled from their stored traces as before (JAX's cache),
+    their executables written again, and the fit is bit-identical."""
+    import shutil
+
+    env, first = stored
+    env = dict(env, LATENTFIT_COMPILATION_CACHE=str(tmp_path / "cache"))
+    shutil.copytree(stored[0]["LATENTFIT_COMPILATION_CACHE"], tmp_path / "cache")
+    folder = tmp_path / "cache" / "latentfit-traces"
+    executables = [folder / name for name in first["entries"] if name.endswith(".lfx")]
+    assert len(executables) == first["saved"] >= 3
+    for i, entry in enumerate(executables):
+        data = bytearray(entry.read_bytes())
+        if i % 3 == 0:
+            entry.write_bytes(bytes(data[: len(data) // 2]))
+        elif i % 3 == 1:
+            data[len(data) // 2] ^= 0xFF
+            entry.write_bytes(bytes(data))
+        else:
+            entry.write_bytes(b"not an executable")
+    second = _fit(env)
+    assert second["traces"] == 0 and second["loaded"] > 0, second  # the traces still served (the fit's own)
+    # each executable read is refused, compiled again from its trace and kept
+    assert second["executables_loaded"] == 0 and second["rejected"] == second["loaded"], second
+    assert second["executables_saved"] == second["loaded"], second
+    assert second["sha"] == first["sha"]
+
+
+LAPACK_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    jax.config.update("jax_enable_x64", True)
+    import latentfit
+    from latentfit.inference import ops_jax_store
+    from latentfit.inference.ops_jax import JaxOps
+
+    latentfit.enable_compilation_cache(sys.argv[1])
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 3, 3)) + 3 * np.eye(3)
+    ops = JaxOps()
+    solve = ops.jit(lambda b: ops.xp.linalg.solve(a, b[..., None])[..., 0].sum(0) * ops.xp.exp(b[0]))
+    out = np.asarray(solve(ops.asarray(rng.normal(size=(5, 3)))))
+    print(json.dumps({"out": out.tobytes().hex(), **ops_jax_store.STATS}))
+""")
+
+
+def test_a_stored_lapack_executable_runs_in_a_fresh_process(tmp_path):
+    """A stored executable that calls LAPACK (a batched solve) runs in a fresh process that lowered nothing (its
+    LAPACK handlers are set up before it is loaded: without that, XLA calls a null kernel) and gives the first
+    process's numbers bit for bit."""
+    import latentfit
+
+    pytest.importorskip("flatbuffers")
+    env = _plain_env(os.path.dirname(os.path.dirname(latentfit.__file__)))
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", LAPACK_SCRIPT, str(tmp_path / "cache")], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["executables_saved"] == 1 and second["executables_loaded"] == 1, (first, second)
+    assert second["out"] == first["out"]
+
+
+def test_a_stored_executable_round_trips_and_foreign_ones_are_refused(tmp_path, monkeypatch):
+    """:func:`ops_jax_store.save_executable` / :func:`load_executable` in one process: a program with LAPACK calls
+    and an unused argument, called from its stored executable, gives its compiled outputs bit for bit; an entry under
+    other compiler options, from another host CPU or environment, for other arguments or damaged is not used."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from latentfit.inference import ops_jax_store as store
+
+    monkeypatch.setattr(store, "store_dir", lambda: tmp_path / store.FOLDER)
+
+    def program(consts, x, unused):
+        a, b = consts
+        return [jnp.linalg.solve(a, b * x), jnp.exp(x).sum(), unused.shape[0] * x]
+
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.normal(size=(4, 4)) + 4 * np.eye(4))
+    consts, x, unused = (a, jnp.asarray(rng.normal(size=4))), jnp.asarray(rng.normal(size=4)), jnp.zeros(3)
+    compiled = jax.jit(program).lower(consts, x, unused).compile()
+    options = {"opt": "1"}
+    assert store.save_executable("k1", options, compiled)
+    args = [*consts, x, unused]
+    loaded = store.load_executable("k1", options, args, 3)
+    assert loaded is not None
+    want = compiled(consts, x, unused)
+    for _ in range(2):
+        got = loaded(consts, x, unused)
+        assert len(got) == 3 and all(np.asarray(g).tobytes() == np.asarray(w).tobytes() for g, w in zip(got, want))
+    x2 = jnp.asarray(rng.normal(size=4))  # other values, same program
+    assert np.array_equal(np.asarray(loaded(consts, x2, unused)[0]), np.asarray(compiled(consts, x2, unused)[0]))
+    with pytest.raises(TypeError):
+        loaded(consts, jnp.zeros(5), unused)
+    assert store.load_executable("k1", {"opt": "2"}, args, 3) is None  # other options: another file
+    assert store.load_executable("k1", options, [*consts, jnp.zeros(5), unused], 3) is None
+    assert store.load_executable("k1", options, args, 2) is None
+    assert store.load_executable("k2", options, args, 3) is None  # absent
+    monkeypatch.setattr(store, "_host_tag", lambda: "another CPU")
+    assert store.load_executable("k1", options, args, 3) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(store, "store_dir", lambda: tmp_path / store.FOLDER)
+    monkeypatch.setattr(store, "_environment_tag", lambda: "another jax")
+    assert store.load_executable("k1", options, args, 3) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(store, "store_dir", lambda: tmp_path / store.FOLDER)
+    path = next((tmp_path / store.FOLDER).glob("k1-*.lfx"))
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 1
+    path.write_bytes(bytes(data))
+    assert store.load_executable("k1", options, args, 3) is None
 
 
 def test_stable_digest_names_what_a_trace_reads():

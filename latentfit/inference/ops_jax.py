@@ -530,35 +530,50 @@ def _exported_program(jaxpr: Any, consts: tuple[Any, ...], flat: list[Any], out_
         return None
     if not _store.save(digest, blob, consts, out_tree, dict(side or {})):
         return None
-    return _compile_exported(exported, consts, flat) if compile else exported
+    return _compile_exported(exported, consts, flat, digest) if compile else exported
 
 
-def _compile_exported(exported: Any, consts: tuple[Any, ...], flat: list[Any]) -> Any:
+def _compile_exported(exported: Any, consts: tuple[Any, ...], flat: list[Any], digest: str | None = None) -> Any:
     """``Exported.call`` lowered (one primitive: nothing of the model is traced) and compiled for ``(consts, *flat)``
-    with :func:`_compiler_options` (JAX's persistent cache serves it in a later process)."""
+    with :func:`_compiler_options` (JAX's persistent cache serves it in a later process); with ``digest``, the
+    executable is also kept in the on-disk store (:func:`.ops_jax_store.save_executable`), which a later process loads
+    without lowering anything."""
 
     def call(consts_: tuple[Any, ...], *flat_: Any) -> Any:
         return exported.call(*consts_, *flat_)
 
-    return _compile(jax.jit(call).lower(consts, *flat), jax.default_backend())
+    platform = jax.default_backend()
+    compiled = _compile(jax.jit(call).lower(consts, *flat), platform)
+    if digest is not None and STORE_EXECUTABLES:
+        _store.save_executable(digest, _compiler_options(platform), compiled)
+    return compiled
+
+
+#: keep the compiled executables of stored programs in the on-disk store and call them from there in a later process
+#: (:func:`.ops_jax_store.load_executable`); False: JAX's persistent cache serves them (after lowering)
+STORE_EXECUTABLES = True
 
 
 def _from_store(digest: str, flat: list[Any]) -> tuple[Hashable, Any, tuple[Any, ...], Any, dict[str, Any]] | None:
     """``(program key, executable, constants, output tree, side record)`` of a stored trace (:mod:`.ops_jax_store`),
     or None (no entry, an unreadable one, or one whose inputs do not match ``flat``)."""
-    found = _store.load(digest)
+    found = _store.load(digest, deserialize=False)
     if found is None:
         return None
-    exported, consts, out_tree, side = found
+    blob, consts, out_tree, side = found
     program_key = ("stored", digest)
     executable = _PROGRAMS.get(program_key)
+    if executable is None and STORE_EXECUTABLES:
+        executable = _store.load_executable(digest, _compiler_options(jax.default_backend()), [*consts, *flat],
+                                            out_tree.num_leaves)
     if executable is None:
         try:
+            exported = jax.export.deserialize(bytearray(blob))
             expected = [(tuple(a.shape), str(a.dtype)) for a in exported.in_avals]
             if expected != [(tuple(np.shape(x)), str(jnp.result_type(x))) for x in (*consts, *flat)] \
                     or exported.out_tree.num_leaves != out_tree.num_leaves:
                 raise ValueError("the entry's inputs or outputs do not match")
-            executable = _compile_exported(exported, consts, flat)
+            executable = _compile_exported(exported, consts, flat, digest)
         except Exception as exc:  # noqa: BLE001 - an entry that does not fit: trace instead
             _store.STATS["rejected"] += 1
             _store.log.debug("entry %s ignored: %r", digest, exc)

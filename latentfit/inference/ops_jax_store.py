@@ -21,6 +21,16 @@ or foreign file (other versions) is ignored and the program traced again.  Write
 traced adapter's analysis of a NumPyro model (unit maps, closed-form patterns, Gaussian faces), keyed like the programs
 by a stable digest of the model's code, data and options, so a later process runs the model once instead of ~25 times
 and skips ~55 of the ~90 small eager programs of that analysis.
+
+:func:`save_executable` / :func:`load_executable` keep the compiled XLA executable of a stored program beside its entry
+(``<digest>-<options>.lfx``): the bytes XLA's own ``serialize_executable`` gives (what JAX's persistent cache keeps),
+plus a JSON header of the program's input and output avals and kept arguments.  A warm process then deserialises the
+executable and calls it, without deserialising the exported program, lowering ``Exported.call`` to MLIR (whose first
+call imports scipy's LAPACK bindings), hashing the module for JAX's cache key or reading JAX's cache.  What it trusts:
+the entry's checksum, its key (the program's stable digest, the compiler options) and its environment (versions,
+platform, device kind, the host CPU's feature flags) must match, else it is ignored and the program compiled as
+before; nothing is unpickled, but the executable is native code that XLA loads, so the folder must be as trusted as
+JAX's own cache folder (which holds the same bytes).
 """
 
 from __future__ import annotations
@@ -47,7 +57,8 @@ ENABLED = True
 #: most bytes the store's folder may hold; least recently used entries are removed beyond it
 STORE_BYTES = 512 * 2**20
 #: entries read from / written to disk in this process (tests and benchmarks read them)
-STATS = {"loaded": 0, "saved": 0, "rejected": 0, "unstorable": 0, "records_loaded": 0, "records_saved": 0}
+STATS = {"loaded": 0, "saved": 0, "rejected": 0, "unstorable": 0, "records_loaded": 0, "records_saved": 0,
+         "executables_loaded": 0, "executables_saved": 0}
 #: folder name under JAX's compilation cache directory
 FOLDER = "latentfit-traces"
 _MAGIC = b"LFTRACE\x01"
@@ -450,8 +461,9 @@ def _touch(path: Path) -> None:
         return
 
 
-def load(digest: str) -> tuple[Any, tuple[Any, ...], Any, dict[str, Any]] | None:
-    """``(exported, consts, out_tree, side)`` of an entry, or None (absent, truncated, corrupted, foreign)."""
+def load(digest: str, deserialize: bool = True) -> tuple[Any, tuple[Any, ...], Any, dict[str, Any]] | None:
+    """``(exported, consts, out_tree, side)`` of an entry, or None (absent, truncated, corrupted, foreign);
+    ``deserialize=False``: ``exported`` is the serialised program's bytes (for :func:`jax.export.deserialize`)."""
     path, data = _entry_bytes(f"{digest}.lft")
     if data is None:
         return None
@@ -463,7 +475,7 @@ def load(digest: str) -> tuple[Any, tuple[Any, ...], Any, dict[str, Any]] | None
             offset += n
         if offset != len(body) or len(blobs) != len(header["consts"]) + 1:
             raise ValueError("sizes")
-        exported = jax.export.deserialize(bytearray(blobs[0]))
+        exported = jax.export.deserialize(bytearray(blobs[0])) if deserialize else blobs[0]
         consts = tuple(jax.device_put(np.frombuffer(b, dtype=np.dtype(h["dtype"])).reshape(h["shape"]))
                        for b, h in zip(blobs[1:], header["consts"]))
         out_tree = treedef_from_json(header["out_tree"])
@@ -475,6 +487,163 @@ def load(digest: str) -> tuple[Any, tuple[Any, ...], Any, dict[str, Any]] | None
     _touch(path)
     STATS["loaded"] += 1
     return exported, consts, out_tree, side
+
+
+# --- compiled executables --------------------------------------------------------------------------------------------
+
+_HOST: list[str] = []
+
+
+def _host_tag() -> str:
+    """The host CPU's model and feature flags (XLA:CPU compiles for the host: an executable built on a CPU with other
+    instructions must not run here); computed once per process."""
+    if not _HOST:
+        import platform
+
+        text = platform.machine() + platform.processor()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if line.startswith(("flags", "model name", "Features", "CPU part")):
+                        text += line
+                    elif not line.strip() and len(text) > 64:  # the first processor's block is enough
+                        break
+        except OSError:
+            pass
+        _HOST.append(hashlib.blake2b(text.encode(), digest_size=16).hexdigest())
+    return _HOST[0]
+
+
+def _options_tag(options: dict[str, str]) -> str:
+    return hashlib.blake2b(json.dumps(options, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def _aval_json(aval: Any) -> list[Any]:
+    return [list(aval.shape), str(np.dtype(aval.dtype)), bool(aval.weak_type)]
+
+
+def save_executable(digest: str, options: dict[str, str], compiled: Any) -> bool:
+    """Keep ``compiled`` (a ``jax.stages.Compiled`` of a stored program, compiled with ``options``) under ``digest``;
+    False (nothing written) for what a later process could not call as this one does: several devices, effects, host
+    callbacks, mutable arrays, non-default layouts, an executable XLA cannot serialise."""
+    directory = store_dir()
+    if directory is None:
+        return False
+    try:
+        from jax.sharding import SingleDeviceSharding
+
+        unloaded = compiled._executable._unloaded_executable
+        device = jax.devices()[0]
+        if (tuple(unloaded.device_list) != (device,) or unloaded.unordered_effects or unloaded.ordered_effects
+                or unloaded.host_callbacks or unloaded.mut is not None or unloaded.pgle_profiler is not None
+                or any(x is not None for x in unloaded.dispatch_in_layouts)
+                or not all(isinstance(s, SingleDeviceSharding) and s._device == device
+                           for s in (*unloaded.input_shardings, *unloaded.output_shardings))):
+            raise Unstable("not a plain single-device executable")
+        for aval, layout in zip((*unloaded.input_avals, *unloaded.output_avals),
+                                (*unloaded.xla_in_layouts, *unloaded.xla_out_layouts)):
+            if layout is not None and tuple(layout.major_to_minor) != tuple(range(len(aval.shape))):
+                raise Unstable("a non-default layout")
+        import re
+
+        targets = set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text() or ""))
+        if any(not t.startswith("lapack_") for t in targets):  # a handler this module does not know how to set up
+            raise Unstable(f"custom calls {sorted(targets)}")
+        header = {"digest": digest, "env": _environment_tag(), "host": _host_tag(), "options": options,
+                  "lapack": bool(targets),
+                  "platform": device.platform, "device_kind": device.device_kind,
+                  "num_args": len(unloaded.all_args_info.in_avals) if unloaded.all_args_info is not None else None,
+                  "kept": sorted(int(i) for i in unloaded.kept_var_idx),
+                  "inputs": [_aval_json(a) for a in unloaded.input_avals],
+                  "outputs": [_aval_json(a) for a in unloaded.output_avals],
+                  "committed": bool(unloaded.committed), "name": str(unloaded.name)}
+        if header["num_args"] is None:
+            raise Unstable("no argument record")
+        blob = bytes(device.client.serialize_executable(unloaded.xla_executable))
+    except Exception as exc:  # noqa: BLE001 - anything this JAX does not offer: JAX's own cache serves it
+        STATS["unstorable"] += 1
+        log.debug("executable not stored: %r", exc)
+        return False
+    head = json.dumps(header).encode()
+    if not _write_entry(directory / f"{digest}-{_options_tag(options)}.lfx", head, [blob]):
+        return False
+    STATS["executables_saved"] += 1
+    _trim(directory)
+    return True
+
+
+class StoredExecutable:
+    """A deserialised executable called as ``jax.stages.Compiled`` is (``(consts, *flat)`` in, its flat outputs out),
+    through JAX's own dispatch of one device's executable (argument transfer, result arrays)."""
+
+    def __init__(self, call: Any, num_args: int, kept: list[int], inputs: list[tuple[tuple[int, ...], str]],
+                 num_outputs: int) -> None:
+        self._call, self.num_args, self.kept, self.inputs, self.num_outputs = call, num_args, kept, inputs, num_outputs
+
+    def __call__(self, consts: tuple[Any, ...], *flat: Any) -> list[Any]:
+        args = (*consts, *flat)
+        if len(args) != self.num_args or any((tuple(np.shape(args[i])), str(np.result_type(args[i]))) != expected
+                                             for i, expected in zip(self.kept, self.inputs)):
+            raise TypeError("arguments that do not match the stored executable's")
+        return self._call(*args)
+
+
+def load_executable(digest: str, options: dict[str, str], args: list[Any],
+                    num_outputs: int) -> StoredExecutable | None:
+    """The executable :func:`save_executable` kept under ``digest`` and ``options``, ready to call on ``args`` (the
+    program's flat arguments) for ``num_outputs`` outputs, or None (absent, truncated, corrupted, foreign, or not
+    matching)."""
+    path, data = _entry_bytes(f"{digest}-{_options_tag(options)}.lfx")
+    if data is None:
+        return None
+    try:
+        from jax._src import core as jax_core
+        from jax._src.interpreters import pxla
+        from jax._src.lib import xla_client as xc
+        from jax.sharding import SingleDeviceSharding
+
+        header, body, offset = _read_entry(data, digest)
+        device = jax.devices()[0]
+        if header["host"] != _host_tag() or header["options"] != options or header["platform"] != device.platform \
+                or header["device_kind"] != device.device_kind or header["num_args"] != len(args) \
+                or len(header["outputs"]) != num_outputs:
+            raise ValueError("another host, device or compiler options")
+        inputs = [(tuple(shape), dtype) for shape, dtype, _ in header["inputs"]]
+        kept = [int(i) for i in header["kept"]]
+        if len(kept) != len(inputs) or any((tuple(np.shape(args[i])), str(np.result_type(args[i]))) != inputs[j]
+                                           for j, i in enumerate(kept)):
+            raise ValueError("arguments that do not match")
+        for a in args:
+            if isinstance(a, jax.Array) and a.devices() != {device}:
+                raise ValueError("an argument on another device")
+        if header["lapack"]:  # its LAPACK kernels' handlers (scipy's), as lowering a program that calls them sets up
+            from jax._src.lax import linalg
+
+            linalg.initialize_lapack()
+        devices = xc.DeviceList((device,))
+        executable = device.client.deserialize_executable(body[offset:], devices, None)
+
+        def avals(rows: list[Any]) -> list[Any]:
+            return [jax_core.ShapedArray(tuple(shape), np.dtype(dtype), weak_type=weak) for shape, dtype, weak in rows]
+
+        sharding = SingleDeviceSharding(device)
+        in_avals, out_avals = avals(header["inputs"]), avals(header["outputs"])
+        unloaded = pxla.UnloadedMeshExecutable(
+            xla_executable=executable, device_list=devices, backend=device.client, input_avals=in_avals,
+            input_shardings=[sharding] * len(in_avals), output_avals=out_avals,
+            output_shardings=[sharding] * len(out_avals), committed=bool(header["committed"]),
+            name=str(header["name"]), unordered_effects=[], ordered_effects=[], keepalive=[], host_callbacks=[],
+            kept_var_idx=set(kept), mut=None, xla_in_layouts=[None] * len(in_avals),
+            dispatch_in_layouts=[None] * len(in_avals), xla_out_layouts=[None] * len(out_avals), all_args_info=None,
+            pgle_profiler=None)
+        call = unloaded.build_unsafe_call()
+    except Exception as exc:  # noqa: BLE001 - any unusable executable: compile as before
+        STATS["rejected"] += 1
+        log.debug("executable %s ignored: %r", path.name, exc)
+        return None
+    _touch(path)
+    STATS["executables_loaded"] += 1
+    return StoredExecutable(call, len(args), kept, inputs, num_outputs)
 
 
 def save_record(digest: str, record: Any, arrays: dict[str, np.ndarray]) -> bool:
@@ -530,7 +699,7 @@ def load_record(digest: str) -> tuple[Any, dict[str, np.ndarray]] | None:
 def _trim(directory: Path) -> None:
     """Remove the least recently used entries until the folder holds at most :data:`STORE_BYTES`."""
     try:
-        entries = [(p.stat().st_mtime, p.stat().st_size, p) for p in directory.glob("*.lf[tr]")]
+        entries = [(p.stat().st_mtime, p.stat().st_size, p) for p in directory.glob("*.lf[trx]")]
     except OSError:
         return
     total = sum(s for _, s, _ in entries)
@@ -544,5 +713,5 @@ def _trim(directory: Path) -> None:
             pass
 
 
-__all__ = ["ENABLED", "STATS", "STORE_BYTES", "load", "load_record", "save", "save_record", "stable_digest",
-           "store_dir"]
+__all__ = ["ENABLED", "STATS", "STORE_BYTES", "StoredExecutable", "load", "load_executable", "load_record", "save",
+           "save_executable", "save_record", "stable_digest", "store_dir"]
