@@ -572,6 +572,11 @@ def save_executable(digest: str, options: dict[str, str], compiled: Any) -> bool
     return True
 
 
+def _arg_key(x: Any) -> tuple[tuple[int, ...], str]:
+    """An argument's shape and dtype as the executable takes it (JAX's canonical dtype: float32 without x64)."""
+    return tuple(np.shape(x)), str(jax.dtypes.canonicalize_dtype(np.result_type(x)))
+
+
 class StoredExecutable:
     """A deserialised executable called as ``jax.stages.Compiled`` is (``(consts, *flat)`` in, its flat outputs out),
     through JAX's own dispatch of one device's executable (argument transfer, result arrays)."""
@@ -582,8 +587,8 @@ class StoredExecutable:
 
     def __call__(self, consts: tuple[Any, ...], *flat: Any) -> list[Any]:
         args = (*consts, *flat)
-        if len(args) != self.num_args or any((tuple(np.shape(args[i])), str(np.result_type(args[i]))) != expected
-                                             for i, expected in zip(self.kept, self.inputs)):
+        if len(args) != self.num_args \
+                or any(_arg_key(args[i]) != expected for i, expected in zip(self.kept, self.inputs)):
             raise TypeError("arguments that do not match the stored executable's")
         return self._call(*args)
 
@@ -610,8 +615,7 @@ def load_executable(digest: str, options: dict[str, str], args: list[Any],
             raise ValueError("another host, device or compiler options")
         inputs = [(tuple(shape), dtype) for shape, dtype, _ in header["inputs"]]
         kept = [int(i) for i in header["kept"]]
-        if len(kept) != len(inputs) or any((tuple(np.shape(args[i])), str(np.result_type(args[i]))) != inputs[j]
-                                           for j, i in enumerate(kept)):
+        if len(kept) != len(inputs) or any(_arg_key(args[i]) != inputs[j] for j, i in enumerate(kept)):
             raise ValueError("arguments that do not match")
         for a in args:
             if isinstance(a, jax.Array) and a.devices() != {device}:
