@@ -1007,12 +1007,42 @@ def first_reach(ref, fit, target: float, trail) -> int | None:
     return hi
 
 
-def multi_seed(num: int, seeds, svi_steps: int, target_slack: float, only=None) -> None:
-    """Per seed (data and fit seed): the exact maximum, SAEM, MCMCSGD (Pyro, NumPyro), MISSO and SVI with their
-    defaults; ΔLL (AGQ) of the final estimates, their IS log-likelihood and its MC error, and the time of each
-    running estimate to SAEM's final log-likelihood (minus ``target_slack``).  Summary: mean ± sd over seeds."""
+def _multi_seed_row(ref, name: str, r: dict, targets: dict[str, float], target_slack: float) -> dict:
+    """One fit's row of the multi-seed table: ΔLL (AGQ, IS), max|Δ|/SE, and the first iteration at which its running
+    estimate reaches the target (a SAEM row sets its PPL's target: its final LL − ``target_slack``)."""
+    theta = {"beta": r["theta"][:3], "omega": r["theta"][3:]}
+    ll = ref.log_lik(theta)
+    ll_is, se_is = is_log_lik(ref, theta)
+    row = {"dll": ll - ref.ll, "is": ll_is - ref.ll, "is_se": se_is, "total": r["total"],
+           "iters": r["iters"], "worst": float(np.max(np.abs(r["theta"] - ref.vector()) / ref.se)),
+           "ttt": float("nan"), "k": None, "cpu_ttt": float("nan")}
+    ppl = "NumPyro" if "(NumPyro)" in name else "Pyro"
+    if name.startswith("SAEM ("):
+        targets[ppl] = ll - target_slack
+    target = targets.get(ppl, targets.get("Pyro"))
+    if "fit" in r and target is not None:
+        k = first_reach(ref, r["fit"], target, running_log_lik(ref, r["fit"]))
+        if k is not None:
+            row["k"] = k
+            row["ttt"] = k * r["fit"].time_per_iteration
+            # CPU: k × the whole fit's CPU per iteration (its set-up and result spread over the iterations)
+            row["cpu_ttt"] = k * r["cpu"] / r["fit"].num_iterations
+    reach = "never" if row["k"] is None else f"{row['k']} it, {row['ttt']:.2f} s, CPU {row['cpu_ttt']:.2f} s"
+    print(f"  {name:24s} dLL {row['dll']:+8.3f}  IS {row['is']:+8.3f} ± {row['is_se']:.3f}  max|d|/SE "
+          f"{row['worst']:5.2f}  total {row['total']:6.1f} s  iters {row['iters']:6.1f} s  to SAEM's LL: {reach}",
+          flush=True)
+    return row
+
+
+def multi_seed(num: int, seeds, svi_steps: int, target_slack: float, only=None, fit_seeds=None) -> None:
+    """Per seed (data and fit seed; with ``fit_seeds``, every data seed is fitted with each of them, ``-1`` standing for
+    the data seed): the exact maximum, SAEM, MCMCSGD (Pyro, NumPyro), MISSO and SVI with their defaults; ΔLL (AGQ) of
+    the final estimates, their IS log-likelihood and its MC error, and the time of each running estimate to SAEM's
+    final log-likelihood (minus ``target_slack``): the NumPyro rows' target is ``SAEM (NumPyro)``'s where that row
+    runs (``--only`` words matching it), else ``SAEM (Pyro)``'s.  Summary: mean ± sd over the fits."""
     methods = {
         "SAEM (Pyro)": lambda d, seed: run_engine(lpy, "SAEM", "pyro", d, seed, {}),
+        "SAEM (NumPyro)": lambda d, seed: run_engine(lnp, "SAEM", "numpyro", d, seed, {}),
         "MCMCSGD (Pyro)": lambda d, seed: run_engine(lpy, "MCMCSGD", "pyro", d, seed, {}),
         "MCMCSGD (NumPyro)": lambda d, seed: run_engine(lnp, "MCMCSGD", "numpyro", d, seed, {}),
         "MCMCSGD fisher (Pyro)": lambda d, seed: run_engine(lpy, "MCMCSGD", "pyro", d, seed, {"optimizer": "fisher"}),
@@ -1020,9 +1050,11 @@ def multi_seed(num: int, seeds, svi_steps: int, target_slack: float, only=None) 
                                                                {"optimizer": "fisher"}),
         "MCMCSGD fisher exact (Pyro)": lambda d, seed: run_engine(lpy, "MCMCSGD", "pyro", d, seed,
                                                                   {"optimizer": "fisher", "information": "exact"}),
+        "MCMCSGD fisher exact (NumPyro)": lambda d, seed: run_engine(
+            lnp, "MCMCSGD", "numpyro", d, seed, {"optimizer": "fisher", "information": "exact"}),
         "MCMCSGD fisher exact long (Pyro)": lambda d, seed: run_engine(
             lpy, "MCMCSGD", "pyro", d, seed, {"optimizer": "fisher", "information": "exact", "average_from": 210,
-                                              "momentum_steps": 60}),
+                                              "momentum_steps": 60, "schedule": "decay"}),
         "MISSO (Pyro)": lambda d, seed: run_engine(lpy, "MISSO", "pyro", d, seed, {}),
         "MISSO b=10% (Pyro)": lambda d, seed: run_engine(lpy, "MISSO", "pyro", d, seed,
                                                          {"batch_size": -(-d["num"] // 10)}),
@@ -1032,38 +1064,23 @@ def multi_seed(num: int, seeds, svi_steps: int, target_slack: float, only=None) 
         methods = {k: v for k, v in methods.items() if k == "SAEM (Pyro)" or any(o in k for o in only)}
     else:  # the 10% variant is opt-in (--only MISSO): at N = 400 it costs several times the default's time
         methods.pop("MISSO b=10% (Pyro)")
+        methods.pop("SAEM (NumPyro)")  # opt-in too (--only SAEM): the default table's target is Pyro's SAEM
     rows: dict[str, list[dict]] = {name: [] for name in ["exact maximum (AGQ)", *methods]}
-    for seed in seeds:
-        d = simulate(num, 15, seed)
+    for data_seed in seeds:
+        d = simulate(num, 15, data_seed)
         ref = Reference(d)
         ll_is, se_is = is_log_lik(ref, ref.theta)
         rows["exact maximum (AGQ)"].append({"dll": 0.0, "is": ll_is - ref.ll, "is_se": se_is, "total": ref.time,
                                             "iters": float("nan"), "ttt": float("nan"), "worst": 0.0})
-        print(f"seed {seed}: exact LL {ref.ll:.3f} converged={ref.converged} ({ref.time:.1f} s); IS at it "
+        print(f"seed {data_seed}: exact LL {ref.ll:.3f} converged={ref.converged} ({ref.time:.1f} s); IS at it "
               f"{ll_is:.3f} ± {se_is:.3f}", flush=True)
-        target = None
-        for name, plan in methods.items():
-            r = plan(d, seed)
-            theta = {"beta": r["theta"][:3], "omega": r["theta"][3:]}
-            ll = ref.log_lik(theta)
-            ll_is, se_is = is_log_lik(ref, theta)
-            row = {"dll": ll - ref.ll, "is": ll_is - ref.ll, "is_se": se_is, "total": r["total"],
-                   "iters": r["iters"], "worst": float(np.max(np.abs(r["theta"] - ref.vector()) / ref.se)),
-                   "ttt": float("nan"), "k": None, "cpu_ttt": float("nan")}
-            if name == "SAEM (Pyro)":
-                target = ll - target_slack
-            if "fit" in r:
-                k = first_reach(ref, r["fit"], target, running_log_lik(ref, r["fit"]))
-                if k is not None:
-                    row["k"] = k
-                    row["ttt"] = k * r["fit"].time_per_iteration
-                    # CPU: k × the whole fit's CPU per iteration (its set-up and result spread over the iterations)
-                    row["cpu_ttt"] = k * r["cpu"] / r["fit"].num_iterations
-            rows[name].append(row)
-            reach = "never" if row["k"] is None else f"{row['k']} it, {row['ttt']:.2f} s, CPU {row['cpu_ttt']:.2f} s"
-            print(f"  {name:24s} dLL {row['dll']:+8.3f}  IS {row['is']:+8.3f} ± {row['is_se']:.3f}  max|d|/SE "
-                  f"{row['worst']:5.2f}  total {row['total']:6.1f} s  iters {row['iters']:6.1f} s  to SAEM's LL: {reach}",
-                  flush=True)
+        for seed in [data_seed if f < 0 else f for f in (fit_seeds or [-1])]:
+            if fit_seeds:
+                print(f" fit seed {seed}", flush=True)
+            targets: dict[str, float] = {}
+            for name, plan in methods.items():
+                r = plan(d, seed)
+                rows[name].append(_multi_seed_row(ref, name, r, targets, target_slack))
 
     print()
     print(f"Summary over seeds {list(seeds)} (N = {num} individuals x 15): mean ± sd over seeds; LL differences to "
@@ -1100,13 +1117,16 @@ def main() -> None:
     ap.add_argument("--svi-steps", type=int, default=5000, help="SVI steps in the multi-seed table")
     ap.add_argument("--only", nargs="+", help="multi-seed table: only the methods whose name contains one of these "
                     "words (SAEM, the target, always runs), e.g. --only MCMCSGD")
+    ap.add_argument("--fit-seeds", type=int, nargs="+",
+                    help="multi-seed table: fit every data seed with each of these seeds (-1: the data seed), e.g. "
+                    "--seeds 0 1 2 --fit-seeds -1 10 20 (the 9 fits of the docstring's tables)")
     ap.add_argument("--target-slack", type=float, default=0.1,
                     help="time-to-target: the running estimate's LL >= SAEM's final LL minus this")
     a = ap.parse_args()
     if a.seeds:
         torch.set_num_threads(a.threads)
         warnings.filterwarnings("ignore", category=UserWarning)
-        multi_seed(a.num, a.seeds, a.svi_steps, a.target_slack, a.only)
+        multi_seed(a.num, a.seeds, a.svi_steps, a.target_slack, a.only, a.fit_seeds)
         return
     if a.remedies:
         torch.set_num_threads(a.threads)

@@ -295,6 +295,8 @@ def test_numpyro_flax_module_weights_are_fitted():
     ({"burn_in": 600}, "burn_in must be in"),
     ({"batch_size": 0}, "batch_size must be >= 1"),
     ({"mcmc_steps": (0, 0, 0)}, "mcmc_steps"),
+    ({"schedule": "anneal"}, "schedule must be one of"),
+    ({"averaging": "ema"}, "averaging must be one of"),
 ])
 def test_bad_options_fail_at_construction(options, match):
     import latentfit.pyro as lp

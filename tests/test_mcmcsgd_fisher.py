@@ -35,11 +35,41 @@ def test_fisher_scoring_reaches_the_closed_form_maximum(backend_name):
 
 
 def test_fisher_scoring_phases():
-    """The heavy-ball steps (rate tapered from RATE), then γ = 1 until ``average_from = burn_in + num_iters // 5``,
-    then ``γ = (k − k₀)^{−α}``; the averaged estimate is reported."""
+    """The default schedule ("sem"): the heavy-ball steps (rate tapered from RATE), then γ = 1 to the end, and the
+    reported estimate is the average of the iterates after ``average_from = burn_in + momentum_steps`` weighted by
+    their index (``linear_average``), exactly."""
     fit = _fit(Backend("pyro"), "radon_slope", optimizer="fisher", num_iters=60, burn_in=5)
     engine = fit.engine
+    assert engine.fisher and engine.schedule == "sem" and engine.averaging == "linear"
+    assert engine.momentum_steps == 7 and engine.average_from == 5 + 7
+    rate = np.asarray(fit.history["learning_rate"])
+    assert rate[5] == pytest.approx(preconditioned.RATE) and np.all(np.diff(rate[5:12]) < 0)
+    np.testing.assert_allclose(rate[12:], 1.0)  # γ = 1 to the end
+    iterates = np.asarray(fit.history["iterate"])[12:]  # iterations 13..60: weights 1..48
+    weights = np.arange(1, len(iterates) + 1, dtype=float)
+    expected = (weights[:, None] * iterates).sum(0) / weights.sum()
+    np.testing.assert_allclose(Backend("pyro").to_numpy(fit.state.x_avg), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_average_is_the_index_weighted_mean():
+    """``linear_average``'s recursion is ``Σ_j j θ_j / Σ_j j`` over the iterates since averaging began."""
+    from latentfit.inference.mcmcsgd import linear_average
+
+    xs = np.random.default_rng(0).standard_normal((50, 3))
+    avg = xs[0] * 7.0  # the count-1 step replaces whatever came before
+    for m in range(1, 51):
+        avg = linear_average(avg, xs[m - 1], m)
+    weights = np.arange(1, 51, dtype=float)
+    np.testing.assert_allclose(avg, (weights[:, None] * xs).sum(0) / weights.sum(), rtol=1e-12)
+
+
+def test_fisher_scoring_decay_schedule():
+    """``schedule="decay"`` (the schedule before): the heavy-ball steps, then γ = 1 until ``average_from = burn_in +
+    num_iters // 5``, then ``γ = (k − k₀)^{−α}``, the uniform (Polyak–Ruppert) average reported."""
+    fit = _fit(Backend("pyro"), "radon_slope", optimizer="fisher", num_iters=60, burn_in=5, schedule="decay")
+    engine = fit.engine
     assert engine.fisher and engine.average_from == 5 + 12 and engine.momentum_steps == 7
+    assert engine.averaging == "uniform"
     rate = np.asarray(fit.history["learning_rate"])
     assert rate[5] == pytest.approx(preconditioned.RATE)  # the first heavy-ball step (iteration 6)
     assert np.all(np.diff(rate[5:12]) < 0)  # tapered toward Fisher scoring's γ = 1
