@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -118,6 +118,26 @@ class ParamInfo:
     meta: dict = field(default_factory=dict)
 
 
+class LogisticDesign(NamedTuple):
+    """The affine structure of a logistic likelihood with Gaussian latents (MISSO's ``surrogate="bohning"``).
+
+    The latents are ``z_i = μ(x) + diag(ω(x)) ε_i`` (``moments``), the logits of every observation ``r`` of unit i
+    are affine, ``η_r = η⁰_r + a_rᵀ z_i + b_rᵀ x`` in the free parameters ``x`` (natural coordinates, flattened in
+    ``names`` order), and ``−∂²/∂η² log p(y_r | η) ≤ c_r`` (Böhning: ``c_r = total_count_r / 4``)."""
+
+    #: the free parameters, in the order of ``x``
+    names: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    #: ``Σ_{r ∈ unit i} c_r w̃_r w̃_rᵀ`` with ``w̃_r = (a_r, b_r)``, ``[n, d + q, d + q]``
+    curvature: Any
+    #: ``(theta, z [..., b, d], units) -> Σ_{r ∈ unit i} ∂ log p(y_r | η_r)/∂η_r · w̃_r`` ``[..., b, d + q]``
+    scores: Callable[..., Any]
+    #: ``theta -> (mean [d], lower Cholesky factor [d, d])`` of every unit's latents' prior
+    moments: Callable[..., Any]
+    #: columns of ``x`` that are latents' scales (the likelihood is even in their sign)
+    scale_cols: Any
+
+
 class LatentModel:
     """Base class; adapters (Pyro, NumPyro) and model families subclass it."""
 
@@ -197,6 +217,13 @@ class LatentModel:
         when the model has none.  MCMCSGD and MISSO differentiate it instead of the complete log-density where the
         likelihood does not depend on the free parameters (``∇_θ log p(y, z; θ) = ∇_θ log p(z; θ)`` there)."""
         return None
+
+    def logistic_design(self, theta: dict[str, Any]) -> LogisticDesign:
+        """The affine logistic structure of :class:`LogisticDesign` at θ (MISSO's ``surrogate="bohning"``); a model
+        without it raises :class:`ModelSpecificationError` (the default)."""
+        raise ModelSpecificationError(
+            f"MISSO surrogate='bohning' needs a traced Pyro / NumPyro model with Normal latents and Bernoulli / "
+            f"Binomial observations whose logits are affine in the latents and params; {type(self).__name__} has none")
 
     def sample_prior(self, theta: dict[str, Any], key: Any, num_chains: int, units: Any = None) -> Any:
         """Draw ``z ~ p(z; θ)`` for every unit: ``[num_chains, n, d]`` (unconstrained)."""

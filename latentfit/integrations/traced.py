@@ -43,9 +43,11 @@ from latentfit.inference.model import (
     DataError,
     LatentModel,
     LatentSite,
+    LogisticDesign,
     ModelSpecificationError,
     ParamInfo,
 )
+from latentfit.inference.units import take_units
 
 
 class Frame(NamedTuple):
@@ -795,6 +797,174 @@ class TracedLatentModel(TracedBase):
         log_prior.moments = moments
         log_prior.information = information if diagonal else None
         return log_prior
+
+    # ----- MISSO's Böhning surrogate (logistic likelihoods, Gaussian latents) -----------------------------------
+    def logistic_design(self, theta: dict[str, Any]) -> LogisticDesign:
+        """The affine structure of MISSO's ``surrogate="bohning"`` (:class:`~latentfit.inference.model.LogisticDesign`):
+        every latent a recognised ``Normal(μ, ω)`` pattern, every observed site a Bernoulli (or Binomial with a fixed
+        ``total_count``) whose logits are affine in the latents and the free parameters jointly; raises
+        :class:`ModelSpecificationError` with the reason otherwise.
+
+        The logits' coefficients are read by differences (exact for an affine map, up to rounding): ``η(z, θ)`` at
+        z = 0, θ = ``theta`` and at unit steps of each latent coordinate (the same for every unit: a row's logit
+        depends on its own unit's latents only) and of each free parameter's entry; checked at two random points."""
+        xp, ops = self.ops.xp, self.ops
+        prior = self.closed_form_log_prior()
+        if prior is None or any(g.kind != "normal" for g in self._gauss):
+            raise ModelSpecificationError(
+                "MISSO surrogate='bohning' needs every latent to be a Normal(loc, scale) site whose loc and scale are "
+                "params (or 0) of the site's size or scalars; this model's latents are not")
+        free = [n for n, p in self.params.items() if not p.fixed]
+        if not free:
+            raise ModelSpecificationError("MISSO surrogate='bohning': the model has no free parameter")
+        scales = {g.scale for g in self._gauss}
+        locs = {g.loc for g in self._gauss if g.loc is not None}
+        if scales & locs:
+            raise ModelSpecificationError("MISSO surrogate='bohning': a param is both a latent's loc and a scale")
+        for n in free:
+            info = self.params[n]
+            v = ops.asarray(info.value, dtype=self._dtype)
+            if n not in scales and float(ops.to_numpy(xp.max(xp.abs(info.to_unconstrained(v + 1.0) - v - 1.0)))) > 1e-9:
+                raise ModelSpecificationError(
+                    f"MISSO surrogate='bohning': param {n!r} is constrained; the surrogate is quadratic in the natural "
+                    "coordinates, which only the latents' scales (sign-free) may leave unconstrained")
+        shapes = {n: tuple(np.shape(ops.to_numpy(theta[n]))) for n in free}
+        sizes = [int(np.prod(shapes[n])) if shapes[n] else 1 for n in free]
+        q, d, n_units = int(sum(sizes)), self.latent_dim, self.num_units
+        event_dims: dict[str, int] = {}
+
+        def logits_of(th: dict[str, Any], z: Any) -> list[tuple[Any, Any, Any]]:
+            """``(logits, weight, value)`` per observed site, each of the site's value shape (weight: the Böhning
+            curvature ``total_count/4``, 0 where masked)."""
+            values, _ = self._split_one(z)
+            sites = self._run(th, values)
+            out = []
+            for name in self.observed_names:
+                site = sites[name]
+                fn = self.ppl.unwrap(site.fn)
+                kind = type(fn).__name__
+                if not (kind.startswith("Bernoulli") or kind.startswith("Binomial")):
+                    raise ModelSpecificationError(
+                        f"MISSO surrogate='bohning' needs Bernoulli or Binomial observed sites; {name!r} is {kind}")
+                vshape = tuple(np.shape(site.value))
+                event_dims[name] = len(site.fn.event_shape)
+                logits = xp.broadcast_to(fn.logits, vshape)
+                count = fn.total_count if kind.startswith("Binomial") else 1.0
+                weight = xp.broadcast_to(0.25 * ops.asarray(count, dtype=self._dtype) + 0.0 * logits, vshape)
+                vmask = self.ppl.value_mask(site.fn, site.mask, ops)
+                if vmask is not None:
+                    weight = xp.where(xp.broadcast_to(vmask, vshape), weight, xp.zeros_like(weight))
+                out.append((logits, weight, xp.broadcast_to(ops.asarray(site.value, dtype=self._dtype), vshape),
+                            count))
+            return out
+
+        th0 = {k: ops.asarray(v, dtype=self._dtype) for k, v in theta.items()}
+        z0 = ops.zeros((n_units, d), dtype=self._dtype)
+        base = logits_of(th0, z0)
+        eye_d = np.eye(d)
+        cols: list[list[Any]] = [[] for _ in base]  # per site: the d + q coefficient arrays
+        for k in range(d):
+            step = logits_of(th0, z0 + ops.asarray(eye_d[k], dtype=self._dtype))
+            for s, (a, b) in enumerate(zip(step, base)):
+                cols[s].append(a[0] - b[0])
+        offsets = np.cumsum([0] + sizes)
+        for i, n in enumerate(free):
+            for j in range(sizes[i]):
+                e = np.zeros(sizes[i])
+                e[j] = 1.0
+                th = dict(th0)
+                th[n] = th0[n] + ops.asarray(e.reshape(shapes[n]), dtype=self._dtype)
+                step = logits_of(th, z0)
+                for s, (a, b) in enumerate(zip(step, base)):
+                    cols[s].append(a[0] - b[0])
+        rng = np.random.default_rng(0)
+        for _ in range(2):  # affine in (z, θ) jointly: the prediction from the coefficients at random points
+            u, dt = rng.normal(size=d), rng.normal(size=q)
+            th = dict(th0)
+            for i, n in enumerate(free):
+                th[n] = th0[n] + ops.asarray(dt[offsets[i]:offsets[i + 1]].reshape(shapes[n]), dtype=self._dtype)
+            got = logits_of(th, z0 + ops.asarray(u, dtype=self._dtype))
+            coef = np.concatenate([u, dt])
+            for s, (g, b) in enumerate(zip(got, base)):
+                pred = b[0] + sum(float(coef[c]) * cols[s][c] for c in range(d + q))
+                err = float(ops.to_numpy(xp.max(xp.abs(g[0] - pred))))
+                ref = 1.0 + float(ops.to_numpy(xp.max(xp.abs(g[0]))))
+                if not err <= 1e-8 * ref:
+                    raise ModelSpecificationError(
+                        f"MISSO surrogate='bohning' needs logits affine in the latents and the free params; those of "
+                        f"{self.observed_names[s]!r} are not (off by {err:.3g} at a random point)")
+
+        # every element of every observed site: its unit, its coefficients w̃ = (a, b), its pairs' products w̃_a w̃_b
+        units_of, w_rows = [], []
+        for s, name in enumerate(self.observed_names):
+            vshape = tuple(np.shape(ops.to_numpy(base[s][0])))
+            ev = event_dims[name]
+            lp_shape = vshape[:len(vshape) - ev]
+            if name in self._unit_map:
+                per_lp = np.asarray(self._unit_map[name]).reshape(-1)
+            else:
+                axis = len(lp_shape) + self.unit_dim
+                per_lp = np.broadcast_to(np.arange(n_units).reshape((-1,) + (1,) * (len(lp_shape) - axis - 1)),
+                                         lp_shape).reshape(-1)
+            units_of.append(np.repeat(per_lp, int(np.prod(vshape[len(vshape) - ev:])) if ev else 1))
+            w_rows.append(xp.stack([xp.reshape(ops.stop_gradient(c), (-1,)) for c in cols[s]], -1))  # [R_s, D]
+        # each unit's elements gathered into a padded block [N, T] (index R: a zero element), no scatter per draw
+        unit_of = np.concatenate(units_of)
+        order = np.argsort(unit_of, kind="stable")
+        counts = np.bincount(unit_of, minlength=n_units)
+        width = max(int(counts.max()) if counts.size else 0, 1)
+        slot = np.arange(unit_of.size) - np.repeat(np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+        gather = np.full((n_units, width), unit_of.size, dtype=np.int64)
+        gather[unit_of[order], slot] = order
+        gather_idx = ops.asarray(gather.reshape(-1), dtype=None)
+        w_all = xp.concatenate(w_rows, 0)  # [R, D]
+        weight_all = xp.concatenate([xp.reshape(b[1], (-1,)) for b in base], 0)  # [R]
+
+        def by_unit(x: Any) -> Any:
+            """``[..., R] -> [..., N, T]``: every unit's elements (0 in the padding)."""
+            pad = xp.concatenate([x, xp.zeros_like(x[..., :1])], -1)
+            return xp.reshape(ops.take(pad, gather_idx, axis=pad.ndim - 1), tuple(x.shape[:-1]) + (n_units, width))
+
+        w_units = xp.stack([by_unit(w_all[:, c]) for c in range(d + q)], -1)  # [N, T, D]
+        w_units_t = xp.swapaxes(w_units, -1, -2)  # [N, D, T]
+        p_rows = ops.stop_gradient((w_units_t * by_unit(weight_all)[:, None, :]) @ w_units)  # Σ_r c_r w̃ w̃ᵀ
+        scale_cols = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i, n in enumerate(free) if n in scales]
+                                    or [np.zeros(0, int)]).astype(int)
+        for c in scale_cols:  # a scale must enter through the latents only (the likelihood is then even in its sign)
+            if float(ops.to_numpy(xp.max(xp.abs(w_all[:, d + c])))) > 0.0:
+                raise ModelSpecificationError("MISSO surrogate='bohning': a latent's scale param enters the logits")
+
+        def rows_one(th: dict[str, Any], z: Any) -> tuple[Any, Any]:
+            """Every element's ``y_r − count_r σ(η_r)`` and Jaakkola–Jordan curvature ``count_r (σ(η_r) − ½)/η_r``
+            (≤ Böhning's ``count_r / 4``), 0 where masked: ``[R]`` each."""
+            resid, lam = [], []
+            for logits, weight, value, count in logits_of(th, z):
+                on = weight > 0
+                prob = 1.0 / (1.0 + xp.exp(-logits))
+                small = xp.abs(logits) < 1e-4
+                safe = xp.where(small, xp.ones_like(logits), logits)
+                resid.append(xp.reshape((value - count * prob) * on, (-1,)))
+                lam.append(xp.reshape(xp.where(small, 0.25 + 0.0 * logits, (prob - 0.5) / safe) * count * on, (-1,)))
+            return xp.concatenate(resid, 0), xp.concatenate(lam, 0)
+
+        rows_all = self.ppl.vectorise(rows_one)
+
+        def scores(th: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
+            """Per unit, ``Σ_r (y_r − count_r σ(η_r)) w̃_r`` ``[..., b, D]``, ``Σ_r λ_r w̃_r w̃_rᵀ`` ``[..., b, D, D]``."""
+            (resid, lam), lead = self._chains(rows_all, th, self._full_z(ops.asarray(z), units))
+            resid, lam = resid.reshape((-1, int(resid.shape[-1]))), lam.reshape((-1, int(lam.shape[-1])))
+            wu, wut = (w_units, w_units_t) if units is None else \
+                (take_units(ops, w_units, units), take_units(ops, w_units_t, units))
+            r_u, l_u = by_unit(resid), by_unit(lam)  # [L, N, T]
+            if units is not None:
+                r_u, l_u = take_units(ops, r_u, units, 1), take_units(ops, l_u, units, 1)
+            g = (r_u[..., None, :] @ wu)[..., 0, :]  # [L, b, D]
+            c = (wut * l_u[..., None, :]) @ wu  # [L, b, D, D]
+            b = int(g.shape[-2])
+            return g.reshape(lead + (b, d + q)), c.reshape(lead + (b, d + q, d + q))
+
+        return LogisticDesign(names=free, shapes=shapes, curvature=ops.stop_gradient(p_rows), scores=scores,
+                              moments=prior.moments, scale_cols=scale_cols)
 
     def unit_data_axes(self) -> list[tuple[Any, int]]:
         """The model's array arguments with a unit axis, found from its plate structure: an observed value in the
