@@ -542,11 +542,34 @@ def _compile_exported(exported: Any, consts: tuple[Any, ...], flat: list[Any], d
     def call(consts_: tuple[Any, ...], *flat_: Any) -> Any:
         return exported.call(*consts_, *flat_)
 
+    if digest is not None:  # the module's name, hence JAX's cache key, carries the digest (:data:`_CACHE_HITS`)
+        call.__name__ = call.__qualname__ = f"stored_{digest[:24]}"
     platform = jax.default_backend()
+    hits = _CACHE_HITS[0]
     compiled = _compile(jax.jit(call).lower(consts, *flat), platform)
     if digest is not None and STORE_EXECUTABLES:
-        _store.save_executable(digest, _compiler_options(platform), compiled)
+        if _CACHE_HITS[0] == hits:
+            _store.save_executable(digest, _compiler_options(platform), compiled)
+        else:
+            _store.STATS["executables_from_jax_cache"] += 1
     return compiled
+
+
+#: executables served by JAX's persistent cache in this process.  Such an executable is not kept in the store: XLA:CPU
+#: serialises a deserialised executable without part of its code (a program whose ``log`` is an XLA-internal function
+#: came back 20 KB short and failed in the next process: "Function wrapped_log not found").  Stored programs are
+#: compiled under a name that carries their digest, so JAX's cache serves one only when the same entry's executable
+#: was lost (absent, damaged, foreign), not a program of another key (e.g. the same program after an edit of
+#: latentfit, which changes every digest).
+_CACHE_HITS = [0]
+
+
+def _count_cache_hit(event: str, **_: Any) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _CACHE_HITS[0] += 1
+
+
+jax.monitoring.register_event_listener(_count_cache_hit)
 
 
 #: keep the compiled executables of stored programs in the on-disk store and call them from there in a later process
@@ -563,22 +586,50 @@ def _from_store(digest: str, flat: list[Any]) -> tuple[Hashable, Any, tuple[Any,
     blob, consts, out_tree, side = found
     program_key = ("stored", digest)
     executable = _PROGRAMS.get(program_key)
+    def compiled() -> Any:
+        exported = jax.export.deserialize(bytearray(blob))
+        expected = [(tuple(a.shape), str(a.dtype)) for a in exported.in_avals]
+        if expected != [(tuple(np.shape(x)), str(jnp.result_type(x))) for x in (*consts, *flat)] \
+                or exported.out_tree.num_leaves != out_tree.num_leaves:
+            raise ValueError("the entry's inputs or outputs do not match")
+        return _compile_exported(exported, consts, flat, digest)
+
     if executable is None and STORE_EXECUTABLES:
-        executable = _store.load_executable(digest, _compiler_options(jax.default_backend()), [*consts, *flat],
-                                            out_tree.num_leaves)
+        options = _compiler_options(jax.default_backend())
+        stored = _store.load_executable(digest, options, [*consts, *flat], out_tree.num_leaves)
+        if stored is not None:
+            executable = _FirstRunChecked(stored, compiled, lambda: _store.discard_executable(digest, options))
     if executable is None:
         try:
-            exported = jax.export.deserialize(bytearray(blob))
-            expected = [(tuple(a.shape), str(a.dtype)) for a in exported.in_avals]
-            if expected != [(tuple(np.shape(x)), str(jnp.result_type(x))) for x in (*consts, *flat)] \
-                    or exported.out_tree.num_leaves != out_tree.num_leaves:
-                raise ValueError("the entry's inputs or outputs do not match")
-            executable = _compile_exported(exported, consts, flat, digest)
+            executable = compiled()
         except Exception as exc:  # noqa: BLE001 - an entry that does not fit: trace instead
             _store.STATS["rejected"] += 1
             _store.log.debug("entry %s ignored: %r", digest, exc)
             return None
     return program_key, executable, consts, out_tree, side
+
+
+class _FirstRunChecked:
+    """A stored executable whose first run is awaited: if XLA fails to run it (an executable whose checksum holds but
+    whose code is incomplete, e.g. "Function ... not found"), it is discarded and the program compiled from its trace
+    instead (``fallback``), so a bad entry costs a compilation, never the fit."""
+
+    def __init__(self, stored: Any, fallback: Callable[[], Any], discard: Callable[[], None]) -> None:
+        self.run, self._fallback, self._discard = stored, fallback, discard
+
+    def __call__(self, *args: Any) -> Any:
+        if self._fallback is None:
+            return self.run(*args)
+        try:
+            out = jax.block_until_ready(self.run(*args))
+        except jax.errors.JaxRuntimeError as exc:
+            _store.STATS["rejected"] += 1
+            _store.log.debug("stored executable failed to run, compiled instead: %r", exc)
+            self._discard()
+            self.run = self._fallback()
+            out = self.run(*args)
+        self._fallback = self._discard = None
+        return out
 
 
 def _remember_trace(memo_key: Hashable, entry: tuple[Hashable, tuple[Any, ...], Any, dict[str, Any]]) -> None:

@@ -58,7 +58,7 @@ ENABLED = True
 STORE_BYTES = 512 * 2**20
 #: entries read from / written to disk in this process (tests and benchmarks read them)
 STATS = {"loaded": 0, "saved": 0, "rejected": 0, "unstorable": 0, "records_loaded": 0, "records_saved": 0,
-         "executables_loaded": 0, "executables_saved": 0}
+         "executables_loaded": 0, "executables_saved": 0, "executables_from_jax_cache": 0}
 #: folder name under JAX's compilation cache directory
 FOLDER = "latentfit-traces"
 _MAGIC = b"LFTRACE\x01"
@@ -593,6 +593,16 @@ class StoredExecutable:
         return self._call(*args)
 
 
+def discard_executable(digest: str, options: dict[str, str]) -> None:
+    """Remove the executable kept under ``digest`` and ``options`` (best effort: one that failed to run)."""
+    directory = store_dir()
+    if directory is not None:
+        try:
+            (directory / f"{digest}-{_options_tag(options)}.lfx").unlink()
+        except OSError:
+            pass
+
+
 def load_executable(digest: str, options: dict[str, str], args: list[Any],
                     num_outputs: int) -> StoredExecutable | None:
     """The executable :func:`save_executable` kept under ``digest`` and ``options``, ready to call on ``args`` (the
@@ -717,5 +727,5 @@ def _trim(directory: Path) -> None:
             pass
 
 
-__all__ = ["ENABLED", "STATS", "STORE_BYTES", "StoredExecutable", "load", "load_executable", "load_record", "save",
-           "save_executable", "save_record", "stable_digest", "store_dir"]
+__all__ = ["ENABLED", "STATS", "STORE_BYTES", "StoredExecutable", "discard_executable", "load", "load_executable",
+           "load_record", "save", "save_executable", "save_record", "stable_digest", "store_dir"]
