@@ -630,8 +630,13 @@ class MISSO(MiniBatchMCEM):
         state = state._replace(z=xp.swapaxes(z, 0, 1) + 0.0, rw_scale=0.5 * xp.where(sd > 0, sd, 1.0),
                                num_nonfinite=ops.zeros(()))
         key, k1 = ops.split(key)
-        n = model.num_units
-        curv, grad, state = self._bohning_visit(state, x0, ops.arange(n), k1, self._draws(1))
+        n, draws0 = model.num_units, self._draws(1)
+
+        def first_visit(st: MISSOState, x: Any, kk: Any) -> tuple[Any, Any, MISSOState]:
+            return self._bohning_visit(st, x, ops.arange(n), kk, draws0)
+
+        # one compiled program on JAX (eagerly, op by op, the visit took ~1.8 s of a 3.4 s fit at N = 400)
+        curv, grad, state = ops.jit(first_visit)(state, x0, k1)
         lin = (curv @ x0[:, None])[..., 0] - grad
         memory = MISSOMemory(table={}, s_run={}, curv_rows=curv, lin_rows=lin, sum_curv=xp.sum(curv, 0),
                              sum_lin=xp.sum(lin, 0), x=x0 + 0.0)
