@@ -64,12 +64,15 @@ def test_linear_average_is_the_index_weighted_mean():
 
 
 def test_fisher_scoring_decay_schedule():
-    """``schedule="decay"`` (the schedule before): the heavy-ball steps, then γ = 1 until ``average_from = burn_in +
-    num_iters // 5``, then ``γ = (k − k₀)^{−α}``, the uniform (Polyak–Ruppert) average reported."""
+    """``schedule="decay"`` (the schedule before; the default with mini-batches): the heavy-ball steps, then γ = 1
+    until ``average_from = burn_in + num_iters // 5``, then ``γ = (k − k₀)^{−α}``, the uniform (Polyak–Ruppert) average
+    reported."""
     fit = _fit(Backend("pyro"), "radon_slope", optimizer="fisher", num_iters=60, burn_in=5, schedule="decay")
     engine = fit.engine
     assert engine.fisher and engine.average_from == 5 + 12 and engine.momentum_steps == 7
     assert engine.averaging == "uniform"
+    batches = _fit(Backend("pyro"), "radon_slope", optimizer="fisher", num_iters=8, burn_in=2, batch_size=10).engine
+    assert batches.batch_size == 10 and batches.schedule == "decay" and batches.averaging == "uniform"
     rate = np.asarray(fit.history["learning_rate"])
     assert rate[5] == pytest.approx(preconditioned.RATE)  # the first heavy-ball step (iteration 6)
     assert np.all(np.diff(rate[5:12]) < 0)  # tapered toward Fisher scoring's γ = 1
