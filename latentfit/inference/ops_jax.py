@@ -546,13 +546,32 @@ def _compile_exported(exported: Any, consts: tuple[Any, ...], flat: list[Any], d
         call.__name__ = call.__qualname__ = f"stored_{digest[:24]}"
     platform = jax.default_backend()
     hits = _CACHE_HITS[0]
-    compiled = _compile(jax.jit(call).lower(consts, *flat), platform)
+    lowered = jax.jit(call).lower(consts, *flat)
+    if digest is not None and STORE_EXECUTABLES:
+        _strip_debug_info(lowered)
+    compiled = _compile(lowered, platform)
     if digest is not None and STORE_EXECUTABLES:
         if _CACHE_HITS[0] == hits:
             _store.save_executable(digest, _compiler_options(platform), compiled)
         else:
             _store.STATS["executables_from_jax_cache"] += 1
     return compiled
+
+
+def _strip_debug_info(lowered: Any) -> None:
+    """Remove the source locations (Python file, line, the ops' name stacks) from a lowered module before it is
+    compiled for the store: the executable's HLO then carries no op metadata, which was a third of its bytes and about
+    an eighth of the time a later process takes to deserialise it (theophylline's stored executables 3.0 -> 1.9 MB,
+    0.26 -> 0.23 s of CPU); the compiled code is the same (estimates bit-identical).  Best effort: a JAX whose lowered
+    module is not the one it compiles, or without the pass, keeps the locations."""
+    try:
+        from jax._src.lib.mlir import passmanager
+
+        module = lowered.compiler_ir("stablehlo")
+        with module.context:
+            passmanager.PassManager.parse("builtin.module(strip-debuginfo)").run(module.operation)
+    except Exception as exc:  # noqa: BLE001 - locations are only debugging aids
+        _store.log.debug("locations kept: %r", exc)
 
 
 #: executables served by JAX's persistent cache in this process.  Such an executable is not kept in the store: XLA:CPU
