@@ -495,11 +495,24 @@ def run_traced(closed: Any) -> list[Any]:
     executable = _PROGRAMS.get(key) if shared else None
     if executable is None:
         jaxpr = closed.jaxpr
+        # with the store on, the executable is kept under a digest of the key (the program's text, its constants'
+        # avals, the versions and latentfit's source): a later process calls it without lowering anything
+        digest = _store.stable_digest(key) if shared and STORE_EXECUTABLES and _store.store_dir() is not None \
+            else None
 
-        def run(consts_: tuple[Any, ...]) -> Any:
-            return jax.core.eval_jaxpr(jaxpr, list(consts_))
+        def compiled() -> Any:
+            def run(consts_: tuple[Any, ...]) -> Any:
+                return jax.core.eval_jaxpr(jaxpr, list(consts_))
 
-        executable = _compile(jax.jit(run).lower(consts), jax.default_backend())
+            return _compile_stored(run, (consts,), digest)
+
+        if digest is not None:
+            options = _compiler_options(jax.default_backend())
+            stored = _store.load_executable(digest, options, list(consts), len(jaxpr.outvars))
+            if stored is not None:
+                executable = _FirstRunChecked(stored, compiled, lambda: _store.discard_executable(digest, options))
+        if executable is None:
+            executable = compiled()
         if shared:
             _PROGRAMS[key] = executable
             while len(_PROGRAMS) > PROGRAM_CACHE_SIZE:
@@ -542,15 +555,24 @@ def _compile_exported(exported: Any, consts: tuple[Any, ...], flat: list[Any], d
     def call(consts_: tuple[Any, ...], *flat_: Any) -> Any:
         return exported.call(*consts_, *flat_)
 
-    if digest is not None:  # the module's name, hence JAX's cache key, carries the digest (:data:`_CACHE_HITS`)
-        call.__name__ = call.__qualname__ = f"stored_{digest[:24]}"
+    return _compile_stored(call, (consts, *flat), digest)
+
+
+def _compile_stored(fn: Callable, args: tuple[Any, ...], digest: str | None) -> Any:
+    """``jax.jit(fn)`` lowered for ``args`` and compiled with :func:`_compiler_options`; with ``digest`` (and
+    :data:`STORE_EXECUTABLES`), compiled under a name that carries it, without source locations
+    (:func:`_strip_debug_info`), and its executable kept in the on-disk store unless JAX's cache served it
+    (:data:`_CACHE_HITS`)."""
+    store = digest is not None and STORE_EXECUTABLES
+    if store:  # the module's name, hence JAX's cache key, carries the digest (:data:`_CACHE_HITS`)
+        fn.__name__ = fn.__qualname__ = f"stored_{digest[:24]}"
     platform = jax.default_backend()
     hits = _CACHE_HITS[0]
-    lowered = jax.jit(call).lower(consts, *flat)
-    if digest is not None and STORE_EXECUTABLES:
+    lowered = jax.jit(fn).lower(*args)
+    if store:
         _strip_debug_info(lowered)
     compiled = _compile(lowered, platform)
-    if digest is not None and STORE_EXECUTABLES:
+    if store:
         if _CACHE_HITS[0] == hits:
             _store.save_executable(digest, _compiler_options(platform), compiled)
         else:
