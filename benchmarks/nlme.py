@@ -209,6 +209,23 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   -> 1.37 s (1.26-1.56), CPU 3.12 (2.71-3.70) -> 0.93 (0.86-1.30); the fit alone 1.03 -> 0.89 s wall, EBEs 0.43 ->
   0.17, SEs 2.30 -> 0.09, IS log-likelihood 0.75 -> 0.23; against saemix's 1.5 s: 0.34x -> 1.1x (goal 10x: not met).
   A cold process (cache empty) also gains: 41.5 -> 27.5 s wall, 20.7 -> 13.4 s CPU (one run each, load ~7).
+* eighth round, the warm process's loading (issue 14 item 9, issue 10 item 6): the stored programs keep their XLA
+  executables (``ops_jax_store.save_executable`` / ``load_executable``, ``<digest>-<options>.lfx``), compiled without
+  source locations, and the NumPyro model's first run (``run_traced``) keeps its own; a warm process deserialises and
+  calls them instead of deserialising the exported program, lowering ``Exported.call`` (the first lowering imported
+  scipy's LAPACK bindings) and reading JAX's cache.  Where the warm process's CPU went before (d5d2b11, load ~3): 9
+  cache reads (deserialisation) 0.27 s, 9 lowerings 0.22 s (scipy 0.11-0.15 of it), digests + fingerprints 0.05,
+  iterations ~0.06-0.09 (0.15 ms CPU per iteration: ~290 XLA thunks per iteration, 80 in the scan body, the rest in
+  the three kernels' loops, ~0.5 us each on [5 chains x 12 individuals] arrays), the driver's per-chunk Python
+  (16 chunks) ~0.03, the rest post-fit execution and tables.  Now: the executables' deserialisation (XLA parses their
+  HLO: the chunk 4792 instructions, SAEM's start 4217, IS 2006, EBE modes 1140, SEs 922) ~0.25-0.35 s, scipy's
+  import for the LAPACK handlers of the EBE and SE programs (getrf/trsm) 0.11-0.17, digests + fingerprints 0.07,
+  one eager ``exp`` lowered (θ's final transform) 0.02-0.03.  d5d2b11 and a1be134 alternated in fresh processes, each
+  tree with its own warm cache, 6 rounds, load 0.9: this script's end-to-end child wall 0.879 s (0.755-0.954) ->
+  0.668 (0.569-0.756), CPU 0.909 (0.768-0.976) -> 0.699 (0.587-0.792); backends.py's README NumPyro model (400
+  iterations) wall 0.817 (0.653-0.970) -> 0.615 (0.528-0.738), CPU 0.867 (0.687-1.023) -> 0.650 (0.571-0.777).
+  Estimates, SEs, EBEs and IS log-likelihood (NLME) and estimates + history (NumPyro) bit-identical (same SHA).  The
+  10x goal (<= 0.15 s) is not met (4.5x short): the executables' size and scipy's import are most of what is left.
 """
 
 from __future__ import annotations
