@@ -9,6 +9,8 @@ per-row codes while reading the table, no hidden copies.
   must be what they were (checked against a table whose optional columns are given explicitly).
 * The design of a block views the model's ``τ = t − t_d`` instead of computing its own; the fixed-effect design of a
   model without covariates keeps one ``[m, p]`` block, not the ``[N, m, p]`` array it was cut from.
+* Between the binding's phases a large table's freed temporaries are handed back to the OS (glibc's ``malloc_trim``,
+  ``data.release_freed_memory``, a no-op where there is none): the same data, bit for bit.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from latentfit.inference import mcmc
+from latentfit.inference.model import DataError
 from latentfit.inference.ops import TorchOps
 from latentfit.inference.saem import SAEM
 from latentfit.models import nlme
@@ -144,6 +147,79 @@ def test_mdv_as_integer(mdv, observed):
     df.loc[2, "MDV"] = mdv
     data = read_nonmem(df)
     assert int(data.mask.sum()) == int(df["EVID"].eq(0).sum()) - (not observed)
+
+
+def test_x_missing_on_an_observation_without_mdv_column():
+    """Without an MDV column the observation rows are a bool mask (with Python's ``False`` for "no MDV", ``~False``
+    is -1 and the mask was an int64 0/1 array, which indexed rows 0 and 1 instead of masking): an x-variable missing on
+    an observation is reported, as with MDV, not filled from the individual's other rows."""
+    df = _population(3)
+    df["X"] = np.linspace(0.0, 1.0, len(df))
+    df.loc[df.index[df["EVID"] == 0][5], "X"] = np.nan
+    for table in (df, df.drop(columns="MDV")):
+        with pytest.raises(DataError, match="'X' \\(the x-variable\\) is missing on an observation"):
+            read_nonmem(table, x="X")
+
+
+# ----- freed heap pages handed back between the binding's phases ------------------------------------------------------
+def test_release_freed_memory_is_a_safe_no_op_without_malloc_trim(monkeypatch):
+    """``release_freed_memory`` calls glibc's ``malloc_trim`` where there is one and is a no-op elsewhere: a C library
+    without it, one that cannot be opened, a ``malloc_trim`` that fails, or a system other than Linux never raise."""
+    import ctypes
+    import sys
+
+    from latentfit.models.nlme import data as nonmem
+
+    assert nonmem.release_freed_memory() is None  # this process's C library (glibc on the CI's Linux)
+    calls = []
+
+    class NoTrim:  # a C library without malloc_trim (musl)
+        def __init__(self, name):
+            calls.append(name)
+
+    class FailingTrim:
+        def __init__(self, name):
+            calls.append(name)
+
+        def malloc_trim(self, pad):
+            raise OSError("no")
+
+    def unopenable(name):
+        calls.append(name)
+        raise OSError("cannot open")
+
+    for fake in (NoTrim, FailingTrim, unopenable):
+        monkeypatch.setattr(ctypes, "CDLL", fake)
+        assert nonmem.release_freed_memory() is None
+    assert calls == [None, None, None]
+    monkeypatch.setattr(sys, "platform", "darwin")  # not Linux: the C library is not even looked up
+    assert nonmem.release_freed_memory() is None
+    assert calls == [None, None, None]
+
+
+def test_large_tables_release_freed_pages_between_phases(monkeypatch):
+    """On a table of at least ``RELEASE_ROWS`` rows the reading and the binding hand freed heap pages back three times
+    (after the IDs, after the observations' order, before τ); the bound data are the same bit for bit."""
+    from latentfit.models.nlme import binding
+    from latentfit.models.nlme import data as nonmem
+
+    df = _population(20, seed=2)
+    plain = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 8.0, "CL": 0.8}, data=df)
+    calls = []
+    for module in (nonmem, binding):
+        monkeypatch.setattr(module, "RELEASE_ROWS", len(df))
+        monkeypatch.setattr(module, "release_freed_memory", lambda: calls.append(1))
+    trimmed = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 8.0, "CL": 0.8}, data=df)
+    assert len(calls) == 3
+    for field in ("time", "dv", "mask", "cens", "obs_rows", "dose_time", "dose_amt", "dose_rate", "dose_cmt"):
+        a, b = getattr(plain.data, field), getattr(trimmed.data, field)
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), field
+    tau, tau_trimmed = plain.design._tau, trimmed.design._tau
+    assert torch.equal(tau, tau_trimmed)
+    monkeypatch.setattr(nonmem, "RELEASE_ROWS", len(df) + 1)
+    monkeypatch.setattr(binding, "RELEASE_ROWS", len(df) + 1)
+    nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 8.0, "CL": 0.8}, data=df)
+    assert len(calls) == 3  # a smaller table: not called
 
 
 # ----- the MCMC kernels over blocks of units (mcmc._accept_blocks) ----------------------------------------------------

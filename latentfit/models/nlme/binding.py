@@ -22,7 +22,7 @@ from latentfit.inference.model import DataError, LatentSite, ModelSpecificationE
 from . import occasions as _occ
 from . import outcomes as _outcomes
 from . import responses as _resp
-from .data import NLMEData, _id, pad_data, pad_individuals, read_nonmem
+from .data import RELEASE_ROWS, NLMEData, _id, pad_data, pad_individuals, read_nonmem, release_freed_memory
 from .spec import FixedEffect, covariate_columns, merge_read_options, transform_pair
 from .stored import StoredTable
 from .structural import Design
@@ -167,19 +167,22 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
         model._resp = _resp.bind(model, data, response_col)
     model._outcome_consts = _outcomes.bind(model, data) if model.outcome is not None else {}
     regs = {k: ops.asarray(v) for k, v in data.regressors.items()}
+    covariates = {c: ops.asarray(np.array(pd.to_numeric(data.covariates[c], errors="coerce"), dtype=float))
+                  for c in data.covariates.columns if pd.api.types.is_numeric_dtype(data.covariates[c])}
+    doses_precede_obs = bool(data.dose_amt.shape[1] == 1 and (data.dose_amt > 0).all()
+                             and (data.dose_time[:, :1] <= data.time).all())
+    doses = dose_design(model, data)
     # τ = t − t_d [N, T, D] and the amounts [N, 1, D] made on the host in the arrays' dtype (the same numbers: an
-    # IEEE subtraction), not by three small programs on JAX
+    # IEEE subtraction), not by three small programs on JAX; τ, the largest array made here, comes last, after the
+    # pages of the reading's and the checks' freed temporaries went back to the OS (not on top of them)
+    if len(df) >= RELEASE_ROWS:
+        release_freed_memory()
     t, td, amt = (np.asarray(ops.to_numpy(ops.asarray(a))) for a in (data.time, data.dose_time, data.dose_amt))
     tau_amt = (ops.asarray(t[..., :, None] - td[..., None, :]), ops.asarray(amt[..., None, :]))
     model.design = Design(xp, ops.asarray(data.time), ops.asarray(data.dose_time), ops.asarray(data.dose_amt),
-                         ops.asarray(data.dose_rate), regs,
-                         {c: ops.asarray(np.array(pd.to_numeric(data.covariates[c], errors="coerce"), dtype=float))
-                          for c in data.covariates.columns
-                          if pd.api.types.is_numeric_dtype(data.covariates[c])},
-                         doses_precede_obs=bool(data.dose_amt.shape[1] == 1 and (data.dose_amt > 0).all()
-                                                and (data.dose_time[:, :1] <= data.time).all()),
+                         ops.asarray(data.dose_rate), regs, covariates, doses_precede_obs=doses_precede_obs,
                          dose_cmt=ops.asarray(data.dose_cmt.astype(np.int64, copy=False)), ops=ops,
-                         x=None if data.x is None else regs[data.x], **dose_design(model, data),
+                         x=None if data.x is None else regs[data.x], **doses,
                          dv=model._outcome_consts.get("dv"), time_after_dose_of=tau_amt)
     model._structural_fn = model.structural.bound(model.design)
     if model.response_spec is not None and model.response_spec.predicted:  # each observation: its response's

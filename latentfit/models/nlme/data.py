@@ -44,7 +44,9 @@ mask, doses to ``[N, D]`` (padding doses have amount 0).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,6 +116,29 @@ class NLMEData:
     @property
     def num_obs(self) -> int:
         return int(self.mask.sum())
+
+
+def release_freed_memory() -> None:
+    """Hand the free pages of the C heap back to the OS (glibc's ``malloc_trim(0)``): on Linux with glibc only, a no-op
+    elsewhere (no ``malloc_trim``: musl, macOS, Windows), and it never fails.
+
+    Why: reading and binding a large table makes per-row temporaries of 1-32 MB.  glibc maps a block above its mmap
+    threshold and unmaps it when it is freed, but each such free raises the threshold to that block's size (up to
+    32 MB), so the later temporaries come from the heap, whose freed pages stay resident (and fragmented) until glibc
+    reuses them.  They are not live data, yet they count in the process's peak when the next large arrays are made
+    on top of them: at 10⁵ individuals ~100 B per individual, a third of the fit's per-unit state.  :func:`read_nonmem`
+    and the binding call this between their phases on large tables; the data read are the same either way."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))  # the process's C library (AttributeError: not glibc)
+    except Exception:  # noqa: BLE001 - an optimisation of the resident memory only: never an error of the binding
+        pass
+
+
+#: tables of at least this many rows are read with release_freed_memory between phases (a per-row float64 temporary
+#: of 1 MiB; below, the freed pages are few and the call's ~2 ms not worth it)
+RELEASE_ROWS = 1 << 17
 
 
 def _id(value: Any) -> str:
@@ -257,7 +282,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         evid = (amt > 0).astype(np.int8)
     # per-row codes in their narrowest form (10⁶ individuals × 11 rows: 88 MB per int64 array); an absent column is
     # one value viewed on every row
-    missing_dv = _missing(num["mdv"]) if "mdv" in num else False  # MDV ≠ 0 (as int)
+    missing_dv = _missing(num["mdv"]) if "mdv" in num else np.False_  # MDV ≠ 0 (as int); numpy's False: ~ is True
     cmt = _no_nan(num["cmt"]).astype(int) if "cmt" in num else np.broadcast_to(1, (n_rows,))
     if "cens" in num:
         cens = _no_nan(num["cens"]).astype(int)
@@ -266,7 +291,8 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     else:
         cens = np.broadcast_to(np.int8(0), (n_rows,))
     is_dose = np.isin(evid, (1, 4))
-    is_obs = (evid == 0) & ~missing_dv & ~np.isnan(dv)
+    is_obs = (evid == 0) & ~missing_dv & ~np.isnan(dv)  # bool (with Python's False, ~False = -1 made it int64)
+    del missing_dv
     fail(is_dose & (amt <= 0), "dose record without a positive amount")
     rate, addl, ii, ss = _dose_records(num, cols, is_dose, amt, fail)
     for role in ("evid", "mdv", "cmt", "cens"):  # read: their per-row float copies are not needed any more
@@ -291,6 +317,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     ids_all = df[id_col].to_numpy()
     # periods: a reset (EVID 3/4, SS = 1 dose) starts a new one, in the order of the table
     reset = np.isin(evid, (3, 4))
+    del evid  # per-row arrays are freed once read (10⁶ individuals × 11 rows: 11 MB per byte of a row)
     if ss.strides != (0,) or (len(ss) and ss[0] != 0):  # SS given: a steady-state dose after a reset is one too
         reset |= is_dose & (ss == 1)
     if reset.any() or records:
@@ -305,7 +332,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     # the IDs in the order of the table (pd.unique's) with each row's code: one hash pass, no grouped frame
     codes, uniq = _factorize(ids_all)
     has_obs = np.zeros(len(uniq), dtype=bool)
-    has_obs[codes[is_obs.astype(bool, copy=False)]] = True  # (an int array without MDV: ~False is -1)
+    has_obs[codes[is_obs]] = True
     keep_ids = uniq[has_obs]  # an array (the list of IDs is built at the end, after the per-row arrays are freed)
     dropped = uniq[~has_obs]
     n = len(keep_ids)
@@ -317,6 +344,8 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
     several_doses = bool(is_dose.any()) and int(np.bincount(codes[is_dose], minlength=len(uniq)).max()) > 1
     all_kept = not len(dropped)  # every row's individual is kept (order >= 0): no [rows] mask of it
     del codes, has_obs, kept_at
+    if n_rows >= RELEASE_ROWS:  # the IDs' per-row temporaries (codes, hash table) were freed
+        release_freed_memory()
     if len(dropped):
         rows = {_id(i): [int(r) for r in df.index[ids_all == i][:3]] for i in dropped[:5]}
         names = [_id(i) for i in dropped[:5]]
@@ -337,6 +366,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         del dose_df, dup  # five columns per dose row, not needed past the check
 
     obs_idx = np.where(is_obs if all_kept else is_obs & (order >= 0))[0].astype(index_type)
+    del is_obs
     # by individual, period and time (stable: table order at equal times); one period: no period key (it would
     # gather an [n_obs] array of zeros), and a table already in that order (the usual one) is not sorted again
     if reset.any() or records:
@@ -345,6 +375,8 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         obs_idx = obs_idx[np.lexsort((time[obs_idx], order[obs_idx]))]
     counts = np.bincount(order[obs_idx], minlength=n)
     t_max = int(counts.max())
+    if n_rows >= RELEASE_ROWS:  # the sort's and the counts' gathered [n_obs] copies were freed
+        release_freed_memory()
     # the observations sorted by individual fill each individual's first counts[i] slots: in row-major order these
     # are the True entries of the mask, so boolean assignments place them (no [n_obs] row / slot index arrays)
     mask = np.arange(t_max) < counts[:, None]
@@ -379,7 +411,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         regs[name] = np.where(mask, r, r[np.arange(n), counts - 1][:, None])
     # per-row arrays the doses and periods below do not read, freed before they build theirs (11 rows of 10⁶
     # individuals: 88 MB each)
-    del dv, evid, missing_dv, cens, is_obs, obs_idx, per_obs
+    del dv, cens, obs_idx, per_obs
     num = {dose: num[dose]} if dose is not None else {}
 
     # doses (ADDL expanded: ADDL + 1 doses every II)

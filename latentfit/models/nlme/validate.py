@@ -50,6 +50,16 @@ def _numbers(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return num, text
 
 
+def _floats(values: pd.Series) -> np.ndarray | None:
+    """The column's values as numbers where an infinity can be (None: a numpy integer or boolean column has none): a
+    numpy float column as it is (no copy of it, 8 B per row), any other as :func:`_numbers` reads it."""
+    if isinstance(values.dtype, np.dtype) and values.dtype.kind in "biu":
+        return None
+    if isinstance(values.dtype, np.dtype) and values.dtype.kind == "f":
+        return values.to_numpy()
+    return _numbers(values)[0]
+
+
 def numbers_if_all_numeric(values: pd.Series) -> pd.Series:
     """A text (object) column whose every non-missing cell is a number (``70``, ``"70.5"``) as floats; any other
     column unchanged.  A new series: the table is not modified."""
@@ -84,19 +94,25 @@ def validate_table(df: pd.DataFrame, columns: dict[str, str], covariates: Iterab
     numeric = [c for role, c in columns.items() if role != "id" and c in df.columns]
     numeric += [c for c in (*regressors, *([dose] if dose else [])) if c in df.columns]
     for c in dict.fromkeys(numeric):
-        num, _ = _numbers(df[c])
+        num = _floats(df[c])
+        if num is None:  # integers, booleans: no infinity
+            continue
         inf = np.isinf(num)
         if inf.any():
             j = int(np.argmax(inf))
             raise DataError(f"column {c!r} has an infinite value {num[j]} {_where(df, id_col, j)}: values must be "
                             "finite numbers (a missing DV is '.' or an empty cell)")
     if id_col in df.columns:
-        num, text = _numbers(df[id_col])
-        if text.any() and (~text & ~np.isnan(num)).any():
-            j, k = int(np.argmax(text)), int(np.argmax(~text & ~np.isnan(num)))
-            raise DataError(f"column {id_col!r} mixes numbers ({df[id_col].iloc[k]!r} {_where(df, id_col, k)}) and "
-                            f"text ({df[id_col].iloc[j]!r} {_where(df, id_col, j)}): write every ID the same way")
-        if np.isinf(num).any():
+        ids = df[id_col]
+        if isinstance(ids.dtype, np.dtype) and ids.dtype.kind in "biuf":  # a numpy number column: no text in it
+            num = _floats(ids)
+        else:
+            num, text = _numbers(ids)
+            if text.any() and (~text & ~np.isnan(num)).any():
+                j, k = int(np.argmax(text)), int(np.argmax(~text & ~np.isnan(num)))
+                raise DataError(f"column {id_col!r} mixes numbers ({ids.iloc[k]!r} {_where(df, id_col, k)}) and "
+                                f"text ({ids.iloc[j]!r} {_where(df, id_col, j)}): write every ID the same way")
+        if num is not None and np.isinf(num).any():
             j = int(np.argmax(np.isinf(num)))
             raise DataError(f"column {id_col!r} has an infinite ID {_where(df, id_col, j)}")
     for c in dict.fromkeys(covariates):
