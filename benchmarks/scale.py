@@ -393,6 +393,55 @@ With the caller keeping its table (same trees, 04:51-04:53, load 3.2-3.5, N = 10
 peak is the fit's, 3.70-3.72x before and 3.75-3.94x after (fit peaks 1190-1198 against 1207-1270 B per individual;
 the fit's input is the same bit for bit and its peak spread 1198-1246 B over runs of one tree above): the 3x goal is
 NOT met there (the table alone is 1.64x the state).
+
+Then the freed heap pages handed back between the binding's phases (43ee668).  The line tracer at N = 10⁵ showed why
+10⁵ stayed at 3.25x: each freed mapped temporary raises glibc's mmap threshold to its size (up to 32 MB), so after
+the table validation's first 8.8 MB copies every per-row temporary came from the heap, and their freed pages (the IDs'
+int64 codes and their gather at the observations, the in-order check's and the counts' gathered copies: ~100 B per
+individual) stayed resident under the arrays made next, last under τ = t − t_d (80 B).  Now
+``data.release_freed_memory`` (glibc's ``malloc_trim(0)`` through ctypes; a no-op without glibc) runs on tables of
+≥ 2¹⁷ rows after the IDs, after the observations' order and counts, and before τ, which ``bind_data`` makes last;
+``validate_table`` checks infinities on a float column in place (it copied each numeric column: the resident memory
+reached 919 B per individual, the table included, at 10⁵) and skips integer columns.  What is left at the peak is
+live data: the table (533 B) and what the bound model keeps (~400 B).  Bound arrays, the stored table, fits and
+``simulate()`` are the same bit for bit.
+d14499b (before) against 43ee668 (after) alternated in fresh processes (2026-12-04 11:36-11:47, load 4.1-4.8, two
+runs of each row; ``--skip torch,jax,jaxproc --memory-modes drop,keep --memory-before <d14499b's checkout>
+--memory-repeats 2``), B per individual over RSS0 (271 MiB)::
+
+                    N  table  data bind pk  peak state +copies peak/state  proc proc/state  fit
+       before drop 1e5    533   407    1049   897   322     102       2.79  1049       3.26  490
+       after  drop 1e5    533   387     933   789   322     102       2.45   933       2.90  402
+       before keep 1e5    533   935    1051  1348   322     102       4.19  1348       4.19  414
+       after  keep 1e5    533   915     933  1309   322     102       4.07  1309       4.07  394
+       before drop 1e6    529   377     934   694   322     102       2.15   934       2.90  317
+       after  drop 1e6    529   377     905   668   322     102       2.08   905       2.81  291
+       before keep 1e6    529   905     934  1206   322     102       3.75  1206       3.75  301
+       after  keep 1e6    529   905     905  1141   322     102       3.54  1141       3.54  236
+       after  drop 1e5    533   387     937   847   322     102       2.63   937       2.91  460
+       before drop 1e5    533   407    1044   832   322     102       2.58  1044       3.24  426
+       after  keep 1e5    533   915     937  1303   322     102       4.05  1303       4.05  388
+       before keep 1e5    533   935    1050  1340   322     102       4.16  1340       4.16  406
+       after  drop 1e6    529   377     905   614   322     102       1.91   905       2.81  236
+       before drop 1e6    529   377     934   663   322     102       2.06   934       2.90  285
+       after  keep 1e6    529   905     905  1245   322     102       3.87  1245       3.87  340
+       before keep 1e6    529   905     934  1135   322     102       3.52  1135       3.52  230
+
+       proc/state, median (range)      drop 1e5          drop 1e6          keep 1e5          keep 1e6
+       of the two runs:   before   3.25 (3.24-3.26)  2.90 (2.90-2.90)  4.17 (4.16-4.19)  3.63 (3.52-3.75)
+                          after    2.90 (2.90-2.91)  2.81 (2.81-2.81)  4.06 (4.05-4.07)  3.71 (3.54-3.87)
+
+What is met, reading by reading (state 322 B per individual):
+* Drop workflow (the caller drops its table once bound), the process's peak over the state: 2.90x at 10⁵ and 2.81x
+  at 10⁶: the 3x goal IS met at both sizes (at 10⁵ by ~30 B per individual; the peak is now the binding's live data,
+  the table and the bound model, not freed pages).  The fit's own peak is 1.9-2.6x.
+* Slope, (peak(10⁶)·10⁶ − peak(10⁵)·10⁵) / 9·10⁵ over the state: drop 2.80x (901-902 B; before 2.86x), met; keep
+  3.5-3.9x (1122-1239 B; before 3.45-3.7x), NOT met.
+* Keep workflow (the caller holds its table through the fit), the process's peak (the fit's) over the state: 4.05-4.07x
+  at 10⁵, 3.54-3.87x at 10⁶: NOT met.  Without the caller's table (its memory, not the library's): (peak − table) /
+  state 2.39-2.41x at 10⁵ (770-776 B; before 2.51-2.53x) and 1.90-2.22x at 10⁶ (612-716 B; before 1.88-2.10x): met.
+  The keep rows at 10⁶ spread with the fit's increment (236-340 B, run to run with glibc's default allocator, as in
+  the tables above); the binding is not their peak.
 """
 
 from __future__ import annotations
