@@ -152,11 +152,43 @@ Two surrogates (option ``surrogate``):
   - **Cost per draw:** the chains' MH sweep (as the other surrogates), then one run of the model for the logits of
     every chain and per-unit sums of ``(y_r − count σ) w̃_r`` and ``c_r w̃_r w̃_rᵀ`` (``w̃_r = (a_r, b_r)``, read once
     at the start by differences, exact for affine logits, and checked at random points); no autodiff, no Hessian.
-  - Measured (benchmarks/mcmcsgd_logistic.py, N = 400, data seeds 0-2 × fit seeds {s, 10, 20}): mean ΔLL −0.34
-    (Pyro) and −0.37 (NumPyro) against SAEM's −0.98 / −1.13 and ``"louis"``'s −0.94 / −0.95; SAEM's final LL reached
-    in 8/9 (Pyro) and 6/9 (NumPyro) fits at 0.35-0.77× (Pyro) and 0.64-1.19× (NumPyro) SAEM's CPU.  What limits it:
-    a weakly identified scale whose maximum is large (data seed 2: ω₁ = 0.43, SE 0.2) has a large fraction of missing
-    information in the non-centred coordinates too, and climbs slowly (ΔLL −0.75 to −1.0 after 20 epochs).
+  - **Working parameters** (option ``expand``; parameter-expanded EM, Liu, Rubin & Wu 1998, the EM form of
+    interweaving centred and non-centred augmentations, Yu & Meng 2011).  The non-centred latents get a working
+    prior ``ε_i ~ N(m, diag(s²))``; the marginal likelihood depends on ``(x, m, s)`` only through the model's
+    ``loc = μ(x) + L(x) m`` and ``scale = |ω(x)| s``, and the expanded MC surrogate adds ``Σ_k (log s_k + mean_m
+    (ε_{ik,m} − m_k)² / (2 s_k²))`` to each unit's, exactly (no bound needed), which separates from the likelihood
+    part.  Its minimiser is closed-form from two more stored rows per unit, ``ε̄_i`` and ``ε̂²_i`` (the visit's means
+    of ε and ε²): ``m = mean_i ε̄_i``, ``s² = mean_i ε̂²_i − m²`` (columns shared by several coordinates: means over
+    them).  So the fit stays MISSO with majorants, on the expanded space (x and the working parameters are never
+    reduced: the stored rows need no re-expression).  ``"location"`` (default) frees m only, ``"location+scale"``
+    both, ``"none"`` neither (the fits before).  A latent coordinate gets a working location only where its loc is
+    one free column with coefficient 1 that does not enter the logits and whose coordinates share one scale column;
+    scales only where every coordinate's scale is one column; else that part is left out.  What the working
+    location does: the random effects' mean shift moves the locs at once while β is far from its maximum (the
+    first epochs): d2/f2 −61 against −86 after epoch 2, the target reached 1-3 epochs earlier (below).
+  - Measured (benchmarks/mcmcsgd_logistic.py docstring, N = 400, data seeds 0-2 × fit seeds {s, 10, 20}, ΔLL after
+    20 epochs by 5-node AGQ against the exact maximum; target SAEM's final LL − 0.1 on the same PPL): ``"none"``
+    (before): mean ΔLL −0.34 (Pyro) / −0.37 (NumPyro), target reached in 8/9 and 6/9 fits; ``"location"``: −0.25 /
+    −0.28, 8/9 and 6/9, each fit reaching it 1-3 epochs earlier (Pyro) and 0-2 (NumPyro), CPU to it 0.38-0.69×
+    SAEM's on Pyro (``"none"``: 0.42-0.73×), three d0 fits 0.02-0.04 lower at the end (the fit seeds' scatter);
+    ``"location+scale"``: −0.39 / −0.31, 9/9 and 9/9, data seed 2 solved (ΔLL −0.04 to +0.03 on all six fits, ω₁
+    0.42-0.45 against the maximum's 0.43) but data seed 0 (maximum ω₁ = 0.002) ends at −0.70 to −1.15 (ω₁
+    0.25-0.31) against −0.03 to −0.11, hence opt-in.  SAEM: −0.98 / −1.13.
+  - Why seed 2 was slow (measured at its maximum, 10 chains × 20 draws per unit): the eigenvalues of
+    ``B̂^{-1/2} I_obs B̂^{-1/2}`` (``B̂`` = Σ_i B̂_i, the summed JJ curvatures; ``I_obs`` by differences of the AGQ
+    log-likelihood) are 0.009, 0.039, 0.17, 0.26, 0.33, 0.59: per epoch the MM map closes 3.9% of the gap in the
+    direction mostly of ω₁ (0.92 ω₁ − 0.32 ω₂ − 0.22 ω₃; the 0.009 one is ω₃, SE 1.1, invisible in the LL).  The
+    complete-data Hessian ``Σ σ(1 − σ) w wᵀ`` instead of the JJ curvature (an exact minimiser of the MC surrogate)
+    would make it 0.065, not a cure; in centred coordinates it is smaller still (ω₁'s complete-data information
+    2N/ω₁² against its profile information 1/SE²: ≈ 0.002, a rough figure).  So each augmentation is slow in that
+    direction, and where a fit ends depends on its first epochs: without working parameters ω₁
+    collapses to 0.03-0.05 while β is far from its maximum (epochs 2-6) and then climbs at 2-3%/epoch (good for
+    seed 0, whose maximum is 0.002; bad for seed 2); the working scale inflates ω₁ in those epochs (to 0.47 on
+    d0/f10; the ε's spread absorbs β's misfit) and then ω₁ falls at ~3%/epoch (good for seed 2, bad for seed 0).
+    The working scale switched on only from epoch 4 (so after the transient) gave −0.35 / −0.52 (d0/f0, d0/f10) and
+    −0.11 / −0.13 (d2/f2, d2/f10), from epoch 8 −0.10 / −0.12 and −0.51 / −0.44: a trade, not kept.  What would
+    help is an accelerated step in that direction (a Louis-type step on the non-centred coordinates, its missing
+    information from the chains' per-unit score covariance): not tried; it gives up the majorant.
   - Not yet: distributed fits (refused); not the default (``"louis"`` stays: an automatic choice by model structure
     would move the tests and fits of every logistic model that uses the default).
 
@@ -187,6 +219,8 @@ from .units import put_units, take_units
 CURVATURE_FLOOR = 1e-6
 #: the surrogates MISSO offers (see the module docstring)
 SURROGATES = ("louis", "paper", "bohning")
+#: ``surrogate="bohning"``'s working parameters of the non-centred latents (see the module docstring)
+EXPANSIONS = ("none", "location", "location+scale")
 
 
 class MISSOMemory(NamedTuple):
@@ -228,6 +262,20 @@ class MISSOMemory(NamedTuple):
     sum_lin: Any = None
     #: ``"bohning"``: x^k, the minimiser of the summed surrogates, latents' scales with their sign ``[q]``
     x: Any = None
+    #: ``"bohning"``, ``expand``: every unit's mean non-centred latents ``ε̄_i`` ``[n, d]``
+    eps_rows: Any = None
+    #: ``"bohning"``, ``expand``: every unit's mean squared non-centred latents ``ε̂²_i`` ``[n, d]``
+    eps2_rows: Any = None
+    #: ``"bohning"``, ``expand``: ``Σ_i ε̄_i`` ``[d]``
+    sum_eps: Any = None
+    #: ``"bohning"``, ``expand``: ``Σ_i ε̂²_i`` ``[d]``
+    sum_eps2: Any = None
+    #: ``"bohning"``, ``expand``: the working scales s ``[q]`` (1 but at the latents' scale columns); the model's
+    #: latents' scales are ``|x| s`` there
+    px: Any = None
+    #: ``"bohning"``, ``expand``: the working locations m ``[d]`` of the non-centred latents (0 where a latent's
+    #: loc is not a free column of x); the model's locs are ``μ(x) + L(x) m``
+    px_loc: Any = None
 
 
 class MISSOState(NamedTuple):
@@ -282,6 +330,9 @@ class MISSO(MiniBatchMCEM):
     bound : {"jj", "bohning"}
         ``surrogate="bohning"`` only: the curvature of the logistic majorant, Jaakkola–Jordan's at each draw (default)
         or Böhning's constant ¼.
+    expand : {"location", "location+scale", "none"}
+        ``surrogate="bohning"`` only: the working parameters of the non-centred latents' prior (parameter expansion;
+        default ``"location"``; see the module docstring).
     max_missing_fraction : float in [0, 1)
         ``"louis"`` only: the cap on the fractions of missing information (0 gives the paper's step).
     trust_radius : float
@@ -300,7 +351,8 @@ class MISSO(MiniBatchMCEM):
     def __init__(self, model: LatentModel, num_epochs: int | None = None, batch_size: int | None = None, *,
                  mc_size: int | Callable[[Any], Any] | None = None, num_chains: int = 10,
                  surrogate: str = "louis", max_missing_fraction: float = 0.9, trust_radius: float = 5.0,
-                 score_draws: int | None = None, prune: bool = True, bound: str = "jj", **kwargs: Any) -> None:
+                 score_draws: int | None = None, prune: bool = True, bound: str = "jj", expand: str = "location",
+                 **kwargs: Any) -> None:
         if "num_samples" in kwargs:
             raise TypeError("MISSO takes num_chains (chains per unit) and mc_size (draws per visit), not num_samples")
         if num_epochs is None:
@@ -335,6 +387,9 @@ class MISSO(MiniBatchMCEM):
         if bound not in ("bohning", "jj"):
             raise ValueError(f"bound must be 'bohning' or 'jj', got {bound!r}")
         self.bound = bound
+        if expand not in EXPANSIONS:
+            raise ValueError(f"expand must be one of {EXPANSIONS}, got {expand!r}")
+        self.expand = expand
         self._shapes = {n: tuple(np.shape(model.ops.to_numpy(model.params[n].to_unconstrained(
             model.params[n].value)))) for n in self.free + self.numeric}
         sizes = {n: int(np.prod(self._shapes[n])) for n in self.free}
@@ -499,7 +554,10 @@ class MISSO(MiniBatchMCEM):
     def unit_axes(self) -> dict[str, Any]:
         """The per-unit surrogate rows (fields of ``memory``) and the MH chains ``z`` hold the units on axis 0."""
         if self.surrogate == "bohning":
-            return {"memory": {"curv_rows": 0, "lin_rows": 0}, "z": 0}
+            rows = {"curv_rows": 0, "lin_rows": 0}
+            if getattr(self, "_px_map", None) is not None:
+                rows.update(eps_rows=0, eps2_rows=0)
+            return {"memory": rows, "z": 0}
         tables = (["table"] if self.by_stats else []) + (["anchor", "grad"] if self.numeric else []) + \
             (["visited_at"] if self.surrogate == "louis" and self.free else [])
         axes: dict[str, Any] = {"memory": {name: 0 for name in tables}}
@@ -595,12 +653,16 @@ class MISSO(MiniBatchMCEM):
             raise ValueError("MISSO surrogate='bohning' does not run distributed yet; use surrogate='paper' or 'louis'")
         super().distribute()
 
-    def _bohning_theta(self, x: Any) -> dict[str, Any]:
+    def _bohning_theta(self, x: Any, px: tuple[Any, Any] | None = None) -> dict[str, Any]:
         """θ of the model from x: the latents' scales by their absolute value (the likelihood is even in their sign;
-        floored at 1e-12, the scales' positivity constraint)."""
+        floored at 1e-12, the scales' positivity constraint), times the working scales ``px`` if given."""
         xp, design = self.ops.xp, self._design
         sign_free = self._scale_mask
         x_model = xp.where(sign_free, xp.clip(xp.abs(x), 1e-12, None), x)
+        if px is not None:  # the working parameters: scales |x| s, locs μ(x) + L(x) m
+            scale, loc = px
+            chol = design.moments(unflatten(x, design.names, design.shapes))[1]
+            x_model = x_model * scale + (xp.diagonal(chol, 0, -2, -1) * loc) @ self._px_loc_map
         theta = dict(self._fixed_theta)  # fixed params, as θ⁰ has them
         theta.update(unflatten(x_model, design.names, design.shapes))
         return theta
@@ -628,6 +690,7 @@ class MISSO(MiniBatchMCEM):
         self._jac_mean = ops.stop_gradient(forward_jacobian(ops, mean_of, x0))  # [d, q]
         self._jac_chol = ops.stop_gradient(xp.swapaxes(forward_jacobian(ops, chol_of, x0), -1, -2))  # [d, q, d]
         self._eye_q = ops.asarray(np.eye(q)) + 0.0 * x0[0]
+        self._px_map = self._working_scale_map() if self.expand != "none" else None
         state = MISSOState(theta=theta, key=key)
         key, k0 = ops.split(key)
         z = self._initial_chains(theta, k0)  # [L, n, d]
@@ -637,44 +700,98 @@ class MISSO(MiniBatchMCEM):
         key, k1 = ops.split(key)
         n, draws0 = model.num_units, self._draws(1)
 
-        def first_visit(st: MISSOState, x: Any, kk: Any) -> tuple[Any, Any, MISSOState]:
+        def first_visit(st: MISSOState, x: Any, kk: Any) -> tuple[Any, Any, Any, MISSOState]:
             return self._bohning_visit(st, x, ops.arange(n), kk, draws0)
 
         # one compiled program on JAX (eagerly, op by op, the visit took ~1.8 s of a 3.4 s fit at N = 400)
-        curv, grad, state = ops.jit(first_visit)(state, x0, k1)
+        curv, grad, eps2, state = ops.jit(first_visit)(state, x0, k1)  # eps2: (ε̄, ε̂²) [n, d] each
         lin = (curv @ x0[:, None])[..., 0] - grad
         memory = MISSOMemory(table={}, s_run={}, curv_rows=curv, lin_rows=lin, sum_curv=xp.sum(curv, 0),
                              sum_lin=xp.sum(lin, 0), x=x0 + 0.0)
+        if self._px_map is not None:
+            eps, eps2 = eps2
+            memory = memory._replace(eps_rows=eps, eps2_rows=eps2, sum_eps=xp.sum(eps, 0), sum_eps2=xp.sum(eps2, 0),
+                                     px=0.0 * x0 + 1.0, px_loc=0.0 * eps[0])
         return state._replace(memory=memory, key=key)
 
-    def _bohning_visit(self, state: MISSOState, x: Any, units: Any, key: Any,
-                       num_draws: Any) -> tuple[Any, Any, MISSOState]:
-        """The surrogates of ``units`` at x from ``num_draws`` draws of their chains: ``(B̂ [b, q, q], ĝ [b, q],
-        state)``, ``ĝ_i = −mean_m ∇_x log f_i(ε_{i,m}; x)`` and ``B̂_i = mean_m Σ_r c_r w_r w_rᵀ`` (plus a ridge of 1e-10
-        of its mean diagonal), ``w_r = ∂η_r/∂x`` at the draw's non-centred latents ``ε = L(x)⁻¹ (z − μ(x))``."""
-        ops, xp = self.ops, self.ops.xp
-        theta = self._bohning_theta(x)
-        eye = self._eye_q
+    def _working_scale_map(self) -> Any:
+        """``[d, q]``: 1 where latent coordinate k's scale is x's column c (its chol's diagonal moves with x_c), each
+        coordinate's scale one column; divided by the number of coordinates sharing the column (the working scale of a
+        column is the root mean square of its coordinates' ε).  None where that structure is absent."""
+        jc = np.asarray(self.ops.to_numpy(self._jac_chol))  # [d, q, d]
+        d = jc.shape[0]
+        diag = np.stack([jc[k, :, k] for k in range(d)]) if d else np.zeros((0, jc.shape[1]))  # [d, q]
+        on = (np.abs(diag) > 0) & np.asarray(self.ops.to_numpy(self._scale_mask), bool)[None, :]
+        if d == 0 or not np.all(on.sum(1) == 1):
+            return None
+        counts = on.sum(0)
+        # the locations: coordinate k's loc is x's column c with coefficient 1 (or 0: no free loc, no working loc);
+        # coordinates sharing a loc column share their scale column too (L(x) m is then a shift of that column), and
+        # the column does not enter the logits (the shift leaves the likelihood unchanged)
+        jm = np.asarray(self.ops.to_numpy(self._jac_mean))  # [d, q]
+        design = self._design
+        dd = int(np.shape(self.ops.to_numpy(design.curvature))[-1]) - jm.shape[1]
+        diag_c = np.asarray(self.ops.to_numpy(self.ops.xp.diagonal(design.curvature, 0, -2, -1)))[:, dd:]  # [n, q]
+        loc_on = np.abs(jm) > 0
+        ok = np.all(loc_on.sum(1) <= 1) and np.all(np.abs(jm[loc_on] - 1.0) < 1e-12)
+        for c in np.flatnonzero(loc_on.any(0)):
+            dims = np.flatnonzero(loc_on[:, c])
+            ok = ok and bool(np.all(diag[dims] == diag[dims[0]])) and not bool(np.any(diag_c[:, c] != 0))
+        loc_on = loc_on if ok else np.zeros_like(loc_on)
+        loc_counts = loc_on.sum(0)
+        self._px_dims_loc = self.ops.asarray(loc_on.any(1).astype(float))  # [d]: 1 where m is free
+        #: [d, q]: coordinate k's working shift L_kk m_k to its loc column, averaged over the column's coordinates
+        self._px_loc_map = self.ops.asarray(loc_on / np.where(loc_counts > 0, loc_counts, 1)[None, :])
+        self._px_loc_avg = self.ops.asarray((loc_on / np.where(loc_counts > 0, loc_counts, 1)[None, :]) @ loc_on.T)
+        return self.ops.asarray(on / np.where(counts > 0, counts, 1)[None, :])
 
-        def one(st: MISSOState, kk: Any, chain: Any) -> tuple[Any, Any, MISSOState, Any]:
+    def _working_params(self, sum_eps: Any, sum_eps2: Any) -> tuple[Any, Any]:
+        """The working parameters minimising the summed surrogates' prior part ``Σ_i Σ_k (log s_k + E(ε_ik − m_k)² /
+        (2 s_k²))``: the locations ``m [d]`` (the mean of ε̄ over units and the coordinates sharing k's loc column; 0
+        where k has none) and the scales ``s [q]`` (``s_c²`` the mean of ``ε̂² − 2 m ε̄ + m²`` over units and c's
+        coordinates at the scale columns, 1 elsewhere)."""
+        xp = self.ops.xp
+        n = self._total_units
+        m = ((sum_eps / n) @ self._px_loc_avg.T) * self._px_dims_loc  # [d]
+        centred = sum_eps2 / n - 2.0 * m * sum_eps / n + m * m  # [d]
+        ms = centred @ self._px_map  # [q]: each scale column's mean over its coordinates (0 elsewhere)
+        mask = self._scale_mask
+        if self.expand == "location":
+            return 1.0 + 0.0 * ms, m
+        return xp.where(mask, xp.sqrt(xp.where(mask, ms, 1.0)), 1.0 + 0.0 * ms), m
+
+    def _bohning_visit(self, state: MISSOState, x: Any, units: Any, key: Any, num_draws: Any,
+                       px: Any = None) -> tuple[Any, Any, Any, MISSOState]:
+        """The surrogates of ``units`` at x (the chains at θ = :meth:`_bohning_theta` ``(x, px)``) from ``num_draws``
+        draws of their chains: ``(B̂ [b, q, q], ĝ [b, q], ε̂² [b, d], state)``, ``ĝ_i = −mean_m ∇_x log f_i(ε_{i,m}; x)``,
+        ``B̂_i = mean_m Σ_r c_r w_r w_rᵀ`` (plus a ridge of 1e-10 of its mean diagonal), ``w_r = ∂η_r/∂x`` at the draw's
+        non-centred latents ``ε = L(x)⁻¹ (z − μ(x))``, and ``ε̂²_i = mean_m ε_{i,m}²``."""
+        ops, xp, design = self.ops, self.ops.xp, self._design
+        theta = self._bohning_theta(x, px)
+        eye = self._eye_q
+        mean, chol = design.moments(unflatten(x, design.names, design.shapes))  # the signed scales
+        inv_chol_t = xp.swapaxes(xp.linalg.inv(chol), -1, -2)
+
+        def one(st: MISSOState, kk: Any, chain: Any) -> tuple[Any, Any, Any, MISSOState, Any]:
             chain, st = self._sweep_chains(st, theta, units, kk, chain)
             g, b = self._bohning_terms(x, chain.z, units)
-            return xp.mean(g, 0), xp.mean(b, 0), st, chain
+            eps = (chain.z - mean) @ inv_chol_t
+            return xp.mean(g, 0), xp.mean(b, 0), xp.mean(eps, 0), xp.mean(eps * eps, 0), st, chain
 
-        g, b, state, chain = one(state, key, None)
+        g, b, e1, e2, state, chain = one(state, key, None)
         kk = ops.split(key, 2 * self.mcmc_steps + 2)[-1]
 
         def body(i: Any, carry: Any) -> Any:
-            g_acc, b_acc, st, kk, ch = carry
+            g_acc, b_acc, e1_acc, e2_acc, st, kk, ch = carry
             kk, sub = ops.split(kk)
-            g1, b1, st, ch = one(st, sub, ch)
-            return g_acc + g1, b_acc + b1, st, kk, ch
+            g1, b1, f1, f2, st, ch = one(st, sub, ch)
+            return g_acc + g1, b_acc + b1, e1_acc + f1, e2_acc + f2, st, kk, ch
 
-        g, b, state, _, _ = ops.fori_loop(1, num_draws, body, (g, b, state, kk, chain))
+        g, b, e1, e2, state, _, _ = ops.fori_loop(1, num_draws, body, (g, b, e1, e2, state, kk, chain))
         inv = 1.0 / num_draws
         b = b * inv
         ridge = 1e-10 * xp.mean(xp.diagonal(b, 0, -2, -1), -1) + 1e-300
-        return b + ridge[:, None, None] * eye, g * inv, state
+        return b + ridge[:, None, None] * eye, g * inv, (e1 * inv, e2 * inv), state
 
     def _bohning_terms(self, x: Any, z: Any, units: Any) -> tuple[Any, Any]:
         """One draw's quadratic majorant of ``−log f_i(ε; ·)`` at x for every unit of ``units`` and chain: its gradient
@@ -699,7 +816,8 @@ class MISSO(MiniBatchMCEM):
         ops, xp = self.ops, self.ops.xp
         mem = state.memory
         x = mem.x
-        curv, grad, state = self._bohning_visit(state, x, bi, key, self._draws(t))
+        px = None if mem.px is None else (mem.px, mem.px_loc)
+        curv, grad, (eps, eps2), state = self._bohning_visit(state, x, bi, key, self._draws(t), px)
         lin = (curv @ x[:, None])[..., 0] - grad
         sum_curv = mem.sum_curv + xp.sum(curv - take_units(ops, mem.curv_rows, bi), 0)
         sum_lin = mem.sum_lin + xp.sum(lin - take_units(ops, mem.lin_rows, bi), 0)
@@ -707,8 +825,15 @@ class MISSO(MiniBatchMCEM):
         mem = mem._replace(curv_rows=put_units(ops, mem.curv_rows, bi, curv),
                            lin_rows=put_units(ops, mem.lin_rows, bi, lin),
                            sum_curv=sum_curv, sum_lin=sum_lin, x=x_new)
+        if mem.px is not None:
+            sum_eps = mem.sum_eps + xp.sum(eps - take_units(ops, mem.eps_rows, bi), 0)
+            sum_eps2 = mem.sum_eps2 + xp.sum(eps2 - take_units(ops, mem.eps2_rows, bi), 0)
+            scale, loc = self._working_params(sum_eps, sum_eps2)
+            mem = mem._replace(eps_rows=put_units(ops, mem.eps_rows, bi, eps), sum_eps=sum_eps,
+                               eps2_rows=put_units(ops, mem.eps2_rows, bi, eps2), sum_eps2=sum_eps2, px=scale,
+                               px_loc=loc)
         theta = dict(state.theta)
-        theta.update(self._bohning_theta(x_new))
+        theta.update(self._bohning_theta(x_new, None if mem.px is None else (mem.px, mem.px_loc)))
         return state._replace(theta=theta, memory=mem)
 
 
