@@ -189,7 +189,11 @@ Two surrogates (option ``surrogate``):
     on only from epoch 4, after the transient (the location from the start): −0.35, −0.52, −0.11, −0.13; from epoch 8:
     −0.10, −0.12, −0.51, −0.44 (a trade between the data sets); an over-relaxed step ``x + 2 (x⁺ − x)`` (default
     location): from the start −0.90, −0.16, −1.34, −1.17 (ω₁ collapses to 0 on seed 2), from epoch 8 −0.03, −0.09,
-    −0.54, −0.54 (twice 4%/epoch is still slow).  What would
+    −0.54, −0.54 (twice 4%/epoch is still slow).  The persistent chains' lag behind θ (a unit's chains last moved
+    one epoch earlier) is part of the working scale's trouble on seed 0: with more MH sweeps per draw (``mcmc_steps``
+    4 and 6 against 2) ``"location+scale"`` ends at −0.43, −0.40 and −0.26, −0.28 on d0/f0, d0/f10 (against −0.77,
+    −1.15), and with 4 sweeps at −0.14, −0.01 on d2/f2, d2/f10, for 1.2-2× the CPU; ``"location"`` with 4 sweeps:
+    −0.12, −0.11, −0.63, −0.36.  Still a trade between the two data sets; not kept.  What would
     help is an accelerated step in that direction (a Louis-type step on the non-centred coordinates, its missing
     information from the chains' per-unit score covariance): not tried; it gives up the majorant.
   - Not yet: distributed fits (refused); not the default (``"louis"`` stays: an automatic choice by model structure
