@@ -353,11 +353,3 @@ class LatentModel:
     def unpack_latents(self, z: Any) -> dict[str, Any]:
         """Split ``[..., n, d]`` unconstrained latents into constrained values per site."""
         raise NotImplementedError
-
-    def latent_names(self) -> list[str]:
-        return [s.name for s in self.latent_sites]
-
-
-def check_num_units(units: Any, n: int) -> None:
-    if units is not None and len(units) == 0:
-        raise DataError("empty set of units")

@@ -575,12 +575,6 @@ class TorchOps(Ops):
         """Uniform draws on (0, 1), per unit as :meth:`per_unit_normal`."""
         return self._per_unit(key, units, shape, axis, False)
 
-    def stream_normal(self, key: Any, shape: tuple[int, ...]) -> Any:
-        """Standard normal draws of ``shape`` from the stream ``key`` itself (shared by all units)."""
-        shape = tuple(int(s) for s in shape)
-        zero = self.torch.zeros((1, 1), dtype=self.torch.int64, device=self.device)
-        return self._counter_draws(key, zero, zero, _TAG_SHARED, int(np.prod(shape)), True).reshape(shape)
-
     def stream_uniform(self, key: Any, shape: tuple[int, ...]) -> Any:
         """Uniform draws on (0, 1) of ``shape`` from the stream ``key`` itself (shared by all units)."""
         shape = tuple(int(s) for s in shape)

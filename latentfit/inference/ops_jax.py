@@ -902,10 +902,6 @@ class JaxOps(Ops):
         """Uniform draws on [0, 1), per unit as :meth:`per_unit_normal`."""
         return self._per_unit(jax.random.uniform, key, units, shape, axis)
 
-    def stream_normal(self, key: Any, shape: tuple[int, ...]) -> Any:
-        """Normal draws from the stream ``key`` itself (shared by all units)."""
-        return jax.random.normal(key, tuple(shape), dtype=self.dtype)
-
     def stream_uniform(self, key: Any, shape: tuple[int, ...]) -> Any:
         """Uniform draws from the stream ``key`` itself (shared by all units)."""
         return jax.random.uniform(key, tuple(shape), dtype=self.dtype)

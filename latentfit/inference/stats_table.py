@@ -93,10 +93,6 @@ class PendingRows(NamedTuple):
 
 
 # ----- statistic pytrees (dicts of arrays) -----------------------------------------------------------
-def s_add(a: Stats, b: Stats) -> Stats:
-    return {k: a[k] + b[k] for k in a}
-
-
 def s_sub(a: Stats, b: Stats) -> Stats:
     return {k: a[k] - b[k] for k in a}
 
@@ -108,11 +104,6 @@ def s_scale(a: Stats, c: Any) -> Stats:
 def s_axpy(c: Any, x: Stats, y: Stats) -> Stats:
     """``y + c x``."""
     return {k: y[k] + c * x[k] for k in y}
-
-
-def s_sum(ops: Any, rows: Stats) -> Stats:
-    """Sum per-unit rows ``[b, ...]`` over the unit axis."""
-    return {k: ops.xp.sum(v, 0) for k, v in rows.items()}
 
 
 def s_take(ops: Any, table: Stats, idx: Any) -> Stats:

@@ -406,12 +406,6 @@ class TimeToEvent(Outcome):
         events = np.stack(columns, 1) if columns else np.empty((lam.shape[0], 0))
         return np.where(events <= np.asarray(end)[:, None], events, np.inf)
 
-    def simulate_events(self, rng: np.random.Generator, psi: dict[str, np.ndarray], end: np.ndarray,
-                        max_events: int = 1000) -> list[np.ndarray]:
-        """Event times in ``(0, end_i]`` of each individual (:meth:`event_times`, one hazard), as a list."""
-        events = self.event_times(rng, psi, end, max_events)
-        return [row[np.isfinite(row)] for row in events]
-
 
 def invert_cumulative_hazard(exp1: np.ndarray, lam: np.ndarray, beta: np.ndarray, start: np.ndarray) -> np.ndarray:
     """The time t with ``H(t) = E`` for a hazard that changes at the occasions' starts (numpy, vectorised).
