@@ -1239,6 +1239,10 @@ def multi_seed(num: int, seeds, svi_steps: int, target_slack: float, only=None, 
             lpy, "MISSO", "pyro", d, seed, {"surrogate": "bohning", "expand": "location+scale"}),
         "MISSO bohning loc+scale (NumPyro)": lambda d, seed: run_engine(
             lnp, "MISSO", "numpyro", d, seed, {"surrogate": "bohning", "expand": "location+scale"}),
+        "MISSO bohning accelerate (Pyro)": lambda d, seed: run_engine(
+            lpy, "MISSO", "pyro", d, seed, {"surrogate": "bohning", "accelerate": True}),
+        "MISSO bohning accelerate (NumPyro)": lambda d, seed: run_engine(
+            lnp, "MISSO", "numpyro", d, seed, {"surrogate": "bohning", "accelerate": True}),
         "MISSO b=10% (Pyro)": lambda d, seed: run_engine(lpy, "MISSO", "pyro", d, seed,
                                                          {"batch_size": -(-d["num"] // 10)}),
         "SVI AutoNormal (Pyro)": lambda d, seed: run_svi(d, seed, svi_steps),
@@ -1250,7 +1254,8 @@ def multi_seed(num: int, seeds, svi_steps: int, target_slack: float, only=None, 
         for k in ("MISSO (NumPyro)", "MISSO louis (Pyro)", "MISSO louis (NumPyro)", "MISSO bohning (Pyro)",
                   "MISSO bohning (NumPyro)", "MISSO bohning 1/4 (Pyro)", "MISSO bohning none (Pyro)",
                   "MISSO bohning none (NumPyro)", "MISSO bohning loc+scale (Pyro)",
-                  "MISSO bohning loc+scale (NumPyro)"):  # opt-in (--only MISSO ...)
+                  "MISSO bohning loc+scale (NumPyro)", "MISSO bohning accelerate (Pyro)",
+                  "MISSO bohning accelerate (NumPyro)"):  # opt-in (--only MISSO ...)
             methods.pop(k)
         methods.pop("SAEM (NumPyro)")  # opt-in too (--only SAEM): the default table's target is Pyro's SAEM
     rows: dict[str, list[dict]] = {name: [] for name in ["exact maximum (AGQ)", *methods]}
