@@ -243,7 +243,7 @@ def _lin_information(model: LatentModel) -> Callable[[dict[str, Any], Any], tupl
             p = d_all.shape[-1]
             d_mean = xp.reshape(d_all[: n * t], (n, t, p))
             d_cov = xp.reshape(d_all[n * t:], (n, t, t, p))
-            vinv = xp.linalg.inv(cov0)
+            vinv = ops.spd_inverse(cov0)
             fim = xp.einsum("ntp,nts,nsq->pq", d_mean, vinv, d_mean)
             a = xp.einsum("nab,nbcp->nacp", vinv, d_cov)
             fim = fim + 0.5 * xp.einsum("nabp,nbaq->pq", a, a)

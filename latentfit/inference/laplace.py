@@ -62,7 +62,7 @@ def _spd_floor(ops: Ops, p: Any, rel: float = 1e-8) -> Any:
 def _prior_precision(ops: Ops, model: LatentModel, theta: dict[str, Any], units: Any, n: int) -> Any:
     xp = ops.xp
     _, cov = model.prior_moments(theta, units)
-    prec = xp.linalg.inv(cov)
+    prec = ops.spd_inverse(cov)
     if prec.ndim == 2:
         prec = xp.broadcast_to(prec, (n,) + tuple(prec.shape))
     return prec
@@ -177,7 +177,7 @@ def _newton_functions(model: LatentModel, units: Any, method: str, max_step: flo
 
     def newton_step(theta: dict[str, Any], z: Any) -> Any:
         val, g, prec = evaluate(theta, z)
-        step = ops.solve(prec, g[..., None])[..., 0]
+        step = ops.spd_solve(prec, g[..., None])[..., 0]
         return ops.stop_gradient(damped_newton_update(ops, lambda y: objective(theta, y), z,
                                                       xp.where(val == val, val, -xp.inf), step, max_step))
 

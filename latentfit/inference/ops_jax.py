@@ -729,6 +729,9 @@ class JaxOps(Ops):
     name = "jax"
     fast_draw_dtype = "float32"
     jittable = True
+    #: small SPD solves and inverses in ``jnp`` ops (:meth:`Ops.spd_solve`): a compiled program without LAPACK custom
+    #: calls needs no LAPACK kernels, whose first use in a process imports scipy's bindings (~0.1 s of a warm run)
+    spd_without_lapack = True
 
     def __init__(self, dtype: Any = None, device: Any = None) -> None:
         self.xp = jnp
@@ -769,7 +772,7 @@ class JaxOps(Ops):
         return jnp.arange(n)
 
     #: attributes that no trace reads (caches and timers), left out of :meth:`__trace_fingerprint__`
-    _UNTRACED = frozenset({"_compiled", "compile_time", "num_compiles"})
+    _UNTRACED = frozenset({"_compiled", "_jitted", "compile_time", "num_compiles"})
 
     def __trace_fingerprint__(self) -> dict[str, Any]:
         """The shim's settings (dtype, device, draw dtype, mesh), not its compiled chunks or timers
@@ -1170,6 +1173,16 @@ class JaxOps(Ops):
     def jit(self, f: Callable, static_argnums: tuple[int, ...] = ()) -> Callable:
         # without static arguments: executables shared with every same-shaped closure (:class:`SharedJit`)
         return SharedJit(f) if not static_argnums else jax.jit(f, static_argnums=static_argnums)
+
+    def jit_once(self, key: Hashable, make: Callable[[], Callable]) -> Callable:
+        """One :class:`SharedJit` of ``make()`` per ``key``, kept in this shim's ``_jitted`` (left out of its
+        fingerprint): e.g. the driver's ``θ = constrain(θ_u)`` after a fit, one stored program instead of an eager
+        operation per parameter, each lowered in a fresh process."""
+        jitted = self.__dict__.setdefault("_jitted", {})
+        fn = jitted.get(key)
+        if fn is None:
+            fn = jitted[key] = SharedJit(make())
+        return fn
 
     def scan_steps(self, step: Callable, state: Any, ks: range, key: Any = None) -> tuple[Any, list[Any]]:
         """Run ``state, info = step(state, k)`` for k in ``ks`` as one compiled ``lax.scan``.

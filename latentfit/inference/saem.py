@@ -16,7 +16,6 @@ random-effect variances are annealed during the first ``K1/2`` iterations,
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -210,21 +209,23 @@ class SAEM(Engine):
         theta = model.init_params()
         root = ops.stream_key(key, self.seed) if self.rng == "per_unit" else None
         # one process: the scales need no collective and are part of the chains' start
-        start = functools.partial(self._chains_start, local=type(ops).gather_units is Ops.gather_units)
+        local = type(ops).gather_units is Ops.gather_units
         checked = None
-        if ops.jittable:  # one compiled program (a persistent-cache hit in a later process), not ~15-45 eager ones
-            def start_checked(theta: dict[str, Any], key: Any, root: Any) -> tuple:
-                out = start(theta, key, root)
-                return out, self._start_eager(theta, out[2])
+        if ops.jittable:  # two compiled programs (persistent-cache hits in a later process), not ~15-45 eager ones
+            def finish_checked(theta: dict[str, Any], z: Any) -> tuple:
+                return (*self._chains_finish(theta, z, local), self._start_eager(theta, z))
 
-            try:  # the chains' start and its check (:meth:`_start_eager`) in one program
-                (theta_u, key, z, scale, cache), checked = ops.jit(start_checked)(theta, key, root)
+            try:  # the chains' prior draw, then what follows from it: scales, cache, check (:meth:`_start_eager`)
+                theta_u, key_next, z = ops.jit(self._chains_draw)(theta, key, root)
                 # a jitted dict comes back with its keys sorted: the parameters' order (summaries, history) is θ's
                 theta_u = {**{k: theta_u[k] for k in theta if k in theta_u}, **theta_u}
+                scale, cache, checked = ops.jit(finish_checked)(theta, z)
+                key = key_next
             except Exception:  # noqa: BLE001 - a prior draw that cannot be traced: eagerly (its own errors, if any)
-                theta_u, key, z, scale, cache = start(theta, key, root)
+                checked = None
+                theta_u, key, z, scale, cache = self._chains_start(theta, key, root, local)
         else:
-            theta_u, key, z, scale, cache = start(theta, key, root)
+            theta_u, key, z, scale, cache = self._chains_start(theta, key, root, local)
         all_bad, s_hat = self._start(theta, z) if checked is None else checked
         if bool(all_bad):
             model.raise_for_nonfinite(theta, z)
@@ -234,10 +235,18 @@ class SAEM(Engine):
                          s_hat=s_hat, stream=root, cache=cache)
 
     def _chains_start(self, theta: dict[str, Any], key: Any, root: Any, local: bool = True) -> tuple:
-        """``(θ unconstrained, key, z, RW scales or None, cache)``: the chains' prior draw, saemix's RW scales
-        (``local``: one process) and the chains' cache.  One compiled program on JAX (issue 14 item 9), where XLA
-        fuses the arithmetic and contracts ``μ + ω ε`` into fused multiply-adds: the draws differ from the eager
-        operations' in their last bit, and a fit's estimates by rounding (≤ 1e-12 relative)."""
+        """``(θ unconstrained, key, z, RW scales or None, cache)``: the chains' prior draw (:meth:`_chains_draw`), then
+        saemix's RW scales (``local``: one process) and the chains' cache (:meth:`_chains_finish`)."""
+        theta_u, key, z = self._chains_draw(theta, key, root)
+        return (theta_u, key, z, *self._chains_finish(theta, z, local))
+
+    def _chains_draw(self, theta: dict[str, Any], key: Any, root: Any) -> tuple:
+        """``(θ unconstrained, key, z)``: the chains' prior draw.  A compiled program of its own on JAX (issue 14 item
+        9), where XLA fuses the arithmetic and contracts ``μ + ω ε`` into fused multiply-adds: the draws differ from
+        the eager operations' in their last bit, and a fit's estimates by rounding (≤ 1e-12 relative).  Its own
+        program because XLA:CPU fuses a copy of an elementwise producer into each consumer: compiled with the scales,
+        the cache and the check, the draw (its threefry hash and inverse error function, ~575 instructions) was
+        copied into seven fusions, a 4175-instruction executable whose loading was ~0.06-0.09 s of a warm process."""
         model, ops = self.model, self.ops
         k_prior, key = ops.split(key)
         if root is None:
@@ -245,8 +254,13 @@ class SAEM(Engine):
         else:  # iteration 0 of the per-unit streams
             eps = self.sim_ops.normal(ops.fold_in(root, 0), (self.num_chains, model.num_units, model.latent_dim))
             z = model.prior_transform(theta, eps)
-        cache = model.initial_cache(theta, z) if self.carries_cache else None
-        return model.unconstrain(theta), key, z, self._rw_scales(z) if local else None, cache
+        return model.unconstrain(theta), key, z
+
+    def _chains_finish(self, theta: dict[str, Any], z: Any, local: bool = True) -> tuple:
+        """``(RW scales or None, cache)`` of the chains' start ``z``: saemix's RW scales (``local``: one process, no
+        collective) and the chains' cache."""
+        cache = self.model.initial_cache(theta, z) if self.carries_cache else None
+        return self._rw_scales(z) if local else None, cache
 
     def _rw_scales(self, z: Any) -> tuple[Any, Any]:
         """saemix rw.init: d_j = 0.5·sd of the prior draws in each coordinate (over every process's units), for the
