@@ -95,3 +95,63 @@ def test_linearisation_program_equals_torch_and_a_second_fit_compiles_nothing(fi
     assert first.keys() == second.keys()
     for name, value in first.items():  # the same fit and post-fit values, bit for bit
         np.testing.assert_array_equal(value, second[name], err_msg=name)
+
+
+#: saemix's default work on theophylline in a fresh process with the compilation cache in ``argv[1]``: what it imported
+#: from scipy, what it traced and what it read from the store
+WARM_SCRIPT = """
+import json, sys
+import jax
+jax.config.update("jax_enable_x64", True)
+import latentfit as lf
+from latentfit.inference import ops_jax, ops_jax_store
+from latentfit.models import nlme
+
+lf.enable_compilation_cache(sys.argv[1])
+before = sorted(m for m in sys.modules if m.split(".")[0] == "scipy")
+lowered = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, secs, **kw: lowered.append(1) if name == "/jax/core/compile/jaxpr_to_mlir_module_duration" else None)
+model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, backend="jax")
+fit = model.fit(lf.datasets.theophylline(saemix_form=True), seed=0, progress=False, num_iters=(30, 20),
+                columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
+ebe = fit.individual_parameters().select_dtypes("number").to_numpy()
+se = fit.summary()["se"].to_numpy()
+ll = fit.log_likelihood("is", num_samples=1000, batch_size=500)
+print(json.dumps({"scipy_before": before, "scipy": sorted(m for m in sys.modules if m.split(".")[0] == "scipy"),
+                  "traces": ops_jax.TRACES[0], "lowered": len(lowered),
+                  "params": {k: float(v) for k, v in fit.params.items()}, "ebe": ebe.tolist(), "se": se.tolist(),
+                  "ll": float(ll), **ops_jax_store.STATS}))
+"""
+
+
+@pytest.mark.slow  # two processes, the first compiling every program (~10 s of CPU)
+def test_a_warm_process_fits_and_post_fits_without_lapack_or_scipy(tmp_path):
+    """Issue 14 item 9: with the compilation cache warm, a fresh process's theophylline fit, EBEs, linearisation SEs
+    and IS log-likelihood trace and lower nothing, call no LAPACK kernel (the modes' Newton solves and the
+    information's V⁻¹ are the shim's SPD helpers), so scipy is never imported (its cython LAPACK bindings, which
+    jaxlib loads at a LAPACK kernel's first use, took 0.11-0.17 s of the ~0.6 s run); the results equal the
+    first process's bit for bit."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import latentfit
+
+    pytest.importorskip("flatbuffers")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.path.dirname(os.path.dirname(latentfit.__file__)))
+    env.pop("LATENTFIT_COMPILATION_CACHE", None)
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", WARM_SCRIPT, str(tmp_path / "cache")], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["traces"] > 0 and first["executables_saved"] > 0, first
+    assert second["scipy_before"] == [] and second["scipy"] == [], second["scipy"][:5]
+    assert second["traces"] == 0 and second["lowered"] == 0, second
+    assert second["executables_loaded"] >= first["executables_saved"] - 1, (first, second)  # the data's analysis
+    for name in ("params", "ebe", "se", "ll"):
+        assert second[name] == first[name], name
