@@ -20,6 +20,18 @@ def random_intercept(y: jnp.ndarray) -> None:
             numpyro.sample("y", dist.Normal(b, sigma), obs=y)
 
 
+def logistic_intercept(x: jnp.ndarray, y: jnp.ndarray) -> None:
+    """y_ij ~ Bernoulli(logit⁻¹(b_i + β x_ij)), b_i ~ N(μ, ω²); x, y are [N, T] (MISSO ``surrogate="bohning"``)."""
+    n, t = y.shape
+    mu = numpyro.param("mu", jnp.array(0.0, dtype=y.dtype))
+    omega = numpyro.param("omega", jnp.array(1.0, dtype=y.dtype), constraint=constraints.positive)
+    beta = numpyro.param("beta", jnp.array(0.0, dtype=y.dtype))
+    with numpyro.plate("unit", n, dim=-2):
+        b = numpyro.sample("b", dist.Normal(mu, omega))
+        with numpyro.plate("obs", t, dim=-1):
+            numpyro.sample("y", dist.Bernoulli(logits=b + beta * x), obs=y)
+
+
 def random_slope(t: jnp.ndarray, y: jnp.ndarray) -> None:
     """y_ij = b_i0 + b_i1 t_ij + ε_ij, b_i ~ N(μ, Ω) (full 2×2 Ω), ε ~ N(0, σ²)."""
     n, m = y.shape

@@ -32,6 +32,18 @@ def random_slope(t: torch.Tensor, y: torch.Tensor) -> None:
             pyro.sample("y", dist.Normal(b[..., 0] + b[..., 1] * t, sigma), obs=y)
 
 
+def logistic_intercept(x: torch.Tensor, y: torch.Tensor) -> None:
+    """y_ij ~ Bernoulli(logit⁻¹(b_i + β x_ij)), b_i ~ N(μ, ω²); x, y are [N, T] (MISSO ``surrogate="bohning"``)."""
+    n, t = y.shape
+    mu = pyro.param("mu", torch.tensor(0.0, dtype=y.dtype))
+    omega = pyro.param("omega", torch.tensor(1.0, dtype=y.dtype), constraint=constraints.positive)
+    beta = pyro.param("beta", torch.tensor(0.0, dtype=y.dtype))
+    with pyro.plate("unit", n, dim=-2):
+        b = pyro.sample("b", dist.Normal(mu, omega))
+        with pyro.plate("obs", t, dim=-1):
+            pyro.sample("y", dist.Bernoulli(logits=b + beta * x), obs=y)
+
+
 # ----- models for the bad-input tests ------------------------------------------------------------------------
 def no_latent(y: torch.Tensor) -> None:
     mu = pyro.param("mu", torch.tensor(0.0, dtype=y.dtype))

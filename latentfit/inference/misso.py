@@ -227,15 +227,17 @@ Two surrogates (option ``surrogate``):
     fit of five); on the tutorial-style grouped model of the tests, which converges in a few epochs, the fits end
     −0.04 to −0.08 below the maximum against −0.002 to −0.013.  So: for fits that creep (a variance weakly identified,
     the log-likelihood still rising at the end), not by default.
-  - Not yet: distributed fits (refused); not the default (``"louis"`` stays: an automatic choice by model structure
-    would move the tests and fits of every logistic model that uses the default).
+  - Not the default (``"louis"`` stays: an automatic choice by model structure would move the tests and fits of every
+    logistic model that uses the default).
 
-Data-parallel (``rng="per_unit"``, ``run(distributed=True)``; both surrogates): every process draws the same global
-mini-batch, advances only the chains (or exact posterior draws) of its own units in it, each from the unit's stream
-(:mod:`~latentfit.inference.mcem`), and keeps its units' stored rows (statistics, anchors, gradients, visit points);
-every sum over units the step uses (statistic rows, ``Σ x_i``, ``Σ ĝ_i``, ``Σ`` of the visit points, the batch's
-``I_c`` and ``I_m``) is all-reduced in float64, so every process takes the one-process step (equal to it up to the
-order of the sums; tests/test_distributed.py).
+Data-parallel (``rng="per_unit"``, ``run(distributed=True)`` or ``devices=n`` on JAX; every surrogate): every process
+draws the same global mini-batch, advances only the chains (or exact posterior draws) of its own units in it, each from
+the unit's stream (:mod:`~latentfit.inference.mcem`), and keeps its units' stored rows (statistics, anchors, gradients,
+visit points; ``"bohning"``: curvatures, linear terms, ε moments, scores); every sum over units the step uses
+(statistic rows, ``Σ x_i``, ``Σ ĝ_i``, ``Σ`` of the visit points, the batch's ``I_c`` and ``I_m``; ``"bohning"``:
+``Σ B̂_i``, ``Σ (B̂_i x_i − ĝ_i)``, the ε moments and ``accelerate``'s sums) is all-reduced in float64, so every process
+takes the one-process step (equal to it up to the order of the sums; tests/test_distributed.py, a process owning
+none of a mini-batch's units included).
 """
 
 from __future__ import annotations
@@ -711,10 +713,10 @@ class MISSO(MiniBatchMCEM):
         return state._replace(theta=new_theta, memory=mem)
 
     # ----- surrogate="bohning": non-centred latents, Böhning's quadratic majorant -----------------------------------
-    def distribute(self) -> None:
-        if self.surrogate == "bohning":
-            raise ValueError("MISSO surrogate='bohning' does not run distributed yet; use surrogate='paper' or 'louis'")
-        super().distribute()
+    def _unit_total(self, rows: Any, units: Any = None) -> Any:
+        """``Σ_i rows_i`` over the units of ``units`` (None: this process's) of every process: dummy and other
+        processes' units' rows left out (:meth:`real_rows`), the sum all-reduced (a one-process fit: the plain sum)."""
+        return self.ops.all_sum(self.ops.xp.sum(self.real_rows(rows, units), 0))
 
     def _bohning_theta(self, x: Any, px: tuple[Any, Any] | None = None) -> dict[str, Any]:
         """θ of the model from x: the latents' scales by their absolute value (the likelihood is even in their sign;
@@ -769,16 +771,17 @@ class MISSO(MiniBatchMCEM):
         # one compiled program on JAX (eagerly, op by op, the visit took ~1.8 s of a 3.4 s fit at N = 400)
         curv, grad, eps2, state = ops.jit(first_visit)(state, x0, k1)  # eps2: (ε̄, ε̂²) [n, d] each
         lin = (curv @ x0[:, None])[..., 0] - grad
-        memory = MISSOMemory(table={}, s_run={}, curv_rows=curv, lin_rows=lin, sum_curv=xp.sum(curv, 0),
-                             sum_lin=xp.sum(lin, 0), x=x0 + 0.0)
+        total = self._unit_total
+        memory = MISSOMemory(table={}, s_run={}, curv_rows=curv, lin_rows=lin, sum_curv=total(curv),
+                             sum_lin=total(lin), x=x0 + 0.0)
         if self._px_map is not None:
             eps, eps2 = eps2
-            memory = memory._replace(eps_rows=eps, eps2_rows=eps2, sum_eps=xp.sum(eps, 0), sum_eps2=xp.sum(eps2, 0),
+            memory = memory._replace(eps_rows=eps, eps2_rows=eps2, sum_eps=total(eps), sum_eps2=total(eps2),
                                      px=0.0 * x0 + 1.0, px_loc=0.0 * eps[0])
         if self.accelerate:
             at = xp.reshape(x0, (1, -1)) + 0.0 * grad
-            memory = memory._replace(grad=grad, sum_grad=xp.sum(grad, 0), visited_at=at, sum_visited_at=xp.sum(at, 0),
-                                     sum_outer=xp.sum(grad[:, :, None] * grad[:, None, :], 0))
+            memory = memory._replace(grad=grad, sum_grad=total(grad), visited_at=at, sum_visited_at=total(at),
+                                     sum_outer=total(grad[:, :, None] * grad[:, None, :]))
         return state._replace(memory=memory, key=key)
 
     def _working_scale_map(self) -> Any:
@@ -902,14 +905,15 @@ class MISSO(MiniBatchMCEM):
     def _bohning_inner(self, state: MISSOState, bi: Any, t: Any, key: Any) -> MISSOState:
         """Refresh the batch's surrogates at x^k, then x^{k+1} = (Σ_i B̂_i)⁻¹ Σ_i (B̂_i x_i − ĝ_i), the exact minimiser
         of the summed quadratic majorants."""
-        ops, xp = self.ops, self.ops.xp
+        ops = self.ops
         mem = state.memory
         x = mem.x
         px = None if mem.px is None else (mem.px, mem.px_loc)
         curv, grad, (eps, eps2), state = self._bohning_visit(state, x, bi, key, self._draws(t), px)
         lin = (curv @ x[:, None])[..., 0] - grad
-        sum_curv = mem.sum_curv + xp.sum(curv - take_units(ops, mem.curv_rows, bi), 0)
-        sum_lin = mem.sum_lin + xp.sum(lin - take_units(ops, mem.lin_rows, bi), 0)
+        total = self._unit_total
+        sum_curv = mem.sum_curv + total(curv - take_units(ops, mem.curv_rows, bi), bi)
+        sum_lin = mem.sum_lin + total(lin - take_units(ops, mem.lin_rows, bi), bi)
         x_new = ops.solve(sum_curv, sum_lin[:, None])[:, 0]
         if self.accelerate:
             x_new, mem = self._bohning_accelerate(mem, x, x_new, grad, sum_curv, bi, t)
@@ -917,8 +921,8 @@ class MISSO(MiniBatchMCEM):
                            lin_rows=put_units(ops, mem.lin_rows, bi, lin),
                            sum_curv=sum_curv, sum_lin=sum_lin, x=x_new)
         if mem.px is not None:
-            sum_eps = mem.sum_eps + xp.sum(eps - take_units(ops, mem.eps_rows, bi), 0)
-            sum_eps2 = mem.sum_eps2 + xp.sum(eps2 - take_units(ops, mem.eps2_rows, bi), 0)
+            sum_eps = mem.sum_eps + total(eps - take_units(ops, mem.eps_rows, bi), bi)
+            sum_eps2 = mem.sum_eps2 + total(eps2 - take_units(ops, mem.eps2_rows, bi), bi)
             scale, loc = self._working_params(sum_eps, sum_eps2)
             mem = mem._replace(eps_rows=put_units(ops, mem.eps_rows, bi, eps), sum_eps=sum_eps,
                                eps2_rows=put_units(ops, mem.eps2_rows, bi, eps2), sum_eps2=sum_eps2, px=scale,
@@ -941,10 +945,11 @@ class MISSO(MiniBatchMCEM):
         n = self._total_units
         old_g, old_at = take_units(ops, mem.grad, bi), take_units(ops, mem.visited_at, bi)
         now_at = xp.reshape(x, (1, -1)) + 0.0 * old_at
-        sum_grad = mem.sum_grad + xp.sum(grad - old_g, 0)
-        sum_outer = mem.sum_outer + xp.sum(grad[:, :, None] * grad[:, None, :] - old_g[:, :, None] * old_g[:, None, :],
-                                           0)
-        sum_at = mem.sum_visited_at + xp.sum(now_at - old_at, 0)
+        total = self._unit_total
+        sum_grad = mem.sum_grad + total(grad - old_g, bi)
+        sum_outer = mem.sum_outer + total(grad[:, :, None] * grad[:, None, :] - old_g[:, :, None] * old_g[:, None, :],
+                                          bi)
+        sum_at = mem.sum_visited_at + total(now_at - old_at, bi)
         mean_g = sum_grad / n
         observed = sum_outer / n - mean_g[:, None] * mean_g[None, :]
         complete = sum_curv / n

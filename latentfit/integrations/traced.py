@@ -665,10 +665,14 @@ class TracedLatentModel(TracedBase):
         if units is None:
             return z
         xp = self.ops.xp
-        fill = self.ops.stop_gradient(xp.mean(z, -2, keepdims=True))
+        # an empty batch (a data-parallel process owning none of a mini-batch's units): the others at 0, not at the
+        # NaN mean of no latents (a distribution's argument check would refuse it)
+        fill = self.ops.stop_gradient(xp.mean(z, -2, keepdims=True)) if z.shape[-2] else 0.0 * xp.sum(z, -2,
+                                                                                                       keepdims=True)
         full = xp.broadcast_to(fill, tuple(z.shape[:-2]) + (self.num_units, z.shape[-1])) + 0.0 * fill
-        return self.ops.scatter_axis1(full.reshape((-1,) + tuple(full.shape[-2:])), self._index(units),
-                                      z.reshape((-1,) + tuple(z.shape[-2:]))).reshape(full.shape)
+        lead = int(np.prod(z.shape[:-2]))  # explicit: ``-1`` is ambiguous for a batch of no units
+        return self.ops.scatter_axis1(full.reshape((lead,) + tuple(full.shape[-2:])), self._index(units),
+                                      z.reshape((lead,) + tuple(z.shape[-2:]))).reshape(full.shape)
 
     def _select(self, x: Any, units: Any, axis: int = -1) -> Any:
         return x if units is None else self.ops.take(x, self._index(units), axis=x.ndim + axis)
@@ -676,7 +680,7 @@ class TracedLatentModel(TracedBase):
     def _chains(self, f: Any, theta: dict[str, Any], z: Any, *rest: Any) -> tuple[Any, tuple[int, ...]]:
         z = self.ops.asarray(z)
         lead = tuple(z.shape[:-2])
-        out = self._guard(f, dict(theta), z.reshape((-1,) + tuple(z.shape[-2:])), *rest)
+        out = self._guard(f, dict(theta), z.reshape((int(np.prod(lead)),) + tuple(z.shape[-2:])), *rest)
         return out, lead
 
     def log_densities(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
