@@ -689,6 +689,56 @@ def test_stable_digest_names_what_a_trace_reads():
     assert key(lambda t: mod.g(t)) is None
 
 
+def test_stable_digest_feeds_a_repeated_object_from_its_memo(monkeypatch):
+    """An object reached from several keys of a process (a model, an engine) is walked once for the store's digests
+    (:meth:`ops_jax_store._Stable.instance`): every digest equals the one a full walk gives, a later key is fed the
+    object's parts from the memo (far fewer values walked), and an object holding a user's class (numbered per key)
+    is not remembered."""
+    import latentfit as lf
+    from latentfit.inference import ops_jax_store as store
+    from latentfit.inference.ops_jax_memo import fingerprint
+    from latentfit.models import nlme
+
+    def walked(self, x):  # the plain walk of a tuple, as before the memo
+        self.put(b"(", store._LEN(len(x)))
+        for v in x:
+            self(v)
+
+    model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5},
+                      data=lf.datasets.theophylline(saemix_form=True), backend="jax",
+                      columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
+    theta = model.init_params()
+    keys = [fingerprint(f) for f in (lambda z: model.log_densities(theta, z), model.constrain,
+                                     lambda z: model.predict(theta, z))]
+    monkeypatch.setattr(store, "_INSTANCES", {})
+    visits: list[int] = []
+    call = store._Stable.__call__
+    monkeypatch.setattr(store._Stable, "__call__", lambda self, x: (visits.append(1), call(self, x))[1])
+    fed = [store.stable_digest(k) for k in keys]
+    assert None not in fed and len(store._INSTANCES) > 0
+    start = len(visits)
+    assert store.stable_digest(keys[0]) == fed[0]
+    from_memo = len(visits) - start
+    with monkeypatch.context() as m:
+        m.setattr(store._Stable, "instance", walked)
+        assert [store.stable_digest(k) for k in keys] == fed
+        start = len(visits)
+        store.stable_digest(keys[0])
+        assert len(visits) - start > 5 * from_memo
+
+    class Scaled:  # a user's class: numbered per key, so an object holding it is walked every time
+        def __init__(self, c):
+            self.c = c
+
+        def f(self, t):
+            return t * self.c
+
+    holder = Scaled(2.0)
+    before = len(store._INSTANCES)
+    assert store.stable_digest(fingerprint(lambda t: holder.f(t))) is not None
+    assert len(store._INSTANCES) == before
+
+
 def test_the_store_folder_stays_under_its_bound(tmp_path, monkeypatch):
     """Writes go through a temporary file and ``os.replace``; beyond :data:`ops_jax_store.STORE_BYTES` the least
     recently used entries are removed (a read marks an entry used)."""

@@ -145,6 +145,13 @@ def _qualified(obj: Any) -> str:
     return f"{module}:{qualname}"
 
 
+#: what :meth:`_Stable.instance` fed for an object's fingerprint, by value: ``{fingerprint: (parts, packages named)}``
+#: (the same model or engine is reached from every program of a fit; most of a key's nodes are such repeats)
+_INSTANCES: dict[Hashable, tuple[tuple[bytes, ...], frozenset[str]]] = {}
+#: most entries :data:`_INSTANCES` keeps (emptied when full)
+INSTANCES_MAX = 4096
+
+
 class _Stable:
     """Feeds a memo key into a hash, every value by a name or content that is the same in another process."""
 
@@ -170,6 +177,8 @@ class _Stable:
             self.put(b"s", x.encode("utf-8", "surrogatepass"))
         elif kind is tuple and len(x) == 2 and x[0] == "module" and type(x[1]) is str:  # a module, by its name
             self.module(x[1])
+        elif kind is tuple and len(x) == 4 and type(x[0]) is str and x[0] == "instance":  # an object's fields
+            self.instance(x)
         elif kind is tuple and not (len(x) == 2 and x[0] in ("set", "frozenset") and type(x[1]) is tuple):
             self.put(b"(", _LEN(len(x)))
             for v in x:
@@ -227,6 +236,36 @@ class _Stable:
             self.name(x)
         else:
             raise Unstable(type(x).__qualname__)
+
+    def instance(self, x: tuple) -> None:
+        """An object's fingerprint ``("instance", class, fields, slots)``, fed as any tuple.  The object graph that
+        several keys of a process share (the model, the engine) is walked once: its parts depend on its value alone
+        while no user class has been numbered (:meth:`cls`), so a later equal fingerprint is fed from
+        :data:`_INSTANCES`.  Equal values are those the trace memo (``ops_jax._TRACES``) already takes for one
+        another."""
+        numbered = bool(self.classes)
+        try:
+            hit = None if numbered else _INSTANCES.get(x)
+            hashable = True
+        except TypeError:  # an unhashable value inside: walk it
+            hit, hashable = None, False
+        if hit is not None:
+            self.parts += hit[0]
+            self.packages |= hit[1]
+            return
+        outer_parts, outer_packages = self.parts, self.packages
+        self.parts, self.packages = [], set()
+        self.put(b"(", _LEN(len(x)))
+        for v in x:
+            self(v)
+        mine, named = self.parts, self.packages
+        self.parts, self.packages = outer_parts, outer_packages
+        self.parts += mine
+        self.packages |= named
+        if hashable and not numbered and not self.classes:
+            if len(_INSTANCES) >= INSTANCES_MAX:
+                _INSTANCES.clear()
+            _INSTANCES[x] = (tuple(mine), frozenset(named))
 
     def module(self, name: str) -> None:
         """A module by its name: a library's or latentfit's (the user's: its functions are not in the key)."""
