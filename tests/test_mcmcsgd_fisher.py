@@ -51,6 +51,35 @@ def test_fisher_scoring_phases():
     np.testing.assert_allclose(Backend("pyro").to_numpy(fit.state.x_avg), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow  # four NumPyro fits, each compiling its chunks: 45-60 s at load 7
+@pytest.mark.parametrize("schedule", ["sem", "decay"])
+def test_one_compiled_phase_equals_one_iteration_per_call(schedule):
+    """NumPyro: the burn-in, the heavy-ball steps and Fisher scoring are one phase told apart by k inside the compiled
+    step (one program for the run).  Chunks of 7 iterations that straddle the burn-in's and the heavy-ball steps' ends
+    (iterations 4 and 9) give the history and estimate of one iteration per call (chunk_size=1) to rounding, and the
+    schedule of the steps is iteration by iteration the one of the phases: rate 0 in the burn-in, the tapered
+    heavy-ball rate from RATE, then γ = 1 (``"decay"``: γ decaying after ``average_from``)."""
+    opts = dict(optimizer="fisher", num_iters=24, burn_in=4, momentum_steps=5, information="exact", schedule=schedule)
+    if schedule == "decay":
+        opts["average_from"] = 14
+    fits = {c: _fit(Backend("numpyro"), "radon_slope", chunk_size=c, **opts) for c in (7, 1)}
+    assert fits[7].engine.phases() == [(1, 24, "fisher")]
+    assert set(fits[7].history) == set(fits[1].history)
+    for name in fits[7].history:
+        np.testing.assert_allclose(fits[7].history[name], fits[1].history[name], rtol=1e-12, atol=1e-13, err_msg=name)
+    for name, value in fits[7].params.items():
+        np.testing.assert_allclose(np.asarray(value), np.asarray(fits[1].params[name]), rtol=1e-12, err_msg=name)
+    rate = np.asarray(fits[7].history["learning_rate"])
+    np.testing.assert_array_equal(rate[:4], 0.0)  # the burn-in: no gradient step
+    taper = [preconditioned.momentum_of(t, 5)[0] for t in range(1, 6)]
+    np.testing.assert_allclose(rate[4:9], taper, rtol=1e-6)  # the heavy-ball rate (float32 on JAX), RATE first
+    if schedule == "sem":
+        np.testing.assert_array_equal(rate[9:], 1.0)
+    else:
+        np.testing.assert_array_equal(rate[9:14], 1.0)
+        np.testing.assert_allclose(rate[14:], [preconditioned.gamma_of(t, 10) for t in range(11, 21)], rtol=1e-12)
+
+
 def test_linear_average_is_the_index_weighted_mean():
     """``linear_average``'s recursion is ``Σ_j j θ_j / Σ_j j`` over the iterates since averaging began."""
     from latentfit.inference.mcmcsgd import linear_average
@@ -220,7 +249,7 @@ def test_exact_information_is_the_closed_form_fisher_information(backend, prune)
                      progress=False)
     state = engine.init(backend.key(3))
     assert (engine._prior_only is not None) == prune
-    state, _ = engine.step(state, lm.ops.asarray(np.array(1), dtype=None), "fisher-momentum")
+    state, _ = engine.step(state, lm.ops.asarray(np.array(1), dtype=None), engine.phases()[0][2])
     g = len(SIZES)
     theta0 = {n: np.atleast_1d(lm.ops.to_numpy(lm.params[n].value)) for n in engine.names}
     expected = {"beta": g / theta0["omega"] ** 2, "omega": np.full(2, 2.0 * g), "m": g / theta0["tau"] ** 2,
@@ -299,7 +328,7 @@ def test_exact_information_in_closed_form_equals_the_sigma_points_of_every_unit(
 
         engine._closed_form_information = closed_form
         engine._one_unit_sigma_points = (one if path != "every unit" else lambda *a, **kw: None)
-        state, _ = engine.step(state, ops.asarray(np.array(1), dtype=None), "fisher-momentum")
+        state, _ = engine.step(state, ops.asarray(np.array(1), dtype=None), engine.phases()[0][2])
         gammas[path] = backend.to_numpy(state.opt["gamma"])
     assert calls["closed"] == calls["closed, J by autodiff"] == [True]  # the closed form applied to this model
     g = len(SIZES)
@@ -339,7 +368,7 @@ def test_exact_information_in_closed_form_with_parameters_shared_over_coordinate
         if path == "every unit":
             engine._closed_form_information = lambda *a, **kw: None
             engine._one_unit_sigma_points = lambda *a, **kw: None
-        state, _ = engine.step(state, torch.tensor(1), "fisher-momentum")
+        state, _ = engine.step(state, torch.tensor(1), engine.phases()[0][2])
         gammas[path] = state.opt["gamma"].numpy()
     np.testing.assert_allclose(gammas["closed"], np.diag([15 * 3 / 0.7 ** 2, 15 * 2.0 * 3]), rtol=1e-12)
     np.testing.assert_allclose(gammas["every unit"], gammas["closed"], rtol=1e-12, atol=1e-9)

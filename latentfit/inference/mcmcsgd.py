@@ -344,16 +344,11 @@ class MCMCSGD(Engine):
 
     # ----- engine protocol ---------------------------------------------------------------------------
     def phases(self) -> list[tuple[int, int, Any]]:
-        out = []
-        if self.burn_in:
-            out.append((1, self.burn_in, "mcmc"))
-        first = self.burn_in + 1
-        if self.momentum_steps:
-            out.append((first, self.burn_in + self.momentum_steps, "fisher-momentum"))
-            first = self.burn_in + self.momentum_steps + 1
-        if first <= self.num_iters:
-            out.append((first, self.num_iters, "fisher" if self.fisher else "sgd"))
-        return out
+        """One phase: the MCMC-only burn-in, Fisher scoring's heavy-ball steps and the rest are told apart by ``k``
+        inside :meth:`step` (``ops.cond``), so that a JAX fit compiles one chunk program for the whole run, as
+        :class:`~latentfit.inference.saem.SAEM` does, instead of one per phase and per remainder chunk (five on
+        benchmarks/mcmcsgd_logistic.py: 17 s of XLA compilation against 3.5 s)."""
+        return [(1, self.num_iters, "fisher" if self.fisher else "sgd")]
 
     def init(self, key: Any) -> MCMCSGDState:
         model, ops, xp = self.model, self.ops, self.ops.xp
@@ -462,7 +457,9 @@ class MCMCSGD(Engine):
         return self.model.constrain(theta_u)
 
     def step(self, state: MCMCSGDState, k: Any, phase: Any) -> tuple[MCMCSGDState, MCMCSGDInfo]:
-        """Iteration k: MCMC kernels, then (after the burn-in) one optimiser step; pure in ``(state, k, phase)``."""
+        """Iteration k: MCMC kernels, then (after the burn-in) one optimiser step; pure in ``(state, k, phase)``.  The
+        burn-in (``k ≤ burn_in``) and Fisher scoring's heavy-ball steps are told apart by ``k`` (``ops.cond``: on torch
+        the branch taken, on JAX one compiled program for every iteration); ``phase`` is the one of :meth:`phases`."""
         model, ops, xp = self.model, self.ops, self.ops.xp
         key, k_batch, k_sim = ops.split(ops.own_key(state.key), 3)
         theta_u = dict(state.theta_u)
@@ -477,12 +474,25 @@ class MCMCSGD(Engine):
         z_all = z if units is None else _scatter_units(ops, z_all, units, z)
         state = state._replace(z=z_all, key=key)
         num_nonfinite = ops.all_sum(num_nonfinite)
-        if phase == "mcmc":
+
+        def burn_in() -> tuple[MCMCSGDState, MCMCSGDInfo]:  # the MCMC-only iterations: no gradient step
             objective = xp.mean(ops.all_sum(xp.sum(self._log_joint(theta, z, units), -1)))
             return state, MCMCSGDInfo(
                 acc=acc, num_nonfinite=num_nonfinite, objective=objective,
                 grad_norm2=ops.zeros(()), learning_rate=ops.zeros(()), iterate=state.x,
                 grad_nonfinite={n: ops.zeros(()) for n in self.names})
+
+        def gradient_step() -> tuple[MCMCSGDState, MCMCSGDInfo]:
+            return self._gradient_step(state, k, theta, z, units, k_batch, joint, acc, num_nonfinite)
+
+        if not self.burn_in:
+            return gradient_step()
+        return ops.cond(k <= self.burn_in, burn_in, gradient_step)
+
+    def _gradient_step(self, state: MCMCSGDState, k: Any, theta: dict[str, Any], z: Any, units: Any, k_batch: Any,
+                       joint: Any, acc: dict[str, Any], num_nonfinite: Any) -> tuple[MCMCSGDState, MCMCSGDInfo]:
+        """Iteration k after the burn-in, the chains ``z`` drawn: the gradient estimate and one optimiser step."""
+        model, ops, xp = self.model, self.ops, self.ops.xp
         total = self._total_units
         scale = total / (total if units is None else self.batch_size)
         fixed = {n: v for n, v in theta.items() if n not in self.names}
@@ -507,7 +517,7 @@ class MCMCSGD(Engine):
         grad_nonfinite = {n: xp.sum(v) for n, v in bad.items()}
         grad = xp.where(xp.isfinite(grad), grad, 0.0)
         if self.fisher:
-            x_new, opt_state, rate = self._fisher_step(state, grad, k, phase, theta, z, units, k_batch)
+            x_new, opt_state, rate = self._fisher_step(state, grad, k, theta, z, units, k_batch)
         else:
             x_new, opt_state = self._optimizer.update(grad, state.opt, state.x)
             rate = self.learning_rate(k - self.burn_in)
@@ -520,7 +530,7 @@ class MCMCSGD(Engine):
                                   learning_rate=rate + 0.0 * value, iterate=x_new,
                                   grad_nonfinite=grad_nonfinite)
 
-    def _fisher_step(self, state: MCMCSGDState, grad: Any, k: Any, phase: Any, theta: dict[str, Any], z: Any,
+    def _fisher_step(self, state: MCMCSGDState, grad: Any, k: Any, theta: dict[str, Any], z: Any,
                      units: Any, key: Any) -> tuple[Any, dict[str, Any], Any]:
         """Fisher scoring (:mod:`.preconditioned`): ``Ĥ_k`` = the prior's information at one prior draw of every
         unit plus the likelihood's observed information at the chains ``z`` (the mini-batch's, rescaled as the
@@ -532,9 +542,15 @@ class MCMCSGD(Engine):
         total = self._total_units
         scale = total / (total if units is None else self.batch_size)
         t = k - self.burn_in
-        momentum = phase == "fisher-momentum"
-        gamma = 1.0 if momentum or self.schedule == "sem" else preconditioned.gamma_of(
-            t, self.average_from - self.burn_in)
+        #: the heavy-ball steps: gradient steps 1 .. momentum_steps (a traced condition on JAX)
+        momentum = t <= self.momentum_steps
+        if self.schedule == "sem":
+            gamma = 1.0
+        else:
+            def decayed() -> Any:
+                return preconditioned.gamma_of(t, self.average_from - self.burn_in)
+
+            gamma = decayed() if not self.momentum_steps else ops.cond(momentum, lambda: 1.0, decayed)
         prior = self._prior_only
 
         def refreshed() -> Any:
@@ -573,12 +589,16 @@ class MCMCSGD(Engine):
         every = self.information_every  # Γ refreshed at gradient steps 1, 1 + m, 1 + 2m, ... (kept in between)
         big_gamma = refreshed() if every == 1 else ops.cond((t - 1) % every == 0, refreshed, lambda: opt["gamma"])
         direction, ok = preconditioned.solve(ops, big_gamma, grad)
-        if momentum:
+        zero = 0.0 * direction[0]  # the rate reported in the step's dtype, alike from both branches
+
+        def heavy_ball() -> tuple[Any, Any]:
             rate, mu = preconditioned.momentum_of(t, self.momentum_steps)
-            step = preconditioned.trust_region(ops, rate * direction) + mu * (state.x - opt["prev"])
-        else:
-            step = preconditioned.trust_region(ops, gamma * direction)
-            rate = gamma + 0.0 * t
+            return preconditioned.trust_region(ops, rate * direction) + mu * (state.x - opt["prev"]), rate + zero
+
+        def scoring() -> tuple[Any, Any]:
+            return preconditioned.trust_region(ops, gamma * direction), gamma + 0.0 * t + zero
+
+        step, rate = scoring() if not self.momentum_steps else ops.cond(momentum, heavy_ball, scoring)
         x_new, adam = ops.cond(ok, lambda: (state.x + step, opt["adam"]),  # the Adam step only where Γ fails
                                lambda: self._optimizer.update(grad, opt["adam"], state.x))
         return x_new, {"gamma": xp.where(ok, big_gamma, opt["gamma"]), "prev": state.x, "adam": adam}, rate
@@ -791,8 +811,12 @@ def prior_only_log_density(model: LatentModel, names: list[str], shapes: dict[st
 
     if ops.depends_on(lambda x: xp.sum(model.log_lik(at(x), z)), x0):
         return None
-    g_full = ops.to_numpy(ops.grad(lambda x: xp.sum(model.log_joint(at(x), z)))(x0))
-    g_prior = ops.to_numpy(ops.grad(lambda x: xp.sum(prior(at(x), z, None)))(x0))
+    def gradients(x: Any, zz: Any) -> tuple[Any, Any]:
+        return (ops.grad(lambda v: xp.sum(model.log_joint(at(v), zz)))(x),
+                ops.grad(lambda v: xp.sum(prior(at(v), zz, None)))(x))
+
+    # one compiled program on JAX (not some 150 eager operations, each compiled: 3 s of a fit's set-up on the benchmark)
+    g_full, g_prior = (ops.to_numpy(g) for g in ops.jit(gradients)(x0, z))
     if not (np.all(np.isfinite(g_full)) and np.allclose(g_prior, g_full, rtol=1e-10,
                                                          atol=1e-10 * (1.0 + np.max(np.abs(g_full))))):
         return None
