@@ -672,6 +672,27 @@ drag the chains), NumPyro −0.52, faster in 9/9: no better overall.  With mini-
 keeps ``schedule="decay"`` by default: a γ = 1 step on a batch's draws never averages the batches' sampling noise out
 of the iterate (not measured here).
 
+NumPyro's cost (4 December 2026; the NumPyro rows of the 18-fit table).  Per iteration, MCMCSGD fisher and SAEM cost
+the same on JAX (``engine._run_chunk`` of 25 iterations, 10 alternated blocks, two processes per tree, load 6-7:
+1.01-1.02× SAEM's CPU before and after; the shared saemix sweep is the whole iteration, the Fisher step and SAEM's
+M-step are within the timing noise).  The gap was the fit's fixed cost: five compiled chunk programs (burn-in,
+heavy-ball and scoring phases, and their remainder chunks of 10 and 5 iterations: 17 s of XLA compilation against
+SAEM's one program, 4.2-4.7 s), a set-up check run as ~150 eager JAX operations (3.0-3.4 s against SAEM's 0.8 s), and
+in every later fit five programs traced again.  The three phases are now one compiled program (k tells them apart
+inside the step) and the check one compiled call: the first fit of a fresh process (fisher first, then SAEM; old and
+new trees alternated twice, load 2-6) CPU 20.6-23.9 → 7.9-8.1 s (SAEM 4.7-5.5 s), compilation 17 → 3.5 s; later fits
+2.0-2.2 → 1.76 s CPU for 500 iterations (SAEM 1.38-1.42 s for 400).  ``--seeds 0 1 2 --fit-seeds -1 10 20 30 40 50
+--only "SAEM (NumPyro)" "fisher exact (NumPyro)"`` before and after (old and new trees side by side, load 3-7, 1363
+s): the same 18 fits (every dLL and k as in the table above), whole-fit CPU of a later fit 2.28-2.62 → 1.88-2.20 s
+(SAEM 1.48-1.77 s), mean CPU to SAEM's LL − 0.1 (k × the whole fit's CPU per iteration) 0.88 → 0.66 s (SAEM 1.03-1.05
+s), first fit 20.9 → 5.8 s CPU.  Reached 17/18 and faster than SAEM 13/18 before and after, whether "faster" is k ×
+the step-CPU ratio or k × the whole fit's CPU per iteration: four of the five losses are iterations (d0/f40 263
+against 180, d1/f50 416 against 314, d2/f2 434 against 233, d2/f50 never), not cost; d0/f30 (232 against 236
+iterations) needs an iteration 1.7 % cheaper than SAEM's and is a tie (0.896 against 0.891 s; before 1.090 s).  So on
+NumPyro the goal stays unmet on 5 of 18 fits, for the reason given in the verdict above.  Pyro's 18 fits rerun after
+the change (``--only "fisher exact (Pyro)"``, 654 s, load 3-5; the torch path is bit-identical): every dLL and k
+as in the table, reached 18/18, faster 17/18 (d1/f30 again), mean CPU to SAEM's LL 0.50 s against SAEM's 0.98 s.
+
 Reading.  With the defaults MCMCSGD ends as close to the exact maximum as SAEM or closer (Pyro −0.27, NumPyro −0.77,
 SAEM −0.81 LL units; within 1.1 SE on every parameter), i.e. within SAEM's own Monte-Carlo error; the IS
 log-likelihood used to check it has an MC error of 0.2 (and a −0.2 bias), the size of the remaining gaps.  (The
