@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -411,6 +412,21 @@ def _plain_env(source: str) -> dict[str, str]:
     return env
 
 
+def run_twice(script: str, cache: Any, timeout: int) -> tuple[dict, dict]:
+    """``script`` (taking the cache directory) in two fresh processes importing this checkout's latentfit, without the
+    user's cache variable: the JSON records of their last output lines, the first (cold) and the second (warm)."""
+    import latentfit
+
+    env = _plain_env(os.path.dirname(os.path.dirname(latentfit.__file__)))
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", script, str(cache)], env=env, capture_output=True, text=True,
+                             timeout=timeout)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return runs[0], runs[1]
+
+
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory):
     """A store filled by one process: ``(environment, the fit's record)``.  The processes import a copy of the
@@ -585,17 +601,8 @@ def test_a_stored_lapack_executable_runs_in_a_fresh_process(tmp_path):
     """A stored executable that calls LAPACK (a batched solve) runs in a fresh process that lowered nothing (its
     LAPACK handlers are set up before it is loaded: without that, XLA calls a null kernel) and gives the first
     process's numbers bit for bit."""
-    import latentfit
-
     pytest.importorskip("flatbuffers")
-    env = _plain_env(os.path.dirname(os.path.dirname(latentfit.__file__)))
-    runs = []
-    for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", LAPACK_SCRIPT, str(tmp_path / "cache")], env=env,
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    first, second = runs
+    first, second = run_twice(LAPACK_SCRIPT, tmp_path / "cache", 300)
     assert first["executables_saved"] == 1 and second["executables_loaded"] == 1, (first, second)
     assert second["out"] == first["out"]
 

@@ -438,19 +438,35 @@ def test_tutorial_style_grouped_model_reaches_the_quadrature_maximum(backend, ac
 
 
 # ----- accelerate=True: the MM step accelerated by the stored scores' observed information -------------------------
+def _accelerating_engine() -> tuple[MISSO, object]:
+    """MISSO ``accelerate=0`` (from the first epoch), the cap 0.95 and no trust region on the small data (Pyro), and its
+    initial state."""
+    lm = _small_traced("pyro")
+    eng = MISSO(lm, surrogate="bohning", accelerate=0, max_missing_fraction=0.95, trust_radius=1e6, num_chains=2,
+                num_epochs=1, progress=False)
+    return eng, eng.init(lm.ops.key(0))
+
+
+def _visited_at(memory, x: np.ndarray):
+    """``memory`` with every unit last visited at ``x`` and no stored scores (``accelerate``'s rows and sums)."""
+    import torch
+
+    n, q = int(memory.curv_rows.shape[0]), len(x)
+    return memory._replace(grad=torch.zeros(n, q, dtype=torch.float64), sum_grad=torch.zeros(q, dtype=torch.float64),
+                           sum_outer=torch.zeros(q, q, dtype=torch.float64),
+                           visited_at=torch.tensor(np.tile(x, (n, 1))), sum_visited_at=torch.tensor(n * x))
+
+
 def test_accelerated_step_reaches_the_fixed_point_of_a_linear_map():
     """On a quadratic −log-likelihood ``½ (x − x*)ᵀ I_obs (x − x*)`` majorised with curvature ``B = I_obs + M`` (missing
     fractions below the cap), every unit refreshed at x (no stale anchors) and the units' scores with centred outer
     products exactly ``I_obs``: one accelerated step from the MM point lands on x* (Louis' step of a linear map)."""
     import torch
 
-    lm = _small_traced("pyro")
-    ops = lm.ops
-    eng = MISSO(lm, surrogate="bohning", accelerate=0, max_missing_fraction=0.95, trust_radius=1e6, num_chains=2,
-                num_epochs=1, progress=False)
-    state = eng.init(ops.key(0))
+    eng, state = _accelerating_engine()
+    ops = eng.model.ops
     rng = np.random.default_rng(7)
-    n, q = lm.num_units, 6
+    n, q = eng.model.num_units, 6
     a = rng.standard_normal((q, q))
     info_obs = a @ a.T / q + 0.5 * np.eye(q)
     c = rng.standard_normal((q, q))
@@ -466,11 +482,7 @@ def test_accelerated_step_reaches_the_fixed_point_of_a_linear_map():
     u = u @ np.linalg.inv(np.linalg.cholesky(u.T @ u / n)).T  # centred, identity second moments
     grads = mean_g + u @ np.linalg.cholesky(info_obs).T
     x_mm = x - np.linalg.solve(b, mean_g)
-    mem = state.memory._replace(grad=torch.zeros(n, q, dtype=torch.float64),
-                                sum_grad=torch.zeros(q, dtype=torch.float64),
-                                sum_outer=torch.zeros(q, q, dtype=torch.float64),
-                                visited_at=torch.tensor(np.tile(x, (n, 1))),
-                                sum_visited_at=torch.tensor(n * x))
+    mem = _visited_at(state.memory, x)
     t = 1 + 20 * eng.num_batches  # the ramp of the cap is over: the cap is max_missing_fraction
     x_acc, new = eng._bohning_accelerate(mem, torch.tensor(x), torch.tensor(x_mm), torch.tensor(grads),
                                          torch.tensor(n * b), ops.arange(n), t)
@@ -488,13 +500,10 @@ def test_accelerated_step_never_halves_a_scale_beyond_the_mm_point():
     non-centred latents ε = (z − μ)/ω explode near it."""
     import torch
 
-    lm = _small_traced("pyro")
-    ops = lm.ops
-    eng = MISSO(lm, surrogate="bohning", accelerate=0, max_missing_fraction=0.95, trust_radius=1e6, num_chains=2,
-                num_epochs=1, progress=False)
-    state = eng.init(ops.key(0))
+    eng, state = _accelerating_engine()
+    ops = eng.model.ops
     rng = np.random.default_rng(11)
-    n, q = lm.num_units, 6
+    n, q = eng.model.num_units, 6
     scale_cols = np.asarray(ops.to_numpy(eng._scale_mask), bool)
     assert scale_cols.tolist() == [False] * 3 + [True] * 3
     for trial in range(20):
@@ -502,11 +511,7 @@ def test_accelerated_step_never_halves_a_scale_beyond_the_mm_point():
         x_mm = x + 0.2 * rng.standard_normal(q)
         grads = rng.standard_normal((n, q)) * rng.uniform(0.01, 1.0, q)  # near-singular observed information
         b = np.eye(q) * rng.uniform(5.0, 50.0)
-        mem = state.memory._replace(grad=torch.zeros(n, q, dtype=torch.float64),
-                                    sum_grad=torch.zeros(q, dtype=torch.float64),
-                                    sum_outer=torch.zeros(q, q, dtype=torch.float64),
-                                    visited_at=torch.tensor(np.tile(x, (n, 1))),
-                                    sum_visited_at=torch.tensor(n * x))
+        mem = _visited_at(state.memory, x)
         x_acc, _ = eng._bohning_accelerate(mem, torch.tensor(x), torch.tensor(x_mm), torch.tensor(grads),
                                            torch.tensor(n * b), ops.arange(n), 1 + 20 * eng.num_batches)
         x_acc = x_acc.numpy()

@@ -132,23 +132,10 @@ def test_a_warm_process_fits_and_post_fits_without_lapack_or_scipy(tmp_path):
     information's V⁻¹ are the shim's SPD helpers), so scipy is never imported (its cython LAPACK bindings, which
     jaxlib loads at a LAPACK kernel's first use, took 0.11-0.17 s of the ~0.6 s run); the results equal the
     first process's bit for bit."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    import latentfit
+    from test_compilation_cache import run_twice
 
     pytest.importorskip("flatbuffers")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.path.dirname(os.path.dirname(latentfit.__file__)))
-    env.pop("LATENTFIT_COMPILATION_CACHE", None)
-    runs = []
-    for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", WARM_SCRIPT, str(tmp_path / "cache")], env=env,
-                             capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-2000:]
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    first, second = runs
+    first, second = run_twice(WARM_SCRIPT, tmp_path / "cache", 600)
     assert first["traces"] > 0 and first["executables_saved"] > 0, first
     assert second["scipy_before"] == [] and second["scipy"] == [], second["scipy"][:5]
     assert second["traces"] == 0 and second["lowered"] == 0, second
