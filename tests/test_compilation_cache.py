@@ -372,6 +372,12 @@ STORE_SCRIPT = textwrap.dedent("""
     seed, SCALE, kernel, version = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     if version != "-":
         latentfit.__version__ = version
+    if sys.argv[5:] == ["wait-ahead"]:  # start the read-ahead on the store's trail and let it finish before the fit
+        import pathlib, time
+        (trail,) = pathlib.Path(ops_jax_store.store_dir()).glob("*.lfx.trail")
+        ops_jax_store._read_ahead(trail.name[:-len(".trail")], jax.devices()[0])
+        while ops_jax_store._AHEAD[0].pending or ops_jax_store._AHEAD[0].busy:
+            time.sleep(0.01)
 
     def model(y):
         mu = numpyro.param("mu", 0.0)
@@ -395,8 +401,10 @@ STORE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _fit(env: dict[str, str], seed: int = 0, scale: float = 1.0, kernel: int = 2, version: str = "-") -> dict:
-    out = subprocess.run([sys.executable, "-c", STORE_SCRIPT, str(seed), str(scale), str(kernel), version], env=env,
+def _fit(env: dict[str, str], seed: int = 0, scale: float = 1.0, kernel: int = 2, version: str = "-",
+         wait_ahead: bool = False) -> dict:
+    out = subprocess.run([sys.executable, "-c", STORE_SCRIPT, str(seed), str(scale), str(kernel), version,
+                          *(["wait-ahead"] if wait_ahead else [])], env=env,
                          capture_output=True, text=True, timeout=600, cwd=env["PYTHONPATH"])
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -515,6 +523,42 @@ def test_a_corrupted_or_truncated_entry_is_ignored(stored, tmp_path):
     assert second["rejected"] == len(entries) and second["traces"] == first["traces"], second
     assert second["loaded"] == second["records_loaded"] == 0
     assert second["sha"] == first["sha"]
+
+
+def test_a_later_process_reads_its_executables_ahead(stored, tmp_path, monkeypatch):
+    """Issue 14 item 9: a process that loads stored executables leaves a trail (``<first>.lfx.trail``: the ones it
+    loaded after its first, in order); the next process starting with the same executable deserialises the others in
+    a background thread while it works, and hands each over when asked: the same executables, the same fit bit for
+    bit.  A damaged trail is ignored, and the read-ahead can be switched off."""
+    import shutil
+
+    env, first = stored
+    env = dict(env, LATENTFIT_COMPILATION_CACHE=str(tmp_path / "cache"))
+    shutil.copytree(stored[0]["LATENTFIT_COMPILATION_CACHE"], tmp_path / "cache")
+    folder = tmp_path / "cache" / "latentfit-traces"
+    for trail in folder.glob("*.trail"):  # whatever earlier tests left: this test writes its own
+        trail.unlink()
+    second = _fit(env)  # loads every executable itself and leaves its trail
+    assert second["executables_read_ahead"] == 0 and second["executables_loaded"] >= 3, second
+    (trail,) = folder.glob("*.lfx.trail")
+    names = json.loads(trail.read_text())
+    assert len(names) == second["executables_loaded"] - 1 and all((folder / n).exists() for n in names)
+    # the thread given time to read the whole trail: every executable after the first comes from it
+    third = _fit(env, wait_ahead=True)
+    assert third["executables_loaded"] == second["executables_loaded"], third
+    assert third["executables_read_ahead"] == len(names) and third["rejected"] == 0, third
+    assert third["sha"] == second["sha"] == first["sha"]
+    # racing the fit (what a user's process does): the caller reads what the thread has not reached, the same fit
+    raced = _fit(env)
+    assert raced["executables_loaded"] == second["executables_loaded"] and raced["rejected"] == 0, raced
+    assert raced["executables_read_ahead"] <= len(names) and raced["sha"] == first["sha"], raced
+    trail.write_text("{not json")
+    fourth = _fit(dict(env))
+    assert fourth["executables_read_ahead"] == 0 and fourth["sha"] == first["sha"], fourth
+    assert json.loads(trail.read_text()) == names  # written again by the fourth process
+    off = _fit(dict(env, LATENTFIT_READ_AHEAD="0"))
+    assert off["executables_read_ahead"] == 0 and off["executables_loaded"] == second["executables_loaded"], off
+    assert off["sha"] == first["sha"]
 
 
 def test_a_damaged_stored_executable_is_ignored(stored, tmp_path):

@@ -31,6 +31,13 @@ the entry's checksum, its key (the program's stable digest, the compiler options
 platform, device kind, the host CPU's feature flags) must match, else it is ignored and the program compiled as
 before; nothing is unpickled, but the executable is native code that XLA loads, so the folder must be as trusted as
 JAX's own cache folder (which holds the same bytes).
+
+Read-ahead: a process that loads executables leaves a trail beside the first one it asked for
+(``<first>.lfx.trail``, JSON: the names it loaded next, in order, at most :data:`TRAIL_LENGTH`).  The next process
+that starts with the same executable hands that trail to a background thread, which reads, checks and deserialises
+them (XLA releases the GIL) while the main thread works on, so that loading overlaps the fit instead of preceding
+each program's first call; an executable asked for before the thread reached it is read by the caller, and a failed
+one is read again (and refused) by the caller as without read-ahead.  ``LATENTFIT_READ_AHEAD=0`` switches it off.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ ENABLED = True
 STORE_BYTES = 512 * 2**20
 #: entries read from / written to disk in this process (tests and benchmarks read them)
 STATS = {"loaded": 0, "saved": 0, "rejected": 0, "unstorable": 0, "records_loaded": 0, "records_saved": 0,
-         "executables_loaded": 0, "executables_saved": 0, "executables_from_jax_cache": 0}
+         "executables_loaded": 0, "executables_saved": 0, "executables_from_jax_cache": 0, "executables_read_ahead": 0}
 #: folder name under JAX's compilation cache directory
 FOLDER = "latentfit-traces"
 _MAGIC = b"LFTRACE\x01"
@@ -642,12 +649,170 @@ def discard_executable(digest: str, options: dict[str, str]) -> None:
             pass
 
 
+# --- read-ahead: the executables a process loaded after its first one, deserialised beside the main thread -----------
+
+#: deserialise, in a background thread, the executables that the last process starting with the same executable
+#: loaded next (:func:`_read_ahead`); False (or ``LATENTFIT_READ_AHEAD=0``): each is read when it is asked for
+READ_AHEAD = os.environ.get("LATENTFIT_READ_AHEAD", "1") != "0"
+#: most executables a trail names (the first ones a process loaded after its first)
+TRAIL_LENGTH = 24
+
+
+class _ReadAhead:
+    """One daemon thread deserialising the entries of a trail (``<first>.trail``: the ``.lfx`` names the last process
+    that began with the executable ``<first>`` loaded after it, in order), so that their XLA deserialisation (~0.01-0.07
+    s of CPU each, the GIL released) overlaps the main thread's work; :meth:`take` hands one over (or None: not read
+    ahead, or failed: the caller reads it itself).  The process's own trail is written at exit when it differs."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.done = threading.Condition(self.lock)
+        self.first: str | None = None
+        self.trail: list[str] = []  # the .lfx names this process loaded, in order
+        self.read: list[str] = []  # the trail read at the first load
+        self.pending: list[str] = []  # names still to be read by the thread, in order
+        self.ready: dict[str, Any] = {}  # name -> (path, data, header, offset, executable) or None (failed)
+        self.busy: str | None = None
+        self.stop = False
+
+    def start(self, first: str, directory: Path, device: Any) -> None:
+        """Called at the process's first load (``first``): read its trail and start the thread on it."""
+        import atexit
+        import threading
+
+        self.first = first
+        try:
+            names = json.loads((directory / f"{first}.trail").read_text())
+            self.read = [str(n) for n in names if isinstance(n, str) and n.endswith(".lfx")][:TRAIL_LENGTH]
+        except (OSError, ValueError):
+            self.read = []
+        atexit.register(self.close, directory)
+        # the largest first: the longest to deserialise, and the chunk of iterations (the largest program) is asked
+        # for soon after a fit's first executable; a small one asked for before the thread reached it is read by
+        # the caller (:meth:`take`)
+        sizes = {}
+        for n in self.read:
+            try:
+                sizes[n] = (directory / n).stat().st_size
+            except OSError:
+                continue
+        self.pending = sorted((n for n in sizes if n != first), key=lambda n: -sizes[n])
+        if self.pending:
+            threading.Thread(target=self._work, args=(directory, device), name="latentfit-read-ahead",
+                             daemon=True).start()
+
+    def _work(self, directory: Path, device: Any) -> None:
+        from jax._src.lib import xla_client as xc
+
+        while True:
+            with self.lock:
+                if self.stop or not self.pending:
+                    self.busy = None
+                    self.done.notify_all()
+                    return
+                name = self.busy = self.pending.pop(0)
+            found = None
+            try:
+                path = directory / name
+                data = path.read_bytes()
+                header, body, offset = _read_entry(data, name.split("-")[0])
+                if not header["lapack"]:  # LAPACK's handlers are set up on the main thread (load_executable)
+                    executable = device.client.deserialize_executable(body[offset:], xc.DeviceList((device,)), None)
+                    found = (path, data, header, body, offset, executable)
+            except Exception as exc:  # noqa: BLE001 - the main thread reads it itself
+                log.debug("read-ahead of %s failed: %r", name, exc)
+            with self.lock:
+                self.ready[name] = found
+                self.busy = None
+                self.done.notify_all()
+
+    def take(self, name: str) -> Any:
+        """The entry ``name`` read ahead (waiting while the thread reads it), or None (not on the trail, failed)."""
+        with self.lock:
+            if name in self.pending:  # asked for before the thread reached it: the caller reads it now
+                self.pending.remove(name)
+                return None
+            while self.busy == name:
+                self.done.wait()
+            return self.ready.pop(name, None)
+
+    def note(self, name: str) -> None:
+        if len(self.trail) <= TRAIL_LENGTH and name not in self.trail:
+            self.trail.append(name)
+
+    def forget(self) -> None:
+        """In a forked child: the thread is not there (and may have held the lock): nothing to wait for or write."""
+        import threading
+
+        self.lock = threading.Lock()
+        self.done = threading.Condition(self.lock)
+        self.first, self.busy, self.stop, self.pending, self.ready = None, None, True, [], {}
+
+    def close(self, directory: Path) -> None:
+        """At exit: stop the thread (after the entry it is reading) and keep this process's trail if it changed."""
+        with self.lock:
+            self.stop = True
+            self.pending.clear()
+            while self.busy is not None:
+                self.done.wait()
+            self.ready.clear()
+        trail = [n for n in self.trail[1:] if n != self.first][:TRAIL_LENGTH]
+        if self.first is not None and trail and trail != self.read:
+            try:
+                fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+                with os.fdopen(fd, "w") as f:
+                    json.dump(trail, f)
+                os.replace(tmp, directory / f"{self.first}.trail")
+            except OSError:
+                pass
+
+
+_AHEAD: list[_ReadAhead] = []
+
+
+def _forget_read_ahead() -> None:
+    for ahead in _AHEAD:
+        ahead.forget()
+    _AHEAD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_read_ahead)
+
+
+def _read_ahead(name: str, device: Any) -> Any:
+    """The entry ``name`` if the read-ahead thread has it (None otherwise); at the process's first load, start the
+    thread on that executable's trail.  Every name asked for is noted in this process's trail."""
+    directory = store_dir()
+    if directory is None or not READ_AHEAD:
+        return None
+    if not _AHEAD:
+        _AHEAD.append(_ReadAhead())
+        _AHEAD[0].note(name)
+        _AHEAD[0].start(name, directory, device)
+        return None
+    ahead = _AHEAD[0]
+    ahead.note(name)
+    return ahead.take(name)
+
+
 def load_executable(digest: str, options: dict[str, str], args: list[Any],
                     num_outputs: int) -> StoredExecutable | None:
     """The executable :func:`save_executable` kept under ``digest`` and ``options``, ready to call on ``args`` (the
     program's flat arguments) for ``num_outputs`` outputs, or None (absent, truncated, corrupted, foreign, or not
-    matching)."""
-    path, data = _entry_bytes(f"{digest}-{_options_tag(options)}.lfx")
+    matching).  Read ahead by a background thread where the last process that began as this one did loaded it
+    (:class:`_ReadAhead`)."""
+    name = f"{digest}-{_options_tag(options)}.lfx"
+    device = jax.devices()[0]
+    ahead = _read_ahead(name, device)
+    if ahead is not None:
+        path, data, header, body, offset, executable = ahead
+        STATS["executables_read_ahead"] += 1
+    else:
+        path, data = _entry_bytes(name)
+        executable = None
     if data is None:
         return None
     try:
@@ -656,8 +821,8 @@ def load_executable(digest: str, options: dict[str, str], args: list[Any],
         from jax._src.lib import xla_client as xc
         from jax.sharding import SingleDeviceSharding
 
-        header, body, offset = _read_entry(data, digest)
-        device = jax.devices()[0]
+        if executable is None:
+            header, body, offset = _read_entry(data, digest)
         if header["host"] != _host_tag() or header["options"] != options or header["platform"] != device.platform \
                 or header["device_kind"] != device.device_kind or header["num_args"] != len(args) \
                 or len(header["outputs"]) != num_outputs:
@@ -674,7 +839,8 @@ def load_executable(digest: str, options: dict[str, str], args: list[Any],
 
             linalg.initialize_lapack()
         devices = xc.DeviceList((device,))
-        executable = device.client.deserialize_executable(body[offset:], devices, None)
+        if executable is None:
+            executable = device.client.deserialize_executable(body[offset:], devices, None)
 
         def avals(rows: list[Any]) -> list[Any]:
             return [jax_core.ShapedArray(tuple(shape), np.dtype(dtype), weak_type=weak) for shape, dtype, weak in rows]
@@ -755,6 +921,12 @@ def _trim(directory: Path) -> None:
         entries = [(p.stat().st_mtime, p.stat().st_size, p) for p in directory.glob("*.lf[trx]")]
     except OSError:
         return
+    try:  # the read-ahead trails of executables no longer kept
+        for trail in directory.glob("*.lfx.trail"):
+            if not trail.with_suffix("").exists():
+                trail.unlink()
+    except OSError:
+        pass
     total = sum(s for _, s, _ in entries)
     for _, size, path in sorted(entries, key=lambda e: e[0]):
         if total <= STORE_BYTES:
