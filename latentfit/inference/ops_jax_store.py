@@ -542,11 +542,12 @@ _HOST: list[str] = []
 
 def _host_tag() -> str:
     """The host CPU's model and feature flags (XLA:CPU compiles for the host: an executable built on a CPU with other
-    instructions must not run here); computed once per process."""
+    instructions must not run here); computed once per process.  ``platform.processor()`` (which runs ``uname -p``
+    in a subprocess on Linux, ~10 ms) only where ``/proc/cpuinfo`` cannot be read."""
     if not _HOST:
         import platform
 
-        text = platform.machine() + platform.processor()
+        text = platform.machine()
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
                 for line in f:
@@ -556,6 +557,8 @@ def _host_tag() -> str:
                         break
         except OSError:
             pass
+        if len(text) <= len(platform.machine()):
+            text += platform.processor()
         _HOST.append(hashlib.blake2b(text.encode(), digest_size=16).hexdigest())
     return _HOST[0]
 
