@@ -92,7 +92,12 @@ MISSO_CASES = {"louis": (True, {"batch_size": 3}), "paper-numeric": (False, {"su
                "louis-numeric": (False, {}),
                # a logistic random intercept (models_pyro.logistic_intercept on the data's signs), the accelerated
                # majorant from epoch 1: the stored curvatures, scores and visit points of the units split too
-               "bohning": (True, {"surrogate": "bohning", "batch_size": 3, "accelerate": 1})}
+               "bohning": (True, {"surrogate": "bohning", "batch_size": 3, "accelerate": 1}),
+               # the default surrogate="auto" on the same logistic model: each process reads its block's design and
+               # chooses "bohning" (checked alike on every process), accelerated from epoch 1 (accelerate given)
+               "auto": (True, {"batch_size": 3, "accelerate": 1})}
+#: the MISSO cases fitted on models_pyro.logistic_intercept
+LOGISTIC_CASES = ("bohning", "auto")
 
 
 def _logistic_args(y: np.ndarray) -> tuple:
@@ -110,7 +115,7 @@ def _misso_fit(y: np.ndarray, case: str, **run_options: object):
 
     pyro.clear_param_store()
     closed_form, extra = MISSO_CASES[case]
-    if extra.get("surrogate") == "bohning":
+    if case in LOGISTIC_CASES:
         model = PyroLatentModel(models_pyro.logistic_intercept, _logistic_args(y))
     else:
         model = PyroLatentModel(models_pyro.random_intercept, (torch.as_tensor(y),), closed_form=closed_form)
@@ -277,9 +282,12 @@ def test_misso_two_processes_equal_one(two_processes: Path, case: str) -> None:
     their stored surrogates; statistics, quadratic-surrogate gradients and anchors, curvature and Louis'
     informations are all-reduced in float64.  Estimates, the whole history and the chains == 1 process to 1e-10."""
     y = _mc_data()
-    one = _record(_misso_fit(y, case))
+    fit = _misso_fit(y, case)
+    assert fit.engine.surrogate == ("bohning" if case in LOGISTIC_CASES else MISSO_CASES[case][1].get("surrogate",
+                                                                                                      "louis"))
+    one = _record(fit)
     ranks = [np.load(two_processes / f"misso-{case}-rank{r}.npz") for r in range(2)]
-    names = ("mu", "omega", "beta") if case == "bohning" else ("mu", "omega", "sigma")
+    names = ("mu", "omega", "beta") if case in LOGISTIC_CASES else ("mu", "omega", "sigma")
     _assert_ranks_equal_one(one, ranks, sorted(f"param_{n}" for n in names))
     np.testing.assert_allclose(np.concatenate([r["z"] for r in ranks], 0), one["z"], rtol=0, atol=1e-10)
     for name in names:  # every parameter moved

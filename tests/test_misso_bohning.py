@@ -573,8 +573,171 @@ def test_accelerate_refusals():
     import latentfit.pyro as lp
 
     y = __import__("torch").tensor([0.0, 1.0, 1.0, 0.0, 1.0], dtype=__import__("torch").float64)
-    for options, match in (({"accelerate": True}, "option of surrogate='bohning'"),
+    for options, match in (({"surrogate": "louis", "accelerate": True}, "option of surrogate='bohning'"),
                            ({"surrogate": "bohning", "accelerate": -1}, "accelerate must be"),
                            ({"surrogate": "bohning", "accelerate": "yes"}, "accelerate must be")):
         with pytest.raises(ValueError, match=match):
             lp.MISSO(_one_obs_model, progress=False, **options).run(y)
+
+
+# ----- surrogate="auto" (the default): "bohning" with accelerate where the model qualifies, "louis" elsewhere --------
+def _logistic_args(backend: str, num: int = 30, seed: int = 5) -> tuple:
+    """``(x, y)`` of models_pyro / models_numpyro ``logistic_intercept``: 30 units × 6 rows, b_i ~ N(−0.3, 0.8²)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(num, 6))
+    eta = -0.3 + 0.8 * rng.normal(size=(num, 1)) + 0.7 * x
+    y = (rng.random((num, 6)) < 1.0 / (1.0 + np.exp(-eta))).astype(float)
+    if backend == "pyro":
+        import torch
+
+        return torch.tensor(x), torch.tensor(y)
+    import jax.numpy as jnp
+
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+def _front_fit(backend: str, model_name: str, args: tuple, **options):
+    """A fit by the PPL's front door of ``tests/models_<ppl>.py``'s ``model_name`` (seed 3)."""
+    if backend == "pyro":
+        import models_pyro
+        import pyro
+
+        import latentfit.pyro as lp
+
+        pyro.clear_param_store()
+        fit = lp.MISSO(getattr(models_pyro, model_name), seed=3, progress=False, **options).run(*args)
+        pyro.clear_param_store()
+        return fit
+    import models_numpyro
+
+    import latentfit.numpyro as ln
+
+    return ln.MISSO(getattr(models_numpyro, model_name), seed=3, progress=False, **options).run(3, *args)
+
+
+def _assert_same_fit(a, b) -> None:
+    """The same estimates and history, bit for bit."""
+    assert set(a.params) == set(b.params) and set(a.history) == set(b.history)
+    for k in a.params:
+        np.testing.assert_array_equal(np.asarray(a.params[k]), np.asarray(b.params[k]), err_msg=k)
+    for k in a.history:
+        np.testing.assert_array_equal(np.asarray(a.history[k]), np.asarray(b.history[k]), err_msg=k)
+
+
+@pytest.mark.parametrize("backend", ["pyro", pytest.param("numpyro", marks=pytest.mark.slow)])  # NumPyro: compiles
+def test_auto_is_bohning_accelerated_on_a_logistic_random_intercept(backend):
+    """The default on ``logistic_intercept``: ``"bohning"`` with ``accelerate=True`` and accelerate's defaults, bit for
+    bit the explicit fit (6 epochs: accelerated from epoch 4); (Pyro) ``accelerate=False`` with ``"auto"``: the plain
+    ``"bohning"`` fit."""
+    from models_pyro import logistic_intercept
+
+    from latentfit.inference.misso import ACCELERATE_FROM
+    from latentfit.integrations.pyro import PyroLatentModel
+
+    args = _logistic_args(backend)
+    auto = _front_fit(backend, "logistic_intercept", args, num_epochs=6)
+    eng = auto.engine
+    assert (eng.surrogate, eng.accelerate, eng.accelerate_from) == ("bohning", True, ACCELERATE_FROM)
+    assert (eng.max_missing_fraction, eng.trust_radius, eng.bound, eng.expand) == (0.75, 1.0, "jj", "location")
+    assert eng._auto_reason is None and eng._design is not None
+    explicit = _front_fit(backend, "logistic_intercept", args, num_epochs=6, surrogate="bohning", accelerate=True)
+    _assert_same_fit(auto, explicit)
+    assert float(np.asarray(auto.params["beta"])) > 0.3  # the fit moved from 0 towards the truth, 0.7
+    if backend != "pyro":
+        return
+    plain = _front_fit(backend, "logistic_intercept", args, num_epochs=6, accelerate=False)
+    assert (plain.engine.surrogate, plain.engine.accelerate, plain.engine.accelerate_from) == ("bohning", False, None)
+    _assert_same_fit(plain, _front_fit(backend, "logistic_intercept", args, num_epochs=6, surrogate="bohning"))
+    assert not np.array_equal(np.asarray(plain.params["beta"]), np.asarray(auto.params["beta"]))
+    assert MISSO(PyroLatentModel(logistic_intercept, args, {}), progress=False).num_epochs == 20  # bohning's default
+
+
+def test_auto_is_louis_on_models_without_the_logistic_structure():
+    """A Gaussian random intercept (Pyro, and NumPyro's engine built) and a logistic model whose logits are not affine
+    in the latent: ``"louis"`` with its defaults, bit for bit the explicit fit; ``accelerate`` (bohning's option)
+    given with ``"auto"`` is ignored there."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    from latentfit.integrations.pyro import PyroLatentModel
+
+    y = torch.tensor(np.random.default_rng(4).normal(size=(12, 4)) + np.random.default_rng(5).normal(size=(12, 1)))
+    auto = _front_fit("pyro", "random_intercept", (y,), num_epochs=3)
+    eng = auto.engine
+    assert (eng.surrogate, eng.accelerate, eng.accelerate_from, eng.num_epochs) == ("louis", False, None, 3)
+    assert (eng.max_missing_fraction, eng.trust_radius) == (0.9, 5.0)
+    assert "constrained" in eng._auto_reason  # sigma: not a latent's scale
+    _assert_same_fit(auto, _front_fit("pyro", "random_intercept", (y,), num_epochs=3, surrogate="louis"))
+    _assert_same_fit(auto, _front_fit("pyro", "random_intercept", (y,), num_epochs=3, accelerate=2))
+
+    import jax.numpy as jnp
+    import models_numpyro
+
+    from latentfit.integrations.numpyro import NumPyroLatentModel
+
+    eng = MISSO(NumPyroLatentModel(models_numpyro.random_intercept, (jnp.asarray(y.numpy()),), {}), progress=False)
+    assert (eng.surrogate, eng.accelerate, eng.num_epochs) == ("louis", False, 14)
+
+    def tanh_logits(x, y):
+        n, t = y.shape
+        mu = pyro.param("mu", torch.tensor(0.0, dtype=y.dtype))
+        omega = pyro.param("omega", torch.tensor(1.0, dtype=y.dtype), constraint=dist.constraints.positive)
+        beta = pyro.param("beta", torch.tensor(0.0, dtype=y.dtype))
+        with pyro.plate("unit", n, dim=-2):
+            b = pyro.sample("b", dist.Normal(mu, omega))
+            with pyro.plate("obs", t, dim=-1):
+                pyro.sample("y", dist.Bernoulli(logits=torch.tanh(b) + beta * x), obs=y)
+
+    pyro.clear_param_store()
+    lm = PyroLatentModel(tanh_logits, _logistic_args("pyro"), {})
+    pyro.clear_param_store()
+    eng = MISSO(lm, accelerate=True, progress=False)
+    assert (eng.surrogate, eng.accelerate, eng.num_epochs) == ("louis", False, 14)
+    assert "affine in the latents" in eng._auto_reason
+
+
+def test_auto_refusals_and_errors():
+    """Bad combinations are refused when the front door is built (no model read); only the logistic design's refusal
+    selects ``"louis"``: any other error of reading it propagates; a checkpoint of ``"auto"`` resolved to
+    ``"bohning"`` is refused by an explicit ``"louis"`` engine (options differ)."""
+    import tempfile
+
+    import models_pyro
+    import pyro
+
+    import latentfit.pyro as lp
+    from latentfit.integrations.pyro import PyroLatentModel
+
+    for options, match in (({"surrogate": "fast"}, "surrogate must be one of .*'auto'"),
+                           ({"surrogate": "louis", "accelerate": True}, "option of surrogate='bohning'"),
+                           ({"surrogate": "paper", "accelerate": 0}, "option of surrogate='bohning'"),
+                           ({"accelerate": -1}, "accelerate must be"),
+                           ({"accelerate": 1.5}, "accelerate must be"),
+                           ({"max_missing_fraction": 1.0}, "max_missing_fraction must be")):
+        with pytest.raises(ValueError, match=match):
+            lp.MISSO(models_pyro.logistic_intercept, progress=False, **options)
+    args = _logistic_args("pyro")
+    pyro.clear_param_store()
+    lm = PyroLatentModel(models_pyro.logistic_intercept, args, {})
+    pyro.clear_param_store()
+
+    def broken(theta):
+        raise RuntimeError("the design could not be read")
+
+    lm.logistic_design = broken
+    with pytest.raises(RuntimeError, match="could not be read"):
+        MISSO(lm, progress=False)
+
+    def other(theta):
+        raise ModelSpecificationError("something else")
+
+    lm.logistic_design = other
+    with pytest.raises(ModelSpecificationError, match="something else"):
+        MISSO(lm, progress=False)
+    del lm.logistic_design
+    with tempfile.TemporaryDirectory() as d:
+        MISSO(lm, num_epochs=2, num_chains=2, progress=False).run(lm.ops.key(0), checkpoint=d)
+        with pytest.raises(ValueError, match=r"options differ.*surrogate='bohning' != 'louis'"):
+            MISSO(lm, num_epochs=2, num_chains=2, surrogate="louis", progress=False).run(lm.ops.key(0), resume=d)
+

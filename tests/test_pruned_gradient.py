@@ -200,7 +200,8 @@ def test_misso_pruned_scores_equal_the_full_ones():
     est = {}
     for prune in (True, False):
         b.reset()
-        fit = b.fit("MISSO", _model(b), *args, num_epochs=2, mc_size=10, prune=prune, progress=False)
+        fit = b.fit("MISSO", _model(b), *args, num_epochs=2, mc_size=10, prune=prune, surrogate="louis",
+                    progress=False)
         assert (fit.engine._prior_only is not None) == prune
         est[prune] = np.concatenate([np.ravel(b.to_numpy(b.xp.as_tensor(v))) for v in fit.params.values()])
     np.testing.assert_allclose(est[True], est[False], rtol=1e-9, atol=1e-9)

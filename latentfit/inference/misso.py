@@ -7,7 +7,8 @@ surrogates ``L̃_i(θ; θ̄, {z_m}) = (1/M) Σ_m [log p_i(z_m; θ̄) − log f_i
 Every unit keeps the surrogate built at its last visit; iteration k refreshes the surrogates of a mini-batch
 ``B_k`` with ``M_k`` draws at ``θ^k`` and sets ``θ^{k+1}`` to the minimiser of their sum.
 
-Two surrogates (option ``surrogate``):
+Three surrogates (option ``surrogate``; the default, ``"auto"``, chooses ``"bohning"`` with ``accelerate=True`` where
+the model has its structure and ``"louis"`` elsewhere: see the end of this list):
 
 * ``"paper"`` — the paper's MLE instance.
 
@@ -23,15 +24,16 @@ Two surrogates (option ``surrogate``):
     over visits (the paper's bound ``S'' ≤ 1/4`` specialised to logistic models; here estimated, its
     eigenvalues floored).
 
-* ``"louis"`` (default; a departure from the paper) — the paper's step above, **accelerated** by Louis' (1982)
-  rule ``Δ ↦ (I_c − I_m)⁻¹ I_c Δ``: ``I_c`` the complete-data information of every free parameter
-  (unconstrained) and ``I_m = (1/|B|) Σ_{i∈B} Cov_m(∇ log f_i(z_{i,m}))`` the missing information, both estimated
-  from the visit's own draws (Louis' identity) and averaged over visits; ``I_c⁻¹ I_m`` is the EM map's Jacobian,
-  so in a direction whose fraction of missing information is λ the step is ``1/(1 − λ)`` times the paper's, and
-  a linear EM map reaches its fixed point in one step.  The incremental step is first corrected for the staleness
-  of the summed surrogates (built at the units' last visits, mean x̄): ``Δ_full = Δ − I_c⁻¹ I_m (x̄ − x)``, the step
-  a full refresh at x would have made (accelerating the raw incremental step is unstable: with two half-batches
-  and λ = 0.95 the error is multiplied by about −10 per iteration).  See :func:`_accelerated_step`.
+* ``"louis"`` (the default's choice for models without ``"bohning"``'s structure; a departure from the paper) — the
+  paper's step above, **accelerated** by Louis' (1982) rule ``Δ ↦ (I_c − I_m)⁻¹ I_c Δ``: ``I_c`` the complete-data
+  information of every free parameter (unconstrained) and ``I_m = (1/|B|) Σ_{i∈B} Cov_m(∇ log f_i(z_{i,m}))`` the
+  missing information, both estimated from the visit's own draws (Louis' identity) and averaged over visits;
+  ``I_c⁻¹ I_m`` is the EM map's Jacobian, so in a direction whose fraction of missing information is λ the step is
+  ``1/(1 − λ)`` times the paper's, and a linear EM map reaches its fixed point in one step.  The incremental step is
+  first corrected for the staleness of the summed surrogates (built at the units' last visits, mean x̄):
+  ``Δ_full = Δ − I_c⁻¹ I_m (x̄ − x)``, the step a full refresh at x would have made (accelerating the raw incremental
+  step is unstable: with two half-batches and λ = 0.95 the error is multiplied by about −10 per iteration).  See
+  :func:`_accelerated_step`.
 
   Why.  The paper's surrogates are majorants whose curvature is the complete-data information; their
   minimiser moves θ as fast as EM does: a direction with a fraction λ of missing information closes only ``1 − λ``
@@ -116,9 +118,10 @@ Two surrogates (option ``surrogate``):
   one process (full, pruned, ...; load 8-18 on the 2 cores): 10.4, 7.7, 8.1, 8.8 → 5.9, 5.2, 7.0, 5.8 s CPU.  What
   is left is the MH sweeps (``⌈M_k / 10⌉`` sweeps of 10 chains per visit over the whole data set).
 
-* ``"bohning"`` (opt-in; models with Normal latents and Bernoulli / Binomial observations whose logits are affine in
-  the latents and the parameters, :meth:`~latentfit.inference.model.LatentModel.logistic_design`) — the paper's
-  Algorithm 2 with another data augmentation and a quadratic majorant, every surrogate still a majorant:
+* ``"bohning"`` (the default's choice, with ``accelerate=True``, for models with Normal latents and Bernoulli / Binomial
+  observations whose logits are affine in the latents and the parameters,
+  :meth:`~latentfit.inference.model.LatentModel.logistic_design`) — the paper's Algorithm 2 with another data
+  augmentation and a quadratic majorant, every surrogate still a majorant:
 
   - **Non-centred latents.**  With ``z_i = μ(x) + diag(ω(x)) ε_i`` (x: every free parameter in its natural
     coordinates: the latents' locs and scales, the logits' coefficients) the complete data are ``(y_i, ε_i)``,
@@ -194,23 +197,23 @@ Two surrogates (option ``surrogate``):
     4 and 6 against 2) ``"location+scale"`` ends at −0.43, −0.40 and −0.26, −0.28 on d0/f0, d0/f10 (against −0.77,
     −1.15), and with 4 sweeps at −0.14, −0.01 on d2/f2, d2/f10, for 1.2-2× the CPU; ``"location"`` with 4 sweeps:
     −0.12, −0.11, −0.63, −0.36.  Still a trade between the two data sets; not kept.
-  - **Accelerated steps** (option ``accelerate``, opt-in; gives up the majorant property of the iterates, not of the
-    stored surrogates).  The MM step ``Δ = x⁺ − x`` is Louis' (1982) step of ``"louis"`` (:func:`_accelerated_step`:
-    the linear map's fixed point, the missing fractions capped, the excess over Δ in a trust region, the staleness of
-    the units' anchors corrected) with the summed majorants' curvature ``B̄ = Σ_i B̂_i / n`` as the complete
-    information and ``B̄ − Î_obs`` as the missing one.  ``Î_obs``, the per-unit observed information, is the centred
-    outer product of the units' stored scores ``(1/n) Σ_i (ĝ_i − ḡ)(ĝ_i − ḡ)ᵀ`` (the Fisher identity makes ``−ĝ_i``
-    unit i's marginal score at its last visit; the outer-product estimate of Berndt, Hall, Hall & Hausman 1974): one
-    more ``[n, q]`` row and ``[q, q]`` sum, no extra draw.  Defaults measured (below): acceleration from epoch 4
-    (:data:`ACCELERATE_FROM`; from the start, the first epochs' transient is extrapolated: ω₁ collapses, −0.97 and
-    −1.42 on d2/f2, d2/f10), the missing fractions capped at 0.75 (at most 4× the MM step and its MC noise) and a 1-SE
-    trust region (``"louis"``'s 0.9 and 5 SE: Pyro fit seeds 30-50 −0.22 against −0.23, NumPyro −0.185 against
-    −0.128).  A guard keeps every latent scale at least half the MM point's: ω = 0 is a stationary point of the
-    likelihood (even in ω) where the chains' ε = (z − μ)/ω explode (without it, cap 0.8 from epoch 3: −4202 on one
-    fit); shrinking scales by at most 20 % a step instead: −0.20 against −0.16 (Pyro, 18 fits, cap 0.9); clipping the
-    scales' coordinates of the excess alone bends the step off the ridge (mean ΔLL −3.9).  Measured (Pyro, data seeds
-    0-2 × fit seeds {s, 10, 20, 30, 40, 50}, N = 400, 20 epochs, ΔLL by 5-node AGQ against the exact maximum; NumPyro
-    fit seeds {s, 10, 20}):
+  - **Accelerated steps** (option ``accelerate``: on with ``"auto"``, off with an explicit ``"bohning"``; gives up the
+    majorant property of the iterates, not of the stored surrogates).  The MM step ``Δ = x⁺ − x`` is Louis' (1982) step
+    of ``"louis"`` (:func:`_accelerated_step`: the linear map's fixed point, the missing fractions capped, the excess
+    over Δ in a trust region, the staleness of the units' anchors corrected) with the summed majorants' curvature
+    ``B̄ = Σ_i B̂_i / n`` as the complete information and ``B̄ − Î_obs`` as the missing one.  ``Î_obs``, the per-unit
+    observed information, is the centred outer product of the units' stored scores ``(1/n) Σ_i (ĝ_i − ḡ)(ĝ_i − ḡ)ᵀ``
+    (the Fisher identity makes ``−ĝ_i`` unit i's marginal score at its last visit; the outer-product estimate of Berndt,
+    Hall, Hall & Hausman 1974): one more ``[n, q]`` row and ``[q, q]`` sum, no extra draw.  Defaults measured (below):
+    acceleration from epoch 4 (:data:`ACCELERATE_FROM`; from the start, the first epochs' transient is extrapolated: ω₁
+    collapses, −0.97 and −1.42 on d2/f2, d2/f10), the missing fractions capped at 0.75 (at most 4× the MM step and its
+    MC noise) and a 1-SE trust region (``"louis"``'s 0.9 and 5 SE: Pyro fit seeds 30-50 −0.22 against −0.23, NumPyro
+    −0.185 against −0.128).  A guard keeps every latent scale at least half the MM point's: ω = 0 is a stationary point
+    of the likelihood (even in ω) where the chains' ε = (z − μ)/ω explode (without it, cap 0.8 from epoch 3: −4202 on
+    one fit); shrinking scales by at most 20 % a step instead: −0.20 against −0.16 (Pyro, 18 fits, cap 0.9); clipping
+    the scales' coordinates of the excess alone bends the step off the ridge (mean ΔLL −3.9).  Measured (Pyro, data
+    seeds 0-2 × fit seeds {s, 10, 20, 30, 40, 50}, N = 400, 20 epochs, ΔLL by 5-node AGQ against the exact maximum;
+    NumPyro fit seeds {s, 10, 20}):
 
     ==========  =========================  =========================
     data seed   Pyro: plain → accelerate   NumPyro: plain → accelerate
@@ -225,10 +228,31 @@ Two surrogates (option ``surrogate``):
     where ω₁ sank to 0.12); data seeds 0 and 1 end within 0.05 of the plain fits, lower on average (the step's
     amplified noise).  On the small data of the tests (N = 100) a weak scale can sink towards 0 (ω₃ −1.17 SE on one
     fit of five); on the tutorial-style grouped model of the tests, which converges in a few epochs, the fits end
-    −0.04 to −0.08 below the maximum against −0.002 to −0.013.  So: for fits that creep (a variance weakly identified,
-    the log-likelihood still rising at the end), not by default.
-  - Not the default (``"louis"`` stays: an automatic choice by model structure would move the tests and fits of every
-    logistic model that uses the default).
+    −0.04 to −0.08 below the maximum against −0.002 to −0.013.  So it pays on fits that creep (a variance weakly
+    identified, the log-likelihood still rising at the end) and costs a few hundredths of a unit, within the
+    importance-sampling log-likelihood's Monte-Carlo error (0.2), on fits that converge in a few epochs.
+
+* ``"auto"`` (default) — resolved when the engine is built (:func:`auto_surrogate`): ``"bohning"`` with
+  ``accelerate=True`` (and accelerate's defaults: fractions capped at 0.75, a 1-SE trust region, from epoch 4, 20
+  epochs) where :meth:`~latentfit.inference.model.LatentModel.logistic_design` accepts the model at θ⁰, ``"louis"`` (its
+  defaults, 14 epochs) where it refuses it.  The design read to choose is the one the fit starts from (no second read; a
+  permuted or sharded view of the model is read again), so an ``"auto"`` fit is the explicit
+  ``surrogate="bohning", accelerate=True`` fit bit for bit.  Only that method's refusal
+  (:class:`~latentfit.inference.model.LogisticDesignError`) selects ``"louis"``; any other error propagates.  A given
+  ``accelerate`` applies where ``"bohning"`` is chosen (``False``: its plain steps) and is ignored where ``"louis"`` is
+  (its step is always accelerated, by its own rule); with an explicit ``"louis"`` or ``"paper"`` it is refused.
+  ``engine.surrogate``, ``engine.accelerate`` and ``engine.accelerate_from`` are the resolved values, recorded as
+  options in checkpoints (a checkpoint resumed by an engine that resolves otherwise is refused: "options differ").  In a
+  data-parallel fit each process resolves on its own block and :meth:`MISSO.distribute` refuses choices that differ.
+  Cost of the choice (construction CPU time, N = 400, median of 5 after a first construction): where the model is
+  refused, 0.1 ms more than ``"louis"`` on a Gaussian random intercept (both PPLs; the first check, a constrained
+  ``σ``), 2 ms (Pyro) and 7-9 ms (NumPyro) on a logistic random intercept with logits ``tanh(b_i) + β x`` (d + q + 2
+  runs of the model before the affinity check fails); where it qualifies, the design's read (95-106 ms Pyro, 34-63 ms
+  NumPyro on the benchmark's model), which the fit's start then skips.  Why this default
+  (benchmarks/mcmcsgd_logistic.py, N = 400, 9 fits per PPL, ΔLL by AGQ against the exact maximum): ``"louis"`` −0.87 ±
+  0.72 at 3-5× SAEM's time; ``"bohning"`` −0.25 / −0.28 (Pyro / NumPyro); accelerated (the default) −0.10 ± 0.10 / −0.13
+  ± 0.10, every fit within 0.32 of the maximum, SAEM's final log-likelihood reached in less CPU than SAEM on 16 of the
+  18 fits (the benchmark's docstring).
 
 Data-parallel (``rng="per_unit"``, ``run(distributed=True)`` or ``devices=n`` on JAX; every surrogate): every process
 draws the same global mini-batch, advances only the chains (or exact posterior draws) of its own units in it, each from
@@ -250,15 +274,17 @@ import numpy as np
 from .fisher import forward_jacobian
 from .mcem import MiniBatchMCEM
 from .mcmcsgd import prior_only_log_density
-from .model import LatentModel, ModelSpecificationError
+from .model import LatentModel, LogisticDesignError, ModelSpecificationError
 from .mstep import flatten, unflatten
-from .stats_table import Stats, s_put, s_sub, s_take, start_chain
+from .stats_table import StatEngine, Stats, s_put, s_sub, s_take, start_chain
 from .units import put_units, take_units
 
 #: eigenvalue floor of the curvature H̄, relative to its largest eigenvalue
 CURVATURE_FLOOR = 1e-6
 #: the surrogates MISSO offers (see the module docstring)
 SURROGATES = ("louis", "paper", "bohning")
+#: the values of the ``surrogate`` option: a surrogate, or ``"auto"`` (the default; :func:`auto_surrogate`)
+SURROGATE_OPTIONS = ("auto", *SURROGATES)
 #: ``surrogate="bohning"``, ``accelerate=True``: the first accelerated epoch (from 0): the first epochs' transient (β
 #: far from its maximum, ω₁ shrinking or growing fast) is no linear map to extrapolate (see the module docstring)
 ACCELERATE_FROM = 4
@@ -353,6 +379,19 @@ def bohning_mc_size(epoch: Any) -> Any:
     return 10 * (1 + late // 3)
 
 
+def auto_surrogate(model: LatentModel) -> tuple[str, Any, str | None]:
+    """``surrogate="auto"``'s choice for ``model``: ``("bohning", design, None)`` when
+    :meth:`~latentfit.inference.model.LatentModel.logistic_design` accepts it at θ⁰ (its design, which the fit's start
+    reuses), else ``("louis", None, reason)``.  Only that method's refusal (:class:`LogisticDesignError`, with its
+    reason) selects ``"louis"``; any other error propagates.  Cost: the method's model runs, ``d + q + 3`` of them
+    where the model qualifies (d latent coordinates, q free parameters), one to a few where it does not."""
+    try:
+        design = model.logistic_design(model.init_params())
+    except LogisticDesignError as refusal:
+        return "louis", None, str(refusal)
+    return "bohning", design, None
+
+
 class MISSO(MiniBatchMCEM):
     """MISSO (maximum-likelihood instance) on a :class:`LatentModel`.
 
@@ -367,12 +406,15 @@ class MISSO(MiniBatchMCEM):
         Persistent chains (or exact posterior draws) per unit and draw; default 10.
     mcmc_steps : int
         MH sweeps between two draws of a chain.
-    surrogate : {"louis", "paper", "bohning"}
+    surrogate : {"auto", "louis", "paper", "bohning"}
         ``"paper"``: the paper's surrogates (closed-form parameters by incremental MCEM, the others by the
-        quadratic surrogate with the complete-data curvature); ``"louis"`` (default): their step accelerated by
-        Louis' rule with the missing information estimated from the draws; ``"bohning"``: non-centred latents and a
-        quadratic majorant of the logistic likelihood (majorants throughout; default 20 epochs and
-        :func:`bohning_mc_size`).  See the module docstring.
+        quadratic surrogate with the complete-data curvature); ``"louis"``: their step accelerated by Louis' rule with
+        the missing information estimated from the draws; ``"bohning"``: non-centred latents and a quadratic majorant
+        of the logistic likelihood (majorants throughout; default 20 epochs and :func:`bohning_mc_size`).
+        ``"auto"`` (default), resolved when the engine is built (:func:`auto_surrogate`): ``"bohning"`` with
+        ``accelerate=True`` where :meth:`~latentfit.inference.model.LatentModel.logistic_design` accepts the model,
+        ``"louis"`` where it refuses it; ``engine.surrogate`` is the resolved name (checkpoints record it).  See the
+        module docstring.
     bound : {"jj", "bohning"}
         ``surrogate="bohning"`` only: the curvature of the logistic majorant, Jaakkola–Jordan's at each draw (default)
         or Böhning's constant ¼.
@@ -382,7 +424,10 @@ class MISSO(MiniBatchMCEM):
     accelerate : bool or int
         ``surrogate="bohning"`` only: accelerate the majorise-minimise steps from epoch 4 (an int: from that epoch,
         counted from 0) by the observed information estimated from the units' stored scores (see the module
-        docstring); default False.
+        docstring); default False, and True with ``surrogate="auto"`` when it chooses ``"bohning"``.  With ``"auto"``
+        a value given applies when ``"bohning"`` is chosen (False: its plain steps) and is ignored when ``"louis"``
+        is (whose step is always accelerated, by its own rule); with ``"louis"`` or ``"paper"`` it is refused.
+        ``engine.accelerate`` / ``engine.accelerate_from`` are the resolved values.
     max_missing_fraction : float in [0, 1)
         ``"louis"`` and ``accelerate``: the cap on the fractions of missing information (0 gives the paper's step);
         default 0.9 (``accelerate``: 0.75).
@@ -402,31 +447,35 @@ class MISSO(MiniBatchMCEM):
 
     def __init__(self, model: LatentModel, num_epochs: int | None = None, batch_size: int | None = None, *,
                  mc_size: int | Callable[[Any], Any] | None = None, num_chains: int = 10,
-                 surrogate: str = "louis", max_missing_fraction: float | None = None, trust_radius: float | None = None,
+                 surrogate: str = "auto", max_missing_fraction: float | None = None, trust_radius: float | None = None,
                  score_draws: int | None = None, prune: bool = True, bound: str = "jj", expand: str = "location",
-                 accelerate: bool | int = False, **kwargs: Any) -> None:
+                 accelerate: bool | int | None = None, **kwargs: Any) -> None:
         if "num_samples" in kwargs:
             raise TypeError("MISSO takes num_chains (chains per unit) and mc_size (draws per visit), not num_samples")
+        self.validate_options(num_epochs, batch_size, mc_size=mc_size, num_chains=num_chains, surrogate=surrogate,
+                              max_missing_fraction=max_missing_fraction, trust_radius=trust_radius,
+                              score_draws=score_draws, bound=bound, expand=expand, accelerate=accelerate, **kwargs)
+        #: ``surrogate="auto"``: the model's design read to choose (reused by the fit's start), the refusal's reason
+        self._auto_design: tuple[LatentModel, Any] | None = None
+        self._auto_reason: str | None = None
+        self._surrogate_option = surrogate
+        if surrogate == "auto":
+            surrogate, design, self._auto_reason = auto_surrogate(model)
+            if surrogate == "bohning":
+                self._auto_design = (model, design)
+                accelerate = True if accelerate is None else accelerate
+            else:  # "louis" accelerates its own step: ``accelerate`` (bohning's) does not apply
+                accelerate = None
+        accelerate = False if accelerate is None else accelerate
         if num_epochs is None:
             num_epochs = 20 if surrogate == "bohning" else 14
         if mc_size is None:
             mc_size = bohning_mc_size if surrogate == "bohning" else paper_mc_size
-        if not callable(mc_size) and int(mc_size) < 1:
-            raise ValueError(f"mc_size must be >= 1 or a schedule of the epoch, got {mc_size!r}")
-        if int(num_chains) < 1:
-            raise ValueError(f"num_chains must be >= 1, got {num_chains}")
-        if surrogate not in SURROGATES:
-            raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
         louis = not accelerate or surrogate != "bohning"  # accelerate's own defaults (measured: module docstring)
         max_missing_fraction = (0.9 if louis else 0.75) if max_missing_fraction is None else max_missing_fraction
         trust_radius = (5.0 if louis else 1.0) if trust_radius is None else trust_radius
-        if not 0.0 <= float(max_missing_fraction) < 1.0:
-            raise ValueError(f"max_missing_fraction must be in [0, 1), got {max_missing_fraction!r}")
-        if not float(trust_radius) > 0.0:
-            raise ValueError(f"trust_radius must be > 0, got {trust_radius!r}")
-        if score_draws is not None and int(score_draws) < 1:
-            raise ValueError(f"score_draws must be >= 1 or None, got {score_draws!r}")
         self.mc_size = mc_size if callable(mc_size) else (lambda k, m=int(mc_size): m + 0 * k)
+        #: the surrogate this engine runs (``"auto"`` resolved; recorded in checkpoints)
         self.surrogate = surrogate
         self.max_missing_fraction = float(max_missing_fraction)
         self.trust_radius = float(trust_radius)
@@ -439,20 +488,12 @@ class MISSO(MiniBatchMCEM):
         self.numeric = list(model.numeric_params)
         self.free = [n for n, p in model.params.items() if not p.fixed] if surrogate == "louis" else self.numeric
         self._design: Any = None  # ``"bohning"``: the model's LogisticDesign, read at init
-        if bound not in ("bohning", "jj"):
-            raise ValueError(f"bound must be 'bohning' or 'jj', got {bound!r}")
         self.bound = bound
-        if expand not in EXPANSIONS:
-            raise ValueError(f"expand must be one of {EXPANSIONS}, got {expand!r}")
         self.expand = expand
-        if accelerate is not False and surrogate != "bohning":
-            raise ValueError("accelerate is an option of surrogate='bohning' ('louis' accelerates its own step)")
-        if isinstance(accelerate, bool) or accelerate is None:
-            self.accelerate, self._accelerate_from = bool(accelerate), ACCELERATE_FROM
-        elif isinstance(accelerate, (int, np.integer)) and accelerate >= 0:
-            self.accelerate, self._accelerate_from = True, int(accelerate)
-        else:
-            raise ValueError(f"accelerate must be a bool or an epoch >= 0, got {accelerate!r}")
+        #: ``accelerate`` resolved: whether, and from which epoch (counted from 0; None: not accelerated)
+        self.accelerate = accelerate is True or not isinstance(accelerate, bool)
+        self.accelerate_from = (ACCELERATE_FROM if accelerate is True else int(accelerate)) if self.accelerate \
+            else None
         self._shapes = {n: tuple(np.shape(model.ops.to_numpy(model.params[n].to_unconstrained(
             model.params[n].value)))) for n in self.free + self.numeric}
         sizes = {n: int(np.prod(self._shapes[n])) for n in self.free}
@@ -462,12 +503,58 @@ class MISSO(MiniBatchMCEM):
                                              for i, n in enumerate(self.free) if n in self.numeric] or
                                             [np.zeros(0, int)]).astype(int)
 
+    @staticmethod
+    def validate_options(*args: Any, mc_size: Any = None, num_chains: int = 10, surrogate: str = "auto",
+                         max_missing_fraction: float | None = None, trust_radius: float | None = None,
+                         score_draws: int | None = None, bound: str = "jj", expand: str = "location",
+                         accelerate: bool | int | None = None, **kwargs: Any) -> None:
+        """Refuse bad options before any model is read (the front doors call it when built)."""
+        if args and args[0] is None:  # num_epochs: the surrogate's default
+            args = (1, *args[1:])
+        if kwargs.get("num_epochs", 1) is None:
+            kwargs["num_epochs"] = 1
+        StatEngine.validate_options(*args, **kwargs)
+        if mc_size is not None and not callable(mc_size) and int(mc_size) < 1:
+            raise ValueError(f"mc_size must be >= 1 or a schedule of the epoch, got {mc_size!r}")
+        if int(num_chains) < 1:
+            raise ValueError(f"num_chains must be >= 1, got {num_chains}")
+        if surrogate not in SURROGATE_OPTIONS:
+            raise ValueError(f"surrogate must be one of {SURROGATE_OPTIONS}, got {surrogate!r}")
+        if max_missing_fraction is not None and not 0.0 <= float(max_missing_fraction) < 1.0:
+            raise ValueError(f"max_missing_fraction must be in [0, 1), got {max_missing_fraction!r}")
+        if trust_radius is not None and not float(trust_radius) > 0.0:
+            raise ValueError(f"trust_radius must be > 0, got {trust_radius!r}")
+        if score_draws is not None and int(score_draws) < 1:
+            raise ValueError(f"score_draws must be >= 1 or None, got {score_draws!r}")
+        if bound not in ("bohning", "jj"):
+            raise ValueError(f"bound must be 'bohning' or 'jj', got {bound!r}")
+        if expand not in EXPANSIONS:
+            raise ValueError(f"expand must be one of {EXPANSIONS}, got {expand!r}")
+        if accelerate is not None and accelerate is not False and surrogate in ("louis", "paper"):
+            raise ValueError(f"accelerate is an option of surrogate='bohning' (and of 'auto', where it applies when "
+                             f"'bohning' is chosen); surrogate={surrogate!r} does not take it ('louis' accelerates "
+                             "its own step)")
+        if not (accelerate is None or isinstance(accelerate, bool) or
+                (isinstance(accelerate, (int, np.integer)) and accelerate >= 0)):
+            raise ValueError(f"accelerate must be a bool or an epoch >= 0, got {accelerate!r}")
+
     def _check_model(self) -> None:
         model = self.model
         if model.latent_dim == 0:
             raise ModelSpecificationError("MISSO needs latent variables per unit; this model has none")
         if not model.has_stats and not model.numeric_params:
             raise ModelSpecificationError("MISSO: the model has no free parameter to estimate")
+
+    def distribute(self) -> None:
+        """:meth:`MiniBatchMCEM.distribute`; with ``surrogate="auto"``, every process must have chosen alike (each
+        read its own block of the units): refused with every process's choice otherwise."""
+        super().distribute()
+        if self._surrogate_option == "auto":
+            chosen = self.ops.gather_objects(self.surrogate)
+            if len(set(chosen)) > 1:
+                raise ValueError(f"MISSO surrogate='auto' chose {chosen} on the processes (rank order; 'louis' where "
+                                 "the process's block of the units is refused by the 'bohning' surrogate): pass "
+                                 "surrogate= explicitly")
 
     # ----- the surrogates of a mini-batch --------------------------------------------------------------
     def _draws(self, t: Any) -> Any:
@@ -736,7 +823,11 @@ class MISSO(MiniBatchMCEM):
         """θ⁰, the design (:meth:`LatentModel.logistic_design`), the chains' prior draws, the surrogates at θ⁰."""
         model, ops, xp = self.model, self.ops, self.ops.xp
         theta = model.init_params()
-        design = self._design = model.logistic_design(theta)
+        # ``surrogate="auto"`` read the design of this model at θ⁰ to choose: the same (a permuted or sharded view of
+        # the model, :meth:`distribute`, is read again)
+        cached, self._auto_design = self._auto_design, None
+        design = self._design = cached[1] if cached is not None and cached[0] is model else \
+            model.logistic_design(theta)
         names = design.names
         self._fixed_theta = {k: v for k, v in theta.items() if k not in names}
         x0 = ops.stop_gradient(flatten(ops, {k: theta[k] for k in names}, names))
@@ -953,7 +1044,7 @@ class MISSO(MiniBatchMCEM):
         mean_g = sum_grad / n
         observed = sum_outer / n - mean_g[:, None] * mean_g[None, :]
         complete = sum_curv / n
-        epoch = (t - 1) // self.num_batches - self._accelerate_from
+        epoch = (t - 1) // self.num_batches - self.accelerate_from
         cap = self._missing_cap(epoch) * (epoch >= 0)
         excess = x + _accelerated_step(ops, complete, complete - observed, x_mm - x, sum_at / n - x, cap, n,
                                        self.trust_radius) - x_mm

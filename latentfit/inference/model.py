@@ -32,6 +32,11 @@ class ModelSpecificationError(ValueError):
     """The model cannot be fitted as written; the message says what to change."""
 
 
+class LogisticDesignError(ModelSpecificationError):
+    """The model lacks the affine logistic structure of :class:`LogisticDesign` (MISSO's ``surrogate="bohning"``); the
+    message says why.  ``surrogate="auto"`` takes this refusal, and only it, as "use ``"louis"``"."""
+
+
 class DataError(ValueError):
     """The data handed to the model are unusable (NaN, wrong shape, ...)."""
 
@@ -220,8 +225,8 @@ class LatentModel:
 
     def logistic_design(self, theta: dict[str, Any]) -> LogisticDesign:
         """The affine logistic structure of :class:`LogisticDesign` at θ (MISSO's ``surrogate="bohning"``); a model
-        without it raises :class:`ModelSpecificationError` (the default)."""
-        raise ModelSpecificationError(
+        without it raises :class:`LogisticDesignError` (the default)."""
+        raise LogisticDesignError(
             f"MISSO surrogate='bohning' needs a traced Pyro / NumPyro model with Normal latents and Bernoulli / "
             f"Binomial observations whose logits are affine in the latents and params; {type(self).__name__} has none")
 

@@ -44,6 +44,7 @@ from latentfit.inference.model import (
     LatentModel,
     LatentSite,
     LogisticDesign,
+    LogisticDesignError,
     ModelSpecificationError,
     ParamInfo,
 )
@@ -807,7 +808,7 @@ class TracedLatentModel(TracedBase):
         """The affine structure of MISSO's ``surrogate="bohning"`` (:class:`~latentfit.inference.model.LogisticDesign`):
         every latent a recognised ``Normal(μ, ω)`` pattern, every observed site a Bernoulli (or Binomial with a fixed
         ``total_count``) whose logits are affine in the latents and the free parameters jointly; raises
-        :class:`ModelSpecificationError` with the reason otherwise.
+        :class:`LogisticDesignError` (a :class:`ModelSpecificationError`) with the reason otherwise.
 
         The logits' coefficients are read by differences (exact for an affine map, up to rounding): ``η(z, θ)`` at
         z = 0, θ = ``theta`` and at unit steps of each latent coordinate (the same for every unit: a row's logit
@@ -815,21 +816,21 @@ class TracedLatentModel(TracedBase):
         xp, ops = self.ops.xp, self.ops
         prior = self.closed_form_log_prior()
         if prior is None or any(g.kind != "normal" for g in self._gauss):
-            raise ModelSpecificationError(
+            raise LogisticDesignError(
                 "MISSO surrogate='bohning' needs every latent to be a Normal(loc, scale) site whose loc and scale are "
                 "params (or 0) of the site's size or scalars; this model's latents are not")
         free = [n for n, p in self.params.items() if not p.fixed]
         if not free:
-            raise ModelSpecificationError("MISSO surrogate='bohning': the model has no free parameter")
+            raise LogisticDesignError("MISSO surrogate='bohning': the model has no free parameter")
         scales = {g.scale for g in self._gauss}
         locs = {g.loc for g in self._gauss if g.loc is not None}
         if scales & locs:
-            raise ModelSpecificationError("MISSO surrogate='bohning': a param is both a latent's loc and a scale")
+            raise LogisticDesignError("MISSO surrogate='bohning': a param is both a latent's loc and a scale")
         for n in free:
             info = self.params[n]
             v = ops.asarray(info.value, dtype=self._dtype)
             if n not in scales and float(ops.to_numpy(xp.max(xp.abs(info.to_unconstrained(v + 1.0) - v - 1.0)))) > 1e-9:
-                raise ModelSpecificationError(
+                raise LogisticDesignError(
                     f"MISSO surrogate='bohning': param {n!r} is constrained; the surrogate is quadratic in the natural "
                     "coordinates, which only the latents' scales (sign-free) may leave unconstrained")
         shapes = {n: tuple(np.shape(ops.to_numpy(theta[n]))) for n in free}
@@ -848,7 +849,7 @@ class TracedLatentModel(TracedBase):
                 fn = self.ppl.unwrap(site.fn)
                 kind = type(fn).__name__
                 if not (kind.startswith("Bernoulli") or kind.startswith("Binomial")):
-                    raise ModelSpecificationError(
+                    raise LogisticDesignError(
                         f"MISSO surrogate='bohning' needs Bernoulli or Binomial observed sites; {name!r} is {kind}")
                 vshape = tuple(np.shape(site.value))
                 event_dims[name] = len(site.fn.event_shape)
@@ -894,7 +895,7 @@ class TracedLatentModel(TracedBase):
                 err = float(ops.to_numpy(xp.max(xp.abs(g[0] - pred))))
                 ref = 1.0 + float(ops.to_numpy(xp.max(xp.abs(g[0]))))
                 if not err <= 1e-8 * ref:
-                    raise ModelSpecificationError(
+                    raise LogisticDesignError(
                         f"MISSO surrogate='bohning' needs logits affine in the latents and the free params; those of "
                         f"{self.observed_names[s]!r} are not (off by {err:.3g} at a random point)")
 
@@ -936,7 +937,7 @@ class TracedLatentModel(TracedBase):
                                     or [np.zeros(0, int)]).astype(int)
         for c in scale_cols:  # a scale must enter through the latents only (the likelihood is then even in its sign)
             if float(ops.to_numpy(xp.max(xp.abs(w_all[:, d + c])))) > 0.0:
-                raise ModelSpecificationError("MISSO surrogate='bohning': a latent's scale param enters the logits")
+                raise LogisticDesignError("MISSO surrogate='bohning': a latent's scale param enters the logits")
 
         def rows_one(th: dict[str, Any], z: Any) -> tuple[Any, Any]:
             """Every element's ``y_r − count_r σ(η_r)`` and Jaakkola–Jordan curvature ``count_r (σ(η_r) − ½)/η_r``
