@@ -336,7 +336,7 @@ out = {}
 
 def fit(name, extra, devices):
     extra = dict(extra)
-    if name == "MISSO" and extra.get("surrogate") == "bohning":  # a logistic intercept on the data's signs
+    if name == "MISSO" and extra.pop("logistic", False):  # a logistic intercept on the data's signs
         extra.pop("closed_form")
         model = NumPyroLatentModel(models_numpyro.logistic_intercept, (y - 1.0, (y > 1.0).astype(y.dtype)))
         return MISSO(model, **opts, **extra).run(jax.random.PRNGKey(3), devices=devices)
@@ -424,6 +424,7 @@ MISSO_TABLES = {"louis": {"memory.table.b.s1", "memory.table.y.rss", "memory.vis
                 "paper-numeric": {"memory.anchor", "memory.grad"},
                 "louis-numeric": {"memory.anchor", "memory.grad", "memory.visited_at"},
                 "bohning": {"memory.curv_rows", "memory.lin_rows", "memory.grad", "memory.visited_at"}}
+MISSO_TABLES["auto"] = MISSO_TABLES["bohning"]
 
 
 @pytest.mark.slow
@@ -431,7 +432,7 @@ def test_misso_two_jax_devices_equal_one() -> None:
     """MISSO with ``rng="per_unit"`` and ``devices=2`` (NumPyro), both surrogates: every per-unit table (statistics
     rows, anchors, gradients, visit points) and the chains ``[16, 3, 1]`` split 8 units per device; estimates, the
     whole history and the chains equal the one-device fit to 1e-10."""
-    cases = {case: ("MISSO", dict(extra, closed_form=closed_form))
+    cases = {case: ("MISSO", dict(extra, closed_form=closed_form, logistic=case in LOGISTIC_CASES))
              for case, (closed_form, extra) in MISSO_CASES.items()}
     out = _two_jax_devices(MISSO_OPTIONS, cases)
     for case, res in out.items():

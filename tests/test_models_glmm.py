@@ -348,9 +348,12 @@ def test_saem_fit(name: str, backend: Backend):
 
 
 #: MCMCSGD and MISSO on the random-intercept model, NumPyro, seed 0 (one seed each, measured once: deviations from
-#: the known answer ≤ 0.006 (MCMCSGD) and ≤ 0.010 (MISSO)); the tolerance 0.05 is 5× that and a third of the
-#: standard error of β₀ (≈ 0.15).
-ENGINE_OPTIONS = {"MCMCSGD": {"num_iters": 400, "num_chains": 5}, "MISSO": {"num_epochs": 10, "batch_size": 20}}
+#: the known answer ≤ 0.006 (MCMCSGD) and ≤ 0.010 (MISSO, then ``surrogate="louis"``, 10 epochs of 20 groups)); the
+#: tolerance 0.05 is 5× that and a third of the standard error of β₀ (≈ 0.15).  MISSO now runs its defaults
+#: (``surrogate="auto"``: ``"bohning"`` with ``accelerate=True``, 20 epochs of 50% batches): fit seeds 0-2, a scratch
+#: run, ≤ 0.027 (Pyro) and ≤ 0.042 (NumPyro), at 3 s CPU against louis' 13 s (Pyro; louis, 10 epochs of 20 groups:
+#: ≤ 0.036).  With louis' old budget (10 epochs of 20 groups) the default is outside the tolerance (0.062-0.077 on β₀).
+ENGINE_OPTIONS = {"MCMCSGD": {"num_iters": 400, "num_chains": 5}, "MISSO": {}}
 ENGINE_TOL = 0.05
 
 
