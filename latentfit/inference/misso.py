@@ -251,8 +251,8 @@ the model has its structure and ``"louis"`` elsewhere: see the end of this list)
   NumPyro on the benchmark's model), which the fit's start then skips.  Why this default
   (benchmarks/mcmcsgd_logistic.py, N = 400, 9 fits per PPL, ΔLL by AGQ against the exact maximum): ``"louis"`` −0.87 ±
   0.72 at 3-5× SAEM's time; ``"bohning"`` −0.25 / −0.28 (Pyro / NumPyro); accelerated (the default) −0.10 ± 0.10 / −0.13
-  ± 0.10, every fit within 0.32 of the maximum, SAEM's final log-likelihood reached in less CPU than SAEM on 16 of the
-  18 fits (the benchmark's docstring).
+  ± 0.10, every fit within 0.32 of the maximum, SAEM's final log-likelihood reached in less CPU than SAEM on 16 and 15
+  of the 18 fits (two runs, the second with these defaults: the benchmark's docstring).
 
 Data-parallel (``rng="per_unit"``, ``run(distributed=True)`` or ``devices=n`` on JAX; every surrogate): every process
 draws the same global mini-batch, advances only the chains (or exact posterior draws) of its own units in it, each from
@@ -1105,4 +1105,5 @@ def _accelerated_step(ops: Any, complete: Any, missing: Any, step: Any, stale: A
     return c_inv_t @ (v @ (y + tau * excess))
 
 
-__all__ = ["MISSO", "MISSOMemory", "MISSOState", "SURROGATES", "bohning_mc_size", "paper_mc_size"]
+__all__ = ["MISSO", "MISSOMemory", "MISSOState", "SURROGATES", "SURROGATE_OPTIONS", "auto_surrogate", "bohning_mc_size",
+           "paper_mc_size"]
