@@ -108,6 +108,27 @@ def test_mcmcsgd_torch_optimizer_resume(tmp_path: Path) -> None:
     _interrupt_and_resume(make, None, tmp_path)
 
 
+def test_mcmcsgd_default_change_never_resumes_silently(tmp_path: Path) -> None:
+    """MCMCSGD's default optimiser became ``"auto"`` (Fisher scoring on this model) from ``"adam"``.  A checkpoint of
+    an Adam fit (what the old default recorded: ``optimizer_spec="adam"``, ``fisher=False``) resumes bit for bit with
+    ``optimizer="adam"`` given, and is refused with the options-differ message by an engine left at the new default;
+    a fit at the new default resumes bit for bit too."""
+    backend = Backend("pyro")
+    model = backend.latent_model(backend.models.random_intercept, backend.tensor(_intercept_data()))
+
+    def make(**kw: Any) -> MCMCSGD:
+        return MCMCSGD(model, num_iters=ITERS, burn_in=5, seed=1, progress=False, chunk_size=5, num_draws=5, **kw)
+
+    _interrupt_and_resume(lambda **kw: make(optimizer="adam", **kw), None, tmp_path / "adam")
+    adam = tmp_path / "adam" / "ckpt"  # where _interrupt_and_resume writes
+    meta = json.loads(sorted(adam.glob("ckpt-*.json"))[-1].read_text())
+    assert meta["options"]["optimizer_spec"] == "adam" and meta["options"]["fisher"] is False
+    assert make().fisher is True
+    with pytest.raises(ValueError, match=r"options differ.*optimizer_spec='adam' != 'auto'"):
+        make().run(resume=adam)
+    _interrupt_and_resume(make, None, tmp_path / "auto")
+
+
 @pytest.mark.parametrize("backend_name", [pytest.param("pyro", id="pyro"),
                                           pytest.param("numpyro", id="numpyro", marks=pytest.mark.slow)])
 def test_misso_resume_is_bit_identical(backend_name: str, tmp_path: Path) -> None:

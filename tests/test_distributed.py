@@ -365,7 +365,10 @@ for case, (name, extra) in json.loads(sys.argv[3]).items():
         "unit_tables": unit_tables(two.state),
         "params_diff": max(float(np.max(np.abs(np.asarray(one.params[k]) - np.asarray(two.params[k]))))
                            for k in one.params),
-        "history_diff": max(float(np.max(np.abs(np.asarray(one.history[k]) - np.asarray(two.history[k])))) for k
+        # each record relative to its scale (at least 1): a squared gradient norm of 3e5 (Fisher scoring's first steps)
+        # differs by a few ulps, 1e-10 absolute
+        "history_diff": max(float(np.max(np.abs(np.asarray(one.history[k]) - np.asarray(two.history[k])))
+                                  / max(1.0, float(np.max(np.abs(np.asarray(one.history[k])))))) for k
                             in one.history if k != "time"),
         "z_diff": float(np.max(np.abs(np.asarray(one.state.z) - np.asarray(z)))),
         "z_shard": list(z.sharding.shard_shape(z.shape)), "z_devices": len(z.sharding.device_set),
@@ -393,8 +396,8 @@ def _two_jax_devices(options: dict, cases: dict) -> dict:
 @pytest.mark.slow
 def test_mcmcsgd_two_jax_devices_equal_one() -> None:
     """``run(devices=2)`` (NumPyro): the chains ``[4, 16, 1]`` split 8 units per host device, the gradient's sum over
-    units an all-reduce; estimates, history and chains equal the one-device fit to 1e-10 (full batch, a mini-batch
-    of 3, MALA with a mini-batch: its per-unit step sizes sharded too)."""
+    units an all-reduce; estimates, history (relative to each record's scale) and chains equal the one-device fit to
+    1e-10 (full batch, a mini-batch of 3, MALA with a mini-batch: its per-unit step sizes sharded too)."""
     out = _two_jax_devices(MC_OPTIONS, {case: ("MCMCSGD", extra) for case, extra in MC_CASES.items()})
     for case, res in out.items():
         assert res["params_diff"] < 1e-10 and res["history_diff"] < 1e-10 and res["z_diff"] < 1e-10, (case, res)

@@ -3,8 +3,9 @@
 Known answers come from the model gallery (``test_gallery.py``): the exact ML estimate of the random-slope radon
 model (``gallery_reference.lmm_mle``) and the adaptive-quadrature ML estimate of the logistic GLMM
 (``gallery_reference.glmm_mle``).  Tolerances are in units of SAEM's Monte-Carlo error on the same entry
-(``test_gallery.MC_SD``): MCMCSGD's default fits deviated by at most 1.6 of them over seeds 0-2 on both
-entries (a scratch run), and the tests allow ``TOL_SDS = 5`` of them, as the gallery does for SAEM.
+(``test_gallery.MC_SD``): MCMCSGD's fits with Adam (the default before ``"auto"``) deviated by at most 1.6 of them
+over seeds 0-2 on both entries (a scratch run), and the tests allow ``TOL_SDS = 5`` of them,
+as the gallery does for SAEM.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def test_reaches_the_exact_maximum(name, backend_name):
     """Random-slope LMM (exact ML) and logistic GLMM (quadrature ML), default options, 5 chains per unit."""
     fit = _fit(Backend(backend_name), name, num_chains=5)
     _check_known_answer(name, fit)
-    # the Polyak–Ruppert average is what the fit reports: it is the mean of the last half's iterates
-    k0 = fit.engine.average_from if hasattr(fit.engine, "average_from") else 250
+    # the average of the iterates after average_from is what the fit reports (default: Fisher scoring's, from 70)
+    k0 = fit.engine.average_from
     assert fit.history["objective"].shape == (500,)
     assert np.all(np.isfinite(fit.history["grad_norm2"][k0:]))
 
@@ -67,8 +68,9 @@ def test_reaches_the_exact_maximum(name, backend_name):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend_name", ["pyro", "numpyro"])
 def test_defaults_reach_the_quadrature_maximum_of_a_logistic_glmm(backend_name):
-    """With every option at its default (one chain per unit at N = 80, saemix kernels (2, 2, 2), Adam, averaging
-    over the second half) MCMCSGD ends within TOL_SDS of SAEM's Monte-Carlo errors of the quadrature maximum."""
+    """With every option at its default (one chain per unit at N = 80, saemix kernels (2, 2, 2), optimizer "auto":
+    Fisher scoring here, averaged after its heavy-ball steps) MCMCSGD ends within TOL_SDS of SAEM's Monte-Carlo
+    errors of the quadrature maximum."""
     _check_known_answer("logistic_glmm", _fit(Backend(backend_name), "logistic_glmm"))
 
 
@@ -102,8 +104,9 @@ def test_polyak_ruppert_average_mean_squared_error_falls_like_one_over_k():
 
 @pytest.mark.parametrize("backend_name", ["pyro", pytest.param("numpyro", marks=pytest.mark.slow)])
 def test_reported_estimate_is_the_average_of_the_iterates(backend_name):
-    """The fit reports the mean of the iterates after ``average_from`` (unconstrained), the running mean before."""
-    fit = _fit(Backend(backend_name), "logistic_glmm", num_iters=40, burn_in=5, average_from=25)
+    """With a named optimiser (Adam) the fit reports the mean of the iterates after ``average_from`` (unconstrained),
+    the running mean before (Fisher scoring's weighted average: test_mcmcsgd_fisher.test_fisher_scoring_phases)."""
+    fit = _fit(Backend(backend_name), "logistic_glmm", num_iters=40, burn_in=5, average_from=25, optimizer="adam")
     engine = fit.engine
     iterates = np.asarray(fit.history["iterate"])  # row k - 1: iterate of iteration k
     offsets = np.cumsum([0] + [int(np.prod(engine._shapes[n])) for n in engine.names])

@@ -372,3 +372,117 @@ def test_exact_information_in_closed_form_with_parameters_shared_over_coordinate
         gammas[path] = state.opt["gamma"].numpy()
     np.testing.assert_allclose(gammas["closed"], np.diag([15 * 3 / 0.7 ** 2, 15 * 2.0 * 3]), rtol=1e-12)
     np.testing.assert_allclose(gammas["every unit"], gammas["closed"], rtol=1e-12, atol=1e-9)
+
+
+# ----- the default optimiser: "auto" --------------------------------------------------------------------------
+def _unwarned_engine(model: object) -> tuple[object, list[str]]:
+    """``MCMCSGD(model)`` with every option at its default, and the UserWarnings its construction gave."""
+    import warnings
+
+    from latentfit.inference.mcmcsgd import MCMCSGD
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = MCMCSGD(model, progress=False)
+    return engine, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_the_default_optimizer_is_auto_and_fisher_scoring_on_a_small_model(backend):
+    """With no ``optimizer`` given, the random-slope model (7 free parameters, no module) gets Fisher scoring with its
+    own schedule: the γ = 1 steps after 60 heavy-ball steps, the index-weighted average — on both PPLs, silently."""
+    import inspect
+
+    from test_gallery import ENTRIES, _args
+
+    from latentfit.inference.mcmcsgd import MCMCSGD
+
+    assert inspect.signature(MCMCSGD).parameters["optimizer"].default == "auto"
+    entry = ENTRIES["radon_slope"]
+    lm = backend.latent_model(entry.model(backend), *_args(backend, entry, entry.data()))
+    assert not lm.module_params
+    engine, warned = _unwarned_engine(lm)
+    assert warned == []
+    assert engine.fisher is True and engine.optimizer_spec == "auto" and engine.information == "exact"
+    assert engine.schedule == "sem" and engine.averaging == "linear"
+    assert engine.momentum_steps == 60 and engine.average_from == engine.burn_in + 60
+
+
+def _pyro_mlp_model(hidden: int, sigma: float | None):
+    """Random intercepts around an MLP mean ``pyro.module`` (``3 hidden + 1`` weights), σ a param or fixed."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+    from torch import nn
+    from torch.distributions import constraints
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(1, hidden), nn.Tanh(), nn.Linear(hidden, 1)).double()
+
+    def model(x, group, num_groups, y=None):
+        net = pyro.module("mlp", mlp)
+        omega = pyro.param("omega", torch.tensor(1.0, dtype=x.dtype), constraint=constraints.positive)
+        scale = sigma if sigma is not None else pyro.param("sigma", torch.tensor(1.0, dtype=x.dtype),
+                                                           constraint=constraints.positive)
+        with pyro.plate("group", num_groups):
+            u = pyro.sample("u", dist.Normal(0.0, omega))
+        with pyro.plate("rows", len(x)):
+            pyro.sample("y", dist.Normal(net(x[:, None]).squeeze(-1) + u[group], scale), obs=y)
+
+    return model
+
+
+@pytest.mark.parametrize("hidden,sigma,num_free", [(21, 0.3, 65), (16, None, 51)])
+def test_the_default_uses_adam_without_a_warning_on_a_neural_network(hidden, sigma, num_free):
+    """A ``pyro.module`` MLP with random intercepts gets Adam from the default, without a warning: above
+    ``MAX_PARAMS`` free parameters (65), and below it too (51: an MLP's complete-data information is indefinite,
+    and Fisher scoring took tests/test_mcmcsgd.py's fit of this model far below its start).  ``"fisher"`` still
+    means Fisher scoring on the 51-parameter one."""
+    import torch
+
+    from latentfit.inference.mcmcsgd import MCMCSGD
+    from latentfit.integrations.pyro import PyroLatentModel
+
+    group, x, y, num = _mlp_data()
+    args = (torch.as_tensor(x), torch.as_tensor(group), num, torch.as_tensor(y))
+    lm = PyroLatentModel(_pyro_mlp_model(hidden, sigma), args)
+    assert sum(p.value.numel() for p in lm.params.values()) == num_free
+    assert lm.module_params == {n for n in lm.params if n.startswith("mlp$$$")} and len(lm.module_params) == 4
+    engine, warned = _unwarned_engine(lm)
+    assert warned == []
+    assert engine.fisher is False and engine.momentum_steps == 0 and engine.schedule is None
+    assert engine.averaging == "uniform" and engine.average_from == engine.num_iters // 2
+    if num_free <= preconditioned.MAX_PARAMS:
+        assert MCMCSGD(lm, optimizer="fisher", progress=False).fisher is True
+
+
+def test_the_default_uses_adam_on_a_numpyro_flax_module():
+    """The NumPyro counterpart: a flax MLP through ``numpyro.contrib.module.flax_module`` (51 free parameters)."""
+    pytest.importorskip("flax")
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.contrib.module import flax_module
+    from numpyro.distributions import constraints
+
+    from latentfit.integrations.numpyro import NumPyroLatentModel
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(nn.tanh(nn.Dense(16)(x)))
+
+    def model(x, group, num_groups, y=None):
+        net = flax_module("mlp", MLP(), input_shape=(1, 1))
+        omega = numpyro.param("omega", 1.0, constraint=constraints.positive)
+        sigma = numpyro.param("sigma", 1.0, constraint=constraints.positive)
+        with numpyro.plate("group", num_groups):
+            u = numpyro.sample("u", dist.Normal(0.0, omega))
+        with numpyro.plate("rows", len(x)):
+            numpyro.sample("y", dist.Normal(net(x[:, None]).squeeze(-1) + u[group], sigma), obs=y)
+
+    group, x, y, num = _mlp_data()
+    lm = NumPyroLatentModel(model, (jnp.asarray(x), jnp.asarray(group), num, jnp.asarray(y)))
+    assert lm.module_params == set(lm.params) - {"omega", "sigma"} and len(lm.module_params) == 4
+    engine, warned = _unwarned_engine(lm)
+    assert warned == [] and engine.fisher is False

@@ -326,6 +326,9 @@ class LatentModel:
     has_gaussian_obs: bool = False
     has_gaussian_prior: bool = False
     has_exact_marginal: bool = False
+    #: the params that are weights of a neural-network module (``pyro.module``, ``numpyro.contrib.module``): their
+    #: complete-data information is indefinite, so MCMCSGD's ``optimizer="auto"`` fits them with Adam
+    module_params: frozenset[str] = frozenset()
 
     def predict(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:
         """Mean and sd of every (padded) observation given the latents: ``[..., n, T]`` each.

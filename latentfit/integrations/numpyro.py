@@ -27,6 +27,8 @@ from latentfit.inference.ops_jax_memo import fingerprint
 from latentfit.integrations.enumerated import EnumeratedLatentModel
 from latentfit.integrations.traced import PPL, Frame, Site, TracedLatentModel
 
+#: the suffix ``numpyro.contrib.module`` gives the param of a module's weights (``"net$params"``)
+_MODULE_SUFFIX = "$params"
 #: pytree-valued params (``numpyro.contrib.module``'s ``"net$params"``): name -> (leaf names, tree structure)
 _PYTREE_PARAMS: dict[str, tuple[tuple[str, ...], Any]] = {}
 
@@ -119,6 +121,10 @@ class NumPyroPPL(PPL):
         Normal=ndist.Normal, MultivariateNormal=ndist.MultivariateNormal, Categorical=ndist.CategoricalProbs,
         Independent=ndist.Independent, Masked=ndist.MaskedDistribution, Expanded=ndist.ExpandedDistribution,
         Transformed=ndist.TransformedDistribution, ExpTransform=ExpTransform)
+
+    def is_module_weight(self, name: str) -> bool:
+        # numpyro.contrib.module's flax / haiku weights: one pytree param "net$params", a leaf "net$params/Dense_0/..."
+        return name.endswith(_MODULE_SUFFIX) or _MODULE_SUFFIX + "/" in name
 
     def run(self, fn: Any, args: tuple, kwargs: dict, params: dict | None = None, values: dict | None = None,
             key: Any = None, subsample: tuple[str, int, Any] | None = None) -> dict[str, Site]:

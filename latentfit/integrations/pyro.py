@@ -435,6 +435,9 @@ class PyroPPL(PPL):
             fn(*args, **kwargs)
         return runner.sites
 
+    def is_module_weight(self, name: str) -> bool:
+        return _MODULE_DIVIDER in name  # pyro.module's "net$$$0.weight"
+
     def make_ops(self, dtype: Any, device: Any) -> TorchOps:
         return TorchOps(device=device, dtype=dtype)
 

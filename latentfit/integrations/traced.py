@@ -167,6 +167,11 @@ class PPL:
         """``fn.log_prob(value)`` (a PPL may compute it faster, with the same values)."""
         return fn.log_prob(value)
 
+    def is_module_weight(self, name: str) -> bool:
+        """Whether param ``name`` is a weight of a neural-network module registered by the PPL's module helper
+        (``pyro.module``, ``numpyro.contrib.module``), by the name that helper gives it; False by default."""
+        return False
+
     def first_run(self, fn: Any, args: tuple, kwargs: dict) -> dict[str, Site]:
         """The model's first run (:meth:`run` without θ or latents given); a PPL may compute it in one program."""
         return self.run(fn, args, kwargs)
@@ -259,6 +264,11 @@ class TracedBase(LatentModel):
             self.params[name] = ParamInfo(
                 name=name, value=ops.stop_gradient(ops.asarray(site.value, dtype=self._dtype)),
                 to_unconstrained=transform.inv, to_constrained=transform, meta={"constraint": site.constraint})
+
+    @property
+    def module_params(self) -> frozenset[str]:
+        """The params that are weights of a neural-network module (:meth:`PPL.is_module_weight`)."""
+        return frozenset(n for n in self.params if self.ppl.is_module_weight(n))
 
     def _run(self, theta: dict[str, Any], values: dict[str, Any], units: Any = None) -> dict[str, Site]:
         """One run at θ with the latents ``values``; with ``units``, only those units (the unit plate subsampled,
