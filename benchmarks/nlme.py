@@ -260,6 +260,20 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   after their first walk (``ops_jax_store._Stable.instance``; the same digests, checked against the full walk):
   ``stable_digest`` CPU over the 10 keys 0.023-0.024 -> 0.017 s (3 runs each, load ~2-3; of it 0.004 s hashes
   latentfit's source once); the fingerprints (0.018 s) walk live objects and stay.
+* tenth round, loading beside the work (issue 14 item 9): a warm process waited 0.18 s (0.175-0.198) in
+  ``load_executable``, the chunk of iterations (0.07 s) asked for ~0.05 s after the first program.  XLA's
+  ``deserialize_executable`` releases the GIL, so the executables are now read ahead: a process leaves the names of
+  the executables it loaded after its first one beside it (``<first>.lfx.trail``), and the next process starting with
+  the same one deserialises them, largest first, in a background thread (``ops_jax_store._ReadAhead``; the caller
+  reads any the thread has not reached; ``LATENTFIT_READ_AHEAD=0`` switches it off); and ``platform.processor()``
+  (``uname -p`` in a subprocess, ~10 ms) is no longer run where ``/proc/cpuinfo`` gives the host's CPU.  Measured
+  (e6b5239's tree, the same cache, read-ahead off and on alternated in fresh processes, 10 rounds, load ~1, wall
+  median (range)): end to end 0.392 s (0.381-0.417) -> 0.294 (0.272-0.345); CPU 0.412 -> 0.420 (the same work, on
+  two threads); waiting for executables 0.180 -> 0.080; fit 0.254 -> 0.230, EBEs 0.042 -> 0.016, SEs 0.026 ->
+  0.011, IS log-likelihood 0.072 -> 0.035.  Results bit-identical (the same executables).  On a machine with no
+  idle core the thread only competes with the main one (load 5-9: no change of the wall time).  The 10x goal
+  (<= 0.15 s) is still not met (~2x short): CPU 0.41 s, of it the executables' deserialisation ~0.14, the 400
+  iterations ~0.06, the keys' fingerprints ~0.02 s.
 """
 
 from __future__ import annotations

@@ -252,18 +252,14 @@ def test_pyro_module_weights_are_fitted():
     assert torch.allclose(pyro.param("mlp$$$2.weight").detach(), torch.as_tensor(fit.params["mlp$$$2.weight"]))
 
 
-@pytest.mark.slow
-def test_numpyro_flax_module_weights_are_fitted():
-    """The same model with a flax MLP through ``numpyro.contrib.module.flax_module``."""
-    pytest.importorskip("flax")
+def _numpyro_flax_mlp_model():
+    """The NumPyro form of the MLP model: a flax MLP (1-16-1, tanh) through ``numpyro.contrib.module.flax_module``
+    as the mean, random intercepts per group (51 free parameters)."""
     import flax.linen as nn
-    import jax.numpy as jnp
     import numpyro
     import numpyro.distributions as dist
     from numpyro.contrib.module import flax_module
     from numpyro.distributions import constraints
-
-    import latentfit.numpyro as ln
 
     class MLP(nn.Module):
         @nn.compact
@@ -279,6 +275,18 @@ def test_numpyro_flax_module_weights_are_fitted():
         with numpyro.plate("rows", len(x)):
             numpyro.sample("y", dist.Normal(net(x[:, None]).squeeze(-1) + u[group], sigma), obs=y)
 
+    return model
+
+
+@pytest.mark.slow
+def test_numpyro_flax_module_weights_are_fitted():
+    """The same model with a flax MLP through ``numpyro.contrib.module.flax_module``."""
+    pytest.importorskip("flax")
+    import jax.numpy as jnp
+
+    import latentfit.numpyro as ln
+
+    model = _numpyro_flax_mlp_model()
     group, x, y, num = _mlp_data()
     args = (jnp.asarray(x), jnp.asarray(group), num, jnp.asarray(y))
     start = ln.MCMCSGD(model, num_iters=20, num_chains=4, burn_in=19, progress=False).run(0, *args)

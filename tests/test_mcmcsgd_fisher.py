@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from backends import Backend
-from test_mcmcsgd import _check_known_answer, _fit, _mlp_data
+from test_mcmcsgd import _check_known_answer, _fit, _mlp_data, _numpyro_flax_mlp_model
 
 from latentfit.inference import preconditioned
 
@@ -458,31 +458,12 @@ def test_the_default_uses_adam_without_a_warning_on_a_neural_network(hidden, sig
 def test_the_default_uses_adam_on_a_numpyro_flax_module():
     """The NumPyro counterpart: a flax MLP through ``numpyro.contrib.module.flax_module`` (51 free parameters)."""
     pytest.importorskip("flax")
-    import flax.linen as nn
     import jax.numpy as jnp
-    import numpyro
-    import numpyro.distributions as dist
-    from numpyro.contrib.module import flax_module
-    from numpyro.distributions import constraints
 
     from latentfit.integrations.numpyro import NumPyroLatentModel
 
-    class MLP(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(1)(nn.tanh(nn.Dense(16)(x)))
-
-    def model(x, group, num_groups, y=None):
-        net = flax_module("mlp", MLP(), input_shape=(1, 1))
-        omega = numpyro.param("omega", 1.0, constraint=constraints.positive)
-        sigma = numpyro.param("sigma", 1.0, constraint=constraints.positive)
-        with numpyro.plate("group", num_groups):
-            u = numpyro.sample("u", dist.Normal(0.0, omega))
-        with numpyro.plate("rows", len(x)):
-            numpyro.sample("y", dist.Normal(net(x[:, None]).squeeze(-1) + u[group], sigma), obs=y)
-
     group, x, y, num = _mlp_data()
-    lm = NumPyroLatentModel(model, (jnp.asarray(x), jnp.asarray(group), num, jnp.asarray(y)))
+    lm = NumPyroLatentModel(_numpyro_flax_mlp_model(), (jnp.asarray(x), jnp.asarray(group), num, jnp.asarray(y)))
     assert lm.module_params == set(lm.params) - {"omega", "sigma"} and len(lm.module_params) == 4
     engine, warned = _unwarned_engine(lm)
     assert warned == [] and engine.fisher is False
