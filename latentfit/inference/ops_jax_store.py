@@ -42,6 +42,7 @@ one is read again (and refused) by the caller as without read-ahead.  ``LATENTFI
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -460,6 +461,12 @@ def _write_entry(path: Path, head: bytes, blobs: list[bytes]) -> bool:
     payload = _MAGIC + hashlib.blake2b(body, digest_size=32).digest() + body
     if len(payload) > STORE_BYTES // 4:
         return False
+    return _replace(path, payload)
+
+
+def _replace(path: Path, payload: bytes) -> bool:
+    """Write ``payload`` to ``path`` atomically (a temporary file beside it, then ``os.replace``): a reader sees the
+    old file or the new one, never a part; False when it cannot be written."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
@@ -763,13 +770,7 @@ class _ReadAhead:
             self.ready.clear()
         trail = [n for n in self.trail[1:] if n != self.first][:TRAIL_LENGTH]
         if self.first is not None and trail and trail != self.read:
-            try:
-                fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-                with os.fdopen(fd, "w") as f:
-                    json.dump(trail, f)
-                os.replace(tmp, directory / f"{self.first}.trail")
-            except OSError:
-                pass
+            _replace(directory / f"{self.first}.trail", json.dumps(trail).encode())  # best effort
 
 
 _AHEAD: list[_ReadAhead] = []
@@ -924,12 +925,10 @@ def _trim(directory: Path) -> None:
         entries = [(p.stat().st_mtime, p.stat().st_size, p) for p in directory.glob("*.lf[trx]")]
     except OSError:
         return
-    try:  # the read-ahead trails of executables no longer kept
+    with contextlib.suppress(OSError):  # the read-ahead trails of executables no longer kept (best effort)
         for trail in directory.glob("*.lfx.trail"):
             if not trail.with_suffix("").exists():
                 trail.unlink()
-    except OSError:
-        pass
     total = sum(s for _, s, _ in entries)
     for _, size, path in sorted(entries, key=lambda e: e[0]):
         if total <= STORE_BYTES:
