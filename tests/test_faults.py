@@ -216,3 +216,48 @@ def test_nan_m_step_after_resume_into_an_empty_directory(tmp_path: Any) -> None:
         _saem(backend, y, nan_m_step=True).run(None, resume=source, checkpoint=tmp_path / "second")
     assert err.value.last_good_iteration == start and checkpoint_files(tmp_path / "second")[-1][0] == start
     assert str(tmp_path / "second") in str(err.value)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stacked_chunk_records_are_checked_and_recorded_as_per_iteration_ones(seed):
+    """A compiled chunk's records come stacked (iterations on axis 0): the driver finds the same first NaN/inf
+    (iteration, parameter, gradient before value) and records the same history, entry by entry, as from the
+    per-iteration records."""
+    from latentfit.inference import driver
+    from latentfit.inference.ops_jax import StackedInfos
+
+    rng = np.random.default_rng(seed)
+    n = 7
+    stacked = {"objective": rng.normal(size=n), "acc": {"rw": rng.uniform(size=(n, 3)), "imh": rng.uniform(size=n)},
+               "grad_nonfinite": {"mu": np.zeros(n), "omega": np.zeros(n)},
+               "theta": {"mu": rng.normal(size=n), "omega": rng.uniform(size=(n, 2, 2)),
+                         "count": np.arange(n)}}
+    for _ in range(int(rng.integers(0, 4))):  # a few faults at random places, ties in one iteration included
+        j = int(rng.integers(0, n))
+        where = int(rng.integers(0, 3))
+        if where == 0:
+            stacked["grad_nonfinite"][["mu", "omega"][int(rng.integers(0, 2))]][j] = 1.0
+        elif where == 1:
+            stacked["theta"]["mu"][j] = [np.nan, np.inf, -np.inf][int(rng.integers(0, 3))]
+        else:
+            stacked["theta"]["omega"][j, 1, 0] = np.nan
+    records = StackedInfos(stacked, n)
+    per_iteration = [records[j] for j in range(n)]
+    assert records[-1]["acc"]["rw"].shape == (3,) and len(records[2:5]) == 3
+    expected = driver._first_nonfinite(per_iteration, 10, _NumpyOps())
+    assert driver._first_nonfinite(records, 10, _NumpyOps()) == expected
+    h_one: dict = {}
+    for info in per_iteration:
+        driver._append_history(h_one, info, _NumpyOps())
+    h_all: dict = {}
+    driver._extend_history(h_all, stacked, n)
+    assert list(h_all) == list(h_one)
+    for name in h_one:
+        assert [np.shape(v) for v in h_all[name]] == [np.shape(v) for v in h_one[name]]
+        np.testing.assert_array_equal(np.stack(h_all[name]), np.stack(h_one[name]))
+
+
+class _NumpyOps:
+    @staticmethod
+    def to_numpy(x: Any) -> np.ndarray:
+        return np.asarray(x)

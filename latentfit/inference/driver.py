@@ -279,11 +279,18 @@ class Engine:
                     if fault is not None:
                         raise self._nonfinite_error(fault, good, state, checkpoint, last_saved, history, draws,
                                                     collect_from, int(keep), t0, t_init)
-                    for info in infos:
-                        z = info.pop("_z", None)
+                    stacked = _stacked_records(infos)
+                    if stacked is not None:  # a compiled chunk's records: each leaf's rows at once
+                        z = stacked.get("_z")
                         if z is not None and collect:
-                            draws.append(ops.to_numpy(z))
-                        _append_history(history, info, ops)
+                            draws.extend(z[j] for j in range(len(infos)))
+                        _extend_history(history, {k: v for k, v in stacked.items() if k != "_z"}, len(infos))
+                    else:
+                        for info in infos:
+                            z = info.pop("_z", None)
+                            if z is not None and collect:
+                                draws.append(ops.to_numpy(z))
+                            _append_history(history, info, ops)
                     good = self._snapshot(state, b)
                     if b < total and self.stopped(state):
                         done = b
@@ -622,9 +629,41 @@ def info_dict(info: Any) -> dict[str, Any]:
     return {k: v for k, v in info._asdict().items() if v is not None}
 
 
-def _first_nonfinite(infos: list[dict[str, Any]], first: int, ops: Any) -> tuple[int, str, str] | None:
+def _stacked_records(infos: Any) -> dict[str, Any] | None:
+    """A compiled chunk's records stacked (:class:`~latentfit.inference.ops_jax.StackedInfos`: a dict of numpy
+    arrays, or of dicts of them, the iterations on axis 0), or None (a list of per-iteration records)."""
+    stacked = getattr(infos, "stacked", None)
+
+    def plain(tree: Any) -> bool:
+        return all(plain(v) if isinstance(v, dict) else isinstance(v, np.ndarray) and v.ndim >= 1
+                   for v in tree.values())
+
+    return stacked if isinstance(stacked, dict) and plain(stacked) else None
+
+
+def _first_nonfinite(infos: Any, first: int, ops: Any) -> tuple[int, str, str] | None:
     """``(iteration, parameter, "the gradient" | "the value")`` of the first NaN/inf gradient entry (info
-    ``grad_nonfinite``, counts per parameter) or parameter value (info ``theta``) in a chunk; None if all finite."""
+    ``grad_nonfinite``, counts per parameter) or parameter value (info ``theta``) in a chunk; None if all finite.
+    A compiled chunk's stacked records are checked leaf by leaf (the same answer: the first iteration, and in it
+    the gradients before the values, each in its order)."""
+    stacked = _stacked_records(infos)
+    if stacked is not None:
+        n, found = len(infos), []
+        candidates = [(name, count, "the gradient") for name, count in (stacked.get("grad_nonfinite") or {}).items()]
+        candidates += [(name, value, "the value") for name, value in stacked.get("theta", {}).items()]
+        for order, (name, value, what) in enumerate(candidates):
+            if what == "the gradient":
+                bad = np.flatnonzero(np.asarray(value, dtype=float).reshape(n, -1)[:, 0] > 0)
+            elif value.dtype.kind in "fc":
+                bad = np.flatnonzero(~np.isfinite(value).reshape(n, -1).all(1))
+            else:
+                continue
+            if bad.size:
+                found.append((int(bad[0]), order, name, what))
+        if not found:
+            return None
+        j, _, name, what = min(found)
+        return first + j, name, what
     for j, info in enumerate(infos):
         for name, count in (info.get("grad_nonfinite") or {}).items():
             if float(ops.to_numpy(count)) > 0:
@@ -677,6 +716,16 @@ def _append_history(history: dict[str, list], info: dict[str, Any], ops: Any, pr
             _append_history(history, value, ops, prefix=f"{prefix}{name}.")
         else:
             history.setdefault(prefix + name, []).append(ops.to_numpy(value))
+
+
+def _extend_history(history: dict[str, list], stacked: dict[str, Any], n: int, prefix: str = "") -> None:
+    """:func:`_append_history` of ``n`` iterations at once from their stacked records: each iteration's entry is its
+    row of the leaf (a view; a 0-d array for a scalar entry, as one iteration's record gives)."""
+    for name, value in stacked.items():
+        if isinstance(value, dict):
+            _extend_history(history, value, n, prefix=f"{prefix}{name}.")
+        else:
+            history.setdefault(prefix + name, []).extend(value[j, ...] for j in range(n))
 
 
 def _progress_bar(total: int, enabled: bool, name: str):

@@ -29,7 +29,7 @@ import functools
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
@@ -92,6 +92,25 @@ def _index(tree: Any, j: int) -> Any:
     if isinstance(tree, (list, tuple)):
         return type(tree)(_index(v, j) for v in tree)
     return None if tree is None else tree[j]
+
+
+class StackedInfos(Sequence):
+    """A compiled chunk's per-iteration info records as the scan stacked them: ``stacked`` (numpy leaves, the
+    iterations on axis 0), read as a sequence of per-iteration records (:func:`_index`) where needed; the driver
+    checks and records the stacked arrays in one pass (:func:`latentfit.inference.driver._first_nonfinite`)."""
+
+    def __init__(self, stacked: Any, n: int) -> None:
+        self.stacked, self._n = stacked, int(n)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, j: Any) -> Any:
+        if isinstance(j, slice):
+            return [self[i] for i in range(*j.indices(self._n))]
+        if not -self._n <= j < self._n:
+            raise IndexError(j)
+        return _index(self.stacked, j % self._n)
 
 
 def _reorder_like(new: Any, old: Any) -> Any:
@@ -1231,7 +1250,7 @@ class JaxOps(Ops):
         # JAX hands dicts back with sorted keys: restore the engine's order (parameters, history)
         state = _reorder_like(new_state, state)
         infos = _reorder_like(jax.tree_util.tree_map(np.asarray, infos), info_order.get("info"))
-        return state, [_index(infos, j) for j in range(n)]
+        return state, StackedInfos(infos, n)
 
     def _chunk_program(self, chunk: Callable, state: Any, ks: Any, side: dict[str, Any]) -> Any:
         """The compiled ``chunk(state, ks)`` of :meth:`scan_steps` (``side``: filled by the trace): shared across fits
