@@ -274,6 +274,25 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   idle core the thread only competes with the main one (load 5-9: no change of the wall time).  The 10x goal
   (<= 0.15 s) is still not met (~2x short): CPU 0.41 s, of it the executables' deserialisation ~0.14, the 400
   iterations ~0.06, the keys' fingerprints ~0.02 s.
+* eleventh round, the driver's Python around the compiled chunks (issue 14 item 9).  A warm theophylline fit in a
+  process that had run it (80 ms) spent 20 ms splitting each chunk's stacked records into 25 per-iteration dicts,
+  checking each for NaN/inf (2800 ``np.all`` calls per fit) and appending them one by one.  Now the chunk's records
+  stay stacked (``ops_jax.StackedInfos``) and the driver checks and records each leaf's rows at once
+  (``driver._first_nonfinite``, ``_extend_history``): the same history and draws bit for bit (SHA of the history and
+  draws, JAX and torch), the same fault reported (a test compares both paths on random records with NaN/inf).  In
+  process 80 -> 66 ms a fit; end to end (fresh processes, cache warm, the parent and the change alternated, 8 rounds,
+  load ~1) wall 0.285 -> 0.255 s, CPU 0.417 -> 0.384 s.  This script now compiles latentfit's bytecode before timing
+  (as an installed package has it): ``--e2e-only --e2e-runs 8`` then gives 0.251 s (0.239-0.354), 6.0x saemix's
+  1.5 s.  Tried and not kept (no gain measured): starting the read-ahead when the cache is turned on (a trail per
+  command line: the thread then competes with the script's own start, and on this 2-core machine one thread
+  deserialising beside another runs 30-60% slower than alone, measured); the caller deserialising pending
+  executables while it waits for the chunk; a sort-free random block (``argsort`` of 3 uniforms by pairwise
+  comparisons, so that XLA may hoist the kernels' loops into single kernels: ``xla_cpu_small_while_loop_byte_threshold``
+  raised, the loops hoisted, no faster); carrying the IS draws through the batch loop (XLA:CPU computes them in 4
+  fusions: the executable 262 -> 220 KB, the same time); JAX's ``unsafe_rbg`` PRNG (a larger chunk);
+  ``xla_cpu_optimize_for_size`` (slower).  What is left (CPU of a warm run ~0.36 s): the executables'
+  deserialisation 0.137 s (XLA parses each HLO module: ~45% of it; the chunk alone 0.065), the IS draws (900 000
+  normals, ~0.022 s), the 400 iterations ~0.05 s, the cache keys' fingerprints and digests ~0.033 s.
 """
 
 from __future__ import annotations
@@ -524,8 +543,13 @@ def theophylline_jax_end_to_end(cache_dir: str | None = None, runs: int = 1) -> 
     except ImportError:
         print("(theophylline JAX end to end skipped: JAX is not installed)")
         return None
+    import compileall
+
     names = ("wall", "cpu", "fit", "ebe", "se", "ll", "programs_fit", "programs", "loglik")
     out: list[dict[str, float]] = []
+    # latentfit's bytecode, as an installed package has it: the modules a fit imports (the JAX backend's) are then
+    # loaded, not compiled from source in each timed process (~0.02 s where PYTHONDONTWRITEBYTECODE is set)
+    compileall.compile_dir(os.path.dirname(lf.__file__), quiet=1)
     with tempfile.TemporaryDirectory() as tmp:
         cache = cache_dir or tmp
         for r in range(runs + 1):  # fill the cache, then time processes that find it warm
