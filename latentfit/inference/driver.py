@@ -275,12 +275,13 @@ class Engine:
                         continue
                     collect = a >= collect_from
                     state, infos = self._run_chunk(state, a, b, phase, collect)
-                    fault = _first_nonfinite(infos, a, ops)
+                    stacked = _stacked_records(infos)  # a compiled chunk's records, stacked (None: a list)
+                    fault = _first_nonfinite(infos, a, ops) if stacked is None \
+                        else _first_nonfinite_stacked(stacked, len(infos), a)
                     if fault is not None:
                         raise self._nonfinite_error(fault, good, state, checkpoint, last_saved, history, draws,
                                                     collect_from, int(keep), t0, t_init)
-                    stacked = _stacked_records(infos)
-                    if stacked is not None:  # a compiled chunk's records: each leaf's rows at once
+                    if stacked is not None:  # each leaf's rows at once
                         z = stacked.get("_z")
                         if z is not None and collect:
                             draws.extend(z[j] for j in range(len(infos)))
@@ -648,22 +649,7 @@ def _first_nonfinite(infos: Any, first: int, ops: Any) -> tuple[int, str, str] |
     the gradients before the values, each in its order)."""
     stacked = _stacked_records(infos)
     if stacked is not None:
-        n, found = len(infos), []
-        candidates = [(name, count, "the gradient") for name, count in (stacked.get("grad_nonfinite") or {}).items()]
-        candidates += [(name, value, "the value") for name, value in stacked.get("theta", {}).items()]
-        for order, (name, value, what) in enumerate(candidates):
-            if what == "the gradient":
-                bad = np.flatnonzero(np.asarray(value, dtype=float).reshape(n, -1)[:, 0] > 0)
-            elif value.dtype.kind in "fc":
-                bad = np.flatnonzero(~np.isfinite(value).reshape(n, -1).all(1))
-            else:
-                continue
-            if bad.size:
-                found.append((int(bad[0]), order, name, what))
-        if not found:
-            return None
-        j, _, name, what = min(found)
-        return first + j, name, what
+        return _first_nonfinite_stacked(stacked, len(infos), first)
     for j, info in enumerate(infos):
         for name, count in (info.get("grad_nonfinite") or {}).items():
             if float(ops.to_numpy(count)) > 0:
@@ -673,6 +659,26 @@ def _first_nonfinite(infos: Any, first: int, ops: Any) -> tuple[int, str, str] |
             if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
                 return first + j, name, "the value"
     return None
+
+
+def _first_nonfinite_stacked(stacked: dict[str, Any], n: int, first: int) -> tuple[int, str, str] | None:
+    """:func:`_first_nonfinite` of ``n`` iterations' stacked records (:func:`_stacked_records`), leaf by leaf."""
+    found = []
+    candidates = [(name, count, "the gradient") for name, count in (stacked.get("grad_nonfinite") or {}).items()]
+    candidates += [(name, value, "the value") for name, value in stacked.get("theta", {}).items()]
+    for order, (name, value, what) in enumerate(candidates):
+        if what == "the gradient":
+            bad = np.flatnonzero(np.asarray(value, dtype=float).reshape(n, -1)[:, 0] > 0)
+        elif value.dtype.kind in "fc":
+            bad = np.flatnonzero(~np.isfinite(value).reshape(n, -1).all(1))
+        else:
+            continue
+        if bad.size:
+            found.append((int(bad[0]), order, name, what))
+    if not found:
+        return None
+    j, _, name, what = min(found)
+    return first + j, name, what
 
 
 def _truncate(history: dict[str, list], draws: list[np.ndarray], done: int, collect_from: int) -> None:
