@@ -377,3 +377,68 @@ def test_large_chunks_compile_with_wide_vectors_and_the_same_exp(monkeypatch):
         finally:
             ops_jax._WIDE_VECTORS[0] = False
     assert np.array_equal(outs[0], outs[1])
+
+
+def _compact_case(d: int) -> nlme.NLME:
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    ka = nlme.Parameter(1.2) if d == 3 else nlme.Parameter(1.2, random=False)
+    return nlme.NLME("one_compartment_oral", {"ka": ka, "V": 20.0, "CL": 2.0}, data=_unbalanced_table(),
+                     backend="jax")
+
+
+@pytest.mark.parametrize("kernels,d", [((2, 2, 2), 3), pytest.param((1, 0, 2), 3, marks=pytest.mark.slow),
+                                       pytest.param((0, 3, 0), 3, marks=pytest.mark.slow),
+                                       pytest.param((2, 0, 0), 3, marks=pytest.mark.slow),
+                                       pytest.param((1, 1, 1), 2, marks=pytest.mark.slow)])
+def test_compact_chunks_fit_what_the_kernel_loops_fit(kernels, d):
+    """A small JAX fit's chunks draw every iteration's random numbers before their loop (``SAEM.chunk_randoms``: the
+    key chain, then each iteration's ``mcmc.sweep_randoms`` vectorised over the chunk) and run the sweep's kernel
+    steps in one loop (``mcmc._kernel_steps_compact``).  The fit is the one the kernels' own loops, drawing in the
+    loop, give: estimates, chains, draws, RNG state and history bit for bit, but the prior-IMH acceptance rate, whose
+    reductions are made step by step (within 1e-15); chunks of 25 and a shorter tail; kernels with and without each
+    kind of step, and d = 2 (no random block to draw)."""
+    model = _compact_case(d)
+
+    def fit(max_bytes: int):
+        engine = SAEM(model, (20, 11), seed=3, progress=False, burn_in=2, kernels=kernels, num_draws=7)
+        engine.CHUNK_RANDOMS_BYTES = max_bytes
+        assert engine.chunk_randoms("saem") is not None  # the hook; whether it draws is decided on the chunk
+        return engine.run()
+
+    compact, loops = fit(2 ** 20), fit(0)
+    for name in compact.params:
+        assert np.array_equal(np.asarray(compact.params[name]), np.asarray(loops.params[name])), name
+    assert np.array_equal(np.asarray(compact.state.z), np.asarray(loops.state.z))
+    assert np.array_equal(np.asarray(compact.state.key), np.asarray(loops.state.key))
+    assert np.array_equal(np.asarray(compact.latent_draws), np.asarray(loops.latent_draws))
+    assert set(compact.history) == set(loops.history)
+    for name, value in compact.history.items():
+        if name == "acc.prior_imh":
+            np.testing.assert_allclose(value, loops.history[name], rtol=0, atol=1e-15)
+        else:
+            assert np.array_equal(np.asarray(value), np.asarray(loops.history[name]), equal_nan=True), name
+
+
+def test_chunk_randoms_are_drawn_only_where_they_are_small():
+    """``SAEM.chunk_randoms``: on a small JAX fit, each iteration's next key (the key chain of ``split(key, 3)``) and
+    sweep draws stacked over the chunk; none above ``CHUNK_RANDOMS_BYTES``, with per-unit streams, on torch, or for
+    f-SAEM (whose simulation is its own)."""
+    import jax.numpy as jnp
+
+    model = _compact_case(3)
+    engine = SAEM(model, (20, 10), seed=3, progress=False)
+    state = engine.init(engine.ops.key(3))
+    out = engine.chunk_randoms("saem")(state, jnp.arange(1, 6))
+    key = state.key
+    for k in range(5):
+        key = engine.ops.split(key, 3)[0]
+        assert np.array_equal(np.asarray(out["key"][k]), np.asarray(key))
+    L, n, d = state.z.shape
+    assert out["sweep"].eps_prior.shape == (5, 4, L, d, n) and out["sweep"].u.shape == (5, 2 + 2 * d + 2, L, n)
+    engine.CHUNK_RANDOMS_BYTES = 100
+    assert engine.chunk_randoms("saem")(state, jnp.arange(1, 6)) is None
+    assert SAEM(model, (20, 10), progress=False, rng="per_unit").chunk_randoms("saem") is None
+    assert FSAEM(model, (20, 10), progress=False).chunk_randoms("saem") is None
+    torch_model = nlme.NLME("one_compartment_oral", {"ka": 1.2, "V": 20.0, "CL": 2.0}, data=_unbalanced_table())
+    assert SAEM(torch_model, (20, 10), progress=False).chunk_randoms("saem") is None

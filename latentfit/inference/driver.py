@@ -512,10 +512,22 @@ class Engine:
         state = restore_state(template, ckpt.meta["state"], ckpt.tensors, self.ops)
         return state, ckpt.history, ckpt.draws, start
 
+    def chunk_randoms(self, phase: Any) -> Callable[[Any, Any], Any] | None:
+        """A compiled backend's hook: ``prepare(state, ks)`` making the random numbers of a chunk's iterations ``ks``
+        before them, stacked over the chunk (or None: each step draws its own), each iteration's slice then passed
+        to :meth:`step` as ``randoms=``; None (default): no such hook."""
+        return None
+
     def _run_chunk(self, state: dict[str, Any], first: int, last: int, phase: Any,
                    collect: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        prepare = self.chunk_randoms(phase) if self.ops.jittable else None
+
         def one(st: dict[str, Any], k: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-            st, info = self.step(st, k, phase)
+            if prepare is not None:
+                k, randoms = k
+                st, info = self.step(st, k, phase) if randoms is None else self.step(st, k, phase, randoms=randoms)
+            else:
+                st, info = self.step(st, k, phase)
             info = info_dict(info)
             theta = self.history_theta(st)
             if theta is not None:
@@ -529,7 +541,9 @@ class Engine:
 
         # compiled chunks are cached per engine instance and phase (two engines may differ in options)
         key = (self, phase, collect and not self.ops.jittable)
-        return self.ops.scan_steps(one, state, range(first, last + 1), key=key)
+        if prepare is None:
+            return self.ops.scan_steps(one, state, range(first, last + 1), key=key)
+        return self.ops.scan_steps(one, state, range(first, last + 1), key=key, prepare=prepare)
 
 
 #: values of ``run(distributed=...)``: True (JAX: every process passes the whole data; torch: its block), "whole",

@@ -1203,12 +1203,15 @@ class JaxOps(Ops):
             fn = jitted[key] = SharedJit(make())
         return fn
 
-    def scan_steps(self, step: Callable, state: Any, ks: range, key: Any = None) -> tuple[Any, list[Any]]:
+    def scan_steps(self, step: Callable, state: Any, ks: range, key: Any = None,
+                   prepare: Callable[[Any, Any], Any] | None = None) -> tuple[Any, list[Any]]:
         """Run ``state, info = step(state, k)`` for k in ``ks`` as one compiled ``lax.scan``.
 
         Returns the final state and one info dict per iteration (numpy leaves, host side).
         ``key`` names the step function (engine, phase, ...): a chunk with the same key and
-        length reuses the compiled executable; ``key=None`` disables the cache.
+        length reuses the compiled executable; ``key=None`` disables the cache.  ``prepare``: ``xs =
+        prepare(state, ks)`` computed in the same program before the loop (arrays stacked over the chunk, or None),
+        each step then called as ``step(state, (k, xs[k]))``.
         """
         ks_arr = jax.device_put(np.arange(ks.start, ks.stop, dtype=np.int32))  # jnp.arange: three small programs
         n = len(ks)
@@ -1237,7 +1240,9 @@ class JaxOps(Ops):
                 return new, info
 
             def chunk(st, kk):
-                return lax.scan(typed_step, st, kk)
+                if prepare is None:
+                    return lax.scan(typed_step, st, kk)
+                return lax.scan(typed_step, st, (kk, prepare(_reorder_like(st, state_order), kk)))
 
             t0 = time.perf_counter()
             compiled = (self._chunk_program(chunk, state, ks_arr, info_order), info_order)

@@ -320,14 +320,22 @@ class SAEM(Engine):
             return self.ops if self.draw_dtype is None else self.ops.with_draw_dtype(self.draw_dtype)
         return self.ops.per_unit_streams(self.ops.asarray(self._unit_ids))
 
-    def step(self, state: SAEMState, k: Any, phase: Any) -> tuple[SAEMState, SAEMInfo]:
-        """Iteration k: simulation, stochastic approximation, M-step; a pure function of ``(state, k, phase)``."""
+    def step(self, state: SAEMState, k: Any, phase: Any, randoms: dict[str, Any] | None = None
+             ) -> tuple[SAEMState, SAEMInfo]:
+        """Iteration k: simulation, stochastic approximation, M-step; a pure function of ``(state, k, phase)``.
+        ``randoms``: this iteration's next key and sweep draws made beforehand (:meth:`chunk_randoms`)."""
         model, ops, xp = self.model, self.ops, self.ops.xp
         theta = model.constrain(state.theta_u)
-        key, k_sim, k_m = ops.split(ops.own_key(state.key), 3)
-        if state.stream is not None:  # per-unit streams: iteration k's key, folded in per kernel step and unit
-            k_sim = ops.fold_in(state.stream, k)
-        chain, acc, state = self.simulate(state, theta, k, k_sim, phase)
+        if randoms is not None:
+            key, k_sim = randoms["key"], None
+        else:
+            key, k_sim, k_m = ops.split(ops.own_key(state.key), 3)
+            if state.stream is not None:  # per-unit streams: iteration k's key, folded in per kernel step and unit
+                k_sim = ops.fold_in(state.stream, k)
+        if randoms is None:
+            chain, acc, state = self.simulate(state, theta, k, k_sim, phase)
+        else:
+            chain, acc, state = self.simulate(state, theta, k, k_sim, phase, randoms=randoms["sweep"])
         objective = xp.mean(ops.all_sum(xp.sum(chain.log_lik + chain.log_prior, -1)))
         gamma = self.schedule(k)
         state = state._replace(z=chain.z, key=key)
@@ -337,9 +345,11 @@ class SAEM(Engine):
                                num_nonfinite=ops.all_sum(chain.num_nonfinite))
 
     # ----- building blocks (overridden by f-SAEM and friends) ----------------------------------------
-    def simulate(self, state: SAEMState, theta: dict[str, Any], k: Any, key: Any,
-                 phase: Any) -> tuple[mcmc.ChainState, dict[str, Any], SAEMState]:
-        """The MCMC step: saemix kernels 1–3 with scale adaptation (:func:`mcmc.saemix_sweep`)."""
+    def simulate(self, state: SAEMState, theta: dict[str, Any], k: Any, key: Any, phase: Any,
+                 randoms: mcmc.SweepRandoms | None = None) -> tuple[mcmc.ChainState, dict[str, Any], SAEMState]:
+        """The MCMC step: saemix kernels 1–3 with scale adaptation (:func:`mcmc.saemix_sweep`; ``randoms``: its
+        draws, made beforehand from ``key``'s stream by :meth:`chunk_randoms`, for a small chunk whose program size
+        matters more than its arithmetic: the sweep then runs its kernels' steps in one loop, the compact program)."""
         model, sim = self.model, self.sim_ops
         if self.rng == "per_unit" or self.draw_dtype is not None:  # the prior's noise from the kernels' stream
             shape = tuple(state.z.shape)
@@ -351,17 +361,68 @@ class SAEM(Engine):
                 return model.sample_prior(theta, kk, self.num_chains)
         cached = model.cached_density(theta) if state.cache is not None else None
         evaluate, rescore = cached if cached is not None else (model.density_evaluator(theta), None)
-        # a compiled sweep over the chains laid out [L, d, N] (the same draws): the model's face for that layout
-        minor = (model.units_minor_density(theta) if cached is not None and self.rng == "global"
-                 and self.units_minor_sweep else None)
+        minor = self._minor_face(theta, cached)
         transform = None
         if minor is not None:  # the prior draws are transform(normal_units_minor(kk, [L, d, N])): those of sample_prior
             evaluate, rescore, transform = minor
         chain, scales, acc = mcmc.saemix_sweep(
             sim, key, state.z, (state.scale_rw, state.scale_block), k, self.kernels,
             evaluate=evaluate, sample_prior=sample_prior, cache=state.cache, rescore=rescore,
-            prior_transform=transform)
+            prior_transform=transform, randoms=randoms, compact=randoms is not None)
         return chain, acc, state._replace(scale_rw=scales[0], scale_block=scales[1], cache=chain.cache)
+
+    def _minor_face(self, theta: dict[str, Any], cached: Any) -> Any:
+        """The model's face for a compiled sweep over the chains laid out ``[L, d, N]`` (the same draws;
+        :meth:`LatentModel.units_minor_density`), or None where the sweep runs in the ``[L, N, d]`` layout."""
+        if cached is None or self.rng != "global" or not self.units_minor_sweep:
+            return None
+        return self.model.units_minor_density(theta)
+
+    #: the most bytes a compiled chunk's draws made beforehand may take (:meth:`chunk_randoms`); above it each
+    #: iteration draws its own: the draws are written once and read back by their iteration, which costs more than
+    #: drawing them in the loop once they no longer stay in a core's cache (N = 5000 x 10, 28 MB a chunk: ~10% slower)
+    CHUNK_RANDOMS_BYTES = 2 ** 20
+
+    def chunk_randoms(self, phase: Any) -> Callable[[SAEMState, Any], Any] | None:
+        """A compiled backend's draws of a whole chunk of iterations made before them: ``prepare(state, ks)`` gives
+        each iteration's next key and its sweep's draws stacked over the chunk (``{"key": [K, ...], "sweep":
+        SweepRandoms of [K, ...]}``), or None where a step draws its own (the sweep in the ``[L, N, d]`` layout,
+        per-unit streams, an engine whose simulation is not SAEM's, draws over :data:`CHUNK_RANDOMS_BYTES`).
+
+        The same numbers as the steps' own: the key chain ``key_k, k_sim = split(key_{k−1}, 3)[:2]``, then each
+        iteration's :func:`mcmc.sweep_randoms` of ``k_sim`` vectorised over the chunk.  Drawn inside the loop, each of
+        an iteration's dozen threefry hashes (the key splits, normals and uniforms) was a fusion of ~150 HLO
+        instructions that XLA:CPU also copied into several consumers: ~2000 of the theophylline chunk's 4800
+        instructions, whose deserialisation is most of a warm process's loading time (issue 14 item 9)."""
+        ops = self.ops
+        if not ops.jittable or self.rng != "global" or type(self).simulate is not SAEM.simulate:
+            return None
+        model, sim, kernels = self.model, self.sim_ops, self.kernels
+
+        def prepare(state: SAEMState, ks: Any) -> dict[str, Any] | None:
+            theta = model.constrain(state.theta_u)
+            cached = model.cached_density(theta) if state.cache is not None else None
+            if state.stream is not None or self._minor_face(theta, cached) is None:
+                return None
+            num = int(ks.shape[0])
+            L, n, d = (int(s) for s in state.z.shape)
+            n1, n2, n3 = kernels
+            size = num * L * n * ((n1 + n3) * d + n2 * d + n1 + n2 * d + n3) * np.dtype(ops.dtype).itemsize
+            if size > self.CHUNK_RANDOMS_BYTES:
+                return None
+
+            def chain(i: Any, carry: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
+                key, keys, sims = carry
+                key, k_sim, _ = ops.split(key, 3)
+                return key, ops.put_block(keys, i, key[None]), ops.put_block(sims, i, k_sim[None])
+
+            key0 = ops.own_key(state.key)
+            empty = ops.xp.zeros((num,) + tuple(key0.shape), dtype=key0.dtype)
+            _, keys, sims = ops.fori_loop(0, num, chain, (key0, empty, empty))
+            sweep = ops.stacked_draws(lambda kk: mcmc.sweep_randoms(sim, kk, kernels, (L, d, n)), sims)
+            return {"key": keys, "sweep": sweep}
+
+        return prepare
 
     def _chain_mean_stats(self, theta: dict[str, Any], z: Any, cache: Any = None) -> dict[str, Any]:
         """``Σ_i mean_chains S(z_i, y_i)`` (statistics summed over units; ``cache``: the chains' model cache)."""
