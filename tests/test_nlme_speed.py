@@ -4,6 +4,8 @@ form of the constant error)."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -387,17 +389,23 @@ def _compact_case(d: int) -> nlme.NLME:
                      backend="jax")
 
 
-@pytest.mark.parametrize("kernels,d", [((2, 2, 2), 3), pytest.param((1, 0, 2), 3, marks=pytest.mark.slow),
-                                       pytest.param((0, 3, 0), 3, marks=pytest.mark.slow),
-                                       pytest.param((2, 0, 0), 3, marks=pytest.mark.slow),
-                                       pytest.param((1, 1, 1), 2, marks=pytest.mark.slow)])
-def test_compact_chunks_fit_what_the_kernel_loops_fit(kernels, d):
+@pytest.mark.parametrize("kernels,d,merged", [((2, 2, 2), 3, True), ((2, 2, 2), 3, False),
+                                              pytest.param((1, 0, 2), 3, True, marks=pytest.mark.slow),
+                                              pytest.param((0, 3, 0), 3, True, marks=pytest.mark.slow),
+                                              pytest.param((2, 0, 0), 3, True, marks=pytest.mark.slow),
+                                              pytest.param((1, 1, 1), 2, True, marks=pytest.mark.slow)])
+def test_compact_chunks_fit_what_the_kernel_loops_fit(kernels, d, merged, monkeypatch):
     """A small JAX fit's chunks draw every iteration's random numbers before their loop (``SAEM.chunk_randoms``: the
-    key chain, then each iteration's ``mcmc.sweep_randoms`` vectorised over the chunk) and run the sweep's kernel
-    steps in one loop (``mcmc._kernel_steps_compact``).  The fit is the one the kernels' own loops, drawing in the
-    loop, give: estimates, chains, draws, RNG state and history bit for bit, but the prior-IMH acceptance rate, whose
-    reductions are made step by step (within 1e-15); chunks of 25 and a shorter tail; kernels with and without each
-    kind of step, and d = 2 (no random block to draw)."""
+    key chain, then the draws: ``merged``, one threefry pass over every key of the chunk, ``mcmc.sweep_key_bits`` and
+    ``mcmc.sweep_draws_from_key_bits``; else each iteration's ``mcmc.sweep_randoms`` vectorised over the chunk) and
+    run the sweep's kernel steps in one loop (``mcmc._kernel_steps_compact``).  The fit is the one the kernels' own
+    loops, drawing in the loop, give: estimates, chains, draws, RNG state and history bit for bit, but the prior-IMH
+    acceptance rate, whose reductions are made step by step (within 1e-15); chunks of 25 and a shorter tail; kernels
+    with and without each kind of step, and d = 2 (no random block to draw)."""
+    from latentfit.inference.ops_jax import JaxOps
+
+    if not merged:
+        monkeypatch.setattr(JaxOps, "raw_threefry", lambda self, key: False)
     model = _compact_case(d)
 
     def fit(max_bytes: int):
@@ -422,7 +430,8 @@ def test_compact_chunks_fit_what_the_kernel_loops_fit(kernels, d):
 
 def test_chunk_randoms_are_drawn_only_where_they_are_small():
     """``SAEM.chunk_randoms``: on a small JAX fit, each iteration's next key (the key chain of ``split(key, 3)``) and
-    sweep draws stacked over the chunk; none above ``CHUNK_RANDOMS_BYTES``, with per-unit streams, on torch, or for
+    sweep draws stacked over the chunk (each iteration's ``mcmc.sweep_randoms`` of its ``k_sim``, laid out flat, bit
+    for bit, eagerly too); none above ``CHUNK_RANDOMS_BYTES``, with per-unit streams, on torch, or for
     f-SAEM (whose simulation is its own)."""
     import jax.numpy as jnp
 
@@ -435,10 +444,51 @@ def test_chunk_randoms_are_drawn_only_where_they_are_small():
         key = engine.ops.split(key, 3)[0]
         assert np.array_equal(np.asarray(out["key"][k]), np.asarray(key))
     L, n, d = state.z.shape
-    assert out["sweep"].eps_prior.shape == (5, 4, L, d, n) and out["sweep"].u.shape == (5, 2 + 2 * d + 2, L, n)
+    randoms = mcmc.unpack_sweep_randoms(out["sweep"][2], engine.kernels, (L, d, n))  # iteration 3's, laid out flat
+    want = mcmc.sweep_randoms(engine.sim_ops, engine.ops.split(out["key"][1], 3)[1], engine.kernels, (L, d, n))
+    for got, drawn in zip(randoms, want):
+        assert np.array_equal(np.asarray(got), np.asarray(drawn))
+    assert randoms.eps_prior.shape == (4, L, d, n) and randoms.u.shape == (2 + 2 * d + 2, L, n)
     engine.CHUNK_RANDOMS_BYTES = 100
     assert engine.chunk_randoms("saem")(state, jnp.arange(1, 6)) is None
     assert SAEM(model, (20, 10), progress=False, rng="per_unit").chunk_randoms("saem") is None
     assert FSAEM(model, (20, 10), progress=False).chunk_randoms("saem") is None
     torch_model = nlme.NLME("one_compartment_oral", {"ka": 1.2, "V": 20.0, "CL": 2.0}, data=_unbalanced_table())
     assert SAEM(torch_model, (20, 10), progress=False).chunk_randoms("saem") is None
+
+
+def test_threefry_by_hand_draws_what_jax_random_draws():
+    """``JaxOps.threefry_hash`` with per-entry keys and counters, ``floats_from_bits`` and ``normals_from_bits`` give
+    the draws of ``jax.random`` (through the shim) bit for bit: normals and uniforms in float32 and float64, the
+    units-minor normals (counters of the transposed layout), 64-bit uniforms and key splits, keys stacked."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    ops = make_ops("jax", dtype="float64")
+    keys = ops.split(ops.key(5), 4)
+    assert ops.raw_threefry(keys[0])
+
+    def by_hand(counters, dtype, kind):
+        kk = jnp.broadcast_to(keys[:, None, :], (4, len(counters), 2))
+        b1, b2 = ops.threefry_hash(kk, counters)
+        if kind == "split":
+            return jnp.stack([b1, b2], -1)
+        draw = ops.normals_from_bits if kind == "normal" else ops.floats_from_bits
+        return draw(b1, b2, dtype).astype(ops.dtype)
+
+    l_, j_, i_ = np.meshgrid(np.arange(2), np.arange(3), np.arange(5), indexing="ij")
+    minor = (l_ * 15 + i_ * 3 + j_).reshape(-1)
+    def both(dtype):
+        sim = ops.with_draw_dtype(dtype)
+        drawn = lambda draw: jax.vmap(draw)(keys)  # noqa: E731
+        return [(drawn(lambda k: sim.normal(k, (7, 5))), by_hand(np.arange(35), dtype, "normal").reshape(4, 7, 5)),
+                (drawn(lambda k: sim.uniform(k, (7, 5))), by_hand(np.arange(35), dtype, "uniform").reshape(4, 7, 5)),
+                (drawn(lambda k: sim.normal_units_minor(k, (2, 3, 5))),
+                 by_hand(minor, dtype, "normal").reshape(4, 2, 3, 5)),
+                (drawn(lambda k: sim.shared_uniform(k, (3,))), by_hand(np.arange(3), "float64", "uniform")),
+                (drawn(lambda k: sim.split(k, 6)), by_hand(np.arange(6), None, "split"))]
+
+    for dtype in ("float32", "float64"):
+        for want, got in jax.jit(functools.partial(both, dtype))():
+            assert want.shape == got.shape and np.array_equal(np.asarray(want), np.asarray(got)), dtype

@@ -33,6 +33,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from .ops import Ops
 
 #: ``z -> (log_lik, log_prior)``, or ``z -> (log_lik, log_prior, cache)`` for a chain that carries a per-unit cache
@@ -325,6 +327,8 @@ def saemix_sweep(ops: Ops, key: Any, z: Any, scales: tuple[Any, Any], k: Any, ke
     n1, n2, n3 = kernels
     xp = ops.xp
     if prior_transform is not None:
+        if randoms is not None and not isinstance(randoms, SweepRandoms):  # laid out flat (sweep_draws_from_key_bits)
+            randoms = unpack_sweep_randoms(randoms, kernels, (int(z.shape[0]), int(z.shape[2]), int(z.shape[1])))
         if randoms is None:
             L, n, d = (int(s) for s in z.shape)
             randoms = sweep_randoms(ops, key, kernels, (L, d, n))
@@ -448,6 +452,82 @@ def sweep_randoms(ops: Ops, key: Any, kernels: tuple[int, int, int], shape: tupl
         block_u = ops.stacked_draws(lambda kk: ops.shared_uniform(kk, (d,)),
                                     ops.xp.stack([keys[n1 + n2 + 2 * i] for i in range(n3)]))
     return SweepRandoms(eps_prior, eps_rw, u, block_u)
+
+
+def sweep_key_bits(ops: Any, key: Any, kernels: tuple[int, int, int], d: int) -> Any:
+    """The hashes ``(b1, b2)`` ``[E, 2]`` a units-minor sweep's draws come from, one threefry pass over the sweep's keys
+    ``keys = split(key, n1 + n2 + 2 n3 + 1)``: the prior-IMH and block steps' ``split(keys[r], 2)`` (their normals'
+    and uniforms' keys), the component-wise sweeps' ``split(keys[n1 + i], 2d)``, then the random blocks' 64-bit
+    uniforms ``keys[n1 + n2 + 2i]`` (d > 2): what :func:`sweep_randoms` splits and draws, key by key
+    (``ops``: :class:`~latentfit.inference.ops_jax.JaxOps`, raw threefry keys)."""
+    n1, n2, n3 = kernels
+    keys = ops.split(key, n1 + n2 + 2 * n3 + 1)
+    rows, counters = [], []
+    for r in list(range(n1)) + [n1 + n2 + 2 * i + 1 for i in range(n3)]:
+        rows += [r, r]
+        counters += [0, 1]
+    for i in range(n2):
+        rows += [n1 + i] * (2 * d)
+        counters += list(range(2 * d))
+    if d > 2:
+        for i in range(n3):
+            rows += [n1 + n2 + 2 * i] * d
+            counters += list(range(d))
+    b1, b2 = ops.threefry_hash(keys[np.array(rows)], counters)
+    return ops.xp.stack([b1, b2], -1)
+
+
+def sweep_draws_from_key_bits(ops: Any, key_bits: Any, kernels: tuple[int, int, int], shape: tuple[int, int, int],
+                              draw_dtype: Any, dtype: Any) -> Any:
+    """Every random number of units-minor sweeps from their :func:`sweep_key_bits` ``[..., E, 2]``, flat ``[...,
+    M]`` in the arrays' ``dtype`` (:func:`unpack_sweep_randoms` gives the :class:`SweepRandoms`): the normals and
+    uniforms in ``draw_dtype`` from one threefry pass over all their keys and counters (the units-minor counters of
+    the prior draws), the random blocks' uniforms in ``dtype`` from the keys' own bits; what :func:`sweep_randoms`
+    draws, bit for bit.  One elementwise pass whose output only the chunk's loop reads: XLA:CPU has no consumer to
+    copy the hash into."""
+    xp = ops.xp
+    n1, n2, n3 = kernels
+    L, d, n = shape
+    lead = tuple(key_bits.shape[:-2])
+    m = 2 * (n1 + n3)
+    pairs = xp.reshape(key_bits[..., :m, :], lead + (n1 + n3, 2, 2))  # [..., r, (normal, uniform), 2]
+    moves = xp.reshape(key_bits[..., m:m + 2 * d * n2, :], lead + (n2, 2 * d, 2))
+    l_, j_, i_ = np.meshgrid(np.arange(L), np.arange(d), np.arange(n), indexing="ij")
+    minor = (l_ * n * d + i_ * d + j_).reshape(-1)  # entry (l, j, i) of [L, d, n]: the index of (l, i, j) in [L, n, d]
+    flat = np.arange(L * n)
+    parts, counters = [], []  # (keys [..., R, 2], values per key) in the output's order
+    if n1 + n3:
+        parts.append((pairs[..., 0, :], L * d * n))
+        counters.append(np.tile(minor, n1 + n3))
+    if n2:
+        parts.append((xp.reshape(moves[..., 0::2, :], lead + (n2 * d, 2)), L * n))
+        counters.append(np.tile(flat, n2 * d))
+    num_normal = sum(int(k.shape[-2]) * size for k, size in parts)
+    u_keys = [pairs[..., :n1, 1, :]] + ([xp.reshape(moves[..., 1::2, :], lead + (n2 * d, 2))] if n2 else []) \
+        + [pairs[..., n1:, 1, :]]
+    u_keys = xp.concatenate(u_keys, -2)
+    parts.append((u_keys, L * n))
+    counters.append(np.tile(flat, int(u_keys.shape[-2])))
+    keys = xp.concatenate([xp.reshape(xp.broadcast_to(k[..., :, None, :], lead + (int(k.shape[-2]), size, 2)),
+                                      lead + (-1, 2)) for k, size in parts], -2)
+    b1, b2 = ops.threefry_hash(keys, np.concatenate(counters))
+    is_normal = np.arange(int(b1.shape[-1])) < num_normal
+    out = xp.where(is_normal, ops.normals_from_bits(b1, b2, draw_dtype),
+                   ops.floats_from_bits(b1, b2, draw_dtype)).astype(dtype)
+    if n3 and d > 2:
+        block = key_bits[..., m + 2 * d * n2:, :]
+        out = xp.concatenate([out, ops.floats_from_bits(block[..., 0], block[..., 1], dtype)], -1)
+    return out
+
+
+def unpack_sweep_randoms(row: Any, kernels: tuple[int, int, int], shape: tuple[int, int, int]) -> SweepRandoms:
+    """The :class:`SweepRandoms` of one sweep laid out flat by :func:`sweep_draws_from_key_bits`."""
+    n1, n2, n3 = kernels
+    L, d, n = shape
+    sizes = [(n1 + n3) * L * d * n, n2 * d * L * n, (n1 + n2 * d + n3) * L * n, n3 * d if d > 2 else 0]
+    ends = np.cumsum(sizes)
+    shapes = [(n1 + n3, L, d, n), (n2, d, L, n), (n1 + n2 * d + n3, L, n), (n3, d)]
+    return SweepRandoms(*(row[e - z:e].reshape(sh) if z else None for z, e, sh in zip(sizes, ends, shapes)))
 
 
 def _saemix_sweep_units_minor(ops: Ops, randoms: SweepRandoms, z: Any, scales: tuple[Any, Any], k: Any,

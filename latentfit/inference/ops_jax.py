@@ -866,6 +866,48 @@ class JaxOps(Ops):
             return jax.random.uniform(_draw_key(key), tuple(shape), dtype=self.draw_dtype).astype(self.dtype)
         return jax.random.uniform(_draw_key(key), tuple(shape), dtype=self.dtype)
 
+    # --- threefry by hand: several draws from different keys in one hash (a compiled chunk's draws) ----------------
+    def raw_threefry(self, key: Any) -> bool:
+        """Whether ``key`` is raw threefry data (``uint32[2]``) of JAX's partitionable threefry, whose draws
+        :meth:`threefry_hash` and :meth:`floats_from_bits` reproduce bit for bit."""
+        return (tuple(key.shape[-1:]) == (2,) and key.dtype == np.uint32 and bool(jax.config.jax_threefry_partitionable)
+                and jax.config.jax_default_prng_impl == "threefry2x32" and not jax.config.jax_enable_custom_prng)
+
+    def threefry_hash(self, keys: Any, counters: Any) -> tuple[Any, Any]:
+        """The threefry-2x32 hash ``(b1, b2)`` of the counters ``[0, counters]`` under per-entry keys ``keys
+        [..., E, 2]`` (``counters [E]``): entry e of a key's ``split`` is ``(b1, b2)`` of its index, its 32 random bits
+        (``random_bits``) of the flat index e are ``b1 ^ b2`` and its 64 bits ``b1 << 32 | b2`` (raw keys,
+        partitionable threefry: :meth:`raw_threefry`)."""
+        counters = jnp.asarray(np.asarray(counters, dtype=np.uint32))
+        return _threefry2x32_unrolled(keys[..., 0], keys[..., 1], jnp.zeros(counters.shape, np.uint32), counters)
+
+    @staticmethod
+    def floats_from_bits(b1: Any, b2: Any, dtype: Any, low: float = 0.0, high: float = 1.0) -> Any:
+        """``jax.random.uniform`` on ``[low, high)`` in ``dtype`` from the hash :meth:`threefry_hash` gave its bits
+        (JAX's construction: the mantissa bits under the exponent of 1, minus 1, scaled), bit for bit."""
+        dtype = jnp.dtype(dtype)
+        finfo = jnp.finfo(dtype)
+        if finfo.bits == 64:
+            bits, uint = lax.shift_left(b1.astype(np.uint64), np.uint64(32)) | b2.astype(np.uint64), np.uint64
+        elif finfo.bits == 32:
+            bits, uint = b1 ^ b2, np.uint32
+        else:
+            raise ValueError(f"draws of {dtype} are not made from threefry bits here")
+        one = np.array(1.0, dtype).view(uint)
+        floats = lax.bitcast_convert_type(lax.shift_right_logical(bits, uint(finfo.bits - finfo.nmant)) | one,
+                                          dtype) - jnp.array(1.0, dtype)
+        low, high = jnp.array(low, dtype), jnp.array(high, dtype)
+        return lax.max(low, floats * (high - low) + low)
+
+    @classmethod
+    def normals_from_bits(cls, b1: Any, b2: Any, dtype: Any) -> Any:
+        """``jax.random.normal`` in ``dtype`` from the hash's bits (``√2 erfinv(u)``, ``u`` uniform on
+        ``(−1, 1)``), bit for bit."""
+        dtype = jnp.dtype(dtype)
+        low = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype), dtype=dtype)
+        u = cls.floats_from_bits(b1, b2, dtype, low, 1.0)
+        return lax.mul(np.array(np.sqrt(2), dtype), lax.erf_inv(u))
+
     def stacked_draws(self, draw: Callable[[Any], Any], keys: Any) -> Any:
         """``draw`` of each key of ``keys`` stacked, as one vectorised draw (``jax.vmap``: the same numbers; one fusion
         over ``[K, ...]`` instead of K)."""

@@ -411,15 +411,26 @@ class SAEM(Engine):
             if size > self.CHUNK_RANDOMS_BYTES:
                 return None
 
+            key0 = ops.own_key(state.key)
+            merged = hasattr(sim, "threefry_hash") and sim.raw_threefry(key0)
+            # the key chain (and, merged, each iteration's key bits) in a loop: its outputs are the loop's, which
+            # XLA:CPU cannot copy into their consumers (a small elementwise producer is copied into each)
+            probe = mcmc.sweep_key_bits(sim, key0, kernels, d) if merged else key0
+            empty_keys = ops.xp.zeros((num,) + tuple(key0.shape), dtype=key0.dtype)
+            empty_sims = ops.xp.zeros((num,) + tuple(probe.shape), dtype=probe.dtype)
+
             def chain(i: Any, carry: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
                 key, keys, sims = carry
                 key, k_sim, _ = ops.split(key, 3)
-                return key, ops.put_block(keys, i, key[None]), ops.put_block(sims, i, k_sim[None])
+                bits = mcmc.sweep_key_bits(sim, k_sim, kernels, d) if merged else k_sim
+                return key, ops.put_block(keys, i, key[None]), ops.put_block(sims, i, bits[None])
 
-            key0 = ops.own_key(state.key)
-            empty = ops.xp.zeros((num,) + tuple(key0.shape), dtype=key0.dtype)
-            _, keys, sims = ops.fori_loop(0, num, chain, (key0, empty, empty))
-            sweep = ops.stacked_draws(lambda kk: mcmc.sweep_randoms(sim, kk, kernels, (L, d, n)), sims)
+            _, keys, sims = ops.fori_loop(0, num, chain, (key0, empty_keys, empty_sims))
+            if merged:  # every draw of the chunk in one hash, laid out flat (the steps unpack their row)
+                sweep = mcmc.sweep_draws_from_key_bits(sim, sims, kernels, (L, d, n), sim.draw_dtype or ops.dtype,
+                                                       ops.dtype)
+            else:
+                sweep = ops.stacked_draws(lambda kk: mcmc.sweep_randoms(sim, kk, kernels, (L, d, n)), sims)
             return {"key": keys, "sweep": sweep}
 
         return prepare
