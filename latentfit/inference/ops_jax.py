@@ -415,11 +415,19 @@ def _draw_key(key: Any) -> Any:
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _student_t_from_normals(key: Any, shape: tuple[int, ...], df: int, dtype: Any, draw_dtype: Any) -> Any:
-    """``t = x₀ / sqrt(Σ_{k=1}^{df} x_k² / df)`` ``[*shape]`` from ``df + 1`` standard normals per draw (drawn in
-    ``draw_dtype`` if given, as :meth:`JaxOps.normal`), one compiled program per shape."""
-    x = jax.random.normal(_draw_key(key), shape + (df + 1,), dtype=draw_dtype or dtype).astype(dtype)
-    return x[..., 0] / jnp.sqrt(jnp.sum(x[..., 1:] * x[..., 1:], -1) / df)
+def _student_t_integer_df(key: Any, shape: tuple[int, ...], df: int, dtype: Any, draw_dtype: Any) -> Any:
+    """Standard Student-t draws ``t = x₀ / sqrt(χ²_df / df)`` ``[*shape]`` for an integer ``df``, the chi-square as
+    ``−2 Σ_{k ≤ df/2} log(1 − u_k)`` (a sum of df/2 exponentials ×2) plus ``x₁²`` for an odd df: 1 or 2 standard
+    normals and ``⌊df/2⌋`` uniforms a draw (drawn in ``draw_dtype`` if given, as :meth:`JaxOps.normal`) instead of
+    df + 1 normals, whose inverse error function was most of the cost of the IS log-likelihood's draws (5000 a unit,
+    df = 4: 3.5x fewer operations); one compiled program per shape."""
+    k_normal, k_uniform = jax.random.split(key)
+    x = jax.random.normal(_draw_key(k_normal), shape + (1 + df % 2,), dtype=draw_dtype or dtype).astype(dtype)
+    u = jax.random.uniform(_draw_key(k_uniform), shape + (df // 2,), dtype=draw_dtype or dtype).astype(dtype)
+    chi2 = -2.0 * jnp.sum(jnp.log1p(-u), -1)  # 1 − u in (0, 1]: a finite log
+    if df % 2:
+        chi2 = chi2 + x[..., 1] * x[..., 1]
+    return x[..., 0] / jnp.sqrt(chi2 / df)
 
 
 def _aval_key(x: Any) -> tuple[Any, ...]:
@@ -924,12 +932,12 @@ class JaxOps(Ops):
         return jax.random.permutation(key, n)
 
     def student_t(self, key: Any, df: float, shape: tuple[int, ...]) -> Any:
-        """Standard Student-t draws with ``df`` degrees of freedom: for an integer ``df``, ``t = x₀ / sqrt(Σ_{k=1}^{df}
-        x_k² / df)`` from ``df + 1`` standard normals (as the per-unit streams draw them); else ``jax.random.t``, whose
+        """Standard Student-t draws with ``df`` degrees of freedom: for an integer ``df``, a normal over the square
+        root of a chi-square made of exponentials (:func:`_student_t_integer_df`); else ``jax.random.t``, whose
         gamma sampler takes ~3.4 s of CPU to compile for each new shape (a first importance-sampling log-likelihood
         compiled it for every batch shape)."""
         if float(df).is_integer() and df >= 1:
-            return _student_t_from_normals(key, tuple(int(s) for s in shape), int(df), jnp.dtype(self.dtype),
+            return _student_t_integer_df(key, tuple(int(s) for s in shape), int(df), jnp.dtype(self.dtype),
                                            None if self.draw_dtype is None else jnp.dtype(self.draw_dtype))
         return jax.random.t(key, float(df), tuple(shape), dtype=self.dtype)
 
