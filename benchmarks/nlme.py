@@ -293,6 +293,29 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   ``xla_cpu_optimize_for_size`` (slower).  What is left (CPU of a warm run ~0.36 s): the executables'
   deserialisation 0.137 s (XLA parses each HLO module: ~45% of it; the chunk alone 0.065), the IS draws (900 000
   normals, ~0.022 s), the 400 iterations ~0.05 s, the cache keys' fingerprints and digests ~0.033 s.
+* twelfth round, the chunk's size and the IS draws (issue 14 item 9).  The chunk of iterations was 4792 HLO
+  instructions, 42% of them in fusions holding a threefry hash (13 copies: XLA:CPU copies a small elementwise producer
+  into each consumer), and the sweep's three kernels each had their own copy of the model's evaluation and MH test.
+  Now a small chunk (its draws <= 1 MiB; ``SAEM.CHUNK_RANDOMS_BYTES``) draws every iteration's random numbers before
+  its loop (``SAEM.chunk_randoms``: the key chain, each iteration's key splits and every normal and uniform in two
+  threefry passes by hand, ``JaxOps.threefry_hash``, ``floats_from_bits``, ``normals_from_bits``, bit for bit JAX's
+  draws) and runs the sweep's ``n1 + n2 d + n3`` kernel steps as one loop with one evaluation and one test
+  (``mcmc._kernel_steps_compact``): 4792 -> 3708 -> 2854 instructions (696 -> 470 KB), the same fit bit for bit
+  (history, chains, draws, RNG state; the prior-IMH acceptance rate to 1e-17: its reductions are made step by step).
+  A large chunk keeps the per-iteration draws and the kernels' own loops (N = 5000 x 10: the hoisted draws, 28 MB a
+  chunk, and the one-loop sweep were each ~5-10% slower there; unchanged now: 1.03-1.14 s vs 1.07-1.14 s a fit).  JAX's
+  Student-t draws (the IS proposal, df = 4) are a normal over a chi-square of exponentials (``-2 sum log(1 - u)``)
+  instead of df + 1 normals: 3.5x fewer operations; the JAX IS estimates change within their Monte-Carlo error
+  (theophylline -172.661 -> -172.639; other seeds -172.728, -172.677; quadrature -172.721).  Measured (b299e23 and
+  this tree alternated in fresh processes, each with its own warm cache, 10 rounds, load ~1.3-2): wall 0.263 s
+  (0.252-0.327) -> 0.212 (0.205-0.238), CPU 0.377 -> 0.325; fit 0.197 -> 0.160, IS 0.036 -> 0.029 s; a warm fit in a
+  process that had run it 69 -> 64 ms.  ``--e2e-only --e2e-runs 8``: 0.209-0.232 s (the machine's speed moved by
+  ~10% during the session), 6.5-7.2x saemix's 1.5 s.  What is left (a warm run: CPU ~0.33 s): the model's
+  construction 13 ms; four programs' keys and loads before the first iteration, ~0.05 s on the main thread (the start
+  draw alone 787 instructions: its float64 inverse error function), the chunk read beside them in 0.05-0.06 s; the
+  400 iterations ~0.045 s of XLA (~400 thunks an iteration) + ~0.01 s of the driver's Python (16 chunks); the EBEs,
+  SEs and IS ~0.055 s (IS: 0.02 s of XLA for 5000 draws a unit).  On this 2-vCPU machine a thread deserialising beside
+  a busy one runs 30-60% slower, so overlapping the loads buys less than the CPU they cost.
 """
 
 from __future__ import annotations
