@@ -556,18 +556,22 @@ def _saemix_sweep_units_minor(ops: Ops, randoms: SweepRandoms, z: Any, scales: t
     return chain, (scale_rw, scale_block), acc
 
 
+def _kernel_context(ops: Ops, chain: ChainState) -> tuple[Any, tuple[int, int, int], Callable[[Any, Any], Any]]:
+    """``(xp, (L, d, n), one)`` of a units-minor sweep's chains: the array module, their shape and ``one(table, i)
+    = table[i]`` for a traced ``i`` (a slice, no gather)."""
+    return ops.xp, tuple(int(s) for s in chain.z.shape), lambda table, i: ops.take_block(table, i, 1)[0]
+
+
 def _kernel_loops(ops: Ops, randoms: SweepRandoms, chain: ChainState, scales: tuple[Any, Any], k: Any,
                   kernels: tuple[int, int, int], evaluate: Evaluate, prior_transform: Callable[[Any], Any]
                   ) -> tuple[ChainState, tuple[Any, Any], dict]:
     """The units-minor sweep's kernels as saemix runs them, a loop each: the ``n1`` prior-IMH steps, the ``n2``
     component-wise sweeps (an inner loop over the d coordinates) and the ``n3`` random-block steps."""
-    xp = ops.xp
+    xp, (L, d, n), one = _kernel_context(ops, chain)
     n1, n2, n3 = kernels
-    L, d, n = (int(s) for s in chain.z.shape)
     eps_prior, eps_rw, u_all, block_u = randoms
     acc: dict[str, Any] = {}
     scale_rw, scale_block = scales
-    one = lambda table, i: ops.take_block(table, i, 1)[0]  # noqa: E731 - table[i] for a traced i
 
     def target_step(ch: ChainState, u: Any, z_new: Any) -> tuple[ChainState, Any]:  # a random-walk step
         ll_new, lp_new, c_new = _evaluate(evaluate, z_new)
@@ -629,13 +633,11 @@ def _kernel_steps_compact(ops: Ops, randoms: SweepRandoms, chain: ChainState, sc
     4589, loaded ~25% faster).  Each step also computes its kernel's bookkeeping for the others (a select), which costs
     ~5-10% more per iteration where the arithmetic dominates (N = 5000): SAEM uses it where loading dominates, with
     the draws made before the chunk (``SAEM.chunk_randoms``)."""
-    xp = ops.xp
+    xp, (L, d, n), one = _kernel_context(ops, chain)
     n1, n2, n3 = kernels
-    L, d, n = (int(s) for s in chain.z.shape)
     eps_prior, eps_rw, u_all, block_u = randoms
     acc: dict[str, Any] = {}
     scale_rw, scale_block = scales
-    one = lambda table, i: ops.take_block(table, i, 1)[0]  # noqa: E731 - table[i] for a traced i
     num_rw = n2 * d
     num_steps = n1 + num_rw + n3
     eye = ops.asarray([[1.0 if i == j else 0.0 for i in range(d)] for j in range(d)])
