@@ -381,32 +381,34 @@ def test_large_chunks_compile_with_wide_vectors_and_the_same_exp(monkeypatch):
     assert np.array_equal(outs[0], outs[1])
 
 
-def _compact_case(d: int) -> nlme.NLME:
+def _compact_case(d: int, structural: str = "library") -> nlme.NLME:
     jax = pytest.importorskip("jax")
     jax.config.update("jax_enable_x64", True)
     ka = nlme.Parameter(1.2) if d == 3 else nlme.Parameter(1.2, random=False)
-    return nlme.NLME("one_compartment_oral", {"ka": ka, "V": 20.0, "CL": 2.0}, data=_unbalanced_table(),
-                     backend="jax")
+    f = "one_compartment_oral" if structural == "library" else _user_oral
+    return nlme.NLME(f, {"ka": ka, "V": 20.0, "CL": 2.0}, data=_unbalanced_table(), backend="jax")
 
 
-@pytest.mark.parametrize("kernels,d,merged", [((2, 2, 2), 3, True), ((2, 2, 2), 3, False),
-                                              pytest.param((1, 0, 2), 3, True, marks=pytest.mark.slow),
-                                              pytest.param((0, 3, 0), 3, True, marks=pytest.mark.slow),
-                                              pytest.param((2, 0, 0), 3, True, marks=pytest.mark.slow),
-                                              pytest.param((1, 1, 1), 2, True, marks=pytest.mark.slow)])
-def test_compact_chunks_fit_what_the_kernel_loops_fit(kernels, d, merged, monkeypatch):
+@pytest.mark.parametrize("kernels,d,merged,structural", [
+    ((2, 2, 2), 3, True, "library"), ((2, 2, 2), 3, False, "library"),
+    pytest.param((2, 2, 2), 3, True, "user", marks=pytest.mark.slow),
+    pytest.param((1, 0, 2), 3, True, "library", marks=pytest.mark.slow),
+    pytest.param((0, 3, 0), 3, True, "library", marks=pytest.mark.slow),
+    pytest.param((2, 0, 0), 3, True, "library", marks=pytest.mark.slow),
+    pytest.param((1, 1, 1), 2, True, "library", marks=pytest.mark.slow)])
+def test_compact_chunks_fit_what_the_kernel_loops_fit(kernels, d, merged, structural, monkeypatch):
     """A small JAX fit's chunks draw every iteration's random numbers before their loop (``SAEM.chunk_randoms``: the
     key chain, then the draws: ``merged``, one threefry pass over every key of the chunk, ``mcmc.sweep_key_bits`` and
     ``mcmc.sweep_draws_from_key_bits``; else each iteration's ``mcmc.sweep_randoms`` vectorised over the chunk) and
     run the sweep's kernel steps in one loop (``mcmc._kernel_steps_compact``).  The fit is the one the kernels' own
     loops, drawing in the loop, give: estimates, chains, draws, RNG state and history bit for bit, but the prior-IMH
     acceptance rate, whose reductions are made step by step (within 1e-15); chunks of 25 and a shorter tail; kernels
-    with and without each kind of step, and d = 2 (no random block to draw)."""
+    with and without each kind of step, d = 2 (no random block to draw), and a user's structural function."""
     from latentfit.inference.ops_jax import JaxOps
 
     if not merged:
         monkeypatch.setattr(JaxOps, "raw_threefry", lambda self, key: False)
-    model = _compact_case(d)
+    model = _compact_case(d, structural)
 
     def fit(max_bytes: int):
         engine = SAEM(model, (20, 11), seed=3, progress=False, burn_in=2, kernels=kernels, num_draws=7)
