@@ -326,16 +326,14 @@ class SAEM(Engine):
         ``randoms``: this iteration's next key and sweep draws made beforehand (:meth:`chunk_randoms`)."""
         model, ops, xp = self.model, self.ops, self.ops.xp
         theta = model.constrain(state.theta_u)
-        if randoms is not None:
-            key, k_sim = randoms["key"], None
-        else:
+        if randoms is None:
             key, k_sim, k_m = ops.split(ops.own_key(state.key), 3)
             if state.stream is not None:  # per-unit streams: iteration k's key, folded in per kernel step and unit
                 k_sim = ops.fold_in(state.stream, k)
-        if randoms is None:
             chain, acc, state = self.simulate(state, theta, k, k_sim, phase)
-        else:
-            chain, acc, state = self.simulate(state, theta, k, k_sim, phase, randoms=randoms["sweep"])
+        else:  # this iteration's next key and draws, made before the chunk's loop
+            key = randoms["key"]
+            chain, acc, state = self.simulate(state, theta, k, None, phase, randoms=randoms["sweep"])
         objective = xp.mean(ops.all_sum(xp.sum(chain.log_lik + chain.log_prior, -1)))
         gamma = self.schedule(k)
         state = state._replace(z=chain.z, key=key)
@@ -385,15 +383,19 @@ class SAEM(Engine):
 
     def chunk_randoms(self, phase: Any) -> Callable[[SAEMState, Any], Any] | None:
         """A compiled backend's draws of a whole chunk of iterations made before them: ``prepare(state, ks)`` gives
-        each iteration's next key and its sweep's draws stacked over the chunk (``{"key": [K, ...], "sweep":
-        SweepRandoms of [K, ...]}``), or None where a step draws its own (the sweep in the ``[L, N, d]`` layout,
-        per-unit streams, an engine whose simulation is not SAEM's, draws over :data:`CHUNK_RANDOMS_BYTES`).
+        each iteration's next key and its sweep's draws stacked over the chunk (``{"key": [K, ...], "sweep": [K,
+        M]}``, the draws laid out flat by :func:`mcmc.sweep_draws_from_key_bits`; a :class:`mcmc.SweepRandoms` of
+        ``[K, ...]`` where the keys are not raw threefry data), or None where a step draws its own (the sweep in the
+        ``[L, N, d]`` layout, per-unit streams, an engine whose simulation is not SAEM's, draws over
+        :data:`CHUNK_RANDOMS_BYTES`).
 
         The same numbers as the steps' own: the key chain ``key_k, k_sim = split(key_{k−1}, 3)[:2]``, then each
-        iteration's :func:`mcmc.sweep_randoms` of ``k_sim`` vectorised over the chunk.  Drawn inside the loop, each of
-        an iteration's dozen threefry hashes (the key splits, normals and uniforms) was a fusion of ~150 HLO
-        instructions that XLA:CPU also copied into several consumers: ~2000 of the theophylline chunk's 4800
-        instructions, whose deserialisation is most of a warm process's loading time (issue 14 item 9)."""
+        iteration's :func:`mcmc.sweep_randoms` of ``k_sim``: in two threefry passes over every key of the chunk (the
+        key splits in the key chain's loop, :func:`mcmc.sweep_key_bits`; then every normal and uniform), or vectorised
+        over the chunk.  Drawn inside the loop, each of an iteration's dozen threefry hashes (the key splits, normals
+        and uniforms) was a fusion of ~150 HLO instructions that XLA:CPU also copied into several consumers: ~2000 of
+        the theophylline chunk's 4800 instructions, whose deserialisation is most of a warm process's loading time
+        (issue 14 item 9)."""
         ops = self.ops
         if not ops.jittable or self.rng != "global" or type(self).simulate is not SAEM.simulate:
             return None
