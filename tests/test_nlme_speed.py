@@ -454,6 +454,9 @@ def test_chunk_randoms_are_drawn_only_where_they_are_small():
     engine.CHUNK_RANDOMS_BYTES = 100
     assert engine.chunk_randoms("saem")(state, jnp.arange(1, 6)) is None
     assert SAEM(model, (20, 10), progress=False, rng="per_unit").chunk_randoms("saem") is None
+    idle = SAEM(model, (6, 3), progress=False, burn_in=2, kernels=(0, 0, 0))  # no MCMC move: nothing to draw
+    assert idle.chunk_randoms("saem") is None
+    assert np.array_equal(np.asarray(idle.run().state.z), np.asarray(idle.init(idle.ops.key(0)).z))
     assert FSAEM(model, (20, 10), progress=False).chunk_randoms("saem") is None
     torch_model = nlme.NLME("one_compartment_oral", {"ka": 1.2, "V": 20.0, "CL": 2.0}, data=_unbalanced_table())
     assert SAEM(torch_model, (20, 10), progress=False).chunk_randoms("saem") is None

@@ -397,7 +397,8 @@ class SAEM(Engine):
         the theophylline chunk's 4800 instructions, whose deserialisation is most of a warm process's loading time
         (issue 14 item 9)."""
         ops = self.ops
-        if not ops.jittable or self.rng != "global" or type(self).simulate is not SAEM.simulate:
+        if not ops.jittable or self.rng != "global" or type(self).simulate is not SAEM.simulate \
+                or not sum(self.kernels):  # kernels (0, 0, 0): no draws
             return None
         model, sim, kernels = self.model, self.sim_ops, self.kernels
 
@@ -417,9 +418,10 @@ class SAEM(Engine):
             merged = hasattr(sim, "threefry_hash") and sim.raw_threefry(key0)
             # the key chain (and, merged, each iteration's key bits) in a loop: its outputs are the loop's, which
             # XLA:CPU cannot copy into their consumers (a small elementwise producer is copied into each)
-            probe = mcmc.sweep_key_bits(sim, key0, kernels, d) if merged else key0
+            bits_shape = ops.shape_of(lambda kk: mcmc.sweep_key_bits(sim, kk, kernels, d), key0) if merged \
+                else tuple(key0.shape)
             empty_keys = ops.xp.zeros((num,) + tuple(key0.shape), dtype=key0.dtype)
-            empty_sims = ops.xp.zeros((num,) + tuple(probe.shape), dtype=probe.dtype)
+            empty_sims = ops.xp.zeros((num,) + tuple(bits_shape), dtype=key0.dtype)  # uint32 key data or hashes
 
             def chain(i: Any, carry: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
                 key, keys, sims = carry
