@@ -790,6 +790,124 @@ def test_stable_digest_feeds_a_repeated_object_from_its_memo(monkeypatch):
     assert len(store._INSTANCES) == before
 
 
+def test_stable_digest_feeds_the_bytes_of_the_plain_rules():
+    """The written-out branches of :meth:`ops_jax_store._Stable.__call__` (strings, None and flags, ints, plain tuples)
+    feed the bytes the general rules do (``put(tag, payload)``: tag, payload length, payload), so the store's keys do
+    not change: random nested keys, tuples that look like the special forms (a module, an object's fields, a set)
+    included."""
+    import random
+
+    import numpy as np
+
+    from latentfit.inference import ops_jax_store as store
+
+    def plain(x: Any, parts: list[bytes]) -> None:
+        def put(tag: bytes, payload: bytes = b"") -> None:
+            parts.extend((tag, store._LEN(len(payload)), payload))
+
+        if type(x) is str:
+            put(b"s", x.encode("utf-8", "surrogatepass"))
+        elif x is None or type(x) in (bool, int, bytes):
+            put(b"S", f"{type(x).__name__}:{x!r}".encode())
+        elif type(x) is float:
+            put(b"F", x.hex().encode())
+        elif isinstance(x, np.dtype):
+            put(b"D", str(x).encode())
+        elif type(x) is tuple and x and type(x[0]) is str and x[0] in ("module", "instance", "set", "frozenset"):
+            walk = store._Stable()
+            walk(x)  # a special form: the walker's own branch (not written out)
+            parts.extend(walk.parts)
+        else:
+            put(b"(", store._LEN(len(x)))
+            for v in x:
+                plain(v, parts)
+
+    rng = random.Random(0)
+    leaves = ["", "a", "module", "instance", "set", "é\udc80", None, True, False, 0, 1, -7, 2 ** 70, 1.5, b"xy",
+              np.dtype("float64"), np.dtype("int32")]
+
+    def draw(depth: int = 0) -> Any:
+        if depth > 3 or rng.random() < 0.3:
+            return rng.choice(leaves)
+        if rng.random() < 0.1:
+            return rng.choice([("module", "numpy"), ("set", ("p", "q", "r")), ("frozenset", ("a",))])
+        return tuple(draw(depth + 1) for _ in range(rng.randint(0, 4)))
+
+    compared = 0
+    for _ in range(2000):
+        key = draw()
+        walk, parts = store._Stable(), []
+        try:
+            walk(key)
+        except store.Unstable:  # e.g. ("module", "instance"): no such library module; the reference agrees
+            with pytest.raises(store.Unstable):
+                plain(key, parts)
+            continue
+        plain(key, parts)
+        assert b"".join(walk.parts) == b"".join(parts), key
+        compared += 1
+    assert compared > 1500
+
+
+def test_an_argument_check_reads_the_arrays_own_dtype():
+    """:func:`ops_jax_store._arg_key` (each call of a stored executable checks its arguments with it) gives what
+    ``np.shape`` and ``np.result_type`` give, canonicalised, with x64 on and off: JAX and numpy arrays, numpy and
+    Python scalars, empty arrays, key data."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from latentfit.inference import ops_jax_store as store
+
+    def reference(x: Any) -> tuple[tuple[int, ...], str]:
+        return tuple(np.shape(x)), str(jax.dtypes.canonicalize_dtype(np.result_type(x)))
+
+    was = bool(jax.config.jax_enable_x64)
+    try:
+        for x64 in (True, False):
+            jax.config.update("jax_enable_x64", x64)
+            values = [jnp.ones((3, 2)), jnp.ones(3, jnp.float32), jnp.asarray(2.0), np.ones(2, np.int64),
+                      np.ones((0, 5), np.uint32), np.float64(2.0), np.int32(3), 1.0, 2, True,
+                      jax.random.key_data(jax.random.PRNGKey(0))]
+            for x in values:
+                assert store._arg_key(x) == reference(x), (x64, x)
+    finally:
+        jax.config.update("jax_enable_x64", was)
+
+
+def test_the_source_digest_is_kept_with_the_files_sizes_and_times(tmp_path, monkeypatch):
+    """:func:`ops_jax_store._source_digest` hashes latentfit's ``.py`` files in path order; with a store folder it
+    keeps the digest beside the files' sizes and modification times and reads it back while they match (a changed
+    time or size hashes the files again)."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from latentfit.inference import ops_jax_store as store
+
+    root = Path(store.__file__).resolve().parents[1]
+    h = hashlib.blake2b(digest_size=16)
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    full = h.hexdigest()
+    monkeypatch.setattr(store, "store_dir", lambda: None)
+    assert store._source_digest() == full
+    monkeypatch.setattr(store, "store_dir", lambda: tmp_path)
+    assert store._source_digest() == full  # hashed, then kept
+    kept = tmp_path / store.SOURCE_DIGEST_FILE
+    record = json.loads(kept.read_text())
+    assert record["digest"] == full and len(record["files"]) == len(list(root.rglob("*.py")))
+    record["digest"] = "0" * 32  # a kept digest is read back while every size and time match ...
+    kept.write_text(json.dumps(record))
+    assert store._source_digest() == "0" * 32
+    record["files"][0][2] += 1  # ... and not once one differs
+    kept.write_text(json.dumps(record))
+    assert store._source_digest() == full
+    kept.write_text("not json")
+    assert store._source_digest() == full
+
+
 def test_the_store_folder_stays_under_its_bound(tmp_path, monkeypatch):
     """Writes go through a temporary file and ``os.replace``; beyond :data:`ops_jax_store.STORE_BYTES` the least
     recently used entries are removed (a read marks an entry used)."""

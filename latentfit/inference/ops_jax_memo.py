@@ -115,13 +115,28 @@ def _array_key(x: Any) -> tuple[Any, ...]:
     return _host_array_key(x)
 
 
+#: ``str(dtype)`` by dtype (numpy builds a dtype's name on each call)
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
+def dtype_name(dtype: Any) -> str:
+    """``str(dtype)``, memoised."""
+    try:
+        name = _DTYPE_NAMES.get(dtype)
+    except TypeError:  # an unhashable dtype-like
+        return str(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype)
+    return name
+
+
 def _host_array_key(x: Any) -> tuple[Any, ...]:
     host = np.asarray(x)
     if host.dtype == object:
         raise Unfingerprintable("object array")
     digest = hashlib.blake2b(np.ascontiguousarray(host).view(np.uint8).reshape(-1).data, digest_size=16).digest() \
         if host.size else b""
-    return ("array", type(x).__name__, host.shape, str(host.dtype), bool(getattr(x, "weak_type", False)),
+    return ("array", type(x).__name__, host.shape, dtype_name(host.dtype), bool(getattr(x, "weak_type", False)),
             str(getattr(x, "sharding", "")), digest)
 
 
@@ -167,7 +182,7 @@ class _Fingerprinter:
         if isinstance(obj, np.generic):
             return ("npscalar", str(obj.dtype), obj.tobytes())
         if isinstance(obj, np.dtype):
-            return ("dtype", str(obj))
+            return ("dtype", dtype_name(obj))
         if isinstance(obj, weakref.ref):
             return ("weakref", self(obj()))
         if isinstance(obj, types.ModuleType):
@@ -289,7 +304,7 @@ class _Fingerprinter:
         if isinstance(obj, pd.Index):
             return ("pd.Index", tuple(map(str, obj)), str(obj.dtype))
         values = pd.util.hash_pandas_object(frame, index=True).to_numpy()
-        return ("pandas", type(obj).__name__, tuple(map(str, frame.columns)), tuple(map(str, frame.dtypes)),
+        return ("pandas", type(obj).__name__, tuple(map(str, frame.columns)), tuple(map(dtype_name, frame.dtypes)),
                 self(dict(frame.attrs)), _array_key(values))
 
 

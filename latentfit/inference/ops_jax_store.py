@@ -58,7 +58,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .ops_jax_memo import _Fingerprinter, _is_library_module
+from .ops_jax_memo import _Fingerprinter, _is_library_module, dtype_name
 
 #: False: never read or write the store (the in-process memo and JAX's own cache still work)
 ENABLED = True
@@ -106,14 +106,56 @@ def _can_serialize() -> bool:
 _ENV: list[bytes] = []
 
 
+#: file in the store folder keeping the last :func:`_source_digest` with the files' sizes and modification times
+SOURCE_DIGEST_FILE = "latentfit-source.json"
+
+
+def _source_files(root: Path) -> list[tuple[str, Path]]:
+    """latentfit's ``.py`` files under ``root``, ``(relative path, path)`` sorted by relative path (``rglob``'s
+    order)."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in files:
+            if name.endswith(".py"):
+                path = Path(folder) / name
+                found.append((str(path.relative_to(root)), path))
+    found.sort(key=lambda item: Path(item[0]).parts)
+    return found
+
+
 def _source_digest() -> str:
-    """A digest of latentfit's own source files (a version string does not change when a checkout is edited)."""
+    """A digest of latentfit's own source files (a version string does not change when a checkout is edited).  Kept in
+    the store folder (:data:`SOURCE_DIGEST_FILE`) with every file's size and modification time in nanoseconds, and
+    read back while they all match, as Python's bytecode cache trusts a source's size and time: a fresh process then
+    reads the files' metadata, not their bytes (~1 against ~4 ms)."""
     root = Path(__file__).resolve().parents[1]
+    files = _source_files(root)
+    stats = []
+    for rel, path in files:
+        try:
+            st = path.stat()
+        except OSError:
+            stats = None
+            break
+        stats.append([rel, st.st_size, st.st_mtime_ns])
+    directory = store_dir()
+    kept = None if directory is None or stats is None else directory / SOURCE_DIGEST_FILE
+    if kept is not None:
+        try:
+            record = json.loads(kept.read_text())
+            if record.get("files") == stats and isinstance(record.get("digest"), str):
+                return record["digest"]
+        except (OSError, ValueError, AttributeError):
+            pass
     h = hashlib.blake2b(digest_size=16)
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode())
+    for rel, path in files:
+        h.update(rel.encode())
         h.update(path.read_bytes())
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if kept is not None:
+        _replace(kept, json.dumps({"files": stats, "digest": digest}).encode())  # best effort
+    return digest
 
 
 def environment() -> bytes:
@@ -160,6 +202,12 @@ _INSTANCES: dict[Hashable, tuple[tuple[bytes, ...], frozenset[str]]] = {}
 INSTANCES_MAX = 4096
 
 
+#: what :meth:`_Stable.put` feeds for None, True and False, and for a tuple's length
+_CONSTANT_PARTS = {v: (b"S", _LEN(len(f"{type(v).__name__}:{v!r}")), f"{type(v).__name__}:{v!r}".encode())
+                   for v in (None, True, False)}
+_LEN_OF_LEN = _LEN(len(_LEN(0)))
+
+
 class _Stable:
     """Feeds a memo key into a hash, every value by a name or content that is the same in another process."""
 
@@ -181,9 +229,24 @@ class _Stable:
 
     def __call__(self, x: Any) -> None:  # noqa: C901 - one branch per kind of value, as in the fingerprint
         kind = type(x)
+        # the commonest nodes first, written out (the same bytes as ``put``): strings, None and flags, ints, tuples
         if kind is str:
-            self.put(b"s", x.encode("utf-8", "surrogatepass"))
-        elif kind is tuple and len(x) == 2 and x[0] == "module" and type(x[1]) is str:  # a module, by its name
+            payload = x.encode("utf-8", "surrogatepass")
+            self.parts += (b"s", _LEN(len(payload)), payload)
+            return
+        if x is None or kind is bool:
+            self.parts += _CONSTANT_PARTS[x]
+            return
+        if kind is int:
+            payload = f"int:{x!r}".encode()
+            self.parts += (b"S", _LEN(len(payload)), payload)
+            return
+        if kind is tuple and (not x or type(x[0]) is not str or x[0] not in ("module", "instance", "set", "frozenset")):
+            self.parts += (b"(", _LEN_OF_LEN, _LEN(len(x)))
+            for v in x:
+                self(v)
+            return
+        if kind is tuple and len(x) == 2 and x[0] == "module" and type(x[1]) is str:  # a module, by its name
             self.module(x[1])
         elif kind is tuple and len(x) == 4 and type(x[0]) is str and x[0] == "instance":  # an object's fields
             self.instance(x)
@@ -224,7 +287,7 @@ class _Stable:
                 raise Unstable(text[:80])
             self.put(b"T", text.encode())
         elif isinstance(x, np.dtype):
-            self.put(b"D", str(x).encode())
+            self.put(b"D", dtype_name(x).encode())
         elif hasattr(x, "axis_sizes") and hasattr(x, "spmd_axis_names"):  # JAX's AxisEnv (trace context)
             self.put(b"A", repr((sorted(dict(x.axis_sizes).items()), sorted(x.spmd_axis_names),
                                  sorted(x.explicit_mesh_axis_names))).encode())
@@ -628,9 +691,23 @@ def save_executable(digest: str, options: dict[str, str], compiled: Any) -> bool
     return True
 
 
+#: the canonical dtype's name of an argument's dtype, by (dtype, x64 enabled) (:func:`_arg_key`)
+_ARG_DTYPES: dict[tuple[Any, bool], str] = {}
+
+
 def _arg_key(x: Any) -> tuple[tuple[int, ...], str]:
-    """An argument's shape and dtype as the executable takes it (JAX's canonical dtype: float32 without x64)."""
-    return tuple(np.shape(x)), str(jax.dtypes.canonicalize_dtype(np.result_type(x)))
+    """An argument's shape and dtype as the executable takes it (JAX's canonical dtype: float32 without x64).  An
+    array's own ``dtype`` and ``shape`` are read and the dtype's canonical name memoised: every call of a stored
+    executable checks each argument (~30 a chunk of iterations), and ``np.result_type`` of a JAX array goes through
+    its deprecated dtype conversion (a warning filter each time)."""
+    dtype, shape = getattr(x, "dtype", None), getattr(x, "shape", None)
+    if not isinstance(dtype, np.dtype) or not isinstance(shape, tuple):  # a Python scalar, a typed key, ...
+        return tuple(np.shape(x)), str(jax.dtypes.canonicalize_dtype(np.result_type(x)))
+    memo = (dtype, bool(jax.config.jax_enable_x64))
+    name = _ARG_DTYPES.get(memo)
+    if name is None:
+        name = _ARG_DTYPES[memo] = str(jax.dtypes.canonicalize_dtype(dtype))
+    return shape, name
 
 
 class StoredExecutable:
