@@ -5,6 +5,7 @@ form of the constant error)."""
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -497,3 +498,62 @@ def test_threefry_by_hand_draws_what_jax_random_draws():
     for dtype in ("float32", "float64"):
         for want, got in jax.jit(functools.partial(both, dtype))():
             assert want.shape == got.shape and np.array_equal(np.asarray(want), np.asarray(got)), dtype
+
+
+def test_a_value_computed_once_is_the_same_value_and_compiles_smaller():
+    """``JaxOps.computed_once`` (a loop of one iteration whose count XLA cannot fold, the key carried through it):
+    inside a compiled program it gives ``f``'s value bit for bit and its loop survives XLA's simplification; outside
+    a trace it is ``f`` itself; torch's is ``f``.  The importance-sampling log-likelihood draws its Student-t values
+    through it: the same terms bit for bit, in a program of fewer HLO instructions (XLA:CPU had copied the draws'
+    threefry hashes and inverse error function into each reader's fusion)."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    import latentfit as lf
+    from latentfit.inference import likelihood, ops_jax
+    from latentfit.inference.ops import Ops, make_ops
+    from latentfit.inference.ops_jax import JaxOps
+    from latentfit.models import nlme
+
+    ops = make_ops("jax", dtype="float64")
+    key = jax.random.key_data(jax.random.PRNGKey(3))
+
+    def draw(k: Any) -> Any:
+        return ops.normal(k, (40, 3))
+
+    def readers(k: Any, once: bool) -> Any:
+        t = ops.computed_once(draw, k) if once else draw(k)
+        return jnp.exp(t).sum() + (t * t / (1 + t * t)).sum(), t
+
+    plain, once = (jax.jit(lambda k, o=o: readers(k, o)) for o in (False, True))
+    assert np.array_equal(np.asarray(plain(key)[1]), np.asarray(once(key)[1]))
+    assert np.asarray(plain(key)[0]) == np.asarray(once(key)[0])
+    text = once.lower(key).compile().as_text()
+    assert "while(" in text and '"known_trip_count"' not in text.split("while(")[-1].split("\n")[0]
+    assert np.array_equal(np.asarray(ops.computed_once(draw, key)), np.asarray(draw(key)))  # eager: f itself
+    torch_ops = make_ops("torch", dtype="float64")
+    assert torch_ops.computed_once(lambda k, a: k + a, 1, 2) == 3
+
+    model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5},
+                      data=lf.datasets.theophylline(saemix_form=True), backend="jax",
+                      columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
+    theta = model.init_params()
+    m = model.ops.asarray(np.zeros((model.num_units, 3)))
+    s = model.ops.asarray(np.full((model.num_units, 3), 0.3))
+
+    def compiled(identity: bool) -> tuple[int, Any]:
+        if identity:
+            JaxOps.computed_once = Ops.computed_once  # the draws in the program as they are
+        try:
+            fn = jax.jit(lambda th, mm, ss, kk: likelihood._is_terms(model, (2000, 500, 4), th, mm, ss, kk))
+            compiled = ops_jax._compile(fn.lower(theta, m, s, key), "cpu")  # with the library's XLA options
+            return len(re.findall(r"^\s+\S+ = ", compiled.as_text(), re.M)), compiled(theta, m, s, key)
+        finally:
+            JaxOps.computed_once = once_method
+
+    once_method = JaxOps.computed_once
+    (n_once, out_once), (n_plain, out_plain) = compiled(False), compiled(True)
+    assert np.array_equal(np.asarray(out_once[0]), np.asarray(out_plain[0]))
+    assert n_once < 0.85 * n_plain, (n_once, n_plain)

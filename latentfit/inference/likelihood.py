@@ -139,7 +139,11 @@ def _is_terms(model: LatentModel, sizes: tuple[int, int, int], theta: dict[str, 
     keys = ops.split(key, nb)
 
     def batch(kb: Any, size: int) -> Any:
-        return log_weights(student_t_draws(ops, kb, (size,) + tuple(m.shape), int(df), sim))
+        if sim is None and ops.jittable:  # the draws once, read by the density and the proposal's log-density
+            t = ops.computed_once(lambda k: student_t_draws(ops, k, (size,) + tuple(m.shape), int(df)), kb)
+        else:
+            t = student_t_draws(ops, kb, (size,) + tuple(m.shape), int(df), sim)
+        return log_weights(t)
 
     full = num_samples // batch_size
     if ops.jittable and sim is None and full > 1:  # the full batches as one loop (one copy of the model's density)

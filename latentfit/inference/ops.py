@@ -101,6 +101,12 @@ class Ops:
     #: create no such temporaries)
     unit_block_values: int | None = None
 
+    def computed_once(self, f: Callable[..., Any], key: Any, *args: Any) -> Any:
+        """``f(key, *args)``, which a compiled program computes once into memory for all its readers (JAX:
+        :meth:`~latentfit.inference.ops_jax.JaxOps.computed_once`); ``key``: an unsigned integer array (a PRNG key's
+        data) that ``f`` reads."""
+        return f(key, *args)
+
     def unit_blocks(self, n: int, values_per_unit: int) -> list[slice] | None:
         """Contiguous blocks of the ``n`` units over which an eager evaluation of ``values_per_unit`` values per unit
         keeps each temporary within :attr:`unit_block_values` (so that its memory does not grow with N); None when

@@ -1239,6 +1239,29 @@ class JaxOps(Ops):
     def map(self, f: Callable[[Any], Any], xs: Any) -> Any:
         return lax.map(f, xs)
 
+    def computed_once(self, f: Callable[..., Any], key: Any, *args: Any) -> Any:
+        """``f(key, *args)`` computed in a loop of one iteration, so that its readers read it from memory.
+
+        XLA:CPU copies a small elementwise producer into each of its consumers' fusions: a threefry hash (~150 HLO
+        instructions, 20 rounds) and the draws made from it were computed, and compiled, once per reader (the IS
+        log-likelihood's Student-t draws: three times).  A loop's result has no producer to copy.  The trip count is
+        ``k // k`` of the key's first word with its low bit set (1 at run time, which XLA does not fold), and the
+        key is carried through the loop (xor'ed with ``1 − trip count``, 0), so the loop is neither removed as
+        running once nor its body hoisted as invariant.  Outside a trace: ``f(key, *args)``."""
+        if not isinstance(key, jax.core.Tracer):
+            return f(key, *args)
+        word = key.reshape(-1)[0].astype(np.uint32) | np.uint32(1)
+        trips = (word // word).astype(np.int32)
+        zero = (np.int32(1) - trips).astype(key.dtype)
+        out = jax.eval_shape(f, key, *args)
+
+        def body(i: Any, carry: Any) -> Any:
+            k, _ = carry
+            return k ^ zero, f(k, *args)
+
+        init = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out)
+        return lax.fori_loop(0, trips, body, (key, init))[1]
+
     def jit(self, f: Callable, static_argnums: tuple[int, ...] = ()) -> Callable:
         # without static arguments: executables shared with every same-shaped closure (:class:`SharedJit`)
         return SharedJit(f) if not static_argnums else jax.jit(f, static_argnums=static_argnums)

@@ -248,7 +248,8 @@ class SAEM(Engine):
         the cache and the check, the draw (its threefry hash and inverse error function, ~575 instructions) was
         copied into seven fusions, a 4175-instruction executable whose loading was ~0.06-0.09 s of a warm process."""
         model, ops = self.model, self.ops
-        k_prior, key = ops.split(key)
+        # the split once in memory: XLA:CPU copied its hash into the draw's fusion too (~160 instructions)
+        k_prior, key = ops.computed_once(lambda k: ops.split(k), key)
         if root is None:
             z = model.sample_prior(theta, k_prior, self.num_chains)
         else:  # iteration 0 of the per-unit streams
@@ -425,7 +426,8 @@ class SAEM(Engine):
 
             def chain(i: Any, carry: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
                 key, keys, sims = carry
-                key, k_sim, _ = ops.split(key, 3)
+                # the split once in memory: XLA:CPU copied its hash into the sweep's key split too (~160 instructions)
+                key, k_sim, _ = ops.computed_once(lambda k: ops.split(k, 3), key)
                 bits = mcmc.sweep_key_bits(sim, k_sim, kernels, d) if merged else k_sim
                 return key, ops.put_block(keys, i, key[None]), ops.put_block(sims, i, bits[None])
 
