@@ -935,3 +935,25 @@ def test_the_store_folder_stays_under_its_bound(tmp_path, monkeypatch):
         assert sum(p.stat().st_size for p in store.store_dir().iterdir()) <= 12_000
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_a_frame_without_columns_is_keyed_by_its_index_and_attrs():
+    """A DataFrame with no columns (an NLME model's covariate table without covariates) is fingerprinted by its index
+    and attributes without pandas' row hash: equal frames give equal keys, another index or attrs another key."""
+    import pandas as pd
+
+    from latentfit.inference import ops_jax_store as store
+    from latentfit.inference.ops_jax_memo import fingerprint
+
+    def captured(x: Any) -> Any:
+        return lambda: x
+
+    a, same = pd.DataFrame(index=range(12)), pd.DataFrame(index=range(12))
+    longer, labelled = pd.DataFrame(index=range(13)), pd.DataFrame(index=[f"u{i}" for i in range(12)])
+    flagged = pd.DataFrame(index=range(12))
+    flagged.attrs["unit"] = "h"
+    key = fingerprint(captured(a))
+    assert key == fingerprint(captured(same))
+    for other in (longer, labelled, flagged, pd.DataFrame({"x": range(12)})):
+        assert fingerprint(captured(other)) != key
+    assert store.stable_digest(key) == store.stable_digest(fingerprint(captured(same))) is not None
