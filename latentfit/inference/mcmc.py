@@ -262,10 +262,11 @@ def random_block_mask(ops: Ops, key: Any, d: int, k: Any) -> Any:
 
 
 def block_mask_of(ops: Ops, u: Any, d: int, k: Any) -> Any:
-    """:func:`random_block_mask` from its uniforms ``u [d]`` (the coordinates of the ``r`` smallest)."""
+    """:func:`random_block_mask` from its uniforms ``u [..., d]`` (the coordinates of the ``r`` smallest; several
+    blocks' at once, row by row)."""
     if d <= 2:
-        return ops.ones((d,))
-    return (ops.xp.argsort(u) < (k % (d - 1)) + 2) * 1.0
+        return ops.ones(tuple(u.shape))
+    return (ops.xp.argsort(u) < (k % (d - 1)) + 2) * 1.0  # along the last axis (numpy, JAX, torch)
 
 
 def rw_block(ops: Ops, key: Any, state: ChainState, scale: Any, mask: Any,
@@ -643,6 +644,9 @@ def _kernel_steps_compact(ops: Ops, randoms: SweepRandoms, chain: ChainState, sc
     eye = ops.asarray([[1.0 if i == j else 0.0 for i in range(d)] for j in range(d)])
     if n2:
         eps_rw = xp.reshape(eps_rw, (num_rw, L, n))  # move j of sweep i: row i d + j
+    masks = None
+    if n3 and block_u is not None:  # every block step's mask before the loop: one sort of [n3, d], not one a step
+        masks = block_mask_of(ops, block_u, d, k)
 
     def step(s, carry):
         """Kernel step ``s``: prior IMH ``s < n1``, then move ``j = (s − n1) mod d`` of the component-wise sweep
@@ -654,8 +658,8 @@ def _kernel_steps_compact(ops: Ops, randoms: SweepRandoms, chain: ChainState, sc
             e = one(eps_prior, xp.clip(xp.where(is_block, s - num_rw, s), 0, n1 + n3 - 1))
         j = xp.clip(s - n1, 0, max(num_rw - 1, 0)) % d  # the coordinate a component-wise move changes
         mask = ops.ones((d,))
-        if n3 and block_u is not None:
-            mask = block_mask_of(ops, one(block_u, xp.clip(s - n1 - num_rw, 0, n3 - 1)), d, k)
+        if masks is not None:
+            mask = one(masks, xp.clip(s - n1 - num_rw, 0, n3 - 1))
         # a random walk's proposal z + ν w: a move's (ν its normal on every row, w its scale on row j only) or a block
         # step's (ν its normals, w the scales on the block's rows)
         if n2 and n3:
