@@ -633,8 +633,19 @@ def _kernel_steps_compact(ops: Ops, randoms: SweepRandoms, chain: ChainState, sc
     with one copy of the model's evaluation instead of three (theophylline: a chunk of 3708 HLO instructions instead of
     4589, loaded ~25% faster).  Each step also computes its kernel's bookkeeping for the others (a select), which costs
     ~5-10% more per iteration where the arithmetic dominates (N = 5000): SAEM uses it where loading dominates, with
-    the draws made before the chunk (``SAEM.chunk_randoms``)."""
+    the draws made before the chunk (``SAEM.chunk_randoms``).
+
+    XLA:CPU runs each fusion of the step as a thunk of its own (~0.3 us each on theophylline's ``[5, 12]`` arrays),
+    so what a step updates is carried stacked, each stack updated by one fusion: the chains' log-likelihood,
+    log-prior, cache and per-unit non-finite count (``[L, n]`` each) as ``[2-4, L, n]``, and the scales and
+    acceptance rates of the walks as one vector ``[3 d + 1]`` (a kernel step: 28 -> 21 thunks); the same values."""
     xp, (L, d, n), one = _kernel_context(ops, chain)
+
+    def stackable(x: Any) -> bool:
+        return x is not None and tuple(getattr(x, "shape", ())) == tuple(chain.log_lik.shape) \
+            and x.dtype == chain.log_lik.dtype
+
+    packs_cache, packs_count = stackable(chain.cache), stackable(chain.num_nonfinite)
     n1, n2, n3 = kernels
     eps_prior, eps_rw, u_all, block_u = randoms
     acc: dict[str, Any] = {}
@@ -648,10 +659,28 @@ def _kernel_steps_compact(ops: Ops, randoms: SweepRandoms, chain: ChainState, sc
     if n3 and block_u is not None:  # every block step's mask before the loop: one sort of [n3, d], not one a step
         masks = block_mask_of(ops, block_u, d, k)
 
+    num_selected = 2 + packs_cache  # rows of the stack replaced where a proposal is accepted
+
+    def packed(ch: ChainState) -> tuple[Any, Any, Any, Any]:
+        """``(z, [log_lik, log_prior(, cache)(, count)] stacked, count if not stacked, cache if not stacked)``."""
+        rows = [ch.log_lik, ch.log_prior] + ([ch.cache] if packs_cache else []) \
+            + ([ch.num_nonfinite] if packs_count else [])
+        return ch.z, xp.stack(rows), None if packs_count else ch.num_nonfinite, None if packs_cache else ch.cache
+
+    def unpacked(z: Any, values: Any, count: Any, cache: Any) -> ChainState:
+        return ChainState(z, values[0], values[1], values[num_selected] if packs_count else count,
+                          values[2] if packs_cache else cache)
+
+    def book_of(scale_rw: Any, scale_block: Any, rate_rw: Any, rate_block: Any) -> Any:
+        """The walks' scales and rates as one vector ``[scale_rw (d), scale_block (d), rate_rw (d), rate_block]``."""
+        return xp.concatenate([scale_rw, scale_block, rate_rw, xp.reshape(rate_block, (1,))])
+
     def step(s, carry):
         """Kernel step ``s``: prior IMH ``s < n1``, then move ``j = (s − n1) mod d`` of the component-wise sweep
         ``(s − n1) div d``, then the random-block steps; one proposal, evaluation and MH test whatever its kernel."""
-        ch, scale_rw, scale_block, rate_rw, rate_block, rates = carry
+        chain_parts, book, rates = carry
+        ch = unpacked(*chain_parts)
+        scale_rw, scale_block, rate_rw, rate_block = book[:d], book[d:2 * d], book[2 * d:3 * d], book[3 * d]
         is_imh, is_block = s < n1, s >= n1 + num_rw
         is_rw = ~is_imh & ~is_block
         if n1 + n3:  # the prior draws' and block steps' normals: rows s (IMH) and n1 + i (block step i)
@@ -682,7 +711,18 @@ def _kernel_steps_compact(ops: Ops, randoms: SweepRandoms, chain: ChainState, sc
         target_new = ll_new + lp_new
         # the prior IMH's ratio is the likelihoods' (the prior is its proposal), the random walks' the targets'
         log_ratio = xp.where(is_imh, ll_new - ch.log_lik, target_new - ch.log_lik - ch.log_prior)
-        ch, ok = _accept_drawn(xp, one(u_all, s), log_ratio, ch, z_new, ll_new, lp_new, target_new, c_new)
+        # _accept_drawn, the log-densities (and cache) selected stacked
+        finite_new = xp.isfinite(target_new)
+        ok = finite_new & (~xp.isfinite(ch.log_lik + ch.log_prior) | _mh_test(xp, one(u_all, s), log_ratio))
+        z_parts, values, count, cache = chain_parts
+        new_rows = [ll_new, lp_new] + ([c_new] if packs_cache else [])
+        selected = xp.where(ok[None], xp.stack(new_rows), values[:num_selected])
+        if packs_count:
+            values, count = xp.concatenate([selected, (values[num_selected] + ~finite_new * 1.0)[None]]), None
+        else:
+            values, count = selected, _count_nonfinite(xp, count, ~finite_new)
+        chain_parts = (xp.where(ok[..., None, :], z_new, z_parts), values, count,
+                       cache if cache is None else xp.where(ok, c_new, cache))
         a = ops.unit_mean(ok * 1.0)  # step s's acceptance rate (one reduction over the units a step)
         rates = ops.put_block(rates, s, a[None])
         if n2:  # after a sweep's last move: its moves' rates adapt the scales (saemix)
@@ -693,10 +733,13 @@ def _kernel_steps_compact(ops: Ops, randoms: SweepRandoms, chain: ChainState, sc
         if n3:
             scale_block = xp.where(is_block, adapt_scale(scale_block, a, mask), scale_block)
             rate_block = xp.where(is_block, rate_block + a / n3, rate_block)
-        return ch, scale_rw, scale_block, rate_rw, rate_block, rates
+        return chain_parts, book_of(scale_rw, scale_block, rate_rw, rate_block), rates
 
-    carry = (chain, scale_rw, scale_block, ops.zeros((d,)), ops.zeros(()), ops.zeros((num_steps,)))
-    chain, scale_rw, scale_block, rate_rw, rate_block, rates = ops.fori_loop(0, num_steps, step, carry)
+    carry = (packed(chain), book_of(scale_rw, scale_block, ops.zeros((d,)), ops.zeros(())), ops.zeros((num_steps,)))
+    chain_parts, book, rates = ops.fori_loop(0, num_steps, step, carry)
+    chain = unpacked(*chain_parts)
+    scale_rw, scale_block = book[:d].astype(scale_rw.dtype), book[d:2 * d].astype(scale_block.dtype)
+    rate_rw, rate_block = book[2 * d:3 * d], book[3 * d]
     if n1:
         rate = ops.zeros(())
         for i in range(n1):  # each repetition's rate, summed in their order
