@@ -316,6 +316,34 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   400 iterations ~0.045 s of XLA (~400 thunks an iteration) + ~0.01 s of the driver's Python (16 chunks); the EBEs,
   SEs and IS ~0.055 s (IS: 0.02 s of XLA for 5000 draws a unit).  On this 2-vCPU machine a thread deserialising beside
   a busy one runs 30-60% slower, so overlapping the loads buys less than the CPU they cost.
+* thirteenth round, the CPU of a warm process (issue 14 item 9; ``perf`` with the call graphs of every thread): the
+  main thread used ~0.11 s of CPU and waited ~0.1 s; the executables' deserialisation ~0.11 s (XLA builds each HLO
+  instruction anew: ~10 us an instruction, the chunk alone 44 ms), XLA's threads ~0.06 s.  Changes, each keeping the
+  fit, EBEs, SEs and IS log-likelihood bit for bit (SHA of the history, draws and post-fit tables):
+  - the keys' Python (fingerprints and digests, ~0.04 s): a stored executable's argument check reads each array's own
+    dtype (``np.result_type`` of a JAX array went through its deprecated dtype conversion, 600 times a run), dtype names
+    memoised, the digest's commonest nodes written out (the same bytes), latentfit's source digest kept beside the
+    store with the files' sizes and times (read back while they match, as Python's bytecode cache trusts them: 4 -> 1
+    ms), a DataFrame without columns keyed by its index (pandas' row hash ~0.1-0.35 ms each);
+  - ``jax.scipy.linalg`` imported where it is used (~6 ms of a process's first JAX model);
+  - ``Ops.computed_once``: a value computed in a loop of one iteration whose count XLA cannot fold, so that its readers
+    read it from memory.  XLA:CPU had copied the IS log-likelihood's Student-t draws (threefry hashes, inverse error
+    function) into each reader: the IS program 1985 -> 1397 HLO instructions, deserialised in 23.5 -> 17.7 ms, run in
+    20 -> 15 ms (N = 5000, warm: 7.8-8.1 -> 4.9-5.1 s); SAEM's start split and the key chain's split go through it too;
+  - the compact kernel steps (XLA:CPU runs each fusion as a thunk, ~0.3 us on [5, 12] arrays): the random blocks' masks
+    made before the step loop (one sort instead of one a step), the chains' log-densities, cache and non-finite count
+    carried as one ``[4, L, n]`` stack and the walks' scales and rates as one vector, each updated by one fusion: 30 ->
+    22 thunks a step, the chunk 2851 -> 2604 instructions; a warm fit in a process that had run it 64 -> 57 ms.
+  Measured (5de758e and this tree alternated in fresh processes, each with its own warm cache, 12 rounds, load ~1):
+  wall 0.212 s (0.204-0.233) -> 0.192 (0.179-0.208), CPU 0.322 -> 0.293 s; fit 0.158 -> 0.147, EBEs 0.015 -> 0.012,
+  IS 0.030 -> 0.021 s.  ``--e2e-only --e2e-runs 10``: 0.193 s (0.180-0.271) twice, 7.8x saemix's recorded 1.5 s (this
+  session's start: 0.221 s, 6.8x).  Tried, not kept: two read-ahead threads (0.210 -> 0.224 s: the 2 cores were
+  busy), reading the trail in the order of need (0.221 -> 0.233: the chunk, the longest, came late), the read-ahead at
+  a lower priority (no change), XLA's legacy loop emitters for the small programs (``xla_cpu_use_fusion_emitters=
+  false``: the executables 8% faster to load and the fit 5% faster, but the IS program slower and N = 5000 12-35%
+  slower; the same values to rounding).  What is left (CPU ~0.29 s): the executables' deserialisation (~0.1 s: the
+  chunk 2604 instructions, EBE modes 1310, IS 1397, SEs 952), ~400 thunks an iteration (~0.04 s of the 400), the keys'
+  fingerprints (~0.02 s: a Python walk of the model for each of the 10 programs) and the backend's start (~0.01 s).
 """
 
 from __future__ import annotations
