@@ -335,7 +335,7 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
     carried as one ``[4, L, n]`` stack and the walks' scales and rates as one vector, each updated by one fusion: 30 ->
     22 thunks a step, the chunk 2851 -> 2604 instructions; a warm fit in a process that had run it 64 -> 57 ms.
   Measured (5de758e and this tree alternated in fresh processes, each with its own warm cache, 12 rounds, load ~1):
-  wall 0.212 s (0.204-0.233) -> 0.192 (0.179-0.208), CPU 0.322 -> 0.293 s; fit 0.158 -> 0.147, EBEs 0.015 -> 0.012,
+  wall 0.212 s (0.204-0.218) -> 0.192 (0.179-0.208), CPU 0.322 -> 0.293 s; fit 0.158 -> 0.147, EBEs 0.015 -> 0.012,
   IS 0.030 -> 0.021 s.  ``--e2e-only --e2e-runs 10``: 0.193 s (0.180-0.271) twice, 7.8x saemix's recorded 1.5 s (this
   session's start: 0.221 s, 6.8x).  Tried, not kept: two read-ahead threads (0.210 -> 0.224 s: the 2 cores were
   busy), reading the trail in the order of need (0.221 -> 0.233: the chunk, the longest, came late), the read-ahead at
