@@ -533,6 +533,9 @@ def test_a_value_computed_once_is_the_same_value_and_compiles_smaller():
     text = once.lower(key).compile().as_text()
     assert "while(" in text and '"known_trip_count"' not in text.split("while(")[-1].split("\n")[0]
     assert np.array_equal(np.asarray(ops.computed_once(draw, key)), np.asarray(draw(key)))  # eager: f itself
+    typed = jax.random.key(3)  # a typed key: f itself
+    fn = jax.jit(lambda k: ops.computed_once(lambda kk: jax.random.normal(kk, (4,)), k))
+    assert np.array_equal(np.asarray(fn(typed)), np.asarray(jax.random.normal(typed, (4,))))
     torch_ops = make_ops("torch", dtype="float64")
     assert torch_ops.computed_once(lambda k, a: k + a, 1, 2) == 3
 

@@ -1246,8 +1246,9 @@ class JaxOps(Ops):
         log-likelihood's Student-t draws: three times).  A loop's result has no producer to copy.  The trip count is
         ``k // k`` of the key's first word with its low bit set (1 at run time, which XLA does not fold), and the
         key is carried through the loop (xor'ed with ``1 − trip count``, 0), so the loop is neither removed as
-        running once nor its body hoisted as invariant.  Outside a trace: ``f(key, *args)``."""
-        if not isinstance(key, jax.core.Tracer):
+        running once nor its body hoisted as invariant.  Outside a trace, or for a key that is not unsigned integer
+        data (a typed PRNG key): ``f(key, *args)``."""
+        if not isinstance(key, jax.core.Tracer) or not jnp.issubdtype(key.dtype, jnp.unsignedinteger):
             return f(key, *args)
         word = key.reshape(-1)[0].astype(np.uint32) | np.uint32(1)
         trips = (word // word).astype(np.int32)
