@@ -508,7 +508,7 @@ def test_a_corrupted_or_truncated_entry_is_ignored(stored, tmp_path):
     env = dict(env, LATENTFIT_COMPILATION_CACHE=str(tmp_path / "cache"))
     shutil.copytree(stored[0]["LATENTFIT_COMPILATION_CACHE"], tmp_path / "cache")
     entries = [tmp_path / "cache" / "latentfit-traces" / name for name in first["entries"]
-               if not name.endswith(".lfx")]  # the first fit's programs and record (their executables: not read)
+               if name.endswith((".lft", ".lfr"))]  # the first fit's programs and record (their executables: not read)
     assert len(entries) >= 3
     for i, entry in enumerate(entries):
         data = bytearray(entry.read_bytes())
