@@ -384,13 +384,18 @@ def _mh_test(xp: Any, u: Any, log_ratio: Any) -> Any:
     return (u < xp.exp(log_ratio)) | ((u == 0) & (log_ratio > -xp.inf))
 
 
+def _accepted(xp: Any, u: Any, log_ratio: Any, state: ChainState, target_new: Any) -> tuple[Any, Any]:
+    """``(accepted, proposal finite)`` ``[L, n]``: a finite proposal is accepted by the test :func:`_mh_test` or
+    when the current state is not finite."""
+    finite_new = xp.isfinite(target_new)
+    return finite_new & (~xp.isfinite(state.log_lik + state.log_prior) | _mh_test(xp, u, log_ratio)), finite_new
+
+
 def _accept_drawn(xp: Any, u: Any, log_ratio: Any, state: ChainState, z_new: Any, ll_new: Any, lp_new: Any,
                   target_new: Any = None, cache_new: Any = None) -> tuple[ChainState, Any]:
     """:func:`_accept` on chains laid out ``[L, d, n]`` with the uniforms ``u [L, n]`` drawn beforehand
     (:func:`_saemix_sweep_units_minor`) and the test :func:`_mh_test`."""
-    finite_new = xp.isfinite(ll_new + lp_new if target_new is None else target_new)
-    finite_old = xp.isfinite(state.log_lik + state.log_prior)
-    ok = finite_new & (~finite_old | _mh_test(xp, u, log_ratio))
+    ok, finite_new = _accepted(xp, u, log_ratio, state, ll_new + lp_new if target_new is None else target_new)
     z = xp.where(ok[..., None, :], z_new, state.z)
     ll = xp.where(ok, ll_new, state.log_lik)
     lp = xp.where(ok, lp_new, state.log_prior)
@@ -676,12 +681,15 @@ def _kernel_steps_compact(ops: Ops, randoms: SweepRandoms, chain: ChainState, sc
         """The walks' scales and rates as one vector ``[scale_rw (d), scale_block (d), rate_rw (d), rate_block]``."""
         return xp.concatenate([scale_rw, scale_block, rate_rw, xp.reshape(rate_block, (1,))])
 
+    def book_parts(book: Any) -> tuple[Any, Any, Any, Any]:
+        return book[:d], book[d:2 * d], book[2 * d:3 * d], book[3 * d]
+
     def step(s, carry):
         """Kernel step ``s``: prior IMH ``s < n1``, then move ``j = (s − n1) mod d`` of the component-wise sweep
         ``(s − n1) div d``, then the random-block steps; one proposal, evaluation and MH test whatever its kernel."""
         chain_parts, book, rates = carry
         ch = unpacked(*chain_parts)
-        scale_rw, scale_block, rate_rw, rate_block = book[:d], book[d:2 * d], book[2 * d:3 * d], book[3 * d]
+        scale_rw, scale_block, rate_rw, rate_block = book_parts(book)
         is_imh, is_block = s < n1, s >= n1 + num_rw
         is_rw = ~is_imh & ~is_block
         if n1 + n3:  # the prior draws' and block steps' normals: rows s (IMH) and n1 + i (block step i)
@@ -713,8 +721,7 @@ def _kernel_steps_compact(ops: Ops, randoms: SweepRandoms, chain: ChainState, sc
         # the prior IMH's ratio is the likelihoods' (the prior is its proposal), the random walks' the targets'
         log_ratio = xp.where(is_imh, ll_new - ch.log_lik, target_new - ch.log_lik - ch.log_prior)
         # _accept_drawn, the log-densities (and cache) selected stacked
-        finite_new = xp.isfinite(target_new)
-        ok = finite_new & (~xp.isfinite(ch.log_lik + ch.log_prior) | _mh_test(xp, one(u_all, s), log_ratio))
+        ok, finite_new = _accepted(xp, one(u_all, s), log_ratio, ch, target_new)
         z_parts, values, count, cache = chain_parts
         new_rows = [ll_new, lp_new] + ([c_new] if packs_cache else [])
         selected = xp.where(ok[None], xp.stack(new_rows), values[:num_selected])
@@ -739,8 +746,9 @@ def _kernel_steps_compact(ops: Ops, randoms: SweepRandoms, chain: ChainState, sc
     carry = (packed(chain), book_of(scale_rw, scale_block, ops.zeros((d,)), ops.zeros(())), ops.zeros((num_steps,)))
     chain_parts, book, rates = ops.fori_loop(0, num_steps, step, carry)
     chain = unpacked(*chain_parts)
-    scale_rw, scale_block = book[:d].astype(scale_rw.dtype), book[d:2 * d].astype(scale_block.dtype)
-    rate_rw, rate_block = book[2 * d:3 * d], book[3 * d]
+    dtypes = scale_rw.dtype, scale_block.dtype
+    scale_rw, scale_block, rate_rw, rate_block = book_parts(book)
+    scale_rw, scale_block = scale_rw.astype(dtypes[0]), scale_block.astype(dtypes[1])
     if n1:
         rate = ops.zeros(())
         for i in range(n1):  # each repetition's rate, summed in their order

@@ -110,27 +110,13 @@ _ENV: list[bytes] = []
 SOURCE_DIGEST_FILE = "latentfit-source.json"
 
 
-def _source_files(root: Path) -> list[tuple[str, Path]]:
-    """latentfit's ``.py`` files under ``root``, ``(relative path, path)`` sorted by relative path (``rglob``'s
-    order)."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in files:
-            if name.endswith(".py"):
-                path = Path(folder) / name
-                found.append((str(path.relative_to(root)), path))
-    found.sort(key=lambda item: Path(item[0]).parts)
-    return found
-
-
 def _source_digest() -> str:
     """A digest of latentfit's own source files (a version string does not change when a checkout is edited).  Kept in
     the store folder (:data:`SOURCE_DIGEST_FILE`) with every file's size and modification time in nanoseconds, and
     read back while they all match, as Python's bytecode cache trusts a source's size and time: a fresh process then
     reads the files' metadata, not their bytes (~1 against ~4 ms)."""
     root = Path(__file__).resolve().parents[1]
-    files = _source_files(root)
+    files = [(str(path.relative_to(root)), path) for path in sorted(root.rglob("*.py"))]
     stats = []
     for rel, path in files:
         try:
@@ -141,13 +127,12 @@ def _source_digest() -> str:
         stats.append([rel, st.st_size, st.st_mtime_ns])
     directory = store_dir()
     kept = None if directory is None or stats is None else directory / SOURCE_DIGEST_FILE
+    record: Any = None
     if kept is not None:
-        try:
+        with contextlib.suppress(OSError, ValueError):  # absent or damaged: hash the files
             record = json.loads(kept.read_text())
-            if record.get("files") == stats and isinstance(record.get("digest"), str):
-                return record["digest"]
-        except (OSError, ValueError, AttributeError):
-            pass
+    if isinstance(record, dict) and record.get("files") == stats and isinstance(record.get("digest"), str):
+        return record["digest"]
     h = hashlib.blake2b(digest_size=16)
     for rel, path in files:
         h.update(rel.encode())
