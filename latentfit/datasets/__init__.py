@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from importlib import resources
+from pathlib import Path
 
 import pandas as pd
+
+#: the folder of the shipped tables (this package's own: a plain path, without importlib.resources' readers)
+_HERE = Path(__file__).resolve().parent
 
 
 def theophylline(saemix_form: bool = False) -> pd.DataFrame:
@@ -15,8 +18,7 @@ def theophylline(saemix_form: bool = False) -> pd.DataFrame:
     the time-0 rows are dropped (120 rows) and the dose is in mg (``Dose * Wt``), with columns
     ``Id, Dose, Time, Concentration, Weight``.
     """
-    with resources.files(__name__).joinpath("theophylline.csv").open("r") as fh:
-        df = pd.read_csv(fh)
+    df = pd.read_csv(_HERE / "theophylline.csv")
     if not saemix_form:
         return df
     out = df[df["Time"] > 0].copy()

@@ -448,6 +448,8 @@ class Engine:
     # ----- checkpoints -------------------------------------------------------------------------
     def _resume_source(self, checkpoint: Any, resume: Any) -> Any:
         """Where to resume from (None: a fresh run); refuses to start afresh over another run's checkpoints."""
+        if checkpoint is None and (resume is None or resume is False):  # a plain run: nothing to read or check
+            return None
         from latentfit.checkpoint import checkpoint_world_sizes, engine_shard
 
         shard = engine_shard(self)
