@@ -308,6 +308,17 @@ def _compile(lowered: Any, platform: str) -> Any:
     return lowered.compile()
 
 
+try:  # JAX's own test of "no trace in progress" (private; without it, every call is taken as traced)
+    from jax._src.core import trace_state_clean as _trace_state_clean
+except ImportError:  # pragma: no cover - another JAX
+    _trace_state_clean = None
+
+
+def _tracing() -> bool:
+    """True inside a trace (``jit``, ``grad``, ``vmap``, ...), or when this JAX cannot tell."""
+    return _trace_state_clean is None or not _trace_state_clean()
+
+
 def _special() -> Any:
     """``jax.scipy.special``, imported at first use (a warm process that only calls stored programs never needs it)."""
     import jax.scipy.special
@@ -792,7 +803,11 @@ class JaxOps(Ops):
         if arr.dtype == bool or (dtype is None and np.issubdtype(arr.dtype, np.integer)):
             # a host copy in JAX's dtype, then a transfer: jnp.asarray would run (and compile) a conversion program
             return jax.device_put(np.array(arr, dtype=jax.dtypes.canonicalize_dtype(arr.dtype), copy=True))
-        return jnp.asarray(arr, dtype=dtype or self.dtype)
+        if _tracing():  # a constant of the trace
+            return jnp.asarray(arr, dtype=dtype or self.dtype)
+        # eagerly, the same host copy and transfer for floats: ~30 against ~150 us a call through jnp.asarray (a
+        # model's data are dozens of arrays); numpy's cast rounds as XLA's does
+        return jax.device_put(np.array(arr, dtype=jax.dtypes.canonicalize_dtype(dtype or self.dtype), copy=True))
 
     def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
         return jnp.zeros(shape, dtype=dtype or self.dtype)

@@ -211,15 +211,18 @@ class SAEM(Engine):
         # one process: the scales need no collective and are part of the chains' start
         local = type(ops).gather_units is Ops.gather_units
         checked = None
-        if ops.jittable:  # two compiled programs (persistent-cache hits in a later process), not ~15-45 eager ones
-            def finish_checked(theta: dict[str, Any], z: Any) -> tuple:
-                return (*self._chains_finish(theta, z, local), self._start_eager(theta, z))
+        if ops.jittable:  # one compiled program (a persistent-cache hit in a later process), not ~15-45 eager ones
+            def start(theta: dict[str, Any], key: Any, root: Any) -> tuple:
+                # the prior draw computed once, in memory: XLA:CPU would copy its hash and inverse error function into
+                # each fusion that reads it (:meth:`_chains_draw`); then what follows from it: the scales, the cache
+                # and the check (:meth:`_start_eager`)
+                theta_u, key_next, z = ops.computed_once(lambda k, th, r: self._chains_draw(th, k, r), key, theta, root)
+                return (theta_u, key_next, z, *self._chains_finish(theta, z, local), self._start_eager(theta, z))
 
-            try:  # the chains' prior draw, then what follows from it: scales, cache, check (:meth:`_start_eager`)
-                theta_u, key_next, z = ops.jit(self._chains_draw)(theta, key, root)
+            try:
+                theta_u, key_next, z, scale, cache, checked = ops.jit(start)(theta, key, root)
                 # a jitted dict comes back with its keys sorted: the parameters' order (summaries, history) is θ's
                 theta_u = {**{k: theta_u[k] for k in theta if k in theta_u}, **theta_u}
-                scale, cache, checked = ops.jit(finish_checked)(theta, z)
                 key = key_next
             except Exception:  # noqa: BLE001 - a prior draw that cannot be traced: eagerly (its own errors, if any)
                 checked = None
