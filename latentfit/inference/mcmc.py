@@ -677,19 +677,22 @@ def _kernel_steps_compact(ops: Ops, randoms: SweepRandoms, chain: ChainState, sc
         return ChainState(z, values[0], values[1], values[num_selected] if packs_count else count,
                           values[2] if packs_cache else cache)
 
-    def book_of(scale_rw: Any, scale_block: Any, rate_rw: Any, rate_block: Any) -> Any:
-        """The walks' scales and rates as one vector ``[scale_rw (d), scale_block (d), rate_rw (d), rate_block]``."""
-        return xp.concatenate([scale_rw, scale_block, rate_rw, xp.reshape(rate_block, (1,))])
+    def book_of(scale_rw: Any, scale_block: Any, rate_rw: Any, rate_block: Any, rates: Any) -> Any:
+        """The walks' scales and rates and the steps' rates as one vector ``[scale_rw (d), scale_block (d), rate_rw
+        (d), rate_block, rates (num_steps)]``: one fusion a step updates it."""
+        return xp.concatenate([scale_rw, scale_block, rate_rw, xp.reshape(rate_block, (1,)), rates])
 
-    def book_parts(book: Any) -> tuple[Any, Any, Any, Any]:
-        return book[:d], book[d:2 * d], book[2 * d:3 * d], book[3 * d]
+    def book_parts(book: Any) -> tuple[Any, Any, Any, Any, Any]:
+        return book[:d], book[d:2 * d], book[2 * d:3 * d], book[3 * d], book[3 * d + 1:]
+
+    step_rows = ops.arange(num_steps)  # the steps' indices, for rates[s] = a
 
     def step(s, carry):
         """Kernel step ``s``: prior IMH ``s < n1``, then move ``j = (s − n1) mod d`` of the component-wise sweep
         ``(s − n1) div d``, then the random-block steps; one proposal, evaluation and MH test whatever its kernel."""
-        chain_parts, book, rates = carry
+        chain_parts, book = carry
         ch = unpacked(*chain_parts)
-        scale_rw, scale_block, rate_rw, rate_block = book_parts(book)
+        scale_rw, scale_block, rate_rw, rate_block, rates = book_parts(book)
         is_imh, is_block = s < n1, s >= n1 + num_rw
         is_rw = ~is_imh & ~is_block
         if n1 + n3:  # the prior draws' and block steps' normals: rows s (IMH) and n1 + i (block step i)
@@ -732,7 +735,7 @@ def _kernel_steps_compact(ops: Ops, randoms: SweepRandoms, chain: ChainState, sc
         chain_parts = (xp.where(ok[..., None, :], z_new, z_parts), values, count,
                        cache if cache is None else xp.where(ok, c_new, cache))
         a = ops.unit_mean(ok * 1.0)  # step s's acceptance rate (one reduction over the units a step)
-        rates = ops.put_block(rates, s, a[None])
+        rates = xp.where(step_rows == s, a, rates)  # rates[s] = a, in the book's fusion
         if n2:  # after a sweep's last move: its moves' rates adapt the scales (saemix)
             end = is_rw & (j == d - 1)
             a_sweep = ops.zeros((d,)) + ops.take_block(rates, xp.clip(s - d + 1, 0, num_steps - d), d)
@@ -741,13 +744,13 @@ def _kernel_steps_compact(ops: Ops, randoms: SweepRandoms, chain: ChainState, sc
         if n3:
             scale_block = xp.where(is_block, adapt_scale(scale_block, a, mask), scale_block)
             rate_block = xp.where(is_block, rate_block + a / n3, rate_block)
-        return chain_parts, book_of(scale_rw, scale_block, rate_rw, rate_block), rates
+        return chain_parts, book_of(scale_rw, scale_block, rate_rw, rate_block, rates)
 
-    carry = (packed(chain), book_of(scale_rw, scale_block, ops.zeros((d,)), ops.zeros(())), ops.zeros((num_steps,)))
-    chain_parts, book, rates = ops.fori_loop(0, num_steps, step, carry)
+    carry = (packed(chain), book_of(scale_rw, scale_block, ops.zeros((d,)), ops.zeros(()), ops.zeros((num_steps,))))
+    chain_parts, book = ops.fori_loop(0, num_steps, step, carry)
     chain = unpacked(*chain_parts)
     dtypes = scale_rw.dtype, scale_block.dtype
-    scale_rw, scale_block, rate_rw, rate_block = book_parts(book)
+    scale_rw, scale_block, rate_rw, rate_block, rates = book_parts(book)
     scale_rw, scale_block = scale_rw.astype(dtypes[0]), scale_block.astype(dtypes[1])
     if n1:
         rate = ops.zeros(())
