@@ -241,8 +241,14 @@ class _ConstsBound:
 #: observations (two exponentials, a sum over T) took 505 us there against 260 us (single thread), 6.3 of SAEM's
 #: 10.6 ms per iteration at N = 5000.  An option also named in ``XLA_FLAGS`` is left to the flag; an XLA that does not
 #: know an option compiles without the options.  Set to ``{}`` to compile with XLA's defaults.
-CPU_COMPILER_OPTIONS: dict[str, str] = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+#:
+#: Also copy insertion with region analysis (``xla_cpu_copy_insertion_use_region_analysis``): XLA:CPU's default copies
+#: loop-carried values at each iteration where it cannot prove the copy unneeded, a thunk each (~0.3 us on
+#: theophylline's small arrays); the analysis drops most of them, the same values: SAEM's theophylline iteration
+#: carried 36 copies (6 in the iteration's body, 3 in each of its 10 kernel steps), 12 with it.
+CPU_COMPILER_OPTIONS: dict[str, Any] = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+    "xla_cpu_copy_insertion_use_region_analysis": True}
 #: XLA:CPU options added to :data:`CPU_COMPILER_OPTIONS` for the compiled chunks of :meth:`JaxOps.scan_steps` whose
 #: state has an array of at least :data:`WIDE_CHUNK_ELEMENTS` entries: 512-bit vectors where the CPU has them
 #: (AVX-512; a preference, capped at what the CPU has).  XLA:CPU's float64 ``exp`` then runs 8 lanes wide, 1.6
@@ -283,7 +289,7 @@ def _jaxpr_taint(jaxpr: Any, tainted_in: list[bool]) -> list[bool]:
     return [is_tainted(v) for v in jaxpr.outvars]
 
 
-def _compiler_options(platform: str) -> dict[str, str]:
+def _compiler_options(platform: str) -> dict[str, Any]:
     """:data:`CPU_COMPILER_OPTIONS` (and :data:`WIDE_VECTOR_OPTIONS` while a large chunk compiles) for a CPU program,
     less the options that ``XLA_FLAGS`` sets; none elsewhere."""
     import os

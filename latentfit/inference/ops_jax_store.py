@@ -618,7 +618,7 @@ def _host_tag() -> str:
     return _HOST[0]
 
 
-def _options_tag(options: dict[str, str]) -> str:
+def _options_tag(options: dict[str, Any]) -> str:
     return hashlib.blake2b(json.dumps(options, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
@@ -626,7 +626,7 @@ def _aval_json(aval: Any) -> list[Any]:
     return [list(aval.shape), str(np.dtype(aval.dtype)), bool(aval.weak_type)]
 
 
-def save_executable(digest: str, options: dict[str, str], compiled: Any) -> bool:
+def save_executable(digest: str, options: dict[str, Any], compiled: Any) -> bool:
     """Keep ``compiled`` (a ``jax.stages.Compiled`` of a stored program, compiled with ``options``) under ``digest``;
     False (nothing written) for what a later process could not call as this one does: several devices, effects, host
     callbacks, mutable arrays, non-default layouts, an executable XLA cannot serialise."""
@@ -711,7 +711,7 @@ class StoredExecutable:
         return self._call(*args)
 
 
-def discard_executable(digest: str, options: dict[str, str]) -> None:
+def discard_executable(digest: str, options: dict[str, Any]) -> None:
     """Remove the executable kept under ``digest`` and ``options`` (best effort: one that failed to run)."""
     directory = store_dir()
     if directory is not None:
@@ -864,7 +864,7 @@ def _read_ahead(name: str, device: Any) -> Any:
     return ahead.take(name)
 
 
-def load_executable(digest: str, options: dict[str, str], args: list[Any],
+def load_executable(digest: str, options: dict[str, Any], args: list[Any],
                     num_outputs: int) -> StoredExecutable | None:
     """The executable :func:`save_executable` kept under ``digest`` and ``options``, ready to call on ``args`` (the
     program's flat arguments) for ``num_outputs`` outputs, or None (absent, truncated, corrupted, foreign, or not
