@@ -344,6 +344,30 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   slower; the same values to rounding).  What is left (CPU ~0.29 s): the executables' deserialisation (~0.1 s: the
   chunk 2604 instructions, EBE modes 1310, IS 1397, SEs 952), ~400 thunks an iteration (~0.04 s of the 400), the keys'
   fingerprints (~0.02 s: a Python walk of the model for each of the 10 programs) and the backend's start (~0.01 s).
+* fourteenth round (issue 14 item 9), the critical path of a warm process (its events timed, ``perf`` by thread): the
+  main thread keys and loads the first programs (~0.06 s), then waits ~0.01-0.02 s for the chunk of iterations, which
+  the read-ahead thread deserialises (~0.035 s of CPU for its 2600 HLO instructions); the 16 chunk calls take ~0.045
+  s (execution-bound: ~0.2 ms of Python between calls), the post-fit work ~0.045 s.  Both cores are busy throughout
+  (CPU ~0.29 s in ~0.19 s).  Changes (the fit, EBEs, SEs and IS log-likelihood bit for bit):
+  - no import of ``latentfit.checkpoint`` for a plain run, ``jax.scipy.special`` imported where used, the shipped
+    table read by path: the first key ~3 ms sooner;
+  - ``JaxOps.asarray``: a float array goes to the device by a host cast and ``device_put`` (~30 against ~150 us a call
+    through ``jnp.asarray``; a model's data are dozens of arrays);
+  - SAEM's start one program instead of two (the prior draw through ``computed_once``);
+  - the compact kernel steps carry the steps' rates in the walks' book (22 -> 20 thunks a step), and XLA:CPU compiles
+    with copy insertion's region analysis (``xla_cpu_copy_insertion_use_region_analysis``): 36 -> 12 loop-state copies
+    an iteration; a warm in-process fit 54-58 -> 53-54 ms.  N = 5000: unchanged (1.04 s best of 3, both trees).
+  Measured: fbee8f9 and this tree alternated in fresh processes, one warm cache, 30 rounds: wall 0.195 s both (CPU
+  0.295 both): the critical path is the chunk's deserialisation and the chunk calls, which these changes do not
+  shorten on 2 busy cores.  ``--e2e-only --e2e-runs 10``: 0.189 s (0.179-0.265), 8.0x saemix's recorded 1.5 s.  Tried,
+  not kept: starting the read-ahead before the first program is keyed, on the last process's list (at the first JAX
+  model: the backend's start in that thread slowed the main thread's Python, 0.191 -> 0.195-0.217 s; at the first
+  transfer, after the backend's start: 0.195 -> 0.201 s: the main thread then deserialised SAEM's start itself); the
+  records of an iteration packed into one row (XLA:CPU then made each packed value a fusion of its own: no fewer
+  thunks); XLA's ``CPU_OPT_PRESET_FAST_RUNTIME`` and the memory-optimised scheduler (within noise).  Measured for
+  planning, not kept (process-wide settings a library should not make): ``PJRT_NPROC=1`` (a sequential thunk executor:
+  a warm in-process fit 54.5 -> 47 ms wall, 69 -> 48 ms CPU; end to end -3%) and glibc's ``mallopt`` (no fast bins, a
+  64 MB top pad: end to end -4-5%; a third of the deserialisation's CPU is malloc).
 """
 
 from __future__ import annotations
