@@ -643,8 +643,8 @@ def _kernel_steps_compact(ops: Ops, randoms: SweepRandoms, chain: ChainState, sc
     XLA:CPU runs each fusion of the step as a thunk of its own (~0.3 us each on theophylline's ``[5, 12]`` arrays),
     so what a step updates is carried stacked, each stack updated by one fusion: the chains' log-likelihood,
     log-prior, cache and per-unit non-finite count (``[L, n]`` each) as ``[2-4, L, n]``, and the scales and
-    acceptance rates of the walks as one vector ``[3 d + 1]``, and the random blocks' masks are made before the loop
-    (a kernel step: 30 -> 22 thunks); the same values."""
+    acceptance rates of the walks with the steps' rates as one vector ``[3 d + 1 + steps]``, and the random blocks'
+    masks are made before the loop (a kernel step: 30 -> 20 thunks); the same values."""
     xp, (L, d, n), one = _kernel_context(ops, chain)
 
     def stackable(x: Any) -> bool:

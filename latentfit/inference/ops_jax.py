@@ -807,13 +807,13 @@ class JaxOps(Ops):
             return x.astype(dtype or self.dtype)
         arr = np.asarray(x)
         if arr.dtype == bool or (dtype is None and np.issubdtype(arr.dtype, np.integer)):
-            # a host copy in JAX's dtype, then a transfer: jnp.asarray would run (and compile) a conversion program
-            return jax.device_put(np.array(arr, dtype=jax.dtypes.canonicalize_dtype(arr.dtype), copy=True))
-        if _tracing():  # a constant of the trace
+            target = arr.dtype  # jnp.asarray would run (and compile) a conversion program
+        elif _tracing():  # a constant of the trace
             return jnp.asarray(arr, dtype=dtype or self.dtype)
-        # eagerly, the same host copy and transfer for floats: ~30 against ~150 us a call through jnp.asarray (a
-        # model's data are dozens of arrays); numpy's cast rounds as XLA's does
-        return jax.device_put(np.array(arr, dtype=jax.dtypes.canonicalize_dtype(dtype or self.dtype), copy=True))
+        else:  # floats, eagerly: ~30 against ~150 us a call through jnp.asarray (a model's data are dozens of arrays)
+            target = dtype or self.dtype
+        # a host copy in JAX's dtype (numpy's cast rounds as XLA's does), then a transfer
+        return jax.device_put(np.array(arr, dtype=jax.dtypes.canonicalize_dtype(target), copy=True))
 
     def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
         return jnp.zeros(shape, dtype=dtype or self.dtype)

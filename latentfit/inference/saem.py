@@ -246,10 +246,10 @@ class SAEM(Engine):
     def _chains_draw(self, theta: dict[str, Any], key: Any, root: Any) -> tuple:
         """``(θ unconstrained, key, z)``: the chains' prior draw.  A compiled program of its own on JAX (issue 14 item
         9), where XLA fuses the arithmetic and contracts ``μ + ω ε`` into fused multiply-adds: the draws differ from
-        the eager operations' in their last bit, and a fit's estimates by rounding (≤ 1e-12 relative).  Its own
-        program because XLA:CPU fuses a copy of an elementwise producer into each consumer: compiled with the scales,
-        the cache and the check, the draw (its threefry hash and inverse error function, ~575 instructions) was
-        copied into seven fusions, a 4175-instruction executable whose loading was ~0.06-0.09 s of a warm process."""
+        the eager operations' in their last bit, and a fit's estimates by rounding (≤ 1e-12 relative).  :meth:`init`
+        compiles it with the scales, the cache and the check, through ``computed_once``: XLA:CPU fuses a copy of an
+        elementwise producer into each consumer, and the draw (its threefry hash and inverse error function, ~575
+        instructions) had been copied into seven fusions, a 4175-instruction executable."""
         model, ops = self.model, self.ops
         # the split once in memory: XLA:CPU copied its hash into the draw's fusion too (~160 instructions)
         k_prior, key = ops.computed_once(lambda k: ops.split(k), key)
