@@ -261,3 +261,43 @@ class _NumpyOps:
     @staticmethod
     def to_numpy(x: Any) -> np.ndarray:
         return np.asarray(x)
+
+
+class _StopAfter(SAEM):
+    """SAEM that ends early once ``after`` chunks are recorded (the ``stopped`` hook, as VFG's early stopping)."""
+
+    def __init__(self, *args: Any, after: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.after, self.calls = after, 0
+
+    def stopped(self, state: Any) -> bool:
+        self.calls += 1  # once at the start, then once per recorded chunk
+        return self.calls > self.after
+
+
+def test_jax_chunks_dispatched_ahead_are_recorded_in_order(monkeypatch: Any) -> None:
+    """On JAX the driver dispatches chunk j + 1 before it reads chunk j's records (``JaxOps.dispatches_ahead``).  The
+    fit, its history, an early stop (the chunk dispatched after the stopping one is dropped) and a NaN M-step's error
+    and last good state are those of the driver that records each chunk before the next (bit for bit)."""
+    from latentfit.inference.ops_jax import JaxOps
+
+    backend = Backend("numpyro")
+    y = _tail_data()[:12, :4]
+
+    def runs() -> tuple[Any, Any, Any]:
+        model = backend.latent_model(backend.models.random_intercept, backend.tensor(y))
+        stopping = _StopAfter(model, after=3, num_iters=(30, 30), seed=3, progress=False, chunk_size=5, num_draws=10)
+        with pytest.raises(NonFiniteError) as err:
+            _saem(backend, y, nan_m_step=True).run(backend.key(3))
+        return _saem(backend, y).run(backend.key(3)), stopping.run(backend.key(3)), err.value
+
+    clean, stopped, error = runs()
+    monkeypatch.setattr(JaxOps, "dispatches_ahead", False)
+    clean_in_turn, stopped_in_turn, error_in_turn = runs()
+    _assert_same(clean, clean_in_turn)
+    _assert_same(stopped, stopped_in_turn)
+    assert stopped.num_iterations == 15 and len(stopped.history["theta.mu"]) == 15
+    np.testing.assert_array_equal(stopped.params["mu"], clean.history["theta.mu"][14])
+    assert (error.iteration, error.last_good_iteration) == (error_in_turn.iteration, error_in_turn.last_good_iteration)
+    assert error.last_good_iteration % 5 == 0 and error.iteration > error.last_good_iteration
+    _assert_same(error.result, error_in_turn.result)

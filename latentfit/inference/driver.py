@@ -266,25 +266,33 @@ class Engine:
             bar.update(start)
         interrupted = False
         done = start if self.stopped(state) else total  # iterations the result holds (fewer when stopped early)
+        # the chunks to run, in order; a compiled backend's chunk j + 1 is dispatched before chunk j's records are read
+        # (JAX runs it meanwhile: the host's bookkeeping overlaps the device's iterations); a state written in place
+        # (torch) is recorded before the next chunk starts
+        chunks = [(a, b, phase, a >= collect_from) for first, last, phase in self.phases()
+                  for a, b in _chunk_bounds(first, last, collect_from, self.chunk_size) if b > start]
+        ahead = ops.jittable and getattr(ops, "dispatches_ahead", False)
         try:
-            for first, last, phase in self.phases():
-                # split each phase so the tail (draw collection) is its own chunk, then by chunk_size
-                bounds = _chunk_bounds(first, last, collect_from, self.chunk_size)
-                for a, b in bounds:
-                    if b <= start or done < total:  # done before the checkpoint we resumed from, or stopped early
-                        continue
-                    collect = a >= collect_from
+            pending: list[Any] = []  # dispatched chunks not yet recorded: (a, b, collect, state, infos)
+            for j in range(len(chunks) + 1):
+                if j < len(chunks) and done == total:
+                    a, b, phase, collect = chunks[j]
                     state, infos = self._run_chunk(state, a, b, phase, collect)
+                    pending.append((a, b, collect, state, infos))
+                while pending and (len(pending) > 1 or not ahead or j == len(chunks) or done < total):
+                    a, b, collect, st, infos = pending.pop(0)
+                    if done < total:  # stopped early: a chunk dispatched after the stop is dropped
+                        continue
                     stacked = _stacked_records(infos)  # a compiled chunk's records, stacked (None: a list)
                     fault = _first_nonfinite(infos, a, ops) if stacked is None \
                         else _first_nonfinite_stacked(stacked, len(infos), a)
                     if fault is not None:
-                        raise self._nonfinite_error(fault, good, state, checkpoint, last_saved, history, draws,
+                        raise self._nonfinite_error(fault, good, st, checkpoint, last_saved, history, draws,
                                                     collect_from, int(keep), t0, t_init)
                     if stacked is not None:  # each leaf's rows at once
                         z = stacked.get("_z")
                         if z is not None and collect:
-                            draws.extend(z[j] for j in range(len(infos)))
+                            draws.extend(z[i] for i in range(len(infos)))
                         _extend_history(history, {k: v for k, v in stacked.items() if k != "_z"}, len(infos))
                     else:
                         for info in infos:
@@ -292,15 +300,16 @@ class Engine:
                             if z is not None and collect:
                                 draws.append(ops.to_numpy(z))
                             _append_history(history, info, ops)
-                    good = self._snapshot(state, b)
-                    if b < total and self.stopped(state):
+                    good = self._snapshot(st, b)
+                    if b < total and self.stopped(st):
                         done = b
+                        state = st
                     if checkpoint is not None and (b - last_saved >= every or b == done):
-                        self._save(checkpoint, state, b, history, draws, int(keep))
+                        self._save(checkpoint, st, b, history, draws, int(keep))
                         last_saved = b
                     if self.callback is not None:
-                        for j, k in enumerate(range(a, b + 1)):
-                            self.callback(k, {n: v[len(v) - (b - a + 1) + j] for n, v in history.items()})
+                        for i, k in enumerate(range(a, b + 1)):
+                            self.callback(k, {n: v[len(v) - (b - a + 1) + i] for n, v in history.items()})
                     if bar is not None:
                         bar.update(b - a + 1)
         except KeyboardInterrupt:
