@@ -188,22 +188,3 @@ def test_saemix_sweep_equals_per_step_reductions(backend):
                                    atol=0 if backend.name == "pyro" else 1e-14)
     assert float(ops.to_numpy(chain.num_nonfinite)) == float(ops.to_numpy(ref_count)) > 0
     assert 0 < float(ops.to_numpy(acc["prior_imh"])) < 1
-
-
-@pytest.mark.parametrize("d", [3, 4, 6])
-def test_block_mask_is_the_argsort_rule_without_a_sort(backend, d):
-    """``block_mask_of`` (ranks by comparisons) equals the sort rule ``argsort(u) < r`` row by row, ties included (a
-    stable sort's order), for every block size r, and draws a uniform block of r coordinates."""
-    rng = np.random.default_rng(d)
-    u = rng.uniform(size=(400, d))
-    u[:50, 1] = u[:50, 0]  # ties
-    u[50:60] = 0.5  # a row of equal values
-    ops = backend.ops()
-    for k in range(2 * (d - 1)):
-        r = k % (d - 1) + 2
-        expected = (np.argsort(u, axis=-1, kind="stable") < r) * 1.0
-        got = np.asarray(ops.to_numpy(mcmc.block_mask_of(ops, ops.asarray(u), d, k)))
-        np.testing.assert_array_equal(got, expected)
-        assert (got.sum(-1) == r).all()
-    counts = np.asarray(ops.to_numpy(mcmc.block_mask_of(ops, ops.asarray(rng.uniform(size=(20000, d))), d, 0)))
-    np.testing.assert_allclose(counts.mean(0), 2 / d, atol=4 * np.sqrt(2 / d / 20000))

@@ -382,36 +382,6 @@ def test_large_chunks_compile_with_wide_vectors_and_the_same_exp(monkeypatch):
     assert np.array_equal(outs[0], outs[1])
 
 
-def test_small_fits_run_each_chunk_as_one_kernel(monkeypatch):
-    """Theophylline's SAEM chunk on JAX (CPU) compiles its loop over the iterations as one XLA kernel (the small-loop
-    limit ``ops_jax.SMALL_LOOP_BYTES``): nothing in the iteration keeps XLA from it (a sort, a scatter, a library
-    fusion or call), and one iteration accesses less than the limit.  (Values: ``test_jax_small_loops_compile_as_one_
-    kernel``; the fit's estimates: the NLME reference tests.)"""
-    jax = pytest.importorskip("jax")
-    jax.config.update("jax_enable_x64", True)
-    from latentfit.inference import ops_jax
-
-    if jax.default_backend() != "cpu" or not ops_jax._install_small_loops():
-        pytest.skip("XLA:CPU's small-loop limit")
-    texts = []
-    compile_ = ops_jax._compile
-    monkeypatch.setattr(ops_jax, "_compile", lambda lowered, platform: (
-        lambda c: texts.append(c.as_text()) or c)(compile_(lowered, platform)))
-
-    def fit() -> None:
-        model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5},
-                          data=lf.datasets.theophylline(saemix_form=True), backend="jax",
-                          columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
-        model.fit(seed=0, progress=False, num_iters=(20, 10))
-
-    fit()
-    chunks = [t for t in texts if "while(" in t and "f64[5,12]" in t]
-    # the iterations' loop is inside a call XLA runs as one kernel: no while loop left in the entry computation (with
-    # XLA's default limit only the small key-chain loops are, the iterations' loop is the entry's)
-    entries = [t[t.index("\nENTRY"):].split("\n}\n")[0] for t in chunks]
-    assert chunks and all("xla_cpu_small_call" in t and "while(" not in e for t, e in zip(chunks, entries))
-
-
 def _compact_case(d: int, structural: str = "library") -> nlme.NLME:
     jax = pytest.importorskip("jax")
     jax.config.update("jax_enable_x64", True)

@@ -328,45 +328,6 @@ def test_jax_cpu_options_are_accepted_and_drop_loop_copies():
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_jax_small_loops_compile_as_one_kernel():
-    """A CPU program compiled by the shim gets XLA's small-loop limit ``SMALL_LOOP_BYTES``: a loop over ~32 kB an
-    iteration (above XLA's 1 kB default) becomes one kernel (a call XLA marks ``xla_cpu_small_call``), the same values
-    bit for bit; a loop over ~2 MB an iteration keeps XLA's thunks; a program compiled elsewhere in the process, and
-    one compiled with the limit off, keep XLA's default; the stored executables are keyed by the limit."""
-    jax = pytest.importorskip("jax")
-    jax.config.update("jax_enable_x64", True)
-    import jax.numpy as jnp
-    from jax import lax
-
-    from latentfit.inference import ops_jax
-
-    if jax.default_backend() != "cpu" or not ops_jax._install_small_loops():
-        pytest.skip("XLA:CPU's small-loop limit")
-
-    def f(x):
-        return lax.fori_loop(0, 20, lambda i, c: jnp.exp(-c) * 0.5 + x * c, x)
-
-    small, large = jnp.linspace(0.0, 1.0, 4000), jnp.linspace(0.0, 1.0, 250_000)
-    ours = ops_jax._compile(jax.jit(f).lower(small), "cpu")
-    assert "xla_cpu_small_call" in ours.as_text()
-    plain = jax.jit(f).lower(small).compile()  # not through the shim: XLA's default limit
-    assert "xla_cpu_small_call" not in plain.as_text()
-    np.testing.assert_array_equal(np.asarray(ours(small)), np.asarray(plain(small)))
-    assert "xla_cpu_small_call" not in ops_jax._compile(jax.jit(f).lower(large), "cpu").as_text()
-    assert ops_jax._store_options("cpu")[ops_jax._SMALL_LOOP_OPTION] == ops_jax.SMALL_LOOP_BYTES
-    assert ops_jax._SMALL_LOOP_OPTION not in ops_jax._store_options("gpu")
-    before = ops_jax.SMALL_LOOP_BYTES
-    ops_jax.SMALL_LOOP_BYTES = None
-    try:
-        def g(x):  # another program (JAX's in-memory cache keys a compilation by its compiler_options, not the limit)
-            return lax.fori_loop(0, 20, lambda i, c: jnp.exp(-c) * 0.25 + x * c, x)
-
-        assert "xla_cpu_small_call" not in ops_jax._compile(jax.jit(g).lower(small), "cpu").as_text()
-        assert ops_jax._SMALL_LOOP_OPTION not in ops_jax._store_options("cpu")
-    finally:
-        ops_jax.SMALL_LOOP_BYTES = before
-
-
 @pytest.mark.parametrize("x64", [True, False])
 def test_jax_asarray_transfers_what_jnp_asarray_makes(x64):
     """``JaxOps.asarray`` outside a trace (a host cast and ``device_put``, ~5x cheaper a call than ``jnp.asarray``):

@@ -262,21 +262,11 @@ def random_block_mask(ops: Ops, key: Any, d: int, k: Any) -> Any:
 
 
 def block_mask_of(ops: Ops, u: Any, d: int, k: Any) -> Any:
-    """:func:`random_block_mask` from its uniforms ``u [..., d]`` (several blocks' at once, row by row): coordinate i
-    is in the block when ``argsort(u)[i] < r``, i.e. when one of the first ``r`` coordinates' uniforms has rank i (a
-    uniformly drawn block of ``r``).  Computed from the ranks by comparisons, not by a sort: the same mask, and a loop
-    holding a sort is one XLA:CPU cannot compile as one kernel (:data:`~latentfit.inference.ops_jax.SMALL_LOOP_BYTES`).
-    """
+    """:func:`random_block_mask` from its uniforms ``u [..., d]`` (the coordinates of the ``r`` smallest; several
+    blocks' at once, row by row)."""
     if d <= 2:
         return ops.ones(tuple(u.shape))
-    idx = ops.arange(d)
-    # each coordinate's rank (a stable sort's: ties by index), then i is in the block if rank[j] == i for some j < r
-    ui, uj = u[..., :, None], u[..., None, :]
-    less = (uj < ui) | ((uj == ui) & (idx[None, :] < idx[:, None]))
-    rank = less.sum(-1)  # [..., d]
-    r = (k % (d - 1)) + 2
-    hit = (rank[..., :, None] == idx) & (idx[:, None] < r)  # [..., j, i]
-    return hit.any(-2) * 1.0
+    return (ops.xp.argsort(u) < (k % (d - 1)) + 2) * 1.0  # along the last axis (numpy, JAX, torch)
 
 
 def rw_block(ops: Ops, key: Any, state: ChainState, scale: Any, mask: Any,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import functools
 import re
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -255,24 +254,9 @@ class _ConstsBound:
 #: loop-carried values at each iteration where it cannot prove the copy unneeded, a thunk each (~0.3 us on
 #: theophylline's small arrays); the analysis drops most of them, the same values: SAEM's theophylline iteration
 #: carried 36 copies (6 in the iteration's body, 3 in each of its 10 kernel steps), 12 with it.
-#:
-#: No YNNPACK fusion of matrix products either (the option names convolutions only, which these programs do not
-#: have): a loop holding such a library fusion cannot be compiled as one kernel (:data:`SMALL_LOOP_BYTES`), and
-#: XLA's own dot ran NLME at N = 5000 as fast (1.18 against 1.19 s for 400 iterations).
 CPU_COMPILER_OPTIONS: dict[str, Any] = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
     "xla_cpu_copy_insertion_use_region_analysis": True}
-#: XLA:CPU compiles a while loop one iteration of which accesses fewer bytes than this (its cost analysis) as one
-#: kernel instead of one thunk per operation dispatched by its thunk executor: XLA's small-loop pass
-#: (``xla_cpu_small_while_loop_byte_threshold``, 1 kB by default), given this limit for the programs compiled here
-#: (:func:`_compile`).  A small model's iterations then run without the executor's dispatch and its hand-offs
-#: between threads: theophylline's SAEM fit (12 subjects; an iteration ~0.15 MB) took 79 -> 66 ms of CPU for the same
-#: wall time, its standard errors 12 -> 6 ms.  A larger loop keeps the executor, which spreads large operations over
-#: the cores (a one-kernel loop runs on one): NLME at N = 5000 (~1 MB an iteration and more) is unchanged, while a
-#: limit of 1 MB made it 7% slower on 2 cores.  XLA leaves out loops holding what one kernel cannot run (a sort, a
-#: scatter, a library call).  None: XLA's default.  Carried in the options a stored executable is kept under; set it
-#: before compiling (JAX's in-memory cache of this process keys a compilation by its compiler options, not this).
-SMALL_LOOP_BYTES: int | None = 256 * 1024
 #: XLA:CPU options added to :data:`CPU_COMPILER_OPTIONS` for the compiled chunks of :meth:`JaxOps.scan_steps` whose
 #: state has an array of at least :data:`WIDE_CHUNK_ELEMENTS` entries: 512-bit vectors where the CPU has them
 #: (AVX-512; a preference, capped at what the CPU has).  XLA:CPU's float64 ``exp`` then runs 8 lanes wide, 1.6
@@ -325,105 +309,17 @@ def _compiler_options(platform: str) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k not in flags}
 
 
-def _store_options(platform: str) -> dict[str, Any]:
-    """The options a stored executable is kept under (:mod:`.ops_jax_store`): :func:`_compiler_options` and the
-    small-loop limit (:data:`SMALL_LOOP_BYTES`) it was compiled with."""
-    options = _compiler_options(platform)
-    limit = _small_loop_bytes(platform)
-    return options if limit is None else {**options, _SMALL_LOOP_OPTION: limit}
-
-
 def _compile(lowered: Any, platform: str) -> Any:
-    """``lowered.compile()`` with :func:`_compiler_options` (without them if this XLA does not know one) and, on CPU,
-    XLA's small-loop limit :data:`SMALL_LOOP_BYTES`."""
+    """``lowered.compile()`` with :func:`_compiler_options` (without them if this XLA does not know one)."""
     options = _compiler_options(platform)
-    _SMALL_LOOPS.bytes = _small_loop_bytes(platform)
-    try:
-        if options:
-            try:
-                return lowered.compile(compiler_options=options)
-            except Exception as exc:  # an unknown option or enum value: this XLA's defaults from now on
-                if not any(name in str(exc) for name in options):
-                    raise
-                _OPTIONS_REFUSED.append(True)
-        return lowered.compile()
-    finally:
-        _SMALL_LOOPS.bytes = None
-
-
-#: XLA's name of the small-loop limit (a backend option: ``DebugOptions.xla_backend_extra_options``)
-_SMALL_LOOP_OPTION = "xla_cpu_small_while_loop_byte_threshold"
-#: the small-loop limit of the compilation under way in this thread (set by :func:`_compile` only)
-_SMALL_LOOPS = threading.local()
-
-
-def _small_loop_bytes(platform: str) -> int | None:
-    """:data:`SMALL_LOOP_BYTES` where it applies: a CPU program, no limit of the user's in ``XLA_FLAGS``, and a JAX
-    whose compile options take it (:func:`_install_small_loops`)."""
-    import os
-
-    if platform != "cpu" or SMALL_LOOP_BYTES is None or _SMALL_LOOP_OPTION in os.environ.get("XLA_FLAGS", ""):
-        return None
-    return int(SMALL_LOOP_BYTES) if _install_small_loops() else None
-
-
-def _backend_option_bytes(key: str, value: str) -> bytes:
-    """A serialised ``CompileOptionsProto`` holding only ``DebugOptions.xla_backend_extra_options[key] = value``
-    (executable_build_options = 3 > debug_options = 3 > xla_backend_extra_options = 500, a map entry {1: key,
-    2: value}): appended to a serialised ``CompileOptionsProto``, protobuf's merge adds the entry."""
-
-    def varint(n: int) -> bytes:
-        out = bytearray()
-        while True:
-            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-            n >>= 7
-            if not n:
-                return bytes(out)
-
-    def field(number: int, payload: bytes) -> bytes:  # a length-delimited field
-        return varint(number << 3 | 2) + varint(len(payload)) + payload
-
-    return field(3, field(3, field(500, field(1, key.encode()) + field(2, value.encode()))))
-
-
-#: whether JAX's compile options carry the small-loop limit (None: not tried yet)
-_SMALL_LOOPS_INSTALLED: list[bool] = []
-
-
-def _install_small_loops() -> bool:
-    """Let :func:`_compile` give XLA the small-loop limit.  ``jax.jit(...).compile(compiler_options=...)`` cannot set a
-    backend option (a map in XLA's ``DebugOptions``), so JAX's ``get_compile_options`` is wrapped, once: while
-    :func:`_compile` runs in a thread, the options it returns there carry the limit (its proto with
-    :func:`_backend_option_bytes` merged in); elsewhere, other threads and every other compilation, they are JAX's,
-    untouched.  False (and nothing wrapped) with a JAX whose options or their proto are not as expected."""
-    if _SMALL_LOOPS_INSTALLED:
-        return _SMALL_LOOPS_INSTALLED[0]
-    ok = False
-    try:
-        from jax._src import compiler
-
-        original = compiler.get_compile_options
-        probe = original(num_replicas=1, num_partitions=1)
-        cls = type(probe)
-        raw = probe.SerializeAsString()
-        merged = cls.ParseFromString(raw + _backend_option_bytes(_SMALL_LOOP_OPTION, "1"))
-        ok = cls.ParseFromString(raw).SerializeAsString() == raw and _SMALL_LOOP_OPTION.encode() in \
-            merged.SerializeAsString()
-    except Exception as exc:  # noqa: BLE001 - another JAX: XLA's default limit
-        _store.log.debug("small-loop limit not set: %r", exc)
-    if ok:
-        @functools.wraps(original)
-        def get_compile_options(*args: Any, **kwargs: Any) -> Any:
-            options = original(*args, **kwargs)
-            limit = getattr(_SMALL_LOOPS, "bytes", None)
-            if limit is None:
-                return options
-            return type(options).ParseFromString(options.SerializeAsString()
-                                                 + _backend_option_bytes(_SMALL_LOOP_OPTION, str(int(limit))))
-
-        compiler.get_compile_options = get_compile_options
-    _SMALL_LOOPS_INSTALLED.append(ok)
-    return ok
+    if options:
+        try:
+            return lowered.compile(compiler_options=options)
+        except Exception as exc:  # an unknown option or enum value: this XLA's defaults from now on
+            if not any(name in str(exc) for name in options):
+                raise
+            _OPTIONS_REFUSED.append(True)
+    return lowered.compile()
 
 
 try:  # JAX's own test of "no trace in progress" (private; without it, every call is taken as traced)
@@ -668,7 +564,7 @@ def run_traced(closed: Any) -> list[Any]:
             return _compile_stored(run, (consts,), digest)
 
         if digest is not None:
-            options = _store_options(jax.default_backend())
+            options = _compiler_options(jax.default_backend())
             stored = _store.load_executable(digest, options, list(consts), len(jaxpr.outvars))
             if stored is not None:
                 executable = _FirstRunChecked(stored, compiled, lambda: _store.discard_executable(digest, options))
@@ -735,7 +631,7 @@ def _compile_stored(fn: Callable, args: tuple[Any, ...], digest: str | None) -> 
     compiled = _compile(lowered, platform)
     if store:
         if _CACHE_HITS[0] == hits:
-            _store.save_executable(digest, _store_options(platform), compiled)
+            _store.save_executable(digest, _compiler_options(platform), compiled)
         else:
             _store.STATS["executables_from_jax_cache"] += 1
     return compiled
@@ -797,7 +693,7 @@ def _from_store(digest: str, flat: list[Any]) -> tuple[Hashable, Any, tuple[Any,
         return _compile_exported(exported, consts, flat, digest)
 
     if executable is None and STORE_EXECUTABLES:
-        options = _store_options(jax.default_backend())
+        options = _compiler_options(jax.default_backend())
         stored = _store.load_executable(digest, options, [*consts, *flat], out_tree.num_leaves)
         if stored is not None:
             executable = _FirstRunChecked(stored, compiled, lambda: _store.discard_executable(digest, options))
