@@ -368,6 +368,26 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   planning, not kept (process-wide settings a library should not make): ``PJRT_NPROC=1`` (a sequential thunk executor:
   a warm in-process fit 54.5 -> 47 ms wall, 69 -> 48 ms CPU; end to end -3%) and glibc's ``mallopt`` (no fast bins, a
   64 MB top pad: end to end -4-5%; a third of the deserialisation's CPU is malloc).
+* fifteenth round (issue 14 item 9): the 16 chunk calls each ended with ~0.8 ms of the driver's bookkeeping (the
+  records copied to the host, checked for NaN/inf, appended to the history) while the device waited.  The driver now
+  dispatches chunk j + 1 before it reads chunk j's records (``JaxOps.dispatches_ahead``; a chunk's records stay on
+  the device until read; torch, whose steps may write their state in place, records each chunk before the next): an
+  early stop or a NaN/inf drops the chunk dispatched after it, and the fit, its history, the error and the last good
+  state are those of the chunk-by-chunk driver bit for bit.  Measured (d3e918d and this tree alternated in fresh
+  processes, one warm cache each, 20 rounds): the fit 0.143 -> 0.137 s, end to end 0.188 -> 0.184 s (CPU 0.287 ->
+  0.286); ``--e2e-only --e2e-runs 10`` at one moment: d3e918d 0.200 s (7.5x), this tree 0.186 s (0.170-0.248, 8.1x).
+  The machine's speed drifted by ~15% over the session (the same tree 0.171-0.214 s), hence the alternation.
+  Tried, measured, not kept: a small model's loops compiled as one XLA kernel (XLA:CPU's small-loop pass given a limit
+  of 256 kB an iteration, ``xla_cpu_small_while_loop_byte_threshold``, merged into the proto of JAX's compile options,
+  as ``jax.jit(...).compile(compiler_options=)`` cannot set a backend option; with the random block mask computed by
+  ranks instead of a sort and no YNNPACK dot fusions, which keep XLA from it).  Theophylline's chunk then ran as one
+  kernel (88 -> 16 object files, the same deserialisation time: 41 ms, the HLO's rebuild dominates), but on one
+  thread: a warm in-process fit 42 -> 47-49 ms of wall for 5% less CPU, end to end unchanged (0.171 against 0.173 s,
+  20 alternated rounds), the IS program slower; N = 5000 7% slower with a 1 MB limit.  The fit's hot loop is the
+  model's density (two ``exp`` and the sum over the observations, ~35% of a warm fit's execution); XLA emits it as a
+  scalar loop over the 10 observations of each (chain, subject).  What is left is as in the fourteenth round: the
+  deserialisation of the executables (~0.1 s of CPU; the threefry hashes are 30% of the instructions, ~770 in the chunk,
+  ~590 in SAEM's start, ~760 in the IS program, each a distinct draw or key split of the streams the design fixes).
 """
 
 from __future__ import annotations
