@@ -266,9 +266,10 @@ class Engine:
             bar.update(start)
         interrupted = False
         done = start if self.stopped(state) else total  # iterations the result holds (fewer when stopped early)
-        # the chunks to run, in order; a compiled backend's chunk j + 1 is dispatched before chunk j's records are read
-        # (JAX runs it meanwhile: the host's bookkeeping overlaps the device's iterations); a state written in place
-        # (torch) is recorded before the next chunk starts
+        # the chunks to run, in order: each phase split so the tail (draw collection) is its own chunk, then by
+        # chunk_size, less those done before the checkpoint we resumed from.  A compiled backend's chunk j + 1 is
+        # dispatched before chunk j's records are read (JAX runs it meanwhile: the host's bookkeeping overlaps the
+        # device's iterations); a state written in place (torch) is recorded before the next chunk starts
         chunks = [(a, b, phase, a >= collect_from) for first, last, phase in self.phases()
                   for a, b in _chunk_bounds(first, last, collect_from, self.chunk_size) if b > start]
         ahead = ops.jittable and getattr(ops, "dispatches_ahead", False)
