@@ -272,7 +272,7 @@ class Engine:
         # device's iterations); a state written in place (torch) is recorded before the next chunk starts
         chunks = [(a, b, phase, a >= collect_from) for first, last, phase in self.phases()
                   for a, b in _chunk_bounds(first, last, collect_from, self.chunk_size) if b > start]
-        ahead = ops.jittable and getattr(ops, "dispatches_ahead", False)
+        ahead = getattr(ops, "dispatches_ahead", False)
         try:
             pending: list[Any] = []  # dispatched chunks not yet recorded: (a, b, collect, state, infos)
             for j in range(len(chunks) + 1):
@@ -280,7 +280,8 @@ class Engine:
                     a, b, phase, collect = chunks[j]
                     state, infos = self._run_chunk(state, a, b, phase, collect)
                     pending.append((a, b, collect, state, infos))
-                while pending and (len(pending) > 1 or not ahead or j == len(chunks) or done < total):
+                # record all but the chunk just dispatched ahead (all of them at the end, or once stopped)
+                while len(pending) > (1 if ahead and j < len(chunks) and done == total else 0):
                     a, b, collect, st, infos = pending.pop(0)
                     if done < total:  # stopped early: a chunk dispatched after the stop is dropped
                         continue

@@ -94,6 +94,9 @@ class Ops:
     xp: Any = None
     #: True when engine steps can be traced and compiled (JAX).
     jittable: bool = False
+    #: True when the driver may dispatch a chunk before it records the previous one (``JaxOps``: immutable arrays,
+    #: asynchronous dispatch); False where a step may write its state in place (torch)
+    dispatches_ahead: bool = False
     #: seconds spent compiling engine steps (cumulative; stays 0 on eager backends)
     compile_time: float = 0.0
     #: values of the largest ``[..., n, T]`` temporary that an eager evaluation over ``n`` units creates before it
