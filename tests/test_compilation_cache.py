@@ -742,40 +742,50 @@ def test_stable_digest_names_what_a_trace_reads():
 
 def test_stable_digest_feeds_a_repeated_object_from_its_memo(monkeypatch):
     """An object reached from several keys of a process (a model, an engine) is walked once for the store's digests
-    (:meth:`ops_jax_store._Stable.instance`): every digest equals the one a full walk gives, a later key is fed the
-    object's parts from the memo (far fewer values walked), and an object holding a user's class (numbered per key)
-    is not remembered."""
+    (:meth:`ops_jax_store._Stable.instance`, fed as the digest of its fields): every digest equals the one an empty
+    memo gives (a fresh process, keys in any order), a later key is fed the object from the memo (far fewer values
+    walked), the model met first through another object or directly is one fingerprint (so the memo finds it), and an
+    object holding a user's class (numbered per key) is not remembered."""
+    import types
+
     import latentfit as lf
     from latentfit.inference import ops_jax_store as store
     from latentfit.inference.ops_jax_memo import fingerprint
     from latentfit.models import nlme
 
-    def walked(self, x):  # the plain walk of a tuple, as before the memo
-        self.put(b"(", store._LEN(len(x)))
-        for v in x:
-            self(v)
-
     model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5},
                       data=lf.datasets.theophylline(saemix_form=True), backend="jax",
                       columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
     theta = model.init_params()
+    engine = types.SimpleNamespace(ops=model.ops, design=model.design, model=model)  # the model's parts met first
     keys = [fingerprint(f) for f in (lambda z: model.log_densities(theta, z), model.constrain,
-                                     lambda z: model.predict(theta, z))]
+                                     lambda z: model.predict(theta, z), lambda: engine)]
+
+    def model_keys(key: Any, out: list) -> list:
+        if isinstance(key, tuple):
+            if len(key) == 4 and key[0] == "instance" and "NLME" in repr(key[1])[:200]:
+                out.append(key)
+            else:
+                for part in key:
+                    model_keys(part, out)
+        return out
+
+    found = [model_keys(k, []) for k in keys]
+    assert all(len(f) == 1 for f in found) and all(f[0] == found[0][0] for f in found)
     monkeypatch.setattr(store, "_INSTANCES", {})
     visits: list[int] = []
     call = store._Stable.__call__
     monkeypatch.setattr(store._Stable, "__call__", lambda self, x: (visits.append(1), call(self, x))[1])
     fed = [store.stable_digest(k) for k in keys]
-    assert None not in fed and len(store._INSTANCES) > 0
+    assert None not in fed and len(set(fed)) == len(fed) and len(store._INSTANCES) > 0
     start = len(visits)
     assert store.stable_digest(keys[0]) == fed[0]
     from_memo = len(visits) - start
-    with monkeypatch.context() as m:
-        m.setattr(store._Stable, "instance", walked)
-        assert [store.stable_digest(k) for k in keys] == fed
-        start = len(visits)
-        store.stable_digest(keys[0])
-        assert len(visits) - start > 5 * from_memo
+    monkeypatch.setattr(store, "_INSTANCES", {})  # a fresh process: the same digests, each object walked
+    start = len(visits)
+    assert store.stable_digest(keys[-1]) == fed[-1]
+    assert len(visits) - start > 5 * from_memo
+    assert [store.stable_digest(k) for k in keys[::-1]] == fed[::-1]
 
     class Scaled:  # a user's class: numbered per key, so an object holding it is walked every time
         def __init__(self, c):
@@ -788,6 +798,41 @@ def test_stable_digest_feeds_a_repeated_object_from_its_memo(monkeypatch):
     before = len(store._INSTANCES)
     assert store.stable_digest(fingerprint(lambda t: holder.f(t))) is not None
     assert len(store._INSTANCES) == before
+
+
+def test_fingerprint_keys_an_object_by_its_value_wherever_it_is_met():
+    """:func:`ops_jax_memo.fingerprint` keys an object met twice by its value (sharing is no difference to a trace), a
+    cycle by how far up the path it points (equal structures, equal keys; another length or value, another key), and
+    an object met again whose key holds a cycle leaving it by its visit number (each object walked once)."""
+    import types
+
+    from latentfit.inference.ops_jax_memo import fingerprint
+
+    shared = [1.0, 2.0]
+    assert fingerprint((shared, shared)) == fingerprint((shared, [1.0, 2.0]))
+    assert fingerprint((shared, shared)) != fingerprint((shared, [1.0, 3.0]))
+
+    def ring(n: int, x: float) -> Any:
+        nodes = [types.SimpleNamespace(x=x) for _ in range(n)]
+        for a, b in zip(nodes, nodes[1:] + nodes[:1]):
+            a.next = b
+        return nodes[0]
+
+    assert fingerprint(ring(2, 1.0)) == fingerprint(ring(2, 1.0)) is not None
+    assert fingerprint(ring(2, 1.0)) != fingerprint(ring(3, 1.0))
+    assert fingerprint(ring(2, 1.0)) != fingerprint(ring(2, 2.0))
+    a, b = ring(3, 1.0), ring(3, 1.0)
+    assert fingerprint((a, a.next, a.next.next)) == fingerprint((b, b.next, b.next.next)) is not None
+    assert fingerprint((a, a.next, a.next.next)) != fingerprint((a, a.next.next, a.next))
+    # a chain of objects each holding the head (every key has a cycle leaving it) and reaching the next one twice: one
+    # walk per object (walked once per path, the 60 links would take 2^60 visits)
+    head = types.SimpleNamespace(x=-1.0)
+    node = head
+    for i in range(60):
+        nxt = types.SimpleNamespace(x=float(i), head=head)
+        node.next, node.also = nxt, nxt
+        node = nxt
+    assert fingerprint([head, head.next, head.next.next, head.next]) is not None
 
 
 def test_stable_digest_feeds_the_bytes_of_the_plain_rules():

@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 import functools
 import hashlib
+import operator
 import os
 import random
 import sys
@@ -141,11 +142,21 @@ def _host_array_key(x: Any) -> tuple[Any, ...]:
 
 
 class _Fingerprinter:
-    """One pass over an object graph; objects seen before are referred to by their visit number (cycles, sharing)."""
+    """One pass over an object graph.  An object met again is keyed by its first key (the same tuple), so an object's
+    key does not depend on where the walk met it first: the model reached through an engine or directly gives one key,
+    which the store's digest memo (``ops_jax_store._INSTANCES``) then finds for every program of a fit.  A cycle is a
+    reference to an object still being walked, keyed by how many levels up the path it lies (``("cycle", k)``); the
+    key of an object holding a cycle that leaves it depends on the path: met again, such an object is keyed by its
+    visit number (``("ref", n)``), and no object holding that reference is reused (each object is walked once)."""
 
     def __init__(self) -> None:
-        self.seen: dict[int, int] = {}
+        self.done: dict[int, Hashable] = {}  # keys of the objects walked (their keys hold no cycle leaving them)
+        self.seen: dict[int, int] = {}  # visit numbers of the objects walked
+        self.active: dict[int, int] = {}  # objects being walked, by depth on the path
+        self.low = 0  # the shallowest depth a cycle met in the current object's walk reaches up to
         self.keep: list[Any] = []  # keeps every visited object alive during the pass (ids stay unique)
+        self.classes: dict[type, Hashable] = {}  # each class's key (a class does not change during the pass)
+        self.globals: dict[tuple[types.CodeType, int], tuple[tuple[str, bool], ...]] = {}  # names a code reads
 
     def __call__(self, obj: Any) -> Hashable:
         if isinstance(obj, _SCALARS):
@@ -153,12 +164,31 @@ class _Fingerprinter:
         if isinstance(obj, float):
             return ("float", type(obj).__name__, obj.hex())
         oid = id(obj)
+        key = self.done.get(oid)
+        if key is not None:
+            return key
+        active = self.active
+        depth = len(active)
+        up = active.get(oid)
+        if up is not None:  # a cycle: the object ``depth - up`` levels up the path
+            self.low = min(self.low, up)
+            return ("cycle", depth - up)
         ref = self.seen.get(oid)
-        if ref is not None:
+        if ref is not None:  # walked before, its key holding a cycle that left it: by its visit number
+            self.low = -1
             return ("ref", ref)
         self.seen[oid] = len(self.seen)
+        active[oid] = depth
         self.keep.append(obj)
-        return self._visit(obj)
+        outer_low, self.low = self.low, depth
+        try:
+            key = self._visit(obj)
+        finally:
+            del active[oid]
+        if self.low >= depth:  # no cycle leaves the object: its key is its own wherever it is met
+            self.done[oid] = key
+        self.low = min(outer_low, self.low)
+        return key
 
     def _items(self, values: Any) -> tuple[Hashable, ...]:
         return tuple(self(v) for v in values)
@@ -176,7 +206,7 @@ class _Fingerprinter:
         if isinstance(obj, _TRACER):
             raise Unfingerprintable("a tracer")
         if isinstance(obj, _ARRAYS):
-            if isinstance(obj, jax.Array) and str(obj.dtype).startswith("key<"):  # typed PRNG keys
+            if isinstance(obj, jax.Array) and dtype_name(obj.dtype).startswith("key<"):  # typed PRNG keys
                 return ("key", str(obj.dtype), _array_key(jax.random.key_data(obj)))
             return _array_key(obj)
         if isinstance(obj, np.generic):
@@ -260,19 +290,15 @@ class _Fingerprinter:
     def _class(self, cls: type) -> Hashable:
         """A class by identity; the project's and the user's classes with their data attributes too (a flag or an
         option set on the class), not their methods."""
+        known = self.classes.get(cls)
+        if known is not None:
+            return known
         if _is_library_module(cls.__module__) or cls.__module__ == "builtins":
-            return ("class", cls)
-        attrs = []
-        for c in cls.__mro__:
-            if _is_library_module(c.__module__) or c.__module__ == "builtins":
-                continue
-            for name, value in vars(c).items():
-                if name.startswith("__") or callable(value) or isinstance(
-                        value, (property, staticmethod, classmethod, types.MemberDescriptorType,
-                                types.GetSetDescriptorType)) or hasattr(value, "__get__"):
-                    continue
-                attrs.append((c.__qualname__, name, self(value)))
-        return ("class", cls, tuple(attrs))
+            known = self.classes[cls] = ("class", cls)
+            return known
+        attrs = tuple((c.__qualname__, name, self(vars(c)[name])) for c, name in _class_data(cls))
+        known = self.classes[cls] = ("class", cls, attrs)
+        return known
 
     def _function(self, fn: types.FunctionType) -> Hashable:
         module = fn.__globals__.get("__name__")  # ``__module__`` and ``__qualname__`` may be a wrapped function's
@@ -289,13 +315,13 @@ class _Fingerprinter:
         if library:  # a library's closure (``jax.vmap``'s, ``jax.grad``'s): its code and captures; globals static
             return ("closure", code, module, self(fn.__defaults__), self(fn.__kwdefaults__), cells)
         glob = fn.__globals__
-        builtins = glob.get("__builtins__", {})
-        names = []
-        for name in _global_names(code):
-            if name in glob:
-                names.append((name, self(glob[name])))
-            elif not (isinstance(builtins, dict) and name in builtins) and not hasattr(builtins, name):
-                names.append((name, "<unbound>"))
+        read = self.globals.get((code, id(glob)))
+        if read is None:  # the names the code reads from its globals (True) or finds nowhere (False)
+            builtins = glob.get("__builtins__", {})
+            read = self.globals[code, id(glob)] = tuple(
+                (name, name in glob) for name in _global_names(code)
+                if name in glob or not ((isinstance(builtins, dict) and name in builtins) or hasattr(builtins, name)))
+        names = [(name, self(glob[name]) if bound else "<unbound>") for name, bound in read]
         return ("function", code, glob.get("__name__"), self(fn.__defaults__), self(fn.__kwdefaults__), cells,
                 tuple(names))
 
@@ -308,6 +334,30 @@ class _Fingerprinter:
         values = pd.util.hash_pandas_object(frame, index=True).to_numpy()
         return ("pandas", type(obj).__name__, tuple(map(str, frame.columns)), tuple(map(dtype_name, frame.dtypes)),
                 self(dict(frame.attrs)), _array_key(values))
+
+
+#: the data attributes of the project's and the user's classes (:func:`_class_data`), with the class dicts they were
+#: read from: ``{class: (names and values of each class of its MRO, (class, name) of each data attribute)}``
+_CLASS_DATA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _class_data(cls: type) -> tuple[tuple[type, str], ...]:
+    """``(class, name)`` of each data attribute (not a method, property or other descriptor, not a dunder) of the
+    classes of ``cls``'s MRO that are not a library's, in MRO order; recomputed when any of those class dicts holds
+    another name or object than when last read (their names and values compared by identity)."""
+    mro = tuple(c for c in cls.__mro__ if not (_is_library_module(c.__module__) or c.__module__ == "builtins"))
+    snapshot = tuple((tuple(vars(c)), tuple(vars(c).values())) for c in mro)
+    known = _CLASS_DATA.get(cls)
+    if known is not None and len(known[0]) == len(snapshot) and all(
+            len(a[0]) == len(b[0]) and all(map(operator.is_, a[0], b[0])) and all(map(operator.is_, a[1], b[1]))
+            for a, b in zip(known[0], snapshot)):
+        return known[1]
+    data = tuple((c, name) for c in mro for name, value in vars(c).items()
+                 if not (name.startswith("__") or callable(value) or isinstance(
+                     value, (property, staticmethod, classmethod, types.MemberDescriptorType,
+                             types.GetSetDescriptorType)) or hasattr(value, "__get__")))
+    _CLASS_DATA[cls] = (snapshot, data)
+    return data
 
 
 _NAMES_CACHE: dict[types.CodeType, tuple[str, ...]] = {}

@@ -191,6 +191,7 @@ INSTANCES_MAX = 4096
 _CONSTANT_PARTS = {v: (b"S", _LEN(len(f"{type(v).__name__}:{v!r}")), f"{type(v).__name__}:{v!r}".encode())
                    for v in (None, True, False)}
 _LEN_OF_LEN = _LEN(len(_LEN(0)))
+_LEN_OF_DIGEST = _LEN(20)
 
 
 class _Stable:
@@ -200,6 +201,7 @@ class _Stable:
         self.parts: list[bytes] = []
         self.packages: set[str] = set()
         self.classes: dict[type, int] = {}
+        self.objects: dict[int, tuple[bytes, ...]] = {}  # what each object's fields were fed as, by identity
 
     def put(self, tag: bytes, payload: bytes = b"") -> None:
         self.parts += (tag, _LEN(len(payload)), payload)
@@ -294,11 +296,17 @@ class _Stable:
             raise Unstable(type(x).__qualname__)
 
     def instance(self, x: tuple) -> None:
-        """An object's fingerprint ``("instance", class, fields, slots)``, fed as any tuple.  The object graph that
-        several keys of a process share (the model, the engine) is walked once: its parts depend on its value alone
-        while no user class has been numbered (:meth:`cls`), so a later equal fingerprint is fed from
+        """An object's fingerprint ``("instance", class, fields, slots)``, fed as the digest of its walk (a Merkle
+        tree: ``b"I"`` and 20 bytes).  The fingerprint keys an object met twice by one tuple, so a key is a graph that
+        shares its objects; an object is walked once per key (:attr:`objects`) and, across the keys of a process, once
+        per value: its digest depends on its value alone while no user class has been numbered (:meth:`cls`), so a
+        later equal fingerprint (the model, the engine, reached from every program of a fit) is fed from
         :data:`_INSTANCES`.  Equal values are those the trace memo (``ops_jax._TRACES``) already takes for one
         another."""
+        fed = self.objects.get(id(x))
+        if fed is not None:
+            self.parts += fed
+            return
         numbered = bool(self.classes)
         try:
             hit = None if numbered else _INSTANCES.get(x)
@@ -306,22 +314,23 @@ class _Stable:
         except TypeError:  # an unhashable value inside: walk it
             hit, hashable = None, False
         if hit is not None:
-            self.parts += hit[0]
-            self.packages |= hit[1]
-            return
-        outer_parts, outer_packages = self.parts, self.packages
-        self.parts, self.packages = [], set()
-        self.put(b"(", _LEN(len(x)))
-        for v in x:
-            self(v)
-        mine, named = self.parts, self.packages
-        self.parts, self.packages = outer_parts, outer_packages
-        self.parts += mine
+            fed, named = hit
+        else:
+            outer_parts, outer_packages = self.parts, self.packages
+            self.parts, self.packages = [], set()
+            self.put(b"(", _LEN(len(x)))
+            for v in x:
+                self(v)
+            mine, named = self.parts, self.packages
+            self.parts, self.packages = outer_parts, outer_packages
+            fed = (b"I", _LEN_OF_DIGEST, hashlib.blake2b(b"".join(mine), digest_size=20).digest())
+            if hashable and not numbered and not self.classes:
+                if len(_INSTANCES) >= INSTANCES_MAX:
+                    _INSTANCES.clear()
+                _INSTANCES[x] = (fed, frozenset(named))
+        self.objects[id(x)] = fed
+        self.parts += fed
         self.packages |= named
-        if hashable and not numbered and not self.classes:
-            if len(_INSTANCES) >= INSTANCES_MAX:
-                _INSTANCES.clear()
-            _INSTANCES[x] = (tuple(mine), frozenset(named))
 
     def module(self, name: str) -> None:
         """A module by its name: a library's or latentfit's (the user's: its functions are not in the key)."""
