@@ -388,6 +388,41 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   scalar loop over the 10 observations of each (chain, subject).  What is left is as in the fourteenth round: the
   deserialisation of the executables (~0.1 s of CPU; the threefry hashes are 30% of the instructions, ~770 in the chunk,
   ~590 in SAEM's start, ~760 in the IS program, each a distinct draw or key split of the streams the design fixes).
+* sixteenth round (issue 14 item 9), the keys of the programs.  A warm run keys 9 programs on its main thread before
+  loading each (the initial-value check, SAEM's start, the chunk, θ's constraint, three for the EBEs, the SEs, the IS):
+  a fingerprint walk of what the closure captures (~1 ms each, replayed) and the store's stable digest of it (~0.9 ms
+  each); timed in the run, with the other threads busy, 17 + 17 ms.  The model met first through the engine (its
+  ``ops``) or directly had two fingerprints (``("ref", n)`` numbered by the walk), so three of the nine digests walked
+  it again.  Now an object met twice in a walk is keyed by its first key (the same tuple), a cycle by how far up the
+  path it points, and an object whose key holds a cycle leaving it by its visit number (each object walked once);
+  an object is fed to the digest as the digest of its fields (a Merkle tree), walked once per key and, across keys,
+  once per value; a class's data attributes are found once per class dict (its names and values compared by
+  identity) and a code object's global names once per walk.  Replayed on the run's keys: fingerprints 8.9 -> 8.2 ms,
+  digests 8.4 -> 4.3 ms; in the run 14 + 8 ms.  The same programs and results (logLik(IS) -172.639396849356).
+  Measured (93f66e2 and this tree alternated in fresh processes, one warm cache each, 12 rounds): end to end 0.198 s
+  (best 0.184) -> 0.189 s (best 0.176).  Found and tried, not kept (each measured in alternated fresh processes or
+  warm in one process, with the shipped YNNPACK options unless said):
+  - the IS program's time (``jax.profiler``, 16-17 ms warm, 21-23 ms in a fresh process): its Student-t draws 0.9 ms a
+    batch of 500 x 12 x 3 (one fusion over ``[500, 12, 3]``: 50 ns a draw), its log-weights 0.7 ms a batch; float32
+    draws change nothing (the same hashes);
+  - draws made over the flat size and reshaped (the same numbers): XLA fuses through the reshape, the IS unchanged
+    (15.7 vs 15.1 ms), with optimisation barriers too;
+  - YNNPACK's reductions (``LIBRARY_FUSION_TYPE_REDUCE``) for the IS program: warm 17.3 -> 12 ms and N = 5000's IS
+    program 5.9 -> 4.0 s, the same values, but a fresh process's first call pays the library's set-up (26-28 against
+    20-25 ms) and end to end gained nothing (0.206 vs 0.204 s); N = 5000's whole ``log_likelihood("is")`` call 5.70 vs
+    5.76 s and its EBEs 0.19 vs 0.14 s;
+  - threefry hashes of at most 1024 counters as a 5-iteration loop (bit for bit): more instructions, not fewer (SAEM's
+    start 1041 -> 1093-1149, the chunk 2594 -> 2680-2753): the loop's plumbing and the dynamic rotation amounts
+    outweigh the 20 written-out rounds;
+  - the IS in one batch of 5000 draws (its fusions outside a loop, split over the 2 threads): warm 16.3 -> 12.8 ms,
+    end to end unchanged (the IS 21.5 vs 23 ms: the larger buffers' first use), other draws; in two independent loops
+    of 5 batches: not run concurrently (16.4 vs 16.1 ms);
+  - keying θ's constraint program while the first chunk runs: 0.195 -> 0.197 s (both cores are busy then); chunks of 50
+    iterations: unchanged, of 100: 0.210 -> 0.262 s.
+  What is left: the deserialisation (~0.65 ms a program plus 12-20 us an instruction; the first program's load, the
+  initial-value check of 154 instructions, ~9.6 ms in the run with the one-time set-up and the read-ahead thread
+  starting beside it), the chunk (read ahead, ready ~80 ms into the run), the 16 chunk calls (~42 ms), the IS (~22 ms)
+  and the keys (~22 ms).
 """
 
 from __future__ import annotations
