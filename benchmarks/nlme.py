@@ -399,9 +399,13 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   once per value; a class's data attributes are found once per class dict (its names and values compared by
   identity) and a code object's global names once per walk.  Replayed on the run's keys: fingerprints 8.9 -> 8.2 ms,
   digests 8.4 -> 4.3 ms; in the run 14 + 8 ms.  The same programs and results (logLik(IS) -172.639396849356).
-  Measured (93f66e2 and this tree alternated in fresh processes, one warm cache each, 12 rounds): end to end 0.198 s
-  (best 0.184) -> 0.189 s (best 0.176).  Found and tried, not kept (each measured in alternated fresh processes or
-  warm in one process, with the shipped YNNPACK options unless said):
+  Measured (93f66e2 and this tree alternated in fresh processes, one warm cache each): end to end 0.198 s (best
+  0.184) -> 0.189 s (best 0.176) in 12 rounds; later, the machine slower, 0.2136 vs 0.2141 s in 16 rounds and 0.221
+  -> 0.214 s in 20; CPU 5-8 ms less and the EBEs ~2 ms faster each time.  The fit's wall time does not move: until the
+  first chunk call the critical path is the read-ahead thread's deserialisation of the chunk (ready ~80 ms into the
+  run), so what the main thread saves before it lengthens its wait.  ``--e2e-only --e2e-runs 10`` at the end: 0.212 s
+  (0.201-0.291), 7.1x saemix's recorded 1.5 s (the session's start measured 0.19-0.20 s).  Found and tried, not kept
+  (each measured in alternated fresh processes or warm in one process, with the shipped YNNPACK options unless said):
   - the IS program's time (``jax.profiler``, 16-17 ms warm, 21-23 ms in a fresh process): its Student-t draws 0.9 ms a
     batch of 500 x 12 x 3 (one fusion over ``[500, 12, 3]``: 50 ns a draw), its log-weights 0.7 ms a batch; float32
     draws change nothing (the same hashes);
@@ -418,7 +422,11 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
     end to end unchanged (the IS 21.5 vs 23 ms: the larger buffers' first use), other draws; in two independent loops
     of 5 batches: not run concurrently (16.4 vs 16.1 ms);
   - keying θ's constraint program while the first chunk runs: 0.195 -> 0.197 s (both cores are busy then); chunks of 50
-    iterations: unchanged, of 100: 0.210 -> 0.262 s.
+    iterations: unchanged, of 100: 0.210 -> 0.262 s;
+  - no initial-value check program (measured only; the check stays): 0.216 -> 0.213 s, within noise; XLA:CPU's
+    ``xla_cpu_use_multi_output_fusion``, ``xla_cpu_flatten_after_fusion``, ``xla_cpu_enable_mlir_fusion_outlining``
+    and ``xla_cpu_fold_all_constants`` are refused as compile options by this XLA.  Of the chunk's 2594 instructions
+    ~1000 are fusions' parameters, constants, tuple elements and bitcasts: the fusions' count drives its size.
   What is left: the deserialisation (~0.65 ms a program plus 12-20 us an instruction; the first program's load, the
   initial-value check of 154 instructions, ~9.6 ms in the run with the one-time set-up and the read-ahead thread
   starting beside it), the chunk (read ahead, ready ~80 ms into the run), the 16 chunk calls (~42 ms), the IS (~22 ms)
