@@ -431,6 +431,35 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   initial-value check of 154 instructions, ~9.6 ms in the run with the one-time set-up and the read-ahead thread
   starting beside it), the chunk (read ahead, ready ~80 ms into the run), the 16 chunk calls (~42 ms), the IS (~22 ms)
   and the keys (~22 ms).
+* seventeenth round (issue 14 item 9), what loading an executable costs (``perf`` by thread over a warm run, and over
+  a loop of loads of the chunk).  The executables' loading is about half a warm run's CPU: XLA:CPU's loader builds each
+  HLO module three times (``CpuAotLoader::LoadAotCompilationResult`` for its configuration, then
+  ``CpuAotCompilationResult::FromProto`` and ``LoadExecutable``: ~46% of a load), prints it to text for a fingerprint
+  and runs a cost analysis (~10%), rebuilds its buffer assignment (~8%), and links each object file with LLVM's
+  RuntimeDyld, whose ``mprotect`` of each section interrupts the other core (TLB shootdowns: ~24 ms of kernel time
+  over the run under ``perf``); malloc is a third of it.  A warm process in which the programs are already loaded does
+  the same work in 74 ms (fit 46, EBEs 7, SEs 3.3, IS 17 ms).  Change: a small program (every argument under 4096
+  entries: ``ops_jax.SMALL_PROGRAM_OPTIONS``) compiles with XLA's loop emitters into one codegen part: theophylline's 9
+  programs link 107 object files instead of 297 (the chunk 88 -> 20) and have 3% fewer HLO instructions; its cold
+  compile 4.8 -> 3.4 s; the values move at the rounding (logLik(IS) -172.639396849356 -> -172.63939684935602; the
+  tutorial-style grouped logistic model's 18 fits unchanged to 3 decimals).  Measured (e626f25 and this tree alternated
+  in fresh processes, one warm cache each, 16 rounds): end to end 0.2006 s (best 0.187) -> 0.1850 s (best 0.173), CPU
+  0.311 -> 0.283 s, the fit 0.154 -> 0.139 s; the loop emitters alone (14 rounds) 0.198 -> 0.190 s.  Simulated
+  populations, warm in one process (fit; EBEs + SEs + IS), fusion -> loop emitters: N = 100 55.6 -> 58.4 ms, 120.5 ->
+  122.6 ms; N = 300 119.8 -> 116.9 ms, 363.5 -> 313.9 ms; their compiles 4.6 -> 3.4 s and 6.2 -> 4.5 s.  N = 5000
+  keeps the fusion emitters (its arguments are large; the loop emitters were 12-35% slower there).  The default suite
+  ran in 8 min 54 s instead of 11 min 4 s (its small programs compile faster).  ``--e2e-only --e2e-runs 10``: 0.177 s
+  (0.164-0.255), 8.5x saemix's recorded 1.5 s.  Tried, measured, not kept:
+  - the GIL: a thread deserialising beside a Python loop waits for the GIL when it returns (chunk alone 40 ms; beside
+    the loop 47-51 ms at the default 5 ms switch interval, 43-44 ms at 0.2 ms); beside another deserialisation 44-58
+    ms (memory and malloc).  Switch intervals of 0.5 and 0.1 ms over the whole run: 0.198 -> 0.200 s (16 rounds);
+  - an optimisation barrier on the M-step's ω² vector, which XLA:CPU copies into each ω²_k's fusion (3 x 61 and 3 x 35
+    instructions in the chunk): XLA:CPU removes barriers before fusion, and a loop of one trip whose body is the
+    identity too (the chunk unchanged, 2594 instructions); a loop that multiplies by a run-time 1 costs ~60
+    instructions of its own;
+  - ``xla_cpu_parallel_codegen_split_count`` with the fusion emitters: no effect (one object file a kernel).
+  Measured for planning: JAX's backend start is 13.8 ms of the timed window (5.4 ms with ``JAX_PLATFORMS=cpu``: JAX's
+  plugin discovery scans every installed distribution's entry points; a process-wide setting left to the user).
 """
 
 from __future__ import annotations
