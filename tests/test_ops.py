@@ -295,6 +295,7 @@ def test_jax_cpu_programs_leave_reductions_to_xla(monkeypatch):
     assert flagged not in left and left == {k: v for k, v in ops_jax.CPU_COMPILER_OPTIONS.items() if k != flagged}
     monkeypatch.delenv("XLA_FLAGS")
     monkeypatch.setattr(ops_jax, "CPU_COMPILER_OPTIONS", {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_TYPE"})
+    monkeypatch.setattr(ops_jax, "SMALL_PROGRAM_ELEMENTS", None)  # (a small program's options would override it)
     monkeypatch.setattr(ops_jax, "_OPTIONS_REFUSED", [])
     lowered = jax.jit(f).lower(x + 1.0)
     np.testing.assert_allclose(ops_jax._compile(lowered, "cpu")(x + 1.0), f(x + 1.0), rtol=1e-14)
@@ -409,8 +410,9 @@ def test_torch_flat_optimizer_is_pure_and_steps_as_torch(name):
 def test_small_programs_compile_with_loop_emitters_into_fewer_object_files(monkeypatch):
     """A program whose arguments all have fewer than ``SMALL_PROGRAM_ELEMENTS`` entries compiles with
     ``SMALL_PROGRAM_OPTIONS`` (this XLA accepts them; its executable links fewer object files, which a warm process
-    loads faster), the same values to rounding; a program with a large argument, a wide chunk or no known size keeps
-    the default options, and an option named in ``XLA_FLAGS`` is left to the flag."""
+    loads faster, and has no YNNPACK fusion to set up), the same values to rounding; a program with a large argument,
+    a wide chunk or no known size keeps the default options, and an option named in ``XLA_FLAGS`` is left to the
+    flag."""
     jax = pytest.importorskip("jax")
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
@@ -419,30 +421,31 @@ def test_small_programs_compile_with_loop_emitters_into_fewer_object_files(monke
 
     if jax.default_backend() != "cpu" or ops_jax._OPTIONS_REFUSED:
         pytest.skip("XLA:CPU options")
-    small_keys = set(ops_jax.SMALL_PROGRAM_OPTIONS)
-    assert small_keys and ops_jax.SMALL_PROGRAM_ELEMENTS == 4096
+    assert ops_jax.SMALL_PROGRAM_OPTIONS and ops_jax.SMALL_PROGRAM_ELEMENTS == 4096
+    default = ops_jax._compiler_options("cpu")  # no size known: the options of every program
+    assert default == {**ops_jax.CPU_COMPILER_OPTIONS} and "xla_cpu_use_fusion_emitters" not in default
     small = ops_jax._compiler_options("cpu", [np.zeros((64, 63))])
-    assert set(ops_jax.SMALL_PROGRAM_OPTIONS.items()) <= set(small.items())
-    assert not small_keys & set(ops_jax._compiler_options("cpu", [np.zeros(3), np.zeros((64, 64))]))
-    assert not small_keys & set(ops_jax._compiler_options("cpu"))
+    assert small == {**default, **ops_jax.SMALL_PROGRAM_OPTIONS}
+    assert ops_jax._compiler_options("cpu", [np.zeros(3), np.zeros((64, 64))]) == default
     ops_jax._WIDE_VECTORS[0] = True  # a wide chunk compiling
     try:
         wide = ops_jax._compiler_options("cpu", [np.zeros(3)])
     finally:
         ops_jax._WIDE_VECTORS[0] = False
-    assert not small_keys & set(wide) and set(ops_jax.WIDE_VECTOR_OPTIONS.items()) <= set(wide.items())
+    assert wide == {**default, **ops_jax.WIDE_VECTOR_OPTIONS}
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=true")
     assert "xla_cpu_use_fusion_emitters" not in ops_jax._compiler_options("cpu", [np.zeros(3)])
     monkeypatch.delenv("XLA_FLAGS")
 
     def f(a, b):
         s = jnp.sum(jnp.exp(-a) * b, -1)
-        return s / jnp.max(s), jnp.sort(a * b, -1)[:, ::2], jnp.cumsum(jnp.log1p(a), 0)
+        return s / jnp.max(s), jnp.sort(a * b, -1)[:, ::2], jnp.cumsum(jnp.log1p(a), 0), jnp.tanh(a @ b.T)
 
     a = jnp.linspace(0.0, 2.0, 120).reshape(12, 10)
     b = jnp.cos(a)
     lowered = jax.jit(f).lower(a, b)
-    ours, plain = ops_jax._compile(lowered, "cpu"), lowered.compile()
+    ours = ops_jax._compile(lowered, "cpu")
+    plain = lowered.compile(compiler_options=default)  # as if large
     assert not ops_jax._OPTIONS_REFUSED, "this XLA refused an option of SMALL_PROGRAM_OPTIONS"
     client = jax.devices()[0].client
 
@@ -450,5 +453,6 @@ def test_small_programs_compile_with_loop_emitters_into_fewer_object_files(monke
         return bytes(client.serialize_executable(compiled.runtime_executable())).count(b"\x7fELF")
 
     assert 1 <= object_files(ours) < object_files(plain)
+    assert "__ynn" in plain.as_text() and "__ynn" not in ours.as_text()  # XLA's own code for its small dot
     for x, y in zip(ours(a, b), plain(a, b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-14)

@@ -268,15 +268,18 @@ WIDE_VECTOR_OPTIONS: dict[str, str] = {"xla_cpu_prefer_vector_width": "512"}
 WIDE_CHUNK_ELEMENTS: int | None = 4096
 #: XLA:CPU options added to :data:`CPU_COMPILER_OPTIONS` for a small program (every argument under
 #: :data:`SMALL_PROGRAM_ELEMENTS` entries, and not a wide chunk): XLA's loop emitters instead of its fusion emitters,
-#: and the program's kernels in one object file.  A warm process spends most of its CPU loading the stored executables
-#: (XLA:CPU rebuilds each HLO module three times and links each object file, whose sections' ``mprotect`` interrupts
-#: the other core); theophylline's programs came in 297 object files (the chunk of iterations 88), now 107 (20), with
-#: ~3% fewer HLO instructions.  Measured (saemix's default work on theophylline end to end in fresh processes, cache
-#: warm, alternated, 14 rounds): wall 0.198 -> 0.185 s, CPU 0.306 -> 0.282 s; the fusion emitters alone 0.190 s.  The
-#: values move at the rounding (the IS log-likelihood by 2e-16 relative).  Large programs keep the fusion emitters,
-#: faster there (N = 5000's SAEM 12-35% slower with the loop emitters).
+#: the program's kernels in one codegen part, and no YNNPACK fusions (XLA's own code for small matrix products; a
+#: YNNPACK fusion is set up at its executable's first call, in every process).  A warm process spends most of its CPU
+#: loading the stored executables (XLA:CPU rebuilds each HLO module three times and links each object file, whose
+#: sections' ``mprotect`` interrupts the other core); theophylline's programs came in 297 object files (the chunk of
+#: iterations 88), now 107 (20), with ~3% fewer HLO instructions.  Measured (saemix's default work on theophylline end
+#: to end in fresh processes, cache warm, alternated, 14-16 rounds): wall 0.198 -> 0.185 s, CPU 0.306 -> 0.282 s (the
+#: loop emitters alone 0.190 s); then without YNNPACK fusions 0.185 -> 0.169 s and 0.182 -> 0.172 s (the SEs' program
+#: 10 -> 5.5 ms).  The values move at the rounding (the IS log-likelihood by 2e-16 relative).  Large programs keep the
+#: fusion emitters and YNNPACK's products, faster there (N = 5000's SAEM 12-35% slower with the loop emitters).
 SMALL_PROGRAM_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False,
-                                         "xla_cpu_parallel_codegen_split_count": 1}
+                                         "xla_cpu_parallel_codegen_split_count": 1,
+                                         "xla_cpu_experimental_ynn_fusion_type": ""}
 #: entries of a program's largest argument from which it compiles without :data:`SMALL_PROGRAM_OPTIONS` (None: never
 #: with them)
 SMALL_PROGRAM_ELEMENTS: int | None = 4096
