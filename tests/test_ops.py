@@ -456,3 +456,33 @@ def test_small_programs_compile_with_loop_emitters_into_fewer_object_files(monke
     assert "__ynn" in plain.as_text() and "__ynn" not in ours.as_text()  # XLA's own code for its small dot
     for x, y in zip(ours(a, b), plain(a, b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-14)
+
+
+def test_jax_shape_of_element_wise_transforms_without_a_trace():
+    """``JaxOps.shape_of`` gives an element-wise function's output shape without tracing it (the parameters' ``log``
+    transforms at an engine's set-up), the same shape as ``jax.eval_shape``; any other function is traced."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    from latentfit.inference import ops_jax
+
+    ops = ops_jax.JaxOps()
+    x = jnp.ones((3, 2))
+    traced = []
+    real_eval_shape = jax.eval_shape
+
+    def counting(f, *args):
+        traced.append(f)
+        return real_eval_shape(f, *args)
+
+    try:
+        jax.eval_shape = counting
+        for f in ops_jax._ELEMENTWISE_UNARY:
+            assert ops.shape_of(f, x) == real_eval_shape(f, x).shape == (3, 2)
+        assert ops.shape_of(jnp.log, jnp.float64(2.0)) == ()
+        assert not traced
+        assert ops.shape_of(lambda v: jnp.reshape(v, (-1,)), x) == (6,) and len(traced) == 1
+        assert ops.shape_of(jnp.add, x, x) == (3, 2) and len(traced) == 2
+    finally:
+        jax.eval_shape = real_eval_shape

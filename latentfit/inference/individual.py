@@ -190,8 +190,11 @@ def individual_estimates(model: LatentModel, theta: dict[str, Any], draws: Any, 
     """Conditional modes (Newton from the conditional means), means, sds and shrinkage of every unit."""
     ops = model.ops
     mean, sd = conditional_moments(draws)
-    mode = ops.to_numpy(conditional_mode(model, theta, z0=ops.asarray(mean), num_steps=num_steps, method=method))
-    moments = prior_moments(model, theta) if model.has_gaussian_prior else None
+    # the prior moments (for the shrinkages) computed by the modes' program: one program instead of two
+    mode, moments = conditional_mode(model, theta, z0=ops.asarray(mean), num_steps=num_steps, method=method,
+                                     also=model.prior_moments if model.has_gaussian_prior else lambda _: None)
+    mode = ops.to_numpy(mode)
+    moments = None if moments is None else (ops.to_numpy(moments[0]), ops.to_numpy(moments[1]))
     return IndividualEstimates(mode=mode, mean=mean, sd=sd, shrinkage_mode=shrinkage(model, theta, mode,
                                                                                       moments=moments),
                                shrinkage_mean=shrinkage(model, theta, mean, moments=moments),

@@ -809,6 +809,10 @@ class SharedJit:
         return _program_for(self.fn, *args)
 
 
+#: element-wise functions of one array (the parameters' usual transforms): :meth:`JaxOps.shape_of` needs no trace
+_ELEMENTWISE_UNARY = frozenset({jnp.log, jnp.exp, jnp.log1p, jnp.expm1, jnp.sqrt, jnp.square, jnp.tanh, jnp.arctanh})
+
+
 class JaxOps(Ops):
     """JAX flavour: ``xp = jax.numpy``, explicit PRNG keys, compiled chunks of iterations."""
 
@@ -876,7 +880,11 @@ class JaxOps(Ops):
         return np.asarray(x)
 
     def shape_of(self, f: Callable, *args: Any) -> tuple[int, ...]:
-        """``jax.eval_shape``: an abstract evaluation (eagerly, each operation of ``f`` would be a program to lower)."""
+        """``jax.eval_shape``: an abstract evaluation (eagerly, each operation of ``f`` would be a program to lower);
+        an element-wise function of one array (a parameter's ``log`` transform): that array's shape, without a
+        trace (~0.3 ms each)."""
+        if len(args) == 1 and hasattr(args[0], "shape") and f in _ELEMENTWISE_UNARY:
+            return tuple(args[0].shape)
         return tuple(jax.eval_shape(f, *args).shape)
 
     # --- random -------------------------------------------------------------------------------

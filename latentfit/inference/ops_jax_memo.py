@@ -76,11 +76,13 @@ def _is_library_module(name: str | None) -> bool:
     if known is None:
         mod = sys.modules.get(name)
         path = getattr(mod, "__file__", None)
-        if mod is None or path is None:
+        if "latentfit" in name.split("."):  # ours, wherever it is installed
+            known = False
+        elif mod is None or path is None:
             known = name.split(".")[0] in sys.builtin_module_names or name in ("builtins",)
-        else:
+        else:  # resolved: a link into a library folder from elsewhere (an editable install) is not a library's
             path = os.path.realpath(path)
-            known = any(path.startswith(d + os.sep) for d in _LIBRARY_DIRS) and "latentfit" not in name.split(".")
+            known = any(path.startswith(d + os.sep) for d in _LIBRARY_DIRS)
         _LIBRARY_MODULES[name] = known
     return known
 
