@@ -448,8 +448,25 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   populations, warm in one process (fit; EBEs + SEs + IS), fusion -> loop emitters: N = 100 55.6 -> 58.4 ms, 120.5 ->
   122.6 ms; N = 300 119.8 -> 116.9 ms, 363.5 -> 313.9 ms; their compiles 4.6 -> 3.4 s and 6.2 -> 4.5 s.  N = 5000
   keeps the fusion emitters (its arguments are large; the loop emitters were 12-35% slower there).  The default suite
-  ran in 8 min 54 s instead of 11 min 4 s (its small programs compile faster).  ``--e2e-only --e2e-runs 10``: 0.177 s
-  (0.164-0.255), 8.5x saemix's recorded 1.5 s.  Tried, measured, not kept:
+  ran in 8 min 54 s instead of 11 min 4 s and the slow one in 23 min 29 s instead of 29 min 50 s (their small programs
+  compile faster).  ``--e2e-only --e2e-runs 10``: 0.177 s (0.164-0.255), 8.5x saemix's recorded 1.5 s.  Then:
+  - small programs without YNNPACK fusions (``xla_cpu_experimental_ynn_fusion_type`` empty: XLA's own code for their
+    small matrix products; a YNNPACK fusion is set up at its executable's first call, in every process): 14 rounds
+    twice, 0.185 -> 0.169 s and 0.182 -> 0.172 s, the SEs' program 10 -> 5.5 ms, the chunk's 1 and the SEs' 8 fusions
+    gone; simulated N = 100 and 300, warm: the same times (fit 54.2 vs 52.5 and 112.9 vs 111.9 ms);
+  - the EBEs' prior moments (for the shrinkages) computed by the conditional modes' program (``conditional_mode(...,
+    also=)``): one program fewer to key, load and call, the EBE phase 14.6 -> 11.8 ms (16 rounds: 0.1755 -> 0.1717 s,
+    CPU 0.269 -> 0.260 s); the parameters' shapes at SAEM's set-up without a trace when their transform is element-wise
+    (``JaxOps.shape_of``, 7 traces of ~0.3 ms); a latentfit module no longer resolved on disk when keyed.
+  ``--e2e-only --e2e-runs 10`` after them: 0.165 s (0.154-0.242), CPU 0.249 s, 9.1x saemix's recorded 1.5 s (goal 10x:
+  0.15 s, not met).  A warm process in which every program is already loaded does the same work in 69 ms (fit 41, EBEs
+  6.3, SEs 3.7, IS 17.5 ms): the other ~95 ms of a fresh process are JAX's backend start (~14 ms), the keys of the 8
+  programs (fingerprints ~11 ms, digests ~8, their trace records ~4), the loading that the read-ahead does not hide
+  (SAEM's start deserialised on the main thread ~17-20 ms while the other core reads the chunk, the first program's
+  ~8 ms with XLA's one-time set-up, the IS program's 2-14 ms wait) and the two cores' contention.  Tried, measured, not
+  kept:
+  - XLA's memory-optimised scheduler for small programs (``xla_cpu_enable_concurrency_optimized_scheduler`` off): 14
+    and 20 rounds, -3%, +3.6% and -1.6%: noise;
   - the GIL: a thread deserialising beside a Python loop waits for the GIL when it returns (chunk alone 40 ms; beside
     the loop 47-51 ms at the default 5 ms switch interval, 43-44 ms at 0.2 ms); beside another deserialisation 44-58
     ms (memory and malloc).  Switch intervals of 0.5 and 0.1 ms over the whole run: 0.198 -> 0.200 s (16 rounds);
