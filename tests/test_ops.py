@@ -484,5 +484,16 @@ def test_jax_shape_of_element_wise_transforms_without_a_trace():
         assert not traced
         assert ops.shape_of(lambda v: jnp.reshape(v, (-1,)), x) == (6,) and len(traced) == 1
         assert ops.shape_of(jnp.add, x, x) == (3, 2) and len(traced) == 2
+
+        class Unhashable:  # a transform object with ``__eq__`` and no hash (NumPyro's inverse transforms)
+            __hash__ = None
+
+            def __eq__(self, other):
+                return self is other
+
+            def __call__(self, v):
+                return jnp.exp(v)
+
+        assert ops.shape_of(Unhashable(), x) == (3, 2) and len(traced) == 3
     finally:
         jax.eval_shape = real_eval_shape
