@@ -458,7 +458,7 @@ def test_small_programs_compile_with_loop_emitters_into_fewer_object_files(monke
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-14)
 
 
-def test_jax_shape_of_element_wise_transforms_without_a_trace():
+def test_jax_shape_of_element_wise_transforms_without_a_trace(monkeypatch):
     """``JaxOps.shape_of`` gives an element-wise function's output shape without tracing it (the parameters' ``log``
     transforms at an engine's set-up), the same shape as ``jax.eval_shape``; any other function is traced."""
     jax = pytest.importorskip("jax")
@@ -476,24 +476,21 @@ def test_jax_shape_of_element_wise_transforms_without_a_trace():
         traced.append(f)
         return real_eval_shape(f, *args)
 
-    try:
-        jax.eval_shape = counting
-        for f in ops_jax._ELEMENTWISE_UNARY:
-            assert ops.shape_of(f, x) == real_eval_shape(f, x).shape == (3, 2)
-        assert ops.shape_of(jnp.log, jnp.float64(2.0)) == ()
-        assert not traced
-        assert ops.shape_of(lambda v: jnp.reshape(v, (-1,)), x) == (6,) and len(traced) == 1
-        assert ops.shape_of(jnp.add, x, x) == (3, 2) and len(traced) == 2
+    monkeypatch.setattr(jax, "eval_shape", counting)
+    for f in ops_jax._ELEMENTWISE_UNARY:
+        assert ops.shape_of(f, x) == real_eval_shape(f, x).shape == (3, 2)
+    assert ops.shape_of(jnp.log, jnp.float64(2.0)) == ()
+    assert not traced
+    assert ops.shape_of(lambda v: jnp.reshape(v, (-1,)), x) == (6,) and len(traced) == 1
+    assert ops.shape_of(jnp.add, x, x) == (3, 2) and len(traced) == 2
 
-        class Unhashable:  # a transform object with ``__eq__`` and no hash (NumPyro's inverse transforms)
-            __hash__ = None
+    class Unhashable:  # a transform object with ``__eq__`` and no hash (NumPyro's inverse transforms)
+        __hash__ = None
 
-            def __eq__(self, other):
-                return self is other
+        def __eq__(self, other):
+            return self is other
 
-            def __call__(self, v):
-                return jnp.exp(v)
+        def __call__(self, v):
+            return jnp.exp(v)
 
-        assert ops.shape_of(Unhashable(), x) == (3, 2) and len(traced) == 3
-    finally:
-        jax.eval_shape = real_eval_shape
+    assert ops.shape_of(Unhashable(), x) == (3, 2) and len(traced) == 3

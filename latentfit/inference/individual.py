@@ -190,11 +190,14 @@ def individual_estimates(model: LatentModel, theta: dict[str, Any], draws: Any, 
     """Conditional modes (Newton from the conditional means), means, sds and shrinkage of every unit."""
     ops = model.ops
     mean, sd = conditional_moments(draws)
-    # the prior moments (for the shrinkages) computed by the modes' program: one program instead of two
-    mode, moments = conditional_mode(model, theta, z0=ops.asarray(mean), num_steps=num_steps, method=method,
-                                     also=model.prior_moments if model.has_gaussian_prior else lambda _: None)
+    z0 = ops.asarray(mean)
+    if model.has_gaussian_prior:  # the prior moments (for the shrinkages) from the modes' program: one program, not two
+        mode, moments = conditional_mode(model, theta, z0=z0, num_steps=num_steps, method=method,
+                                         also=model.prior_moments)
+        moments = tuple(ops.to_numpy(m) for m in moments)
+    else:
+        mode, moments = conditional_mode(model, theta, z0=z0, num_steps=num_steps, method=method), None
     mode = ops.to_numpy(mode)
-    moments = None if moments is None else (ops.to_numpy(moments[0]), ops.to_numpy(moments[1]))
     return IndividualEstimates(mode=mode, mean=mean, sd=sd, shrinkage_mode=shrinkage(model, theta, mode,
                                                                                       moments=moments),
                                shrinkage_mean=shrinkage(model, theta, mean, moments=moments),
