@@ -376,12 +376,32 @@ def test_pyro_model_has_the_same_log_joint():
                                                    "omega2_CL", "b"}
 
 
-def test_nonfinite_likelihood_names_the_observation():
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_nonfinite_likelihood_names_the_observation(backend):
+    """A starting value where an individual's log-likelihood is not finite is refused before any iteration, naming
+    the row.  SAEM's start checks it (``LatentModel.initial_values_finite``; on JAX inside the start's compiled
+    program), so an engine run directly on the model refuses it too, and the replicates' fits as well."""
+    if backend == "jax":
+        pytest.importorskip("jax")
+    from latentfit.inference.saem import SAEM
+
     df = _pk_table(n=3)
     df.loc[1, "TIME"] = 0.0  # an observation at the dosing time: oral prediction 0
-    model = nlme.NLME("one_compartment_oral", {"ka": 1.2, "V": 20.0, "CL": 2.0}, error="proportional", data=df)
-    with pytest.raises(ModelSpecificationError, match=r"ID 1 \(row 1, TIME 0.0.*use error='combined'"):
+    model = nlme.NLME("one_compartment_oral", {"ka": 1.2, "V": 20.0, "CL": 2.0}, error="proportional", data=df,
+                      backend=backend)
+    named = r"ID 1 \(row 1, TIME 0.0.*use error='combined'"
+    with pytest.raises(ModelSpecificationError, match=named):
         model.fit(progress=False, num_iters=(3, 0), burn_in=0)
+    with pytest.raises(ModelSpecificationError, match=named):
+        SAEM(model, num_iters=(3, 0), burn_in=0, progress=False).run()
+    with pytest.raises(ModelSpecificationError, match=named):
+        model.fit(progress=False, num_iters=(3, 0), burn_in=0, replicates=2)
+    # the check's flag, as the start program computes it: False here, True once the error model allows a zero
+    theta = model.init_params()
+    assert not bool(model.initial_values_finite(theta))
+    combined = nlme.NLME("one_compartment_oral", {"ka": 1.2, "V": 20.0, "CL": 2.0}, error="combined", data=df,
+                         backend=backend)
+    assert bool(combined.initial_values_finite(combined.init_params()))
 
 
 def test_specification_errors_are_clear():

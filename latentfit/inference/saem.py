@@ -211,24 +211,28 @@ class SAEM(Engine):
         # one process: the scales need no collective and are part of the chains' start
         local = type(ops).gather_units is Ops.gather_units
         checked = None
+        finite: Any = False  # the model's check of its starting values (LatentModel.initial_values_finite) not run
         if ops.jittable:  # one compiled program (a persistent-cache hit in a later process), not ~15-45 eager ones
             def start(theta: dict[str, Any], key: Any, root: Any) -> tuple:
                 # the prior draw computed once, in memory: XLA:CPU would copy its hash and inverse error function into
                 # each fusion that reads it (:meth:`_chains_draw`); then what follows from it: the scales, the cache
-                # and the check (:meth:`_start_eager`)
+                # and the check (:meth:`_start_eager`); and the model's check of its starting values (None: none)
                 theta_u, key_next, z = ops.computed_once(lambda k, th, r: self._chains_draw(th, k, r), key, theta, root)
-                return (theta_u, key_next, z, *self._chains_finish(theta, z, local), self._start_eager(theta, z))
+                return (theta_u, key_next, z, *self._chains_finish(theta, z, local), self._start_eager(theta, z),
+                        model.initial_values_finite(theta))
 
             try:
-                theta_u, key_next, z, scale, cache, checked = ops.jit(start)(theta, key, root)
+                theta_u, key_next, z, scale, cache, checked, finite = ops.jit(start)(theta, key, root)
                 # a jitted dict comes back with its keys sorted: the parameters' order (summaries, history) is θ's
                 theta_u = {**{k: theta_u[k] for k in theta if k in theta_u}, **theta_u}
                 key = key_next
             except Exception:  # noqa: BLE001 - a prior draw that cannot be traced: eagerly (its own errors, if any)
-                checked = None
+                checked, finite = None, False
                 theta_u, key, z, scale, cache = self._chains_start(theta, key, root, local)
         else:
             theta_u, key, z, scale, cache = self._chains_start(theta, key, root, local)
+        if finite is not None and not bool(finite):  # not computed, or False: the model checks (and names the fault)
+            model.check_initial_values()
         all_bad, s_hat = self._start(theta, z) if checked is None else checked
         if bool(all_bad):
             model.raise_for_nonfinite(theta, z)

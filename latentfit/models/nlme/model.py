@@ -716,18 +716,19 @@ class NLME(LatentModel):
             out.update(_occ.unpack(_occ.split(z, self._iov)[1], self._iov))
         return out
 
+    def initial_values_finite(self, theta: dict[str, Any]) -> Any:
+        """Whether every individual's log-density is finite at the starting values ``θ`` with the random effects at
+        their prior means (a flag array); SAEM computes it in its start program (:meth:`check_initial_values`)."""
+        xp = self.ops.xp
+        ll, lp = self.log_densities(theta, self.prior_moments(theta)[0])
+        return xp.all(xp.isfinite(ll + lp))
+
     def check_initial_values(self) -> None:
         """Raise a clear error when any individual's log-density is not finite at the initial values
         (at the prior means), e.g. a zero prediction under a proportional error."""
-        xp = self.ops.xp
-
-        def all_finite(theta: dict[str, Any]) -> Any:
-            ll, lp = self.log_densities(theta, self.prior_moments(theta)[0])
-            return xp.all(xp.isfinite(ll + lp))
-
         theta = self.init_params()
         # one compiled program on JAX (keyed on shapes: the persistent cache serves it) instead of ~30 eager ones
-        if not bool(self.ops.jit(all_finite)(theta)):
+        if not bool(self.ops.jit(self.initial_values_finite)(theta)):
             self.raise_for_nonfinite(theta, self.prior_moments(theta)[0][None])
 
     def raise_for_nonfinite(self, theta: dict[str, Any], z: Any) -> None:
@@ -872,7 +873,9 @@ class NLME(LatentModel):
         model._require_data()
         if init:
             model = model.with_init(init)
-        model.check_initial_values()
+        if options.get("distributed"):  # every process checks the whole table before the fit splits it
+            model.check_initial_values()
+        # otherwise SAEM's start checks the starting values (on JAX inside its start program: one program fewer)
         if replicates != 1 or starts is not None or dispersed_starts:
             from .replicates import fit_replicates
 
