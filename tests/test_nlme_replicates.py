@@ -116,6 +116,37 @@ def test_replicate_options_are_checked(theo):
         model.fit(theo, replicates=0, progress=False)
 
 
+@pytest.mark.filterwarnings("ignore::latentfit.ConvergenceWarning")  # 15 iterations: the replicates disagree
+def test_every_start_is_checked_before_the_first_replicate_runs(theo, monkeypatch):
+    """A given start where the log-likelihood is not finite is refused before any replicate runs (no work lost), naming
+    the replicate; a dispersed start where it is not is drawn again from that replicate's generator."""
+    from latentfit.models.nlme import replicates as rep
+
+    data = theo.copy()
+    data.loc[data["Time"] == 0, "Time"] = 1e-9  # no zero prediction: a proportional error is finite at any start
+    model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, error="proportional", **THEO)
+    runs = []
+    real_fit = rep.fit_nlme
+    monkeypatch.setattr(rep, "fit_nlme", lambda *a, **k: runs.append(1) or real_fit(*a, **k))
+    bad = {"V": 1e300}  # predictions ~1e-298: a proportional error sd that makes the log-likelihood -inf
+    with pytest.raises(ModelSpecificationError, match=r"replicate 2 \(given start\): .*not finite"):
+        model.fit(data, replicates=3, starts=[None, None, bad], progress=False, num_iters=(10, 5))
+    assert runs == []  # refused before the first fit
+    draws = []
+    real_draw = rep.dispersed_init
+
+    def first_bad(model, rng, scale):  # replicate 1's first draw is unusable, its second is a real one
+        draws.append(1)
+        return bad if len(draws) == 1 else real_draw(model, rng, scale)
+
+    monkeypatch.setattr(rep, "dispersed_init", first_bad)
+    fit = model.fit(data, replicates=2, dispersed_starts=True, progress=False, num_iters=(10, 5), seed=0)
+    assert len(draws) == 2 and list(fit.replicates["start"]) == ["init", "dispersed"] and len(runs) == 2
+    monkeypatch.setattr(rep, "dispersed_init", lambda model, rng, scale: bad)
+    with pytest.raises(ModelSpecificationError, match="replicate 1: none of 20 dispersed starts"):
+        model.fit(data, replicates=2, dispersed_starts=True, progress=False, num_iters=(10, 5))
+
+
 @pytest.mark.slow
 def test_theophylline_flip_flop_mode_has_the_larger_likelihood(theo):
     """Measured: saemix's maximum (ℓ = −172.72) is a local one; the flip-flop mode (ka ≈ 0.088 = CL/V of the other,

@@ -74,6 +74,39 @@ def dispersed_init(model: Any, rng: np.random.Generator, scale: float = DISPERSE
     return init
 
 
+#: dispersed starts drawn for a replicate before giving up when each has a non-finite log-likelihood
+DISPERSED_TRIES = 20
+
+
+def _start(model: Any, r: int, seed: int, scale: float, starts: list[dict[str, Any] | None] | None
+           ) -> tuple[Any, str]:
+    """Replicate ``r``'s model with its starting values and their kind ("init", "given", "dispersed"), checked
+    (:meth:`NLME.check_initial_values`: every individual's log-likelihood finite at the start).  A dispersed start
+    where it is not is drawn again from the replicate's generator (up to :data:`DISPERSED_TRIES` draws); a given start
+    or the model's own is refused with the check's error, naming the replicate."""
+    if starts is not None and starts[r]:
+        start, kind = starts[r], "given"
+    elif r > 0 and scale > 0:
+        rng = np.random.default_rng([seed, r])
+        for _ in range(DISPERSED_TRIES):
+            model_r = model.with_init(dispersed_init(model, rng, scale))
+            try:
+                model_r.check_initial_values()
+            except ModelSpecificationError:
+                continue
+            return model_r, "dispersed"
+        raise ModelSpecificationError(f"replicate {r}: none of {DISPERSED_TRIES} dispersed starts (scale {scale:g}) "
+                                      f"gives a finite log-likelihood; use a smaller dispersed_starts= or starts=")
+    else:
+        start, kind = None, "init"
+    model_r = model.with_init(start) if start else model
+    try:
+        model_r.check_initial_values()
+    except ModelSpecificationError as exc:
+        raise ModelSpecificationError(f"replicate {r} ({kind} start): {exc}") from None
+    return model_r, kind
+
+
 def fit_replicates(model: Any, engine: str, options: dict[str, Any], replicates: int, *,
                    dispersed_starts: bool | float = False, starts: list[dict[str, Any] | None] | None = None,
                    tolerance: float = TOLERANCE, ll_method: str = "auto") -> Any:
@@ -98,14 +131,10 @@ def fit_replicates(model: Any, engine: str, options: dict[str, Any], replicates:
     if scale < 0:
         raise ModelSpecificationError(f"dispersed_starts must be True/False or a scale >= 0, got {dispersed_starts!r}")
     seed = int(options.get("seed", 0))
+    # every replicate's start, checked before the first fit runs (a bad start is refused before any work is done)
+    plans = [_start(model, r, seed, scale, starts) for r in range(replicates)]
     fits, rows = [], []
-    for r in range(replicates):
-        start, kind = None, "init"
-        if starts is not None and starts[r]:
-            start, kind = starts[r], "given"
-        elif r > 0 and scale > 0:
-            start, kind = dispersed_init(model, np.random.default_rng([seed, r]), scale), "dispersed"
-        model_r = model.with_init(start) if start else model
+    for r, (model_r, kind) in enumerate(plans):
         fit = fit_nlme(model_r, engine, {**options, "seed": seed + r})
         ll, se, method = replicate_log_likelihood(fit, ll_method, seed=seed)
         fits.append(fit)
@@ -137,5 +166,5 @@ def fit_replicates(model: Any, engine: str, options: dict[str, Any], replicates:
     return out
 
 
-__all__ = ["DISPERSED_SCALE", "OMEGA_INFLATION", "TOLERANCE", "dispersed_init", "fit_replicates",
+__all__ = ["DISPERSED_SCALE", "DISPERSED_TRIES", "OMEGA_INFLATION", "TOLERANCE", "dispersed_init", "fit_replicates",
            "replicate_log_likelihood"]
