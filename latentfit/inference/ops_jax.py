@@ -512,15 +512,16 @@ def _program_for(fn: Callable, *args: Any, side: dict[str, Any] | None = None) -
     """
     flat, in_tree = jax.tree_util.tree_flatten(args)
     in_avals = tuple(_aval_key(x) for x in flat)
-    memo_key = None
+    memo_key = memo_entry = None
     if MEMOIZE_TRACES:
         found = fingerprint(fn)
         memo_key = None if found is None else (found, in_tree, in_avals)
     if memo_key is not None:
-        traced = _TRACES.get(memo_key)
+        memo_entry = _HashedKey(memo_key)
+        traced = _TRACES.get(memo_entry)
         executable = None if traced is None else _PROGRAMS.get(traced[0])
         if executable is not None:
-            _TRACES.move_to_end(memo_key)
+            _TRACES.move_to_end(memo_entry)
             _PROGRAMS.move_to_end(traced[0])
             if side is not None:
                 side.update(traced[3])
@@ -533,7 +534,7 @@ def _program_for(fn: Callable, *args: Any, side: dict[str, Any] | None = None) -
             _PROGRAMS[program_key] = executable
             while len(_PROGRAMS) > PROGRAM_CACHE_SIZE:
                 _PROGRAMS.popitem(last=False)
-            _remember_trace(memo_key, (program_key, consts, out_tree, saved_side))
+            _remember_trace(memo_entry, (program_key, consts, out_tree, saved_side))
             if side is not None:
                 side.update(saved_side)
             return _ConstsBound(executable, consts, out_tree, compiled_now=True)
@@ -564,8 +565,8 @@ def _program_for(fn: Callable, *args: Any, side: dict[str, Any] | None = None) -
             _PROGRAMS[key] = executable
         while len(_PROGRAMS) > PROGRAM_CACHE_SIZE:
             _PROGRAMS.popitem(last=False)
-    if shared and memo_key is not None:
-        _remember_trace(memo_key, (key, consts, out_tree, dict(side or {})))
+    if shared and memo_entry is not None:
+        _remember_trace(memo_entry, (key, consts, out_tree, dict(side or {})))
     return _ConstsBound(executable, consts, out_tree, compiled_now=compiled_now)
 
 
@@ -757,6 +758,24 @@ class _FirstRunChecked:
             out = self.run(*args)
         self._fallback = self._discard = None
         return out
+
+
+class _HashedKey:
+    """A memo key of :data:`_TRACES` with its hash computed once: a fingerprint is a deep tuple, and a tuple's hash is
+    recomputed over every node at each dict operation (five per new trace: a few ms over a fit's programs in a fresh
+    process, where the strings' hashes are not cached yet).  Equal when the keys are equal."""
+
+    __slots__ = ("key", "_hash")
+
+    def __init__(self, key: Hashable) -> None:
+        self.key = key
+        self._hash = hash(key)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _HashedKey) and self._hash == other._hash and self.key == other.key
 
 
 def _remember_trace(memo_key: Hashable, entry: tuple[Hashable, tuple[Any, ...], Any, dict[str, Any]]) -> None:
