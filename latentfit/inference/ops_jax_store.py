@@ -115,12 +115,16 @@ def _source_digest() -> str:
     the store folder (:data:`SOURCE_DIGEST_FILE`) with every file's size and modification time in nanoseconds, and
     read back while they all match, as Python's bytecode cache trusts a source's size and time: a fresh process then
     reads the files' metadata, not their bytes (~1 against ~4 ms)."""
-    root = Path(__file__).resolve().parents[1]
-    files = [(str(path.relative_to(root)), path) for path in sorted(root.rglob("*.py"))]
-    stats = []
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    files = []  # (relative path, path) of every .py file under the package, in path order (os.walk: ~4x pathlib's)
+    for folder, _, names in os.walk(root):
+        files += [(os.path.relpath(os.path.join(folder, name), root), os.path.join(folder, name))
+                  for name in names if name.endswith(".py")]
+    files.sort(key=lambda item: item[0].split(os.sep))
+    stats: list[list[Any]] | None = []
     for rel, path in files:
         try:
-            st = path.stat()
+            st = os.stat(path)
         except OSError:
             stats = None
             break
@@ -136,7 +140,8 @@ def _source_digest() -> str:
     h = hashlib.blake2b(digest_size=16)
     for rel, path in files:
         h.update(rel.encode())
-        h.update(path.read_bytes())
+        with open(path, "rb") as f:
+            h.update(f.read())
     digest = h.hexdigest()
     if kept is not None:
         _replace(kept, json.dumps({"files": stats, "digest": digest}).encode())  # best effort
