@@ -477,6 +477,43 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   - ``xla_cpu_parallel_codegen_split_count`` with the fusion emitters: no effect (one object file a kernel).
   Measured for planning: JAX's backend start is 13.8 ms of the timed window (5.4 ms with ``JAX_PLATFORMS=cpu``: JAX's
   plugin discovery scans every installed distribution's entry points; a process-wide setting left to the user).
+* eighteenth round (issue 14 item 9), what the main thread does between the programs (``py-spy`` over 20 warm runs,
+  the main thread's samples in the timed window, and timelines of each program's key, load and call):
+  - SAEM's start computes the model's check of its starting values (``LatentModel.initial_values_finite``: NLME's
+    "every individual's log-likelihood finite at the prior means") in its own program, and calls the model's
+    ``check_initial_values`` only where that flag is False (it names the row, as before) or was not computed (torch,
+    an eager start).  One program fewer to key, load and call (7 instead of 8); the same estimates, EBEs, SEs and IS
+    log-likelihood bit for bit (SHA of the fit's history and the post-fit tables).  ``NLME.fit`` checks eagerly only
+    before a distributed fit (every process the whole table); replicate fits check every start before the first runs,
+    and a dispersed start whose log-likelihood is not finite is drawn again.  CPU 0.2584 -> 0.2500 s (16 rounds);
+    the wall time did not move (0.166 vs 0.168 s): the main thread then waits longer for the chunk, which the
+    read-ahead thread deserialises in ~50 ms beside the main thread's work (36 ms alone).
+  - the trace memo's keys hash once (``ops_jax._HashedKey``): a fingerprint is a deep tuple whose hash Python
+    recomputes over every node, and each new program hashed its key five times (the memo's lookup, two removals, two
+    insertions; ~3% of the main thread's samples).  16 rounds twice: 0.1673 -> 0.1618 s and 0.1644 -> 0.1589 s, the
+    EBE phase 12.2 -> 10.9 and 11.8 -> 10.6 ms; bit-identical results.
+  - latentfit's source files listed with ``os.walk`` / ``os.stat`` for the store's environment digest (the same
+    digest): ~1.6 -> ~0.65 ms.
+  ``--e2e-only --e2e-runs 10`` at the end: 0.159-0.170 s (best 0.148), CPU 0.236-0.239 s, 8.8-9.4x saemix's recorded
+  1.5 s; goal 10x (<= 0.15 s) not met.  Tried, measured, not kept:
+  - starting the read-ahead before the first program's key (at the first program request, from a trail the last
+    process left): the chunk is read from ~20 instead of ~24 ms into the run but ready at 74-79 ms instead of 68-73:
+    its deserialisation beside the main thread's key and SAEM's start takes 55-60 ms; 16 rounds 0.1605 -> 0.1693 s;
+  - the read-ahead thread reading in the trail's order (the order the programs are asked for) instead of the largest
+    first: 0.1628 -> 0.1688 s; the thread at a lower priority (nice 10, 19) after its first executable: no change;
+  - glibc's malloc without ``mmap`` for large blocks (``GLIBC_TUNABLES`` mmap and trim thresholds): 0.1685 vs 0.1651 s,
+    noise; one malloc arena: 0.254 s (the deserialising threads' allocations contend: malloc is a third of a load);
+  - SAEM's start building its zero statistics from their shapes instead of ``0 x`` the statistics: 39 of its 1110
+    instructions; the IS draws from a flat index (JAX's threefry counters are the flat index: the same numbers) or by
+    inverting the t₄ distribution function (one uniform a draw): the draws are 7.8 of the IS's 14 ms, half of it the
+    normals' inverse error function, and neither helps more than ~1.5 ms (the inversion changes the numbers);
+  - LLVM at optimisation level 1 for small programs (the chunk's object code 388 -> 368 KB) and
+    ``xla_llvm_disable_expensive_passes``: no measurable load-time change; XLA's multi-output fusion, loop unrolling
+    and SLP-vectoriser switches are not compile options of this XLA.
+  Where the main thread's samples go (~80 ms of a ~160 ms run; it waits the rest): JAX's backend start ~4 ms, the data
+  read and binding ~8 ms (device transfers ~5 ms), the 7 programs' fingerprints ~8 ms and digests ~5 ms, loading
+  (SAEM's start on the main thread, the constraint program, trace records) ~8 ms, waiting on the chunks' records
+  ~12 ms, the post-fit programs' calls and tables.
 """
 
 from __future__ import annotations
