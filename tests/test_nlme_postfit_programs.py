@@ -37,6 +37,32 @@ def fitted():
     return _fit()
 
 
+def test_the_fits_theta_is_its_last_history_row_not_a_program_call(fitted, monkeypatch):
+    """θ̂ of a compiled run (``fit.params``, the post-fit programs' θ) is the last history row of the chunk that ended
+    in the final state, placed as θ_u is: the constraint's compiled program is not called (in a fresh process: one
+    program fewer to key and load), and its value is that program's bit for bit.  Any other state still goes
+    through the program."""
+    fit = fitted
+    engine, ops = fit.engine, fit.model.ops
+    assert engine._recorded_theta[0] is fit.state
+    calls = []
+    original = ops.jit_once
+    monkeypatch.setattr(ops, "jit_once", lambda *a, **k: calls.append(a[0]) or original(*a, **k))
+    theta = fit._theta()
+    params = fit.params
+    assert calls == []
+    assert list(theta) == list(fit.state.theta_u)  # θ_u's order
+    program = jax.jit(fit.model.constrain)(fit.state.theta_u)
+    for name, value in theta.items():
+        assert isinstance(value, jax.Array) and value.dtype == program[name].dtype
+        assert value.sharding == fit.state.theta_u[next(iter(fit.state.theta_u))].sharding
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(program[name]))
+        np.testing.assert_array_equal(params[name], fit.history[f"theta.{name}"][-1])
+    other = fit.state._replace(theta_u=dict(fit.state.theta_u))  # an equal state, not the run's: the program
+    again = engine.theta_of(other)
+    assert calls and all(np.array_equal(np.asarray(again[k]), np.asarray(theta[k])) for k in theta)
+
+
 @pytest.mark.slow
 def test_fused_postfit_programs_equal_the_operation_by_operation_values(fitted):
     """The Newton loop of the modes against its steps run one by one, the importance-sampling program against its

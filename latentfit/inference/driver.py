@@ -118,8 +118,28 @@ class Engine:
         (:meth:`~latentfit.inference.ops.Ops.jit_once`: in a warm fresh process a stored executable, where eager
         transforms lowered a program, ~0.03 s), inlined inside a trace; the names in ``θ_u``'s order."""
         model, theta_u = self.model, state_field(state, "theta_u")
-        theta = self.ops.jit_once(("constrain", id(model)), lambda: model.constrain)(theta_u)
+        recorded = getattr(self, "_recorded_theta", None)
+        if recorded is not None and recorded[0] is state:  # the run's final state: its θ, as the history recorded it
+            if recorded[2] is None:
+                self._recorded_theta = recorded = (state, recorded[1], self.ops.placed_like(recorded[1], theta_u))
+            theta = recorded[2]
+        else:
+            theta = self.ops.jit_once(("constrain", id(model)), lambda: model.constrain)(theta_u)
         return {**{k: theta[k] for k in theta_u if k in theta}, **theta}  # a compiled dict: keys sorted; θ_u's order
+
+    def _record_theta(self, state: Any, stacked: dict[str, Any]) -> None:
+        """Keep ``state``'s θ from the last row of its chunk's stacked records (``history_theta``, computed by the
+        chunk's program), where the engine records θ itself (:meth:`theta_of`), so that :meth:`theta_of` of the
+        run's final state (the fit's ``params``, its post-fit computations) reads it instead of calling the
+        constraint's compiled program: in a fresh process that program is one more to key and load (~3-5 ms).
+        Only on a compiling backend (on torch the constraint is a few eager operations)."""
+        theta = stacked.get("theta")
+        cls = type(self)
+        if not isinstance(theta, dict) or cls.theta_of is not Engine.theta_of \
+                or cls.history_theta is not Engine.history_theta:
+            self._recorded_theta = None
+            return
+        self._recorded_theta = (state, {k: np.asarray(v[-1, ...]) for k, v in theta.items()}, None)
 
     def history_theta(self, state: Any) -> dict[str, Any] | None:
         """The parameters recorded in the history after each iteration (``theta.<name>``) and checked for NaN/inf:
@@ -203,6 +223,7 @@ class Engine:
         over_processes = False  # one program over the devices of several JAX processes (jax.distributed)
         self._process_group = None  # their ranks, for checkpoints
         self._padding: _Padding | None = None  # a JAX local fit's block padded with dummy units
+        self._recorded_theta: tuple | None = None  # (state, θ's host rows, θ placed) of the last recorded chunk
         mode = distributed_mode(distributed)
         if mode is not None:
             mesh = self.ops.process_mesh()
@@ -296,6 +317,7 @@ class Engine:
                         if z is not None and collect:
                             draws.extend(z[i] for i in range(len(infos)))
                         _extend_history(history, {k: v for k, v in stacked.items() if k != "_z"}, len(infos))
+                        self._record_theta(st, stacked)
                     else:
                         for info in infos:
                             z = info.pop("_z", None)

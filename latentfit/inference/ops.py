@@ -136,6 +136,11 @@ class Ops:
     def to_numpy(self, x: Any) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def placed_like(self, values: dict[str, np.ndarray], like: Any) -> dict[str, Any]:
+        """Host arrays ``values`` as backend arrays placed where the arrays of ``like`` (a pytree) are (here: the
+        backend's device, as :meth:`asarray` places them)."""
+        return {k: self.asarray(v) for k, v in values.items()}
+
     def shape_of(self, f: Callable, *args: Any) -> tuple[int, ...]:
         """The shape of ``f(*args)`` (a backend that can infers it without computing: no program to run)."""
         return tuple(np.shape(f(*args)))

@@ -878,6 +878,14 @@ class JaxOps(Ops):
         # a host copy in JAX's dtype (numpy's cast rounds as XLA's does), then a transfer
         return jax.device_put(np.array(arr, dtype=jax.dtypes.canonicalize_dtype(target), copy=True))
 
+    def placed_like(self, values: dict[str, np.ndarray], like: Any) -> dict[str, Any]:
+        """Host arrays ``values`` on the devices, with the sharding, of the first array of ``like`` (a pytree), their
+        dtypes kept: one batched transfer, no program."""
+        leaves = [x for x in jax.tree_util.tree_leaves(like) if isinstance(x, jax.Array)]
+        host = [np.asarray(v) for v in values.values()]
+        placed = jax.device_put(host, leaves[0].sharding) if leaves else jax.device_put(host)
+        return dict(zip(values, placed))
+
     def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
         return jnp.zeros(shape, dtype=dtype or self.dtype)
 
