@@ -561,6 +561,27 @@ def test_a_later_process_reads_its_executables_ahead(stored, tmp_path, monkeypat
     assert off["sha"] == first["sha"]
 
 
+def test_the_read_ahead_follows_the_trails_order(tmp_path, monkeypatch):
+    """The read-ahead thread reads the trail's entries in the order the last process asked for them (the post-fit
+    programs as a fit calls them: the standard errors' before the larger importance-sampling program's), leaving out
+    the first executable and entries no longer in the store."""
+    import threading
+
+    from latentfit.inference import ops_jax_store
+
+    started = []
+    monkeypatch.setattr(threading, "Thread", lambda **kw: type("T", (), {"start": lambda self: started.append(kw)})())
+    monkeypatch.setattr("atexit.register", lambda *a, **k: None)
+    names = [f"{c * 40}-x.lfx" for c in "abcde"]
+    for name, size in zip(names, (10, 500, 20, 300, 40)):
+        (tmp_path / name).write_bytes(b"\0" * size)
+    (tmp_path / names[3]).unlink()  # trimmed from the store since
+    (tmp_path / f"{names[0]}.trail").write_text(json.dumps(names[1:]))
+    ahead = ops_jax_store._ReadAhead()
+    ahead.start(names[0], tmp_path, None)
+    assert ahead.pending == [names[1], names[2], names[4]] and len(started) == 1
+
+
 def test_a_damaged_stored_executable_is_ignored(stored, tmp_path):
     """Issue 14 item 9: stored executables (``.lfx``) truncated, with a flipped byte, or replaced by garbage are
     ignored without an error (checksum): the programs are compiled from their stored traces as before (JAX's cache),

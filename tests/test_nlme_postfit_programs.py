@@ -63,6 +63,33 @@ def test_the_fits_theta_is_its_last_history_row_not_a_program_call(fitted, monke
     assert calls and all(np.array_equal(np.asarray(again[k]), np.asarray(theta[k])) for k in theta)
 
 
+def test_individual_parameters_come_from_the_modes_program(fitted, monkeypatch):
+    """The individual parameters ψ_i at the modes and at the draws are computed by the modes' program (one program
+    to key, load and call instead of two): ``individual_parameters`` calls no program of its own, and its table
+    equals the model's ψ at the modes and the draws' means and sds computed apart."""
+    import dataclasses
+
+    fit = dataclasses.replace(fitted, _cache={})
+    ops, model = fit.model.ops, fit.model
+    programs = []
+    original = ops.jit
+    monkeypatch.setattr(ops, "jit", lambda fn, *a, **k: programs.append(fn) or original(fn, *a, **k))
+    table = fit.individual_parameters()
+    assert len(programs) == 1  # the modes' search (with the prior moments and ψ)
+    local = fit._cache["individual_local"]
+    assert local.values is not None and list(local.values[0]) == sorted(model.param_names)
+    theta = fit._theta()
+    at_mode = model.individual_parameters(theta, ops.asarray(local.mode))
+    draws = np.asarray(fit.latent_draws)
+    at_draws = model.individual_parameters(theta, ops.asarray(draws))
+    for name in model.param_names:
+        np.testing.assert_allclose(table[f"{name}.mode"], np.asarray(at_mode[name])[:, 0], rtol=1e-13)
+        flat = np.asarray(at_draws[name]).reshape(-1, model.num_units)
+        np.testing.assert_allclose(table[f"{name}.mean"], flat.mean(0), rtol=1e-13)
+        np.testing.assert_allclose(table[f"{name}.sd"], flat.std(0, ddof=1), rtol=1e-10)
+    assert list(table.columns[:3]) == [f"{model.param_names[0]}.{c}" for c in ("mode", "mean", "sd")]
+
+
 @pytest.mark.slow
 def test_fused_postfit_programs_equal_the_operation_by_operation_values(fitted):
     """The Newton loop of the modes against its steps run one by one, the importance-sampling program against its

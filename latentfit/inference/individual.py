@@ -36,6 +36,9 @@ class IndividualEstimates:
     shrinkage_mode: np.ndarray | None  # [d] (None without a Gaussian prior face)
     shrinkage_mean: np.ndarray | None
     labels: list[str]
+    #: the model's individual values (``values`` of :func:`individual_estimates`) at the modes and at the draws, by
+    #: name (numpy), where they were computed with the modes; else None
+    values: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
 
     def to_frame(self):
         """Long pandas table: one row per unit, columns ``<label>.mode/.mean/.sd``."""
@@ -186,22 +189,38 @@ def _sample_conditional_per_unit(model: LatentModel, theta: dict[str, Any], ops:
 
 
 def individual_estimates(model: LatentModel, theta: dict[str, Any], draws: Any, *, num_steps: int = 30,
-                         method: str = "auto") -> IndividualEstimates:
-    """Conditional modes (Newton from the conditional means), means, sds and shrinkage of every unit."""
+                         method: str = "auto", values: Callable[[dict[str, Any], Any], dict[str, Any]] | None = None
+                         ) -> IndividualEstimates:
+    """Conditional modes (Newton from the conditional means), means, sds and shrinkage of every unit.
+
+    ``values(θ, z)`` (e.g. NLME's individual parameters ψ_i, by name): also computed at the modes and at the draws, in
+    the modes' program on a compiling backend (``.values``; one program fewer to key, load and call)."""
     ops = model.ops
     mean, sd = conditional_moments(draws)
     z0 = ops.asarray(mean)
-    if model.has_gaussian_prior:  # the prior moments (for the shrinkages) from the modes' program: one program, not two
-        mode, moments = conditional_mode(model, theta, z0=z0, num_steps=num_steps, method=method,
-                                         also=model.prior_moments)
-        moments = tuple(ops.to_numpy(m) for m in moments)
+    at_draws = values is not None and ops.jittable
+    if model.has_gaussian_prior or at_draws:
+        # what else reads θ̂ and the modes, from the modes' program: the prior moments (for the shrinkages) and the
+        # individual values; one program, not two or three
+        def also(th: dict[str, Any], modes: Any, *zd: Any) -> dict[str, Any]:
+            out = {"moments": model.prior_moments(th)} if model.has_gaussian_prior else {}
+            if at_draws:
+                out["values"] = (values(th, modes), values(th, zd[0]))
+            return out
+
+        mode, extra = conditional_mode(model, theta, z0=z0, num_steps=num_steps, method=method, also=also,
+                                       also_args=(ops.asarray(draws),) if at_draws else ())
     else:
-        mode, moments = conditional_mode(model, theta, z0=z0, num_steps=num_steps, method=method), None
+        mode, extra = conditional_mode(model, theta, z0=z0, num_steps=num_steps, method=method), {}
+    moments = tuple(ops.to_numpy(m) for m in extra["moments"]) if "moments" in extra else None
+    computed = extra.get("values")
+    if computed is not None:
+        computed = tuple({k: ops.to_numpy(v) for k, v in part.items()} for part in computed)
     mode = ops.to_numpy(mode)
     return IndividualEstimates(mode=mode, mean=mean, sd=sd, shrinkage_mode=shrinkage(model, theta, mode,
                                                                                       moments=moments),
                                shrinkage_mean=shrinkage(model, theta, mean, moments=moments),
-                               labels=latent_labels(model))
+                               labels=latent_labels(model), values=computed)
 
 
 def gather_estimates(model: LatentModel, theta: dict[str, Any], local: IndividualEstimates,

@@ -137,12 +137,12 @@ def conditional_modes(model: LatentModel, theta: dict[str, Any], units: Any = No
 
 def conditional_mode(model: LatentModel, theta: dict[str, Any], units: Any = None, z0: Any = None, *,
                      num_steps: int = 20, method: str = "auto", max_step: float = 10.0,
-                     also: Callable[[dict[str, Any]], Any] | None = None) -> Any:
+                     also: Callable[..., Any] | None = None, also_args: tuple[Any, ...] = ()) -> Any:
     """The conditional modes ``ẑ_i`` ``[n, d]`` of :func:`conditional_modes` alone (``num_steps`` damped Newton steps
     from ``z0``).  On JAX the whole search is one compiled program (``ops.jit`` over a ``fori_loop`` of the steps: in
     a fresh process one program read from the on-disk store and the persistent cache); torch runs the steps in
-    turn.  ``also``: a function of θ computed in the same program, returned as ``(modes, also(θ))`` (one program to
-    key, load and call instead of two)."""
+    turn.  ``also``: a function ``also(θ, modes, *also_args)`` computed in the same program, returned as ``(modes,
+    also(...))`` (one program to key, load and call instead of two)."""
     ops = model.ops
     method = resolve_method(model, method)
     n = model.num_units if units is None else len(units)
@@ -153,11 +153,11 @@ def conditional_mode(model: LatentModel, theta: dict[str, Any], units: Any = Non
             z0 = ops.zeros((n, model.latent_dim))
     newton_step = _newton_functions(model, units, method, max_step)[0]
 
-    def search(theta: dict[str, Any], z: Any) -> Any:
+    def search(theta: dict[str, Any], z: Any, *args: Any) -> Any:
         modes = ops.fori_loop(0, int(num_steps), lambda _, y: newton_step(theta, y), z)
-        return modes if also is None else (modes, also(theta))
+        return modes if also is None else (modes, also(theta, modes, *args))
 
-    return ops.jit(search)(theta, ops.stop_gradient(z0))
+    return ops.jit(search)(theta, ops.stop_gradient(z0), *also_args)
 
 
 def _newton_functions(model: LatentModel, units: Any, method: str, max_step: float) -> tuple[Callable, Callable]:

@@ -775,16 +775,12 @@ class _ReadAhead:
         except (OSError, ValueError):
             self.read = []
         atexit.register(self.close, directory)
-        # the largest first: the longest to deserialise, and the chunk of iterations (the largest program) is asked
-        # for soon after a fit's first executable; a small one asked for before the thread reached it is read by
-        # the caller (:meth:`take`)
-        sizes = {}
-        for n in self.read:
-            try:
-                sizes[n] = (directory / n).stat().st_size
-            except OSError:
-                continue
-        self.pending = sorted((n for n in sizes if n != first), key=lambda n: -sizes[n])
+        # in the order the last process asked for them (the chunk of iterations, the largest program, comes right
+        # after a fit's first executable; then the post-fit programs as they are called): the largest first read the
+        # importance-sampling program before the standard errors', which a fit's SEs, asked for first, then read on
+        # the main thread beside the thread's work (end to end ~0.167 -> ~0.159 s).  An entry asked for before the
+        # thread reached it is read by the caller (:meth:`take`)
+        self.pending = [n for n in self.read if n != first and (directory / n).is_file()]
         if self.pending:
             threading.Thread(target=self._work, args=(directory, device), name="latentfit-read-ahead",
                              daemon=True).start()

@@ -62,8 +62,11 @@ def _local_estimates(fit: FitResult, num_steps: int = 30) -> individual.Individu
     """The individual estimates of this process's units (all units but in a distributed fit): what the post-fit
     computations on this process's model (linearisation, residuals) read."""
     if "individual_local" not in fit._cache:
+        model = fit.model
+        # the individual parameters (individual_parameters' table) at the modes and draws, in the modes' program
+        values = getattr(model, "individual_parameters", None) if getattr(model, "param_names", ()) else None
         fit._cache["individual_local"] = individual.individual_estimates(
-            fit.model, fit._theta(), require_draws(fit, "individual estimates"), num_steps=num_steps)
+            model, fit._theta(), require_draws(fit, "individual estimates"), num_steps=num_steps, values=values)
     return fit._cache["individual_local"]
 
 
@@ -101,8 +104,9 @@ def individual_parameters(fit: FitResult, num_steps: int = 30) -> pd.DataFrame:
     import pandas as pd
 
     ops, model, theta = fit.model.ops, fit.model, fit._theta()
-    draws = ops.asarray(require_draws(fit, "individual parameters"))
-    mode = ops.asarray(_local_estimates(fit, num_steps=num_steps).mode)
+    local = _local_estimates(fit, num_steps=num_steps)
+    draws = require_draws(fit, "individual parameters")
+    mode = local.mode
 
     def values(th: dict[str, Any], z: Any) -> dict[str, Any]:
         return model.individual_parameters(th, z) if hasattr(model, "individual_parameters") \
@@ -117,7 +121,10 @@ def individual_parameters(fit: FitResult, num_steps: int = 30) -> pd.DataFrame:
         return out
 
     names = list(getattr(model, "param_names", ()))
-    if ops.jittable and hasattr(model, "individual_parameters") and names:
+    if local.values is not None and set(local.values[0]) == set(names):  # computed with the modes
+        vals_mode, vals_draws = ({k: v[k] for k in names} for v in local.values)
+    elif ops.jittable and hasattr(model, "individual_parameters") and names:
+        mode, draws = ops.asarray(mode), ops.asarray(draws)
         # at the modes and at the draws: one compiled program on JAX (a jitted dict comes back with its keys sorted:
         # the columns keep the model's order of its parameters)
         vals_mode, vals_draws = ops.jit(lambda th, zm, zd: (values(th, zm), values(th, zd)))(theta, mode, draws)
@@ -126,6 +133,7 @@ def individual_parameters(fit: FitResult, num_steps: int = 30) -> pd.DataFrame:
         else:
             vals_mode, vals_draws = values(theta, mode), values(theta, draws)
     else:
+        mode, draws = ops.asarray(mode), ops.asarray(draws)
         vals_mode, vals_draws = values(theta, mode), values(theta, draws)
     at_mode = natural(mode, vals_mode)
     sampled = natural(draws, vals_draws)
