@@ -242,6 +242,36 @@ def test_jax_unrolled_threefry_draws_are_jax_randoms(monkeypatch):
         jax.config.update("jax_threefry_partitionable", True)
 
 
+def test_jax_student_t_draws_drawn_flat_are_the_shaped_draws():
+    """The JAX shim's integer-df Student-t draws are drawn flat and reshaped (XLA:CPU vectorises along the minor
+    axis, of length 1 or 2 for the normals and uniforms of a shaped draw): bit for bit the draws of ``jax.random``'s
+    normals and uniforms of ``shape + (k,)``, ``t = x₀ / sqrt(χ²/df)``, for odd and even df, in a trace and called
+    directly."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    ops = make_ops("jax", dtype="float64")
+
+    def shaped(key, df, shape):  # the formula drawn in the shape, with jax.random's own draws
+        k_normal, k_uniform = jax.random.split(key)
+        x = jax.random.normal(k_normal, shape + (1 + df % 2,), jnp.float64)
+        u = jax.random.uniform(k_uniform, shape + (df // 2,), jnp.float64)
+        chi2 = -2.0 * jnp.sum(jnp.log1p(-u), -1)
+        if df % 2:
+            chi2 = chi2 + x[..., 1] * x[..., 1]
+        return x[..., 0] / jnp.sqrt(chi2 / df)
+
+    for df in (1, 2, 3, 4, 5):
+        for shape in [(7,), (2, 3, 5), (500, 12, 3)]:
+            key = jax.random.PRNGKey(df)
+            ours = jax.jit(lambda k, d=df, s=shape: ops.student_t(k, d, s))(key)
+            theirs = jax.jit(lambda k, d=df, s=shape: shaped(k, d, s))(key)
+            assert ours.shape == shape and np.array_equal(ours, theirs), (df, shape)
+    key = jax.random.PRNGKey(9)
+    assert np.array_equal(ops.student_t(key, 4, (3, 2)), jax.jit(lambda k: shaped(k, 4, (3, 2)))(key))  # eager call
+
+
 def test_jax_unrolled_split_and_units_minor_draws_are_jax_randoms():
     """``JaxOps.split`` hashes a raw key's counters with the unrolled Threefry: ``jax.random.split``'s keys, eagerly and
     compiled; ``normal_units_minor`` gives ``normal`` of the swapped shape transposed (base shim and JAX, bit for

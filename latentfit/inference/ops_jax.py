@@ -479,14 +479,21 @@ def _student_t_integer_df(key: Any, shape: tuple[int, ...], df: int, dtype: Any,
     ``−2 Σ_{k ≤ df/2} log(1 − u_k)`` (a sum of df/2 exponentials ×2) plus ``x₁²`` for an odd df: 1 or 2 standard
     normals and ``⌊df/2⌋`` uniforms a draw (drawn in ``draw_dtype`` if given, as :meth:`JaxOps.normal`) instead of
     df + 1 normals, whose inverse error function was most of the cost of the IS log-likelihood's draws (5000 a unit,
-    df = 4: 3.5x fewer operations); one compiled program per shape."""
+    df = 4: 3.5x fewer operations); one compiled program per shape.
+
+    Drawn flat (``[size · k]``, the draws of ``shape + (k,)`` in row-major order: the same numbers, the threefry
+    counters being the flat index) and reshaped at the end: XLA:CPU vectorises a fused loop along its minor axis, which
+    was the normals' axis of length 1 and the uniforms' of length 2 (scalar code for the hash, the inverse error
+    function and the logarithms: the IS log-likelihood's draws 11.6 -> 4.4 ms)."""
     k_normal, k_uniform = jax.random.split(key)
-    x = jax.random.normal(_draw_key(k_normal), shape + (1 + df % 2,), dtype=draw_dtype or dtype).astype(dtype)
-    u = jax.random.uniform(_draw_key(k_uniform), shape + (df // 2,), dtype=draw_dtype or dtype).astype(dtype)
-    chi2 = -2.0 * jnp.sum(jnp.log1p(-u), -1)  # 1 − u in (0, 1]: a finite log
+    size, nx, nu = int(np.prod(shape)), 1 + df % 2, df // 2
+    x = jax.random.normal(_draw_key(k_normal), (size * nx,), dtype=draw_dtype or dtype).astype(dtype)
+    u = jax.random.uniform(_draw_key(k_uniform), (size * nu,), dtype=draw_dtype or dtype).astype(dtype)
+    chi2 = -2.0 * jnp.sum(jnp.reshape(jnp.log1p(-u), (size, nu)), -1)  # 1 − u in (0, 1]: a finite log
+    x = jnp.reshape(x, (size, nx))
     if df % 2:
-        chi2 = chi2 + x[..., 1] * x[..., 1]
-    return x[..., 0] / jnp.sqrt(chi2 / df)
+        chi2 = chi2 + x[:, 1] * x[:, 1]
+    return jnp.reshape(x[:, 0] / jnp.sqrt(chi2 / df), shape)
 
 
 def _aval_key(x: Any) -> tuple[Any, ...]:
