@@ -90,6 +90,24 @@ def test_individual_parameters_come_from_the_modes_program(fitted, monkeypatch):
     assert list(table.columns[:3]) == [f"{model.param_names[0]}.{c}" for c in ("mode", "mean", "sd")]
 
 
+def test_importance_sampling_reads_the_units_minor_density(fitted, monkeypatch):
+    """The IS log-likelihood's densities come from the model's units-minor face (z laid out ``[S, d, n]``, as SAEM's
+    sweeps read it) where it has one: the per-unit terms equal those of ``log_densities`` over ``[S, n, d]`` up to
+    rounding, with the same draws."""
+    fit = fitted
+    model, theta = fit.model, fit._theta()
+    ops = model.ops
+    mean, sd = fit.conditional_moments()
+    assert model.units_minor_density(theta) is not None
+    args = (theta, ops.asarray(mean), ops.asarray(sd), ops.key(2))
+    sizes = (300, 100, 4)
+    minor = jax.jit(lambda *a: lk._is_terms(model, sizes, *a))(*args)
+    monkeypatch.setattr(type(model), "units_minor_density", lambda self, th: None)
+    plain = jax.jit(lambda *a: lk._is_terms(model, sizes, *a))(*args)
+    np.testing.assert_allclose(np.asarray(minor[0]), np.asarray(plain[0]), rtol=1e-13, atol=0.0)
+    np.testing.assert_allclose(float(minor[1]), float(plain[1]), rtol=1e-10)
+
+
 @pytest.mark.slow
 def test_fused_postfit_programs_equal_the_operation_by_operation_values(fitted):
     """The Newton loop of the modes against its steps run one by one, the importance-sampling program against its

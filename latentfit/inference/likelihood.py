@@ -127,10 +127,16 @@ def _is_terms(model: LatentModel, sizes: tuple[int, int, int], theta: dict[str, 
     s = xp.where(s > 1e-8, s, 1e-8)
     log_s = xp.sum(xp.log(s), -1)
     nb = -(-num_samples // batch_size)
+    # a compiled model's face over z laid out [S, d, n] (SAEM's sweeps'): XLA:CPU vectorises along the units, where
+    # over [S, n, d] its loops run along d (the theophylline IS's densities 4.0 -> 2.3 ms; equal up to rounding)
+    minor = model.units_minor_density(theta) if units is None and ops.jittable else None
 
     def _log_weights(t: Any) -> Any:
         z = m + s * t
-        ll, lp = model.log_densities(theta, z, units)
+        if minor is not None:
+            ll, lp, _ = minor[0](xp.swapaxes(z, -1, -2))
+        else:
+            ll, lp = model.log_densities(theta, z, units)
         log_q = xp.sum(student_t_log_pdf(t, float(df), xp), -1) - log_s
         lw = ll + lp - log_q
         return ops.stop_gradient(xp.where(lw == lw, lw, -xp.inf))
