@@ -514,6 +514,43 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   read and binding ~8 ms (device transfers ~5 ms), the 7 programs' fingerprints ~8 ms and digests ~5 ms, loading
   (SAEM's start on the main thread, the constraint program, trace records) ~8 ms, waiting on the chunks' records
   ~12 ms, the post-fit programs' calls and tables.
+* nineteenth round (issue 14 item 9): fewer programs, and XLA:CPU's vectorisation along the minor axis.
+  - θ̂ of a compiled run is the last history row of the chunk that ended in the final state (``history_theta``, which
+    the chunk's program computes), placed as θ_u is: ``theta_of`` of that state (``fit.params``, the post-fit programs'
+    θ) no longer calls the constraint's program, one program fewer to key and load (6 instead of 7); bit-identical.
+    16 rounds: 0.1665 -> 0.1600 s.
+  - the individual parameters ψ_i at the modes and at the draws (``individual_parameters``) come from the modes'
+    program (``individual_estimates(values=)``, ``conditional_mode(also=, also_args=)``), and the read-ahead thread
+    reads the trail in the order the last process asked for its entries (the SEs' program before the larger IS one,
+    which the largest-first order read first: the SEs then read theirs on the main thread).  5 programs; the tables
+    bit-identical; EBE phase 12.2 -> 6.7 ms, SE phase 13.6 -> 5.7 ms; 16 rounds: 0.1656 -> 0.1611 s, then (the order)
+    0.1670 -> 0.1587 s.
+  - XLA:CPU vectorises a fused loop along its output's minor axis: the hash of 360 000 counters laid out ``[5000, 12,
+    3, 2]`` takes 3.41 ms, laid out flat 0.94 ms (one core); a normal draw of ``[500, 12, 3]`` 0.69 ms, of ``[18000]``
+    0.28 ms.  The IS log-likelihood's Student-t draws (``[500, 12, 3]`` a batch: normals with a minor axis of 1,
+    uniforms of 2) are drawn flat and reshaped after the loop that computes them once (the same numbers: the threefry
+    counters are the flat index); its densities go through the model's units-minor face (z laid out ``[S, d, n]``, as
+    SAEM's sweeps read it; equal up to rounding, theophylline's logLik unchanged to the printed digits).  The IS
+    program 17.4 -> 12.4 -> 8.6 ms; 16 rounds: 0.1785 -> 0.1699 s (IS phase 30.8 -> 22.9 ms), then the IS phase
+    19.4 -> 16.1 ms.
+  - the whole round, stop 41's tree and this one alternated (16 rounds, the machine in a slow phase): 0.1928 ->
+    0.1737 s, CPU 0.280 -> 0.265 s.  ``--e2e-only --e2e-runs 10`` three times at one moment: 0.154, 0.149, 0.153 s
+    (9.8-10.1x saemix's recorded 1.5 s; best runs 0.139-0.142 s), at another 0.170-0.178 s: the machine's speed moves
+    by ~15% from one quarter of an hour to the next, and the goal (<= 0.15 s) is met only in its fast phases.
+  Tried, measured, not kept:
+  - JAX's backends started in a daemon thread when a model binds its data (overlapping the table's parsing): the
+    thread's plugin discovery is Python and waits for the GIL beside the parsing; 0.1648 vs 0.1697 s;
+  - the IS log-likelihood dispatched at the fit's end (JAX runs it while the EBEs and SEs are keyed): XLA:CPU runs
+    one program at a time, so every later program waited behind it; no gain;
+  - the post-fit programs keyed and loaded while the last chunk runs (``SharedJit`` prepared for the IS and
+    linearisation programs): during the chunks both cores are busy (the iterations, the read-ahead's
+    deserialisations), and the main thread's keys and loads there made the fit 6.5 ms longer (0.1500 vs 0.1550 s);
+  - compiling the merged modes' program (whose largest argument, the draws ``[5, 100, 12, 3]``, makes it a large
+    program) with the small-program options: 0.1517 vs 0.1486 s over 24 rounds, within the noise, and the threshold
+    is shared by every program (N ~ 1000 fits would lose the fusion emitters);
+  - XLA flags: the classic runtime is gone (``xla_cpu_use_thunk_runtime`` ignored), Eigen's threads and the
+    concurrency-optimised scheduler change nothing.  A chunk call (25 iterations) is ~3 750 kernel launches of
+    ~0.45 us each (``xla_cpu_enable_xprof_traceme``): the iterations' cost is launches, not arithmetic.
 """
 
 from __future__ import annotations
