@@ -85,3 +85,27 @@ def test_cli_without_command_prints_help(capsys):
 
     assert main([]) == 1
     assert "demo" in capsys.readouterr().out
+
+
+def test_history_arrays_from_the_chunks_blocks_equal_the_stacked_rows():
+    """A compiled run's history entries are the concatenation of its chunks' stacked records (one copy at the end
+    of the fit), the same values and dtypes as stacking the per-iteration rows; an entry that does not consist of
+    exactly those blocks (restored from a checkpoint before them, truncated after an interrupt) stacks its rows."""
+    from latentfit.inference.driver import _extend_history, _history_arrays
+
+    history, blocks = {}, {}
+    chunks = [{"objective": np.arange(3.0), "theta": {"ka": np.arange(6.0).reshape(3, 2), "n": np.arange(3)}},
+              {"objective": np.arange(3.0, 5.0), "theta": {"ka": np.arange(6.0, 10.0).reshape(2, 2),
+                                                           "n": np.arange(3, 5)}}]
+    for chunk in chunks:
+        _extend_history(history, chunk, len(chunk["objective"]), blocks=blocks)
+    arrays = _history_arrays(history, blocks)
+    assert list(arrays) == ["objective", "theta.ka", "theta.n"]
+    for name, rows in history.items():
+        assert arrays[name].dtype == np.stack(rows).dtype and np.array_equal(arrays[name], np.stack(rows))
+    restored = {"objective": [np.array(-1.0)]}  # a resumed run: rows before the blocks
+    more = {}
+    _extend_history(restored, {"objective": np.arange(2.0)}, 2, blocks=more)
+    np.testing.assert_array_equal(_history_arrays(restored, more)["objective"], [-1.0, 0.0, 1.0])
+    history["theta.ka"].pop()  # truncated
+    np.testing.assert_array_equal(_history_arrays(history, blocks)["theta.ka"], np.arange(8.0).reshape(4, 2))
