@@ -533,10 +533,14 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
     SAEM's sweeps read it; equal up to rounding, theophylline's logLik unchanged to the printed digits).  The IS
     program 17.4 -> 12.4 -> 8.6 ms; 16 rounds: 0.1785 -> 0.1699 s (IS phase 30.8 -> 22.9 ms), then the IS phase
     19.4 -> 16.1 ms.
-  - the whole round, stop 41's tree and this one alternated (16 rounds, the machine in a slow phase): 0.1928 ->
-    0.1737 s, CPU 0.280 -> 0.265 s.  ``--e2e-only --e2e-runs 10`` three times at one moment: 0.154, 0.149, 0.153 s
-    (9.8-10.1x saemix's recorded 1.5 s; best runs 0.139-0.142 s), at another 0.170-0.178 s: the machine's speed moves
-    by ~15% from one quarter of an hour to the next, and the goal (<= 0.15 s) is met only in its fast phases.
+  - a compiled run's history entries are the concatenation of its chunks' stacked records (one copy) instead of a
+    stack of 400 per-iteration views each (~3 ms of the main thread at the end of the fit; the same arrays).
+  - the whole round, stop 41's tree and this one alternated: 0.1928 -> 0.1737 s (16 rounds), CPU 0.280 -> 0.265 s;
+    later, the machine slower still, 0.2181 -> 0.2029 s (12 rounds).  ``--e2e-only --e2e-runs 10`` three times at one
+    moment: 0.154, 0.149, 0.153 s (9.8-10.1x saemix's recorded 1.5 s; best runs 0.139-0.142 s), 0.170-0.178 s at
+    another, 0.197-0.205 s (CPU 0.30 s instead of 0.22 s) at a third: the machine's speed moves by 15-40% from one
+    quarter of an hour to the next, and the goal (<= 0.15 s) is met only in its fast phases.  Timelines of single
+    warm runs in a fast phase: 0.131-0.158 s.
   Tried, measured, not kept:
   - JAX's backends started in a daemon thread when a model binds its data (overlapping the table's parsing): the
     thread's plugin discovery is Python and waits for the GIL beside the parsing; 0.1648 vs 0.1697 s;
