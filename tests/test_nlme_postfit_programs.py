@@ -108,6 +108,24 @@ def test_importance_sampling_reads_the_units_minor_density(fitted, monkeypatch):
     np.testing.assert_allclose(float(minor[1]), float(plain[1]), rtol=1e-10)
 
 
+def test_a_model_is_freed_after_its_post_fit_programs(fitted):
+    """The per-model caches of the post-fit programs (the IS log-likelihood's, the linearisation's and Louis'
+    information's) hold their model weakly: a fitted model is freed with its last user, after its EBEs, both kinds of
+    SEs and its IS log-likelihood (they held it, and its data and programs, for the life of the process)."""
+    import gc
+    import weakref
+
+    fit = _fit(seed=1)  # the fixture's shapes: its programs again
+    fit.summary()
+    fit.standard_errors("sa")
+    fit.log_likelihood("is", num_samples=1000, batch_size=500)
+    assert fisher._LIN.get(fit.model) is not None and lk._IS.get(fit.model) is not None
+    model = weakref.ref(fit.model)
+    del fit
+    gc.collect()
+    assert model() is None
+
+
 @pytest.mark.slow
 def test_fused_postfit_programs_equal_the_operation_by_operation_values(fitted):
     """The Newton loop of the modes against its steps run one by one, the importance-sampling program against its

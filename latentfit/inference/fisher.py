@@ -226,9 +226,12 @@ def _lin_information(model: LatentModel) -> Callable[[dict[str, Any], Any], tupl
     (~2 s).  Compiled, XLA fuses the arithmetic, so the information moves at rounding level (~1e-16 relative) from
     the op-by-op values; torch runs the same operations as before."""
     if model not in _LIN:
-        ops, xp = model.ops, model.ops.xp
+        ref = weakref.ref(model)  # the cache's value must not hold its key (nor its shim): the model is freed with
+        # its last user
 
         def information(theta: dict[str, Any], z_hat: Any) -> tuple[Any, Any]:
+            model = ref()
+            ops, xp = model.ops, model.ops.xp
             jac = ops.stop_gradient(structural_jacobian(model, theta, z_hat))
             pv = ParamVector(model, theta)
             n = z_hat.shape[0]
@@ -249,7 +252,7 @@ def _lin_information(model: LatentModel) -> Callable[[dict[str, Any], Any], tupl
             fim = fim + 0.5 * xp.einsum("nabp,nbaq->pq", a, a)
             return fim, forward_jacobian(ops, pv.constrained_flat, pv.x0)
 
-        _LIN[model] = ops.jit(information)
+        _LIN[model] = model.ops.jit(information)
     return _LIN[model]
 
 
@@ -298,10 +301,13 @@ def _louis_derivatives(model: LatentModel, free: tuple[str, ...], shapes: tuple)
     per_model = _LOUIS.setdefault(model, {})
     key = (free, shapes)
     if key not in per_model:
-        ops, xp = model.ops, model.ops.xp
+        ref = weakref.ref(model)  # the cache's value must not hold its key (nor its shim)
         shape_map = dict(shapes)
 
         def derivatives(theta: dict[str, Any], x: Any, zb: Any) -> tuple[Any, Any]:
+            model = ref()
+            ops, xp = model.ops, model.ops.xp
+
             def complete(u: Any) -> Any:
                 th = dict(theta)
                 th.update(model.constrain(unflatten(u, list(free), shape_map)))
@@ -309,7 +315,7 @@ def _louis_derivatives(model: LatentModel, free: tuple[str, ...], shapes: tuple)
 
             return ops.hessian(lambda u: xp.sum(complete(u)))(x), forward_jacobian(ops, complete, x)
 
-        per_model[key] = ops.jit(derivatives)
+        per_model[key] = model.ops.jit(derivatives)
     return per_model[key]
 
 

@@ -185,8 +185,10 @@ def _is_program(model: LatentModel, sizes: tuple[int, int, int]) -> Any:
     the same numbers; XLA fuses the reductions' arithmetic, so the terms may move at rounding level."""
     per_model = _IS.setdefault(model, {})
     if sizes not in per_model:
+        ref = weakref.ref(model)  # the cache's value must not hold its key: the model is freed with its last user
+
         def terms(theta: dict[str, Any], m: Any, s: Any, key: Any) -> tuple[Any, Any]:
-            return _is_terms(model, sizes, theta, m, s, key)
+            return _is_terms(ref(), sizes, theta, m, s, key)
 
         per_model[sizes] = model.ops.jit(terms)
     return per_model[sizes]
