@@ -121,18 +121,11 @@ def individual_parameters(fit: FitResult, num_steps: int = 30) -> pd.DataFrame:
         return out
 
     names = list(getattr(model, "param_names", ()))
-    if local.values is not None and set(local.values[0]) == set(names):  # computed with the modes
-        vals_mode, vals_draws = ({k: v[k] for k in names} for v in local.values)
-    elif ops.jittable and hasattr(model, "individual_parameters") and names:
-        mode, draws = ops.asarray(mode), ops.asarray(draws)
-        # at the modes and at the draws: one compiled program on JAX (a jitted dict comes back with its keys sorted:
+    if local.values is not None and set(local.values[0]) == set(names):
+        # computed with the modes, in their program (_local_estimates; a jitted dict comes back with its keys sorted:
         # the columns keep the model's order of its parameters)
-        vals_mode, vals_draws = ops.jit(lambda th, zm, zd: (values(th, zm), values(th, zd)))(theta, mode, draws)
-        if set(vals_mode) == set(names):
-            vals_mode, vals_draws = ({k: v[k] for k in names} for v in (vals_mode, vals_draws))
-        else:
-            vals_mode, vals_draws = values(theta, mode), values(theta, draws)
-    else:
+        vals_mode, vals_draws = ({k: v[k] for k in names} for v in local.values)
+    else:  # eager backends, models without individual parameters by name
         mode, draws = ops.asarray(mode), ops.asarray(draws)
         vals_mode, vals_draws = values(theta, mode), values(theta, draws)
     at_mode = natural(mode, vals_mode)
