@@ -108,6 +108,32 @@ def test_importance_sampling_reads_the_units_minor_density(fitted, monkeypatch):
     np.testing.assert_allclose(float(minor[1]), float(plain[1]), rtol=1e-10)
 
 
+def test_importance_sampling_draws_its_proposal_in_float32(fitted):
+    """On JAX the IS proposal's Student-t draws are made from float32 normals and uniforms (as SAEM's MCMC draws:
+    a smaller, faster program): the log-likelihood equals the estimator recomputed by hand from those draws
+    (``log mean_s p(y_i, z_s) / q_i(z_s)``), and over 12 seeds its mean is within 3 standard errors of the adaptive
+    quadrature's value (no bias from the float32 grid)."""
+    fit = fitted
+    model, theta = fit.model, fit._theta()
+    ops = model.ops
+    mean, sd = (np.asarray(v) for v in fit.conditional_moments())
+    sizes, df = (600, 300), 4
+    res = lk.log_likelihood_is(model, theta, mean, sd, num_samples=sizes[0], batch_size=sizes[1], df=df, seed=5)
+    draw = ops.with_draw_dtype("float32")
+    keys = ops.split(ops.key(5), sizes[0] // sizes[1])
+    t = np.concatenate([np.asarray(draw.student_t(k, df, (sizes[1] * mean.size,))).reshape((sizes[1],) + mean.shape)
+                        for k in keys])
+    z = mean + np.maximum(sd, 1e-8) * t
+    ll, lp = (np.asarray(v) for v in model.log_densities(theta, ops.asarray(z)))
+    log_q = np.sum(lk.student_t_log_pdf(t, float(df), np), -1) - np.sum(np.log(np.maximum(sd, 1e-8)), -1)
+    lw = ll + lp - log_q
+    mx = lw.max(0)
+    np.testing.assert_allclose(res.per_unit, mx + np.log(np.mean(np.exp(lw - mx), 0)), rtol=1e-10)
+    values = [lk.log_likelihood_is(model, theta, mean, sd, seed=s).value for s in range(12)]
+    gq = lk.log_likelihood_gq(model, theta, num_nodes=12).value
+    assert abs(np.mean(values) - gq) < 3 * np.std(values, ddof=1) / np.sqrt(len(values)) + 1e-3, (values, gq)
+
+
 def test_a_model_is_freed_after_its_post_fit_programs(fitted):
     """The per-model caches of the post-fit programs (the IS log-likelihood's, the linearisation's and Louis'
     information's) hold their model weakly: a fitted model is freed with its last user, after its EBEs, both kinds of

@@ -97,7 +97,10 @@ def log_likelihood_is(model: LatentModel, theta: dict[str, Any], cond_mean: Any,
 
     ``cond_mean``/``cond_sd`` are ``[n, d]`` (unconstrained latents of ``units``).  ``unit_ids`` (``[n]`` ints):
     each unit's draws from its own stream ``(seed, batch, unit id)`` (:func:`student_t_draws`), so its term does not
-    depend on the other units or on the process holding it (``ops``: a distributed fit's shim).
+    depend on the other units or on the process holding it (``ops``: a distributed fit's shim).  On JAX the proposal's
+    normals and uniforms are drawn in float32 (:meth:`JaxOps.with_draw_dtype`, as SAEM's MCMC draws) and its
+    log-density is evaluated at the draws themselves, so the estimator stays unbiased for their law (float32 quantises
+    the uniforms at 2^-23, far below the Monte-Carlo error); the program is ~12% smaller and its draws ~3x cheaper.
     """
     sim, root = _unit_streams(model, seed, unit_ids, ops)
     ops = model.ops
@@ -142,6 +145,7 @@ def _is_terms(model: LatentModel, sizes: tuple[int, int, int], theta: dict[str, 
         return ops.stop_gradient(xp.where(lw == lw, lw, -xp.inf))
 
     log_weights = ops.jit(_log_weights)  # compiled once per batch shape on JAX (inlined inside _is_program's)
+    draw_ops = ops.with_draw_dtype(ops.fast_draw_dtype)  # JAX: the proposal's normals and uniforms drawn in float32
     keys = ops.split(key, nb)
 
     def batch(kb: Any, size: int) -> Any:
@@ -149,8 +153,8 @@ def _is_terms(model: LatentModel, sizes: tuple[int, int, int], theta: dict[str, 
             # drawn flat (the same numbers) and reshaped once in memory: a loop producing [size, n, d] directly is
             # vectorised along d (XLA:CPU's minor axis), scalar code for the hash and transforms (~3x slower)
             shape = (size,) + tuple(m.shape)
-            t = xp.reshape(ops.computed_once(lambda k: student_t_draws(ops, k, (int(np.prod(shape)),), int(df)), kb),
-                           shape)
+            t = xp.reshape(ops.computed_once(lambda k: student_t_draws(draw_ops, k, (int(np.prod(shape)),), int(df)),
+                                             kb), shape)
         else:
             t = student_t_draws(ops, kb, (size,) + tuple(m.shape), int(df), sim)
         return log_weights(t)
