@@ -399,12 +399,13 @@ def _compact_case(d: int, structural: str = "library") -> nlme.NLME:
     pytest.param((1, 1, 1), 2, True, "library", marks=pytest.mark.slow)])
 def test_compact_chunks_fit_what_the_kernel_loops_fit(kernels, d, merged, structural, monkeypatch):
     """A small JAX fit's chunks draw every iteration's random numbers before their loop (``SAEM.chunk_randoms``: the
-    key chain, then the draws: ``merged``, one threefry pass over every key of the chunk, ``mcmc.sweep_key_bits`` and
-    ``mcmc.sweep_draws_from_key_bits``; else each iteration's ``mcmc.sweep_randoms`` vectorised over the chunk) and
-    run the sweep's kernel steps in one loop (``mcmc._kernel_steps_compact``).  The fit is the one the kernels' own
-    loops, drawing in the loop, give: estimates, chains, draws, RNG state and history bit for bit, but the prior-IMH
-    acceptance rate, whose reductions are made step by step (within 1e-15); chunks of 25 and a shorter tail; kernels
-    with and without each kind of step, d = 2 (no random block to draw), and a user's structural function."""
+    key chain, then the draws: ``merged``, the key bits of every iteration (``mcmc.stacked_sweep_key_bits``) and one
+    threefry pass over every key of the chunk (``mcmc.sweep_draws_from_key_bits``); else each iteration's
+    ``mcmc.sweep_randoms`` vectorised over the chunk) and run the sweep's kernel steps in one loop
+    (``mcmc._kernel_steps_compact``).  The fit is the one the kernels' own loops, drawing in the loop, give:
+    estimates, chains, draws, RNG state and history bit for bit, but the prior-IMH acceptance rate, whose reductions
+    are made step by step (within 1e-15); chunks of 25 and a shorter tail; kernels with and without each kind of step,
+    d = 2 (no random block to draw), and a user's structural function."""
     from latentfit.inference.ops_jax import JaxOps
 
     if not merged:
@@ -429,6 +430,28 @@ def test_compact_chunks_fit_what_the_kernel_loops_fit(kernels, d, merged, struct
             np.testing.assert_allclose(value, loops.history[name], rtol=0, atol=1e-15)
         else:
             assert np.array_equal(np.asarray(value), np.asarray(loops.history[name]), equal_nan=True), name
+
+
+@pytest.mark.parametrize("kernels, d", [((2, 2, 2), 3), ((1, 0, 2), 4), ((0, 3, 0), 3), ((2, 0, 0), 1),
+                                          ((1, 1, 1), 2)])
+def test_stacked_sweep_key_bits_are_each_keys_bits(kernels, d):
+    """``mcmc.stacked_sweep_key_bits`` (a chunk's key bits: the two threefry passes as one hash applied twice in a
+    loop, ``JaxOps.repeated``) equals ``mcmc.sweep_key_bits`` of each key bit for bit, eagerly and compiled; the
+    compiled chunk then holds one copy of that hash instead of two (fewer HLO instructions to load)."""
+    import jax
+    import jax.numpy as jnp
+
+    from latentfit.inference.ops_jax import JaxOps
+
+    ops = JaxOps(jnp.float64)
+    keys = jax.random.split(jax.random.PRNGKey(11), 7)  # [7, 2] raw threefry keys
+    assert ops.raw_threefry(keys[0])
+    want = np.stack([np.asarray(mcmc.sweep_key_bits(ops, k, kernels, d)) for k in keys])
+    eager = mcmc.stacked_sweep_key_bits(ops, keys, kernels, d)
+    compiled = jax.jit(lambda kk: mcmc.stacked_sweep_key_bits(ops, kk, kernels, d))
+    assert np.array_equal(np.asarray(eager), want) and np.array_equal(np.asarray(compiled(keys)), want)
+    text = compiled.lower(keys).compile().as_text()
+    assert text.count("while(") >= 1  # the passes in a loop, not unrolled
 
 
 def test_chunk_randoms_are_drawn_only_where_they_are_small():

@@ -460,14 +460,10 @@ def sweep_randoms(ops: Ops, key: Any, kernels: tuple[int, int, int], shape: tupl
     return SweepRandoms(eps_prior, eps_rw, u, block_u)
 
 
-def sweep_key_bits(ops: Any, key: Any, kernels: tuple[int, int, int], d: int) -> Any:
-    """The hashes ``(b1, b2)`` ``[E, 2]`` a units-minor sweep's draws come from, one threefry pass over the sweep's keys
-    ``keys = split(key, n1 + n2 + 2 n3 + 1)``: the prior-IMH and block steps' ``split(keys[r], 2)`` (their normals'
-    and uniforms' keys), the component-wise sweeps' ``split(keys[n1 + i], 2d)``, then the random blocks' 64-bit
-    uniforms ``keys[n1 + n2 + 2i]`` (d > 2): what :func:`sweep_randoms` splits and draws, key by key
-    (``ops``: :class:`~latentfit.inference.ops_jax.JaxOps`, raw threefry keys)."""
+def _sweep_key_rows(kernels: tuple[int, int, int], d: int) -> tuple[list[int], list[int]]:
+    """``(rows, counters)`` of :func:`sweep_key_bits`' second pass: entry e hashes counter ``counters[e]`` under the
+    sweep's key ``rows[e]``."""
     n1, n2, n3 = kernels
-    keys = ops.split(key, n1 + n2 + 2 * n3 + 1)
     rows, counters = [], []
     for r in list(range(n1)) + [n1 + n2 + 2 * i + 1 for i in range(n3)]:
         rows += [r, r]
@@ -479,6 +475,47 @@ def sweep_key_bits(ops: Any, key: Any, kernels: tuple[int, int, int], d: int) ->
         for i in range(n3):
             rows += [n1 + n2 + 2 * i] * d
             counters += list(range(d))
+    return rows, counters
+
+
+def stacked_sweep_key_bits(ops: Any, keys: Any, kernels: tuple[int, int, int], d: int) -> Any:
+    """:func:`sweep_key_bits` of each key of ``keys`` ``[K, 2]`` stacked ``[K, E, 2]``, bit for bit: its two threefry
+    passes (the sweep's keys ``split(key, n1 + n2 + 2 n3 + 1)``, then the hashes drawn from them) as one hash over
+    ``[K, W]`` entries applied twice in a loop (:meth:`~latentfit.inference.ops_jax.JaxOps.repeated`), each pass
+    reading its keys and counters from a table by the pass's index.  One copy of the hash's ~160 HLO instructions
+    instead of two in a compiled chunk (a smaller executable to load; the pass over K · W ≈ 650 entries costs
+    microseconds)."""
+    xp = ops.xp
+    n1, n2, n3 = kernels
+    first = n1 + n2 + 2 * n3 + 1
+    rows, counters = _sweep_key_rows(kernels, d)
+    width = max(first, len(rows))
+    table_rows = np.zeros((2, width), dtype=np.int32)  # pass 0: every entry under the key itself (row 0)
+    table_rows[1, :len(rows)] = rows
+    table_counters = np.zeros((2, width), dtype=np.uint32)
+    table_counters[0] = np.arange(width)  # pass 0: split(key, first) (the entries past it unused)
+    table_counters[1, :len(counters)] = counters
+    table_rows, table_counters = xp.asarray(table_rows), xp.asarray(table_counters)
+    num = int(keys.shape[0])
+    src = xp.zeros((num, width, 2), dtype=keys.dtype).at[:, 0].set(keys)
+
+    def one_pass(i: Any, src: Any) -> Any:
+        chosen = xp.take(src, table_rows[i], axis=1)  # [K, W, 2]
+        b1, b2 = ops.threefry_hash(chosen, table_counters[i])
+        return xp.stack([b1, b2], -1)
+
+    return ops.repeated(one_pass, 2, src)[:, :len(rows)]
+
+
+def sweep_key_bits(ops: Any, key: Any, kernels: tuple[int, int, int], d: int) -> Any:
+    """The hashes ``(b1, b2)`` ``[E, 2]`` a units-minor sweep's draws come from, one threefry pass over the sweep's keys
+    ``keys = split(key, n1 + n2 + 2 n3 + 1)``: the prior-IMH and block steps' ``split(keys[r], 2)`` (their normals'
+    and uniforms' keys), the component-wise sweeps' ``split(keys[n1 + i], 2d)``, then the random blocks' 64-bit
+    uniforms ``keys[n1 + n2 + 2i]`` (d > 2): what :func:`sweep_randoms` splits and draws, key by key
+    (``ops``: :class:`~latentfit.inference.ops_jax.JaxOps`, raw threefry keys)."""
+    n1, n2, n3 = kernels
+    keys = ops.split(key, n1 + n2 + 2 * n3 + 1)
+    rows, counters = _sweep_key_rows(kernels, d)
     b1, b2 = ops.threefry_hash(keys[np.array(rows)], counters)
     return ops.xp.stack([b1, b2], -1)
 

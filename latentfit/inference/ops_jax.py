@@ -994,7 +994,8 @@ class JaxOps(Ops):
         [..., E, 2]`` (``counters [E]``): entry e of a key's ``split`` is ``(b1, b2)`` of its index, its 32 random bits
         (``random_bits``) of the flat index e are ``b1 ^ b2`` and its 64 bits ``b1 << 32 | b2`` (raw keys,
         partitionable threefry: :meth:`raw_threefry`)."""
-        counters = jnp.asarray(np.asarray(counters, dtype=np.uint32))
+        if not isinstance(counters, jax.Array):  # a traced table row stays as it is
+            counters = jnp.asarray(np.asarray(counters, dtype=np.uint32))
         return _threefry2x32_unrolled(keys[..., 0], keys[..., 1], jnp.zeros(counters.shape, np.uint32), counters)
 
     @staticmethod
@@ -1370,6 +1371,20 @@ class JaxOps(Ops):
 
         init = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out)
         return lax.fori_loop(0, trips, body, (key, init))[1]
+
+    def repeated(self, f: Callable[[Any, Any], Any], times: int, x: Any) -> Any:
+        """``x ← f(i, x)`` for ``i < times`` in a loop whose trip count XLA cannot fold (``times · (w // w)`` of the
+        first word of ``x``'s first leaf, unsigned, with its low bit set): the body compiled once, never unrolled or
+        copied per pass (e.g. two passes of a threefry hash, :func:`~latentfit.inference.mcmc.stacked_sweep_key_bits`).
+        Outside a trace: a Python loop."""
+        leaf = jax.tree_util.tree_leaves(x)[0]
+        if not isinstance(leaf, jax.core.Tracer) or not jnp.issubdtype(leaf.dtype, jnp.unsignedinteger):
+            for i in range(times):
+                x = f(i, x)
+            return x
+        word = leaf.reshape(-1)[0].astype(np.uint32) | np.uint32(1)
+        trips = (word // word).astype(np.int32) * np.int32(times)
+        return lax.fori_loop(0, trips, f, x)
 
     def jit(self, f: Callable, static_argnums: tuple[int, ...] = ()) -> Callable:
         # without static arguments: executables shared with every same-shaped closure (:class:`SharedJit`)

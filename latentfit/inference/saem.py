@@ -398,12 +398,13 @@ class SAEM(Engine):
         :data:`CHUNK_RANDOMS_BYTES`).
 
         The same numbers as the steps' own: the key chain ``key_k, k_sim = split(key_{k−1}, 3)[:2]``, then each
-        iteration's :func:`mcmc.sweep_randoms` of ``k_sim``: in two threefry passes over every key of the chunk (the
-        key splits in the key chain's loop, :func:`mcmc.sweep_key_bits`; then every normal and uniform), or vectorised
-        over the chunk.  Drawn inside the loop, each of an iteration's dozen threefry hashes (the key splits, normals
-        and uniforms) was a fusion of ~150 HLO instructions that XLA:CPU also copied into several consumers: ~2000 of
-        the theophylline chunk's 4800 instructions, whose deserialisation is most of a warm process's loading time
-        (issue 14 item 9)."""
+        iteration's :func:`mcmc.sweep_randoms` of ``k_sim``: the key chain's splits in a loop, then each iteration's
+        key bits (:func:`mcmc.stacked_sweep_key_bits`, one hash in a loop of two passes) and every normal and uniform
+        in one threefry pass over the chunk's keys, or vectorised over the chunk.  Drawn inside the loop, each of an
+        iteration's dozen threefry hashes (the key splits, normals and uniforms) was a fusion of ~150 HLO instructions
+        that XLA:CPU also copied into several consumers: ~2000 of the theophylline chunk's 4800 instructions, whose
+        deserialisation is most of a warm process's loading time (issue 14 item 9); the key bits' two passes as one
+        hash: 2525 -> 2416."""
         ops = self.ops
         if not ops.jittable or self.rng != "global" or type(self).simulate is not SAEM.simulate \
                 or not sum(self.kernels):  # kernels (0, 0, 0): no draws
@@ -424,21 +425,19 @@ class SAEM(Engine):
 
             key0 = ops.own_key(state.key)
             merged = hasattr(sim, "threefry_hash") and sim.raw_threefry(key0)
-            # the key chain (and, merged, each iteration's key bits) in a loop: its outputs are the loop's, which
-            # XLA:CPU cannot copy into their consumers (a small elementwise producer is copied into each)
-            bits_shape = ops.shape_of(lambda kk: mcmc.sweep_key_bits(sim, kk, kernels, d), key0) if merged \
-                else tuple(key0.shape)
+            # the key chain in a loop: its outputs are the loop's, which XLA:CPU cannot copy into their consumers (a
+            # small elementwise producer is copied into each)
             empty_keys = ops.xp.zeros((num,) + tuple(key0.shape), dtype=key0.dtype)
-            empty_sims = ops.xp.zeros((num,) + tuple(bits_shape), dtype=key0.dtype)  # uint32 key data or hashes
 
             def chain(i: Any, carry: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
                 key, keys, sims = carry
                 # the split once in memory: XLA:CPU copied its hash into the sweep's key split too (~160 instructions)
                 key, k_sim, _ = ops.computed_once(lambda k: ops.split(k, 3), key)
-                bits = mcmc.sweep_key_bits(sim, k_sim, kernels, d) if merged else k_sim
-                return key, ops.put_block(keys, i, key[None]), ops.put_block(sims, i, bits[None])
+                return key, ops.put_block(keys, i, key[None]), ops.put_block(sims, i, k_sim[None])
 
-            _, keys, sims = ops.fori_loop(0, num, chain, (key0, empty_keys, empty_sims))
+            _, keys, sims = ops.fori_loop(0, num, chain, (key0, empty_keys, empty_keys))
+            if merged:  # each iteration's key bits, its two passes as one hash in a loop (one copy of the hash)
+                sims = mcmc.stacked_sweep_key_bits(sim, sims, kernels, d)
             if merged:  # every draw of the chunk in one hash, laid out flat (the steps unpack their row)
                 sweep = mcmc.sweep_draws_from_key_bits(sim, sims, kernels, (L, d, n), sim.draw_dtype or ops.dtype,
                                                        ops.dtype)
