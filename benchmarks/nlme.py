@@ -555,6 +555,35 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   - XLA flags: the classic runtime is gone (``xla_cpu_use_thunk_runtime`` ignored), Eigen's threads and the
     concurrency-optimised scheduler change nothing.  A chunk call (25 iterations) is ~3 750 kernel launches of
     ~0.45 us each (``xla_cpu_enable_xprof_traceme``): the iterations' cost is launches, not arithmetic.
+* twentieth round (issue 14 item 9): smaller executables.
+  - the IS log-likelihood's Student-t proposal is drawn from float32 normals and uniforms on JAX (as SAEM's MCMC
+    draws), its log-density evaluated at the draws themselves: the IS program 1325 -> 1170 HLO instructions, the IS
+    phase 18.5 -> 16.7 ms (12 rounds) and 16.4 -> 14.8 ms (16 rounds).  Theophylline's logLik(IS) -172.6394 ->
+    -172.7285; over 20 seeds at the same estimates the mean minus the quadrature's -172.7214 is +0.023 (SE 0.010)
+    with float64 draws and +0.010 (SE 0.012) with float32 ones: no bias from the float32 grid.
+  - each iteration's key bits (the sweep's two threefry passes, ``mcmc.stacked_sweep_key_bits``) are one hash
+    applied twice in a loop after the key chain (``JaxOps.repeated``): one copy of the hash in the chunk instead of
+    two, 2525 -> 2416 instructions, its deserialisation alone 30.8 -> 29.9 ms (median of 30 alternated loads); the fit
+    bit for bit.
+  - the timeline of a warm run: the post-fit programs are all read ahead before they are asked for (the IS program
+    was ~10 ms late); the critical path is the model and its data (~16-25 ms: JAX's backend start ~10, the table ~4,
+    the binding ~9), the first key, the chunk's deserialisation beside SAEM's start (~35-58 ms), the 16 chunk calls
+    (~37-49 ms) and the post-fit work (~30 ms).
+  - measured: stop 42's tree, the IS change and this tree alternated (16 rounds): 0.1794, 0.1746, 0.1778 s, within the
+    noise; ``--e2e-only --e2e-runs 10``: 0.166 and 0.172 s at one moment (8.7-9.0x saemix's recorded 1.5 s),
+    0.183-0.208 s at others.
+  Tried, measured, not kept:
+  - SAEM's start prior draw in float32: the start program grew (1110 -> 1223: XLA:CPU copied the float32 normal into
+    two fusions);
+  - the IS draws' normal and uniform bits from one hash over both keys' counters (bit for bit): 1170 -> 1041
+    instructions, but the program ran 9.0-9.6 -> 10.7-11.2 ms (the per-entry key select);
+  - the main thread deserialising a pending executable less than half the size of the one the read-ahead thread is
+    reading while it waits for it (16 rounds: 0.1963 vs 0.1974 s: the fit +5 ms, the IS -3.5 ms);
+  - the prior IMH's proposal selected rather than branched (``where`` for ``cond``: 2416 -> 2375 instructions, bit for
+    bit, the same chunk time);
+  - XLA:CPU's small-loop conversion (``xla_backend_extra_options=xla_cpu_small_while_loop_byte_threshold``): at 16-32
+    kB nothing converted; at 64 kB the kernel steps' loop and the key chain became single kernels and a chunk call
+    went 2.6 -> 4.0 ms.
 """
 
 from __future__ import annotations
