@@ -436,9 +436,9 @@ class SAEM(Engine):
                 return key, ops.put_block(keys, i, key[None]), ops.put_block(sims, i, k_sim[None])
 
             _, keys, sims = ops.fori_loop(0, num, chain, (key0, empty_keys, empty_keys))
-            if merged:  # each iteration's key bits, its two passes as one hash in a loop (one copy of the hash)
+            if merged:  # each iteration's key bits (two passes as one hash in a loop: one copy of the hash), then
+                # every draw of the chunk in one hash, laid out flat (the steps unpack their row)
                 sims = mcmc.stacked_sweep_key_bits(sim, sims, kernels, d)
-            if merged:  # every draw of the chunk in one hash, laid out flat (the steps unpack their row)
                 sweep = mcmc.sweep_draws_from_key_bits(sim, sims, kernels, (L, d, n), sim.draw_dtype or ops.dtype,
                                                        ops.dtype)
             else:
