@@ -76,8 +76,13 @@ def test_theophylline_dataset():
     assert full.shape == (132, 5) and list(full.columns) == ["Subject", "Wt", "Dose", "Time", "conc"]
     saemix = lf.datasets.theophylline(saemix_form=True)
     assert saemix.shape[0] == 120 and (saemix["Time"] > 0).all()
+    assert list(saemix.columns) == ["Id", "Dose", "Time", "Concentration", "Weight"]
+    assert list(saemix.index) == list(range(120)) and saemix["Id"].dtype.kind == "i"
     first = saemix[saemix["Id"] == 1]
     np.testing.assert_allclose(first["Dose"].iloc[0], 4.02 * 79.6)
+    kept = full[full["Time"] > 0]
+    np.testing.assert_array_equal(saemix["Concentration"], kept["conc"])
+    np.testing.assert_array_equal(saemix["Dose"], kept["Dose"] * kept["Wt"])
 
 
 def test_cli_without_command_prints_help(capsys):
