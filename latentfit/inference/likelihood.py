@@ -145,7 +145,8 @@ def _is_terms(model: LatentModel, sizes: tuple[int, int, int], theta: dict[str, 
         return ops.stop_gradient(xp.where(lw == lw, lw, -xp.inf))
 
     log_weights = ops.jit(_log_weights)  # compiled once per batch shape on JAX (inlined inside _is_program's)
-    draw_ops = ops.with_draw_dtype(ops.fast_draw_dtype)  # JAX: the proposal's normals and uniforms drawn in float32
+    # JAX's one-stream draws: the proposal's normals and uniforms in float32 (per-unit streams keep their own)
+    draw_ops = ops.with_draw_dtype(ops.fast_draw_dtype) if sim is None and ops.jittable else ops
     keys = ops.split(key, nb)
 
     def batch(kb: Any, size: int) -> Any:

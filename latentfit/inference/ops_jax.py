@@ -473,6 +473,16 @@ def _draw_key(key: Any) -> Any:
     return jax.random.wrap_key_data(key, impl=impl)
 
 
+def _runtime_one(x: Any) -> Any:
+    """An int32 1 that XLA cannot fold (``w // w`` of the first word of ``x``, with its low bit set), for a loop's
+    trip count (:meth:`JaxOps.computed_once`, :meth:`JaxOps.repeated`); None outside a trace or for an ``x`` that is
+    not unsigned integer data (a typed PRNG key)."""
+    if not isinstance(x, jax.core.Tracer) or not jnp.issubdtype(x.dtype, jnp.unsignedinteger):
+        return None
+    word = x.reshape(-1)[0].astype(np.uint32) | np.uint32(1)
+    return (word // word).astype(np.int32)
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def _student_t_integer_df(key: Any, shape: tuple[int, ...], df: int, dtype: Any, draw_dtype: Any) -> Any:
     """Standard Student-t draws ``t = x₀ / sqrt(χ²_df / df)`` ``[*shape]`` for an integer ``df``, the chi-square as
@@ -1358,10 +1368,9 @@ class JaxOps(Ops):
         key is carried through the loop (xor'ed with ``1 − trip count``, 0), so the loop is neither removed as
         running once nor its body hoisted as invariant.  Outside a trace, or for a key that is not unsigned integer
         data (a typed PRNG key): ``f(key, *args)``."""
-        if not isinstance(key, jax.core.Tracer) or not jnp.issubdtype(key.dtype, jnp.unsignedinteger):
+        trips = _runtime_one(key)
+        if trips is None:
             return f(key, *args)
-        word = key.reshape(-1)[0].astype(np.uint32) | np.uint32(1)
-        trips = (word // word).astype(np.int32)
         zero = (np.int32(1) - trips).astype(key.dtype)
         out = jax.eval_shape(f, key, *args)
 
@@ -1377,14 +1386,12 @@ class JaxOps(Ops):
         first word of ``x``'s first leaf, unsigned, with its low bit set): the body compiled once, never unrolled or
         copied per pass (e.g. two passes of a threefry hash, :func:`~latentfit.inference.mcmc.stacked_sweep_key_bits`).
         Outside a trace: a Python loop."""
-        leaf = jax.tree_util.tree_leaves(x)[0]
-        if not isinstance(leaf, jax.core.Tracer) or not jnp.issubdtype(leaf.dtype, jnp.unsignedinteger):
+        one = _runtime_one(jax.tree_util.tree_leaves(x)[0])
+        if one is None:
             for i in range(times):
                 x = f(i, x)
             return x
-        word = leaf.reshape(-1)[0].astype(np.uint32) | np.uint32(1)
-        trips = (word // word).astype(np.int32) * np.int32(times)
-        return lax.fori_loop(0, trips, f, x)
+        return lax.fori_loop(0, one * np.int32(times), f, x)
 
     def jit(self, f: Callable, static_argnums: tuple[int, ...] = ()) -> Callable:
         # without static arguments: executables shared with every same-shaped closure (:class:`SharedJit`)
