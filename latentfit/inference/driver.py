@@ -69,6 +69,18 @@ class Engine:
         self.num_draws = int(num_draws)
         self.chunk_size = int(chunk_size)
 
+    #: attributes no trace reads, left out of :meth:`__trace_fingerprint__`: the seed (it enters a run as its key, an
+    #: argument of the programs), the progress bar and the callback (the host's, between chunks) and the last run's θ
+    #: record (:meth:`_record_theta`)
+    _UNTRACED = frozenset({"seed", "progress", "callback", "_recorded_theta"})
+
+    def __trace_fingerprint__(self) -> dict[str, Any]:
+        """What a trace through this engine reads (:mod:`~latentfit.inference.ops_jax_memo`): its options and model,
+        not :data:`_UNTRACED`.  A fit with another seed, bar or callback is then served by the programs of an earlier
+        one, in the process and from the persistent cache, instead of tracing and compiling them again (theophylline
+        on JAX, cache warm for seed 0: seed 1 took 2.8 s, two programs compiled; now ~0.15 s)."""
+        return {k: v for k, v in vars(self).items() if k not in self._UNTRACED}
+
     # ----- to implement ------------------------------------------------------------------------
     def init(self, key: Any) -> Any:
         """The state before iteration 1 (a ``NamedTuple``), drawn from ``key``."""
