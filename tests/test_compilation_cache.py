@@ -534,20 +534,22 @@ def test_second_process_traces_nothing_with_the_store(stored):
 
 
 @pytest.mark.parametrize("change", [pytest.param({"scale": 1.5}, marks=pytest.mark.slow), {"version": "0.0.0-other"},
-                                    pytest.param({"seed": 1}, marks=pytest.mark.slow),
-                                    pytest.param({"kernel": 3}, marks=pytest.mark.slow)])
+                                    {"seed": 1}, pytest.param({"kernel": 3}, marks=pytest.mark.slow)])
 def test_the_store_does_not_serve_other_data_options_closures_or_versions(stored, change):
     """A second process that differs in a value the model reads from a global, the latentfit version, the data or an
-    engine option does not reuse the stored traces: it traces again and equals a fit without any cache."""
+    engine option does not reuse the stored traces: it traces again and equals a fit without any cache.  Other data
+    of the same shapes trace to the same programs (the data are arguments): their stored executables serve it,
+    nothing is compiled (issue 14 item 9: theophylline with other values or initial values 5.6 -> ~2 s warm)."""
     env, first = stored
     again = _fit(env, **change)
     assert again["traces"] > 0 and again["loaded"] < first["saved"], again
     assert again["loaded"] == 0 or "version" not in change, again  # another version: no entry at all
     if "version" in change:  # the same fit, traced again
         assert again["sha"] == first["sha"]
-        # the same programs under new keys are compiled afresh, not taken from JAX's cache (an executable XLA
-        # deserialised comes back short when serialised: "Function wrapped_log not found" in the next process), and a
-        # third process calls their stored executables
+        # the same programs under new keys are compiled afresh (their executables are named by the exported program
+        # and the environment, ``ops_jax_store.program_digest``, which the version is part of), not taken from JAX's
+        # cache (an executable XLA deserialised comes back short when serialised: "Function wrapped_log not found" in
+        # the next process), and a third process calls their stored executables
         assert again["executables_saved"] == again["saved"] + 1 > 1, again
         third = _fit(env, **change)
         assert third["executables_loaded"] == third["loaded"] + 1 > 1 and third["traces"] == 0, third
@@ -555,6 +557,10 @@ def test_the_store_does_not_serve_other_data_options_closures_or_versions(stored
     else:
         assert again["sha"] == _fit(_plain_env(env["PYTHONPATH"]), **change)["sha"]
         assert again["sha"] != first["sha"]  # the change mattered
+    if "seed" in change:  # every traced program's executable read from the store (named by the program, not the
+        # key); compiled: at most the model's first run (``run_traced``), whose program carries values of the data
+        assert again["executables_loaded"] == again["saved"] > 1 and again["executables_saved"] <= 1, again
+        assert again["executables_from_jax_cache"] == 0, again
 
 
 @pytest.mark.slow  # three more processes (~15 s of CPU each)

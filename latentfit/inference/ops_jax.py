@@ -647,7 +647,28 @@ def _exported_program(jaxpr: Any, consts: tuple[Any, ...], flat: list[Any], out_
         return None
     if not _store.save(digest, blob, consts, out_tree, dict(side or {})):
         return None
-    return _compile_exported(exported, consts, flat, digest) if compile else exported
+    if not compile:
+        return exported
+    program = _store.program_digest(blob)
+
+    def compiled() -> Any:
+        return _compile_exported(exported, consts, flat, program)
+
+    # the same program traced under another key (other data or initial values: its constants are arguments) was
+    # compiled and kept before: its executable, not XLA's compilation (theophylline: ~3 s of the five programs)
+    stored = _stored_executable(program, consts, flat, out_tree.num_leaves, compiled) if STORE_EXECUTABLES else None
+    return compiled() if stored is None else stored
+
+
+def _stored_executable(program: str, consts: tuple[Any, ...], flat: list[Any], num_outputs: int,
+                       compiled: Callable[[], Any]) -> Any:
+    """The store's executable of the exported program ``program`` (:func:`.ops_jax_store.program_digest`) for
+    ``(consts, *flat)``, its first run checked (``compiled``: the fallback), or None (none kept)."""
+    options = _compiler_options(jax.default_backend(), (consts, *flat))
+    stored = _store.load_executable(program, options, [*consts, *flat], num_outputs)
+    if stored is None:
+        return None
+    return _FirstRunChecked(stored, compiled, lambda: _store.discard_executable(program, options))
 
 
 def _compile_exported(exported: Any, consts: tuple[Any, ...], flat: list[Any], digest: str | None = None) -> Any:
@@ -703,9 +724,9 @@ def _strip_debug_info(lowered: Any) -> None:
 #: executables served by JAX's persistent cache in this process.  Such an executable is not kept in the store: XLA:CPU
 #: serialises a deserialised executable without part of its code (a program whose ``log`` is an XLA-internal function
 #: came back 20 KB short and failed in the next process: "Function wrapped_log not found").  Stored programs are
-#: compiled under a name that carries their digest, so JAX's cache serves one only when the same entry's executable
-#: was lost (absent, damaged, foreign), not a program of another key (e.g. the same program after an edit of
-#: latentfit, which changes every digest).
+#: compiled under a name that carries their digest (:func:`.ops_jax_store.program_digest`), so JAX's cache serves one
+#: only when that program's executable was lost (absent, damaged, foreign), not a program of another key (e.g. the
+#: same program after an edit of latentfit, whose environment every executable's header records).
 _CACHE_HITS = [0]
 
 
@@ -729,7 +750,8 @@ def _from_store(digest: str, flat: list[Any]) -> tuple[Hashable, Any, tuple[Any,
     if found is None:
         return None
     blob, consts, out_tree, side = found
-    program_key = ("stored", digest)
+    program = _store.program_digest(blob)  # entries of one program share its executable
+    program_key = ("stored", program)
     executable = _PROGRAMS.get(program_key)
     def compiled() -> Any:
         exported = jax.export.deserialize(bytearray(blob))
@@ -737,13 +759,10 @@ def _from_store(digest: str, flat: list[Any]) -> tuple[Hashable, Any, tuple[Any,
         if expected != [(tuple(np.shape(x)), str(jnp.result_type(x))) for x in (*consts, *flat)] \
                 or exported.out_tree.num_leaves != out_tree.num_leaves:
             raise ValueError("the entry's inputs or outputs do not match")
-        return _compile_exported(exported, consts, flat, digest)
+        return _compile_exported(exported, consts, flat, program)
 
     if executable is None and STORE_EXECUTABLES:
-        options = _compiler_options(jax.default_backend(), (consts, *flat))
-        stored = _store.load_executable(digest, options, [*consts, *flat], out_tree.num_leaves)
-        if stored is not None:
-            executable = _FirstRunChecked(stored, compiled, lambda: _store.discard_executable(digest, options))
+        executable = _stored_executable(program, consts, flat, out_tree.num_leaves, compiled)
     if executable is None:
         try:
             executable = compiled()

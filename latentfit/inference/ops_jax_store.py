@@ -22,8 +22,10 @@ traced adapter's analysis of a NumPyro model (unit maps, closed-form patterns, G
 by a stable digest of the model's code, data and options, so a later process runs the model once instead of ~25 times
 and skips ~55 of the ~90 small eager programs of that analysis.
 
-:func:`save_executable` / :func:`load_executable` keep the compiled XLA executable of a stored program beside its entry
-(``<digest>-<options>.lfx``): the bytes XLA's own ``serialize_executable`` gives (what JAX's persistent cache keeps),
+:func:`save_executable` / :func:`load_executable` keep the compiled XLA executable of a stored program beside its entry,
+under the digest of the exported program itself (:func:`program_digest`; ``<program>-<options>.lfx``), so that
+entries of one program (the same code over other data or initial values: other keys, the same program with other
+constants) share one executable: the bytes XLA's own ``serialize_executable`` gives (what JAX's persistent cache keeps),
 plus a JSON header of the program's input and output avals and kept arguments.  A warm process then deserialises the
 executable and calls it, without deserialising the exported program, lowering ``Exported.call`` to MLIR (whose first
 call imports scipy's LAPACK bindings), hashing the module for JAX's cache key or reading JAX's cache.  What it trusts:
@@ -393,6 +395,13 @@ def stable_digest(key: Hashable) -> str | None:
         walk.put(b"P", f"{package}={getattr(mod, '__version__', '')}".encode())
     walk.put(b"env", environment())
     return walk.digest().hex()
+
+
+def program_digest(exported: bytes) -> str:
+    """A hex digest of a serialised exported program and :func:`environment` (the name of its executable in the
+    store): the same for every entry whose trace gave the same program, whatever its key (its constants are
+    arguments); another environment (a version of latentfit or JAX) names its executables apart."""
+    return hashlib.blake2b(environment() + b"\0" + bytes(exported), digest_size=20).hexdigest()
 
 
 # --- trees and records as JSON --------------------------------------------------------------------------------------
