@@ -222,13 +222,15 @@ import latentfit as lf
 from latentfit.inference import ops_jax, ops_jax_store
 from latentfit.models import nlme
 
-lf.enable_compilation_cache(sys.argv[1])
+if sys.argv[1] != "-":
+    lf.enable_compilation_cache(sys.argv[1])
+ka, seed = (float(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (1.0, 0)
 before = sorted(m for m in sys.modules if m.split(".")[0] == "scipy")
 lowered = []
 jax.monitoring.register_event_duration_secs_listener(
     lambda name, secs, **kw: lowered.append(1) if name == "/jax/core/compile/jaxpr_to_mlir_module_duration" else None)
-model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, backend="jax")
-fit = model.fit(lf.datasets.theophylline(saemix_form=True), seed=0, progress=False, num_iters=(30, 20),
+model = nlme.NLME("one_compartment_oral", {"ka": ka, "V": 20.0, "CL": 0.5}, backend="jax")
+fit = model.fit(lf.datasets.theophylline(saemix_form=True), seed=seed, progress=False, num_iters=(30, 20),
                 columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
 ebe = fit.individual_parameters().select_dtypes("number").to_numpy()
 se = fit.summary()["se"].to_numpy()
@@ -257,3 +259,41 @@ def test_a_warm_process_fits_and_post_fits_without_lapack_or_scipy(tmp_path):
     assert second["executables_loaded"] >= first["executables_saved"] - 1, (first, second)  # the data's analysis
     for name in ("params", "ebe", "se", "ll"):
         assert second[name] == first[name], name
+
+
+@pytest.mark.slow  # three processes, two compiling every program (~10 s of CPU each)
+def test_other_initial_values_and_seed_reuse_the_stored_programs(tmp_path):
+    """Issue 14 item 9: with the cache warm from a theophylline fit, a fresh process fitting from other initial values
+    with another seed traces its programs (the initial values are part of what they read) but lowers and compiles
+    none: each program's export and executable are the stored ones (kept under the program's text and the exported
+    program: 5.6 s -> ~1.2 s measured); its results equal a process without any cache, bit for bit."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_compilation_cache import _plain_env
+
+    import latentfit
+
+    pytest.importorskip("flatbuffers")
+    env = _plain_env(os.path.dirname(os.path.dirname(latentfit.__file__)))
+
+    def run(cache: str, *argv: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", WARM_SCRIPT, cache, *argv], env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    cache = str(tmp_path / "cache")
+    first = run(cache)
+    assert first["executables_saved"] > 0 and first["exports_saved"] == first["saved"] > 0, first
+    other = run(cache, "2.0", "1")
+    assert other["traces"] > 0 and other["lowered"] == 0, other
+    assert other["executables_saved"] == 0 and other["executables_loaded"] >= other["saved"], other
+    assert other["exports_loaded"] >= other["saved"] > 0 and other["exports_saved"] == 0, other
+    plain = run("-", "2.0", "1")
+    assert plain["executables_loaded"] == 0 and plain["lowered"] > 0, plain
+    for name in ("params", "ebe", "se", "ll"):
+        assert other[name] == plain[name], name
+    assert other["params"] != first["params"]

@@ -567,14 +567,15 @@ def _program_for(fn: Callable, *args: Any, side: dict[str, Any] | None = None) -
         _PROGRAMS.move_to_end(key)
         executable, compiled_now = hit, False
         if digest is not None:  # a later process loads this trace too (same program, its own constants)
-            _exported_program(closed.jaxpr, consts, flat, out_tree, side, digest, compile=False)
+            _exported_program(closed.jaxpr, consts, flat, out_tree, side, digest, compile=False, key=key)
     else:
         jaxpr = closed.jaxpr
 
         def run(consts_: tuple[Any, ...], *flat_: Any) -> Any:
             return jax.core.eval_jaxpr(jaxpr, list(consts_), *flat_)
 
-        executable = _exported_program(jaxpr, consts, flat, out_tree, side, digest) if shared and digest else None
+        executable = _exported_program(jaxpr, consts, flat, out_tree, side, digest, key=key) \
+            if shared and digest else None
         if executable is None:
             executable = _compile(jax.jit(run).lower(consts, *flat), jax.default_backend())
         compiled_now = True
@@ -627,24 +628,32 @@ def run_traced(closed: Any) -> list[Any]:
 
 
 def _exported_program(jaxpr: Any, consts: tuple[Any, ...], flat: list[Any], out_tree: Any,
-                      side: dict[str, Any] | None, digest: str, compile: bool = True) -> Any:
+                      side: dict[str, Any] | None, digest: str, compile: bool = True, key: Hashable = None) -> Any:
     """The traced program serialised with :mod:`jax.export`, kept in the on-disk store under ``digest``
     (:mod:`.ops_jax_store`), and compiled from the exported form: the executable a later process loads from JAX's
     persistent cache without tracing.  None when ``jax.export`` cannot carry the program (host callbacks, effects,
     typed-key or weak-typed constants, ...): it is compiled as before and kept in memory only.  ``compile=False``:
-    store it only (its executable is already in :data:`_PROGRAMS`)."""
-    num_consts = len(consts)
+    store it only (its executable is already in :data:`_PROGRAMS`).  ``key``: the program's text key
+    (:func:`_program_for`): where the store kept an export of that program (another key's trace of it: other data,
+    other initial values), it is taken instead of lowering the program again (theophylline's five: ~0.75 s)."""
+    export_key = _store.stable_digest(("exported", key)) if key is not None else None
+    blob = None if export_key is None else _store.load_export(export_key)
+    exported = None
+    if blob is None:
+        num_consts = len(consts)
 
-    def run_flat(*all_: Any) -> Any:
-        return jax.core.eval_jaxpr(jaxpr, list(all_[:num_consts]), *all_[num_consts:])
+        def run_flat(*all_: Any) -> Any:
+            return jax.core.eval_jaxpr(jaxpr, list(all_[:num_consts]), *all_[num_consts:])
 
-    try:
-        exported = jax.export.export(jax.jit(run_flat))(*consts, *flat)
-        blob = exported.serialize()
-    except Exception as exc:  # noqa: BLE001 - a program jax.export cannot carry: compiled as before, not stored
-        _store.STATS["unstorable"] += 1
-        _store.log.debug("not stored (jax.export): %r", exc)
-        return None
+        try:
+            exported = jax.export.export(jax.jit(run_flat))(*consts, *flat)
+            blob = exported.serialize()
+        except Exception as exc:  # noqa: BLE001 - a program jax.export cannot carry: compiled as before, not stored
+            _store.STATS["unstorable"] += 1
+            _store.log.debug("not stored (jax.export): %r", exc)
+            return None
+        if export_key is not None:
+            _store.save_export(export_key, blob)
     if not _store.save(digest, blob, consts, out_tree, dict(side or {})):
         return None
     if not compile:
@@ -652,7 +661,8 @@ def _exported_program(jaxpr: Any, consts: tuple[Any, ...], flat: list[Any], out_
     program = _store.program_digest(blob)
 
     def compiled() -> Any:
-        return _compile_exported(exported, consts, flat, program)
+        return _compile_exported(jax.export.deserialize(bytearray(blob)) if exported is None else exported, consts,
+                                 flat, program)
 
     # the same program traced under another key (other data or initial values: its constants are arguments) was
     # compiled and kept before: its executable, not XLA's compilation (theophylline: ~3 s of the five programs)

@@ -68,7 +68,8 @@ ENABLED = True
 STORE_BYTES = 512 * 2**20
 #: entries read from / written to disk in this process (tests and benchmarks read them)
 STATS = {"loaded": 0, "saved": 0, "rejected": 0, "unstorable": 0, "records_loaded": 0, "records_saved": 0,
-         "executables_loaded": 0, "executables_saved": 0, "executables_from_jax_cache": 0, "executables_read_ahead": 0}
+         "executables_loaded": 0, "executables_saved": 0, "executables_from_jax_cache": 0, "executables_read_ahead": 0,
+         "exports_loaded": 0, "exports_saved": 0}
 #: folder name under JAX's compilation cache directory
 FOLDER = "latentfit-traces"
 _MAGIC = b"LFTRACE\x01"
@@ -518,6 +519,40 @@ def save(digest: str, exported_bytes: bytes, consts: tuple[Any, ...], out_tree: 
     STATS["saved"] += 1
     _trim(directory)
     return True
+
+
+def save_export(key: str, exported_bytes: bytes) -> bool:
+    """Keep a serialised exported program under ``key`` (:func:`stable_digest` of the traced program's text and avals,
+    ``<key>.lfp``), so that another entry's trace of the same program (other data, other initial values) takes it
+    instead of lowering the program again (:func:`load_export`); False when it cannot be written."""
+    directory = store_dir()
+    if directory is None:
+        return False
+    header = {"digest": key, "env": _environment_tag(), "exported": len(exported_bytes)}
+    if not _write_entry(directory / f"{key}.lfp", json.dumps(header).encode(), [bytes(exported_bytes)]):
+        return False
+    STATS["exports_saved"] += 1
+    _trim(directory)
+    return True
+
+
+def load_export(key: str) -> bytes | None:
+    """The exported program :func:`save_export` kept under ``key``, or None (absent, damaged, foreign)."""
+    path, data = _entry_bytes(f"{key}.lfp")
+    if data is None:
+        return None
+    try:
+        header, body, offset = _read_entry(data, key)
+        exported = body[offset:]
+        if len(exported) != header["exported"]:
+            raise ValueError("size")
+    except Exception as exc:  # noqa: BLE001 - any unreadable entry: lowered again
+        STATS["rejected"] += 1
+        log.debug("export %s ignored: %r", path.name, exc)
+        return None
+    _touch(path)
+    STATS["exports_loaded"] += 1
+    return exported
 
 
 def _environment_tag() -> str:
@@ -1003,7 +1038,7 @@ def load_record(digest: str) -> tuple[Any, dict[str, np.ndarray]] | None:
 def _trim(directory: Path) -> None:
     """Remove the least recently used entries until the folder holds at most :data:`STORE_BYTES`."""
     try:
-        entries = [(p.stat().st_mtime, p.stat().st_size, p) for p in directory.glob("*.lf[trx]")]
+        entries = [(p.stat().st_mtime, p.stat().st_size, p) for p in directory.glob("*.lf[prtx]")]
     except OSError:
         return
     with contextlib.suppress(OSError):  # the read-ahead trails of executables no longer kept (best effort)
@@ -1022,4 +1057,5 @@ def _trim(directory: Path) -> None:
 
 
 __all__ = ["ENABLED", "STATS", "STORE_BYTES", "StoredExecutable", "discard_executable", "load", "load_executable",
-           "load_record", "save", "save_executable", "save_record", "stable_digest", "store_dir"]
+           "load_export", "load_record", "program_digest", "save", "save_executable", "save_export", "save_record",
+           "stable_digest", "store_dir"]
