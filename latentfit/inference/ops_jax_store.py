@@ -635,8 +635,9 @@ def load(digest: str, deserialize: bool = True) -> tuple[Any, tuple[Any, ...], A
         if offset != len(body) or len(blobs) != len(header["consts"]) + 1:
             raise ValueError("sizes")
         exported = jax.export.deserialize(bytearray(blobs[0])) if deserialize else blobs[0]
-        consts = tuple(jax.device_put(np.frombuffer(b, dtype=np.dtype(h["dtype"])).reshape(h["shape"]))
-                       for b, h in zip(blobs[1:], header["consts"]))
+        # one batched transfer (~0.05 instead of ~0.1 ms an array: a program's constants are a few small arrays)
+        consts = tuple(jax.device_put([np.frombuffer(b, dtype=np.dtype(h["dtype"])).reshape(h["shape"])
+                                       for b, h in zip(blobs[1:], header["consts"])]))
         out_tree = treedef_from_json(header["out_tree"])
         side = {k: record_from_json(v) for k, v in header["side"].items()}
     except Exception as exc:  # noqa: BLE001 - any unreadable entry: trace instead
