@@ -791,22 +791,27 @@ def _jax_chunk_bytes(model) -> str:
 
 #: one end-to-end theophylline fit on the JAX path in a fresh process, the work of saemix's default run: data, model,
 #: fit (defaults), estimates read, then the individual estimates (EBEs), the standard errors (linearisation: saemix's
-#: FIM) and the importance-sampling log-likelihood
+#: FIM) and the importance-sampling log-likelihood; ``argv[2:4]``: the seed and a factor on saemix's initial values
+#: (default 0 and 1)
 _E2E_CHILD = """
 import sys, time
 import jax
 jax.config.update("jax_enable_x64", True)
 import latentfit as lf
+from latentfit.inference import ops_jax
 from latentfit.models import nlme
 lf.enable_compilation_cache(sys.argv[1])
-programs = []  # XLA programs compiled or read back from the persistent cache (each also lowered)
+seed, factor = (int(sys.argv[2]), float(sys.argv[3])) if len(sys.argv) > 3 else (0, 1.0)
+programs, compiles = [], []  # XLA programs compiled or read back from JAX's persistent cache; XLA compilations
 jax.monitoring.register_event_listener(
     lambda name, **kw: programs.append(1) if name == "/jax/compilation_cache/compile_requests_use_cache" else None)
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, secs, **kw: compiles.append(1) if name == "/jax/core/compile/backend_compile_duration" else None)
 t0, c0 = time.perf_counter(), time.process_time()
 df = lf.datasets.theophylline(saemix_form=True)
-model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, data=df, backend="jax",
-                  columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
-fit = model.fit(seed=0, progress=False)
+model = nlme.NLME("one_compartment_oral", {"ka": 1.0 * factor, "V": 20.0 * factor, "CL": 0.5 * factor}, data=df,
+                  backend="jax", columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
+fit = model.fit(seed=seed, progress=False)
 params = {k: float(v) for k, v in fit.params.items()}
 t_fit, n_fit = time.perf_counter(), len(programs)
 ebe = fit.individual_parameters()
@@ -815,17 +820,22 @@ table = fit.summary()
 t_se = time.perf_counter()
 ll = fit.log_likelihood("is")
 t1, c1 = time.perf_counter(), time.process_time()
-print("E2E", t1 - t0, c1 - c0, t_fit - t0, t_ebe - t_fit, t_se - t_ebe, t1 - t_se, n_fit, len(programs), ll)
+print("E2E", t1 - t0, c1 - c0, t_fit - t0, t_ebe - t_fit, t_se - t_ebe, t1 - t_se, n_fit, len(programs), ll,
+      ops_jax.TRACES[0], len(compiles))
 """
 
 
-def theophylline_jax_end_to_end(cache_dir: str | None = None, runs: int = 1) -> list[dict[str, float]] | None:
+def theophylline_jax_end_to_end(cache_dir: str | None = None, runs: int = 1,
+                                variants: tuple[tuple[int, float], ...] = ()) -> list[dict[str, float]] | None:
     """Theophylline on the JAX path end to end with the persistent compilation cache warm, doing what saemix's
     default run does (the fit, the EBEs, the linearisation SEs, the IS log-likelihood): a first process fills the
     cache (``latentfit.enable_compilation_cache``), then ``runs`` fresh processes are timed from reading the data to
     the log-likelihood (process start and imports excluded).  Each run's record: ``wall``, ``cpu`` (process CPU),
     ``fit``, ``ebe``, ``se``, ``ll`` (wall seconds of each step), ``programs_fit`` / ``programs`` (XLA programs read
-    from the cache by the fit / by the whole run) and ``loglik``; None when JAX is missing or a run failed."""
+    from JAX's cache by the fit / by the whole run), ``loglik``, ``traces`` (programs traced) and ``compiles`` (XLA
+    compilations); None when JAX is missing or a run failed.  ``variants``: ``(seed, factor on the initial values)``
+    of one more process each, after the timed ones (the first with those settings: what the cache serves a user who
+    changes them), its record appended."""
     import subprocess
     import tempfile
 
@@ -836,15 +846,16 @@ def theophylline_jax_end_to_end(cache_dir: str | None = None, runs: int = 1) -> 
         return None
     import compileall
 
-    names = ("wall", "cpu", "fit", "ebe", "se", "ll", "programs_fit", "programs", "loglik")
+    names = ("wall", "cpu", "fit", "ebe", "se", "ll", "programs_fit", "programs", "loglik", "traces", "compiles")
     out: list[dict[str, float]] = []
     # latentfit's bytecode, as an installed package has it: the modules a fit imports (the JAX backend's) are then
     # loaded, not compiled from source in each timed process (~0.02 s where PYTHONDONTWRITEBYTECODE is set)
     compileall.compile_dir(os.path.dirname(lf.__file__), quiet=1)
     with tempfile.TemporaryDirectory() as tmp:
         cache = cache_dir or tmp
-        for r in range(runs + 1):  # fill the cache, then time processes that find it warm
-            run = subprocess.run([sys.executable, "-c", _E2E_CHILD, cache], capture_output=True, text=True,
+        settings = [()] * (runs + 1) + [(str(seed), str(factor)) for seed, factor in variants]
+        for r, extra in enumerate(settings):  # fill the cache, then time processes that find it warm
+            run = subprocess.run([sys.executable, "-c", _E2E_CHILD, cache, *extra], capture_output=True, text=True,
                                  cwd=os.path.join(os.path.dirname(__file__), ".."))
             line = [ln for ln in run.stdout.splitlines() if ln.startswith("E2E")]
             if run.returncode != 0 or not line:
@@ -895,9 +906,11 @@ cat(sprintf("SAEMIX_SECONDS %.4f\n", elapsed))
 def report_end_to_end(runs: int) -> None:
     """Print the JAX theophylline end-to-end figures (median and range over ``runs`` warm fresh processes) and their
     ratio against saemix (its recorded 1.5 s, and saemix measured in this run when R and saemix are installed)."""
-    rows = theophylline_jax_end_to_end(runs=runs)
+    variants = ((1, 1.0), (0, 1.5))
+    rows = theophylline_jax_end_to_end(runs=runs, variants=variants)
     if not rows:
         return
+    rows, other = rows[:len(rows) - len(variants)], rows[len(rows) - len(variants):]
 
     def med(key: str) -> str:
         v = np.array([r[key] for r in rows])
@@ -913,6 +926,11 @@ def report_end_to_end(runs: int) -> None:
     goal = SAEMIX_SECONDS / 10
     print(f"  vs saemix's recorded {SAEMIX_SECONDS} s: {SAEMIX_SECONDS / wall:.1f}x (goal 10x: <= {goal:.2f} s: "
           f"{'met' if wall <= goal else 'not met'})")
+    if len(other) == 2:
+        print(f"  then, the first process with another seed: {other[0]['wall']:.3f} s ({int(other[0]['traces'])} "
+              f"programs traced, {int(other[0]['compiles'])} compiled); from other initial values (x1.5): "
+              f"{other[1]['wall']:.3f} s ({int(other[1]['traces'])} traced, {int(other[1]['compiles'])} compiled: "
+              f"the programs' exports and executables are the stored ones)")
     measured = saemix_theophylline()
     if measured is not None:
         print(f"  vs saemix measured in this run ({measured:.2f} s): {measured / wall:.1f}x")
