@@ -4,9 +4,10 @@ A NumPyro fit compiles its iteration chunks with XLA (seconds for a plain model)
 programs on disk and reuse them in a later process when the program is the same (same model, data shapes,
 options): a user re-running a script then skips compilation.  It is off by default (JAX's own default);
 turn it on with :func:`enable_compilation_cache` or the environment variable ``LATENTFIT_COMPILATION_CACHE``
-(a directory), read when :mod:`latentfit.numpyro` is imported.  With it on, latentfit also keeps the traced
-programs in ``<directory>/latentfit-traces`` (:mod:`latentfit.inference.ops_jax_store`), so a rerun neither traces
-nor lowers them, and the NumPyro adapter's analysis of each model, so a rerun runs the model once
+(a directory), read when :mod:`latentfit.numpyro` or the JAX backend (:mod:`latentfit.inference.ops_jax`: an NLME
+model on ``backend="jax"``, the command line's ``--backend jax``) is first imported.  With it on, latentfit also
+keeps the traced programs in ``<directory>/latentfit-traces`` (:mod:`latentfit.inference.ops_jax_store`), so a rerun
+neither traces nor lowers them, and the NumPyro adapter's analysis of each model, so a rerun runs the model once
 (``ops_jax_store.ENABLED = False`` turns that part off).
 """
 

@@ -1091,3 +1091,39 @@ def test_a_frame_without_columns_is_keyed_by_its_index_and_attrs():
     for other in (longer, labelled, flagged, pd.DataFrame({"x": range(12)})):
         assert fingerprint(captured(other)) != key
     assert store.stable_digest(key) == store.stable_digest(fingerprint(captured(same))) is not None
+
+
+ENV_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    import latentfit
+    from latentfit.inference import ops_jax_store
+    from latentfit.models import nlme
+
+    model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, backend="jax",
+                      data=latentfit.datasets.theophylline(saemix_form=True),
+                      columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
+    fit = model.fit(num_iters=(10, 5), progress=False)
+    print(json.dumps({"dir": jax.config.jax_compilation_cache_dir, "numpyro": "latentfit.numpyro" in sys.modules,
+                      **ops_jax_store.STATS}))
+""")
+
+
+def test_the_environment_variable_turns_the_cache_on_for_an_nlme_jax_fit(tmp_path):
+    """``LATENTFIT_COMPILATION_CACHE`` (the README's way to turn the cache on) serves an NLME model on
+    ``backend="jax"`` (and so the command line's ``--backend jax``), not only fits through ``latentfit.numpyro``:
+    it was read only when that module was imported, and such a fit compiled everything in every process."""
+    import latentfit
+
+    pytest.importorskip("flatbuffers")
+    env = dict(_plain_env(os.path.dirname(os.path.dirname(latentfit.__file__))),
+               LATENTFIT_COMPILATION_CACHE=str(tmp_path / "cache"))
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", ENV_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["dir"] == str(tmp_path / "cache") and not first["numpyro"], first
+    assert first["saved"] > 0 and first["executables_saved"] > 0, first
+    assert second["loaded"] > 0 and second["executables_saved"] == 0 and second["rejected"] == 0, second
