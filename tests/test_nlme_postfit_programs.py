@@ -235,7 +235,9 @@ fit = model.fit(lf.datasets.theophylline(saemix_form=True), seed=seed, progress=
 ebe = fit.individual_parameters().select_dtypes("number").to_numpy()
 se = fit.summary()["se"].to_numpy()
 ll = fit.log_likelihood("is", num_samples=1000, batch_size=500)
-print(json.dumps({"scipy_before": before, "scipy": sorted(m for m in sys.modules if m.split(".")[0] == "scipy"),
+lin, gq = fit.log_likelihood("lin"), fit.log_likelihood("gq")  # saemix's ll.lin (default) and ll.gq
+print(json.dumps({"lin": float(lin), "gq": float(gq), "scipy_before": before,
+                  "scipy": sorted(m for m in sys.modules if m.split(".")[0] == "scipy"),
                   "traces": ops_jax.TRACES[0], "lowered": len(lowered),
                   "params": {k: float(v) for k, v in fit.params.items()}, "ebe": ebe.tolist(), "se": se.tolist(),
                   "ll": float(ll), **ops_jax_store.STATS}))
@@ -245,10 +247,10 @@ print(json.dumps({"scipy_before": before, "scipy": sorted(m for m in sys.modules
 @pytest.mark.slow  # two processes, the first compiling every program (~10 s of CPU)
 def test_a_warm_process_fits_and_post_fits_without_lapack_or_scipy(tmp_path):
     """Issue 14 item 9: with the compilation cache warm, a fresh process's theophylline fit, EBEs, linearisation SEs
-    and IS log-likelihood trace and lower nothing, call no LAPACK kernel (the modes' Newton solves and the
-    information's V⁻¹ are the shim's SPD helpers), so scipy is never imported (its cython LAPACK bindings, which
-    jaxlib loads at a LAPACK kernel's first use, took 0.11-0.17 s of the ~0.6 s run); the results equal the
-    first process's bit for bit."""
+    and IS, linearised and quadrature log-likelihoods trace and lower nothing, call no LAPACK kernel (the modes'
+    Newton solves, the information's V⁻¹, the linearised covariances' and the Laplace covariances' factors are the
+    shim's SPD helpers), so scipy is never imported (its cython LAPACK bindings, which jaxlib loads at a LAPACK
+    kernel's first use, took 0.11-0.17 s of the ~0.6 s run); the results equal the first process's bit for bit."""
     from test_compilation_cache import run_twice
 
     pytest.importorskip("flatbuffers")
@@ -257,7 +259,7 @@ def test_a_warm_process_fits_and_post_fits_without_lapack_or_scipy(tmp_path):
     assert second["scipy_before"] == [] and second["scipy"] == [], second["scipy"][:5]
     assert second["traces"] == 0 and second["lowered"] == 0, second
     assert second["executables_loaded"] >= first["executables_saved"] - 1, (first, second)  # the data's analysis
-    for name in ("params", "ebe", "se", "ll"):
+    for name in ("params", "ebe", "se", "ll", "lin", "gq"):
         assert second[name] == first[name], name
 
 
@@ -294,6 +296,37 @@ def test_other_initial_values_and_seed_reuse_the_stored_programs(tmp_path):
     assert other["exports_loaded"] >= other["saved"] > 0 and other["exports_saved"] == 0, other
     plain = run("-", "2.0", "1")
     assert plain["executables_loaded"] == 0 and plain["lowered"] > 0, plain
-    for name in ("params", "ebe", "se", "ll"):
+    for name in ("params", "ebe", "se", "ll", "lin", "gq"):
         assert other[name] == plain[name], name
     assert other["params"] != first["params"]
+
+
+def test_linearised_and_quadrature_log_likelihoods_are_compiled_programs(fitted):
+    """saemix's ``ll.lin`` (its default run) and ``ll.gq`` on JAX each run as one compiled program, LAPACK-free (a
+    later process finds them in the store: theophylline with the cache warm, ``log_likelihood("lin")`` 0.9 -> ~0.005 s
+    and ``("gq")`` 0.96 -> ~0.06 s; op by op each ran dozens of small programs and imported scipy for LAPACK): the same
+    values as the operation-by-operation computation over the same units (rounding), and a second call at other
+    parameters traces nothing."""
+    from latentfit.inference import ops_jax
+
+    fit, model = fitted, fitted.model
+    ops, theta = model.ops, fitted._theta()
+    modes = ops.asarray(laplace.conditional_mode(model, theta))
+    all_units = np.arange(model.num_units)  # the op-by-op path (``units`` given)
+    lin = lk.log_likelihood_lin(model, theta, modes)
+    np.testing.assert_allclose(lin.per_unit, lk.log_likelihood_lin(model, theta, modes, all_units).per_unit,
+                               rtol=1e-11)
+    gq = lk.log_likelihood_gq(model, theta, modes)
+    np.testing.assert_allclose(gq.per_unit, lk.log_likelihood_gq(model, theta, modes, units=all_units).per_unit,
+                               rtol=1e-10)
+    assert lk._LIN_LL[model] is not None and len(lk._GQ[model]) == 1
+    for program, args in ((lk._LIN_LL[model], (modes,)), (next(iter(lk._GQ[model].values())),
+                                                           (lk._gq_grid(model, 12), modes))):
+        assert "custom_call" not in jax.jit(program.fn).lower(theta, *args).as_text()  # no LAPACK kernel
+    traces = ops_jax.TRACES[0]
+    other = {k: v * 1.01 for k, v in theta.items()}
+    lin2 = lk.log_likelihood_lin(model, other, modes)
+    gq2 = lk.log_likelihood_gq(model, other, modes)
+    assert ops_jax.TRACES[0] == traces and lin2.value != lin.value and gq2.value != gq.value
+    # the fit's own (its EBEs' modes: the same optimum to ~1e-8)
+    assert fit.log_likelihood("lin") == pytest.approx(lin.value, rel=1e-9)

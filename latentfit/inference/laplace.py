@@ -108,7 +108,8 @@ def resolve_method(model: LatentModel, method: str) -> str:
 
 
 def conditional_modes(model: LatentModel, theta: dict[str, Any], units: Any = None, z0: Any = None, *,
-                      num_steps: int = 20, method: str = "auto", max_step: float = 10.0) -> LaplaceResult:
+                      num_steps: int = 20, method: str = "auto", max_step: float = 10.0,
+                      spd: bool = False) -> LaplaceResult:
     """Conditional modes ``ẑ_i`` and Laplace covariances ``Γ_i`` of every unit in ``units``.
 
     Parameters
@@ -120,6 +121,8 @@ def conditional_modes(model: LatentModel, theta: dict[str, Any], units: Any = No
     method : ``"auto"`` (Gauss–Newton when the model has Gaussian faces, else Hessian),
         ``"gauss_newton"`` or ``"hessian"``: the precision ``P_i`` used for the steps and for ``Γ_i``.
     max_step : per-unit cap on the Newton step norm.
+    spd : the precisions are positive definite (a caller that factors ``Γ_i``): inverted with the shim's SPD helper
+        (:meth:`~latentfit.inference.ops.Ops.spd_inverse`: no LAPACK kernel in a compiled program on JAX).
 
     Returns
     -------
@@ -130,7 +133,7 @@ def conditional_modes(model: LatentModel, theta: dict[str, Any], units: Any = No
     method = resolve_method(model, method)
     z = conditional_mode(model, theta, units, z0, num_steps=num_steps, method=method, max_step=max_step)
     val, g, prec = ops.jit(_newton_functions(model, units, method, max_step)[1])(theta, z)
-    cov = xp.linalg.inv(prec)
+    cov = ops.spd_inverse(prec) if spd else xp.linalg.inv(prec)
     cov = 0.5 * (cov + xp.swapaxes(cov, -1, -2))
     return LaplaceResult(z, cov, prec, val, xp.sqrt(xp.sum(g * g, -1)))
 

@@ -295,7 +295,7 @@ class Ops:
 
         return self.fori_loop(0, d, column, (a, xp.zeros_like(a)))[1]
 
-    def _forward_substitution(self, chol: Any, b: Any) -> Any:
+    def forward_substitution(self, chol: Any, b: Any) -> Any:
         """``L⁻¹ b`` for lower ``L [..., d, d]``, ``b [..., d, m]``, a row per loop step: ``x_j = b_j / l_jj``, then
         ``b ← b − L[:, j] x_j`` (column-oriented, vectorised over the right-hand sides)."""
         xp = self.xp
@@ -315,7 +315,7 @@ class Ops:
         xp = self.xp
         d = chol.shape[-1]
         rows = self.arange(d)[:, None]
-        y = self._forward_substitution(chol, b)
+        y = self.forward_substitution(chol, b)
 
         def row(k: Any, carry: tuple[Any, Any]) -> tuple[Any, Any]:  # Lᵀ x = y, from the last row up
             rest, x = carry
@@ -331,7 +331,7 @@ class Ops:
         xp = self.xp
         d = chol.shape[-1]
         eye = xp.zeros_like(chol) + xp.eye(d, dtype=chol.dtype)
-        w = self._forward_substitution(chol, eye)
+        w = self.forward_substitution(chol, eye)
         return xp.sum(w[..., :, :, None] * w[..., :, None, :], -3)
 
     #: the largest ``d`` that :meth:`spd_solve` / :meth:`spd_inverse` factor in ``xp`` ops on a backend that prefers
