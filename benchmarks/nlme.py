@@ -811,9 +811,9 @@ def _jax_chunk_bytes(model) -> str:
 
 
 #: one end-to-end theophylline fit on the JAX path in a fresh process, the work of saemix's default run: data, model,
-#: fit (defaults), estimates read, then the individual estimates (EBEs), the standard errors (linearisation: saemix's
-#: FIM) and the importance-sampling log-likelihood; ``argv[2:4]``: the seed and a factor on saemix's initial values
-#: (default 0 and 1)
+#: fit (defaults), estimates read, then the individual estimates (EBEs), the standard errors and the log-likelihood by
+#: linearisation (saemix's FIM step) and the importance-sampling log-likelihood; ``argv[2:4]``: the seed and a factor
+#: on saemix's initial values (default 0 and 1)
 _E2E_CHILD = """
 import sys, time
 import jax
@@ -838,6 +838,7 @@ t_fit, n_fit = time.perf_counter(), len(programs)
 ebe = fit.individual_parameters()
 t_ebe = time.perf_counter()
 table = fit.summary()
+lin = fit.log_likelihood("lin")  # saemix's FIM step gives ll.lin with the SEs
 t_se = time.perf_counter()
 ll = fit.log_likelihood("is")
 t1, c1 = time.perf_counter(), time.process_time()
@@ -849,14 +850,14 @@ print("E2E", t1 - t0, c1 - c0, t_fit - t0, t_ebe - t_fit, t_se - t_ebe, t1 - t_s
 def theophylline_jax_end_to_end(cache_dir: str | None = None, runs: int = 1,
                                 variants: tuple[tuple[int, float], ...] = ()) -> list[dict[str, float]] | None:
     """Theophylline on the JAX path end to end with the persistent compilation cache warm, doing what saemix's
-    default run does (the fit, the EBEs, the linearisation SEs, the IS log-likelihood): a first process fills the
-    cache (``latentfit.enable_compilation_cache``), then ``runs`` fresh processes are timed from reading the data to
-    the log-likelihood (process start and imports excluded).  Each run's record: ``wall``, ``cpu`` (process CPU),
-    ``fit``, ``ebe``, ``se``, ``ll`` (wall seconds of each step), ``programs_fit`` / ``programs`` (XLA programs read
-    from JAX's cache by the fit / by the whole run), ``loglik``, ``traces`` (programs traced) and ``compiles`` (XLA
-    compilations); None when JAX is missing or a run failed.  ``variants``: ``(seed, factor on the initial values)``
-    of one more process each, after the timed ones (the first with those settings: what the cache serves a user who
-    changes them), its record appended."""
+    default run does (the fit, the EBEs, the linearisation SEs and ll.lin, the IS log-likelihood): a first process
+    fills the cache (``latentfit.enable_compilation_cache``), then ``runs`` fresh processes are timed from reading the
+    data to the log-likelihood (process start and imports excluded).  Each run's record: ``wall``, ``cpu`` (process
+    CPU), ``fit``, ``ebe``, ``se`` (with ll.lin), ``ll`` (wall seconds of each step), ``programs_fit`` /
+    ``programs`` (XLA programs read from JAX's cache by the fit / by the whole run), ``loglik``, ``traces`` (programs
+    traced) and ``compiles`` (XLA compilations); None when JAX is missing or a run failed.  ``variants``: ``(seed,
+    factor on the initial values)`` of one more process each, after the timed ones (the first with those settings:
+    what the cache serves a user who changes them), its record appended."""
     import subprocess
     import tempfile
 
@@ -938,12 +939,13 @@ def report_end_to_end(runs: int) -> None:
         return f"{np.median(v):.3f} ({v.min():.3f}-{v.max():.3f})"
 
     wall = float(np.median([r["wall"] for r in rows]))
-    print(f"\ntheophylline, backend='jax', saemix's default work (fit with defaults, EBEs, linearisation SEs, IS "
-          f"log-likelihood) end to end in fresh processes, compilation cache warm, imports excluded; median (range) "
-          f"of {len(rows)} runs, load {os.getloadavg()[0]:.1f}:")
-    print(f"  wall {med('wall')} s, CPU {med('cpu')} s; fit {med('fit')}, EBEs {med('ebe')}, SEs {med('se')}, "
-          f"IS log-likelihood {med('ll')} s; XLA programs read from the cache: {int(rows[0]['programs_fit'])} by "
-          f"the fit, {int(rows[0]['programs'])} in all; logLik(IS) {rows[0]['loglik']:.4f}")
+    print(f"\ntheophylline, backend='jax', saemix's default work (fit with defaults, EBEs, linearisation SEs and "
+          f"log-likelihood, IS log-likelihood) end to end in fresh processes, compilation cache warm, imports "
+          f"excluded; median (range) of {len(rows)} runs, load {os.getloadavg()[0]:.1f}:")
+    print(f"  wall {med('wall')} s, CPU {med('cpu')} s; fit {med('fit')}, EBEs {med('ebe')}, SEs and ll.lin "
+          f"{med('se')}, IS log-likelihood {med('ll')} s; XLA programs read from the cache: "
+          f"{int(rows[0]['programs_fit'])} by the fit, {int(rows[0]['programs'])} in all; logLik(IS) "
+          f"{rows[0]['loglik']:.4f}")
     goal = SAEMIX_SECONDS / 10
     print(f"  vs saemix's recorded {SAEMIX_SECONDS} s: {SAEMIX_SECONDS / wall:.1f}x (goal 10x: <= {goal:.2f} s: "
           f"{'met' if wall <= goal else 'not met'})")

@@ -187,13 +187,14 @@ def test_linearisation_program_equals_torch_and_a_second_fit_compiles_nothing(fi
     mode = fitted.individual_estimates().mode
     # the linearisation information and the reported parameters' Jacobian (one compiled program) against torch's
     # operation-by-operation values at the same θ̂ and modes
-    fim, jc = fisher._lin_information(model)(theta, ops.asarray(mode))
+    fim, jc, lin = fisher._lin_information(model)(theta, ops.asarray(mode))
     twin = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5},
                      data=lf.datasets.theophylline(saemix_form=True), **THEO)
     theta_t = {k: torch.as_tensor(np.array(v)) for k, v in theta.items()}
-    fim_t, jc_t = fisher._lin_information(twin)(theta_t, torch.as_tensor(np.array(mode)))
+    fim_t, jc_t, lin_t = fisher._lin_information(twin)(theta_t, torch.as_tensor(np.array(mode)))
     np.testing.assert_allclose(np.asarray(fim), fim_t.numpy(), rtol=1e-10, atol=0.0)
     np.testing.assert_allclose(np.asarray(jc), jc_t.numpy(), rtol=1e-12, atol=0.0)
+    np.testing.assert_allclose(np.asarray(lin), lin_t.numpy(), rtol=1e-12, atol=0.0)  # the ll.lin terms (LAPACK)
     assert np.all(np.isfinite(first["se"])) and np.all(first["se"] > 0)
     compiles: list[str] = []  # XLA compilations (or persistent-cache reads), counted through JAX's own events
 
@@ -328,5 +329,7 @@ def test_linearised_and_quadrature_log_likelihoods_are_compiled_programs(fitted)
     lin2 = lk.log_likelihood_lin(model, other, modes)
     gq2 = lk.log_likelihood_gq(model, other, modes)
     assert ops_jax.TRACES[0] == traces and lin2.value != lin.value and gq2.value != gq.value
-    # the fit's own (its EBEs' modes: the same optimum to ~1e-8)
+    # the fit's own (its EBEs' modes: the same optimum to ~1e-8), with its linearisation SEs as saemix's FIM step
+    # gives ll.lin: the SEs' program's terms, no program of its own
     assert fit.log_likelihood("lin") == pytest.approx(lin.value, rel=1e-9)
+    assert fit.log_likelihoods["lin"].per_unit is fit.covariance("lin").log_lik_terms

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .likelihood import linearised_moments, require_gaussian_faces, structural_jacobian
+from .likelihood import gaussian_log_density, linearised_moments, require_gaussian_faces, structural_jacobian
 from .model import LatentModel
 from .mstep import flatten, unflatten
 
@@ -51,6 +51,9 @@ class StandardErrors:
     fim: np.ndarray  # Fisher information in unconstrained space
     cov_unconstrained: np.ndarray
     free: list[str]  # names of the free (estimated) parameters
+    #: ``"lin"``: the per-unit log-likelihood of the model linearised at the same modes (saemix's ``ll.lin``, which its
+    #: FIM step gives with the standard errors), computed by the same program; None otherwise
+    log_lik_terms: np.ndarray | None = None
 
     def as_dict(self) -> dict[str, float]:
         return {lab: float(v) for lab, v in zip(self.labels, self.se)}
@@ -208,23 +211,25 @@ def fim_linearisation(model: LatentModel, theta: dict[str, Any], z_hat: Any,
     (a distributed fit): the sum of every process's information."""
     require_gaussian_faces(model, "the linearisation Fisher information")
     ops = model.ops
-    fim, jc = _lin_information(model)(theta, ops.asarray(z_hat))
+    fim, jc, terms = _lin_information(model)(theta, ops.asarray(z_hat))
     fim = ops.to_numpy(fim)
-    return _finish("lin", model, ParamVector(model, theta), fim if reduce is None else reduce(fim),
-                   ops.to_numpy(jc))
+    rec = _finish("lin", model, ParamVector(model, theta), fim if reduce is None else reduce(fim), ops.to_numpy(jc))
+    rec.log_lik_terms = ops.to_numpy(terms)
+    return rec
 
 
 #: the linearisation information of each model (:func:`_lin_information`)
 _LIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _lin_information(model: LatentModel) -> Callable[[dict[str, Any], Any], tuple[Any, Any]]:
-    """``(θ, ẑ) -> (I [p, p], J_c [P_c, p])``: the linearisation information of :func:`fim_linearisation` and the
-    Jacobian of the reported parameters in the free unconstrained ones at θ.  On JAX one compiled program
-    (``ops.jit``: found in the on-disk store and JAX's persistent cache by a later process), made once per model;
-    computed op by op it ran some 130 small programs, each lowered and read back from the cache in a fresh process
-    (~2 s).  Compiled, XLA fuses the arithmetic, so the information moves at rounding level (~1e-16 relative) from
-    the op-by-op values; torch runs the same operations as before."""
+def _lin_information(model: LatentModel) -> Callable[[dict[str, Any], Any], tuple[Any, Any, Any]]:
+    """``(θ, ẑ) -> (I [p, p], J_c [P_c, p], ll [N])``: the linearisation information of :func:`fim_linearisation`, the
+    Jacobian of the reported parameters in the free unconstrained ones at θ and the per-unit linearised
+    log-likelihood (:func:`~latentfit.inference.likelihood.log_likelihood_lin`'s terms, from the same moments).  On
+    JAX one compiled program (``ops.jit``: found in the on-disk store and JAX's persistent cache by a later process),
+    made once per model; computed op by op it ran some 130 small programs, each lowered and read back from the cache
+    in a fresh process (~2 s).  Compiled, XLA fuses the arithmetic, so the information moves at rounding level
+    (~1e-16 relative) from the op-by-op values; torch runs the same operations as before."""
     if model not in _LIN:
         ref = weakref.ref(model)  # the cache's value must not hold its key (nor its shim): the model is freed with
         # its last user
@@ -235,7 +240,7 @@ def _lin_information(model: LatentModel) -> Callable[[dict[str, Any], Any], tupl
             jac = ops.stop_gradient(structural_jacobian(model, theta, z_hat))
             pv = ParamVector(model, theta)
             n = z_hat.shape[0]
-            _, mask, mean0, cov0 = linearised_moments(model, theta, z_hat, jac)
+            y, mask, mean0, cov0 = linearised_moments(model, theta, z_hat, jac)
             t = mean0.shape[-1]
 
             def moments(x: Any) -> Any:
@@ -250,7 +255,8 @@ def _lin_information(model: LatentModel) -> Callable[[dict[str, Any], Any], tupl
             fim = xp.einsum("ntp,nts,nsq->pq", d_mean, vinv, d_mean)
             a = xp.einsum("nab,nbcp->nacp", vinv, d_cov)
             fim = fim + 0.5 * xp.einsum("nabp,nbaq->pq", a, a)
-            return fim, forward_jacobian(ops, pv.constrained_flat, pv.x0)
+            return (fim, forward_jacobian(ops, pv.constrained_flat, pv.x0),
+                    gaussian_log_density(ops, y, mean0, cov0, mask))
 
         _LIN[model] = model.ops.jit(information)
     return _LIN[model]

@@ -175,8 +175,10 @@ def log_likelihood(fit: FitResult, method: str | None = None, *, num_samples: in
         elif method == "gq":
             z0 = conditional_moments(fit)[0] if fit.latent_draws is not None else None
             res = lk.log_likelihood_gq(model, theta, z0, num_nodes=num_nodes)
-        elif method == "lin":
-            res = lk.log_likelihood_lin(model, theta, model.ops.asarray(_local_estimates(fit).mode))
+        elif method == "lin":  # as saemix's FIM step: with the linearisation SEs, by the same program
+            lk.require_gaussian_faces(model, "the linearisation log-likelihood")
+            terms = covariance(fit, "lin").log_lik_terms
+            res = lk.LogLikelihood("lin", float(terms.sum()), terms)
         else:
             mean, sd = conditional_moments(fit)
             # a model may fit the proposal to each unit's conditional distribution (NLME outcome models)
