@@ -600,6 +600,17 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
     bit for bit those of a process without a cache.  The tutorial-style NumPyro grouped logistic model: cold 9.4 s,
     warm 0.81 s, another key 0.88 s, other data (x scaled) 2.27 s (was a full compilation, ~9 s).
   - a stored program's constants are put on the device in one batched transfer (~0.05 instead of ~0.1 ms an array).
+  - ``LATENTFIT_COMPILATION_CACHE`` (the README's switch) was read only when ``latentfit.numpyro`` was imported: an
+    NLME model on ``backend="jax"`` and the command line's ``--backend jax`` compiled everything in every process.
+    It is read when the JAX backend is first imported (a folder already set is kept).
+  - saemix's default run also reports the linearised log-likelihood (its FIM step gives ``ll.lin`` with the SEs),
+    which this benchmark had left out: ``log_likelihood("lin")`` ran op by op (~0.9 s with the cache warm, scipy
+    imported for LAPACK).  The SEs' program now also returns the per-unit linearised log-likelihood, which
+    ``log_likelihood("lin")`` reads (``StandardErrors.log_lik_terms``; alone, ``likelihood.log_likelihood_lin`` is
+    its own LAPACK-free program, ~5 ms); the quadrature log-likelihood (saemix's ``ll.gq``, the command line's
+    likelihood table) is one LAPACK-free program too, 0.96 -> 0.06 s.  The end-to-end run includes ``ll.lin`` now
+    (its SE phase ~+2-5 ms).  The command line on theophylline with ``--backend jax`` and the cache warm: 9.9 s, most
+    of it the report's figures, residuals and simulations, still op by op (left: each a program of its own).
   - ``--e2e-only`` now also times the first process with another seed and the first from other initial values.
   The warm re-run itself is unchanged (20 rounds of this tree and stop 43's alternated: 0.2398 vs 0.2410 s, the
   machine in a slow phase).  Tried, measured, not kept: the read-ahead thread waiting while the main thread
