@@ -53,7 +53,7 @@ import struct
 import sys
 import tempfile
 import types
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -537,22 +537,33 @@ def save_export(key: str, exported_bytes: bytes) -> bool:
 
 
 def load_export(key: str) -> bytes | None:
-    """The exported program :func:`save_export` kept under ``key``, or None (absent, damaged, foreign)."""
-    path, data = _entry_bytes(f"{key}.lfp")
+    """The exported program :func:`save_export` kept under ``key``, or None (absent, damaged, foreign: lowered
+    again)."""
+
+    def exported(header: dict[str, Any], body: bytes, offset: int) -> bytes:
+        if len(body) - offset != header["exported"]:
+            raise ValueError("size")
+        return body[offset:]
+
+    return _load_checked(f"{key}.lfp", key, exported, "exports_loaded")
+
+
+def _load_checked(name: str, digest: str, parse: Callable[[dict[str, Any], bytes, int], Any], counter: str) -> Any:
+    """``parse(header, body, offset)`` of the store's entry ``name`` (checked: :func:`_read_entry`), counted in
+    ``STATS[counter]``; None when it is absent or unreadable (counted as rejected: the caller computes it again)."""
+    path, data = _entry_bytes(name)
     if data is None:
         return None
     try:
-        header, body, offset = _read_entry(data, key)
-        exported = body[offset:]
-        if len(exported) != header["exported"]:
-            raise ValueError("size")
-    except Exception as exc:  # noqa: BLE001 - any unreadable entry: lowered again
+        header, body, offset = _read_entry(data, digest)
+        out = parse(header, body, offset)
+    except Exception as exc:  # noqa: BLE001 - any unreadable entry: computed again
         STATS["rejected"] += 1
-        log.debug("export %s ignored: %r", path.name, exc)
+        log.debug("entry %s ignored: %r", name, exc)
         return None
     _touch(path)
-    STATS["exports_loaded"] += 1
-    return exported
+    STATS[counter] += 1
+    return out
 
 
 def _environment_tag() -> str:
@@ -1015,25 +1026,19 @@ def save_record(digest: str, record: Any, arrays: dict[str, np.ndarray]) -> bool
 
 
 def load_record(digest: str) -> tuple[Any, dict[str, np.ndarray]] | None:
-    """``(record, arrays)`` written by :func:`save_record`, or None (absent, truncated, corrupted, foreign)."""
-    path, data = _entry_bytes(f"{digest}.lfr")
-    if data is None:
-        return None
-    try:
-        header, body, offset = _read_entry(data, digest)
+    """``(record, arrays)`` written by :func:`save_record`, or None (absent, truncated, corrupted, foreign: analysed
+    again)."""
+
+    def record(header: dict[str, Any], body: bytes, offset: int) -> tuple[Any, dict[str, np.ndarray]]:
         arrays = {}
         for name, dtype, shape, nbytes in header["arrays"]:
             arrays[name] = np.frombuffer(body[offset:offset + nbytes], dtype=np.dtype(dtype)).reshape(shape).copy()
             offset += nbytes
         if offset != len(body):
             raise ValueError("sizes")
-    except Exception as exc:  # noqa: BLE001 - any unreadable record: analyse again
-        STATS["rejected"] += 1
-        log.debug("record %s ignored: %r", path.name, exc)
-        return None
-    _touch(path)
-    STATS["records_loaded"] += 1
-    return header["record"], arrays
+        return header["record"], arrays
+
+    return _load_checked(f"{digest}.lfr", digest, record, "records_loaded")
 
 
 def _trim(directory: Path) -> None:
