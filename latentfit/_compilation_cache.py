@@ -5,10 +5,11 @@ programs on disk and reuse them in a later process when the program is the same 
 options): a user re-running a script then skips compilation.  It is off by default (JAX's own default);
 turn it on with :func:`enable_compilation_cache` or the environment variable ``LATENTFIT_COMPILATION_CACHE``
 (a directory), read when :mod:`latentfit.numpyro` or the JAX backend (:mod:`latentfit.inference.ops_jax`: an NLME
-model on ``backend="jax"``, the command line's ``--backend jax``) is first imported.  With it on, latentfit also
-keeps the traced programs in ``<directory>/latentfit-traces`` (:mod:`latentfit.inference.ops_jax_store`), so a rerun
-neither traces nor lowers them, and the NumPyro adapter's analysis of each model, so a rerun runs the model once
-(``ops_jax_store.ENABLED = False`` turns that part off).
+model on ``backend="jax"``, the command line's ``--backend jax``) is first imported, unless a cache folder is already
+set (one the user chose with :func:`enable_compilation_cache` before importing latentfit is kept).  With it on,
+latentfit also keeps the traced programs in ``<directory>/latentfit-traces`` (:mod:`latentfit.inference.ops_jax_store`),
+so a rerun neither traces nor lowers them, and the NumPyro adapter's analysis of each model, so a rerun runs the model
+once (``ops_jax_store.ENABLED = False`` turns that part off).
 """
 
 from __future__ import annotations
@@ -44,9 +45,17 @@ def enable_compilation_cache(path: str | os.PathLike | None = None, min_compile_
 
 
 def enable_from_environment() -> Path | None:
-    """:func:`enable_compilation_cache` at ``$LATENTFIT_COMPILATION_CACHE`` when that variable is set."""
+    """:func:`enable_compilation_cache` at ``$LATENTFIT_COMPILATION_CACHE`` when that variable is set and no cache
+    folder is set yet: a folder the user chose first (:func:`enable_compilation_cache`, JAX's
+    ``jax_compilation_cache_dir``) is kept, whichever of latentfit's modules is imported after."""
     path = os.environ.get(ENV_VAR)
-    return enable_compilation_cache(path) if path else None
+    if not path:
+        return None
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return None
+    return enable_compilation_cache(path)
 
 
 __all__ = ["ENV_VAR", "default_cache_dir", "enable_compilation_cache", "enable_from_environment"]

@@ -1127,3 +1127,34 @@ def test_the_environment_variable_turns_the_cache_on_for_an_nlme_jax_fit(tmp_pat
     assert first["dir"] == str(tmp_path / "cache") and not first["numpyro"], first
     assert first["saved"] > 0 and first["executables_saved"] > 0, first
     assert second["loaded"] > 0 and second["executables_saved"] == 0 and second["rejected"] == 0, second
+
+
+KEEP_SCRIPT = textwrap.dedent("""
+    import sys
+
+    import jax
+
+    from latentfit import enable_compilation_cache
+
+    enable_compilation_cache(sys.argv[1])
+    import latentfit.numpyro  # noqa: F401
+    from latentfit.inference import ops_jax  # noqa: F401
+
+    print(jax.config.jax_compilation_cache_dir)
+""")
+
+
+def test_a_cache_folder_the_user_chose_is_kept_whatever_the_environment_says(tmp_path):
+    """A folder set with ``enable_compilation_cache`` before importing ``latentfit.numpyro`` (and the JAX backend) is
+    kept although ``LATENTFIT_COMPILATION_CACHE`` names another: the NumPyro module's import replaced it with the
+    variable's folder, so the user's programs went elsewhere."""
+    import latentfit
+
+    env = dict(_plain_env(os.path.dirname(os.path.dirname(latentfit.__file__))),
+               LATENTFIT_COMPILATION_CACHE=str(tmp_path / "from-environment"))
+    chosen = str(tmp_path / "chosen")
+    out = subprocess.run([sys.executable, "-c", KEEP_SCRIPT, chosen], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == chosen
+    assert not (tmp_path / "from-environment").exists()

@@ -135,9 +135,10 @@ def test_importance_sampling_draws_its_proposal_in_float32(fitted):
 
 
 def test_a_model_is_freed_after_its_post_fit_programs(fitted):
-    """The per-model caches of the post-fit programs (the IS log-likelihood's, the linearisation's and Louis'
-    information's) hold their model weakly: a fitted model is freed with its last user, after its EBEs, both kinds of
-    SEs and its IS log-likelihood (they held it, and its data and programs, for the life of the process)."""
+    """The per-model caches of the post-fit programs (the IS, linearised and quadrature log-likelihoods', the
+    linearisation's and Louis' information's) hold their model weakly: a fitted model is freed with its last user,
+    after its EBEs, both kinds of SEs and its log-likelihoods (they held it, and its data and programs, for the life
+    of the process)."""
     import gc
     import weakref
 
@@ -145,7 +146,10 @@ def test_a_model_is_freed_after_its_post_fit_programs(fitted):
     fit.summary()
     fit.standard_errors("sa")
     fit.log_likelihood("is", num_samples=1000, batch_size=500)
-    assert fisher._LIN.get(fit.model) is not None and lk._IS.get(fit.model) is not None
+    fit.log_likelihood("gq", num_nodes=4)
+    lk.log_likelihood_lin(fit.model, fit._theta(), fit.individual_estimates().mode)
+    for cache in (fisher._LIN, fisher._LOUIS, lk._IS, lk._LIN_LL, lk._GQ):
+        assert cache.get(fit.model), cache  # each made its program(s) for this model
     model = weakref.ref(fit.model)
     del fit
     gc.collect()
@@ -321,7 +325,7 @@ def test_linearised_and_quadrature_log_likelihoods_are_compiled_programs(fitted)
     np.testing.assert_allclose(gq.per_unit, lk.log_likelihood_gq(model, theta, modes, units=all_units).per_unit,
                                rtol=1e-10)
     gq_program = lk._GQ[model][(30, "auto", False)]  # the defaults' program, from the given start (z0)
-    for program, args in ((lk._LIN_LL[model], (modes,)), (gq_program, (lk._gq_grid(model, 12), modes))):
+    for program, args in ((lk._LIN_LL[model][()], (modes,)), (gq_program, (lk._gq_grid(model, 12), modes))):
         assert "custom_call" not in jax.jit(program.fn).lower(theta, *args).as_text()  # no LAPACK kernel
     traces = ops_jax.TRACES[0]
     other = {k: v * 1.01 for k, v in theta.items()}

@@ -27,7 +27,6 @@ term from the Hessian of the draw-averaged complete log-likelihood.
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +36,7 @@ import numpy as np
 from .likelihood import gaussian_log_density, linearised_moments, require_gaussian_faces, structural_jacobian
 from .model import LatentModel
 from .mstep import flatten, unflatten
+from .ops import ProgramsByModel
 
 
 @dataclass
@@ -219,7 +219,7 @@ def fim_linearisation(model: LatentModel, theta: dict[str, Any], z_hat: Any,
 
 
 #: the linearisation information of each model (:func:`_lin_information`)
-_LIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LIN = ProgramsByModel()
 
 
 def _lin_information(model: LatentModel) -> Callable[[dict[str, Any], Any], tuple[Any, Any, Any]]:
@@ -230,10 +230,7 @@ def _lin_information(model: LatentModel) -> Callable[[dict[str, Any], Any], tupl
     made once per model; computed op by op it ran some 130 small programs, each lowered and read back from the cache
     in a fresh process (~2 s).  Compiled, XLA fuses the arithmetic, so the information moves at rounding level
     (~1e-16 relative) from the op-by-op values; torch runs the same operations as before."""
-    if model not in _LIN:
-        ref = weakref.ref(model)  # the cache's value must not hold its key (nor its shim): the model is freed with
-        # its last user
-
+    def body(ref: Callable[[], LatentModel]) -> Callable[[dict[str, Any], Any], tuple[Any, Any, Any]]:
         def information(theta: dict[str, Any], z_hat: Any) -> tuple[Any, Any]:
             model = ref()
             ops, xp = model.ops, model.ops.xp
@@ -258,8 +255,9 @@ def _lin_information(model: LatentModel) -> Callable[[dict[str, Any], Any], tupl
             return (fim, forward_jacobian(ops, pv.constrained_flat, pv.x0),
                     gaussian_log_density(ops, y, mean0, cov0, mask))
 
-        _LIN[model] = model.ops.jit(information)
-    return _LIN[model]
+        return information
+
+    return _LIN.get_program(model, (), body)
 
 
 # ----- stochastic approximation of Louis' formula --------------------------------------------------
@@ -296,7 +294,7 @@ def fim_louis(model: LatentModel, theta: dict[str, Any], draws: Any, batch_size:
 
 
 #: the compiled derivatives of Louis' formula, per model and free-parameter layout (:func:`_louis_derivatives`)
-_LOUIS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOUIS = ProgramsByModel()
 
 
 def _louis_derivatives(model: LatentModel, free: tuple[str, ...], shapes: tuple) -> Callable[..., tuple[Any, Any]]:
@@ -304,12 +302,9 @@ def _louis_derivatives(model: LatentModel, free: tuple[str, ...], shapes: tuple)
     compiled program per shape on JAX, made once per model (θ an argument, not a captured constant), so that a second
     call (another θ, other draws, ``summary()`` after ``standard_errors()``) neither traces nor compiles, and a
     same-shaped model reuses the executable."""
-    per_model = _LOUIS.setdefault(model, {})
-    key = (free, shapes)
-    if key not in per_model:
-        ref = weakref.ref(model)  # the cache's value must not hold its key (nor its shim)
-        shape_map = dict(shapes)
+    shape_map = dict(shapes)
 
+    def body(ref: Callable[[], LatentModel]) -> Callable[..., tuple[Any, Any]]:
         def derivatives(theta: dict[str, Any], x: Any, zb: Any) -> tuple[Any, Any]:
             model = ref()
             ops, xp = model.ops, model.ops.xp
@@ -321,8 +316,9 @@ def _louis_derivatives(model: LatentModel, free: tuple[str, ...], shapes: tuple)
 
             return ops.hessian(lambda u: xp.sum(complete(u)))(x), forward_jacobian(ops, complete, x)
 
-        per_model[key] = model.ops.jit(derivatives)
-    return per_model[key]
+        return derivatives
+
+    return _LOUIS.get_program(model, (free, shapes), body)
 
 
 __all__ = ["StandardErrors", "delta_method", "fim_linearisation", "fim_louis", "forward_jacobian",

@@ -39,14 +39,14 @@ likelihood (:func:`maximise_log_likelihood_gq`, the analogue of lme4's ``nAGQ`` 
 from __future__ import annotations
 
 import math
-import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .model import LatentModel, ModelSpecificationError
-from .ops import LOG_2PI
+from .ops import LOG_2PI, ProgramsByModel
 from .units import unit_streams
 
 
@@ -179,7 +179,7 @@ def _is_terms(model: LatentModel, sizes: tuple[int, int, int], theta: dict[str, 
 
 
 #: the compiled importance-sampling log-likelihood of each model, by sizes (:func:`_is_program`)
-_IS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_IS = ProgramsByModel()
 
 
 def _is_program(model: LatentModel, sizes: tuple[int, int, int]) -> Any:
@@ -188,15 +188,13 @@ def _is_program(model: LatentModel, sizes: tuple[int, int, int]) -> Any:
     on-disk store and JAX's persistent cache).  Op by op it ran some twenty small programs (key split, draws, the
     concatenation and the reductions), each lowered and read back from the cache in a fresh process.  The draws are
     the same numbers; XLA fuses the reductions' arithmetic, so the terms may move at rounding level."""
-    per_model = _IS.setdefault(model, {})
-    if sizes not in per_model:
-        ref = weakref.ref(model)  # the cache's value must not hold its key: the model is freed with its last user
-
+    def body(ref: Callable[[], LatentModel]) -> Callable[..., tuple[Any, Any]]:
         def terms(theta: dict[str, Any], m: Any, s: Any, key: Any) -> tuple[Any, Any]:
             return _is_terms(ref(), sizes, theta, m, s, key)
 
-        per_model[sizes] = model.ops.jit(terms)
-    return per_model[sizes]
+        return terms
+
+    return _IS.get_program(model, sizes, body)
 
 
 def importance_moments(model: LatentModel, theta: dict[str, Any], cond_mean: Any, cond_sd: Any, *,
@@ -319,7 +317,7 @@ def _lin_terms(model: LatentModel, theta: dict[str, Any], z_hat: Any, units: Any
 
 
 #: the compiled linearised log-likelihood of each model (:func:`_lin_program`)
-_LIN_LL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LIN_LL = ProgramsByModel()
 
 
 def _lin_program(model: LatentModel) -> Any:
@@ -328,14 +326,13 @@ def _lin_program(model: LatentModel) -> Any:
     moments, the Cholesky factors) it ran dozens of small programs, each lowered and read back from the cache in a
     fresh process: theophylline's ``log_likelihood("lin")``, saemix's default ``ll.lin``, ~0.9 s with the cache warm,
     now ~0.01 s; the values move at rounding level."""
-    if model not in _LIN_LL:
-        ref = weakref.ref(model)  # the cache's value must not hold its key: the model is freed with its last user
-
+    def body(ref: Callable[[], LatentModel]) -> Callable[[dict[str, Any], Any], Any]:
         def terms(theta: dict[str, Any], z_hat: Any) -> Any:
             return _lin_terms(ref(), theta, z_hat)
 
-        _LIN_LL[model] = model.ops.jit(terms)
-    return _LIN_LL[model]
+        return terms
+
+    return _LIN_LL.get_program(model, (), body)
 
 
 def log_likelihood_exact(model: LatentModel, theta: dict[str, Any], units: Any = None) -> LogLikelihood:
@@ -421,7 +418,7 @@ def log_likelihood_gq(model: LatentModel, theta: dict[str, Any], z0: Any = None,
 
 
 #: the compiled adaptive Gauss–Hermite log-likelihood of each model, by options (:func:`_gq_program`)
-_GQ: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_GQ = ProgramsByModel()
 
 
 def _gq_program(model: LatentModel, num_steps: int, method: str, from_prior: bool) -> Any:
@@ -432,11 +429,7 @@ def _gq_program(model: LatentModel, num_steps: int, method: str, from_prior: boo
     move at rounding level."""
     from .laplace import conditional_modes
 
-    options = (num_steps, method, from_prior)
-    per_model = _GQ.setdefault(model, {})
-    if options not in per_model:
-        ref = weakref.ref(model)  # the cache's value must not hold its key: the model is freed with its last user
-
+    def body(ref: Callable[[], LatentModel]) -> Callable[..., Any]:
         def terms(theta: dict[str, Any], grid: tuple[Any, Any], z0: Any = None) -> Any:
             model = ref()
             # Γ_i is factored below (positive definite): inverted without LAPACK, whose first use in a process
@@ -444,8 +437,9 @@ def _gq_program(model: LatentModel, num_steps: int, method: str, from_prior: boo
             lap = conditional_modes(model, theta, None, z0, num_steps=num_steps, method=method, spd=True)
             return gq_log_lik_per_unit(model, theta, lap.mode, model.ops.small_cholesky(lap.cov), grid)
 
-        per_model[options] = model.ops.jit(terms)
-    return per_model[options]
+        return terms
+
+    return _GQ.get_program(model, (num_steps, method, from_prior), body)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
@@ -988,6 +989,20 @@ class TorchOps(Ops):
 
 
 # ----- choosing a backend (the only place, with ops_jax, that knows which library an array comes from) -----
+class ProgramsByModel(weakref.WeakKeyDictionary):
+    """The compiled programs of each model, by key (post-fit work: the SEs' information, the IS, linearised and
+    quadrature log-likelihoods): ``programs.get_program(model, key, body)`` is ``model.ops.jit(body(ref))``, made once
+    per model and key, ``ref`` a weak reference to the model.  The cache holds each model weakly and its programs
+    read the model through ``ref``, so nothing here keeps a model alive: the model and its programs are freed with
+    its last user.  ``programs[model]`` (``.get(model)``) is the model's ``{key: program}``."""
+
+    def get_program(self, model: Any, key: Hashable, body: Callable[[Callable[[], Any]], Callable]) -> Callable:
+        per_model = self.setdefault(model, {})
+        if key not in per_model:
+            per_model[key] = model.ops.jit(body(weakref.ref(model)))
+        return per_model[key]
+
+
 def make_ops(backend: str = "torch", *, device: Any = None, dtype: Any = None) -> Ops:
     """The shim of a backend by name: ``"torch"`` (float64 unless ``dtype``) or ``"jax"`` (JAX's default float)."""
     if backend == "torch":

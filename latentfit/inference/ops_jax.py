@@ -44,8 +44,7 @@ from .ops_jax_memo import fingerprint
 
 # ``LATENTFIT_COMPILATION_CACHE``, for every JAX fit (an NLME model on ``backend="jax"``, the command line), not only
 # those through :mod:`latentfit.numpyro`; a cache folder already set (``enable_compilation_cache``) is kept
-if not jax.config.jax_compilation_cache_dir:
-    enable_from_environment()
+enable_from_environment()
 
 
 def default_float_dtype() -> Any:
