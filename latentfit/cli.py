@@ -114,15 +114,13 @@ def nlme_fit(args: argparse.Namespace) -> int:
     from latentfit.models.nlme.config import load_config, read_table
     from latentfit.report import run_information, write_fit_outputs
 
-    cfg = load_config(args.model)
+    cfg = load_config(args.model, backend=args.backend)  # the model that checks the file on the run's backend
     if args.seed is not None:
         cfg.seed = args.seed
     if args.iterations is not None:
         cfg.num_iters = tuple(args.iterations)
     if args.chains is not None:
         cfg.num_chains = args.chains
-    if args.backend is not None:
-        cfg.backend = args.backend
     if args.replicates is not None:
         cfg.replicates = args.replicates
     _check_iterations(cfg.num_iters)

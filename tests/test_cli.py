@@ -400,3 +400,26 @@ def test_omega_covariances_are_initial_values_inside_the_blocks():
         parse_config(text.replace('"CL", "V"', '"ka", "V"'))
     with pytest.raises(ConfigError, match=r"line 10: \[omega\] covariances: the initial Ω .* is not positive definite"):
         parse_config(text.replace("0.2]]", "0.9]]")).model(read_table(DATA))
+
+
+NO_TORCH_SCRIPT = """
+import json, sys
+from latentfit.models.nlme.config import load_config
+cfg = load_config(sys.argv[1], backend="jax")
+print(json.dumps({"backend": cfg.backend, "torch": "torch" in sys.modules}))
+"""
+
+
+def test_a_jax_run_checks_its_model_file_without_importing_torch():
+    """``--backend jax`` reaches the model built to check the file: that model was built on the file's backend
+    (torch in the example), so every JAX run of the command line imported torch (~1 s) for nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT, str(TOML)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"backend": "jax", "torch": False}

@@ -671,8 +671,12 @@ def _report(raw: Any, reader: _Reader) -> dict[str, Any]:
     return out
 
 
-def parse_config(text: str, path: str | Path | None = None, base_dir: str | Path | None = None) -> NLMEConfig:
-    """A model file's text -> :class:`NLMEConfig` (``base_dir``: where ``file = ...`` is looked up)."""
+def parse_config(text: str, path: str | Path | None = None, base_dir: str | Path | None = None, *,
+                 backend: str | None = None) -> NLMEConfig:
+    """A model file's text -> :class:`NLMEConfig` (``base_dir``: where ``file = ...`` is looked up).
+
+    ``backend`` (the command line's ``--backend``) replaces the file's ``[engine] backend`` before the model is built
+    to check the file: a JAX run then never imports torch (~1 s), nor a torch run JAX."""
     path = Path(path) if path is not None else None
     base = Path(base_dir) if base_dir is not None else (path.parent if path is not None else Path.cwd())
     toml = _toml_module()
@@ -743,6 +747,8 @@ def parse_config(text: str, path: str | Path | None = None, base_dir: str | Path
         cfg.data_options = _data(raw["data"], reader)
     if "engine" in raw:
         _engine(raw["engine"], reader, cfg)
+    if backend is not None:
+        cfg.backend = backend
     if "report" in raw:
         cfg.report = _report(raw["report"], reader)
     if outcome is not None and "se_method" not in raw.get("report", {}):
@@ -751,8 +757,8 @@ def parse_config(text: str, path: str | Path | None = None, base_dir: str | Path
     return cfg
 
 
-def load_config(path: str | Path) -> NLMEConfig:
-    """Read and parse a model file (see the module docstring)."""
+def load_config(path: str | Path, *, backend: str | None = None) -> NLMEConfig:
+    """Read and parse a model file (see the module docstring; ``backend``: :func:`parse_config`'s)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -760,7 +766,7 @@ def load_config(path: str | Path) -> NLMEConfig:
         raise ConfigError("no such model file", path) from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read the model file: {err}", path) from None
-    return parse_config(text, path)
+    return parse_config(text, path, backend=backend)
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
