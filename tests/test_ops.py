@@ -123,6 +123,77 @@ def test_derivatives(backend):
     np.testing.assert_allclose(ops.to_numpy(h), hess, atol=1e-12)
 
 
+def test_torch_directional_derivatives_equal_forward_mode_on_awkward_functions():
+    """TorchOps' jvp/jacfwd (the double-backward trick) against torch's forward mode: matrix-valued outputs, outputs
+    that do not read some inputs or none, a random draw inside ``f`` shared by every direction, float32."""
+    import torch
+
+    ops = TorchOps()
+    x = torch.tensor([0.3, -1.2, 0.7], dtype=torch.float64)
+    noise = torch.randn(4, 3, dtype=torch.float64)
+    cases = {
+        "matrix": lambda v: torch.exp(v[:, None] * v[None, :]) @ noise.T + torch.where(v > 0, v, 2 * v)[:, None],
+        "unused input": lambda v: torch.stack([v[0] * v[0], torch.sin(v[0])]),
+        "constant": lambda v: noise.sum(0),
+        "broadcast": lambda v: v[0] + 0.0 * noise,
+    }
+    for name, f in cases.items():
+        np.testing.assert_allclose(ops.jacfwd(f)(x).numpy(), torch.func.jacfwd(f)(x).numpy(), rtol=1e-14, atol=1e-15,
+                                   err_msg=name)
+        v = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+        out, tangent = ops.jvp(f, x, v)
+        ref_out, ref_tangent = torch.func.jvp(f, (x,), (v,))
+        np.testing.assert_array_equal(out.numpy(), ref_out.numpy(), err_msg=name)
+        np.testing.assert_allclose(tangent.numpy(), ref_tangent.numpy(), rtol=1e-14, atol=1e-15, err_msg=name)
+
+    def drawn(v: torch.Tensor) -> torch.Tensor:  # a draw inside f: the same for every direction (one evaluation)
+        return v * torch.randn(3, dtype=v.dtype)
+
+    torch.manual_seed(0)
+    jac = ops.jacfwd(drawn)(x)
+    torch.manual_seed(0)
+    np.testing.assert_array_equal(jac.numpy(), torch.diag(torch.randn(3, dtype=torch.float64)).numpy())
+    x32, noise32 = x.float(), noise.float()
+
+    def f32(v: torch.Tensor) -> torch.Tensor:
+        return torch.exp(v[:, None] * v[None, :]) @ noise32.T
+
+    jac32 = TorchOps(dtype=torch.float32).jacfwd(f32)(x32)
+    assert jac32.dtype == torch.float32
+    np.testing.assert_allclose(jac32.numpy(), torch.func.jacfwd(f32)(x32).numpy(), rtol=1e-5)
+
+
+TORCH_SE_SCRIPT = """
+import json, sys
+from latentfit.models import nlme
+from latentfit.datasets import theophylline
+
+model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, data=theophylline(saemix_form=True),
+                  columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
+fit = model.fit(num_iters=(20, 10), progress=False)
+fit.summary(method="lin")
+fit.log_likelihood("lin")
+print(json.dumps({m: m in sys.modules for m in ("torch._dynamo", "sympy")}))
+"""
+
+
+def test_torch_linearisation_ses_import_neither_dynamo_nor_sympy():
+    """A fresh process's linearisation SEs on torch (the default path of a saemix user) load no compiler: torch's
+    forward mode imported ``torch._dynamo`` on its first multiplication (~0.9 s, half the SEs' time), and an explicit
+    ``grad_outputs`` imports sympy (~0.4 s)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", TORCH_SE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"torch._dynamo": False, "sympy": False}
+
+
 @pytest.mark.parametrize("df", [1, 4, 5])
 def test_student_t_draws(backend, df):
     """Student-t draws follow the law (Kolmogorov-Smirnov, 40 000 draws), reproducibly: df odd and even (JAX: a normal
