@@ -773,46 +773,53 @@ class TorchOps(Ops):
 
         return j
 
-    def _directional(self, f: Callable[[Any], Any], x: Any, tangents: Any) -> tuple[Any, Any]:
-        """``(f(x), [∂f(x)·v for v in tangents])`` ``(out, [k, *out.shape])`` for ``tangents [k, *x.shape]``, by the
-        double-backward trick: ``g(u) = J(x)ᵀu`` by one reverse pass kept differentiable, then ``J v = ∂(g·v)/∂u``
-        by one reverse pass of that graph per direction.  ``f`` is evaluated once (random draws inside it are shared
-        by every direction, as in a single call).  Not torch's forward mode: its rules for the element-wise binary
-        operations call Python references whose first use imports ``torch._dynamo`` (torch 2.13: ~0.9 s in every
-        fresh process that computes linearisation SEs); and each pass differentiates a scalar, as an explicit
-        ``grad_outputs`` makes torch import sympy (~0.4 s) to compare its shape."""
+    def jvp(self, f: Callable[[Any], Any], x: Any, v: Any) -> tuple[Any, Any]:
+        """``(f(x), ∂f(x)·v)`` by forward mode (``torch.func.jvp``)."""
         torch = self.torch
         with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            out = f(x)
-            if not out.requires_grad:  # f does not read x
-                return out.detach(), out.new_zeros((tangents.shape[0],) + tuple(out.shape))
-            u = torch.zeros_like(out, requires_grad=True)
-            (g,) = torch.autograd.grad((out * u).sum(), x, create_graph=True, allow_unused=True)
-            cols = []
-            for v in tangents.to(x.dtype):
-                jv = None
-                if g is not None and g.requires_grad:  # else no path from x to out
-                    (jv,) = torch.autograd.grad((g * v).sum(), u, retain_graph=True, allow_unused=True)
-                cols.append(torch.zeros_like(out) if jv is None else jv.detach())
-        return out.detach(), torch.stack(cols)
-
-    def jvp(self, f: Callable[[Any], Any], x: Any, v: Any) -> tuple[Any, Any]:
-        """``(f(x), ∂f(x)·v)`` (:meth:`_directional`: two reverse passes, the values of forward mode)."""
-        out, tangent = self._directional(f, x, v[None])
-        return out, tangent[0]
+            out, tangent = torch.func.jvp(f, (x.detach().clone(),), (v,))
+        return out.detach(), tangent.detach()
 
     def jacfwd(self, f: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        """Jacobian ``[*out_shape, p]`` of ``f: R^p -> R^out_shape``: the p directional derivatives along the unit
-        vectors (:meth:`_directional`; one evaluation of ``f``: random draws inside it, e.g. a PPL tracing a model
-        before substituting values, are shared by all of them, as in a single call)."""
+        """Jacobian ``[*out_shape, p]`` of ``f: R^p -> R^out_shape`` by forward mode (``torch.func.jacfwd``).
+
+        The p tangents are vmapped over one evaluation of ``f``: random draws inside ``f`` (a PPL tracing a
+        model before substituting values) are shared by all of them, as in a single call.
+        """
+        torch = self.torch
+
+        def jac(x: Any) -> Any:
+            with torch.enable_grad():
+                return torch.func.jacfwd(f, randomness="same")(x.detach()).detach()
+
+        return jac
+
+    def jacobian_columns(self, f: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """:meth:`jacfwd`'s Jacobian ``[*out_shape, p]`` by the double-backward trick: ``g(u) = J(x)ᵀu`` by one
+        reverse pass kept differentiable, then each column ``J e_k = ∂(g·e_k)/∂u`` by one reverse pass of that graph.
+        ``f`` is evaluated once (random draws inside it are shared by every column).  For the post-fit derivatives
+        of plain torch models (the linearisation's moments and transforms), where torch's forward mode costs more
+        than its arithmetic: its rules for the element-wise binary operations call Python references whose first
+        use imports ``torch._dynamo`` (torch 2.13: ~0.9 s in every fresh process computing linearisation SEs).  Each
+        pass differentiates a scalar: an explicit ``grad_outputs`` makes torch import sympy (~0.4 s)."""
         torch = self.torch
 
         def jac(x: Any) -> Any:
             p = int(x.shape[-1])
-            eye = torch.eye(p, dtype=x.dtype, device=x.device)
-            _, cols = self._directional(f, x, eye)  # [p, *out_shape]
-            return torch.movedim(cols, 0, -1)
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)
+                out = f(x)
+                if not out.requires_grad:  # f does not read x
+                    return out.new_zeros(tuple(out.shape) + (p,))
+                u = torch.zeros_like(out, requires_grad=True)
+                (g,) = torch.autograd.grad((out * u).sum(), x, create_graph=True, allow_unused=True)
+                cols = []
+                for k in range(p):
+                    col = None
+                    if g is not None and g.requires_grad:  # else no path from x to out
+                        (col,) = torch.autograd.grad(g[k], u, retain_graph=True, allow_unused=True)
+                    cols.append(torch.zeros_like(out) if col is None else col.detach())
+            return torch.stack(cols, -1)
 
         return jac
 

@@ -1310,6 +1310,10 @@ class JaxOps(Ops):
         """Jacobian ``[*out_shape, p]`` of ``f: R^p -> R^out_shape`` by forward mode (``jax.jacfwd``)."""
         return jax.jacfwd(f)
 
+    def jacobian_columns(self, f: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """:meth:`jacfwd` (torch's variant avoids its forward mode's import cost; JAX's forward mode has none)."""
+        return jax.jacfwd(f)
+
     def value_grad_hessian(self, f: Callable[[Any], Any], z: Any, hessian: bool = True) -> tuple[Any, Any, Any]:
         """Per-row value ``[n]``, gradient ``[n, d]`` and Hessian ``[n, d, d]`` (or None) of ``f: [n, d] -> [n]``.
 
