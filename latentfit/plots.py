@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from latentfit.inference.diagnostics import model_program
 from latentfit.inference.postfit import resolve_x
 
 
@@ -362,11 +363,11 @@ def vpc_summary(fit: Any, x: Any = None, *, pred_corrected: bool | None = None, 
     if xv.shape != y.shape:
         raise ValueError(f"x must have the shape of the observations {y.shape}, got {xv.shape}")
     xo, yo, so, po = xv[mask], y[mask], sims[:, mask], None
-    if pred_corrected:
+    if pred_corrected:  # PRED: one compiled program on JAX (op by op, each operation a program to load)
         if model is not None:
-            pred = ops.to_numpy(model.structural_prediction(theta, _population_z(fit)))
+            pred = ops.to_numpy(model_program(model, "population_structural")(theta))
         else:
-            pred = ops.to_numpy(fit.model.predict(theta, _population_z(fit))[0])
+            pred = ops.to_numpy(model_program(fit.model, "population_predict")(theta)[0])
         po = np.asarray(pred)[mask]
     _, dist = _fit_streams(fit)
     if dist is not None:  # every process's observations (its units' rows, flattened), in rank = unit order

@@ -27,7 +27,48 @@ from typing import Any
 import numpy as np
 
 from .model import LatentModel, ModelSpecificationError
+from .ops import ProgramsByModel
 from .units import max_over_processes, prior_draws_on_streams
+
+#: the compiled simulations and predictions of each model (:func:`model_program`)
+_PROGRAMS = ProgramsByModel()
+
+
+def _simulate(model: LatentModel, theta: dict[str, Any], key: Any, num_sims: int) -> Any:
+    """``[K, N, T]`` observations ``y = f(z) + g(z) ε`` of ``z ~ p(z; θ)`` from one key (backend array)."""
+    ops = model.ops
+    k1, k2 = ops.split(key)
+    z = model.sample_prior(theta, k1, num_sims)
+    mean, sd = model.predict(theta, z)
+    return mean + sd * ops.normal(k2, tuple(mean.shape))
+
+
+def _population_predict(model: LatentModel, theta: dict[str, Any]) -> tuple[Any, Any]:
+    """``model.predict`` at the latents' prior means (PRED and its sd)."""
+    return model.predict(theta, model.prior_moments(theta)[0])
+
+
+_BODIES: dict[str, Any] = {
+    "simulate": _simulate,
+    "predict": lambda model, theta, z: model.predict(theta, z),
+    "population_predict": _population_predict,
+    "population_structural": lambda model, theta: model.structural_prediction(theta, model.prior_moments(theta)[0]),
+}
+
+
+def model_program(model: LatentModel, name: str, *static: Any) -> Any:
+    """The diagnostics' model computation ``name`` (:data:`_BODIES`: ``"simulate"`` ``(θ, key)``, ``"predict"``
+    ``(θ, z)``, ``"population_predict"`` and an NLME model's ``"population_structural"`` ``(θ)``; ``static``:
+    trailing Python arguments, e.g. the number of simulations) as one compiled program on JAX, made once per model
+    (``ops.jit``: a later process reads it from the on-disk store); the same operations, op by op, on torch.  Op by
+    op on JAX each operation was a program to lower and read back from the cache in every fresh process
+    (theophylline's residuals ~0.4 s, its VPC ~0.2 s with the cache warm)."""
+    body = _BODIES[name]
+
+    def make(ref: Any) -> Any:
+        return lambda *args: body(ref(), *args, *static)
+
+    return _PROGRAMS.get_program(model, (name, static), make)
 
 
 @dataclass
@@ -75,10 +116,7 @@ def simulate_observations(model: LatentModel, theta: dict[str, Any], num_sims: i
         return _simulate_per_unit(model, theta, int(num_sims), seed, unit_ids, model.ops if ops is None else ops)
     ops = model.ops
     with ops.seed_context(seed):
-        k1, k2 = ops.split(ops.key(seed))
-        z = model.sample_prior(theta, k1, int(num_sims))
-        mean, sd = model.predict(theta, z)
-        y = mean + sd * ops.normal(k2, tuple(mean.shape))
+        y = model_program(model, "simulate", int(num_sims))(theta, ops.key(seed))
     return ops.to_numpy(y)
 
 
@@ -154,12 +192,11 @@ def residuals(model: LatentModel, theta: dict[str, Any], z_mode: Any, num_sims: 
         # the simulated covariance of a unit has rank ≤ num_sims − 1: singular, nothing to decorrelate with
         raise ValueError(f"num_sims={num_sims} must exceed the number of observations of every unit ({most}): "
                          f"PWRES/NPDE decorrelate with a covariance estimated from the simulations")
-    ipred_t, isd_t = model.predict(theta, ops.asarray(z_mode))
+    ipred_t, isd_t = model_program(model, "predict")(theta, ops.asarray(z_mode))
     ipred, isd = ops.to_numpy(ipred_t), ops.to_numpy(isd_t)
     sims = simulate_observations(model, theta, num_sims, seed, unit_ids=unit_ids, ops=dist_ops)  # [K, N, T]
     if model.has_gaussian_prior:
-        m, _ = model.prior_moments(theta)
-        pred = ops.to_numpy(model.predict(theta, m)[0])
+        pred = ops.to_numpy(model_program(model, "population_predict")(theta)[0])
     else:
         pred = np.median(sims, 0)
     epred = sims.mean(0)
