@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from latentfit.inference.diagnostics import model_program
+from latentfit.inference.diagnostics import _population_predict, _population_structural, model_program
 from latentfit.inference.postfit import resolve_x
 
 
@@ -188,20 +188,31 @@ def _set_log_y(ax: Any, values: np.ndarray) -> None:
         ax.set_ylim(bottom=0.7 * pos.min())
 
 
+def _curves_on_grid(model: Any, theta: dict[str, Any], mode: Any, num_points: int) -> Any:
+    """IPRED and PRED ``[2, N, G]`` on the fine grid of :meth:`prediction_grid` (its doses and covariates: constants of
+    the compiled program, :func:`~latentfit.inference.diagnostics.model_program`)."""
+    z = model.ops.xp.stack([mode, model.prior_moments(theta)[0]])  # [2, N, d]
+    return model.structural_prediction_at(theta, z, model.prediction_grid(num_points)[0])
+
+
+def _curves_at_observations(model: Any, theta: dict[str, Any], mode: Any) -> Any:
+    """IPRED and PRED ``[2, N, T]`` at the observations."""
+    return model.structural_prediction(theta, model.ops.xp.stack([mode, model.prior_moments(theta)[0]]))
+
+
 def _individual_fits_nlme(fit: Any, model: Any, x: Any, units: list[int], ncols: int, figsize: Any, log: bool,
                           num_points: int) -> Any:
     plt = _plt()
     ops, data = model.ops, model.data
     xv, xlabel = _x_values(fit, x)
-    theta = fit._theta()
-    z = ops.xp.stack([ops.asarray(fit.individual_estimates().mode), _population_z(fit)])  # [2, N, d]
+    theta, mode = fit._theta(), ops.asarray(fit.individual_estimates().mode)
     grid = model.prediction_grid(num_points) if xlabel == model.x_name else None
     if grid is not None:
         gx, gmask = grid
-        curves = ops.to_numpy(model.structural_prediction_at(theta, z, gx))
+        curves = ops.to_numpy(model_program(model, _curves_on_grid, num_points)(theta, mode))
     else:  # predictions at the observations only, joined by segments
         gx, gmask = xv, data.mask
-        curves = ops.to_numpy(model.structural_prediction(theta, z))
+        curves = ops.to_numpy(model_program(model, _curves_at_observations)(theta, mode))
     # several responses: one panel per (subject, response); occasions: curves not joined across occasions
     response, occasion = _response_and_occasion(model, gmask.shape)  # of the curves' points
     response_obs = _response_and_occasion(model, data.mask.shape)[0]  # of the observations
@@ -365,9 +376,9 @@ def vpc_summary(fit: Any, x: Any = None, *, pred_corrected: bool | None = None, 
     xo, yo, so, po = xv[mask], y[mask], sims[:, mask], None
     if pred_corrected:  # PRED: one compiled program on JAX (op by op, each operation a program to load)
         if model is not None:
-            pred = ops.to_numpy(model_program(model, "population_structural")(theta))
+            pred = ops.to_numpy(model_program(model, _population_structural)(theta))
         else:
-            pred = ops.to_numpy(model_program(fit.model, "population_predict")(theta)[0])
+            pred = ops.to_numpy(model_program(fit.model, _population_predict)(theta)[0])
         po = np.asarray(pred)[mask]
     _, dist = _fit_streams(fit)
     if dist is not None:  # every process's observations (its units' rows, flattened), in rank = unit order
@@ -618,7 +629,7 @@ def joint_vpc_summary(fit: Any, *, num_sims: int = 500, bins: Any = None, level:
     sims, first = oc.simulate_joint(model, theta, num_sims, seed, **streams)  # [K, N, T] all responses; first events
     index = np.asarray(ops.to_numpy(resp.index))
     base = data.mask & (data.cens == 0)
-    pred = ops.to_numpy(model.structural_prediction(theta, _population_z(fit))) if pred_corrected else None
+    pred = ops.to_numpy(model_program(model, _population_structural)(theta)) if pred_corrected else None
 
     def pick(option: Any, name: str) -> Any:
         return option.get(name) if isinstance(option, dict) else option

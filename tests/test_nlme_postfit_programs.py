@@ -339,10 +339,11 @@ def test_linearised_and_quadrature_log_likelihoods_are_compiled_programs(fitted)
 
 
 def test_residuals_and_the_vpc_simulate_and_predict_in_compiled_programs(fitted):
-    """The residuals' and the prediction-corrected VPC's simulations and predictions on JAX are compiled programs
-    (``diagnostics.model_program``; theophylline with the cache warm: residuals 0.6 -> 0.04 s, VPC 0.37 -> 0.04 s;
-    op by op each operation was a program to load in every fresh process): the same values as the operations run
-    one by one, and other parameters or another seed trace nothing."""
+    """The residuals' and the prediction-corrected VPC's simulations and predictions, and the individual fits' curves,
+    on JAX are compiled programs (``diagnostics.model_program``; theophylline with the cache warm: residuals 0.6 ->
+    0.04 s, VPC 0.37 -> 0.04 s; op by op each operation was a program to load in every fresh process): the same
+    values as the operations run one by one, and other parameters or another seed trace nothing."""
+    from latentfit import plots
     from latentfit.inference import diagnostics, ops_jax
     from latentfit.plots import vpc_summary
 
@@ -367,11 +368,21 @@ def test_residuals_and_the_vpc_simulate_and_predict_in_compiled_programs(fitted)
                                    err_msg=name)
     np.testing.assert_allclose(vpc.simulated, eager_vpc.simulated, rtol=1e-12)
     np.testing.assert_allclose(vpc.observed, eager_vpc.observed, rtol=1e-12)
+    curves = plots._individual_fits_nlme(fit, model, None, [0, 1], 2, None, False, 50)
     keys = {key for key in programs.get(model, {})}
-    assert {("simulate", (200,)), ("simulate", (100,)), ("predict", ()), ("population_predict", ()),
-            ("population_structural", ())} <= keys, keys
+    assert {(diagnostics._simulate, (200,)), (diagnostics._simulate, (100,)), (diagnostics._predict, ()),
+            (diagnostics._population_predict, ()), (diagnostics._population_structural, ()),
+            (plots._curves_on_grid, (50,))} <= keys, keys
+    ipred, pred = np.asarray(programs[model][(plots._curves_on_grid, (50,))](theta, modes))
+    z = np.stack([np.asarray(modes), np.asarray(model.prior_moments(theta)[0])])
+    eager_curves = np.asarray(model.structural_prediction_at(theta, z, model.prediction_grid(50)[0]))
+    np.testing.assert_allclose(np.stack([ipred, pred]), eager_curves, rtol=1e-12)
     traces = ops_jax.TRACES[0]
     other = {k: v * 1.01 for k, v in theta.items()}
     again = diagnostics.residuals(model, other, modes, num_sims=200, seed=5)
     vpc_summary(fit, num_sims=100, seed=3)
+    programs[model][(plots._curves_on_grid, (50,))](other, modes)
     assert ops_jax.TRACES[0] == traces and not np.allclose(again.epred, compiled.epred, equal_nan=True)
+    import matplotlib.pyplot as plt
+
+    plt.close(curves)

@@ -43,32 +43,33 @@ def _simulate(model: LatentModel, theta: dict[str, Any], key: Any, num_sims: int
     return mean + sd * ops.normal(k2, tuple(mean.shape))
 
 
+def _predict(model: LatentModel, theta: dict[str, Any], z: Any) -> tuple[Any, Any]:
+    """``model.predict``: mean and sd of the observations at the latents ``z``."""
+    return model.predict(theta, z)
+
+
 def _population_predict(model: LatentModel, theta: dict[str, Any]) -> tuple[Any, Any]:
     """``model.predict`` at the latents' prior means (PRED and its sd)."""
     return model.predict(theta, model.prior_moments(theta)[0])
 
 
-_BODIES: dict[str, Any] = {
-    "simulate": _simulate,
-    "predict": lambda model, theta, z: model.predict(theta, z),
-    "population_predict": _population_predict,
-    "population_structural": lambda model, theta: model.structural_prediction(theta, model.prior_moments(theta)[0]),
-}
+def _population_structural(model: Any, theta: dict[str, Any]) -> Any:
+    """An NLME model's structural prediction at the latents' prior means (PRED on the data's scale)."""
+    return model.structural_prediction(theta, model.prior_moments(theta)[0])
 
 
-def model_program(model: LatentModel, name: str, *static: Any) -> Any:
-    """The diagnostics' model computation ``name`` (:data:`_BODIES`: ``"simulate"`` ``(θ, key)``, ``"predict"``
-    ``(θ, z)``, ``"population_predict"`` and an NLME model's ``"population_structural"`` ``(θ)``; ``static``:
+def model_program(model: LatentModel, body: Any, *static: Any) -> Any:
+    """``body(model, *args, *static)`` (a module-level function: :func:`_simulate` ``(θ, key)``, :func:`_predict`
+    ``(θ, z)``, :func:`_population_predict` and :func:`_population_structural` ``(θ)``, or a plot's; ``static``:
     trailing Python arguments, e.g. the number of simulations) as one compiled program on JAX, made once per model
     (``ops.jit``: a later process reads it from the on-disk store); the same operations, op by op, on torch.  Op by
     op on JAX each operation was a program to lower and read back from the cache in every fresh process
-    (theophylline's residuals ~0.4 s, its VPC ~0.2 s with the cache warm)."""
-    body = _BODIES[name]
+    (theophylline's residuals ~0.6 s, its VPC ~0.4 s with the cache warm)."""
 
     def make(ref: Any) -> Any:
         return lambda *args: body(ref(), *args, *static)
 
-    return _PROGRAMS.get_program(model, (name, static), make)
+    return _PROGRAMS.get_program(model, (body, static), make)
 
 
 @dataclass
@@ -116,7 +117,7 @@ def simulate_observations(model: LatentModel, theta: dict[str, Any], num_sims: i
         return _simulate_per_unit(model, theta, int(num_sims), seed, unit_ids, model.ops if ops is None else ops)
     ops = model.ops
     with ops.seed_context(seed):
-        y = model_program(model, "simulate", int(num_sims))(theta, ops.key(seed))
+        y = model_program(model, _simulate, int(num_sims))(theta, ops.key(seed))
     return ops.to_numpy(y)
 
 
@@ -192,11 +193,11 @@ def residuals(model: LatentModel, theta: dict[str, Any], z_mode: Any, num_sims: 
         # the simulated covariance of a unit has rank ≤ num_sims − 1: singular, nothing to decorrelate with
         raise ValueError(f"num_sims={num_sims} must exceed the number of observations of every unit ({most}): "
                          f"PWRES/NPDE decorrelate with a covariance estimated from the simulations")
-    ipred_t, isd_t = model_program(model, "predict")(theta, ops.asarray(z_mode))
+    ipred_t, isd_t = model_program(model, _predict)(theta, ops.asarray(z_mode))
     ipred, isd = ops.to_numpy(ipred_t), ops.to_numpy(isd_t)
     sims = simulate_observations(model, theta, num_sims, seed, unit_ids=unit_ids, ops=dist_ops)  # [K, N, T]
     if model.has_gaussian_prior:
-        pred = ops.to_numpy(model_program(model, "population_predict")(theta)[0])
+        pred = ops.to_numpy(model_program(model, _population_predict)(theta)[0])
     else:
         pred = np.median(sims, 0)
     epred = sims.mean(0)
