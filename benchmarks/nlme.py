@@ -899,6 +899,99 @@ def theophylline_jax_end_to_end(cache_dir: str | None = None, runs: int = 1,
     return out
 
 
+#: the same work on the default torch path (no compilation cache: nothing to compile), in a fresh process
+_E2E_TORCH_CHILD = """
+import time
+import latentfit as lf
+from latentfit.models import nlme
+t0, c0 = time.perf_counter(), time.process_time()
+df = lf.datasets.theophylline(saemix_form=True)
+model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, data=df,
+                  columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
+fit = model.fit(seed=0, progress=False)
+params = {k: float(v) for k, v in fit.params.items()}
+t_fit = time.perf_counter()
+ebe = fit.individual_parameters()
+t_ebe = time.perf_counter()
+table = fit.summary()
+lin = fit.log_likelihood("lin")
+t_se = time.perf_counter()
+ll = fit.log_likelihood("is")
+t1, c1 = time.perf_counter(), time.process_time()
+print("E2E", t1 - t0, c1 - c0, t_fit - t0, t_ebe - t_fit, t_se - t_ebe, t1 - t_se, ll)
+"""
+
+
+def theophylline_torch_end_to_end(runs: int) -> list[dict[str, float]] | None:
+    """:func:`theophylline_jax_end_to_end`'s work on the default torch path in ``runs`` fresh processes (imports
+    excluded): records ``wall``, ``cpu``, ``fit``, ``ebe``, ``se``, ``ll``, ``loglik``; None when a run failed."""
+    import subprocess
+
+    names = ("wall", "cpu", "fit", "ebe", "se", "ll", "loglik")
+    out = []
+    for _ in range(runs):
+        run = subprocess.run([sys.executable, "-c", _E2E_TORCH_CHILD], capture_output=True, text=True,
+                             cwd=os.path.join(os.path.dirname(__file__), ".."),
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+        line = [ln for ln in run.stdout.splitlines() if ln.startswith("E2E")]
+        if run.returncode != 0 or not line:
+            print(f"(theophylline torch end to end failed: {(run.stderr or run.stdout).strip()[-300:]})")
+            return None
+        out.append(dict(zip(names, (float(v) for v in line[0].split()[1:]))))
+    return out
+
+
+def command_line_seconds(backend: str, runs: int, cache_dir: str) -> list[float] | None:
+    """Wall seconds of ``latentfit nlme fit examples/theophylline.toml examples/theophylline.csv --backend B`` in
+    ``runs`` fresh processes, everything the user waits for (process start, imports, the fit, the tables, the four
+    figures and the HTML report), after one run that fills the compilation cache (``cache_dir``, JAX)."""
+    import subprocess
+    import tempfile
+    import time
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    env = dict(os.environ, MPLBACKEND="Agg", OMP_NUM_THREADS="1", LATENTFIT_COMPILATION_CACHE=cache_dir)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(runs + 1):
+            t = time.perf_counter()
+            run = subprocess.run([sys.executable, "-m", "latentfit", "nlme", "fit", "examples/theophylline.toml",
+                                  "examples/theophylline.csv", "--out", tmp, "--backend", backend, "--no-progress"],
+                                 capture_output=True, text=True, cwd=root, env=env)
+            if run.returncode != 0:
+                print(f"(command line, {backend}: failed: {(run.stderr or run.stdout).strip()[-300:]})")
+                return None
+            if r > 0:
+                out.append(time.perf_counter() - t)
+    return out
+
+
+def report_torch_and_command_line(runs: int) -> None:
+    """The default torch path's end-to-end figures, and the command line's wall time on both backends."""
+    import tempfile
+
+    rows = theophylline_torch_end_to_end(runs)
+    if rows:
+        def med(key: str) -> str:
+            v = np.array([r[key] for r in rows])
+            return f"{np.median(v):.3f} ({v.min():.3f}-{v.max():.3f})"
+
+        wall = float(np.median([r["wall"] for r in rows]))
+        print(f"\ntheophylline, backend='torch' (the default), the same work in fresh processes, imports excluded; "
+              f"median (range) of {len(rows)} runs:")
+        print(f"  wall {med('wall')} s, CPU {med('cpu')} s; fit {med('fit')}, EBEs {med('ebe')}, SEs and ll.lin "
+              f"{med('se')}, IS log-likelihood {med('ll')} s; vs saemix's recorded {SAEMIX_SECONDS} s: "
+              f"{SAEMIX_SECONDS / wall:.1f}x")
+    with tempfile.TemporaryDirectory() as cache:
+        for backend in ("torch", "jax"):
+            secs = command_line_seconds(backend, runs, cache)
+            if secs:
+                print(f"command line 'latentfit nlme fit examples/theophylline.toml examples/theophylline.csv "
+                      f"--backend {backend}' (fit, tables, 4 figures, HTML report; process start included"
+                      f"{', compilation cache warm' if backend == 'jax' else ''}): median {np.median(secs):.2f} s "
+                      f"({min(secs):.2f}-{max(secs):.2f}) of {len(secs)} runs")
+
+
 def saemix_theophylline() -> float | None:
     """saemix's own end-to-end time on its theophylline example with its defaults (the fit, the EBEs, the FIM and
     the IS log-likelihood: ``saemix(model, data)`` on ``theo.saemix``), measured here by ``Rscript``; None (with a
@@ -1008,6 +1101,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.e2e_only:
         report_end_to_end(args.e2e_runs)
+        report_torch_and_command_line(min(args.e2e_runs, 5))
         return
     num_iters = (60, 20) if args.quick else (300, 100)
     iters = sum(num_iters)
@@ -1047,6 +1141,7 @@ def main() -> None:
           "'vs saemix' uses its 1.5 s / 400 iterations measured elsewhere)")
     if not args.quick:
         report_end_to_end(args.e2e_runs)
+        report_torch_and_command_line(min(args.e2e_runs, 5))
     exact_maximum(rows)
 
 
