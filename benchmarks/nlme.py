@@ -902,6 +902,7 @@ def theophylline_jax_end_to_end(cache_dir: str | None = None, runs: int = 1,
 #: the same work on the default torch path (no compilation cache: nothing to compile), in a fresh process
 _E2E_TORCH_CHILD = """
 import time
+import torch  # imports excluded, as in the JAX run (latentfit imports torch when the first model is built: ~0.9 s)
 import latentfit as lf
 from latentfit.models import nlme
 t0, c0 = time.perf_counter(), time.process_time()
