@@ -616,6 +616,28 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   machine in a slow phase).  Tried, measured, not kept: the read-ahead thread waiting while the main thread
   deserialises (two loads side by side contend): the start's load took as long alone (34 ms in that phase) and the
   chunk's then 60 ms alone after it, 0.2132 -> 0.2259 s (12 rounds).
+* twenty-second round (issue 14 items 7 and 9): what the user waits for beyond the JAX fit.  ``--e2e-only`` now also
+  times the default torch path's same work in fresh processes and the command line on both backends (process start
+  included).  Before -> after, one moment, this machine:
+  - torch, saemix's default work, imports excluded: 2.10 -> 1.19 s (saemix's recorded 1.5 s: 0.7x -> 1.3x).  Its
+    linearisation SEs took 0.97 s, of which ~0.9 s was torch importing its compiler: torch's forward mode (the
+    Jacobian of the linearised moments, ``torch.func.jacfwd``) calls Python references for the element-wise binary
+    operations, whose first use imports ``torch._dynamo``.  The linearisation's Jacobians are now taken by the
+    double-backward trick (``Ops.jacobian_columns``: one reverse pass kept differentiable, then one per column; each
+    differentiates a scalar, as an explicit ``grad_outputs`` makes torch import sympy, ~0.4 s): 0.009 s, the same SEs
+    to the last digit.  (MISSO's per-unit scores and Louis' formula keep torch's forward mode, where Pyro's traced
+    graphs are vmapped inside the transform.)
+  - ``latentfit nlme fit`` on theophylline: torch 6.07 -> 4.72 s; JAX with the cache warm 5.81 -> 3.51 s.  A JAX run
+    imported torch (~1 s) to build the model that checks the file on the file's backend; the command line's backend
+    now reaches it.  The residuals' and the pcVPC's simulations and predictions and the individual fits' curves ran op
+    by op on JAX, each operation a program to load: they are compiled programs (``diagnostics.model_program``; warm:
+    residuals 0.6 -> 0.04 s, VPC 0.37 -> 0.04 s, the values to rounding).  What is left is imports (~1.5 s) and
+    matplotlib (~2 s for the four figures).
+  - the JAX end-to-end figure itself: 0.149-0.162 s (medians of 10-20 runs at three moments; 10.1-9.3x saemix).
+  Tried, measured, not kept: starting the read-ahead when the first JAX model is built, on the trail of the store's
+  most recently used first executable (a guess, ~10 ms earlier than the first load): two deserialisations side by side
+  slow each other (alone 19 and 29 ms, together 32-62 ms), and the chunk's took 70 ms instead of 44: 0.1512 -> 0.1552
+  s (16 rounds alternated).
 """
 
 from __future__ import annotations
