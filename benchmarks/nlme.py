@@ -625,8 +625,9 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
     operations, whose first use imports ``torch._dynamo``.  The linearisation's Jacobians are now taken by the
     double-backward trick (``Ops.jacobian_columns``: one reverse pass kept differentiable, then one per column; each
     differentiates a scalar, as an explicit ``grad_outputs`` makes torch import sympy, ~0.4 s): 0.009 s, the same SEs
-    to the last digit.  (MISSO's per-unit scores and Louis' formula keep torch's forward mode, where Pyro's traced
-    graphs are vmapped inside the transform.)
+    to the last digit.  Louis' formula's scores too (the SEs of non-Gaussian outcomes; a binary model's 0.95 ->
+    0.02 s, the same SEs).  MISSO's per-unit scores keep torch's forward mode, under which Pyro's traced graphs are
+    vmapped (the import is paid once against a whole fit's iterations).
   - ``latentfit nlme fit`` on theophylline: torch 6.07 -> 4.72 s; JAX with the cache warm 5.81 -> 3.51 s.  A JAX run
     imported torch (~1 s) to build the model that checks the file on the file's backend; the command line's backend
     now reaches it.  The residuals' and the pcVPC's simulations and predictions and the individual fits' curves ran op

@@ -84,10 +84,10 @@ def forward_jacobian(ops: Any, f: Callable[[Any], Any], x: Any) -> Any:
     return ops.jacfwd(f)(x)
 
 
-def linearisation_jacobian(ops: Any, f: Callable[[Any], Any], x: Any) -> Any:
-    """:func:`forward_jacobian` of the linearisation's plain-array functions (the moments, the transforms):
+def columns_jacobian(ops: Any, f: Callable[[Any], Any], x: Any) -> Any:
+    """:func:`forward_jacobian` for the standard errors (the linearisation's moments, the transforms, Louis' scores):
     ``ops.jacobian_columns``, on torch without its forward mode (whose first use imports ``torch._dynamo``, ~0.9 s
-    of a fresh process's linearisation SEs); the same values."""
+    of a fresh process's SEs); the same values."""
     return ops.jacobian_columns(f)(x)
 
 
@@ -179,7 +179,7 @@ def _finish(method: str, model: LatentModel, pv: ParamVector, fim: np.ndarray,
     sym = 0.5 * (fim + fim.T)
     cov_u = invert_information(sym)
     if jc is None:
-        jc = ops.to_numpy(linearisation_jacobian(ops, pv.constrained_flat, pv.x0))  # [P_c, p]
+        jc = ops.to_numpy(columns_jacobian(ops, pv.constrained_flat, pv.x0))  # [P_c, p]
     cov = jc @ cov_u @ jc.T
     labels, est = _labels(model, pv.theta)
     var = np.diagonal(cov).copy()
@@ -251,7 +251,7 @@ def _lin_information(model: LatentModel) -> Callable[[dict[str, Any], Any], tupl
                 _, _, mean, cov = linearised_moments(model, pv.theta_of(x), z_hat, jac)
                 return xp.concatenate([xp.reshape(mean, (-1,)), xp.reshape(cov, (-1,))])
 
-            d_all = linearisation_jacobian(ops, moments, pv.x0)  # [n*T + n*T*T, p]
+            d_all = columns_jacobian(ops, moments, pv.x0)  # [n*T + n*T*T, p]
             p = d_all.shape[-1]
             d_mean = xp.reshape(d_all[: n * t], (n, t, p))
             d_cov = xp.reshape(d_all[n * t:], (n, t, t, p))
@@ -259,7 +259,7 @@ def _lin_information(model: LatentModel) -> Callable[[dict[str, Any], Any], tupl
             fim = xp.einsum("ntp,nts,nsq->pq", d_mean, vinv, d_mean)
             a = xp.einsum("nab,nbcp->nacp", vinv, d_cov)
             fim = fim + 0.5 * xp.einsum("nabp,nbaq->pq", a, a)
-            return (fim, linearisation_jacobian(ops, pv.constrained_flat, pv.x0),
+            return (fim, columns_jacobian(ops, pv.constrained_flat, pv.x0),
                     gaussian_log_density(ops, y, mean0, cov0, mask))
 
         return information
@@ -321,7 +321,7 @@ def _louis_derivatives(model: LatentModel, free: tuple[str, ...], shapes: tuple)
                 th.update(model.constrain(unflatten(u, list(free), shape_map)))
                 return model.log_joint(th, zb)  # [S_b, n]
 
-            return ops.hessian(lambda u: xp.sum(complete(u)))(x), forward_jacobian(ops, complete, x)
+            return ops.hessian(lambda u: xp.sum(complete(u)))(x), columns_jacobian(ops, complete, x)
 
         return derivatives
 
