@@ -795,31 +795,16 @@ class TorchOps(Ops):
         return jac
 
     def jacobian_columns(self, f: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        """:meth:`jacfwd`'s Jacobian ``[*out_shape, p]`` by the double-backward trick: ``g(u) = J(x)ᵀu`` by one
-        reverse pass kept differentiable, then each column ``J e_k = ∂(g·e_k)/∂u`` by one reverse pass of that graph.
-        ``f`` is evaluated once (random draws inside it are shared by every column).  For the post-fit derivatives
-        of plain torch models (the linearisation's moments and transforms), where torch's forward mode costs more
+        """:meth:`jacfwd`'s Jacobian ``[*out_shape, p]``, its columns by :func:`reverse_jvp` along the unit vectors
+        (the double-backward trick; ``f`` evaluated once: random draws inside it are shared by every column).  For
+        the post-fit derivatives (the SEs' moments, transforms and scores), where torch's forward mode costs more
         than its arithmetic: its rules for the element-wise binary operations call Python references whose first
-        use imports ``torch._dynamo`` (torch 2.13: ~0.9 s in every fresh process computing linearisation SEs).  Each
-        pass differentiates a scalar: an explicit ``grad_outputs`` makes torch import sympy (~0.4 s)."""
+        use imports ``torch._dynamo`` (torch 2.13: ~0.9 s in every fresh process computing SEs)."""
         torch = self.torch
 
         def jac(x: Any) -> Any:
-            p = int(x.shape[-1])
-            with torch.enable_grad():
-                x = x.detach().requires_grad_(True)
-                out = f(x)
-                if not out.requires_grad:  # f does not read x
-                    return out.new_zeros(tuple(out.shape) + (p,))
-                u = torch.zeros_like(out, requires_grad=True)
-                (g,) = torch.autograd.grad((out * u).sum(), x, create_graph=True, allow_unused=True)
-                cols = []
-                for k in range(p):
-                    col = None
-                    if g is not None and g.requires_grad:  # else no path from x to out
-                        (col,) = torch.autograd.grad(g[k], u, retain_graph=True, allow_unused=True)
-                    cols.append(torch.zeros_like(out) if col is None else col.detach())
-            return torch.stack(cols, -1)
+            eye = torch.eye(int(x.shape[-1]), dtype=x.dtype, device=x.device)
+            return torch.movedim(reverse_jvp(f, x, eye)[1], 0, -1)
 
         return jac
 
@@ -1018,6 +1003,31 @@ class TorchOps(Ops):
 
 
 # ----- choosing a backend (the only place, with ops_jax, that knows which library an array comes from) -----
+def reverse_jvp(f: Callable[[Any], Any], x: Any, tangents: Any) -> tuple[Any, Any]:
+    """``(f(x), [J(x) v for v in tangents])`` (torch; ``tangents [k, *x.shape]`` -> ``[k, *out.shape]``) by the
+    double-backward trick: ``g(u) = J(x)ᵀu`` by one reverse pass kept differentiable, then ``J v = ∂(g·v)/∂u`` by one
+    reverse pass of that graph per direction; ``f`` is evaluated once.  The values of forward mode without it:
+    torch's forward-mode rules for the element-wise binary operations call Python references whose first use imports
+    ``torch._dynamo`` (and sympy; ~0.9 s in a fresh process).  Each pass differentiates a scalar: an explicit
+    ``grad_outputs`` makes torch import sympy (~0.4 s) to compare its shape."""
+    import torch
+
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        out = f(x)
+        if not out.requires_grad:  # f does not read x
+            return out.detach(), out.new_zeros((tangents.shape[0],) + tuple(out.shape))
+        u = torch.zeros_like(out, requires_grad=True)
+        (g,) = torch.autograd.grad((out * u).sum(), x, create_graph=True, allow_unused=True)
+        cols = []
+        for v in tangents.to(x.dtype):
+            col = None
+            if g is not None and g.requires_grad:  # else no path from x to out
+                (col,) = torch.autograd.grad((g * v).sum(), u, retain_graph=True, allow_unused=True)
+            cols.append(torch.zeros_like(out) if col is None else col.detach())
+    return out.detach(), torch.stack(cols)
+
+
 class ProgramsByModel(weakref.WeakKeyDictionary):
     """The compiled programs of each model, by key (post-fit work: the SEs' information, the IS, linearised and
     quadrature log-likelihoods): ``programs.get_program(model, key, body)`` is ``model.ops.jit(body(ref))``, made once
