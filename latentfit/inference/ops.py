@@ -1002,7 +1002,7 @@ class TorchOps(Ops):
         return f(tree) if tree is not None else None
 
 
-# ----- choosing a backend (the only place, with ops_jax, that knows which library an array comes from) -----
+# ----- torch derivatives without forward mode; the per-model program caches -----------------------------------
 def reverse_jvp(f: Callable[[Any], Any], x: Any, tangents: Any) -> tuple[Any, Any]:
     """``(f(x), [J(x) v for v in tangents])`` (torch; ``tangents [k, *x.shape]`` -> ``[k, *out.shape]``) by the
     double-backward trick: ``g(u) = J(x)ᵀu`` by one reverse pass kept differentiable, then ``J v = ∂(g·v)/∂u`` by one
@@ -1042,6 +1042,7 @@ class ProgramsByModel(weakref.WeakKeyDictionary):
         return per_model[key]
 
 
+# ----- choosing a backend (the only place, with ops_jax, that knows which library an array comes from) -----
 def make_ops(backend: str = "torch", *, device: Any = None, dtype: Any = None) -> Ops:
     """The shim of a backend by name: ``"torch"`` (float64 unless ``dtype``) or ``"jax"`` (JAX's default float)."""
     if backend == "torch":
