@@ -139,11 +139,6 @@ def _natural(model: Any, a: np.ndarray) -> np.ndarray:
     return np.exp(a) if model is not None and getattr(model, "error", None) == "exponential" else a
 
 
-def _population_z(fit: Any) -> Any:
-    """The latents at their prior means (population predictions, PRED), backend array ``[N, d]``."""
-    return fit.model.prior_moments(fit._theta())[0]
-
-
 def _unit_label(model: Any, i: int) -> str:
     """Panel title of unit ``i``: the ID column's name and the subject's ID."""
     ident = model.data.ids[i]
