@@ -844,28 +844,35 @@ def _jax_chunk_bytes(model) -> str:
     return f"{temp / n:.0f} B of XLA temporaries and {args / n:.0f} B of arguments per individual (largest chunk)"
 
 
-#: one end-to-end theophylline fit on the JAX path in a fresh process, the work of saemix's default run: data, model,
-#: fit (defaults), estimates read, then the individual estimates (EBEs), the standard errors and the log-likelihood by
-#: linearisation (saemix's FIM step) and the importance-sampling log-likelihood; ``argv[2:4]``: the seed and a factor
-#: on saemix's initial values (default 0 and 1)
+#: one end-to-end theophylline fit in a fresh process, the work of saemix's default run: data, model, fit (defaults),
+#: estimates read, then the individual estimates (EBEs), the standard errors and the log-likelihood by linearisation
+#: (saemix's FIM step) and the importance-sampling log-likelihood; ``argv[1:5]``: the JAX compilation cache, the
+#: seed, a factor on saemix's initial values and the backend (default 0, 1 and "jax"); imports excluded (torch, which
+#: latentfit imports when the first model is built, ~0.9 s, too)
 _E2E_CHILD = """
 import sys, time
-import jax
-jax.config.update("jax_enable_x64", True)
-import latentfit as lf
-from latentfit.inference import ops_jax
-from latentfit.models import nlme
-lf.enable_compilation_cache(sys.argv[1])
 seed, factor = (int(sys.argv[2]), float(sys.argv[3])) if len(sys.argv) > 3 else (0, 1.0)
-programs, compiles = [], []  # XLA programs compiled or read back from JAX's persistent cache; XLA compilations
-jax.monitoring.register_event_listener(
-    lambda name, **kw: programs.append(1) if name == "/jax/compilation_cache/compile_requests_use_cache" else None)
-jax.monitoring.register_event_duration_secs_listener(
-    lambda name, secs, **kw: compiles.append(1) if name == "/jax/core/compile/backend_compile_duration" else None)
+backend = sys.argv[4] if len(sys.argv) > 4 else "jax"
+programs, compiles, traces = [], [], lambda: 0  # XLA programs compiled or read back from JAX's cache; compilations
+if backend == "jax":
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    import latentfit as lf
+    from latentfit.inference import ops_jax
+    lf.enable_compilation_cache(sys.argv[1])
+    jax.monitoring.register_event_listener(
+        lambda name, **kw: programs.append(1) if name == "/jax/compilation_cache/compile_requests_use_cache" else None)
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: compiles.append(1) if name == "/jax/core/compile/backend_compile_duration" else None)
+    traces = lambda: ops_jax.TRACES[0]  # noqa: E731
+else:
+    import torch  # noqa: F401
+    import latentfit as lf
+from latentfit.models import nlme
 t0, c0 = time.perf_counter(), time.process_time()
 df = lf.datasets.theophylline(saemix_form=True)
 model = nlme.NLME("one_compartment_oral", {"ka": 1.0 * factor, "V": 20.0 * factor, "CL": 0.5 * factor}, data=df,
-                  backend="jax", columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
+                  backend=backend, columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
 fit = model.fit(seed=seed, progress=False)
 params = {k: float(v) for k, v in fit.params.items()}
 t_fit, n_fit = time.perf_counter(), len(programs)
@@ -877,8 +884,23 @@ t_se = time.perf_counter()
 ll = fit.log_likelihood("is")
 t1, c1 = time.perf_counter(), time.process_time()
 print("E2E", t1 - t0, c1 - c0, t_fit - t0, t_ebe - t_fit, t_se - t_ebe, t1 - t_se, n_fit, len(programs), ll,
-      ops_jax.TRACES[0], len(compiles))
+      traces(), len(compiles))
 """
+
+
+def _e2e_run(args: list[str], label: str, env: dict[str, str] | None = None) -> dict[str, float] | None:
+    """One fresh process of :data:`_E2E_CHILD` with ``args``: its record (``wall``, ``cpu``, ``fit``, ``ebe``, ``se``,
+    ``ll``, ``programs_fit``, ``programs``, ``loglik``, ``traces``, ``compiles``), or None (the failure printed)."""
+    import subprocess
+
+    names = ("wall", "cpu", "fit", "ebe", "se", "ll", "programs_fit", "programs", "loglik", "traces", "compiles")
+    run = subprocess.run([sys.executable, "-c", _E2E_CHILD, *args], capture_output=True, text=True, env=env,
+                         cwd=os.path.join(os.path.dirname(__file__), ".."))
+    line = [ln for ln in run.stdout.splitlines() if ln.startswith("E2E")]
+    if run.returncode != 0 or not line:
+        print(f"(theophylline {label} end to end failed: {(run.stderr or run.stdout).strip()[-300:]})")
+        return None
+    return dict(zip(names, (float(v) for v in line[0].split()[1:])))
 
 
 def theophylline_jax_end_to_end(cache_dir: str | None = None, runs: int = 1,
@@ -892,7 +914,6 @@ def theophylline_jax_end_to_end(cache_dir: str | None = None, runs: int = 1,
     traced) and ``compiles`` (XLA compilations); None when JAX is missing or a run failed.  ``variants``: ``(seed,
     factor on the initial values)`` of one more process each, after the timed ones (the first with those settings:
     what the cache serves a user who changes them), its record appended."""
-    import subprocess
     import tempfile
 
     try:
@@ -902,7 +923,6 @@ def theophylline_jax_end_to_end(cache_dir: str | None = None, runs: int = 1,
         return None
     import compileall
 
-    names = ("wall", "cpu", "fit", "ebe", "se", "ll", "programs_fit", "programs", "loglik", "traces", "compiles")
     out: list[dict[str, float]] = []
     # latentfit's bytecode, as an installed package has it: the modules a fit imports (the JAX backend's) are then
     # loaded, not compiled from source in each timed process (~0.02 s where PYTHONDONTWRITEBYTECODE is set)
@@ -911,57 +931,23 @@ def theophylline_jax_end_to_end(cache_dir: str | None = None, runs: int = 1,
         cache = cache_dir or tmp
         settings = [()] * (runs + 1) + [(str(seed), str(factor)) for seed, factor in variants]
         for r, extra in enumerate(settings):  # fill the cache, then time processes that find it warm
-            run = subprocess.run([sys.executable, "-c", _E2E_CHILD, cache, *extra], capture_output=True, text=True,
-                                 cwd=os.path.join(os.path.dirname(__file__), ".."))
-            line = [ln for ln in run.stdout.splitlines() if ln.startswith("E2E")]
-            if run.returncode != 0 or not line:
-                print(f"(theophylline JAX end to end failed: {(run.stderr or run.stdout).strip()[-300:]})")
+            record = _e2e_run([cache, *extra], "JAX")
+            if record is None:
                 return None
             if r > 0:
-                out.append(dict(zip(names, (float(v) for v in line[0].split()[1:]))))
+                out.append(record)
     return out
-
-
-#: the same work on the default torch path (no compilation cache: nothing to compile), in a fresh process
-_E2E_TORCH_CHILD = """
-import time
-import torch  # imports excluded, as in the JAX run (latentfit imports torch when the first model is built: ~0.9 s)
-import latentfit as lf
-from latentfit.models import nlme
-t0, c0 = time.perf_counter(), time.process_time()
-df = lf.datasets.theophylline(saemix_form=True)
-model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, data=df,
-                  columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
-fit = model.fit(seed=0, progress=False)
-params = {k: float(v) for k, v in fit.params.items()}
-t_fit = time.perf_counter()
-ebe = fit.individual_parameters()
-t_ebe = time.perf_counter()
-table = fit.summary()
-lin = fit.log_likelihood("lin")
-t_se = time.perf_counter()
-ll = fit.log_likelihood("is")
-t1, c1 = time.perf_counter(), time.process_time()
-print("E2E", t1 - t0, c1 - c0, t_fit - t0, t_ebe - t_fit, t_se - t_ebe, t1 - t_se, ll)
-"""
 
 
 def theophylline_torch_end_to_end(runs: int) -> list[dict[str, float]] | None:
     """:func:`theophylline_jax_end_to_end`'s work on the default torch path in ``runs`` fresh processes (imports
-    excluded): records ``wall``, ``cpu``, ``fit``, ``ebe``, ``se``, ``ll``, ``loglik``; None when a run failed."""
-    import subprocess
-
-    names = ("wall", "cpu", "fit", "ebe", "se", "ll", "loglik")
+    excluded): records as :func:`_e2e_run`'s; None when a run failed."""
     out = []
     for _ in range(runs):
-        run = subprocess.run([sys.executable, "-c", _E2E_TORCH_CHILD], capture_output=True, text=True,
-                             cwd=os.path.join(os.path.dirname(__file__), ".."),
-                             env=dict(os.environ, OMP_NUM_THREADS="1"))
-        line = [ln for ln in run.stdout.splitlines() if ln.startswith("E2E")]
-        if run.returncode != 0 or not line:
-            print(f"(theophylline torch end to end failed: {(run.stderr or run.stdout).strip()[-300:]})")
+        record = _e2e_run(["-", "0", "1.0", "torch"], "torch", env=dict(os.environ, OMP_NUM_THREADS="1"))
+        if record is None:
             return None
-        out.append(dict(zip(names, (float(v) for v in line[0].split()[1:]))))
+        out.append(record)
     return out
 
 
