@@ -13,6 +13,7 @@ model with the doses marked, a prediction-corrected VPC (pcVPC) and saemix / Mon
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -270,15 +271,29 @@ def _figure_legend(fig: Any, axes: list[Any]) -> None:
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height))
 
 
+def _default_units(num_units: int, max_panels: int | None, what: str) -> list[int]:
+    """The units drawn when the caller names none: all of them, or the first ``max_panels`` with a warning that says
+    how to draw others (a panel per subject of a 5000-subject population took ~170 s and drew a figure nobody can
+    read)."""
+    if max_panels is None or num_units <= max_panels:
+        return list(range(num_units))
+    warnings.warn(f"plot_individual_fits draws the first {max_panels} of {num_units} {what}; choose others with "
+                  f"{'ids= or ' if what == 'subjects' else ''}units=, or pass max_panels=None for all",
+                  UserWarning, stacklevel=3)
+    return list(range(max_panels))
+
+
 def plot_individual_fits(fit: Any, x: Any = None, units: Any = None, ncols: int = 4, figsize: Any = None, *,
-                         ids: Any = None, log: bool = False, num_points: int = 150) -> Any:
+                         ids: Any = None, log: bool = False, num_points: int = 150,
+                         max_panels: int | None = 36) -> Any:
     """Observations with PRED and IPRED per unit.
 
     NLME fits: against the data's time (or x-variable) by default, one panel per subject titled by its ID
     (``ids=``: those subjects only), IPRED (conditional modes) and PRED (population) as smooth curves of the
     structural model on ``num_points`` points per subject, doses as triangles on the x-axis and infusions as
     spans.  Other models: ``x`` (default the observation index), predictions joined at the observations.
-    ``log``: logarithmic y-axis.
+    ``log``: logarithmic y-axis.  Without ``units`` or ``ids``, every unit up to ``max_panels`` (the first
+    ``max_panels`` of a larger population, with a warning; None: all of them).
     """
     model = _nlme(fit)
     if model is not None:
@@ -288,7 +303,7 @@ def plot_individual_fits(fit: Any, x: Any = None, units: Any = None, ncols: int 
             if missing:
                 raise ValueError(f"ids {missing} are not in the data (IDs: {list(pos)})")
             units = [pos[v] for v in ids]
-        units = list(range(model.num_units)) if units is None else list(units)
+        units = _default_units(model.num_units, max_panels, "subjects") if units is None else list(units)
         return _individual_fits_nlme(fit, model, x, units, ncols, figsize, log, num_points)
     if ids is not None:
         raise ValueError("ids= needs a fit of an NLME model (with an ID column); use units= (indices)")
@@ -298,7 +313,7 @@ def plot_individual_fits(fit: Any, x: Any = None, units: Any = None, ncols: int 
     xv = resolve_x(fit, x)
     if xv is None:
         xv = np.broadcast_to(np.arange(t, dtype=float), (n, t))
-    units = list(range(n)) if units is None else list(units)
+    units = _default_units(n, max_panels, "units") if units is None else list(units)
     nrows = int(np.ceil(len(units) / ncols))
     fig, axes = plt.subplots(nrows, min(ncols, len(units)), figsize=figsize or (3 * min(ncols, len(units)),
                                                                                  2.4 * nrows), squeeze=False)
@@ -327,14 +342,28 @@ def prediction_correct(y: np.ndarray, pred: np.ndarray, which: np.ndarray, lower
     predictions, ``which [M]`` their bin indices; ``PRED_bin`` is the median of ``pred`` in each bin.  An
     observation whose prediction is not above ``lower_bound`` (e.g. before an oral dose is absorbed) is kept.
     """
+    return _corrected(np.array(y, dtype=float), _correction_ratio(pred, which, lower_bound), lower_bound)
+
+
+def _correction_ratio(pred: np.ndarray, which: np.ndarray, lower_bound: float = 0.0) -> np.ndarray:
+    """``(PRED_bin − lb)/(PRED − lb)`` of each observation (1 where ``PRED`` is not above ``lb``): see
+    :func:`prediction_correct`."""
     pred = np.asarray(pred, dtype=float)
     which = np.asarray(which)
     med = np.zeros(int(which.max()) + 1 if which.size else 0)
     for b in np.unique(which):
         med[b] = np.median(pred[which == b])
     ok = pred > lower_bound
-    ratio = np.where(ok, (med[which] - lower_bound) / np.where(ok, pred - lower_bound, 1.0), 1.0)
-    return lower_bound + (np.asarray(y, dtype=float) - lower_bound) * ratio
+    return np.where(ok, (med[which] - lower_bound) / np.where(ok, pred - lower_bound, 1.0), 1.0)
+
+
+def _corrected(values: np.ndarray, ratio: np.ndarray, lower_bound: float = 0.0) -> np.ndarray:
+    """``lb + (values − lb) · ratio``, in place in ``values`` (a float array the caller owns): a VPC's simulations
+    are ~200 MB at N = 5000, and each temporary of that size is memory to fault in."""
+    values -= lower_bound
+    values *= ratio
+    values += lower_bound
+    return values
 
 
 def vpc_summary(fit: Any, x: Any = None, *, pred_corrected: bool | None = None, num_sims: int = 500,
@@ -392,9 +421,10 @@ def _continuous_bins(xo: np.ndarray, yo: np.ndarray, so: np.ndarray, po: np.ndar
 
     edges = np.asarray(bins, dtype=float) if bins is not None else default_bins(xo, max_bins)
     which = np.clip(np.searchsorted(edges, xo, side="right") - 1, 0, len(edges) - 2)
-    if po is not None:
-        yo = prediction_correct(yo, po, which)
-        so = prediction_correct(so, po, which)
+    ratio = None
+    if po is not None:  # the simulations corrected bin by bin (a copy of each bin's columns is taken anyway)
+        ratio = _correction_ratio(po, which)
+        yo = _corrected(np.array(yo, dtype=float), ratio)
     q = np.asarray(quantiles)
     lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
     obs_q, sim_q, bx = [], [], []
@@ -404,7 +434,10 @@ def _continuous_bins(xo: np.ndarray, yo: np.ndarray, so: np.ndarray, po: np.ndar
             continue
         bx.append(np.median(xo[sel]))
         obs_q.append(np.quantile(yo[sel], q))
-        per_rep = np.quantile(so[:, sel], q, axis=1)  # [Q, K]
+        sims = np.asarray(so[:, sel], dtype=float)
+        if ratio is not None:
+            sims = _corrected(sims, ratio[sel])
+        per_rep = np.quantile(sims, q, axis=1)  # [Q, K]
         sim_q.append(np.stack([np.quantile(per_rep, lo, axis=1), np.median(per_rep, axis=1),
                                np.quantile(per_rep, hi, axis=1)], -1))
     return VPC(bin_edges=edges, bin_x=np.asarray(bx), quantiles=tuple(quantiles), observed=np.asarray(obs_q),

@@ -80,6 +80,26 @@ def test_individual_fits_log_scale_and_subject_selection(fit):
         fit.plot_individual_fits(ids=[99])
 
 
+def test_individual_fits_of_a_large_population_draw_the_first_panels_and_say_how_to_draw_others(fit):
+    """Without ``units``/``ids`` the figure holds at most ``max_panels`` subjects (36 by default): a panel per subject
+    of the 5000-subject benchmark population took ~170 s and drew a figure nobody can read.  A warning says so and
+    how to choose others; naming the subjects, or ``max_panels=None``, draws what is asked without a warning."""
+    import warnings
+
+    ids = list(fit.model.data.ids)
+    with pytest.warns(UserWarning, match=r"the first 5 of 12 subjects; choose others with ids= or units="):
+        fig = fit.plot_individual_fits(max_panels=5)
+    assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == [f"Id {i}" for i in ids[:5]]
+    plt.close(fig)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for kwargs, drawn in (({"max_panels": None}, ids), ({"max_panels": 5, "ids": ids[6:]}, ids[6:]),
+                              ({"max_panels": 5, "units": [7, 0]}, [ids[7], ids[0]]), ({}, ids)):
+            fig = fit.plot_individual_fits(**kwargs)
+            assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == [f"Id {i}" for i in drawn], kwargs
+            plt.close(fig)
+
+
 def test_vpc_defaults_to_time_bins_and_prediction_correction(fit):
     fig = fit.plot_vpc(num_sims=100)
     ax = fig.axes[0]
@@ -93,6 +113,33 @@ def test_vpc_defaults_to_time_bins_and_prediction_correction(fit):
     raw = fit.plot_vpc(num_sims=100, pred_corrected=False, log=True)
     assert "prediction-corrected" not in raw.axes[0].get_ylabel() and raw.axes[0].get_yscale() == "log"
     plt.close(raw)
+
+
+def test_a_pcvpc_corrects_each_bins_simulations_as_prediction_correct_does(fit):
+    """The pcVPC corrects the simulations bin by bin (no corrected copy of all of them: ~200 MB at N = 5000, 9 -> 4
+    s on that population here): the same summaries as :func:`prediction_correct` applied to every simulation."""
+    from latentfit.inference.diagnostics import (
+        _population_structural,
+        default_bins,
+        model_program,
+        simulate_observations,
+    )
+
+    model, theta = fit.model, fit._theta()
+    v = vpc_summary(fit, num_sims=60, seed=3)
+    mask = model.data.mask & (model.data.cens == 0)
+    xo, yo = model.data.x_values[mask], model.data.dv[mask]
+    so = simulate_observations(model, theta, 60, 3)[:, mask]
+    po = model.ops.to_numpy(model_program(model, _population_structural)(theta))[mask]
+    edges = default_bins(xo, 10)
+    which = np.clip(np.searchsorted(edges, xo, side="right") - 1, 0, len(edges) - 2)
+    yc, sc = prediction_correct(yo, po, which), prediction_correct(so, po, which)
+    np.testing.assert_array_equal(v.y, yc)
+    for j, b in enumerate(np.unique(which)):
+        sel = which == b
+        np.testing.assert_array_equal(v.observed[j], np.quantile(yc[sel], v.quantiles))
+        per_rep = np.quantile(sc[:, sel], v.quantiles, axis=1)
+        np.testing.assert_array_equal(v.simulated[j, :, 1], np.median(per_rep, axis=1))
 
 
 def test_prediction_correction_is_bergstrands_scaling():

@@ -222,6 +222,44 @@ def test_decorrelation_with_a_singular_simulated_covariance():
     assert out[0, 0, 0] == pytest.approx(0.3, rel=1e-5)  # first coordinate: r_1 / √V_11
 
 
+def test_pwres_and_npde_of_unit_blocks_are_the_per_unit_formula():
+    """EPRED, PWRES and the pde of :func:`~latentfit.inference.diagnostics._pwres_and_pde` (units in blocks, the
+    simulations whitened by forward substitution) are the textbook computation unit by unit: the mean and unbiased
+    covariance of the unit's simulations at its observed entries, ``L⁻¹ (y − E y)`` with LAPACK's solve, the fraction
+    of whitened simulations below the whitened observation; and the blocks' size changes nothing (N = 5000, K = 1000:
+    10.8 -> 0.6 s, where LAPACK's solve of [N, T, K] right-hand sides took 4.8 s and the arrays were 400 MB each)."""
+    from latentfit.inference import diagnostics
+
+    rng = np.random.default_rng(5)
+    k, n, t = 400, 9, 6
+    mix = rng.normal(size=(n, t, t)) * 0.4 + np.eye(t)
+    sims = np.einsum("nts,kns->knt", mix, rng.normal(size=(k, n, t))) + rng.normal(size=(n, t))
+    mask = rng.random((n, t)) > 0.25
+    mask[:, 0] = True
+    mask[3] = [True, False, False, False, False, False]  # one observation
+    sims[:, ~mask] = np.nan  # padding: never read
+    y = np.where(mask, sims[0] + 0.3 * rng.normal(size=(n, t)), np.nan)
+    epred, pwres, pde = diagnostics._pwres_and_pde(y, sims, mask)
+    for i in range(n):
+        seen = mask[i]
+        s = sims[:, i, seen]
+        mean = s.mean(0)
+        chol = np.linalg.cholesky(np.atleast_2d(np.cov(s, rowvar=False)))
+        want = np.linalg.solve(chol, y[i, seen] - mean)
+        sims_dec = np.linalg.solve(chol, (s - mean).T).T  # [K, T_i]
+        np.testing.assert_allclose(epred[i, seen], mean, rtol=1e-13)
+        np.testing.assert_allclose(pwres[i, seen], want, rtol=1e-10, atol=1e-12)
+        np.testing.assert_array_equal(pde[i, seen], (sims_dec < want).mean(0))
+    saved = diagnostics.RESIDUAL_BLOCK_VALUES
+    try:
+        for size in (1, 3 * k * t, 10 ** 9):  # a unit, three units, all at once
+            diagnostics.RESIDUAL_BLOCK_VALUES = size
+            for a, b in zip(diagnostics._pwres_and_pde(y, sims, mask), (epred, pwres, pde)):
+                np.testing.assert_allclose(a[mask], b[mask], rtol=1e-14, atol=0)
+    finally:
+        diagnostics.RESIDUAL_BLOCK_VALUES = saved
+
+
 def test_residuals_need_more_simulations_than_observations_per_unit():
     """With num_sims ≤ T the simulated covariance is singular by construction: a clear error, not a
     LinAlgError from the Cholesky factorisation."""

@@ -162,17 +162,64 @@ def _psd_cholesky(cov: np.ndarray) -> np.ndarray:
     return out
 
 
-def decorrelate(resid: np.ndarray, cov: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``L_i⁻¹ r_i`` with ``L_i L_iᵀ = V_i`` restricted to the observed entries (``resid [..., N, T]``)."""
+def _lower_factor(cov: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``L_i`` ``[N, T, T]``, ``L_i L_iᵀ = V_i`` restricted to the observed entries (identity rows and columns at the
+    others)."""
     eye = np.eye(cov.shape[-1])
     both = mask[:, :, None] & mask[:, None, :]
-    cov = np.where(both, cov, eye)
-    chol = _psd_cholesky(cov)
+    return _psd_cholesky(np.where(both, cov, eye))
+
+
+def _forward_solve(chol: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """``L_i⁻¹ r_i`` for lower-triangular ``chol [N, T, T]`` and ``r [N, T, B]``: forward substitution, one row of
+    every unit's system at a time (T steps, each a batched product over the units and the B right-hand sides).  The
+    same backward-stable solve as LAPACK's per unit, without its per-unit copies (``np.linalg.solve`` of ``[N, T, K]``
+    right-hand sides took ~4.8 s at N = 5000, K = 1000); an explicit ``L_i⁻¹`` loses digits on an ill-conditioned
+    ``V_i``."""
+    x = np.empty(np.broadcast_shapes(chol.shape[:-1], r.shape[:-2] + r.shape[-2:-1]) + r.shape[-1:])
+    for t in range(chol.shape[-1]):
+        acc = r[..., t, :]
+        if t:
+            acc = acc - np.matmul(chol[..., t:t + 1, :t], x[..., :t, :])[..., 0, :]
+        x[..., t, :] = acc / chol[..., t, t, None]
+    return x
+
+
+def decorrelate(resid: np.ndarray, cov: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``L_i⁻¹ r_i`` with ``L_i L_iᵀ = V_i`` restricted to the observed entries (``resid [..., N, T]``)."""
     r = np.where(mask, resid, 0.0)
     lead = r.shape[:-2]
     rr = np.moveaxis(r.reshape((-1,) + r.shape[-2:]), 0, -1)  # [N, T, B]
-    out = np.linalg.solve(chol, rr)
+    out = _forward_solve(_lower_factor(cov, mask), rr)
     return np.moveaxis(out, -1, 0).reshape(lead + r.shape[-2:])
+
+
+#: simulated values (replicates × units × observations) whitened at once by :func:`residuals`: the units go in blocks
+#: of about this many (a few arrays of 8 bytes each), whatever the population (N = 5000, K = 1000: 400 MB at once)
+RESIDUAL_BLOCK_VALUES = 2 ** 18
+
+
+def _pwres_and_pde(y: np.ndarray, sims: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(EPRED, PWRES, pde)`` ``[N, T]`` of observations ``y`` against simulations ``sims [K, N, T]``: the mean and
+    covariance ``V_i`` of unit i's K simulations (unbiased), then observations and simulations whitened by the same
+    ``L_i⁻¹`` (:func:`_forward_solve`) and ``pde`` the fraction of whitened simulations below the whitened observation.
+    Each unit's values depend on its own simulations only, so the units go in blocks (:data:`RESIDUAL_BLOCK_VALUES`),
+    each a few batched products over ``[B, T, K]`` arrays."""
+    k, n, t = sims.shape
+    epred, pwres, pde = (np.zeros((n, t)) for _ in range(3))
+    step = max(1, RESIDUAL_BLOCK_VALUES // max(k * t, 1))
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        m = mask[a:b]
+        s = np.ascontiguousarray(np.moveaxis(sims[:, a:b], 0, -1))  # [B, T, K]
+        mean = s.mean(-1)
+        c = np.where(m[..., None], s - mean[..., None], 0.0)  # centred; unobserved entries 0
+        cov = np.matmul(c, np.swapaxes(c, -1, -2)) / max(k - 1, 1)  # [B, T, T]
+        chol = _lower_factor(cov, m)
+        y_dec = _forward_solve(chol, np.where(m, y[a:b] - mean, 0.0)[..., None])[..., 0]
+        epred[a:b], pwres[a:b] = mean, y_dec
+        pde[a:b] = (_forward_solve(chol, c) < y_dec[..., None]).mean(-1)
+    return epred, pwres, pde
 
 
 def residuals(model: LatentModel, theta: dict[str, Any], z_mode: Any, num_sims: int = 1000,
@@ -200,13 +247,7 @@ def residuals(model: LatentModel, theta: dict[str, Any], z_mode: Any, num_sims: 
         pred = ops.to_numpy(model_program(model, _population_predict)(theta)[0])
     else:
         pred = np.median(sims, 0)
-    epred = sims.mean(0)
-    centred = sims - epred
-    cov = np.einsum("knt,kns->nts", centred, centred) / max(num_sims - 1, 1)
-    pwres = decorrelate(y - epred, cov, mask)
-    y_dec = pwres
-    sim_dec = decorrelate(centred, cov, mask)  # [K, N, T]
-    pde = (sim_dec < y_dec[None]).mean(0)
+    epred, pwres, pde = _pwres_and_pde(y, sims, mask)
     pde = np.clip(pde, 1.0 / (2 * num_sims), 1.0 - 1.0 / (2 * num_sims))
     npde = _inv_norm_cdf(pde)
     nan = np.where(mask, 1.0, np.nan)

@@ -170,7 +170,8 @@ class FitResult:
 
     def plot_individual_fits(self, x: Any = None, **kwargs: Any) -> Any:
         """Observations, IPRED and PRED per unit (NLME: against time, smooth curves, panels by subject ID; ``log``,
-        ``ids``, ``num_points``; see :func:`latentfit.plots.plot_individual_fits`)."""
+        ``ids``, ``num_points``; the first ``max_panels=36`` units unless ``units``/``ids`` name others; see
+        :func:`latentfit.plots.plot_individual_fits`)."""
         return _hooks.call("plot_individual_fits", self, x, **kwargs)
 
     def plot_vpc(self, x: Any = None, **kwargs: Any) -> Any:
