@@ -97,9 +97,9 @@ def log_likelihood_is(model: LatentModel, theta: dict[str, Any], cond_mean: Any,
 
     ``cond_mean``/``cond_sd`` are ``[n, d]`` (unconstrained latents of ``units``).  ``unit_ids`` (``[n]`` ints):
     each unit's draws from its own stream ``(seed, batch, unit id)`` (:func:`student_t_draws`), so its term does not
-    depend on the other units or on the process holding it (``ops``: a distributed fit's shim).  On one stream the proposal's
-    normals and uniforms are drawn in float32 (JAX: :meth:`JaxOps.with_draw_dtype`, as SAEM's MCMC draws; torch:
-    :meth:`TorchOps.student_t`) and its log-density is evaluated at the draws themselves, so the estimator stays
+    depend on the other units or on the process holding it (``ops``: a distributed fit's shim).  On one stream the
+    proposal's normals and uniforms are drawn in float32 (JAX: :meth:`JaxOps.with_draw_dtype`, as SAEM's MCMC draws;
+    torch: :meth:`TorchOps.student_t`) and its log-density is evaluated at the draws themselves, so the estimator stays
     unbiased for their law (float32 quantises the uniforms at 2^-23, far below the Monte-Carlo error); on JAX the
     program is ~12% smaller and its draws ~3x cheaper, on torch the draws ~1.7x (N = 5000: the IS 9 -> 6.5 s).
     """
