@@ -191,10 +191,11 @@ def test_torch_standard_errors_import_neither_dynamo_nor_sympy():
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"torch._dynamo": False, "sympy": False}
 
 
-@pytest.mark.parametrize("df", [1, 4, 5])
+@pytest.mark.parametrize("df", [1, 4, 5, 101])
 def test_student_t_draws(backend, df):
     """Student-t draws follow the law (Kolmogorov-Smirnov, 40 000 draws), reproducibly: df odd and even (JAX: a normal
-    over a chi-square of exponentials, plus a squared normal for an odd df)."""
+    over a chi-square of exponentials, plus a squared normal for an odd df; torch the same, its chi-square as one
+    logarithm of a product up to 32 factors, a sum of logarithms beyond)."""
     ops = backend.ops()
     with ops.seed_context(3):
         t1 = ops.to_numpy(ops.student_t(ops.key(3), df, (20000, 2)))
