@@ -292,10 +292,12 @@ def gaussian_log_density(ops: Any, y: Any, mean: Any, cov: Any, mask: Any) -> An
         chol = ops.cholesky(cov)
         u = ops.solve_triangular(chol, r, lower=True)[..., 0]
     logdet = 2.0 * xp.sum(xp.log(xp.diagonal(chol, 0, -2, -1)), -1)
-    n_obs = xp.sum(mask * 1.0, -1)
+    # counted in the data's dtype (torch makes ``bool * 1.0`` float32: the terms of a unit with masked entries were
+    # off by ~1e-7 each)
+    n_masked = xp.sum(xp.where(mask, xp.zeros_like(u), xp.ones_like(u)), -1)
     n_all = mask.shape[-1]
     # masked entries are N(0; 0, 1) terms: remove their −½ log 2π
-    return -0.5 * xp.sum(u * u, -1) - 0.5 * logdet - 0.5 * n_all * LOG_2PI + 0.5 * (n_all - n_obs) * LOG_2PI
+    return -0.5 * xp.sum(u * u, -1) - 0.5 * logdet - 0.5 * n_all * LOG_2PI + 0.5 * n_masked * LOG_2PI
 
 
 def log_likelihood_lin(model: LatentModel, theta: dict[str, Any], z_hat: Any, units: Any = None) -> LogLikelihood:
