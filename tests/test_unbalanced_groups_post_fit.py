@@ -116,6 +116,15 @@ def test_quadrature_ebes_and_linearisation_of_unbalanced_groups_are_the_closed_f
     assert fit.log_likelihood("lin") == pytest.approx(ll.sum(), abs=1e-7)  # linear in the intercepts: exact
     est = fit.individual_estimates()
     np.testing.assert_allclose(np.asarray(est.mode)[:, 0], mean, rtol=0, atol=1e-8)
+    # the linearisation SEs of the fixed effects: the expected information of the marginal model, Σ_g X_gᵀ V_g⁻¹ X_g
+    info = np.zeros((2, 2))
+    for g in range(GROUPS):
+        sel = group_idx == g
+        v = params["tau"] ** 2 * np.ones((sel.sum(), sel.sum())) + params["sigma"] ** 2 * np.eye(sel.sum())
+        design = np.stack([np.ones(sel.sum()), x[sel]], 1)
+        info += design.T @ np.linalg.solve(v, design)
+    se = fit.standard_errors(method="lin")
+    np.testing.assert_allclose([se["mu"], se["beta"]], np.sqrt(np.diag(np.linalg.inv(info))), rtol=1e-7)
     # importance sampling around the conditional moments agrees within its Monte-Carlo error
     is_ = fit.log_likelihood("is")
     assert abs(is_ - ll.sum()) < 4 * fit.log_likelihoods["is"].mc_se + 1e-3
