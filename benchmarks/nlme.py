@@ -832,7 +832,8 @@ def _jax_chunk_bytes(model) -> str:
     proposals, draws, densities) and arguments (data, design, state), from ``memory_analysis()``."""
     n = int(model.num_units)
     sizes = []
-    for program, _ in getattr(model.ops, "_compiled", {}).values():
+    chunks = [program for program, _ in getattr(model.ops, "_compiled", {}).values()]
+    for program in [p for chunk in chunks for p in getattr(chunk, "programs", (chunk,))]:  # draws and loop: each
         try:
             ma = program.executable.memory_analysis()
             sizes.append((ma.temp_size_in_bytes, ma.argument_size_in_bytes))

@@ -650,6 +650,26 @@ def test_the_read_ahead_follows_the_trails_order(tmp_path, monkeypatch):
     assert ahead.pending == [names[1], names[2], names[4]] and len(started) == 1
 
 
+def test_the_read_ahead_begins_with_the_larger_of_the_trails_first_two(tmp_path, monkeypatch):
+    """A compiled fit asks for its chunk's draws (a small program) right before the chunk's loop (the largest): the
+    read-ahead thread begins with the larger of the trail's first two entries, so that the main thread reads the
+    smaller one itself beside it; the rest in the trail's order."""
+    import threading
+
+    from latentfit.inference import ops_jax_store
+
+    monkeypatch.setattr(threading, "Thread", lambda **kw: type("T", (), {"start": lambda self: None})())
+    monkeypatch.setattr("atexit.register", lambda *a, **k: None)
+    names = [f"{c * 40}-x.lfx" for c in "abcd"]
+    for name, size in zip(names, (10, 100, 500, 50)):
+        (tmp_path / name).write_bytes(b"\0" * size)
+    (tmp_path / f"{names[0]}.trail").write_text(json.dumps(names[1:]))
+    ahead = ops_jax_store._ReadAhead()
+    ahead.start(names[0], tmp_path, None)
+    assert ahead.pending == [names[2], names[1], names[3]]
+    assert ahead.take(names[1]) is None and ahead.pending == [names[2], names[3]]  # the caller reads it itself
+
+
 def test_a_damaged_stored_executable_is_ignored(stored, tmp_path):
     """Issue 14 item 9: stored executables (``.lfx``) truncated, with a flipped byte, or replaced by garbage are
     ignored without an error (checksum): the programs are compiled from their stored traces as before (JAX's cache),

@@ -432,6 +432,51 @@ def test_compact_chunks_fit_what_the_kernel_loops_fit(kernels, d, merged, struct
             assert np.array_equal(np.asarray(value), np.asarray(loops.history[name]), equal_nan=True), name
 
 
+def test_a_chunks_draws_and_loop_run_as_two_programs_and_fit_what_one_program_fits(monkeypatch):
+    """A small JAX fit's chunk whose draws are made before its loop runs as two compiled programs
+    (``ops_jax.SEPARATE_CHUNK_DRAWS``: the draws', then the loop's, which a later process deserialises on two threads):
+    estimates, chains, draws, RNG state and history bit for bit those of the chunk as one program; a pair per chunk
+    length (chunks of 25 and a tail of 6); the loop compiled with the small-program options, its large draws argument
+    left out of that choice."""
+    import jax.numpy as jnp
+
+    from latentfit.inference import ops_jax
+
+    options: list[dict[str, Any]] = []
+    choose = ops_jax._compiler_options
+
+    def recording(platform: str, args: Any = None) -> dict[str, Any]:  # each program's, compiled or loaded
+        chosen = choose(platform, args)
+        if args is not None:
+            options.append(chosen)
+        return chosen
+
+    monkeypatch.setattr(ops_jax, "_compiler_options", recording)
+    for cache in ("_PROGRAMS", "_TRACES"):  # compiled here whatever ran before in this process
+        monkeypatch.setattr(ops_jax, cache, type(getattr(ops_jax, cache))())
+
+    def fit(separate: bool) -> Any:
+        monkeypatch.setattr(ops_jax, "SEPARATE_CHUNK_DRAWS", separate)
+        engine = SAEM(_compact_case(3), (20, 11), seed=3, progress=False, burn_in=2, num_draws=7)
+        result = engine.run()
+        programs = [program for program, _ in engine.ops._compiled.values()]
+        return result, programs, engine
+
+    (two, programs, engine), (one, single, _) = fit(True), fit(False)
+    assert [type(p).__name__ for p in programs] == ["_DrawsThenLoop"] * 2  # one a chunk length
+    assert [type(p).__name__ for p in single] == ["_ConstsBound"] * 2
+    draws = engine.chunk_randoms("saem")(engine.init(engine.ops.key(3)), jnp.arange(1, 26))
+    assert draws["sweep"].size > ops_jax.SMALL_PROGRAM_ELEMENTS  # the loop's argument, yet a small program
+    assert len(options) >= 6 and all(o.get("xla_cpu_use_fusion_emitters") is False for o in options), options
+    for name in two.params:
+        assert np.array_equal(np.asarray(two.params[name]), np.asarray(one.params[name])), name
+    assert np.array_equal(np.asarray(two.state.z), np.asarray(one.state.z))
+    assert np.array_equal(np.asarray(two.state.key), np.asarray(one.state.key))
+    assert np.array_equal(np.asarray(two.latent_draws), np.asarray(one.latent_draws))
+    for name, value in two.history.items():
+        assert np.array_equal(np.asarray(value), np.asarray(one.history[name]), equal_nan=True), name
+
+
 @pytest.mark.parametrize("kernels, d", [((2, 2, 2), 3), ((1, 0, 2), 4), ((0, 3, 0), 3), ((2, 0, 0), 1),
                                           ((1, 1, 1), 2)])
 def test_stacked_sweep_key_bits_are_each_keys_bits(kernels, d):

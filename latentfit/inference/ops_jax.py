@@ -234,6 +234,32 @@ TRACES = [0]
 _ADDRESS = re.compile(r" at 0x[0-9a-f]+")
 
 
+#: a compiled chunk whose random numbers are made before its loop (``prepare`` of :meth:`JaxOps.scan_steps`) runs as
+#: two programs, the draws' and the loop's (:class:`_DrawsThenLoop`), not one.  A warm process spends most of its time
+#: before the first iteration deserialising the stored executables, the chunk's the longest (theophylline: 384 kB,
+#: ~45-90 ms): split, the main thread reads the draws' program (103 kB) beside the read-ahead thread reading the loop's
+#: (293 kB) (:class:`.ops_jax_store._ReadAhead`).  The same numbers and results bit for bit; one more dispatch a chunk.
+#: Measured (saemix's default work on theophylline end to end in fresh processes, cache warm, the parent and this
+#: alternated, 16 rounds): 0.242 -> 0.204 s (paired median -33 ms).  False: one program a chunk.
+SEPARATE_CHUNK_DRAWS = True
+
+
+class _DrawsThenLoop:
+    """A compiled chunk as two programs (:data:`SEPARATE_CHUNK_DRAWS`): ``draws(state, ks)``, the chunk's random
+    numbers, then ``loop(state, ks, draws)``, its iterations; called as one program is, ``(state, ks)`` in."""
+
+    def __init__(self, draws: _ConstsBound, loop: _ConstsBound) -> None:
+        self.draws, self.loop = draws, loop
+        self.compiled_now = draws.compiled_now or loop.compiled_now
+
+    @property
+    def programs(self) -> tuple[_ConstsBound, _ConstsBound]:
+        return self.draws, self.loop
+
+    def __call__(self, state: Any, ks: Any) -> Any:
+        return self.loop(state, ks, self.draws(state, ks))
+
+
 class _ConstsBound:
     """A compiled program with the arrays its trace captured (data, design matrices, ...) bound as arguments."""
 
@@ -292,6 +318,9 @@ SMALL_PROGRAM_ELEMENTS: int | None = 4096
 _OPTIONS_REFUSED: list[bool] = []
 #: set while a chunk of a large state compiles (:meth:`JaxOps._chunk_program`)
 _WIDE_VECTORS: list[bool] = [False]
+#: while a chunk's loop program is looked up (:class:`_DrawsThenLoop`): how many of its flat arguments, the last ones,
+#: are the chunk's draws, which :func:`_is_small_program` leaves out (the loop reads one iteration's row of them)
+_TRAILING_DRAWS: list[int] = [0]
 
 
 def _jaxpr_taint(jaxpr: Any, tainted_in: list[bool]) -> list[bool]:
@@ -323,7 +352,10 @@ def _is_small_program(args: Any) -> bool:
     """No array of ``args`` (arrays or avals: anything with a shape) has :data:`SMALL_PROGRAM_ELEMENTS` entries."""
     if SMALL_PROGRAM_ELEMENTS is None or _WIDE_VECTORS[0]:
         return False
-    sizes = [int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(args) if hasattr(a, "shape")]
+    leaves = jax.tree_util.tree_leaves(args)
+    if _TRAILING_DRAWS[0]:  # a chunk's loop reading its draws made beforehand: sized by its other arguments
+        leaves = leaves[:-_TRAILING_DRAWS[0]]
+    sizes = [int(np.prod(a.shape)) for a in leaves if hasattr(a, "shape")]
     return max(sizes, default=0) < SMALL_PROGRAM_ELEMENTS
 
 
@@ -1452,8 +1484,8 @@ class JaxOps(Ops):
         Returns the final state and one info dict per iteration (numpy leaves, host side).
         ``key`` names the step function (engine, phase, ...): a chunk with the same key and
         length reuses the compiled executable; ``key=None`` disables the cache.  ``prepare``: ``xs =
-        prepare(state, ks)`` computed in the same program before the loop (arrays stacked over the chunk, or None),
-        each step then called as ``step(state, (k, xs[k]))``.
+        prepare(state, ks)`` computed before the loop (arrays stacked over the chunk, or None), each step then called
+        as ``step(state, (k, xs[k]))``; in a program of its own (:data:`SEPARATE_CHUNK_DRAWS`) or the loop's.
         """
         ks_arr = jax.device_put(np.arange(ks.start, ks.stop, dtype=np.int32))  # jnp.arange: three small programs
         n = len(ks)
@@ -1467,6 +1499,7 @@ class JaxOps(Ops):
         mesh_id = None if self._units_mesh is None else id(self._units_mesh[0])
         cache_key = (key, n, mesh_id) if key is not None else None
         compiled = self._compiled.get(cache_key) if cache_key is not None else None
+        xs = None
         if compiled is None:
             info_order: dict[str, Any] = {}
             state_order = _skeleton(state)
@@ -1487,13 +1520,34 @@ class JaxOps(Ops):
                 return lax.scan(typed_step, st, (kk, prepare(_reorder_like(st, state_order), kk)))
 
             t0 = time.perf_counter()
-            compiled = (self._chunk_program(chunk, state, ks_arr, info_order), info_order)
+            draws = None
+            if prepare is not None and self._units_mesh is None and SEPARATE_CHUNK_DRAWS:
+                def chunk_draws(st, kk):
+                    return prepare(_reorder_like(st, state_order), kk)
+
+                draws = _program_for(chunk_draws, state, ks_arr)
+                if draws.out_tree is None or draws.out_tree.num_leaves == 0:  # prepare found no draws to make
+                    draws = None
+            if draws is None:
+                program = self._chunk_program(chunk, state, ks_arr, info_order)
+            else:
+                def chunk_loop(st, kk, xs):
+                    return lax.scan(typed_step, st, (kk, xs))
+
+                # the draws dispatched before the loop's program is looked up (keyed, loaded): in a later process
+                # the main thread reads the draws' program while the read-ahead thread reads the loop's
+                xs = draws(state, ks_arr)
+                program = _DrawsThenLoop(draws, self._chunk_program(chunk_loop, state, ks_arr, info_order, xs))
+            compiled = (program, info_order)
             self.compile_time += time.perf_counter() - t0
-            self.num_compiles += int(compiled[0].compiled_now)
+            self.num_compiles += int(program.compiled_now)
             if cache_key is not None:
                 self._compiled[cache_key] = compiled
         program, info_order = compiled
-        new_state, infos = program(state, ks_arr)
+        if xs is not None:  # the chunk's draws just made
+            new_state, infos = program.loop(state, ks_arr, xs)
+        else:
+            new_state, infos = program(state, ks_arr)
         # JAX hands dicts back with sorted keys: restore the engine's order (parameters, history)
         state = _reorder_like(new_state, state)
         order = info_order.get("info")
@@ -1501,17 +1555,19 @@ class JaxOps(Ops):
         return state, StackedInfos(infos, n,
                                    lambda tree: _reorder_like(jax.tree_util.tree_map(np.asarray, tree), order))
 
-    def _chunk_program(self, chunk: Callable, state: Any, ks: Any, side: dict[str, Any]) -> Any:
+    def _chunk_program(self, chunk: Callable, state: Any, ks: Any, side: dict[str, Any], *rest: Any) -> Any:
         """The compiled ``chunk(state, ks)`` of :meth:`scan_steps` (``side``: filled by the trace): shared across fits
         (:func:`_program_for`), or for the run's mesh when its units are sharded (no cross-fit reuse)."""
         sizes = [int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(state)]
         _WIDE_VECTORS[0] = WIDE_CHUNK_ELEMENTS is not None and max(sizes, default=0) >= WIDE_CHUNK_ELEMENTS
+        _TRAILING_DRAWS[0] = len(jax.tree_util.tree_leaves(rest))
         try:
             if self._units_mesh is None:
-                return _program_for(chunk, state, ks, side=side)
-            return self._sharded_program(chunk, state, ks)
+                return _program_for(chunk, state, ks, *rest, side=side)
+            return self._sharded_program(chunk, state, ks, *rest)
         finally:
             _WIDE_VECTORS[0] = False
+            _TRAILING_DRAWS[0] = 0
 
     def _sharded_program(self, fn: Callable, state: Any, *rest: Any) -> _ConstsBound:
         """``fn(state, *rest)`` compiled for the run's mesh with the arrays its trace captured (the model's data,

@@ -837,6 +837,15 @@ class _ReadAhead:
         # the main thread beside the thread's work (end to end ~0.167 -> ~0.159 s).  An entry asked for before the
         # thread reached it is read by the caller (:meth:`take`)
         self.pending = [n for n in self.read if n != first and (directory / n).is_file()]
+        if len(self.pending) > 1:  # the larger of the first two first: a compiled fit asks for its chunk's draws
+            # (a small program) right before the chunk's loop (the largest): the main thread reads the draws' program
+            # itself while this thread reads the loop's (:class:`.ops_jax._DrawsThenLoop`)
+            try:
+                sizes = [(directory / n).stat().st_size for n in self.pending[:2]]
+            except OSError:
+                sizes = [0, 0]
+            if sizes[1] > sizes[0]:
+                self.pending[:2] = self.pending[1::-1]
         if self.pending:
             threading.Thread(target=self._work, args=(directory, device), name="latentfit-read-ahead",
                              daemon=True).start()
