@@ -639,6 +639,22 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   most recently used first executable (a guess, ~10 ms earlier than the first load): two deserialisations side by side
   slow each other (alone 19 and 29 ms, together 32-62 ms), and the chunk's took 70 ms instead of 44: 0.1512 -> 0.1552
   s (16 rounds alternated).
+* twenty-third round (issue 14 item 9): the chunk's deserialisation off the critical path.  A timeline of a warm run
+  (the machine in a slow phase, 0.20-0.25 s end to end): the main thread loaded SAEM's start (180 kB, ~33 ms beside
+  the read-ahead thread) and then waited ~30-50 ms for the read-ahead thread to finish the chunk of iterations (384
+  kB, ~45-90 ms beside the main thread): the chunk's deserialisation set the fit's start.  A small chunk's draws, made
+  before its loop, are now a program of their own (``ops_jax.SEPARATE_CHUNK_DRAWS``): the draws' program (103 kB) is
+  dispatched before the loop's (293 kB) is looked up, and the read-ahead thread begins with the larger of its trail's
+  first two entries, so the main thread reads the start's and the draws' programs while the thread reads the loop's
+  (the loop keeps the small-program options: its draws argument is left out of that choice).  The same fit bit for
+  bit.  Measured, this tree's parent and this tree alternated in fresh processes (one warm cache each): 0.2424 ->
+  0.2044 s (16 rounds, paired median -33 ms), 0.2330 -> 0.1969 s (12 rounds, -47 ms), 0.2274 -> 0.1979 s (20 rounds,
+  -34 ms); CPU 0.32-0.36 -> 0.31-0.34 s.  Now the two threads are both busy until the first iteration, and after the
+  fit the read-ahead thread is what the post-fit calls wait for (~8 ms for the SEs' program, ~24 ms for the IS's, read
+  after the modes' 302 kB); what is left is total CPU (the executables' deserialisation ~0.15 s of the ~0.31 s).
+  Tried, not kept: the modes' program with the small-program options (its largest argument is the fit's 18 000 kept
+  draws, read once; ``SMALL_PROGRAM_ELEMENTS`` 20 000): 302 -> 252 kB, end to end 0.2194 -> 0.2047 s median but a
+  paired median of -1 ms (14 rounds): noise.
 """
 
 from __future__ import annotations

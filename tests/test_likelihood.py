@@ -89,6 +89,42 @@ def test_importance_sampling_agrees_within_monte_carlo_error(setup):
     assert again.value == res.value  # fixed seed: reproducible
 
 
+def test_full_proposal_scale_is_the_draws_shrunk_covariance_factor():
+    """``likelihood.conditional_scale``: each unit's ``L_i`` with ``L_i L_iᵀ = (1 − λ) S_i + λ diag(S_i)`` (``S_i`` the
+    draws' covariance, ``λ = (d + 1) / K``), lower triangular; with given sds the draws give only the correlations;
+    ``K ≤ d + 1`` draws give the diagonal proposal."""
+    rng = np.random.default_rng(0)
+    draws = rng.normal(size=(2, 40, 6, 3)) @ np.array([[1.0, 0.6, 0.0], [0.0, 0.8, 0.3], [0.0, 0.0, 0.5]])
+    scale = likelihood.conditional_scale(draws)
+    z = draws.reshape(-1, 6, 3)
+    cov = np.stack([np.cov(z[:, i].T) for i in range(6)])
+    lam = 4 / 80
+    want = (1 - lam) * cov + lam * cov * np.eye(3)
+    np.testing.assert_allclose(scale @ np.swapaxes(scale, -1, -2), want, rtol=1e-12, atol=1e-14)
+    assert np.all(np.triu(scale, 1) == 0)
+    sd = np.full((6, 3), 2.0)
+    given = likelihood.conditional_scale(draws, sd)
+    np.testing.assert_allclose(np.diagonal(given @ np.swapaxes(given, -1, -2), 0, -2, -1), 4.0, rtol=1e-12)
+    few = likelihood.conditional_scale(draws[:1, :4])
+    np.testing.assert_allclose(few, np.sqrt(np.var(draws[0, :4], 0, ddof=1))[..., None] * np.eye(3), rtol=1e-12)
+
+
+def test_full_proposal_importance_sampling_is_exact_in_expectation_and_closer(setup):
+    """A proposal scaled by each unit's covariance factor (``cond_sd`` ``[n, d, d]``): the exact marginal within the
+    Monte-Carlo error, with less of it than the diagonal proposal on this correlated posterior; a diagonal factor is
+    the diagonal proposal itself (the same draws and terms)."""
+    model, theta, t, y = setup
+    mean, cov = exact_posterior(theta, t, y)
+    sd = torch.sqrt(torch.diagonal(cov, 0, -2, -1))
+    exact = float(exact_marginal(theta, t, y).sum())
+    diagonal = likelihood.log_likelihood_is(model, theta, mean, sd, num_samples=4000, seed=3)
+    full = likelihood.log_likelihood_is(model, theta, mean, torch.linalg.cholesky(cov), num_samples=4000, seed=3)
+    assert abs(full.value - exact) < 4 * full.mc_se + 1e-3
+    assert full.mc_se < 0.6 * diagonal.mc_se, (full.mc_se, diagonal.mc_se)
+    as_matrix = likelihood.log_likelihood_is(model, theta, mean, torch.diag_embed(sd), num_samples=4000, seed=3)
+    np.testing.assert_array_equal(as_matrix.per_unit, diagonal.per_unit)
+
+
 def _expected_information(model, theta, t, y):
     """−∇²_x E_{y~p(y;θ0)}[log p(y; θ(x))] at x0 (closed-form expectation; independent of fisher.py)."""
     pv = fisher.ParamVector(model, theta)

@@ -119,6 +119,24 @@ def test_theophylline_saem_matches_saemix(exact_ml):
         assert _rel(p[name], ml[name]) < 4 * sd, (name, p[name], ml[name])
 
 
+def test_theophylline_full_is_proposal_agrees_with_quadrature_with_less_monte_carlo_error():
+    """``fit.log_likelihood("is", proposal="full")``: the Student-t proposal scaled by each individual's draws'
+    covariance (correlations between ka, V and CL included) gives the quadrature log-likelihood within its Monte-Carlo
+    error, with less of it than saemix's diagonal proposal (theophylline, 5000 draws: 0.024 against 0.056); both
+    kept, under their own keys; an unknown proposal is refused."""
+    fit = theophylline_model().fit(engine="saem", seed=0, progress=False)
+    gq = fit.log_likelihood("gq")
+    diagonal = fit.log_likelihood("is")
+    diagonal_se = fit.log_likelihoods["is"].mc_se
+    full = fit.log_likelihood("is", proposal="full")
+    full_se = fit.log_likelihoods["is"].mc_se
+    assert abs(full - gq) < 4 * full_se and abs(diagonal - gq) < 4 * diagonal_se
+    assert full_se < 0.6 * diagonal_se, (full_se, diagonal_se)
+    assert fit.log_likelihood("is") == diagonal and full != diagonal
+    with pytest.raises(ValueError, match="proposal"):
+        fit.log_likelihood("is", proposal="laplace")
+
+
 def _precise_fit_deviation(model, best, seed: int) -> tuple[float, float]:
     """README: ``num_chains=100`` and ``num_iters=(300, 300)`` bring SAEM within 1.5% of the exact maximum on every
     parameter.  (Largest relative deviation, log-likelihood shortfall) of one such run."""

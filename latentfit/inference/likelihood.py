@@ -95,7 +95,10 @@ def log_likelihood_is(model: LatentModel, theta: dict[str, Any], cond_mean: Any,
                       units: Any = None, unit_ids: Any = None, ops: Any = None) -> LogLikelihood:
     """Importance-sampling estimate of ``Σ_i log p(y_i; θ)`` (see the module docstring).
 
-    ``cond_mean``/``cond_sd`` are ``[n, d]`` (unconstrained latents of ``units``).  ``unit_ids`` (``[n]`` ints):
+    ``cond_mean``/``cond_sd`` are ``[n, d]`` (unconstrained latents of ``units``); ``cond_sd`` may also be ``[n, d,
+    d]``, each unit's lower-triangular scale ``L_i`` (:func:`conditional_scale`): then ``z = m_i + L_i t`` with ``t``'s
+    ``d`` coordinates independent Student-t, ``log q(z) = Σ_j log t(t_j) − log|L_i|`` (a diagonal ``L_i`` is the
+    ``[n, d]`` proposal, the same draws and weights).  ``unit_ids`` (``[n]`` ints):
     each unit's draws from its own stream ``(seed, batch, unit id)`` (:func:`student_t_draws`), so its term does not
     depend on the other units or on the process holding it (``ops``: a distributed fit's shim).  On one stream the
     proposal's normals and uniforms are drawn in float32 (JAX: :meth:`JaxOps.with_draw_dtype`, as SAEM's MCMC draws;
@@ -121,6 +124,30 @@ def log_likelihood_is(model: LatentModel, theta: dict[str, Any], cond_mean: Any,
     return LogLikelihood("is", float(per_unit_np.sum()), per_unit_np, float(ops.to_numpy(mc_se)), num_samples)
 
 
+def conditional_scale(draws: Any, sd: Any = None) -> np.ndarray:
+    """Each unit's lower-triangular proposal scale ``L_i`` ``[n, d, d]`` from its latent draws ``[..., n, d]`` (the
+    chains' kept draws): the Cholesky factor of their covariance ``S_i``, shrunk towards its diagonal as
+    ``(1 − λ) S_i + λ diag(S_i)`` with ``λ = min(1, (d + 1) / K)`` for ``K`` draws (a noisy estimate, from correlated
+    MCMC draws, taken no more than it supports: ``K ≤ d + 1`` gives the diagonal proposal).  ``sd`` ``[n, d]``: the
+    proposal's sds (e.g. a pilot pass's), the draws then giving only the correlations."""
+    z = np.asarray(draws, dtype=float)
+    z = z.reshape((-1,) + z.shape[-2:])
+    k, d = z.shape[0], z.shape[-1]
+    dev = z - z.mean(0)
+    cov = np.einsum("kni,knj->nij", dev, dev) / max(k - 1, 1)
+    var = np.diagonal(cov, 0, -2, -1)
+    lam = min(1.0, (d + 1) / max(k, 1))
+    root = np.sqrt(np.where(var > 0, var, 1.0))
+    corr = (1.0 - lam) * cov / (root[:, :, None] * root[:, None, :]) + lam * np.eye(d)
+    scale = root if sd is None else np.asarray(sd, dtype=float)
+    scale = np.where(scale > 1e-8, scale, 1e-8)
+    try:
+        chol = np.linalg.cholesky(corr)
+    except np.linalg.LinAlgError:  # a correlation that rounding left not positive definite: the diagonal proposal
+        chol = np.broadcast_to(np.eye(d), corr.shape).copy()
+    return scale[:, :, None] * chol
+
+
 def _is_terms(model: LatentModel, sizes: tuple[int, int, int], theta: dict[str, Any], m: Any, s: Any, key: Any,
               units: Any = None, sim: Any = None, root: Any = None) -> tuple[Any, Any]:
     """Per-unit ``log p̂(y_i; θ)`` ``[n]`` and the Monte-Carlo SE of their sum (an array) of :func:`log_likelihood_is`;
@@ -128,15 +155,21 @@ def _is_terms(model: LatentModel, sizes: tuple[int, int, int], theta: dict[str, 
     num_samples, batch_size, df = sizes
     ops = model.ops
     xp = ops.xp
-    s = xp.where(s > 1e-8, s, 1e-8)
-    log_s = xp.sum(xp.log(s), -1)
+    scale_matrix = len(s.shape) == len(m.shape) + 1  # each unit's lower-triangular scale [n, d, d]
+    if scale_matrix:
+        eye = ops.asarray(np.eye(int(s.shape[-1])))
+        s = s * (1.0 - eye) + xp.where(s > 1e-8, s, 1e-8) * eye  # its diagonal floored as the sds are
+        log_s = xp.sum(xp.log(xp.diagonal(s, 0, -2, -1)), -1)
+    else:
+        s = xp.where(s > 1e-8, s, 1e-8)
+        log_s = xp.sum(xp.log(s), -1)
     nb = -(-num_samples // batch_size)
     # a compiled model's face over z laid out [S, d, n] (SAEM's sweeps'): XLA:CPU vectorises along the units, where
     # over [S, n, d] its loops run along d (the theophylline IS's densities 4.0 -> 2.3 ms; equal up to rounding)
     minor = model.units_minor_density(theta) if units is None and ops.jittable else None
 
     def _log_weights(t: Any) -> Any:
-        z = m + s * t
+        z = m + (xp.sum(s * t[..., None, :], -1) if scale_matrix else s * t)
         if minor is not None:
             ll, lp, _ = minor[0](xp.swapaxes(z, -1, -2))
         else:

@@ -152,7 +152,7 @@ def default_ll_method(fit: FitResult) -> str:
 
 
 def log_likelihood(fit: FitResult, method: str | None = None, *, num_samples: int = 5000, df: int = 4, seed: int = 0,
-                   batch_size: int = 500, num_nodes: int = 12) -> float:
+                   batch_size: int = 500, num_nodes: int = 12, proposal: str = "diagonal") -> float:
     """Observed-data log-likelihood ``Σ_i log p(y_i; θ̂)``.
 
     ``method``: ``"exact"`` (model's exact marginal; default when ``model.has_exact_marginal``),
@@ -162,11 +162,21 @@ def log_likelihood(fit: FitResult, method: str | None = None, *, num_samples: in
     ``num_nodes`` nodes per latent coordinate around the conditional modes: deterministic, for small
     latent dimensions; saemix's ``llgq``).  The detailed result (per-unit terms, Monte-Carlo
     SE) is kept in ``fit.log_likelihoods[method]``.
+
+    ``proposal`` (``"is"``): ``"diagonal"`` (saemix's: each latent coordinate's Student-t around its conditional mean
+    and sd) or ``"full"`` (the conditional covariance of each unit's kept draws, their correlations included:
+    :func:`~latentfit.inference.likelihood.conditional_scale`).  The log of an importance-sampling mean is biased low
+    by about half its Monte-Carlo variance, summed over units, so a large population needs the closer proposal
+    (simulated N = 5000 x 10 one-compartment model, 5000 draws: Monte-Carlo SE 2.6-2.8 diagonal, 0.7-1.0 full, and
+    the diagonal estimate ~3.7 below the quadrature value on average).
     """
     method = method or default_ll_method(fit)
     if method not in ("is", "lin", "gq", "exact"):
         raise ValueError(f"method must be 'is', 'lin', 'gq' or 'exact', got {method!r}")
-    key = {"is": (method, num_samples, df, seed), "gq": (method, num_nodes)}.get(method, (method,))
+    if proposal not in ("diagonal", "full"):
+        raise ValueError(f"proposal must be 'diagonal' or 'full', got {proposal!r}")
+    key = {"is": (method, num_samples, df, seed) + ((proposal,) if proposal != "diagonal" else ()),
+           "gq": (method, num_nodes)}.get(method, (method,))
     cache = fit._cache.setdefault("loglik", {})
     if key not in cache:
         model, theta = fit.model, fit._theta()
@@ -188,6 +198,9 @@ def log_likelihood(fit: FitResult, method: str | None = None, *, num_samples: in
             if tune is not None:
                 mean, sd, df = tune(theta, mean, sd, df) if ids is None else tune(theta, mean, sd, df, unit_ids=ids,
                                                                                   ops=dist)
+            if proposal == "full":  # the draws' correlations around the sds (re-estimated by a tuned proposal)
+                sd = lk.conditional_scale(require_draws(fit, "the full IS proposal"),
+                                          None if tune is None else model.ops.to_numpy(sd))
             res = lk.log_likelihood_is(model, theta, mean, sd, num_samples=num_samples, df=df, seed=seed,
                                        batch_size=batch_size, unit_ids=ids, ops=dist)
         res = _across_processes(fit, res)
