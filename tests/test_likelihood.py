@@ -110,9 +110,10 @@ def test_full_proposal_scale_is_the_draws_shrunk_covariance_factor():
 
 
 def test_full_proposal_importance_sampling_is_exact_in_expectation_and_closer(setup):
-    """A proposal scaled by each unit's covariance factor (``cond_sd`` ``[n, d, d]``): the exact marginal within the
-    Monte-Carlo error, with less of it than the diagonal proposal on this correlated posterior; a diagonal factor is
-    the diagonal proposal itself (the same draws and terms)."""
+    """A proposal scaled by each unit's covariance factor (``cond_sd`` ``[n, d, d]``, in a defensive mixture with the
+    diagonal proposal of the same sds): the exact marginal within the Monte-Carlo error, with less of it than the
+    diagonal proposal on this correlated posterior; a diagonal factor is the diagonal proposal itself (the same draws,
+    the terms to rounding)."""
     model, theta, t, y = setup
     mean, cov = exact_posterior(theta, t, y)
     sd = torch.sqrt(torch.diagonal(cov, 0, -2, -1))
@@ -122,7 +123,12 @@ def test_full_proposal_importance_sampling_is_exact_in_expectation_and_closer(se
     assert abs(full.value - exact) < 4 * full.mc_se + 1e-3
     assert full.mc_se < 0.6 * diagonal.mc_se, (full.mc_se, diagonal.mc_se)
     as_matrix = likelihood.log_likelihood_is(model, theta, mean, torch.diag_embed(sd), num_samples=4000, seed=3)
-    np.testing.assert_array_equal(as_matrix.per_unit, diagonal.per_unit)
+    np.testing.assert_allclose(as_matrix.per_unit, diagonal.per_unit, rtol=1e-13)
+    # a misjudged covariance (a ridge: correlation 0.999 where the posterior's is not) stays within the diagonal
+    # component's reach: the weights are at most twice the diagonal proposal's
+    ridge = torch.tensor([[1.0, 0.0], [0.999, (1 - 0.999 ** 2) ** 0.5]], dtype=torch.float64)
+    misjudged = likelihood.log_likelihood_is(model, theta, mean, sd[..., None] * ridge, num_samples=4000, seed=3)
+    assert abs(misjudged.value - exact) < 4 * misjudged.mc_se + 1e-3 and misjudged.mc_se < 2 * diagonal.mc_se
 
 
 def _expected_information(model, theta, t, y):

@@ -165,10 +165,10 @@ def log_likelihood(fit: FitResult, method: str | None = None, *, num_samples: in
 
     ``proposal`` (``"is"``): ``"diagonal"`` (saemix's: each latent coordinate's Student-t around its conditional mean
     and sd) or ``"full"`` (the conditional covariance of each unit's kept draws, their correlations included:
-    :func:`~latentfit.inference.likelihood.conditional_scale`).  The log of an importance-sampling mean is biased low
-    by about half its Monte-Carlo variance, summed over units, so a large population needs the closer proposal
-    (simulated N = 5000 x 10 one-compartment model, 5000 draws: Monte-Carlo SE 2.6-2.8 diagonal, 0.7-1.0 full, and
-    the diagonal estimate ~3.7 below the quadrature value on average).
+    :func:`~latentfit.inference.likelihood.conditional_scale`, in a defensive mixture with the diagonal proposal).
+    The log of an importance-sampling mean is biased low by about half its Monte-Carlo variance, summed over units,
+    so a large population needs the closer proposal (simulated N = 5000 x 10 one-compartment model, 5000 draws, 5
+    seeds: Monte-Carlo SE 2.6-2.8 diagonal, 1.05-1.08 full; below the quadrature value by 1.8-9.1 and 0.2-1.4).
     """
     method = method or default_ll_method(fit)
     if method not in ("is", "lin", "gq", "exact"):
