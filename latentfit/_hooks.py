@@ -32,6 +32,20 @@ from typing import Any
 _TARGETS: dict[str, str] = {}
 
 
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a ``warnings.warn`` in the calling function name the first frame outside
+    latentfit: the user's line, whichever way the call came (``lf.plot_individual_fits(fit)`` or, through a hook,
+    ``fit.plot_individual_fits()``).  Python 3.12's ``skip_file_prefixes`` does this; 3.11 has no such option."""
+    import os
+    import sys
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1  # the function that warns: level 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def provide(name: str, target: str) -> None:
     """Bind hook ``name`` to ``target``: ``"package.module:attribute"`` (a callable) or ``"package.module"``."""
     _TARGETS[name] = target

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from latentfit._hooks import user_stacklevel
 from latentfit.inference.diagnostics import _population_predict, _population_structural, model_program
 from latentfit.inference.postfit import resolve_x
 
@@ -279,7 +280,7 @@ def _default_units(num_units: int, max_panels: int | None, what: str) -> list[in
         return list(range(num_units))
     warnings.warn(f"plot_individual_fits draws the first {max_panels} of {num_units} {what}; choose others with "
                   f"{'ids= or ' if what == 'subjects' else ''}units=, or pass max_panels=None for all",
-                  UserWarning, stacklevel=3)
+                  UserWarning, stacklevel=user_stacklevel())
     return list(range(max_panels))
 
 

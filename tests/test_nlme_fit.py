@@ -164,9 +164,11 @@ def test_theophylline_precise_saem_reaches_the_exact_maximum_on_every_seed(exact
 
 def test_collapsing_variance_stays_finite_and_warns():
     """With a single chain the weakly identified ω²_V of theophylline can be absorbed at 0 (6 of 30 seeds):
-    the M-step floors it (no NaN, as saemix's cutoff) and the fit warns, naming the parameter."""
-    with pytest.warns(RuntimeWarning, match=r"random effect on V .*collapsed"):
+    the M-step floors it (no NaN, as saemix's cutoff) and the fit warns, naming the parameter, at the user's line (not
+    inside latentfit, whatever path the call took)."""
+    with pytest.warns(RuntimeWarning, match=r"random effect on V .*collapsed") as seen:
         fit = theophylline_model().fit(engine="saem", seed=105, progress=False, num_chains=1)
+    assert {w.filename for w in seen if "collapsed" in str(w.message)} == {__file__}
     values = np.array([float(v) for v in fit.params.values()])
     # README: floored at 1e-12 (the K2 average of floored M-steps: measured 1.10e-12)
     assert np.isfinite(values).all() and 1e-12 <= fit.params["omega2_V"] < 1e-11

@@ -87,10 +87,13 @@ def test_individual_fits_of_a_large_population_draw_the_first_panels_and_say_how
     import warnings
 
     ids = list(fit.model.data.ids)
-    with pytest.warns(UserWarning, match=r"the first 5 of 12 subjects; choose others with ids= or units="):
+    with pytest.warns(UserWarning, match=r"the first 5 of 12 subjects; choose others with ids= or units=") as seen:
         fig = fit.plot_individual_fits(max_panels=5)
     assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == [f"Id {i}" for i in ids[:5]]
     plt.close(fig)
+    with pytest.warns(UserWarning, match=r"the first 5 of 12 subjects") as seen_too:
+        plt.close(lf.plots.plot_individual_fits(fit, max_panels=5))
+    assert [w.filename for w in (*seen, *seen_too)] == [__file__] * 2  # the user's line, whichever the call
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for kwargs, drawn in (({"max_panels": None}, ids), ({"max_panels": 5, "ids": ids[6:]}, ids[6:]),

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._hooks import user_stacklevel
 from .model import LatentModel, NonFiniteError
 from .results import FitResult
 
@@ -117,7 +118,7 @@ class Engine:
     def finalize(self, state: dict[str, Any]) -> dict[str, Any]:
         """Hook run once after the loop (e.g. a last exact E-step); warns with the model's ``fit_warnings``."""
         for msg in self.model.fit_warnings(self.theta_of(state)):
-            warnings.warn(f"{self.name}: {msg}", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"{self.name}: {msg}", RuntimeWarning, stacklevel=user_stacklevel())
         return state
 
     @property
@@ -360,7 +361,7 @@ class Engine:
                 where = f"; checkpoint {str(path)!r} (run(resume=...) continues)"
             warnings.warn(f"{self.name}: interrupted; the result holds the last good state, after iteration "
                           f"{good.iteration} of {total}, and the history so far (fit.interrupted is True)"
-                          f"{where}", RuntimeWarning, stacklevel=2)
+                          f"{where}", RuntimeWarning, stacklevel=user_stacklevel())
         finally:
             if bar is not None:
                 bar.close()
@@ -763,7 +764,7 @@ def _warn_nonfinite(name: str, history: dict[str, list]) -> None:
                       f"{int((per_iter > 0).sum())} of {len(per_iter)} iterations; fit.num_nonfinite, and "
                       "fit.history['num_nonfinite'] per iteration). A few are harmless; many mean the chains keep "
                       "leaving the model's domain (e.g. the log of a quantity that can be negative).",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _chunk_bounds(first: int, last: int, collect_from: int, chunk: int) -> list[tuple[int, int]]:

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from .._hooks import user_stacklevel
 from .likelihood import gaussian_log_density, linearised_moments, require_gaussian_faces, structural_jacobian
 from .model import LatentModel
 from .mstep import flatten, unflatten
@@ -198,7 +199,8 @@ def _finish(method: str, model: LatentModel, pv: ParamVector, fim: np.ndarray,
                        f"positive definite (smallest eigenvalue {eig:.3g}: a noisy Monte-Carlo estimate, or θ̂ not at "
                        "a maximum of the likelihood; run the fit longer or pass num_iters= for fresh draws at θ̂)")
     if reasons:
-        warnings.warn("standard errors set to NaN for " + "; ".join(reasons), RuntimeWarning, stacklevel=4)
+        warnings.warn("standard errors set to NaN for " + "; ".join(reasons), RuntimeWarning,
+                      stacklevel=user_stacklevel())
     se = np.sqrt(var)
     return StandardErrors(method, labels, est, se, cov, fim, cov_u, pv.free)
 

@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._hooks import user_stacklevel
 from . import mcmc, preconditioned
 from .driver import Engine, default_num_chains
 from .model import LatentModel, ModelSpecificationError
@@ -269,7 +270,7 @@ class MCMCSGD(Engine):
                        and not (optimizer == "auto" and modules))
         if optimizer == "fisher" and not self.fisher:
             warnings.warn(f"MCMCSGD: optimizer='fisher' needs at most {preconditioned.MAX_PARAMS} free parameters "
-                          f"(its Γ is p × p); this model has {num_free}: using Adam", stacklevel=2)
+                          f"(its Γ is p × p); this model has {num_free}: using Adam", stacklevel=user_stacklevel())
         #: Fisher scoring's prior information: "exact" by default where the latents are Gaussian, else "draw"
         self.information = information or ("exact" if self.fisher and model.has_gaussian_prior else "draw")
         if self.fisher and information == "exact" and not model.has_gaussian_prior:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._hooks import user_stacklevel
 from . import diagnostics, fisher, individual
 from . import likelihood as lk
 
@@ -388,7 +389,7 @@ def summary(fit: FitResult, se: bool = True, method: str | None = None) -> pd.Da
             se_map = standard_errors(fit)
         except (ValueError, NotImplementedError) as err:
             warnings.warn(f"summary(): no standard errors for this fit ({err}); pass se=False for the "
-                          "estimates alone", RuntimeWarning, stacklevel=2)
+                          "estimates alone", RuntimeWarning, stacklevel=user_stacklevel())
             se_map = None
     if se and se_map is not None:
         df["se"] = [se_map.get(n, np.nan) for n, _ in rows]

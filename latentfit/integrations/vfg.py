@@ -59,6 +59,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from latentfit._hooks import user_stacklevel
+
 __all__ = ["VFG", "VFGFit", "VFGImputer", "Graph", "parse_structure", "synthetic_imputation_data",
            "gaussian_network_data", "gaussian_network_conditional_f", "GAUSSIAN_NETWORK_DAG",
            "GAUSSIAN_NETWORK_COLUMNS"]
@@ -754,7 +756,7 @@ class VFG:
             untrained = list(range(num_epochs // self.layerwise + 1, n_layers + 1))
             warnings.warn(f"layerwise={self.layerwise} with {n_layers} layers: {num_epochs} epochs never train "
                           f"layer(s) {untrained} (needs >= {self.layerwise * n_layers} epochs)", UserWarning,
-                          stacklevel=2)
+                          stacklevel=user_stacklevel())
         if self.backend == "jax":
             from latentfit.integrations.vfg_jax import fit_jax_engine as fit_engine
         else:

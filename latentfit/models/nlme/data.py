@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from latentfit._hooks import user_stacklevel
 from latentfit.inference.model import DataError
 
 from .validate import numbers_if_all_numeric, validate_table
@@ -351,7 +352,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         names = [_id(i) for i in dropped[:5]]
         warnings.warn(f"individual(s) without any observation are dropped: ID(s) {', '.join(names)} "
                       f"(first rows {rows})",
-                      stacklevel=3)
+                      stacklevel=user_stacklevel())
     if not len(keep_ids):
         raise DataError("no individual has an observation")
     # duplicated dose records (same ID, time, amount and compartment)
@@ -362,7 +363,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         if bool(dup.any()):
             row = dup.idxmax()
             warnings.warn(f"duplicated dose record (ID {_id(dose_df.loc[row, 'id'])}, row {row}): same time, amount "
-                          f"and compartment as an earlier row; both doses are given", stacklevel=3)
+                          f"and compartment as an earlier row; both doses are given", stacklevel=user_stacklevel())
         del dose_df, dup  # five columns per dose row, not needed past the check
 
     obs_idx = np.where(is_obs if all_kept else is_obs & (order >= 0))[0].astype(index_type)
@@ -686,7 +687,7 @@ def _covariate_table(df: pd.DataFrame, ids_all: np.ndarray, keep: list[Any], cov
             who = [_id(i) for i in varying.index[varying][:3]]
             warnings.warn(f"covariate {c!r} varies within individual(s) {who}; the first value is used (for a "
                           f"time-varying covariate read per observation, name it in regressors=)",
-                          stacklevel=4)
+                          stacklevel=user_stacklevel())
         out[c] = grouped.first().reindex(keep).to_numpy()
     return out
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from latentfit._hooks import user_stacklevel
 from latentfit.inference.model import ConvergenceWarning, ModelSpecificationError
 
 from .._integrations import fit_nlme
@@ -160,7 +161,7 @@ def fit_replicates(model: Any, engine: str, options: dict[str, Any], replicates:
             f"(more than max(3 MC SE, {tolerance:g})); {lagging} ended below the best, replicate {best} (seed "
             f"{table['seed'].iloc[best]}, logLik {ll[best]:.3f}), which is returned. A lower replicate is stuck at a "
             f"local optimum or not converged: see fit.replicates, and rerun with more iterations (num_iters=) or "
-            f"other starting values", ConvergenceWarning, stacklevel=3)
+            f"other starting values", ConvergenceWarning, stacklevel=user_stacklevel())
     out = fits[best]
     out.replicates = table
     return out
