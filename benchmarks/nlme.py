@@ -654,7 +654,10 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   after the modes' 302 kB); what is left is total CPU (the executables' deserialisation ~0.15 s of the ~0.31 s).
   Tried, not kept: the modes' program with the small-program options (its largest argument is the fit's 18 000 kept
   draws, read once; ``SMALL_PROGRAM_ELEMENTS`` 20 000): 302 -> 252 kB, end to end 0.2194 -> 0.2047 s median but a
-  paired median of -1 ms (14 rounds): noise.
+  paired median of -1 ms (14 rounds): noise.  At the session's end, its start (15c0e69) against all of its changes
+  (the IS's ``proposal=`` and the warnings' stack levels too): 0.2048 vs 0.1983 s (14 rounds, paired median -0.2 ms,
+  the machine's phase moving during them), then 0.1933 -> 0.1702 s (16 rounds, -22 ms); ``--e2e-only``-style medians
+  of 12 runs 0.173-0.213 s in this session's slow phases (the session's start: 0.203 s for 15c0e69).
 """
 
 from __future__ import annotations
