@@ -195,6 +195,9 @@ def test_fit_compiles_once_per_chunk_length_and_reports_every_iteration():
     assert seen == list(range(1, 31))  # the callback (and the progress bar) move chunk by chunk
     # chunks 1-10, 11-20, 21-25, 26-30: two lengths, two compilations, draws kept from the last 5 only
     assert fit.model.ops.num_compiles == 2
+    # a NumPyro model has no units-minor face: no chunk draws made ahead, hence no (empty) draws program to compile
+    assert fit.engine.chunk_randoms("saem") is None
+    assert [type(program).__name__ for program, _ in fit.model.ops._compiled.values()] == ["_ConstsBound"] * 2
     assert fit.latents["b"].shape == (3, 5, 20, 1)
     assert fit.history["theta.mu"].shape == (30,)
 

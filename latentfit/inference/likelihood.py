@@ -159,11 +159,9 @@ def _is_terms(model: LatentModel, sizes: tuple[int, int, int], theta: dict[str, 
     xp = ops.xp
     scale_matrix = len(s.shape) == len(m.shape) + 1  # each unit's lower-triangular scale [n, d, d]
     if scale_matrix:
-        d = int(s.shape[-1])
-        eye = ops.asarray(np.eye(d))
+        eye = ops.asarray(np.eye(int(s.shape[-1])))
         s = s * (1.0 - eye) + xp.where(s > 1e-8, s, 1e-8) * eye  # its diagonal floored as the sds are
-        diag_s = xp.diagonal(s, 0, -2, -1)
-        log_s = xp.sum(xp.log(diag_s), -1)
+        log_s = xp.sum(xp.log(xp.diagonal(s, 0, -2, -1)), -1)
         sd = xp.sqrt(xp.sum(s * s, -1))  # the marginal sds of L Lᵀ: the defensive component's scales
         log_sd = xp.sum(xp.log(sd), -1)
     else:
@@ -174,35 +172,27 @@ def _is_terms(model: LatentModel, sizes: tuple[int, int, int], theta: dict[str, 
     # over [S, n, d] its loops run along d (the theophylline IS's densities 4.0 -> 2.3 ms; equal up to rounding)
     minor = model.units_minor_density(theta) if units is None and ops.jittable else None
 
-    def _mixture(t: Any) -> tuple[Any, Any]:
+    def _proposal(t: Any) -> tuple[Any, Any]:
+        """The draws ``z`` made of standard Student-t numbers ``t`` and the proposal's log-density there."""
+        if not scale_matrix:
+            return m + s * t, xp.sum(student_t_log_pdf(t, float(df), xp), -1) - log_s
         # a defensive mixture (Hesterberg 1995; Veach & Guibas' balance heuristic): the first half of the batch from
         # m + L t, the second from m + sd ⊙ t (the diagonal proposal of the same marginal sds), each draw weighted by
         # the mixture's density ½ q_L + ½ q_sd, so p/q ≤ 2 p/q_sd: a covariance misjudged from the draws (a ridge
         # where the conditional law is wide) cannot produce the rare huge weights of a too-narrow proposal
         first = ops.asarray(np.arange(int(t.shape[0])) < int(t.shape[0]) // 2)[:, None, None]
         dev = xp.where(first, xp.sum(s * t[..., None, :], -1), sd * t)
-        cols: list[Any] = []  # L u = dev by forward substitution (d small): u = t on the first half
-        for j in range(d):
-            acc = dev[..., j]
-            for e in range(j):
-                acc = acc - s[:, j, e] * cols[e]
-            cols.append(acc / diag_s[:, j])
-        u = xp.stack(cols, -1)
+        u = xp.moveaxis(ops.forward_substitution(s, xp.moveaxis(dev, 0, -1)), -1, 0)  # L⁻¹ dev: t on the first half
         log_q_l = xp.sum(student_t_log_pdf(u, float(df), xp), -1) - log_s
         log_q_sd = xp.sum(student_t_log_pdf(dev / sd, float(df), xp), -1) - log_sd
         return m + dev, xp.logaddexp(log_q_l, log_q_sd) - math.log(2.0)
 
     def _log_weights(t: Any) -> Any:
-        if scale_matrix:
-            z, log_q = _mixture(t)
-        else:
-            z = m + s * t
+        z, log_q = _proposal(t)
         if minor is not None:
             ll, lp, _ = minor[0](xp.swapaxes(z, -1, -2))
         else:
             ll, lp = model.log_densities(theta, z, units)
-        if not scale_matrix:
-            log_q = xp.sum(student_t_log_pdf(t, float(df), xp), -1) - log_s
         lw = ll + lp - log_q
         return ops.stop_gradient(xp.where(lw == lw, lw, -xp.inf))
 

@@ -409,6 +409,8 @@ class SAEM(Engine):
         if not ops.jittable or self.rng != "global" or type(self).simulate is not SAEM.simulate \
                 or not sum(self.kernels):  # kernels (0, 0, 0): no draws
             return None
+        if not self.units_minor_sweep or type(self.model).units_minor_density is LatentModel.units_minor_density:
+            return None  # a model without the units-minor face (Pyro, NumPyro, ...): prepare could never draw
         model, sim, kernels = self.model, self.sim_ops, self.kernels
 
         def prepare(state: SAEMState, ks: Any) -> dict[str, Any] | None:
