@@ -135,16 +135,18 @@ def nlme_fit(args: argparse.Namespace) -> int:
         messages = [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning | FutureWarning)]
     for msg in dict.fromkeys(messages):
         print(f"warning: {msg}", file=sys.stderr)
+    rep = cfg.report
     extra = {"model file": str(args.model), "data file": str(args.data),
-             "command": "latentfit " + " ".join(args.argv), "seed": cfg.seed, "backend": cfg.backend}
+             "command": "latentfit " + " ".join(args.argv), "seed": cfg.seed, "backend": cfg.backend,
+             "importance sampling": f"{rep['is_samples']} draws per subject, {rep['is_proposal']} proposal"}
     if cfg.description:
         extra = {"description": cfg.description, **extra}
     info = run_information(fit, **extra)
-    rep = cfg.report
     paths = write_fit_outputs(fit, args.out, model_text=cfg.text, title=rep["title"], run_info=info,
                               warnings_list=list(dict.fromkeys(messages)), se_method=rep["se_method"],
                               log_y=rep["log_y"], vpc_simulations=rep["vpc_simulations"],
                               max_individual_plots=rep["max_individual_plots"], seed=cfg.seed,
+                              is_proposal=rep["is_proposal"], is_samples=rep["is_samples"],
                               status=None if args.no_progress else lambda msg: print(msg, "...", file=sys.stderr))
     est = paths["estimates"]
     import pandas as pd

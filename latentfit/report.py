@@ -101,8 +101,10 @@ def estimates_table(fit: Any, se_method: str = "lin") -> pd.DataFrame:
     return table.reset_index()
 
 
-def likelihood_table(fit: Any) -> pd.DataFrame:
-    return fit.likelihood_table().reset_index()
+def likelihood_table(fit: Any, is_proposal: str = "diagonal", is_samples: int = 5000) -> pd.DataFrame:
+    """``method, -2LL, AIC, BIC, MC SE`` (``fit.likelihood_table``; its importance sampling with ``is_proposal`` and
+    ``is_samples`` draws per subject)."""
+    return fit.likelihood_table(proposal=is_proposal, num_samples=is_samples).reset_index()
 
 
 def _ids(model: Any) -> np.ndarray:
@@ -219,7 +221,9 @@ def html_report(title: str, run_info: dict[str, Any], tables: dict[str, pd.DataF
                                      "effects on the transformed scale), standard errors and relative standard errors "
                                      "(%)."),
                        ("likelihood", "−2 log-likelihood, AIC and BIC by linearisation (lin), importance sampling "
-                                      "(is) and Gauss–Hermite quadrature (gq)."),
+                                      "(is) and Gauss–Hermite quadrature (gq); MC SE: the Monte-Carlo standard error "
+                                      "of −2LL (importance sampling's; the run information gives its draws and "
+                                      "proposal)."),
                        ("shrinkage", "η-shrinkage 1 − var(η̂)/ω² of the conditional modes and means (%)."),
                        ("individual", "Per subject: conditional modes (EBEs), means and sds of the parameters, the "
                                       "random effects η at the modes, and the covariates.")):
@@ -293,8 +297,8 @@ def run_information(fit: Any, **extra: Any) -> dict[str, Any]:
 def write_fit_outputs(fit: Any, out_dir: str | Path, *, model_text: str = "", title: str | None = None,
                       run_info: dict[str, Any] | None = None, warnings_list: list[str] | None = None,
                       se_method: str = "lin", log_y: bool = False, vpc_simulations: int = 500,
-                      max_individual_plots: int = 36, seed: int = 0,
-                      status: Callable[[str], None] | None = None) -> dict[str, Path]:
+                      max_individual_plots: int = 36, seed: int = 0, is_proposal: str = "diagonal",
+                      is_samples: int = 5000, status: Callable[[str], None] | None = None) -> dict[str, Path]:
     """Write the CSV tables, the PNG figures and ``report.html`` of an NLME fit into ``out_dir``; returns the paths
     by name.  ``status(message)`` is called before each slow step (e.g. to print it)."""
     import matplotlib.pyplot as plt
@@ -306,7 +310,7 @@ def write_fit_outputs(fit: Any, out_dir: str | Path, *, model_text: str = "", ti
     est = estimates_table(fit, se_method)
     notes = {"estimates": est.attrs["note"]} if "note" in est.attrs else {}
     say("log-likelihood by linearisation, importance sampling and quadrature")
-    tables = {"estimates": est, "likelihood": likelihood_table(fit)}
+    tables = {"estimates": est, "likelihood": likelihood_table(fit, is_proposal, is_samples)}
     say("individual estimates, shrinkage and residuals (PRED, IPRED, IWRES, PWRES, NPDE)")
     tables.update({"shrinkage": shrinkage_table(fit), "individual": individual_table(fit)})
     files = {"estimates": "estimates.csv", "likelihood": "likelihood.csv", "shrinkage": "shrinkage.csv",

@@ -152,6 +152,7 @@ def test_html_report_is_self_contained_with_every_section_and_image(run):
     assert f"{float(api.params['CL']):.5g}" in page and "beta_V_WT" in page and "eta_CL" in page
     for method in ("lin", "is", "gq"):
         assert f"<td>{method}</td>" in page
+    assert "5000 draws per subject, diagonal proposal" in page and "MC SE" in page
 
 
 def test_simulate_from_the_output_directory_equals_the_library_simulation(run, tmp_path, capsys):
@@ -327,6 +328,20 @@ def test_readme_model_file_parses():
     assert cfg.structural == "one_compartment_oral" and cfg.num_chains == 5 and cfg.report["title"] == "My fit"
     assert cfg.data_options["columns"] == {"id": "Subject", "time": "Time", "dv": "Conc"}
     assert cfg.parameters["ka"] == nlme.Parameter(1.0, "log", True, False, 1.0)
+
+
+def test_report_importance_sampling_options(run):
+    """[report] is_proposal / is_samples: the likelihood table's importance sampling (fit.likelihood_table's proposal
+    and num_samples); a proposal that does not exist is a one-line error naming the key."""
+    _, api = run
+    cfg = parse_config(BASE + '\n[report]\nis_proposal = "full"\nis_samples = 2000\n')
+    assert (cfg.report["is_proposal"], cfg.report["is_samples"]) == ("full", 2000)
+    assert parse_config(BASE).report["is_proposal"] == "diagonal"
+    table = report.likelihood_table(api, cfg.report["is_proposal"], cfg.report["is_samples"]).set_index("method")
+    pd.testing.assert_frame_equal(table, api.likelihood_table(proposal="full", num_samples=2000), check_exact=True)
+    assert table.loc["is", "-2LL"] == -2 * api.log_likelihood("is", proposal="full", num_samples=2000)
+    with pytest.raises(ConfigError, match=r"line 10: \[report\] is_proposal = 'mixed': use one of diagonal, full"):
+        parse_config(BASE + '\n[report]\nis_proposal = "mixed"\n')
 
 
 def test_readme_simulate_and_vpc_commands_run(run, tmp_path):

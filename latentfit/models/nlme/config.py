@@ -64,6 +64,8 @@ A model file names everything a saemix ``saemixModel`` / ``saemixControl`` call 
 
     [report]
     title = "..."                    # log_y, vpc_simulations, max_individual_plots, se_method
+    # is_proposal = "diagonal"       (the likelihood table's importance sampling: "diagonal", saemix's, or "full",
+    # is_samples = 5000               the conditional correlations too: fit.log_likelihood("is", proposal=...))
 
 A user structural model ``file = "model.py"`` (relative to the model file) defines ``function`` as a function
 ``f(psi, data) -> predictions [..., N, T]`` (see :class:`NLME`) or a :class:`Structural` (e.g. made by
@@ -109,14 +111,15 @@ SECTIONS = {
     "data": ("columns", "dose", "x", "regressors", "covariate_interpolation"),
     "engine": ("algorithm", "iterations", "chains", "seed", "backend", "replicates", "dispersed_starts"),
     "outcome": ("type", "thresholds", "dispersion", "hazard", "scale", "shape", "simulate"),
-    "report": ("title", "log_y", "vpc_simulations", "max_individual_plots", "se_method"),
+    "report": ("title", "log_y", "vpc_simulations", "max_individual_plots", "se_method", "is_proposal", "is_samples"),
 }
 PARAMETER_KEYS = ("init", "transform", "random", "fixed", "omega2")
 RESPONSE_KEYS = ("model", "a", "b", "dvid")
 COVARIATE_KEYS = ("transform", "init")
 ENGINES = ("saem", "fsaem")
 REPORT_DEFAULTS: dict[str, Any] = {"title": None, "log_y": False, "vpc_simulations": 500,
-                                   "max_individual_plots": 36, "se_method": "lin"}
+                                   "max_individual_plots": 36, "se_method": "lin", "is_proposal": "diagonal",
+                                   "is_samples": 5000}
 
 
 class ConfigError(ModelSpecificationError):
@@ -663,11 +666,13 @@ def _report(raw: Any, reader: _Reader) -> dict[str, Any]:
         out["title"] = reader.string(table["title"], w, "title")
     if "log_y" in table:
         out["log_y"] = reader.boolean(table["log_y"], w, "log_y")
-    for key in ("vpc_simulations", "max_individual_plots"):
+    for key in ("vpc_simulations", "max_individual_plots", "is_samples"):
         if key in table:
             out[key] = reader.integer(table[key], w, key, 1)
     if "se_method" in table:
         out["se_method"] = reader.string(table["se_method"], w, "se_method", ("lin", "sa")).lower()
+    if "is_proposal" in table:
+        out["is_proposal"] = reader.string(table["is_proposal"], w, "is_proposal", ("diagonal", "full")).lower()
     return out
 
 
