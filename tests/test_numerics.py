@@ -260,6 +260,72 @@ def test_pwres_and_npde_of_unit_blocks_are_the_per_unit_formula():
         diagnostics.RESIDUAL_BLOCK_VALUES = saved
 
 
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_residuals_of_a_large_population_simulate_in_blocks_of_units(backend, monkeypatch):
+    """Beyond RESIDUAL_SIMULATION_BLOCK_VALUES simulated values the residuals simulate a block of units at a time
+    (N = 5000 x 10, K = 1000: peak memory +1.6 GB at once, growing with N; +0.14 GB in blocks).  Checked with the
+    threshold lowered on theophylline: no simulation holds more units than a block; a fit on per-unit streams gets the
+    values of the whole simulation (its units' streams: bit for bit on torch, to the float32 draws' rounding on JAX);
+    another fit's blocks draw from the seed's stream in turn: reproducible, a new seed new values, and the NPDE a
+    standard normal sample; occasions (κ per subject and occasion) go in blocks too."""
+    pytest.importorskip("jax")
+    import pandas as pd
+
+    import latentfit as lf
+    from latentfit.inference import diagnostics
+    from latentfit.models import nlme
+
+    df = lf.datasets.theophylline(saemix_form=True)
+    spec = dict(columns={"id": "Id", "time": "Time", "dv": "Concentration"}, dose="Dose")
+    init = {"ka": nlme.Parameter(1.5, omega2=0.4), "V": nlme.Parameter(31.0, omega2=0.02),
+            "CL": nlme.Parameter(2.7, omega2=0.07)}
+    truth = nlme.NLME("one_compartment_oral", init, data=df, error_init={"a": 0.7}, **spec)
+    data = truth.simulate(seed=11)  # theophylline's design, DV from the model
+    model = nlme.NLME("one_compartment_oral", init, data=data, backend=backend, error_init={"a": 0.7}, **spec)
+    theta = model.init_params()
+    z = model.prior_moments(theta)[0]
+    k, width = 300, 10
+    whole = diagnostics.residuals(model, theta, z, num_sims=k, seed=3, unit_ids=np.arange(12))
+    glob = diagnostics.residuals(model, theta, z, num_sims=k, seed=3)
+    seen = []
+    whiten = diagnostics._pwres_and_pde
+
+    def spy(y, sims, mask):
+        seen.append(sims.shape)
+        return whiten(y, sims, mask)
+
+    monkeypatch.setattr(diagnostics, "_pwres_and_pde", spy)
+    monkeypatch.setattr(diagnostics, "RESIDUAL_SIMULATION_BLOCK_VALUES", 5 * k * width)  # blocks of 5 units
+    blocks = diagnostics.residuals(model, theta, z, num_sims=k, seed=3, unit_ids=np.arange(12))
+    assert seen == [(k, 5, width), (k, 5, width), (k, 2, width)]  # each block's simulations, alone
+    exact = backend == "torch"
+    for name in ("pred", "ipred", "iwres", "epred", "pwres", "npde"):
+        a, b = getattr(whole, name)[whole.mask], getattr(blocks, name)[blocks.mask]
+        if exact or name in ("pred", "ipred", "iwres"):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+    if not exact:  # a pde may move by one simulation: its NPDE by a step of Φ⁻¹
+        assert np.mean(whole.npde[whole.mask] == blocks.npde[blocks.mask]) > 0.95
+    seen.clear()
+    one = diagnostics.residuals(model, theta, z, num_sims=k, seed=3)
+    assert seen == [(k, 5, width), (k, 5, width), (k, 2, width)]
+    again = diagnostics.residuals(model, theta, z, num_sims=k, seed=3)
+    other = diagnostics.residuals(model, theta, z, num_sims=k, seed=4)
+    np.testing.assert_array_equal(one.npde, again.npde)
+    assert not np.allclose(one.epred[one.mask], other.epred[other.mask])
+    np.testing.assert_array_equal(one.pred, glob.pred)
+    for res in (glob, one):  # 120 observations simulated at θ: their NPDE are a standard normal sample
+        npde = res.npde[res.mask]
+        assert abs(np.mean(npde)) < 0.3 and 0.75 < np.std(npde) < 1.25, (np.mean(npde), np.std(npde))
+    # an occasion model: κ per (subject, occasion) drawn with each block's subjects
+    occ = df.assign(OCC=np.where(df["Time"] < 5.0, 1, 2))
+    iov = nlme.NLME("one_compartment_oral", init, data=occ, backend=backend, iov={"CL": 0.05}, **spec)
+    th = iov.init_params()
+    res = diagnostics.residuals(iov, th, iov.prior_moments(th)[0], num_sims=k, seed=1)
+    assert np.all(np.isfinite(res.npde[res.mask])) and isinstance(res.to_frame(), pd.DataFrame)
+
+
 def test_residuals_need_more_simulations_than_observations_per_unit():
     """With num_sims ≤ T the simulated covariance is singular by construction: a clear error, not a
     LinAlgError from the Cholesky factorisation."""

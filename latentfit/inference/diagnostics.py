@@ -132,6 +132,32 @@ def _simulate_per_unit(model: LatentModel, theta: dict[str, Any], num_sims: int,
     return ops.to_numpy(mean + sd * noise)
 
 
+def _simulate_on_streams(model: LatentModel, theta: dict[str, Any], root: Any, ids: Any, units: Any,
+                         num_sims: int) -> Any:
+    """:func:`_simulate_per_unit`'s simulations ``[K, b, T]`` of the units ``units`` (row indices) alone, unit i's
+    from its stream ``(seed, ids[i])`` (``root``: the streams' root key): the same values as those units' rows of
+    all units' simulations."""
+    ops = model.ops
+    sim = ops.per_unit_streams(ids)
+    eps = sim.normal(ops.fold_in(root, 1), (num_sims, int(ids.shape[0]), model.latent_dim))
+    mean, sd = model.predict(theta, model.prior_transform(theta, eps, units), units)
+    return mean + sd * sim.normal(ops.fold_in(root, 2), (num_sims, int(ids.shape[0]), int(mean.shape[-1])))
+
+
+def _simulate_units(model: LatentModel, theta: dict[str, Any], key: Any, units: Any, num_sims: int) -> Any:
+    """:func:`_simulate` of the units ``units`` (row indices) alone, from ``key``."""
+    ops = model.ops
+    k1, k2 = ops.split(key)
+    mean, sd = model.predict(theta, model.sample_prior(theta, k1, num_sims, units), units)
+    return mean + sd * ops.normal(k2, tuple(mean.shape))
+
+
+def _simulates_in_blocks(model: LatentModel, num_values: int) -> bool:
+    """Whether :func:`residuals` simulates ``num_values`` values in blocks of units (more than
+    :data:`RESIDUAL_SIMULATION_BLOCK_VALUES`, and a model that evaluates a subset of units alone)."""
+    return num_values > RESIDUAL_SIMULATION_BLOCK_VALUES and bool(getattr(model, "evaluates_unit_subsets", False))
+
+
 def _inv_norm_cdf(p: np.ndarray) -> np.ndarray:
     return np.vectorize(NormalDist().inv_cdf, otypes=[float])(p)
 
@@ -197,6 +223,10 @@ def decorrelate(resid: np.ndarray, cov: np.ndarray, mask: np.ndarray) -> np.ndar
 #: simulated values (replicates × units × observations) whitened at once by :func:`residuals`: the units go in blocks
 #: of about this many (a few arrays of 8 bytes each), whatever the population (N = 5000, K = 1000: 400 MB at once)
 RESIDUAL_BLOCK_VALUES = 2 ** 18
+#: simulated values (replicates × units × observations) from which :func:`residuals` simulates in blocks of units of
+#: about this many (models that evaluate a subset of units alone, ``LatentModel.evaluates_unit_subsets``): the
+#: simulations of N = 5000 x 10 with K = 1000 at once took 1.6 GB at their peak, and grew with N
+RESIDUAL_SIMULATION_BLOCK_VALUES = 2 ** 21
 
 
 def _pwres_and_pde(y: np.ndarray, sims: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -242,12 +272,40 @@ def residuals(model: LatentModel, theta: dict[str, Any], z_mode: Any, num_sims: 
                          f"PWRES/NPDE decorrelate with a covariance estimated from the simulations")
     ipred_t, isd_t = model_program(model, _predict)(theta, ops.asarray(z_mode))
     ipred, isd = ops.to_numpy(ipred_t), ops.to_numpy(isd_t)
-    sims = simulate_observations(model, theta, num_sims, seed, unit_ids=unit_ids, ops=dist_ops)  # [K, N, T]
-    if model.has_gaussian_prior:
-        pred = ops.to_numpy(model_program(model, _population_predict)(theta)[0])
+    k, (n, width) = int(num_sims), y.shape
+    if dist_ops is None and _simulates_in_blocks(model, k * n * width):
+        # blocks of units: memory bounded whatever N.  A fit on per-unit streams: each unit's simulations from its own
+        # stream, the values of the whole simulation; another: each block from the next key of the seed's stream
+        step = max(1, RESIDUAL_SIMULATION_BLOCK_VALUES // (k * width))
+        epred, pwres, pde, pred = (np.zeros((n, width)) for _ in range(4))
+        if unit_ids is not None:
+            ids = np.asarray(unit_ids, dtype=np.int64)
+            root, program = ops.stream_key(ops.key(seed), seed), model_program(model, _simulate_on_streams, k)
+        else:
+            program = model_program(model, _simulate_units, k)
+        with ops.seed_context(seed):
+            key = ops.key(seed)
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                units = ops.asarray(np.arange(a, b), dtype=None)
+                if unit_ids is not None:
+                    sims = program(theta, root, ops.asarray(ids[a:b], dtype=None), units)
+                else:
+                    block_key, key = ops.split(key)
+                    sims = program(theta, block_key, units)
+                sims = ops.to_numpy(sims)
+                epred[a:b], pwres[a:b], pde[a:b] = _pwres_and_pde(y[a:b], sims, mask[a:b])
+                if not model.has_gaussian_prior:
+                    pred[a:b] = np.median(sims, 0)
+        if model.has_gaussian_prior:
+            pred = ops.to_numpy(model_program(model, _population_predict)(theta)[0])
     else:
-        pred = np.median(sims, 0)
-    epred, pwres, pde = _pwres_and_pde(y, sims, mask)
+        sims = simulate_observations(model, theta, num_sims, seed, unit_ids=unit_ids, ops=dist_ops)  # [K, N, T]
+        if model.has_gaussian_prior:
+            pred = ops.to_numpy(model_program(model, _population_predict)(theta)[0])
+        else:
+            pred = np.median(sims, 0)
+        epred, pwres, pde = _pwres_and_pde(y, sims, mask)
     pde = np.clip(pde, 1.0 / (2 * num_sims), 1.0 - 1.0 / (2 * num_sims))
     npde = _inv_norm_cdf(pde)
     nan = np.where(mask, 1.0, np.nan)

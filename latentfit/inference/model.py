@@ -326,6 +326,9 @@ class LatentModel:
     has_gaussian_obs: bool = False
     has_gaussian_prior: bool = False
     has_exact_marginal: bool = False
+    #: ``predict`` / ``prior_moments`` with ``units=`` evaluate those units alone (a traced model evaluates all of
+    #: them and selects): post-fit simulations may then go in blocks of units (:func:`~.diagnostics.residuals`)
+    evaluates_unit_subsets: bool = False
     #: the params that are weights of a neural-network module (``pyro.module``, ``numpyro.contrib.module``): their
     #: complete-data information is indefinite, so MCMCSGD's ``optimizer="auto"`` fits them with Adam
     module_params: frozenset[str] = frozenset()
