@@ -388,7 +388,13 @@ def vpc_summary(fit: Any, x: Any = None, *, pred_corrected: bool | None = None, 
         raise ValueError("vpc needs x (an [N, T] array or the name of a keyword argument of the model call) for a "
                          "model that is not an NLME model")
     pred_corrected = model is not None if pred_corrected is None else bool(pred_corrected)
-    sims = _natural(model, _vpc_simulations(fit, num_sims, seed))  # [K, N, T]
+    streams, dist = _fit_streams(fit)
+    if dist is None and streams["unit_ids"] is None:  # one stream: chunks of replicates (memory bounded whatever N)
+        from latentfit.inference.diagnostics import simulation_chunks
+
+        chunks = simulation_chunks(fit.model, theta, num_sims, seed)
+    else:
+        chunks = iter([_vpc_simulations(fit, num_sims, seed)])  # [K, N, T]
     if model is not None:
         y, mask = model.data.dv, model.data.mask & (model.data.cens == 0)
         mask = mask & _response_mask(model, response)
@@ -398,15 +404,16 @@ def vpc_summary(fit: Any, x: Any = None, *, pred_corrected: bool | None = None, 
     xv = np.asarray(xv, dtype=float)
     if xv.shape != y.shape:
         raise ValueError(f"x must have the shape of the observations {y.shape}, got {xv.shape}")
-    xo, yo, so, po = xv[mask], y[mask], sims[:, mask], None
+    xo, yo, po = xv[mask], y[mask], None
+    so = (_natural(model, sims)[:, mask] for sims in chunks)  # [K_c, M] each
     if pred_corrected:  # PRED: one compiled program on JAX (op by op, each operation a program to load)
         if model is not None:
             pred = ops.to_numpy(model_program(model, _population_structural)(theta))
         else:
             pred = ops.to_numpy(model_program(fit.model, _population_predict)(theta)[0])
         po = np.asarray(pred)[mask]
-    _, dist = _fit_streams(fit)
     if dist is not None:  # every process's observations (its units' rows, flattened), in rank = unit order
+        so = next(so)
         if pred_corrected:
             xo, yo, so, po = _gather_units(dist, (xo, yo, so, po), (0, 0, 1, 0))
         else:
@@ -414,10 +421,11 @@ def vpc_summary(fit: Any, x: Any = None, *, pred_corrected: bool | None = None, 
     return _continuous_bins(xo, yo, so, po if pred_corrected else None, bins, max_bins, quantiles, level)
 
 
-def _continuous_bins(xo: np.ndarray, yo: np.ndarray, so: np.ndarray, po: np.ndarray | None, bins: Any, max_bins: int,
+def _continuous_bins(xo: np.ndarray, yo: np.ndarray, so: Any, po: np.ndarray | None, bins: Any, max_bins: int,
                      quantiles: tuple[float, ...], level: float) -> Any:
-    """A continuous VPC's summaries from the observations ``xo, yo [M]``, their simulations ``so [K, M]`` and, for a
-    prediction-corrected VPC, their population predictions ``po [M]``."""
+    """A continuous VPC's summaries from the observations ``xo, yo [M]``, their simulations ``so [K, M]`` (or chunks
+    ``[K_c, M]`` of replicates, an iterable) and, for a prediction-corrected VPC, their population predictions
+    ``po [M]``."""
     from latentfit.inference.diagnostics import VPC, default_bins
 
     edges = np.asarray(bins, dtype=float) if bins is not None else default_bins(xo, max_bins)
@@ -428,19 +436,23 @@ def _continuous_bins(xo: np.ndarray, yo: np.ndarray, so: np.ndarray, po: np.ndar
         yo = _corrected(np.array(yo, dtype=float), ratio)
     q = np.asarray(quantiles)
     lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
+    present = [b for b in range(len(edges) - 1) if (which == b).any()]
+    per_rep: dict[int, list[np.ndarray]] = {b: [] for b in present}  # each replicate's quantiles [Q, K_c] per chunk
+    for chunk in ([so] if isinstance(so, np.ndarray) else so):
+        for b in present:
+            sel = which == b
+            sims = np.asarray(chunk[:, sel], dtype=float)
+            if ratio is not None:
+                sims = _corrected(sims, ratio[sel])
+            per_rep[b].append(np.quantile(sims, q, axis=1))
     obs_q, sim_q, bx = [], [], []
-    for b in range(len(edges) - 1):
+    for b in present:
         sel = which == b
-        if not sel.any():
-            continue
         bx.append(np.median(xo[sel]))
         obs_q.append(np.quantile(yo[sel], q))
-        sims = np.asarray(so[:, sel], dtype=float)
-        if ratio is not None:
-            sims = _corrected(sims, ratio[sel])
-        per_rep = np.quantile(sims, q, axis=1)  # [Q, K]
-        sim_q.append(np.stack([np.quantile(per_rep, lo, axis=1), np.median(per_rep, axis=1),
-                               np.quantile(per_rep, hi, axis=1)], -1))
+        reps = np.concatenate(per_rep[b], axis=1)  # [Q, K]
+        sim_q.append(np.stack([np.quantile(reps, lo, axis=1), np.median(reps, axis=1),
+                               np.quantile(reps, hi, axis=1)], -1))
     return VPC(bin_edges=edges, bin_x=np.asarray(bx), quantiles=tuple(quantiles), observed=np.asarray(obs_q),
                simulated=np.asarray(sim_q), level=level, x=xo, y=yo)
 

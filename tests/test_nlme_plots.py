@@ -145,6 +145,38 @@ def test_a_pcvpc_corrects_each_bins_simulations_as_prediction_correct_does(fit):
         np.testing.assert_array_equal(v.simulated[j, :, 1], np.median(per_rep, axis=1))
 
 
+def test_a_large_vpc_simulates_in_chunks_of_replicates(fit, monkeypatch):
+    """Beyond RESIDUAL_SIMULATION_BLOCK_VALUES simulated values the VPC simulates a chunk of replicates at a time
+    (N = 5000 x 10, K = 500: peak memory +0.83 GB at once, growing with N): with the threshold lowered on
+    theophylline, chunks of 7 replicates (the last shorter), each from the next key of the seed's stream, give the
+    summaries of the same replicates binned at once (each replicate's quantiles do not depend on the chunks), and a
+    VPC of the same model (its intervals within their Monte-Carlo error of the one-pass VPC's)."""
+    from latentfit.inference import diagnostics
+    from latentfit.inference.diagnostics import _population_structural, default_bins, model_program, simulation_chunks
+    from latentfit.plots import _continuous_bins
+
+    model, theta = fit.model, fit._theta()
+    whole = vpc_summary(fit, num_sims=60, seed=3)
+    np.testing.assert_array_equal(next(simulation_chunks(model, theta, 60, 3)),
+                                  diagnostics.simulate_observations(model, theta, 60, 3))  # one chunk: the same
+    monkeypatch.setattr(diagnostics, "RESIDUAL_SIMULATION_BLOCK_VALUES", 7 * 12 * 10)  # 7 replicates a chunk
+    chunks = list(simulation_chunks(model, theta, 60, 3))
+    assert [c.shape for c in chunks] == [(7, 12, 10)] * 8 + [(4, 12, 10)]
+    assert not np.array_equal(chunks[0], chunks[1][:7])  # each chunk from its own key
+    v = vpc_summary(fit, num_sims=60, seed=3)
+    assert np.array_equal(v.observed, whole.observed) and not np.array_equal(v.simulated, whole.simulated)
+    mask = model.data.mask & (model.data.cens == 0)
+    xo = model.data.x_values[mask]
+    po = model.ops.to_numpy(model_program(model, _population_structural)(theta))[mask]
+    at_once = _continuous_bins(xo, model.data.dv[mask], np.concatenate(chunks)[:, mask], po, None, 10,
+                               (0.05, 0.5, 0.95), 0.9)
+    np.testing.assert_array_equal(v.simulated, at_once.simulated)
+    np.testing.assert_array_equal(v.bin_edges, default_bins(xo, 10))
+    # the same model's VPC: the simulated medians' medians agree with the one-pass VPC's to their spread
+    spread = whole.simulated[:, :, 2] - whole.simulated[:, :, 0]
+    assert np.all(np.abs(v.simulated[:, :, 1] - whole.simulated[:, :, 1]) < 0.5 * spread)
+
+
 def test_prediction_correction_is_bergstrands_scaling():
     y = np.array([1.0, 2.0, 4.0, 3.0, 5.0])
     pred = np.array([2.0, 4.0, 1.0, 3.0, 6.0])

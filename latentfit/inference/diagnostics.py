@@ -121,6 +121,26 @@ def simulate_observations(model: LatentModel, theta: dict[str, Any], num_sims: i
     return ops.to_numpy(y)
 
 
+def simulation_chunks(model: LatentModel, theta: dict[str, Any], num_sims: int, seed: int = 0,
+                      max_values: int | None = None) -> Any:
+    """:func:`simulate_observations`' ``num_sims`` replicated data sets (one stream), as arrays ``[K_c, N, T]`` of at
+    most ``max_values`` values (:data:`RESIDUAL_SIMULATION_BLOCK_VALUES`; at least one replicate each): all at once,
+    the same values, when they fit; else each chunk of replicates from the next key of the seed's stream."""
+    _require_obs(model)
+    ops, k = model.ops, int(num_sims)
+    width = int(model.observations()[0].shape[-1])
+    per_chunk = max(1, int(RESIDUAL_SIMULATION_BLOCK_VALUES if max_values is None else max_values)
+                    // max(model.num_units * width, 1))
+    if per_chunk >= k:
+        yield simulate_observations(model, theta, k, seed)
+        return
+    with ops.seed_context(seed):
+        key = ops.key(seed)
+        for a in range(0, k, per_chunk):
+            chunk_key, key = ops.split(key)
+            yield ops.to_numpy(model_program(model, _simulate, min(per_chunk, k - a))(theta, chunk_key))
+
+
 def _simulate_per_unit(model: LatentModel, theta: dict[str, Any], num_sims: int, seed: int, unit_ids: Any,
                        ops: Any) -> np.ndarray:
     """:func:`simulate_observations` on per-unit streams: ``z_i = μ_i + L ε_i`` and the observation noise from unit
