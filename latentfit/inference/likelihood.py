@@ -294,11 +294,12 @@ def require_gaussian_faces(model: LatentModel, what: str) -> None:
             f"has_gaussian_prior={model.has_gaussian_prior}); use method='is' / method='sa' instead")
 
 
-def structural_jacobian(model: LatentModel, theta: dict[str, Any], z_hat: Any, units: Any = None) -> Any:
-    """``J_i = ∂f_i/∂z (ẑ_i)``: ``[n, T, d]`` (zero rows at masked observations)."""
+def structural_jacobian(model: LatentModel, theta: dict[str, Any], z_hat: Any, units: Any = None,
+                        differentiable: bool = False) -> Any:
+    """``J_i = ∂f_i/∂z (ẑ_i)``: ``[n, T, d]`` (zero rows at masked observations); ``differentiable``: in θ too."""
     ops = model.ops
     xp = ops.xp
-    jac = ops.batched_jacobian(lambda x: model.predict(theta, x, units)[0])(z_hat)
+    jac = ops.batched_jacobian(lambda x: model.predict(theta, x, units)[0], differentiable)(z_hat)
     _, mask = model.observations(units)
     return xp.where(mask[..., None], jac, 0.0)
 

@@ -329,6 +329,9 @@ class LatentModel:
     #: ``predict`` / ``prior_moments`` with ``units=`` evaluate those units alone (a traced model evaluates all of
     #: them and selects): post-fit simulations may then go in blocks of units (:func:`~.diagnostics.residuals`)
     evaluates_unit_subsets: bool = False
+    #: the linearisation's Jacobian ``J_i = ∂f_i/∂z`` is held at θ̂ when differentiating its moments in θ (saemix's
+    #: ``fim.saemix``; exact where θ enters ``f`` through z only): :mod:`~latentfit.inference.fisher`
+    linearisation_holds_jacobian: bool = False
     #: the params that are weights of a neural-network module (``pyro.module``, ``numpyro.contrib.module``): their
     #: complete-data information is indefinite, so MCMCSGD's ``optimizer="auto"`` fits them with Adam
     module_params: frozenset[str] = frozenset()

@@ -851,10 +851,12 @@ class TorchOps(Ops):
                 rows.append(hj)
         return v.detach(), g.detach(), torch.stack(rows, dim=-2).detach()
 
-    def batched_jacobian(self, f: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def batched_jacobian(self, f: Callable[[Any], Any], differentiable: bool = False) -> Callable[[Any], Any]:
         """Jacobian of ``f: [B, p] -> [B, m]`` where row b of the output depends on row b only.
 
         Returns ``[B, m, p]``; computed with m reverse passes (cheaper on torch than its forward mode).
+        ``differentiable``: the passes keep their graph, so the Jacobian can be differentiated in what ``f`` reads
+        besides ``x`` (the parameters of the linearisation's moments, :mod:`latentfit.inference.fisher`).
         """
         torch = self.torch
 
@@ -865,9 +867,11 @@ class TorchOps(Ops):
                 out = f(xr)
                 rows = []
                 for j in range(out.shape[-1]):
-                    (g,) = torch.autograd.grad(out[..., j].sum(), xr, retain_graph=True)
-                    rows.append(g)
-            return torch.stack(rows, dim=-2).detach()
+                    (g,) = torch.autograd.grad(out[..., j].sum(), xr, retain_graph=True, create_graph=differentiable,
+                                               allow_unused=differentiable)
+                    rows.append(torch.zeros_like(xr) if g is None else g)
+            jacobian = torch.stack(rows, dim=-2)
+            return jacobian if differentiable else jacobian.detach()
 
         return jac
 

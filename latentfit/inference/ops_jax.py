@@ -1368,10 +1368,11 @@ class JaxOps(Ops):
             cols.append(hj)
         return v, g, jnp.stack(cols, axis=-1)
 
-    def batched_jacobian(self, f: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def batched_jacobian(self, f: Callable[[Any], Any], differentiable: bool = False) -> Callable[[Any], Any]:
         """Jacobian of ``f: [B, p] -> [B, m]`` where row b of the output depends on row b only.
 
-        Returns ``[B, m, p]``: p forward-mode passes (one per input coordinate), vectorised.
+        Returns ``[B, m, p]``: p forward-mode passes (one per input coordinate), vectorised (differentiable in what
+        ``f`` reads, whatever ``differentiable``).
         """
 
         def jac(x):

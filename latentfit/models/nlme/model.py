@@ -132,6 +132,7 @@ class NLME(LatentModel):
     has_stats = True
     has_gaussian_prior = True
     evaluates_unit_subsets = True
+    linearisation_holds_jacobian = True  # saemix's fim.saemix: J at θ̂
     #: ``(T, D, S)``: pad the bound data to at least these numbers of observations, doses and periods per individual
     #: (a block of a ``fit(..., distributed="local")`` JAX fit: every process's arrays of one shape); None: the data's
     pad_widths: tuple[int, int, int] | None = None
