@@ -71,6 +71,7 @@ class _NumPyroEngine(EngineFrontDoor):
         """Fit ``model(*args, **kwargs)``; ``rng_key`` is a ``jax.random.PRNGKey`` (or an int seed)."""
         key = as_rng_key(rng_key)
         run_options = split_run_options(kwargs)  # checkpoint=, resume=, ...: the engine's, not the model's
+        self.check_model_keywords(kwargs)
         engine = self.engine_cls(self.latent_model(*args, **kwargs), *self.engine_args, **self.engine_kwargs)
         return engine.run(key, **run_options)
 
