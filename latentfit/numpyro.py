@@ -6,7 +6,8 @@ explicit PRNG key: ``Engine(model, **options).run(rng_key, *args, **kwargs)`` tr
 Each iteration (MCMC kernels, stochastic approximation, M-step) is one traced JAX function; chunks
 of iterations run as one compiled ``lax.scan`` (``chunk_size`` iterations per progress-bar tick).
 NumPyro has no global param store: the estimates are ``fit.params`` (constrained values), ready for
-``numpyro.handlers.substitute(model, fit.params)``.
+``numpyro.handlers.substitute(model, data=substitute_data(fit.params))`` (:func:`substitute_data` also
+rebuilds a flax / haiku module's weight tree from its leaves).
 
 Example
 -------
@@ -55,7 +56,7 @@ from latentfit.inference.model import LatentModel
 from latentfit.inference.results import FitResult
 from latentfit.integrations._front_door import EMFamilyFrontDoor, EngineFrontDoor, front_door, split_run_options
 from latentfit.integrations.misso_vi_numpyro import MISSOVI
-from latentfit.integrations.numpyro import NumPyroEnumModel, NumPyroLatentModel, as_rng_key
+from latentfit.integrations.numpyro import NumPyroEnumModel, NumPyroLatentModel, as_rng_key, substitute_data
 
 enable_from_environment()
 
@@ -70,6 +71,7 @@ class _NumPyroEngine(EngineFrontDoor):
         """Fit ``model(*args, **kwargs)``; ``rng_key`` is a ``jax.random.PRNGKey`` (or an int seed)."""
         key = as_rng_key(rng_key)
         run_options = split_run_options(kwargs)  # checkpoint=, resume=, ...: the engine's, not the model's
+        self.check_model_keywords(kwargs)
         engine = self.engine_cls(self.latent_model(*args, **kwargs), *self.engine_args, **self.engine_kwargs)
         return engine.run(key, **run_options)
 
@@ -106,4 +108,4 @@ MISSO = _front_door(_misso.MISSO, _EMFamilyEngine)
 TTSEM = _front_door(_ttsem.TTSEM, _EMFamilyEngine)
 
 __all__ = ["EM", "FIEM", "FSAEM", "IEM", "MCEM", "MCMCSGD", "MISSO", "SAEM", "SEM", "SEMVR", "TTSEM", "MiniBatchEM",
-           "MiniBatchMCEM", "MISSOVI"]
+           "MiniBatchMCEM", "MISSOVI", "substitute_data"]

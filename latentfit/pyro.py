@@ -71,6 +71,7 @@ class _PyroEngine(EngineFrontDoor):
         """Fit ``model(*args, **kwargs)``; ``checkpoint=``, ``checkpoint_every=``, ``keep=`` and ``resume=`` go to the
         engine (:meth:`latentfit.inference.driver.Engine.run`), not to the model."""
         run_options = split_run_options(kwargs)
+        self.check_model_keywords(kwargs)
         # tracing the model draws random numbers: do it on a forked, seeded RNG stream
         seed = int(self.engine_kwargs.get("seed", 0))
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
@@ -91,8 +92,9 @@ class _EMFamilyEngine(EMFamilyFrontDoor, _PyroEngine):
 
     def run(self, *args: Any, **kwargs: Any) -> FitResult:
         if isinstance(self.model, LatentModel):
-            return self.engine_cls(self.model, *self.engine_args, **self.engine_kwargs).run(
-                **split_run_options(kwargs))
+            run_options = split_run_options(kwargs)
+            self.check_model_keywords(kwargs)
+            return self.engine_cls(self.model, *self.engine_args, **self.engine_kwargs).run(**run_options)
         return super().run(*args, **kwargs)
 
 

@@ -101,3 +101,13 @@ def nan_tail(y: jnp.ndarray) -> None:
         b = numpyro.sample("b", dist.Normal(mu, omega))
         with numpyro.plate("obs", t, dim=-1):
             numpyro.sample("y", dist.Normal(jnp.where(b > NAN_LIMIT, jnp.nan, b), sigma), obs=y)
+
+
+def grouped_intercept(group: jnp.ndarray, num_groups: int, y: jnp.ndarray) -> None:
+    """Rows reading their group's intercept through an index array, the rows' plate sized by ``group``."""
+    mu = numpyro.param("mu", jnp.array(0.0, dtype=y.dtype))
+    omega = numpyro.param("omega", jnp.array(1.0, dtype=y.dtype), constraint=constraints.positive)
+    with numpyro.plate("groups", num_groups):
+        b = numpyro.sample("b", dist.Normal(mu, omega))
+    with numpyro.plate("rows", len(group)):
+        numpyro.sample("y", dist.Normal(b[..., group], 1.0), obs=y)

@@ -102,3 +102,13 @@ def nan_tail(y: torch.Tensor) -> None:
         with pyro.plate("obs", t, dim=-1):
             loc = torch.where(b > NAN_LIMIT, torch.full_like(b, float("nan")), b)
             pyro.sample("y", dist.Normal(loc, sigma), obs=y)
+
+
+def grouped_intercept(group: torch.Tensor, num_groups: int, y: torch.Tensor) -> None:
+    """Rows reading their group's intercept through an index array, the rows' plate sized by ``group``."""
+    mu = pyro.param("mu", torch.tensor(0.0, dtype=y.dtype))
+    omega = pyro.param("omega", torch.tensor(1.0, dtype=y.dtype), constraint=constraints.positive)
+    with pyro.plate("groups", num_groups):
+        b = pyro.sample("b", dist.Normal(mu, omega))
+    with pyro.plate("rows", len(group)):
+        pyro.sample("y", dist.Normal(b[..., group], 1.0), obs=y)

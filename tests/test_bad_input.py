@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from latentfit import DataError, ModelSpecificationError
+from latentfit.inference.driver import engine_option_names
 from latentfit.models import GaussianMixture, nlme
 
 Y = np.random.default_rng(0).normal(size=(20, 4))
@@ -54,6 +55,20 @@ def test_nan_in_observed_data_names_site_and_count(backend):
         _fit(backend, backend.models.random_intercept, backend.tensor(y))
 
 
+@pytest.mark.parametrize("rows", [11, 13])
+def test_observations_not_matching_their_plate_name_site_and_shapes(backend, rows):
+    """An observation vector a row short (or long) of its plate: a DataError naming the site, the shape expected and
+    the shape given, not a broadcasting error from inside a log-density."""
+    group = backend.tensor(np.repeat(np.arange(4), 3), dtype=backend.xp.int64)
+    y = np.random.default_rng(1).normal(size=13)
+    with pytest.raises(DataError, match=rf"observed site 'y' was given data of shape \({rows},\), but its Normal "
+                                        rf"expects shape \(12,\).*plate 'rows' \(size 12"):
+        _fit(backend, backend.models.grouped_intercept, group, 4, backend.tensor(y[:rows]))
+    fit = _fit(backend, backend.models.grouped_intercept, group, 4, backend.tensor(y[:12]), num_iters=(3, 2),
+               burn_in=1)                                                # the data of the right length fits
+    assert np.isfinite(fit.params["mu"])
+
+
 def test_masked_nan_is_accepted(backend):
     y = Y.copy()
     y[3, 1] = float("nan")
@@ -76,6 +91,55 @@ def test_nan_log_density_at_initial_values_names_site(backend):
 def test_model_that_is_not_callable(backend):
     with pytest.raises(TypeError, match="model"):
         backend.engine("SAEM")("not a model")
+
+
+@pytest.mark.parametrize("engine", ["SAEM", "MCMCSGD", "MISSO", "EM"])
+def test_engine_option_given_to_run_names_the_constructor(backend, engine):
+    """``run`` passes its arguments to the model: an engine option given there (``callback=``) is refused before the
+    model runs, the message naming the constructor, instead of a failure inside the model that blames the model."""
+    def callback(*_: Any) -> None:
+        pass
+
+    with pytest.raises(TypeError, match=rf"callback is an option of {engine}\(\.\.\.\), not of run\(\.\.\.\).*"
+                                        rf"{engine}\(model, callback=\.\.\.\)\.run"):
+        backend.fit(engine, backend.models.random_intercept, backend.tensor(Y), model_kwargs={"callback": callback})
+
+
+def test_engine_option_in_run_is_kept_for_models_that_take_it(backend):
+    """The advice works (the option in the constructor reaches the engine), and a model whose own argument has an
+    option's name, or that takes ``**kwargs``, still gets it from ``run``."""
+    calls: list[Any] = []
+
+    def callback(*_: Any) -> None:
+        calls.append(1)
+
+    _fit(backend, backend.models.random_intercept, backend.tensor(Y), num_iters=(3, 2), burn_in=1, callback=callback)
+    assert calls
+    seen: dict[str, Any] = {}
+
+    def takes_seed(y: Any, seed: int = 0) -> None:
+        seen["seed"] = seed
+        backend.models.random_intercept(y)
+
+    def takes_any(y: Any, **kwargs: Any) -> None:
+        seen.update(kwargs)
+        backend.models.random_intercept(y)
+
+    _fit(backend, takes_seed, backend.tensor(Y), num_iters=(2, 1), burn_in=1, model_kwargs={"seed": 7})
+    _fit(backend, takes_any, backend.tensor(Y), num_iters=(2, 1), burn_in=1, model_kwargs={"chunk_size": 3})
+    assert seen == {"seed": 7, "chunk_size": 3}
+
+
+def test_ready_made_model_refuses_arguments_to_run(backend):
+    """A ready-made :class:`LatentModel` takes no arguments: ``run``'s keywords other than its own are refused, not
+    silently dropped."""
+    mixture = GaussianMixture(backend.tensor(Y), 2, init_iters=1)
+    with pytest.raises(TypeError, match=r"seed is an option of EM\(\.\.\.\)"):
+        backend.engine("EM")(mixture, num_epochs=2, progress=False).run(
+            *(() if backend.name == "pyro" else (0,)), seed=3)
+    with pytest.raises(TypeError, match="ready-made GaussianMixture, which takes no arguments"):
+        backend.engine("EM")(mixture, num_epochs=2, progress=False).run(
+            *(() if backend.name == "pyro" else (0,)), y=3)
 
 
 # ----- property-based: corrupted NONMEM tables and arrays (issue 13, item 6) --------------------------------------
@@ -313,3 +377,32 @@ def test_corrupted_arrays_in_the_mixture_family(case: tuple[str, Any], ppl: str,
         assert isinstance(error, DataError), error
     else:
         assert "num_components" in str(error), error
+
+
+# ----- post-fit computations that need latent draws -------------------------------------------------------------
+def _draws_advice(fit: Any) -> str:
+    with pytest.raises(ValueError, match="needs the latent draws") as err:
+        fit.standard_errors("sa")
+    return str(err.value)
+
+
+def test_missing_draws_advice_names_options_that_exist(backend):
+    """A fit without latent draws says how to get them with options that exist: an engine with ``num_draws`` is told
+    to use it (and following the advice works); MISSO, which has no such option, names the engines that keep draws
+    (each takes ``num_draws=``), and the draw-free method it names works on the fit."""
+    y = backend.tensor(Y)
+    saem = _fit(backend, backend.models.random_intercept, y, num_iters=(10, 5), burn_in=1, num_draws=0)
+    message = _draws_advice(saem)
+    assert "SAEM(model, num_draws=100" in message, message
+    followed = _fit(backend, backend.models.random_intercept, y, num_iters=(10, 5), burn_in=1, num_draws=100)
+    assert all(np.isfinite(v) for v in followed.standard_errors("sa").values())
+
+    misso = backend.fit("MISSO", backend.models.random_intercept, y, num_epochs=2, progress=False)
+    message = _draws_advice(misso)
+    assert "MISSO keeps no latent draws" in message and "num_draws=" not in message.split(";")[0], message
+    for name in ("SAEM", "FSAEM", "MCMCSGD"):
+        assert name in message, message
+        backend.engine(name)(backend.models.random_intercept, num_draws=50)  # the option exists
+    assert "num_draws" not in engine_option_names(backend.engine("MISSO").engine_cls)
+    assert "log_likelihood('gq')" in message
+    assert np.isfinite(misso.log_likelihood("gq"))

@@ -247,9 +247,61 @@ def test_pyro_module_weights_are_fitted():
     assert fit.log_likelihood("is", num_samples=500) > start.log_likelihood("is", num_samples=500) + 100
     assert float(fit.params["sigma"]) == pytest.approx(0.3, abs=0.03)
     assert float(fit.params["omega"]) == pytest.approx(0.7, abs=0.15)
-    # the module keeps its own tensors; the estimates are written to Pyro's param store
-    assert torch.equal(mlp[2].weight.detach(), w0)
+    # the estimates are written to Pyro's param store, into the module's own tensors (as SVI leaves them)
+    assert not torch.equal(mlp[2].weight.detach(), w0)
+    assert torch.allclose(mlp[2].weight.detach(), torch.as_tensor(fit.params["mlp$$$2.weight"]))
     assert torch.allclose(pyro.param("mlp$$$2.weight").detach(), torch.as_tensor(fit.params["mlp$$$2.weight"]))
+
+
+@pytest.mark.parametrize("engine", ["MCMCSGD", "SAEM"])
+def test_pyro_module_holds_the_fitted_weights(engine):
+    """After a fit, the user's ``nn.Module`` computes with the fitted weights, as after Pyro's SVI: the estimates are
+    copied into the tensors ``pyro.module`` registered (the module's own ``nn.Parameter`` objects, still the param
+    store's), not put in the store as new tensors that the module never sees."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+    from torch import nn
+    from torch.distributions import constraints
+
+    import latentfit.pyro as lp
+
+    torch.manual_seed(0)
+    linear = nn.Linear(1, 1).double()
+    registered = dict(linear.named_parameters())
+    start = {n: p.detach().clone() for n, p in registered.items()}
+
+    def model(x, group, num_groups, y=None):
+        pyro.module("lin", linear)
+        omega = pyro.param("omega", torch.tensor(1.0, dtype=x.dtype), constraint=constraints.positive)
+        sigma = pyro.param("sigma", torch.tensor(1.0, dtype=x.dtype), constraint=constraints.positive)
+        with pyro.plate("group", num_groups):
+            u = pyro.sample("u", dist.Normal(0.0, omega))
+        with pyro.plate("rows", len(x)):
+            pyro.sample("y", dist.Normal(linear(x[:, None]).squeeze(-1) + u[group], sigma), obs=y)
+
+    rng = np.random.default_rng(3)
+    num = 30
+    group = np.repeat(np.arange(num), 6)
+    x = rng.standard_normal(len(group))
+    y = 2.0 - 1.5 * x + 0.7 * rng.standard_normal(num)[group] + 0.3 * rng.standard_normal(len(group))
+    args = (torch.as_tensor(x), torch.as_tensor(group), num, torch.as_tensor(y))
+    options = {"num_iters": 60} if engine == "MCMCSGD" else {"num_iters": (30, 20)}
+    fit = getattr(lp, engine)(model, seed=0, progress=False, **options).run(*args)
+
+    store = pyro.get_param_store()
+    for name, parameter in linear.named_parameters():
+        fitted = torch.as_tensor(fit.params["lin$$$" + name])
+        assert parameter is registered[name]                       # the module's tensors were updated, not replaced
+        assert store["lin$$$" + name] is parameter                 # ... and are still the param store's entries
+        assert torch.allclose(parameter.detach(), fitted)
+        assert not torch.allclose(parameter.detach(), start[name])
+    slope, intercept = float(linear.weight.detach()), float(linear.bias.detach())
+    assert abs(slope + 1.5) < 0.5 * abs(float(start["weight"]) + 1.5)   # moved towards the truth (short fits)
+    with torch.no_grad():                                           # the forward pass uses the fitted weights
+        grid = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)
+        assert torch.allclose(linear(grid[:, None]).squeeze(-1), intercept + slope * grid)
+    assert float(pyro.param("sigma")) == pytest.approx(float(fit.params["sigma"]))
 
 
 def _numpyro_flax_mlp_model():
@@ -294,6 +346,53 @@ def test_numpyro_flax_module_weights_are_fitted():
     assert "mlp$params/Dense_0/kernel" in fit.params
     assert fit.log_likelihood("is", num_samples=500) > start.log_likelihood("is", num_samples=500) + 100
     assert float(fit.params["sigma"]) == pytest.approx(0.3, abs=0.03)
+
+
+def test_numpyro_module_weights_rebuilt_for_the_module():
+    """NumPyro's fitted flax weights are ``fit.params`` leaves (JAX arrays are immutable: the module holds none);
+    ``substitute_data`` rebuilds the module's weight tree from them, which flax's ``apply`` and
+    ``handlers.substitute`` take: the model then computes with the fitted weights."""
+    pytest.importorskip("flax")
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.contrib.module import flax_module
+    from numpyro.distributions import constraints
+
+    import latentfit.numpyro as ln
+
+    class Linear(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(x)
+
+    def model(x, group, num_groups, y=None):
+        net = flax_module("lin", Linear(), input_shape=(1, 1))
+        omega = numpyro.param("omega", 1.0, constraint=constraints.positive)
+        sigma = numpyro.param("sigma", 1.0, constraint=constraints.positive)
+        with numpyro.plate("group", num_groups):
+            u = numpyro.sample("u", dist.Normal(0.0, omega))
+        with numpyro.plate("rows", len(x)):
+            numpyro.sample("y", dist.Normal(net(x[:, None]).squeeze(-1) + u[group], sigma), obs=y)
+
+    rng = np.random.default_rng(3)
+    num = 30
+    group = np.repeat(np.arange(num), 6)
+    x = rng.standard_normal(len(group))
+    y = 2.0 - 1.5 * x + 0.7 * rng.standard_normal(num)[group] + 0.3 * rng.standard_normal(len(group))
+    fit = ln.MCMCSGD(model, num_iters=60, progress=False).run(0, jnp.asarray(x), jnp.asarray(group), num,
+                                                              jnp.asarray(y))
+    data = ln.substitute_data(fit.params)
+    assert set(data) == {"lin$params", "omega", "sigma"}
+    kernel, bias = fit.params["lin$params/Dense_0/kernel"], fit.params["lin$params/Dense_0/bias"]
+    np.testing.assert_array_equal(data["lin$params"]["Dense_0"]["kernel"], kernel)
+    grid = jnp.linspace(-1.0, 1.0, 5)[:, None]
+    np.testing.assert_allclose(Linear().apply({"params": data["lin$params"]}, grid), grid @ kernel + bias)
+    run = numpyro.handlers.substitute(numpyro.handlers.seed(model, 0), data=data)
+    trace = numpyro.handlers.trace(run).get_trace(jnp.asarray(x), jnp.asarray(group), num)
+    np.testing.assert_array_equal(trace["lin$params"]["value"]["Dense_0"]["bias"], bias)
+    assert float(trace["sigma"]["value"]) == pytest.approx(float(fit.params["sigma"]))
 
 
 # ----- bad input ---------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ and a checkpoint of the last good state; ``KeyboardInterrupt`` returns that stat
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 import time
@@ -603,6 +604,24 @@ class Engine:
 #: values of ``run(distributed=...)``: True (JAX: every process passes the whole data; torch: its block), "whole",
 #: "local" (each process passes its block of the units)
 DISTRIBUTED_MODES = (False, True, "whole", "local")
+
+
+def engine_option_names(engine_cls: type) -> frozenset[str]:
+    """The keyword options an engine's constructor takes: those of its ``__init__`` and, where that passes
+    ``**kwargs`` on, of its base classes' (``MISSO(**kwargs)`` -> the EM family's ``callback=``, ``seed=``...)."""
+    names: set[str] = set()
+    for cls in engine_cls.__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            parameters = list(inspect.signature(init).parameters.values())[2:]  # past self and the model
+        except (TypeError, ValueError):
+            break
+        names.update(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return frozenset(names)
 
 
 def distributed_mode(distributed: Any) -> str | None:

@@ -31,9 +31,27 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 def require_draws(fit: FitResult, what: str) -> np.ndarray:
     """The fit's latent draws ``[L, draws, N, d]``, or an error naming ``what`` needed them."""
     if fit.latent_draws is None:
-        raise ValueError(f"{what} needs the latent draws of the fit (FitResult.latent_draws is None: the engine "
-                         "kept no draws; run it with num_draws > 0)")
+        raise ValueError(f"{what} needs the latent draws of the fit (FitResult.latent_draws is None): "
+                         f"{_how_to_keep_draws(type(fit.engine))}")
     return fit.latent_draws
+
+
+#: the engines that keep the latent draws of their last iterations (their ``num_draws=`` option), for messages
+ENGINES_KEEPING_DRAWS = ("SAEM", "FSAEM", "MCMCSGD")
+
+
+def _how_to_keep_draws(engine_cls: type) -> str:
+    """What a user can do to get a fit with latent draws, for an engine of class ``engine_cls``: its own option
+    where it has one, else the engines that keep draws (the EM family and MISSO keep none)."""
+    from .driver import engine_option_names  # (driver imports the results, which import this module)
+
+    name = engine_cls.__name__
+    if "num_draws" in engine_option_names(engine_cls):
+        return f"{name} kept none; run it with {name}(model, num_draws=100, ...) (num_draws > 0)"
+    keepers = ", ".join(ENGINES_KEEPING_DRAWS)
+    return (f"{name} keeps no latent draws (it has no num_draws option); fit the model with an engine that keeps "
+            f"them ({keepers}: num_draws=100 by default), or a method that needs no draws (log_likelihood('gq') for a "
+            f"model with few latent dims per unit)")
 
 
 def conditional_moments(fit: FitResult) -> tuple[np.ndarray, np.ndarray]:

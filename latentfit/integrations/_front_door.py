@@ -7,8 +7,10 @@ PPL module: Pyro's global RNG and param store vs. NumPyro's explicit key) traces
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
+from latentfit.inference.driver import engine_option_names
 from latentfit.inference.model import LatentModel
 
 #: keyword arguments of ``run`` that go to the engine's driver (checkpointing), not to the model
@@ -18,6 +20,17 @@ RUN_OPTIONS = ("checkpoint", "checkpoint_every", "keep", "resume", "devices", "d
 def split_run_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Remove and return the driver's options (:data:`RUN_OPTIONS`) from a ``run(**kwargs)`` call."""
     return {k: kwargs.pop(k) for k in RUN_OPTIONS if k in kwargs}
+
+
+def _accepted_keywords(fn: Any) -> frozenset[str] | None:
+    """The keyword arguments ``fn`` accepts, or None when it takes any (``**kwargs``) or cannot be inspected."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 class EngineFrontDoor:
@@ -42,6 +55,33 @@ class EngineFrontDoor:
         self.unit_plate = unit_plate
         self.engine_args = engine_args
         self.engine_kwargs = engine_kwargs
+
+    def check_model_keywords(self, kwargs: dict[str, Any]) -> None:
+        """Refuse a keyword of ``run`` (the driver's options already removed) that is an option of the engine's
+        constructor and not an argument of the model: ``run`` passes its arguments to the model, so
+        ``SAEM(model).run(..., callback=cb)`` would otherwise fail inside the model, blaming the model."""
+        if not kwargs:
+            return
+        name = type(self).__name__
+        options = engine_option_names(self.engine_cls) | {"unit_plate", "unit_index"}  # + the front door's
+        if isinstance(self.model, LatentModel):  # a ready-made model takes no arguments: nothing would use them
+            misplaced = sorted(kwargs)
+        else:
+            accepted = _accepted_keywords(self.model)
+            misplaced = [] if accepted is None else sorted(k for k in kwargs if k not in accepted and k in options)
+        if not misplaced:
+            return
+        engine_options = [k for k in misplaced if k in options]
+        listed = ", ".join(f"{k}=" for k in misplaced)
+        own = f"run's own options: {', '.join(RUN_OPTIONS)}"
+        if not engine_options:
+            raise TypeError(f"{listed} given to {name}(...).run(...) with a ready-made {type(self.model).__name__}, "
+                            f"which takes no arguments ({own})")
+        example = ", ".join(f"{k}=..." for k in engine_options)
+        raise TypeError(
+            f"{', '.join(engine_options)} is an option of {name}(...), not of run(...): run passes its arguments "
+            f"to the model (model(*args, **kwargs)), which takes no such argument; write "
+            f"{name}(model, {example}).run(...) ({own})")
 
     def latent_model(self, *args: Any, **kwargs: Any) -> LatentModel:
         """The traced model.  ``unit_plate``: the plate of the units when the shared plate of the latents is

@@ -54,6 +54,18 @@ def _regroup_pytree_params(params: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def substitute_data(params: dict[str, Any]) -> dict[str, Any]:
+    """``fit.params`` as the values a NumPyro model's param sites take: ``numpyro.handlers.substitute(model,
+    data=substitute_data(fit.params))`` runs the model at the estimates.  ``fit.params`` holds a flax / haiku
+    module's weights (``numpyro.contrib.module``) one leaf at a time (``"net$params/Dense_0/kernel"``), as the
+    engines estimate them; here they are the module's weight tree again (``"net$params"``, for flax
+    ``Net().apply({"params": ...}, x)``).  JAX arrays are immutable: these values are the trained weights; the
+    module object itself holds none.  The trees are the ones traced in this process."""
+    data = _regroup_pytree_params(params)
+    leaves = {n for name, (names, _) in _PYTREE_PARAMS.items() if name in data for n in names}
+    return {name: value for name, value in data.items() if name not in leaves}
+
+
 class _UnitSubsample(Messenger):
     """Evaluate only ``units`` of a plate of ``size`` units: the plate's subsample indices become ``units`` (so it
     holds ``len(units)`` entries, as ``numpyro.plate(..., subsample_size=b)`` with these indices) and every observed
@@ -274,4 +286,4 @@ def as_rng_key(rng_key: Any) -> Any:
         f"(NumPyro's convention); got {type(rng_key).__name__}")
 
 
-__all__ = ["NumPyroEnumModel", "NumPyroLatentModel", "NumPyroPPL", "as_rng_key"]
+__all__ = ["NumPyroEnumModel", "NumPyroLatentModel", "NumPyroPPL", "as_rng_key", "substitute_data"]

@@ -10,6 +10,7 @@ exactly as written: ``phi[:, 0]``, ``x[:, None]``, ``.to_event(1)`` all work.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 import warnings
@@ -438,6 +439,15 @@ class PyroPPL(PPL):
             fn(*args, **kwargs)
         return runner.sites
 
+    def first_run(self, fn: Any, args: tuple, kwargs: dict) -> dict[str, Site]:
+        """:meth:`run`, the param sites' values copied: they are the param store's own tensors (a module's weights
+        among them), which :func:`write_params_to_store` later updates in place, and they stand for the initial θ."""
+        sites = self.run(fn, args, kwargs)
+        for name, site in sites.items():
+            if site.type == "param" and isinstance(site.value, torch.Tensor):
+                sites[name] = dataclasses.replace(site, value=site.value.detach().clone())
+        return sites
+
     def is_module_weight(self, name: str) -> bool:
         return _MODULE_DIVIDER in name  # pyro.module's "net$$$0.weight"
 
@@ -504,10 +514,24 @@ class PyroEnumModel(EnumeratedLatentModel):
 
 
 def write_params_to_store(params: dict[str, Any]) -> None:
-    """Store the estimates in Pyro's param store (constrained values)."""
+    """Store the estimates in Pyro's param store (constrained values).
+
+    A name already in the store gets the estimate copied into its stored (unconstrained) tensor, in place
+    and in that tensor's dtype and device, as Pyro's own optimisers update it: the tensors ``pyro.module``
+    registered are the module's ``nn.Parameter`` objects, so the user's network holds the fitted weights
+    afterwards (replacing the stored tensor would leave the network at its initial weights).  A new name,
+    or one whose stored shape differs, is stored as a new tensor."""
     store = pyro.get_param_store()
+    stored = dict(store.named_parameters())
     for name, value in params.items():
-        store[name] = torch.as_tensor(value).detach().clone()
+        value = torch.as_tensor(value).detach()
+        leaf = stored.get(name)
+        if leaf is None or leaf.shape != value.shape:
+            store[name] = value.clone()
+            continue
+        constraint = store._constraints.get(name, constraints.real)
+        with torch.no_grad():
+            leaf.copy_(transform_to(constraint).inv(value.to(leaf.device)))
 
 
 __all__ = ["PyroEnumModel", "PyroLatentModel", "PyroPPL", "write_params_to_store"]

@@ -470,14 +470,37 @@ class TracedLatentModel(TracedBase):
         self.latent_sites = [LatentSite(s.name, s.x_rest, s.offset, s.size) for s in self._layout]
 
     def _site_shape(self, site: Site) -> tuple[int, ...]:
-        """Shape of the site's log-density (its batch shape, the mask broadcast in)."""
+        """Shape of the site's log-density (its batch shape, the mask broadcast in).  Data whose shape does not
+        broadcast against the distribution (an observation vector a row short of its plate) is a DataError naming
+        the site, the shape expected and the shape given: the PPLs only fail later, deep inside a log-density."""
         shape = tuple(site.fn.batch_shape)
+        event = tuple(site.fn.event_shape)
         vshape = tuple(np.shape(site.value))
-        vb = vshape[: len(vshape) - len(site.fn.event_shape)]
-        shape = tuple(np.broadcast_shapes(shape, vb))
+        vb = vshape[: len(vshape) - len(event)]
+        try:
+            np.broadcast_shapes(shape + event, vshape)
+            shape = tuple(np.broadcast_shapes(shape, vb))
+        except ValueError:
+            raise DataError(
+                f"observed site {site.name!r} was given data of shape {vshape}, but its "
+                f"{type(site.fn).__name__} expects shape {shape + event} (batch {shape}, event {event}"
+                f"{self._plates_of(site)}): check the array passed for {site.name!r}") from None
         if site.mask is not None:
-            shape = tuple(np.broadcast_shapes(shape, tuple(np.shape(site.mask))))
+            mshape = tuple(np.shape(site.mask))
+            try:
+                shape = tuple(np.broadcast_shapes(shape, mshape))
+            except ValueError:
+                raise DataError(f"the mask of observed site {site.name!r} has shape {mshape}, which does not "
+                                f"broadcast to the site's shape {shape}{self._plates_of(site)}") from None
         return shape
+
+    @staticmethod
+    def _plates_of(site: Site) -> str:
+        """``"; plates 'rows' (size 117, dim -1)"``: the plates around a site, for messages."""
+        if not site.frames:
+            return ""
+        plates = ", ".join(f"{f.name!r} (size {f.size}, dim {f.dim})" for f in site.frames)
+        return f"; plate{'s' if len(site.frames) > 1 else ''} {plates}"
 
     def _check_observed(self, trace: dict[str, Site]) -> None:
         self.observed = {}
