@@ -129,3 +129,39 @@ def test_quadrature_ebes_and_linearisation_of_unbalanced_groups_are_the_closed_f
     is_ = fit.log_likelihood("is")
     assert abs(is_ - ll.sum()) < 4 * fit.log_likelihoods["is"].mc_se + 1e-3
     assert np.all(np.isfinite(sd))
+
+
+@pytest.mark.parametrize("fit_fn", [_fit_pyro, _fit_numpyro], ids=["pyro", "numpyro"])
+def test_vpc_and_residual_plots_take_x_per_row(fit_fn):
+    """The x-axis of the VPC and of the residual plots given as the user has it, one value per row of the plate over
+    rows (or by the name of the model's argument), not in the [groups, rows] layout the library pads to: each
+    observation gets its own row's x, the same VPC as with x in that layout; an x of another length names both
+    shapes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from latentfit.plots import vpc_summary
+
+    group_idx, x, y = _data()
+    fit = fit_fn()
+    obs, mask = (np.asarray(fit.model.ops.to_numpy(a)) for a in fit.model.observations())
+    mask = mask.astype(bool)
+    laid = fit.model.observation_layout(x)
+    assert laid.shape == obs.shape
+    # the observations in that layout are y's rows: x follows them, row by row
+    np.testing.assert_array_equal(fit.model.observation_layout(y)[mask], obs[mask])
+    order = np.argsort(obs[mask])
+    np.testing.assert_array_equal(laid[mask][order], x[np.argsort(y)])
+    by_row = vpc_summary(fit, x, num_sims=50, seed=1)
+    by_name = vpc_summary(fit, "x", num_sims=50, seed=1)
+    padded = vpc_summary(fit, laid, num_sims=50, seed=1)
+    for v in (by_row, by_name):
+        np.testing.assert_array_equal(v.simulated, padded.simulated)
+        np.testing.assert_array_equal(v.bin_edges, padded.bin_edges)
+    assert sorted(by_row.x) == sorted(x)
+    for fig in (fit.plot_vpc(x, num_sims=50), fit.plot_residuals(x="x")):
+        plt.close(fig)
+    with pytest.raises(ValueError, match=r"x must have the shape of the observed site 'obs'.*got \(5,\)"):
+        vpc_summary(fit, x[:5], num_sims=50)

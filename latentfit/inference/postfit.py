@@ -466,15 +466,31 @@ def _gather_padded(ops: Any, rows: np.ndarray) -> np.ndarray:
 
 
 def resolve_x(fit: FitResult, x: Any) -> np.ndarray | None:
-    """``x`` as an ``[N, T]`` numpy array (a model keyword name is looked up in the traced call)."""
+    """``x`` as an ``[N, T]`` numpy array, the layout of ``fit.model.observations()``.  ``x``: an array of that
+    layout, or laid out as the observed site's data (e.g. one value per row of a plate over rows, read through
+    ``alpha[group_idx]``: :meth:`observation_layout` of a traced model), or the name of an argument of the model
+    call (keyword, or positional by the model function's parameter names)."""
     if x is None:
         return None
+    model = fit.model
     if isinstance(x, str):
-        kwargs = getattr(fit.model, "kwargs", {}) or {}
-        if x not in kwargs:
-            raise ValueError(f"x={x!r} is not a keyword argument of the model call (available: {sorted(kwargs)})")
-        x = kwargs[x]
-    return np.asarray(fit.model.ops.to_numpy(x), dtype=float)
+        arguments = dict(getattr(model, "kwargs", {}) or {})
+        fn, args = getattr(model, "fn", None), getattr(model, "args", ())
+        if fn is not None and args:
+            import inspect
+
+            try:
+                names = [p.name for p in inspect.signature(fn).parameters.values()
+                         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            except (TypeError, ValueError):
+                names = []
+            arguments = {**dict(zip(names, args)), **arguments}
+        if x not in arguments:
+            raise ValueError(f"x={x!r} is not an argument of the model call (available: {sorted(arguments)})")
+        x = arguments[x]
+    values = np.asarray(model.ops.to_numpy(x) if not isinstance(x, np.ndarray) else x, dtype=float)
+    layout = getattr(model, "observation_layout", None)
+    return layout(values) if layout is not None else values
 
 
 def vpc(fit: FitResult, x: Any, num_sims: int = 500, bins: Any = None, level: float = 0.9,

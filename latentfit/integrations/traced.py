@@ -1494,6 +1494,32 @@ class TracedLatentModel(TracedBase):
         x = self.ppl.moveaxis(x, unit_axis, 0)
         return x.reshape(self.num_units, -1)
 
+    def observation_layout(self, x: np.ndarray) -> np.ndarray:
+        """``x`` laid out as :meth:`observations` ``[N, T]``: an array of that shape as it is, or one laid out as the
+        observed site's data (one value per row of a plate over rows read through ``alpha[group_idx]``, or the
+        site's own shape), placed where that site's observations are (a model with several observed sites needs
+        the ``[N, T]`` layout).  For the x-axis of the VPC and the residual plots."""
+        x = np.asarray(x)
+        values = getattr(self, "_obs_values", None)
+        if values is None:
+            return x
+        target = tuple(values.shape[-2:])
+        if x.shape == target:
+            return x
+        names = [n for n in self.observed_names if n in self._obs_layouts]
+        shapes = {n: tuple(self._obs_layouts[n][3]) for n in names}
+        if len(names) != 1:
+            raise ValueError(f"x must have the shape of the observations {target} (several observed sites: "
+                             f"{', '.join(f'{n} {shapes[n]}' for n in names)}), got {x.shape}")
+        name = names[0]
+        try:
+            full = np.broadcast_to(x, shapes[name])
+        except ValueError:
+            raise ValueError(f"x must have the shape of the observed site {name!r}'s data {shapes[name]} (or of the "
+                             f"observations {target}), got {x.shape}") from None
+        flat = self._obs_flat(self.ops.asarray(np.ascontiguousarray(full, dtype=float)), name)
+        return np.asarray(self.ops.to_numpy(flat), dtype=float)
+
     def _observed_arrays(self, sites: dict[str, Site]) -> tuple[Any, Any]:
         xp = self.ops.xp
         vals, masks = [], []
