@@ -116,6 +116,19 @@ def ragged_mask(time, y):
             pyro.sample("y", dist.Normal(mean, sigma).mask(observed), obs=torch.nan_to_num(y))
 
 
+def ragged_obs_mask(time, y):
+    """The ragged series of ``ragged_mask`` with Pyro's ``obs_mask=``, the missing entries left NaN in ``obs``."""
+    mu = pyro.param("mu", torch.tensor(0.0))
+    omega = pyro.param("omega", torch.tensor(1.0), constraint=constraints.positive)
+    slope = pyro.param("slope", torch.tensor(0.0))
+    sigma = pyro.param("sigma", torch.tensor(1.0), constraint=constraints.positive)
+    with pyro.plate("unit", y.shape[0], dim=-2):
+        b = pyro.sample("b", dist.Normal(mu, omega))
+        with pyro.plate("visit", y.shape[1], dim=-1):
+            mean = b + slope * torch.nan_to_num(time)
+            pyro.sample("y", dist.Normal(mean, sigma), obs=y, obs_mask=~torch.isnan(y))
+
+
 def two_biomarkers(num_subjects, id1, t1, id2, t2, y1=None, y2=None):
     """Two biomarkers per subject, each with its own rows (own index array), level and residual sd; a common slope."""
     mu1 = pyro.param("mu1", torch.tensor(0.0))

@@ -111,3 +111,25 @@ def grouped_intercept(group: jnp.ndarray, num_groups: int, y: jnp.ndarray) -> No
         b = numpyro.sample("b", dist.Normal(mu, omega))
     with numpyro.plate("rows", len(group)):
         numpyro.sample("y", dist.Normal(b[..., group], 1.0), obs=y)
+
+
+def obs_mask_slope(t: jnp.ndarray, mask: jnp.ndarray, y: jnp.ndarray) -> None:
+    """y_ij = b_i0 + b_i1 t_ij + ε_ij, b_i ~ N(μ, diag ω²), ε ~ N(0, σ²); only ``mask``'s entries observed (NumPyro's
+    ``obs_mask=``, which imputes the others as a site ``y_unobserved``); ``y`` may hold anything there, NaN included."""
+    mu = numpyro.param("mu", jnp.zeros(2, dtype=y.dtype))
+    omega = numpyro.param("omega", jnp.ones(2, dtype=y.dtype), constraint=constraints.positive)
+    sigma = numpyro.param("sigma", jnp.array(1.0, dtype=y.dtype), constraint=constraints.positive)
+    with numpyro.plate("unit", y.shape[0], dim=-2):
+        b = numpyro.sample("b", dist.Normal(mu, omega).to_event(1))
+        with numpyro.plate("obs", y.shape[1], dim=-1):
+            numpyro.sample("y", dist.Normal(b[..., 0] + b[..., 1] * t, sigma), obs=y, obs_mask=mask)
+
+
+def missing_covariate(x: jnp.ndarray, observed: jnp.ndarray, y: jnp.ndarray) -> None:
+    """y_i ~ N(β x_i, 1) with the covariate x_i ~ N(μ, 1) observed where ``observed``: its imputed entries
+    (``x_unobserved``) feed y's density, so they are latents."""
+    mu = numpyro.param("mu", jnp.array(0.0, dtype=y.dtype))
+    beta = numpyro.param("beta", jnp.array(0.0, dtype=y.dtype))
+    with numpyro.plate("unit", y.shape[0]):
+        xi = numpyro.sample("x", dist.Normal(mu, 1.0), obs=x, obs_mask=observed)
+        numpyro.sample("y", dist.Normal(beta * xi, 1.0), obs=y)

@@ -112,3 +112,25 @@ def grouped_intercept(group: torch.Tensor, num_groups: int, y: torch.Tensor) -> 
         b = pyro.sample("b", dist.Normal(mu, omega))
     with pyro.plate("rows", len(group)):
         pyro.sample("y", dist.Normal(b[..., group], 1.0), obs=y)
+
+
+def obs_mask_slope(t: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> None:
+    """y_ij = b_i0 + b_i1 t_ij + ε_ij, b_i ~ N(μ, diag ω²), ε ~ N(0, σ²); only ``mask``'s entries observed (Pyro's
+    ``obs_mask=``, which imputes the others as a site ``y_unobserved``); ``y`` may hold anything there, NaN included."""
+    mu = pyro.param("mu", torch.zeros(2, dtype=y.dtype))
+    omega = pyro.param("omega", torch.ones(2, dtype=y.dtype), constraint=constraints.positive)
+    sigma = pyro.param("sigma", torch.tensor(1.0, dtype=y.dtype), constraint=constraints.positive)
+    with pyro.plate("unit", y.shape[0], dim=-2):
+        b = pyro.sample("b", dist.Normal(mu, omega).to_event(1))
+        with pyro.plate("obs", y.shape[1], dim=-1):
+            pyro.sample("y", dist.Normal(b[..., 0] + b[..., 1] * t, sigma), obs=y, obs_mask=mask)
+
+
+def missing_covariate(x: torch.Tensor, observed: torch.Tensor, y: torch.Tensor) -> None:
+    """y_i ~ N(β x_i, 1) with the covariate x_i ~ N(μ, 1) observed where ``observed``: its imputed entries
+    (``x_unobserved``) feed y's density, so they are latents."""
+    mu = pyro.param("mu", torch.tensor(0.0, dtype=y.dtype))
+    beta = pyro.param("beta", torch.tensor(0.0, dtype=y.dtype))
+    with pyro.plate("unit", y.shape[0]):
+        xi = pyro.sample("x", dist.Normal(mu, 1.0), obs=x, obs_mask=observed)
+        pyro.sample("y", dist.Normal(beta * xi, 1.0), obs=y)

@@ -91,7 +91,9 @@ class _Runner(Messenger):
         self.sites[name] = Site(name, "param", msg["value"], constraint=constraint)
 
     def _pyro_post_sample(self, msg: Any) -> None:
-        if site_is_subsample(msg) or msg["infer"].get("_do_not_trace"):
+        # pyro.deterministic sites (and obs_mask's interleaved value) are Delta(...).mask(False): no density, and
+        # NumPyro does not record them as sample sites either
+        if site_is_subsample(msg) or msg["infer"].get("_do_not_trace") or msg["infer"].get("_deterministic"):
             return
         fn = msg["fn"]
         mask = msg["mask"]

@@ -34,7 +34,7 @@ the numerical M-step.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -230,6 +230,10 @@ class TracedBase(LatentModel):
     ppl: PPL
     _unit_map: dict[str, Any] = {}  # observed site outside the unit plate -> unit of each element (traced models)
     _batch_path: bool | None = None  # checked on first use (fits that never evaluate a batch pay nothing)
+    #: leaf imputation sites of ``obs_mask=`` observations (not latents, see ``_leaf_imputations``) -> their constant
+    _imputed: dict[str, Any] = {}
+    #: observed sites holding NaN/inf at masked-out entries -> a finite value of the site read there instead
+    _masked_fill: dict[str, float] = {}
 
     def _setup(self, model: Any, args: tuple, kwargs: dict | None) -> dict[str, Site]:
         """Keep the model and its arguments, trace it once, read its params and the fit's dtype and ``ops``."""
@@ -274,7 +278,27 @@ class TracedBase(LatentModel):
         """One run at θ with the latents ``values``; with ``units``, only those units (the unit plate subsampled,
         the latents the batch's, the observations inside the plate cut to the batch's rows)."""
         subsample = None if units is None else (self.unit_plate, self.num_units, units)
-        return self.ppl.run(self.fn, self.args, self.kwargs, params=theta, values=values, subsample=subsample)
+        if self._imputed:
+            values = {**values, **self._imputed}
+        sites = self.ppl.run(self.fn, self.args, self.kwargs, params=theta, values=values, subsample=subsample)
+        return self._fill_masked(sites)
+
+    def _fill_masked(self, sites: dict[str, Site]) -> dict[str, Site]:
+        """The observed values with their masked-out NaN/inf entries replaced by a finite value of the site.
+
+        A masked entry's log-density is dropped by ``where(mask, lp, 0)``, but its derivative is ``0 · ∂lp/∂θ`` and
+        ``∂lp/∂θ`` at a NaN observation is NaN: every gradient in θ (numerical M-steps, scores, Fisher information) came
+        out NaN, and a Newton M-step kept its old value (Pyro ``obs_mask=`` with NaN fill: σ stayed at 1.0).  The
+        entries are never read otherwise (``_check_observed`` refuses a NaN at an unmasked entry), so any finite
+        value in the support does: an observed value of the same site."""
+        if not self._masked_fill:
+            return sites
+        xp = self.ops.xp
+        for name, fill in self._masked_fill.items():
+            site = sites.get(name)
+            if site is not None and site.value is not None:
+                sites[name] = replace(site, value=xp.where(xp.isfinite(site.value), site.value, fill))
+        return sites
 
     def _per_unit(self, x: Any, name: str | None = None, count: int | None = None) -> Any:
         """Sum an array laid out like site ``name`` over every dim but the unit dim -> ``[N]`` (``[count]`` for a
@@ -428,6 +452,8 @@ class TracedLatentModel(TracedBase):
     def _find_sites(self, trace: dict[str, Site], unit_plate: str | None) -> None:
         latent = [n for n, s in trace.items() if s.type == "sample" and not s.is_observed]
         observed = [n for n, s in trace.items() if s.type == "sample" and s.is_observed]
+        self._imputed = self._leaf_imputations(trace, latent, observed)
+        latent = [n for n in latent if n not in self._imputed]
         if not latent:
             raise ModelSpecificationError(
                 f"the model has no latent sample site (every {self.ppl.name}.sample is observed): there is "
@@ -469,6 +495,49 @@ class TracedLatentModel(TracedBase):
         self.latent_dim = offset
         self.latent_sites = [LatentSite(s.name, s.x_rest, s.offset, s.size) for s in self._layout]
 
+    def _leaf_imputations(self, trace: dict[str, Site], latent: list[str], observed: list[str]) -> dict[str, Any]:
+        """The imputation sites of ``obs_mask=`` observations that no other site reads -> the constant they are
+        conditioned on.
+
+        Both PPLs split ``sample(name, d, obs=y, obs_mask=m)`` into an observed site ``{name}_observed`` (masked to
+        ``m``) and a latent ``{name}_unobserved`` (masked to ``~m``) that imputes the missing entries.  When no other
+        site's log-density depends on the imputed values, they integrate out exactly, ``∫ p(y_mis | z; θ) dy_mis = 1``:
+        ``p(y_obs, z; θ)`` is the model without them, and that is what is fitted.  Kept as latents they add nothing to
+        the likelihood but dims to integrate over, flat ones at the observed entries (the masked density is 0 there):
+        importance sampling's weights there are ``1 / q`` (the log-likelihood of a random-slope model came out
+        +12 000 instead of -193) and the MH chains wander without bound.  A site whose value does feed another density
+        (a missing covariate) stays a latent.  The test: at the initial θ and at a random perturbation of it (a
+        coefficient starting at 0 hides a dependence), every other site's log-density is unchanged when the site alone
+        moves to another draw from the model."""
+        suffix = "_unobserved"
+        candidates = [n for n in latent if n.endswith(suffix) and n[: -len(suffix)] + "_observed" in observed]
+        if not candidates:
+            return {}
+        ppl, to_np = self.ppl, self.ops.to_numpy
+        values = {n: trace[n].value for n in latent}
+        key = self.ops.key(5)
+
+        def lps(theta: dict[str, Any] | None, moved: str | None = None) -> dict[str, np.ndarray]:
+            given = values if moved is None else {**values, moved: other[moved].value}
+            sites = ppl.run(self.fn, self.args, self.kwargs, params=theta, values=given)
+            return {n: to_np(self._site_lp(s)) for n, s in sites.items() if s.type == "sample" and n != moved}
+
+        with ppl.no_grad():
+            with self.ops.global_rng_from(key):  # Pyro draws from the global RNG: lend it the key's stream
+                other = ppl.run(self.fn, self.args, self.kwargs, key=key)
+            thetas = [None, self._perturbed_params()]
+            before = [lps(theta) for theta in thetas]
+            leaves = {}
+            for name in candidates:
+                same = True
+                for theta, ref in zip(thetas, before):
+                    after = lps(theta, name)
+                    same = same and all(np.array_equal(lp, after[n], equal_nan=True)
+                                        for n, lp in ref.items() if n != name and n in after)
+                if same:
+                    leaves[name] = self.ops.asarray(0.0, dtype=self._dtype)
+        return leaves
+
     def _site_shape(self, site: Site) -> tuple[int, ...]:
         """Shape of the site's log-density (its batch shape, the mask broadcast in).  Data whose shape does not
         broadcast against the distribution (an observation vector a row short of its plate) is a DataError naming
@@ -504,6 +573,7 @@ class TracedLatentModel(TracedBase):
 
     def _check_observed(self, trace: dict[str, Site]) -> None:
         self.observed = {}
+        self._masked_fill = {}
         self._unit_observed: list[tuple[Any, int]] = []  # observed values as the model got them, their unit axis
         self._in_unit_plate = {}
         self._lp_shape = {}
@@ -519,19 +589,23 @@ class TracedLatentModel(TracedBase):
                 family = type(getattr(site.fn, "base_dist", site.fn)).__name__
                 raise DataError(f"observed site {n!r} holds bool values, but its {family} is a continuous "
                                 "distribution: pass numbers (e.g. y.double() / y.astype(float))")
-            bad = ~np.isfinite(value) if np.issubdtype(value.dtype, np.number) else np.zeros(value.shape, bool)
+            nonfinite = ~np.isfinite(value) if np.issubdtype(value.dtype, np.number) else np.zeros(value.shape, bool)
+            unmasked = np.ones(value.shape, bool)
             vmask = self.ppl.value_mask(site.fn, site.mask, self.ops)
             if vmask is not None:
                 m = np.asarray(self.ops.to_numpy(vmask), dtype=bool)
                 try:
-                    bad = bad & np.broadcast_to(m, bad.shape)
+                    unmasked = np.broadcast_to(m, value.shape)
                 except ValueError:
                     pass
-            nbad = int(bad.sum())
+            nbad = int((nonfinite & unmasked).sum())
             if nbad:
                 raise DataError(
                     f"observed site {n!r} holds {nbad} NaN/inf value(s) out of {value.size} at unmasked "
                     "positions; drop them or mask them with .mask(...) / obs_mask")
+            if nonfinite.any():  # all masked out: read a finite value of the site there (see _fill_masked)
+                finite = value[~nonfinite & unmasked]
+                self._masked_fill[n] = float(finite.flat[0]) if finite.size else 0.0
             self.observed[n] = value
             axis = np.ndim(site.value) - len(site.fn.event_shape) + self.unit_dim
             if self._in_unit_plate[n] and axis >= 0 and np.shape(site.value)[axis] == self.num_units:
