@@ -193,5 +193,5 @@ def test_plots(fit):
     assert len(figs["vpc"].axes[0].collections) >= 4  # observations + 3 prediction bands
     for f in figs.values():
         plt.close(f)
-    with pytest.raises(ValueError, match="not a keyword argument"):
+    with pytest.raises(ValueError, match="is not an argument of the model call"):
         fit.plot_vpc("no_such_argument")

@@ -1591,7 +1591,7 @@ class TracedLatentModel(TracedBase):
         except ValueError:
             raise ValueError(f"x must have the shape of the observed site {name!r}'s data {shapes[name]} (or of the "
                              f"observations {target}), got {x.shape}") from None
-        flat = self._obs_flat(self.ops.asarray(np.ascontiguousarray(full, dtype=float)), name)
+        flat = self._obs_flat(self.ops.asarray(np.array(full, dtype=float)), name)
         return np.asarray(self.ops.to_numpy(flat), dtype=float)
 
     def _observed_arrays(self, sites: dict[str, Site]) -> tuple[Any, Any]:
