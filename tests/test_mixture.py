@@ -57,14 +57,14 @@ def test_parameter_recovery_on_simulated_data(backend):
     np.testing.assert_allclose(p["weights"], TRUE_W[[0, 2, 1]], atol=0.03)
 
 
-@pytest.mark.parametrize("cov", ["full", "diag", "spherical"])
+@pytest.mark.parametrize("cov", ["full", "diag", "spherical", "tied"])
 def test_em_matches_sklearn_from_the_same_start(backend, cov):
     from sklearn.mixture import GaussianMixture as SkGMM
 
     x, _ = _simulate(600, seed=1)
     gm = GaussianMixture(backend.tensor(x), 3, cov, seed=0, reg_covar=1e-6)
     init = {k: backend.to_numpy(p.value) for k, p in gm.params.items()}
-    prec = np.linalg.inv(init["covariances"]) if cov == "full" else 1.0 / init["covariances"]
+    prec = np.linalg.inv(init["covariances"]) if cov in ("full", "tied") else 1.0 / init["covariances"]
     sk = SkGMM(3, covariance_type=cov, tol=1e-12, max_iter=300, reg_covar=1e-6, weights_init=init["weights"],
                means_init=init["locs"], precisions_init=prec).fit(x)
     fit = EM(gm, num_epochs=300, progress=False).run()
@@ -72,6 +72,159 @@ def test_em_matches_sklearn_from_the_same_start(backend, cov):
     np.testing.assert_allclose(fit.params["weights"], sk.weights_, atol=1e-6)
     np.testing.assert_allclose(fit.params["covariances"], sk.covariances_, atol=1e-6)
     assert abs(fit.history["objective"][-1] / len(x) - sk.score(x)) < 1e-8
+
+
+@pytest.mark.parametrize("cov", ["tied", "tied_diag", "tied_spherical"])
+def test_tied_m_steps_are_the_pooled_scatter_formulas(backend, cov):
+    """From given responsibilities, the shared covariance is the components' scatter about their own means pooled over
+    the components and divided by N (scikit-learn's "tied"; its diagonal; the mean of that diagonal), plus reg_covar;
+    the E-step treats it as every component's covariance."""
+    x, _ = _simulate(300, seed=11)
+    reg = 1e-4
+    gm = GaussianMixture(backend.tensor(x), 3, cov, seed=0, reg_covar=reg)
+    r = np.random.default_rng(12).dirichlet(np.ones(3), size=len(x))
+    th = gm.m_step(gm.reduce_rows({"r": backend.tensor(r)}), gm.init_params(), len(x))
+    Nk = r.sum(0)
+    mu = (r.T @ x) / Nk[:, None]
+    dev = x[:, None, :] - mu[None]  # [n, K, d]
+    full = np.einsum("ik,ika,ikb->ab", r, dev, dev) / len(x)
+    want = {"tied": full + reg * np.eye(2), "tied_diag": np.diag(full) + reg,
+            "tied_spherical": np.mean(np.diag(full)) + reg}[cov]
+    got = {k: backend.to_numpy(v) for k, v in th.items()}
+    assert got["covariances"].shape == np.shape(want)
+    np.testing.assert_allclose(got["covariances"], want, rtol=1e-10)
+    np.testing.assert_allclose(got["locs"], mu, rtol=1e-10)
+    np.testing.assert_allclose(got["weights"], Nk / len(x), rtol=1e-10)
+    Sigma = want if cov == "tied" else np.diag(np.broadcast_to(want, (2,)))
+    dens = sum(got["weights"][k] * multivariate_normal(mu[k], Sigma).pdf(x) for k in range(3))
+    np.testing.assert_allclose(backend.to_numpy(gm.marginal_log_lik(th)), np.log(dens), rtol=1e-10)
+
+
+def _numpy_em_shared_scale(x, w, mu, sd, reg_covar=1e-6, iters=3000):
+    """EM of the 1-D mixture with one scale shared by the components (plus ``reg_covar`` on the variance, as the
+    library and scikit-learn do), run to convergence (``iters`` steps): (w, μ, σ, log-lik at the last E-step)."""
+    w, mu, var = np.array(w, float), np.array(mu, float), float(sd) ** 2
+    for _ in range(iters):
+        lj = np.log(w) - 0.5 * np.log(2 * np.pi * var) - 0.5 * (x[:, None] - mu) ** 2 / var
+        ll = np.logaddexp.reduce(lj, 1)
+        r = np.exp(lj - ll[:, None])
+        Nk = r.sum(0)
+        w, mu = Nk / len(x), (r.T @ x) / Nk
+        var = np.sum(r * (x[:, None] - mu) ** 2) / len(x) + reg_covar
+    return w, mu, np.sqrt(var), ll.sum()
+
+
+def _tutorial_gmm(data):
+    """Pyro's GMM tutorial mixture (one scale shared by the components), its parameters as params."""
+    weights = pyro.param("weights", torch.tensor([0.5, 0.5], dtype=torch.float64), constraint=constraints.simplex)
+    locs = pyro.param("locs", torch.tensor([-1.0, 1.0], dtype=torch.float64))
+    scale = pyro.param("scale", torch.tensor(1.0, dtype=torch.float64), constraint=constraints.positive)
+    with pyro.plate("data", len(data)):
+        a = pyro.sample("assignment", dist.Categorical(weights), infer={"enumerate": "parallel"})
+        pyro.sample("obs", dist.Normal(locs[a], scale), obs=data)
+
+
+def _one_d_data(n=400, seed=1):
+    rng = np.random.default_rng(seed)
+    return np.array([0.0, 3.0])[rng.choice(2, n, p=[0.6, 0.4])] + 0.8 * rng.standard_normal(n)
+
+
+def test_pyro_tutorial_gmm_with_a_shared_scale_gives_the_mle():
+    """Pyro's tutorial GMM (``Normal(locs[a], scale)``, one scalar scale param): recognised as the tied mixture, EM
+    lands on the maximum-likelihood estimates of a direct EM of the same model from the same start, its
+    log-likelihood never decreases, and the fitted sd is written back to the user's ``scale``."""
+    from latentfit.pyro import EM as PyroEM
+    from latentfit.pyro import MiniBatchEM as PyroMiniBatchEM
+
+    x = _one_d_data()
+    w, mu, sd, ll = _numpy_em_shared_scale(x, [0.5, 0.5], [-1.0, 1.0], 1.0)
+    pyro.clear_param_store()
+    enum = PyroEnumModel(_tutorial_gmm, (torch.tensor(x),))
+    assert enum._gm.covariance_type == "tied_spherical" and enum._family_estep
+    pyro.clear_param_store()
+    fit = PyroEM(_tutorial_gmm, num_epochs=150, progress=False).run(torch.tensor(x))
+    np.testing.assert_allclose(fit.params["weights"], w, atol=1e-10)
+    np.testing.assert_allclose(fit.params["locs"], mu, atol=1e-10)
+    np.testing.assert_allclose(fit.params["scale"], sd, atol=1e-10)
+    assert np.shape(fit.params["scale"]) == ()
+    np.testing.assert_allclose(float(pyro.param("scale").detach()), sd, atol=1e-10)  # written back as the sd
+    obj = np.asarray(fit.history["objective"])
+    assert np.all(np.diff(obj) >= -1e-9 * np.abs(obj[1:])) and abs(obj[-1] - ll) < 1e-8
+    pyro.clear_param_store()
+    mb = PyroMiniBatchEM(_tutorial_gmm, num_epochs=300, batch_size=100, progress=False,
+                         seed=0).run(torch.tensor(x))
+    np.testing.assert_allclose(mb.params["scale"], sd, atol=1e-3)
+
+
+def test_pyro_mixture_with_a_shared_scale_tril_matches_sklearn_tied():
+    """A 2-D ``MultivariateNormal(locs[a], scale_tril=L)`` with one Cholesky-factor param: the tied mixture; EM from
+    scikit-learn's start gives its "tied" estimates, and ``L`` holds the Cholesky factor of the fitted covariance."""
+    from sklearn.mixture import GaussianMixture as SkGMM
+
+    from latentfit.pyro import EM as PyroEM
+
+    x, _ = _simulate(400, seed=13)
+    L0 = np.array([[1.5, 0.0], [0.3, 1.2]])
+    w0, mu0 = np.array([0.4, 0.3, 0.3]), np.array([[0.5, 0.5], [3.0, 0.5], [0.5, 3.0]])
+
+    def model(data):
+        w = pyro.param("w", torch.tensor(w0), constraint=constraints.simplex)
+        locs = pyro.param("locs", torch.tensor(mu0))
+        L = pyro.param("L", torch.tensor(L0), constraint=constraints.lower_cholesky)
+        with pyro.plate("data", len(data)):
+            a = pyro.sample("a", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample("obs", dist.MultivariateNormal(locs[a], scale_tril=L), obs=data)
+
+    sk = SkGMM(3, covariance_type="tied", tol=1e-12, max_iter=500, reg_covar=1e-6, weights_init=w0,
+               means_init=mu0, precisions_init=np.linalg.inv(L0 @ L0.T)).fit(x)
+    pyro.clear_param_store()
+    fit = PyroEM(model, num_epochs=500, progress=False).run(torch.tensor(x))
+    L = fit.params["L"]
+    np.testing.assert_allclose(L @ L.T, sk.covariances_, atol=1e-6)
+    np.testing.assert_allclose(L, np.linalg.cholesky(sk.covariances_), atol=1e-6)
+    np.testing.assert_allclose(fit.params["locs"], sk.means_, atol=1e-6)
+    np.testing.assert_allclose(fit.params["w"], sk.weights_, atol=1e-6)
+    obj = np.asarray(fit.history["objective"])
+    assert np.all(np.diff(obj) >= -1e-9 * np.abs(obj[1:])) and abs(obj[-1] / len(x) - sk.score(x)) < 1e-8
+
+
+@pytest.mark.parametrize("shape, cov", [((2,), "tied_diag"), ((), "tied_spherical")])
+def test_pyro_mixture_with_one_shared_normal_scale_gives_the_tied_estimates(shape, cov):
+    """``Normal(locs[a], s).to_event(1)`` on 2-D data with one ``[d]`` or scalar scale param shared by the components:
+    the tied_diag / tied_spherical mixture; Pyro EM gives GaussianMixture's EM estimates and ``s`` gets the sd."""
+    from latentfit.pyro import EM as PyroEM
+
+    x = torch.tensor(_simulate(300, seed=14)[0])
+    gm = GaussianMixture(x, 3, cov, seed=0)
+    init = {k: p.value.clone() for k, p in gm.params.items()}
+
+    def model(data):
+        w = pyro.param("w", init["weights"].clone(), constraint=constraints.simplex)
+        mu = pyro.param("mu", init["locs"].clone())
+        s = pyro.param("s", init["covariances"].sqrt().clone(), constraint=constraints.positive)
+        with pyro.plate("data", len(data)):
+            a = pyro.sample("a", dist.Categorical(w), infer={"enumerate": "parallel"})
+            pyro.sample("obs", dist.Normal(mu[a], s).to_event(1), obs=data)
+
+    pyro.clear_param_store()
+    enum = PyroEnumModel(model, (x,))
+    assert enum._gm.covariance_type == cov and enum._family_estep and tuple(init["covariances"].shape) == shape
+    ref = EM(gm, num_epochs=60, progress=False).run().params
+    pyro.clear_param_store()
+    fit = PyroEM(model, num_epochs=60, progress=False).run(x)
+    np.testing.assert_allclose(fit.params["s"] ** 2, ref["covariances"], atol=1e-10)
+    np.testing.assert_allclose(fit.params["mu"], ref["locs"], atol=1e-10)
+    np.testing.assert_allclose(fit.params["w"], ref["weights"], atol=1e-10)
+
+
+@pytest.mark.parametrize("cov", ["tied", "tied_diag", "tied_spherical"])
+def test_pyro_model_of_a_tied_mixture_round_trips(cov):
+    x = torch.tensor(_simulate(100, seed=4)[0])
+    gm = GaussianMixture(x, 3, cov, seed=0)
+    pyro.clear_param_store()
+    enum = PyroEnumModel(gm.pyro_model(), (x,))
+    np.testing.assert_allclose(enum.marginal_log_lik(enum.init_params()).numpy(),
+                               gm.marginal_log_lik(gm.init_params()).numpy(), rtol=1e-10)
 
 
 def test_marginal_log_lik_is_exact():
@@ -208,7 +361,7 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ModelSpecificationError, match="singular"):
         GaussianMixture(x, 2, "diag", covariances=np.zeros((2, 2)))
     with pytest.raises(ValueError, match="covariance_type"):
-        GaussianMixture(x, 2, "tied")
+        GaussianMixture(x, 2, "shared")
     with pytest.raises(ValueError, match="probability vector"):
         GaussianMixture(x, 2, weights=[0.7, 0.7])
 

@@ -125,3 +125,35 @@ def test_plain_numpyro_mixture_by_enumeration_gives_gaussianmixture_estimates(co
     np.testing.assert_allclose(fit.params["mu"], ref["locs"], atol=1e-9)
     np.testing.assert_allclose(got, ref["covariances"], atol=1e-9)
     np.testing.assert_allclose(fit.params["w"], ref["weights"], atol=1e-9)
+
+
+def test_numpyro_tutorial_gmm_with_a_shared_scale_gives_the_mle():
+    """The NumPyro twin of the Pyro tutorial's GMM with one scale shared by the components (``Normal(locs[a], scale)``,
+    a scalar param): the same enumeration adapter recognises the tied mixture; EM gives the maximum-likelihood
+    estimates of a direct EM of the same model from the same start, and its log-likelihood never decreases."""
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.distributions import constraints
+    from test_mixture import _numpy_em_shared_scale, _one_d_data
+
+    from latentfit.integrations.numpyro import NumPyroEnumModel
+    from latentfit.numpyro import EM
+
+    def model(data):
+        weights = numpyro.param("weights", jnp.array([0.5, 0.5]), constraint=constraints.simplex)
+        locs = numpyro.param("locs", jnp.array([-1.0, 1.0]))
+        scale = numpyro.param("scale", jnp.array(1.0), constraint=constraints.positive)
+        with numpyro.plate("data", len(data)):
+            a = numpyro.sample("assignment", dist.Categorical(weights))
+            numpyro.sample("obs", dist.Normal(locs[a], scale), obs=data)
+
+    x = _one_d_data()
+    w, mu, sd, ll = _numpy_em_shared_scale(x, [0.5, 0.5], [-1.0, 1.0], 1.0)
+    enum = NumPyroEnumModel(model, (jnp.asarray(x),))
+    assert enum._gm.covariance_type == "tied_spherical" and set(enum.closed_form_params) == {"weights", "locs", "scale"}
+    fit = EM(model, num_epochs=150, progress=False).run(jax.random.PRNGKey(0), jnp.asarray(x))
+    np.testing.assert_allclose(fit.params["weights"], w, atol=1e-10)
+    np.testing.assert_allclose(fit.params["locs"], mu, atol=1e-10)
+    np.testing.assert_allclose(fit.params["scale"], sd, atol=1e-10)
+    obj = np.asarray(fit.history["objective"])
+    assert np.all(np.diff(obj) >= -1e-9 * np.abs(obj[1:])) and abs(obj[-1] - ll) < 1e-8

@@ -18,7 +18,10 @@ responsibilities.
 
 The Gaussian mixture (``Categorical(probs)`` with probs a param or a constant and one observed
 ``Normal(locs[z], scales[z])`` (diagonal; spherical when ``scales`` is ``[K]``) or
-``MultivariateNormal(locs[z], covariance_matrix=covs[z] | scale_tril=trils[z])``; a constant role is held fixed)
+``MultivariateNormal(locs[z], covariance_matrix=covs[z] | scale_tril=trils[z])``; a constant role is held fixed;
+or one scale shared by the components, as Pyro's GMM tutorial writes it: ``Normal(locs[z], scale)`` with ``scale`` a
+scalar param (one variance, "tied_spherical") or a ``[d]`` param (shared diagonal, "tied_diag"), or
+``MultivariateNormal(locs[z], covariance_matrix=cov | scale_tril=tril)`` with one ``[d, d]`` param ("tied"))
 is recognised by comparing the per-component arguments with the params at the initial θ and at a random
 perturbation; its statistics and M-step are :class:`~latentfit.models.mixture.GaussianMixture`'s, so both PPLs and
 the family give the same estimates.  Other discrete models get the exact responsibilities and marginal
@@ -64,8 +67,10 @@ class EnumeratedLatentModel(TracedBase):
             self.no_stats_reason = (
                 "the enumeration adapter computes this model's exact responsibilities and marginal "
                 "log-likelihood, but found no closed-form M-step: the recognised pattern is a Categorical "
-                "label (probs a param or constant) with one Normal(locs[z], scales[z]) or "
-                "MultivariateNormal(locs[z], covariance_matrix=covs[z] | scale_tril=trils[z]) observation; "
+                "label (probs a param or constant) with one Normal(locs[z], scales[z]) observation (or one "
+                "scale shared by the components: Normal(locs[z], scale), a scalar or [d] param) or "
+                "MultivariateNormal(locs[z], covariance_matrix=covs[z] | scale_tril=trils[z]) observation (or "
+                "one shared [d, d] covariance_matrix=cov | scale_tril=tril); "
                 "write the model as such a mixture, use a model family, or fit it with SVI/TraceEnum_ELBO")
 
     @classmethod
@@ -200,6 +205,12 @@ class EnumeratedLatentModel(TracedBase):
                     return name
             return None
 
+        def shared(values: list[np.ndarray] | None) -> list[np.ndarray] | None:
+            """The one row of ``[K, width]`` values equal for every component at each θ (a scale shared by them)."""
+            if values is None or not all(np.allclose(v, v[:1]) for v in values):
+                return None
+            return [v[0] for v in values]
+
         probs = [np.reshape(to_np(self.ppl.unwrap(r[0][self.latent_name].fn).probs), (-1, K))[0] for r in runs]
         roles: dict[str, tuple[str | None, Any]] = {"weights": (param_of(probs), probs[0])}
         if isinstance(obs[0][0], dist.MultivariateNormal):
@@ -209,6 +220,13 @@ class EnumeratedLatentModel(TracedBase):
             if cov_name is None:
                 cov_name, form = param_of(rows(lambda fn: fn.scale_tril, d * d), (K, d, d)), "tril"
             cov_type, cov_val = "full", None if cov is None else cov[0].reshape(K, d, d)
+            one = shared(cov)
+            if cov_name is None and one is not None:  # one [d, d] covariance / Cholesky factor for every component
+                cov_name, form = param_of(one, (d, d)), "cov"
+                if cov_name is None:
+                    cov_name, form = param_of(shared(rows(lambda fn: fn.scale_tril, d * d)), (d, d)), "tril"
+                if cov_name is not None:
+                    cov_type, cov_val = "tied", one[0].reshape(d, d)
         elif isinstance(obs[0][0], dist.Normal):
             loc, diag, form = rows(lambda fn: fn.loc, d), rows(lambda fn: fn.scale, d), "sd"
             if diag is None:
@@ -219,6 +237,14 @@ class EnumeratedLatentModel(TracedBase):
                 cov_type, cov_val = "spherical", sph[0].reshape(K) ** 2
             else:
                 cov_type, cov_val, cov_name = "diag", diag[0] ** 2, param_of(diag)
+            one = shared(diag)
+            if cov_name is None and one is not None:  # one scale for every component: a scalar or a [d] param
+                same = all(np.allclose(v, v[:1]) for v in one)
+                tied_name = param_of([v[:1] for v in one]) if same else None
+                if tied_name is not None:
+                    cov_type, cov_val, cov_name = "tied_spherical", one[0][0] ** 2, tied_name
+                elif (tied_name := param_of(one)) is not None:
+                    cov_type, cov_val, cov_name = "tied_diag", one[0] ** 2, tied_name
         else:
             return
         if loc is None:

@@ -251,7 +251,7 @@ def mixture_model(gm: Any, ppl: PPL) -> Callable[[Any], Any]:
     pp, dist, constraints, xp = ppl.primitives, ppl.dist, ppl.constraints, ppl.xp
     init = {k: p.value for k, p in gm.params.items()}
     cov_type = gm.covariance_type
-    cov_constraint = constraints.positive_definite if cov_type == "full" else constraints.positive
+    cov_constraint = constraints.positive_definite if cov_type in ("full", "tied") else constraints.positive
 
     def model(x):
         weights = pp.param("weights", ppl.fresh(init["weights"]), constraint=constraints.simplex)
@@ -261,6 +261,10 @@ def mixture_model(gm: Any, ppl: PPL) -> Callable[[Any], Any]:
             z = pp.sample("z", dist.Categorical(weights), infer={"enumerate": "parallel"})
             if cov_type == "full":
                 pp.sample("obs", dist.MultivariateNormal(locs[z], covariance_matrix=covs[z]), obs=x)
+            elif cov_type == "tied":  # one covariance shared by the components
+                pp.sample("obs", dist.MultivariateNormal(locs[z], covariance_matrix=covs), obs=x)
+            elif cov_type in ("tied_diag", "tied_spherical"):  # one scale ([d] or a scalar) for every component
+                pp.sample("obs", dist.Normal(locs[z], xp.sqrt(covs)).to_event(1), obs=x)
             else:
                 var = covs[z] if cov_type == "diag" else xp.broadcast_to(covs[z][..., None],
                                                                          tuple(z.shape) + (x.shape[-1],))

@@ -15,6 +15,10 @@ are centred internally (numerical safety of the quadratic expansion).
 M-step (with the regulariser ``R(θ)`` of Karimi, Wai, Moulines & Lavielle, NeurIPS 2019, as an option):
 ``ω_k = (N_k/n + ε)/(1 + εK)``, ``μ_k = S_x,k/(N_k + δ)``,
 ``Σ_k = (S_xx,k − μ_k S_x,kᵀ − S_x,k μ_kᵀ + N_k μ_k μ_kᵀ)/N_k + reg_covar·I``; ε = δ = 0 is the plain MLE.
+The shared ("tied") types use the features of their per-component counterparts (tied: full, tied_diag: diag,
+tied_spherical: spherical) and pool the components' scatter: ``Σ = Σ_k (S_xx,k − μ_k S_x,kᵀ − S_x,k μ_kᵀ +
+N_k μ_k μ_kᵀ)/Σ_k N_k + reg_covar·I`` (scikit-learn's "tied"), its diagonal (tied_diag: per coordinate
+``Σ_k Σ_i r_ik (x_ij − μ_kj)²/N``) and the mean of that diagonal over the coordinates (tied_spherical).
 A component whose mass vanishes keeps its previous mean and covariance (never NaN) and the fit
 warns about it.  Quantities that are non-negative in exact arithmetic but come out of a cancelling
 expansion are clamped: masses ``N_k`` (a running sum of differences in the incremental engines), the
@@ -36,7 +40,9 @@ from latentfit.inference.units import UnitBlock, read_units
 
 from ._integrations import families
 
-COVARIANCE_TYPES = ("full", "diag", "spherical")
+COVARIANCE_TYPES = ("full", "diag", "spherical", "tied", "tied_diag", "tied_spherical")
+#: each shared ("tied") type's per-component counterpart: the same features, E-step and scatter statistics
+PER_COMPONENT = {"tied": "full", "tied_diag": "diag", "tied_spherical": "spherical"}
 #: rows per chunk of the streamed full-data E-step (eager backends): keeps [chunk, K] arrays in cache
 CHUNK = 32768
 #: a full-covariance variance below CANCELLATION·eps·E[x_i²] (the rounding level of the M-step's expansion) is 0
@@ -69,8 +75,14 @@ class GaussianMixture(LatentModel):
         Data (torch tensor, numpy array); the model lives on its device in its dtype (numpy: float64).
     num_components : int
         K (at most n).
-    covariance_type : {"full", "diag", "spherical"}
-        Parameter ``covariances`` is ``[K, d, d]``, ``[K, d]`` or ``[K]`` accordingly.
+    covariance_type : {"full", "diag", "spherical", "tied", "tied_diag", "tied_spherical"}
+        Parameter ``covariances`` is ``[K, d, d]``, ``[K, d]`` or ``[K]`` accordingly (one covariance per
+        component), or one covariance shared by all the components: ``"tied"`` a full ``[d, d]`` matrix
+        (scikit-learn's "tied"), ``"tied_diag"`` a diagonal ``[d]`` (variances per coordinate),
+        ``"tied_spherical"`` one variance ``[]`` (a scalar; for 1-D data the mixture with one shared scale).
+        Statistics: the per-component counterpart's (full / diag / spherical: ``S = Σ_i r_i ⊗ F(x_i)``,
+        ``[K, D]``); the M-step pools the components' scatter matrices (or their diagonals, or the mean of the
+        diagonal) and divides by ``Σ_k N_k``.
     weights, locs, covariances : optional
         Initial values; missing ones come from greedy k-means++ seeding plus Lloyd iterations on a
         subsample of at most 20 000 points.
@@ -127,6 +139,9 @@ class GaussianMixture(LatentModel):
             regularize = (1e-3, 1e-3)
         self.eps_w, self.delta_mu = (float(regularize[0]), float(regularize[1])) if regularize else (0.0, 0.0)
         self.K, self.d, self.num_units, self.covariance_type = K, d, n, covariance_type
+        #: the per-component type whose features and E-step this one uses (itself for the per-component types)
+        self.base_type = PER_COMPONENT.get(covariance_type, covariance_type)
+        self.tied = covariance_type in PER_COMPONENT
         #: units of the whole fit (this model may be one process's shard: :meth:`shard_view`)
         self.total_units = n
         self.reg_covar = float(reg_covar)
@@ -154,7 +169,7 @@ class GaussianMixture(LatentModel):
         ops, xp, d = self.ops, self.ops.xp, self.d
         q = {"full": lambda v: xp.reshape(v[:, :, None] * v[:, None, :], (v.shape[0], d * d)),
              "diag": lambda v: v * v,
-             "spherical": lambda v: xp.sum(v * v, 1, keepdims=True)}[self.covariance_type](xc)
+             "spherical": lambda v: xp.sum(v * v, 1, keepdims=True)}[self.base_type](xc)
         self.dq = int(q.shape[1])
         return xp.concatenate([q, xc, ops.ones((int(xc.shape[0]), 1))], 1)
 
@@ -246,7 +261,8 @@ class GaussianMixture(LatentModel):
             out["covariances"] = plain["covariances"]
         else:
             c = ops.asarray(covariances)
-            shape = {"full": (K, d, d), "diag": (K, d), "spherical": (K,)}[self.covariance_type]
+            shape = {"full": (K, d, d), "diag": (K, d), "spherical": (K,), "tied": (d, d), "tied_diag": (d,),
+                     "tied_spherical": ()}[self.covariance_type]
             if tuple(c.shape) != shape:
                 try:
                     c = xp.reshape(c + ops.zeros(shape), shape)
@@ -293,11 +309,12 @@ class GaussianMixture(LatentModel):
 
     def _check_covariances(self, cov: Any) -> None:
         xp = self.ops.xp
-        if self.covariance_type == "full":
+        if self.base_type == "full":
+            cov = cov[None] if self.tied else cov
             sym = bool(xp.all(xp.abs(cov - xp.swapaxes(cov, -1, -2)) <= 1e-8 * (1 + xp.abs(cov))))
             ev = xp.linalg.eigvalsh(cov)
             if not sym or not bool(xp.all(ev > 0)):
-                bad = [k for k in range(self.K) if not bool(xp.all(ev[k] > 0))]
+                bad = [k for k in range(self.K) if not bool(xp.all(ev[k] > 0))] if not self.tied else []
                 raise ModelSpecificationError(
                     f"initial covariance(s) of component(s) {bad or 'all'} are not symmetric positive definite "
                     "(singular covariance); give positive definite covariances or increase reg_covar")
@@ -325,7 +342,9 @@ class GaussianMixture(LatentModel):
         w, mu, cov = theta["weights"], theta["locs"] - self.shift, theta["covariances"]
         tiny = xp.finfo(w.dtype).tiny
         log_w = xp.log(w + tiny)
-        if self.covariance_type == "full":
+        if self.tied:  # the shared covariance as every component's: the per-component type's coefficients
+            cov = cov[None] + ops.zeros((self.K,) + tuple(cov.shape))
+        if self.base_type == "full":
             prec, logdet = self._precision(cov)
             pm = xp.sum(prec * mu[:, None, :], -1)  # [K, d]
             cq = -0.5 * xp.reshape(prec, (self.K, d * d))
@@ -334,9 +353,9 @@ class GaussianMixture(LatentModel):
             check = self.reg_covar == 0 and "covariances" not in self._fixed
             if check and not self.ops.jittable and not bool(xp.all(cov > 0)):
                 raise ModelSpecificationError("a component variance is 0 (singular covariance): increase reg_covar")
-            var = cov if self.covariance_type == "diag" else cov[:, None] + ops.zeros((self.K, d))
+            var = cov if self.base_type == "diag" else cov[:, None] + ops.zeros((self.K, d))
             pm = mu / var
-            cq = -0.5 / var if self.covariance_type == "diag" else -0.5 / cov[:, None]
+            cq = -0.5 / var if self.base_type == "diag" else -0.5 / cov[:, None]
             c0 = -0.5 * xp.sum(mu * pm, -1) - 0.5 * xp.sum(xp.log(var), -1)
         c0 = c0 - 0.5 * d * LOG_2PI + log_w
         return xp.concatenate([cq, pm, c0[:, None]], 1).T  # [D, K]
@@ -536,6 +555,9 @@ class GaussianMixture(LatentModel):
             out["locs"] = mu if theta is None else xp.where(alive[:, None], mu, theta["locs"])
         if "covariances" in skip:
             return out
+        if self.tied:
+            out["covariances"] = self._tied_covariance(Sq, Sx, Nk, mu_c, alive, theta)
+            return out
         if self.covariance_type == "full":
             Sxx = xp.reshape(Sq, (K, d, d))
             cross = mu_c[:, :, None] * Sx[:, None, :]
@@ -559,6 +581,35 @@ class GaussianMixture(LatentModel):
         out["covariances"] = cov if theta is None else xp.where(alive_c, cov, theta["covariances"])
         return out
 
+    def _tied_covariance(self, Sq: Any, Sx: Any, Nk: Any, mu_c: Any, alive: Any, theta: dict[str, Any] | None) -> Any:
+        """The shared covariance: the components' scatter about their means pooled and divided by ``Σ_k N_k``
+        (components without mass add nothing); all mass gone (never in practice) keeps the previous value."""
+        xp, K, d = self.ops.xp, self.K, self.d
+        Nk = xp.maximum(Nk, 0 * Nk)
+        total = xp.sum(Nk)
+        Ntot = xp.where(total > self._tiny_mass, total, 1.0)
+        if self.covariance_type == "tied":
+            Sxx = xp.reshape(Sq, (K, d, d))
+            cross = mu_c[:, :, None] * Sx[:, None, :]
+            scatter = Sxx - cross - xp.swapaxes(cross, -1, -2) + Nk[:, None, None] * mu_c[:, :, None] * mu_c[:, None, :]
+            scatter = xp.where(alive[:, None, None], scatter, 0 * scatter)
+            cov = xp.sum(scatter, 0)[None] / Ntot
+            cov = 0.5 * (cov + xp.swapaxes(cov, -1, -2))
+            m2 = xp.sum(xp.diagonal(Sxx, 0, -2, -1), 0)[None] / Ntot  # rounding level of the expansion
+            cov = _clamp_covariance(xp, cov, CANCELLATION * float(xp.finfo(cov.dtype).eps) * m2, self._eye > 0)
+            cov = cov[0] + self.reg_covar * self._eye
+        else:
+            if self.covariance_type == "tied_diag":  # per coordinate: [K, d]
+                scatter = Sq - 2 * mu_c * Sx + Nk[:, None] * mu_c * mu_c
+                scatter = xp.where(alive[:, None], scatter, 0 * scatter)
+                cov = xp.sum(scatter, 0) / Ntot + self.reg_covar
+            else:  # tied_spherical: summed over the coordinates, [K]
+                scatter = Sq[:, 0] - 2 * xp.sum(mu_c * Sx, 1) + Nk * xp.sum(mu_c * mu_c, 1)
+                scatter = xp.where(alive, scatter, 0 * scatter)
+                cov = xp.sum(scatter, 0) / (Ntot * d) + self.reg_covar
+            cov = xp.maximum(cov, self.reg_covar + 0 * cov)
+        return cov if theta is None else xp.where(total > self._tiny_mass, cov, theta["covariances"])
+
     def fit_warnings(self, theta: dict[str, Any]) -> list[str]:
         xp, out = self.ops.xp, []
         w = self.ops.to_numpy(theta["weights"])
@@ -567,7 +618,12 @@ class GaussianMixture(LatentModel):
             out.append(f"component(s) {dead} collapsed (weight·n < 1e-3): the mixture has fewer than "
                        f"K={self.K} components' worth of data; reduce num_components or use regularize=True")
         cov = theta["covariances"]
-        ev = xp.linalg.eigvalsh(cov) if self.covariance_type == "full" else cov
+        ev = xp.linalg.eigvalsh(cov) if self.base_type == "full" else cov
+        if self.tied:
+            if float(np.min(self.ops.to_numpy(ev))) <= 1.01 * self.reg_covar:
+                out.append(f"the shared covariance shrank onto a subspace (at the reg_covar floor {self.reg_covar:g}); "
+                           "use a larger reg_covar")
+            return out
         ev = self.ops.to_numpy(ev).reshape(self.K, -1)
         small = [k for k in range(self.K) if k not in dead and ev[k].min() <= 1.01 * self.reg_covar]
         if small:
