@@ -253,6 +253,16 @@ def test_pyro_module_weights_are_fitted():
     assert torch.allclose(pyro.param("mlp$$$2.weight").detach(), torch.as_tensor(fit.params["mlp$$$2.weight"]))
 
 
+def _grouped_line_data() -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """30 groups of 6 rows: y = 2 − 1.5 x + u_group + ε, u ~ N(0, 0.7²), ε ~ N(0, 0.3²)."""
+    rng = np.random.default_rng(3)
+    num = 30
+    group = np.repeat(np.arange(num), 6)
+    x = rng.standard_normal(len(group))
+    y = 2.0 - 1.5 * x + 0.7 * rng.standard_normal(num)[group] + 0.3 * rng.standard_normal(len(group))
+    return x, group, num, y
+
+
 @pytest.mark.parametrize("engine", ["MCMCSGD", "SAEM"])
 def test_pyro_module_holds_the_fitted_weights(engine):
     """After a fit, the user's ``nn.Module`` computes with the fitted weights, as after Pyro's SVI: the estimates are
@@ -280,11 +290,7 @@ def test_pyro_module_holds_the_fitted_weights(engine):
         with pyro.plate("rows", len(x)):
             pyro.sample("y", dist.Normal(linear(x[:, None]).squeeze(-1) + u[group], sigma), obs=y)
 
-    rng = np.random.default_rng(3)
-    num = 30
-    group = np.repeat(np.arange(num), 6)
-    x = rng.standard_normal(len(group))
-    y = 2.0 - 1.5 * x + 0.7 * rng.standard_normal(num)[group] + 0.3 * rng.standard_normal(len(group))
+    x, group, num, y = _grouped_line_data()
     args = (torch.as_tensor(x), torch.as_tensor(group), num, torch.as_tensor(y))
     options = {"num_iters": 60} if engine == "MCMCSGD" else {"num_iters": (30, 20)}
     fit = getattr(lp, engine)(model, seed=0, progress=False, **options).run(*args)
@@ -376,11 +382,7 @@ def test_numpyro_module_weights_rebuilt_for_the_module():
         with numpyro.plate("rows", len(x)):
             numpyro.sample("y", dist.Normal(net(x[:, None]).squeeze(-1) + u[group], sigma), obs=y)
 
-    rng = np.random.default_rng(3)
-    num = 30
-    group = np.repeat(np.arange(num), 6)
-    x = rng.standard_normal(len(group))
-    y = 2.0 - 1.5 * x + 0.7 * rng.standard_normal(num)[group] + 0.3 * rng.standard_normal(len(group))
+    x, group, num, y = _grouped_line_data()
     fit = ln.MCMCSGD(model, num_iters=60, progress=False).run(0, jnp.asarray(x), jnp.asarray(group), num,
                                                               jnp.asarray(y))
     data = ln.substitute_data(fit.params)
