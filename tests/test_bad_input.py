@@ -406,3 +406,22 @@ def test_missing_draws_advice_names_options_that_exist(backend):
     assert "num_draws" not in engine_option_names(backend.engine("MISSO").engine_cls)
     assert "log_likelihood('gq')" in message
     assert np.isfinite(misso.log_likelihood("gq"))
+
+
+@pytest.mark.parametrize("ppl", ["pyro", "numpyro"])
+def test_unknown_engine_options_are_refused_at_construction(ppl):
+    """A misspelt or foreign option (``num_iter=``, MISSO's ``num_draws=``) is refused when the engine is built,
+    naming the engine and its options: it had been accepted, then refused by an internal class's ``__init__`` once
+    ``run`` had traced the model ("StatEngine.__init__() got an unexpected keyword argument")."""
+    front = pytest.importorskip("latentfit.pyro" if ppl == "pyro" else "latentfit.numpyro")
+
+    def model(x):
+        return None
+
+    with pytest.raises(TypeError, match=r"SAEM\(\.\.\.\) got unknown option 'num_iter'; SAEM's options .*num_iters"):
+        front.SAEM(model, num_iter=(5, 5))
+    with pytest.raises(TypeError, match=r"MISSO\(\.\.\.\) got unknown option 'num_draws'; MISSO's options are"):
+        front.MISSO(model, num_draws=50)
+    for engine, options in ((front.SAEM, {"num_draws": 5}), (front.MISSO, {"num_epochs": 3}),
+                            (front.EM, {"num_epochs": 3}), (front.MCMCSGD, {"num_iters": 50})):
+        engine(model, progress=False, **options)  # their own options pass

@@ -33,6 +33,24 @@ def _accepted_keywords(fn: Any) -> frozenset[str] | None:
     return frozenset(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
+def _closed_option_names(engine_cls: type) -> frozenset[str] | None:
+    """:func:`~latentfit.inference.driver.engine_option_names` when the chain of ``**kwargs`` it follows ends at a
+    constructor that takes no ``**kwargs`` (every option known), else None."""
+    for cls in engine_cls.__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        if cls is object:
+            return None
+        try:
+            parameters = list(inspect.signature(init).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return engine_option_names(engine_cls)
+    return None
+
+
 class EngineFrontDoor:
     """Front door shared by every engine: validate options now, trace and fit on ``run``."""
 
@@ -48,6 +66,12 @@ class EngineFrontDoor:
         self._accept(model, unit_plate, engine_args, engine_kwargs)
 
     def _accept(self, model: Any, unit_plate: str | None, engine_args: tuple, engine_kwargs: dict) -> None:
+        known = _closed_option_names(self.engine_cls)
+        unknown = sorted(k for k in engine_kwargs if known is not None and k not in known)
+        if unknown:  # refused here, not by an internal class's __init__ once run() has traced the model
+            name = self.engine_cls.__name__
+            raise TypeError(f"{name}(...) got unknown option{'s' if len(unknown) > 1 else ''} "
+                            f"{', '.join(map(repr, unknown))}; {name}'s options are {', '.join(sorted(known))}")
         validate = getattr(self.engine_cls, "validate_options", None)
         if validate is not None:
             validate(*engine_args, **engine_kwargs)
