@@ -183,9 +183,9 @@ class Engine:
         copied, never advanced), or an int seed; default ``ops.key(seed)``.  Ignored when resuming (the checkpoint
         holds the stream).  Neither torch's nor Pyro's global RNG is read or changed by a fit.
 
-        ``checkpoint``: a directory where, at the end of each chunk at least ``checkpoint_every`` iterations (default
-        ``chunk_size``) after the previous checkpoint, and at the end of the run, the state, history, draws and RNG
-        are written (:mod:`latentfit.checkpoint`), keeping the last ``keep``.  ``resume``: a directory (its
+        ``checkpoint``: a directory where, after every multiple of ``checkpoint_every`` iterations (default
+        ``chunk_size``; the chunks are cut there) and at the end of the run, the state, history, draws and RNG are
+        written (:mod:`latentfit.checkpoint`), keeping the last ``keep``.  ``resume``: a directory (its
         latest checkpoint) or a checkpoint file to continue from, on an engine built with the same model and
         options; ``True`` continues from ``checkpoint`` if it holds one, else starts afresh.  A resumed run equals
         the uninterrupted one bit for bit (history and parameters).
@@ -289,7 +289,7 @@ class Engine:
         state = self.init(key)
         start = 0
         if resume_from is not None:
-            state, history, draws, start = self._restore(resume_from, state, collect_from)
+            state, history, draws, start = self._restore(resume_from, state, collect_from, every)
         sharded = devices is not None
         state = ops.shard_units(state, self.unit_axes() if sharded else {}, devices,
                                 data_axes=getattr(self.model, "unit_data_axes", list)() if sharded else (),
@@ -306,8 +306,10 @@ class Engine:
         # chunk_size, less those done before the checkpoint we resumed from.  A compiled backend's chunk j + 1 is
         # dispatched before chunk j's records are read (JAX runs it meanwhile: the host's bookkeeping overlaps the
         # device's iterations); a state written in place (torch) is recorded before the next chunk starts
+        # with checkpoints, chunks cut after every multiple of checkpoint_every (a checkpoint is written at a chunk's end)
+        align = every if checkpoint is not None else 0
         chunks = [(a, b, phase, a >= collect_from) for first, last, phase in self.phases()
-                  for a, b in _chunk_bounds(first, last, collect_from, self.chunk_size) if b > start]
+                  for a, b in _chunk_bounds(first, last, collect_from, self.chunk_size, align) if b > start]
         ahead = getattr(ops, "dispatches_ahead", False)
         try:
             pending: list[Any] = []  # dispatched chunks not yet recorded: (a, b, collect, state, infos)
@@ -548,17 +550,18 @@ class Engine:
 
         return save_checkpoint(directory, self, state, iteration, history, draws, keep=keep)
 
-    def _restore(self, source: Any, template: dict[str, Any],
-                 collect_from: int) -> tuple[dict[str, Any], dict[str, list], list[np.ndarray], int]:
+    def _restore(self, source: Any, template: dict[str, Any], collect_from: int,
+                 every: int = 0) -> tuple[dict[str, Any], dict[str, list], list[np.ndarray], int]:
         """Load and check a checkpoint (its state holds the random stream); return ``(state, history, draws,
-        iteration)``."""
+        iteration)``: the end of a chunk of this engine (cut after the multiples of ``every``, the checkpoints', or
+        not)."""
         from latentfit.checkpoint import engine_shard, load_checkpoint, restore_state
 
         ckpt = load_checkpoint(source, engine_shard(self))
         ckpt.check_compatible(self)
         start = ckpt.iteration
-        ends = {b for first, last, _ in self.phases()
-                for _, b in _chunk_bounds(first, last, collect_from, self.chunk_size)}
+        ends = {b for first, last, _ in self.phases() for align in (0, every)
+                for _, b in _chunk_bounds(first, last, collect_from, self.chunk_size, align)}
         if start not in ends and start != 0:  # 0: a fault in the first chunk checkpoints the initial state
             raise ValueError(f"checkpoint iteration {start} is not the end of a chunk of this engine")
         state = restore_state(template, ckpt.meta["state"], ckpt.tensors, self.ops)
@@ -786,11 +789,15 @@ def _warn_nonfinite(name: str, history: dict[str, list]) -> None:
                       RuntimeWarning, stacklevel=user_stacklevel())
 
 
-def _chunk_bounds(first: int, last: int, collect_from: int, chunk: int) -> list[tuple[int, int]]:
-    cuts = [first]
+def _chunk_bounds(first: int, last: int, collect_from: int, chunk: int, align: int = 0) -> list[tuple[int, int]]:
+    """Chunks ``(a, b)`` of at most ``chunk`` iterations covering ``first..last``, cut where the draws' collection
+    starts and (``align``) after every multiple of ``align`` (the checkpoints' iterations)."""
+    cuts = {first, last + 1}
     if first < collect_from <= last:
-        cuts.append(collect_from)
-    cuts.append(last + 1)
+        cuts.add(collect_from)
+    if align > 0:
+        cuts.update(range((first // align + 1) * align + 1, last + 1, align))
+    cuts = sorted(cuts)
     out = []
     for a, b in zip(cuts[:-1], cuts[1:]):
         k = a
