@@ -306,7 +306,7 @@ class Engine:
         # chunk_size, less those done before the checkpoint we resumed from.  A compiled backend's chunk j + 1 is
         # dispatched before chunk j's records are read (JAX runs it meanwhile: the host's bookkeeping overlaps the
         # device's iterations); a state written in place (torch) is recorded before the next chunk starts
-        # with checkpoints, chunks cut after every multiple of checkpoint_every (a checkpoint is written at a chunk's end)
+        # with checkpoints, chunks cut after every multiple of checkpoint_every (a checkpoint ends a chunk)
         align = every if checkpoint is not None else 0
         chunks = [(a, b, phase, a >= collect_from) for first, last, phase in self.phases()
                   for a, b in _chunk_bounds(first, last, collect_from, self.chunk_size, align) if b > start]
