@@ -102,7 +102,7 @@ def run_record(fit):
 
 
 stopped = latentfit.numpyro.SAEM(theophylline_model, **opts, callback=interrupt).run(
-    jax.random.PRNGKey(1), **data, distributed=True, checkpoint=ckdir, checkpoint_every=1)
+    jax.random.PRNGKey(1), **data, distributed=True, checkpoint=ckdir, checkpoint_every=5)
 ck = load_checkpoint(ckdir, (rank, 2))
 out["ckpt"] = {"files": sorted(f for f in os.listdir(ckdir) if f.endswith(".json")), "rank": ck.meta["rank"],
                "world_size": ck.meta["world_size"], "iteration": ck.iteration,
@@ -333,7 +333,8 @@ ebe = fit.individual_estimates()  # every subject's, gathered in subject order
 out["saem"] = dict(record(fit), z=np.asarray(fit.state.z).tolist(), num_units=fit.num_units,
                    ll=float(fit.log_likelihood()), mode=np.asarray(ebe.mode).tolist(),
                    mean=np.asarray(ebe.mean).tolist())
-# checkpoints: each process writes its block; interrupted after iteration 10 and resumed: the uninterrupted fit
+# checkpoints: each process writes its block, every iteration (its chunks of 5 cut at each); interrupted after
+# iteration 9 and resumed under the default checkpoint_every (9 is inside the chunk 6-10): the uninterrupted fit
 import os, shutil, tempfile
 ckdir = os.path.join(tempfile.gettempdir(), f"latentfit-jax-local-ckpt-{port}")
 
@@ -423,9 +424,10 @@ def test_two_jax_processes_local_blocks_equal_one() -> None:
         np.testing.assert_allclose(saem["mean"], one["mean"], rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(saem["mode"], one["mode"], rtol=1e-6, atol=1e-6)
         assert np.shape(saem["mode"]) == (12, 3)
-        ck = out["ckpt"]  # interrupted after iteration 10 and resumed: the uninterrupted fit bit for bit
-        assert ck["stopped_at"] == 10
-        assert ck["files"] == [f"ckpt-{k:06d}.rank{r}-of-2.json" for k in (5, 10, 15)], ck["files"]
+        ck = out["ckpt"]  # interrupted after iteration 9, resumed inside a chunk: the uninterrupted fit bit for bit
+        assert ck["stopped_at"] == 9
+        # written at 7, 8, 9 (keep=3), then at 15 (the end; 10 was not due under the default every 5)
+        assert ck["files"] == [f"ckpt-{k:06d}.rank{r}-of-2.json" for k in (8, 9, 15)], ck["files"]
         assert ck["params"] == saem["params"] and ck["z"] == saem["z"] and ck["history"] == saem["history"]
         assert out["nlme_block_width"] == (10 if r == 0 else 9)
         _assert_same_fit(outs[0]["nlme_one"], out["nlme"])
@@ -716,7 +718,7 @@ def interrupt(k, _record):
 
 
 stopped = latentfit.numpyro.FSAEM(theophylline_model, **opts, callback=interrupt).run(
-    jax.random.PRNGKey(1), **mine, distributed="local", checkpoint=ckdir, checkpoint_every=1)
+    jax.random.PRNGKey(1), **mine, distributed="local", checkpoint=ckdir, checkpoint_every=5)
 from latentfit.checkpoint import load_checkpoint
 ck = load_checkpoint(ckdir, (rank, 2))
 resumed = latentfit.numpyro.FSAEM(theophylline_model, **opts).run(

@@ -289,7 +289,7 @@ class Engine:
         state = self.init(key)
         start = 0
         if resume_from is not None:
-            state, history, draws, start = self._restore(resume_from, state, collect_from, every)
+            state, history, draws, start = self._restore(resume_from, state, total)
         sharded = devices is not None
         state = ops.shard_units(state, self.unit_axes() if sharded else {}, devices,
                                 data_axes=getattr(self.model, "unit_data_axes", list)() if sharded else (),
@@ -308,7 +308,8 @@ class Engine:
         # device's iterations); a state written in place (torch) is recorded before the next chunk starts
         # with checkpoints, chunks cut after every multiple of checkpoint_every (a checkpoint ends a chunk)
         align = every if checkpoint is not None else 0
-        chunks = [(a, b, phase, a >= collect_from) for first, last, phase in self.phases()
+        # a checkpoint written under another checkpoint_every (or chunk_size) may lie inside a chunk: it starts there
+        chunks = [(max(a, start + 1), b, phase, a >= collect_from) for first, last, phase in self.phases()
                   for a, b in _chunk_bounds(first, last, collect_from, self.chunk_size, align) if b > start]
         ahead = getattr(ops, "dispatches_ahead", False)
         try:
@@ -550,20 +551,19 @@ class Engine:
 
         return save_checkpoint(directory, self, state, iteration, history, draws, keep=keep)
 
-    def _restore(self, source: Any, template: dict[str, Any], collect_from: int,
-                 every: int = 0) -> tuple[dict[str, Any], dict[str, list], list[np.ndarray], int]:
+    def _restore(self, source: Any, template: dict[str, Any], total: int) -> tuple[dict[str, Any], dict[str, list],
+                                                                                  list[np.ndarray], int]:
         """Load and check a checkpoint (its state holds the random stream); return ``(state, history, draws,
-        iteration)``: the end of a chunk of this engine (cut after the multiples of ``every``, the checkpoints', or
-        not)."""
+        iteration)``.  Any iteration of the run resumes: its chunk is cut there (the iterations are those of the
+        uninterrupted run, whatever ``checkpoint_every`` or chunks wrote it)."""
         from latentfit.checkpoint import engine_shard, load_checkpoint, restore_state
 
         ckpt = load_checkpoint(source, engine_shard(self))
         ckpt.check_compatible(self)
         start = ckpt.iteration
-        ends = {b for first, last, _ in self.phases() for align in (0, every)
-                for _, b in _chunk_bounds(first, last, collect_from, self.chunk_size, align)}
-        if start not in ends and start != 0:  # 0: a fault in the first chunk checkpoints the initial state
-            raise ValueError(f"checkpoint iteration {start} is not the end of a chunk of this engine")
+        if not 0 <= start <= total:
+            raise ValueError(f"{self.name}: the checkpoint is at iteration {start}, past this engine's {total} "
+                             "iterations")
         state = restore_state(template, ckpt.meta["state"], ckpt.tensors, self.ops)
         return state, ckpt.history, ckpt.draws, start
 
