@@ -185,7 +185,7 @@ def test_compiled_saem_step_equals_eager_step():
     assert [float(i.gamma) for i in infos] == [0.0, 1.0, 1.0]
 
 
-def test_fit_compiles_once_per_chunk_length_and_reports_every_iteration():
+def test_fit_compiles_one_chunk_program_and_reports_every_iteration():
     y = jnp.asarray(np.random.default_rng(3).normal(size=(20, 3)))
     seen = []
     from latentfit.numpyro import SAEM
@@ -193,11 +193,22 @@ def test_fit_compiles_once_per_chunk_length_and_reports_every_iteration():
     fit = SAEM(models_numpyro.random_intercept, num_iters=(20, 10), num_draws=5, chunk_size=10, progress=False,
                callback=lambda k, rec: seen.append(k)).run(jax.random.PRNGKey(0), y)
     assert seen == list(range(1, 31))  # the callback (and the progress bar) move chunk by chunk
-    # chunks 1-10, 11-20, 21-25, 26-30: two lengths, two compilations, draws kept from the last 5 only
-    assert fit.model.ops.num_compiles == 2
+    # chunks 1-10, 11-20, 21-25, 26-30 (draws kept from the last 5 only): two lengths, one program of 10 iterations
+    # that runs as many as it is told (it compiled once per length: 5 and 10)
+    assert fit.model.ops.num_compiles == 1
     # a NumPyro model has no units-minor face: no chunk draws made ahead, hence no (empty) draws program to compile
     assert fit.engine.chunk_randoms("saem") is None
-    assert [type(program).__name__ for program, _ in fit.model.ops._compiled.values()] == ["_ConstsBound"] * 2
+    assert [type(program).__name__ for program, _ in fit.model.ops._compiled.values()] == ["_ConstsBound"]
+    assert len(fit.history["gamma"]) == 30 and fit.latent_draws.shape[1] == 5
+    # the same fit in chunks of 30 (one chunk: a loop of 30) and in chunks of 1: the same fit bit for bit
+    for chunk in (30, 1):
+        other = SAEM(models_numpyro.random_intercept, num_iters=(20, 10), num_draws=5, chunk_size=chunk,
+                     progress=False).run(jax.random.PRNGKey(0), y)
+        for name, value in fit.history.items():
+            np.testing.assert_array_equal(other.history[name], value, err_msg=f"{chunk}: {name}")
+        np.testing.assert_array_equal(other.latent_draws, fit.latent_draws)
+        for name, value in fit.params.items():
+            np.testing.assert_array_equal(other.params[name], value)
     assert fit.latents["b"].shape == (3, 5, 20, 1)
     assert fit.history["theta.mu"].shape == (30,)
 

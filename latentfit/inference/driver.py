@@ -309,8 +309,11 @@ class Engine:
         # with checkpoints, chunks cut after every multiple of checkpoint_every (a checkpoint ends a chunk)
         align = every if checkpoint is not None else 0
         # a checkpoint written under another checkpoint_every (or chunk_size) may lie inside a chunk: it starts there
-        chunks = [(max(a, start + 1), b, phase, a >= collect_from) for first, last, phase in self.phases()
-                  for a, b in _chunk_bounds(first, last, collect_from, self.chunk_size, align) if b > start]
+        bounds = [(a, b, phase) for first, last, phase in self.phases()
+                  for a, b in _chunk_bounds(first, last, collect_from, self.chunk_size, align)]
+        chunks = [(max(a, start + 1), b, phase, a >= collect_from) for a, b, phase in bounds if b > start]
+        # a compiled backend runs every chunk, shorter ones too, in one program of the longest's length
+        self._chunk_capacity = max(b - a + 1 for a, b, _ in bounds) if bounds else None
         ahead = getattr(ops, "dispatches_ahead", False)
         try:
             pending: list[Any] = []  # dispatched chunks not yet recorded: (a, b, collect, state, infos)
@@ -596,9 +599,10 @@ class Engine:
 
         # compiled chunks are cached per engine instance and phase (two engines may differ in options)
         key = (self, phase, collect and not self.ops.jittable)
+        capacity = getattr(self, "_chunk_capacity", None)
         if prepare is None:
-            return self.ops.scan_steps(one, state, range(first, last + 1), key=key)
-        return self.ops.scan_steps(one, state, range(first, last + 1), key=key, prepare=prepare)
+            return self.ops.scan_steps(one, state, range(first, last + 1), key=key, capacity=capacity)
+        return self.ops.scan_steps(one, state, range(first, last + 1), key=key, prepare=prepare, capacity=capacity)
 
 
 #: values of ``run(distributed=...)``: True (JAX: every process passes the whole data; torch: its block), "whole",

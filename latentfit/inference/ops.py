@@ -966,10 +966,12 @@ class TorchOps(Ops):
         compiled function at every call, outside what a trace's fingerprint reads); here ``make()`` itself."""
         return make()
 
-    def scan_steps(self, step: Callable, state: Any, ks: range, key: Any = None) -> tuple[Any, list[Any]]:
+    def scan_steps(self, step: Callable, state: Any, ks: range, key: Any = None,
+                   capacity: int | None = None) -> tuple[Any, list[Any]]:
         """Apply ``state, info = step(state, k)`` for k in ks; return final state and infos.
 
-        ``key`` identifies the (static) step function, for backends that cache compilations.
+        ``key`` identifies the (static) step function, for backends that cache compilations; ``capacity`` (the
+        longest chunk) lets them compile one program for every shorter chunk too.
         """
         infos = []
         for k in ks:

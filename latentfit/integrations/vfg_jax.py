@@ -234,7 +234,8 @@ def _engine_classes() -> tuple[type, type]:
 
         jittable = False
 
-        def scan_steps(self, step: Callable, state: Any, ks: range, key: Any = None) -> tuple[Any, list[Any]]:
+        def scan_steps(self, step: Callable, state: Any, ks: range, key: Any = None,
+                       capacity: int | None = None) -> tuple[Any, list[Any]]:
             infos = []
             for k in ks:
                 state, info = step(state, k)
