@@ -179,3 +179,31 @@ def test_nan_in_the_missing_cells_of_an_imputed_covariate_is_never_read(backend)
     got = [np.array([float(f.params["mu"]), float(f.params["beta"])]) for f in fits]
     np.testing.assert_allclose(got[0], got[1], rtol=1e-10)
     assert abs(got[0][0]) > 0.5 and np.all(np.isfinite(got[0]))
+
+
+def test_imputed_cells_are_drawn_from_their_conditional_given_the_latents(backend):
+    """The imputation site the fit integrated out is drawn after it, one draw per latent draw (what NUTS's samples of
+    ``y_unobserved`` are, with θ at θ̂): at the missing cells, ``(y_mis − b0 − b1 t) / σ̂`` over all draws and cells is
+    a standard normal sample (its mean within 4 SE of 0, its variance within 4 SE of 1, uncorrelated with the
+    latent's mean b0 + b1 t); the draws are reproducible and reach arviz laid out as the observations."""
+    fit = _fit(backend.name, np.nan)
+    latents = fit.latents
+    t, mask, _ = data()
+    assert set(latents) == {"b", "y_unobserved"}
+    b, imputed = np.asarray(latents["b"]), np.asarray(latents["y_unobserved"])
+    lead = b.shape[:2]
+    assert imputed.shape == (*lead, N, T)
+    mean = b[..., 0] + b[..., 1] * t  # b [L, K, N, 1, 2] -> [L, K, N, T]
+    z = ((imputed - mean) / float(fit.params["sigma"]))[..., ~mask]
+    count = z.size
+    assert count > 1000 and np.all(np.isfinite(z))
+    assert abs(z.mean()) < 4 / np.sqrt(count), z.mean()
+    assert abs(z.var() - 1.0) < 4 * np.sqrt(2 / count), z.var()
+    assert abs(np.corrcoef(z.ravel(), mean[..., ~mask].ravel())[0, 1]) < 4 / np.sqrt(count)
+    # draws differ across draws and chains; the property again gives the same values
+    assert np.std(imputed[..., ~mask], axis=(0, 1)).min() > 0
+    fit._cache.pop("latents")
+    np.testing.assert_array_equal(np.asarray(fit.latents["y_unobserved"]), imputed)
+    idata = fit.to_arviz()
+    posterior = idata["posterior"] if not hasattr(idata, "posterior") else idata.posterior
+    assert posterior["y_unobserved"].shape == (*lead, N, T)

@@ -87,7 +87,12 @@ class FitResult:
         if "latents" not in self._cache:
             ops = self.model.ops
             z = ops.asarray(self.latent_draws)
-            self._cache["latents"] = {n: ops.to_numpy(v) for n, v in self.model.unpack_latents(z).items()}
+            latents = {n: ops.to_numpy(v) for n, v in self.model.unpack_latents(z).items()}
+            # obs_mask= imputation sites the fit integrated out: a draw of each given each latent draw, at θ̂
+            if getattr(self.model, "imputed_sites", None):
+                draws = self.model.impute(self._theta(), z, ops.key(0))
+                latents.update({n: ops.to_numpy(v) for n, v in draws.items()})
+            self._cache["latents"] = latents
         return self._cache["latents"]
 
     @property

@@ -21,9 +21,13 @@ def _groups(fit: Any) -> tuple[dict, dict, dict, dict, dict]:
     model = fit.model
     unit_dim = getattr(model, "unit_plate", "unit")
     posterior, dims, coords = {}, {}, {unit_dim: np.arange(model.num_units)}
+    imputed = set(getattr(model, "imputed_sites", ()))  # obs_mask= sites, laid out as the observations
     for name, draws in fit.latents.items():
         draws = np.asarray(draws)
         posterior[name] = draws
+        if name in imputed:
+            dims[name] = [f"{name}_dim_{j}" for j in range(draws.ndim - 2)]
+            continue
         extra = [f"{name}_dim_{j}" for j in range(draws.ndim - 3)]
         dims[name] = [unit_dim, *extra]
     n_chain, n_draw = (next(iter(posterior.values())).shape[:2]) if posterior else (1, 0)

@@ -138,6 +138,8 @@ class _ChainMap:
 
     def __call__(self, theta: dict[str, Any], xs: Any, *rest: Any) -> Any:
         """``rest``: further arguments passed unmapped to every chain (a mini-batch's unit indices)."""
+        if isinstance(xs, tuple):  # several mapped arguments (a draw and its key): one call per entry
+            return _stack([self.f(theta, x, *rest) for x in zip(*xs)])
         # (under torch.jit.trace the chains are recorded one by one: vmap cannot be traced)
         if isinstance(xs, torch.Tensor) and xs.shape[0] > 1 and self.use_vmap and not torch.jit.is_tracing():
             try:

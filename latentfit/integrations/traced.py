@@ -376,6 +376,7 @@ class TracedLatentModel(TracedBase):
         self._densities_batch = self.ppl.vectorise(self._densities_one, num_unmapped=1)
         self._resid_batch = self.ppl.vectorise(self._resid_one, num_unmapped=1)
         self._sample_all = self.ppl.vectorise(self._sample_one, pure=False)
+        self._impute_all = self.ppl.vectorise(self._impute_one, pure=False)
         self._resid_all = self.ppl.vectorise(self._resid_one)
         self._predict_all = self.ppl.vectorise(self._predict_one)
         self._gauss: list[_GaussianLatentPattern] = []
@@ -1248,6 +1249,37 @@ class TracedLatentModel(TracedBase):
             u = z[..., s.offset:s.offset + s.size].reshape(lead + (z.shape[-2],) + s.u_rest)
             out[s.name] = s.transform(u)
         return out
+
+    @property
+    def imputed_sites(self) -> list[str]:
+        """The ``obs_mask=`` imputation sites the fit integrates out (:meth:`_leaf_imputations`): not latents, but
+        :meth:`impute` draws them."""
+        return list(self._imputed)
+
+    def impute(self, theta: dict[str, Any], z: Any, key: Any) -> dict[str, Any]:
+        """Draws of the imputation sites that the fit integrates out (:attr:`imputed_sites`), one per latent draw
+        ``z [..., N, d]``: the PPL's own site ``{name}_unobserved`` run at θ with the latents given, i.e. a draw of
+        ``p(y_mis | z; θ)``, the conditional of the missing cells given the latents (what NUTS's samples of that
+        site are, with θ at the estimate).  Its entries at the observed cells are draws too, of no meaning (both
+        PPLs mask them out of the site's density): read it through the mask, ``where(mask, y, y_unobserved)``.
+        Arrays ``[..., *site shape]``; ``{}`` when the fit integrates out no imputation site."""
+        if not self._imputed:
+            return {}
+        z = self.ops.asarray(z)
+        lead = tuple(z.shape[:-2])
+        count = int(np.prod(lead))
+        if key is None:
+            key = self.ops.key(0)
+        keys = self.ops.split(key, count)
+        with self.ppl.no_grad(), self.ops.global_rng_from(key):  # Pyro draws from the global RNG: the key's stream
+            out = self._guard(self._impute_all, dict(theta), (z.reshape((count,) + tuple(z.shape[-2:])), keys))
+        return {n: v.reshape(lead + tuple(v.shape[1:])) for n, v in out.items()}
+
+    def _impute_one(self, theta: dict[str, Any], draw: tuple[Any, Any]) -> dict[str, Any]:
+        z, key = draw
+        values, _ = self._split_one(z)
+        sites = self.ppl.run(self.fn, self.args, self.kwargs, params=theta, values=values, key=key)
+        return {n: sites[n].value for n in self._imputed}
 
     # ----- mini-batches evaluated alone --------------------------------------------------------------------
     def _check_batch_path(self) -> bool:
