@@ -518,21 +518,27 @@ class TracedLatentModel(TracedBase):
         values = {n: trace[n].value for n in latent}
         key = self.ops.key(5)
 
-        def lps(theta: dict[str, Any] | None, moved: str | None = None) -> dict[str, np.ndarray]:
-            given = values if moved is None else {**values, moved: other[moved].value}
-            sites = ppl.run(self.fn, self.args, self.kwargs, params=theta, values=given)
-            return {n: to_np(self._site_lp(s)) for n, s in sites.items() if s.type == "sample" and n != moved}
+        # each a compiled program on JAX (eagerly, each of the model's operations compiled apart: 1.4 s of a
+        # 40-group NumPyro model's 4.5 s set-up)
+        def draw(k: Any) -> dict[str, Any]:
+            sites = ppl.run(self.fn, self.args, self.kwargs, key=k)
+            return {n: sites[n].value for n in candidates}
 
+        def lps(theta: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+            sites = ppl.run(self.fn, self.args, self.kwargs, params=theta, values=given)
+            return {n: self._site_lp(s) for n, s in sites.items() if s.type == "sample"}
+
+        lps_program = self.ops.jit(lps)
         with ppl.no_grad():
             with self.ops.global_rng_from(key):  # Pyro draws from the global RNG: lend it the key's stream
-                other = ppl.run(self.fn, self.args, self.kwargs, key=key)
-            thetas = [None, self._perturbed_params()]
-            before = [lps(theta) for theta in thetas]
+                other = self.ops.jit(draw)(key)
+            thetas = [dict(self.init_params()), self._perturbed_params()]
+            before = [{n: to_np(v) for n, v in lps_program(theta, values).items()} for theta in thetas]
             leaves = {}
             for name in candidates:
                 same = True
                 for theta, ref in zip(thetas, before):
-                    after = lps(theta, name)
+                    after = {n: to_np(v) for n, v in lps_program(theta, {**values, name: other[name]}).items()}
                     same = same and all(np.array_equal(lp, after[n], equal_nan=True)
                                         for n, lp in ref.items() if n != name and n in after)
                 if same:
