@@ -277,8 +277,8 @@ class JaxProcessOps(JaxOps):
             raise ValueError("distributed='local' on JAX: a compiled function with static arguments is not supported")
         return _ProcessJit(self, f)
 
-    def _chunk_program(self, chunk: Callable, state: Any, ks: Any, side: dict[str, Any]) -> Any:
-        return _ProcessProgram(self, chunk, (state, ks))
+    def _chunk_program(self, chunk: Callable, state: Any, ks: Any, side: dict[str, Any], *rest: Any) -> Any:
+        return _ProcessProgram(self, chunk, (state, ks, *rest))
 
     def check_same_program(self, consts: list[Any], flat: list[Any], collectives: list[str]) -> None:
         """Refuse a program whose inputs differ in shape or dtype between the processes (blocks of unequal size, data
