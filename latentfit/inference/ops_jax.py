@@ -1501,7 +1501,7 @@ class JaxOps(Ops):
     def scan_steps(self, step: Callable, state: Any, ks: range, key: Any = None,
                    prepare: Callable[[Any, Any], Any] | None = None,
                    capacity: int | None = None) -> tuple[Any, list[Any]]:
-        """Run ``state, info = step(state, k)`` for k in ``ks`` as one compiled ``lax.scan``.
+        """Run ``state, info = step(state, k)`` for k in ``ks`` as one compiled loop.
 
         Returns the final state and one info dict per iteration (numpy leaves, host side).
         ``key`` names the step function (engine, phase, ...): a chunk with the same key and
