@@ -158,9 +158,14 @@ def nlme_fit(args: argparse.Namespace) -> int:
 
 
 def _saved_fit(cfg: Any, data: Any, data_path: str, estimates: str) -> Any:
-    from latentfit.models.nlme.config import read_estimates
+    """The model of ``cfg`` bound to ``data`` with the covariate references of the fit (``covariates.csv``) and its
+    ``estimates``."""
+    import dataclasses
+
+    from latentfit.models.nlme.config import read_covariate_reference, read_estimates
     from latentfit.report import SavedFit
 
+    cfg = dataclasses.replace(cfg, covariate_reference=read_covariate_reference(estimates, cfg))
     model = _bound(cfg, data, data_path)
     return SavedFit(model, read_estimates(estimates, model))
 

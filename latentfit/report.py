@@ -65,9 +65,9 @@ SECTIONS = {
     "warnings": "Warnings",
     "estimates": "Parameter estimates",
     "likelihood": "Likelihood",
-    "replicates": "Replicate fits",
     "shrinkage": "Shrinkage",
     "individual": "Individual estimates",
+    "replicates": "Replicate fits",
     "residuals": "Residuals",
     "figures": "Diagnostic plots",
     "model-file": "Model file",
@@ -99,6 +99,32 @@ def estimates_table(fit: Any, se_method: str = "lin") -> pd.DataFrame:
         table["se"], table["rse%"] = np.nan, np.nan
         table.attrs["note"] = f"standard errors ({se_method}) could not be computed: {err}"
     return table.reset_index()
+
+
+def covariate_reference_table(model: Any) -> pd.DataFrame:
+    """``covariate, kind, value``: the value each centred covariate is centred at (kind ``center``) and each
+    categorical covariate's levels (kind ``level``, the reference level first), as the model was fitted
+    (``model.covariate_reference``); what ``latentfit nlme simulate`` / ``vpc`` apply to another design."""
+    rows = []
+    for col, ref in getattr(model, "covariate_reference", {}).items():
+        if isinstance(ref, tuple):
+            rows += [(col, "level", str(v)) for v in ref]
+        else:
+            rows.append((col, "center", repr(float(ref))))
+    return pd.DataFrame(rows, columns=["covariate", "kind", "value"])
+
+
+def covariate_reference_text(model: Any) -> str:
+    """One sentence naming the covariates' references (empty without centred or categorical covariates)."""
+    parts = []
+    transforms = {c: t for items in getattr(model, "covariate_spec", {}).values() for c, t in items}
+    for col, ref in getattr(model, "covariate_reference", {}).items():
+        if isinstance(ref, tuple):
+            parts.append(f"{col}: levels {', '.join(map(str, ref))} (reference {ref[0]})")
+        else:
+            form = f"log({col} / {ref:.6g})" if transforms.get(col) == "log-center" else f"{col} − {ref:.6g}"
+            parts.append(f"{col} centred at {ref:.6g} ({form})")
+    return ("Covariate references (covariates.csv): " + "; ".join(parts) + ".") if parts else ""
 
 
 def likelihood_table(fit: Any, is_proposal: str = "diagonal", is_samples: int = 5000) -> pd.DataFrame:
@@ -309,6 +335,9 @@ def write_fit_outputs(fit: Any, out_dir: str | Path, *, model_text: str = "", ti
     say(f"standard errors ({se_method})")
     est = estimates_table(fit, se_method)
     notes = {"estimates": est.attrs["note"]} if "note" in est.attrs else {}
+    refs = covariate_reference_text(fit.model)
+    if refs:
+        notes["estimates"] = f"{notes['estimates']} {refs}" if "estimates" in notes else refs
     say("log-likelihood by linearisation, importance sampling and quadrature")
     tables = {"estimates": est, "likelihood": likelihood_table(fit, is_proposal, is_samples)}
     say("individual estimates, shrinkage and residuals (PRED, IPRED, IWRES, PWRES, NPDE)")
@@ -318,6 +347,9 @@ def write_fit_outputs(fit: Any, out_dir: str | Path, *, model_text: str = "", ti
     if getattr(fit.model, "outcome", None) is None:  # residuals of continuous data
         tables["residuals"] = residuals_table(fit)
         files["residuals"] = "residuals.csv"
+    if getattr(fit.model, "covariate_reference", None):
+        tables["covariates"] = covariate_reference_table(fit.model)
+        files["covariates"] = "covariates.csv"
     reps = getattr(fit, "replicates", None)
     if isinstance(reps, pd.DataFrame):
         tables["replicates"] = reps.reset_index()
@@ -345,5 +377,6 @@ def write_fit_outputs(fit: Any, out_dir: str | Path, *, model_text: str = "", ti
     return paths
 
 
-__all__ = ["FIGURES", "SECTIONS", "SavedFit", "estimates_table", "figures", "html_report", "individual_table",
-           "likelihood_table", "residuals_table", "run_information", "shrinkage_table", "write_fit_outputs"]
+__all__ = ["FIGURES", "SECTIONS", "SavedFit", "covariate_reference_table", "covariate_reference_text",
+           "estimates_table", "figures", "html_report", "individual_table", "likelihood_table", "residuals_table",
+           "run_information", "shrinkage_table", "write_fit_outputs"]

@@ -81,12 +81,17 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
     model.num_units = n
     # ----- fixed effects and design X_i [N, m, p] -------------------------------------------
     effects: list[FixedEffect] = []
+    references = dict(model.covariate_reference)  # given, or an earlier binding's: kept (a design keeps the fit's)
     for j, pname in enumerate(model.param_names):
         effects.append(FixedEffect(pname, j, np.broadcast_to(1.0, (n,)), True))  # ones: a view, no [N] array
         for col, tr in model.covariate_spec.get(pname, []):
-            for suffix, values in covariate_columns(data.covariates[col], col, tr):
+            columns, used = covariate_columns(data.covariates[col], col, tr, references.get(col))
+            if used is not None:
+                references.setdefault(col, used)
+            for suffix, values in columns:
                 effects.append(FixedEffect(f"beta_{pname}_{col}{suffix}", j, values, False))
     model.effects = effects
+    model.covariate_reference = {c: r for c, r in references.items() if c in cov_cols}
     p = len(effects)
     # without covariates X_i = I for every individual: one [1, m, p] block (the [N, m, p] array and its restriction,
     # 144 B per individual at m = p = 3, were built only to be viewed one row at a time)

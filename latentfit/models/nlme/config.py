@@ -12,6 +12,8 @@ A model file names everything a saemix ``saemixModel`` / ``saemixControl`` call 
 
     [covariates.V]                   # saemix's covariate.model and the covariate rows of psi0
     WT = { transform = "linear", init = 0.0 }     # or WT = "linear"; [covariates] V = "WT" / ["WT", "AGE"]
+    # centred: WT = { transform = "log-center", reference = 70 }  (log(WT/70); default: the fitted data's mean)
+    # categorical: SEX = { transform = "categorical", levels = ["F", "M"] }  (the reference level first)
 
     [omega]                          # covariance.model
     structure = "diagonal"           # "diagonal" | "full"; or blocks = [["V", "CL"]]
@@ -92,7 +94,7 @@ from latentfit.inference.model import DataError, ModelSpecificationError
 from .data import DEFAULT_COLUMNS
 from .model import NLME
 from .responses import ERRORS as RESPONSE_ERRORS
-from .spec import ERRORS, TRANSFORMS, Parameter
+from .spec import ERRORS, TRANSFORMS, Parameter, level_key
 from .structural import LIBRARY, Structural
 
 #: short names of the structural library (saemix / Monolix style) -> library names
@@ -115,7 +117,7 @@ SECTIONS = {
 }
 PARAMETER_KEYS = ("init", "transform", "random", "fixed", "omega2")
 RESPONSE_KEYS = ("model", "a", "b", "dvid")
-COVARIATE_KEYS = ("transform", "init")
+COVARIATE_KEYS = ("transform", "init", "reference", "levels")
 ENGINES = ("saem", "fsaem")
 REPORT_DEFAULTS: dict[str, Any] = {"title": None, "log_y": False, "vpc_simulations": 500,
                                    "max_individual_plots": 36, "se_method": "lin", "is_proposal": "diagonal",
@@ -191,6 +193,8 @@ class NLMEConfig:
     parameters: dict[str, Parameter]
     covariates: dict[str, dict[str, str | None]] = field(default_factory=dict)
     covariate_init: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: covariate column -> the value it is centred at, or its levels (the reference first): NLME's covariate_reference
+    covariate_reference: dict[str, Any] = field(default_factory=dict)
     omega: Any = "diagonal"
     omega_covariances: list[tuple[str, str, float]] = field(default_factory=list)
     error: Any = "constant"  # an error model, or {response: error model} (several responses)
@@ -223,7 +227,8 @@ class NLMEConfig:
         try:
             model = NLME(self.structural, dict(self.parameters), covariates=self.covariates or None,
                          omega=self.omega, error=self.error, error_init=self.error_init or None,
-                         covariate_init=self.covariate_init or None, backend=self.backend, data=data,
+                         covariate_init=self.covariate_init or None,
+                         covariate_reference=self.covariate_reference or None, backend=self.backend, data=data,
                          iov=self.iov, occasion=self.occasion, response=self.response, dvid=self.dvid,
                          outcome=self.outcome,
                          **self.data_options)
@@ -387,10 +392,11 @@ def _parameters(raw: Any, reader: _Reader) -> dict[str, Parameter]:
 
 
 def _covariates(raw: Any, reader: _Reader, params: list[str]) -> tuple[dict[str, dict[str, str | None]],
-                                                                        dict[str, dict[str, float]]]:
+                                                                        dict[str, dict[str, float]], dict[str, Any]]:
     table = reader.table(raw, ("covariates",))
     covs: dict[str, dict[str, str | None]] = {}
     inits: dict[str, dict[str, float]] = {}
+    references: dict[str, Any] = {}
     for pname, spec in table.items():
         if pname not in params:
             raise reader.error(f"[covariates] {pname!r} is not a parameter; parameters are {', '.join(params)}",
@@ -424,11 +430,20 @@ def _covariates(raw: Any, reader: _Reader, params: list[str]) -> tuple[dict[str,
                             inits.setdefault(pname, {})[f"{col}_{level}"] = reader.number(v, (*where, col), level)
                     else:
                         inits.setdefault(pname, {})[col] = reader.number(init, (*where, col), "init")
+                if "reference" in cspec:
+                    references[col] = reader.number(cspec["reference"], (*where, col), "reference")
+                if "levels" in cspec:
+                    levels = cspec["levels"]
+                    if not isinstance(levels, list) or len(levels) < 2 \
+                            or not all(isinstance(v, str | int | float) for v in levels):
+                        raise reader.error(f"[covariates.{pname}] {col}: levels must list the covariate's levels "
+                                           f"(the reference level first), got {levels!r}", (*where, col), "levels")
+                    references[col] = tuple(levels)
             else:
                 raise reader.error(f"[covariates.{pname}] {col} must be a transform name or a table with transform "
                                    f"and init, got {cspec!r}", where, col)
             covs[pname][col] = transform
-    return covs, inits
+    return covs, inits, references
 
 
 def _covariances(raw: Any, reader: _Reader, blocks: list[tuple[str, ...]]) -> list[tuple[str, str, float]]:
@@ -735,7 +750,8 @@ def parse_config(text: str, path: str | Path | None = None, base_dir: str | Path
     cfg = NLMEConfig(structural=structural, parameters=parameters, description=desc, text=text, path=path,
                      outcome=outcome)
     if "covariates" in raw:
-        cfg.covariates, cfg.covariate_init = _covariates(raw["covariates"], reader, expected)
+        cfg.covariates, cfg.covariate_init, cfg.covariate_reference = _covariates(raw["covariates"], reader,
+                                                                                  expected)
     if "omega" in raw:
         cfg.omega = _omega(raw["omega"], reader)
         if "covariances" in raw["omega"]:
@@ -858,5 +874,48 @@ def read_estimates(path: str | Path, model: NLME) -> dict[str, Any]:
     return out
 
 
-__all__ = ["ALIASES", "ConfigError", "NLMEConfig", "load_config", "parse_config", "prepare_design", "read_estimates",
-           "read_table"]
+def read_covariate_reference(estimates: str | Path, cfg: NLMEConfig) -> dict[str, Any]:
+    """The covariate references a fit was made with (``covariates.csv`` beside its ``estimates.csv``, written by
+    ``latentfit nlme fit``) merged with the model file's own (``reference`` / ``levels``): what a simulation or a
+    VPC on another design must apply.  A reference that the model file gives otherwise than the fit used is a
+    :class:`ConfigError`; so is a centred covariate whose reference is in neither (estimates written without
+    ``covariates.csv``): the design's mean would shift every prediction."""
+    path = Path(estimates)
+    folder = path if path.is_dir() else path.parent
+    refs = dict(cfg.covariate_reference)
+    table = folder / "covariates.csv"
+    if table.is_file():
+        df = pd.read_csv(table, dtype=str, keep_default_na=False)
+        if list(df.columns) != ["covariate", "kind", "value"]:
+            raise ConfigError(f"a covariates file has the columns covariate, kind, value; it has {list(df.columns)}",
+                              table)
+        saved: dict[str, Any] = {}
+        for col, rows in df.groupby("covariate", sort=False):
+            kinds = set(rows["kind"])
+            try:
+                saved[col] = (tuple(rows["value"]) if kinds == {"level"}
+                              else float(rows["value"].iloc[0]) if kinds == {"center"} and len(rows) == 1 else None)
+            except ValueError:
+                saved[col] = None
+            if saved[col] is None:
+                raise ConfigError(f"covariate {col!r}: one 'center' row (a number) or its 'level' rows, got "
+                                  f"{rows[['kind', 'value']].values.tolist()}", table)
+        for col, value in saved.items():
+            given = refs.get(col)
+            if given is not None and (given != value if not isinstance(value, tuple)
+                                      else [level_key(v) for v in given] != [level_key(v) for v in value]):
+                raise ConfigError(f"the model file gives covariate {col!r} the reference {given!r}, but the estimates "
+                                  f"were fitted with {value!r} ({table})", cfg.path)
+            refs[col] = given if given is not None else value
+    centred = sorted({c for items in cfg.covariates.values() for c, t in items.items()
+                      if t in ("center", "log-center") and c not in refs})
+    if centred:
+        raise ConfigError(f"the estimates have no covariates.csv beside them (written by 'latentfit nlme fit') giving "
+                          f"the value(s) that {', '.join(centred)} were centred at: give them in the model file "
+                          f"({centred[0]} = {{ transform = \"...\", reference = <value> }}) so that the design is "
+                          f"centred as the fitted data were", path)
+    return refs
+
+
+__all__ = ["ALIASES", "ConfigError", "NLMEConfig", "load_config", "parse_config", "prepare_design",
+           "read_covariate_reference", "read_estimates", "read_table"]

@@ -6,7 +6,9 @@ model's own covariates (``direction="forward"`` or ``"both"``) or from all of th
 with the lowest criterion if that is lower than the current model's; it stops when no move improves.
 
 **Criterion.** Every model is fitted by SAEM with the same seed, warm-started at the current model's estimates (the
-new coefficient at 0), and its log-likelihood is the deterministic adaptive Gauss–Hermite value (importance sampling
+new coefficient at 0); so is the current model itself at each step (row ``"current"``: the step's reference, the
+better of its fits), so that a move and the model it is compared with had the same iterations from the same point.
+Its log-likelihood is the deterministic adaptive Gauss–Hermite value (importance sampling
 with a fixed seed when the latent dimension exceeds 4), so that comparisons are not driven by Monte-Carlo noise of the
 likelihood estimator.  ``criterion="bic"`` is saemix's ``BIC.covariate`` (Delattre, Lavielle & Poursat 2014, EJS 8:
 "A note on BIC in mixed-effects models"), the one ``step.saemix`` selects covariates with:
@@ -73,10 +75,11 @@ def chi2_sf(x: float, df: int) -> float:
 class CovariateSearch:
     """Result of :func:`covariate_search`.
 
-    ``table``: one row per model fitted (step, action, term, the model's covariates, −2LL, number of parameters,
-    AIC, BIC, BIC_cov, ΔAIC / ΔBIC against the step's current model, and the LRT against it: df, statistic,
-    p-value; ``selected`` marks the move taken at each step).  ``steps``: the moves taken (rows of ``table``).
-    ``covariates``: the chosen covariate model (``NLME(covariates=...)`` form).  ``model``: the chosen model (bound);
+    ``table``: one row per model fitted (step, action (``start``; at each step ``current``, the step's model
+    refitted from its estimates, then each ``add`` / ``remove``), term, the model's covariates, −2LL, number of
+    parameters, AIC, BIC, BIC_cov, ΔAIC / ΔBIC against the step's current model, and the LRT against it: df,
+    statistic, p-value; ``selected`` marks the move taken at each step).  ``steps``: the moves taken (rows of
+    ``table``).  ``covariates``: the chosen covariate model (``NLME(covariates=...)`` form).  ``model``: the chosen model (bound);
     ``fit``: its refit.
     """
 
@@ -232,9 +235,9 @@ def covariate_search(model: NLME, data: pd.DataFrame | None = None, candidates: 
     log_n, log_obs = math.log(n_units), math.log(n_obs)
     fitted: dict[frozenset, dict[str, Any]] = {}
 
-    def evaluate(terms: dict[Term, str | None], warm: Any) -> dict[str, Any]:
+    def evaluate(terms: dict[Term, str | None], warm: Any, refresh: bool = False) -> dict[str, Any]:
         key = frozenset(terms.items())
-        if key in fitted:
+        if key in fitted and not refresh:
             return fitted[key]
         m = _with_terms(base, terms, base.table)  # each re-binding rebuilds the table (and drops it)
         init = None
@@ -247,6 +250,8 @@ def covariate_search(model: NLME, data: pd.DataFrame | None = None, candidates: 
         rec = {"model": m, "fit": fit, "terms": dict(terms), "ll": ll, "mc_se": se, "method": method,
                "-2LL": -2.0 * ll, "npar": p, "AIC": -2.0 * ll + 2.0 * p, "BIC": -2.0 * ll + log_n * p,
                "BIC_cov": -2.0 * ll + log_n * n_r + log_obs * n_f}
+        if key in fitted and fitted[key]["ll"] >= ll:  # a refit no better than the fit kept (Monte-Carlo noise)
+            return fitted[key]
         fitted[key] = rec
         return rec
 
@@ -280,6 +285,12 @@ def covariate_search(model: NLME, data: pd.DataFrame | None = None, candidates: 
             moves += [("remove", t, {k: v for k, v in current.items() if k != t}) for t in current]
         if not moves:
             break
+        # the step's model refitted from its own estimates, as each move is fitted from them: moves and model then
+        # had the same iterations from the same point (else a move's gain would include the iterations the step's
+        # model had not had: from a start far from its maximum every move "improved" -2LL by ~100, a noise
+        # covariate was selected); the better of its fits is the step's reference
+        cur = evaluate(current, cur["fit"], refresh=True)
+        rows.append({**row(step, "current", None, cur, None), "selected": False})
         recs = [(action, term, evaluate(terms, cur["fit"])) for action, term, terms in moves]
         step_rows = [row(step, action, term, rec, cur) for action, term, rec in recs]
         best = int(np.argmin([rec[crit_col] for _, _, rec in recs]))

@@ -97,6 +97,12 @@ class NLME(LatentModel):
     covariates : dict parameter -> covariate column(s): a name, a list, or a dict ``{column: transform}``
         with transform ``"linear"`` (raw, saemix default), ``"center"``, ``"log"``, ``"log-center"``
         or ``"categorical"`` (non-numeric columns are categorical; the first sorted level is the reference).
+        ``"center"`` is ``c − c_ref``, ``"log-center"`` ``log(c / c_ref)``, with ``c_ref`` the mean over the
+        individuals of the data the model is first bound to (or :attr:`covariate_reference`).
+    covariate_reference : the reference of a centred covariate (``{"Weight": 70.0}``: ``log(Weight / 70)``) or a
+        categorical covariate's levels, the reference level first (``{"SEX": ["F", "M"]}``).  Not given: computed
+        when the model is first bound to data, then kept: a model bound to other data (a design to simulate, a VPC
+        on other data, a refit) keeps the fit's covariate model (``fit.model.covariate_reference``).
     omega : ``"diagonal"`` (default), ``"full"``, or a list of blocks (tuples of parameter names).
     error : ``"constant"``, ``"proportional"``, ``"combined"`` or ``"exponential"``.
     error_init : initial residual parameters, e.g. ``{"a": 1.0, "b": 0.1}`` (saemix's ``error.init``; default
@@ -147,7 +153,7 @@ class NLME(LatentModel):
                  backend: str = "torch", x: str | None = None, outcome: Any = None,
                  covariate_init: dict[str, Any] | None = None, covariate_interpolation: str | None = None,
                  iov: Any = None, occasion: str | None = None, response: str | None = None,
-                 dvid: dict[str, Any] | None = None) -> None:
+                 dvid: dict[str, Any] | None = None, covariate_reference: dict[str, Any] | None = None) -> None:
 
         if not isinstance(parameters, dict) or not parameters:
             raise ModelSpecificationError("parameters must be a non-empty dict name -> initial value or Parameter")
@@ -165,6 +171,11 @@ class NLME(LatentModel):
         if not self.random_names:
             raise ModelSpecificationError("at least one parameter needs a random effect (Parameter(random=True))")
         self.covariate_spec = _spec.parse_covariates(self.param_names, covariates or {})
+        #: the value each centred covariate is centred at and each categorical covariate's levels: given here, else
+        #: computed when the model is first bound to data and kept by every later binding
+        #: (:func:`.spec.covariate_columns`)
+        self.covariate_reference: dict[str, Any] = _spec.parse_covariate_reference(self.covariate_spec,
+                                                                                  covariate_reference)
         self.iov_init = _occ.parse_iov(iov, self.param_names)
         self.occasion_column = str(occasion) if occasion is not None else _occ.OCCASION_COLUMN
         self._iov: _occ.Occasions | None = None

@@ -18,7 +18,7 @@ def simulate(model: NLME, theta: dict[str, Any] | None = None, seed: int = 0) ->
     model._require_data()
     ops = model.ops
     theta = model.init_params() if theta is None else {
-        n: ops.asarray(v) if not hasattr(v, "shape") or isinstance(v, np.ndarray) else v
+        n: ops.asarray(v) if not hasattr(v, "shape") or isinstance(v, np.ndarray | np.generic) else v
         for n, v in {**model.init_params(), **theta}.items()}
     if model.outcome is not None:
         return _outcomes.simulate(model, theta, seed)

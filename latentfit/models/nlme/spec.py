@@ -201,27 +201,92 @@ def parse_error_init(error_init: dict[str, float] | None) -> dict[str, float]:
     return init
 
 
-def covariate_columns(values: pd.Series, col: str, transform: str | None) -> list[tuple[str, np.ndarray]]:
-    """Design columns of one covariate: ``[(name suffix, values [N])]``."""
+def level_key(value: Any) -> str:
+    """A categorical level as text, the same for a level read from a table (``1``, ``1.0``, ``"1"``) and from
+    ``covariates.csv``: integral numbers without a decimal point, other numbers by ``repr`` (text that reads as a
+    number as that number), other text as is."""
+    if isinstance(value, bool | np.bool_):
+        return str(int(value))
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return level_key(number) if np.isfinite(number) else value
+    if isinstance(value, float | np.floating):
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+    return str(value)
+
+
+def parse_covariate_reference(covariate_spec: dict[str, list[tuple[str, str | None]]],
+                              reference: dict[str, Any] | None) -> dict[str, Any]:
+    """``{column: mean (float) or levels (tuple, the first the reference level)}`` given by the user for the
+    covariates centred (``"center"``, ``"log-center"``: the value they are centred at) or categorical (their levels,
+    the reference level first); checked against the covariate model."""
+    out: dict[str, Any] = {}
+    columns = {c: t for items in covariate_spec.values() for c, t in items}
+    for col, value in (reference or {}).items():
+        if col not in columns:
+            raise ModelSpecificationError(f"covariate_reference: {col!r} is not a covariate of the model "
+                                          f"({sorted(columns) or 'none'})")
+        if isinstance(value, list | tuple | np.ndarray):
+            levels = tuple(value)
+            if len(levels) < 2 or len({level_key(v) for v in levels}) != len(levels):
+                raise ModelSpecificationError(f"covariate_reference: the levels of {col!r} must be at least two "
+                                              f"distinct values (the reference level first), got {list(levels)}")
+            out[col] = levels
+            continue
+        try:
+            center = float(value)
+        except (TypeError, ValueError):
+            raise ModelSpecificationError(f"covariate_reference: {col!r} needs a number (the value it is centred "
+                                          f"at) or a list of levels, got {value!r}") from None
+        if not np.isfinite(center) or (columns[col] == "log-center" and center <= 0):
+            raise ModelSpecificationError(f"covariate_reference: {col!r} must be centred at a finite "
+                                          f"{'positive ' if columns[col] == 'log-center' else ''}value, got {value!r}")
+        out[col] = center
+    return out
+
+
+def covariate_columns(values: pd.Series, col: str, transform: str | None,
+                      reference: Any = None) -> tuple[list[tuple[str, np.ndarray]], Any]:
+    """Design columns of one covariate, ``[(name suffix, values [N])]``, and the reference they used: the mean a
+    ``"center"`` / ``"log-center"`` covariate is centred at, or a categorical covariate's levels (the first, the
+    reference level, has no column); None for the other transforms.  ``reference`` given (an earlier binding's, or
+    the user's ``covariate_reference=``): used as is, so that a model bound to a design (simulations, a VPC on
+    other data) keeps the fit's covariate model; else computed from ``values`` (the mean over the individuals;
+    the levels sorted)."""
     categorical = transform == "categorical" or not pd.api.types.is_numeric_dtype(values)
     if categorical:
-        levels = sorted(pd.unique(values), key=lambda v: str(v))
-        if len(levels) < 2:
-            raise DataError(f"categorical covariate {col!r} has a single level {levels}")
-        return [(f"_{lev}", (values.to_numpy() == lev).astype(float)) for lev in levels[1:]]
+        keys = np.array([level_key(v) for v in values.to_numpy()], dtype=object)
+        if isinstance(reference, tuple):
+            levels = list(reference)
+            known = {level_key(v) for v in levels}
+            unknown = sorted({k for k in keys if k not in known})
+            if unknown:
+                raise DataError(f"categorical covariate {col!r} has level(s) {unknown} that the model's levels "
+                                f"{[level_key(v) for v in levels]} do not include")
+        else:
+            levels = sorted(pd.unique(values), key=lambda v: str(v))
+            if len(levels) < 2:
+                raise DataError(f"categorical covariate {col!r} has a single level {levels}")
+        return [(f"_{lev}", (keys == level_key(lev)).astype(float)) for lev in levels[1:]], tuple(levels)
     v = values.to_numpy(dtype=float)
     if transform in (None, "linear"):
-        return [("", v)]
+        return [("", v)], None
+    center = float(reference) if isinstance(reference, float | int) else float(v.mean())
     if transform == "center":
-        return [("", v - v.mean())]
+        return [("", v - center)], center
     if (v <= 0).any():
         i = int(np.argmax(v <= 0))
         raise DataError(f"covariate {col!r} must be > 0 for a log transform (ID {values.index[i]})")
     if transform == "log":
-        return [("", np.log(v))]
-    return [("", np.log(v / v.mean()))]
+        return [("", np.log(v))], None
+    return [("", np.log(v / center))], center
 
 
 __all__ = ["COV_TRANSFORMS", "DATA_OPTIONS", "ERRORS", "MODEL_OPTIONS", "TRANSFORMS", "FixedEffect", "Parameter",
-           "covariate_columns", "merge_read_options", "parse_covariate_init", "parse_covariates", "parse_error_init",
-           "parse_omega", "parse_parameters", "transform_pair"]
+           "covariate_columns", "level_key", "merge_read_options", "parse_covariate_init", "parse_covariate_reference",
+           "parse_covariates", "parse_error_init", "parse_omega", "parse_parameters", "transform_pair"]
