@@ -79,8 +79,8 @@ class CovariateSearch:
     refitted from its estimates, then each ``add`` / ``remove``), term, the model's covariates, −2LL, number of
     parameters, AIC, BIC, BIC_cov, ΔAIC / ΔBIC against the step's current model, and the LRT against it: df,
     statistic, p-value; ``selected`` marks the move taken at each step).  ``steps``: the moves taken (rows of
-    ``table``).  ``covariates``: the chosen covariate model (``NLME(covariates=...)`` form).  ``model``: the chosen model (bound);
-    ``fit``: its refit.
+    ``table``).  ``covariates``: the chosen covariate model (``NLME(covariates=...)`` form).  ``model``: the chosen
+    model (bound); ``fit``: its refit.
     """
 
     table: pd.DataFrame
