@@ -14,8 +14,11 @@ are printed as one line, without a traceback, with exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +79,34 @@ def demo(out: str = "theophylline_convergence.png", seed: int = 0, progress: boo
 
 
 # ----- latentfit nlme ... ------------------------------------------------------------------------------------------
-def _data_error(err: Exception, path: str) -> str:
-    """A DataError's message with its data-frame row numbers also given as lines of the CSV file (header: line 1)."""
-    msg = re.sub(r"\brow (\d+)\b", lambda m: f"row {m.group(1)} (line {int(m.group(1)) + 2} of {path})", str(err))
+def _data_error(err: Exception | str, path: str) -> str:
+    """A data error's (or warning's) message with its data-frame row numbers (0-based) given as lines of the CSV file
+    (header: line 1), and the file named."""
+    msg = re.sub(r"\brow (\d+)\b", lambda m: f"line {int(m.group(1)) + 2} of {path}", str(err))
     return msg if path in msg else f"{path}: {msg}"
+
+
+@contextlib.contextmanager
+def _warnings_to_stderr(data_path: str | None = None) -> Iterator[list[str]]:
+    """Every warning of the block printed once, as it comes, as one line ``warning: ...`` on stderr (no Python file
+    and line: the user's command is not Python), a data file's rows as its lines; yields the list of the messages
+    (for the report)."""
+    seen: list[str] = []
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if issubclass(category, DeprecationWarning | FutureWarning):
+            return
+        text = str(message)
+        if data_path is not None and re.search(r"\brow \d+\b", text):
+            text = _data_error(text, data_path)
+        if text not in seen:
+            seen.append(text)
+            print(f"warning: {text}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        yield seen
 
 
 def _bound(cfg: Any, data: Any, path: str) -> Any:
@@ -104,15 +131,42 @@ def _check_iterations(num_iters: tuple[int, int]) -> None:
                                       f"iterations ([engine] iterations or --iterations K1 K2)")
 
 
+def _prepare_output_folder(out: Path, force: bool) -> None:
+    """Create ``out``; a folder holding an earlier fit's outputs is refused (its results would be replaced, and files
+    of that run the new one does not write, e.g. ``replicates.csv``, would stay beside them) unless ``force``: then
+    the files latentfit writes are removed first (the user's own files are kept)."""
+    from latentfit.inference.model import ModelSpecificationError
+    from latentfit.report import OUTPUT_FILES
+
+    if out.exists() and not out.is_dir():
+        raise ModelSpecificationError(f"--out {out}: a file of that name exists; --out names a folder")
+    earlier = sorted(p.name for p in out.glob("*") if p.name in OUTPUT_FILES) if out.is_dir() else []
+    if earlier and not force:
+        shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+        raise ModelSpecificationError(f"--out {out} holds the outputs of an earlier fit ({shown}): choose another "
+                                      f"folder, or add --force to replace them")
+    for name in earlier:
+        (out / name).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _check_output_file(path: str) -> None:
+    """An output file's folder exists (checked before the work, not after it)."""
+    from latentfit.inference.model import ModelSpecificationError
+
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise ModelSpecificationError(f"--out {path}: the folder {folder} does not exist")
+    if Path(path).is_dir():
+        raise ModelSpecificationError(f"--out {path} is a folder; --out names the file to write")
+
+
 def nlme_fit(args: argparse.Namespace) -> int:
     """``latentfit nlme fit``: fit, then write the tables, plots and report."""
-    import warnings
-
     import matplotlib
 
     matplotlib.use("Agg")
-    from latentfit.models.nlme.config import load_config, read_table
-    from latentfit.report import run_information, write_fit_outputs
+    from latentfit.models.nlme.config import load_config
 
     cfg = load_config(args.model, backend=args.backend)  # the model that checks the file on the run's backend
     if args.seed is not None:
@@ -124,17 +178,21 @@ def nlme_fit(args: argparse.Namespace) -> int:
     if args.replicates is not None:
         cfg.replicates = args.replicates
     _check_iterations(cfg.num_iters)
+    with _warnings_to_stderr(args.data) as messages:  # the data's, the fit's and the outputs' warnings: the report's
+        _run_fit(cfg, args, messages)
+    return 0
+
+
+def _run_fit(cfg: Any, args: argparse.Namespace, messages: list[str]) -> None:
+    from latentfit.models.nlme.config import read_table
+    from latentfit.report import run_information, write_fit_outputs
+
     model = _bound(cfg, read_table(args.data), args.data)
-    Path(args.out).mkdir(parents=True, exist_ok=True)  # an unusable output directory fails before the fit
+    _prepare_output_folder(Path(args.out), args.force)  # an unusable output directory fails before the fit
     reps = f", {cfg.replicates} replicates" if cfg.replicates > 1 else ""
     print(f"{model!r}\n{cfg.engine.upper()}: K1={cfg.num_iters[0]}, K2={cfg.num_iters[1]}, seed {cfg.seed}, "
           f"backend {cfg.backend}{reps}", file=sys.stderr)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fit = model.fit(**cfg.fit_options(progress=not args.no_progress))
-        messages = [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning | FutureWarning)]
-    for msg in dict.fromkeys(messages):
-        print(f"warning: {msg}", file=sys.stderr)
+    fit = model.fit(**cfg.fit_options(progress=not args.no_progress))
     rep = cfg.report
     extra = {"model file": str(args.model), "data file": str(args.data),
              "command": "latentfit " + " ".join(args.argv), "seed": cfg.seed, "backend": cfg.backend,
@@ -143,7 +201,7 @@ def nlme_fit(args: argparse.Namespace) -> int:
         extra = {"description": cfg.description, **extra}
     info = run_information(fit, **extra)
     paths = write_fit_outputs(fit, args.out, model_text=cfg.text, title=rep["title"], run_info=info,
-                              warnings_list=list(dict.fromkeys(messages)), se_method=rep["se_method"],
+                              warnings_list=messages, se_method=rep["se_method"],
                               log_y=rep["log_y"], vpc_simulations=rep["vpc_simulations"],
                               max_individual_plots=rep["max_individual_plots"], seed=cfg.seed,
                               is_proposal=rep["is_proposal"], is_samples=rep["is_samples"],
@@ -154,7 +212,6 @@ def nlme_fit(args: argparse.Namespace) -> int:
     print(pd.read_csv(est).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(pd.read_csv(paths["likelihood"]).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print(f"\n{len(paths)} files written to {args.out}/ (report: {paths['report']})")
-    return 0
 
 
 def _saved_fit(cfg: Any, data: Any, data_path: str, estimates: str) -> Any:
@@ -177,22 +234,24 @@ def nlme_simulate(args: argparse.Namespace) -> int:
     from latentfit.models.nlme.config import load_config, prepare_design, read_table
 
     cfg = load_config(args.model)
-    design = prepare_design(read_table(args.design), cfg.data_options)
-    source = args.params or args.from_dir
-    if source is None:  # a simulation study: the model file's initial values are the truth
-        from latentfit.report import SavedFit
+    _check_output_file(args.out)
+    with _warnings_to_stderr(args.design):
+        design = prepare_design(read_table(args.design), cfg.data_options)
+        source = args.params or args.from_dir
+        if source is None:  # a simulation study: the model file's initial values are the truth
+            from latentfit.report import SavedFit
 
-        model = _bound(cfg, design, args.design)
-        saved = SavedFit(model, {n: model.ops.to_numpy(v) for n, v in model.init_params().items()})
-        print("simulating at the model file's initial values (no --params / --from)", file=sys.stderr)
-    else:
-        saved = _saved_fit(cfg, design, args.design, source)
-    seed = cfg.seed if args.seed is None else args.seed
-    sims = []
-    for rep in range(args.n_rep):
-        sim = saved.model.simulate(saved.params, seed=seed + rep)
-        sim.insert(0, "REP", rep + 1)
-        sims.append(sim)
+            model = _bound(cfg, design, args.design)
+            saved = SavedFit(model, {n: model.ops.to_numpy(v) for n, v in model.init_params().items()})
+            print("simulating at the model file's initial values (no --params / --from)", file=sys.stderr)
+        else:
+            saved = _saved_fit(cfg, design, args.design, source)
+        seed = cfg.seed if args.seed is None else args.seed
+        sims = []
+        for rep in range(args.n_rep):
+            sim = saved.model.simulate(saved.params, seed=seed + rep)
+            sim.insert(0, "REP", rep + 1)
+            sims.append(sim)
     out = pd.concat(sims, ignore_index=True)
     out.to_csv(args.out, index=False, na_rep=".")
     print(f"{args.n_rep} simulated data set(s) of {saved.model.num_units} subjects written to {args.out}",
@@ -209,12 +268,14 @@ def nlme_vpc(args: argparse.Namespace) -> int:
     from latentfit.plots import plot_vpc
 
     cfg = load_config(args.model)
-    saved = _saved_fit(cfg, read_table(args.data), args.data, args.params or args.from_dir)
-    rep = cfg.report
-    continuous = getattr(saved.model, "outcome", None) is None  # discrete / event data: proportions or Kaplan-Meier
-    fig = plot_vpc(saved, num_sims=args.num_sims or rep["vpc_simulations"],
-                   seed=cfg.seed if args.seed is None else args.seed,
-                   log=bool(args.log or rep["log_y"]) and continuous, pred_corrected=False if args.no_pc else None)
+    _check_output_file(args.out)
+    with _warnings_to_stderr(args.data):
+        saved = _saved_fit(cfg, read_table(args.data), args.data, args.params or args.from_dir)
+        rep = cfg.report
+        continuous = getattr(saved.model, "outcome", None) is None  # discrete / event data: proportions or KM
+        fig = plot_vpc(saved, num_sims=args.num_sims or rep["vpc_simulations"],
+                       seed=cfg.seed if args.seed is None else args.seed,
+                       log=bool(args.log or rep["log_y"]) and continuous, pred_corrected=False if args.no_pc else None)
     fig.savefig(args.out, dpi=100)
     print(f"VPC written to {args.out}", file=sys.stderr)
     return 0
@@ -234,6 +295,7 @@ def _add_nlme(sub: Any) -> None:
     p_fit.add_argument("--backend", choices=("torch", "jax"), help="overrides [engine] backend")
     p_fit.add_argument("--replicates", type=int, help="overrides [engine] replicates (R fits, the best reported)")
     p_fit.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_fit.add_argument("--force", action="store_true", help="replace the outputs of an earlier fit in --out")
     p_fit.set_defaults(handler=nlme_fit)
 
     def estimates(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -289,7 +351,10 @@ def main(argv: list[str] | None = None) -> int:
             return args.handler(args)
         except (ModelSpecificationError, DataError, OSError) as err:
             kind = "data error" if isinstance(err, DataError) else "error"
-            print(f"latentfit nlme {args.nlme_command}: {kind}: {' '.join(str(err).split())}", file=sys.stderr)
+            text = str(err)
+            if isinstance(err, OSError) and err.strerror:  # "[Errno 17] File exists: 'x'" -> "x: file exists"
+                text = f"{err.filename}: {err.strerror.lower()}" if err.filename else err.strerror
+            print(f"latentfit nlme {args.nlme_command}: {kind}: {' '.join(text.split())}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print(f"latentfit nlme {args.nlme_command}: interrupted", file=sys.stderr)

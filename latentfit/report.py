@@ -27,6 +27,7 @@ import html
 import io
 import platform
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,10 @@ FIGURES = {
                                              "curves' 90% interval."),
     "convergence": ("Convergence", "Parameter estimates along the SAEM iterations (saemix's convergence plot)."),
 }
+#: the files :func:`write_fit_outputs` may write (``latentfit nlme fit --force`` removes them from ``--out`` first)
+OUTPUT_FILES = frozenset({"estimates.csv", "likelihood.csv", "shrinkage.csv", "individual_estimates.csv",
+                          "residuals.csv", "replicates.csv", "covariates.csv", "report.html",
+                          *(f"{stem}.png" for stem in FIGURES)})
 #: sections of the report, in order: id -> heading
 SECTIONS = {
     "run": "Run information",
@@ -163,12 +168,13 @@ def shrinkage_table(fit: Any) -> pd.DataFrame:
 def residuals_table(fit: Any) -> pd.DataFrame:
     """One row per observation: ID, x (time), DV, PRED, IPRED, IWRES, EPRED, PWRES, NPDE (data scale for DV)."""
     model = fit.model
-    res = fit.residuals()
-    frame = res.to_frame(model.data.x_values)
+    frame = fit.residuals().to_frame()  # the ID and the time (x) columns of the model's data
     id_name = model.data.columns.get("id", "ID")
-    frame.insert(0, id_name, _ids(model)[frame["unit"].to_numpy()])
-    frame = frame.drop(columns=["unit", "obs"]).rename(columns={"x": model.x_name})
-    return frame
+    if id_name not in frame:
+        frame.insert(0, id_name, _ids(model)[frame["unit"].to_numpy()])
+    if model.x_name not in frame:
+        frame.insert(1, model.x_name, np.asarray(model.data.x_values)[frame["unit"], frame["obs"]])
+    return frame.drop(columns=["unit", "obs"])
 
 
 # ----- figures ----------------------------------------------------------------------------------------------------
@@ -332,43 +338,53 @@ def write_fit_outputs(fit: Any, out_dir: str | Path, *, model_text: str = "", ti
     say = status or (lambda _msg: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    say(f"standard errors ({se_method})")
-    est = estimates_table(fit, se_method)
-    notes = {"estimates": est.attrs["note"]} if "note" in est.attrs else {}
-    refs = covariate_reference_text(fit.model)
-    if refs:
-        notes["estimates"] = f"{notes['estimates']} {refs}" if "estimates" in notes else refs
-    say("log-likelihood by linearisation, importance sampling and quadrature")
-    tables = {"estimates": est, "likelihood": likelihood_table(fit, is_proposal, is_samples)}
-    say("individual estimates, shrinkage and residuals (PRED, IPRED, IWRES, PWRES, NPDE)")
-    tables.update({"shrinkage": shrinkage_table(fit), "individual": individual_table(fit)})
-    files = {"estimates": "estimates.csv", "likelihood": "likelihood.csv", "shrinkage": "shrinkage.csv",
-             "individual": "individual_estimates.csv"}
-    if getattr(fit.model, "outcome", None) is None:  # residuals of continuous data
-        tables["residuals"] = residuals_table(fit)
-        files["residuals"] = "residuals.csv"
-    if getattr(fit.model, "covariate_reference", None):
-        tables["covariates"] = covariate_reference_table(fit.model)
-        files["covariates"] = "covariates.csv"
-    reps = getattr(fit, "replicates", None)
-    if isinstance(reps, pd.DataFrame):
-        tables["replicates"] = reps.reset_index()
-        tables["replicates"].attrs.update(reps.attrs)
-        files["replicates"] = "replicates.csv"
-    paths: dict[str, Path] = {}
-    for key, name in files.items():
-        paths[key] = out / name
-        tables[key].to_csv(paths[key], index=False)
-    pngs: dict[str, bytes] = {}
-    say(f"plots (VPC: {vpc_simulations} simulated data sets)")
-    for stem, fig in figures(fit, log_y=log_y, vpc_simulations=vpc_simulations,
-                             max_individual_plots=max_individual_plots, seed=seed).items():
-        pngs[stem] = png_bytes(fig)
-        plt.close(fig)
-        paths[stem] = out / f"{stem}.png"
-        paths[stem].write_bytes(pngs[stem])
-    if fit.model.num_units > max_individual_plots:
-        notes["figures"] = f"individual fits: the first {max_individual_plots} of {fit.model.num_units} subjects"
+    # the warnings of this work (SEs that could not be computed, ...) go in the report beside the caller's, and on
+    # to the caller's own handling
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        say(f"standard errors ({se_method})")
+        est = estimates_table(fit, se_method)
+        notes = {"estimates": est.attrs["note"]} if "note" in est.attrs else {}
+        refs = covariate_reference_text(fit.model)
+        if refs:
+            notes["estimates"] = f"{notes['estimates']} {refs}" if "estimates" in notes else refs
+        say("log-likelihood by linearisation, importance sampling and quadrature")
+        tables = {"estimates": est, "likelihood": likelihood_table(fit, is_proposal, is_samples)}
+        say("individual estimates, shrinkage and residuals (PRED, IPRED, IWRES, PWRES, NPDE)")
+        tables.update({"shrinkage": shrinkage_table(fit), "individual": individual_table(fit)})
+        files = {"estimates": "estimates.csv", "likelihood": "likelihood.csv", "shrinkage": "shrinkage.csv",
+                 "individual": "individual_estimates.csv"}
+        if getattr(fit.model, "outcome", None) is None:  # residuals of continuous data
+            tables["residuals"] = residuals_table(fit)
+            files["residuals"] = "residuals.csv"
+        if getattr(fit.model, "covariate_reference", None):
+            tables["covariates"] = covariate_reference_table(fit.model)
+            files["covariates"] = "covariates.csv"
+        reps = getattr(fit, "replicates", None)
+        if isinstance(reps, pd.DataFrame):
+            tables["replicates"] = reps.reset_index()
+            tables["replicates"].attrs.update(reps.attrs)
+            files["replicates"] = "replicates.csv"
+        paths: dict[str, Path] = {}
+        for key, name in files.items():
+            paths[key] = out / name
+            tables[key].to_csv(paths[key], index=False)
+        pngs: dict[str, bytes] = {}
+        say(f"plots (VPC: {vpc_simulations} simulated data sets)")
+        for stem, fig in figures(fit, log_y=log_y, vpc_simulations=vpc_simulations,
+                                 max_individual_plots=max_individual_plots, seed=seed).items():
+            pngs[stem] = png_bytes(fig)
+            plt.close(fig)
+            paths[stem] = out / f"{stem}.png"
+            paths[stem].write_bytes(pngs[stem])
+        if fit.model.num_units > max_individual_plots:
+            notes["figures"] = f"individual fits: the first {max_individual_plots} of {fit.model.num_units} subjects"
+            warnings.warn(f"individual_fits.png draws the first {max_individual_plots} of {fit.model.num_units} "
+                          f"subjects (max_individual_plots of [report])", UserWarning, stacklevel=2)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    raised = [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning | FutureWarning)]
+    warnings_list = list(dict.fromkeys([*(warnings_list or []), *raised]))
     info = run_info if run_info is not None else run_information(fit)
     title = title or f"NLME fit: {fit.model.structural.name}"
     page = html_report(title, info, tables, pngs, model_text, warnings_list, notes)
@@ -377,6 +393,6 @@ def write_fit_outputs(fit: Any, out_dir: str | Path, *, model_text: str = "", ti
     return paths
 
 
-__all__ = ["FIGURES", "SECTIONS", "SavedFit", "covariate_reference_table", "covariate_reference_text",
+__all__ = ["FIGURES", "OUTPUT_FILES", "SECTIONS", "SavedFit", "covariate_reference_table", "covariate_reference_text",
            "estimates_table", "figures", "html_report", "individual_table", "likelihood_table", "residuals_table",
            "run_information", "shrinkage_table", "write_fit_outputs"]

@@ -240,7 +240,7 @@ def test_bad_data_file_names_the_column_and_the_line(tmp_path, capsys):
     lines[3] = lines[3].replace("6.57", "6,57x").replace(",6,57x", ',"6.57x"')  # a typo in DV on line 4
     bad = _write(tmp_path, "\n".join(lines) + "\n", "data.csv")
     err = _fail(["nlme", "fit", str(TOML), bad, "--out", str(tmp_path / "o")], capsys)
-    assert "data error: column 'DV' has a non-numeric value '6.57x' (ID 1, row 2 (line 4 of" in err, err
+    assert "data error: column 'DV' has a non-numeric value '6.57x' (ID 1, line 4 of" in err, err
     err = _fail(["nlme", "fit", str(TOML), str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")], capsys)
     assert "nope.csv: no such data file" in err
     renamed = _write(tmp_path, DATA.read_text().replace("TIME", "Time"), "renamed.csv")
@@ -438,3 +438,57 @@ def test_a_jax_run_checks_its_model_file_without_importing_torch():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"backend": "jax", "torch": False}
+
+
+# ----- output folders, warnings in the report, data-file faults (a user audit) ------------------------------------
+def _short(argv: list[str]) -> list[str]:
+    return argv + ["--iterations", "6", "2", "--no-progress"]
+
+
+def test_an_earlier_fits_folder_is_refused_without_force_and_force_removes_its_stale_files(tmp_path, capsys):
+    out = tmp_path / "fit"
+    assert main(_short(["nlme", "fit", str(TOML), str(DATA), "--out", str(out), "--replicates", "2"])) == 0
+    assert (out / "replicates.csv").is_file()
+    (out / "notes.txt").write_text("mine")
+    before = (out / "estimates.csv").read_bytes()
+    capsys.readouterr()
+    err = _fail(_short(["nlme", "fit", str(TOML), str(DATA), "--out", str(out), "--seed", "5"]), capsys)
+    assert f"--out {out} holds the outputs of an earlier fit (" in err and "add --force" in err, err
+    assert (out / "estimates.csv").read_bytes() == before  # untouched
+    assert main(_short(["nlme", "fit", str(TOML), str(DATA), "--out", str(out), "--seed", "5", "--force"])) == 0
+    assert not (out / "replicates.csv").exists()  # the earlier run's file that this run does not write: gone
+    assert (out / "notes.txt").read_text() == "mine" and (out / "estimates.csv").read_bytes() != before
+    capsys.readouterr()
+    err = _fail(["nlme", "vpc", str(TOML), str(DATA), "--from", str(out), "--out", str(tmp_path / "no" / "v.png")],
+                capsys)
+    assert "the folder" in err and "does not exist" in err, err
+
+
+def test_warnings_of_the_data_the_fit_and_the_outputs_reach_the_terminal_and_the_report(tmp_path, capsys):
+    data = pd.read_csv(DATA, na_values=["."])
+    data.loc[data.index[5], "TIME"] = 0.1  # ID 1: a time before the record above it (line 7 of the file)
+    data.loc[data.index[8], "WT"] = 90.0  # ID 1: a weight that changes within the subject
+    path = tmp_path / "data.csv"
+    data.to_csv(path, index=False, na_rep=".")
+    model = _write(tmp_path, TOML.read_text().replace("[report]\n", "[report]\nmax_individual_plots = 4\n")
+                   .replace("vpc_simulations = 500", "vpc_simulations = 20"))
+    out = tmp_path / "fit"
+    assert main(_short(["nlme", "fit", model, str(path), "--out", str(out)])) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
+    order = next(ln for ln in lines if "not in time order" in ln)
+    assert f"line 7 of {path} has TIME 0.1 after 2.02 at line 6 of {path}" in order, order
+    assert any("varies within" in ln for ln in lines) and any("4 of 12" in ln for ln in lines), lines
+    assert "sys.exit" not in err and "UserWarning" not in err  # no Python plumbing
+    page = (out / "report.html").read_text(encoding="utf-8")
+    warns = page.split('<section id="warnings">', 1)[1].split("</section>", 1)[0]
+    assert "None." not in warns and warns.count('class="warn"') == len(lines)
+    assert "not in time order" in warns and "varies within" in warns and "4 of 12" in warns
+
+
+def test_a_duplicated_column_is_a_data_error(tmp_path, capsys):
+    lines = DATA.read_text().splitlines()
+    lines = [ln + "," + ln.split(",")[3] for ln in lines]  # a second DV column at the end
+    bad = _write(tmp_path, "\n".join(lines) + "\n", "dup.csv")
+    err = _fail(["nlme", "fit", str(TOML), bad, "--out", str(tmp_path / "o")], capsys)
+    assert "dup.csv, line 1: column 'DV' appears twice (columns 4 and 8)" in err, err

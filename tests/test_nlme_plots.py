@@ -60,7 +60,7 @@ def test_individual_fits_are_drawn_against_time_with_ids_and_smooth_structural_c
         assert len(t) >= 100 and np.all(np.diff(t) >= 0)
         dose, weight = per_id.loc[ids[k], "Dose"], per_id.loc[ids[k], "Weight"]
         pick = [0, len(t) // 7, len(t) // 2, len(t) - 1]
-        want = _oral(t[pick], dose, modes["ka.mode"][k], modes["V.mode"][k], modes["CL.mode"][k])
+        want = _oral(t[pick], dose, modes["ka.mode"].iloc[k], modes["V.mode"].iloc[k], modes["CL.mode"].iloc[k])
         np.testing.assert_allclose(np.asarray(ipred.get_ydata())[pick], want, rtol=1e-8, atol=1e-10)
         v_pop = float(p["V"]) * np.exp(float(p["beta_V_Weight"]) * weight)  # log V = log V_pop + β·Weight
         want = _oral(t[pick], dose, float(p["ka"]), v_pop, float(p["CL"]))

@@ -20,7 +20,7 @@ Masked (padding) observations come back as NaN.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
 
@@ -85,14 +85,26 @@ class Residuals:
     pwres: np.ndarray
     npde: np.ndarray
 
+    #: set after the fit (``FitResult.residuals``): the units' labels (an NLME's IDs: a pandas Index named as the ID
+    #: column) and the observations' x-values with their name (an NLME's time), columns of :meth:`to_frame`
+    units: Any = field(default=None, init=False, repr=False, compare=False)
+    x: Any = field(default=None, init=False, repr=False, compare=False)
+    x_name: str = field(default="x", init=False, repr=False, compare=False)
+
     def to_frame(self, x: np.ndarray | None = None):
-        """Long pandas table of the observed entries: unit, obs index, (x), DV, PRED, IPRED, residuals."""
+        """Long pandas table of the observed entries: the unit's label (an NLME's ID column), unit, obs index, the
+        x-value (``x``, else the fit's: an NLME's TIME), DV, PRED, IPRED, residuals."""
         import pandas as pd
 
         unit, obs = np.nonzero(self.mask)
-        cols = {"unit": unit, "obs": obs}
+        cols: dict[str, Any] = {}
+        if self.units is not None and self.units.name not in (None, "unit", "obs"):
+            cols[self.units.name] = np.asarray(self.units, dtype=object)[unit]
+        cols.update({"unit": unit, "obs": obs})
         if x is not None:
             cols["x"] = np.asarray(x)[unit, obs]
+        elif self.x is not None:
+            cols[self.x_name] = np.asarray(self.x)[unit, obs]
         for name in ("y", "pred", "ipred", "iwres", "epred", "pwres", "npde"):
             cols[name.upper() if name != "y" else "DV"] = getattr(self, name)[unit, obs]
         return pd.DataFrame(cols)

@@ -178,10 +178,10 @@ def _used(fim: np.ndarray) -> np.ndarray:
 def _finish(method: str, model: LatentModel, pv: ParamVector, fim: np.ndarray,
             jc: np.ndarray | None = None) -> StandardErrors:
     """Covariance ``J_c I⁻¹ J_cᵀ`` and standard errors (``jc``: ``J_c [P_c, p]`` when the caller computed it).  An
-    estimated parameter never gets an SE of 0: where the information carries nothing about it (a zero row: the
-    likelihood is flat in it) or where its variance comes out negative (the information is not positive definite: a
-    Monte-Carlo estimate that is too noisy, or θ̂ not at a maximum), its SE is NaN and a ``RuntimeWarning`` names it
-    and why."""
+    estimated parameter never gets an SE of 0 (a fixed one, not estimated, gets NaN): where the information carries
+    nothing about it (a zero row: the likelihood is flat in it) or where its variance comes out negative (the
+    information is not positive definite: a Monte-Carlo estimate that is too noisy, or θ̂ not at a maximum), its SE
+    is NaN and a ``RuntimeWarning`` names it and why."""
     ops = model.ops
     sym = 0.5 * (fim + fim.T)
     cov_u = invert_information(sym)
@@ -195,6 +195,7 @@ def _finish(method: str, model: LatentModel, pv: ParamVector, fim: np.ndarray,
     negative = (var < 0) & ~flat
     zero = (var == 0) & depends.any(1) & ~flat  # an estimated parameter's variance exactly 0
     var[flat | negative | zero] = np.nan
+    var[~depends.any(1)] = np.nan  # a value no free coordinate moves (a fixed parameter): not estimated, no SE
     reasons = []
     if flat.any() or zero.any():
         reasons.append(f"{_names(labels, flat | zero)}: the {method!r} information about it is zero (the likelihood "

@@ -39,9 +39,12 @@ class IndividualEstimates:
     #: the model's individual values (``values`` of :func:`individual_estimates`) at the modes and at the draws, by
     #: name (numpy), where they were computed with the modes; else None
     values: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
+    #: the units' labels (a pandas Index: an NLME's IDs), the index of :meth:`to_frame`; None: 0 .. N-1
+    units: Any = None
 
     def to_frame(self):
-        """Long pandas table: one row per unit, columns ``<label>.mode/.mean/.sd``."""
+        """Long pandas table: one row per unit (indexed by the units' labels, an NLME's IDs), columns
+        ``<label>.mode/.mean/.sd``."""
         import pandas as pd
 
         cols = {}
@@ -50,7 +53,10 @@ class IndividualEstimates:
             cols[f"{lab}.mean"] = self.mean[:, j]
             cols[f"{lab}.sd"] = self.sd[:, j]
         df = pd.DataFrame(cols)
-        df.index.name = "unit"
+        if self.units is not None:
+            df.index = self.units
+        else:
+            df.index.name = "unit"
         return df
 
     def shrinkage_frame(self):

@@ -72,8 +72,10 @@ def individual_estimates(fit: FitResult, num_steps: int = 30) -> individual.Indi
     if "individual" not in fit._cache:
         local = _local_estimates(fit, num_steps)
         gather = _unit_gather(fit)
-        fit._cache["individual"] = local if gather is None else individual.gather_estimates(
-            fit.model, fit._theta(), local, gather)
+        est = local if gather is None else individual.gather_estimates(fit.model, fit._theta(), local, gather)
+        if est.mode.shape[0] == len(unit_labels(fit, est.mode.shape[0])):
+            est = dataclasses.replace(est, units=unit_labels(fit, est.mode.shape[0]))
+        fit._cache["individual"] = est
     return fit._cache["individual"]
 
 
@@ -160,8 +162,22 @@ def individual_parameters(fit: FitResult, num_steps: int = 30) -> pd.DataFrame:
     df = pd.DataFrame(cols)
     if _distributed_ops(fit) is not None:  # every process's units, in unit order
         df = pd.concat(_distributed_ops(fit).gather_objects(df), ignore_index=True)
-    df.index.name = "unit"
+    df.index = unit_labels(fit, len(df))
     return df
+
+
+def unit_labels(fit: FitResult, n: int | None = None) -> pd.Index:
+    """The units' labels for the post-fit tables: the model's ``unit_labels()`` (NLME: the IDs, named as the ID
+    column) when it has them for all ``n`` units, else ``0 .. n-1`` named ``unit``."""
+    import pandas as pd
+
+    n = fit.model.num_units if n is None else n
+    labels = getattr(fit.model, "unit_labels", None)
+    if callable(labels):
+        index = labels()
+        if len(index) == n:
+            return index
+    return pd.RangeIndex(n, name="unit")
 
 
 # ----- likelihood and information criteria ---------------------------------------------------------------
@@ -451,7 +467,12 @@ def residuals(fit: FitResult, num_sims: int = 1000, seed: int = 0) -> diagnostic
         ops = _distributed_ops(fit)
         if ops is not None:  # every process's units, in unit order (rows padded to the widest process's)
             res = diagnostics.Residuals(**{f.name: _gather_padded(ops, getattr(res, f.name))
-                                           for f in dataclasses.fields(res)})
+                                           for f in dataclasses.fields(res) if f.init})
+        res.units = unit_labels(fit, res.y.shape[0])
+        data = getattr(fit.model, "data", None)
+        x = getattr(data, "x_values", None)
+        if x is not None and np.shape(x) == res.y.shape:  # NLME: each observation's time (or x-variable)
+            res.x, res.x_name = np.asarray(x), str(getattr(fit.model, "x_name", "x"))
         cache[key] = res
     return cache[key]
 

@@ -800,8 +800,16 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise DataError(f"{path}: no such data file")
     try:
         df = pd.read_csv(path, na_values=["."], skipinitialspace=True)
+        names = [str(c).strip() for c in pd.read_csv(path, nrows=1, header=None, skipinitialspace=True,
+                                                      dtype=str).iloc[0]]
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not a readable CSV table ({str(err).strip()})") from None
+    seen: dict[str, int] = {}
+    for k, name in enumerate(names):  # pandas would read a second 'DV' as 'DV.1': the user's file has no such column
+        if name in seen:
+            raise DataError(f"{path}, line 1: column {name!r} appears twice (columns {seen[name] + 1} and {k + 1}); "
+                            f"rename or remove one")
+        seen[name] = k
     df.columns = [str(c).strip() for c in df.columns]
     return df
 

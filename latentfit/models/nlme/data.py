@@ -366,6 +366,8 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
                           f"and compartment as an earlier row; both doses are given", stacklevel=user_stacklevel())
         del dose_df, dup  # five columns per dose row, not needed past the check
 
+    if has_time:
+        _warn_unsorted(df, id_col, cols["time"], order, seg, time)
     obs_idx = np.where(is_obs if all_kept else is_obs & (order >= 0))[0].astype(index_type)
     del is_obs
     # by individual, period and time (stable: table order at equal times); one period: no period key (it would
@@ -559,6 +561,28 @@ def pad_individuals(data: NLMEData, size: int) -> NLMEData:
     cov = data.covariates.iloc[idx]
     return dataclasses.replace(data, **changes, ids=np.concatenate([ids.astype(object), pad_ids]), covariates=cov,
                                regressors={k: more(v) for k, v in data.regressors.items()}, obs_rows=rows)
+
+
+def _warn_unsorted(df: pd.DataFrame, id_col: str, time_col: str, order: np.ndarray, seg: np.ndarray,
+                   time: np.ndarray) -> None:
+    """Warn when an individual's records are not in time order in the table (within a period: a reset, EVID 3/4 or
+    an SS = 1 dose, may restart the time).  They are read in time order, but NONMEM stops on such a table ("data
+    records out of order") and a decreasing time is often a typing error.  O(rows) for a table grouped by ID (the
+    usual), a stable sort otherwise (the rows of an ID spread over the table: each ID's rows in table order)."""
+    if _in_order(order, time) and (seg.strides == (0,) or _in_order(order, seg)):
+        return
+    key = order.astype(np.int64) * (int(seg.max()) + 1) + seg if seg.strides != (0,) else order
+    rows = np.argsort(key, kind="stable")
+    k, t = key[rows], time[rows]
+    back = np.flatnonzero((k[1:] == k[:-1]) & (t[1:] < t[:-1]) & (order[rows[1:]] >= 0))
+    if not len(back):
+        return
+    after, before = int(rows[back[0] + 1]), int(rows[back[0]])
+    row, prev = df.index[after], df.index[before]
+    warnings.warn(f"the records of ID {_id(df.loc[row, id_col])} are not in time order: row {row} has "
+                  f"{time_col} {df.loc[row, time_col]} after {df.loc[prev, time_col]} at row {prev}; they are read in "
+                  f"time order (NONMEM would stop: check the time, or sort the table by ID and time)",
+                  stacklevel=user_stacklevel())
 
 
 def _failer(df: pd.DataFrame, id_col: str) -> Any:

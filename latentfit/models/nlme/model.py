@@ -42,6 +42,7 @@ NLME(one_compartment_oral, parameters=['ka', 'V', 'CL'], random=['ka', 'V', 'CL'
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -194,6 +195,13 @@ class NLME(LatentModel):
         if self.error not in ERRORS and self.response_spec is None:
             raise ModelSpecificationError(f"unknown error model {error!r}; use one of {ERRORS}")
         self.error_init = _spec.parse_error_init(error_init)
+        if error_init and self.outcome is None and self.response_spec is None:
+            used = {"constant": {"a"}, "exponential": {"a"}, "proportional": {"b"}, "combined": {"a", "b"}}[self.error]
+            unused = sorted(set(error_init) - used)
+            if unused:  # a proportional or combined model meant? (a warning: a shared error_init serves all models)
+                warnings.warn(f"error_init gives {unused}, which the {self.error!r} error model has not (its "
+                              f"parameters: {sorted(used)}; 'a' is additive, 'b' proportional, error='combined' has "
+                              f"both): ignored", UserWarning, stacklevel=2)
         self.covariate_init = _spec.parse_covariate_init(self.param_names, covariate_init or {})
         no_options = {**dict.fromkeys(DATA_OPTIONS), "regressors": ()}
         self.read_options = _spec.merge_read_options(
@@ -235,6 +243,14 @@ class NLME(LatentModel):
         (:class:`~latentfit.models.nlme.stored.StoredTable`: exactly the table bound, a new DataFrame at each read).
         The model keeps no reference to the caller's DataFrame, which is freed when the caller drops it."""
         return None if self._table is None else self._table.frame()
+
+    def unit_labels(self) -> pd.Index:
+        """The individuals' IDs, in unit order, named as the data's ID column: the index of the post-fit tables
+        (``fit.individual_parameters()``, ``fit.individual_estimates().to_frame()``) and a column of
+        ``fit.residuals().to_frame()``."""
+        self._require_data()
+        ids = [v.item() if isinstance(v, np.generic) else v for v in np.asarray(self.data.ids)]
+        return pd.Index(ids, name=self.data.columns.get("id", "ID"))
 
     def _require_data(self) -> None:
         if self.data is None:
