@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from latentfit import ModelSpecificationError
 from latentfit.models import nlme
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "theophylline.csv"
