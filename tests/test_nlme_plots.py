@@ -406,3 +406,27 @@ def test_occasions_that_follow_in_time_share_a_panel_and_meet_at_the_boundary():
         want = (central * np.exp(-k2 * s) + (depot + dose) * ka / (ka - k2) * (np.exp(-k2 * s) - np.exp(-ka * s))) / v
         np.testing.assert_allclose(c2, want, rtol=1e-10, atol=1e-10)
     plt.close(fig)
+
+
+def test_periods_that_restart_the_time_are_drawn_apart_with_their_own_doses():
+    """No IOV, a reset (EVID 4) restarting the time with another dose: each period's curve from its own dose (the
+    grid read the periods from the time alone, so one curve, the second period's, was drawn over both)."""
+    rows = []
+    for i in range(1, 5):
+        for per, amt in ((1, 100.0), (2, 50.0)):
+            rows.append(dict(ID=i, TIME=0.0, DV=np.nan, AMT=amt, EVID=1 if per == 1 else 4, MDV=1))
+            rows += [dict(ID=i, TIME=t, DV=0.0, AMT=0.0, EVID=0, MDV=0) for t in (0.5, 1, 2, 4, 8, 12)]
+    model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 2.0})
+    data = model.bind(pd.DataFrame(rows)).simulate({k: v for k, v in IOV_TRUTH.items() if k != "gamma2_CL"}, seed=1)
+    fit = model.fit(data, seed=1, num_iters=(8, 2), progress=False)
+    fig = fit.plot_individual_fits(ids=[2])
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["ID 2 · period 1", "ID 2 · period 2"]
+    modes = fit.individual_parameters()
+    for ax, dose in zip(axes, (100.0, 50.0), strict=True):
+        ipred = _line(ax, "IPRED")
+        t = np.asarray(ipred.get_xdata())
+        assert len(t) >= 150 and t[0] == 0.0 and t[-1] == 12.0
+        want = _oral(t, dose, modes["ka.mode"][1], modes["V.mode"][1], modes["CL.mode"][1])
+        np.testing.assert_allclose(ipred.get_ydata(), want, rtol=1e-10, atol=1e-10)
+    plt.close(fig)
