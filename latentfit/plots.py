@@ -148,10 +148,10 @@ def _unit_label(model: Any, i: int) -> str:
     return f"{model.data.columns.get('id', 'ID')} {ident}"
 
 
-def _draw_doses(ax: Any, model: Any, i: int) -> None:
-    """Doses of unit ``i`` as small triangles on the x-axis; infusions as shaded spans."""
+def _draw_doses(ax: Any, model: Any, i: int, keep: np.ndarray | None = None) -> None:
+    """Doses of unit ``i`` (those of ``keep [D]``) as small triangles on the x-axis; infusions as shaded spans."""
     data = model.data
-    real = data.dose_amt[i] > 0
+    real = (data.dose_amt[i] > 0) & (True if keep is None else keep)
     t_d, amt, rate = data.dose_time[i][real], data.dose_amt[i][real], data.dose_rate[i][real]
     if not t_d.size:
         return
@@ -186,10 +186,11 @@ def _set_log_y(ax: Any, values: np.ndarray) -> None:
 
 
 def _curves_on_grid(model: Any, theta: dict[str, Any], mode: Any, num_points: int) -> Any:
-    """IPRED and PRED ``[2, N, G]`` on the fine grid of :meth:`prediction_grid` (its doses and covariates: constants of
-    the compiled program, :func:`~latentfit.inference.diagnostics.model_program`)."""
+    """IPRED and PRED ``[2, N, G]`` on the fine grid of :meth:`prediction_grid` (each point at its response, period and
+    occasion; its doses and covariates: constants of the compiled program,
+    :func:`~latentfit.inference.diagnostics.model_program`)."""
     z = model.ops.xp.stack([mode, model.prior_moments(theta)[0]])  # [2, N, d]
-    return model.structural_prediction_at(theta, z, model.prediction_grid(num_points)[0])
+    return model.structural_prediction_at(theta, z, model.prediction_grid(num_points))
 
 
 def _curves_at_observations(model: Any, theta: dict[str, Any], mode: Any) -> Any:
@@ -197,79 +198,164 @@ def _curves_at_observations(model: Any, theta: dict[str, Any], mode: Any) -> Any
     return model.structural_prediction(theta, model.ops.xp.stack([mode, model.prior_moments(theta)[0]]))
 
 
+#: colours of the occasions of an IOV model (purple marks the doses)
+OCCASION_COLOURS = ("tab:blue", "tab:red", "tab:green", "tab:brown", "tab:cyan", "tab:olive", "tab:pink", "tab:gray")
+
+
+def _value_text(v: Any) -> str:
+    """A label value as the data write it (2.0 -> '2')."""
+    v = v.item() if isinstance(v, np.generic) else v
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _overlapping(units: list[int], num_responses: int, gx: np.ndarray, gmask: np.ndarray, response: np.ndarray,
+                 piece: np.ndarray) -> bool:
+    """Whether two pieces (occasions, or periods) of one subject's response overlap in x: a cross-over whose time
+    restarts at each occasion (their curves would lie on top of each other in one panel)."""
+    for i in units:
+        for r in range(num_responses):
+            spans = sorted((gx[i][sel].min(), gx[i][sel].max()) for k in np.unique(piece[i][gmask[i]])
+                           if (sel := gmask[i] & (response[i] == r) & (piece[i] == k)).any())
+            if any(b[0] < a[1] for a, b in zip(spans, spans[1:])):
+                return True
+    return False
+
+
 def _individual_fits_nlme(fit: Any, model: Any, x: Any, units: list[int], ncols: int, figsize: Any, log: bool,
                           num_points: int) -> Any:
+    """One panel per subject (and per response of a multi-response model): the observations, IPRED and PRED on the
+    fine grid of :meth:`prediction_grid` (else joined at the observations).  Occasions of an IOV model: one colour
+    each (IPRED at that occasion's κ), a panel each when their times overlap (a cross-over restarting the time);
+    periods of a model without IOV likewise drawn apart when their times overlap."""
     plt = _plt()
     ops, data = model.ops, model.data
     xv, xlabel = _x_values(fit, x)
     theta, mode = fit._theta(), ops.asarray(fit.individual_estimates().mode)
     grid = model.prediction_grid(num_points) if xlabel == model.x_name else None
+    response_obs, occasion_obs = _response_and_occasion(model, data.mask.shape)  # of the observations
+    zeros = np.zeros(data.mask.shape, dtype=np.int64)
+    period_obs = data.obs_seg.astype(np.int64) if data.obs_seg is not None else zeros
     if grid is not None:
-        gx, gmask = grid
+        gx, gmask = grid.x, grid.mask
         curves = ops.to_numpy(model_program(model, _curves_on_grid, num_points)(theta, mode))
+        response, occasion = grid.response, grid.occasion
+        period = grid.period if grid.period is not None else np.zeros(gx.shape, dtype=np.int64)
     else:  # predictions at the observations only, joined by segments
         gx, gmask = xv, data.mask
         curves = ops.to_numpy(model_program(model, _curves_at_observations)(theta, mode))
-    # several responses: one panel per (subject, response); occasions: curves not joined across occasions
-    response, occasion = _response_and_occasion(model, gmask.shape)  # of the curves' points
-    response_obs = _response_and_occasion(model, data.mask.shape)[0]  # of the observations
+        response, occasion, period = response_obs, occasion_obs, period_obs
+    occ = getattr(model, "_iov", None)
+    # the pieces drawn apart: occasions (IOV), else periods; a panel each where their times overlap
+    piece, piece_obs = (occasion, occasion_obs) if occ is not None else (period, period_obs)
     names = model._resp.names if getattr(model, "_resp", None) is not None else [None]
-    panels = [(i, r) for i in units for r in range(len(names)) if (data.mask[i] & (response_obs[i] == r)).any()]
+    split = _overlapping(units, len(names), gx, gmask, response, piece)
+    panels = []
+    for i in units:
+        for r in range(len(names)):
+            seen = data.mask[i] & (response_obs[i] == r)
+            if seen.any():
+                panels += [(i, r, int(k)) for k in np.unique(piece_obs[i][seen])] if split else [(i, r, None)]
+    colour_of: dict[str, str] = {}
+    if occ is not None:
+        drawn = np.unique(np.concatenate([occ.labels[i][np.isfinite(occ.labels[i])] for i in units]))
+        colour_of = {_value_text(v): OCCASION_COLOURS[j % len(OCCASION_COLOURS)] for j, v in enumerate(drawn)}
     ncols = min(ncols, len(panels))
     nrows = int(np.ceil(len(panels) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=figsize or (3 * ncols, 2.5 * nrows), squeeze=False)
     dv_name = data.columns.get("dv", "DV")
-    for ax, (i, r) in zip(axes.flat, panels):
-        mine, mine_obs = response[i] == r, response_obs[i] == r
-        obs = data.mask[i] & (data.cens[i] == 0) & mine_obs
-        cens = data.mask[i] & (data.cens[i] != 0) & mine_obs
-        for k in np.unique(occasion[i][gmask[i] & mine]):
-            part = gmask[i] & mine & (occasion[i] == k)
+    groups: dict[tuple[int, int], list[Any]] = {}
+    for ax, (i, r, k) in zip(axes.flat, panels):
+        groups.setdefault((i, r), []).append(ax)
+        mine = gmask[i] & (response[i] == r) & (True if k is None else piece[i] == k)
+        mine_obs = data.mask[i] & (response_obs[i] == r) & (True if k is None else piece_obs[i] == k)
+        for kk, ss in sorted(set(zip(occasion[i][mine].tolist(), period[i][mine].tolist()))):
+            part = mine & (occasion[i] == kk) & (period[i] == ss)
             order = np.argsort(gx[i][part], kind="stable")
             xi = gx[i][part][order]
-            ax.plot(xi, curves[0, i][part][order], lw=1.4, color="tab:blue", label="IPRED")
-            ax.plot(xi, curves[1, i][part][order], lw=1.1, ls="--", color="tab:orange", label="PRED")
+            if occ is not None:
+                text = _value_text(occ.labels[i, kk])
+                suffix, ipred_colour = f" · {occ.column} {text}", colour_of[text]
+                pred_colour = ipred_colour
+            else:
+                suffix, ipred_colour, pred_colour = "", "tab:blue", "tab:orange"
+            ax.plot(xi, curves[0, i][part][order], lw=1.4, color=ipred_colour, label="IPRED" + suffix)
+            ax.plot(xi, curves[1, i][part][order], lw=1.1, ls="--", color=pred_colour, label="PRED" + suffix,
+                    alpha=0.8 if occ is not None else 1.0)
+        obs = mine_obs & (data.cens[i] == 0)
+        cens = mine_obs & (data.cens[i] != 0)
         ax.scatter(xv[i][obs], data.dv[i][obs], s=14, color="k", zorder=3, label="observed")
         if cens.any():
             ax.scatter(xv[i][cens], data.dv[i][cens], s=18, facecolors="none", edgecolors="k", marker="v",
                        zorder=3, label="censored (limit)")
         if data.x is None and xlabel == model.x_name:
-            _draw_doses(ax, model, i)
-        ax.set_title(_unit_label(model, i) + (f" · {names[r]}" if names[r] is not None else ""), fontsize=9)
+            _draw_doses(ax, model, i, None if k is None else _dose_pieces(model, i) == k)
+        title = _unit_label(model, i) + (f" · {names[r]}" if names[r] is not None else "")
+        if k is not None:
+            title += (f" · {occ.column} {_value_text(occ.labels[i, k])}" if occ is not None else f" · period {k + 1}")
+        ax.set_title(title, fontsize=9)
+        if names[r] is not None:
+            ax.set_ylabel(names[r], fontsize=9)
         if log:
-            seen = data.x_values[i][data.mask[i] & mine_obs]
-            inside = gmask[i] & mine & (gx[i] >= seen.min())
-            _set_log_y(ax, np.concatenate([data.dv[i][data.mask[i] & mine_obs], curves[:, i][:, inside].ravel()]))
+            first = data.x_values[i][mine_obs].min()
+            inside = mine & (gx[i] >= first)
+            _set_log_y(ax, np.concatenate([data.dv[i][mine_obs], curves[:, i][:, inside].ravel()]))
+    for group in groups.values():  # a subject's occasions (or periods) drawn apart: one y-scale
+        if len(group) > 1:
+            lims = np.array([ax.get_ylim() for ax in group])
+            for ax in group:
+                ax.set_ylim(lims[:, 0].min(), lims[:, 1].max())
     for ax in axes[-1]:
         ax.set_xlabel(xlabel)
-    for ax in axes[:, 0]:
-        ax.set_ylabel(dv_name)
+    if names[0] is None:
+        for ax in axes[:, 0]:
+            ax.set_ylabel(dv_name)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     _figure_legend(fig, list(axes.flat)[:len(panels)])
     return fig
 
 
+def _dose_pieces(model: Any, i: int) -> np.ndarray:
+    """The occasion (IOV), else the period, of each dose record of unit ``i`` (as the curves' pieces)."""
+    data = model.data
+    seg = data.dose_seg[i] if data.dose_seg is not None else np.zeros(data.dose_time.shape[1])
+    occ = getattr(model, "_iov", None)
+    if occ is None:
+        return seg.astype(np.int64)
+    if occ.num_occasions < 2:
+        return np.zeros(seg.shape, dtype=np.int64)
+    from latentfit.models.nlme import occasions as _occ
+
+    start, oseg, valid = (a[i:i + 1] for a in _occ.starts(data, model._table.column(occ.column), occ)[:3])
+    return _occ._occasion_at(data.dose_time[i:i + 1], seg[None, :], start, oseg, valid)[0]
+
+
 def _response_and_occasion(model: Any, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Response and occasion index of each point ``[N, G]``: zeros for a model without several responses / IOV, or
-    for points off the observations (such models draw on the observations: their grid is None)."""
+    """Response and occasion index of each observation ``[N, T]``: zeros for a model without several responses /
+    IOV."""
     resp, occ = getattr(model, "_resp", None), getattr(model, "_iov", None)
     zeros = np.zeros(shape, dtype=np.int64)
     response = model.ops.to_numpy(resp.index) if resp is not None else zeros
     occasion = model.ops.to_numpy(occ.occ) if occ is not None else zeros
-    return (response if response.shape == shape else zeros), (occasion if occasion.shape == shape else zeros)
+    return np.asarray(response), np.asarray(occasion)
 
 
 def _figure_legend(fig: Any, axes: list[Any]) -> None:
-    """One legend above the panels (the distinct labels of ``axes``), so that it hides no data."""
+    """One legend above the panels (the distinct labels of ``axes``), so that it hides no data: as many rows as
+    its entries need at the figure's width."""
     entries: dict[str, Any] = {}
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             entries.setdefault(lab, h)
-    labels, handles = list(entries), list(entries.values())
-    height = fig.get_size_inches()[1]
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height))
+    curves = [lab for lab in entries if lab.split(" · ")[0] in ("IPRED", "PRED")]  # the curves (per occasion) first
+    labels = curves + [lab for lab in entries if lab not in curves]
+    handles = [entries[lab] for lab in labels]
+    width, height = fig.get_size_inches()
+    entry = 0.5 + 0.07 * max((len(lab) for lab in labels), default=0)  # inches: handle, gap and text at 8 pt
+    ncol = max(1, min(len(labels), int(width // entry)))
+    rows = int(np.ceil(len(labels) / ncol))
+    fig.legend(handles, labels, loc="upper center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.1 + 0.22 * rows) / height))
 
 
 def _default_units(num_units: int, max_panels: int | None, what: str) -> list[int]:
@@ -291,8 +377,13 @@ def plot_individual_fits(fit: Any, x: Any = None, units: Any = None, ncols: int 
 
     NLME fits: against the data's time (or x-variable) by default, one panel per subject titled by its ID
     (``ids=``: those subjects only), IPRED (conditional modes) and PRED (population) as smooth curves of the
-    structural model on ``num_points`` points per subject, doses as triangles on the x-axis and infusions as
-    spans.  Other models: ``x`` (default the observation index), predictions joined at the observations.
+    structural model on ``num_points`` points per subject from the first dose, doses as triangles on the x-axis and
+    infusions as spans.  Several responses (``DVID``): a panel per subject and response, each with its own curves and
+    observations.  Occasions (IOV): a colour per occasion, IPRED with that occasion's κ; where occasions
+    overlap in time (a cross-over whose time restarts at each occasion) a panel per occasion, one y-scale per
+    subject (one time axis would draw the occasions on top of each other; shifting them would make the axis lie
+    about the time since the dose); periods after a reset likewise when their times overlap.  Other models: ``x``
+    (default the observation index), predictions joined at the observations.
     ``log``: logarithmic y-axis.  Without ``units`` or ``ids``, every unit up to ``max_panels`` (the first
     ``max_panels`` of a larger population, with a warning; None: all of them).
     """

@@ -39,7 +39,8 @@ import pandas as pd
 #: figures of the report: file stem -> (section title, caption)
 FIGURES = {
     "individual_fits": ("Individual fits", "Observations (points), individual predictions IPRED (conditional modes, "
-                                           "solid) and population predictions PRED (dashed) per subject."),
+                                           "solid) and population predictions PRED (dashed) per subject (and response; "
+                                           "a colour per occasion)."),
     "gof": ("Goodness of fit", "DV vs PRED and IPRED (identity line); IWRES and NPDE against time (or x) and the "
                                "predictions (±1.96 dashed)."),
     "vpc": ("Visual predictive check", "Prediction-corrected VPC: observed 5/50/95% quantiles per bin (lines) against "

@@ -255,3 +255,178 @@ def test_dose_response_data_are_drawn_against_their_x_variable():
     vpc = fit.plot_vpc(num_sims=50)
     assert vpc.axes[0].get_xlabel() == "dose"
     plt.close(vpc)
+
+
+# ----- several responses and occasions: smooth curves on the fine grid too (user audit) -------------------------
+P = nlme.Parameter
+PKPD_PARAMS = {"ka": P(1.0, omega2=0.3), "V": P(10.0, omega2=0.3), "CL": P(0.5, omega2=0.3),
+               "ke0": P(0.1, random=False), "E0": P(100.0, omega2=0.1), "Imax": P(0.8, transform="logit", random=False),
+               "IC50": P(3.0, omega2=0.3)}
+PKPD_TRUTH = {"ka": 1.0, "V": 10.0, "CL": 0.5, "ke0": 0.1, "E0": 100.0, "Imax": 0.8, "IC50": 3.0, "omega2_ka": 0.2,
+              "omega2_V": 0.05, "omega2_CL": 0.1, "omega2_E0": 0.01, "omega2_IC50": 0.1, "b_conc": 0.1,
+              "a_effect": 3.0}
+CONC_TIMES, EFFECT_TIMES = (0.5, 1, 2, 4, 8, 24), (2, 6, 12, 24, 48, 72)
+IOV_TRUTH = {"ka": 1.0, "V": 20.0, "CL": 2.0, "omega2_ka": 0.1, "omega2_V": 0.05, "omega2_CL": 0.1, "gamma2_CL": 0.3,
+             "a": 0.1}
+
+
+def _divided(lam, mu, t):
+    return (np.exp(-lam * t) - np.exp(-mu * t)) / (mu - lam)
+
+
+def _pkpd(t, dose, p):
+    """Concentration and effect of ``oral_effect_imax`` (one oral dose at 0) in numpy, from its closed form."""
+    k = p["CL"] / p["V"]
+    conc = dose * p["ka"] / p["V"] * _divided(k, p["ka"], t)
+    ce = (dose * p["ka"] * p["ke0"] / p["V"] * (_divided(k, p["ke0"], t) - _divided(p["ka"], p["ke0"], t))
+          / (p["ka"] - k))
+    return conc, p["E0"] * (1.0 - p["Imax"] * ce / (p["IC50"] + ce))
+
+
+@pytest.fixture(scope="module")
+def pkpd_fit():
+    rows = []
+    for i in range(1, 7):
+        rows.append(dict(ID=i, TIME=0.0, DV=np.nan, AMT=100.0, EVID=1, MDV=1, DVID=1))
+        rows += [dict(ID=i, TIME=t, DV=0.0, AMT=0.0, EVID=0, MDV=0, DVID=1) for t in CONC_TIMES]
+        rows += [dict(ID=i, TIME=t, DV=0.0, AMT=0.0, EVID=0, MDV=0, DVID=2) for t in EFFECT_TIMES]
+    table = pd.DataFrame(rows).sort_values(["ID", "TIME"], kind="stable")
+    model = nlme.NLME("oral_effect_imax", dict(PKPD_PARAMS), error={"conc": "proportional", "effect": "constant"})
+    data = model.bind(table).simulate(PKPD_TRUTH, seed=1)
+    yield model.fit(data, seed=1, num_iters=(8, 2), progress=False)
+    plt.close("all")
+
+
+def test_each_response_of_a_pkpd_model_gets_smooth_curves_from_the_dose(pkpd_fit):
+    """PK/PD (DVID): a panel per subject and response, IPRED and PRED of that response on the fine grid from the dose
+    to the response's last observation, equal to the closed form at the EBEs (and at the population values); the
+    concentration curve shows the absorption peak between two samples (the audit's curves were straight segments
+    between the observations, from the first observation, whatever ``num_points``)."""
+    fig = pkpd_fit.plot_individual_fits(ids=[1, 2])
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["ID 1 · conc", "ID 1 · effect", "ID 2 · conc", "ID 2 · effect"]
+    assert [ax.get_ylabel() for ax in axes] == ["conc", "effect"] * 2
+    modes = pkpd_fit.individual_parameters()
+    pop = {k: float(v) for k, v in pkpd_fit.params.items()}
+    for k, unit in enumerate((0, 1)):
+        ebe = {nm: float(modes[f"{nm}.mode"][unit]) for nm in PKPD_PARAMS}
+        for r, (ax, times) in enumerate(zip(axes[2 * k:2 * k + 2], (CONC_TIMES, EFFECT_TIMES), strict=True)):
+            ipred, pred = _line(ax, "IPRED"), _line(ax, "PRED")
+            t = np.asarray(ipred.get_xdata())
+            assert len(t) >= 150 and t[0] == 0.0 and t[-1] == times[-1] and np.all(np.diff(t) > 0)
+            assert set(times) <= set(t.tolist())
+            np.testing.assert_allclose(ipred.get_ydata(), _pkpd(t, 100.0, ebe)[r], rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(pred.get_ydata(), _pkpd(t, 100.0, pop)[r], rtol=1e-10, atol=1e-10)
+            assert sorted(ax.collections[0].get_offsets()[:, 0]) == list(times)  # this response's observations
+        conc = np.asarray(_line(axes[2 * k], "IPRED").get_ydata())
+        at_samples = _pkpd(np.asarray(CONC_TIMES, float), 100.0, ebe)[0]
+        t_max = np.log(ebe["ka"] * ebe["V"] / ebe["CL"]) / (ebe["ka"] - ebe["CL"] / ebe["V"])
+        assert t_max not in CONC_TIMES and conc.max() > at_samples.max() * (1 + 1e-6)  # the peak between samples
+        assert abs(_pkpd(np.array([t_max]), 100.0, ebe)[0][0] - conc.max()) < 1e-3 * conc.max()
+    plt.close(fig)
+    fig = pkpd_fit.plot_individual_fits(ids=[1], num_points=400)
+    assert all(len(_line(ax, "IPRED").get_xdata()) >= 400 for ax in fig.axes if ax.get_visible())
+    plt.close(fig)
+
+
+def _iov_fit(crossover: bool):
+    rows = []
+    for i in range(1, 7):
+        if crossover:  # the time restarts at each occasion (a reset, EVID 4)
+            for occ in (1, 2):
+                rows.append(dict(ID=i, TIME=0.0, DV=np.nan, AMT=100.0, EVID=1 if occ == 1 else 4, MDV=1, OCC=occ))
+                rows += [dict(ID=i, TIME=t, DV=0.0, AMT=0.0, EVID=0, MDV=0, OCC=occ) for t in (0.5, 1, 2, 4, 8, 12)]
+        else:  # the second dose at 12 h, drug of the first carried into occasion 2
+            rows.append(dict(ID=i, TIME=0.0, DV=np.nan, AMT=100.0, EVID=1, MDV=1, OCC=1))
+            rows += [dict(ID=i, TIME=t, DV=0.0, AMT=0.0, EVID=0, MDV=0, OCC=1) for t in (0.5, 1, 2, 4, 8)]
+            rows.append(dict(ID=i, TIME=12.0, DV=np.nan, AMT=100.0, EVID=1, MDV=1, OCC=2))
+            rows += [dict(ID=i, TIME=t, DV=0.0, AMT=0.0, EVID=0, MDV=0, OCC=2) for t in (12.5, 13, 14, 16, 20, 24)]
+    model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 2.0}, iov=["CL"])
+    data = model.bind(pd.DataFrame(rows)).simulate(IOV_TRUTH, seed=1)
+    return model.fit(data, seed=1, num_iters=(8, 2), progress=False)
+
+
+def _occasion_parameters(fit, unit: int) -> list[dict[str, float]]:
+    """ka, V and CL of each occasion of ``unit`` at the EBEs (CL with that occasion's κ)."""
+    modes, kappa = fit.individual_parameters(), fit.individual_estimates().to_frame()
+    base = {nm: float(modes[f"{nm}.mode"][unit]) for nm in ("ka", "V", "CL")}
+    return [dict(base, CL=base["CL"] * np.exp(float(kappa[f"kappa_CL[{k}].mode"].iloc[unit]))) for k in (0, 1)]
+
+
+def test_occasions_of_a_crossover_get_a_panel_each_with_their_own_kappa():
+    """IOV, cross-over (time restarting at 0 with EVID 4): the occasions would overlap on one time axis, so each gets
+    its own panel (one y-scale per subject), its colour and legend entry; its IPRED is the closed form at that
+    occasion's κ (EBE), its PRED the population curve, on the fine grid from the occasion's dose."""
+    fit = _iov_fit(crossover=True)
+    fig = fit.plot_individual_fits(ids=[1, 2])
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["ID 1 · OCC 1", "ID 1 · OCC 2", "ID 2 · OCC 1", "ID 2 · OCC 2"]
+    pop = {k: float(fit.params[k]) for k in ("ka", "V", "CL")}
+    for unit in (0, 1):
+        per_occ = _occasion_parameters(fit, unit)
+        assert abs(np.log(per_occ[0]["CL"] / per_occ[1]["CL"])) > 1e-3  # the occasions' κ differ
+        pair = axes[2 * unit:2 * unit + 2]
+        colours = []
+        for k, ax in enumerate(pair):
+            ipred = [ln for ln in ax.get_lines() if ln.get_label().startswith("IPRED")]
+            assert [ln.get_label() for ln in ipred] == [f"IPRED · OCC {k + 1}"]
+            t = np.asarray(ipred[0].get_xdata())
+            assert len(t) >= 150 and t[0] == 0.0 and t[-1] == 12.0
+            p = per_occ[k]
+            np.testing.assert_allclose(ipred[0].get_ydata(), _oral(t, 100.0, p["ka"], p["V"], p["CL"]), rtol=1e-10,
+                                       atol=1e-10)
+            pred = _line(ax, f"PRED · OCC {k + 1}")
+            np.testing.assert_allclose(pred.get_ydata(), _oral(t, 100.0, pop["ka"], pop["V"], pop["CL"]), rtol=1e-10,
+                                       atol=1e-10)
+            colours.append(ipred[0].get_color())
+        assert colours[0] != colours[1] and pair[0].get_ylim() == pair[1].get_ylim()
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[:4] == ["IPRED · OCC 1", "PRED · OCC 1", "IPRED · OCC 2", "PRED · OCC 2"]
+    plt.close(fig)
+
+
+def test_occasions_that_follow_in_time_share_a_panel_and_meet_at_the_boundary():
+    """IOV with a second dose at 12 h and no reset: one panel per subject, occasion 1's curve from the dose to just
+    before occasion 2 starts (not stopping at its last sample), occasion 2's from its start; occasion 2 carries the
+    drug of the first dose under its own κ (the closed form of the chained one-compartment model)."""
+    fit = _iov_fit(crossover=False)
+    fig = fit.plot_individual_fits(ids=[1, 2])
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["ID 1", "ID 2"]
+    for unit, ax in enumerate(axes):
+        (p1, p2), dose = _occasion_parameters(fit, unit), 100.0
+        first, second = _line(ax, "IPRED · OCC 1"), _line(ax, "IPRED · OCC 2")
+        t1, c1 = (np.asarray(a) for a in (first.get_xdata(), first.get_ydata()))
+        t2, c2 = (np.asarray(a) for a in (second.get_xdata(), second.get_ydata()))
+        assert t1[0] == 0.0 and 12.0 - 1e-9 < t1[-1] < 12.0 and t2[0] == 12.0 and t2[-1] == 24.0
+        assert len(t1) >= 150 and len(t2) >= 150 and first.get_color() != second.get_color()
+        np.testing.assert_allclose(c1, _oral(t1, dose, p1["ka"], p1["V"], p1["CL"]), rtol=1e-10, atol=1e-10)
+        ka, v, k2, s = p2["ka"], p2["V"], p2["CL"] / p2["V"], t2 - 12.0
+        depot, central = dose * np.exp(-ka * 12.0), v * _oral(np.array([12.0]), dose, ka, p1["V"], p1["CL"])[0]
+        want = (central * np.exp(-k2 * s) + (depot + dose) * ka / (ka - k2) * (np.exp(-k2 * s) - np.exp(-ka * s))) / v
+        np.testing.assert_allclose(c2, want, rtol=1e-10, atol=1e-10)
+    plt.close(fig)
+
+
+def test_periods_that_restart_the_time_are_drawn_apart_with_their_own_doses():
+    """No IOV, a reset (EVID 4) restarting the time with another dose: each period's curve from its own dose (the
+    grid read the periods from the time alone, so one curve, the second period's, was drawn over both)."""
+    rows = []
+    for i in range(1, 5):
+        for per, amt in ((1, 100.0), (2, 50.0)):
+            rows.append(dict(ID=i, TIME=0.0, DV=np.nan, AMT=amt, EVID=1 if per == 1 else 4, MDV=1))
+            rows += [dict(ID=i, TIME=t, DV=0.0, AMT=0.0, EVID=0, MDV=0) for t in (0.5, 1, 2, 4, 8, 12)]
+    model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 2.0})
+    data = model.bind(pd.DataFrame(rows)).simulate({k: v for k, v in IOV_TRUTH.items() if k != "gamma2_CL"}, seed=1)
+    fit = model.fit(data, seed=1, num_iters=(8, 2), progress=False)
+    fig = fit.plot_individual_fits(ids=[2])
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["ID 2 · period 1", "ID 2 · period 2"]
+    modes = fit.individual_parameters()
+    for ax, dose in zip(axes, (100.0, 50.0), strict=True):
+        ipred = _line(ax, "IPRED")
+        t = np.asarray(ipred.get_xdata())
+        assert len(t) >= 150 and t[0] == 0.0 and t[-1] == 12.0
+        want = _oral(t, dose, modes["ka.mode"][1], modes["V.mode"][1], modes["CL.mode"][1])
+        np.testing.assert_allclose(ipred.get_ydata(), want, rtol=1e-10, atol=1e-10)
+    plt.close(fig)

@@ -171,8 +171,8 @@ def test_joint_pkpd_recovery_three_seeds():
 
 def test_individual_fits_have_a_panel_per_subject_and_response():
     """``plot_individual_fits``: one panel per (subject, response), each drawing only its response's observations and
-    predictions; with occasions, one IPRED curve per occasion (not joined across a time restart); the VPC: one
-    panel per response."""
+    predictions (smooth, from the dose); occasions whose times overlap (a restart): a panel each, one IPRED curve of
+    that occasion; the VPC: one panel per response."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,11 +185,15 @@ def test_individual_fits_have_a_panel_per_subject_and_response():
     fit = _model(data, iov=["CL"]).fit(seed=0, num_iters=(8, 2), progress=False)
     fig = fit.plot_individual_fits()
     axes = [ax for ax in fig.axes if ax.get_visible()]
-    assert [ax.get_title() for ax in axes] == [f"ID {i} · {r}" for i in (1, 2, 3) for r in ("conc", "effect")]
-    for ax, times in zip(axes[:2], ((0.5, 1, 2, 4, 8, 24), (2, 6, 12, 24, 48, 72)), strict=True):
-        ipred = [ln for ln in ax.get_lines() if ln.get_label() == "IPRED"]
-        assert len(ipred) == 2 and all(list(ln.get_xdata()) == list(times) for ln in ipred)
-        assert sorted(set(ax.collections[0].get_offsets()[:, 0])) == list(times)
+    assert [ax.get_title() for ax in axes] == [f"ID {i} · {r} · OCC {k}" for i in (1, 2, 3) for r in ("conc", "effect")
+                                               for k in (1, 2)]
+    conc, effect = (0.5, 1, 2, 4, 8, 24), (2, 6, 12, 24, 48, 72)
+    for ax, times, k in zip(axes[:4], (conc, conc, effect, effect), (1, 2, 1, 2), strict=True):
+        ipred = [ln for ln in ax.get_lines() if ln.get_label().startswith("IPRED")]
+        assert [ln.get_label() for ln in ipred] == [f"IPRED · OCC {k}"]
+        t = np.asarray(ipred[0].get_xdata())
+        assert len(t) >= 150 and t[0] == 0.0 and t[-1] == times[-1] and set(times) <= set(t.tolist())
+        assert sorted(ax.collections[0].get_offsets()[:, 0]) == list(times)
     plt.close(fig)
     # the VPC: one panel per response, each binning its own observations
     for name, times in (("conc", (0.5, 1, 2, 4, 8, 24)), ("effect", (2, 6, 12, 24, 48, 72))):

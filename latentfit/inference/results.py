@@ -174,9 +174,9 @@ class FitResult:
         return _hooks.call("plot_residuals", self, x, **kwargs)
 
     def plot_individual_fits(self, x: Any = None, **kwargs: Any) -> Any:
-        """Observations, IPRED and PRED per unit (NLME: against time, smooth curves, panels by subject ID; ``log``,
-        ``ids``, ``num_points``; the first ``max_panels=36`` units unless ``units``/``ids`` name others; see
-        :func:`latentfit.plots.plot_individual_fits`)."""
+        """Observations, IPRED and PRED per unit (NLME: against time, smooth curves from the dose, panels by subject ID
+        and response, a colour per occasion; ``log``, ``ids``, ``num_points``; the first ``max_panels=36`` units unless
+        ``units``/``ids`` name others; see :func:`latentfit.plots.plot_individual_fits`)."""
         return _hooks.call("plot_individual_fits", self, x, **kwargs)
 
     def plot_vpc(self, x: Any = None, **kwargs: Any) -> Any:

@@ -227,16 +227,18 @@ def _units_minor_design(model: NLME) -> dict[str, Any] | None:
     return {"design": design, "y": transpose(y), "mask": None if model._no_padding else transpose(model._mask)}
 
 
-def dose_design(model: NLME, data: NLMEData, grid: np.ndarray | None = None) -> dict[str, Any]:
+def dose_design(model: NLME, data: NLMEData, grid: np.ndarray | None = None,
+                period: np.ndarray | None = None) -> dict[str, Any]:
     """The steady-state, period and routing fields of a :class:`Design` (None where the data do not need
-    them, so that the common case stays as fast as before); ``grid``: periods of grid times (by the resets'
-    times)."""
+    them, so that the common case stays as fast as before); ``grid``: the periods of grid times, ``period`` or
+    else by the resets' times."""
     ops, out = model.ops, {}
     real = data.dose_amt > 0
     if data.has_ss:
         out.update(dose_ss=ops.asarray(data.dose_ss), dose_ii=ops.asarray(data.dose_ii))
     if data.has_resets:
-        obs_seg = data.obs_seg if grid is None else (data.seg_start[:, None, 1:] <= grid[..., None]).sum(-1)
+        obs_seg = (data.obs_seg if grid is None else period if period is not None
+                   else (data.seg_start[:, None, 1:] <= grid[..., None]).sum(-1))
         out.update(dose_seg=ops.asarray(data.dose_seg), obs_seg=ops.asarray(np.asarray(obs_seg, dtype=float)))
     out["central_cmt"] = bool((data.dose_cmt[real] == 2).any())
     out["has_infusion"] = bool((data.dose_rate[real] > 0).any())
@@ -314,52 +316,148 @@ def with_init(model: NLME, init: dict[str, Any]) -> NLME:
     return new
 
 
-def prediction_grid(model: NLME, num_points: int = 150) -> tuple[np.ndarray, np.ndarray] | None:
-    """A fine grid of the x-variable per individual, ``(grid [N, G], mask [N, G])`` (numpy), for smooth curves.
+@dataclasses.dataclass(frozen=True)
+class PredictionGrid:
+    """Fine grid of the x-variable per individual (numpy arrays ``[N, G]``), made of pieces: one per (response,
+    period, occasion) of the individual's observations, each sorted in x.  Unpacks as ``(x, mask)``."""
 
-    Each individual's grid spans its first dose (or observation) to its last observation with ``num_points``
-    equally spaced points, plus its observation times, dose times (and the instant before each, so that a
-    bolus draws a jump) and infusion ends; rows are padded with their last value (``mask`` False).  None
-    when the structural model needs per-observation regressors that a grid cannot interpolate (other
-    ``regressors=`` columns, or an ``x=`` column in data that also have a time column).
+    x: np.ndarray  # [N, G] points (padding: the row's last point)
+    mask: np.ndarray  # [N, G] bool, True for a real point
+    period: np.ndarray | None  # [N, G] period of each point (a reset starts a new one); None: one period
+    response: np.ndarray  # [N, G] response index (0 without several responses)
+    occasion: np.ndarray  # [N, G] occasion index 0..K-1 (0 without occasions)
+
+    def __iter__(self) -> Any:
+        return iter((self.x, self.mask))
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return (self.x, self.mask)[k]
+
+
+def _occasion_spans(model: NLME) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Start ``(time, period, valid)`` ``[N, K-1]`` of occasions 2..K (:func:`~.occasions.starts`); None without
+    several occasions."""
+    occ = model._iov
+    if occ is None or occ.num_occasions < 2:
+        return None
+    return _occ.starts(model.data, model._table.column(occ.column), occ)[:3]
+
+
+def prediction_grid(model: NLME, num_points: int = 150) -> PredictionGrid | None:
+    """A fine grid of the x-variable per individual (:class:`PredictionGrid`, unpacking as ``(grid [N, G],
+    mask [N, G])``), for smooth curves.
+
+    The grid is made of one piece per (response, period, occasion) of the individual's observations, each with
+    ``num_points`` equally spaced points from the first dose of its period and occasion (or its first observation,
+    or the occasion's start when an occasion follows another in the same period) to its last observation (or to just
+    before the next occasion's start in the same period, so that the occasions' curves meet), plus its observation
+    times, the dose times of its period (and the instant before each, so that a bolus draws a jump) and infusion
+    ends; rows are padded with their last value (``mask`` False).  None when the structural model needs
+    per-observation regressors that a grid cannot interpolate (``regressors=`` columns other than the response and
+    occasion columns, or an ``x=`` column in data that also have a time column).
     """
     model._require_data()
-    data = model.data
-    extra = set(data.regressors) - ({data.x} if data.x is not None else set())
+    data, ops = model.data, model.ops
+    resp, occ = model._resp, model._iov
+    labelled = {c.column for c in (resp, occ) if c is not None}
+    extra = set(data.regressors) - ({data.x} if data.x is not None else set()) - labelled
     if extra or (data.x is not None and "time" in data.columns):
         return None
-    xv, rows = data.x_values, []
+    xv, mask = data.x_values, data.mask
+    zeros = np.zeros(mask.shape, dtype=np.int64)
+    obs_seg = data.obs_seg if data.obs_seg is not None else zeros
+    dose_seg = data.dose_seg if data.dose_seg is not None else np.zeros(data.dose_time.shape)
+    r_obs = np.asarray(ops.to_numpy(resp.index)) if resp is not None else zeros
+    k_obs = np.asarray(ops.to_numpy(occ.occ)) if occ is not None else zeros
+    spans = _occasion_spans(model)
+    rows = []
     for i in range(data.num_individuals):
-        obs = xv[i][data.mask[i]]
-        lo, hi = float(obs.min()), float(obs.max())
-        pts = [np.linspace(lo, hi, int(num_points)), obs]
-        if data.x is None:
-            real = data.dose_amt[i] > 0
-            t_d, amt, rate = data.dose_time[i][real], data.dose_amt[i][real], data.dose_rate[i][real]
-            lo = min(lo, float(t_d.min())) if t_d.size else lo
-            pts[0] = np.linspace(lo, hi, int(num_points))
-            ends = t_d[rate > 0] + amt[rate > 0] / rate[rate > 0]
-            pts += [t_d, np.nextafter(t_d[t_d > lo], -np.inf), ends]
-        g = np.unique(np.concatenate(pts))
-        rows.append(g[(g >= lo) & (g <= hi)])
-    width = max(len(r) for r in rows)
-    grid = np.stack([np.concatenate([r, np.full(width - len(r), r[-1])]) for r in rows])
-    mask = np.arange(width)[None, :] < np.array([len(r) for r in rows])[:, None]
-    return grid, mask
+        m = mask[i]
+        pieces = []
+        for r, s, k in sorted(set(zip(r_obs[i][m].tolist(), obs_seg[i][m].tolist(), k_obs[i][m].tolist()))):
+            obs = xv[i][m & (r_obs[i] == r) & (obs_seg[i] == s) & (k_obs[i] == k)]
+            lo, hi = float(obs.min()), float(obs.max())
+            pts = [obs]
+            if data.x is None:
+                begin, end = -np.inf, np.inf  # the occasion's span within the period
+                if spans is not None:
+                    start, seg, valid = (a[i] for a in spans)
+                    if k > 0 and valid[k - 1] and seg[k - 1] == s:
+                        begin = float(start[k - 1])
+                        lo = min(lo, begin)
+                    if k < len(start) and valid[k] and seg[k] == s and start[k] > hi:
+                        end = float(start[k])
+                        hi = float(np.nextafter(end, -np.inf))
+                real = (data.dose_amt[i] > 0) & (dose_seg[i] == s)
+                t_d, amt, rate = data.dose_time[i][real], data.dose_amt[i][real], data.dose_rate[i][real]
+                first = t_d[(t_d >= begin) & (t_d < end)]
+                lo = min(lo, float(first.min())) if first.size else lo
+                ends = t_d[rate > 0] + amt[rate > 0] / rate[rate > 0]
+                pts += [t_d, np.nextafter(t_d[t_d > lo], -np.inf), ends]
+            g = np.unique(np.concatenate([np.linspace(lo, hi, int(num_points)), *pts]))
+            g = g[(g >= lo) & (g <= hi)]
+            pieces.append((g, r, s, k))
+        rows.append(pieces)
+    width = max(sum(len(g) for g, *_ in pieces) for pieces in rows)
+
+    def padded(values: list[np.ndarray], dtype: Any) -> np.ndarray:
+        return np.stack([np.concatenate([v, np.full(width - len(v), v[-1])]).astype(dtype) for v in values])
+
+    x = padded([np.concatenate([g for g, *_ in p]) for p in rows], float)
+    labels = [padded([np.concatenate([np.full(len(g), lab[j]) for g, *lab in p]) for p in rows], np.int64)
+              for j in range(3)]
+    lengths = np.array([sum(len(g) for g, *_ in p) for p in rows])
+    return PredictionGrid(x, np.arange(width)[None, :] < lengths[:, None],
+                          labels[1] if data.has_resets else None, labels[0], labels[2])
 
 
-def structural_prediction_at(model: NLME, theta: dict[str, Any], z: Any, grid: np.ndarray) -> Any:
-    """``f(x, ψ_i)`` at the points ``grid [N, G]`` of the x-variable (e.g. :meth:`prediction_grid`), with each
-    individual's doses and covariates; ``z [..., N, d]`` -> ``[..., N, G]`` (backend array)."""
+def _grid_labels(model: NLME, grid: np.ndarray) -> PredictionGrid:
+    """Labels of the points of a plain ``grid [N, G]``: the period and the occasion in force at each time, the first
+    response."""
+    data = model.data
+    period = (data.seg_start[:, None, 1:] <= grid[..., None]).sum(-1) if data.has_resets else None
+    occasion = np.zeros(grid.shape, dtype=np.int64)
+    spans = _occasion_spans(model)
+    if spans is not None:
+        seg = np.zeros(grid.shape) if period is None else period
+        occasion = _occ._occasion_at(grid, seg, *spans).astype(np.int64)
+    return PredictionGrid(grid, np.ones(grid.shape, bool), period, np.zeros(grid.shape, dtype=np.int64), occasion)
+
+
+def structural_prediction_at(model: NLME, theta: dict[str, Any], z: Any, grid: Any) -> Any:
+    """``f(x, ψ_i)`` at the points of ``grid`` (a :class:`PredictionGrid` of :func:`prediction_grid`, or an array
+    ``[N, G]`` of the x-variable), with each individual's doses and covariates; ``z [..., N, d]`` -> ``[..., N, G]``
+    (backend array).  Each point takes the prediction of its response, in its period, with its occasion's
+    parameters (ψ_i with that occasion's κ_ik); a plain array: the first response, the period and occasion in force
+    at each time."""
     model._require_data()
-    ops, d = model.ops, model.design
-    g = ops.asarray(np.asarray(grid, dtype=float))
-    regs = {model.data.x: g} if model.data.x is not None else {}
+    ops, d, data = model.ops, model.design, model.data
+    pg = grid if isinstance(grid, PredictionGrid) else _grid_labels(model, np.asarray(grid, dtype=float))
+    gx = np.asarray(pg.x, dtype=float)
+    g = ops.asarray(gx)
+    resp, occ = model._resp, model._iov
+    regs = {data.x: g} if data.x is not None else {}
+    if resp is not None:  # the response column: each point's response's value (what the prediction selects by)
+        regs[resp.column] = ops.asarray(np.asarray(resp.values, dtype=float)[pg.response])
+    if occ is not None:
+        labels = np.nan_to_num(occ.labels)
+        regs[occ.column] = ops.asarray(np.take_along_axis(labels, np.minimum(pg.occasion, labels.shape[1] - 1), 1))
+    doses = dose_design(model, data, gx, pg.period)
+    chained = occ is not None and occ.carry is not None
     design = Design(d.xp, g, d.dose_time, d.dose_amt, d.dose_rate, regs, d.covariates, False, d.dose_cmt, ops,
-                    None if model.data.x is None else g, **dose_design(model, model.data, np.asarray(grid, float)))
-    psi = model._psi(model._mu(theta), z)
-    return model.structural.bound(design)(psi, design)
+                    None if data.x is None else g, **doses, occ_start=d.occ_start if chained else None,
+                    occ_seg=d.occ_seg if chained else None, occ_valid=d.occ_valid if chained else None)
+    fn = model.structural.bound(design)
+    if model.response_spec is not None and model.response_spec.predicted:
+        fn = _resp.wrap(fn, model)
+    mu = model._mu(theta)
+    if occ is None:
+        return fn(model._psi(mu, z), design)
+    if chained:
+        fn = _occ.chained(fn, occ.carry, occ.num_occasions)
+    pred = fn(model._psi_by_occasion(mu, z), design)  # [..., K, N, G]
+    return _occ.select(pred, occ, None, ops, index=ops.asarray(pg.occasion))
 
 
-__all__ = ["bind", "bind_data", "build_params", "dose_design", "prediction_grid", "structural_prediction_at",
-           "with_init"]
+__all__ = ["PredictionGrid", "bind", "bind_data", "build_params", "dose_design", "prediction_grid",
+           "structural_prediction_at", "with_init"]

@@ -394,13 +394,15 @@ class NLME(LatentModel):
         self._require_data()
         return self.data.x if self.data.x is not None else self.data.columns.get("time", "time")
 
-    def prediction_grid(self, num_points: int = 150) -> tuple[np.ndarray, np.ndarray] | None:
-        """A fine grid of the x-variable per individual, ``(grid [N, G], mask [N, G])`` (numpy), for smooth curves
+    def prediction_grid(self, num_points: int = 150) -> _binding.PredictionGrid | None:
+        """A fine grid of the x-variable per individual, unpacking as ``(grid [N, G], mask [N, G])`` (numpy), for smooth
+        curves, with each point's response, period and occasion
         (:func:`~latentfit.models.nlme.binding.prediction_grid`)."""
         return _binding.prediction_grid(self, num_points)
 
-    def structural_prediction_at(self, theta: dict[str, Any], z: Any, grid: np.ndarray) -> Any:
-        """``f(x, ψ_i)`` at the points ``grid [N, G]`` of the x-variable, ``z [..., N, d]`` -> ``[..., N, G]``
+    def structural_prediction_at(self, theta: dict[str, Any], z: Any, grid: Any) -> Any:
+        """``f(x, ψ_i)`` at the points of ``grid`` (a :meth:`prediction_grid`, or an array ``[N, G]`` of the
+        x-variable), ``z [..., N, d]`` -> ``[..., N, G]``
         (:func:`~latentfit.models.nlme.binding.structural_prediction_at`)."""
         return _binding.structural_prediction_at(self, theta, z, grid)
 

@@ -199,15 +199,23 @@ def bind_carry(model: Any) -> None:
                                       "reset), which is supported for single-response models only")
     model.design = dataclasses.replace(model.design, occ_start=ops.asarray(start), occ_seg=ops.asarray(seg),
                                        occ_valid=ops.asarray(valid.astype(float)))
-    base, k_occ = model._structural_fn, occ.num_occasions
+    model._structural_fn = chained(model._structural_fn, mode, occ.num_occasions)
+    occ.carry = mode
+
+
+def chained(base: Any, mode: str, k_occ: int) -> Any:
+    """The exact piecewise predictions of occasions that carry drug into the next (``mode``: ``"ode"``, ``base``
+    integrating each occasion from the previous one's state, or a key of
+    :data:`~latentfit.models.nlme.piecewise.SYSTEMS`), on a design with the occasions' starts; repeated along an
+    occasion axis of size ``k_occ`` so that :func:`select` and the outcome models see the usual layout."""
+    from . import piecewise as _pw
 
     def piecewise(psi: dict[str, Any], d: Any) -> Any:
         pred = base(psi, d) if mode == "ode" else _pw.predict(mode, psi, d)
         shape = tuple(pred.shape[:-2]) + (k_occ,) + tuple(pred.shape[-2:])
         return d.xp.broadcast_to(pred[..., None, :, :], shape)
 
-    model._structural_fn = piecewise
-    occ.carry = mode
+    return piecewise
 
 
 def latent_sites(occ: Occasions) -> list[LatentSite]:
@@ -241,10 +249,11 @@ def phi_by_occasion(phi: Any, kappa: Any, occ: Occasions, xp: Any) -> Any:
     return phi[..., None, :, :] + kap @ occ.embed
 
 
-def select(pred: Any, occ: Occasions, units: Any, ops: Any) -> Any:
-    """Each observation's prediction at its own occasion: ``[..., K, n, T]`` -> ``[..., n, T]``."""
+def select(pred: Any, occ: Occasions, units: Any, ops: Any, index: Any = None) -> Any:
+    """Each observation's prediction at its own occasion: ``[..., K, n, T]`` -> ``[..., n, T]`` (``index [n, T]``:
+    the occasion of other points, e.g. a fine grid's; default the observations')."""
     xp = ops.xp
-    idx = occ.occ if units is None else ops.take(occ.occ, units, 0)
+    idx = index if index is not None else occ.occ if units is None else ops.take(occ.occ, units, 0)
     out = pred[..., 0, :, :]
     for k in range(1, occ.num_occasions):  # K occasions (a handful), not a loop over data
         out = xp.where(idx == k, pred[..., k, :, :], out)
