@@ -309,7 +309,7 @@ def test_each_response_of_a_pkpd_model_gets_smooth_curves_from_the_dose(pkpd_fit
     modes = pkpd_fit.individual_parameters()
     pop = {k: float(v) for k, v in pkpd_fit.params.items()}
     for k, unit in enumerate((0, 1)):
-        ebe = {nm: float(modes[f"{nm}.mode"][unit]) for nm in PKPD_PARAMS}
+        ebe = {nm: float(modes[f"{nm}.mode"].iloc[unit]) for nm in PKPD_PARAMS}
         for r, (ax, times) in enumerate(zip(axes[2 * k:2 * k + 2], (CONC_TIMES, EFFECT_TIMES), strict=True)):
             ipred, pred = _line(ax, "IPRED"), _line(ax, "PRED")
             t = np.asarray(ipred.get_xdata())
@@ -349,7 +349,7 @@ def _iov_fit(crossover: bool):
 def _occasion_parameters(fit, unit: int) -> list[dict[str, float]]:
     """ka, V and CL of each occasion of ``unit`` at the EBEs (CL with that occasion's κ)."""
     modes, kappa = fit.individual_parameters(), fit.individual_estimates().to_frame()
-    base = {nm: float(modes[f"{nm}.mode"][unit]) for nm in ("ka", "V", "CL")}
+    base = {nm: float(modes[f"{nm}.mode"].iloc[unit]) for nm in ("ka", "V", "CL")}
     return [dict(base, CL=base["CL"] * np.exp(float(kappa[f"kappa_CL[{k}].mode"].iloc[unit]))) for k in (0, 1)]
 
 
@@ -427,6 +427,6 @@ def test_periods_that_restart_the_time_are_drawn_apart_with_their_own_doses():
         ipred = _line(ax, "IPRED")
         t = np.asarray(ipred.get_xdata())
         assert len(t) >= 150 and t[0] == 0.0 and t[-1] == 12.0
-        want = _oral(t, dose, modes["ka.mode"][1], modes["V.mode"][1], modes["CL.mode"][1])
+        want = _oral(t, dose, modes["ka.mode"].iloc[1], modes["V.mode"].iloc[1], modes["CL.mode"].iloc[1])
         np.testing.assert_allclose(ipred.get_ydata(), want, rtol=1e-10, atol=1e-10)
     plt.close(fig)
