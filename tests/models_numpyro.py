@@ -125,6 +125,28 @@ def obs_mask_slope(t: jnp.ndarray, mask: jnp.ndarray, y: jnp.ndarray) -> None:
             numpyro.sample("y", dist.Normal(b[..., 0] + b[..., 1] * t, sigma), obs=y, obs_mask=mask)
 
 
+def masked_rows(group: jnp.ndarray, x: jnp.ndarray, num_groups: int, y: jnp.ndarray, m: jnp.ndarray,
+                how: str = "obs_mask") -> None:
+    """y_r = a_g(r) + β x_r + ε_r, a_j ~ N(μ, τ²), ε ~ N(0, σ²): rows outside the unit plate read through ``a[group]``
+    (unbalanced groups), only ``m``'s rows observed: ``how`` = ``"obs_mask"`` (``obs=y, obs_mask=m``), ``"mask"``
+    (``.mask(m)``) or ``"handler"`` (``handlers.mask``); ``y`` may hold NaN at the other rows."""
+    mu = numpyro.param("mu", jnp.array(0.0, dtype=y.dtype))
+    tau = numpyro.param("tau", jnp.array(1.0, dtype=y.dtype), constraint=constraints.positive)
+    beta = numpyro.param("beta", jnp.array(0.0, dtype=y.dtype))
+    sigma = numpyro.param("sigma", jnp.array(1.0, dtype=y.dtype), constraint=constraints.positive)
+    with numpyro.plate("group", num_groups):
+        a = numpyro.sample("a", dist.Normal(mu, tau))
+    with numpyro.plate("rows", x.shape[0]):
+        d = dist.Normal(a[group] + beta * x, sigma)
+        if how == "obs_mask":
+            numpyro.sample("y", d, obs=y, obs_mask=m)
+        elif how == "mask":
+            numpyro.sample("y", d.mask(m), obs=y)
+        else:
+            with numpyro.handlers.mask(mask=m):
+                numpyro.sample("y", d, obs=y)
+
+
 def missing_covariate(x: jnp.ndarray, observed: jnp.ndarray, y: jnp.ndarray) -> None:
     """y_i ~ N(β x_i, 1) with the covariate x_i ~ N(μ, 1) observed where ``observed``: its imputed entries
     (``x_unobserved``) feed y's density, so they are latents."""

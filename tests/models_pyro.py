@@ -126,6 +126,28 @@ def obs_mask_slope(t: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> None
             pyro.sample("y", dist.Normal(b[..., 0] + b[..., 1] * t, sigma), obs=y, obs_mask=mask)
 
 
+def masked_rows(group: torch.Tensor, x: torch.Tensor, num_groups: int, y: torch.Tensor, m: torch.Tensor,
+                how: str = "obs_mask") -> None:
+    """y_r = a_g(r) + β x_r + ε_r, a_j ~ N(μ, τ²), ε ~ N(0, σ²): rows outside the unit plate read through ``a[group]``
+    (unbalanced groups), only ``m``'s rows observed: ``how`` = ``"obs_mask"`` (``obs=y, obs_mask=m``), ``"mask"``
+    (``.mask(m)``) or ``"handler"`` (``poutine.mask``); ``y`` may hold NaN at the other rows."""
+    mu = pyro.param("mu", torch.tensor(0.0, dtype=y.dtype))
+    tau = pyro.param("tau", torch.tensor(1.0, dtype=y.dtype), constraint=constraints.positive)
+    beta = pyro.param("beta", torch.tensor(0.0, dtype=y.dtype))
+    sigma = pyro.param("sigma", torch.tensor(1.0, dtype=y.dtype), constraint=constraints.positive)
+    with pyro.plate("group", num_groups):
+        a = pyro.sample("a", dist.Normal(mu, tau))
+    with pyro.plate("rows", x.shape[0]):
+        d = dist.Normal(a[group] + beta * x, sigma)
+        if how == "obs_mask":
+            pyro.sample("y", d, obs=y, obs_mask=m)
+        elif how == "mask":
+            pyro.sample("y", d.mask(m), obs=y)
+        else:
+            with pyro.poutine.mask(mask=m):
+                pyro.sample("y", d, obs=y)
+
+
 def missing_covariate(x: torch.Tensor, observed: torch.Tensor, y: torch.Tensor) -> None:
     """y_i ~ N(β x_i, 1) with the covariate x_i ~ N(μ, 1) observed where ``observed``: its imputed entries
     (``x_unobserved``) feed y's density, so they are latents."""

@@ -527,7 +527,9 @@ class MCMCSGD(Engine):
         # a sum over units: all-reduced in float64 over the processes of a distributed fit (else the identity)
         value, grad = ops.all_sum(value), ops.all_sum(grad)
         # non-finite gradient entries, per parameter: the driver stops the fit on any (NonFiniteError)
-        bad = unflatten((~xp.isfinite(grad)) * 1.0, self.names, self._shapes)
+        # counted in the gradient's dtype, as the burn-in's zeros are (``bool * 1.0`` is float64 on JAX with x64)
+        bad = unflatten(xp.where(xp.isfinite(grad), xp.zeros_like(grad), xp.ones_like(grad)), self.names,
+                        self._shapes)
         grad_nonfinite = {n: xp.sum(v) for n, v in bad.items()}
         grad = xp.where(xp.isfinite(grad), grad, 0.0)
         if self.fisher:

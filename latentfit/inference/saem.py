@@ -343,7 +343,9 @@ class SAEM(Engine):
             key = randoms["key"]
             chain, acc, state = self.simulate(state, theta, k, None, phase, randoms=randoms["sweep"])
         objective = xp.mean(ops.all_sum(xp.sum(chain.log_lik + chain.log_prior, -1)))
-        gamma = self.schedule(k)
+        # the step size in the model's dtype: torch's schedules give a float64 scalar, which would promote the
+        # 0-dim statistics (a residual sum of squares) of a float32 model, and the scale set from them, to float64
+        gamma = ops.asarray(self.schedule(k), dtype=ops.dtype)
         state = state._replace(z=chain.z, key=key)
         new_theta_u, s_hat = self.maximize(state, theta, chain.z, gamma, k)
         state = state._replace(theta_u=new_theta_u, s_hat=s_hat)

@@ -650,6 +650,28 @@ class TracedLatentModel(TracedBase):
         view[axes[0]] = idx.size
         return np.broadcast_to(idx.reshape(view), shape).reshape(-1)
 
+    def _lp_of_unit(self, site: Site) -> Any:
+        """The site's log-density as :meth:`_detect_unit_maps` reads it: with its masks off (``.mask(m)``,
+        ``obs_mask=``, a mask handler) wherever that is finite, broadcast to its traced shape.  A masked-out element's
+        log-density is a constant 0, free of every latent: it went to unit 0, whose layout then held every masked
+        observation of the data, and the batched reverse-mode Jacobians of the predictions (summed over units) added
+        their rows to their own units' (the linearised log-likelihood, the Gauss–Newton precisions of the EBEs and the
+        lin standard errors off).  Unmasked, the element depends on its own unit's latents.  The ``.to_event`` dims
+        are summed as the distribution's own log-density sums them."""
+        masked = self._broadcast_lp(site)
+        fn = site.fn
+        if site.mask is None and self.ppl.value_mask(fn, None, self.ops) is None:
+            return masked
+        xp = self.ops.xp
+        base = self.ppl.unwrap(fn)
+        lp = self.ppl.log_prob(base, site.value)
+        extra = len(fn.event_shape) - len(base.event_shape)  # the dims .to_event(k) reinterpreted
+        if extra > 0:
+            lp = lp.reshape(tuple(lp.shape[:lp.ndim - extra]) + (-1,)).sum(-1)
+        lp = xp.broadcast_to(lp, tuple(masked.shape))
+        # a masked placeholder outside the support (its density not finite): as before, free of every latent
+        return xp.where(xp.isfinite(lp), lp, masked)
+
     def _detect_unit_maps(self, names: list[str]) -> dict[str, np.ndarray]:
         """Which unit's latents each element depends on, by three forward derivatives.
 
@@ -667,7 +689,7 @@ class TracedLatentModel(TracedBase):
             values, _ = self._split_one(z)
             sites = self._run(theta, values)
             xp = self.ops.xp
-            return xp.concatenate([self._broadcast_lp(sites[m]).reshape(-1) for m in names])
+            return xp.concatenate([self._lp_of_unit(sites[m]).reshape(-1) for m in names])
 
         sizes = [int(np.prod(self._lp_shape[m])) for m in names]
         units = None
