@@ -77,3 +77,40 @@ def test_float32_pyro_model_keeps_its_dtype_through_the_fit_and_the_post_fit_too
                                np.sqrt(np.diag(np.linalg.inv(info))), rtol=1e-3)
     np.testing.assert_allclose(fit.individual_estimates().mode[:, 0], mean, rtol=1e-4, atol=1e-5)
     assert len(fit.summary()) > 0
+
+
+def test_a_small_cpu_fit_iterates_on_one_torch_thread_and_restores_the_callers_setting(monkeypatch):
+    """Small problems run their iterations on one intra-op thread (:meth:`TorchOps.iteration_threads`: on a busy
+    machine torch's other threads spun for the core, theophylline 16.5 s against 1.9 s), the caller's setting back
+    after the fit, also when it fails; a large problem keeps torch's threads."""
+    from latentfit.inference.ops import TorchOps
+    from latentfit.inference.saem import SAEM
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen: list[int] = []
+    try:
+        df = lf.datasets.theophylline(saemix_form=True)
+        model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, data=df, **THEO)
+        step = SAEM.step
+
+        def spy(self, *args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return step(self, *args, **kwargs)
+
+        monkeypatch.setattr(SAEM, "step", spy)
+        engine = SAEM(model, (6, 2), seed=0, progress=False)
+        assert engine.problem_elements() == 120 * engine.num_chains
+        engine.run()
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        monkeypatch.setattr(TorchOps, "SMALL_PROBLEM_ELEMENTS", 100)  # the same fit as a "large" problem
+        SAEM(model, (6, 2), seed=0, progress=False).run()
+        assert set(seen) == {2} and torch.get_num_threads() == 2
+        monkeypatch.setattr(TorchOps, "SMALL_PROBLEM_ELEMENTS", 32768)
+        monkeypatch.setattr(SAEM, "step", lambda *a, **k: (_ for _ in ()).throw(ValueError("boom")))
+        with pytest.raises(ValueError, match="boom"):
+            SAEM(model, (6, 2), seed=0, progress=False).run()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -175,7 +175,26 @@ class Engine:
     def num_iterations(self) -> int:
         return max(last for _, last, _ in self.phases())
 
-    def run(self, key: Any = None, *, checkpoint: str | os.PathLike | None = None,
+    def problem_elements(self) -> int:
+        """About how many entries the iterations' arrays hold: the model's observations (else its units' latent
+        coordinates) times the chains (:meth:`Ops.iteration_threads`)."""
+        model = self.model
+        size = getattr(model, "num_obs", None)
+        if size is None:
+            observed = getattr(model, "observed", None)
+            if isinstance(observed, dict) and observed:
+                size = sum(int(np.size(v)) for v in observed.values())
+        if size is None:
+            size = int(getattr(model, "num_units", 1)) * int(getattr(model, "latent_dim", 1) or 1)
+        return int(size) * max(1, int(getattr(self, "num_chains", 1) or 1))
+
+    def run(self, *args: Any, **kwargs: Any) -> FitResult:
+        """:meth:`_run` (the options below) under the backend's thread setting for the problem's size
+        (:meth:`Ops.iteration_threads`: one intra-op torch thread for a small CPU fit)."""
+        with self.ops.iteration_threads(self.problem_elements()):
+            return self._run(*args, **kwargs)
+
+    def _run(self, key: Any = None, *, checkpoint: str | os.PathLike | None = None,
             checkpoint_every: int | None = None, keep: int = 3,
             resume: str | os.PathLike | bool | None = None, devices: Any = None,
             distributed: bool = False) -> FitResult:
