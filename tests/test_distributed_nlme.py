@@ -8,7 +8,8 @@ the VPC bins every subject's observations and simulations, gathered), the indivi
 means and sds: each process computes its subjects', every process gets all of them in subject order) and their
 shrinkage.  NLME outcome models (binary, time-to-event) too: the IS log-likelihood (its pilot pass on the
 individuals' streams) and the discrete VPC.
-A covariate centred at the data's mean is refused (each block would centre it at its own mean).  ka without a
+A covariate centred at the data's mean keeps the whole table's mean; with distributed="local" (each process its own
+rows) it is refused unless its reference is given (each block would centre it at its own mean).  ka without a
 random effect (a numerical M-step, its Newton objective all-reduced) equals the one-process fit likewise.
 """
 
@@ -25,8 +26,9 @@ COLUMNS = {"id": "Id", "time": "Time", "dv": "Concentration"}
 OPTIONS = dict(num_iters=(8, 4), seed=0, progress=False, rng="per_unit", chunk_size=4)
 
 
-#: a covariate on a parameter with a random effect: β by GLS with Σ_i X_iᵀ X_i, which every process must sum
-LOG_WEIGHT_ON_CL = {"CL": {"Weight": "log"}}
+#: covariates on parameters with a random effect: β by GLS with Σ_i X_iᵀ X_i, which every process must sum; Weight on
+#: V centred at the whole table's mean (each process's block keeps the reference of the table it was cut from)
+LOG_WEIGHT_ON_CL = {"CL": {"Weight": "log"}, "V": {"Weight": "center"}}
 
 
 def _fit(covariates: dict | None = None, ka_random: bool = True, block: int | None = None, **options: object):
@@ -89,8 +91,8 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     try:
         fit = _fit(distributed=True)
         refused = ""
-        try:
-            _fit(covariates={"CL": {"Weight": "center"}}, distributed=True)
+        try:  # each process's block would centre at its own mean: refused unless the reference is given
+            _fit(covariates={"CL": {"Weight": "center"}}, block=rank, distributed="local")
         except ModelSpecificationError as err:
             refused = str(err)
         ll = fit.log_likelihood("gq", num_nodes=5)  # post-fit: this process's individuals, summed over processes
@@ -193,7 +195,7 @@ def test_two_processes_equal_one(two_processes: Path) -> None:
         np.testing.assert_allclose(r["ll"], one.log_likelihood("gq", num_nodes=5), rtol=1e-9)
         np.testing.assert_allclose([r["ll_is"], r["ll_is_se"]], ll_is, rtol=1e-10)
         np.testing.assert_allclose(r["bic_penalty"], one.bic - one.minus_two_ll, rtol=1e-12)
-        assert "Weight (center)" in str(r["refused"]) and "centre them in the table" in str(r["refused"])
+        assert "Weight (center)" in str(r["refused"]) and "covariate_reference=" in str(r["refused"])
         # fit(df_block, distributed="local"): each process passed only its 6 subjects' rows, the same fit
         local = np.load(two_processes / f"local-rank{rank}.npz")
         assert int(local["num_units"]) == 6
@@ -243,7 +245,7 @@ def test_covariate_model_two_processes_equal_one(two_processes: Path) -> None:
     individuals (``NLME.shard_view``; with one process's own, the fit diverged: CL 1e16); the estimates and the
     objective's history equal the one-process fit."""
     one = _fit(covariates=LOG_WEIGHT_ON_CL)
-    assert "beta_CL_Weight" in one.params
+    assert "beta_CL_Weight" in one.params and "beta_V_Weight" in one.params
     for rank in range(2):
         r = np.load(two_processes / f"covariate-rank{rank}.npz")
         for name, value in one.params.items():

@@ -205,26 +205,31 @@ def same_layout(model: Any) -> Any:
 
 
 def _refuse_data_transforms(model: Any) -> None:
+    """``distributed="local"``: a covariate centred at its data's mean, or categorical with the data's levels, would
+    be centred (levelled) by each process's block alike only when the user gave the references."""
     import numpy as np
 
     from latentfit.inference.model import ModelSpecificationError
 
-    by_data = sorted(f"{col} ({tr or 'categorical'})" for items in model.covariate_spec.values() for col, tr in items
-                     if tr in ("center", "log-center", "categorical")
-                     or not np.issubdtype(np.asarray(model.data.covariates[col]).dtype, np.number))
+    given = getattr(model, "reference_given", frozenset())
+    by_data = sorted({f"{col} ({tr or 'categorical'})" for items in model.covariate_spec.values() for col, tr in items
+                      if col not in given and (tr in ("center", "log-center", "categorical")
+                                               or not np.issubdtype(np.asarray(model.data.covariates[col]).dtype,
+                                                                    np.number))})
     if by_data:
-        raise ModelSpecificationError(f"distributed=True: covariate(s) {by_data} are transformed with values computed "
-                                      "from the data (mean, levels), which would differ between the processes' "
-                                      "blocks of individuals; centre them in the table and use 'linear' or 'log'")
+        raise ModelSpecificationError(f"distributed='local': covariate(s) {by_data} are transformed with values "
+                                      "computed from the data (mean, levels), which would differ between the "
+                                      "processes' blocks of individuals; give them with covariate_reference= (e.g. "
+                                      "{'Weight': 70.0}, {'SEX': ['F', 'M']}), or pass every process the whole table "
+                                      "with distributed=True")
 
 
 def nlme_shard(model: Any) -> Any:
     """The bound NLME ``model`` restricted to this process's contiguous block of its individuals (``np.array_split`` of
     the individuals in the model's order over the torch.distributed processes, in rank order).
 
-    Covariate transforms computed from the data (``"center"``, ``"log-center"``, categorical levels) would differ
-    between blocks and are refused: centre such a covariate in the table (over all individuals) and use
-    ``"linear"`` / ``"log"``.
+    Covariate transforms computed from the data (``"center"``, ``"log-center"``, categorical levels) keep the whole
+    table's references (the block is bound from the model bound to it: :attr:`NLME.covariate_reference`).
     """
     import numpy as np
     import torch.distributed as dist
@@ -235,7 +240,6 @@ def nlme_shard(model: Any) -> Any:
     if model.ops.name != "torch":
         raise ValueError(f"distributed=True fits over torch.distributed processes (backend='torch'); the "
                          f"{model.ops.name} backend shards units over devices with devices=")
-    _refuse_data_transforms(model)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = model.data.ids[np.array_split(np.arange(model.num_units), world)[rank]]
     table = model.table

@@ -177,6 +177,8 @@ class NLME(LatentModel):
         #: (:func:`.spec.covariate_columns`)
         self.covariate_reference: dict[str, Any] = _spec.parse_covariate_reference(self.covariate_spec,
                                                                                   covariate_reference)
+        #: the covariates whose reference the user gave (the same in every process of a distributed="local" fit)
+        self.reference_given = frozenset(self.covariate_reference)
         self.iov_init = _occ.parse_iov(iov, self.param_names)
         self.occasion_column = str(occasion) if occasion is not None else _occ.OCCASION_COLUMN
         self._iov: _occ.Occasions | None = None
