@@ -158,3 +158,14 @@ def test_model_file_references_and_levels(tmp_path):
         read_covariate_reference(tmp_path, cfg)
     with pytest.raises(ConfigError, match=r"levels must list the covariate's levels"):
         parse_config(text.replace('levels = ["M", "F"]', 'levels = "M"'), tmp_path / "m.toml")
+
+
+def test_the_reference_levels_coefficient_and_a_misspelled_parameter_table_are_named(tmp_path):
+    df = _theo().assign(SEX=lambda d: np.where(d["ID"] % 2 == 0, "F", "M"))
+    with pytest.raises(ModelSpecificationError, match=r"'F' is the reference level of SEX \(levels F, M; .*\), which "
+                                                      r"has no coefficient: give those of the other level\(s\), M"):
+        nlme.NLME("one_compartment_oral", INIT, covariates={"CL": {"SEX": "categorical"}},
+                  covariate_init={"CL": {"SEX_F": 0.2}}, data=df)
+    text = MODEL.replace("[covariates.V]", "[covariates.Cl]")
+    with pytest.raises(ConfigError, match=r"m\.toml, line 7: \[covariates\] 'Cl' is not a parameter"):
+        parse_config(text, tmp_path / "m.toml")

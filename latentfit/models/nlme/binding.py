@@ -263,6 +263,15 @@ def build_params(model: NLME) -> dict[str, ParamInfo]:
     unknown = sorted(set(model.covariate_init) - set(params))
     if unknown:
         names = [e.name for e in model.effects if not e.is_pop]
+        for pname, items in model.covariate_spec.items():  # the reference level of a categorical covariate?
+            for col, _ in items:
+                levels = model.covariate_reference.get(col)
+                if isinstance(levels, tuple) and any(u == f"beta_{pname}_{col}_{levels[0]}" for u in unknown):
+                    raise ModelSpecificationError(
+                        f"covariate_init: {levels[0]!r} is the reference level of {col} (levels "
+                        f"{', '.join(map(str, levels))}; the first sorted unless covariate_reference= / levels = "
+                        f"names them), which has no coefficient: give those of the other level(s), "
+                        f"{', '.join(map(str, levels[1:]))}")
         raise ModelSpecificationError(f"covariate_init: unknown covariate coefficient(s) {unknown}; the model has "
                                       f"{names or 'no covariate'}")
     if model.diagonal_omega:

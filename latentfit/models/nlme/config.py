@@ -168,8 +168,8 @@ def _find_line(text: str, table: tuple[str, ...], key: str | None = None) -> int
         m = re.match(r"^\[+([^\]]+)\]+", stripped)
         if m:
             current = norm(m.group(1))
-            if key is None and current == want:
-                return k
+            if current == want if key is None else current == f"{want}.{key}" if want else current == key:
+                return k  # the table's header, or the header of the key's own sub-table ([covariates.Cl])
             continue
         if key_re is None:
             if inline_re is not None and current == parent and inline_re.match(stripped):
