@@ -192,7 +192,7 @@ def _run_fit(cfg: Any, args: argparse.Namespace, messages: list[str]) -> None:
     reps = f", {cfg.replicates} replicates" if cfg.replicates > 1 else ""
     print(f"{model!r}\n{cfg.engine.upper()}: K1={cfg.num_iters[0]}, K2={cfg.num_iters[1]}, seed {cfg.seed}, "
           f"backend {cfg.backend}{reps}", file=sys.stderr)
-    fit = model.fit(**cfg.fit_options(progress=not args.no_progress))
+    fit = model.fit(**cfg.fit_options(progress=not args.no_progress and sys.stderr.isatty()))  # no bar in a log
     rep = cfg.report
     extra = {"model file": str(args.model), "data file": str(args.data),
              "command": "latentfit " + " ".join(args.argv), "seed": cfg.seed, "backend": cfg.backend,

@@ -59,21 +59,24 @@ def test_records_going_back_in_time_are_read_in_time_order_with_a_warning():
     bad = df.copy()
     bad.loc[5, "TIME"] = 0.1  # ID 1: 0.1 h after the record at 2.02 h
     msgs = _order_warnings(bad)
-    assert msgs == ["the records of ID 1 are not in time order: row 5 has TIME 0.1 after 2.02 at row 4; they are "
-                    "read in time order (NONMEM would stop: check the time, or sort the table by ID and time)"]
+    assert msgs == ["the observation records of ID 1 are not in time order: row 5 has TIME 0.1 after 2.02 at row 4; "
+                    "they are read in time order (NONMEM would stop: check the time, or sort the table by ID and "
+                    "time)"]
     # read in time order: the same model as the sorted table
     with pytest.warns(UserWarning, match="not in time order"):
         a = nlme.NLME("one_compartment_oral", INIT, data=bad)
     b = nlme.NLME("one_compartment_oral", INIT, data=bad.sort_values(["ID", "TIME"], kind="stable"))
     np.testing.assert_array_equal(a.data.x_values, b.data.x_values)
-    # a dose row appended at the end of the table, earlier than the subject's last record
-    late = pd.concat([df, df.iloc[[0]].assign(TIME=12.0)], ignore_index=True)
+    # an observation row appended at the end of the table, earlier than the subject's last observation
+    late = pd.concat([df, df.iloc[[3]].assign(TIME=12.0)], ignore_index=True)
     assert len(_order_warnings(late)) == 1 and "row 132 has TIME 12.0 after 24.37 at row 10" in _order_warnings(late)[0]
-    # no warning: the usual table; every subject's rows in time order though the subjects are interleaved (the
-    # dose rows first); a reset (EVID 3) that restarts the time
+    # no warning: the usual table; the dose rows, then the observation rows (as pandas concatenates them: each kind in
+    # time order, e.g. doses at 0 and 12 before the observations); a reset (EVID 3) that restarts the time
     assert _order_warnings(df) == []
     doses, observations = df[df["EVID"] == 1], df[df["EVID"] == 0]
     assert _order_warnings(pd.concat([doses, observations], ignore_index=True)) == []
+    second = doses.assign(TIME=12.0)
+    assert _order_warnings(pd.concat([doses, second, observations], ignore_index=True)) == []
     one = df[df["ID"] == 1]
     reset = pd.concat([one, one.iloc[[0]].assign(EVID=3, AMT=0.0), one.assign(TIME=one["TIME"])], ignore_index=True)
     reset.loc[len(one), "TIME"] = 0.0
@@ -101,3 +104,16 @@ def test_an_initial_error_parameter_the_error_model_has_not_is_named():
         model = nlme.NLME("one_compartment_oral", INIT, error="combined", error_init={"a": 0.5, "b": 0.2},
                           data=_theo())
     assert float(model.init_params()["b"]) == 0.2
+
+
+def test_an_mdv_0_observation_without_a_value_is_named():
+    df = _theo()
+    df.loc[3, "DV"] = np.nan  # ID 1's third sample: '.' in the file, MDV still 0
+    with pytest.warns(UserWarning, match=r"1 observation record\(s\) with MDV = 0 have no 'DV' value \('\.' or empty; "
+                                         r"first: ID 1, row 3\): read as missing \(set MDV = 1 on them to say so\)"):
+        model = nlme.NLME("one_compartment_oral", INIT, data=df)
+    assert model.num_obs == 119
+    with warnings.catch_warnings():  # MDV = 1 says so: no warning; no MDV column: NaN is missing, as always
+        warnings.simplefilter("error")
+        nlme.NLME("one_compartment_oral", INIT, data=df.assign(MDV=np.where(df["DV"].isna(), 1, 0)))
+        nlme.NLME("one_compartment_oral", INIT, data=df.drop(columns="MDV"))

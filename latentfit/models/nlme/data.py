@@ -293,6 +293,14 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         cens = np.broadcast_to(np.int8(0), (n_rows,))
     is_dose = np.isin(evid, (1, 4))
     is_obs = (evid == 0) & ~missing_dv & ~np.isnan(dv)  # bool (with Python's False, ~False = -1 made it int64)
+    evid_obs = evid == 0  # observation records (with or without a value): their time order is checked
+    if "mdv" in num:  # NONMEM's form: an observation record (EVID 0, MDV 0) without a value is a fault there
+        empty = (evid == 0) & ~missing_dv & np.isnan(dv)
+        if bool(empty.any()):
+            row = df.index[empty][0]
+            warnings.warn(f"{int(empty.sum())} observation record(s) with MDV = 0 have no {cols['dv']!r} value ('.' "
+                          f"or empty; first: ID {_id(df.loc[row, id_col])}, row {row}): read as missing (set MDV = 1 "
+                          f"on them to say so)", stacklevel=user_stacklevel())
     del missing_dv
     fail(is_dose & (amt <= 0), "dose record without a positive amount")
     rate, addl, ii, ss = _dose_records(num, cols, is_dose, amt, fail)
@@ -367,7 +375,9 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         del dose_df, dup  # five columns per dose row, not needed past the check
 
     if has_time:
-        _warn_unsorted(df, id_col, cols["time"], order, seg, time)
+        _warn_unsorted(df, id_col, cols["time"], order, seg, time, [("observation records", evid_obs),
+                                                                    ("dose records", is_dose)])
+    del evid_obs
     obs_idx = np.where(is_obs if all_kept else is_obs & (order >= 0))[0].astype(index_type)
     del is_obs
     # by individual, period and time (stable: table order at equal times); one period: no period key (it would
@@ -564,25 +574,34 @@ def pad_individuals(data: NLMEData, size: int) -> NLMEData:
 
 
 def _warn_unsorted(df: pd.DataFrame, id_col: str, time_col: str, order: np.ndarray, seg: np.ndarray,
-                   time: np.ndarray) -> None:
-    """Warn when an individual's records are not in time order in the table (within a period: a reset, EVID 3/4 or
-    an SS = 1 dose, may restart the time).  They are read in time order, but NONMEM stops on such a table ("data
-    records out of order") and a decreasing time is often a typing error.  O(rows) for a table grouped by ID (the
-    usual), a stable sort otherwise (the rows of an ID spread over the table: each ID's rows in table order)."""
-    if _in_order(order, time) and (seg.strides == (0,) or _in_order(order, seg)):
+                   time: np.ndarray, kinds: list[tuple[str, np.ndarray]]) -> None:
+    """Warn when an individual's records of one kind (``kinds``: name and row mask, e.g. the observations, the doses)
+    are not in time order in the table (within a period: a reset, EVID 3/4 or an SS = 1 dose, may restart the time).
+    They are read in time order, but NONMEM stops on such a table ("data records out of order") and a decreasing
+    time is often a typing error.  Each kind apart: a table of every dose row, then every observation row (as pandas
+    concatenates them) is in order.  O(rows) for a table grouped by ID (the usual), a stable sort otherwise."""
+    one_period = seg.strides == (0,)
+    for kind, mask in kinds:
+        rows = np.flatnonzero(mask)
+        if len(rows) < 2:
+            continue
+        key = order[rows].astype(np.int64)
+        if not one_period:
+            key = key * (int(seg.max()) + 1) + seg[rows]
+        t = time[rows]
+        if _in_order(key, t):
+            continue
+        perm = np.argsort(key, kind="stable")
+        k, tt, who = key[perm], t[perm], order[rows[perm]]
+        back = np.flatnonzero((k[1:] == k[:-1]) & (tt[1:] < tt[:-1]) & (who[1:] >= 0))
+        if not len(back):
+            continue
+        row, prev = df.index[rows[perm[back[0] + 1]]], df.index[rows[perm[back[0]]]]
+        warnings.warn(f"the {kind} of ID {_id(df.loc[row, id_col])} are not in time order: row {row} has "
+                      f"{time_col} {df.loc[row, time_col]} after {df.loc[prev, time_col]} at row {prev}; they are read "
+                      f"in time order (NONMEM would stop: check the time, or sort the table by ID and time)",
+                      stacklevel=user_stacklevel())
         return
-    key = order.astype(np.int64) * (int(seg.max()) + 1) + seg if seg.strides != (0,) else order
-    rows = np.argsort(key, kind="stable")
-    k, t = key[rows], time[rows]
-    back = np.flatnonzero((k[1:] == k[:-1]) & (t[1:] < t[:-1]) & (order[rows[1:]] >= 0))
-    if not len(back):
-        return
-    after, before = int(rows[back[0] + 1]), int(rows[back[0]])
-    row, prev = df.index[after], df.index[before]
-    warnings.warn(f"the records of ID {_id(df.loc[row, id_col])} are not in time order: row {row} has "
-                  f"{time_col} {df.loc[row, time_col]} after {df.loc[prev, time_col]} at row {prev}; they are read in "
-                  f"time order (NONMEM would stop: check the time, or sort the table by ID and time)",
-                  stacklevel=user_stacklevel())
 
 
 def _failer(df: pd.DataFrame, id_col: str) -> Any:
