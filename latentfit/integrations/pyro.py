@@ -26,7 +26,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to, constraints, transform_to
-from torch.distributions.transforms import ExpTransform
+from torch.distributions.transforms import AffineTransform, ComposeTransform, ExpTransform
 
 from latentfit.inference.ops import TorchOps, reverse_jvp
 from latentfit.integrations.batched_program import batched_program
@@ -424,6 +424,27 @@ def _stack(outs: list[Any]) -> Any:
     return torch.stack(outs)
 
 
+def _constants_in_dtype(transform: Any, dtype: Any, device: Any) -> Any:
+    """``transform`` with the Python numbers of its affine parts (the ``loc`` and ``scale`` by which torch maps
+    ``positive``, ``greater_than``, ``less_than`` and ``interval``: ``ComposeTransform([ExpTransform(),
+    AffineTransform(0., 1)])`` for ``positive``) as 0-dim tensors of the params' ``dtype`` on their ``device``; the
+    same values.  torch's forward mode (``torch.func.jvp``/``jacfwd``, MISSO's scores in θ) gives a 0-dim float32
+    tangent plus a Python float a float64 tangent (the zero tangent of the number, float64, promotes it:
+    pytorch/pytorch#90065), while its primal stays float32: a float32 model's scalar params came out of the map
+    with float64 derivatives, which met float32 ones at the first ``index_add`` (``self (Float) and source
+    (Double)``)."""
+    if isinstance(transform, ComposeTransform):
+        return ComposeTransform([_constants_in_dtype(t, dtype, device) for t in transform.parts],
+                                cache_size=transform._cache_size)
+    if isinstance(transform, AffineTransform):
+        def tensor(v: Any) -> Any:
+            return torch.as_tensor(v, dtype=dtype, device=device) if isinstance(v, (int, float)) else v
+
+        return AffineTransform(tensor(transform.loc), tensor(transform.scale), event_dim=transform.event_dim,
+                               cache_size=transform._cache_size)
+    return transform
+
+
 class PyroPPL(PPL):
     """The tracing interface of Pyro (see :class:`~latentfit.integrations.traced.PPL`)."""
 
@@ -481,8 +502,11 @@ class PyroPPL(PPL):
     def biject_to(self, constraint: Any) -> Any:
         return biject_to(constraint)
 
-    def param_transform(self, constraint: Any) -> Any:
-        return transform_to(constraint)  # as Pyro's param store does
+    def param_transform(self, constraint: Any, dtype: Any = None, device: Any = None) -> Any:
+        """``transform_to(constraint)`` as Pyro's param store does, its number constants tensors of the fit's dtype
+        (:func:`_constants_in_dtype`)."""
+        transform = transform_to(constraint)
+        return transform if dtype is None else _constants_in_dtype(transform, dtype, device)
 
     def float_dtype(self, values: list[Any]) -> tuple[Any, Any]:
         tensors = [v for v in values if isinstance(v, torch.Tensor)]

@@ -159,8 +159,9 @@ class PPL:
     name: str = ""  # "pyro" / "numpyro", for messages
     dist: Any = None
 
-    def param_transform(self, constraint: Any) -> Any:
-        """Unconstrained -> constrained map of a param (the PPL's own choice)."""
+    def param_transform(self, constraint: Any, dtype: Any = None, device: Any = None) -> Any:
+        """Unconstrained -> constrained map of a param (the PPL's own choice); its constants, if it has any, in the
+        fit's ``dtype`` on its ``device``."""
         return self.biject_to(constraint)
 
     def log_prob(self, fn: Any, value: Any) -> Any:
@@ -264,7 +265,7 @@ class TracedBase(LatentModel):
         ops = self.ppl.make_ops(self._dtype, self._device)
         self.params = {}
         for name, site in params.items():
-            transform = self.ppl.param_transform(site.constraint)
+            transform = self.ppl.param_transform(site.constraint, self._dtype, self._device)
             self.params[name] = ParamInfo(
                 name=name, value=ops.stop_gradient(ops.asarray(site.value, dtype=self._dtype)),
                 to_unconstrained=transform.inv, to_constrained=transform, meta={"constraint": site.constraint})
