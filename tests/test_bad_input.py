@@ -453,9 +453,12 @@ def test_unknown_engine_options_are_refused_at_construction(ppl):
     def model(x):
         return None
 
-    with pytest.raises(TypeError, match=r"SAEM\(\.\.\.\) got unknown option 'num_iter'; SAEM's options .*num_iters"):
+    with pytest.raises(TypeError, match=r"SAEM\(\.\.\.\) got an unexpected option 'num_iter'; did you mean "
+                                        r"'num_iters'\? \(options of SAEM: .*num_iters"):
         front.SAEM(model, num_iter=(5, 5))
-    with pytest.raises(TypeError, match=r"MISSO\(\.\.\.\) got unknown option 'num_draws'; MISSO's options are"):
+    with pytest.raises(TypeError, match=r"SAEM\(\.\.\.\) got an unexpected option 'seeds'; did you mean 'seed'\?"):
+        front.SAEM(model, seeds=0)
+    with pytest.raises(TypeError, match=r"MISSO\(\.\.\.\) got an unexpected option 'num_draws'.* \(options of MISSO: "):
         front.MISSO(model, num_draws=50)
     for engine, options in ((front.SAEM, {"num_draws": 5}), (front.MISSO, {"num_epochs": 3}),
                             (front.EM, {"num_epochs": 3}), (front.MCMCSGD, {"num_iters": 50})):
