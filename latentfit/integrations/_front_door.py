@@ -121,10 +121,19 @@ class EMFamilyFrontDoor(EngineFrontDoor):
     ``enum_model_cls``) or a ready-made :class:`LatentModel` such as ``GaussianMixture``."""
 
     enum_model_cls: Any = None  # the PPL's EnumeratedLatentModel
+    own_options = ("unit_plate", "unit_index", "reg_covar")
 
     def __init__(self, model: Any, *engine_args: Any, unit_plate: str | None = None, unit_index: Any = None,
-                 **engine_kwargs: Any) -> None:
+                 reg_covar: float | None = None, **engine_kwargs: Any) -> None:
+        """``reg_covar``: added to the variances by the closed-form M-step of a recognised plain Gaussian mixture
+        (default 1e-6, scikit-learn's; 0: the exact EM fixed point)."""
+        if reg_covar is not None and not float(reg_covar) >= 0:
+            raise ValueError(f"reg_covar must be >= 0, got {reg_covar}")
+        self.reg_covar = 1e-6 if reg_covar is None else float(reg_covar)
         if isinstance(model, LatentModel):
+            if reg_covar is not None:
+                raise TypeError(f"reg_covar= is an option of a model function's mixture; give it to the ready-made "
+                                f"{type(model).__name__} instead (e.g. GaussianMixture(x, K, reg_covar=...))")
             self._check_latent_model(model)
             self.unit_index = None
             self._accept(model, unit_plate, engine_args, engine_kwargs)
@@ -138,7 +147,7 @@ class EMFamilyFrontDoor(EngineFrontDoor):
         if isinstance(self.model, LatentModel):
             return self.model
         if self.enum_model_cls.has_enumerated_latents(self.model, args, kwargs):
-            return self.enum_model_cls(self.model, args, kwargs)
+            return self.enum_model_cls(self.model, args, kwargs, reg_covar=self.reg_covar)
         return super().latent_model(*args, **kwargs)
 
 
