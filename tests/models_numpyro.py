@@ -155,3 +155,21 @@ def missing_covariate(x: jnp.ndarray, observed: jnp.ndarray, y: jnp.ndarray) -> 
     with numpyro.plate("unit", y.shape[0]):
         xi = numpyro.sample("x", dist.Normal(mu, 1.0), obs=x, obs_mask=observed)
         numpyro.sample("y", dist.Normal(beta * xi, 1.0), obs=y)
+
+
+def group_covariate(group: jnp.ndarray, x: jnp.ndarray, num_groups: int, y: jnp.ndarray | None = None) -> None:
+    """y_r = a_g(r) + x_r + ε_r, a_j ~ N(μ, τ²): rows outside the unit plate; ``y=None`` leaves the data out."""
+    mu = numpyro.param("mu", jnp.array(0.0, dtype=x.dtype))
+    tau = numpyro.param("tau", jnp.array(1.0, dtype=x.dtype), constraint=constraints.positive)
+    with numpyro.plate("groups", num_groups):
+        a = numpyro.sample("a", dist.Normal(mu, tau))
+    with numpyro.plate("rows", len(x)):
+        numpyro.sample("y", dist.Normal(a[group] + x, 1.0), obs=y)
+
+
+def poisson_latent(y: jnp.ndarray) -> None:
+    """A Poisson count per unit as the latent: discrete with an unbounded support (not enumerable)."""
+    rate = numpyro.param("rate", jnp.array(2.0, dtype=y.dtype), constraint=constraints.positive)
+    with numpyro.plate("unit", y.shape[0]):
+        k = numpyro.sample("k", dist.Poisson(rate))
+        numpyro.sample("y", dist.Normal(k, 1.0), obs=y)

@@ -156,3 +156,21 @@ def missing_covariate(x: torch.Tensor, observed: torch.Tensor, y: torch.Tensor) 
     with pyro.plate("unit", y.shape[0]):
         xi = pyro.sample("x", dist.Normal(mu, 1.0), obs=x, obs_mask=observed)
         pyro.sample("y", dist.Normal(beta * xi, 1.0), obs=y)
+
+
+def group_covariate(group: torch.Tensor, x: torch.Tensor, num_groups: int, y: torch.Tensor | None = None) -> None:
+    """y_r = a_g(r) + x_r + ε_r, a_j ~ N(μ, τ²): rows outside the unit plate; ``y=None`` leaves the data out."""
+    mu = pyro.param("mu", torch.tensor(0.0, dtype=x.dtype))
+    tau = pyro.param("tau", torch.tensor(1.0, dtype=x.dtype), constraint=constraints.positive)
+    with pyro.plate("groups", num_groups):
+        a = pyro.sample("a", dist.Normal(mu, tau))
+    with pyro.plate("rows", len(x)):
+        pyro.sample("y", dist.Normal(a[group] + x, 1.0), obs=y)
+
+
+def poisson_latent(y: torch.Tensor) -> None:
+    """A Poisson count per unit as the latent: discrete with an unbounded support (not enumerable)."""
+    rate = pyro.param("rate", torch.tensor(2.0, dtype=y.dtype), constraint=constraints.positive)
+    with pyro.plate("unit", y.shape[0]):
+        k = pyro.sample("k", dist.Poisson(rate))
+        pyro.sample("y", dist.Normal(k, 1.0), obs=y)

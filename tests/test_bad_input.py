@@ -55,6 +55,41 @@ def test_nan_in_observed_data_names_site_and_count(backend):
         _fit(backend, backend.models.random_intercept, backend.tensor(y))
 
 
+def test_nan_in_a_covariate_names_the_site_row_and_argument(backend):
+    """A NaN covariate made the rows' log-density NaN, which the unit-map analysis read as rows depending on several
+    units ("pass unit_index="); inside the unit plate it was blamed on the initial parameter values."""
+    rng = np.random.default_rng(3)
+    group = backend.tensor(np.repeat(np.arange(10), 5), dtype=backend.xp.int64)
+    x, y = rng.normal(size=50), rng.normal(size=50)
+    x[3] = np.nan
+    with pytest.raises(DataError, match=r"log-density of observed site 'y' is NaN/inf at row 3; plate 'rows' .*"
+                                        r"argument 'x' holds 1 NaN/inf value\(s\) \(the first at index 3\)"):
+        _fit(backend, backend.models.group_covariate, group, backend.tensor(x), 10, backend.tensor(y))
+    backend.reset()
+    x2 = rng.normal(size=(20, 4))
+    x2[2, 1] = np.nan
+    with pytest.raises(DataError, match=r"site 'y' is NaN/inf at element \(2, 1\).*argument 't' holds 1 NaN/inf"):
+        _fit(backend, backend.models.random_slope, backend.tensor(x2), backend.tensor(Y))
+
+
+def test_forgotten_data_says_the_model_has_no_observed_site(backend):
+    """``y=None``: every site latent, which had been refused as latents in two plates ("unit_plate=...")."""
+    group = backend.tensor(np.repeat(np.arange(10), 5), dtype=backend.xp.int64)
+    x = backend.tensor(np.random.default_rng(3).normal(size=50))
+    with pytest.raises(ModelSpecificationError, match=r"no observed sample site: every .*sample site \(a, y\) is "
+                                                      r"latent\. Did you pass the data \(obs=\.\.\.\)\?"):
+        _fit(backend, backend.models.group_covariate, group, x, 10)
+
+
+@pytest.mark.parametrize("engine", ["EM", "SAEM"])
+def test_a_poisson_latent_says_what_each_engine_needs(backend, engine):
+    """A Poisson latent given to EM had been told to "use an EM engine"."""
+    message = (r"'k' is discrete \(Poisson\) with a support that cannot be enumerated\. The EM engines sum out "
+               r".*Categorical or Bernoulli, with infer=\{'enumerate': 'parallel'\}.*continuous latents")
+    with pytest.raises(ModelSpecificationError, match=message):
+        backend.fit(engine, backend.models.poisson_latent, backend.tensor(Y[:, 0]), progress=False)
+
+
 @pytest.mark.parametrize("rows", [11, 13])
 def test_observations_not_matching_their_plate_name_site_and_shapes(backend, rows):
     """An observation vector a row short (or long) of its plate: a DataError naming the site, the shape expected and
@@ -418,9 +453,12 @@ def test_unknown_engine_options_are_refused_at_construction(ppl):
     def model(x):
         return None
 
-    with pytest.raises(TypeError, match=r"SAEM\(\.\.\.\) got unknown option 'num_iter'; SAEM's options .*num_iters"):
+    with pytest.raises(TypeError, match=r"SAEM\(\.\.\.\) got an unexpected option 'num_iter'; did you mean "
+                                        r"'num_iters'\? \(options of SAEM: .*num_iters"):
         front.SAEM(model, num_iter=(5, 5))
-    with pytest.raises(TypeError, match=r"MISSO\(\.\.\.\) got unknown option 'num_draws'; MISSO's options are"):
+    with pytest.raises(TypeError, match=r"SAEM\(\.\.\.\) got an unexpected option 'seeds'; did you mean 'seed'\?"):
+        front.SAEM(model, seeds=0)
+    with pytest.raises(TypeError, match=r"MISSO\(\.\.\.\) got an unexpected option 'num_draws'.* \(options of MISSO: "):
         front.MISSO(model, num_draws=50)
     for engine, options in ((front.SAEM, {"num_draws": 5}), (front.MISSO, {"num_epochs": 3}),
                             (front.EM, {"num_epochs": 3}), (front.MCMCSGD, {"num_iters": 50})):

@@ -350,7 +350,7 @@ def test_plain_pyro_poisson_model_is_loglik_and_louis_se():
         fit.summary(method="lin")  # the requested method fails: an error, not a table without SEs
     with pytest.raises(ModelSpecificationError, match="Gaussian faces"):
         fit.log_likelihood("lin")
-    with pytest.raises(ModelSpecificationError, match="Gaussian observation face"):
+    with pytest.raises(ModelSpecificationError, match="need Gaussian observations \\(a Normal likelihood"):
         fit.residuals()
     with pytest.raises(ValueError, match="method must be"):
         fit.log_likelihood("quadrature")

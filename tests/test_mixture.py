@@ -156,6 +156,51 @@ def test_pyro_tutorial_gmm_with_a_shared_scale_gives_the_mle():
     np.testing.assert_allclose(mb.params["scale"], sd, atol=1e-3)
 
 
+def _numpy_em_per_component(x, w, mu, sd, iters):
+    """Plain EM of the 1-D mixture with a scale per component (no regularisation): (w, μ, σ)."""
+    w, mu, var = (np.array(a, float) for a in (w, mu, np.square(sd)))
+    for _ in range(iters):
+        lj = np.log(w) - 0.5 * np.log(2 * np.pi * var) - 0.5 * (x[:, None] - mu) ** 2 / var
+        r = np.exp(lj - np.logaddexp.reduce(lj, 1)[:, None])
+        Nk = r.sum(0)
+        w, mu = Nk / len(x), (r.T @ x) / Nk
+        var = np.sum(r * (x[:, None] - mu) ** 2, 0) / Nk
+    return w, mu, np.sqrt(var)
+
+
+def test_plain_mixture_reg_covar_is_an_option_and_zero_gives_the_exact_em():
+    """``EM(model, reg_covar=0.0)``: a plain Pyro mixture's M-step adds nothing to the variances, and the estimates
+    equal a hand-written EM from the same start to rounding; the default keeps scikit-learn's 1e-6."""
+    from latentfit.pyro import EM as PyroEM
+
+    x = _one_d_data(300, seed=4)
+
+    def model(data):
+        weights = pyro.param("weights", torch.tensor([0.5, 0.5], dtype=torch.float64), constraint=constraints.simplex)
+        locs = pyro.param("locs", torch.tensor([-1.0, 1.0], dtype=torch.float64))
+        scales = pyro.param("scales", torch.tensor([1.0, 1.0], dtype=torch.float64), constraint=constraints.positive)
+        with pyro.plate("data", len(data)):
+            a = pyro.sample("assignment", dist.Categorical(weights), infer={"enumerate": "parallel"})
+            pyro.sample("obs", dist.Normal(locs[a], scales[a]), obs=data)
+
+    for iters in (1, 5):
+        w, mu, sd = _numpy_em_per_component(x, [0.5, 0.5], [-1.0, 1.0], [1.0, 1.0], iters)
+        pyro.clear_param_store()
+        fit = PyroEM(model, num_epochs=iters, reg_covar=0.0, progress=False).run(torch.tensor(x))
+        np.testing.assert_allclose(fit.params["weights"], w, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(fit.params["locs"], mu, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(fit.params["scales"], sd, rtol=0, atol=1e-12)
+    pyro.clear_param_store()
+    fit = PyroEM(model, num_epochs=1, progress=False).run(torch.tensor(x))  # the default: variances + 1e-6
+    w, mu, sd = _numpy_em_per_component(x, [0.5, 0.5], [-1.0, 1.0], [1.0, 1.0], 1)
+    np.testing.assert_allclose(fit.params["scales"] ** 2 - sd**2, 1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="reg_covar must be >= 0"):
+        PyroEM(model, reg_covar=-1.0)
+    with pytest.raises(TypeError, match=r"GaussianMixture\(x, K, reg_covar=\.\.\.\)"):
+        PyroEM(GaussianMixture(torch.tensor(x)[:, None], 2), reg_covar=0.0)
+    pyro.clear_param_store()
+
+
 def test_pyro_mixture_with_a_shared_scale_tril_matches_sklearn_tied():
     """A 2-D ``MultivariateNormal(locs[a], scale_tril=L)`` with one Cholesky-factor param: the tied mixture; EM from
     scikit-learn's start gives its "tied" estimates, and ``L`` holds the Cholesky factor of the fitted covariance."""

@@ -426,6 +426,22 @@ def test_specification_errors_are_clear():
         nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 2.0, "CL": 1.0}, error="exponential", data=df)
 
 
+def test_fit_option_errors_speak_the_users_terms():
+    """A too-short fit names num_iters and the default burn-in the user never set; a misspelt option is named with
+    the closest valid one (it had been SAEM.__init__()'s "unexpected keyword argument")."""
+    model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 2.0, "CL": 1.0}, data=_pk_table())
+    with pytest.raises(ValueError, match=r"num_iters=\(K1, K2\): K1 = 5 must exceed SAEM's burn-in of 5 iterations "
+                                         r"\(burn_in=, default 5\); give more iterations or a smaller burn_in"):
+        model.fit(num_iters=(5, 5), progress=False)
+    with pytest.raises(TypeError, match=r"fit\(\) got an unexpected option 'num_iter'; did you mean 'num_iters'\? "
+                                        r"\(options of SAEM: .*burn_in"):
+        model.fit(num_iter=(5, 5), progress=False)
+    with pytest.raises(TypeError, match=r"unexpected option 'seeds'; did you mean 'seed'\?"):
+        model.fit(seeds=0, progress=False)
+    with pytest.raises(TypeError, match=r"unexpected option 'column'; did you mean 'columns'\? \(options of FSAEM"):
+        model.fit(engine="fsaem", column={"dv": "DV"}, progress=False)
+
+
 def _jax_pair():
     import jax
 

@@ -226,6 +226,17 @@ def test_outcome_errors_name_the_problem():
         model.predict(model.init_params(), model.prior_moments(model.init_params())[0])
 
 
+def test_residual_plots_of_an_outcome_model_point_to_the_vpc():
+    """GOF and residual tools on a binary fit say why, in the user's terms, and what to draw instead."""
+    model, _ = binary_case()
+    fit = model.fit(seed=0, num_iters=(6, 2), progress=False)
+    message = (r"goodness-of-fit and residual plots are for continuous data with a residual error model; this "
+               r"model's outcome is binary \(outcome='binary'\): use fit.plot_vpc\(\)")
+    for tool in (fit.plot_gof, fit.plot_residuals, fit.residuals):
+        with pytest.raises(ModelSpecificationError, match=message):
+            tool()
+
+
 # ----- recovery, IS vs quadrature, SAEM vs the exact maximum (slow) --------------------------------------------------
 RESULTS: dict[str, dict] = {}
 

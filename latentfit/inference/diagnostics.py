@@ -111,9 +111,17 @@ class Residuals:
 
 
 def _require_obs(model: LatentModel) -> None:
-    if not model.has_gaussian_obs:
-        raise ModelSpecificationError("residual diagnostics need a Gaussian observation face (predict/observations, "
-                                      "has_gaussian_obs=True); this model does not provide one")
+    """Refuse residuals, goodness-of-fit plots and simulated observations of a model without Gaussian observations."""
+    if model.has_gaussian_obs:
+        return
+    outcome = getattr(model, "outcome", None)  # an NLME outcome model (binary, count, time-to-event, ...)
+    if outcome is not None:
+        raise ModelSpecificationError(
+            "goodness-of-fit and residual plots are for continuous data with a residual error model; this model's "
+            f"outcome is {outcome.name} (outcome={outcome!r}): use fit.plot_vpc()")
+    raise ModelSpecificationError(
+        "residuals, goodness-of-fit plots and VPCs need Gaussian observations (a Normal likelihood of the observed "
+        "sites), which this model does not have")
 
 
 def simulate_observations(model: LatentModel, theta: dict[str, Any], num_sims: int, seed: int = 0, *,

@@ -19,6 +19,7 @@ and a checkpoint of the last good state; ``KeyboardInterrupt`` returns that stat
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 import tempfile
@@ -645,6 +646,19 @@ def engine_option_names(engine_cls: type) -> frozenset[str]:
         if not any(p.kind is p.VAR_KEYWORD for p in parameters):
             break
     return frozenset(names)
+
+
+def unknown_option_error(call: str, engine: str, unknown: list[str], options: Any, also: Any = ()) -> TypeError:
+    """``TypeError`` for options ``call`` (``"fit()"``, ``"SAEM(...)"``) does not take: each with the closest of
+    ``options`` (the engine's) and ``also`` (the caller's own), and the engine's options listed."""
+    candidates = sorted(set(options) | set(also))
+    hints = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, candidates, n=1)
+        hints.append(f"{k!r}; did you mean {close[0]!r}?" if close else f"{k!r}")
+    s = "s" if len(unknown) > 1 else ""
+    return TypeError(f"{call} got an unexpected option{s} {', '.join(hints)} "
+                     f"(options of {engine}: {', '.join(sorted(options))})")
 
 
 def distributed_mode(distributed: Any) -> str | None:

@@ -117,6 +117,15 @@ def _validate_num_iters(num_iters: Any) -> tuple[int, int]:
     return k1, k2
 
 
+def _validate_burn_in(burn_in: int, k1: int) -> None:
+    """Refuse a burn-in that leaves no exploration iteration, in terms of the options the user sets."""
+    if burn_in < 0:
+        raise ValueError(f"burn_in must be >= 0, got {burn_in}")
+    if burn_in >= k1:
+        raise ValueError(f"num_iters=(K1, K2): K1 = {k1} must exceed SAEM's burn-in of {burn_in} iterations "
+                         f"(burn_in=, default 5); give more iterations or a smaller burn_in")
+
+
 class SAEM(Engine):
     """MCMC-SAEM on a :class:`LatentModel` (backend-neutral).
 
@@ -175,8 +184,7 @@ class SAEM(Engine):
         self._unit_ids = per_unit_ids(self.name, model, rng, unit_ids)
         self._unit_ids_option = unit_ids
         k1, k2 = _validate_num_iters(num_iters)
-        if burn_in < 0 or burn_in >= k1:
-            raise ValueError(f"burn_in must be in [0, K1): got {burn_in} with K1={k1}")
+        _validate_burn_in(burn_in, k1)
         if len(kernels) != 3 or any(int(n) < 0 for n in kernels):
             raise ValueError(f"kernels must be three non-negative counts, got {kernels!r}")
         self.schedule = SaemixPhases(K1=k1, K2=k2, burn_in=burn_in,

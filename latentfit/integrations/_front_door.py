@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from latentfit.inference.driver import engine_option_names
+from latentfit.inference.driver import engine_option_names, unknown_option_error
 from latentfit.inference.model import LatentModel
 
 #: keyword arguments of ``run`` that go to the engine's driver (checkpointing), not to the model
@@ -57,6 +57,8 @@ class EngineFrontDoor:
     engine_cls: type = object
     ppl_name: str = ""  # "Pyro" / "NumPyro", for messages
     latent_model_cls: type = LatentModel  # the tracing adapter of the PPL
+    #: the front door's own options (how the model is read), beside the engine's
+    own_options: tuple[str, ...] = ("unit_plate", "unit_index")
 
     def __init__(self, model: Any, *engine_args: Any, unit_plate: str | None = None, unit_index: Any = None,
                  **engine_kwargs: Any) -> None:
@@ -70,8 +72,7 @@ class EngineFrontDoor:
         unknown = sorted(k for k in engine_kwargs if known is not None and k not in known)
         if unknown:  # refused here, not by an internal class's __init__ once run() has traced the model
             name = self.engine_cls.__name__
-            raise TypeError(f"{name}(...) got unknown option{'s' if len(unknown) > 1 else ''} "
-                            f"{', '.join(map(repr, unknown))}; {name}'s options are {', '.join(sorted(known))}")
+            raise unknown_option_error(f"{name}(...)", name, unknown, known, self.own_options)
         validate = getattr(self.engine_cls, "validate_options", None)
         if validate is not None:
             validate(*engine_args, **engine_kwargs)
@@ -87,7 +88,7 @@ class EngineFrontDoor:
         if not kwargs:
             return
         name = type(self).__name__
-        options = engine_option_names(self.engine_cls) | {"unit_plate", "unit_index"}  # + the front door's
+        options = engine_option_names(self.engine_cls) | set(self.own_options)  # + the front door's
         if isinstance(self.model, LatentModel):  # a ready-made model takes no arguments: nothing would use them
             misplaced = sorted(kwargs)
         else:
@@ -120,10 +121,19 @@ class EMFamilyFrontDoor(EngineFrontDoor):
     ``enum_model_cls``) or a ready-made :class:`LatentModel` such as ``GaussianMixture``."""
 
     enum_model_cls: Any = None  # the PPL's EnumeratedLatentModel
+    own_options = ("unit_plate", "unit_index", "reg_covar")
 
     def __init__(self, model: Any, *engine_args: Any, unit_plate: str | None = None, unit_index: Any = None,
-                 **engine_kwargs: Any) -> None:
+                 reg_covar: float | None = None, **engine_kwargs: Any) -> None:
+        """``reg_covar``: added to the variances by the closed-form M-step of a recognised plain Gaussian mixture
+        (default 1e-6, scikit-learn's; 0: the exact EM fixed point)."""
+        if reg_covar is not None and not float(reg_covar) >= 0:
+            raise ValueError(f"reg_covar must be >= 0, got {reg_covar}")
+        self.reg_covar = 1e-6 if reg_covar is None else float(reg_covar)
         if isinstance(model, LatentModel):
+            if reg_covar is not None:
+                raise TypeError(f"reg_covar= is an option of a model function's mixture; give it to the ready-made "
+                                f"{type(model).__name__} instead (e.g. GaussianMixture(x, K, reg_covar=...))")
             self._check_latent_model(model)
             self.unit_index = None
             self._accept(model, unit_plate, engine_args, engine_kwargs)
@@ -137,7 +147,7 @@ class EMFamilyFrontDoor(EngineFrontDoor):
         if isinstance(self.model, LatentModel):
             return self.model
         if self.enum_model_cls.has_enumerated_latents(self.model, args, kwargs):
-            return self.enum_model_cls(self.model, args, kwargs)
+            return self.enum_model_cls(self.model, args, kwargs, reg_covar=self.reg_covar)
         return super().latent_model(*args, **kwargs)
 
 

@@ -92,7 +92,7 @@ class EnumeratedLatentModel(TracedBase):
                 f"the enumeration adapter needs exactly one discrete (enumerable) latent site per unit; "
                 f"found latent sites {latent}")
         if not self.observed_names:
-            raise ModelSpecificationError("the model has no observed site")
+            raise ModelSpecificationError("the model has no observed sample site: did you pass the data (obs=...)?")
         site = trace[latent[0]]
         if not site.frames:
             raise ModelSpecificationError(f"the discrete latent {latent[0]!r} is not inside a plate of units")

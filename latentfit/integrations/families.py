@@ -10,6 +10,7 @@ family's model function is written once against a small per-PPL interface, :clas
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -126,7 +127,7 @@ def fit_nlme(model: Any, engine: str, options: dict[str, Any]) -> Any:
     must be disjoint (:func:`check_local_block`) and the fit equals the one-process fit of their concatenation in
     rank order.
     """
-    from latentfit.inference.driver import distributed_mode
+    from latentfit.inference.driver import distributed_mode, engine_option_names, unknown_option_error
 
     options = dict(options)
     mode = distributed_mode(options.pop("distributed", False))
@@ -137,6 +138,11 @@ def fit_nlme(model: Any, engine: str, options: dict[str, Any]) -> Any:
         from latentfit.inference.fsaem import FSAEM as cls
     else:
         raise ValueError(f"engine must be 'saem' or 'fsaem', got {engine!r}")
+    known = engine_option_names(cls)
+    unknown = sorted(k for k in options if k not in known)
+    if unknown:  # a misspelt option: named with the closest valid one, not by the engine's __init__
+        own = [p for p in inspect.signature(model.fit).parameters if p not in ("data", "options")]
+        raise unknown_option_error("fit()", cls.__name__, unknown, known, [*own, "distributed"])
     if mode is None:
         return cls(model, **options).run()
     options.setdefault("rng", "per_unit")

@@ -34,6 +34,7 @@ the numerical M-step.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -373,6 +374,7 @@ class TracedLatentModel(TracedBase):
         trace = self._setup(model, args, kwargs)
         self._find_sites(trace, unit_plate)
         self._check_observed(trace)
+        self._check_arguments_finite(trace)
         self._densities_all = self.ppl.vectorise(self._densities_one)
         self._densities_batch = self.ppl.vectorise(self._densities_one, num_unmapped=1)
         self._resid_batch = self.ppl.vectorise(self._resid_one, num_unmapped=1)
@@ -456,6 +458,11 @@ class TracedLatentModel(TracedBase):
         observed = [n for n, s in trace.items() if s.type == "sample" and s.is_observed]
         self._imputed = self._leaf_imputations(trace, latent, observed)
         latent = [n for n in latent if n not in self._imputed]
+        if not observed:
+            raise ModelSpecificationError(
+                f"the model has no observed sample site: every {self.ppl.name}.sample site ({', '.join(latent)}) is "
+                "latent. Did you pass the data (obs=...)? run(...) must give the model the arrays its observed "
+                "sites read (e.g. the y of obs=y)")
         if not latent:
             raise ModelSpecificationError(
                 f"the model has no latent sample site (every {self.ppl.name}.sample is observed): there is "
@@ -473,9 +480,11 @@ class TracedLatentModel(TracedBase):
             fn, value = site.fn, self.ops.asarray(site.value)
             if getattr(fn.support, "is_discrete", False):
                 raise ModelSpecificationError(
-                    f"latent site {n!r} is discrete ({type(self.ppl.unwrap(fn)).__name__}); the MH kernels move "
-                    "continuous latents only: marginalise it out in the model (enumeration) or use an EM engine "
-                    "with an exact E-step")
+                    f"latent site {n!r} is discrete ({type(self.ppl.unwrap(fn)).__name__}) with a support that "
+                    "cannot be enumerated. The EM engines sum out one discrete latent of finite support (Categorical "
+                    "or Bernoulli, with infer={'enumerate': 'parallel'}) exactly; SAEM, MCMCSGD and the Monte-Carlo "
+                    f"EM engines draw continuous latents only. Sum {n!r} out in the model (over a truncated range, "
+                    "with a factor), make it a finite Categorical, or replace it with a continuous latent")
             event_shape = tuple(fn.event_shape)
             batch_shape = tuple(value.shape[: value.ndim - len(event_shape)])
             unit_axis = len(batch_shape) + self.unit_dim
@@ -618,6 +627,71 @@ class TracedLatentModel(TracedBase):
             axis = np.ndim(site.value) - len(site.fn.event_shape) + self.unit_dim
             if self._in_unit_plate[n] and axis >= 0 and np.shape(site.value)[axis] == self.num_units:
                 self._unit_observed.append((site.value, axis))
+
+    def _nonfinite_arguments(self) -> list[tuple[str, np.ndarray]]:
+        """``(name, ~isfinite(value))`` of each numeric argument of the model (or entry of a dict / list / tuple
+        argument) holding NaN/inf, named as the model's signature names it."""
+        try:
+            named = dict(inspect.signature(self.fn).bind_partial(*self.args, **self.kwargs).arguments)
+        except (TypeError, ValueError):
+            named = {**{f"argument {i}": a for i, a in enumerate(self.args)}, **self.kwargs}
+        items = []
+        for name, value in named.items():
+            if isinstance(value, dict):
+                items += [(f"{name}[{k!r}]", v) for k, v in value.items()]
+            elif isinstance(value, (list, tuple)):
+                items += [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+            else:
+                items.append((name, value))
+        out = []
+        for name, value in items:
+            if not hasattr(value, "shape"):
+                continue
+            try:
+                arr = np.asarray(self.ops.to_numpy(value))
+            except Exception:  # not an array of this backend
+                continue
+            if np.issubdtype(arr.dtype, np.inexact) and not np.isfinite(arr).all():
+                out.append((name, ~np.isfinite(arr)))
+        return out
+
+    def _check_arguments_finite(self, trace: dict[str, Site]) -> None:
+        """A NaN/inf in the model's arguments (a covariate) that makes a site's log-density NaN/inf is a DataError
+        naming the site, its first bad row and the argument, before the unit-map analysis (which would read the NaN
+        derivatives as rows depending on several units) or the initial-density check blame the model."""
+        bad_args = self._nonfinite_arguments()
+        if not bad_args:
+            return
+        xp = self.ops.xp
+        with self.ppl.no_grad():
+            for name in self.latent_names_ + self.observed_names:
+                lp = np.asarray(self.ops.to_numpy(xp.broadcast_to(self._site_lp(trace[name]), self._lp_shape[name])))
+                if np.isfinite(lp).all():
+                    continue
+                first = np.unravel_index(int(np.argmax(~np.isfinite(lp))), lp.shape)
+                culprit, aligned = None, False
+                for arg, mask in bad_args:  # the argument NaN/inf at that row, among those laid out like the site
+                    try:
+                        hit = bool(np.broadcast_to(mask, lp.shape)[first])
+                    except ValueError:
+                        continue
+                    aligned = True
+                    if hit:
+                        culprit = (arg, mask)
+                        break
+                if culprit is None:
+                    if aligned:  # the arguments laid out like the site are finite there: not theirs
+                        continue
+                    culprit = bad_args[0]  # read through an index (x[g]): cannot tell which, name the first
+                arg, mask = culprit
+                where = f"row {first[0]}" if lp.ndim == 1 else f"element {tuple(int(i) for i in first)}"
+                at = tuple(int(i) for i in np.argwhere(mask)[0])
+                at = "" if not at else f" (the first at index {at[0] if len(at) == 1 else at})"
+                kind = "observed site" if name in self.observed_names else "latent site"
+                raise DataError(
+                    f"the log-density of {kind} {name!r} is NaN/inf at {where}{self._plates_of(trace[name])}: the "
+                    f"model's argument {arg!r} holds {int(mask.sum())} NaN/inf value(s){at}; "
+                    "drop or fill those rows, or mask the observations they feed (.mask(...) / obs_mask)")
 
     # ----- row -> unit maps of observations outside the unit plate -------------------------------------
     def _find_unit_maps(self, trace: dict[str, Site], unit_index: Any) -> None:
