@@ -228,3 +228,103 @@ def test_score_draws_changes_only_the_missing_information():
     assert torch.equal(missing1, one_draw[3])
     assert not torch.allclose(missing, missing1)  # three draws' scores against one's
     assert any(not torch.equal(rows[k], one_draw[0][k]) for k in rows)  # three draws' statistics against one's
+
+
+# ----- a small Gaussian random intercept (12 unbalanced groups, masked rows, an empty group): Louis' step -------------
+def _rows_fit(seed: int, **options) -> tuple[dict[str, float], float, float]:
+    """MISSO (Pyro, float64) on tests/test_obs_mask.py's ``masked_rows`` data: θ̂, its exact log-likelihood and the
+    maximum's (the closed-form marginal maximised)."""
+    import pyro
+    import torch
+    from models_pyro import masked_rows
+    from scipy import optimize
+    from test_obs_mask import G, rows_data, rows_exact
+
+    import latentfit.pyro as lp
+
+    def ll(v):
+        return rows_exact({"mu": v[0], "tau": np.exp(v[1]), "beta": v[2], "sigma": np.exp(v[3])})[0].sum()
+
+    best = optimize.minimize(lambda v: -ll(v), np.zeros(4), method="BFGS")
+    group, x, y, m = rows_data()
+    pyro.clear_param_store()
+    fit = lp.MISSO(masked_rows, seed=seed, progress=False, **options).run(
+        torch.as_tensor(group), torch.tensor(x), G, torch.tensor(y), torch.as_tensor(m))
+    theta = {k: float(v) for k, v in fit.params.items()}
+    return theta, float(rows_exact(theta)[0].sum()), -float(best.fun)
+
+
+def test_louis_information_estimates_of_masked_rows_and_an_empty_group_are_exact():
+    """Louis' complete and missing information (``MISSO.surrogates``) of a mini-batch at the maximum of the masked-rows
+    model (rows outside the unit plate, ~20% masked, groups 3 and 9 without an observed row: their posterior is their
+    prior, missing fraction 1) match the exact per-group values (Monte-Carlo over exact posterior draws), to the
+    Monte-Carlo error of 15 visits of 10 draws of 10 chains (seed 0: I_c's diagonal within 5.3%, I_m within 1.5% of
+    its largest entry; the tolerances 12% and 5%): no row attributed to another group, masked rows
+    and empty groups contributing what they should.  (So the default's divergence below is not an error in them.)"""
+    import pyro
+    import torch
+    from models_pyro import masked_rows
+    from test_obs_mask import G, rows_data, rows_exact
+
+    import latentfit.pyro as lp
+
+    theta_hat = {"mu": 1.62499, "tau": 0.858233, "beta": -0.752236, "sigma": 0.478440}
+    group, x, y, m = rows_data()
+    pyro.clear_param_store()
+    fit = lp.MISSO(masked_rows, seed=0, progress=False, num_epochs=1, surrogate="louis").run(
+        torch.as_tensor(group), torch.tensor(x), G, torch.tensor(y), torch.as_tensor(m))
+    eng, ops = fit.engine, fit.engine.ops
+    assert eng.free == ["mu", "tau", "beta", "sigma"]
+    state = eng.init(ops.key(0))
+    theta = {k: torch.tensor(v, dtype=torch.float64) for k, v in theta_hat.items()}
+    _, mean, var, _ = rows_exact(theta_hat)
+    rng = np.random.default_rng(0)
+    mu, tau, beta, sig = theta_hat.values()
+    for batch in ([0, 1, 2, 3, 4, 5], [9, 10, 11]):
+        units = torch.as_tensor(batch)
+        info_c, info_m = np.zeros((4, 4)), np.zeros((4, 4))
+        for i in range(18):
+            _, _, h, missing, state = eng.surrogates(state, theta, units, ops.key(100 + i), 10)
+            if i >= 3:  # the chains' burn-in at θ̂
+                info_c, info_m = info_c + h.numpy() / 15, info_m + missing.numpy() / 15
+        exact_c, exact_m = np.zeros((4, 4)), np.zeros((4, 4))
+        for j in batch:  # scores and curvature in (μ, log τ, β, log σ) at exact posterior draws of a_j
+            a = mean[j] + np.sqrt(var[j]) * rng.standard_normal(200_000)
+            r = (group == j) & m
+            res = y[r][None, :] - a[:, None] - beta * x[r][None, :]
+            scores = np.stack([(a - mu) / tau ** 2, (a - mu) ** 2 / tau ** 2 - 1, res @ x[r] / sig ** 2,
+                               (res ** 2).sum(1) / sig ** 2 - r.sum()], 1)
+            exact_m += np.cov(scores.T)
+            exact_c += np.diag([1 / tau ** 2, np.mean(2 * (a - mu) ** 2) / tau ** 2, x[r] @ x[r] / sig ** 2,
+                                np.mean(2 * (res ** 2).sum(1)) / sig ** 2])
+        np.testing.assert_allclose(np.diag(info_c), np.diag(exact_c), rtol=0.12)
+        np.testing.assert_allclose(info_m, exact_m, atol=0.05 * np.abs(np.diag(exact_m)).max())
+
+
+def test_papers_surrogates_reach_the_maximum_of_masked_rows():
+    """The paper's surrogates with the default budget (14 epochs, ``M_k = 10 + k²``) on the masked-rows model end
+    within 0.05 of the exact maximum (−40.777; scratch runs, seeds 0-9: ΔLL −0.02 to −0.00, μ̂ 1.59-1.61 against
+    1.625, whose SE is 0.28)."""
+    theta, ll, ll_max = _rows_fit(0, surrogate="paper")
+    assert ll - ll_max > -0.05, (ll, ll_max, theta)
+    assert abs(theta["mu"] - 1.625) < 0.1, theta
+
+
+@pytest.mark.xfail(strict=True, reason="Louis' accelerated step diverges on this model: its estimated missing "
+                   "fractions, capped at 0.9, overshoot a true one of 0.74 (see the docstring)")
+def test_louis_default_reaches_the_maximum_of_masked_rows():
+    """The default surrogate here (``"auto"`` → ``"louis"``: Gaussian observations) with its defaults.  Known to fail:
+    its step in a direction of missing fraction λ is ``1/(1 − λ̂)`` times the paper's, which is stable only while
+    ``λ̂ < (1 + λ)/2``.  At the maximum the largest λ is 0.735 (12 groups), so λ̂ ≥ 0.87 overshoots (the error
+    multiplied by ``1 − (1 − λ)/(1 − λ̂)`` = −1.65 at the cap 0.9); the per-visit estimates (6 groups, 10-20 scores
+    each, I_c from one draw) scatter around it (at θ̂: median 0.80-0.83 of the largest λ̂, 90% quantile 1.0-1.3)
+    and are larger on the way there (1.1-1.9 in epochs 1-4 of seed 0, against 0.8-1.0 exact for the batch).  Seeds 0,
+    2, 4 of 5 end 23, 76, 69 units below the maximum (μ̂ 5.19 on seed 0); exact information in the step instead
+    of its estimate (the chains' draws unchanged): 10 seeds of 10 within 0.04.  Stable with ``mcmc_steps=10`` (5/5),
+    ``mc_size=200`` (5/5), ``max_missing_fraction`` 0.8 or ``trust_radius`` 1-2 (10/10 each), but 0.8 or a 1-SE
+    region costs the logistic model above (``test_reaches_the_quadrature_maximum_where_em_is_slow``, true λ ≈ 1)
+    its tolerance: ΔLL −0.87/−0.32/−0.54 and −4.2/−3.7/−2.8 on fit seeds 1-3 against −0.27/−0.22/−0.18."""
+    for seed in (0, 2):
+        theta, ll, ll_max = _rows_fit(seed)
+        assert ll - ll_max > -0.2, (seed, ll, ll_max, theta)
+        assert abs(theta["mu"] - 1.625) < 0.15, (seed, theta)
