@@ -310,8 +310,9 @@ def test_papers_surrogates_reach_the_maximum_of_masked_rows():
     assert abs(theta["mu"] - 1.625) < 0.1, theta
 
 
-@pytest.mark.xfail(strict=True, reason="Louis' accelerated step diverges on this model: its estimated missing "
-                   "fractions, capped at 0.9, overshoot a true one of 0.74 (see the docstring)")
+@pytest.mark.xfail(strict=False, reason="Louis' accelerated step diverges on this model: its estimated missing "
+                   "fractions, capped at 0.9, overshoot a true one of 0.74 (see the docstring); not strict: a "
+                   "diverging trajectory depends on the last bits of the arithmetic, which another CPU may change")
 def test_louis_default_reaches_the_maximum_of_masked_rows():
     """The default surrogate here (``"auto"`` → ``"louis"``: Gaussian observations) with its defaults.  Known to fail:
     its step in a direction of missing fraction λ is ``1/(1 − λ̂)`` times the paper's, which is stable only while
