@@ -73,8 +73,7 @@ def individual_estimates(fit: FitResult, num_steps: int = 30) -> individual.Indi
         local = _local_estimates(fit, num_steps)
         gather = _unit_gather(fit)
         est = local if gather is None else individual.gather_estimates(fit.model, fit._theta(), local, gather)
-        if est.mode.shape[0] == len(unit_labels(fit, est.mode.shape[0])):
-            est = dataclasses.replace(est, units=unit_labels(fit, est.mode.shape[0]))
+        est = dataclasses.replace(est, units=unit_labels(fit, est.mode.shape[0]))  # always of the units' number
         fit._cache["individual"] = est
     return fit._cache["individual"]
 
