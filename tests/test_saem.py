@@ -124,7 +124,11 @@ def test_theophylline_to_arviz(theophylline_fit):
     data = theophylline_fit.to_arviz()
     post = data.posterior if hasattr(data, "posterior") else data["posterior"]
     assert post["log_psi"].shape == (5, 100, 12, 1, 3)
-    assert "acceptance_rw" in (data.sample_stats if hasattr(data, "sample_stats") else data["sample_stats"])
+    stats = data.sample_stats if hasattr(data, "sample_stats") else data["sample_stats"]
+    # the rates are recorded as means over the chains: one row, not the same values copied into each chain
+    assert stats["acceptance_rw"].shape == (1, 100)
+    np.testing.assert_allclose(np.asarray(stats["acceptance_rw"])[0],
+                               theophylline_fit.acceptance["rw"][-100:].reshape(100, -1).mean(-1))
     obs = data.observed_data if hasattr(data, "observed_data") else data["observed_data"]
     assert obs["conc"].shape == (12, 10)
     summary = az.summary(data, var_names=["log_psi"])

@@ -29,11 +29,47 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 # ----- latent draws and individual estimates --------------------------------------------------------------
 def require_draws(fit: FitResult, what: str) -> np.ndarray:
-    """The fit's latent draws ``[L, draws, N, d]``, or an error naming ``what`` needed them."""
-    if fit.latent_draws is None:
+    """The fit's latent draws ``[L, draws, N, d]`` (those an engine kept, else :func:`draws_at_estimate`'s), or an
+    error naming ``what`` needed them."""
+    draws = fit.latent_draws if fit.latent_draws is not None else draws_at_estimate(fit)
+    if draws is None:
         raise ValueError(f"{what} needs the latent draws of the fit (FitResult.latent_draws is None): "
                          f"{_how_to_keep_draws(type(fit.engine))}")
-    return fit.latent_draws
+    return draws
+
+
+#: :func:`draws_at_estimate`: MCMC iterations discarded, then kept (one draw per chain and iteration)
+DRAWS_BURN_IN, DRAWS_KEPT = 200, 100
+
+
+def draws_at_estimate(fit: FitResult) -> np.ndarray | None:
+    """Latent draws ``[L, 100, N, d]`` from ``p(z_i | y_i; θ̂)`` for a fit whose engine kept none (MCEM,
+    MiniBatchMCEM, TTSEM, MISSO): the conditional sampler of the post-fit methods (prior-IMH and adaptive
+    component-wise random-walk kernels at θ̂, :func:`~latentfit.inference.individual.sample_conditional`) run from
+    prior draws, 200 iterations discarded and 100 kept, ``L`` chains (the engine's ``num_samples`` or
+    ``num_chains``, 4 to 10), seeded by 0; computed once.  They serve what SAEM's kept draws serve: the
+    conditional moments, the IS proposal, the EBEs' starts, Louis' SEs, ``fit.latents`` and ``to_arviz``.  None
+    where the model has an exact posterior sampler (the EM family's enumerated mixtures: their latents are
+    discrete) or no prior sampler."""
+    if "drawn_latents" in fit._cache:
+        return fit._cache["drawn_latents"]
+    model = fit.model
+    drawn = None
+    if not getattr(model, "has_posterior_sampler", False) and fit.state is not None:
+        engine = fit.engine
+        chains = getattr(engine, "num_chains", None) or getattr(engine, "num_samples", None) or 4
+        chains = int(min(max(int(chains), 4), 10))
+        theta = fit._theta()
+        ops = model.ops
+        try:
+            z0 = model.sample_prior(theta, ops.key(0), chains)
+        except NotImplementedError:
+            z0 = None
+        if z0 is not None:
+            draws = individual.sample_conditional(model, theta, z0, DRAWS_BURN_IN + DRAWS_KEPT, seed=0)
+            drawn = draws[:, DRAWS_BURN_IN:]
+    fit._cache["drawn_latents"] = drawn
+    return drawn
 
 
 #: the engines that keep the latent draws of their last iterations (their ``num_draws=`` option), for messages

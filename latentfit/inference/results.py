@@ -82,11 +82,15 @@ class FitResult:
 
     @property
     def latents(self) -> dict[str, np.ndarray]:
-        if self.latent_draws is None:
+        """Draws of the latent sites ``[chain, draw, unit, *site_shape]`` (constrained): the engine's last
+        iterations', or for an engine that keeps none, draws from ``p(z | y; θ̂)`` by MCMC
+        (:func:`~latentfit.inference.postfit.draws_at_estimate`); ``{}`` where neither exists."""
+        kept = self.latent_draws if self.latent_draws is not None else postfit.draws_at_estimate(self)
+        if kept is None:
             return {}
         if "latents" not in self._cache:
             ops = self.model.ops
-            z = ops.asarray(self.latent_draws)
+            z = ops.asarray(kept)
             latents = {n: ops.to_numpy(v) for n, v in self.model.unpack_latents(z).items()}
             # obs_mask= imputation sites the fit integrated out: a draw of each given each latent draw, at θ̂
             if getattr(self.model, "imputed_sites", None):

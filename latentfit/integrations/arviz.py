@@ -4,7 +4,8 @@ arviz 0.x (Python < 3.12 gets 0.23) returns ``InferenceData``; arviz 1.x returns
 ``DataTree`` (built with ``arviz_base.from_dict``).  Either way the groups are
 
 * ``posterior``: latent draws of the last iterations, dims ``(chain, draw, <unit plate>, ...)``;
-* ``sample_stats``: acceptance rates of the MH kernels per iteration kept;
+* ``sample_stats``: acceptance rates of the MH kernels per iteration kept, averaged over the chains (the
+  engines record no per-chain rates: one row, ``chain`` 0), for the draws an engine kept;
 * ``observed_data``: the observed sites.
 
 so ``arviz.summary``, ``arviz.ess``, ``arviz.rhat`` and the plots work unchanged.
@@ -30,13 +31,17 @@ def _groups(fit: Any) -> tuple[dict, dict, dict, dict, dict]:
             continue
         extra = [f"{name}_dim_{j}" for j in range(draws.ndim - 3)]
         dims[name] = [unit_dim, *extra]
-    n_chain, n_draw = (next(iter(posterior.values())).shape[:2]) if posterior else (1, 0)
+    n_draw = next(iter(posterior.values())).shape[1] if posterior else 0
     sample_stats = {}
-    for name, rates in fit.acceptance.items():
+    # the engines record each kernel's rate per iteration as a mean over chains (and units): one row (chain 0), not a
+    # copy per chain; none where the draws were made after the fit (an engine that keeps none): those rates are not
+    # the draws'
+    kept = getattr(fit, "latent_draws", None) is not None or not posterior
+    for name, rates in (fit.acceptance.items() if kept else ()):
         rates = np.asarray(rates, dtype=float)
         tail = rates[-n_draw:] if n_draw else rates
         per_iter = tail.reshape(tail.shape[0], -1).mean(-1)
-        sample_stats[f"acceptance_{name}"] = np.broadcast_to(per_iter, (n_chain, per_iter.shape[0])).copy()
+        sample_stats[f"acceptance_{name}"] = per_iter[None, :]
     observed = {name: np.asarray(v) for name, v in getattr(model, "observed", {}).items()}
     for name, v in observed.items():
         dims[name] = [f"{name}_dim_{j}" for j in range(v.ndim)]

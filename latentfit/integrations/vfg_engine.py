@@ -101,6 +101,11 @@ class VFGProblem:
     def weight_shapes(self) -> dict[str, list[int]]:
         return {n: list(p.shape) for n, p in self.flows.named_parameters()}
 
+    def training_data(self) -> np.ndarray:
+        """The training rows in their units, NaN where missing ``[n, d]``."""
+        xs, obs = self.xs.detach().cpu().double().numpy(), self.col_obs.detach().cpu().numpy()
+        return np.where(obs > 0, xs * self.scale + self.loc, np.nan)
+
     def data_shapes(self) -> dict[str, Any]:
         """What a checkpoint records about the problem (compared on resume)."""
         return {"num_units": self.num_units, "latent_dim": self.latent_dim, "params": self.weight_shapes()}
@@ -504,6 +509,7 @@ class VFGResult(FitResult):
                          problem.scale, [float(v) for v in self.history["loss"]], self.elapsed)
             fit.device, fit.dtype = problem.ops.device, problem.ops.dtype
             fit.val_history = self.val_history
+            fit.training_data = problem.training_data
             self._cache["fitted"] = fit
         return self._cache["fitted"]
 
@@ -566,8 +572,9 @@ class VFGResult(FitResult):
         """See :meth:`VFGFit.impute <latentfit.integrations.vfg.VFGFit.impute>`."""
         return self.fitted.impute(x, mask)
 
-    def sample(self, n: int, seed: int = 0) -> Any:
-        return self.fitted.sample(n, seed)
+    def sample(self, n: int, seed: int = 0, roots: str = "fitted") -> Any:
+        """See :meth:`VFGFit.sample <latentfit.integrations.vfg.VFGFit.sample>`."""
+        return self.fitted.sample(n, seed, roots)
 
     def negative_elbo(self, x: Any) -> float:
         return self.fitted.negative_elbo(x)

@@ -209,6 +209,7 @@ def fit_from_torch(fit: Any) -> VFGFit:
     new_fit = VFGFit(model, out, JaxOps(), fit.loc, fit.scale, list(fit.history), fit.seconds)
     new_fit.dtype = dtype
     new_fit.val_history = list(fit.val_history)
+    new_fit.training_data = fit.training_data
     return new_fit
 
 
@@ -260,6 +261,8 @@ def _engine_classes() -> tuple[type, type]:
             paths, self.treedef = jax.tree_util.tree_flatten_with_path(params)
             self.names = [jax.tree_util.keystr(path) for path, _ in paths]
             self.shapes = {n: list(a.shape) for n, (_, a) in zip(self.names, paths)}
+            #: the training rows in their units, NaN where missing (the fitted root distribution of ``sample``)
+            self.training_data = lambda: xn
             #: the edge (index into ``graph.edges``: the flows' list index) of every weight, by name
             self.param_edge = {n: int(path[0].idx) for n, (path, _) in zip(self.names, paths)}
 
@@ -276,6 +279,11 @@ def _engine_classes() -> tuple[type, type]:
             """The flows holding ``weights``."""
             params = jax.tree_util.tree_unflatten(self.treedef, [weights[n] for n in self.names])
             return eqx.combine(params, self.static)
+
+        def _training_rows(self) -> np.ndarray:
+            """The training rows in their units, NaN where missing ``[n, d]``."""
+            xs, obs = np.asarray(self.xs, dtype=np.float64), np.asarray(self.col_obs)
+            return np.where(obs > 0, xs * self.scale + self.loc, np.nan)
 
         def data_shapes(self) -> dict[str, Any]:
             return {"num_units": self.num_units, "latent_dim": self.latent_dim, "params": self.shapes}
