@@ -101,6 +101,10 @@ class VFGProblem:
     def weight_shapes(self) -> dict[str, list[int]]:
         return {n: list(p.shape) for n, p in self.flows.named_parameters()}
 
+    def data_arrays(self) -> dict[str, Any]:
+        """The standardised data and its observed-entry mask (what a checkpoint's data digest covers)."""
+        return {"xs": self.xs, "col_obs": self.col_obs, "loc": self.loc, "scale": self.scale}
+
     def data_shapes(self) -> dict[str, Any]:
         """What a checkpoint records about the problem (compared on resume)."""
         return {"num_units": self.num_units, "latent_dim": self.latent_dim, "params": self.weight_shapes()}

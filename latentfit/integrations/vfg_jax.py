@@ -277,6 +277,10 @@ def _engine_classes() -> tuple[type, type]:
             params = jax.tree_util.tree_unflatten(self.treedef, [weights[n] for n in self.names])
             return eqx.combine(params, self.static)
 
+        def data_arrays(self) -> dict[str, Any]:
+            """The standardised data and its observed-entry mask (what a checkpoint's data digest covers)."""
+            return {"xs": self.xs, "col_obs": self.col_obs, "loc": self.loc, "scale": self.scale}
+
         def data_shapes(self) -> dict[str, Any]:
             return {"num_units": self.num_units, "latent_dim": self.latent_dim, "params": self.shapes}
 
