@@ -4,7 +4,8 @@ A checkpoint is a pair of files in one directory, ``ckpt-000120.safetensors`` (e
 engine state, its random stream included (a JAX key, or a ``torch.Generator``'s state), the history so far, the
 collected latent draws) and ``ckpt-000120.json`` (what
 the arrays are: state paths, dtypes, the iteration reached, the engine class, its options, the data shapes, the
-library version, the optimiser ``param_groups``, the SHA-256 of the tensors file).  Neither file can hold code:
+SHA-256 of the data (:func:`data_digest`: a resume on other data of the same shapes is refused), the library
+version, the optimiser ``param_groups``, the SHA-256 of the tensors file).  Neither file can hold code:
 the tensors are read by ``safetensors.numpy.load`` and the sidecar by ``json.load``.  Both are written to a
 temporary file in the same directory, flushed and moved into place with ``os.replace``, the sidecar last (a
 checkpoint without its sidecar is never read).  In a distributed fit (``run(distributed=True)``) every process writes
@@ -93,6 +94,113 @@ def data_shapes(model: Any) -> dict[str, Any]:
         return json.loads(json.dumps(own()))
     params = {n: list(np.shape(model.ops.to_numpy(p.value))) for n, p in model.params.items()}
     return {"num_units": int(model.num_units), "latent_dim": int(model.latent_dim), "params": params}
+
+
+def _feed_array(h: Any, arr: np.ndarray) -> None:
+    """Feed one numpy array's dtype, shape and bytes (an object array by the ``repr`` of its items)."""
+    arr = np.asarray(arr)
+    h.update(f"array:{arr.dtype.str}:{list(arr.shape)};".encode())
+    if arr.dtype.hasobject:
+        h.update(repr(arr.tolist()).encode("utf-8"))
+    else:
+        h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+
+
+def _feed(h: Any, value: Any) -> None:
+    """Feed ``value`` to the hash ``h``: arrays (numpy, torch, JAX) by dtype, shape and bytes; numbers, strings and
+    None by ``repr``; lists, tuples, dicts and dataclasses item by item; tables (pandas) row by row; anything else
+    (a function, a network module) by its type's name alone."""
+    mod = type(value).__module__.split(".")[0]
+    if isinstance(value, (bool, np.bool_)):
+        h.update(f"bool:{bool(value)};".encode())
+    elif isinstance(value, (int, np.integer)):  # 100 and np.int64(100) alike
+        h.update(f"int:{int(value)};".encode())
+    elif isinstance(value, (float, np.floating)):
+        h.update(f"float:{float(value)!r};".encode())
+    elif value is None or isinstance(value, (complex, str, bytes, np.generic)):
+        h.update(f"{type(value).__name__}:{value!r};".encode())
+    elif isinstance(value, np.ndarray):
+        _feed_array(h, value)
+    elif mod == "torch" and type(value).__name__ in ("Tensor", "Parameter"):
+        t = value.detach().cpu().contiguous()
+        try:
+            arr = t.numpy()
+        except TypeError:  # bfloat16 and the like: their bytes
+            import torch
+
+            h.update(f"torch:{t.dtype}:{list(t.shape)};".encode())
+            arr = t.reshape(-1).view(torch.uint8).numpy()
+        _feed_array(h, arr)
+    elif mod in ("jax", "jaxlib") and hasattr(value, "dtype") and hasattr(value, "shape"):
+        import jax
+
+        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            value = jax.random.key_data(value)
+        if getattr(value, "is_fully_addressable", True):
+            _feed_array(h, np.asarray(value))
+        else:  # a global array of several processes: this process's shards
+            for shard in value.addressable_shards:
+                h.update(repr(shard.index).encode())
+                _feed_array(h, np.asarray(shard.data))
+    elif isinstance(value, dict):
+        h.update(f"dict:{len(value)};".encode())
+        for k in sorted(value, key=repr):
+            _feed(h, k)
+            _feed(h, value[k])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__}:{len(value)};".encode())
+        for v in value:
+            _feed(h, v)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        h.update(f"{type(value).__name__};".encode())
+        for f in dataclasses.fields(value):
+            _feed(h, f.name)
+            _feed(h, getattr(value, f.name))
+    elif mod == "pandas" and hasattr(value, "shape"):
+        import pandas as pd
+
+        h.update(f"{type(value).__name__}:{list(value.shape)};".encode())
+        if isinstance(value, pd.DataFrame):
+            _feed(h, [str(c) for c in value.columns])
+            _feed(h, [str(t) for t in value.dtypes])
+        _feed_array(h, pd.util.hash_pandas_object(value, index=True).to_numpy())
+    else:
+        h.update(f"object:{type(value).__module__}.{type(value).__qualname__};".encode())
+
+
+def data_digest(model: Any) -> str | None:
+    """SHA-256 of the data ``model`` was built on (``model.data_arrays()``: its observed arrays and other data
+    arguments), over each array's dtype, shape and bytes: recorded in a checkpoint and compared on resume.  None for a
+    model that lists no data (no ``data_arrays``): its checkpoints are resumed without this check."""
+    arrays = getattr(model, "data_arrays", None)
+    if not callable(arrays):
+        return None
+    h = hashlib.sha256()
+    _feed(h, arrays())
+    return h.hexdigest()
+
+
+#: no digest computed yet (None is a model without one)
+_UNSET: Any = object()
+
+
+def begin_run_digest(engine: Any, compute: bool) -> None:
+    """Reset ``engine``'s data digest at the start of a run: the model as given now (before a distributed fit pads
+    or shards it), hashed now when ``compute`` (a run that writes or reads checkpoints), else only if a checkpoint
+    is written (a non-finite fault's)."""
+    engine._digest_model = getattr(engine, "user_model", engine.model)
+    engine._data_digest = data_digest(engine._digest_model) if compute else _UNSET
+
+
+def engine_data_digest(engine: Any) -> str | None:
+    """The digest of the data of the fit ``engine`` runs: the one the driver computed at the start of the run
+    (``engine._data_digest``, once per run), else computed now from ``engine.model``."""
+    digest = getattr(engine, "_data_digest", _UNSET)
+    if digest is _UNSET:
+        model = getattr(engine, "_digest_model", None)
+        digest = data_digest(getattr(engine, "user_model", engine.model) if model is None else model)
+        engine._data_digest = digest
+    return digest
 
 
 def _library_version() -> str:
@@ -442,7 +550,8 @@ class Checkpoint:
 
     def check_compatible(self, engine: Any) -> None:
         """Raise ``ValueError`` naming what differs between this checkpoint and ``engine`` (class, backend, version,
-        data shapes, options)."""
+        data shapes, options, the data's digest: :func:`data_digest`; a checkpoint without one, written by an older
+        latentfit or of a model that lists no data, is not checked for it)."""
         meta = self.meta
         cls = type(engine).__name__
         if meta["engine"] != cls:
@@ -475,6 +584,13 @@ class Checkpoint:
                  for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
         if diffs:
             raise ValueError("checkpoint options differ (checkpoint != this engine): " + "; ".join(diffs))
+        saved_digest, digest = meta.get("data_sha256"), engine_data_digest(engine)
+        if saved_digest is not None and digest is not None and saved_digest != digest:
+            where = "" if (saved_world, saved_rank) == (1, 0) else f" (the block of process {rank} of {world})"
+            raise ValueError(f"the data differ from the checkpoint's{where}: the checkpoint was written by a fit of "
+                             f"other data of the same shapes (its data SHA-256 {saved_digest[:12]}..., this fit's "
+                             f"{digest[:12]}...); continuing it would return estimates of the old data.  To fit these "
+                             "data, start afresh: resume=False with a new (or emptied) checkpoint folder")
 
 
 def load_checkpoint(path: str | os.PathLike, shard: Shard = None) -> Checkpoint:
@@ -560,6 +676,9 @@ def save_checkpoint(directory: str | os.PathLike, engine: Any, state: Any, itera
         "shapes": data_shapes(engine.model), "state": leaves, "history": names,
         "sha256": hashlib.sha256(data).hexdigest(), "world_size": world, "rank": rank,
     }
+    digest = engine_data_digest(engine)
+    if digest is not None:
+        meta["data_sha256"] = digest
     stem = d / _stem(iteration, shard)
     sidecar, tensors_file = stem.parent / f"{stem.name}.json", stem.parent / f"{stem.name}.safetensors"
     _atomic_write(tensors_file, data)
@@ -571,5 +690,6 @@ def save_checkpoint(directory: str | os.PathLike, engine: Any, state: Any, itera
     return sidecar
 
 
-__all__ = ["Checkpoint", "checkpoint_files", "checkpoint_world_sizes", "data_shapes", "engine_options", "engine_shard",
-           "load_checkpoint", "restore_state", "save_checkpoint"]
+__all__ = ["Checkpoint", "begin_run_digest", "checkpoint_files", "checkpoint_world_sizes", "data_digest",
+           "data_shapes", "engine_data_digest", "engine_options", "engine_shard", "load_checkpoint", "restore_state",
+           "save_checkpoint"]

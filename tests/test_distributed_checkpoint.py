@@ -2,7 +2,7 @@
 its own shard (``ckpt-<k>.rank<r>-of-<world>.*``: its per-unit state, the history, its RNG state, the world size in
 the sidecar), and a 2-process fit interrupted (Ctrl-C from a callback) and resumed equals the uninterrupted 2-process
 fit bit for bit, for SAEM (per-unit streams, random-slope model) and FIEM (Gaussian mixture).  A checkpoint of a
-2-process fit is refused by a 1-process run.
+2-process fit is refused by a 1-process run, and one whose process holds another block of data by every process.
 """
 
 from __future__ import annotations
@@ -70,6 +70,14 @@ def _fits(rank: int, world: int, out: Path) -> dict[str, dict]:
     seen: list[int] = []
     results["SAEM"]["resumed_gap"] = fit(checkpoint=out / "gap", resume=True, callback=lambda k, _: seen.append(k))
     results["SAEM"]["gap_first_iteration"] = seen[0]
+    # process 1's block corrected (same shapes), process 0's unchanged: every process refuses the resume
+    _saem(t[s_slope], y[s_slope], distributed=True, checkpoint=out / "stale")
+    block = 2.0 * y[s_slope] + 3.0 if rank == 1 else y[s_slope]
+    try:
+        _saem(t[s_slope], block, distributed=True, checkpoint=out / "stale", resume=True)
+        results["SAEM"]["stale_refusal"] = ""
+    except ValueError as err:
+        results["SAEM"]["stale_refusal"] = str(err)
     return results
 
 
@@ -127,6 +135,15 @@ def test_resumed_two_process_fit_is_bit_identical(two_processes: Path, engine: s
     assert meta["world_size"] == 2 and meta["rank"] == 1
     # the shards differ: each holds its own units (state and per-unit tables of different sizes)
     assert meta["shapes"]["num_units"] in (7, 20)
+
+
+def test_a_changed_block_is_refused_by_every_process(two_processes: Path) -> None:
+    """Each process's sidecar holds its own block's data digest; process 1's block changed alone is refused there, and
+    process 0 refuses too (naming process 1), so no process goes on alone into the fit's collectives."""
+    own = str(np.load(two_processes / "SAEM-rank1.npz")["stale_refusal"])
+    other = str(np.load(two_processes / "SAEM-rank0.npz")["stale_refusal"])
+    assert own.startswith("the data differ from the checkpoint's (the block of process 1 of 2)")
+    assert other.startswith("process 1 of the distributed fit refuses its checkpoint: the data differ")
 
 
 def test_one_process_refuses_a_two_process_checkpoint(two_processes: Path) -> None:

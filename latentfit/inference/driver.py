@@ -206,9 +206,10 @@ class Engine:
         ``checkpoint``: a directory where, after every multiple of ``checkpoint_every`` iterations (default
         ``chunk_size``; the chunks are cut there) and at the end of the run, the state, history, draws and RNG are
         written (:mod:`latentfit.checkpoint`), keeping the last ``keep``.  ``resume``: a directory (its
-        latest checkpoint) or a checkpoint file to continue from, on an engine built with the same model and
-        options; ``True`` continues from ``checkpoint`` if it holds one, else starts afresh.  A resumed run equals
-        the uninterrupted one bit for bit (history and parameters).
+        latest checkpoint) or a checkpoint file to continue from, on an engine built with the same model, data and
+        options (a checkpoint records the data's SHA-256, :func:`~latentfit.checkpoint.data_digest`: one written for
+        other data of the same shapes is refused); ``True`` continues from ``checkpoint`` if it holds one, else
+        starts afresh.  A resumed run equals the uninterrupted one bit for bit (history and parameters).
 
         ``devices`` (JAX): shard the units over a device mesh — a number of devices, a list of devices or a
         ``jax.sharding.Mesh`` with an axis ``"units"`` (:meth:`~latentfit.inference.ops_jax.JaxOps.shard_units`):
@@ -254,11 +255,15 @@ class Engine:
         a temporary directory named in the message); ``KeyboardInterrupt`` returns the last good state and the
         history so far as a result with ``interrupted=True`` (checkpointed when ``checkpoint`` is given).
         """
+        from latentfit.checkpoint import begin_run_digest
+
         over_processes = False  # one program over the devices of several JAX processes (jax.distributed)
         self._process_group = None  # their ranks, for checkpoints
         self._padding: _Padding | None = None  # a JAX local fit's block padded with dummy units
         self._recorded_theta: tuple | None = None  # (state, θ's host rows, θ placed) of the last recorded chunk
         mode = distributed_mode(distributed)
+        # the digest of the data as given (before a distributed fit pads them): once per run, when checkpointing
+        begin_run_digest(self, compute=checkpoint is not None or resume not in (None, False))
         if mode is not None:
             mesh = self.ops.process_mesh()
             if mesh is not None and devices is not None:
@@ -581,8 +586,20 @@ class Engine:
         uninterrupted run, whatever ``checkpoint_every`` or chunks wrote it)."""
         from latentfit.checkpoint import engine_shard, load_checkpoint, restore_state
 
-        ckpt = load_checkpoint(source, engine_shard(self))
-        ckpt.check_compatible(self)
+        shard = engine_shard(self)
+        ckpt = load_checkpoint(source, shard)
+        problem: ValueError | None = None
+        try:
+            ckpt.check_compatible(self)
+        except ValueError as err:
+            problem = err
+        if shard is not None:  # refused on every process alike (one alone must not go on into the fit's collectives)
+            found = [(r, m) for r, m in enumerate(self._processes().gather_objects(None if problem is None
+                                                                                   else str(problem))) if m]
+            if found and problem is None:
+                raise ValueError(f"process {found[0][0]} of the distributed fit refuses its checkpoint: {found[0][1]}")
+        if problem is not None:
+            raise problem
         start = ckpt.iteration
         if not 0 <= start <= total:
             raise ValueError(f"{self.name}: the checkpoint is at iteration {start}, past this engine's {total} "

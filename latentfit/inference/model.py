@@ -314,6 +314,12 @@ class LatentModel:
         from the whole data; the default is the model itself (parameters that do not depend on the data)."""
         return self
 
+    def data_arrays(self) -> dict[str, Any]:
+        """The data the model was built on (arrays by name, or nested lists / dicts of them): a checkpoint records
+        their SHA-256 and a resume on other data is refused (:func:`latentfit.checkpoint.data_digest`).  The default
+        is :attr:`observed`; a model whose fit reads other data (covariates, designs) lists them too."""
+        return dict(getattr(self, "observed", None) or {})
+
     def unit_data_axes(self) -> list[tuple[Any, int]]:
         """The arrays the model's computations capture that hold one slice per unit, each with its unit axis:
         ``run(devices=n)`` splits them along it over the devices (the data of a plate at ``dim=-1``, ``y [T, N]``).

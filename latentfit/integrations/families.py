@@ -114,8 +114,14 @@ def nlme_model(model: Any, ppl: PPL) -> Callable[[], None]:
     return _named(nlme, f"{ppl.name}_nlme")
 
 
+#: options of ``NLME.fit`` that go to the engine's run (:meth:`~latentfit.inference.driver.Engine.run`), not to its
+#: constructor: checkpoints (``distributed=`` is read here)
+NLME_RUN_OPTIONS = ("checkpoint", "checkpoint_every", "keep", "resume")
+
+
 def fit_nlme(model: Any, engine: str, options: dict[str, Any]) -> Any:
-    """Fit an NLME by SAEM (``engine="saem"``) or f-SAEM (``"fsaem"``); ``options`` go to the engine.
+    """Fit an NLME by SAEM (``engine="saem"``) or f-SAEM (``"fsaem"``); ``options`` go to the engine, but
+    ``checkpoint``, ``checkpoint_every``, ``keep`` and ``resume`` (:data:`NLME_RUN_OPTIONS`) to its run.
 
     ``distributed=True`` (in a torch.distributed process group, e.g. a ``torchrun`` script; every process passes the
     same whole table): this process fits its contiguous block of the individuals (:func:`nlme_shard`) with per-unit
@@ -130,6 +136,7 @@ def fit_nlme(model: Any, engine: str, options: dict[str, Any]) -> Any:
     from latentfit.inference.driver import distributed_mode, engine_option_names, unknown_option_error
 
     options = dict(options)
+    run_options = {k: options.pop(k) for k in NLME_RUN_OPTIONS if k in options}  # checkpoint=, resume=: the run's
     mode = distributed_mode(options.pop("distributed", False))
     engine = engine.lower()
     if engine == "saem":
@@ -142,19 +149,19 @@ def fit_nlme(model: Any, engine: str, options: dict[str, Any]) -> Any:
     unknown = sorted(k for k in options if k not in known)
     if unknown:  # a misspelt option: named with the closest valid one, not by the engine's __init__
         own = [p for p in inspect.signature(model.fit).parameters if p not in ("data", "options")]
-        raise unknown_option_error("fit()", cls.__name__, unknown, known, [*own, "distributed"])
+        raise unknown_option_error("fit()", cls.__name__, unknown, known, [*own, "distributed", *NLME_RUN_OPTIONS])
     if mode is None:
-        return cls(model, **options).run()
+        return cls(model, **options).run(**run_options)
     options.setdefault("rng", "per_unit")
     jax_mesh = model.ops.process_mesh() is not None
     if mode == "local":  # each process passed its own rows: its block of the individuals
         check_local_block(model)
         if jax_mesh:
             model = same_layout(model)
-        return cls(model, **options).run(distributed="local" if jax_mesh else True)
+        return cls(model, **options).run(distributed="local" if jax_mesh else True, **run_options)
     if jax_mesh:  # JAX: the whole table, each process's block on its devices
-        return cls(model, **options).run(distributed=True)
-    return cls(nlme_shard(model), **options).run(distributed=True)
+        return cls(model, **options).run(distributed=True, **run_options)
+    return cls(nlme_shard(model), **options).run(distributed=True, **run_options)
 
 
 def check_local_block(model: Any) -> None:

@@ -247,6 +247,11 @@ class TracedBase(LatentModel):
         self.ops = self.ppl.make_ops(self._dtype, self._device)
         return trace
 
+    def data_arrays(self) -> dict[str, Any]:
+        """The model function's arguments (``model(*args, **kwargs)``: observed arrays, covariates, sizes), what a
+        checkpoint's data digest covers."""
+        return {"args": self.args, "kwargs": self.kwargs}
+
     def _trace_model(self) -> dict[str, Site]:
         try:
             return self.ppl.first_run(self.fn, self.args, self.kwargs)

@@ -106,6 +106,10 @@ class VFGProblem:
         xs, obs = self.xs.detach().cpu().double().numpy(), self.col_obs.detach().cpu().numpy()
         return np.where(obs > 0, xs * self.scale + self.loc, np.nan)
 
+    def data_arrays(self) -> dict[str, Any]:
+        """The standardised data and its observed-entry mask (what a checkpoint's data digest covers)."""
+        return {"xs": self.xs, "col_obs": self.col_obs, "loc": self.loc, "scale": self.scale}
+
     def data_shapes(self) -> dict[str, Any]:
         """What a checkpoint records about the problem (compared on resume)."""
         return {"num_units": self.num_units, "latent_dim": self.latent_dim, "params": self.weight_shapes()}

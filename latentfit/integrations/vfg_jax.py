@@ -285,6 +285,10 @@ def _engine_classes() -> tuple[type, type]:
             xs, obs = np.asarray(self.xs, dtype=np.float64), np.asarray(self.col_obs)
             return np.where(obs > 0, xs * self.scale + self.loc, np.nan)
 
+        def data_arrays(self) -> dict[str, Any]:
+            """The standardised data and its observed-entry mask (what a checkpoint's data digest covers)."""
+            return {"xs": self.xs, "col_obs": self.col_obs, "loc": self.loc, "scale": self.scale}
+
         def data_shapes(self) -> dict[str, Any]:
             return {"num_units": self.num_units, "latent_dim": self.latent_dim, "params": self.shapes}
 

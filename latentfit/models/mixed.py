@@ -106,6 +106,10 @@ class LinearMixedModel(LatentModel):
         self.observed = {"y": y_np}
         self._y, self._X, self._Z, self._mask = y0, X_np, Z_np, m_np
 
+    def data_arrays(self) -> dict[str, Any]:
+        """Responses, designs and mask (what a checkpoint's data digest covers)."""
+        return {"y": self._y, "X": self._X, "Z": self._Z, "mask": self._mask}
+
     def _take(self, a: Any, units: Any) -> Any:
         return a if units is None else self.ops.take(a, units, 0)
 

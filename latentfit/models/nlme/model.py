@@ -390,6 +390,11 @@ class NLME(LatentModel):
         the data: N = 10⁶ individuals with 10 observations each would hold 80 MB more)."""
         return {} if self.data is None else {"DV": np.where(self.data.mask, self.data.dv, np.nan)}
 
+    def data_arrays(self) -> dict[str, Any]:
+        """The bound data (observations, times, doses, covariates, regressors: :class:`~.data.NLMEData`), what a
+        checkpoint's data digest covers."""
+        return {"data": self.data}
+
     @property
     def x_name(self) -> str:
         """Name of the x-variable of the plots: the ``x=`` column, else the time column."""
@@ -856,7 +861,11 @@ class NLME(LatentModel):
         same as the constructor's; an option given to both with different values is an error).  ``init``: starting
         values by name as in ``fit.params`` (natural scale; e.g. a previous fit's ``params``), overriding those of the
         specification.
-        ``options`` go to the engine (``num_iters``, ``num_chains``, ``seed``, ``progress``, ...).
+        ``options`` go to the engine (``num_iters``, ``num_chains``, ``seed``, ``progress``, ...), except
+        ``checkpoint``, ``checkpoint_every``, ``keep`` and ``resume``, which go to its run
+        (:meth:`~latentfit.inference.driver.Engine.run`): checkpoints written every ``checkpoint_every`` iterations in
+        the folder ``checkpoint``, and a fit interrupted (``KeyboardInterrupt``) or stopped rerun with ``resume=True``
+        continues bit for bit (with ``replicates``, one sub-folder per replicate).
         ``distributed=True`` (torch, every process of a ``torchrun`` script passing the same whole table): each process
         fits its contiguous block of individuals with ``rng="per_unit"``, statistics all-reduced in float64
         (:func:`latentfit.integrations.families.nlme_shard`); the estimates equal a one-process ``rng="per_unit"`` fit.

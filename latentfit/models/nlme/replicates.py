@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -108,6 +109,41 @@ def _start(model: Any, r: int, seed: int, scale: float, starts: list[dict[str, A
     return model_r, kind
 
 
+#: the sub-folder of a ``checkpoint=`` folder holding replicate r's checkpoints
+REPLICATE_FOLDER = "replicate-{r}"
+
+
+def _holds_checkpoints(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("ckpt-*.json"))
+
+
+def replicate_checkpoints(options: dict[str, Any], replicates: int) -> list[dict[str, Any]]:
+    """Each replicate's ``checkpoint`` / ``resume`` options: one sub-folder per replicate (``<folder>/replicate-<r>``),
+    so each resumes from its own run.  ``resume=True`` (with ``checkpoint=``) continues the replicates that have
+    checkpoints and starts the others; ``resume=<folder>`` continues replicate r from ``<folder>/replicate-<r>`` where
+    it holds checkpoints (the others start afresh) and is refused when none does or when it names one checkpoint
+    file (whose replicate would be ambiguous)."""
+    checkpoint, resume = options.get("checkpoint"), options.get("resume")
+    out: list[dict[str, Any]] = [{} for _ in range(replicates)]
+    if checkpoint is not None:
+        for r in range(replicates):
+            out[r]["checkpoint"] = Path(checkpoint) / REPLICATE_FOLDER.format(r=r)
+    if resume is None or isinstance(resume, bool):
+        return out
+    folder = Path(resume)
+    if not folder.is_dir():
+        raise ModelSpecificationError(f"replicates={replicates} with resume={str(resume)!r}: the replicates resume "
+                                      "from a folder holding one sub-folder per replicate (replicate-0, ...: what "
+                                      "checkpoint=<folder> writes), not from one checkpoint file")
+    found = [_holds_checkpoints(folder / REPLICATE_FOLDER.format(r=r)) for r in range(replicates)]
+    if not any(found):
+        raise FileNotFoundError(f"no replicate's checkpoint in {str(resume)!r}: replicates={replicates} resume from "
+                                f"its sub-folders replicate-0 .. replicate-{replicates - 1} (what checkpoint= wrote)")
+    for r in range(replicates):
+        out[r]["resume"] = folder / REPLICATE_FOLDER.format(r=r) if found[r] else False
+    return out
+
+
 def fit_replicates(model: Any, engine: str, options: dict[str, Any], replicates: int, *,
                    dispersed_starts: bool | float = False, starts: list[dict[str, Any] | None] | None = None,
                    tolerance: float = TOLERANCE, ll_method: str = "auto") -> Any:
@@ -117,6 +153,9 @@ def fit_replicates(model: Any, engine: str, options: dict[str, Any], replicates:
     replicate r > 0 has seed ``seed + r`` and starts at ``starts[r]`` when given (natural-scale values by name as in
     ``fit.params``; None: the model's own), else at :func:`dispersed_init` when ``dispersed_starts`` (True: φ-scale
     sd 0.5; a number: that sd), else at the model's own start.
+    ``checkpoint=<folder>``: replicate r checkpoints in ``<folder>/replicate-<r>`` (:func:`replicate_checkpoints`);
+    an interrupted replicate (``KeyboardInterrupt``) ends the replicates and its interrupted fit is returned, so a
+    rerun with ``resume=True`` continues it (the finished replicates resume from their last checkpoints).
     """
     if int(replicates) != replicates or replicates < 1:
         raise ModelSpecificationError(f"replicates must be a positive integer, got {replicates!r}")
@@ -132,11 +171,14 @@ def fit_replicates(model: Any, engine: str, options: dict[str, Any], replicates:
     if scale < 0:
         raise ModelSpecificationError(f"dispersed_starts must be True/False or a scale >= 0, got {dispersed_starts!r}")
     seed = int(options.get("seed", 0))
+    folders = replicate_checkpoints(options, replicates)
     # every replicate's start, checked before the first fit runs (a bad start is refused before any work is done)
     plans = [_start(model, r, seed, scale, starts) for r in range(replicates)]
     fits, rows = [], []
     for r, (model_r, kind) in enumerate(plans):
-        fit = fit_nlme(model_r, engine, {**options, "seed": seed + r})
+        fit = fit_nlme(model_r, engine, {**options, "seed": seed + r, **folders[r]})
+        if getattr(fit, "interrupted", False):  # KeyboardInterrupt: the replicates end here (resume=True continues)
+            return fit
         ll, se, method = replicate_log_likelihood(fit, ll_method, seed=seed)
         fits.append(fit)
         rows.append({"replicate": r, "seed": seed + r, "start": kind, "logLik": ll, "mc_se": se, "method": method,
@@ -167,5 +209,5 @@ def fit_replicates(model: Any, engine: str, options: dict[str, Any], replicates:
     return out
 
 
-__all__ = ["DISPERSED_SCALE", "DISPERSED_TRIES", "OMEGA_INFLATION", "TOLERANCE", "dispersed_init", "fit_replicates",
-           "replicate_log_likelihood"]
+__all__ = ["DISPERSED_SCALE", "DISPERSED_TRIES", "OMEGA_INFLATION", "REPLICATE_FOLDER", "TOLERANCE", "dispersed_init",
+           "fit_replicates", "replicate_checkpoints", "replicate_log_likelihood"]
