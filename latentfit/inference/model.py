@@ -338,8 +338,9 @@ class LatentModel:
     #: the linearisation's Jacobian ``J_i = ∂f_i/∂z`` is held at θ̂ when differentiating its moments in θ (saemix's
     #: ``fim.saemix``; exact where θ enters ``f`` through z only): :mod:`~latentfit.inference.fisher`
     linearisation_holds_jacobian: bool = False
-    #: the params that are weights of a neural-network module (``pyro.module``, ``numpyro.contrib.module``): their
-    #: complete-data information is indefinite, so MCMCSGD's ``optimizer="auto"`` fits them with Adam
+    #: the params that are weights of a neural-network module (``pyro.module``, a PyroModule's plain ``nn.Parameter``
+    #: attributes, ``numpyro.contrib.module``): their complete-data information is indefinite, so MCMCSGD's
+    #: ``optimizer="auto"`` fits them with Adam
     module_params: frozenset[str] = frozenset()
 
     def predict(self, theta: dict[str, Any], z: Any, units: Any = None) -> tuple[Any, Any]:

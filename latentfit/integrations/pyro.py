@@ -14,6 +14,7 @@ import dataclasses
 import math
 import sys
 import warnings
+import weakref
 from operator import attrgetter
 from types import SimpleNamespace
 from typing import Any
@@ -23,6 +24,7 @@ import pyro
 import pyro.distributions as pdist
 import torch
 from pyro.distributions.util import scale_and_mask
+from pyro.nn import PyroModule
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to, constraints, transform_to
@@ -36,23 +38,76 @@ from latentfit.integrations.traced import PPL, Frame, Site, TracedLatentModel
 #: how ``pyro.module`` names its weights (``"net$$$0.weight"``), and the code object of ``pyro.module``
 _MODULE_DIVIDER = "$$$"
 _PYRO_MODULE_CODE = pyro.primitives.module.__code__
+#: the code object of ``PyroModule.__getattr__``, whose ``pyro.param`` statement for a plain ``nn.Parameter``
+#: attribute (``PyroModule[nn.Linear]``'s ``weight``) discards the value the statement returns
+_PYRO_GETATTR_CODE = PyroModule.__getattr__.__code__
+#: model function -> ``{param name: (weak reference to the PyroModule, attribute)}`` of the plain ``nn.Parameter``
+#: attributes of PyroModules its runs read (found on the first run, put in place before each later run)
+_MODULE_ATTRS: weakref.WeakKeyDictionary[Any, dict[str, tuple[Any, str]]] = weakref.WeakKeyDictionary()
+
+
+def _module_attrs(fn: Any) -> dict[str, tuple[Any, str]]:
+    """The PyroModule ``nn.Parameter`` attributes known to be read by ``fn`` (a new, unkept table if ``fn`` cannot be
+    weakly referenced)."""
+    try:
+        return _MODULE_ATTRS.setdefault(fn, {})
+    except TypeError:
+        return {}
 
 
 class _Runner(Messenger):
-    """Substitute θ and the latents, record the param and sample sites (a light ``trace``)."""
+    """Substitute θ and the latents, record the param and sample sites (a light ``trace``).
 
-    def __init__(self, params: dict[str, Any] | None, values: dict[str, Any] | None) -> None:
+    θ reaches the model through the value of each ``pyro.param`` statement, and, where a module computes with its
+    own tensors instead, through the module: a ``pyro.module`` network's weights and a PyroModule's plain
+    ``nn.Parameter`` attributes (``PyroModule[nn.Linear]``'s ``weight``, at any depth) are replaced by θ's values
+    for the run and restored on exit."""
+
+    def __init__(self, params: dict[str, Any] | None, values: dict[str, Any] | None,
+                 module_attrs: dict[str, tuple[Any, str]] | None = None) -> None:
         super().__init__()
         self.params = params or {}
         self.values = values or {}
+        self.module_attrs = {} if module_attrs is None else module_attrs
         self.sites: dict[str, Site] = {}
 
     def _pyro_param(self, msg: Any) -> None:
-        value = self.params.get(msg["name"])
+        name = msg["name"]
+        args = msg["args"]
+        if len(args) > 1 and isinstance(args[1], torch.nn.Parameter):  # maybe PyroModule's statement for one
+            self._find_module_attr(name, args[1])
+        value = self.params.get(name)
         if value is not None:
             msg["value"] = value
-            if _MODULE_DIVIDER in msg["name"]:
+            if _MODULE_DIVIDER in name:
                 self._swap_module_param(value)
+            elif name in self.module_attrs:
+                self._swap_attr(name, value)
+
+    def _find_module_attr(self, name: str, parameter: Any) -> None:
+        """Keep which PyroModule attribute ``pyro.param(name, parameter)`` stands for, when it is the statement
+        ``PyroModule.__getattr__`` makes for a plain ``nn.Parameter`` (it computes with that tensor, not with the
+        statement's value)."""
+        frame = sys._getframe(2)
+        while frame is not None and frame.f_code is not _PYRO_GETATTR_CODE:
+            frame = frame.f_back
+        if frame is None:
+            return
+        owner, attr = frame.f_locals.get("self"), frame.f_locals.get("name")
+        if (isinstance(owner, PyroModule) and isinstance(attr, str) and owner._parameters.get(attr) is parameter
+                and owner._pyro_get_fullname(attr) == name):
+            self.module_attrs[name] = (weakref.ref(owner), attr)
+
+    def _swap_attr(self, name: str, value: Any) -> None:
+        """Put θ's ``value`` in place of the PyroModule attribute known as param ``name`` (restored on exit)."""
+        owner, attr = self.module_attrs[name]
+        owner = owner()
+        if owner is None or attr not in owner._parameters:
+            return
+        if any(o is owner and a == attr for o, a, _ in self._swapped):
+            return
+        self._swapped.append((owner, attr, owner._parameters[attr]))
+        owner._parameters[attr] = value
 
     def _swap_module_param(self, value: Any) -> None:
         """``pyro.module(name, net)`` registers ``net``'s weights as params but (by default) keeps computing with its
@@ -71,6 +126,10 @@ class _Runner(Messenger):
 
     def __enter__(self) -> _Runner:
         self._swapped: list[tuple[Any, str, Any]] = []
+        # a PyroModule reads its nn.Parameter before its pyro.param statement: θ must be in place beforehand
+        for name in self.module_attrs.keys() & self.params.keys():
+            if self.params[name] is not None:
+                self._swap_attr(name, self.params[name])
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> Any:
@@ -88,7 +147,8 @@ class _Runner(Messenger):
     def _pyro_post_param(self, msg: Any) -> None:
         name = msg["name"]
         constraint = pyro.get_param_store()._constraints.get(name, msg["kwargs"].get("constraint", constraints.real))
-        self.sites[name] = Site(name, "param", msg["value"], constraint=constraint)
+        self.sites[name] = Site(name, "param", msg["value"], constraint=constraint,
+                                module_weight=name in self.module_attrs)
 
     def _pyro_post_sample(self, msg: Any) -> None:
         # pyro.deterministic sites (and obs_mask's interleaved value) are Delta(...).mask(False): no density, and
@@ -458,7 +518,7 @@ class PyroPPL(PPL):
 
     def run(self, fn: Any, args: tuple, kwargs: dict, params: dict | None = None, values: dict | None = None,
             key: Any = None, subsample: tuple[str, int, Any] | None = None) -> dict[str, Site]:
-        runner = _Runner(params, values)
+        runner = _Runner(params, values, _module_attrs(fn))
         batch = _UnitSubsample(*subsample) if subsample is not None else contextlib.nullcontext()
         with pyro.validation_enabled(False), runner, batch:  # NaN densities are rejected by MH / reported by site
             fn(*args, **kwargs)

@@ -72,6 +72,7 @@ class Site:
     frames: tuple[Frame, ...] = ()
     is_observed: bool = False
     constraint: Any = None  # param sites
+    module_weight: bool = False  # param sites: a weight a neural-network module computes with (PyroModule's own)
 
 
 @dataclass
@@ -236,6 +237,8 @@ class TracedBase(LatentModel):
     _imputed: dict[str, Any] = {}
     #: observed sites holding NaN/inf at masked-out entries -> a finite value of the site read there instead
     _masked_fill: dict[str, float] = {}
+    #: params whose first-run site says they are a module's weights (a PyroModule's ``nn.Parameter`` attributes)
+    _module_weights: frozenset[str] = frozenset()
 
     def _setup(self, model: Any, args: tuple, kwargs: dict | None) -> dict[str, Site]:
         """Keep the model and its arguments, trace it once, read its params and the fit's dtype and ``ops``."""
@@ -269,6 +272,7 @@ class TracedBase(LatentModel):
         observed = [s.value for s in trace.values() if s.type == "sample" and s.is_observed]
         self._dtype, self._device = self.ppl.float_dtype([s.value for s in params.values()] + observed)
         ops = self.ppl.make_ops(self._dtype, self._device)
+        self._module_weights = frozenset(n for n, s in params.items() if s.module_weight)
         self.params = {}
         for name, site in params.items():
             transform = self.ppl.param_transform(site.constraint, self._dtype, self._device)
@@ -278,8 +282,9 @@ class TracedBase(LatentModel):
 
     @property
     def module_params(self) -> frozenset[str]:
-        """The params that are weights of a neural-network module (:meth:`PPL.is_module_weight`)."""
-        return frozenset(n for n in self.params if self.ppl.is_module_weight(n))
+        """The params that are weights of a neural-network module (:meth:`PPL.is_module_weight`, or so marked by
+        the first run's site)."""
+        return frozenset(n for n in self.params if self.ppl.is_module_weight(n) or n in self._module_weights)
 
     def _run(self, theta: dict[str, Any], values: dict[str, Any], units: Any = None) -> dict[str, Site]:
         """One run at θ with the latents ``values``; with ``units``, only those units (the unit plate subsampled,
