@@ -173,3 +173,24 @@ def poisson_latent(y: jnp.ndarray) -> None:
     with numpyro.plate("unit", y.shape[0]):
         k = numpyro.sample("k", dist.Poisson(rate))
         numpyro.sample("y", dist.Normal(k, 1.0), obs=y)
+
+
+def grouped_intercept_f64(group: jnp.ndarray, num_groups: int, y: jnp.ndarray) -> None:
+    """:func:`grouped_intercept` reading nothing of its data but its use as ``obs=`` (any container reaches ``y``)."""
+    mu = numpyro.param("mu", jnp.array(0.0, dtype=jnp.float64))
+    omega = numpyro.param("omega", jnp.array(1.0, dtype=jnp.float64), constraint=constraints.positive)
+    with numpyro.plate("groups", num_groups):
+        b = numpyro.sample("b", dist.Normal(mu, omega))
+    with numpyro.plate("rows", len(group)):
+        numpyro.sample("y", dist.Normal(b[..., group], 1.0), obs=y)
+
+
+def log_intercept(group: jnp.ndarray, scale: jnp.ndarray, num_groups: int, y: jnp.ndarray) -> None:
+    """y_r ~ N(log(scale_r a_g(r)), 0.5²), a_j ~ N(μ, ω²) with μ starting at 0.5: a prior draw of a_j below 0 (31 %)
+    puts its unit outside the model's domain; ``scale_r = 0`` puts it there for every draw."""
+    mu = numpyro.param("mu", jnp.array(0.5, dtype=jnp.float64))
+    omega = numpyro.param("omega", jnp.array(1.0, dtype=jnp.float64), constraint=constraints.positive)
+    with numpyro.plate("groups", num_groups):
+        a = numpyro.sample("a", dist.Normal(mu, omega))
+    with numpyro.plate("rows", len(group)):
+        numpyro.sample("y", dist.Normal(jnp.log(scale * a[..., group]), 0.5), obs=y)

@@ -174,3 +174,24 @@ def poisson_latent(y: torch.Tensor) -> None:
     with pyro.plate("unit", y.shape[0]):
         k = pyro.sample("k", dist.Poisson(rate))
         pyro.sample("y", dist.Normal(k, 1.0), obs=y)
+
+
+def grouped_intercept_f64(group: torch.Tensor, num_groups: int, y: torch.Tensor) -> None:
+    """:func:`grouped_intercept` reading nothing of its data but its use as ``obs=`` (any container reaches ``y``)."""
+    mu = pyro.param("mu", torch.tensor(0.0, dtype=torch.float64))
+    omega = pyro.param("omega", torch.tensor(1.0, dtype=torch.float64), constraint=constraints.positive)
+    with pyro.plate("groups", num_groups):
+        b = pyro.sample("b", dist.Normal(mu, omega))
+    with pyro.plate("rows", len(group)):
+        pyro.sample("y", dist.Normal(b[..., group], 1.0), obs=y)
+
+
+def log_intercept(group: torch.Tensor, scale: torch.Tensor, num_groups: int, y: torch.Tensor) -> None:
+    """y_r ~ N(log(scale_r a_g(r)), 0.5²), a_j ~ N(μ, ω²) with μ starting at 0.5: a prior draw of a_j below 0 (31 %)
+    puts its unit outside the model's domain; ``scale_r = 0`` puts it there for every draw."""
+    mu = pyro.param("mu", torch.tensor(0.5, dtype=torch.float64))
+    omega = pyro.param("omega", torch.tensor(1.0, dtype=torch.float64), constraint=constraints.positive)
+    with pyro.plate("groups", num_groups):
+        a = pyro.sample("a", dist.Normal(mu, omega))
+    with pyro.plate("rows", len(group)):
+        pyro.sample("y", dist.Normal(torch.log(scale * a[..., group]), 0.5), obs=y)

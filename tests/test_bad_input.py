@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from latentfit import DataError, ModelSpecificationError
+from latentfit.integrations.traced import TracedLatentModel, enlarging_obs_shape
 from latentfit.models import GaussianMixture, nlme
 
 Y = np.random.default_rng(0).normal(size=(20, 4))
@@ -101,6 +102,116 @@ def test_observations_not_matching_their_plate_name_site_and_shapes(backend, row
     fit = _fit(backend, backend.models.grouped_intercept, group, 4, backend.tensor(y[:12]), num_iters=(3, 2),
                burn_in=1)                                                # the data of the right length fits
     assert np.isfinite(fit.params["mu"])
+
+
+def test_a_column_of_observations_is_refused_not_broadcast_to_a_square(backend):
+    """``y[:, None]`` for a plate of n rows had been broadcast to an (n, n) site, every row's observation scored under
+    every row's mean: the fit ran and its ω came out near 0 (0.008 instead of 0.74).  Refused, naming the site, the
+    shape given, the shape expected and the square it would make."""
+    group = backend.tensor(np.repeat(np.arange(4), 3), dtype=backend.xp.int64)
+    y = np.random.default_rng(1).normal(size=12)
+    with pytest.raises(DataError, match=r"observed site 'y' was given data of shape \(12, 1\), but its Normal expects "
+                                        r"shape \(12,\) .*plate 'rows' \(size 12.*site of shape \(12, 12\)"):
+        _fit(backend, backend.models.grouped_intercept, group, 4, backend.tensor(y[:, None]))
+
+
+@pytest.mark.parametrize(("dist_shape", "value_shape", "enlarged"), [
+    ((12,), (12, 1), (12, 12)),           # a column for a vector: the outer product
+    ((12, 1), (12,), (12, 12)),           # a vector for a plate at dim -2
+    ((12, 3), (12, 1, 3), (12, 12, 3)),   # a to_event(1) site given a column of events
+    ((12,), (12,), None),                 # the distribution's own shape
+    ((12, 1), (12, 1), None),
+    ((12, 3), (12, 3), None),
+    ((12, 1), (12, 5), None),             # a per-unit mean over a unit's T columns (no plate over them)
+    ((), (12,), None),                    # a scalar distribution for a vector, outside any plate
+    ((12,), (), None),                    # one value for the whole plate
+    ((12,), (1, 12), None),               # a leading dim of 1 adds no observation
+    ((3, 1, 12), (12,), None),            # enumerated components in front of the data
+])
+def test_which_observation_shapes_enlarge_a_site(dist_shape, value_shape, enlarged):
+    """The rule: data is refused when broadcasting with it enlarges the distribution's shape while the data is itself
+    broadcast along a dim where the distribution has several entries (the outer product); data that only enlarges
+    (more columns than the distribution's mean) or is only broadcast keeps its meaning."""
+    assert enlarging_obs_shape(dist_shape, value_shape) == enlarged
+
+
+def _containers(backend: Backend) -> list[tuple[Any, str, str]]:
+    """``(y, type named, the fix advised)`` for containers the backend's distributions cannot read."""
+    y = np.random.default_rng(2).normal(size=12)
+    if backend.name == "pyro":
+        return [(y, "numpy.ndarray", r"torch.as_tensor\(y\)"),
+                (pd.Series(y), "pandas.Series", r"torch.as_tensor\(y.to_numpy\(\)\)"),
+                (y.tolist(), "builtins.list", r"torch.tensor\(y\)")]
+    import torch
+
+    return [(pd.Series(y), "pandas.Series", r"y.to_numpy\(\)"),
+            (torch.as_tensor(y), "torch.Tensor", r"y.numpy\(\)"),
+            (y.tolist(), "builtins.list", r"np.asarray\(y\)")]
+
+
+def test_observations_in_a_container_the_ppl_cannot_read_name_site_type_and_fix(backend):
+    """A numpy array, pandas Series or list given to a Pyro site (a Series, torch tensor or list to a NumPyro one) had
+    failed deep inside a log-density (``unsupported operand type(s) for -: 'numpy.ndarray' and 'Tensor'``, a JAX
+    TracerArrayConversionError), naming neither the site nor the fix."""
+    group = backend.tensor(np.repeat(np.arange(4), 3), dtype=backend.xp.int64)
+    for y, kind, fix in _containers(backend):
+        backend.reset()
+        with pytest.raises(DataError, match=rf"observed site 'y' was given a {kind}, which {backend.name} "
+                                            rf"distributions cannot read: pass .*{fix}"):
+            _fit(backend, backend.models.grouped_intercept_f64, group, 4, y)
+    backend.reset()
+    y = np.random.default_rng(2).normal(size=12)
+    data = backend.tensor(y) if backend.name == "pyro" else y  # a numpy array is NumPyro data
+    fit = _fit(backend, backend.models.grouped_intercept_f64, group, 4, data, num_iters=(3, 2), burn_in=1)
+    assert np.isfinite(fit.params["mu"])
+
+
+def _log_intercept_data(backend: Backend, scale: np.ndarray) -> tuple[Any, ...]:
+    """30 groups of 3 rows, a_j ~ N(2, 0.3²) (all in the model's domain), y = log(a) + N(0, 0.5²)."""
+    rng = np.random.default_rng(4)
+    group = np.repeat(np.arange(30), 3)
+    y = np.log(rng.normal(2.0, 0.3, size=30))[group] + 0.5 * rng.normal(size=group.size)
+    return backend.tensor(group, dtype=backend.xp.int64), backend.tensor(scale), 30, backend.tensor(y)
+
+
+@pytest.mark.parametrize("engine", ["SAEM", "FSAEM"])
+def test_a_prior_draw_outside_the_domain_is_redrawn_not_refused(backend, engine, monkeypatch):
+    """``log(a)`` with ``a ~ N(0.5, 1)`` at the start: the start-up check's one prior draw (a fixed key) put some a_j
+    below 0 and refused the valid model on every seed, blaming the initial param values.  The units non-finite at
+    that draw are redrawn, and the fit (whose chains leave such states at their first finite proposal) runs: SAEM's
+    zeroed statistics had been 0 × the start's (NaN there), f-SAEM's MAP search started at such a state."""
+    args = _log_intercept_data(backend, np.ones(90))
+    model = backend.models.log_intercept
+    if engine == "SAEM":  # once: a NumPyro model's analysis is then kept (and the checks not run again)
+        with monkeypatch.context() as m:  # the first draw alone: refused (the check's draw does leave the domain)
+            m.setattr(TracedLatentModel, "initial_redraws", 0)  # (the unit-map analysis then tries 2 draws)
+            with pytest.raises(ModelSpecificationError, match=r"site 'y' is NaN/inf .* at each of [12] draw\(s\)"):
+                _fit(backend, model, *args)
+        backend.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the chains' rejected proposals outside the domain are reported as a warning
+        fit = backend.fit(engine, model, *args, progress=False, num_iters=(30, 20))
+    assert all(np.isfinite(float(v)) for v in fit.params.values())
+    assert 1.5 < float(fit.params["mu"]) < 2.5
+
+
+def test_units_outside_the_domain_at_every_prior_draw_are_named(backend):
+    """A unit non-finite at every redraw is refused, the message naming it (the rows, where they are outside the unit
+    plate and the unit map is still to be found) and saying that the prior draws of the latents, not only the initial
+    param values, may be at fault."""
+    scale = np.ones(90)
+    scale[9:12] = 0.0  # group 3's rows: log(0) whatever its latent
+    args = _log_intercept_data(backend, scale)
+    message = (r"the log-density of observed site 'y' is NaN/inf at 3 of its 90 element\(s\) \(index 9, 10, 11; "
+               r"plate 'rows' \(size 90, dim -1\)\) at the initial parameter values, at each of 9 draw\(s\) of the "
+               r"latents from the model's prior: the prior puts the latents where the model is not defined")
+    with pytest.raises(ModelSpecificationError, match=message):
+        _fit(backend, backend.models.log_intercept, *args)
+    backend.reset()
+    message = (r"site 'y' is NaN/inf for 1 of 30 unit\(s\) \(unit index 3\) at the initial parameter values, at "
+               r"each of 32 draw\(s\) of their latents from the model's prior")
+    with pytest.raises(ModelSpecificationError, match=message):  # the unit map given: found by the density check
+        _fit(backend, backend.models.log_intercept, *args, unit_index=np.repeat(np.arange(30), 3))
 
 
 def test_masked_nan_is_accepted(backend):

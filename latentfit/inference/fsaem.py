@@ -80,8 +80,22 @@ class FSAEM(SAEM):
 
     def init(self, key: Any) -> SAEMState:
         state = super().init(key)
-        # warm start of the per-unit MAP: the chain mean of the initial draws
-        return state._replace(mode=self.ops.xp.mean(state.z, 0))
+        return state._replace(mode=self._warm_mode(state.z))
+
+    def _warm_mode(self, z: Any) -> Any:
+        """The warm start of the per-unit MAP ``[N, d]``: the chain mean of the initial draws; a unit whose
+        log-density is NaN/inf there (a prior draw outside the model's domain, e.g. the log of a latent drawn below
+        0) starts at the prior mean (0 without a Gaussian prior face), as :func:`conditional_mode` by default: from
+        there the Newton steps went NaN, and so did the chains reset at the mode and the statistics."""
+        model, ops, xp = self.model, self.ops, self.ops.xp
+        mode = xp.mean(z, 0)
+        theta = model.init_params()
+        ll, lp = model.log_densities(theta, mode[None])
+        bad = ~xp.isfinite(ll + lp)[0]
+        if not bool(xp.any(bad)):
+            return mode
+        alt = model.prior_moments(theta)[0] if model.has_gaussian_prior else ops.zeros(tuple(mode.shape))
+        return xp.where(bad[:, None], alt, mode)
 
     def unit_axes(self) -> dict[str, int]:
         """The chains ``z [L, N, d]`` (axis 1) and the warm start of the MAPs ``mode [N, d]`` (axis 0)."""

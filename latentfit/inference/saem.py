@@ -306,7 +306,7 @@ class SAEM(Engine):
         all_bad = xp.all(~xp.isfinite(ll + lp))
         s_hat = None
         if model.has_stats:
-            s_hat = ops.tree_map(lambda v: v * 0.0, self._chain_mean_stats(theta, z))
+            s_hat = ops.tree_map(xp.zeros_like, self._chain_mean_stats(theta, z))
         return all_bad, s_hat
 
     def distribute(self) -> None:

@@ -39,7 +39,7 @@ import numpy as np
 
 from latentfit.inference.model import LatentSite, ModelSpecificationError
 from latentfit.inference.units import UnitBlock, take_units
-from latentfit.integrations.traced import Site, TracedBase
+from latentfit.integrations.traced import Site, TracedBase, check_obs_container
 from latentfit.models.mixture import GaussianMixture, array_stamps, same_arrays
 
 
@@ -93,6 +93,9 @@ class EnumeratedLatentModel(TracedBase):
                 f"found latent sites {latent}")
         if not self.observed_names:
             raise ModelSpecificationError("the model has no observed sample site: did you pass the data (obs=...)?")
+        for n in self.observed_names:  # a container the PPL cannot read, data that would broadcast the site up
+            check_obs_container(self.ppl, trace[n])
+            self._site_shape(trace[n])
         site = trace[latent[0]]
         if not site.frames:
             raise ModelSpecificationError(f"the discrete latent {latent[0]!r} is not inside a plate of units")

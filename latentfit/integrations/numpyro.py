@@ -134,6 +134,17 @@ class NumPyroPPL(PPL):
         Independent=ndist.Independent, Masked=ndist.MaskedDistribution, Expanded=ndist.ExpandedDistribution,
         Transformed=ndist.TransformedDistribution, ExpTransform=ExpTransform)
 
+    def obs_container_hint(self, value: Any) -> str | None:
+        """NumPyro's distributions read JAX and numpy arrays (and Python numbers): what to pass for a pandas object,
+        a torch tensor, a list."""
+        if isinstance(value, (jax.Array, jax.core.Tracer, np.ndarray, np.generic, int, float)):
+            return None
+        if hasattr(value, "to_numpy"):  # pandas Series / DataFrame
+            return "a numpy or JAX array, e.g. y.to_numpy()"
+        if type(value).__module__.split(".")[0] == "torch":
+            return "a numpy or JAX array, e.g. y.numpy() (y.detach().cpu().numpy() for a tensor on a GPU)"
+        return "a numpy or JAX array, e.g. np.asarray(y)"
+
     def is_module_weight(self, name: str) -> bool:
         # numpyro.contrib.module's flax / haiku weights: one pytree param "net$params", a leaf "net$params/Dense_0/..."
         return name.endswith(_MODULE_SUFFIX) or _MODULE_SUFFIX + "/" in name

@@ -533,6 +533,17 @@ class PyroPPL(PPL):
                 sites[name] = dataclasses.replace(site, value=site.value.detach().clone())
         return sites
 
+    def obs_container_hint(self, value: Any) -> str | None:
+        """Pyro's distributions read torch tensors (and Python numbers): what to pass for a numpy array, a pandas
+        object, a list."""
+        if isinstance(value, (torch.Tensor, int, float)):
+            return None
+        if hasattr(value, "to_numpy"):  # pandas Series / DataFrame
+            return "a torch tensor, e.g. torch.as_tensor(y.to_numpy())"
+        if isinstance(value, (np.ndarray, np.generic)):
+            return "a torch tensor, e.g. torch.as_tensor(y)"
+        return "a torch tensor, e.g. torch.tensor(y)"
+
     def is_module_weight(self, name: str) -> bool:
         return _MODULE_DIVIDER in name  # pyro.module's "net$$$0.weight"
 

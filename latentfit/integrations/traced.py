@@ -170,6 +170,11 @@ class PPL:
         """``fn.log_prob(value)`` (a PPL may compute it faster, with the same values)."""
         return fn.log_prob(value)
 
+    def obs_container_hint(self, value: Any) -> str | None:
+        """None when ``value`` is of a type this PPL's distributions read as an observation; else what to pass
+        instead (for :func:`check_obs_container`'s message).  Accepts anything by default."""
+        return None
+
     def is_module_weight(self, name: str) -> bool:
         """Whether param ``name`` is a weight of a neural-network module registered by the PPL's module helper
         (``pyro.module``, ``numpyro.contrib.module``), by the name that helper gives it; False by default."""
@@ -224,6 +229,43 @@ class PPL:
                 out = m if out is None else out & m
             fn = fn.base_dist
         return out
+
+
+#: the end of the messages refusing a model whose log-density is NaN/inf at every prior draw of the latents tried
+_NONFINITE_HINT = ("the prior puts the latents where the model is not defined (e.g. the log of a latent drawn below "
+                   "0), or the data or the initial param values make the density NaN/inf there; check the initial "
+                   "param values, the site's distribution arguments and the data there")
+
+
+def check_obs_container(ppl: PPL, site: Site) -> None:
+    """DataError naming the observed ``site`` when its value is a container the PPL's log-densities cannot read (a
+    numpy array, pandas Series or list for Pyro; a torch tensor or pandas Series for NumPyro): they failed later with
+    a bare ``TypeError`` (``numpy.ndarray - Tensor``) or a JAX tracer error, naming neither the site nor the fix."""
+    hint = ppl.obs_container_hint(site.value)
+    if hint is not None:
+        kind = type(site.value)
+        raise DataError(f"observed site {site.name!r} was given a {kind.__module__}.{kind.__qualname__}, which "
+                        f"{ppl.name} distributions cannot read: pass {hint}")
+
+
+def enlarging_obs_shape(dist_shape: tuple[int, ...], value_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The broadcast shape when an observation of ``value_shape`` enlarges a distribution of ``dist_shape`` (batch +
+    event) in an outer-product way, else None.
+
+    Broadcast together, the data adds dims (or sizes) the distribution lacks while the data itself is broadcast along
+    a dim where the distribution has more than one entry (missing there, or of size 1): a column ``y[:, None]`` of
+    shape ``(n, 1)`` for a plate of ``n`` rows becomes an ``(n, n)`` site, every row compared with every row's mean.
+    Data that only enlarges (a distribution ``(N, 1)`` given ``(N, T)`` data, a scalar distribution given a vector
+    outside any plate), or only is broadcast (a scalar for a whole plate), keeps its meaning and is accepted, as is
+    data of the distribution's own shape."""
+    full = tuple(np.broadcast_shapes(dist_shape, value_shape))
+    if full == tuple(dist_shape):
+        return None
+    for d in range(1, len(dist_shape) + 1):
+        v = value_shape[-d] if d <= len(value_shape) else 1
+        if dist_shape[-d] > 1 and v == 1:
+            return full
+    return None
 
 
 class TracedBase(LatentModel):
@@ -335,6 +377,46 @@ class TracedBase(LatentModel):
             raise ModelSpecificationError(
                 f"evaluating the model with given parameters and latents failed: {type(exc).__name__}: {exc}"
             ) from exc
+
+    def _site_shape(self, site: Site) -> tuple[int, ...]:
+        """Shape of the site's log-density (its batch shape, the mask broadcast in).  Data whose shape does not
+        broadcast against the distribution (an observation vector a row short of its plate) is a DataError naming
+        the site, the shape expected and the shape given: the PPLs only fail later, deep inside a log-density."""
+        shape = tuple(site.fn.batch_shape)
+        event = tuple(site.fn.event_shape)
+        vshape = tuple(np.shape(site.value))
+        vb = vshape[: len(vshape) - len(event)]
+        expects = (f"but its {type(site.fn).__name__} expects shape {shape + event} (batch {shape}, event {event}"
+                   f"{self._plates_of(site)})")
+        try:
+            np.broadcast_shapes(shape + event, vshape)
+            enlarged = enlarging_obs_shape(shape + event, vshape) if site.is_observed else None
+            shape = tuple(np.broadcast_shapes(shape, vb))
+        except ValueError:
+            raise DataError(
+                f"observed site {site.name!r} was given data of shape {vshape}, {expects}: check the array passed "
+                f"for {site.name!r}") from None
+        if enlarged is not None:
+            raise DataError(
+                f"observed site {site.name!r} was given data of shape {vshape}, {expects}: broadcast together they "
+                f"would make a site of shape {enlarged}, every observation paired with every other's distribution; "
+                f"check the array passed for {site.name!r} (a column y[:, None] where a vector y is expected?)")
+        if site.mask is not None:
+            mshape = tuple(np.shape(site.mask))
+            try:
+                shape = tuple(np.broadcast_shapes(shape, mshape))
+            except ValueError:
+                raise DataError(f"the mask of observed site {site.name!r} has shape {mshape}, which does not "
+                                f"broadcast to the site's shape {shape}{self._plates_of(site)}") from None
+        return shape
+
+    @staticmethod
+    def _plates_of(site: Site) -> str:
+        """``"; plates 'rows' (size 117, dim -1)"``: the plates around a site, for messages."""
+        if not site.frames:
+            return ""
+        plates = ", ".join(f"{f.name!r} (size {f.size}, dim {f.dim})" for f in site.frames)
+        return f"; plate{'s' if len(site.frames) > 1 else ''} {plates}"
 
     def _index(self, units: Any) -> Any:
         return self.ops.asarray(units, dtype=None)
@@ -466,6 +548,8 @@ class TracedLatentModel(TracedBase):
     def _find_sites(self, trace: dict[str, Site], unit_plate: str | None) -> None:
         latent = [n for n, s in trace.items() if s.type == "sample" and not s.is_observed]
         observed = [n for n, s in trace.items() if s.type == "sample" and s.is_observed]
+        for n in observed:
+            check_obs_container(self.ppl, trace[n])
         self._imputed = self._leaf_imputations(trace, latent, observed)
         latent = [n for n in latent if n not in self._imputed]
         if not observed:
@@ -564,39 +648,6 @@ class TracedLatentModel(TracedBase):
                 if same:
                     leaves[name] = self.ops.asarray(0.0, dtype=self._dtype)
         return leaves
-
-    def _site_shape(self, site: Site) -> tuple[int, ...]:
-        """Shape of the site's log-density (its batch shape, the mask broadcast in).  Data whose shape does not
-        broadcast against the distribution (an observation vector a row short of its plate) is a DataError naming
-        the site, the shape expected and the shape given: the PPLs only fail later, deep inside a log-density."""
-        shape = tuple(site.fn.batch_shape)
-        event = tuple(site.fn.event_shape)
-        vshape = tuple(np.shape(site.value))
-        vb = vshape[: len(vshape) - len(event)]
-        try:
-            np.broadcast_shapes(shape + event, vshape)
-            shape = tuple(np.broadcast_shapes(shape, vb))
-        except ValueError:
-            raise DataError(
-                f"observed site {site.name!r} was given data of shape {vshape}, but its "
-                f"{type(site.fn).__name__} expects shape {shape + event} (batch {shape}, event {event}"
-                f"{self._plates_of(site)}): check the array passed for {site.name!r}") from None
-        if site.mask is not None:
-            mshape = tuple(np.shape(site.mask))
-            try:
-                shape = tuple(np.broadcast_shapes(shape, mshape))
-            except ValueError:
-                raise DataError(f"the mask of observed site {site.name!r} has shape {mshape}, which does not "
-                                f"broadcast to the site's shape {shape}{self._plates_of(site)}") from None
-        return shape
-
-    @staticmethod
-    def _plates_of(site: Site) -> str:
-        """``"; plates 'rows' (size 117, dim -1)"``: the plates around a site, for messages."""
-        if not site.frames:
-            return ""
-        plates = ", ".join(f"{f.name!r} (size {f.size}, dim {f.dim})" for f in site.frames)
-        return f"; plate{'s' if len(site.frames) > 1 else ''} {plates}"
 
     def _check_observed(self, trace: dict[str, Site]) -> None:
         self.observed = {}
@@ -715,7 +766,7 @@ class TracedLatentModel(TracedBase):
                 idx = unit_index[n] if isinstance(unit_index, dict) else unit_index
                 self._unit_map[n] = self._map_from_index(trace[n], np.asarray(self.ops.to_numpy(idx)))
         else:
-            maps = self._detect_unit_maps(outside)
+            maps = self._detect_unit_maps(outside, trace)
             self._unit_map.update(maps)
         for n, m in self._unit_map.items():
             if m.min() < 0 or m.max() >= self.num_units:
@@ -757,12 +808,16 @@ class TracedLatentModel(TracedBase):
         # a masked placeholder outside the support (its density not finite): as before, free of every latent
         return xp.where(xp.isfinite(lp), lp, masked)
 
-    def _detect_unit_maps(self, names: list[str]) -> dict[str, np.ndarray]:
+    def _detect_unit_maps(self, names: list[str], trace: dict[str, Site] | None = None
+                          ) -> dict[str, np.ndarray]:
         """Which unit's latents each element depends on, by three forward derivatives.
 
         With tangents ``t_c = w · (i + 1)^c`` on unit i's latents (c = 0, 1, 2; ``w`` random positive
         weights per latent coordinate), an element depending on unit u only has derivatives
-        ``J_c = g · (u + 1)^c``: ``J_1 / J_0 − 1`` is its unit, and ``J_2 / J_0 = (u + 1)²`` confirms it.
+        ``J_c = g · (u + 1)^c``: ``J_1 / J_0 − 1`` is its unit, and ``J_2 / J_0 = (u + 1)²`` confirms it.  An
+        element whose derivatives are NaN/inf at a draw (a latent drawn outside the model's domain) is read at further
+        draws; one NaN/inf at all of them is refused, naming the site and the elements (``trace``: the first run, for
+        the site's plates in the message).
         """
         rng = np.random.default_rng(7)
         theta = self.init_params()
@@ -777,26 +832,48 @@ class TracedLatentModel(TracedBase):
             return xp.concatenate([self._lp_of_unit(sites[m]).reshape(-1) for m in names])
 
         sizes = [int(np.prod(self._lp_shape[m])) for m in names]
-        units = None
-        for attempt in range(2):
+
+        def site_of(element: int) -> str:
+            return names[int(np.searchsorted(np.cumsum(sizes), element, side="right"))]
+
+        units, pending = None, None
+        attempts = 2 + self.initial_redraws // 4
+        for attempt in range(attempts):
+            if attempt >= 2 and not pending.any():
+                break
             z = self.sample_prior(theta, self.ops.key(11 + attempt), 1)[0]
             jac = [self.ops.to_numpy(self.ppl.jvp(per_element, z, weights * ranks[:, None] ** c)) for c in range(3)]
+            # an element whose log-density is NaN/inf at this draw (a latent drawn outside the model's domain) tells
+            # nothing here: redrawn below
+            finite = np.isfinite(jac[0]) & np.isfinite(jac[1]) & np.isfinite(jac[2])
             with np.errstate(divide="ignore", invalid="ignore"):
                 r1, r2 = jac[1] / jac[0], jac[2] / jac[0]
-            zero = np.abs(jac[0]) <= 1e-12 * max(1.0, float(np.max(np.abs(jac[0]), initial=0.0)))
-            u = np.rint(r1) - 1
-            single = zero | ((np.abs(r1 - np.rint(r1)) < 1e-3 * np.maximum(1.0, np.abs(r1)))
-                             & (np.abs(r2 - (u + 1) ** 2) < 1e-3 * np.maximum(1.0, (u + 1) ** 2)))
+            top = float(np.max(np.abs(jac[0][finite]), initial=0.0))
+            zero = finite & (np.abs(jac[0]) <= 1e-12 * max(1.0, top))
+            u = np.rint(np.where(finite, r1, 1.0)) - 1
+            with np.errstate(invalid="ignore"):
+                single = ~finite | zero | ((np.abs(r1 - np.rint(r1)) < 1e-3 * np.maximum(1.0, np.abs(r1)))
+                                           & (np.abs(r2 - (u + 1) ** 2) < 1e-3 * np.maximum(1.0, (u + 1) ** 2)))
             if not single.all():
-                first = int(np.argmin(single))
-                site = names[int(np.searchsorted(np.cumsum(sizes), first, side="right"))]
+                site = site_of(int(np.argmin(single)))
                 raise ModelSpecificationError(
                     f"observed site {site!r} is outside the unit plate {self.unit_plate!r} and some of its elements "
                     f"depend on the latents of several units: latentfit cannot tell which unit each row belongs to. "
                     f"Pass unit_index=<int array: the unit of each row of {site!r}>, or put the observations "
                     f"inside the plate {self.unit_plate!r}")
-            u = np.where(zero, -1, u).astype(np.int64)
+            u = np.where(zero | ~finite, -1, u).astype(np.int64)
             units = u if units is None else np.where(units < 0, u, units)
+            pending = ~finite if pending is None else pending & ~finite
+        if pending.any():
+            site = site_of(int(np.argmax(pending)))
+            start = sum(sizes[:names.index(site)])
+            bad = np.flatnonzero(pending[start:start + sizes[names.index(site)]])
+            shown = ", ".join(str(int(i)) for i in bad[:10]) + (", ..." if bad.size > 10 else "")
+            plates = self._plates_of(trace[site]) if trace is not None else ""
+            raise ModelSpecificationError(
+                f"the log-density of observed site {site!r} is NaN/inf at {bad.size} of its {sizes[names.index(site)]} "
+                f"element(s) (index {shown}{plates}) at the initial parameter "
+                f"values, at each of {attempts} draw(s) of the latents from the model's prior: {_NONFINITE_HINT}")
         units = np.where(units < 0, 0, units)  # elements free of every latent: any unit (a constant there)
         return dict(zip(names, np.split(units, np.cumsum(sizes)[:-1])))
 
@@ -1423,7 +1500,17 @@ class TracedLatentModel(TracedBase):
         return self._rows_match(pairs)
 
     # ----- diagnostics of bad models --------------------------------------------------------------------
+    #: draws of the latents beyond the first that :meth:`_check_initial_density` tries for a unit whose log-density
+    #: is not finite at the first (a prior draw outside the model's domain)
+    initial_redraws: int = 31
+
     def _check_initial_density(self) -> None:
+        """Refuse a model whose log-density is not finite at the initial θ, naming the site.
+
+        The latents are one draw from the model's prior (a fixed key); a unit whose log-density is NaN/inf there is
+        redrawn :attr:`initial_redraws` times, and the model is refused only for units finite at none of the draws:
+        with ``y ~ Normal(log(alpha[g]), σ)``, ``alpha ~ Normal(3, 1)``, one unit's draw below 0 (0.13 % each)
+        refused a valid model on every seed (the engines reject such states as they reject such proposals)."""
         theta = self.init_params()
         z = self.sample_prior(theta, self.ops.key(0), 1)
         finite = np.isfinite(self.ops.to_numpy(z))
@@ -1433,11 +1520,22 @@ class TracedLatentModel(TracedBase):
                 f"sampling the latent site(s) {bad} from the model at the initial parameter values "
                 f"gave NaN/inf; check the initial values of the {self.ppl.name}.param sites")
         ll, lp = self.log_densities(theta, z)  # the compiled densities; the site-by-site diagnosis only when needed
-        if not np.isfinite(self.ops.to_numpy(ll + lp)).all():
-            self.raise_for_nonfinite(theta, z)
+        bad = ~np.isfinite(np.reshape(self.ops.to_numpy(ll + lp), (-1,)))
+        if not bad.any():
+            return
+        draws = 1 + self.initial_redraws
+        if self.initial_redraws > 0:
+            more = self.sample_prior(theta, self.ops.key(1), self.initial_redraws)
+            ll, lp = self.log_densities(theta, more)
+            bad &= ~np.isfinite(np.reshape(self.ops.to_numpy(ll + lp), (self.initial_redraws, -1))).any(0)
+        if bad.any():
+            self.raise_for_nonfinite(theta, z, units=np.flatnonzero(bad), draws=draws)
 
-    def raise_for_nonfinite(self, theta: dict[str, Any], z: Any) -> None:
-        """Raise naming the site whose log-density is NaN/inf at ``(θ, z)`` (no-op when all finite)."""
+    def raise_for_nonfinite(self, theta: dict[str, Any], z: Any, units: np.ndarray | None = None,
+                            draws: int = 1) -> None:
+        """Raise naming the site whose log-density is NaN/inf at ``(θ, z)`` (no-op when all finite).  ``units``: the
+        units (indices) non-finite at each of ``draws`` prior draws of their latents (``z``: the first), named in the
+        message, which then says that the latents' draws, not only θ, may be at fault."""
         z = self.ops.asarray(z)
         zz = z.reshape((-1,) + tuple(z.shape[-2:]))
         with self.ppl.no_grad():
@@ -1446,12 +1544,22 @@ class TracedLatentModel(TracedBase):
                 sites = self._guard(self._run, dict(theta), values)
                 for name in self.latent_names_ + self.observed_names:
                     lp = self.ops.to_numpy(self._per_unit(self._broadcast_lp(sites[name]), name))
-                    nbad = int((~np.isfinite(lp)).sum())
-                    if nbad:
+                    nonfinite = ~np.isfinite(lp)
+                    if units is not None:
+                        nonfinite &= np.isin(np.arange(lp.size), units)
+                    nbad = int(nonfinite.sum())
+                    if not nbad:
+                        continue
+                    if units is None:
                         raise ModelSpecificationError(
                             f"the log-density of site {name!r} is NaN/inf for {nbad} of {lp.size} unit(s) at "
                             f"the initial parameter values; check the initial {self.ppl.name}.param values and "
                             "the site's distribution arguments")
+                    shown = ", ".join(str(int(i)) for i in np.flatnonzero(nonfinite)[:10])
+                    raise ModelSpecificationError(
+                        f"the log-density of site {name!r} is NaN/inf for {nbad} of {lp.size} unit(s) (unit index "
+                        f"{shown}{', ...' if nbad > 10 else ''}) at the initial parameter values, at each of {draws} "
+                        f"draw(s) of their latents from the model's prior: {_NONFINITE_HINT}")
 
     # ----- exponential-family face -------------------------------------------------------------------
     def _recognise_patterns(self) -> None:
