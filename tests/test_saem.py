@@ -123,16 +123,23 @@ def test_theophylline_to_arviz(theophylline_fit):
 
     data = theophylline_fit.to_arviz()
     post = data.posterior if hasattr(data, "posterior") else data["posterior"]
-    assert post["log_psi"].shape == (5, 100, 12, 1, 3)
+    # log_psi [N, 1, 3] in plate("id", dim=-2): the plate layout's size-1 dim dropped, the event dim kept
+    assert post["log_psi"].dims == ("chain", "draw", "id", "log_psi_dim_1")
+    assert post["log_psi"].shape == (5, 100, 12, 3)
+    np.testing.assert_array_equal(np.asarray(post["log_psi"]), theophylline_fit.latents["log_psi"][..., 0, :])
     stats = data.sample_stats if hasattr(data, "sample_stats") else data["sample_stats"]
     # the rates are recorded as means over the chains: one row, not the same values copied into each chain
     assert stats["acceptance_rw"].shape == (1, 100)
     np.testing.assert_allclose(np.asarray(stats["acceptance_rw"])[0],
                                theophylline_fit.acceptance["rw"][-100:].reshape(100, -1).mean(-1))
     obs = data.observed_data if hasattr(data, "observed_data") else data["observed_data"]
-    assert obs["conc"].shape == (12, 10)
+    assert obs["conc"].shape == (12, 10) and obs["conc"].dims == ("id", "time")
     summary = az.summary(data, var_names=["log_psi"])
     assert np.all(np.isfinite(summary["mean"].to_numpy()))
+    assert list(summary.index[:4]) == ["log_psi[0, 0]", "log_psi[0, 1]", "log_psi[0, 2]", "log_psi[1, 0]"]
+    named = theophylline_fit.to_arviz(dims={"log_psi": ["id", "parameter"]}, coords={"parameter": ["ka", "V", "CL"]})
+    assert list(az.summary(named, var_names=["log_psi"], kind="stats").index[:3]) == \
+        ["log_psi[0, ka]", "log_psi[0, V]", "log_psi[0, CL]"]
 
 
 @pytest.mark.slow_on("numpyro")  # the Pyro case stays in the default suite

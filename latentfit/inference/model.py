@@ -27,6 +27,10 @@ import numpy as np
 
 from .ops import Ops
 
+#: :meth:`LatentModel.site_dims`' entry for a size-1 dim that only the plate layout makes (a batch dim no plate
+#: names, there for broadcasting): the arviz conversion drops it
+LAYOUT_DIM = ""
+
 
 class ModelSpecificationError(ValueError):
     """The model cannot be fitted as written; the message says what to change."""
@@ -385,3 +389,13 @@ class LatentModel:
     def unpack_latents(self, z: Any) -> dict[str, Any]:
         """Split ``[..., n, d]`` unconstrained latents into constrained values per site."""
         raise NotImplementedError
+
+    def site_dims(self, name: str) -> list[str | None]:
+        """Names of the dims of site ``name``'s array, outermost first, for arviz: of a latent's draws after the chain
+        and draw dims (``fit.latents[name]``: the unit dim, then the per-unit shape), of an observed site's values
+        (:attr:`observed`).  Each is a plate's name, None (no name: arviz's ``<site>_dim_j``) or :data:`LAYOUT_DIM`
+        (a size-1 dim of the plate layout, dropped); a list shorter than the array names its leading dims alone.
+        The default names a latent's unit dim (``unit_plate``, else ``"unit"``) and nothing else."""
+        if name in (getattr(self, "observed", None) or {}) or name in getattr(self, "imputed_sites", ()):
+            return []
+        return [getattr(self, "unit_plate", None) or "unit"]

@@ -8,7 +8,11 @@ arviz 0.x (Python < 3.12 gets 0.23) returns ``InferenceData``; arviz 1.x returns
   engines record no per-chain rates: one row, ``chain`` 0), for the draws an engine kept;
 * ``observed_data``: the observed sites.
 
-so ``arviz.summary``, ``arviz.ess``, ``arviz.rhat`` and the plots work unchanged.
+so ``arviz.summary``, ``arviz.ess``, ``arviz.rhat`` and the plots work unchanged.  Dims are named as the model
+names them (:meth:`~latentfit.inference.model.LatentModel.site_dims`: a Pyro / NumPyro site's plates, outermost to
+innermost), ``<site>_dim_j`` where no plate names a dim; size-1 dims of the plate layout (a latent in
+``plate(..., dim=-2)``) are dropped.  The unit dim's coordinates are the units' labels (NLME: the subject IDs, as
+``fit.individual_parameters()`` is indexed).
 """
 
 from __future__ import annotations
@@ -17,20 +21,42 @@ from typing import Any
 
 import numpy as np
 
+from latentfit.inference.model import LAYOUT_DIM
+
+_RESERVED = ("chain", "draw")
+
+
+def _named(model: Any, name: str, values: np.ndarray, lead: int,
+           sizes: dict[str, int]) -> tuple[np.ndarray, list[str]]:
+    """Site ``name``'s array without the plate layout's size-1 dims, and the names of its dims after the ``lead``
+    (chain, draw) ones: the model's :meth:`site_dims`, ``<name>_dim_j`` where it names none or where a name's size
+    disagrees with the size it has elsewhere (``sizes``: each name's size so far, updated)."""
+    site_dims = getattr(model, "site_dims", None)
+    given = list(site_dims(name)) if callable(site_dims) else []
+    ndim = values.ndim - lead
+    if len(given) > ndim:  # not this array's layout: name nothing
+        given = []
+    given += [None] * (ndim - len(given))
+    drop = tuple(lead + j for j, d in enumerate(given) if d == LAYOUT_DIM and values.shape[lead + j] == 1)
+    if drop:
+        values = np.squeeze(values, axis=drop)
+        given = [d for j, d in enumerate(given) if lead + j not in drop]
+    dims: list[str] = []
+    for j, d in enumerate(given):
+        size = int(values.shape[lead + j])
+        if not d or d in _RESERVED or d in dims or sizes.setdefault(d, size) != size:
+            d = f"{name}_dim_{j}"
+        dims.append(d)
+    return values, dims
+
 
 def _groups(fit: Any) -> tuple[dict, dict, dict, dict, dict]:
+    from latentfit.inference.postfit import unit_labels
+
     model = fit.model
-    unit_dim = getattr(model, "unit_plate", "unit")
-    posterior, dims, coords = {}, {}, {unit_dim: np.arange(model.num_units)}
-    imputed = set(getattr(model, "imputed_sites", ()))  # obs_mask= sites, laid out as the observations
+    posterior, dims, sizes = {}, {}, {}
     for name, draws in fit.latents.items():
-        draws = np.asarray(draws)
-        posterior[name] = draws
-        if name in imputed:
-            dims[name] = [f"{name}_dim_{j}" for j in range(draws.ndim - 2)]
-            continue
-        extra = [f"{name}_dim_{j}" for j in range(draws.ndim - 3)]
-        dims[name] = [unit_dim, *extra]
+        posterior[name], dims[name] = _named(model, name, np.asarray(draws), 2, sizes)
     n_draw = next(iter(posterior.values())).shape[1] if posterior else 0
     sample_stats = {}
     # the engines record each kernel's rate per iteration as a mean over chains (and units): one row (chain 0), not a
@@ -42,17 +68,27 @@ def _groups(fit: Any) -> tuple[dict, dict, dict, dict, dict]:
         tail = rates[-n_draw:] if n_draw else rates
         per_iter = tail.reshape(tail.shape[0], -1).mean(-1)
         sample_stats[f"acceptance_{name}"] = per_iter[None, :]
-    observed = {name: np.asarray(v) for name, v in getattr(model, "observed", {}).items()}
-    for name, v in observed.items():
-        dims[name] = [f"{name}_dim_{j}" for j in range(v.ndim)]
+    observed = {}
+    for name, v in (getattr(model, "observed", None) or {}).items():
+        observed[name], dims[name] = _named(model, name, np.asarray(v), 0, sizes)
+    coords = {}
+    unit_dim = getattr(model, "unit_plate", None) or "unit"
+    if unit_dim in sizes:  # the units' labels (NLME: the IDs), where the model has them for every unit
+        coords[unit_dim] = np.asarray(unit_labels(fit, sizes[unit_dim]))
     return posterior, sample_stats, observed, dims, coords
 
 
-def to_arviz(fit: Any) -> Any:
-    """Build InferenceData (arviz 0.x) or DataTree (arviz 1.x) from a :class:`FitResult`."""
+def to_arviz(fit: Any, *, dims: dict[str, list[str]] | None = None, coords: dict[str, Any] | None = None) -> Any:
+    """Build InferenceData (arviz 0.x) or DataTree (arviz 1.x) from a :class:`FitResult`.
+
+    ``dims`` / ``coords`` (arviz's meaning) replace the names found for those variables and dims, e.g. a Pyro
+    ``log_psi`` of event shape (3,): ``dims={"log_psi": ["id", "parameter"]}, coords={"parameter": ["ka", "V", "CL"]}``
+    (dims after chain and draw, the plate layout's size-1 dims already dropped)."""
     import arviz as az
 
-    posterior, sample_stats, observed, dims, coords = _groups(fit)
+    posterior, sample_stats, observed, found_dims, found_coords = _groups(fit)
+    dims = {**found_dims, **{k: list(v) for k, v in (dims or {}).items()}}
+    coords = {**found_coords, **(coords or {})}
     major = int(str(az.__version__).split(".")[0])
     if major >= 1:  # arviz 1.x: DataTree through arviz_base
         from arviz_base import from_dict

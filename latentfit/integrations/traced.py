@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from latentfit.inference.model import (
+    LAYOUT_DIM,
     DataError,
     LatentModel,
     LatentSite,
@@ -290,7 +291,40 @@ class TracedBase(LatentModel):
         trace = self._trace_model()
         self._find_params(trace)
         self.ops = self.ppl.make_ops(self._dtype, self._device)
+        # each sample site's plates, value shape and event rank, for site_dims (arviz's dims)
+        self._site_plates = {n: (tuple(s.frames), tuple(int(k) for k in np.shape(s.value)),
+                                 len(tuple(getattr(s.fn, "event_shape", ()))))
+                             for n, s in trace.items() if s.type == "sample"}
         return trace
+
+    def _value_dims(self, name: str) -> list[str | None]:
+        """The dims of site ``name``'s value as the model gave it: a batch dim is named by the plate at its position
+        when the sizes agree, else a size-1 one is :data:`LAYOUT_DIM` (broadcast), else unnamed; event dims unnamed."""
+        frames, shape, event = self._site_plates[name]
+        batch = len(shape) - event
+        by_dim = {int(f.dim): f for f in frames}
+        dims: list[str | None] = []
+        for k, size in enumerate(shape[:batch]):
+            frame = by_dim.get(k - batch)
+            if frame is not None and int(frame.size) == size:
+                dims.append(frame.name)
+            else:
+                dims.append(LAYOUT_DIM if size == 1 else None)
+        return dims + [None] * (len(shape) - batch)
+
+    def site_dims(self, name: str) -> list[str | None]:
+        """The plates of site ``name``'s dims, outermost first (:meth:`LatentModel.site_dims`): an observed or
+        imputed site's as its value lays them out, a latent's unit dim first (as :meth:`unpack_latents` does)."""
+        if name not in getattr(self, "_site_plates", {}):
+            return super().site_dims(name)
+        layout = {s.name: s for s in getattr(self, "_layout", ())}
+        if name in layout:
+            dims = self._value_dims(name)
+            axis = layout[name].unit_axis
+            return [self.unit_plate, *dims[:axis], *dims[axis + 1:]]
+        if name in self.observed_names or name in self._imputed:
+            return self._value_dims(name)
+        return super().site_dims(name)
 
     def data_arrays(self) -> dict[str, Any]:
         """The model function's arguments (``model(*args, **kwargs)``: observed arrays, covariates, sizes), what a

@@ -754,6 +754,15 @@ class NLME(LatentModel):
             out.update(_occ.unpack(_occ.split(z, self._iov)[1], self._iov))
         return out
 
+    def site_dims(self, name: str) -> list[str | None]:
+        """arviz's dims (:meth:`LatentModel.site_dims`): ``DV [N, T]`` and each latent have the unit dim first; an
+        inter-occasion effect ``kappa_<name> [N, K]`` then has ``occasion``."""
+        if name == "DV":  # the one observed site (:attr:`observed`)
+            return ["unit", None]
+        if self._iov is not None and name in {f"kappa_{nm}" for nm in self._iov.names}:
+            return ["unit", "occasion"]
+        return ["unit"]
+
     def initial_values_finite(self, theta: dict[str, Any]) -> Any:
         """Whether every individual's log-density is finite at the starting values ``θ`` with the random effects at
         their prior means (a flag array); SAEM computes it in its start program (:meth:`check_initial_values`)."""
