@@ -253,7 +253,8 @@ class Engine:
         Faults: a NaN/inf parameter (M-step) or gradient raises :class:`~latentfit.NonFiniteError` naming the
         parameter and the iteration, after writing a checkpoint of the last good state (after the iteration before
         the fault: the iterations of its chunk before it are run again from the chunk's start, :meth:`_replay_good`;
-        in ``checkpoint``, else in a temporary directory named in the message); ``KeyboardInterrupt`` returns the last good state and the
+        in ``checkpoint``, else in a temporary directory named in the message); ``KeyboardInterrupt`` returns the
+        last good state and the
         history so far as a result with ``interrupted=True`` (checkpointed when ``checkpoint`` is given).
         """
         from latentfit.checkpoint import begin_run_digest
