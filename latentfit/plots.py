@@ -31,14 +31,26 @@ def _plt():
 
 def plot_convergence(fit: Any, params: list[str] | None = None, ncols: int = 3, figsize: Any = None) -> Any:
     """One panel per scalar parameter against the iteration (saemix's convergence plot), and the complete-data
-    log-likelihood when every parameter is drawn."""
+    log-likelihood unless ``params`` names the parameters to draw.  By default the weights of the model's neural
+    networks (``fit.model.module_params``) are left out, a ``UserWarning`` saying how many (``params=`` names those
+    to draw); a model whose parameters are all network weights draws them all."""
     plt = _plt()
     series = []
+    names = [name[len("theta."):] for name in fit.history if name.startswith("theta.")]
+    network = set(getattr(fit.model, "module_params", ()) or ()) & set(names)
+    left_out: list[str] = []
+    if params is None and network and len(network) < len(names):
+        left_out = [n for n in names if n in network]
+        count = sum(int(np.prod(fit.history[f"theta.{n}"].shape[1:])) for n in left_out)
+        warnings.warn(f"plot_convergence: {count} network weights ({len(left_out)} params: "
+                      f"{', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''}) left out; pass "
+                      "params=[...] to draw them (fit.model.module_params names them)", UserWarning,
+                      stacklevel=user_stacklevel())
     for name, values in fit.history.items():
         if not name.startswith("theta."):
             continue
         pname = name[len("theta."):]
-        if params is not None and pname not in params:
+        if (params is not None and pname not in params) or pname in left_out:
             continue
         arr = values.reshape(values.shape[0], -1)
         for j in range(arr.shape[1]):

@@ -88,7 +88,8 @@ def test_nan_m_step_stops_with_a_checkpoint_to_resume(backend: Backend, tmp_path
     mu_path = clean.history["theta.mu"]
     bad = int(np.argmax(mu_path > THRESHOLD)) + 2  # θ after iteration j feeds the M-step of iteration j + 1
     assert 6 < bad < 55
-    last_good = (bad - 1) // 5 * 5  # end of the last complete chunk of 5 iterations
+    last_good = bad - 1  # inside a chunk of 5: its good iterations are kept (run again from the chunk's start)
+    assert last_good % 5  # the fault is not at a chunk's start (the replay is exercised)
     directory = tmp_path / "ckpt" if with_dir else None
     with pytest.raises(NonFiniteError, match=rf"the value of parameter 'mu' is NaN/inf at iteration {bad}\b") as err:
         _saem(backend, y, nan_m_step=True).run(backend.key(3), checkpoint=directory, checkpoint_every=50)
@@ -197,8 +198,42 @@ def test_nan_gradient_stops_mcmcsgd() -> None:
     with pytest.raises(NonFiniteError, match=message) as err:
         MCMCSGD(model, **options).run(backend.key(1))
     e = err.value
-    assert e.parameter == names[0] and e.result.num_iterations == (bad - 1) // 5 * 5
-    np.testing.assert_array_equal(e.result.history["iterate"], clean.history["iterate"][:e.result.num_iterations])
+    assert e.parameter == names[0] and e.result.num_iterations == e.last_good_iteration == bad - 1
+    assert (bad - 1) % 5  # inside a chunk: its good iterations are kept
+    np.testing.assert_array_equal(e.result.history["iterate"], clean.history["iterate"][:bad - 1])
+    np.testing.assert_array_equal(e.result.history["theta.mu"], clean.history["theta.mu"][:bad - 1])
+
+
+def test_nan_inside_a_chunk_keeps_the_iterations_before_it(backend: Backend, tmp_path: Any) -> None:
+    """A fit that goes NaN at iteration k inside a chunk (MCMCSGD, plain SGD with a constant rate: its iterations do
+    not depend on num_iters; the log-joint is NaN once μ > THRESHOLD) stops with the state after k − 1 — the
+    chunk's good iterations are kept — and that state, history and checkpoint are those of the fit of k − 1
+    iterations, bit for bit (torch's eager chunks and JAX's compiled ones alike)."""
+    from latentfit.inference.mcmcsgd import MCMCSGD
+
+    y = _tail_data()[:12, :4]
+    model = backend.latent_model(backend.models.random_intercept, backend.tensor(y))
+    clean_log_joint = model.log_joint
+    xp = model.ops.xp
+
+    def log_joint(theta: dict[str, Any], z: Any, units: Any = None) -> Any:
+        return clean_log_joint(theta, z, units) * xp.where(theta["mu"] > THRESHOLD, float("nan"), 1.0)
+
+    model.log_joint = log_joint
+    options = dict(optimizer="sgd", learning_rate=lambda t: 0.02, burn_in=2, average_from=3, seed=0,
+                   progress=False, chunk_size=5)
+    with pytest.raises(NonFiniteError, match=r"parameter 'mu' is NaN/inf at iteration 13\b.*\(iteration 12\)") as err:
+        MCMCSGD(model, num_iters=60, **options).run(backend.key(0), checkpoint=tmp_path / "ckpt")
+    e = err.value
+    assert (e.iteration, e.last_good_iteration, e.result.num_iterations) == (13, 12, 12)
+    assert checkpoint_files(tmp_path / "ckpt")[-1][0] == 12 and "ckpt-000012" in str(e.checkpoint)
+    short = MCMCSGD(model, num_iters=12, **options).run(backend.key(0))
+    _assert_same(e.result, short)
+    assert all(len(v) == 12 for v in e.result.history.values())
+    # resumed from the checkpoint (with a finite model) it is the fit that never went NaN
+    model.log_joint = clean_log_joint
+    resumed = MCMCSGD(model, num_iters=60, **options).run(backend.key(0), resume=e.checkpoint)
+    _assert_same(resumed, MCMCSGD(model, num_iters=60, **options).run(backend.key(0)))
 
 
 def test_nan_m_step_after_resume_into_an_empty_directory(tmp_path: Any) -> None:
@@ -214,7 +249,8 @@ def test_nan_m_step_after_resume_into_an_empty_directory(tmp_path: Any) -> None:
     source = dict(checkpoint_files(first))[start]
     with pytest.raises(NonFiniteError) as err:
         _saem(backend, y, nan_m_step=True).run(None, resume=source, checkpoint=tmp_path / "second")
-    assert err.value.last_good_iteration == start and checkpoint_files(tmp_path / "second")[-1][0] == start
+    assert err.value.last_good_iteration == bad - 1 > start
+    assert checkpoint_files(tmp_path / "second")[-1][0] == bad - 1
     assert str(tmp_path / "second") in str(err.value)
 
 
@@ -299,5 +335,8 @@ def test_jax_chunks_dispatched_ahead_are_recorded_in_order(monkeypatch: Any) -> 
     assert stopped.num_iterations == 15 and len(stopped.history["theta.mu"]) == 15
     np.testing.assert_array_equal(stopped.params["mu"], clean.history["theta.mu"][14])
     assert (error.iteration, error.last_good_iteration) == (error_in_turn.iteration, error_in_turn.last_good_iteration)
-    assert error.last_good_iteration % 5 == 0 and error.iteration > error.last_good_iteration
+    # the last good state is the iteration before the fault (inside its chunk of 5), the clean run's numbers
+    assert error.last_good_iteration == error.iteration - 1 and error.last_good_iteration % 5
     _assert_same(error.result, error_in_turn.result)
+    for name, value in error.result.history.items():
+        np.testing.assert_array_equal(value, clean.history[name][:error.last_good_iteration], err_msg=name)

@@ -432,3 +432,70 @@ def test_model_without_latents_is_refused():
     x = torch.linspace(0, 1, 10, dtype=torch.float64)
     with pytest.raises(ModelSpecificationError, match="no latent sample site"):
         lp.MCMCSGD(regression, progress=False).run(x, 2 * x)
+
+
+def test_convergence_plot_leaves_network_weights_out_by_default():
+    """``plot_convergence`` of a model with a ``pyro.module`` MLP (1-16-1: 49 weights) draws the model's own params
+    and the objective, and says in a ``UserWarning`` how many network weights it left out and how to draw them;
+    ``params=`` draws what it names, without the warning; a model whose params are all network weights draws them."""
+    import warnings
+    from types import SimpleNamespace
+
+    import matplotlib
+    import pyro
+    import pyro.distributions as dist
+    import torch
+    from torch import nn
+    from torch.distributions import constraints
+
+    import latentfit.pyro as lp
+    from latentfit.plots import plot_convergence
+
+    matplotlib.use("Agg")
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+
+    def model(x, group, num_groups, y=None):
+        net = pyro.module("mlp", mlp)
+        omega = pyro.param("omega", torch.tensor(1.0, dtype=x.dtype), constraint=constraints.positive)
+        sigma = pyro.param("sigma", torch.tensor(1.0, dtype=x.dtype), constraint=constraints.positive)
+        with pyro.plate("group", num_groups):
+            u = pyro.sample("u", dist.Normal(0.0, omega))
+        with pyro.plate("rows", len(x)):
+            pyro.sample("y", dist.Normal(net(x[:, None]).squeeze(-1) + u[group], sigma), obs=y)
+
+    group, x, y, num = _mlp_data()
+    pyro.clear_param_store()
+    fit = lp.MCMCSGD(model, num_iters=10, burn_in=2, num_chains=2, seed=0, progress=False).run(
+        torch.as_tensor(x), torch.as_tensor(group), num, torch.as_tensor(y))
+    assert fit.model.module_params == {"mlp$$$0.weight", "mlp$$$0.bias", "mlp$$$2.weight", "mlp$$$2.bias"}
+
+    def titles(fig):
+        return [ax.get_title() for ax in fig.axes if ax.get_visible()]
+
+    with pytest.warns(UserWarning, match=r"49 network weights \(4 params: mlp\$\$\$0\.weight, .*params=") as seen:
+        fig = fit.plot_convergence()
+    assert titles(fig) == ["omega", "sigma", "complete-data log-lik"] and len(seen) == 1
+    assert len(str(seen[0].message)) < 250  # one short line, not the weights' names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert titles(fit.plot_convergence(params=["mlp$$$2.weight", "sigma"])) == [
+            f"mlp$$$2.weight[{j}]" for j in range(16)] + ["sigma"]
+        # a model whose params are all network weights: every weight is drawn (here 3 of them) and the objective
+        history = {"theta.net.w": np.zeros((5, 2)), "theta.net.b": np.ones((5,)), "objective": np.arange(5.0)}
+        only_net = SimpleNamespace(history=history, num_iterations=5,
+                                   model=SimpleNamespace(module_params=frozenset({"net.w", "net.b"})))
+        assert titles(plot_convergence(only_net)) == ["net.w[0]", "net.w[1]", "net.b", "complete-data log-lik"]
+
+
+def test_standard_error_warning_counts_network_weights():
+    """The NaN-SE warning lists the model's own params and counts the network weights, naming only a few."""
+    from latentfit.inference.fisher import _names
+
+    labels = [f"net.w[{i}]" for i in range(600)] + ["omega", "sigma"] + [f"c[{i}]" for i in range(12)]
+    which = np.ones(len(labels), bool)
+    which[601] = False  # sigma has its SE
+    text = _names(labels, which, frozenset({"net.w"}))
+    assert text == ("omega, c[0], c[1], c[2], c[3], c[4], c[5], c[6] and 5 more; "
+                    "600 network weights (net.w[0], net.w[1], net.w[2], ...)")
+    assert _names(labels[600:602], np.array([True, False])) == "omega"

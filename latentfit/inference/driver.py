@@ -251,8 +251,10 @@ class Engine:
         iteration all of them saved.
 
         Faults: a NaN/inf parameter (M-step) or gradient raises :class:`~latentfit.NonFiniteError` naming the
-        parameter and the iteration, after writing a checkpoint of the last good state (in ``checkpoint``, else in
-        a temporary directory named in the message); ``KeyboardInterrupt`` returns the last good state and the
+        parameter and the iteration, after writing a checkpoint of the last good state (after the iteration before
+        the fault: the iterations of its chunk before it are run again from the chunk's start, :meth:`_replay_good`;
+        in ``checkpoint``, else in a temporary directory named in the message); ``KeyboardInterrupt`` returns the
+        last good state and the
         history so far as a result with ``interrupted=True`` (checkpointed when ``checkpoint`` is given).
         """
         from latentfit.checkpoint import begin_run_digest
@@ -341,23 +343,29 @@ class Engine:
         self._chunk_capacity = max(b - a + 1 for a, b, _ in bounds) if bounds else None
         ahead = getattr(ops, "dispatches_ahead", False)
         try:
-            pending: list[Any] = []  # dispatched chunks not yet recorded: (a, b, collect, state, infos)
+            # dispatched chunks not yet recorded: (a, b, phase, collect, state, infos)
+            pending: list[Any] = []
             for j in range(len(chunks) + 1):
                 if j < len(chunks) and done == total:
                     a, b, phase, collect = chunks[j]
                     state, infos = self._run_chunk(state, a, b, phase, collect)
-                    pending.append((a, b, collect, state, infos))
+                    pending.append((a, b, phase, collect, state, infos))
                 # record all but the chunk just dispatched ahead (all of them at the end, or once stopped)
                 while len(pending) > (1 if ahead and j < len(chunks) and done == total else 0):
-                    a, b, collect, st, infos = pending.pop(0)
+                    a, b, phase, collect, st, infos = pending.pop(0)
                     if done < total:  # stopped early: a chunk dispatched after the stop is dropped
                         continue
                     stacked = _stacked_records(infos)  # a compiled chunk's records, stacked (None: a list)
                     fault = _first_nonfinite(infos, a, ops) if stacked is None \
                         else _first_nonfinite_stacked(stacked, len(infos), a)
                     if fault is not None:
-                        raise self._nonfinite_error(fault, good, st, checkpoint, last_saved, history, draws,
-                                                    collect_from, int(keep), t0, t_init)
+                        # the chunk's good iterations a .. k-1 run again from its start state, then recorded (and
+                        # checkpointed) as the last good state; the error raised after them
+                        replayed = self._replay_good(fault, good, a, phase, collect, st)
+                        if replayed is None:
+                            raise self._nonfinite_error(fault, good, st, checkpoint, last_saved, history, draws,
+                                                        collect_from, int(keep), t0, t_init)
+                        b, st, infos, stacked = replayed
                     if stacked is not None:  # each leaf's rows at once
                         z = stacked.get("_z")
                         if z is not None and collect:
@@ -383,6 +391,9 @@ class Engine:
                             self.callback(k, {n: v[len(v) - (b - a + 1) + i] for n, v in history.items()})
                     if bar is not None:
                         bar.update(b - a + 1)
+                    if fault is not None:
+                        raise self._nonfinite_error(fault, good, st, checkpoint, last_saved, history, draws,
+                                                    collect_from, int(keep), t0, t_init)
         except KeyboardInterrupt:
             interrupted = True
             state = self._from_snapshot(good, state)
@@ -499,6 +510,24 @@ class Engine:
         from latentfit.checkpoint import restore_state
 
         return restore_state(template, good.leaves, good.state, self.ops)
+
+    def _replay_good(self, fault: tuple[int, str, str], good: _Snapshot, first: int, phase: Any, collect: bool,
+                     state: Any) -> tuple[int, Any, Any, dict[str, Any] | None] | None:
+        """A chunk from ``first`` went NaN/inf at iteration ``k`` (``fault``): its good iterations ``first .. k-1``
+        run again from the chunk's start state ``good`` (the iterations are deterministic given the state and its
+        random stream: the same values bit for bit), as ``(k - 1, state, infos, stacked)``; None where there are
+        none, or the start state was not kept apart from the chunk's (a torch state a checkpoint cannot hold), or
+        the replay is not finite (it then differs from the first run)."""
+        k = fault[0]
+        if k <= first or good.iteration != first - 1:
+            return None
+        if not (self.ops.jittable or self.pure_step or good.leaves is not None):
+            return None
+        st, infos = self._run_chunk(self._from_snapshot(good, state), first, k - 1, phase, collect)
+        stacked = _stacked_records(infos)
+        again = _first_nonfinite(infos, first, self.ops) if stacked is None \
+            else _first_nonfinite_stacked(stacked, len(infos), first)
+        return None if again is not None else (k - 1, st, infos, stacked)
 
     def _nonfinite_error(self, fault: tuple[int, str, str], good: _Snapshot, state: dict[str, Any],
                          checkpoint: Any, last_saved: int, history: dict[str, list], draws: list[np.ndarray],

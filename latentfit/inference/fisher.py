@@ -197,14 +197,15 @@ def _finish(method: str, model: LatentModel, pv: ParamVector, fim: np.ndarray,
     var[flat | negative | zero] = np.nan
     var[~depends.any(1)] = np.nan  # a value no free coordinate moves (a fixed parameter): not estimated, no SE
     reasons = []
+    network = frozenset(getattr(model, "module_params", ()) or ())
     if flat.any() or zero.any():
-        reasons.append(f"{_names(labels, flat | zero)}: the {method!r} information about it is zero (the likelihood "
-                       "is flat in it: a parameter the data do not inform)")
+        reasons.append(f"{_names(labels, flat | zero, network)}: the {method!r} information about it is zero (the "
+                       "likelihood is flat in it: a parameter the data do not inform)")
     if negative.any():
         eig = np.linalg.eigvalsh(sym[np.ix_(_used(sym), _used(sym))]).min() if sym.size else 0.0
-        reasons.append(f"{_names(labels, negative)}: negative variance, the {method!r} Fisher information is not "
-                       f"positive definite (smallest eigenvalue {eig:.3g}: a noisy Monte-Carlo estimate, or θ̂ not at "
-                       "a maximum of the likelihood; run the fit longer or pass num_iters= for fresh draws at θ̂)")
+        reasons.append(f"{_names(labels, negative, network)}: negative variance, the {method!r} Fisher information is "
+                       f"not positive definite (smallest eigenvalue {eig:.3g}: a noisy Monte-Carlo estimate, or θ̂ not "
+                       "at a maximum of the likelihood; run the fit longer or pass num_iters= for fresh draws at θ̂)")
     if reasons:
         warnings.warn("standard errors set to NaN for " + "; ".join(reasons), RuntimeWarning,
                       stacklevel=user_stacklevel())
@@ -212,8 +213,20 @@ def _finish(method: str, model: LatentModel, pv: ParamVector, fim: np.ndarray,
     return StandardErrors(method, labels, est, se, cov, fim, cov_u, pv.free)
 
 
-def _names(labels: list[str], which: np.ndarray) -> str:
-    return ", ".join(lab for lab, w in zip(labels, which) if w)
+def _names(labels: list[str], which: np.ndarray, network: frozenset[str] = frozenset(), most: int = 8) -> str:
+    """The labels where ``which``: the model's own listed (the first ``most``, then how many more), the weights of
+    its neural networks (labels of the params ``network``) counted with the first few named."""
+    picked = [lab for lab, w in zip(labels, which) if w]
+    weights = [lab for lab in picked if lab.split("[", 1)[0] in network]
+    own = [lab for lab in picked if lab.split("[", 1)[0] not in network]
+    parts = []
+    if own:
+        more = len(own) - most
+        parts.append(", ".join(own[:most]) + (f" and {more} more" if more > 0 else ""))
+    if weights:
+        shown = ", ".join(weights[:3]) + (", ..." if len(weights) > 3 else "")
+        parts.append(f"{len(weights)} network weight{'s' if len(weights) > 1 else ''} ({shown})")
+    return "; ".join(parts)
 
 
 # ----- linearisation --------------------------------------------------------------------------------
