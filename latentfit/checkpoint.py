@@ -33,6 +33,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -598,31 +599,55 @@ def load_checkpoint(path: str | os.PathLike, shard: Shard = None) -> Checkpoint:
     checkpoint ``ckpt-XXXXXX.json`` / ``.safetensors`` given.
 
     Only ``json`` and ``safetensors`` are read: nothing is unpickled.  Raises ``FileNotFoundError`` when there is
-    none and ``ValueError`` when the tensors file does not match its sidecar.
+    none and :class:`CheckpointDamaged` (a ``ValueError``) when the tensors file does not match its sidecar or a file
+    does not parse.  In a directory a damaged latest checkpoint is skipped, with a ``UserWarning``, for the latest
+    intact one kept beside it (``keep``); the error is raised when none is intact.
     """
-    from safetensors.numpy import load
-
     p = Path(path)
-    if p.is_dir():
-        found = checkpoint_files(p, shard)
-        if not found:
-            sizes = checkpoint_world_sizes(p)
-            if sizes:
-                mine = 1 if shard is None else int(shard[1])
-                raise ValueError(f"the checkpoints in {str(p)!r} were written by a fit over {sizes} process(es), this "
-                                 f"one runs over {mine}: a distributed fit resumes with the same number of processes")
-            raise FileNotFoundError(f"no checkpoint (ckpt-*.json + .safetensors) in {str(p)!r}")
-        sidecar = found[-1][1]
-    else:
+    if not p.is_dir():
         sidecar = p.with_suffix(".json")
         if not sidecar.is_file():
             raise FileNotFoundError(f"no checkpoint at {str(p)!r} (neither a directory nor a ckpt-*.json file)")
+        return _read_checkpoint(sidecar)
+    found = checkpoint_files(p, shard)
+    if not found:
+        sizes = checkpoint_world_sizes(p)
+        if sizes:
+            mine = 1 if shard is None else int(shard[1])
+            raise ValueError(f"the checkpoints in {str(p)!r} were written by a fit over {sizes} process(es), this "
+                             f"one runs over {mine}: a distributed fit resumes with the same number of processes")
+        raise FileNotFoundError(f"no checkpoint (ckpt-*.json + .safetensors) in {str(p)!r}")
+    # the latest intact one: a damaged file (a crash or a full disk while it was written, an altered copy) does not
+    # block the older ones kept beside it; a warning names what was skipped
+    first: Exception | None = None
+    for _, sidecar in reversed(found):
+        try:
+            ckpt = _read_checkpoint(sidecar)
+        except (CheckpointDamaged, FileNotFoundError) as err:
+            first = first or err
+            continue
+        if first is not None:
+            warnings.warn(f"{first} — resuming from the latest intact checkpoint instead, {str(sidecar)!r}",
+                          UserWarning, stacklevel=2)
+        return ckpt
+    assert first is not None
+    raise first
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint file that is truncated, altered or unreadable (:func:`load_checkpoint` skips it in a directory)."""
+
+
+def _read_checkpoint(sidecar: Path) -> Checkpoint:
+    """The checkpoint of the sidecar ``ckpt-XXXXXX.json`` and its tensors file, checked."""
+    from safetensors.numpy import load
+
     try:
         with open(sidecar, encoding="utf-8") as f:
             meta = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{str(sidecar)!r} is not a readable checkpoint sidecar (truncated or corrupted JSON: "
-                         f"{err})") from None
+        raise CheckpointDamaged(f"{str(sidecar)!r} is not a readable checkpoint sidecar (truncated or corrupted "
+                                f"JSON: {err})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{str(sidecar)!r} is not a latentfit checkpoint")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
@@ -639,12 +664,12 @@ def load_checkpoint(path: str | os.PathLike, shard: Shard = None) -> Checkpoint:
         raise FileNotFoundError(f"the checkpoint {str(sidecar)!r} has no tensors file {str(tensor_path)!r}")
     data = tensor_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-        raise ValueError(f"{str(tensor_path)!r} does not match its sidecar (SHA-256 differs): the file is truncated "
-                         "or was altered")
+        raise CheckpointDamaged(f"{str(tensor_path)!r} does not match its sidecar (SHA-256 differs): the file is "
+                                "truncated or was altered")
     try:
         tensors = load(data)
     except Exception as err:  # safetensors' own error type: a header that does not parse
-        raise ValueError(f"{str(tensor_path)!r} is not a readable safetensors file ({err})") from None
+        raise CheckpointDamaged(f"{str(tensor_path)!r} is not a readable safetensors file ({err})") from None
     return Checkpoint(meta=meta, tensors=tensors, path=sidecar)
 
 

@@ -388,9 +388,27 @@ def test_tampered_checkpoints_are_refused(tmp_path: Path) -> None:
             sidecar.write_text(json.dumps(meta))
         return edit
 
+    # a damaged latest checkpoint among others: the latest intact one resumes, with a warning naming the damage; the
+    # same damage on the only checkpoint is refused with that message
+    damage = {"truncated tensors": (truncate(1), r"does not match its sidecar \(SHA-256 differs\).*truncated"),
+              "truncated sidecar": (truncate(0), r"not a readable checkpoint sidecar \(truncated or corrupted")}
+    complete = _saem(backend, num_iters=(10, 0)).run(resume=good)
+    for i, (edit, message) in enumerate(damage.values()):
+        d = _tamper(good, tmp_path / f"damaged{i}", edit)
+        assert [k for k, _ in ckpt_mod.checkpoint_files(d)] == [5, 10]
+        with pytest.warns(UserWarning, match=message + ".*resuming from the latest intact checkpoint instead.*000005"):
+            resumed = _saem(backend, num_iters=(10, 0)).run(resume=d)
+        assert resumed.num_iterations == 10
+        np.testing.assert_array_equal(resumed.history["objective"], complete.history["objective"])
+        for k in complete.params:
+            np.testing.assert_array_equal(resumed.params[k], complete.params[k])
+        alone = tmp_path / f"alone{i}"
+        alone.mkdir()
+        for f in ckpt_mod.checkpoint_files(d)[-1][1].parent.glob("ckpt-000010.*"):
+            (alone / f.name).write_bytes(f.read_bytes())
+        with pytest.raises(ValueError, match=message):
+            _saem(backend, num_iters=(10, 0)).run(resume=alone)
     cases = {
-        "truncated tensors": (truncate(1), ValueError, r"does not match its sidecar \(SHA-256 differs\).*truncated"),
-        "truncated sidecar": (truncate(0), ValueError, r"not a readable checkpoint sidecar \(truncated or corrupted"),
         "wrong shape": (lambda s, t: _resave(s, t, chains_of_shape), ValueError,
                         r"state entry '.*z' has shape \[5, 7, 1\], this engine's has \[5, 12, 1\]"),
         "wrong dtype": (lambda s, t: _resave(s, t, chains_in_float32), ValueError,
