@@ -202,6 +202,29 @@ def test_louis_standard_errors_match_saem():
 
 
 # ----- neural-network parameters --------------------------------------------------------------------------------
+
+def _mlp_model():
+    """A tutorial-style Pyro model with an MLP (``pyro.module``) inside: y = mlp(x) + u[group] + ε (torch seed 0)."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+    from torch import nn
+    from torch.distributions import constraints
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+
+    def model(x, group, num_groups, y=None):
+        net = pyro.module("mlp", mlp)
+        omega = pyro.param("omega", torch.tensor(1.0, dtype=x.dtype), constraint=constraints.positive)
+        sigma = pyro.param("sigma", torch.tensor(1.0, dtype=x.dtype), constraint=constraints.positive)
+        with pyro.plate("group", num_groups):
+            u = pyro.sample("u", dist.Normal(0.0, omega))
+        with pyro.plate("rows", len(x)):
+            pyro.sample("y", dist.Normal(net(x[:, None]).squeeze(-1) + u[group], sigma), obs=y)
+    return mlp, model
+
+
 def _mlp_data():
     rng = np.random.default_rng(0)
     num = 40
@@ -216,24 +239,11 @@ def test_pyro_module_weights_are_fitted():
     """A small MLP mean function (``pyro.module``) with random intercepts: its weights are parameters, and the
     fit climbs from the start's IS log-likelihood to near the truth (σ = 0.3, ω = 0.7)."""
     import pyro
-    import pyro.distributions as dist
     import torch
-    from torch import nn
-    from torch.distributions import constraints
 
     import latentfit.pyro as lp
 
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1)).double()
-
-    def model(x, group, num_groups, y=None):
-        net = pyro.module("mlp", mlp)
-        omega = pyro.param("omega", torch.tensor(1.0, dtype=x.dtype), constraint=constraints.positive)
-        sigma = pyro.param("sigma", torch.tensor(1.0, dtype=x.dtype), constraint=constraints.positive)
-        with pyro.plate("group", num_groups):
-            u = pyro.sample("u", dist.Normal(0.0, omega))
-        with pyro.plate("rows", len(x)):
-            pyro.sample("y", dist.Normal(net(x[:, None]).squeeze(-1) + u[group], sigma), obs=y)
+    mlp, model = _mlp_model()
 
     group, x, y, num = _mlp_data()
     args = (torch.as_tensor(x), torch.as_tensor(group), num, torch.as_tensor(y))
@@ -443,26 +453,13 @@ def test_convergence_plot_leaves_network_weights_out_by_default():
 
     import matplotlib
     import pyro
-    import pyro.distributions as dist
     import torch
-    from torch import nn
-    from torch.distributions import constraints
 
     import latentfit.pyro as lp
     from latentfit.plots import plot_convergence
 
     matplotlib.use("Agg")
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1)).double()
-
-    def model(x, group, num_groups, y=None):
-        net = pyro.module("mlp", mlp)
-        omega = pyro.param("omega", torch.tensor(1.0, dtype=x.dtype), constraint=constraints.positive)
-        sigma = pyro.param("sigma", torch.tensor(1.0, dtype=x.dtype), constraint=constraints.positive)
-        with pyro.plate("group", num_groups):
-            u = pyro.sample("u", dist.Normal(0.0, omega))
-        with pyro.plate("rows", len(x)):
-            pyro.sample("y", dist.Normal(net(x[:, None]).squeeze(-1) + u[group], sigma), obs=y)
+    mlp, model = _mlp_model()
 
     group, x, y, num = _mlp_data()
     pyro.clear_param_store()

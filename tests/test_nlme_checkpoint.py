@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_checkpoint import _KeyboardInterruptAt
 
 import latentfit as lf
 from latentfit import checkpoint as ckpt_mod
@@ -29,15 +30,6 @@ def theo():
 
 def _model(backend: str = "torch") -> nlme.NLME:
     return nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, backend=backend, **THEO)
-
-
-class _KeyboardInterruptAt:
-    def __init__(self, k: int) -> None:
-        self.k = k
-
-    def __call__(self, k: int, record: dict[str, Any]) -> None:
-        if k == self.k:
-            raise KeyboardInterrupt
 
 
 def _interrupted(model: nlme.NLME, data: Any, k: int, **options: Any) -> Any:
