@@ -192,11 +192,12 @@ class FitResult:
         """Goodness-of-fit panels (saemix / Monolix): DV vs PRED / IPRED, IWRES vs x / IPRED, NPDE vs x / PRED."""
         return _hooks.call("plot_gof", self, x, **kwargs)
 
-    def to_arviz(self, *, dims: dict[str, list[str]] | None = None, coords: dict[str, Any] | None = None) -> Any:
+    def to_arviz(self, *, dims: dict[str, list[str]] | None = None, coords: dict[str, Any] | None = None,
+                 log_likelihood: bool = False) -> Any:
         """The installed arviz's native object (InferenceData on 0.x, DataTree on 1.x;
         :func:`latentfit.integrations.arviz.to_arviz`): dims named by the model's plates; ``dims`` / ``coords``
         name others (an event dim's parameters)."""
-        return _hooks.call("to_arviz", self, dims=dims, coords=coords)
+        return _hooks.call("to_arviz", self, dims=dims, coords=coords, log_likelihood=log_likelihood)
 
     def __repr__(self) -> str:
         est = ", ".join(f"{n}={v:.4g}" for n, v in self.param_table()[:8])

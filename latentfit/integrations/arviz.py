@@ -26,13 +26,15 @@ from latentfit.inference.model import LAYOUT_DIM
 _RESERVED = ("chain", "draw")
 
 
-def _named(model: Any, name: str, values: np.ndarray, lead: int,
-           sizes: dict[str, int]) -> tuple[np.ndarray, list[str]]:
+def _named(model: Any, name: str, values: np.ndarray, lead: int, sizes: dict[str, int],
+           given: list[str | None] | None = None) -> tuple[np.ndarray, list[str]]:
     """Site ``name``'s array without the plate layout's size-1 dims, and the names of its dims after the ``lead``
     (chain, draw) ones: the model's :meth:`site_dims`, ``<name>_dim_j`` where it names none or where a name's size
     disagrees with the size it has elsewhere (``sizes``: each name's size so far, updated)."""
     site_dims = getattr(model, "site_dims", None)
-    given = list(site_dims(name)) if callable(site_dims) else []
+    if given is None:
+        given = list(site_dims(name)) if callable(site_dims) else []
+    given = list(given)
     ndim = values.ndim - lead
     if len(given) > ndim:  # not this array's layout: name nothing
         given = []
@@ -78,15 +80,52 @@ def _groups(fit: Any) -> tuple[dict, dict, dict, dict, dict]:
     return posterior, sample_stats, observed, dims, coords
 
 
-def to_arviz(fit: Any, *, dims: dict[str, list[str]] | None = None, coords: dict[str, Any] | None = None) -> Any:
+def _log_likelihood(fit: Any, sizes: dict[str, int]) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+    """The ``log_likelihood`` group: ``log p(y_r | z; θ̂)`` of every observed element at each latent draw
+    ``[chain, draw, ...]`` (the site's batch dims; where some elements are masked, the observed ones alone along one
+    dim ``<site>_element``), and its variables' dims."""
+    from latentfit.inference.postfit import require_draws
+
+    model = fit.model
+    pointwise = getattr(model, "pointwise_log_likelihood", None)
+    if pointwise is None:
+        raise ValueError(f"to_arviz(log_likelihood=True) needs a Pyro or NumPyro model (its observation sites' "
+                         f"densities element by element); {type(model).__name__} has none")
+    draws = require_draws(fit, "to_arviz(log_likelihood=True)")
+    lead = tuple(draws.shape[:2])
+    values, observed = pointwise(fit._theta(), draws.reshape((-1,) + tuple(draws.shape[2:])))
+    out: dict[str, np.ndarray] = {}
+    dims: dict[str, list[str]] = {}
+    for name, lp in values.items():
+        lp = lp.reshape(lead + tuple(lp.shape[1:]))
+        keep = observed[name]
+        if not keep.all():
+            out[name] = lp[..., keep]
+            dims[name] = [f"{name}_element"]
+            continue
+        site_dims = getattr(model, "site_dims", None)
+        given = list(site_dims(name))[:lp.ndim - 2] if callable(site_dims) else None
+        out[name], dims[name] = _named(model, name, lp, 2, sizes, given)
+    return out, dims
+
+
+def to_arviz(fit: Any, *, dims: dict[str, list[str]] | None = None, coords: dict[str, Any] | None = None,
+             log_likelihood: bool = False) -> Any:
     """Build InferenceData (arviz 0.x) or DataTree (arviz 1.x) from a :class:`FitResult`.
 
     ``dims`` / ``coords`` (arviz's meaning) replace the names found for those variables and dims, e.g. a Pyro
     ``log_psi`` of event shape (3,): ``dims={"log_psi": ["id", "parameter"]}, coords={"parameter": ["ka", "V", "CL"]}``
-    (dims after chain and draw, the plate layout's size-1 dims already dropped)."""
+    (dims after chain and draw, the plate layout's size-1 dims already dropped).
+
+    ``log_likelihood=True`` (Pyro / NumPyro models) adds the ``log_likelihood`` group that ``arviz.loo`` /
+    ``arviz.waic`` / ``arviz.compare`` read: ``log p(y_r | z; θ̂)`` of each observation at each latent draw, the
+    parameters at their estimates.  So it is the *conditional* leave-one-out of observations given the latents
+    (each row held out from its own group's effect only), with θ̂ plugged in, not a leave-one-group-out of the
+    marginal model; compare models fitted to the same data by it, and by AIC/BIC for the marginal likelihood."""
     import arviz as az
 
     posterior, sample_stats, observed, found_dims, found_coords = _groups(fit)
+    loglik, ll_dims = _log_likelihood(fit, {}) if log_likelihood else ({}, {})
     dims = {**found_dims, **{k: list(v) for k, v in (dims or {}).items()}}
     coords = {**found_coords, **(coords or {})}
     major = int(str(az.__version__).split(".")[0])
@@ -98,6 +137,14 @@ def to_arviz(fit: Any, *, dims: dict[str, list[str]] | None = None, coords: dict
             groups["sample_stats"] = sample_stats
         if observed:
             groups["observed_data"] = observed
-        return from_dict(groups, dims=dims, coords=coords)
-    return az.from_dict(posterior=posterior, sample_stats=sample_stats or None,
-                        observed_data=observed or None, dims=dims, coords=coords)
+        tree = from_dict(groups, dims=dims, coords=coords)
+        if loglik:  # its own dims (an observed site's may differ: event dims summed, masked elements left out)
+            extra = from_dict({"log_likelihood": loglik}, dims=ll_dims, coords=coords)
+            tree["log_likelihood"] = extra["log_likelihood"]
+        return tree
+    data = az.from_dict(posterior=posterior, sample_stats=sample_stats or None, observed_data=observed or None,
+                        dims=dims, coords=coords)
+    if loglik:
+        extra = az.from_dict(log_likelihood=loglik, dims=ll_dims, coords=coords)
+        data.add_groups({"log_likelihood": extra.log_likelihood})
+    return data

@@ -326,6 +326,30 @@ class TracedBase(LatentModel):
             return self._value_dims(name)
         return super().site_dims(name)
 
+    def pointwise_log_likelihood(self, theta: dict[str, Any], z: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``log p(y | z_s; θ)`` of every observed element at each draw ``z [S, N, d]`` (unconstrained, every unit):
+        ``{site: [S, *batch shape]}`` as numpy arrays (an event dim's terms summed, as the site's density sums them),
+        and ``{site: [*batch shape]}`` True where the element is observed (False where a handler mask or ``obs_mask``
+        leaves it out).  One model run per draw (vectorised over the draws as the chains are)."""
+        names = list(self.observed_names)
+
+        def one(th: dict[str, Any], zz: Any) -> list[Any]:
+            values, _ = self._split_one(zz)
+            sites = self._run(th, values)
+            return [self.ppl.log_prob(sites[n].fn, sites[n].value) for n in names]
+
+        z = self.ops.asarray(z)
+        lps = self._guard(self.ppl.vectorise(one), dict(theta), z)
+        values, _ = self._split_one(z[0])
+        sites = self._run(dict(theta), values)
+        xp, out, observed = self.ops.xp, {}, {}
+        for n, lp in zip(names, lps):
+            mask = sites[n].mask
+            shape = tuple(lp.shape[1:])
+            keep = xp.ones(shape, dtype=bool) if mask is None else xp.broadcast_to(mask, shape)
+            out[n], observed[n] = self.ops.to_numpy(lp), np.asarray(self.ops.to_numpy(keep), dtype=bool)
+        return out, observed
+
     def data_arrays(self) -> dict[str, Any]:
         """The model function's arguments (``model(*args, **kwargs)``: observed arrays, covariates, sizes), what a
         checkpoint's data digest covers."""
