@@ -542,8 +542,8 @@ def test_fits_without_kept_draws_draw_them_at_the_estimate(backend):
 
 
 def test_missing_draws_advice_names_options_that_exist():
-    """Where no draws can be made (an exact-E-step mixture: discrete latents), the message names the engines that
-    keep draws (each takes ``num_draws=``) and says the fit's engine has no such option."""
+    """Where no draws are made (an exact-E-step mixture's conditional moments: discrete latents), the message names
+    the engines that keep draws (each takes ``num_draws=``) and says the fit's engine has no such option."""
     import torch
 
     from latentfit.inference.em import EM
@@ -552,7 +552,7 @@ def test_missing_draws_advice_names_options_that_exist():
     x = np.random.default_rng(0).normal(size=(60, 2))
     fit = EM(GaussianMixture(torch.tensor(x), 2, "full", seed=1), num_epochs=3, progress=False).run()
     with pytest.raises(ValueError, match="needs the latent draws") as err:
-        fit.standard_errors("sa")
+        fit.conditional_moments()
     message = str(err.value)
     assert "EM keeps no latent draws" in message and "num_draws=" not in message.split(";")[0], message
     for name in ("SAEM", "FSAEM", "MCMCSGD"):

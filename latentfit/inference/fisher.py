@@ -175,6 +175,30 @@ def _used(fim: np.ndarray) -> np.ndarray:
     return np.abs(fim).max(1) > 1e-12 * max(scale, 1e-300)
 
 
+def _free_basis(model: LatentModel, pv: ParamVector) -> np.ndarray | None:
+    """``B [p, q]``: the free directions of the unconstrained coordinates, where a model's parameter is stored with
+    linear constraints its transform does not remove (:meth:`LatentModel.param_basis`: a mixture's weights summing to
+    one, a covariance matrix's symmetry); None when every coordinate is free.  The information is then inverted in
+    those directions, ``Cov = B (Bᵀ I B)⁻¹ Bᵀ``."""
+    basis_of = getattr(model, "param_basis", None)
+    if basis_of is None:
+        return None
+    blocks, constrained = [], False
+    for name in pv.free:
+        size = int(np.prod(pv.shapes[name]))
+        b = basis_of(name)
+        constrained = constrained or b is not None
+        blocks.append(np.eye(size) if b is None else np.asarray(b, dtype=float))
+    if not constrained:
+        return None
+    rows, cols = sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)
+    out, r, c = np.zeros((rows, cols)), 0, 0
+    for b in blocks:
+        out[r:r + b.shape[0], c:c + b.shape[1]] = b
+        r, c = r + b.shape[0], c + b.shape[1]
+    return out
+
+
 def _finish(method: str, model: LatentModel, pv: ParamVector, fim: np.ndarray,
             jc: np.ndarray | None = None) -> StandardErrors:
     """Covariance ``J_c I⁻¹ J_cᵀ`` and standard errors (``jc``: ``J_c [P_c, p]`` when the caller computed it).  An
@@ -184,7 +208,11 @@ def _finish(method: str, model: LatentModel, pv: ParamVector, fim: np.ndarray,
     is NaN and a ``RuntimeWarning`` names it and why."""
     ops = model.ops
     sym = 0.5 * (fim + fim.T)
-    cov_u = invert_information(sym)
+    basis = _free_basis(model, pv)
+    if basis is None:
+        cov_u = invert_information(sym)
+    else:  # parameters with linear constraints in their coordinates: the information of the free directions
+        cov_u = basis @ invert_information(basis.T @ sym @ basis) @ basis.T
     if jc is None:
         jc = ops.to_numpy(columns_jacobian(ops, pv.constrained_flat, pv.x0))  # [P_c, p]
     cov = jc @ cov_u @ jc.T

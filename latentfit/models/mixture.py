@@ -516,6 +516,25 @@ class GaussianMixture(LatentModel):
         """``S(z_i, x_i) = z_i ⊗ F(x_i)`` for one-hot ``z`` ``[..., n, K]``."""
         return {"s": z[..., :, :, None] * self._features(units)[:, None, :]}
 
+    def param_basis(self, name: str) -> np.ndarray | None:
+        """The free directions of parameter ``name``'s stored coordinates (its transforms are the identity), for the
+        standard errors (:func:`~latentfit.inference.fisher._finish`): the weights sum to one (the K − 1 directions
+        ``e_k − e_K``), a full covariance matrix is symmetric (``d(d+1)/2`` directions per matrix); None: every
+        coordinate is free."""
+        K, d = self.K, self.d
+        if name == "weights":
+            basis = np.zeros((K, K - 1))
+            basis[:K - 1] = np.eye(K - 1)
+            basis[K - 1] = -1.0
+            return basis
+        if name == "covariances" and self.base_type == "full":
+            pairs = [(i, j) for i in range(d) for j in range(i, d)]
+            one = np.zeros((d * d, len(pairs)))
+            for c, (i, j) in enumerate(pairs):
+                one[i * d + j, c] = one[j * d + i, c] = 1.0
+            return np.kron(np.eye(1 if self.tied else K), one)
+        return None
+
     def sample_posterior(self, theta: dict[str, Any], key: Any, num_samples: int, units: Any = None,
                          sim: Any = None) -> Any:
         """One-hot labels drawn from the responsibilities: ``[num_samples, n, K]`` (inverse CDF of uniforms from
