@@ -322,12 +322,14 @@ def _lin_information(model: LatentModel) -> Callable[[dict[str, Any], Any], tupl
 
 # ----- stochastic approximation of Louis' formula --------------------------------------------------
 def fim_louis(model: LatentModel, theta: dict[str, Any], draws: Any, batch_size: int = 200,
-              reduce: Reduce | None = None) -> StandardErrors:
+              reduce: Reduce | None = None, unbiased: bool = False) -> StandardErrors:
     """Observed Fisher information by Louis' formula, conditional expectations averaged over ``draws``.
 
     ``draws``: latent draws ``[..., N, d]`` (unconstrained) from ``p(z_i | y_i; θ̂)``, e.g. the SAEM chains'
     ``[L, draws, N, d]``; leading dims are pooled.  ``reduce`` (a distributed fit): the sum of every process's
-    information (both terms are sums over units).
+    information (both terms are sums over units).  ``unbiased``: the scores' per-unit covariance with the S − 1
+    divisor (independent draws: a few exact posterior draws per unit would otherwise understate the missing
+    information by 1/S).
     """
     ops = model.ops
     z = np.asarray(draws)
@@ -349,6 +351,8 @@ def fim_louis(model: LatentModel, theta: dict[str, Any], draws: Any, batch_size:
         gg_sum += np.einsum("snp,snq->npq", g, g)
     g_mean = g_sum / s_total
     cov_scores = gg_sum / s_total - np.einsum("np,nq->npq", g_mean, g_mean)
+    if unbiased and s_total > 1:  # independent draws (exact posterior ones): the unbiased per-unit covariance
+        cov_scores = cov_scores * (s_total / (s_total - 1))
     fim = -hess / s_total - cov_scores.sum(0)
     return _finish("sa", model, pv, fim if reduce is None else reduce(fim))
 

@@ -365,18 +365,21 @@ def likelihood_table(fit: FitResult, methods: tuple[str, ...] | list[str] | None
 
 
 # ----- standard errors and the summary table ----------------------------------------------------------------
-#: :func:`exact_posterior_draws`: the draws of each unit's latents Louis' formula averages over
-EXACT_POSTERIOR_DRAWS = 1000
+#: :func:`exact_posterior_draws`: the draws of each unit's latents Louis' formula averages over, and the most
+#: draws × units (2 M), which lowers the count on large data sets (at least 20: the information is a sum over the
+#: units, so its Monte-Carlo error still shrinks with N)
+EXACT_POSTERIOR_DRAWS, EXACT_POSTERIOR_BUDGET = 1000, 2_000_000
 
 
 def exact_posterior_draws(fit: FitResult, seed: int = 0) -> np.ndarray:
-    """``[10, 100, N, ...]`` draws from the exact posterior at θ̂ (``model.sample_posterior``: a mixture's labels drawn
-    from the responsibilities), for Louis' formula on a fit whose E-step is exact and keeps no draws.  1000 draws per
-    unit: the information's Monte-Carlo error is about 1% of its SEs (a 1-D two-component mixture: within 1% of the
-    exact observed information's)."""
+    """``[10, S/10, N, ...]`` draws from the exact posterior at θ̂ (``model.sample_posterior``: a mixture's labels drawn
+    from the responsibilities), for Louis' formula on a fit whose E-step is exact and keeps no draws.  S = 1000 draws
+    per unit (fewer where ``S × N`` would pass 2 M, at least 20): the information's Monte-Carlo
+    error is then about 1% of its SEs (a 1-D two-component mixture: within 1% of the exact observed information's)."""
     model = fit.model
-    z = model.ops.to_numpy(model.sample_posterior(fit._theta(), model.ops.key(seed), EXACT_POSTERIOR_DRAWS))
-    return z.reshape((10, EXACT_POSTERIOR_DRAWS // 10) + z.shape[1:])
+    count = int(min(EXACT_POSTERIOR_DRAWS, max(20, EXACT_POSTERIOR_BUDGET // max(int(model.num_units), 1))) // 10 * 10)
+    z = model.ops.to_numpy(model.sample_posterior(fit._theta(), model.ops.key(seed), count))
+    return z.reshape((10, count // 10) + z.shape[1:])
 
 
 def default_se_method(fit: FitResult) -> str:
@@ -416,7 +419,9 @@ def covariance(fit: FitResult, method: str | None = None, *, num_iters: int = 0,
         elif fit.latent_draws is None and getattr(model, "has_posterior_sampler", False):
             # an exact E-step (the EM family's mixtures): Louis' formula over exact posterior draws at θ̂
             draws = exact_posterior_draws(fit, seed)
-            rec = fisher.fim_louis(model, theta, draws, reduce=_information_sum(fit))
+            batch = max(1, 500_000 // max(int(model.num_units), 1))  # draws per pass: their scores' memory bounded
+            rec = fisher.fim_louis(model, theta, draws, batch_size=batch, reduce=_information_sum(fit),
+                                   unbiased=True)
         else:
             draws = require_draws(fit, "standard errors by stochastic approximation")
             if num_iters > 0:
