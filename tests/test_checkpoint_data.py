@@ -24,7 +24,7 @@ OPTIONS = dict(num_iters=(15, 15), progress=False, chunk_size=5, num_draws=10)
 
 
 class Interrupt(Exception):
-    pass
+    """Raised by a callback to stop a fit part-way (its checkpoints stay)."""
 
 
 def _stop_at(k: int, record: dict[str, Any]) -> None:

@@ -74,7 +74,8 @@ class _Runner(Messenger):
     def _pyro_param(self, msg: Any) -> None:
         name = msg["name"]
         args = msg["args"]
-        if len(args) > 1 and isinstance(args[1], torch.nn.Parameter):  # maybe PyroModule's statement for one
+        if len(args) > 1 and isinstance(args[1], torch.nn.Parameter) and name not in self.module_attrs \
+                and _MODULE_DIVIDER not in name:  # maybe PyroModule's statement for one (a stack walk: once per name)
             self._find_module_attr(name, args[1])
         value = self.params.get(name)
         if value is not None:
