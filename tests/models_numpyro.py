@@ -194,3 +194,15 @@ def log_intercept(group: jnp.ndarray, scale: jnp.ndarray, num_groups: int, y: jn
         a = numpyro.sample("a", dist.Normal(mu, omega))
     with numpyro.plate("rows", len(group)):
         numpyro.sample("y", dist.Normal(jnp.log(scale * a[..., group]), 0.5), obs=y)
+
+
+def log_alpha(group: jnp.ndarray, num_groups: int, y: jnp.ndarray) -> None:
+    """y_r ~ N(log a_g(r), σ²), a_j ~ N(μ, ω²), μ starting at 10: σ enters the likelihood, which is NaN at an a_j
+    below 0 (outside the posterior's support, but inside the Gaussian prior's)."""
+    mu = numpyro.param("mu", jnp.array(10.0, dtype=jnp.float64))
+    omega = numpyro.param("omega", jnp.array(1.0, dtype=jnp.float64), constraint=constraints.positive)
+    sigma = numpyro.param("sigma", jnp.array(1.0, dtype=jnp.float64), constraint=constraints.positive)
+    with numpyro.plate("groups", num_groups):
+        a = numpyro.sample("a", dist.Normal(mu, omega))
+    with numpyro.plate("rows", len(group)):
+        numpyro.sample("y", dist.Normal(jnp.log(a[..., group]), sigma), obs=y)

@@ -195,3 +195,15 @@ def log_intercept(group: torch.Tensor, scale: torch.Tensor, num_groups: int, y: 
         a = pyro.sample("a", dist.Normal(mu, omega))
     with pyro.plate("rows", len(group)):
         pyro.sample("y", dist.Normal(torch.log(scale * a[..., group]), 0.5), obs=y)
+
+
+def log_alpha(group: torch.Tensor, num_groups: int, y: torch.Tensor) -> None:
+    """y_r ~ N(log a_g(r), σ²), a_j ~ N(μ, ω²), μ starting at 10: σ enters the likelihood, which is NaN at an a_j
+    below 0 (outside the posterior's support, but inside the Gaussian prior's)."""
+    mu = pyro.param("mu", torch.tensor(10.0, dtype=torch.float64))
+    omega = pyro.param("omega", torch.tensor(1.0, dtype=torch.float64), constraint=constraints.positive)
+    sigma = pyro.param("sigma", torch.tensor(1.0, dtype=torch.float64), constraint=constraints.positive)
+    with pyro.plate("groups", num_groups):
+        a = pyro.sample("a", dist.Normal(mu, omega))
+    with pyro.plate("rows", len(group)):
+        pyro.sample("y", dist.Normal(torch.log(a[..., group]), sigma), obs=y)

@@ -588,16 +588,19 @@ class MCMCSGD(Engine):
                 z_prior = self._sigma_points(theta, z, units)
             else:
                 z_prior = self._prior_draw(state, theta, z, units, ops.split(key)[1], k)
-            num_prior = int(z_prior.shape[0])
-            zz = xp.concatenate([z_prior, z], 0)
 
             def log_terms(x: Any) -> Any:
                 th = dict(fixed)
                 th.update(model.constrain(unflatten(x, self.names, self._shapes)))
                 if prior is not None:  # the likelihood's information is 0: θ does not enter it (pruned gradient)
                     return scale * xp.mean(xp.sum(prior(th, z_prior, units), -1))
-                ll, lp = self._log_densities(th, zz, units)
-                return scale * (xp.mean(xp.sum(lp[:num_prior], -1)) + xp.mean(xp.sum(ll[num_prior:], -1)))
+                # the prior's term at the prior's points, the likelihood's at the chains, each from its own evaluation:
+                # the likelihood need not be defined at a prior point (``log α`` at an ``α ~ Normal`` below 0, outside
+                # the posterior's support: NaN), and a NaN evaluated there, even if sliced away, makes the Hessian NaN
+                # (0 · NaN in its backward pass)
+                lp = self._log_densities(th, z_prior, units)[1]
+                ll = self._log_densities(th, z, units)[0]
+                return scale * (xp.mean(xp.sum(lp, -1)) + xp.mean(xp.sum(ll, -1)))
 
             info = ops.all_sum(preconditioned.information(ops, log_terms, state.x))
             return opt["gamma"] + gamma * (info - opt["gamma"])

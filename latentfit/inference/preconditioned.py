@@ -70,7 +70,10 @@ def solve(ops: Any, gamma: Any, grad: Any) -> tuple[Any, Any]:
     xp = ops.xp
     sym = 0.5 * (gamma + xp.swapaxes(gamma, -1, -2))
     ok_in = xp.all(xp.isfinite(sym))
-    sym = xp.where(ok_in, sym, 0.0 * sym + xp.eye(sym.shape[-1], dtype=sym.dtype))
+    # a non-finite Γ is replaced by the identity before the decomposition (not ``0 · Γ + I``, which keeps its NaNs: an
+    # eigensolver may then fail to converge rather than return NaNs, torch's ``linalg.eigh`` raising)
+    eye = xp.diag(xp.ones_like(xp.diagonal(sym)))
+    sym = xp.where(ok_in, sym, eye)
     w, v = ops.eigh(sym)
     w = xp.abs(w)
     w = xp.maximum(w, EIG_FLOOR * xp.max(w) + 1e-300)
