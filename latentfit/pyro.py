@@ -80,7 +80,7 @@ class _PyroEngine(EngineFrontDoor):
             latent_model = self.latent_model(*args, **kwargs)
         engine = self.engine_cls(latent_model, *self.engine_args, **self.engine_kwargs)
         fit = engine.run(**run_options)
-        write_params_to_store(engine.theta_of(fit.state))
+        write_params_to_store(engine.theta_of(fit.state), latent_model.fn)
         return fit
 
 

@@ -237,3 +237,75 @@ def test_pyromodule_weights_are_module_params() -> None:
         model = PyroLatentModel(Regression(plain), args)
         assert set(model.params) == {prefix + "weight", prefix + "bias", "omega", "noise.sigma"}
         assert model.module_params == {prefix + "weight", prefix + "bias"}
+
+
+# ----- the same fits with PyroModule's local params (``pyro.settings.set(module_local_params=True)``) ---------------
+@pytest.fixture
+def module_local_params():
+    """Pyro's mode in which a PyroModule keeps its params to itself (not in the param store); restored afterwards."""
+    before = pyro.settings.get("module_local_params")
+    pyro.settings.set(module_local_params=True)
+    try:
+        yield
+    finally:
+        pyro.settings.set(module_local_params=before)
+
+
+def _estimates(fit) -> dict[str, float]:
+    return {n: float(np.ravel(v)[0]) for n, v in fit.params.items()}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_module_local_params_give_the_same_fits(engine: str, module_local_params) -> None:
+    """Under ``module_local_params=True`` the nested :class:`Regression` (its line a ``PyroModule[nn.Linear]``, or a
+    plain ``nn.Linear`` child, whose weights PyroModule then declares from ``__getattr__`` instead of ``pyro.module``)
+    gives the fit of the default mode, to rounding; the modules hold the estimates in their own tensors afterwards,
+    and the param store stays empty, as that mode keeps it.  Before, the plain child's weights were not put into the
+    module for the runs (MCMCSGD left them at their start, SAEM crashed: "the differentiated Tensor ... not used in
+    the graph"), and no module held the estimates (they went to the store, which the modules no longer read)."""
+    for plain in (False, True):
+        with pyro.settings.context(module_local_params=False):
+            expected = _estimates(_fit_regression(engine, plain)[3])
+        pyro.clear_param_store()
+        module, lin, start, fit = _fit_regression(engine, plain)
+        got = _estimates(fit)
+        assert got.keys() == expected.keys()
+        for name, value in expected.items():
+            assert got[name] == pytest.approx(value, rel=1e-9, abs=1e-12), (plain, name)
+        assert len(pyro.get_param_store()) == 0
+        prefix = "mean.line.lin" + ("$$$" if plain else ".")
+        assert (float(lin.bias.detach()), float(lin.weight.detach())) != start
+        assert float(lin.weight.detach()) == pytest.approx(got[prefix + "weight"], rel=1e-12)
+        assert float(lin.bias.detach()) == pytest.approx(got[prefix + "bias"], rel=1e-12)
+        assert isinstance(lin.weight, nn.Parameter) and isinstance(module.noise.sigma_unconstrained, nn.Parameter)
+        assert float(module.noise.sigma.detach()) == pytest.approx(got["noise.sigma"], rel=1e-12)
+        assert float(module.omega.detach()) == pytest.approx(got["omega"], rel=1e-12)
+
+
+def test_module_local_params_nested_random_intercept(module_local_params) -> None:
+    """:class:`NestedRI` (μ the weight of a nested ``PyroModule[nn.Linear]``) under ``module_local_params=True``: SAEM's
+    fit equals the default mode's, and the submodule holds the fitted weight."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        g, x, y = _data()
+        args = (torch.as_tensor(g), torch.as_tensor(y - 2.0 * x))
+        fits = {}
+        for local in (False, True):
+            with pyro.settings.context(module_local_params=local):
+                pyro.clear_param_store()
+                module = NestedRI()
+                fits[local] = module, _estimates(lp.SAEM(module, seed=0, progress=False, **ENGINES["SAEM"]).run(*args))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    (_, expected), (module, got) = fits[False], fits[True]
+    assert got.keys() == expected.keys() == {"head.weight", "omega", "sigma"}
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, rel=1e-9), name
+    assert float(module.head.weight.detach()) == pytest.approx(got["head.weight"], rel=1e-12)
+    assert float(module.sigma.detach()) == pytest.approx(got["sigma"], rel=1e-12)
+    assert len(pyro.get_param_store()) == 0
+
+
+def test_module_local_params_weights_are_module_params(module_local_params) -> None:
+    """:func:`test_pyromodule_weights_are_module_params` under ``module_local_params=True``."""
+    test_pyromodule_weights_are_module_params()

@@ -44,13 +44,28 @@ _PYRO_GETATTR_CODE = PyroModule.__getattr__.__code__
 #: model function -> ``{param name: (weak reference to the PyroModule, attribute)}`` of the plain ``nn.Parameter``
 #: attributes of PyroModules its runs read (found on the first run, put in place before each later run)
 _MODULE_ATTRS: weakref.WeakKeyDictionary[Any, dict[str, tuple[Any, str]]] = weakref.WeakKeyDictionary()
+#: model function -> ``{param name: (weak reference to its leaf tensor, constraint)}`` of the params a PyroModule
+#: keeps to itself under ``pyro.settings.set(module_local_params=True)`` (not in the param store: its PyroParams'
+#: unconstrained tensors, its plain ``nn.Parameter`` attributes and its plain ``nn.Module`` children's weights), found
+#: on the first run: where :func:`write_params_to_store` puts their estimates
+_LOCAL_LEAVES: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def _module_attrs(fn: Any) -> dict[str, tuple[Any, str]]:
     """The PyroModule ``nn.Parameter`` attributes known to be read by ``fn`` (a new, unkept table if ``fn`` cannot be
     weakly referenced)."""
+    return _table(_MODULE_ATTRS, fn)
+
+
+def _local_leaves(fn: Any) -> dict[str, Any]:
+    """The module-local params of ``fn`` known so far (:data:`_LOCAL_LEAVES`; a new, unkept table if ``fn`` cannot be
+    weakly referenced)."""
+    return _table(_LOCAL_LEAVES, fn)
+
+
+def _table(tables: weakref.WeakKeyDictionary, fn: Any) -> dict:
     try:
-        return _MODULE_ATTRS.setdefault(fn, {})
+        return tables.setdefault(fn, {})
     except TypeError:
         return {}
 
@@ -64,11 +79,13 @@ class _Runner(Messenger):
     for the run and restored on exit."""
 
     def __init__(self, params: dict[str, Any] | None, values: dict[str, Any] | None,
-                 module_attrs: dict[str, tuple[Any, str]] | None = None) -> None:
+                 module_attrs: dict[str, tuple[Any, str]] | None = None,
+                 local_leaves: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.params = params or {}
         self.values = values or {}
         self.module_attrs = {} if module_attrs is None else module_attrs
+        self.local_leaves = local_leaves
         self.sites: dict[str, Site] = {}
 
     def _pyro_param(self, msg: Any) -> None:
@@ -113,13 +130,18 @@ class _Runner(Messenger):
     def _swap_module_param(self, value: Any) -> None:
         """``pyro.module(name, net)`` registers ``net``'s weights as params but (by default) keeps computing with its
         own tensors: put θ's value into the module for this run (what ``update_module_params=True`` does), and
-        restore the module's own parameter on exit."""
+        restore the module's own parameter on exit.  Likewise the statements a PyroModule makes for a plain
+        ``nn.Module`` child's weights under ``module_local_params=True`` (from ``PyroModule.__getattr__``, not
+        ``pyro.module``; the child computes with its own tensors as well)."""
         frame = sys._getframe(2)
-        while frame is not None and frame.f_code is not _PYRO_MODULE_CODE:
+        while frame is not None and frame.f_code is not _PYRO_MODULE_CODE and not (
+                frame.f_code is _PYRO_GETATTR_CODE and "param_name" in frame.f_locals):
             frame = frame.f_back
         if frame is None:
             return
-        net, dotted = frame.f_locals["nn_module"], frame.f_locals["param_name"]
+        local = frame.f_locals
+        net = local["nn_module"] if frame.f_code is _PYRO_MODULE_CODE else local["result"]
+        dotted = local["param_name"]
         owner_path, _, attr = dotted.rpartition(".")
         owner = attrgetter(owner_path)(net) if owner_path else net
         self._swapped.append((owner, attr, owner._parameters[attr]))
@@ -147,9 +169,24 @@ class _Runner(Messenger):
 
     def _pyro_post_param(self, msg: Any) -> None:
         name = msg["name"]
-        constraint = pyro.get_param_store()._constraints.get(name, msg["kwargs"].get("constraint", constraints.real))
+        store = pyro.get_param_store()
+        constraint = store._constraints.get(name, msg["kwargs"].get("constraint", constraints.real))
+        if self.local_leaves is not None and name not in self.local_leaves and name not in store:
+            self._find_local_leaf(name, msg, constraint)
         self.sites[name] = Site(name, "param", msg["value"], constraint=constraint,
                                 module_weight=name in self.module_attrs)
+
+    def _find_local_leaf(self, name: str, msg: Any, constraint: Any) -> None:
+        """A param a PyroModule keeps to itself (``module_local_params=True``: its statement is not ``pyro.param``'s
+        and puts nothing in the store): the tensor it is stored in, the statement's ``nn.Parameter`` argument (a plain
+        ``nn.Parameter`` attribute, a plain child's weight) or the unconstrained tensor of a PyroParam's value."""
+        args = msg["args"]
+        leaf = args[1] if len(args) > 1 and isinstance(args[1], torch.nn.Parameter) else None
+        if leaf is None:  # the statement's own value (a first run substitutes none): a PyroParam's, constrained
+            ref = getattr(msg["value"], "unconstrained", None)
+            leaf = ref() if callable(ref) else None
+        if isinstance(leaf, torch.Tensor) and leaf.is_leaf:
+            self.local_leaves[name] = (weakref.ref(leaf), constraint)
 
     def _pyro_post_sample(self, msg: Any) -> None:
         # pyro.deterministic sites (and obs_mask's interleaved value) are Delta(...).mask(False): no density, and
@@ -519,7 +556,7 @@ class PyroPPL(PPL):
 
     def run(self, fn: Any, args: tuple, kwargs: dict, params: dict | None = None, values: dict | None = None,
             key: Any = None, subsample: tuple[str, int, Any] | None = None) -> dict[str, Site]:
-        runner = _Runner(params, values, _module_attrs(fn))
+        runner = _Runner(params, values, _module_attrs(fn), _local_leaves(fn) if params is None else None)
         batch = _UnitSubsample(*subsample) if subsample is not None else contextlib.nullcontext()
         with pyro.validation_enabled(False), runner, batch:  # NaN densities are rejected by MH / reported by site
             fn(*args, **kwargs)
@@ -613,23 +650,27 @@ class PyroEnumModel(EnumeratedLatentModel):
     ppl = PyroLatentModel.ppl
 
 
-def write_params_to_store(params: dict[str, Any]) -> None:
+def write_params_to_store(params: dict[str, Any], model: Any = None) -> None:
     """Store the estimates in Pyro's param store (constrained values).
 
     A name already in the store gets the estimate copied into its stored (unconstrained) tensor, in place
     and in that tensor's dtype and device, as Pyro's own optimisers update it: the tensors ``pyro.module``
     registered are the module's ``nn.Parameter`` objects, so the user's network holds the fitted weights
-    afterwards (replacing the stored tensor would leave the network at its initial weights).  A new name,
-    or one whose stored shape differs, is stored as a new tensor."""
+    afterwards (replacing the stored tensor would leave the network at its initial weights).  A param that the
+    PyroModule ``model`` keeps to itself (``pyro.settings.set(module_local_params=True)``) gets it in its module's own
+    tensor, the same way, and stays out of the store, as Pyro's mode keeps it.  Any other new name, or one whose
+    stored shape differs, is stored as a new tensor."""
     store = pyro.get_param_store()
     stored = dict(store.named_parameters())
+    local = _local_leaves(model) if model is not None else {}
     for name, value in params.items():
         value = torch.as_tensor(value).detach()
-        leaf = stored.get(name)
+        leaf, constraint = stored.get(name), store._constraints.get(name, constraints.real)
+        if leaf is None and name in local:
+            leaf, constraint = local[name][0](), local[name][1]
         if leaf is None or leaf.shape != value.shape:
             store[name] = value.clone()
             continue
-        constraint = store._constraints.get(name, constraints.real)
         with torch.no_grad():
             leaf.copy_(transform_to(constraint).inv(value.to(leaf.device)))
 
