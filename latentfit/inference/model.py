@@ -355,6 +355,13 @@ class LatentModel:
         """
         raise NotImplementedError
 
+    def sample_observations(self, theta: dict[str, Any], z: Any, key: Any) -> dict[str, Any]:
+        """Replicated data, one per latent draw: ``y_rep ~ p(y | z_s; θ)`` of every observed site (:attr:`observed`),
+        for ``z [..., N, d]`` (unconstrained, every unit), each ``[..., *the site's shape]`` (numpy or backend arrays;
+        masked-out entries drawn too, where the model defines them).  Posterior predictive checks
+        (``fit.to_arviz(posterior_predictive=True)``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not simulate its observations given the latents")
+
     def observations(self, units: Any = None) -> tuple[Any, Any]:
         """Observed values and mask of the padded observations: ``[n, T]`` each."""
         raise NotImplementedError

@@ -50,7 +50,8 @@ def draws_at_estimate(fit: FitResult) -> np.ndarray | None:
     ``num_chains``, 4 to 10), seeded by 0; computed once.  They serve what SAEM's kept draws serve: the
     conditional moments, the IS proposal, the EBEs' starts, Louis' SEs, ``fit.latents`` and ``to_arviz``.  None
     where the model has an exact posterior sampler (the EM family's enumerated mixtures: their latents are
-    discrete) or no prior sampler."""
+    discrete; :func:`posterior_draws` draws their labels exactly for ``fit.latents`` and ``to_arviz``) or no prior
+    sampler."""
     if "drawn_latents" in fit._cache:
         return fit._cache["drawn_latents"]
     model = fit.model
@@ -371,15 +372,46 @@ def likelihood_table(fit: FitResult, methods: tuple[str, ...] | list[str] | None
 EXACT_POSTERIOR_DRAWS, EXACT_POSTERIOR_BUDGET = 1000, 2_000_000
 
 
-def exact_posterior_draws(fit: FitResult, seed: int = 0) -> np.ndarray:
-    """``[10, S/10, N, ...]`` draws from the exact posterior at θ̂ (``model.sample_posterior``: a mixture's labels drawn
-    from the responsibilities), for Louis' formula on a fit whose E-step is exact and keeps no draws.  S = 1000 draws
-    per unit (fewer where ``S × N`` would pass 2 M, at least 20): the information's Monte-Carlo
-    error is then about 1% of its SEs (a 1-D two-component mixture: within 1% of the exact observed information's)."""
+def exact_posterior_draws(fit: FitResult, seed: int = 0, num_chains: int = 10) -> np.ndarray:
+    """``[num_chains, S/num_chains, N, ...]`` draws from the exact posterior at θ̂ (``model.sample_posterior``: a
+    mixture's labels drawn from the responsibilities, one-hot), for Louis' formula on a fit whose E-step is exact and
+    keeps no draws.  S = 1000 draws per unit (fewer where ``S × N`` would pass 2 M, at least 20; a multiple of
+    ``num_chains``): the information's Monte-Carlo error is then about 1% of its SEs (a 1-D two-component mixture:
+    within 1% of the exact observed information's).  The draws are independent: the "chains" only split them for
+    arviz (:func:`posterior_draws`)."""
     model = fit.model
-    count = int(min(EXACT_POSTERIOR_DRAWS, max(20, EXACT_POSTERIOR_BUDGET // max(int(model.num_units), 1))) // 10 * 10)
+    chains = int(num_chains)
+    count = int(min(EXACT_POSTERIOR_DRAWS, max(20, EXACT_POSTERIOR_BUDGET // max(int(model.num_units), 1))))
+    count = max(count // chains, 1) * chains
     z = model.ops.to_numpy(model.sample_posterior(fit._theta(), model.ops.key(seed), count))
-    return z.reshape((10, count // 10) + z.shape[1:])
+    return z.reshape((chains, count // chains) + z.shape[1:])
+
+
+#: :func:`posterior_draws` of an exact-E-step fit: the exact posterior draws split into this many "chains"
+EXACT_POSTERIOR_CHAINS = 4
+
+
+def posterior_draws(fit: FitResult) -> np.ndarray | None:
+    """The latent draws ``[L, draws, N, d]`` that :attr:`FitResult.latents` and ``fit.to_arviz()`` show (and its
+    ``log_likelihood`` / ``posterior_predictive`` groups read): those the engine kept, else :func:`draws_at_estimate`'s
+    MCMC draws at θ̂, else, for a model with an exact posterior sampler (the EM family's mixtures, Gaussian or
+    enumerated Pyro / NumPyro ones: discrete labels), independent draws from ``p(z_i | y_i; θ̂)``
+    (:func:`exact_posterior_draws`, seed 0, as 4 "chains": 4 × 250 one-hot labels per unit, fewer on large data:
+    draws × units ≤ 2 M); computed once.  None where none of these exists.
+
+    Unlike :func:`require_draws` (the conditional moments, EBEs and IS proposal of continuous latents), the exact
+    label draws count here: they describe the posterior, they are no MCMC output to average over."""
+    if fit.latent_draws is not None:
+        return fit.latent_draws
+    drawn = draws_at_estimate(fit)
+    if drawn is not None or fit.state is None or not getattr(fit.model, "has_posterior_sampler", False):
+        return drawn
+    if "exact_latents" not in fit._cache:
+        try:
+            fit._cache["exact_latents"] = exact_posterior_draws(fit, 0, EXACT_POSTERIOR_CHAINS)
+        except NotImplementedError:
+            fit._cache["exact_latents"] = None
+    return fit._cache["exact_latents"]
 
 
 def default_se_method(fit: FitResult) -> str:
@@ -581,4 +613,4 @@ def vpc(fit: FitResult, x: Any, num_sims: int = 500, bins: Any = None, level: fl
 
 __all__ = ["conditional_moments", "covariance", "default_ll_method", "default_se_method", "free_size",
            "individual_estimates", "individual_parameters", "likelihood_table", "log_likelihood", "num_params",
-           "require_draws", "residuals", "resolve_x", "standard_errors", "summary", "vpc"]
+           "posterior_draws", "require_draws", "residuals", "resolve_x", "standard_errors", "summary", "vpc"]

@@ -84,8 +84,10 @@ class FitResult:
     def latents(self) -> dict[str, np.ndarray]:
         """Draws of the latent sites ``[chain, draw, unit, *site_shape]`` (constrained): the engine's last
         iterations', or for an engine that keeps none, draws from ``p(z | y; θ̂)`` by MCMC
-        (:func:`~latentfit.inference.postfit.draws_at_estimate`); ``{}`` where neither exists."""
-        kept = self.latent_draws if self.latent_draws is not None else postfit.draws_at_estimate(self)
+        (:func:`~latentfit.inference.postfit.draws_at_estimate`), or exact ones where the E-step is exact (the EM
+        family's mixtures: labels drawn from the responsibilities at θ̂, :func:`~latentfit.inference.postfit.
+        posterior_draws`); ``{}`` where none exists."""
+        kept = postfit.posterior_draws(self)
         if kept is None:
             return {}
         if "latents" not in self._cache:
@@ -193,11 +195,14 @@ class FitResult:
         return _hooks.call("plot_gof", self, x, **kwargs)
 
     def to_arviz(self, *, dims: dict[str, list[str]] | None = None, coords: dict[str, Any] | None = None,
-                 log_likelihood: bool = False) -> Any:
+                 log_likelihood: bool = False, posterior_predictive: bool = False, seed: int = 0) -> Any:
         """The installed arviz's native object (InferenceData on 0.x, DataTree on 1.x;
         :func:`latentfit.integrations.arviz.to_arviz`): dims named by the model's plates; ``dims`` / ``coords``
-        name others (an event dim's parameters)."""
-        return _hooks.call("to_arviz", self, dims=dims, coords=coords, log_likelihood=log_likelihood)
+        name others (an event dim's parameters); ``log_likelihood=True`` adds the pointwise ``log p(y | z; θ̂)`` that
+        ``az.loo`` reads, ``posterior_predictive=True`` replicated data ``y_rep ~ p(y | z; θ̂)``, one per latent draw
+        (``az.plot_ppc``; drawn from ``seed``)."""
+        return _hooks.call("to_arviz", self, dims=dims, coords=coords, log_likelihood=log_likelihood,
+                           posterior_predictive=posterior_predictive, seed=seed)
 
     def __repr__(self) -> str:
         est = ", ".join(f"{n}={v:.4g}" for n, v in self.param_table()[:8])

@@ -167,6 +167,16 @@ class EnumeratedLatentModel(TracedBase):
     def unpack_latents(self, z: Any) -> dict[str, Any]:
         return {self.latent_name: z.argmax(-1)}
 
+    def _split_one(self, z: Any) -> tuple[dict[str, Any], Any]:
+        """One draw of the one-hot labels ``z [N, K]`` -> the label site's value (as the model's first run laid it
+        out) and no log-Jacobian: what a model run conditioned on the labels reads (the pointwise log-likelihood and
+        the replicated data of :class:`~latentfit.integrations.traced.TracedBase`)."""
+        shape = self._site_plates[self.latent_name][1]
+        labels = z.argmax(-1)
+        if int(np.prod(shape)) == int(labels.shape[0]):
+            labels = labels.reshape(shape)
+        return {self.latent_name: labels}, 0.0
+
     # ----- the Gaussian-mixture pattern ---------------------------------------------------------------
     def _recognise(self) -> None:
         K, to_np, dist = self.K, self.ops.to_numpy, self.ppl.dist

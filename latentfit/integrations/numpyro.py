@@ -129,6 +129,7 @@ class NumPyroPPL(PPL):
     """The tracing interface of NumPyro (see :class:`~latentfit.integrations.traced.PPL`)."""
 
     name = "numpyro"
+    keyed_draws = True
     dist = SimpleNamespace(
         Normal=ndist.Normal, MultivariateNormal=ndist.MultivariateNormal, Categorical=ndist.CategoricalProbs,
         Independent=ndist.Independent, Masked=ndist.MaskedDistribution, Expanded=ndist.ExpandedDistribution,

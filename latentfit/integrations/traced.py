@@ -171,6 +171,14 @@ class PPL:
         """``fn.log_prob(value)`` (a PPL may compute it faster, with the same values)."""
         return fn.log_prob(value)
 
+    #: draws from a distribution take an explicit PRNG key (NumPyro); False: the global generator (Pyro), lent a
+    #: key's stream by ``ops.global_rng_from``
+    keyed_draws: bool = False
+
+    def sample_value(self, fn: Any, key: Any = None) -> Any:
+        """One draw of the distribution ``fn`` (``key``: a PRNG key where :attr:`keyed_draws`, else None)."""
+        return fn.sample() if key is None else fn.sample(key)
+
     def obs_container_hint(self, value: Any) -> str | None:
         """None when ``value`` is of a type this PPL's distributions read as an observation; else what to pass
         instead (for :func:`check_obs_container`'s message).  Accepts anything by default."""
@@ -349,6 +357,55 @@ class TracedBase(LatentModel):
             keep = xp.ones(shape, dtype=bool) if mask is None else xp.broadcast_to(mask, shape)
             out[n], observed[n] = self.ops.to_numpy(lp), np.asarray(self.ops.to_numpy(keep), dtype=bool)
         return out, observed
+
+    def sample_observations(self, theta: dict[str, Any], z: Any, key: Any) -> dict[str, Any]:
+        """Replicated data ``y_rep ~ p(y | z_s; θ)`` of every observed site at each draw ``z [..., N, d]``
+        (unconstrained, every unit; :meth:`LatentModel.sample_observations`): the model run at θ with the latents
+        given, each observed site's distribution sampled once per draw, ``{site: [..., *value shape]}`` (numpy, the
+        observed values' dtype).  Masked-out entries (``.mask(m)``, ``poutine.mask``, ``obs_mask=``) are drawn too:
+        they are what the model predicts there.  One run per draw, vectorised over the draws as the chains are
+        (``torch.func.vmap`` with different randomness per draw; ``jax.vmap`` over split keys), from ``key``'s
+        stream: the same key gives the same draws."""
+        names = list(self.observed_names)
+        ops = self.ops
+        z = ops.asarray(z)
+        lead = tuple(z.shape[:-2])
+        count = int(np.prod(lead))
+        z = z.reshape((count,) + tuple(z.shape[-2:]))
+        if key is None:
+            key = ops.key(0)
+        program = getattr(self, "_observe_all", None)
+        if program is None:  # made once per model (Pyro: remembers whether vmap can run the model)
+            program = self._observe_all = self.ppl.vectorise(self._observe_one, pure=False)
+        mapped = (z, ops.split(key, count)) if self.ppl.keyed_draws else z
+        with self.ppl.no_grad(), ops.global_rng_from(key):  # Pyro draws from the global RNG: the key's stream
+            draws = self._guard(program, dict(theta), mapped)
+        out = {}
+        for n, y in zip(names, draws):
+            y = np.asarray(ops.to_numpy(y))
+            dtype = np.asarray(self.observed[n]).dtype
+            if np.issubdtype(dtype, np.number) and y.dtype != dtype:
+                y = y.astype(dtype)
+            out[n] = y.reshape(lead + tuple(y.shape[1:]))
+        return out
+
+    def _observe_one(self, theta: dict[str, Any], draw: Any) -> list[Any]:
+        """One draw of every observed site at one draw of the latents (``draw``: ``z [N, d]``, or ``(z, key)``)."""
+        z, key = draw if isinstance(draw, tuple) else (draw, None)
+        values, _ = self._split_one(z)
+        sites = self._run(theta, values)
+        names = list(self.observed_names)
+        keys = [None] * len(names) if key is None else list(self.ops.split(key, len(names)))
+        out = []
+        for n, k in zip(names, keys):
+            fn, shape = sites[n].fn, tuple(np.shape(sites[n].value))
+            event = tuple(fn.event_shape)
+            if tuple(fn.batch_shape) + event != shape and len(shape) >= len(event):
+                # data that enlarge the distribution (an [N, 1] mean given [N, T] data): one draw per observed value
+                batch = tuple(np.broadcast_shapes(tuple(fn.batch_shape), shape[:len(shape) - len(event)]))
+                fn = fn.expand(batch)
+            out.append(self.ppl.sample_value(fn, k))
+        return out
 
     def data_arrays(self) -> dict[str, Any]:
         """The model function's arguments (``model(*args, **kwargs)``: observed arrays, covariates, sizes), what a

@@ -190,6 +190,16 @@ class LinearMixedModel(LatentModel):
     def unpack_latents(self, z: Any) -> dict[str, Any]:
         return {"b": z}
 
+    def sample_observations(self, theta: dict[str, Any], z: Any, key: Any) -> dict[str, Any]:
+        """``{"y": [..., n, T]}``: ``y = X β + Z b + σ ε`` at each draw ``b = z [..., n, q]``, NaN on the padding."""
+        ops = self.ops
+        b = np.asarray(ops.to_numpy(ops.asarray(z)))
+        beta, sigma = (np.asarray(ops.to_numpy(theta[k])) for k in ("beta", "sigma"))
+        X, Z = (np.where(self._mask[..., None], a, 0.0) for a in (self._X, self._Z))
+        mean = X @ beta + np.einsum("ntq,...nq->...nt", Z, b)
+        y = mean + sigma * np.asarray(ops.to_numpy(ops.normal(key, tuple(mean.shape))))
+        return {"y": np.where(self._mask, y, np.nan)}
+
     def pyro_model(self):
         """An ordinary Pyro model function ``model(y, X, Z, mask)`` of this LMM (same parameter names).
 

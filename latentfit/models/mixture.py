@@ -669,6 +669,25 @@ class GaussianMixture(LatentModel):
     def unpack_latents(self, z: Any) -> dict[str, Any]:
         return {"z": self.ops.xp.argmax(z, -1)}
 
+    def sample_observations(self, theta: dict[str, Any], z: Any, key: Any) -> dict[str, Any]:
+        """``{"obs": [..., n, d]}``: each point drawn from its labelled component, ``x = μ_k + L_k ε`` (``L_k`` the
+        Cholesky factor of ``Σ_k``), at each draw of the one-hot labels ``z [..., n, K]`` (one pass per component)."""
+        ops, xp, d = self.ops, self.ops.xp, self.d
+        z = ops.asarray(z)
+        lab = xp.argmax(z, -1)
+        locs = xp.reshape(ops.asarray(theta["locs"]), (self.K, d))
+        cov = ops.asarray(theta["covariances"])
+        eps = ops.normal(key, tuple(lab.shape) + (d,))
+        out = 0.0 * eps
+        for k in range(self.K):
+            c = cov if self.tied else cov[k]
+            if self.base_type == "full":
+                step = eps @ xp.swapaxes(xp.linalg.cholesky(c), -1, -2)
+            else:  # diag: variances [d]; spherical: one variance
+                step = eps * xp.sqrt(c)
+            out = xp.where((lab == k)[..., None], locs[k] + step, out)
+        return {"obs": ops.to_numpy(out)}
+
     def predict_labels(self, theta: dict[str, Any]) -> np.ndarray:
         r, _ = self.responsibilities(theta)
         return self.ops.to_numpy(self.ops.xp.argmax(r, 1))

@@ -834,6 +834,22 @@ class NLME(LatentModel):
             f = self.ops.xp.log(f)
         return f, self._error_sd(theta, f, units)
 
+    def sample_observations(self, theta: dict[str, Any], z: Any, key: Any) -> dict[str, Any]:
+        """``{"DV": [..., N, T]}``: ``y = f(ψ(z)) + g ε`` at each draw ``z [..., N, d]`` (exponential error:
+        ``exp(log f + a ε)``), on :attr:`observed`'s layout, NaN on the padding (:meth:`simulate`'s draws, given the
+        random effects); censored observations are drawn uncensored.  Outcome models (binary, counts, time to event)
+        have no such face: their checks are ``fit.plot_vpc()``."""
+        if self.outcome is not None:
+            raise NotImplementedError(f"this NLME model's outcome is {self.outcome.name!r}: it has no residual error "
+                                      f"model to draw from given the random effects; use fit.plot_vpc()")
+        self._require_data()
+        ops = self.ops
+        mean, sd = self.predict(theta, ops.asarray(z))
+        y = ops.to_numpy(mean + sd * ops.normal(key, tuple(mean.shape)))
+        if self.error == "exponential":
+            y = np.exp(y)
+        return {"DV": np.where(self.data.mask, y, np.nan)}
+
     def observations(self, units: Any = None) -> tuple[Any, Any]:
         """``(y, mask)`` ``[n, T]``: DV (log DV for exponential error); censored values are masked out."""
         _outcomes.require_gaussian(self, "observations()")
