@@ -505,6 +505,25 @@ def engine_shard(engine: Any) -> Shard:
     return (int(procs.rank), int(procs.world_size)) if hasattr(procs, "world_size") else None
 
 
+def resume_source(checkpoint: str | os.PathLike | None, resume: Any) -> Any:
+    """Where a one-process run with ``run(checkpoint=..., resume=...)`` continues from: None (a fresh run), else a
+    directory or checkpoint file for :func:`load_checkpoint`.  ``resume=True`` continues from ``checkpoint`` when it
+    holds checkpoints and starts afresh otherwise; a fresh run refuses a ``checkpoint`` directory that holds another
+    run's checkpoints."""
+    if checkpoint is None and (resume is None or resume is False):  # a plain run: nothing to read or check
+        return None
+    if resume is True:
+        if checkpoint is None:
+            raise ValueError("resume=True continues from the checkpoint directory: pass checkpoint=<dir>")
+        return checkpoint if checkpoint_world_sizes(checkpoint) else None
+    if resume not in (None, False):
+        return resume
+    if checkpoint is not None and checkpoint_world_sizes(checkpoint):
+        raise FileExistsError(f"{str(checkpoint)!r} already holds checkpoints: pass resume=True to continue that "
+                              "run, or use an empty directory")
+    return None
+
+
 def checkpoint_world_sizes(directory: str | os.PathLike) -> list[int]:
     """The numbers of processes of the fits whose checkpoints ``directory`` holds (1: a one-process fit)."""
     d = Path(directory)
@@ -717,4 +736,4 @@ def save_checkpoint(directory: str | os.PathLike, engine: Any, state: Any, itera
 
 __all__ = ["Checkpoint", "begin_run_digest", "checkpoint_files", "checkpoint_world_sizes", "data_digest",
            "data_shapes", "engine_data_digest", "engine_options", "engine_shard", "load_checkpoint", "restore_state",
-           "save_checkpoint"]
+           "resume_source", "save_checkpoint"]

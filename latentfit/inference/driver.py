@@ -560,9 +560,11 @@ class Engine:
         """Where to resume from (None: a fresh run); refuses to start afresh over another run's checkpoints."""
         if checkpoint is None and (resume is None or resume is False):  # a plain run: nothing to read or check
             return None
-        from latentfit.checkpoint import checkpoint_world_sizes, engine_shard
+        from latentfit.checkpoint import checkpoint_world_sizes, engine_shard, resume_source
 
         shard = engine_shard(self)
+        if shard is None:  # one process: the rules every engine shares
+            return resume_source(checkpoint, resume)
         if resume is True:
             if checkpoint is None:
                 raise ValueError("resume=True continues from the checkpoint directory: pass checkpoint=<dir>")

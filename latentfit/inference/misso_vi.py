@@ -38,18 +38,36 @@ use their mean.
 
 The algebra below only adds, scales and takes powers of flat parameter vectors, so it runs unchanged on torch
 tensors (:mod:`latentfit.integrations.misso_vi_pyro`) and JAX arrays (:mod:`latentfit.integrations.misso_vi_numpyro`).
+
+:class:`MISSOVIEngine` runs the loop with the library's checkpoints (:mod:`latentfit.checkpoint`: safetensors + JSON
+sidecar, the data's SHA-256, options compared on resume): ``run(checkpoint=dir, checkpoint_every=K epochs, keep=3,
+resume=dir | True)``; a resumed fit equals the uninterrupted one bit for bit.  An iteration is computed first
+(:meth:`MISSOVIState.propose`) and stored after (:meth:`MISSOVIState.commit`, with Ctrl-C held back meanwhile), and the
+block generator and the oracle's random stream are put back when an iteration does not finish: ``KeyboardInterrupt``
+returns the state after the last whole iteration (``interrupted=True``), a NaN/inf θ^{k+1} raises
+:class:`~latentfit.NonFiniteError` with the state after iteration k checkpointed.  A ``KeyboardInterrupt`` while the
+tables are first filled (before iteration 1) is not caught.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
+import os
+import signal
+import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
+
+from .._hooks import user_stacklevel
 
 METHODS = ("misso", "mc-sag", "mc-adam", "bbb")
 ADAM_BETAS = (0.9, 0.999)
@@ -57,7 +75,10 @@ ADAM_EPS = 1e-8
 
 
 class BlockOracle(Protocol):
-    """What a PPL adapter provides: flat unconstrained parameters and per-block Monte-Carlo gradients."""
+    """What a PPL adapter provides: flat unconstrained parameters and per-block Monte-Carlo gradients, drawn from a
+    random stream of its own that it hands out and takes back (checkpoints, an interrupted iteration undone)."""
+
+    ops: Backend
 
     def grad(self, theta: Any, block: np.ndarray, num_samples: int) -> Any:
         """``ĝ_i(θ)``: the reparameterised gradient of ``L_i`` at the flat vector ``θ`` (``num_samples`` draws)."""
@@ -65,13 +86,26 @@ class BlockOracle(Protocol):
     def loss(self, theta: Any) -> float:
         """The full negative ELBO ``Σ_i L_i(θ)`` (a fixed number of particles)."""
 
+    def finite(self, theta: Any) -> bool:
+        """Whether every entry of ``θ`` is finite."""
+
+    def param_slices(self) -> list[tuple[str, int, int]]:
+        """``(name, start, stop)`` of each parameter's entries in the flat vector."""
+
+    def get_stream(self) -> Any:
+        """A copy of the random stream's state (a pytree of arrays, generators and ints a checkpoint holds)."""
+
+    def set_stream(self, stream: Any) -> None:
+        """Continue from a state :meth:`get_stream` returned."""
+
 
 @dataclass
 class MISSOVIResult:
     """Result of :class:`MISSOVI`: ``params`` (constrained guide / model params), ``history["loss"]`` (full
     negative ELBO at θ^0 and after each epoch), ``time`` (seconds), ``theta`` (final flat unconstrained vector)
     and, with ``record=True``, ``trace`` (``theta``: θ^0, θ^1, …; ``blocks``: the block indices of each
-    iteration)."""
+    iteration).  ``interrupted``: the run stopped early (``KeyboardInterrupt``, or the result a
+    :class:`~latentfit.NonFiniteError` carries) and this is its last good state, after ``num_iters`` iterations."""
 
     params: dict[str, Any]
     history: dict[str, list[float]]
@@ -81,11 +115,13 @@ class MISSOVIResult:
     theta: Any = None
     trace: dict[str, list[Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    interrupted: bool = False
 
     def __repr__(self) -> str:
         loss = self.history.get("loss", [])
         last = f"{loss[-1]:.4g}" if loss else "n/a"
-        return (f"MISSOVIResult(method={self.method!r}, num_iters={self.num_iters}, final loss={last}, "
+        stopped = ", interrupted" if self.interrupted else ""
+        return (f"MISSOVIResult(method={self.method!r}, num_iters={self.num_iters}{stopped}, final loss={last}, "
                 f"time={self.time:.2f}s, params={sorted(self.params)})")
 
 
@@ -204,92 +240,378 @@ class MISSOVIState:
 
     def step(self, theta: Any, blocks: Sequence[int], grads: Sequence[Any]) -> Any:
         """One iteration at θ^k with the fresh gradients ``grads[j] = ĝ_{blocks[j]}(θ^k)``; returns θ^{k+1}."""
+        theta_next, update = self.propose(theta, blocks, grads)
+        self.commit(update)
+        return theta_next
+
+    def propose(self, theta: Any, blocks: Sequence[int], grads: Sequence[Any]) -> tuple[Any, dict[str, Any]]:
+        """θ^{k+1} and the new table rows, sums and moments of one iteration, the state left unchanged (``blocks``
+        distinct): :meth:`commit` stores them, so that a NaN θ^{k+1} or an interruption leaves the state of θ^k."""
+        update: dict[str, Any] = {}
         if self.uses_tables:
+            misso = self.method == "misso"
+            sum_grads, sum_anchors = self.sum_grads, self.sum_anchors
             for i, g in zip(blocks, grads):
-                self.sum_grads = self.sum_grads + (g - self.grads[i])
-                self.grads[i] = g
-                if self.method == "misso":
-                    self.sum_anchors = self.sum_anchors + (theta - self.anchors[i])
-                    self.anchors[i] = theta
-            if self.method == "misso":
-                return self.sum_anchors / self.n - (self.lr / self.n) * self.sum_grads
-            return theta - (self.lr / self.n) * self.sum_grads
+                sum_grads = sum_grads + (g - self.grads[i])
+                if misso:
+                    sum_anchors = sum_anchors + (theta - self.anchors[i])
+            update = {"rows": list(zip(blocks, grads)), "theta": theta, "sum_grads": sum_grads,
+                      "sum_anchors": sum_anchors}
+            if misso:
+                return sum_anchors / self.n - (self.lr / self.n) * sum_grads, update
+            return theta - (self.lr / self.n) * sum_grads, update
         g = grads[0]
         for other in grads[1:]:
             g = g + other
         if len(grads) > 1:
             g = g / len(grads)
         if self.method == "bbb":
-            return theta - self.lr * g
+            return theta - self.lr * g, update
         b1, b2 = ADAM_BETAS
-        self.t += 1
-        self.m = (1 - b1) * g if self.m is None else b1 * self.m + (1 - b1) * g
-        self.v = (1 - b2) * g * g if self.v is None else b2 * self.v + (1 - b2) * g * g
-        m_hat = self.m / (1 - b1 ** self.t)
-        v_hat = self.v / (1 - b2 ** self.t)
-        return theta - self.lr * m_hat / (v_hat ** 0.5 + ADAM_EPS)
+        t = self.t + 1
+        m = (1 - b1) * g if self.m is None else b1 * self.m + (1 - b1) * g
+        v = (1 - b2) * g * g if self.v is None else b2 * self.v + (1 - b2) * g * g
+        m_hat = m / (1 - b1 ** t)
+        v_hat = v / (1 - b2 ** t)
+        return theta - self.lr * m_hat / (v_hat ** 0.5 + ADAM_EPS), {"m": m, "v": v, "t": t}
+
+    def commit(self, update: dict[str, Any]) -> None:
+        """Store what :meth:`propose` computed."""
+        if self.uses_tables:
+            for i, g in update["rows"]:
+                self.grads[i] = g
+                if self.method == "misso":
+                    self.anchors[i] = update["theta"]
+            self.sum_grads = update["sum_grads"]
+            self.sum_anchors = update["sum_anchors"]
+        elif update:
+            self.m, self.v, self.t = update["m"], update["v"], update["t"]
 
 
 # ------------------------------------------------------------------------------------------------- driver
 
 
-def run_misso_vi(oracle: BlockOracle, theta0: Any, blocks: Sequence[np.ndarray], *, method: str, lr: float,
-                 num_epochs: int, schedule: Callable[[int], int], rng: np.random.Generator,
+class MISSOVIRecord(NamedTuple):
+    """What a checkpoint of a MISSO-VI fit holds (:mod:`latentfit.checkpoint`, field by field): θ^k, the tables
+    (``grads`` / ``anchors`` stacked ``[n, dim θ]``, None where the method keeps none) with their running sums, Adam's
+    ``m`` / ``v`` / ``t``, the iterations done ``iteration`` (k) and epochs closed ``epoch``, the state of the
+    block-choosing NumPy generator (:func:`pcg64_words`) and the oracle's random stream (Pyro: ``torch.Generator``s;
+    NumPyro: its key and call counter)."""
+
+    theta: Any
+    grads: Any
+    anchors: Any
+    sum_grads: Any
+    sum_anchors: Any
+    m: Any
+    v: Any
+    t: int
+    iteration: int
+    epoch: int
+    blocks_rng: np.ndarray
+    stream: Any
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def pcg64_words(rng: np.random.Generator) -> np.ndarray:
+    """The state of NumPy's PCG64 generator ``rng`` as 6 uint64 words (state and increment, 128 bits each, and the
+    buffered 32-bit half)."""
+    st = rng.bit_generator.state
+    if st.get("bit_generator") != "PCG64":
+        raise TypeError(f"the block choice draws from PCG64, not {st.get('bit_generator')}")
+    s, inc = int(st["state"]["state"]), int(st["state"]["inc"])
+    return np.array([s >> 64, s & _MASK64, inc >> 64, inc & _MASK64, int(st["has_uint32"]), int(st["uinteger"])],
+                    dtype=np.uint64)
+
+
+def set_pcg64_words(rng: np.random.Generator, words: np.ndarray) -> None:
+    """Put the state :func:`pcg64_words` wrote back into ``rng``."""
+    w = [int(x) for x in np.asarray(words, dtype=np.uint64).reshape(-1)]
+    if len(w) != 6:
+        raise ValueError(f"the checkpoint's block-choice generator state has {len(w)} words, not 6")
+    rng.bit_generator.state = {"bit_generator": "PCG64", "state": {"state": (w[0] << 64) | w[1],
+                                                                   "inc": (w[2] << 64) | w[3]},
+                               "has_uint32": w[4], "uinteger": w[5]}
+
+
+@contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) back while the state is written (a few assignments), raising it afterwards: an
+    interruption then finds the state of a whole iteration.  Only in the main thread under Python's default handler
+    (elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+class Backend(NamedTuple):
+    """What the checkpoint machinery and the loop need to know of the oracle's arrays: ``name`` (``"torch"`` /
+    ``"jax"``, the checkpoint's backend), ``xp`` (``torch`` / ``jax.numpy``: ``stack``), ``device``."""
+
+    name: str
+    xp: Any
+    device: Any = None
+
+
+class MISSOVIProblem:
+    """The fit's data as a checkpoint records them: the model's arguments (``data_arrays``: their SHA-256,
+    :func:`latentfit.checkpoint.data_digest`) and ``data_shapes`` (the data plate's size as ``num_units`` and the
+    unconstrained shape of every parameter), compared on resume."""
+
+    def __init__(self, args: tuple, kwargs: dict, size: int, params: dict[str, list[int]]) -> None:
+        self.args, self.kwargs, self.size, self.params = args, kwargs, int(size), dict(params)
+
+    def data_arrays(self) -> dict[str, Any]:
+        return {"args": self.args, "kwargs": self.kwargs}
+
+    def data_shapes(self) -> dict[str, Any]:
+        return {"num_units": self.size, "latent_dim": 0, "params": {k: list(v) for k, v in self.params.items()}}
+
+
+class MISSOVIEngine:
+    """One MISSO-VI fit: the loop over epochs and iterations, with checkpoints, resume and faults as the other engines
+    have them (:meth:`run`).  Its public attributes are the options a checkpoint records and a resume compares
+    (:func:`latentfit.checkpoint.engine_options`): ``num_epochs`` is not among them, so a finished or interrupted fit
+    can be continued for more epochs."""
+
+    name = "MISSOVI"
+
+    def __init__(self, oracle: BlockOracle, theta0: Any, blocks: Sequence[np.ndarray], problem: MISSOVIProblem, *,
+                 method: str, learning_rate: float, num_epochs: int, schedule: Callable[[int], int], seed: int,
                  blocks_per_iter: int = 1, record: bool = False, track_loss: bool = True,
-                 to_numpy: Callable[[Any], np.ndarray] = np.asarray) -> tuple[Any, dict[str, Any], int]:
-    """Run ``num_epochs`` epochs of ``method`` from ``theta0``; returns (θ, history, number of iterations).
+                 callback: Callable[[int, dict[str, Any]], Any] | None = None,
+                 params_of: Callable[[Any], dict[str, Any]] = dict,
+                 to_numpy: Callable[[Any], np.ndarray] = np.asarray, options: dict[str, Any] | None = None) -> None:
+        n = len(blocks)
+        b = _positive_int(blocks_per_iter, "blocks_per_iter")
+        if b > n:
+            raise ValueError(f"blocks_per_iter={b} exceeds the number of blocks {n}")
+        self.method = check_method(method)
+        self.learning_rate = check_learning_rate(learning_rate)
+        self.seed = int(seed)
+        self.blocks_per_iter = b
+        self.num_blocks = n
+        h = hashlib.sha256()
+        for blk in blocks:
+            h.update(np.asarray(blk, dtype=np.int64).tobytes() + b";")
+        self.blocks_sha256 = h.hexdigest()
+        self.record, self.track_loss = bool(record), bool(track_loss)
+        for key, value in (options or {}).items():
+            setattr(self, key, value)
+        self.callback = callback
+        self.model = problem
+        self.ops = oracle.ops
+        self._oracle, self._theta0, self._blocks = oracle, theta0, list(blocks)
+        self._num_epochs = _positive_int(num_epochs, "num_epochs")
+        self._schedule, self._params_of, self._to_numpy = schedule, params_of, to_numpy
+        self._iters_per_epoch = -(-n // b)
 
-    ``history["loss"]`` is ``oracle.loss`` at θ^0 and after each epoch (when ``track_loss``),
-    ``history["num_samples"]`` the ``M_k`` of each epoch; with ``record`` also ``history["trace"]``."""
-    n = len(blocks)
-    b = _positive_int(blocks_per_iter, "blocks_per_iter")
-    if b > n:
-        raise ValueError(f"blocks_per_iter={b} exceeds the number of blocks {n}")
-    state = MISSOVIState(method, lr, n)
-    iters_per_epoch = -(-n // b)
-    theta = theta0
-    history: dict[str, Any] = {"loss": [], "num_samples": []}
-    trace: dict[str, list[Any]] = {"theta": [to_numpy(theta)], "blocks": []}
-    if track_loss:
-        history["loss"].append(float(oracle.loss(theta)))
-    if state.uses_tables:
-        m0 = schedule(1)
-        state.init_tables(theta, [oracle.grad(theta, blk, m0) for blk in blocks])
-    k = 0
-    for epoch in range(1, num_epochs + 1):
-        m = schedule(epoch)
-        history["num_samples"].append(m)
-        for _ in range(iters_per_epoch):
-            chosen = [int(i) for i in (rng.integers(n, size=1) if b == 1 else rng.choice(n, size=b, replace=False))]
-            grads = [oracle.grad(theta, blocks[i], m) for i in chosen]
-            theta = state.step(theta, chosen, grads)
-            k += 1
-            if record:
-                trace["theta"].append(to_numpy(theta))
-                trace["blocks"].append(chosen)
+    @property
+    def num_iterations(self) -> int:
+        return self._num_epochs * self._iters_per_epoch
+
+    def phases(self) -> list[tuple[int, int, Any]]:
+        return []
+
+    # ----- the run -------------------------------------------------------------------------------
+    def run(self, *, checkpoint: str | os.PathLike | None = None, checkpoint_every: int | None = None,
+            keep: int = 3, resume: str | os.PathLike | bool | None = None) -> MISSOVIResult:
+        """Run ``num_epochs`` epochs (from a checkpoint when resuming); returns a :class:`MISSOVIResult`.
+
+        ``checkpoint``: a directory where the state (:class:`MISSOVIRecord`) and the history are written after every
+        ``checkpoint_every`` epochs (default 1) and at the end, keeping the last ``keep``; files ``ckpt-<k>.*`` are
+        named by the iterations done.  ``resume``: a directory (its latest intact checkpoint) or a checkpoint file,
+        or True (``checkpoint``'s, when it holds one, else start afresh); the checkpoint must be of the same method,
+        options, data (SHA-256) and library version.  The resumed fit equals the uninterrupted one bit for bit.
+        ``KeyboardInterrupt`` returns the state after the last whole iteration (``interrupted=True``; checkpointed
+        when ``checkpoint`` is given); a NaN/inf θ raises :class:`~latentfit.NonFiniteError` after checkpointing the
+        state before that iteration (in ``checkpoint``, else a temporary directory)."""
+        from latentfit.checkpoint import begin_run_digest, resume_source
+
+        start = time.perf_counter()
+        begin_run_digest(self, compute=checkpoint is not None or resume not in (None, False))
+        source = resume_source(checkpoint, resume)
+        every = 1 if checkpoint_every is None else checkpoint_every
+        if checkpoint is not None and (isinstance(every, bool) or not isinstance(every, numbers.Integral)
+                                       or every < 1 or isinstance(keep, bool) or not isinstance(keep, numbers.Integral)
+                                       or keep < 1):
+            raise ValueError(f"checkpoint_every and keep must be >= 1, got {checkpoint_every} and {keep}")
+        oracle, blocks, n, b = self._oracle, self._blocks, self.num_blocks, self.blocks_per_iter
+        rng = np.random.default_rng(self.seed)
+        state = MISSOVIState(self.method, self.learning_rate, n)
+        history: dict[str, list[Any]] = {"loss": [], "num_samples": []}
+        trace: dict[str, list[Any]] = {"theta": [], "blocks": []}
+        if source is None:
+            theta, k, epoch = self._theta0, 0, 0
+            if self.record:
+                trace["theta"].append(self._to_numpy(theta))
+            if self.track_loss:
+                history["loss"].append(float(oracle.loss(theta)))
+            if state.uses_tables:
+                m0 = self._schedule(1)
+                state.init_tables(theta, [oracle.grad(theta, blk, m0) for blk in blocks])
+        else:
+            theta, k, epoch = self._restore(source, state, rng, history, trace)
+        total, ipe = self.num_iterations, self._iters_per_epoch
+        last_saved = k if source is not None else -1
+        interrupted = False
+        pending: tuple[Any, Any] | None = None  # (block generator, stream) before the iteration under way
+        try:
+            while epoch < self._num_epochs:
+                e = epoch + 1
+                m = self._schedule(e)
+                while k < e * ipe:
+                    pending = (rng.bit_generator.state, oracle.get_stream())
+                    chosen = [int(i) for i in (rng.integers(n, size=1) if b == 1
+                                               else rng.choice(n, size=b, replace=False))]
+                    grads = [oracle.grad(theta, blocks[i], m) for i in chosen]
+                    theta_next, update = state.propose(theta, chosen, grads)
+                    if not oracle.finite(theta_next):
+                        self._rewind(rng, pending)
+                        pending = None
+                        raise self._nonfinite_error(theta_next, state, theta, k, epoch, rng, history, trace,
+                                                    checkpoint, keep, start)
+                    with _uninterrupted():
+                        state.commit(update)
+                        theta = theta_next
+                        k += 1
+                        if self.record:
+                            trace["theta"].append(self._to_numpy(theta))
+                            trace["blocks"].append(chosen)
+                        pending = None
+                # the epoch's end: running sums recomputed from the tables, the loss (which draws from the stream)
+                pending = (rng.bit_generator.state, oracle.get_stream())
+                loss = float(oracle.loss(theta)) if self.track_loss else None
+                with _uninterrupted():
+                    if state.uses_tables:
+                        state.resum()
+                    history["num_samples"].append(m)
+                    if loss is not None:
+                        history["loss"].append(loss)
+                    epoch = e
+                    pending = None
+                if checkpoint is not None and (epoch % every == 0 or epoch == self._num_epochs):
+                    self._save(checkpoint, state, theta, k, epoch, rng, history, trace, keep)
+                    last_saved = k
+                if self.callback is not None:
+                    self.callback(epoch, {"loss": loss, "num_samples": m, "iteration": k})
+        except KeyboardInterrupt:
+            if pending is not None:
+                self._rewind(rng, pending)
+            interrupted = True
+            where = ""
+            if checkpoint is not None and k > last_saved:
+                path = self._save(checkpoint, state, theta, k, epoch, rng, history, trace, keep)
+                where = f"; checkpoint {str(path)!r} (run(resume=...) continues)"
+            warnings.warn(f"{self.name}: interrupted; the result holds the last good state, after iteration {k} of "
+                          f"{total}, and the history so far (fit.interrupted is True){where}", RuntimeWarning,
+                          stacklevel=user_stacklevel())
+        return self._result(theta, k, history, trace, start, interrupted)
+
+    def _rewind(self, rng: np.random.Generator, pending: tuple[Any, Any]) -> None:
+        """Put the block generator and the oracle's stream back as they were before the unfinished iteration."""
+        rng.bit_generator.state = pending[0]
+        self._oracle.set_stream(pending[1])
+
+    def _result(self, theta: Any, k: int, history: dict[str, list[Any]], trace: dict[str, list[Any]], start: float,
+                interrupted: bool) -> MISSOVIResult:
+        hist = {"loss": list(history["loss"]), "num_samples": list(history["num_samples"])}
+        out = {"theta": list(trace["theta"]), "blocks": list(trace["blocks"])} if self.record else None
+        return MISSOVIResult(params=self._params_of(theta), history=hist, time=time.perf_counter() - start,
+                             method=self.method, num_iters=k, theta=theta, trace=out, interrupted=interrupted)
+
+    # ----- faults --------------------------------------------------------------------------------
+    def _nonfinite_error(self, theta_next: Any, state: MISSOVIState, theta: Any, k: int, epoch: int,
+                         rng: np.random.Generator, history: dict[str, list[Any]], trace: dict[str, list[Any]],
+                         checkpoint: Any, keep: int, start: float) -> Exception:
+        """Checkpoint the state after iteration ``k`` (the last good one) and build the error naming the parameter
+        whose entry of θ^{k+1} is NaN/inf."""
+        from latentfit.inference.model import NonFiniteError
+
+        values = np.asarray(self._to_numpy(theta_next)).reshape(-1)
+        first = int(np.argmax(~np.isfinite(values)))
+        name = next((nm for nm, lo, hi in self._oracle.param_slices() if lo <= first < hi), f"theta[{first}]")
+        directory = checkpoint if checkpoint is not None else tempfile.mkdtemp(prefix="latentfit-nonfinite-")
+        path = self._save(directory, state, theta, k, epoch, rng, history, trace, keep)
+        result = self._result(theta, k, history, trace, start, True)
+        msg = (f"{self.name}: the unconstrained value of parameter {name!r} is NaN/inf at iteration {k + 1}; the fit "
+               f"stopped. The last good state (iteration {k}) is checkpointed at {str(path)!r} (run(resume=...) "
+               "continues from it; the exception's .result holds it). Check the model for values that overflow or "
+               "leave the domain (log/sqrt of a quantity that can be <= 0, a variance that can reach 0) and the data "
+               "for outliers, or use a smaller learning_rate.")
+        return NonFiniteError(msg, parameter=name, iteration=k + 1, last_good_iteration=k, checkpoint=path,
+                              result=result)
+
+    # ----- checkpoints ---------------------------------------------------------------------------
+    def _record(self, state: MISSOVIState, theta: Any, k: int, epoch: int, rng: np.random.Generator) -> MISSOVIRecord:
+        xp = self.ops.xp
+        tables = state.uses_tables and bool(state.grads)
+        return MISSOVIRecord(
+            theta=theta, grads=xp.stack(state.grads) if tables else None,
+            anchors=xp.stack(state.anchors) if tables and self.method == "misso" else None,
+            sum_grads=state.sum_grads, sum_anchors=state.sum_anchors, m=state.m, v=state.v, t=int(state.t),
+            iteration=int(k), epoch=int(epoch), blocks_rng=pcg64_words(rng), stream=self._oracle.get_stream())
+
+    def _save(self, directory: Any, state: MISSOVIState, theta: Any, k: int, epoch: int, rng: np.random.Generator,
+              history: dict[str, list[Any]], trace: dict[str, list[Any]], keep: int) -> Any:
+        from latentfit.checkpoint import save_checkpoint
+
+        arrays = {"loss": [np.float64(x) for x in history["loss"]],
+                  "num_samples": [np.int64(x) for x in history["num_samples"]],
+                  "trace_theta": [np.asarray(x) for x in trace["theta"]],
+                  "trace_blocks": [np.asarray(x, dtype=np.int64) for x in trace["blocks"]]}
+        arrays = {name: rows for name, rows in arrays.items() if rows}  # an empty entry is not stored
+        return save_checkpoint(directory, self, self._record(state, theta, k, epoch, rng), k, arrays, [],
+                               keep=int(keep))
+
+    def _restore(self, source: Any, state: MISSOVIState, rng: np.random.Generator, history: dict[str, list[Any]],
+                 trace: dict[str, list[Any]]) -> tuple[Any, int, int]:
+        """Load and check a checkpoint and put its state into ``state``, ``rng``, the oracle's stream, ``history``
+        and ``trace``; returns ``(θ, iterations done, epochs closed)``."""
+        from latentfit.checkpoint import load_checkpoint, restore_state
+
+        ckpt = load_checkpoint(source)
+        ckpt.check_compatible(self)
+        d = int(self._theta0.shape[0])
+        shape = np.broadcast_to(np.zeros((), np.uint8), (self.num_blocks, d))  # the tables' shape (no memory)
+        template = MISSOVIRecord(theta=self._theta0, grads=shape if state.uses_tables else None,
+                                 anchors=shape if self.method == "misso" else None, sum_grads=None, sum_anchors=None,
+                                 m=None, v=None, t=0, iteration=0, epoch=0, blocks_rng=np.zeros(6, np.uint64),
+                                 stream=self._oracle.get_stream())
+        rec = restore_state(template, ckpt.meta["state"], ckpt.tensors, self.ops)
+        k, epoch = int(rec.iteration), int(rec.epoch)
+        if k != ckpt.iteration or not epoch * self._iters_per_epoch <= k <= (epoch + 1) * self._iters_per_epoch:
+            raise ValueError(f"the checkpoint's state is at iteration {k}, epoch {epoch}, its sidecar says iteration "
+                             f"{ckpt.iteration}: the checkpoint was altered")
+        if k > self.num_iterations:
+            raise ValueError(f"{self.name}: the checkpoint is at iteration {k} (epoch {epoch}), past this run's "
+                             f"{self.num_iterations} iterations (num_epochs={self._num_epochs}); pass a larger "
+                             "num_epochs to continue it")
         if state.uses_tables:
-            state.resum()
-        if track_loss:
-            history["loss"].append(float(oracle.loss(theta)))
-    if record:
-        history["trace"] = trace
-    return theta, history, k
-
-
-def fit(oracle: BlockOracle, theta0: Any, blocks: Sequence[np.ndarray], *, method: str, lr: float,
-        num_epochs: int, schedule: Callable[[int], int], seed: int, blocks_per_iter: int, record: bool,
-        track_loss: bool, params_of: Callable[[Any], dict[str, Any]],
-        to_numpy: Callable[[Any], np.ndarray]) -> MISSOVIResult:
-    """Time :func:`run_misso_vi` and wrap its output in a :class:`MISSOVIResult`."""
-    start = time.perf_counter()
-    theta, history, k = run_misso_vi(oracle, theta0, blocks, method=method, lr=lr, num_epochs=num_epochs,
-                                     schedule=schedule, rng=np.random.default_rng(seed),
-                                     blocks_per_iter=blocks_per_iter, record=record, track_loss=track_loss,
-                                     to_numpy=to_numpy)
-    trace = history.pop("trace", None)
-    params = params_of(theta)
-    return MISSOVIResult(params=params, history=history, time=time.perf_counter() - start, method=method,
-                         num_iters=k, theta=theta, trace=trace)
+            state.grads = list(rec.grads)
+            if self.method == "misso":
+                state.anchors = list(rec.anchors)
+        state.sum_grads, state.sum_anchors = rec.sum_grads, rec.sum_anchors
+        state.m, state.v, state.t = rec.m, rec.v, int(rec.t)
+        set_pcg64_words(rng, rec.blocks_rng)
+        self._oracle.set_stream(rec.stream)
+        saved = ckpt.history
+        history["loss"] = [float(x) for x in saved.get("loss", [])]
+        history["num_samples"] = [int(x) for x in saved.get("num_samples", [])]
+        trace["theta"] = [np.array(x) for x in saved.get("trace_theta", [])]
+        trace["blocks"] = [[int(i) for i in x] for x in saved.get("trace_blocks", [])]
+        return rec.theta, k, epoch
 
 
 # ------------------------------------------------------------------------------------------ front door
@@ -305,7 +627,8 @@ class MISSOVIBase:
                  blocks: Sequence[Sequence[int]] | None = None, method: str = "misso",
                  learning_rate: float = 1e-3, num_samples: int | Callable[[int], int] | None = None,
                  num_epochs: int = 10, seed: int = 0, plate: str | None = None, blocks_per_iter: int = 1,
-                 loss_particles: int = 10, track_loss: bool = True, record: bool = False) -> None:
+                 loss_particles: int = 10, track_loss: bool = True, record: bool = False,
+                 callback: Callable[[int, dict[str, Any]], Any] | None = None) -> None:
         if not callable(model):
             raise TypeError(f"MISSOVI needs a {self.ppl_name} model function, got {type(model).__name__}")
         if guide is None:
@@ -337,9 +660,35 @@ class MISSOVIBase:
         self.loss_particles = _positive_int(loss_particles, "loss_particles")
         self.track_loss = bool(track_loss)
         self.record = bool(record)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable as callback(epoch, record), got {type(callback).__name__}")
+        self.callback = callback
+        self._num_samples = num_samples
 
     def _blocks(self, size: int) -> list[np.ndarray]:
         return make_blocks(size, self.num_blocks, self.block_size, self.blocks)
+
+    def _run_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Take ``run``'s own options (:data:`RUN_OPTIONS`) out of the model's keyword arguments."""
+        return {k: kwargs.pop(k) for k in RUN_OPTIONS if k in kwargs}
+
+    def _engine(self, oracle: BlockOracle, theta0: Any, blocks: list[np.ndarray], problem: MISSOVIProblem,
+                params_of: Callable[[Any], dict[str, Any]], to_numpy: Callable[[Any], np.ndarray],
+                **options: Any) -> MISSOVIEngine:
+        """The fit of these options on ``oracle`` (``options``: the PPL's own, recorded in checkpoints)."""
+        spec = self._num_samples
+        num_samples = spec if spec is None or isinstance(spec, numbers.Integral) else \
+            f"callable {getattr(spec, '__qualname__', type(spec).__name__)}"
+        recorded = {"ppl": self.ppl_name, "num_samples": num_samples, "loss_particles": self.loss_particles,
+                    **options}
+        return MISSOVIEngine(oracle, theta0, blocks, problem, method=self.method, learning_rate=self.learning_rate,
+                             num_epochs=self.num_epochs, schedule=self.schedule, seed=self.seed,
+                             blocks_per_iter=self.blocks_per_iter, record=self.record, track_loss=self.track_loss,
+                             callback=self.callback, params_of=params_of, to_numpy=to_numpy, options=recorded)
+
+
+#: keyword arguments of ``MISSOVI.run`` that are the fit's (checkpoints), not the model's
+RUN_OPTIONS = ("checkpoint", "checkpoint_every", "keep", "resume")
 
 
 def find_data_plate(plates: dict[str, tuple[int, int | None]], name: str | None) -> tuple[str, int]:

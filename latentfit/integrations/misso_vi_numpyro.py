@@ -71,6 +71,17 @@ class NumPyroBlockOracle:
         if not unconstrained:
             raise ValueError("MISSOVI found no parameters in the model or the guide (numpyro.param sites)")
         self.theta0, unravel = ravel_pytree(unconstrained)
+        leaves = jax.tree_util.tree_flatten_with_path(unconstrained)[0]  # ravel_pytree's order
+        self._slices: list[tuple[str, int, int]] = []
+        self._shapes: dict[str, list[int]] = {}
+        start = 0
+        for path, leaf in leaves:
+            name = ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+            count = int(np.size(leaf))
+            self._slices.append((name, start, start + count))
+            self._shapes[name] = list(np.shape(leaf))
+            start += count
+        self.ops = _core.Backend("jax", jnp)
         constrain = svi.constrain_fn
         self.size, self.calls = size, 0
         global_scale = 1.0 / num_blocks
@@ -94,6 +105,7 @@ class NumPyroBlockOracle:
             return jax.lax.fori_loop(0, num_samples, body, jnp.zeros_like(theta)) / num_samples
 
         self._grad = jax.jit(mean_grad)
+        self._finite = jax.jit(lambda theta: jnp.all(jnp.isfinite(theta)))
         self._loss = jax.jit(full_loss)
         self.params = jax.jit(lambda theta: constrain(unravel(theta)))
 
@@ -108,6 +120,23 @@ class NumPyroBlockOracle:
 
     def loss(self, theta: Any) -> float:
         return float(self._loss(theta, self._next_key()))
+
+    def finite(self, theta: Any) -> bool:
+        return bool(self._finite(theta))
+
+    def param_slices(self) -> list[tuple[str, int, int]]:
+        return list(self._slices)
+
+    def param_shapes(self) -> dict[str, list[int]]:
+        return dict(self._shapes)
+
+    def get_stream(self) -> tuple[Any, int]:
+        """The random stream: the run's key and the number of draws taken from it (draw ``c`` uses
+        ``fold_in(key, c)``)."""
+        return self.key, int(self.calls)
+
+    def set_stream(self, stream: Any) -> None:
+        self.key, self.calls = stream[0], int(stream[1])
 
 
 class MISSOVI(_core.MISSOVIBase):
@@ -141,16 +170,21 @@ class MISSOVI(_core.MISSOVIBase):
     ppl_name = "NumPyro"
 
     def run(self, rng_key: Any, *args: Any, **kwargs: Any) -> MISSOVIResult:
-        """Fit ``guide`` to ``model(*args, **kwargs)``; ``rng_key`` is a ``jax.random.PRNGKey`` (or an int)."""
+        """Fit ``guide`` to ``model(*args, **kwargs)``; ``rng_key`` is a ``jax.random.PRNGKey`` (or an int).
+
+        ``checkpoint=``, ``checkpoint_every=`` (epochs), ``keep=`` and ``resume=`` as in the Pyro ``MISSOVI``
+        (taken out of the model's keyword arguments); a resumed run continues the checkpoint's random stream (its
+        key and counter), whatever ``rng_key`` is given."""
+        options = self._run_options(kwargs)
         key = as_rng_key(rng_key)
         plate, size = _core.find_data_plate(model_plates(self.model, args, kwargs), self.plate)
         blocks = self._blocks(size)
         oracle = NumPyroBlockOracle(self.model, self.guide, args, kwargs, plate, size, len(blocks),
                                     self.loss_particles, key)
-        result = _core.fit(oracle, oracle.theta0, blocks, method=self.method, lr=self.learning_rate,
-                           num_epochs=self.num_epochs, schedule=self.schedule, seed=self.seed,
-                           blocks_per_iter=self.blocks_per_iter, record=self.record, track_loss=self.track_loss,
-                           params_of=oracle.params, to_numpy=lambda t: np.array(t))
+        problem = _core.MISSOVIProblem(args, kwargs, size, oracle.param_shapes())
+        engine = self._engine(oracle, oracle.theta0, blocks, problem, oracle.params, lambda t: np.array(t),
+                              plate=plate)
+        result = engine.run(**options)
         result.extra["blocks"] = blocks
         result.extra["plate"] = plate
         return result

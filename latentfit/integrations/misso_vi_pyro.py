@@ -16,7 +16,8 @@ flattened into one vector; at the end they are left at the fitted values.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -104,6 +105,65 @@ class PyroBlockOracle:
         self._elbos: dict[int, Trace_ELBO] = {}
         self._max_plate_nesting: int | None = None
         self.block_eval = "mask"
+        self.ops = _core.Backend("torch", torch, self.device)
+        self._stream: tuple[torch.Generator, ...] = ()
+
+    # ---- the random stream
+    def start_stream(self) -> None:
+        """Make torch's RNG as it is now (seeded by ``run``, inside its ``fork_rng``) the oracle's own stream: a CPU
+        ``torch.Generator`` (and one on the parameters' CUDA device), put into torch's RNG for each evaluation and
+        read back after it (Pyro's samplers draw from torch's global generators), so the fit's draws depend on this
+        stream alone and a checkpoint holds it."""
+        cpu = torch.Generator()
+        cpu.set_state(torch.get_rng_state())
+        gens = [cpu]
+        if self.device.type == "cuda":
+            gen = torch.Generator(device=self.device)
+            gen.set_state(torch.cuda.get_rng_state(self.device))
+            gens.append(gen)
+        self._stream = tuple(gens)
+
+    @contextmanager
+    def _drawing(self) -> Iterator[None]:
+        if not self._stream:
+            yield
+            return
+        torch.set_rng_state(self._stream[0].get_state())
+        if len(self._stream) > 1:
+            torch.cuda.set_rng_state(self._stream[1].get_state(), self.device)
+        yield
+        self._stream[0].set_state(torch.get_rng_state())
+        if len(self._stream) > 1:
+            self._stream[1].set_state(torch.cuda.get_rng_state(self.device))
+
+    def get_stream(self) -> tuple[torch.Generator, ...]:
+        out = []
+        for g in self._stream:
+            copy = torch.Generator(device=g.device)
+            copy.set_state(g.get_state())
+            out.append(copy)
+        return tuple(out)
+
+    def set_stream(self, stream: Any) -> None:
+        gens = tuple(stream)
+        if len(gens) != len(self._stream):
+            raise ValueError(f"the checkpoint holds {len(gens)} random stream(s), this fit draws from "
+                             f"{len(self._stream)} (CPU{' and CUDA' if len(self._stream) > 1 else ''})")
+        for mine, saved in zip(self._stream, gens):
+            mine.set_state(saved.get_state())
+
+    def finite(self, theta: torch.Tensor) -> bool:
+        return bool(torch.isfinite(theta).all())
+
+    def param_slices(self) -> list[tuple[str, int, int]]:
+        out, start = [], 0
+        for name, size in zip(self.names, self.numels):
+            out.append((name, start, start + size))
+            start += size
+        return out
+
+    def param_shapes(self) -> dict[str, list[int]]:
+        return {name: list(shape) for name, shape in zip(self.names, self.shapes)}
 
     # ---- flat vector <-> param store
     def flat(self) -> torch.Tensor:
@@ -178,14 +238,15 @@ class PyroBlockOracle:
         return self.block_eval
 
     def grad(self, theta: torch.Tensor, block: np.ndarray, num_samples: int) -> torch.Tensor:
-        loss = self.block_loss(theta, block, num_samples, self.block_eval)
-        grads = torch.autograd.grad(loss, self.leaves, allow_unused=True)
+        with self._drawing():
+            loss = self.block_loss(theta, block, num_samples, self.block_eval)
+            grads = torch.autograd.grad(loss, self.leaves, allow_unused=True)
         return torch.cat([(torch.zeros_like(leaf) if g is None else g).reshape(-1).to(self.dtype)
                           for g, leaf in zip(grads, self.leaves)])
 
     def loss(self, theta: torch.Tensor) -> float:
         self.set(theta)
-        with torch.no_grad():
+        with torch.no_grad(), self._drawing():
             return float(self._elbo(self.loss_particles).loss(self.model, self.guide, *self.args, **self.kwargs))
 
 
@@ -204,7 +265,14 @@ class MISSOVI(_core.MISSOVIBase):
     ``track_loss``, ``record`` (keep θ^k and the blocks visited in ``result.trace``), ``vectorize_particles``
     (passed to ``Trace_ELBO``), ``block_eval`` (``"auto"``, ``"mask"`` or ``"block"``: mask the data outside the
     block, or substitute the block's indices for the data plate's, see the module docstring; the rule used is in
-    ``result.extra["block_eval"]``). The update rules are in :mod:`latentfit.inference.misso_vi`.
+    ``result.extra["block_eval"]``), ``callback`` (``callback(epoch, record)`` after each epoch; ``record``: its
+    ``loss``, ``num_samples`` and the ``iteration`` reached). The update rules are in
+    :mod:`latentfit.inference.misso_vi`.
+
+    Checkpoints, as for the other engines: ``run(*args, checkpoint="ckpt", checkpoint_every=K)`` writes the state
+    every ``K`` epochs and at the end, ``run(*args, resume="ckpt")`` (or ``checkpoint="ckpt", resume=True``) continues
+    it bit for bit, also with a larger ``num_epochs``; Ctrl-C returns the last good state with
+    ``result.interrupted``, a NaN/inf parameter raises :class:`~latentfit.NonFiniteError`.
 
     Example: Bayesian linear regression, ``y ~ N(x w, 1)``, ``w ~ N(0, I)``, with ``AutoNormal``:
 
@@ -236,7 +304,14 @@ class MISSOVI(_core.MISSOVIBase):
         self.block_eval = block_eval
 
     def run(self, *args: Any, **kwargs: Any) -> MISSOVIResult:
-        """Fit ``guide`` to ``model(*args, **kwargs)``."""
+        """Fit ``guide`` to ``model(*args, **kwargs)``.
+
+        ``run(*args, checkpoint=dir, checkpoint_every=K, keep=3, resume=dir | True, **kwargs)``: the state is written
+        to ``dir`` every ``K`` epochs (default 1) and at the end, and a run continues from it bit for bit
+        (:meth:`~latentfit.inference.misso_vi.MISSOVIEngine.run`); these four are taken out of the model's keyword
+        arguments.  The fit draws from a stream of its own, seeded by ``seed``: torch's global RNG is neither read
+        nor changed."""
+        options = self._run_options(kwargs)
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed)
@@ -246,11 +321,12 @@ class MISSOVI(_core.MISSOVIBase):
             oracle = PyroBlockOracle(self.model, self.guide, args, kwargs, plate, size, len(blocks),
                                      self.loss_particles, self.vectorize_particles, nesting)
             block_eval = oracle.choose_block_eval(self.block_eval, blocks[0], self.seed)
-            result = _core.fit(oracle, oracle.flat(), blocks, method=self.method, lr=self.learning_rate,
-                               num_epochs=self.num_epochs, schedule=self.schedule, seed=self.seed,
-                               blocks_per_iter=self.blocks_per_iter, record=self.record,
-                               track_loss=self.track_loss, params_of=oracle.params,
-                               to_numpy=lambda t: t.detach().cpu().numpy().copy())
+            oracle.start_stream()
+            problem = _core.MISSOVIProblem(args, kwargs, size, oracle.param_shapes())
+            engine = self._engine(oracle, oracle.flat(), blocks, problem, oracle.params,
+                                  lambda t: t.detach().cpu().numpy().copy(), plate=plate, block_eval=block_eval,
+                                  vectorize_particles=self.vectorize_particles)
+            result = engine.run(**options)
         result.extra["blocks"] = blocks
         result.extra["plate"] = plate
         result.extra["block_eval"] = block_eval
