@@ -105,3 +105,23 @@ def test_nlme_units_are_the_subject_ids() -> None:
     np.testing.assert_array_equal(obs["unit"].values, ids)
     summary = az.summary(data, var_names=["ka"], kind="stats")
     assert list(summary.index) == [f"ka[{i}]" for i in ids]
+
+
+def test_one_chain_warns_that_rhat_needs_two(backend: Backend) -> None:
+    """A fit that kept one chain (SAEM's default on 50 or more units) gives arviz a NaN R-hat: ``to_arviz`` says so
+    and how to get more chains; with two chains it says nothing and R-hat is finite."""
+    import warnings
+
+    group, y = _grouped_data()
+    args = (backend.xp.asarray(group), 8, backend.tensor(y))
+    one = backend.fit("SAEM", backend.models.grouped_intercept, *args, num_iters=(10, 10), num_chains=1,
+                      progress=False)
+    with pytest.warns(RuntimeWarning, match="one chain.*num_chains=4"):
+        data = one.to_arviz()
+    assert _group(data, "posterior")["b"].sizes["chain"] == 1
+    two = backend.fit("SAEM", backend.models.grouped_intercept, *args, num_iters=(10, 10), num_chains=2,
+                      progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        data = two.to_arviz()
+    assert np.all(np.isfinite(az.rhat(data, var_names=["b"])["b"].values))

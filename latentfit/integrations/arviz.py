@@ -23,10 +23,12 @@ innermost), ``<site>_dim_j`` where no plate names a dim; size-1 dims of the plat
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 
+from latentfit._hooks import user_stacklevel
 from latentfit.inference.model import LAYOUT_DIM
 
 _RESERVED = ("chain", "draw")
@@ -179,6 +181,11 @@ def to_arviz(fit: Any, *, dims: dict[str, list[str]] | None = None, coords: dict
 
     sizes: dict[str, int] = {}
     posterior, sample_stats, observed, found_dims, found_coords = _groups(fit, sizes)
+    chains = {np.shape(v)[0] for v in posterior.values()}
+    if chains == {1}:  # e.g. SAEM's default ⌈50 / N⌉ chains on 50 or more units
+        warnings.warn(f"to_arviz: the posterior group has one chain ({type(fit.model).__name__}'s fit kept one), so "
+                      f"arviz's R-hat is NaN (it needs 2 or more); refit with num_chains=4 for between-chain "
+                      f"diagnostics", RuntimeWarning, stacklevel=user_stacklevel())
     loglik, ll_dims = _log_likelihood(fit, {}) if log_likelihood else ({}, {})
     ppc, pp_dims = _posterior_predictive(fit, seed, dict(sizes), observed) if posterior_predictive else ({}, {})
     user_dims = {k: list(v) for k, v in (dims or {}).items()}
