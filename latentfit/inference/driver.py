@@ -123,6 +123,11 @@ class Engine:
             warnings.warn(f"{self.name}: {msg}", RuntimeWarning, stacklevel=user_stacklevel())
         return state
 
+    def convergence_warnings(self, history: dict[str, list]) -> list[str]:
+        """Signs, read from the whole run's history, that the fit stopped before it converged (one message each;
+        none by default)."""
+        return []
+
     @property
     def result_model(self) -> LatentModel:
         """The model the fit's result holds (post-fit computations); the steps' model by default."""
@@ -412,6 +417,9 @@ class Engine:
             state = ops.shard_units(ops.local_state(state), {}, None)
         state = self.finalize(state)
         _warn_nonfinite(self.name, history)
+        if not interrupted:
+            for msg in self.convergence_warnings(history):
+                warnings.warn(f"{self.name}: {msg}", RuntimeWarning, stacklevel=user_stacklevel())
         return self._result(state, history, draws, t0, t_init, good.iteration if interrupted else done,
                             compiled_before, interrupted, blocks=blocks)
 
@@ -858,6 +866,30 @@ def _truncate(history: dict[str, list], draws: list[np.ndarray], done: int, coll
     for v in history.values():
         del v[done:]
     del draws[max(0, done - collect_from + 1):]
+
+
+#: :func:`final_trend` flags a rise over the last quarter of the iterations beyond this many standard errors ...
+TREND_SIGMAS = 3.0
+#: ... and beyond this many log-likelihood units
+TREND_UNITS = 1.0
+
+
+def final_trend(values: Any, share: float = 0.25) -> tuple[float, float]:
+    """``(rise, se)``: the least-squares line's rise over the last ``share`` of ``values`` (e.g. the complete-data
+    log-likelihood per iteration) and its standard error, inflated by the residuals' lag-1 autocorrelation ρ as for an
+    AR(1) series, ``(1 + ρ) / (1 − ρ)`` (MCMC draws at consecutive iterations are correlated); ``(0, inf)`` with
+    fewer than 20 finite values."""
+    v = np.asarray(values, dtype=float).reshape(len(values), -1).sum(-1)
+    w = v[len(v) - max(int(len(v) * share), 1):]
+    w = w[np.isfinite(w)]
+    if w.size < 20:
+        return 0.0, float("inf")
+    t = np.arange(w.size, dtype=float) - (w.size - 1) / 2
+    slope = float(t @ (w - w.mean()) / (t @ t))
+    resid = w - w.mean() - slope * t
+    rho = float(np.clip(np.corrcoef(resid[:-1], resid[1:])[0, 1], 0.0, 0.95)) if resid.std() > 0 else 0.0
+    se = float(np.sqrt(resid.var() / (t @ t) * (1 + rho) / (1 - rho)))
+    return slope * w.size, se * w.size
 
 
 def _warn_nonfinite(name: str, history: dict[str, list]) -> None:
