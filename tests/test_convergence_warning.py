@@ -6,7 +6,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import pytest
 from backends import Backend
 
 from latentfit.inference.driver import final_trend
