@@ -50,8 +50,8 @@ def _rising_messages(record: list) -> list[str]:
 
 
 def test_mcmcsgd_warns_while_still_climbing_and_not_once_converged(backend: Backend) -> None:
-    """Adam at a small constant rate from μ = 0 (the maximum near 2) is still climbing after 200 iterations (μ about 0.8): one warning,
-    naming the rise; the default optimiser on the same data converges and says nothing."""
+    """Adam at a small constant rate from μ = 0 (the maximum near 2) is still climbing after 200 iterations (μ about
+    0.8): one warning, naming the rise; the default optimiser on the same data converges and says nothing."""
     group, y = _grouped()
     args = (backend.xp.asarray(group), 20, backend.tensor(y))
     with warnings.catch_warnings(record=True) as seen:
