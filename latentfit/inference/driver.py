@@ -15,9 +15,10 @@ Callbacks: ``Engine(model, callback=f)`` calls ``f(k, record)`` after every iter
 EM family), ``record`` that iteration's row of the history (``theta.<name>``, ``objective``, ...), in order, after the
 iterations' chunk (``chunk_size`` iterations) has run.  ``f`` stops the fit early by
 returning ``True`` or raising ``StopIteration``: the result is an ordinary one (``interrupted`` False) holding the
-first ``k`` iterations (``num_iterations == k``, a history of ``k`` rows, θ after iteration ``k``), the later
-iterations of the chunk run again from its start up to ``k`` (the iterations are deterministic given the state and
-its stream), and the checkpoint, if any, is written at ``k``.  Any other return value goes on.
+first ``k`` iterations (``num_iterations == k``, a history of ``k`` rows, θ after iteration ``k``): the chunk's
+iterations past ``k`` are dropped and those up to ``k`` run again from the chunk's start (they are deterministic given
+the state and its stream: the same values), and the checkpoint, if any, is written at ``k``.  Any other return value goes on.  In a distributed fit
+every process runs the callback and must decide alike (a stop on one process alone leaves the others waiting).
 
 Faults: proposals with a NaN/inf log-density are rejected by the kernels and counted (info ``num_nonfinite``,
 summed in a warning at the end); a NaN/inf parameter or gradient stops the fit with :class:`NonFiniteError`
@@ -388,15 +389,19 @@ class Engine:
                                 draws.append(ops.to_numpy(z))
                             _append_history(history, info, ops)
                     ran = b - a + 1  # iterations of this chunk recorded (the progress bar's)
+                    chunk_start, good = good, self._snapshot(st, b)
+                    if b < total and self.stopped(st):
+                        done = b
+                        state = st
+                    # (a KeyboardInterrupt raised by the callback keeps this chunk's end as the last good state)
                     asked = self._call_back(a, b, history) if self.callback is not None else None
                     if asked is not None and asked < b:  # the callback stopped the fit inside the chunk
-                        cut = self._replay_good((asked + 1, "", ""), good, a, phase, collect, st)
+                        cut = self._replay_good((asked + 1, "", ""), chunk_start, a, phase, collect, st)
                         if cut is None:  # the chunk's start state was not kept apart: the fit stops at its end
                             warnings.warn(f"{self.name}: the callback asked to stop after iteration {asked}; this "
                                           f"engine's state cannot be replayed, so the fit stops after iteration {b}, "
                                           "the end of its chunk (chunk_size=1 stops at the callback's iteration)",
                                           RuntimeWarning, stacklevel=user_stacklevel())
-                            asked = b
                         else:
                             b, st, _, cut_stacked = cut
                             _truncate(history, draws, b, collect_from)
@@ -404,10 +409,9 @@ class Engine:
                                 self._record_theta(st, cut_stacked)
                             else:
                                 self._recorded_theta = None
+                            good = self._snapshot(st, b)
                     if asked is not None:
                         fault = None  # stopped at or before the iteration before a fault: a result, no error
-                    good = self._snapshot(st, b)
-                    if asked is not None or (b < total and self.stopped(st)):
                         done = b
                         state = st
                     if checkpoint is not None and (b - last_saved >= every or b == done):
