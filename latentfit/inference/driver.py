@@ -13,12 +13,12 @@ checkpoints (``run(checkpoint=dir)``, ``run(resume=dir)``: :mod:`latentfit.check
 
 Callbacks: ``Engine(model, callback=f)`` calls ``f(k, record)`` after every iteration ``k`` (1-based; an epoch in the
 EM family), ``record`` that iteration's row of the history (``theta.<name>``, ``objective``, ...), in order, after the
-iterations' chunk (``chunk_size`` iterations) has run.  ``f`` stops the fit early by
-returning ``True`` or raising ``StopIteration``: the result is an ordinary one (``interrupted`` False) holding the
-first ``k`` iterations (``num_iterations == k``, a history of ``k`` rows, θ after iteration ``k``): the chunk's
-iterations past ``k`` are dropped and those up to ``k`` run again from the chunk's start (they are deterministic given
-the state and its stream: the same values), and the checkpoint, if any, is written at ``k``.  Any other return value goes on.  In a distributed fit
-every process runs the callback and must decide alike (a stop on one process alone leaves the others waiting).
+iterations' chunk (``chunk_size`` iterations) has run. ``f`` stops the fit early by returning ``True`` or raising
+``StopIteration``: the result is an ordinary one (``interrupted`` False) holding the first ``k`` iterations
+(``num_iterations == k``, a history of ``k`` rows, θ after iteration ``k``): the chunk's iterations past ``k`` are
+dropped and those up to ``k`` run again from the chunk's start (they are deterministic given the state and its stream:
+the same values), and the checkpoint, if any, is written at ``k``. Any other return value goes on. In a distributed
+fit every process runs the callback and must decide alike (a stop on one process alone leaves the others waiting).
 
 Faults: proposals with a NaN/inf log-density are rejected by the kernels and counted (info ``num_nonfinite``,
 summed in a warning at the end); a NaN/inf parameter or gradient stops the fit with :class:`NonFiniteError`
