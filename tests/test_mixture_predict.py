@@ -162,6 +162,9 @@ def test_messages_a_scikit_learn_user_meets():
         gm.predict_labels(X)
     with pytest.raises(ValueError, match=r"x must be \[m, 2\]"):
         fit.predict(X_NEW[:, :1])
+    with pytest.raises(ValueError, match=r"latent 'z' is a discrete label \(a mixture\): its exact posterior is "
+                                         r"fit\.predict_proba\(\)"):
+        fit.individual_estimates()
 
 
 def test_linearisation_on_a_mixture_says_which_methods_apply():

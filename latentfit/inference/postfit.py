@@ -108,6 +108,11 @@ def individual_estimates(fit: FitResult, num_steps: int = 30) -> individual.Indi
     units, in unit order (a collective: every process must ask).
     """
     if "individual" not in fit._cache:
+        labels = [s.name for s in getattr(fit.model, "latent_sites", ()) if s.kind == "categorical"]
+        if labels and fit.latent_draws is None:
+            raise ValueError(f"individual_estimates() gives conditional modes, means and sds of continuous latents; "
+                             f"this model's latent {labels[0]!r} is a discrete label (a mixture): its exact posterior "
+                             "is fit.predict_proba() (the responsibilities), its most probable value fit.predict()")
         local = _local_estimates(fit, num_steps)
         gather = _unit_gather(fit)
         est = local if gather is None else individual.gather_estimates(fit.model, fit._theta(), local, gather)
