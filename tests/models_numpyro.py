@@ -206,3 +206,22 @@ def log_alpha(group: jnp.ndarray, num_groups: int, y: jnp.ndarray) -> None:
         a = numpyro.sample("a", dist.Normal(mu, omega))
     with numpyro.plate("rows", len(group)):
         numpyro.sample("y", dist.Normal(jnp.log(a[..., group]), sigma), obs=y)
+
+
+def label_mixture(y: jnp.ndarray) -> None:
+    """A two-component Poisson mixture: a finite (enumerable) Categorical label per unit, no enumerate marking."""
+    w = numpyro.param("weights", jnp.ones(2, dtype=y.dtype) / 2, constraint=constraints.simplex)
+    rates = numpyro.param("rates", jnp.array([1.0, 5.0], dtype=y.dtype), constraint=constraints.positive)
+    with numpyro.plate("unit", y.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("y", dist.Poisson(rates[z]), obs=y)
+
+
+def label_and_intercept(y: jnp.ndarray) -> None:
+    """A Categorical label and a Normal intercept per unit: a discrete and a continuous latent."""
+    w = numpyro.param("weights", jnp.ones(2, dtype=y.dtype) / 2, constraint=constraints.simplex)
+    locs = numpyro.param("locs", jnp.array([-1.0, 1.0], dtype=y.dtype))
+    with numpyro.plate("unit", y.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        a = numpyro.sample("a", dist.Normal(locs[z], 1.0))
+        numpyro.sample("y", dist.Normal(a, 1.0), obs=y)

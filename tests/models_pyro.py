@@ -207,3 +207,22 @@ def log_alpha(group: torch.Tensor, num_groups: int, y: torch.Tensor) -> None:
         a = pyro.sample("a", dist.Normal(mu, omega))
     with pyro.plate("rows", len(group)):
         pyro.sample("y", dist.Normal(torch.log(a[..., group]), sigma), obs=y)
+
+
+def label_mixture(y: torch.Tensor) -> None:
+    """A two-component Poisson mixture: a finite (enumerable) Categorical label per unit, no config_enumerate."""
+    w = pyro.param("weights", torch.ones(2, dtype=y.dtype) / 2, constraint=constraints.simplex)
+    rates = pyro.param("rates", torch.tensor([1.0, 5.0], dtype=y.dtype), constraint=constraints.positive)
+    with pyro.plate("unit", y.shape[0]):
+        z = pyro.sample("z", dist.Categorical(w))
+        pyro.sample("y", dist.Poisson(rates[z]), obs=y)
+
+
+def label_and_intercept(y: torch.Tensor) -> None:
+    """A Categorical label and a Normal intercept per unit: a discrete and a continuous latent."""
+    w = pyro.param("weights", torch.ones(2, dtype=y.dtype) / 2, constraint=constraints.simplex)
+    locs = pyro.param("locs", torch.tensor([-1.0, 1.0], dtype=y.dtype))
+    with pyro.plate("unit", y.shape[0]):
+        z = pyro.sample("z", dist.Categorical(w))
+        a = pyro.sample("a", dist.Normal(locs[z], 1.0))
+        pyro.sample("y", dist.Normal(a, 1.0), obs=y)

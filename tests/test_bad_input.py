@@ -84,10 +84,37 @@ def test_forgotten_data_says_the_model_has_no_observed_site(backend):
 @pytest.mark.parametrize("engine", ["EM", "SAEM"])
 def test_a_poisson_latent_says_what_each_engine_needs(backend, engine):
     """A Poisson latent given to EM had been told to "use an EM engine"."""
-    message = (r"'k' is discrete \(Poisson\) with a support that cannot be enumerated\. The EM engines sum out "
-               r".*Categorical or Bernoulli, with infer=\{'enumerate': 'parallel'\}.*continuous latents")
+    message = (r"'k' is discrete \(Poisson\) with a support that cannot be enumerated \(infinite\): the EM family sums "
+               r"out a discrete latent of finite support only \(Categorical, Bernoulli, \.\.\.\), and SAEM, FSAEM and "
+               r"MCMCSGD move continuous latents only")
     with pytest.raises(ModelSpecificationError, match=message):
         backend.fit(engine, backend.models.poisson_latent, backend.tensor(Y[:, 0]), progress=False)
+
+
+@pytest.mark.parametrize("engine", ["SAEM", "MCMCSGD"])
+def test_an_enumerable_label_says_the_em_family_takes_it(backend, engine):
+    """A finite Categorical label given to SAEM / MCMCSGD had been told its support "cannot be enumerated ... make
+    it a finite Categorical", which it already was.  The message says what these engines need and which engines
+    take the label (the EM family), and that engine fits it."""
+    y = backend.tensor(np.random.default_rng(0).poisson(3.0, size=40))
+    message = (rf"'z' is discrete \(Categorical\w*\) with a finite support, which the EM family sums out exactly; "
+               rf"SAEM, FSAEM and MCMCSGD move continuous latents only .* Fit the model with an engine of the EM "
+               rf"family from latentfit\.{backend.name}: EM \(exact\)")
+    backend.reset()
+    with pytest.raises(ModelSpecificationError, match=message):
+        backend.fit(engine, backend.models.label_mixture, y, progress=False)
+    backend.reset()
+    with pytest.raises(ModelSpecificationError, match="found no closed-form M-step"):  # the EM family reads it
+        backend.fit("EM", backend.models.label_mixture, y, progress=False)
+
+
+def test_a_label_beside_a_continuous_latent_says_no_engine_takes_both(backend):
+    y = backend.tensor(np.random.default_rng(0).normal(size=30))
+    backend.reset()
+    with pytest.raises(ModelSpecificationError, match=r"'z' is discrete \(Categorical\w*\) with a finite "
+                                                      r"support, beside the latent site\(s\) \['a'\].*no engine takes "
+                                                      r"both"):
+        backend.fit("SAEM", backend.models.label_and_intercept, y, progress=False)
 
 
 @pytest.mark.parametrize("rows", [11, 13])

@@ -11,6 +11,15 @@ and of the objective, the collection of the last latent draws, callbacks, the ke
 key, a generator or an int seed; default the engine's ``seed``), and
 checkpoints (``run(checkpoint=dir)``, ``run(resume=dir)``: :mod:`latentfit.checkpoint`).
 
+Callbacks: ``Engine(model, callback=f)`` calls ``f(k, record)`` after every iteration ``k`` (1-based; an epoch in the
+EM family), ``record`` that iteration's row of the history (``theta.<name>``, ``objective``, ...), in order, after the
+iterations' chunk (``chunk_size`` iterations) has run. ``f`` stops the fit early by returning ``True`` or raising
+``StopIteration``: the result is an ordinary one (``interrupted`` False) holding the first ``k`` iterations
+(``num_iterations == k``, a history of ``k`` rows, θ after iteration ``k``): the chunk's iterations past ``k`` are
+dropped and those up to ``k`` run again from the chunk's start (they are deterministic given the state and its stream:
+the same values), and the checkpoint, if any, is written at ``k``. Any other return value goes on. In a distributed
+fit every process runs the callback and must decide alike (a stop on one process alone leaves the others waiting).
+
 Faults: proposals with a NaN/inf log-density are rejected by the kernels and counted (info ``num_nonfinite``,
 summed in a warning at the end); a NaN/inf parameter or gradient stops the fit with :class:`NonFiniteError`
 and a checkpoint of the last good state; ``KeyboardInterrupt`` returns that state as a result marked
@@ -384,18 +393,37 @@ class Engine:
                             if z is not None and collect:
                                 draws.append(ops.to_numpy(z))
                             _append_history(history, info, ops)
-                    good = self._snapshot(st, b)
+                    ran = b - a + 1  # iterations of this chunk recorded (the progress bar's)
+                    chunk_start, good = good, self._snapshot(st, b)
                     if b < total and self.stopped(st):
+                        done = b
+                        state = st
+                    # (a KeyboardInterrupt raised by the callback keeps this chunk's end as the last good state)
+                    asked = self._call_back(a, b, history) if self.callback is not None else None
+                    if asked is not None and asked < b:  # the callback stopped the fit inside the chunk
+                        cut = self._replay_good((asked + 1, "", ""), chunk_start, a, phase, collect, st)
+                        if cut is None:  # the chunk's start state was not kept apart: the fit stops at its end
+                            warnings.warn(f"{self.name}: the callback asked to stop after iteration {asked}; this "
+                                          f"engine's state cannot be replayed, so the fit stops after iteration {b}, "
+                                          "the end of its chunk (chunk_size=1 stops at the callback's iteration)",
+                                          RuntimeWarning, stacklevel=user_stacklevel())
+                        else:
+                            b, st, _, cut_stacked = cut
+                            _truncate(history, draws, b, collect_from)
+                            if cut_stacked is not None:
+                                self._record_theta(st, cut_stacked)
+                            else:
+                                self._recorded_theta = None
+                            good = self._snapshot(st, b)
+                    if asked is not None:
+                        fault = None  # stopped at or before the iteration before a fault: a result, no error
                         done = b
                         state = st
                     if checkpoint is not None and (b - last_saved >= every or b == done):
                         self._save(checkpoint, st, b, history, draws, int(keep))
                         last_saved = b
-                    if self.callback is not None:
-                        for i, k in enumerate(range(a, b + 1)):
-                            self.callback(k, {n: v[len(v) - (b - a + 1) + i] for n, v in history.items()})
                     if bar is not None:
-                        bar.update(b - a + 1)
+                        bar.update(ran)
                     if fault is not None:
                         raise self._nonfinite_error(fault, good, st, checkpoint, last_saved, history, draws,
                                                     collect_from, int(keep), t0, t_init)
@@ -422,6 +450,19 @@ class Engine:
                 warnings.warn(f"{self.name}: {msg}", RuntimeWarning, stacklevel=user_stacklevel())
         return self._result(state, history, draws, t0, t_init, good.iteration if interrupted else done,
                             compiled_before, interrupted, blocks=blocks)
+
+    def _call_back(self, a: int, b: int, history: dict[str, list]) -> int | None:
+        """Call ``callback(k, record)`` for iterations ``a .. b`` (their history rows, now recorded); the iteration
+        after which it asked to stop (it returned True, or raised ``StopIteration``), or None."""
+        for i, k in enumerate(range(a, b + 1)):
+            record = {n: v[len(v) - (b - a + 1) + i] for n, v in history.items()}
+            try:
+                answer = self.callback(k, record)
+            except StopIteration:
+                return k
+            if callback_stops(answer):
+                return k
+        return None
 
     def _result(self, state: dict[str, Any], history: dict[str, list], draws: list[np.ndarray], t0: float,
                 t_init: float, done: int, compiled_before: float, interrupted: bool,
@@ -679,6 +720,12 @@ class Engine:
         if prepare is None:
             return self.ops.scan_steps(one, state, range(first, last + 1), key=key, capacity=capacity)
         return self.ops.scan_steps(one, state, range(first, last + 1), key=key, prepare=prepare, capacity=capacity)
+
+
+def callback_stops(answer: Any) -> bool:
+    """Whether a callback's return value asks the fit to stop: ``True`` (a Python or numpy bool), as XGBoost's and
+    scipy's callbacks do; anything else (None, a number, a loss) goes on."""
+    return answer is True or (isinstance(answer, np.bool_) and bool(answer))
 
 
 #: values of ``run(distributed=...)``: True (JAX: every process passes the whole data; torch: its block), "whole",

@@ -504,8 +504,10 @@ class MISSOVIEngine:
                 if checkpoint is not None and (epoch % every == 0 or epoch == self._num_epochs):
                     self._save(checkpoint, state, theta, k, epoch, rng, history, trace, keep)
                     last_saved = k
-                if self.callback is not None:
-                    self.callback(epoch, {"loss": loss, "num_samples": m, "iteration": k})
+                if self.callback is not None and self._stop_asked(epoch, loss, m, k):
+                    if checkpoint is not None and last_saved != k:
+                        self._save(checkpoint, state, theta, k, epoch, rng, history, trace, keep)
+                    break
         except KeyboardInterrupt:
             if pending is not None:
                 self._rewind(rng, pending)
@@ -518,6 +520,17 @@ class MISSOVIEngine:
                           f"{total}, and the history so far (fit.interrupted is True){where}", RuntimeWarning,
                           stacklevel=user_stacklevel())
         return self._result(theta, k, history, trace, start, interrupted)
+
+    def _stop_asked(self, epoch: int, loss: Any, m: int, k: int) -> bool:
+        """Call ``callback(epoch, record)``; whether it asked the fit to stop after this epoch (it returned True or
+        raised ``StopIteration``, as the driver's engines' callbacks do:
+        :func:`~latentfit.inference.driver.callback_stops`)."""
+        from .driver import callback_stops
+
+        try:
+            return callback_stops(self.callback(epoch, {"loss": loss, "num_samples": m, "iteration": k}))
+        except StopIteration:
+            return True
 
     def _rewind(self, rng: np.random.Generator, pending: tuple[Any, Any]) -> None:
         """Put the block generator and the oracle's stream back as they were before the unfinished iteration."""

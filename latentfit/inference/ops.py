@@ -516,6 +516,8 @@ class TorchOps(Ops):
                 return x.to(device=self.device)
             return x.to(device=self.device, dtype=dtype or self.dtype)
         arr = np.asarray(x)
+        if not arr.flags.writeable:  # (a pandas column's values, a broadcast view): torch would share it and warn
+            arr = arr.copy()
         if arr.dtype == bool:
             return torch.as_tensor(arr, device=self.device)
         if dtype is None and np.issubdtype(arr.dtype, np.integer):

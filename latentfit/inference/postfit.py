@@ -20,6 +20,7 @@ import numpy as np
 from .._hooks import user_stacklevel
 from . import diagnostics, fisher, individual
 from . import likelihood as lk
+from .model import ModelSpecificationError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import pandas as pd
@@ -107,6 +108,11 @@ def individual_estimates(fit: FitResult, num_steps: int = 30) -> individual.Indi
     units, in unit order (a collective: every process must ask).
     """
     if "individual" not in fit._cache:
+        labels = [s.name for s in getattr(fit.model, "latent_sites", ()) if s.kind == "categorical"]
+        if labels and fit.latent_draws is None:
+            raise ValueError(f"individual_estimates() gives conditional modes, means and sds of continuous latents; "
+                             f"this model's latent {labels[0]!r} is a discrete label (a mixture): its exact posterior "
+                             "is fit.predict_proba() (the responsibilities), its most probable value fit.predict()")
         local = _local_estimates(fit, num_steps)
         gather = _unit_gather(fit)
         est = local if gather is None else individual.gather_estimates(fit.model, fit._theta(), local, gather)
@@ -216,6 +222,31 @@ def unit_labels(fit: FitResult, n: int | None = None) -> pd.Index:
     return pd.RangeIndex(n, name="unit")
 
 
+# ----- labels of a mixture (scikit-learn's predict / predict_proba) ------------------------------------------
+def predict_proba(fit: FitResult, x: Any = None) -> np.ndarray:
+    """Responsibilities ``p(z_i = k | y_i; θ̂)`` ``[n, K]`` (numpy; scikit-learn's ``predict_proba``) of a fit whose
+    latent is a discrete label with an exact posterior (``GaussianMixture``; a Pyro / NumPyro mixture fitted by the
+    EM family): of the fitted units (``x=None``; a distributed fit: this process's), or of new data ``x`` (numpy or the
+    backend's arrays; ``GaussianMixture``: points ``[m, d]``; a model function: its positional arguments, a tuple, or
+    the first alone).  Column k is the label's k-th value; the rows sum to 1."""
+    model = fit.model
+    method = getattr(model, "predict_proba", None)
+    if method is None:
+        kinds = {s.kind for s in getattr(model, "latent_sites", ())}
+        why = ("its latents are continuous: their conditional modes and means are fit.individual_estimates()"
+               if "categorical" not in kinds else "it computes no exact responsibilities")
+        raise ValueError(f"predict / predict_proba give the labels of a mixture (GaussianMixture, or a Pyro / NumPyro "
+                         f"model with one Categorical label fitted by the EM family); this fit's model "
+                         f"({type(model).__name__}) has none: {why}")
+    return method(fit._theta(), x)
+
+
+def predict(fit: FitResult, x: Any = None) -> np.ndarray:
+    """Hard labels ``argmax_k p(z_i = k | y_i; θ̂)`` ``[n]`` (int64 numpy; scikit-learn's ``predict``): the most
+    probable label of each fitted unit (``x=None``) or of new data ``x`` (:func:`predict_proba`)."""
+    return np.argmax(predict_proba(fit, x), 1).astype(np.int64)
+
+
 # ----- likelihood and information criteria ---------------------------------------------------------------
 def default_ll_method(fit: FitResult) -> str:
     """``"exact"`` when the model has an exact marginal, else ``"is"``."""
@@ -265,7 +296,7 @@ def _log_likelihood_result(fit: FitResult, method: str | None = None, *, num_sam
             z0 = conditional_moments(fit)[0] if fit.latent_draws is not None else None
             res = lk.log_likelihood_gq(model, theta, z0, num_nodes=num_nodes)
         elif method == "lin":  # as saemix's FIM step: with the linearisation SEs, by the same program
-            lk.require_gaussian_faces(model, "the linearisation log-likelihood")
+            require_linearisable(fit, "log_likelihood('lin') (the linearisation log-likelihood)")
             terms = covariance(fit, "lin").log_lik_terms
             res = lk.LogLikelihood("lin", float(terms.sum()), terms)
         else:
@@ -397,7 +428,7 @@ def posterior_draws(fit: FitResult) -> np.ndarray | None:
     MCMC draws at θ̂, else, for a model with an exact posterior sampler (the EM family's mixtures, Gaussian or
     enumerated Pyro / NumPyro ones: discrete labels), independent draws from ``p(z_i | y_i; θ̂)``
     (:func:`exact_posterior_draws`, seed 0, as 4 "chains": 4 × 250 one-hot labels per unit, fewer on large data:
-    draws × units ≤ 2 M); computed once.  None where none of these exists.
+    draws × units ≤ 2 M, at least 4 × 5); computed once.  None where none of these exists.
 
     Unlike :func:`require_draws` (the conditional moments, EBEs and IS proposal of continuous latents), the exact
     label draws count here: they describe the posterior, they are no MCMC output to average over."""
@@ -412,6 +443,24 @@ def posterior_draws(fit: FitResult) -> np.ndarray | None:
         except NotImplementedError:
             fit._cache["exact_latents"] = None
     return fit._cache["exact_latents"]
+
+
+def require_linearisable(fit: FitResult, what: str) -> None:
+    """Refuse the linearisation (``"lin"``) where it does not apply, before anything is computed for it: a model
+    whose latents are discrete labels (a mixture) with the methods that apply, any other model without the Gaussian
+    faces with :func:`~latentfit.inference.likelihood.require_gaussian_faces`' message."""
+    model = fit.model
+    labels = [s.name for s in getattr(model, "latent_sites", ()) if s.kind == "categorical"]
+    if labels:
+        exact = getattr(model, "has_exact_marginal", False)
+        raise ModelSpecificationError(
+            f"{what} linearises the model around the conditional modes of continuous latents with Gaussian faces; "
+            f"this model's latent {labels[0]!r} is a discrete label ({type(model).__name__}, a mixture), so it does "
+            "not apply. Use standard_errors('sa') (Louis' formula"
+            + (" over exact draws of the labels from the responsibilities at θ̂; the default here)" if exact else ")")
+            + (" and log_likelihood('exact') (the exact marginal; the default here)" if exact
+               else " and log_likelihood('is')"))
+    lk.require_gaussian_faces(model, what)
 
 
 def default_se_method(fit: FitResult) -> str:
@@ -446,6 +495,7 @@ def covariance(fit: FitResult, method: str | None = None, *, num_iters: int = 0,
     if key not in cache:
         model, theta = fit.model, fit._theta()
         if method == "lin":
+            require_linearisable(fit, "standard_errors('lin') (the linearisation Fisher information)")
             z_hat = model.ops.asarray(_local_estimates(fit).mode)
             rec = fisher.fim_linearisation(model, theta, z_hat, reduce=_information_sum(fit))
         elif fit.latent_draws is None and getattr(model, "has_posterior_sampler", False):

@@ -30,11 +30,17 @@ class FitResult:
     params : dict of numpy arrays
         Final estimates θ̂ (constrained space).
     history : dict of numpy arrays
-        Per-iteration records: ``theta.<name>`` ``[iters, *shape]``, ``objective`` (complete-data
-        log-likelihood, averaged over chains), ``gamma``, acceptance rates ``acc.<kernel>``.
+        Per-iteration records (an iteration is an epoch in the EM family): ``theta.<name>`` ``[iters, *shape]``, θ
+        after each iteration; ``objective``, the engine's: SAEM / f-SAEM the complete-data log-likelihood
+        ``log p(y, z_k; θ_{k−1})`` of iteration k's draws, averaged over the chains; MCMCSGD that of its chains at the
+        θ the gradient was taken at; exact ``EM`` the observed-data log-likelihood ``Σ_i log p(y_i; θ_{k−1})`` its
+        E-step computed, at the θ *before* the iteration (row 1: the initial θ) — so one row behind ``theta.*``; the
+        other engines of the EM family record none, but ``log_lik`` (``track_log_lik=True``: ``Σ_i log p(y_i; θ_k)``
+        after the iteration); ``gamma``, acceptance rates ``acc.<kernel>``.
     latents : dict of numpy arrays
         Draws of the latent sites over the last iterations, ``[chain, draw, unit, *site_shape]``
-        (constrained space).
+        (constrained space); the EM family's mixtures: labels drawn from the exact responsibilities at θ̂, 4 chains of
+        250 draws while draws × units ≤ 2 M, fewer on large data, at least 4 × 5 (n = 100 000: 4 × 5).
 
     After the fit (any model fitted by SAEM, plain Pyro / NumPyro models included):
     :meth:`log_likelihood` (``"is"`` | ``"lin"`` | ``"exact"``), :attr:`minus_two_ll`, :attr:`aic`,
@@ -43,7 +49,9 @@ class FitResult:
     :meth:`residuals` (PRED, IPRED, IWRES, PWRES, NPDE), :meth:`vpc`; plots ``plot_convergence``,
     ``plot_observations_vs_predictions``, ``plot_residuals``, ``plot_individual_fits``, ``plot_vpc``, ``plot_gof``.
     Linearisation and residual diagnostics need the model's Gaussian faces (``has_gaussian_obs`` /
-    ``has_gaussian_prior``).
+    ``has_gaussian_prior``).  A mixture (``GaussianMixture``, an enumerated Pyro / NumPyro mixture):
+    :meth:`predict_proba` (responsibilities ``[n, K]``) and :meth:`predict` (hard labels), of the fitted units or of new
+    data, as scikit-learn's.
     """
 
     engine: Any
@@ -139,6 +147,8 @@ class FitResult:
     summary = postfit.summary
     residuals = postfit.residuals
     vpc = postfit.vpc
+    predict = postfit.predict
+    predict_proba = postfit.predict_proba
 
     @property
     def log_likelihoods(self) -> dict[str, Any]:

@@ -154,6 +154,10 @@ class SAEM(Engine):
         dtype of the MCMC kernels' normal draws (``rng="global"``; JAX), cast to the model's dtype: float32 normals
         cost a third of float64 ones on a CPU (:meth:`JaxOps.with_draw_dtype`).  None (default): the model's
         ``mcmc_draw_dtype`` (NLME on JAX: ``"float32"``), else the model's dtype.
+    callback : callable, optional
+        ``callback(k, record)`` after each iteration, ``record`` its history row; returning True (or raising
+        ``StopIteration``) stops the fit after iteration k, an ordinary result of k iterations
+        (:mod:`~latentfit.inference.driver`).
     """
 
     name = "SAEM"

@@ -200,6 +200,10 @@ class StatEngine(Engine):
         ``[epochs, m, ...]``): for rates measured in iterations.
     track_log_lik : bool
         Record the exact marginal log-likelihood after each epoch (one extra pass).
+    callback : callable, optional
+        ``callback(epoch, record)`` after each epoch, ``record`` its history row; returning True (or raising
+        ``StopIteration``) stops the fit after that epoch, an ordinary result of that many epochs
+        (:mod:`~latentfit.inference.driver`).
     """
 
     name = "stat-engine"

@@ -152,6 +152,18 @@ class EnumeratedLatentModel(TracedBase):
     def marginal_log_lik(self, theta: dict[str, Any], units: Any = None) -> Any:
         return self.responsibilities(theta, units)[1]
 
+    def predict_proba(self, theta: dict[str, Any], x: Any = None) -> np.ndarray:
+        """Responsibilities ``p(z_i = k | y_i; θ)`` ``[n, K]`` (numpy; the label's k-th enumerated value) of the
+        model's units, or of new data ``x``: the model's positional arguments for them, a tuple, or one array for
+        the first argument alone (the others kept), the observations included (the labels' posterior reads them).
+        The model is read again on the new arguments (a trace) and evaluated at ``theta``."""
+        theta = {k: self.ops.asarray(v) for k, v in theta.items()}
+        model = self
+        if x is not None:
+            args = tuple(x) if isinstance(x, tuple) else (x,) + self.args[1:]
+            model = type(self)(self.fn, args, self.kwargs, reg_covar=self.reg_covar)
+        return self.ops.to_numpy(model.responsibilities(theta)[0])
+
     def sample_posterior(self, theta: dict[str, Any], key: Any, num_samples: int, units: Any = None,
                          sim: Any = None) -> Any:
         r = self.responsibilities(theta, units)[0]
@@ -350,7 +362,8 @@ class EnumeratedLatentModel(TracedBase):
             if name is None:
                 out[role] = self._gm.params[role].value
                 continue
-            v = xp.asarray(theta[name], dtype=self._gm.x.dtype)  # (covariances: squared in the mixture's dtype)
+            # (covariances: squared in the mixture's dtype; a tensor stays in its graph, no torch.asarray warning)
+            v = self.ops.asarray(theta[name], dtype=self._gm.x.dtype)
             if role == "covariances" and self._cov_form == "tril":
                 v = v @ xp.swapaxes(v, -1, -2)
             elif role == "covariances" and self._cov_form == "sd":

@@ -266,7 +266,8 @@ class MISSOVI(_core.MISSOVIBase):
     (passed to ``Trace_ELBO``), ``block_eval`` (``"auto"``, ``"mask"`` or ``"block"``: mask the data outside the
     block, or substitute the block's indices for the data plate's, see the module docstring; the rule used is in
     ``result.extra["block_eval"]``), ``callback`` (``callback(epoch, record)`` after each epoch; ``record``: its
-    ``loss``, ``num_samples`` and the ``iteration`` reached). The update rules are in
+    ``loss``, ``num_samples`` and the ``iteration`` reached; returning True or raising ``StopIteration`` stops the fit
+    after that epoch, an ordinary result). The update rules are in
     :mod:`latentfit.inference.misso_vi`.
 
     Checkpoints, as for the other engines: ``run(*args, checkpoint="ckpt", checkpoint_every=K)`` writes the state

@@ -277,6 +277,35 @@ def enlarging_obs_shape(dist_shape: tuple[int, ...], value_shape: tuple[int, ...
     return None
 
 
+def discrete_latent_error(ppl: str, name: str, dist_name: str, enumerable: bool,
+                          others: list[str]) -> ModelSpecificationError:
+    """The error of a traced model (the engines that draw continuous latents: SAEM, FSAEM, MCMCSGD, and the EM family
+    for a model its enumeration adapter does not take) with a discrete latent site ``name``: what the engine needs,
+    which engines take such a latent, and how."""
+    head = f"latent site {name!r} is discrete ({dist_name})"
+    continuous = ("SAEM, FSAEM and MCMCSGD move continuous latents only (random-walk, Laplace and gradient-based "
+                  "proposals in unconstrained space), so they cannot fit it")
+    if enumerable and not others:
+        return ModelSpecificationError(
+            f"{head} with a finite support, which the EM family sums out exactly; {continuous}. Fit the model with "
+            f"an engine of the EM family from latentfit.{ppl}: EM (exact), MiniBatchEM, IEM, SEM, SEMVR, FIEM, or "
+            f"MCEM / MiniBatchMCEM / TTSEM (labels drawn from their exact posterior), e.g. EM(model).run(...); the "
+            "model needs no change (config_enumerate / infer={'enumerate': 'parallel'} is optional). Their "
+            "M-step is in closed form for a Gaussian mixture (Categorical label, Normal / MultivariateNormal "
+            "observation); other enumerated models get the exact E-step and log-likelihood but no M-step")
+    if enumerable:
+        return ModelSpecificationError(
+            f"{head} with a finite support, beside the latent site(s) {others}: the EM family sums out one discrete "
+            f"latent per unit only when it is the model's only latent, and {continuous}; no engine takes both. Sum "
+            f"{name!r} out in the model (the log-sum-exp over its values, added with a factor) and fit the "
+            "continuous latents with SAEM, or make the continuous ones parameters")
+    return ModelSpecificationError(
+        f"{head} with a support that cannot be enumerated (infinite): the EM family sums out a discrete latent of "
+        f"finite support only (Categorical, Bernoulli, ...), and {continuous}. Sum {name!r} out in the model (over a "
+        "truncated range, with a factor), replace it with a finite Categorical over a truncated range (then fit "
+        "with the EM family), or with a continuous latent")
+
+
 class TracedBase(LatentModel):
     """What every traced model shares: the model run with θ substituted and latents conditioned (on all units or a
     mini-batch's alone), its params in one float dtype, the per-unit reduction of log-densities."""
@@ -688,12 +717,9 @@ class TracedLatentModel(TracedBase):
             site = trace[n]
             fn, value = site.fn, self.ops.asarray(site.value)
             if getattr(fn.support, "is_discrete", False):
-                raise ModelSpecificationError(
-                    f"latent site {n!r} is discrete ({type(self.ppl.unwrap(fn)).__name__}) with a support that "
-                    "cannot be enumerated. The EM engines sum out one discrete latent of finite support (Categorical "
-                    "or Bernoulli, with infer={'enumerate': 'parallel'}) exactly; SAEM, MCMCSGD and the Monte-Carlo "
-                    f"EM engines draw continuous latents only. Sum {n!r} out in the model (over a truncated range, "
-                    "with a factor), make it a finite Categorical, or replace it with a continuous latent")
+                raise discrete_latent_error(self.ppl.name, n, type(self.ppl.unwrap(fn)).__name__,
+                                            bool(getattr(fn, "has_enumerate_support", False)),
+                                            [m for m in latent if m != n])
             event_shape = tuple(fn.event_shape)
             batch_shape = tuple(value.shape[: value.ndim - len(event_shape)])
             unit_axis = len(batch_shape) + self.unit_dim

@@ -161,7 +161,7 @@ class GaussianMixture(LatentModel):
                                        meta={"constraint": {"weights": "simplex", "locs": "real",
                                                             "covariances": "positive"}[name]})
                        for name, v in init.items()}
-        self._check_covariances(init["covariances"])
+        self._check_covariances(init["covariances"], given=covariances is not None)
         self._fixed = frozenset(name for name in self.params if self.params[name].fixed)
 
     def _feature_rows(self, xc: Any) -> Any:
@@ -307,19 +307,34 @@ class GaussianMixture(LatentModel):
             c = locs - self.shift
         return _one_hot(ops, xp.argmin(_sqdist(xp, sub, c), 1), K), sub
 
-    def _check_covariances(self, cov: Any) -> None:
+    def _check_covariances(self, cov: Any, given: bool = True) -> None:
+        """Refuse a singular initial covariance: the user's (``given``), or the automatic start's (the k-means
+        clusters' covariances plus ``reg_covar``: singular with ``reg_covar=0`` for a cluster of identical or
+        collinear points), each with its own remedy."""
         xp = self.ops.xp
         if self.base_type == "full":
             cov = cov[None] if self.tied else cov
             sym = bool(xp.all(xp.abs(cov - xp.swapaxes(cov, -1, -2)) <= 1e-8 * (1 + xp.abs(cov))))
             ev = xp.linalg.eigvalsh(cov)
-            if not sym or not bool(xp.all(ev > 0)):
-                bad = [k for k in range(self.K) if not bool(xp.all(ev[k] > 0))] if not self.tied else []
-                raise ModelSpecificationError(
-                    f"initial covariance(s) of component(s) {bad or 'all'} are not symmetric positive definite "
-                    "(singular covariance); give positive definite covariances or increase reg_covar")
-        elif not bool(xp.all(cov > 0)):
-            raise ModelSpecificationError("initial variances must be > 0 (singular covariance)")
+            if sym and bool(xp.all(ev > 0)):
+                return
+            bad = [k for k in range(self.K) if not bool(xp.all(ev[k] > 0))] if not self.tied else []
+        else:
+            positive = cov > 0
+            if bool(xp.all(positive)):
+                return
+            bad = [] if self.tied else [k for k in range(self.K) if not bool(xp.all(positive[k]))]
+        which = f"component(s) {bad}" if bad else "the components"
+        if given:
+            raise ModelSpecificationError(
+                f"the initial covariances you gave ({which}) are not symmetric positive definite (singular "
+                "covariance); give positive definite covariances=..., or leave covariances out for the automatic "
+                "start")
+        raise ModelSpecificationError(
+            f"the automatic start (the data clustered by k-means++, or around the locs given; each cluster's "
+            f"covariance plus reg_covar={self.reg_covar:g}) gave {which} a singular covariance: the points of such "
+            "a cluster are identical or collinear, and reg_covar adds nothing to their covariance. Set reg_covar > 0 "
+            "(default 1e-6), or give initial values (locs=..., covariances=...), or use fewer components")
 
     # ----- E-step ------------------------------------------------------------------------------------
     def _coefficients(self, theta: dict[str, Any]) -> Any:
@@ -327,6 +342,7 @@ class GaussianMixture(LatentModel):
 
         Eager backends keep the last ``C`` with the θ arrays it came from: an engine that evaluates two mini-batches
         at one θ (FIEM) computes the precisions once.  (Compiled steps merge repeated work themselves.)"""
+        theta = self._theta_arrays(theta)
         if self.ops.jittable:
             return self._coefficients_of(theta)
         key = (theta["weights"], theta["locs"], theta["covariances"])
@@ -336,6 +352,20 @@ class GaussianMixture(LatentModel):
         C = self._coefficients_of(theta)
         self._coef_cache = (array_stamps(key), C)
         return C
+
+    def _theta_arrays(self, theta: Any) -> dict[str, Any]:
+        """``theta`` with its host values (``fit.params``: numpy arrays, lists, numbers) as this model's arrays (its
+        backend, device and dtype); backend arrays are kept as they are (the engines' θ: no copy, no cache miss).
+        Anything but a dict of the three parameters is refused, saying what to pass."""
+        if not isinstance(theta, dict) or not all(k in theta for k in ("weights", "locs", "covariances")):
+            got = f"a dict with keys {sorted(theta)}" if isinstance(theta, dict) else f"a {type(theta).__name__}"
+            raise TypeError(f"GaussianMixture: θ must be a dict of the parameters weights, locs and covariances "
+                            f"(e.g. fit.params), got {got}; for the labels or responsibilities of data x use "
+                            "fit.predict(x) / fit.predict_proba(x), or gm.predict_labels(fit.params, x)")
+        host = (np.ndarray, np.generic, list, tuple, float, int)
+        if not any(isinstance(v, host) for v in theta.values()):
+            return theta
+        return {k: self.ops.asarray(v) if isinstance(v, host) else v for k, v in theta.items()}
 
     def _coefficients_of(self, theta: dict[str, Any]) -> Any:
         ops, xp, d = self.ops, self.ops.xp, self.d
@@ -688,9 +718,50 @@ class GaussianMixture(LatentModel):
             out = xp.where((lab == k)[..., None], locs[k] + step, out)
         return {"obs": ops.to_numpy(out)}
 
-    def predict_labels(self, theta: dict[str, Any]) -> np.ndarray:
-        r, _ = self.responsibilities(theta)
-        return self.ops.to_numpy(self.ops.xp.argmax(r, 1))
+    def predict_proba(self, theta: dict[str, Any], x: Any = None) -> np.ndarray:
+        """Responsibilities ``p(z_i = k | x_i; θ) ∝ ω_k N(x_i; μ_k, Σ_k)``, ``[n, K]`` numpy (scikit-learn's
+        ``GaussianMixture.predict_proba``): of this model's points, or of new points ``x`` (``[m, d]``, or ``[m]``
+        when d = 1; numpy, torch or JAX).  ``theta``: ``fit.params`` (numpy) or backend arrays."""
+        ops, xp = self.ops, self.ops.xp
+        if x is None:
+            return ops.to_numpy(self._responsibilities(theta, None, False)[0])
+        rows = self._new_rows(x)
+        C = self._coefficients(theta)
+        out = []
+        for a in range(0, int(rows.shape[0]), CHUNK):
+            r_t, _ = self._softmax_t(C.T @ xp.swapaxes(self._feature_rows(rows[a:a + CHUNK]), 0, 1), log_lik=False)
+            out.append(ops.to_numpy(r_t).T)
+        return np.concatenate(out, 0) if out else np.zeros((0, self.K))
+
+    def predict_labels(self, theta: dict[str, Any], x: Any = None) -> np.ndarray:
+        """Hard labels ``argmax_k p(z_i = k | x_i; θ)`` ``[n]`` (int64 numpy; scikit-learn's ``predict``) of this
+        model's points or of new points ``x`` (:meth:`predict_proba`)."""
+        return np.argmax(self.predict_proba(theta, x), 1).astype(np.int64)
+
+    def _new_rows(self, x: Any) -> Any:
+        """New points as centred ``[m, d]`` rows of this model's backend and dtype (refusing other widths, NaN)."""
+        ops, xp = self.ops, self.ops.xp
+        x = ops.asarray(_numeric_data(x))
+        if x.ndim == 1 and self.d == 1:
+            x = xp.reshape(x, (-1, 1))
+        if x.ndim != 2 or int(x.shape[1]) != self.d:
+            raise DataError(f"x must be [m, {self.d}]" + (" or [m]" if self.d == 1 else "") +
+                            f" (the model's {self.d} feature(s)), got shape {tuple(x.shape)}")
+        if not bool(xp.all(xp.isfinite(x))):
+            raise DataError("x holds NaN/inf values; drop or impute them first")
+        return x - self.shift
+
+    def predict(self, theta: Any = None, z: Any = None, units: Any = None) -> Any:
+        """Not scikit-learn's ``predict``: :meth:`LatentModel.predict` is the observation mean and sd given the latents
+        (the models with Gaussian faces', for linearisation and residuals), which a mixture has not.  The model holds
+        no fitted parameters either (the fit does): cluster labels are ``fit.predict(x=None)``, responsibilities
+        ``fit.predict_proba(x=None)``, or ``gm.predict_labels(fit.params, x=None)`` / ``gm.predict_proba(...)``."""
+        raise TypeError(
+            "GaussianMixture.predict is not scikit-learn's predict (it is the observation-mean hook of models with "
+            "Gaussian faces, which a mixture has not), and the model holds no fitted parameters: for cluster labels "
+            "use fit.predict(x) (x=None: the fitted points), for responsibilities fit.predict_proba(x), where fit "
+            "is the engine's result (e.g. fit = EM(gm).run()); or gm.predict_labels(fit.params, x) / "
+            "gm.predict_proba(fit.params, x)")
 
     # ----- Pyro model ------------------------------------------------------------------------------------
     def pyro_model(self):
