@@ -157,6 +157,35 @@ def missing_covariate(x: jnp.ndarray, observed: jnp.ndarray, y: jnp.ndarray) -> 
         numpyro.sample("y", dist.Normal(beta * xi, 1.0), obs=y)
 
 
+def missing_covariates(x: jnp.ndarray, w: jnp.ndarray, mx: jnp.ndarray, mw: jnp.ndarray, y: jnp.ndarray) -> None:
+    """A regression with two covariates missing in some rows, in the users' style: ``x ~ N(μx, σx)`` observed where
+    ``mx``, ``w ~ LogNormal(μw, σw)`` (positive: its latent is ``log w``) observed where ``mw``, and
+    ``y ~ N(a + b x + c log w, σ)``; the missing entries hold NaN."""
+    mu_x = numpyro.param("mu_x", jnp.array(0.0, dtype=y.dtype))
+    s_x = numpyro.param("s_x", jnp.array(1.0, dtype=y.dtype), constraint=constraints.positive)
+    mu_w = numpyro.param("mu_w", jnp.array(0.0, dtype=y.dtype))
+    s_w = numpyro.param("s_w", jnp.array(1.0, dtype=y.dtype), constraint=constraints.positive)
+    a = numpyro.param("a", jnp.array(0.0, dtype=y.dtype))
+    b = numpyro.param("b", jnp.array(0.0, dtype=y.dtype))
+    c = numpyro.param("c", jnp.array(0.0, dtype=y.dtype))
+    sigma = numpyro.param("sigma", jnp.array(1.0, dtype=y.dtype), constraint=constraints.positive)
+    with numpyro.plate("rows", y.shape[0]):
+        xi = numpyro.sample("x", dist.Normal(mu_x, s_x), obs=x, obs_mask=mx)
+        wi = numpyro.sample("w", dist.LogNormal(mu_w, s_w), obs=w, obs_mask=mw)
+        numpyro.sample("y", dist.Normal(a + b * xi + c * jnp.log(wi), sigma), obs=y)
+
+def regression_missing_x(x1: jnp.ndarray, x2: jnp.ndarray, m1: jnp.ndarray) -> None:
+    """x2 ~ N(a + b x1, s2) with the covariate x1 ~ N(μ1, s1) observed where ``m1`` (NaN elsewhere): a user's
+    bivariate normal in conditional form, the imputed x1 a latent of the rows that miss it."""
+    mu1 = numpyro.param("mu1", jnp.array(0.0, dtype=x2.dtype))
+    s1 = numpyro.param("s1", jnp.array(1.0, dtype=x2.dtype), constraint=constraints.positive)
+    a = numpyro.param("a", jnp.array(0.0, dtype=x2.dtype))
+    b = numpyro.param("b", jnp.array(0.0, dtype=x2.dtype))
+    s2 = numpyro.param("s2", jnp.array(1.0, dtype=x2.dtype), constraint=constraints.positive)
+    with numpyro.plate("units", x2.shape[0]):
+        v1 = numpyro.sample("x1", dist.Normal(mu1, s1), obs=x1, obs_mask=m1)
+        numpyro.sample("x2", dist.Normal(a + b * v1, s2), obs=x2)
+
 def group_covariate(group: jnp.ndarray, x: jnp.ndarray, num_groups: int, y: jnp.ndarray | None = None) -> None:
     """y_r = a_g(r) + x_r + ε_r, a_j ~ N(μ, τ²): rows outside the unit plate; ``y=None`` leaves the data out."""
     mu = numpyro.param("mu", jnp.array(0.0, dtype=x.dtype))

@@ -158,6 +158,35 @@ def missing_covariate(x: torch.Tensor, observed: torch.Tensor, y: torch.Tensor) 
         pyro.sample("y", dist.Normal(beta * xi, 1.0), obs=y)
 
 
+def missing_covariates(x: torch.Tensor, w: torch.Tensor, mx: torch.Tensor, mw: torch.Tensor, y: torch.Tensor) -> None:
+    """A regression with two covariates missing in some rows, in the users' style: ``x ~ N(μx, σx)`` observed where
+    ``mx``, ``w ~ LogNormal(μw, σw)`` (positive: its latent is ``log w``) observed where ``mw``, and
+    ``y ~ N(a + b x + c log w, σ)``; the missing entries hold NaN."""
+    mu_x = pyro.param("mu_x", torch.tensor(0.0, dtype=y.dtype))
+    s_x = pyro.param("s_x", torch.tensor(1.0, dtype=y.dtype), constraint=constraints.positive)
+    mu_w = pyro.param("mu_w", torch.tensor(0.0, dtype=y.dtype))
+    s_w = pyro.param("s_w", torch.tensor(1.0, dtype=y.dtype), constraint=constraints.positive)
+    a = pyro.param("a", torch.tensor(0.0, dtype=y.dtype))
+    b = pyro.param("b", torch.tensor(0.0, dtype=y.dtype))
+    c = pyro.param("c", torch.tensor(0.0, dtype=y.dtype))
+    sigma = pyro.param("sigma", torch.tensor(1.0, dtype=y.dtype), constraint=constraints.positive)
+    with pyro.plate("rows", y.shape[0]):
+        xi = pyro.sample("x", dist.Normal(mu_x, s_x), obs=x, obs_mask=mx)
+        wi = pyro.sample("w", dist.LogNormal(mu_w, s_w), obs=w, obs_mask=mw)
+        pyro.sample("y", dist.Normal(a + b * xi + c * torch.log(wi), sigma), obs=y)
+
+def regression_missing_x(x1: torch.Tensor, x2: torch.Tensor, m1: torch.Tensor) -> None:
+    """x2 ~ N(a + b x1, s2) with the covariate x1 ~ N(μ1, s1) observed where ``m1`` (NaN elsewhere): a user's
+    bivariate normal in conditional form, the imputed x1 a latent of the rows that miss it."""
+    mu1 = pyro.param("mu1", torch.tensor(0.0, dtype=x2.dtype))
+    s1 = pyro.param("s1", torch.tensor(1.0, dtype=x2.dtype), constraint=constraints.positive)
+    a = pyro.param("a", torch.tensor(0.0, dtype=x2.dtype))
+    b = pyro.param("b", torch.tensor(0.0, dtype=x2.dtype))
+    s2 = pyro.param("s2", torch.tensor(1.0, dtype=x2.dtype), constraint=constraints.positive)
+    with pyro.plate("units", x2.shape[0]):
+        v1 = pyro.sample("x1", dist.Normal(mu1, s1), obs=x1, obs_mask=m1)
+        pyro.sample("x2", dist.Normal(a + b * v1, s2), obs=x2)
+
 def group_covariate(group: torch.Tensor, x: torch.Tensor, num_groups: int, y: torch.Tensor | None = None) -> None:
     """y_r = a_g(r) + x_r + ε_r, a_j ~ N(μ, τ²): rows outside the unit plate; ``y=None`` leaves the data out."""
     mu = pyro.param("mu", torch.tensor(0.0, dtype=x.dtype))

@@ -120,7 +120,9 @@ def conditional_moments(beta: np.ndarray, Omega: np.ndarray, x: np.ndarray, j: i
 def density_missing(th: dict[str, np.ndarray], lat: dict[str, np.ndarray], d: dict[str, Any]
                     ) -> tuple[np.ndarray, np.ndarray]:
     """``log p(y_i, x_i,obs | x_i,mis)`` and ``log p(x_i,mis)`` as the model splits them: each coordinate's
-    conditional density ``x_j | x_<j`` counts as data where x_j is observed and as prior where it is missing."""
+    conditional density ``x_j | x_<j`` counts as data where x_j is observed and as prior where it is missing.  Where
+    x_j is observed, ``x{j}_unobserved``'s element is read by nothing and carries the standard normal reference
+    density (``latent_mask``), θ-free, in the prior."""
     X = d["X"]
     miss = np.isnan(X)
     z = np.stack([lat[f"x{j}_unobserved"] for j in range(X.shape[1])], -1)  # [C, N, p]
@@ -137,7 +139,7 @@ def density_missing(th: dict[str, np.ndarray], lat: dict[str, np.ndarray], d: di
     joint = stats.multivariate_normal(th["beta"], th["Omega"]).logpdf(x) \
         + stats.bernoulli.logpmf(d["y"], special.expit(th["delta0"] + x @ th["delta"]))
     np.testing.assert_allclose(ll + lp, joint, rtol=1e-10, atol=1e-10)
-    return ll, lp
+    return ll, lp + np.where(miss, 0.0, stats.norm.logpdf(z)).sum(-1)
 
 
 def check_density(backend: Backend, model: Any, reference: Any) -> None:

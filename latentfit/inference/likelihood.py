@@ -158,24 +158,42 @@ def _is_terms(model: LatentModel, sizes: tuple[int, int, int], theta: dict[str, 
     ops = model.ops
     xp = ops.xp
     scale_matrix = len(s.shape) == len(m.shape) + 1  # each unit's lower-triangular scale [n, d, d]
+    # the coordinates no density reads (an obs_mask= imputation at an observed entry; latent_mask) carry the reference
+    # density φ: integrated out exactly, each at z = 0 with "proposal" φ(0), the rest of q over the unit's latents
+    active = model.latent_mask(units)
+    if active is not None:
+        m = xp.where(active, m, xp.zeros_like(m))
+        log_phi0 = -0.5 * math.log(2.0 * math.pi) * xp.sum(xp.where(active, xp.zeros_like(m), xp.ones_like(m)), -1)
     if scale_matrix:
         eye = ops.asarray(np.eye(int(s.shape[-1])))
         s = s * (1.0 - eye) + xp.where(s > 1e-8, s, 1e-8) * eye  # its diagonal floored as the sds are
+        if active is not None:  # their rows and columns of L_i: the identity's (the active block L_i's own)
+            s = xp.where(active[..., :, None] & active[..., None, :], s, eye)
         log_s = xp.sum(xp.log(xp.diagonal(s, 0, -2, -1)), -1)
         sd = xp.sqrt(xp.sum(s * s, -1))  # the marginal sds of L Lᵀ: the defensive component's scales
         log_sd = xp.sum(xp.log(sd), -1)
     else:
         s = xp.where(s > 1e-8, s, 1e-8)
+        if active is not None:
+            s = xp.where(active, s, xp.ones_like(s))
         log_s = xp.sum(xp.log(s), -1)
     nb = -(-num_samples // batch_size)
     # a compiled model's face over z laid out [S, d, n] (SAEM's sweeps'): XLA:CPU vectorises along the units, where
     # over [S, n, d] its loops run along d (the theophylline IS's densities 4.0 -> 2.3 ms; equal up to rounding)
     minor = model.units_minor_density(theta) if units is None and ops.jittable else None
 
+    def _t_sum(x: Any) -> Any:
+        """``Σ_j log t_df(x_j)`` over the unit's latent coordinates."""
+        lp = student_t_log_pdf(x, float(df), xp)
+        return xp.sum(lp if active is None else xp.where(active, lp, xp.zeros_like(lp)), -1)
+
     def _proposal(t: Any) -> tuple[Any, Any]:
         """The draws ``z`` made of standard Student-t numbers ``t`` and the proposal's log-density there."""
+        if active is not None:
+            t = xp.where(active, t, xp.zeros_like(t))
         if not scale_matrix:
-            return m + s * t, xp.sum(student_t_log_pdf(t, float(df), xp), -1) - log_s
+            z, log_q = m + s * t, _t_sum(t) - log_s
+            return z, (log_q if active is None else log_q + log_phi0)
         # a defensive mixture (Hesterberg 1995; Veach & Guibas' balance heuristic): the first half of the batch from
         # m + L t, the second from m + sd ⊙ t (the diagonal proposal of the same marginal sds), each draw weighted by
         # the mixture's density ½ q_L + ½ q_sd, so p/q ≤ 2 p/q_sd: a covariance misjudged from the draws (a ridge
@@ -183,9 +201,10 @@ def _is_terms(model: LatentModel, sizes: tuple[int, int, int], theta: dict[str, 
         first = ops.asarray(np.arange(int(t.shape[0])) < int(t.shape[0]) // 2)[:, None, None]
         dev = xp.where(first, xp.sum(s * t[..., None, :], -1), sd * t)
         u = xp.moveaxis(ops.forward_substitution(s, xp.moveaxis(dev, 0, -1)), -1, 0)  # L⁻¹ dev: t on the first half
-        log_q_l = xp.sum(student_t_log_pdf(u, float(df), xp), -1) - log_s
-        log_q_sd = xp.sum(student_t_log_pdf(dev / sd, float(df), xp), -1) - log_sd
-        return m + dev, xp.logaddexp(log_q_l, log_q_sd) - math.log(2.0)
+        log_q_l = _t_sum(u) - log_s
+        log_q_sd = _t_sum(dev / sd) - log_sd
+        log_q = xp.logaddexp(log_q_l, log_q_sd) - math.log(2.0)
+        return m + dev, (log_q if active is None else log_q + log_phi0)
 
     def _log_weights(t: Any) -> Any:
         z, log_q = _proposal(t)
@@ -271,12 +290,17 @@ def importance_moments(model: LatentModel, theta: dict[str, Any], cond_mean: Any
     with ops.seed_context(seed):
         key = ops.key(seed) if sim is None else ops.fold_in(root, 0)
         t = student_t_draws(ops, key, (int(num_samples),) + tuple(m.shape), int(df), sim)
+    active = model.latent_mask(units)  # the coordinates no density reads: at 0, their φ(0) a constant of the unit's
+    log_t = student_t_log_pdf(t, float(df), xp)
     z = m + s * t
+    if active is not None:
+        z = xp.where(active, z, xp.zeros_like(z))
+        log_t = xp.where(active, log_t, xp.zeros_like(log_t))
     chunks = []
     for start in range(0, int(num_samples), int(batch_size)):  # the model evaluated batch by batch (memory)
         ll, lp = model.log_densities(theta, z[start:start + int(batch_size)], units)
         chunks.append(ops.stop_gradient(ll + lp))
-    lw = xp.concatenate(chunks, 0) - xp.sum(student_t_log_pdf(t, float(df), xp), -1)
+    lw = xp.concatenate(chunks, 0) - xp.sum(log_t, -1)
     lw = xp.where(lw == lw, lw, -xp.inf)
     w = xp.exp(lw - xp.amax(lw, 0))
     w = (w / xp.sum(w, 0))[..., None]  # [S, n, 1]
@@ -428,12 +452,20 @@ def gq_log_lik_per_unit(model: LatentModel, theta: dict[str, Any], mode: Any, ch
                         units: Any = None, max_elements: int = 2_000_000) -> Any:
     """Per-unit AGQ log-likelihood ``[n]`` on a fixed grid (``mode [n, d]``, ``chol [n, d, d]`` = chol(Γ_i)).
 
-    Differentiable in θ (the grid is held fixed), so it can be maximised directly.
+    Differentiable in θ (the grid is held fixed), so it can be maximised directly.  A coordinate that no density
+    reads (:meth:`~latentfit.inference.model.LatentModel.latent_mask`: an ``obs_mask=`` imputation at an observed
+    entry) carries the reference density ``φ`` alone: its grid is centred at 0 with the identity's row and column of
+    ``L_i``, where the rule integrates it exactly (a flat direction added the log of the grid's width per such
+    coordinate).
     """
     ops = model.ops
     xp = ops.xp
     u, log_w = grid
     n = mode.shape[0]
+    active = model.latent_mask(units)
+    if active is not None:
+        mode = xp.where(active, mode, xp.zeros_like(mode))
+        chol = xp.where(active[..., :, None] & active[..., None, :], chol, ops.asarray(np.eye(int(chol.shape[-1]))))
     chunk = max(1, min(u.shape[0], max_elements // max(n, 1)))
     lse = []
     for start in range(0, u.shape[0], chunk):

@@ -181,6 +181,17 @@ class LatentModel:
         """``(log p(y_i | z_i; θ), log p(z_i; θ))``, each ``[..., n]`` (log-Jacobian included)."""
         raise NotImplementedError
 
+    def latent_mask(self, units: Any = None) -> Any:
+        """``[n, d]`` bool: True where the coordinate is a latent of the unit, False where it is a placeholder that no
+        density of the model reads (an ``obs_mask=`` imputation site at an entry observed in this unit:
+        ``where(mask, y, y_unobserved)`` never reads it).  Such a coordinate has no density of its own either; the
+        model gives it a reference density instead, the standard normal ``φ(z_j)``, free of θ and of the data, in
+        ``log_prior`` (and ``prior_moments`` / ``sample_prior`` alike), so that ``p(y_i; θ) = ∫ p(y_i, z; θ) dz`` is
+        unchanged (``∫ φ = 1``) and every chain has a proper target.  Importance sampling and quadrature integrate it
+        out exactly (``z_j = 0``, weight ``1 / φ(0)``) instead of by sampling.  None (the default): every coordinate is
+        a latent."""
+        return None
+
     def density_evaluator(self, theta: dict[str, Any], units: Any = None) -> Callable[[Any], tuple[Any, Any]]:
         """``z -> log_densities(theta, z, units)``, for many evaluations at one θ (an MCMC sweep); a model may
         compute what depends on θ alone once (NLME does)."""

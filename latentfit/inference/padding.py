@@ -111,6 +111,9 @@ class MaskedUnits:
     def sample_prior(self, theta: dict[str, Any], key: Any, num_chains: int, units: Any = None) -> Any:
         return super().sample_prior(theta, key, num_chains, self._units(units))
 
+    def latent_mask(self, units: Any = None) -> Any:
+        return super().latent_mask(self._units(units))
+
     def closed_form_log_prior(self) -> Any:
         """The model's cheap log-prior (if it has one), weighed as :meth:`log_densities`."""
         inner = getattr(super(), "closed_form_log_prior", lambda: None)()
