@@ -44,7 +44,7 @@ OPTIONS = dict(num_blocks=BLOCKS, learning_rate=0.05, num_samples=2, seed=3, rec
 
 
 class Interrupt(Exception):
-    pass
+    """Raised by a test callback to stop a fit mid-run (a stand-in for a crash)."""
 
 
 @pytest.fixture(autouse=True)
