@@ -50,7 +50,7 @@ def run_until_precision(cls, gm: GaussianMixture, mu_star: np.ndarray, seed: int
         state = eng.init(None)
         for k in range(1, max_epochs + 1):
             state, info = eng.step(state, k, "epoch")
-            tr = info["inner"]["locs"].numpy().reshape(-1, 2)
+            tr = info.inner["locs"].numpy().reshape(-1, 2)
             err = ((tr - mu_star.reshape(1, 2)) ** 2).sum(1)
             hit = np.nonzero(err < PRECISION)[0]
             if hit.size:

@@ -23,6 +23,7 @@ from latentfit._compilation_cache import enable_compilation_cache  # noqa: E402
 from latentfit.inference.model import (  # noqa: E402
     ConvergenceWarning,
     DataError,
+    DegenerateFitError,
     LatentModel,
     ModelSpecificationError,
     NonFiniteError,
@@ -31,5 +32,5 @@ from latentfit.inference.results import FitResult  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["ConvergenceWarning", "DataError", "FitResult", "LatentModel", "ModelSpecificationError", "NonFiniteError",
-           "datasets", "enable_compilation_cache", "__version__"]
+__all__ = ["ConvergenceWarning", "DataError", "DegenerateFitError", "FitResult", "LatentModel",
+           "ModelSpecificationError", "NonFiniteError", "datasets", "enable_compilation_cache", "__version__"]

@@ -3,8 +3,8 @@
 Engine tests take the ``backend`` fixture: the same engine runs on a ``GaussianMixture`` holding torch
 tensors (Pyro backend) or JAX arrays (NumPyro backend, compiled epochs, float64).
 Reference: exact EM run to convergence (its fixed point θ*, on torch).  Exact incremental / variance-reduced
-engines must reach θ* to 1e-8; decreasing-step online EM to 1e-3; Monte-Carlo engines within 4 Monte-Carlo SDs
-of θ*, per engine and parameter (SDs measured over seeds, see ``MC_SD``).
+engines must reach θ* to 1e-8; decreasing-step online EM to 2e-2 in 40 epochs; Monte-Carlo engines within 4
+Monte-Carlo SDs of θ*, per engine and parameter (SDs measured over seeds, see ``MC_SD``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _err(params, star) -> float:
     ("MiniBatchEM", dict(num_epochs=60), 1e-8),
     ("FIEM", dict(num_epochs=60, batch_size=8), 1e-8),
     ("SEMVR", dict(num_epochs=60, batch_size=8), 1e-8),
-    ("SEM", dict(num_epochs=40, batch_size=8), 1e-3),
+    ("SEM", dict(num_epochs=40, batch_size=8), 2e-2),  # ρ_t = (t + 10)^(−0.6): the noise decays as √ρ_t
 ])
 def test_exact_engines_reach_em_fixed_point(backend, data_and_star, engine, kwargs, tol):
     """Through the front doors (``latentfit.pyro`` / ``latentfit.numpyro``) with a ready-made model."""

@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._hooks import user_stacklevel
-from .model import LatentModel, NonFiniteError
+from .model import DegenerateFitError, LatentModel, NonFiniteError
 from .results import FitResult
 
 Callback = Callable[[int, dict[str, Any]], Any]
@@ -359,10 +359,16 @@ class Engine:
         try:
             # dispatched chunks not yet recorded: (a, b, phase, collect, state, infos)
             pending: list[Any] = []
+            degenerate: DegenerateFitError | None = None  # a step's E-step found θ degenerate (eager backends)
             for j in range(len(chunks) + 1):
                 if j < len(chunks) and done == total:
                     a, b, phase, collect = chunks[j]
-                    state, infos = self._run_chunk(state, a, b, phase, collect)
+                    try:
+                        state, infos = self._run_chunk(state, a, b, phase, collect)
+                    except DegenerateFitError as err:  # handled as a NaN θ at that iteration: its chunk replayed
+                        if err.iteration is None:
+                            raise
+                        degenerate, infos = err, []
                     pending.append((a, b, phase, collect, state, infos))
                 # record all but the chunk just dispatched ahead (all of them at the end, or once stopped)
                 while len(pending) > (1 if ahead and j < len(chunks) and done == total else 0):
@@ -372,13 +378,15 @@ class Engine:
                     stacked = _stacked_records(infos)  # a compiled chunk's records, stacked (None: a list)
                     fault = _first_nonfinite(infos, a, ops) if stacked is None \
                         else _first_nonfinite_stacked(stacked, len(infos), a)
+                    if fault is None and degenerate is not None:
+                        fault = (degenerate.iteration, degenerate.parameter, "the E-step at the value")
                     if fault is not None:
                         # the chunk's good iterations a .. k-1 run again from its start state, then recorded (and
                         # checkpointed) as the last good state; the error raised after them
                         replayed = self._replay_good(fault, good, a, phase, collect, st)
                         if replayed is None:
                             raise self._nonfinite_error(fault, good, st, checkpoint, last_saved, history, draws,
-                                                        collect_from, int(keep), t0, t_init)
+                                                        collect_from, int(keep), t0, t_init, degenerate)
                         b, st, infos, stacked = replayed
                     if stacked is not None:  # each leaf's rows at once
                         z = stacked.get("_z")
@@ -426,7 +434,7 @@ class Engine:
                         bar.update(ran)
                     if fault is not None:
                         raise self._nonfinite_error(fault, good, st, checkpoint, last_saved, history, draws,
-                                                    collect_from, int(keep), t0, t_init)
+                                                    collect_from, int(keep), t0, t_init, degenerate)
         except KeyboardInterrupt:
             interrupted = True
             state = self._from_snapshot(good, state)
@@ -580,8 +588,10 @@ class Engine:
 
     def _nonfinite_error(self, fault: tuple[int, str, str], good: _Snapshot, state: dict[str, Any],
                          checkpoint: Any, last_saved: int, history: dict[str, list], draws: list[np.ndarray],
-                         collect_from: int, keep: int, t0: float, t_init: float) -> NonFiniteError:
-        """Restore the last good state, checkpoint it, and build the error naming the parameter and iteration."""
+                         collect_from: int, keep: int, t0: float, t_init: float,
+                         degenerate: DegenerateFitError | None = None) -> NonFiniteError:
+        """Restore the last good state, checkpoint it, and build the error naming the parameter and iteration
+        (``degenerate``: the model's error from the E-step of that iteration, raised again with the state)."""
         k, name, what = fault
         state = self.ops.local_state(self._from_snapshot(good, state))
         _truncate(history, draws, good.iteration, collect_from)
@@ -596,6 +606,12 @@ class Engine:
             directory = checkpoint if checkpoint is not None else tempfile.mkdtemp(prefix="latentfit-nonfinite-")
             path = self._save(directory, state, good.iteration, history, draws, keep)
         result = self._result(state, history, draws, t0, t_init, good.iteration, 0.0, True)
+        if degenerate is not None:
+            msg = (f"{self.name}: {degenerate.args[0]} (the E-step of iteration {k}); the fit stopped. The last good "
+                   f"state (iteration {good.iteration}) is checkpointed at {str(path)!r} (run(resume=...) continues "
+                   "from it; the exception's .result holds it).")
+            return DegenerateFitError(msg, parameter=name, iteration=k, last_good_iteration=good.iteration,
+                                      checkpoint=path, result=result)
         msg = (f"{self.name}: {what} of parameter {name!r} is NaN/inf at iteration {k}; the fit stopped. The last good "
                f"state (iteration {good.iteration}) is checkpointed at {str(path)!r} (run(resume=...) continues from "
                "it; the exception's .result holds it). Check the model for values that overflow or leave the "
@@ -702,7 +718,12 @@ class Engine:
                 k, randoms = k
                 st, info = self.step(st, k, phase) if randoms is None else self.step(st, k, phase, randoms=randoms)
             else:
-                st, info = self.step(st, k, phase)
+                try:
+                    st, info = self.step(st, k, phase)
+                except DegenerateFitError as err:  # (eager backends) the iteration whose E-step failed
+                    if err.iteration is None:
+                        err.iteration = int(k)
+                    raise
             info = info_dict(info)
             theta = self.history_theta(st)
             if theta is not None:

@@ -10,6 +10,13 @@ with its running sum ``S̄``.  Per iteration:
 
 with a constant ``ρ = (n/b)^(−2/3)`` (the paper's practical ``n^(−2/3)`` for b = 1).  Storing the
 statistics (rather than θ per unit, as the reference code) is equivalent and saves two E-steps.
+
+Far from the table's θ (the first epochs from a crude start) the fast step can carry ``S̃`` out of the M-step's domain
+(a negative mass, an indefinite scatter: the E-step then met a singular covariance); the control variate is then shrunk,
+block by block, until the new ``S̃`` is back (:meth:`~latentfit.inference.stats_table.StatEngine.fast_step`), which
+leaves the fixed point and the asymptotic rule as they are.  Default mini-batch: ⌈n/100⌉ units, at least 50 (or n):
+the scaled drift of a handful of units has a relative noise of order 1/√b; from a crude start at n = 500 (b = 5)
+FIEM and sEM-VR ended in a spurious local maximum in 3 of 12 runs, with b = 50 in none.
 With a Monte-Carlo oracle and a slow step this is fiTTEM (``TTSEM(variant="fi")``).
 """
 
@@ -17,7 +24,17 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .stats_table import ProxyRule, StatEngine, Stats, StatState, default_fast_step, s_copy, s_read, s_sub
+from .stats_table import (
+    ControlVariate,
+    ProxyRule,
+    StatEngine,
+    Stats,
+    StatState,
+    default_fast_step,
+    s_copy,
+    s_read,
+    s_sub,
+)
 
 
 class SagaMemory(NamedTuple):
@@ -46,8 +63,7 @@ class SagaRule(ProxyRule):
         new_i, state = eng.oracle(state, theta, bi, ki)
         table, s_bar = state.memory
         drift_i = eng.reduce(s_sub(new_i, s_read(ops, table, bi)), bi)
-        c = eng.batch_scale
-        proxy = {k: v + c * drift_i[k] for k, v in s_bar.items()}
+        proxy = ControlVariate(s_bar, drift_i, eng.batch_scale)
         new_j, state = eng.oracle(state, theta, bj, kj)
         drift_j = eng.reduce(s_sub(new_j, s_read(ops, table, bj)), bj)
         s_bar = {k: v + drift_j[k] for k, v in s_bar.items()}
@@ -56,7 +72,8 @@ class SagaRule(ProxyRule):
 
 
 class FIEM(StatEngine):
-    """FIEM with constant step ``ρ = (n/b)^(−2/3)`` (default b = ⌈n/100⌉; the paper's setting is b = 1).
+    """FIEM with constant step ``ρ = (n/b)^(−2/3)`` (default b = ⌈n/100⌉, at least 50 units; the paper's setting is
+    b = 1).
 
     Example
     -------
@@ -78,6 +95,7 @@ class FIEM(StatEngine):
     name = "FIEM"
     rule = SagaRule()
     batches_per_epoch = 100
+    min_batch_size = 50
 
     def default_rho(self, n: int, b: int) -> float:
         return default_fast_step(n, b)

@@ -9,8 +9,9 @@ mini-batch ``B_t`` is refreshed at the current θ and the running sum follows:
     𝒮^{(t+1)} = 𝒮^{(t)} + Σ_{i∈B_t} (s̄_i(θ^t) − s_i),   s_i ← s̄_i(θ^t)  (i ∈ B_t),
     θ^{t+1} = θ̄(𝒮^{(t+1)})                                     (γ = ρ = 1).
 
-``b = 1`` is iEM, ``b = n`` is EM.  With a Monte-Carlo oracle the same rule is mini-batch MCEM
-(``MiniBatchMCEM``) and, with two timescales, iSAEM (``TTSEM(variant="isaem")``).
+``b = 1`` is the FIEM paper's iEM, ``b = n`` is EM; ``IEM`` defaults to n/100 blocks (Neal & Hinton's blocks).
+With a Monte-Carlo oracle the same rule is mini-batch MCEM (``MiniBatchMCEM``) and, with two timescales, iSAEM
+(``TTSEM(variant="isaem")``).
 """
 
 from __future__ import annotations
@@ -58,9 +59,17 @@ class MiniBatchEM(StatEngine):
 
 
 class IEM(MiniBatchEM):
-    """Incremental EM (Neal & Hinton): the mini-batch rule, one unit per iteration by default."""
+    """Incremental EM (Neal & Hinton): the mini-batch rule with n/100 blocks per epoch by default (b = ⌈n/100⌉).
+
+    Neal & Hinton's incremental EM refreshes one *block* of the data per iteration; a block of one unit
+    (``batch_size=1``, the FIEM paper's iEM) is the limiting case.  Per unit visited it makes the same progress per
+    epoch, but each iteration is a Python-level step of fixed cost (~0.4 ms on a CPU): with b = 1 an epoch at
+    n = 10⁶ took ~6 minutes, against ~0.1 s for an epoch of exact EM.  With 100 blocks an epoch costs 100 steps of
+    vectorised E-steps over n/100 units each whatever n.
+    """
 
     name = "IEM"
+    batches_per_epoch = 100
 
-    def __init__(self, model: Any, num_epochs: int = 20, batch_size: int | None = 1, **kwargs: Any) -> None:
+    def __init__(self, model: Any, num_epochs: int = 20, batch_size: int | None = None, **kwargs: Any) -> None:
         super().__init__(model, num_epochs, batch_size, **kwargs)

@@ -100,6 +100,21 @@ class NonFiniteError(FloatingPointError):
         self.result = result
 
 
+class DegenerateFitError(NonFiniteError, ModelSpecificationError):
+    """The estimate reached a point where the model's density is degenerate, e.g. a Gaussian mixture's covariance
+    became singular with no ``reg_covar`` floor (its log-density unbounded): the E-step at that θ cannot be taken.
+
+    A model raises it from the E-step; during a fit the driver handles it as a :class:`NonFiniteError` (whose
+    attributes it sets): ``iteration`` is the iteration whose E-step failed, ``result`` / ``checkpoint`` the last good
+    state (``result.interrupted`` is true).  Outside a fit (a post-fit computation at such a θ) they are None.
+    """
+
+    def __init__(self, message: str, *, parameter: str | None = None, iteration: int | None = None,
+                 last_good_iteration: int | None = None, checkpoint: Any = None, result: Any = None) -> None:
+        super().__init__(message, parameter=parameter, iteration=iteration, last_good_iteration=last_good_iteration,
+                         checkpoint=checkpoint, result=result)
+
+
 @dataclass
 class LatentSite:
     """Layout of one latent site inside the flat per-unit vector ``z_i``."""
@@ -321,6 +336,16 @@ class LatentModel:
     def fit_warnings(self, theta: dict[str, Any]) -> list[str]:
         """Messages about degenerate estimates (collapsed components, ...); engines warn with them."""
         return []
+
+    def stats_in_domain(self, s: dict[str, Any]) -> Any | None:
+        """Where the statistics ``s`` lie in the domain of :meth:`m_step`: ``[G]`` booleans, one per block of the
+        statistics (axis 0 of every array of ``s``, e.g. a mixture's components: ``s["s"] [K, D]``); with one leading
+        batch axis on every array (``[B, K, D]``), ``[B, G]``.  In the domain means: statistics that
+        some distribution of the latents could give (a mass > 0, a positive definite scatter), so that the M-step has
+        a maximiser.  Exact and averaged statistics always are; a variance-reduced step (FIEM, sEM-VR) may not be, and
+        the engines then shrink its control variate (:meth:`~latentfit.inference.stats_table.StatEngine.fast_step`).
+        None (the default): every statistic is (no check)."""
+        return None
 
     def shard_view(self, ops: Any, offset: int, total: int) -> LatentModel:
         """This model as the shard ``offset .. offset + num_units − 1`` of a data-parallel fit over ``total`` units

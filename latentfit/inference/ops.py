@@ -302,6 +302,15 @@ class Ops:
 
         return self.fori_loop(0, d, column, (a, xp.zeros_like(a)))[1]
 
+    def positive_definite(self, a: Any) -> Any:
+        """``[...]`` booleans: symmetric ``a [..., d, d]`` is positive definite (its Cholesky factorisation succeeds,
+        every pivot > 0; a NaN entry gives False).  Written once in ``xp`` ops (:meth:`small_cholesky`: elementwise
+        operations a compiled program fuses, no LAPACK call, for small d); torch asks LAPACK's ``cholesky_ex``, which
+        reports instead of raising."""
+        xp = self.xp
+        pivots = xp.diagonal(self.small_cholesky(a), 0, -2, -1)
+        return xp.all(pivots > 0, -1)
+
     def forward_substitution(self, chol: Any, b: Any) -> Any:
         """``L⁻¹ b`` for lower ``L [..., d, d]``, ``b [..., d, m]``, a row per loop step: ``x_j = b_j / l_jj``, then
         ``b ← b − L[:, j] x_j`` (column-oriented, vectorised over the right-hand sides)."""
@@ -1048,6 +1057,9 @@ class TorchOps(Ops):
     # --- linear algebra -------------------------------------------------------------------------
     def cholesky(self, a: Any) -> Any:
         return self.torch.linalg.cholesky(a)
+
+    def positive_definite(self, a: Any) -> Any:
+        return self.torch.linalg.cholesky_ex(a).info == 0  # (LAPACK's potrf reports a NaN pivot as a failure)
 
     def solve(self, a: Any, b: Any) -> Any:
         return self.torch.linalg.solve(a, b)

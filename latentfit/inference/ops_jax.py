@@ -1436,6 +1436,10 @@ class JaxOps(Ops):
 
     # --- control flow -------------------------------------------------------------------------
     def cond(self, pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
+        """``lax.cond`` inside a trace; outside one (a concrete predicate) the chosen branch alone, eagerly
+        (``lax.cond`` would compile both branches first)."""
+        if not isinstance(pred, jax.core.Tracer):
+            return true_fn(*operands) if bool(pred) else false_fn(*operands)
         return lax.cond(pred, true_fn, false_fn, *operands)
 
     def fori_loop(self, lower: int, upper: int, body: Callable[[int, Any], Any], init: Any) -> Any:

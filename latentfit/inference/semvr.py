@@ -8,7 +8,9 @@ At the start of every epoch ``ℓ`` a snapshot θ̃ = θ^{ℓ} is taken with its
     S̃^{(t+1)} = S̃^{(t)} + ρ (𝒮^{(t+1)} − S̃^{(t)}),   θ^{t+1} = θ̄(S̃^{(t+1)}),
 
 with a constant ``ρ = (n/b)^(−2/3)`` (the paper's practical ``n^(−2/3)`` for b = 1); the snapshot
-refreshes every epoch (``m = n/b``).  With a Monte-Carlo oracle and a slow step this is vrTTEM
+refreshes every epoch (``m = n/b``).  A step that would leave the M-step's domain gets its control variate shrunk,
+block by block, and the default mini-batch has at least 50 units, as FIEM's (:mod:`~latentfit.inference.fiem`).  With a
+Monte-Carlo oracle and a slow step this is vrTTEM
 (``TTSEM(variant="vr")``), whose snapshot table holds the stored MC statistics.
 """
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .stats_table import ProxyRule, StatEngine, Stats, StatState, default_fast_step, s_read, s_sub
+from .stats_table import ControlVariate, ProxyRule, StatEngine, Stats, StatState, default_fast_step, s_read, s_sub
 
 
 class SnapshotMemory(NamedTuple):
@@ -58,16 +60,17 @@ class SnapshotRule(ProxyRule):
         new, state = eng.oracle(state, theta, bi, key)
         snap_table, snap_sum = state.memory
         delta = eng.reduce(s_sub(new, s_read(ops, snap_table, bi)), bi)
-        c = eng.batch_scale
-        return {k: v + c * delta[k] for k, v in snap_sum.items()}, state
+        return ControlVariate(snap_sum, delta, eng.batch_scale), state
 
 
 class SEMVR(StatEngine):
-    """sEM-VR with constant step ``ρ = (n/b)^(−2/3)`` and a snapshot per epoch (default b = ⌈n/100⌉)."""
+    """sEM-VR with constant step ``ρ = (n/b)^(−2/3)`` and a snapshot per epoch (default b = ⌈n/100⌉, at least 50
+    units)."""
 
     name = "SEMVR"
     rule = SnapshotRule()
     batches_per_epoch = 100
+    min_batch_size = 50
 
     def default_rho(self, n: int, b: int) -> float:
         return default_fast_step(n, b)

@@ -409,6 +409,9 @@ class EnumeratedLatentModel(TracedBase):
     def fit_warnings(self, theta: dict[str, Any]) -> list[str]:
         return self._gm.fit_warnings(self._internal(theta)) if self._gm is not None else []
 
+    def stats_in_domain(self, s: dict[str, Any]) -> Any | None:
+        return self._gm.stats_in_domain(s) if self._gm is not None else None
+
     @property
     def permuted_units(self) -> Any:
         """With the family E-step: the model with its units reordered (the engines then cut contiguous mini-batch

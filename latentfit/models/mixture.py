@@ -34,7 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from latentfit.inference.model import DataError, LatentModel, LatentSite, ModelSpecificationError, ParamInfo
+from latentfit.inference.model import (
+    DataError,
+    DegenerateFitError,
+    LatentModel,
+    LatentSite,
+    ModelSpecificationError,
+    ParamInfo,
+)
 from latentfit.inference.ops import LOG_2PI, Ops, ops_for
 from latentfit.inference.units import UnitBlock, read_units
 
@@ -382,7 +389,9 @@ class GaussianMixture(LatentModel):
         else:
             check = self.reg_covar == 0 and "covariances" not in self._fixed
             if check and not self.ops.jittable and not bool(xp.all(cov > 0)):
-                raise ModelSpecificationError("a component variance is 0 (singular covariance): increase reg_covar")
+                raise DegenerateFitError("a component variance is 0 (singular covariance): reg_covar=0 puts no floor "
+                                         "under the variances; give reg_covar > 0 (scikit-learn's default is 1e-6)",
+                                         parameter="covariances")
             var = cov if self.base_type == "diag" else cov[:, None] + ops.zeros((self.K, d))
             pm = mu / var
             cq = -0.5 / var if self.base_type == "diag" else -0.5 / cov[:, None]
@@ -415,9 +424,12 @@ class GaussianMixture(LatentModel):
                 pivot = xp.amin(diag, -1)  # (torch.min(x, dim) is a (values, indices) pair)
         if not ops.jittable and not bool(xp.all(pivot > 0)):
             bad = [k for k in range(self.K) if not bool(pivot[k] > 0)]
-            raise ModelSpecificationError(
-                f"the covariance of component(s) {bad} is singular (not positive definite); increase "
-                "reg_covar or use regularize=True")
+            floor = (f"reg_covar={self.reg_covar:g} is below the rounding level of the data's scale: increase it"
+                     if self.reg_covar > 0 else "reg_covar=0 puts no floor under the covariances: give reg_covar > 0 "
+                     "(scikit-learn's default is 1e-6)")
+            raise DegenerateFitError(
+                f"the covariance of component(s) {bad} is singular (not positive definite: its points span fewer "
+                f"than d={self.d} dimensions); {floor}", parameter="covariances")
         return 0.5 * (prec + xp.swapaxes(prec, -1, -2)), logdet
 
     def _features_t(self, units: Any) -> Any:
@@ -616,7 +628,7 @@ class GaussianMixture(LatentModel):
             # the expansion cancels ‖μ‖² against E[xxᵀ]: at the rounding level of E[x_i²] a variance is 0
             m2 = xp.diagonal(Sxx, 0, -2, -1) / Nsafe[:, None]
             cov = _clamp_covariance(xp, cov, CANCELLATION * float(xp.finfo(cov.dtype).eps) * m2, self._eye > 0)
-            cov = cov + self.reg_covar * self._eye
+            cov = self._nearest_psd(cov, alive) + self.reg_covar * self._eye
             alive_c = alive[:, None, None]
         elif self.covariance_type == "diag":
             cov = (Sq - 2 * mu_c * Sx + Nk[:, None] * mu_c * mu_c) / Nsafe[:, None] + self.reg_covar
@@ -629,6 +641,43 @@ class GaussianMixture(LatentModel):
         # a component without mass keeps its previous mean and covariance (never 0/0)
         out["covariances"] = cov if theta is None else xp.where(alive_c, cov, theta["covariances"])
         return out
+
+    def _nearest_psd(self, cov: Any, alive: Any) -> Any:
+        """Symmetric ``cov [G, d, d]`` mapped into the positive semi-definite cone where it is not positive
+        definite: its negative eigenvalues set to 0 (the nearest such matrix in Frobenius norm; the scatter of
+        statistics outside the M-step's domain, which no posterior gives).  ``reg_covar`` added after it makes the
+        covariance ≥ reg_covar·I: with a valid scatter ``W`` this is ``W/N + reg_covar·I`` as before, so exact EM's
+        fixed point is unchanged.  A positive definite ``cov`` (every exact or averaged statistic) is returned as is;
+        the eigendecomposition runs only when some matrix of a component with mass (``alive [G]``; the others keep
+        their previous value) fails the Cholesky test."""
+        ops, xp = self.ops, self.ops.xp
+        ok = ops.positive_definite(cov) | ~alive
+
+        def clip(c: Any) -> Any:
+            w, u = ops.eigh(c)
+            p = (u * xp.maximum(w, 0 * w)[..., None, :]) @ xp.swapaxes(u, -1, -2)
+            return xp.where(ok[:, None, None], c, 0.5 * (p + xp.swapaxes(p, -1, -2)))
+
+        return ops.cond(xp.all(ok), lambda c: c, clip, cov)
+
+    def stats_in_domain(self, s: dict[str, Any]) -> Any:
+        """``[..., K]``: component k's statistics ``(N_k, S_x,k, S_xx,k)`` are the moments of some distribution of
+        points (the moment matrix ``[[S_xx, S_x], [S_xᵀ, N]]`` is positive definite: a mass > 0 and a positive definite
+        scatter ``S_xx − S_x S_xᵀ/N``; diag: per coordinate, spherical: summed over them), the domain where the M-step
+        has a maximiser.  With the covariances fixed, a mass > 0."""
+        ops, xp, d, dq = self.ops, self.ops.xp, self.d, self.dq
+        S = s["s"]
+        N, Sx, Sq = S[..., -1], S[..., dq:dq + d], S[..., :dq]
+        if "covariances" in self._fixed:
+            return N > 0
+        if self.base_type == "full":  # the moment matrix gathered from S's columns in one take
+            if getattr(self, "_moment_index", None) is None:
+                self._moment_index = ops.asarray(_moment_matrix_index(d))
+            M = ops.take(S, self._moment_index, S.ndim - 1)
+            return ops.positive_definite(xp.reshape(M, tuple(S.shape[:-1]) + (d + 1, d + 1)))
+        if self.base_type == "diag":
+            return (N > 0) & xp.all(Sq * N[..., None] - Sx * Sx > 0, -1)
+        return (N > 0) & (Sq[..., 0] * N - xp.sum(Sx * Sx, -1) > 0)
 
     def _tied_covariance(self, Sq: Any, Sx: Any, Nk: Any, mu_c: Any, alive: Any, theta: dict[str, Any] | None) -> Any:
         """The shared covariance: the components' scatter about their means pooled and divided by ``Σ_k N_k``
@@ -646,7 +695,7 @@ class GaussianMixture(LatentModel):
             cov = 0.5 * (cov + xp.swapaxes(cov, -1, -2))
             m2 = xp.sum(xp.diagonal(Sxx, 0, -2, -1), 0)[None] / Ntot  # rounding level of the expansion
             cov = _clamp_covariance(xp, cov, CANCELLATION * float(xp.finfo(cov.dtype).eps) * m2, self._eye > 0)
-            cov = cov[0] + self.reg_covar * self._eye
+            cov = self._nearest_psd(cov, total[None] > self._tiny_mass)[0] + self.reg_covar * self._eye
         else:
             if self.covariance_type == "tied_diag":  # per coordinate: [K, d]
                 scatter = Sq - 2 * mu_c * Sx + Nk[:, None] * mu_c * mu_c
@@ -827,6 +876,15 @@ def _small_spd_inverse(xp: Any, A: Any, d: int) -> tuple[Any, Any, Any]:
     for p in pivots[1:]:
         pivot = xp.minimum(pivot, p)
     return prec, logdet, pivot
+
+
+def _moment_matrix_index(d: int) -> np.ndarray:
+    """Columns of the full-covariance statistics ``[vec(x xᵀ), x, 1]`` that make the moment matrix
+    ``[[x xᵀ, x], [xᵀ, 1]]`` (row-major ``(d + 1)²`` entries)."""
+    a = np.arange(d + 1)
+    i, j = np.meshgrid(a, a, indexing="ij")
+    idx = np.where((i < d) & (j < d), i * d + j, d * d + np.minimum(i, j))
+    return np.where((i == d) & (j == d), d * d + d, idx).ravel().astype(np.int64)
 
 
 def _clamp_covariance(xp: Any, cov: Any, noise: Any, eye: Any) -> Any:
