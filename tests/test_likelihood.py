@@ -279,7 +279,7 @@ def test_exact_marginal_is_the_default_for_mixtures():
     assert fit.log_likelihoods["exact"].per_unit.shape == (300,)
     assert fit.num_params == 2 + 6 + 9
     assert fit.bic == pytest.approx(-2 * fit.log_likelihood() + 17 * np.log(300))
-    # EM keeps no latent draws: Louis' SEs over exact posterior draws at θ̂ (tests/test_mixture_standard_errors.py)
+    # EM keeps no latent draws: the exact observed information (tests/test_mixture_standard_errors.py)
     table = fit.summary()
     assert list(table.columns) == ["estimate", "se", "rse%"] and np.isfinite(table["se"]).all()
     assert list(fit.summary(se=False).columns) == ["estimate"]

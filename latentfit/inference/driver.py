@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._hooks import user_stacklevel
-from .model import DegenerateFitError, LatentModel, NonFiniteError
+from .model import ConvergenceWarning, DegenerateFitError, LatentModel, NonFiniteError
 from .results import FitResult
 
 Callback = Callable[[int, dict[str, Any]], Any]
@@ -455,7 +455,7 @@ class Engine:
         _warn_nonfinite(self.name, history)
         if not interrupted:
             for msg in self.convergence_warnings(history):
-                warnings.warn(f"{self.name}: {msg}", RuntimeWarning, stacklevel=user_stacklevel())
+                warnings.warn(f"{self.name}: {msg}", ConvergenceWarning, stacklevel=user_stacklevel())
         return self._result(state, history, draws, t0, t_init, good.iteration if interrupted else done,
                             compiled_before, interrupted, blocks=blocks)
 

@@ -44,6 +44,7 @@ from .likelihood import gaussian_log_density, linearised_moments, require_gaussi
 from .model import LatentModel
 from .mstep import flatten, unflatten
 from .ops import ProgramsByModel
+from .units import UnitBlock
 
 
 @dataclass
@@ -219,7 +220,12 @@ def _finish(method: str, model: LatentModel, pv: ParamVector, fim: np.ndarray,
     labels, est = _labels(model, pv.theta)
     var = np.diagonal(cov).copy()
     depends = np.abs(jc) > 0  # [P_c, p]: reported value l moves with free coordinate j
-    flat = depends[:, ~_used(sym)].any(1)
+    if basis is None:
+        used = _used(sym)
+    else:  # a coordinate is informed when a free direction through it is (a symmetric matrix's upper entry, which a
+        # model reading the lower triangle alone never touches, moves with the lower one along its direction)
+        used = (np.abs(basis[:, _used(basis.T @ sym @ basis)]) > 0).any(1) | _used(sym)
+    flat = depends[:, ~used].any(1)
     negative = (var < 0) & ~flat
     zero = (var == 0) & depends.any(1) & ~flat  # an estimated parameter's variance exactly 0
     var[flat | negative | zero] = np.nan
@@ -357,6 +363,60 @@ def fim_louis(model: LatentModel, theta: dict[str, Any], draws: Any, batch_size:
     return _finish("sa", model, pv, fim if reduce is None else reduce(fim))
 
 
+#: :func:`fim_exact`: units per block of the marginal's Hessian (its autodiff intermediates grow with the block)
+EXACT_HESSIAN_BLOCK = 16384
+
+
+def fim_exact(model: LatentModel, theta: dict[str, Any], reduce: Reduce | None = None,
+              block_size: int = EXACT_HESSIAN_BLOCK) -> StandardErrors:
+    """Observed Fisher information ``−∂²_x Σ_i log p(y_i; θ_x)`` of a model with an exact marginal likelihood
+    (``model.marginal_log_lik``: a mixture, the labels summed out), by automatic differentiation, in blocks of units.
+
+    This is what Louis' formula estimates (``E[−∂² log p(y, z)] − Cov(∂ log p(y, z))`` under ``p(z | y; θ)``, an
+    identity for any ``p(y, z; θ)`` with ``p(y) = Σ_z p(y, z)``), without the Monte-Carlo error of averaging over
+    draws of the labels and at the cost of ``p`` Hessian-vector passes over the data (a 2-D, 3-component mixture
+    at n = 10⁵: under a second, where 1000 draws per unit took 14 s and 1.5 GB).  ``reduce``: a distributed fit's
+    sum over processes (the Hessian is a sum over units)."""
+    ops = model.ops
+    pv = ParamVector(model, theta)
+    n = int(model.num_units)
+    block = max(1, min(int(block_size), n))
+    hessian = _exact_hessian(model, tuple(pv.free), tuple(pv.shapes.items()), block)
+    total = 0.0
+    for start in range(0, n, block):
+        size = min(block, n - start)
+        h = hessian(pv.theta, pv.x0, start) if size == block else \
+            _exact_hessian(model, tuple(pv.free), tuple(pv.shapes.items()), size)(pv.theta, pv.x0, start)
+        total = total + ops.to_numpy(h)
+    fim = -np.asarray(total, dtype=float)
+    return _finish("sa", model, pv, fim if reduce is None else reduce(fim))
+
+
+#: the compiled Hessians of the exact marginal, per model, free-parameter layout and block size (:func:`fim_exact`)
+_EXACT = ProgramsByModel()
+
+
+def _exact_hessian(model: LatentModel, free: tuple[str, ...], shapes: tuple, size: int) -> Callable[..., Any]:
+    """``(θ, x, start) -> ∂²_x Σ_{i ∈ block} log p(y_i; θ_x)`` for the units ``start .. start + size − 1``."""
+    shape_map = dict(shapes)
+
+    def body(ref: Callable[[], LatentModel]) -> Callable[..., Any]:
+        def hessian(theta: dict[str, Any], x: Any, start: Any) -> Any:
+            model = ref()
+            units = UnitBlock(start, size)
+
+            def marginal(u: Any) -> Any:
+                th = dict(theta)
+                th.update(model.constrain(unflatten(u, list(free), shape_map)))
+                return model.ops.xp.sum(model.marginal_log_lik(th, units))
+
+            return model.ops.hessian(marginal, vectorize=True)(x)
+
+        return hessian
+
+    return _EXACT.get_program(model, (free, shapes, size), body)
+
+
 #: the compiled derivatives of Louis' formula, per model and free-parameter layout (:func:`_louis_derivatives`)
 _LOUIS = ProgramsByModel()
 
@@ -385,5 +445,5 @@ def _louis_derivatives(model: LatentModel, free: tuple[str, ...], shapes: tuple)
     return _LOUIS.get_program(model, (free, shapes), body)
 
 
-__all__ = ["StandardErrors", "delta_method", "fim_linearisation", "fim_louis", "forward_jacobian",
+__all__ = ["StandardErrors", "delta_method", "fim_exact", "fim_linearisation", "fim_louis", "forward_jacobian",
            "invert_information"]

@@ -247,6 +247,34 @@ def predict(fit: FitResult, x: Any = None) -> np.ndarray:
     return np.argmax(predict_proba(fit, x), 1).astype(np.int64)
 
 
+def score_samples(fit: FitResult, x: Any = None) -> np.ndarray:
+    """``log p(y_i; θ̂)`` ``[n]`` (numpy; scikit-learn's ``score_samples``) of the fitted units (``x=None``) or of new
+    data ``x`` (:func:`predict_proba`'s forms) under a mixture's exact marginal (the labels summed out)."""
+    method = getattr(fit.model, "score_samples", None)
+    if method is None:
+        raise ValueError(f"score / score_samples need a model with an exact marginal likelihood that takes new data "
+                         f"(GaussianMixture, or a Pyro / NumPyro mixture fitted by the EM family); this fit's model "
+                         f"({type(fit.model).__name__}) has none: fit.log_likelihood() gives the fitted data's")
+    return method(fit._theta(), x)
+
+
+def score(fit: FitResult, x: Any = None) -> float:
+    """Mean log-likelihood per unit ``(1/n) Σ_i log p(y_i; θ̂)`` (scikit-learn's ``score``) of the fitted units or of
+    new data ``x`` (:func:`score_samples`)."""
+    return float(np.mean(score_samples(fit, x)))
+
+
+def sample(fit: FitResult, num_samples: int = 1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(x [m, d], labels [m])``: new points drawn from a fitted ``GaussianMixture`` (scikit-learn's ``sample``)."""
+    method = getattr(fit.model, "sample_points", None)
+    if method is None:
+        raise ValueError(f"sample draws new points from a fitted GaussianMixture; this fit's model "
+                         f"({type(fit.model).__name__}) is not one (a Pyro / NumPyro model: fit.to_arviz("
+                         "posterior_predictive=True) draws replicates of its data, or run the model under "
+                         "Predictive with fit.params)")
+    return method(fit._theta(), num_samples, seed)
+
+
 # ----- likelihood and information criteria ---------------------------------------------------------------
 def default_ll_method(fit: FitResult) -> str:
     """``"exact"`` when the model has an exact marginal, else ``"is"``."""
@@ -474,10 +502,11 @@ def standard_errors(fit: FitResult, method: str | None = None, *, num_iters: int
     """Standard errors of every parameter (constrained scale, :meth:`~FitResult.param_table` labels).
 
     ``method``: ``"lin"`` (expected Fisher information of the model linearised at the conditional modes, as
-    saemix does at the conditional means; default for models with Gaussian faces) or ``"sa"`` (Louis' formula
-    averaged over draws of the latents: the SAEM chains' draws of the smoothing phase (fresh draws at θ̂ when it kept
-    fewer than :data:`MIN_SETTLED_ITERS` iterations, e.g. a short fit), or ``num_iters`` fresh MCMC iterations at
-    θ̂ when ``num_iters > 0``, from the units' own streams after a fit with ``rng="per_unit"``, so that a distributed
+    saemix does at the conditional means; default for models with Gaussian faces) or ``"sa"`` (for a fit with an
+    exact E-step, the EM family's mixtures: the exact observed information, the Hessian of the marginal; else Louis'
+    formula averaged over draws of the latents: the SAEM chains' draws of the smoothing phase (fresh draws at θ̂ when
+    it kept fewer than :data:`MIN_SETTLED_ITERS` iterations, e.g. a short fit), or ``num_iters`` fresh MCMC iterations
+    at θ̂ when ``num_iters > 0``, from the units' own streams after a fit with ``rng="per_unit"``, so that a distributed
     fit gets the one-process result).  The full record (covariance, Fisher information, ``.delta(fn)`` for derived
     quantities) is ``fit.covariance(method)``.
     """
@@ -498,8 +527,13 @@ def covariance(fit: FitResult, method: str | None = None, *, num_iters: int = 0,
             require_linearisable(fit, "standard_errors('lin') (the linearisation Fisher information)")
             z_hat = model.ops.asarray(_local_estimates(fit).mode)
             rec = fisher.fim_linearisation(model, theta, z_hat, reduce=_information_sum(fit))
+        elif fit.latent_draws is None and getattr(model, "has_exact_marginal", False) \
+                and getattr(model, "has_posterior_sampler", False):
+            # an exact E-step (the EM family's mixtures): the Hessian of the exact marginal, what Louis' formula
+            # estimates, without its Monte-Carlo error
+            rec = fisher.fim_exact(model, theta, reduce=_information_sum(fit))
         elif fit.latent_draws is None and getattr(model, "has_posterior_sampler", False):
-            # an exact E-step (the EM family's mixtures): Louis' formula over exact posterior draws at θ̂
+            # an exact posterior sampler without an exact marginal: Louis' formula over exact posterior draws at θ̂
             draws = exact_posterior_draws(fit, seed)
             batch = max(1, 500_000 // max(int(model.num_units), 1))  # draws per pass: their scores' memory bounded
             rec = fisher.fim_louis(model, theta, draws, batch_size=batch, reduce=_information_sum(fit),

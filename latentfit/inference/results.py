@@ -50,8 +50,9 @@ class FitResult:
     ``plot_observations_vs_predictions``, ``plot_residuals``, ``plot_individual_fits``, ``plot_vpc``, ``plot_gof``.
     Linearisation and residual diagnostics need the model's Gaussian faces (``has_gaussian_obs`` /
     ``has_gaussian_prior``).  A mixture (``GaussianMixture``, an enumerated Pyro / NumPyro mixture):
-    :meth:`predict_proba` (responsibilities ``[n, K]``) and :meth:`predict` (hard labels), of the fitted units or of new
-    data, as scikit-learn's.
+    :meth:`predict_proba` (responsibilities ``[n, K]``), :meth:`predict` (hard labels), :meth:`score_samples` /
+    :meth:`score` (log-likelihood per unit / its mean), of the fitted units or of new data, and :meth:`sample` (new
+    points of a ``GaussianMixture``), as scikit-learn's.
     """
 
     engine: Any
@@ -149,6 +150,9 @@ class FitResult:
     vpc = postfit.vpc
     predict = postfit.predict
     predict_proba = postfit.predict_proba
+    score_samples = postfit.score_samples
+    score = postfit.score
+    sample = postfit.sample
 
     @property
     def log_likelihoods(self) -> dict[str, Any]:

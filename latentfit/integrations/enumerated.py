@@ -164,6 +164,16 @@ class EnumeratedLatentModel(TracedBase):
             model = type(self)(self.fn, args, self.kwargs, reg_covar=self.reg_covar)
         return self.ops.to_numpy(model.responsibilities(theta)[0])
 
+    def score_samples(self, theta: dict[str, Any], x: Any = None) -> np.ndarray:
+        """``log p(y_i; θ)`` ``[n]`` (numpy; the labels summed out) of the model's units or of new data ``x``
+        (:meth:`predict_proba`'s forms)."""
+        theta = {k: self.ops.asarray(v) for k, v in theta.items()}
+        model = self
+        if x is not None:
+            args = tuple(x) if isinstance(x, tuple) else (x,) + self.args[1:]
+            model = type(self)(self.fn, args, self.kwargs, reg_covar=self.reg_covar)
+        return self.ops.to_numpy(model.marginal_log_lik(theta))
+
     def sample_posterior(self, theta: dict[str, Any], key: Any, num_samples: int, units: Any = None,
                          sim: Any = None) -> Any:
         r = self.responsibilities(theta, units)[0]

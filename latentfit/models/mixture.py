@@ -782,6 +782,35 @@ class GaussianMixture(LatentModel):
             out.append(ops.to_numpy(r_t).T)
         return np.concatenate(out, 0) if out else np.zeros((0, self.K))
 
+    def score_samples(self, theta: dict[str, Any], x: Any = None) -> np.ndarray:
+        """``log p(x_i; θ) = log Σ_k ω_k N(x_i; μ_k, Σ_k)`` ``[n]`` numpy (scikit-learn's ``score_samples``) of this
+        model's points or of new points ``x`` (:meth:`predict_proba`'s forms)."""
+        ops, xp = self.ops, self.ops.xp
+        if x is None:
+            return ops.to_numpy(self.marginal_log_lik(theta))
+        rows = self._new_rows(x)
+        C = self._coefficients(theta)
+        out = []
+        for a in range(0, int(rows.shape[0]), CHUNK):
+            _, ll = self._softmax_t(C.T @ xp.swapaxes(self._feature_rows(rows[a:a + CHUNK]), 0, 1))
+            out.append(ops.to_numpy(ll))
+        return np.concatenate(out, 0) if out else np.zeros((0,))
+
+    def sample_points(self, theta: dict[str, Any], num_samples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """``(x [m, d], labels [m])`` numpy: ``m`` new points drawn from the mixture at ``θ`` (scikit-learn's
+        ``sample``): a label from the weights, then the point from its component."""
+        ops = self.ops
+        m = int(num_samples)
+        if m < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        key = ops.key(int(seed))
+        k1, k2 = ops.split(key, 2)
+        weights = ops.asarray(theta["weights"])
+        cdf = ops.xp.cumsum(weights, 0)
+        lab = ops.xp.sum(ops.uniform(k1, (m, 1)) > cdf[:-1], -1)
+        z = _one_hot(ops, lab, self.K)
+        return self.sample_observations(theta, z, k2)["obs"], ops.to_numpy(lab).astype(np.int64)
+
     def predict_labels(self, theta: dict[str, Any], x: Any = None) -> np.ndarray:
         """Hard labels ``argmax_k p(z_i = k | x_i; θ)`` ``[n]`` (int64 numpy; scikit-learn's ``predict``) of this
         model's points or of new points ``x`` (:meth:`predict_proba`)."""
