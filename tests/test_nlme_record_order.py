@@ -221,3 +221,12 @@ def test_occasions_carrying_drug_follow_the_table_order(structural):
     theta = model.init_params()
     f = model.structural_prediction(theta, model.prior_moments(theta)[0]).detach().numpy()[model.data.mask]
     np.testing.assert_allclose(f, np.tile(reference(CASE_G, K1, V), 2), rtol=1e-7 if structural == "rk4" else 1e-12)
+
+
+def test_unsorted_table_with_same_time_records_warns():
+    """Every observation row, then every dose row (pd.concat in that order): the observation at a dose's time comes
+    first in the table, hence pre-dose, and the table is not in time order: a warning says how to sort it."""
+    rows = [_obs(6), _obs(12), _obs(18), _dose(0), _dose(12)]
+    with pytest.warns(UserWarning, match="records at the same time are taken in the table's order"):
+        f = _predict("one_compartment_bolus", {"V": V, "CL": CL}, rows)
+    np.testing.assert_allclose(f, reference([_dose(0), _obs(6), _obs(12), _dose(12), _obs(18)], K1, V), rtol=1e-12)

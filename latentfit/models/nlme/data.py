@@ -517,6 +517,10 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
 
     obs_rank, dose_rank = (None, None) if d_rank is None else _record_ranks(rows_a, mask, time_a, seg_a, d_rank,
                                                                             d_amt, d_time, d_seg)
+    if obs_rank is not None and has_time:  # the table's order decides at equal times: it should be in time order
+        _warn_unsorted(df, id_col, cols["time"], order, seg, time, [("records (doses and observations)", order >= 0)],
+                       note="; records at the same time are taken in the table's order (an observation listed before "
+                            "a dose at its time is pre-dose): sort the table stably by ID and time")
     # the IDs as they always were: np.asarray of the list of the table's values (numbers: the array itself; other
     # values: e.g. str, as a numpy unicode array); no Python list of a million numbers
     keep = keep_ids if keep_ids.dtype.kind in "biuf" else list(keep_ids)
@@ -621,7 +625,7 @@ def pad_individuals(data: NLMEData, size: int) -> NLMEData:
 
 
 def _warn_unsorted(df: pd.DataFrame, id_col: str, time_col: str, order: np.ndarray, seg: np.ndarray,
-                   time: np.ndarray, kinds: list[tuple[str, np.ndarray]]) -> None:
+                   time: np.ndarray, kinds: list[tuple[str, np.ndarray]], note: str = "") -> None:
     """Warn when an individual's records of one kind (``kinds``: name and row mask, e.g. the observations, the doses)
     are not in time order in the table (within a period: a reset, EVID 3/4 or an SS = 1 dose, may restart the time).
     They are read in time order, but NONMEM stops on such a table ("data records out of order") and a decreasing
@@ -646,7 +650,7 @@ def _warn_unsorted(df: pd.DataFrame, id_col: str, time_col: str, order: np.ndarr
         row, prev = df.index[rows[perm[back[0] + 1]]], df.index[rows[perm[back[0]]]]
         warnings.warn(f"the {kind} of ID {_id(df.loc[row, id_col])} are not in time order: row {row} has "
                       f"{time_col} {df.loc[row, time_col]} after {df.loc[prev, time_col]} at row {prev}; they are read "
-                      f"in time order (NONMEM would stop: check the time, or sort the table by ID and time)",
+                      f"in time order (NONMEM would stop: check the time, or sort the table by ID and time){note}",
                       stacklevel=user_stacklevel())
         return
 
