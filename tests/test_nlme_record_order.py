@@ -146,7 +146,7 @@ def test_order_matters_only_at_equal_times_and_sorting_keeps_it():
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("jax", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("solver", ["rk4", "adaptive"])
+@pytest.mark.parametrize("solver", ["rk4", "adaptive", "stiff"])
 def test_ode_paths_follow_the_table_order(solver, backend):
     for case in ODE_CASES:
         rows = CASES[case]
