@@ -73,55 +73,89 @@ def plot_convergence(fit: Any, params: list[str] | None = None, ncols: int = 3, 
     return fig
 
 
+def _response_panels(fit: Any, mask: np.ndarray) -> list[tuple[str | None, np.ndarray]]:
+    """``[(response name, [N, T] mask)]``: one entry per response of a model with several (the goodness-of-fit panels
+    then have a row each: concentrations and effects on one scale would hide each other), else ``[(None, mask)]``."""
+    model = _nlme(fit)
+    resp = getattr(model, "_resp", None) if model is not None else None
+    if resp is None or len(resp.names) < 2:
+        return [(None, mask)]
+    index = np.asarray(model.ops.to_numpy(resp.index))
+    if index.shape != mask.shape:  # (a distributed fit's residuals gather every process's units)
+        return [(None, mask)]
+    return [(name, mask & (index == r)) for r, name in enumerate(resp.names)]
+
+
+def _titled(response: str | None, text: str) -> str:
+    """A panel's title, prefixed with its response's name (a model with several responses)."""
+    return text if response is None else f"{response} · {text}"
+
+
 def plot_observations_vs_predictions(fit: Any, figsize=None, log: bool = False):
-    """Observations against PRED and IPRED, with the identity line."""
+    """Observations against PRED and IPRED, with the identity line; a model with several responses: a row of
+    panels per response, titled with its name."""
     plt = _plt()
     res = fit.residuals()
-    fig, axes = plt.subplots(1, 2, figsize=figsize or (9, 4.2))
-    for ax, name, label in ((axes[0], "pred", "population predictions (PRED)"),
-                            (axes[1], "ipred", "individual predictions (IPRED)")):
-        p = getattr(res, name)[res.mask]
-        yo = res.y[res.mask]
-        ax.scatter(p, yo, s=12, alpha=0.7)
-        lo, hi = np.nanmin([p.min(), yo.min()]), np.nanmax([p.max(), yo.max()])
-        ax.plot([lo, hi], [lo, hi], color="k", lw=1)
-        ax.set_xlabel(label)
-        ax.set_ylabel("observations")
-        if log:
-            ax.set_xscale("log")
-            ax.set_yscale("log")
+    groups = _response_panels(fit, res.mask)
+    fig, axes = plt.subplots(len(groups), 2, figsize=figsize or (9, 4.2 * len(groups)), squeeze=False)
+    for row, (response, m) in zip(axes, groups, strict=True):
+        for ax, name, label in ((row[0], "pred", "population predictions (PRED)"),
+                                (row[1], "ipred", "individual predictions (IPRED)")):
+            p = getattr(res, name)[m]
+            yo = res.y[m]
+            ax.scatter(p, yo, s=12, alpha=0.7)
+            lo, hi = np.nanmin([p.min(), yo.min()]), np.nanmax([p.max(), yo.max()])
+            ax.plot([lo, hi], [lo, hi], color="k", lw=1)
+            ax.set_xlabel(label)
+            ax.set_ylabel("observations")
+            if response is not None:
+                ax.set_title(_titled(response, f"DV vs {name.upper()}"), fontsize=10)
+            if log:
+                ax.set_xscale("log")
+                ax.set_yscale("log")
     fig.tight_layout()
     return fig
 
 
 def plot_residuals(fit: Any, x: Any = None, figsize=None):
     """IWRES, PWRES and NPDE against x (or IPRED/PRED; NLME fits: the data's time by default), and a normal QQ plot
-    of the NPDE."""
+    of the NPDE; a model with several responses: a row of these four panels per response, titled with its name."""
     plt = _plt()
     from statistics import NormalDist
 
     res = fit.residuals()
     xv, xlabel = _x_values(fit, x)
-    m = res.mask
-    fig, axes = plt.subplots(2, 2, figsize=figsize or (9, 7))
-    panels = [(axes[0, 0], res.iwres, xv if xv is not None else res.ipred, "IWRES"),
-              (axes[0, 1], res.pwres, xv if xv is not None else res.pred, "PWRES"),
-              (axes[1, 0], res.npde, xv if xv is not None else res.pred, "NPDE")]
+    groups = _response_panels(fit, res.mask)
+    if len(groups) == 1:
+        fig, axes = plt.subplots(2, 2, figsize=figsize or (9, 7))
+        rows = [[axes[0, 0], axes[0, 1], axes[1, 0], axes[1, 1]]]
+    else:
+        fig, axes = plt.subplots(len(groups), 4, figsize=figsize or (16, 3.6 * len(groups)), squeeze=False)
+        rows = [list(r) for r in axes]
     xlabel = xlabel if xv is not None else None
-    for ax, r, xx, name in panels:
-        ax.scatter(xx[m], r[m], s=12, alpha=0.7)
-        ax.axhline(0, color="k", lw=1)
-        for lvl in (-1.96, 1.96):
-            ax.axhline(lvl, color="k", lw=0.8, ls="--")
-        ax.set_ylabel(name)
-        ax.set_xlabel(xlabel or ("IPRED" if name == "IWRES" else "PRED"))
-    ax = axes[1, 1]
-    npde = np.sort(res.npde[m])
-    theo = np.array([NormalDist().inv_cdf((i + 0.5) / npde.size) for i in range(npde.size)])
-    ax.scatter(theo, npde, s=12, alpha=0.7)
-    ax.plot(theo, theo, color="k", lw=1)
-    ax.set_xlabel("N(0,1) quantiles")
-    ax.set_ylabel("NPDE quantiles")
+    for row, (response, m) in zip(rows, groups, strict=True):
+        panels = [(row[0], res.iwres, xv if xv is not None else res.ipred, "IWRES"),
+                  (row[1], res.pwres, xv if xv is not None else res.pred, "PWRES"),
+                  (row[2], res.npde, xv if xv is not None else res.pred, "NPDE")]
+        for ax, r, xx, name in panels:
+            ax.scatter(xx[m], r[m], s=12, alpha=0.7)
+            ax.axhline(0, color="k", lw=1)
+            for lvl in (-1.96, 1.96):
+                ax.axhline(lvl, color="k", lw=0.8, ls="--")
+            ax.set_ylabel(name)
+            ax.set_xlabel(xlabel or ("IPRED" if name == "IWRES" else "PRED"))
+            if response is not None:
+                ax.set_title(_titled(response, f"{name} vs {xlabel or ('IPRED' if name == 'IWRES' else 'PRED')}"),
+                             fontsize=10)
+        ax = row[3]
+        npde = np.sort(res.npde[m])
+        theo = np.array([NormalDist().inv_cdf((i + 0.5) / npde.size) for i in range(npde.size)])
+        ax.scatter(theo, npde, s=12, alpha=0.7)
+        ax.plot(theo, theo, color="k", lw=1)
+        ax.set_xlabel("N(0,1) quantiles")
+        ax.set_ylabel("NPDE quantiles")
+        if response is not None:
+            ax.set_title(_titled(response, "NPDE QQ plot"), fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -946,41 +980,44 @@ def plot_gof(fit: Any, x: Any = None, figsize: Any = None, log: bool = False) ->
 
     DV vs PRED and DV vs IPRED (identity lines), IWRES vs x and vs IPRED, NPDE vs x and vs PRED (zero and
     ±1.96 lines).  ``x``: the data's time (or x-variable) by default for NLME fits, else the observation index.
-    ``log``: logarithmic axes on the DV-vs-prediction panels.
+    ``log``: logarithmic axes on the DV-vs-prediction panels.  A model with several responses (Monolix: one panel
+    per observation type): the 2 × 3 block once per response, its panels' titles starting with the response's name.
     """
     plt = _plt()
     model = _nlme(fit)
     res = fit.residuals()
-    m = res.mask
     xv, xlabel = _x_values(fit, x)
     if xv is None:
-        xv, xlabel = np.broadcast_to(np.arange(m.shape[1], dtype=float), m.shape), "observation index"
+        xv, xlabel = np.broadcast_to(np.arange(res.mask.shape[1], dtype=float), res.mask.shape), "observation index"
     y, pred, ipred = (_natural(model, a) for a in (res.y, res.pred, res.ipred))
-    fig, axes = plt.subplots(2, 3, figsize=figsize or (12, 7.5))
-    for ax, p, label in ((axes[0, 0], pred, "PRED"), (axes[0, 1], ipred, "IPRED")):
-        ax.scatter(p[m], y[m], s=12, alpha=0.7)
-        both = np.concatenate([p[m], y[m]])
-        both = both[both > 0] if log else both
-        lo, hi = both.min(), both.max()
-        ax.plot([lo, hi], [lo, hi], color="k", lw=1)
-        ax.set_xlabel(label)
-        ax.set_ylabel("DV")
-        ax.set_title(f"DV vs {label}", fontsize=10)
-        if log:
-            ax.set_xscale("log", nonpositive="mask")
-            ax.set_yscale("log", nonpositive="mask")
-            _log_scale(ax.xaxis)
-            _log_scale(ax.yaxis)
-    panels = ((axes[0, 2], xv, res.iwres, xlabel, "IWRES"), (axes[1, 0], ipred, res.iwres, "IPRED", "IWRES"),
-              (axes[1, 1], xv, res.npde, xlabel, "NPDE"), (axes[1, 2], pred, res.npde, "PRED", "NPDE"))
-    for ax, xx, r, xl, yl in panels:
-        ax.scatter(np.asarray(xx)[m], r[m], s=12, alpha=0.7)
-        ax.axhline(0, color="k", lw=1)
-        for lvl in (-1.96, 1.96):
-            ax.axhline(lvl, color="k", lw=0.8, ls="--")
-        ax.set_xlabel(xl)
-        ax.set_ylabel(yl)
-        ax.set_title(f"{yl} vs {xl}", fontsize=10)
+    groups = _response_panels(fit, res.mask)
+    fig, axes = plt.subplots(2 * len(groups), 3, figsize=figsize or (12, 7.5 * len(groups)), squeeze=False)
+    for g, (response, m) in enumerate(groups):
+        top, bottom = axes[2 * g], axes[2 * g + 1]
+        for ax, p, label in ((top[0], pred, "PRED"), (top[1], ipred, "IPRED")):
+            ax.scatter(p[m], y[m], s=12, alpha=0.7)
+            both = np.concatenate([p[m], y[m]])
+            both = both[both > 0] if log else both
+            lo, hi = both.min(), both.max()
+            ax.plot([lo, hi], [lo, hi], color="k", lw=1)
+            ax.set_xlabel(label)
+            ax.set_ylabel("DV")
+            ax.set_title(_titled(response, f"DV vs {label}"), fontsize=10)
+            if log:
+                ax.set_xscale("log", nonpositive="mask")
+                ax.set_yscale("log", nonpositive="mask")
+                _log_scale(ax.xaxis)
+                _log_scale(ax.yaxis)
+        panels = ((top[2], xv, res.iwres, xlabel, "IWRES"), (bottom[0], ipred, res.iwres, "IPRED", "IWRES"),
+                  (bottom[1], xv, res.npde, xlabel, "NPDE"), (bottom[2], pred, res.npde, "PRED", "NPDE"))
+        for ax, xx, r, xl, yl in panels:
+            ax.scatter(np.asarray(xx)[m], r[m], s=12, alpha=0.7)
+            ax.axhline(0, color="k", lw=1)
+            for lvl in (-1.96, 1.96):
+                ax.axhline(lvl, color="k", lw=0.8, ls="--")
+            ax.set_xlabel(xl)
+            ax.set_ylabel(yl)
+            ax.set_title(_titled(response, f"{yl} vs {xl}"), fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -10,7 +10,8 @@
   and sd of every parameter on its natural scale, the EBEs of the random effects η (``eta_<name>``) and the
   covariates; ``shrinkage.csv``: η-shrinkage 1 − var(η̂)/ω² of the modes and the means, in %;
 * ``replicates.csv`` (fits with ``replicates = R``): seed, start, log-likelihood, MC SE and estimates of each run;
-* ``residuals.csv``: per observation ID, time (or x), DV, PRED, IPRED, IWRES, EPRED, PWRES, NPDE;
+* ``residuals.csv``: per observation ID, time (or x), the response column of a model with several responses (DVID,
+  or the name the data use), DV, PRED, IPRED, IWRES, EPRED, PWRES, NPDE;
 * ``individual_fits.png``, ``gof.png``, ``vpc.png`` (prediction-corrected), ``convergence.png``;
 * ``report.html``: all of the above in one file (tables as HTML, figures embedded as base64 PNG, the model file and
   the run information); it references no other file.
@@ -167,7 +168,8 @@ def shrinkage_table(fit: Any) -> pd.DataFrame:
 
 
 def residuals_table(fit: Any) -> pd.DataFrame:
-    """One row per observation: ID, x (time), DV, PRED, IPRED, IWRES, EPRED, PWRES, NPDE (data scale for DV)."""
+    """One row per observation: ID, x (time), a joint model's response column (DVID), DV, PRED, IPRED, IWRES, EPRED,
+    PWRES, NPDE (data scale for DV)."""
     model = fit.model
     frame = fit.residuals().to_frame()  # the ID and the time (x) columns of the model's data
     id_name = model.data.columns.get("id", "ID")

@@ -20,7 +20,7 @@ from scipy import stats
 
 from latentfit import ModelSpecificationError
 from latentfit.models import nlme
-from latentfit.models.nlme.covariate_search import _detect_covariates, chi2_sf
+from latentfit.models.nlme.covariate_search import _detect_covariates, _table_row, chi2_sf
 
 OPT = dict(columns={"id": "ID", "time": "TIME", "dv": "DV"}, dose="DOSE")
 TRUTH = {"ka": 1.5, "V": 30.0, "CL": 3.0, "beta_CL_WT": 0.02, "omega2_ka": 0.1, "omega2_V": 0.05, "omega2_CL": 0.05,
@@ -67,15 +67,20 @@ def check_table(table: pd.DataFrame, n_units: int) -> None:
         before = table[table["selected"] & (table["step"] == step - 1)].iloc[0]
         assert ref["covariates"] == before["covariates"] and ref["-2LL"] <= before["-2LL"]
         rows = table[(table["step"] == step) & (table["action"] != "current")]
-        assert np.allclose(rows["dBIC"], rows["BIC_cov"] - ref["BIC_cov"], rtol=0, atol=1e-9)
+        assert np.allclose(rows["dBIC_cov"], rows["BIC_cov"] - ref["BIC_cov"], rtol=0, atol=1e-9)
+        assert np.allclose(rows["dBIC"], rows["BIC"] - ref["BIC"], rtol=0, atol=1e-9)
         assert np.allclose(rows["dAIC"], rows["AIC"] - ref["AIC"], rtol=0, atol=1e-9)
         assert (rows["df"] == (rows["npar"] - ref["npar"]).abs()).all()
         sign = np.where(rows["npar"] > ref["npar"], 1.0, -1.0)
         assert np.allclose(rows["LRT"], sign * (ref["-2LL"] - rows["-2LL"]), rtol=0, atol=1e-9)
-        assert np.allclose(rows["p_value"], stats.chi2.sf(rows["LRT"], rows["df"]), rtol=1e-10, atol=1e-14)
+        neg = rows["LRT"] < 0  # a larger model fitted worse (SAEM noise): no p-value, a note
+        assert np.allclose(rows["p_value"][~neg], stats.chi2.sf(rows["LRT"][~neg], rows["df"][~neg]), rtol=1e-10,
+                           atol=1e-14)
+        assert rows["p_value"][neg].isna().all() and (rows["note"][neg].str.startswith("LRT < 0")).all()
+        assert (rows["note"][~neg] == "").all()
         # the move taken is the lowest criterion of its step, and only when it improves on the step's model
         best = rows["BIC_cov"].idxmin()
-        assert rows["selected"].sum() == (1 if rows.loc[best, "dBIC"] < 0 else 0)
+        assert rows["selected"].sum() == (1 if rows.loc[best, "dBIC_cov"] < 0 else 0)
         if rows["selected"].any():
             assert rows["selected"].idxmax() == best
 
@@ -85,6 +90,35 @@ def test_chi2_tail_matches_scipy():
         for x in (0.0, 1e-6, 0.3, 1.0, 3.84, 10.0, 36.9, 120.0):
             assert chi2_sf(x, df) == pytest.approx(stats.chi2.sf(x, df), rel=1e-11, abs=1e-300), (x, df)
     assert chi2_sf(-0.4, 1) == 1.0
+
+
+def _rec(ll: float, npar: int, n_random: int, n_fixed: int = 0, n: int = 60, n_obs: int = 420) -> dict:
+    """A search record as ``covariate_search`` builds it (log-likelihood, parameters, fixed effects by kind)."""
+    return {"terms": {}, "ll": ll, "mc_se": 0.0, "method": "gq", "-2LL": -2 * ll, "npar": npar,
+            "AIC": -2 * ll + 2 * npar, "BIC": -2 * ll + math.log(n) * npar,
+            "BIC_cov": -2 * ll + math.log(n) * n_random + math.log(n_obs) * n_fixed}
+
+
+def test_table_row_differences_and_a_negative_lrt():
+    """dBIC (ordinary BIC) and dBIC_cov (the selection's criterion) differ when the added coefficient is on a
+    parameter without a random effect (log n_obs against log N); a larger model with a higher −2LL (the audit's
+    V~AGE, LRT −0.017) keeps its negative statistic, p-value NaN and a note, instead of p = 1."""
+    ref = _rec(100.0, 7, 3)
+    fixed_cov = _rec(103.0, 8, 3, n_fixed=1)  # a covariate on a parameter without random effect
+    r = _table_row(1, "add", ("ka", "WT"), fixed_cov, ref)
+    assert r["dBIC"] == pytest.approx(-6.0 + math.log(60)) and r["dBIC_cov"] == pytest.approx(-6.0 + math.log(420))
+    assert r["LRT"] == pytest.approx(6.0) and r["p_value"] == pytest.approx(stats.chi2.sf(6.0, 1), rel=1e-10)
+    assert r["note"] == ""
+    worse = _rec(100.0 - 0.0085, 8, 4)
+    r = _table_row(1, "add", ("V", "AGE"), worse, ref)
+    assert r["LRT"] == pytest.approx(-0.017) and math.isnan(r["p_value"]) and r["df"] == 1
+    assert r["note"].startswith("LRT < 0") and "SAEM" in r["note"]
+    assert r["dBIC_cov"] == pytest.approx(0.017 + math.log(60))
+    # a removal: the step's model is the larger one; its -2LL higher than the smaller model's is flagged the same way
+    r = _table_row(2, "remove", ("V", "AGE"), ref, worse)
+    assert r["LRT"] == pytest.approx(-0.017) and math.isnan(r["p_value"]) and r["note"].startswith("LRT < 0")
+    start = _table_row(0, "start", None, ref, None)
+    assert start["dBIC_cov"] == 0.0 and math.isnan(start["p_value"]) and start["note"] == ""
 
 
 def test_stepwise_bic_picks_weight_on_clearance_and_the_table_is_consistent(data):
@@ -129,7 +163,7 @@ def test_a_noise_covariate_is_not_selected_when_the_start_model_is_far_from_its_
     table = res.table.set_index("action")
     assert table.loc["start", "-2LL"] - table.loc["current", "-2LL"] > 50  # the start fit: far from its maximum
     moves = table.loc["add"]
-    assert (moves["LRT"] < 3.84).all() and (moves["p_value"] > 0.05).all() and (moves["dBIC"] > 0).all()
+    assert (moves["LRT"] < 3.84).all() and not (moves["p_value"] <= 0.05).any() and (moves["dBIC_cov"] > 0).all()
     check_table(res.table, n)
 
 

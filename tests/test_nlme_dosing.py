@@ -112,12 +112,21 @@ def test_addl_expands_into_doses_every_ii():
     df = _table([{"AMT": 100.0, "EVID": 1, "MDV": 1, "ADDL": 3, "II": 12.0}] + _obs(T_OBS))
     f, model = _predict("one_compartment_bolus", {"V": V, "CL": CL}, df)
     doses = [(12.0 * j, 100.0) for j in range(4)]
-    np.testing.assert_allclose(f, _superpose(T_OBS, doses, _bolus), rtol=1e-12, atol=1e-12)
+    # an additional dose at an observation record's time (12, 36) comes after it (NONMEM): pre-dose there
+    strict = np.array([_superpose([t], [dd for dd in doses if dd[0] < t or dd[0] == 0.0], _bolus)[0]
+                       for t in T_OBS])
+    np.testing.assert_allclose(f, strict, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(model.data.dose_time[0], [0.0, 12.0, 24.0, 36.0])
-    # the same as four dose records, exactly
-    explicit = _table([{"TIME": t, "AMT": 100.0, "EVID": 1, "MDV": 1} for t, _ in doses] + _obs(T_OBS))
+    # the same as four dose records listed after the observations at their times, exactly
+    explicit = _table([{"TIME": t, "AMT": 100.0, "EVID": 1, "MDV": 1} for t, _ in doses[:1]] + _obs(T_OBS)
+                      + [{"TIME": t, "AMT": 100.0, "EVID": 1, "MDV": 1} for t, _ in doses[1:]])
+    explicit = explicit.sort_values("TIME", kind="stable")
     f2, _ = _predict("one_compartment_bolus", {"V": V, "CL": CL}, explicit)
     np.testing.assert_array_equal(f, f2)
+    # listed before them: post-dose (the superposition counting every dose by the observation's time)
+    before = _table([{"TIME": t, "AMT": 100.0, "EVID": 1, "MDV": 1} for t, _ in doses] + _obs(T_OBS))
+    f3, _ = _predict("one_compartment_bolus", {"V": V, "CL": CL}, before)
+    np.testing.assert_allclose(f3, _superpose(T_OBS, doses, _bolus), rtol=1e-12, atol=1e-12)
 
 
 def test_addl_vectorised_over_individuals_and_oral_with_lag():
@@ -140,7 +149,7 @@ def test_addl_vectorised_over_individuals_and_oral_with_lag():
 def test_steady_state_matches_a_long_train_of_doses(route):
     t_obs = [24.0, 24.3, 25.0, 30.0, 35.9, 36.0, 40.0, 60.0]
     df = _table([{"TIME": 24.0, "AMT": 100.0, "EVID": 1, "MDV": 1, "SS": 1, "II": 12.0, "ADDL": 1}] + _obs(t_obs))
-    train = _train(24.0, 100.0, 12.0) + [(36.0, 100.0)]  # SS dose, then one additional (ordinary) dose
+    train = _train(24.0, 100.0, 12.0)  # SS dose, then one additional (ordinary) dose at 36
     structural, params, unit = {
         "bolus": ("one_compartment_bolus", {"V": V, "CL": CL}, _bolus),
         "oral": ("one_compartment_oral", {"ka": KA, "V": V, "CL": CL}, _oral),
@@ -148,7 +157,9 @@ def test_steady_state_matches_a_long_train_of_doses(route):
                      lambda s: _oral(s, TLAG)),
     }[route]
     f, _ = _predict(structural, params, df)
-    np.testing.assert_allclose(f, _superpose(t_obs, train, unit), rtol=1e-8, atol=1e-12)
+    t = np.asarray(t_obs)  # the additional dose comes after the observation record at 36 (NONMEM's order)
+    ref = _superpose(t_obs, train, unit) + np.where(t > 36.0, 100.0 * unit(t - 36.0), 0.0)
+    np.testing.assert_allclose(f, ref, rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize("dur", [2.0, 30.0])  # shorter and longer than the interval (overlapping infusions)

@@ -90,10 +90,14 @@ class Residuals:
     units: Any = field(default=None, init=False, repr=False, compare=False)
     x: Any = field(default=None, init=False, repr=False, compare=False)
     x_name: str = field(default="x", init=False, repr=False, compare=False)
+    #: per-observation label columns (``[N, T]`` arrays by name, after the x-value in :meth:`to_frame`): a model with
+    #: several responses, its response column (``DVID``/``YTYPE``)
+    labels: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def to_frame(self, x: np.ndarray | None = None):
         """Long pandas table of the observed entries: the unit's label (an NLME's ID column), unit, obs index, the
-        x-value (``x``, else the fit's: an NLME's TIME), DV, PRED, IPRED, residuals."""
+        x-value (``x``, else the fit's: an NLME's TIME), the label columns (a joint model's response column, e.g.
+        DVID), DV, PRED, IPRED, residuals."""
         import pandas as pd
 
         unit, obs = np.nonzero(self.mask)
@@ -105,6 +109,8 @@ class Residuals:
             cols["x"] = np.asarray(x)[unit, obs]
         elif self.x is not None:
             cols[self.x_name] = np.asarray(self.x)[unit, obs]
+        for name, values in self.labels.items():
+            cols[name] = np.asarray(values)[unit, obs]
         for name in ("y", "pred", "ipred", "iwres", "epred", "pwres", "npde"):
             cols[name.upper() if name != "y" else "DV"] = getattr(self, name)[unit, obs]
         return pd.DataFrame(cols)

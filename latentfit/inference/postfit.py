@@ -647,6 +647,8 @@ def residuals(fit: FitResult, num_sims: int = 1000, seed: int = 0) -> diagnostic
         x = getattr(data, "x_values", None)
         if x is not None and np.shape(x) == res.y.shape:  # NLME: each observation's time (or x-variable)
             res.x, res.x_name = np.asarray(x), str(getattr(fit.model, "x_name", "x"))
+        labels = getattr(fit.model, "observation_labels", None) or {}
+        res.labels = {k: v for k, v in labels.items() if np.shape(v) == res.y.shape}  # e.g. a joint model's DVID
         cache[key] = res
     return cache[key]
 

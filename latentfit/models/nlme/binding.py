@@ -174,7 +174,7 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
     regs = {k: ops.asarray(v) for k, v in data.regressors.items()}
     covariates = {c: ops.asarray(np.array(pd.to_numeric(data.covariates[c], errors="coerce"), dtype=float))
                   for c in data.covariates.columns if pd.api.types.is_numeric_dtype(data.covariates[c])}
-    doses_precede_obs = bool(data.dose_amt.shape[1] == 1 and (data.dose_amt > 0).all()
+    doses_precede_obs = bool(data.dose_amt.shape[1] == 1 and (data.dose_amt > 0).all() and data.obs_rank is None
                              and (data.dose_time[:, :1] <= data.time).all())
     doses = dose_design(model, data)
     # τ = t − t_d [N, T, D] and the amounts [N, 1, D] made on the host in the arrays' dtype (the same numbers: an
@@ -240,6 +240,8 @@ def dose_design(model: NLME, data: NLMEData, grid: np.ndarray | None = None,
         obs_seg = (data.obs_seg if grid is None else period if period is not None
                    else (data.seg_start[:, None, 1:] <= grid[..., None]).sum(-1))
         out.update(dose_seg=ops.asarray(data.dose_seg), obs_seg=ops.asarray(np.asarray(obs_seg, dtype=float)))
+    if data.obs_rank is not None and grid is None:  # records at equal times in the table's order (NONMEM's)
+        out.update(obs_rank=ops.asarray(data.obs_rank), dose_rank=ops.asarray(data.dose_rank))
     out["central_cmt"] = bool((data.dose_cmt[real] == 2).any())
     out["has_infusion"] = bool((data.dose_rate[real] > 0).any())
     return out

@@ -24,7 +24,10 @@ effect log n_obs.  The table also gives saemix's ordinary ``BIC = −2ℓ + log(
 
 **Likelihood-ratio report.** Each candidate is nested in (or nests) the model of its step, so every row also has
 ``LRT = 2(ℓ_larger − ℓ_smaller)`` with ``df`` the difference in numbers of parameters (k − 1 for a categorical
-covariate of k levels) and its χ² p-value.
+covariate of k levels) and its χ² p-value.  A larger model with a *higher* −2LL (``LRT < 0``: SAEM stopped its fit
+short of the maximum, Monte-Carlo noise of the fits) keeps its negative statistic, with p-value NaN and a ``note``
+saying so (not a silent p = 1).  ``dBIC`` is the difference of the ordinary BIC, ``dBIC_cov`` that of the criterion
+the selection uses (``criterion="bic"``).
 """
 
 from __future__ import annotations
@@ -77,10 +80,11 @@ class CovariateSearch:
 
     ``table``: one row per model fitted (step, action (``start``; at each step ``current``, the step's model
     refitted from its estimates, then each ``add`` / ``remove``), term, the model's covariates, −2LL, number of
-    parameters, AIC, BIC, BIC_cov, ΔAIC / ΔBIC against the step's current model, and the LRT against it: df,
-    statistic, p-value; ``selected`` marks the move taken at each step).  ``steps``: the moves taken (rows of
-    ``table``).  ``covariates``: the chosen covariate model (``NLME(covariates=...)`` form).  ``model``: the chosen
-    model (bound); ``fit``: its refit.
+    parameters, AIC, BIC, BIC_cov, ΔAIC / ΔBIC / ΔBIC_cov (``dBIC_cov``: the ``criterion="bic"`` selection's)
+    against the step's current model, and the LRT against it: df, statistic, p-value (NaN for a negative statistic,
+    with a ``note``: the fits differ by SAEM noise); ``selected`` marks the move taken at each step).  ``steps``: the
+    moves taken (rows of ``table``).  ``covariates``: the chosen covariate model (``NLME(covariates=...)`` form).
+    ``model``: the chosen model (bound); ``fit``: its refit.
     """
 
     table: pd.DataFrame
@@ -198,6 +202,30 @@ def _counts(model: NLME) -> tuple[int, int]:
     return n_r, n_f
 
 
+def _table_row(step: int, action: str, term: Term | None, rec: dict, ref: dict | None) -> dict[str, Any]:
+    """A row of the search's table: the model ``rec`` (its −2LL, AIC, BIC, BIC_cov), its differences from the step's
+    model ``ref`` (None: the reference itself) and the LRT between the two nested models (module docstring)."""
+    out = {"step": step, "action": action, "parameter": term[0] if term else None,
+           "covariate": term[1] if term else None, "covariates": _describe(rec["terms"]),
+           "-2LL": rec["-2LL"], "npar": rec["npar"], "AIC": rec["AIC"], "BIC": rec["BIC"],
+           "BIC_cov": rec["BIC_cov"], "logLik_method": rec["method"], "logLik_mc_se": rec["mc_se"]}
+    if ref is None:
+        out.update({"dAIC": 0.0, "dBIC": 0.0, "dBIC_cov": 0.0, "df": 0, "LRT": np.nan, "p_value": np.nan,
+                    "note": ""})
+    else:
+        big, small = (rec, ref) if rec["npar"] >= ref["npar"] else (ref, rec)
+        df = big["npar"] - small["npar"]
+        stat = 2.0 * (big["ll"] - small["ll"])
+        # a larger nested model with a lower likelihood: its fit stopped short of its maximum (SAEM's Monte-Carlo
+        # noise), which the χ² law does not describe: the statistic as computed, no p-value, and a note
+        note = (f"LRT < 0: the larger model's -2LL is {-stat:.3g} higher; the fits differ by SAEM Monte-Carlo "
+                f"noise (no p-value)") if df > 0 and stat < 0 else ""
+        out.update({"dAIC": rec["AIC"] - ref["AIC"], "dBIC": rec["BIC"] - ref["BIC"],
+                    "dBIC_cov": rec["BIC_cov"] - ref["BIC_cov"], "df": df, "LRT": stat,
+                    "p_value": chi2_sf(stat, df) if df > 0 and stat >= 0 else np.nan, "note": note})
+    return out
+
+
 def covariate_search(model: NLME, data: pd.DataFrame | None = None, candidates: Any = None, *,
                      covariates: list[str] | None = None, direction: str = "both", criterion: str = "bic",
                      refit: bool | dict[str, Any] = True, ll_method: str = "auto",
@@ -257,24 +285,8 @@ def covariate_search(model: NLME, data: pd.DataFrame | None = None, candidates: 
 
     crit_col = "BIC_cov" if criterion == "bic" else "AIC"
     rows: list[dict[str, Any]] = []
-
-    def row(step: int, action: str, term: Term | None, rec: dict, ref: dict | None) -> dict[str, Any]:
-        out = {"step": step, "action": action, "parameter": term[0] if term else None,
-               "covariate": term[1] if term else None, "covariates": _describe(rec["terms"]),
-               "-2LL": rec["-2LL"], "npar": rec["npar"], "AIC": rec["AIC"], "BIC": rec["BIC"],
-               "BIC_cov": rec["BIC_cov"], "logLik_method": rec["method"], "logLik_mc_se": rec["mc_se"]}
-        if ref is None:
-            out.update({"dAIC": 0.0, "dBIC": 0.0, "df": 0, "LRT": np.nan, "p_value": np.nan})
-        else:
-            big, small = (rec, ref) if rec["npar"] >= ref["npar"] else (ref, rec)
-            df = big["npar"] - small["npar"]
-            stat = 2.0 * (big["ll"] - small["ll"])
-            out.update({"dAIC": rec["AIC"] - ref["AIC"], "dBIC": rec["BIC_cov"] - ref["BIC_cov"], "df": df,
-                        "LRT": stat, "p_value": chi2_sf(stat, df) if df > 0 else np.nan})
-        return out
-
     cur = evaluate(current, None)
-    rows.append({**row(0, "start", None, cur, None), "selected": True})
+    rows.append({**_table_row(0, "start", None, cur, None), "selected": True})
     step = 0
     while True:
         step += 1
@@ -290,9 +302,9 @@ def covariate_search(model: NLME, data: pd.DataFrame | None = None, candidates: 
         # model had not had: from a start far from its maximum every move "improved" -2LL by ~100, a noise
         # covariate was selected); the better of its fits is the step's reference
         cur = evaluate(current, cur["fit"], refresh=True)
-        rows.append({**row(step, "current", None, cur, None), "selected": False})
+        rows.append({**_table_row(step, "current", None, cur, None), "selected": False})
         recs = [(action, term, evaluate(terms, cur["fit"])) for action, term, terms in moves]
-        step_rows = [row(step, action, term, rec, cur) for action, term, rec in recs]
+        step_rows = [_table_row(step, action, term, rec, cur) for action, term, rec in recs]
         best = int(np.argmin([rec[crit_col] for _, _, rec in recs]))
         improves = recs[best][2][crit_col] < cur[crit_col]
         for k, r in enumerate(step_rows):

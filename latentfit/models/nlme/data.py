@@ -19,8 +19,13 @@ Rules (NONMEM conventions):
 * Periods: a reset (``EVID`` 3 or 4, or an ``SS = 1`` dose) starts a new period of the individual (the
   records that follow it in the table); a dose acts only on the observations of its own period (so
   additional doses scheduled past a reset are cancelled by it).  The time may restart at a reset, but must
-  not precede the reset's time within its period.  At equal times within a period, doses act on the
-  observations (a dose at an observation's time counts).
+  not precede the reset's time within its period.
+* Records at the same time are taken in the order of the table, as NONMEM/PREDPP does: an observation listed
+  before a dose (or a reset, or a steady-state dose) at its time is a pre-dose (trough) sample, which that dose
+  does not reach; listed after it, the dose acts on it.  An additional dose (``ADDL``) that falls at the time of
+  an observation record comes after that record (NONMEM's rule).  A table sorted stably by ``ID, TIME`` keeps
+  this order (``df.sort_values(["ID", "TIME"], kind="stable")``); a table of every dose row followed by every
+  observation row makes same-time observations post-dose, the reverse order pre-dose.
 * Time-varying covariates (``regressors=`` columns): their value at each observation is carried forward from
   the last record that has one (``covariate_interpolation="locf"``, the default; before the first value: the
   first value) or linearly interpolated in time between the records around it (``"linear"``; constant
@@ -94,6 +99,11 @@ class NLMEData:
     record_unit: np.ndarray | None = None
     record_time: np.ndarray | None = None
     record_seg: np.ndarray | None = None
+    #: order of the records at equal times (None: every dose at an observation's time acts on it): the position of
+    #: each observation [N, T] and dose [N, D] among the individual's records (an additional dose: +inf, after any
+    #: record at its time; padding: +inf); a dose at an observation's time acts on it iff its rank is lower
+    obs_rank: np.ndarray | None = None
+    dose_rank: np.ndarray | None = None
 
     @property
     def has_ss(self) -> bool:
@@ -435,6 +445,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         d_rate = np.zeros((n, 1))
         d_cmt = np.ones((n, 1), dtype=int)
         d_ss, d_ii, d_seg = np.zeros((n, 1)), np.zeros((n, 1)), np.zeros((n, 1))
+        d_rank = None
     else:
         # a per-row column absent from the table is one value viewed on every row (_one): it is written as that value,
         # not gathered at every dose ([dose rows] copies, whose freed pages the process kept at the binding's peak)
@@ -483,6 +494,8 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
 
         place(d_rate, rate)
         place(d_cmt, cmt)
+        d_rank = np.full((n, d_max), np.inf)  # the record's row; an additional dose (k > 0) after any record
+        d_rank[dwho, dslot] = src if k is None else np.where(k == 0, src, np.inf)
         ss_one, ii_one = _one(ss), _one(ii)
         if ss_one is None or ss_one != 0:  # additional doses are ordinary doses
             first = k == 0 if k is not None else True
@@ -502,6 +515,12 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         r_rows = np.where(reset & (order >= 0))[0]
         seg_start[order[r_rows], seg[r_rows]] = time[r_rows]
 
+    obs_rank, dose_rank = (None, None) if d_rank is None else _record_ranks(rows_a, mask, time_a, seg_a, d_rank,
+                                                                            d_amt, d_time, d_seg)
+    if obs_rank is not None and has_time:  # the table's order decides at equal times: it should be in time order
+        _warn_unsorted(df, id_col, cols["time"], order, seg, time, [("records (doses and observations)", order >= 0)],
+                       note="; records at the same time are taken in the table's order (an observation listed before "
+                            "a dose at its time is pre-dose): sort the table stably by ID and time")
     # the IDs as they always were: np.asarray of the list of the table's values (numbers: the array itself; other
     # values: e.g. str, as a numpy unicode array); no Python list of a million numbers
     keep = keep_ids if keep_ids.dtype.kind in "biuf" else list(keep_ids)
@@ -510,8 +529,39 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
                     dose_amt=d_amt, dose_rate=d_rate, dose_cmt=d_cmt, covariates=cov_df, regressors=regs,
                     obs_rows=rows_a, columns=cols if has_time else {k: v for k, v in cols.items() if k != "time"},
                     x=x, dose_ss=d_ss, dose_ii=d_ii, dose_seg=d_seg, obs_seg=seg_a, seg_start=seg_start,
+                    obs_rank=obs_rank, dose_rank=dose_rank,
                     **(dict(record_unit=order, record_seg=seg,  # the time: not a view of the caller's table
                            record_time=time if time.flags.owndata else time.copy()) if records else {}))
+
+
+def _record_ranks(rows: np.ndarray, mask: np.ndarray, time: np.ndarray, seg: np.ndarray | None,
+                  d_rank: np.ndarray, d_amt: np.ndarray, d_time: np.ndarray, d_seg: np.ndarray
+                  ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(obs_rank [N, T], dose_rank [N, D])``: the table positions of the observations (``rows``, -1: padding) and
+    of the doses (``d_rank``: their rows, +inf for additional doses and padding), less each individual's first
+    position (small numbers: exact in float32); ``(None, None)`` where no dose at an observation's time (same
+    individual and period) comes after it, so that every dose at an observation's time acts on it (the common
+    case: no ranks carried).  The check runs over blocks of individuals (``[n, T, D]`` comparisons of at most 2²⁰
+    elements: no per-observation temporaries)."""
+    n, t_max = mask.shape
+    d_max = d_amt.shape[1]
+    step = max(1, (1 << 20) // max(t_max * d_max, 1))
+    need = False
+    for i0 in range(0, n, step):
+        b = slice(i0, min(i0 + step, n))
+        tie = ((time[b, :, None] == d_time[b, None, :]) & mask[b, :, None] & (d_amt[b, None, :] > 0)
+               & (d_rank[b, None, :] > rows[b, :, None]))
+        if seg is not None:
+            tie &= seg[b, :, None] == d_seg[b, None, :]
+        if tie.any():
+            need = True
+            break
+    if not need:
+        return None, None
+    obs_rank = np.where(mask, rows, np.inf)
+    base = np.minimum(obs_rank.min(1), np.where(d_amt > 0, d_rank, np.inf).min(1))[:, None]
+    obs_rank -= base
+    return obs_rank, d_rank - base
 
 
 def data_widths(data: NLMEData) -> tuple[int, int, int]:
@@ -543,6 +593,7 @@ def pad_data(data: NLMEData, widths: tuple[int, int, int]) -> NLMEData:
         dose_time=wider(data.dose_time, d, 0.0), dose_amt=wider(data.dose_amt, d, 0.0),
         dose_rate=wider(data.dose_rate, d, 0.0), dose_cmt=wider(data.dose_cmt, d, 1),
         dose_ss=wider(data.dose_ss, d, 0.0), dose_ii=wider(data.dose_ii, d, 0.0), dose_seg=wider(data.dose_seg, d),
+        obs_rank=wider(data.obs_rank, t, np.inf), dose_rank=wider(data.dose_rank, d, np.inf),
         seg_start=wider(data.seg_start, s, np.inf))
 
 
@@ -574,7 +625,7 @@ def pad_individuals(data: NLMEData, size: int) -> NLMEData:
 
 
 def _warn_unsorted(df: pd.DataFrame, id_col: str, time_col: str, order: np.ndarray, seg: np.ndarray,
-                   time: np.ndarray, kinds: list[tuple[str, np.ndarray]]) -> None:
+                   time: np.ndarray, kinds: list[tuple[str, np.ndarray]], note: str = "") -> None:
     """Warn when an individual's records of one kind (``kinds``: name and row mask, e.g. the observations, the doses)
     are not in time order in the table (within a period: a reset, EVID 3/4 or an SS = 1 dose, may restart the time).
     They are read in time order, but NONMEM stops on such a table ("data records out of order") and a decreasing
@@ -599,7 +650,7 @@ def _warn_unsorted(df: pd.DataFrame, id_col: str, time_col: str, order: np.ndarr
         row, prev = df.index[rows[perm[back[0] + 1]]], df.index[rows[perm[back[0]]]]
         warnings.warn(f"the {kind} of ID {_id(df.loc[row, id_col])} are not in time order: row {row} has "
                       f"{time_col} {df.loc[row, time_col]} after {df.loc[prev, time_col]} at row {prev}; they are read "
-                      f"in time order (NONMEM would stop: check the time, or sort the table by ID and time)",
+                      f"in time order (NONMEM would stop: check the time, or sort the table by ID and time){note}",
                       stacklevel=user_stacklevel())
         return
 

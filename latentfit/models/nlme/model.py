@@ -396,6 +396,19 @@ class NLME(LatentModel):
         return {"data": self.data}
 
     @property
+    def observation_labels(self) -> dict[str, np.ndarray]:
+        """Per-observation label columns of the post-fit tables (``[N, T]`` numpy arrays by column name): a model with
+        several responses, the response column of its data (``DVID``, or the name the data use, e.g. ``YTYPE``), whose
+        values tell a residual table's rows apart; empty otherwise."""
+        if self.data is None or self._resp is None:
+            return {}
+        column = self._resp.column
+        values = np.asarray(self.data.regressors[column], dtype=float)
+        if np.all(values[self.data.mask] == np.round(values[self.data.mask])):
+            values = values.astype(np.int64)
+        return {column: values}
+
+    @property
     def x_name(self) -> str:
         """Name of the x-variable of the plots: the ``x=`` column, else the time column."""
         self._require_data()

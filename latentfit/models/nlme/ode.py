@@ -12,13 +12,13 @@ observation time is ``observe(x, psi, xp)``.
 Doses follow the data: a bolus (``RATE`` 0) adds ``AMT`` to compartment ``CMT`` (1-based; or
 ``dose_compartment`` for every dose) at its time; an infusion adds the zero-order input
 ``u_CMT = RATE`` on ``[t_d, t_d + AMT/RATE)``.  For every individual the dose times, the infusion ends
-and the observation times are merged and sorted (doses first at equal times, as the closed forms count a
-dose at the observation's time), and each interval between consecutive events is integrated with classical
-RK4 steps (local error O(h⁵)) of at most ``max_step`` (default: the longest event-to-event span over 200);
-the input is constant on each interval since every discontinuity is an event.  Explicit RK4 is stable for
-``|λ|·h ≤ 2.78`` (λ the fastest rate constant, e.g. ka): pass a smaller ``max_step`` for fast processes.
-All individuals are integrated at once (their own step sizes), so the only
-Python loops are over events and substeps, never over individuals.
+and the observation times are merged and sorted (at equal times in the table's order, as NONMEM and the
+closed forms: an observation listed before a same-time dose is read before it), and each interval between
+consecutive events is integrated with classical RK4 steps (local error O(h⁵)) of at most ``max_step``
+(default: the longest event-to-event span over 200); the input is constant on each interval since every
+discontinuity is an event.  Explicit RK4 is stable for ``|λ|·h ≤ 2.78`` (λ the fastest rate constant, e.g. ka):
+pass a smaller ``max_step`` for fast processes.  All individuals are integrated at once (their own step sizes),
+so the only Python loops are over events and substeps, never over individuals.
 
 NONMEM records (see :func:`~latentfit.models.nlme.data.read_nonmem`): additional doses (``ADDL``/``II``) arrive
 expanded; a reset (``EVID`` 3/4, ``SS = 1``) starts a new period, whose events come after the earlier period's
@@ -71,7 +71,12 @@ def _events(d: Design, num_states: int, dose_compartment: int | None) -> dict[st
     is_inf = real & (rate > 0)
     t_end = xp.where(is_inf, t_dose + amt / xp.where(is_inf, rate, 1.0), t_dose)
     times = xp.concatenate([t_dose, t_end, d.time], -1)
-    order = ops.argsort(times)
+    if d.obs_rank is None:  # stable: doses before observations at equal times
+        order = ops.argsort(times)
+    else:  # at equal times, the records in the table's order (NONMEM's): by rank, then (stably) by time
+        rank = xp.concatenate([xp.where(real, d.dose_rank, float("inf")), 0.0 * t_end - float("inf"), d.obs_rank], -1)
+        order = ops.argsort(rank)
+        order = ops.take_along_axis(order, ops.argsort(ops.take_along_axis(times, order)))
     seg = None
     if d.obs_seg is not None:  # periods first, then times (stable: doses before observations at equal times)
         top = xp.maximum(xp.amax(d.obs_seg, -1), xp.amax(d.dose_seg, -1))[:, None]

@@ -133,7 +133,14 @@ def predict(key: str, psi: dict[str, Any], d: Any) -> Any:
     terms = unit(p4, xp)
     tau = t_eval[:, :, None] - t_dose[:, :, None, :]  # [K, N, P, D]
     a = amt[:, :, None, :]
-    valid = (tau >= 0) & (a > 0) & (seg_eval[:, :, None] == dose_seg[:, None, :])
+    if d.obs_rank is None:
+        given = tau >= 0
+    else:  # at an observation's time, the doses listed before it (NONMEM's record order); at an occasion's start
+        # every dose of the earlier occasions (a continued infusion: ranked first)
+        rank_eval = xp.concatenate([d.obs_rank, 0.0 * d.occ_start + float("inf")], -1)  # [N, P]
+        rank_d = xp.where(cont, -float("inf"), d.dose_rank)  # [K, N, D]
+        given = (tau > 0) | ((tau == 0) & (rank_d[:, :, None, :] < rank_eval[:, :, None]))
+    valid = given & (a > 0) & (seg_eval[:, :, None] == dose_seg[:, None, :])
     t = xp.where(valid, tau, 0.0)
     shim = SimpleNamespace(xp=xp, single_dose=False, dose_ss=None if d.dose_ss is None else ss_code,
                            dose_ii=None if d.dose_ss is None else ss[1])  # as _central_iv reads them

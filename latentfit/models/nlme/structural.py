@@ -14,6 +14,9 @@ chain dims allowed) and ``data`` a :class:`Design`:
 * ``data.dose_ss / dose_ii [N, D]``: steady-state code (0, 1, 2) and interval of each dose (None: no ``SS``);
 * ``data.dose_seg [N, D]``, ``data.obs_seg [N, T]``: period of each dose and observation (a reset, ``EVID`` 3/4 or
   ``SS = 1``, starts a new period; a dose acts only in its own period); None: one period.
+* ``data.obs_rank [N, T]``, ``data.dose_rank [N, D]``: the order of the records at equal times (NONMEM's record
+  order): a dose at an observation's time acts on it iff its rank is lower (an observation listed before a
+  same-time dose is pre-dose); None: every dose at an observation's time acts on it.
 * ``data.dv [N, T]``: the observations (for a user log-likelihood of a non-Gaussian outcome,
   :mod:`latentfit.models.nlme.outcomes`).
 
@@ -90,12 +93,19 @@ class Design:
     occ_valid: Any = None
     #: ``(τ, amounts)`` already computed for these units (views of a larger design's): not computed again
     time_after_dose_of: tuple[Any, Any] | None = field(default=None, repr=False)
+    #: [N, T] / [N, D] ranks of the observations and doses among an individual's records: a dose at an
+    #: observation's time acts on it iff ``dose_rank < obs_rank`` (NONMEM's record order); None: it always acts
+    obs_rank: Any = None
+    dose_rank: Any = None
 
     def __post_init__(self) -> None:
         if self.x is None:
             self.x = self.time
         if (self.dose_seg is None) != (self.obs_seg is None):
             raise ValueError("Design: dose_seg and obs_seg go together (both None for one period)")
+        if (self.obs_rank is None) != (self.dose_rank is None):
+            raise ValueError("Design: obs_rank and dose_rank go together (both None: every dose at an observation's "
+                             "time acts on it)")
         if (self.dose_ss is None) != (self.dose_ii is None):
             raise ValueError("Design: dose_ss and dose_ii go together (both None without steady state)")
         # τ = t − t_d [N, T, D] and the amounts [N, 1, D], computed once
@@ -118,7 +128,8 @@ class Design:
                       opt(self.dose_seg), opt(self.obs_seg), self.central_cmt, self.has_infusion, opt(self.dv),
                       opt(self.occ_start), opt(self.occ_seg), opt(self.occ_valid),
                       # a block of units (a slice): views of this design's τ, no new [n, T, D] array
-                      (t(self._tau), t(self._amt)) if isinstance(units, slice) else None)
+                      (t(self._tau), t(self._amt)) if isinstance(units, slice) else None,
+                      obs_rank=opt(self.obs_rank), dose_rank=opt(self.dose_rank))
 
     def backend_ops(self) -> Any:
         """The backend shim of the arrays: ``ops`` if given, else the one of ``xp``."""
@@ -138,7 +149,8 @@ class Design:
         axes: ``[N, T] -> [T, N]``, ``[N, T, 1] -> [T, N, 1]``), for the models element-wise in it
         (:attr:`Structural.elementwise`): their predictions are then ``[..., T, N]`` from parameters ``[..., 1, N]``.
         None where that layout does not apply (several doses per individual, periods, occasions)."""
-        if not self.single_dose or self.obs_seg is not None or self.occ_start is not None:
+        if (not self.single_dose or self.obs_seg is not None or self.occ_start is not None
+                or self.obs_rank is not None):
             return None
         t = lambda a: None if a is None else transpose(a)  # noqa: E731
         time = t(self.time)
@@ -239,14 +251,27 @@ def _superpose(xp: Any, contrib: Any, valid: Any, d: Design) -> Any:
     return xp.sum(xp.where(valid, contrib, 0.0), -1)
 
 
+def given_before(d: Design, tau: Any) -> Any:
+    """The doses given by the observations' times, ``τ > 0``, or ``τ = 0`` for a dose listed before the observation
+    (NONMEM's record order, ``dose_rank < obs_rank``; without ranks every dose at the observation's time): shaped as
+    ``τ`` (``[..., N, T, D]``, or ``[..., N, T]`` for a single dose)."""
+    if d.obs_rank is None:
+        return tau >= 0
+    before = d.dose_rank[..., None, :] < d.obs_rank[..., :, None]
+    if d.single_dose:
+        before = before[..., 0]
+    return (tau > 0) | ((tau == 0) & before)
+
+
 def _time_since(d: Design, tau: Any, amt: Any, lag: Any = None) -> tuple[Any, Any]:
     """Times since the doses (less the lag), 0 where a dose does not act, and the validity mask (None: all
     valid).  A dose acts after its time (its lag time for an ordinary dose; a steady-state dose's train acts
-    during the lag too) on the observations of its own period."""
+    during the lag too) on the observations of its own period; at its time, on those listed after it
+    (:func:`given_before`)."""
     xp = d.xp
-    if lag is None and d.doses_precede_obs and d.obs_seg is None:
+    if lag is None and d.doses_precede_obs and d.obs_seg is None and d.obs_rank is None:
         return tau, None
-    valid = (tau >= 0) & (amt > 0)
+    valid = given_before(d, tau) & (amt > 0)
     if d.obs_seg is not None:
         same = d.obs_seg[..., :, None] == d.dose_seg[..., None, :]
         valid = valid & (same[..., 0] if d.single_dose else same)
