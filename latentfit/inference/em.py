@@ -99,9 +99,10 @@ class EM(StatEngine):
 
     def convergence_warnings(self, history: dict[str, list]) -> list[str]:
         """The mean log-likelihood per unit still rising by more than ``tol`` (1e-3 without one) over the last
-        epoch: the fit ended before EM converged."""
+        epoch of a fit that ran all its epochs: it ended before EM converged (a fit stopped by ``tol`` or by the
+        user's callback does not warn)."""
         objective = history.get("objective") or []
-        if len(objective) < 2:
+        if len(objective) < max(2, self.num_iterations):  # too short, or stopped early (tol, the user's callback)
             return []
         last = np.asarray([float(np.sum(v)) for v in objective[-2:]])
         tol = DEFAULT_TOL if self.tol is None else self.tol
