@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,7 +26,7 @@ from . import responses as _resp
 from .data import RELEASE_ROWS, NLMEData, _id, pad_data, pad_individuals, read_nonmem, release_freed_memory
 from .spec import FixedEffect, covariate_columns, merge_read_options, transform_pair
 from .stored import StoredTable
-from .structural import Design
+from .structural import Design, SolverWarning
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .model import NLME
@@ -205,6 +206,29 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
         if model.outcome is not None:  # a hazard with κ: each interval split at the occasions' starts
             _outcomes.bind_occasions(model)
     model._design_minor = _units_minor_design(model)
+    check_structural(model)
+
+
+def check_structural(model: NLME) -> None:
+    """The structural model's self-check (:attr:`~latentfit.models.nlme.structural.Structural.check`: an ODE's RK4
+    step halving, or its solver tolerances against the arrays' precision) at the initial values with the random
+    effects at 0: a :class:`SolverWarning` naming the individual and time where its numerical solution looks
+    unreliable (a fit from there would get wrong predictions, or reject the proposals whose predictions overflow,
+    without a word)."""
+    check = model.structural.check
+    if check is None:
+        return
+    theta = model.init_params()
+    psi = model.individual_parameters(theta, model.prior_moments(theta)[0])  # [N, 1] each (κ = 0: one set)
+    design = (model.design if model.design.occ_start is None
+              else dataclasses.replace(model.design, occ_start=None, occ_seg=None, occ_valid=None))
+    found = check(psi, design)
+    if found is not None:
+        i, j, message = found
+        data = model.data
+        where = ("" if i is None else f" at the initial parameter values (random effects 0), ID {_id(data.ids[i])} "
+                 f"at {data.columns.get('time') or data.x or 'time'} {data.time[i, j]:g}")
+        warnings.warn(f"{model.structural.name}{where}: {message}", SolverWarning, stacklevel=4)
 
 
 def _units_minor_design(model: NLME) -> dict[str, Any] | None:

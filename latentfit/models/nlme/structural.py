@@ -160,6 +160,11 @@ class _UnitsMinorDesign(Design):
         return True
 
 
+class SolverWarning(UserWarning):
+    """A structural model's numerical solution looks unreliable: an ODE's fixed RK4 step unstable or too coarse at
+    the initial values, or solver tolerances finer than the arrays' floating-point precision."""
+
+
 @dataclass
 class Structural:
     """A structural model: its parameter names and ``fn(psi, data) -> pred``."""
@@ -183,6 +188,11 @@ class Structural:
     #: (the library's closed forms): it gives ``[..., T, N]`` predictions from a design laid out ``[T, N]``
     #: (:meth:`Design.units_minor`) and parameters ``[..., 1, N]``, which SAEM's compiled sweeps use on JAX
     elementwise: bool = False
+    #: optional ``check(psi, design) -> (i, j, message) | None``: a self-check of the numerical solution at the
+    #: individual parameters ``psi [N, 1]`` (NLME runs it at the initial values when it gets its data and warns with
+    #: :class:`SolverWarning`, naming individual ``i`` and observation ``j``), e.g. an ODE's RK4 step halving
+    #: (``i``, ``j`` None: a message about the model as a whole)
+    check: Callable[[dict[str, Any], Design], tuple[int | None, int | None, str] | None] | None = None
 
     def __call__(self, psi: dict[str, Any], data: Design) -> Any:
         return self.fn(psi, data)
@@ -509,6 +519,6 @@ def resolve(structural: Any, parameter_names: list[str]) -> Structural:
                                   f"got {type(structural).__name__}")
 
 
-__all__ = ["LIBRARY", "Design", "Structural", "emax", "one_compartment_bolus", "one_compartment_infusion",
-           "one_compartment_oral", "resolve", "sigmoid_emax", "two_compartment_bolus",
+__all__ = ["LIBRARY", "Design", "SolverWarning", "Structural", "emax", "one_compartment_bolus",
+           "one_compartment_infusion", "one_compartment_oral", "resolve", "sigmoid_emax", "two_compartment_bolus",
            "two_compartment_infusion", "two_compartment_oral"]
