@@ -71,15 +71,17 @@ def _events(d: Design, num_states: int, dose_compartment: int | None) -> dict[st
     t_dose = xp.where(real, t_dose, last)  # padding doses: harmless events at the end
     is_inf = real & (rate > 0)
     t_end = xp.where(is_inf, t_dose + amt / xp.where(is_inf, rate, 1.0), t_dose)
-    times = xp.concatenate([t_dose, t_end, d.time], -1)
+    steps = d.covariate_steps  # time-varying covariates: their records are events too (the kinetics change there)
+    times = xp.concatenate([t_dose, t_end, *(st[0] for st in steps.values()), d.time], -1)
     order = ops.argsort(times)
     seg = None
     if d.obs_seg is not None:  # periods first, then times (stable: doses before observations at equal times)
         top = xp.maximum(xp.amax(d.obs_seg, -1), xp.amax(d.dose_seg, -1))[:, None]
         seg_d = xp.where(real, d.dose_seg, top)  # padding doses: in the last period
-        seg = xp.concatenate([seg_d, seg_d, d.obs_seg], -1)
+        seg = xp.concatenate([seg_d, seg_d, *(st[1] for st in steps.values()), d.obs_seg], -1)
         order = ops.take_along_axis(order, ops.argsort(ops.take_along_axis(seg, order)))
     n_dose, n_obs = amt.shape[-1], d.time.shape[-1]
+    zeros_c = xp.zeros_like(times[:, 2 * n_dose:times.shape[-1] - n_obs])  # [N, C]: the covariates' records
     if dose_compartment is not None:
         cmt = xp.zeros_like(amt) + (dose_compartment - 1)
     elif d.dose_cmt is not None:
@@ -92,25 +94,37 @@ def _events(d: Design, num_states: int, dose_compartment: int | None) -> dict[st
     # bolus amount of every event into every compartment: [N, E] per compartment
     boluses = []
     for c in range(num_states):
-        per_event = xp.concatenate([xp.where(cmt == c, bolus_amt, 0.0), zeros_d, zeros_t], -1)
+        per_event = xp.concatenate([xp.where(cmt == c, bolus_amt, 0.0), zeros_d, zeros_c, zeros_t], -1)
         boluses.append(ops.take_along_axis(per_event, order))
     sorted_t = ops.take_along_axis(times, order)
     # position of each observation in the sorted events, as a one-hot [N, T, E] (gather by matmul)
     inverse = ops.argsort(order)
-    pos = inverse[:, 2 * n_dose:] * 1.0  # float, so that nothing is created on a default device
+    pos = inverse[:, times.shape[-1] - n_obs:] * 1.0  # float, so that nothing is created on a default device
     e_idx = xp.cumsum(xp.ones_like(times[0]), 0) - 1.0  # 0, 1, ..., E-1 on the data's device
     one = xp.ones_like(d.time[:, :1])[..., None]  # [N, 1, 1] in the data's dtype
     onehot = xp.where(pos[..., None] == e_idx, one, 0.0 * one)
     inf_rate = xp.where(is_inf, rate, 0.0)
     ev = {"t": sorted_t, "bolus": boluses, "onehot": onehot, "t_dose": t_dose, "t_end": t_end,
-          "inf_rate": inf_rate, "cmt": cmt, "n_obs": n_obs, "reset": None, "seg": None, "inf_seg": None, "ss": None}
+          "inf_rate": inf_rate, "cmt": cmt, "n_obs": n_obs, "reset": None, "seg": None, "inf_seg": None, "ss": None,
+          "cov": {}}
+    s = None
     if seg is not None:
         s = ops.take_along_axis(seg, order)
         ev["seg"], ev["inf_seg"] = s, seg_d
         ev["reset"] = xp.concatenate([s[:, :1] != s[:, :1], s[:, 1:] != s[:, :-1]], -1)  # [N, E]: a new period
+    for name, (c_t, c_seg, c_val) in steps.items():
+        # last value carried forward at each event (before the first record: the first value): the records are
+        # sorted by (period, time), so those at or before an event are a prefix and the value is
+        # v_0 + Σ_{r ≥ 1} [record r at or before the event] (v_r − v_{r−1}) (no integer gather)
+        te = sorted_t[:, :, None]
+        later_seg = None if s is None else c_seg[:, None, 1:] - s[:, :, None]  # [N, E, R-1]: record's − event's
+        before = (c_t[:, None, 1:] <= te if s is None else
+                  (later_seg < 0) | ((later_seg == 0) & (c_t[:, None, 1:] <= te)))
+        jumps = (c_val[:, 1:] - c_val[:, :-1])[:, None, :]
+        ev["cov"][name] = c_val[:, :1] + xp.sum(xp.where(before, jumps, 0.0 * jumps), -1)  # [N, E]
     if d.dose_ss is not None:
         def per_event(a: Any) -> Any:
-            return ops.take_along_axis(xp.concatenate([a, zeros_d, zeros_t], -1), order)
+            return ops.take_along_axis(xp.concatenate([a, zeros_d, zeros_c, zeros_t], -1), order)
         ev["ss"] = per_event(xp.where(real, d.dose_ss, 0.0))
         ev["ss_ii"] = per_event(d.dose_ii)
         ev["ss_dur"] = per_event(t_end - t_dose)
@@ -145,7 +159,7 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
         observe: Callable[..., Any], initial: Callable[..., tuple] | None = None,
         dose_compartment: int | None = None, max_step: float | None = None, solver: str = "rk4",
         rtol: float = 1e-6, atol: float = 1e-8, max_steps: int = 4096, name: str = "ode",
-        check: bool = True) -> Structural:
+        check: bool = True, covariates: tuple[str, ...] | list[str] = ()) -> Structural:
     """A structural model from an ODE system (see the module docstring).
 
     Parameters
@@ -169,11 +183,17 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
     rtol, atol : relative and absolute local error tolerances of the adaptive solvers (per state component:
         ``|err| ≤ atol + rtol·|x|``; defaults as rxode2's, 1e-6 and 1e-8 in the states' units).
     max_steps : most steps per event interval of the adaptive solvers (more is an error).
-    check : RK4 only: when :class:`NLME` gets its data, solve once more with the step halved at the initial values
+    covariates : time-varying covariate columns of the data that the kinetics read: ``rhs``, ``observe`` and
+        ``initial`` find each in ``psi[name]`` (``[N]``) at the time, its last value carried forward over all the
+        individual's records (dose and ``EVID = 2`` rows included; before the first value: the first value).  Their
+        records are events (the integration restarts there), so a ``CL`` that follows ``WT(t)`` changes exactly at
+        the record, as NONMEM's ``$PK`` re-evaluated at every record.
+    check : when :class:`NLME` gets its data, RK4: solve once more with the step halved at the initial values
         (random effects 0) and warn (:class:`~latentfit.models.nlme.structural.SolverWarning`, naming the individual,
         the time and the step) where a prediction is not finite or moves by more than 1% of the individual's largest
         prediction: an unstable or too coarse step.  Costs two solves (on JAX two compilations, ~1-2 s each for
-        theophylline, shared by later bindings of the same shapes); ``False`` skips it.
+        theophylline, shared by later bindings of the same shapes); adaptive solvers: warn when ``rtol`` is below
+        100 × the machine epsilon of the arrays' dtype (JAX float32 without x64); ``False`` skips it.
     """
     if int(num_states) != num_states or num_states < 1:
         raise ValueError(f"num_states must be a positive integer, got {num_states!r}")
@@ -186,6 +206,10 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
         raise ValueError(f"dose_compartment must be in 1..{num_states} (1-based, as CMT), got {dose_compartment!r}")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    covariates = tuple(str(c) for c in covariates)
+    clash = sorted(set(covariates) & set(parameters))
+    if clash:
+        raise ValueError(f"covariates {clash} are also parameter names: rhs reads both in psi, so they must differ")
     if solver != "rk4":
         if max_step is not None:
             raise ValueError(f"max_step is the fixed step of solver='rk4'; solver={solver!r} chooses its steps from "
@@ -213,7 +237,12 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
                                  f"{n_ev}: bind it to this data (NLME does so when it receives its data)")
             ref = next(iter(psi.values()))
             zero = 0.0 * ref
-            x = (tuple(zero + v for v in initial(psi, xp)) if initial is not None
+
+            def with_cov(p: dict[str, Any], k: int) -> dict[str, Any]:
+                """``p`` and the time-varying covariates' values at event k (on the interval from it)."""
+                return {**p, **{c: v[:, k] for c, v in ev["cov"].items()}} if ev["cov"] else p
+
+            x = (tuple(zero + v for v in initial(with_cov(psi, 0), xp)) if initial is not None
                  else tuple(zero for _ in range(num_states)))
             if len(x) != num_states:
                 raise ValueError(f"initial() returned {len(x)} states, expected num_states={num_states}")
@@ -273,7 +302,7 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
 
             t_ev, outputs, x_init, layout = ev["t"], [], x, []
             for k in range(n_ev):
-                p = psi if at_event is None else at_event(k)
+                p = with_cov(psi if at_event is None else at_event(k), k)
                 if at_event is not None and initial is not None:  # a reset returns to this occasion's initial state
                     x_init = tuple(zero + v for v in initial(p, xp))
                 if ev["reset"] is not None and k > 0:  # a new period: back to the initial state
@@ -305,13 +334,15 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
                   "u": _infusion_inputs(xp, ev, t_ev + 0.5 * dt, num_states)}
         if ev["reset"] is not None:
             events["reset"] = ev["reset"]
+        if ev["cov"]:  # the time-varying covariates' values on the interval from each event
+            events["cov"] = dict(ev["cov"])
         if occasions is not None:
             events["p"] = {nm: xp.stack([v[nm] for v in map(occasions[1], range(t_ev.shape[-1]))], -1)
                            for nm in psi}
         x_init, layout = x, []
 
         def jump(state: tuple, e: dict[str, Any]) -> tuple[tuple, Any]:
-            p = e.get("p", psi)
+            p = {**e.get("p", psi), **e.get("cov", {})}
             if "reset" in e:  # a new period: back to the initial state (false at each individual's first event)
                 init = x_init if "p" not in e or initial is None else tuple(zero + v for v in initial(p, xp))
                 state = tuple(xp.where(e["reset"], a, b) for a, b in zip(init, state, strict=True))
@@ -319,7 +350,7 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
             return state, _stack_outputs(xp, observe(state, p, xp), zero, layout)
 
         def field(t: Any, state: tuple, e: dict[str, Any], p: dict[str, Any]) -> tuple:
-            dx = rhs(t, state, e.get("p", p), xp)
+            dx = rhs(t, state, {**e.get("p", p), **e.get("cov", {})}, xp)
             if len(dx) != num_states:
                 raise ValueError(f"rhs returned {len(dx)} derivatives, expected num_states={num_states}")
             return tuple(dxi + ui for dxi, ui in zip(dx, e["u"], strict=True))
@@ -422,7 +453,7 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
         return None
 
     return Structural(name, tuple(parameters), make_fn(None), bind=bind, carry="ode",
-                      check=step_check if check else None)
+                      check=step_check if check else None, covariates=covariates)
 
 
 def _stack_outputs(xp: Any, obs: Any, zero: Any, layout: list) -> Any:

@@ -88,6 +88,9 @@ class Design:
     occ_start: Any = None
     occ_seg: Any = None
     occ_valid: Any = None
+    #: time-varying covariates as step functions of time, for ODE kinetics (:attr:`Structural.covariates`): name ->
+    #: ``(time, period, value)`` ``[N, R]`` each, the individual's records with a value by period and time
+    covariate_steps: dict[str, tuple[Any, Any, Any]] = field(default_factory=dict)
     #: ``(τ, amounts)`` already computed for these units (views of a larger design's): not computed again
     time_after_dose_of: tuple[Any, Any] | None = field(default=None, repr=False)
 
@@ -117,6 +120,7 @@ class Design:
                       time if self.x is self.time else t(self.x), opt(self.dose_ss), opt(self.dose_ii),
                       opt(self.dose_seg), opt(self.obs_seg), self.central_cmt, self.has_infusion, opt(self.dv),
                       opt(self.occ_start), opt(self.occ_seg), opt(self.occ_valid),
+                      {k: tuple(t(a) for a in v) for k, v in self.covariate_steps.items()},
                       # a block of units (a slice): views of this design's τ, no new [n, T, D] array
                       (t(self._tau), t(self._amt)) if isinstance(units, slice) else None)
 
@@ -193,6 +197,9 @@ class Structural:
     #: :class:`SolverWarning`, naming individual ``i`` and observation ``j``), e.g. an ODE's RK4 step halving
     #: (``i``, ``j`` None: a message about the model as a whole)
     check: Callable[[dict[str, Any], Design], tuple[int | None, int | None, str] | None] | None = None
+    #: time-varying covariate columns the model reads between the records (ODE kinetics): the data keep them as step
+    #: functions of time (:attr:`Design.covariate_steps`, last value carried forward over every record)
+    covariates: tuple[str, ...] = ()
 
     def __call__(self, psi: dict[str, Any], data: Design) -> Any:
         return self.fn(psi, data)
