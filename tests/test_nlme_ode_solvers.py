@@ -97,13 +97,14 @@ def test_stiff_tmdd_against_scipy_on_torch():
     """torch against LSODA/BDF to 1e-6 relative.  torchdiffeq has no implicit method, so "stiff" is dopri5 there,
     and its step is bounded by stability: the moderately stiff variant here takes ~8 s, the stiff one of the JAX
     test ~50 s (rtol 1e-8).  The fixed-step RK4 default (step 72 h / 200 = 0.36 h, kon·L·h ≈ 18 > 2.8) is
-    unstable."""
+    unstable, which the binding says (its step-halving check at the initial values)."""
     reference = _references(TMDD_PSI_MILD)
     model = nlme.NLME(_tmdd("stiff", rtol=1e-8, atol=1e-10), dict.fromkeys(TMDD, 1.0), data=_tmdd_table())
     theta = {k: torch.tensor(v, dtype=torch.float64) for k, v in _tmdd_theta().items()}
     got = model.predict(theta, torch.tensor(np.log(TMDD_PSI_MILD)))[0].numpy()
     np.testing.assert_allclose(got, reference, rtol=1e-6)
-    rk4 = nlme.NLME(_tmdd("rk4"), dict.fromkeys(TMDD, 1.0), data=_tmdd_table())
+    with pytest.warns(nlme.SolverWarning, match=r"not finite .*h = 0.36, the default max_step"):
+        rk4 = nlme.NLME(_tmdd("rk4"), dict.fromkeys(TMDD, 1.0), data=_tmdd_table())
     rk4_pred = rk4.predict(theta, torch.tensor(np.log(TMDD_PSI_MILD)))[0].numpy()
     assert not np.allclose(rk4_pred, reference, rtol=1e-2)
 

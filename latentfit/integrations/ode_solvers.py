@@ -27,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 #: pip extra that installs the libraries of this module
 EXTRA = "pip install latentfit[ode]"
 
@@ -66,7 +68,12 @@ def _integrate_jax(solver: str, x0: tuple, events: dict[str, Any], jump: Callabl
     system of ``N × num_states`` components (measured faster than per-individual solves); ``"stiff"``: every
     individual is its own system under ``vmap`` (own step sizes; the implicit solver's Newton matrix is
     ``num_states × num_states`` per individual, where one system would make it dense ``N·S × N·S``: theophylline
-    with 5 chains, 452 ms against 58 ms per evaluation)."""
+    with 5 chains, 452 ms against 58 ms per evaluation).
+
+    A solve that fails (more than ``max_steps`` steps, or another diffrax failure) does not raise inside the program
+    (``throw=False``): that individual's outputs from there on are NaN (a proposal there is rejected by the MCMC
+    kernels, as any NaN log-density) and its later intervals are skipped.  Called eagerly (outside ``jit``), a
+    failure raises the clear :func:`_too_many_steps` error instead of equinox's runtime error."""
     diffrax = _require("diffrax", solver, "JAX")
     import jax
     import jax.numpy as jnp
@@ -76,43 +83,93 @@ def _integrate_jax(solver: str, x0: tuple, events: dict[str, Any], jump: Callabl
     controller = diffrax.PIDController(rtol=rtol, atol=atol, norm=_jax_max_norm)
     seq = jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, -1, 0), events)
     num_states = len(x0)
+    shape = jnp.broadcast_shapes(*(jnp.shape(v) for v in x0), events["dt"].shape[:-1],
+                                 *(jnp.shape(v) for v in params.values()))
 
-    def one(y0: Any, p: dict[str, Any], e: dict[str, Any]) -> Any:
-        """One individual's interval: ``y0 [S]`` -> ``y1 [S]`` (time rescaled to s ∈ [0, 1])."""
+    def code(result: Any) -> Any:
+        """0: solved, 1: more than max_steps steps, 2: another failure."""
+        return jnp.where(result == diffrax.RESULTS.successful, 0,
+                         jnp.where(result == diffrax.RESULTS.max_steps_reached, 1, 2)).astype(jnp.int32)
+
+    def one(y0: Any, p: dict[str, Any], e: dict[str, Any]) -> tuple[Any, Any]:
+        """One individual's interval: ``y0 [S]`` -> ``y1 [S]`` (time rescaled to s ∈ [0, 1]) and its code."""
         def field(s: Any, y: Any, args: Any) -> Any:
             d = rhs(e["t0"] + s * e["dt"], tuple(y[i] for i in range(num_states)), e, p)
             return e["dt"] * jnp.stack([jnp.asarray(di, dtype=y.dtype) for di in d])
 
         sol = diffrax.diffeqsolve(diffrax.ODETerm(field), method, 0.0, 1.0, None, y0,
                                   saveat=diffrax.SaveAt(t1=True), stepsize_controller=controller,
-                                  adjoint=diffrax.DirectAdjoint(), max_steps=max_steps)
-        return sol.ys[-1]
+                                  adjoint=diffrax.DirectAdjoint(), max_steps=max_steps, throw=False)
+        return sol.ys[-1], code(sol.result)
 
-    def body(x: tuple, e: dict[str, Any]) -> tuple[tuple, Any]:
+    def body(carry: tuple, e: dict[str, Any]) -> tuple[tuple, Any]:
+        x, failed = carry  # failed [..., N]: an earlier interval's solve failed
         x, out = jump(x, e)
+        out = jnp.where(failed[..., None] if jnp.ndim(out) > failed.ndim else failed, jnp.nan, out)
+        e = {**e, "dt": jnp.where(failed, 0.0, e["dt"])}  # nothing more to solve where it failed
+        x = tuple(jnp.where(failed, 0.0, v) for v in x)
 
-        def solve_joint(y0: tuple) -> tuple:
+        def solve_joint(y0: tuple) -> tuple[tuple, Any]:
             def field(s: Any, y: tuple, args: Any) -> tuple:
                 return tuple(e["dt"] * d for d in rhs(e["t0"] + s * e["dt"], y, e, params))
 
             sol = diffrax.diffeqsolve(diffrax.ODETerm(field), method, 0.0, 1.0, None, y0,
                                       saveat=diffrax.SaveAt(t1=True), stepsize_controller=controller,
-                                      adjoint=diffrax.DirectAdjoint(), max_steps=max_steps)
-            return tuple(jnp.asarray(y[-1], dtype=v.dtype) for y, v in zip(sol.ys, y0, strict=True))
+                                      adjoint=diffrax.DirectAdjoint(), max_steps=max_steps, throw=False)
+            return (tuple(jnp.asarray(y[-1], dtype=v.dtype) for y, v in zip(sol.ys, y0, strict=True)),
+                    jnp.broadcast_to(code(sol.result), shape))
 
-        def solve_each(y0: tuple) -> tuple:
-            shape = jnp.broadcast_shapes(*(jnp.shape(v) for v in y0), e["dt"].shape,
-                                         *(jnp.shape(v) for v in params.values()))
+        def solve_each(y0: tuple) -> tuple[tuple, Any]:
             flat = lambda a: jnp.broadcast_to(a, shape).reshape(-1)  # noqa: E731
             ys = jnp.stack([flat(v) for v in y0], -1)  # [M, S]
-            y1 = jax.vmap(one)(ys, {k: flat(v) for k, v in params.items()}, jax.tree_util.tree_map(flat, e))
-            return tuple(jnp.asarray(y1[:, i].reshape(shape), dtype=v.dtype) + 0 * v for i, v in enumerate(y0))
+            y1, codes = jax.vmap(one)(ys, {k: flat(v) for k, v in params.items()}, jax.tree_util.tree_map(flat, e))
+            return (tuple(jnp.asarray(y1[:, i].reshape(shape), dtype=v.dtype) + 0 * v for i, v in enumerate(y0)),
+                    codes.reshape(shape))
 
-        x = lax.cond(jnp.any(e["dt"] > 0), solve_each if solver == "stiff" else solve_joint, lambda y0: y0, x)
-        return x, out
+        def skip(y0: tuple) -> tuple[tuple, Any]:
+            return tuple(jnp.broadcast_to(v, shape).astype(v.dtype) + 0 * v for v in y0), jnp.zeros(shape, jnp.int32)
 
-    _, outs = lax.scan(body, x0, seq)
+        x = tuple(jnp.broadcast_to(v, shape).astype(v.dtype) for v in x)
+        x, codes = lax.cond(jnp.any(e["dt"] > 0), solve_each if solver == "stiff" else solve_joint, skip, x)
+        return (x, failed | (codes > 0)), (out, codes)
+
+    init = (tuple(jnp.broadcast_to(v, shape).astype(jnp.result_type(v)) for v in x0), jnp.zeros(shape, bool))
+    _, (outs, codes) = lax.scan(body, init, seq)
+    if not isinstance(codes, jax.core.Tracer):  # eager: a failure is an error with the clear message
+        codes = np.asarray(codes)  # [E, ..., N]
+        if codes.any():
+            k, *rest = np.argwhere(codes > 0)[0]
+            n = int(rest[-1])
+            t0 = float(np.asarray(events["t0"])[n, k])
+            raise _too_many_steps(solver, max_steps, f"t={t0:g} and t={t0 + float(np.asarray(events['dt'])[n, k]):g} "
+                                  f"(individual {n + 1} of the data)", x0, rtol, codes[k][tuple(rest)] == 1, "jax")
     return jnp.moveaxis(outs, 0, -1)
+
+
+def _too_many_steps(solver: str, max_steps: int, where: str, x0: tuple, rtol: float,
+                    max_steps_reached: bool = True, backend: str = "torch") -> RuntimeError:
+    """The error of a solve that needed more than ``max_steps`` steps (or otherwise failed), with what to do; on
+    float32 arrays with an ``rtol`` finer than they resolve, says so."""
+    what = (f"needed more than max_steps={max_steps} steps" if max_steps_reached else "failed (the implicit "
+            "solver's Newton iterations or the step size collapsed)")
+    hint = ""
+    eps = _eps(x0)
+    if eps is not None and eps > 1e-10 and rtol < 100 * eps:
+        hint = (f"; the arrays are float32 (on JAX: jax_enable_x64 is off), which cannot resolve rtol={rtol:g} "
+                f"(below 100 × eps = {100 * eps:.1g}): turn on float64 with jax.config.update('jax_enable_x64', "
+                f"True) before building the model, or loosen rtol")
+    other = ("" if backend == "jax" and solver == "stiff" else ", or solver='stiff'" if backend == "jax"
+             else ", or use the JAX backend's 'stiff' solver")
+    return RuntimeError(f"nlme.ode(solver={solver!r}): the solver {what} between the events at {where} (a stiff or "
+                        f"badly scaled system?): raise max_steps=, loosen rtol/atol{other}{hint}")
+
+
+def _eps(x0: tuple) -> float | None:
+    """Machine epsilon of the states' floating dtype (None if not floating)."""
+    try:
+        return float(np.finfo(np.dtype(str(x0[0].dtype).replace("torch.", ""))).eps)
+    except (TypeError, ValueError, AttributeError, IndexError):
+        return None
 
 
 def _jax_max_norm(y: Any) -> Any:
@@ -160,10 +217,7 @@ def _integrate_torch(solver: str, x0: tuple, events: dict[str, Any], jump: Calla
         except AssertionError as exc:
             if "max_num_steps" not in str(exc):
                 raise
-            raise RuntimeError(f"nlme.ode(solver={solver!r}): the solver needed more than max_steps={max_steps} "
-                               f"steps between the events at t={e['t0'].tolist()} (a stiff or badly scaled "
-                               f"system?): raise max_steps=, loosen rtol/atol, or use the JAX backend's 'stiff' "
-                               f"solver") from exc
+            raise _too_many_steps(solver, max_steps, f"t={e['t0'].tolist()}", x, rtol) from exc
         x = tuple(y[-1] for y in ys)
     return torch.stack(outputs, -1)
 

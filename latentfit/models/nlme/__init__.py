@@ -16,6 +16,7 @@ from .ode import ode
 from .structural import (
     LIBRARY,
     Design,
+    SolverWarning,
     Structural,
     emax,
     one_compartment_bolus,
@@ -27,7 +28,7 @@ from .structural import (
     two_compartment_oral,
 )
 
-__all__ = ["LIBRARY", "NLME", "CovariateSearch", "Design", "NLMEData", "Parameter", "Structural", "covariate_search",
-           "design_table", "emax", "ode", "one_compartment_bolus", "one_compartment_infusion", "one_compartment_oral",
-           "read_nonmem", "sigmoid_emax", "two_compartment_bolus", "two_compartment_infusion",
+__all__ = ["LIBRARY", "NLME", "CovariateSearch", "Design", "NLMEData", "Parameter", "SolverWarning", "Structural",
+           "covariate_search", "design_table", "emax", "ode", "one_compartment_bolus", "one_compartment_infusion",
+           "one_compartment_oral", "read_nonmem", "sigmoid_emax", "two_compartment_bolus", "two_compartment_infusion",
            "two_compartment_oral"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,7 +26,7 @@ from . import responses as _resp
 from .data import RELEASE_ROWS, NLMEData, _id, pad_data, pad_individuals, read_nonmem, release_freed_memory
 from .spec import FixedEffect, covariate_columns, merge_read_options, transform_pair
 from .stored import StoredTable
-from .structural import Design
+from .structural import Design, SolverWarning
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .model import NLME
@@ -57,12 +58,13 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
         raise DataError(f"iov={list(model.iov_init)} needs the occasion column {model.occasion_column!r}, which is "
                         f"not in the data (columns {list(df.columns)}); name it with occasion='...'")
     response_col = _resp.response_column(df, model.response_column) if model.response_spec is not None else None
-    regressors = tuple(dict.fromkeys(tuple(model.structural.regressors) + tuple(opts["regressors"])
+    regressors = tuple(dict.fromkeys(tuple(model.structural.regressors) + tuple(model.structural.covariates)
+                                     + tuple(opts["regressors"])
                                      + ((model.occasion_column,) if model.iov_init else ())
                                      + ((response_col,) if response_col else ())))
     data = read_nonmem(df, columns=opts["columns"], covariates=cov_cols, regressors=regressors, dose=opts["dose"],
                        x=opts["x"], covariate_interpolation=opts["covariate_interpolation"] or "locf",
-                       records=bool(model.iov_init))
+                       records=bool(model.iov_init), steps=tuple(model.structural.covariates))
     if getattr(model, "pad_widths", None) is not None:  # a block of a distributed fit: the other blocks' shapes
         data = pad_data(data, model.pad_widths)
     if getattr(model, "pad_units_to", None) is not None:  # a padded block of a JAX local fit (NLME.pad_units)
@@ -188,7 +190,9 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
                          ops.asarray(data.dose_rate), regs, covariates, doses_precede_obs=doses_precede_obs,
                          dose_cmt=ops.asarray(data.dose_cmt.astype(np.int64, copy=False)), ops=ops,
                          x=None if data.x is None else regs[data.x], **doses,
-                         dv=model._outcome_consts.get("dv"), time_after_dose_of=tau_amt)
+                         dv=model._outcome_consts.get("dv"), time_after_dose_of=tau_amt,
+                         covariate_steps={k: tuple(ops.asarray(a) for a in v)
+                                          for k, v in data.regressor_steps.items()})
     model._structural_fn = model.structural.bound(model.design)
     if model.response_spec is not None and model.response_spec.predicted:  # each observation: its response's
         model._structural_fn = _resp.wrap(model._structural_fn, model)
@@ -205,6 +209,29 @@ def bind_data(model: NLME, df: pd.DataFrame) -> None:
         if model.outcome is not None:  # a hazard with κ: each interval split at the occasions' starts
             _outcomes.bind_occasions(model)
     model._design_minor = _units_minor_design(model)
+    check_structural(model)
+
+
+def check_structural(model: NLME) -> None:
+    """The structural model's self-check (:attr:`~latentfit.models.nlme.structural.Structural.check`: an ODE's RK4
+    step halving, or its solver tolerances against the arrays' precision) at the initial values with the random
+    effects at 0: a :class:`SolverWarning` naming the individual and time where its numerical solution looks
+    unreliable (a fit from there would get wrong predictions, or reject the proposals whose predictions overflow,
+    without a word)."""
+    check = model.structural.check
+    if check is None:
+        return
+    theta = model.init_params()
+    psi = model.individual_parameters(theta, model.prior_moments(theta)[0])  # [N, 1] each (κ = 0: one set)
+    design = (model.design if model.design.occ_start is None
+              else dataclasses.replace(model.design, occ_start=None, occ_seg=None, occ_valid=None))
+    found = check(psi, design)
+    if found is not None:
+        i, j, message = found
+        data = model.data
+        where = ("" if i is None else f" at the initial parameter values (random effects 0), ID {_id(data.ids[i])} "
+                 f"at {data.columns.get('time') or data.x or 'time'} {data.time[i, j]:g}")
+        warnings.warn(f"{model.structural.name}{where}: {message}", SolverWarning, stacklevel=4)
 
 
 def _units_minor_design(model: NLME) -> dict[str, Any] | None:
@@ -371,7 +398,8 @@ def prediction_grid(model: NLME, num_points: int = 150) -> PredictionGrid | None
     data, ops = model.data, model.ops
     resp, occ = model._resp, model._iov
     labelled = {c.column for c in (resp, occ) if c is not None}
-    extra = set(data.regressors) - ({data.x} if data.x is not None else set()) - labelled
+    extra = (set(data.regressors) - ({data.x} if data.x is not None else set()) - labelled
+             - set(model.structural.covariates))  # step functions of time: the grid reads them as the model does
     if extra or (data.x is not None and "time" in data.columns):
         return None
     xv, mask = data.x_values, data.mask
@@ -457,7 +485,8 @@ def structural_prediction_at(model: NLME, theta: dict[str, Any], z: Any, grid: A
     chained = occ is not None and occ.carry is not None
     design = Design(d.xp, g, d.dose_time, d.dose_amt, d.dose_rate, regs, d.covariates, False, d.dose_cmt, ops,
                     None if data.x is None else g, **doses, occ_start=d.occ_start if chained else None,
-                    occ_seg=d.occ_seg if chained else None, occ_valid=d.occ_valid if chained else None)
+                    occ_seg=d.occ_seg if chained else None, occ_valid=d.occ_valid if chained else None,
+                    covariate_steps=d.covariate_steps)
     fn = model.structural.bound(design)
     if model.response_spec is not None and model.response_spec.predicted:
         fn = _resp.wrap(fn, model)

@@ -95,6 +95,9 @@ class NLMEData:
     dose_seg: np.ndarray | None = None  # [N, D] period of the dose (a reset starts a new period)
     obs_seg: np.ndarray | None = None  # [N, T] period of the observation (None: no reset, one period)
     seg_start: np.ndarray | None = None  # [N, S] time of the reset starting each period (period 0: -inf; padding: inf)
+    #: time-varying covariates read as step functions of time (``steps=``): name -> ``(time, period, value)``, each
+    #: ``[N, R]``, the individual's records that have a value, by period and time (padding: the last record repeated)
+    regressor_steps: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
     #: every row of the source table, in its order: individual index (-1: dropped), time and period
     record_unit: np.ndarray | None = None
     record_time: np.ndarray | None = None
@@ -213,7 +216,8 @@ def _in_order(key: np.ndarray, time: np.ndarray) -> bool:
 
 def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covariates: list[str] | tuple = (),
                 regressors: list[str] | tuple = (), dose: str | None = None, x: str | None = None,
-                covariate_interpolation: str = "locf", records: bool = False) -> NLMEData:
+                covariate_interpolation: str = "locf", records: bool = False,
+                steps: list[str] | tuple = ()) -> NLMEData:
     """Validate a NONMEM-style table and pad it (see the module docstring).
 
     Parameters
@@ -233,6 +237,8 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         ``regressors`` are read at the observations from all the records.
     records : keep every row's individual index, time and period (``record_unit`` / ``record_time`` /
         ``record_seg``: three arrays per row of the table, which only the occasions' boundaries read).
+    steps : ``regressors`` also kept as step functions of time (``regressor_steps``: every record with a value,
+        dose and ``EVID = 2`` rows included), for ODE models whose kinetics read them between the records.
     """
     if not isinstance(df, pd.DataFrame):
         raise DataError(f"data must be a pandas DataFrame, got {type(df).__name__}")
@@ -432,6 +438,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
         r = np.zeros((n, t_max))
         r[mask] = per_obs[name]
         regs[name] = np.where(mask, r, r[np.arange(n), counts - 1][:, None])
+    step_fns = {name: _steps(num[name], time, seg, order, n) for name in steps}
     # per-row arrays the doses and periods below do not read, freed before they build theirs (11 rows of 10⁶
     # individuals: 88 MB each)
     del dv, cens, obs_idx, per_obs
@@ -529,7 +536,7 @@ def read_nonmem(df: pd.DataFrame, columns: dict[str, str] | None = None, covaria
                     dose_amt=d_amt, dose_rate=d_rate, dose_cmt=d_cmt, covariates=cov_df, regressors=regs,
                     obs_rows=rows_a, columns=cols if has_time else {k: v for k, v in cols.items() if k != "time"},
                     x=x, dose_ss=d_ss, dose_ii=d_ii, dose_seg=d_seg, obs_seg=seg_a, seg_start=seg_start,
-                    obs_rank=obs_rank, dose_rank=dose_rank,
+                    obs_rank=obs_rank, dose_rank=dose_rank, regressor_steps=step_fns,
                     **(dict(record_unit=order, record_seg=seg,  # the time: not a view of the caller's table
                            record_time=time if time.flags.owndata else time.copy()) if records else {}))
 
@@ -614,14 +621,15 @@ def pad_individuals(data: NLMEData, size: int) -> NLMEData:
         return a
 
     changes = {f.name: more(getattr(data, f.name)) for f in dataclasses.fields(data)
-               if f.name not in ("ids", "covariates", "regressors", "obs_rows")}
+               if f.name not in ("ids", "covariates", "regressors", "obs_rows", "regressor_steps")}
     ids = np.asarray(data.ids)
     pad_ids = np.array([f"__pad{j}" for j in range(size - n)], dtype=object)
     rows = None if data.obs_rows is None else np.concatenate(
         [data.obs_rows, np.full((size - n,) + data.obs_rows.shape[1:], -1, dtype=data.obs_rows.dtype)])
     cov = data.covariates.iloc[idx]
     return dataclasses.replace(data, **changes, ids=np.concatenate([ids.astype(object), pad_ids]), covariates=cov,
-                               regressors={k: more(v) for k, v in data.regressors.items()}, obs_rows=rows)
+                               regressors={k: more(v) for k, v in data.regressors.items()}, obs_rows=rows,
+                               regressor_steps={k: tuple(more(a) for a in v) for k, v in data.regressor_steps.items()})
 
 
 def _warn_unsorted(df: pd.DataFrame, id_col: str, time_col: str, order: np.ndarray, seg: np.ndarray,
@@ -741,6 +749,25 @@ def _time_varying(num: dict[str, np.ndarray], names: list[str], time: np.ndarray
                             f"a per-observation column needs at least one value per individual")
         out[name] = val[sel]
     return out
+
+
+def _steps(values: np.ndarray, time: np.ndarray, seg: np.ndarray, order: np.ndarray,
+           n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A per-row column as step functions of time: ``(time, period, value) [N, R]``, each individual's records that
+    have a value sorted by period and time (table order at ties), padded with its last record (every individual has
+    one: :func:`_time_varying` checked it)."""
+    rec = np.where((order >= 0) & ~np.isnan(values))[0]
+    seg = np.broadcast_to(seg, time.shape)
+    rec = rec[np.lexsort((time[rec], seg[rec], order[rec]))]
+    counts = np.bincount(order[rec], minlength=n)
+    width = max(int(counts.max()), 1)
+    mask = np.arange(width) < counts[:, None]
+    out = []
+    for a in (time, seg, values):
+        m = np.zeros((n, width))
+        m[mask] = a[rec]
+        out.append(np.where(mask, m, m[np.arange(n), np.maximum(counts - 1, 0)][:, None]))
+    return out[0], out[1], out[2]
 
 
 def design_table(num_individuals: int, times: Any, dose: float | Any = 100.0,

@@ -194,9 +194,10 @@ def bind_carry(model: Any) -> None:
                 i = int(np.argwhere(crosses)[0][0])
                 raise DataError(f"iov: a steady-state infusion of ID {data.ids[i]!r} runs into the next occasion; "
                                 f"this is not supported (start the occasion with a reset, or use an ODE model)")
-    if model._resp is not None:
+    if model._resp is not None and mode != "ode":  # an ODE model's responses come from the one chained integration
         raise ModelSpecificationError("iov with several responses: drug carries across an occasion boundary (no "
-                                      "reset), which is supported for single-response models only")
+                                      "reset), which is supported for single-response models and ODE models "
+                                      "(nlme.ode, observe returning every response) only")
     model.design = dataclasses.replace(model.design, occ_start=ops.asarray(start), occ_seg=ops.asarray(seg),
                                        occ_valid=ops.asarray(valid.astype(float)))
     model._structural_fn = chained(model._structural_fn, mode, occ.num_occasions)

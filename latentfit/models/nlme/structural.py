@@ -91,6 +91,9 @@ class Design:
     occ_start: Any = None
     occ_seg: Any = None
     occ_valid: Any = None
+    #: time-varying covariates as step functions of time, for ODE kinetics (:attr:`Structural.covariates`): name ->
+    #: ``(time, period, value)`` ``[N, R]`` each, the individual's records with a value by period and time
+    covariate_steps: dict[str, tuple[Any, Any, Any]] = field(default_factory=dict)
     #: ``(τ, amounts)`` already computed for these units (views of a larger design's): not computed again
     time_after_dose_of: tuple[Any, Any] | None = field(default=None, repr=False)
     #: [N, T] / [N, D] ranks of the observations and doses among an individual's records: a dose at an
@@ -127,6 +130,7 @@ class Design:
                       time if self.x is self.time else t(self.x), opt(self.dose_ss), opt(self.dose_ii),
                       opt(self.dose_seg), opt(self.obs_seg), self.central_cmt, self.has_infusion, opt(self.dv),
                       opt(self.occ_start), opt(self.occ_seg), opt(self.occ_valid),
+                      {k: tuple(t(a) for a in v) for k, v in self.covariate_steps.items()},
                       # a block of units (a slice): views of this design's τ, no new [n, T, D] array
                       (t(self._tau), t(self._amt)) if isinstance(units, slice) else None,
                       obs_rank=opt(self.obs_rank), dose_rank=opt(self.dose_rank))
@@ -172,6 +176,11 @@ class _UnitsMinorDesign(Design):
         return True
 
 
+class SolverWarning(UserWarning):
+    """A structural model's numerical solution looks unreliable: an ODE's fixed RK4 step unstable or too coarse at
+    the initial values, or solver tolerances finer than the arrays' floating-point precision."""
+
+
 @dataclass
 class Structural:
     """A structural model: its parameter names and ``fn(psi, data) -> pred``."""
@@ -195,6 +204,14 @@ class Structural:
     #: (the library's closed forms): it gives ``[..., T, N]`` predictions from a design laid out ``[T, N]``
     #: (:meth:`Design.units_minor`) and parameters ``[..., 1, N]``, which SAEM's compiled sweeps use on JAX
     elementwise: bool = False
+    #: optional ``check(psi, design) -> (i, j, message) | None``: a self-check of the numerical solution at the
+    #: individual parameters ``psi [N, 1]`` (NLME runs it at the initial values when it gets its data and warns with
+    #: :class:`SolverWarning`, naming individual ``i`` and observation ``j``), e.g. an ODE's RK4 step halving
+    #: (``i``, ``j`` None: a message about the model as a whole)
+    check: Callable[[dict[str, Any], Design], tuple[int | None, int | None, str] | None] | None = None
+    #: time-varying covariate columns the model reads between the records (ODE kinetics): the data keep them as step
+    #: functions of time (:attr:`Design.covariate_steps`, last value carried forward over every record)
+    covariates: tuple[str, ...] = ()
 
     def __call__(self, psi: dict[str, Any], data: Design) -> Any:
         return self.fn(psi, data)
@@ -534,6 +551,6 @@ def resolve(structural: Any, parameter_names: list[str]) -> Structural:
                                   f"got {type(structural).__name__}")
 
 
-__all__ = ["LIBRARY", "Design", "Structural", "emax", "one_compartment_bolus", "one_compartment_infusion",
-           "one_compartment_oral", "resolve", "sigmoid_emax", "two_compartment_bolus",
+__all__ = ["LIBRARY", "Design", "SolverWarning", "Structural", "emax", "one_compartment_bolus",
+           "one_compartment_infusion", "one_compartment_oral", "resolve", "sigmoid_emax", "two_compartment_bolus",
            "two_compartment_infusion", "two_compartment_oral"]
