@@ -139,6 +139,10 @@ class SAEM(Engine):
         Initial iterations with γ = 0 (MCMC only); saemix default 5.
     kernels : (n1, n2, n3)
         Iterations of the prior-IMH, component-wise RW and block RW kernels; saemix ``(2, 2, 2)``.
+    line_moves : bool
+        After those kernels, a Gibbs move along each of the model's :meth:`~LatentModel.latent_lines` (NLME with IOV:
+        η_i up and every κ_ik down, which leaves the predictions unchanged; :func:`mcmc.line_gibbs`, one model
+        evaluation per line), default True; False: saemix's kernels alone.
     anneal : bool
         Simulated annealing of the latent variances during the first ``anneal_iters`` (K1/2).
     rng : ``"global"`` | ``"per_unit"``
@@ -174,9 +178,11 @@ class SAEM(Engine):
                  seed: int = 0, progress: bool = True, burn_in: int = 5, kernels: tuple[int, int, int] = (2, 2, 2),
                  anneal: bool = True, anneal_iters: int | None = None, anneal_factor: float = 0.97,
                  newton_steps: int = 8, num_draws: int = 100, callback=None, chunk_size: int = 25,
-                 rng: str = "global", unit_ids: Any = None, draw_dtype: str | None = None) -> None:
+                 rng: str = "global", unit_ids: Any = None, draw_dtype: str | None = None,
+                 line_moves: bool = True) -> None:
         super().__init__(model, seed=seed, progress=progress, callback=callback, num_draws=num_draws,
                          chunk_size=chunk_size)
+        self.line_moves = bool(line_moves)
         self.validate_options(num_iters, num_chains, rng=rng)
         self.rng = rng
         dt = draw_dtype if draw_dtype is not None else getattr(model, "mcmc_draw_dtype", None)
@@ -391,11 +397,27 @@ class SAEM(Engine):
         transform = None
         if minor is not None:  # the prior draws are transform(normal_units_minor(kk, [L, d, N])): those of sample_prior
             evaluate, rescore, transform = minor
+        lines = self._latent_lines() if minor is None and key is not None else None
+        if lines is not None:
+            key, k_line = sim.split(key)
         chain, scales, acc = mcmc.saemix_sweep(
             sim, key, state.z, (state.scale_rw, state.scale_block), k, self.kernels,
             evaluate=evaluate, sample_prior=sample_prior, cache=state.cache, rescore=rescore,
             prior_transform=transform, randoms=randoms, compact=randoms is not None)
+        if lines is not None:  # the model's ridges (NLME's IOV): a Gibbs move along each, after saemix's kernels
+            mean, cov = model.prior_moments(theta)
+            chain, acc["line"] = mcmc.line_gibbs(sim, k_line, chain, lines, mean, self.ops.xp.linalg.inv(cov),
+                                                 evaluate)
         return chain, acc, state._replace(scale_rw=scales[0], scale_block=scales[1], cache=chain.cache)
+
+    def _latent_lines(self) -> Any:
+        """The model's :meth:`~LatentModel.latent_lines` (computed once per model), or None (also with
+        ``line_moves=False``)."""
+        if not getattr(self, "line_moves", True):
+            return None
+        if getattr(self, "_lines_of", None) is not self.model:
+            self._lines_of, self._lines = self.model, self.model.latent_lines()
+        return self._lines
 
     def _minor_face(self, theta: dict[str, Any], cached: Any) -> Any:
         """The model's face for a compiled sweep over the chains laid out ``[L, d, N]`` (the same draws;
@@ -427,7 +449,7 @@ class SAEM(Engine):
         hash: 2525 -> 2416."""
         ops = self.ops
         if not ops.jittable or self.rng != "global" or type(self).simulate is not SAEM.simulate \
-                or not sum(self.kernels):  # kernels (0, 0, 0): no draws
+                or not sum(self.kernels) or self._latent_lines() is not None:  # kernels (0, 0, 0): no draws
             return None
         if not self.units_minor_sweep or type(self.model).units_minor_density is LatentModel.units_minor_density:
             return None  # a model without the units-minor face (Pyro, NumPyro, ...): prepare could never draw
