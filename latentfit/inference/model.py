@@ -222,7 +222,8 @@ class LatentModel:
         return None
 
     def latent_lines(self) -> Any | None:
-        """Optional: directions ``[r, n, d]`` (one per line and unit, a backend array) along which SAEM adds a Gibbs
+        """Optional: directions ``[r, n, d]`` (one per line and unit; a numpy array, constants of the data that a
+        compiled step captures) along which SAEM adds a Gibbs
         move from the Gaussian prior's conditional, accepted by the likelihood ratio
         (:func:`~latentfit.inference.mcmc.line_gibbs`; needs :meth:`prior_moments`): lines of the latent space along
         which the likelihood barely changes and the posterior stretches far beyond the random walks' steps (NLME's

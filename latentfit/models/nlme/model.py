@@ -859,7 +859,7 @@ class NLME(LatentModel):
 
     def latent_lines(self) -> Any | None:
         """IOV: the ridge of each parameter with both a random effect and a κ, ``φ_i + t`` and ``κ_ik − t`` on the
-        individual's real occasions k (``[r, N, d + qK]``; SAEM's line move,
+        individual's real occasions k (numpy ``[r, N, d + qK]``; SAEM's line move,
         :func:`~latentfit.inference.mcmc.line_gibbs`).  Every occasion's parameter ``φ_i + κ_ik`` stays the same along
         it, so the data do not see it and only the priors N(0, ω²) and N(0, γ²) bound it: the posterior stretches along
         it (sd ``1 / sqrt(1/ω² + K_i/γ²)``) while across it the data pin ``φ_i + κ_ik`` down tightly, and the random
@@ -869,7 +869,7 @@ class NLME(LatentModel):
         if self._iov is None or self.data is None:
             return None
         occ = self._iov
-        valid = self.ops.to_numpy(occ.valid)  # [N, K]
+        valid = np.isfinite(occ.labels).astype(float)  # [N, K] (numpy: the lines are constants of a compiled step)
         n, k_occ = valid.shape
         rows = []
         for j, nm in enumerate(occ.names):
@@ -879,7 +879,7 @@ class NLME(LatentModel):
             v[:, self.random_names.index(nm)] = 1.0
             v[:, occ.offset + j * k_occ: occ.offset + (j + 1) * k_occ] = -valid
             rows.append(v)
-        return self.ops.asarray(np.stack(rows)) if rows else None
+        return np.stack(rows) if rows else None
 
     def prior_moments(self, theta: dict[str, Any], units: Any = None) -> tuple[Any, Any]:
         n = self.num_units if units is None else len(units)
