@@ -138,14 +138,16 @@ def test_line_moves_run_in_saem_and_fsaem_fits(backend):
     likelihood is flat along the ridge), per-unit streams included; f-SAEM records NaN in its Laplace-proposal phase
     and 1 after it; ``line_moves=False`` drops them (saemix's kernels alone)."""
     df = audit_model(design(6)).simulate(TRUTH, seed=0)
-    for engine, kw in (("saem", {}), ("saem", {"rng": "per_unit"}), ("fsaem", {})):
+    runs = [("saem", {}), ("fsaem", {})] + ([("saem", {"rng": "per_unit"})] if backend == "torch" else [])
+    for engine, kw in runs:  # JAX: two compiled engines (compiling dominates: the per-unit streams on torch only)
         fit = audit_model(df, backend).fit(engine=engine, seed=0, progress=False, num_iters=(12, 4), **kw)
         acc = np.asarray(fit.history["acc.line"], dtype=float)
         assert acc.shape == (16, 2)
         done = acc[np.isfinite(acc[:, 0])]
         assert len(done) == (6 if engine == "fsaem" else 16) and np.all(done == 1.0), (engine, kw, acc)
-    fit = audit_model(df, backend).fit(seed=0, progress=False, num_iters=(12, 4), line_moves=False)
-    assert "acc.line" not in fit.history
+    if backend == "torch":
+        fit = audit_model(df, backend).fit(seed=0, progress=False, num_iters=(12, 4), line_moves=False)
+        assert "acc.line" not in fit.history
 
 # ----- the drift check at the end of the exploration phase (SAEM.drifting_parameters) ------------------------------
 def _ar1(rng: np.random.Generator, n: int, rho: float) -> np.ndarray:
