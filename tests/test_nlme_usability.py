@@ -106,6 +106,8 @@ def test_readme_user_function_reaches_the_maximum(readme):
     # no wandering variance in these README fits (well identified variances: log-sd about 0.03-0.2)
     for name in ("fit", "block_fit", "emax_fit", "user_fit"):
         assert readme[name].engine.wandering_variances(readme[name].history) == [], name
+        # and none still drifting at the end of the exploration (SAEM.drifting_parameters: converged fits)
+        assert readme[name].engine.drifting_parameters(readme[name].history) == [], name
 
 
 def test_saem_warns_when_a_weakly_identified_variance_wanders(readme):

@@ -141,6 +141,8 @@ class FSAEM(SAEM):
             acc["rw"] = ops.zeros((d,)) * float("nan")
         if n3:
             acc["block_rw"] = nan
+        if self._latent_lines() is not None:
+            acc["line"] = ops.zeros((int(self._latent_lines().shape[0]),)) * float("nan")
         acc["nlme_imh"] = xp.mean(rates)
         return chain, acc, state._replace(mode=mode)
 

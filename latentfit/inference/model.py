@@ -236,6 +236,15 @@ class LatentModel:
         to rounding.  None (the default): the sweep keeps ``[L, n, d]``."""
         return None
 
+    def latent_lines(self) -> Any | None:
+        """Optional: directions ``[r, n, d]`` (one per line and unit; a numpy array, constants of the data that a
+        compiled step captures) along which SAEM adds a Gibbs
+        move from the Gaussian prior's conditional, accepted by the likelihood ratio
+        (:func:`~latentfit.inference.mcmc.line_gibbs`; needs :meth:`prior_moments`): lines of the latent space along
+        which the likelihood barely changes and the posterior stretches far beyond the random walks' steps (NLME's
+        IOV ridge, η up and every κ of the unit down).  None (the default): no such move."""
+        return None
+
     def log_lik(self, theta: dict[str, Any], z: Any, units: Any = None) -> Any:
         return self.log_densities(theta, z, units)[0]
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from .._hooks import user_stacklevel
 from . import mcmc
-from .driver import Engine, default_num_chains
+from .driver import Engine, default_num_chains, final_trend
 from .model import ConvergenceWarning, LatentModel
 from .mstep import flatten, newton_maximize, unflatten
 from .ops import Ops
@@ -36,6 +36,11 @@ RNG_MODES = ("global", "per_unit")
 #: a fit warns (:class:`~latentfit.ConvergenceWarning`) when an annealed variance's log wandered with a larger sd than
 #: this over the exploration iterations after the annealing (:meth:`SAEM.wandering_variances`)
 WANDER_LOG_SD = 0.5
+#: a fit warns (:class:`~latentfit.ConvergenceWarning`) when a parameter's trajectory over the last quarter of the
+#: exploration iterations still drifts (:meth:`SAEM.drifting_parameters`): a least-squares slope beyond this many of
+#: its AR(1)-corrected standard errors (:func:`~latentfit.inference.driver.final_trend`, ρ from the iterations after
+#: the annealing)
+DRIFT_SIGMAS = 5.0
 
 
 class SAEMState(NamedTuple):
@@ -139,6 +144,10 @@ class SAEM(Engine):
         Initial iterations with γ = 0 (MCMC only); saemix default 5.
     kernels : (n1, n2, n3)
         Iterations of the prior-IMH, component-wise RW and block RW kernels; saemix ``(2, 2, 2)``.
+    line_moves : bool
+        After those kernels, a Gibbs move along each of the model's :meth:`~LatentModel.latent_lines` (NLME with IOV:
+        η_i up and every κ_ik down, which leaves the predictions unchanged; :func:`mcmc.line_gibbs`, one model
+        evaluation per line), default True; False: saemix's kernels alone.
     anneal : bool
         Simulated annealing of the latent variances during the first ``anneal_iters`` (K1/2).
     rng : ``"global"`` | ``"per_unit"``
@@ -174,9 +183,11 @@ class SAEM(Engine):
                  seed: int = 0, progress: bool = True, burn_in: int = 5, kernels: tuple[int, int, int] = (2, 2, 2),
                  anneal: bool = True, anneal_iters: int | None = None, anneal_factor: float = 0.97,
                  newton_steps: int = 8, num_draws: int = 100, callback=None, chunk_size: int = 25,
-                 rng: str = "global", unit_ids: Any = None, draw_dtype: str | None = None) -> None:
+                 rng: str = "global", unit_ids: Any = None, draw_dtype: str | None = None,
+                 line_moves: bool = True) -> None:
         super().__init__(model, seed=seed, progress=progress, callback=callback, num_draws=num_draws,
                          chunk_size=chunk_size)
+        self.line_moves = bool(line_moves)
         self.validate_options(num_iters, num_chains, rng=rng)
         self.rng = rng
         dt = draw_dtype if draw_dtype is not None else getattr(model, "mcmc_draw_dtype", None)
@@ -391,11 +402,27 @@ class SAEM(Engine):
         transform = None
         if minor is not None:  # the prior draws are transform(normal_units_minor(kk, [L, d, N])): those of sample_prior
             evaluate, rescore, transform = minor
+        lines = self._latent_lines() if minor is None and key is not None else None
+        if lines is not None:
+            key, k_line = sim.split(key)
         chain, scales, acc = mcmc.saemix_sweep(
             sim, key, state.z, (state.scale_rw, state.scale_block), k, self.kernels,
             evaluate=evaluate, sample_prior=sample_prior, cache=state.cache, rescore=rescore,
             prior_transform=transform, randoms=randoms, compact=randoms is not None)
+        if lines is not None:  # the model's ridges (NLME's IOV): a Gibbs move along each, after saemix's kernels
+            mean, cov = model.prior_moments(theta)
+            chain, acc["line"] = mcmc.line_gibbs(sim, k_line, chain, self.ops.asarray(lines), mean,
+                                                 self.ops.xp.linalg.inv(cov), evaluate)
         return chain, acc, state._replace(scale_rw=scales[0], scale_block=scales[1], cache=chain.cache)
+
+    def _latent_lines(self) -> Any:
+        """The model's :meth:`~LatentModel.latent_lines` (numpy, computed once per model: a backend array made
+        inside a compiled step's trace would be that trace's), or None (also with ``line_moves=False``)."""
+        if not getattr(self, "line_moves", True):
+            return None
+        if getattr(self, "_lines_of", None) is not self.model:
+            self._lines_of, self._lines = self.model, self.model.latent_lines()
+        return self._lines
 
     def _minor_face(self, theta: dict[str, Any], cached: Any) -> Any:
         """The model's face for a compiled sweep over the chains laid out ``[L, d, N]`` (the same draws;
@@ -427,7 +454,7 @@ class SAEM(Engine):
         hash: 2525 -> 2416."""
         ops = self.ops
         if not ops.jittable or self.rng != "global" or type(self).simulate is not SAEM.simulate \
-                or not sum(self.kernels):  # kernels (0, 0, 0): no draws
+                or not sum(self.kernels) or self._latent_lines() is not None:  # kernels (0, 0, 0): no draws
             return None
         if not self.units_minor_sweep or type(self.model).units_minor_density is LatentModel.units_minor_density:
             return None  # a model without the units-minor face (Pyro, NumPyro, ...): prepare could never draw
@@ -503,9 +530,67 @@ class SAEM(Engine):
     def _result(self, *args: Any, **kwargs: Any) -> Any:
         result = super()._result(*args, **kwargs)
         if not result.interrupted:
-            for msg in self.wandering_variances(result.history):
+            for msg in self.wandering_variances(result.history) + self.drifting_parameters(result.history):
                 warnings.warn(f"{self.name}: {msg}", ConvergenceWarning, stacklevel=user_stacklevel())
         return result
+
+    def drift_window(self) -> tuple[int, int, int]:
+        """``(start, first, last)``: the drift check reads the exploration iterations ``first+1 .. last`` (1-based),
+        the last quarter of K1, and estimates their autocorrelation from ``start+1 .. last``, the iterations after
+        the annealing and the burn-in."""
+        sch = self.schedule
+        last = sch.K1
+        start = max(sch.sa_iters, sch.burn_in)
+        return start, max(start, last - last // 4), last
+
+    def drift_statistics(self, history: dict[str, Any]) -> dict[str, tuple[float, float]]:
+        """``{label: (rise, se)}`` of each parameter's trajectory over :meth:`drift_window` (each entry of an array
+        parameter, a covariance matrix's diagonal; a positive parameter on the log scale, so that its rise is
+        relative): the least-squares line's rise over the window and its AR(1)-corrected standard error, ρ from the
+        iterations after the annealing (:func:`~latentfit.inference.driver.final_trend` ``context=``).  Empty when
+        the window has fewer than 20 iterations."""
+        start, first, last = self.drift_window()
+        out: dict[str, tuple[float, float]] = {}
+        if last - first < 20:
+            return out
+        for name, info in self.model.params.items():
+            values = history.get(f"theta.{name}")
+            if values is None or len(values) < last:
+                continue
+            values = np.asarray(values, dtype=float)
+            if getattr(info, "anneal", None) == "cov" and values.ndim == 3:
+                values = np.diagonal(values, 0, -2, -1)
+            values = values.reshape(len(values), -1)[start:last]
+            for j in range(values.shape[1]):
+                x = values[:, j]
+                if not np.all(np.isfinite(x)) or np.ptp(x) == 0:
+                    continue
+                if np.all(x > 0):
+                    x = np.log(x)
+                rise, se = final_trend(x[first - start:], share=1.0, context=x)
+                out[name if values.shape[1] == 1 else f"{name}[{j}]"] = (float(rise), float(se))
+        return out
+
+    def drifting_parameters(self, history: dict[str, Any]) -> list[str]:
+        """A message naming the parameters still drifting at the end of the exploration phase: over its last
+        quarter (γ = 1, the annealing over; :meth:`drift_window`) the least-squares line of the trajectory rises
+        (or falls) by more than :data:`DRIFT_SIGMAS` AR(1)-corrected standard errors (:meth:`drift_statistics`).
+        A converged exploration fluctuates about the maximum; a drift means the chains or the parameters were still
+        travelling when the smoothing phase (γ = 1/(k − K1)) froze them, short of the maximum.  Example: IOV on ka
+        and CL with saemix's kernels alone (``line_moves=False``), N = 80 × 3 occasions: CL still +5% (t = 7.3) and
+        ω²_CL −24% (t = −5.1) over iterations 226-300, γ²_CL ending 3.6 SE too high.  On AR(1) noise
+        (ρ = 0.95-0.98, 75 iterations) |t| > 5 in 0.7-1% of the draws."""
+        found = [f"{label} {rise:+.3g} (t = {rise / se:+.1f})"
+                 for label, (rise, se) in self.drift_statistics(history).items() if abs(rise) > DRIFT_SIGMAS * se]
+        if not found:
+            return []
+        _, first, last = self.drift_window()
+        k1, k2 = self.schedule.K1, self.schedule.K2
+        return [f"the estimates were still drifting at the end of the exploration phase (iterations {first + 1}-"
+                f"{last}, γ = 1): " + ", ".join(found) + " (each one's rise over those iterations, relative (log) "
+                "for a positive parameter, and its t against the iterations' autocorrelated noise); the smoothing "
+                f"phase froze them short of the maximum: rerun with more exploration iterations (num_iters=({3 * k1}, "
+                f"{k2})) or engine='fsaem', and look at fit.plot_convergence()"]
 
     def wandering_variances(self, history: dict[str, Any]) -> list[str]:
         """Messages about the annealed variances (NLME's ω², Ω's diagonal) whose estimate carries a large Monte-Carlo

@@ -870,6 +870,30 @@ class NLME(LatentModel):
         y = self._ylog if self.error == "exponential" else self._y
         return self._take(y, units), self._take(self._uncens_mask, units)
 
+    def latent_lines(self) -> Any | None:
+        """IOV: the ridge of each parameter with both a random effect and a κ, ``φ_i + t`` and ``κ_ik − t`` on the
+        individual's real occasions k (numpy ``[r, N, d + qK]``; SAEM's line move,
+        :func:`~latentfit.inference.mcmc.line_gibbs`).  Every occasion's parameter ``φ_i + κ_ik`` stays the same along
+        it, so the data do not see it and only the priors N(0, ω²) and N(0, γ²) bound it: the posterior stretches along
+        it (sd ``1 / sqrt(1/ω² + K_i/γ²)``) while across it the data pin ``φ_i + κ_ik`` down tightly, and the random
+        walks, whose steps match the narrow direction, crossed it so slowly that SAEM's default 300 exploration
+        iterations left γ² several SE too high and ω² too low (a 3-occasion oral model, N = 80-400).  None without
+        IOV, or when no parameter with IOV has a random effect."""
+        if self._iov is None or self.data is None:
+            return None
+        occ = self._iov
+        valid = np.isfinite(occ.labels).astype(float)  # [N, K] (numpy: the lines are constants of a compiled step)
+        n, k_occ = valid.shape
+        rows = []
+        for j, nm in enumerate(occ.names):
+            if nm not in self.random_names:
+                continue
+            v = np.zeros((n, self.latent_dim))
+            v[:, self.random_names.index(nm)] = 1.0
+            v[:, occ.offset + j * k_occ: occ.offset + (j + 1) * k_occ] = -valid
+            rows.append(v)
+        return np.stack(rows) if rows else None
+
     def prior_moments(self, theta: dict[str, Any], units: Any = None) -> tuple[Any, Any]:
         n = self.num_units if units is None else len(units)
         mean, cov = self._mu_r(self._mu(theta, units), n), self.omega_matrix(theta)
