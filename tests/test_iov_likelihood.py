@@ -126,6 +126,31 @@ def test_ess_is_the_weights_effective_sample_size():
     assert res.ess.shape == (2,) and np.all(res.ess <= 1000 + 1e-6) and np.all(res.ess > 500)
 
 
+@pytest.mark.slow_on("jax")  # JAX: three lax.map programs of the IOV density compiled (~2 min on a loaded core)
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_blocked_quadrature_equals_the_unblocked_sum(backend, request):
+    """The quadrature's blocks of grid points (a budget of a few values: one point per block, the last ones padded
+    with zero-weight points; JAX: one ``lax.map`` body) and of units give the one-block per-unit terms to 1e-10."""
+    if backend == "jax":
+        pytest.importorskip("jax")
+        request.getfixturevalue("jax_x64")
+    model, theta = _bound(backend, 3, seed=3)
+    from latentfit.inference.laplace import conditional_modes
+
+    ops = model.ops
+    lap = conditional_modes(model, theta, num_steps=10)
+    chol = ops.small_cholesky(lap.cov)
+    grid = lk._gq_grid(model, 3)
+    whole = ops.to_numpy(lk.gq_log_lik_per_unit(model, theta, lap.mode, chol, grid, max_values=10 ** 12))
+    for budget in (1, 4 * 3 * model.density_values_per_unit):  # 1 point per block; 4 (81 = 20 × 4 + 1: padded)
+        blocked = ops.to_numpy(lk.gq_log_lik_per_unit(model, theta, lap.mode, chol, grid, max_values=budget))
+        np.testing.assert_allclose(blocked, whole, rtol=0, atol=1e-10)
+    units = ops.to_numpy(lk.gq_log_lik_per_unit(model, theta, lap.mode[1:], chol[1:], grid,
+                                                ops.asarray(np.arange(1, 3), dtype=None), max_values=40))
+    np.testing.assert_allclose(units, whole[1:], rtol=0, atol=1e-10)
+    assert model.density_values_per_unit == 12 * 3  # observations × doses
+
+
 @pytest.mark.slow
 def test_full_proposal_on_the_audit_iov_design():
     """The audit's design (N = 100, 7 samples per occasion, d = 4) after a short fit: the default IS within 0.1 of
