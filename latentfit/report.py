@@ -134,7 +134,7 @@ def covariate_reference_text(model: Any) -> str:
     return ("Covariate references (covariates.csv): " + "; ".join(parts) + ".") if parts else ""
 
 
-def likelihood_table(fit: Any, is_proposal: str = "diagonal", is_samples: int = 5000) -> pd.DataFrame:
+def likelihood_table(fit: Any, is_proposal: str = "full", is_samples: int = 5000) -> pd.DataFrame:
     """``method, -2LL, AIC, BIC, MC SE`` (``fit.likelihood_table``; its importance sampling with ``is_proposal`` and
     ``is_samples`` draws per subject)."""
     return fit.likelihood_table(proposal=is_proposal, num_samples=is_samples).reset_index()
@@ -332,7 +332,7 @@ def run_information(fit: Any, **extra: Any) -> dict[str, Any]:
 def write_fit_outputs(fit: Any, out_dir: str | Path, *, model_text: str = "", title: str | None = None,
                       run_info: dict[str, Any] | None = None, warnings_list: list[str] | None = None,
                       se_method: str = "lin", log_y: bool = False, vpc_simulations: int = 500,
-                      max_individual_plots: int = 36, seed: int = 0, is_proposal: str = "diagonal",
+                      max_individual_plots: int = 36, seed: int = 0, is_proposal: str = "full",
                       is_samples: int = 5000, status: Callable[[str], None] | None = None) -> dict[str, Path]:
     """Write the CSV tables, the PNG figures and ``report.html`` of an NLME fit into ``out_dir``; returns the paths
     by name.  ``status(message)`` is called before each slow step (e.g. to print it)."""

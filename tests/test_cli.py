@@ -334,12 +334,13 @@ def test_report_importance_sampling_options(run):
     """[report] is_proposal / is_samples: the likelihood table's importance sampling (fit.likelihood_table's proposal
     and num_samples); a proposal that does not exist is a one-line error naming the key."""
     _, api = run
-    cfg = parse_config(BASE + '\n[report]\nis_proposal = "full"\nis_samples = 2000\n')
-    assert (cfg.report["is_proposal"], cfg.report["is_samples"]) == ("full", 2000)
-    assert parse_config(BASE).report["is_proposal"] == "diagonal"
+    cfg = parse_config(BASE + '\n[report]\nis_proposal = "diagonal"\nis_samples = 2000\n')
+    assert (cfg.report["is_proposal"], cfg.report["is_samples"]) == ("diagonal", 2000)
+    assert parse_config(BASE).report["is_proposal"] == "full"
     table = report.likelihood_table(api, cfg.report["is_proposal"], cfg.report["is_samples"]).set_index("method")
-    pd.testing.assert_frame_equal(table, api.likelihood_table(proposal="full", num_samples=2000), check_exact=True)
-    assert table.loc["is", "-2LL"] == -2 * api.log_likelihood("is", proposal="full", num_samples=2000)
+    pd.testing.assert_frame_equal(table, api.likelihood_table(proposal="diagonal", num_samples=2000),
+                                  check_exact=True)
+    assert table.loc["is", "-2LL"] == -2 * api.log_likelihood("is", proposal="diagonal", num_samples=2000)
     with pytest.raises(ConfigError, match=r"line 10: \[report\] is_proposal = 'mixed': use one of diagonal, full"):
         parse_config(BASE + '\n[report]\nis_proposal = "mixed"\n')
 

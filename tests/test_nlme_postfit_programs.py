@@ -100,7 +100,7 @@ def test_importance_sampling_reads_the_units_minor_density(fitted, monkeypatch):
     mean, sd = fit.conditional_moments()
     assert model.units_minor_density(theta) is not None
     args = (theta, ops.asarray(mean), ops.asarray(sd), ops.key(2))
-    sizes = (300, 100, 4)
+    sizes = (300, 100, 4, 0.5)  # (num_samples, batch_size, df, defensive)
     minor = jax.jit(lambda *a: lk._is_terms(model, sizes, *a))(*args)
     monkeypatch.setattr(type(model), "units_minor_density", lambda self, th: None)
     plain = jax.jit(lambda *a: lk._is_terms(model, sizes, *a))(*args)

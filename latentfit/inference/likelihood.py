@@ -59,6 +59,8 @@ class LogLikelihood:
     per_unit: Any
     mc_se: float | None = None
     num_samples: int | None = None
+    #: importance sampling: each unit's effective sample size ``(Σ_s w_s)² / Σ_s w_s²`` (numpy ``[n]``)
+    ess: Any = None
 
     def __float__(self) -> float:
         return self.value
@@ -92,7 +94,8 @@ def _unit_streams(model: LatentModel, seed: int, unit_ids: Any, ops: Any) -> tup
 
 def log_likelihood_is(model: LatentModel, theta: dict[str, Any], cond_mean: Any, cond_sd: Any, *,
                       num_samples: int = 5000, batch_size: int = 500, df: int = 4, seed: int = 0,
-                      units: Any = None, unit_ids: Any = None, ops: Any = None) -> LogLikelihood:
+                      units: Any = None, unit_ids: Any = None, ops: Any = None,
+                      defensive: float = 0.5) -> LogLikelihood:
     """Importance-sampling estimate of ``Σ_i log p(y_i; θ)`` (see the module docstring).
 
     ``cond_mean``/``cond_sd`` are ``[n, d]`` (unconstrained latents of ``units``); ``cond_sd`` may also be ``[n, d,
@@ -100,7 +103,11 @@ def log_likelihood_is(model: LatentModel, theta: dict[str, Any], cond_mean: Any,
     ``z = m_i + L_i t`` (``t``'s ``d`` coordinates independent Student-t, ``q_L(z) = Π_j t(u_j) / |L_i|`` with ``u =
     L_i⁻¹(z − m_i)``) and half from the diagonal proposal of the same marginal sds, every draw weighted by the
     mixture ``½ q_L + ½ q_sd`` (a defensive mixture: never more than twice the diagonal proposal's weights; a diagonal
-    ``L_i`` gives the ``[n, d]`` proposal's terms to rounding).  ``unit_ids`` (``[n]`` ints):
+    ``L_i`` gives the ``[n, d]`` proposal's terms to rounding).  ``defensive``: the diagonal component's share α of
+    the draws and of the mixture ``(1 − α) q_L + α q_sd`` (½ above; :func:`laplace_proposal`'s fitted ``L_i`` takes
+    less, :data:`FULL_DEFENSIVE`: the weights stay below ``p / (α q_sd)`` at a Monte-Carlo variance close to
+    ``q_L``'s alone, where half the draws from ``q_sd`` on a ridge of correlation −0.96 tripled the MC SE).
+    The result carries each unit's effective sample size ``(Σ w)² / Σ w²`` (``ess``).  ``unit_ids`` (``[n]`` ints):
     each unit's draws from its own stream ``(seed, batch, unit id)`` (:func:`student_t_draws`), so its term does not
     depend on the other units or on the process holding it (``ops``: a distributed fit's shim).  On one stream the
     proposal's normals and uniforms are drawn in float32 (JAX: :meth:`JaxOps.with_draw_dtype`, as SAEM's MCMC draws;
@@ -114,16 +121,19 @@ def log_likelihood_is(model: LatentModel, theta: dict[str, Any], cond_mean: Any,
         raise ValueError(f"df must be a positive integer (Student-t proposal), got {df!r}")
     if num_samples < 2 or batch_size < 1:
         raise ValueError(f"num_samples must be >= 2 and batch_size >= 1, got {num_samples}, {batch_size}")
+    if not 0.0 < float(defensive) < 1.0:
+        raise ValueError(f"defensive must be in (0, 1), got {defensive!r}")
     m = ops.asarray(cond_mean)
     s = ops.asarray(cond_sd)
-    sizes = (int(num_samples), int(batch_size), int(df))
+    sizes = (int(num_samples), int(batch_size), int(df), float(defensive))
     if ops.jittable and sim is None and units is None:
-        per_unit, mc_se = _is_program(model, sizes)(theta, m, s, ops.key(seed))
+        per_unit, mc_se, ess = _is_program(model, sizes)(theta, m, s, ops.key(seed))
     else:
         with ops.seed_context(seed):
-            per_unit, mc_se = _is_terms(model, sizes, theta, m, s, ops.key(seed), units, sim, root)
+            per_unit, mc_se, ess = _is_terms(model, sizes, theta, m, s, ops.key(seed), units, sim, root)
     per_unit_np = ops.to_numpy(per_unit)
-    return LogLikelihood("is", float(per_unit_np.sum()), per_unit_np, float(ops.to_numpy(mc_se)), num_samples)
+    return LogLikelihood("is", float(per_unit_np.sum()), per_unit_np, float(ops.to_numpy(mc_se)), num_samples,
+                         ops.to_numpy(ess))
 
 
 def conditional_scale(draws: Any, sd: Any = None) -> np.ndarray:
@@ -150,11 +160,11 @@ def conditional_scale(draws: Any, sd: Any = None) -> np.ndarray:
     return scale[:, :, None] * chol
 
 
-def _is_terms(model: LatentModel, sizes: tuple[int, int, int], theta: dict[str, Any], m: Any, s: Any, key: Any,
-              units: Any = None, sim: Any = None, root: Any = None) -> tuple[Any, Any]:
-    """Per-unit ``log p̂(y_i; θ)`` ``[n]`` and the Monte-Carlo SE of their sum (an array) of :func:`log_likelihood_is`;
-    ``sizes``: ``(num_samples, batch_size, df)``."""
-    num_samples, batch_size, df = sizes
+def _is_terms(model: LatentModel, sizes: tuple[int, int, int, float], theta: dict[str, Any], m: Any, s: Any,
+              key: Any, units: Any = None, sim: Any = None, root: Any = None) -> tuple[Any, Any, Any]:
+    """Per-unit ``log p̂(y_i; θ)`` ``[n]``, the Monte-Carlo SE of their sum (an array) and each unit's effective sample
+    size ``[n]`` of :func:`log_likelihood_is`; ``sizes``: ``(num_samples, batch_size, df, defensive)``."""
+    num_samples, batch_size, df, defensive = sizes
     ops = model.ops
     xp = ops.xp
     scale_matrix = len(s.shape) == len(m.shape) + 1  # each unit's lower-triangular scale [n, d, d]
@@ -194,16 +204,17 @@ def _is_terms(model: LatentModel, sizes: tuple[int, int, int], theta: dict[str, 
         if not scale_matrix:
             z, log_q = m + s * t, _t_sum(t) - log_s
             return z, (log_q if active is None else log_q + log_phi0)
-        # a defensive mixture (Hesterberg 1995; Veach & Guibas' balance heuristic): the first half of the batch from
-        # m + L t, the second from m + sd ⊙ t (the diagonal proposal of the same marginal sds), each draw weighted by
-        # the mixture's density ½ q_L + ½ q_sd, so p/q ≤ 2 p/q_sd: a covariance misjudged from the draws (a ridge
-        # where the conditional law is wide) cannot produce the rare huge weights of a too-narrow proposal
-        first = ops.asarray(np.arange(int(t.shape[0])) < int(t.shape[0]) // 2)[:, None, None]
+        # a defensive mixture (Hesterberg 1995; Veach & Guibas' balance heuristic): the first (1 − α) of the batch
+        # from m + L t, the rest from m + sd ⊙ t (the diagonal proposal of the same marginal sds), each draw weighted
+        # by the mixture's density (1 − α) q_L + α q_sd, so p/q ≤ p/(α q_sd): a covariance misjudged from the draws
+        # (a ridge where the conditional law is wide) cannot produce the rare huge weights of a too-narrow proposal
+        size = int(t.shape[0])
+        first = ops.asarray(np.arange(size) < _main_draws(size, defensive))[:, None, None]
         dev = xp.where(first, xp.sum(s * t[..., None, :], -1), sd * t)
         u = xp.moveaxis(ops.forward_substitution(s, xp.moveaxis(dev, 0, -1)), -1, 0)  # L⁻¹ dev: t on the first half
         log_q_l = _t_sum(u) - log_s
         log_q_sd = _t_sum(dev / sd) - log_sd
-        log_q = xp.logaddexp(log_q_l, log_q_sd) - math.log(2.0)
+        log_q = xp.logaddexp(log_q_l + math.log1p(-defensive), log_q_sd + math.log(defensive))
         return m + dev, (log_q if active is None else log_q + log_phi0)
 
     def _log_weights(t: Any) -> Any:
@@ -246,21 +257,28 @@ def _is_terms(model: LatentModel, sizes: tuple[int, int, int], theta: dict[str, 
     per_unit = mx + xp.log(mean_w)
     # delta-method Monte-Carlo SE of log p̂ per unit, combined over units (independent)
     rel_var = xp.var(w, 0) / (num_samples * mean_w * mean_w)
-    return per_unit, xp.sqrt(xp.sum(rel_var))
+    ess = num_samples * mean_w * mean_w / xp.mean(w * w, 0)  # (Σ w)² / Σ w²
+    return per_unit, xp.sqrt(xp.sum(rel_var)), ess
+
+
+def _main_draws(size: int, defensive: float) -> int:
+    """How many of a batch of ``size`` draws come from the ``L_i`` component of the defensive mixture (the first
+    ``round((1 − α) size)``; half of them for α = ½ as before)."""
+    return size // 2 if defensive == 0.5 else int(round((1.0 - defensive) * size))
 
 
 #: the compiled importance-sampling log-likelihood of each model, by sizes (:func:`_is_program`)
 _IS = ProgramsByModel()
 
 
-def _is_program(model: LatentModel, sizes: tuple[int, int, int]) -> Any:
+def _is_program(model: LatentModel, sizes: tuple[int, int, int, float]) -> Any:
     """:func:`_is_terms` of ``model`` (one global stream, all units) as one compiled program on JAX, ``(θ, mean, sd,
     key) -> (per-unit terms, MC SE)``, made once per model and sizes (``ops.jit``: a later process finds it in the
     on-disk store and JAX's persistent cache).  Op by op it ran some twenty small programs (key split, draws, the
     concatenation and the reductions), each lowered and read back from the cache in a fresh process.  The draws are
     the same numbers; XLA fuses the reductions' arithmetic, so the terms may move at rounding level."""
-    def body(ref: Callable[[], LatentModel]) -> Callable[..., tuple[Any, Any]]:
-        def terms(theta: dict[str, Any], m: Any, s: Any, key: Any) -> tuple[Any, Any]:
+    def body(ref: Callable[[], LatentModel]) -> Callable[..., tuple[Any, Any, Any]]:
+        def terms(theta: dict[str, Any], m: Any, s: Any, key: Any) -> tuple[Any, Any, Any]:
             return _is_terms(ref(), sizes, theta, m, s, key)
 
         return terms
@@ -307,6 +325,138 @@ def importance_moments(model: LatentModel, theta: dict[str, Any], cond_mean: Any
     mean = xp.sum(w * z, 0)
     sd = xp.sqrt(xp.sum(w * (z - mean) ** 2, 0))
     return ops.to_numpy(mean), ops.to_numpy(sd)
+
+
+#: :func:`laplace_proposal`: pilot draws per unit, Newton steps from the chains' means; the share of the final
+#: proposal's draws from its defensive (diagonal) component (:func:`log_likelihood_is`'s ``defensive``) and its least
+#: degrees of freedom on a Gaussian prior (:func:`full_proposal_df`).  Measured on the audit's IOV model (d = 4, η/κ
+#: correlation −0.96, N = 100, 5000 draws, against quadrature): MC SE 0.093 with df 4 and α = 0.1, 0.066 with df 10,
+#: 0.056 with df 10 and α = 0.05
+FULL_PILOT_SAMPLES, FULL_NEWTON_STEPS, FULL_DEFENSIVE, FULL_MIN_DF = 1000, 15, 0.05, 10
+
+
+def full_proposal_df(model: LatentModel, df: int) -> int:
+    """The Student-t degrees of freedom of the fitted full proposal: at least :data:`FULL_MIN_DF` where the prior is
+    Gaussian (a likelihood bounded in z leaves the conditional law the prior's Gaussian tails, which t₁₀ still
+    dominates; the defensive component keeps a misjudged shape's weights bounded), else ``df``."""
+    return max(int(df), FULL_MIN_DF) if model.has_gaussian_prior else int(df)
+
+
+class ImportanceSamplingWarning(UserWarning):
+    """Some units' importance weights are dominated by a few draws: the IS log-likelihood and its MC SE are
+    unreliable there (the estimate is then typically too low)."""
+
+
+def laplace_proposal(model: LatentModel, theta: dict[str, Any], z0: Any = None, *,
+                     num_samples: int = FULL_PILOT_SAMPLES, df: int = 4, seed: int = 1,
+                     num_steps: int = FULL_NEWTON_STEPS, units: Any = None, unit_ids: Any = None,
+                     ops: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each unit's full-covariance IS proposal ``(m_i [n, d], L_i [n, d, d])`` (``proposal="full"``).
+
+    1. The Laplace approximation of the conditional law: ``ẑ_i`` (damped Newton from ``z0``, e.g. the chains' means)
+       and ``Γ_i = P_i⁻¹`` (:func:`~latentfit.inference.laplace.conditional_modes`), whatever the chains explored:
+       an IOV model's η/κ ridge (correlation ≈ −0.96) that the chains cross slowly has chain sds ~3x too small.
+    2. A pilot pass (adaptive IS, Cappé et al. 2004): ``num_samples`` draws ``ẑ_i + chol(Γ_i) t`` (``t`` independent
+       Student-t ``df``), self-normalised weights ``w ∝ p(y_i, z) / q(z)``, and the weighted moments
+       ``μ_i = Σ w z``, ``S_i = Σ w (z − μ_i)(z − μ_i)ᵀ``, trusted in proportion to the pilot's effective sample size
+       ``E_i``: ``m_i = (1 − λ) μ_i + λ ẑ_i``, ``L_i L_iᵀ = (1 − λ) S_i + λ Γ_i`` with ``λ = min(1, (d + 1) / E_i)``
+       (the Laplace law where the pilot says little, the weighted moments where the posterior is not Gaussian).
+    ``unit_ids`` (``ops``: a distributed fit's shim): each unit's pilot draws from its own stream ``(seed, unit id)``.
+    """
+    from .laplace import conditional_modes
+
+    if int(df) != df or df < 1:
+        raise ValueError(f"df must be a positive integer (Student-t proposal), got {df!r}")
+    sim, root = _unit_streams(model, seed, unit_ids, ops)
+    ops = model.ops
+    d = int(model.latent_dim)
+    eye = np.eye(d)
+    lap = conditional_modes(model, theta, units, None if z0 is None else ops.asarray(z0), num_steps=int(num_steps))
+    mode = ops.to_numpy(lap.mode)
+    gamma = _spd_or_eye(0.5 * (ops.to_numpy(lap.cov) + np.swapaxes(ops.to_numpy(lap.cov), -1, -2)))
+    active = model.latent_mask(units)
+    act = None if active is None else np.broadcast_to(ops.to_numpy(active), mode.shape)
+    if act is not None:  # the coordinates no density reads: at 0 with the identity's rows (see _is_terms)
+        mode = np.where(act, mode, 0.0)
+        gamma = np.where(act[..., :, None] & act[..., None, :], gamma, eye)
+    chol = np.linalg.cholesky(gamma)
+    with ops.seed_context(seed):
+        key = ops.key(seed) if sim is None else ops.fold_in(root, 0)
+        t = student_t_draws(ops, key, (int(num_samples),) + tuple(mode.shape), int(df), sim)
+    t_np = ops.to_numpy(t)
+    if act is not None:
+        t_np = np.where(act, t_np, 0.0)
+    z_np = mode + np.einsum("nde,sne->snd", chol, t_np)
+    log_t = student_t_log_pdf(t_np, float(df), np).sum(-1)
+    z = ops.asarray(z_np)
+    chunks = []
+    for start in range(0, int(num_samples), 500):  # the model evaluated batch by batch (memory)
+        ll, lp = model.log_densities(theta, z[start:start + 500], units)
+        chunks.append(ops.to_numpy(ops.stop_gradient(ll + lp)))
+    lw = np.concatenate(chunks, 0) - log_t  # log|L| is a per-unit constant: it cancels in the normalised weights
+    lw = np.where(np.isfinite(lw), lw, -np.inf)
+    top = lw.max(0)
+    w = np.exp(lw - np.where(np.isfinite(top), top, 0.0))
+    total = w.sum(0)
+    ok = total > 0
+    w = np.where(ok, w / np.where(ok, total, 1.0), 1.0 / int(num_samples))
+    ess = np.where(ok, 1.0 / np.sum(w * w, 0), 0.0)
+    mu = np.einsum("sn,snd->nd", w, z_np)
+    dev = z_np - mu
+    cov = np.einsum("sn,sni,snj->nij", w, dev, dev)
+    lam = np.minimum(1.0, (d + 1) / np.maximum(ess, 1e-300))[:, None]
+    mean = (1.0 - lam) * mu + lam * mode
+    cov = (1.0 - lam[..., None]) * cov + lam[..., None] * gamma
+    if act is not None:
+        mean = np.where(act, mean, 0.0)
+        cov = np.where(act[..., :, None] & act[..., None, :], cov, eye)
+    good = np.all(np.isfinite(cov), (-2, -1)) & np.all(np.isfinite(mean), -1)
+    mean = np.where(good[:, None], mean, mode)
+    cov = _spd_or_eye(np.where(good[:, None, None], cov, gamma), fallback=gamma)
+    return mean, np.linalg.cholesky(cov)
+
+
+def _spd_or_eye(cov: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarray:
+    """``cov [n, d, d]`` with each matrix that is not positive definite (or not finite) replaced by ``fallback``'s
+    (or by the identity when that is not positive definite either)."""
+    out = np.array(cov, dtype=float)
+    eye = np.eye(out.shape[-1])
+    for i, c in enumerate(out):
+        for cand in (c, None if fallback is None else fallback[i], eye):
+            if cand is None or not np.all(np.isfinite(cand)):
+                continue
+            try:
+                np.linalg.cholesky(cand)
+            except np.linalg.LinAlgError:
+                continue
+            out[i] = cand
+            break
+    return out
+
+
+def check_effective_sample_size(res: LogLikelihood, proposal: str | None = None) -> None:
+    """Warn (:class:`ImportanceSamplingWarning`) when some units' effective sample size is below
+    :data:`MIN_ESS`: their weights hang on a few draws, so the log-likelihood is biased low by an unknown amount and
+    the MC SE (from the same weights) understates the error."""
+    if res.ess is None:
+        return
+    ess = np.asarray(res.ess, dtype=float)
+    low = ~(ess >= MIN_ESS)
+    if not low.any():
+        return
+    hint = ("the full-covariance proposal (proposal='full'), " if proposal == "diagonal" else "") + \
+        "more num_samples, or method='gq' (a small latent dimension)"
+    import warnings
+
+    warnings.warn(f"importance sampling: {int(low.sum())} of {ess.size} units have an effective sample size below "
+                  f"{MIN_ESS} (smallest {float(np.nanmin(ess)) if np.isfinite(ess).any() else float('nan'):.1f} of "
+                  f"{res.num_samples} draws): their weights hang on a few draws, so the log-likelihood "
+                  f"({res.value:.3f}) may be too low by more than its Monte-Carlo SE ({res.mc_se:.3g}) says; use "
+                  f"{hint}", ImportanceSamplingWarning, stacklevel=3)
+
+
+#: :func:`check_effective_sample_size`: the least effective sample size of a unit's importance weights
+MIN_ESS = 100
 
 
 # ----- linearisation --------------------------------------------------------------------------------
@@ -425,6 +575,11 @@ def log_likelihood_exact(model: LatentModel, theta: dict[str, Any], units: Any =
 
 # ----- adaptive Gauss–Hermite quadrature ------------------------------------------------------------
 MAX_GQ_POINTS = 250_000
+#: the quadrature's memory budget: values of the largest temporary of one block's density evaluation (grid points ×
+#: units × :attr:`~latentfit.inference.model.LatentModel.density_values_per_unit`; the residuals' simulation budget,
+#: 16 MiB of float64).  Before it the blocks held 2 M grid points × units whatever the model's width: an IOV model
+#: (21 observations × 3 doses, 4 latents, N = 100, 12⁴ nodes) was OOM-killed at 10.7 GB
+GQ_BLOCK_VALUES = 2 ** 21
 
 
 def gauss_hermite_grid(dim: int, num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -449,7 +604,7 @@ def gauss_hermite_grid(dim: int, num_nodes: int) -> tuple[np.ndarray, np.ndarray
 
 
 def gq_log_lik_per_unit(model: LatentModel, theta: dict[str, Any], mode: Any, chol: Any, grid: tuple[Any, Any],
-                        units: Any = None, max_elements: int = 2_000_000) -> Any:
+                        units: Any = None, max_values: int | None = None) -> Any:
     """Per-unit AGQ log-likelihood ``[n]`` on a fixed grid (``mode [n, d]``, ``chol [n, d, d]`` = chol(Γ_i)).
 
     Differentiable in θ (the grid is held fixed), so it can be maximised directly.  A coordinate that no density
@@ -457,25 +612,47 @@ def gq_log_lik_per_unit(model: LatentModel, theta: dict[str, Any], mode: Any, ch
     entry) carries the reference density ``φ`` alone: its grid is centred at 0 with the identity's row and column of
     ``L_i``, where the rule integrates it exactly (a flat direction added the log of the grid's width per such
     coordinate).
+
+    Memory: the grid's ``K`` points go in blocks of ``k`` with ``k · n · w ≤ max_values`` (default
+    :data:`GQ_BLOCK_VALUES`, ``w`` the model's ``density_values_per_unit``; at least one point), each block's
+    ``logsumexp_k`` kept (``[n]``) and combined at the end, so the peak does not grow with ``K = nodes^d``; one loop
+    body over the blocks (``ops.map``: a compiled program holds one copy of the density).  The last block is padded
+    with points of weight 0.  The value is the unblocked sum's to rounding.
     """
     ops = model.ops
     xp = ops.xp
     u, log_w = grid
-    n = mode.shape[0]
+    n = int(mode.shape[0])
     active = model.latent_mask(units)
     if active is not None:
         mode = xp.where(active, mode, xp.zeros_like(mode))
         chol = xp.where(active[..., :, None] & active[..., None, :], chol, ops.asarray(np.eye(int(chol.shape[-1]))))
-    chunk = max(1, min(u.shape[0], max_elements // max(n, 1)))
-    lse = []
-    for start in range(0, u.shape[0], chunk):
-        uk, lwk = u[start:start + chunk], log_w[start:start + chunk]
+    budget = GQ_BLOCK_VALUES if max_values is None else int(max_values)
+    width = max(1, int(getattr(model, "density_values_per_unit", 1) or 1))
+    num_points = int(u.shape[0])
+    chunk = max(1, min(num_points, budget // max(n * width, 1)))
+    num_blocks = -(-num_points // chunk)
+    pad = num_blocks * chunk - num_points
+    if pad:  # points at the mode with weight 0 (log W = −inf): they add nothing to the sum
+        u = xp.concatenate([u, ops.asarray(np.zeros((pad, int(u.shape[1]))))], 0)
+        log_w = xp.concatenate([log_w, ops.asarray(np.full(pad, -np.inf))], 0)
+
+    def block_lse(b: Any) -> Any:
+        uk, lwk = b
         z = mode + xp.einsum("nde,ke->knd", chol, uk)
         ll, lp = model.log_densities(theta, z, units)
         t = ll + lp + lwk[:, None]
-        lse.append(ops.logsumexp(xp.where(t == t, t, -xp.inf), 0))
+        return ops.logsumexp(xp.where(t == t, t, -xp.inf), 0)
+
+    d = int(u.shape[1])
+    if num_blocks == 1:
+        lse = block_lse((u, log_w))[None]
+    else:
+        blocks = (xp.reshape(u, (num_blocks, chunk, d)), xp.reshape(log_w, (num_blocks, chunk)))
+        lse = ops.map(block_lse, blocks) if ops.jittable else xp.stack([block_lse((blocks[0][b], blocks[1][b]))
+                                                                        for b in range(num_blocks)])
     log_det = xp.sum(xp.log(xp.diagonal(chol, 0, -2, -1)), -1)
-    return ops.logsumexp(xp.stack(lse, 0), 0) + log_det
+    return ops.logsumexp(lse, 0) + log_det
 
 
 def _gq_grid(model: LatentModel, num_nodes: int) -> tuple[Any, Any]:
@@ -499,7 +676,19 @@ def log_likelihood_gq(model: LatentModel, theta: dict[str, Any], z0: Any = None,
         per_unit = _gq_program(model, int(num_steps), method, z0 is None)(theta, grid, *(() if z0 is None else (z0,)))
     else:
         lap = conditional_modes(model, theta, units, z0, num_steps=num_steps, method=method)
-        per_unit = gq_log_lik_per_unit(model, theta, lap.mode, ops.small_cholesky(lap.cov), grid, units)
+        chol = ops.small_cholesky(lap.cov)
+        per_unit = None
+        n = int(lap.mode.shape[0])
+        width = max(1, int(getattr(model, "density_values_per_unit", 1) or 1))
+        if units is None and n * width > GQ_BLOCK_VALUES and getattr(model, "evaluates_unit_subsets", False):
+            # blocks of units too: one grid point of all the units would pass the budget (very large N)
+            step = max(1, GQ_BLOCK_VALUES // width)
+            per_unit = ops.xp.concatenate([
+                gq_log_lik_per_unit(model, theta, lap.mode[a:a + step], chol[a:a + step], grid,
+                                    ops.asarray(np.arange(a, min(n, a + step)), dtype=None))
+                for a in range(0, n, step)], 0)
+        if per_unit is None:
+            per_unit = gq_log_lik_per_unit(model, theta, lap.mode, chol, grid, units)
     per_unit_np = ops.to_numpy(per_unit)
     return LogLikelihood("gq", float(per_unit_np.sum()), per_unit_np, num_samples=int(num_nodes) ** model.latent_dim)
 
@@ -588,7 +777,8 @@ def maximise_log_likelihood_gq(model: LatentModel, theta0: dict[str, Any], *, nu
     return LikelihoodMaximum(theta, final, num_outer, converged)
 
 
-__all__ = ["LikelihoodMaximum", "LogLikelihood", "gauss_hermite_grid", "gaussian_log_density", "gq_log_lik_per_unit",
+__all__ = ["ImportanceSamplingWarning", "LikelihoodMaximum", "LogLikelihood", "check_effective_sample_size",
+           "gauss_hermite_grid", "laplace_proposal", "gaussian_log_density", "gq_log_lik_per_unit",
            "importance_moments",
            "log_likelihood_gq", "maximise_log_likelihood_gq", "linearised_moments", "log_likelihood_exact",
            "log_likelihood_is", "log_likelihood_lin", "structural_jacobian", "student_t_draws", "student_t_log_pdf"]

@@ -384,6 +384,10 @@ class LatentModel:
     #: ``predict`` / ``prior_moments`` with ``units=`` evaluate those units alone (a traced model evaluates all of
     #: them and selects): post-fit simulations may then go in blocks of units (:func:`~.diagnostics.residuals`)
     evaluates_unit_subsets: bool = False
+    #: values per unit of the largest temporary of one evaluation of ``log_densities`` at one point (e.g. an NLME
+    #: model's observations × doses): the post-fit quadrature sizes its blocks of grid points and units by it
+    #: (:func:`~latentfit.inference.likelihood.gq_log_lik_per_unit`); 1 when unknown
+    density_values_per_unit: int = 1
     #: the linearisation's Jacobian ``J_i = ∂f_i/∂z`` is held at θ̂ when differentiating its moments in θ (saemix's
     #: ``fim.saemix``; exact where θ enters ``f`` through z only): :mod:`~latentfit.inference.fisher`
     linearisation_holds_jacobian: bool = False

@@ -66,8 +66,8 @@ A model file names everything a saemix ``saemixModel`` / ``saemixControl`` call 
 
     [report]
     title = "..."                    # log_y, vpc_simulations, max_individual_plots, se_method
-    # is_proposal = "diagonal"       (the likelihood table's importance sampling: "diagonal", saemix's, or "full",
-    # is_samples = 5000               the conditional correlations too: fit.log_likelihood("is", proposal=...))
+    # is_proposal = "full"           (the likelihood table's importance sampling: "full", each subject's Laplace
+    # is_samples = 5000               law refined by a pilot pass, or "diagonal", saemix's: fit.log_likelihood(...))
 
 A user structural model ``file = "model.py"`` (relative to the model file) defines ``function`` as a function
 ``f(psi, data) -> predictions [..., N, T]`` (see :class:`NLME`) or a :class:`Structural` (e.g. made by
@@ -120,7 +120,7 @@ RESPONSE_KEYS = ("model", "a", "b", "dvid")
 COVARIATE_KEYS = ("transform", "init", "reference", "levels")
 ENGINES = ("saem", "fsaem")
 REPORT_DEFAULTS: dict[str, Any] = {"title": None, "log_y": False, "vpc_simulations": 500,
-                                   "max_individual_plots": 36, "se_method": "lin", "is_proposal": "diagonal",
+                                   "max_individual_plots": 36, "se_method": "lin", "is_proposal": "full",
                                    "is_samples": 5000}
 
 

@@ -390,6 +390,14 @@ class NLME(LatentModel):
         the data: N = 10⁶ individuals with 10 observations each would hold 80 MB more)."""
         return {} if self.data is None else {"DV": np.where(self.data.mask, self.data.dv, np.nan)}
 
+    @property
+    def density_values_per_unit(self) -> int:  # type: ignore[override]
+        """Values per individual of the largest temporary of one density evaluation: observations × doses (the
+        closed forms superpose every dose at every observation, ``[..., N, T, D]``)."""
+        if getattr(self, "data", None) is None:
+            return 1
+        return int(self.data.time.shape[-1]) * max(1, int(self.data.dose_time.shape[-1]))
+
     def data_arrays(self) -> dict[str, Any]:
         """The bound data (observations, times, doses, covariates, regressors: :class:`~.data.NLMEData`), what a
         checkpoint's data digest covers."""
