@@ -228,8 +228,14 @@ def test_iov_default_fit_recovers_the_truth():
 
 @pytest.mark.slow
 def test_iov_saemix_kernels_alone_stop_short():
-    """The same data with saemix's kernels alone (``line_moves=False``): γ²_CL more than 3 SE too high (measured +3.8,
-    the IIV/IOV split reversed as in the audit).  (The drift check does not flag this one: CL's t over iterations
-    226-300 is below 5 once the autocorrelation is taken from iterations 151-300.)"""
+    """The same data with saemix's kernels alone (``line_moves=False``) stop short of the maximum: γ²_CL too high (the
+    IIV/IOV split reversed as in the audit; measured +3.8 SE against +0.91 with the line moves) and the linearised
+    log-likelihood lower (−25.0 against −18.6).  The margins asserted (γ²_CL above 2 SE and 1.5 SE above the default
+    fit's, 2 log-likelihood units) leave room for the Monte-Carlo path, which differs with the threads and the process
+    a test runs in.  (The drift check does not flag this one: CL's t over iterations 226-300 is below 5 once the
+    autocorrelation is taken from iterations 151-300.)"""
     stuck, _ = _audit_fit(40, 1, line_moves=False)
-    assert _z_scores(stuck)["gamma2_CL"] > 3.0, _z_scores(stuck)
+    moved, _ = _audit_fit(40, 1)
+    z_stuck, z_moved = _z_scores(stuck), _z_scores(moved)
+    assert z_stuck["gamma2_CL"] > 2.0 and z_stuck["gamma2_CL"] > z_moved["gamma2_CL"] + 1.5, (z_stuck, z_moved)
+    assert moved.log_likelihood("lin") > stuck.log_likelihood("lin") + 2.0
