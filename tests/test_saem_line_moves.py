@@ -136,17 +136,18 @@ def test_iov_lines_leave_the_likelihood_unchanged(backend):
 def test_line_moves_run_in_saem_and_fsaem_fits(backend):
     """A short fit per engine (6 subjects): SAEM records the line moves' acceptance at every iteration, 1 (the
     likelihood is flat along the ridge), per-unit streams included; f-SAEM records NaN in its Laplace-proposal phase
-    and 1 after it; ``line_moves=False`` drops them (saemix's kernels alone)."""
+    and 1 after it; without ``line_moves=True`` (the default, saemix's kernels alone) there are none."""
     df = audit_model(design(6)).simulate(TRUTH, seed=0)
     runs = [("saem", {}), ("fsaem", {})] + ([("saem", {"rng": "per_unit"})] if backend == "torch" else [])
     for engine, kw in runs:  # JAX: two compiled engines (compiling dominates: the per-unit streams on torch only)
-        fit = audit_model(df, backend).fit(engine=engine, seed=0, progress=False, num_iters=(12, 4), **kw)
+        fit = audit_model(df, backend).fit(engine=engine, seed=0, progress=False, num_iters=(12, 4), line_moves=True,
+                                           **kw)
         acc = np.asarray(fit.history["acc.line"], dtype=float)
         assert acc.shape == (16, 2)
         done = acc[np.isfinite(acc[:, 0])]
         assert len(done) == (6 if engine == "fsaem" else 16) and np.all(done == 1.0), (engine, kw, acc)
     if backend == "torch":
-        fit = audit_model(df, backend).fit(seed=0, progress=False, num_iters=(12, 4), line_moves=False)
+        fit = audit_model(df, backend).fit(seed=0, progress=False, num_iters=(12, 4))
         assert "acc.line" not in fit.history
 
 # ----- the drift check at the end of the exploration phase (SAEM.drifting_parameters) ------------------------------
@@ -214,11 +215,11 @@ def _audit_fit(num_ids: int, seed: int, **options):
     return fit, [str(w.message) for w in seen if issubclass(w.category, lf.ConvergenceWarning)]
 
 
-def test_iov_default_fit_recovers_the_truth():
+def test_iov_fit_with_line_moves_recovers_the_truth():
     """40 subjects × 3 occasions (drug carried over), the audit's starts (CL 2 against 3, ω² 0.3, γ² 0.2), saemix's
-    300 + 100 iterations: the default fit (line moves) recovers the truth, CL, ω²_CL and γ²_CL within 2 SE (measured
+    300 + 100 iterations: the fit with ``line_moves=True`` recovers the truth, CL, ω²_CL and γ²_CL within 2 SE (measured
     +0.81, 0.00, +0.91), every estimate within 2.5, and raises no ConvergenceWarning."""
-    fit, warned = _audit_fit(40, 1)
+    fit, warned = _audit_fit(40, 1, line_moves=True)
     z = _z_scores(fit)
     assert warned == [], warned
     assert all(abs(z[n]) < 2.0 for n in ("CL", "omega2_CL", "gamma2_CL")), z
@@ -234,8 +235,8 @@ def test_iov_saemix_kernels_alone_stop_short():
     fit's, 2 log-likelihood units) leave room for the Monte-Carlo path, which differs with the threads and the process
     a test runs in.  (The drift check does not flag this one: CL's t over iterations 226-300 is below 5 once the
     autocorrelation is taken from iterations 151-300.)"""
-    stuck, _ = _audit_fit(40, 1, line_moves=False)
-    moved, _ = _audit_fit(40, 1)
+    stuck, _ = _audit_fit(40, 1)
+    moved, _ = _audit_fit(40, 1, line_moves=True)
     z_stuck, z_moved = _z_scores(stuck), _z_scores(moved)
     assert z_stuck["gamma2_CL"] > 2.0 and z_stuck["gamma2_CL"] > z_moved["gamma2_CL"] + 1.5, (z_stuck, z_moved)
     assert moved.log_likelihood("lin") > stuck.log_likelihood("lin") + 2.0
