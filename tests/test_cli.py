@@ -152,7 +152,7 @@ def test_html_report_is_self_contained_with_every_section_and_image(run):
     assert f"{float(api.params['CL']):.5g}" in page and "beta_V_WT" in page and "eta_CL" in page
     for method in ("lin", "is", "gq"):
         assert f"<td>{method}</td>" in page
-    assert "5000 draws per subject, diagonal proposal" in page and "MC SE" in page
+    assert "5000 draws per subject, full proposal" in page and "MC SE" in page
 
 
 def test_simulate_from_the_output_directory_equals_the_library_simulation(run, tmp_path, capsys):

@@ -193,7 +193,10 @@ def test_two_processes_equal_one(two_processes: Path) -> None:
             np.testing.assert_allclose(r[f"param_{name}"], np.asarray(value), rtol=0, atol=1e-10, err_msg=name)
         np.testing.assert_allclose(r["objective"], one.history["objective"], rtol=1e-12, atol=0)
         np.testing.assert_allclose(r["ll"], one.log_likelihood("gq", num_nodes=5), rtol=1e-9)
-        np.testing.assert_allclose([r["ll_is"], r["ll_is_se"]], ll_is, rtol=1e-10)
+        # the value to 1e-10; its MC SE (a sum of squared deviations over subjects whose proposals come from batched
+        # Newton steps: other batch sizes per process round otherwise, measured 2e-9) to 1e-7
+        np.testing.assert_allclose(r["ll_is"], ll_is[0], rtol=1e-10)
+        np.testing.assert_allclose(r["ll_is_se"], ll_is[1], rtol=1e-7)
         np.testing.assert_allclose(r["bic_penalty"], one.bic - one.minus_two_ll, rtol=1e-12)
         assert "Weight (center)" in str(r["refused"]) and "covariate_reference=" in str(r["refused"])
         # fit(df_block, distributed="local"): each process passed only its 6 subjects' rows, the same fit

@@ -618,7 +618,7 @@ def test_a_value_computed_once_is_the_same_value_and_compiles_smaller():
         if identity:
             JaxOps.computed_once = Ops.computed_once  # the draws in the program as they are
         try:
-            fn = jax.jit(lambda th, mm, ss, kk: likelihood._is_terms(model, (2000, 500, 4), th, mm, ss, kk))
+            fn = jax.jit(lambda th, mm, ss, kk: likelihood._is_terms(model, (2000, 500, 4, 0.5), th, mm, ss, kk))
             compiled = ops_jax._compile(fn.lower(theta, m, s, key), "cpu")  # with the library's XLA options
             return len(re.findall(r"^\s+\S+ = ", compiled.as_text(), re.M)), compiled(theta, m, s, key)
         finally:

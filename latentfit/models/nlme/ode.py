@@ -435,7 +435,7 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
         # JAX: one compiled program, the step count a run-time argument (eagerly, every fori_loop would compile on its
         # own: seconds); torch: eager
         solve = ops.jit(lambda p, refine: f(p, design, refine))
-        one, two = (np.int32(1), np.int32(2)) if ops.name == "jax" else (1, 2)
+        one, two = np.int32(1), np.int32(2)  # (a compiled program's run-time argument; an index eagerly)
         coarse, fine = _as_numpy(ops, solve(psi, one)), _as_numpy(ops, solve(psi, two))  # [R, N, T]
         h = _step(ops.to_numpy(_events(design, num_states, dose_compartment)["t"]), max_step)
         step = f"max_step={max_step:g}" if max_step is not None else "the default max_step: the longest span / 200"
