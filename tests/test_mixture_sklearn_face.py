@@ -50,7 +50,7 @@ def test_score_samples_and_score_match_sklearn(backend, cov_type):
 
 def test_enumerated_mixture_scores_its_points(backend):
     """A tutorial-style Pyro / NumPyro mixture: log Σ_k w_k N(y; μ_k, σ) of the fitted points and of new ones."""
-    from tests.test_mixture_standard_errors import _enum_mixture
+    from test_mixture_predict import _enum_mixture
     rng = np.random.default_rng(6)
     y = np.concatenate([rng.normal(-1.5, 1.0, 120), rng.normal(2.0, 1.0, 80)])
     backend.reset()

@@ -105,39 +105,6 @@ def test_exact_information_is_what_louis_formula_estimates_and_is_blocked_exactl
     assert np.all(np.abs(ratio - 1) < 0.04) and abs(np.mean(ratio) - 1) < 0.01
 
 
-def _enum_mixture(backend):
-    """The tutorial's mixture: a Categorical label per point, Normal(locs[z], scale) with one shared scale."""
-    if backend.name == "pyro":
-        import pyro
-        import pyro.distributions as dist
-        import torch
-        from pyro.distributions import constraints
-
-        def model(data):
-            w = pyro.param("weights", torch.ones(2, dtype=data.dtype) / 2, constraint=constraints.simplex)
-            locs = pyro.param("locs", torch.tensor([-1.0, 1.0], dtype=data.dtype))
-            scale = pyro.param("scale", torch.tensor(1.0, dtype=data.dtype), constraint=constraints.positive)
-            with pyro.plate("data", len(data)):
-                z = pyro.sample("z", dist.Categorical(w))
-                pyro.sample("obs", dist.Normal(locs[z], scale), obs=data)
-
-        return model
-    import jax.numpy as jnp
-    import numpyro
-    import numpyro.distributions as dist
-    from numpyro.distributions import constraints
-
-    def model(data):
-        w = numpyro.param("weights", jnp.ones(2) / 2, constraint=constraints.simplex)
-        locs = numpyro.param("locs", jnp.array([-1.0, 1.0]))
-        scale = numpyro.param("scale", jnp.array(1.0), constraint=constraints.positive)
-        with numpyro.plate("data", len(data)):
-            z = numpyro.sample("z", dist.Categorical(w))
-            numpyro.sample("obs", dist.Normal(locs[z], scale), obs=data)
-
-    return model
-
-
 def test_enumerated_mixture_matches_the_exact_observed_information(backend):
     """A tutorial-style Pyro / NumPyro mixture (a Categorical label per point; weights on the simplex, a scale through
     a log transform) fitted by EM: its SEs equal the exact observed information's to 1e-4."""
@@ -146,6 +113,8 @@ def test_enumerated_mixture_matches_the_exact_observed_information(backend):
     backend.reset()
     options = {"num_epochs": 300, "progress": False}
     cls = backend.engine("EM")
+    from test_mixture_predict import _enum_mixture  # the tutorial's mixture, one shared scale
+
     model = _enum_mixture(backend)
     if backend.name == "pyro":
         fit = cls(model, **options).run(backend.tensor(y))
