@@ -173,14 +173,25 @@ def test_fused_postfit_programs_equal_the_operation_by_operation_values(fitted):
     np.testing.assert_allclose(mode, ops.to_numpy(z), rtol=1e-12, atol=0.0)
     np.testing.assert_array_equal(mode, fit.individual_estimates().mode)
     # importance sampling: the same draws (a loop over the full batches, then the tail) and terms as op by op
-    sizes = (40, 16, 4)
+    sizes = (40, 16, 4, 0.5)  # (num_samples, batch_size, df, defensive share)
     args = (theta, ops.asarray(mean), ops.asarray(sd), ops.key(3))
-    per_unit, mc_se = lk._is_program(model, sizes)(*args)
+    per_unit, mc_se, ess = lk._is_program(model, sizes)(*args)
     eager = lk._is_terms(model, sizes, *args)
     np.testing.assert_allclose(np.asarray(per_unit), np.asarray(eager[0]), rtol=1e-12, atol=0.0)
     np.testing.assert_allclose(float(mc_se), float(eager[1]), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(ess), np.asarray(eager[2]), rtol=1e-10)
     res = lk.log_likelihood_is(model, theta, mean, sd, num_samples=40, batch_size=16, seed=3)
     assert res.value == pytest.approx(float(np.sum(np.asarray(per_unit))), rel=1e-14)
+    # the full proposal (Laplace law refined by a weighted pilot): its program against its operations run eagerly
+    lap_sizes = (1000, 10, 15)  # pilot draws (two batches of the model's density, mapped), df, Newton steps
+    fused = lk._laplace_proposal_program(model, lap_sizes)(theta, ops.asarray(mean), ops.key(4))
+    eager = lk._laplace_proposal_terms(model, lap_sizes, theta, ops.asarray(mean), ops.key(4))
+    for a, b in zip(fused, eager):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
+    m_full, chol = lk.laplace_proposal(model, theta, mean, num_samples=1000, df=10, seed=4)
+    np.testing.assert_array_equal(m_full, np.asarray(fused[0]))
+    np.testing.assert_allclose(np.tril(chol), chol, rtol=0, atol=0)
+    assert np.all(np.diagonal(chol, 0, -2, -1) > 0)
 
 
 def test_linearisation_program_equals_torch_and_a_second_fit_compiles_nothing(fitted):

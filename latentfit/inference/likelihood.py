@@ -363,75 +363,104 @@ def laplace_proposal(model: LatentModel, theta: dict[str, Any], z0: Any = None, 
        (the Laplace law where the pilot says little, the weighted moments where the posterior is not Gaussian).
     ``unit_ids`` (``ops``: a distributed fit's shim): each unit's pilot draws from its own stream ``(seed, unit id)``.
     """
-    from .laplace import conditional_modes
-
     if int(df) != df or df < 1:
         raise ValueError(f"df must be a positive integer (Student-t proposal), got {df!r}")
     sim, root = _unit_streams(model, seed, unit_ids, ops)
     ops = model.ops
-    d = int(model.latent_dim)
-    eye = np.eye(d)
-    lap = conditional_modes(model, theta, units, None if z0 is None else ops.asarray(z0), num_steps=int(num_steps))
-    mode = ops.to_numpy(lap.mode)
-    gamma = _spd_or_eye(0.5 * (ops.to_numpy(lap.cov) + np.swapaxes(ops.to_numpy(lap.cov), -1, -2)))
-    active = model.latent_mask(units)
-    act = None if active is None else np.broadcast_to(ops.to_numpy(active), mode.shape)
-    if act is not None:  # the coordinates no density reads: at 0 with the identity's rows (see _is_terms)
-        mode = np.where(act, mode, 0.0)
-        gamma = np.where(act[..., :, None] & act[..., None, :], gamma, eye)
-    chol = np.linalg.cholesky(gamma)
+    if z0 is None:  # conditional_mode's start: the prior means (Gaussian prior face) or zeros
+        n = model.num_units if units is None else len(units)
+        z0 = model.prior_moments(theta, units)[0] if model.has_gaussian_prior else ops.zeros((n, model.latent_dim))
+    sizes = (int(num_samples), int(df), int(num_steps))
     with ops.seed_context(seed):
         key = ops.key(seed) if sim is None else ops.fold_in(root, 0)
-        t = student_t_draws(ops, key, (int(num_samples),) + tuple(mode.shape), int(df), sim)
-    t_np = ops.to_numpy(t)
-    if act is not None:
-        t_np = np.where(act, t_np, 0.0)
-    z_np = mode + np.einsum("nde,sne->snd", chol, t_np)
-    log_t = student_t_log_pdf(t_np, float(df), np).sum(-1)
-    z = ops.asarray(z_np)
-    chunks = []
-    for start in range(0, int(num_samples), 500):  # the model evaluated batch by batch (memory)
-        ll, lp = model.log_densities(theta, z[start:start + 500], units)
-        chunks.append(ops.to_numpy(ops.stop_gradient(ll + lp)))
-    lw = np.concatenate(chunks, 0) - log_t  # log|L| is a per-unit constant: it cancels in the normalised weights
-    lw = np.where(np.isfinite(lw), lw, -np.inf)
-    top = lw.max(0)
-    w = np.exp(lw - np.where(np.isfinite(top), top, 0.0))
-    total = w.sum(0)
+        if ops.jittable and sim is None and units is None:
+            mean, chol = _laplace_proposal_program(model, sizes)(theta, ops.asarray(z0), key)
+        else:
+            mean, chol = _laplace_proposal_terms(model, sizes, theta, ops.asarray(z0), key, units, sim)
+    return ops.to_numpy(mean), ops.to_numpy(chol)
+
+
+def _laplace_proposal_terms(model: LatentModel, sizes: tuple[int, int, int], theta: dict[str, Any], z0: Any,
+                            key: Any, units: Any = None, sim: Any = None) -> tuple[Any, Any]:
+    """:func:`laplace_proposal`'s ``(m_i, L_i)`` in the backend's array operations (one compiled program on JAX:
+    :func:`_laplace_proposal_program`).  Factors and the positive-definiteness checks are the shim's own
+    (:meth:`~latentfit.inference.ops.Ops.column_cholesky`, :meth:`~latentfit.inference.ops.Ops.positive_definite`:
+    no LAPACK call), and a matrix that is not positive definite falls back, unit by unit and without a loop over
+    units, to the Laplace covariance, then to the identity."""
+    from .laplace import conditional_modes
+
+    num_samples, df, num_steps = sizes
+    ops = model.ops
+    xp = ops.xp
+    d = int(model.latent_dim)
+    eye = xp.zeros_like(z0)[..., None] + ops.asarray(np.eye(d))  # [n, d, d]
+
+    def spd_or(c: Any, fallback: Any) -> Any:
+        ok = ops.positive_definite(xp.where(c == c, c, eye)) & xp.all(c == c, (-2, -1)) \
+            & xp.all(xp.abs(c) < xp.inf, (-2, -1))
+        return xp.where(ok[:, None, None], c, fallback)
+
+    lap = conditional_modes(model, theta, units, z0, num_steps=int(num_steps), spd=True)
+    mode = lap.mode
+    gamma = spd_or(0.5 * (lap.cov + xp.swapaxes(lap.cov, -1, -2)), eye)
+    active = model.latent_mask(units)
+    if active is not None:  # the coordinates no density reads: at 0 with the identity's rows (see _is_terms)
+        act = xp.zeros_like(mode) > 0
+        act = act | active
+        mode = xp.where(act, mode, xp.zeros_like(mode))
+        gamma = xp.where(act[..., :, None] & act[..., None, :], gamma, eye)
+    chol = ops.column_cholesky(gamma)
+    t = student_t_draws(ops, key, (int(num_samples),) + tuple(mode.shape), int(df), sim)
+    if active is not None:
+        t = xp.where(act, t, xp.zeros_like(t))
+    z = mode + xp.sum(chol * t[..., None, :], -1)  # [S, n, d]: ẑ_i + L_i t
+    log_t = xp.sum(student_t_log_pdf(t, float(df), xp), -1)
+    batch = 500
+    if ops.jittable and num_samples % batch == 0 and num_samples > batch:  # one copy of the model's density
+        zb = xp.reshape(z, (num_samples // batch, batch) + tuple(mode.shape))
+        lp = xp.reshape(ops.map(lambda zi: ops.stop_gradient(xp.add(*model.log_densities(theta, zi, units))), zb),
+                        (num_samples, -1))
+    else:  # the model evaluated batch by batch (memory)
+        lp = xp.concatenate([ops.stop_gradient(xp.add(*model.log_densities(theta, z[i:i + batch], units)))
+                             for i in range(0, num_samples, batch)], 0)
+    lw = lp - log_t  # log|L| is a per-unit constant: it cancels in the normalised weights
+    lw = xp.where(xp.abs(lw) < xp.inf, lw, -xp.inf)
+    top = xp.amax(lw, 0)
+    w = xp.exp(lw - xp.where(xp.abs(top) < xp.inf, top, xp.zeros_like(top)))
+    total = xp.sum(w, 0)
     ok = total > 0
-    w = np.where(ok, w / np.where(ok, total, 1.0), 1.0 / int(num_samples))
-    ess = np.where(ok, 1.0 / np.sum(w * w, 0), 0.0)
-    mu = np.einsum("sn,snd->nd", w, z_np)
-    dev = z_np - mu
-    cov = np.einsum("sn,sni,snj->nij", w, dev, dev)
-    lam = np.minimum(1.0, (d + 1) / np.maximum(ess, 1e-300))[:, None]
+    w = xp.where(ok, w / xp.where(ok, total, xp.ones_like(total)), xp.ones_like(w) / num_samples)
+    ess = xp.where(ok, 1.0 / xp.sum(w * w, 0), xp.zeros_like(total))
+    mu = xp.sum(w[..., None] * z, 0)
+    dev = z - mu
+    cov = xp.sum(w[..., None, None] * dev[..., :, None] * dev[..., None, :], 0)
+    lam = xp.minimum(xp.ones_like(ess), (d + 1) / xp.maximum(ess, xp.full_like(ess, 1e-300)))[:, None]
     mean = (1.0 - lam) * mu + lam * mode
     cov = (1.0 - lam[..., None]) * cov + lam[..., None] * gamma
-    if act is not None:
-        mean = np.where(act, mean, 0.0)
-        cov = np.where(act[..., :, None] & act[..., None, :], cov, eye)
-    good = np.all(np.isfinite(cov), (-2, -1)) & np.all(np.isfinite(mean), -1)
-    mean = np.where(good[:, None], mean, mode)
-    cov = _spd_or_eye(np.where(good[:, None, None], cov, gamma), fallback=gamma)
-    return mean, np.linalg.cholesky(cov)
+    if active is not None:
+        mean = xp.where(act, mean, xp.zeros_like(mean))
+        cov = xp.where(act[..., :, None] & act[..., None, :], cov, eye)
+    good = xp.all(xp.abs(cov) < xp.inf, (-2, -1)) & xp.all(xp.abs(mean) < xp.inf, -1)
+    mean = xp.where(good[:, None], mean, mode)
+    cov = spd_or(xp.where(good[:, None, None], cov, gamma), gamma)
+    return mean, ops.column_cholesky(cov)
 
 
-def _spd_or_eye(cov: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarray:
-    """``cov [n, d, d]`` with each matrix that is not positive definite (or not finite) replaced by ``fallback``'s
-    (or by the identity when that is not positive definite either)."""
-    out = np.array(cov, dtype=float)
-    eye = np.eye(out.shape[-1])
-    for i, c in enumerate(out):
-        for cand in (c, None if fallback is None else fallback[i], eye):
-            if cand is None or not np.all(np.isfinite(cand)):
-                continue
-            try:
-                np.linalg.cholesky(cand)
-            except np.linalg.LinAlgError:
-                continue
-            out[i] = cand
-            break
-    return out
+#: the compiled full-covariance IS proposal of each model, by sizes (:func:`_laplace_proposal_program`)
+_LAPLACE_PROPOSAL = ProgramsByModel()
+
+
+def _laplace_proposal_program(model: LatentModel, sizes: tuple[int, int, int]) -> Any:
+    """:func:`_laplace_proposal_terms` of ``model`` (one global stream, all units) as one compiled program on JAX,
+    ``(θ, z0, key) -> (m, L)``, made once per model and sizes (``ops.jit``: a later process finds it in the on-disk
+    store).  Op by op, its Newton search, pilot draws and moments lowered some forty programs in a fresh process."""
+    def body(ref: Callable[[], LatentModel]) -> Callable[..., tuple[Any, Any]]:
+        def terms(theta: dict[str, Any], z0: Any, key: Any) -> tuple[Any, Any]:
+            return _laplace_proposal_terms(ref(), sizes, theta, z0, key)
+
+        return terms
+
+    return _LAPLACE_PROPOSAL.get_program(model, sizes, body)
 
 
 def check_effective_sample_size(res: LogLikelihood, proposal: str | None = None) -> None:

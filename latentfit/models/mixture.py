@@ -671,9 +671,9 @@ class GaussianMixture(LatentModel):
         if "covariances" in self._fixed:
             return N > 0
         if self.base_type == "full":  # the moment matrix gathered from S's columns in one take
-            if getattr(self, "_moment_index", None) is None:
-                self._moment_index = ops.asarray(_moment_matrix_index(d))
-            M = ops.take(S, self._moment_index, S.ndim - 1)
+            if getattr(self, "_moment_index", None) is None:  # kept as numpy: an array made while tracing would leak
+                self._moment_index = _moment_matrix_index(d)
+            M = ops.take(S, ops.asarray(self._moment_index), S.ndim - 1)
             return ops.positive_definite(xp.reshape(M, tuple(S.shape[:-1]) + (d + 1, d + 1)))
         if self.base_type == "diag":
             return (N > 0) & xp.all(Sq * N[..., None] - Sx * Sx > 0, -1)
