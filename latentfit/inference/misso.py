@@ -743,7 +743,7 @@ class MISSO(MiniBatchMCEM):
         if self.surrogate == "bohning":
             return self._bohning_init(key)
         model, ops, xp = self.model, self.ops, self.ops.xp
-        theta = model.init_params()
+        theta = self.start_params()
         #: the pruned scores (:func:`~latentfit.inference.mcmcsgd.prior_only_log_density`)
         self._prior_only = prior_only_log_density(model, self.free, self._shapes, theta) if self.prune else None
         state = MISSOState(theta=theta, key=key)
@@ -845,7 +845,7 @@ class MISSO(MiniBatchMCEM):
     def _bohning_init(self, key: Any) -> MISSOState:
         """θ⁰, the design (:meth:`LatentModel.logistic_design`), the chains' prior draws, the surrogates at θ⁰."""
         model, ops, xp = self.model, self.ops, self.ops.xp
-        theta = model.init_params()
+        theta = self.start_params()
         # ``surrogate="auto"`` read the design of this model at θ⁰ to choose: the same (a permuted or sharded view of
         # the model, :meth:`distribute`, is read again)
         cached, self._auto_design = self._auto_design, None

@@ -78,6 +78,9 @@ class FitResult:
         return 0 if counts is None else int(np.sum(counts))
     #: replicate fits (NLME ``fit(..., replicates=R)``): one row per replicate (seed, logLik, MC SE, estimates)
     replicates: Any = field(default=None, repr=False)
+    #: ``n_init`` starts of an EM-family fit (:mod:`~latentfit.inference.restarts`): one row per restart (seed, final
+    #: log-likelihood ``log_lik`` and its mean per unit ``score``, ``num_iterations``, ``converged``, ``kept``)
+    restarts: Any = field(default=None, repr=False)
 
     # ----- estimates -------------------------------------------------------------------------------
     @property

@@ -33,9 +33,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import mcmc
+from . import mcmc, restarts
 from .driver import Engine, replace_fields, state_field
 from .model import LatentModel, ModelSpecificationError
+from .results import FitResult
 from .schedules import Schedule, constant
 from .units import UnitBlock, put_units, read_units, take_units
 
@@ -208,6 +209,10 @@ class StatEngine(Engine):
         ``callback(epoch, record)`` after each epoch, ``record`` its history row; returning True (or raising
         ``StopIteration``) stops the fit after that epoch, an ordinary result of that many epochs
         (:mod:`~latentfit.inference.driver`).
+    n_init : int
+        Starts fitted (scikit-learn's ``n_init``; a model with random starts, ``GaussianMixture``: k-means++ from seeds
+        ``seed, seed + 1, ...``), the one with the largest final log-likelihood returned, each start's in
+        ``fit.restarts`` (:mod:`~latentfit.inference.restarts`).
     """
 
     name = "stat-engine"
@@ -227,10 +232,13 @@ class StatEngine(Engine):
                  seed: int = 0, shuffle: bool = True, batching: str = "auto", num_samples: int = 10,
                  mcmc_steps: int = 2,
                  trace_params: list[str] | tuple[str, ...] | None = None, track_log_lik: bool = False,
-                 progress: bool = True, callback: Any = None, chunk_size: int = 25) -> None:
+                 progress: bool = True, callback: Any = None, chunk_size: int = 25, n_init: int = 1) -> None:
         super().__init__(model, seed=seed, progress=progress, callback=callback, num_draws=0,
                          chunk_size=chunk_size)
-        self.validate_options(num_epochs=num_epochs, batch_size=batch_size, num_samples=num_samples)
+        self.validate_options(num_epochs=num_epochs, batch_size=batch_size, num_samples=num_samples, n_init=n_init)
+        #: starts fitted, the best kept (:mod:`~latentfit.inference.restarts`); the start of the current restart
+        self.n_init = restarts.check_n_init(n_init)
+        self._start_theta: dict[str, Any] | None = None
         n = int(model.num_units)
         if n < 1:
             raise ModelSpecificationError("the model has no units (empty data)")
@@ -266,6 +274,7 @@ class StatEngine(Engine):
         self.rho = _as_schedule(rho if rho is not None else self.default_rho(n, b))
         self.gamma = _as_schedule(gamma if gamma is not None else self.default_gamma(n, b))
         self._check_model()
+        restarts.check_restartable(self.name, model, self.n_init)
         unknown = [p for p in self.trace_params if p not in model.params]
         if unknown:
             raise ValueError(f"trace_params {unknown} are not parameters of the model ({list(model.params)})")
@@ -286,7 +295,7 @@ class StatEngine(Engine):
 
     @staticmethod
     def validate_options(*args: Any, num_epochs: int = 20, batch_size: int | None = None,
-                         num_samples: int = 10, **_: Any) -> None:
+                         num_samples: int = 10, n_init: int = 1, **_: Any) -> None:
         if args:
             num_epochs = args[0]
         if len(args) > 1:
@@ -297,6 +306,7 @@ class StatEngine(Engine):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        restarts.check_n_init(n_init)
 
     def _check_model(self) -> None:
         model = self.model
@@ -405,14 +415,28 @@ class StatEngine(Engine):
     def theta_of(self, state: StatState) -> dict[str, Any]:
         return state_field(state, "theta")
 
+    def start_params(self) -> dict[str, Any]:
+        """θ⁰: the model's initial values, or the current restart's start (``n_init``)."""
+        return self.model.init_params() if self._start_theta is None else dict(self._start_theta)
+
     # ----- engine protocol ------------------------------------------------------------------------------
+    #: a trace reads neither the number of starts nor the current start (θ₀ enters a run through its state)
+    _UNTRACED = Engine._UNTRACED | {"n_init", "_start_theta"}
+
+    def _run(self, key: Any = None, **options: Any) -> FitResult:
+        """:meth:`Engine._run`; with ``n_init > 1``, that many starts, the best kept
+        (:func:`~latentfit.inference.restarts.run_restarts`: ``fit.restarts``)."""
+        if self.n_init == 1:
+            return super()._run(key, **options)
+        return restarts.run_restarts(self, super()._run, key, options)
+
     def phases(self) -> list[tuple[int, int, Any]]:
         return [(1, self.num_epochs, "epoch")]
 
     def init(self, key: Any) -> StatState:
         ops = self.ops
         model, xp = self.model, ops.xp
-        theta = model.init_params()
+        theta = self.start_params()
         state = StatState(theta=theta, key=key)
         if self.monte_carlo and not model.has_posterior_sampler:
             key, k0 = ops.split(key)

@@ -102,7 +102,9 @@ class GaussianMixture(LatentModel):
         The regularised M-step (Karimi et al., NeurIPS 2019: Dirichlet-type ε on weights, ridge δ on means);
         ``True`` uses ``(1e-3, 1e-3)``.
     seed : int
-        Seed of the k-means++ initialisation.
+        Seed of the k-means++ initialisation (scikit-learn's ``random_state``).  An engine of the EM family with
+        ``n_init=R`` (scikit-learn's ``n_init``) fits R starts, k-means++ from seeds ``seed, seed + 1, ...``, and keeps
+        the one with the largest final log-likelihood (``fit.restarts``: :meth:`restart_start`).
     """
 
     has_stats = True
@@ -278,6 +280,24 @@ class GaussianMixture(LatentModel):
                                      f"{self.covariance_type!r}, got {tuple(c.shape)}") from None
             out["covariances"] = c
         return out
+
+    def restart_start(self, restart: int) -> tuple[int, dict[str, Any]]:
+        """``(seed, θ₀)`` of restart ``r`` of an ``n_init`` fit (:mod:`latentfit.inference.restarts`): the k-means++
+        start drawn from seed ``seed + r`` (``seed``: this model's), i.e. the initial values of
+        ``GaussianMixture(x, K, ..., seed=seed + r)`` with the same data and options, bit for bit (restart 0: this
+        model's own).  Initial values given (weights, covariances) stay; given ``locs`` make every start the same and
+        are refused."""
+        weights, locs, covariances, seed, iters = self._init_options
+        r = int(restart)
+        if locs is not None:
+            raise ModelSpecificationError(
+                "n_init > 1 restarts k-means++ from the seeds seed, seed + 1, ...; with locs= given every restart "
+                "starts at the same point (the clusters around those locs): leave locs out, or use n_init=1")
+        if r == 0:
+            return int(seed), self.init_params()
+        init = self._initial_values(weights, locs, covariances, int(seed) + r, iters)
+        self._check_covariances(init["covariances"], given=covariances is not None)
+        return int(seed) + r, {name: init[name] for name in self.params}
 
     def _kmeans_responsibilities(self, seed: int, iters: int, locs: Any) -> tuple[Any, Any]:
         """Hard assignments ``[m, K]`` of a subsample (≤ 20 000 centred points, returned with them) from
