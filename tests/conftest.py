@@ -42,6 +42,20 @@ def backend(request: pytest.FixtureRequest) -> Any:
     b.reset()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Any:
+    """One torch intra-op thread for a module of small problems (a second thread only adds spin-waits on a shared
+    2-core machine: a 4-epoch VFG fit ran 25x slower, 106 s against 4.5 s); the previous count restored afterwards.  A
+    module opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``; ``make test`` also sets
+    ``OMP_NUM_THREADS=1``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def jax_x64() -> Any:
     """float64 on JAX for the test (agreements to 1e-10 need it); the previous setting restored afterwards. A module

@@ -25,13 +25,7 @@ from latentfit.models.mixture import GaussianMixture
 CENTRES = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small problems: BLAS threads only add spin-wait overhead on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data(n: int = 400, seed: int = 0, dtype=torch.float64, backend=None):

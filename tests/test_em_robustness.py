@@ -27,13 +27,7 @@ from latentfit.inference.semvr import SEMVR
 from latentfit.inference.stats_table import ControlVariate
 from latentfit.models.mixture import GaussianMixture
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _mixture(n: int, d: int, K: int, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -20,13 +20,7 @@ from latentfit.inference.iem import MiniBatchEM
 from latentfit.inference.mcem import MCEM
 from latentfit.models.mixed import LinearMixedModel
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _simulate(n: int = 80, T: int = 6, seed: int = 0):

@@ -27,13 +27,7 @@ TRUE_LOCS = np.array([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
 TRUE_W = np.array([0.5, 0.3, 0.2])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small problems: BLAS threads only add spin-wait overhead on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _simulate(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

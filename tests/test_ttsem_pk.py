@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from latentfit.inference.saem import SAEM
 from latentfit.inference.ttsem import TTSEM
@@ -21,12 +20,7 @@ TRUTH = {"Tlag": 1.0, "ka": 1.0, "V": 8.0, "CL": 0.8}
 OMEGA2 = {"Tlag": 0.16, "ka": 0.25, "V": 0.04, "CL": 0.09}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

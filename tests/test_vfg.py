@@ -26,14 +26,7 @@ from latentfit.integrations.vfg import (
 LOG_2PI = math.log(2 * math.pi)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: a second torch thread only adds spin-waits, and on a loaded 2-core machine it made a 4-epoch
-    fit 25× slower (106 s against 4.5 s, same process); ``make test`` sets OMP_NUM_THREADS=1 for the same reason."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _jax_available() -> bool:

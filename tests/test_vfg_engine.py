@@ -28,13 +28,7 @@ from latentfit.integrations.vfg import (
 from latentfit.integrations.vfg import TorchOps as GraphOps
 from latentfit.integrations.vfg_engine import VFGEngine, VFGProblem, VFGResult, random_keep, validation_split
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data(n: int = 60, dtype: Any = np.float64) -> np.ndarray:
