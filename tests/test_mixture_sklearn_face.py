@@ -139,3 +139,29 @@ def test_tol_and_scores_refuse_what_does_not_apply():
         fit.score()
     with pytest.raises(ValueError, match="sample draws new points from a fitted GaussianMixture"):
         fit.sample(3)
+
+
+def test_em_tol_on_a_tutorial_mixture(backend):
+    """``tol`` on a Pyro / NumPyro mixture written as the tutorials write it: the fit stops at the first epoch whose
+    E-step's mean log-likelihood rose by less than tol, without a warning, and its history is the first epochs of the
+    same fit run without tol; ended early (3 epochs from a poor start), the fit warns."""
+    from test_mixture_predict import _enum_mixture
+    rng = np.random.default_rng(6)
+    y = np.concatenate([rng.normal(-1.5, 1.0, 120), rng.normal(2.0, 1.0, 80)])
+    cls = backend.engine("EM")
+
+    def run(**options):
+        backend.reset()
+        eng = cls(_enum_mixture(backend), progress=False, **options)
+        return eng.run(backend.tensor(y)) if backend.name == "pyro" else eng.run(jax.random.PRNGKey(0),
+                                                                                  backend.tensor(y))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        fit = run(num_epochs=500, tol=1e-4)
+    gains = np.diff(fit.history["objective"]) / len(y)
+    assert 3 < fit.num_iterations < 500 and gains[-1] < 1e-4 and np.all(gains[:-1] >= 1e-4)
+    full = run(num_epochs=fit.num_iterations + 5)
+    np.testing.assert_allclose(full.history["objective"][:fit.num_iterations], fit.history["objective"], rtol=1e-10)
+    with pytest.warns(ConvergenceWarning, match="tol="):
+        run(num_epochs=3)
