@@ -249,3 +249,30 @@ def test_other_em_engines_refuse_and_name_full_batch_em(backend, engine):
     with pytest.raises(ModelSpecificationError, match=r"found no closed-form M-step.*EM \(full batch\) fits this "
                                                       r"model as it is: generalized EM"):
         backend.fit(engine, models(backend)["poisson"], x, num_epochs=2, progress=False)
+
+
+# ----- the GEM guard, stopping and the convergence warning -------------------------------------------------------
+def test_a_newton_result_that_lowers_q_is_not_taken(backend, monkeypatch):
+    """The M-step keeps θ^{k−1} when its Newton result has a lower Q (here: forced, the Newton result moved far off
+    the maximum), so the log-likelihood cannot decrease (a result with a higher Q is taken: the tests above).  Data of
+    a size no other test fits (a compiled JAX step is reused by shapes)."""
+    import latentfit.inference.em as em
+
+    x = poisson_data(301)
+    monkeypatch.setattr(em, "newton_maximize", lambda ops, q, x0, **kw: x0 + 3.0)  # Q falls: rejected
+    fit = backend.fit("EM", models(backend)["poisson"], backend.tensor(x), num_epochs=3, progress=False)
+    np.testing.assert_allclose(fit.params["rates"], RATES_INIT, rtol=1e-14)  # (the store's round trip)
+    np.testing.assert_allclose(fit.params["weights"], W_INIT, rtol=1e-14)
+    assert np.ptp(objective(fit)) == 0.0
+
+
+def test_tol_stops_and_an_unconverged_fit_warns(backend):
+    from latentfit import ConvergenceWarning
+
+    x = backend.tensor(poisson_data(300))
+    with pytest.warns(ConvergenceWarning, match="EM has not converged after 2 epochs"):
+        backend.fit("EM", models(backend)["poisson"], x, num_epochs=2, progress=False)
+    backend.reset()
+    fit = backend.fit("EM", models(backend)["poisson"], x, num_epochs=500, tol=1e-3, progress=False)
+    ll = objective(fit)
+    assert len(ll) < 500 and (ll[-1] - ll[-2]) / 300 < 1e-3 <= (ll[-2] - ll[-3]) / 300

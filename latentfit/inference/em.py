@@ -170,9 +170,10 @@ class EM(StatEngine):
                 x_prev, x1 = x1, newton_maximize(ops, q, x1, num_steps=1)
                 if float(xp.max(xp.abs(x1 - x_prev))) <= NEWTON_XTOL * (1.0 + float(xp.max(xp.abs(x_prev)))):
                     break
-        x = xp.where(q(x1) >= q(x0), x1, x0)  # a NaN or lower Q: keep θ^{k−1}
+        accept = q(x1) >= q(x0)  # a NaN or lower Q: keep θ^{k−1} (as it was, not through the transforms)
+        new = model.constrain(unflatten(x1, names, shapes))
         out = dict(theta)
-        out.update(model.constrain(unflatten(x, names, shapes)))
+        out.update({n: xp.where(accept, new[n], theta[n]) for n in names})
         return out
 
     def distribute(self) -> None:
