@@ -155,6 +155,10 @@ def test_poisson_mixture_recovers_the_truth(backend):
     se = np.sqrt(np.diag(np.linalg.inv(info)))
     truth = np.r_[W_TRUE[:2], RATES_TRUE]
     assert np.all(np.abs(est - truth) < 4 * se), (est, truth, se)
+    # the fit's standard errors (the exact observed information by autodiff) are these (central differences)
+    ses = fit.standard_errors()
+    np.testing.assert_allclose([ses["weights[0]"], ses["weights[1]"], ses["rates[0]"], ses["rates[1]"],
+                                ses["rates[2]"]], se, rtol=2e-3)
     # at the maximum: the score of the exact marginal vanishes (central differences)
     grad = np.array([(poisson_loglik(est + 1e-6 * e, x) - poisson_loglik(est - 1e-6 * e, x)) / 2e-6
                      for e in np.eye(5)])

@@ -34,6 +34,7 @@ when that reproduces the full run's rows (``batch_path``), else the full run's c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -124,11 +125,12 @@ class EnumeratedLatentModel(TracedBase):
             out = out + self._per_unit(self._site_lp(sites[name]), None, count)
         return out
 
-    def log_joint_table(self, theta: dict[str, Any], units: Any = None) -> Any:
+    def log_joint_table(self, theta: dict[str, Any], units: Any = None, differentiable: bool = False) -> Any:
         """``log p(y_i, z_i = k; θ)``: ``[K, n]`` (every other dim summed out); for a mini-batch the model runs on the
-        batch alone when it can (:attr:`batch_path`), else on all units."""
+        batch alone when it can (:attr:`batch_path`), else on all units.  ``differentiable``: in θ (torch records
+        the graph; the E-steps do not need it)."""
         block = isinstance(units, UnitBlock)
-        with self.ppl.no_grad():
+        with contextlib.nullcontext() if differentiable else self.ppl.no_grad():
             if units is not None and not block and self.batch_path:
                 return self._table_batch(dict(theta), self._support, self._index(units))
             out = self._table_all(dict(theta), self._support)
@@ -157,7 +159,10 @@ class EnumeratedLatentModel(TracedBase):
         return self.ops.xp.exp(lj - ll).T, ll
 
     def marginal_log_lik(self, theta: dict[str, Any], units: Any = None) -> Any:
-        return self.responsibilities(theta, units)[1]
+        """``log p(y_i; θ)`` ``[n]``, differentiable in θ (the exact observed information differentiates it)."""
+        if self._family_estep:
+            return self.responsibilities(theta, units)[1]
+        return self.ops.logsumexp(self.log_joint_table(theta, units, differentiable=True), 0)
 
     def expected_log_joint(self, theta: dict[str, Any], r: Any) -> Any:
         """``Q(θ) = Σ_i Σ_k r_ik log p(y_i, z_i = k; θ)``: the enumerated table of every unit (the model run once per
