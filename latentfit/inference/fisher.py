@@ -163,13 +163,6 @@ def invert_information(fim: np.ndarray) -> np.ndarray:
     used = _used(fim)
     cov = np.zeros_like(fim)
     sub = fim[np.ix_(used, used)]
-    if sub.size:  # a direction the likelihood is flat in up to rounding (Pyro's softmax simplex: K coordinates, K − 1
-        # free) has an eigenvalue of rounding size, which ``inv`` turned into garbage that leaked into the other
-        # coordinates' variances: the pseudo-inverse drops it (the reported parameters do not move along it)
-        w = np.linalg.eigvalsh(sub)
-        if np.abs(w).min() <= 1e-10 * np.abs(w).max():
-            cov[np.ix_(used, used)] = np.linalg.pinv(sub, rcond=1e-10, hermitian=True)
-            return cov
     try:
         cov[np.ix_(used, used)] = np.linalg.inv(sub)
     except np.linalg.LinAlgError:
