@@ -8,6 +8,14 @@ Stopping as scikit-learn's ``GaussianMixture``: ``tol`` ends the fit at the firs
 log-likelihood per unit risen by less than ``tol`` since the previous one (``num_epochs`` is then the most epochs,
 scikit-learn's ``max_iter``); a fit that ends with it still rising by more than ``tol`` (1e-3, scikit-learn's default,
 when none is given) warns with :class:`~latentfit.ConvergenceWarning`.
+
+Generalized EM (Dempster, Laird & Rubin 1977, §3; McLachlan & Krishnan 2008, §1.5.5) for a model with exact
+responsibilities but no closed-form M-step (``model.has_exact_responsibilities`` without ``has_expected_stats``: a
+Poisson, Bernoulli or regression mixture written in Pyro / NumPyro): the E-step gives
+``r_ik = p(z_i = k | y_i; θ^{k−1})`` and the marginal log-likelihood, the M-step maximises
+``Q(θ | θ^{k−1}) = Σ_i Σ_k r_ik log p(y_i, z_i = k; θ)`` (``model.expected_log_joint``) over the unconstrained free
+parameters by damped Newton (:func:`~latentfit.inference.mstep.newton_maximize`, ``newton_steps`` steps from
+``θ^{k−1}``) and keeps the result only if ``Q`` did not decrease, so the log-likelihood still never decreases.
 """
 
 from __future__ import annotations
@@ -19,11 +27,15 @@ import numpy as np
 
 from .driver import callback_stops
 from .model import ModelSpecificationError
+from .mstep import flatten, newton_maximize, unflatten
 from .stats_table import ProxyRule, StatEngine, Stats, StatState
 
 #: the gain of mean log-likelihood per unit and epoch under which scikit-learn's EM stops (its ``tol``): a fit ending
 #: with a larger gain warns
 DEFAULT_TOL = 1e-3
+#: an eager (torch) numerical M-step stops its Newton steps once one moves θ (unconstrained) by less than this,
+#: relative: the next would move it by about its square
+NEWTON_XTOL = 1e-10
 
 
 class ExactMemory(NamedTuple):
@@ -52,6 +64,19 @@ class FullBatchRule(ProxyRule):
         return None if state.memory is None else state.memory.log_lik
 
 
+class ResponsibilityRule(FullBatchRule):
+    """Generalized EM's E-step: ``𝒮^{(k+1)} = {r: [r_ik(θ^k)]}``, every unit's exact responsibilities (not a sum: the
+    numerical M-step reads them), with ``Σ_i log p(y_i; θ^k)`` on the way."""
+
+    def init(self, eng: StatEngine, theta: dict[str, Any], full: Stats | None, rows: Stats | None) -> Any:
+        return ExactMemory(log_lik=eng.ops.zeros(()))
+
+    def proxy(self, eng: StatEngine, state: StatState, theta: dict[str, Any], bi: Any, bj: Any,
+              key: Any) -> tuple[Stats, StatState]:
+        r, ll = eng.model.responsibilities(theta)
+        return {"r": r}, state._replace(memory=ExactMemory(log_lik=eng.ops.xp.sum(ll)))
+
+
 class EM(StatEngine):
     """Exact batch EM. One epoch is one EM iteration.
 
@@ -72,6 +97,9 @@ class EM(StatEngine):
     True
     >>> round(fit.log_likelihood(), 2)                            # exact: Σ_i log Σ_k ω_k N(x_i; μ_k, Σ_k)
     -864.03
+
+    A model with enumerated labels and no closed-form M-step (a Poisson mixture written in Pyro) is fitted by
+    generalized EM: exact responsibilities, Newton M-step (``newton_steps`` per epoch), the same stopping rule.
     """
 
     name = "EM"
@@ -79,11 +107,18 @@ class EM(StatEngine):
     needs_init_pass = False
     needs_table = False
 
+    #: generalized EM (exact responsibilities, numerical M-step): set by :meth:`_check_model`
+    numeric_m_step = False
+
     def __init__(self, model: Any, num_epochs: int = 100, batch_size: int | None = None, tol: float | None = None,
-                 **kwargs: Any) -> None:
+                 newton_steps: int = 10, **kwargs: Any) -> None:
         """``tol``: stop at the first epoch whose mean log-likelihood per unit rose by less than ``tol`` (scikit-learn's
         ``tol``; ``num_epochs`` is then its ``max_iter``); None: run ``num_epochs`` epochs.  Either way the fit warns
-        when it ends with the mean log-likelihood still rising by more than ``tol`` (default 1e-3) per epoch."""
+        when it ends with the mean log-likelihood still rising by more than ``tol`` (default 1e-3) per epoch.
+        ``newton_steps``: damped Newton steps of a numerical M-step (generalized EM; unused with a closed form)."""
+        if int(newton_steps) < 1:
+            raise ValueError(f"newton_steps must be >= 1, got {newton_steps}")
+        self.newton_steps = int(newton_steps)
         if batch_size is not None and int(batch_size) != model.num_units:
             raise ValueError(f"{self.name} is full-batch: batch_size must be None or n={model.num_units} "
                              f"(got {batch_size}); use MiniBatchEM for mini-batches")
@@ -96,6 +131,56 @@ class EM(StatEngine):
         self.tol = None if tol is None else float(tol)
         if self.tol is not None:
             self.callback = _ToleranceStop(self.tol, lambda: self._total_units, self.callback)
+
+    def _check_model(self) -> None:
+        """A closed-form M-step (``model.m_step``), or exact responsibilities without one: generalized EM."""
+        model = self.model
+        if model.has_expected_stats or not getattr(model, "has_exact_responsibilities", False):
+            super()._check_model()
+            return
+        self.numeric_m_step = True
+        self.rule = ResponsibilityRule()
+        self._free = [n for n, p in model.params.items() if not p.fixed]
+        # shapes in unconstrained space (a simplex of K weights: K − 1 coordinates)
+        self._shapes = {n: model.ops.shape_of(model.params[n].to_unconstrained, model.params[n].value)
+                        for n in self._free}
+
+    def m_step(self, s: Stats, theta: dict[str, Any]) -> dict[str, Any]:
+        """Closed form, or generalized EM's: ``θ̃ = argmax_θ Q(θ | θ^{k−1})`` by damped Newton in unconstrained space
+        from ``θ^{k−1}``, kept only if ``Q(θ̃) ≥ Q(θ^{k−1})`` (then ``log p(y; θ̃) ≥ log p(y; θ^{k−1})``)."""
+        if not self.numeric_m_step:
+            return super().m_step(s, theta)
+        model, ops, xp = self.model, self.ops, self.ops.xp
+        names, shapes, r = self._free, self._shapes, s["r"]
+        if not names:  # every parameter fixed
+            return dict(theta)
+        fixed = {n: v for n, v in theta.items() if n not in names}
+
+        def q(x: Any) -> Any:
+            th = dict(fixed)
+            th.update(model.constrain(unflatten(x, names, shapes)))
+            return model.expected_log_joint(th, r)
+
+        x0 = flatten(ops, model.unconstrain({n: theta[n] for n in names}), names)
+        if ops.jittable:  # one compiled loop of newton_steps steps
+            x1 = newton_maximize(ops, q, x0, num_steps=self.newton_steps)
+        else:  # eager: stop once a step no longer moves x (quadratic convergence: x is then exact to rounding)
+            x1 = x0
+            for _ in range(self.newton_steps):
+                x_prev, x1 = x1, newton_maximize(ops, q, x1, num_steps=1)
+                if float(xp.max(xp.abs(x1 - x_prev))) <= NEWTON_XTOL * (1.0 + float(xp.max(xp.abs(x_prev)))):
+                    break
+        accept = q(x1) >= q(x0)  # a NaN or lower Q: keep θ^{k−1} (as it was, not through the transforms)
+        new = model.constrain(unflatten(x1, names, shapes))
+        out = dict(theta)
+        out.update({n: xp.where(accept, new[n], theta[n]) for n in names})
+        return out
+
+    def distribute(self) -> None:
+        if self.numeric_m_step:
+            raise ValueError(f"{self.name}: a data-parallel fit with a numerical M-step (generalized EM) is not "
+                             "supported; fit the model in one process")
+        super().distribute()
 
     def convergence_warnings(self, history: dict[str, list]) -> list[str]:
         """The mean log-likelihood per unit still rising by more than ``tol`` (1e-3 without one) over the last

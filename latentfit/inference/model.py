@@ -306,6 +306,23 @@ class LatentModel:
         ll = xp.sum(self.marginal_log_lik(theta, units)) if self.has_exact_marginal else None
         return {k: xp.sum(v, 0) for k, v in s.items()}, ll
 
+    # exact responsibilities with a numerical M-step (generalized EM): a model with one enumerated discrete latent
+    # and no closed-form M-step; the full-batch EM engine then maximises Q numerically
+    #: ``responsibilities(theta)`` gives the exact ``r_ik = p(z_i = k | y_i; θ)`` and ``expected_log_joint`` the
+    #: ``Q(θ | θ_old)`` they weigh: :class:`~latentfit.inference.em.EM` runs generalized EM when ``has_expected_stats``
+    #: is False (no closed form)
+    has_exact_responsibilities: bool = False
+
+    def responsibilities(self, theta: dict[str, Any], units: Any = None) -> tuple[Any, Any]:
+        """``(r [n, K], log p(y_i; θ) [n])``: ``r_ik = p(z_i = k | y_i; θ)`` (models with
+        :attr:`has_exact_responsibilities`)."""
+        raise NotImplementedError
+
+    def expected_log_joint(self, theta: dict[str, Any], r: Any) -> Any:
+        """``Q(θ) = Σ_i Σ_k r_ik log p(y_i, z_i = k; θ)`` over all units, a scalar differentiable in θ, the
+        responsibilities ``r [n, K]`` held fixed (models with :attr:`has_exact_responsibilities`)."""
+        raise NotImplementedError
+
     # compact per-unit rows for the incremental engines' tables: any pytree that the statistics
     # depend on *linearly* (e.g. a mixture's responsibilities r_i, with S_i = r_i ⊗ F(y_i)); the
     # default rows are the statistics themselves

@@ -76,6 +76,8 @@ def newton_maximize(ops: Ops, objective: Callable[[Any], Any], x0: Any, num_step
         w_abs = xp.where(w_abs < floor, floor, w_abs)
         step = v @ ((v.T @ g) / w_abs)
         near = 0.5 * xp.sum(g * step) <= EXACT_NEWTON_GAIN * (1.0 + xp.abs(val))  # False when val is NaN
+        if not ops.jittable and bool(near):  # eager: the same result without the backtracking's evaluations
+            return x + step
         return xp.where(near, x + step, damped_newton_update(ops, objective, x, val, step, max_step))
 
     return ops.fori_loop(0, num_steps, body, x0)

@@ -25,13 +25,16 @@ scalar param (one variance, "tied_spherical") or a ``[d]`` param (shared diagona
 is recognised by comparing the per-component arguments with the params at the initial θ and at a random
 perturbation; its statistics and M-step are :class:`~latentfit.models.mixture.GaussianMixture`'s, so both PPLs and
 the family give the same estimates.  Other discrete models get the exact responsibilities and marginal
-log-likelihood; the engines then ask for a closed form.  A mini-batch costs a mini-batch: the mixture's own E-step
+log-likelihood; full-batch EM then runs generalized EM (its M-step maximises
+``Q(θ | θ_old) = Σ_i Σ_k r_ik log p(y_i, z_i = k; θ)`` numerically, :meth:`expected_log_joint`), the other engines ask
+for a closed form.  A mini-batch costs a mini-batch: the mixture's own E-step
 over the batch's rows when it equals the enumeration (``_family_estep``), else the model run on the batch alone
 when that reproduces the full run's rows (``batch_path``), else the full run's columns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -48,6 +51,9 @@ class EnumeratedLatentModel(TracedBase):
 
     has_exact_marginal = True
     has_posterior_sampler = True
+    #: exact responsibilities at any θ (:meth:`responsibilities`) and ``Q`` (:meth:`expected_log_joint`): without a
+    #: recognised closed form, the full-batch EM maximises Q numerically (generalized EM)
+    has_exact_responsibilities = True
     #: responsibilities by the recognised mixture's own E-step (set by :meth:`_check_family_estep`)
     _family_estep = False
 
@@ -70,8 +76,10 @@ class EnumeratedLatentModel(TracedBase):
                 "label (probs a param or constant) with one Normal(locs[z], scales[z]) observation (or one "
                 "scale shared by the components: Normal(locs[z], scale), a scalar or [d] param) or "
                 "MultivariateNormal(locs[z], covariance_matrix=covs[z] | scale_tril=trils[z]) observation (or "
-                "one shared [d, d] covariance_matrix=cov | scale_tril=tril); "
-                "write the model as such a mixture, use a model family, or fit it with SVI/TraceEnum_ELBO")
+                "one shared [d, d] covariance_matrix=cov | scale_tril=tril). "
+                "EM (full batch) fits this model as it is: generalized EM, the exact E-step with a numerical "
+                "(Newton) M-step; the mini-batch, incremental and Monte-Carlo engines need the closed form "
+                "(write the model as such a mixture or use a model family), or fit it with SVI/TraceEnum_ELBO")
 
     @classmethod
     def has_enumerated_latents(cls, model: Any, args: tuple = (), kwargs: dict | None = None) -> bool:
@@ -117,11 +125,12 @@ class EnumeratedLatentModel(TracedBase):
             out = out + self._per_unit(self._site_lp(sites[name]), None, count)
         return out
 
-    def log_joint_table(self, theta: dict[str, Any], units: Any = None) -> Any:
+    def log_joint_table(self, theta: dict[str, Any], units: Any = None, differentiable: bool = False) -> Any:
         """``log p(y_i, z_i = k; θ)``: ``[K, n]`` (every other dim summed out); for a mini-batch the model runs on the
-        batch alone when it can (:attr:`batch_path`), else on all units."""
+        batch alone when it can (:attr:`batch_path`), else on all units.  ``differentiable``: in θ (torch records
+        the graph; the E-steps do not need it)."""
         block = isinstance(units, UnitBlock)
-        with self.ppl.no_grad():
+        with contextlib.nullcontext() if differentiable else self.ppl.no_grad():
             if units is not None and not block and self.batch_path:
                 return self._table_batch(dict(theta), self._support, self._index(units))
             out = self._table_all(dict(theta), self._support)
@@ -150,7 +159,19 @@ class EnumeratedLatentModel(TracedBase):
         return self.ops.xp.exp(lj - ll).T, ll
 
     def marginal_log_lik(self, theta: dict[str, Any], units: Any = None) -> Any:
-        return self.responsibilities(theta, units)[1]
+        """``log p(y_i; θ)`` ``[n]``, differentiable in θ (the exact observed information differentiates it)."""
+        if self._family_estep:
+            return self.responsibilities(theta, units)[1]
+        return self.ops.logsumexp(self.log_joint_table(theta, units, differentiable=True), 0)
+
+    def expected_log_joint(self, theta: dict[str, Any], r: Any) -> Any:
+        """``Q(θ) = Σ_i Σ_k r_ik log p(y_i, z_i = k; θ)``: the enumerated table of every unit (the model run once per
+        label value, vectorised), differentiable in θ, weighed by the responsibilities ``r [n, K]`` held fixed (a
+        zero weight drops its entry, also where the table is −inf).  Generalized EM's M-step maximises it."""
+        xp = self.ops.xp
+        table = self._table_all(dict(theta), self._support)  # [K, n]
+        w = self.ops.stop_gradient(r).T
+        return xp.sum(xp.where(w > 0, w * table, 0.0))
 
     def predict_proba(self, theta: dict[str, Any], x: Any = None) -> np.ndarray:
         """Responsibilities ``p(z_i = k | y_i; θ)`` ``[n, K]`` (numpy; the label's k-th enumerated value) of the

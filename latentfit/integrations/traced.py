@@ -469,6 +469,22 @@ class TracedBase(LatentModel):
                 name=name, value=ops.stop_gradient(ops.asarray(site.value, dtype=self._dtype)),
                 to_unconstrained=transform.inv, to_constrained=transform, meta={"constraint": site.constraint})
 
+    def param_basis(self, name: str) -> np.ndarray | None:
+        """The free directions of param ``name``'s unconstrained coordinates, for the standard errors
+        (:func:`~latentfit.inference.fisher._finish`): Pyro's param store maps ``constraints.simplex`` by
+        ``transform_to``, a softmax over the last axis, which adding a constant to a row leaves unchanged, so each row
+        of K coordinates has K − 1 free directions (``e_k − 1/K``, k < K); None: every coordinate is free (NumPyro's
+        stick-breaking simplex has K − 1 coordinates)."""
+        info = self.params.get(name)
+        if info is None or type(info.to_constrained).__name__ != "SoftmaxTransform":
+            return None
+        shape = tuple(info.value.shape)
+        K = int(shape[-1]) if shape else 1
+        if K < 2:
+            return None
+        row = np.eye(K)[:, :K - 1] - 1.0 / K
+        return np.kron(np.eye(int(np.prod(shape[:-1]))), row)
+
     @property
     def module_params(self) -> frozenset[str]:
         """The params that are weights of a neural-network module (:meth:`PPL.is_module_weight`, or so marked by
