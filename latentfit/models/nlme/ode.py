@@ -43,9 +43,10 @@ integrated with the parameters of the occasion in force at its start, from the s
 before (the occasion starts are records, hence events), and each output is observed with its event's occasion.
 
 ``solver="adaptive"`` or ``"stiff"`` replaces the RK4 steps by error-controlled solvers from diffrax (JAX:
-``Tsit5``, and the implicit ``Kvaerno5`` for stiff systems such as target-mediated disposition) or torchdiffeq
-(torch: ``dopri5``) with tolerances ``rtol``/``atol``, on the same events (one solve per interval for all
-individuals at once; doses and resets as jumps of the state; steady-state doses: RK4 only), differentiable in
+``Tsit5``, and the implicit ``Kvaerno5`` for stiff systems such as target-mediated disposition) or on torch
+(torchdiffeq's ``dopri5``; for ``"stiff"`` the library's RODAS4, a Rosenbrock method) with tolerances
+``rtol``/``atol``, on the same events (one solve per interval for all individuals at once; doses and resets as jumps
+of the state; steady-state doses: RK4 only), differentiable in
 reverse and forward mode; the backend code lives in :mod:`latentfit.integrations.ode_solvers`.
 """
 
@@ -185,7 +186,7 @@ def ode(rhs: Callable[..., tuple], parameters: tuple[str, ...] | list[str], *, n
     solver : ``"rk4"`` (default: fixed steps, above), ``"adaptive"`` or ``"stiff"``: error-controlled solvers from
         the libraries (``pip install latentfit[ode]``), one solve per event interval for all individuals at once,
         differentiable.  JAX: diffrax ``Tsit5`` / ``Kvaerno5`` (implicit, L-stable); torch: torchdiffeq ``dopri5``
-        for both (torchdiffeq has no implicit method: stiff systems are solved correctly but in many small steps).
+        / RODAS4 (L-stable Rosenbrock, order 4, written in torch: torchdiffeq has no implicit method).
         See :mod:`latentfit.integrations.ode_solvers`.
     rtol, atol : relative and absolute local error tolerances of the adaptive solvers (per state component:
         ``|err| ≤ atol + rtol·|x|``; defaults as rxode2's, 1e-6 and 1e-8 in the states' units).
