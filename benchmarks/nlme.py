@@ -985,8 +985,9 @@ def command_line_seconds(backend: str, runs: int, cache_dir: str) -> list[float]
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(runs + 1):
             t = time.perf_counter()
+            out_dir = os.path.join(tmp, f"run{r}")  # a new folder each run (the command refuses to overwrite a fit)
             run = subprocess.run([sys.executable, "-m", "latentfit", "nlme", "fit", "examples/theophylline.toml",
-                                  "examples/theophylline.csv", "--out", tmp, "--backend", backend, "--no-progress"],
+                                  "examples/theophylline.csv", "--out", out_dir, "--backend", backend, "--no-progress"],
                                  capture_output=True, text=True, cwd=root, env=env)
             if run.returncode != 0:
                 print(f"(command line, {backend}: failed: {(run.stderr or run.stdout).strip()[-300:]})")

@@ -8,13 +8,14 @@ test, to end at a lower local maximum; scikit-learn's own ``GaussianMixture(n_in
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import jax
 import numpy as np
 import pytest
 
-from latentfit import ConvergenceWarning, ModelSpecificationError
+from latentfit import ConvergenceWarning, DegenerateFitError, ModelSpecificationError, NonFiniteError
 from latentfit.inference.em import EM
 from latentfit.models import GaussianMixture
 
@@ -63,6 +64,55 @@ def test_restarts_escape_a_local_maximum_and_equal_the_best_single_fit(backend):
     np.testing.assert_array_equal(fit.history["objective"], ref[best].history["objective"])
     assert fit.score() == pytest.approx(ref_ll.max() / len(X), rel=1e-12)
     np.testing.assert_array_equal(fit.predict(), ref[best].predict())
+
+
+# two clusters and three identical outlying points: with reg_covar=0, a k-means++ start (K = 3) that gives the outliers
+# a component of their own degenerates (a singular covariance, at the start or during the fit), the others do not
+_deg = np.random.default_rng(0)
+X_DEGENERATE = np.concatenate([_deg.normal(size=(300, 2)), _deg.normal(size=(300, 2)) + [6.0, 0.0],
+                               np.full((3, 2), [3.0, 9.0])])
+
+
+def _single_or_none(backend, seed):
+    """The single fit's final log-likelihood from ``seed``, or None where the start or the fit degenerates."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit = _fit(backend, GaussianMixture(backend.tensor(X_DEGENERATE), 3, reg_covar=0.0, seed=seed))
+            ll = float(fit.log_likelihood())
+            return ll if np.isfinite(ll) else None  # (JAX: a singular final covariance gives NaN, no error)
+    except (ModelSpecificationError, NonFiniteError):  # a singular start at construction; a fit that degenerates
+        return None  # (torch: DegenerateFitError, a singular covariance; JAX: NonFiniteError, NaN weights)
+
+
+def test_a_start_that_degenerates_is_skipped_with_a_warning(backend):
+    """scikit-learn aborts the whole fit when one initialisation's covariance becomes singular; here that start is
+    skipped (a RuntimeWarning naming it, its row NaN with the error) and the best of the others is kept: the same fit
+    as the best surviving seed's single fit.  The single fits from the same seeds say which degenerate."""
+    singles = [_single_or_none(backend, s) for s in range(6)]
+    failing = [s for s, ll in enumerate(singles) if ll is None]
+    assert failing and len(failing) < 6, singles  # the design has both kinds
+    n_init = 6
+    with pytest.warns(RuntimeWarning, match=rf"EM\(n_init=6\): restart\(s\) {re.escape(str(failing))} failed and were "
+                                            "skipped"):
+        fit = _fit(backend, GaussianMixture(backend.tensor(X_DEGENERATE), 3, reg_covar=0.0, seed=0), n_init=n_init)
+    table = fit.restarts
+    assert list(table.index[table["log_lik"].isna()]) == failing
+    assert (table.loc[failing, "error"].str.contains("singular|NaN")).all()
+    assert (table.drop(index=failing)["error"] == "").all() and not table.loc[failing, "converged"].any()
+    ok = np.array([np.nan if ll is None else ll for ll in singles])
+    np.testing.assert_allclose(table["log_lik"].to_numpy(), ok, rtol=1e-12)
+    best = int(np.nanargmax(ok))
+    assert list(table["kept"]) == [r == best for r in range(n_init)]
+    assert fit.log_likelihood() == pytest.approx(ok[best], rel=1e-12)
+
+
+def test_every_start_failing_raises_the_first_error(backend):
+    singles = [_single_or_none(backend, s) for s in range(6)]
+    pair = next(s for s in range(5) if singles[s] is None and singles[s + 1] is None)
+    with pytest.raises(NonFiniteError, match=r"every one of the n_init=2 starts failed; the first: .*(singular|NaN)"):
+        _fit(backend, GaussianMixture(backend.tensor(X_DEGENERATE), 3, reg_covar=0.0, seed=pair), n_init=2)
+    assert issubclass(DegenerateFitError, NonFiniteError)
 
 
 def test_n_init_one_is_the_single_fit(backend):

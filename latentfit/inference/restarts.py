@@ -13,6 +13,10 @@ Criterion: scikit-learn keeps the largest *lower bound*, the mean log-likelihood
 makes lower, so a restart is judged by the θ it hands back.  At convergence (``tol``) the two differ by less than
 ``tol`` per unit.
 
+A start that fails (its k-means++ clusters give a singular covariance, or the fit degenerates: a
+:class:`~latentfit.NonFiniteError` such as :class:`~latentfit.DegenerateFitError`) is skipped with a ``RuntimeWarning``
+naming it; its row has a NaN log-likelihood and the error.  When every start fails, the first one's error is raised.
+
 Warnings: each restart runs with its warnings recorded; those of the kept restart are issued again (its
 :class:`~latentfit.ConvergenceWarning` saying which restart it is), those of the others dropped (scikit-learn warns only
 when the best initialisation did not converge).  A restart counts as converged when its run issued no
@@ -35,7 +39,7 @@ import numpy as np
 
 from latentfit._hooks import user_stacklevel
 
-from .model import ConvergenceWarning, ModelSpecificationError
+from .model import ConvergenceWarning, DegenerateFitError, ModelSpecificationError, NonFiniteError
 
 
 def check_n_init(n_init: Any) -> int:
@@ -76,27 +80,56 @@ def run_restarts(engine: Any, run_one: Any, key: Any, options: dict[str, Any]) -
             raise ValueError(f"{name}(n_init={n}): run({option}=...) is not supported with restarts; run the starts "
                              f"one by one (GaussianMixture(..., seed=s) for s = seed, seed + 1, ...) with {option}=")
     model = engine.user_model
-    starts = [model.restart_start(r) for r in range(n)]  # every start computed (and checked) before the first fit
-    fits, rows, records = [], [], []
+    starts: list[Any] = []
+    for r in range(n):  # every start computed (and checked) before the first fit
+        try:
+            starts.append(model.restart_start(r))
+        except NonFiniteError as exc:  # a singular start: this restart is skipped, the others go on
+            starts.append(exc)
+    fits, rows, records, errors = [], [], [], []
     t0 = time.perf_counter()
     try:
-        for r, (seed, theta0) in enumerate(starts):
-            engine._start_theta = theta0
-            with warnings.catch_warnings(record=True) as got:
-                warnings.simplefilter("always")
-                fit = run_one(key, **options)
-            if fit.interrupted:  # KeyboardInterrupt: the restarts end here, with this restart's partial fit
+        for r, start in enumerate(starts):
+            if isinstance(start, NonFiniteError):
+                seed, fit, got, failure = getattr(start, "restart_seed", -1), None, [], start
+            else:
+                seed, theta0 = start
+                engine._start_theta = theta0
+                failure = None
+                with warnings.catch_warnings(record=True) as got:
+                    warnings.simplefilter("always")
+                    try:
+                        fit = run_one(key, **options)
+                    except NonFiniteError as exc:  # this start degenerated (e.g. a singular covariance)
+                        fit, failure = None, exc
+            if fit is not None and fit.interrupted:  # KeyboardInterrupt: the restarts end here, with this partial fit
                 for w in got:
                     warnings.warn(w.message, w.category, stacklevel=user_stacklevel())
                 return fit
-            ll = float(fit.log_likelihood("exact"))
+            ll = float("nan")
+            if fit is not None:
+                try:  # (a last M-step may hand back a singular covariance, which the next E-step would refuse)
+                    ll = float(fit.log_likelihood("exact"))
+                except NonFiniteError as exc:
+                    fit, failure = None, exc
+                if fit is not None and not np.isfinite(ll):  # (a compiled backend's degenerate θ: NaN, no error)
+                    fit, failure = None, DegenerateFitError(f"the final log-likelihood is {ll} (a degenerate "
+                                                            "estimate, e.g. a singular covariance)")
+                    ll = float("nan")
             fits.append(fit)
             records.append(list(got))
-            converged = not any(issubclass(w.category, ConvergenceWarning) for w in got)
+            errors.append(failure)
+            converged = fit is not None and not any(issubclass(w.category, ConvergenceWarning) for w in got)
             rows.append({"restart": r, "seed": seed, "log_lik": ll, "score": ll / int(engine._total_units),
-                         "num_iterations": int(fit.num_iterations), "converged": converged})
+                         "num_iterations": 0 if fit is None else int(fit.num_iterations), "converged": converged,
+                         "error": "" if failure is None else f"{type(failure).__name__}: {failure}"})
     finally:
         engine._start_theta = None
+    failed = [r for r, e in enumerate(errors) if e is not None]
+    if len(failed) == n:  # no start ran to the end: the first one's error, saying the others failed too
+        first = errors[0]
+        first.args = (f"every one of the n_init={n} starts failed; the first: {first}",) + tuple(first.args[1:])
+        raise first
     import pandas as pd
 
     table = pd.DataFrame(rows).set_index("restart")
@@ -105,6 +138,11 @@ def run_restarts(engine: Any, run_one: Any, key: Any, options: dict[str, Any]) -
     best = int(np.argmax(np.where(finite, ll, -np.inf))) if finite.any() else 0
     table["kept"] = np.arange(n) == best
     table.attrs.update({"n_init": n, "best": best, "elapsed": time.perf_counter() - t0})
+    if failed:
+        warnings.warn(f"{name}(n_init={n}): restart(s) {failed} failed and were skipped (restart {failed[0]}: "
+                      f"{errors[failed[0]]}); kept restart {best}, the largest final log-likelihood of the "
+                      f"{n - len(failed)} that ran to the end (fit.restarts has each restart's row and error)",
+                      RuntimeWarning, stacklevel=user_stacklevel())
     for w in records[best]:
         message = str(w.message)
         if issubclass(w.category, ConvergenceWarning):

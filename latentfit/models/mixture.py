@@ -286,7 +286,8 @@ class GaussianMixture(LatentModel):
         start drawn from seed ``seed + r`` (``seed``: this model's), i.e. the initial values of
         ``GaussianMixture(x, K, ..., seed=seed + r)`` with the same data and options, bit for bit (restart 0: this
         model's own).  Initial values given (weights, covariances) stay; given ``locs`` make every start the same and
-        are refused."""
+        are refused.  A start whose k-means++ clusters give a singular covariance raises a
+        :class:`~latentfit.DegenerateFitError` (the restarts skip it)."""
         weights, locs, covariances, seed, iters = self._init_options
         r = int(restart)
         if locs is not None:
@@ -296,7 +297,12 @@ class GaussianMixture(LatentModel):
         if r == 0:
             return int(seed), self.init_params()
         init = self._initial_values(weights, locs, covariances, int(seed) + r, iters)
-        self._check_covariances(init["covariances"], given=covariances is not None)
+        try:
+            self._check_covariances(init["covariances"], given=covariances is not None)
+        except ModelSpecificationError as exc:  # this start only: the restarts go on without it
+            err = DegenerateFitError(f"restart {r} (seed {int(seed) + r}): {exc}", parameter="covariances")
+            err.restart_seed = int(seed) + r
+            raise err from exc
         return int(seed) + r, {name: init[name] for name in self.params}
 
     def _kmeans_responsibilities(self, seed: int, iters: int, locs: Any) -> tuple[Any, Any]:
@@ -442,8 +448,10 @@ class GaussianMixture(LatentModel):
                 diag = xp.diagonal(chol, 0, -2, -1)
                 logdet = 2.0 * xp.sum(xp.log(diag), -1)
                 pivot = xp.amin(diag, -1)  # (torch.min(x, dim) is a (values, indices) pair)
-        if not ops.jittable and not bool(xp.all(pivot > 0)):
+        if not ops.jittable and (prec is None or not bool(xp.all(pivot > 0))):
             bad = [k for k in range(self.K) if not bool(pivot[k] > 0)]
+            if not bad:  # the Cholesky refused a matrix whose unrolled pivots stay (barely) positive: which one
+                bad = [k for k in range(self.K) if not self._cholesky_ok(cov[k])]
             floor = (f"reg_covar={self.reg_covar:g} is below the rounding level of the data's scale: increase it"
                      if self.reg_covar > 0 else "reg_covar=0 puts no floor under the covariances: give reg_covar > 0 "
                      "(scikit-learn's default is 1e-6)")
@@ -451,6 +459,14 @@ class GaussianMixture(LatentModel):
                 f"the covariance of component(s) {bad} is singular (not positive definite: its points span fewer "
                 f"than d={self.d} dimensions); {floor}", parameter="covariances")
         return 0.5 * (prec + xp.swapaxes(prec, -1, -2)), logdet
+
+    def _cholesky_ok(self, cov_k: Any) -> bool:
+        """Whether the eager backend's Cholesky takes one component's covariance (an error path's diagnosis)."""
+        try:
+            self.ops.cholesky(cov_k)
+        except Exception:  # noqa: BLE001 - the backend's refusal, whatever its type
+            return False
+        return True
 
     def _features_t(self, units: Any) -> Any:
         """``F(x_i)ᵀ`` for the units: ``[D, b]`` (a block is a slice of the features-major copy: a view on eager
