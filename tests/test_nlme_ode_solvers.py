@@ -262,6 +262,24 @@ def test_gradients_through_the_solve_match_finite_differences(backend, solver):
         np.testing.assert_allclose(auto, fd, rtol=0, atol=1e-6 * np.abs(fd).max())
 
 
+def test_a_nan_individual_on_torch_stiff_is_nan_and_leaves_the_others_alone():
+    """An MCMC proposal where the model is NaN (here one individual's log-parameters) must not stop the solve (the
+    step control would shrink to nothing) nor change the others: that individual's predictions are NaN (the proposal
+    is rejected, as on JAX) and the others' equal their clean solve to the solver's tolerance (the shared steps differ:
+    the NaN individual leaves the error control)."""
+    values = dict(ka=1.2, V=20.0, CL=2.0, omega2_ka=0.1, omega2_V=0.1, omega2_CL=0.1, a=0.1)
+    model = nlme.NLME(oral_ode(solver="stiff", rtol=1e-7, atol=1e-9), {"ka": 1.0, "V": 1.0, "CL": 1.0},
+                      data=_multiple_dose_table())
+    th = {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}
+    z = torch.tensor(np.log([[1.2, 20.0, 2.0], [0.8, 15.0, 3.0], [2.0, 25.0, 1.5], [1.0, 18.0, 2.5]]))
+    clean = model.predict(th, z)[0].numpy()
+    z_bad = z.clone()
+    z_bad[1, 0] = float("nan")
+    got = model.predict(th, z_bad)[0].numpy()
+    assert np.isnan(got[1]).all()
+    np.testing.assert_allclose(got[[0, 2, 3]], clean[[0, 2, 3]], rtol=1e-6, atol=0)
+
+
 def test_solver_options_are_checked():
     with pytest.raises(ValueError, match="solver must be one of"):
         oral_ode(solver="lsoda")

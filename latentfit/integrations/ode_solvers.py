@@ -22,14 +22,17 @@ of ``N × states`` components (the batch takes the steps of its hardest individu
   order-3 error estimate, L-stable and stiffly accurate; the coefficients of Hairer's ``rodas.f``), written here on
   torch because no maintained torch ODE library has an implicit method (torchdiffeq 0.2, torchode: explicit and
   Adams only; an explicit step is bounded by ``|λ|·h ≲ 3.3``, thousands of steps on a binding process).  Each step
-  solves, with ``W = I/(hγ) − J`` factorised once (``J = ∂f/∂x`` per individual, ``S × S``, by forward-mode AD in
-  one batched call of ``rhs``, beside ``∂f/∂t``):
+  solves, with ``W = I/(hγ) − J`` factorised once (``J = ∂f/∂x`` per individual, ``S × S``, by central differences
+  in one batched call of ``rhs`` on ``2S + 2`` copies of the state, beside ``∂f/∂t``):
 
       W·k_i = f(s + c_i·h, x + Σ_{j<i} a_ij·k_j) + Σ_{j<i} (c_ij / h)·k_j + h·d_i·∂f/∂t,   i = 1..6,
 
   ``x₁ = x + Σ_{j<5} a_5j·k_j + k_5 + k_6`` and the local error estimate ``k_6``; the step ``h ← h·min(6, max(0.2,
   0.9·err^(−1/4)))``.  All individuals (and chains) share the steps; the operations are torch's, so gradients flow
-  through the solve by backpropagation (the Jacobian included: the derivative of the computed solution).
+  through the solve by backpropagation (the Jacobian included: the derivative of the computed solution).  An
+  individual whose state or rates are not finite at the start of an interval (an MCMC proposal where the model is
+  NaN) is left out of the error control and ends the interval NaN, as on JAX: its proposal is rejected, the others
+  are solved as without it.
 """
 
 from __future__ import annotations
@@ -266,12 +269,17 @@ def rodas4_solve(field: Callable[[Any, Any], Any], y0: Any, *, rtol: float, atol
     (``where()``: the interval, for the message)."""
     import torch
 
+    f0 = field(0.0, y0).detach()
+    live = (torch.isfinite(y0.detach()) & torch.isfinite(f0)).all(-1, keepdim=True)  # rows [..., 1] with finite rates
+
     def err_norm(y: Any, y1: Any, err: Any) -> float:
         scale = atol + rtol * torch.maximum(y.detach().abs(), y1.detach().abs())
-        value = float(torch.max(err.detach().abs() / scale)) if err.numel() else 0.0
+        ratio = torch.where(live, err.detach().abs() / scale, 0.0)  # a dead row stays out (and ends NaN)
+        value = float(torch.max(ratio)) if err.numel() else 0.0
         return value if np.isfinite(value) else float("inf")
 
-    f0 = field(0.0, y0).detach()
+    if not bool(live.any()):  # no row to solve: every one ends NaN
+        return y0 + float("nan"), 0
     scale0 = atol + rtol * y0.detach().abs()
     d0 = float(torch.max(y0.detach().abs() / scale0)) if y0.numel() else 0.0
     d1 = float(torch.max(f0.abs() / scale0)) if y0.numel() else 0.0
@@ -283,6 +291,8 @@ def rodas4_solve(field: Callable[[Any, Any], Any], y0: Any, *, rtol: float, atol
         h = min(h, 1.0 - s)
         y1, err = rodas4_step(field, s, y, h)
         e = err_norm(y, y1, err)
+        if e <= 1.0:  # (the dead rows' values: NaN, never used to steer the steps)
+            y1 = torch.where(live, y1, float("nan"))
         steps += 1
         if e <= 1.0:
             s = 1.0 if 1.0 - (s + h) < 1e-12 else s + h
