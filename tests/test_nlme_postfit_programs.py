@@ -194,6 +194,44 @@ def test_fused_postfit_programs_equal_the_operation_by_operation_values(fitted):
     assert np.all(np.diagonal(chol, 0, -2, -1) > 0)
 
 
+def test_the_full_proposal_starts_from_the_ebes_without_a_newton_search_of_its_own(fitted, monkeypatch):
+    """The full IS proposal's Laplace law is taken at the EBEs (the individual estimates' 30 Newton steps from the
+    chains' means, computed once for both): its program holds no Newton loop, and the proposal equals the one whose
+    program searched the modes itself from the chains' means (theophylline: the modes agree to the last bit)."""
+    from latentfit.inference import postfit
+
+    model, theta, ops = fitted.model, fitted._theta(), fitted.model.ops
+    mean, sd = fitted.conditional_moments()
+    est = fitted.individual_estimates()
+    searched = lk.laplace_proposal(model, theta, mean, df=4, seed=1)  # 15 Newton steps of its own
+    at_modes = lk.laplace_proposal(model, theta, est.mode, df=4, seed=1, num_steps=0)
+    for a, b in zip(searched, at_modes):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    asked: list[tuple] = []
+    real = lk.laplace_proposal
+
+    def spy(*args, **kwargs):
+        asked.append((np.asarray(args[2]), kwargs.get("num_steps")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lk, "laplace_proposal", spy)
+    got = postfit._full_proposal(fitted, theta, mean, sd, 4, 0, None, None)
+    assert asked[-1][1] == 0 and np.array_equal(asked[-1][0], est.mode)
+    np.testing.assert_allclose(got[0], searched[0], rtol=1e-10, atol=1e-12)
+    # a model whose EBEs cannot be had: the proposal searches the modes itself, from the chains' means
+    monkeypatch.setattr(postfit, "_local_estimates", lambda fit: (_ for _ in ()).throw(ValueError("no modes")))
+    postfit._full_proposal(fitted, theta, mean, sd, 4, 0, None, None)
+    assert asked[-1][1] == lk.FULL_NEWTON_STEPS and np.array_equal(asked[-1][0], mean)
+    # no search: its program holds no loop of Newton steps (a while loop in the lowered text), the searching one does
+    texts = {steps: jax.jit(lambda th, z, k, steps=steps: lk._laplace_proposal_terms(model, (1000, 10, steps), th, z,
+                                                                                      k)).lower(
+        theta, ops.asarray(mean), ops.key(4)).as_text() for steps in (0, 15)}
+    assert texts[0].count("stablehlo.while") < texts[15].count("stablehlo.while")
+    assert len(texts[0]) < 0.8 * len(texts[15])
+    with pytest.raises(ValueError, match="num_steps"):
+        real(model, theta, None, num_steps=0)
+
+
 def test_linearisation_program_equals_torch_and_a_second_fit_compiles_nothing(fitted):
     import torch
 

@@ -117,7 +117,8 @@ def conditional_modes(model: LatentModel, theta: dict[str, Any], units: Any = No
     model, theta : the model and the (constrained) parameters.
     units : index array or None (all units).
     z0 : starting points ``[n, d]``; default the prior means (Gaussian prior face) or zeros.
-    num_steps : Newton iterations (fixed count; quadratic convergence near the mode).
+    num_steps : Newton iterations (fixed count; quadratic convergence near the mode); 0 with ``z0`` the modes already
+        found (the EBEs): ``Γ_i`` at ``z0`` with no search.
     method : ``"auto"`` (Gauss–Newton when the model has Gaussian faces, else Hessian),
         ``"gauss_newton"`` or ``"hessian"``: the precision ``P_i`` used for the steps and for ``Γ_i``.
     max_step : per-unit cap on the Newton step norm.
@@ -131,7 +132,10 @@ def conditional_modes(model: LatentModel, theta: dict[str, Any], units: Any = No
     ops = model.ops
     xp = ops.xp
     method = resolve_method(model, method)
-    z = conditional_mode(model, theta, units, z0, num_steps=num_steps, method=method, max_step=max_step)
+    if int(num_steps) == 0 and z0 is not None:  # z0 already the modes (e.g. the EBEs): their covariances alone
+        z = ops.stop_gradient(z0)
+    else:
+        z = conditional_mode(model, theta, units, z0, num_steps=num_steps, method=method, max_step=max_step)
     val, g, prec = ops.jit(_newton_functions(model, units, method, max_step)[1])(theta, z)
     cov = ops.spd_inverse(prec) if spd else xp.linalg.inv(prec)
     cov = 0.5 * (cov + xp.swapaxes(cov, -1, -2))

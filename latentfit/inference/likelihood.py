@@ -356,6 +356,7 @@ def laplace_proposal(model: LatentModel, theta: dict[str, Any], z0: Any = None, 
     1. The Laplace approximation of the conditional law: ``ẑ_i`` (damped Newton from ``z0``, e.g. the chains' means)
        and ``Γ_i = P_i⁻¹`` (:func:`~latentfit.inference.laplace.conditional_modes`), whatever the chains explored:
        an IOV model's η/κ ridge (correlation ≈ −0.96) that the chains cross slowly has chain sds ~3x too small.
+       ``num_steps=0``: ``z0`` are the modes already (the EBEs), and only ``Γ_i`` is computed there.
     2. A pilot pass (adaptive IS, Cappé et al. 2004): ``num_samples`` draws ``ẑ_i + chol(Γ_i) t`` (``t`` independent
        Student-t ``df``), self-normalised weights ``w ∝ p(y_i, z) / q(z)``, and the weighted moments
        ``μ_i = Σ w z``, ``S_i = Σ w (z − μ_i)(z − μ_i)ᵀ``, trusted in proportion to the pilot's effective sample size
@@ -365,6 +366,8 @@ def laplace_proposal(model: LatentModel, theta: dict[str, Any], z0: Any = None, 
     """
     if int(df) != df or df < 1:
         raise ValueError(f"df must be a positive integer (Student-t proposal), got {df!r}")
+    if int(num_steps) != num_steps or num_steps < 0 or (num_steps == 0 and z0 is None):
+        raise ValueError(f"num_steps must be a non-negative integer (0 only with z0, the modes), got {num_steps!r}")
     sim, root = _unit_streams(model, seed, unit_ids, ops)
     ops = model.ops
     if z0 is None:  # conditional_mode's start: the prior means (Gaussian prior face) or zeros

@@ -357,14 +357,22 @@ def _log_likelihood_result(fit: FitResult, method: str | None = None, *, num_sam
 def _full_proposal(fit: FitResult, theta: dict[str, Any], mean: Any, sd: Any, df: int, seed: int, ids: Any,
                    dist: Any) -> tuple[Any, Any, int, float]:
     """``(mean, L, df, defensive)`` of :func:`log_likelihood`'s ``proposal="full"``
-    (:func:`~latentfit.inference.likelihood.laplace_proposal` from the chains' means).  A model whose conditional
-    modes cannot be computed (its log-density not twice differentiable) gets the kept draws' covariance instead
+    (:func:`~latentfit.inference.likelihood.laplace_proposal` at the conditional modes, the EBEs of
+    :func:`individual_estimates`: computed once for both, so the proposal's program holds no Newton search of its own;
+    a model without EBEs gets the search from the chains' means).  A model whose conditional modes cannot be computed
+    (its log-density not twice differentiable) gets the kept draws' covariance instead
     (:func:`~latentfit.inference.likelihood.conditional_scale`, half the draws from the diagonal proposal), with a
     warning."""
     model = fit.model
+    failures = (RuntimeError, ValueError, TypeError, NotImplementedError, np.linalg.LinAlgError)
     try:
-        mean, scale = lk.laplace_proposal(model, theta, mean, df=df, seed=seed + 1, unit_ids=ids, ops=dist)
-    except (RuntimeError, ValueError, TypeError, NotImplementedError, np.linalg.LinAlgError) as err:
+        try:  # the EBEs (30 Newton steps from the chains' means, kept for the tables) as the Laplace modes
+            start, steps = _local_estimates(fit).mode, 0
+        except failures:
+            start, steps = mean, lk.FULL_NEWTON_STEPS
+        mean, scale = lk.laplace_proposal(model, theta, start, df=df, seed=seed + 1, num_steps=steps, unit_ids=ids,
+                                          ops=dist)
+    except failures as err:
         warnings.warn(f"log_likelihood('is', proposal='full'): no Laplace approximation of the conditional laws "
                       f"({type(err).__name__}: {err}); the proposal's covariance comes from the kept draws",
                       lk.ImportanceSamplingWarning, stacklevel=4)
