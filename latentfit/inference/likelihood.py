@@ -208,12 +208,15 @@ def _is_terms(model: LatentModel, sizes: tuple[int, int, int, float], theta: dic
         # from m + L t, the rest from m + sd ⊙ t (the diagonal proposal of the same marginal sds), each draw weighted
         # by the mixture's density (1 − α) q_L + α q_sd, so p/q ≤ p/(α q_sd): a covariance misjudged from the draws
         # (a ridge where the conditional law is wide) cannot produce the rare huge weights of a too-narrow proposal
-        size = int(t.shape[0])
-        first = ops.asarray(np.arange(size) < _main_draws(size, defensive))[:, None, None]
-        dev = xp.where(first, xp.sum(s * t[..., None, :], -1), sd * t)
-        u = xp.moveaxis(ops.forward_substitution(s, xp.moveaxis(dev, 0, -1)), -1, 0)  # L⁻¹ dev: t on the first half
-        log_q_l = _t_sum(u) - log_s
-        log_q_sd = _t_sum(dev / sd) - log_sd
+        # L⁻¹ (z − m) is t itself on the first part and (z − m) / sd on the rest: one triangular solve, on the
+        # defensive draws alone
+        main = _main_draws(int(t.shape[0]), defensive)
+        t_l, t_sd = t[:main], t[main:]
+        dev_l, dev_sd = xp.sum(s * t_l[..., None, :], -1), sd * t_sd
+        u_sd = xp.moveaxis(ops.forward_substitution(s, xp.moveaxis(dev_sd, 0, -1)), -1, 0)
+        dev = xp.concatenate([dev_l, dev_sd], 0)
+        log_q_l = xp.concatenate([_t_sum(t_l), _t_sum(u_sd)], 0) - log_s
+        log_q_sd = xp.concatenate([_t_sum(dev_l / sd), _t_sum(t_sd)], 0) - log_sd
         log_q = xp.logaddexp(log_q_l + math.log1p(-defensive), log_q_sd + math.log(defensive))
         return m + dev, (log_q if active is None else log_q + log_phi0)
 
