@@ -658,6 +658,24 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   (the IS's ``proposal=`` and the warnings' stack levels too): 0.2048 vs 0.1983 s (14 rounds, paired median -0.2 ms,
   the machine's phase moving during them), then 0.1933 -> 0.1702 s (16 rounds, -22 ms); ``--e2e-only``-style medians
   of 12 runs 0.173-0.213 s in this session's slow phases (the session's start: 0.203 s for 15c0e69).
+* twenty-fourth round (issue 14 item 9; 2026-12-07): the full-covariance IS proposal, the default since the rounds
+  above, costs ~0.1 s more end to end (its Laplace program, the largest post-fit executable, and df = 10 draws).
+  The Laplace law is now taken at the EBEs (computed once, for the tables and the proposal): its program holds no
+  Newton search (lowered text 229 -> 151 kB, executable 672 -> 482 kB); the same proposal to the last bit on
+  theophylline.  The IS program draws L-component draws whose ``L^-1 (z - m)`` is ``t`` itself: one triangular
+  solve, on the defensive draws alone (34 -> 31 ms in process; the same log-likelihood to the last digit).
+  Alternated fresh processes (12 rounds, load ~1.1): IS step 0.131 -> 0.108 s, wall 0.326 -> 0.317 s.
+  ``--e2e-only --e2e-runs 10`` (load 1.6): 0.298 s (0.268-0.357), 5.0x saemix's recorded 1.5 s; with
+  ``proposal="diagonal"`` (saemix's own, printed beside it now) 0.229 s (0.210-0.284), 6.6x.  Where the time goes
+  (timeline of a warm run): the read-ahead thread deserialises ~1.7 MB of executables, ~0.30 s of CPU alone (measured
+  with the main thread idle; XLA releases the GIL, so a busy main thread barely slows it), while the fit takes ~0.2 s
+  of the main thread: the thread's total is the bound, and the Laplace program's load still waits 50-70 ms.
+  Tried, not kept: starting the read-ahead at ``enable_compilation_cache`` on the trail of the last process's first
+  executable (``latest.first``): 0.337 -> 0.382 s (12 rounds alternated; the thread's Python steps wait on the GIL
+  behind the set-up's, ~5 ms each, and the first program came later, not earlier); the chi-square of the df = 10
+  draws as one log of a product of the 5 uniforms (XLA:CPU reduces the minor axis of 5 in scalar code: 9 -> 27 ms
+  per 90 000 draws); compiler options for smaller executables (``xla_backend_optimization_level`` 0/1, vector width
+  128: sizes within 3%).
 """
 
 from __future__ import annotations
@@ -866,13 +884,15 @@ def _jax_chunk_bytes(model) -> str:
 
 #: one end-to-end theophylline fit in a fresh process, the work of saemix's default run: data, model, fit (defaults),
 #: estimates read, then the individual estimates (EBEs), the standard errors and the log-likelihood by linearisation
-#: (saemix's FIM step) and the importance-sampling log-likelihood; ``argv[1:5]``: the JAX compilation cache, the
-#: seed, a factor on saemix's initial values and the backend (default 0, 1 and "jax"); imports excluded (torch, which
+#: (saemix's FIM step) and the importance-sampling log-likelihood; ``argv[1:6]``: the JAX compilation cache, the
+#: seed, a factor on saemix's initial values, the backend and the IS proposal (default 0, 1, "jax" and "full");
+#: imports excluded (torch, which
 #: latentfit imports when the first model is built, ~0.9 s, too)
 _E2E_CHILD = """
 import sys, time
 seed, factor = (int(sys.argv[2]), float(sys.argv[3])) if len(sys.argv) > 3 else (0, 1.0)
 backend = sys.argv[4] if len(sys.argv) > 4 else "jax"
+proposal = sys.argv[5] if len(sys.argv) > 5 else "full"
 programs, compiles, traces = [], [], lambda: 0  # XLA programs compiled or read back from JAX's cache; compilations
 if backend == "jax":
     import jax
@@ -901,7 +921,7 @@ t_ebe = time.perf_counter()
 table = fit.summary()
 lin = fit.log_likelihood("lin")  # saemix's FIM step gives ll.lin with the SEs
 t_se = time.perf_counter()
-ll = fit.log_likelihood("is")
+ll = fit.log_likelihood("is", proposal=proposal)
 t1, c1 = time.perf_counter(), time.process_time()
 print("E2E", t1 - t0, c1 - c0, t_fit - t0, t_ebe - t_fit, t_se - t_ebe, t1 - t_se, n_fit, len(programs), ll,
       traces(), len(compiles))
@@ -924,7 +944,8 @@ def _e2e_run(args: list[str], label: str, env: dict[str, str] | None = None) -> 
 
 
 def theophylline_jax_end_to_end(cache_dir: str | None = None, runs: int = 1,
-                                variants: tuple[tuple[int, float], ...] = ()) -> list[dict[str, float]] | None:
+                                variants: tuple[tuple[int, float], ...] = (),
+                                proposal: str = "full") -> list[dict[str, float]] | None:
     """Theophylline on the JAX path end to end with the persistent compilation cache warm, doing what saemix's
     default run does (the fit, the EBEs, the linearisation SEs and ll.lin, the IS log-likelihood): a first process
     fills the cache (``latentfit.enable_compilation_cache``), then ``runs`` fresh processes are timed from reading the
@@ -933,7 +954,8 @@ def theophylline_jax_end_to_end(cache_dir: str | None = None, runs: int = 1,
     ``programs`` (XLA programs read from JAX's cache by the fit / by the whole run), ``loglik``, ``traces`` (programs
     traced) and ``compiles`` (XLA compilations); None when JAX is missing or a run failed.  ``variants``: ``(seed,
     factor on the initial values)`` of one more process each, after the timed ones (the first with those settings:
-    what the cache serves a user who changes them), its record appended."""
+    what the cache serves a user who changes them), its record appended.  ``proposal``: the IS log-likelihood's
+    (``"diagonal"``: saemix's own, the same work as saemix's run)."""
     import tempfile
 
     try:
@@ -949,9 +971,9 @@ def theophylline_jax_end_to_end(cache_dir: str | None = None, runs: int = 1,
     compileall.compile_dir(os.path.dirname(lf.__file__), quiet=1)
     with tempfile.TemporaryDirectory() as tmp:
         cache = cache_dir or tmp
-        settings = [()] * (runs + 1) + [(str(seed), str(factor)) for seed, factor in variants]
+        settings = [("0", "1.0")] * (runs + 1) + [(str(seed), str(factor)) for seed, factor in variants]
         for r, extra in enumerate(settings):  # fill the cache, then time processes that find it warm
-            record = _e2e_run([cache, *extra], "JAX")
+            record = _e2e_run([cache, *extra, "jax", proposal], "JAX")
             if record is None:
                 return None
             if r > 0:
@@ -1089,6 +1111,14 @@ def report_end_to_end(runs: int) -> None:
               f"programs traced, {int(other[0]['compiles'])} compiled); from other initial values (x1.5): "
               f"{other[1]['wall']:.3f} s ({int(other[1]['traces'])} traced, {int(other[1]['compiles'])} compiled: "
               f"the programs' exports and executables are the stored ones)")
+    diagonal = theophylline_jax_end_to_end(runs=runs, proposal="diagonal")
+    if diagonal:
+        v = np.array([r["wall"] for r in diagonal])
+        print(f"  the same with saemix's own IS proposal (proposal='diagonal', the work saemix does; the default "
+              f"'full' adds each unit's Laplace law and a pilot pass): wall {np.median(v):.3f} s "
+              f"({v.min():.3f}-{v.max():.3f}), IS log-likelihood {np.median([r['ll'] for r in diagonal]):.3f} s, "
+              f"{SAEMIX_SECONDS / np.median(v):.1f}x saemix's recorded {SAEMIX_SECONDS} s; logLik(IS) "
+              f"{diagonal[0]['loglik']:.4f}")
     measured = saemix_theophylline()
     if measured is not None:
         print(f"  vs saemix measured in this run ({measured:.2f} s): {measured / wall:.1f}x")
