@@ -132,10 +132,7 @@ def conditional_modes(model: LatentModel, theta: dict[str, Any], units: Any = No
     ops = model.ops
     xp = ops.xp
     method = resolve_method(model, method)
-    if int(num_steps) == 0 and z0 is not None:  # z0 already the modes (e.g. the EBEs): their covariances alone
-        z = ops.stop_gradient(z0)
-    else:
-        z = conditional_mode(model, theta, units, z0, num_steps=num_steps, method=method, max_step=max_step)
+    z = conditional_mode(model, theta, units, z0, num_steps=num_steps, method=method, max_step=max_step)
     val, g, prec = ops.jit(_newton_functions(model, units, method, max_step)[1])(theta, z)
     cov = ops.spd_inverse(prec) if spd else xp.linalg.inv(prec)
     cov = 0.5 * (cov + xp.swapaxes(cov, -1, -2))
@@ -148,7 +145,8 @@ def conditional_mode(model: LatentModel, theta: dict[str, Any], units: Any = Non
     """The conditional modes ``ẑ_i`` ``[n, d]`` of :func:`conditional_modes` alone (``num_steps`` damped Newton steps
     from ``z0``).  On JAX the whole search is one compiled program (``ops.jit`` over a ``fori_loop`` of the steps: in
     a fresh process one program read from the on-disk store and the persistent cache); torch runs the steps in
-    turn.  ``also``: a function ``also(θ, modes, *also_args)`` computed in the same program, returned as ``(modes,
+    turn; ``num_steps=0`` returns ``z0`` itself (the modes already found), with no program.  ``also``: a function
+    ``also(θ, modes, *also_args)`` computed in the same program, returned as ``(modes,
     also(...))`` (one program to key, load and call instead of two)."""
     ops = model.ops
     method = resolve_method(model, method)
@@ -158,6 +156,8 @@ def conditional_mode(model: LatentModel, theta: dict[str, Any], units: Any = Non
             z0, _ = model.prior_moments(theta, units)
         else:
             z0 = ops.zeros((n, model.latent_dim))
+    if int(num_steps) == 0 and also is None:  # z0 already the modes (e.g. the EBEs): no search, no program
+        return ops.stop_gradient(z0)
     newton_step = _newton_functions(model, units, method, max_step)[0]
 
     def search(theta: dict[str, Any], z: Any, *args: Any) -> Any:

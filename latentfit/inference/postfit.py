@@ -354,6 +354,11 @@ def _log_likelihood_result(fit: FitResult, method: str | None = None, *, num_sam
     return cache[key]
 
 
+#: what a model whose conditional modes or Laplace covariances cannot be computed raises (:func:`_full_proposal`: a
+#: log-density not twice differentiable, a singular precision, a backend without the derivatives)
+_NO_LAPLACE = (RuntimeError, ValueError, TypeError, NotImplementedError, np.linalg.LinAlgError)
+
+
 def _full_proposal(fit: FitResult, theta: dict[str, Any], mean: Any, sd: Any, df: int, seed: int, ids: Any,
                    dist: Any) -> tuple[Any, Any, int, float]:
     """``(mean, L, df, defensive)`` of :func:`log_likelihood`'s ``proposal="full"``
@@ -364,7 +369,7 @@ def _full_proposal(fit: FitResult, theta: dict[str, Any], mean: Any, sd: Any, df
     (:func:`~latentfit.inference.likelihood.conditional_scale`, half the draws from the diagonal proposal), with a
     warning."""
     model = fit.model
-    failures = (RuntimeError, ValueError, TypeError, NotImplementedError, np.linalg.LinAlgError)
+    failures = _NO_LAPLACE
     try:
         try:  # the EBEs (30 Newton steps from the chains' means, kept for the tables) as the Laplace modes
             start, steps = _local_estimates(fit).mode, 0
