@@ -217,6 +217,7 @@ def test_the_full_proposal_starts_from_the_ebes_without_a_newton_search_of_its_o
     monkeypatch.setattr(lk, "laplace_proposal", spy)
     got = postfit._full_proposal(fitted, theta, mean, sd, 4, 0, None, None)
     assert asked[-1][1] == 0 and np.array_equal(asked[-1][0], est.mode)
+    assert est.precision is not None and est.precision.shape == est.mode.shape + est.mode.shape[-1:]
     np.testing.assert_allclose(got[0], searched[0], rtol=1e-10, atol=1e-12)
     # a model whose EBEs cannot be had: the proposal searches the modes itself, from the chains' means
     monkeypatch.setattr(postfit, "_local_estimates", lambda fit: (_ for _ in ()).throw(ValueError("no modes")))
@@ -230,6 +231,44 @@ def test_the_full_proposal_starts_from_the_ebes_without_a_newton_search_of_its_o
     assert len(texts[0]) < 0.8 * len(texts[15])
     with pytest.raises(ValueError, match="num_steps"):
         real(model, theta, None, num_steps=0)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_the_ebes_bring_the_laplace_precision_and_the_proposal_reads_it(fitted, backend):
+    """The modes' search returns the precision ``P_i`` at the modes it found (on JAX its loop's last evaluation, the
+    step not taken): equal to ``P_i`` evaluated afterwards at those modes, the modes unchanged by it.  The full
+    proposal given ``P_i`` (``precision=``) equals the one that computes ``Γ_i`` itself at the modes, and its program
+    holds none of the model's derivatives (a smaller program for a warm process to load)."""
+    from latentfit.inference import individual
+
+    if backend == "jax":
+        model, theta, ops = fitted.model, fitted._theta(), fitted.model.ops
+        est = fitted.individual_estimates()
+    else:
+        pytest.importorskip("torch")
+        model = nlme.NLME("one_compartment_oral", {"ka": 1.0, "V": 20.0, "CL": 0.5}, backend="torch",
+                          data=lf.datasets.theophylline(saemix_form=True), **THEO)
+        ops = model.ops
+        theta = {k: ops.asarray(np.asarray(v)) for k, v in fitted._theta().items()}
+        mean, _ = fitted.conditional_moments()  # two draws at the JAX fit's conditional means: the search's start
+        est = individual.individual_estimates(model, theta, np.asarray(mean)[None] + np.zeros((2, 1, 1)))
+    lap = laplace.conditional_modes(model, theta, z0=ops.asarray(est.mode), num_steps=0, spd=True)
+    np.testing.assert_allclose(est.precision, np.asarray(ops.to_numpy(lap.precision)), rtol=1e-10, atol=1e-12)
+    plain = laplace.conditional_mode(model, theta, z0=ops.asarray(est.mean), num_steps=30)
+    np.testing.assert_allclose(est.mode, np.asarray(ops.to_numpy(plain)), rtol=1e-12, atol=1e-14)
+    given = lk.laplace_proposal(model, theta, est.mode, df=4, seed=1, num_steps=0, precision=est.precision)
+    computed = lk.laplace_proposal(model, theta, est.mode, df=4, seed=1, num_steps=0)
+    for a, b in zip(given, computed):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="precision"):
+        lk.laplace_proposal(model, theta, est.mode, num_steps=3, precision=est.precision)
+    if backend == "jax":
+        z, key, prec = ops.asarray(est.mode), ops.key(4), ops.asarray(est.precision)
+        with_p = jax.jit(lambda th, z, k, p: lk._laplace_proposal_terms(model, (1000, 10, 0, True), th, z, k, None,
+                                                                        None, p)).lower(theta, z, key, prec).as_text()
+        without = jax.jit(lambda th, z, k: lk._laplace_proposal_terms(model, (1000, 10, 0, False), th, z, k)).lower(
+            theta, z, key).as_text()
+        assert len(with_p) < 0.85 * len(without)
 
 
 def test_linearisation_program_equals_torch_and_a_second_fit_compiles_nothing(fitted):

@@ -341,6 +341,41 @@ def test_jax_student_t_draws_drawn_flat_are_the_shaped_draws():
     assert np.array_equal(ops.student_t(key, 4, (3, 2)), jax.jit(lambda k: shaped(k, 4, (3, 2)))(key))  # eager call
 
 
+def test_jax_student_t_normals_and_uniforms_come_from_one_hash():
+    """The integer-df Student-t draws' normals and uniforms (two keys, two ``jax.random`` calls) come from one pass of
+    the unrolled threefry over both keys' counters: ``jax.random.normal`` / ``uniform`` bit for bit, in float32 and
+    float64, with no uniform (df = 1); and the compiled draw holds one copy of the hash (20 rounds, an xor each, plus
+    the key split's), where two calls of JAX's draws hold two (~180 HLO instructions each that a warm process
+    deserialises)."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    from latentfit.inference import ops_jax
+
+    for dtype in (jnp.float32, jnp.float64):
+        for num_normal, num_uniform in [(7, 14), (30, 0), (36000, 180000)]:
+            k_normal, k_uniform = jax.random.split(jax.random.PRNGKey(num_normal))
+            x, u = jax.jit(lambda a, b, n=num_normal, m=num_uniform, t=dtype: ops_jax._normals_and_uniforms(
+                a, n, b, m, jnp.dtype(t)))(k_normal, k_uniform)
+            assert np.array_equal(x, jax.random.normal(k_normal, (num_normal,), dtype))
+            assert np.array_equal(u, jax.random.uniform(k_uniform, (num_uniform,), dtype))
+
+    def xors(fn):  # compiled as latentfit compiles a small program
+        options = ops_jax._compiler_options("cpu", (np.zeros(3),))
+        text = jax.jit(fn).lower(jax.random.PRNGKey(0)).compile(compiler_options=options).as_text()
+        return sum(" xor(" in line for line in text.splitlines())
+
+    ops = make_ops("jax", dtype="float64").with_draw_dtype("float32")
+
+    def two_calls(key):
+        a, b = jax.random.split(key)
+        return (jax.random.normal(ops_jax._draw_key(a), (6000,), jnp.float32),
+                jax.random.uniform(ops_jax._draw_key(b), (30000,), jnp.float32))
+
+    assert xors(lambda k: ops.student_t(k, 10, (2000, 3))) < 40 < xors(two_calls)
+
+
 def test_jax_unrolled_split_and_units_minor_draws_are_jax_randoms():
     """``JaxOps.split`` hashes a raw key's counters with the unrolled Threefry: ``jax.random.split``'s keys, eagerly and
     compiled; ``normal_units_minor`` gives ``normal`` of the swapped shape transposed (base shim and JAX, bit for

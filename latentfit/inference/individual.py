@@ -41,6 +41,9 @@ class IndividualEstimates:
     values: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
     #: the units' labels (a pandas Index: an NLME's IDs), the index of :meth:`to_frame`; None: 0 .. N-1
     units: Any = None
+    #: ``P_i`` ``[N, d, d]`` at the modes, the precision of the Newton search (Gauss–Newton or the floored negative
+    #: Hessian): the Laplace law ``N(ẑ_i, P_i⁻¹)`` of the full IS proposal; None where not computed
+    precision: np.ndarray | None = None
 
     def to_frame(self):
         """Long pandas table: one row per unit (indexed by the units' labels, an NLME's IDs), columns
@@ -200,11 +203,13 @@ def individual_estimates(model: LatentModel, theta: dict[str, Any], draws: Any, 
     """Conditional modes (Newton from the conditional means), means, sds and shrinkage of every unit.
 
     ``values(θ, z)`` (e.g. NLME's individual parameters ψ_i, by name): also computed at the modes and at the draws, in
-    the modes' program on a compiling backend (``.values``; one program fewer to key, load and call)."""
+    the modes' program on a compiling backend (``.values``; one program fewer to key, load and call).  The search's
+    precision at the modes comes with them (``.precision``: the full IS proposal's Laplace law)."""
     ops = model.ops
     mean, sd = conditional_moments(draws)
     z0 = ops.asarray(mean)
     at_draws = values is not None and ops.jittable
+    searched = int(num_steps) > 0  # the search's precision at the modes comes with them (none without a search)
     if model.has_gaussian_prior or at_draws:
         # what else reads θ̂ and the modes, from the modes' program: the prior moments (for the shrinkages) and the
         # individual values; one program, not two or three
@@ -215,9 +220,11 @@ def individual_estimates(model: LatentModel, theta: dict[str, Any], draws: Any, 
             return out
 
         mode, extra = conditional_mode(model, theta, z0=z0, num_steps=num_steps, method=method, also=also,
-                                       also_args=(ops.asarray(draws),) if at_draws else ())
+                                       also_args=(ops.asarray(draws),) if at_draws else (), with_precision=searched)
     else:
-        mode, extra = conditional_mode(model, theta, z0=z0, num_steps=num_steps, method=method), {}
+        mode, extra = conditional_mode(model, theta, z0=z0, num_steps=num_steps, method=method,
+                                       with_precision=searched), {}
+    mode, precision = mode if searched else (mode, None)
     moments = tuple(ops.to_numpy(m) for m in extra["moments"]) if "moments" in extra else None
     computed = extra.get("values")
     if computed is not None:
@@ -226,7 +233,8 @@ def individual_estimates(model: LatentModel, theta: dict[str, Any], draws: Any, 
     return IndividualEstimates(mode=mode, mean=mean, sd=sd, shrinkage_mode=shrinkage(model, theta, mode,
                                                                                       moments=moments),
                                shrinkage_mean=shrinkage(model, theta, mean, moments=moments),
-                               labels=latent_labels(model), values=computed)
+                               labels=latent_labels(model), values=computed,
+                               precision=None if precision is None else ops.to_numpy(precision))
 
 
 def gather_estimates(model: LatentModel, theta: dict[str, Any], local: IndividualEstimates,

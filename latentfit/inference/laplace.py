@@ -141,13 +141,17 @@ def conditional_modes(model: LatentModel, theta: dict[str, Any], units: Any = No
 
 def conditional_mode(model: LatentModel, theta: dict[str, Any], units: Any = None, z0: Any = None, *,
                      num_steps: int = 20, method: str = "auto", max_step: float = 10.0,
-                     also: Callable[..., Any] | None = None, also_args: tuple[Any, ...] = ()) -> Any:
+                     also: Callable[..., Any] | None = None, also_args: tuple[Any, ...] = (),
+                     with_precision: bool = False) -> Any:
     """The conditional modes ``ẑ_i`` ``[n, d]`` of :func:`conditional_modes` alone (``num_steps`` damped Newton steps
     from ``z0``).  On JAX the whole search is one compiled program (``ops.jit`` over a ``fori_loop`` of the steps: in
     a fresh process one program read from the on-disk store and the persistent cache); torch runs the steps in
     turn; ``num_steps=0`` returns ``z0`` itself (the modes already found), with no program.  ``also``: a function
     ``also(θ, modes, *also_args)`` computed in the same program, returned as ``(modes,
-    also(...))`` (one program to key, load and call instead of two)."""
+    also(...))`` (one program to key, load and call instead of two).  ``with_precision``: ``(modes, P)`` in place of
+    the modes, ``P_i`` ``[n, d, d]`` the precision at the modes (Laplace's ``Γ_i = P_i⁻¹``); on JAX the loop's
+    ``num_steps + 1``-th evaluation, its step not taken, so the program holds one copy of the precision's code (a
+    later program reading ``Γ_i`` needs none: :func:`~latentfit.inference.likelihood.laplace_proposal`)."""
     ops = model.ops
     method = resolve_method(model, method)
     n = model.num_units if units is None else len(units)
@@ -156,20 +160,35 @@ def conditional_mode(model: LatentModel, theta: dict[str, Any], units: Any = Non
             z0, _ = model.prior_moments(theta, units)
         else:
             z0 = ops.zeros((n, model.latent_dim))
-    if int(num_steps) == 0 and also is None:  # z0 already the modes (e.g. the EBEs): no search, no program
+    if int(num_steps) == 0 and also is None and not with_precision:  # z0 already the modes (e.g. the EBEs): no
+        # search, no program
         return ops.stop_gradient(z0)
-    newton_step = _newton_functions(model, units, method, max_step)[0]
+    newton_step, evaluate, advance = _newton_functions(model, units, method, max_step)
+    xp = ops.xp
 
     def search(theta: dict[str, Any], z: Any, *args: Any) -> Any:
-        modes = ops.fori_loop(0, int(num_steps), lambda _, y: newton_step(theta, y), z)
-        return modes if also is None else (modes, also(theta, modes, *args))
+        if with_precision and ops.jittable:  # evaluate num_steps + 1 times, the last step not taken
+            def body(i: Any, carry: tuple[Any, Any]) -> tuple[Any, Any]:
+                val, g, prec = evaluate(theta, carry[0])
+                return xp.where(i < int(num_steps), advance(theta, carry[0], val, g, prec), carry[0]), prec
+
+            d = int(z.shape[-1])
+            modes = ops.fori_loop(0, int(num_steps) + 1, body, (z, xp.zeros_like(z)[..., None] + xp.zeros_like(z)[
+                ..., None, :d]))
+        else:
+            modes = ops.fori_loop(0, int(num_steps), lambda _, y: newton_step(theta, y), z)
+            if with_precision:
+                modes = modes, evaluate(theta, modes)[2]
+        return modes if also is None else (modes, also(theta, modes[0] if with_precision else modes, *args))
 
     return ops.jit(search)(theta, ops.stop_gradient(z0), *also_args)
 
 
-def _newton_functions(model: LatentModel, units: Any, method: str, max_step: float) -> tuple[Callable, Callable]:
-    """``(newton_step(θ, z) -> z', evaluate(θ, z) -> (value, gradient, precision))`` of the conditional modes'
-    damped Newton search (``method`` resolved)."""
+def _newton_functions(model: LatentModel, units: Any, method: str,
+                      max_step: float) -> tuple[Callable, Callable, Callable]:
+    """``(newton_step(θ, z) -> z', evaluate(θ, z) -> (value, gradient, precision), advance(θ, z, value, gradient,
+    precision) -> z')`` of the conditional modes' damped Newton search (``method`` resolved): a step is ``evaluate``
+    then ``advance``."""
     ops = model.ops
     xp = ops.xp
 
@@ -185,13 +204,15 @@ def _newton_functions(model: LatentModel, units: Any, method: str, max_step: flo
             prec = gauss_newton_precision(model, theta, x, units)
         return v, g, prec
 
-    def newton_step(theta: dict[str, Any], z: Any) -> Any:
-        val, g, prec = evaluate(theta, z)
+    def advance(theta: dict[str, Any], z: Any, val: Any, g: Any, prec: Any) -> Any:
         step = ops.spd_solve(prec, g[..., None])[..., 0]
         return ops.stop_gradient(damped_newton_update(ops, lambda y: objective(theta, y), z,
                                                       xp.where(val == val, val, -xp.inf), step, max_step))
 
-    return newton_step, evaluate
+    def newton_step(theta: dict[str, Any], z: Any) -> Any:
+        return advance(theta, z, *evaluate(theta, z))
+
+    return newton_step, evaluate, advance
 
 
 def small_cholesky(ops: Ops, a: Any, max_unrolled: int = 8) -> Any:

@@ -353,13 +353,15 @@ class ImportanceSamplingWarning(UserWarning):
 def laplace_proposal(model: LatentModel, theta: dict[str, Any], z0: Any = None, *,
                      num_samples: int = FULL_PILOT_SAMPLES, df: int = 4, seed: int = 1,
                      num_steps: int = FULL_NEWTON_STEPS, units: Any = None, unit_ids: Any = None,
-                     ops: Any = None) -> tuple[np.ndarray, np.ndarray]:
+                     ops: Any = None, precision: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Each unit's full-covariance IS proposal ``(m_i [n, d], L_i [n, d, d])`` (``proposal="full"``).
 
     1. The Laplace approximation of the conditional law: ``ẑ_i`` (damped Newton from ``z0``, e.g. the chains' means)
        and ``Γ_i = P_i⁻¹`` (:func:`~latentfit.inference.laplace.conditional_modes`), whatever the chains explored:
        an IOV model's η/κ ridge (correlation ≈ −0.96) that the chains cross slowly has chain sds ~3x too small.
-       ``num_steps=0``: ``z0`` are the modes already (the EBEs), and only ``Γ_i`` is computed there.
+       ``num_steps=0``: ``z0`` are the modes already (the EBEs), and only ``Γ_i`` is computed there; with
+       ``precision`` (``P_i`` at those modes, :attr:`~latentfit.inference.individual.IndividualEstimates.precision`)
+       ``Γ_i = P_i⁻¹`` is not computed again (the program holds none of the model's derivatives).
     2. A pilot pass (adaptive IS, Cappé et al. 2004): ``num_samples`` draws ``ẑ_i + chol(Γ_i) t`` (``t`` independent
        Student-t ``df``), self-normalised weights ``w ∝ p(y_i, z) / q(z)``, and the weighted moments
        ``μ_i = Σ w z``, ``S_i = Σ w (z − μ_i)(z − μ_i)ᵀ``, trusted in proportion to the pilot's effective sample size
@@ -371,23 +373,26 @@ def laplace_proposal(model: LatentModel, theta: dict[str, Any], z0: Any = None, 
         raise ValueError(f"df must be a positive integer (Student-t proposal), got {df!r}")
     if int(num_steps) != num_steps or num_steps < 0 or (num_steps == 0 and z0 is None):
         raise ValueError(f"num_steps must be a non-negative integer (0 only with z0, the modes), got {num_steps!r}")
+    if precision is not None and num_steps != 0:
+        raise ValueError("precision= is the precision at z0, the modes: it needs num_steps=0")
     sim, root = _unit_streams(model, seed, unit_ids, ops)
     ops = model.ops
     if z0 is None:  # conditional_mode's start: the prior means (Gaussian prior face) or zeros
         n = model.num_units if units is None else len(units)
         z0 = model.prior_moments(theta, units)[0] if model.has_gaussian_prior else ops.zeros((n, model.latent_dim))
-    sizes = (int(num_samples), int(df), int(num_steps))
+    sizes = (int(num_samples), int(df), int(num_steps), precision is not None)
+    prec = () if precision is None else (ops.asarray(precision),)
     with ops.seed_context(seed):
         key = ops.key(seed) if sim is None else ops.fold_in(root, 0)
         if ops.jittable and sim is None and units is None:
-            mean, chol = _laplace_proposal_program(model, sizes)(theta, ops.asarray(z0), key)
+            mean, chol = _laplace_proposal_program(model, sizes)(theta, ops.asarray(z0), key, *prec)
         else:
-            mean, chol = _laplace_proposal_terms(model, sizes, theta, ops.asarray(z0), key, units, sim)
+            mean, chol = _laplace_proposal_terms(model, sizes, theta, ops.asarray(z0), key, units, sim, *prec)
     return ops.to_numpy(mean), ops.to_numpy(chol)
 
 
-def _laplace_proposal_terms(model: LatentModel, sizes: tuple[int, int, int], theta: dict[str, Any], z0: Any,
-                            key: Any, units: Any = None, sim: Any = None) -> tuple[Any, Any]:
+def _laplace_proposal_terms(model: LatentModel, sizes: tuple[int, int, int, bool], theta: dict[str, Any], z0: Any,
+                            key: Any, units: Any = None, sim: Any = None, precision: Any = None) -> tuple[Any, Any]:
     """:func:`laplace_proposal`'s ``(m_i, L_i)`` in the backend's array operations (one compiled program on JAX:
     :func:`_laplace_proposal_program`).  Factors and the positive-definiteness checks are the shim's own
     (:meth:`~latentfit.inference.ops.Ops.column_cholesky`, :meth:`~latentfit.inference.ops.Ops.positive_definite`:
@@ -395,7 +400,7 @@ def _laplace_proposal_terms(model: LatentModel, sizes: tuple[int, int, int], the
     units, to the Laplace covariance, then to the identity."""
     from .laplace import conditional_modes
 
-    num_samples, df, num_steps = sizes
+    num_samples, df, num_steps = sizes[:3]
     ops = model.ops
     xp = ops.xp
     d = int(model.latent_dim)
@@ -406,9 +411,11 @@ def _laplace_proposal_terms(model: LatentModel, sizes: tuple[int, int, int], the
             & xp.all(xp.abs(c) < xp.inf, (-2, -1))
         return xp.where(ok[:, None, None], c, fallback)
 
-    lap = conditional_modes(model, theta, units, z0, num_steps=int(num_steps), spd=True)
-    mode = lap.mode
-    gamma = spd_or(0.5 * (lap.cov + xp.swapaxes(lap.cov, -1, -2)), eye)
+    if precision is None:
+        mode, cov = conditional_modes(model, theta, units, z0, num_steps=int(num_steps), spd=True)[:2]
+    else:  # P_i at the modes z0, from the search that found them
+        mode, cov = z0, ops.spd_inverse(precision)
+    gamma = spd_or(0.5 * (cov + xp.swapaxes(cov, -1, -2)), eye)
     active = model.latent_mask(units)
     if active is not None:  # the coordinates no density reads: at 0 with the identity's rows (see _is_terms)
         act = xp.zeros_like(mode) > 0
@@ -416,7 +423,14 @@ def _laplace_proposal_terms(model: LatentModel, sizes: tuple[int, int, int], the
         mode = xp.where(act, mode, xp.zeros_like(mode))
         gamma = xp.where(act[..., :, None] & act[..., None, :], gamma, eye)
     chol = ops.column_cholesky(gamma)
-    t = student_t_draws(ops, key, (int(num_samples),) + tuple(mode.shape), int(df), sim)
+    # JAX's one-stream draws in float32, as the IS's (a smaller program: float32's inverse error function)
+    draw_ops = ops.with_draw_dtype(ops.fast_draw_dtype) if sim is None and ops.jittable else ops
+    shape = (int(num_samples),) + tuple(mode.shape)
+    if sim is None and ops.jittable:  # the draws once, read by the density and the proposal's log-density
+        t = xp.reshape(ops.computed_once(lambda k: student_t_draws(draw_ops, k, (int(np.prod(shape)),), int(df)),
+                                         key), shape)
+    else:
+        t = student_t_draws(ops, key, shape, int(df), sim)
     if active is not None:
         t = xp.where(act, t, xp.zeros_like(t))
     z = mode + xp.sum(chol * t[..., None, :], -1)  # [S, n, d]: ẑ_i + L_i t
@@ -456,13 +470,14 @@ def _laplace_proposal_terms(model: LatentModel, sizes: tuple[int, int, int], the
 _LAPLACE_PROPOSAL = ProgramsByModel()
 
 
-def _laplace_proposal_program(model: LatentModel, sizes: tuple[int, int, int]) -> Any:
+def _laplace_proposal_program(model: LatentModel, sizes: tuple[int, int, int, bool]) -> Any:
     """:func:`_laplace_proposal_terms` of ``model`` (one global stream, all units) as one compiled program on JAX,
-    ``(θ, z0, key) -> (m, L)``, made once per model and sizes (``ops.jit``: a later process finds it in the on-disk
-    store).  Op by op, its Newton search, pilot draws and moments lowered some forty programs in a fresh process."""
+    ``(θ, z0, key[, P]) -> (m, L)`` (``P``: the precisions at the modes ``z0`` where ``sizes[3]``), made once per
+    model and sizes (``ops.jit``: a later process finds it in the on-disk store).  Op by op, its Newton search, pilot
+    draws and moments lowered some forty programs in a fresh process."""
     def body(ref: Callable[[], LatentModel]) -> Callable[..., tuple[Any, Any]]:
-        def terms(theta: dict[str, Any], z0: Any, key: Any) -> tuple[Any, Any]:
-            return _laplace_proposal_terms(ref(), sizes, theta, z0, key)
+        def terms(theta: dict[str, Any], z0: Any, key: Any, *precision: Any) -> tuple[Any, Any]:
+            return _laplace_proposal_terms(ref(), sizes, theta, z0, key, None, None, *precision)
 
         return terms
 

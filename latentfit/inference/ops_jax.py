@@ -540,6 +540,31 @@ def _runtime_one(x: Any) -> Any:
     return (word // word).astype(np.int32)
 
 
+def _one_hash_draws(key: Any, count: int) -> bool:
+    """Whether :func:`_normals_and_uniforms` gives ``jax.random``'s draws of ``key``'s splits bit for bit: a raw
+    threefry key on CPU (:meth:`JaxOps.raw_threefry`), under 2^32 values, in float32 or float64."""
+    return (jax.default_backend() == "cpu" and tuple(key.shape) == (2,) and key.dtype == np.uint32
+            and bool(jax.config.jax_threefry_partitionable) and jax.config.jax_default_prng_impl == "threefry2x32"
+            and not jax.config.jax_enable_custom_prng and count < 2 ** 32)
+
+
+def _normals_and_uniforms(k_normal: Any, num_normal: int, k_uniform: Any, num_uniform: int,
+                          dtype: Any) -> tuple[Any, Any]:
+    """``(jax.random.normal(k_normal, [num_normal]), jax.random.uniform(k_uniform, [num_uniform]))`` in ``dtype``
+    (float32 or float64; raw threefry keys: :func:`_one_hash_draws`) bit for bit, from one threefry pass over both
+    keys' counters (entry ``e`` of a draw is the hash of the counters ``[0, e]`` under its key): one copy of the
+    unrolled hash in the program instead of two (~180 HLO instructions each, which a warm process deserialises)."""
+    total = num_normal + num_uniform
+    entry = lax.iota(np.uint32, total)
+    first = entry < np.uint32(num_normal)
+    counters = jnp.where(first, entry, entry - np.uint32(num_normal))
+    b1, b2 = _threefry2x32_unrolled(jnp.where(first, k_normal[0], k_uniform[0]),
+                                    jnp.where(first, k_normal[1], k_uniform[1]), jnp.zeros((total,), np.uint32),
+                                    counters)
+    word = JaxOps.word_from_bits(b1, b2, dtype)
+    return JaxOps.normals_from_word(word[:num_normal], dtype), JaxOps.floats_from_word(word[num_normal:], dtype)
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def _student_t_integer_df(key: Any, shape: tuple[int, ...], df: int, dtype: Any, draw_dtype: Any) -> Any:
     """Standard Student-t draws ``t = x₀ / sqrt(χ²_df / df)`` ``[*shape]`` for an integer ``df``, the chi-square as
@@ -554,8 +579,12 @@ def _student_t_integer_df(key: Any, shape: tuple[int, ...], df: int, dtype: Any,
     function and the logarithms: the IS log-likelihood's draws 11.6 -> 4.4 ms)."""
     k_normal, k_uniform = jax.random.split(key)
     size, nx, nu = int(np.prod(shape)), 1 + df % 2, df // 2
-    x = jax.random.normal(_draw_key(k_normal), (size * nx,), dtype=draw_dtype or dtype).astype(dtype)
-    u = jax.random.uniform(_draw_key(k_uniform), (size * nu,), dtype=draw_dtype or dtype).astype(dtype)
+    if _one_hash_draws(key, size * (nx + nu)):
+        x, u = _normals_and_uniforms(k_normal, size * nx, k_uniform, size * nu, draw_dtype or dtype)
+        x, u = x.astype(dtype), u.astype(dtype)
+    else:
+        x = jax.random.normal(_draw_key(k_normal), (size * nx,), dtype=draw_dtype or dtype).astype(dtype)
+        u = jax.random.uniform(_draw_key(k_uniform), (size * nu,), dtype=draw_dtype or dtype).astype(dtype)
     chi2 = -2.0 * jnp.sum(jnp.reshape(jnp.log1p(-u), (size, nu)), -1)  # 1 − u in (0, 1]: a finite log
     x = jnp.reshape(x, (size, nx))
     if df % 2:
@@ -1098,14 +1127,25 @@ class JaxOps(Ops):
     def floats_from_bits(b1: Any, b2: Any, dtype: Any, low: float = 0.0, high: float = 1.0) -> Any:
         """``jax.random.uniform`` on ``[low, high)`` in ``dtype`` from the hash :meth:`threefry_hash` gave its bits
         (JAX's construction: the mantissa bits under the exponent of 1, minus 1, scaled), bit for bit."""
+        return JaxOps.floats_from_word(JaxOps.word_from_bits(b1, b2, dtype), dtype, low, high)
+
+    @staticmethod
+    def word_from_bits(b1: Any, b2: Any, dtype: Any) -> Any:
+        """The random word of a ``dtype`` draw (``jax.random.bits`` of its width) from the hash's ``(b1, b2)``:
+        ``b1 << 32 | b2`` (64 bits) or ``b1 ^ b2`` (32 bits)."""
+        bits = jnp.finfo(jnp.dtype(dtype)).bits
+        if bits == 64:
+            return lax.shift_left(b1.astype(np.uint64), np.uint64(32)) | b2.astype(np.uint64)
+        if bits == 32:
+            return b1 ^ b2
+        raise ValueError(f"draws of {jnp.dtype(dtype)} are not made from threefry bits here")
+
+    @staticmethod
+    def floats_from_word(bits: Any, dtype: Any, low: float = 0.0, high: float = 1.0) -> Any:
+        """:meth:`floats_from_bits` from the random word :meth:`word_from_bits` gave."""
         dtype = jnp.dtype(dtype)
         finfo = jnp.finfo(dtype)
-        if finfo.bits == 64:
-            bits, uint = lax.shift_left(b1.astype(np.uint64), np.uint64(32)) | b2.astype(np.uint64), np.uint64
-        elif finfo.bits == 32:
-            bits, uint = b1 ^ b2, np.uint32
-        else:
-            raise ValueError(f"draws of {dtype} are not made from threefry bits here")
+        uint = np.uint64 if finfo.bits == 64 else np.uint32
         one = np.array(1.0, dtype).view(uint)
         floats = lax.bitcast_convert_type(lax.shift_right_logical(bits, uint(finfo.bits - finfo.nmant)) | one,
                                           dtype) - jnp.array(1.0, dtype)
@@ -1116,9 +1156,14 @@ class JaxOps(Ops):
     def normals_from_bits(cls, b1: Any, b2: Any, dtype: Any) -> Any:
         """``jax.random.normal`` in ``dtype`` from the hash's bits (``√2 erfinv(u)``, ``u`` uniform on
         ``(−1, 1)``), bit for bit."""
+        return cls.normals_from_word(cls.word_from_bits(b1, b2, dtype), dtype)
+
+    @classmethod
+    def normals_from_word(cls, bits: Any, dtype: Any) -> Any:
+        """:meth:`normals_from_bits` from the random word :meth:`word_from_bits` gave."""
         dtype = jnp.dtype(dtype)
         low = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype), dtype=dtype)
-        u = cls.floats_from_bits(b1, b2, dtype, low, 1.0)
+        u = cls.floats_from_word(bits, dtype, low, 1.0)
         return lax.mul(np.array(np.sqrt(2), dtype), lax.erf_inv(u))
 
     def stacked_draws(self, draw: Callable[[Any], Any], keys: Any) -> Any:
@@ -1392,13 +1437,15 @@ class JaxOps(Ops):
         """Jacobian of ``f: [B, p] -> [B, m]`` where row b of the output depends on row b only.
 
         Returns ``[B, m, p]``: p forward-mode passes (one per input coordinate), vectorised (differentiable in what
-        ``f`` reads, whatever ``differentiable``).
+        ``f`` reads, whatever ``differentiable``).  The Jacobian goes to memory once (an optimisation barrier): its
+        readers (the products ``JᵀWJ`` of Gauss–Newton, in several layouts) would otherwise each get XLA:CPU's copy of
+        the tangent computation fused in (theophylline's modes' program held three, ~100 HLO instructions each).
         """
 
         def jac(x):
             p = x.shape[-1]
             tangents = jnp.broadcast_to(jnp.eye(p, dtype=x.dtype)[:, None, :], (p,) + tuple(x.shape))
-            return jax.vmap(lambda t: jax.jvp(f, (x,), (t,))[1], out_axes=-1)(tangents)
+            return lax.optimization_barrier(jax.vmap(lambda t: jax.jvp(f, (x,), (t,))[1], out_axes=-1)(tangents))
 
         return jac
 

@@ -371,12 +371,14 @@ def _full_proposal(fit: FitResult, theta: dict[str, Any], mean: Any, sd: Any, df
     model = fit.model
     failures = _NO_LAPLACE
     try:
-        try:  # the EBEs (30 Newton steps from the chains' means, kept for the tables) as the Laplace modes
-            start, steps = _local_estimates(fit).mode, 0
+        try:  # the EBEs (30 Newton steps from the chains' means, kept for the tables) and the search's precision
+            # there as the Laplace law
+            local = _local_estimates(fit)
+            start, steps, precision = local.mode, 0, local.precision
         except failures:
-            start, steps = mean, lk.FULL_NEWTON_STEPS
+            start, steps, precision = mean, lk.FULL_NEWTON_STEPS, None
         mean, scale = lk.laplace_proposal(model, theta, start, df=df, seed=seed + 1, num_steps=steps, unit_ids=ids,
-                                          ops=dist)
+                                          ops=dist, precision=precision)
     except failures as err:
         warnings.warn(f"log_likelihood('is', proposal='full'): no Laplace approximation of the conditional laws "
                       f"({type(err).__name__}: {err}); the proposal's covariance comes from the kept draws",
