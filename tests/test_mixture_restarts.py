@@ -80,9 +80,53 @@ def _single_or_none(backend, seed):
             warnings.simplefilter("ignore")
             fit = _fit(backend, GaussianMixture(backend.tensor(X_DEGENERATE), 3, reg_covar=0.0, seed=seed))
             ll = float(fit.log_likelihood())
-            return ll if np.isfinite(ll) else None  # (JAX: a singular final covariance gives NaN, no error)
+            return ll if np.isfinite(ll) else None
     except (ModelSpecificationError, NonFiniteError):  # a singular start at construction; a fit that degenerates
-        return None  # (torch: DegenerateFitError, a singular covariance; JAX: NonFiniteError, NaN weights)
+        return None  # (DegenerateFitError, a singular covariance, during the fit or in the final log-likelihood)
+
+
+def _degenerate_error(backend, seed):
+    """The error of the fit from ``seed`` on :data:`X_DEGENERATE` (K = 3, reg_covar=0), or None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _fit(backend, GaussianMixture(backend.tensor(X_DEGENERATE), 3, reg_covar=0.0, seed=seed)).log_likelihood()
+    except DegenerateFitError as exc:
+        return exc
+    return None
+
+
+def test_a_degenerate_fit_raises_the_same_error_on_both_backends():
+    """A component that shrinks onto the three identical points (reg_covar=0): torch's E-step raises a
+    DegenerateFitError naming the component; JAX's compiled E-step cannot raise and gave NaN weights (a bare
+    NonFiniteError) or, where the last M-step made the singular covariance, a NaN log-likelihood with no error at all.
+    Now the driver asks the model (``degenerate_error``) about the last good θ, and the exact log-likelihood about a
+    NaN: the same DegenerateFitError, message, iteration and last good state on both backends."""
+    from backends import Backend
+
+    pyro_, numpyro_ = Backend("pyro"), Backend("numpyro")
+    for seed in (0, 2, 3):  # seeds whose fit degenerates on both backends (at the same iteration, or at the end)
+        errors = [_degenerate_error(b, seed) for b in (pyro_, numpyro_)]
+        assert all(isinstance(e, DegenerateFitError) for e in errors), (seed, errors)
+        texts = [re.sub(r"checkpointed at '[^']*'", "", str(e)) for e in errors]
+        assert texts[0] == texts[1] and "is singular" in texts[0], texts
+        assert errors[0].iteration == errors[1].iteration and \
+            errors[0].last_good_iteration == errors[1].last_good_iteration
+        if errors[1].iteration is not None:  # stopped in the fit: the last good state comes with the error
+            assert errors[1].result is not None and errors[1].result.num_iterations == errors[1].last_good_iteration
+    # the exact log-likelihood at a θ with a singular covariance: the same error on both backends (was NaN on JAX)
+    from latentfit.inference import likelihood as lk
+
+    for cov_type, bad in (("full", np.zeros((2, 2))), ("diag", np.array([1.0, 0.0]))):
+        texts = []
+        for b in (pyro_, numpyro_):
+            gm = GaussianMixture(b.tensor(X_DEGENERATE), 3, cov_type, seed=1)
+            theta = {k: np.array(v.value) for k, v in gm.params.items()}
+            theta["covariances"][2] = bad
+            with pytest.raises(DegenerateFitError) as got:
+                lk.log_likelihood_exact(gm, theta)
+            texts.append(str(got.value))
+        assert texts[0] == texts[1] and ("component(s) [2] is singular" in texts[0] or "variance is 0" in texts[0])
 
 
 def test_a_start_that_degenerates_is_skipped_with_a_warning(backend):

@@ -594,6 +594,13 @@ class Engine:
         (``degenerate``: the model's error from the E-step of that iteration, raised again with the state)."""
         k, name, what = fault
         state = self.ops.local_state(self._from_snapshot(good, state))
+        diagnose = getattr(self.model, "degenerate_error", None)
+        if degenerate is None and diagnose is not None:  # a compiled E-step cannot raise: the model says whether the
+            # last good θ, whose E-step made the NaN, is degenerate (as an eager E-step raises it)
+            try:
+                degenerate = diagnose(self.theta_of(state))
+            except Exception:  # noqa: BLE001 - no diagnosis: the plain non-finite error
+                degenerate = None
         _truncate(history, draws, good.iteration, collect_from)
         from latentfit.checkpoint import checkpoint_files, engine_shard
 

@@ -620,6 +620,12 @@ def log_likelihood_exact(model: LatentModel, theta: dict[str, Any], units: Any =
         raise ModelSpecificationError("this model has no exact marginal likelihood (has_exact_marginal is False); "
                                       "use method='is' (importance sampling) or 'lin' (linearisation)")
     per_unit = model.ops.to_numpy(model.marginal_log_lik(theta, units))
+    diagnose = getattr(model, "degenerate_error", None)
+    if diagnose is not None and not np.all(np.isfinite(per_unit)):  # a compiled backend's NaN: the model says why,
+        # as its eager E-step raises it (a mixture's singular covariance)
+        err = diagnose(theta)
+        if err is not None:
+            raise err
     return LogLikelihood("exact", float(per_unit.sum()), per_unit)
 
 

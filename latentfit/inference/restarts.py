@@ -112,7 +112,8 @@ def run_restarts(engine: Any, run_one: Any, key: Any, options: dict[str, Any]) -
                     ll = float(fit.log_likelihood("exact"))
                 except NonFiniteError as exc:
                     fit, failure = None, exc
-                if fit is not None and not np.isfinite(ll):  # (a compiled backend's degenerate θ: NaN, no error)
+                if fit is not None and not np.isfinite(ll):  # (a compiled backend's degenerate θ that the model
+                    # cannot diagnose, GaussianMixture.degenerate_error's kind: NaN, no error)
                     fit, failure = None, DegenerateFitError(f"the final log-likelihood is {ll} (a degenerate "
                                                             "estimate, e.g. a singular covariance)")
                     ll = float("nan")

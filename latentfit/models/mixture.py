@@ -415,9 +415,7 @@ class GaussianMixture(LatentModel):
         else:
             check = self.reg_covar == 0 and "covariances" not in self._fixed
             if check and not self.ops.jittable and not bool(xp.all(cov > 0)):
-                raise DegenerateFitError("a component variance is 0 (singular covariance): reg_covar=0 puts no floor "
-                                         "under the variances; give reg_covar > 0 (scikit-learn's default is 1e-6)",
-                                         parameter="covariances")
+                raise DegenerateFitError(_ZERO_VARIANCE, parameter="covariances")
             var = cov if self.base_type == "diag" else cov[:, None] + ops.zeros((self.K, d))
             pm = mu / var
             cq = -0.5 / var if self.base_type == "diag" else -0.5 / cov[:, None]
@@ -452,13 +450,37 @@ class GaussianMixture(LatentModel):
             bad = [k for k in range(self.K) if not bool(pivot[k] > 0)]
             if not bad:  # the Cholesky refused a matrix whose unrolled pivots stay (barely) positive: which one
                 bad = [k for k in range(self.K) if not self._cholesky_ok(cov[k])]
-            floor = (f"reg_covar={self.reg_covar:g} is below the rounding level of the data's scale: increase it"
-                     if self.reg_covar > 0 else "reg_covar=0 puts no floor under the covariances: give reg_covar > 0 "
-                     "(scikit-learn's default is 1e-6)")
-            raise DegenerateFitError(
-                f"the covariance of component(s) {bad} is singular (not positive definite: its points span fewer "
-                f"than d={self.d} dimensions); {floor}", parameter="covariances")
+            raise DegenerateFitError(self._singular_message(bad), parameter="covariances")
         return 0.5 * (prec + xp.swapaxes(prec, -1, -2)), logdet
+
+    def _singular_message(self, bad: list[int]) -> str:
+        floor = (f"reg_covar={self.reg_covar:g} is below the rounding level of the data's scale: increase it"
+                 if self.reg_covar > 0 else "reg_covar=0 puts no floor under the covariances: give reg_covar > 0 "
+                 "(scikit-learn's default is 1e-6)")
+        return (f"the covariance of component(s) {bad} is singular (not positive definite: its points span fewer than "
+                f"d={self.d} dimensions); {floor}")
+
+    def degenerate_error(self, theta: dict[str, Any]) -> DegenerateFitError | None:
+        """The :class:`~latentfit.DegenerateFitError` an eager E-step raises at ``theta`` (a covariance that is not
+        positive definite: a component shrunk onto identical or collinear points), checked on the host; None when
+        every covariance is positive definite or holds NaN (another failure).  What a compiled backend's E-step,
+        which cannot raise, is asked after it produced NaN (the fit's driver) or a NaN log-likelihood
+        (:func:`~latentfit.inference.likelihood.log_likelihood_exact`), so that both backends say the same."""
+        cov = np.asarray(self.ops.to_numpy(self._theta_arrays(theta)["covariances"]), dtype=np.float64)
+        if not np.all(np.isfinite(cov)):
+            return None
+        if self.base_type != "full":
+            if bool(np.all(cov > 0)):
+                return None
+            return DegenerateFitError(_ZERO_VARIANCE, parameter="covariances")
+        mats = np.broadcast_to(cov, (self.K, self.d, self.d))
+        bad = []
+        for k in range(self.K):
+            try:
+                np.linalg.cholesky(mats[k])
+            except np.linalg.LinAlgError:
+                bad.append(k)
+        return DegenerateFitError(self._singular_message(bad), parameter="covariances") if bad else None
 
     def _cholesky_ok(self, cov_k: Any) -> bool:
         """Whether the eager backend's Cholesky takes one component's covariance (an error path's diagnosis)."""
@@ -897,6 +919,10 @@ def same_arrays(stamps: tuple[tuple[Any, Any], ...], arrays: tuple[Any, ...]) ->
     """``arrays`` are the very objects of ``stamps``, unmodified since (the stamps hold references: no id reuse)."""
     return len(stamps) == len(arrays) and all(a is s and getattr(a, "_version", 0) == v
                                               for (s, v), a in zip(stamps, arrays))
+
+
+_ZERO_VARIANCE = ("a component variance is 0 (singular covariance): reg_covar=0 puts no floor under the variances; "
+                  "give reg_covar > 0 (scikit-learn's default is 1e-6)")
 
 
 def _small_spd_inverse(xp: Any, A: Any, d: int) -> tuple[Any, Any, Any]:
