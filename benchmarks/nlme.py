@@ -676,6 +676,23 @@ time of a single-threaded process is the proxy for idle wall time, and wall time
   draws as one log of a product of the 5 uniforms (XLA:CPU reduces the minor axis of 5 in scalar code: 9 -> 27 ms
   per 90 000 draws); compiler options for smaller executables (``xla_backend_optimization_level`` 0/1, vector width
   128: sizes within 3%).
+* twenty-fifth round (issue 14 item 9; 2026-12-08): what a warm process deserialises scales with the HLO instructions
+  of the stored programs (perf: ``HloModule::CreateFromProto`` is half of XLA's load; ~28 us per instruction here),
+  so the post-fit programs were made smaller, the same values: the EBE search's loop returns the precision ``P_i`` at
+  the modes it found (one more evaluation, its step not taken), which the full proposal inverts instead of
+  differentiating the model again (its Laplace program 3183 -> 2290 instructions with the pilot's draws in float32);
+  the pilot's draws computed once (XLA:CPU had copied the hash into four readers: 2290 -> 1753); a Student-t draw's
+  normals and uniforms from one threefry pass over both keys' counters, bit for bit ``jax.random``'s (the IS program
+  1415 -> 1294); the forward-mode Jacobian materialised once (the EBE program held three copies of the tangent code,
+  one per reader's layout: 1045 -> 940).  The seven programs: 10 497 -> 8 853 instructions; the IS log-likelihood
+  moved by the pilot's float32 draws only (-172.7241 -> -172.7209; exact -172.7174).  Alternated fresh processes
+  (12 rounds, load ~1): wall 0.358 -> 0.332 s median, paired median -48 ms, IS step 0.115 -> 0.083 s.
+  ``--e2e-only --e2e-runs 10`` (a slow phase: the diagonal row 0.229 -> 0.259 s against last round): 0.325 s
+  (0.255-0.381), 4.6x.  Where the rest goes (timeline): ~30 ms building the model (15 of them JAX's backend start,
+  its plugin discovery), ~70 ms keying the 7 programs (fingerprint and stable digest, the main thread), ~40 ms the
+  first load, ~125 ms SAEM's 400 iterations (0.3 ms each: XLA:CPU's per-thunk dispatch on 12 units), the post-fit
+  steps ~50 ms.  Tried, not kept: JAX's own (rolled) split for the IS's batch keys (more instructions: the loop's
+  tuple and copies), an optimisation barrier on the hash's words (no effect).
 """
 
 from __future__ import annotations
