@@ -230,20 +230,10 @@ def _is_terms(model: LatentModel, sizes: tuple[int, int, int, float], theta: dic
         return ops.stop_gradient(xp.where(lw == lw, lw, -xp.inf))
 
     log_weights = ops.jit(_log_weights)  # compiled once per batch shape on JAX (inlined inside _is_program's)
-    # JAX's one-stream draws: the proposal's normals and uniforms in float32 (per-unit streams keep their own)
-    draw_ops = ops.with_draw_dtype(ops.fast_draw_dtype) if sim is None and ops.jittable else ops
     keys = ops.split(key, nb)
 
     def batch(kb: Any, size: int) -> Any:
-        if sim is None and ops.jittable:  # the draws once, read by the density and the proposal's log-density
-            # drawn flat (the same numbers) and reshaped once in memory: a loop producing [size, n, d] directly is
-            # vectorised along d (XLA:CPU's minor axis), scalar code for the hash and transforms (~3x slower)
-            shape = (size,) + tuple(m.shape)
-            t = xp.reshape(ops.computed_once(lambda k: student_t_draws(draw_ops, k, (int(np.prod(shape)),), int(df)),
-                                             kb), shape)
-        else:
-            t = student_t_draws(ops, kb, (size,) + tuple(m.shape), int(df), sim)
-        return log_weights(t)
+        return log_weights(_proposal_draws(ops, kb, (size,) + tuple(m.shape), int(df), sim))
 
     full = num_samples // batch_size
     if ops.jittable and sim is None and full > 1:  # the full batches as one loop (one copy of the model's density)
@@ -262,6 +252,19 @@ def _is_terms(model: LatentModel, sizes: tuple[int, int, int, float], theta: dic
     rel_var = xp.var(w, 0) / (num_samples * mean_w * mean_w)
     ess = num_samples * mean_w * mean_w / xp.mean(w * w, 0)  # (Σ w)² / Σ w²
     return per_unit, xp.sqrt(xp.sum(rel_var)), ess
+
+
+def _proposal_draws(ops: Any, key: Any, shape: tuple[int, ...], df: int, sim: Any = None) -> Any:
+    """Standard Student-t draws ``[*shape]`` of an IS proposal (:func:`student_t_draws`).  JAX's one global stream:
+    the normals and uniforms in float32 (per-unit streams keep their own), drawn flat (the same numbers) and reshaped
+    once in memory, computed once (``ops.computed_once``) so that the density and the proposal's log-density read
+    them from memory: a loop producing ``[S, n, d]`` directly is vectorised along d (XLA:CPU's minor axis), scalar
+    code for the hash and transforms (~3x slower), and XLA:CPU would copy the hash into each reader."""
+    if sim is not None or not ops.jittable:
+        return student_t_draws(ops, key, shape, df, sim)
+    draw_ops = ops.with_draw_dtype(ops.fast_draw_dtype)
+    flat = (int(np.prod(shape)),)
+    return ops.xp.reshape(ops.computed_once(lambda k: student_t_draws(draw_ops, k, flat, df), key), shape)
 
 
 def _main_draws(size: int, defensive: float) -> int:
@@ -423,14 +426,7 @@ def _laplace_proposal_terms(model: LatentModel, sizes: tuple[int, int, int, bool
         mode = xp.where(act, mode, xp.zeros_like(mode))
         gamma = xp.where(act[..., :, None] & act[..., None, :], gamma, eye)
     chol = ops.column_cholesky(gamma)
-    # JAX's one-stream draws in float32, as the IS's (a smaller program: float32's inverse error function)
-    draw_ops = ops.with_draw_dtype(ops.fast_draw_dtype) if sim is None and ops.jittable else ops
-    shape = (int(num_samples),) + tuple(mode.shape)
-    if sim is None and ops.jittable:  # the draws once, read by the density and the proposal's log-density
-        t = xp.reshape(ops.computed_once(lambda k: student_t_draws(draw_ops, k, (int(np.prod(shape)),), int(df)),
-                                         key), shape)
-    else:
-        t = student_t_draws(ops, key, shape, int(df), sim)
+    t = _proposal_draws(ops, key, (int(num_samples),) + tuple(mode.shape), int(df), sim)  # as the IS's
     if active is not None:
         t = xp.where(act, t, xp.zeros_like(t))
     z = mode + xp.sum(chol * t[..., None, :], -1)  # [S, n, d]: ẑ_i + L_i t

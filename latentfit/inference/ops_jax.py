@@ -540,12 +540,17 @@ def _runtime_one(x: Any) -> Any:
     return (word // word).astype(np.int32)
 
 
+def _raw_threefry(key: Any) -> bool:
+    """:meth:`JaxOps.raw_threefry`: ``key`` (or a stack of keys) is raw data ``uint32[..., 2]`` of JAX's
+    partitionable threefry."""
+    return (tuple(key.shape[-1:]) == (2,) and key.dtype == np.uint32 and bool(jax.config.jax_threefry_partitionable)
+            and jax.config.jax_default_prng_impl == "threefry2x32" and not jax.config.jax_enable_custom_prng)
+
+
 def _one_hash_draws(key: Any, count: int) -> bool:
     """Whether :func:`_normals_and_uniforms` gives ``jax.random``'s draws of ``key``'s splits bit for bit: a raw
     threefry key on CPU (:meth:`JaxOps.raw_threefry`), under 2^32 values, in float32 or float64."""
-    return (jax.default_backend() == "cpu" and tuple(key.shape) == (2,) and key.dtype == np.uint32
-            and bool(jax.config.jax_threefry_partitionable) and jax.config.jax_default_prng_impl == "threefry2x32"
-            and not jax.config.jax_enable_custom_prng and count < 2 ** 32)
+    return jax.default_backend() == "cpu" and tuple(key.shape) == (2,) and _raw_threefry(key) and count < 2 ** 32
 
 
 def _normals_and_uniforms(k_normal: Any, num_normal: int, k_uniform: Any, num_uniform: int,
@@ -1111,8 +1116,7 @@ class JaxOps(Ops):
     def raw_threefry(self, key: Any) -> bool:
         """Whether ``key`` is raw threefry data (``uint32[2]``) of JAX's partitionable threefry, whose draws
         :meth:`threefry_hash` and :meth:`floats_from_bits` reproduce bit for bit."""
-        return (tuple(key.shape[-1:]) == (2,) and key.dtype == np.uint32 and bool(jax.config.jax_threefry_partitionable)
-                and jax.config.jax_default_prng_impl == "threefry2x32" and not jax.config.jax_enable_custom_prng)
+        return _raw_threefry(key)
 
     def threefry_hash(self, keys: Any, counters: Any) -> tuple[Any, Any]:
         """The threefry-2x32 hash ``(b1, b2)`` of the counters ``[0, counters]`` under per-entry keys ``keys
